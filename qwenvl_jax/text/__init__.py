@@ -1,0 +1,41 @@
+"""Text side of Qwen-VL: tokenizers, multimodal prompt formatting, ChatML and loss labels (DESIGN.md §3).
+
+Tokenizers (`Tokenizer` protocol): `QwenTokenizer` (tiktoken, `qwen.tiktoken`, the reference ids) and
+`SentencePieceTokenizer` (same special-token surface forms, for models trained from scratch; train one with
+`train_sentencepiece`). Formatting: `from_list_format`, `encode_with_images` (image spans + paths), boxes,
+`parse_boxes`. Chat: `make_context`, `get_stop_words_ids`, `decode_tokens`. Labels: `pretrain_example`,
+`sft_example`, `shift_labels`.
+"""
+from qwenvl_jax.text.chat import ChatContext
+from qwenvl_jax.text.chat import DEFAULT_MAX_WINDOW_SIZE
+from qwenvl_jax.text.chat import DEFAULT_SYSTEM
+from qwenvl_jax.text.chat import decode_tokens
+from qwenvl_jax.text.chat import get_stop_words_ids
+from qwenvl_jax.text.chat import make_context
+from qwenvl_jax.text.formatting import BoxRef
+from qwenvl_jax.text.formatting import EncodedText
+from qwenvl_jax.text.formatting import IMAGE_TOKENS
+from qwenvl_jax.text.formatting import MalformedBoxError
+from qwenvl_jax.text.formatting import PICTURE_PREFIX
+from qwenvl_jax.text.formatting import PICTURE_PREFIX_README
+from qwenvl_jax.text.formatting import box_to_text
+from qwenvl_jax.text.formatting import decode_with_images
+from qwenvl_jax.text.formatting import denormalize_box
+from qwenvl_jax.text.formatting import encode_with_images
+from qwenvl_jax.text.formatting import from_list_format
+from qwenvl_jax.text.formatting import image_span_ids
+from qwenvl_jax.text.formatting import normalize_box
+from qwenvl_jax.text.formatting import parse_box
+from qwenvl_jax.text.formatting import parse_boxes
+from qwenvl_jax.text.formatting import quad_to_text
+from qwenvl_jax.text.formatting import strip_grounding
+from qwenvl_jax.text.formatting import to_list_format
+from qwenvl_jax.text.masks import IGNORE_INDEX
+from qwenvl_jax.text.masks import Example
+from qwenvl_jax.text.masks import pretrain_example
+from qwenvl_jax.text.masks import sft_example
+from qwenvl_jax.text.masks import shift_labels
+from qwenvl_jax.text.sentencepiece_tokenizer import SentencePieceTokenizer
+from qwenvl_jax.text.sentencepiece_tokenizer import train_sentencepiece
+from qwenvl_jax.text.tokenizer import QwenTokenizer
+from qwenvl_jax.text.tokenizer import Tokenizer
