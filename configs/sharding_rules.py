@@ -1,0 +1,63 @@
+"""Logical-axis -> mesh-axis rule tables (data, not code). Select one with `config.mesh.rules`.
+
+Each entry maps a logical axis name used in the model to the mesh axes it may be split over, in order of
+preference; `qwenvl_jax.sharding.resolve_spec` keeps an axis only when it is free in that array and divides the
+dimension, so the same table serves tiny and 9.6B models. Mesh axes: `data` (pure replicas; put it on DCN for
+multi-slice), `fsdp` (parameters and optimizer state sharded, ZeRO-3 style), `tensor` (Megatron-style heads/MLP).
+"""
+
+_ACTIVATIONS = (
+    ("act_batch", ("data", "fsdp")),
+    ("act_len", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("act_images", None),
+    ("cache_batch", ("data", "fsdp")),
+    ("cache_len", None),
+    ("cache_heads", "tensor"),
+    ("cache_head_dim", None),
+)
+
+# Pure FSDP: every weight is split over `fsdp` along its model-width dimension, nothing over `tensor`.
+FSDP = _ACTIVATIONS + (
+    ("layers", None),
+    ("norm", None),
+    ("vocab", "fsdp"),
+    ("embed", "fsdp"),
+    ("embed_out", None),
+    ("mlp", "fsdp"),
+    ("q_heads", None),
+    ("kv_heads", None),
+    ("head_dim", None),
+    ("queries", None),
+    ("vit_embed", "fsdp"),
+    ("vit_mlp", "fsdp"),
+    ("vit_heads", None),
+    ("vit_pos", None),
+    ("vit_patch", None),
+    ("vit_channels", None),
+)
+
+# FSDP over the width dimensions plus tensor parallelism over heads, MLP width and vocabulary.
+FSDP_TP = _ACTIVATIONS + (
+    ("layers", None),
+    ("norm", None),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("embed_out", "tensor"),
+    ("mlp", "tensor"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("queries", None),
+    ("vit_embed", "fsdp"),
+    ("vit_mlp", "tensor"),
+    ("vit_heads", "tensor"),
+    ("vit_pos", None),
+    ("vit_patch", None),
+    ("vit_channels", None),
+)
+
+RULES = {"fsdp": FSDP, "fsdp_tp": FSDP_TP}

@@ -1,0 +1,163 @@
+"""Architecture configs: frozen, keyword-only dataclasses and the named presets.
+
+Each module receives only its own small config (`VisionConfig` for the ViT, `ResamplerConfig` for the adapter,
+`LLMConfig` for the decoder); `QwenVLConfig` composes them with the numerics and memory knobs. Presets:
+
+* `qwen_vl_7b()` — the released Qwen-VL / Qwen-VL-Chat sizes (QWENVL_SPEC §0, 9,656,935,168 parameters).
+* `mid()` — about 1B parameters with the full Qwen vocabulary, for GPU benchmarks.
+* `tiny()` — a few hundred thousand parameters for tests and the CPU demo.
+
+The input resolution (224 or 448) is `vision.image_size`; the same weights run at both, see `with_image_size`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
+AttentionImpl = Literal["xla", "cudnn"]
+
+
+def _check(cond: bool, msg: str) -> None:
+  if not cond:
+    raise ValueError(msg)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VisionConfig:
+  """The ViT trunk (OpenCLIP ViT-bigG/14 as used by Qwen-VL, without class token and final LayerNorm)."""
+
+  width: int = 1664
+  layers: int = 48
+  heads: int = 16
+  mlp_dim: int = 8192  # int(1664 * 4.9231)
+  patch_size: int = 14
+  pos_grid: int = 16  # the stored positional table is pos_grid x pos_grid (the 224-px grid)
+  image_size: int = 448
+  ln_eps: float = 1e-6
+
+  def __post_init__(self):
+    _check(self.width % self.heads == 0, f"vision width {self.width} is not divisible by heads {self.heads}")
+    _check(self.image_size % self.patch_size == 0,
+           f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+    _check(min(self.width, self.layers, self.heads, self.mlp_dim, self.pos_grid) > 0, "vision sizes must be > 0")
+
+  @property
+  def head_dim(self) -> int:
+    return self.width // self.heads
+
+  @property
+  def grid(self) -> int:
+    """Patches per side at the configured resolution (16 at 224 px, 32 at 448 px)."""
+    return self.image_size // self.patch_size
+
+  @property
+  def num_patches(self) -> int:
+    return self.grid * self.grid
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ResamplerConfig:
+  """The position-aware adapter: grid*grid learned queries cross-attending to the ViT patches."""
+
+  grid: int = 16  # queries = grid**2 = 256
+  heads: int = 32
+  ln_eps: float = 1e-6
+
+  def __post_init__(self):
+    _check(self.grid > 0 and self.heads > 0, "resampler grid and heads must be > 0")
+
+  @property
+  def num_queries(self) -> int:
+    return self.grid * self.grid
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LLMConfig:
+  """The Qwen-7B decoder (QWENVL_SPEC §2)."""
+
+  vocab_size: int = 151936
+  width: int = 4096
+  layers: int = 32
+  heads: int = 32
+  head_dim: int = 128
+  mlp_dim: int = 11008  # config intermediate_size 22016 // 2
+  rms_eps: float = 1e-6
+  rope_base: float = 10000.0
+  seq_length: int = 2048  # threshold of dynamic NTK and logn scaling (inference only)
+
+  def __post_init__(self):
+    _check(self.heads * self.head_dim == self.width,
+           f"heads * head_dim = {self.heads * self.head_dim} must equal width {self.width}")
+    _check(self.head_dim % 2 == 0, "head_dim must be even for rotate-half RoPE")
+    _check(min(self.vocab_size, self.layers, self.mlp_dim) > 0, "LLM sizes must be > 0")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QwenVLConfig:
+  """The whole model plus numerics (dtypes), memory (remat) and kernel choices."""
+
+  vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+  resampler: ResamplerConfig = dataclasses.field(default_factory=ResamplerConfig)
+  llm: LLMConfig = dataclasses.field(default_factory=LLMConfig)
+  image_pad_id: int = 151859  # `<imgpad>`: positions whose embeddings are replaced by image features
+  dtype: str = "bfloat16"  # compute dtype (the reference runs everything in bf16)
+  param_dtype: str = "float32"
+  remat_policy: RematPolicy = "full"
+  attention_impl: AttentionImpl = "xla"
+
+  def __post_init__(self):
+    _check(self.resampler.num_queries > 0, "the adapter needs queries")
+    _check(self.llm.width % self.resampler.heads == 0,
+           f"LLM width {self.llm.width} is not divisible by resampler heads {self.resampler.heads}")
+    _check(0 <= self.image_pad_id < self.llm.vocab_size,
+           f"image_pad_id {self.image_pad_id} is outside the vocabulary of {self.llm.vocab_size}")
+    _check(self.dtype in ("bfloat16", "float32", "float16"), f"unknown dtype {self.dtype!r}")
+    _check(self.param_dtype in ("bfloat16", "float32"), f"unknown param_dtype {self.param_dtype!r}")
+    _check(self.remat_policy in ("none", "full", "dots", "dots_no_batch"),
+           f"unknown remat_policy {self.remat_policy!r}")
+    _check(self.attention_impl in ("xla", "cudnn"), f"unknown attention_impl {self.attention_impl!r}")
+
+  @property
+  def image_tokens(self) -> int:
+    """Features each image contributes to the LLM: the `<imgpad>` slots of one `<img>...</img>` span."""
+    return self.resampler.num_queries
+
+  def with_image_size(self, image_size: int) -> "QwenVLConfig":
+    """Same weights at another resolution (stage 1 at 224 px -> stage 2 at 448 px)."""
+    return dataclasses.replace(self, vision=dataclasses.replace(self.vision, image_size=image_size))
+
+
+def qwen_vl_7b(**overrides) -> QwenVLConfig:
+  """Qwen-VL / Qwen-VL-Chat as released: 9,656,935,168 parameters."""
+  return QwenVLConfig(**overrides)
+
+
+def mid(**overrides) -> QwenVLConfig:
+  """About 1.0B parameters (ViT-B/14-sized tower, 16-layer 1536-wide decoder, full vocabulary) for GPU benchmarks."""
+  return QwenVLConfig(
+      vision=VisionConfig(width=768, layers=12, heads=12, mlp_dim=3072),
+      resampler=ResamplerConfig(grid=16, heads=12),
+      llm=LLMConfig(width=1536, layers=16, heads=12, head_dim=128, mlp_dim=4096),
+      **overrides)
+
+
+def tiny(**overrides) -> QwenVLConfig:
+  """A model that trains in minutes on a CPU: 16 image tokens, 1024-token vocabulary, 224 px."""
+  overrides.setdefault("image_pad_id", 1023)
+  return QwenVLConfig(
+      vision=VisionConfig(width=32, layers=2, heads=2, mlp_dim=64, image_size=224),
+      resampler=ResamplerConfig(grid=4, heads=2),
+      llm=LLMConfig(vocab_size=1024, width=64, layers=2, heads=4, head_dim=16, mlp_dim=128, seq_length=512),
+      **overrides)
+
+
+PRESETS = {"qwen_vl_7b": qwen_vl_7b, "mid": mid, "tiny": tiny}
+
+
+def get_preset(name: str, **overrides) -> QwenVLConfig:
+  """Looks a preset up by name; unknown names are an error that lists the known ones."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown model preset {name!r}; known presets: {sorted(PRESETS)}")
+  return PRESETS[name](**overrides)

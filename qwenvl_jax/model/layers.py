@@ -1,0 +1,127 @@
+"""Basic layers with logical axis names: parameters, einsum projections, LayerNorm, RMSNorm, the two MLPs.
+
+Letters: B batch, T tokens, D model width, F MLP width.
+
+Every parameter is created through `param`, which records its logical axis names (`embed`, `mlp`, `vit_embed`,
+...) as NNX metadata. Model code never names a mesh axis; `qwenvl_jax.sharding` maps the names onto the mesh.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Initializer = Callable[..., jax.Array]
+Axes = tuple[str | None, ...]
+
+default_kernel_init = nnx.initializers.normal(0.02)
+
+
+def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Axes, dtype) -> nnx.Param:
+  """An `nnx.Param` holding `init(key, shape, dtype)` with logical axis names `axes` (one per dim)."""
+  if len(axes) != len(shape):
+    raise ValueError(f"{len(axes)} axis names {axes} for a parameter of shape {tuple(shape)}")
+  # Shardings are applied by the caller (jit out_shardings from the rule tables), never eagerly here.
+  return nnx.Param(init(rngs.params(), tuple(shape), dtype), sharding_names=tuple(axes), eager_sharding=False)
+
+
+class Einsum(nnx.Module):
+  """y = einsum(spec, x, kernel) (+ bias): a linear map whose kernel keeps the reference's structure.
+
+  The kernel shape mirrors the fused layouts of the PyTorch weights (e.g. `[D, 3, N, H]` for a blocked QKV) so
+  conversion is a reshape + transpose and tensor parallelism can shard the head axis directly.
+  """
+
+  def __init__(self, spec: str, kernel_shape: Sequence[int], kernel_axes: Axes, *,
+               bias_shape: Sequence[int] | None = None, bias_axes: Axes | None = None,
+               dtype=jnp.bfloat16, param_dtype=jnp.float32, kernel_init: Initializer = default_kernel_init,
+               rngs: nnx.Rngs):
+    self.spec = spec
+    self.dtype = dtype
+    self.kernel = param(rngs, kernel_init, kernel_shape, kernel_axes, param_dtype)
+    self.bias = nnx.data(None if bias_shape is None else
+                         param(rngs, nnx.initializers.zeros_init(), bias_shape, bias_axes, param_dtype))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = jnp.einsum(self.spec, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm with scale and bias; statistics in float32, output in the compute dtype (as the CUDA kernel)."""
+
+  def __init__(self, dim: int, *, eps: float, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.eps = eps
+    self.dtype = dtype
+    self.scale = param(rngs, nnx.initializers.ones_init(), (dim,), ("norm",), param_dtype)
+    self.bias = param(rngs, nnx.initializers.zeros_init(), (dim,), ("norm",), param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+    y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """Qwen's RMSNorm: normalize in float32, cast to the compute dtype, *then* multiply by the weight.
+
+  The cast before the multiply is the reference's double rounding (QWENVL_SPEC §2.2, Gotcha 15).
+  """
+
+  def __init__(self, dim: int, *, eps: float, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.eps = eps
+    self.dtype = dtype
+    self.scale = param(rngs, nnx.initializers.ones_init(), (dim,), ("norm",), param_dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+    return y.astype(self.dtype) * self.scale[...].astype(self.dtype)
+
+
+class GeluMLP(nnx.Module):
+  """The ViT MLP: fc -> exact (erf) GELU -> proj, both with bias (Gotcha 9: not tanh, not QuickGELU)."""
+
+  def __init__(self, dim: int, hidden: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.fc = Einsum("btd,df->btf", (dim, hidden), ("vit_embed", "vit_mlp"),
+                     bias_shape=(hidden,), bias_axes=("vit_mlp",), **kw)
+    self.proj = Einsum("btf,fd->btd", (hidden, dim), ("vit_mlp", "vit_embed"),
+                       bias_shape=(dim,), bias_axes=("vit_embed",), **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.proj(jax.nn.gelu(self.fc(x), approximate=False))
+
+
+class SwiGLU(nnx.Module):
+  """Qwen's MLP: c_proj(w1(x) * silu(w2(x))) — SiLU on `w2`, `w1` is the linear branch (Gotcha 2); no biases."""
+
+  def __init__(self, dim: int, hidden: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.w1 = Einsum("btd,df->btf", (dim, hidden), ("embed", "mlp"), **kw)
+    self.w2 = Einsum("btd,df->btf", (dim, hidden), ("embed", "mlp"), **kw)
+    self.c_proj = Einsum("btf,fd->btd", (hidden, dim), ("mlp", "embed"), **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.c_proj(self.w1(x) * jax.nn.silu(self.w2(x)))
+
+
+def remat_policy(name: str):
+  """The `jax.checkpoint` policy for a config name; None means no rematerialization."""
+  policies = {
+      "none": None,
+      "full": jax.checkpoint_policies.nothing_saveable,
+      "dots": jax.checkpoint_policies.checkpoint_dots,
+      "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  }
+  if name not in policies:
+    raise ValueError(f"unknown remat policy {name!r}; known: {sorted(policies)}")
+  return policies[name]

@@ -1,0 +1,184 @@
+"""The Qwen-7B decoder as used by Qwen-VL (QWENVL_SPEC §2), with an optional KV cache for generation.
+
+Letters: B batch, T new tokens, S key slots (T in training, the cache length when decoding), D width, N heads,
+H head dim, F MLP width, V vocabulary, L layers.
+
+Faithfulness notes (tested against transformers' Qwen2ForCausalLM with mapped weights):
+* RMSNorm eps 1e-6 with the reference's cast-before-weight; pre-norm blocks; untied `lm_head`;
+* fused `c_attn` with bias in the blocked q|k|v layout, kept as a [D, 3, N, H] kernel; `c_proj` without bias;
+* rotate-half RoPE over all H dims, base 10000, in float32; positions are explicit (per packed segment, or
+  corrected for left padding), which the reference cannot express but equals it on unpadded rows;
+* scores are divided by sqrt(H) rounded to the compute dtype (11.3125 in bf16, Gotcha 14);
+* SwiGLU with SiLU on `w2`.
+Dynamic NTK and logn scaling are inference-only options of `__call__` (Gotcha 13).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qwenvl_jax import sharding
+from qwenvl_jax.model import attention, layers, positional
+from qwenvl_jax.model.config import LLMConfig
+
+
+class KVCache(NamedTuple):
+  """Decoding state, stacked over layers. Keys are stored after RoPE (as the reference)."""
+
+  k: jax.Array  # [L, B, S, N, H]
+  v: jax.Array  # [L, B, S, N, H]
+  segment_ids: jax.Array  # int32[B, S]; 0 = empty slot or padding (never attended)
+
+
+class SelfAttention(nnx.Module):
+  """Causal multi-head self-attention with the fused blocked QKV (`c_attn`) and `c_proj`."""
+
+  def __init__(self, cfg: LLMConfig, *, dtype, param_dtype, impl: str, rngs: nnx.Rngs):
+    d, n, h = cfg.width, cfg.heads, cfg.head_dim
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.qkv = layers.Einsum("btd,dknh->btknh", (d, 3, n, h), ("embed", None, "q_heads", "head_dim"),
+                             bias_shape=(3, n, h), bias_axes=(None, "q_heads", "head_dim"), **kw)
+    self.out = layers.Einsum("btnh,nhd->btd", (n, h, d), ("q_heads", "head_dim", "embed"), **kw)
+    # The reference divides by torch.full([], sqrt(H), dtype=compute dtype): 11.3125 in bf16, not 11.3137.
+    self.scale = 1.0 / float(np.asarray(np.sqrt(h), dtype=dtype))
+    self.impl = impl
+
+  def __call__(self, x, cos, sin, mask, q_scale, kv=None, cache_index=None):
+    """x float[B, T, D] -> (float[B, T, D], (k, v) updated cache entries or None).
+
+    kv: optional (k, v) float[B, S, N, H] of this layer; the new keys/values are written at `cache_index`.
+    q_scale: optional float32[B, T] logn factor applied to q (inference only).
+    """
+    qkv = self.qkv(x)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q = positional.apply_rope(q, cos, sin)
+    k = positional.apply_rope(k, cos, sin)
+    if kv is not None:
+      k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), cache_index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), cache_index, axis=1)
+      new_kv = (k, v)
+      k, v = k.astype(q.dtype), v.astype(q.dtype)
+    else:
+      new_kv = None
+    if q_scale is not None:
+      q = (q.astype(jnp.float32) * q_scale[:, :, None, None]).astype(q.dtype)
+    out = attention.dot_product_attention(q, k, v, mask=mask, scale=self.scale, impl=self.impl)
+    return self.out(out), new_kv
+
+
+class DecoderBlock(nnx.Module):
+  """h = x + attn(ln_1(x)); out = h + mlp(ln_2(h))."""
+
+  def __init__(self, cfg: LLMConfig, *, dtype, param_dtype, impl: str, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.ln_1 = layers.RMSNorm(cfg.width, eps=cfg.rms_eps, **kw)
+    self.attn = SelfAttention(cfg, impl=impl, **kw)
+    self.ln_2 = layers.RMSNorm(cfg.width, eps=cfg.rms_eps, **kw)
+    self.mlp = layers.SwiGLU(cfg.width, cfg.mlp_dim, **kw)
+
+  def __call__(self, x, cos, sin, mask, q_scale, kv=None, cache_index=None):
+    attn_out, new_kv = self.attn(self.ln_1(x), cos, sin, mask, q_scale, kv, cache_index)
+    h = x + attn_out
+    out = h + self.mlp(self.ln_2(h))
+    return sharding.constrain(out, ("act_batch", "act_len", "act_embed")), new_kv
+
+
+class QwenLM(nnx.Module):
+  """Token embeddings, the scanned decoder stack, `ln_f` and the untied `lm_head`."""
+
+  def __init__(self, cfg: LLMConfig, *, dtype=jnp.bfloat16, param_dtype=jnp.float32, remat_policy: str = "full",
+               impl: str = "xla", rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.dtype = dtype
+    self.remat_policy = remat_policy
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.wte = nnx.Embed(cfg.vocab_size, cfg.width, dtype=dtype, param_dtype=param_dtype,
+                         embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ("vocab", "embed"),
+                                                              eager_sharding=False),
+                         rngs=rngs)
+
+    @nnx.split_rngs(splits=cfg.layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_blocks(rngs):
+      return DecoderBlock(cfg, impl=impl, **dict(kw, rngs=rngs))
+
+    self.blocks = make_blocks(rngs)
+    self.ln_f = layers.RMSNorm(cfg.width, eps=cfg.rms_eps, **kw)
+    self.lm_head = layers.Einsum("btd,dv->btv", (cfg.width, cfg.vocab_size), ("embed", "vocab"), **kw)
+
+  def embed(self, input_ids: jax.Array) -> jax.Array:
+    """int32[B, T] -> float[B, T, D]."""
+    return self.wte(input_ids)
+
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+    """An empty cache of `max_len` slots (all segments 0, so nothing is attended until written)."""
+    c = self.cfg
+    shape = (c.layers, batch, max_len, c.heads, c.head_dim)
+    dtype = dtype or self.dtype
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), jnp.int32))
+
+  def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array,
+               cache: KVCache | None = None, cache_index: jax.Array | int | None = None,
+               rope_base: jax.Array | float | None = None, logn: bool = False):
+    """Runs the decoder on embeddings.
+
+    Args:
+      x: float[B, T, D] input embeddings (image features already written in).
+      positions: int32[B, T] RoPE positions.
+      segment_ids: int32[B, T]; 0 = padding. Attention is causal within equal non-zero segments.
+      cache: optional KVCache with S slots; the T new tokens are written at slots cache_index..cache_index+T-1.
+      cache_index: int32 scalar slot of the first new token (required with a cache).
+      rope_base: RoPE base (default the config's); pass the dynamic-NTK base at inference.
+      logn: apply the reference's logn query scaling (inference only).
+
+    Returns:
+      (logits float[B, T, V] in the compute dtype, updated KVCache or None).
+    """
+    c = self.cfg
+    t = x.shape[1]
+    base = c.rope_base if rope_base is None else rope_base
+    cos, sin = positional.rope_tables(positions, c.head_dim, base)
+    q_scale = positional.logn_scale(positions, c.seq_length) if logn else None
+    if cache is None:
+      slots = jnp.arange(t, dtype=jnp.int32)
+      mask = attention.segment_causal_mask(segment_ids, segment_ids, slots, slots)
+      kv_segments = None
+    else:
+      if cache_index is None:
+        raise ValueError("decoding with a cache needs cache_index")
+      kv_segments = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids.astype(jnp.int32),
+                                                        cache_index, axis=1)
+      q_slots = cache_index + jnp.arange(t, dtype=jnp.int32)
+      k_slots = jnp.arange(cache.segment_ids.shape[1], dtype=jnp.int32)
+      mask = attention.segment_causal_mask(segment_ids, kv_segments, q_slots, k_slots)
+    x = sharding.constrain(x.astype(self.dtype), ("act_batch", "act_len", "act_embed"))
+
+    def block_fn(x, block, kv):
+      return block(x, cos, sin, mask, q_scale, kv, cache_index)
+
+    if self.remat_policy != "none" and cache is None:
+      block_fn = nnx.remat(block_fn, policy=layers.remat_policy(self.remat_policy), prevent_cse=False)
+
+    if cache is None:
+      @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def run(x, block):
+        return block_fn(x, block, None)[0]
+
+      x = run(x, self.blocks)
+      new_cache = None
+    else:
+      @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0, 0),
+                transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def run_cached(x, block, k, v):
+        x, (k, v) = block_fn(x, block, (k, v))
+        return x, k, v
+
+      x, k, v = run_cached(x, self.blocks, cache.k, cache.v)
+      new_cache = KVCache(k, v, kv_segments)
+    logits = self.lm_head(self.ln_f(x))
+    return sharding.constrain(logits, ("act_batch", "act_len", "act_vocab")), new_cache
