@@ -1,0 +1,287 @@
+"""Ahead-of-time compilation of a jitted step for a mesh, and what the compiler says about it.
+
+`compile_step(fn, args, mesh=...)` lowers and compiles `fn` for abstract, sharded arguments (no array is ever
+allocated, so a 9.6B-parameter train step compiles for a v5p-128 on a laptop) and returns a `StepPlan`:
+
+- memory per chip from `memory_analysis()`: arguments (params, optimizer state, batch), outputs, aliased bytes
+  (donated buffers reused as outputs), temporaries (activations, gradients, collectives' buffers) and generated
+  code; total = arguments + outputs - aliased + temporaries + code, against the chip's HBM;
+- cost per chip from `cost_analysis()`: `flops`, `bytes accessed`, and XLA's own roofline `optimal_seconds`;
+- an estimated step time (XLA's `optimal_seconds`, else the roofline max(flops / peak, bytes / HBM bandwidth)),
+  hence an estimated MFU = model FLOPs / (step time x chips x peak). It is a lower bound on time and so an upper
+  bound on MFU: it ignores collective latency and imperfect overlap;
+- a verdict: fits, or does not and what to change (per-chip batch, remat, a wider fsdp/tensor mesh).
+
+All compiler figures are per device; on the topologies of `planning.mesh` a device is a chip (megacore).
+"""
+import dataclasses
+import math
+import re
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from qwenvl_jax.planning.chips import GIB, ChipSpec
+
+# Above this share of HBM a step that "fits" on paper tends to fail at run time (fragmentation, runtime buffers,
+# the input pipeline's device copies), so the verdict warns.
+TIGHT_FRACTION = 0.92
+
+
+def abstract_like(tree: Any, shardings: Any) -> Any:
+  """`jax.ShapeDtypeStruct`s with the shapes and dtypes of `tree` and the matching shardings.
+
+  Args:
+    tree: a pytree of arrays or `ShapeDtypeStruct`s (e.g. the output of `jax.eval_shape`).
+    shardings: a pytree of `Sharding`s with the structure of `tree`, or one `Sharding` for every leaf.
+  """
+  if isinstance(shardings, jax.sharding.Sharding):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), tree)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StepPlan:
+  """What the compiler predicts for one step on one chip of the mesh.
+
+  Byte and FLOP figures are per chip; `model_flops` is for the whole step on all chips (the MFU numerator, from
+  the caller's analytic count: 6 x params x tokens, causal attention halved, frozen parts forward only).
+  """
+  chip: ChipSpec
+  num_chips: int
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int
+  temp_bytes: int
+  code_bytes: int
+  flops: float | None
+  bytes_accessed: float | None
+  optimal_seconds: float | None
+  model_flops: float | None = None
+  global_batch: int | None = None
+  compile_seconds: float = 0.0
+  loops: int = 0
+
+  @property
+  def total_bytes(self) -> int:
+    return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+
+  @property
+  def hbm_fraction(self) -> float:
+    return self.total_bytes / self.chip.hbm_bytes
+
+  @property
+  def fits(self) -> bool:
+    return self.total_bytes <= self.chip.hbm_bytes
+
+  @property
+  def roofline_seconds(self) -> float | None:
+    """max(compute time, HBM time) of one chip, from the compiler's FLOP and byte counts."""
+    if not self.flops:
+      return None
+    seconds = self.flops / self.chip.peak_bf16_flops
+    if self.bytes_accessed:
+      seconds = max(seconds, self.bytes_accessed / self.chip.hbm_bytes_per_s)
+    return seconds
+
+  @property
+  def step_seconds(self) -> float | None:
+    """Estimated step time: XLA's `optimal_seconds` when it gives one, else the roofline."""
+    if self.optimal_seconds is not None and self.optimal_seconds > 0:
+      return self.optimal_seconds
+    return self.roofline_seconds
+
+  @property
+  def mfu(self) -> float | None:
+    if not self.model_flops or not self.step_seconds:
+      return None
+    return self.model_flops / (self.step_seconds * self.num_chips * self.chip.peak_bf16_flops)
+
+  @property
+  def compiler_to_model_flops(self) -> float | None:
+    """Compiled FLOPs over model FLOPs (> 1: remat recompute, attention masks, optimizer; < 1: a missed count)."""
+    if not self.model_flops or not self.flops:
+      return None
+    return self.flops * self.num_chips / self.model_flops
+
+  def advice(self) -> list[str]:
+    """What to change, biggest lever first, when the step does not fit (or barely does); empty otherwise."""
+    if self.hbm_fraction <= TIGHT_FRACTION:
+      return []
+    hbm = self.chip.hbm_bytes
+    over = self.total_bytes - hbm
+    tips = []
+    fixed = self.argument_bytes + self.output_bytes - self.alias_bytes + self.code_bytes
+    if fixed > TIGHT_FRACTION * hbm:
+      tips.append(f"parameters + optimizer state + batch alone take {fixed / GIB:.1f} GiB per chip: shard them over "
+                  f"more chips (a larger fsdp degree or slice), freeze more of the model, or keep fewer f32 copies")
+    elif self.temp_bytes:
+      room = TIGHT_FRACTION * hbm - fixed
+      scale = max(room, 0) / self.temp_bytes
+      batch_tip = ""
+      if self.global_batch:
+        batch_tip = f" (global batch {self.global_batch} -> at most ~{max(int(self.global_batch * scale), 0)})"
+      tips.append(f"temporaries (activations, gradients) take {self.temp_bytes / GIB:.1f} GiB per chip: cut the "
+                  f"per-chip batch to ~{scale:.0%} of now{batch_tip}, or remat more (a policy that saves less, "
+                  f"e.g. nothing_saveable), or split activations with a tensor axis")
+    if self.output_bytes > self.alias_bytes and self.output_bytes - self.alias_bytes > 0.1 * hbm:
+      tips.append(f"{(self.output_bytes - self.alias_bytes) / GIB:.1f} GiB of outputs are not aliased to inputs: "
+                  f"donate the train state (donate_argnums) so updated params reuse their buffers")
+    if over > 0:
+      tips.append(f"needs {over / GIB:.1f} GiB per chip more than the {hbm / GIB:.0f} GiB of HBM")
+    return tips
+
+  def format(self) -> str:
+    """A human-readable multi-line report."""
+
+    def gib(n: float) -> str:
+      return f"{n / GIB:9.2f} GiB"
+
+    hbm = self.chip.hbm_bytes
+    lines = [
+        f"per-chip memory ({self.chip.name}, {hbm / GIB:.0f} GiB HBM, {self.num_chips} chips):",
+        f"  arguments     {gib(self.argument_bytes)}   params, optimizer state, batch",
+        f"  outputs       {gib(self.output_bytes)}   (aliased to donated inputs: {self.alias_bytes / GIB:.2f} GiB)",
+        f"  temporaries   {gib(self.temp_bytes)}   activations, gradients, collective buffers",
+        f"  code          {gib(self.code_bytes)}",
+        f"  total         {gib(self.total_bytes)}   = {self.hbm_fraction:.1%} of HBM",
+    ]
+    lines.append("cost per chip (compiler):")
+    lines.append(f"  flops         {_fmt(self.flops, 'FLOP')}")
+    lines.append(f"  bytes         {_fmt(self.bytes_accessed, 'B')} accessed")
+    lines.append(f"  optimal       {_fmt(self.optimal_seconds, 's')} (XLA roofline)")
+    if self.loops:
+      lines.append(f"  note: the program has {self.loops} while loop(s) (scanned layers); XLA counts a loop body "
+                   f"once, so these are undercounts unless corrected with `extrapolate_cost`")
+    if self.model_flops:
+      lines.append(f"model FLOPs per step {_fmt(self.model_flops, 'FLOP')} (all chips); compiled/model "
+                   f"{self.compiler_to_model_flops:.2f}" if self.compiler_to_model_flops else "")
+    if self.step_seconds:
+      lines.append(f"estimated step time {_fmt(self.step_seconds, 's')} (lower bound)"
+                   + (f", estimated MFU {self.mfu:.1%} (upper bound)" if self.mfu is not None else ""))
+    lines.append(f"compile time {self.compile_seconds:.1f} s")
+    if not self.fits:
+      verdict = "DOES NOT FIT"
+    elif self.hbm_fraction > TIGHT_FRACTION:
+      verdict = f"FITS, but tight (> {TIGHT_FRACTION:.0%} of HBM)"
+    else:
+      verdict = "FITS"
+    lines.append(f"verdict: {verdict}")
+    lines.extend(f"  - {tip}" for tip in self.advice())
+    return "\n".join(line for line in lines if line)
+
+
+def _fmt(value: float | None, unit: str) -> str:
+  if value is None:
+    return "n/a"
+  if value == 0:
+    return f"0 {unit}"
+  exponent = min(max(int(math.floor(math.log10(abs(value)) / 3)), -3), 5)
+  prefix = {-3: "n", -2: "u", -1: "m", 0: "", 1: "k", 2: "M", 3: "G", 4: "T", 5: "P"}[exponent]
+  return f"{value / 1000**exponent:.3g} {prefix}{unit}"
+
+
+def count_loops(compiled: jax.stages.Compiled) -> int:
+  """Number of while loops in the optimized program (scan over layers compiles to one per pass)."""
+  return len(re.findall(r"\swhile\(", compiled.as_text() or ""))
+
+
+def extrapolate_cost(plan: StepPlan, base: StepPlan, bumped: dict[str, StepPlan],
+                     depths: dict[str, int]) -> StepPlan:
+  """`plan` with its cost (FLOPs, bytes, optimal seconds) replaced by a loop-free extrapolation to full depth.
+
+  XLA's cost analysis counts each while-loop body once, so a scanned L-layer stack looks like one layer. Compile
+  the step twice more without loops (layers unrolled): `base` with every stack at depth 1, and for each stack
+  `t` a copy with that stack at depth 2 (`bumped[t]`). Layers of a stack are identical, so the full cost is
+  base + sum_t (depths[t] - 1) x (bumped[t] - base). Memory stays that of `plan` (the real, scanned program).
+
+  Args:
+    plan: the plan of the real program (memory is kept).
+    base: unrolled, every stack at depth 1.
+    bumped: stack name -> unrolled plan with that stack at depth 2 and the others at 1.
+    depths: stack name -> real depth.
+
+  Raises:
+    ValueError: `bumped` and `depths` name different stacks, or a plan lacks a cost figure.
+  """
+  if set(bumped) != set(depths):
+    raise ValueError(f"bumped plans for {sorted(bumped)} but depths for {sorted(depths)}")
+
+  def extrapolate(field: str) -> float | None:
+    values = [getattr(p, field) for p in (base, *bumped.values())]
+    if any(v is None for v in values):
+      return None
+    return getattr(base, field) + sum(
+        (depths[name] - 1) * (getattr(bumped[name], field) - getattr(base, field)) for name in bumped)
+
+  return dataclasses.replace(plan, flops=extrapolate("flops"), bytes_accessed=extrapolate("bytes_accessed"),
+                             optimal_seconds=extrapolate("optimal_seconds"), loops=0)
+
+
+def _cost(compiled: jax.stages.Compiled) -> dict[str, float]:
+  cost = compiled.cost_analysis()
+  # Older JAX returns one dict per partition in a list; they are identical for SPMD programs.
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return dict(cost or {})
+
+
+def plan_from_compiled(compiled: jax.stages.Compiled, chip: ChipSpec, num_chips: int, *,
+                       model_flops: float | None = None, global_batch: int | None = None,
+                       compile_seconds: float = 0.0) -> StepPlan:
+  """Reads `memory_analysis()` and `cost_analysis()` of a compiled step into a `StepPlan`."""
+  memory = compiled.memory_analysis()
+  if memory is None:
+    raise RuntimeError("this backend gives no memory analysis for compiled programs; plan for a TPU topology")
+  cost = _cost(compiled)
+
+  def positive(key: str) -> float | None:
+    value = cost.get(key)
+    return float(value) if value is not None and value >= 0 else None
+
+  return StepPlan(
+      chip=chip, num_chips=num_chips,
+      argument_bytes=int(memory.argument_size_in_bytes), output_bytes=int(memory.output_size_in_bytes),
+      alias_bytes=int(memory.alias_size_in_bytes), temp_bytes=int(memory.temp_size_in_bytes),
+      code_bytes=int(memory.generated_code_size_in_bytes),
+      flops=positive("flops"), bytes_accessed=positive("bytes accessed"),
+      optimal_seconds=positive("optimal_seconds"), model_flops=model_flops, global_batch=global_batch,
+      compile_seconds=compile_seconds, loops=count_loops(compiled))
+
+
+def compile_step(fn: Callable[..., Any], args: Sequence[Any], *, chip: ChipSpec, mesh: Mesh,
+                 out_shardings: Any = None, donate_argnums: int | Sequence[int] = (),
+                 model_flops: float | None = None, global_batch: int | None = None,
+                 static_argnums: int | Sequence[int] = ()) -> tuple[jax.stages.Compiled, StepPlan]:
+  """AOT-compiles `fn(*args)` for `mesh` and reads the compiler's memory and cost analyses.
+
+  Args:
+    fn: a pure step function (not yet jitted), e.g. `train_step(state, batch)`.
+    args: pytrees of `jax.ShapeDtypeStruct` carrying `NamedSharding`s over `mesh` (see `abstract_like`); they
+      are the in-shardings.
+    chip: the chip the mesh's devices are (HBM and peak come from here).
+    mesh: the mesh of abstract (or real) devices.
+    out_shardings: output shardings (None lets the compiler choose, which may replicate large outputs).
+    donate_argnums: arguments whose buffers the outputs may reuse (the train state).
+    model_flops: analytic FLOPs of one step on all chips, for the MFU estimate.
+    global_batch: the batch size, only to phrase "cut the batch to ..." advice.
+    static_argnums: passed to `jax.jit`.
+
+  Returns:
+    The compiled executable and its `StepPlan`.
+  """
+  jitted = jax.jit(fn, out_shardings=out_shardings, donate_argnums=donate_argnums, static_argnums=static_argnums)
+  start = time.perf_counter()
+  with jax.set_mesh(mesh):
+    compiled = jitted.lower(*args).compile()
+  seconds = time.perf_counter() - start
+  plan = plan_from_compiled(compiled, chip, mesh.devices.size, model_flops=model_flops,
+                            global_batch=global_batch, compile_seconds=seconds)
+  return compiled, plan
