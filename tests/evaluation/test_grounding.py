@@ -1,0 +1,71 @@
+"""Tests of box parsing, /999 scaling, float32 IoU and Precision@1."""
+import math
+
+import numpy as np
+import pytest
+
+from qwenvl_jax.evaluation import grounding
+
+
+@pytest.mark.parametrize("text, box", [
+    ("(10,20),(30,40)", (10.0, 20.0, 30.0, 40.0)),
+    ("<ref>the dog</ref><box>(1,2),(3,4)</box>", (1.0, 2.0, 3.0, 4.0)),
+    ("(1,2),(3,4) and then (5,6),(7,8)", (1.0, 2.0, 3.0, 4.0)),      # first match only
+    ("( 1, 2),(3 ,4 )", (1.0, 2.0, 3.0, 4.0)),                        # float() strips spaces
+    ("(1.5,2),(3,4e2)", (1.5, 2.0, 3.0, 400.0)),
+    ("(1, 2), (3, 4)", None),                                         # the regex needs "),(" exactly
+    ("(1,2),(3,4,5)", None),                                          # three values do not unpack
+    ("(12),(3,4)", None),                                             # no comma in a group
+    ("(a,b),(c,d)", None),
+    ("the dog on the left", None),
+    ("", None),
+    # The lazy first group runs up to the first "),(": "1,2) at (3,4" has three parts -> unparsable.
+    ("(1,2) at (3,4),(5,6)", None),
+])
+def test_parse_box(text, box):
+  assert grounding.parse_box(text) == box
+
+
+def test_scaling_divides_by_999():
+  np.testing.assert_array_equal(grounding.box_to_pixels((999, 999, 999, 999), 640, 480), [640, 480, 640, 480])
+  # x scales with the width, y with the height.
+  np.testing.assert_allclose(grounding.box_to_pixels((0, 999, 333, 0), 300, 100), [0, 100, 100, 0], rtol=1e-6)
+  assert grounding.box_to_pixels((1, 2, 3, 4), 10, 10).dtype == np.float32
+
+
+def test_box_iou():
+  assert grounding.box_iou([0, 0, 10, 10], [0, 0, 10, 10]) == 1.0
+  assert grounding.box_iou([0, 0, 10, 10], [20, 20, 30, 30]) == 0.0      # intersection clamped at 0
+  assert grounding.box_iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(50 / 150)
+  assert math.isnan(grounding.box_iou([0, 0, 0, 0], [1, 1, 1, 1]))     # 0 / 0, as torchvision
+
+
+def test_grounding_accuracy_threshold_and_unparsed():
+  # Grid (0,0,999,999) on 100 x 200 -> (0,0,100,200): with GT (0,0,100,100) inter 10000, union 20000 -> 0.5,
+  # a hit (>=); with GT (0,0,100,201) on a 100 x 100 image: inter 10000, union 20100 -> 0.4975, a miss.
+  texts = ["(0,0),(999,999)", "(0,0),(999,999)", "I cannot find it", "(0,0),(999,999)"]
+  boxes = [[0, 0, 100, 100], [0, 0, 100, 201], [0, 0, 50, 50], [5, 5, 5, 5]]
+  sizes = [(100, 200), (100, 100), (100, 100), (10, 10)]
+  result = grounding.grounding_accuracy(texts, boxes, sizes)
+  assert [e["correct"] for e in result["per_example"]] == [True, False, False, False]
+  assert result["accuracy"] == 0.25
+  assert result["unparsed"] == 1
+  assert result["per_example"][0]["iou"] == 0.5
+  assert result["per_example"][1]["iou"] == pytest.approx(10000 / 20100)
+  assert result["per_example"][2]["pred_box"] is None and result["per_example"][2]["iou"] == 0.0
+  assert result["per_example"][0]["pred_box"] == [0.0, 0.0, 100.0, 200.0]
+  # A zero-area GT inside a full-image prediction: inter 0, union 100 -> 0.0 (not NaN).
+  assert result["per_example"][3]["iou"] == 0.0
+
+
+def test_unparsed_against_zero_area_gt_is_a_counted_miss():
+  result = grounding.grounding_accuracy(["nothing"], [[3, 3, 3, 3]], [(10, 10)])
+  assert result["per_example"][0] == {"pred_box": None, "correct": False, "iou": None}  # NaN -> None
+  assert result["unparsed"] == 1 and result["accuracy"] == 0.0
+
+
+def test_bad_input_is_an_error():
+  with pytest.raises(ValueError, match="differ"):
+    grounding.grounding_accuracy(["x"], [], [])
+  with pytest.raises(ValueError, match="example 0"):
+    grounding.grounding_accuracy(["x"], [[1, 2, 3]], [(1, 1)])
