@@ -30,8 +30,8 @@ Both schemas were verified to write (`download_and_prepare(file_format="array_re
 import numpy as np
 import tensorflow_datasets as tfds
 
-# Stage-2 task names (SPEC §6.1, RECIPES §3.3) plus the stage-3 chat kind.
-TASKS = ("caption", "vqa", "grounding", "ref", "grounded_caption", "ocr", "text", "chat")
+from qwenvl_jax.data.records import TASKS  # noqa: F401  (re-exported: the values of the `task` feature)
+
 
 
 def image_text_features() -> tfds.features.FeaturesDict:

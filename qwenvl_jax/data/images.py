@@ -1,0 +1,90 @@
+"""Image preprocessing exactly as the reference does it on the host (SPEC §1.1, Gotcha 11).
+
+The reference opens the file with PIL, converts to RGB (alpha dropped, no EXIF transpose), stretches to S x S with
+PIL's antialiased bicubic filter (aspect ratio not kept, no crop) and normalizes with the OpenAI-CLIP mean/std.
+The pipeline stops after the resize and ships uint8[S, S, 3]: the model normalizes on device (DESIGN §2.1), which
+moves 4x fewer bytes and gives the same numbers since the reference normalizes exactly this uint8 image.
+"""
+import io
+import os
+from typing import Union
+
+import numpy as np
+from PIL import Image
+
+# OpenAI-CLIP constants, channel order R, G, B (SPEC §1.1 step 4).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+ImageLike = Union[bytes, str, os.PathLike, Image.Image, np.ndarray]
+
+
+class ImageError(ValueError):
+  """An image that is missing, unreadable or not an image."""
+
+
+def open_image(source: ImageLike) -> Image.Image:
+  """Opens `source` (encoded bytes, a file path, a PIL image or uint8[H, W, 3]) as a PIL RGB image.
+
+  Raises:
+    ImageError: the file does not exist or cannot be decoded; the message names the file when there is one.
+  """
+  if isinstance(source, Image.Image):
+    image = source
+  elif isinstance(source, np.ndarray):
+    if source.dtype != np.uint8 or source.ndim != 3 or source.shape[-1] != 3:
+      raise ImageError(f"an array image must be uint8[H, W, 3], got {source.dtype}{list(source.shape)}")
+    image = Image.fromarray(source, "RGB")
+  elif isinstance(source, (bytes, bytearray, memoryview)):
+    if not source:
+      raise ImageError("empty image bytes")
+    image = _decode(io.BytesIO(bytes(source)), "<bytes>")
+  elif isinstance(source, (str, os.PathLike)):
+    path = os.fspath(source)
+    if not os.path.isfile(path):
+      raise ImageError(f"image file not found: {path}")
+    image = _decode(path, path)
+  else:
+    raise ImageError(f"unsupported image source type {type(source).__name__}")
+  # convert() is a no-op copy for RGB and drops alpha without compositing, as the reference does.
+  return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _decode(fp, name: str) -> Image.Image:
+  try:
+    image = Image.open(fp)
+    # Decode now, so a truncated or corrupt file fails here (with its name) rather than later in resize().
+    image.load()
+  except (OSError, Image.DecompressionBombError, SyntaxError, ValueError) as e:
+    raise ImageError(f"cannot decode image {name}: {e}") from e
+  return image
+
+
+def preprocess_image(source: ImageLike, image_size: int) -> np.ndarray:
+  """PIL RGB + bicubic stretch to a square, as the reference.
+
+  Args:
+    source: encoded bytes, a file path, a PIL image or uint8[H, W, 3].
+    image_size: S, the side of the output (224 for stage 1, 448 after).
+
+  Returns:
+    uint8[S, S, 3], RGB, not normalized.
+
+  Raises:
+    ImageError: missing or corrupt image.
+  """
+  if image_size <= 0:
+    raise ValueError(f"image_size must be positive, got {image_size}")
+  image = open_image(source)
+  if image.size != (image_size, image_size):
+    image = image.resize((image_size, image_size), Image.BICUBIC)
+  return np.asarray(image, dtype=np.uint8)
+
+
+def normalize(images: np.ndarray) -> np.ndarray:
+  """CLIP normalization of uint8[..., 3] RGB images to float32[..., 3], the reference's ToTensor + Normalize.
+
+  The model does this on device; this host version is the reference for its tests.
+  """
+  x = images.astype(np.float32) / 255.0
+  return (x - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)

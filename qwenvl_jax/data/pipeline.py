@@ -1,0 +1,171 @@
+"""The grain pipeline of every stage: sources -> records -> examples -> packed or padded rows -> batches.
+
+```
+per source:  items[process_index::process_count]  (disjoint shard per host)
+             .shuffle(seed).repeat(epochs)          (a new order every epoch; synthetic data is already iid)
+             .map(parse + encode)                   (bad record -> skipped and counted, or an error when strict)
+stage 2:     MapDataset.mix(sources, weights)       (the multi-task mixture)
+             .to_iter_dataset()
+             first-fit packing on (input_ids, targets, loss_mask: T) and (images: M)   (max 1 example per row
+                                                                                         when packing is off)
+             .map(finalize) .batch(B_local) .mp_prefetch(workers)
+```
+Everything before packing is a random-access `MapDataset` and packing is grain's own checkpointable transform, so
+`iterator.get_state()` / `set_state()` resume on exactly the next batch (with the same worker count).
+
+Batches are host-local dicts of numpy arrays (DESIGN §4), B_local = global_batch / process_count rows:
+  input_ids int32[B, T], targets int32[B, T], loss_mask float32[B, T], segment_ids int32[B, T],
+  positions int32[B, T], images uint8[B, M, S, S, 3], image_mask bool[B, M].
+"""
+import dataclasses
+from typing import Any, Callable
+
+from absl import flags
+import grain
+import ml_collections
+import numpy as np
+
+from qwenvl_jax.data import records as rec
+from qwenvl_jax.data.encode import ExampleEncoder
+from qwenvl_jax.data.sources import Source, make_source
+
+_SEQ_FEATURES = ("input_ids", "targets", "loss_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class _RecordToExample:
+  """parse + encode one raw item; a bad record is skipped (returns None) or raised when strict."""
+  parse: Callable[[Any], rec.Record]
+  encode: ExampleEncoder
+  strict: bool
+
+  def __call__(self, item) -> dict[str, np.ndarray] | None:
+    try:
+      return self.encode(self.parse(item))
+    except rec.BadRecordError as e:
+      if self.strict:
+        raise
+      rec.SKIPPED.skip(e)
+      return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Finalize:
+  """Packed grain row -> the DESIGN §4 row; checks the image-slot invariant of DESIGN §2.1."""
+  eod_id: int
+  img_pad_id: int
+  image_tokens: int
+
+  def __call__(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    segment_ids = row["input_ids_segment_ids"].astype(np.int32)
+    pad = segment_ids == 0
+    image_mask = row["images_segment_ids"] > 0
+    # The model fills the image slots of a row in order of <imgpad> appearance: the images must be sorted by
+    # segment exactly like the tokens, and their count must match the placeholders.
+    image_segments = row["images_segment_ids"][image_mask]
+    if np.any(np.diff(image_segments) < 0) or np.any(~image_mask[:image_mask.sum()]):
+      raise AssertionError("packed images are out of segment order")
+    n_pad = int(np.sum(row["input_ids"][~pad] == self.img_pad_id))
+    if n_pad != self.image_tokens * int(image_mask.sum()):
+      raise AssertionError(f"row has {n_pad} <imgpad> tokens for {int(image_mask.sum())} images")
+    return {
+        # The reference pads with <|endoftext|>; padding is segment 0, so the value only matters for readability.
+        "input_ids": np.where(pad, self.eod_id, row["input_ids"]).astype(np.int32),
+        "targets": np.where(pad, self.eod_id, row["targets"]).astype(np.int32),
+        "loss_mask": np.where(pad, 0.0, row["loss_mask"]).astype(np.float32),
+        "segment_ids": segment_ids,
+        "positions": np.where(pad, 0, row["input_ids_positions"]).astype(np.int32),
+        "images": row["images"],
+        "image_mask": image_mask,
+    }
+
+
+def make_source_datasets(config: ml_collections.ConfigDict, *, stage: int, image_size: int
+                         ) -> list[tuple[Source, float]]:
+  """(source, weight) pairs of a stage: one source, or the stage-2 task mixture."""
+  common = dict(stage=stage, image_size=image_size, seed=config.seed, image_root=config.image_root or None,
+                split=config.split, data_dir=config.data_dir or None)
+  if stage != 2 or not config.mixture:
+    return [(make_source(config.source, task=config.task or None, **common), 1.0)]
+  pairs = []
+  for task, weight in config.mixture.items():
+    if weight < 0:
+      raise ValueError(f"mixture weight of {task!r} is negative: {weight}")
+    if weight == 0:
+      continue
+    spec = config.mixture_sources.get(task, config.source)
+    if spec != "synthetic" and task not in config.mixture_sources:
+      raise ValueError(f"stage-2 task {task!r} has weight {weight} but no entry in data.mixture_sources "
+                       f"(only the synthetic source provides every task)")
+    pairs.append((make_source(spec, task=task, **common), float(weight)))
+  if not pairs:
+    raise ValueError("every stage-2 mixture weight is 0")
+  return pairs
+
+
+def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, process_index: int, process_count: int,
+                 global_batch: int, seq_len: int, max_images: int, image_size: int, stage: int,
+                 image_tokens: int = 256) -> grain.IterDataset:
+  """The host-local grain dataset of batches (see the module docstring); `iter()` it to train."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} not in [0, process_count={process_count})")
+  if global_batch % process_count:
+    raise ValueError(f"global_batch={global_batch} is not divisible by process_count={process_count}")
+  if max_images < 1 or seq_len < 2 or image_tokens < 1:
+    raise ValueError(f"need max_images >= 1, seq_len >= 2, image_tokens >= 1; got {max_images}, {seq_len}, "
+                     f"{image_tokens}")
+  local_batch = global_batch // process_count
+  encoder = ExampleEncoder(tokenizer, stage, image_tokens, image_size, seq_len, max_images, config.system)
+  datasets, weights = [], []
+  for i, (source, weight) in enumerate(make_source_datasets(config, stage=stage, image_size=image_size)):
+    ds = source.items[process_index::process_count]
+    if len(ds) == 0:
+      raise ValueError(f"source {source.name} has no records for process {process_index} of {process_count}")
+    if config.shuffle:
+      ds = ds.shuffle(seed=config.seed + i)
+    ds = ds.repeat(config.num_epochs or None)
+    datasets.append(ds.map(_RecordToExample(source.parse, encoder, config.strict)))
+    weights.append(weight)
+  ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=64))
+  it = grain.experimental.FirstFitPackIterDataset(
+      it,
+      length_struct={"input_ids": seq_len, "targets": seq_len, "loss_mask": seq_len, "images": max_images},
+      num_packing_bins=config.packing_bins if config.packing else 1,
+      shuffle_bins=False,
+      max_sequences_per_bin=None if config.packing else 1,
+  )
+  it = it.map(_Finalize(tokenizer.eod_id, tokenizer.img_pad_id, image_tokens))
+  it = it.batch(local_batch, drop_remainder=True)
+  if config.num_workers > 0:
+    # grain's worker processes read absl flags; outside an absl app (tests, notebooks) they are not parsed yet.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers))
+  return it
+
+
+def make_train_iterator(config: ml_collections.ConfigDict, tokenizer, *, process_index: int, process_count: int,
+                        global_batch: int, seq_len: int, max_images: int, image_size: int, stage: int,
+                        image_tokens: int = 256) -> grain.DatasetIterator:
+  """A checkpointable iterator of host-local batches (DESIGN §4) for one training stage.
+
+  Args:
+    config: `default_data_config(stage)` (possibly overridden).
+    tokenizer: a `qwenvl_jax.text` Tokenizer (picklable, for worker processes).
+    process_index: this host's index, `jax.process_index()`.
+    process_count: `jax.process_count()`.
+    global_batch: rows per step over all hosts; each host yields global_batch / process_count.
+    seq_len: T.
+    max_images: M image slots per row.
+    image_size: S.
+    stage: 1, 2 or 3.
+    image_tokens: Q `<imgpad>` ids per image (the model's number of resampler queries).
+
+  Returns:
+    A grain DatasetIterator: `next(it)` is a dict of numpy arrays; `it.get_state()` / `it.set_state(state)`
+    save and restore the position (restore into an iterator built with the same arguments and worker count).
+  """
+  return iter(make_dataset(config, tokenizer, process_index=process_index, process_count=process_count,
+                           global_batch=global_batch, seq_len=seq_len, max_images=max_images,
+                           image_size=image_size, stage=stage, image_tokens=image_tokens))

@@ -1,0 +1,162 @@
+"""The source-independent record every source yields, its validation, and bad-record accounting.
+
+A `Record` is one training example before tokenization: a conversation of alternating user / assistant turns
+whose text holds one `<img></img>` span per entry of `images` (in order), plus `<ref>`/`<box>`/`<quad>` markup.
+Stages 1 and 2 read a record as raw text (prompt = the user turns, answer = the assistant turns); stage 3 as ChatML.
+
+Bad records (malformed source entry, missing or corrupt image, box out of [0, 1000), span/image count mismatch,
+too many images, over-long text) raise `BadRecordError` naming the record. The pipeline either skips them and
+counts them with a warning (`SkipCounter`), or lets the error end the run when the config says strict.
+"""
+import collections
+import dataclasses
+import logging
+import re
+import threading
+from typing import Any, Sequence
+
+IMG_SPAN = re.compile(r"<img>(.*?)</img>", re.DOTALL)
+_BOX_SPAN = re.compile(r"<box>(.*?)</box>", re.DOTALL)
+_QUAD_SPAN = re.compile(r"<quad>(.*?)</quad>", re.DOTALL)
+_POINT = r"\(\s*(-?\d+)\s*,\s*(-?\d+)\s*\)"
+_BOX_BODY = re.compile(rf"^{_POINT}\s*,\s*{_POINT}$")
+_QUAD_BODY = re.compile(rf"^{_POINT}\s*,\s*{_POINT}\s*,\s*{_POINT}\s*,\s*{_POINT}$")
+# Box coordinates are integers in [0, 1000) (SPEC §4.2, Gotcha 20).
+BOX_RANGE = 1000
+
+# Stage-2 task names (SPEC §6.1, RECIPES §3.3) plus the stage-3 chat kind.
+TASKS = ("caption", "vqa", "grounding", "ref", "grounded_caption", "ocr", "text", "chat")
+ROLES = ("user", "assistant")
+# Stage-2 caption prompt of the paper (RECIPES §3.3); the caption eval prompt mirrors it.
+CAPTION_PROMPT = "Generate the caption in English:"
+
+
+class BadRecordError(ValueError):
+  """A record that cannot become a correct training example; the message starts with the record id."""
+
+  def __init__(self, record_id: str, reason: str):
+    super().__init__(f"bad record {record_id!r}: {reason}")
+    self.record_id = record_id
+    self.reason = reason
+
+
+@dataclasses.dataclass
+class Record:
+  """One example before tokenization.
+
+  Attributes:
+    id: stable id used in every warning and error about this record.
+    task: one of `TASKS` (stage-2 mixture key; "chat" for conversations).
+    turns: (role, text) pairs, roles alternating "user", "assistant", starting with "user".
+    images: one entry per `<img></img>` span of the text, in order: encoded bytes, a file path, a PIL image or
+      uint8[H, W, 3]. Span contents in the text are ignored (the reference's path is here instead).
+  """
+  id: str
+  task: str
+  turns: list[tuple[str, str]]
+  images: list[Any] = dataclasses.field(default_factory=list)
+
+
+def validate(record: Record) -> Record:
+  """Checks a record's structure and markup; returns it unchanged.
+
+  Raises:
+    BadRecordError: unknown task, empty or non-alternating turns, unclosed or nested `<img>`, span count !=
+      number of images, malformed box or coordinates outside [0, 1000).
+  """
+  rid = record.id
+  if record.task not in TASKS:
+    raise BadRecordError(rid, f"unknown task {record.task!r} (expected one of {TASKS})")
+  if not record.turns:
+    raise BadRecordError(rid, "no turns")
+  for i, (role, text) in enumerate(record.turns):
+    if role != ROLES[i % 2]:
+      raise BadRecordError(rid, f"turn {i} is from {role!r}, expected {ROLES[i % 2]!r} (turns must alternate)")
+    if not isinstance(text, str):
+      raise BadRecordError(rid, f"turn {i} text is {type(text).__name__}, not str")
+  text = "".join(t for _, t in record.turns)
+  spans = IMG_SPAN.findall(text)
+  if text.count("<img>") != len(spans) or text.count("</img>") != len(spans):
+    raise BadRecordError(rid, "unbalanced <img>/</img> markup")
+  if any("<img>" in s for s in spans):
+    raise BadRecordError(rid, "nested <img> spans")
+  if len(spans) != len(record.images):
+    raise BadRecordError(rid, f"{len(spans)} <img></img> spans but {len(record.images)} images")
+  _check_coordinates(rid, text)
+  return record
+
+
+def _check_coordinates(rid: str, text: str) -> None:
+  for pattern, body, name in ((_BOX_SPAN, _BOX_BODY, "box"), (_QUAD_SPAN, _QUAD_BODY, "quad")):
+    if text.count(f"<{name}>") != text.count(f"</{name}>"):
+      raise BadRecordError(rid, f"unbalanced <{name}>/</{name}> markup")
+    for content in pattern.findall(text):
+      m = body.match(content.strip())
+      if m is None:
+        raise BadRecordError(rid, f"malformed <{name}>{content}</{name}>")
+      coords = [int(c) for c in m.groups()]
+      if any(not 0 <= c < BOX_RANGE for c in coords):
+        raise BadRecordError(rid, f"<{name}>{content}</{name}> has a coordinate outside [0, {BOX_RANGE})")
+      if name == "box" and (coords[0] > coords[2] or coords[1] > coords[3]):
+        raise BadRecordError(rid, f"<box>{content}</box> is not (x1,y1),(x2,y2) with x1<=x2, y1<=y2")
+
+
+def box_text(box: Sequence[float], width: float, height: float) -> str:
+  """`<box>(x1,y1),(x2,y2)</box>` for a pixel box [x1, y1, x2, y2] of a width x height image, in [0, 1000)."""
+  x1, y1, x2, y2 = box
+  scaled = (x1 / width, y1 / height, x2 / width, y2 / height)
+  q = [min(BOX_RANGE - 1, max(0, int(v * BOX_RANGE))) for v in scaled]
+  return f"<box>({q[0]},{q[1]}),({q[2]},{q[3]})</box>"
+
+
+def caption_turns(caption: str, stage: int) -> list[tuple[str, str]]:
+  """A one-image caption as turns: bare `<img></img>caption` in stage 1, the task prompt after (RECIPES §3.3)."""
+  if stage == 1:
+    return [("user", "<img></img>"), ("assistant", caption)]
+  return [("user", f"<img></img>{CAPTION_PROMPT}"), ("assistant", f" {caption}")]
+
+
+def strip_image_paths(text: str) -> tuple[str, list[str]]:
+  """Empties every `<img>PATH</img>` span; returns the new text and the paths in order."""
+  paths = [p.strip() for p in IMG_SPAN.findall(text)]
+  return IMG_SPAN.sub("<img></img>", text), paths
+
+
+class SkipCounter:
+  """Counts skipped records per reason in this process and logs one warning per skip naming the record.
+
+  Grain worker processes each hold their own counter; the warning carries the running count of that process.
+  """
+
+  def __init__(self, logger: logging.Logger | None = None):
+    self._lock = threading.Lock()
+    self._counts: collections.Counter = collections.Counter()
+    self._logger = logger or logging.getLogger("qwenvl_jax.data")
+
+  def skip(self, error: BadRecordError) -> None:
+    with self._lock:
+      self._counts[_reason_kind(error.reason)] += 1
+      total = sum(self._counts.values())
+    self._logger.warning("skipping %s (%d records skipped so far in this process)", error, total)
+
+  @property
+  def counts(self) -> dict[str, int]:
+    with self._lock:
+      return dict(self._counts)
+
+  @property
+  def total(self) -> int:
+    with self._lock:
+      return sum(self._counts.values())
+
+  def reset(self) -> None:
+    with self._lock:
+      self._counts.clear()
+
+
+def _reason_kind(reason: str) -> str:
+  """A short category for counting: the reason up to its first colon or digit-free prefix."""
+  return reason.split(":")[0].split("(")[0].strip()[:60]
+
+
+SKIPPED = SkipCounter()

@@ -1,0 +1,256 @@
+"""Random-access sources of records: synthetic, JSONL (+ image folder), Qwen fine-tune JSON, TFDS, ArrayRecord.
+
+A source is a grain `MapDataset` of raw items plus a `parse(item) -> Record` function; parsing happens in the
+pipeline's map so one malformed entry becomes one bad record (skipped or fatal), never a failed epoch. Specs:
+
+  synthetic                   synthetic.synthetic_record, one dataset per task
+  jsonl:PATH                  one JSON object per line: {"id"?, "image": path | "images": [paths], "text": caption}
+                              or {"id"?, "task"?, "conversations": [...]}; paths relative to `image_root` (default:
+                              the file's folder)
+  qwen_finetune_json:PATH     the official fine-tuning file (RECIPES §1.1): one JSON list of
+                              {"id", "conversations": [{"from": "user"|"assistant", "value"}]}, images as
+                              `<img>PATH</img>` in the text
+  tfds:NAME                   a prepared TFDS dataset read with `tfds.data_source` (never downloads): the two schemas
+                              of features.py, `coco_captions` and `ref_coco` (and its `refcoco*` configs)
+  array_record:PATH           a TFDS dataset folder (the one holding dataset_info.json) written with ArrayRecord
+"""
+import dataclasses
+import json
+import os
+from typing import Any, Callable
+
+import grain
+import numpy as np
+
+from qwenvl_jax.data import records as rec
+from qwenvl_jax.data.records import TASKS
+from qwenvl_jax.data.synthetic import synthetic_record
+
+# Accepted role names of conversation files; the official format uses "user" / "assistant".
+_ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
+# Large enough never to repeat within a run, small enough for grain's index arithmetic.
+SYNTHETIC_SIZE = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """A random-access dataset of raw items and the function that turns one into a `Record` (or raises)."""
+  name: str
+  items: grain.MapDataset
+  parse: Callable[[Any], rec.Record]
+
+
+def make_source(spec: str, *, stage: int, image_size: int, seed: int = 0, task: str | None = None,
+                image_root: str | None = None, split: str = "train", data_dir: str | None = None) -> Source:
+  """The source named by `spec` (see the module docstring).
+
+  Args:
+    spec: the source spec string.
+    stage: 1, 2 or 3; decides the caption format of image-text pairs.
+    image_size: S; the synthetic source renders at it.
+    seed: seed of the synthetic source.
+    task: the synthetic task, or the task given to records whose source does not name one.
+    image_root: folder image paths are relative to.
+    split: TFDS split.
+    data_dir: TFDS data_dir.
+  """
+  kind, _, arg = spec.partition(":")
+  if kind == "synthetic":
+    task = task or ("caption" if stage == 1 else "chat" if stage == 3 else None)
+    if task not in TASKS:
+      raise ValueError(f"the synthetic source needs a task in {TASKS}, got {task!r}")
+    items = grain.MapDataset.range(SYNTHETIC_SIZE)
+    return Source(f"synthetic/{task}", items, _SyntheticParser(task, image_size, seed, stage))
+  if not arg:
+    raise ValueError(f"source spec {spec!r} needs an argument after ':'")
+  if kind == "jsonl":
+    path = _existing(arg, spec)
+    root = image_root or os.path.dirname(os.path.abspath(path))
+    return Source(spec, grain.MapDataset.source(_JsonlLines(path)), _JsonParser(path, root, stage, task))
+  if kind == "qwen_finetune_json":
+    path = _existing(arg, spec)
+    root = image_root or os.path.dirname(os.path.abspath(path))
+    with open(path, encoding="utf-8") as f:
+      try:
+        entries = json.load(f)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); the fine-tuning format is one JSON list") from e
+    if not isinstance(entries, list):
+      raise ValueError(f"{path} holds a JSON {type(entries).__name__}; the fine-tuning format is one JSON list")
+    items = grain.MapDataset.source([(i, e) for i, e in enumerate(entries)])
+    return Source(spec, items, _JsonParser(path, root, stage, task or "chat"))
+  if kind in ("tfds", "array_record"):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import, only when used)
+    if kind == "tfds":
+      builder = tfds.builder(arg, data_dir=data_dir)
+    else:
+      builder = tfds.builder_from_directory(_existing(arg, spec))
+    features = set(builder.info.features.keys())
+    decoders = {"image": tfds.decode.SkipDecoding()} if "image" in features else None
+    try:
+      data = builder.as_data_source(split=split, decoders=decoders)
+    except Exception as e:
+      raise ValueError(f"cannot read split {split!r} of {spec!r}: is it prepared in {builder.data_dir}? ({e})") from e
+    items = grain.MapDataset.source(data)
+    return Source(spec, items, _TfdsParser(builder.info.name, features, stage, task, seed))
+  raise ValueError(f"unknown source spec {spec!r}: expected synthetic, jsonl:PATH, qwen_finetune_json:PATH, "
+                   "tfds:NAME or array_record:PATH")
+
+
+def _existing(path: str, spec: str) -> str:
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"source {spec!r}: {path} does not exist")
+  return path
+
+
+@dataclasses.dataclass(frozen=True)
+class _SyntheticParser:
+  task: str
+  image_size: int
+  seed: int
+  stage: int
+
+  def __call__(self, index: int) -> rec.Record:
+    return synthetic_record(int(index), task=self.task, image_size=self.image_size, seed=self.seed,
+                            stage=self.stage)
+
+
+class _JsonlLines:
+  """Random access to the lines of a text file through a byte-offset index (built once, at construction)."""
+
+  def __init__(self, path: str):
+    self.path = path
+    offsets, pos = [], 0
+    with open(path, "rb") as f:
+      for line in f:
+        if line.strip():
+          offsets.append(pos)
+        pos += len(line)
+    self._offsets = np.asarray(offsets, np.int64)
+
+  def __len__(self) -> int:
+    return len(self._offsets)
+
+  def __getitem__(self, index: int) -> tuple[str, bytes]:
+    with open(self.path, "rb") as f:
+      f.seek(int(self._offsets[index]))
+      return f"{self.path}:{index + 1}", f.readline()
+
+
+@dataclasses.dataclass(frozen=True)
+class _JsonParser:
+  """Parses a JSONL line (name, bytes) or a fine-tuning list entry (index, dict) into a Record."""
+  path: str
+  image_root: str
+  stage: int
+  task: str | None
+
+  def __call__(self, item) -> rec.Record:
+    where, raw = item
+    if isinstance(raw, bytes):
+      try:
+        entry = json.loads(raw)
+      except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise rec.BadRecordError(where, f"malformed JSON: {e}") from e
+    else:
+      where, entry = f"{self.path}[{where}]", raw
+    if not isinstance(entry, dict):
+      raise rec.BadRecordError(where, f"expected a JSON object, got {type(entry).__name__}")
+    rid = str(entry.get("id", where))
+    if "conversations" in entry:
+      return conversation_record(rid, entry["conversations"], task=entry.get("task", self.task or "chat"),
+                                 image_root=self.image_root)
+    if "text" in entry and ("image" in entry or "images" in entry):
+      paths = entry["images"] if "images" in entry else [entry["image"]]
+      if not isinstance(entry["text"], str) or len(paths) != 1 or not isinstance(paths[0], str):
+        raise rec.BadRecordError(rid, "an image-text pair needs one image path and a string text")
+      return rec.Record(rid, "caption", rec.caption_turns(entry["text"], self.stage),
+                        [_resolve(paths[0], self.image_root, rid)])
+    raise rec.BadRecordError(rid, f"neither 'conversations' nor 'image' + 'text' in keys {sorted(entry)}")
+
+
+def _resolve(path: str, root: str, rid: str) -> str:
+  if path.startswith(("http://", "https://")):
+    raise rec.BadRecordError(rid, f"remote image {path} (the pipeline never downloads; fetch it first)")
+  return path if os.path.isabs(path) else os.path.join(root, path)
+
+
+def conversation_record(rid: str, conversations: Any, *, task: str = "chat", images: list | None = None,
+                        image_root: str | None = None) -> rec.Record:
+  """A Record from the official `conversations` list (RECIPES §1.1).
+
+  A leading non-user turn is dropped as finetune.py does. Without `images`, image paths are read from the
+  `<img>PATH</img>` spans (relative to `image_root`) and the spans are emptied.
+
+  Raises:
+    BadRecordError: not a list of {"from", "value"} dicts, unknown role, no turns left.
+  """
+  if not isinstance(conversations, list) or not all(
+      isinstance(t, dict) and isinstance(t.get("from"), str) and isinstance(t.get("value"), str)
+      for t in conversations):
+    raise rec.BadRecordError(rid, "'conversations' must be a list of {'from': str, 'value': str}")
+  turns = []
+  for t in conversations:
+    role = _ROLE_ALIASES.get(t["from"].lower())
+    if role is None:
+      raise rec.BadRecordError(rid, f"unknown role {t['from']!r}")
+    turns.append((role, t["value"]))
+  if turns and turns[0][0] != "user":
+    turns = turns[1:]
+  if images is None:
+    paths = []
+    stripped = []
+    for role, text in turns:
+      text, found = rec.strip_image_paths(text)
+      stripped.append((role, text))
+      paths += found
+    turns = stripped
+    images = [_resolve(p, image_root or "", rid) for p in paths]
+  return rec.validate(rec.Record(rid, task, turns, list(images)))
+
+
+class _TfdsParser:
+  """Turns one TFDS example into a Record, by schema (features.py) or by known public dataset."""
+
+  def __init__(self, name: str, features: set[str], stage: int, task: str | None, seed: int):
+    self.name, self.features, self.stage, self.task, self.seed = name, features, stage, task, seed
+
+  def __call__(self, example: dict) -> rec.Record:
+    rid = _text(example.get("id", b"")) or f"{self.name}/{_text(example.get('image/id', b'?'))}"
+    if "conversations" in self.features:
+      conv = example["conversations"]
+      turns = [{"from": _text(f), "value": _text(v)} for f, v in zip(conv["from"], conv["value"])]
+      task = _text(example.get("task", b"")) or self.task or "chat"
+      return conversation_record(rid, turns, task=task, images=[bytes(b) for b in example["images"]])
+    if "text" in self.features and "image" in self.features:
+      return rec.Record(rid, "caption", rec.caption_turns(_text(example["text"]), self.stage), [example["image"]])
+    if "captions" in self.features:
+      texts = [_text(t) for t in example["captions"]["text"]]
+      if not texts:
+        raise rec.BadRecordError(rid, "no captions")
+      caption = texts[_pick(self.seed, rid, len(texts))]
+      return rec.Record(rid, "caption", rec.caption_turns(caption, self.stage), [example["image"]])
+    if "objects" in self.features:
+      return self._grounding(rid, example)
+    raise rec.BadRecordError(rid, f"no adapter for the features {sorted(self.features)} of {self.name}")
+
+  def _grounding(self, rid: str, example: dict) -> rec.Record:
+    """ref_coco: a referring expression of one object -> its box (TFDS boxes are normalized ymin, xmin, ...)."""
+    objects = example["objects"]
+    pairs = [(i, _text(raw)) for i, ref in enumerate(objects["refexp"]) for raw in ref["raw"]]
+    if not pairs:
+      raise rec.BadRecordError(rid, "no referring expressions")
+    i, phrase = pairs[_pick(self.seed, rid, len(pairs))]
+    ymin, xmin, ymax, xmax = (float(v) for v in objects["bbox"][i])
+    box = rec.box_text((xmin, ymin, xmax, ymax), 1.0, 1.0)
+    turns = [("user", f"<img></img><ref>{phrase}</ref>"), ("assistant", box)]
+    return rec.validate(rec.Record(rid, "grounding", turns, [example["image"]]))
+
+
+def _text(value) -> str:
+  return value.decode("utf-8") if isinstance(value, (bytes, np.bytes_)) else str(value)
+
+
+def _pick(seed: int, rid: str, n: int) -> int:
+  """A choice among n that is a pure function of (seed, record id), so resumed runs choose the same."""
+  return int(np.random.default_rng([seed, *rid.encode("utf-8")[:64]]).integers(n))
