@@ -1,0 +1,232 @@
+"""The cleaning job as an Apache Beam pipeline inside a TFDS Beam dataset builder.
+
+```
+shard paths ─Reshuffle─ read rows ─Reshuffle─ batch ─ clean_batch ─┬─ kept ────► TFDS ArrayRecord dataset
+                                                                  └─ rejected ─► counts + samples ─► JSON report
+```
+`run_clean(job, beam_options)` checks the inputs and that nothing would be overwritten, builds the `CleanedPairs`
+TFDS dataset (`<output_dir>/cleaned_pairs/1.0.0/`, features `qwenvl_jax.data.features.image_text_features()`,
+ArrayRecord shards) with whatever Beam runner the options name (DirectRunner by default), and writes the report.
+Each rule also has a Beam counter (namespace `qwenvl_clean`), so a runner's UI shows progress while the job runs.
+
+The rows are reshuffled twice: after listing the shards (so shards spread over workers) and after reading them (so
+one big shard does not leave every other worker idle). The TFDS writer then shuffles by example key
+("<shard path>:<row>"), so the dataset's order is deterministic whatever the runner.
+"""
+import dataclasses
+import os
+import tempfile
+import uuid
+from typing import Any, Sequence
+
+import apache_beam as beam
+import tensorflow_datasets as tfds
+from apache_beam.options.pipeline_options import PipelineOptions
+from etils import epath
+
+from qwenvl_jax.cleaning import filters
+from qwenvl_jax.cleaning import report as report_lib
+from qwenvl_jax.cleaning import scoring
+from qwenvl_jax.cleaning import sources
+from qwenvl_jax.cleaning.config import RULES, CleanConfig
+from qwenvl_jax.data import features
+
+DATASET_NAME = "cleaned_pairs"
+DATASET_VERSION = "1.0.0"
+METRICS_NAMESPACE = "qwenvl_clean"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CleanJob:
+  """One cleaning run.
+
+  Attributes:
+    inputs: file patterns (globs allowed) of JSONL/Parquet shards.
+    output_dir: TFDS data dir; the dataset goes to `<output_dir>/cleaned_pairs/1.0.0/`.
+    report_path: where the JSON report goes; None = `<output_dir>/clean_report.json`.
+    config: filter settings.
+    input_format: "auto" (from file names), "jsonl" or "parquet".
+    scorer_factory: zero-argument callable building the image-text scorer on each worker (see `scoring`); it
+      must be picklable. None = no scorer (the score column, if configured, is still used).
+  """
+  inputs: tuple[str, ...]
+  output_dir: str
+  report_path: str | None = None
+  config: CleanConfig = CleanConfig()
+  input_format: str = "auto"
+  scorer_factory: scoring.ScorerFactory | None = None
+
+  def __post_init__(self):
+    if isinstance(self.inputs, str):
+      object.__setattr__(self, "inputs", (self.inputs,))
+    object.__setattr__(self, "inputs", tuple(self.inputs))
+    if not self.output_dir:
+      raise ValueError("CleanJob.output_dir must be a folder path")
+    if self.input_format not in sources.FORMATS:
+      raise ValueError(f"CleanJob.input_format must be one of {sources.FORMATS}, got {self.input_format!r}")
+    if self.scorer_factory is not None and self.config.score_key:
+      raise ValueError(f"give either a score column (score_key={self.config.score_key!r}) or a scorer "
+                       f"({self.scorer_factory!r}), not both")
+    if self.scorer_factory is not None and not callable(self.scorer_factory):
+      raise ValueError(f"CleanJob.scorer_factory must be callable, got {self.scorer_factory!r}")
+
+  @property
+  def dataset_dir(self) -> str:
+    return os.path.join(self.output_dir, DATASET_NAME, DATASET_VERSION)
+
+  @property
+  def report(self) -> str:
+    return self.report_path or os.path.join(self.output_dir, "clean_report.json")
+
+
+class _CleanBatchFn(beam.DoFn):
+  """Runs `filters.clean_batch` on a batch; kept pairs go to the main output, rejected ones to "rejected"."""
+
+  def __init__(self, cfg: CleanConfig, scorer_factory: scoring.ScorerFactory | None):
+    self._cfg = cfg
+    self._scorer_factory = scorer_factory
+    self._scorer = None
+    self._kept = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "kept")
+    self._rejected = {rule: beam.metrics.Metrics.counter(METRICS_NAMESPACE, rule) for rule in RULES}
+
+  def setup(self):
+    if self._scorer_factory is not None:
+      self._scorer = self._scorer_factory()
+
+  def process(self, batch: Sequence[filters.RawPair]):
+    for outcome in filters.clean_batch(batch, self._cfg, self._scorer):
+      if isinstance(outcome, filters.Kept):
+        self._kept.inc()
+        yield outcome.key, outcome.example()
+      else:
+        self._rejected[outcome.rule].inc()
+        yield beam.pvalue.TaggedOutput("rejected", outcome)
+
+
+def _write_report(_, *, path: str, header: dict, counts: dict, samples: dict, kept: int) -> None:
+  report_lib.write_new(path, report_lib.build_report(counts=counts, samples=samples, kept=kept, header=header))
+
+
+class CleanPairs(beam.PTransform):
+  """PBegin -> PCollection[(key, example)] of kept pairs; writes the report (to `report_path`) as a side effect."""
+
+  def __init__(self, *, shards: Sequence[str], config: CleanConfig, input_format: str,
+               scorer_factory: scoring.ScorerFactory | None, report_path: str, header: dict):
+    super().__init__()
+    self._shards = list(shards)
+    self._cfg = config
+    self._input_format = input_format
+    self._scorer_factory = scorer_factory
+    self._report_path = report_path
+    self._header = header
+
+  def expand(self, pbegin):
+    cfg = self._cfg
+    pairs = (
+        pbegin
+        | "ListShards" >> beam.Create(self._shards)
+        | "SpreadShards" >> beam.Reshuffle()
+        | "ReadShards" >> beam.FlatMap(sources.read_shard, self._input_format, cfg.image_root)
+        | "SpreadPairs" >> beam.Reshuffle())
+    outcomes = (
+        pairs
+        | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=cfg.batch_size)
+        | "Clean" >> beam.ParDo(_CleanBatchFn(cfg, self._scorer_factory)).with_outputs("rejected", main="kept"))
+    kept, rejected = outcomes.kept, outcomes.rejected
+
+    counts = (rejected
+              | "RuleOf" >> beam.Map(lambda r: (r.rule, 1))
+              | "CountPerRule" >> beam.CombinePerKey(sum))
+    if cfg.sample_size:
+      samples = (rejected
+                 | "RankSample" >> beam.Map(lambda r: (r.rule, (report_lib.sample_rank(r.key), r.sample())))
+                 | "SamplePerRule" >> beam.combiners.Top.PerKey(cfg.sample_size, key=lambda rs: rs[0], reverse=True))
+    else:
+      samples = pbegin | "NoSamples" >> beam.Create([])
+    num_kept = kept | "CountKept" >> beam.combiners.Count.Globally()
+    _ = (pbegin
+         | "ReportSeed" >> beam.Create([None])
+         | "WriteReport" >> beam.Map(
+             _write_report, path=self._report_path, header=self._header,
+             counts=beam.pvalue.AsDict(counts), samples=beam.pvalue.AsDict(samples),
+             kept=beam.pvalue.AsSingleton(num_kept)))
+    return kept
+
+
+class CleanedPairs(tfds.core.GeneratorBasedBuilder):
+  """The TFDS dataset of cleaned stage-1 image-text pairs (one "train" split, ArrayRecord)."""
+
+  VERSION = tfds.core.Version(DATASET_VERSION)
+  RELEASE_NOTES = {DATASET_VERSION: "Web image-text pairs cleaned with the Qwen-VL stage-1 filters."}
+  # TFDS looks for a checksums file beside a builder's source through `code_path`, and for builders inside a
+  # package that lookup imports `importlib_resources`, which TFDS 4.9.10 does not install. This builder downloads
+  # nothing, so it has no checksums file and no source path to search.
+  code_path = None
+
+  def __init__(self, *, transform: CleanPairs | None = None, metadata: dict | None = None, **kwargs):
+    self._transform = transform
+    self._clean_metadata = metadata or {}
+    super().__init__(file_format="array_record", **kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self,
+        description="Image-text pairs kept by qwenvl_jax.cleaning (Qwen-VL stage-1 filters).",
+        features=features.image_text_features(),
+        metadata=tfds.core.MetadataDict(self._clean_metadata),
+    )
+
+  def _split_generators(self, dl_manager, pipeline):
+    del dl_manager  # Nothing is downloaded: the inputs are the job's shards.
+    if self._transform is None:
+      raise ValueError("CleanedPairs builds only through run_clean(); read an existing dataset with "
+                       "tfds.builder_from_directory or tfds.data_source")
+    return {"train": pipeline | "CleanPairs" >> self._transform}
+
+  def _generate_examples(self):
+    raise NotImplementedError("examples come from the CleanPairs transform of _split_generators")
+
+
+def beam_options_from_string(text: str) -> PipelineOptions:
+  """Beam options from TFDS's comma-separated syntax: "runner=DirectRunner,direct_num_workers=2"."""
+  flags = [f"--{item.strip()}" for item in text.split(",") if item.strip()] if text else []
+  return PipelineOptions(flags)
+
+
+def run_clean(job: CleanJob, beam_options: PipelineOptions | None = None) -> dict[str, Any]:
+  """Runs the cleaning job to completion; returns the report (also written to `job.report`).
+
+  Args:
+    job: inputs, output and settings.
+    beam_options: runner and its options; None = DirectRunner in this process.
+
+  Raises:
+    ValueError: an input pattern matches nothing, or a shard's format is unknown.
+    FileExistsError: the dataset version folder or the report already exists (nothing is overwritten).
+  """
+  shards = sources.match_shards(job.inputs, job.input_format)
+  dataset_dir = epath.Path(job.dataset_dir)
+  if dataset_dir.exists():
+    raise FileExistsError(f"output dataset {job.dataset_dir} already exists; choose another output_dir")
+  if epath.Path(job.report).exists():
+    raise FileExistsError(f"report {job.report} already exists; choose another report path")
+  # The pipeline writes the report under a unique name; it becomes `job.report` only once the dataset is done.
+  partial = f"{job.report}.incomplete-{uuid.uuid4().hex}"
+  header = {
+      "inputs": list(job.inputs),
+      "num_shards": len(shards),
+      "config": job.config.to_json(),
+      "scorer": repr(job.scorer_factory) if job.scorer_factory is not None else None,
+      "dataset": job.dataset_dir,
+  }
+  transform = CleanPairs(shards=shards, config=job.config, input_format=job.input_format,
+                         scorer_factory=job.scorer_factory, report_path=partial, header=header)
+  builder = CleanedPairs(transform=transform, metadata={"clean": header}, data_dir=job.output_dir)
+  with tempfile.TemporaryDirectory(prefix="qwenvl_clean_") as download_dir:
+    builder.download_and_prepare(
+        download_dir=download_dir,
+        download_config=tfds.download.DownloadConfig(beam_options=beam_options or PipelineOptions([])))
+  report = report_lib.read(partial)
+  report_lib.write_new(job.report, report)
+  epath.Path(partial).unlink()
+  return report

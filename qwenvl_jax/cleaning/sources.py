@@ -1,0 +1,108 @@
+"""Input shards of the cleaning job: sharded JSONL (optionally gzipped) or Parquet files of image-text rows.
+
+Shards are the unit of reading: each worker reads whole files, row by row (Parquet in record batches, so memory
+stays bounded whatever the file size), and every row becomes a `filters.RawPair` keyed by "<path>:<row index>".
+That key is unique and stable across runs, which is what TFDS needs to shuffle deterministically. A line that is
+not valid JSON, or not a JSON object, becomes a `MalformedRow` (counted as "malformed"), never an exception; a
+file that cannot be opened at all is an error, because it means the job would silently lose a whole shard.
+
+Paths may be local or any filesystem Apache Beam knows (gs://, s3://, hdfs:// with the matching extras).
+"""
+import gzip
+import io
+import json
+import os
+from typing import Iterator, Sequence
+
+import pyarrow.parquet as pq
+from apache_beam.io.filesystems import FileSystems
+
+from qwenvl_jax.cleaning.filters import MalformedRow, RawPair
+
+FORMATS = ("auto", "jsonl", "parquet")
+_JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson")
+_PARQUET_SUFFIXES = (".parquet", ".pq")
+_PARQUET_BATCH_ROWS = 256
+
+
+def shard_format(path: str, input_format: str = "auto") -> str:
+  """"jsonl" or "parquet" for one shard.
+
+  Raises:
+    ValueError: unknown `input_format`, or "auto" and the file name has no known suffix.
+  """
+  if input_format not in FORMATS:
+    raise ValueError(f"input_format must be one of {FORMATS}, got {input_format!r}")
+  if input_format != "auto":
+    return input_format
+  name = path.lower()
+  if name.endswith(_JSONL_SUFFIXES):
+    return "jsonl"
+  if name.endswith(_PARQUET_SUFFIXES):
+    return "parquet"
+  raise ValueError(f"cannot tell the format of input shard {path!r} from its name (expected one of "
+                   f"{_JSONL_SUFFIXES + _PARQUET_SUFFIXES}); pass input_format='jsonl' or 'parquet'")
+
+
+def match_shards(patterns: Sequence[str], input_format: str = "auto") -> list[str]:
+  """Expands file patterns (globs allowed) to a sorted, de-duplicated list of shard paths.
+
+  Raises:
+    ValueError: no pattern given, a pattern matches no file, or a shard's format is unknown.
+  """
+  if isinstance(patterns, str) or not patterns:
+    raise ValueError(f"give a non-empty list of input file patterns, got {patterns!r}")
+  paths = set()
+  for pattern, result in zip(patterns, FileSystems.match(list(patterns))):
+    found = [m.path for m in result.metadata_list]
+    if not found:
+      raise ValueError(f"input pattern {pattern!r} matches no file")
+    paths.update(found)
+  paths = sorted(paths)
+  for path in paths:
+    shard_format(path, input_format)
+  return paths
+
+
+def read_shard(path: str, input_format: str = "auto", image_root: str | None = None) -> Iterator[RawPair]:
+  """Yields every row of one shard as a `RawPair`, in file order.
+
+  Args:
+    path: the shard.
+    input_format: "auto" (from the file name), "jsonl" or "parquet".
+    image_root: folder relative image paths resolve against; None = the shard's own folder.
+  """
+  root = image_root if image_root is not None else os.path.dirname(path)
+  name = os.path.basename(path)
+  rows = _jsonl_rows(path) if shard_format(path, input_format) == "jsonl" else _parquet_rows(path)
+  for index, row in rows:
+    yield RawPair(key=f"{path}:{index}", source=f"{name}:{index}", row=row, root=root)
+
+
+def _open(path: str):
+  return FileSystems.open(path, compression_type="uncompressed")
+
+
+def _jsonl_rows(path: str) -> Iterator[tuple[int, object]]:
+  with _open(path) as raw:
+    stream = gzip.open(raw) if path.lower().endswith(".gz") else raw
+    lines = io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline="\n")
+    for index, line in enumerate(lines):
+      if not line.strip():
+        continue  # Blank lines (e.g. a trailing newline pair) are not rows.
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        row = MalformedRow(f"line is not JSON: {e}")
+      if not isinstance(row, (dict, MalformedRow)):
+        row = MalformedRow(f"line is a JSON {type(row).__name__}, not an object")
+      yield index, row
+
+
+def _parquet_rows(path: str) -> Iterator[tuple[int, object]]:
+  with _open(path) as stream:
+    index = 0
+    for batch in pq.ParquetFile(stream).iter_batches(batch_size=_PARQUET_BATCH_ROWS):
+      for row in batch.to_pylist():
+        yield index, row
+        index += 1
