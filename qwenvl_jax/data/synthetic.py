@@ -211,3 +211,16 @@ def synthetic_corpus(num_records: int = 2000, *, seed: int = 0) -> list[str]:
       if text.strip():
         lines.append(text.strip())
   return lines
+
+
+def train_synthetic_tokenizer(model_prefix: str, *, vocab_size: int = 512, num_records: int = 2000, seed: int = 0,
+                              overwrite: bool = False):
+  """Trains a small SentencePiece tokenizer on the synthetic corpus (`qwenvl_jax.text.train_sentencepiece`).
+
+  Returns:
+    A `qwenvl_jax.text.SentencePieceTokenizer` over `{model_prefix}.model`.
+  """
+  from qwenvl_jax import text  # pylint: disable=g-import-not-at-top  (the text package is only needed here)
+  path = text.train_sentencepiece(synthetic_corpus(num_records, seed=seed), model_prefix, vocab_size,
+                                  overwrite=overwrite)
+  return text.SentencePieceTokenizer(path)
