@@ -46,6 +46,7 @@ EXTRAS = tuple(f"<|extra_{i}|>" for i in range(NUM_EXTRA_TOKENS))
 # The reference's IMAGE_ST, in its order: these nine are appended after the extras.
 IMAGE_ST = (REF_START, REF_END, BOX_START, BOX_END, QUAD_START, QUAD_END, IMG_START, IMG_END, IMG_PAD)
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END) + EXTRAS + IMAGE_ST
+assert all(t.startswith("<") for t in SPECIAL_TOKENS)  # QwenTokenizer.encode's fast path relies on it
 
 NUM_BPE_RANKS = 151643
 EOD_ID = NUM_BPE_RANKS                        # 151643
@@ -211,13 +212,19 @@ class QwenTokenizer:
     if not isinstance(text, str):
       raise TypeError(f"encode expects a str, got {type(text).__name__}")
     text = unicodedata.normalize("NFC", text)
-    return self._encoding.encode(text, allowed_special=_as_set(allowed_special),
-                                 disallowed_special=_as_set(disallowed_special))
+    allowed, disallowed = _as_set(allowed_special), _as_set(disallowed_special)
+    if "<" not in text:
+      # Every special token starts with "<"; without one the result is the ordinary encoding, and skipping the
+      # special-token set (converted for tiktoken on every call) makes short texts ~3x faster.
+      return self._encoding.encode_ordinary(text)
+    return self._encoding.encode(text, allowed_special=allowed, disallowed_special=disallowed)
 
   def encode_batch(self, texts: Sequence[str], *, allowed_special: AllowedSpecial = "all",
                    num_threads: int = 8) -> list[list[int]]:
     """`encode` of each text, on `num_threads` threads (tiktoken releases the GIL)."""
     texts = [unicodedata.normalize("NFC", t) for t in texts]
+    if not any("<" in t for t in texts):
+      return self._encoding.encode_ordinary_batch(texts, num_threads=num_threads)
     return self._encoding.encode_batch(texts, num_threads=num_threads, allowed_special=_as_set(allowed_special),
                                        disallowed_special=())
 
