@@ -40,7 +40,7 @@ IGNORE_INDEX = -100
 ROLES = ("user", "assistant")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Example:
   """One tokenized training example.
 
@@ -88,7 +88,7 @@ def pretrain_example(tok: qtok.Tokenizer, text: str, *, prompt: str = "", append
                  truncate=truncate, pad_to_max_len=pad_to_max_len)
 
 
-def sft_example(tok: qtok.Tokenizer, conversations: Sequence[Mapping[str, str]], *,
+def sft_example(tok: qtok.Tokenizer, conversations: Sequence[Mapping[str, str]] | Mapping, *,
                 system: str = chat.DEFAULT_SYSTEM, n_image_tokens: int = formatting.IMAGE_TOKENS,
                 max_len: int | None = None, truncate: bool = False, pad_to_max_len: bool = False) -> Example:
   """A stage-3 example exactly as the official `finetune.py` (see the module docstring).
@@ -96,7 +96,7 @@ def sft_example(tok: qtok.Tokenizer, conversations: Sequence[Mapping[str, str]],
   Args:
     tok: any `Tokenizer`.
     conversations: `[{"from": "user" | "assistant", "value": str}, ...]` (the official data format; images as
-      `Picture k: <img>PATH</img>\\n` inside user values).
+      `Picture k: <img>PATH</img>\\n` inside user values), or a whole record `{"conversations": [...], ...}`.
     system: the system message.
     n_image_tokens: slots per image span.
     max_len, truncate, pad_to_max_len: see the module docstring (finetune.py always pads to and truncates at
@@ -104,6 +104,8 @@ def sft_example(tok: qtok.Tokenizer, conversations: Sequence[Mapping[str, str]],
   Raises:
     ValueError naming the turn on an unknown role, a non-str value, or an empty conversation.
   """
+  if isinstance(conversations, Mapping) and "conversations" in conversations:
+    conversations = conversations["conversations"]  # a whole record of the official JSON format
   turns = list(conversations)
   for i, turn in enumerate(turns):
     if not isinstance(turn, Mapping) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):

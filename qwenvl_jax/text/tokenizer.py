@@ -103,6 +103,10 @@ class Tokenizer(Protocol):
              disallowed_special: AllowedSpecial = ()) -> list[int]:
     """NFC-normalizes and encodes `text`; never adds BOS/EOS."""
 
+  def encode_batch(self, texts: Sequence[str], *, allowed_special: AllowedSpecial = "all",
+                   num_threads: int = 8) -> list[list[int]]:
+    """`encode` of each text."""
+
   def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False, errors: str = "replace") -> str:
     """Decodes ids to text; with `skip_special_tokens` every special id is dropped."""
 

@@ -222,3 +222,47 @@ def test_strip_grounding():
   text = "A <ref>dog</ref><box>(1,2),(3,4)</box><box>(5,6),(7,8)</box> near <ref>a sign</ref><quad>(1,1),(2,2)," \
          "(3,3),(4,4)</quad>."
   assert fmt.strip_grounding(text) == "A dog near a sign."
+
+
+# ------------------------------------------------------------------------------------------------ real vocabulary
+
+
+def test_image_span_known_ids(qwen_tok):
+  enc = fmt.encode_with_images(qwen_tok, fmt.from_list_format([{"image": "demo.jpeg"}, {"text": "Hi"}]))
+  # "Picture" " " "1" ":" then <img> 256 x <imgpad> </img> "\n" "Hi".
+  assert enc.ids == [24669, 220, 16, 25, 151857] + [151859] * 256 + [151858, 198, 13048]
+  assert enc.image_paths == ["demo.jpeg"]
+
+
+def _reference_tokenize(qwen_tiktoken_path, text):
+  """SPEC §3.2 re-implemented independently: tiktoken with the SPEC's regex and special table, then every closed
+  <img>…</img> token span → <img> + path bytes as ids + <imgpad> up to 256 + </img>."""
+  import base64
+  import tiktoken
+  import unicodedata
+  ranks = {base64.b64decode(t): int(r) for t, r in (l.split() for l in qwen_tiktoken_path.read_bytes().splitlines())}
+  specials = (["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [f"<|extra_{i}|>" for i in range(205)]
+              + ["<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>", "<img>", "</img>", "<imgpad>"])
+  pat = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+  enc = tiktoken.Encoding("ref", pat_str=pat, mergeable_ranks=ranks,
+                          special_tokens={s: 151643 + i for i, s in enumerate(specials)})
+  ids = enc.encode(unicodedata.normalize("NFC", text), allowed_special="all")
+  out, i = [], 0
+  while i < len(ids):
+    if ids[i] == 151857:
+      j = ids.index(151858, i)
+      path = enc.decode_bytes(ids[i + 1:j])
+      out += [151857] + list(path) + [151859] * (256 - len(path)) + [151858]
+      i = j + 1
+    else:
+      out.append(ids[i])
+      i += 1
+  return out
+
+
+def test_path_bytes_matches_reference_algorithm(qwen_tok, qwen_tiktoken_path):
+  text = ("Picture 1:<img>https://example.com/图片/Cafe\u0301.jpg</img>\nPicture 2:<img>/data/b.png</img>\n"
+          "比较两张图 <ref>the cat</ref><box>(1,2),(3,4)</box><|endoftext|>")
+  ours = fmt.encode_with_images(qwen_tok, text, path_bytes=True)
+  assert ours.ids == _reference_tokenize(qwen_tiktoken_path, text)
+  assert ours.image_paths == ["https://example.com/图片/Café.jpg", "/data/b.png"]

@@ -130,3 +130,9 @@ def test_shift_labels_batched_and_checked():
     masks.shift_labels(ids, np.array([[IGN, 9, 3], [IGN, IGN, 6]]))
   with pytest.raises(ValueError, match="shape"):
     masks.shift_labels(ids, labels[:, :2])
+
+
+def test_sft_accepts_a_whole_record(any_tok):
+  conv = [{"from": "user", "value": "q"}, {"from": "assistant", "value": "a"}]
+  ex = masks.sft_example(any_tok, {"id": "identity_0", "conversations": conv})
+  assert ex.input_ids.tolist() == masks.sft_example(any_tok, conv).input_ids.tolist()
