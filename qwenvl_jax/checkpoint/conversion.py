@@ -1,0 +1,318 @@
+"""PyTorch checkpoints <-> the Orbax params checkpoint, streaming one tensor (or block of rows) at a time.
+
+* `torch_to_orbax`: a Hugging Face Qwen-VL / Qwen-VL-Chat directory (`pytorch_model-*.bin` or `*.safetensors`
+  with their index, or a single file) -> params checkpoint (`orbax_store`).
+* `init_from_pretrained`: OpenCLIP ViT-bigG/14 -> `visual`, Qwen-7B -> `llm`, a freshly initialized `adapter`
+  (the paper's stage-1 starting point) -> params checkpoint.
+* `orbax_to_torch`: params checkpoint -> `model-0000k-of-0000n.safetensors` + `model.safetensors.index.json` +
+  `config.json` in the Qwen-VL names, loadable by the reference code.
+
+Every direction first checks the whole mapping against the headers of its input (each expected tensor present
+with the right shape, nothing unexpected except an explicit ignore list); problems are reported together, by
+name, before anything is written. Data then moves parameter by parameter: a scanned `[L, ...]` parameter is
+written one layer at a time and tensors larger than `block_bytes` (the embedding and `lm_head`) in bands of rows,
+so peak host memory is about one block plus its transposed copy, not the model. dtypes are kept unless `dtype`
+is given (export defaults to bfloat16, the released format).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import shutil
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from qwenvl_jax import sharding
+from qwenvl_jax.checkpoint import mapping, orbax_store, tensor_io
+from qwenvl_jax.model import QwenVL
+from qwenvl_jax.model.config import QwenVLConfig
+from qwenvl_jax.model.resampler import Adapter
+
+DEFAULT_BLOCK_BYTES = 256 * 2**20
+DEFAULT_SHARD_BYTES = 2 * 10**9
+_WEIGHT_FILE_SUFFIXES = (".bin", ".safetensors", ".pt", ".pth", ".msgpack", ".h5")
+_FORMAT = "qwenvl_jax.params/1"
+
+
+def model_param_shapes(cfg: QwenVLConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """Dotted path -> (shape, param dtype) of every parameter of `QwenVL(cfg)`, without allocating it."""
+  _, abstract_state = sharding.abstract_model(lambda: QwenVL(cfg, rngs=nnx.Rngs(0)))
+  return orbax_store.param_shapes(abstract_state)
+
+
+def _parse_dtype(dtype) -> np.dtype | None:
+  """None / "keep" -> None (keep the stored dtype); otherwise one of the float dtypes a checkpoint may hold."""
+  if dtype is None or dtype == "keep":
+    return None
+  table = {"bfloat16": tensor_io.BF16, "float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
+  key = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+  if key not in table:
+    raise ValueError(f"unsupported dtype {dtype!r}; use one of keep, {', '.join(table)}")
+  return table[key]
+
+
+def _limited(items: Sequence[str], n: int = 20) -> str:
+  items = list(items)
+  return ", ".join(items[:n]) + (f" ... and {len(items) - n} more" if len(items) > n else "")
+
+
+def check_source(table: mapping.Table, bindings: Sequence[mapping.Binding], source: tensor_io.TensorSource) -> None:
+  """Raises one ValueError naming every missing, unexpected, mis-shaped or non-float tensor of `source`."""
+  expected = {b.torch_name: b for b in bindings}
+  present = set(source.names())
+  missing = [n for n in expected if n not in present]
+  unexpected = sorted(n for n in present if n not in expected and not table.is_ignored(n))
+  misshaped, bad_dtype = [], []
+  for name, b in expected.items():
+    if name in present:
+      info = source.info(name)
+      if info.shape != b.torch_shape:
+        misshaped.append(f"{name} {info.shape} (expected {b.torch_shape})")
+      if not np.issubdtype(info.dtype, np.floating) and info.dtype != tensor_io.BF16:
+        bad_dtype.append(f"{name} {info.dtype}")
+  problems = [f"{label} ({len(names)}): {_limited(names)}" for label, names in
+              (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped),
+               ("not floating point", bad_dtype)) if names]
+  if problems:
+    raise ValueError(f"{source.description} is not a {table.name} checkpoint for this model config: "
+                     + "; ".join(problems))
+
+
+def _import_leaves(table: mapping.Table, source: tensor_io.TensorSource, shapes: Mapping[str, tuple],
+                   dtype: np.dtype | None, block_bytes: int) -> dict[str, orbax_store.StreamedArray]:
+  """StreamedArrays for every parameter `table` fills from `source` (after `check_source`)."""
+  bindings = mapping.bind(table, {k: s for k, (s, _) in shapes.items()})
+  check_source(table, bindings, source)
+  feeds: dict[str, list[tuple[mapping.Binding, int]]] = {}
+  for b in bindings:
+    for j, target in enumerate(b.rule.targets):
+      feeds.setdefault(target, []).append((b, j))
+  leaves = {}
+  for target, fed in feeds.items():
+    dtypes = {source.info(b.torch_name).dtype for b, _ in fed}
+    if dtype is None and len(dtypes) > 1:
+      raise ValueError(f"the tensors feeding {target} have mixed dtypes {sorted(map(str, dtypes))}; "
+                       "pass an explicit dtype")
+    out_dtype = dtype or dtypes.pop()
+    leaves[target] = _leaf(target, fed, source, tuple(shapes[target][0]), out_dtype, block_bytes)
+  return leaves
+
+
+def _leaf(target: str, fed: list[tuple[mapping.Binding, int]], source: tensor_io.TensorSource,
+          shape: tuple[int, ...], dtype: np.dtype, block_bytes: int) -> orbax_store.StreamedArray:
+  b0, j0 = fed[0]
+  transform = b0.rule.transform
+  if b0.layer is not None:
+    def layer_blocks():
+      for b, j in sorted(fed, key=lambda bj: bj[0].layer):
+        y = b.rule.transform.forward(source.read(b.torch_name), b.target_shapes)[j]
+        yield (b.layer,), np.ascontiguousarray(y, dtype=dtype)
+    return orbax_store.StreamedArray(shape, dtype, (1,) + shape[1:], layer_blocks)
+
+  axis = transform.row_block_axis(shape) if transform.n_targets == 1 else None
+  nbytes = math.prod(shape) * dtype.itemsize
+  if axis is None or nbytes <= block_bytes:
+    def whole():
+      yield (), np.ascontiguousarray(transform.forward(source.read(b0.torch_name), b0.target_shapes)[j0],
+                                     dtype=dtype)
+    return orbax_store.StreamedArray(shape, dtype, shape, whole)
+
+  rows = max(1, block_bytes // (nbytes // shape[axis]))
+  def row_blocks():
+    for r0 in range(0, shape[axis], rows):
+      r1 = min(shape[axis], r0 + rows)
+      block_shape = shape[:axis] + (r1 - r0,) + shape[axis + 1:]
+      y = transform.forward(source.read(b0.torch_name, slice(r0, r1)), [block_shape])[0]
+      yield (slice(None),) * axis + (slice(r0, r1),), np.ascontiguousarray(y, dtype=dtype)
+  return orbax_store.StreamedArray(shape, dtype, shape[:axis] + (rows,) + shape[axis + 1:], row_blocks)
+
+
+def torch_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, cfg: QwenVLConfig, *,
+                   source_format: str = "qwen-vl", dtype=None, block_bytes: int = DEFAULT_BLOCK_BYTES) -> None:
+  """Converts a Qwen-VL PyTorch checkpoint at `src` into a params checkpoint at `dst` (a new directory).
+
+  source_format: "qwen-vl" (all 853 tensors of the 7B model). For the partial sources use
+  `init_from_pretrained`. dtype: None/"keep", "bfloat16", "float32" or "float16".
+  """
+  table = mapping.TABLES.get(source_format)
+  if table is None or set(table.parts) != {"visual", "adapter", "llm"}:
+    raise ValueError(f"torch_to_orbax needs a complete model ('qwen-vl'), got {source_format!r}; "
+                     "use init_from_pretrained for OpenCLIP / Qwen-7B sources")
+  _refuse_existing(dst)
+  shapes = model_param_shapes(cfg)
+  with tensor_io.open_checkpoint(src) as source:
+    leaves = _import_leaves(table, source, shapes, _parse_dtype(dtype), block_bytes)
+    _check_complete(leaves, shapes)
+    logging.info("converting %d tensors of %s into %d parameters at %s", len(source.names()), src, len(leaves), dst)
+    orbax_store.save_params(dst, orbax_store.unflatten(leaves), custom_metadata={
+        "format": _FORMAT, "sources": {table.name: str(pathlib.Path(src).absolute())}})
+
+
+def init_from_pretrained(dst: str | os.PathLike, cfg: QwenVLConfig, *, openclip: str | os.PathLike,
+                         qwen7b: str | os.PathLike, seed: int = 0, dtype=None,
+                         block_bytes: int = DEFAULT_BLOCK_BYTES) -> None:
+  """Stage-1 initialization: the ViT trunk from OpenCLIP ViT-bigG, the LLM from Qwen-7B, a fresh adapter.
+
+  The adapter (resampler, ln_post, proj) is initialized as `QwenVL` would (with `nnx.Rngs(seed)`) and stored
+  in float32 unless `dtype` is given.
+  """
+  _refuse_existing(dst)
+  shapes = model_param_shapes(cfg)
+  out_dtype = _parse_dtype(dtype)
+  adapter = Adapter(cfg.resampler, kv_dim=cfg.vision.width, embed_dim=cfg.llm.width, rngs=nnx.Rngs(seed))
+  leaves: dict[str, object] = {
+      f"adapter.{k}": np.asarray(v, dtype=out_dtype or np.float32)
+      for k, v in orbax_store.flatten(nnx.to_pure_dict(nnx.state(adapter, nnx.Param))).items()}
+  with tensor_io.open_checkpoint(openclip) as vit, tensor_io.open_checkpoint(qwen7b) as llm:
+    leaves.update(_import_leaves(mapping.OPENCLIP_VIT, vit, shapes, out_dtype, block_bytes))
+    leaves.update(_import_leaves(mapping.QWEN7B, llm, shapes, out_dtype, block_bytes))
+    _check_complete(leaves, shapes)
+    orbax_store.save_params(dst, orbax_store.unflatten(leaves), custom_metadata={
+        "format": _FORMAT, "sources": {"openclip-vit": str(pathlib.Path(openclip).absolute()),
+                                       "qwen-7b": str(pathlib.Path(qwen7b).absolute()),
+                                       "adapter": f"fresh init, seed {seed}"}})
+
+
+def _check_complete(leaves: Mapping[str, object], shapes: Mapping[str, tuple]) -> None:
+  orbax_store.check_tree({k: (tuple(v.shape), None) for k, v in leaves.items()}, shapes, "the converted tree")
+
+
+def _refuse_existing(dst) -> None:
+  if pathlib.Path(dst).exists():
+    raise FileExistsError(f"output {dst} exists; refusing to overwrite it (choose a new output directory)")
+
+
+def _export_plans(reader: orbax_store.ParamReader, shapes: Mapping[str, tuple], dtype: np.dtype | None,
+                  block_bytes: int) -> list[tensor_io.TensorPlan]:
+  bindings = mapping.bind(mapping.QWENVL, {k: s for k, (s, _) in shapes.items()})
+  plans = []
+  for b in bindings:
+    stored = {reader.shapes[t][1] for t in b.rule.targets}
+    if dtype is None and len(stored) > 1:
+      raise ValueError(f"{b.torch_name} would join parameters of mixed dtypes {sorted(map(str, stored))}; "
+                       "pass an explicit dtype")
+    plans.append(tensor_io.TensorPlan(b.torch_name, b.torch_shape, dtype or stored.pop(),
+                                      _export_blocks(reader, b, dtype, block_bytes)))
+  return plans
+
+
+def _export_blocks(reader, b: mapping.Binding, dtype, block_bytes):
+  transform = b.rule.transform
+  prefix = () if b.layer is None else (b.layer,)
+  shape = b.target_shapes[0]
+  axis = transform.row_block_axis(shape) if transform.n_targets == 1 else None
+  nbytes = math.prod(shape) * reader.shapes[b.rule.targets[0]][1].itemsize
+
+  def cast(x):
+    return np.ascontiguousarray(x if dtype is None else x.astype(dtype))
+
+  def whole() -> Iterable[np.ndarray]:
+    ys = [reader.read(t, prefix) for t in b.rule.targets]
+    yield cast(transform.inverse(ys, b.target_shapes))
+
+  def row_blocks() -> Iterable[np.ndarray]:
+    rows = max(1, block_bytes // (nbytes // shape[axis]))
+    for r0 in range(0, shape[axis], rows):
+      r1 = min(shape[axis], r0 + rows)
+      index = prefix + (slice(None),) * axis + (slice(r0, r1),)
+      block_shape = shape[:axis] + (r1 - r0,) + shape[axis + 1:]
+      yield cast(transform.inverse([reader.read(b.rule.targets[0], index)], [block_shape]))
+
+  return whole if axis is None or nbytes <= block_bytes else row_blocks
+
+
+def orbax_to_torch(src: str | os.PathLike, dst: str | os.PathLike, cfg: QwenVLConfig, *, dtype="bfloat16",
+                   max_shard_bytes: int = DEFAULT_SHARD_BYTES, block_bytes: int = DEFAULT_BLOCK_BYTES,
+                   reference_files: str | os.PathLike | None = None) -> dict:
+  """Exports a params checkpoint to the Hugging Face Qwen-VL format in the new directory `dst`.
+
+  Writes `model-0000k-of-0000n.safetensors` (shards of at most `max_shard_bytes`, a bigger tensor alone),
+  `model.safetensors.index.json` and `config.json` (Qwen-VL keys, `visual.image_size` from `cfg`). With
+  `reference_files` (a Hugging Face Qwen-VL directory) its code and tokenizer files are copied beside them so
+  the export loads with `trust_remote_code`. Everything is written to `dst.partial` and renamed at the end.
+  Returns the index dict.
+  """
+  dst = pathlib.Path(dst)
+  _refuse_existing(dst)
+  tmp = dst.with_name(dst.name + ".partial")
+  _refuse_existing(tmp)
+  out_dtype = _parse_dtype(dtype)
+  shapes = model_param_shapes(cfg)
+  reader = orbax_store.ParamReader(src)
+  orbax_store.check_tree(reader.shapes, shapes, f"checkpoint {src}")
+  plans = _export_plans(reader, shapes, out_dtype, block_bytes)
+  tmp.mkdir(parents=True)
+  index = tensor_io.write_safetensors_shards(tmp, plans, max_shard_bytes=max_shard_bytes)
+  torch_dtype = str(np.dtype(plans[0].dtype).name)
+  (tmp / "config.json").write_text(json.dumps(hf_config(cfg, torch_dtype=torch_dtype), indent=2) + "\n")
+  if reference_files is not None:
+    _copy_reference_files(pathlib.Path(reference_files), tmp)
+  tmp.rename(dst)
+  logging.info("exported %d tensors (%d bytes) to %s", len(plans), index["metadata"]["total_size"], dst)
+  return index
+
+
+def _copy_reference_files(ref: pathlib.Path, out: pathlib.Path) -> None:
+  if not ref.is_dir():
+    raise FileNotFoundError(f"reference directory {ref} does not exist")
+  for f in sorted(ref.iterdir()):
+    if (f.is_file() and not f.name.endswith(_WEIGHT_FILE_SUFFIXES) and not f.name.endswith(".index.json")
+        and f.name != "config.json" and not (out / f.name).exists()):
+      shutil.copy2(f, out / f.name)
+
+
+def _mlp_ratio(width: int, mlp_dim: int) -> float:
+  """A ratio the reference turns back into `mlp_dim` with int(width * ratio) (4.9231 for ViT-bigG)."""
+  for ratio in (round(mlp_dim / width, 4), (mlp_dim + 0.5) / width):
+    if int(width * ratio) == mlp_dim:
+      return ratio
+  raise ValueError(f"no mlp_ratio reproduces mlp_dim {mlp_dim} from width {width}")
+
+
+def hf_config(cfg: QwenVLConfig, *, torch_dtype: str = "bfloat16") -> dict:
+  """The Qwen-VL `config.json` (QWENVL_SPEC §0) for `cfg`."""
+  v, llm = cfg.vision, cfg.llm
+  if cfg.resampler.grid != 16 or cfg.resampler.heads != llm.width // 128:
+    logging.warning("the reference code hard-codes 256 queries and width // 128 resampler heads; this config "
+                    "(grid %d, heads %d) will not load there", cfg.resampler.grid, cfg.resampler.heads)
+  return {
+      "architectures": ["QWenLMHeadModel"],
+      "auto_map": {"AutoConfig": "configuration_qwen.QWenConfig",
+                   "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"},
+      "model_type": "qwen",
+      "attn_dropout_prob": 0.0, "emb_dropout_prob": 0.0,
+      "bf16": False, "fp16": False, "fp32": False,
+      "hidden_size": llm.width,
+      "initializer_range": 0.02,
+      "intermediate_size": 2 * llm.mlp_dim,  # the reference halves it (Gotcha 2)
+      "kv_channels": llm.head_dim,
+      "layer_norm_epsilon": llm.rms_eps,
+      "max_position_embeddings": 8192,
+      "no_bias": True,
+      "num_attention_heads": llm.heads,
+      "num_hidden_layers": llm.layers,
+      "onnx_safe": None,
+      "rotary_emb_base": llm.rope_base,
+      "rotary_pct": 1.0,
+      "scale_attn_weights": True,
+      "seq_length": llm.seq_length,
+      "tie_word_embeddings": False,
+      "tokenizer_type": "QWenTokenizer",
+      "torch_dtype": torch_dtype,
+      "use_cache": True,
+      "use_dynamic_ntk": True,
+      "use_flash_attn": False,
+      "use_logn_attn": True,
+      "visual": {
+          "heads": v.heads, "image_size": v.image_size, "image_start_id": cfg.image_pad_id - 2,
+          "layers": v.layers, "mlp_ratio": _mlp_ratio(v.width, v.mlp_dim), "output_dim": llm.width,
+          "patch_size": v.patch_size, "width": v.width,
+      },
+      "vocab_size": llm.vocab_size,
+  }

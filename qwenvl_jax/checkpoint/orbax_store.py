@@ -1,0 +1,215 @@
+"""The params checkpoint: a standalone Orbax PyTree checkpoint of our parameter tree, written block by block.
+
+Layout (what the trainer's "init from", inference and eval read): one Orbax `PyTreeCheckpointHandler` directory
+(`_METADATA`, `_CHECKPOINT_METADATA`, `manifest.ocdbt`, `d/`, OCDBT + zarr) whose tree is the plain nested dict
+of the model's `nnx.Param` values, keyed by the NNX attribute path (`{"llm": {"blocks": {"mlp": {"w1":
+{"kernel": [L, D, F]}}}}}`, DESIGN §2.2), stored in the source dtype (bf16 for the released weights).
+`restore_params(path, abstract_state, shardings)` restores it directly sharded onto any mesh and casts to the
+abstract state's dtypes; `ocp.StandardCheckpointer().restore(path, target)` reads it as well.
+
+Why a custom Orbax TypeHandler: Orbax saves a leaf from an array that is whole in host memory, and the largest
+stacked parameter (`llm.blocks.mlp.w1.kernel`, 32 x 4096 x 11008 bf16) alone is 2.7 GiB, so assembling each
+stacked parameter before saving cannot stay under a 3 GiB peak. `StreamedArray` is a leaf that only describes
+the array (shape, dtype, a write block shape) and produces its blocks on demand; its handler opens the same
+TensorStore spec Orbax's own numpy handler would (so the result is an ordinary Orbax checkpoint, typed
+`np.ndarray` in `_METADATA`) and writes one block at a time, one parameter after another. The zarr chunk shape
+is the block shape (one layer of a stacked parameter, a band of rows of an embedding), so a block is encoded and
+committed as soon as it is written and never waits in a cache for its neighbours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from typing import Any, Callable, Iterable, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from etils import epath
+from flax import nnx
+from orbax.checkpoint._src.futures import future as ocp_future
+from orbax.checkpoint._src.serialization import ocdbt_utils
+from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+from orbax.checkpoint._src.serialization import type_handler_registry
+from orbax.checkpoint._src.serialization import type_handlers
+from orbax.checkpoint._src.serialization import types as ocp_types
+
+Index = tuple[Any, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamedArray:
+  """An array that exists only as the blocks `blocks()` yields: (index into the full array, numpy block)."""
+
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  write_shape: tuple[int, ...]  # block (and zarr chunk) shape; blocks must tile the array on this grid
+  blocks: Callable[[], Iterable[tuple[Index, np.ndarray]]]
+
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.shape, dtype=np.int64))
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+
+class _StreamedArrayHandler(type_handlers.NumpyHandler):
+  """Writes `StreamedArray` leaves in Orbax's numpy format, one block at a time, one leaf after another."""
+
+  def __init__(self):
+    super().__init__(deepcopy_host_arrays=False)
+
+  async def _write_all(self, values, infos, args):
+    for value, info, arg in zip(values, infos, args):
+      await info.await_path_creation()
+      spec = ts_utils.build_array_write_spec(
+          info=info, arg=arg, global_shape=value.shape, local_shape=value.write_shape,
+          dtype=np.dtype(value.dtype), use_ocdbt=info.is_ocdbt_checkpoint,
+          process_index=ocdbt_utils.get_process_index_for_subdir(use_ocdbt=info.is_ocdbt_checkpoint))
+      store = await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
+      for index, block in value.blocks():
+        if block.dtype != np.dtype(value.dtype):
+          raise ValueError(f"{info.name}: a block has dtype {block.dtype}, expected {np.dtype(value.dtype)}")
+        # Awaiting each write before producing the next block is what bounds memory to one block.
+        await store[index].write(block)
+
+  async def serialize(self, values, infos, args=None):
+    args = args or [ocp_types.SaveArgs()] * len(values)
+    ocp_types.check_input_arguments(values, infos, args)
+    return [ocp_future.CommitFutureAwaitingContractedSignals(self._write_all(values, infos, args),
+                                                              name="streamed_array")]
+
+
+def _registry():
+  return type_handler_registry.create_type_handler_registry(
+      (jax.Array, type_handlers.ArrayHandler()),
+      (np.ndarray, type_handlers.NumpyHandler()),
+      (StreamedArray, _StreamedArrayHandler()),
+  )
+
+
+def save_params(path: str | os.PathLike, tree: Mapping[str, Any], *, custom_metadata: dict | None = None) -> None:
+  """Saves a nested dict of `StreamedArray` / numpy / jax arrays as a params checkpoint at `path` (new dir)."""
+  path = pathlib.Path(path).absolute()
+  if path.exists():
+    raise FileExistsError(f"{path} exists; refusing to overwrite it (choose a new output directory)")
+  handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_registry())
+  with ocp.Checkpointer(handler) as checkpointer:
+    checkpointer.save(path, args=ocp.args.PyTreeSave(dict(tree), custom_metadata=custom_metadata))
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """{"a": {"b": x}} -> {"a.b": x} (our dotted parameter paths)."""
+  out = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, Mapping):
+      out.update(flatten(value, name + "."))
+    else:
+      out[name] = value
+  return out
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+  """{"a.b": x} -> {"a": {"b": x}}."""
+  out: dict[str, Any] = {}
+  for name, value in flat.items():
+    node = out
+    *parents, leaf = name.split(".")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return out
+
+
+def param_shapes(state: nnx.State) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """Dotted path -> (shape, dtype) of every parameter of an (abstract or concrete) NNX state."""
+  return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in flatten(nnx.to_pure_dict(state)).items()}
+
+
+class ParamReader:
+  """Reads single parameters (or slices of them) of a params checkpoint without restoring the tree."""
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = pathlib.Path(path).absolute()
+    if not (self.path / "_METADATA").is_file():
+      raise FileNotFoundError(f"{self.path} is not an Orbax PyTree checkpoint (no _METADATA)")
+    meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(self.path))
+    self._use_zarr3 = bool(meta.use_zarr3)
+    self._ocdbt = type_handlers.is_ocdbt_checkpoint(epath.Path(self.path))
+    self.custom_metadata = dict(meta.custom_metadata or {})
+    self.shapes = {k: (tuple(m.shape), np.dtype(m.dtype)) for k, m in flatten(meta.tree).items()}
+    self._context = ts_utils.get_ts_context(use_ocdbt=self._ocdbt)
+    self._open: dict[str, ts.TensorStore] = {}
+
+  def _store(self, name: str) -> ts.TensorStore:
+    if name not in self.shapes:
+      raise KeyError(f"parameter {name!r} is not in the checkpoint {self.path}")
+    if name not in self._open:
+      info = ocp_types.ParamInfo(name=name, parent_dir=epath.Path(self.path), is_ocdbt_checkpoint=self._ocdbt,
+                                 use_zarr3=self._use_zarr3, ts_context=self._context)
+      spec = ts_utils.build_array_read_spec(info, use_ocdbt=self._ocdbt).json
+      self._open[name] = ts.open(spec, open=True, context=self._context).result()
+    return self._open[name]
+
+  def read(self, name: str, index: Index = ()) -> np.ndarray:
+    """`param[index]` as a numpy array in the stored dtype."""
+    return np.asarray(self._store(name)[index].read().result())
+
+
+def check_tree(stored: Mapping[str, tuple[tuple[int, ...], Any]], expected: Mapping[str, tuple[tuple[int, ...], Any]],
+               where: str) -> None:
+  """Raises a ValueError naming every missing, unexpected or mis-shaped parameter."""
+  missing = sorted(set(expected) - set(stored))
+  unexpected = sorted(set(stored) - set(expected))
+  misshaped = sorted(f"{k}: stored {stored[k][0]}, model {expected[k][0]}"
+                     for k in set(stored) & set(expected) if tuple(stored[k][0]) != tuple(expected[k][0]))
+  problems = []
+  if missing:
+    problems.append(f"missing {missing}")
+  if unexpected:
+    problems.append(f"unexpected {unexpected}")
+  if misshaped:
+    problems.append(f"mis-shaped {misshaped}")
+  if problems:
+    raise ValueError(f"{where} does not match the model: " + "; ".join(problems))
+
+
+def restore_params(path: str | os.PathLike, abstract_state: nnx.State, shardings: nnx.State) -> nnx.State:
+  """Restores a params checkpoint directly into `shardings`, cast to the dtypes of `abstract_state`.
+
+  Args:
+    path: the params checkpoint directory (from `qwenvl_jax.convert` or `save_params`).
+    abstract_state: the model's abstract `nnx.State` (`sharding.abstract_model(...)[1]`).
+    shardings: NamedShardings of the same structure (`sharding.state_shardings(abstract_state, rules, mesh)`).
+
+  Returns:
+    An `nnx.State` like `abstract_state` holding the restored, sharded jax.Arrays.
+  """
+  path = pathlib.Path(path).absolute()
+  reader = ParamReader(path)
+  check_tree(reader.shapes, param_shapes(abstract_state), f"checkpoint {path}")
+  values = nnx.to_pure_dict(abstract_state)
+  specs = nnx.to_pure_dict(shardings)
+  target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), values, specs)
+  restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape,
+                                                             dtype=t.dtype), target)
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
+  state = jax.tree.map(lambda x: x, abstract_state)
+  nnx.replace_by_pure_dict(state, restored)
+  return state
+
+
+def load_model(path: str | os.PathLike, cfg, mesh: jax.sharding.Mesh, rules) -> nnx.Module:
+  """A `QwenVL(cfg)` whose parameters are restored from `path`, sharded on `mesh` under the logical `rules`."""
+  from qwenvl_jax import sharding  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.model import QwenVL  # pylint: disable=import-outside-toplevel
+  graphdef, abstract_state = sharding.abstract_model(lambda: QwenVL(cfg, rngs=nnx.Rngs(0)))
+  shardings = sharding.state_shardings(abstract_state, rules, mesh)
+  return nnx.merge(graphdef, restore_params(path, abstract_state, shardings))

@@ -1,0 +1,96 @@
+"""The params checkpoint: streamed saving (block = chunk), sharded restore onto a mesh, mismatch errors."""
+import jax
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from qwenvl_jax import sharding
+from qwenvl_jax.checkpoint import orbax_store
+from qwenvl_jax.model import QwenVL, tiny
+
+
+def _random_params(cfg, dtype, seed=0):
+  rng = np.random.default_rng(seed)
+  shapes = orbax_store.param_shapes(sharding.abstract_model(lambda: QwenVL(cfg, rngs=nnx.Rngs(0)))[1])
+  return {k: rng.standard_normal(s).astype(dtype) for k, (s, _) in shapes.items()}
+
+
+def _streamed(x: np.ndarray, produced: list) -> orbax_store.StreamedArray:
+  """A layer-by-layer StreamedArray of x that records which layers it produced, in order."""
+  def blocks():
+    for i in range(x.shape[0]):
+      produced.append(i)
+      yield (i,), x[i]
+  return orbax_store.StreamedArray(x.shape, x.dtype, (1,) + x.shape[1:], blocks)
+
+
+def test_streamed_save_writes_one_chunk_per_block_and_restores_bit_exact(tmp_path):
+  x = np.random.default_rng(0).standard_normal((3, 4, 5)).astype(ml_dtypes.bfloat16)
+  y = np.arange(6, dtype=np.float32)
+  produced = []
+  orbax_store.save_params(tmp_path / "p", {"a": {"w": _streamed(x, produced)}, "b": y})
+  assert produced == [0, 1, 2]
+  meta = ocp.PyTreeCheckpointHandler().metadata(tmp_path / "p").tree
+  assert meta["a"]["w"].storage.chunk_shape == (1, 4, 5)
+  reader = orbax_store.ParamReader(tmp_path / "p")
+  assert reader.shapes == {"a.w": ((3, 4, 5), np.dtype(ml_dtypes.bfloat16)), "b": ((6,), np.dtype(np.float32))}
+  np.testing.assert_array_equal(reader.read("a.w", (1,)).view(np.uint16), x[1].view(np.uint16))
+  # A plain Orbax restore (what the trainer's CheckpointManager does for "init from") reads it too.
+  restored = ocp.StandardCheckpointer().restore(tmp_path / "p")
+  np.testing.assert_array_equal(np.asarray(restored["a"]["w"]).view(np.uint16), x.view(np.uint16))
+
+
+def test_save_refuses_existing_directory(tmp_path):
+  (tmp_path / "p").mkdir()
+  with pytest.raises(FileExistsError, match="refusing to overwrite"):
+    orbax_store.save_params(tmp_path / "p", {"b": np.zeros(3, np.float32)})
+
+
+@pytest.mark.parametrize("rules", ["fsdp", "fsdp_tp"])
+def test_restore_params_shards_onto_mesh_and_casts(tmp_path, rules):
+  cfg = tiny()
+  params = _random_params(cfg, ml_dtypes.bfloat16)
+  orbax_store.save_params(tmp_path / "p", orbax_store.unflatten(params))
+  mesh = sharding.make_mesh({"fsdp": -1, "tensor": 2} if rules == "fsdp_tp" else {"fsdp": -1})
+  table = sharding.load_rules(rules)
+  graphdef, abstract = sharding.abstract_model(lambda: QwenVL(cfg, rngs=nnx.Rngs(0)))
+  shardings = sharding.state_shardings(abstract, table, mesh)
+  state = orbax_store.restore_params(tmp_path / "p", abstract, shardings)
+  flat_state = orbax_store.flatten(nnx.to_pure_dict(state))
+  flat_shardings = orbax_store.flatten(nnx.to_pure_dict(shardings))
+  for name, x in params.items():
+    got = flat_state[name]
+    assert got.dtype == np.float32, name  # the model's param_dtype
+    assert got.sharding.is_equivalent_to(flat_shardings[name], got.ndim), name
+    np.testing.assert_array_equal(np.asarray(got), x.astype(np.float32), err_msg=name)
+  sharded = [n for n, s in flat_shardings.items() if any(a is not None for a in s.spec)]
+  assert "llm.blocks.mlp.w1.kernel" in sharded
+  model = nnx.merge(graphdef, state)
+  np.testing.assert_array_equal(np.asarray(model.llm.lm_head.kernel[...]),
+                                params["llm.lm_head.kernel"].astype(np.float32))
+
+
+def test_load_model_runs_forward(tmp_path):
+  cfg = tiny()
+  orbax_store.save_params(tmp_path / "p", orbax_store.unflatten(_random_params(cfg, np.float32)))
+  model = orbax_store.load_model(tmp_path / "p", cfg, sharding.make_mesh({"fsdp": -1}), sharding.load_rules("fsdp"))
+  logits = model(np.zeros((1, 5), np.int32))
+  assert logits.shape == (1, 5, cfg.llm.vocab_size)
+  assert np.isfinite(np.asarray(logits, np.float32)).all()
+
+
+def test_restore_mismatch_names_the_parameters(tmp_path):
+  cfg = tiny()
+  params = _random_params(cfg, np.float32)
+  params.pop("llm.ln_f.scale")
+  params["llm.extra"] = np.zeros(2, np.float32)
+  params["visual.conv1"] = np.zeros((2, 2), np.float32)
+  orbax_store.save_params(tmp_path / "p", orbax_store.unflatten(params))
+  _, abstract = sharding.abstract_model(lambda: QwenVL(cfg, rngs=nnx.Rngs(0)))
+  shardings = sharding.state_shardings(abstract, sharding.load_rules("fsdp"), sharding.make_mesh({"fsdp": -1}))
+  with pytest.raises(ValueError) as e:
+    orbax_store.restore_params(tmp_path / "p", abstract, shardings)
+  msg = str(e.value)
+  assert "llm.ln_f.scale" in msg and "llm.extra" in msg and "visual.conv1" in msg
