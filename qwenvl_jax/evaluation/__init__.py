@@ -1,6 +1,24 @@
 """Evaluation of Qwen-VL as the official `eval_mm` scripts do it (RECIPES §2): metrics, tasks, data, results.
 
-Metrics (pure Python/numpy, no model): `cider` (CIDEr-D as pycocoevalcap, after `ptb_tokenizer`), `vqa` (VQA
-accuracy with the official normalization, GQA cleanup, exact match), `anls` (DocVQA), `relaxed` (ChartQA),
-`grounding` (box parsing, IoU >= 0.5), `multiple_choice` (lowest mean option CE).
+Modules:
+  tasks            the registry (`get_task`, `TASKS`): official prompt, decoding lengths, reader and metric
+  readers          the official JSONL/JSON formats -> `EvalExample`s, with line-and-field errors
+  results          sharding, per-process resume ledgers, merge on process 0, the never-overwritten JSON
+  cider            CIDEr-D as pycocoevalcap (with `ptb_tokenizer`, its caption normalisation in Python)
+  vqa              VQA accuracy with the official answer normalization, GQA cleanup, exact match
+  anls             DocVQA ANLS (tau 0.5)
+  relaxed          ChartQA relaxed accuracy (with the reference's argument swap)
+  grounding        first-box parsing, /999 scaling, float32 IoU, Precision@1 at IoU >= 0.5
+  multiple_choice  likelihood ranking: option batches, per-token CE, option losses, `choose_option`
+
+Everything but `multiple_choice.token_cross_entropy` is plain Python/numpy and needs no model.
 """
+from qwenvl_jax.evaluation.readers import EvalDataError, EvalExample
+from qwenvl_jax.evaluation.results import (PredictionLedger, check_output_free, finalize, partial_dir,
+                                           read_ledgers, shard, write_results)
+from qwenvl_jax.evaluation.tasks import TASKS, EvalTask, get_task
+
+__all__ = [
+    "EvalDataError", "EvalExample", "EvalTask", "PredictionLedger", "TASKS", "check_output_free", "finalize",
+    "get_task", "partial_dir", "read_ledgers", "shard", "write_results",
+]

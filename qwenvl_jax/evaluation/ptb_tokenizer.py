@@ -7,7 +7,8 @@ module reproduces that for the text captioning models and annotators write, with
 - lower-case; `"`, `` ` ``, `'` quotes, `.`, `,`, `:`, `;`, `?`, `!`, `-`, `--`, `...` removed as tokens;
 - brackets become `-lrb-`/`-rrb-`, `-lsb-`/`-rsb-`, `-lcb-`/`-rcb-` and **stay** (pycocoevalcap's list has
   the upper-case forms, but `-lowerCase` lower-cases them first);
-- runs of `?`/`!` such as `?!` are one token and stay;
+- runs of `?`/`!` such as `?!`, and runs of one symbol such as `**`, are one token and stay; `---` is `--`;
+- a decimal number glued to letters is split off (`2.5m` -> `2.5 m`), other numbers are not (`4km`);
 - clitics split off: `don't` -> `do n't`, `can't` -> `ca n't`, `it's` -> `it 's`, `'m 're 've 'll 'd` likewise,
   `cannot` -> `can not`, `gonna` -> `gon na` (also gotta, wanna, lemme, gimme); a plural possessive's
   apostrophe is removed (`boys'` -> `boys`);
@@ -20,14 +21,15 @@ module reproduces that for the text captioning models and annotators write, with
 
 Known differences from the Java tokenizer (rare in captions; `tests/evaluation/test_ptb_tokenizer.py` checks a
 corpus of captions against the real jar when Java and pycocoevalcap are present): SGML-like tags (`<b>` is one
-token in Java, three here), `'tis`/`y'all` (Java: `'t is`, `y' all`), a decimal number glued to letters
-(`2.5m`: Java splits `2.5 m`, here one token), a semicolon glued to a single letter (`c;d`), periods inside a
-run like `x...y`, `rock 'n' roll` (Java keeps `'n'`), and the long tail of CoreNLP's abbreviation list.
+token in Java, three here), `'tis`/`y'all` (Java: `'t is`, `y' all`), `rock 'n' roll` (Java keeps `'n'`), a
+semicolon glued to a single letter (`c;d`), periods inside a run like `x...y`, code-like words with
+underscores or file extensions (`eval_mm/mme`, `a_b.py`: Java splits some), `chat-1.1`, and the long tail of
+CoreNLP's abbreviation list. On 166 lines of this project's markdown prose (not captions), 13 differ.
 """
 import re
 from typing import Iterable, List
 
-# pycocoevalcap's PUNCTUATIONS, lower-cased tokens compared as they come out of the lower-casing tokenizer.
+# pycocoevalcap's PUNCTUATIONS verbatim: its upper-case bracket entries never match the lower-cased tokens.
 PUNCTUATIONS = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":",
                           "-", "--", "...", ";"])
 # Abbreviations that keep their period before another word. Letter-period runs and single letters are
@@ -44,10 +46,12 @@ _TYPOGRAPHIC = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u20
                               "\u2014": "--", "\u2026": "..."})
 _TOKEN = re.compile(r"""
     (?P<initials>(?:[^\W\d_]\.){2,})                     # u.s. p.m. e.g.
+  | (?P<decimal>\d+\.\d+(?=[^\W\d_]))                    # 2.5 of 2.5m (but 4km stays whole)
   | (?P<word>(?:'(?=\d))?\w+(?:(?:[-./@']|(?<=\d)[,:](?=\d))\w+)*)   # words, numbers, '90s
   | (?P<ellipsis>\.{2,})
   | (?P<marks>[?!]+)
   | (?P<dashes>-{2,})
+  | (?P<run>(?P<symbol>[^\w\s])(?P=symbol)+)                # ** ## == are one token
   | (?P<clitic>'(?:s|m|d|re|ve|ll)\b|n't\b)
   | (?P<other>\S)
 """, re.VERBOSE)
@@ -65,8 +69,6 @@ def _split_clitics(word: str) -> List[str]:
       break
     word = match.group(1)
     suffixes.append(match.group(2))
-  if word.endswith("'") and len(word) > 1:  # plural possessive: the apostrophe is a token of its own
-    word, suffixes = word[:-1], suffixes + ["'"]
   return [word] + suffixes[::-1]
 
 
@@ -90,6 +92,8 @@ def tokenize_line(text: str) -> List[str]:
         pos += 1
     elif kind == "ellipsis":
       tokens.append("...")
+    elif kind == "dashes":
+      tokens.append("--")
     elif kind == "other" and token in _BRACKETS:
       tokens.append(_BRACKETS[token])
     elif kind == "other" and token == '"':

@@ -4,8 +4,8 @@ This reproduces the LAVIS/Salesforce variant of the official VQA evaluator that 
 (RECIPES §2.3), including its quirks, because reported numbers are only comparable when computed the same way:
 
 - The prediction is always normalized (newlines/tabs to spaces, strip, punctuation, then lower-case, number
-  words to digits, articles dropped, contractions restored). The original VQA evaluator normalizes the
-  prediction only when the ground-truth answers disagree; LAVIS normalizes it always.
+  words to digits, articles dropped, contractions restored). (The later Python-3 release of the official
+  evaluator differs: it normalizes prediction and answers fully, but only when the answers disagree.)
 - Ground-truth answers get only the punctuation step, and only when they are not all identical.
 - Punctuation: when the text has a comma between digits, or the mark touches a space, every occurrence of the
   mark is deleted; otherwise every occurrence becomes a space. The decision is taken on the original text for

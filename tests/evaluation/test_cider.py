@@ -82,3 +82,26 @@ def test_equals_pycocoevalcap_on_tokenized_input():
     assert score == pytest.approx(expected, rel=1e-12, abs=1e-12)
     assert [per_image[i] for i in range(num_images)] == pytest.approx(list(expected_per_image), rel=1e-12,
                                                                       abs=1e-12)
+
+
+@pytest.mark.parity
+def test_cider_from_raw_equals_cocoevalcap_pipeline_with_java(java_ptb_tokenize):
+  """Raw captions through pycocoevalcap's Java PTBTokenizer + Cider, vs the pure-Python path."""
+  pycoco_cider = pytest.importorskip("pycocoevalcap.cider.cider")
+  refs = {
+      1: ["A man riding a wave on top of a surfboard.", "A surfer rides a big wave!",
+          "Man on a surf board, riding a wave."],
+      2: ["Two dogs (one black) play in the snow.", "Dogs playing in the snow", "Two dogs in the snow."],
+      3: ["A kitchen with stainless steel appliances.", "The kitchen's counters are granite; it's clean.",
+          "A modern kitchen -- with a fridge and an oven."],
+  }
+  cands = {1: "A man is riding a wave on a surfboard.", 2: "two dogs playing in the snow",
+           3: "A kitchen that has a fridge, an oven and a sink."}
+  flat = [c for k in refs for c in refs[k]] + [cands[k] for k in refs]
+  tokens = iter(java_ptb_tokenize(flat))  # one Java start for all captions
+  gts = {k: [next(tokens) for _ in refs[k]] for k in refs}
+  res = {k: [next(tokens)] for k in refs}
+  expected, _ = pycoco_cider.Cider().compute_score(gts, res)
+  score, _ = cider.cider_from_raw(cands, refs)
+  assert score == pytest.approx(expected, rel=1e-12)
+  assert score > 0.5

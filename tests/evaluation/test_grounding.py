@@ -69,3 +69,50 @@ def test_bad_input_is_an_error():
     grounding.grounding_accuracy(["x"], [], [])
   with pytest.raises(ValueError, match="example 0"):
     grounding.grounding_accuracy(["x"], [[1, 2, 3]], [(1, 1)])
+
+
+@pytest.mark.parity
+def test_matches_a_torch_reimplementation_of_the_official_loop():
+  torch = pytest.importorskip("torch")
+
+  def official(text, gt, width, height):
+    # evaluate_grounding.py's loop with torchvision's box_iou, written out in torch.
+    found = grounding.BOX_PATTERN.findall(text)
+    try:
+      if "," not in found[0][0] or "," not in found[0][1]:
+        box = (0.0, 0.0, 0.0, 0.0)
+      else:
+        x1, y1 = [float(t) for t in found[0][0].split(",")]
+        x2, y2 = [float(t) for t in found[0][1].split(",")]
+        box = (x1, y1, x2, y2)
+    except Exception:  # the reference's bare except
+      box = (0.0, 0.0, 0.0, 0.0)
+    target = torch.tensor(gt, dtype=torch.float32).view(-1, 4)
+    pred = torch.tensor(box, dtype=torch.float32).view(-1, 4) / 999
+    pred[:, 0::2] *= width
+    pred[:, 1::2] *= height
+    area1 = (pred[:, 2] - pred[:, 0]) * (pred[:, 3] - pred[:, 1])
+    area2 = (target[:, 2] - target[:, 0]) * (target[:, 3] - target[:, 1])
+    lt = torch.max(pred[:, None, :2], target[:, :2])
+    rb = torch.min(pred[:, None, 2:], target[:, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[:, :, 0] * wh[:, :, 1]
+    return (inter / (area1[:, None] + area2 - inter)).item()
+
+  rng = np.random.default_rng(0)
+  texts, gts, sizes, expected = [], [], [], []
+  for _ in range(300):
+    width, height = (int(v) for v in rng.integers(50, 1000, size=2))
+    x1, y1 = rng.integers(0, 999, size=2)
+    x2, y2 = x1 + rng.integers(0, 999 - x1 + 1), y1 + rng.integers(0, 999 - y1 + 1)
+    text = rng.choice([f"({x1},{y1}),({x2},{y2})", f"<box>({x1},{y1}),({x2},{y2})</box> ok", f"({x1}, {y1})",
+                       f"({x1},{y1}),({x2},{y2},{y1})"])
+    gx1, gy1 = rng.uniform(0, width), rng.uniform(0, height)
+    gt = [gx1, gy1, rng.uniform(gx1, width), rng.uniform(gy1, height)]
+    texts.append(text), gts.append(gt), sizes.append((width, height))
+    expected.append(official(text, gt, width, height))
+  result = grounding.grounding_accuracy(texts, gts, sizes)
+  ious = [e["iou"] for e in result["per_example"]]
+  np.testing.assert_array_equal(np.asarray(ious, np.float64), np.asarray(expected, np.float64))
+  assert result["accuracy"] == np.mean([e >= 0.5 for e in expected])
+  assert 0 < result["accuracy"] < 1
