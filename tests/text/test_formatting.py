@@ -243,7 +243,8 @@ def _reference_tokenize(qwen_tiktoken_path, text):
   ranks = {base64.b64decode(t): int(r) for t, r in (l.split() for l in qwen_tiktoken_path.read_bytes().splitlines())}
   specials = (["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [f"<|extra_{i}|>" for i in range(205)]
               + ["<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>", "<img>", "</img>", "<imgpad>"])
-  pat = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+  pat = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
+         r"""\s*[\r\n]+|\s+(?!\S)|\s+""")
   enc = tiktoken.Encoding("ref", pat_str=pat, mergeable_ranks=ranks,
                           special_tokens={s: 151643 + i for i, s in enumerate(specials)})
   ids = enc.encode(unicodedata.normalize("NFC", text), allowed_special="all")

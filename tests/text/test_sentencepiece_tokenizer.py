@@ -132,3 +132,10 @@ def test_missing_and_corrupt_model(tmp_path):
   bad.write_bytes(b"not a model")
   with pytest.raises(ValueError, match="bad.model"):
     SentencePieceTokenizer(bad)
+
+
+def test_picklable_for_data_workers(sp_tok):
+  import pickle
+  clone = pickle.loads(pickle.dumps(sp_tok))
+  text = "<|im_start|>user\nPicture 1:<img>a.jpg</img>\na red circle<|im_end|>"
+  assert clone.encode(text) == sp_tok.encode(text) and clone.img_pad_id == sp_tok.img_pad_id

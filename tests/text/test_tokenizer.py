@@ -178,3 +178,10 @@ def test_corrupt_vocabulary(tmp_path, content, match):
   path.write_bytes(content)
   with pytest.raises(ValueError, match=match):
     QwenTokenizer(path)
+
+
+def test_picklable_for_data_workers(qwen_tok):
+  import pickle
+  clone = pickle.loads(pickle.dumps(qwen_tok))
+  text = "<|im_start|>user\nPicture 1:<img>a.jpg</img>\n你好<|im_end|>"
+  assert clone.encode(text) == qwen_tok.encode(text) and clone.img_pad_id == 151859
