@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import apache_beam as beam
 import tensorflow_datasets as tfds
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import StandardOptions
 from etils import epath
 
 from qwenvl_jax.cleaning import filters
@@ -34,6 +35,15 @@ from qwenvl_jax.data import features
 DATASET_NAME = "cleaned_pairs"
 DATASET_VERSION = "1.0.0"
 METRICS_NAMESPACE = "qwenvl_clean"
+# Beam's DirectRunner first tries its Prism runner, which downloads a binary from the internet, and falls back to
+# this in-process engine when that fails; naming the engine directly never downloads and starts faster. It honours
+# `direct_num_workers` and `direct_running_mode` (in_memory, multi_threading, multi_processing) like DirectRunner.
+LOCAL_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
+_DIRECT_RUNNER_NAMES = ("direct", "directrunner")
+
+
+class NoPairsKeptError(RuntimeError):
+  """Every pair was rejected, so there is no dataset to write."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -188,9 +198,19 @@ class CleanedPairs(tfds.core.GeneratorBasedBuilder):
 
 
 def beam_options_from_string(text: str) -> PipelineOptions:
-  """Beam options from TFDS's comma-separated syntax: "runner=DirectRunner,direct_num_workers=2"."""
+  """Beam options from TFDS's comma-separated syntax: "runner=DataflowRunner,project=my-project"."""
   flags = [f"--{item.strip()}" for item in text.split(",") if item.strip()] if text else []
   return PipelineOptions(flags)
+
+
+def local_runner_if_direct(options: PipelineOptions | None) -> PipelineOptions:
+  """The options with no runner, or the DirectRunner, replaced by `LOCAL_RUNNER` (see there why)."""
+  options = options if options is not None else PipelineOptions([])
+  standard = options.view_as(StandardOptions)
+  if standard.runner is None or (isinstance(standard.runner, str)
+                                 and standard.runner.lower() in _DIRECT_RUNNER_NAMES):
+    standard.runner = LOCAL_RUNNER
+  return options
 
 
 def run_clean(job: CleanJob, beam_options: PipelineOptions | None = None) -> dict[str, Any]:
@@ -198,20 +218,20 @@ def run_clean(job: CleanJob, beam_options: PipelineOptions | None = None) -> dic
 
   Args:
     job: inputs, output and settings.
-    beam_options: runner and its options; None = DirectRunner in this process.
+    beam_options: runner and its options; None or DirectRunner = Beam's local engine (`LOCAL_RUNNER`), in this
+      process unless `direct_running_mode` says otherwise.
 
   Raises:
     ValueError: an input pattern matches nothing, or a shard's format is unknown.
     FileExistsError: the dataset version folder or the report already exists (nothing is overwritten).
+    NoPairsKeptError: every pair was rejected.
   """
   shards = sources.match_shards(job.inputs, job.input_format)
-  dataset_dir = epath.Path(job.dataset_dir)
-  if dataset_dir.exists():
+  if epath.Path(job.dataset_dir).exists():
     raise FileExistsError(f"output dataset {job.dataset_dir} already exists; choose another output_dir")
   if epath.Path(job.report).exists():
     raise FileExistsError(f"report {job.report} already exists; choose another report path")
-  # The pipeline writes the report under a unique name; it becomes `job.report` only once the dataset is done.
-  partial = f"{job.report}.incomplete-{uuid.uuid4().hex}"
+  options = local_runner_if_direct(beam_options)
   header = {
       "inputs": list(job.inputs),
       "num_shards": len(shards),
@@ -219,14 +239,36 @@ def run_clean(job: CleanJob, beam_options: PipelineOptions | None = None) -> dic
       "scorer": repr(job.scorer_factory) if job.scorer_factory is not None else None,
       "dataset": job.dataset_dir,
   }
-  transform = CleanPairs(shards=shards, config=job.config, input_format=job.input_format,
-                         scorer_factory=job.scorer_factory, report_path=partial, header=header)
-  builder = CleanedPairs(transform=transform, metadata={"clean": header}, data_dir=job.output_dir)
+
+  def transform(partial: str) -> CleanPairs:
+    return CleanPairs(shards=shards, config=job.config, input_format=job.input_format,
+                      scorer_factory=job.scorer_factory, report_path=partial, header=header)
+
+  # The pipeline writes the report under a unique name; it becomes `job.report` only once the job is done.
+  partial = f"{job.report}.incomplete-{uuid.uuid4().hex}"
+  builder = CleanedPairs(transform=transform(partial), metadata={"clean": header}, data_dir=job.output_dir)
   with tempfile.TemporaryDirectory(prefix="qwenvl_clean_") as download_dir:
-    builder.download_and_prepare(
-        download_dir=download_dir,
-        download_config=tfds.download.DownloadConfig(beam_options=beam_options or PipelineOptions([])))
+    try:
+      builder.download_and_prepare(
+          download_dir=download_dir, download_config=tfds.download.DownloadConfig(beam_options=options))
+    except Exception as e:  # Beam wraps worker errors in runner-specific types; only this one is handled.
+      if "number of generated examples is 0" not in str(e):
+        raise
+      # TFDS refuses to write an empty dataset, and the failed run may have stopped before writing the report,
+      # so the cleaning runs again without the dataset to tell the user why everything was dropped.
+      epath.Path(partial).unlink(missing_ok=True)
+      partial = f"{job.report}.incomplete-{uuid.uuid4().hex}"
+      with beam.Pipeline(options=options) as p:
+        _ = p | "CleanPairs" >> transform(partial)
+      report = _publish(partial, job.report)
+      raise NoPairsKeptError(f"all {report['num_pairs']} input pairs were rejected, so no dataset was written; "
+                             f"rejections per rule: {report['rejected']} (report: {job.report})") from e
+  return _publish(partial, job.report)
+
+
+def _publish(partial: str, final: str) -> dict[str, Any]:
+  """Moves the report the pipeline wrote to its final path (which must still be free); returns it."""
   report = report_lib.read(partial)
-  report_lib.write_new(job.report, report)
+  report_lib.write_new(final, report)
   epath.Path(partial).unlink()
   return report

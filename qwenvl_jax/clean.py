@@ -1,0 +1,88 @@
+r"""Stage-1 web-scale cleaning: JSONL/Parquet image-text shards -> a TFDS ArrayRecord dataset + a JSON report.
+
+One machine (DirectRunner, in-process):
+  python -m qwenvl_jax.clean --input='raw/*.jsonl' --output_dir=/data/tfds
+
+Several local worker processes:
+  python -m qwenvl_jax.clean --input='raw/*.parquet' --output_dir=/data/tfds \
+    --beam_pipeline_options=direct_num_workers=8,direct_running_mode=multi_processing
+
+Any Beam runner (options in TFDS's comma-separated syntax; workers need this package and requirements.txt):
+  python -m qwenvl_jax.clean --input='gs://b/raw/*.parquet' --output_dir=gs://b/tfds \
+    --beam_pipeline_options=runner=DataflowRunner,project=P,region=R,temp_location=gs://b/tmp,\
+requirements_file=requirements.txt
+
+The dataset lands in <output_dir>/cleaned_pairs/1.0.0/ (read it with `source=array_record:<that folder>` in the
+stage-1 data config); the report in --report (default <output_dir>/clean_report.json). Existing outputs are never
+overwritten. Rule order and thresholds: qwenvl_jax/cleaning/config.py.
+"""
+import json
+import logging
+
+from absl import app
+from absl import flags
+
+from qwenvl_jax.cleaning import config as config_lib
+from qwenvl_jax.cleaning import pipeline
+from qwenvl_jax.cleaning import scoring
+
+_DEFAULTS = config_lib.CleanConfig()
+
+_INPUT = flags.DEFINE_list("input", None, "Comma-separated file patterns of JSONL/Parquet shards.", required=True)
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "TFDS data dir the dataset is written to.", required=True)
+_REPORT = flags.DEFINE_string("report", None, "JSON report path (default: <output_dir>/clean_report.json).")
+_INPUT_FORMAT = flags.DEFINE_enum("input_format", "auto", ["auto", "jsonl", "parquet"], "Shard format.")
+_BEAM_OPTIONS = flags.DEFINE_string(
+    "beam_pipeline_options", "",
+    "Beam options as 'key=value,key=value' (e.g. runner=DataflowRunner,project=...); default DirectRunner.")
+_SCORER = flags.DEFINE_string(
+    "scorer", None, "Image-text scorer factory 'package.module:attribute' (see qwenvl_jax/cleaning/scoring.py).")
+
+_TEXT_KEY = flags.DEFINE_string("text_key", _DEFAULTS.text_key, "Caption column.")
+_IMAGE_KEY = flags.DEFINE_string("image_key", _DEFAULTS.image_key, "Image column (bytes, path, URL or struct).")
+_ID_KEY = flags.DEFINE_string("id_key", None, "Record id column (default: '<shard file>:<row>').")
+_SCORE_KEY = flags.DEFINE_string("score_key", None, "Precomputed image-text similarity column.")
+_IMAGE_ROOT = flags.DEFINE_string("image_root", None, "Folder of relative image paths (default: the shard's).")
+_LANGUAGES = flags.DEFINE_list("languages", list(_DEFAULTS.languages), "Accepted caption languages.")
+_MIN_TEXT_UNITS = flags.DEFINE_integer("min_text_units", _DEFAULTS.min_text_units, "Shortest caption (units).")
+_MAX_TEXT_UNITS = flags.DEFINE_integer("max_text_units", _DEFAULTS.max_text_units, "Longest caption (units).")
+_MAX_ASPECT_RATIO = flags.DEFINE_float("max_aspect_ratio", _DEFAULTS.max_aspect_ratio, "Long side / short side.")
+_MIN_IMAGE_SIDE = flags.DEFINE_integer("min_image_side", _DEFAULTS.min_image_side, "Smallest short side (px).")
+_MIN_SIMILARITY = flags.DEFINE_float("min_similarity", _DEFAULTS.min_similarity, "Lowest accepted score.")
+_MAX_IMAGE_BYTES = flags.DEFINE_integer("max_image_bytes", _DEFAULTS.max_image_bytes, "Largest image file.")
+_MAX_IMAGE_PIXELS = flags.DEFINE_integer("max_image_pixels", _DEFAULTS.max_image_pixels, "Largest image.")
+_MAX_STORED_SIDE = flags.DEFINE_integer("max_stored_side", None, "Downscale kept images to this long side.")
+_JPEG_QUALITY = flags.DEFINE_integer("jpeg_quality", _DEFAULTS.jpeg_quality, "Quality of re-encoded images.")
+_URL_TIMEOUT_S = flags.DEFINE_float("url_timeout_s", _DEFAULTS.url_timeout_s, "Timeout of one URL fetch.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", _DEFAULTS.batch_size, "Pairs per scorer call.")
+_SAMPLE_SIZE = flags.DEFINE_integer("sample_size", _DEFAULTS.sample_size, "Rejected pairs per rule in the report.")
+
+
+def job_from_flags() -> pipeline.CleanJob:
+  """The CleanJob the command line describes."""
+  cfg = config_lib.CleanConfig(
+      text_key=_TEXT_KEY.value, image_key=_IMAGE_KEY.value, id_key=_ID_KEY.value, score_key=_SCORE_KEY.value,
+      image_root=_IMAGE_ROOT.value, languages=tuple(_LANGUAGES.value), min_text_units=_MIN_TEXT_UNITS.value,
+      max_text_units=_MAX_TEXT_UNITS.value, max_aspect_ratio=_MAX_ASPECT_RATIO.value,
+      min_image_side=_MIN_IMAGE_SIDE.value, min_similarity=_MIN_SIMILARITY.value,
+      max_image_bytes=_MAX_IMAGE_BYTES.value, max_image_pixels=_MAX_IMAGE_PIXELS.value,
+      max_stored_side=_MAX_STORED_SIDE.value, jpeg_quality=_JPEG_QUALITY.value, url_timeout_s=_URL_TIMEOUT_S.value,
+      batch_size=_BATCH_SIZE.value, sample_size=_SAMPLE_SIZE.value)
+  return pipeline.CleanJob(
+      inputs=tuple(_INPUT.value), output_dir=_OUTPUT_DIR.value, report_path=_REPORT.value, config=cfg,
+      input_format=_INPUT_FORMAT.value,
+      scorer_factory=scoring.SpecFactory(_SCORER.value) if _SCORER.value else None)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; Beam options go in --beam_pipeline_options")
+  job = job_from_flags()
+  report = pipeline.run_clean(job, pipeline.beam_options_from_string(_BEAM_OPTIONS.value))
+  logging.info("cleaning report (%s):\n%s", job.report,
+               json.dumps({k: report[k] for k in ("num_pairs", "kept", "rejected")}, indent=2))
+  print(f"kept {report['kept']} of {report['num_pairs']} pairs -> {job.dataset_dir}; report: {job.report}")
+
+
+if __name__ == "__main__":
+  app.run(main)
