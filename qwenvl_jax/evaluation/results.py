@@ -169,6 +169,7 @@ def write_results(output_path: PathLike, payload: Mapping[str, Any]) -> None:
   text = json.dumps(payload, ensure_ascii=False, allow_nan=False, indent=1)
   fd, tmp = tempfile.mkstemp(dir=output_path.parent, prefix=f".{output_path.name}.", suffix=".tmp")
   try:
+    os.fchmod(fd, 0o644)  # mkstemp makes it private; a results file is meant to be shared
     with os.fdopen(fd, "w", encoding="utf-8") as f:
       f.write(text)
       f.flush()

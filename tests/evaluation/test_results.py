@@ -36,7 +36,8 @@ def test_ledger_round_trip_and_torn_last_line(tmp_path):
 def test_ledger_errors(tmp_path):
   with pytest.raises(ValueError, match="needs 'id' and 'prediction'"):
     results.PredictionLedger(tmp_path, 0).append([{"id": 1}])
-  (tmp_path / "process-00001.jsonl").write_text('{"id": 1, "prediction": "a"}\nnot json\n{"id": 2, "prediction": "b"}\n')
+  (tmp_path / "process-00001.jsonl").write_text(
+      '{"id": 1, "prediction": "a"}\nnot json\n{"id": 2, "prediction": "b"}\n')
   with pytest.raises(ValueError, match=r"process-00001.jsonl:2: unreadable ledger line"):
     results.read_ledgers(tmp_path)
   (tmp_path / "process-00001.jsonl").write_text('{"id": 1, "prediction": "a"}\n')
@@ -59,6 +60,7 @@ def test_write_results_never_overwrites(tmp_path):
   out = tmp_path / "res.json"
   results.write_results(out, {"score": 1.0})
   assert json.loads(out.read_text()) == {"score": 1.0}
+  assert out.stat().st_mode & 0o777 == 0o644
   with pytest.raises(FileExistsError, match="never overwritten"):
     results.write_results(out, {"score": 2.0})
   assert json.loads(out.read_text()) == {"score": 1.0}
