@@ -28,6 +28,10 @@ from qwenvl_jax.evaluation import vqa
     ("it's", "it's"),
     ("\tyes\n", "yes"),
     ("left : right", "left : right"),
+    # Quirks of the official table: its "Im"/"Ive" keys are capitalized but looked up after lower-casing,
+    # and "somebody'd" maps to "somebodyd".
+    ("Im here", "im here"),
+    ("somebody'd", "somebodyd"),
 ])
 def test_official_normalization_cases(raw, expected):
   assert vqa.normalize_prediction(raw) == expected
