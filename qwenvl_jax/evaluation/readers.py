@@ -263,3 +263,15 @@ def read_multiple_choice_jsonl(path: Union[str, os.PathLike], *, max_choices: in
         fields={"hint": hint if hint else "N/A", "question": f.string("question")},
         choices=tuple(choices), answer_index=answer, meta=meta))
   return examples
+
+
+def resolve_images(examples: Sequence[EvalExample], root: Union[str, os.PathLike]) -> List[EvalExample]:
+  """Examples with relative image paths joined onto `root` (the official files use paths relative to the
+  Qwen-VL checkout, e.g. `data/coco/val2014/...`); absolute paths and URLs are kept."""
+  out = []
+  for e in examples:
+    if os.path.isabs(e.image) or "://" in e.image:
+      out.append(e)
+    else:
+      out.append(dataclasses.replace(e, image=os.path.join(os.fspath(root), e.image)))
+  return out

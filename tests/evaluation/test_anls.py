@@ -1,5 +1,7 @@
 """Tests of ANLS against hand-computed values."""
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qwenvl_jax.evaluation import anls
 
@@ -41,3 +43,16 @@ def test_bad_input_is_an_error():
     anls.anls_question("x", [3])
   with pytest.raises(ValueError, match="2 predictions for 1 questions"):
     anls.anls(["a", "b"], [["a"]])
+
+
+def _naive_levenshtein(a, b):
+  if not a or not b:
+    return len(a) + len(b)
+  return min(_naive_levenshtein(a[1:], b) + 1, _naive_levenshtein(a, b[1:]) + 1,
+             _naive_levenshtein(a[1:], b[1:]) + (a[0] != b[0]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text("abc ", max_size=6), st.text("abc ", max_size=6))
+def test_levenshtein_matches_the_recursive_definition(a, b):
+  assert anls.levenshtein(a, b) == _naive_levenshtein(a, b)

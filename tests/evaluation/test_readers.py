@@ -145,3 +145,11 @@ def test_multiple_choice_jsonl_malformed(tmp_path, change, message):
   path = _jsonl(tmp_path, [{**row, **change}])
   with pytest.raises(EvalDataError, match="data.jsonl:1: " + message):
     readers.read_multiple_choice_jsonl(path)
+
+
+def test_resolve_images():
+  examples = [readers.EvalExample(example_id=i, image=p)
+              for i, p in enumerate(["data/coco/1.jpg", "/abs/2.jpg", "gs://bucket/3.jpg"])]
+  resolved = readers.resolve_images(examples, "/qwen")
+  assert [e.image for e in resolved] == ["/qwen/data/coco/1.jpg", "/abs/2.jpg", "gs://bucket/3.jpg"]
+  assert resolved[0].example_id == 0
