@@ -37,6 +37,8 @@ _WHITESPACE = regex.compile(r"\s+")
 # Characters that each count as one unit (languages written without spaces between words).
 _CJK_CHAR = regex.compile(r"[\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}]")
 _WORD = regex.compile(r"\w")
+# Chinese varieties the language model tells apart; written Chinese of any of them counts as "zh".
+LANGUAGE_ALIASES = {"wuu": "zh", "yue": "zh"}
 # Emoji of these statuses are text-presentation symbols (e.g. "©", "™", "❤" without U+FE0F), not emoji.
 _TEXT_PRESENTATION = emoji.STATUS["unqualified"]
 
@@ -116,5 +118,10 @@ def has_emoji(text: str) -> bool:
 
 
 def detect_language(text: str) -> str:
-  """ISO 639-1 code of the text's most likely language (py3langid's 97-language model)."""
-  return py3langid.classify(text)[0]
+  """Code of the text's most likely language (py3langid's 140-language model; Wu and Cantonese count as "zh").
+
+  Like every character-n-gram detector it is unreliable on captions of two or three words (e.g. "cute cat" comes
+  out Romanian), which is one reason the length rules run before it.
+  """
+  code = py3langid.classify(text)[0]
+  return LANGUAGE_ALIASES.get(code, code)
