@@ -13,12 +13,12 @@ Modules:
 
 Everything but `multiple_choice.token_cross_entropy` is plain Python/numpy and needs no model.
 """
-from qwenvl_jax.evaluation.readers import EvalDataError, EvalExample
+from qwenvl_jax.evaluation.readers import EvalDataError, EvalExample, resolve_images
 from qwenvl_jax.evaluation.results import (PredictionLedger, check_output_free, finalize, partial_dir,
                                            read_ledgers, shard, write_results)
 from qwenvl_jax.evaluation.tasks import TASKS, EvalTask, get_task
 
 __all__ = [
     "EvalDataError", "EvalExample", "EvalTask", "PredictionLedger", "TASKS", "check_output_free", "finalize",
-    "get_task", "partial_dir", "read_ledgers", "shard", "write_results",
+    "get_task", "partial_dir", "read_ledgers", "resolve_images", "shard", "write_results",
 ]
