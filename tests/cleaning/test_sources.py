@@ -1,0 +1,72 @@
+"""Reading JSONL (plain and gzipped) and Parquet shards into keyed rows; matching input patterns."""
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from qwenvl_jax.cleaning import sources
+from qwenvl_jax.cleaning.filters import MalformedRow
+
+
+def test_jsonl_rows_keys_and_malformed_lines(tmp_path):
+  path = tmp_path / "part-0.jsonl"
+  path.write_text('{"text": "a", "image": "x.jpg"}\n\n{broken\n[1, 2]\n{"text": "é", "image": "y.jpg"}\n',
+                  encoding="utf-8")
+  pairs = list(sources.read_shard(str(path)))
+  assert [p.key for p in pairs] == [f"{path}:0", f"{path}:2", f"{path}:3", f"{path}:4"]  # blank line 1 skipped
+  assert [p.source for p in pairs] == ["part-0.jsonl:0", "part-0.jsonl:2", "part-0.jsonl:3", "part-0.jsonl:4"]
+  assert pairs[0].row == {"text": "a", "image": "x.jpg"} and pairs[3].row["text"] == "é"
+  assert isinstance(pairs[1].row, MalformedRow) and "not JSON" in pairs[1].row.reason
+  assert isinstance(pairs[2].row, MalformedRow) and "list" in pairs[2].row.reason
+  assert {p.root for p in pairs} == {str(tmp_path)}
+
+
+def test_gzipped_jsonl_and_image_root(tmp_path):
+  rows = [{"text": f"t{i}", "image": f"{i}.jpg"} for i in range(3)]
+  path = tmp_path / "p.jsonl.gz"
+  path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+  pairs = list(sources.read_shard(str(path), image_root="/images"))
+  assert [p.row for p in pairs] == rows and {p.root for p in pairs} == {"/images"}
+
+
+def test_invalid_utf8_becomes_replacement_characters_not_a_crash(tmp_path):
+  path = tmp_path / "bad.jsonl"
+  path.write_bytes(b'{"text": "caf\xe9", "image": "x.jpg"}\n')
+  [pair] = sources.read_shard(str(path))
+  assert pair.row["text"] == "caf\ufffd"
+
+
+def test_parquet_rows_in_order_across_batches(tmp_path):
+  n = sources._PARQUET_BATCH_ROWS + 5
+  table = pa.table({"text": [f"t{i}" for i in range(n)], "image": [bytes([i % 256]) for i in range(n)]})
+  path = tmp_path / "p.parquet"
+  pq.write_table(table, path, row_group_size=100)
+  pairs = list(sources.read_shard(str(path)))
+  assert [p.row["text"] for p in pairs] == [f"t{i}" for i in range(n)]
+  assert pairs[-1].key == f"{path}:{n - 1}" and pairs[7].row["image"] == bytes([7])
+
+
+def test_forced_format_overrides_the_suffix(tmp_path):
+  path = tmp_path / "rows.txt"
+  path.write_text('{"text": "a", "image": "b"}\n')
+  assert len(list(sources.read_shard(str(path), input_format="jsonl"))) == 1
+  with pytest.raises(ValueError, match="cannot tell the format"):
+    list(sources.read_shard(str(path)))
+
+
+def test_match_shards(tmp_path):
+  for name in ("b.jsonl", "a.parquet", "c.jsonl.gz"):
+    (tmp_path / name).write_bytes(b"")
+  found = sources.match_shards([str(tmp_path / "*.jsonl*"), str(tmp_path / "*.parquet"), str(tmp_path / "b.*")])
+  assert found == [str(tmp_path / n) for n in ("a.parquet", "b.jsonl", "c.jsonl.gz")]
+  with pytest.raises(ValueError, match="matches no file"):
+    sources.match_shards([str(tmp_path / "*.csv")])
+  with pytest.raises(ValueError, match="non-empty list"):
+    sources.match_shards(str(tmp_path / "b.jsonl"))
+  (tmp_path / "d.csv").write_bytes(b"")
+  with pytest.raises(ValueError, match="d.csv"):
+    sources.match_shards([str(tmp_path / "*")])
+  with pytest.raises(ValueError, match="input_format"):
+    sources.match_shards([str(tmp_path / "b.jsonl")], input_format="csv")
