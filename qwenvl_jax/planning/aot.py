@@ -51,6 +51,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
 class StepPlan:
   """What the compiler predicts for one step on one chip of the mesh.
 
+  When XLA refuses to compile because the program exceeds HBM, `compile_error` holds its message, the
+  temporaries come from that message and the arguments from the input shardings; cost figures are None.
+
   Byte and FLOP figures are per chip; `model_flops` is for the whole step on all chips (the MFU numerator, from
   the caller's analytic count: 6 x params x tokens, causal attention halved, frozen parts forward only).
   """
@@ -68,6 +71,7 @@ class StepPlan:
   global_batch: int | None = None
   compile_seconds: float = 0.0
   loops: int = 0
+  compile_error: str = ""
 
   @property
   def total_bytes(self) -> int:
@@ -79,7 +83,7 @@ class StepPlan:
 
   @property
   def fits(self) -> bool:
-    return self.total_bytes <= self.chip.hbm_bytes
+    return not self.compile_error and self.total_bytes <= self.chip.hbm_bytes
 
   @property
   def roofline_seconds(self) -> float | None:
@@ -145,7 +149,11 @@ class StepPlan:
       return f"{n / GIB:9.2f} GiB"
 
     hbm = self.chip.hbm_bytes
-    lines = [
+    lines = []
+    if self.compile_error:
+      lines += [f"the compiler ran out of memory: {self.compile_error}",
+                "  (figures below: arguments from the input shardings, temporaries from the error; no cost)"]
+    lines += [
         f"per-chip memory ({self.chip.name}, {hbm / GIB:.0f} GiB HBM, {self.num_chips} chips):",
         f"  arguments     {gib(self.argument_bytes)}   params, optimizer state, batch",
         f"  outputs       {gib(self.output_bytes)}   (aliased to donated inputs: {self.alias_bytes / GIB:.2f} GiB)",
@@ -256,10 +264,53 @@ def plan_from_compiled(compiled: jax.stages.Compiled, chip: ChipSpec, num_chips:
       compile_seconds=compile_seconds, loops=count_loops(compiled))
 
 
+def shard_bytes(tree: Any) -> int:
+  """Bytes one device holds of a pytree of sharded `ShapeDtypeStruct`s (unsharded leaves count in full)."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shape = leaf.shape
+    if getattr(leaf, "sharding", None) is not None:
+      shape = leaf.sharding.shard_shape(shape)
+    total += math.prod(shape) * jax.numpy.dtype(leaf.dtype).itemsize
+  return total
+
+
+_SIZE = r"([\d.]+)\s*([KMGTP]?)i?B?"
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4, "P": 1024**5}
+
+
+def _parse_size(number: str, unit: str) -> int:
+  # XLA prints binary units without the "i" (a 16 GiB v5e shows "15.75G" available).
+  return int(float(number) * _UNITS[unit])
+
+
+def oom_plan(message: str, chip: ChipSpec, num_chips: int, *, argument_bytes: int,
+             model_flops: float | None = None, global_batch: int | None = None,
+             compile_seconds: float = 0.0) -> StepPlan:
+  """A "does not fit" plan from XLA's RESOURCE_EXHAUSTED compile error.
+
+  Understands "... HLO temporaries (20.30G) exceeds available HBM (15.75G)" and "Used 20.3G of 15.75G hbm";
+  when neither matches, temporaries are set so the total just exceeds HBM (a lower bound).
+  """
+  first = message.strip().splitlines()[0] if message.strip() else message
+  temps = re.search(r"temporaries \(" + _SIZE + r"\)", message)
+  used = re.search(r"[Uu]sed " + _SIZE + r" of " + _SIZE, message)
+  if temps:
+    temp_bytes = _parse_size(*temps.groups())
+  elif used:
+    temp_bytes = max(_parse_size(*used.groups()[:2]) - argument_bytes, 0)
+  else:
+    temp_bytes = max(chip.hbm_bytes - argument_bytes + 1, 0)
+  return StepPlan(chip=chip, num_chips=num_chips, argument_bytes=argument_bytes, output_bytes=0, alias_bytes=0,
+                  temp_bytes=temp_bytes, code_bytes=0, flops=None, bytes_accessed=None, optimal_seconds=None,
+                  model_flops=model_flops, global_batch=global_batch, compile_seconds=compile_seconds,
+                  compile_error=first)
+
+
 def compile_step(fn: Callable[..., Any], args: Sequence[Any], *, chip: ChipSpec, mesh: Mesh,
                  out_shardings: Any = None, donate_argnums: int | Sequence[int] = (),
                  model_flops: float | None = None, global_batch: int | None = None,
-                 static_argnums: int | Sequence[int] = ()) -> tuple[jax.stages.Compiled, StepPlan]:
+                 static_argnums: int | Sequence[int] = ()) -> tuple[jax.stages.Compiled | None, StepPlan]:
   """AOT-compiles `fn(*args)` for `mesh` and reads the compiler's memory and cost analyses.
 
   Args:
@@ -275,12 +326,20 @@ def compile_step(fn: Callable[..., Any], args: Sequence[Any], *, chip: ChipSpec,
     static_argnums: passed to `jax.jit`.
 
   Returns:
-    The compiled executable and its `StepPlan`.
+    The compiled executable and its `StepPlan`; the executable is None when XLA found the program does not fit
+    in HBM (the plan then says so, see `oom_plan`).
   """
   jitted = jax.jit(fn, out_shardings=out_shardings, donate_argnums=donate_argnums, static_argnums=static_argnums)
   start = time.perf_counter()
-  with jax.set_mesh(mesh):
-    compiled = jitted.lower(*args).compile()
+  try:
+    with jax.set_mesh(mesh):
+      compiled = jitted.lower(*args).compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    plan = oom_plan(str(e), chip, mesh.devices.size, argument_bytes=shard_bytes(args), model_flops=model_flops,
+                    global_batch=global_batch, compile_seconds=time.perf_counter() - start)
+    return None, plan
   seconds = time.perf_counter() - start
   plan = plan_from_compiled(compiled, chip, mesh.devices.size, model_flops=model_flops,
                             global_batch=global_batch, compile_seconds=seconds)

@@ -1,0 +1,136 @@
+"""StepPlan arithmetic (memory total, fit verdict, advice, MFU) and reading a compiled program's analyses."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from qwenvl_jax.planning import aot, chips, mesh as mesh_lib
+
+GIB = chips.GIB
+V5E = chips.CHIPS["v5e"]
+
+
+def make_plan(**kw) -> aot.StepPlan:
+  fields = dict(chip=V5E, num_chips=4, argument_bytes=2 * GIB, output_bytes=2 * GIB, alias_bytes=2 * GIB,
+                temp_bytes=4 * GIB, code_bytes=0, flops=1e12, bytes_accessed=1e9, optimal_seconds=None)
+  fields.update(kw)
+  return aot.StepPlan(**fields)
+
+
+def test_total_counts_aliased_outputs_once():
+  plan = make_plan(code_bytes=GIB // 2)
+  assert plan.total_bytes == 2 * GIB + 4 * GIB + GIB // 2
+  assert plan.fits and plan.advice() == []
+  assert "verdict: FITS" in plan.format()
+
+
+def test_step_time_prefers_xla_optimal_seconds_then_roofline():
+  assert make_plan(optimal_seconds=0.5).step_seconds == 0.5
+  # Compute-bound: 1e12 / 197e12 s beats 1e9 B / 819e9 B/s.
+  assert make_plan().step_seconds == pytest.approx(1e12 / 197e12)
+  assert make_plan(bytes_accessed=1e12).step_seconds == pytest.approx(1e12 / 819e9)
+  assert make_plan(flops=None).step_seconds is None
+
+
+def test_mfu_is_model_flops_over_time_chips_and_peak():
+  plan = make_plan(optimal_seconds=2.0, model_flops=4 * 197e12)
+  assert plan.mfu == pytest.approx(0.5)
+  assert plan.compiler_to_model_flops == pytest.approx(4e12 / (4 * 197e12))
+  assert "estimated MFU 50.0%" in plan.format()
+  assert make_plan().mfu is None
+
+
+def test_activation_bound_step_is_told_to_cut_batch_or_remat():
+  plan = make_plan(temp_bytes=20 * GIB, global_batch=64)
+  assert not plan.fits
+  text = plan.format()
+  assert "DOES NOT FIT" in text
+  # Room for temporaries: 0.92 x 16 GiB - 2 GiB of state = 12.72 GiB of the 20 now -> batch 64 x 0.636 = 40.
+  assert "at most ~40" in text
+  assert "remat" in text
+  assert "needs 6.0 GiB per chip more" in text
+
+
+def test_state_bound_step_is_told_to_shard_more():
+  plan = make_plan(argument_bytes=16 * GIB, output_bytes=16 * GIB, alias_bytes=16 * GIB, temp_bytes=GIB)
+  tips = " ".join(plan.advice())
+  assert not plan.fits
+  assert "fsdp" in tips and "remat" not in tips
+
+
+def test_unaliased_outputs_suggest_donation():
+  plan = make_plan(output_bytes=8 * GIB, alias_bytes=0, temp_bytes=6 * GIB)
+  assert any("donate" in tip for tip in plan.advice())
+
+
+def test_tight_fit_warns():
+  plan = make_plan(temp_bytes=int(13 * GIB))
+  assert plan.fits and plan.hbm_fraction > aot.TIGHT_FRACTION
+  assert "tight" in plan.format()
+
+
+def test_extrapolate_cost_is_linear_per_stack():
+  base = make_plan(flops=10.0, bytes_accessed=100.0, optimal_seconds=1.0)
+  bumped = {"vit": make_plan(flops=13.0, bytes_accessed=110.0, optimal_seconds=1.5),
+            "llm": make_plan(flops=15.0, bytes_accessed=120.0, optimal_seconds=2.0)}
+  full = aot.extrapolate_cost(make_plan(loops=4, temp_bytes=7), base, bumped, {"vit": 4, "llm": 3})
+  assert full.flops == 10 + 3 * 3 + 2 * 5
+  assert full.bytes_accessed == 100 + 3 * 10 + 2 * 20
+  assert full.optimal_seconds == 1 + 3 * 0.5 + 2 * 1.0
+  assert full.temp_bytes == 7 and full.loops == 0
+  with pytest.raises(ValueError, match="bumped plans"):
+    aot.extrapolate_cost(base, base, bumped, {"vit": 4})
+
+
+def test_abstract_like_attaches_shardings_without_allocating():
+  mesh = mesh_lib.build_mesh(jax.devices())
+  sharding = NamedSharding(mesh, P("fsdp"))
+  tree = {"w": jax.ShapeDtypeStruct((16, 4), jnp.float32), "b": jnp.zeros((8,), jnp.bfloat16)}
+  out = aot.abstract_like(tree, sharding)
+  assert out["w"].shape == (16, 4) and out["b"].dtype == jnp.bfloat16
+  assert out["w"].sharding == sharding
+  per_leaf = aot.abstract_like(tree, {"w": sharding, "b": aot.replicated(mesh)})
+  assert per_leaf["b"].sharding.spec == P()
+
+
+def test_compile_step_on_cpu_mesh_reads_memory_cost_and_loops():
+  mesh = mesh_lib.build_mesh(jax.devices())
+  sharding = NamedSharding(mesh, P("fsdp", None))
+  w = jax.ShapeDtypeStruct((4, 64, 64), jnp.float32, sharding=NamedSharding(mesh, P(None, "fsdp", None)))
+  x = jax.ShapeDtypeStruct((32, 64), jnp.float32, sharding=sharding)
+
+  def f(w, x):
+    return jax.lax.scan(lambda h, wi: (jnp.tanh(h @ wi), None), x, w)[0]
+
+  # Any chip spec will do: on CPU only the bookkeeping is under test, not the HBM of a real chip.
+  _, plan = aot.compile_step(f, (w, x), chip=V5E, mesh=mesh, out_shardings=sharding)
+  assert plan.num_chips == 8
+  # Per device: a 1/8 shard of w (4 x 8 x 64 f32) and of x (4 x 64 f32) are the arguments.
+  assert plan.argument_bytes == 4 * 8 * 64 * 4 + 4 * 64 * 4
+  assert plan.loops >= 1
+  assert dataclasses.replace(plan, loops=0).format().count("while loop") == 0
+  assert "while loop" in plan.format()
+
+
+@pytest.mark.parametrize("message,temp_gib", [
+    ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (20.30G) "
+     "exceeds available HBM (15.75G).", 20.30),
+    ("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 21.5G of 15.75G hbm.", 21.5 - 3),
+    ("RESOURCE_EXHAUSTED: something new", 16 - 3),
+])
+def test_oom_plan_reads_xla_out_of_memory_messages(message, temp_gib):
+  plan = aot.oom_plan(message, V5E, 4, argument_bytes=3 * GIB, global_batch=8)
+  assert plan.temp_bytes / GIB == pytest.approx(temp_gib, abs=1e-3)
+  assert not plan.fits
+  assert plan.flops is None and plan.mfu is None
+  text = plan.format()
+  assert "ran out of memory" in text and "DOES NOT FIT" in text
+
+
+def test_shard_bytes_counts_one_device_share():
+  mesh = mesh_lib.build_mesh(jax.devices(), ici=(2, -1, 1))
+  tree = (jax.ShapeDtypeStruct((16, 8), jnp.float32, sharding=NamedSharding(mesh, P("fsdp", "data"))),
+          jax.ShapeDtypeStruct((10,), jnp.bfloat16))
+  assert aot.shard_bytes(tree) == (4 * 4) * 4 + 10 * 2
