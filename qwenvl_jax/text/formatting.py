@@ -411,11 +411,11 @@ def _check_no_pad(tok: qtok.Tokenizer, ids: Sequence[int], text: str) -> None:
     raise ValueError(f"{qtok.IMG_PAD} outside an <img>…</img> span in {_excerpt(text, text.find(qtok.IMG_PAD))}")
 
 
-def _find(ids: Sequence[int], value: int, start: int) -> int:
-  for i in range(start, len(ids)):
-    if ids[i] == value:
-      return i
-  return -1
+def _find(ids: list[int], value: int, start: int) -> int:
+  try:
+    return ids.index(value, start)
+  except ValueError:
+    return -1
 
 
 def _excerpt(text: str, at: int, width: int = 60) -> str:

@@ -147,12 +147,13 @@ class SentencePieceTokenizer:
       raise TypeError(f"encode expects a str, got {type(text).__name__}")
     text = unicodedata.normalize("NFC", text)
     allowed = self._resolve(allowed_special)
-    disallowed = self._resolve(disallowed_special)
+    # tiktoken's rule: "all" disallows every special that is not allowed; an explicit set wins over allowed.
+    disallowed = self._resolve(disallowed_special) - (allowed if disallowed_special == "all" else set())
     ids: list[int] = []
     pos = 0
     for m in self._special_re.finditer(text):
       surface = m.group()
-      if surface in disallowed and surface not in allowed:
+      if surface in disallowed:
         raise ValueError(f"encountered the disallowed special token {surface!r} at character {m.start()}")
       ids.extend(self._encode_plain(text[pos:m.start()]))
       if surface in allowed:

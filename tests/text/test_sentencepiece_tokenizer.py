@@ -139,3 +139,21 @@ def test_picklable_for_data_workers(sp_tok):
   clone = pickle.loads(pickle.dumps(sp_tok))
   text = "<|im_start|>user\nPicture 1:<img>a.jpg</img>\na red circle<|im_end|>"
   assert clone.encode(text) == sp_tok.encode(text) and clone.img_pad_id == sp_tok.img_pad_id
+
+
+_SETS = st.sampled_from(["all", (), tuple(qtok.IMAGE_ST), ("<|im_start|>", "<imgpad>")])
+
+
+@hypothesis.settings(max_examples=150, deadline=None)
+@hypothesis.given(st.lists(st.sampled_from(["a", " ", "<", ">", "红", "<|im_start|>", "<|im_end|>", "<img>",
+                                            "<imgpad>", "</img>", "<im", "\n"]), max_size=20).map("".join),
+                  _SETS, _SETS)
+def test_special_semantics_match_qwen(sp_tok, qwen_tok, text, allowed, disallowed):
+  def specials_or_error(tok):
+    try:
+      ids = tok.encode(text, allowed_special=allowed, disallowed_special=disallowed)
+    except ValueError:
+      return "raised"
+    inverse = {i: s for s, i in tok.special_tokens.items()}
+    return [inverse[i] for i in ids if i in inverse]
+  assert specials_or_error(sp_tok) == specials_or_error(qwen_tok)

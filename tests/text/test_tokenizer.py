@@ -185,3 +185,22 @@ def test_picklable_for_data_workers(qwen_tok):
   clone = pickle.loads(pickle.dumps(qwen_tok))
   text = "<|im_start|>user\nPicture 1:<img>a.jpg</img>\n你好<|im_end|>"
   assert clone.encode(text) == qwen_tok.encode(text) and clone.img_pad_id == 151859
+
+
+_SPECIAL_SETS = st.sampled_from(["all", (), tuple(qtok.IMAGE_ST), ("<|im_start|>", "<imgpad>", "<|extra_1|>")])
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(st.lists(st.sampled_from(["a", " ", "<", "|", ">", "1", "你好", "<|im_start|>", "<|extra_1|>",
+                                            "<|extra_10|>", "<img>", "<imgpad>", "</img>", "<im", "\n", "x<"]),
+                           max_size=25).map("".join), _SPECIAL_SETS, _SPECIAL_SETS)
+def test_special_handling_matches_tiktoken(qwen_tok, text, allowed, disallowed):
+  # tiktoken's own special-token matching is the reference for the Python-side splitting.
+  try:
+    expected = qwen_tok.encoding.encode(text, allowed_special=set(allowed) if allowed != "all" else "all",
+                                        disallowed_special=set(disallowed) if disallowed != "all" else "all")
+  except ValueError:
+    with pytest.raises(ValueError, match="disallowed special token"):
+      qwen_tok.encode(text, allowed_special=allowed, disallowed_special=disallowed)
+    return
+  assert qwen_tok.encode(text, allowed_special=allowed, disallowed_special=disallowed) == expected
