@@ -4,22 +4,21 @@
 core and slice indices like real ones, so XLA can compile for them (jit(...).lower(...).compile()) but not run.
 
 `build_mesh(devices, ici=..., dcn=...)` lays any device list (abstract TPU, real TPU/GPU, fake CPU) out as a
-`jax.sharding.Mesh` with axes `MESH_AXES`: ICI degrees within a slice, DCN degrees across slices, one degree
-per axis may be -1 (fill with what is left). It is written against devices only, so the trainer can use the same
-function for real devices; when `qwenvl_jax/sharding.py` grows its own mesh builder this one should defer to it.
+`jax.sharding.Mesh` with axes `MESH_AXES`: ICI degrees within a slice, DCN degrees across slices, one ICI degree
+may be -1 (fill with what is left). It defers to the trainer's `qwenvl_jax.sharding.make_mesh`, so the planner
+compiles for exactly the device layout the trainer will use; it only adds the multi-slice default (slices on
+`data`) read from the devices' `slice_index`.
 """
-import math
 import os
 from collections.abc import Sequence
 
 import jax
-import numpy as np
-from jax.experimental import mesh_utils
-from jax.sharding import AxisType, Mesh
+from jax.sharding import Mesh
 
+from qwenvl_jax import sharding
 from qwenvl_jax.planning.chips import Topology
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = sharding.MESH_AXES
 
 # libtpu probes the GCE metadata server for the slice it runs on unless told otherwise; on a CPU box the probe
 # only costs time and prints alarming errors, and the values are never used for a compile-only topology. Its
@@ -60,60 +59,28 @@ def topology_devices(topo: Topology) -> list[jax.Device]:
   return devices
 
 
-def resolve_degrees(degrees: Sequence[int], total: int, what: str) -> tuple[int, ...]:
-  """Replaces the single -1 in `degrees` so their product is `total`.
-
-  Raises:
-    ValueError: more than one -1, a degree < 1, or degrees that do not multiply to `total`.
-  """
-  degrees = tuple(int(d) for d in degrees)
-  if len(degrees) != len(MESH_AXES):
-    raise ValueError(f"{what} degrees {degrees} must give one value per mesh axis {MESH_AXES}")
-  if degrees.count(-1) > 1 or any(d < 1 and d != -1 for d in degrees):
-    raise ValueError(f"{what} degrees {degrees}: each must be >= 1, with at most one -1 (fill)")
-  known = math.prod(d for d in degrees if d != -1)
-  if -1 in degrees:
-    if total % known:
-      raise ValueError(f"{what} degrees {dict(zip(MESH_AXES, degrees))}: {total} devices are not divisible by "
-                       f"{known}")
-    degrees = tuple(total // known if d == -1 else d for d in degrees)
-  if math.prod(degrees) != total:
-    raise ValueError(f"{what} degrees {dict(zip(MESH_AXES, degrees))} multiply to {math.prod(degrees)}, "
-                     f"but there are {total} devices")
-  return degrees
-
-
 def _num_slices(devices: Sequence[jax.Device]) -> int:
   return len({getattr(d, "slice_index", 0) for d in devices})
 
 
 def build_mesh(devices: Sequence[jax.Device], ici: Sequence[int] = (1, -1, 1),
                dcn: Sequence[int] | None = None) -> Mesh:
-  """A `Mesh` over `devices` with axes ('data', 'fsdp', 'tensor').
+  """A `Mesh` over `devices` with axes ('data', 'fsdp', 'tensor'), built by `qwenvl_jax.sharding.make_mesh`.
 
   Args:
     devices: all devices of the job (abstract or real), possibly of several slices (`slice_index`).
-    ici: degrees of (data, fsdp, tensor) within one slice; one may be -1.
+    ici: degrees of (data, fsdp, tensor) within one slice; one may be -1 (fill).
     dcn: degrees across slices; default puts all slices on `data` (FSDP traffic stays on the fast ICI links).
 
   Returns:
-    A mesh of shape ici * dcn (elementwise) with `AxisType.Auto` axes, devices placed so that each ICI axis
-    follows the physical torus where it can.
+    The trainer's mesh for these devices, so what is compiled here is what the trainer will run.
+
+  Raises:
+    ValueError: degrees that do not match the devices (the message names them).
   """
   devices = list(devices)
-  slices = _num_slices(devices)
+  if len(ici) != len(MESH_AXES) or (dcn is not None and len(dcn) != len(MESH_AXES)):
+    raise ValueError(f"ICI {tuple(ici)} / DCN {dcn} degrees must give one value per mesh axis {MESH_AXES}")
   if dcn is None:
-    dcn = (slices, 1, 1)
-  dcn = resolve_degrees(dcn, slices, "DCN")
-  ici = resolve_degrees(ici, len(devices) // slices, "ICI")
-  if slices > 1:
-    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices=devices, allow_split_physical_axes=True)
-  elif devices[0].platform == "tpu":
-    try:
-      grid = mesh_utils.create_device_mesh(ici, devices=devices)
-    except (NotImplementedError, ValueError):
-      # The logical axis does not match a product of physical axes (e.g. 64 x 4 on a 16x16 v5e): split them.
-      grid = mesh_utils.create_device_mesh(ici, devices=devices, allow_split_physical_axes=True)
-  else:
-    grid = np.asarray(devices).reshape(ici)
-  return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    dcn = (_num_slices(devices), 1, 1)
+  return sharding.make_mesh(dict(zip(MESH_AXES, ici)), dict(zip(MESH_AXES, dcn)), devices=devices)

@@ -7,26 +7,15 @@ from qwenvl_jax.planning import mesh
 from tests.planning.conftest import requires_libtpu, run_json
 
 
-@pytest.mark.parametrize("degrees,total,expected", [
-    ((1, -1, 1), 8, (1, 8, 1)),
-    ((2, -1, 2), 8, (2, 2, 2)),
-    ((-1, 4, 1), 64, (16, 4, 1)),
-    ((2, 2, 2), 8, (2, 2, 2)),
+@pytest.mark.parametrize("ici,dcn,match", [
+    ((3, -1, 1), None, "do not divide"),
+    ((2, 2, 1), None, "needs 4 devices"),
+    ((1, -1), None, "one value per mesh axis"),
+    ((1, -1, 1), (3, 1, 1), "do not divide 8 devices"),
 ])
-def test_resolve_degrees_fills_the_minus_one(degrees, total, expected):
-  assert mesh.resolve_degrees(degrees, total, "ICI") == expected
-
-
-@pytest.mark.parametrize("degrees,match", [
-    ((-1, -1, 1), "at most one -1"),
-    ((3, -1, 1), "not divisible by 3"),
-    ((2, 2, 1), "multiply to 4"),
-    ((0, -1, 1), "each must be >= 1"),
-    ((1, -1), "one value per mesh axis"),
-])
-def test_resolve_degrees_rejects_bad_degrees(degrees, match):
+def test_bad_degrees_name_the_culprit(ici, dcn, match):
   with pytest.raises(ValueError, match=match):
-    mesh.resolve_degrees(degrees, 8, "ICI")
+    mesh.build_mesh(jax.devices(), ici=ici, dcn=dcn)
 
 
 def test_build_mesh_on_cpu_devices():
