@@ -25,7 +25,7 @@ def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Axes, d
   if len(axes) != len(shape):
     raise ValueError(f"{len(axes)} axis names {axes} for a parameter of shape {tuple(shape)}")
   # Shardings are applied by the caller (jit out_shardings from the rule tables), never eagerly here.
-  return nnx.Param(init(rngs.params(), tuple(shape), dtype), sharding_names=tuple(axes), eager_sharding=False)
+  return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(axes), eager_sharding=False)
 
 
 class Einsum(nnx.Module):
