@@ -1,0 +1,139 @@
+"""The Beam + TFDS job end to end: exact decisions and counts, the dataset the stage-1 reader reads, the report,
+never overwriting, and the same job on two DirectRunner worker processes through the command line."""
+import collections
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from qwenvl_jax.cleaning import CleanConfig, CleanJob, DominantColorScorer, RULES, run_clean
+from qwenvl_jax.cleaning.pipeline import NoPairsKeptError
+from qwenvl_jax.data.images import preprocess_image
+from qwenvl_jax.data.sources import make_source
+from tests.cleaning.cases import case_ids
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+COLUMN_CFG = CleanConfig(score_key="clip", min_similarity=0.3, max_text_units=30, sample_size=2)
+
+
+def _patterns(folder):
+  return (str(folder / "*.jsonl"), str(folder / "*.jsonl.gz"), str(folder / "*.parquet"))
+
+
+def _expected_counts(expected: dict[str, str]) -> dict[str, int]:
+  counts = collections.Counter(expected.values())
+  return {rule: counts.get(rule, 0) for rule in RULES}
+
+
+def _dataset(dataset_dir):
+  builder = tfds.builder_from_directory(dataset_dir)
+  return builder, builder.as_data_source(split="train", decoders={"image": tfds.decode.SkipDecoding()})
+
+
+@pytest.fixture(scope="module")
+def column_run(clean_inputs, tmp_path_factory):
+  folder, cases = clean_inputs
+  job = CleanJob(inputs=_patterns(folder), output_dir=str(tmp_path_factory.mktemp("out")), config=COLUMN_CFG)
+  return job, run_clean(job), {cid: c for cid, c in case_ids(cases).items()}
+
+
+def test_report_counts_every_rule_exactly(column_run):
+  job, report, cases = column_run
+  expected = {cid: c.with_column for cid, c in cases.items()}
+  assert report["rejected"] == _expected_counts(expected)
+  assert report["kept"] == sum(v == "kept" for v in expected.values())
+  assert report["num_pairs"] == len(cases) and report["num_shards"] == 3
+  assert report["config"] == COLUMN_CFG.to_json() and report["dataset"] == job.dataset_dir
+  assert json.loads(pathlib.Path(job.report).read_text()) == report
+  assert [p.name for p in pathlib.Path(job.output_dir).iterdir() if "incomplete" in p.name] == []
+
+
+def test_report_samples_are_rejected_pairs_of_their_rule(column_run):
+  _, report, cases = column_run
+  for rule, count in report["rejected"].items():
+    samples = report["samples"].get(rule, [])
+    assert len(samples) == min(count, COLUMN_CFG.sample_size), rule
+    for sample in samples:
+      assert cases[sample["id"]].with_column == rule and sample["reason"]
+
+
+def test_dataset_holds_exactly_the_kept_pairs(column_run):
+  job, _, cases = column_run
+  builder, data = _dataset(job.dataset_dir)
+  assert builder.info.file_format.value == "array_record"
+  assert builder.info.metadata["clean"]["config"] == COLUMN_CFG.to_json()
+  got = {ex["id"].decode(): ex["text"].decode() for ex in data}
+  assert got == {cid: c.cleaned for cid, c in cases.items() if c.with_column == "kept"}
+
+
+def test_stage1_reader_reads_the_output(column_run):
+  job, _, cases = column_run
+  source = make_source(f"array_record:{job.dataset_dir}", stage=1, image_size=32)
+  records = [source.parse(source.items[i]) for i in range(len(source.items))]
+  assert sorted(r.id for r in records) == sorted(cid for cid, c in cases.items() if c.with_column == "kept")
+  for record in records:
+    assert record.turns[-1] == ("assistant", cases[record.id].cleaned)
+    pixels = preprocess_image(record.images[0], 32)
+    assert pixels.dtype == np.uint8 and pixels.shape == (32, 32, 3)
+
+
+def test_existing_outputs_are_never_overwritten(column_run, clean_inputs, tmp_path):
+  job, report, _ = column_run
+  folder, _ = clean_inputs
+  info = pathlib.Path(job.dataset_dir) / "dataset_info.json"
+  before = info.read_bytes(), pathlib.Path(job.report).read_bytes()
+  with pytest.raises(FileExistsError, match="output dataset"):
+    run_clean(CleanJob(inputs=_patterns(folder), output_dir=job.output_dir, report_path=str(tmp_path / "r.json")))
+  with pytest.raises(FileExistsError, match="report"):
+    run_clean(CleanJob(inputs=_patterns(folder), output_dir=str(tmp_path / "new"), report_path=job.report))
+  assert (info.read_bytes(), pathlib.Path(job.report).read_bytes()) == before
+  assert not (tmp_path / "new").exists() and not (tmp_path / "r.json").exists()
+
+
+def test_job_settings_are_checked(clean_inputs, tmp_path):
+  folder, _ = clean_inputs
+  with pytest.raises(ValueError, match="not both"):
+    CleanJob(inputs=_patterns(folder), output_dir=str(tmp_path), config=COLUMN_CFG,
+             scorer_factory=DominantColorScorer)
+  with pytest.raises(ValueError, match="matches no file"):
+    run_clean(CleanJob(inputs=[str(folder / "*.csv")], output_dir=str(tmp_path)))
+
+
+@pytest.mark.slow
+def test_all_rejected_still_reports_why(tmp_path):
+  (tmp_path / "in.jsonl").write_text('{"caption": "a red bus", "image": "x.jpg"}\n' * 3)
+  job = CleanJob(inputs=[str(tmp_path / "in.jsonl")], output_dir=str(tmp_path / "out"))
+  with pytest.raises(NoPairsKeptError, match="all 3 input pairs were rejected"):
+    run_clean(job)
+  report = json.loads(pathlib.Path(job.report).read_text())
+  assert report["kept"] == 0 and report["rejected"]["malformed"] == 3
+  assert "missing column 'text'" in report["samples"]["malformed"][0]["reason"]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_command_line_on_two_direct_runner_workers_with_a_scorer(clean_inputs, tmp_path):
+  folder, cases = clean_inputs
+  out = tmp_path / "out"
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+  result = subprocess.run(
+      [sys.executable, "-m", "qwenvl_jax.clean", f"--input={','.join(_patterns(folder))}", f"--output_dir={out}",
+       "--max_text_units=30", "--min_similarity=0.5", "--sample_size=1",
+       "--scorer=qwenvl_jax.cleaning.scoring:DominantColorScorer",
+       "--beam_pipeline_options=direct_num_workers=2,direct_running_mode=multi_processing"],
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  by_id = case_ids(cases)
+  expected = {cid: c.with_scorer for cid, c in by_id.items()}
+  report = json.loads((out / "clean_report.json").read_text())
+  assert report["rejected"] == _expected_counts(expected)
+  assert report["scorer"] == "SpecFactory('qwenvl_jax.cleaning.scoring:DominantColorScorer')"
+  _, data = _dataset(out / "cleaned_pairs" / "1.0.0")
+  got = {ex["id"].decode(): ex["text"].decode() for ex in data}
+  assert got == {cid: c.cleaned for cid, c in by_id.items() if c.with_scorer == "kept"}
+  assert f"kept {len(got)} of {len(by_id)} pairs" in result.stdout
