@@ -172,7 +172,7 @@ def test_missing_vocabulary(tmp_path):
     (b"IQ== 0\nIg== 2\n", "without gaps"),
     (b"", "no tokens"),
     (b"IQ== 0\nIg== 1\n", "151643"),
-])
+], ids=["bad-base64", "missing-rank", "duplicate", "gap", "empty", "wrong-size"])
 def test_corrupt_vocabulary(tmp_path, content, match):
   path = tmp_path / "bad.tiktoken"
   path.write_bytes(content)
