@@ -1,0 +1,114 @@
+"""Answer a prompt about images: `python -m qwenvl_jax.generate`.
+
+  python -m qwenvl_jax.generate --checkpoint=ckpt/params --tokenizer=../shared/data/qwen.tiktoken \\
+      --image=a.jpg --image=b.png --prompt="What is the difference between the pictures?"
+  python -m qwenvl_jax.generate --model=tiny --tokenizer=sp.model --image=a.png --prompt="Describe it."   # random
+
+Chat mode (default, for Qwen-VL-Chat) wraps the images and prompt as `Picture k:<img>…</img>\\n…` in ChatML after
+`--history` (a JSON list of [query, response] pairs, oldest first); `--chat_format=raw` feeds the base model the
+same text without ChatML. The answer streams to stdout. When it holds boxes, the latest picture with the boxes
+and labels drawn is written as a PNG to `--output_image` (default `<image stem>_boxes.png`, with `_1`, `_2`, … added
+rather than replacing a file). `--save_history` writes the updated history as JSON to a new file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", None, "Params checkpoint directory; omit to run random weights (smoke tests).")
+flags.DEFINE_string("model", "qwen_vl_7b", "Architecture preset: qwen_vl_7b, mid or tiny.")
+flags.DEFINE_string("tokenizer", None, "qwen.tiktoken or a SentencePiece .model file.", required=True)
+flags.DEFINE_multi_string("image", [], "Image file(s), in order (Picture 1, 2, ...).")
+flags.DEFINE_string("prompt", None, "The question or instruction.", required=True)
+flags.DEFINE_string("history", None, "JSON file with the chat history: [[query, response], ...].")
+flags.DEFINE_string("save_history", None, "Write the updated history to this new JSON file.")
+flags.DEFINE_enum("chat_format", "chatml", ["chatml", "raw"], "chatml (chat models) or raw (base model).")
+flags.DEFINE_string("system", "You are a helpful assistant.", "System message (chatml).")
+flags.DEFINE_string("output_image", None, "PNG path for the picture with the answer's boxes (must not exist).")
+flags.DEFINE_integer("max_new_tokens", 512, "Most tokens to generate.")
+flags.DEFINE_bool("do_sample", False, "Sample (Qwen-VL-Chat's default: --do_sample --top_p=0.3) or greedy.")
+flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
+flags.DEFINE_integer("top_k", 0, "Top-k filter when sampling (0 = off).")
+flags.DEFINE_float("top_p", 1.0, "Nucleus filter when sampling (1 = off).")
+flags.DEFINE_integer("seed", 0, "Sampling seed (and the random weights' seed).")
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.")
+flags.DEFINE_integer("image_size", None, "Override the preset's input resolution (224 or 448).")
+flags.DEFINE_string("rules", "fsdp", "Sharding rule table of configs/sharding_rules.py.")
+
+
+def _read_history(path: str | None) -> list[tuple[str, str]]:
+  if not path:
+    return []
+  with open(path, encoding="utf-8") as f:
+    try:
+      data = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"history file {path}: not valid JSON ({e})") from e
+  if not isinstance(data, list) or not all(isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t)
+                                           for t in data):
+    raise ValueError(f"history file {path}: expected a JSON list of [query, response] string pairs")
+  return [tuple(t) for t in data]
+
+
+def _free_png_path(images: list[str]) -> str:
+  stem = os.path.splitext(os.path.basename(images[-1]))[0] if images else "answer"
+  path, k = f"{stem}_boxes.png", 0
+  while os.path.exists(path):
+    k += 1
+    path = f"{stem}_boxes_{k}.png"
+  return path
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  for path in (FLAGS.output_image, FLAGS.save_history):
+    if path and os.path.exists(path):
+      raise FileExistsError(f"{path} already exists; it is never overwritten: choose another path")
+  for path in FLAGS.image:
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"image file {path!r} does not exist")
+
+  import jax  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax import inference, sharding  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax import text as qtext  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.inference import loading  # pylint: disable=import-outside-toplevel
+
+  history = _read_history(FLAGS.history)
+  tok = loading.load_tokenizer(FLAGS.tokenizer)
+  cfg = loading.model_config(FLAGS.model, tok, dtype=FLAGS.dtype, random_weights=not FLAGS.checkpoint,
+                             image_size=FLAGS.image_size)
+  mesh, rules = loading.inference_mesh(FLAGS.rules)
+  query = qtext.from_list_format([{"image": p} for p in FLAGS.image] + [{"text": FLAGS.prompt}])
+  gen_cfg = inference.chat_generation_config(
+      tok, FLAGS.chat_format, max_new_tokens=FLAGS.max_new_tokens, do_sample=FLAGS.do_sample,
+      temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p)
+  # Built outside `use_rules`: the loaders enter the mesh themselves, after the abstract (mesh-free) trace.
+  model = loading.load_model(cfg, FLAGS.checkpoint, mesh, rules, seed=FLAGS.seed)
+  with sharding.use_rules(mesh, rules):
+    generator = inference.Generator(model)
+    reply = inference.chat_stream(generator, tok, query, history, system=FLAGS.system,
+                                  chat_format=FLAGS.chat_format, gen=gen_cfg, key=jax.random.key(FLAGS.seed))
+    for delta in reply:
+      sys.stdout.write(delta)
+      sys.stdout.flush()
+  sys.stdout.write("\n")
+  sys.stdout.flush()
+
+  drawn = inference.draw_bbox_on_latest_picture(reply.response, reply.history)
+  if drawn is not None:
+    path = FLAGS.output_image or _free_png_path(FLAGS.image)
+    inference.save_new_png(drawn, path)
+    print(f"boxes drawn on the latest picture: {path}", file=sys.stderr)
+  if FLAGS.save_history:
+    with open(FLAGS.save_history, "x", encoding="utf-8") as f:
+      json.dump([list(t) for t in reply.history], f, ensure_ascii=False, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)

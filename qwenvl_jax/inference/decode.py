@@ -1,0 +1,336 @@
+"""KV-cache generation with fixed shapes: left-padded prompt batches, a jitted prefill and decode step, and two
+loops over them (one `jax.lax.while_loop` inside jit for batch jobs, one Python loop for streaming).
+
+Letters: B rows, P padded prompt length (a bucket), N max new tokens, M image slots per row, S image side,
+V vocabulary, L layers.
+
+Positions and padding (a deliberate difference from the reference, Gotcha 12): prompts are LEFT-padded so every
+row's next token lands in the same cache slot, and each row's RoPE positions are `cumsum(valid) - 1`, so a
+left-padded row computes exactly what the same prompt computes alone. The reference instead gives the pads
+positions too (it ignores `position_ids`), so its left-padded rows see shifted positions; ours equal its
+unpadded single-prompt results. Pads get segment id 0, so they are never keys.
+
+Dynamic NTK and logn (Gotcha 13): the NTK RoPE base is decided at prefill from each row's real prompt length
+(`positional.ntk_rope_base`) and kept for all its decode steps (the reference's "sticky" alpha); logn query
+scaling is on. Both are no-ops up to `seq_length` (2048) tokens.
+
+Shapes are fixed per (bucket P, N, B, M): prompt lengths are rounded up to a few bucket sizes to bound
+recompiles. The cache holds P + N slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qwenvl_jax.inference import sampling
+from qwenvl_jax.model import positional
+from qwenvl_jax.model.config import QwenVLConfig
+from qwenvl_jax.model.qwen import KVCache
+
+DEFAULT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+EOD_ID = 151643  # Qwen's <|endoftext|>: the reference's eos and pad id
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GenerationConfig:
+  """Decoding settings (hashable: a jit static argument; a new value compiles a new loop).
+
+  max_new_tokens: N, the most tokens generated per row (the eos counts).
+  min_new_tokens: eos is forbidden before this many new tokens (the official evals use 1, 8 or 10).
+  do_sample: False = greedy (argmax); True = sampling with temperature / top_k (0 = off) / top_p (1 = off).
+  eos_id: the token that ends a row (151643 for Qwen); pad_id: what finished rows emit (151643 too).
+  stop_words: token sequences that force eos next (`text.get_stop_words_ids`); `[eos]` itself is ignored.
+  vocab_limit: ids >= this are never produced (the tokenizer's size when the model has padding rows).
+  logn, dynamic_ntk: the reference's inference-only long-context scalings (on by default).
+  """
+  max_new_tokens: int = 512
+  min_new_tokens: int = 0
+  do_sample: bool = False
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  eos_id: int = EOD_ID
+  pad_id: int = EOD_ID
+  stop_words: tuple[tuple[int, ...], ...] = ()
+  vocab_limit: int | None = None
+  logn: bool = True
+  dynamic_ntk: bool = True
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+      raise ValueError(f"need 0 <= min_new_tokens <= max_new_tokens, got {self.min_new_tokens}, "
+                       f"{self.max_new_tokens}")
+    if self.do_sample and not self.temperature > 0:
+      raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+    if self.top_k < 0:
+      raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    stop_words = tuple(tuple(int(t) for t in seq) for seq in self.stop_words)
+    if any(not seq for seq in stop_words):
+      raise ValueError(f"stop words must be non-empty token sequences, got {self.stop_words!r}")
+    object.__setattr__(self, "stop_words", stop_words)
+
+
+class PromptBatch(NamedTuple):
+  """A left-padded batch of prompts (host numpy arrays), ready for `Generator`.
+
+  input_ids: int32[B, P], pads on the left.
+  segment_ids: int32[B, P], 1 on prompt tokens, 0 on pads.
+  positions: int32[B, P], 0 .. len-1 on each row's prompt tokens (pads 0).
+  lengths: int32[B], real prompt lengths.
+  images: uint8[B, M, S, S, 3] or None; image_mask: bool[B, M] or None.
+  """
+  input_ids: np.ndarray
+  segment_ids: np.ndarray
+  positions: np.ndarray
+  lengths: np.ndarray
+  images: np.ndarray | None = None
+  image_mask: np.ndarray | None = None
+
+
+def bucket_length(n: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
+  """The smallest bucket >= n; past the largest, n rounded up to a multiple of the largest."""
+  if n < 1:
+    raise ValueError(f"a prompt needs at least one token, got length {n}")
+  for b in sorted(buckets):
+    if b >= n:
+      return b
+  top = max(buckets)
+  return -(-n // top) * top
+
+
+def make_prompt_batch(prompts: Sequence[Sequence[int]], images: Sequence[Sequence[np.ndarray]] | None = None, *,
+                      pad_id: int, image_pad_id: int, image_tokens: int, buckets: Sequence[int] = DEFAULT_BUCKETS,
+                      num_rows: int | None = None, max_images: int | None = None) -> PromptBatch:
+  """Left-pads token prompts into a `PromptBatch`.
+
+  Args:
+    prompts: per row the prompt ids (image spans expanded to `<img>` + Q x `<imgpad>` + `</img>`).
+    images: per row its images uint8[S, S, 3] in order of appearance (already preprocessed), or None when no row
+      has images.
+    pad_id: the id put in pad slots (never attended; the reference uses `<|endoftext|>`).
+    image_pad_id, image_tokens: `<imgpad>` id and Q, to check that each row holds Q `<imgpad>` per image.
+    buckets: allowed padded lengths P.
+    num_rows: pad the batch to this many rows with empty rows (their outputs are meaningless; for fixed B).
+    max_images: M, image slots per row (default: the most any row has).
+  Raises:
+    ValueError naming the row on an empty prompt or a mismatch between `<imgpad>` ids and images.
+  """
+  b = len(prompts)
+  if b == 0:
+    raise ValueError("make_prompt_batch needs at least one prompt")
+  rows = num_rows if num_rows is not None else b
+  if rows < b:
+    raise ValueError(f"num_rows={rows} is smaller than the {b} prompts")
+  if images is not None and len(images) != b:
+    raise ValueError(f"{len(images)} image lists for {b} prompts")
+  lengths = np.zeros(rows, np.int32)
+  for i, p in enumerate(prompts):
+    if len(p) == 0:
+      raise ValueError(f"prompt {i} is empty")
+    lengths[i] = len(p)
+    n_pad = int(np.sum(np.asarray(p) == image_pad_id))
+    n_img = 0 if images is None else len(images[i])
+    if n_pad != n_img * image_tokens:
+      raise ValueError(f"prompt {i} holds {n_pad} <imgpad> ids but {n_img} images x {image_tokens} image tokens "
+                       f"= {n_img * image_tokens} are needed")
+  width = bucket_length(int(lengths.max()), buckets)
+  input_ids = np.full((rows, width), pad_id, np.int32)
+  segment_ids = np.zeros((rows, width), np.int32)
+  positions = np.zeros((rows, width), np.int32)
+  for i, p in enumerate(prompts):
+    n = len(p)
+    input_ids[i, width - n:] = p
+    segment_ids[i, width - n:] = 1
+    positions[i, width - n:] = np.arange(n)
+  image_arr = mask = None
+  counts = [len(x) for x in images] if images is not None else []
+  if images is not None and max(counts) > 0:
+    m = max_images if max_images is not None else max(counts)
+    if m < max(counts):
+      raise ValueError(f"max_images={m} but a row has {max(counts)} images")
+    shapes = {np.asarray(x).shape for row in images for x in row}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 3 or next(iter(shapes))[2] != 3:
+      raise ValueError(f"all images must be uint8[S, S, 3] of one size, got shapes {sorted(shapes)}")
+    shape = next(iter(shapes))
+    image_arr = np.zeros((rows, m) + shape, np.uint8)
+    mask = np.zeros((rows, m), bool)
+    for i, row in enumerate(images):
+      for j, x in enumerate(row):
+        image_arr[i, j] = x
+        mask[i, j] = True
+  return PromptBatch(input_ids, segment_ids, positions, lengths, image_arr, mask)
+
+
+def rope_bases(lengths: np.ndarray, cfg: QwenVLConfig, dynamic_ntk: bool) -> np.ndarray:
+  """float32[B]: each row's RoPE base, the dynamic-NTK base of its prompt length (or the plain base)."""
+  llm = cfg.llm
+  if not dynamic_ntk:
+    return np.full(len(lengths), llm.rope_base, np.float32)
+  return np.asarray([positional.ntk_rope_base(llm.rope_base, llm.head_dim, max(int(n), 1), llm.seq_length)
+                     for n in lengths], np.float32)
+
+
+class DecodeState(NamedTuple):
+  """The loop carry. tokens: int32[B, P + N] prompt then new tokens; step: new tokens so far (int32 scalar);
+  done: bool[B] rows that produced eos; lengths: int32[B] prompt lengths; rope_base: float32[B] (sticky)."""
+  cache: KVCache
+  tokens: jax.Array
+  step: jax.Array
+  done: jax.Array
+  lengths: jax.Array
+  rope_base: jax.Array
+  key: jax.Array
+
+
+def _select(gen: GenerationConfig, logits, key, tokens, end, step, done):
+  return sampling.select_tokens(
+      logits, key, tokens=tokens, end=end, num_generated=step, done=done, greedy=not gen.do_sample,
+      temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p, eos_id=gen.eos_id, pad_id=gen.pad_id,
+      min_new_tokens=gen.min_new_tokens, stop_words=gen.stop_words, vocab_limit=gen.vocab_limit)
+
+
+def prefill(graphdef: nnx.GraphDef, state: nnx.State, batch: dict, cache: KVCache, *, rope_base: jax.Array,
+            logn: bool = True) -> tuple[jax.Array, KVCache]:
+  """Runs the prompts, writing cache slots 0 .. P-1. Pure.
+
+  Args:
+    graphdef, state: `nnx.split(model)` of a `QwenVL`.
+    batch: `PromptBatch` fields as arrays (`input_ids`, `segment_ids`, `positions`, optional `images`,
+      `image_mask`).
+    cache: an empty `KVCache` of B rows and >= P slots.
+    rope_base: float32[B] per-row RoPE base.
+  Returns:
+    (float32[B, V] logits of the last prompt position, the filled cache).
+  """
+  model = nnx.merge(graphdef, state)
+  logits, cache = model(batch["input_ids"], images=batch.get("images"), image_mask=batch.get("image_mask"),
+                        positions=batch["positions"], segment_ids=batch["segment_ids"], cache=cache,
+                        cache_index=0, rope_base=rope_base[:, None, None], logn=logn)
+  return logits[:, -1].astype(jnp.float32), cache
+
+
+def decode_step(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, positions: jax.Array,
+                cache: KVCache, cache_index: jax.Array, *, rope_base: jax.Array,
+                logn: bool = True) -> tuple[jax.Array, KVCache]:
+  """One token per row: int32[B] at int32[B] positions, written at cache slot `cache_index`. Pure.
+
+  Returns (float32[B, V] logits, updated cache).
+  """
+  model = nnx.merge(graphdef, state)
+  ones = jnp.ones_like(tokens)[:, None]
+  logits, cache = model(tokens[:, None], positions=positions[:, None], segment_ids=ones, cache=cache,
+                        cache_index=cache_index, rope_base=rope_base[:, None, None], logn=logn)
+  return logits[:, 0].astype(jnp.float32), cache
+
+
+def _start(graphdef, gen: GenerationConfig, state, batch: dict, key) -> DecodeState:
+  """Prefill + the first new token (slot P of the buffer)."""
+  b, p = batch["input_ids"].shape
+  model = nnx.merge(graphdef, state)
+  cache = model.llm.init_cache(b, p + gen.max_new_tokens)
+  lengths = batch["segment_ids"].sum(axis=1).astype(jnp.int32)
+  logits, cache = prefill(graphdef, state, batch, cache, rope_base=batch["rope_base"], logn=gen.logn)
+  tokens = jnp.concatenate([batch["input_ids"], jnp.full((b, gen.max_new_tokens), gen.pad_id, jnp.int32)], 1)
+  key, sub = jax.random.split(key)
+  done = jnp.zeros((b,), bool)
+  first = _select(gen, logits, sub, tokens, p - 1, jnp.int32(0), done)
+  tokens = tokens.at[:, p].set(first)
+  return DecodeState(cache, tokens, jnp.int32(1), first == gen.eos_id, lengths, batch["rope_base"], key)
+
+
+def _advance(graphdef, gen: GenerationConfig, p: int, state, s: DecodeState) -> DecodeState:
+  """Feeds the last new token through the model and appends the next one."""
+  last_slot = p + s.step - 1
+  last = jax.lax.dynamic_index_in_dim(s.tokens, last_slot, axis=1, keepdims=False)
+  logits, cache = decode_step(graphdef, state, last, s.lengths + s.step - 1, s.cache, last_slot,
+                              rope_base=s.rope_base, logn=gen.logn)
+  key, sub = jax.random.split(s.key)
+  nxt = _select(gen, logits, sub, s.tokens, last_slot, s.step, s.done)
+  tokens = jax.lax.dynamic_update_index_in_dim(s.tokens, nxt, last_slot + 1, axis=1)
+  return s._replace(cache=cache, tokens=tokens, step=s.step + 1, done=s.done | (nxt == gen.eos_id), key=key)
+
+
+def _generate_all(graphdef, gen: GenerationConfig, state, batch: dict, key):
+  p = batch["input_ids"].shape[1]
+  s = _start(graphdef, gen, state, batch, key)
+
+  def cond(carry):
+    s = carry[1]
+    return (s.step < gen.max_new_tokens) & ~jnp.all(s.done)
+
+  def body(carry):
+    # The weights ride in the carry: NNX modules must be rebuilt from values of the loop's own trace level.
+    state, s = carry
+    return state, _advance(graphdef, gen, p, state, s)
+
+  _, s = jax.lax.while_loop(cond, body, (state, s))
+  return s.tokens[:, p:], s.step
+
+
+class Generator:
+  """Jitted generation for one model.
+
+  Usage:
+    gen = Generator(model)                       # a QwenVL (any dtype; the cache uses the compute dtype)
+    batch = make_prompt_batch(prompts, images, pad_id=..., image_pad_id=..., image_tokens=...)
+    new_tokens = gen.generate(batch, GenerationConfig(max_new_tokens=30))     # int32[B, N], pad after eos
+    for step_tokens in gen.stream(batch, config): ...                         # int32[B] per step
+  """
+
+  def __init__(self, model: nnx.Module, *, state: nnx.State | None = None):
+    self.cfg: QwenVLConfig = model.cfg
+    self.graphdef, model_state = nnx.split(model)
+    self.state = model_state if state is None else state
+    self._generate = jax.jit(_generate_all, static_argnums=(0, 1))
+    self._start = jax.jit(_start, static_argnums=(0, 1))
+    self._advance = jax.jit(_advance, static_argnums=(0, 1, 2), donate_argnums=(4,))
+
+  def device_batch(self, batch: PromptBatch, gen: GenerationConfig) -> dict:
+    """The batch as the dict of arrays the jitted functions take (adds the per-row RoPE bases)."""
+    out = {"input_ids": batch.input_ids, "segment_ids": batch.segment_ids, "positions": batch.positions,
+           "rope_base": rope_bases(batch.lengths, self.cfg, gen.dynamic_ntk)}
+    if batch.images is not None:
+      out["images"], out["image_mask"] = batch.images, batch.image_mask
+    return out
+
+  def generate(self, batch: PromptBatch | dict, gen: GenerationConfig, key: jax.Array | None = None
+               ) -> np.ndarray:
+    """int32[B, N] new tokens of every row (eos included; `pad_id` after it and past the early stop)."""
+    arrays = self.device_batch(batch, gen) if isinstance(batch, PromptBatch) else batch
+    key = jax.random.key(0) if key is None else key
+    tokens, _ = self._generate(self.graphdef, gen, self.state, arrays, key)
+    return np.asarray(tokens)
+
+  def stream(self, batch: PromptBatch, gen: GenerationConfig, key: jax.Array | None = None
+             ) -> Iterator[np.ndarray]:
+    """Yields int32[B] new tokens step by step (finished rows yield `pad_id`) until all rows end or N."""
+    arrays = self.device_batch(batch, gen)
+    key = jax.random.key(0) if key is None else key
+    p = batch.input_ids.shape[1]
+    s = self._start(self.graphdef, gen, self.state, arrays, key)
+    while True:
+      step = int(s.step)
+      yield np.asarray(s.tokens[:, p + step - 1])
+      if step >= gen.max_new_tokens or bool(jnp.all(s.done)):
+        return
+      s = self._advance(self.graphdef, gen, p, self.state, s)
+
+
+def trim(new_tokens: np.ndarray, eos_id: int) -> list[list[int]]:
+  """Per row the generated ids up to and including the first eos (the rest is padding)."""
+  out = []
+  for row in np.asarray(new_tokens):
+    hits = np.flatnonzero(row == eos_id)
+    out.append(row[:hits[0] + 1].tolist() if hits.size else row.tolist())
+  return out

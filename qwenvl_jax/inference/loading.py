@@ -1,0 +1,68 @@
+"""Loading what inference and evaluation jobs need: the tokenizer, the model config matched to it, the mesh, and
+the weights (a params checkpoint, or random weights for smoke tests).
+
+The tokenizer decides the `<imgpad>` id the model looks for (`cfg.image_pad_id`): Qwen's 151859, or the small id of
+a SentencePiece model trained for a from-scratch run. With random weights the vocabulary is also grown to cover
+the tokenizer (so `--model=tiny` runs with the real Qwen vocabulary); with a checkpoint the stored shapes decide,
+and a mismatch is reported by the restore.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+from flax import nnx
+
+from qwenvl_jax import sharding
+from qwenvl_jax import text as qtext
+from qwenvl_jax.model import QwenVL
+from qwenvl_jax.model.config import QwenVLConfig, get_preset
+
+
+def load_tokenizer(path: str | os.PathLike) -> qtext.Tokenizer:
+  """A `.tiktoken` file gives `QwenTokenizer`, a SentencePiece `.model` gives `SentencePieceTokenizer`."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"tokenizer file {path!r} does not exist")
+  if path.endswith(".tiktoken"):
+    return qtext.QwenTokenizer(path)
+  if path.endswith(".model"):
+    return qtext.SentencePieceTokenizer(path)
+  raise ValueError(f"unknown tokenizer file {path!r}: expected a .tiktoken (Qwen) or .model (SentencePiece) file")
+
+
+def model_config(preset: str, tok: qtext.Tokenizer, *, dtype: str = "bfloat16", random_weights: bool = False,
+                 image_size: int | None = None) -> QwenVLConfig:
+  """The preset's config with the tokenizer's `<imgpad>` id, no remat (inference), and the weights kept in the
+  compute dtype (bf16 weights halve the memory of a 9.6B model; the reference runs all in bf16).
+
+  random_weights: also grow the vocabulary to a multiple of 128 covering the tokenizer.
+  """
+  param_dtype = dtype if dtype in ("bfloat16", "float32") else "float32"
+  cfg = get_preset(preset, dtype=dtype, param_dtype=param_dtype, remat_policy="none")
+  llm = cfg.llm
+  if random_weights and tok.vocab_size > llm.vocab_size:
+    llm = dataclasses.replace(llm, vocab_size=-(-tok.vocab_size // 128) * 128)
+  cfg = dataclasses.replace(cfg, llm=llm, image_pad_id=tok.img_pad_id)
+  if image_size is not None:
+    cfg = cfg.with_image_size(image_size)
+  return cfg
+
+
+def inference_mesh(rules_name: str = "fsdp", **ici) -> tuple[jax.sharding.Mesh, sharding.Rules]:
+  """A mesh over all devices (default: everything on `fsdp`, which shards weights and batches alike)."""
+  ici = ici or {"fsdp": -1}
+  return sharding.make_mesh(ici), sharding.load_rules(rules_name)
+
+
+def load_model(cfg: QwenVLConfig, checkpoint: str | None, mesh: jax.sharding.Mesh, rules: sharding.Rules, *,
+               seed: int = 0) -> QwenVL:
+  """Restores `checkpoint` (a params directory) onto `mesh`, or initializes random weights when it is None."""
+  if checkpoint:
+    from qwenvl_jax import checkpoint as ckpt  # pylint: disable=import-outside-toplevel
+    if not os.path.isdir(checkpoint):
+      raise FileNotFoundError(f"checkpoint directory {checkpoint!r} does not exist")
+    return ckpt.load_model(checkpoint, cfg, mesh, rules)
+  return sharding.init_sharded(lambda: QwenVL(cfg, rngs=nnx.Rngs(seed)), mesh, rules)

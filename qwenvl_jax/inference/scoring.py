@@ -1,0 +1,71 @@
+"""Likelihood scoring for multiple choice: per-token cross-entropy of left-padded rows through one jitted forward.
+
+Letters: B rows (questions x options), P padded length, V vocabulary.
+
+The official `evaluate_multiple_choice.py` (RECIPES §2.4) appends `" A"`, `" B"`, … to the prompt, left-pads all
+options with `<|endoftext|>`, runs one forward pass and scores each option by the mean cross-entropy over its own
+tokens; the lowest loss wins. Here the rows are built by `decode.make_prompt_batch` (positions corrected per row
+like generation, Gotcha 12) and the reduction/choice is `evaluation.multiple_choice`. The reference runs this
+forward pass in eval mode, where dynamic NTK and logn scaling apply, so they are on here too (no-ops up to 2048
+tokens).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qwenvl_jax.evaluation import multiple_choice as mc_lib
+from qwenvl_jax.inference import decode
+
+
+def token_losses(graphdef: nnx.GraphDef, state: nnx.State, batch: dict, *, logn: bool = True) -> jax.Array:
+  """float32[B, P-1]: cross-entropy of token t+1 given tokens <= t, for every row. Pure.
+
+  batch: `decode.PromptBatch` fields as arrays plus `rope_base` float32[B].
+  """
+  model = nnx.merge(graphdef, state)
+  logits = model(batch["input_ids"], images=batch.get("images"), image_mask=batch.get("image_mask"),
+                 positions=batch["positions"], segment_ids=batch["segment_ids"],
+                 rope_base=batch["rope_base"][:, None, None], logn=logn)
+  return mc_lib.token_cross_entropy(logits[:, :-1], batch["input_ids"][:, 1:])
+
+
+class LikelihoodScorer:
+  """Jitted option scoring for one model.
+
+  Usage:
+    scorer = LikelihoodScorer(generator)      # shares the generator's weights
+    losses = scorer.option_losses(prompt_ids, [ids(" A"), ids(" B")], images, pad_id=eod)   # float64[K]
+  """
+
+  def __init__(self, generator: decode.Generator, *, dynamic_ntk: bool = True, logn: bool = True):
+    self.generator = generator
+    self.dynamic_ntk = dynamic_ntk
+    self._losses = jax.jit(lambda g, s, b: token_losses(g, s, b, logn=logn), static_argnums=(0,))
+
+  def token_losses(self, batch: decode.PromptBatch) -> np.ndarray:
+    """float32[B, P-1] per-token losses of a prompt batch (rows right-aligned, so a row's last positions are
+    its final tokens)."""
+    g = self.generator
+    arrays = {"input_ids": batch.input_ids, "segment_ids": batch.segment_ids, "positions": batch.positions,
+              "rope_base": decode.rope_bases(batch.lengths, g.cfg, self.dynamic_ntk)}
+    if batch.images is not None:
+      arrays["images"], arrays["image_mask"] = batch.images, batch.image_mask
+    return np.asarray(self._losses(g.graphdef, g.state, arrays))
+
+  def option_losses(self, prompt_ids: Sequence[int], option_ids: Sequence[Sequence[int]],
+                    images: Sequence[np.ndarray] | None = None, *, pad_id: int,
+                    num_rows: int | None = None) -> np.ndarray:
+    """float64[K]: mean cross-entropy of each option's tokens after the prompt (the official score)."""
+    rows = [list(prompt_ids) + list(o) for o in option_ids]
+    cfg = self.generator.cfg
+    batch = decode.make_prompt_batch(rows, [list(images)] * len(rows) if images else None, pad_id=pad_id,
+                                     image_pad_id=cfg.image_pad_id, image_tokens=cfg.image_tokens,
+                                     num_rows=num_rows)
+    losses = self.token_losses(batch)[:len(rows)]
+    return mc_lib.option_losses(losses, [len(o) for o in option_ids])
