@@ -23,6 +23,8 @@ import PIL.Image
 from etils import epath
 
 _KEEP_AS_IS = frozenset({"JPEG", "PNG"})
+# Many image hosts refuse Python's default user agent.
+_HEADERS = {"User-Agent": "Mozilla/5.0 (compatible; qwenvl-jax-clean/1.0)"}
 
 
 class ImageReadError(Exception):
@@ -119,7 +121,7 @@ def _b64decode(text: str) -> bytes:
 
 def _fetch(url: str, *, max_bytes: int, timeout_s: float) -> bytes:
   try:
-    with urllib.request.urlopen(url, timeout=timeout_s) as response:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=_HEADERS), timeout=timeout_s) as response:
       data = response.read(max_bytes + 1)
   except (urllib.error.URLError, OSError, ValueError) as e:
     raise ImageReadError(f"cannot fetch {url}: {e}") from e

@@ -114,7 +114,7 @@ class _CleanBatchFn(beam.DoFn):
 
 
 def _write_report(_, *, path: str, header: dict, counts: dict, samples: dict, kept: int) -> None:
-  report_lib.write_new(path, report_lib.build_report(counts=counts, samples=samples, kept=kept, header=header))
+  report_lib.write_partial(path, report_lib.build_report(counts=counts, samples=samples, kept=kept, header=header))
 
 
 class CleanPairs(beam.PTransform):

@@ -64,9 +64,14 @@ def write_new(path: str, report: Mapping[str, Any]) -> None:
   Raises:
     FileExistsError: the path exists (reports are never overwritten).
   """
-  path = epath.Path(path)
-  if path.exists():
+  if epath.Path(path).exists():
     raise FileExistsError(f"report {os.fspath(path)} already exists; choose another --report path")
+  write_partial(path, report)
+
+
+def write_partial(path: str, report: Mapping[str, Any]) -> None:
+  """Writes the pipeline's own temporary copy of the report (a retried Beam bundle may write it twice)."""
+  path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
 

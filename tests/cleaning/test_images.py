@@ -1,6 +1,8 @@
 """Reading image fields of every supported kind, decoding (corrupt and truncated files), storage encoding."""
 import base64
+import http.server
 import io
+import threading
 
 import PIL.Image
 import pytest
@@ -100,3 +102,35 @@ def test_describe_never_dumps_bytes():
   assert images.describe(b"abc") == "<3 bytes>"
   assert images.describe({"bytes": b"abcd", "path": "x.jpg"}) == "{bytes: <4 bytes>, path: x.jpg}"
   assert images.describe("data:image/png;base64," + "A" * 500).endswith("...")
+
+
+def test_read_from_a_local_http_server(tmp_path):
+  data = encode(color=GREEN)
+  (tmp_path / "g.jpg").write_bytes(data)
+  agents = []
+
+  class Handler(http.server.SimpleHTTPRequestHandler):
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, directory=str(tmp_path), **kwargs)
+
+    def do_GET(self):
+      agents.append(self.headers.get("User-Agent"))
+      super().do_GET()
+
+    def log_message(self, *args):
+      pass
+
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  try:
+    url = f"http://127.0.0.1:{server.server_port}"
+    assert images.read_image_bytes(f"{url}/g.jpg", root="/", **_READ) == data
+    assert "qwenvl-jax-clean" in agents[0]
+    with pytest.raises(images.ImageReadError, match="404"):
+      images.read_image_bytes(f"{url}/missing.jpg", root="/", **_READ)
+    with pytest.raises(images.ImageReadError, match="over max_image_bytes"):
+      images.read_image_bytes(f"{url}/g.jpg", root="/", max_bytes=100, timeout_s=1.0)
+  finally:
+    server.shutdown()
+    server.server_close()
