@@ -13,6 +13,7 @@ import tensorflow_datasets as tfds
 
 from qwenvl_jax.cleaning import CleanConfig, CleanJob, DominantColorScorer, RULES, run_clean
 from qwenvl_jax.cleaning.pipeline import NoPairsKeptError
+from qwenvl_jax.cleaning.report import sample_rank
 from qwenvl_jax.data.images import preprocess_image
 from qwenvl_jax.data.sources import make_source
 from tests.cleaning.cases import case_ids
@@ -53,13 +54,17 @@ def test_report_counts_every_rule_exactly(column_run):
   assert [p.name for p in pathlib.Path(job.output_dir).iterdir() if "incomplete" in p.name] == []
 
 
-def test_report_samples_are_rejected_pairs_of_their_rule(column_run):
+def test_report_samples_are_the_lowest_ranked_rejects_of_their_rule(column_run, clean_inputs):
   _, report, cases = column_run
+  folder, _ = clean_inputs
   for rule, count in report["rejected"].items():
     samples = report["samples"].get(rule, [])
     assert len(samples) == min(count, COLUMN_CFG.sample_size), rule
-    for sample in samples:
-      assert cases[sample["id"]].with_column == rule and sample["reason"]
+    # Example keys are "<shard path>:<row>", default ids "<shard name>:<row>".
+    ids = [cid for cid, c in cases.items() if c.with_column == rule]
+    ranked = sorted(ids, key=lambda cid: sample_rank(str(folder / cid)))
+    assert [s["id"] for s in samples] == ranked[:COLUMN_CFG.sample_size], rule
+    assert all(s["reason"] and s["source"] == s["id"] for s in samples)
 
 
 def test_dataset_holds_exactly_the_kept_pairs(column_run):
