@@ -1,0 +1,188 @@
+"""The stage-aware optimizer: per-stage freezing filters, AdamW with warmup + cosine, clipping, ViT layer-wise LR decay.
+
+Freezing is data, not flags in the model: a stage is a tuple of path regexes over the parameter names of
+DESIGN §2.2 (`visual/blocks/attn/qkv/kernel`, ...). Every parameter whose path fully matches one of them is
+labelled 'frozen', all others 'trainable', and `optax.multi_transform` routes
+
+  trainable -> clip_by_global_norm -> AdamW (decoupled weight decay, warmup + cosine LR) -> ViT layer-wise LR decay
+  frozen    -> set_to_zero
+
+so a frozen parameter carries no optimizer state at all (no Adam moments: 1.9B frozen ViT parameters save ~15 GB)
+and the clipping norm and weight decay see only trainable parameters (big_vision / MaxText semantics). The train
+step additionally differentiates only w.r.t. the trainable parameters (see `step.py`), so no weight gradient of a
+frozen parameter is ever computed.
+
+Parameters travel as nested pure dicts (`nnx.to_pure_dict` of the model state), the same tree Orbax saves.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+TRAINABLE, FROZEN = "trainable", "frozen"
+
+# Stage filters (DESIGN §2.2, SPEC §6, Gotcha 22). Stage 3 with the official finetune.py semantics (`fix_vit`)
+# also freezes `ln_post` and `proj`, which live on `visual` in the reference, while the resampler (`attn_pool`,
+# including its nominally fixed sin-cos `pos_embed`) trains.
+_STAGE_FROZEN = {
+    1: (r"llm/.*",),
+    2: (),
+    3: (r"visual/.*",),
+}
+_FIX_VIT_EXTRA = (r"adapter/(ln_post|proj)(/.*)?",)
+
+
+def stage_frozen_patterns(stage: int, *, fix_vit: bool = True) -> tuple[str, ...]:
+  """Path regexes of the parameters a stage freezes (1: the LLM; 2: nothing; 3: the ViT, + ln_post/proj if fix_vit)."""
+  if stage not in _STAGE_FROZEN:
+    raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
+  patterns = _STAGE_FROZEN[stage]
+  if stage == 3 and fix_vit:
+    patterns += _FIX_VIT_EXTRA
+  return patterns
+
+
+def path_str(path: Sequence[Any]) -> str:
+  """'visual/blocks/attn/qkv/kernel' from a jax key path or a tuple of names."""
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        k = getattr(k, attr)
+        break
+    parts.append(str(k))
+  return "/".join(parts)
+
+
+def make_is_frozen(patterns: Sequence[str]) -> Callable[[str], bool]:
+  """A predicate path -> frozen? from regexes (full match). A bad regex is an error naming it."""
+  compiled = []
+  for p in patterns:
+    try:
+      compiled.append(re.compile(p))
+    except re.error as e:
+      raise ValueError(f"frozen-parameter pattern {p!r} is not a valid regex: {e}") from e
+  return lambda path: any(c.fullmatch(path) for c in compiled)
+
+
+def param_labels(params: Any, patterns: Sequence[str]) -> Any:
+  """The label tree ('trainable' | 'frozen') of a parameter tree under the frozen-path regexes.
+
+  A pattern that matches no parameter is an error: a typo (`llm/.*` vs `lm/.*`) would otherwise silently train a
+  tower the user meant to freeze.
+  """
+  is_frozen = make_is_frozen(patterns)
+  paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  for pattern in patterns:
+    if not any(re.fullmatch(pattern, p) for p in paths):
+      raise ValueError(f"frozen-parameter pattern {pattern!r} matches no parameter; paths look like {paths[:3]}")
+  return jax.tree_util.tree_map_with_path(lambda p, _: FROZEN if is_frozen(path_str(p)) else TRAINABLE, params)
+
+
+def make_schedule(opt: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to `opt.lr`, then cosine to `opt.min_lr` at `total_steps` (or constant after warmup).
+
+  `schedule='constant'` reproduces what the official DeepSpeed fine-tuning actually ran (WarmupLR, RECIPES §1.4).
+  """
+  warmup = int(opt.warmup_steps)
+  if warmup < 0 or total_steps < 1:
+    raise ValueError(f"need warmup_steps >= 0 and total_steps >= 1, got {warmup}, {total_steps}")
+  if opt.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, opt.lr, warmup_steps=min(warmup, total_steps),
+                                              decay_steps=max(total_steps, warmup + 1), end_value=opt.min_lr)
+  if opt.schedule == "constant":
+    return optax.join_schedules([optax.linear_schedule(0.0, opt.lr, max(warmup, 1)), optax.constant_schedule(opt.lr)],
+                                [max(warmup, 1)])
+  raise ValueError(f"unknown optimizer.schedule {opt.schedule!r}; expected 'cosine' or 'constant'")
+
+
+def vit_layer_decay(decay: float, num_layers: int, prefix: str = "visual") -> optax.GradientTransformation:
+  """Layer-wise LR decay of the ViT (paper, stages 1–2): block i is scaled by decay**(L - i), the patch/positional
+  embeddings and ln_pre by decay**(L + 1); everything after the ViT keeps scale 1.
+
+  The blocks are stacked on a leading `layers` axis, so the scale is a vector broadcast along axis 0.
+  """
+  scales = jnp.asarray([decay ** (num_layers - i) for i in range(num_layers)], jnp.float32)
+  embed_scale = decay ** (num_layers + 1)
+
+  def scale(path, u):
+    p = path_str(path)
+    if not p.startswith(prefix + "/"):
+      return u
+    if p.startswith(prefix + "/blocks/"):
+      return (u * scales.reshape((-1,) + (1,) * (u.ndim - 1))).astype(u.dtype)
+    return (u * embed_scale).astype(u.dtype)
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(scale, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def _decay_mask(params: Any, exclude: str) -> Any:
+  """True for parameters that get weight decay: all but those whose path matches `exclude` (biases, norms)."""
+  pattern = re.compile(exclude) if exclude else None
+  return jax.tree_util.tree_map_with_path(
+      lambda p, _: not (pattern and pattern.fullmatch(path_str(p))), params)
+
+
+def make_optimizer(opt: ml_collections.ConfigDict, params: Any, *, frozen: Sequence[str], total_steps: int,
+                   vit_layers: int) -> tuple[optax.GradientTransformation, optax.Schedule, Any]:
+  """The stage optimizer for `params` (a pure-dict tree, concrete or abstract).
+
+  Args:
+    opt: `config.optimizer` (lr, min_lr, warmup_steps, schedule, b1, b2, eps, weight_decay, wd_exclude,
+      grad_clip, vit_layer_decay, mu_dtype).
+    params: the parameter tree (only its structure and paths are used).
+    frozen: path regexes of frozen parameters (`stage_frozen_patterns`).
+    total_steps: length of the cosine schedule.
+    vit_layers: ViT depth, for the layer-wise decay.
+
+  Returns:
+    (optax transformation, learning-rate schedule, label tree).
+  """
+  labels = param_labels(params, frozen)
+  schedule = make_schedule(opt, total_steps)
+  chain = []
+  if opt.grad_clip and opt.grad_clip > 0:
+    chain.append(optax.clip_by_global_norm(opt.grad_clip))
+  chain.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+                           mask=lambda p: _decay_mask(p, opt.wd_exclude),
+                           mu_dtype=jnp.dtype(opt.mu_dtype) if opt.mu_dtype else None))
+  if opt.vit_layer_decay and opt.vit_layer_decay != 1.0:
+    chain.append(vit_layer_decay(opt.vit_layer_decay, vit_layers))
+  tx = optax.multi_transform({TRAINABLE: optax.chain(*chain), FROZEN: optax.set_to_zero()}, labels)
+  return tx, schedule, labels
+
+
+def split_by_labels(tree: Mapping[str, Any], labels: Mapping[str, Any]) -> tuple[dict, dict]:
+  """(trainable, frozen) flat dicts {path: leaf} of a tree with the same structure as `labels`."""
+  leaves = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  label = {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(labels)[0]}
+  trainable = {k: v for k, v in leaves.items() if label[k] == TRAINABLE}
+  frozen = {k: v for k, v in leaves.items() if label[k] == FROZEN}
+  return trainable, frozen
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict:
+  """{'a/b/c': x} -> {'a': {'b': {'c': x}}}."""
+  out: dict = {}
+  for path, value in flat.items():
+    node = out
+    *parents, leaf = path.split("/")
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[leaf] = value
+  return out
+
+
+def count_state(tree: Any) -> int:
+  """Number of array elements in a tree (e.g. to check that frozen parameters carry no optimizer state)."""
+  return sum(int(x.size) for x in jax.tree.leaves(tree) if hasattr(x, "size"))

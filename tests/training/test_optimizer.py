@@ -1,0 +1,118 @@
+"""Per-stage trainable masks, no optimizer state for frozen parameters, the schedule and ViT layer-wise decay."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from qwenvl_jax import sharding
+from qwenvl_jax.model import QwenVL, tiny
+from qwenvl_jax.training import optimizer
+
+
+def _opt_config(**kw):
+  c = dict(lr=1e-3, min_lr=1e-5, warmup_steps=10, schedule="cosine", b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.05,
+           wd_exclude=r".*/(bias|scale)", grad_clip=1.0, vit_layer_decay=1.0, mu_dtype="")
+  c.update(kw)
+  return ml_collections.ConfigDict(c)
+
+
+@pytest.fixture(scope="module")
+def abstract_params():
+  _, state = sharding.abstract_model(lambda: QwenVL(tiny(), rngs=nnx.Rngs(0)))
+  return nnx.to_pure_dict(state)
+
+
+def _paths(tree):
+  return {optimizer.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+# What trains in each stage, written from the paper / finetune.py (SPEC §6, Gotcha 22), by top-level prefix.
+EXPECTED_TRAINABLE = {
+    (1, True): lambda p: p.startswith(("visual/", "adapter/")),
+    (2, True): lambda p: True,
+    (3, True): lambda p: p.startswith(("llm/", "adapter/resampler/")),
+    (3, False): lambda p: p.startswith(("llm/", "adapter/")),
+}
+
+
+@pytest.mark.parametrize("stage,fix_vit", sorted(EXPECTED_TRAINABLE))
+def test_stage_masks(abstract_params, stage, fix_vit):
+  labels = optimizer.param_labels(abstract_params, optimizer.stage_frozen_patterns(stage, fix_vit=fix_vit))
+  flat = {optimizer.path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(labels)[0]}
+  expected = EXPECTED_TRAINABLE[(stage, fix_vit)]
+  wrong = [p for p, v in flat.items() if (v == optimizer.TRAINABLE) != expected(p)]
+  assert not wrong, f"stage {stage} fix_vit={fix_vit} mislabels {wrong}"
+  if stage == 3 and fix_vit:
+    # The official recipe trains the resampler's sin-cos table but not ln_post / proj.
+    assert flat["adapter/resampler/pos_embed"] == optimizer.TRAINABLE
+    assert flat["adapter/proj"] == flat["adapter/ln_post/scale"] == optimizer.FROZEN
+
+
+@pytest.mark.parametrize("stage,fix_vit", sorted(EXPECTED_TRAINABLE))
+def test_frozen_params_have_no_optimizer_state(abstract_params, stage, fix_vit):
+  frozen = optimizer.stage_frozen_patterns(stage, fix_vit=fix_vit)
+  tx, _, labels = optimizer.make_optimizer(_opt_config(), abstract_params, frozen=frozen, total_steps=100,
+                                           vit_layers=2)
+  opt_state = jax.eval_shape(tx.init, abstract_params)
+  trainable, frozen_flat = optimizer.split_by_labels(abstract_params, labels)
+  state_paths = [optimizer.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(opt_state)[0]]
+  for path in frozen_flat:
+    assert not any(s.endswith(path) for s in state_paths), f"frozen {path} has optimizer state"
+  # Adam keeps exactly two moments per trainable parameter (plus scalar counters).
+  n_trainable = sum(x.size for x in trainable.values())
+  moments = sum(x.size for x in jax.tree.leaves(opt_state) if x.ndim > 0)
+  assert moments == 2 * n_trainable
+
+
+def test_pattern_matching_nothing_is_an_error(abstract_params):
+  with pytest.raises(ValueError, match="lm/"):
+    optimizer.param_labels(abstract_params, ("lm/.*",))
+
+
+def test_invalid_regex_is_an_error():
+  with pytest.raises(ValueError, match="not a valid regex"):
+    optimizer.make_is_frozen(("llm/(",))
+
+
+def test_unknown_stage():
+  with pytest.raises(ValueError, match="stage"):
+    optimizer.stage_frozen_patterns(4)
+
+
+def test_schedule_warmup_then_cosine_to_min():
+  sched = optimizer.make_schedule(_opt_config(lr=1e-3, min_lr=1e-5, warmup_steps=10), total_steps=110)
+  assert float(sched(0)) == 0.0
+  np.testing.assert_allclose(float(sched(5)), 0.5e-3, rtol=1e-6)
+  np.testing.assert_allclose(float(sched(10)), 1e-3, rtol=1e-6)
+  # Halfway through the cosine: the midpoint of peak and floor.
+  np.testing.assert_allclose(float(sched(60)), (1e-3 + 1e-5) / 2, rtol=1e-5)
+  np.testing.assert_allclose(float(sched(110)), 1e-5, rtol=1e-6)
+  const = optimizer.make_schedule(_opt_config(schedule="constant", warmup_steps=10), total_steps=110)
+  np.testing.assert_allclose(float(const(100)), 1e-3, rtol=1e-6)
+  with pytest.raises(ValueError, match="schedule"):
+    optimizer.make_schedule(_opt_config(schedule="linear"), total_steps=10)
+
+
+def test_vit_layer_decay_scales_by_depth():
+  layers, decay = 3, 0.5
+  updates = {"visual": {"blocks": {"w": jnp.ones((layers, 2))}, "conv1": jnp.ones((2,))},
+             "llm": {"w": jnp.ones((2,))}}
+  out, _ = optimizer.vit_layer_decay(decay, layers).update(updates, optax.EmptyState())
+  np.testing.assert_allclose(out["visual"]["blocks"]["w"][:, 0], [decay ** 3, decay ** 2, decay ** 1])
+  np.testing.assert_allclose(out["visual"]["conv1"], decay ** 4)
+  np.testing.assert_allclose(out["llm"]["w"], 1.0)
+
+
+def test_weight_decay_skips_biases_and_norms():
+  params = {"a": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,)), "scale": jnp.ones((2,))}}
+  tx, _, _ = optimizer.make_optimizer(_opt_config(lr=1.0, warmup_steps=0, weight_decay=0.5, grad_clip=0.0),
+                                      params, frozen=(), total_steps=10, vit_layers=1)
+  zero = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zero, tx.init(params), params)
+  # Zero gradients: Adam contributes 0, so the update is -lr * wd * p where decay applies, else 0.
+  np.testing.assert_allclose(updates["a"]["kernel"], -0.5)
+  np.testing.assert_allclose(updates["a"]["bias"], 0.0)
+  np.testing.assert_allclose(updates["a"]["scale"], 0.0)
