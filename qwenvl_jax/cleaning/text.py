@@ -1,7 +1,8 @@
 """Caption cleaning and the text checks of stage-1 filtering (length, emoji, language).
 
 `clean_text` rewrites a raw web caption, in this order:
-  1. Unicode repair with `ftfy` (mojibake such as "doesnÃ¢â‚¬â„¢t", C0/C1 control characters, NFC).
+  1. Unicode repair with `ftfy` (mojibake such as "doesnÃ¢â‚¬â„¢t", C0/C1 control characters, NFC); full-width
+     punctuation and curly quotes are kept as written.
   2. HTML: tags are removed (each replaced by a space so "a<br>b" keeps two words), the content of <script> and
      <style> and comments are dropped, entities are unescaped ("&amp;" -> "&", "&#128512;" -> the emoji).
   3. Control and invisible format characters (Unicode categories Cc and Cf: zero-width spaces, bidi marks, BOM)
@@ -90,7 +91,9 @@ def _collapse_punct(match: regex.Match) -> str:
 
 def clean_text(text: str) -> str:
   """The cleaned caption (see the module docstring for the steps, in order)."""
-  text = ftfy.fix_text(text, unescape_html=False)
+  # Only repair: full-width punctuation ("，", "！") and curly quotes are how Chinese and much English text is
+  # written, so ftfy's width and quote normalisations stay off.
+  text = ftfy.fix_text(text, unescape_html=False, fix_character_width=False, uncurl_quotes=False)
   text = strip_html(text)
   text = _CONTROL_OR_FORMAT.sub(lambda m: " " if m.group(0).isspace() else "", text)
   text = _IRREGULAR.sub(" ", text)

@@ -5,8 +5,11 @@ from qwenvl_jax.cleaning import text
 
 
 @pytest.mark.parametrize("raw, cleaned", [
-    # Unicode repair (mojibake of a UTF-8 apostrophe read as Windows-1252, twice).
-    ("The Mona Lisa doesnÃ¢â‚¬â„¢t have eyebrows", "The Mona Lisa doesn't have eyebrows"),
+    # Unicode repair (mojibake of a UTF-8 apostrophe read as Windows-1252, twice) ...
+    ("The Mona Lisa doesnÃ¢â‚¬â„¢t have eyebrows", "The Mona Lisa doesn’t have eyebrows"),
+    # ... that leaves Chinese full-width punctuation and curly quotes as written.
+    ("一只狗，在沙滩上！（很开心）“你好”", "一只狗，在沙滩上！（很开心）“你好”"),
+    ("“quoted” text", "“quoted” text"),
     # HTML: tags become spaces, entities are unescaped, script/style bodies and comments vanish.
     ("<p>a <b>red</b> bus</p>", "a red bus"),
     ("a<br>b", "a b"),
