@@ -307,10 +307,14 @@ class Generator:
   def generate(self, batch: PromptBatch | dict, gen: GenerationConfig, key: jax.Array | None = None
                ) -> np.ndarray:
     """int32[B, N] new tokens of every row (eos included; `pad_id` after it and past the early stop)."""
+    return np.asarray(self.generate_on_device(batch, gen, key))
+
+  def generate_on_device(self, batch: PromptBatch | dict, gen: GenerationConfig, key: jax.Array | None = None
+                         ) -> jax.Array:
+    """`generate` without the copy to the host: a jax.Array laid out like the batch (global when it is)."""
     arrays = self.device_batch(batch, gen) if isinstance(batch, PromptBatch) else batch
     key = jax.random.key(0) if key is None else key
-    tokens, _ = self._generate(self.graphdef, gen, self.state, arrays, key)
-    return np.asarray(tokens)
+    return self._generate(self.graphdef, gen, self.state, arrays, key)[0]
 
   def stream(self, batch: PromptBatch, gen: GenerationConfig, key: jax.Array | None = None
              ) -> Iterator[np.ndarray]:

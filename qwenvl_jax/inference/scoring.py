@@ -48,15 +48,22 @@ class LikelihoodScorer:
     self.dynamic_ntk = dynamic_ntk
     self._losses = jax.jit(lambda g, s, b: token_losses(g, s, b, logn=logn), static_argnums=(0,))
 
-  def token_losses(self, batch: decode.PromptBatch) -> np.ndarray:
+  def token_losses(self, batch: decode.PromptBatch | dict) -> np.ndarray:
     """float32[B, P-1] per-token losses of a prompt batch (rows right-aligned, so a row's last positions are
     its final tokens)."""
+    return np.asarray(self.token_losses_on_device(batch))
+
+  def token_losses_on_device(self, batch: decode.PromptBatch | dict) -> jax.Array:
+    """`token_losses` without the copy to the host; `batch` may be a dict of (global) arrays with `rope_base`."""
     g = self.generator
-    arrays = {"input_ids": batch.input_ids, "segment_ids": batch.segment_ids, "positions": batch.positions,
-              "rope_base": decode.rope_bases(batch.lengths, g.cfg, self.dynamic_ntk)}
-    if batch.images is not None:
-      arrays["images"], arrays["image_mask"] = batch.images, batch.image_mask
-    return np.asarray(self._losses(g.graphdef, g.state, arrays))
+    if isinstance(batch, decode.PromptBatch):
+      arrays = {"input_ids": batch.input_ids, "segment_ids": batch.segment_ids, "positions": batch.positions,
+                "rope_base": decode.rope_bases(batch.lengths, g.cfg, self.dynamic_ntk)}
+      if batch.images is not None:
+        arrays["images"], arrays["image_mask"] = batch.images, batch.image_mask
+    else:
+      arrays = batch
+    return self._losses(g.graphdef, g.state, arrays)
 
   def option_losses(self, prompt_ids: Sequence[int], option_ids: Sequence[Sequence[int]],
                     images: Sequence[np.ndarray] | None = None, *, pad_id: int,

@@ -1,0 +1,10 @@
+"""Evaluation config: flickr (caption, metric cider; max/min new tokens 30/8).
+
+  python -m qwenvl_jax.evaluate --config=configs/eval/flickr.py --config.output=results/flickr.json \\
+      --config.checkpoint=CKPT --config.tokenizer=qwen.tiktoken --config.image_root=DATA_ROOT
+"""
+from qwenvl_jax.evaluation import runner
+
+
+def get_config(arg=None):
+  return runner.default_config('flickr', arg)

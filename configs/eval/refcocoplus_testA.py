@@ -1,0 +1,10 @@
+"""Evaluation config: refcoco+_testA (grounding, metric grounding_accuracy; max/min new tokens 28/10).
+
+  python -m qwenvl_jax.evaluate --config=configs/eval/refcocoplus_testA.py --config.output=results/refcocoplus_testA.json \\
+      --config.checkpoint=CKPT --config.tokenizer=qwen.tiktoken --config.image_root=DATA_ROOT
+"""
+from qwenvl_jax.evaluation import runner
+
+
+def get_config(arg=None):
+  return runner.default_config('refcoco+_testA', arg)

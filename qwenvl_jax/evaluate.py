@@ -1,0 +1,31 @@
+"""Run one official evaluation task: `python -m qwenvl_jax.evaluate --config=configs/eval/TASK.py`.
+
+  python -m qwenvl_jax.evaluate --config=configs/eval/flickr.py --config.output=results/flickr.json \\
+      --config.checkpoint=ckpt/params --config.tokenizer=../shared/data/qwen.tiktoken --config.image_root=data
+
+Shards the examples over all hosts and devices, generates greedily with the task's official prompt and lengths
+(multiple choice: lowest option loss), and writes the score with every prediction to `config.output` (never
+replacing it). A run that stopped resumes when started again with the same output. See
+`qwenvl_jax/evaluation/runner.py`.
+"""
+
+from absl import app, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/eval/TASK.py[:key=value,...]",
+                                          lock_config=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from qwenvl_jax.evaluation import runner  # pylint: disable=import-outside-toplevel
+  payload = runner.run(_CONFIG.value)
+  if payload is not None:
+    logging.info("%s: %s = %s (%d examples) -> %s", payload["task"], payload["metric"], payload["score"],
+                 payload["num_examples"], _CONFIG.value.output)
+    print(f"{payload['task']} {payload['metric']} {payload['score']}")
+
+
+if __name__ == "__main__":
+  app.run(main)

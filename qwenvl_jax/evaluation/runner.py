@@ -1,0 +1,312 @@
+"""The batch evaluation job behind `python -m qwenvl_jax.evaluate`: one official task over all hosts and devices.
+
+Procedure (RECIPES §2.1, with the bookkeeping of `evaluation.results`):
+  1. every process reads the task's data file; process 0 reads the ledgers of an earlier partial run and tells
+     the others which examples are done (so all agree on the rest, `todo`);
+  2. `todo` is cut into contiguous shards, one per process (`results.shard`, like the reference's
+     InferenceSampler: every example exactly once, no drop_last); each process walks its shard in batches of
+     `per_device_batch_size x local devices` rows; the last batches are padded with empty rows, and processes
+     with a shorter shard run padding-only batches, so every process runs the same jitted steps;
+  3. each batch is one global array sharded over the mesh's batch axes; generation is greedy with the task's
+     max/min new tokens (multiple choice: the options' mean token loss instead); the new tokens are gathered to
+     process 0, which decodes them like the reference (`skip_special_tokens=True`, stripped) and appends them to
+     its ledger (flushed and fsynced: a killed run resumes after its last finished batch);
+  4. process 0 merges the ledgers, scores and writes the results JSON (score + every prediction), never replacing
+     an existing file. Progress is a tqdm bar on process 0.
+Prompts are the official raw prompts (`tasks.EvalTask.prompt`); images are read from the paths in the data file,
+relative to `image_root`, with the data pipeline's PIL preprocessing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from qwenvl_jax import sharding
+from qwenvl_jax import text as qtext
+from qwenvl_jax.data import images as image_lib
+from qwenvl_jax.evaluation import multiple_choice as mc_lib
+from qwenvl_jax.evaluation import results
+from qwenvl_jax.evaluation import tasks as tasks_lib
+from qwenvl_jax.evaluation.readers import EvalExample
+from qwenvl_jax.inference import decode, loading, scoring
+
+BATCH_AXES = ("data", "fsdp")  # the mesh axes a batch is split over (the rules' `act_batch`)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Multi-process helpers (no-ops with one process)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _broadcast_json(obj: Any) -> Any:
+  """Process 0's `obj` on every process."""
+  if jax.process_count() == 1:
+    return obj
+  data = np.frombuffer(json.dumps(obj).encode("utf-8"), np.uint8)
+  n = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
+  buf = np.zeros(n, np.uint8)
+  if jax.process_index() == 0:
+    buf[:] = data
+  buf = multihost_utils.broadcast_one_to_all(buf)
+  return json.loads(bytes(np.asarray(buf)).decode("utf-8"))
+
+
+def _global_max(n: int) -> int:
+  if jax.process_count() == 1:
+    return n
+  return int(np.max(multihost_utils.process_allgather(np.int32(n))))
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  """The whole global array on this host (all rows, from every process)."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The job
+# ----------------------------------------------------------------------------------------------------------------
+
+class _Job:
+  """The model, tokenizer and mesh of one run, and the per-batch work."""
+
+  def __init__(self, config, task: tasks_lib.EvalTask):
+    self.config, self.task = config, task
+    self.tok = loading.load_tokenizer(config.tokenizer)
+    self.cfg = loading.model_config(config.model, self.tok, dtype=config.dtype,
+                                    random_weights=not config.checkpoint, image_size=config.get("image_size"))
+    self.mesh, self.rules = loading.inference_mesh(config.rules, **config.mesh.to_dict())
+    model = loading.load_model(self.cfg, config.checkpoint, self.mesh, self.rules, seed=config.seed)
+    self.generator = decode.Generator(model)
+    self.scorer = scoring.LikelihoodScorer(self.generator)
+    self.local_rows = config.per_device_batch_size * jax.local_device_count()
+    self.global_rows = config.per_device_batch_size * jax.device_count()
+    batch_size = int(np.prod([self.mesh.shape[a] for a in BATCH_AXES]))
+    if self.global_rows % batch_size:
+      raise ValueError(f"the global batch {self.global_rows} is not divisible by the mesh's batch axes "
+                       f"{BATCH_AXES} of size {batch_size}")
+    self.gen = decode.GenerationConfig(max_new_tokens=max(task.max_new_tokens, 1),
+                                       min_new_tokens=task.min_new_tokens, eos_id=self.tok.eod_id,
+                                       pad_id=self.tok.eod_id, vocab_limit=self.tok.vocab_size)
+    self.buckets = tuple(config.buckets)
+
+  def encode(self, example: EvalExample, suffix: Sequence[int] = ()) -> tuple[list[int], list[np.ndarray]]:
+    """Official raw prompt -> ids (image spans expanded) and the preprocessed images it names."""
+    context = qtext.make_context(self.tok, self.task.prompt(example), chat_format="raw",
+                                 n_image_tokens=self.cfg.image_tokens)
+    root = self.config.image_root
+    images = [image_lib.preprocess_image(p if not root or os.path.isabs(p) else os.path.join(root, p),
+                                         self.cfg.vision.image_size) for p in context.image_paths]
+    return context.tokens + list(suffix), images
+
+  def _global_batch(self, prompts, images, rows: int) -> tuple[dict, jax.Array]:
+    """This process's prompts as one global batch (batch axis sharded over the mesh), and `row_key`
+    int32[global rows]: process_index * rows + local row, which says where each global row came from."""
+    width = decode.bucket_length(_global_max(max((len(p) for p in prompts), default=1)), self.buckets)
+    if not prompts:  # a padding-only batch of a process whose shard ran out
+      prompts, images = [[self.tok.eod_id]], [[]]
+    batch = decode.make_prompt_batch(prompts, images, pad_id=self.tok.eod_id, image_pad_id=self.cfg.image_pad_id,
+                                     image_tokens=self.cfg.image_tokens, buckets=(width,), num_rows=rows,
+                                     max_images=1)
+    arrays = self.generator.device_batch(batch, self.gen)
+    if "images" not in arrays:  # keep one compiled shape whether or not a batch has images
+      s = self.cfg.vision.image_size
+      arrays["images"] = np.zeros((rows, 1, s, s, 3), np.uint8)
+      arrays["image_mask"] = np.zeros((rows, 1), bool)
+    arrays["row_key"] = jax.process_index() * rows + np.arange(rows, dtype=np.int32)
+    spec = lambda a: NamedSharding(self.mesh, PartitionSpec(BATCH_AXES, *([None] * (a.ndim - 1))))
+    arrays = {k: jax.make_array_from_process_local_data(spec(v), np.asarray(v)) for k, v in arrays.items()}
+    return arrays, arrays.pop("row_key")
+
+  def generate(self, examples: Sequence[EvalExample]) -> tuple[np.ndarray, list[list[int]]]:
+    """Greedy generation of a batch: (row_key int32[global rows], new ids of each row, eos excluded)."""
+    encoded = [self.encode(e) for e in examples]
+    arrays, row_key = self._global_batch([p for p, _ in encoded], [i for _, i in encoded], self.local_rows)
+    with sharding.use_rules(self.mesh, self.rules):
+      tokens = self.generator.generate_on_device(arrays, self.gen, jax.random.key(self.config.seed))
+    rows = decode.trim(_to_host(tokens), self.gen.eos_id)
+    return _to_host(row_key), [[t for t in r if t != self.gen.eos_id] for r in rows]
+
+  def choose(self, examples: Sequence[EvalExample]) -> tuple[list[int], list[list[float]]]:
+    """Lowest-loss option of each of this process's examples (rows = examples x their options, padded)."""
+    suffixes = [self.tok.encode(s) for s in mc_lib.option_suffixes(len(mc_lib.OPTION_LETTERS))]
+    prompts, images, spans = [], [], []
+    for e in examples:
+      start = len(prompts)
+      for k in range(len(e.choices)):
+        ids, imgs = self.encode(e, suffixes[k])
+        prompts.append(ids)
+        images.append(imgs)
+      spans.append((start, len(prompts)))
+    rows = self.local_rows * len(mc_lib.OPTION_LETTERS)
+    arrays, row_key = self._global_batch(prompts, images, rows)
+    with sharding.use_rules(self.mesh, self.rules):
+      losses = self.scorer.token_losses_on_device(arrays)
+    local = _local_rows(_to_host(losses), _to_host(row_key), rows)
+    chosen, option_losses = [], []
+    for a, b in spans:
+      option_loss = mc_lib.option_losses(local[a:b], [len(suffixes[k]) for k in range(b - a)])
+      chosen.append(mc_lib.choose_option(option_loss))
+      option_losses.append([float(x) for x in option_loss])
+    return chosen, option_losses
+
+
+def _local_rows(x: np.ndarray, row_key: np.ndarray, rows: int) -> np.ndarray:
+  """This process's `rows` rows of a gathered global batch, in its local order."""
+  out = np.empty((rows,) + x.shape[1:], x.dtype)
+  for key, row in zip(row_key, x):
+    if key // rows == jax.process_index():
+      out[key % rows] = row
+  return out
+
+
+def run(config) -> dict | None:
+  """Runs one evaluation task as configured (see `configs/eval/base.py`); returns the results on process 0."""
+  task = tasks_lib.get_task(config.task)
+  output = config.output
+  if not output:
+    raise ValueError("config.output (the results JSON path) is required")
+  results.check_output_free(output)
+  data_path = config.data_path or task.data_file
+  annotation_path = config.annotation_path or None
+  examples = task.read(data_path, annotation_path=annotation_path)
+  if config.max_examples:
+    examples = examples[:config.max_examples]
+  ledger_dir = results.partial_dir(output)
+  done_ids = _broadcast_json(list(results.read_ledgers(ledger_dir)) if jax.process_index() == 0 else None)
+  done = set(done_ids)
+  todo = [e for e in examples if e.example_id not in done]
+  logging.info("task %s: %d examples, %d already done, %d to go", task.name, len(examples), len(done), len(todo))
+
+  job = _Job(config, task)
+  mine = results.shard(todo, jax.process_count(), jax.process_index())
+  longest = -(-len(todo) // jax.process_count())
+  num_batches = -(-longest // job.local_rows)
+  if config.max_batches:
+    num_batches = min(num_batches, config.max_batches)
+  ledger = results.PredictionLedger(ledger_dir, jax.process_index()) if jax.process_index() == 0 else None
+  bar = tqdm(total=len(todo), desc=task.name, disable=jax.process_index() != 0 or not config.progress)
+  started = time.time()
+  for b in range(num_batches):
+    chunk = mine[b * job.local_rows:(b + 1) * job.local_rows]
+    if task.generates:
+      records = _generated_records(job, chunk)
+    else:
+      chosen, losses = job.choose(chunk)
+      records = [{"id": e.example_id, "prediction": c, "extra": {"option_losses": l}}
+                 for e, c, l in zip(chunk, chosen, losses)]
+      records = _gather_records(records)
+    if ledger is not None:
+      ledger.append(records)
+      bar.update(len(records))
+  bar.close()
+  _barrier("qwenvl_eval_done")
+  if jax.process_index() != 0:
+    return None
+  finished = results.read_ledgers(ledger_dir)
+  if any(e.example_id not in finished for e in examples):
+    missing = sum(e.example_id not in finished for e in examples)
+    logging.info("stopped after %d batches; %d examples left: run again with the same output to resume",
+                 num_batches, missing)
+    return None
+  record = {"checkpoint": config.checkpoint, "model": config.model, "tokenizer": config.tokenizer,
+            "data_path": os.fspath(data_path), "annotation_path": annotation_path, "image_root": config.image_root,
+            "max_new_tokens": task.max_new_tokens, "min_new_tokens": task.min_new_tokens, "decoding": "greedy",
+            "devices": jax.device_count(), "processes": jax.process_count(),
+            "seconds_last_run": round(time.time() - started, 3)}
+  return results.finalize(task, examples, ledger_dir, output, config=record)
+
+
+def _generated_records(job: _Job, chunk: Sequence[EvalExample]) -> list[dict]:
+  """Generates a batch and returns, on process 0, the ledger records of every real row of all processes."""
+  row_key, new_ids = job.generate(chunk)
+  ids = [e.example_id for e in chunk] + [None] * (job.local_rows - len(chunk))
+  all_ids = _gather_ids(ids)  # process p's ids at p * local_rows + i, as row_key counts
+  records = []
+  for key, row in sorted(zip(row_key.tolist(), new_ids), key=lambda kv: kv[0]):
+    if all_ids[key] is None:
+      continue
+    # As the reference: only the new tokens, special tokens dropped (so `<box>` tags vanish), stripped.
+    records.append({"id": all_ids[key], "prediction": job.tok.decode(row, skip_special_tokens=True).strip()})
+  return records
+
+
+def _gather_ids(ids: list) -> list:
+  """Every process's row ids, concatenated in process order (the global row order of the batch)."""
+  if jax.process_count() == 1:
+    return ids
+  data = np.frombuffer(json.dumps(ids).encode("utf-8"), np.uint8)
+  n = _global_max(data.size)
+  buf = np.full(n, ord(" "), np.uint8)
+  buf[:data.size] = data
+  gathered = np.asarray(multihost_utils.process_allgather(buf))
+  out = []
+  for row in gathered:
+    out.extend(json.loads(bytes(row).decode("utf-8")))
+  return out
+
+
+def _gather_records(records: list[dict]) -> list[dict]:
+  """All processes' records on every process (process 0 writes them)."""
+  if jax.process_count() == 1:
+    return records
+  return [r for r in _gather_ids(records)]
+
+
+def default_config(task_name: str, arg: str | None = None):
+  """The `ml_collections.ConfigDict` of an evaluation run of `task_name` (used by `configs/eval/*.py`).
+
+  `arg` is `key=value,key=value` overriding top-level fields (`--config=configs/eval/flickr.py:max_examples=50`);
+  any field can also be set with `--config.FIELD=...`.
+  """
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  task = tasks_lib.get_task(task_name)
+  c = ml_collections.ConfigDict()
+  c.task = task.name
+  c.output = ""                         # results JSON (required; never overwritten; `OUTPUT.partial/` resumes)
+  c.data_path = task.data_file          # the official file (RECIPES §2.10), or any file of the same format
+  c.annotation_path = task.annotation_file or ""   # VQA accuracy: the official annotation JSON
+  c.image_root = ""                     # relative image paths of the data file are taken under this folder
+  c.checkpoint = ""                     # params checkpoint directory ("" = random weights, for smoke tests)
+  c.model = "qwen_vl_7b"                # architecture preset
+  c.tokenizer = ""                      # qwen.tiktoken or a SentencePiece .model
+  c.dtype = "bfloat16"
+  c.image_size = ml_collections.config_dict.placeholder(int)   # override the preset's resolution
+  c.per_device_batch_size = 4
+  c.rules = "fsdp"                      # sharding rule table (configs/sharding_rules.py)
+  c.mesh = ml_collections.ConfigDict({"fsdp": -1})   # ICI degrees of the (data, fsdp, tensor) mesh
+  c.buckets = decode.DEFAULT_BUCKETS    # allowed padded prompt lengths (bounds recompiles)
+  c.seed = 0
+  c.max_examples = 0                    # evaluate only the first N examples (0 = all)
+  c.max_batches = 0                     # stop after N batches (0 = all); rerun with the same output to resume
+  c.progress = True
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    if not sep or key not in c:
+      raise ValueError(f"config argument {item!r} is not key=value with a known key (keys: {sorted(c)})")
+    current = c[key]
+    if isinstance(current, bool):
+      c[key] = value.lower() in ("1", "true", "yes")
+    elif isinstance(current, (str, int, float)):
+      c[key] = type(current)(value)
+    elif current is None:  # the integer placeholders
+      c[key] = int(value)
+    else:
+      raise ValueError(f"config argument {item!r}: set {key!r} with --config.{key}=... instead")
+  return c
