@@ -24,6 +24,7 @@ import pathlib
 import shutil
 from typing import Iterable, Mapping, Sequence
 
+import jax
 import numpy as np
 from absl import logging
 from flax import nnx
@@ -165,18 +166,25 @@ def init_from_pretrained(dst: str | os.PathLike, cfg: QwenVLConfig, *, openclip:
   _refuse_existing(dst)
   shapes = model_param_shapes(cfg)
   out_dtype = _parse_dtype(dtype)
-  adapter = Adapter(cfg.resampler, kv_dim=cfg.vision.width, embed_dim=cfg.llm.width, rngs=nnx.Rngs(seed))
-  leaves: dict[str, object] = {
-      f"adapter.{k}": np.asarray(v, dtype=out_dtype or np.float32)
-      for k, v in orbax_store.flatten(nnx.to_pure_dict(nnx.state(adapter, nnx.Param))).items()}
   with tensor_io.open_checkpoint(openclip) as vit, tensor_io.open_checkpoint(qwen7b) as llm:
-    leaves.update(_import_leaves(mapping.OPENCLIP_VIT, vit, shapes, out_dtype, block_bytes))
+    leaves: dict[str, object] = _import_leaves(mapping.OPENCLIP_VIT, vit, shapes, out_dtype, block_bytes)
     leaves.update(_import_leaves(mapping.QWEN7B, llm, shapes, out_dtype, block_bytes))
+    leaves.update({f"adapter.{k}": np.asarray(v, dtype=out_dtype or np.float32)
+                   for k, v in orbax_store.flatten(_fresh_adapter(cfg, seed)).items()})
     _check_complete(leaves, shapes)
     orbax_store.save_params(dst, orbax_store.unflatten(leaves), custom_metadata={
         "format": _FORMAT, "sources": {"openclip-vit": str(pathlib.Path(openclip).absolute()),
                                        "qwen-7b": str(pathlib.Path(qwen7b).absolute()),
                                        "adapter": f"fresh init, seed {seed}"}})
+
+
+def _fresh_adapter(cfg: QwenVLConfig, seed: int) -> dict:
+  """The adapter's float32 parameters as `QwenVL` initializes them (one jitted init, not op-by-op)."""
+  @jax.jit
+  def init():
+    adapter = Adapter(cfg.resampler, kv_dim=cfg.vision.width, embed_dim=cfg.llm.width, rngs=nnx.Rngs(seed))
+    return nnx.to_pure_dict(nnx.state(adapter, nnx.Param))
+  return init()
 
 
 def _check_complete(leaves: Mapping[str, object], shapes: Mapping[str, tuple]) -> None:

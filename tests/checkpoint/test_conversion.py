@@ -1,0 +1,190 @@
+"""torch -> Orbax -> torch: bit-exact round trips, layouts, errors that name tensors, config.json, stage-1 init."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qwenvl_jax import checkpoint
+from qwenvl_jax.checkpoint import conversion, orbax_store, tensor_io
+from qwenvl_jax.model import qwen_vl_7b, tiny
+
+from .conftest import openclip_shapes, qwen_llm_shapes, random_state_dict, write_checkpoint
+
+SMALL_BLOCK = 4096  # forces the row-band path for the embedding and lm_head of the tiny model
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+  return tensor_io.torch_to_numpy(t)
+
+
+def _load_export(directory) -> dict:
+  index = json.loads((directory / "model.safetensors.index.json").read_text())
+  out = {}
+  for f in sorted(set(index["weight_map"].values())):
+    out.update(load_file(str(directory / f)))
+  assert set(out) == set(index["weight_map"])
+  return out
+
+
+def _assert_same_bits(a: dict, b: dict):
+  assert sorted(a) == sorted(b)
+  for name in a:
+    assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
+    assert torch.equal(a[name].view(torch.uint8) if a[name].dim() else a[name], b[name].view(torch.uint8)
+                       if b[name].dim() else b[name]), name
+
+
+@pytest.mark.parametrize("fmt,dtype", [("safetensors", torch.bfloat16), ("bin", torch.bfloat16),
+                                       ("safetensors", torch.float32), ("bin", torch.float32)])
+def test_round_trip_is_bit_exact(tmp_path, qwenvl_checkpoint, fmt, dtype):
+  cfg = tiny()
+  src, state = qwenvl_checkpoint(cfg, fmt=fmt, dtype=dtype)
+  checkpoint.torch_to_orbax(src, tmp_path / "orbax", cfg, block_bytes=SMALL_BLOCK)
+  reader = orbax_store.ParamReader(tmp_path / "orbax")
+  assert {d for _, d in reader.shapes.values()} == {np.dtype(tensor_io.torch_to_numpy(state["lm_head.weight"]).dtype)}
+  checkpoint.orbax_to_torch(tmp_path / "orbax", tmp_path / "export", cfg, dtype="keep", max_shard_bytes=100_000,
+                            block_bytes=SMALL_BLOCK)
+  exported = _load_export(tmp_path / "export")
+  _assert_same_bits(exported, state)
+  assert len(set(json.loads((tmp_path / "export" / "model.safetensors.index.json").read_text())
+                 ["weight_map"].values())) > 1
+
+
+def test_orbax_layout_matches_the_spec(tmp_path, qwenvl_checkpoint):
+  """Spot checks written from SPEC §5.1, independent of the mapping table."""
+  cfg = tiny()
+  src, state = qwenvl_checkpoint(cfg, fmt="safetensors", dtype=torch.float32, index=False)
+  checkpoint.torch_to_orbax(src, tmp_path / "orbax", cfg, block_bytes=SMALL_BLOCK)
+  r = orbax_store.ParamReader(tmp_path / "orbax")
+  v, llm, d = cfg.vision, cfg.llm, cfg.llm.width
+  sd = {k: _np(t) for k, t in state.items()}
+  vis = "transformer.visual."
+  np.testing.assert_array_equal(r.read("visual.conv1"), sd[vis + "conv1.weight"].transpose(2, 3, 1, 0))
+  w_in = sd[vis + "transformer.resblocks.1.attn.in_proj.weight"]  # head-interleaved rows
+  np.testing.assert_array_equal(r.read("visual.blocks.attn.qkv.kernel", (1,)),
+                                w_in.reshape(v.heads, 3, v.head_dim, v.width).transpose(3, 0, 1, 2))
+  c_attn = sd["transformer.h.1.attn.c_attn.weight"]  # blocked q|k|v
+  np.testing.assert_array_equal(r.read("llm.blocks.attn.qkv.kernel", (1,)),
+                                c_attn.reshape(3, llm.heads, llm.head_dim, d).transpose(3, 0, 1, 2))
+  np.testing.assert_array_equal(r.read("llm.blocks.mlp.w2.kernel", (0,)), sd["transformer.h.0.mlp.w2.weight"].T)
+  pool_in = sd[vis + "attn_pool.attn.in_proj_weight"]
+  n = cfg.resampler.heads
+  np.testing.assert_array_equal(r.read("adapter.resampler.attn.k.kernel"), pool_in[d:2 * d].T.reshape(d, n, d // n))
+  np.testing.assert_array_equal(r.read("adapter.proj"), sd[vis + "proj"])  # x @ proj: no transpose
+  np.testing.assert_array_equal(r.read("llm.lm_head.kernel"), sd["lm_head.weight"].T)
+  np.testing.assert_array_equal(r.read("llm.wte.embedding"), sd["transformer.wte.weight"])
+
+
+def test_dtype_cast_on_import_and_bf16_export_by_default(tmp_path, qwenvl_checkpoint):
+  cfg = tiny()
+  src, state = qwenvl_checkpoint(cfg, fmt="safetensors", dtype=torch.float32)
+  checkpoint.torch_to_orbax(src, tmp_path / "orbax32", cfg)
+  checkpoint.orbax_to_torch(tmp_path / "orbax32", tmp_path / "export", cfg)  # default bfloat16
+  exported = _load_export(tmp_path / "export")
+  _assert_same_bits(exported, {k: t.to(torch.bfloat16) for k, t in state.items()})
+  assert json.loads((tmp_path / "export" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+  checkpoint.torch_to_orbax(src, tmp_path / "orbax16", cfg, dtype="bfloat16")
+  r = orbax_store.ParamReader(tmp_path / "orbax16")
+  assert {d for _, d in r.shapes.values()} == {tensor_io.BF16}
+
+
+def test_missing_unexpected_and_misshaped_tensors_are_named(tmp_path, qwenvl_checkpoint):
+  cfg = tiny()
+  _, state = qwenvl_checkpoint(cfg)
+  state.pop("transformer.h.1.mlp.w1.weight")
+  state["transformer.h.0.attn.rotary_emb.inv_freq"] = torch.ones(8)  # an explicitly ignored buffer: fine
+  state["transformer.visual.class_embedding"] = torch.ones(cfg.vision.width)  # not part of Qwen-VL
+  state["transformer.visual.proj"] = torch.ones(3, 3)
+  write_checkpoint(tmp_path / "bad", state, fmt="safetensors")
+  with pytest.raises(ValueError) as e:
+    checkpoint.torch_to_orbax(tmp_path / "bad", tmp_path / "orbax", cfg)
+  msg = str(e.value)
+  assert "transformer.h.1.mlp.w1.weight" in msg and "transformer.visual.class_embedding" in msg
+  assert "transformer.visual.proj (3, 3)" in msg and "inv_freq" not in msg
+  assert not (tmp_path / "orbax").exists()
+
+
+def test_wrong_model_config_is_an_error(tmp_path, qwenvl_checkpoint):
+  src, _ = qwenvl_checkpoint(tiny())
+  cfg = tiny()
+  three_layers = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, layers=3))
+  with pytest.raises(ValueError, match=r"missing \(8\): transformer\.h\.2\.ln_1\.weight"):
+    checkpoint.torch_to_orbax(src, tmp_path / "orbax", three_layers)
+
+
+def test_outputs_are_never_overwritten(tmp_path, qwenvl_checkpoint):
+  cfg = tiny()
+  src, _ = qwenvl_checkpoint(cfg)
+  (tmp_path / "taken").mkdir()
+  with pytest.raises(FileExistsError):
+    checkpoint.torch_to_orbax(src, tmp_path / "taken", cfg)
+  checkpoint.torch_to_orbax(src, tmp_path / "orbax", cfg)
+  with pytest.raises(FileExistsError):
+    checkpoint.orbax_to_torch(tmp_path / "orbax", tmp_path / "taken", cfg)
+  assert list((tmp_path / "taken").iterdir()) == []
+
+
+def test_export_copies_reference_code_but_not_weights(tmp_path, qwenvl_checkpoint):
+  cfg = tiny()
+  src, _ = qwenvl_checkpoint(cfg, fmt="bin")
+  for name in ("modeling_qwen.py", "qwen.tiktoken", "generation_config.json", "config.json"):
+    (src / name).write_text("reference " + name)
+  checkpoint.torch_to_orbax(src, tmp_path / "orbax", cfg)
+  checkpoint.orbax_to_torch(tmp_path / "orbax", tmp_path / "export", cfg, reference_files=src)
+  files = {f.name for f in (tmp_path / "export").iterdir()}
+  assert {"modeling_qwen.py", "qwen.tiktoken", "generation_config.json", "config.json"} <= files
+  assert not any(f.endswith(".bin") or f == "pytorch_model.bin.index.json" for f in files)
+  assert json.loads((tmp_path / "export" / "config.json").read_text())["model_type"] == "qwen"
+
+
+def test_config_json_of_the_7b_preset_matches_the_released_one():
+  c = conversion.hf_config(qwen_vl_7b())
+  want = {"vocab_size": 151936, "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+          "kv_channels": 128, "intermediate_size": 22016, "layer_norm_epsilon": 1e-6, "rotary_pct": 1.0,
+          "rotary_emb_base": 10000, "seq_length": 2048, "max_position_embeddings": 8192, "use_dynamic_ntk": True,
+          "use_logn_attn": True, "use_flash_attn": False, "no_bias": True, "tie_word_embeddings": False,
+          "torch_dtype": "bfloat16"}
+  assert {k: c[k] for k in want} == want
+  assert c["visual"] == {"heads": 16, "image_size": 448, "image_start_id": 151857, "layers": 48,
+                         "mlp_ratio": 4.9231, "output_dim": 4096, "patch_size": 14, "width": 1664}
+
+
+def test_init_from_openclip_and_qwen7b(tmp_path):
+  cfg = tiny()
+  clip = random_state_dict(openclip_shapes(cfg), torch.float32, seed=1)
+  llm = random_state_dict(qwen_llm_shapes(cfg), torch.bfloat16, seed=2)
+  torch.save(clip, tmp_path / "open_clip_pytorch_model.bin")
+  write_checkpoint(tmp_path / "qwen7b", llm, fmt="safetensors")
+  checkpoint.init_from_pretrained(tmp_path / "init", cfg, openclip=tmp_path / "open_clip_pytorch_model.bin",
+                                  qwen7b=tmp_path / "qwen7b", seed=3)
+  r = orbax_store.ParamReader(tmp_path / "init")
+  orbax_store.check_tree(r.shapes, conversion.model_param_shapes(cfg), "init")
+  v = cfg.vision
+  np.testing.assert_array_equal(r.read("visual.positional_embedding"),
+                                _np(clip["visual.positional_embedding"])[1:])  # class-token row dropped
+  blocked = _np(clip["visual.transformer.resblocks.1.attn.in_proj_weight"])  # rows t*W + h*Hv + d
+  np.testing.assert_array_equal(r.read("visual.blocks.attn.qkv.kernel", (1,)),
+                                blocked.reshape(3, v.heads, v.head_dim, v.width).transpose(3, 1, 0, 2))
+  bias = _np(clip["visual.transformer.resblocks.0.attn.in_proj_bias"])
+  np.testing.assert_array_equal(r.read("visual.blocks.attn.qkv.bias", (0,)),
+                                bias.reshape(3, v.heads, v.head_dim).transpose(1, 0, 2))
+  np.testing.assert_array_equal(r.read("llm.blocks.mlp.c_proj.kernel", (1,)),
+                                _np(llm["transformer.h.1.mlp.c_proj.weight"]).T)
+  assert r.shapes["visual.conv1"][1] == np.float32 and r.shapes["llm.wte.embedding"][1] == tensor_io.BF16
+  query = r.read("adapter.resampler.query")  # fresh: truncated normal, std 0.02
+  assert 0.005 < query.std() < 0.05 and np.abs(query).max() <= 0.04 + 1e-6
+  assert r.custom_metadata["sources"]["adapter"] == "fresh init, seed 3"
+
+
+def test_init_from_pretrained_names_missing_vit_tensors(tmp_path):
+  cfg = tiny()
+  clip = random_state_dict(openclip_shapes(cfg), torch.float32)
+  clip.pop("visual.transformer.resblocks.0.mlp.c_fc.bias")
+  torch.save(clip, tmp_path / "clip.bin")
+  write_checkpoint(tmp_path / "qwen7b", random_state_dict(qwen_llm_shapes(cfg)), fmt="bin")
+  with pytest.raises(ValueError, match=r"visual\.transformer\.resblocks\.0\.mlp\.c_fc\.bias"):
+    checkpoint.init_from_pretrained(tmp_path / "init", cfg, openclip=tmp_path / "clip.bin",
+                                    qwen7b=tmp_path / "qwen7b")
