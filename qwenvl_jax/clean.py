@@ -7,10 +7,12 @@ Several local worker processes:
   python -m qwenvl_jax.clean --input='raw/*.parquet' --output_dir=/data/tfds \
     --beam_pipeline_options=direct_num_workers=8,direct_running_mode=multi_processing
 
-Any Beam runner (options in TFDS's comma-separated syntax; workers need this package and requirements.txt):
+Any Beam runner (options in TFDS's comma-separated syntax). Workers need this package and its requirements:
+build it once (`pip wheel --no-deps -w dist .`) and ship it with `extra_package`; gs:// paths need
+`apache-beam[gcp]` (shard listing) and `gcsfs` (TFDS and image reads go through etils.epath, TensorFlow-free):
   python -m qwenvl_jax.clean --input='gs://b/raw/*.parquet' --output_dir=gs://b/tfds \
     --beam_pipeline_options=runner=DataflowRunner,project=P,region=R,temp_location=gs://b/tmp,\
-requirements_file=requirements.txt
+requirements_file=requirements.txt,extra_package=dist/qwenvl_jax-0.1.0-py3-none-any.whl
 
 The dataset lands in <output_dir>/cleaned_pairs/1.0.0/ (read it with `source=array_record:<that folder>` in the
 stage-1 data config); the report in --report (default <output_dir>/clean_report.json). Existing outputs are never

@@ -10,9 +10,11 @@ import sys
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 
 from qwenvl_jax.cleaning import CleanConfig, CleanJob, DominantColorScorer, RULES, run_clean
-from qwenvl_jax.cleaning.pipeline import NoPairsKeptError
+from qwenvl_jax.cleaning.pipeline import (LOCAL_RUNNER, NoPairsKeptError, beam_options_from_string,
+                                           local_runner_if_direct)
 from qwenvl_jax.cleaning.report import sample_rank
 from qwenvl_jax.data.images import preprocess_image
 from qwenvl_jax.data.sources import make_source
@@ -142,3 +144,16 @@ def test_command_line_on_two_direct_runner_workers_with_a_scorer(clean_inputs, t
   got = {ex["id"].decode(): ex["text"].decode() for ex in data}
   assert got == {cid: c.cleaned for cid, c in by_id.items() if c.with_scorer == "kept"}
   assert f"kept {len(got)} of {len(by_id)} pairs" in result.stdout
+
+
+@pytest.mark.parametrize("text, runner", [
+    ("", LOCAL_RUNNER),
+    ("runner=DirectRunner,direct_num_workers=2", LOCAL_RUNNER),
+    ("runner=direct", LOCAL_RUNNER),
+    ("runner=DataflowRunner,project=p", "DataflowRunner"),
+])
+def test_direct_runner_means_the_local_engine_and_others_pass_through(text, runner):
+  options = local_runner_if_direct(beam_options_from_string(text))
+  assert options.view_as(StandardOptions).runner == runner
+  if "direct_num_workers" in text:
+    assert options.view_as(DirectOptions).direct_num_workers == 2
