@@ -11,6 +11,7 @@ Fields (all overridable from the command line, e.g. `--config.data.source=jsonl:
   packing          several examples per row (True) or one example right-padded per row (False)
   packing_bins     rows filled at the same time by first-fit packing (more bins, fuller rows)
   strict           a bad record ends the run (True) or is skipped and counted with a warning (False)
+  max_consecutive_skips  this many bad records in a row end the run even when not strict (0 = never)
   num_workers      grain worker processes per host (0 = read in the training process)
   read_threads     threads per worker (or in the training process) reading and decoding records
   shuffle          shuffle the records of each source (per epoch)
@@ -45,6 +46,7 @@ def default_data_config(stage: int) -> ml_collections.ConfigDict:
   c.packing = stage != 3
   c.packing_bins = 8
   c.strict = False
+  c.max_consecutive_skips = 1000
   c.num_workers = 2
   c.read_threads = 2
   c.shuffle = True

@@ -38,15 +38,18 @@ class _RecordToExample:
   parse: Callable[[Any], rec.Record]
   encode: ExampleEncoder
   strict: bool
+  max_consecutive_skips: int
 
   def __call__(self, item) -> dict[str, np.ndarray] | None:
     try:
-      return self.encode(self.parse(item))
+      example = self.encode(self.parse(item))
     except rec.BadRecordError as e:
       if self.strict:
         raise
-      rec.SKIPPED.skip(e)
+      rec.SKIPPED.skip(e, self.max_consecutive_skips)
       return None
+    rec.SKIPPED.ok()
+    return example
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +127,8 @@ def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, process_index:
     if config.shuffle:
       ds = ds.shuffle(seed=config.seed + i)
     ds = ds.repeat(config.num_epochs or None)
-    datasets.append(ds.map(_RecordToExample(source.parse, encoder, config.strict)))
+    datasets.append(ds.map(_RecordToExample(source.parse, encoder, config.strict,
+                                            config.max_consecutive_skips)))
     weights.append(weight)
   ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=64))

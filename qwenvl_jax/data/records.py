@@ -131,13 +131,28 @@ class SkipCounter:
   def __init__(self, logger: logging.Logger | None = None):
     self._lock = threading.Lock()
     self._counts: collections.Counter = collections.Counter()
+    self._consecutive = 0
     self._logger = logger or logging.getLogger("qwenvl_jax.data")
 
-  def skip(self, error: BadRecordError) -> None:
+  def skip(self, error: BadRecordError, max_consecutive: int = 0) -> None:
+    """Counts and logs a skipped record.
+
+    Raises:
+      RuntimeError: more than `max_consecutive` (> 0) records in a row were bad; a source where (nearly) every
+        record is bad would otherwise make the pipeline spin forever without yielding a batch.
+    """
     with self._lock:
       self._counts[_reason_kind(error.reason)] += 1
-      total = sum(self._counts.values())
+      self._consecutive += 1
+      total, consecutive = sum(self._counts.values()), self._consecutive
     self._logger.warning("skipping %s (%d records skipped so far in this process)", error, total)
+    if 0 < max_consecutive < consecutive:
+      raise RuntimeError(f"{consecutive} bad records in a row, the last {error}; skipped so far by reason: "
+                         f"{self.counts}. Is the source, seq_len or max_images wrong?")
+
+  def ok(self) -> None:
+    """Notes a good record (ends a run of bad ones)."""
+    self._consecutive = 0
 
   @property
   def counts(self) -> dict[str, int]:
@@ -152,6 +167,7 @@ class SkipCounter:
   def reset(self) -> None:
     with self._lock:
       self._counts.clear()
+      self._consecutive = 0
 
 
 def _reason_kind(reason: str) -> str:
