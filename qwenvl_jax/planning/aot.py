@@ -7,8 +7,8 @@ allocated, so a 9.6B-parameter train step compiles for a v5p-128 on a laptop) an
   (donated buffers reused as outputs), temporaries (activations, gradients, collectives' buffers) and generated
   code; total = arguments + outputs - aliased + temporaries + code, against the chip's HBM;
 - cost per chip from `cost_analysis()`: `flops`, `bytes accessed`, and XLA's own roofline `optimal_seconds`;
-- an estimated step time (XLA's `optimal_seconds`, else the roofline max(flops / peak, bytes / HBM bandwidth)),
-  hence an estimated MFU = model FLOPs / (step time x chips x peak). It is a lower bound on time and so an upper
+- an estimated step time (XLA's `optimal_seconds`, else the roofline max(flops / peak, bytes / HBM bandwidth),
+  plus the FLOPs XLA misses when scanned layers make it count a loop body once: see `jaxpr_flops`), hence MFU = model FLOPs / (step time x chips x peak). It is a lower bound on time and so an upper
   bound on MFU: it ignores collective latency and imperfect overlap;
 - a verdict: fits, or does not and what to change (per-chip batch, remat, a wider fsdp/tensor mesh).
 
@@ -24,6 +24,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from qwenvl_jax.planning import jaxpr_flops
 from qwenvl_jax.planning.chips import GIB, ChipSpec
 
 # Above this share of HBM a step that "fits" on paper tends to fail at run time (fragmentation, runtime buffers,
@@ -72,6 +73,7 @@ class StepPlan:
   compile_seconds: float = 0.0
   loops: int = 0
   compile_error: str = ""
+  program_flops: float | None = None
 
   @property
   def total_bytes(self) -> int:
@@ -96,11 +98,30 @@ class StepPlan:
     return seconds
 
   @property
+  def missing_flops(self) -> float:
+    """Per-chip FLOPs the compiler's loop-once count misses: program FLOPs per chip - compiled FLOPs (>= 0).
+
+    0 when the program has no while loop or a figure is missing.
+    """
+    if not self.loops or not self.program_flops or not self.flops:
+      return 0.0
+    return max(self.program_flops / self.num_chips - self.flops, 0.0)
+
+  @property
   def step_seconds(self) -> float | None:
-    """Estimated step time: XLA's `optimal_seconds` when it gives one, else the roofline."""
-    if self.optimal_seconds is not None and self.optimal_seconds > 0:
-      return self.optimal_seconds
-    return self.roofline_seconds
+    """Estimated step time (a lower bound).
+
+    XLA's `optimal_seconds` when it gives one, else the roofline; for programs with scanned layers, plus the
+    FLOPs the compiler missed at peak rate (the layers' matmuls are compute-bound at training sizes), and never
+    below all program FLOPs at peak.
+    """
+    seconds = self.optimal_seconds if self.optimal_seconds is not None and self.optimal_seconds > 0 else None
+    if seconds is None:
+      seconds = self.roofline_seconds
+    if seconds is None or not self.missing_flops:
+      return seconds
+    peak = self.chip.peak_bf16_flops
+    return max(seconds + self.missing_flops / peak, self.program_flops / self.num_chips / peak)
 
   @property
   def mfu(self) -> float | None:
@@ -110,10 +131,10 @@ class StepPlan:
 
   @property
   def compiler_to_model_flops(self) -> float | None:
-    """Compiled FLOPs over model FLOPs (> 1: remat recompute, attention masks, optimizer; < 1: a missed count)."""
+    """Compiled (+ missed loop) FLOPs over model FLOPs (> 1: remat recompute, masked attention; < 1: a miss)."""
     if not self.model_flops or not self.flops:
       return None
-    return self.flops * self.num_chips / self.model_flops
+    return (self.flops + self.missing_flops) * self.num_chips / self.model_flops
 
   def advice(self) -> list[str]:
     """What to change, biggest lever first, when the step does not fit (or barely does); empty otherwise."""
@@ -165,9 +186,13 @@ class StepPlan:
     lines.append(f"  flops         {_fmt(self.flops, 'FLOP')}")
     lines.append(f"  bytes         {_fmt(self.bytes_accessed, 'B')} accessed")
     lines.append(f"  optimal       {_fmt(self.optimal_seconds, 's')} (XLA roofline)")
+    if self.program_flops:
+      lines.append(f"  program       {_fmt(self.program_flops / self.num_chips, 'FLOP')} (matmuls of the traced "
+                   f"step, every scan trip counted, / chips)")
     if self.loops:
-      lines.append(f"  note: the program has {self.loops} while loop(s) (scanned layers); XLA counts a loop body "
-                   f"once, so these are undercounts unless corrected with `extrapolate_cost`")
+      lines.append(f"  note: {self.loops} while loop(s) (scanned layers), whose bodies XLA counts once: its "
+                   + (f"figures miss {_fmt(self.missing_flops, 'FLOP')}, added to the step time at peak rate"
+                      if self.missing_flops else "figures are undercounts"))
     if self.model_flops:
       lines.append(f"model FLOPs per step {_fmt(self.model_flops, 'FLOP')} (all chips); compiled/model "
                    f"{self.compiler_to_model_flops:.2f}" if self.compiler_to_model_flops else "")
@@ -310,7 +335,8 @@ def oom_plan(message: str, chip: ChipSpec, num_chips: int, *, argument_bytes: in
 def compile_step(fn: Callable[..., Any], args: Sequence[Any], *, chip: ChipSpec, mesh: Mesh,
                  out_shardings: Any = None, donate_argnums: int | Sequence[int] = (),
                  model_flops: float | None = None, global_batch: int | None = None,
-                 static_argnums: int | Sequence[int] = ()) -> tuple[jax.stages.Compiled | None, StepPlan]:
+                 static_argnums: int | Sequence[int] = (),
+                 count_program_flops: bool = True) -> tuple[jax.stages.Compiled | None, StepPlan]:
   """AOT-compiles `fn(*args)` for `mesh` and reads the compiler's memory and cost analyses.
 
   Args:
@@ -324,6 +350,8 @@ def compile_step(fn: Callable[..., Any], args: Sequence[Any], *, chip: ChipSpec,
     model_flops: analytic FLOPs of one step on all chips, for the MFU estimate.
     global_batch: the batch size, only to phrase "cut the batch to ..." advice.
     static_argnums: passed to `jax.jit`.
+    count_program_flops: when the program has loops, also trace it and count its matmul FLOPs with every scan
+      trip (`jaxpr_flops`), to correct the compiler's loop-once cost.
 
   Returns:
     The compiled executable and its `StepPlan`; the executable is None when XLA found the program does not fit
@@ -343,4 +371,7 @@ def compile_step(fn: Callable[..., Any], args: Sequence[Any], *, chip: ChipSpec,
   seconds = time.perf_counter() - start
   plan = plan_from_compiled(compiled, chip, mesh.devices.size, model_flops=model_flops,
                             global_batch=global_batch, compile_seconds=seconds)
+  if plan.loops and count_program_flops:
+    with jax.set_mesh(mesh):
+      plan = dataclasses.replace(plan, program_flops=jaxpr_flops.program_flops(fn, *args).flops)
   return compiled, plan

@@ -134,3 +134,13 @@ def test_shard_bytes_counts_one_device_share():
   tree = (jax.ShapeDtypeStruct((16, 8), jnp.float32, sharding=NamedSharding(mesh, P("fsdp", "data"))),
           jax.ShapeDtypeStruct((10,), jnp.bfloat16))
   assert aot.shard_bytes(tree) == (4 * 4) * 4 + 10 * 2
+
+
+def test_missing_loop_flops_are_added_at_peak():
+  # Compiler saw 1 TFLOP per chip (one layer), the program really runs 4 per chip.
+  plan = make_plan(loops=2, optimal_seconds=0.01, program_flops=4 * 4e12, flops=1e12)
+  assert plan.missing_flops == pytest.approx(3e12)
+  assert plan.step_seconds == pytest.approx(max(0.01 + 3e12 / 197e12, 4e12 / 197e12))
+  assert "miss 3 TFLOP" in plan.format()
+  # Without loops, the program count does not change the estimate.
+  assert make_plan(optimal_seconds=0.01, program_flops=4 * 4e12).step_seconds == 0.01
