@@ -120,21 +120,24 @@ class _JsonlLines:
 
   def __init__(self, path: str):
     self.path = path
-    offsets, pos = [], 0
+    offsets, numbers, pos = [], [], 0
     with open(path, "rb") as f:
-      for line in f:
+      for number, line in enumerate(f, start=1):
         if line.strip():
           offsets.append(pos)
+          numbers.append(number)
         pos += len(line)
     self._offsets = np.asarray(offsets, np.int64)
+    self._numbers = np.asarray(numbers, np.int64)
 
   def __len__(self) -> int:
     return len(self._offsets)
 
   def __getitem__(self, index: int) -> tuple[str, bytes]:
+    """(`path:line number`, the line's bytes) of the index-th non-blank line."""
     with open(self.path, "rb") as f:
       f.seek(int(self._offsets[index]))
-      return f"{self.path}:{index + 1}", f.readline()
+      return f"{self.path}:{self._numbers[index]}", f.readline()
 
 
 @dataclasses.dataclass(frozen=True)

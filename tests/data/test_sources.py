@@ -1,0 +1,102 @@
+"""Tests of the record sources: JSONL pairs and conversations, the official fine-tuning JSON, spec errors."""
+import json
+
+import pytest
+
+from qwenvl_jax.data import records as rec
+from qwenvl_jax.data.sources import conversation_record, make_source
+from tests.data import helpers
+
+
+def _all(source):
+  out = []
+  for i in range(len(source.items)):
+    try:
+      out.append(source.parse(source.items[i]))
+    except rec.BadRecordError as e:
+      out.append(e)
+  return out
+
+
+def test_jsonl_pairs_per_stage(tmp_path):
+  path = helpers.write_image_text_jsonl(tmp_path, 3)
+  for stage, prompt, answer in [(1, "<img></img>", "image number 2"),
+                                (2, "<img></img>Generate the caption in English:", " image number 2")]:
+    records = _all(make_source(f"jsonl:{path}", stage=stage, image_size=8))
+    assert [r.id for r in records] == ["pair0", "pair1", "pair2"]
+    assert records[2].turns == [("user", prompt), ("assistant", answer)]
+    assert records[2].images == [str(tmp_path / "imgs" / "2.png")]
+
+
+def test_jsonl_bad_lines_become_bad_records(tmp_path):
+  path = tmp_path / "x.jsonl"
+  path.write_text('{"id": "ok", "image": "a.png", "text": "t"}\n\n{broken\n[1, 2]\n{"id": "k", "foo": 1}\n'
+                  '{"id": "url", "image": "http://x/y.jpg", "text": "t"}\n')
+  records = _all(make_source(f"jsonl:{path}", stage=1, image_size=8))
+  assert isinstance(records[0], rec.Record)  # blank lines are not records
+  assert [type(r) for r in records[1:]] == [rec.BadRecordError] * 4
+  assert "x.jsonl:3" in str(records[1]) and "malformed JSON" in str(records[1])
+  assert "JSON object" in str(records[2])
+  assert "'k'" in str(records[3]) and "conversations" in str(records[3])
+  assert "never downloads" in str(records[4])
+
+
+def test_qwen_finetune_json(tmp_path):
+  (tmp_path / "img").mkdir()
+  entries = [
+      {"id": "identity_0", "conversations": [
+          {"from": "user", "value": "Picture 1: <img>img/a.jpg</img>\nWhat is this?"},
+          {"from": "assistant", "value": "<ref>A cat</ref><box>(1,2),(30,40)</box>"}]},
+      {"id": "identity_1", "conversations": [
+          {"from": "assistant", "value": "I speak first and am dropped."},
+          {"from": "user", "value": "Picture 1: <img>/abs/b.png</img>\nPicture 2: <img>img/c.png</img>\nSame?"},
+          {"from": "assistant", "value": "No."}]},
+      {"id": "identity_2", "conversations": [{"from": "robot", "value": "x"}]},
+      {"id": "identity_3", "conversations": [
+          {"from": "user", "value": "<img>img/a.jpg</img>"}, {"from": "assistant", "value": "<box>(1,2),(3,4000)</box>"}]},
+  ]
+  path = tmp_path / "train.json"
+  path.write_text(json.dumps(entries))
+  r0, r1, r2, r3 = _all(make_source(f"qwen_finetune_json:{path}", stage=3, image_size=8))
+  assert r0.task == "chat" and r0.images == [str(tmp_path / "img" / "a.jpg")]
+  assert r0.turns[0] == ("user", "Picture 1: <img></img>\nWhat is this?")
+  assert r1.turns[0][0] == "user" and len(r1.turns) == 2
+  assert r1.images == ["/abs/b.png", str(tmp_path / "img" / "c.png")]
+  assert isinstance(r2, rec.BadRecordError) and "robot" in str(r2) and "identity_2" in str(r2)
+  assert isinstance(r3, rec.BadRecordError) and "outside" in str(r3)
+
+
+def test_qwen_finetune_json_must_be_a_list(tmp_path):
+  path = tmp_path / "t.json"
+  path.write_text('{"id": 1}')
+  with pytest.raises(ValueError, match="one JSON list"):
+    make_source(f"qwen_finetune_json:{path}", stage=3, image_size=8)
+  path.write_text("[{")
+  with pytest.raises(ValueError, match="not valid JSON"):
+    make_source(f"qwen_finetune_json:{path}", stage=3, image_size=8)
+
+
+def test_conversation_record_with_given_images():
+  r = conversation_record("x", [{"from": "human", "value": "<img></img>hi"}, {"from": "gpt", "value": "yo"}],
+                          images=[b"bytes"])
+  assert r.turns == [("user", "<img></img>hi"), ("assistant", "yo")] and r.images == [b"bytes"]
+  with pytest.raises(rec.BadRecordError, match="list of"):
+    conversation_record("x", "not a list")
+
+
+def test_spec_errors(tmp_path):
+  with pytest.raises(ValueError, match="unknown source spec"):
+    make_source("csv:/x", stage=1, image_size=8)
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    make_source(f"jsonl:{tmp_path}/none.jsonl", stage=1, image_size=8)
+  with pytest.raises(ValueError, match="needs an argument"):
+    make_source("jsonl:", stage=1, image_size=8)
+  with pytest.raises(ValueError, match="task"):
+    make_source("synthetic", stage=2, image_size=8)
+
+
+def test_synthetic_source_defaults_per_stage():
+  assert make_source("synthetic", stage=1, image_size=8).name == "synthetic/caption"
+  assert make_source("synthetic", stage=3, image_size=8).name == "synthetic/chat"
+  source = make_source("synthetic", stage=2, image_size=8, task="ocr")
+  assert source.parse(source.items[5]).id == "synthetic/ocr/5"
