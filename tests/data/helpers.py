@@ -88,7 +88,8 @@ def expected_chatml_supervised(turns) -> str:
 
 
 def write_image_text_jsonl(folder, n: int, *, size=(20, 30)):
-  """n solid-colour images (image i has red value 10 * i) and a JSONL of pairs "image number i"; returns the path."""
+  """n <= 25 solid-colour images (image i has red value 10 * i) and a JSONL of pairs "image number i"; returns the
+  path."""
   (folder / "imgs").mkdir(exist_ok=True)
   path = folder / "pairs.jsonl"
   with open(path, "w") as f:

@@ -271,3 +271,17 @@ def test_a_source_of_only_bad_records_fails_instead_of_spinning(byte_tokenizer):
   config = _config(3, max_consecutive_skips=20)
   with pytest.raises(RuntimeError, match="bad records in a row.*over-long"):
     next(_iterator(byte_tokenizer, 3, config=config, seq_len=32))
+
+
+def test_stage2_mixture_weights_and_sources(byte_tokenizer, tmp_path):
+  tok = byte_tokenizer
+  path = helpers.write_image_text_jsonl(tmp_path, 25)
+  config = _config(2, packing=False)
+  config.mixture = {"caption": 3.0, "vqa": 1.0, "ocr": 0.0}
+  config.mixture_sources = {"caption": f"jsonl:{path}"}
+  it = _iterator(tok, 2, config=config, batch=8)
+  texts = [tok.decode(r, skip_special_tokens=True) for _ in range(5) for r in next(it)["input_ids"]]
+  captions = sum("Generate the caption in English: image number" in t for t in texts)
+  questions = sum(" Answer: " in t for t in texts)
+  assert captions + questions == 40 and captions == 30
+  assert not any("OCR" in t for t in texts)
