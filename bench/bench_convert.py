@@ -124,16 +124,23 @@ def main():
   parser.add_argument("--format", default="bin", choices=["bin", "safetensors"])
   parser.add_argument("--shards", type=int, default=10)
   parser.add_argument("--keep", action="store_true", help="keep every copy (needs 3x the model size on disk)")
+  parser.add_argument("--reuse_source", action="store_true",
+                      help="--dir holds only a torch/ checkpoint from an earlier run of this preset: skip writing it")
   args = parser.parse_args()
-  if args.dir.exists():
+  if args.reuse_source:
+    if sorted(p.name for p in args.dir.iterdir()) != ["torch"]:
+      parser.error(f"--reuse_source needs {args.dir} to hold only torch/")
+  elif args.dir.exists():
     parser.error(f"{args.dir} exists; pass a new directory")
-  args.dir.mkdir(parents=True)
+  args.dir.mkdir(parents=True, exist_ok=args.reuse_source)
   free = shutil.disk_usage(args.dir).free
   print(f"preset {args.preset}, format {args.format}, {args.shards} shards, dir {args.dir} "
         f"({free / 1e9:.0f} GB free)", flush=True)
   results = []
   try:
     for step in ("import", "write", "read_torch", "torch_to_orbax", "read_orbax", "orbax_to_torch"):
+      if step == "write" and args.reuse_source:
+        continue
       if step == "read_orbax" and not args.keep:
         shutil.rmtree(args.dir / "torch")
       r = run_step(step, args)

@@ -52,6 +52,27 @@ class Transform:
     return None
 
 
+_TILE = 64
+_TILED_MIN_SIZE = 1 << 20
+
+
+def transpose2d(x: np.ndarray) -> np.ndarray:
+  """`x.T` as a new C-contiguous array, copied in 64x64 tiles.
+
+  numpy's one-pass transposing copy strides through memory and is ~3x slower on a [11008, 4096] weight; tiles
+  keep both sides in cache. Bits are moved as unsigned integers, so bfloat16 takes the fast integer path.
+  """
+  if x.ndim != 2 or x.size < _TILED_MIN_SIZE:
+    return np.ascontiguousarray(x.T)
+  bits = x.view(np.dtype(f"u{x.dtype.itemsize}")) if x.dtype.itemsize in (1, 2, 4, 8) else x
+  m, n = bits.shape
+  out = np.empty((n, m), bits.dtype)
+  for i in range(0, m, _TILE):
+    for j in range(0, n, _TILE):
+      out[j:j + _TILE, i:i + _TILE] = bits[i:i + _TILE, j:j + _TILE].T
+  return out.view(x.dtype)
+
+
 def _inverse_perm(perm: Sequence[int]) -> tuple[int, ...]:
   return tuple(int(i) for i in np.argsort(perm))
 
@@ -111,13 +132,13 @@ class Linear(Transform):
     return (math.prod(pre[self.in_dims:]), math.prod(pre[:self.in_dims]))
 
   def forward(self, x, target_shapes):
-    y = x.T.reshape(_unpermute(target_shapes[0], self.perm))
+    y = transpose2d(x).reshape(_unpermute(target_shapes[0], self.perm))
     return (y if self.perm is None else y.transpose(self.perm),)
 
   def inverse(self, ys, target_shapes):
     y = ys[0] if self.perm is None else ys[0].transpose(_inverse_perm(self.perm))
     n_in = math.prod(y.shape[:self.in_dims])
-    return y.reshape(n_in, -1).T
+    return transpose2d(np.ascontiguousarray(y).reshape(n_in, -1))
 
   def row_block_axis(self, target_shape):
     # Rows are output features: they map to the last target axis when the output is a single axis.

@@ -119,7 +119,7 @@ def test_resampler_in_proj_chunks_into_q_k_v_and_out_proj_splits_heads():
     np.testing.assert_array_equal(y.reshape(d_model, d_model), rows.T)
   out = mapping.Linear(2).forward(x[:d_model], [(n, h, d_model)])[0]
   inp = np.random.default_rng(2).standard_normal((4, d_model)).astype(np.float32)
-  np.testing.assert_allclose(np.einsum("bnh,nhd->bd", inp.reshape(4, n, h), out), inp @ x[:d_model].T, rtol=1e-6)
+  np.testing.assert_allclose(np.einsum("bnh,nhd->bd", inp.reshape(4, n, h), out), inp @ x[:d_model].T, rtol=1e-5, atol=1e-6)
 
 
 def test_openclip_positional_embedding_drops_the_class_token_row():
@@ -135,3 +135,18 @@ def test_row_blocks_map_to_the_right_axis():
   assert mapping.Linear(1).row_block_axis((4, 10)) == 1  # lm_head [V, D] rows -> kernel [D, V] columns
   assert mapping.Linear(1).row_block_axis((4, 2, 5)) is None
   assert mapping.Linear(2).row_block_axis((2, 3, 4)) == 2
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (1100, 1000), (1000, 1100)])
+@pytest.mark.parametrize("dtype", [np.float32, "bfloat16", np.float16])
+def test_transpose2d_equals_numpy_transpose(shape, dtype):
+  dtype = mapping_dtype(dtype)
+  x = np.random.default_rng(0).standard_normal(shape).astype(dtype)
+  y = mapping.transpose2d(x)
+  assert y.flags.c_contiguous and y.dtype == x.dtype
+  np.testing.assert_array_equal(y.view(np.uint8), np.ascontiguousarray(x.T).view(np.uint8))
+
+
+def mapping_dtype(name):
+  import ml_dtypes
+  return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
