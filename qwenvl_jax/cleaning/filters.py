@@ -191,7 +191,7 @@ def clean_batch(pairs: Sequence[RawPair], cfg: CleanConfig,
       outcomes.append(_make_rejected(pair, cfg, e.rule, e.reason))
   candidates = [o for o in outcomes if isinstance(o, _Candidate)]
   if scorer is not None and candidates:
-    raw = scorer([images_lib.to_rgb(c.decoded) for c in candidates], [c.text for c in candidates])
+    raw = scorer([c.decoded.image for c in candidates], [c.text for c in candidates])
     for candidate, score in zip(candidates, scoring.check_scores(raw, len(candidates), scorer)):
       candidate.score = score
   results = []

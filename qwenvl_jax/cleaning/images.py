@@ -41,12 +41,14 @@ class DecodedImage:
 
   Attributes:
     data: the encoded bytes as read.
-    image: the decoded PIL image, in its own mode (pixels loaded).
+    image: the pixels as an RGB PIL image (converted as the reference does when the file is not RGB).
     format: PIL's name of the file format ("JPEG", "PNG", ...).
+    mode: the file's own PIL mode ("RGB", "L", "RGBA", "P", "CMYK", ...).
   """
   data: bytes
   image: PIL.Image.Image
   format: str
+  mode: str
 
   @property
   def width(self) -> int:
@@ -131,10 +133,11 @@ def _fetch(url: str, *, max_bytes: int, timeout_s: float) -> bytes:
 
 
 def decode_image(data: bytes, *, max_pixels: int) -> DecodedImage:
-  """Fully decodes encoded image bytes (so truncated files are caught here, not in training).
+  """Fully decodes encoded image bytes to RGB (so truncated files are caught here, not in training).
 
   Raises:
-    ImageDecodeError: unknown format, corrupt or truncated data, or more than max_pixels pixels.
+    ImageDecodeError: unknown format, corrupt or truncated data, a mode that does not convert to RGB, or more
+      than max_pixels pixels.
   """
   try:
     with warnings.catch_warnings():
@@ -145,32 +148,28 @@ def decode_image(data: bytes, *, max_pixels: int) -> DecodedImage:
       if width * height > max_pixels:
         raise ImageDecodeError(f"{width}x{height} image is over max_image_pixels={max_pixels}")
       image.load()
+      file_format, mode = image.format or "", image.mode
+      # convert() drops alpha without compositing, as the reference preprocessing does.
+      rgb = image if mode == "RGB" else image.convert("RGB")
   except ImageDecodeError:
     raise
   except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...) on bad files.
     raise ImageDecodeError(f"cannot decode image: {type(e).__name__}: {e}") from e
   if width < 1 or height < 1:
     raise ImageDecodeError(f"image has no pixels ({width}x{height})")
-  return DecodedImage(data=data, image=image, format=image.format or "")
-
-
-def to_rgb(decoded: DecodedImage) -> PIL.Image.Image:
-  """The image as RGB, converted exactly as the reference preprocessing does."""
-  image = decoded.image
-  return image if image.mode == "RGB" else image.convert("RGB")
+  return DecodedImage(data=data, image=rgb, format=file_format, mode=mode)
 
 
 def encode_for_storage(decoded: DecodedImage, *, max_side: int | None, jpeg_quality: int) -> bytes:
   """Bytes to store for a kept image: the original when it is RGB JPEG/PNG within max_side, else RGB JPEG."""
   image = decoded.image
   too_big = max_side is not None and max(image.size) > max_side
-  if not too_big and decoded.format in _KEEP_AS_IS and image.mode == "RGB":
+  if not too_big and decoded.format in _KEEP_AS_IS and decoded.mode == "RGB":
     return decoded.data
-  rgb = to_rgb(decoded)
   if too_big:
-    scale = max_side / max(rgb.size)
-    size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
-    rgb = rgb.resize(size, PIL.Image.Resampling.BICUBIC)
+    scale = max_side / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    image = image.resize(size, PIL.Image.Resampling.BICUBIC)
   out = io.BytesIO()
-  rgb.save(out, format="JPEG", quality=jpeg_quality)
+  image.save(out, format="JPEG", quality=jpeg_quality)
   return out.getvalue()

@@ -134,3 +134,10 @@ def test_read_from_a_local_http_server(tmp_path):
   finally:
     server.shutdown()
     server.server_close()
+
+
+@pytest.mark.parametrize("fmt, mode", [("PNG", "I;16"), ("JPEG", "CMYK"), ("PNG", "LA"), ("PNG", "P"),
+                                       ("TIFF", "RGBA"), ("PNG", "1")])
+def test_every_mode_decodes_to_rgb(fmt, mode):
+  decoded = images.decode_image(encode(size=(40, 30), fmt=fmt, mode=mode), max_pixels=10**6)
+  assert decoded.mode == mode and decoded.image.mode == "RGB" and decoded.image.size == (40, 30)
