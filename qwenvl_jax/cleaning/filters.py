@@ -65,10 +65,12 @@ class Rejected:
   reason: str
   text: str
   image: str
+  cleaned: str = ""
 
   def sample(self) -> dict[str, str]:
-    """JSON-ready record for the report's sample of this rule."""
-    return {"id": self.id, "source": self.source, "reason": self.reason, "text": self.text, "image": self.image}
+    """JSON-ready record for the report's sample of this rule ("cleaned" is empty before text cleaning ran)."""
+    return {"id": self.id, "source": self.source, "reason": self.reason, "text": self.text,
+            "cleaned": self.cleaned, "image": self.image}
 
 
 @dataclasses.dataclass
@@ -82,10 +84,11 @@ class _Candidate:
 
 
 class _Reject(Exception):
-  def __init__(self, rule: str, reason: str):
+  def __init__(self, rule: str, reason: str, cleaned: str = ""):
     super().__init__(reason)
     self.rule = rule
     self.reason = reason
+    self.cleaned = cleaned
 
 
 def _field(row: dict, key: str) -> Any:
@@ -119,6 +122,17 @@ def _check_pair(pair: RawPair, cfg: CleanConfig) -> _Candidate:
     score = float(score)
 
   text = text_lib.clean_text(raw_text)
+  try:
+    decoded = _check_cleaned(text, image_field, score, pair.root, cfg)
+  except _Reject as e:
+    e.cleaned = text
+    raise
+  return _Candidate(pair=pair, id=pair_id, text=text, decoded=decoded, score=score)
+
+
+def _check_cleaned(text: str, image_field: Any, score: float | None, root: str,
+                   cfg: CleanConfig) -> images_lib.DecodedImage:
+  """The rules after text cleaning, in order; returns the decoded image of a pair that passes them all."""
   units = text_lib.text_units(text)
   if units < cfg.min_text_units:
     raise _Reject("text_too_short", f"{units} units < min_text_units={cfg.min_text_units}")
@@ -132,7 +146,7 @@ def _check_pair(pair: RawPair, cfg: CleanConfig) -> _Candidate:
 
   try:
     data = images_lib.read_image_bytes(
-        image_field, root=pair.root, max_bytes=cfg.max_image_bytes, timeout_s=cfg.url_timeout_s)
+        image_field, root=root, max_bytes=cfg.max_image_bytes, timeout_s=cfg.url_timeout_s)
   except images_lib.ImageReadError as e:
     raise _Reject("image_unreadable", str(e)) from e
   try:
@@ -148,7 +162,7 @@ def _check_pair(pair: RawPair, cfg: CleanConfig) -> _Candidate:
                   f"< min_image_side={cfg.min_image_side}")
   if score is not None and score < cfg.min_similarity:
     raise _Reject("low_similarity", f"score {score:.4f} < min_similarity={cfg.min_similarity}")
-  return _Candidate(pair=pair, id=pair_id, text=text, decoded=decoded, score=score)
+  return decoded
 
 
 def _short(value: Any) -> str:
@@ -156,7 +170,7 @@ def _short(value: Any) -> str:
   return text if len(text) <= _REPORT_TEXT_CHARS else text[:_REPORT_TEXT_CHARS] + "..."
 
 
-def _make_rejected(pair: RawPair, cfg: CleanConfig, rule: str, reason: str) -> Rejected:
+def _make_rejected(pair: RawPair, cfg: CleanConfig, rule: str, reason: str, cleaned: str = "") -> Rejected:
   row = pair.row if isinstance(pair.row, dict) else {}
   pair_id = row.get(cfg.id_key) if cfg.id_key else None
   return Rejected(
@@ -167,6 +181,7 @@ def _make_rejected(pair: RawPair, cfg: CleanConfig, rule: str, reason: str) -> R
       reason=reason,
       text=_short(row[cfg.text_key]) if row.get(cfg.text_key) is not None else "",
       image=_short(images_lib.describe(row[cfg.image_key])) if row.get(cfg.image_key) is not None else "",
+      cleaned=_short(cleaned),
   )
 
 
@@ -188,7 +203,7 @@ def clean_batch(pairs: Sequence[RawPair], cfg: CleanConfig,
     try:
       outcomes.append(_check_pair(pair, cfg))
     except _Reject as e:
-      outcomes.append(_make_rejected(pair, cfg, e.rule, e.reason))
+      outcomes.append(_make_rejected(pair, cfg, e.rule, e.reason, e.cleaned))
   candidates = [o for o in outcomes if isinstance(o, _Candidate)]
   if scorer is not None and candidates:
     raw = scorer([c.decoded.image for c in candidates], [c.text for c in candidates])
@@ -205,7 +220,7 @@ def clean_batch(pairs: Sequence[RawPair], cfg: CleanConfig,
 def _finish(candidate: _Candidate, cfg: CleanConfig, scored: bool) -> Kept | Rejected:
   if scored and candidate.score < cfg.min_similarity:
     return _make_rejected(candidate.pair, cfg, "low_similarity",
-                          f"score {candidate.score:.4f} < min_similarity={cfg.min_similarity}")
+                          f"score {candidate.score:.4f} < min_similarity={cfg.min_similarity}", candidate.text)
   return Kept(
       key=candidate.pair.key,
       id=candidate.id,

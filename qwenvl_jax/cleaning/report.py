@@ -8,7 +8,7 @@ Layout (rules always listed in `config.RULES` order, with 0 for rules that dropp
   "kept": int,
   "rejected": {"malformed": int, "text_too_short": int, ...},
   "rule_order": ["malformed", ...],
-  "samples": {"malformed": [{"id", "source", "reason", "text", "image"}, ...], ...},
+  "samples": {"malformed": [{"id", "source", "reason", "text", "cleaned", "image"}, ...], ...},
   "dataset": "<path of the TFDS dataset version folder>"
 }
 ```

@@ -69,7 +69,11 @@ def test_rejections_carry_the_row_for_the_report(clean_inputs):
   assert "'de'" in german.reason
   garbage = next(r for r in rejected.values() if by_id[r.id].name == "pq_garbage_bytes")
   assert garbage.image == f"<{len(b'GIF89a garbage')} bytes>"
-  assert set(garbage.sample()) == {"id", "source", "reason", "text", "image"}
+  assert set(garbage.sample()) == {"id", "source", "reason", "text", "cleaned", "image"}
+  short = next(r for r in rejected.values() if by_id[r.id].name == "too_short")
+  assert (short.text, short.cleaned) == ("<b>red</b> http://a.example/b", "red")
+  malformed = next(r for r in rejected.values() if by_id[r.id].name == "text_not_string")
+  assert (malformed.text, malformed.cleaned) == ("42", "")
 
 
 def _pair(row, index=0):
