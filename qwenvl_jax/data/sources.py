@@ -11,7 +11,9 @@ pipeline's map so one malformed entry becomes one bad record (skipped or fatal),
                               {"id", "conversations": [{"from": "user"|"assistant", "value"}]}, images as
                               `<img>PATH</img>` in the text
   tfds:NAME                   a prepared TFDS dataset read with `tfds.data_source` (never downloads): the two schemas
-                              of features.py, `coco_captions` and `ref_coco` (and its `refcoco*` configs)
+                              of features.py, `coco_captions`-like ({image, captions: {text}}; one caption per image,
+                              chosen from (seed, id)) and `ref_coco`-like ({image, objects: {bbox, refexp: {raw}}};
+                              reading its nested sequences may need TensorFlow)
   array_record:PATH           a TFDS dataset folder (the one holding dataset_info.json) written with ArrayRecord
 """
 import dataclasses
@@ -220,6 +222,15 @@ class _TfdsParser:
 
   def __call__(self, example: dict) -> rec.Record:
     rid = _text(example.get("id", b"")) or f"{self.name}/{_text(example.get('image/id', b'?'))}"
+    try:
+      return self._parse(rid, example)
+    except rec.BadRecordError:
+      raise
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+      # An external dataset whose example does not have the structure its features promise is a bad record.
+      raise rec.BadRecordError(rid, f"unexpected {self.name} example structure: {e!r}") from e
+
+  def _parse(self, rid: str, example: dict) -> rec.Record:
     if "conversations" in self.features:
       conv = example["conversations"]
       turns = [{"from": _text(f), "value": _text(v)} for f, v in zip(conv["from"], conv["value"])]

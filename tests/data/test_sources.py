@@ -1,7 +1,11 @@
 """Tests of the record sources: JSONL pairs and conversations, the official fine-tuning JSON, spec errors."""
+import io
 import json
 
+import numpy as np
 import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
 
 from qwenvl_jax.data import records as rec
 from qwenvl_jax.data.sources import conversation_record, make_source
@@ -100,3 +104,40 @@ def test_synthetic_source_defaults_per_stage():
   assert make_source("synthetic", stage=3, image_size=8).name == "synthetic/chat"
   source = make_source("synthetic", stage=2, image_size=8, task="ocr")
   assert source.parse(source.items[5]).id == "synthetic/ocr/5"
+
+
+def _png(value):
+  buf = io.BytesIO()
+  Image.fromarray(np.full((6, 9, 3), value, np.uint8)).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+class FakeCocoCaptions(tfds.core.GeneratorBasedBuilder):
+  """The feature layout of TFDS `coco_captions` (image, image/id, captions {id, text}), three tiny examples."""
+  VERSION = tfds.core.Version("1.0.0")
+
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        "image": tfds.features.Image(encoding_format="jpeg"), "image/id": np.int64,
+        "captions": tfds.features.Sequence({"id": np.int64, "text": tfds.features.Text()})}))
+
+  def _split_generators(self, dl_manager):
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    for i in range(3):
+      yield i, {"image": _png(10 * i), "image/id": i,
+                "captions": [{"id": 2 * i, "text": f"first {i}"}, {"id": 2 * i + 1, "text": f"second {i}"}]}
+
+
+def test_tfds_coco_captions_by_name(tmp_path):
+  FakeCocoCaptions(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  source = make_source("tfds:fake_coco_captions", stage=2, image_size=8, data_dir=str(tmp_path))
+  records = sorted((source.parse(source.items[i]) for i in range(3)), key=lambda r: r.id)
+  for i, r in enumerate(records):
+    assert r.id == f"fake_coco_captions/{i}" and r.task == "caption"
+    assert r.turns[0] == ("user", "<img></img>Generate the caption in English:")
+    assert r.turns[1][1] in (f" first {i}", f" second {i}")
+    assert r.images == [_png(10 * i)]
+  with pytest.raises(ValueError, match="cannot read split 'test'"):
+    make_source("tfds:fake_coco_captions", stage=2, image_size=8, data_dir=str(tmp_path), split="test")
