@@ -68,9 +68,12 @@ class _Finalize:
     image_segments = row["images_segment_ids"][image_mask]
     if np.any(np.diff(image_segments) < 0) or np.any(~image_mask[:image_mask.sum()]):
       raise AssertionError("packed images are out of segment order")
-    n_pad = int(np.sum(row["input_ids"][~pad] == self.img_pad_id))
-    if n_pad != self.image_tokens * int(image_mask.sum()):
-      raise AssertionError(f"row has {n_pad} <imgpad> tokens for {int(image_mask.sum())} images")
+    n = int(segment_ids.max()) + 1
+    pads_per_segment = np.bincount(segment_ids[(row["input_ids"] == self.img_pad_id) & ~pad], minlength=n)
+    images_per_segment = np.bincount(image_segments, minlength=n)
+    if not np.array_equal(pads_per_segment, self.image_tokens * images_per_segment):
+      raise AssertionError(f"<imgpad> tokens per segment {pads_per_segment.tolist()} do not match "
+                           f"{self.image_tokens} x images per segment {images_per_segment.tolist()}")
     return {
         # The reference pads with <|endoftext|>; padding is segment 0, so the value only matters for readability.
         "input_ids": np.where(pad, self.eod_id, row["input_ids"]).astype(np.int32),

@@ -57,7 +57,8 @@ def test_qwen_finetune_json(tmp_path):
           {"from": "assistant", "value": "No."}]},
       {"id": "identity_2", "conversations": [{"from": "robot", "value": "x"}]},
       {"id": "identity_3", "conversations": [
-          {"from": "user", "value": "<img>img/a.jpg</img>"}, {"from": "assistant", "value": "<box>(1,2),(3,4000)</box>"}]},
+          {"from": "user", "value": "<img>img/a.jpg</img>"},
+          {"from": "assistant", "value": "<box>(1,2),(3,4000)</box>"}]},
   ]
   path = tmp_path / "train.json"
   path.write_text(json.dumps(entries))
