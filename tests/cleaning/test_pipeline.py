@@ -16,8 +16,11 @@ from qwenvl_jax.cleaning import CleanConfig, CleanJob, DominantColorScorer, RULE
 from qwenvl_jax.cleaning.pipeline import (LOCAL_RUNNER, NoPairsKeptError, beam_options_from_string,
                                            local_runner_if_direct)
 from qwenvl_jax.cleaning.report import sample_rank
+from qwenvl_jax.data.config import default_data_config
 from qwenvl_jax.data.images import preprocess_image
+from qwenvl_jax.data.pipeline import make_dataset
 from qwenvl_jax.data.sources import make_source
+from qwenvl_jax.text import QwenTokenizer
 from tests.cleaning.cases import case_ids
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -87,6 +90,26 @@ def test_stage1_reader_reads_the_output(column_run):
     assert record.turns[-1] == ("assistant", cases[record.id].cleaned)
     pixels = preprocess_image(record.images[0], 32)
     assert pixels.dtype == np.uint8 and pixels.shape == (32, 32, 3)
+
+
+def test_stage1_grain_pipeline_batches_the_output(column_run, qwen_tiktoken_path):
+  job, report, cases = column_run
+  config = default_data_config(1)
+  config.update(source=f"array_record:{job.dataset_dir}", num_workers=0, strict=True, shuffle=False,
+                num_epochs=1, packing=False)
+  tok = QwenTokenizer(qwen_tiktoken_path)
+  ds = make_dataset(config, tok, process_index=0, process_count=1, global_batch=2, seq_len=48, max_images=1,
+                    image_size=28, stage=1, image_tokens=4)
+  batches = list(ds)
+  assert len(batches) == report["kept"] // 2
+  captions = collections.Counter()
+  for batch in batches:
+    assert batch["images"].shape == (2, 1, 28, 28, 3) and batch["image_mask"].all()
+    for row, mask in zip(batch["targets"], batch["loss_mask"]):
+      captions[tok.decode([int(t) for t, m in zip(row, mask) if m and t != tok.eod_id]).strip()] += 1
+  # Every row is a kept caption (the last odd pair is dropped with the incomplete batch).
+  assert sum(captions.values()) == 2 * len(batches)
+  assert not captions - collections.Counter(c.cleaned for c in cases.values() if c.with_column == "kept")
 
 
 def test_existing_outputs_are_never_overwritten(column_run, clean_inputs, tmp_path):
