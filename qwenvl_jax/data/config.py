@@ -6,7 +6,7 @@ Fields (all overridable from the command line, e.g. `--config.data.source=jsonl:
   image_root       folder that relative image paths are resolved against ('' = the source file's folder)
   data_dir         TFDS data_dir for tfds:NAME ('' = TFDS default)
   split            TFDS split
-  mixture          stage 2: task -> weight (the paper's seven tasks; 0 drops a task)
+  mixture          stage 2: task -> weight (the paper's seven tasks; 0 drops a task; empty = read `source` alone)
   mixture_sources  stage 2: task -> source spec; a task not listed reads `source`, which must then be synthetic
   packing          several examples per row (True) or one example right-padded per row (False)
   packing_bins     rows filled at the same time by first-fit packing (more bins, fuller rows)
