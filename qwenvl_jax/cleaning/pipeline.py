@@ -6,7 +6,8 @@ shard paths ─Reshuffle─ read rows ─Reshuffle─ batch ─ clean_batch ─�
 ```
 `run_clean(job, beam_options)` checks the inputs and that nothing would be overwritten, builds the `CleanedPairs`
 TFDS dataset (`<output_dir>/cleaned_pairs/1.0.0/`, features `qwenvl_jax.data.features.image_text_features()`,
-ArrayRecord shards) with whatever Beam runner the options name (DirectRunner by default), and writes the report.
+ArrayRecord shards) with whatever Beam runner the options name (by default the DirectRunner's local engine, see
+`LOCAL_RUNNER`), and writes the report.
 Each rule also has a Beam counter (namespace `qwenvl_clean`), so a runner's UI shows progress while the job runs.
 
 The rows are reshuffled twice: after listing the shards (so shards spread over workers) and after reading them (so
