@@ -7,7 +7,7 @@ Fields (all overridable from the command line, e.g. `--config.data.source=jsonl:
   data_dir         TFDS data_dir for tfds:NAME ('' = TFDS default)
   split            TFDS split
   mixture          stage 2: task -> weight (the paper's seven tasks; 0 drops a task; empty = read `source` alone)
-  mixture_sources  stage 2: task -> source spec; a task not listed reads `source`, which must then be synthetic
+  mixture_sources  stage 2: task -> source spec; '' reads `source`, which must then be synthetic
   packing          several examples per row (True) or one example right-padded per row (False)
   packing_bins     rows filled at the same time by first-fit packing (more bins, fuller rows)
   strict           a bad record ends the run (True) or is skipped and counted with a warning (False)
@@ -41,7 +41,8 @@ def default_data_config(stage: int) -> ml_collections.ConfigDict:
   c.data_dir = ""
   c.split = "train"
   c.mixture = ml_collections.ConfigDict(dict(STAGE2_MIXTURE) if stage == 2 else {})
-  c.mixture_sources = ml_collections.ConfigDict({})
+  # Every task has a (possibly empty) entry so that `--config.data.mixture_sources.vqa=...` works on a locked config.
+  c.mixture_sources = ml_collections.ConfigDict({t: "" for t in STAGE2_MIXTURE} if stage == 2 else {})
   # The paper packs stages 1-2; the official fine-tuning script pads every sample to the full length (stage 3).
   c.packing = stage != 3
   c.packing_bins = 8

@@ -99,8 +99,8 @@ def make_source_datasets(config: ml_collections.ConfigDict, *, stage: int, image
       raise ValueError(f"mixture weight of {task!r} is negative: {weight}")
     if weight == 0:
       continue
-    spec = config.mixture_sources.get(task, config.source)
-    if spec != "synthetic" and task not in config.mixture_sources:
+    spec = config.mixture_sources.get(task, "") or config.source
+    if spec != "synthetic" and not config.mixture_sources.get(task, ""):
       raise ValueError(f"stage-2 task {task!r} has weight {weight} but no entry in data.mixture_sources "
                        f"(only the synthetic source provides every task)")
     pairs.append((make_source(spec, task=task, **common), float(weight)))

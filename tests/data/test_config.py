@@ -18,6 +18,7 @@ def test_defaults_per_stage():
 
 def test_overrides_like_the_command_line():
   c = default_data_config(2)
+  c.lock()  # config_flags locks the config: overrides must hit existing fields
   c.mixture.ocr = 0.0
   c.mixture_sources.vqa = "jsonl:/data/vqa.jsonl"
   c.update({"strict": True, "num_workers": 4})
