@@ -123,12 +123,8 @@ class _Job:
       prompts, images = [[self.tok.eod_id]], [[]]
     batch = decode.make_prompt_batch(prompts, images, pad_id=self.tok.eod_id, image_pad_id=self.cfg.image_pad_id,
                                      image_tokens=self.cfg.image_tokens, buckets=(width,), num_rows=rows,
-                                     max_images=1)
+                                     max_images=1, image_size=self.cfg.vision.image_size)
     arrays = self.generator.device_batch(batch, self.gen)
-    if "images" not in arrays:  # keep one compiled shape whether or not a batch has images
-      s = self.cfg.vision.image_size
-      arrays["images"] = np.zeros((rows, 1, s, s, 3), np.uint8)
-      arrays["image_mask"] = np.zeros((rows, 1), bool)
     arrays["row_key"] = jax.process_index() * rows + np.arange(rows, dtype=np.int32)
     spec = lambda a: NamedSharding(self.mesh, PartitionSpec(BATCH_AXES, *([None] * (a.ndim - 1))))
     arrays = {k: jax.make_array_from_process_local_data(spec(v), np.asarray(v)) for k, v in arrays.items()}

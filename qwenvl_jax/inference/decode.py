@@ -20,6 +20,7 @@ recompiles. The cache holds P + N slots.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
@@ -78,7 +79,20 @@ class GenerationConfig:
     stop_words = tuple(tuple(int(t) for t in seq) for seq in self.stop_words)
     if any(not seq for seq in stop_words):
       raise ValueError(f"stop words must be non-empty token sequences, got {self.stop_words!r}")
-    object.__setattr__(self, "stop_words", stop_words)
+    # `[eos]` as a stop word is a no-op (generation ends on eos anyway); the reference filters it out too.
+    object.__setattr__(self, "stop_words", tuple(seq for seq in stop_words if seq != (self.eos_id,)))
+
+  def split(self) -> tuple["GenerationConfig", dict]:
+    """(the part that shapes the compiled loop, the values passed to it as int32 scalars).
+
+    The ids, `min_new_tokens` and `vocab_limit` are traced, so changing them does not recompile.
+    """
+    dynamic = {"eos_id": self.eos_id, "pad_id": self.pad_id, "min_new_tokens": self.min_new_tokens,
+               "vocab_limit": np.iinfo(np.int32).max if self.vocab_limit is None else self.vocab_limit}
+    static = copy.copy(self)  # not dataclasses.replace: __post_init__ must not filter the stop words again
+    for name in dynamic:
+      object.__setattr__(static, name, None if name == "vocab_limit" else 0)
+    return static, {k: np.int32(v) for k, v in dynamic.items()}
 
 
 class PromptBatch(NamedTuple):
@@ -111,7 +125,8 @@ def bucket_length(n: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
 
 def make_prompt_batch(prompts: Sequence[Sequence[int]], images: Sequence[Sequence[np.ndarray]] | None = None, *,
                       pad_id: int, image_pad_id: int, image_tokens: int, buckets: Sequence[int] = DEFAULT_BUCKETS,
-                      num_rows: int | None = None, max_images: int | None = None) -> PromptBatch:
+                      num_rows: int | None = None, max_images: int | None = None,
+                      image_size: int | None = None) -> PromptBatch:
   """Left-pads token prompts into a `PromptBatch`.
 
   Args:
@@ -122,7 +137,8 @@ def make_prompt_batch(prompts: Sequence[Sequence[int]], images: Sequence[Sequenc
     image_pad_id, image_tokens: `<imgpad>` id and Q, to check that each row holds Q `<imgpad>` per image.
     buckets: allowed padded lengths P.
     num_rows: pad the batch to this many rows with empty rows (their outputs are meaningless; for fixed B).
-    max_images: M, image slots per row (default: the most any row has).
+    max_images: M, image slots per row (default: the most any row has). With `image_size` as well, the image
+      arrays exist (all slots empty) even when no row has an image, so one compiled shape serves both.
   Raises:
     ValueError naming the row on an empty prompt or a mismatch between `<imgpad>` ids and images.
   """
@@ -154,8 +170,11 @@ def make_prompt_batch(prompts: Sequence[Sequence[int]], images: Sequence[Sequenc
     segment_ids[i, width - n:] = 1
     positions[i, width - n:] = np.arange(n)
   image_arr = mask = None
-  counts = [len(x) for x in images] if images is not None else []
-  if images is not None and max(counts) > 0:
+  counts = [len(x) for x in images] if images is not None else [0]
+  if max(counts) == 0 and max_images and image_size:
+    image_arr = np.zeros((rows, max_images, image_size, image_size, 3), np.uint8)
+    mask = np.zeros((rows, max_images), bool)
+  elif max(counts) > 0:
     m = max_images if max_images is not None else max(counts)
     if m < max(counts):
       raise ValueError(f"max_images={m} but a row has {max(counts)} images")
@@ -193,11 +212,11 @@ class DecodeState(NamedTuple):
   key: jax.Array
 
 
-def _select(gen: GenerationConfig, logits, key, tokens, end, step, done):
+def _select(gen: GenerationConfig, dyn: dict, logits, key, tokens, end, step, done):
   return sampling.select_tokens(
       logits, key, tokens=tokens, end=end, num_generated=step, done=done, greedy=not gen.do_sample,
-      temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p, eos_id=gen.eos_id, pad_id=gen.pad_id,
-      min_new_tokens=gen.min_new_tokens, stop_words=gen.stop_words, vocab_limit=gen.vocab_limit)
+      temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p, eos_id=dyn["eos_id"], pad_id=dyn["pad_id"],
+      min_new_tokens=dyn["min_new_tokens"], stop_words=gen.stop_words, vocab_limit=dyn["vocab_limit"])
 
 
 def prefill(graphdef: nnx.GraphDef, state: nnx.State, batch: dict, cache: KVCache, *, rope_base: jax.Array,
@@ -234,36 +253,36 @@ def decode_step(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, pos
   return logits[:, 0].astype(jnp.float32), cache
 
 
-def _start(graphdef, gen: GenerationConfig, state, batch: dict, key) -> DecodeState:
+def _start(graphdef, gen: GenerationConfig, state, batch: dict, key, dyn: dict) -> DecodeState:
   """Prefill + the first new token (slot P of the buffer)."""
   b, p = batch["input_ids"].shape
   model = nnx.merge(graphdef, state)
   cache = model.llm.init_cache(b, p + gen.max_new_tokens)
   lengths = batch["segment_ids"].sum(axis=1).astype(jnp.int32)
   logits, cache = prefill(graphdef, state, batch, cache, rope_base=batch["rope_base"], logn=gen.logn)
-  tokens = jnp.concatenate([batch["input_ids"], jnp.full((b, gen.max_new_tokens), gen.pad_id, jnp.int32)], 1)
+  tokens = jnp.concatenate([batch["input_ids"], jnp.full((b, gen.max_new_tokens), dyn["pad_id"], jnp.int32)], 1)
   key, sub = jax.random.split(key)
   done = jnp.zeros((b,), bool)
-  first = _select(gen, logits, sub, tokens, p - 1, jnp.int32(0), done)
+  first = _select(gen, dyn, logits, sub, tokens, p - 1, jnp.int32(0), done)
   tokens = tokens.at[:, p].set(first)
-  return DecodeState(cache, tokens, jnp.int32(1), first == gen.eos_id, lengths, batch["rope_base"], key)
+  return DecodeState(cache, tokens, jnp.int32(1), first == dyn["eos_id"], lengths, batch["rope_base"], key)
 
 
-def _advance(graphdef, gen: GenerationConfig, p: int, state, s: DecodeState) -> DecodeState:
+def _advance(graphdef, gen: GenerationConfig, p: int, state, s: DecodeState, dyn: dict) -> DecodeState:
   """Feeds the last new token through the model and appends the next one."""
   last_slot = p + s.step - 1
   last = jax.lax.dynamic_index_in_dim(s.tokens, last_slot, axis=1, keepdims=False)
   logits, cache = decode_step(graphdef, state, last, s.lengths + s.step - 1, s.cache, last_slot,
                               rope_base=s.rope_base, logn=gen.logn)
   key, sub = jax.random.split(s.key)
-  nxt = _select(gen, logits, sub, s.tokens, last_slot, s.step, s.done)
+  nxt = _select(gen, dyn, logits, sub, s.tokens, last_slot, s.step, s.done)
   tokens = jax.lax.dynamic_update_index_in_dim(s.tokens, nxt, last_slot + 1, axis=1)
-  return s._replace(cache=cache, tokens=tokens, step=s.step + 1, done=s.done | (nxt == gen.eos_id), key=key)
+  return s._replace(cache=cache, tokens=tokens, step=s.step + 1, done=s.done | (nxt == dyn["eos_id"]), key=key)
 
 
-def _generate_all(graphdef, gen: GenerationConfig, state, batch: dict, key):
+def _generate_all(graphdef, gen: GenerationConfig, state, batch: dict, key, dyn: dict):
   p = batch["input_ids"].shape[1]
-  s = _start(graphdef, gen, state, batch, key)
+  s = _start(graphdef, gen, state, batch, key, dyn)
 
   def cond(carry):
     s = carry[1]
@@ -272,7 +291,7 @@ def _generate_all(graphdef, gen: GenerationConfig, state, batch: dict, key):
   def body(carry):
     # The weights ride in the carry: NNX modules must be rebuilt from values of the loop's own trace level.
     state, s = carry
-    return state, _advance(graphdef, gen, p, state, s)
+    return state, _advance(graphdef, gen, p, state, s, dyn)
 
   _, s = jax.lax.while_loop(cond, body, (state, s))
   return s.tokens[:, p:], s.step
@@ -314,7 +333,8 @@ class Generator:
     """`generate` without the copy to the host: a jax.Array laid out like the batch (global when it is)."""
     arrays = self.device_batch(batch, gen) if isinstance(batch, PromptBatch) else batch
     key = jax.random.key(0) if key is None else key
-    return self._generate(self.graphdef, gen, self.state, arrays, key)[0]
+    static, dyn = gen.split()
+    return self._generate(self.graphdef, static, self.state, arrays, key, dyn)[0]
 
   def stream(self, batch: PromptBatch, gen: GenerationConfig, key: jax.Array | None = None
              ) -> Iterator[np.ndarray]:
@@ -322,13 +342,14 @@ class Generator:
     arrays = self.device_batch(batch, gen)
     key = jax.random.key(0) if key is None else key
     p = batch.input_ids.shape[1]
-    s = self._start(self.graphdef, gen, self.state, arrays, key)
+    static, dyn = gen.split()
+    s = self._start(self.graphdef, static, self.state, arrays, key, dyn)
     while True:
       step = int(s.step)
       yield np.asarray(s.tokens[:, p + step - 1])
       if step >= gen.max_new_tokens or bool(jnp.all(s.done)):
         return
-      s = self._advance(self.graphdef, gen, p, self.state, s)
+      s = self._advance(self.graphdef, static, p, self.state, s, dyn)
 
 
 def trim(new_tokens: np.ndarray, eos_id: int) -> list[list[int]]:

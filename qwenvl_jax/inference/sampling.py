@@ -27,7 +27,7 @@ FORCED_LOGIT = float(2 ** 15)
 
 def mask_vocab(logits: jax.Array, vocab_limit: int | None) -> jax.Array:
   """float32[B, V] with ids >= vocab_limit at -inf (rows past the tokenizer's vocabulary are never produced)."""
-  if vocab_limit is None or vocab_limit >= logits.shape[-1]:
+  if vocab_limit is None or (isinstance(vocab_limit, int) and vocab_limit >= logits.shape[-1]):
     return logits
   ids = jnp.arange(logits.shape[-1])
   return jnp.where(ids[None, :] < vocab_limit, logits, -jnp.inf)
@@ -55,11 +55,12 @@ def force_stop_words(logits: jax.Array, tokens: jax.Array, end: jax.Array,
                      stop_words: Sequence[Sequence[int]], eos_id: int) -> jax.Array:
   """The reference's `StopWordsLogitsProcessor`: rows whose buffer ends with a stop sequence get eos = 2**15.
 
-  Stop sequences equal to `[eos_id]` are ignored (generation stops on eos anyway), as the reference filters them.
+  Stop sequences equal to `[eos_id]` are ignored (generation stops on eos anyway), as the reference filters them
+  (`GenerationConfig` drops them before tracing, when `eos_id` may be a traced value).
   """
   hit = jnp.zeros(logits.shape[:1], bool)
   for seq in stop_words:
-    if list(seq) == [eos_id]:
+    if isinstance(eos_id, int) and list(seq) == [eos_id]:
       continue
     hit = hit | ends_with(tokens, end, seq)
   return logits.at[:, eos_id].set(jnp.where(hit, FORCED_LOGIT, logits[:, eos_id]))
@@ -102,8 +103,9 @@ def warp(logits: jax.Array, *, temperature: float, top_k: int, top_p: float) -> 
 
 def select_tokens(logits: jax.Array, key: jax.Array | None, *, tokens: jax.Array, end: jax.Array,
                   num_generated: jax.Array, done: jax.Array, greedy: bool, temperature: float = 1.0,
-                  top_k: int = 0, top_p: float = 1.0, eos_id: int, pad_id: int, min_new_tokens: int = 0,
-                  stop_words: Sequence[Sequence[int]] = (), vocab_limit: int | None = None) -> jax.Array:
+                  top_k: int = 0, top_p: float = 1.0, eos_id: int | jax.Array, pad_id: int | jax.Array,
+                  min_new_tokens: int | jax.Array = 0, stop_words: Sequence[Sequence[int]] = (),
+                  vocab_limit: int | jax.Array | None = None) -> jax.Array:
   """The next token of every row, int32[B].
 
   Args:
@@ -114,10 +116,11 @@ def select_tokens(logits: jax.Array, key: jax.Array | None, *, tokens: jax.Array
     num_generated: int32 scalar, new tokens so far (for `min_new_tokens`).
     done: bool[B], rows that already produced eos: they get `pad_id`.
     greedy, temperature, top_k, top_p: the decoding mode (see module docstring).
-    eos_id, pad_id, min_new_tokens, stop_words, vocab_limit: see `decode.GenerationConfig`.
+    eos_id, pad_id, min_new_tokens, stop_words, vocab_limit: see `decode.GenerationConfig`; the ids, the
+      minimum and the limit may be traced int32 scalars (one compiled loop serves them all).
   """
   logits = mask_vocab(logits.astype(jnp.float32), vocab_limit)
-  if min_new_tokens > 0:
+  if not isinstance(min_new_tokens, int) or min_new_tokens > 0:
     logits = suppress_eos(logits, eos_id, num_generated < min_new_tokens)
   if stop_words:
     logits = force_stop_words(logits, tokens, end, stop_words, eos_id)

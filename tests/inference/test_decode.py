@@ -1,0 +1,162 @@
+"""KV-cache generation: cached == recomputed, left-padded batches == single prompts, stop words, lengths.
+
+Every batch has 4 rows and one image slot (empty for text rows), so the tests share a few compiled loops.
+"""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from qwenvl_jax.inference import decode
+
+N = 6
+ROWS = 4
+FULL = 64  # the right-padded length of the recomputing reference
+
+
+def _batch(generator, prompts, images=None, buckets=(32,)):
+  cfg = generator.cfg
+  return decode.make_prompt_batch(prompts, images, pad_id=0, image_pad_id=cfg.image_pad_id,
+                                  image_tokens=cfg.image_tokens, buckets=buckets, num_rows=ROWS, max_images=1,
+                                  image_size=cfg.vision.image_size)
+
+
+def _gen(**kw):
+  kw.setdefault("max_new_tokens", N)
+  kw.setdefault("eos_id", 2)  # an id random weights rarely pick first; rows then run to max_new_tokens
+  kw.setdefault("pad_id", 0)
+  return decode.GenerationConfig(**kw)
+
+
+@nnx.jit
+def _full_logits(model, ids, segment_ids, images, image_mask):
+  return model(ids, segment_ids=segment_ids, images=images, image_mask=image_mask)
+
+
+def _recompute_greedy(model, ids, image=None, steps=N):
+  """Greedy decoding without a cache: the whole sequence is run again for every new token (right-padded to a
+  fixed length so it compiles once; pads are segment 0 and come after the real tokens, so they change nothing)."""
+  s = model.cfg.vision.image_size
+  images = np.zeros((1, 1, s, s, 3), np.uint8) if image is None else np.asarray(image)[None, None]
+  mask = np.full((1, 1), image is not None)
+  seq = list(ids)
+  for _ in range(steps):
+    padded = np.zeros((1, FULL), np.int32)
+    padded[0, :len(seq)] = seq
+    segments = (np.arange(FULL) < len(seq)).astype(np.int32)[None]
+    logits = _full_logits(model, jnp.asarray(padded), jnp.asarray(segments), images, mask)
+    seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
+  return seq[len(ids):]
+
+
+@pytest.fixture(scope="module")
+def prompts():
+  rng = np.random.default_rng(0)
+  return [rng.integers(3, 390, n).tolist() for n in (5, 13, 2)]
+
+
+def test_cached_greedy_equals_recomputing_the_sequence(generator, tiny_model, prompts, image_prompt):
+  got = generator.generate(_batch(generator, prompts), _gen())
+  for row, ids in zip(got, prompts):
+    assert row.tolist() == _recompute_greedy(tiny_model, ids)
+  ids, image = image_prompt
+  got = generator.generate(_batch(generator, [ids, prompts[0]], [[image], []]), _gen())
+  assert got[0].tolist() == _recompute_greedy(tiny_model, ids, image)
+
+
+def test_left_padded_batch_equals_single_prompts(generator, prompts, image_prompt):
+  ids, image = image_prompt
+  rows = prompts + [ids]
+  images = [[] for _ in prompts] + [[image]]
+  batched = generator.generate(_batch(generator, rows, images), _gen())
+  for i, (row, imgs) in enumerate(zip(rows, images)):
+    # Alone, and alone in a bigger bucket (more left padding): same tokens.
+    alone = generator.generate(_batch(generator, [row], [imgs]), _gen())
+    padded = generator.generate(_batch(generator, [row], [imgs], buckets=(64,)), _gen())
+    assert batched[i].tolist() == alone[0].tolist() == padded[0].tolist(), i
+
+
+def test_stream_yields_the_generated_tokens(generator, prompts):
+  batch = _batch(generator, prompts)
+  streamed = np.stack(list(generator.stream(batch, _gen())), axis=1)
+  np.testing.assert_array_equal(streamed, generator.generate(batch, _gen()))
+
+
+def test_eos_ends_a_row_and_pads_follow(generator, prompts):
+  batch = _batch(generator, prompts)
+  free = generator.generate(batch, _gen())
+  eos = int(free[0, 2])  # make row 0's third token the end-of-text id
+  got = generator.generate(batch, _gen(eos_id=eos, pad_id=1))
+  np.testing.assert_array_equal(got[0, :3], free[0, :3])
+  assert got[0, 3:].tolist() == [1] * (N - 3)
+  assert decode.trim(got, eos)[0] == free[0, :3].tolist()
+
+
+def test_stop_word_forces_eos_next(generator, prompts):
+  batch = _batch(generator, prompts[:1])
+  free = generator.generate(batch, _gen())[0]
+  stop = (int(free[1]), int(free[2]))  # a two-token stop sequence the free run produces at steps 1-2
+  got = generator.generate(batch, _gen(stop_words=(stop,), eos_id=3, pad_id=1))[0]
+  assert got.tolist()[:4] == free[:3].tolist() + [3]
+  assert got.tolist()[4:] == [1] * (N - 4)
+
+
+def test_min_new_tokens_forbids_an_early_eos(generator, prompts):
+  batch = _batch(generator, prompts[:1])
+  first = int(generator.generate(batch, _gen())[0, 0])
+  assert generator.generate(batch, _gen(eos_id=first))[0, 0] == first  # ends at once without a minimum
+  got = generator.generate(batch, _gen(eos_id=first, min_new_tokens=3))[0]
+  assert first not in got[:3].tolist()
+
+
+def test_vocab_limit_is_respected(generator, prompts):
+  got = generator.generate(_batch(generator, prompts), _gen(vocab_limit=50))
+  assert got.max() < 50
+
+
+def test_make_prompt_batch_left_pads_with_positions_per_row(generator):
+  cfg = generator.cfg
+  b = decode.make_prompt_batch([[5, 6, 7], [8]], pad_id=0, image_pad_id=cfg.image_pad_id, image_tokens=16,
+                               buckets=(4,), num_rows=3)
+  np.testing.assert_array_equal(b.input_ids, [[0, 5, 6, 7], [0, 0, 0, 8], [0, 0, 0, 0]])
+  np.testing.assert_array_equal(b.segment_ids, [[0, 1, 1, 1], [0, 0, 0, 1], [0, 0, 0, 0]])
+  np.testing.assert_array_equal(b.positions, [[0, 0, 1, 2], [0, 0, 0, 0], [0, 0, 0, 0]])
+  np.testing.assert_array_equal(b.lengths, [3, 1, 0])
+
+
+def test_make_prompt_batch_rejects_image_mismatches(generator, image_prompt):
+  ids, image = image_prompt
+  with pytest.raises(ValueError, match="prompt 0 holds 16 <imgpad>"):
+    _batch(generator, [ids], [[]])
+  with pytest.raises(ValueError, match="prompt 1 holds 0 <imgpad>"):
+    _batch(generator, [ids, [4, 5]], [[image], [image]])
+  with pytest.raises(ValueError, match="prompt 0 is empty"):
+    _batch(generator, [[]])
+
+
+def test_bucket_length():
+  assert decode.bucket_length(1, (8, 32)) == 8
+  assert decode.bucket_length(9, (8, 32)) == 32
+  assert decode.bucket_length(33, (8, 32)) == 64
+  with pytest.raises(ValueError):
+    decode.bucket_length(0)
+
+
+def test_dynamic_ntk_base_is_per_row_and_follows_the_reference_formula(generator):
+  llm = generator.cfg.llm  # tiny: seq_length 512, head_dim 16
+  bases = decode.rope_bases(np.array([1, 512, 513, 1024, 1025]), generator.cfg, dynamic_ntk=True)
+  # alpha = 2**ceil(log2(len/512) + 1) - 1 (min 1): 1, 1, 3, 3, 7; base * alpha**(16/14)
+  expected = [llm.rope_base * a ** (16 / 14) for a in (1, 1, 3, 3, 7)]
+  np.testing.assert_allclose(bases, expected, rtol=1e-6)
+  assert (decode.rope_bases(np.array([5000]), generator.cfg, dynamic_ntk=False) == llm.rope_base).all()
+
+
+def test_generation_config_validates():
+  with pytest.raises(ValueError, match="max_new_tokens"):
+    decode.GenerationConfig(max_new_tokens=0)
+  with pytest.raises(ValueError, match="min_new_tokens"):
+    decode.GenerationConfig(max_new_tokens=2, min_new_tokens=3)
+  with pytest.raises(ValueError, match="top_p"):
+    decode.GenerationConfig(top_p=0)
+  with pytest.raises(ValueError, match="stop words"):
+    decode.GenerationConfig(stop_words=((),))
