@@ -1,4 +1,5 @@
 """The name/layout tables: complete and exact against SPEC §5.1, invertible, and the three QKV layouts."""
+import functools
 import math
 
 import numpy as np
@@ -11,6 +12,11 @@ from qwenvl_jax.model import QwenVL, mid, qwen_vl_7b, tiny
 from .conftest import openclip_shapes, qwen_llm_shapes, qwenvl_visual_shapes
 
 
+@functools.lru_cache(maxsize=None)
+def _preset_shapes(make_cfg):
+  return _shapes(make_cfg())
+
+
 def _shapes(cfg):
   abstract = sharding.abstract_model(lambda: QwenVL(cfg, rngs=nnx.Rngs(0)))[1]
   return {k: s for k, (s, _) in orbax_store.param_shapes(abstract).items()}
@@ -19,7 +25,7 @@ def _shapes(cfg):
 @pytest.mark.parametrize("make_cfg", [tiny, mid, qwen_vl_7b])
 def test_qwenvl_table_expects_exactly_the_reference_tensors(make_cfg):
   cfg = make_cfg()
-  bindings = mapping.bind(mapping.QWENVL, _shapes(cfg))
+  bindings = mapping.bind(mapping.QWENVL, _preset_shapes(make_cfg))
   got = {b.torch_name: b.torch_shape for b in bindings}
   want = {**qwenvl_visual_shapes(cfg), **qwen_llm_shapes(cfg)}
   assert got == want
@@ -27,7 +33,7 @@ def test_qwenvl_table_expects_exactly_the_reference_tensors(make_cfg):
 
 
 def test_qwen_vl_7b_has_853_tensors_and_the_spec_parameter_count():
-  bindings = mapping.bind(mapping.QWENVL, _shapes(qwen_vl_7b()))
+  bindings = mapping.bind(mapping.QWENVL, _preset_shapes(qwen_vl_7b))
   assert len(bindings) == 853
   assert sum(math.prod(b.torch_shape) for b in bindings) == 9_656_935_168  # SPEC §5.2
 
@@ -35,7 +41,7 @@ def test_qwen_vl_7b_has_853_tensors_and_the_spec_parameter_count():
 @pytest.mark.parametrize("table,parts", [(mapping.QWENVL, ("visual", "adapter", "llm")), (mapping.QWEN7B, ("llm",)),
                                          (mapping.OPENCLIP_VIT, ("visual",))])
 def test_each_table_fills_its_parts_exactly_once(table, parts):
-  shapes = _shapes(tiny())
+  shapes = _preset_shapes(tiny)
   targets = mapping.covered_targets(table)
   assert len(targets) == len(set(targets))
   assert sorted(targets) == sorted(k for k in shapes if k.split(".")[0] in parts)

@@ -4,7 +4,7 @@ The checkpoint is random tensors in the exact reference naming (tiny config, flo
 `torch_to_orbax` and `load_model` (sharded over 8 fake devices). The references are the model-core parity modules
 (`tests/model/torch_reference.py`: the ViT trunk and `nn.MultiheadAttention` adapter written from the spec, and
 transformers' `Qwen2ForCausalLM` for the decoder) loaded straight from the same PyTorch state dict by name.
-Tolerances (float32 both sides): image features and logits within 2e-4 absolute + 2e-4 relative.
+Tolerance (float32 both sides): logits within 2e-4 absolute + 2e-4 relative.
 """
 import numpy as np
 import pytest
@@ -36,7 +36,8 @@ def _reference_visual(cfg, state):
 
 
 def test_converted_checkpoint_gives_reference_logits(tmp_path, qwenvl_checkpoint):
-  cfg = tiny(dtype="float32", param_dtype="float32").with_image_size(448)  # 32x32 patches: both pos tables resized
+  # 448 px = 32x32 patches, so both positional tables are resized; forward only, so no remat.
+  cfg = tiny(dtype="float32", param_dtype="float32", remat_policy="none").with_image_size(448)
   src, state = qwenvl_checkpoint(cfg, fmt="bin", dtype=torch.float32, seed=4)
   checkpoint.torch_to_orbax(src, tmp_path / "orbax", cfg)
   model = checkpoint.load_model(tmp_path / "orbax", cfg, sharding.make_mesh({"fsdp": -1}),
@@ -63,7 +64,7 @@ def test_converted_checkpoint_gives_reference_logits(tmp_path, qwenvl_checkpoint
     embeds[:, 6:6 + q] = ref_feats
     ref_logits = ref_lm(inputs_embeds=embeds).logits.numpy()
 
-  feats = np.asarray(model.encode_images(images))[:, 0]
-  np.testing.assert_allclose(feats, ref_feats.numpy(), atol=ATOL, rtol=RTOL)
   logits = np.asarray(model(ids, images=images, image_mask=image_mask))
+  # Every position after the image span attends to the image features, so a wrong visual or adapter layout
+  # fails here as surely as a wrong decoder layout.
   np.testing.assert_allclose(logits, ref_logits, atol=ATOL, rtol=RTOL)
