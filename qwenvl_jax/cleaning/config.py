@@ -65,7 +65,7 @@ class CleanConfig:
       JPEG; None stores every image at its original size.
     jpeg_quality: quality of images the job re-encodes (non-RGB, non-JPEG/PNG, or downscaled ones).
     url_timeout_s: timeout of one URL fetch.
-    batch_size: pairs per scorer call (and per cleaning bundle).
+    batch_size: pairs per scorer call; with a scorer a worker holds this many decoded images at once.
     sample_size: rejected pairs kept per rule in the report.
   """
   text_key: str = "text"

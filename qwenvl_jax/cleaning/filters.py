@@ -193,7 +193,7 @@ def clean_batch(pairs: Sequence[RawPair], cfg: CleanConfig,
     pairs: the batch.
     cfg: thresholds and column names.
     scorer: when given, pairs that pass every other rule are scored together and dropped as "low_similarity"
-      below `cfg.min_similarity`.
+      below `cfg.min_similarity`; the batch's decoded images are then held until the scorer has run.
 
   Raises:
     ValueError: the scorer returned a wrong number of scores or a non-finite score.
@@ -201,20 +201,19 @@ def clean_batch(pairs: Sequence[RawPair], cfg: CleanConfig,
   outcomes: list[Kept | Rejected | _Candidate] = []
   for pair in pairs:
     try:
-      outcomes.append(_check_pair(pair, cfg))
+      candidate = _check_pair(pair, cfg)
     except _Reject as e:
       outcomes.append(_make_rejected(pair, cfg, e.rule, e.reason, e.cleaned))
+      continue
+    # Without a scorer the decoded pixels are dropped at once, so a batch never holds more than one image.
+    outcomes.append(candidate if scorer is not None else _finish(candidate, cfg, scored=False))
   candidates = [o for o in outcomes if isinstance(o, _Candidate)]
-  if scorer is not None and candidates:
-    raw = scorer([c.decoded.image for c in candidates], [c.text for c in candidates])
-    for candidate, score in zip(candidates, scoring.check_scores(raw, len(candidates), scorer)):
-      candidate.score = score
-  results = []
-  for outcome in outcomes:
-    if isinstance(outcome, _Candidate):
-      outcome = _finish(outcome, cfg, scored=scorer is not None)
-    results.append(outcome)
-  return results
+  if not candidates:
+    return outcomes
+  raw = scorer([c.decoded.image for c in candidates], [c.text for c in candidates])
+  for candidate, score in zip(candidates, scoring.check_scores(raw, len(candidates), scorer)):
+    candidate.score = score
+  return [_finish(o, cfg, scored=True) if isinstance(o, _Candidate) else o for o in outcomes]
 
 
 def _finish(candidate: _Candidate, cfg: CleanConfig, scored: bool) -> Kept | Rejected:
