@@ -183,6 +183,27 @@ def unflatten(flat: Mapping[str, Any]) -> dict:
   return out
 
 
+def opt_state_shardings(opt_state: Any, params: Any, param_shardings: Any, replicated: Any) -> Any:
+  """Shardings for an (abstract) optimizer state: each Adam moment like its parameter, scalars replicated.
+
+  Output-sharding propagation cannot be relied on here (`zeros_like` does not depend on the parameter's values,
+  so XLA is free to replicate the moments, which would put the whole Adam state on every device). An optimizer
+  leaf belongs to the parameter whose path is the suffix of its own path (optax nests the parameter tree inside
+  its state tuples) and that has its shape.
+  """
+  shapes = {path_str(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  by_path = {path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
+
+  def leaf(path, x):
+    text = path_str(path)
+    for param_path, shape in shapes.items():
+      if (text == param_path or text.endswith("/" + param_path)) and tuple(x.shape) == tuple(shape):
+        return by_path[param_path]
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(leaf, opt_state)
+
+
 def count_state(tree: Any) -> int:
   """Number of array elements in a tree (e.g. to check that frozen parameters carry no optimizer state)."""
   return sum(int(x.size) for x in jax.tree.leaves(tree) if hasattr(x, "size"))
