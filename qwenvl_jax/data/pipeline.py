@@ -172,6 +172,8 @@ def make_train_iterator(config: ml_collections.ConfigDict, tokenizer, *, process
   Returns:
     A grain DatasetIterator: `next(it)` is a dict of numpy arrays; `it.get_state()` / `it.set_state(state)`
     save and restore the position (restore into an iterator built with the same arguments and worker count).
+    With `config.num_workers > 0`, call `it.close()` when done: it stops the worker processes and frees their
+    shared memory.
   """
   return iter(make_dataset(config, tokenizer, process_index=process_index, process_count=process_count,
                            global_batch=global_batch, seq_len=seq_len, max_images=max_images,
