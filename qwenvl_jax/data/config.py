@@ -10,6 +10,8 @@ Fields (all overridable from the command line, e.g. `--config.data.source=jsonl:
   mixture_sources  stage 2: task -> source spec; '' reads `source`, which must then be synthetic
   packing          several examples per row (True) or one example right-padded per row (False)
   packing_bins     rows filled at the same time by first-fit packing (more bins, fuller rows)
+  truncate         cut over-long examples at seq_len like finetune.py (never inside an image span) instead of
+                   skipping them as bad records
   strict           a bad record ends the run (True) or is skipped and counted with a warning (False)
   max_consecutive_skips  this many bad records in a row end the run even when not strict (0 = never)
   num_workers      grain worker processes per host (0 = read in the training process)
@@ -46,6 +48,7 @@ def default_data_config(stage: int) -> ml_collections.ConfigDict:
   # The paper packs stages 1-2; the official fine-tuning script pads every sample to the full length (stage 3).
   c.packing = stage != 3
   c.packing_bins = 8
+  c.truncate = False
   c.strict = False
   c.max_consecutive_skips = 1000
   c.num_workers = 2

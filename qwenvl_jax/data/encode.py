@@ -25,11 +25,12 @@ DEFAULT_SYSTEM = text.DEFAULT_SYSTEM
 
 
 def encode_turns(tokenizer, record: rec.Record, *, stage: int, image_tokens: int,
-                 system: str = DEFAULT_SYSTEM) -> text.Example:
+                 system: str = DEFAULT_SYSTEM, truncate_to: int | None = None) -> text.Example:
   """The unshifted example of a record (`qwenvl_jax.text.masks`): ids and labels (IGNORE_INDEX = no loss).
 
   Stages 1/2 need exactly one user turn (the unsupervised prompt, possibly empty) and one assistant turn (the
-  supervised text); stage 3 takes any alternating conversation.
+  supervised text); stage 3 takes any alternating conversation. With `truncate_to`, longer examples are cut there
+  as finetune.py does, never inside an image span (the text package drops a partial span with its image).
 
   Raises:
     BadRecordError: a multi-turn record in stage 1 or 2, or text the tokenizer-side checks reject.
@@ -42,10 +43,12 @@ def encode_turns(tokenizer, record: rec.Record, *, stage: int, image_tokens: int
     if stage in (1, 2):
       if len(turns) != 2:
         raise rec.BadRecordError(record.id, f"stage {stage} needs one prompt and one answer, got {len(turns)} turns")
-      return text.pretrain_example(tokenizer, turns[1][1], prompt=turns[0][1], n_image_tokens=image_tokens)
+      return text.pretrain_example(tokenizer, turns[1][1], prompt=turns[0][1], n_image_tokens=image_tokens,
+                                   max_len=truncate_to, truncate=truncate_to is not None)
     if stage == 3:
       conversations = [{"from": role, "value": t} for role, t in turns]
-      return text.sft_example(tokenizer, conversations, system=system, n_image_tokens=image_tokens)
+      return text.sft_example(tokenizer, conversations, system=system, n_image_tokens=image_tokens,
+                              max_len=truncate_to, truncate=truncate_to is not None)
   except ValueError as e:
     if isinstance(e, rec.BadRecordError):
       raise
@@ -62,8 +65,10 @@ class ExampleEncoder:
     stage: 1, 2 or 3.
     image_tokens: Q, `<imgpad>` ids per image.
     image_size: S.
-    seq_len: T; longer examples are bad records.
+    seq_len: T; longer examples are bad records, or cut at T when `truncate`.
     max_images: M; examples with more images are bad records.
+    system: the stage-3 system prompt.
+    truncate: cut over-long examples like finetune.py instead of skipping them.
   """
   tokenizer: Any
   stage: int
@@ -72,6 +77,7 @@ class ExampleEncoder:
   seq_len: int
   max_images: int
   system: str = DEFAULT_SYSTEM
+  truncate: bool = False
 
   def __call__(self, record: rec.Record) -> dict[str, np.ndarray]:
     """Returns input_ids int32[n], targets int32[n], loss_mask float32[n], images uint8[k, S, S, 3].
@@ -83,17 +89,19 @@ class ExampleEncoder:
     if len(record.images) > self.max_images:
       raise rec.BadRecordError(record.id, f"{len(record.images)} images > max_images={self.max_images}")
     example = encode_turns(self.tokenizer, record, stage=self.stage, image_tokens=self.image_tokens,
-                           system=self.system)
+                           system=self.system, truncate_to=self.seq_len if self.truncate else None)
     n = len(example.input_ids)
     if n > self.seq_len:
       raise rec.BadRecordError(record.id, f"over-long: {n} tokens > seq_len={self.seq_len}")
-    if example.num_images != len(record.images):
-      raise rec.BadRecordError(record.id, f"{example.num_images} image spans for {len(record.images)} images")
+    # Truncation may have dropped trailing image spans; their images go with them.
+    sources = record.images[:example.num_images] if self.truncate else record.images
+    if example.num_images != len(sources):
+      raise rec.BadRecordError(record.id, f"{example.num_images} image spans for {len(sources)} images")
     targets, loss_mask = text.shift_labels(example.input_ids, example.labels, fill_id=self.tokenizer.eod_id)
     if not loss_mask.any():
       raise rec.BadRecordError(record.id, "no supervised token")
-    images = np.zeros((len(record.images), self.image_size, self.image_size, 3), np.uint8)
-    for i, image in enumerate(record.images):
+    images = np.zeros((len(sources), self.image_size, self.image_size, 3), np.uint8)
+    for i, image in enumerate(sources):
       try:
         images[i] = preprocess_image(image, self.image_size)
       except ImageError as e:

@@ -121,7 +121,8 @@ def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, process_index:
     raise ValueError(f"need max_images >= 1, seq_len >= 2, image_tokens >= 1; got {max_images}, {seq_len}, "
                      f"{image_tokens}")
   local_batch = global_batch // process_count
-  encoder = ExampleEncoder(tokenizer, stage, image_tokens, image_size, seq_len, max_images, config.system)
+  encoder = ExampleEncoder(tokenizer, stage, image_tokens, image_size, seq_len, max_images, config.system,
+                           config.truncate)
   datasets, weights = [], []
   for i, (source, weight) in enumerate(make_source_datasets(config, stage=stage, image_size=image_size)):
     ds = source.items[process_index::process_count]

@@ -72,3 +72,21 @@ def test_expected_text_helpers_agree_with_hand_written_strings():
   turns = [("user", "<img></img>Q:"), ("assistant", " A")]
   assert helpers.expected_raw_text(turns, 1) == "<img><imgpad></img>Q: A<|endoftext|>"
   assert helpers.expected_chatml_supervised(turns) == "<|im_end|>\n<|im_start|><|im_end|>\n<|im_start|> A<|im_end|>\n"
+
+
+def test_truncate_cuts_like_finetune_and_drops_cut_images(byte_tokenizer):
+  tok = byte_tokenizer
+  turns = [("user", "Picture 1: <img></img>\nPicture 2: <img></img>\nSame?"), ("assistant", "No, they differ.")]
+  record = rec.Record("t", "chat", turns, [_image(1), _image(2)])
+  full = _encoder(tok, 3)(record)
+  n = len(full["input_ids"])
+  cut = ExampleEncoder(tok, 3, Q, S, n - 5, 2, truncate=True)(record)
+  np.testing.assert_array_equal(cut["input_ids"], full["input_ids"][:n - 5])
+  # A cut inside the second image span removes that span and its image.
+  inside = int(np.flatnonzero(full["input_ids"] == tok.img_pad_id)[-2])
+  cut = ExampleEncoder(tok, 3, Q, S, inside, 2, truncate=True)(record)
+  assert cut["images"].shape[0] == 1 and np.all(cut["images"][0] == 1)
+  assert np.sum(cut["input_ids"] == tok.img_pad_id) == Q
+  assert tok.decode(cut["input_ids"]).endswith("</img>\nPicture 2: ")
+  with pytest.raises(rec.BadRecordError, match="over-long"):
+    ExampleEncoder(tok, 3, Q, S, n - 5, 2)(record)
