@@ -1,6 +1,7 @@
 """Benchmark of the data pipeline: examples per second per worker at 224 and 448 px.
 
-Two measurements per (source, image size):
+Two measurements per (source, image size), each as wall-clock and CPU-time rates (on a shared machine the CPU
+rate is the one that says what a worker process with a core to itself delivers):
   encode    one worker's work on one core: parse + tokenize + PIL decode/resize of every image, a single thread
             (what each grain worker process does; multiply by the worker count for a host's upper bound)
   pipeline  the whole host-local pipeline in the calling process (num_workers=0, one read thread): the above plus
@@ -57,27 +58,29 @@ def _write_jsonl(folder: str, n: int) -> str:
   return path
 
 
-def _encode_rate(spec: str, tokenizer, size: int, n: int) -> float:
+def _encode_rate(spec: str, tokenizer, size: int, n: int) -> tuple[float, float]:
+  """(examples per wall second, examples per CPU second) of one worker's work in one thread."""
   source = make_source(spec, stage=1, image_size=size)
   encoder = ExampleEncoder(tokenizer, 1, 256, size, 512, 1)
   items = [source.items[i % len(source.items)] for i in range(n)]
-  start = time.perf_counter()
+  start, cpu = time.perf_counter(), time.process_time()
   for item in items:
     encoder(source.parse(item))
-  return n / (time.perf_counter() - start)
+  return n / (time.perf_counter() - start), n / (time.process_time() - cpu)
 
 
-def _pipeline_rate(spec: str, tokenizer, size: int, n: int) -> float:
+def _pipeline_rate(spec: str, tokenizer, size: int, n: int) -> tuple[float, float]:
+  """(examples per wall second, examples per CPU second of all the process's threads) of the whole pipeline."""
   config = default_data_config(1)
   config.update(source=spec, num_workers=0, read_threads=1)
   it = make_train_iterator(config, tokenizer, process_index=0, process_count=1, global_batch=4, seq_len=1024,
                            max_images=3, image_size=size, stage=1, image_tokens=256)
   next(it)  # warm-up: threads, first reads
   seen = 0
-  start = time.perf_counter()
+  start, cpu = time.perf_counter(), time.process_time()
   while seen < n:
     seen += int(next(it)["segment_ids"].max(axis=1).sum())
-  return seen / (time.perf_counter() - start)
+  return seen / (time.perf_counter() - start), seen / (time.process_time() - cpu)
 
 
 def main():
@@ -89,13 +92,17 @@ def main():
   with tempfile.TemporaryDirectory() as workdir:
     tokenizer, name = _tokenizer(args.tokenizer, workdir)
     jsonl = _write_jsonl(workdir, min(args.examples, 200))
-    print(f"tokenizer: {name}; {os.cpu_count()} CPUs; {args.examples} examples per measurement")
-    print(f"{'source':<10} {'size':>5} {'encode ex/s/worker':>19} {'pipeline ex/s':>14}")
+    print(f"tokenizer: {name}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
+          f"{args.examples} examples per measurement")
+    print("ex/s = examples per wall-clock second; ex/cpu-s = per second of CPU time (what one uncontended core "
+          "gives)")
+    print(f"{'source':<10} {'size':>5} {'encode ex/s':>12} {'encode ex/cpu-s':>16} {'pipeline ex/s':>14} "
+          f"{'pipeline ex/cpu-s':>18}")
     for spec in ("synthetic", f"jsonl:{jsonl}"):
       for size in (int(s) for s in args.sizes.split(",")):
-        enc = _encode_rate(spec, tokenizer, size, args.examples)
-        pipe = _pipeline_rate(spec, tokenizer, size, args.examples)
-        print(f"{spec.split(':')[0]:<10} {size:>5} {enc:>19.0f} {pipe:>14.0f}")
+        enc, enc_cpu = _encode_rate(spec, tokenizer, size, args.examples)
+        pipe, pipe_cpu = _pipeline_rate(spec, tokenizer, size, args.examples)
+        print(f"{spec.split(':')[0]:<10} {size:>5} {enc:>12.0f} {enc_cpu:>16.0f} {pipe:>14.0f} {pipe_cpu:>18.0f}")
 
 
 if __name__ == "__main__":
