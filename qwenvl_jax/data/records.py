@@ -171,7 +171,7 @@ class SkipCounter:
 
 
 def _reason_kind(reason: str) -> str:
-  """A short category for counting: the reason up to its first colon or digit-free prefix."""
+  """A short category for counting: the reason up to its first ":" or "(" (e.g. "over-long", "image 0")."""
   return reason.split(":")[0].split("(")[0].strip()[:60]
 
 
