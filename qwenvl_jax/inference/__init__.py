@@ -5,11 +5,10 @@ with history and streaming, drawing grounded boxes, and likelihood scoring for m
   batch = make_prompt_batch(prompts, images, pad_id=tok.eod_id, image_pad_id=cfg.image_pad_id,
                             image_tokens=cfg.image_tokens)
   new_tokens = gen.generate(batch, GenerationConfig(max_new_tokens=30, min_new_tokens=8))
-  response, history = chat(gen, tok, "Picture 1:<img>a.jpg</img>\\nWhat is this?")
+  response, history = chat.chat(gen, tok, "Picture 1:<img>a.jpg</img>\\nWhat is this?")   # the `chat` module
 """
 from qwenvl_jax.inference.chat import ChatReply
 from qwenvl_jax.inference.chat import build_prompt
-from qwenvl_jax.inference.chat import chat
 from qwenvl_jax.inference.chat import chat_generation_config
 from qwenvl_jax.inference.chat import chat_stream
 from qwenvl_jax.inference.chat import load_images

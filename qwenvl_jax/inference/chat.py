@@ -111,6 +111,10 @@ class ChatReply:
       if text.startswith(shown) and len(text) > len(shown):
         yield text[len(shown):]
         shown = text
+    # The end: what was held back is final now (a truncated character stays a replacement character).
+    text = self._tok.decode(_visible_ids(self.new_tokens, self._tok, self._chat_format))
+    if text.startswith(shown) and len(text) > len(shown):
+      yield text[len(shown):]
     self._finish()
 
   def _finish(self):

@@ -1,0 +1,58 @@
+"""Chat: ChatML prompts with history and images, streaming, the returned history."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from qwenvl_jax import text as qtext
+from qwenvl_jax.inference import chat
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory):
+  path = tmp_path_factory.mktemp("chat") / "red.png"
+  Image.new("RGB", (40, 30), (200, 20, 20)).save(path)
+  return str(path)
+
+
+def test_build_prompt_uses_make_context_and_loads_the_images(generator, sp_tok, picture):
+  history = [(f"Picture 1:<img>{picture}</img>\nWhat is it?", "A red picture.")]
+  prompt = chat.build_prompt(generator, sp_tok, "And now?", history)
+  expected = qtext.make_context(sp_tok, "And now?", history, n_image_tokens=generator.cfg.image_tokens)
+  assert prompt.context.tokens == expected.tokens
+  assert prompt.context.image_paths == [picture]
+  s = generator.cfg.vision.image_size
+  assert len(prompt.images) == 1 and prompt.images[0].shape == (s, s, 3)
+  np.testing.assert_array_equal(prompt.images[0][0, 0], [200, 20, 20])  # stretched, not cropped
+
+
+def test_chat_streams_the_response_and_extends_the_history(generator, sp_tok, picture):
+  gen = chat.chat_generation_config(sp_tok, max_new_tokens=5)
+  history = [("Hello", "Hi.")]
+  reply = chat.chat_stream(generator, sp_tok, f"Picture 1:<img>{picture}</img>\nDescribe it.", history, gen=gen)
+  deltas = list(reply)
+  assert "".join(deltas).strip() == reply.response
+  assert 1 <= len(reply.new_tokens) <= 5 and all(t < sp_tok.vocab_size for t in reply.new_tokens)
+  assert reply.history == history + [(f"Picture 1:<img>{picture}</img>\nDescribe it.", reply.response)]
+  response, new_history = chat.chat(generator, sp_tok, f"Picture 1:<img>{picture}</img>\nDescribe it.", history,
+                                    gen=gen)
+  assert (response, new_history) == (reply.response, reply.history)  # greedy: deterministic
+
+
+def test_chat_generation_config_has_the_reference_stop_words(sp_tok):
+  gen = chat.chat_generation_config(sp_tok, do_sample=True, top_p=0.3)
+  assert gen.stop_words == ((sp_tok.im_end_id,), (sp_tok.im_start_id,))
+  assert gen.eos_id == gen.pad_id == sp_tok.eod_id and gen.vocab_limit == sp_tok.vocab_size
+  assert gen.do_sample and gen.top_p == 0.3
+  raw = chat.chat_generation_config(sp_tok, "raw")
+  assert raw.stop_words == (tuple(sp_tok.encode("Human:")),)
+
+
+def test_a_tokenizer_bigger_than_the_model_is_an_error(generator, qwen_tiktoken_path):
+  tok = qtext.QwenTokenizer(qwen_tiktoken_path)
+  with pytest.raises(ValueError, match="does not belong to this model"):
+    chat.build_prompt(generator, tok, "Hello")
+
+
+def test_missing_image_names_the_file(generator, sp_tok, tmp_path):
+  with pytest.raises(ValueError, match="nothere.png"):
+    chat.build_prompt(generator, sp_tok, f"<img>{tmp_path / 'nothere.png'}</img>hi")

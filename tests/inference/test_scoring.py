@@ -1,0 +1,23 @@
+"""Multiple-choice scoring: mean option-token cross-entropy, batched and left-padded == computed by hand."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwenvl_jax.inference import scoring
+
+
+def _by_hand(model, ids, n_option, image):
+  """Mean CE of the last n_option tokens from one unpadded forward pass."""
+  logits = model(jnp.asarray([ids]), images=jnp.asarray(image)[None, None], image_mask=jnp.ones((1, 1), bool))
+  logp = jax.nn.log_softmax(logits[0, :-1].astype(jnp.float32), axis=-1)
+  ce = -np.take_along_axis(np.asarray(logp), np.asarray(ids[1:])[:, None], axis=1)[:, 0]
+  return float(ce[-n_option:].mean())
+
+
+def test_option_losses_match_a_direct_computation(generator, tiny_model, image_prompt):
+  ids, image = image_prompt
+  options = [[5], [6, 7], [8, 9, 10]]  # different lengths: the rows are left-padded differently
+  scorer = scoring.LikelihoodScorer(generator, dynamic_ntk=False, logn=False)
+  got = scorer.option_losses(ids, options, [image], pad_id=0, num_rows=4)
+  expected = [_by_hand(tiny_model, ids + o, len(o), image) for o in options]
+  np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5)
