@@ -1,10 +1,20 @@
-"""Tests of host-local -> global batch conversion on 8 fake CPU devices (tests/conftest.py)."""
+"""Tests of host-local -> global batch conversion: 8 fake CPU devices in one process, and two real processes."""
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
 from qwenvl_jax.data.global_batch import batch_sharding, to_global_batch
+from tests.data import helpers
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _mesh(shape, names):
@@ -33,3 +43,51 @@ def test_missing_axes_are_ignored_and_errors_are_clear():
     to_global_batch({"a": np.zeros((8, 1)), "b": np.zeros((4, 1))}, mesh)
   with pytest.raises(ValueError, match="does not divide"):
     to_global_batch({"a": np.zeros((6, 1))}, mesh)
+
+
+_WORKER = r"""
+import json, os, sys
+import jax
+import numpy as np
+jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from qwenvl_jax.data import default_data_config, make_train_iterator, to_global_batch
+from tests.data.helpers import ByteTokenizer
+tok = ByteTokenizer()
+config = default_data_config(1)
+config.update(source="jsonl:" + sys.argv[3], num_workers=0, packing=False, num_epochs=1)
+it = make_train_iterator(config, tok, process_index=jax.process_index(), process_count=jax.process_count(),
+                         global_batch=4, seq_len=48, max_images=1, image_size=8, stage=1, image_tokens=2)
+local = next(it)
+batch = to_global_batch(local, jax.make_mesh((4,), ("data",)))
+shards = sorted((s.index[0].start, s.data.shape[0]) for s in batch["input_ids"].addressable_shards)
+mine = np.concatenate([np.asarray(s.data) for s in sorted(batch["input_ids"].addressable_shards,
+                                                          key=lambda s: s.index[0].start)])
+print(json.dumps({"shape": list(batch["input_ids"].shape), "images": list(batch["images"].shape),
+                  "texts": [tok.decode(r, skip_special_tokens=True) for r in local["input_ids"]],
+                  "shards": shards, "local_is_addressable": bool(np.array_equal(mine, local["input_ids"]))}))
+jax.distributed.shutdown()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_build_one_global_batch_from_disjoint_shards(tmp_path):
+  path = helpers.write_image_text_jsonl(tmp_path, 8)
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+         "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  procs = [subprocess.Popen([sys.executable, "-c", _WORKER, f"localhost:{port}", str(i), str(path)], cwd=REPO_ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = []
+  for p in procs:
+    out, err = p.communicate(timeout=240)
+    assert p.returncode == 0, err[-3000:]
+    outs.append(json.loads(out.strip().splitlines()[-1]))
+  for o in outs:
+    assert o["shape"] == [4, 48] and o["images"] == [4, 1, 8, 8, 3]
+    # Each process holds 2 of the 4 rows: its own local rows, on its own 2 devices.
+    assert o["local_is_addressable"] and len(o["shards"]) == 2 and all(n == 1 for _, n in o["shards"])
+  assert not set(outs[0]["texts"]) & set(outs[1]["texts"])
+  assert {start for o in outs for start, _ in o["shards"]} == {0, 1, 2, 3}
