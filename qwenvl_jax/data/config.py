@@ -17,7 +17,8 @@ Fields (all overridable from the command line, e.g. `--config.data.source=jsonl:
   num_workers      grain worker processes per host (0 = read in the training process)
   read_threads     threads per worker (or in the training process) reading and decoding records
   shuffle          shuffle the records of each source (per epoch)
-  num_epochs       passes over each source (0 = forever)
+  num_epochs       passes over each source (0 = forever); a finite stage-2 mixture ends when its first source
+                   runs out (grain's MapDataset.mix)
   seed             shuffle seed and synthetic-dataset seed
   system           the ChatML system prompt of stage 3
 """
