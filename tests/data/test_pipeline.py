@@ -285,3 +285,14 @@ def test_stage2_mixture_weights_and_sources(byte_tokenizer, tmp_path):
   questions = sum(" Answer: " in t for t in texts)
   assert captions + questions == 40 and captions == 30
   assert not any("OCR" in t for t in texts)
+
+
+def test_packing_keeps_every_example_exactly_once(byte_tokenizer, tmp_path):
+  tok = byte_tokenizer
+  path = helpers.write_image_text_jsonl(tmp_path, 25)
+  config = _config(1, source=f"jsonl:{path}", num_epochs=1, shuffle=True, packing_bins=3)
+  seen = []
+  for batch in _iterator(tok, 1, config=config, batch=1, seq_len=64):
+    for b, _, sl in _segments(batch):
+      seen.append(tok.decode(batch["input_ids"][b, sl], skip_special_tokens=True))
+  assert sorted(seen) == sorted(f"image number {i}" for i in range(25))
