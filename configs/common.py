@@ -1,0 +1,140 @@
+"""The experiment config shared by the three training stages; `configs/stage{1,2,3}.py` call `stage_config`.
+
+`get_config(arg)` takes a comma-separated `key=value` string after the file name:
+  python -m qwenvl_jax.train --config=configs/stage2.py:model=qwen_vl_7b,res=448
+Arg keys: model (tiny | mid | qwen_vl_7b), res (224 | 448 | any multiple of the patch size), fix_vit (stage 3),
+scale (demo | paper). Every field can then be overridden with `--config.<field>=...`.
+
+Two scales:
+* `paper` (the default for `mid` and `qwen_vl_7b`): the hyperparameters of RECIPES §3.3 / SPEC §6.1 — AdamW
+  β=(0.9, 0.98), ε=1e-6, weight decay 0.05, clip 1.0, cosine with warm-up, ViT layer-wise LR decay 0.95 in
+  stages 1–2, the paper's global batch, sequence length, resolution, steps and gradient accumulation.
+* `demo` (the default for `tiny`): the same stage semantics (what is frozen, resolution, optimizer shape) with a
+  batch, sequence, step count and a larger learning rate that make a tiny model visibly learn the synthetic data
+  in a few minutes on a 2-core CPU.
+"""
+import ml_collections
+
+from qwenvl_jax.data import default_data_config
+
+# Per stage, paper scale: (lr, min_lr, warmup, steps, global batch, accumulation, seq_len, res, vit_layer_decay,
+# max image slots per row). Image slots: stage 1 fits one 258-token image span in 512 tokens; packed stage-2 rows
+# of 2048 tokens hold up to 7 captioned images; stage-3 conversations have up to 4 pictures.
+_PAPER = {
+    1: dict(lr=2e-4, min_lr=1e-6, warmup=500, steps=50_000, batch=30_720, accum=6, seq_len=512, res=224,
+            layer_decay=0.95, max_images=1),
+    2: dict(lr=5e-5, min_lr=1e-5, warmup=400, steps=19_000, batch=4096, accum=8, seq_len=2048, res=448,
+            layer_decay=0.95, max_images=7),
+    3: dict(lr=1e-5, min_lr=1e-6, warmup=3000, steps=8000, batch=128, accum=8, seq_len=2048, res=448,
+            layer_decay=1.0, max_images=4),
+}
+# Demo scale (tiny model, 16 image tokens per image): sequences hold a few examples each.
+_DEMO = {
+    1: dict(lr=3e-3, min_lr=1e-4, warmup=20, steps=200, batch=8, accum=1, seq_len=128, res=224,
+            layer_decay=0.95, max_images=4),
+    2: dict(lr=2e-3, min_lr=1e-4, warmup=20, steps=150, batch=8, accum=1, seq_len=128, res=448,
+            layer_decay=0.95, max_images=2),
+    3: dict(lr=2e-3, min_lr=1e-4, warmup=20, steps=150, batch=8, accum=1, seq_len=192, res=448,
+            layer_decay=1.0, max_images=2),
+}
+
+
+def parse_arg(arg: str | None) -> dict[str, str]:
+  """'model=tiny,res=224' -> {'model': 'tiny', 'res': '224'}; a malformed item is an error naming it."""
+  out = {}
+  for item in (arg or "").split(","):
+    if not item.strip():
+      continue
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+      raise ValueError(f"config arg item {item!r} is not key=value (arg: {arg!r})")
+    out[key.strip()] = value.strip()
+  unknown = set(out) - {"model", "res", "fix_vit", "scale"}
+  if unknown:
+    raise ValueError(f"unknown config arg keys {sorted(unknown)}; known: model, res, fix_vit, scale")
+  return out
+
+
+def _bool(value: str, key: str) -> bool:
+  if value.lower() in ("1", "true", "yes"):
+    return True
+  if value.lower() in ("0", "false", "no"):
+    return False
+  raise ValueError(f"config arg {key}={value!r} is not a boolean")
+
+
+def stage_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
+  """The full experiment config of `stage` (1, 2 or 3) for the arg string of `get_config`."""
+  args = parse_arg(arg)
+  model = args.get("model", "tiny")
+  scale = args.get("scale", "demo" if model == "tiny" else "paper")
+  if scale not in ("demo", "paper"):
+    raise ValueError(f"config arg scale={scale!r}: expected 'demo' or 'paper'")
+  d = (_DEMO if scale == "demo" else _PAPER)[stage]
+
+  c = ml_collections.ConfigDict()
+  c.stage = stage
+  c.model = model                 # preset of qwenvl_jax.model.config
+  c.res = int(args.get("res", d["res"]))
+  # Compute dtype: bf16 like the reference; the CPU demo computes in float32 (XLA:CPU emulates bf16 matmuls,
+  # which makes them slower, not faster).
+  c.model_dtype = "float32" if scale == "demo" else "bfloat16"
+  c.param_dtype = "float32"
+  c.remat = "none" if model == "tiny" else "full"   # none | full | dots | dots_no_batch
+  c.attention_impl = "xla"
+  # Stage 3: freeze ViT + ln_post + proj like the official finetune.py (True) or only the ViT like the paper.
+  c.fix_vit = _bool(args.get("fix_vit", "true"), "fix_vit")
+  c.frozen = ""                   # '' = the stage's filters; 'none'; or one full-match path regex
+  c.seed = 0
+
+  c.batch_size = d["batch"]       # global rows per step (all hosts, all micro-batches)
+  c.accum_steps = d["accum"]      # micro-batches per step (scanned inside the jitted step)
+  c.seq_len = d["seq_len"]
+  c.max_images = d["max_images"]  # image slots per row (all computed: a fixed-shape batch)
+  c.total_steps = d["steps"]      # length of the LR schedule and of the run
+  c.stop_at_step = 0              # > 0: save and stop there as if preempted (the schedule keeps total_steps)
+  c.log_every = 10 if scale == "demo" else 50
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.lr = d["lr"]
+  c.optimizer.min_lr = d["min_lr"]
+  c.optimizer.warmup_steps = d["warmup"]
+  c.optimizer.schedule = "cosine"  # cosine | constant (what the official DeepSpeed fine-tuning actually ran)
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.98
+  c.optimizer.eps = 1e-6
+  c.optimizer.weight_decay = 0.05
+  c.optimizer.wd_exclude = r".*/(bias|scale)"  # no decay on biases and norm scales
+  c.optimizer.grad_clip = 1.0
+  c.optimizer.vit_layer_decay = d["layer_decay"]
+  c.optimizer.mu_dtype = ""        # '' = parameter dtype
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.ici = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+  c.mesh.dcn = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
+  c.mesh.rules = "fsdp"            # fsdp | fsdp_tp (configs/sharding_rules.py)
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 50 if scale == "demo" else 1000
+  c.checkpoint.keep = 3
+  c.checkpoint.async_save = True
+
+  c.workdir = ""                   # '' = ./runs/stage<N>
+  c.resume = "auto"                # auto | force | never (qwenvl_jax/training/workdir.py)
+  # Parameters of a fresh run: '' = random init, 'trainer:WORKDIR[@STEP]' = another stage's run (any
+  # resolution), 'params:PATH' = a converted checkpoint (python -m qwenvl_jax.convert).
+  c.init = ""
+  c.tokenizer = ""                 # '' = the synthetic SentencePiece model; qwen:PATH; sentencepiece:PATH
+  c.synthetic_vocab_size = 1000
+  c.data = default_data_config(stage)
+
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.initialize = "auto"  # auto | yes | no
+  c.distributed.coordinator = ""     # host:port to start processes by hand (then num_processes, process_id)
+  c.distributed.num_processes = 1
+  c.distributed.process_id = 0
+
+  c.peak_flops_per_device = 0.0    # > 0 overrides the chip table (e.g. to report an MFU on CPU)
+  c.progress_bar = True
+  c.tensorboard = True
+  return c

@@ -1,0 +1,41 @@
+"""Trains one stage of Qwen-VL: `python -m qwenvl_jax.train --config=configs/stage2.py[:model=...,res=...]`.
+
+Flags:
+  --config   an experiment config file (`configs/stage{1,2,3}.py`) with its arg string; override any field with
+             `--config.<field>=value`, e.g. `--config.optimizer.lr=1e-4 --config.total_steps=1000`.
+  --workdir  where checkpoints, metrics and TensorBoard events go (default `config.workdir`, else ./runs/stageN).
+
+The same command resumes a run from its latest checkpoint; see `qwenvl_jax/training/trainer.py`.
+"""
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/stageN.py[:args]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (overrides config.workdir).")
+flags.mark_flag_as_required("config")
+
+# Exit status of a run stopped by SIGTERM/SIGINT after its checkpoint (128 + SIGTERM), so schedulers retry it.
+PREEMPTED_EXIT_CODE = 143
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # Orbax logs every save step at INFO; the loop prints what a user needs.
+    logging.set_verbosity(logging.WARNING)
+  from qwenvl_jax.training import train  # pylint: disable=g-import-not-at-top  (after flags: JAX reads them)
+  config = _CONFIG.value
+  if _WORKDIR.value:
+    with config.unlocked():
+      config.workdir = _WORKDIR.value
+  result = train(config)
+  if result.status == "preempted":
+    sys.exit(PREEMPTED_EXIT_CODE)
+
+
+if __name__ == "__main__":
+  app.run(main)

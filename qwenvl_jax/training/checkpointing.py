@@ -1,0 +1,131 @@
+"""Resumable training checkpoints: an async Orbax `CheckpointManager` over params, optimizer state, data iterator.
+
+Layout of `<workdir>/checkpoints/<step>/`:
+  params/      the nested dict of model parameters: a standalone Orbax PyTree checkpoint, the same format as the
+               converter's params checkpoints, so `qwenvl_jax.checkpoint.restore_params` reads it (inference,
+               evaluation, or starting the next stage)
+  opt_state/   the optax state (frozen parameters have none)
+  data/        the grain iterator state, one file per process
+  meta/        JSON: step, the config fingerprint, wall time
+
+Saving is asynchronous (the arrays are copied off the device, then written in the background while training
+continues); the manager keeps the newest N, the loop decides when to save. `save(force=True)` is used for the final and the
+SIGTERM checkpoint. Restores go straight into the target shardings, so no host ever holds the whole model.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from qwenvl_jax.training.step import TrainState
+
+_ITEMS = ("params", "opt_state", "data", "meta")
+
+
+def _abstract(tree: Any) -> Any:
+  """ShapeDtypeStructs with shardings for a tree of jax.Arrays or ShapeDtypeStructs (empty nodes kept)."""
+  def leaf(x):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+  return jax.tree.map(leaf, tree)
+
+
+class Checkpointer:
+  """Saves and restores `TrainState` + data-iterator state under `<workdir>/checkpoints`."""
+
+  def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
+    if keep < 1:
+      raise ValueError(f"checkpoint.keep must be >= 1, got {keep}")
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    # The loop decides when to save (every N steps, at the end, on a stop request); the manager keeps N.
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+    handlers = {
+        "params": ocp.StandardCheckpointHandler(),
+        "opt_state": ocp.StandardCheckpointHandler(),
+        "data": grain.checkpoint.CheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler(),
+    }
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state: TrainState, data_iterator, meta: dict, *, force: bool = True) -> bool:
+    """Starts an async save of `step`; returns whether one was started."""
+    args = ocp.args.Composite(
+        params=ocp.args.StandardSave(state.params),
+        opt_state=ocp.args.StandardSave(state.opt_state),
+        data=grain.checkpoint.CheckpointSave(data_iterator),
+        meta=ocp.args.JsonSave(dict(meta, step=int(step), time=time.time())),
+    )
+    return self.manager.save(step, args=args, force=force)
+
+  def restore(self, step: int, target: TrainState, data_iterator) -> TrainState:
+    """Restores `step` into the shardings and dtypes of `target` (concrete or abstract) and the iterator in place.
+
+    Raises:
+      ValueError: the stored tree does not match the model/optimizer (a different model or stage config).
+    """
+    args = ocp.args.Composite(
+        params=ocp.args.StandardRestore(_abstract(target.params)),
+        opt_state=ocp.args.StandardRestore(_abstract(target.opt_state)),
+        data=grain.checkpoint.CheckpointRestore(data_iterator),
+    )
+    try:
+      restored = self.manager.restore(step, args=args)
+    except (ValueError, KeyError) as e:
+      raise ValueError(f"checkpoint {self.directory}/{step} does not match this model and optimizer: {e}") from e
+    sharding = getattr(target.step, "sharding", None)
+    step_array = jax.device_put(jax.numpy.asarray(step, jax.numpy.int32), sharding)
+    return TrainState(step_array, restored["params"], restored["opt_state"])
+
+  def read_meta(self, step: int) -> dict:
+    return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+
+  def params_path(self, step: int) -> str:
+    return os.path.join(self.directory, str(step), "params")
+
+  def wait(self) -> None:
+    """Blocks until every started save is durable on disk."""
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def resolve_params_checkpoint(spec: str) -> str:
+  """The params directory that `config.init` names.
+
+  `trainer:WORKDIR[@STEP]` → `WORKDIR/checkpoints/<STEP or latest>/params` (another stage's run);
+  `params:PATH` → PATH (a converted checkpoint from `python -m qwenvl_jax.convert`).
+  """
+  kind, _, arg = spec.partition(":")
+  if not arg:
+    raise ValueError(f"config.init={spec!r}: expected 'trainer:WORKDIR[@STEP]' or 'params:PATH'")
+  if kind == "params":
+    if not os.path.isdir(arg):
+      raise FileNotFoundError(f"config.init={spec!r}: {arg} is not a directory")
+    return os.path.abspath(arg)
+  if kind == "trainer":
+    workdir, _, step = arg.partition("@")
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(directory):
+      raise FileNotFoundError(f"config.init={spec!r}: no checkpoints under {directory}")
+    steps = sorted(int(d) for d in os.listdir(directory)
+                   if d.isdigit() and os.path.isdir(os.path.join(directory, d, "params")))
+    if not steps:
+      raise FileNotFoundError(f"config.init={spec!r}: {directory} holds no finished checkpoint")
+    chosen = int(step) if step else steps[-1]
+    if chosen not in steps:
+      raise FileNotFoundError(f"config.init={spec!r}: no step {chosen} in {directory} (steps: {steps})")
+    return os.path.join(directory, str(chosen), "params")
+  raise ValueError(f"config.init={spec!r}: expected 'trainer:WORKDIR[@STEP]' or 'params:PATH'")

@@ -1,0 +1,135 @@
+"""From an experiment ConfigDict to the objects a run needs: processes, tokenizer, model config, mesh, filters.
+
+Every function here reads a small part of the stage config (`configs/stage{1,2,3}.py`) and fails with a message
+that names the offending config key.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import jax
+import ml_collections
+import numpy as np
+
+from qwenvl_jax import sharding
+from qwenvl_jax.model import config as model_config
+from qwenvl_jax.training.optimizer import stage_frozen_patterns
+
+# Environment variables that mean "this process is one of several" for launchers JAX auto-detects.
+_MULTIPROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_NTASKS",
+                     "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
+
+
+def _env_says_multiprocess() -> bool:
+  for name in _MULTIPROCESS_ENV:
+    value = os.environ.get(name, "")
+    if name == "TPU_WORKER_HOSTNAMES":
+      if len([h for h in value.split(",") if h]) > 1:
+        return True
+    elif name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+      if value.isdigit() and int(value) > 1:
+        return True
+    elif value:
+      return True
+  return False
+
+
+def initialize_distributed(dist: ml_collections.ConfigDict) -> None:
+  """`jax.distributed.initialize()` when the config or the launcher environment says the run is multi-process.
+
+  `distributed.coordinator` (+ `num_processes`, `process_id`) names the coordinator explicitly (e.g. processes on
+  one machine); `distributed.initialize` = 'auto' (detect a TPU pod / SLURM / MPI launcher), 'yes' or 'no'.
+  Must run before anything touches a JAX backend.
+  """
+  mode = dist.initialize
+  if mode not in ("auto", "yes", "no"):
+    raise ValueError(f"config.distributed.initialize must be 'auto', 'yes' or 'no', got {mode!r}")
+  if jax.distributed.is_initialized():
+    return
+  if dist.coordinator:
+    if dist.num_processes < 1 or not 0 <= dist.process_id < dist.num_processes:
+      raise ValueError(f"config.distributed: process_id={dist.process_id} and num_processes={dist.num_processes} "
+                       "must satisfy 0 <= process_id < num_processes")
+    jax.distributed.initialize(coordinator_address=dist.coordinator, num_processes=dist.num_processes,
+                               process_id=dist.process_id)
+  elif mode == "yes" or (mode == "auto" and _env_says_multiprocess()):
+    jax.distributed.initialize()
+
+
+def frozen_patterns(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The frozen-path regexes: `config.frozen` if set ('none' = train everything), else the stage's filters."""
+  if config.frozen == "none":
+    return ()
+  if config.frozen:
+    return (config.frozen,)
+  return stage_frozen_patterns(config.stage, fix_vit=config.fix_vit)
+
+
+def _broadcast_bytes(data: bytes | None) -> bytes:
+  """Process 0's bytes on every process (small payloads only; a no-op with one process)."""
+  if jax.process_count() == 1:
+    return data
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  size = multihost_utils.broadcast_one_to_all(np.int64(len(data) if data is not None else 0))
+  buf = np.frombuffer(data, np.uint8) if data is not None else np.zeros(int(size), np.uint8)
+  return np.asarray(multihost_utils.broadcast_one_to_all(buf)).tobytes()
+
+
+def make_tokenizer(config: ml_collections.ConfigDict, workdir: str):
+  """The tokenizer `config.tokenizer` names.
+
+  '' trains (or reloads) the synthetic dataset's SentencePiece model at `<workdir>/tokenizer.model`; process 0
+  trains it and sends the bytes to the others, so hosts need no shared disk. `qwen:PATH` is the real Qwen
+  vocabulary (`qwen.tiktoken`); `sentencepiece:PATH` a SentencePiece model.
+  """
+  from qwenvl_jax import text  # pylint: disable=g-import-not-at-top
+  spec = config.tokenizer
+  if spec.startswith("qwen:"):
+    return text.QwenTokenizer(spec[len("qwen:"):])
+  if spec.startswith("sentencepiece:"):
+    return text.SentencePieceTokenizer(spec[len("sentencepiece:"):])
+  if spec:
+    raise ValueError(f"config.tokenizer={spec!r}: expected '' (synthetic), 'qwen:PATH' or 'sentencepiece:PATH'")
+  path = os.path.join(workdir, "tokenizer.model")
+  data = None
+  if jax.process_index() == 0:
+    if not os.path.exists(path):
+      from qwenvl_jax.data import train_synthetic_tokenizer  # pylint: disable=g-import-not-at-top
+      with tempfile.TemporaryDirectory() as tmp:
+        tok = train_synthetic_tokenizer(os.path.join(tmp, "synthetic"), vocab_size=config.synthetic_vocab_size,
+                                        seed=config.data.seed)
+        with open(tok.path, "rb") as f:
+          data = f.read()
+      with open(path, "wb") as f:
+        f.write(data)
+    else:
+      with open(path, "rb") as f:
+        data = f.read()
+  data = _broadcast_bytes(data)
+  if jax.process_index() != 0:
+    local = os.path.join(tempfile.mkdtemp(prefix="qwenvl_tokenizer_"), "tokenizer.model")
+    with open(local, "wb") as f:
+      f.write(data)
+    path = local
+  return text.SentencePieceTokenizer(path)
+
+
+def make_model_config(config: ml_collections.ConfigDict, tokenizer) -> model_config.QwenVLConfig:
+  """The preset `config.model` at `config.res` px with the run's numerics and the tokenizer's `<imgpad>` id."""
+  cfg = model_config.get_preset(config.model, dtype=config.model_dtype, param_dtype=config.param_dtype,
+                                remat_policy=config.remat, attention_impl=config.attention_impl,
+                                image_pad_id=tokenizer.img_pad_id)
+  cfg = cfg.with_image_size(config.res)
+  if tokenizer.vocab_size > cfg.llm.vocab_size:
+    raise ValueError(f"the tokenizer defines {tokenizer.vocab_size} ids but model {config.model!r} has only "
+                     f"{cfg.llm.vocab_size} embedding rows; use a matching config.tokenizer or model")
+  return cfg
+
+
+def make_mesh(config: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, sharding.Rules]:
+  """The (data, fsdp, tensor) mesh of `config.mesh.ici` / `config.mesh.dcn` and the rule table `config.mesh.rules`."""
+  ici = {k: int(v) for k, v in config.mesh.ici.items()}
+  dcn = {k: int(v) for k, v in config.mesh.dcn.items()}
+  return sharding.make_mesh(ici, dcn), sharding.load_rules(config.mesh.rules)

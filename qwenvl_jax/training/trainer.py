@@ -1,0 +1,237 @@
+"""The training loop of all three stages: setup, resume, the jitted step on the mesh, metrics, checkpoints, signals.
+
+```
+initialize_distributed → workdir check → tokenizer → model config → mesh + rules
+→ abstract model → shardings → stage optimizer → state: own checkpoint | config.init params | sharded init
+→ grain iterator (restored with the state) → loop: next batch → global arrays → step → metrics / checkpoint
+```
+The loop holds no model logic (that is `step.py`) and no I/O format (that is `checkpointing.py` and
+`metrics.py`). It stops on:
+* `total_steps` reached: final checkpoint;
+* SIGTERM / SIGINT (preemption, Ctrl-C): finishes the current step, saves, exits with status 'preempted'
+  (multi-process runs agree on the stop at the next log or checkpoint boundary); `config.stop_at_step` does the
+  same at a given step (a planned interruption: the schedule still runs to `total_steps`);
+* a non-finite loss or gradient: raises `FloatingPointError` naming the step and the last good checkpoint; no
+  checkpoint is written after the bad step (losses are checked before every save).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from qwenvl_jax import data, sharding
+from qwenvl_jax.model import QwenVL
+from qwenvl_jax.training import experiment, flops, metrics, workdir as workdir_lib
+from qwenvl_jax.training.checkpointing import Checkpointer, resolve_params_checkpoint
+from qwenvl_jax.training.optimizer import FROZEN, make_is_frozen, make_optimizer, opt_state_shardings, path_str
+from qwenvl_jax.training.step import TrainState, make_train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+  """What a call to `train` did. status: 'completed' | 'preempted' | 'up_to_date'."""
+
+  workdir: str
+  step: int
+  status: str
+  last_checkpoint: int | None
+
+
+class _StopRequest:
+  """Turns SIGTERM/SIGINT into a flag the loop polls (handlers only in the main thread; restored on exit)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+
+  def _handler(self, signum, frame):
+    del frame
+    self.requested = True
+    self.signal = signal.Signals(signum).name
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handler)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _any_process(flag: bool) -> bool:
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def _with_shardings(abstract: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def _check_batch(config: ml_collections.ConfigDict, mesh) -> None:
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if config.batch_size % shards:
+    raise ValueError(f"config.batch_size={config.batch_size} does not divide over the {shards} data-parallel "
+                     f"devices (mesh data x fsdp)")
+  if config.batch_size % config.accum_steps:
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by "
+                     f"config.accum_steps={config.accum_steps}")
+
+
+def train(config: ml_collections.ConfigDict) -> TrainResult:
+  """Runs (or resumes) the stage `config` describes. See `configs/stage1.py` for the fields."""
+  experiment.initialize_distributed(config.distributed)
+  workdir = workdir_lib.resolve(config)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+  if config.checkpoint.every < 1 or config.log_every < 1:
+    raise ValueError(f"config.checkpoint.every and config.log_every must be >= 1, got "
+                     f"{config.checkpoint.every}, {config.log_every}")
+  ckpt = Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+  try:
+    return _train(config, workdir, ckpt)
+  finally:
+    ckpt.close()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer) -> TrainResult:
+  latest = ckpt.latest_step()
+  workdir_lib.check_and_record(workdir, config, latest)
+  tokenizer = experiment.make_tokenizer(config, workdir)
+  cfg = experiment.make_model_config(config, tokenizer)
+  mesh, rules = experiment.make_mesh(config)
+  _check_batch(config, mesh)
+
+  def make_model():
+    return QwenVL(cfg, rngs=nnx.Rngs(config.seed))
+
+  graphdef, abstract_state = sharding.abstract_model(make_model)
+  state_shardings = sharding.state_shardings(abstract_state, rules, mesh)
+  param_shardings = nnx.to_pure_dict(state_shardings)
+  abstract_params = _with_shardings(nnx.to_pure_dict(abstract_state), param_shardings)
+
+  frozen = experiment.frozen_patterns(config)
+  tx, schedule, labels = make_optimizer(config.optimizer, abstract_params, frozen=frozen,
+                                        total_steps=config.total_steps, vit_layers=cfg.vision.layers)
+  label_of = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(labels)[0]}
+  vit_frozen = all(v == FROZEN for k, v in label_of.items() if k.startswith("visual/"))
+  step_fn = make_train_step(graphdef, tx, labels, schedule, accum_steps=config.accum_steps,
+                            stop_vision_grad=vit_frozen)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt_shardings = opt_state_shardings(abstract_opt, abstract_params, param_shardings, replicated)
+  opt_init = jax.jit(tx.init, out_shardings=opt_shardings)
+  shardings = TrainState(replicated, param_shardings, opt_shardings)
+
+  data_iter = data.make_train_iterator(
+      config.data, tokenizer, process_index=jax.process_index(), process_count=jax.process_count(),
+      global_batch=config.batch_size, seq_len=config.seq_len, max_images=config.max_images, image_size=config.res,
+      stage=config.stage, image_tokens=cfg.image_tokens)
+
+  writer_msgs = []
+  if latest is not None:
+    target = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), abstract_params,
+                        _with_shardings(abstract_opt, opt_shardings))
+    state = ckpt.restore(latest, target, data_iter)
+    writer_msgs.append(f"resumed {workdir} from step {latest}")
+  else:
+    if config.init:
+      from qwenvl_jax.checkpoint import restore_params  # pylint: disable=g-import-not-at-top
+      source = resolve_params_checkpoint(config.init)
+      params = nnx.to_pure_dict(restore_params(source, abstract_state, state_shardings))
+      writer_msgs.append(f"initialized parameters from {source}")
+    else:
+      params = nnx.to_pure_dict(nnx.state(sharding.init_sharded(make_model, mesh, rules)))
+    state = TrainState(jax.device_put(jnp.int32(0), replicated), params, opt_init(params))
+
+  start = int(jax.device_get(state.step))
+  if start >= config.total_steps:
+    if jax.process_index() == 0:
+      print(f"{workdir}: already trained to step {start} >= config.total_steps={config.total_steps}; nothing to "
+            "do (raise --config.total_steps to train further)", flush=True)
+    return TrainResult(workdir, start, "up_to_date", latest)
+
+  is_frozen = make_is_frozen(frozen)
+  step_flops = flops.train_step_flops(cfg, batch=config.batch_size, seq_len=config.seq_len,
+                                      max_images=config.max_images, is_trainable=lambda p: not is_frozen(p)).total
+  peak = metrics.peak_flops_per_device(config.peak_flops_per_device)
+  jitted = jax.jit(step_fn, in_shardings=(shardings, data.batch_sharding(mesh)),
+                   out_shardings=(shardings, replicated), donate_argnums=(0,))
+  writer = metrics.MetricsWriter(workdir, total_steps=config.total_steps, initial_step=start,
+                                 tensorboard=config.tensorboard, progress_bar=config.progress_bar)
+  for m in writer_msgs:
+    writer.message(m)
+  writer.message(f"stage {config.stage}: model {config.model} at {config.res} px, frozen {list(frozen) or 'none'}, "
+                 f"mesh {dict(mesh.shape)}, {jax.process_count()} process(es); writing to {workdir}")
+  meta = {"stage": config.stage, "model": config.model, "res": config.res}
+  tokens_per_step = config.batch_size * config.seq_len
+  last_saved = latest
+  pending: list[tuple[int, dict]] = []
+  clock = {"time": None, "step": start}
+  status = "completed"
+
+  def flush(step: int) -> None:
+    """Fetches the pending metrics (a host sync), stops on a non-finite loss, logs the latest step."""
+    fetched = [(s, jax.device_get(m)) for s, m in pending]
+    pending.clear()
+    for s, m in fetched:
+      if not m["finite"]:
+        raise FloatingPointError(
+            f"non-finite loss ({float(m['loss'])}) or gradient norm ({float(m['grad_norm'])}) at step {s}; "
+            f"stopping. The last good checkpoint is step {last_saved} in {ckpt.directory}"
+            if last_saved is not None else
+            f"non-finite loss ({float(m['loss'])}) or gradient norm ({float(m['grad_norm'])}) at step {s}; "
+            "stopping before any checkpoint was written")
+    now = time.perf_counter()
+    images = sum(float(m["images"]) for _, m in fetched)
+    if clock["time"] is None:
+      rates = metrics.throughput(steps=0, seconds=0, tokens_per_step=0, images=0, step_flops=0, num_devices=1,
+                                 peak=None)  # the first interval includes compilation: no rates
+    else:
+      rates = metrics.throughput(steps=step - clock["step"], seconds=now - clock["time"],
+                                 tokens_per_step=tokens_per_step, images=images, step_flops=step_flops,
+                                 num_devices=jax.device_count(), peak=peak)
+    clock.update(time=now, step=step)
+    for s, m in fetched:
+      if config.log_every == 1 or s == step:
+        values = {k: float(m[k]) for k in ("loss", "grad_norm", "lr", "supervised_tokens")}
+        writer.write(s, dict(values, **rates) if s == step else values)
+
+  with _StopRequest() as stop, sharding.use_rules(mesh, rules):
+    for step in range(start + 1, config.total_steps + 1):
+      batch = data.to_global_batch(next(data_iter), mesh)
+      state, step_metrics = jitted(state, batch)
+      pending.append((step, step_metrics))
+      writer.advance()
+      boundary = step % config.log_every == 0 or step % config.checkpoint.every == 0
+      done = step == config.total_steps
+      stopping = stop.requested if jax.process_count() == 1 else (boundary and _any_process(stop.requested))
+      stopping = stopping or step == config.stop_at_step
+      if boundary or done or stopping:
+        flush(step)
+      if step % config.checkpoint.every == 0 or done or stopping:
+        ckpt.save(step, state, data_iter, meta, force=True)
+        last_saved = step
+      if stopping:
+        status = "preempted"
+        writer.message(f"stop requested: saved step {step} to {ckpt.directory}; rerun the same command to resume")
+        break
+  ckpt.wait()
+  writer.message(f"{status} at step {step}; checkpoints in {ckpt.directory}, metrics in {writer.path}")
+  writer.close()
+  return TrainResult(workdir, step, status, last_saved)

@@ -1,0 +1,90 @@
+"""The run directory: where it is, and whether this config may resume what it holds.
+
+A workdir records the config that created it in `config.json`. A later run in the same workdir resumes from its
+latest checkpoint only if the config is the same up to the keys that may change between restarts (run length,
+logging and checkpoint cadence, launcher settings); otherwise it refuses with the differing keys, so a user's
+checkpoints are never continued with (or overwritten by) a different experiment by accident.
+
+`config.resume`: 'auto' (resume a matching run, refuse a different one), 'force' (resume whatever is there; the
+new config is recorded beside the old one), 'never' (refuse any workdir that already holds checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+# Keys that may differ between a run and its resumption.
+RESUMABLE_KEYS = ("total_steps", "stop_at_step", "log_every", "checkpoint", "workdir", "resume", "progress_bar",
+                  "tensorboard", "peak_flops_per_device", "distributed", "init")
+
+
+def resolve(config: ml_collections.ConfigDict) -> str:
+  """`config.workdir`, or `./runs/stage<N>` when empty (absolute path)."""
+  return os.path.abspath(config.workdir or os.path.join("runs", f"stage{config.stage}"))
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, dict):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def _comparable(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
+  as_dict = json.loads(config.to_json()) if isinstance(config, ml_collections.ConfigDict) else config
+  flat = _flatten(as_dict)
+  return {k: v for k, v in flat.items() if k.split(".")[0] not in RESUMABLE_KEYS}
+
+
+def config_differences(old: dict, new: ml_collections.ConfigDict) -> list[str]:
+  """'key: old -> new' for every key that differs outside RESUMABLE_KEYS."""
+  a, b = _comparable(old), _comparable(new)
+  return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+          for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
+
+
+def check_and_record(workdir: str, config: ml_collections.ConfigDict, latest_step: int | None) -> None:
+  """Refuses a workdir this config may not resume (see module docstring) and records the config on a new run.
+
+  Raises:
+    FileExistsError: the workdir holds checkpoints of a different config, or any checkpoint with resume='never'.
+  """
+  if config.resume not in ("auto", "force", "never"):
+    raise ValueError(f"config.resume must be 'auto', 'force' or 'never', got {config.resume!r}")
+  path = os.path.join(workdir, "config.json")
+  if latest_step is not None:
+    if config.resume == "never":
+      raise FileExistsError(f"{workdir} already holds checkpoints (latest step {latest_step}) and "
+                            "config.resume='never'; choose another --workdir, or resume with --config.resume=auto")
+    if os.path.exists(path):
+      with open(path, encoding="utf-8") as f:
+        old = json.load(f)
+      diffs = config_differences(old, config)
+      if diffs and config.resume != "force":
+        raise FileExistsError(
+            f"{workdir} holds checkpoints (latest step {latest_step}) of a different config:\n  "
+            + "\n  ".join(diffs)
+            + "\nChoose another --workdir, or continue those checkpoints with the new config via "
+              "--config.resume=force.")
+      if diffs and jax.process_index() == 0:
+        with open(os.path.join(workdir, f"config.resumed_at_{latest_step}.json"), "w", encoding="utf-8") as f:
+          f.write(config.to_json(indent=2))
+    return
+  if jax.process_index() == 0 and not os.path.exists(path):
+    with open(path, "w", encoding="utf-8") as f:
+      f.write(config.to_json(indent=2))
+  elif jax.process_index() == 0:
+    with open(path, encoding="utf-8") as f:
+      old = json.load(f)
+    diffs = config_differences(old, config)
+    if diffs:
+      # A run that died before its first checkpoint: nothing to resume, but the file is the user's record.
+      raise FileExistsError(f"{path} records a different config and there is no checkpoint to resume:\n  "
+                            + "\n  ".join(diffs) + f"\nChoose another --workdir or remove {path}.")

@@ -1,0 +1,66 @@
+"""Helpers of the training tests: small stage configs and subprocess environments."""
+import importlib.util
+import json
+import os
+import pathlib
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def load_stage_config(stage: int, arg: str | None = None):
+  """`configs/stage<N>.py:get_config(arg)` loaded the way config_flags loads it (by path)."""
+  spec = importlib.util.spec_from_file_location(f"stage{stage}_config", REPO / "configs" / f"stage{stage}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+# A tiny-model run small enough for tests: 56 px (4x4 patches), 8 rows of 64 tokens, float32, every step logged.
+SMALL = {
+    "res": 56, "batch_size": 8, "seq_len": 64, "max_images": 2, "total_steps": 24, "log_every": 1,
+    "checkpoint.every": 4, "optimizer.warmup_steps": 2, "optimizer.lr": 3e-3, "progress_bar": False,
+    "tensorboard": False, "data.num_workers": 0, "data.read_threads": 1, "synthetic_vocab_size": 400,
+}
+
+
+def small_config(stage: int, workdir, **overrides):
+  """`configs/stage<N>.py` with SMALL and `overrides` ('a.b' keys) applied, writing to `workdir`."""
+  c = load_stage_config(stage)
+  c.workdir = str(workdir)
+  for key, value in {**SMALL, **overrides}.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def small_flags(stage: int, workdir, **overrides) -> list[str]:
+  """The same run as `small_config` as `python -m qwenvl_jax.train` arguments."""
+  args = [f"--config={REPO / 'configs' / f'stage{stage}.py'}", f"--workdir={workdir}"]
+  return args + [f"--config.{k}={v}" for k, v in {**SMALL, **overrides}.items()]
+
+
+def read_losses(workdir) -> dict[int, float]:
+  """step -> loss from `<workdir>/metrics.jsonl` (later lines win, as after a resume)."""
+  out = {}
+  with open(pathlib.Path(workdir) / "metrics.jsonl", encoding="utf-8") as f:
+    for line in f:
+      record = json.loads(line)
+      out[record["step"]] = record["loss"]
+  return out
+
+
+def subprocess_env(cache_dir: str | None = None, devices: int = 8) -> dict:
+  """Environment for a trainer subprocess: CPU, `devices` fake devices, the repo importable, the shared cache."""
+  env = dict(os.environ)
+  env["JAX_PLATFORMS"] = "cpu"
+  flags = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f)
+  env["XLA_FLAGS"] = (flags + f" --xla_force_host_platform_device_count={devices}").strip()
+  env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+  if cache_dir:
+    env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+  return env
