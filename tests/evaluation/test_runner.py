@@ -1,0 +1,102 @@
+"""The evaluation job end to end on a tiny random model and tiny generated datasets: sharded batches, resume,
+every prediction in the results JSON, multiple choice by lowest loss, never overwriting results."""
+import json
+
+import numpy as np
+import pytest
+
+from qwenvl_jax.data.synthetic import synthetic_corpus, synthetic_record
+from qwenvl_jax.evaluation import results, runner
+from qwenvl_jax.text import train_sentencepiece
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """A SentencePiece tokenizer, 10 grounding examples (0 and 9 identical) and 3 multiple-choice questions."""
+  root = tmp_path_factory.mktemp("eval")
+  tok = train_sentencepiece(synthetic_corpus(300), root / "sp", vocab_size=400)
+  (root / "img").mkdir()
+  lines = []
+  for i in range(10):
+    record = synthetic_record(i % 9, task="grounding", image_size=64)
+    record.images[0].save(root / "img" / f"{i}.png")
+    lines.append({"image": f"img/{i}.png", "sent": f"the {['red', 'blue', 'green'][i % 9 % 3]} circle",
+                  "bbox": [4, 4, 40, 40], "width": 64, "height": 64})
+  (root / "ground.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+  questions = [{"image": "img/0.png", "hint": "", "question": "Which colour?", "choices": ["red", "blue"],
+                "answer": 0},
+               {"image": "img/1.png", "hint": "a hint", "question": "Which shape?",
+                "choices": ["circle", "square", "triangle"], "answer": 2},
+               {"image": "img/0.png", "hint": "", "question": "Which colour?", "choices": ["red", "blue"],
+                "answer": 1}]
+  (root / "mc.jsonl").write_text("".join(json.dumps(x) + "\n" for x in questions))
+  return root, tok
+
+
+def _config(task, root, tok, data, output, **overrides):
+  c = runner.default_config(task)
+  c.update(dict(output=str(root / output), data_path=str(root / data), image_root=str(root), model="tiny",
+                tokenizer=str(tok), dtype="float32", per_device_batch_size=1, progress=False, buckets=(64,)))
+  c.update(overrides)
+  return c
+
+
+@pytest.mark.slow
+def test_grounding_run_resumes_and_writes_every_prediction(workdir):
+  root, tok = workdir
+  config = _config("refcoco_val", root, tok, "ground.jsonl", "ground.json", max_batches=1)
+  assert runner.run(config) is None  # stopped after one batch of 8 device rows
+  ledger = results.partial_dir(root / "ground.json")
+  first = results.read_ledgers(ledger)
+  assert sorted(first) == list(range(8))
+  assert not (root / "ground.json").exists()
+
+  payload = runner.run(_config("refcoco_val", root, tok, "ground.jsonl", "ground.json"))
+  saved = json.loads((root / "ground.json").read_text())
+  assert saved == payload
+  assert [p["id"] for p in saved["predictions"]] == list(range(10))
+  assert saved["metric"] == "grounding_accuracy" and 0.0 <= saved["score"] <= 1.0
+  lines = sum(len(p.read_text().splitlines()) for p in ledger.glob("*.jsonl"))
+  assert lines == 10  # the resumed run only did the last two
+  predictions = {p["id"]: p["prediction"] for p in saved["predictions"]}
+  assert all(predictions[i] == first[i]["prediction"] for i in range(8))
+  # Examples 0 and 9 are the same image and prompt, in different runs and rows: the same greedy answer.
+  assert predictions[0] == predictions[9]
+  assert len(set(predictions.values())) > 1  # rows are not mixed up into one answer
+
+  with pytest.raises(FileExistsError, match="never overwritten"):
+    runner.run(_config("refcoco_val", root, tok, "ground.jsonl", "ground.json"))
+
+
+@pytest.mark.slow
+def test_multiple_choice_picks_the_lowest_option_loss(workdir):
+  root, tok = workdir
+  payload = runner.run(_config("scienceqa_test_img", root, tok, "mc.jsonl", "mc.json"))
+  rows = payload["predictions"]
+  assert [len(r["extra"]["option_losses"]) for r in rows] == [2, 3, 2]
+  for r in rows:
+    assert r["prediction"] == int(np.argmin(r["extra"]["option_losses"]))
+  # Questions 0 and 2 are the same prompt and options: same losses, whatever row they ran in.
+  np.testing.assert_allclose(rows[0]["extra"]["option_losses"], rows[2]["extra"]["option_losses"], rtol=1e-5)
+  assert payload["score"] == pytest.approx(np.mean([r["prediction"] == r["answer_index"] for r in rows]))
+
+
+def test_default_config_arguments():
+  c = runner.default_config("flickr", "max_examples=5,progress=false,image_size=448")
+  assert (c.task, c.max_examples, c.progress, c.image_size) == ("flickr", 5, False, 448)
+  assert (c.data_path, c.per_device_batch_size) == ("data/flickr30k/flickr30k_karpathy_test.json", 4)
+  with pytest.raises(ValueError, match="not key=value with a known key"):
+    runner.default_config("flickr", "nope=1")
+  with pytest.raises(KeyError, match="unknown evaluation task"):
+    runner.default_config("no_such_task")
+
+
+def test_an_existing_results_file_is_refused_before_any_work(workdir, tmp_path):
+  root, tok = workdir
+  out = tmp_path / "taken.json"
+  out.write_text("{}")
+  config = _config("refcoco_val", root, tok, "ground.jsonl", "unused.json")
+  config.output = str(out)
+  with pytest.raises(FileExistsError):
+    runner.run(config)
+  assert out.read_text() == "{}"

@@ -1,0 +1,55 @@
+"""`python -m qwenvl_jax.generate` end to end on a tiny random model (subprocess, temporary paths)."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _run(args, tmp_path, timeout=600):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  return subprocess.run([sys.executable, "-m", "qwenvl_jax.generate", *args], cwd=tmp_path, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture()
+def picture(tmp_path):
+  path = tmp_path / "cat.png"
+  Image.new("RGB", (50, 40), (10, 120, 200)).save(path)
+  return str(path)
+
+
+@pytest.mark.slow
+def test_cli_answers_with_history_and_saves_the_new_history(tmp_path, sp_model_file, picture):
+  history = tmp_path / "history.json"
+  history.write_text(json.dumps([["Hello", "Hi."]]))
+  saved = tmp_path / "saved.json"
+  proc = _run(["--model=tiny", f"--tokenizer={sp_model_file}", f"--image={picture}", "--prompt=What is it?",
+               f"--history={history}", f"--save_history={saved}", "--max_new_tokens=4", "--dtype=float32"],
+              tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  turns = json.loads(saved.read_text())
+  assert turns[0] == ["Hello", "Hi."]
+  assert turns[1][0] == f"Picture 1:<img>{picture}</img>\nWhat is it?"
+  assert proc.stdout.strip() == turns[1][1]  # what streamed is the answer
+
+
+def test_cli_refuses_to_overwrite_the_output_png_before_any_work(tmp_path, sp_model_file, picture):
+  out = tmp_path / "boxes.png"
+  out.write_bytes(b"user data")
+  proc = _run(["--model=tiny", f"--tokenizer={sp_model_file}", f"--image={picture}", "--prompt=Box the cat.",
+               f"--output_image={out}"], tmp_path, timeout=120)
+  assert proc.returncode != 0
+  assert "already exists" in proc.stderr
+  assert out.read_bytes() == b"user data"
+
+
+def test_cli_names_a_missing_image(tmp_path, sp_model_file):
+  proc = _run(["--model=tiny", f"--tokenizer={sp_model_file}", "--image=missing.jpg", "--prompt=Hi"], tmp_path,
+              timeout=120)
+  assert proc.returncode != 0 and "missing.jpg" in proc.stderr
