@@ -1,0 +1,165 @@
+"""Plans a training stage for a TPU topology: the real train step, AOT-compiled for abstract devices.
+
+  python -m qwenvl_jax.planning.train_plan --config=configs/stage2.py:model=qwen_vl_7b --topology=v5p-128
+  python -m qwenvl_jax.planning.train_plan --config=configs/stage1.py:model=tiny --topology=v5e-4 \\
+      --config.batch_size=8 --config.mesh.rules=fsdp_tp --config.mesh.ici.tensor=2
+
+It builds what `qwenvl_jax.training.trainer` builds before its loop (model, rule-table shardings, stage
+optimizer, `make_train_step`, donated state, batch sharded over data x fsdp), but from abstract shapes and the
+topology's abstract devices: nothing is allocated, no TPU is needed (libtpu is: requirements-tpu-aot.txt). The
+report is `aot.StepPlan.format()`, with the trainer's own model-FLOP count (`training.flops`) as the MFU numerator.
+
+The tokenizer is not loaded: shapes only depend on the preset's vocabulary, and the planner must not need data.
+"""
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from absl import app, flags
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+from ml_collections import config_flags
+
+from qwenvl_jax import data, sharding
+from qwenvl_jax.model import QwenVL
+from qwenvl_jax.model import config as model_config
+from qwenvl_jax.planning import aot, chips, mesh as mesh_lib
+from qwenvl_jax.training import experiment, flops
+from qwenvl_jax.training.optimizer import FROZEN, make_is_frozen, make_optimizer, path_str
+from qwenvl_jax.training.step import TrainState, make_train_step
+
+
+def model_config_for(config: ml_collections.ConfigDict) -> model_config.QwenVLConfig:
+  """The model config the trainer would build for `config` (minus the tokenizer's id checks)."""
+  cfg = model_config.get_preset(config.model, dtype=config.model_dtype, param_dtype=config.param_dtype,
+                                remat_policy=config.remat, attention_impl=config.attention_impl)
+  return cfg.with_image_size(config.res)
+
+
+def abstract_batch(config: ml_collections.ConfigDict, cfg: model_config.QwenVLConfig, sharding_: Any) -> dict:
+  """`ShapeDtypeStruct`s of a DESIGN §4 batch of `config.batch_size` rows."""
+  b, t, m, s = config.batch_size, config.seq_len, config.max_images, cfg.vision.image_size
+  shapes = {"input_ids": ((b, t), jnp.int32), "targets": ((b, t), jnp.int32), "loss_mask": ((b, t), jnp.float32),
+            "segment_ids": ((b, t), jnp.int32), "positions": ((b, t), jnp.int32),
+            "images": ((b, m, s, s, 3), jnp.uint8), "image_mask": ((b, m), jnp.bool_)}
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding_) for k, (shape, dtype) in shapes.items()}
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, abstract_params: Any, param_shardings: Any,
+                        replicated: NamedSharding) -> Any:
+  """Shardings of `tx`'s state: every per-parameter leaf (Adam's mu, nu) sharded like its parameter.
+
+  Asking the compiler instead (`jax.jit(tx.init).lower(params).compile().output_shardings`) replicates them:
+  `tx.init` returns zeros that do not depend on the parameters' values, so sharding propagation has nothing to
+  follow, and a 9.6B model then carries 72 GiB of Adam moments on every chip.
+  """
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+
+  def like_param(leaf, sharding_):
+    # Frozen parameters hold a MaskedNode (no state) under optax.multi_transform: keep it.
+    return leaf if isinstance(leaf, optax.MaskedNode) else sharding_
+
+  return optax.tree_map_params(tx, like_param, abstract_opt, param_shardings,
+                               transform_non_params=lambda _: replicated,
+                               is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+
+
+def plan_stage(config: ml_collections.ConfigDict, topology: chips.Topology, *,
+               compiler_opt_sharding: bool = False) -> tuple[aot.StepPlan, dict]:
+  """Compiles the train step of `config` for `topology`.
+
+  Args:
+    config: an experiment config (`configs/stageN.py`).
+    topology: the TPU slice(s).
+    compiler_opt_sharding: take the optimizer state's shardings from compiling `tx.init` (what
+      `training/trainer.py` does at the time of writing) instead of `opt_state_shardings`.
+
+  Returns:
+    The plan and a dict of facts for the report (mesh shape, parameter counts, frozen patterns).
+
+  Raises:
+    ValueError: the batch does not split over the mesh, or mesh degrees that do not match the topology.
+  """
+  cfg = model_config_for(config)
+  ici = {k: int(v) for k, v in config.mesh.ici.items()}
+  dcn = {k: int(v) for k, v in config.mesh.dcn.items()}
+  if topology.num_slices > 1 and all(v == 1 for v in dcn.values()):
+    dcn["data"] = topology.num_slices  # as the launcher does: slices join over DCN on the data axis
+  devices = mesh_lib.topology_devices(topology)
+  mesh = sharding.make_mesh(ici, dcn, devices=devices)
+  rules = sharding.load_rules(config.mesh.rules)
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if config.batch_size % shards or config.batch_size % config.accum_steps:
+    raise ValueError(f"config.batch_size={config.batch_size} must divide over the {shards} data-parallel devices "
+                     f"(mesh data x fsdp) and config.accum_steps={config.accum_steps}")
+
+  def make_model():
+    return QwenVL(cfg, rngs=nnx.Rngs(0))
+
+  graphdef, abstract_state = sharding.abstract_model(make_model)
+  param_shardings = nnx.to_pure_dict(sharding.state_shardings(abstract_state, rules, mesh))
+  abstract_params = aot.abstract_like(nnx.to_pure_dict(abstract_state), param_shardings)
+  frozen = experiment.frozen_patterns(config)
+  tx, schedule, labels = make_optimizer(config.optimizer, abstract_params, frozen=frozen,
+                                        total_steps=config.total_steps, vit_layers=cfg.vision.layers)
+  label_of = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(labels)[0]}
+  vit_frozen = all(v == FROZEN for k, v in label_of.items() if k.startswith("visual/"))
+  step_fn = make_train_step(graphdef, tx, labels, schedule, accum_steps=config.accum_steps,
+                            stop_vision_grad=vit_frozen)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  if compiler_opt_sharding:
+    with jax.set_mesh(mesh):
+      opt_shardings = jax.jit(tx.init).lower(abstract_params).compile().output_shardings
+  else:
+    opt_shardings = opt_state_shardings(tx, abstract_params, param_shardings, replicated)
+  abstract_opt = aot.abstract_like(jax.eval_shape(tx.init, abstract_params), opt_shardings)
+  state = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), abstract_params, abstract_opt)
+  state_shardings = TrainState(replicated, param_shardings, opt_shardings)
+  batch = abstract_batch(config, cfg, data.batch_sharding(mesh))
+
+  is_frozen = make_is_frozen(frozen)
+  model_flops = flops.train_step_flops(cfg, batch=config.batch_size, seq_len=config.seq_len,
+                                       max_images=config.max_images, is_trainable=lambda p: not is_frozen(p)).total
+  with sharding.use_rules(mesh, rules):
+    _, plan = aot.compile_step(step_fn, (state, batch), chip=topology.chip, mesh=mesh,
+                               out_shardings=(state_shardings, replicated), donate_argnums=0,
+                               model_flops=model_flops, global_batch=config.batch_size)
+  trainable = sum(x.size for k, x in _flat(abstract_params).items() if not is_frozen(k))
+  facts = {"mesh": dict(mesh.shape), "params": sharding.count_params(abstract_state), "trainable": trainable,
+           "frozen": list(frozen), "batch": config.batch_size, "accum_steps": config.accum_steps,
+           "seq_len": config.seq_len, "res": config.res, "max_images": config.max_images, "remat": config.remat}
+  return plan, facts
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+  return {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/stageN.py[:args]).",
+                                          lock_config=True)
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice: v5p-128, v4-128, v5e-256, v6e-64 or v5p:4x4x8")
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "identical slices over DCN")
+_COMPILER_OPT_SHARDING = flags.DEFINE_bool(
+    "compiler_opt_sharding", False, "shard the optimizer state as the compiler picks for tx.init (the trainer's "
+    "current way, which replicates Adam moments) instead of like the parameters")
+flags.mark_flags_as_required(["config", "topology"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  topology = chips.parse_topology(_TOPOLOGY.value, _NUM_SLICES.value)
+  plan, facts = plan_stage(config, topology, compiler_opt_sharding=_COMPILER_OPT_SHARDING.value)
+  print(topology.describe())
+  print(f"stage {config.stage}, model {config.model}: {facts['params']:,} params "
+        f"({facts['trainable']:,} trained; frozen {facts['frozen'] or 'none'}), mesh {facts['mesh']}, "
+        f"batch {facts['batch']} x {facts['seq_len']} tokens in {facts['accum_steps']} micro-batch(es), "
+        f"{facts['res']} px x {facts['max_images']} image slots, remat {facts['remat']}")
+  print(plan.format())
+
+
+if __name__ == "__main__":
+  app.run(main)
