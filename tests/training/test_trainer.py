@@ -20,13 +20,6 @@ from qwenvl_jax.training import checkpointing, train
 from tests.training.helpers import read_losses, small_config
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, compile_cache_dir):
-  workdir = tmp_path_factory.mktemp("uninterrupted")
-  result = train(small_config(2, workdir))
-  return workdir, result, read_losses(workdir)
-
-
 @pytest.mark.slow
 def test_loss_falls_well_below_its_start(uninterrupted):
   workdir, result, losses = uninterrupted

@@ -1,0 +1,222 @@
+"""Train-step time of the JAX trainer vs an equivalent PyTorch model, and achieved FLOP/s vs a plain matmul.
+
+For each preset (tiny, mid) at a small batch, both frameworks run the same architecture and shapes — ViT trunk,
+resampler adapter, Qwen decoder — through forward + backward + AdamW (everything trains, float32, no remat),
+on the same CPU threads. The JAX step is `qwenvl_jax.training.step.make_train_step` (what the trainer jits);
+the PyTorch model is written here from the same config. Printed per preset: ms/step of each, the ratio, and
+the JAX step's model FLOP/s (`training/flops.py`) next to what a large float32 matmul reaches on this machine.
+
+  JAX_PLATFORMS=cpu python bench/bench_train_step.py --presets=tiny,mid --batch=2 --seq_len=128 --res=224
+
+Both sides are timed after warm-up (JAX: after compilation), as the median of --iters steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import torch
+import torch.nn.functional as F
+from flax import nnx
+from torch import nn
+
+from qwenvl_jax.model import QwenVL, get_preset
+from qwenvl_jax.training import flops, optimizer, step as step_lib
+
+
+# ---------------------------------------------------------------- PyTorch equivalent (same shapes, same math)
+
+class TorchViTBlock(nn.Module):
+
+  def __init__(self, w, heads, mlp):
+    super().__init__()
+    self.ln_1, self.ln_2 = nn.LayerNorm(w, eps=1e-6), nn.LayerNorm(w, eps=1e-6)
+    self.qkv, self.out = nn.Linear(w, 3 * w), nn.Linear(w, w)
+    self.fc, self.proj = nn.Linear(w, mlp), nn.Linear(mlp, w)
+    self.heads = heads
+
+  def forward(self, x):
+    b, l, w = x.shape
+    q, k, v = self.qkv(self.ln_1(x)).view(b, l, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+    x = x + self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, l, w))
+    return x + self.proj(F.gelu(self.fc(self.ln_2(x))))
+
+
+class TorchDecoderBlock(nn.Module):
+
+  def __init__(self, d, heads, head_dim, mlp):
+    super().__init__()
+    self.ln_1, self.ln_2 = nn.RMSNorm(d, eps=1e-6), nn.RMSNorm(d, eps=1e-6)
+    self.qkv, self.out = nn.Linear(d, 3 * heads * head_dim), nn.Linear(heads * head_dim, d, bias=False)
+    self.w1, self.w2 = nn.Linear(d, mlp, bias=False), nn.Linear(d, mlp, bias=False)
+    self.c_proj = nn.Linear(mlp, d, bias=False)
+    self.heads, self.head_dim = heads, head_dim
+
+  def forward(self, x, cos, sin):
+    b, t, _ = x.shape
+    q, k, v = self.qkv(self.ln_1(x)).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+
+    def rope(z):
+      z1, z2 = z.chunk(2, dim=-1)
+      return z * cos + torch.cat([-z2, z1], dim=-1) * sin
+
+    a = F.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=True)
+    x = x + self.out(a.transpose(1, 2).reshape(b, t, -1))
+    h = self.ln_2(x)
+    return x + self.c_proj(self.w1(h) * F.silu(self.w2(h)))
+
+
+class TorchQwenVL(nn.Module):
+  """ViT + resampler adapter + decoder with the shapes of a `QwenVLConfig`."""
+
+  def __init__(self, cfg):
+    super().__init__()
+    v, r, l = cfg.vision, cfg.resampler, cfg.llm
+    self.cfg = cfg
+    self.conv1 = nn.Conv2d(3, v.width, v.patch_size, v.patch_size, bias=False)
+    self.pos = nn.Parameter(torch.randn(v.num_patches, v.width) * 0.01)
+    self.ln_pre = nn.LayerNorm(v.width, eps=1e-6)
+    self.vit = nn.ModuleList(TorchViTBlock(v.width, v.heads, v.mlp_dim) for _ in range(v.layers))
+    d = l.width
+    self.query = nn.Parameter(torch.randn(r.num_queries, d) * 0.02)
+    self.pos_q = nn.Parameter(torch.zeros(r.num_queries, d))
+    self.pos_k = nn.Parameter(torch.zeros(v.num_patches, d))
+    self.kv_proj = nn.Linear(v.width, d, bias=False)
+    self.ln_q, self.ln_kv = nn.LayerNorm(d, eps=1e-6), nn.LayerNorm(d, eps=1e-6)
+    self.attn = nn.MultiheadAttention(d, r.heads, batch_first=True)
+    self.ln_post = nn.LayerNorm(d, eps=1e-6)
+    self.proj = nn.Parameter(torch.randn(d, d) * d ** -0.5)
+    self.wte = nn.Embedding(l.vocab_size, d)
+    self.blocks = nn.ModuleList(TorchDecoderBlock(d, l.heads, l.head_dim, l.mlp_dim) for _ in range(l.layers))
+    self.ln_f = nn.RMSNorm(d, eps=1e-6)
+    self.lm_head = nn.Linear(d, l.vocab_size, bias=False)
+
+  def forward(self, ids, images):
+    b, m = images.shape[:2]
+    x = self.conv1(images.flatten(0, 1)).flatten(2).transpose(1, 2)
+    x = self.ln_pre(x + self.pos)
+    for blk in self.vit:
+      x = blk(x)
+    kv = self.ln_kv(self.kv_proj(x))
+    q = (self.ln_q(self.query) + self.pos_q).expand(b * m, -1, -1)
+    feats, _ = self.attn(q, kv + self.pos_k, kv, need_weights=False)
+    feats = self.ln_post(feats) @ self.proj
+    h = self.wte(ids)
+    n = m * self.cfg.image_tokens
+    h = torch.cat([feats.reshape(b, n, -1), h[:, n:]], dim=1)
+    t = ids.shape[1]
+    hd = self.cfg.llm.head_dim
+    inv = 1.0 / (10000 ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+    ang = torch.outer(torch.arange(t, dtype=torch.float32), inv)
+    ang = torch.cat([ang, ang], dim=-1)
+    cos, sin = ang.cos()[None, None], ang.sin()[None, None]
+    for blk in self.blocks:
+      h = blk(h, cos, sin)
+    return self.lm_head(self.ln_f(h))
+
+
+def time_torch(cfg, b, t, m, iters) -> float:
+  model = TorchQwenVL(cfg)
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.05)
+  s = cfg.vision.image_size
+  ids = torch.randint(0, cfg.llm.vocab_size, (b, t))
+  targets = torch.randint(0, cfg.llm.vocab_size, (b, t))
+  images = torch.rand(b, m, 3, s, s)
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(ids, images).flatten(0, 1), targets.flatten())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+  step()
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+# ---------------------------------------------------------------- JAX (the trainer's step)
+
+def time_jax(cfg, b, t, m, iters) -> float:
+  model = QwenVL(cfg, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  params = nnx.to_pure_dict(state)
+  opt = ml_collections.ConfigDict(dict(lr=1e-4, min_lr=1e-5, warmup_steps=1, schedule="cosine", b1=0.9, b2=0.98,
+                                       eps=1e-6, weight_decay=0.05, wd_exclude=r".*/(bias|scale)", grad_clip=1.0,
+                                       vit_layer_decay=1.0, mu_dtype=""))
+  tx, sched, labels = optimizer.make_optimizer(opt, params, frozen=(), total_steps=1000,
+                                               vit_layers=cfg.vision.layers)
+  fn = jax.jit(step_lib.make_train_step(graphdef, tx, labels, sched), donate_argnums=(0,))
+  rng = np.random.default_rng(0)
+  s, q = cfg.vision.image_size, cfg.image_tokens
+  ids = rng.integers(0, cfg.llm.vocab_size, (b, t)).astype(np.int32)
+  ids[:, :m * q] = cfg.image_pad_id
+  batch = dict(input_ids=ids, targets=rng.integers(0, cfg.llm.vocab_size, (b, t)).astype(np.int32),
+               loss_mask=np.ones((b, t), np.float32), segment_ids=np.ones((b, t), np.int32),
+               positions=np.tile(np.arange(t, dtype=np.int32), (b, 1)),
+               images=rng.integers(0, 256, (b, m, s, s, 3)).astype(np.uint8), image_mask=np.ones((b, m), bool))
+  batch = jax.device_put(batch)
+  st = step_lib.TrainState(jnp.int32(0), params, tx.init(params))
+  st, metrics = fn(st, batch)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    st, metrics = fn(st, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def matmul_flops_per_s(n: int = 2048, iters: int = 5) -> float:
+  a = jnp.ones((n, n), jnp.float32)
+  mm = jax.jit(lambda x: x @ x)
+  mm(a).block_until_ready()
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    mm(a).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2 * n ** 3 / statistics.median(times)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--presets", default="tiny,mid")
+  parser.add_argument("--batch", type=int, default=2)
+  parser.add_argument("--seq_len", type=int, default=128)
+  parser.add_argument("--images", type=int, default=1)
+  parser.add_argument("--res", type=int, default=224)
+  parser.add_argument("--iters", type=int, default=3)
+  args = parser.parse_args()
+  torch.manual_seed(0)
+  print(f"devices: {jax.devices()}, torch threads: {torch.get_num_threads()}")
+  peak = matmul_flops_per_s()
+  print(f"plain 2048x2048 float32 matmul (JAX): {peak / 1e9:.1f} GFLOP/s")
+  for name in args.presets.split(","):
+    cfg = get_preset(name, dtype="float32", remat_policy="none").with_image_size(args.res)
+    if args.seq_len < args.images * cfg.image_tokens + 1:
+      print(f"{name}: seq_len {args.seq_len} cannot hold {args.images} x {cfg.image_tokens} image tokens; skipped")
+      continue
+    model_flops = flops.train_step_flops(cfg, batch=args.batch, seq_len=args.seq_len, max_images=args.images,
+                                         is_trainable=lambda p: True).total
+    jax_s = time_jax(cfg, args.batch, args.seq_len, args.images, args.iters)
+    torch_s = time_torch(cfg, args.batch, args.seq_len, args.images, args.iters)
+    print(f"{name}: B={args.batch} T={args.seq_len} M={args.images} {args.res}px | JAX {jax_s * 1e3:.1f} ms/step, "
+          f"PyTorch {torch_s * 1e3:.1f} ms/step, JAX/PyTorch time ratio {jax_s / torch_s:.2f} | model "
+          f"{model_flops / 1e9:.2f} GFLOP/step -> {model_flops / jax_s / 1e9:.1f} GFLOP/s = "
+          f"{100 * model_flops / jax_s / peak:.0f}% of the plain matmul")
+
+
+if __name__ == "__main__":
+  main()
