@@ -35,7 +35,7 @@ from qwenvl_jax.model import QwenVL
 from qwenvl_jax.model.config import QwenVLConfig
 from qwenvl_jax.model.resampler import Adapter
 
-DEFAULT_BLOCK_BYTES = 256 * 2**20
+DEFAULT_BLOCK_BYTES = 128 * 2**20
 DEFAULT_SHARD_BYTES = 2 * 10**9
 _WEIGHT_FILE_SUFFIXES = (".bin", ".safetensors", ".pt", ".pth", ".msgpack", ".h5")
 _FORMAT = "qwenvl_jax.params/1"

@@ -14,7 +14,8 @@ the array (shape, dtype, a write block shape) and produces its blocks on demand;
 TensorStore spec Orbax's own numpy handler would (so the result is an ordinary Orbax checkpoint, typed
 `np.ndarray` in `_METADATA`) and writes one block at a time, one parameter after another. The zarr chunk shape
 is the block shape (one layer of a stacked parameter, a band of rows of an embedding), so a block is encoded and
-committed as soon as it is written and never waits in a cache for its neighbours.
+committed as soon as it is written and never waits in a cache for its neighbours; at most two blocks are alive
+(one being written while the next is read and transposed).
 """
 
 from __future__ import annotations
@@ -72,11 +73,19 @@ class _StreamedArrayHandler(type_handlers.NumpyHandler):
           dtype=np.dtype(value.dtype), use_ocdbt=info.is_ocdbt_checkpoint,
           process_index=ocdbt_utils.get_process_index_for_subdir(use_ocdbt=info.is_ocdbt_checkpoint))
       store = await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
+      pending = None
       for index, block in value.blocks():
         if block.dtype != np.dtype(value.dtype):
           raise ValueError(f"{info.name}: a block has dtype {block.dtype}, expected {np.dtype(value.dtype)}")
-        # Awaiting each write before producing the next block is what bounds memory to one block.
-        await store[index].write(block)
+        # One write in flight while the next block is produced: reading/transposing overlaps compression, and
+        # memory stays bounded by two blocks. Blocks are fresh arrays never touched again, so TensorStore may
+        # keep a reference instead of copying.
+        write = store[index].write(block, can_reference_source_data_indefinitely=True)
+        if pending is not None:
+          await pending
+        pending = write
+      if pending is not None:
+        await pending
 
   async def serialize(self, values, infos, args=None):
     args = args or [ocp_types.SaveArgs()] * len(values)
