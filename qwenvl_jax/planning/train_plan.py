@@ -152,8 +152,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
   topology = chips.parse_topology(_TOPOLOGY.value, _NUM_SLICES.value)
+  print(topology.describe(), flush=True)
+  print("compiling (minutes for the full model) ...", flush=True)
   plan, facts = plan_stage(config, topology, compiler_opt_sharding=_COMPILER_OPT_SHARDING.value)
-  print(topology.describe())
   print(f"stage {config.stage}, model {config.model}: {facts['params']:,} params "
         f"({facts['trainable']:,} trained; frozen {facts['frozen'] or 'none'}), mesh {facts['mesh']}, "
         f"batch {facts['batch']} x {facts['seq_len']} tokens in {facts['accum_steps']} micro-batch(es), "
