@@ -36,7 +36,6 @@ class Transform:
   """Maps one torch tensor to one or more target slices (per-layer shapes, without the `layers` axis)."""
 
   n_targets = 1
-  invertible = True
 
   def torch_shape(self, target_shapes: Sequence[Shape]) -> Shape:
     raise NotImplementedError
@@ -186,9 +185,7 @@ class Chunk(Transform):
 
 @dataclasses.dataclass(frozen=True)
 class DropFirstRow(Transform):
-  """OpenCLIP's positional table `[1 + G*G, W]`: row 0 belongs to the class token, which Qwen-VL has not."""
-
-  invertible = False
+  """OpenCLIP's positional table `[1 + G*G, W]`: row 0 belongs to the class token, which Qwen-VL does not have."""
 
   def torch_shape(self, target_shapes):
     return (target_shapes[0][0] + 1,) + tuple(target_shapes[0][1:])
