@@ -3,11 +3,13 @@ import dataclasses
 import json
 
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import torch
+from flax import nnx
 from safetensors.torch import load_file
 
-from qwenvl_jax import checkpoint
+from qwenvl_jax import checkpoint, sharding
 from qwenvl_jax.checkpoint import conversion, orbax_store, tensor_io
 from qwenvl_jax.model import qwen_vl_7b, tiny
 
@@ -188,3 +190,18 @@ def test_init_from_pretrained_names_missing_vit_tensors(tmp_path):
   with pytest.raises(ValueError, match=r"visual\.transformer\.resblocks\.0\.mlp\.c_fc\.bias"):
     checkpoint.init_from_pretrained(tmp_path / "init", cfg, openclip=tmp_path / "clip.bin",
                                     qwen7b=tmp_path / "qwen7b")
+
+
+def test_export_of_a_trainer_style_sharded_checkpoint(tmp_path, qwenvl_checkpoint):
+  """Params saved by Orbax itself from sharded float32 jax.Arrays (as the trainer does) export like ours."""
+  cfg = tiny()
+  src, state = qwenvl_checkpoint(cfg, dtype=torch.float32)
+  checkpoint.torch_to_orbax(src, tmp_path / "orbax", cfg)
+  mesh = sharding.make_mesh({"fsdp": -1})
+  model = checkpoint.load_model(tmp_path / "orbax", cfg, mesh, sharding.load_rules("fsdp"))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  assert len(params["llm"]["blocks"]["mlp"]["w1"]["kernel"].sharding.device_set) == 8
+  with ocp.StandardCheckpointer() as saver:  # async: leaving the block waits for the commit
+    saver.save(tmp_path / "trainer_params", params)
+  checkpoint.orbax_to_torch(tmp_path / "trainer_params", tmp_path / "export", cfg, dtype="keep")
+  _assert_same_bits(_load_export(tmp_path / "export"), state)
