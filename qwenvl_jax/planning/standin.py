@@ -94,22 +94,26 @@ def plan_mlp(topology: chips.Topology, *, width: int, depth: int, batch: int, ic
   return plan
 
 
-_TOPOLOGY = flags.DEFINE_string("topology", "v5p-8", "slice name (v5p-128, v5e-16) or grid (v5p:2x2x2)")
-_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "identical slices over DCN")
-_WIDTH = flags.DEFINE_integer("width", 4096, "MLP width D")
-_DEPTH = flags.DEFINE_integer("depth", 4, "MLP depth L")
-_BATCH = flags.DEFINE_integer("batch", 128, "global batch B")
-_REMAT = flags.DEFINE_bool("remat", False, "recompute layer activations in the backward pass")
-_EXACT_COST = flags.DEFINE_bool("exact_cost", True, "correct the loop-once cost with two small unrolled compiles")
+def _cli() -> None:
+  """Defines the command-line flags (only when run as a program: importers keep their flag namespace) and runs."""
+  topology = flags.DEFINE_string("topology", "v5p-8", "slice name (v5p-128, v5e-16) or grid (v5p:2x2x2)")
+  num_slices = flags.DEFINE_integer("num_slices", 1, "identical slices over DCN")
+  width = flags.DEFINE_integer("width", 4096, "MLP width D")
+  depth = flags.DEFINE_integer("depth", 4, "MLP depth L")
+  batch = flags.DEFINE_integer("batch", 128, "global batch B")
+  remat = flags.DEFINE_bool("remat", False, "recompute layer activations in the backward pass")
+  exact_cost = flags.DEFINE_bool("exact_cost", True, "correct the loop-once cost with two small unrolled compiles")
 
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    topo = chips.parse_topology(topology.value, num_slices.value)
+    print(topo.describe())
+    print(plan_mlp(topo, width=width.value, depth=depth.value, batch=batch.value, remat=remat.value,
+                   exact_cost=exact_cost.value).format())
 
-def main(argv):
-  del argv
-  topology = chips.parse_topology(_TOPOLOGY.value, _NUM_SLICES.value)
-  print(topology.describe())
-  print(plan_mlp(topology, width=_WIDTH.value, depth=_DEPTH.value, batch=_BATCH.value,
-                 remat=_REMAT.value, exact_cost=_EXACT_COST.value).format())
+  app.run(main)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _cli()

@@ -137,30 +137,33 @@ def _flat(tree: Any) -> dict[str, Any]:
   return {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/stageN.py[:args]).",
-                                          lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice: v5p-128, v4-128, v5e-256, v6e-64 or v5p:4x4x8")
-_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "identical slices over DCN")
-_COMPILER_OPT_SHARDING = flags.DEFINE_bool(
-    "compiler_opt_sharding", False, "shard the optimizer state as the compiler picks for tx.init (the trainer's "
-    "current way, which replicates Adam moments) instead of like the parameters")
-flags.mark_flags_as_required(["config", "topology"])
+def _cli() -> None:
+  """Defines the command-line flags (only when run as a program: importers keep their flag namespace) and runs."""
+  config_flag = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/stageN.py[:args]).",
+                                                lock_config=True)
+  topology_flag = flags.DEFINE_string("topology", None, "TPU slice: v5p-128, v4-128, v5e-256, v6e-64 or v5p:4x4x8")
+  num_slices = flags.DEFINE_integer("num_slices", 1, "identical slices over DCN")
+  compiler_opt_sharding = flags.DEFINE_bool(
+      "compiler_opt_sharding", False, "shard the optimizer state as the compiler picks for tx.init (the "
+      "trainer's way at the time of writing, which replicates Adam moments) instead of like the parameters")
+  flags.mark_flags_as_required(["config", "topology"])
 
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = config_flag.value
+    topology = chips.parse_topology(topology_flag.value, num_slices.value)
+    print(topology.describe(), flush=True)
+    print("compiling (minutes for the full model) ...", flush=True)
+    plan, facts = plan_stage(config, topology, compiler_opt_sharding=compiler_opt_sharding.value)
+    print(f"stage {config.stage}, model {config.model}: {facts['params']:,} params "
+          f"({facts['trainable']:,} trained; frozen {facts['frozen'] or 'none'}), mesh {facts['mesh']}, "
+          f"batch {facts['batch']} x {facts['seq_len']} tokens in {facts['accum_steps']} micro-batch(es), "
+          f"{facts['res']} px x {facts['max_images']} image slots, remat {facts['remat']}")
+    print(plan.format())
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = _CONFIG.value
-  topology = chips.parse_topology(_TOPOLOGY.value, _NUM_SLICES.value)
-  print(topology.describe(), flush=True)
-  print("compiling (minutes for the full model) ...", flush=True)
-  plan, facts = plan_stage(config, topology, compiler_opt_sharding=_COMPILER_OPT_SHARDING.value)
-  print(f"stage {config.stage}, model {config.model}: {facts['params']:,} params "
-        f"({facts['trainable']:,} trained; frozen {facts['frozen'] or 'none'}), mesh {facts['mesh']}, "
-        f"batch {facts['batch']} x {facts['seq_len']} tokens in {facts['accum_steps']} micro-batch(es), "
-        f"{facts['res']} px x {facts['max_images']} image slots, remat {facts['remat']}")
-  print(plan.format())
+  app.run(main)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _cli()
