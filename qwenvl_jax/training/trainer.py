@@ -112,6 +112,11 @@ def train(config: ml_collections.ConfigDict) -> TrainResult:
 def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer) -> TrainResult:
   latest = ckpt.latest_step()
   workdir_lib.check_and_record(workdir, config, latest)
+  if latest is not None and latest >= config.total_steps:
+    if jax.process_index() == 0:
+      print(f"{workdir}: already trained to step {latest} >= config.total_steps={config.total_steps}; nothing to "
+            "do (raise --config.total_steps to train further)", flush=True)
+    return TrainResult(workdir, latest, "up_to_date", latest)
   tokenizer = experiment.make_tokenizer(config, workdir)
   cfg = experiment.make_model_config(config, tokenizer)
   mesh, rules = experiment.make_mesh(config)
@@ -160,11 +165,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer) 
     state = TrainState(jax.device_put(jnp.int32(0), replicated), params, opt_init(params))
 
   start = int(jax.device_get(state.step))
-  if start >= config.total_steps:
-    if jax.process_index() == 0:
-      print(f"{workdir}: already trained to step {start} >= config.total_steps={config.total_steps}; nothing to "
-            "do (raise --config.total_steps to train further)", flush=True)
-    return TrainResult(workdir, start, "up_to_date", latest)
 
   is_frozen = make_is_frozen(frozen)
   step_flops = flops.train_step_flops(cfg, batch=config.batch_size, seq_len=config.seq_len,
