@@ -6,7 +6,7 @@ on the same CPU threads. The JAX step is `qwenvl_jax.training.step.make_train_st
 the PyTorch model is written here from the same config. Printed per preset: ms/step of each, the ratio, and
 the JAX step's model FLOP/s (`training/flops.py`) next to what a large float32 matmul reaches on this machine.
 
-  JAX_PLATFORMS=cpu python bench/bench_train_step.py --presets=tiny,mid --batch=2 --seq_len=128 --res=224
+  JAX_PLATFORMS=cpu python bench/bench_train_step.py --presets=tiny,mid --batch=2 --images=1 --res=224
 
 Both sides are timed after warm-up (JAX: after compilation), as the median of --iters steps.
 """
@@ -194,7 +194,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--presets", default="tiny,mid")
   parser.add_argument("--batch", type=int, default=2)
-  parser.add_argument("--seq_len", type=int, default=128)
+  parser.add_argument("--seq_len", type=int, default=0, help="0: the images' tokens + 64 text tokens")
   parser.add_argument("--images", type=int, default=1)
   parser.add_argument("--res", type=int, default=224)
   parser.add_argument("--iters", type=int, default=3)
@@ -205,14 +205,15 @@ def main():
   print(f"plain 2048x2048 float32 matmul (JAX): {peak / 1e9:.1f} GFLOP/s")
   for name in args.presets.split(","):
     cfg = get_preset(name, dtype="float32", remat_policy="none").with_image_size(args.res)
-    if args.seq_len < args.images * cfg.image_tokens + 1:
-      print(f"{name}: seq_len {args.seq_len} cannot hold {args.images} x {cfg.image_tokens} image tokens; skipped")
+    t = args.seq_len or args.images * cfg.image_tokens + 64
+    if t < args.images * cfg.image_tokens + 1:
+      print(f"{name}: seq_len {t} cannot hold {args.images} x {cfg.image_tokens} image tokens; skipped")
       continue
-    model_flops = flops.train_step_flops(cfg, batch=args.batch, seq_len=args.seq_len, max_images=args.images,
+    model_flops = flops.train_step_flops(cfg, batch=args.batch, seq_len=t, max_images=args.images,
                                          is_trainable=lambda p: True).total
-    jax_s = time_jax(cfg, args.batch, args.seq_len, args.images, args.iters)
-    torch_s = time_torch(cfg, args.batch, args.seq_len, args.images, args.iters)
-    print(f"{name}: B={args.batch} T={args.seq_len} M={args.images} {args.res}px | JAX {jax_s * 1e3:.1f} ms/step, "
+    jax_s = time_jax(cfg, args.batch, t, args.images, args.iters)
+    torch_s = time_torch(cfg, args.batch, t, args.images, args.iters)
+    print(f"{name}: B={args.batch} T={t} M={args.images} {args.res}px | JAX {jax_s * 1e3:.1f} ms/step, "
           f"PyTorch {torch_s * 1e3:.1f} ms/step, JAX/PyTorch time ratio {jax_s / torch_s:.2f} | model "
           f"{model_flops / 1e9:.2f} GFLOP/step -> {model_flops / jax_s / 1e9:.1f} GFLOP/s = "
           f"{100 * model_flops / jax_s / peak:.0f}% of the plain matmul")
