@@ -173,7 +173,11 @@ def _local_rows(x: np.ndarray, row_key: np.ndarray, rows: int) -> np.ndarray:
 
 
 def run(config) -> dict | None:
-  """Runs one evaluation task as configured (see `configs/eval/base.py`); returns the results on process 0."""
+  """Runs one evaluation task as configured (`default_config`); returns the results on process 0 (None on the
+  others, and when `max_batches` stopped the run before the end)."""
+  if "distributed" in config:
+    from qwenvl_jax.training import experiment  # pylint: disable=import-outside-toplevel
+    experiment.initialize_distributed(config.distributed)
   task = tasks_lib.get_task(config.task)
   output = config.output
   if not output:
@@ -292,6 +296,11 @@ def default_config(task_name: str, arg: str | None = None):
   c.max_examples = 0                    # evaluate only the first N examples (0 = all)
   c.max_batches = 0                     # stop after N batches (0 = all); rerun with the same output to resume
   c.progress = True
+  c.distributed = ml_collections.ConfigDict()   # as the trainer's (qwenvl_jax/training/experiment.py)
+  c.distributed.initialize = "auto"     # auto (TPU pod / SLURM / MPI launchers) | yes | no
+  c.distributed.coordinator = ""        # host:port to start processes by hand (then num_processes, process_id)
+  c.distributed.num_processes = 1
+  c.distributed.process_id = 0
   for item in filter(None, (arg or "").split(",")):
     key, sep, value = item.partition("=")
     if not sep or key not in c:

@@ -115,3 +115,47 @@ def test_an_existing_results_file_is_refused_before_any_work(workdir, tmp_path):
   with pytest.raises(FileExistsError):
     runner.run(config)
   assert out.read_text() == "{}"
+
+
+_WORKER = """
+import sys
+from qwenvl_jax.evaluation import runner
+coordinator, index, root, tok, output = sys.argv[1:]
+c = runner.default_config("refcoco_val")
+c.update(dict(output=output, data_path=root + "/ground.jsonl", image_root=root, model="tiny", tokenizer=tok,
+              dtype="float32", per_device_batch_size=1, progress=False, buckets=(64,)))
+c.distributed.coordinator, c.distributed.num_processes, c.distributed.process_id = coordinator, 2, int(index)
+payload = runner.run(c)
+print("RESULT", "none" if payload is None else len(payload["predictions"]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_processes_give_the_single_process_predictions(workdir, tmp_path):
+  import os  # pylint: disable=import-outside-toplevel
+  import socket  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  root, tok = workdir
+  repo = str(__import__("pathlib").Path(__file__).resolve().parents[2])
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = {**os.environ, "PYTHONPATH": repo, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  output = tmp_path / "two.json"
+  procs = [subprocess.Popen([sys.executable, "-c", _WORKER, f"localhost:{port}", str(i), str(root), str(tok),
+                             str(output)], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for i in range(2)]
+  outs = []
+  for p in procs:
+    out, err = p.communicate(timeout=900)
+    assert p.returncode == 0, err[-3000:]
+    outs.append(out.strip().splitlines()[-1])
+  assert outs == ["RESULT 10", "RESULT none"]  # process 0 writes the results, process 1 returns nothing
+  two = json.loads(output.read_text())
+  # The same 8 devices in one process (4 + 4 here): same predictions, row for row.
+  one = runner.run(_config("refcoco_val", root, tok, "ground.jsonl", "one.json"))
+  assert [p["prediction"] for p in two["predictions"]] == [p["prediction"] for p in one["predictions"]]
+  assert two["config"]["processes"] == 2 and two["config"]["devices"] == 8
