@@ -5,12 +5,24 @@ Letters: B batch, T query length, S key length, N heads, H head dim.
 Masks are boolean `[B, 1, T, S]` (True = may attend). Decoder masks come from segment ids and slot indices, which
 covers training rows (causal, one or several packed examples, right padding), left-padded prefill, and KV-cache
 decoding with one rule: query slot t sees key slot s iff both are in the same non-zero segment and s <= t.
+
+Implementations (`QwenVLConfig.attention_impl`): "xla" (einsums, any backend, the reference numerics), "cudnn"
+(fused kernel, NVIDIA GPUs) and "splash" (Pallas splash attention, TPU; see kernels.py). Splash handles the
+unmasked ViT/resampler calls and square decoder masks (training and prefill without a cache offset); calls with a
+KV cache (T != S) keep the xla path. The decoder hands over a boolean mask only, so splash recovers segment labels
+from it (`segment_labels_from_mask`) and checks that the mask is what those labels and causality give; a mask that
+is not segment-causal turns the output into NaN (a loud failure: training stops on a NaN loss) instead of being
+silently replaced by a different one.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from qwenvl_jax.model import kernels
+
+IMPLS = ("xla", "cudnn", "splash")
 
 
 def segment_causal_mask(q_segments: jax.Array, k_segments: jax.Array,
@@ -40,16 +52,56 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
     q: [B, T, N, H]; k, v: [B, S, N, H] in the compute dtype.
     mask: bool broadcastable to [B, N, T, S] or None (full attention).
     scale: multiplies the scores (1/sqrt(H) or the reference's bf16-rounded variant).
-    impl: "xla" (einsum; any backend) or "cudnn" (fused kernel on NVIDIA GPUs).
+    impl: "xla" (einsum; any backend), "cudnn" (fused kernel on NVIDIA GPUs) or "splash" (Pallas, TPU).
 
   Returns:
     [B, T, N, H] in q.dtype. Scores and softmax run in float32; the probabilities are cast to the compute dtype
-    before the value matmul, as the reference's bf16 softmax output is.
+    before the value matmul, as the reference's bf16 softmax output is. With "splash", rows of padding queries
+    (no visible key) hold other finite values than with "xla"; their outputs are never used.
+
+  Raises:
+    ValueError: an unknown impl, or a kernel asked for on a backend it cannot run on (kernels.py).
   """
   if impl == "cudnn":
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+    return kernels.cudnn_attention(q, k, v, mask=mask, scale=scale)
+  if impl == "splash":
+    return _splash(q, k, v, mask=mask, scale=scale)
+  if impl != "xla":
+    raise ValueError(f"unknown attention impl {impl!r}; known: {IMPLS}")
   scores = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
   if mask is not None:
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   return jnp.einsum("bnts,bsnh->btnh", probs, v)
+
+
+def segment_labels_from_mask(mask: jax.Array) -> jax.Array:
+  """int32[B, T] labels with mask == (label_t == label_s) & (s <= t) on every row that sees a key.
+
+  Args:
+    mask: bool[B, 1, T, T] from `segment_causal_mask` over one sequence (equal query and key slots).
+
+  Returns:
+    For a query that sees keys, the index of the first key it sees: the first token of its segment, the same
+    for all tokens of that segment and for no other. -1 for queries that see nothing (padding): they see each
+    other causally instead, so no row is empty (the kernel would divide by zero and put NaN into dk, dv).
+  """
+  rows = mask[:, 0]
+  return jnp.where(rows.any(axis=-1), jnp.argmax(rows, axis=-1), -1).astype(jnp.int32)
+
+
+def _splash(q, k, v, *, mask, scale):
+  """The splash path of `dot_product_attention` (same arguments)."""
+  if mask is None:
+    return kernels.splash_attention(q, k, v, scale=scale, causal=False)
+  b, t, s = q.shape[0], q.shape[1], k.shape[1]
+  if t != s or mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[2:] != (t, s):
+    # Decoding with a KV cache (a few queries against the whole cache): no causal square to tile, xla does it.
+    return dot_product_attention(q, k, v, mask=mask, scale=scale, impl="xla")
+  labels = jnp.broadcast_to(segment_labels_from_mask(mask), (b, t))
+  out = kernels.splash_attention(q, k, v, scale=scale, causal=True, q_segment_ids=labels, kv_segment_ids=labels)
+  rows = mask[:, 0]
+  slots = jnp.arange(t)
+  rebuilt = (labels[:, :, None] == labels[:, None, :]) & (slots[None, :] <= slots[:, None])[None]
+  faithful = jnp.all((rebuilt == rows) | ~rows.any(axis=-1, keepdims=True))
+  return jnp.where(faithful, out, jnp.asarray(jnp.nan, out.dtype))

@@ -16,7 +16,7 @@ import dataclasses
 from typing import Literal
 
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
-AttentionImpl = Literal["xla", "cudnn"]
+AttentionImpl = Literal["xla", "cudnn", "splash"]  # see model/attention.py
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -117,7 +117,8 @@ class QwenVLConfig:
     _check(self.param_dtype in ("bfloat16", "float32"), f"unknown param_dtype {self.param_dtype!r}")
     _check(self.remat_policy in ("none", "full", "dots", "dots_no_batch"),
            f"unknown remat_policy {self.remat_policy!r}")
-    _check(self.attention_impl in ("xla", "cudnn"), f"unknown attention_impl {self.attention_impl!r}")
+    _check(self.attention_impl in ("xla", "cudnn", "splash"),
+           f"unknown attention_impl {self.attention_impl!r}; known: 'xla', 'cudnn' (GPU), 'splash' (TPU)")
 
   @property
   def image_tokens(self) -> int:
