@@ -248,7 +248,7 @@ def _generated_records(job: _Job, chunk: Sequence[EvalExample]) -> list[dict]:
 
 
 def _gather_ids(ids: list) -> list:
-  """Every process's row ids, concatenated in process order (the global row order of the batch)."""
+  """Every process's list (JSON-serializable items), concatenated in process order."""
   if jax.process_count() == 1:
     return ids
   data = np.frombuffer(json.dumps(ids).encode("utf-8"), np.uint8)
@@ -263,10 +263,8 @@ def _gather_ids(ids: list) -> list:
 
 
 def _gather_records(records: list[dict]) -> list[dict]:
-  """All processes' records on every process (process 0 writes them)."""
-  if jax.process_count() == 1:
-    return records
-  return [r for r in _gather_ids(records)]
+  """All processes' records on every process, in process order (process 0 writes them)."""
+  return _gather_ids(records)
 
 
 def default_config(task_name: str, arg: str | None = None):

@@ -1,0 +1,30 @@
+"""What inference jobs load: the tokenizer by file type, and a model config matched to the tokenizer."""
+import pytest
+
+from qwenvl_jax.inference import loading
+from qwenvl_jax.text import QwenTokenizer, SentencePieceTokenizer
+
+
+def test_tokenizer_by_file_type(sp_model_file, qwen_tiktoken_path, tmp_path):
+  assert isinstance(loading.load_tokenizer(sp_model_file), SentencePieceTokenizer)
+  assert isinstance(loading.load_tokenizer(qwen_tiktoken_path), QwenTokenizer)
+  with pytest.raises(FileNotFoundError, match="nope.model"):
+    loading.load_tokenizer(tmp_path / "nope.model")
+  other = tmp_path / "vocab.txt"
+  other.write_text("x")
+  with pytest.raises(ValueError, match="expected a .tiktoken"):
+    loading.load_tokenizer(other)
+
+
+def test_model_config_follows_the_tokenizer(sp_tok, qwen_tiktoken_path):
+  cfg = loading.model_config("tiny", sp_tok, dtype="float32")
+  assert cfg.image_pad_id == sp_tok.img_pad_id and cfg.llm.vocab_size == 1024
+  assert (cfg.remat_policy, cfg.dtype, cfg.param_dtype) == ("none", "float32", "float32")
+  qwen = QwenTokenizer(qwen_tiktoken_path)
+  # Random weights grow the vocabulary to cover the tokenizer (a multiple of 128); a checkpoint keeps its own.
+  grown = loading.model_config("tiny", qwen, random_weights=True, image_size=56)
+  assert grown.llm.vocab_size == 151936 and grown.image_pad_id == 151859
+  assert grown.llm.vocab_size >= qwen.vocab_size and grown.llm.vocab_size % 128 == 0
+  assert grown.vision.image_size == 56
+  with pytest.raises(ValueError, match="image_pad_id 151859 is outside the vocabulary of 1024"):
+    loading.model_config("tiny", qwen)  # a tiny checkpoint cannot read the Qwen vocabulary
