@@ -16,8 +16,12 @@ requires_libtpu = pytest.mark.skipif(
     not mesh.libtpu_available(), reason="libtpu is not installed (pip install -r requirements-tpu-aot.txt)")
 
 
-def run_json(code: str, timeout: float = 300) -> dict:
-  """Runs `code` in a fresh Python (JAX on CPU, libtpu allowed for topologies); returns the JSON it prints last."""
+def run_json(code: str, timeout: float = 1800) -> dict:
+  """Runs `code` in a fresh Python (JAX on CPU, libtpu allowed for topologies); returns the JSON it prints last.
+
+  The default timeout is generous: each TPU compile takes seconds of CPU, but a shared 2-core host under load
+  stretches that many times over.
+  """
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT)
   proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                         env=env, cwd=REPO_ROOT, timeout=timeout, check=False)

@@ -27,7 +27,7 @@ def stage1() -> dict:
       except ValueError as e:
         out["error"] = str(e)
       print(json.dumps(out))
-  """, timeout=600)
+  """)
 
 
 @requires_libtpu
