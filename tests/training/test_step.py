@@ -125,6 +125,7 @@ def test_sharded_step_equals_single_device(stage3_single, rules_name, ici):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_frozen_params_do_not_move_and_trainable_do(stage3_single):
   params0, state, losses = stage3_single
   before = {optimizer.path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(params0)[0]}

@@ -78,6 +78,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(uninterrupted,
   assert (tmp_path / "config.resumed_at_24.json").is_file()
 
 
+@pytest.mark.slow
 def test_init_from_another_stage_across_resolutions(uninterrupted):
   """A stage at another resolution starts from a finished run's parameters (they do not depend on it)."""
   workdir, _, _ = uninterrupted
