@@ -15,7 +15,9 @@ Parts (forward + backward, summed to a scalar loss, per chip figures from `memor
 
 Parameters and batch are sharded as the trainer shards them (`fsdp` rules, `--tensor` > 1 adds `fsdp_tp`).
 XLA counts no FLOPs for a Pallas custom call, so the splash rows' FLOPs leave attention out: the line
-"attention matmul FLOPs" gives the analytic count (without causal skipping) to compare with.
+"attention matmul FLOPs" gives the analytic count (without causal skipping) to compare with. For `decoder`, XLA
+counts the body of the scanned layer stack once, so its FLOPs and bytes are about one layer plus the head; the
+temporaries are for the whole step (with full remat: the saved layer inputs plus one layer's backward).
 """
 import argparse
 import pathlib

@@ -9,8 +9,10 @@ key. `splash_attention` adapts our [B, T, N, H] layout to it:
 * the scale is folded into q (in float32, then cast back to the compute dtype);
 * T and S are zero-padded to a multiple of 128; padded keys get a segment id no real query has, padded queries
   one that sees at least one key (their outputs are sliced off, but an empty row would put NaN into dk, dv);
-* H is zero-padded to a multiple of 128 when asked (exact: zero dims add nothing to q.k, and the padded value
-  dims are sliced off), which the TPU lowering wants for head dims like ViT-bigG's 104;
+* H is zero-padded to a multiple of 128 by default (exact: zero dims add nothing to q.k, and the padded value
+  dims are sliced off), so ViT-bigG's 104 runs in the lane-aligned layout the kernel is built around. Mosaic
+  also compiles 104 unpadded (`pad_head_dim=False`; bench/bench_attention_aot.py --part=attn_vit: the same
+  temporaries, 9% fewer HBM bytes); switch once that is checked on a real TPU;
 * under `sharding.use_rules` it runs in `shard_map`, q, k, v split as the rules split `act_batch` and
   `act_heads` (batch over data x fsdp, heads over tensor): XLA cannot partition a custom call itself and would
   gather whole q, k, v onto every device.
