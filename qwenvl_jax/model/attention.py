@@ -96,7 +96,8 @@ def _splash(q, k, v, *, mask, scale):
     return kernels.splash_attention(q, k, v, scale=scale, causal=False)
   b, t, s = q.shape[0], q.shape[1], k.shape[1]
   if t != s or mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[2:] != (t, s):
-    # Decoding with a KV cache (a few queries against the whole cache): no causal square to tile, xla does it.
+    # A KV cache (a few queries against the whole cache) or a per-head mask: no causal square for the kernel
+    # to tile; xla gives the same result.
     return dot_product_attention(q, k, v, mask=mask, scale=scale, impl="xla")
   labels = jnp.broadcast_to(segment_labels_from_mask(mask), (b, t))
   out = kernels.splash_attention(q, k, v, scale=scale, causal=True, q_segment_ids=labels, kv_segment_ids=labels)
