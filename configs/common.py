@@ -35,7 +35,7 @@ _DEMO = {
             layer_decay=0.95, max_images=4),
     2: dict(lr=2e-3, min_lr=1e-4, warmup=20, steps=120, batch=8, accum=1, seq_len=128, res=448,
             layer_decay=0.95, max_images=1),
-    3: dict(lr=2e-3, min_lr=1e-4, warmup=20, steps=150, batch=8, accum=1, seq_len=192, res=448,
+    3: dict(lr=2e-3, min_lr=1e-4, warmup=20, steps=150, batch=8, accum=1, seq_len=256, res=448,
             layer_decay=1.0, max_images=2),
 }
 

@@ -108,6 +108,7 @@ class MetricsWriter:
   def close(self) -> None:
     if not self.active:
       return
+    self.active = False
     if self._bar is not None:
       self._bar.close()
     if self._tb is not None:

@@ -148,90 +148,96 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer) 
       global_batch=config.batch_size, seq_len=config.seq_len, max_images=config.max_images, image_size=config.res,
       stage=config.stage, image_tokens=cfg.image_tokens)
 
-  writer_msgs = []
-  if latest is not None:
-    target = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), abstract_params,
-                        _with_shardings(abstract_opt, opt_shardings))
-    state = ckpt.restore(latest, target, data_iter)
-    writer_msgs.append(f"resumed {workdir} from step {latest}")
-  else:
-    if config.init:
-      from qwenvl_jax.checkpoint import restore_params  # pylint: disable=g-import-not-at-top
-      source = resolve_params_checkpoint(config.init)
-      params = nnx.to_pure_dict(restore_params(source, abstract_state, state_shardings))
-      writer_msgs.append(f"initialized parameters from {source}")
+  writer = None
+  try:
+    writer_msgs = []
+    if latest is not None:
+      target = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), abstract_params,
+                          _with_shardings(abstract_opt, opt_shardings))
+      state = ckpt.restore(latest, target, data_iter)
+      writer_msgs.append(f"resumed {workdir} from step {latest}")
     else:
-      params = nnx.to_pure_dict(nnx.state(sharding.init_sharded(make_model, mesh, rules)))
-    state = TrainState(jax.device_put(jnp.int32(0), replicated), params, opt_init(params))
+      if config.init:
+        from qwenvl_jax.checkpoint import restore_params  # pylint: disable=g-import-not-at-top
+        source = resolve_params_checkpoint(config.init)
+        params = nnx.to_pure_dict(restore_params(source, abstract_state, state_shardings))
+        writer_msgs.append(f"initialized parameters from {source}")
+      else:
+        params = nnx.to_pure_dict(nnx.state(sharding.init_sharded(make_model, mesh, rules)))
+      state = TrainState(jax.device_put(jnp.int32(0), replicated), params, opt_init(params))
 
-  start = int(jax.device_get(state.step))
+    start = int(jax.device_get(state.step))
 
-  is_frozen = make_is_frozen(frozen)
-  step_flops = flops.train_step_flops(cfg, batch=config.batch_size, seq_len=config.seq_len,
-                                      max_images=config.max_images, is_trainable=lambda p: not is_frozen(p)).total
-  peak = metrics.peak_flops_per_device(config.peak_flops_per_device)
-  jitted = jax.jit(step_fn, in_shardings=(shardings, data.batch_sharding(mesh)),
-                   out_shardings=(shardings, replicated), donate_argnums=(0,))
-  writer = metrics.MetricsWriter(workdir, total_steps=config.total_steps, initial_step=start,
-                                 tensorboard=config.tensorboard, progress_bar=config.progress_bar)
-  for m in writer_msgs:
-    writer.message(m)
-  writer.message(f"stage {config.stage}: model {config.model} at {config.res} px, frozen {list(frozen) or 'none'}, "
-                 f"mesh {dict(mesh.shape)}, {jax.process_count()} process(es); writing to {workdir}")
-  meta = {"stage": config.stage, "model": config.model, "res": config.res}
-  tokens_per_step = config.batch_size * config.seq_len
-  last_saved = latest
-  pending: list[tuple[int, dict]] = []
-  clock = {"time": None, "step": start}
-  status = "completed"
+    is_frozen = make_is_frozen(frozen)
+    step_flops = flops.train_step_flops(cfg, batch=config.batch_size, seq_len=config.seq_len,
+                                        max_images=config.max_images, is_trainable=lambda p: not is_frozen(p)).total
+    peak = metrics.peak_flops_per_device(config.peak_flops_per_device)
+    jitted = jax.jit(step_fn, in_shardings=(shardings, data.batch_sharding(mesh)),
+                     out_shardings=(shardings, replicated), donate_argnums=(0,))
+    writer = metrics.MetricsWriter(workdir, total_steps=config.total_steps, initial_step=start,
+                                   tensorboard=config.tensorboard, progress_bar=config.progress_bar)
+    for m in writer_msgs:
+      writer.message(m)
+    writer.message(f"stage {config.stage}: model {config.model} at {config.res} px, frozen {list(frozen) or 'none'}, "
+                   f"mesh {dict(mesh.shape)}, {jax.process_count()} process(es); writing to {workdir}")
+    meta = {"stage": config.stage, "model": config.model, "res": config.res}
+    tokens_per_step = config.batch_size * config.seq_len
+    last_saved = latest
+    pending: list[tuple[int, dict]] = []
+    clock = {"time": None, "step": start}
+    status = "completed"
 
-  def flush(step: int) -> None:
-    """Fetches the pending metrics (a host sync), stops on a non-finite loss, logs the latest step."""
-    fetched = [(s, jax.device_get(m)) for s, m in pending]
-    pending.clear()
-    for s, m in fetched:
-      if not m["finite"]:
-        raise FloatingPointError(
-            f"non-finite loss ({float(m['loss'])}) or gradient norm ({float(m['grad_norm'])}) at step {s}; "
-            f"stopping. The last good checkpoint is step {last_saved} in {ckpt.directory}"
-            if last_saved is not None else
-            f"non-finite loss ({float(m['loss'])}) or gradient norm ({float(m['grad_norm'])}) at step {s}; "
-            "stopping before any checkpoint was written")
-    now = time.perf_counter()
-    images = sum(float(m["images"]) for _, m in fetched)
-    if clock["time"] is None:
-      rates = metrics.throughput(steps=0, seconds=0, tokens_per_step=0, images=0, step_flops=0, num_devices=1,
-                                 peak=None)  # the first interval includes compilation: no rates
-    else:
-      rates = metrics.throughput(steps=step - clock["step"], seconds=now - clock["time"],
-                                 tokens_per_step=tokens_per_step, images=images, step_flops=step_flops,
-                                 num_devices=jax.device_count(), peak=peak)
-    clock.update(time=now, step=step)
-    for s, m in fetched:
-      if config.log_every == 1 or s == step:
-        values = {k: float(m[k]) for k in ("loss", "grad_norm", "lr", "supervised_tokens")}
-        writer.write(s, dict(values, **rates) if s == step else values)
+    def flush(step: int) -> None:
+      """Fetches the pending metrics (a host sync), stops on a non-finite loss, logs the latest step."""
+      fetched = [(s, jax.device_get(m)) for s, m in pending]
+      pending.clear()
+      for s, m in fetched:
+        if not m["finite"]:
+          raise FloatingPointError(
+              f"non-finite loss ({float(m['loss'])}) or gradient norm ({float(m['grad_norm'])}) at step {s}; "
+              f"stopping. The last good checkpoint is step {last_saved} in {ckpt.directory}"
+              if last_saved is not None else
+              f"non-finite loss ({float(m['loss'])}) or gradient norm ({float(m['grad_norm'])}) at step {s}; "
+              "stopping before any checkpoint was written")
+      now = time.perf_counter()
+      images = sum(float(m["images"]) for _, m in fetched)
+      if clock["time"] is None:
+        rates = metrics.throughput(steps=0, seconds=0, tokens_per_step=0, images=0, step_flops=0, num_devices=1,
+                                   peak=None)  # the first interval includes compilation: no rates
+      else:
+        rates = metrics.throughput(steps=step - clock["step"], seconds=now - clock["time"],
+                                   tokens_per_step=tokens_per_step, images=images, step_flops=step_flops,
+                                   num_devices=jax.device_count(), peak=peak)
+      clock.update(time=now, step=step)
+      for s, m in fetched:
+        if config.log_every == 1 or s == step:
+          values = {k: float(m[k]) for k in ("loss", "grad_norm", "lr", "supervised_tokens")}
+          writer.write(s, dict(values, **rates) if s == step else values)
 
-  with _StopRequest() as stop, sharding.use_rules(mesh, rules):
-    for step in range(start + 1, config.total_steps + 1):
-      batch = data.to_global_batch(next(data_iter), mesh)
-      state, step_metrics = jitted(state, batch)
-      pending.append((step, step_metrics))
-      writer.advance()
-      boundary = step % config.log_every == 0 or step % config.checkpoint.every == 0
-      done = step == config.total_steps
-      stopping = stop.requested if jax.process_count() == 1 else (boundary and _any_process(stop.requested))
-      stopping = stopping or step == config.stop_at_step
-      if boundary or done or stopping:
-        flush(step)
-      if step % config.checkpoint.every == 0 or done or stopping:
-        ckpt.save(step, state, data_iter, meta, force=True)
-        last_saved = step
-      if stopping:
-        status = "preempted"
-        writer.message(f"stop requested: saved step {step} to {ckpt.directory}; rerun the same command to resume")
-        break
-  ckpt.wait()
-  writer.message(f"{status} at step {step}; checkpoints in {ckpt.directory}, metrics in {writer.path}")
-  writer.close()
-  return TrainResult(workdir, step, status, last_saved)
+    with _StopRequest() as stop, sharding.use_rules(mesh, rules):
+      for step in range(start + 1, config.total_steps + 1):
+        batch = data.to_global_batch(next(data_iter), mesh)
+        state, step_metrics = jitted(state, batch)
+        pending.append((step, step_metrics))
+        writer.advance()
+        boundary = step % config.log_every == 0 or step % config.checkpoint.every == 0
+        done = step == config.total_steps
+        stopping = stop.requested if jax.process_count() == 1 else (boundary and _any_process(stop.requested))
+        stopping = stopping or step == config.stop_at_step
+        if boundary or done or stopping:
+          flush(step)
+        if step % config.checkpoint.every == 0 or done or stopping:
+          ckpt.save(step, state, data_iter, meta, force=True)
+          last_saved = step
+        if stopping:
+          status = "preempted"
+          writer.message(f"stop requested: saved step {step} to {ckpt.directory}; rerun the same command to resume")
+          break
+    ckpt.wait()
+    writer.message(f"{status} at step {step}; checkpoints in {ckpt.directory}, metrics in {writer.path}")
+    return TrainResult(workdir, step, status, last_saved)
+  finally:
+    if writer is not None:
+      writer.close()
+    # Stops grain's worker processes and frees their shared memory.
+    data_iter.close()

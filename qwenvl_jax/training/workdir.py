@@ -63,6 +63,10 @@ def check_and_record(workdir: str, config: ml_collections.ConfigDict, latest_ste
     if config.resume == "never":
       raise FileExistsError(f"{workdir} already holds checkpoints (latest step {latest_step}) and "
                             "config.resume='never'; choose another --workdir, or resume with --config.resume=auto")
+    if not os.path.exists(path) and config.resume != "force":
+      raise FileExistsError(f"{workdir} holds checkpoints (latest step {latest_step}) but no config.json saying "
+                            "which config wrote them; choose another --workdir, or continue them with this config "
+                            "via --config.resume=force")
     if os.path.exists(path):
       with open(path, encoding="utf-8") as f:
         old = json.load(f)

@@ -1,0 +1,55 @@
+"""The workdir guard: resume only a run of the same config; never continue someone else's checkpoints silently."""
+import json
+
+import pytest
+
+from qwenvl_jax.training import workdir
+from tests.training.helpers import small_config
+
+
+def test_new_run_records_its_config(tmp_path):
+  c = small_config(2, tmp_path)
+  workdir.check_and_record(str(tmp_path), c, latest_step=None)
+  assert json.loads((tmp_path / "config.json").read_text())["optimizer"]["lr"] == c.optimizer.lr
+
+
+def test_same_config_resumes_and_run_length_may_change(tmp_path):
+  workdir.check_and_record(str(tmp_path), small_config(2, tmp_path), latest_step=None)
+  workdir.check_and_record(str(tmp_path), small_config(2, tmp_path, total_steps=99, log_every=5), latest_step=4)
+
+
+def test_different_config_is_refused_unless_forced(tmp_path):
+  workdir.check_and_record(str(tmp_path), small_config(2, tmp_path), latest_step=None)
+  changed = small_config(2, tmp_path, seq_len=32, **{"data.seed": 3})
+  with pytest.raises(FileExistsError, match=r"data\.seed: 0 -> 3\n  seq_len: 64 -> 32"):
+    workdir.check_and_record(str(tmp_path), changed, latest_step=4)
+  changed.resume = "force"
+  workdir.check_and_record(str(tmp_path), changed, latest_step=4)
+  assert json.loads((tmp_path / "config.resumed_at_4.json").read_text())["seq_len"] == 32
+  # The original record is kept.
+  assert json.loads((tmp_path / "config.json").read_text())["seq_len"] == 64
+
+
+def test_checkpoints_without_a_record_are_refused(tmp_path):
+  with pytest.raises(FileExistsError, match="no config.json"):
+    workdir.check_and_record(str(tmp_path), small_config(2, tmp_path), latest_step=7)
+
+
+def test_resume_never(tmp_path):
+  workdir.check_and_record(str(tmp_path), small_config(2, tmp_path), latest_step=None)
+  with pytest.raises(FileExistsError, match="resume='never'"):
+    workdir.check_and_record(str(tmp_path), small_config(2, tmp_path, resume="never"), latest_step=2)
+  with pytest.raises(ValueError, match="config.resume"):
+    workdir.check_and_record(str(tmp_path), small_config(2, tmp_path, resume="maybe"), latest_step=2)
+
+
+def test_a_different_config_without_checkpoints_is_refused(tmp_path):
+  workdir.check_and_record(str(tmp_path), small_config(2, tmp_path), latest_step=None)
+  with pytest.raises(FileExistsError, match="no checkpoint to resume"):
+    workdir.check_and_record(str(tmp_path), small_config(2, tmp_path, seq_len=32), latest_step=None)
+
+
+def test_default_workdir_is_per_stage(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  c = small_config(3, "")
+  assert workdir.resolve(c) == str(tmp_path / "runs" / "stage3")
