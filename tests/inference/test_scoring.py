@@ -2,15 +2,27 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from qwenvl_jax.inference import scoring
 
+FULL = 64
+
+
+@nnx.jit
+def _logits(model, ids, segment_ids, images):
+  return model(ids, segment_ids=segment_ids, images=images, image_mask=jnp.ones((1, 1), bool))
+
 
 def _by_hand(model, ids, n_option, image):
-  """Mean CE of the last n_option tokens from one unpadded forward pass."""
-  logits = model(jnp.asarray([ids]), images=jnp.asarray(image)[None, None], image_mask=jnp.ones((1, 1), bool))
-  logp = jax.nn.log_softmax(logits[0, :-1].astype(jnp.float32), axis=-1)
-  ce = -np.take_along_axis(np.asarray(logp), np.asarray(ids[1:])[:, None], axis=1)[:, 0]
+  """Mean CE of the last n_option tokens from one forward pass of the row alone (right-padded to a fixed length,
+  pads after the real tokens change nothing before them)."""
+  padded = np.zeros((1, FULL), np.int32)
+  padded[0, :len(ids)] = ids
+  segments = (np.arange(FULL) < len(ids)).astype(np.int32)[None]
+  logits = _logits(model, jnp.asarray(padded), jnp.asarray(segments), jnp.asarray(image)[None, None])
+  logp = np.asarray(jax.nn.log_softmax(logits[0, :len(ids) - 1].astype(jnp.float32), axis=-1))
+  ce = -np.take_along_axis(logp, np.asarray(ids[1:])[:, None], axis=1)[:, 0]
   return float(ce[-n_option:].mean())
 
 
