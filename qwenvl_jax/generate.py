@@ -7,8 +7,8 @@
 Chat mode (default, for Qwen-VL-Chat) wraps the images and prompt as `Picture k:<img>…</img>\\n…` in ChatML after
 `--history` (a JSON list of [query, response] pairs, oldest first); `--chat_format=raw` feeds the base model the
 same text without ChatML. The answer streams to stdout. When it holds boxes, the latest picture with the boxes
-and labels drawn is written as a PNG to `--output_image` (default `<image stem>_boxes.png`, with `_1`, `_2`, … added
-rather than replacing a file). `--save_history` writes the updated history as JSON to a new file.
+and labels drawn is written as a PNG to `--output_image` (default `<image stem>_boxes.png` next to that picture,
+with `_1`, `_2`, … added rather than replacing a file). `--save_history` writes the updated history as JSON to a new file.
 """
 
 from __future__ import annotations
@@ -55,8 +55,9 @@ def _read_history(path: str | None) -> list[tuple[str, str]]:
   return [tuple(t) for t in data]
 
 
-def _free_png_path(images: list[str]) -> str:
-  stem = os.path.splitext(os.path.basename(images[-1]))[0] if images else "answer"
+def _free_png_path(image: str) -> str:
+  """`<image stem>_boxes.png` next to the picture, with `_1`, `_2`, ... added instead of replacing a file."""
+  stem = os.path.splitext(image)[0]
   path, k = f"{stem}_boxes.png", 0
   while os.path.exists(path):
     k += 1
@@ -102,7 +103,7 @@ def main(argv):
 
   drawn = inference.draw_bbox_on_latest_picture(reply.response, reply.history)
   if drawn is not None:
-    path = FLAGS.output_image or _free_png_path(FLAGS.image)
+    path = FLAGS.output_image or _free_png_path(inference.latest_image(reply.response, reply.history))
     inference.save_new_png(drawn, path)
     print(f"boxes drawn on the latest picture: {path}", file=sys.stderr)
   if FLAGS.save_history:

@@ -53,3 +53,12 @@ def test_cli_names_a_missing_image(tmp_path, sp_model_file):
   proc = _run(["--model=tiny", f"--tokenizer={sp_model_file}", "--image=missing.jpg", "--prompt=Hi"], tmp_path,
               timeout=120)
   assert proc.returncode != 0 and "missing.jpg" in proc.stderr
+
+
+def test_default_png_name_sits_next_to_the_picture_and_never_replaces_one(tmp_path):
+  from qwenvl_jax import generate  # pylint: disable=import-outside-toplevel
+  picture = str(tmp_path / "street.jpg")
+  assert generate._free_png_path(picture) == str(tmp_path / "street_boxes.png")
+  (tmp_path / "street_boxes.png").write_bytes(b"x")
+  (tmp_path / "street_boxes_1.png").write_bytes(b"x")
+  assert generate._free_png_path(picture) == str(tmp_path / "street_boxes_2.png")
