@@ -1,4 +1,4 @@
-"""Weight conversion between PyTorch checkpoints and the Orbax params checkpoint (thin entry point).
+r"""Weight conversion between PyTorch checkpoints and the Orbax params checkpoint (thin entry point).
 
   # Hugging Face Qwen-VL / Qwen-VL-Chat (.bin or .safetensors shards + index) -> Orbax, dtype kept (bf16):
   python -m qwenvl_jax.convert --mode=torch_to_orbax --src=/ckpt/Qwen-VL-Chat --dst=/ckpt/qwenvl_chat_params

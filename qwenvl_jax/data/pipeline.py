@@ -91,7 +91,9 @@ def make_source_datasets(config: ml_collections.ConfigDict, *, stage: int, image
   """(source, weight) pairs of a stage: one source, or the stage-2 task mixture."""
   common = dict(stage=stage, image_size=image_size, seed=config.seed, image_root=config.image_root or None,
                 split=config.split, data_dir=config.data_dir or None)
-  if stage != 2 or not config.mixture:
+  per_task = any(config.mixture_sources.get(t, "") for t in config.mixture) if config.mixture else False
+  if stage != 2 or not config.mixture or (config.source != "synthetic" and not per_task):
+    # Stage 2 with one non-synthetic source and no per-task sources reads that source as already mixed.
     return [(make_source(config.source, task=config.task or None, **common), 1.0)]
   pairs = []
   for task, weight in config.mixture.items():
@@ -101,8 +103,10 @@ def make_source_datasets(config: ml_collections.ConfigDict, *, stage: int, image
       continue
     spec = config.mixture_sources.get(task, "") or config.source
     if spec != "synthetic" and not config.mixture_sources.get(task, ""):
-      raise ValueError(f"stage-2 task {task!r} has weight {weight} but no entry in data.mixture_sources "
-                       f"(only the synthetic source provides every task)")
+      raise ValueError(
+          f"stage-2 task {task!r} has weight {weight} but data.mixture_sources.{task} is empty, and only the "
+          f"synthetic source provides every task: set --config.data.mixture_sources.{task}=SPEC, or drop the task "
+          f"with --config.data.mixture.{task}=0")
     pairs.append((make_source(spec, task=task, **common), float(weight)))
   if not pairs:
     raise ValueError("every stage-2 mixture weight is 0")

@@ -248,8 +248,16 @@ def test_argument_errors(byte_tokenizer):
     _iterator(byte_tokenizer, 1, batch=3, process_count=2)
   with pytest.raises(ValueError, match="process_index"):
     _iterator(byte_tokenizer, 1, process_index=2, process_count=2)
+  # Some tasks have their own source, another weighted task has none: the error names it and the way out.
+  config = _config(2)
+  config.mixture_sources = {"text": "jsonl:/nonexistent.jsonl"}
+  config.source = "jsonl:/other.jsonl"
+  with pytest.raises(ValueError, match=r"mixture_sources\.caption=SPEC"):
+    make_dataset(config, byte_tokenizer, process_index=0, process_count=1, global_batch=1, seq_len=T,
+                 max_images=M, image_size=S, stage=2, image_tokens=Q)
+  # One non-synthetic source and no per-task sources: stage 2 reads that source as already mixed.
   config = _config(2, source="jsonl:/nonexistent.jsonl")
-  with pytest.raises(ValueError, match="mixture_sources"):
+  with pytest.raises(FileNotFoundError, match="nonexistent.jsonl"):
     make_dataset(config, byte_tokenizer, process_index=0, process_count=1, global_batch=1, seq_len=T,
                  max_images=M, image_size=S, stage=2, image_tokens=Q)
 
