@@ -18,7 +18,6 @@ The loop holds no model logic (that is `step.py`) and no I/O format (that is `ch
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
 import threading
 import time
@@ -97,8 +96,7 @@ def train(config: ml_collections.ConfigDict) -> TrainResult:
   """Runs (or resumes) the stage `config` describes. See `configs/stage1.py` for the fields."""
   experiment.initialize_distributed(config.distributed)
   workdir = workdir_lib.resolve(config)
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
+  workdir_lib.create(workdir)
   if config.checkpoint.every < 1 or config.log_every < 1:
     raise ValueError(f"config.checkpoint.every and config.log_every must be >= 1, got "
                      f"{config.checkpoint.every}, {config.log_every}")

@@ -7,6 +7,11 @@ checkpoints are never continued with (or overwritten by) a different experiment 
 
 `config.resume`: 'auto' (resume a matching run, refuse a different one), 'force' (resume whatever is there; the
 new config is recorded beside the old one), 'never' (refuse any workdir that already holds checkpoints).
+
+Remote workdirs: every workdir operation of the trainer (this file, `checkpointing`, `metrics`, the tokenizer file
+of `experiment`) goes through `etils.epath.Path`, so `--workdir=gs://bucket/run` (what `launch/tpu.py` requires:
+all workers of a pod write there) is used as given; only local paths are made absolute. epath reads and writes
+gs:// through fsspec, so a TPU VM needs `pip install gcsfs` (not in requirements.txt: nothing here can reach GCS).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import json
 import os
 from typing import Any
 
+from etils import epath
 import jax
 import ml_collections
 
@@ -23,9 +29,25 @@ RESUMABLE_KEYS = ("total_steps", "stop_at_step", "log_every", "checkpoint", "wor
                   "tensorboard", "peak_flops_per_device", "distributed", "init")
 
 
+def is_remote(path: str | os.PathLike) -> bool:
+  """Whether `path` is a URL (`gs://bucket/dir`, `s3://...`) rather than a local path."""
+  return "://" in os.fspath(path)
+
+
 def resolve(config: ml_collections.ConfigDict) -> str:
-  """`config.workdir`, or `./runs/stage<N>` when empty (absolute path)."""
-  return os.path.abspath(config.workdir or os.path.join("runs", f"stage{config.stage}"))
+  """`config.workdir`, or `./runs/stage<N>` when empty: a local path made absolute, a URL kept as given."""
+  raw = config.workdir or os.path.join("runs", f"stage{config.stage}")
+  return raw if is_remote(raw) else os.path.abspath(raw)
+
+
+def create(workdir: str) -> None:
+  """Creates a local workdir (process 0 only).
+
+  Nothing is created for a URL: object stores have no directories, and gcsfs' `makedirs` would try to create a
+  missing bucket rather than fail.
+  """
+  if jax.process_index() == 0 and not is_remote(workdir):
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -58,18 +80,17 @@ def check_and_record(workdir: str, config: ml_collections.ConfigDict, latest_ste
   """
   if config.resume not in ("auto", "force", "never"):
     raise ValueError(f"config.resume must be 'auto', 'force' or 'never', got {config.resume!r}")
-  path = os.path.join(workdir, "config.json")
+  path = epath.Path(workdir) / "config.json"
   if latest_step is not None:
     if config.resume == "never":
       raise FileExistsError(f"{workdir} already holds checkpoints (latest step {latest_step}) and "
                             "config.resume='never'; choose another --workdir, or resume with --config.resume=auto")
-    if not os.path.exists(path) and config.resume != "force":
+    if not path.exists() and config.resume != "force":
       raise FileExistsError(f"{workdir} holds checkpoints (latest step {latest_step}) but no config.json saying "
                             "which config wrote them; choose another --workdir, or continue them with this config "
                             "via --config.resume=force")
-    if os.path.exists(path):
-      with open(path, encoding="utf-8") as f:
-        old = json.load(f)
+    if path.exists():
+      old = json.loads(path.read_text())
       diffs = config_differences(old, config)
       if diffs and config.resume != "force":
         raise FileExistsError(
@@ -78,15 +99,12 @@ def check_and_record(workdir: str, config: ml_collections.ConfigDict, latest_ste
             + "\nChoose another --workdir, or continue those checkpoints with the new config via "
               "--config.resume=force.")
       if diffs and jax.process_index() == 0:
-        with open(os.path.join(workdir, f"config.resumed_at_{latest_step}.json"), "w", encoding="utf-8") as f:
-          f.write(config.to_json(indent=2))
+        (epath.Path(workdir) / f"config.resumed_at_{latest_step}.json").write_text(config.to_json(indent=2))
     return
-  if jax.process_index() == 0 and not os.path.exists(path):
-    with open(path, "w", encoding="utf-8") as f:
-      f.write(config.to_json(indent=2))
+  if jax.process_index() == 0 and not path.exists():
+    path.write_text(config.to_json(indent=2))
   elif jax.process_index() == 0:
-    with open(path, encoding="utf-8") as f:
-      old = json.load(f)
+    old = json.loads(path.read_text())
     diffs = config_differences(old, config)
     if diffs:
       # A run that died before its first checkpoint: nothing to resume, but the file is the user's record.
