@@ -11,6 +11,9 @@ Layout of `<workdir>/checkpoints/<step>/`:
 Saving is asynchronous (the arrays are copied off the device, then written in the background while training
 continues); the manager keeps the newest N, the loop decides when to save. `save(force=True)` is used for the final and the
 SIGTERM checkpoint. Restores go straight into the target shardings, so no host ever holds the whole model.
+
+Paths go through `etils.epath` (as Orbax does), so a `gs://` workdir or `trainer:gs://...` init spec is used as
+given; local paths are made absolute. Returned paths are strings.
 """
 
 from __future__ import annotations
@@ -19,13 +22,20 @@ import os
 import time
 from typing import Any
 
+from etils import epath
 import grain
 import jax
 import orbax.checkpoint as ocp
 
+from qwenvl_jax.training import workdir as workdir_lib
 from qwenvl_jax.training.step import TrainState
 
 _ITEMS = ("params", "opt_state", "data", "meta")
+
+
+def _absolute(path: str) -> epath.Path:
+  """`path` as an epath: a local path made absolute, a URL (`gs://bucket/dir`) kept as given."""
+  return epath.Path(path if workdir_lib.is_remote(path) else os.path.abspath(path))
 
 
 def _abstract(tree: Any) -> Any:
@@ -41,7 +51,7 @@ class Checkpointer:
   def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
     if keep < 1:
       raise ValueError(f"checkpoint.keep must be >= 1, got {keep}")
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = os.fspath(_absolute(workdir) / "checkpoints")
     # The loop decides when to save (every N steps, at the end, on a stop request); the manager keeps N.
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
     handlers = {
@@ -91,7 +101,7 @@ class Checkpointer:
     return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
   def params_path(self, step: int) -> str:
-    return os.path.join(self.directory, str(step), "params")
+    return os.fspath(epath.Path(self.directory) / str(step) / "params")
 
   def wait(self) -> None:
     """Blocks until every started save is durable on disk."""
@@ -112,20 +122,20 @@ def resolve_params_checkpoint(spec: str) -> str:
   if not arg:
     raise ValueError(f"config.init={spec!r}: expected 'trainer:WORKDIR[@STEP]' or 'params:PATH'")
   if kind == "params":
-    if not os.path.isdir(arg):
+    path = _absolute(arg)
+    if not path.is_dir():
       raise FileNotFoundError(f"config.init={spec!r}: {arg} is not a directory")
-    return os.path.abspath(arg)
+    return os.fspath(path)
   if kind == "trainer":
     workdir, _, step = arg.partition("@")
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isdir(directory):
+    directory = _absolute(workdir) / "checkpoints"
+    if not directory.is_dir():
       raise FileNotFoundError(f"config.init={spec!r}: no checkpoints under {directory}")
-    steps = sorted(int(d) for d in os.listdir(directory)
-                   if d.isdigit() and os.path.isdir(os.path.join(directory, d, "params")))
+    steps = sorted(int(d.name) for d in directory.iterdir() if d.name.isdigit() and (d / "params").is_dir())
     if not steps:
       raise FileNotFoundError(f"config.init={spec!r}: {directory} holds no finished checkpoint")
     chosen = int(step) if step else steps[-1]
     if chosen not in steps:
       raise FileNotFoundError(f"config.init={spec!r}: no step {chosen} in {directory} (steps: {steps})")
-    return os.path.join(directory, str(chosen), "params")
+    return os.fspath(directory / str(chosen) / "params")
   raise ValueError(f"config.init={spec!r}: expected 'trainer:WORKDIR[@STEP]' or 'params:PATH'")
