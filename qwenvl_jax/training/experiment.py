@@ -9,12 +9,14 @@ from __future__ import annotations
 import os
 import tempfile
 
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
 
 from qwenvl_jax import sharding
 from qwenvl_jax.model import config as model_config
+from qwenvl_jax.training import workdir as workdir_lib
 from qwenvl_jax.training.optimizer import stage_frozen_patterns
 
 # Environment variables that mean "this process is one of several" for launchers JAX auto-detects.
@@ -92,28 +94,27 @@ def make_tokenizer(config: ml_collections.ConfigDict, workdir: str):
     return text.SentencePieceTokenizer(spec[len("sentencepiece:"):])
   if spec:
     raise ValueError(f"config.tokenizer={spec!r}: expected '' (synthetic), 'qwen:PATH' or 'sentencepiece:PATH'")
-  path = os.path.join(workdir, "tokenizer.model")
+  # The workdir may be a gs:// URL (epath); SentencePiece loads from a local file.
+  path = epath.Path(workdir) / "tokenizer.model"
   data = None
   if jax.process_index() == 0:
-    if not os.path.exists(path):
+    if not path.exists():
       from qwenvl_jax.data import train_synthetic_tokenizer  # pylint: disable=g-import-not-at-top
       with tempfile.TemporaryDirectory() as tmp:
         tok = train_synthetic_tokenizer(os.path.join(tmp, "synthetic"), vocab_size=config.synthetic_vocab_size,
                                         seed=config.data.seed)
         with open(tok.path, "rb") as f:
           data = f.read()
-      with open(path, "wb") as f:
-        f.write(data)
+      path.write_bytes(data)
     else:
-      with open(path, "rb") as f:
-        data = f.read()
+      data = path.read_bytes()
   data = _broadcast_bytes(data)
-  if jax.process_index() != 0:
-    local = os.path.join(tempfile.mkdtemp(prefix="qwenvl_tokenizer_"), "tokenizer.model")
-    with open(local, "wb") as f:
-      f.write(data)
-    path = local
-  return text.SentencePieceTokenizer(path)
+  if jax.process_index() == 0 and not workdir_lib.is_remote(path):
+    return text.SentencePieceTokenizer(os.fspath(path))
+  local = os.path.join(tempfile.mkdtemp(prefix="qwenvl_tokenizer_"), "tokenizer.model")
+  with open(local, "wb") as f:
+    f.write(data)
+  return text.SentencePieceTokenizer(local)
 
 
 def make_model_config(config: ml_collections.ConfigDict, tokenizer) -> model_config.QwenVLConfig:
