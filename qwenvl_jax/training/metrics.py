@@ -4,19 +4,34 @@ MFU = model FLOPs per step (`flops.train_step_flops`, MaxText accounting) x step
 The peak per device comes from `planning.chips` by the JAX `device_kind`; a CPU (or an unknown chip) has no
 meaningful peak, so MFU is reported as n/a there unless `config.peak_flops_per_device` gives one.
 
-Only process 0 writes. `metrics.jsonl` gets one JSON object per logged step (appended, so a resumed run continues
-the same file); TensorBoard events go to `<workdir>/tensorboard`.
+Only process 0 writes. `metrics.jsonl` gets one JSON object per logged step, and a resumed run continues the same
+file; TensorBoard events go to `<workdir>/tensorboard`.
+
+Remote workdirs (`gs://...`, through `etils.epath`; needs `gcsfs`): object stores cannot append, and one object may
+be rewritten only about once per second. So for a URL workdir the writer reads the existing `metrics.jsonl` once,
+keeps all lines in memory, and rewrites the whole object at most every `REMOTE_FLUSH_SECONDS` and at `close()`
+(a killed process loses at most that much of the log; checkpoints are unaffected). Local files are appended to
+and flushed on every record, as before. tensorboardX writes `gs://` event files itself when `google-cloud-storage`
+is installed (it rewrites the whole object on each flush, so remote flushes follow the same throttle, besides
+tensorboardX's own every 120 s); without it TensorBoard is disabled for a remote workdir with a logged warning.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
-import os
 import sys
+import time
 from typing import Any
 
+from etils import epath
 import jax
+
+from qwenvl_jax.training import workdir as workdir_lib
+
+# Seconds between rewrites of a remote metrics.jsonl / TensorBoard flushes (GCS: ~1 write/s per object).
+REMOTE_FLUSH_SECONDS = 30.0
 
 
 def peak_flops_per_device(override: float = 0.0) -> float | None:
@@ -57,16 +72,20 @@ class MetricsWriter:
     self.active = jax.process_index() == 0
     self._tb = None
     self._bar = None
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._file = None
+    self.remote = workdir_lib.is_remote(workdir)
+    self.path = str(epath.Path(workdir) / "metrics.jsonl")
     if not self.active:
       return
-    self._file = open(self.path, "a", encoding="utf-8")
+    if self.remote:
+      path = epath.Path(self.path)
+      self._lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+      self._dirty = False
+      self._last_flush = time.monotonic()
+    else:
+      self._file = open(self.path, "a", encoding="utf-8")
     if tensorboard:
-      try:
-        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      except ImportError:
-        self._tb = None
+      self._tb = _tensorboard_writer(str(epath.Path(workdir) / "tensorboard"), remote=self.remote)
     if progress_bar:
       from tqdm import tqdm  # pylint: disable=g-import-not-at-top
       self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True, file=sys.stderr,
@@ -81,16 +100,38 @@ class MetricsWriter:
     record = {"step": step, **{k: v for k, v in values.items() if v is not None}}
     # JSON has no NaN; keep non-finite losses visible as strings rather than dropping them.
     record = {k: (repr(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-    self._file.write(json.dumps(record) + "\n")
-    self._file.flush()
+    line = json.dumps(record) + "\n"
     if self._tb is not None:
       for k, v in clean.items():
         if isinstance(v, (int, float)) and v is not None:
           self._tb.add_scalar(f"train/{k}", v, step)
-      self._tb.flush()
+    if self.remote:
+      self._lines.append(line)
+      self._dirty = True
+      if time.monotonic() - self._last_flush >= REMOTE_FLUSH_SECONDS:
+        self.flush()
+    else:
+      self._file.write(line)
+      self._file.flush()
+      if self._tb is not None:
+        self._tb.flush()
     if self._bar is not None:
       shown = {k: clean[k] for k in ("loss", "lr", "tokens_per_s", "mfu") if clean.get(k) is not None}
       self._bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
+
+  def flush(self) -> None:
+    """Makes every record written so far durable (for a remote workdir: rewrites the whole metrics.jsonl)."""
+    if not self.active:
+      return
+    if self.remote:
+      if self._dirty:
+        epath.Path(self.path).write_text("".join(self._lines))
+        self._dirty = False
+      self._last_flush = time.monotonic()
+    elif self._file is not None:
+      self._file.flush()
+    if self._tb is not None:
+      self._tb.flush()
 
   def advance(self, n: int = 1) -> None:
     if self._bar is not None:
@@ -108,9 +149,30 @@ class MetricsWriter:
   def close(self) -> None:
     if not self.active:
       return
+    self.flush()
     self.active = False
     if self._bar is not None:
       self._bar.close()
     if self._tb is not None:
       self._tb.close()
-    self._file.close()
+    if self._file is not None:
+      self._file.close()
+
+
+def _tensorboard_writer(logdir: str, *, remote: bool):
+  """A tensorboardX SummaryWriter for `logdir`, or None (tensorboardX missing, or no gs:// support for it)."""
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  if remote:
+    from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+    # tensorboardX writes gs:// through google-cloud-storage and s3:// through boto3, when they are installed.
+    scheme = logdir.split("://", 1)[0]
+    enabled = {"gs": getattr(record_writer, "GCS_ENABLED", False),
+               "s3": getattr(record_writer, "S3_ENABLED", False)}.get(scheme, False)
+    if not enabled:
+      logging.warning("TensorBoard disabled: tensorboardX cannot write to %s (for gs:// it needs "
+                      "`pip install google-cloud-storage`); metrics.jsonl is still written", logdir)
+      return None
+  return SummaryWriter(logdir)
