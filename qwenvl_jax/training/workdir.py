@@ -11,7 +11,9 @@ new config is recorded beside the old one), 'never' (refuse any workdir that alr
 Remote workdirs: every workdir operation of the trainer (this file, `checkpointing`, `metrics`, the tokenizer file
 of `experiment`) goes through `etils.epath.Path`, so `--workdir=gs://bucket/run` (what `launch/tpu.py` requires:
 all workers of a pod write there) is used as given; only local paths are made absolute. epath reads and writes
-gs:// through fsspec, so a TPU VM needs `pip install gcsfs` (not in requirements.txt: nothing here can reach GCS).
+gs:// through fsspec, so a TPU VM needs `pip install gcsfs==2026.10.1` (it also brings google-cloud-storage,
+which tensorboardX needs for gs:// event files). It is not in requirements.txt: nothing here can reach GCS, and
+the tests use an in-memory filesystem in its place (tests/training/test_remote_paths.py).
 """
 
 from __future__ import annotations
