@@ -115,9 +115,12 @@ class MetricsWriter:
       self._file.flush()
       if self._tb is not None:
         self._tb.flush()
-    if self._bar is not None:
-      shown = {k: clean[k] for k in ("loss", "lr", "tokens_per_s", "mfu") if clean.get(k) is not None}
+    shown = {k: clean[k] for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu") if clean.get(k) is not None}
+    if self._bar is not None and not self._bar.disable:
       self._bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
+    else:
+      # No terminal (a log file, nohup, a scheduler): one line per logged step, so progress is visible there too.
+      print(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()), flush=True)
 
   def flush(self) -> None:
     """Makes every record written so far durable (for a remote workdir: rewrites the whole metrics.jsonl)."""

@@ -31,7 +31,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from qwenvl_jax import data, sharding
-from qwenvl_jax.model import QwenVL
+from qwenvl_jax.model import QwenVL, get_preset
 from qwenvl_jax.training import experiment, flops, metrics, workdir as workdir_lib
 from qwenvl_jax.training.checkpointing import Checkpointer, resolve_params_checkpoint
 from qwenvl_jax.training.optimizer import FROZEN, make_is_frozen, make_optimizer, opt_state_shardings, path_str
@@ -109,6 +109,11 @@ def train(config: ml_collections.ConfigDict) -> TrainResult:
 
 def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer) -> TrainResult:
   latest = ckpt.latest_step()
+  # Check what can be checked without the tokenizer before the workdir records this config: a typo (unknown
+  # preset, a mesh the devices cannot hold) must not leave a config.json that refuses the corrected command.
+  get_preset(config.model).with_image_size(config.res)
+  mesh, rules = experiment.make_mesh(config)
+  _check_batch(config, mesh)
   workdir_lib.check_and_record(workdir, config, latest)
   if latest is not None and latest >= config.total_steps:
     if jax.process_index() == 0:
@@ -117,8 +122,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer) 
     return TrainResult(workdir, latest, "up_to_date", latest)
   tokenizer = experiment.make_tokenizer(config, workdir)
   cfg = experiment.make_model_config(config, tokenizer)
-  mesh, rules = experiment.make_mesh(config)
-  _check_batch(config, mesh)
 
   def make_model():
     return QwenVL(cfg, rngs=nnx.Rngs(config.seed))
