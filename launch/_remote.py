@@ -57,6 +57,8 @@ def install_script(tarball: str, jax_tpu_requirement: str) -> str:
       f"cd {PROJECT_DIR}",
       f"{VENV}/bin/python -m pip install -q --upgrade pip",
       f"{VENV}/bin/python -m pip install -q -r requirements.txt {shlex.quote(jax_tpu_requirement)}",
+      # gs:// workdirs and data: etils.epath goes through gcsfs (which also brings google-cloud-storage).
+      f"{VENV}/bin/python -m pip install -q gcsfs==2026.10.1",
       f"{VENV}/bin/python -m pip install -q --no-deps -e .",
       f"echo \"installed on $(hostname): $({VENV}/bin/python -c 'import jax; print(jax.__version__)')\"",
   ]
