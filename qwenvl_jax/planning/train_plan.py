@@ -16,7 +16,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 from absl import app, flags
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
@@ -27,7 +26,7 @@ from qwenvl_jax.model import QwenVL
 from qwenvl_jax.model import config as model_config
 from qwenvl_jax.planning import aot, chips, mesh as mesh_lib
 from qwenvl_jax.training import experiment, flops
-from qwenvl_jax.training.optimizer import FROZEN, make_is_frozen, make_optimizer, path_str
+from qwenvl_jax.training.optimizer import FROZEN, make_is_frozen, make_optimizer, opt_state_shardings, path_str
 from qwenvl_jax.training.step import TrainState, make_train_step
 
 
@@ -47,34 +46,12 @@ def abstract_batch(config: ml_collections.ConfigDict, cfg: model_config.QwenVLCo
   return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding_) for k, (shape, dtype) in shapes.items()}
 
 
-def opt_state_shardings(tx: optax.GradientTransformation, abstract_params: Any, param_shardings: Any,
-                        replicated: NamedSharding) -> Any:
-  """Shardings of `tx`'s state: every per-parameter leaf (Adam's mu, nu) sharded like its parameter.
-
-  Asking the compiler instead (`jax.jit(tx.init).lower(params).compile().output_shardings`) replicates them:
-  `tx.init` returns zeros that do not depend on the parameters' values, so sharding propagation has nothing to
-  follow, and a 9.6B model then carries 72 GiB of Adam moments on every chip.
-  """
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
-
-  def like_param(leaf, sharding_):
-    # Frozen parameters hold a MaskedNode (no state) under optax.multi_transform: keep it.
-    return leaf if isinstance(leaf, optax.MaskedNode) else sharding_
-
-  return optax.tree_map_params(tx, like_param, abstract_opt, param_shardings,
-                               transform_non_params=lambda _: replicated,
-                               is_leaf=lambda x: isinstance(x, optax.MaskedNode))
-
-
-def plan_stage(config: ml_collections.ConfigDict, topology: chips.Topology, *,
-               compiler_opt_sharding: bool = False) -> tuple[aot.StepPlan, dict]:
+def plan_stage(config: ml_collections.ConfigDict, topology: chips.Topology) -> tuple[aot.StepPlan, dict]:
   """Compiles the train step of `config` for `topology`.
 
   Args:
     config: an experiment config (`configs/stageN.py`).
     topology: the TPU slice(s).
-    compiler_opt_sharding: take the optimizer state's shardings from compiling `tx.init` (what
-      `training/trainer.py` does at the time of writing) instead of `opt_state_shardings`.
 
   Returns:
     The plan and a dict of facts for the report (mesh shape, parameter counts, frozen patterns).
@@ -109,12 +86,10 @@ def plan_stage(config: ml_collections.ConfigDict, topology: chips.Topology, *,
   step_fn = make_train_step(graphdef, tx, labels, schedule, accum_steps=config.accum_steps,
                             stop_vision_grad=vit_frozen)
   replicated = NamedSharding(mesh, PartitionSpec())
-  if compiler_opt_sharding:
-    with jax.set_mesh(mesh):
-      opt_shardings = jax.jit(tx.init).lower(abstract_params).compile().output_shardings
-  else:
-    opt_shardings = opt_state_shardings(tx, abstract_params, param_shardings, replicated)
-  abstract_opt = aot.abstract_like(jax.eval_shape(tx.init, abstract_params), opt_shardings)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  # The trainer's rule: each Adam moment sharded like its parameter (the compiler would replicate tx.init's zeros).
+  opt_shardings = opt_state_shardings(abstract_opt, abstract_params, param_shardings, replicated)
+  abstract_opt = aot.abstract_like(abstract_opt, opt_shardings)
   state = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), abstract_params, abstract_opt)
   state_shardings = TrainState(replicated, param_shardings, opt_shardings)
   batch = abstract_batch(config, cfg, data.batch_sharding(mesh))
@@ -143,9 +118,6 @@ def _cli() -> None:
                                                 lock_config=True)
   topology_flag = flags.DEFINE_string("topology", None, "TPU slice: v5p-128, v4-128, v5e-256, v6e-64 or v5p:4x4x8")
   num_slices = flags.DEFINE_integer("num_slices", 1, "identical slices over DCN")
-  compiler_opt_sharding = flags.DEFINE_bool(
-      "compiler_opt_sharding", False, "shard the optimizer state as the compiler picks for tx.init (the "
-      "trainer's way at the time of writing, which replicates Adam moments) instead of like the parameters")
   flags.mark_flags_as_required(["config", "topology"])
 
   def main(argv):
@@ -155,7 +127,7 @@ def _cli() -> None:
     topology = chips.parse_topology(topology_flag.value, num_slices.value)
     print(topology.describe(), flush=True)
     print("compiling (minutes for the full model) ...", flush=True)
-    plan, facts = plan_stage(config, topology, compiler_opt_sharding=compiler_opt_sharding.value)
+    plan, facts = plan_stage(config, topology)
     print(f"stage {config.stage}, model {config.model}: {facts['params']:,} params "
           f"({facts['trainable']:,} trained; frozen {facts['frozen'] or 'none'}), mesh {facts['mesh']}, "
           f"batch {facts['batch']} x {facts['seq_len']} tokens in {facts['accum_steps']} micro-batch(es), "
