@@ -102,9 +102,15 @@ def _registry():
   )
 
 
+def _resolve(path: str | os.PathLike) -> epath.Path:
+  """Local paths made absolute; URLs (gs://...) kept as given, which pathlib would turn into local paths."""
+  text = os.fspath(path)
+  return epath.Path(text) if "://" in text else epath.Path(pathlib.Path(text).absolute())
+
+
 def save_params(path: str | os.PathLike, tree: Mapping[str, Any], *, custom_metadata: dict | None = None) -> None:
   """Saves a nested dict of `StreamedArray` / numpy / jax arrays as a params checkpoint at `path` (new dir)."""
-  path = pathlib.Path(path).absolute()
+  path = _resolve(path)
   if path.exists():
     raise FileExistsError(f"{path} exists; refusing to overwrite it (choose a new output directory)")
   handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_registry())
@@ -145,7 +151,7 @@ class ParamReader:
   """Reads single parameters (or slices of them) of a params checkpoint without restoring the tree."""
 
   def __init__(self, path: str | os.PathLike):
-    self.path = pathlib.Path(path).absolute()
+    self.path = _resolve(path)
     if not (self.path / "_METADATA").is_file():
       raise FileNotFoundError(f"{self.path} is not an Orbax PyTree checkpoint (no _METADATA)")
     meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(self.path))
@@ -200,7 +206,7 @@ def restore_params(path: str | os.PathLike, abstract_state: nnx.State, shardings
   Returns:
     An `nnx.State` like `abstract_state` holding the restored, sharded jax.Arrays.
   """
-  path = pathlib.Path(path).absolute()
+  path = _resolve(path)
   reader = ParamReader(path)
   check_tree(reader.shapes, param_shapes(abstract_state), f"checkpoint {path}")
   values = nnx.to_pure_dict(abstract_state)
