@@ -1,7 +1,10 @@
-"""Plans a configured model without allocating it: parameter counts by component via `jax.eval_shape`.
+"""Plans a configured model without allocating it: parameter counts by component via `jax.eval_shape`, and with
+`--topology` the AOT-compiled train step for a TPU slice (per-chip memory, compiler FLOPs, step time, MFU).
 
   python -m qwenvl_jax.plan --config=configs/stage2.py:model=qwen_vl_7b
   python -m qwenvl_jax.plan --preset=qwen_vl_7b --res=448
+  python -m qwenvl_jax.plan --config=configs/stage2.py:model=qwen_vl_7b --topology=v5p-128   # needs libtpu:
+      # pip install -r requirements-tpu-aot.txt; see qwenvl_jax/planning/train_plan.py
 
 The count reads the same config the trainer reads (`config.model` preset, `config.res`), builds the model under
 `nnx.eval_shape` (shapes only, nothing materialized) and prints the ViT trunk, the adapter (resampler + ln_post +
@@ -22,6 +25,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (co
                                           lock_config=False)
 _PRESET = flags.DEFINE_string("preset", None, "Model preset when no --config is given (tiny, mid, qwen_vl_7b).")
 _RES = flags.DEFINE_integer("res", None, "Input resolution when no --config is given (224 or 448).")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "Also AOT-compile the train step for this TPU slice "
+                                "(v5p-128, v4-128, v5e-256, v6e-64, v5p:4x4x8); needs --config and libtpu.")
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Identical slices over DCN (with --topology).")
 
 def model_config_from(config=None, preset: str | None = None, res: int | None = None) -> QwenVLConfig:
   """The architecture config named by an experiment config (or by a preset and resolution)."""
@@ -70,7 +76,18 @@ def main(argv):
   config = _CONFIG.value
   cfg = model_config_from(config, _PRESET.value, _RES.value)
   name = config.model if config is not None else (_PRESET.value or "qwen_vl_7b")
-  print(format_counts(cfg, name))
+  print(format_counts(cfg, name), flush=True)
+  if _TOPOLOGY.value:
+    if config is None:
+      raise app.UsageError("--topology plans a training stage: give --config=configs/stageN.py[:args]")
+    from qwenvl_jax.planning import chips, train_plan  # pylint: disable=import-outside-toplevel
+    topology = chips.parse_topology(_TOPOLOGY.value, _NUM_SLICES.value)
+    print(topology.describe(), "\ncompiling the train step (minutes for the full model) ...", flush=True)
+    step_plan, facts = train_plan.plan_stage(config, topology)
+    print(f"stage {config.stage}: mesh {facts['mesh']}, batch {facts['batch']} x {facts['seq_len']} tokens in "
+          f"{facts['accum_steps']} micro-batch(es), {facts['res']} px x {facts['max_images']} image slots, "
+          f"remat {facts['remat']}")
+    print(step_plan.format())
 
 
 if __name__ == "__main__":

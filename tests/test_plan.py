@@ -4,8 +4,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from qwenvl_jax import plan
 from qwenvl_jax.model import qwen_vl_7b
+from tests.planning.conftest import requires_libtpu
 
 
 def test_cli_prints_reference_counts_for_the_full_model():
@@ -23,3 +26,14 @@ def test_stage_trainable_counts():
   assert counts[1] == 1_935_610_624  # stage 1: ViT + adapter, LLM frozen
   assert counts[2] == 9_656_935_168  # stage 2: everything
   assert counts[3] == 7_721_324_544 + 76_054_528  # stage 3 (fix_vit): LLM + resampler incl. pos_embed
+
+
+@requires_libtpu
+@pytest.mark.slow
+def test_cli_plans_a_tiny_stage_for_a_small_tpu_topology():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-m", "qwenvl_jax.plan", "--config=configs/stage1.py:model=tiny",
+                        "--topology=v5e:2x2"], capture_output=True, text=True, env=env, timeout=1800)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "compiling the train step" in out.stdout
+  assert "fits" in out.stdout.lower() and "mfu" in out.stdout.lower(), out.stdout[-2000:]
