@@ -17,17 +17,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import app, flags
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
 from qwenvl_jax import data, sharding
-from qwenvl_jax.model import QwenVL
 from qwenvl_jax.model import config as model_config
 from qwenvl_jax.planning import aot, chips, mesh as mesh_lib
-from qwenvl_jax.training import experiment, flops
-from qwenvl_jax.training.optimizer import FROZEN, make_is_frozen, make_optimizer, opt_state_shardings, path_str
-from qwenvl_jax.training.step import TrainState, make_train_step
+from qwenvl_jax.training import flops
+from qwenvl_jax.training.optimizer import make_is_frozen, path_str
+from qwenvl_jax.training.setup import build_step
+from qwenvl_jax.training.step import TrainState
 
 
 def model_config_for(config: ml_collections.ConfigDict) -> model_config.QwenVLConfig:
@@ -67,42 +65,22 @@ def plan_stage(config: ml_collections.ConfigDict, topology: chips.Topology) -> t
   devices = mesh_lib.topology_devices(topology)
   mesh = sharding.make_mesh(ici, dcn, devices=devices)
   rules = sharding.load_rules(config.mesh.rules)
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  if config.batch_size % shards or config.batch_size % config.accum_steps:
-    raise ValueError(f"config.batch_size={config.batch_size} must divide over the {shards} data-parallel devices "
-                     f"(mesh data x fsdp) and config.accum_steps={config.accum_steps}")
-
-  def make_model():
-    return QwenVL(cfg, rngs=nnx.Rngs(0))
-
-  graphdef, abstract_state = sharding.abstract_model(make_model)
-  param_shardings = nnx.to_pure_dict(sharding.state_shardings(abstract_state, rules, mesh))
-  abstract_params = aot.abstract_like(nnx.to_pure_dict(abstract_state), param_shardings)
-  frozen = experiment.frozen_patterns(config)
-  tx, schedule, labels = make_optimizer(config.optimizer, abstract_params, frozen=frozen,
-                                        total_steps=config.total_steps, vit_layers=cfg.vision.layers)
-  label_of = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(labels)[0]}
-  vit_frozen = all(v == FROZEN for k, v in label_of.items() if k.startswith("visual/"))
-  step_fn = make_train_step(graphdef, tx, labels, schedule, accum_steps=config.accum_steps,
-                            stop_vision_grad=vit_frozen)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  # The trainer's rule: each Adam moment sharded like its parameter (the compiler would replicate tx.init's zeros).
-  opt_shardings = opt_state_shardings(abstract_opt, abstract_params, param_shardings, replicated)
-  abstract_opt = aot.abstract_like(abstract_opt, opt_shardings)
-  state = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), abstract_params, abstract_opt)
-  state_shardings = TrainState(replicated, param_shardings, opt_shardings)
+  setup = build_step(config, cfg, mesh, rules)
+  replicated, frozen = setup.replicated, setup.frozen
+  state = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), setup.abstract_params,
+                     setup.abstract_opt)
+  state_shardings = setup.shardings
   batch = abstract_batch(config, cfg, data.batch_sharding(mesh))
 
   is_frozen = make_is_frozen(frozen)
   model_flops = flops.train_step_flops(cfg, batch=config.batch_size, seq_len=config.seq_len,
                                        max_images=config.max_images, is_trainable=lambda p: not is_frozen(p)).total
   with sharding.use_rules(mesh, rules):
-    _, plan = aot.compile_step(step_fn, (state, batch), chip=topology.chip, mesh=mesh,
+    _, plan = aot.compile_step(setup.step_fn, (state, batch), chip=topology.chip, mesh=mesh,
                                out_shardings=(state_shardings, replicated), donate_argnums=0,
                                model_flops=model_flops, global_batch=config.batch_size)
-  trainable = sum(x.size for k, x in _flat(abstract_params).items() if not is_frozen(k))
-  facts = {"mesh": dict(mesh.shape), "params": sharding.count_params(abstract_state), "trainable": trainable,
+  trainable = sum(x.size for k, x in _flat(setup.abstract_params).items() if not is_frozen(k))
+  facts = {"mesh": dict(mesh.shape), "params": sharding.count_params(setup.abstract_state), "trainable": trainable,
            "frozen": list(frozen), "batch": config.batch_size, "accum_steps": config.accum_steps,
            "seq_len": config.seq_len, "res": config.res, "max_images": config.max_images, "remat": config.remat}
   return plan, facts

@@ -21,21 +21,20 @@ import dataclasses
 import signal
 import threading
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
 from qwenvl_jax import data, sharding
 from qwenvl_jax.model import QwenVL, get_preset
 from qwenvl_jax.training import experiment, flops, metrics, workdir as workdir_lib
 from qwenvl_jax.training.checkpointing import Checkpointer, resolve_params_checkpoint
-from qwenvl_jax.training.optimizer import FROZEN, make_is_frozen, make_optimizer, opt_state_shardings, path_str
-from qwenvl_jax.training.step import TrainState, make_train_step
+from qwenvl_jax.training.optimizer import make_is_frozen
+from qwenvl_jax.training.setup import build_step, check_batch
+from qwenvl_jax.training.step import TrainState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,20 +77,6 @@ def _any_process(flag: bool) -> bool:
   return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
 
 
-def _with_shardings(abstract: Any, shardings: Any) -> Any:
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-
-
-def _check_batch(config: ml_collections.ConfigDict, mesh) -> None:
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  if config.batch_size % shards:
-    raise ValueError(f"config.batch_size={config.batch_size} does not divide over the {shards} data-parallel "
-                     f"devices (mesh data x fsdp)")
-  if config.batch_size % config.accum_steps:
-    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by "
-                     f"config.accum_steps={config.accum_steps}")
-
-
 def train(config: ml_collections.ConfigDict) -> TrainResult:
   """Runs (or resumes) the stage `config` describes. See `configs/stage1.py` for the fields."""
   experiment.initialize_distributed(config.distributed)
@@ -113,7 +98,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer) 
   # preset, a mesh the devices cannot hold) must not leave a config.json that refuses the corrected command.
   get_preset(config.model).with_image_size(config.res)
   mesh, rules = experiment.make_mesh(config)
-  _check_batch(config, mesh)
+  check_batch(config, mesh)
   workdir_lib.check_and_record(workdir, config, latest)
   if latest is not None and latest >= config.total_steps:
     if jax.process_index() == 0:
@@ -123,26 +108,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer) 
   tokenizer = experiment.make_tokenizer(config, workdir)
   cfg = experiment.make_model_config(config, tokenizer)
 
+  setup = build_step(config, cfg, mesh, rules, seed=config.seed)
+  abstract_state, state_shardings = setup.abstract_state, setup.state_shardings
+  abstract_params, frozen, replicated = setup.abstract_params, setup.frozen, setup.replicated
+  step_fn, shardings = setup.step_fn, setup.shardings
+  opt_init = jax.jit(setup.tx.init, out_shardings=setup.opt_shardings)
+
   def make_model():
     return QwenVL(cfg, rngs=nnx.Rngs(config.seed))
-
-  graphdef, abstract_state = sharding.abstract_model(make_model)
-  state_shardings = sharding.state_shardings(abstract_state, rules, mesh)
-  param_shardings = nnx.to_pure_dict(state_shardings)
-  abstract_params = _with_shardings(nnx.to_pure_dict(abstract_state), param_shardings)
-
-  frozen = experiment.frozen_patterns(config)
-  tx, schedule, labels = make_optimizer(config.optimizer, abstract_params, frozen=frozen,
-                                        total_steps=config.total_steps, vit_layers=cfg.vision.layers)
-  label_of = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(labels)[0]}
-  vit_frozen = all(v == FROZEN for k, v in label_of.items() if k.startswith("visual/"))
-  step_fn = make_train_step(graphdef, tx, labels, schedule, accum_steps=config.accum_steps,
-                            stop_vision_grad=vit_frozen)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  opt_shardings = opt_state_shardings(abstract_opt, abstract_params, param_shardings, replicated)
-  opt_init = jax.jit(tx.init, out_shardings=opt_shardings)
-  shardings = TrainState(replicated, param_shardings, opt_shardings)
 
   data_iter = data.make_train_iterator(
       config.data, tokenizer, process_index=jax.process_index(), process_count=jax.process_count(),
@@ -154,7 +127,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer) 
     writer_msgs = []
     if latest is not None:
       target = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), abstract_params,
-                          _with_shardings(abstract_opt, opt_shardings))
+                          setup.abstract_opt)
       state = ckpt.restore(latest, target, data_iter)
       writer_msgs.append(f"resumed {workdir} from step {latest}")
     else:

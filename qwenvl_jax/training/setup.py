@@ -1,0 +1,84 @@
+"""What the trainer and the planner build before a step runs: the batch check, and the abstract, sharded train step.
+
+`build_step` derives everything from the experiment config, the architecture config and the mesh without
+allocating a parameter: the model's graph and abstract state, parameter and Adam-state shardings (each moment like
+its parameter), the stage optimizer and its labels, and the pure `train_step`. The trainer then materializes the
+state; the planner AOT-compiles the same step for a TPU topology. One function, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import ml_collections
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from qwenvl_jax import sharding
+from qwenvl_jax.model import QwenVL
+from qwenvl_jax.model.config import QwenVLConfig
+from qwenvl_jax.training import experiment
+from qwenvl_jax.training.optimizer import FROZEN, make_optimizer, opt_state_shardings, path_str
+from qwenvl_jax.training.step import TrainState, make_train_step
+
+
+def check_batch(config: ml_collections.ConfigDict, mesh) -> None:
+  """Refuses a global batch whose micro-batches do not split evenly over the data-parallel devices."""
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if config.accum_steps < 1 or config.batch_size % config.accum_steps:
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by "
+                     f"config.accum_steps={config.accum_steps}")
+  micro = config.batch_size // config.accum_steps
+  if micro % shards:
+    raise ValueError(f"config.batch_size={config.batch_size} in config.accum_steps={config.accum_steps} "
+                     f"micro-batches of {micro} rows does not divide over the {shards} data-parallel devices "
+                     f"(mesh data x fsdp); change the batch size, the accumulation steps or the mesh")
+
+
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+  """`jax.ShapeDtypeStruct`s with the shapes and dtypes of `abstract` and the given shardings."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+class StepSetup(NamedTuple):
+  graphdef: nnx.GraphDef
+  abstract_state: nnx.State          # the model's abstract nnx.State (for restore_params)
+  state_shardings: nnx.State         # NamedShardings of that state
+  abstract_params: dict              # pure dict of ShapeDtypeStructs carrying their shardings
+  param_shardings: dict
+  abstract_opt: Any                  # abstract optimizer state (carrying its shardings)
+  opt_shardings: Any
+  shardings: TrainState              # shardings of the whole TrainState
+  tx: Any
+  schedule: Callable
+  labels: Any
+  frozen: tuple[str, ...]
+  vit_frozen: bool
+  step_fn: Callable
+  replicated: NamedSharding
+
+
+def build_step(config: ml_collections.ConfigDict, cfg: QwenVLConfig, mesh, rules: sharding.Rules, *,
+               seed: int = 0) -> StepSetup:
+  """The abstract, sharded train step of `config` for model `cfg` on `mesh` (nothing is allocated)."""
+  check_batch(config, mesh)
+  graphdef, abstract_state = sharding.abstract_model(lambda: QwenVL(cfg, rngs=nnx.Rngs(seed)))
+  state_shardings = sharding.state_shardings(abstract_state, rules, mesh)
+  param_shardings = nnx.to_pure_dict(state_shardings)
+  abstract_params = with_shardings(nnx.to_pure_dict(abstract_state), param_shardings)
+  frozen = experiment.frozen_patterns(config)
+  tx, schedule, labels = make_optimizer(config.optimizer, abstract_params, frozen=frozen,
+                                        total_steps=config.total_steps, vit_layers=cfg.vision.layers)
+  label_of = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(labels)[0]}
+  vit_frozen = all(v == FROZEN for k, v in label_of.items() if k.startswith("visual/"))
+  step_fn = make_train_step(graphdef, tx, labels, schedule, accum_steps=config.accum_steps,
+                            stop_vision_grad=vit_frozen)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  # Each Adam moment sharded like its parameter (left to the compiler, tx.init's zeros come back replicated).
+  opt_shardings = opt_state_shardings(abstract_opt, abstract_params, param_shardings, replicated)
+  abstract_opt = with_shardings(abstract_opt, opt_shardings)
+  return StepSetup(graphdef, abstract_state, state_shardings, abstract_params, param_shardings, abstract_opt,
+                   opt_shardings, TrainState(replicated, param_shardings, opt_shardings), tx, schedule, labels,
+                   frozen, vit_frozen, step_fn, replicated)
