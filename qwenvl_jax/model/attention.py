@@ -9,10 +9,10 @@ decoding with one rule: query slot t sees key slot s iff both are in the same no
 Implementations (`QwenVLConfig.attention_impl`): "xla" (einsums, any backend, the reference numerics), "cudnn"
 (fused kernel, NVIDIA GPUs) and "splash" (Pallas splash attention, TPU; see kernels.py). Splash handles the
 unmasked ViT/resampler calls and square decoder masks (training and prefill without a cache offset); calls with a
-KV cache (T != S) keep the xla path. The decoder hands over a boolean mask only, so splash recovers segment labels
-from it (`segment_labels_from_mask`) and checks that the mask is what those labels and causality give; a mask that
-is not segment-causal turns the output into NaN (a loud failure: training stops on a NaN loss) instead of being
-silently replaced by a different one.
+KV cache (T != S) keep the xla path. The decoder passes its segment ids, which splash takes directly; a caller that
+gives only a boolean mask gets labels recovered from it (`segment_labels_from_mask`) with a check that the mask is
+what those labels and causality give; a mask that is not segment-causal turns the output into NaN (a loud failure:
+training stops on a NaN loss) instead of being silently replaced by a different one.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def segment_causal_mask(q_segments: jax.Array, k_segments: jax.Array,
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None,
-                          scale: float, impl: str = "xla") -> jax.Array:
+                          scale: float, impl: str = "xla", segment_ids: jax.Array | None = None) -> jax.Array:
   """Softmax(q k^T * scale) v with heads kept separate.
 
   Args:
@@ -53,6 +53,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
     mask: bool broadcastable to [B, N, T, S] or None (full attention).
     scale: multiplies the scores (1/sqrt(H) or the reference's bf16-rounded variant).
     impl: "xla" (einsum; any backend), "cudnn" (fused kernel on NVIDIA GPUs) or "splash" (Pallas, TPU).
+    segment_ids: optional int32[B, T] when `mask` is exactly `segment_causal_mask` of these ids over one sequence
+      (T == S, 0 = padding): the splash kernel then takes them directly instead of rebuilding labels from the mask.
 
   Returns:
     [B, T, N, H] in q.dtype. Scores and softmax run in float32; the probabilities are cast to the compute dtype
@@ -65,7 +67,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
   if impl == "cudnn":
     return kernels.cudnn_attention(q, k, v, mask=mask, scale=scale)
   if impl == "splash":
-    return _splash(q, k, v, mask=mask, scale=scale)
+    return _splash(q, k, v, mask=mask, scale=scale, segment_ids=segment_ids)
   if impl != "xla":
     raise ValueError(f"unknown attention impl {impl!r}; known: {IMPLS}")
   scores = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
@@ -90,7 +92,7 @@ def segment_labels_from_mask(mask: jax.Array) -> jax.Array:
   return jnp.where(rows.any(axis=-1), jnp.argmax(rows, axis=-1), -1).astype(jnp.int32)
 
 
-def _splash(q, k, v, *, mask, scale):
+def _splash(q, k, v, *, mask, scale, segment_ids=None):
   """The splash path of `dot_product_attention` (same arguments)."""
   if mask is None:
     return kernels.splash_attention(q, k, v, scale=scale, causal=False)
@@ -99,6 +101,11 @@ def _splash(q, k, v, *, mask, scale):
     # A KV cache (a few queries against the whole cache) or a per-head mask: no causal square for the kernel
     # to tile; xla gives the same result.
     return dot_product_attention(q, k, v, mask=mask, scale=scale, impl="xla")
+  if segment_ids is not None:
+    # Exact by construction: causal within equal ids. Padding (id 0) queries see earlier padding, so no kernel row
+    # is empty, and real tokens never see padding; padding outputs are never used.
+    seg = segment_ids.astype(jnp.int32)
+    return kernels.splash_attention(q, k, v, scale=scale, causal=True, q_segment_ids=seg, kv_segment_ids=seg)
   labels = jnp.broadcast_to(segment_labels_from_mask(mask), (b, t))
   out = kernels.splash_attention(q, k, v, scale=scale, causal=True, q_segment_ids=labels, kv_segment_ids=labels)
   rows = mask[:, 0]

@@ -48,7 +48,7 @@ class SelfAttention(nnx.Module):
     self.scale = 1.0 / float(np.asarray(np.sqrt(h), dtype=dtype))
     self.impl = impl
 
-  def __call__(self, x, cos, sin, mask, q_scale, kv=None, cache_index=None):
+  def __call__(self, x, cos, sin, mask, q_scale, kv=None, cache_index=None, segment_ids=None):
     """x float[B, T, D] -> (float[B, T, D], (k, v) updated cache entries or None).
 
     kv: optional (k, v) float[B, S, N, H] of this layer; the new keys/values are written at `cache_index`.
@@ -67,7 +67,8 @@ class SelfAttention(nnx.Module):
       new_kv = None
     if q_scale is not None:
       q = (q.astype(jnp.float32) * q_scale[:, :, None, None]).astype(q.dtype)
-    out = attention.dot_product_attention(q, k, v, mask=mask, scale=self.scale, impl=self.impl)
+    out = attention.dot_product_attention(q, k, v, mask=mask, scale=self.scale, impl=self.impl,
+                                          segment_ids=segment_ids if kv is None else None)
     return self.out(out), new_kv
 
 
@@ -81,8 +82,8 @@ class DecoderBlock(nnx.Module):
     self.ln_2 = layers.RMSNorm(cfg.width, eps=cfg.rms_eps, **kw)
     self.mlp = layers.SwiGLU(cfg.width, cfg.mlp_dim, **kw)
 
-  def __call__(self, x, cos, sin, mask, q_scale, kv=None, cache_index=None):
-    attn_out, new_kv = self.attn(self.ln_1(x), cos, sin, mask, q_scale, kv, cache_index)
+  def __call__(self, x, cos, sin, mask, q_scale, kv=None, cache_index=None, segment_ids=None):
+    attn_out, new_kv = self.attn(self.ln_1(x), cos, sin, mask, q_scale, kv, cache_index, segment_ids)
     h = x + attn_out
     out = h + self.mlp(self.ln_2(h))
     return sharding.constrain(out, ("act_batch", "act_len", "act_embed")), new_kv
@@ -158,8 +159,11 @@ class QwenLM(nnx.Module):
       mask = attention.segment_causal_mask(segment_ids, kv_segments, q_slots, k_slots)
     x = sharding.constrain(x.astype(self.dtype), ("act_batch", "act_len", "act_embed"))
 
+    # Without a cache the mask is segment_causal_mask(segment_ids) over one sequence: kernels may use the ids.
+    seg_for_kernel = segment_ids if cache is None else None
+
     def block_fn(x, block, kv):
-      return block(x, cos, sin, mask, q_scale, kv, cache_index)
+      return block(x, cos, sin, mask, q_scale, kv, cache_index, seg_for_kernel)
 
     if self.remat_policy != "none" and cache is None:
       block_fn = nnx.remat(block_fn, policy=layers.remat_policy(self.remat_policy), prevent_cse=False)
