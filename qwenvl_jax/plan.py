@@ -13,12 +13,15 @@ proj), the LLM and the total, plus how many parameters each stage trains.
 
 from __future__ import annotations
 
+import functools
+
 from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
 from qwenvl_jax import sharding
 from qwenvl_jax.model import QwenVL, QwenVLConfig, get_preset
+from qwenvl_jax.planning import train_plan
 from qwenvl_jax.training.optimizer import make_is_frozen, stage_frozen_patterns
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/stageN.py[:args]).",
@@ -32,15 +35,20 @@ _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Identical slices over DCN (
 def model_config_from(config=None, preset: str | None = None, res: int | None = None) -> QwenVLConfig:
   """The architecture config named by an experiment config (or by a preset and resolution)."""
   if config is not None:
-    cfg = get_preset(config.model)
-    return cfg.with_image_size(int(config.res))
+    return train_plan.model_config_for(config)  # the trainer's numerics too (dtype, remat, attention)
   cfg = get_preset(preset or "qwen_vl_7b")
   return cfg.with_image_size(res) if res else cfg
 
 
+@functools.lru_cache(maxsize=4)
+def _abstract_state(cfg: QwenVLConfig) -> nnx.State:
+  """The model's abstract state (shapes only), built once per config for both counts."""
+  return sharding.abstract_model(lambda: QwenVL(cfg, rngs=nnx.Rngs(0)))[1]
+
+
 def parameter_counts(cfg: QwenVLConfig) -> dict[str, int]:
   """{'visual', 'adapter', 'llm', 'total'} parameter counts, computed from abstract shapes only."""
-  _, state = sharding.abstract_model(lambda: QwenVL(cfg, rngs=nnx.Rngs(0)))
+  state = _abstract_state(cfg)
   counts = {k: sharding.count_params(state[k]) for k in ("visual", "adapter", "llm")}
   counts["total"] = sum(counts.values())
   return counts
@@ -48,7 +56,7 @@ def parameter_counts(cfg: QwenVLConfig) -> dict[str, int]:
 
 def trainable_counts(cfg: QwenVLConfig) -> dict[int, int]:
   """Parameters each stage trains (with the official fix_vit semantics in stage 3)."""
-  _, state = sharding.abstract_model(lambda: QwenVL(cfg, rngs=nnx.Rngs(0)))
+  state = _abstract_state(cfg)
   flat = [("/".join(map(str, path)), var) for path, var in nnx.to_flat_state(state)]
   out = {}
   for stage in (1, 2, 3):
@@ -80,7 +88,7 @@ def main(argv):
   if _TOPOLOGY.value:
     if config is None:
       raise app.UsageError("--topology plans a training stage: give --config=configs/stageN.py[:args]")
-    from qwenvl_jax.planning import chips, train_plan  # pylint: disable=import-outside-toplevel
+    from qwenvl_jax.planning import chips  # pylint: disable=import-outside-toplevel
     topology = chips.parse_topology(_TOPOLOGY.value, _NUM_SLICES.value)
     print(topology.describe(), "\ncompiling the train step (minutes for the full model) ...", flush=True)
     step_plan, facts = train_plan.plan_stage(config, topology)

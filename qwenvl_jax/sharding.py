@@ -175,7 +175,6 @@ def init_sharded(make_model: Callable[[], nnx.Module], mesh: Mesh, rules: Rules)
   graphdef, abstract_state = abstract_model(make_model)
   shardings = state_shardings(abstract_state, rules, mesh)
 
-  @jax.jit
   def init():
     return nnx.state(make_model())
 
