@@ -13,7 +13,7 @@ pipeline's map so one malformed entry becomes one bad record (skipped or fatal),
   tfds:NAME                   a prepared TFDS dataset read with `tfds.data_source` (never downloads): the two schemas
                               of features.py, `coco_captions`-like ({image, captions: {text}}; one caption per image,
                               chosen from (seed, id)) and `ref_coco`-like ({image, objects: {bbox, refexp: {raw}}};
-                              reading its nested sequences may need TensorFlow)
+                              tfds 4.9.10 reads its nested sequences without TensorFlow, writing them needs it)
   array_record:PATH           a TFDS dataset folder (the one holding dataset_info.json) written with ArrayRecord
 """
 import dataclasses
@@ -82,21 +82,53 @@ def make_source(spec: str, *, stage: int, image_size: int, seed: int = 0, task: 
     items = grain.MapDataset.source([(i, e) for i, e in enumerate(entries)])
     return Source(spec, items, _JsonParser(path, root, stage, task or "chat"))
   if kind in ("tfds", "array_record"):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import, only when used)
-    if kind == "tfds":
-      builder = tfds.builder(arg, data_dir=data_dir)
-    else:
-      builder = tfds.builder_from_directory(_existing(arg, spec))
-    features = set(builder.info.features.keys())
-    decoders = {"image": tfds.decode.SkipDecoding()} if "image" in features else None
-    try:
-      data = builder.as_data_source(split=split, decoders=decoders)
-    except Exception as e:
-      raise ValueError(f"cannot read split {split!r} of {spec!r}: is it prepared in {builder.data_dir}? ({e})") from e
+    builder, data = open_tfds(spec, split=split, data_dir=data_dir)
     items = grain.MapDataset.source(data)
+    features = set(builder.info.features.keys())
     return Source(spec, items, _TfdsParser(builder.info.name, features, stage, task, seed))
   raise ValueError(f"unknown source spec {spec!r}: expected synthetic, jsonl:PATH, qwen_finetune_json:PATH, "
                    "tfds:NAME or array_record:PATH")
+
+
+def open_tfds(spec: str, *, split: str, data_dir: str | None = None) -> tuple[Any, Any]:
+  """A prepared TFDS dataset (never downloaded) and one of its splits as a random-access data source.
+
+  Args:
+    spec: `tfds:NAME[/CONFIG]` (a registered or prepared dataset under `data_dir`) or `array_record:FOLDER` (the
+      folder holding dataset_info.json, read with `tfds.builder_from_directory`).
+    split: a TFDS split (`train`, `validation[:100]`, ...).
+    data_dir: TFDS data_dir of `tfds:` specs (None: TFDS's default).
+
+  Returns:
+    (builder, data source): `data[i]` is the i-th example as nested numpy values; a top-level `image` feature
+    is left encoded (bytes), every other feature decoded (no TensorFlow needed, nested sequences included).
+
+  Raises:
+    ValueError: an unknown dataset, or a split that is not prepared.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import, only when used)
+  kind, _, arg = spec.partition(":")
+  if kind not in ("tfds", "array_record") or not arg:
+    raise ValueError(f"{spec!r} is not a tfds:NAME or array_record:FOLDER spec")
+  if kind == "tfds":
+    try:
+      builder = tfds.builder(arg, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+      raise ValueError(f"{spec!r}: no TFDS dataset {arg!r} is registered or prepared under "
+                       f"{data_dir or 'the default TFDS data_dir'} (datasets are never downloaded)") from e
+  else:
+    folder = _existing(arg, spec)
+    try:
+      builder = tfds.builder_from_directory(folder)
+    except OSError as e:
+      raise ValueError(f"{spec!r}: {arg} is not a prepared TFDS dataset folder (the one holding "
+                       f"dataset_info.json): {e}") from e
+  decoders = {"image": tfds.decode.SkipDecoding()} if "image" in builder.info.features.keys() else None
+  try:
+    data = builder.as_data_source(split=split, decoders=decoders)
+  except Exception as e:
+    raise ValueError(f"cannot read split {split!r} of {spec!r}: is it prepared in {builder.data_dir}? ({e})") from e
+  return builder, data
 
 
 def _existing(path: str, spec: str) -> str:

@@ -18,7 +18,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 ExampleId = Union[int, str]
 
@@ -33,7 +33,8 @@ class EvalExample:
 
   Attributes:
     example_id: the question id (VQA), image id (captions) or 0-based line index (grounding, choice).
-    image: the image path as written in the file (the prompt embeds it as `<img>{image}</img>`).
+    image: the image path as written in the file (the prompt embeds it as `<img>{image}</img>`); with
+      `image_loader`, a stable name of the image that is never opened (TFDS: `tfds:NAME:SPLIT/INDEX`).
     fields: the prompt's text fields besides the image (`question`, `expr`, `hint`, `options`).
     references: accepted answers (VQA: the human answers), or reference captions; empty when unknown.
     bbox: grounding ground truth, xyxy in pixels.
@@ -41,6 +42,8 @@ class EvalExample:
     choices: the options of a multiple-choice question.
     answer_index: the 0-based index of the right choice.
     meta: anything else the scorer or the results file may use (`question_type`, `answer_type`, `index`).
+    image_loader: returns the encoded image bytes when the image is not a file (TFDS examples read their record
+      lazily, so a split's images are not all held in memory); None: read the file `image`.
   """
   example_id: ExampleId
   image: str
@@ -51,6 +54,7 @@ class EvalExample:
   choices: Tuple[str, ...] = ()
   answer_index: Optional[int] = None
   meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  image_loader: Optional[Callable[[], bytes]] = dataclasses.field(default=None, repr=False, compare=False)
 
 
 def _open_text(path: Union[str, os.PathLike]):

@@ -15,6 +15,12 @@ Procedure (RECIPES §2.1, with the bookkeeping of `evaluation.results`):
      an existing file. Progress is a tqdm bar on process 0.
 Prompts are the official raw prompts (`tasks.EvalTask.prompt`); images are read from the paths in the data file,
 relative to `image_root`, with the data pipeline's PIL preprocessing.
+
+Data (`config.data_path`): a file in the task's official format (`readers`), or a prepared TFDS dataset,
+`tfds:NAME[/CONFIG][:SPLIT]` (under `config.tfds_data_dir`) or `array_record:FOLDER[:SPLIT]` (split default
+`test`), mapped to examples by the public schemas of the task's kind (`tfds_readers`; never downloaded). TFDS
+images stay encoded in the dataset: the prompt shows a stable pseudo-path (`<img>tfds:NAME:SPLIT/INDEX</img>`, never
+opened) and the image bytes are read from the record when its batch is built, with the same PIL preprocessing.
 """
 
 from __future__ import annotations
@@ -38,7 +44,8 @@ from qwenvl_jax.data import images as image_lib
 from qwenvl_jax.evaluation import multiple_choice as mc_lib
 from qwenvl_jax.evaluation import results
 from qwenvl_jax.evaluation import tasks as tasks_lib
-from qwenvl_jax.evaluation.readers import EvalExample
+from qwenvl_jax.evaluation import tfds_readers
+from qwenvl_jax.evaluation.readers import EvalDataError, EvalExample
 from qwenvl_jax.inference import decode, loading, scoring
 
 BATCH_AXES = ("data", "fsdp")  # the mesh axes a batch is split over (the rules' `act_batch`)
@@ -83,6 +90,24 @@ def _to_host(x: jax.Array) -> np.ndarray:
 # The job
 # ----------------------------------------------------------------------------------------------------------------
 
+def load_image(example: EvalExample, image_root: str, image_size: int) -> np.ndarray:
+  """uint8[S, S, 3]: the example's image (the bytes of its `image_loader`, else its file, relative paths under
+  `image_root`) with the data pipeline's PIL preprocessing.
+
+  Raises:
+    EvalDataError: a missing, unreadable or corrupt image, naming the example.
+  """
+  try:
+    if example.image_loader is not None:
+      source = example.image_loader()
+    else:
+      path = example.image
+      source = path if not image_root or os.path.isabs(path) else os.path.join(image_root, path)
+    return image_lib.preprocess_image(source, image_size)
+  except (image_lib.ImageError, EvalDataError) as e:
+    raise EvalDataError(f"example {example.example_id!r} (image {example.image}): {e}") from e
+
+
 class _Job:
   """The model, tokenizer and mesh of one run, and the per-batch work."""
 
@@ -107,13 +132,15 @@ class _Job:
     self.buckets = tuple(config.buckets)
 
   def encode(self, example: EvalExample, suffix: Sequence[int] = ()) -> tuple[list[int], list[np.ndarray]]:
-    """Official raw prompt -> ids (image spans expanded) and the preprocessed images it names."""
+    """Official raw prompt -> ids (image spans expanded) and the preprocessed images it shows."""
     context = qtext.make_context(self.tok, self.task.prompt(example), chat_format="raw",
                                  n_image_tokens=self.cfg.image_tokens)
-    root = self.config.image_root
-    images = [image_lib.preprocess_image(p if not root or os.path.isabs(p) else os.path.join(root, p),
-                                         self.cfg.vision.image_size) for p in context.image_paths]
-    return context.tokens + list(suffix), images
+    shown = [example]
+    if len(context.image_paths) != len(shown):
+      raise EvalDataError(f"example {example.example_id!r}: its prompt holds {len(context.image_paths)} image spans, "
+                          f"{len(shown)} expected (does a text field contain <img>...</img>?)")
+    size = self.cfg.vision.image_size
+    return context.tokens + list(suffix), [load_image(e, self.config.image_root, size) for e in shown]
 
   def _global_batch(self, prompts, images, rows: int) -> tuple[dict, jax.Array]:
     """This process's prompts as one global batch (batch axis sharded over the mesh), and `row_key`
@@ -185,7 +212,11 @@ def run(config) -> dict | None:
   results.check_output_free(output)
   data_path = config.data_path or task.data_file
   annotation_path = config.annotation_path or None
-  examples = task.read(data_path, annotation_path=annotation_path)
+  tfds_data_dir = config.get("tfds_data_dir") or None
+  if annotation_path and tfds_readers.is_spec(data_path) and not os.path.exists(annotation_path):
+    raise FileNotFoundError(f"the annotation file {annotation_path} does not exist; a TFDS dataset's own answers "
+                            f"are used with --config.annotation_path=''")
+  examples = task.read(data_path, annotation_path=annotation_path, tfds_data_dir=tfds_data_dir)
   if config.max_examples:
     examples = examples[:config.max_examples]
   ledger_dir = results.partial_dir(output)
@@ -227,6 +258,7 @@ def run(config) -> dict | None:
     return None
   record = {"checkpoint": config.checkpoint, "model": config.model, "tokenizer": config.tokenizer,
             "data_path": os.fspath(data_path), "annotation_path": annotation_path, "image_root": config.image_root,
+            "tfds_data_dir": tfds_data_dir,
             "max_new_tokens": task.max_new_tokens, "min_new_tokens": task.min_new_tokens, "decoding": "greedy",
             "devices": jax.device_count(), "processes": jax.process_count(),
             "seconds_last_run": round(time.time() - started, 3)}
@@ -278,8 +310,12 @@ def default_config(task_name: str, arg: str | None = None):
   c = ml_collections.ConfigDict()
   c.task = task.name
   c.output = ""                         # results JSON (required; never overwritten; `OUTPUT.partial/` resumes)
-  c.data_path = task.data_file          # the official file (RECIPES §2.10), or any file of the same format
-  c.annotation_path = task.annotation_file or ""   # VQA accuracy: the official annotation JSON
+  c.data_path = task.data_file          # the official file (RECIPES §2.10), any file of its format, or a prepared
+                                        # TFDS dataset: tfds:NAME[/CONFIG][:SPLIT] | array_record:FOLDER[:SPLIT]
+                                        # (split default `test`; the task kind's schemas: evaluation/tfds_readers.py)
+  c.tfds_data_dir = ""                  # TFDS data_dir of tfds: specs ("" = TFDS's default); never downloads
+  c.annotation_path = task.annotation_file or ""   # VQA accuracy: the official annotation JSON ("" with a TFDS
+                                        # dataset whose `answers` are the human answers)
   c.image_root = ""                     # relative image paths of the data file are taken under this folder
   c.checkpoint = ""                     # params checkpoint directory ("" = random weights, for smoke tests)
   c.model = "qwen_vl_7b"                # architecture preset

@@ -27,6 +27,7 @@ from qwenvl_jax.evaluation import grounding as grounding_lib
 from qwenvl_jax.evaluation import multiple_choice as mc_lib
 from qwenvl_jax.evaluation import readers
 from qwenvl_jax.evaluation import relaxed as relaxed_lib
+from qwenvl_jax.evaluation import tfds_readers
 from qwenvl_jax.evaluation import vqa as vqa_lib
 from qwenvl_jax.evaluation.readers import EvalDataError, EvalExample
 
@@ -113,13 +114,23 @@ class EvalTask:
     return "".join(parts)
 
   def read(self, data_path: Union[str, os.PathLike], *,
-           annotation_path: Optional[Union[str, os.PathLike]] = None) -> List[EvalExample]:
-    """Reads the task's data file; for VQA accuracy also the annotation JSON with the human answers.
+           annotation_path: Optional[Union[str, os.PathLike]] = None, tfds_data_dir: Optional[str] = None,
+           tfds_split: str = "test") -> List[EvalExample]:
+    """Reads the task's data file, or a prepared TFDS dataset; for VQA accuracy also the annotation JSON.
 
-    Without `annotation_path`, VQA accuracy uses the jsonl `answer` field, which must then hold the list
-    of human answers (the official converted files keep a single answer there: pass the annotation file).
+    Args:
+      data_path: a file in the task's official format, or `tfds:NAME[/CONFIG][:SPLIT]` /
+        `array_record:FOLDER[:SPLIT]` (`tfds_readers`: the public schemas of the task's kind).
+      annotation_path: the official VQA annotation JSON with the human answers (VQA tasks only). Without it, VQA
+        accuracy uses the data's own answers, which must then be the human answers (the official converted jsonl
+        files keep a single answer: pass the annotation file; TFDS `answers` sequences hold them all).
+      tfds_data_dir: TFDS data_dir of `tfds:` specs (None: TFDS's default).
+      tfds_split: the split of a TFDS spec that names none.
     """
-    examples = _READERS[self.kind](data_path)
+    if tfds_readers.is_spec(data_path):
+      examples = tfds_readers.read_examples(data_path, self.kind, data_dir=tfds_data_dir, default_split=tfds_split)
+    else:
+      examples = _READERS[self.kind](data_path)
     if annotation_path is not None:
       if self.kind != "vqa":
         raise ValueError(f"task {self.name!r}: an annotation file is only read for VQA tasks")

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from qwenvl_jax.data.synthetic import synthetic_corpus, synthetic_record
-from qwenvl_jax.evaluation import results, runner
+from qwenvl_jax.evaluation import EvalDataError, EvalExample, results, runner
 from qwenvl_jax.text import train_sentencepiece
+from tests.evaluation import tfds_fakes
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -94,6 +95,42 @@ def test_multiple_choice_picks_the_lowest_option_loss(workdir):
   # Questions 0 and 2 are the same prompt and options: same losses, whatever row they ran in.
   np.testing.assert_allclose(rows[0]["extra"]["option_losses"], rows[2]["extra"]["option_losses"], rtol=1e-5)
   assert payload["score"] == pytest.approx(np.mean([r["prediction"] == r["answer_index"] for r in rows]))
+
+
+@pytest.mark.slow
+def test_tfds_caption_run_writes_every_prediction(workdir, tmp_path):
+  root, tok = workdir
+  records = [{"image": tfds_fakes.png(40 * i, width=12 + i, height=10), "image/id": 100 + i, "objects": [],
+              "captions": [{"id": 2 * i, "text": f"a shape number {i}"}, {"id": 2 * i + 1, "text": "a shape"}]}
+             for i in range(5)]
+  tfds_fakes.prepare(tfds_fakes.EvalCocoCaptions, tmp_path, {"test": records})
+  config = _config("flickr", root, tok, "unused", "unused")
+  config.update(dict(data_path="tfds:eval_coco_captions:test", tfds_data_dir=str(tmp_path),
+                     output=str(tmp_path / "flickr.json")))
+  payload = runner.run(config)
+  saved = json.loads((tmp_path / "flickr.json").read_text())
+  assert saved == payload and saved["num_examples"] == 5
+  assert saved["metric"] == "cider" and saved["score"] >= 0.0
+  rows = {r["id"]: r for r in saved["predictions"]}
+  assert sorted(rows) == [100, 101, 102, 103, 104]
+  for image_id, row in rows.items():
+    assert isinstance(row["prediction"], str) and row["prediction"]  # min_new_tokens = 8
+    assert row["references"] == [f"a shape number {image_id - 100}", "a shape"]
+    assert row["image"].startswith("tfds:eval_coco_captions/1.0.0:test/")
+  assert saved["config"]["data_path"] == "tfds:eval_coco_captions:test"
+  assert saved["config"]["tfds_data_dir"] == str(tmp_path)
+
+
+def test_image_errors_name_the_example(tmp_path):
+  good = tfds_fakes.png(3)
+  image = runner.load_image(EvalExample(example_id="q1", image="tfds:x:test/0", image_loader=lambda: good), "", 8)
+  assert image.shape == (8, 8, 3) and image.dtype == np.uint8
+  for data in (b"", b"not an image", good[:40]):
+    bad = EvalExample(example_id="q2", image="tfds:x:test/1", image_loader=lambda data=data: data)
+    with pytest.raises(EvalDataError, match=r"example 'q2' \(image tfds:x:test/1\)"):
+      runner.load_image(bad, "", 8)
+  with pytest.raises(EvalDataError, match=r"example 7 \(image missing.png\): image file not found"):
+    runner.load_image(EvalExample(example_id=7, image="missing.png"), str(tmp_path), 8)
 
 
 def test_default_config_arguments():
