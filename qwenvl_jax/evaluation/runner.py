@@ -16,6 +16,12 @@ Procedure (RECIPES §2.1, with the bookkeeping of `evaluation.results`):
 Prompts are the official raw prompts (`tasks.EvalTask.prompt`); images are read from the paths in the data file,
 relative to `image_root`, with the data pipeline's PIL preprocessing.
 
+Few-shot (`config.few_shot` = k > 0, captioning and VQA; `few_shot`): k training examples from
+`config.few_shot_path` are formatted with the task's template plus " {answer}" and put in front of each query, as
+the reference's `--few-shot k`. The shots of a query are a pure function of (`config.seed`, its example id), so
+sharded and resumed runs show it the same shots; the reference draws from a global RNG instead (same
+distribution, different shots). Rows then hold k + 1 images.
+
 Data (`config.data_path`): a file in the task's official format (`readers`), or a prepared TFDS dataset,
 `tfds:NAME[/CONFIG][:SPLIT]` (under `config.tfds_data_dir`) or `array_record:FOLDER[:SPLIT]` (split default
 `test`), mapped to examples by the public schemas of the task's kind (`tfds_readers`; never downloaded). TFDS
@@ -41,6 +47,7 @@ from tqdm import tqdm
 from qwenvl_jax import sharding
 from qwenvl_jax import text as qtext
 from qwenvl_jax.data import images as image_lib
+from qwenvl_jax.evaluation import few_shot as few_shot_lib
 from qwenvl_jax.evaluation import multiple_choice as mc_lib
 from qwenvl_jax.evaluation import results
 from qwenvl_jax.evaluation import tasks as tasks_lib
@@ -108,10 +115,39 @@ def load_image(example: EvalExample, image_root: str, image_size: int) -> np.nda
     raise EvalDataError(f"example {example.example_id!r} (image {example.image}): {e}") from e
 
 
+class PromptEncoder:
+  """What the model is shown for each example: the raw prompt (few-shot: its shots' prompts and answers first),
+  its ids with the image spans expanded, and the preprocessed images, in order."""
+
+  def __init__(self, task: tasks_lib.EvalTask, tok: qtext.Tokenizer, *, image_tokens: int, image_size: int,
+               image_root: str = "", shots: few_shot_lib.ShotSampler | None = None):
+    self.task, self.tok, self.shots = task, tok, shots
+    self.image_tokens, self.image_size, self.image_root = image_tokens, image_size, image_root
+
+  @property
+  def max_images(self) -> int:
+    """Image slots a row needs: the query's and its shots'."""
+    return 1 + (self.shots.k if self.shots else 0)
+
+  def prompt(self, example: EvalExample) -> tuple[str, list[EvalExample]]:
+    """The raw prompt text and the examples whose images it shows, in order (the shots', then the query's)."""
+    shots = self.shots.draw(example) if self.shots else []
+    return few_shot_lib.few_shot_prompt(self.task, example, shots), shots + [example]
+
+  def encode(self, example: EvalExample, suffix: Sequence[int] = ()) -> tuple[list[int], list[np.ndarray]]:
+    """The prompt's ids (image spans expanded, then `suffix`) and its images uint8[S, S, 3]."""
+    text, shown = self.prompt(example)
+    context = qtext.make_context(self.tok, text, chat_format="raw", n_image_tokens=self.image_tokens)
+    if len(context.image_paths) != len(shown):
+      raise EvalDataError(f"example {example.example_id!r}: its prompt holds {len(context.image_paths)} image spans, "
+                          f"{len(shown)} expected (does a text field contain <img>...</img>?)")
+    return context.tokens + list(suffix), [load_image(e, self.image_root, self.image_size) for e in shown]
+
+
 class _Job:
   """The model, tokenizer and mesh of one run, and the per-batch work."""
 
-  def __init__(self, config, task: tasks_lib.EvalTask):
+  def __init__(self, config, task: tasks_lib.EvalTask, shots: few_shot_lib.ShotSampler | None = None):
     self.config, self.task = config, task
     self.tok = loading.load_tokenizer(config.tokenizer)
     self.cfg = loading.model_config(config.model, self.tok, dtype=config.dtype,
@@ -130,17 +166,8 @@ class _Job:
                                        min_new_tokens=task.min_new_tokens, eos_id=self.tok.eod_id,
                                        pad_id=self.tok.eod_id, vocab_limit=self.tok.vocab_size)
     self.buckets = tuple(config.buckets)
-
-  def encode(self, example: EvalExample, suffix: Sequence[int] = ()) -> tuple[list[int], list[np.ndarray]]:
-    """Official raw prompt -> ids (image spans expanded) and the preprocessed images it shows."""
-    context = qtext.make_context(self.tok, self.task.prompt(example), chat_format="raw",
-                                 n_image_tokens=self.cfg.image_tokens)
-    shown = [example]
-    if len(context.image_paths) != len(shown):
-      raise EvalDataError(f"example {example.example_id!r}: its prompt holds {len(context.image_paths)} image spans, "
-                          f"{len(shown)} expected (does a text field contain <img>...</img>?)")
-    size = self.cfg.vision.image_size
-    return context.tokens + list(suffix), [load_image(e, self.config.image_root, size) for e in shown]
+    self.prompts = PromptEncoder(task, self.tok, image_tokens=self.cfg.image_tokens,
+                                 image_size=self.cfg.vision.image_size, image_root=config.image_root, shots=shots)
 
   def _global_batch(self, prompts, images, rows: int) -> tuple[dict, jax.Array]:
     """This process's prompts as one global batch (batch axis sharded over the mesh), and `row_key`
@@ -150,7 +177,7 @@ class _Job:
       prompts, images = [[self.tok.eod_id]], [[]]
     batch = decode.make_prompt_batch(prompts, images, pad_id=self.tok.eod_id, image_pad_id=self.cfg.image_pad_id,
                                      image_tokens=self.cfg.image_tokens, buckets=(width,), num_rows=rows,
-                                     max_images=1, image_size=self.cfg.vision.image_size)
+                                     max_images=self.prompts.max_images, image_size=self.cfg.vision.image_size)
     arrays = self.generator.device_batch(batch, self.gen)
     arrays["row_key"] = jax.process_index() * rows + np.arange(rows, dtype=np.int32)
     spec = lambda a: NamedSharding(self.mesh, PartitionSpec(BATCH_AXES, *([None] * (a.ndim - 1))))
@@ -159,7 +186,7 @@ class _Job:
 
   def generate(self, examples: Sequence[EvalExample]) -> tuple[np.ndarray, list[list[int]]]:
     """Greedy generation of a batch: (row_key int32[global rows], new ids of each row, eos excluded)."""
-    encoded = [self.encode(e) for e in examples]
+    encoded = [self.prompts.encode(e) for e in examples]
     arrays, row_key = self._global_batch([p for p, _ in encoded], [i for _, i in encoded], self.local_rows)
     with sharding.use_rules(self.mesh, self.rules):
       tokens = self.generator.generate_on_device(arrays, self.gen, jax.random.key(self.config.seed))
@@ -173,7 +200,7 @@ class _Job:
     for e in examples:
       start = len(prompts)
       for k in range(len(e.choices)):
-        ids, imgs = self.encode(e, suffixes[k])
+        ids, imgs = self.prompts.encode(e, suffixes[k])
         prompts.append(ids)
         images.append(imgs)
       spans.append((start, len(prompts)))
@@ -216,16 +243,19 @@ def run(config) -> dict | None:
   if annotation_path and tfds_readers.is_spec(data_path) and not os.path.exists(annotation_path):
     raise FileNotFoundError(f"the annotation file {annotation_path} does not exist; a TFDS dataset's own answers "
                             f"are used with --config.annotation_path=''")
+  shots = _shot_sampler(config, task, tfds_data_dir)
   examples = task.read(data_path, annotation_path=annotation_path, tfds_data_dir=tfds_data_dir)
   if config.max_examples:
     examples = examples[:config.max_examples]
+  if shots:
+    shots.check(examples)
   ledger_dir = results.partial_dir(output)
   done_ids = _broadcast_json(list(results.read_ledgers(ledger_dir)) if jax.process_index() == 0 else None)
   done = set(done_ids)
   todo = [e for e in examples if e.example_id not in done]
   logging.info("task %s: %d examples, %d already done, %d to go", task.name, len(examples), len(done), len(todo))
 
-  job = _Job(config, task)
+  job = _Job(config, task, shots)
   mine = results.shard(todo, jax.process_count(), jax.process_index())
   longest = -(-len(todo) // jax.process_count())
   num_batches = -(-longest // job.local_rows)
@@ -258,11 +288,29 @@ def run(config) -> dict | None:
     return None
   record = {"checkpoint": config.checkpoint, "model": config.model, "tokenizer": config.tokenizer,
             "data_path": os.fspath(data_path), "annotation_path": annotation_path, "image_root": config.image_root,
-            "tfds_data_dir": tfds_data_dir,
+            "tfds_data_dir": tfds_data_dir, "few_shot": shots.k if shots else 0,
+            "few_shot_path": config.few_shot_path if shots else None, "seed": config.seed,
             "max_new_tokens": task.max_new_tokens, "min_new_tokens": task.min_new_tokens, "decoding": "greedy",
             "devices": jax.device_count(), "processes": jax.process_count(),
             "seconds_last_run": round(time.time() - started, 3)}
   return results.finalize(task, examples, ledger_dir, output, config=record)
+
+
+def _shot_sampler(config, task: tasks_lib.EvalTask, tfds_data_dir: str | None) -> few_shot_lib.ShotSampler | None:
+  """The few-shot sampler of `config.few_shot` > 0 (its pool read from `config.few_shot_path`), else None."""
+  k = config.get("few_shot", 0)
+  if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+    raise ValueError(f"config.few_shot must be an integer >= 0, got {k!r}")
+  if not k:
+    return None
+  few_shot_lib.check_kind(task)
+  path = config.get("few_shot_path")
+  if not path:
+    raise ValueError(f"few_shot={k} needs config.few_shot_path: the training examples to draw the shots from (a file "
+                     f"in the format of {task.name!r}'s data, or a TFDS spec whose split defaults to train)")
+  pool = few_shot_lib.shot_pool(task, task.read(path, tfds_data_dir=tfds_data_dir, tfds_split="train"))
+  logging.info("few-shot: %d shots per query from %d candidates in %s (seed %d)", k, len(pool), path, config.seed)
+  return few_shot_lib.ShotSampler(pool, k, config.seed)
 
 
 def _generated_records(job: _Job, chunk: Sequence[EvalExample]) -> list[dict]:
@@ -326,7 +374,11 @@ def default_config(task_name: str, arg: str | None = None):
   c.rules = "fsdp"                      # sharding rule table (configs/sharding_rules.py)
   c.mesh = ml_collections.ConfigDict({"fsdp": -1})   # ICI degrees of the (data, fsdp, tensor) mesh
   c.buckets = decode.DEFAULT_BUCKETS    # allowed padded prompt lengths (bounds recompiles)
-  c.seed = 0
+  c.seed = 0                            # random weights, and the few-shot draw
+  c.few_shot = 0                        # k training examples before each query (captioning and VQA; RECIPES §2.1)
+  c.few_shot_path = ""                  # their file in the task's format (images under image_root), or a TFDS
+                                        # spec (split default `train`); a query's shots are a function of
+                                        # (seed, its id), never the query itself
   c.max_examples = 0                    # evaluate only the first N examples (0 = all)
   c.max_batches = 0                     # stop after N batches (0 = all); rerun with the same output to resume
   c.progress = True

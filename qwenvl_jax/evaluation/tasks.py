@@ -101,8 +101,8 @@ class EvalTask:
   def few_shot_prefix(self, shots: Sequence[EvalExample]) -> str:
     """Few-shot prompt prefix: each shot's prompt followed by " {its first reference}" (captions and VQA).
 
-    Which shots to draw (the reference samples k random training examples per query, seeded) is up to the
-    caller; this only formats them.
+    Which shots to draw (the reference samples k random training examples per query, seeded) is decided by
+    `few_shot.ShotSampler`; this only formats them.
     """
     if self.kind not in ("caption", "vqa"):
       raise ValueError(f"task {self.name!r}: few-shot prompts exist only for captioning and VQA")

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from qwenvl_jax.data.synthetic import synthetic_corpus, synthetic_record
-from qwenvl_jax.evaluation import EvalDataError, EvalExample, results, runner
-from qwenvl_jax.text import train_sentencepiece
+from qwenvl_jax.evaluation import EvalDataError, EvalExample, few_shot, get_task, results, runner
+from qwenvl_jax.text import SentencePieceTokenizer, formatting, train_sentencepiece
 from tests.evaluation import tfds_fakes
 
 
@@ -131,6 +131,68 @@ def test_image_errors_name_the_example(tmp_path):
       runner.load_image(bad, "", 8)
   with pytest.raises(EvalDataError, match=r"example 7 \(image missing.png\): image file not found"):
     runner.load_image(EvalExample(example_id=7, image="missing.png"), str(tmp_path), 8)
+
+
+def _vqa_file(path, root, n):
+  """n VQA questions on the workdir's images (absolute paths), one answer each."""
+  lines = [{"question_id": 10 + i, "image": str(root / "img" / f"{i}.png"), "question": f"What is shape {i}?",
+            "answer": f"shape {i}"} for i in range(n)]
+  path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+  return path
+
+
+def test_two_shot_vqa_prompt_the_model_sees(workdir, tmp_path):
+  root, tok_path = workdir
+  task = get_task("gqa_testdev")
+  examples = task.read(_vqa_file(tmp_path / "vqa.jsonl", root, 3))
+  sampler = few_shot.ShotSampler(few_shot.shot_pool(task, examples), k=2, seed=0)
+  tok = SentencePieceTokenizer(str(tok_path))
+  encoder = runner.PromptEncoder(task, tok, image_tokens=4, image_size=16, shots=sampler)
+  query = examples[1]
+  text, shown = encoder.prompt(query)
+  img = lambda i: str(root / "img" / f"{i}.png")
+  # The other two questions of the file (the query is never its own shot), in the order drawn for (seed 0, id 11).
+  assert text == (f"<img>{img(0)}</img>What is shape 0? Answer: shape 0"
+                  f"<img>{img(2)}</img>What is shape 2? Answer: shape 2"
+                  f"<img>{img(1)}</img>What is shape 1? Answer:")
+  assert [e.example_id for e in shown] == [10, 12, 11]
+  ids, images = encoder.encode(query)
+  assert formatting.decode_with_images(tok, ids, [e.image for e in shown]) == text
+  assert ids.count(tok.img_pad_id) == 3 * 4 and encoder.max_images == 3
+  for image, example in zip(images, shown):
+    np.testing.assert_array_equal(image, runner.load_image(example, "", 16))
+  assert not np.array_equal(images[0], images[2])
+
+
+@pytest.mark.slow
+def test_one_shot_vqa_run_records_few_shot(workdir, tmp_path):
+  root, tok = workdir
+  data = _vqa_file(tmp_path / "vqa.jsonl", root, 3)
+  config = _config("gqa_testdev", root, tok, "unused", "unused", buckets=(128,))
+  config.update(dict(data_path=str(data), output=str(tmp_path / "gqa.json"), few_shot=1, few_shot_path=str(data)))
+  payload = runner.run(config)
+  saved = json.loads((tmp_path / "gqa.json").read_text())
+  assert saved == payload
+  assert [r["id"] for r in saved["predictions"]] == [10, 11, 12]
+  assert all(isinstance(r["prediction"], str) for r in saved["predictions"])
+  assert (saved["config"]["few_shot"], saved["config"]["few_shot_path"], saved["config"]["seed"]) == (1, str(data), 0)
+
+
+def test_few_shot_errors_come_before_any_work(workdir, tmp_path):
+  root, tok = workdir
+  data = _vqa_file(tmp_path / "vqa.jsonl", root, 3)
+  for task, data_path in (("refcoco_val", "ground.jsonl"), ("scienceqa_test_img", "mc.jsonl")):
+    config = _config(task, root, tok, data_path, "unused.json", few_shot=1, few_shot_path=str(data))
+    with pytest.raises(ValueError, match="few-shot prompts exist only for captioning and VQA"):
+      runner.run(config)
+  with pytest.raises(ValueError, match="few_shot=2 needs config.few_shot_path"):
+    runner.run(_config("gqa_testdev", root, tok, str(data), "unused.json", few_shot=2))
+  with pytest.raises(ValueError, match="few_shot must be an integer >= 0"):
+    runner.run(_config("gqa_testdev", root, tok, str(data), "unused.json", few_shot=-1))
+  with pytest.raises(EvalDataError, match="only 2 few-shot examples remain for example 10"):
+    runner.run(_config("gqa_testdev", root, tok, str(data), "unused.json", few_shot=3, few_shot_path=str(data),
+                       max_examples=1))
+  assert not (root / "unused.json.partial").exists()
 
 
 def test_default_config_arguments():
