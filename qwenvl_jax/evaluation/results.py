@@ -1,12 +1,14 @@
 """Bookkeeping of an evaluation run: sharding, per-process prediction ledgers (resume), merge, final JSON.
 
 Layout for an output file `OUT.json`:
+  OUT.json.partial/run.json              the settings that decide the predictions, of the run that started
   OUT.json.partial/process-00000.jsonl   one ledger per process: a JSON line per finished example,
   OUT.json.partial/process-00001.jsonl   {"id": example id, "prediction": str or int[, "extra": {...}]}
   OUT.json                               written once, atomically, by process 0 at the end; never overwritten
 
 A run proceeds as:
-  1. every process: `check_output_free(OUT)`; `done = read_ledgers(partial_dir(OUT))`;
+  1. every process: `check_output_free(OUT)`; process 0: `check_run_settings(partial_dir(OUT), settings)` (a
+     resumed run with other settings would mix predictions of two setups); `done = read_ledgers(partial_dir(OUT))`;
      `todo = [e for e in examples if e.example_id not in done]`; `mine = shard(todo, count, index)`.
      All processes must read the ledgers *before any of them appends* (a barrier between step 1 and 2),
      so that they agree on `todo` and the shards partition it.
@@ -100,6 +102,37 @@ def read_ledgers(directory: PathLike) -> Dict[Any, Dict[str, Any]]:
       records.setdefault(example_id, record)
       where.setdefault(example_id, f"{path}:{lineno}")
   return records
+
+
+def check_run_settings(directory: PathLike, settings: Mapping[str, Any]) -> None:
+  """Records `settings` (JSON-able) in `directory/run.json`, or checks them against those recorded there.
+
+  The settings are what decides the predictions (checkpoint, data, few-shot draw, ...): ledgers written under
+  other settings must not be merged into this run's results. Ledgers of a version that wrote no run.json are
+  taken as they are (the settings are recorded from now on).
+
+  Raises:
+    ValueError: `directory` holds the ledgers of a run with other settings (the differing keys are named).
+  """
+  directory = pathlib.Path(directory)
+  path = directory / "run.json"
+  settings = json.loads(json.dumps(dict(settings)))  # as they read back (tuples become lists)
+  if path.exists():
+    try:
+      recorded = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise ValueError(f"{path}: unreadable ({e}); it holds the settings of the run that started these ledgers") from e
+    differ = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
+    if differ:
+      changes = ", ".join(f"{k}: {recorded.get(k)!r} -> {settings.get(k)!r}" for k in differ)
+      raise ValueError(f"{directory} holds the predictions of a run with other settings ({changes}); resuming "
+                       f"would mix them into one result: choose another output, or move the folder away")
+    return
+  directory.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".run.", suffix=".tmp")
+  with os.fdopen(fd, "w", encoding="utf-8") as f:
+    json.dump(settings, f, indent=1)
+  os.replace(tmp, path)
 
 
 class PredictionLedger:

@@ -250,8 +250,22 @@ def run(config) -> dict | None:
   if shots:
     shots.check(examples)
   ledger_dir = results.partial_dir(output)
-  done_ids = _broadcast_json(list(results.read_ledgers(ledger_dir)) if jax.process_index() == 0 else None)
-  done = set(done_ids)
+  settings = {"task": task.name, "checkpoint": config.checkpoint, "model": config.model,
+              "tokenizer": config.tokenizer, "dtype": config.dtype, "image_size": config.get("image_size"),
+              "data_path": os.fspath(data_path), "few_shot": shots.k if shots else 0,
+              "few_shot_path": config.few_shot_path if shots else None,
+              "seed": config.seed if shots or not config.checkpoint else None}  # seed: random weights, shot draw
+  state = None
+  if jax.process_index() == 0:
+    try:
+      results.check_run_settings(ledger_dir, settings)
+      state = {"done": list(results.read_ledgers(ledger_dir))}
+    except ValueError as e:  # every process raises it, none waits for the others
+      state = {"error": str(e)}
+  state = _broadcast_json(state)
+  if "error" in state:
+    raise ValueError(state["error"])
+  done = set(state["done"])
   todo = [e for e in examples if e.example_id not in done]
   logging.info("task %s: %d examples, %d already done, %d to go", task.name, len(examples), len(done), len(todo))
 

@@ -46,6 +46,21 @@ def test_ledger_errors(tmp_path):
     results.read_ledgers(tmp_path)
 
 
+def test_run_settings_are_recorded_then_checked(tmp_path):
+  directory = tmp_path / "out.json.partial"
+  settings = {"task": "flickr", "few_shot": 0, "buckets": (64, 128)}
+  results.check_run_settings(directory, settings)
+  assert json.loads((directory / "run.json").read_text()) == {"task": "flickr", "few_shot": 0, "buckets": [64, 128]}
+  results.check_run_settings(directory, dict(settings))  # the same settings resume
+  with pytest.raises(ValueError, match=r"other settings \(few_shot: 0 -> 4, seed: None -> 1\)"):
+    results.check_run_settings(directory, dict(settings, few_shot=4, seed=1))
+  # Ledgers of a version that recorded no settings are taken as they are, and the settings recorded from then on.
+  legacy = tmp_path / "legacy"
+  results.PredictionLedger(legacy, 0).append([{"id": 1, "prediction": "a"}])
+  results.check_run_settings(legacy, settings)
+  assert (legacy / "run.json").exists() and set(results.read_ledgers(legacy)) == {1}
+
+
 def test_merge_reports_missing_and_unknown_ids():
   examples = [EvalExample(example_id=i, image="x") for i in range(3)]
   records = {0: {"prediction": "a"}, 2: {"prediction": "c"}, 1: {"prediction": "b"}}

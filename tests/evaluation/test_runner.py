@@ -195,6 +195,27 @@ def test_few_shot_errors_come_before_any_work(workdir, tmp_path):
   assert not (root / "unused.json.partial").exists()
 
 
+def test_a_resumed_run_with_other_settings_is_refused(workdir, tmp_path, monkeypatch):
+  root, tok = workdir
+  data = _vqa_file(tmp_path / "vqa.jsonl", root, 3)
+
+  class Stop(Exception):
+    pass
+
+  def stop(*args, **kwargs):
+    raise Stop  # the run got past its checks (and recorded its settings): no need to build a model here
+  monkeypatch.setattr(runner, "_Job", stop)
+  config = lambda **kw: _config("gqa_testdev", root, tok, str(data), str(tmp_path / "gqa.json"), **kw)
+  with pytest.raises(Stop):
+    runner.run(config())
+  with pytest.raises(ValueError, match=r"other settings \(few_shot: 0 -> 1, few_shot_path: None -> '.*vqa.jsonl'\)"):
+    runner.run(config(few_shot=1, few_shot_path=str(data)))
+  with pytest.raises(ValueError, match=r"other settings \(data_path: '.*vqa.jsonl' -> '.*other.jsonl'\)"):
+    runner.run(config(data_path=str(_vqa_file(tmp_path / "other.jsonl", root, 2))))
+  with pytest.raises(Stop):
+    runner.run(config())  # the same settings resume
+
+
 def test_default_config_arguments():
   c = runner.default_config("flickr", "max_examples=5,progress=false,image_size=448")
   assert (c.task, c.max_examples, c.progress, c.image_size) == ("flickr", 5, False, 448)
