@@ -94,8 +94,9 @@ def open_tfds(spec: str, *, split: str, data_dir: str | None = None) -> tuple[An
   """A prepared TFDS dataset (never downloaded) and one of its splits as a random-access data source.
 
   Args:
-    spec: `tfds:NAME[/CONFIG]` (a registered or prepared dataset under `data_dir`) or `array_record:FOLDER` (the
-      folder holding dataset_info.json, read with `tfds.builder_from_directory`).
+    spec: `tfds:NAME[/CONFIG][:VERSION]` (a registered or prepared dataset under `data_dir`; with a version TFDS
+      reads the prepared files without the builder code) or `array_record:FOLDER` (the folder holding
+      dataset_info.json, read with `tfds.builder_from_directory`).
     split: a TFDS split (`train`, `validation[:100]`, ...).
     data_dir: TFDS data_dir of `tfds:` specs (None: TFDS's default).
 
@@ -116,6 +117,10 @@ def open_tfds(spec: str, *, split: str, data_dir: str | None = None) -> tuple[An
     except tfds.core.registered.DatasetNotFoundError as e:
       raise ValueError(f"{spec!r}: no TFDS dataset {arg!r} is registered or prepared under "
                        f"{data_dir or 'the default TFDS data_dir'} (datasets are never downloaded)") from e
+    except ImportError as e:  # the dataset's builder code imports a module that is not installed (TensorFlow)
+      raise ValueError(f"{spec!r}: TFDS's builder code of {arg!r} needs a module that is not installed ({e}); a "
+                       f"prepared copy is read without the code: add its version (tfds:NAME[/CONFIG]:VERSION) or "
+                       f"name its folder (array_record:FOLDER)") from e
   else:
     folder = _existing(arg, spec)
     try:

@@ -3,7 +3,7 @@
 Modules:
   tasks            the registry (`get_task`, `TASKS`): official prompt, decoding lengths, reader and metric
   readers          the official JSONL/JSON formats -> `EvalExample`s, with line-and-field errors
-  tfds_readers     prepared TFDS datasets (`tfds:NAME[/CONFIG][:SPLIT]`, `array_record:FOLDER`) -> `EvalExample`s
+  tfds_readers     prepared TFDS datasets (`tfds:NAME[/CONFIG][:VERSION][:SPLIT]`, `array_record:FOLDER`) -> examples
   few_shot         few-shot prompts: the shot pool, shots drawn per query from (seed, id), never the query
   results          sharding, per-process resume ledgers, merge on process 0, the never-overwritten JSON
   cider            CIDEr-D as pycocoevalcap (with `ptb_tokenizer`, its caption normalisation in Python)

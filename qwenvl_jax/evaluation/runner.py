@@ -23,10 +23,11 @@ sharded and resumed runs show it the same shots; the reference draws from a glob
 distribution, different shots). Rows then hold k + 1 images.
 
 Data (`config.data_path`): a file in the task's official format (`readers`), or a prepared TFDS dataset,
-`tfds:NAME[/CONFIG][:SPLIT]` (under `config.tfds_data_dir`) or `array_record:FOLDER[:SPLIT]` (split default
-`test`), mapped to examples by the public schemas of the task's kind (`tfds_readers`; never downloaded). TFDS
-images stay encoded in the dataset: the prompt shows a stable pseudo-path (`<img>tfds:NAME:SPLIT/INDEX</img>`, never
-opened) and the image bytes are read from the record when its batch is built, with the same PIL preprocessing.
+`tfds:NAME[/CONFIG][:VERSION][:SPLIT]` (under `config.tfds_data_dir`) or `array_record:FOLDER[:SPLIT]` (split
+default `test`), mapped to examples by the public schemas of the task's kind (`tfds_readers`; never downloaded).
+TFDS images stay encoded in the dataset: the prompt shows a stable pseudo-path (`<img>tfds:NAME:SPLIT/INDEX</img>`,
+never opened) and the image bytes are read from the record when its batch is built, with the same PIL
+preprocessing.
 """
 
 from __future__ import annotations
@@ -373,8 +374,9 @@ def default_config(task_name: str, arg: str | None = None):
   c.task = task.name
   c.output = ""                         # results JSON (required; never overwritten; `OUTPUT.partial/` resumes)
   c.data_path = task.data_file          # the official file (RECIPES §2.10), any file of its format, or a prepared
-                                        # TFDS dataset: tfds:NAME[/CONFIG][:SPLIT] | array_record:FOLDER[:SPLIT]
-                                        # (split default `test`; the task kind's schemas: evaluation/tfds_readers.py)
+                                        # TFDS dataset: tfds:NAME[/CONFIG][:VERSION][:SPLIT] or
+                                        # array_record:FOLDER[:SPLIT] (split default `test`; the task kind's
+                                        # schemas: evaluation/tfds_readers.py)
   c.tfds_data_dir = ""                  # TFDS data_dir of tfds: specs ("" = TFDS's default); never downloads
   c.annotation_path = task.annotation_file or ""   # VQA accuracy: the official annotation JSON ("" with a TFDS
                                         # dataset whose `answers` are the human answers)

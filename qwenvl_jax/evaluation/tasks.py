@@ -119,7 +119,7 @@ class EvalTask:
     """Reads the task's data file, or a prepared TFDS dataset; for VQA accuracy also the annotation JSON.
 
     Args:
-      data_path: a file in the task's official format, or `tfds:NAME[/CONFIG][:SPLIT]` /
+      data_path: a file in the task's official format, or `tfds:NAME[/CONFIG][:VERSION][:SPLIT]` /
         `array_record:FOLDER[:SPLIT]` (`tfds_readers`: the public schemas of the task's kind).
       annotation_path: the official VQA annotation JSON with the human answers (VQA tasks only). Without it, VQA
         accuracy uses the data's own answers, which must then be the human answers (the official converted jsonl

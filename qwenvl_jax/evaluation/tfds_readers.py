@@ -1,13 +1,15 @@
 """Prepared TFDS datasets as evaluation examples: data specs, the public schemas per task kind, lazy images.
 
 Specs (`config.data_path`, `config.few_shot_path`; the dataset is read, never downloaded):
-  tfds:NAME[/CONFIG][:SPLIT]       `tfds.builder(NAME[/CONFIG], data_dir=config.tfds_data_dir)`, e.g.
-                                   `tfds:coco_captions/2014:test`, `tfds:ref_coco/refcoco_unc:validation`
-  array_record:FOLDER[:SPLIT]      the dataset folder holding dataset_info.json (`tfds.builder_from_directory`),
-                                   which also pins a version: `array_record:/data/tfds/ref_coco/refcoco_unc/1.1.0`
+  tfds:NAME[/CONFIG][:VERSION][:SPLIT]   `tfds.builder(NAME[/CONFIG][:VERSION], data_dir=config.tfds_data_dir)`,
+                                         e.g. `tfds:ref_coco/refcoco_unc:validation`,
+                                         `tfds:coco_captions/2014:VERSION:test`
+  array_record:FOLDER[:SPLIT]            the dataset folder holding dataset_info.json
+                                         (`tfds.builder_from_directory`): `array_record:/data/tfds/x/1.0.0:test`
 SPLIT is any TFDS split expression (`validation`, `test[:100]`); without one the caller's default applies (the
-runner: `test` for the evaluated data, `train` for few-shot examples). A version cannot be given after NAME (TFDS
-writes `NAME:VERSION`, which would read as a split): use array_record:FOLDER for that.
+runner: `test` for the evaluated data, `train` for few-shot examples). VERSION (`1.1.0`, TFDS's `NAME:VERSION`)
+is told from a split by its form. Give it for datasets whose TFDS builder code needs TensorFlow (`coco_captions`):
+TFDS then reads the prepared files without the code, as it does for names it has no code for.
 
 Schemas, by task kind (feature names and types of `builder.info.features`; `?` = optional):
   caption           `coco_captions`-like {image, image/id?, captions: Sequence({text})}: one example per image,
@@ -55,28 +57,29 @@ def is_spec(path: Any) -> bool:
 
 
 def parse_spec(spec: str, default_split: str) -> Tuple[str, str]:
-  """`(dataset spec without the split, split)`: `tfds:NAME[/CONFIG]` or `array_record:FOLDER`, and the split.
+  """`(dataset spec, split)`: `tfds:NAME[/CONFIG][:VERSION]` or `array_record:FOLDER`, and the split.
 
   The split of `array_record:` starts at the first ':' after the folder's last '/' (so `gs://...` folders work).
 
   Raises:
-    EvalDataError: not a spec, an empty name or split, or a version after NAME.
+    EvalDataError: not a spec, or an empty name, version or split.
   """
   if not is_spec(spec):
-    raise EvalDataError(f"{spec!r} is not a tfds:NAME[/CONFIG][:SPLIT] or array_record:FOLDER[:SPLIT] spec")
+    raise EvalDataError(f"{spec!r} is not a tfds:NAME[/CONFIG][:VERSION][:SPLIT] or array_record:FOLDER[:SPLIT] "
+                        f"spec")
   kind, _, rest = spec.partition(":")
   if kind == "tfds":
     target, sep, split = rest.partition(":")
+    version, vsep, after = split.partition(":")
+    if _VERSION.match(version):
+      target, sep, split = f"{target}:{version}", vsep, after
   else:
     cut = rest.find(":", rest.rfind("/") + 1)
     target, sep, split = (rest, "", "") if cut < 0 else (rest[:cut], ":", rest[cut + 1:])
-  if not target:
+  if not target or target.startswith(":"):
     raise EvalDataError(f"{spec!r}: no dataset {'name' if kind == 'tfds' else 'folder'} before the split")
   if sep and not split:
     raise EvalDataError(f"{spec!r}: empty split after ':'")
-  if _VERSION.match(split.partition(":")[0]):
-    raise EvalDataError(f"{spec!r}: a version cannot follow NAME here (':' starts the split); read a pinned "
-                        f"version with array_record:FOLDER, the folder of that version")
   return f"{kind}:{target}", split or default_split
 
 
@@ -85,7 +88,7 @@ def read_examples(spec: str, kind: str, *, data_dir: Optional[str] = None,
   """The evaluation examples of a TFDS split, by the schema of task kind `kind` (module docstring).
 
   Args:
-    spec: `tfds:NAME[/CONFIG][:SPLIT]` or `array_record:FOLDER[:SPLIT]`.
+    spec: `tfds:NAME[/CONFIG][:VERSION][:SPLIT]` or `array_record:FOLDER[:SPLIT]`.
     kind: `caption`, `vqa`, `grounding` or `multiple_choice`.
     data_dir: TFDS data_dir of `tfds:` specs (None: TFDS's default).
     default_split: the split when the spec names none.

@@ -1,5 +1,6 @@
 """Tests of the TFDS evaluation sources: specs, each public schema -> examples (ids, references, pixel boxes),
 lazily read images, and the errors for unknown schemas and bad values."""
+import importlib.util
 import sys
 
 import numpy as np
@@ -18,16 +19,21 @@ BBox = tfds.features.BBox
 
 def test_parse_spec():
   assert tfds_readers.parse_spec("tfds:coco_captions", "test") == ("tfds:coco_captions", "test")
-  assert tfds_readers.parse_spec("tfds:ref_coco/refcoco+_unc:testA", "test") == ("tfds:ref_coco/refcoco+_unc",
-                                                                                 "testA")
+  assert tfds_readers.parse_spec("tfds:ref_coco/refcocoplus_unc:testA", "test") == (
+      "tfds:ref_coco/refcocoplus_unc", "testA")
   assert tfds_readers.parse_spec("tfds:x:validation[:10]", "test") == ("tfds:x", "validation[:10]")
   assert tfds_readers.parse_spec("array_record:/d/x/1.0.0", "train") == ("array_record:/d/x/1.0.0", "train")
   assert tfds_readers.parse_spec("array_record:gs://b/x/1.0.0:test[:5]", "train") == (
       "array_record:gs://b/x/1.0.0", "test[:5]")
   assert tfds_readers.is_spec("tfds:x") and tfds_readers.is_spec("array_record:/x")
   assert not tfds_readers.is_spec("data/flickr30k/test.json") and not tfds_readers.is_spec("tfds")
-  with pytest.raises(EvalDataError, match="version cannot follow NAME"):
-    tfds_readers.parse_spec("tfds:ref_coco/refcoco_unc:1.1.0:validation", "test")
+  # TFDS's NAME:VERSION: a version is told from a split by its form.
+  assert tfds_readers.parse_spec("tfds:ref_coco/refcoco_unc:1.1.0:validation", "test") == (
+      "tfds:ref_coco/refcoco_unc:1.1.0", "validation")
+  assert tfds_readers.parse_spec("tfds:x:1.0.0", "train") == ("tfds:x:1.0.0", "train")
+  assert tfds_readers.parse_spec("tfds:x:1.*.*:test", "train") == ("tfds:x:1.*.*", "test")
+  with pytest.raises(EvalDataError, match="empty split"):
+    tfds_readers.parse_spec("tfds:x:1.0.0:", "test")
   with pytest.raises(EvalDataError, match="empty split"):
     tfds_readers.parse_spec("tfds:coco_captions:", "test")
   with pytest.raises(EvalDataError, match="no dataset name"):
@@ -51,6 +57,9 @@ def test_coco_captions_one_example_per_image_with_all_captions(tmp_path):
   assert len({e.image for e in examples}) == 3
   train = get_task("flickr").read("tfds:eval_coco_captions", tfds_data_dir=str(tmp_path), tfds_split="train")
   assert [e.example_id for e in train] == [100]
+  # With a version, TFDS reads the prepared files without the builder code (which for coco_captions needs TF).
+  pinned = get_task("flickr").read("tfds:eval_coco_captions:1.0.0:train", tfds_data_dir=str(tmp_path))
+  assert [(e.example_id, e.references) for e in pinned] == [(100, ("first 0", "second 0"))]
   # The same examples again: ids, order and pseudo-paths are stable.
   again = get_task("flickr").read("tfds:eval_coco_captions:test", tfds_data_dir=str(tmp_path))
   assert [(e.example_id, e.image) for e in again] == [(e.example_id, e.image) for e in examples]
@@ -153,6 +162,13 @@ def test_unknown_schema_lists_features_and_expected_schemas(tmp_path):
   tfds_fakes.prepare(tfds_fakes.EvalCaptionPairs, tmp_path, {"test": [{"image": png(1), "text": "a dog"}]})
   with pytest.raises(EvalDataError, match="match no vqa schema"):
     get_task("vqav2_val").read("tfds:eval_caption_pairs", tfds_data_dir=str(tmp_path))
+
+
+def test_builder_code_that_needs_tensorflow_is_a_clear_error(tmp_path):
+  if importlib.util.find_spec("tensorflow") is not None:
+    pytest.skip("TensorFlow is installed: TFDS's coco_captions code can be constructed")
+  with pytest.raises(EvalDataError, match=r"builder code of 'coco_captions/2014' needs a module .* add its version"):
+    get_task("flickr").read("tfds:coco_captions/2014:test", tfds_data_dir=str(tmp_path))
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):
