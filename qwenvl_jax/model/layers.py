@@ -17,7 +17,28 @@ from flax import nnx
 Initializer = Callable[..., jax.Array]
 Axes = tuple[str | None, ...]
 
+# Random initialization only matters for what is trained from scratch: the adapter (stage 1 of the paper) and any
+# model built without converted weights (the tiny demo). Each module initializes as its reference PyTorch module
+# does: Qwen's decoder and the adapter's Linears N(0, 0.02) (`initializer_range`, `Resampler._init_weights`), the
+# ViT's `nn.Linear`/`nn.Conv2d` with PyTorch's default, the adapter's `nn.MultiheadAttention` in-projection with
+# Xavier-uniform (`xavier_uniform_in_proj`).
 default_kernel_init = nnx.initializers.normal(0.02)
+
+
+def torch_default_init(in_axis: int | Sequence[int] = 0, out_axis: int | Sequence[int] = -1) -> Initializer:
+  """PyTorch's default `nn.Linear`/`nn.Conv2d` weight init, U(+-1/sqrt(fan_in)) (kaiming-uniform with a=sqrt(5)).
+
+  `in_axis` are the kernel axes summed over (fan_in = their product), `out_axis` the output axes.
+  """
+  return nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=in_axis, out_axis=out_axis)
+
+
+def xavier_uniform_in_proj(in_axis: int = 0, out_axis: Sequence[int] = (1, 2), packed: int = 3) -> Initializer:
+  """One of the `packed` blocks of `nn.MultiheadAttention.in_proj_weight` [packed*D, D], which PyTorch fills with
+  Xavier-uniform over the whole packed matrix: U(+-sqrt(6 / (D + packed*D)))."""
+  # variance_scaling's fan_avg sees one block (fan_in = fan_out = D); scale 2/(1+packed) gives the packed bound.
+  return nnx.initializers.variance_scaling(2.0 / (1 + packed), "fan_avg", "uniform", in_axis=in_axis,
+                                           out_axis=out_axis)
 
 
 def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Axes, dtype) -> nnx.Param:
@@ -92,10 +113,11 @@ class GeluMLP(nnx.Module):
 
   def __init__(self, dim: int, hidden: int, *, dtype, param_dtype, rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    init = torch_default_init()  # the reference's `nn.Linear` c_fc / c_proj
     self.fc = Einsum("btd,df->btf", (dim, hidden), ("vit_embed", "vit_mlp"),
-                     bias_shape=(hidden,), bias_axes=("vit_mlp",), **kw)
+                     bias_shape=(hidden,), bias_axes=("vit_mlp",), kernel_init=init, **kw)
     self.proj = Einsum("btf,fd->btd", (hidden, dim), ("vit_mlp", "vit_embed"),
-                       bias_shape=(dim,), bias_axes=("vit_embed",), **kw)
+                       bias_shape=(dim,), bias_axes=("vit_embed",), kernel_init=init, **kw)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.proj(jax.nn.gelu(self.fc(x), approximate=False))

@@ -30,8 +30,11 @@ class CrossAttention(nnx.Module):
   def __init__(self, dim: int, heads: int, *, dtype, param_dtype, impl: str, rngs: nnx.Rngs):
     h = dim // heads
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    # in_proj_weight of `nn.MultiheadAttention` is Xavier-uniform over the packed [3D, D] matrix; its out_proj is a
+    # Linear, which the reference's `_init_weights` sets to N(0, 0.02) like the other Linears.
     proj = lambda: layers.Einsum("btd,dnh->btnh", (dim, heads, h), ("embed", "q_heads", "head_dim"),
-                                 bias_shape=(heads, h), bias_axes=("q_heads", "head_dim"), **kw)
+                                 bias_shape=(heads, h), bias_axes=("q_heads", "head_dim"),
+                                 kernel_init=layers.xavier_uniform_in_proj(), **kw)
     self.q, self.k, self.v = proj(), proj(), proj()
     self.out = layers.Einsum("btnh,nhd->btd", (heads, h, dim), ("q_heads", "head_dim", "embed"),
                              bias_shape=(dim,), bias_axes=("embed",), **kw)

@@ -40,10 +40,13 @@ class VisionAttention(nnx.Module):
   def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, impl: str, rngs: nnx.Rngs):
     w, n, h = cfg.width, cfg.heads, cfg.head_dim
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    # The reference's in_proj / out_proj are `nn.Linear`s with PyTorch's default init.
     self.qkv = layers.Einsum("blw,wnkh->blnkh", (w, n, 3, h), ("vit_embed", "vit_heads", None, "head_dim"),
-                             bias_shape=(n, 3, h), bias_axes=("vit_heads", None, "head_dim"), **kw)
+                             bias_shape=(n, 3, h), bias_axes=("vit_heads", None, "head_dim"),
+                             kernel_init=layers.torch_default_init(0, (1, 2, 3)), **kw)
     self.out = layers.Einsum("blnh,nhw->blw", (n, h, w), ("vit_heads", "head_dim", "vit_embed"),
-                             bias_shape=(w,), bias_axes=("vit_embed",), **kw)
+                             bias_shape=(w,), bias_axes=("vit_embed",),
+                             kernel_init=layers.torch_default_init((0, 1), 2), **kw)
     self.scale = 1.0 / float(np.sqrt(h))
     self.impl = impl
 
@@ -82,9 +85,10 @@ class VisionTransformer(nnx.Module):
     self.dtype = dtype
     self.remat_policy = remat_policy
     p, w = cfg.patch_size, cfg.width
-    self.conv1 = layers.param(rngs, layers.default_kernel_init, (p, p, 3, w),
+    # As the reference: `nn.Conv2d` default init, positional table `width**-0.5 * randn`.
+    self.conv1 = layers.param(rngs, layers.torch_default_init((0, 1, 2), 3), (p, p, 3, w),
                               ("vit_patch", "vit_patch", "vit_channels", "vit_embed"), param_dtype)
-    self.positional_embedding = layers.param(rngs, nnx.initializers.normal(0.01), (cfg.pos_grid ** 2, w),
+    self.positional_embedding = layers.param(rngs, nnx.initializers.normal(w ** -0.5), (cfg.pos_grid ** 2, w),
                                              ("vit_pos", "vit_embed"), param_dtype)
     self.ln_pre = layers.LayerNorm(w, eps=cfg.ln_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
