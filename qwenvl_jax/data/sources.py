@@ -288,7 +288,11 @@ class _TfdsParser:
   def _grounding(self, rid: str, example: dict) -> rec.Record:
     """ref_coco: a referring expression of one object -> its box (TFDS boxes are normalized ymin, xmin, ...)."""
     objects = example["objects"]
-    pairs = [(i, _text(raw)) for i, ref in enumerate(objects["refexp"]) for raw in ref["raw"]]
+    # Nested sequences arrive as a dict of per-object lists: objects["refexp"]["raw"][i] = sentences of object i.
+    raws = objects["refexp"]["raw"]
+    if len(raws) != len(objects["bbox"]):
+      raise rec.BadRecordError(rid, f"{len(objects['bbox'])} boxes but {len(raws)} referring-expression lists")
+    pairs = [(i, _text(raw)) for i, sentences in enumerate(raws) for raw in sentences]
     if not pairs:
       raise rec.BadRecordError(rid, "no referring expressions")
     i, phrase = pairs[_pick(self.seed, rid, len(pairs))]

@@ -142,3 +142,26 @@ def test_tfds_coco_captions_by_name(tmp_path):
     assert r.images == [_png(10 * i)]
   with pytest.raises(ValueError, match="cannot read split 'test'"):
     make_source("tfds:fake_coco_captions", stage=2, image_size=8, data_dir=str(tmp_path), split="test")
+
+
+def test_tfds_ref_coco_grounding_records(tmp_path):
+  """`ref_coco` nests sentences in objects: every record becomes one (object, sentence) grounding example whose
+  normalized TFDS box (ymin, xmin, ymax, xmax) is written in the reference's [0, 1000) xyxy text."""
+  from tests.evaluation import tfds_fakes  # pylint: disable=import-outside-toplevel
+  box = tfds.features.BBox
+  records = [
+      {"image": tfds_fakes.png(1), "image/id": 7, "objects": [
+          {"id": 70, "bbox": box(ymin=0.25, xmin=0.1, ymax=0.75, xmax=0.5),
+           "refexp": [{"refexp_id": 1, "raw": "left dog"}]},
+          {"id": 71, "bbox": box(ymin=0.0, xmin=0.5, ymax=1.0, xmax=1.0), "refexp": []}]},
+      {"image": tfds_fakes.png(2), "image/id": 8, "objects": [
+          {"id": 80, "bbox": box(ymin=0.1, xmin=0.2, ymax=0.3, xmax=0.4), "refexp": []}]},
+  ]
+  tfds_fakes.prepare(tfds_fakes.EvalRefCoco, tmp_path, {"train": records})
+  source = make_source("tfds:eval_ref_coco", stage=2, image_size=8, data_dir=str(tmp_path))
+  first = source.parse(source.items[0])
+  assert first.task == "grounding" and first.images == [tfds_fakes.png(1)]
+  assert first.turns == [("user", "<img></img><ref>left dog</ref>"),
+                         ("assistant", "<box>(100,250),(500,750)</box>")]
+  with pytest.raises(rec.BadRecordError, match="no referring expressions"):
+    source.parse(source.items[1])
