@@ -20,6 +20,7 @@ Fields (all overridable from the command line, e.g. `--config.data.source=jsonl:
   num_epochs       passes over each source (0 = forever); a finite stage-2 mixture ends when its first source
                    runs out (grain's MapDataset.mix)
   seed             shuffle seed and synthetic-dataset seed
+  synthetic_max_shapes  shapes per synthetic scene are drawn from 1..this (3; 1 = one shape, an easy curriculum)
   system           the ChatML system prompt of stage 3
 """
 import ml_collections
@@ -57,5 +58,6 @@ def default_data_config(stage: int) -> ml_collections.ConfigDict:
   c.shuffle = True
   c.num_epochs = 0
   c.seed = 0
+  c.synthetic_max_shapes = 3
   c.system = DEFAULT_SYSTEM
   return c

@@ -28,6 +28,7 @@ import numpy as np
 from qwenvl_jax.data import records as rec
 from qwenvl_jax.data.encode import ExampleEncoder
 from qwenvl_jax.data.sources import Source, make_source
+from qwenvl_jax.data.synthetic import MAX_SHAPES
 
 _SEQ_FEATURES = ("input_ids", "targets", "loss_mask")
 
@@ -90,7 +91,8 @@ def make_source_datasets(config: ml_collections.ConfigDict, *, stage: int, image
                          ) -> list[tuple[Source, float]]:
   """(source, weight) pairs of a stage: one source, or the stage-2 task mixture."""
   common = dict(stage=stage, image_size=image_size, seed=config.seed, image_root=config.image_root or None,
-                split=config.split, data_dir=config.data_dir or None)
+                split=config.split, data_dir=config.data_dir or None,
+                synthetic_max_shapes=config.get("synthetic_max_shapes", MAX_SHAPES))
   per_task = any(config.mixture_sources.get(t, "") for t in config.mixture) if config.mixture else False
   if stage != 2 or not config.mixture or (config.source != "synthetic" and not per_task):
     # Stage 2 with one non-synthetic source and no per-task sources reads that source as already mixed.

@@ -26,7 +26,7 @@ import numpy as np
 
 from qwenvl_jax.data import records as rec
 from qwenvl_jax.data.records import TASKS
-from qwenvl_jax.data.synthetic import synthetic_record
+from qwenvl_jax.data.synthetic import MAX_SHAPES, synthetic_record
 
 # Accepted role names of conversation files; the official format uses "user" / "assistant".
 _ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
@@ -43,7 +43,8 @@ class Source:
 
 
 def make_source(spec: str, *, stage: int, image_size: int, seed: int = 0, task: str | None = None,
-                image_root: str | None = None, split: str = "train", data_dir: str | None = None) -> Source:
+                image_root: str | None = None, split: str = "train", data_dir: str | None = None,
+                synthetic_max_shapes: int = 3) -> Source:
   """The source named by `spec` (see the module docstring).
 
   Args:
@@ -55,6 +56,7 @@ def make_source(spec: str, *, stage: int, image_size: int, seed: int = 0, task: 
     image_root: folder image paths are relative to.
     split: TFDS split.
     data_dir: TFDS data_dir.
+    synthetic_max_shapes: the synthetic source draws 1..this shapes per scene.
   """
   kind, _, arg = spec.partition(":")
   if kind == "synthetic":
@@ -62,7 +64,9 @@ def make_source(spec: str, *, stage: int, image_size: int, seed: int = 0, task: 
     if task not in TASKS:
       raise ValueError(f"the synthetic source needs a task in {TASKS}, got {task!r}")
     items = grain.MapDataset.range(SYNTHETIC_SIZE)
-    return Source(f"synthetic/{task}", items, _SyntheticParser(task, image_size, seed, stage))
+    if not 1 <= synthetic_max_shapes <= MAX_SHAPES:
+      raise ValueError(f"synthetic_max_shapes must be in [1, {MAX_SHAPES}], got {synthetic_max_shapes}")
+    return Source(f"synthetic/{task}", items, _SyntheticParser(task, image_size, seed, stage, synthetic_max_shapes))
   if not arg:
     raise ValueError(f"source spec {spec!r} needs an argument after ':'")
   if kind == "jsonl":
@@ -148,10 +152,11 @@ class _SyntheticParser:
   image_size: int
   seed: int
   stage: int
+  max_shapes: int = 3
 
   def __call__(self, index: int) -> rec.Record:
     return synthetic_record(int(index), task=self.task, image_size=self.image_size, seed=self.seed,
-                            stage=self.stage)
+                            stage=self.stage, max_shapes=self.max_shapes)
 
 
 class _JsonlLines:

@@ -40,6 +40,7 @@ NUMBERS = ("zero", "one", "two", "three", "four")
 GROUNDED_CAPTION_PROMPT = "Generate the caption in English with grounding:"
 OCR_PROMPT = "OCR with grounding:"
 _GRID = 3
+MAX_SHAPES = 3  # at most one shape of each kind, so "the circle" is unambiguous
 
 
 @functools.lru_cache(maxsize=16)
@@ -50,7 +51,7 @@ def _font(size: int) -> ImageFont.ImageFont:
 class _Scene:
   """Up to three non-overlapping shapes of distinct kinds (so "the circle" is unambiguous), one per grid cell."""
 
-  def __init__(self, rng: np.random.Generator, size: int, max_shapes: int = 3):
+  def __init__(self, rng: np.random.Generator, size: int, max_shapes: int = MAX_SHAPES):
     self.size = size
     self.background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
     n = int(rng.integers(1, max_shapes + 1))
@@ -131,7 +132,8 @@ def _ocr_image(rng: np.random.Generator, size: int) -> tuple[Image.Image, str, s
   return image, word, box_text(draw.textbbox((x, y), word, font=font), size, size)
 
 
-def synthetic_record(index: int, *, task: str, image_size: int, seed: int = 0, stage: int = 2) -> Record:
+def synthetic_record(index: int, *, task: str, image_size: int, seed: int = 0, stage: int = 2,
+                     max_shapes: int = MAX_SHAPES) -> Record:
   """The `index`-th synthetic record of `task`, deterministic in (seed, task, index).
 
   Args:
@@ -140,7 +142,10 @@ def synthetic_record(index: int, *, task: str, image_size: int, seed: int = 0, s
     image_size: side of the rendered images (render at the training resolution so the resize is the identity).
     seed: dataset seed.
     stage: 1 gives the bare stage-1 caption format (`<img></img>` + caption), otherwise the stage-2 prompts.
+    max_shapes: scenes hold 1..max_shapes shapes (at most MAX_SHAPES); 1 only asks where and what one shape is.
   """
+  if not 1 <= max_shapes <= MAX_SHAPES:
+    raise ValueError(f"max_shapes must be in [1, {MAX_SHAPES}], got {max_shapes}")
   if task not in TASKS:
     raise ValueError(f"unknown synthetic task {task!r}; expected one of {TASKS}")
   if index < 0:
@@ -151,7 +156,7 @@ def synthetic_record(index: int, *, task: str, image_size: int, seed: int = 0, s
     image, word, box = _ocr_image(rng, image_size)
     return Record(rid, task, [("user", f"<img></img>{OCR_PROMPT}"), ("assistant", f"<ref>{word}</ref>{box}")],
                   [image])
-  scene = _Scene(rng, image_size)
+  scene = _Scene(rng, image_size, max_shapes)
   if task == "text":
     return Record(rid, task, [("user", ""), ("assistant", f"There is {scene.caption()} on the picture.")])
   images = [scene.render()]
@@ -169,14 +174,14 @@ def synthetic_record(index: int, *, task: str, image_size: int, seed: int = 0, s
   elif task == "grounded_caption":
     turns = [("user", f"<img></img>{GROUNDED_CAPTION_PROMPT}"), ("assistant", f" {scene.grounded_caption()}")]
   else:
-    turns, images = _chat(rng, scene, images, image_size)
+    turns, images = _chat(rng, scene, images, image_size, max_shapes)
   return Record(rid, task, turns, images)
 
 
-def _chat(rng: np.random.Generator, scene: _Scene, images: list, image_size: int):
+def _chat(rng: np.random.Generator, scene: _Scene, images: list, image_size: int, max_shapes: int):
   """A 2-3 turn conversation about one picture, or a two-picture comparison."""
   if rng.uniform() < 0.25:
-    other = _Scene(rng, image_size)
+    other = _Scene(rng, image_size, max_shapes)
     images = images + [other.render()]
     which = int(rng.integers(2))
     counted = (scene, other)[which]

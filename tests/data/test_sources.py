@@ -165,3 +165,10 @@ def test_tfds_ref_coco_grounding_records(tmp_path):
                          ("assistant", "<box>(100,250),(500,750)</box>")]
   with pytest.raises(rec.BadRecordError, match="no referring expressions"):
     source.parse(source.items[1])
+
+
+def test_synthetic_source_max_shapes():
+  source = make_source("synthetic", stage=2, image_size=32, task="grounded_caption", synthetic_max_shapes=1)
+  assert all(source.parse(source.items[i]).turns[1][1].count("<box>") == 1 for i in range(10))
+  with pytest.raises(ValueError, match="synthetic_max_shapes must be in"):
+    make_source("synthetic", stage=2, image_size=32, task="vqa", synthetic_max_shapes=0)

@@ -102,6 +102,20 @@ def test_bad_arguments():
     synthetic.synthetic_record(0, task="dance", image_size=32)
   with pytest.raises(ValueError, match="non-negative"):
     synthetic.synthetic_record(-1, task="vqa", image_size=32)
+  with pytest.raises(ValueError, match="max_shapes must be in"):
+    synthetic.synthetic_record(0, task="vqa", image_size=32, max_shapes=4)
+
+
+def test_max_shapes_bounds_the_scene_and_keeps_the_default_stream():
+  one = [synthetic.synthetic_record(i, task="grounded_caption", image_size=S, max_shapes=1) for i in range(20)]
+  assert all(len(_boxes(r.turns[1][1])) == 1 for r in one)
+  # The default (3) draws exactly what the dataset always drew, so existing runs and checkpoints stay valid.
+  counts = {len(_boxes(synthetic.synthetic_record(i, task="grounded_caption", image_size=S).turns[1][1]))
+            for i in range(40)}
+  assert counts == {1, 2, 3}
+  default = synthetic.synthetic_record(7, task="caption", image_size=S)
+  explicit = synthetic.synthetic_record(7, task="caption", image_size=S, max_shapes=synthetic.MAX_SHAPES)
+  assert default.turns == explicit.turns
 
 
 def test_synthetic_tokenizer_round_trips_the_corpus(tmp_path):
