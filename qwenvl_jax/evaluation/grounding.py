@@ -105,3 +105,27 @@ def grounding_accuracy(
     per_example.append({"pred_box": None if box is None else [float(v) for v in pixels], "correct": hit,
                         "iou": None if math.isnan(iou) else iou})  # JSON has no NaN
   return {"accuracy": correct / len(predictions), "unparsed": unparsed, "per_example": per_example}
+
+
+def best_constant_box_accuracy(gt_boxes: Sequence[Sequence[float]], sizes: Sequence[Tuple[int, int]], *,
+                               threshold: float = IOU_THRESHOLD) -> Tuple[float, Box]:
+  """The chance level of grounding: the best accuracy any single image-independent box reaches, in hindsight.
+
+  A model that ignores the image can only answer a box that depends on the expression; where expressions do not
+  say where things are (the synthetic shapes), its expected accuracy is at most that of the best fixed box. The
+  candidates are every ground-truth box in relative coordinates (the optimum of a hit count lies at or near one of
+  them); each is scored on every example with the metric's IoU.
+
+  Returns:
+    (accuracy in [0, 1], the winning box as relative xyxy in [0, 1]).
+  """
+  if not len(gt_boxes) == len(sizes) or not gt_boxes:
+    raise ValueError(f"need as many boxes as sizes and at least one, got {len(gt_boxes)} and {len(sizes)}")
+  scale = np.asarray([[w, h, w, h] for w, h in sizes], np.float64)
+  relative = np.asarray(gt_boxes, np.float64) / scale
+  best, best_box = -1.0, (0.0, 0.0, 0.0, 0.0)
+  for candidate in relative:
+    hits = sum(box_iou(candidate * s, gt) >= threshold for s, gt in zip(scale, gt_boxes))
+    if hits / len(gt_boxes) > best:
+      best, best_box = hits / len(gt_boxes), tuple(float(v) for v in candidate)
+  return best, best_box

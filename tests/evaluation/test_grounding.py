@@ -116,3 +116,15 @@ def test_matches_a_torch_reimplementation_of_the_official_loop():
   np.testing.assert_array_equal(np.asarray(ious, np.float64), np.asarray(expected, np.float64))
   assert result["accuracy"] == np.mean([e >= 0.5 for e in expected])
   assert 0 < result["accuracy"] < 1
+
+
+def test_best_constant_box_accuracy_is_the_hindsight_optimum():
+  from qwenvl_jax.evaluation.grounding import best_constant_box_accuracy  # pylint: disable=import-outside-toplevel
+  # Three examples share the top-left quadrant (one on a twice-as-large image), one is bottom-right.
+  boxes = [(0, 0, 50, 50), (0, 0, 100, 100), (2, 2, 52, 52), (60, 60, 100, 100)]
+  sizes = [(100, 100), (200, 200), (100, 100), (100, 100)]
+  accuracy, box = best_constant_box_accuracy(boxes, sizes)
+  assert accuracy == 0.75 and box == (0.0, 0.0, 0.5, 0.5)
+  assert best_constant_box_accuracy([(60, 60, 100, 100)], [(100, 100)]) == (1.0, (0.6, 0.6, 1.0, 1.0))
+  with pytest.raises(ValueError, match="as many boxes as sizes"):
+    best_constant_box_accuracy(boxes, sizes[:2])
