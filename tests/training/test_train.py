@@ -52,6 +52,13 @@ def test_paper_scale_defaults(stage, lr, min_lr, warmup, batch, seq, res, steps)
   assert c.model_dtype == "bfloat16"
 
 
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_demo_scale_adam_eps(stage):
+  """The tiny demo uses eps=1e-8: its vision gradients (~1e-7) vanish under the paper's 1e-6 (configs/common.py)."""
+  assert load_stage_config(stage, None).optimizer.eps == 1e-8
+  assert load_stage_config(stage, "model=tiny,scale=paper").optimizer.eps == 1e-6
+
+
 def test_config_arg_errors():
   with pytest.raises(ValueError, match="unknown config arg"):
     load_stage_config(1, "modle=tiny")
