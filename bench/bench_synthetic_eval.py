@@ -7,8 +7,9 @@
 Runs `qwenvl_jax.training.train` on the stage-2 demo config (synthetic mixture restricted to `--tasks`), writes
 held-out sets (`evaluation.synthetic_sets`, seed 12345; training uses seed 0) and evaluates every `--eval_every`
 steps' checkpoint with `evaluation.runner.run`: captioning as `flickr` (CIDEr), grounding as `refcoco_val`
-(accuracy at IoU >= 0.5). Chance is printed next to each: the same job on random weights, and for grounding also
-the best image-independent box in hindsight (`grounding.best_constant_box_accuracy`). Prints one line per
+(accuracy at IoU >= 0.5). Chance is printed next to each: the same job on random weights, and the best
+image-independent answer: for captioning the caption chosen on a separate set (`cider.constant_caption_baseline`),
+for grounding the best box in hindsight (`grounding.best_constant_box_accuracy`). Prints one line per
 (step, task) and the training wall time.
 
 `--max_shapes=1` draws scenes with a single shape (the model must only find where it is), an easier curriculum
@@ -28,7 +29,7 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from qwenvl_jax.evaluation import grounding, runner, synthetic_sets  # noqa: E402
+from qwenvl_jax.evaluation import cider, grounding, runner, synthetic_sets  # noqa: E402
 from qwenvl_jax.evaluation.tasks import get_task  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -92,6 +93,12 @@ def main():
   for task, data in sets.items():
     chance = evaluate(task, data, root / f"eval_{task}", run, "", "random", args.res)
     line = f"{task:10s} random weights {chance:.3f}"
+    if task == "caption":
+      selection = synthetic_sets.write_caption_set(root / "selection", n=64, image_size=args.res, seed=0,
+                                                   max_shapes=args.max_shapes)
+      refs = lambda path: {e.example_id: list(e.references) for e in get_task("flickr").read(path)}
+      constant, caption = cider.constant_caption_baseline(refs(selection), refs(data))
+      line += f", best constant caption {constant:.3f} {caption!r}"
     if task == "grounding":
       examples = get_task("refcoco_val").read(data)
       constant, box = grounding.best_constant_box_accuracy([e.bbox for e in examples], [e.size for e in examples])

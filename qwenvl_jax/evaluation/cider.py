@@ -119,3 +119,29 @@ def cider_from_raw(
     tokenized_refs[image_id] = ptb_tokenizer.tokenize(refs)
   tokenized_cands = {i: ptb_tokenizer.tokenize([c])[0] for i, c in candidates.items()}
   return cider_d(tokenized_cands, tokenized_refs)
+
+
+
+def constant_caption_baseline(selection: Mapping[Hashable, Sequence[str]],
+                              references: Mapping[Hashable, Sequence[str]]) -> Tuple[float, str]:
+  """The chance level of captioning: CIDEr on `references` of the best image-independent caption.
+
+  A model that ignores its images writes one caption for every image. The caption is chosen on a separate
+  `selection` set (its reference caption with the best corpus CIDEr there when given to every image), then scored
+  on `references`: choosing on the evaluated set itself would favour a caption that happens to match a few of its
+  images exactly, which on a small set is worth several CIDEr points. Raw captions (PTB-normalised here).
+
+  Returns:
+    (corpus CIDEr on `references`, the chosen raw caption).
+  """
+  if not selection or not references:
+    raise ValueError("constant_caption_baseline needs a non-empty selection set and reference set")
+  selection_refs = {i: ptb_tokenizer.tokenize(list(refs)) for i, refs in selection.items()}
+  best, chosen = -1.0, ""
+  for caption in dict.fromkeys(r for refs in selection.values() for r in refs):
+    tokens = ptb_tokenizer.tokenize([caption])[0]
+    score, _ = cider_d({i: tokens for i in selection_refs}, selection_refs)
+    if score > best:
+      best, chosen = score, caption
+  score, _ = cider_from_raw({i: chosen for i in references}, references)
+  return score, chosen

@@ -105,3 +105,15 @@ def test_cider_from_raw_equals_cocoevalcap_pipeline_with_java(java_ptb_tokenize)
   score, _ = cider.cider_from_raw(cands, refs)
   assert score == pytest.approx(expected, rel=1e-12)
   assert score > 0.5
+
+
+def test_constant_caption_baseline_chooses_on_the_selection_set_and_scores_on_the_other():
+  from qwenvl_jax.evaluation.cider import constant_caption_baseline, cider_from_raw  # pylint: disable=C0415
+  selection = {0: ["a red circle"], 1: ["a red circle"], 2: ["a blue square"]}
+  references = {10: ["a blue square"], 11: ["a red circle"], 12: ["a green triangle"], 13: ["a blue square"]}
+  score, caption = constant_caption_baseline(selection, references)
+  assert caption == "a red circle"  # twice in the selection set, although "a blue square" fits `references` better
+  assert score == cider_from_raw({i: "a red circle" for i in references}, references)[0]
+  assert score < cider_from_raw({i: "a blue square" for i in references}, references)[0]
+  with pytest.raises(ValueError, match="non-empty"):
+    constant_caption_baseline({}, references)
