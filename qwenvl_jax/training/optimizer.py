@@ -27,25 +27,25 @@ import optax
 
 TRAINABLE, FROZEN = "trainable", "frozen"
 
-# Stage filters (DESIGN §2.2, SPEC §6, Gotcha 22). Stage 3 with the official finetune.py semantics (`fix_vit`)
-# also freezes `ln_post` and `proj`, which live on `visual` in the reference, while the resampler (`attn_pool`,
-# including its nominally fixed sin-cos `pos_embed`) trains.
+# Stage filters (DESIGN §2.2, SPEC §1.5 and §6, Gotcha 22). The resampler's sin-cos `pos_embed` is a fixed table
+# in the reference (`requires_grad_(False)`), so it never trains — except in stage 3 with the official finetune.py
+# semantics (`fix_vit`), whose `attn_pool.requires_grad_(True)` switches it on as a side effect while `ln_post` and
+# `proj`, which live on `visual` in the reference, stay frozen.
+_POS_EMBED = r"adapter/resampler/pos_embed"
 _STAGE_FROZEN = {
-    1: (r"llm/.*",),
-    2: (),
-    3: (r"visual/.*",),
+    1: (r"llm/.*", _POS_EMBED),
+    2: (_POS_EMBED,),
+    3: (r"visual/.*", _POS_EMBED),
 }
-_FIX_VIT_EXTRA = (r"adapter/(ln_post|proj)(/.*)?",)
+_FIX_VIT_FROZEN = (r"visual/.*", r"adapter/(ln_post|proj)(/.*)?")
 
 
 def stage_frozen_patterns(stage: int, *, fix_vit: bool = True) -> tuple[str, ...]:
-  """Path regexes of the parameters a stage freezes (1: the LLM; 2: nothing; 3: the ViT, + ln_post/proj if fix_vit)."""
+  """Path regexes of the parameters a stage freezes: 1 the LLM, 2 nothing, 3 the ViT (each with the fixed sin-cos
+  `pos_embed`); stage 3 with `fix_vit` freezes the ViT, `ln_post` and `proj` and trains the whole resampler."""
   if stage not in _STAGE_FROZEN:
     raise ValueError(f"stage must be 1, 2 or 3, got {stage!r}")
-  patterns = _STAGE_FROZEN[stage]
-  if stage == 3 and fix_vit:
-    patterns += _FIX_VIT_EXTRA
-  return patterns
+  return _FIX_VIT_FROZEN if stage == 3 and fix_vit else _STAGE_FROZEN[stage]
 
 
 def path_str(path: Sequence[Any]) -> str:

@@ -30,11 +30,14 @@ def _paths(tree):
 
 
 # What trains in each stage, written from the paper / finetune.py (SPEC §6, Gotcha 22), by top-level prefix.
+# The resampler's sin-cos table is `requires_grad_(False)` in the reference: fixed, except that finetune.py's
+# `attn_pool.requires_grad_(True)` (fix_vit) switches it on.
+_FIXED = "adapter/resampler/pos_embed"
 EXPECTED_TRAINABLE = {
-    (1, True): lambda p: p.startswith(("visual/", "adapter/")),
-    (2, True): lambda p: True,
+    (1, True): lambda p: p.startswith(("visual/", "adapter/")) and p != _FIXED,
+    (2, True): lambda p: p != _FIXED,
     (3, True): lambda p: p.startswith(("llm/", "adapter/resampler/")),
-    (3, False): lambda p: p.startswith(("llm/", "adapter/")),
+    (3, False): lambda p: p.startswith(("llm/", "adapter/")) and p != _FIXED,
 }
 
 
@@ -49,6 +52,8 @@ def test_stage_masks(abstract_params, stage, fix_vit):
     # The official recipe trains the resampler's sin-cos table but not ln_post / proj.
     assert flat["adapter/resampler/pos_embed"] == optimizer.TRAINABLE
     assert flat["adapter/proj"] == flat["adapter/ln_post/scale"] == optimizer.FROZEN
+  else:
+    assert flat["adapter/resampler/pos_embed"] == optimizer.FROZEN
 
 
 @pytest.mark.parametrize("stage,fix_vit", sorted(EXPECTED_TRAINABLE))
