@@ -3,7 +3,7 @@ held-out synthetic sets in the official formats (`evaluation.synthetic_sets`, an
 
 Chance is the best image-independent answer, not only random weights (which score ~0 and say little):
 - captioning: the caption chosen on a separate set and given to every image (`cider.constant_caption_baseline`).
-  On the one-shape curriculum (`data.synthetic_max_shapes=1`) 1000 steps name colour and shape clearly above it;
+  On the one-shape curriculum (`data.synthetic_max_shapes=1`) 1000 steps name the colour, clearly above it;
   with the dataset's 1-3 shapes the tiny model needs far longer (bench/bench_synthetic_eval.py: after 1000 steps
   1.71 vs 1.46 for the constant caption, nearly image-blind).
 - grounding: after a short run every answer is a well-formed box (random weights write none), but where the box
@@ -62,20 +62,21 @@ def _references(path):
 @pytest.mark.slow
 def test_briefly_trained_model_captions_clearly_above_chance(tmp_path):
   params = _train(tmp_path, tasks=("caption",), steps=1000, lr=1e-3, max_shapes=1)
-  data = synthetic_sets.write_caption_set(tmp_path / "captions", n=32, image_size=SIZE, max_shapes=1)
+  data = synthetic_sets.write_caption_set(tmp_path / "captions", n=48, image_size=SIZE, max_shapes=1)
   selection = synthetic_sets.write_caption_set(tmp_path / "selection", n=64, image_size=SIZE, seed=0, max_shapes=1)
   constant, _ = cider.constant_caption_baseline(_references(selection), _references(data))
   trained = _evaluate(tmp_path, "flickr", data, params, "trained")
   random_weights = _evaluate(tmp_path, "flickr", data, "", "random")
-  assert len(trained["predictions"]) == 32
-  # Measured on this setup (48 images): 1.58 trained, 0.99 for the best constant caption, 0.00 random weights.
-  assert trained["score"] > 1.2 * constant and trained["score"] > 0.8, (trained["score"], constant)
+  assert len(trained["predictions"]) == 48
+  # Measured on this setup: 1.655 trained, 0.988 for the best constant caption, 0.000 random weights; the colour
+  # is right on 48 of 48 images (the shape on 12: colour is learned first).
+  assert trained["score"] > 1.3 * constant, (trained["score"], constant)
   assert random_weights["score"] < 0.2 * constant
-  # The captions depend on the image: several distinct ones, and most name the right colour.
+  # The captions depend on the image: several distinct ones, and nearly all name the right colour.
   predictions = [p["prediction"] for p in trained["predictions"]]
   colours = [p["references"][0].split()[1] for p in trained["predictions"]]
   assert len(set(predictions)) >= 4
-  assert sum(c in p.split()[:2] for c, p in zip(colours, predictions)) >= 16, list(zip(colours, predictions))
+  assert sum(c in p.split()[:2] for c, p in zip(colours, predictions)) >= 36, list(zip(colours, predictions))
 
 
 @pytest.mark.slow
