@@ -8,8 +8,8 @@ Runs `qwenvl_jax.training.train` on the stage-2 demo config (synthetic mixture r
 held-out sets (`evaluation.synthetic_sets`, seed 12345; training uses seed 0) and evaluates every `--eval_every`
 steps' checkpoint with `evaluation.runner.run`: captioning as `flickr` (CIDEr), grounding as `refcoco_val`
 (accuracy at IoU >= 0.5). Chance is printed next to each: the same job on random weights, and the best
-image-independent answer: for captioning the caption chosen on a separate set (`cider.constant_caption_baseline`),
-for grounding the best box in hindsight (`grounding.best_constant_box_accuracy`). Prints one line per
+image-independent answer (`synthetic_sets.caption_chance_level`: the caption chosen on a separate set;
+`synthetic_sets.grounding_chance_level`: the best box in hindsight). Prints one line per
 (step, task) and the training wall time.
 
 `--max_shapes=1` draws scenes with a single shape (the model must only find where it is), an easier curriculum
@@ -29,8 +29,7 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from qwenvl_jax.evaluation import cider, grounding, runner, synthetic_sets  # noqa: E402
-from qwenvl_jax.evaluation.tasks import get_task  # noqa: E402
+from qwenvl_jax.evaluation import runner, synthetic_sets  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 EVAL_TASK = {"caption": "flickr", "grounding": "refcoco_val"}
@@ -94,14 +93,11 @@ def main():
     chance = evaluate(task, data, root / f"eval_{task}", run, "", "random", args.res)
     line = f"{task:10s} random weights {chance:.3f}"
     if task == "caption":
-      selection = synthetic_sets.write_caption_set(root / "selection", n=64, image_size=args.res, seed=0,
-                                                   max_shapes=args.max_shapes)
-      refs = lambda path: {e.example_id: list(e.references) for e in get_task("flickr").read(path)}
-      constant, caption = cider.constant_caption_baseline(refs(selection), refs(data))
+      constant, caption = synthetic_sets.caption_chance_level(data, root / "selection", image_size=args.res,
+                                                              max_shapes=args.max_shapes)
       line += f", best constant caption {constant:.3f} {caption!r}"
     if task == "grounding":
-      examples = get_task("refcoco_val").read(data)
-      constant, box = grounding.best_constant_box_accuracy([e.bbox for e in examples], [e.size for e in examples])
+      constant, box = synthetic_sets.grounding_chance_level(data)
       line += f", best constant box {constant:.3f} {tuple(round(v, 2) for v in box)}"
     print(line)
     for step in range(args.eval_every, args.steps + 1, args.eval_every):

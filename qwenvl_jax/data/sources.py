@@ -26,7 +26,7 @@ import numpy as np
 
 from qwenvl_jax.data import records as rec
 from qwenvl_jax.data.records import TASKS
-from qwenvl_jax.data.synthetic import MAX_SHAPES, synthetic_record
+from qwenvl_jax.data.synthetic import MAX_SHAPES, check_max_shapes, synthetic_record
 
 # Accepted role names of conversation files; the official format uses "user" / "assistant".
 _ROLE_ALIASES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
@@ -44,7 +44,7 @@ class Source:
 
 def make_source(spec: str, *, stage: int, image_size: int, seed: int = 0, task: str | None = None,
                 image_root: str | None = None, split: str = "train", data_dir: str | None = None,
-                synthetic_max_shapes: int = 3) -> Source:
+                synthetic_max_shapes: int = MAX_SHAPES) -> Source:
   """The source named by `spec` (see the module docstring).
 
   Args:
@@ -64,8 +64,7 @@ def make_source(spec: str, *, stage: int, image_size: int, seed: int = 0, task: 
     if task not in TASKS:
       raise ValueError(f"the synthetic source needs a task in {TASKS}, got {task!r}")
     items = grain.MapDataset.range(SYNTHETIC_SIZE)
-    if not 1 <= synthetic_max_shapes <= MAX_SHAPES:
-      raise ValueError(f"synthetic_max_shapes must be in [1, {MAX_SHAPES}], got {synthetic_max_shapes}")
+    check_max_shapes(synthetic_max_shapes, "synthetic_max_shapes")  # at build time, not at the first record
     return Source(f"synthetic/{task}", items, _SyntheticParser(task, image_size, seed, stage, synthetic_max_shapes))
   if not arg:
     raise ValueError(f"source spec {spec!r} needs an argument after ':'")
@@ -152,7 +151,7 @@ class _SyntheticParser:
   image_size: int
   seed: int
   stage: int
-  max_shapes: int = 3
+  max_shapes: int = MAX_SHAPES
 
   def __call__(self, index: int) -> rec.Record:
     return synthetic_record(int(index), task=self.task, image_size=self.image_size, seed=self.seed,

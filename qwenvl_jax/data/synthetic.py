@@ -43,6 +43,12 @@ _GRID = 3
 MAX_SHAPES = 3  # at most one shape of each kind, so "the circle" is unambiguous
 
 
+def check_max_shapes(value: int, name: str = "max_shapes") -> None:
+  """Raises a ValueError naming `name` unless 1 <= value <= MAX_SHAPES."""
+  if not 1 <= value <= MAX_SHAPES:
+    raise ValueError(f"{name} must be in [1, {MAX_SHAPES}], got {value}")
+
+
 @functools.lru_cache(maxsize=16)
 def _font(size: int) -> ImageFont.ImageFont:
   return ImageFont.load_default(size=size)
@@ -144,8 +150,7 @@ def synthetic_record(index: int, *, task: str, image_size: int, seed: int = 0, s
     stage: 1 gives the bare stage-1 caption format (`<img></img>` + caption), otherwise the stage-2 prompts.
     max_shapes: scenes hold 1..max_shapes shapes (at most MAX_SHAPES); 1 only asks where and what one shape is.
   """
-  if not 1 <= max_shapes <= MAX_SHAPES:
-    raise ValueError(f"max_shapes must be in [1, {MAX_SHAPES}], got {max_shapes}")
+  check_max_shapes(max_shapes)
   if task not in TASKS:
     raise ValueError(f"unknown synthetic task {task!r}; expected one of {TASKS}")
   if index < 0:

@@ -121,7 +121,6 @@ def cider_from_raw(
   return cider_d(tokenized_cands, tokenized_refs)
 
 
-
 def constant_caption_baseline(selection: Mapping[Hashable, Sequence[str]],
                               references: Mapping[Hashable, Sequence[str]]) -> Tuple[float, str]:
   """The chance level of captioning: CIDEr on `references` of the best image-independent caption.
@@ -137,9 +136,13 @@ def constant_caption_baseline(selection: Mapping[Hashable, Sequence[str]],
   if not selection or not references:
     raise ValueError("constant_caption_baseline needs a non-empty selection set and reference set")
   selection_refs = {i: ptb_tokenizer.tokenize(list(refs)) for i, refs in selection.items()}
+  # Every distinct reference caption is a candidate; its tokens are already in `selection_refs`.
+  candidates: Dict[str, str] = {}
+  for i, refs in selection.items():
+    for raw, tokens in zip(refs, selection_refs[i]):
+      candidates.setdefault(raw, tokens)
   best, chosen = -1.0, ""
-  for caption in dict.fromkeys(r for refs in selection.values() for r in refs):
-    tokens = ptb_tokenizer.tokenize([caption])[0]
+  for caption, tokens in candidates.items():
     score, _ = cider_d({i: tokens for i in selection_refs}, selection_refs)
     if score > best:
       best, chosen = score, caption

@@ -2,38 +2,27 @@
 held-out synthetic sets in the official formats (`evaluation.synthetic_sets`, another seed than training).
 
 Chance is the best image-independent answer, not only random weights (which score ~0 and say little):
-- captioning: the caption chosen on a separate set and given to every image (`cider.constant_caption_baseline`).
+- captioning: the caption chosen on a separate set and given to every image (`synthetic_sets.caption_chance_level`).
   On the one-shape curriculum (`data.synthetic_max_shapes=1`) 1000 steps name the colour, clearly above it;
   with the dataset's 1-3 shapes the tiny model needs far longer (bench/bench_synthetic_eval.py: after 1000 steps
   1.71 vs 1.46 for the constant caption, nearly image-blind).
 - grounding: after a short run every answer is a well-formed box (random weights write none), but where the box
   lands is not learned at this scale: bench/bench_synthetic_eval.py measures it against the best image-blind box.
 """
-import importlib.util
 import pathlib
 
 import pytest
 
-from qwenvl_jax.evaluation import cider, grounding, runner, synthetic_sets
-from qwenvl_jax.evaluation.tasks import get_task
+from qwenvl_jax.evaluation import grounding, runner, synthetic_sets
+from tests.training import helpers
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
 SIZE = 56
 
 
 def _stage2_config(workdir, *, tasks, steps, lr, max_shapes):
-  spec = importlib.util.spec_from_file_location("stage2_config", REPO / "configs" / "stage2.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
-  c.workdir = str(workdir)
-  c.update(dict(res=SIZE, batch_size=8, seq_len=64, max_images=2, total_steps=steps, log_every=steps // 4,
-                progress_bar=False, tensorboard=False, synthetic_vocab_size=400))
-  c.checkpoint.every = steps
-  c.optimizer.warmup_steps = 20
-  c.optimizer.lr = lr
-  c.data.num_workers = 0
-  c.data.synthetic_max_shapes = max_shapes
+  c = helpers.small_config(2, workdir, total_steps=steps, log_every=steps // 4, **{
+      "checkpoint.every": steps, "optimizer.warmup_steps": 20, "optimizer.lr": lr,
+      "data.read_threads": 2, "data.synthetic_max_shapes": max_shapes})
   for task in c.data.mixture:
     c.data.mixture[task] = 1.0 if task in tasks else 0.0
   return c
@@ -55,16 +44,11 @@ def _evaluate(root, task, data, checkpoint, name):
   return runner.run(c)
 
 
-def _references(path):
-  return {e.example_id: list(e.references) for e in get_task("flickr").read(path)}
-
-
 @pytest.mark.slow
 def test_briefly_trained_model_captions_clearly_above_chance(tmp_path):
   params = _train(tmp_path, tasks=("caption",), steps=1000, lr=1e-3, max_shapes=1)
   data = synthetic_sets.write_caption_set(tmp_path / "captions", n=48, image_size=SIZE, max_shapes=1)
-  selection = synthetic_sets.write_caption_set(tmp_path / "selection", n=64, image_size=SIZE, seed=0, max_shapes=1)
-  constant, _ = cider.constant_caption_baseline(_references(selection), _references(data))
+  constant, _ = synthetic_sets.caption_chance_level(data, tmp_path / "selection", image_size=SIZE, max_shapes=1)
   trained = _evaluate(tmp_path, "flickr", data, params, "trained")
   random_weights = _evaluate(tmp_path, "flickr", data, "", "random")
   assert len(trained["predictions"]) == 48
@@ -89,6 +73,5 @@ def test_briefly_trained_model_answers_grounding_prompts_with_boxes(tmp_path):
   assert unparsed(trained) == 0 and unparsed(random_weights) == 16, (unparsed(trained), unparsed(random_weights))
   for p in trained["predictions"]:  # on the [0, 1000) grid the model was taught
     assert all(0 <= v < 1000 for v in grounding.parse_box(p["prediction"])), p["prediction"]
-  examples = get_task("refcoco_val").read(data)
-  constant, _ = grounding.best_constant_box_accuracy([e.bbox for e in examples], [e.size for e in examples])
+  constant, _ = synthetic_sets.grounding_chance_level(data)
   assert 0 < constant < 0.5  # the chance level bench/bench_synthetic_eval.py compares against
