@@ -35,7 +35,7 @@ _ITEMS = ("params", "opt_state", "data", "meta")
 
 def _absolute(path: str) -> epath.Path:
   """`path` as an epath: a local path made absolute, a URL (`gs://bucket/dir`) kept as given."""
-  return epath.Path(path if workdir_lib.is_remote(path) else os.path.abspath(path))
+  return epath.Path(workdir_lib.absolute(path))
 
 
 def _abstract(tree: Any) -> Any:

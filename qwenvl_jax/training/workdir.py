@@ -36,10 +36,15 @@ def is_remote(path: str | os.PathLike) -> bool:
   return "://" in os.fspath(path)
 
 
+def absolute(path: str | os.PathLike) -> str:
+  """A local path made absolute, a URL (`gs://bucket/dir`) kept as given."""
+  path = os.fspath(path)
+  return path if is_remote(path) else os.path.abspath(path)
+
+
 def resolve(config: ml_collections.ConfigDict) -> str:
   """`config.workdir`, or `./runs/stage<N>` when empty: a local path made absolute, a URL kept as given."""
-  raw = config.workdir or os.path.join("runs", f"stage{config.stage}")
-  return raw if is_remote(raw) else os.path.abspath(raw)
+  return absolute(config.workdir or os.path.join("runs", f"stage{config.stage}"))
 
 
 def create(workdir: str) -> None:
