@@ -1,8 +1,8 @@
 """Train the tiny model briefly on the synthetic data, then score it with the real evaluation job vs chance.
 
   JAX_PLATFORMS=cpu python bench/bench_synthetic_eval.py --tasks=caption,grounding --steps=2000
-  JAX_PLATFORMS=cpu python bench/bench_synthetic_eval.py --tasks=grounding --max_shapes=1 --steps=8000 \\
-      --batch=8 --seq_len=64
+  JAX_PLATFORMS=cpu python bench/bench_synthetic_eval.py --tasks=grounding --max_shapes=1 --steps=2000 \\
+      --lr=1e-3 --seed=1
 
 Runs `qwenvl_jax.training.train` on the stage-2 demo config (synthetic mixture restricted to `--tasks`), writes
 held-out sets (`evaluation.synthetic_sets`, seed 12345; training uses seed 0) and evaluates every `--eval_every`
@@ -50,6 +50,7 @@ def stage2_config(args, workdir: pathlib.Path):
   c.optimizer.lr = args.lr
   c.data.num_workers = 0
   c.data.synthetic_max_shapes = args.max_shapes
+  c.seed = args.seed
   tasks = args.tasks.split(",")
   for task in c.data.mixture:
     c.data.mixture[task] = 1.0 if task in tasks else 0.0
@@ -75,6 +76,7 @@ def main():
   parser.add_argument("--lr", type=float, default=3e-3)
   parser.add_argument("--max_shapes", type=int, default=3)
   parser.add_argument("--num_eval", type=int, default=48)
+  parser.add_argument("--seed", type=int, default=0, help="model initialization seed (config.seed)")
   parser.add_argument("--workdir", default="", help="default: a fresh temporary folder")
   args = parser.parse_args()
   args.eval_every = args.eval_every or args.steps

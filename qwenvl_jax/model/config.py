@@ -5,7 +5,7 @@ Each module receives only its own small config (`VisionConfig` for the ViT, `Res
 
 * `qwen_vl_7b()` — the released Qwen-VL / Qwen-VL-Chat sizes (QWENVL_SPEC §0, 9,656,935,168 parameters).
 * `mid()` — about 1B parameters with the full Qwen vocabulary, for GPU benchmarks.
-* `tiny()` — a few hundred thousand parameters for tests and the CPU demo.
+* `tiny()` — 365,632 parameters for tests and the CPU demo.
 
 The input resolution (224 or 448) is `vision.image_size`; the same weights run at both, see `with_image_size`.
 """
@@ -145,12 +145,17 @@ def mid(**overrides) -> QwenVLConfig:
 
 
 def tiny(**overrides) -> QwenVLConfig:
-  """A model that trains in minutes on a CPU: 16 image tokens, 1024-token vocabulary, 224 px."""
+  """A model that trains in minutes on a CPU: 16 image tokens, 1024-token vocabulary, 224 px.
+
+  The decoder has 4 layers: the smallest depth at which a CPU run of 2000 steps reliably learns where a shape is
+  (bench/bench_synthetic_eval.py, one-shape grounding, lr 1e-3: 4 layers scored 0.46 / 0.67 / 0.71 at seeds
+  0 / 1 / 2, 2 layers 0.15 / 0.48, against 0.15 for the best image-blind box).
+  """
   overrides.setdefault("image_pad_id", 1023)
   return QwenVLConfig(
       vision=VisionConfig(width=32, layers=2, heads=2, mlp_dim=64, image_size=224),
       resampler=ResamplerConfig(grid=4, heads=2),
-      llm=LLMConfig(vocab_size=1024, width=64, layers=2, heads=4, head_dim=16, mlp_dim=128, seq_length=512),
+      llm=LLMConfig(vocab_size=1024, width=64, layers=4, heads=4, head_dim=16, mlp_dim=128, seq_length=512),
       **overrides)
 
 

@@ -112,9 +112,13 @@ def test_missing_unexpected_and_misshaped_tensors_are_named(tmp_path, qwenvl_che
 def test_wrong_model_config_is_an_error(tmp_path, qwenvl_checkpoint):
   src, _ = qwenvl_checkpoint(tiny())
   cfg = tiny()
-  three_layers = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, layers=3))
-  with pytest.raises(ValueError, match=r"missing \(8\): transformer\.h\.2\.ln_1\.weight"):
-    checkpoint.torch_to_orbax(src, tmp_path / "orbax", three_layers)
+  n = cfg.llm.layers
+  deeper = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, layers=n + 1))
+  with pytest.raises(ValueError, match=rf"missing \(8\): transformer\.h\.{n}\.ln_1\.weight"):
+    checkpoint.torch_to_orbax(src, tmp_path / "orbax", deeper)
+  shallower = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, layers=n - 1))
+  with pytest.raises(ValueError, match=rf"unexpected \(8\): transformer\.h\.{n - 1}\.attn"):
+    checkpoint.torch_to_orbax(src, tmp_path / "orbax", shallower)
 
 
 def test_outputs_are_never_overwritten(tmp_path, qwenvl_checkpoint):
