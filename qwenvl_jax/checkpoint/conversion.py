@@ -29,7 +29,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from qwenvl_jax import sharding
+from qwenvl_jax import sharding, tree_paths
 from qwenvl_jax.checkpoint import mapping, orbax_store, tensor_io
 from qwenvl_jax.model import QwenVL
 from qwenvl_jax.model.config import QwenVLConfig
@@ -151,7 +151,7 @@ def torch_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, cfg: QwenVLCo
     leaves = _import_leaves(table, source, shapes, _parse_dtype(dtype), block_bytes)
     _check_complete(leaves, shapes)
     logging.info("converting %d tensors of %s into %d parameters at %s", len(source.names()), src, len(leaves), dst)
-    orbax_store.save_params(dst, orbax_store.unflatten(leaves), custom_metadata={
+    orbax_store.save_params(dst, tree_paths.unflatten(leaves), custom_metadata={
         "format": _FORMAT, "sources": {table.name: str(pathlib.Path(src).absolute())}})
 
 
@@ -170,9 +170,9 @@ def init_from_pretrained(dst: str | os.PathLike, cfg: QwenVLConfig, *, openclip:
     leaves: dict[str, object] = _import_leaves(mapping.OPENCLIP_VIT, vit, shapes, out_dtype, block_bytes)
     leaves.update(_import_leaves(mapping.QWEN7B, llm, shapes, out_dtype, block_bytes))
     leaves.update({f"adapter.{k}": np.asarray(v, dtype=out_dtype or np.float32)
-                   for k, v in orbax_store.flatten(_fresh_adapter(cfg, seed)).items()})
+                   for k, v in tree_paths.flatten(_fresh_adapter(cfg, seed)).items()})
     _check_complete(leaves, shapes)
-    orbax_store.save_params(dst, orbax_store.unflatten(leaves), custom_metadata={
+    orbax_store.save_params(dst, tree_paths.unflatten(leaves), custom_metadata={
         "format": _FORMAT, "sources": {"openclip-vit": str(pathlib.Path(openclip).absolute()),
                                        "qwen-7b": str(pathlib.Path(qwen7b).absolute()),
                                        "adapter": f"fresh init, seed {seed}"}})

@@ -38,6 +38,8 @@ from orbax.checkpoint._src.serialization import type_handler_registry
 from orbax.checkpoint._src.serialization import type_handlers
 from orbax.checkpoint._src.serialization import types as ocp_types
 
+from qwenvl_jax.tree_paths import flatten
+
 Index = tuple[Any, ...]
 
 
@@ -116,30 +118,6 @@ def save_params(path: str | os.PathLike, tree: Mapping[str, Any], *, custom_meta
   handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_registry())
   with ocp.Checkpointer(handler) as checkpointer:
     checkpointer.save(path, args=ocp.args.PyTreeSave(dict(tree), custom_metadata=custom_metadata))
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  """{"a": {"b": x}} -> {"a.b": x} (our dotted parameter paths)."""
-  out = {}
-  for key, value in tree.items():
-    name = f"{prefix}{key}"
-    if isinstance(value, Mapping):
-      out.update(flatten(value, name + "."))
-    else:
-      out[name] = value
-  return out
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-  """{"a.b": x} -> {"a": {"b": x}}."""
-  out: dict[str, Any] = {}
-  for name, value in flat.items():
-    node = out
-    *parents, leaf = name.split(".")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return out
 
 
 def param_shapes(state: nnx.State) -> dict[str, tuple[tuple[int, ...], np.dtype]]:

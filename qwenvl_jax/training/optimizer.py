@@ -171,18 +171,6 @@ def split_by_labels(tree: Mapping[str, Any], labels: Mapping[str, Any]) -> tuple
   return trainable, frozen
 
 
-def unflatten(flat: Mapping[str, Any]) -> dict:
-  """{'a/b/c': x} -> {'a': {'b': {'c': x}}}."""
-  out: dict = {}
-  for path, value in flat.items():
-    node = out
-    *parents, leaf = path.split("/")
-    for part in parents:
-      node = node.setdefault(part, {})
-    node[leaf] = value
-  return out
-
-
 def opt_state_shardings(opt_state: Any, params: Any, param_shardings: Any, replicated: Any) -> Any:
   """Shardings for an (abstract) optimizer state: each Adam moment like its parameter, scalars replicated.
 

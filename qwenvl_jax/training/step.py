@@ -21,7 +21,8 @@ import optax
 from flax import nnx
 
 from qwenvl_jax import sharding
-from qwenvl_jax.training.optimizer import split_by_labels, unflatten
+from qwenvl_jax.training.optimizer import split_by_labels
+from qwenvl_jax.tree_paths import unflatten
 
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions", "images", "image_mask")
 
@@ -61,7 +62,7 @@ def make_loss_fn(graphdef: nnx.GraphDef, *, stop_vision_grad: bool) -> Callable:
   """loss_sum(trainable_flat, frozen_flat, batch) -> (sum of token losses, (number of supervised tokens,))."""
 
   def loss_sum(trainable: dict, frozen: dict, batch: dict):
-    model = nnx.merge(graphdef, unflatten({**frozen, **trainable}))
+    model = nnx.merge(graphdef, unflatten({**frozen, **trainable}, sep="/"))
     logits = model(batch["input_ids"], images=batch["images"], image_mask=batch["image_mask"],
                    positions=batch["positions"], segment_ids=batch["segment_ids"],
                    stop_vision_grad=stop_vision_grad)
@@ -130,12 +131,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, la
     grad_norm = optax.tree.norm(grads)
     # Frozen leaves get placeholder zeros: `set_to_zero` ignores them and their updates are never applied, so XLA
     # removes them; the full tree is only there to match the label structure of `multi_transform`.
-    full_grads = unflatten({**grads, **{k: jnp.zeros_like(v) for k, v in frozen.items()}})
+    full_grads = unflatten({**grads, **{k: jnp.zeros_like(v) for k, v in frozen.items()}}, sep="/")
     updates, opt_state = tx.update(full_grads, state.opt_state, state.params)
     trainable_updates, _ = split_by_labels(updates, labels)
     update_norm = optax.tree.norm(trainable_updates)
     new_trainable = optax.apply_updates(trainable, trainable_updates)
-    params = unflatten({**frozen, **new_trainable})
+    params = unflatten({**frozen, **new_trainable}, sep="/")
     metrics = {
         "loss": loss,
         "grad_norm": grad_norm,

@@ -26,6 +26,8 @@ from etils import epath
 import jax
 import ml_collections
 
+from qwenvl_jax import tree_paths
+
 # Keys that may differ between a run and its resumption.
 RESUMABLE_KEYS = ("total_steps", "stop_at_step", "log_every", "checkpoint", "workdir", "resume", "progress_bar",
                   "tensorboard", "peak_flops_per_device", "distributed", "init")
@@ -57,18 +59,9 @@ def create(workdir: str) -> None:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-  if isinstance(tree, dict):
-    out = {}
-    for k, v in tree.items():
-      out.update(_flatten(v, f"{prefix}{k}."))
-    return out
-  return {prefix[:-1]: tree}
-
-
 def _comparable(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
   as_dict = json.loads(config.to_json()) if isinstance(config, ml_collections.ConfigDict) else config
-  flat = _flatten(as_dict)
+  flat = tree_paths.flatten(as_dict)
   return {k: v for k, v in flat.items() if k.split(".")[0] not in RESUMABLE_KEYS}
 
 

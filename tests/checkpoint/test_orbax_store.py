@@ -8,7 +8,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from qwenvl_jax import sharding
+from qwenvl_jax import sharding, tree_paths
 from qwenvl_jax.checkpoint import orbax_store
 from qwenvl_jax.model import QwenVL, tiny
 
@@ -73,14 +73,14 @@ def test_save_refuses_existing_directory(tmp_path):
 def test_restore_params_shards_onto_mesh_and_casts(tmp_path, rules):
   cfg = tiny()
   params = _random_params(cfg, ml_dtypes.bfloat16)
-  orbax_store.save_params(tmp_path / "p", orbax_store.unflatten(params))
+  orbax_store.save_params(tmp_path / "p", tree_paths.unflatten(params))
   mesh = sharding.make_mesh({"fsdp": -1, "tensor": 2} if rules == "fsdp_tp" else {"fsdp": -1})
   table = sharding.load_rules(rules)
   graphdef, abstract = sharding.abstract_model(lambda: QwenVL(cfg, rngs=nnx.Rngs(0)))
   shardings = sharding.state_shardings(abstract, table, mesh)
   state = orbax_store.restore_params(tmp_path / "p", abstract, shardings)
-  flat_state = orbax_store.flatten(nnx.to_pure_dict(state))
-  flat_shardings = orbax_store.flatten(nnx.to_pure_dict(shardings))
+  flat_state = tree_paths.flatten(nnx.to_pure_dict(state))
+  flat_shardings = tree_paths.flatten(nnx.to_pure_dict(shardings))
   for name, x in params.items():
     got = flat_state[name]
     assert got.dtype == np.float32, name  # the model's param_dtype
@@ -96,7 +96,7 @@ def test_restore_params_shards_onto_mesh_and_casts(tmp_path, rules):
 def test_load_model_holds_the_checkpoint_sharded(tmp_path):
   cfg = tiny()
   params = _random_params(cfg, np.float32)
-  orbax_store.save_params(tmp_path / "p", orbax_store.unflatten(params))
+  orbax_store.save_params(tmp_path / "p", tree_paths.unflatten(params))
   model = orbax_store.load_model(tmp_path / "p", cfg, sharding.make_mesh({"fsdp": -1}), sharding.load_rules("fsdp"))
   w1 = model.llm.blocks.mlp.w1.kernel[...]
   assert len(w1.sharding.device_set) == 8
@@ -110,7 +110,7 @@ def test_restore_mismatch_names_the_parameters(tmp_path):
   params.pop("llm.ln_f.scale")
   params["llm.extra"] = np.zeros(2, np.float32)
   params["visual.conv1"] = np.zeros((2, 2), np.float32)
-  orbax_store.save_params(tmp_path / "p", orbax_store.unflatten(params))
+  orbax_store.save_params(tmp_path / "p", tree_paths.unflatten(params))
   _, abstract = sharding.abstract_model(lambda: QwenVL(cfg, rngs=nnx.Rngs(0)))
   shardings = sharding.state_shardings(abstract, sharding.load_rules("fsdp"), sharding.make_mesh({"fsdp": -1}))
   with pytest.raises(ValueError) as e:
