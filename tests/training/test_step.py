@@ -118,9 +118,16 @@ def test_sharded_step_equals_single_device(stage3_single, rules_name, ici):
   state, losses = _run(fn, sharded_params, tx, in_shardings=(state_sh, batch_sh),
                        out_shardings=(state_sh, replicated), mesh=mesh, rules=rules)
   np.testing.assert_allclose(losses, single_losses, rtol=1e-5)
-  # The Adam moments are sharded like their parameters (not replicated on every device).
-  moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim > 1]
-  assert moments and all(not x.sharding.is_fully_replicated for x in moments if x.size >= 8 * 64)
+  # The Adam moments are sharded like their parameters (not replicated on every device); parameters with no
+  # sharded axis (e.g. the qkv bias) stay replicated, and so do their moments.
+  names = lambda path: tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+  param_replicated = {names(p): x.sharding.is_fully_replicated
+                      for p, x in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+  moments = [(names(p), x) for p, x in jax.tree_util.tree_flatten_with_path(state.opt_state)[0] if x.ndim > 1]
+  assert moments and any(not x.sharding.is_fully_replicated for _, x in moments)
+  for path, x in moments:  # a moment's path ends with its parameter's (after the multi_transform label)
+    param = next(path[i:] for i in range(len(path)) if path[i:] in param_replicated)
+    assert x.sharding.is_fully_replicated == param_replicated[param], (path, x.sharding)
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(single.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6, rtol=1e-5)
 
