@@ -6,9 +6,13 @@ N questions) and grounding accuracy.
 Usage (repository root): python -m bench.bench_eval_metrics [--images 1000] [--questions 20000]
 """
 import argparse
+import pathlib
 import random
 import shutil
+import sys
 import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # runnable as python bench/X.py
 
 from qwenvl_jax.evaluation import cider, grounding, ptb_tokenizer, vqa
 

@@ -15,8 +15,11 @@ import argparse
 import os
 import pathlib
 import random
+import sys
 import tempfile
 import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # runnable as python bench/X.py
 
 from qwenvl_jax import text
 

@@ -14,7 +14,9 @@ Both sides are timed after warm-up (JAX: after compilation), as the median of --
 from __future__ import annotations
 
 import argparse
+import pathlib
 import statistics
+import sys
 import time
 
 import jax
@@ -25,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 from torch import nn
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # runnable as python bench/X.py
 
 from qwenvl_jax.model import QwenVL, get_preset
 from qwenvl_jax.training import flops, optimizer, step as step_lib
