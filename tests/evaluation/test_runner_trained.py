@@ -3,9 +3,8 @@ held-out synthetic sets in the official formats (`evaluation.synthetic_sets`, an
 
 Chance is the best image-independent answer, not only random weights (which score ~0 and say little):
 - captioning: the caption chosen on a separate set and given to every image (`synthetic_sets.caption_chance_level`).
-  On the one-shape curriculum (`data.synthetic_max_shapes=1`) 1000 steps name the colour, clearly above it;
-  with the dataset's 1-3 shapes the tiny model needs far longer (bench/bench_synthetic_eval.py: after 1000 steps
-  1.71 vs 1.46 for the constant caption, nearly image-blind).
+  On the dataset's 1-3-shape scenes 1000 steps reach CIDEr well above it, naming the leftmost shape's colour on most
+  images (counts and shapes come later).
 - grounding: the best image-blind box in hindsight (`synthetic_sets.grounding_chance_level`). On one-shape scenes
   2000 steps learn where the shape is: the predicted box lands in the shape's 3x3 grid cell on most images, and
   accuracy at IoU >= 0.5 is several times the chance level (answering the best box of the right cell would score
@@ -50,20 +49,23 @@ def _evaluate(root, task, data, checkpoint, name):
 
 @pytest.mark.slow
 def test_briefly_trained_model_captions_clearly_above_chance(tmp_path):
-  params = _train(tmp_path, tasks=("caption",), steps=1000, lr=1e-3, max_shapes=1)
-  data = synthetic_sets.write_caption_set(tmp_path / "captions", n=48, image_size=SIZE, max_shapes=1)
-  constant, _ = synthetic_sets.caption_chance_level(data, tmp_path / "selection", image_size=SIZE, max_shapes=1)
+  params = _train(tmp_path, tasks=("caption",), steps=1000, lr=1e-3, max_shapes=3)
+  data = synthetic_sets.write_caption_set(tmp_path / "captions", n=48, image_size=SIZE, max_shapes=3)
+  constant, _ = synthetic_sets.caption_chance_level(data, tmp_path / "selection", image_size=SIZE, max_shapes=3)
   trained = _evaluate(tmp_path, "flickr", data, params, "trained")
   random_weights = _evaluate(tmp_path, "flickr", data, "", "random")
   assert len(trained["predictions"]) == 48
-  # Measured on this setup: 1.465 trained, 0.988 for the best constant caption, 0.000 random weights.
-  assert trained["score"] > 1.3 * constant, (trained["score"], constant)
+  # Measured on this setup: 3.444 trained, 1.459 for the best constant caption ('an orange triangle and a red
+  # circle'), 0.000 random weights; 23 distinct captions, the first colour right on 29 of 48.
+  assert trained["score"] > 1.5 * constant, (trained["score"], constant)
   assert random_weights["score"] < 0.2 * constant
-  # The captions depend on the image: several distinct ones, and nearly all name the right colour.
+  # The captions depend on the image: many distinct ones, and the leftmost shape's colour (the caption's second
+  # word) is mostly right where a blind guess would be right on 1 in 6.
   predictions = [p["prediction"] for p in trained["predictions"]]
-  colours = [p["references"][0].split()[1] for p in trained["predictions"]]
-  assert len(set(predictions)) >= 4
-  assert sum(c in p.split()[:2] for c, p in zip(colours, predictions)) >= 36, list(zip(colours, predictions))
+  first_colour = lambda caption: caption.split()[1] if len(caption.split()) > 1 else ""
+  right = sum(first_colour(p["prediction"]) == first_colour(p["references"][0]) for p in trained["predictions"])
+  assert len(set(predictions)) >= 8, predictions
+  assert right >= 20, list(zip(predictions, (p["references"][0] for p in trained["predictions"])))
 
 
 def _cell(box, size):
