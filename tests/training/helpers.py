@@ -52,15 +52,12 @@ def read_losses(workdir) -> dict[int, float]:
   return out
 
 
-def subprocess_env(cache_dir: str | None = None, devices: int = 8) -> dict:
-  """Environment for a trainer subprocess: CPU, `devices` fake devices, the repo importable, the shared cache."""
+def subprocess_env(devices: int = 8) -> dict:
+  """Environment for a trainer subprocess: CPU, `devices` fake devices, the repo importable (the session's
+  compilation cache comes with `os.environ`, exported by tests/conftest.py)."""
   env = dict(os.environ)
   env["JAX_PLATFORMS"] = "cpu"
   flags = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f)
   env["XLA_FLAGS"] = (flags + f" --xla_force_host_platform_device_count={devices}").strip()
   env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-  if cache_dir:
-    env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
   return env

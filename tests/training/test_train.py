@@ -83,10 +83,10 @@ def _wait_for_step(workdir, step, proc, timeout):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_and_the_rerun_resumes_exactly(uninterrupted, compile_cache_dir, tmp_path):
+def test_sigterm_saves_and_the_rerun_resumes_exactly(uninterrupted, tmp_path):
   _, _, reference = uninterrupted
   cmd = [sys.executable, "-m", "qwenvl_jax.train"] + small_flags(2, tmp_path)
-  env = subprocess_env(compile_cache_dir)
+  env = subprocess_env()
   proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
     _wait_for_step(tmp_path, 3, proc, timeout=600)
@@ -114,9 +114,9 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_processes_write_one_consistent_checkpoint(compile_cache_dir, tmp_path):
+def test_two_processes_write_one_consistent_checkpoint(tmp_path):
   port = _free_port()
-  env = subprocess_env(compile_cache_dir, devices=2)
+  env = subprocess_env(devices=2)
   procs = []
   for i in range(2):
     cmd = [sys.executable, "-m", "qwenvl_jax.train"] + small_flags(
