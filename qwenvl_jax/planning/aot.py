@@ -9,7 +9,11 @@ allocated, so a 9.6B-parameter train step compiles for a v5p-128 on a laptop) an
 - cost per chip from `cost_analysis()`: `flops`, `bytes accessed`, and XLA's own roofline `optimal_seconds`;
 - an estimated step time (XLA's `optimal_seconds`, else the roofline max(flops / peak, bytes / HBM bandwidth),
   plus the FLOPs XLA misses when scanned layers make it count a loop body once: see `jaxpr_flops`), hence MFU = model FLOPs / (step time x chips x peak). It is a lower bound on time and so an upper
-  bound on MFU: it ignores collective latency and imperfect overlap;
+  bound on MFU when communication is ignored;
+- communication per chip from the compiled program's collectives (`collectives`: all-gather, reduce-scatter,
+  all-reduce, all-to-all, collective-permute with their bytes and replica groups) at the chip's ICI / DCN
+  bandwidth (ring model), hence a step-time range: full overlap (max(compute, communication), what XLA's
+  async collectives aim for) ... no overlap (compute + communication), and the matching MFU range;
 - a verdict: fits, or does not and what to change (per-chip batch, remat, a wider fsdp/tensor mesh).
 
 All compiler figures are per device; on the topologies of `planning.mesh` a device is a chip (megacore).
@@ -24,7 +28,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from qwenvl_jax.planning import jaxpr_flops
+from qwenvl_jax.planning import collectives, jaxpr_flops
 from qwenvl_jax.planning.chips import GIB, ChipSpec
 
 # Above this share of HBM a step that "fits" on paper tends to fail at run time (fragmentation, runtime buffers,
@@ -74,6 +78,7 @@ class StepPlan:
   loops: int = 0
   compile_error: str = ""
   program_flops: float | None = None
+  comm: collectives.CommEstimate | None = None
 
   @property
   def total_bytes(self) -> int:
@@ -125,9 +130,38 @@ class StepPlan:
 
   @property
   def mfu(self) -> float | None:
+    """MFU at the compute-only step time (an upper bound: no communication cost)."""
     if not self.model_flops or not self.step_seconds:
       return None
     return self.model_flops / (self.step_seconds * self.num_chips * self.chip.peak_bf16_flops)
+
+  @property
+  def comm_seconds(self) -> float | None:
+    """Estimated per-chip wire time of the step's collectives (None when not analysed)."""
+    return None if self.comm is None else self.comm.total_seconds
+
+  @property
+  def step_seconds_range(self) -> tuple[float, float] | None:
+    """(full overlap: max(compute, communication), no overlap: compute + communication) step times."""
+    if self.step_seconds is None or self.comm is None:
+      return None
+    compute, comm = self.step_seconds, self.comm.total_seconds
+    return max(compute, comm), compute + comm
+
+  @property
+  def mfu_range(self) -> tuple[float, float] | None:
+    """(no overlap, full overlap) MFU: the step-time range turned into model FLOP utilization."""
+    times = self.step_seconds_range
+    if not self.model_flops or not times:
+      return None
+    denom = self.num_chips * self.chip.peak_bf16_flops
+    return self.model_flops / (times[1] * denom), self.model_flops / (times[0] * denom)
+
+  @property
+  def estimated_seconds(self) -> float | None:
+    """The step time a plan search ranks by: halfway between full and no overlap (compute-only without comm)."""
+    times = self.step_seconds_range
+    return self.step_seconds if times is None else (times[0] + times[1]) / 2
 
   @property
   def compiler_to_model_flops(self) -> float | None:
@@ -196,9 +230,11 @@ class StepPlan:
     if self.model_flops:
       lines.append(f"model FLOPs per step {_fmt(self.model_flops, 'FLOP')} (all chips); compiled/model "
                    f"{self.compiler_to_model_flops:.2f}" if self.compiler_to_model_flops else "")
-    if self.step_seconds:
+    if self.step_seconds and self.comm is None:
       lines.append(f"estimated step time {_fmt(self.step_seconds, 's')} (lower bound)"
                    + (f", estimated MFU {self.mfu:.1%} (upper bound)" if self.mfu is not None else ""))
+    elif self.step_seconds:
+      lines += self._format_comm()
     lines.append(f"compile time {self.compile_seconds:.1f} s")
     if not self.fits:
       verdict = "DOES NOT FIT"
@@ -209,6 +245,25 @@ class StepPlan:
     lines.append(f"verdict: {verdict}")
     lines.extend(f"  - {tip}" for tip in self.advice())
     return "\n".join(line for line in lines if line)
+
+  def _format_comm(self) -> list[str]:
+    comm = self.comm
+    lines = [f"compute time  {_fmt(self.step_seconds, 's')} per step (roofline + missed loop FLOPs, as above)",
+             f"communication {_fmt(comm.total_seconds, 's')} per step (ring model at {self.chip.name} ICI "
+             f"{self.chip.ici_link_bytes_per_s / 1e9:.0f} GB/s per link one way x {self.chip.ici_links} links"
+             + (f", DCN {self.chip.dcn_bytes_per_s / 1e9:.2f} GB/s per chip: {_fmt(comm.dcn_seconds, 's')}"
+                if comm.dcn_seconds else "") + ")"]
+    for kind in collectives.KINDS:
+      if comm.counts[kind]:
+        lines.append(f"  {kind:<19}{comm.counts[kind]:>6} x, {_fmt(comm.bytes[kind], 'B')} sent, "
+                     f"{_fmt(comm.seconds[kind], 's')}")
+    fast, slow = self.step_seconds_range
+    lines.append(f"estimated step time {_fmt(fast, 's')} (full overlap) ... {_fmt(slow, 's')} (no overlap)")
+    if self.mfu_range:
+      low, high = self.mfu_range
+      lines.append(f"estimated MFU {low:.1%} (no overlap) ... {high:.1%} (full overlap); "
+                   f"{'communication' if comm.total_seconds > self.step_seconds else 'compute'}-bound")
+    return lines
 
 
 def _fmt(value: float | None, unit: str) -> str:
@@ -336,7 +391,8 @@ def compile_step(fn: Callable[..., Any], args: Sequence[Any], *, chip: ChipSpec,
                  out_shardings: Any = None, donate_argnums: int | Sequence[int] = (),
                  model_flops: float | None = None, global_batch: int | None = None,
                  static_argnums: int | Sequence[int] = (),
-                 count_program_flops: bool = True) -> tuple[jax.stages.Compiled | None, StepPlan]:
+                 count_program_flops: bool = True, torus: Sequence[int] = ()
+                 ) -> tuple[jax.stages.Compiled | None, StepPlan]:
   """AOT-compiles `fn(*args)` for `mesh` and reads the compiler's memory and cost analyses.
 
   Args:
@@ -352,6 +408,7 @@ def compile_step(fn: Callable[..., Any], args: Sequence[Any], *, chip: ChipSpec,
     static_argnums: passed to `jax.jit`.
     count_program_flops: when the program has loops, also trace it and count its matmul FLOPs with every scan
       trip (`jaxpr_flops`), to correct the compiler's loop-once cost.
+    torus: the slice's chip grid, only for devices without coordinates (see `collectives.estimate`).
 
   Returns:
     The compiled executable and its `StepPlan`; the executable is None when XLA found the program does not fit
@@ -371,6 +428,8 @@ def compile_step(fn: Callable[..., Any], args: Sequence[Any], *, chip: ChipSpec,
   seconds = time.perf_counter() - start
   plan = plan_from_compiled(compiled, chip, mesh.devices.size, model_flops=model_flops,
                             global_batch=global_batch, compile_seconds=seconds)
+  comm = collectives.estimate_compiled(compiled, chip, list(mesh.devices.flat), torus)
+  plan = dataclasses.replace(plan, comm=comm)
   if plan.loops and count_program_flops:
     with jax.set_mesh(mesh):
       plan = dataclasses.replace(plan, program_flops=jaxpr_flops.program_flops(fn, *args).flops)

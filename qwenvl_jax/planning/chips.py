@@ -38,6 +38,9 @@ class ChipSpec:
     name_counts_cores: True when the "-N" of a slice name counts TensorCores (2 per chip), False when chips.
     runtime_version: default TPU VM software version for `gcloud ... --version` (launch scripts).
     gcloud_prefix: accelerator-type prefix gcloud expects (`v5litepod` for v5e).
+    ici_link_bytes_per_s: one-way bandwidth of one inter-chip link (ICI; NVLink for GPUs), bytes/s.
+    ici_links: inter-chip links (ports) per chip: 6 on a 3-D torus, 4 on a 2-D one.
+    dcn_bytes_per_s: data-center network bandwidth per chip (multi-slice traffic), bytes/s.
   """
   name: str
   peak_bf16_flops: float
@@ -49,28 +52,49 @@ class ChipSpec:
   name_counts_cores: bool = False
   runtime_version: str = ""
   gcloud_prefix: str = ""
+  ici_link_bytes_per_s: float = 0.0
+  ici_links: int = 0
+  dcn_bytes_per_s: float = 0.0
 
 
+# Interconnect, from the Cloud TPU pages (docs.cloud.google.com/tpu/docs/<gen>) unless said otherwise:
+#   v5p: "bidirectional ICI bandwidth per chip 1200 GBps" over 6 links -> 100 GB/s one way per link (the page's
+#        other figure, "4800 Gbps", is the same one-way total); "DCN bandwidth per chip 50 Gbps" -> 6.25 GB/s.
+#   v5e: "ICI bandwidth 1600 Gbps", "ICI ports per chip 4" -> 50 GB/s per link; "2 x 100 Gbps NIC" per 8-chip
+#        host -> 25 Gbps = 3.125 GB/s per chip.
+#   v6e: "ICI bandwidth 3200 Gbps", 4 ports -> 100 GB/s per link; "4 x 200 Gbps NIC" per 8-chip host -> 12.5 GB/s.
+#   v4:  the page gives "all-reduce bandwidth per Pod 1.1 PB/s" over 4096 chips = 269 GB/s per chip = 6 links of
+#        ~45 GB/s one way (the figure of the JAX scaling book's TPU chapter); DCN: no figure published, taken as
+#        v5p's 50 Gbps per chip (an assumption).
+#   GPUs: NVLink (H100/H200 900 GB/s, A100 600 GB/s bidirectional per GPU, NVIDIA datasheets; counted as one
+#        "link" of half that one way x 2) and one 400 Gb/s InfiniBand NIC per GPU as "DCN".
 # TPU HBM sizes are the binary GiB the runtime reports (Google's pages write "GB"). GPU figures are the dense (not
 # 2:4-sparse) bf16 tensor-core peaks of the SXM parts; HBM is the nominal capacity.
 CHIPS: dict[str, ChipSpec] = {
     spec.name: spec for spec in (
         ChipSpec(name="v4", peak_bf16_flops=275e12, hbm_bytes=32 * GIB, hbm_bytes_per_s=1200e9, platform="tpu",
                  topology_prefix="v4", torus_dims=3, name_counts_cores=True,
-                 runtime_version="tpu-ubuntu2204-base", gcloud_prefix="v4"),
+                 runtime_version="tpu-ubuntu2204-base", gcloud_prefix="v4",
+                 ici_link_bytes_per_s=45e9, ici_links=6, dcn_bytes_per_s=6.25e9),
         ChipSpec(name="v5e", peak_bf16_flops=197e12, hbm_bytes=16 * GIB, hbm_bytes_per_s=819e9, platform="tpu",
                  topology_prefix="v5e", torus_dims=2, name_counts_cores=False,
-                 runtime_version="v2-alpha-tpuv5-lite", gcloud_prefix="v5litepod"),
+                 runtime_version="v2-alpha-tpuv5-lite", gcloud_prefix="v5litepod",
+                 ici_link_bytes_per_s=50e9, ici_links=4, dcn_bytes_per_s=3.125e9),
         ChipSpec(name="v5p", peak_bf16_flops=459e12, hbm_bytes=95 * GIB, hbm_bytes_per_s=2765e9, platform="tpu",
                  topology_prefix="v5p", torus_dims=3, name_counts_cores=True,
-                 runtime_version="v2-alpha-tpuv5", gcloud_prefix="v5p"),
+                 runtime_version="v2-alpha-tpuv5", gcloud_prefix="v5p",
+                 ici_link_bytes_per_s=100e9, ici_links=6, dcn_bytes_per_s=6.25e9),
         ChipSpec(name="v6e", peak_bf16_flops=918e12, hbm_bytes=32 * GIB, hbm_bytes_per_s=1640e9, platform="tpu",
                  topology_prefix="v6e", torus_dims=2, name_counts_cores=False,
-                 runtime_version="v2-alpha-tpuv6e", gcloud_prefix="v6e"),
-        ChipSpec(name="h100", peak_bf16_flops=989e12, hbm_bytes=80 * 10**9, hbm_bytes_per_s=3350e9, platform="gpu"),
+                 runtime_version="v2-alpha-tpuv6e", gcloud_prefix="v6e",
+                 ici_link_bytes_per_s=100e9, ici_links=4, dcn_bytes_per_s=12.5e9),
+        ChipSpec(name="h100", peak_bf16_flops=989e12, hbm_bytes=80 * 10**9, hbm_bytes_per_s=3350e9, platform="gpu",
+                 ici_link_bytes_per_s=225e9, ici_links=2, dcn_bytes_per_s=50e9),
         ChipSpec(name="h200", peak_bf16_flops=989e12, hbm_bytes=141 * 10**9, hbm_bytes_per_s=4800e9,
-                 platform="gpu"),
-        ChipSpec(name="a100", peak_bf16_flops=312e12, hbm_bytes=80 * 10**9, hbm_bytes_per_s=2039e9, platform="gpu"),
+                 platform="gpu",
+                 ici_link_bytes_per_s=225e9, ici_links=2, dcn_bytes_per_s=50e9),
+        ChipSpec(name="a100", peak_bf16_flops=312e12, hbm_bytes=80 * 10**9, hbm_bytes_per_s=2039e9, platform="gpu",
+                 ici_link_bytes_per_s=150e9, ici_links=2, dcn_bytes_per_s=50e9),
     )
 }
 

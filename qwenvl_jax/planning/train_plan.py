@@ -78,7 +78,8 @@ def plan_stage(config: ml_collections.ConfigDict, topology: chips.Topology) -> t
   with sharding.use_rules(mesh, rules):
     _, plan = aot.compile_step(setup.step_fn, (state, batch), chip=topology.chip, mesh=mesh,
                                out_shardings=(state_shardings, replicated), donate_argnums=0,
-                               model_flops=model_flops, global_batch=config.batch_size)
+                               model_flops=model_flops, global_batch=config.batch_size,
+                               torus=topology.shape)
   trainable = sum(x.size for k, x in _flat(setup.abstract_params).items() if not is_frozen(k))
   facts = {"mesh": dict(mesh.shape), "params": sharding.count_params(setup.abstract_state), "trainable": trainable,
            "frozen": list(frozen), "batch": config.batch_size, "accum_steps": config.accum_steps,

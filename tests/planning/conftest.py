@@ -22,7 +22,9 @@ def run_json(code: str, timeout: float = 1800) -> dict:
   The default timeout is generous: each TPU compile takes seconds of CPU, but a shared 2-core host under load
   stretches that many times over.
   """
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT)
+  # The repo first; a PYTHONPATH of the caller's (e.g. a libtpu installed with pip --target) is kept after it.
+  path = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path)
   proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                         env=env, cwd=REPO_ROOT, timeout=timeout, check=False)
   if proc.returncode:
