@@ -14,6 +14,9 @@ proj), the LLM and the total, plus how many parameters each stage trains.
 from __future__ import annotations
 
 import functools
+import os
+import sys
+import time
 
 from absl import app, flags
 from flax import nnx
@@ -21,7 +24,7 @@ from ml_collections import config_flags
 
 from qwenvl_jax import sharding
 from qwenvl_jax.model import QwenVL, QwenVLConfig, get_preset
-from qwenvl_jax.planning import train_plan
+from qwenvl_jax.planning import search, train_plan
 from qwenvl_jax.training.optimizer import make_is_frozen, stage_frozen_patterns
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/stageN.py[:args]).",
@@ -31,6 +34,18 @@ _RES = flags.DEFINE_integer("res", None, "Input resolution when no --config is g
 _TOPOLOGY = flags.DEFINE_string("topology", None, "Also AOT-compile the train step for this TPU slice "
                                 "(v5p-128, v4-128, v5e-256, v6e-64, v5p:4x4x8); needs --config and libtpu.")
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Identical slices over DCN (with --topology).")
+_SEARCH = flags.DEFINE_bool("search", False, "With --topology: search remat x micro-batches x (fsdp, tensor) x "
+                            "attention kernel for the configured batch and rank the plans that fit.")
+_MAX_COMPILES = flags.DEFINE_integer("max_compiles", 4, "With --search: AOT compiles at most (minutes each at "
+                                     "full size); the rest are ranked by the analytic estimate.")
+_SEARCH_CACHE = flags.DEFINE_string("search_cache", os.path.join(os.path.expanduser("~"), ".cache", "qwenvl_jax",
+                                                                 "plan_search"),
+                                    "With --search: compiled results kept here between runs ('' = none).")
+_SEARCH_REMATS = flags.DEFINE_list("search_remat", list(search.REMATS), "With --search: remat policies tried.")
+_SEARCH_TENSOR = flags.DEFINE_list("search_tensor", [str(t) for t in search.TENSOR_DEGREES],
+                                   "With --search: tensor-parallel degrees tried.")
+_SEARCH_ATTENTION = flags.DEFINE_list("search_attention", list(search.ATTENTIONS),
+                                      "With --search: attention kernels tried.")
 
 def model_config_from(config=None, preset: str | None = None, res: int | None = None) -> QwenVLConfig:
   """The architecture config named by an experiment config (or by a preset and resolution)."""
@@ -90,12 +105,63 @@ def main(argv):
       raise app.UsageError("--topology plans a training stage: give --config=configs/stageN.py[:args]")
     from qwenvl_jax.planning import chips  # pylint: disable=import-outside-toplevel
     topology = chips.parse_topology(_TOPOLOGY.value, _NUM_SLICES.value)
+    if _SEARCH.value:
+      _run_search(config, topology)
+      return
+    if not _batch_splits(config, topology):
+      sys.exit(2)
     print(topology.describe(), "\ncompiling the train step (minutes for the full model) ...", flush=True)
     step_plan, facts = train_plan.plan_stage(config, topology)
     print(f"stage {config.stage}: mesh {facts['mesh']}, batch {facts['batch']} x {facts['seq_len']} tokens in "
           f"{facts['accum_steps']} micro-batch(es), {facts['res']} px x {facts['max_images']} image slots, "
           f"remat {facts['remat']}")
     print(step_plan.format())
+
+
+def _batch_splits(config, topology) -> bool:
+  """True when the configured batch splits over the configured mesh; else prints why and the nearest valid plans."""
+  ici = {k: int(v) for k, v in config.mesh.ici.items()}
+  fixed = 1
+  for v in ici.values():
+    fixed *= v if v > 0 else 1
+  if topology.chips_per_slice % fixed:
+    return True  # a mesh that does not fit the topology: make_mesh names it
+  fill = topology.chips_per_slice // fixed
+  shards = (ici["data"] if ici["data"] > 0 else fill) * (ici["fsdp"] if ici["fsdp"] > 0 else fill)
+  shards *= topology.num_slices
+  micro, rest = divmod(config.batch_size, config.accum_steps)
+  if not rest and micro % shards == 0:
+    return True
+  print(f"error: config.batch_size={config.batch_size} in config.accum_steps={config.accum_steps} micro-batches "
+        f"does not split over the {shards} data x fsdp chips of {topology.accelerator_type}; nearest valid plans:",
+        file=sys.stderr)
+  for batch, accum, fsdp, tensor in search.nearest_valid(config.batch_size, config.accum_steps,
+                                                         topology.chips_per_slice, topology.num_slices):
+    rules = "fsdp_tp" if tensor > 1 else config.mesh.rules
+    print(f"  --config.batch_size={batch} --config.accum_steps={accum} --config.mesh.ici.fsdp={fsdp} "
+          f"--config.mesh.ici.tensor={tensor} --config.mesh.rules={rules}"
+          f"   ({batch // accum // (fsdp * topology.num_slices)} rows per chip per micro-batch)", file=sys.stderr)
+  print("  or search layouts of this batch: add --search", file=sys.stderr)
+  return False
+
+
+def _run_search(config, topology) -> None:
+  print(f"{topology.describe()}\nsearching layouts of stage {config.stage} (batch {config.batch_size} x "
+        f"{config.seq_len} tokens, {config.max_images} image slots at {config.res} px) ...", flush=True)
+  start = time.perf_counter()
+  rows = search.search(config, topology, max_compiles=_MAX_COMPILES.value, cache_dir=_SEARCH_CACHE.value,
+                       remats=_SEARCH_REMATS.value, attentions=_SEARCH_ATTENTION.value,
+                       tensors=[int(t) for t in _SEARCH_TENSOR.value],
+                       log=lambda line: print(line, flush=True))
+  print(search.format_table(rows, topology.chip.hbm_bytes))
+  print(f"search took {time.perf_counter() - start:.0f} s")
+  top = search.best(rows)
+  if top is None:
+    print("no compiled plan fits: raise --max_compiles, or a larger topology")
+    sys.exit(1)
+  print(f"best plan: {top.candidate}, estimated {top.step_seconds:.2f} s/step"
+        + (f", MFU {top.mfu_low:.1%} .. {top.mfu_high:.1%}" if top.mfu_low is not None else ""))
+  print(f"  {top.candidate.flags(top.candidate.rules(config.mesh.rules))}")
 
 
 if __name__ == "__main__":

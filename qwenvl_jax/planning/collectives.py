@@ -103,15 +103,23 @@ def parse_replica_groups(text: str, num_devices: int | None = None) -> tuple[tup
   pairs = re.search(r"source_target_pairs=\{(.*?)\}\}", text)
   if pairs:
     return tuple(tuple(int(x) for x in grp.split(",")) for grp in re.findall(r"\{([\d,]+)", pairs.group(1) + "}"))
-  mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", text)
+  mesh = re.search(r"replica_groups=mesh\[([^\]]*)\](?:,\s*device_ids=\(([^)]*\)?)\))?\s*\{([^}]*)\}", text)
   if mesh:
     axes = [(name, int(size)) for name, size in re.findall(r"'([^']+)'=(\d+)", mesh.group(1))]
-    named = re.findall(r"'([^']+)'", mesh.group(2))
+    named = re.findall(r"'([^']+)'", mesh.group(3))
     if not axes or any(":" in n for n in named) or not set(named) <= {a for a, _ in axes}:
       raise ValueError(f"unsupported mesh replica groups: {mesh.group(0)!r}")
-    ids = np.arange(math.prod(s for _, s in axes)).reshape([s for _, s in axes])
-    order = [i for i, (a, _) in enumerate(axes) if a not in named] + [i for i, (a, _) in enumerate(axes)
-                                                                      if a in named]
+    ids = np.arange(math.prod(s for _, s in axes))
+    if mesh.group(2):  # the mesh's devices in a permuted order: [dims]<=[reshape]T(perm) or [dims]T(perm)
+      spec = re.fullmatch(r"\[([\d,]+)\](?:<=\[([\d,]+)\])?(?:T\(([\d,]+)\))?", mesh.group(2).strip())
+      if not spec:
+        raise ValueError(f"unsupported mesh device ids: {mesh.group(0)!r}")
+      ids = ids.reshape([int(x) for x in (spec.group(2) or spec.group(1)).split(",")])
+      if spec.group(3):
+        ids = np.transpose(ids, [int(x) for x in spec.group(3).split(",")])
+    ids = ids.reshape([s for _, s in axes])
+    order = ([i for i, (a, _) in enumerate(axes) if a not in named]
+             + [next(i for i, (a, _) in enumerate(axes) if a == n) for n in named])
     size = math.prod(s for a, s in axes if a in named)
     return tuple(tuple(int(x) for x in row) for row in np.transpose(ids, order).reshape(-1, size))
   iota = re.search(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", text)

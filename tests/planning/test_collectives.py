@@ -113,6 +113,8 @@ def test_tpu_snippet_counts_each_collective_once_with_its_loop_trips():
     ("replica_groups=mesh['axis_0'=4,'axis_1'=2] {'axis_0'}, dims", ((0, 2, 4, 6), (1, 3, 5, 7))),
     ("replica_groups=mesh['axis_0'=4,'axis_1'=2] {'axis_1'}, dims", ((0, 1), (2, 3), (4, 5), (6, 7))),
     ("replica_groups=mesh['a'=2,'b'=2] {'a','b'}, dims", ((0, 1, 2, 3),)),
+    ("replica_groups=mesh['a'=2,'b'=1,'c'=2], device_ids=([2,2]T(1,0)) {'a'}, x", ((0, 1), (2, 3))),
+    ("replica_groups=mesh['a'=2,'b'=2] {'b','a'}, dims", ((0, 2, 1, 3),)),
     ("replica_groups={}, to_apply=%add", ()),
     ("source_target_pairs={{0,1},{1,0}}, x", ((0, 1), (1, 0))),
 ])

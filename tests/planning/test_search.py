@@ -1,0 +1,107 @@
+"""`plan --search`: the candidate space, pruning, the compile budget and cache, ranking, and the batch advice."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import stage1
+from qwenvl_jax.planning import aot, chips, search
+from tests.planning.conftest import REPO_ROOT, requires_libtpu, run_json
+
+
+def test_candidates_split_the_micro_batch_over_data_x_fsdp():
+  found = search.candidates(128, 64, 1, attentions=("xla",), remats=("full",))
+  # tensor 1 -> fsdp 64: micro-batches of 64 or 128 rows (A = 2, 1); tensor 2 -> fsdp 32: A = 1, 2, 4; ...
+  layouts = sorted({(c.fsdp, c.tensor, c.accum) for c in found})
+  assert (64, 1, 1) in layouts and (64, 1, 2) in layouts and (64, 1, 8) not in layouts
+  assert (16, 4, 8) in layouts and (8, 8, 16) in layouts
+  assert all((128 // c.accum) % c.fsdp == 0 and c.fsdp * c.tensor == 64 for c in found)
+  # Splash is a TPU kernel: not offered for GPUs.
+  assert all(c.attention == "xla" for c in search.candidates(8, 4, 1, platform="gpu"))
+
+
+def test_nearest_valid_plans_for_a_batch_that_does_not_split():
+  # Stage 3's paper batch: 128 rows in 8 micro-batches = 16 rows, over 64 chips of v5p-128.
+  plans = search.nearest_valid(128, 8, 64, 1)
+  for batch, accum, fsdp, tensor in plans:
+    assert fsdp * tensor == 64 and (batch // accum) % fsdp == 0
+  assert (128, 8, 16, 4) in plans  # keeps batch and accumulation with tensor parallelism 4
+  assert (128, 2, 64, 1) in plans  # or keeps the mesh with fewer micro-batches
+  assert (512, 8, 64, 1) in plans  # or the nearest batch that splits as configured
+
+
+def _fake_compile(config, topology):
+  """A StepPlan whose figures follow the layout: remat none does not fit, fewer micro-batches are faster."""
+  gib = chips.GIB
+  temp = 20 * gib if config.remat == "none" else 4 * gib
+  return aot.StepPlan(chip=topology.chip, num_chips=topology.num_chips, argument_bytes=gib, output_bytes=gib,
+                      alias_bytes=gib, temp_bytes=temp, code_bytes=0, flops=1e12, bytes_accessed=None,
+                      optimal_seconds=0.1 * config.accum_steps + (0.05 if config.remat == "full" else 0.0),
+                      model_flops=1e14)
+
+
+def test_search_prunes_bounds_compiles_caches_and_ranks(tmp_path):
+  config = stage1.get_config("model=tiny")
+  topo = chips.parse_topology("v5e:2x2")
+  calls = []
+
+  def compile_fn(c, t):
+    calls.append((c.remat, c.accum_steps, c.mesh.ici.fsdp, c.mesh.ici.tensor, c.mesh.rules))
+    return _fake_compile(c, t)
+
+  kw = dict(cache_dir=str(tmp_path), attentions=("xla",), tensors=(1, 2), compile_fn=compile_fn, log=lambda _: 0)
+  rows = search.search(config, topo, max_compiles=5, **kw)
+  assert len(calls) == 5  # the budget
+  assert all(rules == ("fsdp_tp" if tp > 1 else "fsdp") for _, _, _, tp, rules in calls)
+  compiled = [r for r in rows if r.status == "compiled"]
+  assert len(compiled) == 5 and len(rows) > 5
+  top = search.best(rows)
+  assert top is rows[0] and top.fits and top.candidate.remat != "none"
+  assert top.step_seconds == min(r.step_seconds for r in compiled if r.fits)
+  flags = top.candidate.flags(top.candidate.rules(config.mesh.rules))
+  assert f"--config.accum_steps={top.candidate.accum}" in flags and "--config.mesh.ici.fsdp=" in flags
+  table = search.format_table(rows, topo.chip.hbm_bytes)
+  assert "not compiled" in table and "compiled" in table
+  # A second run reads the five from the cache and spends its budget on the next ones.
+  calls.clear()
+  again = search.search(config, topo, max_compiles=2, **kw)
+  assert len(calls) == 2
+  assert sum("(cached)" in r.note for r in again) == 5
+
+
+def test_search_prunes_what_cannot_fit_before_compiling():
+  config = stage1.get_config("model=tiny")
+  with config.unlocked():
+    config.seq_len = 65536  # float32 logits alone: 8 rows x 64k tokens x vocab x 10 B per chip >> 16 GiB
+  rows = search.search(config, chips.parse_topology("v5e:2x2"), max_compiles=1, attentions=("xla",),
+                       tensors=(1,), compile_fn=_fake_compile, log=lambda _: 0)
+  assert rows and all(r.status == "pruned" for r in rows)
+  assert search.best(rows) is None
+
+
+def test_cli_suggests_plans_for_a_batch_that_does_not_split():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-m", "qwenvl_jax.plan", "--config=configs/stage3.py:model=qwen_vl_7b",
+                         "--topology=v5p-128"], capture_output=True, text=True, env=env, cwd=REPO_ROOT,
+                        timeout=600, check=False)
+  assert proc.returncode == 2
+  assert "Traceback" not in proc.stderr
+  assert "does not split over the 64 data x fsdp chips" in proc.stderr
+  assert "--config.accum_steps=8 --config.mesh.ici.fsdp=16 --config.mesh.ici.tensor=4" in proc.stderr
+
+
+@requires_libtpu
+@pytest.mark.slow
+def test_search_compiles_real_tiny_plans_for_a_tpu_slice():
+  out = run_json("""
+      import json
+      from configs import stage1
+      from qwenvl_jax.planning import chips, search
+      rows = search.search(stage1.get_config("model=tiny"), chips.parse_topology("v5e:2x2"), max_compiles=2,
+                           remats=("full",), attentions=("xla",), tensors=(1, 2), log=lambda _: 0)
+      print(json.dumps([dict(status=r.status, fits=r.fits, comm=r.comm_seconds, mfu=r.mfu_high, tp=r.candidate.tensor)
+                        for r in rows]))
+  """)
+  compiled = [r for r in out if r["status"] == "compiled"]
+  assert len(compiled) == 2 and all(r["fits"] and r["comm"] > 0 and 0 < r["mfu"] <= 1 for r in compiled)
