@@ -18,7 +18,8 @@ Full-size compiles take minutes each, so the search is bounded in three steps:
   3. compiled results are cached as JSON under `cache_dir`, keyed by config, topology and candidate, so a re-run
      (or a wider search) compiles only what is new.
 The table ranks the compiled plans that fit by estimated step time (the mean of full- and no-overlap), then the
-rest; the best plan's `--config.` flags are printed.
+rest; the best plan's `--config.` flags are printed. A compiled plan's compute time is at least the analytic
+matmul time, since XLA counts no FLOPs inside Pallas kernels (splash attention).
 
 Letters: B global batch, A micro-batches, T tokens per row, V vocabulary, f fsdp degree, t tensor degree.
 """
@@ -186,15 +187,23 @@ def _apply(config: ml_collections.ConfigDict, cand: Candidate) -> ml_collections
   return out
 
 
-def _fill(row: Row, plan: aot.StepPlan) -> None:
+def _fill(row: Row, plan: aot.StepPlan, floor_seconds: float) -> None:
+  """Copies a compiled plan's figures into `row`.
+
+  The compute time is floored at the analytic matmul time (model FLOPs x remat recompute at peak): XLA counts
+  no FLOPs inside a Pallas kernel (splash attention), which would otherwise make splash plans look free.
+  """
   row.status = "compiled"
   row.total_bytes = plan.total_bytes
   row.fits = plan.fits
-  row.compute_seconds = plan.step_seconds
-  row.comm_seconds = plan.comm_seconds
-  row.step_seconds = plan.estimated_seconds
-  if plan.mfu_range:
-    row.mfu_low, row.mfu_high = plan.mfu_range
+  compute = max(plan.step_seconds or 0.0, floor_seconds)
+  comm = plan.comm_seconds or 0.0
+  row.compute_seconds, row.comm_seconds = compute, plan.comm_seconds
+  row.step_seconds = (max(compute, comm) + compute + comm) / 2
+  if plan.model_flops:
+    peak = plan.num_chips * plan.chip.peak_bf16_flops
+    row.mfu_low, row.mfu_high = plan.model_flops / ((compute + comm) * peak), plan.model_flops / (
+        max(compute, comm) * peak)
   row.compile_seconds = plan.compile_seconds
   if plan.compile_error:
     row.note = "compiler: out of HBM"
@@ -260,7 +269,9 @@ def search(config: ml_collections.ConfigDict, topology: chips.Topology, *, max_c
     start = time.perf_counter()
     log(f"compiling {compiled}/{max_compiles}: {row.candidate} ...")
     try:
-      _fill(row, compile_fn(_apply(config, row.candidate), topology))
+      floor = model_flops * _REMAT_FLOPS.get(row.candidate.remat, 1.0) / (
+          topology.num_chips * topology.chip.peak_bf16_flops)
+      _fill(row, compile_fn(_apply(config, row.candidate), topology), floor)
     except Exception as e:  # pylint: disable=broad-except  (one failed layout must not end the search)
       row.status, row.note = "compile failed", f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
     log(f"  {row.status} in {time.perf_counter() - start:.0f} s")
