@@ -1,22 +1,57 @@
-"""Train-step time of the JAX trainer vs an equivalent PyTorch model, and achieved FLOP/s vs a plain matmul.
+"""Train-step time of the JAX trainer vs an equivalent PyTorch model over a range of batch sizes, and achieved
+FLOP/s vs a plain matmul.
 
-For each preset (tiny, mid) at a small batch, both frameworks run the same architecture and shapes — ViT trunk,
-resampler adapter, Qwen decoder — through forward + backward + AdamW (everything trains, float32, no remat),
-on the same CPU threads. The JAX step is `qwenvl_jax.training.step.make_train_step` (what the trainer jits);
-the PyTorch model is written here from the same config. Printed per preset: ms/step of each, the ratio, and
-the JAX step's model FLOP/s (`training/flops.py`) next to what a large float32 matmul reaches on this machine.
+For each preset (tiny, small, mid) and each batch in --batch, both frameworks run the same architecture and shapes
+— ViT trunk, resampler adapter, Qwen decoder — through forward + backward + AdamW (everything trains, float32, no
+remat), on the same pinned CPU threads (--threads: the process is bound to that many cores, PyTorch's
+`set_num_threads` and XLA's thread pool follow). The JAX step is `qwenvl_jax.training.step.make_train_step`
+(what the trainer jits); the PyTorch model is written here from the same config.
 
-  JAX_PLATFORMS=cpu python bench/bench_train_step.py --presets=tiny,mid --batch=2 --images=1 --res=224
+  python bench/bench_train_step.py --presets=tiny,small --images=2 --batch=1,2,4,8,16
 
-Both sides are timed after warm-up (JAX: after compilation), as the median of --iters steps.
+The two are timed interleaved — one JAX step, one PyTorch step, repeated --iters times after warm-up (JAX: after
+compilation) — and the medians are printed, so load from other processes hits both alike. Per row: ms/step of
+each, the ratio, and the JAX step's model FLOP/s (`training/flops.py`) as a share of a plain float32 matmul
+measured in the same run (interleaved too). On a shared machine the load average printed says how far to trust it.
 """
 
-from __future__ import annotations
+import os
+import sys
+
+
+def configure_threads(threads: int) -> None:
+  """Pins this process to `threads` cores for both frameworks; call before importing jax or torch.
+
+  The affinity mask bounds XLA's CPU thread pool (sized from the cores it may use) and PyTorch's; PyTorch's
+  intra-op pool is also set explicitly in `main` (`torch.set_num_threads`), and one thread turns XLA's Eigen
+  pool off.
+  """
+  cores = sorted(os.sched_getaffinity(0))
+  if threads < 1 or threads > len(cores):
+    raise SystemExit(f"error: --threads={threads}: this process may use {len(cores)} core(s)")
+  os.sched_setaffinity(0, cores[:threads])
+  flags = os.environ.get("XLA_FLAGS", "")
+  if threads == 1 and "xla_cpu_multi_thread_eigen" not in flags:
+    os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false").strip()
+  for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[var] = str(threads)
+
+
+def _threads_from_argv(argv) -> int:
+  for i, arg in enumerate(argv):
+    if arg.startswith("--threads="):
+      return int(arg.split("=", 1)[1])
+    if arg == "--threads" and i + 1 < len(argv):
+      return int(argv[i + 1])
+  return len(os.sched_getaffinity(0))
+
+
+if __name__ == "__main__":
+  configure_threads(_threads_from_argv(sys.argv[1:]))
 
 import argparse
 import pathlib
 import statistics
-import sys
 import time
 
 import jax
@@ -125,7 +160,8 @@ class TorchQwenVL(nn.Module):
     return self.lm_head(self.ln_f(h))
 
 
-def time_torch(cfg, b, t, m, iters) -> float:
+def make_torch_step(cfg, b, t, m):
+  """A callable running one PyTorch train step (warmed up once)."""
   model = TorchQwenVL(cfg)
   opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.05)
   s = cfg.vision.image_size
@@ -141,17 +177,13 @@ def time_torch(cfg, b, t, m, iters) -> float:
     opt.step()
 
   step()
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return step
 
 
 # ---------------------------------------------------------------- JAX (the trainer's step)
 
-def time_jax(cfg, b, t, m, iters) -> float:
+def make_jax_step(cfg, b, t, m):
+  """A callable running one JAX train step (compiled and warmed up once)."""
   model = QwenVL(cfg, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(model)
   params = nnx.to_pure_dict(state)
@@ -170,57 +202,81 @@ def time_jax(cfg, b, t, m, iters) -> float:
                positions=np.tile(np.arange(t, dtype=np.int32), (b, 1)),
                images=rng.integers(0, 256, (b, m, s, s, 3)).astype(np.uint8), image_mask=np.ones((b, m), bool))
   batch = jax.device_put(batch)
-  st = step_lib.TrainState(jnp.int32(0), params, tx.init(params))
-  st, metrics = fn(st, batch)
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    st, metrics = fn(st, batch)
+  state = {"st": step_lib.TrainState(jnp.int32(0), params, tx.init(params))}
+
+  def step():
+    state["st"], metrics = fn(state["st"], batch)
     jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+
+  step()
+  return step
 
 
-def matmul_flops_per_s(n: int = 2048, iters: int = 5) -> float:
+def make_matmul(n: int = 2048):
+  """A callable running one plain n x n float32 matmul with JAX; 2 n^3 FLOPs."""
   a = jnp.ones((n, n), jnp.float32)
   mm = jax.jit(lambda x: x @ x)
   mm(a).block_until_ready()
-  times = []
+  return lambda: mm(a).block_until_ready()
+
+
+def pin_torch_threads(threads: int) -> None:
+  """PyTorch's intra-op pool to `threads` (the affinity mask of `configure_threads` does not size it)."""
+  torch.set_num_threads(threads)
+
+
+def interleaved(steps: dict, iters: int) -> dict:
+  """Median seconds of each callable, timed round-robin `iters` times (load hits all of them alike)."""
+  times = {k: [] for k in steps}
   for _ in range(iters):
-    start = time.perf_counter()
-    mm(a).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return 2 * n ** 3 / statistics.median(times)
+    for name, fn in steps.items():
+      start = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - start)
+  return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--presets", default="tiny,mid")
-  parser.add_argument("--batch", type=int, default=2)
+  parser.add_argument("--presets", default="tiny,small")
+  parser.add_argument("--batch", default="1,2,4,8,16", help="comma-separated batch sizes")
   parser.add_argument("--seq_len", type=int, default=0, help="0: the images' tokens + 64 text tokens")
-  parser.add_argument("--images", type=int, default=1)
+  parser.add_argument("--images", type=int, default=2)
   parser.add_argument("--res", type=int, default=224)
-  parser.add_argument("--iters", type=int, default=3)
+  parser.add_argument("--iters", type=int, default=5, help="interleaved timed steps per framework")
+  parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                      help="cores both frameworks run on (set before they start)")
+  parser.add_argument("--scan_unroll", default="auto", help="auto (unroll stacks of <= 8 layers), 1, or true")
   args = parser.parse_args()
   torch.manual_seed(0)
-  print(f"devices: {jax.devices()}, torch threads: {torch.get_num_threads()}")
-  peak = matmul_flops_per_s()
-  print(f"plain 2048x2048 float32 matmul (JAX): {peak / 1e9:.1f} GFLOP/s")
+  pin_torch_threads(args.threads)
+  print(f"devices: {jax.devices()}, cores bound: {sorted(os.sched_getaffinity(0))}, torch threads: "
+        f"{torch.get_num_threads()}, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
+  matmul = make_matmul()
+  print(f"{'preset':<6} {'B':>3} {'T':>4} {'JAX ms':>9} {'torch ms':>9} {'JAX/torch':>9} {'GFLOP/s':>8} "
+        f"{'% matmul':>8}", flush=True)
   for name in args.presets.split(","):
-    cfg = get_preset(name, dtype="float32", remat_policy="none").with_image_size(args.res)
+    base = get_preset(name, dtype="float32", remat_policy="none")
+    unroll = args.scan_unroll
+    if unroll == "auto":
+      unroll = max(base.vision.layers, base.llm.layers) <= 8
+    else:
+      unroll = True if unroll.lower() == "true" else int(unroll)
+    cfg = get_preset(name, dtype="float32", remat_policy="none", scan_unroll=unroll).with_image_size(args.res)
     t = args.seq_len or args.images * cfg.image_tokens + 64
     if t < args.images * cfg.image_tokens + 1:
       print(f"{name}: seq_len {t} cannot hold {args.images} x {cfg.image_tokens} image tokens; skipped")
       continue
-    model_flops = flops.train_step_flops(cfg, batch=args.batch, seq_len=t, max_images=args.images,
-                                         is_trainable=lambda p: True).total
-    jax_s = time_jax(cfg, args.batch, t, args.images, args.iters)
-    torch_s = time_torch(cfg, args.batch, t, args.images, args.iters)
-    print(f"{name}: B={args.batch} T={t} M={args.images} {args.res}px | JAX {jax_s * 1e3:.1f} ms/step, "
-          f"PyTorch {torch_s * 1e3:.1f} ms/step, JAX/PyTorch time ratio {jax_s / torch_s:.2f} | model "
-          f"{model_flops / 1e9:.2f} GFLOP/step -> {model_flops / jax_s / 1e9:.1f} GFLOP/s = "
-          f"{100 * model_flops / jax_s / peak:.0f}% of the plain matmul")
+    for b in (int(x) for x in args.batch.split(",")):
+      model_flops = flops.train_step_flops(cfg, batch=b, seq_len=t, max_images=args.images,
+                                           is_trainable=lambda p: True).total
+      secs = interleaved({"jax": make_jax_step(cfg, b, t, args.images),
+                          "torch": make_torch_step(cfg, b, t, args.images), "matmul": matmul}, args.iters)
+      peak = 2 * 2048 ** 3 / secs["matmul"]
+      print(f"{name:<6} {b:>3} {t:>4} {secs['jax'] * 1e3:9.1f} {secs['torch'] * 1e3:9.1f} "
+            f"{secs['jax'] / secs['torch']:9.2f} {model_flops / secs['jax'] / 1e9:8.1f} "
+            f"{100 * model_flops / secs['jax'] / peak:7.0f}%", flush=True)
+  print(f"load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

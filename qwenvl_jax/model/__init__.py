@@ -1,7 +1,7 @@
 """The Qwen-VL model in Flax NNX: configs, the ViT trunk, the adapter, the Qwen decoder and their composition."""
 
 from qwenvl_jax.model.config import (LLMConfig, QwenVLConfig, ResamplerConfig, VisionConfig, get_preset, mid,
-                                     qwen_vl_7b, tiny)
+                                     qwen_vl_7b, small, tiny)
 from qwenvl_jax.model.qwen import KVCache, QwenLM
 from qwenvl_jax.model.qwenvl import QwenVL
 from qwenvl_jax.model.resampler import Adapter, Resampler
@@ -9,5 +9,5 @@ from qwenvl_jax.model.vit import VisionTransformer
 
 __all__ = [
     "Adapter", "KVCache", "LLMConfig", "QwenLM", "QwenVL", "QwenVLConfig", "Resampler", "ResamplerConfig",
-    "VisionConfig", "VisionTransformer", "get_preset", "mid", "qwen_vl_7b", "tiny",
+    "VisionConfig", "VisionTransformer", "get_preset", "mid", "qwen_vl_7b", "small", "tiny",
 ]

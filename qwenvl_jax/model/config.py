@@ -106,6 +106,9 @@ class QwenVLConfig:
   param_dtype: str = "float32"
   remat_policy: RematPolicy = "full"
   attention_impl: AttentionImpl = "xla"
+  # Unroll the scans over layers (True, or unroll factor k): for shallow models on CPU, where a scan's stacked
+  # residual buffers (zero-filled, then written and read one layer at a time) cost more than the layers' math.
+  scan_unroll: bool | int = 1
 
   def __post_init__(self):
     _check(self.resampler.num_queries > 0, "the adapter needs queries")
@@ -144,6 +147,18 @@ def mid(**overrides) -> QwenVLConfig:
       **overrides)
 
 
+def small(**overrides) -> QwenVLConfig:
+  """About 110M parameters (6-layer 384-wide ViT, 12-layer 768-wide decoder, 8192-token vocabulary, 64 image
+  tokens): big enough that a CPU train step is bound by its matmuls, not by per-op overhead, for CPU benchmarks
+  (bench/bench_train_step.py)."""
+  overrides.setdefault("image_pad_id", 8191)
+  return QwenVLConfig(
+      vision=VisionConfig(width=384, layers=6, heads=6, mlp_dim=1536, image_size=224),
+      resampler=ResamplerConfig(grid=8, heads=12),
+      llm=LLMConfig(vocab_size=8192, width=768, layers=12, heads=12, head_dim=64, mlp_dim=2048, seq_length=1024),
+      **overrides)
+
+
 def tiny(**overrides) -> QwenVLConfig:
   """A model that trains in minutes on a CPU: 16 image tokens, 1024-token vocabulary, 224 px.
 
@@ -159,7 +174,7 @@ def tiny(**overrides) -> QwenVLConfig:
       **overrides)
 
 
-PRESETS = {"qwen_vl_7b": qwen_vl_7b, "mid": mid, "tiny": tiny}
+PRESETS = {"qwen_vl_7b": qwen_vl_7b, "mid": mid, "small": small, "tiny": tiny}
 
 
 def get_preset(name: str, **overrides) -> QwenVLConfig:

@@ -93,10 +93,11 @@ class QwenLM(nnx.Module):
   """Token embeddings, the scanned decoder stack, `ln_f` and the untied `lm_head`."""
 
   def __init__(self, cfg: LLMConfig, *, dtype=jnp.bfloat16, param_dtype=jnp.float32, remat_policy: str = "full",
-               impl: str = "xla", rngs: nnx.Rngs):
+               impl: str = "xla", scan_unroll: bool | int = 1, rngs: nnx.Rngs):
     self.cfg = cfg
     self.dtype = dtype
     self.remat_policy = remat_policy
+    self.scan_unroll = scan_unroll
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.wte = nnx.Embed(cfg.vocab_size, cfg.width, dtype=dtype, param_dtype=param_dtype,
                          embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ("vocab", "embed"),
@@ -169,7 +170,8 @@ class QwenLM(nnx.Module):
       block_fn = nnx.remat(block_fn, policy=layers.remat_policy(self.remat_policy), prevent_cse=False)
 
     if cache is None:
-      @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"},
+                unroll=self.scan_unroll)
       def run(x, block):
         return block_fn(x, block, None)[0]
 

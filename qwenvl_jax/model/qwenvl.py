@@ -28,9 +28,9 @@ class QwenVL(nnx.Module):
     self.cfg = cfg
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     kw = dict(dtype=dtype, param_dtype=param_dtype, impl=cfg.attention_impl, rngs=rngs)
-    self.visual = VisionTransformer(cfg.vision, remat_policy=cfg.remat_policy, **kw)
+    self.visual = VisionTransformer(cfg.vision, remat_policy=cfg.remat_policy, scan_unroll=cfg.scan_unroll, **kw)
     self.adapter = Adapter(cfg.resampler, kv_dim=cfg.vision.width, embed_dim=cfg.llm.width, **kw)
-    self.llm = QwenLM(cfg.llm, remat_policy=cfg.remat_policy, **kw)
+    self.llm = QwenLM(cfg.llm, remat_policy=cfg.remat_policy, scan_unroll=cfg.scan_unroll, **kw)
 
   def encode_images(self, images: jax.Array, *, stop_vision_grad: bool = False) -> jax.Array:
     """uint8[B, M, S, S, 3] -> float[B, M, Q, D] image tokens in the compute dtype.

@@ -80,10 +80,11 @@ class VisionTransformer(nnx.Module):
   """uint8 images -> patch features float[B, L, W] (before the adapter)."""
 
   def __init__(self, cfg: VisionConfig, *, dtype=jnp.bfloat16, param_dtype=jnp.float32,
-               remat_policy: str = "full", impl: str = "xla", rngs: nnx.Rngs):
+               remat_policy: str = "full", impl: str = "xla", scan_unroll: bool | int = 1, rngs: nnx.Rngs):
     self.cfg = cfg
     self.dtype = dtype
     self.remat_policy = remat_policy
+    self.scan_unroll = scan_unroll
     p, w = cfg.patch_size, cfg.width
     # As the reference: `nn.Conv2d` default init, positional table `width**-0.5 * randn`.
     self.conv1 = layers.param(rngs, layers.torch_default_init((0, 1, 2), 3), (p, p, 3, w),
@@ -106,9 +107,10 @@ class VisionTransformer(nnx.Module):
       raise ValueError(f"images have shape {images.shape[1:]}, the model expects "
                        f"{(self.cfg.image_size, self.cfg.image_size, 3)}")
     p, g = self.cfg.patch_size, self.cfg.grid
-    # The reference casts pixels to the weight dtype (bf16) before conv1.
-    x = normalize_pixels(images).astype(self.dtype)
-    x = x.reshape(b, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, p, p, 3)
+    # Patches are cut from the uint8 pixels (a quarter of the bytes of float32 to shuffle), then normalized; the
+    # reference casts pixels to the weight dtype (bf16) before conv1.
+    x = images.reshape(b, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, p, p, 3)
+    x = normalize_pixels(x).astype(self.dtype)
     del s
     return jnp.einsum("blpqc,pqcw->blw", x, self.conv1[...].astype(self.dtype))
 
@@ -127,7 +129,8 @@ class VisionTransformer(nnx.Module):
     if self.remat_policy != "none":
       block_fn = nnx.remat(block_fn, policy=policy, prevent_cse=False)
 
-    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"},
+              unroll=self.scan_unroll)
     def run(x, block):
       return block_fn(x, block)
 
