@@ -90,8 +90,10 @@ def spec_from_hf(raw: Mapping[str, Any], image_size: int) -> ImageSpec:
   if spec.output_hw() != (image_size, image_size):
     raise CheckpointError(f"preprocessor_config.json gives images of {spec.output_hw() or 'varying size'}, but "
                           f"the vision tower takes {image_size} x {image_size}")
-  if shortest is not None and crop is not None and shortest < min(crop):
-    raise CheckpointError(f"preprocessor_config.json: shortest_edge {shortest} < crop {crop}")
+  if shortest is not None and crop is not None and shortest < max(crop):
+    raise CheckpointError(f"preprocessor_config.json: shortest_edge {shortest} is smaller than the crop {crop}")
+  if resize_hw is not None and crop is not None and (crop[0] > resize_hw[0] or crop[1] > resize_hw[1]):
+    raise CheckpointError(f"preprocessor_config.json: crop {crop} is larger than the resized image {resize_hw}")
   return spec
 
 

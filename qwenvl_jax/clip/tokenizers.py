@@ -155,9 +155,14 @@ def load_tokenizer(directory: str | os.PathLike, family: str, max_len: int) -> T
     wanted = "vocab.json + merges.txt" if family == "clip" else "vocab.txt"
     raise CheckpointError(f"{d} has no tokenizer: looked for tokenizer.json or {wanted}")
   if family == "clip":
-    _token_id(tok, CLIP_BOS, d)
-    pad_id = _token_id(tok, CLIP_EOS, d)
+    first, last = _token_id(tok, CLIP_BOS, d), _token_id(tok, CLIP_EOS, d)
+    pad_id = last
   else:
-    _token_id(tok, BERT_CLS, d)
+    first, last = _token_id(tok, BERT_CLS, d), _token_id(tok, BERT_SEP, d)
     pad_id = _token_id(tok, BERT_PAD, d) if tok.token_to_id(BERT_PAD) is not None else 0
-  return TextTokenizer(tok, max_len=max_len, pad_id=pad_id, description=f"{family} from {d}/{source}")
+  out = TextTokenizer(tok, max_len=max_len, pad_id=pad_id, description=f"{family} from {d}/{source}")
+  # The text towers pool at these tokens, so a tokenizer.json without the post-processor that adds them is unusable.
+  probe = out.encode(["a"])[0]
+  if probe[0] != first or probe[-1] != last:
+    raise CheckpointError(f"{d}/{source} does not wrap texts in the family's start and end tokens (got {probe})")
+  return out
