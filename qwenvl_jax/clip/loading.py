@@ -18,7 +18,6 @@ import dataclasses
 import os
 from typing import Callable, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -232,9 +231,3 @@ def load_clip(directory: str | os.PathLike, family: str, *, dtype=jnp.float32) -
       variable.set_value(jnp.asarray(value))
   return nnx.merge(graphdef, nnx.from_flat_state(flat)), info
 
-
-def abstract_params(cfg: ClipConfig) -> dict[str, jax.ShapeDtypeStruct]:
-  """Dotted path -> shape/dtype of every `ClipModel(cfg)` parameter, without allocating (for counts)."""
-  _, state = nnx.split(nnx.eval_shape(lambda: ClipModel(cfg, mean=(0, 0, 0), std=(1, 1, 1), rngs=nnx.Rngs(0))))
-  return {".".join(str(p) for p in path): jax.ShapeDtypeStruct(v.shape, v.dtype)
-          for path, v in nnx.to_flat_state(state)}
