@@ -46,6 +46,10 @@ _BEAM_OPTIONS = flags.DEFINE_string(
 _SCORER = flags.DEFINE_string(
     "scorer", None, "Image-text scorer: 'clip:<HF CLIPModel folder>', 'chinese_clip:<folder>', or a plugin factory "
     "'package.module:attribute' (see qwenvl_jax/cleaning/scoring.py).")
+_SCORER_PLATFORM = flags.DEFINE_enum(
+    "scorer_platform", "cpu", ["cpu", "auto"],
+    "Where CLIP scorers run: cpu (any number of workers per host) or auto (the host's GPU/TPU; run one scoring "
+    "worker per host, e.g. direct_num_workers=1).")
 _SCORER_ZH = flags.DEFINE_string(
     "scorer_zh", None, "Scorer of captions detected as Chinese (e.g. 'chinese_clip:<folder>'); others use --scorer.")
 
@@ -85,8 +89,15 @@ def job_from_flags() -> pipeline.CleanJob:
   return pipeline.CleanJob(
       inputs=tuple(_INPUT.value), output_dir=_OUTPUT_DIR.value, report_path=_REPORT.value, config=cfg,
       input_format=_INPUT_FORMAT.value,
-      scorer_factory=scoring.make_factory(_SCORER.value) if _SCORER.value else None,
-      language_scorer_factories={"zh": scoring.make_factory(_SCORER_ZH.value)} if _SCORER_ZH.value else {})
+      scorer_factory=_scorer_factory(_SCORER.value),
+      language_scorer_factories={"zh": _scorer_factory(_SCORER_ZH.value)} if _SCORER_ZH.value else {})
+
+
+def _scorer_factory(spec: str | None) -> scoring.ScorerFactory | None:
+  """The factory of a --scorer* flag value (CLIP checkpoints are checked here, before any data is read)."""
+  if not spec:
+    return None
+  return scoring.make_factory(spec, _SCORER_PLATFORM.value, max_batch=_BATCH_SIZE.value)
 
 
 def main(argv):

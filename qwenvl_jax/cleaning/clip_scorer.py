@@ -25,15 +25,22 @@ class ClipScorerFactory:
     qwenvl_jax.clip.CheckpointError (a ValueError): one line naming what is missing or wrong.
   """
 
-  def __init__(self, family: str, directory: str | os.PathLike):
+  def __init__(self, family: str, directory: str | os.PathLike, platform: str = "cpu",
+               max_batch: int = similarity.DEFAULT_MAX_BATCH):
     if family not in FAMILIES:
       raise ValueError(f"unknown CLIP family {family!r}; known: {FAMILIES}")
+    if platform not in similarity.PLATFORMS:
+      raise ValueError(f"scorer platform must be one of {similarity.PLATFORMS}, got {platform!r}")
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+      raise ValueError(f"scorer max_batch must be a positive integer, got {max_batch!r}")
     self.family = family
+    self.platform = platform
+    self.max_batch = max_batch
     self.directory = os.path.abspath(os.fspath(directory))
     check_checkpoint(self.directory, family)
 
   def __call__(self) -> similarity.ClipSimilarity:
-    return similarity.ClipSimilarity(self.directory, self.family)
+    return similarity.ClipSimilarity(self.directory, self.family, platform=self.platform, max_batch=self.max_batch)
 
   def __repr__(self) -> str:
-    return f"{self.family}:{self.directory}"
+    return f"{self.family}:{self.directory}" + ("" if self.platform == "cpu" else f" (platform {self.platform})")

@@ -53,8 +53,13 @@ def load_scorer_factory(spec: str) -> ScorerFactory:
 MODEL_PREFIXES = ("clip:", "chinese_clip:")
 
 
-def make_factory(spec: str) -> ScorerFactory:
+def make_factory(spec: str, platform: str = "cpu", max_batch: int = 32) -> ScorerFactory:
   """The factory a command-line spec names: "clip:DIR", "chinese_clip:DIR" or a plugin "package.module:attr".
+
+  `platform` is where a CLIP scorer runs: "cpu" (default; any number of workers per host) or "auto" (JAX's default
+  backend, the host's GPU/TPU: one scoring worker per host); `max_batch` is the largest batch it compiles for
+  (the job's `batch_size`). A plugin module named `clip` or `chinese_clip` cannot be named here (the prefixes are
+  taken).
 
   Raises:
     ValueError: a malformed spec, a plugin that cannot be imported, or a checkpoint that is missing or does not
@@ -66,7 +71,7 @@ def make_factory(spec: str) -> ScorerFactory:
       raise ValueError(f"scorer spec {spec!r} names no checkpoint folder")
     # Imported here so a job without a model scorer never loads JAX.
     from qwenvl_jax.cleaning import clip_scorer  # pylint: disable=import-outside-toplevel
-    return clip_scorer.ClipScorerFactory(family, rest)
+    return clip_scorer.ClipScorerFactory(family, rest, platform, max_batch)
   return SpecFactory(spec)
 
 

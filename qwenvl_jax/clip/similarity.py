@@ -9,6 +9,11 @@ pairs go to the device in chunks of at most `max_batch`, each padded to the smal
 its longest encoding. So the image tower compiles at most once per batch bucket and the text tower once per
 (batch bucket, length bucket), whatever sizes the caller's batches have: nothing recompiles in steady state.
 
+Where it runs (`platform`): "cpu" (the default) keeps JAX in the worker process on the CPU and never opens an
+accelerator, so any number of worker processes can score side by side on one host; "auto" uses JAX's default
+backend (the GPU or TPU of the host), which one process per host can own, so run one scoring worker per accelerator
+host then.
+
 Padding never changes a score: padding images are black, padding texts are the encoding of "" and every row is
 computed independently (attention never mixes rows; BERT masks padding tokens; the causal CLIP text tower never
 lets the end-of-text token see the padding after it). Truncating a text to a length bucket drops only padding.
@@ -31,6 +36,7 @@ DEFAULT_MAX_BATCH = 32
 DEFAULT_MIN_BUCKET = 8
 # Captions of web pairs are mostly under 16 CLIP tokens and nearly all under 32; the context caps the last bucket.
 DEFAULT_TEXT_BUCKETS = (16, 32)
+PLATFORMS = ("cpu", "auto")
 
 
 def buckets(low: int, high: int) -> tuple[int, ...]:
@@ -57,7 +63,7 @@ class ClipSimilarity:
 
   def __init__(self, directory: str | os.PathLike, family: str, *, max_batch: int = DEFAULT_MAX_BATCH,
                min_bucket: int = DEFAULT_MIN_BUCKET, text_buckets: Sequence[int] = DEFAULT_TEXT_BUCKETS,
-               dtype=jnp.float32):
+               dtype=jnp.float32, platform: str = "cpu"):
     """Loads the checkpoint (raises `CheckpointError` when it is missing or malformed).
 
     Args:
@@ -68,13 +74,23 @@ class ClipSimilarity:
       min_bucket: smallest padded batch.
       text_buckets: padded text lengths below the tokenizer's context (which is always the last bucket).
       dtype: compute dtype of the towers (float32 on CPU; bfloat16 is an option on accelerators).
+      platform: "cpu" or "auto" (JAX's default backend), see the module docstring.
     """
+    if platform not in PLATFORMS:
+      raise ValueError(f"platform must be one of {PLATFORMS}, got {platform!r}")
+    if platform == "cpu" and not jax.config.jax_platforms:
+      # Before JAX starts its backends in this process: then it never opens the host's GPU/TPU, which another
+      # worker process may own. If the backends are already up, the explicit placement below still keeps the
+      # model on the CPU.
+      jax.config.update("jax_platforms", "cpu")
+    self.device = jax.devices("cpu")[0] if platform == "cpu" else jax.devices()[0]
     model, self.info = load_clip(directory, family, dtype=dtype)
     self.directory, self.family = os.fspath(directory), family
     self.batch_buckets = buckets(min(min_bucket, max_batch), max_batch)
     context = self.info.config.text_len
     self.text_buckets = tuple(sorted({t for t in text_buckets if t < context} | {context}))
-    self._graphdef, self._state = nnx.split(model)
+    self._graphdef, state = nnx.split(model)
+    self._state = jax.device_put(state, self.device)
     side = self.info.config.vision.image_size
     self._blank_image = np.zeros((side, side, 3), np.uint8)
     self._blank_text = self.info.tokenizer.encode([""])[0]
@@ -102,8 +118,9 @@ class ClipSimilarity:
     texts = list(encoded) + [self._blank_text] * (rows - n)
     length = _fit(max(len(e) for e in texts), self.text_buckets)
     ids, mask = self.info.tokenizer.pad(texts, length)
-    image = np.asarray(self._image_fn(self._state, padded))[:n]
-    text = np.asarray(self._text_fn(self._state, ids, mask))[:n]
+    put = lambda x: jax.device_put(x, self.device)  # noqa: E731
+    image = np.asarray(self._image_fn(self._state, put(padded)))[:n]
+    text = np.asarray(self._text_fn(self._state, put(ids), put(mask)))[:n]
     return image, text
 
   def __call__(self, images: Sequence[ImageLike], texts: Sequence[str]) -> np.ndarray:
