@@ -192,6 +192,13 @@ def main() -> None:
   absl_logging.set_verbosity(absl_logging.WARNING)
   print(f"machine: {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.1f} at start")
   with tempfile.TemporaryDirectory(prefix="bench_clean_") as tmp:
+    # One compilation cache for this process and the DirectRunner workers it starts (they inherit the
+    # environment): each scorer program compiles once, as a deployment sharing JAX_COMPILATION_CACHE_DIR would.
+    cache = {"JAX_COMPILATION_CACHE_DIR": os.path.join(tmp, "jax_cache"),
+             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    os.environ.update(cache)
+    jax.config.update("jax_compilation_cache_dir", cache["JAX_COMPILATION_CACHE_DIR"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     folder = pathlib.Path(tmp) / "in"
     make_input(folder, args.num_pairs, args.image_width, args.image_height, args.shards)
     pairs = [p for shard in sorted(folder.glob("*.jsonl")) for p in read_shard(str(shard))]
