@@ -24,6 +24,8 @@ import logging
 from absl import app
 from absl import flags
 
+from qwenvl_jax import cli
+
 from qwenvl_jax.cleaning import config as config_lib
 from qwenvl_jax.cleaning import pipeline
 from qwenvl_jax.cleaning import scoring
@@ -87,4 +89,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

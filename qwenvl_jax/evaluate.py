@@ -12,6 +12,8 @@ replacing it). A run that stopped resumes when started again with the same outpu
 from absl import app, logging
 from ml_collections import config_flags
 
+from qwenvl_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/eval/TASK.py[:key=value,...]",
                                           lock_config=True)
 
@@ -28,4 +30,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -19,6 +19,8 @@ import sys
 
 from absl import app, flags
 
+from qwenvl_jax import cli
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Params checkpoint directory; omit to run random weights (smoke tests).")
 flags.DEFINE_string("model", "qwen_vl_7b", "Architecture preset: qwen_vl_7b, mid or tiny.")
@@ -112,4 +114,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

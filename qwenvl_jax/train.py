@@ -12,6 +12,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from qwenvl_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/stageN.py[:args]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (overrides config.workdir).")
@@ -38,4 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -45,8 +45,12 @@ class _RecordToExample:
     try:
       example = self.encode(self.parse(item))
     except rec.BadRecordError as e:
+      where = self.parse.where(item) if hasattr(self.parse, "where") else None
+      if where and where not in e.record_id:
+        # A record with its own id is also named by file and line, so it can be found and fixed.
+        e = rec.BadRecordError(f"{e.record_id} ({where})", e.reason)
       if self.strict:
-        raise
+        raise e
       rec.SKIPPED.skip(e, self.max_consecutive_skips)
       return None
     rec.SKIPPED.ok()
