@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 from typing import Any
@@ -80,9 +81,11 @@ class MetricsWriter:
     if self.remote:
       path = epath.Path(self.path)
       self._lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+      self._lines = _rows_up_to(self._lines, initial_step)
       self._dirty = False
       self._last_flush = time.monotonic()
     else:
+      _drop_rows_after(self.path, initial_step)
       self._file = open(self.path, "a", encoding="utf-8")
     if tensorboard:
       self._tb = _tensorboard_writer(str(epath.Path(workdir) / "tensorboard"), remote=self.remote)
@@ -160,6 +163,37 @@ class MetricsWriter:
       self._tb.close()
     if self._file is not None:
       self._file.close()
+
+
+def _rows_up_to(lines: list[str], step: int) -> list[str]:
+  """The lines of a metrics.jsonl that log steps <= `step` (an unparsable line is kept: it is the user's)."""
+  kept = []
+  for line in lines:
+    try:
+      logged = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+      logged = None
+    if not isinstance(logged, int) or logged <= step:
+      kept.append(line)
+  return kept
+
+
+def _drop_rows_after(path: str, step: int) -> None:
+  """Rewrites a local metrics.jsonl without the rows past `step`: a run killed after its last checkpoint logged
+  steps that the resumed run computes again, and each step must be logged once.
+  The rewrite goes through a temporary file and a rename, so a kill during it loses nothing."""
+  p = epath.Path(path)
+  if not p.exists():
+    return
+  lines = p.read_text().splitlines(keepends=True)
+  if lines and not lines[-1].endswith("\n"):
+    lines = lines[:-1]  # a record cut short by the kill (every record is written with its newline)
+  kept = _rows_up_to(lines, step)
+  if "".join(kept) == p.read_text():
+    return
+  tmp = epath.Path(path + ".tmp")
+  tmp.write_text("".join(kept))
+  os.replace(tmp, p)
 
 
 def _tensorboard_writer(logdir: str, *, remote: bool):

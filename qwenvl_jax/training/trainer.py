@@ -30,7 +30,7 @@ from flax import nnx
 
 from qwenvl_jax import data, sharding
 from qwenvl_jax.model import QwenVL, get_preset
-from qwenvl_jax.training import experiment, flops, metrics, workdir as workdir_lib
+from qwenvl_jax.training import experiment, flops, metrics, validation, workdir as workdir_lib
 from qwenvl_jax.training.checkpointing import Checkpointer, resolve_params_checkpoint
 from qwenvl_jax.training.optimizer import make_is_frozen
 from qwenvl_jax.training.setup import build_step, check_batch
@@ -80,11 +80,12 @@ def _any_process(flag: bool) -> bool:
 def train(config: ml_collections.ConfigDict) -> TrainResult:
   """Runs (or resumes) the stage `config` describes. See `configs/stage1.py` for the fields."""
   experiment.initialize_distributed(config.distributed)
+  # Everything that can be checked is checked before the first file is written (no config.json, no checkpoints/
+  # for a config that cannot run).
+  validation.check_config(config)
   workdir = workdir_lib.resolve(config)
+  workdir_lib.check_usable(workdir)
   workdir_lib.create(workdir)
-  if config.checkpoint.every < 1 or config.log_every < 1:
-    raise ValueError(f"config.checkpoint.every and config.log_every must be >= 1, got "
-                     f"{config.checkpoint.every}, {config.log_every}")
   ckpt = Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
   try:
     return _train(config, workdir, ckpt)
