@@ -19,7 +19,7 @@ import sys
 
 from absl import app, flags
 
-from qwenvl_jax import cli
+from qwenvl_jax import cli, errors
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Params checkpoint directory; omit to run random weights (smoke tests).")
@@ -74,8 +74,10 @@ def main(argv):
     if path and os.path.exists(path):
       raise FileExistsError(f"{path} already exists; it is never overwritten: choose another path")
   for path in FLAGS.image:
+    if os.path.isdir(path):
+      raise errors.UserFileNotFoundError(f"--image={path} is a folder, not an image file")
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"image file {path!r} does not exist")
+      raise errors.UserFileNotFoundError(f"--image={path}: image file does not exist")
 
   import jax  # pylint: disable=import-outside-toplevel
   from qwenvl_jax import inference, sharding  # pylint: disable=import-outside-toplevel

@@ -116,3 +116,26 @@ def test_strict_mode_with_worker_processes_shows_the_real_cause(byte_tokenizer, 
   with pytest.raises(rec.BadRecordError, match=r"ghost.*pairs\.jsonl:7.*image file not found") as info:
     _rows(byte_tokenizer, _config(path, strict=True, num_workers=2))
   assert info.value.reason.startswith("image 0")
+
+
+def test_an_image_path_that_is_a_folder_is_named_as_such(tmp_path):
+  with pytest.raises(images_lib.ImageError, match=f"{tmp_path} is a folder, not an image file"):
+    images_lib.preprocess_image(str(tmp_path), S)
+
+
+def test_sixteen_bit_grayscale_keeps_the_reference_numbers_and_warns_once(tmp_path, caplog):
+  """PIL (hence the reference) clips 16-bit values to 255 on convert('RGB'); the numbers stay, the user is told."""
+  values = np.array([[0, 100, 255, 256], [1000, 20000, 40000, 65535]], np.uint16)
+  path = tmp_path / "deep.png"
+  Image.fromarray(values, "I;16").save(path)
+  assert Image.open(path).mode in ("I;16", "I")
+  before = images_lib.sixteen_bit_image_count()
+  with caplog.at_level(logging.WARNING, logger="qwenvl_jax.data"):
+    first = images_lib.preprocess_image(str(path), 4)
+    second = images_lib.preprocess_image(path.read_bytes(), 4)
+  reference = np.asarray(Image.open(path).convert("RGB").resize((4, 4), Image.BICUBIC))
+  np.testing.assert_array_equal(first, reference)
+  np.testing.assert_array_equal(second, reference)
+  assert images_lib.sixteen_bit_image_count() == before + 2
+  warnings = [m for m in caplog.messages if "16-bit grayscale" in m]
+  assert len(warnings) == (1 if before == 0 else 0)
