@@ -129,7 +129,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer) 
     if latest is not None:
       target = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), abstract_params,
                           setup.abstract_opt)
-      state = ckpt.restore(latest, target, data_iter)
+      # A damaged latest checkpoint (a truncated file) falls back to the newest intact one, with a warning.
+      latest, state = ckpt.restore_latest_intact(target, data_iter, warn=writer_msgs.append)
       writer_msgs.append(f"resumed {workdir} from step {latest}")
     else:
       if config.init:
@@ -193,6 +194,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer) 
       for step in range(start + 1, config.total_steps + 1):
         batch = data.to_global_batch(next(data_iter), mesh)
         state, step_metrics = jitted(state, batch)
+        ckpt.check_for_errors()  # a failed background save (disk full) stops the run now, not at the next save
         pending.append((step, step_metrics))
         writer.advance()
         boundary = step % config.log_every == 0 or step % config.checkpoint.every == 0
