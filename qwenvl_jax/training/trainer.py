@@ -9,7 +9,8 @@ The loop holds no model logic (that is `step.py`) and no I/O format (that is `ch
 `metrics.py`). It stops on:
 * `total_steps` reached: final checkpoint;
 * SIGTERM / SIGINT (preemption, Ctrl-C): finishes the current step, saves, exits with status 'preempted'
-  (multi-process runs agree on the stop at the next log or checkpoint boundary); `config.stop_at_step` does the
+  (multi-process runs agree on the step through JAX's preemption sync point, see `_PreemptionCheck`; at most one
+  step is in flight, so that is the next step); `config.stop_at_step` does the
   same at a given step (a planned interruption: the schedule still runs to `total_steps`);
 * a non-finite loss or gradient: raises `FloatingPointError` naming the step and the last good checkpoint; no
   checkpoint is written after the bad step (losses are checked before every save).
@@ -48,10 +49,17 @@ class TrainResult:
 
 
 class _StopRequest:
-  """Turns SIGTERM/SIGINT into a flag the loop polls (handlers only in the main thread; restored on exit)."""
+  """Turns SIGTERM/SIGINT into a flag the loop polls (handlers only in the main thread; restored on exit).
 
-  def __init__(self):
+  In a multi-process run with JAX's preemption service, SIGTERM belongs to JAX's own notifier (installed by
+  `jax.distributed.initialize`; a Python handler would replace it), and the loop asks
+  `reached_preemption_sync_point` instead: see `_PreemptionCheck`.
+  """
+
+  def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
     self.requested = False
+    self.signal = None
+    self._signals = tuple(signals)
     self._previous = {}
 
   def _handler(self, signum, frame):
@@ -61,13 +69,53 @@ class _StopRequest:
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
+      for sig in self._signals:
         self._previous[sig] = signal.signal(sig, self._handler)
     return self
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+
+
+def _preemption_service() -> bool:
+  """Whether JAX's preemption sync service runs (multi-process runs started with jax.distributed)."""
+  if jax.process_count() == 1:
+    return False
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top  (no public accessor for the manager)
+  return distributed.global_state.preemption_sync_manager is not None
+
+
+class _PreemptionCheck:
+  """Decides, identically on every process, whether to save and stop after a step.
+
+  * one process: a SIGTERM/SIGINT received during a step stops after it;
+  * several processes with JAX's preemption service: a SIGTERM on any host is propagated by the coordinator, and
+    `reached_preemption_sync_point(step)` (called every step, as it requires) is True on every host at the same
+    step, the first that all of them can still reach, i.e. the next one; a SIGINT (Ctrl-C, one terminal) is
+    agreed on at the next log/checkpoint boundary with an all-gather, as is SIGTERM without the service.
+  """
+
+  def __init__(self):
+    self.sync_point = _preemption_service()
+    self.stop = _StopRequest((signal.SIGINT,) if self.sync_point else (signal.SIGTERM, signal.SIGINT))
+
+  def __enter__(self):
+    self.stop.__enter__()
+    return self
+
+  def __exit__(self, *exc):
+    self.stop.__exit__(*exc)
+
+  def __call__(self, step: int, boundary: bool) -> bool:
+    if jax.process_count() == 1:
+      return self.stop.requested
+    if self.sync_point:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.stop.signal = "SIGTERM"
+        return True
+    return boundary and _any_process(self.stop.requested)
 
 
 def _any_process(flag: bool) -> bool:
@@ -190,17 +238,22 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer) 
           values = {k: float(m[k]) for k in ("loss", "grad_norm", "lr", "supervised_tokens")}
           writer.write(s, dict(values, **rates) if s == step else values)
 
-    with _StopRequest() as stop, sharding.use_rules(mesh, rules):
+    in_flight = None
+    with _PreemptionCheck() as stop_check, sharding.use_rules(mesh, rules):
       for step in range(start + 1, config.total_steps + 1):
         batch = data.to_global_batch(next(data_iter), mesh)
         state, step_metrics = jitted(state, batch)
+        if in_flight is not None:
+          # At most one step runs ahead of the host (async dispatch would otherwise queue many), so a stop request
+          # is honoured after the next step rather than after every queued one; the device is never idle.
+          jax.block_until_ready(in_flight)
+        in_flight = step_metrics["loss"]
         ckpt.check_for_errors()  # a failed background save (disk full) stops the run now, not at the next save
         pending.append((step, step_metrics))
         writer.advance()
         boundary = step % config.log_every == 0 or step % config.checkpoint.every == 0
         done = step == config.total_steps
-        stopping = stop.requested if jax.process_count() == 1 else (boundary and _any_process(stop.requested))
-        stopping = stopping or step == config.stop_at_step
+        stopping = stop_check(step, boundary) or step == config.stop_at_step
         if boundary or done or stopping:
           flush(step)
         if step % config.checkpoint.every == 0 or done or stopping:
