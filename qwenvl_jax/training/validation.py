@@ -50,8 +50,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   _choice(config.resume, "resume", ("auto", "force", "never"))
   _choice(config.distributed.initialize, "distributed.initialize", ("auto", "yes", "no"))
   _choice(config.optimizer.schedule, "optimizer.schedule", ("cosine", "constant"))
-  if not config.optimizer.lr > 0:
-    raise errors.ConfigError(f"config.optimizer.lr={config.optimizer.lr!r} must be > 0")
   try:
     cfg = model_config.get_preset(config.model, dtype=config.model_dtype, param_dtype=config.param_dtype,
                                   remat_policy=config.remat, attention_impl=config.attention_impl)
