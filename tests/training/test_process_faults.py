@@ -56,7 +56,8 @@ def _wait_for_step(workdir, step, proc, timeout):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads processes from /proc (Linux)")
-def test_grain_workers_die_with_a_sigkilled_trainer(tmp_path):
+def test_grain_workers_die_with_a_sigkilled_trainer(uninterrupted, tmp_path):
+  del uninterrupted  # compiled the same step: the subprocess takes it from the session's compilation cache
   cmd = [sys.executable, "-m", "qwenvl_jax.train"] + small_flags(
       2, tmp_path, **{"data.num_workers": 2, "total_steps": 1000})
   proc = subprocess.Popen(cmd, env=subprocess_env(), cwd=REPO, stdout=subprocess.DEVNULL,
