@@ -42,6 +42,21 @@ def report(error: BaseException) -> int:
   return errors.USER_ERROR_EXIT_CODE
 
 
+def quiet_libraries() -> None:
+  """Shows only warnings and errors of absl, orbax and JAX unless `--verbosity` was given.
+
+  At INFO, orbax logs every restore step and JAX logs "Unable to initialize backend 'tpu'" on any machine without
+  one: lines that bury a command's own output (the answer of `generate`).
+  """
+  from absl import flags, logging  # pylint: disable=g-import-not-at-top
+  if flags.FLAGS.is_parsed() and flags.FLAGS["verbosity"].present:
+    return
+  logging.set_verbosity(logging.WARNING)
+  import logging as py_logging  # pylint: disable=g-import-not-at-top
+  for name in ("jax", "jax._src.xla_bridge", "orbax", "absl"):
+    py_logging.getLogger(name).setLevel(py_logging.WARNING)
+
+
 def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
   """`absl.app.run(main)` with the behaviour of the module docstring; never returns (exits)."""
   argv = list(sys.argv if argv is None else argv)

@@ -93,3 +93,21 @@ def test_help_exits_0_for_every_entry_point():
 def test_absl_flags_untouched():
   """cli.run is used by the entry points only; importing it defines no flags."""
   assert "config" not in flags.FLAGS or flags.FLAGS["config"].name == "config"
+
+
+def test_quiet_libraries_hides_info_of_jax_orbax_and_absl():
+  """generate's answer was buried under absl/orbax INFO lines and "Unable to initialize backend 'tpu'" (INFO)."""
+  import logging  # pylint: disable=import-outside-toplevel
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+  names = ("jax._src.xla_bridge", "orbax", "absl")
+  before = {n: logging.getLogger(n).level for n in names}
+  verbosity = absl_logging.get_verbosity()
+  try:
+    cli.quiet_libraries()
+    for name in names:
+      assert not logging.getLogger(name).isEnabledFor(logging.INFO), name
+      assert logging.getLogger(name).isEnabledFor(logging.WARNING), name
+  finally:
+    for name, level in before.items():
+      logging.getLogger(name).setLevel(level)
+    absl_logging.set_verbosity(verbosity)

@@ -195,6 +195,14 @@ class CleanedPairs(tfds.core.GeneratorBasedBuilder):
   # nothing, so it has no checksums file and no source path to search.
   code_path = None
 
+  # TFDS prints "Downloading and preparing dataset ..." and "... downloaded and prepared" to stdout around the
+  # build; this builder downloads nothing and the job prints its own summary, so both lines are dropped.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
+
   def __init__(self, *, transform: CleanPairs | None = None, metadata: dict | None = None, **kwargs):
     self._transform = transform
     self._clean_metadata = metadata or {}

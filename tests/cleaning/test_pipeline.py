@@ -178,6 +178,9 @@ def test_command_line_on_two_direct_runner_workers_with_a_scorer(clean_inputs, t
   got = {ex["id"].decode(): ex["text"].decode() for ex in data}
   assert got == {cid: c.cleaned for cid, c in by_id.items() if c.with_scorer == "kept"}
   assert f"kept {len(got)} of {len(by_id)} pairs" in result.stdout
+  # Nothing is downloaded: TFDS's download lines are noise (issue 17); the report says how pairs were scored.
+  assert "Downloading and preparing" not in result.stdout + result.stderr
+  assert report["similarity_filter"] == f"scorer {report['scorer']} >= 0.5"
 
 
 @pytest.mark.parametrize("text, runner", [
