@@ -21,6 +21,7 @@ recompilation while serving is visible on `/health`.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -118,11 +119,14 @@ class Engine:
     buckets: allowed padded prompt lengths (those below C, and C itself).
     stop_ids: token ids that end a request (the chat format's `<|im_end|>` etc.); not shown.
     vocab_limit: ids >= this are never produced.
+    thread_context: entered by the engine thread around all its work (e.g. `sharding.use_rules(mesh, rules)`:
+      context variables do not reach a new thread).
   """
 
   def __init__(self, model, *, num_slots: int = 8, context: int = 2048, max_images: int = 4,
                prefill_batch: int = 4, buckets: Sequence[int] = decode.DEFAULT_BUCKETS,
-               stop_ids: Sequence[int] = (), vocab_limit: int | None = None):
+               stop_ids: Sequence[int] = (), vocab_limit: int | None = None,
+               thread_context: Callable[[], contextlib.AbstractContextManager] | None = None):
     if num_slots < 1 or prefill_batch < 1 or max_images < 0:
       raise ValueError(f"need num_slots >= 1, prefill_batch >= 1, max_images >= 0; got {num_slots}, "
                        f"{prefill_batch}, {max_images}")
@@ -147,6 +151,7 @@ class Engine:
     self._lock = threading.Lock()
     self._counts = collections.Counter()
     self.warmup_seconds: float | None = None
+    self._thread_context = thread_context or contextlib.nullcontext
 
   # ---- public, any thread -----------------------------------------------------------------------------------
 
@@ -205,13 +210,8 @@ class Engine:
   def _main(self, warm_up: bool) -> None:
     self._compiles.attach()
     try:
-      if warm_up:
-        t0 = time.monotonic()
-        self._warm_up()
-        self.warmup_seconds = round(time.monotonic() - t0, 3)
-      self._compiles.mark()
-      self._ready.set()
-      self._run()
+      with self._thread_context():
+        self._serve(warm_up)
     except BaseException as e:  # pylint: disable=broad-except  (reported to every waiting request)
       logging.exception("engine thread failed")
       self._error = e
@@ -223,6 +223,15 @@ class Engine:
         request.sink(Failed(f"engine failure: {e}"))
     finally:
       self._compiles.detach()
+
+  def _serve(self, warm_up: bool) -> None:
+    if warm_up:
+      t0 = time.monotonic()
+      self._warm_up()
+      self.warmup_seconds = round(time.monotonic() - t0, 3)
+    self._compiles.mark()
+    self._ready.set()
+    self._run()
 
   def _warm_up(self) -> None:
     """Compiles every program the loop can call: each image bucket, each (prefill size, length bucket), decode."""
