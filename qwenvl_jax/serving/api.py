@@ -7,6 +7,8 @@ loop never waits on the device. `stream: true` answers with server-sent events i
 (`data: {...}` lines, then `data: [DONE]`). A client that goes away (the stream is cancelled, or a non-streaming
 client disconnects) cancels its request, which frees its decode slot at the engine's next turn.
 
+Extensions (the way vLLM spells them): `top_k`; `ignore_eos` (decode to max_tokens; for benchmarks).
+
 Grounding: the final message carries `boxes` (an extension field), the answer's `<ref>`/`<box>` pairs in the
 [0, 1000) grid and in pixels of the latest image of the conversation; the text keeps the tags as generated.
 
@@ -168,8 +170,11 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
     options = body.get("stream_options") or {}
     include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
     stop = msg.as_list(body.get("stop"), "stop")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+      raise msg.RequestError("ignore_eos must be a boolean", param="ignore_eos")
     params = engine_lib.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                       seed=seed)
+                                       seed=seed, ignore_stop_tokens=ignore_eos)
     return _Completion(prompt, params, stop, stream, include_usage)
 
   @app.post("/v1/chat/completions")
@@ -275,3 +280,30 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
             "usage": _usage(end.prompt_tokens, end.completion_tokens)}
 
   return app
+
+
+class ThreadedServer:
+  """uvicorn serving `app` on host:port (port 0 = a free one) in a daemon thread: for tests and benchmarks that
+  need a real HTTP server next to the code that drives it."""
+
+  def __init__(self, app, host: str = "127.0.0.1", port: int = 0, start_timeout: float = 30.0):
+    import socket  # pylint: disable=import-outside-toplevel
+    import threading  # pylint: disable=import-outside-toplevel
+    import uvicorn  # pylint: disable=import-outside-toplevel
+    if not port:
+      with socket.socket() as s:
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    self.port, self.url = port, f"http://{host}:{port}"
+    self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    self._thread = threading.Thread(target=self._server.run, daemon=True, name="uvicorn")
+    self._thread.start()
+    deadline = time.monotonic() + start_timeout
+    while not self._server.started:
+      if time.monotonic() > deadline or not self._thread.is_alive():
+        raise RuntimeError(f"uvicorn did not start on {self.url}")
+      time.sleep(0.02)
+
+  def stop(self) -> None:
+    self._server.should_exit = True
+    self._thread.join(10)

@@ -8,12 +8,13 @@ Loop of the engine thread (`Engine._run`):
   3. admit waiting requests into free slots, up to `prefill_batch` at a time: their images are encoded in one
      call, their prompts prefilled together (left-padded to the length bucket of the longest, the batch padded
      to a prefill-size bucket) and their first tokens sampled; they decode from the next step on;
-  4. one decode step of every slot (inactive slots compute and are ignored: the shape never changes).
+  4. one decode step of the first R slots, R the power of two covering the highest busy slot (free slots among
+     them compute and are ignored; slots are taken lowest first, so R follows the load).
 Each new token goes to its request's `sink` (a callable; the HTTP layer forwards it to an asyncio queue). A
 request ends on a stop token of the chat format (`stop_ids`, not shown), after `max_tokens`, or when cancelled;
 its slot is free for the next admission in the same loop turn.
 
-Every program is compiled by `warm_up` (each prefill bucket, each image bucket, the decode step); the compile
+Every program is compiled by `warm_up` (each prefill bucket, each image bucket, each decode size); the compile
 events of the engine thread are counted with `jax.monitoring` (`compile_monitor`) and reported by `stats`, so a
 recompilation while serving is visible on `/health`.
 """
@@ -39,12 +40,14 @@ from qwenvl_jax.serving.slots import Sampling, SlotModel
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-  """One request's decoding: max_tokens >= 1; temperature 0 = greedy; top_k 0 = off; top_p 1 = off; seed."""
+  """One request's decoding: max_tokens >= 1; temperature 0 = greedy; top_k 0 = off; top_p 1 = off; seed;
+  ignore_stop_tokens: run to max_tokens whatever is generated (benchmarks; vLLM's `ignore_eos`)."""
   max_tokens: int
   temperature: float = 0.0
   top_p: float = 1.0
   top_k: int = 0
   seed: int = 0
+  ignore_stop_tokens: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +140,7 @@ class Engine:
     self.prefill_sizes = _powers_of_two_up_to(min(prefill_batch, num_slots))
     self.length_buckets = tuple(sorted({b for b in buckets if b < context} | {context}))
     self.image_buckets = _powers_of_two_up_to(max(1, self.prefill_sizes[-1] * max_images))
+    self.decode_sizes = _powers_of_two_up_to(num_slots)
     self.stop_ids = frozenset(int(t) for t in stop_ids)
     self.slots = SlotModel(model, num_slots=num_slots, context=context, feature_slots=self.image_buckets[-1],
                            vocab_limit=vocab_limit)
@@ -245,10 +249,10 @@ class Engine:
         self.slots.prefill(ids, np.ones(k, np.int32), np.zeros(k, np.int32), self.slots.no_features,
                            np.full(k, drop, np.int32), np.full(k, self.cfg.llm.rope_base, np.float32),
                            _sampling([SamplingParams(1)] * k, [0] * k)).block_until_ready()
-    b = self.num_slots
-    self.slots.decode(np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, bool),
-                      np.full(b, self.cfg.llm.rope_base, np.float32),
-                      _sampling([SamplingParams(1, temperature=1.0)] * b, [0] * b)).block_until_ready()
+    for b in self.decode_sizes:
+      self.slots.decode(np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, bool),
+                        np.full(b, self.cfg.llm.rope_base, np.float32),
+                        _sampling([SamplingParams(1, temperature=1.0)] * b, [0] * b)).block_until_ready()
 
   def _run(self) -> None:
     while not self._stop.is_set():
@@ -332,13 +336,14 @@ class Engine:
       self._deliver(row, int(first[i]))
 
   def _step(self) -> None:
-    b = self.num_slots
+    # Slots are taken lowest index first, so the busy ones gather at the front: decode only a bucket covering them.
+    b = _bucket(max(i for i, s in enumerate(self._active) if s is not None) + 1, self.decode_sizes)
     tokens = np.zeros(b, np.int32)
     positions = np.zeros(b, np.int32)
     active = np.zeros(b, bool)
     rope = np.full(b, self.cfg.llm.rope_base, np.float32)
     params, counts = [], []
-    for i, slot in enumerate(self._active):
+    for i, slot in enumerate(self._active[:b]):
       if slot is None:
         params.append(SamplingParams(1))
         counts.append(0)
@@ -351,7 +356,7 @@ class Engine:
     with self._lock:
       self._counts["decode_steps"] += 1
       self._counts["decoded_tokens"] += int(active.sum())
-    for i, slot in enumerate(self._active):
+    for i, slot in enumerate(self._active[:b]):
       if slot is not None:
         slot.position += 1
         slot.last_token = int(nxt[i])
@@ -363,7 +368,7 @@ class Engine:
       self._finish(i, "cancelled")
       return
     slot.generated += 1
-    if token in self.stop_ids:
+    if token in self.stop_ids and not slot.request.params.ignore_stop_tokens:
       self._finish(i, "stop")
       return
     slot.request.sink(Token(token))

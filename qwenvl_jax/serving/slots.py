@@ -7,7 +7,7 @@ L layers, S image side.
 
   encode(images uint8[n, S, S, 3])                     -> feats [F, Q, D] (ViT + adapter, zero-padded to F)
   prefill(cache, ids[k, P], lengths, first_image, feats, rows, ...) -> first tokens int32[k], cache
-  decode(cache, tokens[B], positions[B], active[B], ...) -> next tokens int32[B], cache
+  decode(cache, tokens[R], positions[R], active[R], ...) -> next tokens int32[R], cache   (the first R rows)
 
 Every slot row of the cache belongs to one request at a time. A request's prompt occupies its row's slots
 0 .. len-1 and its n-th new token slot len + n, so the cache slot equals the RoPE position and rows advance
@@ -16,8 +16,9 @@ prompts left-padded, as `decode.prefill` (the last position is the next-token lo
 logits), then rolls each row left by its padding and writes it into its slot row, clearing the rest of the row
 (the previous occupant's keys are never attended again: their segment ids are 0).
 
-Shapes are fixed per (k, P) for prefill, per n for encode and once for decode, so a server warms them all up
-front and never compiles again (`engine.Engine.warm_up`). Images are encoded in one call for every joining
+Shapes are fixed per (k, P) for prefill, per n for encode and per R for decode (R: a power of two covering the
+highest busy slot, so one client costs a one-row step, not a B-row one), so a server warms them all up front and
+never compiles again (`engine.Engine.warm_up`). Images are encoded in one call for every joining
 request (any number per request, anywhere in its history); the k-th `<imgpad>` of a prompt takes feature
 k % Q of the prompt's image k // Q, as `QwenVL.embed`. Dynamic NTK (per-row RoPE base, decided at prefill and
 kept) and logn scaling are on, as in `decode.Generator`.
@@ -95,16 +96,23 @@ def _prefill(graphdef, vocab_limit, state, cache: KVCache, ids, lengths, first_i
 
 def _decode(graphdef, vocab_limit, state, cache: KVCache, tokens, positions, active, rope_base,
             sampling: Sampling):
-  """tokens int32[B] at int32[B] positions (= cache slots); inactive rows write segment 0 (never a key) and their
-  outputs are ignored. Returns (int32[B] next tokens, cache)."""
+  """tokens int32[R] at int32[R] positions (= cache slots) for the first R rows of the cache (R <= B, a
+  decode-size bucket covering every active slot); inactive rows write segment 0 (never a key) and their outputs
+  are ignored. Returns (int32[R] next tokens, cache)."""
   model = _merge(graphdef, state)
+  r = tokens.shape[0]
+  rows = KVCache(cache.k[:, :r], cache.v[:, :r], cache.segment_ids[:r])
   seg = active.astype(jnp.int32)[:, None]
-  logits, cache = model.llm(model.llm.embed(tokens[:, None]), positions=positions[:, None], segment_ids=seg,
-                            cache=cache, cache_index=positions, rope_base=rope_base[:, None, None], logn=True)
+  logits, rows = model.llm(model.llm.embed(tokens[:, None]), positions=positions[:, None], segment_ids=seg,
+                           cache=rows, cache_index=positions, rope_base=rope_base[:, None, None], logn=True)
   nxt = slot_sampling.select(logits[:, 0], temperature=sampling.temperature, top_k=sampling.top_k,
                              top_p=sampling.top_p, seeds=sampling.seed, counts=sampling.count,
                              vocab_limit=vocab_limit)
-  return nxt, cache
+  if r == cache.segment_ids.shape[0]:
+    return nxt, rows
+  # The other rows are untouched; the donated cache is updated in place.
+  return nxt, KVCache(cache.k.at[:, :r].set(rows.k), cache.v.at[:, :r].set(rows.v),
+                      cache.segment_ids.at[:r].set(rows.segment_ids))
 
 
 class SlotModel:
@@ -143,7 +151,7 @@ class SlotModel:
 
   def decode(self, tokens: np.ndarray, positions: np.ndarray, active: np.ndarray, rope_base: np.ndarray,
              sampling: Sampling) -> jax.Array:
-    """One step of every slot: int32[B] next tokens (on device)."""
+    """One step of the first R slots (R = len(tokens)): int32[R] next tokens (on device)."""
     nxt, self.cache = self._decode(self.graphdef, self.vocab_limit, self.state, self.cache, tokens, positions,
                                    active, rope_base, sampling)
     return nxt

@@ -4,13 +4,8 @@
 Small shapes keep warm-up short on a 2-core CPU: 4 slots, a 160-token context, prompt buckets 64 and 160, up to
 2 images per request and 2 requests per prefill.
 """
-import socket
-import threading
-import time
-
 import pytest
 import requests
-import uvicorn
 from flax import nnx
 
 from qwenvl_jax.data.synthetic import synthetic_corpus
@@ -46,30 +41,7 @@ def engine(serve_model, serve_tok):
   eng.shutdown()
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-class Server:
-  """uvicorn serving `app` on 127.0.0.1:<free port> in a daemon thread."""
-
-  def __init__(self, app):
-    self.port = free_port()
-    self.url = f"http://127.0.0.1:{self.port}"
-    self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-    self._thread = threading.Thread(target=self._server.run, daemon=True)
-    self._thread.start()
-    deadline = time.monotonic() + 30
-    while not self._server.started:
-      if time.monotonic() > deadline:
-        raise RuntimeError("uvicorn did not start")
-      time.sleep(0.05)
-
-  def stop(self):
-    self._server.should_exit = True
-    self._thread.join(10)
+Server = api.ThreadedServer
 
 
 @pytest.fixture(scope="session")

@@ -85,13 +85,23 @@ def _prompts():
   ]
 
 
+def _sample(client, p, seed):
+  return client.chat.completions.create(model=MODEL_NAME, messages=p, max_tokens=12, temperature=1.0, top_p=0.9,
+                                        seed=seed, extra_body={"top_k": 50}).choices[0].message.content
+
+
 def test_concurrent_requests_answer_exactly_what_they_answer_alone(client):
+  """Greedy and sampled requests (each slot with its own settings and seed) give the same answer alone and
+  among 13 others on 4 slots (so they join running batches at different steps, in different slots)."""
   prompts = _prompts()
   alone = [ask(client, p).choices[0].message.content for p in prompts]
-  with concurrent.futures.ThreadPoolExecutor(len(prompts) * 2) as pool:  # 12 requests, 4 slots: some wait
-    together = list(pool.map(lambda p: ask(client, p).choices[0].message.content, prompts * 2))
-  assert together == alone * 2
-  assert len(set(alone)) > 1  # the prompts really differ
+  sampled_alone = [_sample(client, prompts[0], seed) for seed in (1, 2)]
+  jobs = [lambda p=p: ask(client, p).choices[0].message.content for p in prompts * 2]
+  jobs += [lambda seed=seed: _sample(client, prompts[0], seed) for seed in (1, 2)]
+  with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+    together = list(pool.map(lambda job: job(), jobs))
+  assert together == alone * 2 + sampled_alone
+  assert len(set(alone)) > 1 and sampled_alone[0] != sampled_alone[1]  # the prompts and seeds really differ
 
 
 BAD = [
