@@ -86,6 +86,9 @@ def stage_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
   c.param_dtype = "float32"
   c.remat = "none" if model == "tiny" else "full"   # none | full | dots | dots_no_batch
   c.attention_impl = "xla"
+  # Tokens per chunk of the loss (qwenvl_jax/model/losses.py): the float32 [rows, T, V] logits and their gradient
+  # are never built whole; 0 = the unchunked loss over the full logits.
+  c.loss_chunk = 512
   # Stage 3: freeze ViT + ln_post + proj like the official finetune.py (True) or only the ViT like the paper.
   c.fix_vit = _bool(args.get("fix_vit", "true"), "fix_vit")
   c.frozen = ""                   # '' = the stage's filters; 'none'; or one full-match path regex

@@ -126,7 +126,20 @@ class QwenLM(nnx.Module):
   def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array,
                cache: KVCache | None = None, cache_index: jax.Array | int | None = None,
                rope_base: jax.Array | float | None = None, logn: bool = False):
-    """Runs the decoder on embeddings.
+    """Logits of the decoder on embeddings: `features` then `lm_head` (same arguments).
+
+    Returns:
+      (logits float[B, T, V] in the compute dtype, updated KVCache or None).
+    """
+    h, new_cache = self.features(x, positions=positions, segment_ids=segment_ids, cache=cache,
+                                 cache_index=cache_index, rope_base=rope_base, logn=logn)
+    logits = self.lm_head(h)
+    return sharding.constrain(logits, ("act_batch", "act_len", "act_vocab")), new_cache
+
+  def features(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array,
+               cache: KVCache | None = None, cache_index: jax.Array | int | None = None,
+               rope_base: jax.Array | float | None = None, logn: bool = False):
+    """Runs the decoder on embeddings up to the final norm (the `lm_head` input).
 
     Args:
       x: float[B, T, D] input embeddings (image features already written in).
@@ -138,7 +151,7 @@ class QwenLM(nnx.Module):
       logn: apply the reference's logn query scaling (inference only).
 
     Returns:
-      (logits float[B, T, V] in the compute dtype, updated KVCache or None).
+      (hidden states float[B, T, D] after `ln_f` in the compute dtype, updated KVCache or None).
     """
     c = self.cfg
     t = x.shape[1]
@@ -184,5 +197,4 @@ class QwenLM(nnx.Module):
 
       x, k, v = run_cached(x, self.blocks, cache.k, cache.v)
       new_cache = KVCache(k, v, kv_segments)
-    logits = self.lm_head(self.ln_f(x))
-    return sharding.constrain(logits, ("act_batch", "act_len", "act_vocab")), new_cache
+    return sharding.constrain(self.ln_f(x), ("act_batch", "act_len", "act_embed")), new_cache

@@ -70,6 +70,21 @@ class QwenVL(nnx.Module):
     Without a cache the call returns only the logits; with a cache it returns (logits, cache) — see
     `QwenLM.__call__` for the cache arguments and the inference-only `rope_base`/`logn` options.
     """
+    h, new_cache = self.features(input_ids, images=images, image_mask=image_mask, positions=positions,
+                                 segment_ids=segment_ids, stop_vision_grad=stop_vision_grad, cache=cache,
+                                 cache_index=cache_index, rope_base=rope_base, logn=logn)
+    logits = sharding.constrain(self.llm.lm_head(h), ("act_batch", "act_len", "act_vocab"))
+    return logits if cache is None else (logits, new_cache)
+
+  def features(self, input_ids: jax.Array, *, images: jax.Array | None = None,
+               image_mask: jax.Array | None = None, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, stop_vision_grad: bool = False,
+               cache: KVCache | None = None, cache_index=None, rope_base=None, logn: bool = False):
+    """(hidden states float[B, T, D] after the final norm, updated cache or None): `__call__` without `lm_head`.
+
+    The chunked loss (`model.losses`) applies `llm.lm_head`'s kernel to these a few tokens at a time, so the full
+    [B, T, V] logits never exist.
+    """
     b, t = input_ids.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -77,6 +92,5 @@ class QwenVL(nnx.Module):
       segment_ids = jnp.ones((b, t), jnp.int32)
     x = self.embed(input_ids, images, image_mask, stop_vision_grad=stop_vision_grad)
     x = sharding.constrain(x, ("act_batch", "act_len", "act_embed"))
-    logits, new_cache = self.llm(x, positions=positions, segment_ids=segment_ids, cache=cache,
-                                 cache_index=cache_index, rope_base=rope_base, logn=logn)
-    return logits if cache is None else (logits, new_cache)
+    return self.llm.features(x, positions=positions, segment_ids=segment_ids, cache=cache,
+                             cache_index=cache_index, rope_base=rope_base, logn=logn)

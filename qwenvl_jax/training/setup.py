@@ -73,7 +73,7 @@ def build_step(config: ml_collections.ConfigDict, cfg: QwenVLConfig, mesh, rules
   label_of = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(labels)[0]}
   vit_frozen = all(v == FROZEN for k, v in label_of.items() if k.startswith("visual/"))
   step_fn = make_train_step(graphdef, tx, labels, schedule, accum_steps=config.accum_steps,
-                            stop_vision_grad=vit_frozen)
+                            stop_vision_grad=vit_frozen, loss_chunk=int(config.get("loss_chunk", 0)))
   replicated = NamedSharding(mesh, PartitionSpec())
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   # Each Adam moment sharded like its parameter (left to the compiler, tx.init's zeros come back replicated).

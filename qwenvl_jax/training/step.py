@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 
 from qwenvl_jax import sharding
+from qwenvl_jax.model import losses
 from qwenvl_jax.training.optimizer import split_by_labels
 from qwenvl_jax.tree_paths import unflatten
 
@@ -58,23 +59,31 @@ def _constrain_batch(batch: dict) -> dict:
   return {k: sharding.constrain(v, ("act_batch",) + (None,) * (v.ndim - 1)) for k, v in batch.items()}
 
 
-def make_loss_fn(graphdef: nnx.GraphDef, *, stop_vision_grad: bool) -> Callable:
-  """loss_sum(trainable_flat, frozen_flat, batch) -> (sum of token losses, (number of supervised tokens,))."""
+def make_loss_fn(graphdef: nnx.GraphDef, *, stop_vision_grad: bool, loss_chunk: int = 0) -> Callable:
+  """loss_sum(trainable_flat, frozen_flat, batch) -> (sum of token losses, number of supervised tokens).
+
+  loss_chunk: > 0 computes the loss from the final hidden states `loss_chunk` tokens at a time
+  (`model.losses.chunked_cross_entropy_sum`: the [b, T, V] logits never exist); 0 builds the full logits.
+  """
 
   def loss_sum(trainable: dict, frozen: dict, batch: dict):
     model = nnx.merge(graphdef, unflatten({**frozen, **trainable}, sep="/"))
-    logits = model(batch["input_ids"], images=batch["images"], image_mask=batch["image_mask"],
-                   positions=batch["positions"], segment_ids=batch["segment_ids"],
-                   stop_vision_grad=stop_vision_grad)
-    total, count = cross_entropy_sum(logits, batch["targets"], batch["loss_mask"])
-    return total, count
+    kw = dict(images=batch["images"], image_mask=batch["image_mask"], positions=batch["positions"],
+              segment_ids=batch["segment_ids"], stop_vision_grad=stop_vision_grad)
+    if loss_chunk > 0:
+      hidden, _ = model.features(batch["input_ids"], **kw)
+      head = model.llm.lm_head
+      return losses.chunked_cross_entropy_sum(hidden, head.kernel[...], batch["targets"], batch["loss_mask"],
+                                              chunk_size=loss_chunk, dtype=head.dtype)
+    logits = model(batch["input_ids"], **kw)
+    return cross_entropy_sum(logits, batch["targets"], batch["loss_mask"])
 
   return loss_sum
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, labels: Any,
-                    schedule: optax.Schedule, *, accum_steps: int = 1, stop_vision_grad: bool = False
-                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+                    schedule: optax.Schedule, *, accum_steps: int = 1, stop_vision_grad: bool = False,
+                    loss_chunk: int = 0) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """The train step (state, batch) -> (new state, metrics), to be jitted by the caller.
 
   Args:
@@ -84,6 +93,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, la
     schedule: its learning-rate schedule (for the metrics).
     accum_steps: A; the global batch is split into A micro-batches of B / A rows, scanned sequentially.
     stop_vision_grad: cut the backward pass at the ViT output (set when the ViT is frozen).
+    loss_chunk: tokens per chunk of the chunked loss (`make_loss_fn`); 0 = full logits.
 
   Returns:
     A function of (TrainState, batch dict of DESIGN §4 arrays with B rows). Metrics (float32 scalars): loss
@@ -92,7 +102,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, la
   """
   if accum_steps < 1:
     raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
-  grad_fn = jax.value_and_grad(make_loss_fn(graphdef, stop_vision_grad=stop_vision_grad), has_aux=True)
+  grad_fn = jax.value_and_grad(make_loss_fn(graphdef, stop_vision_grad=stop_vision_grad, loss_chunk=loss_chunk),
+                               has_aux=True)
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     missing = set(BATCH_KEYS) - set(batch)
