@@ -3,7 +3,8 @@
 `get_config(arg)` takes a comma-separated `key=value` string after the file name:
   python -m qwenvl_jax.train --config=configs/stage2.py:model=qwen_vl_7b,res=448
 Arg keys: model (tiny | mid | qwen_vl_7b), res (224 | 448 | any multiple of the patch size), fix_vit (stage 3),
-scale (demo | paper). Every field can then be overridden with `--config.<field>=...`.
+scale (demo | paper), lora (LoRA rank; 0 = full fine-tuning). Every field can then be overridden with
+`--config.<field>=...`.
 
 Two scales:
 * `paper` (the default for `mid` and `qwen_vl_7b`): the hyperparameters of RECIPES §3.3 / SPEC §6.1 — AdamW
@@ -16,6 +17,7 @@ Two scales:
 import ml_collections
 
 from qwenvl_jax.data import default_data_config
+from qwenvl_jax.model.lora import OFFICIAL_TARGETS as _LORA_TARGETS
 
 # Per stage, paper scale: (lr, min_lr, warmup, steps, global batch, accumulation, seq_len, res, vit_layer_decay,
 # max image slots per row). Image slots: stage 1 fits one 258-token image span in 512 tokens; packed stage-2 rows
@@ -53,9 +55,9 @@ def parse_arg(arg: str | None) -> dict[str, str]:
     if not sep or not key.strip():
       raise ValueError(f"config arg item {item!r} is not key=value (arg: {arg!r})")
     out[key.strip()] = value.strip()
-  unknown = set(out) - {"model", "res", "fix_vit", "scale"}
+  unknown = set(out) - {"model", "res", "fix_vit", "scale", "lora"}
   if unknown:
-    raise ValueError(f"unknown config arg keys {sorted(unknown)}; known: model, res, fix_vit, scale")
+    raise ValueError(f"unknown config arg keys {sorted(unknown)}; known: model, res, fix_vit, scale, lora")
   return out
 
 
@@ -140,6 +142,17 @@ def stage_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
   c.distributed.coordinator = ""     # host:port to start processes by hand (then num_processes, process_id)
   c.distributed.num_processes = 1
   c.distributed.process_id = 0
+
+  # LoRA (qwenvl_jax/training/peft.py): rank > 0 trains only float32 adapters on a frozen base held in base_dtype.
+  # Defaults are the official finetune.py's (r 64, alpha 16, dropout 0.05 on c_attn, attn.c_proj, w1, w2).
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = int(args.get("lora", 0))
+  c.lora.alpha = 16.0
+  c.lora.dropout = 0.05
+  # Comma-separated full-match regexes over Einsum module paths (e.g. add 'visual/blocks/.*' for the ViT).
+  c.lora.targets = ",".join(_LORA_TARGETS)
+  c.lora.modules_to_save = ""      # '' or 'wte,lm_head' (LoRA on the base model, as the official code does)
+  c.lora.base_dtype = "bfloat16"   # the frozen base weights: no float32 master copy
 
   c.peak_flops_per_device = 0.0    # > 0 overrides the chip table (e.g. to report an MFU on CPU)
   c.progress_bar = True

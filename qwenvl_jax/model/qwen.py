@@ -48,13 +48,15 @@ class SelfAttention(nnx.Module):
     self.scale = 1.0 / float(np.asarray(np.sqrt(h), dtype=dtype))
     self.impl = impl
 
-  def __call__(self, x, cos, sin, mask, q_scale, kv=None, cache_index=None, segment_ids=None):
+  def __call__(self, x, cos, sin, mask, q_scale, kv=None, cache_index=None, segment_ids=None, dropout_key=None):
     """x float[B, T, D] -> (float[B, T, D], (k, v) updated cache entries or None).
 
     kv: optional (k, v) float[B, S, N, H] of this layer; the new keys/values are written at `cache_index`.
     q_scale: optional float32[B, T] logn factor applied to q (inference only).
+    dropout_key: LoRA dropout key (training only; None = none).
     """
-    qkv = self.qkv(x)
+    keys = [None] * 2 if dropout_key is None else list(jax.random.split(dropout_key, 2))
+    qkv = self.qkv(x, keys[0])
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q = positional.apply_rope(q, cos, sin)
     k = positional.apply_rope(k, cos, sin)
@@ -69,7 +71,7 @@ class SelfAttention(nnx.Module):
       q = (q.astype(jnp.float32) * q_scale[:, :, None, None]).astype(q.dtype)
     out = attention.dot_product_attention(q, k, v, mask=mask, scale=self.scale, impl=self.impl,
                                           segment_ids=segment_ids if kv is None else None)
-    return self.out(out), new_kv
+    return self.out(out, keys[1]), new_kv
 
 
 class DecoderBlock(nnx.Module):
@@ -82,10 +84,11 @@ class DecoderBlock(nnx.Module):
     self.ln_2 = layers.RMSNorm(cfg.width, eps=cfg.rms_eps, **kw)
     self.mlp = layers.SwiGLU(cfg.width, cfg.mlp_dim, **kw)
 
-  def __call__(self, x, cos, sin, mask, q_scale, kv=None, cache_index=None, segment_ids=None):
-    attn_out, new_kv = self.attn(self.ln_1(x), cos, sin, mask, q_scale, kv, cache_index, segment_ids)
+  def __call__(self, x, cos, sin, mask, q_scale, kv=None, cache_index=None, segment_ids=None, dropout_key=None):
+    keys = [None] * 2 if dropout_key is None else list(jax.random.split(dropout_key, 2))
+    attn_out, new_kv = self.attn(self.ln_1(x), cos, sin, mask, q_scale, kv, cache_index, segment_ids, keys[0])
     h = x + attn_out
-    out = h + self.mlp(self.ln_2(h))
+    out = h + self.mlp(self.ln_2(h), keys[1])
     return sharding.constrain(out, ("act_batch", "act_len", "act_embed")), new_kv
 
 
@@ -138,7 +141,8 @@ class QwenLM(nnx.Module):
 
   def features(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array,
                cache: KVCache | None = None, cache_index: jax.Array | int | None = None,
-               rope_base: jax.Array | float | None = None, logn: bool = False):
+               rope_base: jax.Array | float | None = None, logn: bool = False,
+               dropout_key: jax.Array | None = None):
     """Runs the decoder on embeddings up to the final norm (the `lm_head` input).
 
     Args:
@@ -149,6 +153,7 @@ class QwenLM(nnx.Module):
       cache_index: int32 scalar slot of the first new token (required with a cache).
       rope_base: RoPE base (default the config's); pass the dynamic-NTK base at inference.
       logn: apply the reference's logn query scaling (inference only).
+      dropout_key: the LoRA dropout key of this call (training only; split per layer and projection).
 
     Returns:
       (hidden states float[B, T, D] after `ln_f` in the compute dtype, updated KVCache or None).
@@ -175,13 +180,20 @@ class QwenLM(nnx.Module):
     # Without a cache the mask is segment_causal_mask(segment_ids) over one sequence: kernels may use the ids.
     seg_for_kernel = segment_ids if cache is None else None
 
-    def block_fn(x, block, kv):
-      return block(x, cos, sin, mask, q_scale, kv, cache_index, seg_for_kernel)
+    def block_fn(x, block, kv, key=None):
+      return block(x, cos, sin, mask, q_scale, kv, cache_index, seg_for_kernel, key)
 
     if self.remat_policy != "none" and cache is None:
       block_fn = nnx.remat(block_fn, policy=layers.remat_policy(self.remat_policy), prevent_cse=False)
 
-    if cache is None:
+    if cache is None and dropout_key is not None:
+      @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def run_dropout(x, block, key):
+        return block_fn(x, block, None, key)[0]
+
+      x = run_dropout(x, self.blocks, jax.random.split(dropout_key, c.layers))
+      new_cache = None
+    elif cache is None:
       @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
       def run(x, block):
         return block_fn(x, block, None)[0]
