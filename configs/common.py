@@ -16,6 +16,7 @@ Two scales:
 """
 import ml_collections
 
+from qwenvl_jax import distributed
 from qwenvl_jax.data import default_data_config
 from qwenvl_jax.model.lora import OFFICIAL_TARGETS as _LORA_TARGETS
 
@@ -137,11 +138,7 @@ def stage_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
   c.synthetic_vocab_size = 1000
   c.data = default_data_config(stage)
 
-  c.distributed = ml_collections.ConfigDict()
-  c.distributed.initialize = "auto"  # auto | yes | no
-  c.distributed.coordinator = ""     # host:port to start processes by hand (then num_processes, process_id)
-  c.distributed.num_processes = 1
-  c.distributed.process_id = 0
+  c.distributed = distributed.default_config()   # multi-process start-up (qwenvl_jax/distributed.py)
 
   # LoRA (qwenvl_jax/training/peft.py): rank > 0 trains only float32 adapters on a frozen base held in base_dtype.
   # Defaults are the official finetune.py's (r 64, alpha 16, dropout 0.05 on c_attn, attn.c_proj, w1, w2).

@@ -1,10 +1,14 @@
-"""Token cross-entropy from the final hidden states, a chunk of tokens at a time: the full logits never exist.
+"""Token cross-entropy, shared by training (the loss) and inference (likelihood scoring), whole or chunked.
 
-Letters: B rows, T tokens, C tokens per chunk, K = ceil(T / C) chunks, D LLM width, V vocabulary.
+Letters: B rows, T tokens, V vocabulary, C tokens per chunk, K = ceil(T / C) chunks, D LLM width.
 
-At full size the `[B, T, 151936]` logits upcast to float32 are the largest activation of a training step (about
-10 GB per chip at the stage-2 micro-batch on v5p-128), and their gradient is another buffer of the same size. Here
-the `lm_head` matmul, the float32 log-softmax and the pick of the target logit run inside a `lax.scan` over K
+Logits are upcast to float32 before the log-softmax (bf16 logits would lose the small differences between the
+options of a multiple-choice question, and the training loss is reported in float32); the cross-entropy itself is
+`optax.losses.softmax_cross_entropy_with_integer_labels` (logsumexp minus the target logit).
+
+Chunked (`chunked_*`, from the final hidden states and the `lm_head` kernel): at full size the `[B, T, 151936]`
+logits upcast to float32 are the largest activation of a training step (about 10 GB per chip at the stage-2
+micro-batch on v5p-128), and their gradient is another buffer of the same size. Here the `lm_head` matmul, the float32 log-softmax and the pick of the target logit run inside a `lax.scan` over K
 sequence chunks, and the chunk body is `jax.checkpoint`ed with nothing saved: the forward pass keeps only the
 per-token losses, the backward pass recomputes one chunk's `[B, C, V]` logits at a time and turns them into that
 chunk's hidden-state gradient and its share of the `lm_head` kernel gradient (accumulated by the scan in the
@@ -20,17 +24,33 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from qwenvl_jax import sharding
 
 
 def token_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """Per-token cross-entropy float32[B, T] of logits float[B, T, V] (any float dtype, upcast first) against
-  targets int32[B, T]."""
-  logits = logits.astype(jnp.float32)
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  return logz - picked
+  """Per-token cross-entropy float32[B, T] of logits float[B, T, V] (any float dtype) against targets int[B, T].
+
+  Pure and jit-able; `targets` must lie in [0, V).
+  """
+  return optax.losses.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                                targets.astype(jnp.int32))
+
+
+def cross_entropy_sum(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Masked token cross-entropy in float32, as a sum and a count (so micro-batches add up exactly).
+
+  Args:
+    logits: float[B, T, V] (any float dtype; upcast before the log-softmax).
+    targets: int32[B, T], already shifted by the pipeline.
+    loss_mask: float32[B, T], 1 where the target is supervised.
+
+  Returns:
+    (sum of masked losses float32[], number of supervised tokens float32[]).
+  """
+  mask = loss_mask.astype(jnp.float32)
+  return jnp.sum(token_cross_entropy(logits, targets) * mask), jnp.sum(mask)
 
 
 def chunked_token_cross_entropy(hidden: jax.Array, kernel: jax.Array, targets: jax.Array, *,

@@ -35,6 +35,13 @@ class KVCache(NamedTuple):
   segment_ids: jax.Array  # int32[B, S]; 0 = empty slot or padding (never attended)
 
 
+class ModelOutput(NamedTuple):
+  """What `QwenLM` and `QwenVL` return, with or without a cache (one type, so callers never branch)."""
+
+  logits: jax.Array  # float[B, T, V] in the compute dtype
+  cache: KVCache | None  # the updated cache when one was passed, else None
+
+
 class SelfAttention(nnx.Module):
   """Causal multi-head self-attention with the fused blocked QKV (`c_attn`) and `c_proj`."""
 
@@ -128,16 +135,17 @@ class QwenLM(nnx.Module):
 
   def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array,
                cache: KVCache | None = None, cache_index: jax.Array | int | None = None,
-               rope_base: jax.Array | float | None = None, logn: bool = False):
+               rope_base: jax.Array | float | None = None, logn: bool = False,
+               dropout_key: jax.Array | None = None) -> ModelOutput:
     """Logits of the decoder on embeddings: `features` then `lm_head` (same arguments).
 
     Returns:
-      (logits float[B, T, V] in the compute dtype, updated KVCache or None).
+      ModelOutput(logits float[B, T, V] in the compute dtype, updated KVCache or None).
     """
     h, new_cache = self.features(x, positions=positions, segment_ids=segment_ids, cache=cache,
-                                 cache_index=cache_index, rope_base=rope_base, logn=logn)
+                                 cache_index=cache_index, rope_base=rope_base, logn=logn, dropout_key=dropout_key)
     logits = self.lm_head(h)
-    return sharding.constrain(logits, ("act_batch", "act_len", "act_vocab")), new_cache
+    return ModelOutput(sharding.constrain(logits, ("act_batch", "act_len", "act_vocab")), new_cache)
 
   def features(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array,
                cache: KVCache | None = None, cache_index: jax.Array | int | None = None,

@@ -20,9 +20,10 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from qwenvl_jax import data, sharding
+from qwenvl_jax import sharding
 from qwenvl_jax.model import config as model_config
-from qwenvl_jax.planning import aot, chips, mesh as mesh_lib
+from qwenvl_jax.hardware import chips
+from qwenvl_jax.planning import aot, mesh as mesh_lib
 from qwenvl_jax.training import flops
 from qwenvl_jax.training.optimizer import make_is_frozen, path_str
 from qwenvl_jax.training.setup import build_step
@@ -71,7 +72,7 @@ def plan_stage(config: ml_collections.ConfigDict, topology: chips.Topology) -> t
   state = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), setup.abstract_params,
                      setup.abstract_opt)
   state_shardings = setup.shardings
-  batch = abstract_batch(config, cfg, data.batch_sharding(mesh))
+  batch = abstract_batch(config, cfg, sharding.batch_sharding(mesh, rules))
 
   is_frozen = make_is_frozen(frozen)
   model_flops = flops.train_step_flops(cfg, batch=config.batch_size, seq_len=config.seq_len,
@@ -93,9 +94,8 @@ def plan_stage(config: ml_collections.ConfigDict, topology: chips.Topology) -> t
 def full_logits_buffers(hlo_text: str, seq_len: int, vocab: int) -> list[str]:
   """The distinct float32 shapes in a compiled (per-device) HLO text that span the whole sequence and the whole
   vocabulary, i.e. full `[rows, T, V]` logits or their gradient; [] when the loss is chunked (`model.losses`)."""
-  shapes = set(re.findall(r"f32\[([0-9,]+)\]", hlo_text))
   out = []
-  for shape in shapes:
+  for shape in set(re.findall(r"f32\[([0-9,]+)\]", hlo_text)):
     dims = [int(d) for d in shape.split(",")]
     if seq_len in dims and vocab in dims:
       out.append(f"f32[{shape}]")

@@ -27,7 +27,7 @@ def _inputs():
 
 @nnx.jit
 def _logits(model, ids, key=None):
-  return model(ids, dropout_key=key)
+  return model(ids, dropout_key=key).logits
 
 
 ALL = lora.OFFICIAL_TARGETS + ("llm/blocks/mlp/c_proj", "visual/blocks/.*", "adapter/.*")
