@@ -78,7 +78,7 @@ def build_step(config: ml_collections.ConfigDict, cfg: QwenVLConfig, mesh, rules
   replicated = NamedSharding(mesh, PartitionSpec())
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   # Each Adam moment sharded like its parameter (left to the compiler, tx.init's zeros come back replicated).
-  opt_shardings = opt_state_shardings(abstract_opt, abstract_params, param_shardings, replicated)
+  opt_shardings = opt_state_shardings(tx, abstract_opt, param_shardings, replicated)
   abstract_opt = with_shardings(abstract_opt, opt_shardings)
   return StepSetup(graphdef, abstract_state, state_shardings, abstract_params, param_shardings, abstract_opt,
                    opt_shardings, TrainState(replicated, param_shardings, opt_shardings), tx, schedule, labels,

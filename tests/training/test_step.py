@@ -97,7 +97,7 @@ def test_sharded_step_equals_single_device(stage3_single, rules_name, ici):
   sharded_params = jax.device_put(params, param_sh)
   assert any(len(s.device_set) == 8 and not s.is_fully_replicated for s in jax.tree.leaves(param_sh))
   replicated = NamedSharding(mesh, PartitionSpec())
-  opt_sh = optimizer.opt_state_shardings(jax.eval_shape(tx.init, params), params, param_sh, replicated)
+  opt_sh = optimizer.opt_state_shardings(tx, jax.eval_shape(tx.init, params), param_sh, replicated)
   state_sh = step_lib.TrainState(replicated, param_sh, opt_sh)
   batch_sh = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
   state, losses = _run(fn, sharded_params, tx, in_shardings=(state_sh, batch_sh),
