@@ -24,7 +24,8 @@ flags.DEFINE_string("checkpoint", None, "A training run directory, <run>/checkpo
                     "checkpoint directory; omit to run random weights (smoke tests).")
 flags.DEFINE_string("model", None, "Architecture preset: qwen_vl_7b, mid or tiny (default: the run's, else "
                     "qwen_vl_7b).")
-flags.DEFINE_string("tokenizer", None, "qwen.tiktoken or a SentencePiece .model file (default: the run's).")
+flags.DEFINE_string("tokenizer", None, "Tokenizer spec: qwen:PATH, sentencepiece:PATH, or a .tiktoken / .model "
+                    "file (default: the run's).")
 flags.DEFINE_multi_string("image", [], "Image file(s), in order (Picture 1, 2, ...).")
 flags.DEFINE_string("prompt", None, "The question or instruction.", required=True)
 flags.DEFINE_string("history", None, "JSON file with the chat history: [[query, response], ...].")
@@ -41,7 +42,7 @@ flags.DEFINE_float("top_p", 1.0, "Nucleus filter when sampling (1 = off).")
 flags.DEFINE_integer("seed", 0, "Sampling seed (and the random weights' seed).")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.")
 flags.DEFINE_integer("image_size", None, "Override the preset's input resolution (224 or 448).")
-flags.DEFINE_string("rules", "fsdp", "Sharding rule table of configs/sharding_rules.py.")
+flags.DEFINE_string("rules", "fsdp", "Sharding rule table of qwenvl_jax/sharding_rules.py.")
 
 
 def _read_history(path: str | None) -> list[tuple[str, str]]:
@@ -88,7 +89,7 @@ def main(argv):
                                 image_size=FLAGS.image_size, chat_format=FLAGS.chat_format)
   if not source.tokenizer:
     raise app.UsageError("--tokenizer is required unless --checkpoint is a training run")
-  tok = loading.load_tokenizer(source.tokenizer)
+  tok = qtext.load_tokenizer(source.tokenizer)
   cfg = loading.model_config(source.preset, tok, dtype=FLAGS.dtype, random_weights=not source.params,
                              image_size=source.image_size)
   mesh, rules = loading.inference_mesh(FLAGS.rules)

@@ -47,6 +47,7 @@ flags.DEFINE_integer("seed", 0, "Seed of random weights.")
 def build(argv_flags=FLAGS):
   """(engine, tokenizer, ServerConfig) from the flags; the engine is started (warmed up)."""
   from qwenvl_jax import sharding  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax import text as qtext  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.inference import decode, loading, model_source  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.serving import api, engine as engine_lib, messages  # pylint: disable=import-outside-toplevel
 
@@ -55,7 +56,7 @@ def build(argv_flags=FLAGS):
                                 chat_format=f.chat_format)
   if not source.tokenizer:
     raise app.UsageError("--tokenizer is required unless --checkpoint is a training run")
-  tok = loading.load_tokenizer(source.tokenizer)
+  tok = qtext.load_tokenizer(source.tokenizer)
   cfg = loading.model_config(source.preset, tok, dtype=f.dtype, random_weights=not source.params,
                              image_size=source.image_size)
   mesh, rules = loading.inference_mesh(f.rules)

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from qwenvl_jax.checkpoint import save_params
+from qwenvl_jax import text as qtext
 from qwenvl_jax.inference import loading, model_source
 
 
@@ -58,7 +59,7 @@ def test_a_mismatched_preset_names_the_shapes_and_the_preset_that_fits(run_dir, 
 
 def test_load_model_restores_the_run_it_resolved(run_dir, tiny_model):
   src = model_source.resolve(str(run_dir))
-  tok = loading.load_tokenizer(src.tokenizer)
+  tok = qtext.load_tokenizer(src.tokenizer)
   cfg = loading.model_config(src.preset, tok, dtype="float32", image_size=src.image_size)
   mesh, rules = loading.inference_mesh("fsdp", fsdp=1, data=-1)
   model = loading.load_model(cfg, src.params, mesh, rules, preset=src.preset)
