@@ -10,7 +10,7 @@ from absl import flags
 from qwenvl_jax import cli, errors
 from tests.conftest import REPO_ROOT
 
-ENTRY_POINTS = ("train", "generate", "evaluate", "clean", "convert", "plan")
+ENTRY_POINTS = ("train", "generate", "evaluate", "serve", "clean", "convert", "plan")
 
 
 def _run_main(main, argv=("prog",)):

@@ -183,12 +183,6 @@ class Checkpointer:
       multihost_utils.sync_global_devices(f"qwenvl_set_aside_{step}")
     return os.fspath(target)
 
-  def read_meta(self, step: int) -> dict:
-    return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
-
-  def params_path(self, step: int) -> str:
-    return os.fspath(epath.Path(self.directory) / str(step) / "params")
-
   def wait(self) -> None:
     """Blocks until every started save is durable on disk; raises `CheckpointSaveError` if one failed."""
     self.manager.wait_until_finished()

@@ -1,7 +1,7 @@
 """The training loop of all three stages: setup, resume, the jitted step on the mesh, metrics, checkpoints, signals.
 
 ```
-initialize_distributed → workdir check → tokenizer → model config → mesh + rules
+distributed.initialize → workdir check → tokenizer → model config → mesh + rules
 → abstract model → shardings → stage optimizer → state: own checkpoint | config.init params | sharded init
 → grain iterator (restored with the state) → loop: next batch → global arrays → step → metrics / checkpoint
 ```
@@ -29,9 +29,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from qwenvl_jax import data, sharding
+from qwenvl_jax import data, distributed, sharding
 from qwenvl_jax.model import QwenVL, get_preset
-from qwenvl_jax.training import experiment, flops, metrics, validation, workdir as workdir_lib
+from qwenvl_jax.training import experiment, flops, metrics, peft, validation, workdir as workdir_lib
 from qwenvl_jax.training.checkpointing import Checkpointer, resolve_params_checkpoint
 from qwenvl_jax.training.optimizer import make_is_frozen
 from qwenvl_jax.training.setup import build_step, check_batch
@@ -82,8 +82,8 @@ def _preemption_service() -> bool:
   """Whether JAX's preemption sync service runs (multi-process runs started with jax.distributed)."""
   if jax.process_count() == 1:
     return False
-  from jax._src import distributed  # pylint: disable=g-import-not-at-top  (no public accessor for the manager)
-  return distributed.global_state.preemption_sync_manager is not None
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top  (no public accessor)
+  return jax_distributed.global_state.preemption_sync_manager is not None
 
 
 class _PreemptionCheck:
@@ -127,7 +127,7 @@ def _any_process(flag: bool) -> bool:
 
 def train(config: ml_collections.ConfigDict) -> TrainResult:
   """Runs (or resumes) the stage `config` describes. See `configs/stage1.py` for the fields."""
-  experiment.initialize_distributed(config.distributed)
+  distributed.initialize(config.distributed)
   # Everything that can be checked is checked before the first file is written (no config.json, no checkpoints/
   # for a config that cannot run).
   validation.check_config(config)
@@ -147,7 +147,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer) 
   # preset, a mesh the devices cannot hold) must not leave a config.json that refuses the corrected command.
   get_preset(config.model).with_image_size(config.res)
   mesh, rules = experiment.make_mesh(config)
-  check_batch(config, mesh)
+  check_batch(config, mesh, rules)
   workdir_lib.check_and_record(workdir, config, latest)
   if latest is not None and latest >= config.total_steps:
     if jax.process_index() == 0:
@@ -163,8 +163,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer) 
   step_fn, shardings = setup.step_fn, setup.shardings
   opt_init = jax.jit(setup.tx.init, out_shardings=setup.opt_shardings)
 
-  def make_model():
-    return QwenVL(cfg, rngs=nnx.Rngs(config.seed))
+  make_model = peft.model_fn(cfg, config, seed=config.seed)
 
   data_iter = data.make_train_iterator(
       config.data, tokenizer, process_index=jax.process_index(), process_count=jax.process_count(),
@@ -181,7 +180,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer) 
       latest, state = ckpt.restore_latest_intact(target, data_iter, warn=writer_msgs.append)
       writer_msgs.append(f"resumed {workdir} from step {latest}")
     else:
-      if config.init:
+      if config.init and peft.lora_config(config) is not None:
+        source = resolve_params_checkpoint(config.init)
+        params = peft.init_from_base(source, make_model, mesh, rules)
+        writer_msgs.append(f"LoRA base from {source}; adapters initialized (B = 0)")
+      elif config.init:
         from qwenvl_jax.checkpoint import restore_params  # pylint: disable=g-import-not-at-top
         source = resolve_params_checkpoint(config.init)
         params = nnx.to_pure_dict(restore_params(source, abstract_state, state_shardings))
@@ -196,7 +199,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer) 
     step_flops = flops.train_step_flops(cfg, batch=config.batch_size, seq_len=config.seq_len,
                                         max_images=config.max_images, is_trainable=lambda p: not is_frozen(p)).total
     peak = metrics.peak_flops_per_device(config.peak_flops_per_device)
-    jitted = jax.jit(step_fn, in_shardings=(shardings, data.batch_sharding(mesh)),
+    jitted = jax.jit(step_fn, in_shardings=(shardings, sharding.batch_sharding(mesh, rules)),
                      out_shardings=(shardings, replicated), donate_argnums=(0,))
     writer = metrics.MetricsWriter(workdir, total_steps=config.total_steps, initial_step=start,
                                    tensorboard=config.tensorboard, progress_bar=config.progress_bar)
@@ -241,7 +244,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer) 
     in_flight = None
     with _PreemptionCheck() as stop_check, sharding.use_rules(mesh, rules):
       for step in range(start + 1, config.total_steps + 1):
-        batch = data.to_global_batch(next(data_iter), mesh)
+        batch = data.to_global_batch(next(data_iter), mesh, rules)
         state, step_metrics = jitted(state, batch)
         if in_flight is not None:
           # At most one step runs ahead of the host (async dispatch would otherwise queue many), so a stop request

@@ -57,8 +57,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   except ValueError as e:
     raise errors.ConfigError(f"config.model={config.model!r} at config.res={config.res}: {e}") from e
   try:
-    mesh, _ = experiment.make_mesh(config)
-    setup.check_batch(config, mesh)
+    mesh, rules = experiment.make_mesh(config)
+    setup.check_batch(config, mesh, rules)
   except ValueError as e:
     raise errors.ConfigError(str(e)) from e
   _check_tokenizer(config, cfg)

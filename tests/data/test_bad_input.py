@@ -127,7 +127,7 @@ def test_sixteen_bit_grayscale_keeps_the_reference_numbers_and_warns_once(tmp_pa
   """PIL (hence the reference) clips 16-bit values to 255 on convert('RGB'); the numbers stay, the user is told."""
   values = np.array([[0, 100, 255, 256], [1000, 20000, 40000, 65535]], np.uint16)
   path = tmp_path / "deep.png"
-  Image.fromarray(values, "I;16").save(path)
+  Image.fromarray(values).save(path)  # uint16 -> mode I;16
   assert Image.open(path).mode in ("I;16", "I")
   before = images_lib.sixteen_bit_image_count()
   with caplog.at_level(logging.WARNING, logger="qwenvl_jax.data"):
