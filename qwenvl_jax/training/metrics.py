@@ -122,6 +122,24 @@ class MetricsWriter:
       # No terminal (a log file, nohup, a scheduler): one line per logged step, so progress is visible there too.
       print(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()), flush=True)
 
+  def write_scores(self, step: int, scores: dict[str, float]) -> None:
+    """Evaluation scores at `step`: one metrics.jsonl row, TensorBoard scalars under their own names (`eval/...`),
+    and a console line."""
+    if not self.active or not scores:
+      return
+    line = json.dumps({"step": step, **scores}) + "\n"
+    if self.remote:
+      self._lines.append(line)
+      self._dirty = True
+    else:
+      self._file.write(line)
+      self._file.flush()
+    if self._tb is not None:
+      for k, v in scores.items():
+        self._tb.add_scalar(k, v, step)
+      self._tb.flush()
+    self.message(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in scores.items()))
+
   def flush(self) -> None:
     """Makes every record written so far durable (for a remote workdir: rewrites the whole metrics.jsonl)."""
     if not self.active:

@@ -21,6 +21,7 @@ import dataclasses
 import signal
 import threading
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,10 @@ from qwenvl_jax.training.checkpointing import Checkpointer, resolve_params_check
 from qwenvl_jax.training.optimizer import make_is_frozen
 from qwenvl_jax.training.setup import build_step, check_batch
 from qwenvl_jax.training.step import TrainState
+
+
+# eval_fn(step, model, *, cfg, tokenizer, mesh, rules) -> {name: score} on process 0, None elsewhere.
+EvalFn = Callable[..., "dict[str, float] | None"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +82,17 @@ def _any_process(flag: bool) -> bool:
   return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
 
 
-def train(config: ml_collections.ConfigDict) -> TrainResult:
-  """Runs (or resumes) the stage `config` describes. See `configs/stage1.py` for the fields."""
+def train(config: ml_collections.ConfigDict, eval_fn: EvalFn | None = None) -> TrainResult:
+  """Runs (or resumes) the stage `config` describes. See `configs/stage1.py` for the fields.
+
+  `eval_fn(step, model, cfg=, tokenizer=, mesh=, rules=)` (model: a `QwenVL` holding the step's parameters),
+  called on every process every `config.eval_every`
+  steps and at the last step, returns scores to log (process 0; None elsewhere). `python -m qwenvl_jax.train`
+  builds it from `config.eval` (`evaluation.during_training`); training itself never imports evaluation.
+  """
+  if config.get("eval_every", 0) and eval_fn is None:
+    raise ValueError("config.eval_every > 0 needs an eval_fn: run `python -m qwenvl_jax.train`, which builds it from "
+                     "config.eval, or pass train(config, eval_fn=...)")
   experiment.initialize_distributed(config.distributed)
   workdir = workdir_lib.resolve(config)
   workdir_lib.create(workdir)
@@ -87,12 +101,13 @@ def train(config: ml_collections.ConfigDict) -> TrainResult:
                      f"{config.checkpoint.every}, {config.log_every}")
   ckpt = Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
   try:
-    return _train(config, workdir, ckpt)
+    return _train(config, workdir, ckpt, eval_fn)
   finally:
     ckpt.close()
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer) -> TrainResult:
+def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer, eval_fn: EvalFn | None
+           ) -> TrainResult:
   latest = ckpt.latest_step()
   # Check what can be checked without the tokenizer before the workdir records this config: a typo (unknown
   # preset, a mesh the devices cannot hold) must not leave a config.json that refuses the corrected command.
@@ -203,6 +218,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer) 
         if step % config.checkpoint.every == 0 or done or stopping:
           ckpt.save(step, state, data_iter, meta, force=True)
           last_saved = step
+        if eval_fn is not None and not stopping and (step % config.eval_every == 0 or done):
+          flush(step)
+          model_state = jax.tree.map(lambda x: x, setup.abstract_state)
+          nnx.replace_by_pure_dict(model_state, state.params)  # the step's arrays, not copies
+          scores = eval_fn(step, nnx.merge(setup.graphdef, model_state), cfg=cfg, tokenizer=tokenizer, mesh=mesh,
+                           rules=rules)
+          writer.write_scores(step, scores or {})
+          clock["time"] = time.perf_counter()  # throughput excludes the evaluation
         if stopping:
           status = "preempted"
           writer.message(f"stop requested: saved step {step} to {ckpt.directory}; rerun the same command to resume")
