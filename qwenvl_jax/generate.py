@@ -22,7 +22,8 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Params checkpoint directory; omit to run random weights (smoke tests).")
 flags.DEFINE_string("model", "qwen_vl_7b", "Architecture preset: qwen_vl_7b, mid or tiny.")
-flags.DEFINE_string("tokenizer", None, "qwen.tiktoken or a SentencePiece .model file.", required=True)
+flags.DEFINE_string("tokenizer", None, "Tokenizer spec: qwen:PATH, sentencepiece:PATH, or a .tiktoken / .model "
+                    "file.", required=True)
 flags.DEFINE_multi_string("image", [], "Image file(s), in order (Picture 1, 2, ...).")
 flags.DEFINE_string("prompt", None, "The question or instruction.", required=True)
 flags.DEFINE_string("history", None, "JSON file with the chat history: [[query, response], ...].")
@@ -38,7 +39,7 @@ flags.DEFINE_float("top_p", 1.0, "Nucleus filter when sampling (1 = off).")
 flags.DEFINE_integer("seed", 0, "Sampling seed (and the random weights' seed).")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.")
 flags.DEFINE_integer("image_size", None, "Override the preset's input resolution (224 or 448).")
-flags.DEFINE_string("rules", "fsdp", "Sharding rule table of configs/sharding_rules.py.")
+flags.DEFINE_string("rules", "fsdp", "Sharding rule table of qwenvl_jax/sharding_rules.py.")
 
 
 def _read_history(path: str | None) -> list[tuple[str, str]]:
@@ -81,7 +82,7 @@ def main(argv):
   from qwenvl_jax.inference import loading  # pylint: disable=import-outside-toplevel
 
   history = _read_history(FLAGS.history)
-  tok = loading.load_tokenizer(FLAGS.tokenizer)
+  tok = qtext.load_tokenizer(FLAGS.tokenizer)
   cfg = loading.model_config(FLAGS.model, tok, dtype=FLAGS.dtype, random_weights=not FLAGS.checkpoint,
                              image_size=FLAGS.image_size)
   mesh, rules = loading.inference_mesh(FLAGS.rules)

@@ -1,5 +1,6 @@
-"""Loading what inference and evaluation jobs need: the tokenizer, the model config matched to it, the mesh, and
-the weights (a params checkpoint, or random weights for smoke tests).
+"""Loading what inference and evaluation jobs need: the model config matched to the tokenizer (which
+`text.load_tokenizer` loads from its spec), the mesh, and the weights (a params checkpoint, or random weights for
+smoke tests).
 
 The tokenizer decides the `<imgpad>` id the model looks for (`cfg.image_pad_id`): Qwen's 151859, or the small id of
 a SentencePiece model trained for a from-scratch run. With random weights the vocabulary is also grown to cover
@@ -19,18 +20,6 @@ from qwenvl_jax import sharding
 from qwenvl_jax import text as qtext
 from qwenvl_jax.model import QwenVL
 from qwenvl_jax.model.config import QwenVLConfig, get_preset
-
-
-def load_tokenizer(path: str | os.PathLike) -> qtext.Tokenizer:
-  """A `.tiktoken` file gives `QwenTokenizer`, a SentencePiece `.model` gives `SentencePieceTokenizer`."""
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"tokenizer file {path!r} does not exist")
-  if path.endswith(".tiktoken"):
-    return qtext.QwenTokenizer(path)
-  if path.endswith(".model"):
-    return qtext.SentencePieceTokenizer(path)
-  raise ValueError(f"unknown tokenizer file {path!r}: expected a .tiktoken (Qwen) or .model (SentencePiece) file")
 
 
 def model_config(preset: str, tok: qtext.Tokenizer, *, dtype: str = "bfloat16", random_weights: bool = False,

@@ -35,6 +35,13 @@ class KVCache(NamedTuple):
   segment_ids: jax.Array  # int32[B, S]; 0 = empty slot or padding (never attended)
 
 
+class ModelOutput(NamedTuple):
+  """What `QwenLM` and `QwenVL` return, with or without a cache (one type, so callers never branch)."""
+
+  logits: jax.Array  # float[B, T, V] in the compute dtype
+  cache: KVCache | None  # the updated cache when one was passed, else None
+
+
 class SelfAttention(nnx.Module):
   """Causal multi-head self-attention with the fused blocked QKV (`c_attn`) and `c_proj`."""
 
@@ -138,7 +145,7 @@ class QwenLM(nnx.Module):
       logn: apply the reference's logn query scaling (inference only).
 
     Returns:
-      (logits float[B, T, V] in the compute dtype, updated KVCache or None).
+      ModelOutput(logits float[B, T, V] in the compute dtype, updated KVCache or None).
     """
     c = self.cfg
     t = x.shape[1]
@@ -185,4 +192,4 @@ class QwenLM(nnx.Module):
       x, k, v = run_cached(x, self.blocks, cache.k, cache.v)
       new_cache = KVCache(k, v, kv_segments)
     logits = self.lm_head(self.ln_f(x))
-    return sharding.constrain(logits, ("act_batch", "act_len", "act_vocab")), new_cache
+    return ModelOutput(sharding.constrain(logits, ("act_batch", "act_len", "act_vocab")), new_cache)
