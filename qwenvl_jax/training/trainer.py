@@ -31,7 +31,7 @@ from flax import nnx
 
 from qwenvl_jax import data, distributed, sharding
 from qwenvl_jax.model import QwenVL, get_preset
-from qwenvl_jax.training import experiment, flops, metrics, workdir as workdir_lib
+from qwenvl_jax.training import experiment, flops, metrics, profiling, workdir as workdir_lib
 from qwenvl_jax.training.checkpointing import Checkpointer, resolve_params_checkpoint
 from qwenvl_jax.training.optimizer import make_is_frozen
 from qwenvl_jax.training.setup import build_step, check_batch
@@ -93,6 +93,7 @@ def train(config: ml_collections.ConfigDict, eval_fn: EvalFn | None = None) -> T
   if config.get("eval_every", 0) and eval_fn is None:
     raise ValueError("config.eval_every > 0 needs an eval_fn: run `python -m qwenvl_jax.train`, which builds it from "
                      "config.eval, or pass train(config, eval_fn=...)")
+  profiling.parse_profile_steps(config.get("profile_steps", ""))  # a bad spec fails before anything is written
   distributed.initialize(config.distributed)
   workdir = workdir_lib.resolve(config)
   workdir_lib.create(workdir)
@@ -138,6 +139,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer, 
       stage=config.stage, image_tokens=cfg.image_tokens)
 
   writer = None
+  profiler = profiling.StepProfiler(config.get("profile_steps", ""), workdir)
   try:
     writer_msgs = []
     if latest is not None:
@@ -206,7 +208,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer, 
     with _StopRequest() as stop, sharding.use_rules(mesh, rules):
       for step in range(start + 1, config.total_steps + 1):
         batch = data.to_global_batch(next(data_iter), mesh, rules)
+        profiler.before_step(step)
         state, step_metrics = jitted(state, batch)
+        profiled = profiler.after_step(step, step_metrics)
+        if profiled:
+          writer.message(profiled)
         pending.append((step, step_metrics))
         writer.advance()
         boundary = step % config.log_every == 0 or step % config.checkpoint.every == 0
@@ -234,6 +240,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer, 
     writer.message(f"{status} at step {step}; checkpoints in {ckpt.directory}, metrics in {writer.path}")
     return TrainResult(workdir, step, status, last_saved)
   finally:
+    profiler.stop()  # a run that ended inside the profiled range
     if writer is not None:
       writer.close()
     # Stops grain's worker processes and frees their shared memory.
