@@ -2,7 +2,7 @@
 
 The trace starts before step a is dispatched and stops after step b-1's results are ready (so the last traced
 step's device work is inside it). `jax.profiler` writes `profile/plugins/profile/<time>/<host>.xplane.pb`
-(TensorBoard's profile tab: `tensorboard --logdir <workdir>/profile`) and `<host>.trace.json.gz`, which
+(TensorBoard's profile tab: `tensorboard --logdir <workdir>/profile`) and `perfetto_trace.json.gz`, which
 https://ui.perfetto.dev opens. Every process traces its own host. A run that ends or stops inside the range
 stops the trace there. Like Python slices, b is excluded: "10:12" traces steps 10 and 11.
 
@@ -49,7 +49,7 @@ class StepProfiler:
     if self.active and step == self.range[1] - 1:
       jax.block_until_ready(outputs)
       self.stop()
-      return f"profiled steps {self.range[0]}..{step}: trace in {self.directory}"
+      return f"profiled step(s) {self.range[0]}-{step}: trace in {self.directory}"
     return None
 
   def stop(self) -> None:

@@ -71,3 +71,11 @@ def test_matches_live_jar():
   with tempfile.TemporaryDirectory() as workdir:
     java = ptb_cases.java_tokenize_lines(texts, workdir)
   assert ptb_tokenizer.tokenize(texts) == java
+
+
+def test_cider_results_name_the_tokenizer():
+  from qwenvl_jax.evaluation import tasks  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.evaluation.readers import EvalExample  # pylint: disable=import-outside-toplevel
+  examples = [EvalExample(example_id=i, image=f"{i}.jpg", references=("a dog", "a brown dog")) for i in range(2)]
+  result = tasks.get_task("flickr").score(examples, ["a dog", "a cat"])
+  assert result["details"]["tokenizer"] == ptb_tokenizer.NAME

@@ -16,7 +16,7 @@ def test_trace_of_the_chosen_steps_is_written(uninterrupted, tmp_path):
   runs = list((tmp_path / "run" / "profile" / "plugins" / "profile").iterdir())
   assert len(runs) == 1
   assert list(runs[0].glob("*.xplane.pb"))  # TensorBoard's profile tab
-  perfetto = list(runs[0].glob("*.trace.json.gz"))
+  perfetto = list(runs[0].glob("perfetto_trace.json.gz"))
   assert perfetto and json.loads(gzip.decompress(perfetto[0].read_bytes()))["traceEvents"]
 
 
