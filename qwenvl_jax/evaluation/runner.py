@@ -53,7 +53,7 @@ from qwenvl_jax.evaluation import results
 from qwenvl_jax.evaluation import tasks as tasks_lib
 from qwenvl_jax.evaluation import tfds_readers
 from qwenvl_jax.evaluation.readers import EvalDataError, EvalExample
-from qwenvl_jax.inference import decode, loading, scoring
+from qwenvl_jax.inference import decode, loading, model_source, scoring
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -147,15 +147,22 @@ class _Job:
 
   def __init__(self, config, task: tasks_lib.EvalTask, shots: few_shot_lib.ShotSampler | None = None, *,
                model: tuple | None = None):
-    """`model`: (tokenizer, model config, mesh, rules, nnx model) already built (evaluation during training, whose
-    model may be abstract: set `generator.state` before each use); else they are loaded as `config` says."""
+    """`model`: (tokenizer, model config, mesh, rules, nnx model) already built (evaluation during training: later
+    steps swap `generator.state`); else they are loaded as `config` says."""
     self.config, self.task = config, task
     if model is None:
-      self.tok = qtext.load_tokenizer(config.tokenizer)
-      self.cfg = loading.model_config(config.model, self.tok, dtype=config.dtype,
-                                      random_weights=not config.checkpoint, image_size=config.get("image_size"))
+      # A training run directory (or its checkpoints/<step>) supplies preset, image size and tokenizer; the
+      # official prompts are raw text whatever the run trained on, so its chat format is not used.
+      source = model_source.resolve(config.checkpoint or None, model=config.model or None,
+                                    tokenizer=config.tokenizer or None, image_size=config.get("image_size"))
+      if not source.tokenizer:
+        raise ValueError("config.tokenizer is required unless config.checkpoint is a training run")
+      self.tok = qtext.load_tokenizer(source.tokenizer)
+      self.cfg = loading.model_config(source.preset, self.tok, dtype=config.dtype,
+                                      random_weights=not source.params, image_size=source.image_size)
       self.mesh, self.rules = loading.inference_mesh(config.rules, **config.mesh.to_dict())
-      module = loading.load_model(self.cfg, config.checkpoint, self.mesh, self.rules, seed=config.seed)
+      module = loading.load_model(self.cfg, source.params, self.mesh, self.rules, seed=config.seed,
+                                  preset=source.preset)
     else:
       self.tok, self.cfg, self.mesh, self.rules, module = model
     self.generator = decode.Generator(module)
@@ -402,10 +409,11 @@ def default_config(task_name: str, arg: str | None = None):
   c.annotation_path = task.annotation_file or ""   # VQA accuracy: the official annotation JSON ("" with a TFDS
                                         # dataset whose `answers` are the human answers)
   c.image_root = ""                     # relative image paths of the data file are taken under this folder
-  c.checkpoint = ""                     # params checkpoint directory ("" = random weights, for smoke tests)
-  c.model = "qwen_vl_7b"                # architecture preset
+  c.checkpoint = ""                     # a training run, <run>/checkpoints/<step>, or a params checkpoint
+                                        # directory ("" = random weights, for smoke tests)
+  c.model = ""                          # architecture preset ("" = the run's, else qwen_vl_7b)
   c.tokenizer = ""                      # tokenizer spec (text.load_tokenizer): qwen:PATH, sentencepiece:PATH, or a
-                                        # .tiktoken / .model file
+                                        # .tiktoken / .model file ("" = the run's)
   c.dtype = "bfloat16"
   c.image_size = ml_collections.config_dict.placeholder(int)   # override the preset's resolution
   c.per_device_batch_size = 4
