@@ -426,7 +426,7 @@ def tokenize(captions: Iterable[str]) -> List[str]:
     if token == _NEWLINE_TOKEN:
       pieces.append(_finish_line(line))
       line = []
-      if any(start <= b < end for b in boundaries):
+      if any(b in boundaries for b in range(start, end)):  # a newline token spans 1 or 2 units
         results.append(" ".join(pieces))
         pieces = []
     else:
