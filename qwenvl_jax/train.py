@@ -40,9 +40,6 @@ def main(argv):
     # The entry point sits above training and evaluation: it hands the trainer the eval job's code as a callback.
     from qwenvl_jax.evaluation import during_training  # pylint: disable=g-import-not-at-top
     eval_fn = during_training.TrainingEvaluator(config)
-    import jax  # pylint: disable=g-import-not-at-top
-    if jax.process_index() == 0:
-      print(f"evaluating every {config.eval_every} steps: {eval_fn.describe()}", file=sys.stderr, flush=True)
   try:
     result = train(config, eval_fn)
   finally:

@@ -20,10 +20,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 import pathlib
+import sys
 import tempfile
 import time
 from typing import Any
 
+import jax
 import ml_collections
 from flax import nnx
 
@@ -57,6 +59,7 @@ class TrainingEvaluator:
     every = config.eval_every
     if isinstance(every, bool) or not isinstance(every, int) or every < 0:
       raise ValueError(f"config.eval_every must be an integer >= 0 (0 = off), got {every!r}")
+    self.every = every
     e = config.eval
     if e.max_examples < 0 or e.per_device_batch_size < 1:
       raise ValueError(f"config.eval.max_examples must be >= 0 and config.eval.per_device_batch_size >= 1, got "
@@ -99,6 +102,8 @@ class TrainingEvaluator:
     score, ...} on process 0, None on the others."""
     started = time.perf_counter()
     if self._job is None:
+      if jax.process_index() == 0:  # (not at construction: JAX must not start before distributed init)
+        print(f"evaluating every {self.every} steps: {self.describe()}", file=sys.stderr, flush=True)
       self._job = runner._Job(self._job_config, self.task,  # pylint: disable=protected-access
                               model=(tokenizer, cfg, mesh, rules, model))
     else:  # the same jitted decoding, the new step's arrays
