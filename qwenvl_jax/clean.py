@@ -30,6 +30,8 @@ import logging
 from absl import app
 from absl import flags
 
+from qwenvl_jax import cli
+
 from qwenvl_jax.cleaning import config as config_lib
 from qwenvl_jax.cleaning import pipeline
 from qwenvl_jax.cleaning import scoring
@@ -57,6 +59,8 @@ _TEXT_KEY = flags.DEFINE_string("text_key", _DEFAULTS.text_key, "Caption column.
 _IMAGE_KEY = flags.DEFINE_string("image_key", _DEFAULTS.image_key, "Image column (bytes, path, URL or struct).")
 _ID_KEY = flags.DEFINE_string("id_key", None, "Record id column (default: '<shard file>:<row>').")
 _SCORE_KEY = flags.DEFINE_string("score_key", None, "Precomputed image-text similarity column.")
+_SKIP_SIMILARITY = flags.DEFINE_bool("skip_similarity", False, "Clean without the image-text similarity filter "
+                                     "(needed when neither --score_key nor --scorer is given).")
 _IMAGE_ROOT = flags.DEFINE_string("image_root", None, "Folder of relative image paths (default: the shard's).")
 _LANGUAGES = flags.DEFINE_list("languages", list(_DEFAULTS.languages), "Accepted caption languages.")
 _MIN_TEXT_UNITS = flags.DEFINE_integer("min_text_units", _DEFAULTS.min_text_units, "Shortest caption (units).")
@@ -90,7 +94,8 @@ def job_from_flags() -> pipeline.CleanJob:
       inputs=tuple(_INPUT.value), output_dir=_OUTPUT_DIR.value, report_path=_REPORT.value, config=cfg,
       input_format=_INPUT_FORMAT.value,
       scorer_factory=_scorer_factory(_SCORER.value),
-      language_scorer_factories={"zh": _scorer_factory(_SCORER_ZH.value)} if _SCORER_ZH.value else {})
+      language_scorer_factories={"zh": _scorer_factory(_SCORER_ZH.value)} if _SCORER_ZH.value else {},
+      skip_similarity=_SKIP_SIMILARITY.value)
 
 
 def _scorer_factory(spec: str | None) -> scoring.ScorerFactory | None:
@@ -103,10 +108,7 @@ def _scorer_factory(spec: str | None) -> scoring.ScorerFactory | None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; Beam options go in --beam_pipeline_options")
-  try:
-    job = job_from_flags()
-  except ValueError as e:  # bad settings or a bad scorer checkpoint: one line, before any data is read
-    raise SystemExit(f"error: {e}") from None
+  job = job_from_flags()  # a bad scorer checkpoint stops here with one line, before any data is read
   report = pipeline.run_clean(job, pipeline.beam_options_from_string(_BEAM_OPTIONS.value))
   logging.info("cleaning report (%s):\n%s", job.report,
                json.dumps({k: report[k] for k in ("num_pairs", "kept", "rejected")}, indent=2))
@@ -114,4 +116,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

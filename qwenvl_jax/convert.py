@@ -12,6 +12,8 @@ r"""Weight conversion between PyTorch checkpoints and the Orbax params checkpoin
 
 from absl import app, flags
 
+from qwenvl_jax import cli
+
 from qwenvl_jax import checkpoint
 from qwenvl_jax.model.config import PRESETS, get_preset
 
@@ -53,4 +55,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

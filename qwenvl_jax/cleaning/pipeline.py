@@ -30,6 +30,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.options.pipeline_options import StandardOptions
 from etils import epath
 
+from qwenvl_jax import errors
 from qwenvl_jax.cleaning import filters
 from qwenvl_jax.cleaning import report as report_lib
 from qwenvl_jax.cleaning import scoring
@@ -65,6 +66,8 @@ class CleanJob:
       must be picklable. None = no scorer (the score column, if configured, is still used).
     language_scorer_factories: per detected caption language, a factory of the scorer for that language's pairs
       (e.g. {"zh": a Chinese-CLIP factory}); other languages go to `scorer_factory`.
+    skip_similarity: run without the image-text similarity filter. Without a score column or a scorer the job
+      refuses to run unless this is set, rather than silently keeping pairs of any similarity.
   """
   inputs: tuple[str, ...]
   output_dir: str
@@ -73,6 +76,7 @@ class CleanJob:
   input_format: str = "auto"
   scorer_factory: scoring.ScorerFactory | None = None
   language_scorer_factories: dict[str, scoring.ScorerFactory] = dataclasses.field(default_factory=dict)
+  skip_similarity: bool = False
 
   def __post_init__(self):
     if isinstance(self.inputs, str):
@@ -90,12 +94,37 @@ class CleanJob:
     for factory in factories:
       if not callable(factory):
         raise ValueError(f"CleanJob scorer factories must be callable, got {factory!r}")
+    scored = bool(factories) or bool(self.config.score_key)
+    if not scored and not self.skip_similarity:
+      raise errors.ConfigError(
+          f"the image-text similarity filter (min_similarity={self.config.min_similarity}) has no scores",
+          "give --score_key=COLUMN (precomputed CLIP scores in the input) or --scorer=SPEC (computed by the job), "
+          "or pass --skip_similarity to clean without this filter")
+    if scored and self.skip_similarity:
+      raise errors.ConfigError("--skip_similarity contradicts the score column / scorer given",
+                               "drop --skip_similarity, or the --score_key / --scorer")
 
   def scorers_description(self) -> dict[str, str] | None:
     """Which scorer scores which captions, for the report ("*" = every language without its own)."""
     out = {"*": repr(self.scorer_factory)} if self.scorer_factory is not None else {}
     out.update({lang: repr(f) for lang, f in sorted(self.language_scorer_factories.items())})
     return out or None
+
+  @property
+  def similarity_filter(self) -> str:
+    """What the low_similarity rule does in this job, for the report."""
+    if self.skip_similarity:
+      return "skipped (skip_similarity): no pair was rejected for its image-text similarity"
+    cfg = self.config
+    by_language = f" ({cfg.min_similarity_by_language} by language)" if cfg.min_similarity_by_language else ""
+    if cfg.score_key:
+      return f"score column {cfg.score_key!r} >= {cfg.min_similarity}{by_language}"
+    parts = [f"scorer {f!r} >= {cfg.threshold(lang)} for {lang} captions"
+             for lang, f in sorted(self.language_scorer_factories.items())]
+    if self.scorer_factory is not None:
+      parts.append(f"scorer {self.scorer_factory!r} >= {cfg.min_similarity}{by_language}"
+                   + (" for other captions" if parts else ""))
+    return "; ".join(parts)
 
   @property
   def dataset_dir(self) -> str:
@@ -225,6 +254,14 @@ class CleanedPairs(tfds.core.GeneratorBasedBuilder):
   # nothing, so it has no checksums file and no source path to search.
   code_path = None
 
+  # TFDS prints "Downloading and preparing dataset ..." and "... downloaded and prepared" to stdout around the
+  # build; this builder downloads nothing and the job prints its own summary, so both lines are dropped.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
+
   def __init__(self, *, transform: CleanPairs | None = None, metadata: dict | None = None, **kwargs):
     self._transform = transform
     self._clean_metadata = metadata or {}
@@ -290,6 +327,7 @@ def run_clean(job: CleanJob, beam_options: PipelineOptions | None = None) -> dic
       "config": job.config.to_json(),
       "scorer": repr(job.scorer_factory) if job.scorer_factory is not None else None,
       "scorers": job.scorers_description(),
+      "similarity_filter": job.similarity_filter,
       "dataset": job.dataset_dir,
   }
 

@@ -20,6 +20,8 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 import PIL.Image
 
+from qwenvl_jax import errors
+
 
 class Scorer(Protocol):
   """Image-text similarity of a batch of pairs."""
@@ -68,7 +70,7 @@ def make_factory(spec: str, platform: str = "cpu", max_batch: int = 32) -> Score
   family, sep, rest = spec.partition(":")
   if sep and spec.startswith(MODEL_PREFIXES):
     if not rest:
-      raise ValueError(f"scorer spec {spec!r} names no checkpoint folder")
+      raise errors.ConfigError(f"scorer spec {spec!r} names no checkpoint folder")
     # Imported here so a job without a model scorer never loads JAX.
     from qwenvl_jax.cleaning import clip_scorer  # pylint: disable=import-outside-toplevel
     return clip_scorer.ClipScorerFactory(family, rest, platform, max_batch)

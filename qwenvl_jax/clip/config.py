@@ -20,6 +20,8 @@ import json
 import os
 from typing import Any, Mapping
 
+from qwenvl_jax import errors
+
 FAMILIES = ("clip", "chinese_clip")
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh", "relu")
 # The reference contexts: OpenAI CLIP's `context_length`, Chinese-CLIP's `cn_clip.clip.tokenize(context_length=52)`.
@@ -39,8 +41,9 @@ _TEXT_DEFAULTS = {
 _MODEL_TYPES = {"clip": "clip", "chinese_clip": "chinese_clip"}
 
 
-class CheckpointError(ValueError):
-  """A CLIP checkpoint that is missing, of another kind, or does not match its own configuration."""
+class CheckpointError(errors.UserError, ValueError):
+  """A CLIP checkpoint that is missing, of another kind, or does not match its own configuration (a user mistake:
+  the entry points print it as one `error:` line)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
