@@ -154,8 +154,10 @@ class _Job:
     self.cfg = loading.model_config(config.model, self.tok, dtype=config.dtype,
                                     random_weights=not config.checkpoint, image_size=config.get("image_size"))
     self.mesh, self.rules = loading.inference_mesh(config.rules, **config.mesh.to_dict())
-    model = loading.load_model(self.cfg, config.checkpoint, self.mesh, self.rules, seed=config.seed)
-    self.generator = decode.Generator(model)
+    model = loading.load_model(self.cfg, config.checkpoint, self.mesh, self.rules, seed=config.seed,
+                               quantize=config.get("quantize"), group_size=config.get("quantize_group_size"))
+    kv = config.get("kv_cache_dtype", "auto")
+    self.generator = decode.Generator(model, kv_cache_dtype=None if kv in ("auto", "") else kv)
     self.scorer = scoring.LikelihoodScorer(self.generator)
     self.local_rows = config.per_device_batch_size * jax.local_device_count()
     self.global_rows = config.per_device_batch_size * jax.device_count()
@@ -385,6 +387,9 @@ def default_config(task_name: str, arg: str | None = None):
   c.model = "qwen_vl_7b"                # architecture preset
   c.tokenizer = ""                      # qwen.tiktoken or a SentencePiece .model
   c.dtype = "bfloat16"
+  c.quantize = "none"                   # weight-only quantization at load: none | int8 (per channel) | int4 (groups)
+  c.quantize_group_size = 128           # int4 group size
+  c.kv_cache_dtype = "auto"             # auto (the compute dtype) | int8
   c.image_size = ml_collections.config_dict.placeholder(int)   # override the preset's resolution
   c.per_device_batch_size = 4
   c.rules = "fsdp"                      # sharding rule table (configs/sharding_rules.py)
