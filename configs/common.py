@@ -15,6 +15,7 @@ Two scales:
 """
 import ml_collections
 
+from qwenvl_jax import distributed
 from qwenvl_jax.data import default_data_config
 
 # Per stage, paper scale: (lr, min_lr, warmup, steps, global batch, accumulation, seq_len, res, vit_layer_decay,
@@ -134,11 +135,7 @@ def stage_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
   c.synthetic_vocab_size = 1000
   c.data = default_data_config(stage)
 
-  c.distributed = ml_collections.ConfigDict()
-  c.distributed.initialize = "auto"  # auto | yes | no
-  c.distributed.coordinator = ""     # host:port to start processes by hand (then num_processes, process_id)
-  c.distributed.num_processes = 1
-  c.distributed.process_id = 0
+  c.distributed = distributed.default_config()   # multi-process start-up (qwenvl_jax/distributed.py)
 
   c.peak_flops_per_device = 0.0    # > 0 overrides the chip table (e.g. to report an MFU on CPU)
   c.progress_bar = True

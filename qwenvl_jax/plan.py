@@ -88,7 +88,7 @@ def main(argv):
   if _TOPOLOGY.value:
     if config is None:
       raise app.UsageError("--topology plans a training stage: give --config=configs/stageN.py[:args]")
-    from qwenvl_jax.planning import chips  # pylint: disable=import-outside-toplevel
+    from qwenvl_jax.hardware import chips  # pylint: disable=import-outside-toplevel
     topology = chips.parse_topology(_TOPOLOGY.value, _NUM_SLICES.value)
     print(topology.describe(), "\ncompiling the train step (minutes for the full model) ...", flush=True)
     step_plan, facts = train_plan.plan_stage(config, topology)

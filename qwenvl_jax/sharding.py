@@ -144,6 +144,40 @@ def make_mesh(ici: Mapping[str, int], dcn: Mapping[str, int] | None = None,
   return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
+def rule_axes(rules: Rules, logical: str) -> tuple[str, ...]:
+  """The mesh axes the first rule for the logical axis `logical` lists (empty: replicated).
+
+  Raises:
+    KeyError: no rule names `logical`.
+  """
+  for name, mesh_axes in rules:
+    if name == logical:
+      return _as_tuple(mesh_axes)
+  raise KeyError(f"logical axis {logical!r} has no rule; add it to the rule table")
+
+
+def batch_axes(mesh: Mesh, rules: Rules) -> tuple[str, ...]:
+  """The mesh axes a batch's leading dimension is split over: those of the `act_batch` rule the mesh has."""
+  return tuple(a for a in rule_axes(rules, "act_batch") if a in mesh.axis_names)
+
+
+def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 1) -> NamedSharding:
+  """The sharding of a batch array of rank `ndim` (>= 1): the leading axis over `batch_axes`, the rest
+  replicated. Not shape-aware on purpose: a batch that does not divide is an error of the caller, not replicated."""
+  axes = batch_axes(mesh, rules)
+  return NamedSharding(mesh, PartitionSpec(axes if axes else None, *([None] * (ndim - 1))))
+
+
+def batch_shards(mesh: Mesh, rules: Rules) -> int:
+  """Into how many parts `batch_sharding` splits the leading axis (the data-parallel degree)."""
+  return math.prod(mesh.shape[a] for a in batch_axes(mesh, rules))
+
+
+def active_rules() -> tuple[Mesh, Rules] | None:
+  """(mesh, rules) of the enclosing `use_rules`, or None outside of one (what `constrain` reads)."""
+  return _ACTIVE.get()
+
+
 @contextlib.contextmanager
 def use_rules(mesh: Mesh, rules: Rules):
   """Within this context `constrain` pins activations to `mesh` under `rules` (it is a no-op outside)."""

@@ -42,10 +42,9 @@ from typing import Any
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from qwenvl_jax import sharding
+from qwenvl_jax import distributed, sharding
 from qwenvl_jax import text as qtext
 from qwenvl_jax.data import images as image_lib
 from qwenvl_jax.evaluation import few_shot as few_shot_lib
@@ -55,8 +54,6 @@ from qwenvl_jax.evaluation import tasks as tasks_lib
 from qwenvl_jax.evaluation import tfds_readers
 from qwenvl_jax.evaluation.readers import EvalDataError, EvalExample
 from qwenvl_jax.inference import decode, loading, scoring
-
-BATCH_AXES = ("data", "fsdp")  # the mesh axes a batch is split over (the rules' `act_batch`)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -161,10 +158,10 @@ class _Job:
     self.scorer = scoring.LikelihoodScorer(self.generator)
     self.local_rows = config.per_device_batch_size * jax.local_device_count()
     self.global_rows = config.per_device_batch_size * jax.device_count()
-    batch_size = int(np.prod([self.mesh.shape[a] for a in BATCH_AXES]))
+    batch_size = sharding.batch_shards(self.mesh, self.rules)
     if self.global_rows % batch_size:
       raise ValueError(f"the global batch {self.global_rows} is not divisible by the mesh's batch axes "
-                       f"{BATCH_AXES} of size {batch_size}")
+                       f"{sharding.batch_axes(self.mesh, self.rules)} of size {batch_size}")
     self.gen = decode.GenerationConfig(max_new_tokens=max(task.max_new_tokens, 1),
                                        min_new_tokens=task.min_new_tokens, eos_id=self.tok.eod_id,
                                        pad_id=self.tok.eod_id, vocab_limit=self.tok.vocab_size)
@@ -183,8 +180,8 @@ class _Job:
                                      max_images=self.prompts.max_images, image_size=self.cfg.vision.image_size)
     arrays = self.generator.device_batch(batch, self.gen)
     arrays["row_key"] = jax.process_index() * rows + np.arange(rows, dtype=np.int32)
-    spec = lambda a: NamedSharding(self.mesh, PartitionSpec(BATCH_AXES, *([None] * (a.ndim - 1))))
-    arrays = {k: jax.make_array_from_process_local_data(spec(v), np.asarray(v)) for k, v in arrays.items()}
+    arrays = {k: jax.make_array_from_process_local_data(sharding.batch_sharding(self.mesh, self.rules, v.ndim),
+                                                        np.asarray(v)) for k, v in arrays.items()}
     return arrays, arrays.pop("row_key")
 
   def generate(self, examples: Sequence[EvalExample]) -> tuple[np.ndarray, list[list[int]]]:
@@ -214,7 +211,7 @@ class _Job:
     local = _local_rows(_to_host(losses), _to_host(row_key), rows)
     chosen, option_losses = [], []
     for a, b in spans:
-      option_loss = mc_lib.option_losses(local[a:b], [len(suffixes[k]) for k in range(b - a)])
+      option_loss = scoring.option_losses(local[a:b], [len(suffixes[k]) for k in range(b - a)])
       chosen.append(mc_lib.choose_option(option_loss))
       option_losses.append([float(x) for x in option_loss])
     return chosen, option_losses
@@ -233,8 +230,7 @@ def run(config) -> dict | None:
   """Runs one evaluation task as configured (`default_config`); returns the results on process 0 (None on the
   others, and when `max_batches` stopped the run before the end)."""
   if "distributed" in config:
-    from qwenvl_jax.training import experiment  # pylint: disable=import-outside-toplevel
-    experiment.initialize_distributed(config.distributed)
+    distributed.initialize(config.distributed)
   task = tasks_lib.get_task(config.task)
   output = config.output
   if not output:
@@ -403,11 +399,7 @@ def default_config(task_name: str, arg: str | None = None):
   c.max_examples = 0                    # evaluate only the first N examples (0 = all)
   c.max_batches = 0                     # stop after N batches (0 = all); rerun with the same output to resume
   c.progress = True
-  c.distributed = ml_collections.ConfigDict()   # as the trainer's (qwenvl_jax/training/experiment.py)
-  c.distributed.initialize = "auto"     # auto (TPU pod / SLURM / MPI launchers) | yes | no
-  c.distributed.coordinator = ""        # host:port to start processes by hand (then num_processes, process_id)
-  c.distributed.num_processes = 1
-  c.distributed.process_id = 0
+  c.distributed = distributed.default_config()   # as the trainer's (qwenvl_jax/distributed.py)
   for item in filter(None, (arg or "").split(",")):
     key, sep, value = item.partition("=")
     if not sep or key not in c:

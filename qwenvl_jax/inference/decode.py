@@ -234,10 +234,10 @@ def prefill(graphdef: nnx.GraphDef, state: nnx.State, batch: dict, cache: KVCach
     (float32[B, V] logits of the last prompt position, the filled cache).
   """
   model = nnx.merge(graphdef, state)
-  logits, cache = model(batch["input_ids"], images=batch.get("images"), image_mask=batch.get("image_mask"),
-                        positions=batch["positions"], segment_ids=batch["segment_ids"], cache=cache,
-                        cache_index=0, rope_base=rope_base[:, None, None], logn=logn)
-  return logits[:, -1].astype(jnp.float32), cache
+  out = model(batch["input_ids"], images=batch.get("images"), image_mask=batch.get("image_mask"),
+              positions=batch["positions"], segment_ids=batch["segment_ids"], cache=cache, cache_index=0,
+              rope_base=rope_base[:, None, None], logn=logn)
+  return out.logits[:, -1].astype(jnp.float32), out.cache
 
 
 def decode_step(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, positions: jax.Array,
@@ -249,9 +249,9 @@ def decode_step(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, pos
   """
   model = nnx.merge(graphdef, state)
   ones = jnp.ones_like(tokens)[:, None]
-  logits, cache = model(tokens[:, None], positions=positions[:, None], segment_ids=ones, cache=cache,
-                        cache_index=cache_index, rope_base=rope_base[:, None, None], logn=logn)
-  return logits[:, 0].astype(jnp.float32), cache
+  out = model(tokens[:, None], positions=positions[:, None], segment_ids=ones, cache=cache,
+              cache_index=cache_index, rope_base=rope_base[:, None, None], logn=logn)
+  return out.logits[:, 0].astype(jnp.float32), out.cache
 
 
 def _start(graphdef, gen: GenerationConfig, state, batch: dict, key, dyn: dict, kv_cache_dtype=None

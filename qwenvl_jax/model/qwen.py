@@ -67,6 +67,13 @@ def _write_kv(kv: tuple, k: jax.Array, v: jax.Array, cache_index) -> tuple[tuple
   return new, (new[0].astype(k.dtype) * new[2].astype(k.dtype)), (new[1].astype(k.dtype) * new[3].astype(k.dtype))
 
 
+class ModelOutput(NamedTuple):
+  """What `QwenLM` and `QwenVL` return, with or without a cache (one type, so callers never branch)."""
+
+  logits: jax.Array  # float[B, T, V] in the compute dtype
+  cache: KVCache | None  # the updated cache when one was passed, else None
+
+
 class SelfAttention(nnx.Module):
   """Causal multi-head self-attention with the fused blocked QKV (`c_attn`) and `c_proj`."""
 
@@ -178,7 +185,7 @@ class QwenLM(nnx.Module):
       logn: apply the reference's logn query scaling (inference only).
 
     Returns:
-      (logits float[B, T, V] in the compute dtype, updated KVCache or None).
+      ModelOutput(logits float[B, T, V] in the compute dtype, updated KVCache or None).
     """
     c = self.cfg
     t = x.shape[1]
@@ -226,4 +233,4 @@ class QwenLM(nnx.Module):
       x, entries = run_cached(x, self.blocks, entries)
       new_cache = KVCache(*entries[:2], kv_segments, *entries[2:])
     logits = self.lm_head(self.ln_f(x))
-    return sharding.constrain(logits, ("act_batch", "act_len", "act_vocab")), new_cache
+    return ModelOutput(sharding.constrain(logits, ("act_batch", "act_len", "act_vocab")), new_cache)

@@ -17,7 +17,8 @@ import optax
 from absl import app, flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from qwenvl_jax.planning import aot, chips, mesh as mesh_lib
+from qwenvl_jax.hardware import chips
+from qwenvl_jax.planning import aot, mesh as mesh_lib
 
 
 def mlp_train_step(width: int, depth: int, batch: int, mesh: Mesh, *, learning_rate: float = 1e-4,

@@ -19,9 +19,10 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from qwenvl_jax import data, sharding
+from qwenvl_jax import sharding
 from qwenvl_jax.model import config as model_config
-from qwenvl_jax.planning import aot, chips, mesh as mesh_lib
+from qwenvl_jax.hardware import chips
+from qwenvl_jax.planning import aot, mesh as mesh_lib
 from qwenvl_jax.training import flops
 from qwenvl_jax.training.optimizer import make_is_frozen, path_str
 from qwenvl_jax.training.setup import build_step
@@ -70,7 +71,7 @@ def plan_stage(config: ml_collections.ConfigDict, topology: chips.Topology) -> t
   state = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), setup.abstract_params,
                      setup.abstract_opt)
   state_shardings = setup.shardings
-  batch = abstract_batch(config, cfg, data.batch_sharding(mesh))
+  batch = abstract_batch(config, cfg, sharding.batch_sharding(mesh, rules))
 
   is_frozen = make_is_frozen(frozen)
   model_flops = flops.train_step_flops(cfg, batch=config.batch_size, seq_len=config.seq_len,

@@ -1,4 +1,4 @@
-"""From an experiment ConfigDict to the objects a run needs: processes, tokenizer, model config, mesh, filters.
+"""From an experiment ConfigDict to the objects a run needs: tokenizer, model config, mesh, filters.
 
 Every function here reads a small part of the stage config (`configs/stage{1,2,3}.py`) and fails with a message
 that names the offending config key.
@@ -18,47 +18,6 @@ from qwenvl_jax import sharding
 from qwenvl_jax.model import config as model_config
 from qwenvl_jax.training import workdir as workdir_lib
 from qwenvl_jax.training.optimizer import stage_frozen_patterns
-
-# Environment variables that mean "this process is one of several" for launchers JAX auto-detects.
-_MULTIPROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_NTASKS",
-                     "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
-
-
-def _env_says_multiprocess() -> bool:
-  for name in _MULTIPROCESS_ENV:
-    value = os.environ.get(name, "")
-    if name == "TPU_WORKER_HOSTNAMES":
-      if len([h for h in value.split(",") if h]) > 1:
-        return True
-    elif name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
-      if value.isdigit() and int(value) > 1:
-        return True
-    elif value:
-      return True
-  return False
-
-
-def initialize_distributed(dist: ml_collections.ConfigDict) -> None:
-  """`jax.distributed.initialize()` when the config or the launcher environment says the run is multi-process.
-
-  `distributed.coordinator` (+ `num_processes`, `process_id`) names the coordinator explicitly (e.g. processes on
-  one machine); `distributed.initialize` = 'auto' (detect a TPU pod / SLURM / MPI launcher), 'yes' or 'no'.
-  Must run before anything touches a JAX backend.
-  """
-  mode = dist.initialize
-  if mode not in ("auto", "yes", "no"):
-    raise ValueError(f"config.distributed.initialize must be 'auto', 'yes' or 'no', got {mode!r}")
-  if jax.distributed.is_initialized():
-    return
-  if dist.coordinator:
-    if dist.num_processes < 1 or not 0 <= dist.process_id < dist.num_processes:
-      raise ValueError(f"config.distributed: process_id={dist.process_id} and num_processes={dist.num_processes} "
-                       "must satisfy 0 <= process_id < num_processes")
-    jax.distributed.initialize(coordinator_address=dist.coordinator, num_processes=dist.num_processes,
-                               process_id=dist.process_id)
-  elif mode == "yes" or (mode == "auto" and _env_says_multiprocess()):
-    jax.distributed.initialize()
-
 
 def frozen_patterns(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """The frozen-path regexes: `config.frozen` if set ('none' = train everything), else the stage's filters."""

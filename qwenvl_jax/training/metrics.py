@@ -1,7 +1,7 @@
 """Training metrics: throughput and MFU arithmetic, and the writers (JSONL file, TensorBoard, progress bar).
 
 MFU = model FLOPs per step (`flops.train_step_flops`, MaxText accounting) x steps / seconds / (devices x peak).
-The peak per device comes from `planning.chips` by the JAX `device_kind`; a CPU (or an unknown chip) has no
+The peak per device comes from `hardware.chips` by the JAX `device_kind`; a CPU (or an unknown chip) has no
 meaningful peak, so MFU is reported as n/a there unless `config.peak_flops_per_device` gives one.
 
 Only process 0 writes. `metrics.jsonl` gets one JSON object per logged step, and a resumed run continues the same
@@ -42,7 +42,7 @@ def peak_flops_per_device(override: float = 0.0) -> float | None:
   if jax.devices()[0].platform == "cpu":
     return None
   try:
-    from qwenvl_jax.planning import chips  # pylint: disable=g-import-not-at-top
+    from qwenvl_jax.hardware import chips  # pylint: disable=g-import-not-at-top
     return chips.chip_spec(kind).peak_bf16_flops
   except (ImportError, ValueError):
     return None

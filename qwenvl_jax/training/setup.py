@@ -29,9 +29,10 @@ from qwenvl_jax.training.optimizer import FROZEN, make_optimizer, opt_state_shar
 from qwenvl_jax.training.step import TrainState, make_train_step
 
 
-def check_batch(config: ml_collections.ConfigDict, mesh) -> None:
-  """Refuses a global batch whose micro-batches do not split evenly over the data-parallel devices."""
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+def check_batch(config: ml_collections.ConfigDict, mesh, rules: sharding.Rules) -> None:
+  """Refuses a global batch whose micro-batches do not split evenly over the data-parallel devices (the mesh
+  axes of the rules' `act_batch`)."""
+  shards = sharding.batch_shards(mesh, rules)
   if config.accum_steps < 1 or config.batch_size % config.accum_steps:
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by "
                      f"config.accum_steps={config.accum_steps}")
@@ -39,7 +40,7 @@ def check_batch(config: ml_collections.ConfigDict, mesh) -> None:
   if micro % shards:
     raise ValueError(f"config.batch_size={config.batch_size} in config.accum_steps={config.accum_steps} "
                      f"micro-batches of {micro} rows does not divide over the {shards} data-parallel devices "
-                     f"(mesh data x fsdp); change the batch size, the accumulation steps or the mesh")
+                     f"(mesh axes {' x '.join(sharding.batch_axes(mesh, rules))}); change the batch size, the accumulation steps or the mesh")
 
 
 def with_shardings(abstract: Any, shardings: Any) -> Any:
@@ -88,7 +89,7 @@ def _on_device_for_update(step_fn: Callable, opt_device_shardings: Any) -> Calla
 def build_step(config: ml_collections.ConfigDict, cfg: QwenVLConfig, mesh, rules: sharding.Rules, *,
                seed: int = 0) -> StepSetup:
   """The abstract, sharded train step of `config` for model `cfg` on `mesh` (nothing is allocated)."""
-  check_batch(config, mesh)
+  check_batch(config, mesh, rules)
   graphdef, abstract_state = sharding.abstract_model(lambda: QwenVL(cfg, rngs=nnx.Rngs(seed)))
   state_shardings = sharding.state_shardings(abstract_state, rules, mesh)
   param_shardings = nnx.to_pure_dict(state_shardings)

@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 
 from qwenvl_jax import sharding
+from qwenvl_jax.model import losses
 from qwenvl_jax.training.optimizer import split_by_labels
 from qwenvl_jax.tree_paths import unflatten
 
@@ -36,24 +37,6 @@ class TrainState(NamedTuple):
   opt_state: Any
 
 
-def cross_entropy_sum(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Masked token cross-entropy in float32.
-
-  Args:
-    logits: float[B, T, V] (any float dtype; upcast before the log-softmax).
-    targets: int32[B, T], already shifted by the pipeline.
-    loss_mask: float32[B, T], 1 where the target is supervised.
-
-  Returns:
-    (sum of masked losses float32[], number of supervised tokens float32[]).
-  """
-  logits = logits.astype(jnp.float32)
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  mask = loss_mask.astype(jnp.float32)
-  return jnp.sum((logz - picked) * mask), jnp.sum(mask)
-
-
 def _constrain_batch(batch: dict) -> dict:
   return {k: sharding.constrain(v, ("act_batch",) + (None,) * (v.ndim - 1)) for k, v in batch.items()}
 
@@ -65,8 +48,8 @@ def make_loss_fn(graphdef: nnx.GraphDef, *, stop_vision_grad: bool) -> Callable:
     model = nnx.merge(graphdef, unflatten({**frozen, **trainable}, sep="/"))
     logits = model(batch["input_ids"], images=batch["images"], image_mask=batch["image_mask"],
                    positions=batch["positions"], segment_ids=batch["segment_ids"],
-                   stop_vision_grad=stop_vision_grad)
-    total, count = cross_entropy_sum(logits, batch["targets"], batch["loss_mask"])
+                   stop_vision_grad=stop_vision_grad).logits
+    total, count = losses.cross_entropy_sum(logits, batch["targets"], batch["loss_mask"])
     return total, count
 
   return loss_sum

@@ -1,7 +1,7 @@
 """The training loop of all three stages: setup, resume, the jitted step on the mesh, metrics, checkpoints, signals.
 
 ```
-initialize_distributed → workdir check → tokenizer → model config → mesh + rules
+distributed.initialize → workdir check → tokenizer → model config → mesh + rules
 → abstract model → shardings → stage optimizer → state: own checkpoint | config.init params | sharded init
 → grain iterator (restored with the state) → loop: next batch → global arrays → step → metrics / checkpoint
 ```
@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from qwenvl_jax import data, sharding
+from qwenvl_jax import data, distributed, sharding
 from qwenvl_jax.model import QwenVL, get_preset
 from qwenvl_jax.training import experiment, flops, metrics, workdir as workdir_lib
 from qwenvl_jax.training.checkpointing import Checkpointer, resolve_params_checkpoint
@@ -79,7 +79,7 @@ def _any_process(flag: bool) -> bool:
 
 def train(config: ml_collections.ConfigDict) -> TrainResult:
   """Runs (or resumes) the stage `config` describes. See `configs/stage1.py` for the fields."""
-  experiment.initialize_distributed(config.distributed)
+  distributed.initialize(config.distributed)
   workdir = workdir_lib.resolve(config)
   workdir_lib.create(workdir)
   if config.checkpoint.every < 1 or config.log_every < 1:
@@ -98,7 +98,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer) 
   # preset, a mesh the devices cannot hold) must not leave a config.json that refuses the corrected command.
   get_preset(config.model).with_image_size(config.res)
   mesh, rules = experiment.make_mesh(config)
-  check_batch(config, mesh)
+  check_batch(config, mesh, rules)
   workdir_lib.check_and_record(workdir, config, latest)
   if latest is not None and latest >= config.total_steps:
     if jax.process_index() == 0:
@@ -146,7 +146,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer) 
     step_flops = flops.train_step_flops(cfg, batch=config.batch_size, seq_len=config.seq_len,
                                         max_images=config.max_images, is_trainable=lambda p: not is_frozen(p)).total
     peak = metrics.peak_flops_per_device(config.peak_flops_per_device)
-    jitted = jax.jit(step_fn, in_shardings=(shardings, data.batch_sharding(mesh)),
+    jitted = jax.jit(step_fn, in_shardings=(shardings, sharding.batch_sharding(mesh, rules)),
                      out_shardings=(shardings, replicated), donate_argnums=(0,))
     writer = metrics.MetricsWriter(workdir, total_steps=config.total_steps, initial_step=start,
                                    tensorboard=config.tensorboard, progress_bar=config.progress_bar)
@@ -190,7 +190,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer) 
 
     with _StopRequest() as stop, sharding.use_rules(mesh, rules):
       for step in range(start + 1, config.total_steps + 1):
-        batch = data.to_global_batch(next(data_iter), mesh)
+        batch = data.to_global_batch(next(data_iter), mesh, rules)
         state, step_metrics = jitted(state, batch)
         pending.append((step, step_metrics))
         writer.advance()

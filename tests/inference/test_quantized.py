@@ -47,7 +47,7 @@ def test_quantized_greedy_tokens_match_the_float_model(trained, prompts, float_t
   model = qlib.quantize_model(_copy(trained), qcfg)
   rate = _agreement(Generator(model).generate(prompts, GEN), float_tokens)
   ids = jnp.asarray(trained_lm.sample(16, 24, seed=7))
-  err = np.abs(np.asarray(model(ids)) - np.asarray(trained(ids)))
+  err = np.abs(np.asarray(model(ids).logits) - np.asarray(trained(ids).logits))
   print(f"\n{qcfg.mode}: greedy agreement {rate:.3f} over {len(float_tokens)} prompts x {GEN.max_new_tokens} "
         f"tokens; logit error max {err.max():.4f} mean {err.mean():.5f}")
   # The trained model's greedy path must be non-trivial for the comparison to mean anything.

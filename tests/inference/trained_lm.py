@@ -47,7 +47,7 @@ def train_tiny_lm(steps: int = 150, *, batch: int = 16, length: int = 32, seed: 
   @jax.jit
   def step(params, opt_state, tokens):
     def loss_fn(p):
-      logits = nnx.merge(graphdef, p, rest)(tokens[:, :-1]).astype(jnp.float32)
+      logits = nnx.merge(graphdef, p, rest)(tokens[:, :-1]).logits.astype(jnp.float32)
       return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)

@@ -10,6 +10,7 @@ from flax import nnx
 from qwenvl_jax import sharding
 from qwenvl_jax.model import QwenVL, tiny
 from qwenvl_jax.training import optimizer
+from tests.training.helpers import load_stage_config
 
 
 def _opt_config(**kw):
@@ -147,3 +148,29 @@ def test_bf16_second_moment_tracks_the_float32_adam():
     assert np.abs(np.asarray(b) - np.asarray(a)).max() <= 0.01 * moved
   assert not all(np.array_equal(np.asarray(a), np.asarray(b))
                  for a, b in zip(jax.tree.leaves(results["f32"][0]), jax.tree.leaves(results["bf16"][0])))
+
+
+def _opt_state_specs() -> dict[str, list]:
+  """Optimizer-state PartitionSpecs of the 9.6B model in every stage under fsdp_tp on a (1, 4, 2) mesh, keyed by
+  `jax.tree_util.keystr` of the optimizer-state leaf (abstract: nothing is allocated)."""
+  from qwenvl_jax.model import qwen_vl_7b  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.training import setup  # pylint: disable=import-outside-toplevel
+  mesh, rules = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2}), sharding.load_rules("fsdp_tp")
+  out = {}
+  for stage in (1, 2, 3):
+    config = load_stage_config(stage, "model=qwen_vl_7b")
+    built = setup.build_step(config, qwen_vl_7b(), mesh, rules)
+    for path, s in jax.tree_util.tree_flatten_with_path(built.opt_shardings)[0]:
+      out[f"stage{stage}{jax.tree_util.keystr(path)}"] = [list(a) if isinstance(a, tuple) else a for a in s.spec]
+  return out
+
+
+def test_opt_state_shardings_match_golden_file():
+  """Each Adam moment sharded like its parameter, scalars replicated, frozen parameters without state: the specs
+  recorded before `opt_state_shardings` moved to `optax.tree_map_params` (UPDATE_GOLDEN=1 rewrites the file)."""
+  import json, os, pathlib  # pylint: disable=import-outside-toplevel,multiple-imports
+  got = _opt_state_specs()
+  path = pathlib.Path(__file__).parents[1] / "golden" / "opt_state_shardings_fsdp_tp.json"
+  if os.environ.get("UPDATE_GOLDEN"):
+    path.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
+  assert got == json.loads(path.read_text()), "optimizer-state shardings changed; UPDATE_GOLDEN=1 if intended"
