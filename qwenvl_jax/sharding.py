@@ -1,7 +1,7 @@
 """Logical axis names -> device meshes: rule tables, mesh construction, sharded init, activation constraints.
 
 All of the NNX sharding plumbing lives here (and in the optimizer module), so model code only ever names logical
-axes (`embed`, `mlp`, `vit_heads`, `act_batch`, ...). A rule table is data (see `configs/sharding_rules.py`): an
+axes (`embed`, `mlp`, `vit_heads`, `act_batch`, ...). A rule table is data (`qwenvl_jax/sharding_rules.py`): an
 ordered tuple of `(logical_name, mesh_axes)` pairs, where `mesh_axes` is a mesh axis name, a tuple of them, or
 None (replicated). Resolution is shape-aware: a mesh axis is used for a dimension only if it is not yet used by
 another dimension of the same array and the dimension stays divisible, so one table serves every model size.
@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import importlib.util
 import math
-import pathlib
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -22,21 +20,17 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from qwenvl_jax import sharding_rules
+
 MESH_AXES = ("data", "fsdp", "tensor")
 Rules = tuple[tuple[str, Any], ...]
 
-_RULES_FILE = pathlib.Path(__file__).resolve().parents[1] / "configs" / "sharding_rules.py"
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar("qwenvl_sharding", default=None)
 
 
 def load_rules(name: str) -> Rules:
-  """The rule table `name` (e.g. "fsdp", "fsdp_tp") from `configs/sharding_rules.py`."""
-  if not _RULES_FILE.is_file():
-    raise FileNotFoundError(f"sharding rule tables not found at {_RULES_FILE}")
-  spec = importlib.util.spec_from_file_location("qwenvl_sharding_rules", _RULES_FILE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  tables = module.RULES
+  """The rule table `name` (e.g. "fsdp", "fsdp_tp") of `qwenvl_jax/sharding_rules.py`."""
+  tables = sharding_rules.RULES
   if name not in tables:
     raise ValueError(f"unknown sharding rules {name!r}; known: {sorted(tables)}")
   return tuple(tables[name])

@@ -44,7 +44,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from qwenvl_jax import distributed, sharding
+from qwenvl_jax import config_args, distributed, sharding
 from qwenvl_jax import text as qtext
 from qwenvl_jax.data import images as image_lib
 from qwenvl_jax.evaluation import few_shot as few_shot_lib
@@ -53,7 +53,7 @@ from qwenvl_jax.evaluation import results
 from qwenvl_jax.evaluation import tasks as tasks_lib
 from qwenvl_jax.evaluation import tfds_readers
 from qwenvl_jax.evaluation.readers import EvalDataError, EvalExample
-from qwenvl_jax.inference import decode, loading, scoring
+from qwenvl_jax.inference import decode, loading, model_source, scoring
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -147,12 +147,19 @@ class _Job:
 
   def __init__(self, config, task: tasks_lib.EvalTask, shots: few_shot_lib.ShotSampler | None = None):
     self.config, self.task = config, task
-    self.tok = loading.load_tokenizer(config.tokenizer)
-    self.cfg = loading.model_config(config.model, self.tok, dtype=config.dtype,
-                                    random_weights=not config.checkpoint, image_size=config.get("image_size"))
+    # A training run directory (or its checkpoints/<step>) supplies preset, image size and tokenizer; the
+    # official prompts are raw text whatever the run trained on, so its chat format is not used.
+    source = model_source.resolve(config.checkpoint or None, model=config.model or None,
+                                  tokenizer=config.tokenizer or None, image_size=config.get("image_size"))
+    if not source.tokenizer:
+      raise ValueError("config.tokenizer is required unless config.checkpoint is a training run")
+    self.tok = qtext.load_tokenizer(source.tokenizer)
+    self.cfg = loading.model_config(source.preset, self.tok, dtype=config.dtype,
+                                    random_weights=not source.params, image_size=source.image_size)
     self.mesh, self.rules = loading.inference_mesh(config.rules, **config.mesh.to_dict())
-    model = loading.load_model(self.cfg, config.checkpoint, self.mesh, self.rules, seed=config.seed,
-                               quantize=config.get("quantize"), group_size=config.get("quantize_group_size"))
+    model = loading.load_model(self.cfg, source.params, self.mesh, self.rules, seed=config.seed,
+                               preset=source.preset, quantize=config.get("quantize"),
+                               group_size=config.get("quantize_group_size"))
     kv = config.get("kv_cache_dtype", "auto")
     self.generator = decode.Generator(model, kv_cache_dtype=None if kv in ("auto", "") else kv)
     self.scorer = scoring.LikelihoodScorer(self.generator)
@@ -379,16 +386,18 @@ def default_config(task_name: str, arg: str | None = None):
   c.annotation_path = task.annotation_file or ""   # VQA accuracy: the official annotation JSON ("" with a TFDS
                                         # dataset whose `answers` are the human answers)
   c.image_root = ""                     # relative image paths of the data file are taken under this folder
-  c.checkpoint = ""                     # params checkpoint directory ("" = random weights, for smoke tests)
-  c.model = "qwen_vl_7b"                # architecture preset
-  c.tokenizer = ""                      # qwen.tiktoken or a SentencePiece .model
+  c.checkpoint = ""                     # a training run, <run>/checkpoints/<step>, or a params checkpoint
+                                        # directory ("" = random weights, for smoke tests)
+  c.model = ""                          # architecture preset ("" = the run's, else qwen_vl_7b)
+  c.tokenizer = ""                      # tokenizer spec (text.load_tokenizer): qwen:PATH, sentencepiece:PATH, or a
+                                        # .tiktoken / .model file ("" = the run's)
   c.dtype = "bfloat16"
   c.quantize = "none"                   # weight-only quantization at load: none | int8 (per channel) | int4 (groups)
   c.quantize_group_size = 128           # int4 group size
   c.kv_cache_dtype = "auto"             # auto (the compute dtype) | int8
   c.image_size = ml_collections.config_dict.placeholder(int)   # override the preset's resolution
   c.per_device_batch_size = 4
-  c.rules = "fsdp"                      # sharding rule table (configs/sharding_rules.py)
+  c.rules = "fsdp"                      # sharding rule table (qwenvl_jax/sharding_rules.py)
   c.mesh = ml_collections.ConfigDict({"fsdp": -1})   # ICI degrees of the (data, fsdp, tensor) mesh
   c.buckets = decode.DEFAULT_BUCKETS    # allowed padded prompt lengths (bounds recompiles)
   c.seed = 0                            # random weights, and the few-shot draw
@@ -400,17 +409,7 @@ def default_config(task_name: str, arg: str | None = None):
   c.max_batches = 0                     # stop after N batches (0 = all); rerun with the same output to resume
   c.progress = True
   c.distributed = distributed.default_config()   # as the trainer's (qwenvl_jax/distributed.py)
-  for item in filter(None, (arg or "").split(",")):
-    key, sep, value = item.partition("=")
-    if not sep or key not in c:
-      raise ValueError(f"config argument {item!r} is not key=value with a known key (keys: {sorted(c)})")
-    current = c[key]
-    if isinstance(current, bool):
-      c[key] = value.lower() in ("1", "true", "yes")
-    elif isinstance(current, (str, int, float)):
-      c[key] = type(current)(value)
-    elif current is None:  # the integer placeholders
-      c[key] = int(value)
-    else:
-      raise ValueError(f"config argument {item!r}: set {key!r} with --config.{key}=... instead")
+  # Every top-level field is a key; a non-scalar one (mesh, buckets, distributed) is refused with a pointer to
+  # --config.FIELD, and the placeholder image_size takes an integer.
+  c.update(config_args.parse_arg(arg, {key: c[key] for key in c}))
   return c

@@ -139,7 +139,9 @@ class QuantizedEinsum(nnx.Module):
     axes = _axes(kernel)
     return cls(module.spec, _param(qvalue, axes), _param(scale, axes), module.bias, dtype=module.dtype)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+    """dropout_key: accepted for `layers.Einsum`'s signature (LoRA dropout); a quantized layer has no adapter."""
+    del dropout_key
     w = qwix.QArray(self.qvalue[...], self.scale[...].astype(self.dtype), qtype=self.qvalue.dtype)
     y = qwix.einsum(self.spec, x.astype(self.dtype), w)
     if self.bias is not None:

@@ -47,6 +47,24 @@ class KVCache(NamedTuple):
     return self.k_scale is not None
 
 
+class ModelOutput(NamedTuple):
+  """What `QwenLM` and `QwenVL` return, with or without a cache (one type, so callers never branch)."""
+
+  logits: jax.Array  # float[B, T, V] in the compute dtype
+  cache: KVCache | None  # the updated cache when one was passed, else None
+
+
+def write_slots(buffer: jax.Array, update: jax.Array, cache_index: jax.Array | int) -> jax.Array:
+  """`buffer` [B, S, ...] with `update` [B, T, ...] written at slots cache_index .. cache_index + T - 1.
+
+  cache_index: an int32 scalar (every row at the same slot: left-padded batches) or int32[B] (each row at its
+  own slot: the decode slots of a continuously batched server, whose rows started at different times).
+  """
+  if jnp.ndim(cache_index) == 0:
+    return jax.lax.dynamic_update_slice_in_dim(buffer, update, cache_index, axis=1)
+  return jax.vmap(lambda b, u, i: jax.lax.dynamic_update_slice_in_dim(b, u, i, axis=0))(buffer, update, cache_index)
+
+
 def _quantize_kv(x: jax.Array, scale_dtype) -> tuple[jax.Array, jax.Array]:
   """float[B, T, N, H] -> (int8[B, T, N, H], scale[B, T, N, 1]): absmax per token and head."""
   q = qwix.quantize(x.astype(jnp.float32), jnp.int8, channelwise_axes=(0, 1, 2))
@@ -56,7 +74,7 @@ def _quantize_kv(x: jax.Array, scale_dtype) -> tuple[jax.Array, jax.Array]:
 def _write_kv(kv: tuple, k: jax.Array, v: jax.Array, cache_index) -> tuple[tuple, jax.Array, jax.Array]:
   """Writes the new k, v float[B, T, N, H] at `cache_index` of a layer's cache entries `kv` = (k, v) or
   (k, v, k_scale, v_scale); returns (the updated entries, the whole k and v in k's dtype for attention)."""
-  put = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype), cache_index, axis=1)
+  put = lambda buf, x: write_slots(buf, x.astype(buf.dtype), cache_index)
   if len(kv) == 2:
     new = (put(kv[0], k), put(kv[1], v))
     return new, new[0].astype(k.dtype), new[1].astype(k.dtype)
@@ -65,13 +83,6 @@ def _write_kv(kv: tuple, k: jax.Array, v: jax.Array, cache_index) -> tuple[tuple
   new = (put(kv[0], kq), put(kv[1], vq), put(kv[2], ks), put(kv[3], vs))
   # Dequantized one layer at a time inside the scan (a temporary of the jitted step, never stored).
   return new, (new[0].astype(k.dtype) * new[2].astype(k.dtype)), (new[1].astype(k.dtype) * new[3].astype(k.dtype))
-
-
-class ModelOutput(NamedTuple):
-  """What `QwenLM` and `QwenVL` return, with or without a cache (one type, so callers never branch)."""
-
-  logits: jax.Array  # float[B, T, V] in the compute dtype
-  cache: KVCache | None  # the updated cache when one was passed, else None
 
 
 class SelfAttention(nnx.Module):
@@ -87,14 +98,16 @@ class SelfAttention(nnx.Module):
     self.scale = 1.0 / float(np.asarray(np.sqrt(h), dtype=dtype))
     self.impl = impl
 
-  def __call__(self, x, cos, sin, mask, q_scale, kv=None, cache_index=None, segment_ids=None):
+  def __call__(self, x, cos, sin, mask, q_scale, kv=None, cache_index=None, segment_ids=None, dropout_key=None):
     """x float[B, T, D] -> (float[B, T, D], (k, v) updated cache entries or None).
 
     kv: optional (k, v) float[B, S, N, H] of this layer, or (k, v, k_scale, v_scale) of an int8 cache; the new
       keys/values are written at `cache_index`.
     q_scale: optional float32[B, T] logn factor applied to q (inference only).
+    dropout_key: LoRA dropout key (training only; None = none).
     """
-    qkv = self.qkv(x)
+    keys = [None] * 2 if dropout_key is None else list(jax.random.split(dropout_key, 2))
+    qkv = self.qkv(x, keys[0])
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q = positional.apply_rope(q, cos, sin)
     k = positional.apply_rope(k, cos, sin)
@@ -106,7 +119,7 @@ class SelfAttention(nnx.Module):
       q = (q.astype(jnp.float32) * q_scale[:, :, None, None]).astype(q.dtype)
     out = attention.dot_product_attention(q, k, v, mask=mask, scale=self.scale, impl=self.impl,
                                           segment_ids=segment_ids if kv is None else None)
-    return self.out(out), new_kv
+    return self.out(out, keys[1]), new_kv
 
 
 class DecoderBlock(nnx.Module):
@@ -119,10 +132,11 @@ class DecoderBlock(nnx.Module):
     self.ln_2 = layers.RMSNorm(cfg.width, eps=cfg.rms_eps, **kw)
     self.mlp = layers.SwiGLU(cfg.width, cfg.mlp_dim, **kw)
 
-  def __call__(self, x, cos, sin, mask, q_scale, kv=None, cache_index=None, segment_ids=None):
-    attn_out, new_kv = self.attn(self.ln_1(x), cos, sin, mask, q_scale, kv, cache_index, segment_ids)
+  def __call__(self, x, cos, sin, mask, q_scale, kv=None, cache_index=None, segment_ids=None, dropout_key=None):
+    keys = [None] * 2 if dropout_key is None else list(jax.random.split(dropout_key, 2))
+    attn_out, new_kv = self.attn(self.ln_1(x), cos, sin, mask, q_scale, kv, cache_index, segment_ids, keys[0])
     h = x + attn_out
-    out = h + self.mlp(self.ln_2(h))
+    out = h + self.mlp(self.ln_2(h), keys[1])
     return sharding.constrain(out, ("act_batch", "act_len", "act_embed")), new_kv
 
 
@@ -172,20 +186,36 @@ class QwenLM(nnx.Module):
 
   def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array,
                cache: KVCache | None = None, cache_index: jax.Array | int | None = None,
-               rope_base: jax.Array | float | None = None, logn: bool = False):
-    """Runs the decoder on embeddings.
+               rope_base: jax.Array | float | None = None, logn: bool = False,
+               dropout_key: jax.Array | None = None) -> ModelOutput:
+    """Logits of the decoder on embeddings: `features` then `lm_head` (same arguments).
+
+    Returns:
+      ModelOutput(logits float[B, T, V] in the compute dtype, updated KVCache or None).
+    """
+    h, new_cache = self.features(x, positions=positions, segment_ids=segment_ids, cache=cache,
+                                 cache_index=cache_index, rope_base=rope_base, logn=logn, dropout_key=dropout_key)
+    logits = self.lm_head(h)
+    return ModelOutput(sharding.constrain(logits, ("act_batch", "act_len", "act_vocab")), new_cache)
+
+  def features(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array,
+               cache: KVCache | None = None, cache_index: jax.Array | int | None = None,
+               rope_base: jax.Array | float | None = None, logn: bool = False,
+               dropout_key: jax.Array | None = None):
+    """Runs the decoder on embeddings up to the final norm (the `lm_head` input).
 
     Args:
       x: float[B, T, D] input embeddings (image features already written in).
       positions: int32[B, T] RoPE positions.
       segment_ids: int32[B, T]; 0 = padding. Attention is causal within equal non-zero segments.
       cache: optional KVCache with S slots; the T new tokens are written at slots cache_index..cache_index+T-1.
-      cache_index: int32 scalar slot of the first new token (required with a cache).
+      cache_index: int32 scalar slot of the first new token, or int32[B] one per row (required with a cache).
       rope_base: RoPE base (default the config's); pass the dynamic-NTK base at inference.
       logn: apply the reference's logn query scaling (inference only).
+      dropout_key: the LoRA dropout key of this call (training only; split per layer and projection).
 
     Returns:
-      ModelOutput(logits float[B, T, V] in the compute dtype, updated KVCache or None).
+      (hidden states float[B, T, D] after `ln_f` in the compute dtype, updated KVCache or None).
     """
     c = self.cfg
     t = x.shape[1]
@@ -199,9 +229,8 @@ class QwenLM(nnx.Module):
     else:
       if cache_index is None:
         raise ValueError("decoding with a cache needs cache_index")
-      kv_segments = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids.astype(jnp.int32),
-                                                        cache_index, axis=1)
-      q_slots = cache_index + jnp.arange(t, dtype=jnp.int32)
+      kv_segments = write_slots(cache.segment_ids, segment_ids.astype(jnp.int32), cache_index)
+      q_slots = jnp.asarray(cache_index, jnp.int32)[..., None] + jnp.arange(t, dtype=jnp.int32)
       k_slots = jnp.arange(cache.segment_ids.shape[1], dtype=jnp.int32)
       mask = attention.segment_causal_mask(segment_ids, kv_segments, q_slots, k_slots)
     x = sharding.constrain(x.astype(self.dtype), ("act_batch", "act_len", "act_embed"))
@@ -209,13 +238,20 @@ class QwenLM(nnx.Module):
     # Without a cache the mask is segment_causal_mask(segment_ids) over one sequence: kernels may use the ids.
     seg_for_kernel = segment_ids if cache is None else None
 
-    def block_fn(x, block, kv):
-      return block(x, cos, sin, mask, q_scale, kv, cache_index, seg_for_kernel)
+    def block_fn(x, block, kv, key=None):
+      return block(x, cos, sin, mask, q_scale, kv, cache_index, seg_for_kernel, key)
 
     if self.remat_policy != "none" and cache is None:
       block_fn = nnx.remat(block_fn, policy=layers.remat_policy(self.remat_policy), prevent_cse=False)
 
-    if cache is None:
+    if cache is None and dropout_key is not None:
+      @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def run_dropout(x, block, key):
+        return block_fn(x, block, None, key)[0]
+
+      x = run_dropout(x, self.blocks, jax.random.split(dropout_key, c.layers))
+      new_cache = None
+    elif cache is None:
       @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
       def run(x, block):
         return block_fn(x, block, None)[0]
@@ -232,5 +268,4 @@ class QwenLM(nnx.Module):
 
       x, entries = run_cached(x, self.blocks, entries)
       new_cache = KVCache(*entries[:2], kv_segments, *entries[2:])
-    logits = self.lm_head(self.ln_f(x))
-    return ModelOutput(sharding.constrain(logits, ("act_batch", "act_len", "act_vocab")), new_cache)
+    return sharding.constrain(self.ln_f(x), ("act_batch", "act_len", "act_embed")), new_cache

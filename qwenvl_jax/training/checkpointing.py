@@ -97,12 +97,6 @@ class Checkpointer:
     step_array = jax.device_put(jax.numpy.asarray(step, jax.numpy.int32), sharding)
     return TrainState(step_array, restored["params"], restored["opt_state"])
 
-  def read_meta(self, step: int) -> dict:
-    return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
-
-  def params_path(self, step: int) -> str:
-    return os.fspath(epath.Path(self.directory) / str(step) / "params")
-
   def wait(self) -> None:
     """Blocks until every started save is durable on disk."""
     self.manager.wait_until_finished()

@@ -16,11 +16,18 @@ import numpy as np
 
 from qwenvl_jax import sharding
 from qwenvl_jax.model import config as model_config
-from qwenvl_jax.training import workdir as workdir_lib
+from qwenvl_jax.training import peft, workdir as workdir_lib
 from qwenvl_jax.training.optimizer import stage_frozen_patterns
 
 def frozen_patterns(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """The frozen-path regexes: `config.frozen` if set ('none' = train everything), else the stage's filters."""
+  """The frozen-path regexes: `config.frozen` if set ('none' = train everything), else the stage's filters; a
+  LoRA run (`config.lora.rank > 0`) freezes all but its adapters and modules_to_save (`training.peft`)."""
+  lora_frozen = peft.frozen_patterns(config)
+  if lora_frozen is not None:
+    if config.frozen:
+      raise ValueError(f"config.frozen={config.frozen!r} with config.lora.rank={config.lora.rank}: a LoRA run "
+                       "freezes everything but its adapters; use config.lora.modules_to_save to train more")
+    return lora_frozen
   if config.frozen == "none":
     return ()
   if config.frozen:
@@ -42,17 +49,16 @@ def make_tokenizer(config: ml_collections.ConfigDict, workdir: str):
   """The tokenizer `config.tokenizer` names.
 
   '' trains (or reloads) the synthetic dataset's SentencePiece model at `<workdir>/tokenizer.model`; process 0
-  trains it and sends the bytes to the others, so hosts need no shared disk. `qwen:PATH` is the real Qwen
-  vocabulary (`qwen.tiktoken`); `sentencepiece:PATH` a SentencePiece model.
+  trains it and sends the bytes to the others, so hosts need no shared disk. Anything else is a tokenizer spec
+  (`text.load_tokenizer`: `qwen:PATH`, `sentencepiece:PATH`, or a `.tiktoken` / `.model` file).
   """
   from qwenvl_jax import text  # pylint: disable=g-import-not-at-top
   spec = config.tokenizer
-  if spec.startswith("qwen:"):
-    return text.QwenTokenizer(spec[len("qwen:"):])
-  if spec.startswith("sentencepiece:"):
-    return text.SentencePieceTokenizer(spec[len("sentencepiece:"):])
   if spec:
-    raise ValueError(f"config.tokenizer={spec!r}: expected '' (synthetic), 'qwen:PATH' or 'sentencepiece:PATH'")
+    try:
+      return text.load_tokenizer(spec)
+    except ValueError as e:
+      raise ValueError(f"config.tokenizer: {e} (or '' for the synthetic dataset's vocabulary)") from e
   # The workdir may be a gs:// URL (epath); SentencePiece loads from a local file.
   path = epath.Path(workdir) / "tokenizer.model"
   data = None

@@ -53,16 +53,9 @@ def stage_frozen_patterns(stage: int, *, fix_vit: bool = True) -> tuple[str, ...
   return _FIX_VIT_FROZEN if stage == 3 and fix_vit else _STAGE_FROZEN[stage]
 
 
-def path_str(path: Sequence[Any]) -> str:
-  """'visual/blocks/attn/qkv/kernel' from a jax key path or a tuple of names."""
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        k = getattr(k, attr)
-        break
-    parts.append(str(k))
-  return "/".join(parts)
+def path_str(path: jax.tree_util.KeyPath) -> str:
+  """'visual/blocks/attn/qkv/kernel' from a jax key path (dict keys, attribute names and indices joined by /)."""
+  return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def make_is_frozen(patterns: Sequence[str]) -> Callable[[str], bool]:
@@ -203,27 +196,19 @@ def split_by_labels(tree: Mapping[str, Any], labels: Mapping[str, Any]) -> tuple
   return trainable, frozen
 
 
-def opt_state_shardings(opt_state: Any, params: Any, param_shardings: Any, replicated: Any) -> Any:
-  """Shardings for an (abstract) optimizer state: each Adam moment like its parameter, scalars replicated.
+def opt_state_shardings(tx: optax.GradientTransformation, opt_state: Any, param_shardings: Any,
+                        replicated: Any) -> Any:
+  """Shardings for an (abstract) optimizer state of `tx`: each Adam moment like its parameter, the rest (step
+  counts) `replicated`.
 
   Output-sharding propagation cannot be relied on here (`zeros_like` does not depend on the parameter's values,
-  so XLA is free to replicate the moments, which would put the whole Adam state on every device). An optimizer
-  leaf belongs to the parameter whose path is the suffix of its own path (optax nests the parameter tree inside
-  its state tuples) and that has its shape.
+  so XLA is free to replicate the moments, which would put the whole Adam state on every device).
+  `optax.tree_map_params` finds the parameter-shaped parts of the state; in them a frozen parameter is a
+  `multi_transform` `MaskedNode` (no state), which stays as it is.
   """
-  shapes = {path_str(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-  by_path = {path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
+  def like_param(leaf, param_sharding):
+    return leaf if isinstance(leaf, optax.MaskedNode) else param_sharding
 
-  def leaf(path, x):
-    text = path_str(path)
-    for param_path, shape in shapes.items():
-      if (text == param_path or text.endswith("/" + param_path)) and tuple(x.shape) == tuple(shape):
-        return by_path[param_path]
-    return replicated
-
-  return jax.tree_util.tree_map_with_path(leaf, opt_state)
-
-
-def count_state(tree: Any) -> int:
-  """Number of array elements in a tree (e.g. to check that frozen parameters carry no optimizer state)."""
-  return sum(int(x.size) for x in jax.tree.leaves(tree) if hasattr(x, "size"))
+  return optax.tree_map_params(tx, like_param, opt_state, param_shardings,
+                               transform_non_params=lambda _: replicated,
+                               is_leaf=lambda x: isinstance(x, optax.MaskedNode))

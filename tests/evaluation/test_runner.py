@@ -220,8 +220,12 @@ def test_default_config_arguments():
   c = runner.default_config("flickr", "max_examples=5,progress=false,image_size=448")
   assert (c.task, c.max_examples, c.progress, c.image_size) == ("flickr", 5, False, 448)
   assert (c.data_path, c.per_device_batch_size) == ("data/flickr30k/flickr30k_karpathy_test.json", 4)
-  with pytest.raises(ValueError, match="not key=value with a known key"):
+  with pytest.raises(ValueError, match=r"unknown config arg keys \['nope'\]"):
     runner.default_config("flickr", "nope=1")
+  with pytest.raises(ValueError, match="progress='maybe' is not a boolean"):  # never read as False
+    runner.default_config("flickr", "progress=maybe")
+  with pytest.raises(ValueError, match="use --config.mesh=... instead"):
+    runner.default_config("flickr", "mesh=4")
   with pytest.raises(KeyError, match="unknown evaluation task"):
     runner.default_config("no_such_task")
 

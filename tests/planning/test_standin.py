@@ -12,7 +12,7 @@ def plans() -> dict:
   return run_json(f"""
       import dataclasses, json
       from qwenvl_jax.hardware import chips
-      from qwenvl_jax.planning import standin
+      from tests.planning import standin
       out = {{}}
       for key, name, slices, kw in [
           ("v5p4", "v5p:2x2x1", 1, {{}}),

@@ -65,6 +65,8 @@ def test_config_arg_errors():
   with pytest.raises(ValueError, match="not key=value"):
     load_stage_config(1, "tiny")
   assert load_stage_config(3, "fix_vit=false").fix_vit is False
+  with pytest.raises(ValueError, match="fix_vit='maybe' is not a boolean"):
+    load_stage_config(3, "fix_vit=maybe")
 
 
 def _wait_for_step(workdir, step, proc, timeout):

@@ -1,4 +1,6 @@
-"""Logical-axis -> mesh-axis rule tables (data, not code). Select one with `config.mesh.rules`.
+"""Logical-axis -> mesh-axis rule tables (data, not code). Select one by name with `config.mesh.rules`
+(`sharding.load_rules`). They live in the package, not in the checkout's `configs/`, so an installed `qwenvl_jax`
+finds them from any directory.
 
 Each entry maps a logical axis name used in the model to the mesh axes it may be split over, in order of
 preference; `qwenvl_jax.sharding.resolve_spec` keeps an axis only when it is free in that array and divides the
