@@ -8,14 +8,24 @@ r"""Weight conversion between PyTorch checkpoints and the Orbax params checkpoin
   # Orbax -> Hugging Face format (bf16 safetensors shards + index + config.json), loadable by the reference:
   python -m qwenvl_jax.convert --mode=orbax_to_torch --src=/ckpt/finetuned_params --dst=/ckpt/export \
       --reference_files=/ckpt/Qwen-VL-Chat
+  # A LoRA trainer run (WORKDIR[@STEP]) -> merged params checkpoint (W + alpha/r * A @ B, bf16), or -> a PEFT
+  # adapter directory in the reference's module names (peft.PeftModel.from_pretrained loads it):
+  python -m qwenvl_jax.convert --mode=merge_lora --src=runs/stage3 --dst=/ckpt/merged_params
+  python -m qwenvl_jax.convert --mode=export_peft --src=runs/stage3@150 --dst=/ckpt/peft_adapter
 """
 
+import sys
+
+import jax
+import jax.numpy as jnp
 from absl import app, flags
+from flax import nnx
 
 from qwenvl_jax import checkpoint
 from qwenvl_jax.model.config import PRESETS, get_preset
 
-_MODE = flags.DEFINE_enum("mode", "torch_to_orbax", ["torch_to_orbax", "orbax_to_torch", "init_from_pretrained"],
+_MODE = flags.DEFINE_enum("mode", "torch_to_orbax", ["torch_to_orbax", "orbax_to_torch", "init_from_pretrained",
+                                            "merge_lora", "export_peft"],
                           "Conversion direction.")
 _SRC = flags.DEFINE_string("src", None, "Input: a PyTorch checkpoint (directory or file) or a params checkpoint.")
 _DST = flags.DEFINE_string("dst", None, "Output directory; must not exist.", required=True)
@@ -45,11 +55,40 @@ def main(argv):
     return
   if not _SRC.value:
     raise app.UsageError(f"--mode={mode} needs --src")
+  if mode in ("merge_lora", "export_peft"):
+    _lora(mode, _SRC.value, _DST.value, _DTYPE.value or "bfloat16")
+    return
   if mode == "torch_to_orbax":
     checkpoint.torch_to_orbax(_SRC.value, _DST.value, cfg, dtype=_DTYPE.value)
   else:
     checkpoint.orbax_to_torch(_SRC.value, _DST.value, cfg, dtype=_DTYPE.value or "bfloat16",
                               max_shard_bytes=int(_SHARD_GB.value * 1e9), reference_files=_REFERENCE.value)
+
+
+def _lora(mode: str, src: str, dst: str, dtype: str) -> None:
+  """merge_lora / export_peft of the LoRA trainer run `src`; a bad source is one error line and exit status 1."""
+  import os  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.checkpoint import peft_export  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.model import lora  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.training import peft  # pylint: disable=import-outside-toplevel
+  if os.path.exists(dst):
+    sys.exit(f"error: {dst} already exists; choose a new output directory")
+  try:
+    model, lcfg, _ = peft.load_run(src)
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f"error: {e}")
+  if mode == "export_peft":
+    try:
+      peft_export.export_peft(model, lcfg, dst)
+    except ValueError as e:
+      sys.exit(f"error: {e}")
+    print(f"wrote PEFT adapter ({lcfg.rank=}, {lcfg.alpha=}) to {dst}")
+    return
+  lora.merge_lora(model)
+  target = None if dtype == "keep" else jnp.dtype(dtype)
+  params = jax.tree.map(lambda x: x if target is None else x.astype(target), nnx.to_pure_dict(nnx.state(model)))
+  checkpoint.save_params(dst, params)
+  print(f"wrote merged params ({dtype}) to {dst}")
 
 
 if __name__ == "__main__":
