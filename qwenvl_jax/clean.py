@@ -24,6 +24,8 @@ import logging
 from absl import app
 from absl import flags
 
+from qwenvl_jax import cli
+
 from qwenvl_jax.cleaning import config as config_lib
 from qwenvl_jax.cleaning import pipeline
 from qwenvl_jax.cleaning import scoring
@@ -44,6 +46,8 @@ _TEXT_KEY = flags.DEFINE_string("text_key", _DEFAULTS.text_key, "Caption column.
 _IMAGE_KEY = flags.DEFINE_string("image_key", _DEFAULTS.image_key, "Image column (bytes, path, URL or struct).")
 _ID_KEY = flags.DEFINE_string("id_key", None, "Record id column (default: '<shard file>:<row>').")
 _SCORE_KEY = flags.DEFINE_string("score_key", None, "Precomputed image-text similarity column.")
+_SKIP_SIMILARITY = flags.DEFINE_bool("skip_similarity", False, "Clean without the image-text similarity filter "
+                                     "(needed when neither --score_key nor --scorer is given).")
 _IMAGE_ROOT = flags.DEFINE_string("image_root", None, "Folder of relative image paths (default: the shard's).")
 _LANGUAGES = flags.DEFINE_list("languages", list(_DEFAULTS.languages), "Accepted caption languages.")
 _MIN_TEXT_UNITS = flags.DEFINE_integer("min_text_units", _DEFAULTS.min_text_units, "Shortest caption (units).")
@@ -73,7 +77,8 @@ def job_from_flags() -> pipeline.CleanJob:
   return pipeline.CleanJob(
       inputs=tuple(_INPUT.value), output_dir=_OUTPUT_DIR.value, report_path=_REPORT.value, config=cfg,
       input_format=_INPUT_FORMAT.value,
-      scorer_factory=scoring.SpecFactory(_SCORER.value) if _SCORER.value else None)
+      scorer_factory=scoring.SpecFactory(_SCORER.value) if _SCORER.value else None,
+      skip_similarity=_SKIP_SIMILARITY.value)
 
 
 def main(argv):
@@ -87,4 +92,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 from absl import app, flags
 from flax import nnx
 
+from qwenvl_jax import cli
+
 from qwenvl_jax import checkpoint
 from qwenvl_jax.model.config import PRESETS, get_preset
 
@@ -92,4 +94,4 @@ def _lora(mode: str, src: str, dst: str, dtype: str) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

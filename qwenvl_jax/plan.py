@@ -19,6 +19,8 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
+from qwenvl_jax import cli
+
 from qwenvl_jax import sharding
 from qwenvl_jax.model import QwenVL, QwenVLConfig, get_preset, lora
 from qwenvl_jax.planning import train_plan
@@ -106,4 +108,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -26,6 +26,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.options.pipeline_options import StandardOptions
 from etils import epath
 
+from qwenvl_jax import errors
 from qwenvl_jax.cleaning import filters
 from qwenvl_jax.cleaning import report as report_lib
 from qwenvl_jax.cleaning import scoring
@@ -59,6 +60,8 @@ class CleanJob:
     input_format: "auto" (from file names), "jsonl" or "parquet".
     scorer_factory: zero-argument callable building the image-text scorer on each worker (see `scoring`); it
       must be picklable. None = no scorer (the score column, if configured, is still used).
+    skip_similarity: run without the image-text similarity filter. Without a score column or a scorer the job
+      refuses to run unless this is set, rather than silently keeping pairs of any similarity.
   """
   inputs: tuple[str, ...]
   output_dir: str
@@ -66,6 +69,7 @@ class CleanJob:
   config: CleanConfig = CleanConfig()
   input_format: str = "auto"
   scorer_factory: scoring.ScorerFactory | None = None
+  skip_similarity: bool = False
 
   def __post_init__(self):
     if isinstance(self.inputs, str):
@@ -80,6 +84,23 @@ class CleanJob:
                        f"({self.scorer_factory!r}), not both")
     if self.scorer_factory is not None and not callable(self.scorer_factory):
       raise ValueError(f"CleanJob.scorer_factory must be callable, got {self.scorer_factory!r}")
+    scored = self.scorer_factory is not None or bool(self.config.score_key)
+    if not scored and not self.skip_similarity:
+      raise errors.ConfigError(
+          f"the image-text similarity filter (min_similarity={self.config.min_similarity}) has no scores",
+          "give --score_key=COLUMN (precomputed CLIP scores in the input) or --scorer=SPEC (computed by the job), "
+          "or pass --skip_similarity to clean without this filter")
+    if scored and self.skip_similarity:
+      raise errors.ConfigError("--skip_similarity contradicts the score column / scorer given",
+                               "drop --skip_similarity, or the --score_key / --scorer")
+
+  @property
+  def similarity_filter(self) -> str:
+    """What the low_similarity rule does in this job, for the report."""
+    if self.skip_similarity:
+      return "skipped (skip_similarity): no pair was rejected for its image-text similarity"
+    source = f"score column {self.config.score_key!r}" if self.config.score_key else f"scorer {self.scorer_factory!r}"
+    return f"{source} >= {self.config.min_similarity}"
 
   @property
   def dataset_dir(self) -> str:
@@ -174,6 +195,14 @@ class CleanedPairs(tfds.core.GeneratorBasedBuilder):
   # nothing, so it has no checksums file and no source path to search.
   code_path = None
 
+  # TFDS prints "Downloading and preparing dataset ..." and "... downloaded and prepared" to stdout around the
+  # build; this builder downloads nothing and the job prints its own summary, so both lines are dropped.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
+
   def __init__(self, *, transform: CleanPairs | None = None, metadata: dict | None = None, **kwargs):
     self._transform = transform
     self._clean_metadata = metadata or {}
@@ -238,6 +267,7 @@ def run_clean(job: CleanJob, beam_options: PipelineOptions | None = None) -> dic
       "num_shards": len(shards),
       "config": job.config.to_json(),
       "scorer": repr(job.scorer_factory) if job.scorer_factory is not None else None,
+      "similarity_filter": job.similarity_filter,
       "dataset": job.dataset_dir,
   }
 

@@ -42,6 +42,17 @@ class ModelOutput(NamedTuple):
   cache: KVCache | None  # the updated cache when one was passed, else None
 
 
+def write_slots(buffer: jax.Array, update: jax.Array, cache_index: jax.Array | int) -> jax.Array:
+  """`buffer` [B, S, ...] with `update` [B, T, ...] written at slots cache_index .. cache_index + T - 1.
+
+  cache_index: an int32 scalar (every row at the same slot: left-padded batches) or int32[B] (each row at its
+  own slot: the decode slots of a continuously batched server, whose rows started at different times).
+  """
+  if jnp.ndim(cache_index) == 0:
+    return jax.lax.dynamic_update_slice_in_dim(buffer, update, cache_index, axis=1)
+  return jax.vmap(lambda b, u, i: jax.lax.dynamic_update_slice_in_dim(b, u, i, axis=0))(buffer, update, cache_index)
+
+
 class SelfAttention(nnx.Module):
   """Causal multi-head self-attention with the fused blocked QKV (`c_attn`) and `c_proj`."""
 
@@ -68,8 +79,8 @@ class SelfAttention(nnx.Module):
     q = positional.apply_rope(q, cos, sin)
     k = positional.apply_rope(k, cos, sin)
     if kv is not None:
-      k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), cache_index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), cache_index, axis=1)
+      k = write_slots(kv[0], k.astype(kv[0].dtype), cache_index)
+      v = write_slots(kv[1], v.astype(kv[1].dtype), cache_index)
       new_kv = (k, v)
       k, v = k.astype(q.dtype), v.astype(q.dtype)
     else:
@@ -158,7 +169,7 @@ class QwenLM(nnx.Module):
       positions: int32[B, T] RoPE positions.
       segment_ids: int32[B, T]; 0 = padding. Attention is causal within equal non-zero segments.
       cache: optional KVCache with S slots; the T new tokens are written at slots cache_index..cache_index+T-1.
-      cache_index: int32 scalar slot of the first new token (required with a cache).
+      cache_index: int32 scalar slot of the first new token, or int32[B] one per row (required with a cache).
       rope_base: RoPE base (default the config's); pass the dynamic-NTK base at inference.
       logn: apply the reference's logn query scaling (inference only).
       dropout_key: the LoRA dropout key of this call (training only; split per layer and projection).
@@ -178,9 +189,8 @@ class QwenLM(nnx.Module):
     else:
       if cache_index is None:
         raise ValueError("decoding with a cache needs cache_index")
-      kv_segments = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids.astype(jnp.int32),
-                                                        cache_index, axis=1)
-      q_slots = cache_index + jnp.arange(t, dtype=jnp.int32)
+      kv_segments = write_slots(cache.segment_ids, segment_ids.astype(jnp.int32), cache_index)
+      q_slots = jnp.asarray(cache_index, jnp.int32)[..., None] + jnp.arange(t, dtype=jnp.int32)
       k_slots = jnp.arange(cache.segment_ids.shape[1], dtype=jnp.int32)
       mask = attention.segment_causal_mask(segment_ids, kv_segments, q_slots, k_slots)
     x = sharding.constrain(x.astype(self.dtype), ("act_batch", "act_len", "act_embed"))
