@@ -34,9 +34,10 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from qwenvl_jax import sharding  # noqa: E402
+from qwenvl_jax.hardware import chips  # noqa: E402
 from qwenvl_jax.model import attention, config as model_config, kernels  # noqa: E402
 from qwenvl_jax.model.qwen import QwenLM  # noqa: E402
-from qwenvl_jax.planning import aot, chips, mesh as mesh_lib  # noqa: E402
+from qwenvl_jax.planning import aot, mesh as mesh_lib  # noqa: E402
 
 # Stage-2 shapes: (queries, keys, heads, head dim, causal) of each attention call.
 ATTN_SHAPES = {"attn_decoder": (2048, 2048, 32, 128, True), "attn_vit": (1024, 1024, 16, 104, False),
@@ -64,10 +65,9 @@ def decoder_step(args, mesh, rules, impl):
   graphdef, abstract_state = sharding.abstract_model(make)
   params = aot.abstract_like(nnx.to_pure_dict(abstract_state),
                              nnx.to_pure_dict(sharding.state_shardings(abstract_state, rules, mesh)))
-  rows = args.rows_per_chip * mesh.shape["data"] * mesh.shape["fsdp"]
-  batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-  x = jax.ShapeDtypeStruct((rows, args.seq, llm.width), jnp.bfloat16,
-                           sharding=NamedSharding(mesh, PartitionSpec(("data", "fsdp"))))
+  rows = args.rows_per_chip * sharding.batch_shards(mesh, rules)
+  batch_sharding = sharding.batch_sharding(mesh, rules, 2)
+  x = jax.ShapeDtypeStruct((rows, args.seq, llm.width), jnp.bfloat16, sharding=sharding.batch_sharding(mesh, rules, 3))
   seg = packed_segments(rows, args.seq)
 
   def step(state, x):
@@ -77,7 +77,7 @@ def decoder_step(args, mesh, rules, impl):
 
     def loss(state):
       model = nnx.merge(graphdef, state)
-      logits, _ = model(x, positions=positions, segment_ids=segment_ids)
+      logits = model(x, positions=positions, segment_ids=segment_ids).logits
       return jnp.mean(jnp.square(logits.astype(jnp.float32)))
 
     return jax.grad(loss)(state)

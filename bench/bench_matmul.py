@@ -5,7 +5,7 @@
 
 For each dtype and size it times `a @ b` (both n x n, jitted, result blocked on) `--repeats` times after a warm-up
 compile and prints the median and best FLOP/s (2 n^3 FLOPs per product). On an accelerator whose peak is in
-`qwenvl_jax/planning/chips.py` it also prints the share of the dense bf16 peak. Several products are chained in
+`qwenvl_jax/hardware/chips.py` it also prints the share of the dense bf16 peak. Several products are chained in
 one jitted call (`--chain`) so that dispatch overhead does not count on fast devices.
 """
 import argparse
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from qwenvl_jax.planning import chips  # noqa: E402  pylint: disable=wrong-import-position
+from qwenvl_jax.hardware import chips  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def time_matmul(n: int, dtype: str, repeats: int, chain: int) -> list[float]:

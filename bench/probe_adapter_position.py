@@ -25,6 +25,7 @@ from flax import nnx  # noqa: E402
 
 from qwenvl_jax.data.synthetic import synthetic_record  # noqa: E402
 from qwenvl_jax.evaluation import grounding  # noqa: E402
+from qwenvl_jax import text  # noqa: E402
 from qwenvl_jax.inference import loading  # noqa: E402
 from qwenvl_jax.model import QwenVL  # noqa: E402
 
@@ -68,7 +69,7 @@ def main():
   parser.add_argument("--res", type=int, default=56)
   args = parser.parse_args()
   run = pathlib.Path(args.run)
-  tok = loading.load_tokenizer(str(run / "tokenizer.model"))
+  tok = text.load_tokenizer(str(run / "tokenizer.model"))
   cfg = loading.model_config("tiny", tok, dtype="float32", image_size=args.res)
   mesh, rules = loading.inference_mesh()
   trained = loading.load_model(cfg, str(run / "checkpoints" / args.step / "params"), mesh, rules)

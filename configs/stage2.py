@@ -1,17 +1,12 @@
 """Stage 2 of Qwen-VL training (multi-task pre-training: everything trains, 448 px, 2048 tokens).
 
-Fields and arg keys (model, res, fix_vit, scale): configs/common.py.
+Fields, defaults and arg keys (model, res, fix_vit, scale): qwenvl_jax/training/stage_config.py.
 
   python -m qwenvl_jax.train --config=configs/stage2.py                     # tiny model, synthetic data
   python -m qwenvl_jax.train --config=configs/stage2.py:model=qwen_vl_7b   # the paper's recipe
 """
-import importlib.util
-import pathlib
-
-_spec = importlib.util.spec_from_file_location("qwenvl_configs_common", pathlib.Path(__file__).with_name("common.py"))
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from qwenvl_jax.training.stage_config import stage_config
 
 
 def get_config(arg=None):
-  return common.stage_config(2, arg)
+  return stage_config(2, arg)

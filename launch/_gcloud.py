@@ -7,7 +7,7 @@ queued resource (`--queued`, which waits for capacity instead of failing). Multi
 always a queued resource with `--node-count`; gcloud names its nodes `<name>-0 .. <name>-<n-1>` (the
 `--node-prefix`), and every per-node command (ssh, scp, describe) is issued once per node.
 
-How the number in an accelerator type counts (same as qwenvl_jax/planning/chips.py, which has the full table):
+How the number in an accelerator type counts (same as qwenvl_jax/hardware/chips.py, which has the full table):
 v4-N / v5p-N count TensorCores (2 per chip), v5e (gcloud: v5litepod-N) and v6e-N count chips.
 """
 import dataclasses

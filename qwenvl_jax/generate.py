@@ -19,15 +19,21 @@ import sys
 
 from absl import app, flags
 
+from qwenvl_jax import cli, errors
+
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "Params checkpoint directory; omit to run random weights (smoke tests).")
-flags.DEFINE_string("model", "qwen_vl_7b", "Architecture preset: qwen_vl_7b, mid or tiny.")
-flags.DEFINE_string("tokenizer", None, "qwen.tiktoken or a SentencePiece .model file.", required=True)
+flags.DEFINE_string("checkpoint", None, "A training run directory, <run>/checkpoints/<step>, or a params "
+                    "checkpoint directory; omit to run random weights (smoke tests).")
+flags.DEFINE_string("model", None, "Architecture preset: qwen_vl_7b, mid or tiny (default: the run's, else "
+                    "qwen_vl_7b).")
+flags.DEFINE_string("tokenizer", None, "Tokenizer spec: qwen:PATH, sentencepiece:PATH, or a .tiktoken / .model "
+                    "file (default: the run's).")
 flags.DEFINE_multi_string("image", [], "Image file(s), in order (Picture 1, 2, ...).")
 flags.DEFINE_string("prompt", None, "The question or instruction.", required=True)
 flags.DEFINE_string("history", None, "JSON file with the chat history: [[query, response], ...].")
 flags.DEFINE_string("save_history", None, "Write the updated history to this new JSON file.")
-flags.DEFINE_enum("chat_format", "chatml", ["chatml", "raw"], "chatml (chat models) or raw (base model).")
+flags.DEFINE_enum("chat_format", None, ["chatml", "raw"], "chatml (chat models) or raw (base model); default: "
+                  "the run's (stage 3: chatml, else raw), else chatml.")
 flags.DEFINE_string("system", "You are a helpful assistant.", "System message (chatml).")
 flags.DEFINE_string("output_image", None, "PNG path for the picture with the answer's boxes (must not exist).")
 flags.DEFINE_integer("max_new_tokens", 512, "Most tokens to generate.")
@@ -38,7 +44,12 @@ flags.DEFINE_float("top_p", 1.0, "Nucleus filter when sampling (1 = off).")
 flags.DEFINE_integer("seed", 0, "Sampling seed (and the random weights' seed).")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.")
 flags.DEFINE_integer("image_size", None, "Override the preset's input resolution (224 or 448).")
-flags.DEFINE_string("rules", "fsdp", "Sharding rule table of configs/sharding_rules.py.")
+flags.DEFINE_string("rules", "fsdp", "Sharding rule table of qwenvl_jax/sharding_rules.py.")
+flags.DEFINE_enum("quantize", "none", ["none", "int8", "int4"],
+                  "Weight-only quantization at load time (int8 per channel, int4 per group). A checkpoint written by "
+                  "`convert --mode=quantize` loads quantized as stored.")
+flags.DEFINE_integer("group_size", 128, "int4 group size along each kernel's contracted axis.")
+flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "int8"], "KV cache storage: the compute dtype, or int8.")
 
 
 def _read_history(path: str | None) -> list[tuple[str, str]]:
@@ -68,33 +79,41 @@ def _free_png_path(image: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.quiet_libraries()
   for path in (FLAGS.output_image, FLAGS.save_history):
     if path and os.path.exists(path):
       raise FileExistsError(f"{path} already exists; it is never overwritten: choose another path")
   for path in FLAGS.image:
+    if os.path.isdir(path):
+      raise errors.UserFileNotFoundError(f"--image={path} is a folder, not an image file")
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"image file {path!r} does not exist")
+      raise errors.UserFileNotFoundError(f"--image={path}: image file does not exist")
 
   import jax  # pylint: disable=import-outside-toplevel
   from qwenvl_jax import inference, sharding  # pylint: disable=import-outside-toplevel
   from qwenvl_jax import text as qtext  # pylint: disable=import-outside-toplevel
-  from qwenvl_jax.inference import loading  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.inference import loading, model_source  # pylint: disable=import-outside-toplevel
 
   history = _read_history(FLAGS.history)
-  tok = loading.load_tokenizer(FLAGS.tokenizer)
-  cfg = loading.model_config(FLAGS.model, tok, dtype=FLAGS.dtype, random_weights=not FLAGS.checkpoint,
-                             image_size=FLAGS.image_size)
+  source = model_source.resolve(FLAGS.checkpoint, model=FLAGS.model, tokenizer=FLAGS.tokenizer,
+                                image_size=FLAGS.image_size, chat_format=FLAGS.chat_format)
+  if not source.tokenizer:
+    raise app.UsageError("--tokenizer is required unless --checkpoint is a training run")
+  tok = qtext.load_tokenizer(source.tokenizer)
+  cfg = loading.model_config(source.preset, tok, dtype=FLAGS.dtype, random_weights=not source.params,
+                             image_size=source.image_size)
   mesh, rules = loading.inference_mesh(FLAGS.rules)
   query = qtext.from_list_format([{"image": p} for p in FLAGS.image] + [{"text": FLAGS.prompt}])
   gen_cfg = inference.chat_generation_config(
-      tok, FLAGS.chat_format, max_new_tokens=FLAGS.max_new_tokens, do_sample=FLAGS.do_sample,
+      tok, source.chat_format, max_new_tokens=FLAGS.max_new_tokens, do_sample=FLAGS.do_sample,
       temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p)
   # Built outside `use_rules`: the loaders enter the mesh themselves, after the abstract (mesh-free) trace.
-  model = loading.load_model(cfg, FLAGS.checkpoint, mesh, rules, seed=FLAGS.seed)
+  model = loading.load_model(cfg, source.params, mesh, rules, seed=FLAGS.seed, preset=source.preset,
+                             quantize=FLAGS.quantize, group_size=FLAGS.group_size)
   with sharding.use_rules(mesh, rules):
-    generator = inference.Generator(model)
+    generator = inference.Generator(model, kv_cache_dtype=None if FLAGS.kv_cache_dtype == "auto" else "int8")
     reply = inference.chat_stream(generator, tok, query, history, system=FLAGS.system,
-                                  chat_format=FLAGS.chat_format, gen=gen_cfg, key=jax.random.key(FLAGS.seed))
+                                  chat_format=source.chat_format, gen=gen_cfg, key=jax.random.key(FLAGS.seed))
     for delta in reply:
       sys.stdout.write(delta)
       sys.stdout.flush()
@@ -112,4 +131,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

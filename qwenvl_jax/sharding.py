@@ -1,7 +1,7 @@
 """Logical axis names -> device meshes: rule tables, mesh construction, sharded init, activation constraints.
 
 All of the NNX sharding plumbing lives here (and in the optimizer module), so model code only ever names logical
-axes (`embed`, `mlp`, `vit_heads`, `act_batch`, ...). A rule table is data (see `configs/sharding_rules.py`): an
+axes (`embed`, `mlp`, `vit_heads`, `act_batch`, ...). A rule table is data (`qwenvl_jax/sharding_rules.py`): an
 ordered tuple of `(logical_name, mesh_axes)` pairs, where `mesh_axes` is a mesh axis name, a tuple of them, or
 None (replicated). Resolution is shape-aware: a mesh axis is used for a dimension only if it is not yet used by
 another dimension of the same array and the dimension stays divisible, so one table serves every model size.
@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import importlib.util
 import math
-import pathlib
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -22,21 +20,17 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from qwenvl_jax import sharding_rules
+
 MESH_AXES = ("data", "fsdp", "tensor")
 Rules = tuple[tuple[str, Any], ...]
 
-_RULES_FILE = pathlib.Path(__file__).resolve().parents[1] / "configs" / "sharding_rules.py"
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar("qwenvl_sharding", default=None)
 
 
 def load_rules(name: str) -> Rules:
-  """The rule table `name` (e.g. "fsdp", "fsdp_tp") from `configs/sharding_rules.py`."""
-  if not _RULES_FILE.is_file():
-    raise FileNotFoundError(f"sharding rule tables not found at {_RULES_FILE}")
-  spec = importlib.util.spec_from_file_location("qwenvl_sharding_rules", _RULES_FILE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  tables = module.RULES
+  """The rule table `name` (e.g. "fsdp", "fsdp_tp") of `qwenvl_jax/sharding_rules.py`."""
+  tables = sharding_rules.RULES
   if name not in tables:
     raise ValueError(f"unknown sharding rules {name!r}; known: {sorted(tables)}")
   return tuple(tables[name])
@@ -142,6 +136,40 @@ def make_mesh(ici: Mapping[str, int], dcn: Mapping[str, int] | None = None,
       # CPU and some GPU platforms have no physical topology to optimize for.
       device_array = np.asarray(devices).reshape(ici_shape)
   return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def rule_axes(rules: Rules, logical: str) -> tuple[str, ...]:
+  """The mesh axes the first rule for the logical axis `logical` lists (empty: replicated).
+
+  Raises:
+    KeyError: no rule names `logical`.
+  """
+  for name, mesh_axes in rules:
+    if name == logical:
+      return _as_tuple(mesh_axes)
+  raise KeyError(f"logical axis {logical!r} has no rule; add it to the rule table")
+
+
+def batch_axes(mesh: Mesh, rules: Rules) -> tuple[str, ...]:
+  """The mesh axes a batch's leading dimension is split over: those of the `act_batch` rule the mesh has."""
+  return tuple(a for a in rule_axes(rules, "act_batch") if a in mesh.axis_names)
+
+
+def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 1) -> NamedSharding:
+  """The sharding of a batch array of rank `ndim` (>= 1): the leading axis over `batch_axes`, the rest
+  replicated. Not shape-aware on purpose: a batch that does not divide is an error of the caller, not replicated."""
+  axes = batch_axes(mesh, rules)
+  return NamedSharding(mesh, PartitionSpec(axes if axes else None, *([None] * (ndim - 1))))
+
+
+def batch_shards(mesh: Mesh, rules: Rules) -> int:
+  """Into how many parts `batch_sharding` splits the leading axis (the data-parallel degree)."""
+  return math.prod(mesh.shape[a] for a in batch_axes(mesh, rules))
+
+
+def active_rules() -> tuple[Mesh, Rules] | None:
+  """(mesh, rules) of the enclosing `use_rules`, or None outside of one (what `constrain` reads)."""
+  return _ACTIVE.get()
 
 
 @contextlib.contextmanager

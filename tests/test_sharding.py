@@ -84,7 +84,7 @@ def test_sharded_forward_equals_single_device(rules_name, ici):
     return QwenVL(cfg, rngs=nnx.Rngs(0))
 
   single = make()
-  expected = nnx.jit(lambda m, i, x: m(i, images=x))(single, ids, images)
+  expected = nnx.jit(lambda m, i, x: m(i, images=x).logits)(single, ids, images)
 
   mesh = sharding.make_mesh(ici)
   rules = sharding.load_rules(rules_name)
@@ -93,6 +93,26 @@ def test_sharded_forward_equals_single_device(rules_name, ici):
   assert any(len(v[...].sharding.device_set) == 8 and not v[...].sharding.is_fully_replicated
              for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
   with sharding.use_rules(mesh, rules):
-    got = nnx.jit(lambda m, i, x: m(i, images=x))(model, ids, images)
+    got = nnx.jit(lambda m, i, x: m(i, images=x).logits)(model, ids, images)
   # Same initialization (same RNG stream) and same math; float32 reductions may be reordered across shards.
   np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=2e-5, atol=2e-5)
+
+
+def test_active_rules_is_set_only_inside_use_rules():
+  mesh, rules = sharding.make_mesh({"fsdp": -1}), sharding.load_rules("fsdp")
+  assert sharding.active_rules() is None
+  with sharding.use_rules(mesh, rules):
+    assert sharding.active_rules() == (mesh, rules)
+  assert sharding.active_rules() is None
+
+
+def test_batch_axes_resolve_act_batch_through_the_rules():
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  fsdp = sharding.load_rules("fsdp")
+  assert sharding.rule_axes(fsdp, "act_batch") == ("data", "fsdp")
+  assert sharding.batch_sharding(mesh, fsdp, 3).spec == P(("data", "fsdp"), None, None)
+  assert sharding.batch_shards(mesh, fsdp) == 4
+  data_only = (("act_batch", "data"),) + fsdp  # the first rule for a name wins, as in resolve_spec
+  assert sharding.batch_axes(mesh, data_only) == ("data",) and sharding.batch_shards(mesh, data_only) == 2
+  with pytest.raises(KeyError, match="no_such_axis"):
+    sharding.rule_axes(fsdp, "no_such_axis")

@@ -7,7 +7,7 @@ cfg = data.default_data_config(stage=2)            # embedded as config.data by 
 it = data.make_train_iterator(cfg, tokenizer, process_index=jax.process_index(),
                               process_count=jax.process_count(), global_batch=64, seq_len=2048, max_images=4,
                               image_size=448, stage=2, image_tokens=256)
-batch = data.to_global_batch(next(it), mesh)       # dict of global jax.Arrays
+batch = data.to_global_batch(next(it), mesh, rules)   # dict of global jax.Arrays (rules: sharding.load_rules)
 state = it.get_state()                             # JSON-able; it.set_state(state) resumes on the next batch
 ```
 Sources: `synthetic` (built in, no download), `jsonl:PATH`, `qwen_finetune_json:PATH`, `tfds:NAME`,
@@ -16,7 +16,6 @@ Sources: `synthetic` (built in, no download), `jsonl:PATH`, `qwen_finetune_json:
 from qwenvl_jax.data.config import STAGE2_MIXTURE
 from qwenvl_jax.data.config import default_data_config
 from qwenvl_jax.data.encode import ExampleEncoder
-from qwenvl_jax.data.global_batch import batch_sharding
 from qwenvl_jax.data.global_batch import to_global_batch
 from qwenvl_jax.data.images import CLIP_MEAN
 from qwenvl_jax.data.images import CLIP_STD

@@ -55,7 +55,3 @@ def conversation_features() -> tfds.features.FeaturesDict:
       }),
   })
 
-
-def image_text_decoders() -> dict:
-  """Decoders for `tfds.data_source` that keep the image as its encoded bytes (decoded later by PIL)."""
-  return {"image": tfds.decode.SkipDecoding()}

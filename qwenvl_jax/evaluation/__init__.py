@@ -11,9 +11,9 @@ Modules:
   anls             DocVQA ANLS (tau 0.5)
   relaxed          ChartQA relaxed accuracy (with the reference's argument swap)
   grounding        first-box parsing, /999 scaling, float32 IoU, Precision@1 at IoU >= 0.5
-  multiple_choice  likelihood ranking: option batches, per-token CE, option losses, `choose_option`
+  multiple_choice  likelihood ranking: option texts, `choose_option`, accuracy (scores: `inference.scoring`)
 
-Everything but `multiple_choice.token_cross_entropy` is plain Python/numpy and needs no model.
+Everything here but the runner is plain Python/numpy and needs no model.
 """
 from qwenvl_jax.evaluation.readers import EvalDataError, EvalExample, resolve_images
 from qwenvl_jax.evaluation.results import (PredictionLedger, check_output_free, finalize, partial_dir,

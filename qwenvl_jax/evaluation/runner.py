@@ -42,10 +42,9 @@ from typing import Any
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from qwenvl_jax import sharding
+from qwenvl_jax import config_args, distributed, sharding
 from qwenvl_jax import text as qtext
 from qwenvl_jax.data import images as image_lib
 from qwenvl_jax.evaluation import few_shot as few_shot_lib
@@ -54,9 +53,7 @@ from qwenvl_jax.evaluation import results
 from qwenvl_jax.evaluation import tasks as tasks_lib
 from qwenvl_jax.evaluation import tfds_readers
 from qwenvl_jax.evaluation.readers import EvalDataError, EvalExample
-from qwenvl_jax.inference import decode, loading, scoring
-
-BATCH_AXES = ("data", "fsdp")  # the mesh axes a batch is split over (the rules' `act_batch`)
+from qwenvl_jax.inference import decode, loading, model_source, scoring
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -148,21 +145,36 @@ class PromptEncoder:
 class _Job:
   """The model, tokenizer and mesh of one run, and the per-batch work."""
 
-  def __init__(self, config, task: tasks_lib.EvalTask, shots: few_shot_lib.ShotSampler | None = None):
+  def __init__(self, config, task: tasks_lib.EvalTask, shots: few_shot_lib.ShotSampler | None = None, *,
+               model: tuple | None = None):
+    """`model`: (tokenizer, model config, mesh, rules, nnx model) already built (evaluation during training: later
+    steps swap `generator.state`); else they are loaded as `config` says."""
     self.config, self.task = config, task
-    self.tok = loading.load_tokenizer(config.tokenizer)
-    self.cfg = loading.model_config(config.model, self.tok, dtype=config.dtype,
-                                    random_weights=not config.checkpoint, image_size=config.get("image_size"))
-    self.mesh, self.rules = loading.inference_mesh(config.rules, **config.mesh.to_dict())
-    model = loading.load_model(self.cfg, config.checkpoint, self.mesh, self.rules, seed=config.seed)
-    self.generator = decode.Generator(model)
+    if model is None:
+      # A training run directory (or its checkpoints/<step>) supplies preset, image size and tokenizer; the
+      # official prompts are raw text whatever the run trained on, so its chat format is not used.
+      source = model_source.resolve(config.checkpoint or None, model=config.model or None,
+                                    tokenizer=config.tokenizer or None, image_size=config.get("image_size"))
+      if not source.tokenizer:
+        raise ValueError("config.tokenizer is required unless config.checkpoint is a training run")
+      self.tok = qtext.load_tokenizer(source.tokenizer)
+      self.cfg = loading.model_config(source.preset, self.tok, dtype=config.dtype,
+                                      random_weights=not source.params, image_size=source.image_size)
+      self.mesh, self.rules = loading.inference_mesh(config.rules, **config.mesh.to_dict())
+      module = loading.load_model(self.cfg, source.params, self.mesh, self.rules, seed=config.seed,
+                                  preset=source.preset, quantize=config.get("quantize"),
+                                  group_size=config.get("quantize_group_size"))
+    else:
+      self.tok, self.cfg, self.mesh, self.rules, module = model
+    kv = config.get("kv_cache_dtype", "auto")
+    self.generator = decode.Generator(module, kv_cache_dtype=None if kv in ("auto", "") else kv)
     self.scorer = scoring.LikelihoodScorer(self.generator)
     self.local_rows = config.per_device_batch_size * jax.local_device_count()
     self.global_rows = config.per_device_batch_size * jax.device_count()
-    batch_size = int(np.prod([self.mesh.shape[a] for a in BATCH_AXES]))
+    batch_size = sharding.batch_shards(self.mesh, self.rules)
     if self.global_rows % batch_size:
       raise ValueError(f"the global batch {self.global_rows} is not divisible by the mesh's batch axes "
-                       f"{BATCH_AXES} of size {batch_size}")
+                       f"{sharding.batch_axes(self.mesh, self.rules)} of size {batch_size}")
     self.gen = decode.GenerationConfig(max_new_tokens=max(task.max_new_tokens, 1),
                                        min_new_tokens=task.min_new_tokens, eos_id=self.tok.eod_id,
                                        pad_id=self.tok.eod_id, vocab_limit=self.tok.vocab_size)
@@ -181,8 +193,8 @@ class _Job:
                                      max_images=self.prompts.max_images, image_size=self.cfg.vision.image_size)
     arrays = self.generator.device_batch(batch, self.gen)
     arrays["row_key"] = jax.process_index() * rows + np.arange(rows, dtype=np.int32)
-    spec = lambda a: NamedSharding(self.mesh, PartitionSpec(BATCH_AXES, *([None] * (a.ndim - 1))))
-    arrays = {k: jax.make_array_from_process_local_data(spec(v), np.asarray(v)) for k, v in arrays.items()}
+    arrays = {k: jax.make_array_from_process_local_data(sharding.batch_sharding(self.mesh, self.rules, v.ndim),
+                                                        np.asarray(v)) for k, v in arrays.items()}
     return arrays, arrays.pop("row_key")
 
   def generate(self, examples: Sequence[EvalExample]) -> tuple[np.ndarray, list[list[int]]]:
@@ -212,7 +224,7 @@ class _Job:
     local = _local_rows(_to_host(losses), _to_host(row_key), rows)
     chosen, option_losses = [], []
     for a, b in spans:
-      option_loss = mc_lib.option_losses(local[a:b], [len(suffixes[k]) for k in range(b - a)])
+      option_loss = scoring.option_losses(local[a:b], [len(suffixes[k]) for k in range(b - a)])
       chosen.append(mc_lib.choose_option(option_loss))
       option_losses.append([float(x) for x in option_loss])
     return chosen, option_losses
@@ -231,8 +243,7 @@ def run(config) -> dict | None:
   """Runs one evaluation task as configured (`default_config`); returns the results on process 0 (None on the
   others, and when `max_batches` stopped the run before the end)."""
   if "distributed" in config:
-    from qwenvl_jax.training import experiment  # pylint: disable=import-outside-toplevel
-    experiment.initialize_distributed(config.distributed)
+    distributed.initialize(config.distributed)
   task = tasks_lib.get_task(config.task)
   output = config.output
   if not output:
@@ -311,6 +322,25 @@ def run(config) -> dict | None:
   return results.finalize(task, examples, ledger_dir, output, config=record)
 
 
+def predict(job: _Job, examples: Sequence[EvalExample]) -> list[str | int] | None:
+  """The predictions of `examples` (all processes call it; process 0 gets them in order, the others None): the
+  same sharding, batching, padding and decoding as `run`, without ledgers or output file."""
+  mine = results.shard(list(examples), jax.process_count(), jax.process_index())
+  longest = -(-len(examples) // jax.process_count())
+  got = {}
+  for b in range(-(-longest // job.local_rows)):
+    chunk = mine[b * job.local_rows:(b + 1) * job.local_rows]
+    if job.task.generates:
+      records = _generated_records(job, chunk)
+    else:
+      chosen, _ = job.choose(chunk)
+      records = _gather_records([{"id": e.example_id, "prediction": c} for e, c in zip(chunk, chosen)])
+    got.update((r["id"], r["prediction"]) for r in records)
+  if jax.process_index() != 0:
+    return None
+  return [got[e.example_id] for e in examples]
+
+
 def _shot_sampler(config, task: tasks_lib.EvalTask, tfds_data_dir: str | None) -> few_shot_lib.ShotSampler | None:
   """The few-shot sampler of `config.few_shot` > 0 (its pool read from `config.few_shot_path`), else None."""
   k = config.get("few_shot", 0)
@@ -381,13 +411,18 @@ def default_config(task_name: str, arg: str | None = None):
   c.annotation_path = task.annotation_file or ""   # VQA accuracy: the official annotation JSON ("" with a TFDS
                                         # dataset whose `answers` are the human answers)
   c.image_root = ""                     # relative image paths of the data file are taken under this folder
-  c.checkpoint = ""                     # params checkpoint directory ("" = random weights, for smoke tests)
-  c.model = "qwen_vl_7b"                # architecture preset
-  c.tokenizer = ""                      # qwen.tiktoken or a SentencePiece .model
+  c.checkpoint = ""                     # a training run, <run>/checkpoints/<step>, or a params checkpoint
+                                        # directory ("" = random weights, for smoke tests)
+  c.model = ""                          # architecture preset ("" = the run's, else qwen_vl_7b)
+  c.tokenizer = ""                      # tokenizer spec (text.load_tokenizer): qwen:PATH, sentencepiece:PATH, or a
+                                        # .tiktoken / .model file ("" = the run's)
   c.dtype = "bfloat16"
+  c.quantize = "none"                   # weight-only quantization at load: none | int8 (per channel) | int4 (groups)
+  c.quantize_group_size = 128           # int4 group size
+  c.kv_cache_dtype = "auto"             # auto (the compute dtype) | int8
   c.image_size = ml_collections.config_dict.placeholder(int)   # override the preset's resolution
   c.per_device_batch_size = 4
-  c.rules = "fsdp"                      # sharding rule table (configs/sharding_rules.py)
+  c.rules = "fsdp"                      # sharding rule table (qwenvl_jax/sharding_rules.py)
   c.mesh = ml_collections.ConfigDict({"fsdp": -1})   # ICI degrees of the (data, fsdp, tensor) mesh
   c.buckets = decode.DEFAULT_BUCKETS    # allowed padded prompt lengths (bounds recompiles)
   c.seed = 0                            # random weights, and the few-shot draw
@@ -398,22 +433,8 @@ def default_config(task_name: str, arg: str | None = None):
   c.max_examples = 0                    # evaluate only the first N examples (0 = all)
   c.max_batches = 0                     # stop after N batches (0 = all); rerun with the same output to resume
   c.progress = True
-  c.distributed = ml_collections.ConfigDict()   # as the trainer's (qwenvl_jax/training/experiment.py)
-  c.distributed.initialize = "auto"     # auto (TPU pod / SLURM / MPI launchers) | yes | no
-  c.distributed.coordinator = ""        # host:port to start processes by hand (then num_processes, process_id)
-  c.distributed.num_processes = 1
-  c.distributed.process_id = 0
-  for item in filter(None, (arg or "").split(",")):
-    key, sep, value = item.partition("=")
-    if not sep or key not in c:
-      raise ValueError(f"config argument {item!r} is not key=value with a known key (keys: {sorted(c)})")
-    current = c[key]
-    if isinstance(current, bool):
-      c[key] = value.lower() in ("1", "true", "yes")
-    elif isinstance(current, (str, int, float)):
-      c[key] = type(current)(value)
-    elif current is None:  # the integer placeholders
-      c[key] = int(value)
-    else:
-      raise ValueError(f"config argument {item!r}: set {key!r} with --config.{key}=... instead")
+  c.distributed = distributed.default_config()   # as the trainer's (qwenvl_jax/distributed.py)
+  # Every top-level field is a key; a non-scalar one (mesh, buckets, distributed) is refused with a pointer to
+  # --config.FIELD, and the placeholder image_size takes an integer.
+  c.update(config_args.parse_arg(arg, {key: c[key] for key in c}))
   return c

@@ -1,10 +1,12 @@
-"""Loading what inference and evaluation jobs need: the tokenizer, the model config matched to it, the mesh, and
-the weights (a params checkpoint, or random weights for smoke tests).
+"""Loading what inference and evaluation jobs need: the model config matched to the tokenizer (which
+`text.load_tokenizer` loads from its spec), the mesh, and the weights (a params checkpoint, or random weights for
+smoke tests).
 
 The tokenizer decides the `<imgpad>` id the model looks for (`cfg.image_pad_id`): Qwen's 151859, or the small id of
 a SentencePiece model trained for a from-scratch run. With random weights the vocabulary is also grown to cover
 the tokenizer (so `--model=tiny` runs with the real Qwen vocabulary); with a checkpoint the stored shapes decide,
-and a mismatch is reported by the restore.
+and a mismatch is reported before the restore with the preset that fits (`model_source`, which also resolves a
+training run directory into its params, preset, image size, tokenizer and chat format).
 """
 
 from __future__ import annotations
@@ -17,20 +19,9 @@ from flax import nnx
 
 from qwenvl_jax import sharding
 from qwenvl_jax import text as qtext
+from qwenvl_jax.inference import model_source
 from qwenvl_jax.model import QwenVL
 from qwenvl_jax.model.config import QwenVLConfig, get_preset
-
-
-def load_tokenizer(path: str | os.PathLike) -> qtext.Tokenizer:
-  """A `.tiktoken` file gives `QwenTokenizer`, a SentencePiece `.model` gives `SentencePieceTokenizer`."""
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"tokenizer file {path!r} does not exist")
-  if path.endswith(".tiktoken"):
-    return qtext.QwenTokenizer(path)
-  if path.endswith(".model"):
-    return qtext.SentencePieceTokenizer(path)
-  raise ValueError(f"unknown tokenizer file {path!r}: expected a .tiktoken (Qwen) or .model (SentencePiece) file")
 
 
 def model_config(preset: str, tok: qtext.Tokenizer, *, dtype: str = "bfloat16", random_weights: bool = False,
@@ -58,11 +49,40 @@ def inference_mesh(rules_name: str = "fsdp", **ici) -> tuple[jax.sharding.Mesh, 
 
 
 def load_model(cfg: QwenVLConfig, checkpoint: str | None, mesh: jax.sharding.Mesh, rules: sharding.Rules, *,
-               seed: int = 0) -> QwenVL:
-  """Restores `checkpoint` (a params directory) onto `mesh`, or initializes random weights when it is None."""
+               seed: int = 0, preset: str | None = None, quantize: str | None = None,
+               group_size: int | None = None) -> QwenVL:
+  """Restores `checkpoint` (a params directory) onto `mesh`, or initializes random weights when it is None.
+
+  preset: the name `cfg` came from; when given, the stored shapes of a float checkpoint are checked first and a
+    mismatch names the differing parameters and the preset that fits (`model_source.check_preset`).
+  quantize: None/"none" keeps the stored weights; "int8" / "int4" quantizes them weight-only
+    (`qwenvl_jax.inference.quantized`), leaf by leaf while restoring. A checkpoint written quantized
+    (`convert --mode=quantize`) is always loaded quantized as stored; `quantize` must then match it or be None.
+  group_size: int4 group size (default `model.quantize.DEFAULT_GROUP_SIZE`).
+  """
+  qcfg = quantization_config(quantize, group_size)
   if checkpoint:
     from qwenvl_jax import checkpoint as ckpt  # pylint: disable=import-outside-toplevel
+    from qwenvl_jax.inference import quantized  # pylint: disable=import-outside-toplevel
     if not os.path.isdir(checkpoint):
       raise FileNotFoundError(f"checkpoint directory {checkpoint!r} does not exist")
+    if quantized.checkpoint_quantization(checkpoint) is not None:
+      return quantized.load_quantized_model(checkpoint, cfg, mesh, rules, expected=qcfg)
+    if preset is not None:
+      model_source.check_preset(checkpoint, cfg, preset)
+    if qcfg is not None:
+      return quantized.quantize_checkpoint_on_load(checkpoint, cfg, qcfg, mesh, rules)
     return ckpt.load_model(checkpoint, cfg, mesh, rules)
-  return sharding.init_sharded(lambda: QwenVL(cfg, rngs=nnx.Rngs(seed)), mesh, rules)
+  model = sharding.init_sharded(lambda: QwenVL(cfg, rngs=nnx.Rngs(seed)), mesh, rules)
+  if qcfg is not None:
+    from qwenvl_jax.inference import quantized  # pylint: disable=import-outside-toplevel
+    model = quantized.quantize_sharded(model, qcfg, mesh, rules)
+  return model
+
+
+def quantization_config(quantize: str | None, group_size: int | None = None):
+  """The `model.quantize.QuantConfig` of a `--quantize` value ("none"/None/"" = no quantization -> None)."""
+  if quantize in (None, "", "none"):
+    return None
+  from qwenvl_jax.model import quantize as qlib  # pylint: disable=import-outside-toplevel
+  return qlib.QuantConfig(mode=quantize, group_size=group_size or qlib.DEFAULT_GROUP_SIZE)

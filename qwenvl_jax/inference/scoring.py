@@ -5,7 +5,8 @@ Letters: B rows (questions x options), P padded length, V vocabulary.
 The official `evaluate_multiple_choice.py` (RECIPES §2.4) appends `" A"`, `" B"`, … to the prompt, left-pads all
 options with `<|endoftext|>`, runs one forward pass and scores each option by the mean cross-entropy over its own
 tokens; the lowest loss wins. Here the rows are built by `decode.make_prompt_batch` (positions corrected per row
-like generation, Gotcha 12) and the reduction/choice is `evaluation.multiple_choice`. The reference runs this
+like generation, Gotcha 12), the per-token loss is `model.losses.token_cross_entropy` and `option_losses` reduces
+it to one score per option (the choice itself is `evaluation.multiple_choice.choose_option`). The reference runs this
 forward pass in eval mode, where dynamic NTK and logn scaling apply, so they are on here too (no-ops up to 2048
 tokens).
 """
@@ -18,20 +19,40 @@ import jax
 import numpy as np
 from flax import nnx
 
-from qwenvl_jax.evaluation import multiple_choice as mc_lib
 from qwenvl_jax.inference import decode
+from qwenvl_jax.model import losses
 
 
-def token_losses(graphdef: nnx.GraphDef, state: nnx.State, batch: dict, *, logn: bool = True) -> jax.Array:
+def token_losses(graphdef: nnx.GraphDef, state: nnx.State, batch: dict, *, logn: bool = True,
+                 chunk_size: int = 512) -> jax.Array:
   """float32[B, P-1]: cross-entropy of token t+1 given tokens <= t, for every row. Pure.
 
   batch: `decode.PromptBatch` fields as arrays plus `rope_base` float32[B].
+  chunk_size: tokens per chunk of the loss (`model.losses`): the [B, P, V] logits are never built whole.
   """
   model = nnx.merge(graphdef, state)
-  logits = model(batch["input_ids"], images=batch.get("images"), image_mask=batch.get("image_mask"),
-                 positions=batch["positions"], segment_ids=batch["segment_ids"],
-                 rope_base=batch["rope_base"][:, None, None], logn=logn)
-  return mc_lib.token_cross_entropy(logits[:, :-1], batch["input_ids"][:, 1:])
+  hidden, _ = model.features(batch["input_ids"], images=batch.get("images"), image_mask=batch.get("image_mask"),
+                             positions=batch["positions"], segment_ids=batch["segment_ids"],
+                             rope_base=batch["rope_base"][:, None, None], logn=logn)
+  head = model.llm.lm_head
+  return losses.chunked_token_cross_entropy(hidden[:, :-1], head.kernel[...], batch["input_ids"][:, 1:],
+                                            chunk_size=chunk_size, dtype=head.dtype)
+
+
+def option_losses(token_losses: np.ndarray, target_lengths: Sequence[int]) -> np.ndarray:
+  """float64[K] mean CE over each option's last `target_lengths[k]` positions of token_losses float[K, T-1].
+
+  The official score of an option: its rows are right-aligned, so an option's own tokens are the last ones.
+  """
+  token_losses = np.asarray(token_losses, np.float64)
+  if token_losses.ndim != 2 or token_losses.shape[0] != len(target_lengths):
+    raise ValueError(f"token_losses must be [K={len(target_lengths)}, T], got shape {token_losses.shape}")
+  out = np.empty(len(target_lengths))
+  for k, n in enumerate(target_lengths):
+    if not 1 <= n <= token_losses.shape[1]:
+      raise ValueError(f"option {k}: target length {n} outside 1..{token_losses.shape[1]}")
+    out[k] = token_losses[k, -n:].mean()
+  return out
 
 
 class LikelihoodScorer:
@@ -73,5 +94,5 @@ class LikelihoodScorer:
     batch = decode.make_prompt_batch(rows, [list(images)] * len(rows) if images else None, pad_id=pad_id,
                                      image_pad_id=cfg.image_pad_id, image_tokens=cfg.image_tokens,
                                      num_rows=num_rows)
-    losses = self.token_losses(batch)[:len(rows)]
-    return mc_lib.option_losses(losses, [len(o) for o in option_ids])
+    token_loss = self.token_losses(batch)[:len(rows)]
+    return option_losses(token_loss, [len(o) for o in option_ids])

@@ -2,12 +2,12 @@
 
 from qwenvl_jax.model.config import (LLMConfig, QwenVLConfig, ResamplerConfig, VisionConfig, get_preset, mid,
                                      qwen_vl_7b, small, tiny)
-from qwenvl_jax.model.qwen import KVCache, QwenLM
+from qwenvl_jax.model.qwen import KVCache, ModelOutput, QwenLM
 from qwenvl_jax.model.qwenvl import QwenVL
 from qwenvl_jax.model.resampler import Adapter, Resampler
 from qwenvl_jax.model.vit import VisionTransformer
 
 __all__ = [
-    "Adapter", "KVCache", "LLMConfig", "QwenLM", "QwenVL", "QwenVLConfig", "Resampler", "ResamplerConfig",
-    "VisionConfig", "VisionTransformer", "get_preset", "mid", "qwen_vl_7b", "small", "tiny",
+    "Adapter", "KVCache", "LLMConfig", "ModelOutput", "QwenLM", "QwenVL", "QwenVLConfig", "Resampler",
+    "ResamplerConfig", "VisionConfig", "VisionTransformer", "get_preset", "mid", "qwen_vl_7b", "small", "tiny",
 ]

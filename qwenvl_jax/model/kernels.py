@@ -75,8 +75,7 @@ def _block(length: int) -> int:
 
 def _placement(shape: tuple[int, ...]):
   """(mesh, PartitionSpec of q/k/v) from the enclosing `sharding.use_rules`, or None outside of one."""
-  # pylint: disable-next=protected-access
-  active = sharding._ACTIVE.get()  # the rules in force, as `sharding.constrain` reads them
+  active = sharding.active_rules()  # the rules in force, as `sharding.constrain` reads them
   if active is None:
     return None
   mesh, rules = active

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import qwix
 from flax import nnx
 
 from qwenvl_jax import sharding
@@ -28,11 +29,60 @@ from qwenvl_jax.model.config import LLMConfig
 
 
 class KVCache(NamedTuple):
-  """Decoding state, stacked over layers. Keys are stored after RoPE (as the reference)."""
+  """Decoding state, stacked over layers. Keys are stored after RoPE (as the reference).
+
+  An int8 cache (`init_cache(..., dtype=jnp.int8)`) stores k and v as int8 with one scale per (layer, row, slot,
+  head) over the H entries (absmax, `qwix.quantize`): 2 L N (H + 2) bytes per token instead of 4 L N H in bf16
+  (266 vs 512 KiB at full size). The scales are None in a float cache.
+  """
 
   k: jax.Array  # [L, B, S, N, H]
   v: jax.Array  # [L, B, S, N, H]
   segment_ids: jax.Array  # int32[B, S]; 0 = empty slot or padding (never attended)
+  k_scale: jax.Array | None = None  # [L, B, S, N, 1] in the compute dtype, int8 cache only
+  v_scale: jax.Array | None = None  # [L, B, S, N, 1]
+
+  @property
+  def quantized(self) -> bool:
+    return self.k_scale is not None
+
+
+class ModelOutput(NamedTuple):
+  """What `QwenLM` and `QwenVL` return, with or without a cache (one type, so callers never branch)."""
+
+  logits: jax.Array  # float[B, T, V] in the compute dtype
+  cache: KVCache | None  # the updated cache when one was passed, else None
+
+
+def write_slots(buffer: jax.Array, update: jax.Array, cache_index: jax.Array | int) -> jax.Array:
+  """`buffer` [B, S, ...] with `update` [B, T, ...] written at slots cache_index .. cache_index + T - 1.
+
+  cache_index: an int32 scalar (every row at the same slot: left-padded batches) or int32[B] (each row at its
+  own slot: the decode slots of a continuously batched server, whose rows started at different times).
+  """
+  if jnp.ndim(cache_index) == 0:
+    return jax.lax.dynamic_update_slice_in_dim(buffer, update, cache_index, axis=1)
+  return jax.vmap(lambda b, u, i: jax.lax.dynamic_update_slice_in_dim(b, u, i, axis=0))(buffer, update, cache_index)
+
+
+def _quantize_kv(x: jax.Array, scale_dtype) -> tuple[jax.Array, jax.Array]:
+  """float[B, T, N, H] -> (int8[B, T, N, H], scale[B, T, N, 1]): absmax per token and head."""
+  q = qwix.quantize(x.astype(jnp.float32), jnp.int8, channelwise_axes=(0, 1, 2))
+  return q.qvalue, q.scale.astype(scale_dtype)
+
+
+def _write_kv(kv: tuple, k: jax.Array, v: jax.Array, cache_index) -> tuple[tuple, jax.Array, jax.Array]:
+  """Writes the new k, v float[B, T, N, H] at `cache_index` of a layer's cache entries `kv` = (k, v) or
+  (k, v, k_scale, v_scale); returns (the updated entries, the whole k and v in k's dtype for attention)."""
+  put = lambda buf, x: write_slots(buf, x.astype(buf.dtype), cache_index)
+  if len(kv) == 2:
+    new = (put(kv[0], k), put(kv[1], v))
+    return new, new[0].astype(k.dtype), new[1].astype(k.dtype)
+  kq, ks = _quantize_kv(k, kv[2].dtype)
+  vq, vs = _quantize_kv(v, kv[3].dtype)
+  new = (put(kv[0], kq), put(kv[1], vq), put(kv[2], ks), put(kv[3], vs))
+  # Dequantized one layer at a time inside the scan (a temporary of the jitted step, never stored).
+  return new, (new[0].astype(k.dtype) * new[2].astype(k.dtype)), (new[1].astype(k.dtype) * new[3].astype(k.dtype))
 
 
 class SelfAttention(nnx.Module):
@@ -48,28 +98,28 @@ class SelfAttention(nnx.Module):
     self.scale = 1.0 / float(np.asarray(np.sqrt(h), dtype=dtype))
     self.impl = impl
 
-  def __call__(self, x, cos, sin, mask, q_scale, kv=None, cache_index=None, segment_ids=None):
+  def __call__(self, x, cos, sin, mask, q_scale, kv=None, cache_index=None, segment_ids=None, dropout_key=None):
     """x float[B, T, D] -> (float[B, T, D], (k, v) updated cache entries or None).
 
-    kv: optional (k, v) float[B, S, N, H] of this layer; the new keys/values are written at `cache_index`.
+    kv: optional (k, v) float[B, S, N, H] of this layer, or (k, v, k_scale, v_scale) of an int8 cache; the new
+      keys/values are written at `cache_index`.
     q_scale: optional float32[B, T] logn factor applied to q (inference only).
+    dropout_key: LoRA dropout key (training only; None = none).
     """
-    qkv = self.qkv(x)
+    keys = [None] * 2 if dropout_key is None else list(jax.random.split(dropout_key, 2))
+    qkv = self.qkv(x, keys[0])
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q = positional.apply_rope(q, cos, sin)
     k = positional.apply_rope(k, cos, sin)
     if kv is not None:
-      k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), cache_index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), cache_index, axis=1)
-      new_kv = (k, v)
-      k, v = k.astype(q.dtype), v.astype(q.dtype)
+      new_kv, k, v = _write_kv(kv, k.astype(q.dtype), v.astype(q.dtype), cache_index)
     else:
       new_kv = None
     if q_scale is not None:
       q = (q.astype(jnp.float32) * q_scale[:, :, None, None]).astype(q.dtype)
     out = attention.dot_product_attention(q, k, v, mask=mask, scale=self.scale, impl=self.impl,
                                           segment_ids=segment_ids if kv is None else None)
-    return self.out(out), new_kv
+    return self.out(out, keys[1]), new_kv
 
 
 class DecoderBlock(nnx.Module):
@@ -82,10 +132,11 @@ class DecoderBlock(nnx.Module):
     self.ln_2 = layers.RMSNorm(cfg.width, eps=cfg.rms_eps, **kw)
     self.mlp = layers.SwiGLU(cfg.width, cfg.mlp_dim, **kw)
 
-  def __call__(self, x, cos, sin, mask, q_scale, kv=None, cache_index=None, segment_ids=None):
-    attn_out, new_kv = self.attn(self.ln_1(x), cos, sin, mask, q_scale, kv, cache_index, segment_ids)
+  def __call__(self, x, cos, sin, mask, q_scale, kv=None, cache_index=None, segment_ids=None, dropout_key=None):
+    keys = [None] * 2 if dropout_key is None else list(jax.random.split(dropout_key, 2))
+    attn_out, new_kv = self.attn(self.ln_1(x), cos, sin, mask, q_scale, kv, cache_index, segment_ids, keys[0])
     h = x + attn_out
-    out = h + self.mlp(self.ln_2(h))
+    out = h + self.mlp(self.ln_2(h), keys[1])
     return sharding.constrain(out, ("act_batch", "act_len", "act_embed")), new_kv
 
 
@@ -118,28 +169,54 @@ class QwenLM(nnx.Module):
     return self.wte(input_ids)
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
-    """An empty cache of `max_len` slots (all segments 0, so nothing is attended until written)."""
+    """An empty cache of `max_len` slots (all segments 0, so nothing is attended until written).
+
+    dtype: the stored k/v dtype (default the compute dtype); int8 gives a quantized cache (`KVCache`).
+    """
     c = self.cfg
     shape = (c.layers, batch, max_len, c.heads, c.head_dim)
-    dtype = dtype or self.dtype
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), jnp.int32))
+    dtype = jnp.dtype(dtype or self.dtype)
+    segments = jnp.zeros((batch, max_len), jnp.int32)
+    if dtype == jnp.int8:
+      scales = shape[:-1] + (1,)
+      return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), segments,
+                     jnp.zeros(scales, self.dtype), jnp.zeros(scales, self.dtype))
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise ValueError(f"a KV cache is float or int8, got {dtype}")
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), segments)
 
   def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array,
                cache: KVCache | None = None, cache_index: jax.Array | int | None = None,
-               rope_base: jax.Array | float | None = None, logn: bool = False):
-    """Runs the decoder on embeddings.
+               rope_base: jax.Array | float | None = None, logn: bool = False,
+               dropout_key: jax.Array | None = None) -> ModelOutput:
+    """Logits of the decoder on embeddings: `features` then `lm_head` (same arguments).
+
+    Returns:
+      ModelOutput(logits float[B, T, V] in the compute dtype, updated KVCache or None).
+    """
+    h, new_cache = self.features(x, positions=positions, segment_ids=segment_ids, cache=cache,
+                                 cache_index=cache_index, rope_base=rope_base, logn=logn, dropout_key=dropout_key)
+    logits = self.lm_head(h)
+    return ModelOutput(sharding.constrain(logits, ("act_batch", "act_len", "act_vocab")), new_cache)
+
+  def features(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array,
+               cache: KVCache | None = None, cache_index: jax.Array | int | None = None,
+               rope_base: jax.Array | float | None = None, logn: bool = False,
+               dropout_key: jax.Array | None = None):
+    """Runs the decoder on embeddings up to the final norm (the `lm_head` input).
 
     Args:
       x: float[B, T, D] input embeddings (image features already written in).
       positions: int32[B, T] RoPE positions.
       segment_ids: int32[B, T]; 0 = padding. Attention is causal within equal non-zero segments.
       cache: optional KVCache with S slots; the T new tokens are written at slots cache_index..cache_index+T-1.
-      cache_index: int32 scalar slot of the first new token (required with a cache).
+      cache_index: int32 scalar slot of the first new token, or int32[B] one per row (required with a cache).
       rope_base: RoPE base (default the config's); pass the dynamic-NTK base at inference.
       logn: apply the reference's logn query scaling (inference only).
+      dropout_key: the LoRA dropout key of this call (training only; split per layer and projection).
 
     Returns:
-      (logits float[B, T, V] in the compute dtype, updated KVCache or None).
+      (hidden states float[B, T, D] after `ln_f` in the compute dtype, updated KVCache or None).
     """
     c = self.cfg
     t = x.shape[1]
@@ -153,9 +230,8 @@ class QwenLM(nnx.Module):
     else:
       if cache_index is None:
         raise ValueError("decoding with a cache needs cache_index")
-      kv_segments = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids.astype(jnp.int32),
-                                                        cache_index, axis=1)
-      q_slots = cache_index + jnp.arange(t, dtype=jnp.int32)
+      kv_segments = write_slots(cache.segment_ids, segment_ids.astype(jnp.int32), cache_index)
+      q_slots = jnp.asarray(cache_index, jnp.int32)[..., None] + jnp.arange(t, dtype=jnp.int32)
       k_slots = jnp.arange(cache.segment_ids.shape[1], dtype=jnp.int32)
       mask = attention.segment_causal_mask(segment_ids, kv_segments, q_slots, k_slots)
     x = sharding.constrain(x.astype(self.dtype), ("act_batch", "act_len", "act_embed"))
@@ -163,13 +239,21 @@ class QwenLM(nnx.Module):
     # Without a cache the mask is segment_causal_mask(segment_ids) over one sequence: kernels may use the ids.
     seg_for_kernel = segment_ids if cache is None else None
 
-    def block_fn(x, block, kv):
-      return block(x, cos, sin, mask, q_scale, kv, cache_index, seg_for_kernel)
+    def block_fn(x, block, kv, key=None):
+      return block(x, cos, sin, mask, q_scale, kv, cache_index, seg_for_kernel, key)
 
     if self.remat_policy != "none" and cache is None:
       block_fn = nnx.remat(block_fn, policy=layers.remat_policy(self.remat_policy), prevent_cse=False)
 
-    if cache is None:
+    if cache is None and dropout_key is not None:
+      @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"},
+                unroll=self.scan_unroll)
+      def run_dropout(x, block, key):
+        return block_fn(x, block, None, key)[0]
+
+      x = run_dropout(x, self.blocks, jax.random.split(dropout_key, c.layers))
+      new_cache = None
+    elif cache is None:
       @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"},
                 unroll=self.scan_unroll)
       def run(x, block):
@@ -178,13 +262,13 @@ class QwenLM(nnx.Module):
       x = run(x, self.blocks)
       new_cache = None
     else:
-      @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0, 0),
-                transform_metadata={nnx.PARTITION_NAME: "layers"})
-      def run_cached(x, block, k, v):
-        x, (k, v) = block_fn(x, block, (k, v))
-        return x, k, v
+      entries = (cache.k, cache.v) + ((cache.k_scale, cache.v_scale) if cache.quantized else ())
 
-      x, k, v = run_cached(x, self.blocks, cache.k, cache.v)
-      new_cache = KVCache(k, v, kv_segments)
-    logits = self.lm_head(self.ln_f(x))
-    return sharding.constrain(logits, ("act_batch", "act_len", "act_vocab")), new_cache
+      @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
+                transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def run_cached(x, block, kv):
+        return block_fn(x, block, kv)
+
+      x, entries = run_cached(x, self.blocks, entries)
+      new_cache = KVCache(*entries[:2], kv_segments, *entries[2:])
+    return sharding.constrain(self.ln_f(x), ("act_batch", "act_len", "act_embed")), new_cache

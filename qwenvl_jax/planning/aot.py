@@ -28,8 +28,8 @@ from typing import Any
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from qwenvl_jax.hardware.chips import GIB, ChipSpec
 from qwenvl_jax.planning import collectives, jaxpr_flops
-from qwenvl_jax.planning.chips import GIB, ChipSpec
 
 # Above this share of HBM a step that "fits" on paper tends to fail at run time (fragmentation, runtime buffers,
 # the input pipeline's device copies), so the verdict warns.

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from qwenvl_jax.planning.chips import ChipSpec
+from qwenvl_jax.hardware.chips import ChipSpec
 
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 ICI_STEP_SECONDS = 1e-6

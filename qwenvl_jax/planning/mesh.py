@@ -16,7 +16,7 @@ import jax
 from jax.sharding import Mesh
 
 from qwenvl_jax import sharding
-from qwenvl_jax.planning.chips import Topology
+from qwenvl_jax.hardware.chips import Topology
 
 MESH_AXES = sharding.MESH_AXES
 

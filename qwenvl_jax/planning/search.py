@@ -35,7 +35,8 @@ from collections.abc import Callable, Sequence
 
 import ml_collections
 
-from qwenvl_jax.planning import aot, chips
+from qwenvl_jax.hardware import chips
+from qwenvl_jax.planning import aot
 
 REMATS = ("full", "dots", "none")
 ATTENTIONS = ("xla", "splash")

@@ -1,27 +1,28 @@
-"""Plans a training stage for a TPU topology: the real train step, AOT-compiled for abstract devices.
+"""Plans a training stage for a TPU topology: the real train step, AOT-compiled for abstract devices. The entry
+point is `python -m qwenvl_jax.plan --config=... --topology=...`:
 
-  python -m qwenvl_jax.planning.train_plan --config=configs/stage2.py:model=qwen_vl_7b --topology=v5p-128
-  python -m qwenvl_jax.planning.train_plan --config=configs/stage1.py:model=tiny --topology=v5e-4 \\
+  python -m qwenvl_jax.plan --config=configs/stage2.py:model=qwen_vl_7b --topology=v5p-128
+  python -m qwenvl_jax.plan --config=configs/stage1.py:model=tiny --topology=v5e-4 \\
       --config.batch_size=8 --config.mesh.rules=fsdp_tp --config.mesh.ici.tensor=2
 
 It builds what `qwenvl_jax.training.trainer` builds before its loop (model, rule-table shardings, stage
-optimizer, `make_train_step`, donated state, batch sharded over data x fsdp), but from abstract shapes and the
+optimizer, `make_train_step`, donated state, batch sharded over the rules' `act_batch`), but from abstract shapes and the
 topology's abstract devices: nothing is allocated, no TPU is needed (libtpu is: requirements-tpu-aot.txt). The
 report is `aot.StepPlan.format()`, with the trainer's own model-FLOP count (`training.flops`) as the MFU numerator.
 
 The tokenizer is not loaded: shapes only depend on the preset's vocabulary, and the planner must not need data.
 """
+import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import app, flags
-from ml_collections import config_flags
 
-from qwenvl_jax import data, sharding
+from qwenvl_jax import sharding
+from qwenvl_jax.hardware import chips
 from qwenvl_jax.model import config as model_config
-from qwenvl_jax.planning import aot, chips, mesh as mesh_lib
+from qwenvl_jax.planning import aot, mesh as mesh_lib
 from qwenvl_jax.training import flops
 from qwenvl_jax.training.optimizer import make_is_frozen, path_str
 from qwenvl_jax.training.setup import build_step
@@ -70,51 +71,36 @@ def plan_stage(config: ml_collections.ConfigDict, topology: chips.Topology) -> t
   state = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), setup.abstract_params,
                      setup.abstract_opt)
   state_shardings = setup.shardings
-  batch = abstract_batch(config, cfg, data.batch_sharding(mesh))
+  batch = abstract_batch(config, cfg, sharding.batch_sharding(mesh, rules))
 
   is_frozen = make_is_frozen(frozen)
   model_flops = flops.train_step_flops(cfg, batch=config.batch_size, seq_len=config.seq_len,
                                        max_images=config.max_images, is_trainable=lambda p: not is_frozen(p)).total
   with sharding.use_rules(mesh, rules):
-    _, plan = aot.compile_step(setup.step_fn, (state, batch), chip=topology.chip, mesh=mesh,
+    compiled, plan = aot.compile_step(setup.step_fn, (state, batch), chip=topology.chip, mesh=mesh,
                                out_shardings=(state_shardings, replicated), donate_argnums=0,
                                model_flops=model_flops, global_batch=config.batch_size,
                                torus=topology.shape)
   trainable = sum(x.size for k, x in _flat(setup.abstract_params).items() if not is_frozen(k))
+  logits_buffers = (full_logits_buffers(compiled.as_text(), config.seq_len, cfg.llm.vocab_size)
+                    if compiled is not None else [])
   facts = {"mesh": dict(mesh.shape), "params": sharding.count_params(setup.abstract_state), "trainable": trainable,
            "frozen": list(frozen), "batch": config.batch_size, "accum_steps": config.accum_steps,
-           "seq_len": config.seq_len, "res": config.res, "max_images": config.max_images, "remat": config.remat}
+           "seq_len": config.seq_len, "res": config.res, "max_images": config.max_images, "remat": config.remat,
+           "loss_chunk": int(config.get("loss_chunk", 0)), "full_logits_buffers": logits_buffers}
   return plan, facts
+
+
+def full_logits_buffers(hlo_text: str, seq_len: int, vocab: int) -> list[str]:
+  """The distinct float32 shapes in a compiled (per-device) HLO text that span the whole sequence and the whole
+  vocabulary, i.e. full `[rows, T, V]` logits or their gradient; [] when the loss is chunked (`model.losses`)."""
+  out = []
+  for shape in set(re.findall(r"f32\[([0-9,]+)\]", hlo_text)):
+    dims = [int(d) for d in shape.split(",")]
+    if seq_len in dims and vocab in dims:
+      out.append(f"f32[{shape}]")
+  return sorted(out)
 
 
 def _flat(tree: Any) -> dict[str, Any]:
   return {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _cli() -> None:
-  """Defines the command-line flags (only when run as a program: importers keep their flag namespace) and runs."""
-  config_flag = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/stageN.py[:args]).",
-                                                lock_config=True)
-  topology_flag = flags.DEFINE_string("topology", None, "TPU slice: v5p-128, v4-128, v5e-256, v6e-64 or v5p:4x4x8")
-  num_slices = flags.DEFINE_integer("num_slices", 1, "identical slices over DCN")
-  flags.mark_flags_as_required(["config", "topology"])
-
-  def main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = config_flag.value
-    topology = chips.parse_topology(topology_flag.value, num_slices.value)
-    print(topology.describe(), flush=True)
-    print("compiling (minutes for the full model) ...", flush=True)
-    plan, facts = plan_stage(config, topology)
-    print(f"stage {config.stage}, model {config.model}: {facts['params']:,} params "
-          f"({facts['trainable']:,} trained; frozen {facts['frozen'] or 'none'}), mesh {facts['mesh']}, "
-          f"batch {facts['batch']} x {facts['seq_len']} tokens in {facts['accum_steps']} micro-batch(es), "
-          f"{facts['res']} px x {facts['max_images']} image slots, remat {facts['remat']}")
-    print(plan.format())
-
-  app.run(main)
-
-
-if __name__ == "__main__":
-  _cli()

@@ -37,5 +37,7 @@ from qwenvl_jax.text.masks import sft_example
 from qwenvl_jax.text.masks import shift_labels
 from qwenvl_jax.text.sentencepiece_tokenizer import SentencePieceTokenizer
 from qwenvl_jax.text.sentencepiece_tokenizer import train_sentencepiece
+from qwenvl_jax.text.spec import load_tokenizer
+from qwenvl_jax.text.spec import parse_tokenizer_spec
 from qwenvl_jax.text.tokenizer import QwenTokenizer
 from qwenvl_jax.text.tokenizer import Tokenizer

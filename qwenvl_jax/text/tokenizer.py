@@ -283,11 +283,6 @@ class QwenTokenizer:
       ids = [i for i in ids if i < EOD_ID]
     return self._encoding.decode(ids, errors=errors)
 
-  def id_to_bytes(self, token_id: int) -> bytes:
-    """The bytes of one token (a special token gives its UTF-8 surface form)."""
-    (token_id,) = check_ids([token_id], VOCAB_SIZE)
-    return self._encoding.decode_single_token_bytes(token_id)
-
   def __repr__(self) -> str:
     return f"QwenTokenizer({self.path!r}, vocab_size={VOCAB_SIZE})"
 

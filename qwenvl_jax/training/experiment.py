@@ -1,4 +1,4 @@
-"""From an experiment ConfigDict to the objects a run needs: processes, tokenizer, model config, mesh, filters.
+"""From an experiment ConfigDict to the objects a run needs: tokenizer, model config, mesh, filters.
 
 Every function here reads a small part of the stage config (`configs/stage{1,2,3}.py`) and fails with a message
 that names the offending config key.
@@ -16,52 +16,18 @@ import numpy as np
 
 from qwenvl_jax import sharding
 from qwenvl_jax.model import config as model_config
-from qwenvl_jax.training import workdir as workdir_lib
+from qwenvl_jax.training import peft, workdir as workdir_lib
 from qwenvl_jax.training.optimizer import stage_frozen_patterns
 
-# Environment variables that mean "this process is one of several" for launchers JAX auto-detects.
-_MULTIPROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_NTASKS",
-                     "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
-
-
-def _env_says_multiprocess() -> bool:
-  for name in _MULTIPROCESS_ENV:
-    value = os.environ.get(name, "")
-    if name == "TPU_WORKER_HOSTNAMES":
-      if len([h for h in value.split(",") if h]) > 1:
-        return True
-    elif name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
-      if value.isdigit() and int(value) > 1:
-        return True
-    elif value:
-      return True
-  return False
-
-
-def initialize_distributed(dist: ml_collections.ConfigDict) -> None:
-  """`jax.distributed.initialize()` when the config or the launcher environment says the run is multi-process.
-
-  `distributed.coordinator` (+ `num_processes`, `process_id`) names the coordinator explicitly (e.g. processes on
-  one machine); `distributed.initialize` = 'auto' (detect a TPU pod / SLURM / MPI launcher), 'yes' or 'no'.
-  Must run before anything touches a JAX backend.
-  """
-  mode = dist.initialize
-  if mode not in ("auto", "yes", "no"):
-    raise ValueError(f"config.distributed.initialize must be 'auto', 'yes' or 'no', got {mode!r}")
-  if jax.distributed.is_initialized():
-    return
-  if dist.coordinator:
-    if dist.num_processes < 1 or not 0 <= dist.process_id < dist.num_processes:
-      raise ValueError(f"config.distributed: process_id={dist.process_id} and num_processes={dist.num_processes} "
-                       "must satisfy 0 <= process_id < num_processes")
-    jax.distributed.initialize(coordinator_address=dist.coordinator, num_processes=dist.num_processes,
-                               process_id=dist.process_id)
-  elif mode == "yes" or (mode == "auto" and _env_says_multiprocess()):
-    jax.distributed.initialize()
-
-
 def frozen_patterns(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """The frozen-path regexes: `config.frozen` if set ('none' = train everything), else the stage's filters."""
+  """The frozen-path regexes: `config.frozen` if set ('none' = train everything), else the stage's filters; a
+  LoRA run (`config.lora.rank > 0`) freezes all but its adapters and modules_to_save (`training.peft`)."""
+  lora_frozen = peft.frozen_patterns(config)
+  if lora_frozen is not None:
+    if config.frozen:
+      raise ValueError(f"config.frozen={config.frozen!r} with config.lora.rank={config.lora.rank}: a LoRA run "
+                       "freezes everything but its adapters; use config.lora.modules_to_save to train more")
+    return lora_frozen
   if config.frozen == "none":
     return ()
   if config.frozen:
@@ -83,17 +49,16 @@ def make_tokenizer(config: ml_collections.ConfigDict, workdir: str):
   """The tokenizer `config.tokenizer` names.
 
   '' trains (or reloads) the synthetic dataset's SentencePiece model at `<workdir>/tokenizer.model`; process 0
-  trains it and sends the bytes to the others, so hosts need no shared disk. `qwen:PATH` is the real Qwen
-  vocabulary (`qwen.tiktoken`); `sentencepiece:PATH` a SentencePiece model.
+  trains it and sends the bytes to the others, so hosts need no shared disk. Anything else is a tokenizer spec
+  (`text.load_tokenizer`: `qwen:PATH`, `sentencepiece:PATH`, or a `.tiktoken` / `.model` file).
   """
   from qwenvl_jax import text  # pylint: disable=g-import-not-at-top
   spec = config.tokenizer
-  if spec.startswith("qwen:"):
-    return text.QwenTokenizer(spec[len("qwen:"):])
-  if spec.startswith("sentencepiece:"):
-    return text.SentencePieceTokenizer(spec[len("sentencepiece:"):])
   if spec:
-    raise ValueError(f"config.tokenizer={spec!r}: expected '' (synthetic), 'qwen:PATH' or 'sentencepiece:PATH'")
+    try:
+      return text.load_tokenizer(spec)
+    except ValueError as e:
+      raise ValueError(f"config.tokenizer: {e} (or '' for the synthetic dataset's vocabulary)") from e
   # The workdir may be a gs:// URL (epath); SentencePiece loads from a local file.
   path = epath.Path(workdir) / "tokenizer.model"
   data = None

@@ -7,6 +7,11 @@ labelled 'frozen', all others 'trainable', and `optax.multi_transform` routes
   trainable -> clip_by_global_norm -> AdamW (decoupled weight decay, warmup + cosine LR) -> ViT layer-wise LR decay
   frozen    -> set_to_zero
 
+Memory options for full fine-tuning on one host: `mu_dtype` / `nu_dtype` = bfloat16 store the Adam moments in
+bf16 (half of the 62 GB of f32 moments of stage 3); the update itself is computed in float32 (optax promotes the
+bf16 moment against the f32 gradient) and only the stored moment is rounded. `offload` (setup.py) keeps the state
+in host memory between steps.
+
 so a frozen parameter carries no optimizer state at all (no Adam moments: 1.9B frozen ViT parameters save ~15 GB)
 and the clipping norm and weight decay see only trainable parameters (big_vision / MaxText semantics). The train
 step additionally differentiates only w.r.t. the trainable parameters (see `step.py`), so no weight gradient of a
@@ -48,16 +53,9 @@ def stage_frozen_patterns(stage: int, *, fix_vit: bool = True) -> tuple[str, ...
   return _FIX_VIT_FROZEN if stage == 3 and fix_vit else _STAGE_FROZEN[stage]
 
 
-def path_str(path: Sequence[Any]) -> str:
-  """'visual/blocks/attn/qkv/kernel' from a jax key path or a tuple of names."""
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        k = getattr(k, attr)
-        break
-    parts.append(str(k))
-  return "/".join(parts)
+def path_str(path: jax.tree_util.KeyPath) -> str:
+  """'visual/blocks/attn/qkv/kernel' from a jax key path (dict keys, attribute names and indices joined by /)."""
+  return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def make_is_frozen(patterns: Sequence[str]) -> Callable[[str], bool]:
@@ -133,13 +131,38 @@ def _decay_mask(params: Any, exclude: str) -> Any:
       lambda p, _: not (pattern and pattern.fullmatch(path_str(p))), params)
 
 
+def with_nu_dtype(inner: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
+  """`inner` (an Adam chain) with its second moment `nu` stored in `dtype`.
+
+  Hand-written because optax's `scale_by_adam` has `mu_dtype` but no dtype for `nu`: the moment is read in its
+  stored dtype, optax updates it in float32 (promotion against the f32 gradient) and the result is rounded back.
+  bf16 keeps 8 mantissa bits, enough for b2 = 0.98 (a step changes nu by 2 %, far above the 0.4 % rounding);
+  with b2 close to 1 small updates would round away, so it is an option, not the default.
+  """
+  dtype = jnp.dtype(dtype)
+  is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
+
+  def cast(state):
+    return jax.tree.map(lambda s: s._replace(nu=jax.tree.map(lambda v: v.astype(dtype), s.nu)) if is_adam(s) else s,
+                        state, is_leaf=is_adam)
+
+  def init(params):
+    return cast(inner.init(params))
+
+  def update(updates, state, params=None):
+    updates, state = inner.update(updates, state, params)
+    return updates, cast(state)
+
+  return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(opt: ml_collections.ConfigDict, params: Any, *, frozen: Sequence[str], total_steps: int,
                    vit_layers: int) -> tuple[optax.GradientTransformation, optax.Schedule, Any]:
   """The stage optimizer for `params` (a pure-dict tree, concrete or abstract).
 
   Args:
     opt: `config.optimizer` (lr, min_lr, warmup_steps, schedule, b1, b2, eps, weight_decay, wd_exclude,
-      grad_clip, vit_layer_decay, mu_dtype).
+      grad_clip, vit_layer_decay, mu_dtype, optional nu_dtype).
     params: the parameter tree (only its structure and paths are used).
     frozen: path regexes of frozen parameters (`stage_frozen_patterns`).
     total_steps: length of the cosine schedule.
@@ -153,9 +176,11 @@ def make_optimizer(opt: ml_collections.ConfigDict, params: Any, *, frozen: Seque
   chain = []
   if opt.grad_clip and opt.grad_clip > 0:
     chain.append(optax.clip_by_global_norm(opt.grad_clip))
-  chain.append(optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
-                           mask=lambda p: _decay_mask(p, opt.wd_exclude),
-                           mu_dtype=jnp.dtype(opt.mu_dtype) if opt.mu_dtype else None))
+  adamw = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
+                      mask=lambda p: _decay_mask(p, opt.wd_exclude),
+                      mu_dtype=jnp.dtype(opt.mu_dtype) if opt.mu_dtype else None)
+  nu_dtype = opt.get("nu_dtype", "")
+  chain.append(with_nu_dtype(adamw, nu_dtype) if nu_dtype else adamw)
   if opt.vit_layer_decay and opt.vit_layer_decay != 1.0:
     chain.append(vit_layer_decay(opt.vit_layer_decay, vit_layers))
   tx = optax.multi_transform({TRAINABLE: optax.chain(*chain), FROZEN: optax.set_to_zero()}, labels)
@@ -171,27 +196,19 @@ def split_by_labels(tree: Mapping[str, Any], labels: Mapping[str, Any]) -> tuple
   return trainable, frozen
 
 
-def opt_state_shardings(opt_state: Any, params: Any, param_shardings: Any, replicated: Any) -> Any:
-  """Shardings for an (abstract) optimizer state: each Adam moment like its parameter, scalars replicated.
+def opt_state_shardings(tx: optax.GradientTransformation, opt_state: Any, param_shardings: Any,
+                        replicated: Any) -> Any:
+  """Shardings for an (abstract) optimizer state of `tx`: each Adam moment like its parameter, the rest (step
+  counts) `replicated`.
 
   Output-sharding propagation cannot be relied on here (`zeros_like` does not depend on the parameter's values,
-  so XLA is free to replicate the moments, which would put the whole Adam state on every device). An optimizer
-  leaf belongs to the parameter whose path is the suffix of its own path (optax nests the parameter tree inside
-  its state tuples) and that has its shape.
+  so XLA is free to replicate the moments, which would put the whole Adam state on every device).
+  `optax.tree_map_params` finds the parameter-shaped parts of the state; in them a frozen parameter is a
+  `multi_transform` `MaskedNode` (no state), which stays as it is.
   """
-  shapes = {path_str(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-  by_path = {path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
+  def like_param(leaf, param_sharding):
+    return leaf if isinstance(leaf, optax.MaskedNode) else param_sharding
 
-  def leaf(path, x):
-    text = path_str(path)
-    for param_path, shape in shapes.items():
-      if (text == param_path or text.endswith("/" + param_path)) and tuple(x.shape) == tuple(shape):
-        return by_path[param_path]
-    return replicated
-
-  return jax.tree_util.tree_map_with_path(leaf, opt_state)
-
-
-def count_state(tree: Any) -> int:
-  """Number of array elements in a tree (e.g. to check that frozen parameters carry no optimizer state)."""
-  return sum(int(x.size) for x in jax.tree.leaves(tree) if hasattr(x, "size"))
+  return optax.tree_map_params(tx, like_param, opt_state, param_shardings,
+                               transform_non_params=lambda _: replicated,
+                               is_leaf=lambda x: isinstance(x, optax.MaskedNode))

@@ -64,7 +64,7 @@ def test_converted_checkpoint_gives_reference_logits(tmp_path, qwenvl_checkpoint
     embeds[:, 6:6 + q] = ref_feats
     ref_logits = ref_lm(inputs_embeds=embeds).logits.numpy()
 
-  logits = np.asarray(model(ids, images=images, image_mask=image_mask))
+  logits = np.asarray(model(ids, images=images, image_mask=image_mask).logits)
   # Every position after the image span attends to the image features, so a wrong visual or adapter layout
   # fails here as surely as a wrong decoder layout.
   np.testing.assert_allclose(logits, ref_logits, atol=ATOL, rtol=RTOL)

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from qwenvl_jax.data.global_batch import batch_sharding, to_global_batch
+from qwenvl_jax import sharding
+from qwenvl_jax.data.global_batch import to_global_batch
 from tests.data import helpers
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+RULES = sharding.load_rules("fsdp")
 
 
 def _mesh(shape, names):
@@ -25,7 +27,7 @@ def test_global_batch_is_sharded_over_the_batch_axes():
   mesh = _mesh((2, 2, 2), ("data", "fsdp", "tensor"))
   batch = {"input_ids": np.arange(8 * 5, dtype=np.int32).reshape(8, 5),
            "images": np.ones((8, 2, 4, 4, 3), np.uint8), "image_mask": np.ones((8, 2), bool)}
-  out = to_global_batch(batch, mesh)
+  out = to_global_batch(batch, mesh, RULES)
   for k, v in batch.items():
     assert out[k].shape == v.shape and out[k].dtype == v.dtype
     np.testing.assert_array_equal(np.asarray(out[k]), v)
@@ -37,12 +39,22 @@ def test_global_batch_is_sharded_over_the_batch_axes():
 
 def test_missing_axes_are_ignored_and_errors_are_clear():
   mesh = _mesh((8,), ("data",))
-  assert batch_sharding(mesh).spec == PartitionSpec(("data",))
-  assert batch_sharding(_mesh((8,), ("tensor",))).spec == PartitionSpec(None)
+  assert sharding.batch_sharding(mesh, RULES).spec == PartitionSpec(("data",))
+  assert sharding.batch_sharding(_mesh((8,), ("tensor",)), RULES).spec == PartitionSpec(None)
   with pytest.raises(ValueError, match="disagree"):
-    to_global_batch({"a": np.zeros((8, 1)), "b": np.zeros((4, 1))}, mesh)
+    to_global_batch({"a": np.zeros((8, 1)), "b": np.zeros((4, 1))}, mesh, RULES)
   with pytest.raises(ValueError, match="does not divide"):
-    to_global_batch({"a": np.zeros((6, 1))}, mesh)
+    to_global_batch({"a": np.zeros((6, 1))}, mesh, RULES)
+
+
+def test_batch_axes_come_from_the_rules_act_batch():
+  """A table whose `act_batch` names only `data` keeps the batch whole on each fsdp group."""
+  mesh = _mesh((2, 4, 1), ("data", "fsdp", "tensor"))
+  rules = (("act_batch", "data"),) + RULES
+  out = to_global_batch({"a": np.arange(6).reshape(6, 1)}, mesh, rules)
+  assert out["a"].sharding.spec == PartitionSpec(("data",))
+  assert {s.data.shape[0] for s in out["a"].addressable_shards} == {3}
+  assert sharding.batch_shards(mesh, rules) == 2 and sharding.batch_shards(mesh, RULES) == 8
 
 
 _WORKER = r"""
@@ -50,6 +62,7 @@ import json, os, sys
 import jax
 import numpy as np
 jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from qwenvl_jax import sharding
 from qwenvl_jax.data import default_data_config, make_train_iterator, to_global_batch
 from tests.data.helpers import ByteTokenizer
 tok = ByteTokenizer()
@@ -58,7 +71,7 @@ config.update(source="jsonl:" + sys.argv[3], num_workers=0, packing=False, num_e
 it = make_train_iterator(config, tok, process_index=jax.process_index(), process_count=jax.process_count(),
                          global_batch=4, seq_len=48, max_images=1, image_size=8, stage=1, image_tokens=2)
 local = next(it)
-batch = to_global_batch(local, jax.make_mesh((4,), ("data",)))
+batch = to_global_batch(local, jax.make_mesh((4,), ("data",)), sharding.load_rules("fsdp"))
 shards = sorted((s.index[0].start, s.data.shape[0]) for s in batch["input_ids"].addressable_shards)
 mine = np.concatenate([np.asarray(s.data) for s in sorted(batch["input_ids"].addressable_shards,
                                                           key=lambda s: s.index[0].start)])

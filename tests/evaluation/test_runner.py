@@ -58,7 +58,7 @@ def _config(task, root, tok, data, output, **overrides):
 
 
 @pytest.mark.slow
-def test_grounding_run_resumes_and_writes_every_prediction(workdir):
+def test_grounding_run_resumes_and_writes_every_prediction(workdir, monkeypatch):
   root, tok = workdir
   config = _config("refcoco_val", root, tok, "ground.jsonl", "ground.json", max_batches=1)
   assert runner.run(config) is None  # stopped after one batch of 8 device rows
@@ -67,13 +67,19 @@ def test_grounding_run_resumes_and_writes_every_prediction(workdir):
   assert sorted(first) == list(range(8))
   assert not (root / "ground.json").exists()
 
+  appended = []
+  original_append = results.PredictionLedger.append
+  def spy(self, records):
+    appended.extend(r["id"] for r in records)
+    return original_append(self, records)
+  monkeypatch.setattr(results.PredictionLedger, "append", spy)
   payload = runner.run(_config("refcoco_val", root, tok, "ground.jsonl", "ground.json"))
   saved = json.loads((root / "ground.json").read_text())
   assert saved == payload
   assert [p["id"] for p in saved["predictions"]] == list(range(10))
   assert saved["metric"] == "grounding_accuracy" and 0.0 <= saved["score"] <= 1.0
-  lines = sum(len(p.read_text().splitlines()) for p in ledger.glob("*.jsonl"))
-  assert lines == 10  # the resumed run only did the last two
+  assert sorted(appended) == [8, 9]  # the resumed run only did the last two
+  assert not ledger.exists()  # removed once ground.json holds every prediction
   predictions = {p["id"]: p["prediction"] for p in saved["predictions"]}
   assert all(predictions[i] == first[i]["prediction"] for i in range(8))
   # Examples 0 and 9 are the same image and prompt, in different runs and rows: the same greedy answer.
@@ -220,8 +226,12 @@ def test_default_config_arguments():
   c = runner.default_config("flickr", "max_examples=5,progress=false,image_size=448")
   assert (c.task, c.max_examples, c.progress, c.image_size) == ("flickr", 5, False, 448)
   assert (c.data_path, c.per_device_batch_size) == ("data/flickr30k/flickr30k_karpathy_test.json", 4)
-  with pytest.raises(ValueError, match="not key=value with a known key"):
+  with pytest.raises(ValueError, match=r"unknown config arg keys \['nope'\]"):
     runner.default_config("flickr", "nope=1")
+  with pytest.raises(ValueError, match="progress='maybe' is not a boolean"):  # never read as False
+    runner.default_config("flickr", "progress=maybe")
+  with pytest.raises(ValueError, match="use --config.mesh=... instead"):
+    runner.default_config("flickr", "mesh=4")
   with pytest.raises(KeyError, match="unknown evaluation task"):
     runner.default_config("no_such_task")
 

@@ -30,7 +30,7 @@ def _gen(**kw):
 
 @nnx.jit
 def _full_logits(model, ids, segment_ids, images, image_mask):
-  return model(ids, segment_ids=segment_ids, images=images, image_mask=image_mask)
+  return model(ids, segment_ids=segment_ids, images=images, image_mask=image_mask).logits
 
 
 def _recompute_greedy(model, ids, image=None, steps=N):

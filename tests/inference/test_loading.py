@@ -1,19 +1,8 @@
-"""What inference jobs load: the tokenizer by file type, and a model config matched to the tokenizer."""
+"""What inference jobs load: a model config matched to the tokenizer (the tokenizer spec: tests/text/test_spec.py)."""
 import pytest
 
 from qwenvl_jax.inference import loading
-from qwenvl_jax.text import QwenTokenizer, SentencePieceTokenizer
-
-
-def test_tokenizer_by_file_type(sp_model_file, qwen_tiktoken_path, tmp_path):
-  assert isinstance(loading.load_tokenizer(sp_model_file), SentencePieceTokenizer)
-  assert isinstance(loading.load_tokenizer(qwen_tiktoken_path), QwenTokenizer)
-  with pytest.raises(FileNotFoundError, match="nope.model"):
-    loading.load_tokenizer(tmp_path / "nope.model")
-  other = tmp_path / "vocab.txt"
-  other.write_text("x")
-  with pytest.raises(ValueError, match="expected a .tiktoken"):
-    loading.load_tokenizer(other)
+from qwenvl_jax.text import QwenTokenizer
 
 
 def test_model_config_follows_the_tokenizer(sp_tok, qwen_tiktoken_path):

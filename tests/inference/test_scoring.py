@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from qwenvl_jax.inference import scoring
@@ -11,7 +12,7 @@ FULL = 64
 
 @nnx.jit
 def _logits(model, ids, segment_ids, images):
-  return model(ids, segment_ids=segment_ids, images=images, image_mask=jnp.ones((1, 1), bool))
+  return model(ids, segment_ids=segment_ids, images=images, image_mask=jnp.ones((1, 1), bool)).logits
 
 
 def _by_hand(model, ids, n_option, image):
@@ -33,3 +34,13 @@ def test_option_losses_match_a_direct_computation(generator, tiny_model, image_p
   got = scorer.option_losses(ids, options, [image], pad_id=0, num_rows=4)
   expected = [_by_hand(tiny_model, ids + o, len(o), image) for o in options]
   np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-5)
+
+
+def test_option_losses_average_the_last_target_tokens():
+  token_losses = np.asarray([[1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 5.0, 7.0]])
+  # Option 0: mean of its last 1 loss = 4; option 1: mean of its last 2 = (5 + 7) / 2 = 6.
+  np.testing.assert_allclose(scoring.option_losses(token_losses, [1, 2]), [4.0, 6.0])
+  with pytest.raises(ValueError, match="target length 5"):
+    scoring.option_losses(token_losses, [1, 5])
+  with pytest.raises(ValueError, match="K=3"):
+    scoring.option_losses(token_losses, [1, 1, 1])

@@ -190,7 +190,7 @@ def test_splash_decoder_logits_match_xla():
   starts = np.argmax(rows[:, :, None] == rows[:, None, :], axis=-1)
   positions = jnp.asarray(np.arange(rows.shape[1])[None] - starts, jnp.int32)
   x = jax.random.normal(jax.random.key(1), rows.shape + (llm.width,))
-  run = nnx.jit(lambda m, x: m(x, positions=positions, segment_ids=segments)[0])
+  run = nnx.jit(lambda m, x: m(x, positions=positions, segment_ids=segments).logits)
   ref = run(ref_model, x)
   with kernels.interpret_mode():
     got = run(splash_model, x)
@@ -244,7 +244,8 @@ def test_tiny_model_with_splash_compiles_for_a_tpu_topology():
       from jax.sharding import NamedSharding, PartitionSpec as P
       from qwenvl_jax import sharding
       from qwenvl_jax.model import QwenVL, tiny
-      from qwenvl_jax.planning import aot, chips, mesh as mesh_lib
+      from qwenvl_jax.hardware import chips
+      from qwenvl_jax.planning import aot, mesh as mesh_lib
 
       topo = chips.parse_topology("v5p:2x2x1")
       mesh = mesh_lib.build_mesh(mesh_lib.topology_devices(topo), ici=(1, 2, 2))
@@ -261,7 +262,7 @@ def test_tiny_model_with_splash_compiles_for_a_tpu_topology():
       def step(state, ids, images):
         def loss(state):
           model = nnx.merge(graphdef, state)
-          logits = model(ids, images=images, image_mask=jnp.ones((b, 1), bool), segment_ids=(ids > 2) + 0)
+          logits = model(ids, images=images, image_mask=jnp.ones((b, 1), bool), segment_ids=(ids > 2) + 0).logits
           return jnp.mean(jnp.square(logits.astype(jnp.float32)))
         return jax.grad(loss)(state)
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qwenvl_jax.model import QwenVL, tiny
+from qwenvl_jax.model import KVCache, ModelOutput, QwenVL, tiny
 
 CFG = tiny(dtype="float32", remat_policy="none")
 Q = CFG.image_tokens
@@ -35,7 +35,7 @@ def _embed(model, ids, images, mask):
 
 @nnx.jit
 def _logits(model, ids, images, mask):
-  return model(ids, images=images, image_mask=mask)
+  return model(ids, images=images, image_mask=mask).logits
 
 
 def test_image_features_fill_imgpad_slots_in_order():
@@ -70,6 +70,16 @@ def test_empty_image_slot_does_not_influence_logits():
   assert not np.allclose(np.asarray(a)[1], np.asarray(c)[1])
 
 
+def test_call_returns_one_type_with_or_without_a_cache():
+  model = QwenVL(CFG, rngs=nnx.Rngs(3))
+  ids = jnp.asarray([[7, 8, 9]], jnp.int32)
+  plain = model(ids)
+  assert isinstance(plain, ModelOutput) and plain.cache is None and plain.logits.shape == (1, 3, CFG.llm.vocab_size)
+  cached = model(ids, cache=model.llm.init_cache(1, 8), cache_index=0)
+  assert isinstance(cached, ModelOutput) and isinstance(cached.cache, KVCache)
+  np.testing.assert_allclose(np.asarray(cached.logits), np.asarray(plain.logits), rtol=1e-5, atol=1e-5)
+
+
 def test_stop_vision_grad_cuts_the_vit_backward():
   model = QwenVL(CFG, rngs=nnx.Rngs(2))
   ids = jnp.asarray(_rows())
@@ -78,7 +88,7 @@ def test_stop_vision_grad_cuts_the_vit_backward():
 
   def loss(params, stop):
     m = nnx.merge(graphdef, params, rest)
-    return m(ids, images=images, stop_vision_grad=stop).astype(jnp.float32).mean()
+    return m(ids, images=images, stop_vision_grad=stop).logits.astype(jnp.float32).mean()
 
   grads = jax.jit(jax.grad(loss), static_argnums=1)
   g_free, g_stop = grads(params, False), grads(params, True)

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from qwenvl_jax.planning import aot, chips, mesh as mesh_lib
+from qwenvl_jax.hardware import chips
+from qwenvl_jax.planning import aot, mesh as mesh_lib
 
 GIB = chips.GIB
 V5E = chips.CHIPS["v5e"]

@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from qwenvl_jax.planning import aot, chips, collectives, mesh as mesh_lib
+from qwenvl_jax.hardware import chips
+from qwenvl_jax.planning import aot, collectives, mesh as mesh_lib
 from tests.planning.conftest import requires_libtpu, run_json
 
 V5E = chips.CHIPS["v5e"]
@@ -203,7 +204,8 @@ def test_real_cpu_program_matches_hand_computed_fsdp_bytes():
 def test_tpu_program_matches_hand_computed_fsdp_bytes():
   out = run_json("""
       import json
-      from qwenvl_jax.planning import chips, collectives, standin
+      from qwenvl_jax.hardware import chips
+      from tests.planning import standin
       res = {}
       for key, slices in (("one", 1), ("two", 2)):
         plan = standin.plan_mlp(chips.parse_topology("v5e:2x2", slices), width=512, depth=4, batch=64,

@@ -3,7 +3,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from qwenvl_jax.planning import jaxpr_flops, mesh as mesh_lib, standin
+from qwenvl_jax.planning import jaxpr_flops, mesh as mesh_lib
+from tests.planning import standin
 
 
 @pytest.mark.parametrize("remat,factor", [(False, 1.0), (True, 4 / 3)])

@@ -30,7 +30,8 @@ def test_build_mesh_on_cpu_devices():
 def test_topology_devices_and_meshes_for_tpu_slices():
   out = run_json("""
       import json
-      from qwenvl_jax.planning import chips, mesh
+      from qwenvl_jax.hardware import chips
+      from qwenvl_jax.planning import mesh
       res = {}
       for name, slices, ici, dcn in [("v5p-128", 1, (1, -1, 1), None), ("v5e-256", 1, (1, 64, 4), None),
                                      ("v4-16", 2, (1, -1, 2), None), ("v6e-4", 2, (1, -1, 1), (1, 2, 1))]:

@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from configs import stage1
-from qwenvl_jax.planning import aot, chips, search
+from qwenvl_jax.hardware import chips
+from qwenvl_jax.planning import aot, search
 from tests.planning.conftest import REPO_ROOT, requires_libtpu, run_json
 
 
@@ -97,7 +98,8 @@ def test_search_compiles_real_tiny_plans_for_a_tpu_slice():
   out = run_json("""
       import json
       from configs import stage1
-      from qwenvl_jax.planning import chips, search
+      from qwenvl_jax.hardware import chips
+      from qwenvl_jax.planning import search
       rows = search.search(stage1.get_config("model=tiny"), chips.parse_topology("v5e:2x2"), max_compiles=2,
                            remats=("full",), attentions=("xla",), tensors=(1, 2), log=lambda _: 0)
       print(json.dumps([dict(status=r.status, fits=r.fits, comm=r.comm_seconds, mfu=r.mfu_high, tp=r.candidate.tensor)

@@ -11,7 +11,8 @@ def plans() -> dict:
   """Plans of the stand-in on a few topologies, computed once in one child process."""
   return run_json(f"""
       import dataclasses, json
-      from qwenvl_jax.planning import chips, standin
+      from qwenvl_jax.hardware import chips
+      from tests.planning import standin
       out = {{}}
       for key, name, slices, kw in [
           ("v5p4", "v5p:2x2x1", 1, {{}}),

@@ -9,7 +9,8 @@ def stage1() -> dict:
   return run_json("""
       import json
       from configs import stage1
-      from qwenvl_jax.planning import chips, train_plan
+      from qwenvl_jax.hardware import chips
+      from qwenvl_jax.planning import train_plan
       topo = chips.parse_topology("v5e:2x2")
       config = stage1.get_config("model=tiny")
       plan, facts = train_plan.plan_stage(config, topo)

@@ -10,6 +10,7 @@ from flax import nnx
 from qwenvl_jax import sharding
 from qwenvl_jax.model import QwenVL, tiny
 from qwenvl_jax.training import optimizer
+from tests.training.helpers import load_stage_config
 
 
 def _opt_config(**kw):
@@ -121,3 +122,55 @@ def test_weight_decay_skips_biases_and_norms():
   np.testing.assert_allclose(updates["a"]["kernel"], -0.5)
   np.testing.assert_allclose(updates["a"]["bias"], 0.0)
   np.testing.assert_allclose(updates["a"]["scale"], 0.0)
+
+
+def test_bf16_second_moment_tracks_the_float32_adam():
+  """`nu_dtype=bfloat16` stores nu in bf16 and gives the float32 AdamW's updates to bf16 rounding."""
+  params = {"w": jnp.linspace(-1.0, 1.0, 64).reshape(8, 8), "b": jnp.zeros(8)}
+  grads = [jax.tree.map(lambda p, k=k: jnp.sin(p * (k + 1.0)) + 0.1 * k, params) for k in range(5)]
+  results = {}
+  for name, kw in {"f32": {}, "bf16": dict(mu_dtype="bfloat16", nu_dtype="bfloat16")}.items():
+    tx, _, _ = optimizer.make_optimizer(_opt_config(warmup_steps=0, **kw), params, frozen=(), total_steps=10,
+                                        vit_layers=1)
+    state, p = tx.init(params), params
+    for g in grads:
+      updates, state = tx.update(g, state, p)
+      p = optax.apply_updates(p, updates)
+    results[name] = (p, state)
+  adam = [s for s in jax.tree.leaves(results["bf16"][1], is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+          if isinstance(s, optax.ScaleByAdamState)]
+  assert adam and all(x.dtype == jnp.bfloat16 for s in adam for x in jax.tree.leaves((s.mu, s.nu)))
+  for a, b, p0 in zip(jax.tree.leaves(results["f32"][0]), jax.tree.leaves(results["bf16"][0]),
+                      jax.tree.leaves(params)):
+    assert a.dtype == b.dtype == jnp.float32  # the parameters themselves stay float32
+    # bf16 rounding of the moments (8 mantissa bits) moves each parameter by < 1 % of its total movement.
+    moved = np.abs(np.asarray(a) - np.asarray(p0)).max()
+    assert np.abs(np.asarray(b) - np.asarray(a)).max() <= 0.01 * moved
+  assert not all(np.array_equal(np.asarray(a), np.asarray(b))
+                 for a, b in zip(jax.tree.leaves(results["f32"][0]), jax.tree.leaves(results["bf16"][0])))
+
+
+def _opt_state_specs() -> dict[str, list]:
+  """Optimizer-state PartitionSpecs of the 9.6B model in every stage under fsdp_tp on a (1, 4, 2) mesh, keyed by
+  `jax.tree_util.keystr` of the optimizer-state leaf (abstract: nothing is allocated)."""
+  from qwenvl_jax.model import qwen_vl_7b  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.training import setup  # pylint: disable=import-outside-toplevel
+  mesh, rules = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2}), sharding.load_rules("fsdp_tp")
+  out = {}
+  for stage in (1, 2, 3):
+    config = load_stage_config(stage, "model=qwen_vl_7b")
+    built = setup.build_step(config, qwen_vl_7b(), mesh, rules)
+    for path, s in jax.tree_util.tree_flatten_with_path(built.opt_shardings)[0]:
+      out[f"stage{stage}{jax.tree_util.keystr(path)}"] = [list(a) if isinstance(a, tuple) else a for a in s.spec]
+  return out
+
+
+def test_opt_state_shardings_match_golden_file():
+  """Each Adam moment sharded like its parameter, scalars replicated, frozen parameters without state: the specs
+  recorded before `opt_state_shardings` moved to `optax.tree_map_params` (UPDATE_GOLDEN=1 rewrites the file)."""
+  import json, os, pathlib  # pylint: disable=import-outside-toplevel,multiple-imports
+  got = _opt_state_specs()
+  path = pathlib.Path(__file__).parents[1] / "golden" / "opt_state_shardings_fsdp_tp.json"
+  if os.environ.get("UPDATE_GOLDEN"):
+    path.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
+  assert got == json.loads(path.read_text()), "optimizer-state shardings changed; UPDATE_GOLDEN=1 if intended"

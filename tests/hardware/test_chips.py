@@ -1,7 +1,7 @@
 """Chip specs and slice-name parsing, checked against Cloud TPU's published slice shapes."""
 import pytest
 
-from qwenvl_jax.planning import chips
+from qwenvl_jax.hardware import chips
 
 
 # (slice name, chips, grid, gcloud accelerator type), from the Cloud TPU v4/v5e/v5p/v6e pages' slice tables.

@@ -1,10 +1,8 @@
 """A stand-in train step (deep MLP + optax AdamW, FSDP-sharded) to exercise the planner without the real model.
 
 It has the parts of a real step that decide memory and cost: sharded f32 parameters with two Adam moments,
-a bf16 forward and backward over a data-sharded batch, the optimizer update, and a donated train state. Used by
-the planner's tests and as a smoke check of a topology:
-
-  python -m qwenvl_jax.planning.standin --topology=v5p-8 --width=8192 --depth=8 --batch=256
+a bf16 forward and backward over a data-sharded batch, the optimizer update, and a donated train state. A test
+helper of the planner's tests (the one planner entry point for users is `python -m qwenvl_jax.plan`).
 
 Legend: B batch, D width, L depth (stacked layers).
 """
@@ -14,10 +12,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from absl import app, flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from qwenvl_jax.planning import aot, chips, mesh as mesh_lib
+from qwenvl_jax.hardware import chips
+from qwenvl_jax.planning import aot, mesh as mesh_lib
 
 
 def mlp_train_step(width: int, depth: int, batch: int, mesh: Mesh, *, learning_rate: float = 1e-4,
@@ -92,28 +90,3 @@ def plan_mlp(topology: chips.Topology, *, width: int, depth: int, batch: int, ic
     plan = aot.extrapolate_cost(plan, compile_at(1, unroll=True), {"mlp": compile_at(2, unroll=True)},
                                 {"mlp": depth})
   return plan
-
-
-def _cli() -> None:
-  """Defines the command-line flags (only when run as a program: importers keep their flag namespace) and runs."""
-  topology = flags.DEFINE_string("topology", "v5p-8", "slice name (v5p-128, v5e-16) or grid (v5p:2x2x2)")
-  num_slices = flags.DEFINE_integer("num_slices", 1, "identical slices over DCN")
-  width = flags.DEFINE_integer("width", 4096, "MLP width D")
-  depth = flags.DEFINE_integer("depth", 4, "MLP depth L")
-  batch = flags.DEFINE_integer("batch", 128, "global batch B")
-  remat = flags.DEFINE_bool("remat", False, "recompute layer activations in the backward pass")
-  exact_cost = flags.DEFINE_bool("exact_cost", True, "correct the loop-once cost with two small unrolled compiles")
-
-  def main(argv):
-    if len(argv) > 1:
-      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    topo = chips.parse_topology(topology.value, num_slices.value)
-    print(topo.describe())
-    print(plan_mlp(topo, width=width.value, depth=depth.value, batch=batch.value, remat=remat.value,
-                   exact_cost=exact_cost.value).format())
-
-  app.run(main)
-
-
-if __name__ == "__main__":
-  _cli()

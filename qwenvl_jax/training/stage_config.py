@@ -1,9 +1,12 @@
-"""The experiment config shared by the three training stages; `configs/stage{1,2,3}.py` call `stage_config`.
+"""The defaults of a training stage's experiment config; the thin `configs/stage{1,2,3}.py` call `stage_config`.
 
-`get_config(arg)` takes a comma-separated `key=value` string after the file name:
+They live in the package so an installed `qwenvl_jax` can train from any directory: a config file of one's own is
+`def get_config(arg=None): return stage_config(2, arg)` plus any field changes. `get_config(arg)` takes a
+comma-separated `key=value` string after the file name (parsed by `qwenvl_jax.config_args`):
   python -m qwenvl_jax.train --config=configs/stage2.py:model=qwen_vl_7b,res=448
 Arg keys: model (tiny | mid | qwen_vl_7b), res (224 | 448 | any multiple of the patch size), fix_vit (stage 3),
-scale (demo | paper). Every field can then be overridden with `--config.<field>=...`.
+scale (demo | paper), lora (LoRA rank; 0 = full fine-tuning). Every field can then be overridden with
+`--config.<field>=...`.
 
 Two scales:
 * `paper` (the default for `mid` and `qwen_vl_7b`): the hyperparameters of RECIPES §3.3 / SPEC §6.1 — AdamW
@@ -15,7 +18,13 @@ Two scales:
 """
 import ml_collections
 
+from qwenvl_jax import config_args, distributed
 from qwenvl_jax.data import default_data_config
+from qwenvl_jax.model.lora import OFFICIAL_TARGETS as _LORA_TARGETS
+
+# The keys of the arg string, with the defaults that give their types ('' scale: demo for tiny, else paper; None
+# res: the stage's resolution).
+ARG_DEFAULTS = {"model": "tiny", "res": None, "fix_vit": True, "scale": "", "lora": 0}
 
 # Per stage, paper scale: (lr, min_lr, warmup, steps, global batch, accumulation, seq_len, res, vit_layer_decay,
 # max image slots per row). Image slots: stage 1 fits one 258-token image span in 512 tokens; packed stage-2 rows
@@ -43,35 +52,11 @@ _DEMO = {
 }
 
 
-def parse_arg(arg: str | None) -> dict[str, str]:
-  """'model=tiny,res=224' -> {'model': 'tiny', 'res': '224'}; a malformed item is an error naming it."""
-  out = {}
-  for item in (arg or "").split(","):
-    if not item.strip():
-      continue
-    key, sep, value = item.partition("=")
-    if not sep or not key.strip():
-      raise ValueError(f"config arg item {item!r} is not key=value (arg: {arg!r})")
-    out[key.strip()] = value.strip()
-  unknown = set(out) - {"model", "res", "fix_vit", "scale"}
-  if unknown:
-    raise ValueError(f"unknown config arg keys {sorted(unknown)}; known: model, res, fix_vit, scale")
-  return out
-
-
-def _bool(value: str, key: str) -> bool:
-  if value.lower() in ("1", "true", "yes"):
-    return True
-  if value.lower() in ("0", "false", "no"):
-    return False
-  raise ValueError(f"config arg {key}={value!r} is not a boolean")
-
-
 def stage_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
   """The full experiment config of `stage` (1, 2 or 3) for the arg string of `get_config`."""
-  args = parse_arg(arg)
-  model = args.get("model", "tiny")
-  scale = args.get("scale", "demo" if model == "tiny" else "paper")
+  args = {**ARG_DEFAULTS, **config_args.parse_arg(arg, ARG_DEFAULTS)}
+  model = args["model"]
+  scale = args["scale"] or ("demo" if model == "tiny" else "paper")
   if scale not in ("demo", "paper"):
     raise ValueError(f"config arg scale={scale!r}: expected 'demo' or 'paper'")
   d = (_DEMO if scale == "demo" else _PAPER)[stage]
@@ -79,15 +64,18 @@ def stage_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = stage
   c.model = model                 # preset of qwenvl_jax.model.config
-  c.res = int(args.get("res", d["res"]))
+  c.res = d["res"] if args["res"] is None else args["res"]
   # Compute dtype: bf16 like the reference; the CPU demo computes in float32 (XLA:CPU emulates bf16 matmuls,
   # which makes them slower, not faster).
   c.model_dtype = "float32" if scale == "demo" else "bfloat16"
   c.param_dtype = "float32"
   c.remat = "none" if model == "tiny" else "full"   # none | full | dots | dots_no_batch
   c.attention_impl = "xla"
+  # Tokens per chunk of the loss (qwenvl_jax/model/losses.py): the float32 [rows, T, V] logits and their gradient
+  # are never built whole; 0 = the unchunked loss over the full logits.
+  c.loss_chunk = 512
   # Stage 3: freeze ViT + ln_post + proj like the official finetune.py (True) or only the ViT like the paper.
-  c.fix_vit = _bool(args.get("fix_vit", "true"), "fix_vit")
+  c.fix_vit = args["fix_vit"]
   c.frozen = ""                   # '' = the stage's filters; 'none'; or one full-match path regex
   c.seed = 0
 
@@ -111,12 +99,14 @@ def stage_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
   c.optimizer.wd_exclude = r".*/(bias|scale)"  # no decay on biases and norm scales
   c.optimizer.grad_clip = 1.0
   c.optimizer.vit_layer_decay = d["layer_decay"]
-  c.optimizer.mu_dtype = ""        # '' = parameter dtype
+  c.optimizer.mu_dtype = ""        # '' = parameter dtype; bfloat16 halves the first moment
+  c.optimizer.nu_dtype = ""        # '' = parameter dtype; bfloat16 halves the second moment (optimizer.py)
+  c.optimizer.offload = False      # keep the AdamW state in host memory (pinned_host), on device only in the step
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.ici = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
   c.mesh.dcn = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
-  c.mesh.rules = "fsdp"            # fsdp | fsdp_tp (configs/sharding_rules.py)
+  c.mesh.rules = "fsdp"            # fsdp | fsdp_tp (qwenvl_jax/sharding_rules.py)
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 50 if scale == "demo" else 1000
@@ -128,16 +118,36 @@ def stage_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
   # Parameters of a fresh run: '' = random init, 'trainer:WORKDIR[@STEP]' = another stage's run (any
   # resolution), 'params:PATH' = a converted checkpoint (python -m qwenvl_jax.convert).
   c.init = ""
-  c.tokenizer = ""                 # '' = the synthetic SentencePiece model; qwen:PATH; sentencepiece:PATH
+  c.tokenizer = ""                 # '' = the synthetic SentencePiece model, else a spec (text.load_tokenizer):
+                                   # qwen:PATH, sentencepiece:PATH, or a .tiktoken / .model file
   c.synthetic_vocab_size = 1000
   c.data = default_data_config(stage)
 
-  c.distributed = ml_collections.ConfigDict()
-  c.distributed.initialize = "auto"  # auto | yes | no
-  c.distributed.coordinator = ""     # host:port to start processes by hand (then num_processes, process_id)
-  c.distributed.num_processes = 1
-  c.distributed.process_id = 0
+  # LoRA (qwenvl_jax/training/peft.py): rank > 0 trains only float32 adapters on a frozen base held in base_dtype.
+  # Defaults are the official finetune.py's (r 64, alpha 16, dropout 0.05 on c_attn, attn.c_proj, w1, w2).
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = args["lora"]
+  c.lora.alpha = 16.0
+  c.lora.dropout = 0.05
+  # Comma-separated full-match regexes over Einsum module paths (e.g. add 'visual/blocks/.*' for the ViT).
+  c.lora.targets = ",".join(_LORA_TARGETS)
+  c.lora.modules_to_save = ""      # '' or 'wte,lm_head' (LoRA on the base model, as the official code does)
+  c.lora.base_dtype = "bfloat16"   # the frozen base weights: no float32 master copy
 
+  c.distributed = distributed.default_config()   # multi-process start-up (qwenvl_jax/distributed.py)
+
+  # Evaluation during training (qwenvl_jax/evaluation/during_training.py): every `eval_every` steps and at the
+  # end, the eval job's code on the current parameters; scores go to metrics.jsonl and TensorBoard (eval/...).
+  c.eval_every = 0                 # 0 = off
+  c.eval = ml_collections.ConfigDict()
+  c.eval.task = "flickr"           # a task name or its config file, configs/eval/<task>.py
+  c.eval.data_path = ""            # '' = a synthetic held-out set when training on synthetic data, else the
+                                   # task's official file; any file of its format or a tfds:/array_record: spec
+  c.eval.annotation_path = ""      # VQA: the official annotation JSON ('' = the task's / the config file's)
+  c.eval.image_root = ""
+  c.eval.max_examples = 32         # the first N examples (0 = all)
+  c.eval.per_device_batch_size = 4
+  c.profile_steps = ""             # "a:b": a jax.profiler trace of steps a..b-1 in <workdir>/profile
   c.peak_flops_per_device = 0.0    # > 0 overrides the chip table (e.g. to report an MFU on CPU)
   c.progress_bar = True
   c.tensorboard = True

@@ -1,0 +1,51 @@
+"""The one tokenizer spec every entry point accepts (train, evaluate, generate, serve): a string naming a file.
+
+  qwen:PATH             the Qwen vocabulary (`qwen.tiktoken`) -> `QwenTokenizer`
+  sentencepiece:PATH    a SentencePiece model -> `SentencePieceTokenizer`
+  PATH                  the same, chosen by the file's extension: `.tiktoken` or `.model`
+
+(The trainer also accepts '' for the synthetic dataset's SentencePiece model, which it trains in its workdir; that
+is a training job, not a spec, so it stays in `training.experiment`.)
+"""
+from __future__ import annotations
+
+import os
+
+from qwenvl_jax.text.sentencepiece_tokenizer import SentencePieceTokenizer
+from qwenvl_jax.text.tokenizer import QwenTokenizer, Tokenizer
+
+_KINDS = {"qwen": QwenTokenizer, "sentencepiece": SentencePieceTokenizer}
+_EXTENSIONS = {".tiktoken": "qwen", ".model": "sentencepiece"}
+
+
+def parse_tokenizer_spec(spec: str | os.PathLike) -> tuple[str, str]:
+  """('qwen' | 'sentencepiece', path) of a spec; the file is not opened.
+
+  Raises:
+    ValueError: an empty spec, or a bare path whose extension names no tokenizer kind.
+  """
+  spec = os.fspath(spec)
+  kind, sep, path = spec.partition(":")
+  if sep and kind in _KINDS:
+    if not path:
+      raise ValueError(f"tokenizer spec {spec!r} names no file after '{kind}:'")
+    return kind, path
+  if not spec:
+    raise ValueError("empty tokenizer spec: expected qwen:PATH, sentencepiece:PATH or a .tiktoken / .model file")
+  ext = os.path.splitext(spec)[1]
+  if ext not in _EXTENSIONS:
+    raise ValueError(f"unknown tokenizer {spec!r}: expected qwen:PATH, sentencepiece:PATH, or a file ending in "
+                     f".tiktoken (Qwen) or .model (SentencePiece)")
+  return _EXTENSIONS[ext], spec
+
+
+def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
+  """The tokenizer a spec names (see the module docstring).
+
+  Raises:
+    ValueError: a malformed spec. FileNotFoundError: the file does not exist.
+  """
+  kind, path = parse_tokenizer_spec(spec)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"tokenizer file {path!r} does not exist")
+  return _KINDS[kind](path)
