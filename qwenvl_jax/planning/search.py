@@ -13,7 +13,7 @@ Full-size compiles take minutes each, so the search is bounded in three steps:
      model's counts, activations from the remat policy's saved tensors, the float32 logits) and an analytic step
      time (model FLOPs x remat recompute at peak; FSDP all-gathers and reduce-scatters of every micro-batch and
      tensor-parallel all-reduces on ICI, ring model): candidates over `PRUNE_FACTOR` x HBM are dropped unseen;
-  2. the `max_compiles` best of the rest by analytic time are AOT-compiled (`train_plan.plan_stage`), and their
+  2. the `max_compiles` best of the rest (estimated to fit first, then by analytic time) are AOT-compiled (`train_plan.plan_stage`), and their
      real memory (memory_analysis) and compute + communication estimate (`collectives`) replace the guesses;
   3. compiled results are cached as JSON under `cache_dir`, keyed by config, topology and candidate, so a re-run
      (or a wider search) compiles only what is new.
@@ -197,6 +197,10 @@ def _fill(row: Row, plan: aot.StepPlan, floor_seconds: float) -> None:
   row.status = "compiled"
   row.total_bytes = plan.total_bytes
   row.fits = plan.fits
+  row.compile_seconds = plan.compile_seconds
+  if plan.compile_error:
+    row.note = "compiler: out of HBM"
+    return
   compute = max(plan.step_seconds or 0.0, floor_seconds)
   comm = plan.comm_seconds or 0.0
   row.compute_seconds, row.comm_seconds = compute, plan.comm_seconds
@@ -205,9 +209,6 @@ def _fill(row: Row, plan: aot.StepPlan, floor_seconds: float) -> None:
     peak = plan.num_chips * plan.chip.peak_bf16_flops
     row.mfu_low, row.mfu_high = plan.model_flops / ((compute + comm) * peak), plan.model_flops / (
         max(compute, comm) * peak)
-  row.compile_seconds = plan.compile_seconds
-  if plan.compile_error:
-    row.note = "compiler: out of HBM"
 
 
 def search(config: ml_collections.ConfigDict, topology: chips.Topology, *, max_compiles: int = 4,
@@ -257,7 +258,10 @@ def search(config: ml_collections.ConfigDict, topology: chips.Topology, *, max_c
   log(f"{len(rows)} candidates, {sum(r.status == 'pruned' for r in rows)} pruned by the memory estimate")
 
   compiled = 0
-  for row in sorted((r for r in rows if r.status != "pruned"), key=lambda r: r.est_seconds):
+  # Likely fits first (estimate within HBM), fastest first: a compile spent on a layout that runs out of memory
+  # teaches least.
+  hbm = topology.chip.hbm_bytes
+  for row in sorted((r for r in rows if r.status != "pruned"), key=lambda r: (r.est_bytes > hbm, r.est_seconds)):
     path = os.path.join(cache_dir, _cache_key(config, topology, row.candidate) + ".json") if cache_dir else ""
     if path and os.path.exists(path):
       with open(path, encoding="utf-8") as f:

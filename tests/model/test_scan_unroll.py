@@ -2,6 +2,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from qwenvl_jax import sharding
@@ -19,6 +20,7 @@ def _loss_and_grads(cfg, batch):
   return jax.jit(jax.value_and_grad(loss))(state)
 
 
+@pytest.mark.slow
 def test_unrolled_layers_give_the_scanned_loss_and_gradients():
   rng = np.random.default_rng(0)
   # 56 px (16 patches) and 24 tokens keep the two compiles short.
