@@ -286,11 +286,12 @@ def search(config: ml_collections.ConfigDict, topology: chips.Topology, *, max_c
         json.dump({k: v for k, v in dataclasses.asdict(row).items() if k != "candidate"}, f)
 
   def rank(r: Row):
+    # What was compiled first (fitting plans by step time, then what ran out of memory or failed), then the
+    # analytic guesses, then what the estimate pruned.
     if r.status == "compiled" and r.fits:
       return (0, r.step_seconds)
-    if r.status == "not compiled":
-      return (1, r.est_seconds)
-    return (2, r.est_seconds)
+    order = {"compiled": 1, "compile failed": 2, "not compiled": 3, "pruned": 4}
+    return (order.get(r.status, 5), r.est_seconds)
 
   return sorted(rows, key=rank)
 
