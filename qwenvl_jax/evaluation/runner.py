@@ -162,10 +162,12 @@ class _Job:
                                       random_weights=not source.params, image_size=source.image_size)
       self.mesh, self.rules = loading.inference_mesh(config.rules, **config.mesh.to_dict())
       module = loading.load_model(self.cfg, source.params, self.mesh, self.rules, seed=config.seed,
-                                  preset=source.preset)
+                                  preset=source.preset, quantize=config.get("quantize"),
+                                  group_size=config.get("quantize_group_size"))
     else:
       self.tok, self.cfg, self.mesh, self.rules, module = model
-    self.generator = decode.Generator(module)
+    kv = config.get("kv_cache_dtype", "auto")
+    self.generator = decode.Generator(module, kv_cache_dtype=None if kv in ("auto", "") else kv)
     self.scorer = scoring.LikelihoodScorer(self.generator)
     self.local_rows = config.per_device_batch_size * jax.local_device_count()
     self.global_rows = config.per_device_batch_size * jax.device_count()
@@ -415,6 +417,9 @@ def default_config(task_name: str, arg: str | None = None):
   c.tokenizer = ""                      # tokenizer spec (text.load_tokenizer): qwen:PATH, sentencepiece:PATH, or a
                                         # .tiktoken / .model file ("" = the run's)
   c.dtype = "bfloat16"
+  c.quantize = "none"                   # weight-only quantization at load: none | int8 (per channel) | int4 (groups)
+  c.quantize_group_size = 128           # int4 group size
+  c.kv_cache_dtype = "auto"             # auto (the compute dtype) | int8
   c.image_size = ml_collections.config_dict.placeholder(int)   # override the preset's resolution
   c.per_device_batch_size = 4
   c.rules = "fsdp"                      # sharding rule table (qwenvl_jax/sharding_rules.py)

@@ -99,7 +99,9 @@ def stage_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
   c.optimizer.wd_exclude = r".*/(bias|scale)"  # no decay on biases and norm scales
   c.optimizer.grad_clip = 1.0
   c.optimizer.vit_layer_decay = d["layer_decay"]
-  c.optimizer.mu_dtype = ""        # '' = parameter dtype
+  c.optimizer.mu_dtype = ""        # '' = parameter dtype; bfloat16 halves the first moment
+  c.optimizer.nu_dtype = ""        # '' = parameter dtype; bfloat16 halves the second moment (optimizer.py)
+  c.optimizer.offload = False      # keep the AdamW state in host memory (pinned_host), on device only in the step
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.ici = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
