@@ -17,6 +17,9 @@ from qwenvl_jax import text as qtext
 from qwenvl_jax.serving import api, messages
 from tests.serving.conftest import MAX_TOKENS_LIMIT, MODEL_NAME, Server
 
+# The session's model, engine warm-up and server start cost more than 20 s on a 2-core CPU; one module pays it.
+pytestmark = pytest.mark.slow
+
 
 def png_bytes(w=60, h=40, seed=0) -> bytes:
   rng = np.random.default_rng(seed)
