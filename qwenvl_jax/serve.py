@@ -17,6 +17,8 @@ import sys
 
 from absl import app, flags
 
+from qwenvl_jax import cli
+
 FLAGS = flags.FLAGS
 SWITCH_INTERVAL_S = 0.0005
 flags.DEFINE_string("checkpoint", None, "A training run directory, <run>/checkpoints/<step>, or a params "
@@ -95,4 +97,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
