@@ -14,7 +14,7 @@ def _loss_and_grads(cfg, batch):
   graphdef, state = nnx.split(model)
 
   def loss(state):
-    logits = nnx.merge(graphdef, state)(batch["ids"], images=batch["images"], image_mask=batch["mask"])
+    logits = nnx.merge(graphdef, state)(batch["ids"], images=batch["images"], image_mask=batch["mask"]).logits
     return jnp.mean(logits ** 2)
 
   return jax.jit(jax.value_and_grad(loss))(state)
