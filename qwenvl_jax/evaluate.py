@@ -26,7 +26,9 @@ def main(argv):
   if payload is not None:
     logging.info("%s: %s = %s (%d examples) -> %s", payload["task"], payload["metric"], payload["score"],
                  payload["num_examples"], _CONFIG.value.output)
-    print(f"{payload['task']} {payload['metric']} {payload['score']}")
+    tokenizer = payload["details"].get("tokenizer")  # CIDEr: the caption normalisation used
+    print(f"{payload['task']} {payload['metric']} {payload['score']}"
+          + (f" (caption tokenizer: {tokenizer})" if tokenizer else ""))
 
 
 if __name__ == "__main__":

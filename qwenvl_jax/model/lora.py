@@ -13,10 +13,10 @@ axes]`, i.e. they shard like their base weight. They stay float32 whatever the b
 
 Why not qwix's `LoraProvider`: it creates the adapter variables lazily, inside the first intercepted `einsum`
 call; our decoder and ViT blocks run under `nnx.scan`, where creating variables fails (qwix 0.1.8 with flax
-0.12.8: `IndexError` in `nnx.scan`'s `scan_wrapper`, reproduced in tests/model/test_lora.py). Attaching
+0.12.8: `IndexError` in `nnx.scan`'s `scan_wrapper`, reproduced by hand, not in a test). Attaching
 the adapters before the first call, with the stacked `[L, ...]` shapes `nnx.vmap` gave the kernels, is what
-scanned layers need; `flax.nnx.LoRAParam` is the variable type made for it. (The 4-bit base of QLoRA still comes
-from qwix: `model/qlora.py`.)
+scanned layers need; `flax.nnx.LoRAParam` is the variable type made for it. (QLoRA, a 4-bit base under these
+adapters, is not built yet; weight-only int8/int4 inference uses qwix in `model/quantize.py`.)
 """
 
 from __future__ import annotations
@@ -35,14 +35,6 @@ from qwenvl_jax.model import layers
 
 # The official finetune.py targets ("c_attn", "attn.c_proj", "w1", "w2") as our module paths.
 OFFICIAL_TARGETS = ("llm/blocks/attn/qkv", "llm/blocks/attn/out", "llm/blocks/mlp/w1", "llm/blocks/mlp/w2")
-# Our module paths -> the reference's per-layer module names (`transformer.h.{i}.<name>`), for PEFT export.
-PEFT_MODULE_NAMES = {
-    "llm/blocks/attn/qkv": "transformer.h.{i}.attn.c_attn",
-    "llm/blocks/attn/out": "transformer.h.{i}.attn.c_proj",
-    "llm/blocks/mlp/w1": "transformer.h.{i}.mlp.w1",
-    "llm/blocks/mlp/w2": "transformer.h.{i}.mlp.w2",
-    "llm/blocks/mlp/c_proj": "transformer.h.{i}.mlp.c_proj",
-}
 # modules_to_save names of the reference -> our module paths (trained in full, float32).
 SAVED_MODULES = {"wte": "llm/wte", "lm_head": "llm/lm_head"}
 

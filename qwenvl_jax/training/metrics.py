@@ -51,18 +51,46 @@ def peak_flops_per_device(override: float = 0.0) -> float | None:
 
 def throughput(*, steps: int, seconds: float, tokens_per_step: int, images: float, step_flops: float,
                num_devices: int, peak: float | None) -> dict[str, float | None]:
-  """steps/s, tokens/s, images/s, achieved model TFLOP/s per device, and MFU (None without a peak)."""
+  """steps/s, seconds per step, tokens/s, images/s, achieved model TFLOP/s per device, and MFU (None without a
+  peak)."""
   if seconds <= 0 or steps <= 0:
-    return {"steps_per_s": None, "tokens_per_s": None, "images_per_s": None, "tflops_per_device": None,
-            "mfu": None}
+    return {"steps_per_s": None, "step_time_s": None, "tokens_per_s": None, "images_per_s": None,
+            "tflops_per_device": None, "mfu": None}
   flops_per_s = step_flops * steps / seconds
   return {
       "steps_per_s": steps / seconds,
+      "step_time_s": seconds / steps,
       "tokens_per_s": tokens_per_step * steps / seconds,
       "images_per_s": images / seconds,
       "tflops_per_device": flops_per_s / num_devices / 1e12,
       "mfu": flops_per_s / (num_devices * peak) if peak else None,
   }
+
+
+def _duration(seconds: float) -> str:
+  """7h05m, 3m20s, 12s."""
+  seconds = int(round(seconds))
+  if seconds >= 3600:
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+  if seconds >= 60:
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+  return f"{seconds}s"
+
+
+def console_line(step: int, total_steps: int, values: dict[str, Any]) -> str:
+  """The console line of a logged step: loss, lr, grad norm, then (when measured: not in the interval holding the
+  compilation) images/s, tokens/s, step time, ETA to `total_steps` and MFU ("n/a" when the chip's peak is unknown,
+  as on CPU: set config.peak_flops_per_device)."""
+  parts = [f"{k}={values[k]:.4g}" for k in ("loss", "lr", "grad_norm") if values.get(k) is not None]
+  step_time = values.get("step_time_s")
+  if step_time is not None:
+    parts.append(f"{values['images_per_s']:.3g} images/s")
+    parts.append(f"{values['tokens_per_s']:.4g} tokens/s")
+    parts.append(f"step {step_time:.3g}s")
+    parts.append(f"ETA {_duration(max(total_steps - step, 0) * step_time)}")
+    mfu = values.get("mfu")
+    parts.append(f"MFU {100 * mfu:.1f}%" if mfu is not None else "MFU n/a")
+  return f"step {step}/{total_steps}: " + ", ".join(parts)
 
 
 class MetricsWriter:
@@ -71,6 +99,7 @@ class MetricsWriter:
   def __init__(self, workdir: str, *, total_steps: int, initial_step: int, tensorboard: bool = True,
                progress_bar: bool = True):
     self.active = jax.process_index() == 0
+    self.total_steps = total_steps
     self._tb = None
     self._bar = None
     self._file = None
@@ -118,12 +147,33 @@ class MetricsWriter:
       self._file.flush()
       if self._tb is not None:
         self._tb.flush()
-    shown = {k: clean[k] for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu") if clean.get(k) is not None}
     if self._bar is not None and not self._bar.disable:
-      self._bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
+      # tqdm itself shows the step rate, elapsed time and ETA.
+      names = {"loss": "loss", "lr": "lr", "grad_norm": "grad_norm", "images_per_s": "img/s",
+               "tokens_per_s": "tok/s", "mfu": "MFU"}
+      self._bar.set_postfix({n: f"{clean[k]:.3g}" for k, n in names.items() if clean.get(k) is not None},
+                            refresh=False)
     else:
       # No terminal (a log file, nohup, a scheduler): one line per logged step, so progress is visible there too.
-      print(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()), flush=True)
+      print(console_line(step, self.total_steps, clean), flush=True)
+
+  def write_scores(self, step: int, scores: dict[str, float]) -> None:
+    """Evaluation scores at `step`: one metrics.jsonl row, TensorBoard scalars under their own names (`eval/...`),
+    and a console line."""
+    if not self.active or not scores:
+      return
+    line = json.dumps({"step": step, **scores}) + "\n"
+    if self.remote:
+      self._lines.append(line)
+      self._dirty = True
+    else:
+      self._file.write(line)
+      self._file.flush()
+    if self._tb is not None:
+      for k, v in scores.items():
+        self._tb.add_scalar(k, v, step)
+      self._tb.flush()
+    self.message(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in scores.items()))
 
   def flush(self) -> None:
     """Makes every record written so far durable (for a remote workdir: rewrites the whole metrics.jsonl)."""

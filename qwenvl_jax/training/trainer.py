@@ -22,6 +22,7 @@ import dataclasses
 import signal
 import threading
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -29,13 +30,17 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from qwenvl_jax import data, distributed, sharding
+from qwenvl_jax import data, distributed, errors, sharding
 from qwenvl_jax.model import QwenVL, get_preset
-from qwenvl_jax.training import experiment, flops, metrics, peft, validation, workdir as workdir_lib
+from qwenvl_jax.training import experiment, flops, metrics, peft, profiling, validation, workdir as workdir_lib
 from qwenvl_jax.training.checkpointing import Checkpointer, resolve_params_checkpoint
 from qwenvl_jax.training.optimizer import make_is_frozen
 from qwenvl_jax.training.setup import build_step, check_batch
 from qwenvl_jax.training.step import TrainState
+
+
+# eval_fn(step, model, *, cfg, tokenizer, mesh, rules) -> {name: score} on process 0, None elsewhere.
+EvalFn = Callable[..., "dict[str, float] | None"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,8 +130,18 @@ def _any_process(flag: bool) -> bool:
   return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
 
 
-def train(config: ml_collections.ConfigDict) -> TrainResult:
-  """Runs (or resumes) the stage `config` describes. See `configs/stage1.py` for the fields."""
+def train(config: ml_collections.ConfigDict, eval_fn: EvalFn | None = None) -> TrainResult:
+  """Runs (or resumes) the stage `config` describes. See `configs/stage1.py` for the fields.
+
+  `eval_fn(step, model, cfg=, tokenizer=, mesh=, rules=)` (model: a `QwenVL` holding the step's parameters),
+  called on every process every `config.eval_every`
+  steps and at the last step, returns scores to log (process 0; None elsewhere). `python -m qwenvl_jax.train`
+  builds it from `config.eval` (`evaluation.during_training`); training itself never imports evaluation.
+  """
+  if config.get("eval_every", 0) and eval_fn is None:
+    raise errors.ConfigError("config.eval_every > 0 needs an eval_fn: run `python -m qwenvl_jax.train`, which builds "
+                             "it from config.eval, or pass train(config, eval_fn=...)")
+  profiling.parse_profile_steps(config.get("profile_steps", ""))  # a bad spec fails before anything is written
   distributed.initialize(config.distributed)
   # Everything that can be checked is checked before the first file is written (no config.json, no checkpoints/
   # for a config that cannot run).
@@ -136,12 +151,13 @@ def train(config: ml_collections.ConfigDict) -> TrainResult:
   workdir_lib.create(workdir)
   ckpt = Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
   try:
-    return _train(config, workdir, ckpt)
+    return _train(config, workdir, ckpt, eval_fn)
   finally:
     ckpt.close()
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer) -> TrainResult:
+def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer, eval_fn: EvalFn | None
+           ) -> TrainResult:
   latest = ckpt.latest_step()
   # Check what can be checked without the tokenizer before the workdir records this config: a typo (unknown
   # preset, a mesh the devices cannot hold) must not leave a config.json that refuses the corrected command.
@@ -171,6 +187,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer) 
       stage=config.stage, image_tokens=cfg.image_tokens)
 
   writer = None
+  profiler = profiling.StepProfiler(config.get("profile_steps", ""), workdir)
   try:
     writer_msgs = []
     if latest is not None:
@@ -245,6 +262,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer) 
     with _PreemptionCheck() as stop_check, sharding.use_rules(mesh, rules):
       for step in range(start + 1, config.total_steps + 1):
         batch = data.to_global_batch(next(data_iter), mesh, rules)
+        profiler.before_step(step)
         state, step_metrics = jitted(state, batch)
         if in_flight is not None:
           # At most one step runs ahead of the host (async dispatch would otherwise queue many), so a stop request
@@ -252,6 +270,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer) 
           jax.block_until_ready(in_flight)
         in_flight = step_metrics["loss"]
         ckpt.check_for_errors()  # a failed background save (disk full) stops the run now, not at the next save
+        profiled = profiler.after_step(step, step_metrics)
+        if profiled:
+          writer.message(profiled)
         pending.append((step, step_metrics))
         writer.advance()
         boundary = step % config.log_every == 0 or step % config.checkpoint.every == 0
@@ -262,6 +283,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer) 
         if step % config.checkpoint.every == 0 or done or stopping:
           ckpt.save(step, state, data_iter, meta, force=True)
           last_saved = step
+        if eval_fn is not None and not stopping and (step % config.eval_every == 0 or done):
+          flush(step)
+          model_state = jax.tree.map(lambda x: x, setup.abstract_state)
+          nnx.replace_by_pure_dict(model_state, state.params)  # the step's arrays, not copies
+          scores = eval_fn(step, nnx.merge(setup.graphdef, model_state), cfg=cfg, tokenizer=tokenizer, mesh=mesh,
+                           rules=rules)
+          writer.write_scores(step, scores or {})
+          clock["time"] = time.perf_counter()  # throughput excludes the evaluation
         if stopping:
           status = "preempted"
           writer.message(f"stop requested: saved step {step} to {ckpt.directory}; rerun the same command to resume")
@@ -270,6 +299,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer) 
     writer.message(f"{status} at step {step}; checkpoints in {ckpt.directory}, metrics in {writer.path}")
     return TrainResult(workdir, step, status, last_saved)
   finally:
+    profiler.stop()  # a run that ended inside the profiled range
     if writer is not None:
       writer.close()
     # Stops grain's worker processes and frees their shared memory.

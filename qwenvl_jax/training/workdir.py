@@ -30,7 +30,8 @@ from qwenvl_jax import errors, tree_paths
 
 # Keys that may differ between a run and its resumption.
 RESUMABLE_KEYS = ("total_steps", "stop_at_step", "log_every", "checkpoint", "workdir", "resume", "progress_bar",
-                  "tensorboard", "peak_flops_per_device", "distributed", "init")
+                  "tensorboard", "peak_flops_per_device", "distributed", "init", "eval_every", "eval",
+                  "profile_steps")
 
 
 def is_remote(path: str | os.PathLike) -> bool:
