@@ -1,6 +1,7 @@
 """The evaluation job end to end on a tiny random model and tiny generated datasets: sharded batches, resume,
 every prediction in the results JSON, multiple choice by lowest loss, never overwriting results."""
 import json
+import tempfile
 
 import jax
 import numpy as np
@@ -296,7 +297,7 @@ def test_synthetic_data_path_scores_a_held_out_set(workdir, tmp_path, monkeypatc
   """`--config.data_path=synthetic` (the README's quick start): a held-out synthetic grounding set, written to a
   temporary folder that is gone afterwards, recorded as `synthetic` so a resumed run agrees with the first."""
   root, tok = workdir
-  monkeypatch.setattr(runner.tempfile, "tempdir", str(tmp_path / "tmp"))
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
   (tmp_path / "tmp").mkdir()
   config = _config("refcoco_val", root, tok, "unused", tmp_path / "out" / "synthetic.json", data_path="synthetic",
                    max_examples=3, image_size=56)
