@@ -20,15 +20,18 @@ import sys
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "Params checkpoint directory; omit to run random weights (smoke tests).")
-flags.DEFINE_string("model", "qwen_vl_7b", "Architecture preset: qwen_vl_7b, mid or tiny.")
+flags.DEFINE_string("checkpoint", None, "A training run directory, <run>/checkpoints/<step>, or a params "
+                    "checkpoint directory; omit to run random weights (smoke tests).")
+flags.DEFINE_string("model", None, "Architecture preset: qwen_vl_7b, mid or tiny (default: the run's, else "
+                    "qwen_vl_7b).")
 flags.DEFINE_string("tokenizer", None, "Tokenizer spec: qwen:PATH, sentencepiece:PATH, or a .tiktoken / .model "
-                    "file.", required=True)
+                    "file (default: the run's).")
 flags.DEFINE_multi_string("image", [], "Image file(s), in order (Picture 1, 2, ...).")
 flags.DEFINE_string("prompt", None, "The question or instruction.", required=True)
 flags.DEFINE_string("history", None, "JSON file with the chat history: [[query, response], ...].")
 flags.DEFINE_string("save_history", None, "Write the updated history to this new JSON file.")
-flags.DEFINE_enum("chat_format", "chatml", ["chatml", "raw"], "chatml (chat models) or raw (base model).")
+flags.DEFINE_enum("chat_format", None, ["chatml", "raw"], "chatml (chat models) or raw (base model); default: "
+                  "the run's (stage 3: chatml, else raw), else chatml.")
 flags.DEFINE_string("system", "You are a helpful assistant.", "System message (chatml).")
 flags.DEFINE_string("output_image", None, "PNG path for the picture with the answer's boxes (must not exist).")
 flags.DEFINE_integer("max_new_tokens", 512, "Most tokens to generate.")
@@ -79,23 +82,27 @@ def main(argv):
   import jax  # pylint: disable=import-outside-toplevel
   from qwenvl_jax import inference, sharding  # pylint: disable=import-outside-toplevel
   from qwenvl_jax import text as qtext  # pylint: disable=import-outside-toplevel
-  from qwenvl_jax.inference import loading  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.inference import loading, model_source  # pylint: disable=import-outside-toplevel
 
   history = _read_history(FLAGS.history)
-  tok = qtext.load_tokenizer(FLAGS.tokenizer)
-  cfg = loading.model_config(FLAGS.model, tok, dtype=FLAGS.dtype, random_weights=not FLAGS.checkpoint,
-                             image_size=FLAGS.image_size)
+  source = model_source.resolve(FLAGS.checkpoint, model=FLAGS.model, tokenizer=FLAGS.tokenizer,
+                                image_size=FLAGS.image_size, chat_format=FLAGS.chat_format)
+  if not source.tokenizer:
+    raise app.UsageError("--tokenizer is required unless --checkpoint is a training run")
+  tok = qtext.load_tokenizer(source.tokenizer)
+  cfg = loading.model_config(source.preset, tok, dtype=FLAGS.dtype, random_weights=not source.params,
+                             image_size=source.image_size)
   mesh, rules = loading.inference_mesh(FLAGS.rules)
   query = qtext.from_list_format([{"image": p} for p in FLAGS.image] + [{"text": FLAGS.prompt}])
   gen_cfg = inference.chat_generation_config(
-      tok, FLAGS.chat_format, max_new_tokens=FLAGS.max_new_tokens, do_sample=FLAGS.do_sample,
+      tok, source.chat_format, max_new_tokens=FLAGS.max_new_tokens, do_sample=FLAGS.do_sample,
       temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p)
   # Built outside `use_rules`: the loaders enter the mesh themselves, after the abstract (mesh-free) trace.
-  model = loading.load_model(cfg, FLAGS.checkpoint, mesh, rules, seed=FLAGS.seed)
+  model = loading.load_model(cfg, source.params, mesh, rules, seed=FLAGS.seed, preset=source.preset)
   with sharding.use_rules(mesh, rules):
     generator = inference.Generator(model)
     reply = inference.chat_stream(generator, tok, query, history, system=FLAGS.system,
-                                  chat_format=FLAGS.chat_format, gen=gen_cfg, key=jax.random.key(FLAGS.seed))
+                                  chat_format=source.chat_format, gen=gen_cfg, key=jax.random.key(FLAGS.seed))
     for delta in reply:
       sys.stdout.write(delta)
       sys.stdout.flush()

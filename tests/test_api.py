@@ -49,7 +49,8 @@ def run(tmp_path_factory):
 @pytest.mark.slow
 def test_load_a_training_run(run):
   workdir, model, tok = run
-  loaded = qwenvl_jax.load(f"trainer:{workdir}", dtype="float32")
+  loaded = qwenvl_jax.load(str(workdir), dtype="float32")
+  assert loaded.chat_format == "raw"  # a stage-2 run
   assert isinstance(loaded.tokenizer, SentencePieceTokenizer) and loaded.tokenizer.encode("red") == tok.encode("red")
   assert loaded.model.cfg.vision.image_size == 56 and loaded.model.cfg.image_pad_id == tok.img_pad_id
   want = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -59,11 +60,13 @@ def test_load_a_training_run(run):
   np.testing.assert_allclose(np.asarray(loaded.model(ids).logits), np.asarray(model(ids).logits), rtol=1e-5, atol=1e-5)
 
 
-def test_load_errors_name_what_is_missing(run, tmp_path):
-  workdir, _, _ = run
+def test_load_errors_name_what_is_missing(tmp_path):
+  converted = tmp_path / "params"  # what model_source takes for a converted params checkpoint (no run config)
+  converted.mkdir()
+  (converted / "_METADATA").write_text("{}")
   with pytest.raises(ValueError, match="needs tokenizer="):
-    qwenvl_jax.load(str(workdir / "checkpoints" / "7" / "params"))
-  with pytest.raises(FileNotFoundError, match="not a training run"):
-    qwenvl_jax.load(f"trainer:{tmp_path}")
-  with pytest.raises(FileNotFoundError, match="no step 9"):
-    qwenvl_jax.load(f"trainer:{workdir}@9")
+    qwenvl_jax.load(str(converted))
+  with pytest.raises(FileNotFoundError, match="is neither a training run"):
+    qwenvl_jax.load(str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    qwenvl_jax.load(str(tmp_path / "runs" / "checkpoints" / "9"))

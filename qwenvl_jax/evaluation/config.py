@@ -27,10 +27,11 @@ def default_config(task_name: str, arg: str | None = None):
   c.annotation_path = task.annotation_file or ""   # VQA accuracy: the official annotation JSON ("" with a TFDS
                                         # dataset whose `answers` are the human answers)
   c.image_root = ""                     # relative image paths of the data file are taken under this folder
-  c.checkpoint = ""                     # params checkpoint directory ("" = random weights, for smoke tests)
-  c.model = "qwen_vl_7b"                # architecture preset
+  c.checkpoint = ""                     # a training run, <run>/checkpoints/<step>, or a params checkpoint
+                                        # directory ("" = random weights, for smoke tests)
+  c.model = ""                          # architecture preset ("" = the run's, else qwen_vl_7b)
   c.tokenizer = ""                      # tokenizer spec (text.load_tokenizer): qwen:PATH, sentencepiece:PATH, or a
-                                        # .tiktoken / .model file
+                                        # .tiktoken / .model file ("" = the run's)
   c.dtype = "bfloat16"
   c.image_size = ml_collections.config_dict.placeholder(int)   # override the preset's resolution
   c.per_device_batch_size = 4

@@ -20,7 +20,7 @@ from qwenvl_jax.evaluation import multiple_choice as mc_lib
 from qwenvl_jax.evaluation import tasks as tasks_lib
 from qwenvl_jax.evaluation.prompts import PromptEncoder
 from qwenvl_jax.evaluation.readers import EvalExample
-from qwenvl_jax.inference import decode, loading, scoring
+from qwenvl_jax.inference import decode, loading, model_source, scoring
 
 
 class EvalJob:
@@ -28,11 +28,18 @@ class EvalJob:
 
   def __init__(self, config, task: tasks_lib.EvalTask, shots: few_shot_lib.ShotSampler | None = None):
     self.config, self.task = config, task
-    self.tok = qtext.load_tokenizer(config.tokenizer)
-    self.cfg = loading.model_config(config.model, self.tok, dtype=config.dtype,
-                                    random_weights=not config.checkpoint, image_size=config.get("image_size"))
+    # A training run directory (or its checkpoints/<step>) supplies preset, image size and tokenizer; the
+    # official prompts are raw text whatever the run trained on, so its chat format is not used.
+    source = model_source.resolve(config.checkpoint or None, model=config.model or None,
+                                  tokenizer=config.tokenizer or None, image_size=config.get("image_size"))
+    if not source.tokenizer:
+      raise ValueError("config.tokenizer is required unless config.checkpoint is a training run")
+    self.tok = qtext.load_tokenizer(source.tokenizer)
+    self.cfg = loading.model_config(source.preset, self.tok, dtype=config.dtype,
+                                    random_weights=not source.params, image_size=source.image_size)
     self.mesh, self.rules = loading.inference_mesh(config.rules, **config.mesh.to_dict())
-    model = loading.load_model(self.cfg, config.checkpoint, self.mesh, self.rules, seed=config.seed)
+    model = loading.load_model(self.cfg, source.params, self.mesh, self.rules, seed=config.seed,
+                               preset=source.preset)
     self.generator = decode.Generator(model)
     self.scorer = scoring.LikelihoodScorer(self.generator)
     self.local_rows = config.per_device_batch_size * jax.local_device_count()

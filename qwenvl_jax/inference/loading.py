@@ -5,7 +5,8 @@ smoke tests).
 The tokenizer decides the `<imgpad>` id the model looks for (`cfg.image_pad_id`): Qwen's 151859, or the small id of
 a SentencePiece model trained for a from-scratch run. With random weights the vocabulary is also grown to cover
 the tokenizer (so `--model=tiny` runs with the real Qwen vocabulary); with a checkpoint the stored shapes decide,
-and a mismatch is reported by the restore.
+and a mismatch is reported before the restore with the preset that fits (`model_source`, which also resolves a
+training run directory into its params, preset, image size, tokenizer and chat format).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from flax import nnx
 
 from qwenvl_jax import sharding
 from qwenvl_jax import text as qtext
+from qwenvl_jax.inference import model_source
 from qwenvl_jax.model import QwenVL
 from qwenvl_jax.model.config import QwenVLConfig, get_preset
 
@@ -47,11 +49,17 @@ def inference_mesh(rules_name: str = "fsdp", **ici) -> tuple[jax.sharding.Mesh, 
 
 
 def load_model(cfg: QwenVLConfig, checkpoint: str | None, mesh: jax.sharding.Mesh, rules: sharding.Rules, *,
-               seed: int = 0) -> QwenVL:
-  """Restores `checkpoint` (a params directory) onto `mesh`, or initializes random weights when it is None."""
+               seed: int = 0, preset: str | None = None) -> QwenVL:
+  """Restores `checkpoint` (a params directory) onto `mesh`, or initializes random weights when it is None.
+
+  preset: the name `cfg` came from; when given, the stored shapes are checked first and a mismatch names the
+  differing parameters and the preset that fits (`model_source.check_preset`).
+  """
   if checkpoint:
     from qwenvl_jax import checkpoint as ckpt  # pylint: disable=import-outside-toplevel
     if not os.path.isdir(checkpoint):
       raise FileNotFoundError(f"checkpoint directory {checkpoint!r} does not exist")
+    if preset is not None:
+      model_source.check_preset(checkpoint, cfg, preset)
     return ckpt.load_model(checkpoint, cfg, mesh, rules)
   return sharding.init_sharded(lambda: QwenVL(cfg, rngs=nnx.Rngs(seed)), mesh, rules)

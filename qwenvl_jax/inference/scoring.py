@@ -23,16 +23,20 @@ from qwenvl_jax.inference import decode
 from qwenvl_jax.model import losses
 
 
-def token_losses(graphdef: nnx.GraphDef, state: nnx.State, batch: dict, *, logn: bool = True) -> jax.Array:
+def token_losses(graphdef: nnx.GraphDef, state: nnx.State, batch: dict, *, logn: bool = True,
+                 chunk_size: int = 512) -> jax.Array:
   """float32[B, P-1]: cross-entropy of token t+1 given tokens <= t, for every row. Pure.
 
   batch: `decode.PromptBatch` fields as arrays plus `rope_base` float32[B].
+  chunk_size: tokens per chunk of the loss (`model.losses`): the [B, P, V] logits are never built whole.
   """
   model = nnx.merge(graphdef, state)
-  logits = model(batch["input_ids"], images=batch.get("images"), image_mask=batch.get("image_mask"),
-                 positions=batch["positions"], segment_ids=batch["segment_ids"],
-                 rope_base=batch["rope_base"][:, None, None], logn=logn).logits
-  return losses.token_cross_entropy(logits[:, :-1], batch["input_ids"][:, 1:])
+  hidden, _ = model.features(batch["input_ids"], images=batch.get("images"), image_mask=batch.get("image_mask"),
+                             positions=batch["positions"], segment_ids=batch["segment_ids"],
+                             rope_base=batch["rope_base"][:, None, None], logn=logn)
+  head = model.llm.lm_head
+  return losses.chunked_token_cross_entropy(hidden[:, :-1], head.kernel[...], batch["input_ids"][:, 1:],
+                                            chunk_size=chunk_size, dtype=head.dtype)
 
 
 def option_losses(token_losses: np.ndarray, target_lengths: Sequence[int]) -> np.ndarray:

@@ -66,11 +66,26 @@ class Einsum(nnx.Module):
     self.bias = nnx.data(None if bias_shape is None else
                          param(rngs, nnx.initializers.zeros_init(), bias_shape, bias_axes, param_dtype))
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+    """dropout_key: the LoRA dropout's key (training); None = no dropout. Ignored without an adapter."""
     y = jnp.einsum(self.spec, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
+    if getattr(self, "lora_a", None) is not None:  # attached by `model.lora.apply_lora`
+      y = y + self.lora_delta(x, dropout_key)
     return y
+
+  def lora_delta(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+    """scale * (dropout(x) @ A) @ B in the compute dtype: the LoRA term (PEFT's
+    `lora_B(lora_A(lora_dropout(x))) * alpha / r`)."""
+    rate = self.lora_dropout
+    if dropout_key is not None and rate > 0:
+      keep = jax.random.bernoulli(dropout_key, 1.0 - rate, x.shape)
+      x = jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+    a = self.lora_a[...].astype(self.dtype)
+    b = self.lora_b[...].astype(self.dtype)
+    h = jnp.einsum(self.lora_specs[0], x.astype(self.dtype), a)
+    return jnp.einsum(self.lora_specs[1], h, b) * jnp.asarray(self.lora_scale, self.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -132,8 +147,10 @@ class SwiGLU(nnx.Module):
     self.w2 = Einsum("btd,df->btf", (dim, hidden), ("embed", "mlp"), **kw)
     self.c_proj = Einsum("btf,fd->btd", (hidden, dim), ("mlp", "embed"), **kw)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.c_proj(self.w1(x) * jax.nn.silu(self.w2(x)))
+  def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+    """dropout_key: LoRA dropout (training), one independent key per projection."""
+    k = [None] * 3 if dropout_key is None else list(jax.random.split(dropout_key, 3))
+    return self.c_proj(self.w1(x, k[0]) * jax.nn.silu(self.w2(x, k[1])), k[2])
 
 
 def remat_policy(name: str):

@@ -42,6 +42,17 @@ class ModelOutput(NamedTuple):
   cache: KVCache | None  # the updated cache when one was passed, else None
 
 
+def write_slots(buffer: jax.Array, update: jax.Array, cache_index: jax.Array | int) -> jax.Array:
+  """`buffer` [B, S, ...] with `update` [B, T, ...] written at slots cache_index .. cache_index + T - 1.
+
+  cache_index: an int32 scalar (every row at the same slot: left-padded batches) or int32[B] (each row at its
+  own slot: the decode slots of a continuously batched server, whose rows started at different times).
+  """
+  if jnp.ndim(cache_index) == 0:
+    return jax.lax.dynamic_update_slice_in_dim(buffer, update, cache_index, axis=1)
+  return jax.vmap(lambda b, u, i: jax.lax.dynamic_update_slice_in_dim(b, u, i, axis=0))(buffer, update, cache_index)
+
+
 class SelfAttention(nnx.Module):
   """Causal multi-head self-attention with the fused blocked QKV (`c_attn`) and `c_proj`."""
 
@@ -55,19 +66,21 @@ class SelfAttention(nnx.Module):
     self.scale = 1.0 / float(np.asarray(np.sqrt(h), dtype=dtype))
     self.impl = impl
 
-  def __call__(self, x, cos, sin, mask, q_scale, kv=None, cache_index=None, segment_ids=None):
+  def __call__(self, x, cos, sin, mask, q_scale, kv=None, cache_index=None, segment_ids=None, dropout_key=None):
     """x float[B, T, D] -> (float[B, T, D], (k, v) updated cache entries or None).
 
     kv: optional (k, v) float[B, S, N, H] of this layer; the new keys/values are written at `cache_index`.
     q_scale: optional float32[B, T] logn factor applied to q (inference only).
+    dropout_key: LoRA dropout key (training only; None = none).
     """
-    qkv = self.qkv(x)
+    keys = [None] * 2 if dropout_key is None else list(jax.random.split(dropout_key, 2))
+    qkv = self.qkv(x, keys[0])
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q = positional.apply_rope(q, cos, sin)
     k = positional.apply_rope(k, cos, sin)
     if kv is not None:
-      k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), cache_index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), cache_index, axis=1)
+      k = write_slots(kv[0], k.astype(kv[0].dtype), cache_index)
+      v = write_slots(kv[1], v.astype(kv[1].dtype), cache_index)
       new_kv = (k, v)
       k, v = k.astype(q.dtype), v.astype(q.dtype)
     else:
@@ -76,7 +89,7 @@ class SelfAttention(nnx.Module):
       q = (q.astype(jnp.float32) * q_scale[:, :, None, None]).astype(q.dtype)
     out = attention.dot_product_attention(q, k, v, mask=mask, scale=self.scale, impl=self.impl,
                                           segment_ids=segment_ids if kv is None else None)
-    return self.out(out), new_kv
+    return self.out(out, keys[1]), new_kv
 
 
 class DecoderBlock(nnx.Module):
@@ -89,10 +102,11 @@ class DecoderBlock(nnx.Module):
     self.ln_2 = layers.RMSNorm(cfg.width, eps=cfg.rms_eps, **kw)
     self.mlp = layers.SwiGLU(cfg.width, cfg.mlp_dim, **kw)
 
-  def __call__(self, x, cos, sin, mask, q_scale, kv=None, cache_index=None, segment_ids=None):
-    attn_out, new_kv = self.attn(self.ln_1(x), cos, sin, mask, q_scale, kv, cache_index, segment_ids)
+  def __call__(self, x, cos, sin, mask, q_scale, kv=None, cache_index=None, segment_ids=None, dropout_key=None):
+    keys = [None] * 2 if dropout_key is None else list(jax.random.split(dropout_key, 2))
+    attn_out, new_kv = self.attn(self.ln_1(x), cos, sin, mask, q_scale, kv, cache_index, segment_ids, keys[0])
     h = x + attn_out
-    out = h + self.mlp(self.ln_2(h))
+    out = h + self.mlp(self.ln_2(h), keys[1])
     return sharding.constrain(out, ("act_batch", "act_len", "act_embed")), new_kv
 
 
@@ -132,20 +146,36 @@ class QwenLM(nnx.Module):
 
   def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array,
                cache: KVCache | None = None, cache_index: jax.Array | int | None = None,
-               rope_base: jax.Array | float | None = None, logn: bool = False):
-    """Runs the decoder on embeddings.
+               rope_base: jax.Array | float | None = None, logn: bool = False,
+               dropout_key: jax.Array | None = None) -> ModelOutput:
+    """Logits of the decoder on embeddings: `features` then `lm_head` (same arguments).
+
+    Returns:
+      ModelOutput(logits float[B, T, V] in the compute dtype, updated KVCache or None).
+    """
+    h, new_cache = self.features(x, positions=positions, segment_ids=segment_ids, cache=cache,
+                                 cache_index=cache_index, rope_base=rope_base, logn=logn, dropout_key=dropout_key)
+    logits = self.lm_head(h)
+    return ModelOutput(sharding.constrain(logits, ("act_batch", "act_len", "act_vocab")), new_cache)
+
+  def features(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array,
+               cache: KVCache | None = None, cache_index: jax.Array | int | None = None,
+               rope_base: jax.Array | float | None = None, logn: bool = False,
+               dropout_key: jax.Array | None = None):
+    """Runs the decoder on embeddings up to the final norm (the `lm_head` input).
 
     Args:
       x: float[B, T, D] input embeddings (image features already written in).
       positions: int32[B, T] RoPE positions.
       segment_ids: int32[B, T]; 0 = padding. Attention is causal within equal non-zero segments.
       cache: optional KVCache with S slots; the T new tokens are written at slots cache_index..cache_index+T-1.
-      cache_index: int32 scalar slot of the first new token (required with a cache).
+      cache_index: int32 scalar slot of the first new token, or int32[B] one per row (required with a cache).
       rope_base: RoPE base (default the config's); pass the dynamic-NTK base at inference.
       logn: apply the reference's logn query scaling (inference only).
+      dropout_key: the LoRA dropout key of this call (training only; split per layer and projection).
 
     Returns:
-      ModelOutput(logits float[B, T, V] in the compute dtype, updated KVCache or None).
+      (hidden states float[B, T, D] after `ln_f` in the compute dtype, updated KVCache or None).
     """
     c = self.cfg
     t = x.shape[1]
@@ -159,9 +189,8 @@ class QwenLM(nnx.Module):
     else:
       if cache_index is None:
         raise ValueError("decoding with a cache needs cache_index")
-      kv_segments = jax.lax.dynamic_update_slice_in_dim(cache.segment_ids, segment_ids.astype(jnp.int32),
-                                                        cache_index, axis=1)
-      q_slots = cache_index + jnp.arange(t, dtype=jnp.int32)
+      kv_segments = write_slots(cache.segment_ids, segment_ids.astype(jnp.int32), cache_index)
+      q_slots = jnp.asarray(cache_index, jnp.int32)[..., None] + jnp.arange(t, dtype=jnp.int32)
       k_slots = jnp.arange(cache.segment_ids.shape[1], dtype=jnp.int32)
       mask = attention.segment_causal_mask(segment_ids, kv_segments, q_slots, k_slots)
     x = sharding.constrain(x.astype(self.dtype), ("act_batch", "act_len", "act_embed"))
@@ -169,13 +198,20 @@ class QwenLM(nnx.Module):
     # Without a cache the mask is segment_causal_mask(segment_ids) over one sequence: kernels may use the ids.
     seg_for_kernel = segment_ids if cache is None else None
 
-    def block_fn(x, block, kv):
-      return block(x, cos, sin, mask, q_scale, kv, cache_index, seg_for_kernel)
+    def block_fn(x, block, kv, key=None):
+      return block(x, cos, sin, mask, q_scale, kv, cache_index, seg_for_kernel, key)
 
     if self.remat_policy != "none" and cache is None:
       block_fn = nnx.remat(block_fn, policy=layers.remat_policy(self.remat_policy), prevent_cse=False)
 
-    if cache is None:
+    if cache is None and dropout_key is not None:
+      @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def run_dropout(x, block, key):
+        return block_fn(x, block, None, key)[0]
+
+      x = run_dropout(x, self.blocks, jax.random.split(dropout_key, c.layers))
+      new_cache = None
+    elif cache is None:
       @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
       def run(x, block):
         return block_fn(x, block, None)[0]
@@ -191,5 +227,4 @@ class QwenLM(nnx.Module):
 
       x, k, v = run_cached(x, self.blocks, cache.k, cache.v)
       new_cache = KVCache(k, v, kv_segments)
-    logits = self.lm_head(self.ln_f(x))
-    return ModelOutput(sharding.constrain(logits, ("act_batch", "act_len", "act_vocab")), new_cache)
+    return sharding.constrain(self.ln_f(x), ("act_batch", "act_len", "act_embed")), new_cache

@@ -64,12 +64,31 @@ class QwenVL(nnx.Module):
   def __call__(self, input_ids: jax.Array, *, images: jax.Array | None = None,
                image_mask: jax.Array | None = None, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None, stop_vision_grad: bool = False,
-               cache: KVCache | None = None, cache_index=None, rope_base=None, logn: bool = False
-               ) -> ModelOutput:
+               cache: KVCache | None = None, cache_index=None, rope_base=None, logn: bool = False,
+               dropout_key: jax.Array | None = None) -> ModelOutput:
     """`ModelOutput(logits float[B, T, V], cache)` for `input_ids` int32[B, T]; `cache` is the updated cache
-    when one is given, else None (one return type either way).
+    when one is given, else None (one return type either way). dropout_key: as `features`.
 
     See `QwenLM.__call__` for the cache arguments and the inference-only `rope_base`/`logn` options.
+    """
+    h, new_cache = self.features(input_ids, images=images, image_mask=image_mask, positions=positions,
+                                 segment_ids=segment_ids, stop_vision_grad=stop_vision_grad, cache=cache,
+                                 cache_index=cache_index, rope_base=rope_base, logn=logn,
+                                 dropout_key=dropout_key)
+    logits = sharding.constrain(self.llm.lm_head(h), ("act_batch", "act_len", "act_vocab"))
+    return ModelOutput(logits, new_cache)
+
+  def features(self, input_ids: jax.Array, *, images: jax.Array | None = None,
+               image_mask: jax.Array | None = None, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None, stop_vision_grad: bool = False,
+               cache: KVCache | None = None, cache_index=None, rope_base=None, logn: bool = False,
+               dropout_key: jax.Array | None = None):
+    """(hidden states float[B, T, D] after the final norm, updated cache or None): `__call__` without `lm_head`.
+
+    dropout_key: training only, the key of the LLM's LoRA dropout (`model.lora`; None = no dropout).
+
+    The chunked loss (`model.losses`) applies `llm.lm_head`'s kernel to these a few tokens at a time, so the full
+    [B, T, V] logits never exist.
     """
     b, t = input_ids.shape
     if positions is None:
@@ -78,5 +97,5 @@ class QwenVL(nnx.Module):
       segment_ids = jnp.ones((b, t), jnp.int32)
     x = self.embed(input_ids, images, image_mask, stop_vision_grad=stop_vision_grad)
     x = sharding.constrain(x, ("act_batch", "act_len", "act_embed"))
-    return self.llm(x, positions=positions, segment_ids=segment_ids, cache=cache, cache_index=cache_index,
-                    rope_base=rope_base, logn=logn)
+    return self.llm.features(x, positions=positions, segment_ids=segment_ids, cache=cache,
+                             cache_index=cache_index, rope_base=rope_base, logn=logn, dropout_key=dropout_key)

@@ -12,6 +12,7 @@ report is `aot.StepPlan.format()`, with the trainer's own model-FLOP count (`tra
 
 The tokenizer is not loaded: shapes only depend on the preset's vocabulary, and the planner must not need data.
 """
+import re
 from typing import Any
 
 import jax
@@ -76,14 +77,28 @@ def plan_stage(config: ml_collections.ConfigDict, topology: chips.Topology) -> t
   model_flops = flops.train_step_flops(cfg, batch=config.batch_size, seq_len=config.seq_len,
                                        max_images=config.max_images, is_trainable=lambda p: not is_frozen(p)).total
   with sharding.use_rules(mesh, rules):
-    _, plan = aot.compile_step(setup.step_fn, (state, batch), chip=topology.chip, mesh=mesh,
+    compiled, plan = aot.compile_step(setup.step_fn, (state, batch), chip=topology.chip, mesh=mesh,
                                out_shardings=(state_shardings, replicated), donate_argnums=0,
                                model_flops=model_flops, global_batch=config.batch_size)
   trainable = sum(x.size for k, x in _flat(setup.abstract_params).items() if not is_frozen(k))
+  logits_buffers = (full_logits_buffers(compiled.as_text(), config.seq_len, cfg.llm.vocab_size)
+                    if compiled is not None else [])
   facts = {"mesh": dict(mesh.shape), "params": sharding.count_params(setup.abstract_state), "trainable": trainable,
            "frozen": list(frozen), "batch": config.batch_size, "accum_steps": config.accum_steps,
-           "seq_len": config.seq_len, "res": config.res, "max_images": config.max_images, "remat": config.remat}
+           "seq_len": config.seq_len, "res": config.res, "max_images": config.max_images, "remat": config.remat,
+           "loss_chunk": int(config.get("loss_chunk", 0)), "full_logits_buffers": logits_buffers}
   return plan, facts
+
+
+def full_logits_buffers(hlo_text: str, seq_len: int, vocab: int) -> list[str]:
+  """The distinct float32 shapes in a compiled (per-device) HLO text that span the whole sequence and the whole
+  vocabulary, i.e. full `[rows, T, V]` logits or their gradient; [] when the loss is chunked (`model.losses`)."""
+  out = []
+  for shape in set(re.findall(r"f32\[([0-9,]+)\]", hlo_text)):
+    dims = [int(d) for d in shape.split(",")]
+    if seq_len in dims and vocab in dims:
+      out.append(f"f32[{shape}]")
+  return sorted(out)
 
 
 def _flat(tree: Any) -> dict[str, Any]:

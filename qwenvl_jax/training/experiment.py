@@ -16,11 +16,18 @@ import numpy as np
 
 from qwenvl_jax import sharding
 from qwenvl_jax.model import config as model_config
-from qwenvl_jax.training import workdir as workdir_lib
+from qwenvl_jax.training import peft, workdir as workdir_lib
 from qwenvl_jax.training.optimizer import stage_frozen_patterns
 
 def frozen_patterns(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """The frozen-path regexes: `config.frozen` if set ('none' = train everything), else the stage's filters."""
+  """The frozen-path regexes: `config.frozen` if set ('none' = train everything), else the stage's filters; a
+  LoRA run (`config.lora.rank > 0`) freezes all but its adapters and modules_to_save (`training.peft`)."""
+  lora_frozen = peft.frozen_patterns(config)
+  if lora_frozen is not None:
+    if config.frozen:
+      raise ValueError(f"config.frozen={config.frozen!r} with config.lora.rank={config.lora.rank}: a LoRA run "
+                       "freezes everything but its adapters; use config.lora.modules_to_save to train more")
+    return lora_frozen
   if config.frozen == "none":
     return ()
   if config.frozen:

@@ -16,9 +16,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from qwenvl_jax import sharding
-from qwenvl_jax.model import QwenVL
 from qwenvl_jax.model.config import QwenVLConfig
-from qwenvl_jax.training import experiment
+from qwenvl_jax.training import experiment, peft
 from qwenvl_jax.training.optimizer import FROZEN, make_optimizer, opt_state_shardings, path_str
 from qwenvl_jax.training.step import TrainState, make_train_step
 
@@ -64,7 +63,7 @@ def build_step(config: ml_collections.ConfigDict, cfg: QwenVLConfig, mesh, rules
                seed: int = 0) -> StepSetup:
   """The abstract, sharded train step of `config` for model `cfg` on `mesh` (nothing is allocated)."""
   check_batch(config, mesh, rules)
-  graphdef, abstract_state = sharding.abstract_model(lambda: QwenVL(cfg, rngs=nnx.Rngs(seed)))
+  graphdef, abstract_state = sharding.abstract_model(peft.model_fn(cfg, config, seed=seed))
   state_shardings = sharding.state_shardings(abstract_state, rules, mesh)
   param_shardings = nnx.to_pure_dict(state_shardings)
   abstract_params = with_shardings(nnx.to_pure_dict(abstract_state), param_shardings)
@@ -74,7 +73,8 @@ def build_step(config: ml_collections.ConfigDict, cfg: QwenVLConfig, mesh, rules
   label_of = {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(labels)[0]}
   vit_frozen = all(v == FROZEN for k, v in label_of.items() if k.startswith("visual/"))
   step_fn = make_train_step(graphdef, tx, labels, schedule, accum_steps=config.accum_steps,
-                            stop_vision_grad=vit_frozen)
+                            stop_vision_grad=vit_frozen, loss_chunk=int(config.get("loss_chunk", 0)),
+                            dropout_seed=peft.dropout_seed(config, seed))
   replicated = NamedSharding(mesh, PartitionSpec())
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   # Each Adam moment sharded like its parameter (left to the compiler, tx.init's zeros come back replicated).

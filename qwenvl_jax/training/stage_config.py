@@ -5,7 +5,8 @@ They live in the package so an installed `qwenvl_jax` can train from any directo
 comma-separated `key=value` string after the file name (parsed by `qwenvl_jax.config_args`):
   python -m qwenvl_jax.train --config=configs/stage2.py:model=qwen_vl_7b,res=448
 Arg keys: model (tiny | mid | qwen_vl_7b), res (224 | 448 | any multiple of the patch size), fix_vit (stage 3),
-scale (demo | paper). Every field can then be overridden with `--config.<field>=...`.
+scale (demo | paper), lora (LoRA rank; 0 = full fine-tuning). Every field can then be overridden with
+`--config.<field>=...`.
 
 Two scales:
 * `paper` (the default for `mid` and `qwen_vl_7b`): the hyperparameters of RECIPES §3.3 / SPEC §6.1 — AdamW
@@ -19,10 +20,11 @@ import ml_collections
 
 from qwenvl_jax import config_args, distributed
 from qwenvl_jax.data import default_data_config
+from qwenvl_jax.model.lora import OFFICIAL_TARGETS as _LORA_TARGETS
 
 # The keys of the arg string, with the defaults that give their types ('' scale: demo for tiny, else paper; None
 # res: the stage's resolution).
-ARG_DEFAULTS = {"model": "tiny", "res": None, "fix_vit": True, "scale": ""}
+ARG_DEFAULTS = {"model": "tiny", "res": None, "fix_vit": True, "scale": "", "lora": 0}
 
 # Per stage, paper scale: (lr, min_lr, warmup, steps, global batch, accumulation, seq_len, res, vit_layer_decay,
 # max image slots per row). Image slots: stage 1 fits one 258-token image span in 512 tokens; packed stage-2 rows
@@ -69,6 +71,9 @@ def stage_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
   c.param_dtype = "float32"
   c.remat = "none" if model == "tiny" else "full"   # none | full | dots | dots_no_batch
   c.attention_impl = "xla"
+  # Tokens per chunk of the loss (qwenvl_jax/model/losses.py): the float32 [rows, T, V] logits and their gradient
+  # are never built whole; 0 = the unchunked loss over the full logits.
+  c.loss_chunk = 512
   # Stage 3: freeze ViT + ln_post + proj like the official finetune.py (True) or only the ViT like the paper.
   c.fix_vit = args["fix_vit"]
   c.frozen = ""                   # '' = the stage's filters; 'none'; or one full-match path regex
@@ -115,6 +120,17 @@ def stage_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
                                    # qwen:PATH, sentencepiece:PATH, or a .tiktoken / .model file
   c.synthetic_vocab_size = 1000
   c.data = default_data_config(stage)
+
+  # LoRA (qwenvl_jax/training/peft.py): rank > 0 trains only float32 adapters on a frozen base held in base_dtype.
+  # Defaults are the official finetune.py's (r 64, alpha 16, dropout 0.05 on c_attn, attn.c_proj, w1, w2).
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = args["lora"]
+  c.lora.alpha = 16.0
+  c.lora.dropout = 0.05
+  # Comma-separated full-match regexes over Einsum module paths (e.g. add 'visual/blocks/.*' for the ViT).
+  c.lora.targets = ",".join(_LORA_TARGETS)
+  c.lora.modules_to_save = ""      # '' or 'wte,lm_head' (LoRA on the base model, as the official code does)
+  c.lora.base_dtype = "bfloat16"   # the frozen base weights: no float32 master copy
 
   c.distributed = distributed.default_config()   # multi-process start-up (qwenvl_jax/distributed.py)
 

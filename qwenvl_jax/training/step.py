@@ -41,22 +41,32 @@ def _constrain_batch(batch: dict) -> dict:
   return {k: sharding.constrain(v, ("act_batch",) + (None,) * (v.ndim - 1)) for k, v in batch.items()}
 
 
-def make_loss_fn(graphdef: nnx.GraphDef, *, stop_vision_grad: bool) -> Callable:
-  """loss_sum(trainable_flat, frozen_flat, batch) -> (sum of token losses, (number of supervised tokens,))."""
+def make_loss_fn(graphdef: nnx.GraphDef, *, stop_vision_grad: bool, loss_chunk: int = 0) -> Callable:
+  """loss_sum(trainable_flat, frozen_flat, batch, dropout_key=None) -> (sum of token losses, number of supervised
+  tokens). dropout_key: the LoRA dropout's key for this micro-batch (None: no dropout).
 
-  def loss_sum(trainable: dict, frozen: dict, batch: dict):
+  loss_chunk: > 0 computes the loss from the final hidden states `loss_chunk` tokens at a time
+  (`model.losses.chunked_cross_entropy_sum`: the [b, T, V] logits never exist); 0 builds the full logits.
+  """
+
+  def loss_sum(trainable: dict, frozen: dict, batch: dict, dropout_key: jax.Array | None = None):
     model = nnx.merge(graphdef, unflatten({**frozen, **trainable}, sep="/"))
-    logits = model(batch["input_ids"], images=batch["images"], image_mask=batch["image_mask"],
-                   positions=batch["positions"], segment_ids=batch["segment_ids"],
-                   stop_vision_grad=stop_vision_grad).logits
-    total, count = losses.cross_entropy_sum(logits, batch["targets"], batch["loss_mask"])
-    return total, count
+    kw = dict(images=batch["images"], image_mask=batch["image_mask"], positions=batch["positions"],
+              segment_ids=batch["segment_ids"], stop_vision_grad=stop_vision_grad, dropout_key=dropout_key)
+    if loss_chunk > 0:
+      hidden, _ = model.features(batch["input_ids"], **kw)
+      head = model.llm.lm_head
+      return losses.chunked_cross_entropy_sum(hidden, head.kernel[...], batch["targets"], batch["loss_mask"],
+                                              chunk_size=loss_chunk, dtype=head.dtype)
+    logits = model(batch["input_ids"], **kw).logits
+    return losses.cross_entropy_sum(logits, batch["targets"], batch["loss_mask"])
 
   return loss_sum
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, labels: Any,
-                    schedule: optax.Schedule, *, accum_steps: int = 1, stop_vision_grad: bool = False
+                    schedule: optax.Schedule, *, accum_steps: int = 1, stop_vision_grad: bool = False,
+                    loss_chunk: int = 0, dropout_seed: int | None = None
                     ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """The train step (state, batch) -> (new state, metrics), to be jitted by the caller.
 
@@ -67,6 +77,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, la
     schedule: its learning-rate schedule (for the metrics).
     accum_steps: A; the global batch is split into A micro-batches of B / A rows, scanned sequentially.
     stop_vision_grad: cut the backward pass at the ViT output (set when the ViT is frozen).
+    loss_chunk: tokens per chunk of the chunked loss (`make_loss_fn`); 0 = full logits.
+    dropout_seed: LoRA dropout on, with keys fold_in(key(seed), step) (per micro-batch: then fold_in(., i)), so a
+      resumed run draws the same masks; None = no dropout.
 
   Returns:
     A function of (TrainState, batch dict of DESIGN §4 arrays with B rows). Metrics (float32 scalars): loss
@@ -75,7 +88,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, la
   """
   if accum_steps < 1:
     raise ValueError(f"accum_steps must be >= 1, got {accum_steps}")
-  grad_fn = jax.value_and_grad(make_loss_fn(graphdef, stop_vision_grad=stop_vision_grad), has_aux=True)
+  grad_fn = jax.value_and_grad(make_loss_fn(graphdef, stop_vision_grad=stop_vision_grad, loss_chunk=loss_chunk),
+                               has_aux=True)
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     missing = set(BATCH_KEYS) - set(batch)
@@ -86,9 +100,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, la
     if rows % accum_steps:
       raise ValueError(f"global batch of {rows} rows is not divisible by accum_steps={accum_steps}")
     trainable, frozen = split_by_labels(state.params, labels)
+    step_key = None if dropout_seed is None else jax.random.fold_in(jax.random.key(dropout_seed), state.step)
 
     if accum_steps == 1:
-      (loss_sum, count), grads = grad_fn(trainable, frozen, _constrain_batch(batch))
+      (loss_sum, count), grads = grad_fn(trainable, frozen, _constrain_batch(batch), step_key)
     else:
       # Row r goes to micro-batch r % A, so each micro-batch is spread over all data-parallel devices (a
       # contiguous split would leave most devices idle in each micro-step).
@@ -98,14 +113,17 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, la
 
       micro_batches = {k: micro(v) for k, v in batch.items()}
 
-      def body(carry, mb):
+      def body(carry, xs):
         loss_acc, count_acc, grad_acc = carry
-        (loss_mb, count_mb), g = grad_fn(trainable, frozen, _constrain_batch(mb))
+        mb, i = xs
+        key = None if step_key is None else jax.random.fold_in(step_key, i)
+        (loss_mb, count_mb), g = grad_fn(trainable, frozen, _constrain_batch(mb), key)
         grad_acc = jax.tree.map(lambda a, b: a + b.astype(a.dtype), grad_acc, g)
         return (loss_acc + loss_mb, count_acc + count_mb, grad_acc), None
 
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
-      (loss_sum, count, grads), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0), zeros), micro_batches)
+      (loss_sum, count, grads), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0), zeros),
+                                                 (micro_batches, jnp.arange(accum_steps)))
       grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, trainable)
 
     denom = jnp.maximum(count, 1.0)

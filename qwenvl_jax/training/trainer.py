@@ -30,7 +30,7 @@ from flax import nnx
 
 from qwenvl_jax import data, distributed, sharding
 from qwenvl_jax.model import QwenVL, get_preset
-from qwenvl_jax.training import experiment, flops, metrics, workdir as workdir_lib
+from qwenvl_jax.training import experiment, flops, metrics, peft, workdir as workdir_lib
 from qwenvl_jax.training.checkpointing import Checkpointer, resolve_params_checkpoint
 from qwenvl_jax.training.optimizer import make_is_frozen
 from qwenvl_jax.training.setup import build_step, check_batch
@@ -114,8 +114,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer) 
   step_fn, shardings = setup.step_fn, setup.shardings
   opt_init = jax.jit(setup.tx.init, out_shardings=setup.opt_shardings)
 
-  def make_model():
-    return QwenVL(cfg, rngs=nnx.Rngs(config.seed))
+  make_model = peft.model_fn(cfg, config, seed=config.seed)
 
   data_iter = data.make_train_iterator(
       config.data, tokenizer, process_index=jax.process_index(), process_count=jax.process_count(),
@@ -131,7 +130,11 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer) 
       state = ckpt.restore(latest, target, data_iter)
       writer_msgs.append(f"resumed {workdir} from step {latest}")
     else:
-      if config.init:
+      if config.init and peft.lora_config(config) is not None:
+        source = resolve_params_checkpoint(config.init)
+        params = peft.init_from_base(source, make_model, mesh, rules)
+        writer_msgs.append(f"LoRA base from {source}; adapters initialized (B = 0)")
+      elif config.init:
         from qwenvl_jax.checkpoint import restore_params  # pylint: disable=g-import-not-at-top
         source = resolve_params_checkpoint(config.init)
         params = nnx.to_pure_dict(restore_params(source, abstract_state, state_shardings))

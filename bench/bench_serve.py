@@ -1,0 +1,138 @@
+"""Throughput and latency of the OpenAI-compatible server under 1, 4, 16 and 64 concurrent clients.
+
+  python bench/bench_serve.py                       # tiny random model on CPU (float32)
+  python bench/bench_serve.py --model=mid --dtype=bfloat16 --slots=64      # on a GPU
+
+Starts the real server (engine + uvicorn on a free local port, in this process) with `--slots` decode slots and
+drives it over HTTP with C concurrent streaming clients, each sending `--requests` requests back to back (the same
+chat prompt, greedy, `ignore_eos` so every answer has exactly `--max_tokens` tokens). Per level it prints
+aggregate generated tokens/s, time to first token and request latency (p50 / p99), and the ratio of tokens/s to
+one client. Then one client's tokens/s against `inference.Generator` (what `python -m qwenvl_jax.generate` runs)
+on the same prompt and length, and the engine's compile counts (must not grow after warm-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import multiprocessing
+import os
+import pathlib
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np  # noqa: E402
+import requests  # noqa: E402
+
+
+def _client(url: str, body: dict, n: int) -> list[tuple[float, float, int]]:
+  """n streamed requests in a row: (time to first token, latency, completion tokens) each."""
+  out = []
+  with requests.Session() as s:
+    for _ in range(n):
+      t0 = time.perf_counter()
+      first = None
+      tokens = 0
+      with s.post(url, json=body, stream=True, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+          if not line.startswith(b"data: ") or line == b"data: [DONE]":
+            continue
+          chunk = json.loads(line[6:])
+          if chunk.get("usage"):
+            tokens = chunk["usage"]["completion_tokens"]
+          elif first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+            first = time.perf_counter() - t0
+      out.append((first if first is not None else float("nan"), time.perf_counter() - t0, tokens))
+  return out
+
+
+def _worker(url: str, body: dict, n: int, threads: int) -> list[tuple[float, float, int]]:
+  """`threads` concurrent clients of `n` requests each, in one client process."""
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    return [r for rs in pool.map(lambda _: _client(url, body, n), range(threads)) for r in rs]
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--model", default="tiny")
+  parser.add_argument("--dtype", default="float32")
+  parser.add_argument("--slots", type=int, default=64)
+  parser.add_argument("--context", type=int, default=256)
+  parser.add_argument("--max_tokens", type=int, default=64)
+  parser.add_argument("--requests", type=int, default=4, help="requests per client")
+  parser.add_argument("--clients", default="1,4,16,64")
+  parser.add_argument("--client_processes", type=int, default=4, help="processes the clients are spread over")
+  args = parser.parse_args()
+
+  import jax  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax import inference, text as qtext  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.data import train_synthetic_tokenizer  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.inference import loading  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.model import QwenVL  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.serving import Engine, api  # pylint: disable=import-outside-toplevel
+
+  tok = train_synthetic_tokenizer(os.path.join(tempfile.mkdtemp(), "sp"), vocab_size=400)
+  cfg = loading.model_config(args.model, tok, dtype=args.dtype, random_weights=True)
+  model = QwenVL(cfg, rngs=nnx.Rngs(0))
+  stops = [tok.eod_id, tok.im_end_id, tok.im_start_id]
+  t0 = time.perf_counter()
+  engine = Engine(model, num_slots=args.slots, context=args.context, max_images=1, prefill_batch=8,
+                  buckets=(64, 128), stop_ids=stops, vocab_limit=tok.vocab_size)
+  engine.start()
+  print(f"{args.model} {args.dtype} on {jax.devices()[0].platform}: {args.slots} slots, warm-up "
+        f"{time.perf_counter() - t0:.1f} s, {engine.stats()['compilations']['lowerings']} programs")
+  server = api.ThreadedServer(api.create_app(engine, tok, api.ServerConfig(model_name=args.model,
+                                                               max_tokens_limit=args.max_tokens)))
+  url = server.url + "/v1/chat/completions"
+  query = "Describe the picture in detail, please."
+  body = {"model": args.model, "messages": [{"role": "user", "content": query}], "max_tokens": args.max_tokens,
+          "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+  _client(url, body, 2)  # warm the HTTP path
+
+  print(f"{'clients':>7} {'tok/s':>9} {'ratio':>6} {'TTFT p50':>9} {'TTFT p99':>9} {'lat p50':>8} {'lat p99':>8}")
+  single = None
+  for c in [int(x) for x in args.clients.split(",")]:
+    # Clients live in other processes: in the server's process their JSON parsing would take the GIL from it.
+    procs = min(c, args.client_processes)
+    shares = [c // procs + (i < c % procs) for i in range(procs)]
+    with concurrent.futures.ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
+      list(pool.map(_worker, [url] * procs, [body] * procs, [1] * procs, [1] * procs))  # start the processes
+      t0 = time.perf_counter()
+      results = [r for rs in pool.map(_worker, [url] * procs, [body] * procs, [args.requests] * procs, shares)
+                 for r in rs]
+      wall = time.perf_counter() - t0
+    ttft, lat, toks = (np.array(x, float) for x in zip(*results))
+    rate = toks.sum() / wall
+    single = single or rate
+    print(f"{c:>7} {rate:>9.1f} {rate / single:>6.2f} {np.percentile(ttft, 50) * 1e3:>7.0f}ms "
+          f"{np.percentile(ttft, 99) * 1e3:>7.0f}ms {np.percentile(lat, 50):>7.2f}s {np.percentile(lat, 99):>7.2f}s")
+
+  context = qtext.make_context(tok, query, chat_format="chatml", n_image_tokens=cfg.image_tokens)
+  generator = inference.Generator(model)
+  batch = inference.make_prompt_batch([context.tokens], pad_id=tok.eod_id, image_pad_id=cfg.image_pad_id,
+                                      image_tokens=cfg.image_tokens)
+  # eos = an id past the tokenizer, never produced: every run is max_tokens long, as with ignore_eos.
+  gen = inference.GenerationConfig(max_new_tokens=args.max_tokens, eos_id=tok.vocab_size, pad_id=tok.eod_id,
+                                   vocab_limit=tok.vocab_size)
+  generator.generate(batch, gen)  # compile
+  t0 = time.perf_counter()
+  reps = 4
+  for _ in range(reps):
+    generator.generate(batch, gen)
+  gen_rate = reps * args.max_tokens / (time.perf_counter() - t0)
+  print(f"one client {single:.1f} tok/s vs Generator (B=1, whole loop in one jit) {gen_rate:.1f} tok/s: "
+        f"ratio {single / gen_rate:.2f}")
+  print("compilations:", engine.stats()["compilations"])
+  server.stop()
+  engine.shutdown()
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,147 @@
+"""What `--checkpoint` names, resolved into what an inference job loads: the params directory, the preset, the
+image size, the tokenizer spec and the chat format.
+
+`--checkpoint` may be
+  * a training run directory (`<run>`, holding `config.json` and `checkpoints/<step>/params`): its latest step;
+  * one checkpoint of a run (`<run>/checkpoints/<step>` or `<run>/checkpoints/<step>/params`);
+  * a params checkpoint from `python -m qwenvl_jax.convert` (no run config: preset and tokenizer from the flags);
+  * nothing (random weights, for smoke tests).
+A run's `config.json` gives the preset (`model`), the image size (`res`), the tokenizer (`''` = the run's own
+`<run>/tokenizer.model`, `qwen:PATH`, `sentencepiece:PATH`) and the chat format (stage 3 trains on ChatML
+conversations; stages 1-2 on raw text). Values the user passes explicitly win over the run's.
+
+`check_preset` compares the stored parameter shapes with the chosen preset before anything is restored, and on a
+mismatch names the differing parameters and the preset whose shapes do match (the restore itself would only say
+that shapes differ).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from flax import nnx
+
+from qwenvl_jax import sharding
+from qwenvl_jax import text as qtext
+from qwenvl_jax.model import QwenVL
+from qwenvl_jax.model.config import PRESETS, QwenVLConfig, get_preset
+
+DEFAULT_PRESET = "qwen_vl_7b"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+  """params: params checkpoint directory or None (random weights); preset: model preset name; image_size: input
+  resolution or None (the preset's); tokenizer: tokenizer spec (`text.load_tokenizer`) or None; chat_format:
+  'chatml' or 'raw'; run_dir and step: the training run and step the params come from (None for converted
+  checkpoints)."""
+  params: str | None
+  preset: str
+  image_size: int | None
+  tokenizer: str | None
+  chat_format: str
+  run_dir: str | None = None
+  step: int | None = None
+
+
+def _is_params_dir(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, "_METADATA"))
+
+
+def _latest_step(run_dir: str) -> int:
+  ckpt = os.path.join(run_dir, "checkpoints")
+  steps = sorted(int(d) for d in (os.listdir(ckpt) if os.path.isdir(ckpt) else ())
+                 if d.isdigit() and _is_params_dir(os.path.join(ckpt, d, "params")))
+  if not steps:
+    raise FileNotFoundError(f"training run {run_dir} holds no finished checkpoint (no checkpoints/<step>/params)")
+  return steps[-1]
+
+
+def _run_tokenizer(run_dir: str, spec: str) -> str:
+  """The tokenizer spec of a run: its `config.tokenizer` (checked by the one spec parser), or '' = the run's own
+  synthetic SentencePiece model."""
+  if spec:
+    try:
+      qtext.parse_tokenizer_spec(spec)
+    except ValueError as e:
+      raise ValueError(f"{run_dir}/config.json: {e}") from e
+    return spec
+  return os.path.join(run_dir, "tokenizer.model")
+
+
+def resolve(checkpoint: str | None, *, model: str | None = None, tokenizer: str | None = None,
+            image_size: int | None = None, chat_format: str | None = None) -> ModelSource:
+  """The `ModelSource` of `checkpoint` (see the module docstring); explicit arguments override the run's config.
+
+  Raises:
+    FileNotFoundError: the path does not exist, or is neither a run, a run's checkpoint nor a params directory.
+  """
+  if not checkpoint:
+    return ModelSource(None, model or DEFAULT_PRESET, image_size, tokenizer, chat_format or "chatml")
+  path = os.path.abspath(checkpoint)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
+  run_dir = step = None
+  if os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "checkpoints")):
+    run_dir, step = path, _latest_step(path)
+  elif os.path.basename(path).isdigit() and os.path.basename(os.path.dirname(path)) == "checkpoints":
+    run_dir, step = os.path.dirname(os.path.dirname(path)), int(os.path.basename(path))
+  elif (os.path.basename(path) == "params" and os.path.basename(os.path.dirname(path)).isdigit()
+        and os.path.basename(os.path.dirname(os.path.dirname(path))) == "checkpoints"):
+    run_dir, step = os.path.dirname(os.path.dirname(os.path.dirname(path))), int(os.path.basename(
+        os.path.dirname(path)))
+  if run_dir is None:
+    if not _is_params_dir(path):
+      raise FileNotFoundError(f"{checkpoint} is neither a training run (config.json + checkpoints/), a run's "
+                              "checkpoints/<step>, nor a params checkpoint (no _METADATA)")
+    return ModelSource(path, model or DEFAULT_PRESET, image_size, tokenizer, chat_format or "chatml")
+  params = os.path.join(run_dir, "checkpoints", str(step), "params")
+  if not _is_params_dir(params):
+    raise FileNotFoundError(f"{params} is not a params checkpoint (the save did not finish?)")
+  config_path = os.path.join(run_dir, "config.json")
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f"{run_dir} has checkpoints but no config.json: pass --model and --tokenizer and "
+                            f"point --checkpoint at {params}")
+  with open(config_path, encoding="utf-8") as f:
+    run = json.load(f)
+  return ModelSource(params, model or run.get("model", DEFAULT_PRESET), image_size or run.get("res"),
+                     tokenizer or _run_tokenizer(run_dir, run.get("tokenizer", "")),
+                     chat_format or ("chatml" if run.get("stage") == 3 else "raw"), run_dir, step)
+
+
+def _shapes(cfg: QwenVLConfig) -> dict[str, tuple[int, ...]]:
+  """Dotted path -> shape of every stored variable of `QwenVL(cfg)` (abstract: nothing is allocated)."""
+  from qwenvl_jax.checkpoint import orbax_store  # pylint: disable=import-outside-toplevel  (slow to import)
+  _, abstract_state = sharding.abstract_model(lambda: QwenVL(cfg, rngs=nnx.Rngs(0)))
+  return {k: v[0] for k, v in orbax_store.param_shapes(abstract_state).items()}
+
+
+def check_preset(params: str, cfg: QwenVLConfig, preset: str) -> None:
+  """Raises ValueError when the parameters stored at `params` do not have the shapes of `cfg` (preset `preset`):
+  the message lists the differing parameters (stored vs preset) and names a preset that matches, if any."""
+  from qwenvl_jax.checkpoint import ParamReader  # pylint: disable=import-outside-toplevel
+  stored = {k: tuple(v[0]) for k, v in ParamReader(params).shapes.items()}
+  expected = _shapes(cfg)
+  diffs = [f"{k}: stored {stored.get(k, 'absent')}, preset {expected.get(k, 'absent')}"
+           for k in sorted(set(stored) | set(expected)) if stored.get(k) != expected.get(k)]
+  if not diffs:
+    return
+  vocab = stored.get("llm.wte.embedding", (cfg.llm.vocab_size,))[0]
+  matching = []
+  for name in PRESETS:
+    if name == preset:
+      continue
+    other = get_preset(name, dtype=cfg.dtype, param_dtype=cfg.param_dtype, image_pad_id=0)
+    other = dataclasses.replace(other, llm=dataclasses.replace(other.llm, vocab_size=vocab))
+    other = other.with_image_size(cfg.vision.image_size)
+    if _shapes(other) == stored:
+      matching.append(name)
+  hint = (f"the stored shapes are those of preset {matching[0]!r}: pass --model={matching[0]}" if matching
+          else "no preset has these shapes")
+  shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+  raise ValueError(f"checkpoint {params} does not fit preset {preset!r} ({len(diffs)} parameters differ: "
+                   f"{shown}); {hint}")
+
+

@@ -1,0 +1,182 @@
+"""LoRA adapters on the model's `Einsum` projections: attach, count, merge, and the PEFT names of the official ones.
+
+Letters: L stacked layers (absent outside the scanned blocks), I the kernel's input (contracted) dims, O its output
+dims, r the rank. A kernel `[L, *I, *O]` gets `lora_a float32[L, *I, r]` and `lora_b float32[L, r, *O]`; the
+projection becomes `x @ W + (alpha / r) * (x @ A) @ B`, with A initialized as PEFT does (`nn.Linear`'s
+kaiming-uniform, U(+-1/sqrt(prod I)) per layer) and B zero, so a fresh adapter changes nothing. Per layer, A and B
+are PEFT's `lora_A.weight [r, prod I] = A.reshape(prod I, r).T` and `lora_B.weight [prod O, r] =
+B.reshape(r, prod O).T` (our kernels keep torch's `[in, out]` order, `checkpoint.mapping.Linear`).
+
+Adapters are `nnx.LoRAParam`s (a subclass of `nnx.Param`, so they shard, checkpoint and count like any
+parameter) carrying logical axis names: `[layers, *kernel input axes, None]` and `[layers, None, *kernel output
+axes]`, i.e. they shard like their base weight. They stay float32 whatever the base dtype, as PEFT trains them.
+
+Why not qwix's `LoraProvider`: it creates the adapter variables lazily, inside the first intercepted `einsum`
+call; our decoder and ViT blocks run under `nnx.scan`, where creating variables fails (qwix 0.1.8 with flax
+0.12.8: `IndexError` in `nnx.scan`'s `scan_wrapper`, reproduced in tests/model/test_lora.py). Attaching
+the adapters before the first call, with the stacked `[L, ...]` shapes `nnx.vmap` gave the kernels, is what
+scanned layers need; `flax.nnx.LoRAParam` is the variable type made for it. (The 4-bit base of QLoRA still comes
+from qwix: `model/qlora.py`.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import string
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qwenvl_jax import sharding
+from qwenvl_jax.model import layers
+
+# The official finetune.py targets ("c_attn", "attn.c_proj", "w1", "w2") as our module paths.
+OFFICIAL_TARGETS = ("llm/blocks/attn/qkv", "llm/blocks/attn/out", "llm/blocks/mlp/w1", "llm/blocks/mlp/w2")
+# Our module paths -> the reference's per-layer module names (`transformer.h.{i}.<name>`), for PEFT export.
+PEFT_MODULE_NAMES = {
+    "llm/blocks/attn/qkv": "transformer.h.{i}.attn.c_attn",
+    "llm/blocks/attn/out": "transformer.h.{i}.attn.c_proj",
+    "llm/blocks/mlp/w1": "transformer.h.{i}.mlp.w1",
+    "llm/blocks/mlp/w2": "transformer.h.{i}.mlp.w2",
+    "llm/blocks/mlp/c_proj": "transformer.h.{i}.mlp.c_proj",
+}
+# modules_to_save names of the reference -> our module paths (trained in full, float32).
+SAVED_MODULES = {"wte": "llm/wte", "lm_head": "llm/lm_head"}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """rank r (> 0), alpha (scale alpha / r), dropout on the adapter input (training only), targets: full-match
+  regexes over `Einsum` module paths (e.g. `llm/blocks/attn/qkv`, `visual/blocks/.*`, `adapter/.*`),
+  modules_to_save: reference names (`wte`, `lm_head`) of modules trained in full."""
+
+  rank: int
+  alpha: float = 16.0
+  dropout: float = 0.0
+  targets: tuple[str, ...] = OFFICIAL_TARGETS
+  modules_to_save: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    if self.rank < 1:
+      raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+    unknown = set(self.modules_to_save) - set(SAVED_MODULES)
+    if unknown:
+      raise ValueError(f"unknown modules_to_save {sorted(unknown)}; known: {sorted(SAVED_MODULES)}")
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+
+def _path(path: Sequence) -> str:
+  return "/".join(str(p) for p in path)
+
+
+def _split_spec(spec: str) -> tuple[str, str, str]:
+  inputs, out = spec.replace(" ", "").split("->")
+  lhs, rhs = inputs.split(",")
+  return lhs, rhs, out
+
+
+def _attach(module: layers.Einsum, cfg: LoraConfig, rngs: nnx.Rngs) -> None:
+  lhs, rhs, out = _split_spec(module.spec)
+  kernel = module.kernel
+  stack = kernel.ndim - len(rhs)
+  axes = sharding.logical_axes_of(kernel)
+  in_letters = [c for c in rhs if c in lhs]
+  out_letters = [c for c in rhs if c not in lhs]
+  if any(c in out for c in in_letters):
+    raise ValueError(f"LoRA needs a plain projection; {module.spec!r} has a batch dimension in its kernel")
+  r = sorted(set(string.ascii_letters) - set(lhs + rhs + out))[0]
+  shape = tuple(kernel.shape)
+  dims = {c: shape[stack + i] for i, c in enumerate(rhs)}
+  kaxes = {c: axes[stack + i] for i, c in enumerate(rhs)}
+  lead, lead_axes = shape[:stack], tuple(axes[:stack])
+  a_shape = lead + tuple(dims[c] for c in in_letters) + (cfg.rank,)
+  b_shape = lead + (cfg.rank,) + tuple(dims[c] for c in out_letters)
+  n_in = len(in_letters)
+  # PEFT: kaiming_uniform_(a=sqrt(5)) on lora_A.weight [r, in], i.e. U(+-1/sqrt(in)); B zero.
+  init_a = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform",
+                                             in_axis=tuple(range(stack, stack + n_in)), out_axis=-1,
+                                             batch_axis=tuple(range(stack)))
+  module.lora_a = nnx.LoRAParam(init_a(rngs.params(), a_shape, jnp.float32),
+                                out_sharding=lead_axes + tuple(kaxes[c] for c in in_letters) + (None,),
+                                eager_sharding=False)
+  module.lora_b = nnx.LoRAParam(jnp.zeros(b_shape, jnp.float32),
+                                out_sharding=lead_axes + (None,) + tuple(kaxes[c] for c in out_letters),
+                                eager_sharding=False)
+  rest = "".join(c for c in lhs if c not in in_letters)
+  module.lora_specs = (f"{lhs},{''.join(in_letters)}{r}->{rest}{r}", f"{rest}{r},{r}{''.join(out_letters)}->{out}")
+  module.lora_scale = cfg.scale
+  module.lora_dropout = cfg.dropout
+  # For merging: kernel letters with the rank letter, stacked axes as leading letters of their own.
+  lead_letters = "".join(sorted(set(string.ascii_letters) - set(lhs + rhs + out + r))[:stack])
+  module.lora_merge_spec = (f"{lead_letters}{''.join(in_letters)}{r},{lead_letters}{r}{''.join(out_letters)}"
+                            f"->{lead_letters}{rhs}")
+
+
+def lora_modules(model: nnx.Module) -> dict[str, layers.Einsum]:
+  """{module path: Einsum} of the projections that carry adapters."""
+  return {_path(p): m for p, m in nnx.iter_modules(model)
+          if isinstance(m, layers.Einsum) and getattr(m, "lora_a", None) is not None}
+
+
+def apply_lora(model: nnx.Module, cfg: LoraConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+  """Attaches adapters to every `Einsum` whose path matches a target and casts `modules_to_save` to float32.
+
+  Mutates and returns `model`. A target that matches no projection is an error (a typo would otherwise train
+  nothing there).
+  """
+  einsums = {_path(p): m for p, m in nnx.iter_modules(model) if isinstance(m, layers.Einsum)}
+  for target in cfg.targets:
+    hits = [p for p in einsums if re.fullmatch(target, p)]
+    if not hits:
+      raise ValueError(f"LoRA target {target!r} matches no projection; projections look like "
+                       f"{sorted(einsums)[:4]}")
+    for p in hits:
+      if getattr(einsums[p], "lora_a", None) is None:
+        _attach(einsums[p], cfg, rngs)
+  for name in cfg.modules_to_save:
+    module = model
+    for part in SAVED_MODULES[name].split("/"):
+      module = getattr(module, part)
+    for _, var in nnx.iter_graph(module):
+      if isinstance(var, nnx.Param):
+        var.set_value(var.get_value().astype(jnp.float32))
+  return model
+
+
+def lora_delta_weight(module: layers.Einsum) -> jax.Array:
+  """float32 kernel-shaped scale * A @ B of one adapted projection."""
+  return jnp.einsum(module.lora_merge_spec, module.lora_a[...].astype(jnp.float32),
+                    module.lora_b[...].astype(jnp.float32)) * module.lora_scale
+
+
+def merge_lora(model: nnx.Module) -> nnx.Module:
+  """Folds every adapter into its kernel (W + scale * A @ B, in float32, cast back to W's dtype) and removes the
+  adapters, leaving the plain model's parameter tree. Mutates and returns `model`."""
+  for module in lora_modules(model).values():
+    kernel = module.kernel
+    merged = kernel[...].astype(jnp.float32) + lora_delta_weight(module)
+    kernel.set_value(merged.astype(kernel.dtype))
+    for name in ("lora_a", "lora_b", "lora_specs", "lora_scale", "lora_dropout", "lora_merge_spec"):
+      delattr(module, name)
+  return model
+
+
+def frozen_pattern(cfg: LoraConfig) -> str:
+  """The one frozen-path regex of a LoRA run: everything but the adapters and the modules_to_save."""
+  saved = "".join(f"(?!{re.escape(SAVED_MODULES[n])}/)" for n in cfg.modules_to_save)
+  return rf"(?!.*/lora_[ab]$){saved}.*"
+
+
+def trained_count(state: nnx.State, cfg: LoraConfig) -> int:
+  """Parameters a LoRA run trains (adapters + modules_to_save) in a (possibly abstract) state."""
+  pattern = re.compile(frozen_pattern(cfg))
+  return sum(int(v.size) for p, v in nnx.to_flat_state(state)
+             if isinstance(v, nnx.Param) and not pattern.fullmatch(_path(p)))

@@ -1,0 +1,15 @@
+"""Serving: an OpenAI-compatible HTTP server over a continuously batched engine (`python -m qwenvl_jax.serve`).
+
+  engine = Engine(model, num_slots=8, context=2048, stop_ids=[...])   # one thread owns the device
+  engine.start()                                                       # compiles every program once
+  engine.submit(Request(prompt_ids, images, SamplingParams(max_tokens=64), sink))
+
+Layers: `slot_sampling` (per-row sampling), `slots` (the jitted encode / prefill / decode over the slot cache),
+`engine` (the scheduling thread), `compile_monitor` (JAX compile events), and the HTTP side in `api`.
+"""
+from qwenvl_jax.serving.engine import Engine
+from qwenvl_jax.serving.engine import Failed
+from qwenvl_jax.serving.engine import Finished
+from qwenvl_jax.serving.engine import Request
+from qwenvl_jax.serving.engine import SamplingParams
+from qwenvl_jax.serving.engine import Token

@@ -1,0 +1,309 @@
+"""The OpenAI-compatible HTTP API (FastAPI): `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`, and
+the chat page at `/`.
+
+Each request is parsed and checked on a worker thread (tokenizing and image decoding are CPU work), submitted to
+the engine, and answered from an asyncio queue the engine thread feeds (`loop.call_soon_threadsafe`): the event
+loop never waits on the device. `stream: true` answers with server-sent events in OpenAI's chunk format
+(`data: {...}` lines, then `data: [DONE]`). A client that goes away (the stream is cancelled, or a non-streaming
+client disconnects) cancels its request, which frees its decode slot at the engine's next turn.
+
+Extensions (the way vLLM spells them): `top_k`; `ignore_eos` (decode to max_tokens; for benchmarks).
+
+Grounding: the final message carries `boxes` (an extension field), the answer's `<ref>`/`<box>` pairs in the
+[0, 1000) grid and in pixels of the latest image of the conversation; the text keeps the tags as generated.
+
+Safety: every bad request gets a 4xx JSON body in OpenAI's error shape (`messages.RequestError`), malformed JSON
+included; optional bearer key on `/v1/*`; limits on images (bytes, pixels, count), prompt + max_tokens (the
+engine's context) and max_tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import pathlib
+import secrets
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request as HttpRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from qwenvl_jax import text as qtext
+from qwenvl_jax.serving import engine as engine_lib
+from qwenvl_jax.serving import messages as msg
+from qwenvl_jax.serving.detokenize import Detokenizer
+
+STATIC = pathlib.Path(__file__).resolve().parent / "static"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+  """model_name: the id served on /v1/models; chat_format, system: the prompt format and default system message;
+  max_tokens_limit: the largest max_tokens accepted; defaults for omitted sampling fields (Qwen-VL-Chat's
+  generation config: temperature 1, top_p 0.3, top_k 0); api_key: bearer key for /v1/* (None = open)."""
+  model_name: str
+  chat_format: str = "chatml"
+  system: str = qtext.DEFAULT_SYSTEM
+  max_tokens_limit: int = 1024
+  images: msg.ImagePolicy = dataclasses.field(default_factory=msg.ImagePolicy)
+  default_temperature: float = 1.0
+  default_top_p: float = 0.3
+  default_top_k: int = 0
+  api_key: str | None = None
+  max_window_size: int = qtext.DEFAULT_MAX_WINDOW_SIZE
+
+
+def _error(e: msg.RequestError) -> JSONResponse:
+  return JSONResponse(e.body(), status_code=e.status)
+
+
+def _number(body: dict, name: str, kind, default, low, high):
+  value = body.get(name, default)
+  if value is None:
+    value = default
+  if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+    raise msg.RequestError(f"{name} must be {'a number' if kind is float else 'an integer'}", param=name)
+  if not low <= value <= high:
+    raise msg.RequestError(f"{name} must be in [{low}, {high}], got {value}", param=name)
+  return kind(value)
+
+
+class _Disconnected(Exception):
+  """The client of a non-streaming request went away."""
+
+
+class _Completion:
+  """One request's parsed pieces."""
+
+  def __init__(self, prompt: msg.Prompt, params: engine_lib.SamplingParams, stop, stream: bool,
+               include_usage: bool):
+    self.prompt, self.params, self.stop, self.stream, self.include_usage = prompt, params, stop, stream, include_usage
+
+
+def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerConfig) -> FastAPI:
+  """The FastAPI app serving `engine` (already started) with tokenizer `tok`."""
+  app = FastAPI(title="qwenvl_jax", docs_url=None, redoc_url=None)
+  cfg = engine.cfg
+  created = int(time.time())
+
+  @app.exception_handler(msg.RequestError)
+  async def _request_error(_, e: msg.RequestError):
+    return _error(e)
+
+  @app.exception_handler(RequestValidationError)
+  async def _validation_error(_, e: RequestValidationError):
+    return _error(msg.RequestError(f"invalid request: {e.errors()[:3]}"))
+
+  @app.exception_handler(StarletteHTTPException)
+  async def _http_error(_, e: StarletteHTTPException):
+    return _error(msg.RequestError(str(e.detail), status=e.status_code, type_="invalid_request_error"))
+
+  def _authorize(request: HttpRequest) -> None:
+    if config.api_key is None:
+      return
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip(), config.api_key):
+      raise msg.RequestError("invalid or missing API key (Authorization: Bearer <key>)", status=401,
+                             code="invalid_api_key")
+
+  @app.get("/health")
+  async def health():
+    stats = engine.stats()
+    return JSONResponse({"status": "ok" if stats["healthy"] else "failed", "model": config.model_name, **stats},
+                        status_code=200 if stats["healthy"] else 503)
+
+  @app.get("/v1/models")
+  async def models(request: HttpRequest):
+    _authorize(request)
+    return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": created,
+                                        "owned_by": "qwenvl_jax", "context_length": engine.context}]}
+
+  @app.get("/")
+  async def page():
+    return FileResponse(STATIC / "index.html", media_type="text/html")
+
+  def _parse(body: Any) -> _Completion:
+    """Runs on a worker thread: checks the body, tokenizes, reads the images."""
+    if not isinstance(body, dict):
+      raise msg.RequestError("the request body must be a JSON object")
+    model = body.get("model")
+    if model is not None and model != config.model_name:
+      raise msg.RequestError(f"model {model!r} does not exist; this server serves {config.model_name!r}",
+                             status=404, code="model_not_found", param="model")
+    if body.get("n", 1) != 1:
+      raise msg.RequestError("only n=1 is supported", param="n")
+    prompt = msg.build_prompt(body.get("messages"), tok, image_tokens=cfg.image_tokens,
+                              image_size=cfg.vision.image_size, policy=config.images, max_images=engine.max_images,
+                              chat_format=config.chat_format, default_system=config.system,
+                              max_window_size=config.max_window_size)
+    room = engine.context - len(prompt.tokens)
+    if room < 1:
+      raise msg.RequestError(f"the prompt has {len(prompt.tokens)} tokens; the context is {engine.context}",
+                             code="context_length_exceeded", param="messages")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is None:
+      max_tokens = min(config.max_tokens_limit, room)
+    max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", int, None, 1, config.max_tokens_limit)
+    if max_tokens > room:
+      raise msg.RequestError(f"the prompt has {len(prompt.tokens)} tokens and max_tokens is {max_tokens}: "
+                             f"together more than the context of {engine.context}",
+                             code="context_length_exceeded", param="max_tokens")
+    temperature = _number(body, "temperature", float, config.default_temperature, 0.0, 2.0)
+    top_p = _number(body, "top_p", float, config.default_top_p, 0.0, 1.0)
+    if top_p <= 0:
+      raise msg.RequestError("top_p must be > 0", param="top_p")
+    top_k = _number(body, "top_k", int, config.default_top_k, 0, 1 << 30)
+    seed = body.get("seed")
+    if seed is None:
+      seed = secrets.randbits(32)
+    elif isinstance(seed, bool) or not isinstance(seed, int):
+      raise msg.RequestError("seed must be an integer", param="seed")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+      raise msg.RequestError("stream must be a boolean", param="stream")
+    options = body.get("stream_options") or {}
+    include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
+    stop = msg.as_list(body.get("stop"), "stop")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+      raise msg.RequestError("ignore_eos must be a boolean", param="ignore_eos")
+    params = engine_lib.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                       seed=seed, ignore_stop_tokens=ignore_eos)
+    return _Completion(prompt, params, stop, stream, include_usage)
+
+  @app.post("/v1/chat/completions")
+  async def chat_completions(request: HttpRequest):
+    _authorize(request)
+    raw = await request.body()
+    try:
+      body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise msg.RequestError(f"the body is not valid JSON ({e})") from None
+    job = await asyncio.to_thread(_parse, body)
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    req = engine_lib.Request(job.prompt.tokens, job.prompt.images, job.params,
+                             lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+    try:
+      engine.submit(req)
+    except ValueError as e:
+      raise msg.RequestError(str(e), code="context_length_exceeded") from None
+    except RuntimeError as e:
+      raise msg.RequestError(str(e), status=503, type_="server_error") from None
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    if job.stream:
+      return StreamingResponse(_stream(req, job, events, completion_id), media_type="text/event-stream",
+                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return await _complete(request, req, job, events, completion_id)
+
+  def _chunk(completion_id: str, delta: dict, finish_reason=None, **extra) -> str:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+    body = {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": config.model_name, "choices": [choice], **extra}
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+  def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+  async def _events(req, job, next_event, text: Detokenizer):
+    """Yields (delta text, None) per token, then (final text, Finished); cancels on a stop string."""
+    while True:
+      ev = await next_event()
+      if isinstance(ev, engine_lib.Token):
+        delta = text.add(ev.token_id)
+        if text.stopped:
+          engine.cancel(req)
+          yield delta, engine_lib.Finished("stop", len(job.prompt.tokens), text.num_tokens)
+          return
+        if delta:
+          yield delta, None
+      elif isinstance(ev, engine_lib.Finished):
+        yield text.finish(), ev
+        return
+      else:
+        raise msg.RequestError(ev.message, status=503, type_="server_error")
+
+  async def _stream(req, job, events, completion_id):
+    text = Detokenizer(tok.decode, job.stop)
+    finished = False
+    try:
+      yield _chunk(completion_id, {"role": "assistant", "content": ""})
+      async for delta, end in _events(req, job, events.get, text):
+        if delta:
+          yield _chunk(completion_id, {"content": delta})
+        if end is not None:
+          finished = True
+          boxes = msg.boxes_in_pixels(text.text, job.prompt)
+          yield _chunk(completion_id, {}, end.reason, boxes=boxes)
+          if job.include_usage:
+            usage = {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()),
+                     "model": config.model_name, "choices": [],
+                     "usage": _usage(end.prompt_tokens, end.completion_tokens)}
+            yield f"data: {json.dumps(usage)}\n\n"
+      yield "data: [DONE]\n\n"
+    except msg.RequestError as e:
+      yield f"data: {json.dumps(e.body())}\n\n"
+    finally:
+      if not finished:
+        engine.cancel(req)  # the client went away mid-stream: free the slot now
+
+  async def _complete(request: HttpRequest, req, job, events, completion_id):
+    text = Detokenizer(tok.decode, job.stop)
+
+    async def next_event():
+      # Polls for a disconnect between events: a non-streaming client that went away frees its slot too.
+      while True:
+        try:
+          return await asyncio.wait_for(events.get(), timeout=0.5)
+        except asyncio.TimeoutError:
+          if await request.is_disconnected():
+            raise _Disconnected() from None
+
+    end = None
+    try:
+      async for _, end in _events(req, job, next_event, text):
+        pass
+    except _Disconnected:
+      engine.cancel(req)
+      return JSONResponse({}, status_code=499)
+    message = {"role": "assistant", "content": text.text, "boxes": msg.boxes_in_pixels(text.text, job.prompt)}
+    return {"id": completion_id, "object": "chat.completion", "created": int(time.time()),
+            "model": config.model_name,
+            "choices": [{"index": 0, "message": message, "finish_reason": end.reason, "logprobs": None}],
+            "usage": _usage(end.prompt_tokens, end.completion_tokens)}
+
+  return app
+
+
+class ThreadedServer:
+  """uvicorn serving `app` on host:port (port 0 = a free one) in a daemon thread: for tests and benchmarks that
+  need a real HTTP server next to the code that drives it."""
+
+  def __init__(self, app, host: str = "127.0.0.1", port: int = 0, start_timeout: float = 30.0):
+    import socket  # pylint: disable=import-outside-toplevel
+    import threading  # pylint: disable=import-outside-toplevel
+    import uvicorn  # pylint: disable=import-outside-toplevel
+    if not port:
+      with socket.socket() as s:
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    self.port, self.url = port, f"http://{host}:{port}"
+    self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    self._thread = threading.Thread(target=self._server.run, daemon=True, name="uvicorn")
+    self._thread.start()
+    deadline = time.monotonic() + start_timeout
+    while not self._server.started:
+      if time.monotonic() > deadline or not self._thread.is_alive():
+        raise RuntimeError(f"uvicorn did not start on {self.url}")
+      time.sleep(0.02)
+
+  def stop(self) -> None:
+    self._server.should_exit = True
+    self._thread.join(10)

@@ -1,0 +1,66 @@
+"""Incremental detokenization for streaming, with OpenAI `stop` strings.
+
+Each new token re-decodes the request's ids (decoding pieces one by one would split multi-byte characters and
+break SentencePiece's leading-space rule); what is new is sent, except
+  * a trailing U+FFFD: a multi-byte character still being generated (as `inference.chat.ChatReply`);
+  * a trailing piece that could be the start of a stop string: it is held until it is not, or until the stop
+    string completes, in which case the text is cut before it and the request ends (OpenAI: the stop sequence is
+    not returned).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class Detokenizer:
+  """Feed token ids with `add`; it returns the text to send now. `text` is everything sent; `stopped` says a
+  stop string was met (then nothing more is returned)."""
+
+  def __init__(self, decode, stop: Sequence[str] = ()):
+    self._decode = decode
+    self._stop = tuple(stop)
+    self._ids: list[int] = []
+    self.text = ""
+    self.stopped = False
+
+  def _held_back(self, full: str) -> int:
+    """How many trailing characters of `full` could begin a stop string."""
+    held = 0
+    for s in self._stop:
+      for n in range(min(len(s) - 1, len(full)), 0, -1):
+        if full.endswith(s[:n]):
+          held = max(held, n)
+          break
+    return held
+
+  @property
+  def num_tokens(self) -> int:
+    """Tokens fed so far."""
+    return len(self._ids)
+
+  def add(self, token_id: int) -> str:
+    if self.stopped:
+      return ""
+    self._ids.append(int(token_id))
+    return self._emit(self._decode(self._ids).rstrip("\ufffd"), final=False)
+
+  def finish(self) -> str:
+    """The end of generation: whatever was held back is final now."""
+    if self.stopped:
+      return ""
+    return self._emit(self._decode(self._ids), final=True)
+
+  def _emit(self, full: str, final: bool) -> str:
+    hits = [full.find(s, max(0, len(self.text) - len(s))) for s in self._stop]
+    hits = [h for h in hits if h >= 0]
+    if hits:
+      self.stopped = True
+      end = min(hits)
+    else:
+      end = len(full) if final else len(full) - self._held_back(full)
+    if not full.startswith(self.text) or end <= len(self.text):
+      return ""
+    delta = full[len(self.text):end]
+    self.text += delta
+    return delta

@@ -1,0 +1,384 @@
+"""Continuous batching: one thread owns the device and runs B decode slots; requests join and leave between steps.
+
+Letters: B decode slots, C context (cache slots per row), P prompt bucket, k requests per prefill.
+
+Loop of the engine thread (`Engine._run`):
+  1. take new requests and cancellations from the inbox (block when nothing is running);
+  2. free the slots of cancelled requests (a client that went away) at once;
+  3. admit waiting requests into free slots, up to `prefill_batch` at a time: their images are encoded in one
+     call, their prompts prefilled together (left-padded to the length bucket of the longest, the batch padded
+     to a prefill-size bucket) and their first tokens sampled; they decode from the next step on;
+  4. one decode step of the first R slots, R the power of two covering the highest busy slot (free slots among
+     them compute and are ignored; slots are taken lowest first, so R follows the load).
+Each new token goes to its request's `sink` (a callable; the HTTP layer forwards it to an asyncio queue). A
+request ends on a stop token of the chat format (`stop_ids`, not shown), after `max_tokens`, or when cancelled;
+its slot is free for the next admission in the same loop turn.
+
+Every program is compiled by `warm_up` (each prefill bucket, each image bucket, each decode size); the compile
+events of the engine thread are counted with `jax.monitoring` (`compile_monitor`) and reported by `stats`, so a
+recompilation while serving is visible on `/health`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from qwenvl_jax.inference import decode
+from qwenvl_jax.serving import compile_monitor
+from qwenvl_jax.serving.slots import Sampling, SlotModel
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """One request's decoding: max_tokens >= 1; temperature 0 = greedy; top_k 0 = off; top_p 1 = off; seed;
+  ignore_stop_tokens: run to max_tokens whatever is generated (benchmarks; vLLM's `ignore_eos`)."""
+  max_tokens: int
+  temperature: float = 0.0
+  top_p: float = 1.0
+  top_k: int = 0
+  seed: int = 0
+  ignore_stop_tokens: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Token:
+  """A generated token id (never a stop token)."""
+  token_id: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+  """The end of a request. reason: 'stop' (a stop token), 'length' (max_tokens) or 'cancelled'.
+  completion_tokens counts every generated token, the stop token included."""
+  reason: str
+  prompt_tokens: int
+  completion_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Failed:
+  message: str
+
+
+Event = Token | Finished | Failed
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+  """prompt: token ids (image spans expanded); images: uint8[S, S, 3] in the order of the spans; sink: called
+  on the engine thread with each `Event` (must not block)."""
+  prompt: Sequence[int]
+  images: Sequence[np.ndarray]
+  params: SamplingParams
+  sink: Callable[[Event], None]
+  id: int = dataclasses.field(default_factory=itertools.count().__next__)
+  cancelled: bool = False
+  submitted: float = dataclasses.field(default_factory=time.monotonic)
+
+
+@dataclasses.dataclass(eq=False)
+class _Slot:
+  request: Request
+  last_token: int
+  position: int  # the position (= cache slot) where last_token is fed next
+  generated: int
+  rope_base: float  # dynamic NTK, decided by the prompt length and kept (`decode.rope_bases`)
+
+
+def _powers_of_two_up_to(n: int) -> tuple[int, ...]:
+  out, b = [], 1
+  while b < n:
+    out.append(b)
+    b *= 2
+  return tuple(out) + (n,)
+
+
+def _bucket(n: int, buckets: Sequence[int]) -> int:
+  for b in buckets:
+    if b >= n:
+      return b
+  raise ValueError(f"{n} is past the largest bucket {buckets[-1]}")
+
+
+class Engine:
+  """Continuous batching over a `SlotModel` (see the module docstring).
+
+  Args:
+    model: a `QwenVL` (its config decides image size and `<imgpad>`).
+    num_slots: B, requests decoded together.
+    context: C, the most tokens of prompt + answer per request (cache slots per row).
+    max_images: the most images one request may hold.
+    prefill_batch: the most requests admitted by one prefill (prefill sizes: 1, 2, 4, ... up to it).
+    buckets: allowed padded prompt lengths (those below C, and C itself).
+    stop_ids: token ids that end a request (the chat format's `<|im_end|>` etc.); not shown.
+    vocab_limit: ids >= this are never produced.
+    thread_context: entered by the engine thread around all its work (e.g. `sharding.use_rules(mesh, rules)`:
+      context variables do not reach a new thread).
+  """
+
+  def __init__(self, model, *, num_slots: int = 8, context: int = 2048, max_images: int = 4,
+               prefill_batch: int = 4, buckets: Sequence[int] = decode.DEFAULT_BUCKETS,
+               stop_ids: Sequence[int] = (), vocab_limit: int | None = None,
+               thread_context: Callable[[], contextlib.AbstractContextManager] | None = None):
+    if num_slots < 1 or prefill_batch < 1 or max_images < 0:
+      raise ValueError(f"need num_slots >= 1, prefill_batch >= 1, max_images >= 0; got {num_slots}, "
+                       f"{prefill_batch}, {max_images}")
+    self.cfg = model.cfg
+    if context > self.cfg.llm.seq_length * 8:
+      logging.warning("context %d is far past the model's trained %d tokens", context, self.cfg.llm.seq_length)
+    self.num_slots, self.context, self.max_images = num_slots, context, max_images
+    self.prefill_sizes = _powers_of_two_up_to(min(prefill_batch, num_slots))
+    self.length_buckets = tuple(sorted({b for b in buckets if b < context} | {context}))
+    self.image_buckets = _powers_of_two_up_to(max(1, self.prefill_sizes[-1] * max_images))
+    self.decode_sizes = _powers_of_two_up_to(num_slots)
+    self.stop_ids = frozenset(int(t) for t in stop_ids)
+    self.slots = SlotModel(model, num_slots=num_slots, context=context, feature_slots=self.image_buckets[-1],
+                           vocab_limit=vocab_limit)
+    self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+    self._waiting: collections.deque[Request] = collections.deque()
+    self._active: list[_Slot | None] = [None] * num_slots
+    self._compiles = compile_monitor.CompileCounter()
+    self._thread: threading.Thread | None = None
+    self._stop = threading.Event()
+    self._ready = threading.Event()
+    self._error: BaseException | None = None
+    self._lock = threading.Lock()
+    self._counts = collections.Counter()
+    self.warmup_seconds: float | None = None
+    self._thread_context = thread_context or contextlib.nullcontext
+
+  # ---- public, any thread -----------------------------------------------------------------------------------
+
+  def start(self, warm_up: bool = True, timeout: float | None = None) -> None:
+    """Starts the engine thread (which warms up first) and waits until it serves."""
+    self._thread = threading.Thread(target=self._main, args=(warm_up,), name="qwenvl-engine", daemon=True)
+    self._thread.start()
+    self._ready.wait(timeout)
+    if self._error is not None:
+      raise RuntimeError(f"the engine failed to start: {self._error}") from self._error
+
+  def shutdown(self) -> None:
+    self._stop.set()
+    self._inbox.put(None)
+    if self._thread is not None:
+      self._thread.join()
+
+  def check(self, prompt_len: int, num_images: int, max_tokens: int) -> str | None:
+    """Why a request cannot be served (one line), or None."""
+    if prompt_len < 1:
+      return "the prompt is empty"
+    if num_images > self.max_images:
+      return f"{num_images} images in the conversation; this server takes at most {self.max_images}"
+    if max_tokens < 1:
+      return f"max_tokens must be >= 1, got {max_tokens}"
+    if prompt_len + max_tokens > self.context:
+      return (f"the prompt has {prompt_len} tokens and max_tokens is {max_tokens}: together more than the "
+              f"context of {self.context} tokens")
+    return None
+
+  def submit(self, request: Request) -> None:
+    """Queues a request (ValueError when `check` refuses it); its events go to `request.sink`."""
+    problem = self.check(len(request.prompt), len(request.images), request.params.max_tokens)
+    if problem:
+      raise ValueError(problem)
+    if self._error is not None or self._stop.is_set():
+      raise RuntimeError("the engine is not running")
+    self._inbox.put(request)
+
+  def cancel(self, request: Request) -> None:
+    """Frees the request's slot at the next loop turn (no more events are sent)."""
+    request.cancelled = True
+    self._inbox.put(("cancel", request))
+
+  def stats(self) -> dict:
+    """Slots in use, queue length, counters and the engine thread's compile counts (see `compile_monitor`)."""
+    with self._lock:
+      counts = dict(self._counts)
+    return {"slots": self.num_slots, "active": sum(s is not None for s in self._active),
+            "waiting": len(self._waiting), "context": self.context, "ready": self._ready.is_set(),
+            "healthy": self._error is None, "warmup_seconds": self.warmup_seconds,
+            "compilations": self._compiles.snapshot(), **counts}
+
+  # ---- engine thread ----------------------------------------------------------------------------------------
+
+  def _main(self, warm_up: bool) -> None:
+    self._compiles.attach()
+    try:
+      with self._thread_context():
+        self._serve(warm_up)
+    except BaseException as e:  # pylint: disable=broad-except  (reported to every waiting request)
+      logging.exception("engine thread failed")
+      self._error = e
+      self._ready.set()
+      for slot in self._active:
+        if slot is not None:
+          slot.request.sink(Failed(f"engine failure: {e}"))
+      for request in self._waiting:
+        request.sink(Failed(f"engine failure: {e}"))
+    finally:
+      self._compiles.detach()
+
+  def _serve(self, warm_up: bool) -> None:
+    if warm_up:
+      t0 = time.monotonic()
+      self._warm_up()
+      self.warmup_seconds = round(time.monotonic() - t0, 3)
+    self._compiles.mark()
+    self._ready.set()
+    self._run()
+
+  def _warm_up(self) -> None:
+    """Compiles every program the loop can call: each image bucket, each (prefill size, length bucket), decode."""
+    s = self.cfg.vision.image_size
+    for n in self.image_buckets:
+      self.slots.encode(np.zeros((n, s, s, 3), np.uint8))
+    drop = self.num_slots  # a row index past the cache: prefill writes nothing
+    for k in self.prefill_sizes:
+      for p in self.length_buckets:
+        ids = np.zeros((k, p), np.int32)
+        self.slots.prefill(ids, np.ones(k, np.int32), np.zeros(k, np.int32), self.slots.no_features,
+                           np.full(k, drop, np.int32), np.full(k, self.cfg.llm.rope_base, np.float32),
+                           _sampling([SamplingParams(1)] * k, [0] * k)).block_until_ready()
+    for b in self.decode_sizes:
+      self.slots.decode(np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, bool),
+                        np.full(b, self.cfg.llm.rope_base, np.float32),
+                        _sampling([SamplingParams(1, temperature=1.0)] * b, [0] * b)).block_until_ready()
+
+  def _run(self) -> None:
+    while not self._stop.is_set():
+      idle = not self._waiting and all(s is None for s in self._active)
+      self._drain(block=idle)
+      if self._stop.is_set():
+        return
+      self._admit()
+      if any(s is not None for s in self._active):
+        self._step()
+
+  def _drain(self, block: bool) -> None:
+    while True:
+      try:
+        item = self._inbox.get(block=block, timeout=0.5 if block else None)
+      except queue.Empty:
+        return
+      block = False
+      if item is None:
+        return
+      if isinstance(item, Request):
+        if not item.cancelled:
+          self._waiting.append(item)
+      # A ("cancel", request) item only wakes the loop; the flag is read by `_free_cancelled`.
+
+  def _free_cancelled(self) -> None:
+    for i, slot in enumerate(self._active):
+      if slot is not None and slot.request.cancelled:
+        self._finish(i, "cancelled")
+    self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
+
+  def _finish(self, i: int, reason: str) -> None:
+    slot = self._active[i]
+    self._active[i] = None
+    with self._lock:
+      self._counts[f"finished_{reason}"] += 1
+    if reason != "cancelled":
+      slot.request.sink(Finished(reason, len(slot.request.prompt), slot.generated))
+
+  def _admit(self) -> None:
+    self._free_cancelled()
+    free = [i for i, s in enumerate(self._active) if s is None]
+    while free and self._waiting:
+      group = []
+      while self._waiting and len(group) < min(len(free), self.prefill_sizes[-1]):
+        group.append(self._waiting.popleft())
+      rows, free = free[:len(group)], free[len(group):]
+      self._prefill(group, rows)
+
+  def _prefill(self, group: list[Request], rows: list[int]) -> None:
+    k = _bucket(len(group), self.prefill_sizes)
+    p = _bucket(max(len(r.prompt) for r in group), self.length_buckets)
+    ids = np.zeros((k, p), np.int32)
+    lengths = np.ones(k, np.int32)
+    first_image = np.zeros(k, np.int32)
+    images = []
+    for i, r in enumerate(group):
+      ids[i, p - len(r.prompt):] = r.prompt
+      lengths[i] = len(r.prompt)
+      first_image[i] = len(images)
+      images.extend(r.images)
+    if images:
+      n = _bucket(len(images), self.image_buckets)
+      s = self.cfg.vision.image_size
+      batch = np.zeros((n, s, s, 3), np.uint8)
+      batch[:len(images)] = np.stack(images)
+      feats = self.slots.encode(batch)
+    else:
+      feats = self.slots.no_features
+    row_index = np.full(k, self.num_slots, np.int32)
+    row_index[:len(group)] = rows
+    rope = decode.rope_bases(lengths, self.cfg, True)
+    params = [r.params for r in group] + [SamplingParams(1)] * (k - len(group))
+    first = np.asarray(self.slots.prefill(ids, lengths, first_image, feats, row_index, rope,
+                                          _sampling(params, [0] * k)))
+    with self._lock:
+      self._counts["prefills"] += 1
+      self._counts["admitted"] += len(group)
+    for i, (r, row) in enumerate(zip(group, rows)):
+      self._active[row] = _Slot(r, int(first[i]), len(r.prompt), 0, float(rope[i]))
+      self._deliver(row, int(first[i]))
+
+  def _step(self) -> None:
+    # Slots are taken lowest index first, so the busy ones gather at the front: decode only a bucket covering them.
+    b = _bucket(max(i for i, s in enumerate(self._active) if s is not None) + 1, self.decode_sizes)
+    tokens = np.zeros(b, np.int32)
+    positions = np.zeros(b, np.int32)
+    active = np.zeros(b, bool)
+    rope = np.full(b, self.cfg.llm.rope_base, np.float32)
+    params, counts = [], []
+    for i, slot in enumerate(self._active[:b]):
+      if slot is None:
+        params.append(SamplingParams(1))
+        counts.append(0)
+        continue
+      tokens[i], positions[i], active[i] = slot.last_token, slot.position, True
+      rope[i] = slot.rope_base
+      params.append(slot.request.params)
+      counts.append(slot.generated)
+    nxt = np.asarray(self.slots.decode(tokens, positions, active, rope, _sampling(params, counts)))
+    with self._lock:
+      self._counts["decode_steps"] += 1
+      self._counts["decoded_tokens"] += int(active.sum())
+    for i, slot in enumerate(self._active[:b]):
+      if slot is not None:
+        slot.position += 1
+        slot.last_token = int(nxt[i])
+        self._deliver(i, int(nxt[i]))
+
+  def _deliver(self, i: int, token: int) -> None:
+    slot = self._active[i]
+    if slot.request.cancelled:
+      self._finish(i, "cancelled")
+      return
+    slot.generated += 1
+    if token in self.stop_ids and not slot.request.params.ignore_stop_tokens:
+      self._finish(i, "stop")
+      return
+    slot.request.sink(Token(token))
+    if slot.generated >= slot.request.params.max_tokens:
+      self._finish(i, "length")
+
+
+def _sampling(params: Sequence[SamplingParams], counts: Sequence[int]) -> Sampling:
+  return Sampling(temperature=np.asarray([p.temperature for p in params], np.float32),
+                  top_k=np.asarray([p.top_k for p in params], np.int32),
+                  top_p=np.asarray([p.top_p for p in params], np.float32),
+                  seed=np.asarray([p.seed % 2 ** 32 for p in params], np.uint32),
+                  count=np.asarray(counts, np.int32))

@@ -1,0 +1,225 @@
+"""OpenAI chat messages -> a Qwen-VL prompt: the reference's chat format, images fetched and checked.
+
+Letters: S model image side.
+
+A request's `messages` (`system`, then `user` / `assistant` turns; each content a string or a list of parts
+`{"type": "text", "text": ...}` / `{"type": "image_url", "image_url": {"url": ...}}`) become the reference's
+`make_context` input: every turn's parts are joined with `from_list_format` (`Picture k: <img>…</img>\\n` per
+image, numbered per message, as the reference's tokenizer does), earlier turns are the history (a user turn not
+answered gets a None response), the last message must be from the user. Images may sit in any turn; the history
+window (`max_window_size`) may drop old turns, and with them their images.
+
+Image URLs: `data:image/...;base64,...` (decoded here), a local path (only under `--image_root`, resolved with
+symlinks so nothing outside it is read), or http(s) (only with `--allow_remote_images`). Each image is checked
+against the byte and pixel limits before it is decoded in full, then stretched to S x S as the data pipeline does.
+Text that itself holds `<img>…</img>` tags is refused: an image reaches the model only as an image part.
+
+Every problem raises `RequestError` with an HTTP status and an OpenAI error body (never a traceback).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import io
+import os
+import urllib.request
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+from qwenvl_jax import text as qtext
+from qwenvl_jax.data import images as image_lib
+
+_KEY = "upload:{}"  # what an image part's <img> tag holds: a key into the request's images, never a path
+
+
+class RequestError(Exception):
+  """A bad request: `status` (4xx) and the OpenAI error body fields."""
+
+  def __init__(self, message: str, *, status: int = 400, code: str | None = None, param: str | None = None,
+               type_: str = "invalid_request_error"):
+    super().__init__(message)
+    self.status, self.message, self.code, self.param, self.type = status, message, code, param, type_
+
+  def body(self) -> dict:
+    return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImagePolicy:
+  """Where images may come from and how big they may be."""
+  max_bytes: int = 10 * 2 ** 20
+  max_pixels: int = 4096 * 4096
+  image_root: str | None = None
+  allow_remote: bool = False
+  remote_timeout: float = 10.0
+
+
+@dataclasses.dataclass
+class Prompt:
+  """tokens: prompt ids (image spans expanded); images: uint8[S, S, 3] in span order; sizes: each image's
+  original (width, height); raw_text: the prompt as text."""
+  tokens: list[int]
+  images: list[np.ndarray]
+  sizes: list[tuple[int, int]]
+  raw_text: str
+
+
+def _read_url(url: str, policy: ImagePolicy) -> bytes:
+  if url.startswith("data:"):
+    header, sep, payload = url.partition(",")
+    if not sep or ";base64" not in header:
+      raise RequestError("a data: image URL must be data:<mime>;base64,<data>", code="invalid_image_url")
+    if len(payload) > policy.max_bytes * 4 // 3 + 4:
+      raise RequestError(f"image over the limit of {policy.max_bytes} bytes", code="image_too_large")
+    try:
+      return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+      raise RequestError(f"the data: image URL is not valid base64 ({e})", code="invalid_image_url") from None
+  if url.startswith(("http://", "https://")):
+    if not policy.allow_remote:
+      raise RequestError("remote image URLs are disabled on this server (start it with --allow_remote_images), "
+                         "send the image as a data: URL", code="invalid_image_url")
+    with urllib.request.urlopen(url, timeout=policy.remote_timeout) as response:  # nosec: opt-in flag
+      data = response.read(policy.max_bytes + 1)
+    return data
+  path = url[len("file://"):] if url.startswith("file://") else url
+  if not policy.image_root:
+    raise RequestError("local image paths need a server started with --image_root", code="invalid_image_url")
+  root = os.path.realpath(policy.image_root)
+  full = os.path.realpath(os.path.join(root, path))
+  if os.path.commonpath([root, full]) != root:
+    raise RequestError(f"image path {path!r} is outside the server's image root", code="invalid_image_url")
+  if not os.path.isfile(full):
+    raise RequestError(f"image {path!r} does not exist under the server's image root", code="invalid_image_url")
+  if os.path.getsize(full) > policy.max_bytes:
+    raise RequestError(f"image over the limit of {policy.max_bytes} bytes", code="image_too_large")
+  with open(full, "rb") as f:
+    return f.read()
+
+
+def load_image(url: str, policy: ImagePolicy, image_size: int) -> tuple[np.ndarray, tuple[int, int]]:
+  """(uint8[S, S, 3], original (width, height)) of an image URL; RequestError on any problem."""
+  if not isinstance(url, str) or not url:
+    raise RequestError("image_url.url must be a non-empty string", code="invalid_image_url")
+  data = _read_url(url, policy)
+  if len(data) > policy.max_bytes:
+    raise RequestError(f"image over the limit of {policy.max_bytes} bytes", code="image_too_large")
+  try:
+    with Image.open(io.BytesIO(data)) as probe:  # reads the header only: the size is known before decoding
+      width, height = probe.size
+  except (OSError, Image.DecompressionBombError, ValueError) as e:
+    raise RequestError(f"the image cannot be read as an image ({type(e).__name__})", code="invalid_image") from None
+  if width * height > policy.max_pixels:
+    raise RequestError(f"image of {width}x{height} pixels is over the limit of {policy.max_pixels} pixels",
+                       code="image_too_large")
+  try:
+    return image_lib.preprocess_image(data, image_size), (width, height)
+  except (image_lib.ImageError, OSError, ValueError) as e:
+    raise RequestError(f"the image cannot be decoded: {e}", code="invalid_image") from None
+
+
+def _parts(content, where: str, images: list, policy: ImagePolicy, image_size: int) -> str:
+  """A message's content as the reference's tagged text; its images appended to `images`."""
+  if isinstance(content, str):
+    items = [{"text": content}]
+  elif isinstance(content, list) and content:
+    items = []
+    for i, part in enumerate(content):
+      kind = part.get("type") if isinstance(part, dict) else None
+      if kind == "text" and isinstance(part.get("text"), str):
+        items.append({"text": part["text"]})
+      elif kind == "image_url":
+        spec = part.get("image_url")
+        url = spec.get("url") if isinstance(spec, dict) else spec
+        array, size = load_image(url, policy, image_size)
+        items.append({"image": _KEY.format(len(images))})
+        images.append((array, size))
+      else:
+        raise RequestError(f"{where}.content[{i}] must be {{'type': 'text', 'text': str}} or "
+                           "{'type': 'image_url', 'image_url': {'url': str}}", param=f"{where}.content")
+  else:
+    raise RequestError(f"{where}.content must be a string or a non-empty list of parts", param=f"{where}.content")
+  for item in items:
+    if "text" in item and ("<img>" in item["text"] or "</img>" in item["text"]):
+      raise RequestError(f"{where}: text may not hold <img> tags; send images as image_url parts",
+                         param=f"{where}.content")
+  return qtext.from_list_format(items)
+
+
+def build_prompt(messages, tok: qtext.Tokenizer, *, image_tokens: int, image_size: int, policy: ImagePolicy,
+                 max_images: int, chat_format: str = "chatml", default_system: str = qtext.DEFAULT_SYSTEM,
+                 max_window_size: int = qtext.DEFAULT_MAX_WINDOW_SIZE) -> Prompt:
+  """The prompt of an OpenAI `messages` list (see the module docstring). RequestError on a bad request."""
+  if not isinstance(messages, list) or not messages:
+    raise RequestError("messages must be a non-empty list", param="messages")
+  images: list[tuple[np.ndarray, tuple[int, int]]] = []
+  system = default_system
+  turns: list[tuple[str, str]] = []  # (role, text)
+  num_images = sum(1 for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
+                   for p in m["content"] if isinstance(p, dict) and p.get("type") == "image_url")
+  if num_images > max_images:
+    raise RequestError(f"{num_images} images in the conversation; this server takes at most {max_images}",
+                       code="too_many_images", param="messages")
+  for i, message in enumerate(messages):
+    where = f"messages[{i}]"
+    role = message.get("role") if isinstance(message, dict) else None
+    if role not in ("system", "user", "assistant"):
+      raise RequestError(f"{where}.role must be 'system', 'user' or 'assistant'", param=f"{where}.role")
+    if role == "system":
+      if i != 0 or not isinstance(message.get("content"), str):
+        raise RequestError("a system message must come first and be a string", param=f"{where}")
+      system = message["content"]
+      continue
+    turns.append((role, _parts(message.get("content"), where, images, policy, image_size)))
+  if not turns or turns[-1][0] != "user":
+    raise RequestError("the last message must be from the user", param="messages")
+  history: list[tuple[str, str | None]] = []
+  for role, text in turns[:-1]:
+    if role == "user":
+      history.append((text, None))
+    elif history and history[-1][1] is None:
+      history[-1] = (history[-1][0], text)
+    else:
+      raise RequestError("an assistant message must follow a user message", param="messages")
+  if chat_format == "raw" and history:
+    raise RequestError("this model uses the raw (base model) format: send one user message", param="messages")
+  try:
+    context = qtext.make_context(tok, turns[-1][1], history, system=system, max_window_size=max_window_size,
+                                 chat_format=chat_format, n_image_tokens=image_tokens)
+  except ValueError as e:
+    raise RequestError(f"the conversation cannot be encoded: {e}", param="messages") from None
+  kept = []
+  for path in context.image_paths:
+    if not path.startswith("upload:") or not path[len("upload:"):].isdigit() or int(path[7:]) >= len(images):
+      raise RequestError("text may not hold <img> tags; send images as image_url parts", param="messages")
+    kept.append(images[int(path[len("upload:"):])])
+  return Prompt(context.tokens, [a for a, _ in kept], [s for _, s in kept], context.raw_text)
+
+
+def boxes_in_pixels(answer: str, prompt: Prompt) -> list[dict]:
+  """The answer's `<ref>…</ref><box>…</box>` boxes, each in the [0, 1000) grid and in pixels of the latest image
+  of the conversation (the reference's `draw_bbox_on_latest_picture` convention: int(v / 1000 * size)). Malformed
+  boxes are skipped; no image, no pixel boxes."""
+  out = []
+  for item in qtext.parse_boxes(answer, strict=False):
+    entry = {"ref": item.ref, "box_1000": list(item.box)}
+    if prompt.sizes:
+      w, h = prompt.sizes[-1]
+      entry["box"] = list(qtext.denormalize_box(item.box, w, h, convention="draw"))
+      entry["image_index"] = len(prompt.sizes) - 1
+    out.append(entry)
+  return out
+
+
+def as_list(value, name: str, *, max_items: int = 4) -> Sequence[str]:
+  """`stop`: a string or a list of up to 4 non-empty strings."""
+  if value is None:
+    return ()
+  items = [value] if isinstance(value, str) else value
+  if not isinstance(items, list) or len(items) > max_items or not all(isinstance(s, str) and s for s in items):
+    raise RequestError(f"{name} must be a non-empty string or a list of up to {max_items} of them", param=name)
+  return tuple(items)

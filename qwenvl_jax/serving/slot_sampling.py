@@ -1,0 +1,65 @@
+"""Next-token selection with different settings in every row: the decode slots of a server hold requests that each
+chose their own temperature, top-k, top-p and seed.
+
+Letters: B rows (decode slots), V vocabulary.
+
+`inference.sampling` takes its knobs as static Python values (one compiled loop per setting, right for a batch
+job where every row shares them). A server cannot recompile when a request asks for top_p=0.8, so here the knobs
+are traced per-row arrays and one compiled step serves every mix of settings:
+  * temperature 0 means greedy (argmax), > 0 samples from softmax(logits / temperature);
+  * top-k keeps the k largest logits of the row and every logit tied with the k-th (0 = off), as
+    `sampling.top_k_filter`;
+  * top-p keeps the most likely tokens whose mass before them is below p (at least one; 1 = off), as
+    `sampling.top_p_filter`, except that a logit tied with the last kept one is kept too (a threshold on the
+    sorted logits instead of a scatter of the sorted mask; ties are measure-zero for real models);
+  * each row draws with its own key `fold_in(key(seed), n)`, n = tokens it generated so far, so a request's
+    sample depends on its seed and nothing else (not on its slot or its neighbours).
+Sorting the vocabulary is skipped entirely (`lax.cond`) when every row is greedy.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def row_keys(seeds: jax.Array, counts: jax.Array) -> jax.Array:
+  """Typed PRNG keys [B]: `fold_in(key(seed_b), count_b)` (uint32 seeds, int32 counts)."""
+  return jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counts)
+
+
+def _filter_row(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+  """One row float32[V] warped by temperature, top-k and top-p (filtered entries -inf)."""
+  logits = logits / jnp.maximum(temperature, 1e-6)
+  desc = jnp.sort(logits)[::-1]
+  kth = desc[jnp.clip(top_k - 1, 0, logits.shape[0] - 1)]
+  logits = jnp.where((top_k > 0) & (logits < kth), -jnp.inf, logits)
+  desc = jnp.where((top_k > 0) & (desc < kth), -jnp.inf, desc)
+  probs = jax.nn.softmax(desc)
+  mass_before = jnp.cumsum(probs) - probs
+  keep = (mass_before < top_p).at[0].set(True)
+  threshold = jnp.min(jnp.where(keep, desc, jnp.inf))
+  return jnp.where((top_p < 1.0) & (logits < threshold), -jnp.inf, logits)
+
+
+def select(logits: jax.Array, *, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, seeds: jax.Array,
+           counts: jax.Array, vocab_limit: int | None = None) -> jax.Array:
+  """int32[B] next tokens.
+
+  Args:
+    logits: float[B, V] at each row's last position.
+    temperature: float32[B], 0 = greedy. top_k: int32[B], 0 = off. top_p: float32[B] in (0, 1], 1 = off.
+    seeds: uint32[B] per-request seeds; counts: int32[B] tokens each row generated so far (the key's fold-in).
+    vocab_limit: ids >= this are never produced (the tokenizer's size when the model has padding rows); static.
+  """
+  logits = logits.astype(jnp.float32)
+  if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+    logits = jnp.where(jnp.arange(logits.shape[-1])[None, :] < vocab_limit, logits, -jnp.inf)
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  def sample(_):
+    warped = jax.vmap(_filter_row)(logits, temperature, top_k, top_p)
+    drawn = jax.vmap(jax.random.categorical)(row_keys(seeds, counts), warped).astype(jnp.int32)
+    return jnp.where(temperature > 0, drawn, greedy)
+
+  return jax.lax.cond(jnp.any(temperature > 0), sample, lambda _: greedy, None)

@@ -1,0 +1,84 @@
+"""Parameter-efficient fine-tuning in the trainer: the model a LoRA run builds, what it freezes, where it starts.
+
+Letters: none (trees of parameters).
+
+`config.lora.rank > 0` turns a stage into a LoRA run, as the official `finetune.py --use_lora` does:
+* the model is the stage's model with its base weights held in `config.lora.base_dtype` (bf16: no float32 master
+  copy of what never changes) and float32 adapters attached by `model.lora.apply_lora` on `config.lora.targets`
+  (module-path regexes; default the official c_attn, attn.c_proj, w1, w2 of the LLM);
+* everything but the adapters and `config.lora.modules_to_save` (`wte`, `lm_head`, trained in full in float32)
+  is frozen, so only they get gradients and AdamW state;
+* a fresh run starting from a params checkpoint (`config.init`) restores the base from it and initializes the
+  adapters (B = 0, so step 0 is exactly the base model).
+Trainer checkpoints hold the whole parameter tree (the bf16 base with the adapters): resuming needs nothing but the
+workdir, and `convert --mode=merge_lora` / `--mode=export_peft` read the adapters from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import ml_collections
+from flax import nnx
+
+from qwenvl_jax import sharding
+from qwenvl_jax.model import QwenVL, lora
+from qwenvl_jax.model.config import QwenVLConfig
+
+
+def _items(value: str) -> tuple[str, ...]:
+  return tuple(v.strip() for v in str(value or "").split(",") if v.strip())
+
+
+def lora_config(config: ml_collections.ConfigDict) -> lora.LoraConfig | None:
+  """The run's `LoraConfig`, or None when `config.lora.rank` is 0 (full fine-tuning)."""
+  section = config.get("lora")
+  if section is None or int(section.rank) == 0:
+    return None
+  return lora.LoraConfig(rank=int(section.rank), alpha=float(section.alpha), dropout=float(section.dropout),
+                         targets=_items(section.targets), modules_to_save=_items(section.modules_to_save))
+
+
+def model_fn(cfg: QwenVLConfig, config: ml_collections.ConfigDict, *, seed: int = 0) -> Callable[[], QwenVL]:
+  """A function building the run's model: `QwenVL(cfg)`, or for a LoRA run the bf16 base with adapters."""
+  lcfg = lora_config(config)
+  if lcfg is None:
+    return lambda: QwenVL(cfg, rngs=nnx.Rngs(seed))
+  base_cfg = dataclasses.replace(cfg, param_dtype=config.lora.base_dtype)
+
+  def make():
+    model = QwenVL(base_cfg, rngs=nnx.Rngs(seed))
+    return lora.apply_lora(model, lcfg, rngs=nnx.Rngs(seed + 1))
+
+  return make
+
+
+def dropout_seed(config: ml_collections.ConfigDict, seed: int) -> int | None:
+  """The train step's LoRA-dropout seed: `seed` for a LoRA run with dropout > 0, else None (no dropout)."""
+  lcfg = lora_config(config)
+  return seed if lcfg is not None and lcfg.dropout > 0 else None
+
+
+def frozen_patterns(config: ml_collections.ConfigDict) -> tuple[str, ...] | None:
+  """The frozen-path regexes of a LoRA run (everything but adapters and modules_to_save); None otherwise."""
+  lcfg = lora_config(config)
+  return None if lcfg is None else (lora.frozen_pattern(lcfg),)
+
+
+def init_from_base(source: str, make_model: Callable[[], QwenVL], mesh, rules) -> dict:
+  """The params pure dict of a fresh LoRA run: base weights restored from the params checkpoint `source`,
+  adapters (and nothing else) initialized on device in their shardings."""
+  from qwenvl_jax.checkpoint import restore_params  # pylint: disable=import-outside-toplevel
+  _, abstract = sharding.abstract_model(make_model)
+  shardings = sharding.state_shardings(abstract, rules, mesh)
+  not_lora = nnx.Not(nnx.LoRAParam)
+  base = restore_params(source, abstract.filter(not_lora), shardings.filter(not_lora))
+
+  def adapters():
+    return nnx.state(make_model(), nnx.LoRAParam)  # the base's init is dead code to XLA
+
+  with sharding.use_rules(mesh, rules):
+    fresh = jax.jit(adapters, out_shardings=shardings.filter(nnx.LoRAParam))()
+  return nnx.to_pure_dict(nnx.merge_state(base, fresh))

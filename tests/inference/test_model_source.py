@@ -1,0 +1,71 @@
+"""`--checkpoint` as a training run, a run's checkpoints/<step>, or a params directory; and the preset check that
+names the differing shapes and the preset that fits."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from qwenvl_jax.checkpoint import save_params
+from qwenvl_jax import text as qtext
+from qwenvl_jax.inference import loading, model_source
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_model, sp_model_file):
+  """A stage-3 run of the tiny preset with two finished checkpoints (steps 3 and 5) and its own tokenizer."""
+  run = tmp_path_factory.mktemp("run")
+  (run / "config.json").write_text(json.dumps({"stage": 3, "model": "tiny", "res": 224, "tokenizer": ""}))
+  shutil.copy(sp_model_file, run / "tokenizer.model")
+  params = nnx.to_pure_dict(nnx.state(tiny_model))
+  for step in (3, 5):
+    save_params(run / "checkpoints" / str(step) / "params", params)
+  (run / "checkpoints" / "7").mkdir()  # a save that never finished: no params, not a candidate
+  return run
+
+
+def test_a_run_directory_gives_its_latest_params_preset_tokenizer_and_chat_format(run_dir):
+  src = model_source.resolve(str(run_dir))
+  assert src.params == str(run_dir / "checkpoints" / "5" / "params") and src.step == 5
+  assert (src.preset, src.image_size, src.chat_format) == ("tiny", 224, "chatml")
+  assert src.tokenizer == str(run_dir / "tokenizer.model") and src.run_dir == str(run_dir)
+  for path in (run_dir / "checkpoints" / "3", run_dir / "checkpoints" / "3" / "params"):
+    src = model_source.resolve(str(path))
+    assert src.step == 3 and src.params == str(run_dir / "checkpoints" / "3" / "params")
+    assert src.preset == "tiny" and src.tokenizer == str(run_dir / "tokenizer.model")
+  # Explicit values win; a params directory alone keeps the flags (and the default preset).
+  assert model_source.resolve(str(run_dir), chat_format="raw", image_size=112).chat_format == "raw"
+  plain = model_source.resolve(str(run_dir / "checkpoints" / "5" / "params" / ".."))
+  assert plain.step == 5
+  with pytest.raises(FileNotFoundError, match="neither a training run"):
+    model_source.resolve(str(run_dir / "checkpoints"))
+
+
+def test_a_mismatched_preset_names_the_shapes_and_the_preset_that_fits(run_dir, sp_tok):
+  params = str(run_dir / "checkpoints" / "5" / "params")
+  cfg = loading.model_config("mid", sp_tok, dtype="float32")
+  cfg = cfg.with_image_size(224)
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, vocab_size=1024))
+  with pytest.raises(ValueError) as err:
+    model_source.check_preset(params, cfg, "mid")
+  message = str(err.value)
+  assert "does not fit preset 'mid'" in message and "--model=tiny" in message
+  assert "45 parameters differ" in message
+  assert "adapter.proj: stored (64, 64), preset (1536, 1536)" in message  # the widths of tiny and mid
+  model_source.check_preset(params, loading.model_config("tiny", sp_tok, dtype="float32"), "tiny")
+
+
+def test_load_model_restores_the_run_it_resolved(run_dir, tiny_model):
+  src = model_source.resolve(str(run_dir))
+  tok = qtext.load_tokenizer(src.tokenizer)
+  cfg = loading.model_config(src.preset, tok, dtype="float32", image_size=src.image_size)
+  mesh, rules = loading.inference_mesh("fsdp", fsdp=1, data=-1)
+  model = loading.load_model(cfg, src.params, mesh, rules, preset=src.preset)
+  a = np.asarray(nnx.state(model)["llm"]["lm_head"]["kernel"].value)
+  b = np.asarray(nnx.state(tiny_model)["llm"]["lm_head"]["kernel"].value)
+  np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match="--model=tiny"):
+    loading.load_model(loading.model_config("qwen_vl_7b", tok, dtype="float32").with_image_size(224), src.params,
+                       mesh, rules, preset="qwen_vl_7b")

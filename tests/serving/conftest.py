@@ -1,0 +1,65 @@
+"""Shared fixtures of the serving tests: a tiny float32 model, one started engine, and one real HTTP server
+(uvicorn on a free local port, in a thread of the test process) for the whole session.
+
+Small shapes keep warm-up short on a 2-core CPU: 4 slots, a 160-token context, prompt buckets 64 and 160, up to
+2 images per request and 2 requests per prefill.
+"""
+import pytest
+import requests
+from flax import nnx
+
+from qwenvl_jax.data.synthetic import synthetic_corpus
+from qwenvl_jax.model import QwenVL, tiny
+from qwenvl_jax.serving import Engine
+from qwenvl_jax.serving import api, messages
+from qwenvl_jax.text import SentencePieceTokenizer, train_sentencepiece
+
+MODEL_NAME = "tiny-test"
+
+
+@pytest.fixture(scope="session")
+def serve_tok(tmp_path_factory) -> SentencePieceTokenizer:
+  path = train_sentencepiece(synthetic_corpus(300), tmp_path_factory.mktemp("serve_sp") / "tiny", vocab_size=400)
+  return SentencePieceTokenizer(path)
+
+
+@pytest.fixture(scope="session")
+def serve_model(serve_tok) -> QwenVL:
+  return QwenVL(tiny(dtype="float32", remat_policy="none", image_pad_id=serve_tok.img_pad_id), rngs=nnx.Rngs(0))
+
+
+def chat_stops(tok):
+  return [tok.eod_id, tok.im_end_id, tok.im_start_id]
+
+
+@pytest.fixture(scope="session")
+def engine(serve_model, serve_tok):
+  eng = Engine(serve_model, num_slots=4, context=160, max_images=2, prefill_batch=2, buckets=(64,),
+               stop_ids=chat_stops(serve_tok), vocab_limit=serve_tok.vocab_size)
+  eng.start()
+  yield eng
+  eng.shutdown()
+
+
+Server = api.ThreadedServer
+
+
+@pytest.fixture(scope="session")
+def image_root(tmp_path_factory):
+  return tmp_path_factory.mktemp("image_root")
+
+
+@pytest.fixture(scope="session")
+def server(engine, serve_tok, image_root):
+  config = api.ServerConfig(model_name=MODEL_NAME, max_tokens_limit=64,
+                            images=messages.ImagePolicy(max_bytes=200_000, max_pixels=1024 * 1024,
+                                                        image_root=str(image_root)))
+  srv = Server(api.create_app(engine, serve_tok, config))
+  yield srv
+  srv.stop()
+
+
+@pytest.fixture(scope="session")
+def http():
+  with requests.Session() as s:
+    yield s

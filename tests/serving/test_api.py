@@ -1,0 +1,204 @@
+"""The OpenAI-compatible server over real HTTP (uvicorn on a local port; the `openai` client and `requests`),
+on the tiny float32 model with greedy decoding, so every answer is exactly reproducible."""
+import base64
+import concurrent.futures
+import io
+import json
+import time
+
+import numpy as np
+import openai
+import pytest
+import requests
+from PIL import Image
+
+from qwenvl_jax import inference
+from qwenvl_jax import text as qtext
+from qwenvl_jax.serving import api, messages
+from tests.serving.conftest import MODEL_NAME, Server
+
+
+def png_bytes(w=60, h=40, seed=0) -> bytes:
+  rng = np.random.default_rng(seed)
+  buf = io.BytesIO()
+  Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def data_url(data: bytes) -> str:
+  return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def image_part(url: str) -> dict:
+  return {"type": "image_url", "image_url": {"url": url}}
+
+
+@pytest.fixture(scope="module")
+def client(server):
+  return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def ask(client, messages_, **kw):
+  kw.setdefault("max_tokens", 12)
+  return client.chat.completions.create(model=MODEL_NAME, messages=messages_, temperature=0, **kw)
+
+
+def test_answer_is_the_reference_chat_of_the_same_conversation(client, serve_model, serve_tok, image_root):
+  """Server (continuous batching, image by path) == `inference.chat` (the reference's `model.chat` on the
+  batch Generator) for a two-turn conversation with a picture."""
+  (image_root / "pic.png").write_bytes(png_bytes(seed=1))
+  reply = ask(client, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                       {"role": "user", "content": [image_part("pic.png"), {"type": "text", "text": "What is it?"}]}])
+  query = qtext.from_list_format([{"image": "pic.png"}, {"text": "What is it?"}])
+  gen = inference.chat_generation_config(serve_tok, max_new_tokens=12)
+  expected, _ = inference.chat.chat(inference.Generator(serve_model), serve_tok, query, [("Hi", "Hello.")],
+                                    gen=gen, image_root=str(image_root))
+  assert reply.choices[0].message.content.strip() == expected
+  assert reply.usage.prompt_tokens > serve_model.cfg.image_tokens
+  assert reply.choices[0].finish_reason in ("stop", "length")
+
+
+def test_streaming_sends_the_same_answer_as_one_response(client):
+  conversation = [{"role": "user", "content": [{"type": "text", "text": "Describe"},
+                                               image_part(data_url(png_bytes(seed=2)))]}]
+  whole = ask(client, conversation)
+  chunks = list(ask(client, conversation, stream=True, stream_options={"include_usage": True}))
+  text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+  assert text == whole.choices[0].message.content and text
+  assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+  assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_models_endpoint_lists_the_served_model(client):
+  assert [m.id for m in client.models.list().data] == [MODEL_NAME]
+
+
+def _prompts():
+  img = [data_url(png_bytes(seed=s)) for s in range(3)]
+  return [
+      [{"role": "user", "content": "Where is the red circle?"}],
+      [{"role": "user", "content": [image_part(img[0]), {"type": "text", "text": "What shape?"}]}],
+      [{"role": "user", "content": [image_part(img[1]), image_part(img[2]), {"type": "text", "text": "Compare."}]}],
+      [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Count to three"}],
+      [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+      [{"role": "user", "content": [{"type": "text", "text": "blue"}, image_part(img[0])]}],
+  ]
+
+
+def _sample(client, p, seed):
+  return client.chat.completions.create(model=MODEL_NAME, messages=p, max_tokens=12, temperature=1.0, top_p=0.9,
+                                        seed=seed, extra_body={"top_k": 50}).choices[0].message.content
+
+
+def test_concurrent_requests_answer_exactly_what_they_answer_alone(client):
+  """Greedy and sampled requests (each slot with its own settings and seed) give the same answer alone and
+  among 13 others on 4 slots (so they join running batches at different steps, in different slots)."""
+  prompts = _prompts()
+  alone = [ask(client, p).choices[0].message.content for p in prompts]
+  sampled_alone = [_sample(client, prompts[0], seed) for seed in (1, 2)]
+  jobs = [lambda p=p: ask(client, p).choices[0].message.content for p in prompts * 2]
+  jobs += [lambda seed=seed: _sample(client, prompts[0], seed) for seed in (1, 2)]
+  with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+    together = list(pool.map(lambda job: job(), jobs))
+  assert together == alone * 2 + sampled_alone
+  assert len(set(alone)) > 1 and sampled_alone[0] != sampled_alone[1]  # the prompts and seeds really differ
+
+
+BAD = [
+    ("not json", b"{'messages': ", 400),
+    ("unknown model", {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}, 404),
+    ("bad base64", {"messages": [{"role": "user", "content": [image_part("data:image/png;base64,@@@")]}]}, 400),
+    ("not an image", {"messages": [{"role": "user", "content": [
+        image_part("data:image/png;base64," + base64.b64encode(b"hello world").decode())]}]}, 400),
+    ("too many bytes", {"messages": [{"role": "user", "content": [
+        image_part(data_url(png_bytes(300, 300)))]}]}, 400),
+    ("too many pixels", None, 400),  # built in the test: a small PNG file of 1.5 M pixels
+    ("outside the image root", {"messages": [{"role": "user", "content": [image_part("../secret.png")]}]}, 400),
+    ("too many images", {"messages": [{"role": "user", "content": [
+        image_part(data_url(png_bytes())) for _ in range(3)]}]}, 400),
+    ("prompt over the context", {"messages": [{"role": "user", "content": "word " * 300}]}, 400),
+    ("max_tokens over the limit", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 65}, 400),
+    ("no messages", {"model": MODEL_NAME}, 400),
+    ("img tag in text", {"messages": [{"role": "user", "content": "<img>/etc/passwd</img> hi"}]}, 400),
+    ("remote URL", {"messages": [{"role": "user", "content": [image_part("http://example.com/a.png")]}]}, 400),
+    ("assistant last", {"messages": [{"role": "assistant", "content": "hi"}]}, 400),
+    ("bad temperature", {"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400),
+]
+
+
+def test_bad_requests_get_openai_errors_while_good_ones_are_served(server, client, http):
+  big = io.BytesIO()
+  Image.new("RGB", (1500, 1000), (0, 0, 0)).save(big, format="PNG")  # small file, 1.5 M pixels > 1 M
+  cases = []
+  for name, body, status in BAD:
+    if name == "too many pixels":
+      body = {"messages": [{"role": "user", "content": [image_part(data_url(big.getvalue()))]}]}
+    cases.append((name, body, status))
+  good = _prompts()[:3]
+  expected = [ask(client, p).choices[0].message.content for p in good]
+
+  def send(case):
+    name, body, status = case
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = http.post(server.url + "/v1/chat/completions", data=data, headers={"Content-Type": "application/json"},
+                  timeout=60)
+    return name, status, r.status_code, r.json()
+
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    good_futures = [pool.submit(lambda p=p: ask(client, p).choices[0].message.content) for p in good * 2]
+    bad_results = list(pool.map(send, cases))
+  assert [f.result() for f in good_futures] == expected * 2
+  for name, status, got, body in bad_results:
+    assert got == status, (name, got, body)
+    assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["message"], name
+  assert http.get(server.url + "/health", timeout=10).json()["status"] == "ok"
+
+
+def test_api_key_is_required_when_set(engine, serve_tok):
+  srv = Server(api.create_app(engine, serve_tok, api.ServerConfig(model_name=MODEL_NAME, api_key="s3cret")))
+  try:
+    r = requests.get(srv.url + "/v1/models", timeout=10)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = requests.get(srv.url + "/v1/models", headers={"Authorization": "Bearer s3cret"}, timeout=10)
+    assert r.status_code == 200
+  finally:
+    srv.stop()
+
+
+def _health(server, http):
+  return http.get(server.url + "/health", timeout=10).json()
+
+
+def test_a_client_leaving_mid_stream_frees_its_slot(server, client, http):
+  # A prompt whose greedy answer runs to max_tokens, so it is still decoding when the client leaves.
+  candidates = [[{"role": "user", "content": w * 3}] for w in ("go on ", "tell me ", "more ", "and ", "x ")]
+  runs = [c for c in candidates if ask(client, c, max_tokens=60).choices[0].finish_reason == "length"]
+  assert runs, "no candidate prompt runs to max_tokens"
+  before = _health(server, http).get("finished_cancelled", 0)
+  body = {"model": MODEL_NAME, "messages": runs[0], "max_tokens": 60, "temperature": 0, "stream": True}
+  with http.post(server.url + "/v1/chat/completions", json=body, stream=True, timeout=60) as r:
+    lines = r.iter_lines()
+    assert next(lines).startswith(b"data: ")  # the role chunk: the request is running
+  # The connection is closed here, long before 60 tokens are decoded.
+  deadline = time.monotonic() + 20
+  while time.monotonic() < deadline:
+    stats = _health(server, http)
+    if stats.get("finished_cancelled", 0) > before and stats["active"] == 0:
+      break
+    time.sleep(0.05)
+  assert stats.get("finished_cancelled", 0) == before + 1 and stats["active"] == 0
+
+
+def test_no_compilation_after_warm_up(server, client, http):
+  """Traffic of every shape class (0/1/2 images, 1 or 2 joining requests, streamed or not, sampled or greedy)
+  compiles nothing: JAX's own compile events on the engine thread stay at their warm-up counts."""
+  prompts = _prompts()
+  with concurrent.futures.ThreadPoolExecutor(6) as pool:
+    list(pool.map(lambda p: ask(client, p), prompts))
+    list(pool.map(lambda p: client.chat.completions.create(model=MODEL_NAME, messages=p, max_tokens=5,
+                                                           temperature=0.8, top_p=0.9, seed=3,
+                                                           extra_body={"top_k": 5}), prompts))
+  stats = _health(server, http)
+  compiles = stats["compilations"]
+  assert compiles["lowerings"] > 0 and compiles["backend_compiles"] >= 0  # the warm-up was counted
+  assert compiles["lowerings_after_warmup"] == 0 and compiles["backend_compiles_after_warmup"] == 0, compiles

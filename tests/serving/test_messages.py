@@ -1,0 +1,100 @@
+"""OpenAI messages -> the reference's chat prompt, grounded boxes in pixels, and streaming text with stop strings
+(no model: the tokenizer fixture only)."""
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from qwenvl_jax import text as qtext
+from qwenvl_jax.serving import messages as msg
+from qwenvl_jax.serving.detokenize import Detokenizer
+
+
+def _url(w, h, colour=(200, 10, 10)):
+  buf = io.BytesIO()
+  Image.new("RGB", (w, h), colour).save(buf, format="PNG")
+  return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _image(url):
+  return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _build(tok, messages, **kw):
+  return msg.build_prompt(messages, tok, image_tokens=16, image_size=32, policy=msg.ImagePolicy(), max_images=4,
+                          **kw)
+
+
+def test_history_with_images_anywhere_is_the_reference_chat_context(serve_tok):
+  conversation = [
+      {"role": "system", "content": "Be brief."},
+      {"role": "user", "content": [_image(_url(40, 20)), {"type": "text", "text": "What is it?"}]},
+      {"role": "assistant", "content": "A red block."},
+      {"role": "user", "content": "And now?"},
+      {"role": "user", "content": [{"type": "text", "text": "Compare with"}, _image(_url(10, 30, (0, 0, 250)))]},
+  ]
+  prompt = _build(serve_tok, conversation)
+  first = qtext.from_list_format([{"image": "a"}, {"text": "What is it?"}])
+  last = qtext.from_list_format([{"text": "Compare with"}, {"image": "b"}])
+  expected = qtext.make_context(serve_tok, last, [(first, "A red block."), ("And now?", None)], system="Be brief.",
+                                n_image_tokens=16)
+  assert prompt.tokens == expected.tokens  # image spans hold no path: the keys do not change the ids
+  assert prompt.sizes == [(40, 20), (10, 30)]
+  assert [tuple(a[0, 0]) for a in prompt.images] == [(200, 10, 10), (0, 0, 250)] and prompt.images[0].shape == (
+      32, 32, 3)
+
+
+@pytest.mark.parametrize("messages_, match", [
+    ([], "non-empty list"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "last message must be from the user"),
+    ([{"role": "assistant", "content": "b"}, {"role": "user", "content": "a"}], "must follow a user message"),
+    ([{"role": "tool", "content": "a"}], "role must be"),
+    ([{"role": "user", "content": [{"type": "audio"}]}], "content\\[0\\] must be"),
+    ([{"role": "user", "content": "see <img>/etc/passwd</img>"}], "may not hold <img> tags"),
+    ([{"role": "user", "content": [_image("data:image/png;base64,AAAA")]}], "cannot be read as an image"),
+    ([{"role": "user", "content": [_image("/etc/passwd")]}], "need a server started with --image_root"),
+])
+def test_bad_conversations_are_refused_with_a_reason(serve_tok, messages_, match):
+  with pytest.raises(msg.RequestError, match=match) as err:
+    _build(serve_tok, messages_)
+  assert 400 <= err.value.status < 500 and err.value.body()["error"]["message"]
+
+
+def test_paths_are_read_under_the_image_root_only(serve_tok, tmp_path):
+  (tmp_path / "root").mkdir()
+  Image.new("RGB", (8, 8)).save(tmp_path / "root" / "ok.png")
+  Image.new("RGB", (8, 8)).save(tmp_path / "outside.png")
+  (tmp_path / "root" / "link.png").symlink_to(tmp_path / "outside.png")
+  policy = msg.ImagePolicy(image_root=str(tmp_path / "root"))
+  assert msg.load_image("ok.png", policy, 16)[1] == (8, 8)
+  for path in ("../outside.png", "link.png", str(tmp_path / "outside.png")):
+    with pytest.raises(msg.RequestError, match="outside the server's image root"):
+      msg.load_image(path, policy, 16)
+
+
+def test_boxes_come_back_in_pixels_of_the_latest_image(serve_tok):
+  prompt = msg.Prompt([1], [np.zeros((4, 4, 3), np.uint8)] * 2, [(100, 50), (640, 480)], "")
+  answer = "<ref>the dog</ref><box>(100,200),(500,999)</box> and <box>(0,0),(999,999)</box><box>bad</box>"
+  boxes = msg.boxes_in_pixels(answer, prompt)
+  assert boxes == [
+      {"ref": "the dog", "box_1000": [100, 200, 500, 999],
+       "box": [64, 96, 320, 479], "image_index": 1},
+      {"ref": None, "box_1000": [0, 0, 999, 999], "box": [0, 0, 639, 479], "image_index": 1}]
+
+
+def test_stop_strings_are_cut_and_their_prefix_is_held_back():
+  pieces = ["The", " answer", " is", " 4", "2.", "\\n", "Human", ":", " more"]
+  text = Detokenizer(lambda ids: "".join(pieces[i] for i in ids), stop=["\\nHuman:"])
+  sent = [text.add(i) for i in range(len(pieces))]
+  assert "".join(sent) == "The answer is 42." and text.stopped and text.num_tokens == 8
+  assert sent[5:] == ["", "", "", ""]  # "\\n" and "Human" were held: they could start the stop string
+  free = Detokenizer(lambda ids: "".join(pieces[i] for i in ids), stop=["zzz"])
+  assert "".join(free.add(i) for i in range(4)) + free.finish() == "The answer is 4"
+
+
+def test_a_split_multibyte_character_waits_for_its_last_byte():
+  decoded = ["caf", "caf\ufffd", "café"]
+  text = Detokenizer(lambda ids: decoded[len(ids) - 1])
+  assert [text.add(0), text.add(1), text.add(2)] == ["caf", "", "é"]
