@@ -8,14 +8,28 @@ r"""Weight conversion between PyTorch checkpoints and the Orbax params checkpoin
   # Orbax -> Hugging Face format (bf16 safetensors shards + index + config.json), loadable by the reference:
   python -m qwenvl_jax.convert --mode=orbax_to_torch --src=/ckpt/finetuned_params --dst=/ckpt/export \
       --reference_files=/ckpt/Qwen-VL-Chat
+  # Weight-only int8 (per channel) or int4 (per group) params checkpoint, loaded by generate/evaluate as stored:
+  python -m qwenvl_jax.convert --mode=quantize --quantize=int8 --src=/ckpt/qwenvl_chat_params --dst=/ckpt/chat_int8
+  # A LoRA trainer run (WORKDIR[@STEP]) -> merged params checkpoint (W + alpha/r * A @ B, bf16), or -> a PEFT
+  # adapter directory in the reference's module names (peft.PeftModel.from_pretrained loads it):
+  python -m qwenvl_jax.convert --mode=merge_lora --src=runs/stage3 --dst=/ckpt/merged_params
+  python -m qwenvl_jax.convert --mode=export_peft --src=runs/stage3@150 --dst=/ckpt/peft_adapter
 """
 
+import sys
+
+import jax
+import jax.numpy as jnp
 from absl import app, flags
+from flax import nnx
+
+from qwenvl_jax import cli
 
 from qwenvl_jax import checkpoint
 from qwenvl_jax.model.config import PRESETS, get_preset
 
-_MODE = flags.DEFINE_enum("mode", "torch_to_orbax", ["torch_to_orbax", "orbax_to_torch", "init_from_pretrained"],
+_MODE = flags.DEFINE_enum("mode", "torch_to_orbax", ["torch_to_orbax", "orbax_to_torch", "init_from_pretrained",
+                                     "quantize", "merge_lora", "export_peft"],
                           "Conversion direction.")
 _SRC = flags.DEFINE_string("src", None, "Input: a PyTorch checkpoint (directory or file) or a params checkpoint.")
 _DST = flags.DEFINE_string("dst", None, "Output directory; must not exist.", required=True)
@@ -27,6 +41,8 @@ _OPENCLIP = flags.DEFINE_string("openclip", None, "init_from_pretrained: OpenCLI
 _QWEN7B = flags.DEFINE_string("qwen7b", None, "init_from_pretrained: Qwen-7B Hugging Face directory.")
 _SEED = flags.DEFINE_integer("seed", 0, "init_from_pretrained: seed of the fresh adapter.")
 _SHARD_GB = flags.DEFINE_float("max_shard_gb", 2.0, "orbax_to_torch: maximum size of one safetensors shard (GB).")
+_QUANTIZE = flags.DEFINE_enum("quantize", "int8", ["int8", "int4"], "quantize: int8 per channel or int4 per group.")
+_GROUP = flags.DEFINE_integer("group_size", 128, "quantize: int4 group size along each kernel's contracted axis.")
 _REFERENCE = flags.DEFINE_string("reference_files", None,
                                  "orbax_to_torch: a Hugging Face Qwen-VL directory whose code/tokenizer files are "
                                  "copied into the export.")
@@ -45,12 +61,66 @@ def main(argv):
     return
   if not _SRC.value:
     raise app.UsageError(f"--mode={mode} needs --src")
-  if mode == "torch_to_orbax":
+  if mode in ("merge_lora", "export_peft"):
+    _lora(mode, _SRC.value, _DST.value, _DTYPE.value or "bfloat16")
+    return
+  if mode == "quantize":
+    _quantize(_SRC.value, _DST.value, cfg)
+  elif mode == "torch_to_orbax":
     checkpoint.torch_to_orbax(_SRC.value, _DST.value, cfg, dtype=_DTYPE.value)
   else:
     checkpoint.orbax_to_torch(_SRC.value, _DST.value, cfg, dtype=_DTYPE.value or "bfloat16",
                               max_shard_bytes=int(_SHARD_GB.value * 1e9), reference_files=_REFERENCE.value)
 
 
+def _quantize(src: str, dst: str, cfg) -> None:
+  """Float params checkpoint -> quantized params checkpoint, one kernel in float memory at a time."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.inference import loading, quantized  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.model import quantize as qlib  # pylint: disable=import-outside-toplevel
+  if os.path.exists(dst):
+    raise FileExistsError(f"{dst} exists; refusing to overwrite it (choose a new output directory)")
+  if not os.path.isdir(src):
+    raise FileNotFoundError(f"params checkpoint {src!r} does not exist")
+  # Quantize from float32 (exact for bf16 sources); the small unquantized leaves are stored in float32 too.
+  cfg = dataclasses.replace(cfg, dtype="float32", param_dtype="float32", remat_policy="none")
+  reader = checkpoint.ParamReader(src)
+  vocab = reader.shapes.get("llm.wte.embedding", ((cfg.llm.vocab_size,),))[0][0]
+  # The stored vocabulary decides (a demo model may have grown it); `<imgpad>` does not shape any parameter.
+  cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, vocab_size=vocab),
+                            image_pad_id=min(cfg.image_pad_id, vocab - 1))
+  qcfg = qlib.QuantConfig(mode=_QUANTIZE.value, group_size=_GROUP.value)
+  mesh, rules = loading.inference_mesh()
+  model = quantized.quantize_checkpoint_on_load(src, cfg, qcfg, mesh, rules)
+  quantized.save_quantized(model, dst, qcfg, sources={"params": os.path.abspath(src)})
+
+
+def _lora(mode: str, src: str, dst: str, dtype: str) -> None:
+  """merge_lora / export_peft of the LoRA trainer run `src`; a bad source is one error line and exit status 1."""
+  import os  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.checkpoint import peft_export  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.model import lora  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.training import peft  # pylint: disable=import-outside-toplevel
+  if os.path.exists(dst):
+    sys.exit(f"error: {dst} already exists; choose a new output directory")
+  try:
+    model, lcfg, _ = peft.load_run(src)
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f"error: {e}")
+  if mode == "export_peft":
+    try:
+      peft_export.export_peft(model, lcfg, dst)
+    except ValueError as e:
+      sys.exit(f"error: {e}")
+    print(f"wrote PEFT adapter ({lcfg.rank=}, {lcfg.alpha=}) to {dst}")
+    return
+  lora.merge_lora(model)
+  target = None if dtype == "keep" else jnp.dtype(dtype)
+  params = jax.tree.map(lambda x: x if target is None else x.astype(target), nnx.to_pure_dict(nnx.state(model)))
+  checkpoint.save_params(dst, params)
+  print(f"wrote merged params ({dtype}) to {dst}")
+
+
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

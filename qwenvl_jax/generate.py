@@ -19,6 +19,8 @@ import sys
 
 from absl import app, flags
 
+from qwenvl_jax import cli, errors
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "A training run directory, <run>/checkpoints/<step>, or a params "
                     "checkpoint directory; omit to run random weights (smoke tests).")
@@ -43,6 +45,11 @@ flags.DEFINE_integer("seed", 0, "Sampling seed (and the random weights' seed).")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.")
 flags.DEFINE_integer("image_size", None, "Override the preset's input resolution (224 or 448).")
 flags.DEFINE_string("rules", "fsdp", "Sharding rule table of qwenvl_jax/sharding_rules.py.")
+flags.DEFINE_enum("quantize", "none", ["none", "int8", "int4"],
+                  "Weight-only quantization at load time (int8 per channel, int4 per group). A checkpoint written by "
+                  "`convert --mode=quantize` loads quantized as stored.")
+flags.DEFINE_integer("group_size", 128, "int4 group size along each kernel's contracted axis.")
+flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "int8"], "KV cache storage: the compute dtype, or int8.")
 
 
 def _read_history(path: str | None) -> list[tuple[str, str]]:
@@ -72,12 +79,15 @@ def _free_png_path(image: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.quiet_libraries()
   for path in (FLAGS.output_image, FLAGS.save_history):
     if path and os.path.exists(path):
       raise FileExistsError(f"{path} already exists; it is never overwritten: choose another path")
   for path in FLAGS.image:
+    if os.path.isdir(path):
+      raise errors.UserFileNotFoundError(f"--image={path} is a folder, not an image file")
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"image file {path!r} does not exist")
+      raise errors.UserFileNotFoundError(f"--image={path}: image file does not exist")
 
   import jax  # pylint: disable=import-outside-toplevel
   from qwenvl_jax import inference, sharding  # pylint: disable=import-outside-toplevel
@@ -98,9 +108,10 @@ def main(argv):
       tok, source.chat_format, max_new_tokens=FLAGS.max_new_tokens, do_sample=FLAGS.do_sample,
       temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p)
   # Built outside `use_rules`: the loaders enter the mesh themselves, after the abstract (mesh-free) trace.
-  model = loading.load_model(cfg, source.params, mesh, rules, seed=FLAGS.seed, preset=source.preset)
+  model = loading.load_model(cfg, source.params, mesh, rules, seed=FLAGS.seed, preset=source.preset,
+                             quantize=FLAGS.quantize, group_size=FLAGS.group_size)
   with sharding.use_rules(mesh, rules):
-    generator = inference.Generator(model)
+    generator = inference.Generator(model, kv_cache_dtype=None if FLAGS.kv_cache_dtype == "auto" else "int8")
     reply = inference.chat_stream(generator, tok, query, history, system=FLAGS.system,
                                   chat_format=source.chat_format, gen=gen_cfg, key=jax.random.key(FLAGS.seed))
     for delta in reply:
@@ -120,4 +131,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

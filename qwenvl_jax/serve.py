@@ -17,6 +17,8 @@ import sys
 
 from absl import app, flags
 
+from qwenvl_jax import cli
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "A training run directory, <run>/checkpoints/<step>, or a params "
                     "checkpoint; omit to serve random weights (smoke tests).")
@@ -91,4 +93,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

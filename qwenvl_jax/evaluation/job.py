@@ -26,21 +26,29 @@ from qwenvl_jax.inference import decode, loading, model_source, scoring
 class EvalJob:
   """The model, tokenizer and mesh of one run, and the per-batch work."""
 
-  def __init__(self, config, task: tasks_lib.EvalTask, shots: few_shot_lib.ShotSampler | None = None):
+  def __init__(self, config, task: tasks_lib.EvalTask, shots: few_shot_lib.ShotSampler | None = None, *,
+               model: tuple | None = None):
+    """`model`: (tokenizer, model config, mesh, rules, nnx model) already built (evaluation during training: later
+    steps swap `generator.state`); else they are loaded as `config` says."""
     self.config, self.task = config, task
-    # A training run directory (or its checkpoints/<step>) supplies preset, image size and tokenizer; the
-    # official prompts are raw text whatever the run trained on, so its chat format is not used.
-    source = model_source.resolve(config.checkpoint or None, model=config.model or None,
-                                  tokenizer=config.tokenizer or None, image_size=config.get("image_size"))
-    if not source.tokenizer:
-      raise ValueError("config.tokenizer is required unless config.checkpoint is a training run")
-    self.tok = qtext.load_tokenizer(source.tokenizer)
-    self.cfg = loading.model_config(source.preset, self.tok, dtype=config.dtype,
-                                    random_weights=not source.params, image_size=source.image_size)
-    self.mesh, self.rules = loading.inference_mesh(config.rules, **config.mesh.to_dict())
-    model = loading.load_model(self.cfg, source.params, self.mesh, self.rules, seed=config.seed,
-                               preset=source.preset)
-    self.generator = decode.Generator(model)
+    if model is None:
+      # A training run directory (or its checkpoints/<step>) supplies preset, image size and tokenizer; the
+      # official prompts are raw text whatever the run trained on, so its chat format is not used.
+      source = model_source.resolve(config.checkpoint or None, model=config.model or None,
+                                    tokenizer=config.tokenizer or None, image_size=config.get("image_size"))
+      if not source.tokenizer:
+        raise ValueError("config.tokenizer is required unless config.checkpoint is a training run")
+      self.tok = qtext.load_tokenizer(source.tokenizer)
+      self.cfg = loading.model_config(source.preset, self.tok, dtype=config.dtype,
+                                      random_weights=not source.params, image_size=source.image_size)
+      self.mesh, self.rules = loading.inference_mesh(config.rules, **config.mesh.to_dict())
+      module = loading.load_model(self.cfg, source.params, self.mesh, self.rules, seed=config.seed,
+                                  preset=source.preset, quantize=config.get("quantize"),
+                                  group_size=config.get("quantize_group_size"))
+    else:
+      self.tok, self.cfg, self.mesh, self.rules, module = model
+    kv = config.get("kv_cache_dtype", "auto")
+    self.generator = decode.Generator(module, kv_cache_dtype=None if kv in ("auto", "") else kv)
     self.scorer = scoring.LikelihoodScorer(self.generator)
     self.local_rows = config.per_device_batch_size * jax.local_device_count()
     self.global_rows = config.per_device_batch_size * jax.device_count()

@@ -133,6 +133,25 @@ def run(config) -> dict | None:
   return results.finalize(task, examples, ledger_dir, output, config=record)
 
 
+def predict(job: EvalJob, examples: Sequence[EvalExample]) -> list[str | int] | None:
+  """The predictions of `examples` (all processes call it; process 0 gets them in order, the others None): the
+  same sharding, batching, padding and decoding as `run`, without ledgers or output file."""
+  mine = results.shard(list(examples), jax.process_count(), jax.process_index())
+  longest = -(-len(examples) // jax.process_count())
+  got = {}
+  for b in range(-(-longest // job.local_rows)):
+    chunk = mine[b * job.local_rows:(b + 1) * job.local_rows]
+    if job.task.generates:
+      records = _generated_records(job, chunk)
+    else:
+      chosen, _ = job.choose(chunk)
+      records = collectives.gather_json([{"id": e.example_id, "prediction": c} for e, c in zip(chunk, chosen)])
+    got.update((r["id"], r["prediction"]) for r in records)
+  if jax.process_index() != 0:
+    return None
+  return [got[e.example_id] for e in examples]
+
+
 def _shot_sampler(config, task: tasks_lib.EvalTask, tfds_data_dir: str | None) -> few_shot_lib.ShotSampler | None:
   """The few-shot sampler of `config.few_shot` > 0 (its pool read from `config.few_shot_path`), else None."""
   k = config.get("few_shot", 0)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
@@ -253,11 +254,12 @@ def decode_step(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, pos
   return out.logits[:, 0].astype(jnp.float32), out.cache
 
 
-def _start(graphdef, gen: GenerationConfig, state, batch: dict, key, dyn: dict) -> DecodeState:
-  """Prefill + the first new token (slot P of the buffer)."""
+def _start(graphdef, gen: GenerationConfig, state, batch: dict, key, dyn: dict, kv_cache_dtype=None
+           ) -> DecodeState:
+  """Prefill + the first new token (slot P of the buffer). kv_cache_dtype: None (compute dtype) or "int8"."""
   b, p = batch["input_ids"].shape
   model = nnx.merge(graphdef, state)
-  cache = model.llm.init_cache(b, p + gen.max_new_tokens)
+  cache = model.llm.init_cache(b, p + gen.max_new_tokens, dtype=kv_cache_dtype)
   lengths = batch["segment_ids"].sum(axis=1).astype(jnp.int32)
   logits, cache = prefill(graphdef, state, batch, cache, rope_base=batch["rope_base"], logn=gen.logn)
   tokens = jnp.concatenate([batch["input_ids"], jnp.full((b, gen.max_new_tokens), dyn["pad_id"], jnp.int32)], 1)
@@ -280,9 +282,9 @@ def _advance(graphdef, gen: GenerationConfig, p: int, state, s: DecodeState, dyn
   return s._replace(cache=cache, tokens=tokens, step=s.step + 1, done=s.done | (nxt == dyn["eos_id"]), key=key)
 
 
-def _generate_all(graphdef, gen: GenerationConfig, state, batch: dict, key, dyn: dict):
+def _generate_all(graphdef, gen: GenerationConfig, state, batch: dict, key, dyn: dict, kv_cache_dtype=None):
   p = batch["input_ids"].shape[1]
-  s = _start(graphdef, gen, state, batch, key, dyn)
+  s = _start(graphdef, gen, state, batch, key, dyn, kv_cache_dtype)
 
   def cond(carry):
     s = carry[1]
@@ -301,18 +303,23 @@ class Generator:
   """Jitted generation for one model.
 
   Usage:
-    gen = Generator(model)                       # a QwenVL (any dtype; the cache uses the compute dtype)
+    gen = Generator(model)                       # a QwenVL (any dtype, float or quantized weights)
+    gen = Generator(model, kv_cache_dtype="int8")   # int8 KV cache (half the bytes of bf16; `qwen.KVCache`)
     batch = make_prompt_batch(prompts, images, pad_id=..., image_pad_id=..., image_tokens=...)
     new_tokens = gen.generate(batch, GenerationConfig(max_new_tokens=30))     # int32[B, N], pad after eos
     for step_tokens in gen.stream(batch, config): ...                         # int32[B] per step
   """
 
-  def __init__(self, model: nnx.Module, *, state: nnx.State | None = None):
+  def __init__(self, model: nnx.Module, *, state: nnx.State | None = None, kv_cache_dtype: str | None = None):
+    if kv_cache_dtype not in (None, "int8"):
+      raise ValueError(f"kv_cache_dtype must be None (the compute dtype) or 'int8', got {kv_cache_dtype!r}")
     self.cfg: QwenVLConfig = model.cfg
+    self.kv_cache_dtype = kv_cache_dtype
     self.graphdef, model_state = nnx.split(model)
     self.state = model_state if state is None else state
-    self._generate = jax.jit(_generate_all, static_argnums=(0, 1))
-    self._start = jax.jit(_start, static_argnums=(0, 1))
+    self._generate = jax.jit(functools.partial(_generate_all, kv_cache_dtype=kv_cache_dtype),
+                             static_argnums=(0, 1))
+    self._start = jax.jit(functools.partial(_start, kv_cache_dtype=kv_cache_dtype), static_argnums=(0, 1))
     self._advance = jax.jit(_advance, static_argnums=(0, 1, 2), donate_argnums=(4,))
 
   def device_batch(self, batch: PromptBatch, gen: GenerationConfig) -> dict:

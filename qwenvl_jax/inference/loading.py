@@ -49,17 +49,40 @@ def inference_mesh(rules_name: str = "fsdp", **ici) -> tuple[jax.sharding.Mesh, 
 
 
 def load_model(cfg: QwenVLConfig, checkpoint: str | None, mesh: jax.sharding.Mesh, rules: sharding.Rules, *,
-               seed: int = 0, preset: str | None = None) -> QwenVL:
+               seed: int = 0, preset: str | None = None, quantize: str | None = None,
+               group_size: int | None = None) -> QwenVL:
   """Restores `checkpoint` (a params directory) onto `mesh`, or initializes random weights when it is None.
 
-  preset: the name `cfg` came from; when given, the stored shapes are checked first and a mismatch names the
-  differing parameters and the preset that fits (`model_source.check_preset`).
+  preset: the name `cfg` came from; when given, the stored shapes of a float checkpoint are checked first and a
+    mismatch names the differing parameters and the preset that fits (`model_source.check_preset`).
+  quantize: None/"none" keeps the stored weights; "int8" / "int4" quantizes them weight-only
+    (`qwenvl_jax.inference.quantized`), leaf by leaf while restoring. A checkpoint written quantized
+    (`convert --mode=quantize`) is always loaded quantized as stored; `quantize` must then match it or be None.
+  group_size: int4 group size (default `model.quantize.DEFAULT_GROUP_SIZE`).
   """
+  qcfg = quantization_config(quantize, group_size)
   if checkpoint:
     from qwenvl_jax import checkpoint as ckpt  # pylint: disable=import-outside-toplevel
+    from qwenvl_jax.inference import quantized  # pylint: disable=import-outside-toplevel
     if not os.path.isdir(checkpoint):
       raise FileNotFoundError(f"checkpoint directory {checkpoint!r} does not exist")
+    if quantized.checkpoint_quantization(checkpoint) is not None:
+      return quantized.load_quantized_model(checkpoint, cfg, mesh, rules, expected=qcfg)
     if preset is not None:
       model_source.check_preset(checkpoint, cfg, preset)
+    if qcfg is not None:
+      return quantized.quantize_checkpoint_on_load(checkpoint, cfg, qcfg, mesh, rules)
     return ckpt.load_model(checkpoint, cfg, mesh, rules)
-  return sharding.init_sharded(lambda: QwenVL(cfg, rngs=nnx.Rngs(seed)), mesh, rules)
+  model = sharding.init_sharded(lambda: QwenVL(cfg, rngs=nnx.Rngs(seed)), mesh, rules)
+  if qcfg is not None:
+    from qwenvl_jax.inference import quantized  # pylint: disable=import-outside-toplevel
+    model = quantized.quantize_sharded(model, qcfg, mesh, rules)
+  return model
+
+
+def quantization_config(quantize: str | None, group_size: int | None = None):
+  """The `model.quantize.QuantConfig` of a `--quantize` value ("none"/None/"" = no quantization -> None)."""
+  if quantize in (None, "", "none"):
+    return None
+  from qwenvl_jax.model import quantize as qlib  # pylint: disable=import-outside-toplevel
+  return qlib.QuantConfig(mode=quantize, group_size=group_size or qlib.DEFAULT_GROUP_SIZE)

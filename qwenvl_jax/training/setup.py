@@ -4,6 +4,12 @@
 allocating a parameter: the model's graph and abstract state, parameter and Adam-state shardings (each moment like
 its parameter), the stage optimizer and its labels, and the pure `train_step`. The trainer then materializes the
 state; the planner AOT-compiles the same step for a TPU topology. One function, so the two cannot drift apart.
+
+Optimizer offload (`config.optimizer.offload`, as MaxText's `optimizer_memory_host_offload`): the AdamW moments'
+shardings get memory kind `pinned_host`, so the state lives in host RAM between steps; the step moves it to device
+memory (`jax.device_put` to the same sharding in `device` memory) right before the update, and its output
+shardings put the new state back on the host. The trainer's `jax.jit(tx.init, out_shardings=...)` and the checkpoint
+restore use the same shardings, so the state is never whole on the device outside the update.
 """
 
 from __future__ import annotations
@@ -59,6 +65,26 @@ class StepSetup(NamedTuple):
   replicated: NamedSharding
 
 
+HOST_MEMORY = "pinned_host"
+
+
+def host_offloaded(shardings: Any, abstract: Any) -> Any:
+  """The same shardings in host memory (`pinned_host`) for every array of `abstract` but scalars (step counts)."""
+  return jax.tree.map(lambda s, a: s.with_memory_kind(HOST_MEMORY) if a.ndim else s, shardings, abstract)
+
+
+def device_memory(shardings: Any) -> Any:
+  """The same shardings in the device's default memory."""
+  return jax.tree.map(lambda s: s.with_memory_kind("device"), shardings)
+
+
+def _on_device_for_update(step_fn: Callable, opt_device_shardings: Any) -> Callable:
+  """`step_fn` that first moves the (host-resident) optimizer state into device memory."""
+  def step(state, batch):
+    return step_fn(state._replace(opt_state=jax.device_put(state.opt_state, opt_device_shardings)), batch)
+  return step
+
+
 def build_step(config: ml_collections.ConfigDict, cfg: QwenVLConfig, mesh, rules: sharding.Rules, *,
                seed: int = 0) -> StepSetup:
   """The abstract, sharded train step of `config` for model `cfg` on `mesh` (nothing is allocated)."""
@@ -79,6 +105,9 @@ def build_step(config: ml_collections.ConfigDict, cfg: QwenVLConfig, mesh, rules
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   # Each Adam moment sharded like its parameter (left to the compiler, tx.init's zeros come back replicated).
   opt_shardings = opt_state_shardings(tx, abstract_opt, param_shardings, replicated)
+  if config.optimizer.get("offload", False):
+    opt_shardings = host_offloaded(opt_shardings, abstract_opt)
+    step_fn = _on_device_for_update(step_fn, device_memory(opt_shardings))
   abstract_opt = with_shardings(abstract_opt, opt_shardings)
   return StepSetup(graphdef, abstract_state, state_shardings, abstract_params, param_shardings, abstract_opt,
                    opt_shardings, TrainState(replicated, param_shardings, opt_shardings), tx, schedule, labels,

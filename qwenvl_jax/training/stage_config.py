@@ -99,7 +99,9 @@ def stage_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
   c.optimizer.wd_exclude = r".*/(bias|scale)"  # no decay on biases and norm scales
   c.optimizer.grad_clip = 1.0
   c.optimizer.vit_layer_decay = d["layer_decay"]
-  c.optimizer.mu_dtype = ""        # '' = parameter dtype
+  c.optimizer.mu_dtype = ""        # '' = parameter dtype; bfloat16 halves the first moment
+  c.optimizer.nu_dtype = ""        # '' = parameter dtype; bfloat16 halves the second moment (optimizer.py)
+  c.optimizer.offload = False      # keep the AdamW state in host memory (pinned_host), on device only in the step
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.ici = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
@@ -134,6 +136,18 @@ def stage_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
 
   c.distributed = distributed.default_config()   # multi-process start-up (qwenvl_jax/distributed.py)
 
+  # Evaluation during training (qwenvl_jax/evaluation/during_training.py): every `eval_every` steps and at the
+  # end, the eval job's code on the current parameters; scores go to metrics.jsonl and TensorBoard (eval/...).
+  c.eval_every = 0                 # 0 = off
+  c.eval = ml_collections.ConfigDict()
+  c.eval.task = "flickr"           # a task name or its config file, configs/eval/<task>.py
+  c.eval.data_path = ""            # '' = a synthetic held-out set when training on synthetic data, else the
+                                   # task's official file; any file of its format or a tfds:/array_record: spec
+  c.eval.annotation_path = ""      # VQA: the official annotation JSON ('' = the task's / the config file's)
+  c.eval.image_root = ""
+  c.eval.max_examples = 32         # the first N examples (0 = all)
+  c.eval.per_device_batch_size = 4
+  c.profile_steps = ""             # "a:b": a jax.profiler trace of steps a..b-1 in <workdir>/profile
   c.peak_flops_per_device = 0.0    # > 0 overrides the chip table (e.g. to report an MFU on CPU)
   c.progress_bar = True
   c.tensorboard = True

@@ -124,6 +124,32 @@ def test_weight_decay_skips_biases_and_norms():
   np.testing.assert_allclose(updates["a"]["scale"], 0.0)
 
 
+def test_bf16_second_moment_tracks_the_float32_adam():
+  """`nu_dtype=bfloat16` stores nu in bf16 and gives the float32 AdamW's updates to bf16 rounding."""
+  params = {"w": jnp.linspace(-1.0, 1.0, 64).reshape(8, 8), "b": jnp.zeros(8)}
+  grads = [jax.tree.map(lambda p, k=k: jnp.sin(p * (k + 1.0)) + 0.1 * k, params) for k in range(5)]
+  results = {}
+  for name, kw in {"f32": {}, "bf16": dict(mu_dtype="bfloat16", nu_dtype="bfloat16")}.items():
+    tx, _, _ = optimizer.make_optimizer(_opt_config(warmup_steps=0, **kw), params, frozen=(), total_steps=10,
+                                        vit_layers=1)
+    state, p = tx.init(params), params
+    for g in grads:
+      updates, state = tx.update(g, state, p)
+      p = optax.apply_updates(p, updates)
+    results[name] = (p, state)
+  adam = [s for s in jax.tree.leaves(results["bf16"][1], is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+          if isinstance(s, optax.ScaleByAdamState)]
+  assert adam and all(x.dtype == jnp.bfloat16 for s in adam for x in jax.tree.leaves((s.mu, s.nu)))
+  for a, b, p0 in zip(jax.tree.leaves(results["f32"][0]), jax.tree.leaves(results["bf16"][0]),
+                      jax.tree.leaves(params)):
+    assert a.dtype == b.dtype == jnp.float32  # the parameters themselves stay float32
+    # bf16 rounding of the moments (8 mantissa bits) moves each parameter by < 1 % of its total movement.
+    moved = np.abs(np.asarray(a) - np.asarray(p0)).max()
+    assert np.abs(np.asarray(b) - np.asarray(a)).max() <= 0.01 * moved
+  assert not all(np.array_equal(np.asarray(a), np.asarray(b))
+                 for a, b in zip(jax.tree.leaves(results["f32"][0]), jax.tree.leaves(results["bf16"][0])))
+
+
 def _opt_state_specs() -> dict[str, list]:
   """Optimizer-state PartitionSpecs of the 9.6B model in every stage under fsdp_tp on a (1, 4, 2) mesh, keyed by
   `jax.tree_util.keystr` of the optimizer-state leaf (abstract: nothing is allocated)."""

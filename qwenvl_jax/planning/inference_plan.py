@@ -1,0 +1,194 @@
+"""Plans quantized (or float) inference for a TPU topology: the real prefill and decode step, AOT-compiled.
+
+  python -m qwenvl_jax.planning.inference_plan --preset=qwen_vl_7b --topology=v5e-1 --quantize=int8 \\
+      --batch=4 --context=2048 --kv_cache_dtype=bfloat16
+  python -m qwenvl_jax.planning.inference_plan --preset=qwen_vl_7b --topology=v5e-1 --quantize=int8 \\
+      --batch=8 --context=2048 --kv_cache_dtype=int8
+
+Letters: B rows, C context (cache slots: prompt + new tokens), P prompt length, M images per row.
+
+It builds what `inference.Generator` runs — the quantized model's graph and abstract state
+(`model.quantize.quantize_model` under `nnx.eval_shape`), rule-table shardings over the topology's abstract
+devices, an abstract KV cache of C slots (bf16 or int8) — and compiles two programs with `planning.aot`:
+  * `decode`: `inference.decode_step` (one token per row against the full cache; the cache donated, as the
+    generation loop carries it), whose arguments are the weights + the cache that live through a generation;
+  * `prefill`: `inference.prefill` of P prompt tokens with M images per row into the cache (the peak of
+    activations: the ViT, the adapter and a P x C attention per layer).
+Nothing is allocated and no TPU is needed (libtpu is: requirements-tpu-aot.txt). When a plan does not fit, the
+report says by how much and what would (a smaller batch, an int8 cache, int4 weights, more chips).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from qwenvl_jax import sharding
+from qwenvl_jax.hardware import chips
+from qwenvl_jax.hardware.chips import GIB
+from qwenvl_jax.inference import decode
+from qwenvl_jax.model import QwenVL, get_preset
+from qwenvl_jax.model import quantize as qlib
+from qwenvl_jax.model.config import QwenVLConfig
+from qwenvl_jax.planning import aot, mesh as mesh_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class InferencePlan:
+  """The two compiled programs' plans and what they were built from."""
+  decode: aot.StepPlan
+  prefill: aot.StepPlan | None
+  weight_bytes: dict[str, int]      # whole model, by dtype (int4 counted as half a byte)
+  cache_bytes: int                  # whole cache, all chips
+  facts: dict
+
+  def format(self) -> str:
+    f = self.facts
+    weights = sum(self.weight_bytes.values())
+    lines = [f"inference: {f['model']} weights {f['quantize']}, KV cache {f['kv_cache_dtype']}, batch {f['batch']}, "
+             f"context {f['context']} slots, prompt {f['prompt']} tokens with {f['images']} image(s) per row, "
+             f"mesh {f['mesh']}",
+             f"  weights {weights / GIB:.2f} GiB ("
+             + ", ".join(f"{k} {v / GIB:.2f}" for k, v in sorted(self.weight_bytes.items())) + ")",
+             f"  KV cache {self.cache_bytes / GIB:.2f} GiB ({self.cache_bytes / f['batch'] / f['context'] / 1024:.0f}"
+             " KiB per token)",
+             "decode step:", self.decode.format()]
+    if self.prefill is not None:
+      lines += ["prefill:", self.prefill.format()]
+    peak = max(self.decode.total_bytes, self.prefill.total_bytes if self.prefill else 0)
+    hbm = self.decode.chip.hbm_bytes
+    lines.append(f"peak of the two programs: {peak / GIB:.2f} GiB of {hbm / GIB:.0f} GiB per chip -> "
+                 + ("FITS" if peak <= hbm and self.decode.fits and (self.prefill is None or self.prefill.fits)
+                    else "DOES NOT FIT: " + self.what_would_fit()))
+    return "\n".join(lines)
+
+  def what_would_fit(self) -> str:
+    f = self.facts
+    hbm = self.decode.chip.hbm_bytes
+    per_row_cache = self.cache_bytes / f["batch"] / self.decode.num_chips
+    fixed = self.decode.argument_bytes - self.cache_bytes / self.decode.num_chips
+    rows = int((aot.TIGHT_FRACTION * hbm - fixed - self.decode.temp_bytes) // max(per_row_cache, 1))
+    tips = [f"at most ~{max(rows, 0)} rows with this cache"]
+    if f["kv_cache_dtype"] != "int8":
+      tips.append("an int8 KV cache (--kv_cache_dtype=int8) halves the cache")
+    if f["quantize"] != "int4":
+      tips.append("int4 weights (--quantize=int4) halve the weights")
+    tips.append("or more chips (fsdp over a larger topology)")
+    return "; ".join(tips)
+
+
+def abstract_cache(cfg: QwenVLConfig, batch: int, context: int, kv_cache_dtype: str | None, mesh, rules):
+  """`ShapeDtypeStruct`s of an empty KV cache, rows sharded like the batch, heads like the tensor axis."""
+  llm = nnx.eval_shape(lambda: QwenVL(cfg, rngs=nnx.Rngs(0))).llm
+  cache = jax.eval_shape(lambda: llm.init_cache(batch, context, dtype=kv_cache_dtype))
+  kv_axes = ("layers", "cache_batch", "cache_len", "cache_heads", "cache_head_dim")
+
+  def shard(x, axes):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
+        mesh, sharding.resolve_spec(x.shape, axes, rules, dict(mesh.shape))))
+
+  fields = {name: getattr(cache, name) for name in cache._fields}
+  out = {k: (shard(v, kv_axes) if v is not None and v.ndim == 5 else v) for k, v in fields.items()}
+  out["segment_ids"] = shard(cache.segment_ids, ("cache_batch", "cache_len"))
+  return type(cache)(**out)
+
+
+def plan_inference(cfg: QwenVLConfig, topology: chips.Topology, *, quantize: str | None, batch: int,
+                   context: int, prompt: int, images: int = 1, kv_cache_dtype: str | None = None,
+                   rules_name: str = "fsdp", group_size: int = qlib.DEFAULT_GROUP_SIZE,
+                   with_prefill: bool = True) -> InferencePlan:
+  """AOT-compiles the decode step (and prefill) of `cfg` on `topology`; see the module docstring."""
+  if prompt > context:
+    raise ValueError(f"prompt {prompt} is longer than the context {context}")
+  devices = mesh_lib.topology_devices(topology)
+  mesh = sharding.make_mesh({"fsdp": -1}, devices=devices)
+  rules = sharding.load_rules(rules_name)
+
+  def make():
+    model = QwenVL(cfg, rngs=nnx.Rngs(0))
+    return qlib.quantize_model(model, qlib.QuantConfig(mode=quantize, group_size=group_size)) if quantize else model
+
+  graphdef, abstract_state = sharding.abstract_model(make)
+  state = aot.abstract_like(nnx.to_pure_dict(abstract_state),
+                            nnx.to_pure_dict(sharding.state_shardings(abstract_state, rules, mesh)))
+
+  def as_state(pure: dict) -> nnx.State:
+    out = jax.tree.map(lambda x: x, abstract_state)
+    nnx.replace_by_pure_dict(out, pure)
+    return out
+  cache = abstract_cache(cfg, batch, context, kv_cache_dtype, mesh, rules)
+  rows = NamedSharding(mesh, sharding.resolve_spec((batch,), ("act_batch",), rules, dict(mesh.shape)))
+  vec = lambda dtype: jax.ShapeDtypeStruct((batch,), dtype, sharding=rows)
+  scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=aot.replicated(mesh))
+
+  def decode_fn(state, tokens, positions, cache, index, rope_base):
+    return decode.decode_step(graphdef, as_state(state), tokens, positions, cache, index, rope_base=rope_base)
+
+  with sharding.use_rules(mesh, rules):
+    _, decode_plan = aot.compile_step(decode_fn, (state, vec(jnp.int32), vec(jnp.int32), cache, scalar,
+                                                  vec(jnp.float32)),
+                                      chip=topology.chip, mesh=mesh, donate_argnums=3, count_program_flops=False)
+  prefill_plan = None
+  if with_prefill:
+    s = cfg.vision.image_size
+    seq = lambda: jax.ShapeDtypeStruct((batch, prompt), jnp.int32, sharding=NamedSharding(
+        mesh, sharding.resolve_spec((batch, prompt), ("act_batch", None), rules, dict(mesh.shape))))
+    arrays = {"input_ids": seq(), "segment_ids": seq(), "positions": seq()}
+    if images:
+      arrays["images"] = jax.ShapeDtypeStruct((batch, images, s, s, 3), jnp.uint8, sharding=NamedSharding(
+          mesh, sharding.resolve_spec((batch, images, s, s, 3), ("act_batch",) + (None,) * 4, rules,
+                                      dict(mesh.shape))))
+      arrays["image_mask"] = jax.ShapeDtypeStruct((batch, images), jnp.bool_, sharding=NamedSharding(
+          mesh, sharding.resolve_spec((batch, images), ("act_batch", None), rules, dict(mesh.shape))))
+
+    def prefill_fn(state, arrays, cache, rope_base):
+      return decode.prefill(graphdef, as_state(state), arrays, cache, rope_base=rope_base)
+
+    with sharding.use_rules(mesh, rules):
+      _, prefill_plan = aot.compile_step(prefill_fn, (state, arrays, cache, vec(jnp.float32)),
+                                         chip=topology.chip, mesh=mesh, donate_argnums=2,
+                                         count_program_flops=False)
+  cache_bytes = sum(int(x.size) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(cache))
+  facts = {"model": f"{cfg.llm.layers}-layer LLM, {cfg.vision.image_size} px", "quantize": quantize or "none",
+           "kv_cache_dtype": kv_cache_dtype or cfg.dtype, "batch": batch, "context": context, "prompt": prompt,
+           "images": images, "mesh": dict(mesh.shape)}
+  return InferencePlan(decode_plan, prefill_plan, qlib.weight_bytes(abstract_state), cache_bytes, facts)
+
+
+def _cli() -> None:
+  """Command-line flags (defined only when run as a program) and the report."""
+  from absl import app, flags  # pylint: disable=import-outside-toplevel
+  preset = flags.DEFINE_string("preset", "qwen_vl_7b", "Model preset (tiny, mid, qwen_vl_7b).")
+  res = flags.DEFINE_integer("res", 448, "Input resolution.")
+  topology_flag = flags.DEFINE_string("topology", "v5e-1", "TPU slice, e.g. v5e-1, v5e-8, v4-8.")
+  quantize = flags.DEFINE_enum("quantize", "int8", ["none", "int8", "int4"], "Weight quantization.")
+  group = flags.DEFINE_integer("group_size", qlib.DEFAULT_GROUP_SIZE, "int4 group size.")
+  batch = flags.DEFINE_integer("batch", 4, "Rows decoded together.")
+  context = flags.DEFINE_integer("context", 2048, "KV cache slots (prompt + new tokens).")
+  prompt = flags.DEFINE_integer("prompt", 1024, "Prompt tokens of the prefill plan.")
+  images = flags.DEFINE_integer("images", 1, "Images per row in the prefill plan.")
+  kv = flags.DEFINE_enum("kv_cache_dtype", "bfloat16", ["bfloat16", "int8"], "KV cache storage.")
+  rules = flags.DEFINE_string("rules", "fsdp", "Sharding rule table.")
+  no_prefill = flags.DEFINE_bool("decode_only", False, "Compile only the decode step.")
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cfg = get_preset(preset.value, dtype="bfloat16", param_dtype="bfloat16",
+                     remat_policy="none").with_image_size(res.value)
+    topology = chips.parse_topology(topology_flag.value, 1)
+    print(topology.describe(), "\ncompiling (minutes for the full model) ...", flush=True)
+    plan = plan_inference(cfg, topology, quantize=None if quantize.value == "none" else quantize.value,
+                          batch=batch.value, context=context.value, prompt=prompt.value, images=images.value,
+                          kv_cache_dtype="int8" if kv.value == "int8" else None, rules_name=rules.value,
+                          group_size=group.value, with_prefill=not no_prefill.value)
+    print(plan.format())
+
+  app.run(main)
+
+
+if __name__ == "__main__":
+  _cli()

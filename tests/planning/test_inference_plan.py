@@ -1,0 +1,33 @@
+"""The inference planner AOT-compiles the real decode step and prefill for a TPU chip (tiny model, in a child
+process with libtpu): int8 weights and an int8 cache show up as fewer argument bytes."""
+from tests.planning.conftest import requires_libtpu, run_json
+
+
+def _plan(quantize, kv_cache_dtype, with_prefill) -> dict:
+  # One child per plan: libtpu (0.0.42.1) crashed compiling a third program in one process.
+  return run_json(f"""
+      import json
+      from qwenvl_jax.hardware import chips
+      from qwenvl_jax.model import get_preset
+      from qwenvl_jax.planning import inference_plan
+      cfg = get_preset("tiny", dtype="bfloat16", param_dtype="bfloat16", remat_policy="none").with_image_size(56)
+      plan = inference_plan.plan_inference(cfg, chips.parse_topology("v5e-1", 1), quantize={quantize!r}, batch=4,
+                                           context=512, prompt=64, kv_cache_dtype={kv_cache_dtype!r},
+                                           with_prefill={with_prefill!r})
+      print(json.dumps({{"args": plan.decode.argument_bytes, "weights": plan.weight_bytes,
+                        "cache": plan.cache_bytes, "fits": plan.decode.fits,
+                        "prefill": plan.prefill is not None and plan.prefill.fits, "report": plan.format()}}))
+  """)
+
+
+@requires_libtpu
+def test_int8_weights_and_cache_shrink_the_compiled_decode_arguments():
+  # (int8 weights, int8 cache, prefill) in one program made libtpu 0.0.42.1 crash in a child process (not from
+  # the command line): the prefill is planned with the bf16 cache, the int8 cache with the decode step.
+  bf16, int8, int8kv = _plan(None, None, False), _plan("int8", None, True), _plan("int8", "int8", False)
+  assert "int8" in int8["weights"] and "int8" not in bf16["weights"]
+  # The decode step's arguments are the weights and the cache: int8 weights take half the bf16 bytes.
+  shrink = bf16["args"] - int8["args"]
+  assert shrink > 0.4 * sum(bf16["weights"].values())
+  assert int8kv["cache"] < 0.6 * int8["cache"] and int8kv["args"] < int8["args"]
+  assert int8kv["fits"] and int8["prefill"] and "FITS" in int8["report"]
