@@ -161,8 +161,9 @@ def bench_scorer(pairs, cfg: CleanConfig, factory) -> float:
 
 def bench_job(folder: pathlib.Path, out: pathlib.Path, n: int, options: str, label: str, scorer_factory=None,
               cfg: CleanConfig | None = None) -> None:
+  # Without a scorer the job must be told that no similarity filter is wanted (the input has no score column).
   job = CleanJob(inputs=[str(folder / "*.jsonl")], output_dir=str(out), scorer_factory=scorer_factory,
-                 config=cfg or CleanConfig())
+                 config=cfg or CleanConfig(), skip_similarity=scorer_factory is None)
   wall, cpu = time.perf_counter(), _cpu_seconds()
   report = run_clean(job, beam_options_from_string(options))
   wall, cpu = time.perf_counter() - wall, _cpu_seconds() - cpu

@@ -16,7 +16,7 @@ Faithful to transformers' `CLIPModel` (tested against it in float32):
 Chinese-CLIP swaps in the BERT text tower of `clip.bert`; everything else is shared.
 
 Every parameter carries logical axis names (`vit_*` for the image tower, `embed`/`mlp`/`q_heads`/`vocab` for the
-text tower, `clip_*` for the rest; see configs/sharding_rules.py).
+text tower, `clip_*` for the rest; see qwenvl_jax/sharding_rules.py).
 """
 from __future__ import annotations
 

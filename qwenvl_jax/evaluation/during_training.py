@@ -29,6 +29,7 @@ import jax
 import ml_collections
 from flax import nnx
 
+from qwenvl_jax import errors
 from qwenvl_jax.evaluation import job as job_lib
 from qwenvl_jax.evaluation import runner, synthetic_sets
 from qwenvl_jax.evaluation import tasks as tasks_lib
@@ -41,16 +42,23 @@ _SYNTHETIC_WRITERS = {"caption": synthetic_sets.write_caption_set, "grounding": 
 def _task_and_defaults(spec: str) -> tuple[tasks_lib.EvalTask, dict[str, str]]:
   """The task of a name or of a `configs/eval/<task>.py` file, and that file's data defaults."""
   if not spec.endswith(".py"):
-    return tasks_lib.get_task(spec), {}
+    return _task(spec), {}
   path = pathlib.Path(spec)
   if not path.is_file():
-    raise FileNotFoundError(f"config.eval.task: no evaluation config file {spec} (e.g. configs/eval/flickr.py)")
+    raise errors.UserFileNotFoundError(f"config.eval.task: no evaluation config file {spec} (e.g. configs/eval/flickr.py)")
   module_spec = importlib.util.spec_from_file_location(f"qwenvl_eval_config_{path.stem}", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   file_config = module.get_config()
   defaults = {k: file_config.get(k, "") or "" for k in ("data_path", "annotation_path", "image_root")}
-  return tasks_lib.get_task(file_config.task), defaults
+  return _task(file_config.task), defaults
+
+
+def _task(name: str) -> tasks_lib.EvalTask:
+  try:
+    return tasks_lib.get_task(name)
+  except KeyError as e:
+    raise errors.ConfigError(f"config.eval.task: {e.args[0]}") from None
 
 
 class TrainingEvaluator:
@@ -59,11 +67,11 @@ class TrainingEvaluator:
   def __init__(self, config: ml_collections.ConfigDict):
     every = config.eval_every
     if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-      raise ValueError(f"config.eval_every must be an integer >= 0 (0 = off), got {every!r}")
+      raise errors.ConfigError(f"config.eval_every must be an integer >= 0 (0 = off), got {every!r}")
     self.every = every
     e = config.eval
     if e.max_examples < 0 or e.per_device_batch_size < 1:
-      raise ValueError(f"config.eval.max_examples must be >= 0 and config.eval.per_device_batch_size >= 1, got "
+      raise errors.ConfigError(f"config.eval.max_examples must be >= 0 and config.eval.per_device_batch_size >= 1, got "
                        f"{e.max_examples}, {e.per_device_batch_size}")
     self.task, defaults = _task_and_defaults(e.task)
     data_path, image_root = e.data_path, e.image_root
@@ -72,7 +80,7 @@ class TrainingEvaluator:
     if not data_path and config.data.source == "synthetic":
       writer = _SYNTHETIC_WRITERS.get(self.task.kind)
       if writer is None:
-        raise ValueError(f"config.eval.task={self.task.name!r} ({self.task.kind}) has no synthetic held-out set "
+        raise errors.ConfigError(f"config.eval.task={self.task.name!r} ({self.task.kind}) has no synthetic held-out set "
                          f"(captions and grounding do): give its data with --config.eval.data_path=...")
       # Every process writes the same seeded set to its own temporary folder: no shared disk is needed.
       self._tempdir = tempfile.TemporaryDirectory(prefix="qwenvl_eval_")
@@ -88,7 +96,7 @@ class TrainingEvaluator:
     if e.max_examples:
       self.examples = self.examples[:e.max_examples]
     if not self.examples:
-      raise ValueError(f"config.eval: {data_path} holds no examples of task {self.task.name!r}")
+      raise errors.ConfigError(f"config.eval: {data_path} holds no examples of task {self.task.name!r}")
     self.data_path = str(data_path)
     self._job_config = ml_collections.ConfigDict({
         "image_root": image_root, "per_device_batch_size": e.per_device_batch_size,

@@ -15,9 +15,11 @@ import logging
 import jax
 from etils import epath
 
+from qwenvl_jax import errors
+
 
 def parse_profile_steps(spec: str) -> tuple[int, int] | None:
-  """(a, b) of "a:b" with 1 <= a < b, or None for ""; a clear ValueError otherwise."""
+  """(a, b) of "a:b" with 1 <= a < b, or None for ""; a clear `errors.ConfigError` (a ValueError) otherwise."""
   if not spec:
     return None
   first, sep, last = str(spec).partition(":")
@@ -26,7 +28,7 @@ def parse_profile_steps(spec: str) -> tuple[int, int] | None:
   except ValueError:
     a = b = None
   if not sep or a is None or not 1 <= a < b:
-    raise ValueError(f"config.profile_steps={spec!r}: expected 'a:b' with 1 <= a < b (steps a..b-1 are traced, "
+    raise errors.ConfigError(f"config.profile_steps={spec!r}: expected 'a:b' with 1 <= a < b (steps a..b-1 are traced, "
                      "e.g. '10:12')")
   return a, b
 

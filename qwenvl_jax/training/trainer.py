@@ -30,7 +30,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from qwenvl_jax import data, distributed, sharding
+from qwenvl_jax import data, distributed, errors, sharding
 from qwenvl_jax.model import QwenVL, get_preset
 from qwenvl_jax.training import experiment, flops, metrics, peft, profiling, validation, workdir as workdir_lib
 from qwenvl_jax.training.checkpointing import Checkpointer, resolve_params_checkpoint
@@ -139,8 +139,8 @@ def train(config: ml_collections.ConfigDict, eval_fn: EvalFn | None = None) -> T
   builds it from `config.eval` (`evaluation.during_training`); training itself never imports evaluation.
   """
   if config.get("eval_every", 0) and eval_fn is None:
-    raise ValueError("config.eval_every > 0 needs an eval_fn: run `python -m qwenvl_jax.train`, which builds it from "
-                     "config.eval, or pass train(config, eval_fn=...)")
+    raise errors.ConfigError("config.eval_every > 0 needs an eval_fn: run `python -m qwenvl_jax.train`, which builds "
+                             "it from config.eval, or pass train(config, eval_fn=...)")
   profiling.parse_profile_steps(config.get("profile_steps", ""))  # a bad spec fails before anything is written
   distributed.initialize(config.distributed)
   # Everything that can be checked is checked before the first file is written (no config.json, no checkpoints/
