@@ -28,12 +28,20 @@ default `test`), mapped to examples by the public schemas of the task's kind (`t
 TFDS images stay encoded in the dataset: the prompt shows a stable pseudo-path (`<img>tfds:NAME:SPLIT/INDEX</img>`,
 never opened) and the image bytes are read from the record when its batch is built, with the same PIL
 preprocessing.
+
+`config.data_path=synthetic` scores a held-out synthetic set (`synthetic_sets`, captioning and grounding tasks),
+the quick start's evaluation of a model trained on the built-in synthetic data: `max_examples` (default 32)
+examples drawn with the evaluation seed at the model's resolution (a training run's `res`) and the run's
+`data.synthetic_max_shapes`, written to a temporary folder that is removed afterwards (the set is a pure function of
+these, so a resumed run sees the same examples).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Sequence
 
@@ -43,11 +51,34 @@ from tqdm import tqdm
 from qwenvl_jax import distributed
 from qwenvl_jax.evaluation import collectives
 from qwenvl_jax.evaluation import few_shot as few_shot_lib
-from qwenvl_jax.evaluation import results
+from qwenvl_jax.evaluation import results, synthetic_sets
 from qwenvl_jax.evaluation import tasks as tasks_lib
 from qwenvl_jax.evaluation import tfds_readers
 from qwenvl_jax.evaluation.job import EvalJob
 from qwenvl_jax.evaluation.readers import EvalExample
+from qwenvl_jax.inference import model_source
+from qwenvl_jax.model.config import get_preset
+
+SYNTHETIC = "synthetic"   # config.data_path of a held-out synthetic set (module docstring)
+_SYNTHETIC_WRITERS = {"caption": synthetic_sets.write_caption_set, "grounding": synthetic_sets.write_grounding_set}
+_SYNTHETIC_DEFAULT_SIZE = 32
+
+
+def _write_synthetic_set(config, task: tasks_lib.EvalTask, root: str) -> str:
+  """Writes the held-out synthetic set of `task` for the model `config` names into `root`; returns its data file."""
+  writer = _SYNTHETIC_WRITERS.get(task.kind)
+  if writer is None:
+    raise ValueError(f"config.data_path={SYNTHETIC}: task {task.name!r} ({task.kind}) has no synthetic held-out set; "
+                     f"captioning (e.g. configs/eval/flickr.py) and grounding (configs/eval/refcoco_val.py) do")
+  source = model_source.resolve(config.checkpoint or None, model=config.model or None,
+                                tokenizer=config.tokenizer or None, image_size=config.get("image_size"))
+  image_size = source.image_size or get_preset(source.preset, image_pad_id=0).vision.image_size
+  max_shapes = synthetic_sets.MAX_SHAPES
+  if source.run_dir:  # the shapes per scene the run was trained on
+    with open(os.path.join(source.run_dir, "config.json"), encoding="utf-8") as f:
+      max_shapes = json.load(f).get("data", {}).get("synthetic_max_shapes", max_shapes)
+  return writer(root, n=config.max_examples or _SYNTHETIC_DEFAULT_SIZE, image_size=image_size,
+                max_shapes=max_shapes)
 
 
 def run(config) -> dict | None:
@@ -60,6 +91,19 @@ def run(config) -> dict | None:
   if not output:
     raise ValueError("config.output (the results JSON path) is required")
   results.check_output_free(output)
+  if config.data_path != SYNTHETIC:
+    return _run(config, task, output)
+  # Every process writes the same seeded set to its own temporary folder: no shared disk is needed.
+  with tempfile.TemporaryDirectory(prefix="qwenvl_eval_") as root:
+    config = config.copy_and_resolve_references()
+    data_file = _write_synthetic_set(config, task, root)
+    config.data_path, config.annotation_path, config.image_root = data_file, "", root
+    return _run(config, task, output, recorded_data_path=SYNTHETIC)
+
+
+def _run(config, task: tasks_lib.EvalTask, output: str, recorded_data_path: str | None = None) -> dict | None:
+  """`run` once the data is in place; `recorded_data_path` stands for the data path in the run's settings and
+  results (a synthetic set's temporary folder changes from run to run)."""
   data_path = config.data_path or task.data_file
   annotation_path = config.annotation_path or None
   tfds_data_dir = config.get("tfds_data_dir") or None
@@ -75,7 +119,7 @@ def run(config) -> dict | None:
   ledger_dir = results.partial_dir(output)
   settings = {"task": task.name, "checkpoint": config.checkpoint, "model": config.model,
               "tokenizer": config.tokenizer, "dtype": config.dtype, "image_size": config.get("image_size"),
-              "data_path": os.fspath(data_path), "few_shot": shots.k if shots else 0,
+              "data_path": recorded_data_path or os.fspath(data_path), "few_shot": shots.k if shots else 0,
               "few_shot_path": config.few_shot_path if shots else None,
               "seed": config.seed if shots or not config.checkpoint else None}  # seed: random weights, shot draw
   state = None
@@ -124,7 +168,8 @@ def run(config) -> dict | None:
                  num_batches, missing)
     return None
   record = {"checkpoint": config.checkpoint, "model": config.model, "tokenizer": config.tokenizer,
-            "data_path": os.fspath(data_path), "annotation_path": annotation_path, "image_root": config.image_root,
+            "data_path": recorded_data_path or os.fspath(data_path), "annotation_path": annotation_path,
+            "image_root": "" if recorded_data_path else config.image_root,
             "tfds_data_dir": tfds_data_dir, "few_shot": shots.k if shots else 0,
             "few_shot_path": config.few_shot_path if shots else None, "seed": config.seed,
             "max_new_tokens": task.max_new_tokens, "min_new_tokens": task.min_new_tokens, "decoding": "greedy",

@@ -290,3 +290,22 @@ def test_two_processes_give_the_single_process_predictions(workdir, tmp_path):
   one = runner.run(_config("refcoco_val", root, tok, "ground.jsonl", "one.json"))
   assert [p["prediction"] for p in two["predictions"]] == [p["prediction"] for p in one["predictions"]]
   assert two["config"]["processes"] == 2 and two["config"]["devices"] == 8
+
+
+@pytest.mark.slow
+def test_synthetic_data_path_scores_a_held_out_set(workdir, tmp_path, monkeypatch):
+  """`--config.data_path=synthetic` (the README's quick start): a held-out synthetic grounding set, written to a
+  temporary folder that is gone afterwards, recorded as `synthetic` so a resumed run agrees with the first."""
+  root, tok = workdir
+  monkeypatch.setattr(runner.tempfile, "tempdir", str(tmp_path / "tmp"))
+  (tmp_path / "tmp").mkdir()
+  config = _config("refcoco_val", root, tok, "unused", tmp_path / "out" / "synthetic.json", data_path="synthetic",
+                   max_examples=3, image_size=56)
+  payload = runner.run(config)
+  assert payload["num_examples"] == 3 and payload["metric"] == "grounding_accuracy"
+  assert [p["id"] for p in payload["predictions"]] == [0, 1, 2]
+  assert payload["config"]["data_path"] == "synthetic"
+  assert config.data_path == "synthetic"  # the caller's config is left as it was
+  assert list((tmp_path / "tmp").iterdir()) == []  # the set's temporary folder is removed
+  with pytest.raises(ValueError, match="has no synthetic held-out set"):
+    runner.run(_config("textvqa_val", root, tok, "unused", tmp_path / "vqa.json", data_path="synthetic"))
