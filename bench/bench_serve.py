@@ -86,6 +86,7 @@ def main():
   engine = Engine(model, num_slots=args.slots, context=args.context, max_images=1, prefill_batch=8,
                   buckets=(64, 128), stop_ids=stops, vocab_limit=tok.vocab_size)
   engine.start()
+  sys.setswitchinterval(0.0005)  # as `python -m qwenvl_jax.serve` does (see SWITCH_INTERVAL_S there)
   print(f"{args.model} {args.dtype} on {jax.devices()[0].platform}: {args.slots} slots, warm-up "
         f"{time.perf_counter() - t0:.1f} s, {engine.stats()['compilations']['lowerings']} programs")
   server = api.ThreadedServer(api.create_app(engine, tok, api.ServerConfig(model_name=args.model,

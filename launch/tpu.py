@@ -177,6 +177,35 @@ def cmd_up(args, runner: Runner) -> None:
   cmd_train(args, runner)
 
 
+def check_args(args) -> None:
+  """Every check of the arguments that needs no command, run before the first one: `up` creates a paid slice and
+  installs for minutes before `train` would find a bad --workdir.
+
+  Raises:
+    ValueError: naming the flag.
+  """
+  s = _slice(args)  # name, zone, topology, slice count
+  if args.command in ("create", "up") and args.timeout <= 0:
+    raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout}")
+  if args.command in ("install", "up"):
+    repo = os.path.abspath(args.repo)
+    if not os.path.isdir(os.path.join(repo, ".git")) and not os.path.isfile(os.path.join(repo, ".git")):
+      raise ValueError(f"--repo {args.repo}: not a git checkout (its committed files are what the workers get)")
+    _jax_tpu_requirement(repo)
+  if args.command in ("train", "up"):
+    _trainer_args(args, s)  # --workdir and --data_dir must be gs://
+    if args.run:
+      _remote.check_run_name(args.run)
+    _remote.parse_env(args.env)
+    config_file = os.path.join(REPO_ROOT, args.config.partition(":")[0])
+    if not os.path.isfile(config_file) and not os.path.isfile(args.config.partition(":")[0]):
+      raise ValueError(f"--config {args.config}: no such config file")
+  if args.command in ("logs", "stop"):
+    _remote.check_run_name(args.run)
+  if args.command == "logs" and not 0 <= args.node < len(s.nodes):
+    raise ValueError(f"--node {args.node}: there are {len(s.nodes)} slice(s)")
+
+
 def _parser() -> argparse.ArgumentParser:
   common = argparse.ArgumentParser(add_help=False)
   common.add_argument("--name", required=True, help="TPU VM name; queued-resource id and node prefix if queued")
@@ -246,6 +275,7 @@ def main(argv: list[str]) -> int:
     print(f"error: arguments after '--' are for the trainer; `{args.command}` takes none", file=sys.stderr)
     return 2
   try:
+    check_args(args)
     args.fn(args, Runner(args.dry_run))
   except (ValueError, RuntimeError, TimeoutError) as e:
     print(f"error: {e}", file=sys.stderr)

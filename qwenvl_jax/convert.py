@@ -10,15 +10,26 @@ r"""Weight conversion between PyTorch checkpoints and the Orbax params checkpoin
       --reference_files=/ckpt/Qwen-VL-Chat
   # Weight-only int8 (per channel) or int4 (per group) params checkpoint, loaded by generate/evaluate as stored:
   python -m qwenvl_jax.convert --mode=quantize --quantize=int8 --src=/ckpt/qwenvl_chat_params --dst=/ckpt/chat_int8
+  # A LoRA trainer run (WORKDIR[@STEP]) -> merged params checkpoint (W + alpha/r * A @ B, bf16), or -> a PEFT
+  # adapter directory in the reference's module names (peft.PeftModel.from_pretrained loads it):
+  python -m qwenvl_jax.convert --mode=merge_lora --src=runs/stage3 --dst=/ckpt/merged_params
+  python -m qwenvl_jax.convert --mode=export_peft --src=runs/stage3@150 --dst=/ckpt/peft_adapter
 """
 
+import sys
+
+import jax
+import jax.numpy as jnp
 from absl import app, flags
+from flax import nnx
+
+from qwenvl_jax import cli
 
 from qwenvl_jax import checkpoint
 from qwenvl_jax.model.config import PRESETS, get_preset
 
 _MODE = flags.DEFINE_enum("mode", "torch_to_orbax", ["torch_to_orbax", "orbax_to_torch", "init_from_pretrained",
-                                     "quantize"],
+                                     "quantize", "merge_lora", "export_peft"],
                           "Conversion direction.")
 _SRC = flags.DEFINE_string("src", None, "Input: a PyTorch checkpoint (directory or file) or a params checkpoint.")
 _DST = flags.DEFINE_string("dst", None, "Output directory; must not exist.", required=True)
@@ -50,6 +61,9 @@ def main(argv):
     return
   if not _SRC.value:
     raise app.UsageError(f"--mode={mode} needs --src")
+  if mode in ("merge_lora", "export_peft"):
+    _lora(mode, _SRC.value, _DST.value, _DTYPE.value or "bfloat16")
+    return
   if mode == "quantize":
     _quantize(_SRC.value, _DST.value, cfg)
   elif mode == "torch_to_orbax":
@@ -82,5 +96,31 @@ def _quantize(src: str, dst: str, cfg) -> None:
   quantized.save_quantized(model, dst, qcfg, sources={"params": os.path.abspath(src)})
 
 
+def _lora(mode: str, src: str, dst: str, dtype: str) -> None:
+  """merge_lora / export_peft of the LoRA trainer run `src`; a bad source is one error line and exit status 1."""
+  import os  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.checkpoint import peft_export  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.model import lora  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.training import peft  # pylint: disable=import-outside-toplevel
+  if os.path.exists(dst):
+    sys.exit(f"error: {dst} already exists; choose a new output directory")
+  try:
+    model, lcfg, _ = peft.load_run(src)
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f"error: {e}")
+  if mode == "export_peft":
+    try:
+      peft_export.export_peft(model, lcfg, dst)
+    except ValueError as e:
+      sys.exit(f"error: {e}")
+    print(f"wrote PEFT adapter ({lcfg.rank=}, {lcfg.alpha=}) to {dst}")
+    return
+  lora.merge_lora(model)
+  target = None if dtype == "keep" else jnp.dtype(dtype)
+  params = jax.tree.map(lambda x: x if target is None else x.astype(target), nnx.to_pure_dict(nnx.state(model)))
+  checkpoint.save_params(dst, params)
+  print(f"wrote merged params ({dtype}) to {dst}")
+
+
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

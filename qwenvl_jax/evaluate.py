@@ -12,6 +12,8 @@ replacing it). A run that stopped resumes when started again with the same outpu
 from absl import app, logging
 from ml_collections import config_flags
 
+from qwenvl_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/eval/TASK.py[:key=value,...]",
                                           lock_config=True)
 
@@ -24,8 +26,10 @@ def main(argv):
   if payload is not None:
     logging.info("%s: %s = %s (%d examples) -> %s", payload["task"], payload["metric"], payload["score"],
                  payload["num_examples"], _CONFIG.value.output)
-    print(f"{payload['task']} {payload['metric']} {payload['score']}")
+    tokenizer = payload["details"].get("tokenizer")  # CIDEr: the caption normalisation used
+    print(f"{payload['task']} {payload['metric']} {payload['score']}"
+          + (f" (caption tokenizer: {tokenizer})" if tokenizer else ""))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -19,6 +19,8 @@ import sys
 
 from absl import app, flags
 
+from qwenvl_jax import cli, errors
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "A training run directory, <run>/checkpoints/<step>, or a params "
                     "checkpoint directory; omit to run random weights (smoke tests).")
@@ -77,12 +79,15 @@ def _free_png_path(image: str) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.quiet_libraries()
   for path in (FLAGS.output_image, FLAGS.save_history):
     if path and os.path.exists(path):
       raise FileExistsError(f"{path} already exists; it is never overwritten: choose another path")
   for path in FLAGS.image:
+    if os.path.isdir(path):
+      raise errors.UserFileNotFoundError(f"--image={path} is a folder, not an image file")
     if not os.path.isfile(path):
-      raise FileNotFoundError(f"image file {path!r} does not exist")
+      raise errors.UserFileNotFoundError(f"--image={path}: image file does not exist")
 
   import jax  # pylint: disable=import-outside-toplevel
   from qwenvl_jax import inference, sharding  # pylint: disable=import-outside-toplevel
@@ -126,4 +131,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

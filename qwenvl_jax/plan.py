@@ -19,9 +19,12 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
+from qwenvl_jax import cli
+
 from qwenvl_jax import sharding
-from qwenvl_jax.model import QwenVL, QwenVLConfig, get_preset
+from qwenvl_jax.model import QwenVL, QwenVLConfig, get_preset, lora
 from qwenvl_jax.planning import train_plan
+from qwenvl_jax.training import peft
 from qwenvl_jax.training.optimizer import make_is_frozen, stage_frozen_patterns
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/stageN.py[:args]).",
@@ -85,6 +88,12 @@ def main(argv):
   cfg = model_config_from(config, _PRESET.value, _RES.value)
   name = config.model if config is not None else (_PRESET.value or "qwen_vl_7b")
   print(format_counts(cfg, name), flush=True)
+  if config is not None and peft.lora_config(config) is not None:
+    lcfg = peft.lora_config(config)
+    state = sharding.abstract_model(peft.model_fn(cfg, config))[1]
+    print(f"  {f'trained by LoRA r={lcfg.rank}':<28}{lora.trained_count(state, lcfg):>17,}"
+          f"   (targets {', '.join(lcfg.targets)}; modules_to_save {list(lcfg.modules_to_save) or 'none'})",
+          flush=True)
   if _TOPOLOGY.value:
     if config is None:
       raise app.UsageError("--topology plans a training stage: give --config=configs/stageN.py[:args]")
@@ -99,4 +108,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

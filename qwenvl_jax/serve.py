@@ -17,7 +17,10 @@ import sys
 
 from absl import app, flags
 
+from qwenvl_jax import cli
+
 FLAGS = flags.FLAGS
+SWITCH_INTERVAL_S = 0.0005
 flags.DEFINE_string("checkpoint", None, "A training run directory, <run>/checkpoints/<step>, or a params "
                     "checkpoint; omit to serve random weights (smoke tests).")
 flags.DEFINE_string("model", None, "Architecture preset (default: the run's, else qwen_vl_7b).")
@@ -86,9 +89,12 @@ def main(argv):
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   logging.info("engine ready: %s", engine.stats())
+  # The engine thread needs the GIL for a moment between device steps; with the default 5 ms switch interval a
+  # busy event loop (many streams) makes it wait up to 5 ms each time, which caps the decode rate.
+  sys.setswitchinterval(SWITCH_INTERVAL_S)
   uvicorn.run(api.create_app(engine, tok, config), host=FLAGS.host, port=FLAGS.port, log_level="warning")
   engine.shutdown()
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

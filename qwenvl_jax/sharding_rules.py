@@ -22,6 +22,14 @@ _ACTIVATIONS = (
     ("cache_head_dim", None),
 )
 
+# The CLIP scorer's own axes (qwenvl_jax/clip; its towers otherwise reuse the vit_* and text names): small tables
+# (text positions, token types, projection width) that are never worth splitting.
+_CLIP = (
+    ("clip_text_pos", None),
+    ("clip_token_types", None),
+    ("clip_proj", None),
+)
+
 # Pure FSDP: every weight is split over `fsdp` along its model-width dimension, nothing over `tensor`.
 FSDP = _ACTIVATIONS + (
     ("layers", None),
@@ -40,7 +48,7 @@ FSDP = _ACTIVATIONS + (
     ("vit_pos", None),
     ("vit_patch", None),
     ("vit_channels", None),
-)
+) + _CLIP
 
 # FSDP over the width dimensions plus tensor parallelism over heads, MLP width and vocabulary.
 FSDP_TP = _ACTIVATIONS + (
@@ -60,6 +68,6 @@ FSDP_TP = _ACTIVATIONS + (
     ("vit_pos", None),
     ("vit_patch", None),
     ("vit_channels", None),
-)
+) + _CLIP
 
 RULES = {"fsdp": FSDP, "fsdp_tp": FSDP_TP}

@@ -5,12 +5,17 @@ Flags:
              `--config.<field>=value`, e.g. `--config.optimizer.lr=1e-4 --config.total_steps=1000`.
   --workdir  where checkpoints, metrics and TensorBoard events go (default `config.workdir`, else ./runs/stageN).
 
+`--config.eval_every=N` scores `config.eval` (a task of configs/eval/, default a synthetic held-out caption set)
+every N steps with the eval job's code; the scores go to metrics.jsonl and TensorBoard (eval/<task>/<metric>).
+
 The same command resumes a run from its latest checkpoint; see `qwenvl_jax/training/trainer.py`.
 """
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from qwenvl_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/stageN.py[:args]).",
                                           lock_config=True)
@@ -32,10 +37,19 @@ def main(argv):
   if _WORKDIR.value:
     with config.unlocked():
       config.workdir = _WORKDIR.value
-  result = train(config)
+  eval_fn = None
+  if config.get("eval_every", 0):
+    # The entry point sits above training and evaluation: it hands the trainer the eval job's code as a callback.
+    from qwenvl_jax.evaluation import during_training  # pylint: disable=g-import-not-at-top
+    eval_fn = during_training.TrainingEvaluator(config)
+  try:
+    result = train(config, eval_fn)
+  finally:
+    if eval_fn is not None:
+      eval_fn.close()
   if result.status == "preempted":
     sys.exit(PREEMPTED_EXIT_CODE)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

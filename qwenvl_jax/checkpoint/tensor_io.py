@@ -33,6 +33,8 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 import ml_dtypes
 import numpy as np
 
+from qwenvl_jax import errors
+
 BF16 = np.dtype(ml_dtypes.bfloat16)
 _ST_DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": BF16,
@@ -275,8 +277,12 @@ def open_checkpoint(path: str | os.PathLike) -> TensorSource:
 
 
 def _open_indexed(index_path: pathlib.Path) -> TensorSource:
-  index = json.loads(index_path.read_text())
-  weight_map = index.get("weight_map")
+  try:
+    index = json.loads(index_path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise errors.InputFormatError(f"{index_path} is not valid JSON ({e})",
+                                  "the index of a sharded checkpoint must be the JSON file transformers wrote") from e
+  weight_map = index.get("weight_map") if isinstance(index, dict) else None
   if not isinstance(weight_map, dict) or not weight_map:
     raise ValueError(f"{index_path} has no weight_map")
   files = {}

@@ -16,7 +16,8 @@ fetched and decoded, and the similarity score, the most expensive check, runs la
   7. image_undecodable  the bytes are not a decodable image (corrupt, truncated, over `max_image_pixels`)
   8. aspect_ratio       long side / short side > `max_aspect_ratio`
   9. image_too_small    short side < `min_image_side`
-  10. low_similarity    image-text similarity < `min_similarity` (from the score column, or a pluggable scorer)
+  10. low_similarity    image-text similarity < the threshold of the caption's language (`min_similarity`, or
+                        `min_similarity_by_language`), from the score column or a scorer (CLIP, Chinese-CLIP, plugin)
 
 Text cleaning (HTML stripping and removal of irregular patterns, see `text.clean_text`) is not a rejection: it
 rewrites the text before rules 2-5 look at it, and the cleaned text is what the dataset stores.
@@ -38,7 +39,8 @@ RULES = (
     "low_similarity",
 )
 
-# The score LAION-5B kept at (CLIP ViT-B/32 cosine similarity); a scorer on another scale needs its own value.
+# The score LAION-5B kept English pairs at (OpenAI CLIP ViT-B/32 cosine similarity). Thresholds do not transfer
+# between models: another CLIP (or Chinese-CLIP) needs its own value, read off the report's score histogram.
 DEFAULT_MIN_SIMILARITY = 0.28
 
 
@@ -59,6 +61,8 @@ class CleanConfig:
     max_aspect_ratio: largest accepted long side / short side.
     min_image_side: smallest accepted short side, in pixels.
     min_similarity: smallest accepted score; only used when a score column or a scorer is given.
+    min_similarity_by_language: per detected language, a threshold replacing `min_similarity` (e.g. {"zh": 0.3}
+      for pairs a Chinese-CLIP scorer scores).
     max_image_bytes: larger files are rejected as unreadable (protects workers from giant downloads).
     max_image_pixels: larger images are rejected as undecodable before their pixels are decoded.
     max_stored_side: when set, kept images whose long side exceeds it are downscaled (bicubic) and stored as
@@ -79,6 +83,7 @@ class CleanConfig:
   max_aspect_ratio: float = 3.0
   min_image_side: int = 100
   min_similarity: float = DEFAULT_MIN_SIMILARITY
+  min_similarity_by_language: dict[str, float] = dataclasses.field(default_factory=dict)
   max_image_bytes: int = 64 * 2**20
   max_image_pixels: int = 89_478_485  # PIL's own decompression-bomb warning threshold
   max_stored_side: int | None = None
@@ -106,6 +111,10 @@ class CleanConfig:
     _check_int(self, "min_image_side", 1)
     if not math.isfinite(self.min_similarity):
       raise ValueError(f"CleanConfig.min_similarity must be finite, got {self.min_similarity}")
+    object.__setattr__(self, "min_similarity_by_language", dict(self.min_similarity_by_language))
+    for language, value in self.min_similarity_by_language.items():
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"CleanConfig.min_similarity_by_language[{language!r}] must be finite, got {value!r}")
     _check_int(self, "max_image_bytes", 1)
     _check_int(self, "max_image_pixels", 1)
     if self.max_stored_side is not None:
@@ -116,6 +125,10 @@ class CleanConfig:
       raise ValueError(f"CleanConfig.url_timeout_s must be > 0, got {self.url_timeout_s}")
     _check_int(self, "batch_size", 1)
     _check_int(self, "sample_size", 0)
+
+  def threshold(self, language: str) -> float:
+    """The lowest accepted similarity score of a caption detected as `language`."""
+    return float(self.min_similarity_by_language.get(language, self.min_similarity))
 
   def to_json(self) -> dict[str, Any]:
     """The settings as JSON-ready data (stored in the report and in the dataset's metadata)."""

@@ -1,13 +1,15 @@
 """The keep/drop decision for input rows, in the fixed rule order of `config.RULES`; no Beam in here.
 
-`clean_batch(pairs, cfg, scorer)` turns a batch of `RawPair`s into `Kept` or `Rejected` outcomes, one per pair and
-in order. Per pair it validates the row, cleans the text, runs the text rules, reads and decodes the image, runs
-the image rules and the score-column rule; the survivors of a batch are then scored together by the scorer, when
-one is given. A pair is attributed to the first rule that rejects it. Nothing a row holds can make this raise; only
+`clean_batch(pairs, cfg, scorer, language_scorers)` turns a batch of `RawPair`s into `Kept` or `Rejected` outcomes,
+one per pair and in order. Per pair it validates the row, cleans the text, runs the text rules, reads and decodes
+the image, runs the image rules and the score-column rule; the survivors of a batch are then scored together, each
+by the scorer of its detected language (`language_scorers`, e.g. Chinese-CLIP for "zh") or else by `scorer`, and
+compared with the threshold of that language (`CleanConfig.threshold`). A pair is attributed to the first rule that
+rejects it. Nothing a row holds can make this raise; only
 a broken scorer (wrong output shape, NaN) does, on purpose.
 """
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from qwenvl_jax.cleaning import images as images_lib
 from qwenvl_jax.cleaning import scoring
@@ -49,6 +51,7 @@ class Kept:
   width: int
   height: int
   score: float | None
+  language: str = ""
 
   def example(self) -> dict[str, Any]:
     """The TFDS example (`qwenvl_jax.data.features.image_text_features`)."""
@@ -66,6 +69,8 @@ class Rejected:
   text: str
   image: str
   cleaned: str = ""
+  language: str = ""
+  score: float | None = None
 
   def sample(self) -> dict[str, str]:
     """JSON-ready record for the report's sample of this rule ("cleaned" is empty before text cleaning ran)."""
@@ -81,14 +86,17 @@ class _Candidate:
   text: str
   decoded: images_lib.DecodedImage
   score: float | None
+  language: str
 
 
 class _Reject(Exception):
-  def __init__(self, rule: str, reason: str, cleaned: str = ""):
+  def __init__(self, rule: str, reason: str, cleaned: str = "", language: str = "", score: float | None = None):
     super().__init__(reason)
     self.rule = rule
     self.reason = reason
     self.cleaned = cleaned
+    self.language = language
+    self.score = score
 
 
 def _field(row: dict, key: str) -> Any:
@@ -123,16 +131,16 @@ def _check_pair(pair: RawPair, cfg: CleanConfig) -> _Candidate:
 
   text = text_lib.clean_text(raw_text)
   try:
-    decoded = _check_cleaned(text, image_field, score, pair.root, cfg)
+    decoded, language = _check_cleaned(text, image_field, score, pair.root, cfg)
   except _Reject as e:
     e.cleaned = text
     raise
-  return _Candidate(pair=pair, id=pair_id, text=text, decoded=decoded, score=score)
+  return _Candidate(pair=pair, id=pair_id, text=text, decoded=decoded, score=score, language=language)
 
 
 def _check_cleaned(text: str, image_field: Any, score: float | None, root: str,
-                   cfg: CleanConfig) -> images_lib.DecodedImage:
-  """The rules after text cleaning, in order; returns the decoded image of a pair that passes them all."""
+                   cfg: CleanConfig) -> tuple[images_lib.DecodedImage, str]:
+  """The rules after text cleaning, in order; returns the decoded image and language of a pair passing them all."""
   units = text_lib.text_units(text)
   if units < cfg.min_text_units:
     raise _Reject("text_too_short", f"{units} units < min_text_units={cfg.min_text_units}")
@@ -160,9 +168,11 @@ def _check_cleaned(text: str, image_field: Any, score: float | None, root: str,
   if short_side < cfg.min_image_side:
     raise _Reject("image_too_small", f"{decoded.width}x{decoded.height}: short side {short_side} px "
                   f"< min_image_side={cfg.min_image_side}")
-  if score is not None and score < cfg.min_similarity:
-    raise _Reject("low_similarity", f"score {score:.4f} < min_similarity={cfg.min_similarity}")
-  return decoded
+  threshold = cfg.threshold(language)
+  if score is not None and score < threshold:
+    raise _Reject("low_similarity", f"score {score:.4f} < min_similarity={threshold} ({language})",
+                  language=language, score=score)
+  return decoded, language
 
 
 def _short(value: Any) -> str:
@@ -170,7 +180,8 @@ def _short(value: Any) -> str:
   return text if len(text) <= _REPORT_TEXT_CHARS else text[:_REPORT_TEXT_CHARS] + "..."
 
 
-def _make_rejected(pair: RawPair, cfg: CleanConfig, rule: str, reason: str, cleaned: str = "") -> Rejected:
+def _make_rejected(pair: RawPair, cfg: CleanConfig, rule: str, reason: str, cleaned: str = "", language: str = "",
+                   score: float | None = None) -> Rejected:
   row = pair.row if isinstance(pair.row, dict) else {}
   pair_id = row.get(cfg.id_key) if cfg.id_key else None
   return Rejected(
@@ -182,44 +193,55 @@ def _make_rejected(pair: RawPair, cfg: CleanConfig, rule: str, reason: str, clea
       text=_short(row[cfg.text_key]) if row.get(cfg.text_key) is not None else "",
       image=_short(images_lib.describe(row[cfg.image_key])) if row.get(cfg.image_key) is not None else "",
       cleaned=_short(cleaned),
+      language=language,
+      score=score,
   )
 
 
-def clean_batch(pairs: Sequence[RawPair], cfg: CleanConfig,
-                scorer: scoring.Scorer | None = None) -> list[Kept | Rejected]:
+def clean_batch(pairs: Sequence[RawPair], cfg: CleanConfig, scorer: scoring.Scorer | None = None,
+                language_scorers: Mapping[str, scoring.Scorer] | None = None) -> list[Kept | Rejected]:
   """Decides every pair of a batch; returns one outcome per pair, in input order.
 
   Args:
     pairs: the batch.
     cfg: thresholds and column names.
     scorer: when given, pairs that pass every other rule are scored together and dropped as "low_similarity"
-      below `cfg.min_similarity`; the batch's decoded images are then held until the scorer has run.
+      below `cfg.threshold(language)`; the batch's decoded images are then held until the scorer has run.
+    language_scorers: scorers for captions of one detected language ("zh" -> a Chinese-CLIP scorer); they take
+      precedence over `scorer` for that language. A pair whose language has no scorer here and `scorer` None is
+      not scored.
 
   Raises:
-    ValueError: the scorer returned a wrong number of scores or a non-finite score.
+    ValueError: a scorer returned a wrong number of scores or a non-finite score.
   """
+  routes = dict(language_scorers or {})
   outcomes: list[Kept | Rejected | _Candidate] = []
   for pair in pairs:
     try:
       candidate = _check_pair(pair, cfg)
     except _Reject as e:
-      outcomes.append(_make_rejected(pair, cfg, e.rule, e.reason, e.cleaned))
+      outcomes.append(_make_rejected(pair, cfg, e.rule, e.reason, e.cleaned, e.language, e.score))
       continue
-    # Without a scorer the decoded pixels are dropped at once, so a batch never holds more than one image.
-    outcomes.append(candidate if scorer is not None else _finish(candidate, cfg, scored=False))
-  candidates = [o for o in outcomes if isinstance(o, _Candidate)]
-  if not candidates:
-    return outcomes
-  raw = scorer([c.decoded.image for c in candidates], [c.text for c in candidates])
-  for candidate, score in zip(candidates, scoring.check_scores(raw, len(candidates), scorer)):
-    candidate.score = score
+    # Unscored pairs drop their decoded pixels at once, so without a scorer a batch holds one image at a time.
+    scored = routes.get(candidate.language, scorer) is not None
+    outcomes.append(candidate if scored else _finish(candidate, cfg, scored=False))
+  groups: dict[int, list[_Candidate]] = {}
+  for candidate in (o for o in outcomes if isinstance(o, _Candidate)):
+    groups.setdefault(id(routes.get(candidate.language, scorer)), []).append(candidate)
+  for group in groups.values():
+    group_scorer = routes.get(group[0].language, scorer)
+    raw = group_scorer([c.decoded.image for c in group], [c.text for c in group])
+    for candidate, score in zip(group, scoring.check_scores(raw, len(group), group_scorer)):
+      candidate.score = score
   return [_finish(o, cfg, scored=True) if isinstance(o, _Candidate) else o for o in outcomes]
 
 
 def _finish(candidate: _Candidate, cfg: CleanConfig, scored: bool) -> Kept | Rejected:
-  if scored and candidate.score < cfg.min_similarity:
+  threshold = cfg.threshold(candidate.language)
+  if scored and candidate.score < threshold:
     return _make_rejected(candidate.pair, cfg, "low_similarity",
-                          f"score {candidate.score:.4f} < min_similarity={cfg.min_similarity}", candidate.text)
+                          f"score {candidate.score:.4f} < min_similarity={threshold} ({candidate.language})",
+                          candidate.text, candidate.language, candidate.score)
   return Kept(
       key=candidate.pair.key,
       id=candidate.id,
@@ -229,4 +251,5 @@ def _finish(candidate: _Candidate, cfg: CleanConfig, scored: bool) -> Kept | Rej
       width=candidate.decoded.width,
       height=candidate.decoded.height,
       score=candidate.score,
+      language=candidate.language,
   )

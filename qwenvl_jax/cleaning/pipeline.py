@@ -2,13 +2,16 @@
 
 ```
 shard paths ─Reshuffle─ read rows ─Reshuffle─ batch ─ clean_batch ─┬─ kept ────► TFDS ArrayRecord dataset
-                                                                  └─ rejected ─► counts + samples ─► JSON report
+                                                                  ├─ rejected ─► counts + samples ─► JSON report
+                                                                  └─ scored ───► histogram + samples ┘
 ```
 `run_clean(job, beam_options)` checks the inputs and that nothing would be overwritten, builds the `CleanedPairs`
 TFDS dataset (`<output_dir>/cleaned_pairs/1.0.0/`, features `qwenvl_jax.data.features.image_text_features()`,
 ArrayRecord shards) with whatever Beam runner the options name (by default the DirectRunner's local engine, see
 `LOCAL_RUNNER`), and writes the report.
 Each rule also has a Beam counter (namespace `qwenvl_clean`), so a runner's UI shows progress while the job runs.
+Scorers (a model each, e.g. CLIP) are built once per worker process, whatever number of DoFn instances and threads
+the runner gives it (Beam's `Shared`), and score each `BatchElements` batch in one call.
 
 The rows are reshuffled twice: after listing the shards (so shards spread over workers) and after reading them (so
 one big shard does not leave every other worker idle). The TFDS writer then shuffles by example key
@@ -22,10 +25,12 @@ from typing import Any, Sequence
 
 import apache_beam as beam
 import tensorflow_datasets as tfds
+from apache_beam.utils import shared
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.options.pipeline_options import StandardOptions
 from etils import epath
 
+from qwenvl_jax import errors
 from qwenvl_jax.cleaning import filters
 from qwenvl_jax.cleaning import report as report_lib
 from qwenvl_jax.cleaning import scoring
@@ -59,6 +64,10 @@ class CleanJob:
     input_format: "auto" (from file names), "jsonl" or "parquet".
     scorer_factory: zero-argument callable building the image-text scorer on each worker (see `scoring`); it
       must be picklable. None = no scorer (the score column, if configured, is still used).
+    language_scorer_factories: per detected caption language, a factory of the scorer for that language's pairs
+      (e.g. {"zh": a Chinese-CLIP factory}); other languages go to `scorer_factory`.
+    skip_similarity: run without the image-text similarity filter. Without a score column or a scorer the job
+      refuses to run unless this is set, rather than silently keeping pairs of any similarity.
   """
   inputs: tuple[str, ...]
   output_dir: str
@@ -66,6 +75,8 @@ class CleanJob:
   config: CleanConfig = CleanConfig()
   input_format: str = "auto"
   scorer_factory: scoring.ScorerFactory | None = None
+  language_scorer_factories: dict[str, scoring.ScorerFactory] = dataclasses.field(default_factory=dict)
+  skip_similarity: bool = False
 
   def __post_init__(self):
     if isinstance(self.inputs, str):
@@ -75,11 +86,45 @@ class CleanJob:
       raise ValueError("CleanJob.output_dir must be a folder path")
     if self.input_format not in sources.FORMATS:
       raise ValueError(f"CleanJob.input_format must be one of {sources.FORMATS}, got {self.input_format!r}")
-    if self.scorer_factory is not None and self.config.score_key:
+    object.__setattr__(self, "language_scorer_factories", dict(self.language_scorer_factories))
+    factories = [f for f in (self.scorer_factory, *self.language_scorer_factories.values()) if f is not None]
+    if factories and self.config.score_key:
       raise ValueError(f"give either a score column (score_key={self.config.score_key!r}) or a scorer "
-                       f"({self.scorer_factory!r}), not both")
-    if self.scorer_factory is not None and not callable(self.scorer_factory):
-      raise ValueError(f"CleanJob.scorer_factory must be callable, got {self.scorer_factory!r}")
+                       f"({factories[0]!r}), not both")
+    for factory in factories:
+      if not callable(factory):
+        raise ValueError(f"CleanJob scorer factories must be callable, got {factory!r}")
+    scored = bool(factories) or bool(self.config.score_key)
+    if not scored and not self.skip_similarity:
+      raise errors.ConfigError(
+          f"the image-text similarity filter (min_similarity={self.config.min_similarity}) has no scores",
+          "give --score_key=COLUMN (precomputed CLIP scores in the input) or --scorer=SPEC (computed by the job), "
+          "or pass --skip_similarity to clean without this filter")
+    if scored and self.skip_similarity:
+      raise errors.ConfigError("--skip_similarity contradicts the score column / scorer given",
+                               "drop --skip_similarity, or the --score_key / --scorer")
+
+  def scorers_description(self) -> dict[str, str] | None:
+    """Which scorer scores which captions, for the report ("*" = every language without its own)."""
+    out = {"*": repr(self.scorer_factory)} if self.scorer_factory is not None else {}
+    out.update({lang: repr(f) for lang, f in sorted(self.language_scorer_factories.items())})
+    return out or None
+
+  @property
+  def similarity_filter(self) -> str:
+    """What the low_similarity rule does in this job, for the report."""
+    if self.skip_similarity:
+      return "skipped (skip_similarity): no pair was rejected for its image-text similarity"
+    cfg = self.config
+    by_language = f" ({cfg.min_similarity_by_language} by language)" if cfg.min_similarity_by_language else ""
+    if cfg.score_key:
+      return f"score column {cfg.score_key!r} >= {cfg.min_similarity}{by_language}"
+    parts = [f"scorer {f!r} >= {cfg.threshold(lang)} for {lang} captions"
+             for lang, f in sorted(self.language_scorer_factories.items())]
+    if self.scorer_factory is not None:
+      parts.append(f"scorer {self.scorer_factory!r} >= {cfg.min_similarity}{by_language}"
+                   + (" for other captions" if parts else ""))
+    return "; ".join(parts)
 
   @property
   def dataset_dir(self) -> str:
@@ -90,44 +135,70 @@ class CleanJob:
     return self.report_path or os.path.join(self.output_dir, "clean_report.json")
 
 
-class _CleanBatchFn(beam.DoFn):
-  """Runs `filters.clean_batch` on a batch; kept pairs go to the main output, rejected ones to "rejected"."""
+class _Scorers:
+  """The scorers of one worker process (a class, because Beam's `Shared` holds its objects by weak reference)."""
 
-  def __init__(self, cfg: CleanConfig, scorer_factory: scoring.ScorerFactory | None):
+  def __init__(self, default: scoring.ScorerFactory | None, by_language: dict[str, scoring.ScorerFactory]):
+    self.default = default() if default is not None else None
+    self.by_language = {lang: factory() for lang, factory in by_language.items()}
+
+
+class _CleanBatchFn(beam.DoFn):
+  """Runs `filters.clean_batch` on a batch; kept pairs go to the main output, rejected ones to "rejected", and
+  every scored pair (kept or not) to "scored" for the report's score histograms."""
+
+  def __init__(self, cfg: CleanConfig, scorer_factory: scoring.ScorerFactory | None,
+               language_scorer_factories: dict[str, scoring.ScorerFactory] | None = None):
     self._cfg = cfg
     self._scorer_factory = scorer_factory
-    self._scorer = None
+    self._language_factories = dict(language_scorer_factories or {})
+    self._shared = shared.Shared()
+    self._scorers = None
     self._kept = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "kept")
     self._rejected = {rule: beam.metrics.Metrics.counter(METRICS_NAMESPACE, rule) for rule in RULES}
 
   def setup(self):
-    if self._scorer_factory is not None:
-      self._scorer = self._scorer_factory()
+    if self._scorer_factory is not None or self._language_factories:
+      # One model per worker process: every DoFn instance of the process (one per thread or bundle) shares it.
+      tag = repr((self._scorer_factory, sorted(self._language_factories.items())))
+      self._scorers = self._shared.acquire(lambda: _Scorers(self._scorer_factory, self._language_factories),
+                                           tag=tag)
 
   def process(self, batch: Sequence[filters.RawPair]):
-    for outcome in filters.clean_batch(batch, self._cfg, self._scorer):
+    scorers = self._scorers
+    outcomes = filters.clean_batch(batch, self._cfg, scorers.default if scorers else None,
+                                   scorers.by_language if scorers else None)
+    for outcome in outcomes:
       if isinstance(outcome, filters.Kept):
         self._kept.inc()
         yield outcome.key, outcome.example()
       else:
         self._rejected[outcome.rule].inc()
         yield beam.pvalue.TaggedOutput("rejected", outcome)
+      if outcome.score is not None:
+        yield beam.pvalue.TaggedOutput("scored", report_lib.scored_record(outcome, self._cfg))
 
 
-def _write_report(_, *, path: str, header: dict, counts: dict, samples: dict, kept: int) -> None:
-  report_lib.write_partial(path, report_lib.build_report(counts=counts, samples=samples, kept=kept, header=header))
+def _write_report(_, *, path: str, header: dict, counts: dict, samples: dict, kept: int, histogram: list,
+                  near_threshold: list, sample_size: int) -> None:
+  similarity = report_lib.similarity_section(histogram=histogram, near_threshold=near_threshold,
+                                             sample_size=sample_size)
+  report_lib.write_partial(path, report_lib.build_report(counts=counts, samples=samples, kept=kept, header=header,
+                                                         similarity=similarity))
 
 
 class CleanPairs(beam.PTransform):
   """PBegin -> PCollection[(key, example)] of kept pairs; writes the report (to `report_path`) as a side effect."""
 
   def __init__(self, *, shards: Sequence[str], config: CleanConfig, input_format: str,
-               scorer_factory: scoring.ScorerFactory | None, report_path: str, header: dict):
+               scorer_factory: scoring.ScorerFactory | None, report_path: str, header: dict,
+               language_scorer_factories: dict[str, scoring.ScorerFactory] | None = None):
     super().__init__()
     self._shards = list(shards)
     self._cfg = config
     self._input_format = input_format
     self._scorer_factory = scorer_factory
+    self._language_factories = dict(language_scorer_factories or {})
     self._report_path = report_path
     self._header = header
 
@@ -142,8 +213,16 @@ class CleanPairs(beam.PTransform):
     outcomes = (
         pairs
         | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=cfg.batch_size)
-        | "Clean" >> beam.ParDo(_CleanBatchFn(cfg, self._scorer_factory)).with_outputs("rejected", main="kept"))
-    kept, rejected = outcomes.kept, outcomes.rejected
+        | "Clean" >> beam.ParDo(_CleanBatchFn(cfg, self._scorer_factory, self._language_factories))
+        .with_outputs("rejected", "scored", main="kept"))
+    kept, rejected, scored = outcomes.kept, outcomes.rejected, outcomes.scored
+    histogram = (scored
+                 | "ScoreBin" >> beam.Map(lambda s: ((s["language"], s["side"], report_lib.score_bin(s["score"])), 1))
+                 | "CountPerBin" >> beam.CombinePerKey(sum))
+    near_threshold = (scored
+                      | "SideOfThreshold" >> beam.Map(lambda s: ((s["language"], s["side"]), s))
+                      | "NearestPerSide" >> beam.combiners.Top.PerKey(max(cfg.sample_size, 1),
+                                                                      key=report_lib.closeness))
 
     counts = (rejected
               | "RuleOf" >> beam.Map(lambda r: (r.rule, 1))
@@ -158,9 +237,10 @@ class CleanPairs(beam.PTransform):
     _ = (pbegin
          | "ReportSeed" >> beam.Create([None])
          | "WriteReport" >> beam.Map(
-             _write_report, path=self._report_path, header=self._header,
+             _write_report, path=self._report_path, header=self._header, sample_size=cfg.sample_size,
              counts=beam.pvalue.AsDict(counts), samples=beam.pvalue.AsDict(samples),
-             kept=beam.pvalue.AsSingleton(num_kept)))
+             kept=beam.pvalue.AsSingleton(num_kept), histogram=beam.pvalue.AsList(histogram),
+             near_threshold=beam.pvalue.AsList(near_threshold)))
     return kept
 
 
@@ -173,6 +253,14 @@ class CleanedPairs(tfds.core.GeneratorBasedBuilder):
   # package that lookup imports `importlib_resources`, which TFDS 4.9.10 does not install. This builder downloads
   # nothing, so it has no checksums file and no source path to search.
   code_path = None
+
+  # TFDS prints "Downloading and preparing dataset ..." and "... downloaded and prepared" to stdout around the
+  # build; this builder downloads nothing and the job prints its own summary, so both lines are dropped.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
 
   def __init__(self, *, transform: CleanPairs | None = None, metadata: dict | None = None, **kwargs):
     self._transform = transform
@@ -238,12 +326,15 @@ def run_clean(job: CleanJob, beam_options: PipelineOptions | None = None) -> dic
       "num_shards": len(shards),
       "config": job.config.to_json(),
       "scorer": repr(job.scorer_factory) if job.scorer_factory is not None else None,
+      "scorers": job.scorers_description(),
+      "similarity_filter": job.similarity_filter,
       "dataset": job.dataset_dir,
   }
 
   def transform(partial: str) -> CleanPairs:
     return CleanPairs(shards=shards, config=job.config, input_format=job.input_format,
-                      scorer_factory=job.scorer_factory, report_path=partial, header=header)
+                      scorer_factory=job.scorer_factory, report_path=partial, header=header,
+                      language_scorer_factories=job.language_scorer_factories)
 
   # The pipeline writes the report under a unique name; it becomes `job.report` only once the job is done.
   partial = f"{job.report}.incomplete-{uuid.uuid4().hex}"

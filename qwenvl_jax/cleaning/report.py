@@ -9,6 +9,12 @@ Layout (rules always listed in `config.RULES` order, with 0 for rules that dropp
   "rejected": {"malformed": int, "text_too_short": int, ...},
   "rule_order": ["malformed", ...],
   "samples": {"malformed": [{"id", "source", "reason", "text", "cleaned", "image"}, ...], ...},
+  "similarity": {                   # every pair that got a score (score column or scorer), per detected language
+    "bin_width": 0.01,
+    "by_language": {"en": {"threshold": 0.28, "scored": int, "below": int, "at_or_above": int,
+                           "histogram": {"0.27": int, "0.28": int, ...},   # lower bin edge -> pairs, non-empty only
+                           "samples_below": [{"id", "text", "score"}, ...],  # nearest the threshold first
+                           "samples_above": [...]}, ...}},
   "dataset": "<path of the TFDS dataset version folder>"
 }
 ```
@@ -17,6 +23,7 @@ pick that does not depend on how the runner split the work.
 """
 import hashlib
 import json
+import math
 import os
 from typing import Any, Mapping, Sequence
 
@@ -25,13 +32,69 @@ from etils import epath
 from qwenvl_jax.cleaning.config import RULES
 
 
+SCORE_BIN_WIDTH = 0.01
+
+
 def sample_rank(key: str) -> str:
   """Order in which rejected pairs enter a rule's sample (lowest first); stable across runners and runs."""
   return hashlib.sha1(key.encode("utf-8")).hexdigest()
 
 
+def scored_record(outcome, cfg) -> dict[str, Any]:
+  """What the report keeps of a scored pair (a `filters.Kept` or a low-similarity `filters.Rejected`)."""
+  threshold = cfg.threshold(outcome.language)
+  return {"language": outcome.language, "score": float(outcome.score), "threshold": threshold,
+          "side": "above" if outcome.score >= threshold else "below", "rank": sample_rank(outcome.key),
+          "sample": {"id": outcome.id, "text": getattr(outcome, "cleaned", "") or outcome.text,
+                     "score": round(float(outcome.score), 6)}}
+
+
+def score_bin(score: float) -> str:
+  """The lower edge of the histogram bin of a score, as a key ("0.28" holds [0.28, 0.29))."""
+  # The small offset keeps scores that are bin edges in their own bin despite float division (0.29 / 0.01 < 29).
+  edge = math.floor(score / SCORE_BIN_WIDTH + 1e-9) * SCORE_BIN_WIDTH
+  return f"{edge + 0.0:.2f}"
+
+
+def closeness(record: Mapping[str, Any]) -> tuple[float, int]:
+  """Order of scored pairs in a side's sample (largest first): nearest the threshold, then a stable hash."""
+  return -abs(record["score"] - record["threshold"]), -int(record["rank"][:15], 16)
+
+
+def similarity_section(*, histogram: Sequence[tuple[tuple[str, str, str], int]],
+                       near_threshold: Sequence[tuple[tuple[str, str], Sequence[Mapping[str, Any]]]],
+                       sample_size: int | None = None) -> dict[str, Any]:
+  """The report's "similarity" section.
+
+  Args:
+    histogram: ((language, side, bin edge), count) with side "below" or "above" the language's threshold.
+    near_threshold: ((language, side), records) of `scored_record`s, any order; the nearest are kept.
+    sample_size: records kept per language and side (None = all given).
+  """
+  by_language: dict[str, dict[str, Any]] = {}
+
+  def entry(language: str) -> dict[str, Any]:
+    return by_language.setdefault(language, {"threshold": None, "scored": 0, "below": 0, "at_or_above": 0,
+                                             "histogram": {}, "samples_below": [], "samples_above": []})
+
+  for (language, side, edge), count in histogram:
+    e = entry(language)
+    e["histogram"][edge] = e["histogram"].get(edge, 0) + int(count)
+    e["scored"] += int(count)
+    e["below" if side == "below" else "at_or_above"] += int(count)
+  for (language, side), records in near_threshold:
+    e = entry(language)
+    ordered = sorted(records, key=closeness, reverse=True)[:sample_size]
+    e["samples_" + side] = [r["sample"] for r in ordered]
+    if ordered:
+      e["threshold"] = ordered[0]["threshold"]
+  for e in by_language.values():
+    e["histogram"] = dict(sorted(e["histogram"].items(), key=lambda kv: float(kv[0])))
+  return {"bin_width": SCORE_BIN_WIDTH, "by_language": dict(sorted(by_language.items()))}
+
+
 def build_report(*, counts: Mapping[str, int], samples: Mapping[str, Sequence[tuple[str, dict]]], kept: int,
-                 header: Mapping[str, Any]) -> dict[str, Any]:
+                 header: Mapping[str, Any], similarity: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Assembles the report.
 
   Args:
@@ -39,6 +102,7 @@ def build_report(*, counts: Mapping[str, int], samples: Mapping[str, Sequence[tu
     samples: per rule, (sample_rank, sample) pairs, any order.
     kept: pairs written to the dataset.
     header: run description placed first (inputs, config, scorer, dataset path).
+    similarity: the `similarity_section` (None: no pair was scored).
 
   Raises:
     ValueError: a count names a rule that is not in `RULES`.
@@ -55,6 +119,7 @@ def build_report(*, counts: Mapping[str, int], samples: Mapping[str, Sequence[tu
       "rule_order": list(RULES),
       "samples": {rule: [s for _, s in sorted(samples.get(rule, ()), key=lambda rs: rs[0])]
                   for rule in RULES if samples.get(rule)},
+      "similarity": similarity or {"bin_width": SCORE_BIN_WIDTH, "by_language": {}},
   }
 
 

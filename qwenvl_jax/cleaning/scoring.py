@@ -8,10 +8,10 @@ never the model:
   - in Python: `CleanJob(..., scorer_factory=MyScorer)` where `MyScorer()` returns the scorer;
   - on the command line: `--scorer=my_package.my_module:MyScorer` (imported on each worker).
 
-The project's own ViT can be plugged in this way once a text tower is paired with it: the factory restores both
-towers, and `__call__` resizes each image as the model's preprocessing does, embeds images and texts, and returns
-the cosine similarity of the L2-normalised embeddings (the CLIP score that `CleanConfig.min_similarity` is tuned
-for). Pairs are scored in batches of `CleanConfig.batch_size`.
+Built in (`make_factory`): `clip:<checkpoint dir>` and `chinese_clip:<checkpoint dir>` score with a JAX CLIP loaded
+from a Hugging Face CLIPModel / ChineseCLIPModel folder (`cleaning.clip_scorer`, `qwenvl_jax.clip`): the cosine
+similarity of the L2-normalised embeddings, the CLIP score that `CleanConfig.min_similarity` is tuned for. Pairs
+are scored in batches of `CleanConfig.batch_size`.
 """
 import importlib
 import math
@@ -19,6 +19,8 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import PIL.Image
+
+from qwenvl_jax import errors
 
 
 class Scorer(Protocol):
@@ -48,6 +50,31 @@ def load_scorer_factory(spec: str) -> ScorerFactory:
   if not callable(factory):
     raise ValueError(f"scorer spec {spec!r} names a {type(factory).__name__}, not a callable factory")
   return factory
+
+
+MODEL_PREFIXES = ("clip:", "chinese_clip:")
+
+
+def make_factory(spec: str, platform: str = "cpu", max_batch: int = 32) -> ScorerFactory:
+  """The factory a command-line spec names: "clip:DIR", "chinese_clip:DIR" or a plugin "package.module:attr".
+
+  `platform` is where a CLIP scorer runs: "cpu" (default; any number of workers per host) or "auto" (JAX's default
+  backend, the host's GPU/TPU: one scoring worker per host); `max_batch` is the largest batch it compiles for
+  (the job's `batch_size`). A plugin module named `clip` or `chinese_clip` cannot be named here (the prefixes are
+  taken).
+
+  Raises:
+    ValueError: a malformed spec, a plugin that cannot be imported, or a checkpoint that is missing or does not
+      match its config (checked here, on the launching machine, before any data is read).
+  """
+  family, sep, rest = spec.partition(":")
+  if sep and spec.startswith(MODEL_PREFIXES):
+    if not rest:
+      raise errors.ConfigError(f"scorer spec {spec!r} names no checkpoint folder")
+    # Imported here so a job without a model scorer never loads JAX.
+    from qwenvl_jax.cleaning import clip_scorer  # pylint: disable=import-outside-toplevel
+    return clip_scorer.ClipScorerFactory(family, rest, platform, max_batch)
+  return SpecFactory(spec)
 
 
 class SpecFactory:

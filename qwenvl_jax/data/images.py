@@ -6,6 +6,7 @@ The pipeline stops after the resize and ships uint8[S, S, 3]: the model normaliz
 moves 4x fewer bytes and gives the same numbers since the reference normalizes exactly this uint8 image.
 """
 import io
+import logging
 import os
 from typing import Union
 
@@ -41,13 +42,42 @@ def open_image(source: ImageLike) -> Image.Image:
     image = _decode(io.BytesIO(bytes(source)), "<bytes>")
   elif isinstance(source, (str, os.PathLike)):
     path = os.fspath(source)
+    if os.path.isdir(path):
+      raise ImageError(f"image path {path} is a folder, not an image file")
     if not os.path.isfile(path):
       raise ImageError(f"image file not found: {path}")
     image = _decode(path, path)
   else:
     raise ImageError(f"unsupported image source type {type(source).__name__}")
+  if image.mode in _SIXTEEN_BIT_MODES:
+    _warn_sixteen_bit(image.mode)
   # convert() is a no-op copy for RGB and drops alpha without compositing, as the reference does.
   return image if image.mode == "RGB" else image.convert("RGB")
+
+
+# PIL modes of 16-bit (and 32-bit integer) grayscale: a 16-bit grayscale PNG opens as "I;16" or "I".
+_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+_sixteen_bit = {"count": 0}
+
+
+def _warn_sixteen_bit(mode: str) -> None:
+  """Counts 16-bit grayscale images and warns once per process.
+
+  PIL's convert("RGB") clips such pixels to 255 instead of scaling them (a 16-bit photo becomes near-white). The
+  reference converts exactly so, and the model was trained on what it produced, so the numbers are kept; the
+  warning tells the user that these images carry almost no information.
+  """
+  _sixteen_bit["count"] += 1
+  if _sixteen_bit["count"] == 1:
+    logging.getLogger("qwenvl_jax.data").warning(
+        "a 16-bit grayscale image (PIL mode %s) was converted to RGB like the reference does, which clips every "
+        "value above 255 (most pixels become white); convert such images to 8 bits beforehand to keep their "
+        "content. Warned once; sixteen_bit_image_count() counts them", mode)
+
+
+def sixteen_bit_image_count() -> int:
+  """How many 16-bit grayscale images this process has opened (each was clipped to 8 bits, see the warning)."""
+  return _sixteen_bit["count"]
 
 
 def _decode(fp, name: str) -> Image.Image:

@@ -15,6 +15,8 @@ import re
 import threading
 from typing import Any, Sequence
 
+from qwenvl_jax import errors
+
 IMG_SPAN = re.compile(r"<img>(.*?)</img>", re.DOTALL)
 _BOX_SPAN = re.compile(r"<box>(.*?)</box>", re.DOTALL)
 _QUAD_SPAN = re.compile(r"<quad>(.*?)</quad>", re.DOTALL)
@@ -24,6 +26,10 @@ _QUAD_BODY = re.compile(rf"^{_POINT}\s*,\s*{_POINT}\s*,\s*{_POINT}\s*,\s*{_POINT
 # Box coordinates are integers in [0, 1000) (SPEC §4.2, Gotcha 20).
 BOX_RANGE = 1000
 
+# UTF-16 surrogates: valid Unicode text never holds one alone (a JSON "\\ud800" escape without its pair gives one);
+# no tokenizer can encode it faithfully (SentencePiece fails, tiktoken silently writes U+FFFD).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
 # Stage-2 task names (SPEC §6.1, RECIPES §3.3) plus the stage-3 chat kind.
 TASKS = ("caption", "vqa", "grounding", "ref", "grounded_caption", "ocr", "text", "chat")
 ROLES = ("user", "assistant")
@@ -31,13 +37,24 @@ ROLES = ("user", "assistant")
 CAPTION_PROMPT = "Generate the caption in English:"
 
 
-class BadRecordError(ValueError):
-  """A record that cannot become a correct training example; the message starts with the record id."""
+class BadRecordError(errors.InputFormatError):
+  """A record that cannot become a correct training example; the message starts with the record id.
+
+  A `UserError` (the data is the user's), so a strict run that stops on one prints one line; picklable with both
+  arguments, so it crosses the grain worker boundary intact.
+  """
 
   def __init__(self, record_id: str, reason: str):
-    super().__init__(f"bad record {record_id!r}: {reason}")
+    super().__init__(f"bad record {record_id!r}: {reason}",
+                     "fix or remove the record, or leave config.data.strict false to skip and count bad records")
     self.record_id = record_id
     self.reason = reason
+
+  def __str__(self) -> str:
+    return self.message
+
+  def __reduce__(self):
+    return type(self), (self.record_id, self.reason)
 
 
 @dataclasses.dataclass
@@ -74,6 +91,7 @@ def validate(record: Record) -> Record:
       raise BadRecordError(rid, f"turn {i} is from {role!r}, expected {ROLES[i % 2]!r} (turns must alternate)")
     if not isinstance(text, str):
       raise BadRecordError(rid, f"turn {i} text is {type(text).__name__}, not str")
+    check_unicode(rid, f"turn {i}", text)
   text = "".join(t for _, t in record.turns)
   spans = IMG_SPAN.findall(text)
   if text.count("<img>") != len(spans) or text.count("</img>") != len(spans):
@@ -84,6 +102,14 @@ def validate(record: Record) -> Record:
     raise BadRecordError(rid, f"{len(spans)} <img></img> spans but {len(record.images)} images")
   _check_coordinates(rid, text)
   return record
+
+
+def check_unicode(rid: str, what: str, text: str) -> None:
+  """Raises BadRecordError when `text` holds a lone UTF-16 surrogate (invalid Unicode), naming where."""
+  m = _SURROGATE.search(text)
+  if m is not None:
+    raise BadRecordError(rid, f"{what} holds a lone surrogate U+{ord(m.group()):04X} at character {m.start()} "
+                              "(not valid Unicode: an unpaired \\uD800-\\uDFFF escape?)")
 
 
 def _check_coordinates(rid: str, text: str) -> None:

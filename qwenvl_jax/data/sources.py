@@ -191,6 +191,11 @@ class _JsonParser:
   stage: int
   task: str | None
 
+  def where(self, item) -> str:
+    """`path:line` of a JSONL item, `path[index]` of a fine-tuning list entry (for errors about the record)."""
+    where, raw = item
+    return where if isinstance(raw, bytes) else f"{self.path}[{where}]"
+
   def __call__(self, item) -> rec.Record:
     where, raw = item
     if isinstance(raw, bytes):
@@ -216,6 +221,7 @@ class _JsonParser:
 
 
 def _resolve(path: str, root: str, rid: str) -> str:
+  rec.check_unicode(rid, "image path", path)
   if path.startswith(("http://", "https://")):
     raise rec.BadRecordError(rid, f"remote image {path} (the pipeline never downloads; fetch it first)")
   return path if os.path.isabs(path) else os.path.join(root, path)

@@ -111,13 +111,20 @@ def cider_d(
 def cider_from_raw(
     candidates: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]]
 ) -> Tuple[float, Dict[Hashable, float]]:
-  """`cider_d` after pycocoevalcap's PTB normalisation of raw candidate and reference captions."""
-  tokenized_refs = {}
+  """`cider_d` after pycocoevalcap's PTB normalisation of raw candidate and reference captions.
+
+  As pycocoevalcap's `COCOEvalCap`, all references go through the tokenizer in one call (image by image, in
+  `references` order) and all candidates in another: the Java tokenizer sees the next caption when it ends one.
+  """
   for image_id, refs in references.items():
     if isinstance(refs, str):
       raise ValueError(f"image {image_id!r}: references must be a list of captions, got the string {refs!r}")
-    tokenized_refs[image_id] = ptb_tokenizer.tokenize(refs)
-  tokenized_cands = {i: ptb_tokenizer.tokenize([c])[0] for i, c in candidates.items()}
+  flat = ptb_tokenizer.tokenize([r for refs in references.values() for r in refs])
+  tokenized_refs, start = {}, 0
+  for image_id, refs in references.items():
+    tokenized_refs[image_id] = flat[start:start + len(refs)]
+    start += len(refs)
+  tokenized_cands = dict(zip(candidates, ptb_tokenizer.tokenize(list(candidates.values()))))
   return cider_d(tokenized_cands, tokenized_refs)
 
 
@@ -135,7 +142,11 @@ def constant_caption_baseline(selection: Mapping[Hashable, Sequence[str]],
   """
   if not selection or not references:
     raise ValueError("constant_caption_baseline needs a non-empty selection set and reference set")
-  selection_refs = {i: ptb_tokenizer.tokenize(list(refs)) for i, refs in selection.items()}
+  flat = ptb_tokenizer.tokenize([r for refs in selection.values() for r in refs])
+  selection_refs, start = {}, 0
+  for i, refs in selection.items():
+    selection_refs[i] = flat[start:start + len(refs)]
+    start += len(refs)
   # Every distinct reference caption is a candidate; its tokens are already in `selection_refs`.
   candidates: Dict[str, str] = {}
   for i, refs in selection.items():

@@ -14,7 +14,7 @@ A run proceeds as:
      so that they agree on `todo` and the shards partition it.
   2. every process: `ledger = PredictionLedger(partial_dir(OUT), index)`; `ledger.append([...])` after each
      batch (flushed and fsynced, so a killed run loses at most the batch in flight).
-  3. barrier; process 0: `finalize(task, examples, partial_dir(OUT), OUT)`.
+  3. barrier; process 0: `finalize(task, examples, partial_dir(OUT), OUT)`, which removes OUT.json.partial/.
 On resume the same steps skip what any earlier process finished, whatever the earlier process count was.
 The ledgers must be on storage all processes see (one host, NFS, or a FUSE-mounted bucket).
 
@@ -25,9 +25,11 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import tempfile
 from typing import Any, Dict, List, Mapping, Optional, Sequence, TypeVar, Union
 
+from qwenvl_jax import errors
 from qwenvl_jax.evaluation.readers import EvalExample
 
 PathLike = Union[str, os.PathLike]
@@ -54,13 +56,20 @@ def partial_dir(output_path: PathLike) -> pathlib.Path:
 
 
 def check_output_free(output_path: PathLike) -> None:
-  """Fails early (before any work) when the final results file already exists or its folder is missing."""
+  """Fails early (before any work) when the final results file already exists; creates its folder when missing.
+
+  Raises:
+    errors.UserFileExistsError: the results file exists, or a file stands where its folder should be.
+  """
   output_path = pathlib.Path(output_path)
   if output_path.exists():
-    raise FileExistsError(f"the results file {output_path} already exists; it is never overwritten: choose "
-                          f"another output path or move it away")
-  if not output_path.parent.is_dir():
-    raise FileNotFoundError(f"the folder of the results file {output_path} does not exist")
+    raise errors.UserFileExistsError(f"the results file {output_path} already exists; it is never overwritten",
+                                     "choose another output path or move it away")
+  try:
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+  except (FileExistsError, NotADirectoryError) as e:
+    raise errors.UserFileExistsError(f"cannot create the folder of the results file {output_path}: a file is in "
+                                     "the way", "choose another output path") from e
 
 
 def _ledger_lines(path: pathlib.Path):
@@ -254,4 +263,6 @@ def finalize(task, examples: Sequence[EvalExample], directory: PathLike, output_
   payload = {"task": task.name, "metric": result["metric"], "score": result["score"], "details": result["details"],
              "num_examples": len(examples), "config": dict(config or {}), "predictions": rows}
   write_results(output_path, payload)
+  # The results file holds every prediction: the ledgers have served (a rerun now refuses the existing output).
+  shutil.rmtree(directory, ignore_errors=True)
   return payload

@@ -145,23 +145,29 @@ class PromptEncoder:
 class _Job:
   """The model, tokenizer and mesh of one run, and the per-batch work."""
 
-  def __init__(self, config, task: tasks_lib.EvalTask, shots: few_shot_lib.ShotSampler | None = None):
+  def __init__(self, config, task: tasks_lib.EvalTask, shots: few_shot_lib.ShotSampler | None = None, *,
+               model: tuple | None = None):
+    """`model`: (tokenizer, model config, mesh, rules, nnx model) already built (evaluation during training: later
+    steps swap `generator.state`); else they are loaded as `config` says."""
     self.config, self.task = config, task
-    # A training run directory (or its checkpoints/<step>) supplies preset, image size and tokenizer; the
-    # official prompts are raw text whatever the run trained on, so its chat format is not used.
-    source = model_source.resolve(config.checkpoint or None, model=config.model or None,
-                                  tokenizer=config.tokenizer or None, image_size=config.get("image_size"))
-    if not source.tokenizer:
-      raise ValueError("config.tokenizer is required unless config.checkpoint is a training run")
-    self.tok = qtext.load_tokenizer(source.tokenizer)
-    self.cfg = loading.model_config(source.preset, self.tok, dtype=config.dtype,
-                                    random_weights=not source.params, image_size=source.image_size)
-    self.mesh, self.rules = loading.inference_mesh(config.rules, **config.mesh.to_dict())
-    model = loading.load_model(self.cfg, source.params, self.mesh, self.rules, seed=config.seed,
-                               preset=source.preset, quantize=config.get("quantize"),
-                               group_size=config.get("quantize_group_size"))
+    if model is None:
+      # A training run directory (or its checkpoints/<step>) supplies preset, image size and tokenizer; the
+      # official prompts are raw text whatever the run trained on, so its chat format is not used.
+      source = model_source.resolve(config.checkpoint or None, model=config.model or None,
+                                    tokenizer=config.tokenizer or None, image_size=config.get("image_size"))
+      if not source.tokenizer:
+        raise ValueError("config.tokenizer is required unless config.checkpoint is a training run")
+      self.tok = qtext.load_tokenizer(source.tokenizer)
+      self.cfg = loading.model_config(source.preset, self.tok, dtype=config.dtype,
+                                      random_weights=not source.params, image_size=source.image_size)
+      self.mesh, self.rules = loading.inference_mesh(config.rules, **config.mesh.to_dict())
+      module = loading.load_model(self.cfg, source.params, self.mesh, self.rules, seed=config.seed,
+                                  preset=source.preset, quantize=config.get("quantize"),
+                                  group_size=config.get("quantize_group_size"))
+    else:
+      self.tok, self.cfg, self.mesh, self.rules, module = model
     kv = config.get("kv_cache_dtype", "auto")
-    self.generator = decode.Generator(model, kv_cache_dtype=None if kv in ("auto", "") else kv)
+    self.generator = decode.Generator(module, kv_cache_dtype=None if kv in ("auto", "") else kv)
     self.scorer = scoring.LikelihoodScorer(self.generator)
     self.local_rows = config.per_device_batch_size * jax.local_device_count()
     self.global_rows = config.per_device_batch_size * jax.device_count()
@@ -314,6 +320,25 @@ def run(config) -> dict | None:
             "devices": jax.device_count(), "processes": jax.process_count(),
             "seconds_last_run": round(time.time() - started, 3)}
   return results.finalize(task, examples, ledger_dir, output, config=record)
+
+
+def predict(job: _Job, examples: Sequence[EvalExample]) -> list[str | int] | None:
+  """The predictions of `examples` (all processes call it; process 0 gets them in order, the others None): the
+  same sharding, batching, padding and decoding as `run`, without ledgers or output file."""
+  mine = results.shard(list(examples), jax.process_count(), jax.process_index())
+  longest = -(-len(examples) // jax.process_count())
+  got = {}
+  for b in range(-(-longest // job.local_rows)):
+    chunk = mine[b * job.local_rows:(b + 1) * job.local_rows]
+    if job.task.generates:
+      records = _generated_records(job, chunk)
+    else:
+      chosen, _ = job.choose(chunk)
+      records = _gather_records([{"id": e.example_id, "prediction": c} for e, c in zip(chunk, chosen)])
+    got.update((r["id"], r["prediction"]) for r in records)
+  if jax.process_index() != 0:
+    return None
+  return [got[e.example_id] for e in examples]
 
 
 def _shot_sampler(config, task: tasks_lib.EvalTask, tfds_data_dir: str | None) -> few_shot_lib.ShotSampler | None:

@@ -176,7 +176,9 @@ def _score_cider(task, examples, predictions):
   ids = [e.example_id for e in examples]
   score, per_image = cider_lib.cider_from_raw(dict(zip(ids, predictions)),
                                               {e.example_id: list(e.references) for e in examples})
-  return {"metric": "cider", "score": score, "details": {}, "per_example": [per_image[i] for i in ids]}
+  # Which caption normalisation produced the score: the Python port of pycocoevalcap's Java PTBTokenizer.
+  return {"metric": "cider", "score": score, "details": {"tokenizer": cider_lib.ptb_tokenizer.NAME},
+          "per_example": [per_image[i] for i in ids]}
 
 
 def _score_vqa(task, examples, predictions):

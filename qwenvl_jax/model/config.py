@@ -39,8 +39,8 @@ class VisionConfig:
 
   def __post_init__(self):
     _check(self.width % self.heads == 0, f"vision width {self.width} is not divisible by heads {self.heads}")
-    _check(self.image_size % self.patch_size == 0,
-           f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+    _check(self.image_size > 0 and self.image_size % self.patch_size == 0,
+           f"image_size {self.image_size} is not a positive multiple of patch_size {self.patch_size}")
     _check(min(self.width, self.layers, self.heads, self.mlp_dim, self.pos_grid) > 0, "vision sizes must be > 0")
 
   @property

@@ -35,14 +35,6 @@ from qwenvl_jax.model import layers
 
 # The official finetune.py targets ("c_attn", "attn.c_proj", "w1", "w2") as our module paths.
 OFFICIAL_TARGETS = ("llm/blocks/attn/qkv", "llm/blocks/attn/out", "llm/blocks/mlp/w1", "llm/blocks/mlp/w2")
-# Our module paths -> the reference's per-layer module names (`transformer.h.{i}.<name>`), for PEFT export.
-PEFT_MODULE_NAMES = {
-    "llm/blocks/attn/qkv": "transformer.h.{i}.attn.c_attn",
-    "llm/blocks/attn/out": "transformer.h.{i}.attn.c_proj",
-    "llm/blocks/mlp/w1": "transformer.h.{i}.mlp.w1",
-    "llm/blocks/mlp/w2": "transformer.h.{i}.mlp.w2",
-    "llm/blocks/mlp/c_proj": "transformer.h.{i}.mlp.c_proj",
-}
 # modules_to_save names of the reference -> our module paths (trained in full, float32).
 SAVED_MODULES = {"wte": "llm/wte", "lm_head": "llm/lm_head"}
 

@@ -12,8 +12,8 @@ L layers, S image side.
 Every slot row of the cache belongs to one request at a time. A request's prompt occupies its row's slots
 0 .. len-1 and its n-th new token slot len + n, so the cache slot equals the RoPE position and rows advance
 independently (the model writes each row at its own `cache_index`, `qwen.write_slots`). Prefill runs the joining
-prompts left-padded, as `decode.prefill` (the last position is the next-token logit, so no gather over P x V
-logits), then rolls each row left by its padding and writes it into its slot row, clearing the rest of the row
+prompts left-padded, as `decode.prefill` (the last position is the next-token logit, and only it goes through
+`lm_head`), then rolls each row left by its padding and writes it into its slot row, clearing the rest of the row
 (the previous occupant's keys are never attended again: their segment ids are 0).
 
 Shapes are fixed per (k, P) for prefill, per n for encode and per R for decode (R: a power of two covering the
@@ -76,9 +76,11 @@ def _prefill(graphdef, vocab_limit, state, cache: KVCache, ids, lengths, first_i
   index = jnp.clip(first_image[:, None] * q + jnp.cumsum(is_pad, axis=1) - 1, 0, flat.shape[0] - 1)
   x = jnp.where(is_pad[:, :, None], flat[index].astype(x.dtype), x)
   small = model.llm.init_cache(k, p, dtype=cache.k.dtype)
-  logits, small = model.llm(x, positions=positions, segment_ids=segment_ids, cache=small, cache_index=0,
-                            rope_base=rope_base[:, None, None], logn=True)
-  first = slot_sampling.select(logits[:, -1], temperature=sampling.temperature, top_k=sampling.top_k,
+  h, small = model.llm.features(x, positions=positions, segment_ids=segment_ids, cache=small, cache_index=0,
+                                rope_base=rope_base[:, None, None], logn=True)
+  # Only the last position's logits are needed: k x V, not the k x P x V of the whole prompt.
+  logits = model.llm.lm_head(h[:, -1:])[:, 0]
+  first = slot_sampling.select(logits, temperature=sampling.temperature, top_k=sampling.top_k,
                                top_p=sampling.top_p, seeds=sampling.seed, counts=sampling.count,
                                vocab_limit=vocab_limit)
   # Left-aligned: row i's prompt moves from slots pad_i .. P-1 to 0 .. len_i-1 (slot = position from now on).

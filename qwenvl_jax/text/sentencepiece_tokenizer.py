@@ -145,7 +145,7 @@ class SentencePieceTokenizer:
     """
     if not isinstance(text, str):
       raise TypeError(f"encode expects a str, got {type(text).__name__}")
-    text = unicodedata.normalize("NFC", text)
+    text = unicodedata.normalize("NFC", _replace_lone_surrogates(text))
     allowed = self._resolve(allowed_special)
     # tiktoken's rule: "all" disallows every special that is not allowed; an explicit set wins over allowed.
     disallowed = self._resolve(disallowed_special) - (allowed if disallowed_special == "all" else set())
@@ -206,3 +206,14 @@ class SentencePieceTokenizer:
 
   def __repr__(self) -> str:
     return f"SentencePieceTokenizer({self.path!r}, vocab_size={self.vocab_size})"
+
+
+def _replace_lone_surrogates(text: str) -> str:
+  """`text` with each lone UTF-16 surrogate as U+FFFD and surrogate pairs joined: exactly what tiktoken (hence
+  `QwenTokenizer` and the reference) does to such text, where SentencePiece's C++ binding raises a bare
+  RuntimeError. Python decodes invalid UTF-8 in argv to surrogates, so a prompt can hold them."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError:
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+  return text

@@ -18,15 +18,18 @@ given; local paths are made absolute. Returned paths are strings.
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 from etils import epath
 import grain
 import jax
 import orbax.checkpoint as ocp
 
+from qwenvl_jax import errors
 from qwenvl_jax.training import workdir as workdir_lib
 from qwenvl_jax.training.step import TrainState
 
@@ -61,6 +64,12 @@ class Checkpointer:
         "meta": ocp.JsonCheckpointHandler(),
     }
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    self._saving: int | None = None   # the step of the save in flight (or last started)
+    self._failed = False
+    # Orbax logs each failing background thread's traceback at ERROR (hundreds of lines for one full disk); the
+    # failure is raised, once and clearly, by `check_for_errors` / `save` / `wait` instead.
+    self._log_filter = _OrbaxErrorFilter()
+    logging.getLogger("absl").addFilter(self._log_filter)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -76,7 +85,37 @@ class Checkpointer:
         data=grain.checkpoint.CheckpointSave(data_iterator),
         meta=ocp.args.JsonSave(dict(meta, step=int(step), time=time.time())),
     )
-    return self.manager.save(step, args=args, force=force)
+    try:
+      started = self.manager.save(step, args=args, force=force)  # first waits for the previous save
+    except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise bare Exceptions)
+      raise self._save_failed(e, self._saving if self._saving is not None else step) from e
+    self._saving = step
+    return started
+
+  def check_for_errors(self) -> None:
+    """Raises `CheckpointSaveError` as soon as a background save has failed (cheap: call it every step)."""
+    try:
+      self.manager.check_for_errors()
+      # orbax 0.12's check_for_errors does not look at the manager's own save-finalize thread, where a failed
+      # async write ends up; its exception is re-raised by wait_until_finished, which returns at once for a
+      # finished thread.
+      finalize = getattr(self.manager, "_finalize_thread", None)
+      if finalize is not None and finalize.map(lambda t: t is not None and not t.is_alive() and
+                                               t.exception is not None):
+        self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_failed(e, self._saving) from e
+
+  def _save_failed(self, error: Exception, step: int | None) -> "CheckpointSaveError":
+    self._failed = True
+    cause = _root_cause(error)
+    intact = [s for s in self.all_steps() if s != step]
+    kept = (f"the earlier checkpoints (steps {', '.join(map(str, intact))}) are intact" if intact
+            else "no earlier checkpoint exists")
+    return CheckpointSaveError(
+        f"saving checkpoint step {step} to {self.directory} failed: {cause}; {kept}",
+        "free space or use a --workdir on another disk, then rerun the same command to resume"
+        if _is_disk_full(error) else "rerun the same command to resume from the latest intact checkpoint")
 
   def restore(self, step: int, target: TrainState, data_iterator) -> TrainState:
     """Restores `step` into the shardings and dtypes of `target` (concrete or abstract) and the iterator in place.
@@ -97,13 +136,106 @@ class Checkpointer:
     step_array = jax.device_put(jax.numpy.asarray(step, jax.numpy.int32), sharding)
     return TrainState(step_array, restored["params"], restored["opt_state"])
 
+  def restore_latest_intact(self, target: TrainState, data_iterator, warn: Callable[[str], None]
+                            ) -> tuple[int, TrainState] | None:
+    """Restores the newest checkpoint that reads back, setting damaged newer ones aside; None without any.
+
+    A checkpoint that fails to restore (a truncated or missing array file, unreadable metadata) while an older one
+    restores is damaged: it is renamed to `<step>.damaged` in the same folder (never deleted: it is the user's,
+    and a later save of the same step must not collide with it), and `warn` gets one line naming it.
+
+    Raises:
+      the newest checkpoint's own error when no checkpoint restores (a model/optimizer mismatch fails them all).
+    """
+    failures: list[tuple[int, Exception]] = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state = self.restore(step, target, data_iterator)
+      except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise bare Exceptions)
+        failures.append((step, e))
+        continue
+      for bad, error in failures:
+        moved = self._set_aside(bad)
+        warn(f"checkpoint {self.directory}/{bad} is damaged ({_first_line(error)}); resuming from step {step} "
+             f"instead; the damaged one is kept as {moved}")
+      if failures:
+        self.manager.reload()
+      return step, state
+    if failures:
+      step, error = failures[0]
+      raise errors.UserError(
+          f"no checkpoint in {self.directory} restores; the latest, step {step}: {_first_line(error)}",
+          "move the checkpoints away to start over, or use another --workdir") from error
+    return None
+
+  def _set_aside(self, step: int) -> str:
+    """Renames `<step>/` to `<step>.damaged[-k]/` (process 0; every process waits for it)."""
+    directory = epath.Path(self.directory)
+    target = directory / f"{step}.damaged"
+    k = 0
+    while target.exists():
+      k += 1
+      target = directory / f"{step}.damaged-{k}"
+    if jax.process_index() == 0:
+      (directory / str(step)).rename(target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices(f"qwenvl_set_aside_{step}")
+    return os.fspath(target)
+
   def wait(self) -> None:
-    """Blocks until every started save is durable on disk."""
+    """Blocks until every started save is durable on disk; raises `CheckpointSaveError` if one failed."""
     self.manager.wait_until_finished()
+    self.check_for_errors()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.manager.wait_until_finished()
+      self.manager.close()
+    except Exception:  # pylint: disable=broad-except
+      if not self._failed:  # a failure already reported is not raised (and logged) a second time
+        raise
+    finally:
+      logging.getLogger("absl").removeFilter(self._log_filter)
+
+
+class CheckpointSaveError(errors.UserError):
+  """A checkpoint could not be written (disk full, no permission, ...); earlier checkpoints are untouched."""
+
+
+class _OrbaxErrorFilter:
+  """Drops orbax's own ERROR records (tracebacks of failed background saves); the trainer reports them once."""
+
+  def filter(self, record) -> bool:
+    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in (record.pathname or ""))
+
+
+def _root_cause(error: BaseException) -> str:
+  """The innermost OSError of the chain as 'strerror (path)', else the error's first line."""
+  seen, e = set(), error
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.strerror:
+      return f"{e.strerror}" + (f" ({e.filename})" if e.filename else "")
+    e = e.__cause__ or e.__context__
+  if _is_disk_full(error):  # tensorstore reports a full disk as RESOURCE_EXHAUSTED, without an errno
+    return "No space left on device (tensorstore: RESOURCE_EXHAUSTED)"
+  return _first_line(error)
+
+
+def _is_disk_full(error: BaseException) -> bool:
+  seen, e = set(), error
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "RESOURCE_EXHAUSTED" in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0][:200] if text else ''}"
 
 
 def resolve_params_checkpoint(spec: str) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 from typing import Any
@@ -50,18 +51,46 @@ def peak_flops_per_device(override: float = 0.0) -> float | None:
 
 def throughput(*, steps: int, seconds: float, tokens_per_step: int, images: float, step_flops: float,
                num_devices: int, peak: float | None) -> dict[str, float | None]:
-  """steps/s, tokens/s, images/s, achieved model TFLOP/s per device, and MFU (None without a peak)."""
+  """steps/s, seconds per step, tokens/s, images/s, achieved model TFLOP/s per device, and MFU (None without a
+  peak)."""
   if seconds <= 0 or steps <= 0:
-    return {"steps_per_s": None, "tokens_per_s": None, "images_per_s": None, "tflops_per_device": None,
-            "mfu": None}
+    return {"steps_per_s": None, "step_time_s": None, "tokens_per_s": None, "images_per_s": None,
+            "tflops_per_device": None, "mfu": None}
   flops_per_s = step_flops * steps / seconds
   return {
       "steps_per_s": steps / seconds,
+      "step_time_s": seconds / steps,
       "tokens_per_s": tokens_per_step * steps / seconds,
       "images_per_s": images / seconds,
       "tflops_per_device": flops_per_s / num_devices / 1e12,
       "mfu": flops_per_s / (num_devices * peak) if peak else None,
   }
+
+
+def _duration(seconds: float) -> str:
+  """7h05m, 3m20s, 12s."""
+  seconds = int(round(seconds))
+  if seconds >= 3600:
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+  if seconds >= 60:
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+  return f"{seconds}s"
+
+
+def console_line(step: int, total_steps: int, values: dict[str, Any]) -> str:
+  """The console line of a logged step: loss, lr, grad norm, then (when measured: not in the interval holding the
+  compilation) images/s, tokens/s, step time, ETA to `total_steps` and MFU ("n/a" when the chip's peak is unknown,
+  as on CPU: set config.peak_flops_per_device)."""
+  parts = [f"{k}={values[k]:.4g}" for k in ("loss", "lr", "grad_norm") if values.get(k) is not None]
+  step_time = values.get("step_time_s")
+  if step_time is not None:
+    parts.append(f"{values['images_per_s']:.3g} images/s")
+    parts.append(f"{values['tokens_per_s']:.4g} tokens/s")
+    parts.append(f"step {step_time:.3g}s")
+    parts.append(f"ETA {_duration(max(total_steps - step, 0) * step_time)}")
+    mfu = values.get("mfu")
+    parts.append(f"MFU {100 * mfu:.1f}%" if mfu is not None else "MFU n/a")
+  return f"step {step}/{total_steps}: " + ", ".join(parts)
 
 
 class MetricsWriter:
@@ -70,6 +99,7 @@ class MetricsWriter:
   def __init__(self, workdir: str, *, total_steps: int, initial_step: int, tensorboard: bool = True,
                progress_bar: bool = True):
     self.active = jax.process_index() == 0
+    self.total_steps = total_steps
     self._tb = None
     self._bar = None
     self._file = None
@@ -80,9 +110,11 @@ class MetricsWriter:
     if self.remote:
       path = epath.Path(self.path)
       self._lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+      self._lines = _rows_up_to(self._lines, initial_step)
       self._dirty = False
       self._last_flush = time.monotonic()
     else:
+      _drop_rows_after(self.path, initial_step)
       self._file = open(self.path, "a", encoding="utf-8")
     if tensorboard:
       self._tb = _tensorboard_writer(str(epath.Path(workdir) / "tensorboard"), remote=self.remote)
@@ -115,12 +147,33 @@ class MetricsWriter:
       self._file.flush()
       if self._tb is not None:
         self._tb.flush()
-    shown = {k: clean[k] for k in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu") if clean.get(k) is not None}
     if self._bar is not None and not self._bar.disable:
-      self._bar.set_postfix({k: f"{v:.3g}" for k, v in shown.items()}, refresh=False)
+      # tqdm itself shows the step rate, elapsed time and ETA.
+      names = {"loss": "loss", "lr": "lr", "grad_norm": "grad_norm", "images_per_s": "img/s",
+               "tokens_per_s": "tok/s", "mfu": "MFU"}
+      self._bar.set_postfix({n: f"{clean[k]:.3g}" for k, n in names.items() if clean.get(k) is not None},
+                            refresh=False)
     else:
       # No terminal (a log file, nohup, a scheduler): one line per logged step, so progress is visible there too.
-      print(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()), flush=True)
+      print(console_line(step, self.total_steps, clean), flush=True)
+
+  def write_scores(self, step: int, scores: dict[str, float]) -> None:
+    """Evaluation scores at `step`: one metrics.jsonl row, TensorBoard scalars under their own names (`eval/...`),
+    and a console line."""
+    if not self.active or not scores:
+      return
+    line = json.dumps({"step": step, **scores}) + "\n"
+    if self.remote:
+      self._lines.append(line)
+      self._dirty = True
+    else:
+      self._file.write(line)
+      self._file.flush()
+    if self._tb is not None:
+      for k, v in scores.items():
+        self._tb.add_scalar(k, v, step)
+      self._tb.flush()
+    self.message(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in scores.items()))
 
   def flush(self) -> None:
     """Makes every record written so far durable (for a remote workdir: rewrites the whole metrics.jsonl)."""
@@ -160,6 +213,37 @@ class MetricsWriter:
       self._tb.close()
     if self._file is not None:
       self._file.close()
+
+
+def _rows_up_to(lines: list[str], step: int) -> list[str]:
+  """The lines of a metrics.jsonl that log steps <= `step` (an unparsable line is kept: it is the user's)."""
+  kept = []
+  for line in lines:
+    try:
+      logged = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+      logged = None
+    if not isinstance(logged, int) or logged <= step:
+      kept.append(line)
+  return kept
+
+
+def _drop_rows_after(path: str, step: int) -> None:
+  """Rewrites a local metrics.jsonl without the rows past `step`: a run killed after its last checkpoint logged
+  steps that the resumed run computes again, and each step must be logged once.
+  The rewrite goes through a temporary file and a rename, so a kill during it loses nothing."""
+  p = epath.Path(path)
+  if not p.exists():
+    return
+  lines = p.read_text().splitlines(keepends=True)
+  if lines and not lines[-1].endswith("\n"):
+    lines = lines[:-1]  # a record cut short by the kill (every record is written with its newline)
+  kept = _rows_up_to(lines, step)
+  if "".join(kept) == p.read_text():
+    return
+  tmp = epath.Path(path + ".tmp")
+  tmp.write_text("".join(kept))
+  os.replace(tmp, p)
 
 
 def _tensorboard_writer(logdir: str, *, remote: bool):

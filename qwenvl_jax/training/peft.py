@@ -82,3 +82,34 @@ def init_from_base(source: str, make_model: Callable[[], QwenVL], mesh, rules) -
   with sharding.use_rules(mesh, rules):
     fresh = jax.jit(adapters, out_shardings=shardings.filter(nnx.LoRAParam))()
   return nnx.to_pure_dict(nnx.merge_state(base, fresh))
+
+
+def load_run(spec: str) -> tuple[QwenVL, lora.LoraConfig, ml_collections.ConfigDict]:
+  """(model with its trained adapters, LoraConfig, the run's config) of a LoRA trainer run `WORKDIR[@STEP]`
+  (default the latest step), restored on the local devices from the run's own config.json and checkpoint.
+
+  Raises:
+    ValueError: the run is not a LoRA run. FileNotFoundError: no config.json or checkpoint there.
+  """
+  import json  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.checkpoint import restore_params  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.model import config as model_config  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.training.checkpointing import resolve_params_checkpoint  # pylint: disable=import-outside-toplevel
+  workdir = spec.split("@")[0]
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: --src must be a trainer workdir (WORKDIR[@STEP]) of a LoRA run")
+  with open(path, encoding="utf-8") as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  lcfg = lora_config(config)
+  if lcfg is None:
+    raise ValueError(f"{workdir} is not a LoRA run (config.lora.rank is 0)")
+  cfg = model_config.get_preset(config.model, dtype=config.model_dtype, param_dtype=config.param_dtype,
+                                remat_policy="none", attention_impl="xla").with_image_size(config.res)
+  make = model_fn(cfg, config, seed=config.seed)
+  graphdef, abstract = sharding.abstract_model(make)
+  mesh = sharding.make_mesh({"fsdp": -1})
+  shardings = sharding.state_shardings(abstract, sharding.load_rules("fsdp"), mesh)
+  state = restore_params(resolve_params_checkpoint("trainer:" + spec), abstract, shardings)
+  return nnx.merge(graphdef, state), lcfg, config

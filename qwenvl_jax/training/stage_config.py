@@ -136,6 +136,18 @@ def stage_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
 
   c.distributed = distributed.default_config()   # multi-process start-up (qwenvl_jax/distributed.py)
 
+  # Evaluation during training (qwenvl_jax/evaluation/during_training.py): every `eval_every` steps and at the
+  # end, the eval job's code on the current parameters; scores go to metrics.jsonl and TensorBoard (eval/...).
+  c.eval_every = 0                 # 0 = off
+  c.eval = ml_collections.ConfigDict()
+  c.eval.task = "flickr"           # a task name or its config file, configs/eval/<task>.py
+  c.eval.data_path = ""            # '' = a synthetic held-out set when training on synthetic data, else the
+                                   # task's official file; any file of its format or a tfds:/array_record: spec
+  c.eval.annotation_path = ""      # VQA: the official annotation JSON ('' = the task's / the config file's)
+  c.eval.image_root = ""
+  c.eval.max_examples = 32         # the first N examples (0 = all)
+  c.eval.per_device_batch_size = 4
+  c.profile_steps = ""             # "a:b": a jax.profiler trace of steps a..b-1 in <workdir>/profile
   c.peak_flops_per_device = 0.0    # > 0 overrides the chip table (e.g. to report an MFU on CPU)
   c.progress_bar = True
   c.tensorboard = True

@@ -9,7 +9,8 @@ The loop holds no model logic (that is `step.py`) and no I/O format (that is `ch
 `metrics.py`). It stops on:
 * `total_steps` reached: final checkpoint;
 * SIGTERM / SIGINT (preemption, Ctrl-C): finishes the current step, saves, exits with status 'preempted'
-  (multi-process runs agree on the stop at the next log or checkpoint boundary); `config.stop_at_step` does the
+  (multi-process runs agree on the step through JAX's preemption sync point, see `_PreemptionCheck`; at most one
+  step is in flight, so that is the next step); `config.stop_at_step` does the
   same at a given step (a planned interruption: the schedule still runs to `total_steps`);
 * a non-finite loss or gradient: raises `FloatingPointError` naming the step and the last good checkpoint; no
   checkpoint is written after the bad step (losses are checked before every save).
@@ -21,6 +22,7 @@ import dataclasses
 import signal
 import threading
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -28,13 +30,17 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from qwenvl_jax import data, distributed, sharding
+from qwenvl_jax import data, distributed, errors, sharding
 from qwenvl_jax.model import QwenVL, get_preset
-from qwenvl_jax.training import experiment, flops, metrics, peft, workdir as workdir_lib
+from qwenvl_jax.training import experiment, flops, metrics, peft, profiling, validation, workdir as workdir_lib
 from qwenvl_jax.training.checkpointing import Checkpointer, resolve_params_checkpoint
 from qwenvl_jax.training.optimizer import make_is_frozen
 from qwenvl_jax.training.setup import build_step, check_batch
 from qwenvl_jax.training.step import TrainState
+
+
+# eval_fn(step, model, *, cfg, tokenizer, mesh, rules) -> {name: score} on process 0, None elsewhere.
+EvalFn = Callable[..., "dict[str, float] | None"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,10 +54,17 @@ class TrainResult:
 
 
 class _StopRequest:
-  """Turns SIGTERM/SIGINT into a flag the loop polls (handlers only in the main thread; restored on exit)."""
+  """Turns SIGTERM/SIGINT into a flag the loop polls (handlers only in the main thread; restored on exit).
 
-  def __init__(self):
+  In a multi-process run with JAX's preemption service, SIGTERM belongs to JAX's own notifier (installed by
+  `jax.distributed.initialize`; a Python handler would replace it), and the loop asks
+  `reached_preemption_sync_point` instead: see `_PreemptionCheck`.
+  """
+
+  def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
     self.requested = False
+    self.signal = None
+    self._signals = tuple(signals)
     self._previous = {}
 
   def _handler(self, signum, frame):
@@ -61,13 +74,53 @@ class _StopRequest:
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
+      for sig in self._signals:
         self._previous[sig] = signal.signal(sig, self._handler)
     return self
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+
+
+def _preemption_service() -> bool:
+  """Whether JAX's preemption sync service runs (multi-process runs started with jax.distributed)."""
+  if jax.process_count() == 1:
+    return False
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top  (no public accessor)
+  return jax_distributed.global_state.preemption_sync_manager is not None
+
+
+class _PreemptionCheck:
+  """Decides, identically on every process, whether to save and stop after a step.
+
+  * one process: a SIGTERM/SIGINT received during a step stops after it;
+  * several processes with JAX's preemption service: a SIGTERM on any host is propagated by the coordinator, and
+    `reached_preemption_sync_point(step)` (called every step, as it requires) is True on every host at the same
+    step, the first that all of them can still reach, i.e. the next one; a SIGINT (Ctrl-C, one terminal) is
+    agreed on at the next log/checkpoint boundary with an all-gather, as is SIGTERM without the service.
+  """
+
+  def __init__(self):
+    self.sync_point = _preemption_service()
+    self.stop = _StopRequest((signal.SIGINT,) if self.sync_point else (signal.SIGTERM, signal.SIGINT))
+
+  def __enter__(self):
+    self.stop.__enter__()
+    return self
+
+  def __exit__(self, *exc):
+    self.stop.__exit__(*exc)
+
+  def __call__(self, step: int, boundary: bool) -> bool:
+    if jax.process_count() == 1:
+      return self.stop.requested
+    if self.sync_point:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.stop.signal = "SIGTERM"
+        return True
+    return boundary and _any_process(self.stop.requested)
 
 
 def _any_process(flag: bool) -> bool:
@@ -77,22 +130,34 @@ def _any_process(flag: bool) -> bool:
   return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
 
 
-def train(config: ml_collections.ConfigDict) -> TrainResult:
-  """Runs (or resumes) the stage `config` describes. See `configs/stage1.py` for the fields."""
+def train(config: ml_collections.ConfigDict, eval_fn: EvalFn | None = None) -> TrainResult:
+  """Runs (or resumes) the stage `config` describes. See `configs/stage1.py` for the fields.
+
+  `eval_fn(step, model, cfg=, tokenizer=, mesh=, rules=)` (model: a `QwenVL` holding the step's parameters),
+  called on every process every `config.eval_every`
+  steps and at the last step, returns scores to log (process 0; None elsewhere). `python -m qwenvl_jax.train`
+  builds it from `config.eval` (`evaluation.during_training`); training itself never imports evaluation.
+  """
+  if config.get("eval_every", 0) and eval_fn is None:
+    raise errors.ConfigError("config.eval_every > 0 needs an eval_fn: run `python -m qwenvl_jax.train`, which builds "
+                             "it from config.eval, or pass train(config, eval_fn=...)")
+  profiling.parse_profile_steps(config.get("profile_steps", ""))  # a bad spec fails before anything is written
   distributed.initialize(config.distributed)
+  # Everything that can be checked is checked before the first file is written (no config.json, no checkpoints/
+  # for a config that cannot run).
+  validation.check_config(config)
   workdir = workdir_lib.resolve(config)
+  workdir_lib.check_usable(workdir)
   workdir_lib.create(workdir)
-  if config.checkpoint.every < 1 or config.log_every < 1:
-    raise ValueError(f"config.checkpoint.every and config.log_every must be >= 1, got "
-                     f"{config.checkpoint.every}, {config.log_every}")
   ckpt = Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
   try:
-    return _train(config, workdir, ckpt)
+    return _train(config, workdir, ckpt, eval_fn)
   finally:
     ckpt.close()
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer) -> TrainResult:
+def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer, eval_fn: EvalFn | None
+           ) -> TrainResult:
   latest = ckpt.latest_step()
   # Check what can be checked without the tokenizer before the workdir records this config: a typo (unknown
   # preset, a mesh the devices cannot hold) must not leave a config.json that refuses the corrected command.
@@ -122,12 +187,14 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer) 
       stage=config.stage, image_tokens=cfg.image_tokens)
 
   writer = None
+  profiler = profiling.StepProfiler(config.get("profile_steps", ""), workdir)
   try:
     writer_msgs = []
     if latest is not None:
       target = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), abstract_params,
                           setup.abstract_opt)
-      state = ckpt.restore(latest, target, data_iter)
+      # A damaged latest checkpoint (a truncated file) falls back to the newest intact one, with a warning.
+      latest, state = ckpt.restore_latest_intact(target, data_iter, warn=writer_msgs.append)
       writer_msgs.append(f"resumed {workdir} from step {latest}")
     else:
       if config.init and peft.lora_config(config) is not None:
@@ -191,21 +258,39 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer) 
           values = {k: float(m[k]) for k in ("loss", "grad_norm", "lr", "supervised_tokens")}
           writer.write(s, dict(values, **rates) if s == step else values)
 
-    with _StopRequest() as stop, sharding.use_rules(mesh, rules):
+    in_flight = None
+    with _PreemptionCheck() as stop_check, sharding.use_rules(mesh, rules):
       for step in range(start + 1, config.total_steps + 1):
         batch = data.to_global_batch(next(data_iter), mesh, rules)
+        profiler.before_step(step)
         state, step_metrics = jitted(state, batch)
+        if in_flight is not None:
+          # At most one step runs ahead of the host (async dispatch would otherwise queue many), so a stop request
+          # is honoured after the next step rather than after every queued one; the device is never idle.
+          jax.block_until_ready(in_flight)
+        in_flight = step_metrics["loss"]
+        ckpt.check_for_errors()  # a failed background save (disk full) stops the run now, not at the next save
+        profiled = profiler.after_step(step, step_metrics)
+        if profiled:
+          writer.message(profiled)
         pending.append((step, step_metrics))
         writer.advance()
         boundary = step % config.log_every == 0 or step % config.checkpoint.every == 0
         done = step == config.total_steps
-        stopping = stop.requested if jax.process_count() == 1 else (boundary and _any_process(stop.requested))
-        stopping = stopping or step == config.stop_at_step
+        stopping = stop_check(step, boundary) or step == config.stop_at_step
         if boundary or done or stopping:
           flush(step)
         if step % config.checkpoint.every == 0 or done or stopping:
           ckpt.save(step, state, data_iter, meta, force=True)
           last_saved = step
+        if eval_fn is not None and not stopping and (step % config.eval_every == 0 or done):
+          flush(step)
+          model_state = jax.tree.map(lambda x: x, setup.abstract_state)
+          nnx.replace_by_pure_dict(model_state, state.params)  # the step's arrays, not copies
+          scores = eval_fn(step, nnx.merge(setup.graphdef, model_state), cfg=cfg, tokenizer=tokenizer, mesh=mesh,
+                           rules=rules)
+          writer.write_scores(step, scores or {})
+          clock["time"] = time.perf_counter()  # throughput excludes the evaluation
         if stopping:
           status = "preempted"
           writer.message(f"stop requested: saved step {step} to {ckpt.directory}; rerun the same command to resume")
@@ -214,6 +299,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer) 
     writer.message(f"{status} at step {step}; checkpoints in {ckpt.directory}, metrics in {writer.path}")
     return TrainResult(workdir, step, status, last_saved)
   finally:
+    profiler.stop()  # a run that ended inside the profiled range
     if writer is not None:
       writer.close()
     # Stops grain's worker processes and frees their shared memory.

@@ -26,11 +26,12 @@ from etils import epath
 import jax
 import ml_collections
 
-from qwenvl_jax import tree_paths
+from qwenvl_jax import errors, tree_paths
 
 # Keys that may differ between a run and its resumption.
 RESUMABLE_KEYS = ("total_steps", "stop_at_step", "log_every", "checkpoint", "workdir", "resume", "progress_bar",
-                  "tensorboard", "peak_flops_per_device", "distributed", "init")
+                  "tensorboard", "peak_flops_per_device", "distributed", "init", "eval_every", "eval",
+                  "profile_steps")
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -47,6 +48,22 @@ def absolute(path: str | os.PathLike) -> str:
 def resolve(config: ml_collections.ConfigDict) -> str:
   """`config.workdir`, or `./runs/stage<N>` when empty: a local path made absolute, a URL kept as given."""
   return absolute(config.workdir or os.path.join("runs", f"stage{config.stage}"))
+
+
+def check_usable(workdir: str) -> None:
+  """Refuses a local workdir that is a file, or lies under a file (checked before anything is written).
+
+  Raises:
+    errors.UserFileExistsError: naming the file in the way.
+  """
+  if is_remote(workdir):
+    return
+  path = os.path.abspath(workdir)
+  while not os.path.exists(path) and os.path.dirname(path) != path:
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    what = "is a file" if path == os.path.abspath(workdir) else f"lies under {path}, which is a file"
+    raise errors.UserFileExistsError(f"workdir {workdir} {what}, not a folder", "choose another --workdir")
 
 
 def create(workdir: str) -> None:

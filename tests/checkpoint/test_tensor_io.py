@@ -115,3 +115,10 @@ def test_writer_rejects_blocks_that_do_not_add_up(tmp_path):
   bad = tensor_io.TensorPlan("x", (4, 3), np.dtype(np.float32), lambda: iter([x[:3]]))
   with pytest.raises(ValueError, match="'x'"):
     tensor_io.write_safetensors_shards(tmp_path, [bad], max_shard_bytes=1 << 20)
+
+
+def test_a_malformed_index_names_the_file(tmp_path):
+  from qwenvl_jax import errors  # pylint: disable=import-outside-toplevel
+  (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": {"a": ')
+  with pytest.raises(errors.InputFormatError, match=r"model\.safetensors\.index\.json is not valid JSON"):
+    tensor_io.open_checkpoint(tmp_path)

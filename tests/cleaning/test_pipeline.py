@@ -12,6 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 
+from qwenvl_jax import errors
 from qwenvl_jax.cleaning import CleanConfig, CleanJob, DominantColorScorer, RULES, run_clean
 from qwenvl_jax.cleaning.pipeline import (LOCAL_RUNNER, NoPairsKeptError, beam_options_from_string,
                                            local_runner_if_direct)
@@ -118,9 +119,11 @@ def test_existing_outputs_are_never_overwritten(column_run, clean_inputs, tmp_pa
   info = pathlib.Path(job.dataset_dir) / "dataset_info.json"
   before = info.read_bytes(), pathlib.Path(job.report).read_bytes()
   with pytest.raises(FileExistsError, match="output dataset"):
-    run_clean(CleanJob(inputs=_patterns(folder), output_dir=job.output_dir, report_path=str(tmp_path / "r.json")))
+    run_clean(CleanJob(inputs=_patterns(folder), output_dir=job.output_dir, report_path=str(tmp_path / "r.json"),
+                       skip_similarity=True))
   with pytest.raises(FileExistsError, match="report"):
-    run_clean(CleanJob(inputs=_patterns(folder), output_dir=str(tmp_path / "new"), report_path=job.report))
+    run_clean(CleanJob(inputs=_patterns(folder), output_dir=str(tmp_path / "new"), report_path=job.report,
+                       skip_similarity=True))
   assert (info.read_bytes(), pathlib.Path(job.report).read_bytes()) == before
   assert not (tmp_path / "new").exists() and not (tmp_path / "r.json").exists()
 
@@ -131,13 +134,21 @@ def test_job_settings_are_checked(clean_inputs, tmp_path):
     CleanJob(inputs=_patterns(folder), output_dir=str(tmp_path), config=COLUMN_CFG,
              scorer_factory=DominantColorScorer)
   with pytest.raises(ValueError, match="matches no file"):
-    run_clean(CleanJob(inputs=[str(folder / "*.csv")], output_dir=str(tmp_path)))
+    run_clean(CleanJob(inputs=[str(folder / "*.csv")], output_dir=str(tmp_path), skip_similarity=True))
+  # Without scores the similarity filter cannot run: the job refuses unless told to skip it (issue 17).
+  with pytest.raises(errors.ConfigError, match="similarity filter .* has no scores") as info:
+    CleanJob(inputs=_patterns(folder), output_dir=str(tmp_path))
+  assert "--score_key" in info.value.hint and "--skip_similarity" in info.value.hint
+  with pytest.raises(errors.ConfigError, match="contradicts"):
+    CleanJob(inputs=_patterns(folder), output_dir=str(tmp_path), config=COLUMN_CFG, skip_similarity=True)
+  skipped = CleanJob(inputs=_patterns(folder), output_dir=str(tmp_path), skip_similarity=True)
+  assert skipped.similarity_filter.startswith("skipped")
 
 
 @pytest.mark.slow
 def test_all_rejected_still_reports_why(tmp_path):
   (tmp_path / "in.jsonl").write_text('{"caption": "a red bus", "image": "x.jpg"}\n' * 3)
-  job = CleanJob(inputs=[str(tmp_path / "in.jsonl")], output_dir=str(tmp_path / "out"))
+  job = CleanJob(inputs=[str(tmp_path / "in.jsonl")], output_dir=str(tmp_path / "out"), skip_similarity=True)
   with pytest.raises(NoPairsKeptError, match="all 3 input pairs were rejected"):
     run_clean(job)
   report = json.loads(pathlib.Path(job.report).read_text())
@@ -167,6 +178,9 @@ def test_command_line_on_two_direct_runner_workers_with_a_scorer(clean_inputs, t
   got = {ex["id"].decode(): ex["text"].decode() for ex in data}
   assert got == {cid: c.cleaned for cid, c in by_id.items() if c.with_scorer == "kept"}
   assert f"kept {len(got)} of {len(by_id)} pairs" in result.stdout
+  # Nothing is downloaded: TFDS's download lines are noise (issue 17); the report says how pairs were scored.
+  assert "Downloading and preparing" not in result.stdout + result.stderr
+  assert report["similarity_filter"] == f"scorer {report['scorer']} >= 0.5"
 
 
 @pytest.mark.parametrize("text, runner", [

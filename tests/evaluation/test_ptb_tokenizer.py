@@ -1,94 +1,81 @@
-"""Tests of the Python PTB normalisation against outputs of pycocoevalcap's Java tokenizer.
+"""The Python port of pycocoevalcap's PTB normalisation against the Java tokenizer pycocoevalcap runs.
 
-The expected strings below were produced by `PTBTokenizer().tokenize` of pycocoevalcap 1.2 (CoreNLP 3.4.1);
-`test_matches_java_on_caption_corpus` reruns the jar itself when Java and pycocoevalcap are present.
+`data/ptb_java_outputs.json` holds the outputs of `PTBTokenizer -preserveLines -lowerCase` (CoreNLP 3.4.1, the
+jar pycocoevalcap 1.2 ships) plus pycocoevalcap's punctuation filter, recorded by `ptb_cases.py` on ~2000
+captions run as one batch (as pycocoevalcap runs them) and a few captions with other line separators run
+alone. `test_matches_live_jar` reruns the jar itself when Java is installed.
 """
+import json
+import shutil
+import tempfile
 
 import pytest
 
-from qwenvl_jax.evaluation import ptb_tokenizer
+from qwenvl_jax.evaluation import cider, ptb_tokenizer
+from tests.evaluation import ptb_cases
 
-JAVA_OUTPUTS = [
-    ("A man riding a wave on top of a surfboard.", "a man riding a wave on top of a surfboard"),
-    ("Two dogs (one black) play in the snow!", "two dogs -lrb- one black -rrb- play in the snow"),
-    ('"Hello," she said; it\'s a dog\'s life...', "hello she said it 's a dog 's life"),
-    ("A black-and-white photo of Mr. Smith's car in the U.S.",
-     "a black-and-white photo of mr. smith 's car in the u.s."),
-    ("He doesn't know, can't go, won't stop. I'm here, you're there; they've gone, we'll see, she'd say.",
-     "he does n't know ca n't go wo n't stop i 'm here you 're there they 've gone we 'll see she 'd say"),
-    ("The price is $3.50 or 1,000 yen -- 50% off & more.", "the price is $ 3.50 or 1,000 yen 50 % off & more"),
-    ("A cat/dog on a [red] {blue} couch: nice?", "a cat/dog on a -lsb- red -rsb- -lcb- blue -rcb- couch nice"),
-    ("Cannot believe it's 3:30 p.m. already", "can not believe it 's 3:30 p.m. already"),
-    ("A t-shirt that says 'hi' and ``quoted'' text", "a t-shirt that says hi and quoted text"),
-    ("Gonna wanna gotta lemme", "gon na wan na got ta lem me"),
-    ("A man's hat and the boys' hats", "a man 's hat and the boys hats"),
-    ("What?!", "what ?!"),
-    ("Wow!! Really?? ok!?", "wow !! really ?? ok !?"),
-    ("It costs 5$ and 10%.", "it costs 5 $ and 10 %"),
-    ("St. Louis and Dr. Who vs. Mr Bean etc.", "st. louis and dr. who vs. mr bean etc."),
-    ("No. 5 and Fig. 3", "no. 5 and fig. 3"),
-    ("the answer is no.", "the answer is no"),
-    ("hello- -hello a -- b - c", "hello hello a b c"),
-    ("(1,2),(3,4)", "-lrb- 1,2 -rrb- -lrb- 3,4 -rrb-"),
-    ("it\u2019s a dog\u2019s \u201cfavorite\u201d toy\u2026", "it 's a dog 's favorite toy"),
-    ("a man \u2013 with a hat \u2014 walks", "a man with a hat walks"),
-    ("The dog is #1 in the world", "the dog is # 1 in the world"),
-    ("at&t store and a man w/ a hat", "at & t store and a man w / a hat"),
-    ("the '80s and 90's", "the '80s and 90 's"),
-    ("e-mail me at foo@bar.com or visit www.example.com", "e-mail me at foo@bar.com or visit www.example.com"),
-    ("A person.With no space", "a person.with no space"),
-    ("Caf\u00e9 na\u00efve r\u00e9sum\u00e9", "caf\u00e9 na\u00efve r\u00e9sum\u00e9"),
-    ("**MME (Qwen-VL-Chat)**", "** mme -lrb- qwen-vl-chat -rrb- **"),
-    ("---", ""),
-    ("### 3.3 Training recipe [P]", "### 3.3 training recipe -lsb- p -rsb-"),
-    ("- ViT: OpenCLIP ViT-bigG/14, 1.9B parameters, patch stride 14.",
-     "vit openclip vit-bigg/14 1.9 b parameters patch stride 14"),
-]
-
-# Caption-like sentences for the live comparison with the jar (annotator and model styles).
-CORPUS = [text for text, _ in JAVA_OUTPUTS] + [
-    "a tennis player swinging a racket at a ball .",
-    "A LARGE GROUP OF PEOPLE STANDING AROUND .",
-    "Two people are sitting on a bench, watching the sunset.",
-    "A kitchen with stainless steel appliances and granite counter tops",
-    "There's a sign that reads \"STOP\" on the corner.",
-    "a man in a red shirt is riding a bike down the street",
-    "A young girl, wearing a pink dress, is jumping on the bed.",
-    "Three men (two in suits) stand near a 4-door car.",
-    "A plate of food: rice, beans and chicken.",
-    "The woman's umbrella is open; it's raining.",
-    "An old man with a cane walks his dog in the park at 7 a.m.",
-    "a group of kids playing soccer on a field.",
-    "A dog catches a frisbee in mid-air!",
-    "Is this a cat? No, it's a dog.",
-    "a close up of a pizza with pepperoni and cheese",
-    "Someone's hand holding a smartphone showing the time 12:45.",
-    "A crowd watches fireworks over the city... beautiful!",
-    "The sign says 'No Parking' in red letters.",
-    "two giraffes standing next to each other in a zoo enclosure .",
-    "A man and a woman pose for a picture at their wedding",
-    "A bowl of soup, a sandwich, and a glass of water on a wooden table.",
-    "Baseball player #23 swings at the pitch",
-    "A surfer rides a 10-foot wave at Mavericks, California.",
-    "Children's toys are scattered across the floor",
-    "The bus is heading to downtown via 5th Ave.",
-    "a black and white photo of an old train station",
-    "A herd of sheep grazing on a green hillside",
-    "a woman is cutting a cake with a knife",
-    "A computer desk with two monitors, a keyboard and a mouse",
-    "Describe: a cat sleeping on a laptop keyboard",
-]
+RECORDED = json.loads(ptb_cases.DATA.read_text(encoding="utf-8"))
 
 
-def test_known_java_outputs():
-  texts = [text for text, _ in JAVA_OUTPUTS]
-  assert ptb_tokenizer.tokenize(texts) == [expected for _, expected in JAVA_OUTPUTS]
+def test_recorded_cases_are_the_case_list():
+  """The recording is of the current case list (rerun `python -m tests.evaluation.ptb_cases` after editing)."""
+  assert [t for t, _ in RECORDED["batch"]] == ptb_cases.cases()
+  assert [t for t, _ in RECORDED["line_breaks"]] == ptb_cases.LINE_BREAKS
+  assert len(RECORDED["batch"]) > 1500
 
 
-def test_newlines_become_spaces():
+def test_agrees_with_java_on_the_recorded_batch():
+  texts = [t for t, _ in RECORDED["batch"]]
+  got = ptb_tokenizer.tokenize(texts)
+  wrong = [(t, want, g) for (t, want), g in zip(RECORDED["batch"], got) if want != g]
+  assert not wrong, f"{len(wrong)} of {len(texts)} differ, e.g. (caption, java, python): {wrong[:5]}"
+
+
+@pytest.mark.parametrize("text, want", [tuple(x) for x in RECORDED["line_breaks"]])
+def test_agrees_with_java_on_other_line_separators(text, want):
+  assert ptb_tokenizer.tokenize([text]) == [want]
+
+
+@pytest.mark.parametrize("text, want", [
+    ("AT&T and B&W", "at&t and b&w"), ("at&t", "at & t"), ("-5 .5 +1", "-5 .5 +1"),
+    ("\u20ac5 \u00a310 \u00bd", "$ 5 # 10 1/2"), ("A&amp;W", "a&w"), ("dog \U0001F436 a\u200bb", "dog a b"),
+    ("cafe\u0301", "cafe\u0301"), ("#tag @user C++", "#tag @user c++"), ("5:30pm No.1", "5:30 pm no. 1"),
+    ("'em 'til y'know", "'em 'til y' know"), ("a dog's \u201cball\u201d", "a dog 's ball")])
+def test_issue_categories(text, want):
+  """One case per category the Python tokenizer used to get wrong (their Java outputs are in the recording)."""
+  assert ptb_tokenizer.tokenize([text]) == [want]
+  assert dict(map(tuple, RECORDED["batch"])).get(text, want) == want
+
+
+def test_the_next_caption_matters_as_in_the_jar():
+  """The jar scans all captions as one text: `I.` before a capitalised `A` is the letter and a period."""
+  assert ptb_tokenizer.tokenize(["letter I.", "A dog"]) == ["letter i", "a dog"]
+  assert ptb_tokenizer.tokenize(["letter I.", "a dog"]) == ["letter i.", "a dog"]
+  assert ptb_tokenizer.tokenize([]) == []
   assert ptb_tokenizer.tokenize(["a dog\nrunning."]) == ["a dog running"]
 
 
-@pytest.mark.parity
-def test_matches_java_on_caption_corpus(java_ptb_tokenize):
-  assert ptb_tokenizer.tokenize(CORPUS) == java_ptb_tokenize(CORPUS)
+def test_cider_tokenizes_references_as_one_batch():
+  """pycocoevalcap tokenizes all references in one call: the end of one image's last reference sees the next
+  image's first (here `I.` then `A`), which an image-by-image call would not."""
+  refs = {"x": ["the letter I."], "y": ["A dog"]}
+  score, _ = cider.cider_from_raw({"x": "the letter i", "y": "a dog"}, refs)
+  score_other, _ = cider.cider_from_raw({"x": "the letter i.", "y": "a dog"}, refs)
+  assert score > score_other
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="java is not installed: the recorded outputs are used")
+def test_matches_live_jar():
+  pytest.importorskip("pycocoevalcap")
+  texts = ptb_cases.cases()[:400] + ["letter I.", "A dog", "AT&T"]
+  with tempfile.TemporaryDirectory() as workdir:
+    java = ptb_cases.java_tokenize_lines(texts, workdir)
+  assert ptb_tokenizer.tokenize(texts) == java
+
+
+def test_cider_results_name_the_tokenizer():
+  from qwenvl_jax.evaluation import tasks  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.evaluation.readers import EvalExample  # pylint: disable=import-outside-toplevel
+  examples = [EvalExample(example_id=i, image=f"{i}.jpg", references=("a dog", "a brown dog")) for i in range(2)]
+  result = tasks.get_task("flickr").score(examples, ["a dog", "a cat"])
+  assert result["details"]["tokenizer"] == ptb_tokenizer.NAME

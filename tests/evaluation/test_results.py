@@ -83,8 +83,11 @@ def test_write_results_never_overwrites(tmp_path):
   with pytest.raises(ValueError):                                         # NaN is not JSON
     results.write_results(tmp_path / "nan.json", {"score": float("nan")})
   assert not (tmp_path / "nan.json").exists()
-  with pytest.raises(FileNotFoundError, match="does not exist"):
-    results.check_output_free(tmp_path / "missing" / "res.json")
+  # A missing folder is created (issue 17); a file in its way is named.
+  results.check_output_free(tmp_path / "missing" / "deeper" / "res.json")
+  assert (tmp_path / "missing" / "deeper").is_dir()
+  with pytest.raises(FileExistsError, match="a file is in the way"):
+    results.check_output_free(tmp_path / "res.json" / "sub" / "x.json")
 
 
 def test_resumed_run_with_another_process_count_then_finalize(tmp_path):
@@ -116,5 +119,6 @@ def test_resumed_run_with_another_process_count_then_finalize(tmp_path):
   assert written["predictions"][0] == {"id": 0, "image": "0.jpg", "prediction": "a0", "score": 1.0,
                                        "references": ["a0"]}
   assert written["config"] == {"checkpoint": "ckpt/1"}
+  assert not ledgers.exists()  # the ledgers are removed once the results file holds every prediction
   with pytest.raises(FileExistsError):
     results.finalize(task, examples, ledgers, out)

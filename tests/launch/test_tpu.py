@@ -157,3 +157,26 @@ def test_bad_input_names_the_culprit(args, culprit, fake_gcloud):
   assert read_recorded(log) == []
   assert proc.returncode == 2
   assert culprit in proc.stderr and proc.stdout.strip() == ""
+
+
+UP = ["up", *SLICE, f"--config={CONFIG}", "--run=s2-a"]
+
+
+@pytest.mark.parametrize("args,culprit", [
+    ([*UP, "--workdir=/tmp/run"], "--workdir"),
+    ([*UP, "--workdir=gs://b/r", "--data_dir=/data"], "--data_dir"),
+    ([*UP, "--workdir=gs://b/r", "--env=1BAD=x"], "--env"),
+    ([*UP[:-1], "--run=a b", "--workdir=gs://b/r"], "--run"),
+    ([*UP[:3], "--config=configs/stage9.py", "--workdir=gs://b/r"], "--config"),
+    ([*UP, "--workdir=gs://b/r", "--repo=/nonexistent"], "--repo"),
+    ([*UP, "--workdir=gs://b/r", "--timeout=0"], "--timeout"),
+])
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_up_checks_every_argument_before_any_command(args, culprit, dry_run, fake_gcloud):
+  """`up` creates a paid slice and installs for minutes: a bad argument must stop it before the first gcloud call
+  (issue 17: a local --workdir was refused only after create + install)."""
+  env, log = fake_gcloud
+  proc = launch([*args, "--dry-run"] if dry_run else args, env)
+  assert read_recorded(log) == []
+  assert proc.returncode == 2, proc.stderr
+  assert culprit in proc.stderr and proc.stdout.strip() == ""

@@ -1,8 +1,8 @@
 """Shared fixtures of the serving tests: a tiny float32 model, one started engine, and one real HTTP server
 (uvicorn on a free local port, in a thread of the test process) for the whole session.
 
-Small shapes keep warm-up short on a 2-core CPU: 4 slots, a 160-token context, prompt buckets 64 and 160, up to
-2 images per request and 2 requests per prefill.
+Few shapes keep warm-up short on a 2-core CPU: 4 slots, a 512-token context (room for a long answer that is still
+running when its client leaves), prompt buckets 64 and 512, up to 2 images per request and 2 requests per prefill.
 """
 import pytest
 import requests
@@ -15,6 +15,7 @@ from qwenvl_jax.serving import api, messages
 from qwenvl_jax.text import SentencePieceTokenizer, train_sentencepiece
 
 MODEL_NAME = "tiny-test"
+MAX_TOKENS_LIMIT = 400
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +35,7 @@ def chat_stops(tok):
 
 @pytest.fixture(scope="session")
 def engine(serve_model, serve_tok):
-  eng = Engine(serve_model, num_slots=4, context=160, max_images=2, prefill_batch=2, buckets=(64,),
+  eng = Engine(serve_model, num_slots=4, context=512, max_images=2, prefill_batch=2, buckets=(64,),
                stop_ids=chat_stops(serve_tok), vocab_limit=serve_tok.vocab_size)
   eng.start()
   yield eng
@@ -51,7 +52,7 @@ def image_root(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def server(engine, serve_tok, image_root):
-  config = api.ServerConfig(model_name=MODEL_NAME, max_tokens_limit=64,
+  config = api.ServerConfig(model_name=MODEL_NAME, max_tokens_limit=MAX_TOKENS_LIMIT,
                             images=messages.ImagePolicy(max_bytes=200_000, max_pixels=1024 * 1024,
                                                         image_root=str(image_root)))
   srv = Server(api.create_app(engine, serve_tok, config))

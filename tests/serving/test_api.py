@@ -15,7 +15,10 @@ from PIL import Image
 from qwenvl_jax import inference
 from qwenvl_jax import text as qtext
 from qwenvl_jax.serving import api, messages
-from tests.serving.conftest import MODEL_NAME, Server
+from tests.serving.conftest import MAX_TOKENS_LIMIT, MODEL_NAME, Server
+
+# The session's model, engine warm-up and server start cost more than 20 s on a 2-core CPU; one module pays it.
+pytestmark = pytest.mark.slow
 
 
 def png_bytes(w=60, h=40, seed=0) -> bytes:
@@ -116,8 +119,9 @@ BAD = [
     ("outside the image root", {"messages": [{"role": "user", "content": [image_part("../secret.png")]}]}, 400),
     ("too many images", {"messages": [{"role": "user", "content": [
         image_part(data_url(png_bytes())) for _ in range(3)]}]}, 400),
-    ("prompt over the context", {"messages": [{"role": "user", "content": "word " * 300}]}, 400),
-    ("max_tokens over the limit", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 65}, 400),
+    ("prompt over the context", {"messages": [{"role": "user", "content": "word " * 600}]}, 400),
+    ("max_tokens over the limit", {"messages": [{"role": "user", "content": "hi"}],
+                                   "max_tokens": MAX_TOKENS_LIMIT + 1}, 400),
     ("no messages", {"model": MODEL_NAME}, 400),
     ("img tag in text", {"messages": [{"role": "user", "content": "<img>/etc/passwd</img> hi"}]}, 400),
     ("remote URL", {"messages": [{"role": "user", "content": [image_part("http://example.com/a.png")]}]}, 400),
@@ -169,18 +173,16 @@ def _health(server, http):
   return http.get(server.url + "/health", timeout=10).json()
 
 
-def test_a_client_leaving_mid_stream_frees_its_slot(server, client, http):
-  # A prompt whose greedy answer runs to max_tokens, so it is still decoding when the client leaves.
-  candidates = [[{"role": "user", "content": w * 3}] for w in ("go on ", "tell me ", "more ", "and ", "x ")]
-  runs = [c for c in candidates if ask(client, c, max_tokens=60).choices[0].finish_reason == "length"]
-  assert runs, "no candidate prompt runs to max_tokens"
+def test_a_client_leaving_mid_stream_frees_its_slot(server, http):
+  # ignore_eos: the answer runs to max_tokens (400 decode steps), so it is still decoding when the client leaves.
   before = _health(server, http).get("finished_cancelled", 0)
-  body = {"model": MODEL_NAME, "messages": runs[0], "max_tokens": 60, "temperature": 0, "stream": True}
+  body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "go on"}], "max_tokens": MAX_TOKENS_LIMIT,
+          "temperature": 0, "stream": True, "ignore_eos": True}
   with http.post(server.url + "/v1/chat/completions", json=body, stream=True, timeout=60) as r:
     lines = r.iter_lines()
     assert next(lines).startswith(b"data: ")  # the role chunk: the request is running
-  # The connection is closed here, long before 60 tokens are decoded.
-  deadline = time.monotonic() + 20
+  # The connection is closed here, long before 400 tokens are decoded.
+  deadline = time.monotonic() + 30
   while time.monotonic() < deadline:
     stats = _health(server, http)
     if stats.get("finished_cancelled", 0) > before and stats["active"] == 0:

@@ -22,6 +22,7 @@ from qwenvl_jax.data.synthetic import synthetic_record
 from tests.training import helpers
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+pytestmark = pytest.mark.slow  # training + serving the model: minutes on a 2-core CPU
 STEPS = 200
 
 
@@ -86,7 +87,6 @@ def scene(tmp_path):
   return path, record.turns[0][1].replace("<img></img>", "")
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)),
                     reason="needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver)")
 def test_chat_page_streams_the_answer_and_draws_its_boxes(served_run, scene, tmp_path):

@@ -48,7 +48,8 @@ def read_losses(workdir) -> dict[int, float]:
   with open(pathlib.Path(workdir) / "metrics.jsonl", encoding="utf-8") as f:
     for line in f:
       record = json.loads(line)
-      out[record["step"]] = record["loss"]
+      if "loss" in record:  # evaluation rows hold scores only
+        out[record["step"]] = record["loss"]
   return out
 
 

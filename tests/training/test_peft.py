@@ -27,7 +27,7 @@ def _lora_setup(**lora):
   graphdef, state = nnx.split(model)
   params = nnx.to_pure_dict(state)
   opt = _opt()
-  opt.lr = 3e-2
+  opt.lr = 1e-2
   tx, sched, labels = optimizer.make_optimizer(opt, params, frozen=peft.frozen_patterns(config), total_steps=100,
                                                vit_layers=2)
   fn = step_lib.make_train_step(graphdef, tx, labels, sched, stop_vision_grad=True, loss_chunk=16,

@@ -1,0 +1,106 @@
+"""Every check of a training config that can run before the trainer writes anything into the workdir.
+
+A typo must not leave a trace: a `config.json` recorded for a config that then crashes refuses the corrected
+command, and an empty `checkpoints/` looks like a run. So `check_config` runs first in `train` and checks, without
+allocating a parameter or writing a file: the numeric fields (sizes, cadences), the enumerations (resume,
+distributed.initialize, optimizer schedule), the model preset with the run's resolution and numerics, the mesh
+against the devices and the batch against the mesh, the tokenizer spec (its file is opened), the init spec, and the
+data sources (their files are opened and indexed, TFDS datasets looked up). Failures raise `errors.ConfigError`
+naming the config key.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from qwenvl_jax import errors
+from qwenvl_jax.model import config as model_config
+
+# The SentencePiece model of the synthetic data needs <unk>, 13 symbols and 256 byte pieces before any learned piece.
+_MIN_SYNTHETIC_VOCAB = 1 + 13 + 256 + 1
+
+
+def _positive(config: ml_collections.ConfigDict, keys: dict[str, int]) -> None:
+  for key, minimum in keys.items():
+    node = config
+    for part in key.split("."):
+      node = node[part]
+    if not isinstance(node, int) or isinstance(node, bool) or node < minimum:
+      raise errors.ConfigError(f"config.{key}={node!r} must be an integer >= {minimum}")
+
+
+def _choice(value, key: str, allowed: tuple) -> None:
+  if value not in allowed:
+    raise errors.ConfigError(f"config.{key}={value!r}: expected one of {', '.join(map(repr, allowed))}")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises `errors.ConfigError` (or a FileNotFoundError naming the path) for anything wrong in `config`.
+
+  Runs after `jax.distributed.initialize` (it builds the mesh) and before the workdir is created.
+  """
+  from qwenvl_jax.training import experiment, setup  # pylint: disable=g-import-not-at-top  (cycle-free, lazy)
+  _choice(config.stage, "stage", (1, 2, 3))
+  _positive(config, {"res": 1, "batch_size": 1, "accum_steps": 1, "seq_len": 2, "max_images": 1,
+                     "total_steps": 1, "stop_at_step": 0, "log_every": 1, "checkpoint.every": 1,
+                     "checkpoint.keep": 1, "data.num_workers": 0, "data.read_threads": 1, "data.packing_bins": 1,
+                     "data.num_epochs": 0, "data.max_consecutive_skips": 0, "optimizer.warmup_steps": 0})
+  _choice(config.resume, "resume", ("auto", "force", "never"))
+  _choice(config.distributed.initialize, "distributed.initialize", ("auto", "yes", "no"))
+  _choice(config.optimizer.schedule, "optimizer.schedule", ("cosine", "constant"))
+  try:
+    cfg = model_config.get_preset(config.model, dtype=config.model_dtype, param_dtype=config.param_dtype,
+                                  remat_policy=config.remat, attention_impl=config.attention_impl)
+    cfg = cfg.with_image_size(config.res)
+  except ValueError as e:
+    raise errors.ConfigError(f"config.model={config.model!r} at config.res={config.res}: {e}") from e
+  try:
+    mesh, rules = experiment.make_mesh(config)
+    setup.check_batch(config, mesh, rules)
+  except ValueError as e:
+    raise errors.ConfigError(str(e)) from e
+  _check_tokenizer(config, cfg)
+  if config.init:
+    from qwenvl_jax.training.checkpointing import resolve_params_checkpoint  # pylint: disable=g-import-not-at-top
+    try:
+      resolve_params_checkpoint(config.init)
+    except ValueError as e:
+      raise errors.ConfigError(str(e)) from e
+  _check_data(config)
+
+
+def _check_tokenizer(config: ml_collections.ConfigDict, cfg: model_config.QwenVLConfig) -> None:
+  spec = config.tokenizer
+  kind, _, path = spec.partition(":")
+  if not spec:
+    if not _MIN_SYNTHETIC_VOCAB <= config.synthetic_vocab_size <= cfg.llm.vocab_size:
+      raise errors.ConfigError(
+          f"config.synthetic_vocab_size={config.synthetic_vocab_size} must be in [{_MIN_SYNTHETIC_VOCAB}, "
+          f"{cfg.llm.vocab_size}] (the model {config.model!r} has {cfg.llm.vocab_size} embedding rows)")
+    return
+  if kind not in ("qwen", "sentencepiece") or not path:
+    raise errors.ConfigError(f"config.tokenizer={spec!r}: expected '' (synthetic), 'qwen:PATH' or "
+                             "'sentencepiece:PATH'")
+  if not os.path.isfile(path):
+    raise errors.UserFileNotFoundError(f"config.tokenizer={spec!r}: {path} is not a file")
+  from qwenvl_jax import text  # pylint: disable=g-import-not-at-top
+  try:
+    tok = text.QwenTokenizer(path) if kind == "qwen" else text.SentencePieceTokenizer(path)
+  except ValueError as e:
+    raise errors.ConfigError(f"config.tokenizer={spec!r}: {e}") from e
+  if tok.vocab_size > cfg.llm.vocab_size:
+    raise errors.ConfigError(f"config.tokenizer={spec!r} defines {tok.vocab_size} ids but model {config.model!r} "
+                             f"has only {cfg.llm.vocab_size} embedding rows; use a matching tokenizer or model")
+
+
+def _check_data(config: ml_collections.ConfigDict) -> None:
+  """Opens every source of the stage (files indexed, TFDS datasets looked up; nothing is decoded)."""
+  from qwenvl_jax.data.pipeline import make_source_datasets  # pylint: disable=g-import-not-at-top
+  try:
+    make_source_datasets(config.data, stage=config.stage, image_size=config.res)
+  except (ValueError, KeyError) as e:
+    if isinstance(e, errors.UserError):
+      raise
+    raise errors.ConfigError(f"config.data: {e}") from e

@@ -1,0 +1,113 @@
+"""The entry points' edges (qwenvl_jax/cli.py): user mistakes as one line and exit 2, config typos with a
+suggestion, --help exiting 0, internal errors keeping their traceback."""
+import os
+import subprocess
+import sys
+
+import pytest
+from absl import flags
+
+from qwenvl_jax import cli, errors
+from tests.conftest import REPO_ROOT
+
+ENTRY_POINTS = ("train", "generate", "evaluate", "serve", "clean", "convert", "plan")
+
+
+def _run_main(main, argv=("prog",)):
+  with pytest.raises(SystemExit) as info:
+    cli.run(main, list(argv))
+  return info.value.code
+
+
+def test_a_user_error_is_one_line_and_exit_2(capsys):
+  def main(argv):
+    del argv
+    raise errors.UserFileExistsError("out.json already exists", "choose another --output")
+  assert _run_main(main) == errors.USER_ERROR_EXIT_CODE
+  err = capsys.readouterr().err
+  assert err == "error: out.json already exists\n  hint: choose another --output\n"
+
+
+def test_an_os_error_about_a_user_path_is_one_line(capsys, tmp_path):
+  def main(argv):
+    del argv
+    open(tmp_path / "missing" / "x.json", encoding="utf-8")
+  assert _run_main(main) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and "x.json" in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_an_internal_error_keeps_its_traceback():
+  def main(argv):
+    del argv
+    raise KeyError("a bug")
+  with pytest.raises(KeyError, match="a bug"):
+    cli.run(main, ["prog"])
+
+
+def test_config_override_typo_suggests_the_field(tmp_path):
+  config = tmp_path / "c.py"
+  config.write_text("import ml_collections\n"
+                    "def get_config(arg=None):\n"
+                    "  c = ml_collections.ConfigDict()\n"
+                    "  c.optimizer = ml_collections.ConfigDict({'lr': 1.0, 'min_lr': 0.1, 'b1': 0.9})\n"
+                    "  c.seed = 0\n"
+                    "  return c\n")
+  argv = ["prog", f"--config={config}", "--config.optimizer.learning_rate=3", "--config.seed=1"]
+  message = cli.config_override_error(argv)
+  assert message.startswith("--config.optimizer.learning_rate: config.optimizer has no field 'learning_rate'; "
+                            "did you mean --config.optimizer.lr")
+  assert "seeds" in cli.config_override_error(["prog", f"--config={config}:x", "--config.seeds=1"])
+  assert cli.config_override_error(["prog", f"--config={config}", "--config.optimizer.lr=3"]) is None
+
+
+@pytest.mark.slow
+def test_train_with_bad_input_prints_one_line_and_writes_nothing(tmp_path):
+  """The issue's cases through the real command: res=0 and a nested typo; the corrected command is not blocked."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
+  workdir = tmp_path / "run"
+  base = [sys.executable, "-m", "qwenvl_jax.train", f"--config={REPO_ROOT / 'configs' / 'stage1.py'}",
+          f"--workdir={workdir}"]
+  for extra, expected in ((["--config.res=0"], "config.res=0 must be an integer >= 1"),
+                          (["--config.optimizer.learning_rate=1e-3"], "did you mean --config.optimizer.lr?")):
+    proc = subprocess.run(base + extra, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.startswith("error: ") and expected in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert not workdir.exists()
+
+
+@pytest.mark.slow
+def test_help_exits_0_for_every_entry_point():
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
+  for name in ENTRY_POINTS:
+    proc = subprocess.run([sys.executable, "-m", f"qwenvl_jax.{name}", "--help"], env=env, cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (name, proc.stderr[-2000:])
+    assert "flags" in proc.stdout.lower(), name
+  proc = subprocess.run([sys.executable, "launch/tpu.py", "--help"], env=env, cwd=REPO_ROOT, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_absl_flags_untouched():
+  """cli.run is used by the entry points only; importing it defines no flags."""
+  assert "config" not in flags.FLAGS or flags.FLAGS["config"].name == "config"
+
+
+def test_quiet_libraries_hides_info_of_jax_orbax_and_absl():
+  """generate's answer was buried under absl/orbax INFO lines and "Unable to initialize backend 'tpu'" (INFO)."""
+  import logging  # pylint: disable=import-outside-toplevel
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+  names = ("jax._src.xla_bridge", "orbax", "absl")
+  before = {n: logging.getLogger(n).level for n in names}
+  verbosity = absl_logging.get_verbosity()
+  try:
+    cli.quiet_libraries()
+    for name in names:
+      assert not logging.getLogger(name).isEnabledFor(logging.INFO), name
+      assert logging.getLogger(name).isEnabledFor(logging.WARNING), name
+  finally:
+    for name, level in before.items():
+      logging.getLogger(name).setLevel(level)
+    absl_logging.set_verbosity(verbosity)

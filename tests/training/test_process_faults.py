@@ -1,0 +1,137 @@
+"""Process faults of a real trainer (issue 17): grain workers die with a SIGKILLed trainer; SIGTERM stops at the
+next step, with one process and with two jax.distributed processes that agree on the step."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.training.helpers import REPO, small_flags, subprocess_env
+
+
+def _children(pid: int) -> dict[int, str]:
+  """pid -> command line of the live (not zombie) child processes of `pid`."""
+  out = {}
+  for entry in os.listdir("/proc"):
+    if not entry.isdigit():
+      continue
+    try:
+      with open(f"/proc/{entry}/stat") as f:
+        stat = f.read()
+      with open(f"/proc/{entry}/cmdline", "rb") as f:
+        cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+      continue
+    fields = stat.rsplit(")", 1)[1].split()
+    if int(fields[1]) == pid and fields[0] != "Z":
+      out[int(entry)] = cmdline
+  return out
+
+
+def _alive(pid: int) -> bool:
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    return False
+
+
+def _wait_for_step(workdir, step, proc, timeout):
+  deadline = time.time() + timeout
+  path = os.path.join(workdir, "metrics.jsonl")
+  while time.time() < deadline:
+    assert proc.poll() is None, f"trainer exited early with {proc.returncode}"
+    if os.path.exists(path):
+      with open(path) as f:
+        steps = [json.loads(line)["step"] for line in f if line.strip()]
+      if steps and max(steps) >= step:
+        return
+    time.sleep(0.2)
+  raise AssertionError(f"no step {step} within {timeout} s")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads processes from /proc (Linux)")
+def test_grain_workers_die_with_a_sigkilled_trainer(uninterrupted, tmp_path):
+  del uninterrupted  # compiled the same step: the subprocess takes it from the session's compilation cache
+  cmd = [sys.executable, "-m", "qwenvl_jax.train"] + small_flags(
+      2, tmp_path, **{"data.num_workers": 2, "total_steps": 1000})
+  proc = subprocess.Popen(cmd, env=subprocess_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  workers = {}
+  try:
+    deadline = time.time() + 300
+    while time.time() < deadline and len(workers) < 2:
+      assert proc.poll() is None, f"trainer exited with {proc.returncode}"
+      workers = {p: c for p, c in _children(proc.pid).items() if "resource_tracker" not in c}
+      time.sleep(0.5)
+    assert len(workers) >= 2, "the grain worker processes did not start"
+    _wait_for_step(tmp_path, 1, proc, timeout=600)  # the workers are past their start-up and delivering batches
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  deadline = time.time() + 10
+  while time.time() < deadline and any(_alive(p) for p in workers):
+    time.sleep(0.2)
+  survivors = [p for p in workers if _alive(p)]
+  for p in survivors:
+    os.kill(p, signal.SIGKILL)
+  assert not survivors, f"grain workers outlived the SIGKILLed trainer: {[workers[p][:120] for p in survivors]}"
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _logged_steps(workdir) -> list[int]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line)["step"] for line in f if line.strip()]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_sigterm_on_one_of_two_processes_stops_both_at_the_next_step(tmp_path):
+  """JAX's preemption notifier sees the SIGTERM of process 1 and both processes save the same, next step, long
+  before the next log/checkpoint boundary (step 50) where the processes used to agree."""
+  port = _free_port()
+  env = subprocess_env(devices=2)
+  procs, logs = [], []
+  for i in range(2):
+    cmd = [sys.executable, "-m", "qwenvl_jax.train"] + small_flags(
+        2, tmp_path / "run", total_steps=200, log_every=50,
+        **{"checkpoint.every": 100, "distributed.coordinator": f"localhost:{port}",
+           "distributed.num_processes": 2, "distributed.process_id": i})
+    logs.append(tmp_path / f"stderr{i}.txt")
+    with open(logs[-1], "w") as err:
+      procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err))
+  try:
+    deadline = time.time() + 900
+    while "stage 2: model" not in logs[0].read_text():  # printed by process 0 right before the first step
+      assert time.time() < deadline and all(p.poll() is None for p in procs), logs[0].read_text()[-3000:]
+      time.sleep(0.2)
+    time.sleep(2)
+    procs[1].send_signal(signal.SIGTERM)
+    for p in procs:
+      p.wait(timeout=600)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  errs = [log.read_text() for log in logs]
+  for p, err in zip(procs, errs):
+    assert p.returncode == 143, err[-3000:]
+  ckpts = tmp_path / "run" / "checkpoints"
+  steps = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit())
+  assert len(steps) == 1 and 1 <= steps[0] <= 3, steps
+  saved = steps[0]
+  assert f"stop requested: saved step {saved}" in errs[0]
+  data_files = sorted(os.listdir(ckpts / str(saved) / "data"))
+  assert len([f for f in data_files if "process_" in f]) == 2, data_files
+  assert json.loads((ckpts / str(saved) / "meta" / "metadata").read_text())["step"] == saved
+  assert _logged_steps(tmp_path / "run") == [saved]  # the stop flushes the metrics of the step it saves

@@ -1,0 +1,62 @@
+"""Issue 17, fast checks: a bad config is refused before anything is written; a workdir that is a file is named;
+metrics rows past the restored step are dropped on resume (each step logged once)."""
+import json
+import os
+
+import pytest
+
+from qwenvl_jax import errors
+from qwenvl_jax.training import metrics, train
+from tests.training.helpers import small_config
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"res": 0}, r"config\.res"),
+    ({"res": 50}, r"multiple of patch_size"),
+    ({"model": "tiny_typo"}, r"unknown model preset 'tiny_typo'"),
+    ({"tokenizer": "qwen:/nowhere/qwen.tiktoken"}, r"/nowhere/qwen\.tiktoken"),
+    ({"tokenizer": "tiktoken:x"}, r"config\.tokenizer='tiktoken:x'"),
+    ({"data.source": "jsonl:/nowhere/pairs.jsonl"}, r"/nowhere/pairs\.jsonl"),
+    ({"data.source": "parquet:/x"}, r"unknown source spec"),
+    ({"batch_size": 7}, r"does not divide over the 8 data-parallel devices"),
+    ({"checkpoint.every": 0}, r"config\.checkpoint\.every=0"),
+    ({"seq_len": 1}, r"config\.seq_len=1"),
+    ({"optimizer.schedule": "linear"}, r"config\.optimizer\.schedule='linear'"),
+    ({"resume": "sometimes"}, r"config\.resume='sometimes'"),
+    ({"synthetic_vocab_size": 10}, r"config\.synthetic_vocab_size=10"),
+])
+def test_a_bad_config_is_refused_before_anything_is_written(tmp_path, overrides, message):
+  workdir = tmp_path / "run"
+  with pytest.raises((errors.UserError, FileNotFoundError), match=message):
+    train(small_config(2, workdir, **overrides))
+  assert not workdir.exists(), sorted(os.listdir(workdir))
+
+
+def test_a_workdir_that_is_a_file_is_named(tmp_path):
+  (tmp_path / "file").write_text("mine")
+  for workdir in (tmp_path / "file", tmp_path / "file" / "run"):
+    with pytest.raises(errors.UserFileExistsError, match=f"{tmp_path / 'file'}.*file"):
+      train(small_config(2, workdir))
+  assert (tmp_path / "file").read_text() == "mine"
+
+
+def _steps(path):
+  with open(path) as f:
+    return [json.loads(line)["step"] for line in f]
+
+
+def test_resumed_run_drops_the_metrics_rows_past_its_checkpoint(tmp_path):
+  """A run SIGKILLed at step 6 after its step-4 checkpoint logged steps 5 and 6 (and half of step 7's row); the
+  resumed run starts at 4 and logs 5, 6, ... again: each step must appear once."""
+  path = tmp_path / "metrics.jsonl"
+  rows = "".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 7))
+  path.write_text(rows + '{"step": 7, "lo')
+  writer = metrics.MetricsWriter(str(tmp_path), total_steps=8, initial_step=4, tensorboard=False,
+                                 progress_bar=False)
+  for s in range(5, 9):
+    writer.write(s, {"loss": 2.0 / s})
+  writer.close()
+  assert _steps(path) == list(range(1, 9))
+  with open(path) as f:
+    losses = {r["step"]: r["loss"] for r in map(json.loads, f)}
+  assert losses[4] == 1.0 / 4 and losses[5] == 2.0 / 5
