@@ -22,7 +22,8 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from qwenvl_jax.planning import chips, train_plan  # pylint: disable=wrong-import-position
+from qwenvl_jax.hardware import chips  # pylint: disable=wrong-import-position
+from qwenvl_jax.planning import train_plan  # pylint: disable=wrong-import-position
 
 GIB = 1024**3
 

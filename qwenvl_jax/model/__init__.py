@@ -8,6 +8,6 @@ from qwenvl_jax.model.resampler import Adapter, Resampler
 from qwenvl_jax.model.vit import VisionTransformer
 
 __all__ = [
-    "Adapter", "KVCache", "LLMConfig", "ModelOutput", "QwenLM", "QwenVL", "QwenVLConfig", "Resampler", "ResamplerConfig",
-    "VisionConfig", "VisionTransformer", "get_preset", "mid", "qwen_vl_7b", "tiny",
+    "Adapter", "KVCache", "LLMConfig", "ModelOutput", "QwenLM", "QwenVL", "QwenVLConfig", "Resampler",
+    "ResamplerConfig", "VisionConfig", "VisionTransformer", "get_preset", "mid", "qwen_vl_7b", "tiny",
 ]

@@ -13,10 +13,10 @@ axes]`, i.e. they shard like their base weight. They stay float32 whatever the b
 
 Why not qwix's `LoraProvider`: it creates the adapter variables lazily, inside the first intercepted `einsum`
 call; our decoder and ViT blocks run under `nnx.scan`, where creating variables fails (qwix 0.1.8 with flax
-0.12.8: `IndexError` in `nnx.scan`'s `scan_wrapper`, reproduced in tests/model/test_lora.py). Attaching
+0.12.8: `IndexError` in `nnx.scan`'s `scan_wrapper`, reproduced by hand, not in a test). Attaching
 the adapters before the first call, with the stacked `[L, ...]` shapes `nnx.vmap` gave the kernels, is what
-scanned layers need; `flax.nnx.LoRAParam` is the variable type made for it. (The 4-bit base of QLoRA still comes
-from qwix: `model/qlora.py`.)
+scanned layers need; `flax.nnx.LoRAParam` is the variable type made for it. (QLoRA, a 4-bit base under these
+adapters, is not built yet; weight-only int8/int4 inference uses qwix in `model/quantize.py`.)
 """
 
 from __future__ import annotations
