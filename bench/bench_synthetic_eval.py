@@ -29,6 +29,7 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from qwenvl_jax.evaluation import config as eval_config  # noqa: E402
 from qwenvl_jax.evaluation import runner, synthetic_sets  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -58,7 +59,7 @@ def stage2_config(args, workdir: pathlib.Path):
 
 
 def evaluate(task: str, data: str, root: pathlib.Path, run: pathlib.Path, checkpoint: str, name: str, res: int):
-  c = runner.default_config(EVAL_TASK[task])
+  c = eval_config.default_config(EVAL_TASK[task])
   c.update(dict(output=str(root / f"{task}_{name}.json"), data_path=data, image_root=str(root), model="tiny",
                 tokenizer=str(run / "tokenizer.model"), checkpoint=checkpoint, image_size=res, dtype="float32",
                 per_device_batch_size=2, progress=False))

@@ -43,7 +43,7 @@ flags.DEFINE_integer("max_image_pixels", 4096 * 4096, "Largest image in pixels (
 flags.DEFINE_string("image_root", None, "Local image paths in requests are read under this folder only.")
 flags.DEFINE_bool("allow_remote_images", False, "Fetch http(s) image URLs (off: only data: URLs and paths).")
 flags.DEFINE_string("system", "You are a helpful assistant.", "Default system message (chatml).")
-flags.DEFINE_string("rules", "fsdp", "Sharding rule table of configs/sharding_rules.py.")
+flags.DEFINE_string("rules", "fsdp", "Sharding rule table of qwenvl_jax/sharding_rules.py.")
 flags.DEFINE_integer("seed", 0, "Seed of random weights.")
 
 

@@ -63,11 +63,14 @@ def test_installed_wheel_plans_and_trains_from_another_directory(venv_python, tm
   (work / "my_stage1.py").write_text(USER_CONFIG)
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
   env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  where = _run([str(venv_python), "-I", "-c", "import json, qwenvl_jax, qwenvl_jax.sharding as s; "
-                "print(json.dumps([qwenvl_jax.__file__, s.load_rules('fsdp_tp')[0]]))"], cwd=work, env=env)
-  installed, first_rule = json.loads(where.strip().splitlines()[-1])
+  where = _run([str(venv_python), "-I", "-c",
+                "import importlib.resources as r, json, qwenvl_jax, qwenvl_jax.sharding as s; "
+                "page = (r.files('qwenvl_jax.serving') / 'static' / 'index.html').is_file(); "
+                "print(json.dumps([qwenvl_jax.__file__, s.load_rules('fsdp_tp')[0], page]))"], cwd=work, env=env)
+  installed, first_rule, page = json.loads(where.strip().splitlines()[-1])
   assert pathlib.Path(installed).is_relative_to(venv_python.parent.parent), installed
   assert not pathlib.Path(installed).is_relative_to(REPO_ROOT) and first_rule == ["act_batch", ["data", "fsdp"]]
+  assert page  # package data (the chat page) is in the wheel
 
   plan = _run([str(venv_python), "-I", "-m", "qwenvl_jax.plan", "--config=my_stage1.py"], cwd=work, env=env)
   assert "model tiny" in plan and "trained in stage 1" in plan

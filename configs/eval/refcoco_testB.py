@@ -3,8 +3,8 @@
   python -m qwenvl_jax.evaluate --config=configs/eval/refcoco_testB.py --config.output=results/refcoco_testB.json \\
       --config.checkpoint=CKPT --config.tokenizer=qwen.tiktoken --config.image_root=DATA_ROOT
 """
-from qwenvl_jax.evaluation import runner
+from qwenvl_jax.evaluation.config import default_config
 
 
 def get_config(arg=None):
-  return runner.default_config('refcoco_testB', arg)
+  return default_config('refcoco_testB', arg)

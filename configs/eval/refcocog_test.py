@@ -3,8 +3,8 @@
   python -m qwenvl_jax.evaluate --config=configs/eval/refcocog_test.py --config.output=results/refcocog_test.json \\
       --config.checkpoint=CKPT --config.tokenizer=qwen.tiktoken --config.image_root=DATA_ROOT
 """
-from qwenvl_jax.evaluation import runner
+from qwenvl_jax.evaluation.config import default_config
 
 
 def get_config(arg=None):
-  return runner.default_config('refcocog_test', arg)
+  return default_config('refcocog_test', arg)

@@ -11,3 +11,8 @@ from qwenvl_jax.cleaning.config import RULES, CleanConfig
 from qwenvl_jax.cleaning.filters import Kept, RawPair, Rejected, clean_batch
 from qwenvl_jax.cleaning.pipeline import CleanJob, NoPairsKeptError, beam_options_from_string, run_clean
 from qwenvl_jax.cleaning.scoring import DominantColorScorer, Scorer, SpecFactory
+
+__all__ = [
+    "beam_options_from_string", "clean_batch", "CleanConfig", "CleanJob", "DominantColorScorer", "Kept",
+    "NoPairsKeptError", "RawPair", "Rejected", "RULES", "run_clean", "Scorer", "SpecFactory",
+]

@@ -43,3 +43,10 @@ def build_conversation_dataset(*args, **kwargs) -> str:
   """`tfds_builders.build_conversation_dataset` (imported on use: TFDS is slow to import)."""
   from qwenvl_jax.data import tfds_builders  # pylint: disable=g-import-not-at-top
   return tfds_builders.build_conversation_dataset(*args, **kwargs)
+
+__all__ = [
+    "BadRecordError", "build_conversation_dataset", "build_image_text_dataset", "CLIP_MEAN", "CLIP_STD",
+    "default_data_config", "ExampleEncoder", "ImageError", "make_dataset", "make_source", "make_train_iterator",
+    "normalize", "preprocess_image", "Record", "SKIPPED", "STAGE2_MIXTURE", "synthetic_record", "TASKS",
+    "to_global_batch", "train_synthetic_tokenizer",
+]

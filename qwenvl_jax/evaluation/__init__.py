@@ -12,8 +12,13 @@ Modules:
   relaxed          ChartQA relaxed accuracy (with the reference's argument swap)
   grounding        first-box parsing, /999 scaling, float32 IoU, Precision@1 at IoU >= 0.5
   multiple_choice  likelihood ranking: option texts, `choose_option`, accuracy (scores: `inference.scoring`)
+  config           the run's ConfigDict (`default_config`, what `configs/eval/<task>.py` return)
+  prompts          what the model is shown: raw prompt (with shots), ids, preprocessed images
+  job              the model side of a run: load, batch, generate or score options
+  collectives      the multi-process helpers of the job (no-ops with one process)
+  runner           `run(config)`: shard, resume, batch loop, merge and write the results
 
-Everything here but the runner is plain Python/numpy and needs no model.
+The metrics, tasks, readers and results are plain Python/numpy and need no model.
 """
 from qwenvl_jax.evaluation.readers import EvalDataError, EvalExample, resolve_images
 from qwenvl_jax.evaluation.results import (PredictionLedger, check_output_free, finalize, partial_dir,

@@ -30,6 +30,7 @@ import ml_collections
 from flax import nnx
 
 from qwenvl_jax import errors
+from qwenvl_jax.evaluation import job as job_lib
 from qwenvl_jax.evaluation import runner, synthetic_sets
 from qwenvl_jax.evaluation import tasks as tasks_lib
 from qwenvl_jax.inference import decode
@@ -112,8 +113,7 @@ class TrainingEvaluator:
     if self._job is None:
       if jax.process_index() == 0:  # (not at construction: JAX must not start before distributed init)
         print(f"evaluating every {self.every} steps: {self.describe()}", file=sys.stderr, flush=True)
-      self._job = runner._Job(self._job_config, self.task,  # pylint: disable=protected-access
-                              model=(tokenizer, cfg, mesh, rules, model))
+      self._job = job_lib.EvalJob(self._job_config, self.task, model=(tokenizer, cfg, mesh, rules, model))
     else:  # the same jitted decoding, the new step's arrays
       self._job.generator.state = nnx.state(model)
     predictions = runner.predict(self._job, self.examples)

@@ -26,3 +26,9 @@ from qwenvl_jax.inference.draw import draw_boxes
 from qwenvl_jax.inference.draw import latest_image
 from qwenvl_jax.inference.draw import save_new_png
 from qwenvl_jax.inference.scoring import LikelihoodScorer
+
+__all__ = [
+    "bucket_length", "build_prompt", "chat_generation_config", "chat_stream", "ChatReply", "decode_step",
+    "DEFAULT_BUCKETS", "draw_bbox_on_latest_picture", "draw_boxes", "GenerationConfig", "Generator", "latest_image",
+    "LikelihoodScorer", "load_images", "make_prompt_batch", "prefill", "PromptBatch", "save_new_png", "trim",
+]

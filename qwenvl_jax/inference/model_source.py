@@ -1,5 +1,5 @@
 """What `--checkpoint` names, resolved into what an inference job loads: the params directory, the preset, the
-image size, the tokenizer file and the chat format.
+image size, the tokenizer spec and the chat format.
 
 `--checkpoint` may be
   * a training run directory (`<run>`, holding `config.json` and `checkpoints/<step>/params`): its latest step;
@@ -24,6 +24,7 @@ import os
 from flax import nnx
 
 from qwenvl_jax import sharding
+from qwenvl_jax import text as qtext
 from qwenvl_jax.model import QwenVL
 from qwenvl_jax.model.config import PRESETS, QwenVLConfig, get_preset
 
@@ -33,8 +34,9 @@ DEFAULT_PRESET = "qwen_vl_7b"
 @dataclasses.dataclass(frozen=True)
 class ModelSource:
   """params: params checkpoint directory or None (random weights); preset: model preset name; image_size: input
-  resolution or None (the preset's); tokenizer: tokenizer file or None; chat_format: 'chatml' or 'raw'; run_dir
-  and step: the training run and step the params come from (None for converted checkpoints)."""
+  resolution or None (the preset's); tokenizer: tokenizer spec (`text.load_tokenizer`) or None; chat_format:
+  'chatml' or 'raw'; run_dir and step: the training run and step the params come from (None for converted
+  checkpoints)."""
   params: str | None
   preset: str
   image_size: int | None
@@ -58,11 +60,14 @@ def _latest_step(run_dir: str) -> int:
 
 
 def _run_tokenizer(run_dir: str, spec: str) -> str:
-  for prefix in ("qwen:", "sentencepiece:"):
-    if spec.startswith(prefix):
-      return spec[len(prefix):]
+  """The tokenizer spec of a run: its `config.tokenizer` (checked by the one spec parser), or '' = the run's own
+  synthetic SentencePiece model."""
   if spec:
-    raise ValueError(f"{run_dir}/config.json: unknown tokenizer spec {spec!r}")
+    try:
+      qtext.parse_tokenizer_spec(spec)
+    except ValueError as e:
+      raise ValueError(f"{run_dir}/config.json: {e}") from e
+    return spec
   return os.path.join(run_dir, "tokenizer.model")
 
 

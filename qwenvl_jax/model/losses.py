@@ -105,7 +105,7 @@ def chunked_cross_entropy_sum(hidden: jax.Array, kernel: jax.Array, targets: jax
 
   Returns:
     (sum of masked losses float32[], number of supervised tokens float32[]) — the contract of
-    `training.step.cross_entropy_sum`.
+    `cross_entropy_sum`.
   """
   losses = chunked_token_cross_entropy(hidden, kernel, targets, chunk_size=chunk_size, dtype=dtype)
   mask = loss_mask.astype(jnp.float32)

@@ -57,7 +57,7 @@ class InferencePlan:
              " KiB per token)",
              "decode step:", self.decode.format()]
     if self.prefill is not None:
-      lines += ["prefill:", self.prefill.format()]
+      lines += [f"prefill ({f['prefill_batch']} row(s) at once):", self.prefill.format()]
     peak = max(self.decode.total_bytes, self.prefill.total_bytes if self.prefill else 0)
     hbm = self.decode.chip.hbm_bytes
     lines.append(f"peak of the two programs: {peak / GIB:.2f} GiB of {hbm / GIB:.0f} GiB per chip -> "
@@ -99,8 +99,13 @@ def abstract_cache(cfg: QwenVLConfig, batch: int, context: int, kv_cache_dtype: 
 def plan_inference(cfg: QwenVLConfig, topology: chips.Topology, *, quantize: str | None, batch: int,
                    context: int, prompt: int, images: int = 1, kv_cache_dtype: str | None = None,
                    rules_name: str = "fsdp", group_size: int = qlib.DEFAULT_GROUP_SIZE,
-                   with_prefill: bool = True) -> InferencePlan:
-  """AOT-compiles the decode step (and prefill) of `cfg` on `topology`; see the module docstring."""
+                   with_prefill: bool = True, prefill_batch: int | None = None) -> InferencePlan:
+  """AOT-compiles the decode step (and prefill) of `cfg` on `topology`; see the module docstring.
+
+  prefill_batch: rows prefilled together (default `batch`, as `Generator` does; a serving engine that admits one
+  request at a time prefills 1 row into its slot).
+  """
+  prefill_batch = prefill_batch or batch
   if prompt > context:
     raise ValueError(f"prompt {prompt} is longer than the context {context}")
   devices = mesh_lib.topology_devices(topology)
@@ -133,7 +138,10 @@ def plan_inference(cfg: QwenVLConfig, topology: chips.Topology, *, quantize: str
                                       chip=topology.chip, mesh=mesh, donate_argnums=3, count_program_flops=False)
   prefill_plan = None
   if with_prefill:
-    s = cfg.vision.image_size
+    s, batch = cfg.vision.image_size, prefill_batch
+    pcache = abstract_cache(cfg, batch, context, kv_cache_dtype, mesh, rules)
+    vec = lambda dtype: jax.ShapeDtypeStruct((batch,), dtype, sharding=NamedSharding(
+        mesh, sharding.resolve_spec((batch,), ("act_batch",), rules, dict(mesh.shape))))
     seq = lambda: jax.ShapeDtypeStruct((batch, prompt), jnp.int32, sharding=NamedSharding(
         mesh, sharding.resolve_spec((batch, prompt), ("act_batch", None), rules, dict(mesh.shape))))
     arrays = {"input_ids": seq(), "segment_ids": seq(), "positions": seq()}
@@ -148,12 +156,12 @@ def plan_inference(cfg: QwenVLConfig, topology: chips.Topology, *, quantize: str
       return decode.prefill(graphdef, as_state(state), arrays, cache, rope_base=rope_base)
 
     with sharding.use_rules(mesh, rules):
-      _, prefill_plan = aot.compile_step(prefill_fn, (state, arrays, cache, vec(jnp.float32)),
+      _, prefill_plan = aot.compile_step(prefill_fn, (state, arrays, pcache, vec(jnp.float32)),
                                          chip=topology.chip, mesh=mesh, donate_argnums=2,
                                          count_program_flops=False)
   cache_bytes = sum(int(x.size) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(cache))
   facts = {"model": f"{cfg.llm.layers}-layer LLM, {cfg.vision.image_size} px", "quantize": quantize or "none",
-           "kv_cache_dtype": kv_cache_dtype or cfg.dtype, "batch": batch, "context": context, "prompt": prompt,
+           "kv_cache_dtype": kv_cache_dtype or cfg.dtype, "batch": cache.segment_ids.shape[0], "prefill_batch": prefill_batch, "context": context, "prompt": prompt,
            "images": images, "mesh": dict(mesh.shape)}
   return InferencePlan(decode_plan, prefill_plan, qlib.weight_bytes(abstract_state), cache_bytes, facts)
 
@@ -173,6 +181,7 @@ def _cli() -> None:
   kv = flags.DEFINE_enum("kv_cache_dtype", "bfloat16", ["bfloat16", "int8"], "KV cache storage.")
   rules = flags.DEFINE_string("rules", "fsdp", "Sharding rule table.")
   no_prefill = flags.DEFINE_bool("decode_only", False, "Compile only the decode step.")
+  prefill_batch = flags.DEFINE_integer("prefill_batch", 0, "Rows prefilled together (0 = --batch).")
 
   def main(argv):
     if len(argv) > 1:
@@ -184,7 +193,8 @@ def _cli() -> None:
     plan = plan_inference(cfg, topology, quantize=None if quantize.value == "none" else quantize.value,
                           batch=batch.value, context=context.value, prompt=prompt.value, images=images.value,
                           kv_cache_dtype="int8" if kv.value == "int8" else None, rules_name=rules.value,
-                          group_size=group.value, with_prefill=not no_prefill.value)
+                          group_size=group.value, with_prefill=not no_prefill.value,
+                          prefill_batch=prefill_batch.value or None)
     print(plan.format())
 
   app.run(main)

@@ -5,8 +5,8 @@ point is `python -m qwenvl_jax.plan --config=... --topology=...`:
   python -m qwenvl_jax.plan --config=configs/stage1.py:model=tiny --topology=v5e-4 \\
       --config.batch_size=8 --config.mesh.rules=fsdp_tp --config.mesh.ici.tensor=2
 
-It builds what `qwenvl_jax.training.trainer` builds before its loop (model, rule-table shardings, stage
-optimizer, `make_train_step`, donated state, batch sharded over the rules' `act_batch`), but from abstract shapes and the
+It builds what `qwenvl_jax.training.trainer` builds before its loop (model, rule-table shardings, stage optimizer,
+`make_train_step`, donated state, batch sharded over the rules' `act_batch`), but from abstract shapes and the
 topology's abstract devices: nothing is allocated, no TPU is needed (libtpu is: requirements-tpu-aot.txt). The
 report is `aot.StepPlan.format()`, with the trainer's own model-FLOP count (`training.flops`) as the MFU numerator.
 

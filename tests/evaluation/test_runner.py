@@ -1,13 +1,15 @@
 """The evaluation job end to end on a tiny random model and tiny generated datasets: sharded batches, resume,
 every prediction in the results JSON, multiple choice by lowest loss, never overwriting results."""
 import json
+import tempfile
 
 import jax
 import numpy as np
 import pytest
 
 from qwenvl_jax.data.synthetic import synthetic_corpus, synthetic_record
-from qwenvl_jax.evaluation import EvalDataError, EvalExample, few_shot, get_task, results, runner
+from qwenvl_jax.evaluation import EvalDataError, EvalExample, few_shot, get_task, prompts, results, runner
+from qwenvl_jax.evaluation import config as eval_config
 from qwenvl_jax.text import SentencePieceTokenizer, formatting, train_sentencepiece
 from tests.evaluation import tfds_fakes
 
@@ -50,7 +52,7 @@ def workdir(tmp_path_factory):
 
 
 def _config(task, root, tok, data, output, **overrides):
-  c = runner.default_config(task)
+  c = eval_config.default_config(task)
   c.update(dict(output=str(root / output), data_path=str(root / data), image_root=str(root), model="tiny",
                 tokenizer=str(tok), dtype="float32", per_device_batch_size=1, progress=False, buckets=(64,)))
   c.update(overrides)
@@ -129,14 +131,14 @@ def test_tfds_caption_run_writes_every_prediction(workdir, tmp_path):
 
 def test_image_errors_name_the_example(tmp_path):
   good = tfds_fakes.png(3)
-  image = runner.load_image(EvalExample(example_id="q1", image="tfds:x:test/0", image_loader=lambda: good), "", 8)
+  image = prompts.load_image(EvalExample(example_id="q1", image="tfds:x:test/0", image_loader=lambda: good), "", 8)
   assert image.shape == (8, 8, 3) and image.dtype == np.uint8
   for data in (b"", b"not an image", good[:40]):
     bad = EvalExample(example_id="q2", image="tfds:x:test/1", image_loader=lambda data=data: data)
     with pytest.raises(EvalDataError, match=r"example 'q2' \(image tfds:x:test/1\)"):
-      runner.load_image(bad, "", 8)
+      prompts.load_image(bad, "", 8)
   with pytest.raises(EvalDataError, match=r"example 7 \(image missing.png\): image file not found"):
-    runner.load_image(EvalExample(example_id=7, image="missing.png"), str(tmp_path), 8)
+    prompts.load_image(EvalExample(example_id=7, image="missing.png"), str(tmp_path), 8)
 
 
 def _vqa_file(path, root, n):
@@ -153,7 +155,7 @@ def test_two_shot_vqa_prompt_the_model_sees(workdir, tmp_path):
   examples = task.read(_vqa_file(tmp_path / "vqa.jsonl", root, 3))
   sampler = few_shot.ShotSampler(few_shot.shot_pool(task, examples), k=2, seed=0)
   tok = SentencePieceTokenizer(str(tok_path))
-  encoder = runner.PromptEncoder(task, tok, image_tokens=4, image_size=16, shots=sampler)
+  encoder = prompts.PromptEncoder(task, tok, image_tokens=4, image_size=16, shots=sampler)
   query = examples[1]
   text, shown = encoder.prompt(query)
   img = lambda i: str(root / "img" / f"{i}.png")
@@ -166,7 +168,7 @@ def test_two_shot_vqa_prompt_the_model_sees(workdir, tmp_path):
   assert formatting.decode_with_images(tok, ids, [e.image for e in shown]) == text
   assert ids.count(tok.img_pad_id) == 3 * 4 and encoder.max_images == 3
   for image, example in zip(images, shown):
-    np.testing.assert_array_equal(image, runner.load_image(example, "", 16))
+    np.testing.assert_array_equal(image, prompts.load_image(example, "", 16))
   assert not np.array_equal(images[0], images[2])
 
 
@@ -210,7 +212,7 @@ def test_a_resumed_run_with_other_settings_is_refused(workdir, tmp_path, monkeyp
 
   def stop(*args, **kwargs):
     raise Stop  # the run got past its checks (and recorded its settings): no need to build a model here
-  monkeypatch.setattr(runner, "_Job", stop)
+  monkeypatch.setattr(runner, "EvalJob", stop)
   config = lambda **kw: _config("gqa_testdev", root, tok, str(data), str(tmp_path / "gqa.json"), **kw)
   with pytest.raises(Stop):
     runner.run(config())
@@ -223,17 +225,17 @@ def test_a_resumed_run_with_other_settings_is_refused(workdir, tmp_path, monkeyp
 
 
 def test_default_config_arguments():
-  c = runner.default_config("flickr", "max_examples=5,progress=false,image_size=448")
+  c = eval_config.default_config("flickr", "max_examples=5,progress=false,image_size=448")
   assert (c.task, c.max_examples, c.progress, c.image_size) == ("flickr", 5, False, 448)
   assert (c.data_path, c.per_device_batch_size) == ("data/flickr30k/flickr30k_karpathy_test.json", 4)
   with pytest.raises(ValueError, match=r"unknown config arg keys \['nope'\]"):
-    runner.default_config("flickr", "nope=1")
+    eval_config.default_config("flickr", "nope=1")
   with pytest.raises(ValueError, match="progress='maybe' is not a boolean"):  # never read as False
-    runner.default_config("flickr", "progress=maybe")
+    eval_config.default_config("flickr", "progress=maybe")
   with pytest.raises(ValueError, match="use --config.mesh=... instead"):
-    runner.default_config("flickr", "mesh=4")
+    eval_config.default_config("flickr", "mesh=4")
   with pytest.raises(KeyError, match="unknown evaluation task"):
-    runner.default_config("no_such_task")
+    eval_config.default_config("no_such_task")
 
 
 def test_an_existing_results_file_is_refused_before_any_work(workdir, tmp_path):
@@ -249,9 +251,9 @@ def test_an_existing_results_file_is_refused_before_any_work(workdir, tmp_path):
 
 _WORKER = """
 import sys
-from qwenvl_jax.evaluation import runner
+from qwenvl_jax.evaluation import config as eval_config, runner
 coordinator, index, root, tok, output = sys.argv[1:]
-c = runner.default_config("refcoco_val")
+c = eval_config.default_config("refcoco_val")
 c.update(dict(output=output, data_path=root + "/ground.jsonl", image_root=root, model="tiny", tokenizer=tok,
               dtype="float32", per_device_batch_size=1, progress=False, buckets=(64,)))
 c.distributed.coordinator, c.distributed.num_processes, c.distributed.process_id = coordinator, 2, int(index)
@@ -289,3 +291,22 @@ def test_two_processes_give_the_single_process_predictions(workdir, tmp_path):
   one = runner.run(_config("refcoco_val", root, tok, "ground.jsonl", "one.json"))
   assert [p["prediction"] for p in two["predictions"]] == [p["prediction"] for p in one["predictions"]]
   assert two["config"]["processes"] == 2 and two["config"]["devices"] == 8
+
+
+@pytest.mark.slow
+def test_synthetic_data_path_scores_a_held_out_set(workdir, tmp_path, monkeypatch):
+  """`--config.data_path=synthetic` (the README's quick start): a held-out synthetic grounding set, written to a
+  temporary folder that is gone afterwards, recorded as `synthetic` so a resumed run agrees with the first."""
+  root, tok = workdir
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+  (tmp_path / "tmp").mkdir()
+  config = _config("refcoco_val", root, tok, "unused", tmp_path / "out" / "synthetic.json", data_path="synthetic",
+                   max_examples=3, image_size=56)
+  payload = runner.run(config)
+  assert payload["num_examples"] == 3 and payload["metric"] == "grounding_accuracy"
+  assert [p["id"] for p in payload["predictions"]] == [0, 1, 2]
+  assert payload["config"]["data_path"] == "synthetic"
+  assert config.data_path == "synthetic"  # the caller's config is left as it was
+  assert list((tmp_path / "tmp").iterdir()) == []  # the set's temporary folder is removed
+  with pytest.raises(ValueError, match="has no synthetic held-out set"):
+    runner.run(_config("textvqa_val", root, tok, "unused", tmp_path / "vqa.json", data_path="synthetic"))

@@ -17,6 +17,7 @@ import sys
 
 import pytest
 
+from qwenvl_jax.evaluation import config as eval_config
 from qwenvl_jax.evaluation import grounding, runner, synthetic_sets
 from tests.training import helpers
 
@@ -40,7 +41,7 @@ def _train(root, *, tasks, steps, lr, max_shapes):
 
 
 def _evaluate(root, task, data, checkpoint, name):
-  c = runner.default_config(task)
+  c = eval_config.default_config(task)
   c.update(dict(output=str(root / f"{task}_{name}.json"), data_path=data, image_root=str(pathlib.Path(data).parent),
                 model="tiny", tokenizer=str(root / "run" / "tokenizer.model"), checkpoint=checkpoint,
                 image_size=SIZE, dtype="float32", per_device_batch_size=2, progress=False))

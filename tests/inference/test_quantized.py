@@ -42,6 +42,7 @@ def _agreement(a: np.ndarray, b: np.ndarray) -> float:
   return float(np.mean(np.all(a == b, axis=1)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("qcfg,floor", [(qlib.QuantConfig(mode="int8"), 0.9), (INT4, 0.75)])
 def test_quantized_greedy_tokens_match_the_float_model(trained, prompts, float_tokens, qcfg, floor):
   model = qlib.quantize_model(_copy(trained), qcfg)
@@ -108,6 +109,7 @@ def _params(model):
   return jax.tree.leaves(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
+@pytest.mark.slow
 def test_quantize_on_load_and_a_saved_quantized_checkpoint_give_the_same_sharded_weights(
     trained, float_checkpoint, tmp_path):
   mesh, rules = loading.inference_mesh()  # every device on fsdp (8 fake CPU devices)

@@ -42,7 +42,7 @@ def test_config_file_arg_and_overrides():
     (3, 1e-5, 1e-6, 3000, 128, 2048, 448, 8000),
 ])
 def test_paper_scale_defaults(stage, lr, min_lr, warmup, batch, seq, res, steps):
-  """RECIPES §3.3, transcribed independently of configs/common.py."""
+  """RECIPES §3.3, transcribed independently of qwenvl_jax/training/stage_config.py."""
   c = load_stage_config(stage, "model=qwen_vl_7b")
   o = c.optimizer
   assert (o.lr, o.min_lr, o.warmup_steps, c.batch_size, c.seq_len, c.res, c.total_steps) == (
@@ -54,7 +54,7 @@ def test_paper_scale_defaults(stage, lr, min_lr, warmup, batch, seq, res, steps)
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_demo_scale_adam_eps(stage):
-  """The tiny demo uses eps=1e-8: its vision gradients (~1e-7) vanish under the paper's 1e-6 (configs/common.py)."""
+  """The tiny demo uses eps=1e-8: its vision gradients (~1e-7) vanish under the paper's 1e-6 (qwenvl_jax/training/stage_config.py)."""
   assert load_stage_config(stage, None).optimizer.eps == 1e-8
   assert load_stage_config(stage, "model=tiny,scale=paper").optimizer.eps == 1e-6
 

@@ -1,0 +1,58 @@
+"""The few calls a user of the library needs, re-exported by `qwenvl_jax` itself (imported lazily there).
+
+  import qwenvl_jax
+  loaded = qwenvl_jax.load("runs/stage3")                         # a training run: preset, resolution, tokenizer
+  loaded = qwenvl_jax.load("ckpt/params", tokenizer="qwen:qwen.tiktoken")   # a converted params checkpoint
+  gen = qwenvl_jax.Generator(loaded.model)
+  reply, history = qwenvl_jax.chat(gen, loaded.tokenizer, "Picture 1:<img>a.jpg</img>\\nWhat is this?")
+
+A top-layer module (like the entry points): it puts the checkpoint resolution, the tokenizer spec and the
+inference loader together, the same way `generate`, `evaluate` and `serve` do.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from qwenvl_jax import text
+from qwenvl_jax.inference import loading, model_source
+
+
+class Loaded(NamedTuple):
+  """A model restored onto a mesh over all devices, with its tokenizer, the chat format its run trained on
+  ('chatml' for stage 3 and converted checkpoints, else 'raw'), and the mesh and rules it lives on."""
+
+  model: Any         # qwenvl_jax.model.QwenVL
+  tokenizer: Any     # qwenvl_jax.text.Tokenizer
+  chat_format: str
+  mesh: Any          # jax.sharding.Mesh
+  rules: tuple       # the sharding rule table
+
+
+def load(checkpoint: str, *, tokenizer: str | None = None, model: str | None = None, dtype: str = "bfloat16",
+         image_size: int | None = None, rules: str = "fsdp") -> Loaded:
+  """Restores a model for inference from a training run or a params checkpoint.
+
+  Args:
+    checkpoint: a training run directory (its latest step), one of its `checkpoints/<step>`, or a params
+      checkpoint (e.g. from `python -m qwenvl_jax.convert`); see `inference.model_source`. A run's
+      `config.json` supplies the preset, the resolution and the tokenizer unless given here.
+    tokenizer: a tokenizer spec (`text.load_tokenizer`); required for a params checkpoint.
+    model: the architecture preset (default: the run's, else `qwen_vl_7b`); checked against the stored shapes.
+    dtype: compute and weight dtype (`bfloat16` or `float32`).
+    image_size: input resolution (default: the run's, else the preset's).
+    rules: the sharding rule table (`qwenvl_jax/sharding_rules.py`).
+
+  Raises:
+    ValueError: no tokenizer for a params checkpoint, a malformed spec, or a preset whose shapes differ from the
+    stored ones. FileNotFoundError: a missing run, step, checkpoint or tokenizer file.
+  """
+  if not checkpoint:
+    raise ValueError("load() needs a checkpoint: a training run, its checkpoints/<step>, or a params directory")
+  source = model_source.resolve(checkpoint, model=model, tokenizer=tokenizer, image_size=image_size)
+  if not source.tokenizer:
+    raise ValueError(f"loading {checkpoint!r} needs tokenizer= (qwen:PATH, sentencepiece:PATH or a file)")
+  tok = text.load_tokenizer(source.tokenizer)
+  cfg = loading.model_config(source.preset, tok, dtype=dtype, image_size=source.image_size)
+  mesh, rule_table = loading.inference_mesh(rules)
+  model_ = loading.load_model(cfg, source.params, mesh, rule_table, preset=source.preset)
+  return Loaded(model_, tok, source.chat_format, mesh, rule_table)

@@ -1,0 +1,72 @@
+"""The public API of `qwenvl_jax`: a cheap import, every exported name resolves, and `load` restores a training
+run's model and tokenizer (a run laid out by hand: config.json, checkpoints/<step>/params, tokenizer.model)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import qwenvl_jax
+from qwenvl_jax import checkpoint
+from qwenvl_jax.data.synthetic import synthetic_corpus
+from qwenvl_jax.model import QwenVL, tiny
+from qwenvl_jax.text import SentencePieceTokenizer, train_sentencepiece
+
+
+def test_import_is_cheap_and_every_export_resolves():
+  code = ("import sys, qwenvl_jax; heavy = [m for m in ('jax', 'flax', 'optax', 'orbax') if m in sys.modules]; "
+          "assert not heavy, heavy")
+  subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+  for name in qwenvl_jax.__all__:
+    assert getattr(qwenvl_jax, name) is not None, name
+  with pytest.raises(AttributeError, match="no attribute 'nope'"):
+    getattr(qwenvl_jax, "nope")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """A stage run's workdir with one checkpoint of a tiny float32 model and its SentencePiece tokenizer."""
+  root = tmp_path_factory.mktemp("api")
+  sp = train_sentencepiece(synthetic_corpus(300), root / "sp", vocab_size=400)
+  workdir = root / "run"
+  workdir.mkdir()
+  shutil.copy(sp, workdir / "tokenizer.model")
+  tok = SentencePieceTokenizer(sp)
+  model = QwenVL(tiny(dtype="float32", param_dtype="float32", remat_policy="none", image_pad_id=tok.img_pad_id)
+                 .with_image_size(56), rngs=nnx.Rngs(3))
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  checkpoint.save_params(workdir / "checkpoints" / "7" / "params", params)
+  (workdir / "config.json").write_text(json.dumps({"model": "tiny", "res": 56, "tokenizer": "", "stage": 2}))
+  return workdir, model, tok
+
+
+@pytest.mark.slow
+def test_load_a_training_run(run):
+  workdir, model, tok = run
+  loaded = qwenvl_jax.load(str(workdir), dtype="float32")
+  assert loaded.chat_format == "raw"  # a stage-2 run
+  assert isinstance(loaded.tokenizer, SentencePieceTokenizer) and loaded.tokenizer.encode("red") == tok.encode("red")
+  assert loaded.model.cfg.vision.image_size == 56 and loaded.model.cfg.image_pad_id == tok.img_pad_id
+  want = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  got = nnx.to_pure_dict(nnx.state(loaded.model, nnx.Param))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, want)
+  ids = jnp.asarray([tok.encode("a red circle")], jnp.int32)
+  np.testing.assert_allclose(np.asarray(loaded.model(ids).logits), np.asarray(model(ids).logits), rtol=1e-5, atol=1e-5)
+
+
+def test_load_errors_name_what_is_missing(tmp_path):
+  converted = tmp_path / "params"  # what model_source takes for a converted params checkpoint (no run config)
+  converted.mkdir()
+  (converted / "_METADATA").write_text("{}")
+  with pytest.raises(ValueError, match="needs tokenizer="):
+    qwenvl_jax.load(str(converted))
+  with pytest.raises(FileNotFoundError, match="is neither a training run"):
+    qwenvl_jax.load(str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    qwenvl_jax.load(str(tmp_path / "runs" / "checkpoints" / "9"))
