@@ -13,6 +13,14 @@ from tests.conftest import REPO_ROOT
 ENTRY_POINTS = ("train", "generate", "evaluate", "serve", "clean", "convert", "plan")
 
 
+@pytest.fixture(autouse=True)
+def _no_foreign_flag_validators(monkeypatch):
+  """Other test modules import entry points whose absl flags are required (generate's --prompt); `cli.run` parses
+  the process-global flags, so their validators would end these in-process runs with a flags error."""
+  for name in list(flags.FLAGS):
+    monkeypatch.setattr(flags.FLAGS[name], "validators", [])
+
+
 def _run_main(main, argv=("prog",)):
   with pytest.raises(SystemExit) as info:
     cli.run(main, list(argv))

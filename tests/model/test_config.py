@@ -32,7 +32,7 @@ def test_mid_preset_is_about_one_billion():
 
 
 def test_config_validation():
-  with pytest.raises(ValueError, match="not a multiple of patch_size"):
+  with pytest.raises(ValueError, match="multiple of patch_size"):
     VisionConfig(image_size=450)
   with pytest.raises(ValueError, match="unknown model preset"):
     get_preset("qwen_vl_70b")
