@@ -62,3 +62,21 @@ def subprocess_env(devices: int = 8) -> dict:
   env["XLA_FLAGS"] = (flags + f" --xla_force_host_platform_device_count={devices}").strip()
   env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
   return env
+
+
+def wait_for_step(workdir, step: int, proc, timeout: float) -> None:
+  """Waits until the trainer subprocess `proc` has logged `step` to metrics.jsonl; fails if it exits first."""
+  import time  # pylint: disable=import-outside-toplevel
+  deadline = time.time() + timeout
+  path = os.path.join(workdir, "metrics.jsonl")
+  while time.time() < deadline:
+    if proc.poll() is not None:
+      stderr = proc.stderr.read()[-3000:] if proc.stderr else ""
+      raise AssertionError(f"trainer exited early with {proc.returncode}: {stderr}")
+    if os.path.exists(path):
+      with open(path) as f:
+        steps = [json.loads(line)["step"] for line in f if line.strip()]
+      if steps and max(steps) >= step:
+        return
+    time.sleep(0.2)
+  raise AssertionError(f"no step {step} within {timeout} s")

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.training.helpers import REPO, small_flags, subprocess_env
+from tests.training.helpers import REPO, small_flags, subprocess_env, wait_for_step
 
 
 def _children(pid: int) -> dict[int, str]:
@@ -40,20 +40,6 @@ def _alive(pid: int) -> bool:
     return False
 
 
-def _wait_for_step(workdir, step, proc, timeout):
-  deadline = time.time() + timeout
-  path = os.path.join(workdir, "metrics.jsonl")
-  while time.time() < deadline:
-    assert proc.poll() is None, f"trainer exited early with {proc.returncode}"
-    if os.path.exists(path):
-      with open(path) as f:
-        steps = [json.loads(line)["step"] for line in f if line.strip()]
-      if steps and max(steps) >= step:
-        return
-    time.sleep(0.2)
-  raise AssertionError(f"no step {step} within {timeout} s")
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads processes from /proc (Linux)")
 def test_grain_workers_die_with_a_sigkilled_trainer(uninterrupted, tmp_path):
@@ -70,7 +56,7 @@ def test_grain_workers_die_with_a_sigkilled_trainer(uninterrupted, tmp_path):
       workers = {p: c for p, c in _children(proc.pid).items() if "resource_tracker" not in c}
       time.sleep(0.5)
     assert len(workers) >= 2, "the grain worker processes did not start"
-    _wait_for_step(tmp_path, 1, proc, timeout=600)  # the workers are past their start-up and delivering batches
+    wait_for_step(tmp_path, 1, proc, timeout=600)  # the workers are past their start-up and delivering batches
   finally:
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -9,14 +9,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from tests.training.helpers import REPO, load_stage_config, read_losses, small_flags, subprocess_env
+from tests.training.helpers import REPO, load_stage_config, read_losses, small_flags, subprocess_env, wait_for_step
 
 
 def _parse(argv):
@@ -69,21 +68,6 @@ def test_config_arg_errors():
     load_stage_config(3, "fix_vit=maybe")
 
 
-def _wait_for_step(workdir, step, proc, timeout):
-  deadline = time.time() + timeout
-  path = os.path.join(workdir, "metrics.jsonl")
-  while time.time() < deadline:
-    if proc.poll() is not None:
-      raise AssertionError(f"trainer exited early with {proc.returncode}: {proc.stderr.read()[-3000:]}")
-    if os.path.exists(path):
-      with open(path) as f:
-        steps = [json.loads(line)["step"] for line in f if line.strip()]
-      if steps and max(steps) >= step:
-        return
-    time.sleep(0.5)
-  raise AssertionError(f"no step {step} within {timeout} s")
-
-
 @pytest.mark.slow
 def test_sigterm_saves_and_the_rerun_resumes_exactly(uninterrupted, tmp_path):
   _, _, reference = uninterrupted
@@ -91,7 +75,7 @@ def test_sigterm_saves_and_the_rerun_resumes_exactly(uninterrupted, tmp_path):
   env = subprocess_env()
   proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
-    _wait_for_step(tmp_path, 3, proc, timeout=600)
+    wait_for_step(tmp_path, 3, proc, timeout=600)
     proc.send_signal(signal.SIGTERM)
     at_signal = max(read_losses(tmp_path))
     _, err = proc.communicate(timeout=300)
