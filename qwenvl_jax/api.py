@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from qwenvl_jax import text
 from qwenvl_jax.inference import loading, model_source
 
 
@@ -51,8 +50,5 @@ def load(checkpoint: str, *, tokenizer: str | None = None, model: str | None = N
   source = model_source.resolve(checkpoint, model=model, tokenizer=tokenizer, image_size=image_size)
   if not source.tokenizer:
     raise ValueError(f"loading {checkpoint!r} needs tokenizer= (qwen:PATH, sentencepiece:PATH or a file)")
-  tok = text.load_tokenizer(source.tokenizer)
-  cfg = loading.model_config(source.preset, tok, dtype=dtype, image_size=source.image_size)
-  mesh, rule_table = loading.inference_mesh(rules)
-  model_ = loading.load_model(cfg, source.params, mesh, rule_table, preset=source.preset)
+  tok, _, mesh, rule_table, model_ = loading.load_source(source, dtype=dtype, rules=rules)
   return Loaded(model_, tok, source.chat_format, mesh, rule_table)

@@ -99,17 +99,13 @@ def main(argv):
                                 image_size=FLAGS.image_size, chat_format=FLAGS.chat_format)
   if not source.tokenizer:
     raise app.UsageError("--tokenizer is required unless --checkpoint is a training run")
-  tok = qtext.load_tokenizer(source.tokenizer)
-  cfg = loading.model_config(source.preset, tok, dtype=FLAGS.dtype, random_weights=not source.params,
-                             image_size=source.image_size)
-  mesh, rules = loading.inference_mesh(FLAGS.rules)
+  # The loaders enter the mesh themselves, after the abstract (mesh-free) trace: built outside `use_rules`.
+  tok, _, mesh, rules, model = loading.load_source(source, dtype=FLAGS.dtype, rules=FLAGS.rules, seed=FLAGS.seed,
+                                                   quantize=FLAGS.quantize, group_size=FLAGS.group_size)
   query = qtext.from_list_format([{"image": p} for p in FLAGS.image] + [{"text": FLAGS.prompt}])
   gen_cfg = inference.chat_generation_config(
       tok, source.chat_format, max_new_tokens=FLAGS.max_new_tokens, do_sample=FLAGS.do_sample,
       temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p)
-  # Built outside `use_rules`: the loaders enter the mesh themselves, after the abstract (mesh-free) trace.
-  model = loading.load_model(cfg, source.params, mesh, rules, seed=FLAGS.seed, preset=source.preset,
-                             quantize=FLAGS.quantize, group_size=FLAGS.group_size)
   with sharding.use_rules(mesh, rules):
     generator = inference.Generator(model, kv_cache_dtype=None if FLAGS.kv_cache_dtype == "auto" else "int8")
     reply = inference.chat_stream(generator, tok, query, history, system=FLAGS.system,

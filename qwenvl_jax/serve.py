@@ -50,7 +50,6 @@ flags.DEFINE_integer("seed", 0, "Seed of random weights.")
 def build(argv_flags=FLAGS):
   """(engine, tokenizer, ServerConfig) from the flags; the engine is started (warmed up)."""
   from qwenvl_jax import sharding  # pylint: disable=import-outside-toplevel
-  from qwenvl_jax import text as qtext  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.inference import decode, loading, model_source  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.serving import api, engine as engine_lib, messages  # pylint: disable=import-outside-toplevel
 
@@ -59,11 +58,7 @@ def build(argv_flags=FLAGS):
                                 chat_format=f.chat_format)
   if not source.tokenizer:
     raise app.UsageError("--tokenizer is required unless --checkpoint is a training run")
-  tok = qtext.load_tokenizer(source.tokenizer)
-  cfg = loading.model_config(source.preset, tok, dtype=f.dtype, random_weights=not source.params,
-                             image_size=source.image_size)
-  mesh, rules = loading.inference_mesh(f.rules)
-  model = loading.load_model(cfg, source.params, mesh, rules, seed=f.seed, preset=source.preset)
+  tok, _, mesh, rules, model = loading.load_source(source, dtype=f.dtype, rules=f.rules, seed=f.seed)
   stops = [tok.eod_id] + ([tok.im_end_id, tok.im_start_id] if source.chat_format == "chatml" else [])
   buckets = tuple(int(b) for b in f.buckets) if f.buckets else decode.DEFAULT_BUCKETS
   engine = engine_lib.Engine(model, num_slots=f.num_slots, context=f.context, max_images=f.max_images,

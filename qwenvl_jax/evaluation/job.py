@@ -13,7 +13,6 @@ import jax
 import numpy as np
 
 from qwenvl_jax import sharding
-from qwenvl_jax import text as qtext
 from qwenvl_jax.evaluation import collectives
 from qwenvl_jax.evaluation import few_shot as few_shot_lib
 from qwenvl_jax.evaluation import multiple_choice as mc_lib
@@ -38,15 +37,10 @@ class EvalJob:
                                     tokenizer=config.tokenizer or None, image_size=config.get("image_size"))
       if not source.tokenizer:
         raise ValueError("config.tokenizer is required unless config.checkpoint is a training run")
-      self.tok = qtext.load_tokenizer(source.tokenizer)
-      self.cfg = loading.model_config(source.preset, self.tok, dtype=config.dtype,
-                                      random_weights=not source.params, image_size=source.image_size)
-      self.mesh, self.rules = loading.inference_mesh(config.rules, **config.mesh.to_dict())
-      module = loading.load_model(self.cfg, source.params, self.mesh, self.rules, seed=config.seed,
-                                  preset=source.preset, quantize=config.get("quantize"),
+      model = loading.load_source(source, dtype=config.dtype, rules=config.rules, mesh_axes=config.mesh.to_dict(),
+                                  seed=config.seed, quantize=config.get("quantize"),
                                   group_size=config.get("quantize_group_size"))
-    else:
-      self.tok, self.cfg, self.mesh, self.rules, module = model
+    self.tok, self.cfg, self.mesh, self.rules, module = model
     kv = config.get("kv_cache_dtype", "auto")
     self.generator = decode.Generator(module, kv_cache_dtype=None if kv in ("auto", "") else kv)
     self.scorer = scoring.LikelihoodScorer(self.generator)

@@ -80,6 +80,25 @@ def load_model(cfg: QwenVLConfig, checkpoint: str | None, mesh: jax.sharding.Mes
   return model
 
 
+def load_source(source: model_source.ModelSource, *, dtype: str = "bfloat16", rules: str = "fsdp",
+                mesh_axes: dict | None = None, seed: int = 0, quantize: str | None = None,
+                group_size: int | None = None):
+  """The model a resolved `source` (with its tokenizer spec) names, ready for inference.
+
+  The one path of `generate`, `serve`, the eval job and `qwenvl_jax.load`: tokenizer -> config (random weights when
+  the source has no params) -> inference mesh (`mesh_axes`: its ICI degrees) -> restored (or quantized) model.
+
+  Returns:
+    (tokenizer, QwenVLConfig, mesh, rules, QwenVL).
+  """
+  tok = qtext.load_tokenizer(source.tokenizer)
+  cfg = model_config(source.preset, tok, dtype=dtype, random_weights=not source.params, image_size=source.image_size)
+  mesh, rule_table = inference_mesh(rules, **(mesh_axes or {}))
+  model = load_model(cfg, source.params, mesh, rule_table, seed=seed, preset=source.preset, quantize=quantize,
+                     group_size=group_size)
+  return tok, cfg, mesh, rule_table, model
+
+
 def quantization_config(quantize: str | None, group_size: int | None = None):
   """The `model.quantize.QuantConfig` of a `--quantize` value ("none"/None/"" = no quantization -> None)."""
   if quantize in (None, "", "none"):
