@@ -165,18 +165,20 @@ def merge_lora(model: nnx.Module, quantized_dtype=jnp.float32) -> nnx.Module:
   """Folds every adapter into its kernel (W + scale * A @ B, in float32, cast back to W's dtype) and removes the
   adapters, leaving the plain model's parameter tree. Mutates and returns `model`.
 
-  A QLoRA projection (`QuantizedEinsum`) is dequantized in float32, merged, and replaced by a float
-  `layers.Einsum` whose kernel has `quantized_dtype`, so the merged model is the plain float model's tree.
+  Every quantized projection (`QuantizedEinsum`: a QLoRA base, with or without an adapter) is dequantized in
+  float32, merged, and replaced by a float `layers.Einsum` whose kernel has `quantized_dtype`, so the merged model
+  is the plain float model's tree.
   """
-  for path, module in lora_modules(model).items():
-    if isinstance(module, quantize.QuantizedEinsum):
-      w = quantize.dequantize(module.qvalue[...], module.scale[...], jnp.float32, module.mode)
-      merged = module.to_einsum((w + lora_delta_weight(module)).astype(quantized_dtype))
-      parent = model
-      for part in path.split("/")[:-1]:
-        parent = getattr(parent, part)
-      setattr(parent, path.split("/")[-1], merged)
-      continue
+  quantized = {_path(p): m for p, m in nnx.iter_modules(model) if isinstance(m, quantize.QuantizedEinsum)}
+  for path, module in quantized.items():
+    w = quantize.dequantize(module.qvalue[...], module.scale[...], jnp.float32, module.mode)
+    if getattr(module, "lora_a", None) is not None:
+      w = w + lora_delta_weight(module)
+    parent = model
+    for part in path.split("/")[:-1]:
+      parent = getattr(parent, part)
+    setattr(parent, path.split("/")[-1], module.to_einsum(w.astype(quantized_dtype)))
+  for module in lora_modules(model).values():
     kernel = module.kernel
     merged = kernel[...].astype(jnp.float32) + lora_delta_weight(module)
     kernel.set_value(merged.astype(kernel.dtype))

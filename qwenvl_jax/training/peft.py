@@ -120,18 +120,19 @@ def init_from_base(source: str, make_model: Callable[[], QwenVL], mesh, rules,
   """
   from qwenvl_jax.checkpoint import restore_params  # pylint: disable=import-outside-toplevel
   _, abstract = sharding.abstract_model(make_model)
-  shardings = sharding.state_shardings(abstract, rules, mesh)
-  not_lora = nnx.Not(nnx.LoRAParam)
+  # Shardings are computed per filtered state: a state of NamedShardings has no variable types left to filter by.
+  base_abstract, lora_abstract = abstract.filter(nnx.Not(nnx.LoRAParam)), abstract.filter(nnx.LoRAParam)
+  base_shardings = sharding.state_shardings(base_abstract, rules, mesh)
   if quant is None:
-    base = restore_params(source, abstract.filter(not_lora), shardings.filter(not_lora))
+    base = restore_params(source, base_abstract, base_shardings)
   else:
-    base = _restore_quantizing(source, abstract.filter(not_lora), shardings.filter(not_lora), make_model, quant)
+    base = _restore_quantizing(source, base_abstract, base_shardings, make_model, quant)
 
   def adapters():
     return nnx.state(make_model(), nnx.LoRAParam)  # the base's init is dead code to XLA
 
   with sharding.use_rules(mesh, rules):
-    fresh = jax.jit(adapters, out_shardings=shardings.filter(nnx.LoRAParam))()
+    fresh = jax.jit(adapters, out_shardings=sharding.state_shardings(lora_abstract, rules, mesh))()
   return nnx.to_pure_dict(nnx.merge_state(base, fresh))
 
 
