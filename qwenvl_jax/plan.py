@@ -96,6 +96,17 @@ def format_counts(cfg: QwenVLConfig, name: str) -> str:
   return "\n".join(lines)
 
 
+def format_weight_bytes(state, quant) -> str:
+  """Where a LoRA/QLoRA run's weights go, by dtype (int4 at half a byte): the frozen base and the adapters."""
+  from qwenvl_jax.model import quantize as qlib  # pylint: disable=import-outside-toplevel
+  base = qlib.weight_bytes(state.filter(nnx.Not(nnx.LoRAParam)))
+  adapters = sum(qlib.weight_bytes(state.filter(nnx.LoRAParam)).values())
+  kind = "LoRA base" if quant is None else f"QLoRA base ({quant[0].mode}, groups of {quant[0].group_size})"
+  parts = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in sorted(base.items(), key=lambda kv: -kv[1]))
+  return (f"  {kind}: {sum(base.values()) / 2**30:.2f} GiB ({parts}); adapters float32 {adapters / 2**30:.2f} GiB "
+          f"+ AdamW 2x that")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -109,6 +120,7 @@ def main(argv):
     print(f"  {f'trained by LoRA r={lcfg.rank}':<28}{lora.trained_count(state, lcfg):>17,}"
           f"   (targets {', '.join(lcfg.targets)}; modules_to_save {list(lcfg.modules_to_save) or 'none'})",
           flush=True)
+    print(format_weight_bytes(state, peft.base_quantization(config)), flush=True)
   if _TOPOLOGY.value:
     if config is None:
       raise app.UsageError("--topology plans a training stage: give --config=configs/stageN.py[:args]")

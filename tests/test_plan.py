@@ -38,3 +38,19 @@ def test_cli_plans_a_tiny_stage_for_a_small_tpu_topology():
   assert out.returncode == 0, out.stderr[-3000:]
   assert "compiling the train step" in out.stdout
   assert "fits" in out.stdout.lower() and "mfu" in out.stdout.lower(), out.stdout[-2000:]
+
+
+def test_qlora_base_bytes_of_the_full_model():
+  """QLoRA r=64 at full size: the 32 LLM blocks' projections (c_attn 4096x12288, attn.c_proj 4096x4096, w1 and w2
+  4096x11008, mlp.c_proj 11008x4096: 6,476,005,376 weights) at 4 bits are 3.02 GiB; their float32 scales, one per
+  64 inputs, 0.38 GiB of the float32 share."""
+  from qwenvl_jax import sharding  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.training import peft  # pylint: disable=import-outside-toplevel
+  from tests.training.helpers import load_stage_config  # pylint: disable=import-outside-toplevel
+  config = load_stage_config(3, "model=qwen_vl_7b,qlora=64")
+  cfg = plan.model_config_from(config, None, None)
+  state = sharding.abstract_model(peft.model_fn(cfg, config))[1]
+  text = plan.format_weight_bytes(state, peft.base_quantization(config))
+  assert f"int4 {6_476_005_376 / 2 / 2**30:.2f} GiB" in text, text
+  assert "QLoRA base (nf4, groups of 64)" in text
+  assert f"adapters float32 {112_197_632 * 4 / 2**30:.2f} GiB" in text

@@ -176,6 +176,16 @@ def test_nf4_codes_are_the_nearest_normalfloat_levels():
                              (NF4_LEVELS[expected] * absmax).reshape(w.shape), rtol=1e-6)
 
 
+def test_groups_are_consecutive_inputs_of_a_multi_axis_contraction():
+  """c_proj-like kernel [L, N, H, D] contracting N and H: a group is 16 consecutive inputs of the flattened N*H
+  input (one scale per head and 16 of H), as bitsandbytes blocks a torch [out, in] row."""
+  w = np.asarray(jax.random.normal(jax.random.key(1), (2, 4, 32, 8)), np.float32)
+  codes, scale = qlib.quantize_array(jnp.asarray(w), (1, 2), qlib.QuantConfig(mode="nf4", group_size=GROUP))
+  assert scale.shape == (2, 4, 32 // GROUP, 8)
+  absmax = np.abs(w.reshape(2, 4 * 32 // GROUP, GROUP, 8)).max(axis=2)
+  np.testing.assert_allclose(np.asarray(scale).reshape(absmax.shape), absmax, rtol=1e-6)
+
+
 def test_fresh_run_quantizes_a_float_checkpoint_while_restoring(tmp_path):
   config = _config("int4")
   cfg = _cfg()
