@@ -27,6 +27,7 @@ workdir alone. A fresh run from a float params checkpoint quantizes it kernel by
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Callable
 
 import jax
@@ -76,6 +77,9 @@ def base_quantization(config: ml_collections.ConfigDict) -> tuple[qlib.QuantConf
   if group < 1:
     raise ValueError(f"config.lora.quantize_group={group} must be >= 1")
   targets = _items(section.get("quantize_targets", ",".join(QLORA_TARGETS)))
+  if any(re.fullmatch(t, "llm/lm_head") for t in targets):
+    raise ValueError(f"config.lora.quantize_targets={','.join(targets)!r} matches llm/lm_head, which stays in "
+                     "base_dtype (the chunked loss reads its kernel); quantize e.g. 'llm/blocks/.*,visual/blocks/.*'")
   return qlib.QuantConfig(mode=mode, group_size=group, embeddings=False), targets
 
 

@@ -213,5 +213,9 @@ def test_bad_qlora_configs_are_refused():
   config.lora.rank = 0
   with pytest.raises(ValueError, match="needs LoRA adapters"):
     peft.base_quantization(config)
+  config = _config()
+  config.lora.quantize_targets = "llm/.*"
+  with pytest.raises(ValueError, match="matches llm/lm_head"):
+    peft.base_quantization(config)
   with pytest.raises(ValueError, match="give one"):
     stage_config(3, "lora=8,qlora=8")
