@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from flax import nnx
 
-from qwenvl_jax import cli
+from qwenvl_jax import cli, errors
 
 from qwenvl_jax import checkpoint
 from qwenvl_jax.model.config import PRESETS, get_preset
@@ -104,17 +104,17 @@ def _lora(mode: str, src: str, dst: str, dtype: str) -> None:
   from qwenvl_jax.model import lora  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.training import peft  # pylint: disable=import-outside-toplevel
   if os.path.exists(dst):
-    raise errors.UserFileExistsError(f"{dst} already exists; choose a new output directory")
+    raise errors.UserFileExistsError(f"{dst} already exists", hint="choose a new output directory")
   try:
     model, lcfg, _ = peft.load_run(src)
   except FileNotFoundError as e:
     raise errors.UserFileNotFoundError(str(e)) from e
-  except ValueError as e:
-    raise errors.ConfigError(str(e)) from e
+  except ValueError as e:  # not a LoRA run, or a run config that does not parse
+    raise errors.ConfigError(f"--src={src}: {e}") from e
   if mode == "export_peft":
     try:
       peft_export.export_peft(model, lcfg, dst)
-    except ValueError as e:
+    except ValueError as e:  # an adapter the PEFT format cannot express
       raise errors.ConfigError(str(e)) from e
     print(f"wrote PEFT adapter ({lcfg.rank=}, {lcfg.alpha=}) to {dst}")
     return

@@ -66,7 +66,7 @@ def _run_tokenizer(run_dir: str, spec: str) -> str:
     try:
       qtext.parse_tokenizer_spec(spec)
     except ValueError as e:
-      raise ValueError(f"{run_dir}/config.json: {e}") from e
+      raise errors.ConfigError(f"{run_dir}/config.json: {e}") from e
     return spec
   return os.path.join(run_dir, "tokenizer.model")
 
@@ -127,7 +127,7 @@ def _shapes(cfg: QwenVLConfig) -> dict[str, tuple[int, ...]]:
 
 
 def check_preset(params: str, cfg: QwenVLConfig, preset: str) -> None:
-  """Raises ValueError when the parameters stored at `params` do not have the shapes of `cfg` (preset `preset`):
+  """Raises errors.ConfigError (a ValueError) when the parameters stored at `params` do not have the shapes of `cfg` (preset `preset`):
   the message lists the differing parameters (stored vs preset) and names a preset that matches, if any."""
   from qwenvl_jax.checkpoint import ParamReader  # pylint: disable=import-outside-toplevel
   stored = {k: tuple(v[0]) for k, v in ParamReader(params).shapes.items()}
@@ -149,7 +149,7 @@ def check_preset(params: str, cfg: QwenVLConfig, preset: str) -> None:
   hint = (f"the stored shapes are those of preset {matching[0]!r}: pass --model={matching[0]}" if matching
           else "no preset has these shapes")
   shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
-  raise ValueError(f"checkpoint {params} does not fit preset {preset!r} ({len(diffs)} parameters differ: "
-                   f"{shown}); {hint}")
+  raise errors.ConfigError(f"checkpoint {params} does not fit preset {preset!r} ({len(diffs)} parameters differ: "
+                           f"{shown}); {hint}")
 
 
