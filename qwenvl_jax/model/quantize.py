@@ -245,7 +245,12 @@ def quantize_model(model: nnx.Module, cfg: QuantConfig, only: tuple[str, ...] | 
   Works on concrete models (quantizes their values) and inside `nnx.eval_shape` (the abstract quantized
   model, for shardings and AOT plans). The float kernels are dropped from the model.
   """
-  for path, node in _targets(model, cfg, only):
+  targets = _targets(model, cfg, only)
+  for pattern in only or ():
+    if not any(re.fullmatch(pattern, "/".join(str(k) for k in path)) for path, _ in targets):
+      raise ValueError(f"quantize target {pattern!r} matches no projection; projections look like "
+                       f"llm/blocks/attn/qkv, visual/blocks/mlp/fc")
+  for path, node in targets:
     new = (QuantizedEinsum.from_einsum(node, cfg) if isinstance(node, layers.Einsum)
            else QuantizedEmbed.from_embed(node, cfg))
     setattr(_parent(model, path), path[-1], new)
