@@ -99,7 +99,6 @@ def _lora(mode: str, src: str, dst: str, dtype: str) -> None:
   """merge_lora / export_peft of the LoRA or QLoRA trainer run `src` (a QLoRA base is dequantized in float32 before
   the merge, then everything is cast to `dtype`); a bad source is one error line and exit status 2 (`cli.run`)."""
   import os  # pylint: disable=import-outside-toplevel
-  from qwenvl_jax import errors  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.checkpoint import peft_export  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.model import lora  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.training import peft  # pylint: disable=import-outside-toplevel

@@ -9,14 +9,14 @@ import json
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from qwenvl_jax import checkpoint, sharding
+from qwenvl_jax import checkpoint, errors, sharding
 from qwenvl_jax.checkpoint import peft_export
+from qwenvl_jax.inference import model_source
 from qwenvl_jax.model import get_preset
 from qwenvl_jax.training import peft, train
 from tests.training.helpers import REPO, load_stage_config, read_losses, subprocess_env
@@ -81,10 +81,10 @@ def test_demo_chats_with_the_merged_checkpoint(demo_run):
          "--prompt=What is in the picture?", "--max_new_tokens=4", "--dtype=float32"]
   proc = subprocess.run(cmd, env=subprocess_env(1), cwd=REPO, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  # The run dir itself is refused with the merge command to run.
-  proc = subprocess.run(cmd[:3] + [f"--checkpoint={workdir}", "--prompt=hi"], env=subprocess_env(1), cwd=REPO,
-                        capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 2 and "--mode=merge_lora" in proc.stderr, proc.stderr[-3000:]
+  # The run dir itself is refused (ConfigError: one line, exit 2 in the CLI) with the merge command to run.
+  with pytest.raises(errors.ConfigError, match="LoRA/QLoRA run: merge") as e:
+    model_source.resolve(str(workdir))
+  assert f"--mode=merge_lora --src={workdir}@8" in e.value.hint
 
 
 @pytest.mark.slow
