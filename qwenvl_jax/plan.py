@@ -137,6 +137,10 @@ def main(argv):
           f"{facts['accum_steps']} micro-batch(es), {facts['res']} px x {facts['max_images']} image slots, "
           f"remat {facts['remat']}")
     print(step_plan.format())
+    tips = train_plan.what_would_fit(config, step_plan, facts, topology)
+    if tips:
+      print("what would fit:" if not step_plan.fits else "what would leave more room:")
+      print("\n".join(f"  - {tip}" for tip in tips))
 
 
 def _plan_inference(config) -> None:
