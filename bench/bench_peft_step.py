@@ -61,19 +61,24 @@ def mode_config(preset: str, mode: str, args):
   return config
 
 
-def nbytes(tree) -> int:
-  return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+def leaf_bytes(x) -> float:
+  """Bytes of one array; 4-bit codes count half a byte (numpy's itemsize says 1)."""
+  return int(x.size) * (0.5 if x.dtype.name in ("int4", "uint4") else x.dtype.itemsize)
+
+
+def nbytes(tree) -> float:
+  return sum(leaf_bytes(x) for x in jax.tree.leaves(tree))
 
 
 def by_dtype(tree) -> str:
   out = {}
   for x in jax.tree.leaves(tree):
-    out[str(x.dtype)] = out.get(str(x.dtype), 0) + int(x.size) * x.dtype.itemsize
+    out[str(x.dtype)] = out.get(str(x.dtype), 0) + leaf_bytes(x)
   return " ".join(f"{k}:{v / MIB:.1f}" for k, v in sorted(out.items()))
 
 
 def build(preset: str, mode: str, config, mesh, rules):
-  """(jitted compiled step, state, batch, facts) of one mode."""
+  """(jitted step, state, batch, facts) of one mode."""
   cfg = model_config.get_preset(preset, dtype=config.model_dtype, param_dtype=config.param_dtype,
                                 remat_policy=config.remat, attention_impl=config.attention_impl)
   cfg = cfg.with_image_size(config.res)
@@ -95,6 +100,8 @@ def build(preset: str, mode: str, config, mesh, rules):
     compiled = jitted.lower(state, batch).compile()
     compile_s = time.perf_counter() - start
   mem = compiled.memory_analysis()
+  # The steps run through `jitted` (compiled again on first call, in the warm-up round): calling the AOT executable
+  # directly fails for QLoRA's int4 codes (jax 0.10.2 wants a packed sub-byte layout the arrays do not carry).
   step_bytes = None if mem is None else (mem.argument_size_in_bytes + mem.output_size_in_bytes
                                          - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
   is_frozen = make_is_frozen(setup.frozen)
@@ -103,7 +110,7 @@ def build(preset: str, mode: str, config, mesh, rules):
   facts = {"params_bytes": nbytes(params), "params_by_dtype": by_dtype(params), "opt_bytes": nbytes(opt),
            "step_bytes": step_bytes, "temp_bytes": None if mem is None else mem.temp_size_in_bytes,
            "compile_s": compile_s, "trained": trained, "total": sum(int(x.size) for x in jax.tree.leaves(params))}
-  return compiled, state, batch, facts
+  return jitted, state, batch, facts
 
 
 def main() -> None:
@@ -147,9 +154,10 @@ def main() -> None:
     times = {m: [] for m in built}
     states = {m: b[1] for m, b in built.items()}
     for i in range(args.iters + 1):  # the first round warms up (allocations, caches) and is not counted
-      for mode, (compiled, _, batch, _) in built.items():
+      for mode, (step, _, batch, _) in built.items():
         start = time.perf_counter()
-        states[mode], metrics = compiled(states[mode], batch)
+        with sharding.use_rules(mesh, rules):
+          states[mode], metrics = step(states[mode], batch)
         jax.block_until_ready(metrics["loss"])
         if i:
           times[mode].append(time.perf_counter() - start)
