@@ -11,7 +11,7 @@ L layers, S image side.
 
 Every slot row of the cache belongs to one request at a time. A request's prompt occupies its row's slots
 0 .. len-1 and its n-th new token slot len + n, so the cache slot equals the RoPE position and rows advance
-independently (the model writes each row at its own `cache_index`, `qwen.write_slots`). Prefill runs the joining
+independently (the model writes each row at its own `cache_index`, `qwen.write_layer_slots`). Prefill runs the joining
 prompts left-padded, as `decode.prefill` (the last position is the next-token logit, and only it goes through
 `lm_head`), then rolls each row left by its padding and writes it into its slot row, clearing the rest of the row
 (the previous occupant's keys are never attended again: their segment ids are 0).
@@ -26,6 +26,7 @@ kept) and logn scaling are on, as in `decode.Generator`.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -85,14 +86,16 @@ def _prefill(graphdef, vocab_limit, state, cache: KVCache, ids, lengths, first_i
                                vocab_limit=vocab_limit)
   # Left-aligned: row i's prompt moves from slots pad_i .. P-1 to 0 .. len_i-1 (slot = position from now on).
   order = (slot + pad[:, None]) % p  # [k, P]
-  roll_kv = jax.vmap(lambda x, o: jnp.take(x, o, axis=1), in_axes=(1, 0), out_axes=1)  # over [L, k, P, N, H]
-  new_k, new_v = roll_kv(small.k, order), roll_kv(small.v, order)
+  roll = jax.vmap(lambda x, o: jnp.take(x, o, axis=2), in_axes=(1, 0), out_axes=1)  # over [L, k, N, P, X]
+
+  def put(entry, new):  # the cache's [L, B, N, C, X] entry with the k rolled rows written at slots 0 .. P-1
+    return None if entry is None else entry.at[:, rows, :, :p].set(roll(new, order), mode="drop")
+
   new_seg = jnp.take_along_axis(small.segment_ids, order, axis=1)
   c = cache.segment_ids.shape[1]
   seg_rows = jnp.pad(new_seg, ((0, 0), (0, c - p)))
-  cache = KVCache(cache.k.at[:, rows, :p].set(new_k, mode="drop"),
-                  cache.v.at[:, rows, :p].set(new_v, mode="drop"),
-                  cache.segment_ids.at[rows].set(seg_rows, mode="drop"))
+  cache = KVCache(put(cache.k, small.k), put(cache.v, small.v), cache.segment_ids.at[rows].set(seg_rows, mode="drop"),
+                  put(cache.k_scale, small.k_scale), put(cache.v_scale, small.v_scale))
   return first, cache
 
 
@@ -102,19 +105,14 @@ def _decode(graphdef, vocab_limit, state, cache: KVCache, tokens, positions, act
   decode-size bucket covering every active slot); inactive rows write segment 0 (never a key) and their outputs
   are ignored. Returns (int32[R] next tokens, cache)."""
   model = _merge(graphdef, state)
-  r = tokens.shape[0]
-  rows = KVCache(cache.k[:, :r], cache.v[:, :r], cache.segment_ids[:r])
   seg = active.astype(jnp.int32)[:, None]
-  logits, rows = model.llm(model.llm.embed(tokens[:, None]), positions=positions[:, None], segment_ids=seg,
-                           cache=rows, cache_index=positions, rope_base=rope_base[:, None, None], logn=True)
+  # The whole cache goes in: the model writes and reads only its first R rows (`QwenLM.features`), in place.
+  logits, cache = model.llm(model.llm.embed(tokens[:, None]), positions=positions[:, None], segment_ids=seg,
+                            cache=cache, cache_index=positions, rope_base=rope_base[:, None, None], logn=True)
   nxt = slot_sampling.select(logits[:, 0], temperature=sampling.temperature, top_k=sampling.top_k,
                              top_p=sampling.top_p, seeds=sampling.seed, counts=sampling.count,
                              vocab_limit=vocab_limit)
-  if r == cache.segment_ids.shape[0]:
-    return nxt, rows
-  # The other rows are untouched; the donated cache is updated in place.
-  return nxt, KVCache(cache.k.at[:, :r].set(rows.k), cache.v.at[:, :r].set(rows.v),
-                      cache.segment_ids.at[:r].set(rows.segment_ids))
+  return nxt, cache
 
 
 class SlotModel:
@@ -131,10 +129,12 @@ class SlotModel:
     self.num_slots, self.context, self.feature_slots = num_slots, context, feature_slots
     self.graphdef, self.state = nnx.split(model)
     self.cache = model.llm.init_cache(num_slots, context, dtype=cache_dtype)
-    self._encode = jax.jit(_encode, static_argnums=(0, 1))
-    self._prefill = jax.jit(_prefill, static_argnums=(0, 1), donate_argnums=(3,))
-    self._decode = jax.jit(_decode, static_argnums=(0, 1), donate_argnums=(3,))
     self.vocab_limit = vocab_limit
+    # graphdef and vocab_limit are bound, not static arguments: jit would hash the graphdef on every call
+    # (~0.3 ms, as much as a one-row decode step of the tiny model).
+    self._encode = jax.jit(functools.partial(_encode, self.graphdef, feature_slots))
+    self._prefill = jax.jit(functools.partial(_prefill, self.graphdef, vocab_limit), donate_argnums=(1,))
+    self._decode = jax.jit(functools.partial(_decode, self.graphdef, vocab_limit), donate_argnums=(1,))
     q, d = self.cfg.image_tokens, self.cfg.llm.width
     self.no_features = jnp.zeros((feature_slots, q, d), self.cfg.dtype)
 
@@ -142,18 +142,18 @@ class SlotModel:
     """uint8[n, S, S, 3] (n <= F, a bucket) -> features [F, Q, D], rows past n zero."""
     if len(images) > self.feature_slots:
       raise ValueError(f"{len(images)} images exceed the {self.feature_slots} feature slots of one prefill")
-    return self._encode(self.graphdef, self.feature_slots, self.state, images)
+    return self._encode(self.state, images)
 
   def prefill(self, ids: np.ndarray, lengths: np.ndarray, first_image: np.ndarray, feats: jax.Array,
               rows: np.ndarray, rope_base: np.ndarray, sampling: Sampling) -> jax.Array:
     """Writes k prompts into cache rows `rows` and returns their first new tokens int32[k] (on device)."""
-    first, self.cache = self._prefill(self.graphdef, self.vocab_limit, self.state, self.cache, ids, lengths,
+    first, self.cache = self._prefill(self.state, self.cache, ids, lengths,
                                       first_image, feats, rows, rope_base, sampling)
     return first
 
   def decode(self, tokens: np.ndarray, positions: np.ndarray, active: np.ndarray, rope_base: np.ndarray,
              sampling: Sampling) -> jax.Array:
     """One step of the first R slots (R = len(tokens)): int32[R] next tokens (on device)."""
-    nxt, self.cache = self._decode(self.graphdef, self.vocab_limit, self.state, self.cache, tokens, positions,
+    nxt, self.cache = self._decode(self.state, self.cache, tokens, positions,
                                    active, rope_base, sampling)
     return nxt
