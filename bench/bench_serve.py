@@ -4,8 +4,9 @@
   python bench/bench_serve.py --model=mid --dtype=bfloat16 --slots=64      # on a GPU
 
 Starts the real server (engine + uvicorn on a free local port, in this process) with `--slots` decode slots and
-drives it over HTTP with C concurrent streaming clients, each sending `--requests` requests back to back (the same
-chat prompt, greedy, `ignore_eos` so every answer has exactly `--max_tokens` tokens). Per level it prints
+drives it over HTTP with C concurrent streaming clients, each sending `--requests` / C requests back to back (the
+same chat prompt, greedy, `ignore_eos` so every answer has exactly `--max_tokens` tokens): every level does the
+same work, so the one-client level is not a fraction of a second of noise. Per level it prints
 aggregate generated tokens/s, time to first token and request latency (p50 / p99), and the ratio of tokens/s to
 one client. Then one client's tokens/s against `inference.Generator` (what `python -m qwenvl_jax.generate` runs)
 on the same prompt and length, and the engine's compile counts (must not grow after warm-up).
@@ -65,7 +66,8 @@ def main():
   parser.add_argument("--slots", type=int, default=64)
   parser.add_argument("--context", type=int, default=256)
   parser.add_argument("--max_tokens", type=int, default=64)
-  parser.add_argument("--requests", type=int, default=4, help="requests per client")
+  parser.add_argument("--requests", type=int, default=256, help="requests per level, spread over its clients")
+  parser.add_argument("--decode_steps", type=int, default=4, help="decode steps per engine call")
   parser.add_argument("--clients", default="1,4,16,64")
   parser.add_argument("--client_processes", type=int, default=4, help="processes the clients are spread over")
   args = parser.parse_args()
@@ -84,7 +86,7 @@ def main():
   stops = [tok.eod_id, tok.im_end_id, tok.im_start_id]
   t0 = time.perf_counter()
   engine = Engine(model, num_slots=args.slots, context=args.context, max_images=1, prefill_batch=8,
-                  buckets=(64, 128), stop_ids=stops, vocab_limit=tok.vocab_size)
+                  buckets=(64, 128), stop_ids=stops, vocab_limit=tok.vocab_size, decode_steps=args.decode_steps)
   engine.start()
   sys.setswitchinterval(0.0005)  # as `python -m qwenvl_jax.serve` does (see SWITCH_INTERVAL_S there)
   print(f"{args.model} {args.dtype} on {jax.devices()[0].platform}: {args.slots} slots, warm-up "
@@ -106,7 +108,8 @@ def main():
     with concurrent.futures.ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
       list(pool.map(_worker, [url] * procs, [body] * procs, [1] * procs, [1] * procs))  # start the processes
       t0 = time.perf_counter()
-      results = [r for rs in pool.map(_worker, [url] * procs, [body] * procs, [args.requests] * procs, shares)
+      per_client = max(1, args.requests // c)
+      results = [r for rs in pool.map(_worker, [url] * procs, [body] * procs, [per_client] * procs, shares)
                  for r in rs]
       wall = time.perf_counter() - t0
     ttft, lat, toks = (np.array(x, float) for x in zip(*results))
@@ -124,9 +127,10 @@ def main():
                                    vocab_limit=tok.vocab_size)
   generator.generate(batch, gen)  # compile
   t0 = time.perf_counter()
-  reps = 4
-  for _ in range(reps):
+  reps = 0
+  while reps < 4 or time.perf_counter() - t0 < 3.0:  # at least 3 s: the machine may be shared
     generator.generate(batch, gen)
+    reps += 1
   gen_rate = reps * args.max_tokens / (time.perf_counter() - t0)
   print(f"one client {single:.1f} tok/s vs Generator (B=1, whole loop in one jit) {gen_rate:.1f} tok/s: "
         f"ratio {single / gen_rate:.2f}")

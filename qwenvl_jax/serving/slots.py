@@ -3,22 +3,25 @@
 Letters: B decode slots, C cache slots per row (the context limit), k requests joining in one prefill (padded to
 a prefill-batch bucket), P padded prompt length (a length bucket), F image-feature buffer (images per prefill
 group, padded), n images encoded in one call (an image-batch bucket), Q image tokens, D LLM width, V vocabulary,
-L layers, S image side.
+L layers, S image side, K decode steps per call, W cache slots attended (a window bucket).
 
   encode(images uint8[n, S, S, 3])                     -> feats [F, Q, D] (ViT + adapter, zero-padded to F)
   prefill(cache, ids[k, P], lengths, first_image, feats, rows, ...) -> first tokens int32[k], cache
-  decode(cache, tokens[R], positions[R], active[R], ...) -> next tokens int32[R], cache   (the first R rows)
+  decode(cache, tokens[R], positions[R], active[R], ...) -> new tokens int32[K, R], cache   (the first R rows)
 
 Every slot row of the cache belongs to one request at a time. A request's prompt occupies its row's slots
 0 .. len-1 and its n-th new token slot len + n, so the cache slot equals the RoPE position and rows advance
-independently (the model writes each row at its own `cache_index`, `qwen.write_layer_slots`). Prefill runs the joining
-prompts left-padded, as `decode.prefill` (the last position is the next-token logit, and only it goes through
+independently (the model writes each row at its own `cache_index`, `qwen.write_layer_slots`). Prefill runs the
+joining prompts left-padded, as `decode.prefill` (the last position is the next-token logit, and only it goes through
 `lm_head`), then rolls each row left by its padding and writes it into its slot row, clearing the rest of the row
 (the previous occupant's keys are never attended again: their segment ids are 0).
 
-Shapes are fixed per (k, P) for prefill, per n for encode and per R for decode (R: a power of two covering the
-highest busy slot, so one client costs a one-row step, not a B-row one), so a server warms them all up front and
-never compiles again (`engine.Engine.warm_up`). Images are encoded in one call for every joining
+Shapes are fixed per (k, P) for prefill, per n for encode and per (R, W) for decode (R: a power of two covering
+the highest busy slot, so one client costs a one-row step, not a B-row one; W: a bucket covering the furthest
+position the call reaches, so short conversations do not read the whole cache), so a server warms them all up
+front and never compiles again (`engine.Engine.warm_up`). A decode call runs K steps in one program (the token
+of step j feeds step j + 1 on the device): the host's per-call work (dispatch, transfers, delivering tokens) is
+paid once per K tokens, as the whole-loop `decode.Generator` pays it once per answer. Images are encoded in one call for every joining
 request (any number per request, anywhere in its history); the k-th `<imgpad>` of a prompt takes feature
 k % Q of the prompt's image k // Q, as `QwenVL.embed`. Dynamic NTK (per-row RoPE base, decided at prefill and
 kept) and logn scaling are on, as in `decode.Generator`.
@@ -99,20 +102,29 @@ def _prefill(graphdef, vocab_limit, state, cache: KVCache, ids, lengths, first_i
   return first, cache
 
 
-def _decode(graphdef, vocab_limit, state, cache: KVCache, tokens, positions, active, rope_base,
-            sampling: Sampling):
-  """tokens int32[R] at int32[R] positions (= cache slots) for the first R rows of the cache (R <= B, a
-  decode-size bucket covering every active slot); inactive rows write segment 0 (never a key) and their outputs
-  are ignored. Returns (int32[R] next tokens, cache)."""
-  model = _merge(graphdef, state)
+def _decode(graphdef, vocab_limit, steps: int, window: int, state, cache: KVCache, tokens, positions, active,
+            rope_base, sampling: Sampling):
+  """`steps` decode steps of the first R rows of the cache (R <= B, a decode-size bucket covering every active
+  slot): tokens int32[R] are fed at int32[R] positions (= cache slots), each step's tokens are fed at the next
+  positions, and attention reads the first `window` slots (every position fed must be below it). Inactive rows
+  write segment 0 (never a key) and their outputs are ignored; sampling of step j uses count + j, as a one-step
+  call would. Returns (int32[steps, R] new tokens, cache)."""
   seg = active.astype(jnp.int32)[:, None]
-  # The whole cache goes in: the model writes and reads only its first R rows (`QwenLM.features`), in place.
-  logits, cache = model.llm(model.llm.embed(tokens[:, None]), positions=positions[:, None], segment_ids=seg,
-                            cache=cache, cache_index=positions, rope_base=rope_base[:, None, None], logn=True)
-  nxt = slot_sampling.select(logits[:, 0], temperature=sampling.temperature, top_k=sampling.top_k,
-                             top_p=sampling.top_p, seeds=sampling.seed, counts=sampling.count,
-                             vocab_limit=vocab_limit)
-  return nxt, cache
+
+  def step(carry, _):
+    # The weights ride in the carry: NNX modules are rebuilt from values of the loop's own trace (as decode.py).
+    state, cache, tokens, positions, count = carry
+    model = _merge(graphdef, state)
+    # The whole cache goes in: the model writes and reads only its first R rows (`QwenLM.features`), in place.
+    logits, cache = model.llm(model.llm.embed(tokens[:, None]), positions=positions[:, None], segment_ids=seg,
+                              cache=cache, cache_index=positions, rope_base=rope_base[:, None, None], logn=True,
+                              window=window)
+    nxt = slot_sampling.select(logits[:, 0], temperature=sampling.temperature, top_k=sampling.top_k,
+                               top_p=sampling.top_p, seeds=sampling.seed, counts=count, vocab_limit=vocab_limit)
+    return (state, cache, nxt, positions + 1, count + 1), nxt
+
+  (_, cache, *_), out = jax.lax.scan(step, (state, cache, tokens, positions, sampling.count), None, length=steps)
+  return out, cache
 
 
 class SlotModel:
@@ -134,7 +146,7 @@ class SlotModel:
     # (~0.3 ms, as much as a one-row decode step of the tiny model).
     self._encode = jax.jit(functools.partial(_encode, self.graphdef, feature_slots))
     self._prefill = jax.jit(functools.partial(_prefill, self.graphdef, vocab_limit), donate_argnums=(1,))
-    self._decode = jax.jit(functools.partial(_decode, self.graphdef, vocab_limit), donate_argnums=(1,))
+    self._decode_fns = {}  # (steps, window) -> jitted `_decode`
     q, d = self.cfg.image_tokens, self.cfg.llm.width
     self.no_features = jnp.zeros((feature_slots, q, d), self.cfg.dtype)
 
@@ -152,8 +164,13 @@ class SlotModel:
     return first
 
   def decode(self, tokens: np.ndarray, positions: np.ndarray, active: np.ndarray, rope_base: np.ndarray,
-             sampling: Sampling) -> jax.Array:
-    """One step of the first R slots (R = len(tokens)): int32[R] next tokens (on device)."""
-    nxt, self.cache = self._decode(self.state, self.cache, tokens, positions,
-                                   active, rope_base, sampling)
+             sampling: Sampling, steps: int = 1, window: int | None = None) -> jax.Array:
+    """`steps` steps of the first R slots (R = len(tokens)) attending to the first `window` cache slots (default
+    all; every position fed, positions + steps - 1 included, must be below it): int32[steps, R] new tokens (on
+    device)."""
+    key = (steps, window or self.context)
+    if key not in self._decode_fns:
+      self._decode_fns[key] = jax.jit(functools.partial(_decode, self.graphdef, self.vocab_limit, *key),
+                                      donate_argnums=(1,))
+    nxt, self.cache = self._decode_fns[key](self.state, self.cache, tokens, positions, active, rope_base, sampling)
     return nxt
