@@ -45,6 +45,14 @@ flags.DEFINE_bool("allow_remote_images", False, "Fetch http(s) image URLs (off: 
 flags.DEFINE_string("system", "You are a helpful assistant.", "Default system message (chatml).")
 flags.DEFINE_string("rules", "fsdp", "Sharding rule table of qwenvl_jax/sharding_rules.py.")
 flags.DEFINE_integer("seed", 0, "Seed of random weights.")
+flags.DEFINE_enum("quantize", "none", ["none", "int8", "int4"],
+                  "Weight-only quantization at load time (int8 per channel, int4 per group), as generate's. A "
+                  "checkpoint written by `convert --mode=quantize` loads quantized as stored.")
+flags.DEFINE_integer("group_size", 128, "int4 group size along each kernel's contracted axis.")
+flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "int8"],
+                  "KV cache storage: the compute dtype, or int8 (about half the bytes of bf16: more slots x context).")
+flags.DEFINE_integer("decode_steps", 4, "Decode steps per device call (more: less host work per token, later "
+                     "admission of new requests).")
 
 
 def build(argv_flags=FLAGS):
@@ -58,12 +66,15 @@ def build(argv_flags=FLAGS):
                                 chat_format=f.chat_format)
   if not source.tokenizer:
     raise app.UsageError("--tokenizer is required unless --checkpoint is a training run")
-  tok, _, mesh, rules, model = loading.load_source(source, dtype=f.dtype, rules=f.rules, seed=f.seed)
+  tok, _, mesh, rules, model = loading.load_source(source, dtype=f.dtype, rules=f.rules, seed=f.seed,
+                                                   quantize=f.quantize, group_size=f.group_size)
   stops = [tok.eod_id] + ([tok.im_end_id, tok.im_start_id] if source.chat_format == "chatml" else [])
   buckets = tuple(int(b) for b in f.buckets) if f.buckets else decode.DEFAULT_BUCKETS
   engine = engine_lib.Engine(model, num_slots=f.num_slots, context=f.context, max_images=f.max_images,
                              prefill_batch=f.prefill_batch, buckets=buckets, stop_ids=stops,
-                             vocab_limit=tok.vocab_size, thread_context=lambda: sharding.use_rules(mesh, rules))
+                             vocab_limit=tok.vocab_size, thread_context=lambda: sharding.use_rules(mesh, rules),
+                             decode_steps=f.decode_steps,
+                             kv_cache_dtype=None if f.kv_cache_dtype == "auto" else f.kv_cache_dtype)
   engine.start()
   config = api.ServerConfig(
       model_name=f.served_model_name or source.preset, chat_format=source.chat_format, system=f.system,

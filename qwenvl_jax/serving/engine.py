@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+import jax
 import numpy as np
 
 from qwenvl_jax.inference import decode
@@ -124,6 +125,8 @@ class Engine:
     prefill_batch: the most requests admitted by one prefill (prefill sizes: 1, 2, 4, ... up to it).
     buckets: allowed padded prompt lengths (those below C, and C itself); also the attention windows of decode.
     decode_steps: K, decode steps per device call (more: less host work per token, later admission).
+    kv_cache_dtype: None (the compute dtype) or "int8" (`qwen.KVCache`: about half the bytes of bf16, so about
+      twice the slots x context in the same memory), as `decode.Generator`'s.
     stop_ids: token ids that end a request (the chat format's `<|im_end|>` etc.); not shown.
     vocab_limit: ids >= this are never produced.
     thread_context: entered by the engine thread around all its work (e.g. `sharding.use_rules(mesh, rules)`:
@@ -133,10 +136,13 @@ class Engine:
   def __init__(self, model, *, num_slots: int = 8, context: int = 2048, max_images: int = 4,
                prefill_batch: int = 4, buckets: Sequence[int] = decode.DEFAULT_BUCKETS,
                stop_ids: Sequence[int] = (), vocab_limit: int | None = None, decode_steps: int = 4,
+               kv_cache_dtype: str | None = None,
                thread_context: Callable[[], contextlib.AbstractContextManager] | None = None):
     if num_slots < 1 or prefill_batch < 1 or max_images < 0 or decode_steps < 1:
       raise ValueError(f"need num_slots >= 1, prefill_batch >= 1, max_images >= 0, decode_steps >= 1; got "
                        f"{num_slots}, {prefill_batch}, {max_images}, {decode_steps}")
+    if kv_cache_dtype not in (None, "int8"):
+      raise ValueError(f"kv_cache_dtype must be None (the compute dtype) or 'int8', got {kv_cache_dtype!r}")
     self.cfg = model.cfg
     if context > self.cfg.llm.seq_length * 8:
       logging.warning("context %d is far past the model's trained %d tokens", context, self.cfg.llm.seq_length)
@@ -147,8 +153,13 @@ class Engine:
     self.decode_sizes = _powers_of_two_up_to(num_slots)
     self.decode_steps = decode_steps
     self.stop_ids = frozenset(int(t) for t in stop_ids)
-    self.slots = SlotModel(model, num_slots=num_slots, context=context, feature_slots=self.image_buckets[-1],
-                           vocab_limit=vocab_limit)
+    self._thread_context = thread_context or contextlib.nullcontext
+    with self._thread_context():  # the cache is laid out by the rules the engine thread runs under
+      self.slots = SlotModel(model, num_slots=num_slots, context=context, feature_slots=self.image_buckets[-1],
+                             vocab_limit=vocab_limit, cache_dtype=kv_cache_dtype)
+    # What /health reports of the memory layout: weight dtypes (int8/int4 when quantized) and the cache's.
+    self.storage = {"weight_dtypes": sorted({str(x.dtype) for x in jax.tree.leaves(self.slots.state)}),
+                    "kv_cache_dtype": str(self.slots.cache.k.dtype)}
     self._inbox: queue.SimpleQueue = queue.SimpleQueue()
     self._waiting: collections.deque[Request] = collections.deque()
     self._active: list[_Slot | None] = [None] * num_slots
@@ -160,7 +171,6 @@ class Engine:
     self._lock = threading.Lock()
     self._counts = collections.Counter()
     self.warmup_seconds: float | None = None
-    self._thread_context = thread_context or contextlib.nullcontext
 
   # ---- public, any thread -----------------------------------------------------------------------------------
 
@@ -212,7 +222,7 @@ class Engine:
     return {"slots": self.num_slots, "active": sum(s is not None for s in self._active),
             "waiting": len(self._waiting), "context": self.context, "ready": self._ready.is_set(),
             "healthy": self._error is None, "warmup_seconds": self.warmup_seconds,
-            "compilations": self._compiles.snapshot(), **counts}
+            "compilations": self._compiles.snapshot(), **self.storage, **counts}
 
   # ---- engine thread ----------------------------------------------------------------------------------------
 

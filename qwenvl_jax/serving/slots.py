@@ -37,8 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qwenvl_jax import sharding
 from qwenvl_jax.model.qwen import KVCache
 from qwenvl_jax.serving import slot_sampling
+
+CACHE_AXES = ("layers", "cache_batch", "cache_heads", "cache_len", "cache_head_dim")  # `KVCache` k, v, scales
 
 
 class Sampling(NamedTuple):
@@ -55,10 +58,24 @@ def _merge(graphdef, state):
   return nnx.merge(graphdef, state)
 
 
+def _laid_out(cache: KVCache) -> KVCache:
+  """The cache pinned to its logical layout (`sharding.constrain`; a no-op outside `sharding.use_rules`). The first
+  cache and every program's output cache get the same sharding this way: a cache whose sharding changed between
+  calls (the zeros of `init_cache` vs a program's output on the mesh) would compile the program again."""
+  kv = lambda x: None if x is None else sharding.constrain(x, CACHE_AXES)
+  return KVCache(kv(cache.k), kv(cache.v), sharding.constrain(cache.segment_ids, CACHE_AXES[1:2] + CACHE_AXES[3:4]),
+                 kv(cache.k_scale), kv(cache.v_scale))
+
+
+def _replicated(feats):
+  """Image features [F, Q, D] pinned replicated (the zeros of no images and `encode`'s output alike)."""
+  return sharding.constrain(feats, (None, None, None))
+
+
 def _encode(graphdef, feature_slots: int, state, images):
   model = _merge(graphdef, state)
   feats = model.encode_images(images[None])[0]  # [n, Q, D]
-  return jnp.pad(feats, ((0, feature_slots - feats.shape[0]), (0, 0), (0, 0)))
+  return _replicated(jnp.pad(feats, ((0, feature_slots - feats.shape[0]), (0, 0), (0, 0))))
 
 
 def _prefill(graphdef, vocab_limit, state, cache: KVCache, ids, lengths, first_image, feats, rows, rope_base,
@@ -99,7 +116,7 @@ def _prefill(graphdef, vocab_limit, state, cache: KVCache, ids, lengths, first_i
   seg_rows = jnp.pad(new_seg, ((0, 0), (0, c - p)))
   cache = KVCache(put(cache.k, small.k), put(cache.v, small.v), cache.segment_ids.at[rows].set(seg_rows, mode="drop"),
                   put(cache.k_scale, small.k_scale), put(cache.v_scale, small.v_scale))
-  return first, cache
+  return first, _laid_out(cache)
 
 
 def _decode(graphdef, vocab_limit, steps: int, window: int, state, cache: KVCache, tokens, positions, active,
@@ -124,11 +141,12 @@ def _decode(graphdef, vocab_limit, steps: int, window: int, state, cache: KVCach
     return (state, cache, nxt, positions + 1, count + 1), nxt
 
   (_, cache, *_), out = jax.lax.scan(step, (state, cache, tokens, positions, sampling.count), None, length=steps)
-  return out, cache
+  return out, _laid_out(cache)
 
 
 class SlotModel:
-  """A model's jitted encode / prefill / decode over `num_slots` rows of `context` cache slots.
+  """A model's jitted encode / prefill / decode over `num_slots` rows of `context` cache slots (build it inside the
+  `sharding.use_rules` its calls run in, as `Engine` does).
 
   The cache lives here and is donated to every call that updates it (updated in place, never copied).
   vocab_limit: ids >= this are never produced (the tokenizer's vocabulary size).
@@ -140,7 +158,8 @@ class SlotModel:
     self.cfg = model.cfg
     self.num_slots, self.context, self.feature_slots = num_slots, context, feature_slots
     self.graphdef, self.state = nnx.split(model)
-    self.cache = model.llm.init_cache(num_slots, context, dtype=cache_dtype)
+    # Made by jitted programs, so that under `sharding.use_rules` they have the sharding of the programs' outputs.
+    self.cache = jax.jit(lambda: _laid_out(model.llm.init_cache(num_slots, context, dtype=cache_dtype)))()
     self.vocab_limit = vocab_limit
     # graphdef and vocab_limit are bound, not static arguments: jit would hash the graphdef on every call
     # (~0.3 ms, as much as a one-row decode step of the tiny model).
@@ -148,7 +167,7 @@ class SlotModel:
     self._prefill = jax.jit(functools.partial(_prefill, self.graphdef, vocab_limit), donate_argnums=(1,))
     self._decode_fns = {}  # (steps, window) -> jitted `_decode`
     q, d = self.cfg.image_tokens, self.cfg.llm.width
-    self.no_features = jnp.zeros((feature_slots, q, d), self.cfg.dtype)
+    self.no_features = jax.jit(lambda: _replicated(jnp.zeros((feature_slots, q, d), self.cfg.dtype)))()
 
   def encode(self, images: np.ndarray) -> jax.Array:
     """uint8[n, S, S, 3] (n <= F, a bucket) -> features [F, Q, D], rows past n zero."""
