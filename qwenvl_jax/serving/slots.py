@@ -38,10 +38,8 @@ import numpy as np
 from flax import nnx
 
 from qwenvl_jax import sharding
-from qwenvl_jax.model.qwen import KVCache
+from qwenvl_jax.model.qwen import KVCache, constrain_cache
 from qwenvl_jax.serving import slot_sampling
-
-CACHE_AXES = ("layers", "cache_batch", "cache_heads", "cache_len", "cache_head_dim")  # `KVCache` k, v, scales
 
 
 class Sampling(NamedTuple):
@@ -56,15 +54,6 @@ class Sampling(NamedTuple):
 
 def _merge(graphdef, state):
   return nnx.merge(graphdef, state)
-
-
-def _laid_out(cache: KVCache) -> KVCache:
-  """The cache pinned to its logical layout (`sharding.constrain`; a no-op outside `sharding.use_rules`). The first
-  cache and every program's output cache get the same sharding this way: a cache whose sharding changed between
-  calls (the zeros of `init_cache` vs a program's output on the mesh) would compile the program again."""
-  kv = lambda x: None if x is None else sharding.constrain(x, CACHE_AXES)
-  return KVCache(kv(cache.k), kv(cache.v), sharding.constrain(cache.segment_ids, CACHE_AXES[1:2] + CACHE_AXES[3:4]),
-                 kv(cache.k_scale), kv(cache.v_scale))
 
 
 def _replicated(feats):
@@ -116,7 +105,7 @@ def _prefill(graphdef, vocab_limit, state, cache: KVCache, ids, lengths, first_i
   seg_rows = jnp.pad(new_seg, ((0, 0), (0, c - p)))
   cache = KVCache(put(cache.k, small.k), put(cache.v, small.v), cache.segment_ids.at[rows].set(seg_rows, mode="drop"),
                   put(cache.k_scale, small.k_scale), put(cache.v_scale, small.v_scale))
-  return first, _laid_out(cache)
+  return first, constrain_cache(cache)
 
 
 def _decode(graphdef, vocab_limit, steps: int, window: int, state, cache: KVCache, tokens, positions, active,
@@ -141,7 +130,7 @@ def _decode(graphdef, vocab_limit, steps: int, window: int, state, cache: KVCach
     return (state, cache, nxt, positions + 1, count + 1), nxt
 
   (_, cache, *_), out = jax.lax.scan(step, (state, cache, tokens, positions, sampling.count), None, length=steps)
-  return out, _laid_out(cache)
+  return out, constrain_cache(cache)
 
 
 class SlotModel:
@@ -159,7 +148,7 @@ class SlotModel:
     self.num_slots, self.context, self.feature_slots = num_slots, context, feature_slots
     self.graphdef, self.state = nnx.split(model)
     # Made by jitted programs, so that under `sharding.use_rules` they have the sharding of the programs' outputs.
-    self.cache = jax.jit(lambda: _laid_out(model.llm.init_cache(num_slots, context, dtype=cache_dtype)))()
+    self.cache = jax.jit(lambda: constrain_cache(model.llm.init_cache(num_slots, context, dtype=cache_dtype)))()
     self.vocab_limit = vocab_limit
     # graphdef and vocab_limit are bound, not static arguments: jit would hash the graphdef on every call
     # (~0.3 ms, as much as a one-row decode step of the tiny model).
