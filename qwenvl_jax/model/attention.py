@@ -77,6 +77,29 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
   return jnp.einsum("bnts,bsnh->btnh", probs, v)
 
 
+def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array, scale: float,
+                    impl: str = "xla") -> jax.Array:
+  """`dot_product_attention` of new queries against a KV cache stored heads-major (`qwen.KVCache`).
+
+  Args:
+    q: [B, T, N, H]; k, v: [B, N, S, H] (the cache's layout) in the compute dtype.
+    mask, scale, impl: as `dot_product_attention`.
+
+  Returns:
+    [B, T, N, H] in q.dtype, equal to `dot_product_attention` of the same keys in [B, S, N, H].
+
+  The xla path contracts the cache as it is stored: batch dims (B, N) lead, so neither einsum relayouts the whole
+  cache (with keys stored [B, S, N, H] both did, every step: the decode step's largest cost on CPU). The kernels
+  take [B, S, N, H] and get a transposed copy.
+  """
+  if impl != "xla":
+    return dot_product_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask=mask, scale=scale, impl=impl)
+  scores = jnp.einsum("btnh,bnsh->bnts", q, k, preferred_element_type=jnp.float32) * scale
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum("bnts,bnsh->btnh", probs, v)
+
+
 def segment_labels_from_mask(mask: jax.Array) -> jax.Array:
   """int32[B, T] labels with mask == (label_t == label_s) & (s <= t) on every row that sees a key.
 

@@ -86,7 +86,7 @@ def abstract_cache(cfg: QwenVLConfig, batch: int, context: int, kv_cache_dtype: 
   """`ShapeDtypeStruct`s of an empty KV cache, rows sharded like the batch, heads like the tensor axis."""
   llm = nnx.eval_shape(lambda: QwenVL(cfg, rngs=nnx.Rngs(0))).llm
   cache = jax.eval_shape(lambda: llm.init_cache(batch, context, dtype=kv_cache_dtype))
-  kv_axes = ("layers", "cache_batch", "cache_len", "cache_heads", "cache_head_dim")
+  kv_axes = ("layers", "cache_batch", "cache_heads", "cache_len", "cache_head_dim")  # `KVCache` layout
 
   def shard(x, axes):
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
