@@ -265,7 +265,9 @@ def max_slots(plan_at, *, granularity: int, start: int, hbm_bytes: int, log=prin
       if slope > 0:  # aim a little below the limit: an overshoot costs a compile that cannot fit
         guess = int((b1 + (0.995 * hbm_bytes - y1) / slope) // g * g)
     middle = None if hi is None else (lo + hi) // 2 // g * g
-    if guess is None or guess < lo + g or (hi is not None and guess > hi - g):
+    if hi is None and guess is not None and guess < lo + g:  # the line says lo is the answer: bracket it
+      guess = lo + resolution(lo)
+    elif guess is None or guess < lo + g or (hi is not None and guess > hi - g):
       guess = 2 * lo if hi is None else middle
     elif hi is not None:  # at most halfway up after an overshoot, else 3/4: a convex curve cannot stall it
       guess = min(guess, middle if last_failed[0] else (lo + 3 * (hi - lo) // 4) // g * g)
@@ -273,9 +275,12 @@ def max_slots(plan_at, *, granularity: int, start: int, hbm_bytes: int, log=prin
 
   last_failed = [False]
 
+  def resolution(lo: int) -> int:
+    # The answer is known to a slot granule, or to 2 % of it (a handful of slots at full size).
+    return max(g, int(0.02 * lo) // g * g)
+
   def search(full: bool, lo: int, hi: int | None) -> int:
-    # Done when the answer is known to a slot granule, or to 2 % of it (a handful of slots at full size).
-    while hi is None or hi - lo > max(g, int(0.02 * lo) // g * g):
+    while hi is None or hi - lo > resolution(lo):
       b = next_probe(full, lo, hi)
       fits = probe(b, full)
       last_failed[0] = not fits
