@@ -106,6 +106,14 @@ def resolve(checkpoint: str | None, *, model: str | None = None, tokenizer: str 
                             f"point --checkpoint at {params}")
   with open(config_path, encoding="utf-8") as f:
     run = json.load(f)
+  if int((run.get("lora") or {}).get("rank", 0) or 0) > 0:
+    # Its checkpoints hold the base (bf16, or QLoRA's 4-bit codes) plus adapters, not the plain model's tree.
+    raise errors.ConfigError(
+        f"{run_dir} is a LoRA/QLoRA run: merge its adapters first, then chat with the merged params",
+        hint=(f"python -m qwenvl_jax.convert --mode=merge_lora --src={run_dir}@{step} --dst=MERGED && "
+              f"python -m qwenvl_jax.generate --checkpoint=MERGED --model={run.get('model')} "
+              f"--tokenizer={_run_tokenizer(run_dir, run.get('tokenizer', ''))} --image_size={run.get('res')} "
+              f"--chat_format={'chatml' if run.get('stage') == 3 else 'raw'} --prompt=..."))
   return ModelSource(params, model or run.get("model", DEFAULT_PRESET), image_size or run.get("res"),
                      tokenizer or _run_tokenizer(run_dir, run.get("tokenizer", "")),
                      chat_format or ("chatml" if run.get("stage") == 3 else "raw"), run_dir, step)
