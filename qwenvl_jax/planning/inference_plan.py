@@ -320,6 +320,8 @@ def _cli() -> None:
   no_prefill = flags.DEFINE_bool("decode_only", False, "Compile only the decode step.")
   prefill_batch = flags.DEFINE_integer("prefill_batch", 0, "Rows prefilled together (0 = --batch; 1 with --server).")
   server = flags.DEFINE_bool("server", False, "Plan the serving engine: --batch slots of --context cache slots.")
+  llm_layers = flags.DEFINE_integer("llm_layers", 0, "Decoder layers (0 = the preset's); fewer for a quick, "
+                                    "smaller compile (bench/plan_server_slots.py extrapolates from them).")
   search = flags.DEFINE_bool("max_slots", False, "Search the most server slots that fit (implies --server; "
                              "--batch is the first probe).")
 
@@ -328,6 +330,8 @@ def _cli() -> None:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cfg = get_preset(preset.value, dtype="bfloat16", param_dtype="bfloat16",
                      remat_policy="none").with_image_size(res.value)
+    if llm_layers.value:
+      cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, layers=llm_layers.value))
     topology = chips.parse_topology(topology_flag.value, 1)
     print(topology.describe(), "\ncompiling (minutes for the full model) ...", flush=True)
     def plan_at(b: int, with_prefill: bool) -> InferencePlan:
