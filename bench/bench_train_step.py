@@ -203,13 +203,30 @@ def make_jax_step(cfg, b, t, m):
                images=rng.integers(0, 256, (b, m, s, s, 3)).astype(np.uint8), image_mask=np.ones((b, m), bool))
   batch = jax.device_put(batch)
   state = {"st": step_lib.TrainState(jnp.int32(0), params, tx.init(params))}
+  compiled = fn.lower(state["st"], batch).compile()
 
   def step():
-    state["st"], metrics = fn(state["st"], batch)
+    state["st"], metrics = compiled(state["st"], batch)
     jax.block_until_ready(metrics)
 
   step()
+  step.compiled_text = compiled.as_text()  # the optimized HLO (profile_train_step.py classes its ops)
   return step
+
+
+def bench_config(name: str, *, res: int = 224, scan_unroll: str = "auto", cpu_options: bool = True, **overrides):
+  """The preset `name` as both frameworks run it: float32, no remat, at `res` px; scan_unroll "auto" unrolls
+  stacks of <= 8 layers, else "true" or an unroll factor. cpu_options: the model's CPU formulations (row-wise
+  attention `attention_impl="xla_rows"`, `cpu_layouts`); False runs the accelerator defaults."""
+  if cpu_options:
+    overrides = {"attention_impl": "xla_rows", "cpu_layouts": True, **overrides}
+  base = get_preset(name, dtype="float32", remat_policy="none")
+  if scan_unroll == "auto":
+    unroll = max(base.vision.layers, base.llm.layers) <= 8
+  else:
+    unroll = True if scan_unroll.lower() == "true" else int(scan_unroll)
+  return get_preset(name, dtype="float32", remat_policy="none", scan_unroll=unroll,
+                    **overrides).with_image_size(res)
 
 
 def make_matmul(n: int = 2048):
@@ -247,6 +264,8 @@ def main():
   parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                       help="cores both frameworks run on (set before they start)")
   parser.add_argument("--scan_unroll", default="auto", help="auto (unroll stacks of <= 8 layers), 1, or true")
+  parser.add_argument("--cpu_options", default="true", choices=("true", "false"),
+                      help="the model's CPU formulations (xla_rows attention, materialized patches) or not")
   args = parser.parse_args()
   torch.manual_seed(0)
   pin_torch_threads(args.threads)
@@ -256,13 +275,7 @@ def main():
   print(f"{'preset':<6} {'B':>3} {'T':>4} {'JAX ms':>9} {'torch ms':>9} {'JAX/torch':>9} {'GFLOP/s':>8} "
         f"{'% matmul':>8}", flush=True)
   for name in args.presets.split(","):
-    base = get_preset(name, dtype="float32", remat_policy="none")
-    unroll = args.scan_unroll
-    if unroll == "auto":
-      unroll = max(base.vision.layers, base.llm.layers) <= 8
-    else:
-      unroll = True if unroll.lower() == "true" else int(unroll)
-    cfg = get_preset(name, dtype="float32", remat_policy="none", scan_unroll=unroll).with_image_size(args.res)
+    cfg = bench_config(name, res=args.res, scan_unroll=args.scan_unroll, cpu_options=args.cpu_options == "true")
     t = args.seq_len or args.images * cfg.image_tokens + 64
     if t < args.images * cfg.image_tokens + 1:
       print(f"{name}: seq_len {t} cannot hold {args.images} x {cfg.image_tokens} image tokens; skipped")
