@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from qwenvl_jax.inference import loading, model_source
+from qwenvl_jax.inference import layout, loading, model_source
 
 
 class Loaded(NamedTuple):
@@ -28,7 +28,7 @@ class Loaded(NamedTuple):
 
 
 def load(checkpoint: str, *, tokenizer: str | None = None, model: str | None = None, dtype: str = "bfloat16",
-         image_size: int | None = None, rules: str = "fsdp") -> Loaded:
+         image_size: int | None = None, rules: str = layout.DEFAULT_RULES, tensor_parallel: int = 0) -> Loaded:
   """Restores a model for inference from a training run or a params checkpoint.
 
   Args:
@@ -39,7 +39,9 @@ def load(checkpoint: str, *, tokenizer: str | None = None, model: str | None = N
     model: the architecture preset (default: the run's, else `qwen_vl_7b`); checked against the stored shapes.
     dtype: compute and weight dtype (`bfloat16` or `float32`).
     image_size: input resolution (default: the run's, else the preset's).
-    rules: the sharding rule table (`qwenvl_jax/sharding_rules.py`).
+    rules: the sharding rule table (`qwenvl_jax/sharding_rules.py`): `inference_tp` (tensor parallel within a
+      host, replicas across hosts) or `fsdp` (as training).
+    tensor_parallel: chips per model replica (0 = one host's chips; `inference.layout`).
 
   Raises:
     ValueError: no tokenizer for a params checkpoint, a malformed spec, or a preset whose shapes differ from the
@@ -50,5 +52,6 @@ def load(checkpoint: str, *, tokenizer: str | None = None, model: str | None = N
   source = model_source.resolve(checkpoint, model=model, tokenizer=tokenizer, image_size=image_size)
   if not source.tokenizer:
     raise ValueError(f"loading {checkpoint!r} needs tokenizer= (qwen:PATH, sentencepiece:PATH or a file)")
-  tok, _, mesh, rule_table, model_ = loading.load_source(source, dtype=dtype, rules=rules)
+  tok, _, mesh, rule_table, model_ = loading.load_source(source, dtype=dtype, rules=rules,
+                                                         tensor_parallel=tensor_parallel)
   return Loaded(model_, tok, source.chat_format, mesh, rule_table)

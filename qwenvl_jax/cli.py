@@ -8,6 +8,10 @@ On top of absl it gives every command the same behaviour at its edges:
 * a misspelt config override (`--config.optimizer.learning_rate=...`) names the unknown field and the closest
   existing ones ("did you mean optimizer.lr?") instead of ml_collections' bare `AttributeError`;
 * `--help` / `--helpfull` exit 0 (absl exits 1).
+
+`define_model_flags()` / `load_model_from_flags()` are the model-source flags of the commands that load a model
+for inference (`generate`, `serve`: checkpoint, model, tokenizer, image size, chat format, dtype, quantization and
+the inference layout), defined once here.
 """
 
 from __future__ import annotations
@@ -138,3 +142,53 @@ def _load_config(spec: str):
     return module.get_config()
   except TypeError:  # get_config(arg) with a required argument: config_flags passes None when there is none
     return module.get_config(None)
+
+
+def define_model_flags() -> None:
+  """Defines the model-source and layout flags of `generate` and `serve` (once per process: idempotent)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if "checkpoint" in flags.FLAGS:
+    return
+  flags.DEFINE_string("checkpoint", None, "A training run directory, <run>/checkpoints/<step>, or a params "
+                      "checkpoint directory; omit to run random weights (smoke tests).")
+  flags.DEFINE_string("model", None, "Architecture preset: qwen_vl_7b, mid, small or tiny (default: the run's, "
+                      "else qwen_vl_7b).")
+  flags.DEFINE_string("tokenizer", None, "Tokenizer spec: qwen:PATH, sentencepiece:PATH, or a .tiktoken / .model "
+                      "file (default: the run's).")
+  flags.DEFINE_integer("image_size", None, "Input resolution (default: the run's, else the preset's).")
+  flags.DEFINE_enum("chat_format", None, ["chatml", "raw"], "chatml (chat models) or raw (base model); default: "
+                    "the run's (stage 3: chatml, else raw), else chatml.")
+  flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.")
+  flags.DEFINE_enum("quantize", "none", ["none", "int8", "int4"],
+                    "Weight-only quantization at load time (int8 per channel, int4 per group). A checkpoint written "
+                    "by `convert --mode=quantize` loads quantized as stored.")
+  flags.DEFINE_integer("group_size", 128, "int4 group size along each kernel's contracted axis.")
+  flags.DEFINE_string("rules", "inference_tp", "Sharding rule table of qwenvl_jax/sharding_rules.py: "
+                      "inference_tp (tensor parallel within a host, replicas across hosts) or fsdp (as training: "
+                      "every decoded token all-gathers the weights).")
+  flags.DEFINE_integer("tensor_parallel", 0, "Chips holding one model replica (heads, MLP and vocabulary split "
+                       "over them); the other devices hold further replicas. 0 = one host's chips (the largest "
+                       "degree the model allows).")
+
+
+def load_model_from_flags():
+  """What the flags of `define_model_flags` name, loaded for inference.
+
+  Returns:
+    (model_source.ModelSource, tokenizer, QwenVLConfig, mesh, rules, QwenVL).
+  Raises:
+    errors.ConfigError: no tokenizer for a params checkpoint, a preset that does not fit the checkpoint, a
+    tensor-parallel degree the model or the devices do not allow. FileNotFoundError: a missing path.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from qwenvl_jax.inference import loading, model_source  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  source = model_source.resolve(f.checkpoint, model=f.model, tokenizer=f.tokenizer, image_size=f.image_size,
+                                chat_format=f.chat_format)
+  if not source.tokenizer:
+    raise errors.ConfigError("--tokenizer is required unless --checkpoint is a training run",
+                             hint="e.g. --tokenizer=qwen:qwen.tiktoken or --tokenizer=sp.model")
+  tok, cfg, mesh, rules, model = loading.load_source(
+      source, dtype=f.dtype, rules=f.rules, tensor_parallel=f.tensor_parallel, seed=f.seed, quantize=f.quantize,
+      group_size=f.group_size)
+  return source, tok, cfg, mesh, rules, model

@@ -10,20 +10,19 @@ r"""Weight conversion between PyTorch checkpoints and the Orbax params checkpoin
       --reference_files=/ckpt/Qwen-VL-Chat
   # Weight-only int8 (per channel) or int4 (per group) params checkpoint, loaded by generate/evaluate as stored:
   python -m qwenvl_jax.convert --mode=quantize --quantize=int8 --src=/ckpt/qwenvl_chat_params --dst=/ckpt/chat_int8
-  # A LoRA trainer run (WORKDIR[@STEP]) -> merged params checkpoint (W + alpha/r * A @ B, bf16), or -> a PEFT
-  # adapter directory in the reference's module names (peft.PeftModel.from_pretrained loads it):
+  # A LoRA or QLoRA trainer run (WORKDIR[@STEP]) -> merged params checkpoint (W + alpha/r * A @ B, bf16; a QLoRA
+  # base is dequantized first), or -> a PEFT adapter directory in the reference's module names
+  # (peft.PeftModel.from_pretrained loads it):
   python -m qwenvl_jax.convert --mode=merge_lora --src=runs/stage3 --dst=/ckpt/merged_params
   python -m qwenvl_jax.convert --mode=export_peft --src=runs/stage3@150 --dst=/ckpt/peft_adapter
 """
-
-import sys
 
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 from flax import nnx
 
-from qwenvl_jax import cli
+from qwenvl_jax import cli, errors
 
 from qwenvl_jax import checkpoint
 from qwenvl_jax.model.config import PRESETS, get_preset
@@ -97,22 +96,26 @@ def _quantize(src: str, dst: str, cfg) -> None:
 
 
 def _lora(mode: str, src: str, dst: str, dtype: str) -> None:
-  """merge_lora / export_peft of the LoRA trainer run `src`; a bad source is one error line and exit status 1."""
+  """merge_lora / export_peft of the LoRA or QLoRA trainer run `src` (a QLoRA base is dequantized in float32 before
+  the merge, then everything is cast to `dtype`); a bad source is one error line and exit status 2 (`cli.run`)."""
   import os  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax import errors  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.checkpoint import peft_export  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.model import lora  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.training import peft  # pylint: disable=import-outside-toplevel
   if os.path.exists(dst):
-    sys.exit(f"error: {dst} already exists; choose a new output directory")
+    raise errors.UserFileExistsError(f"{dst} already exists", hint="choose a new output directory")
   try:
     model, lcfg, _ = peft.load_run(src)
-  except (FileNotFoundError, ValueError) as e:
-    sys.exit(f"error: {e}")
+  except FileNotFoundError as e:
+    raise errors.UserFileNotFoundError(str(e)) from e
+  except ValueError as e:  # not a LoRA run, or a run config that does not parse
+    raise errors.ConfigError(f"--src={src}: {e}") from e
   if mode == "export_peft":
     try:
       peft_export.export_peft(model, lcfg, dst)
-    except ValueError as e:
-      sys.exit(f"error: {e}")
+    except ValueError as e:  # an adapter the PEFT format cannot express
+      raise errors.ConfigError(str(e)) from e
     print(f"wrote PEFT adapter ({lcfg.rank=}, {lcfg.alpha=}) to {dst}")
     return
   lora.merge_lora(model)

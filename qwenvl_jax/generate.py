@@ -22,18 +22,11 @@ from absl import app, flags
 from qwenvl_jax import cli, errors
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "A training run directory, <run>/checkpoints/<step>, or a params "
-                    "checkpoint directory; omit to run random weights (smoke tests).")
-flags.DEFINE_string("model", None, "Architecture preset: qwen_vl_7b, mid or tiny (default: the run's, else "
-                    "qwen_vl_7b).")
-flags.DEFINE_string("tokenizer", None, "Tokenizer spec: qwen:PATH, sentencepiece:PATH, or a .tiktoken / .model "
-                    "file (default: the run's).")
+cli.define_model_flags()  # checkpoint, model, tokenizer, image_size, chat_format, dtype, quantize, rules, ...
 flags.DEFINE_multi_string("image", [], "Image file(s), in order (Picture 1, 2, ...).")
 flags.DEFINE_string("prompt", None, "The question or instruction.", required=True)
 flags.DEFINE_string("history", None, "JSON file with the chat history: [[query, response], ...].")
 flags.DEFINE_string("save_history", None, "Write the updated history to this new JSON file.")
-flags.DEFINE_enum("chat_format", None, ["chatml", "raw"], "chatml (chat models) or raw (base model); default: "
-                  "the run's (stage 3: chatml, else raw), else chatml.")
 flags.DEFINE_string("system", "You are a helpful assistant.", "System message (chatml).")
 flags.DEFINE_string("output_image", None, "PNG path for the picture with the answer's boxes (must not exist).")
 flags.DEFINE_integer("max_new_tokens", 512, "Most tokens to generate.")
@@ -42,13 +35,6 @@ flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
 flags.DEFINE_integer("top_k", 0, "Top-k filter when sampling (0 = off).")
 flags.DEFINE_float("top_p", 1.0, "Nucleus filter when sampling (1 = off).")
 flags.DEFINE_integer("seed", 0, "Sampling seed (and the random weights' seed).")
-flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.")
-flags.DEFINE_integer("image_size", None, "Override the preset's input resolution (224 or 448).")
-flags.DEFINE_string("rules", "fsdp", "Sharding rule table of qwenvl_jax/sharding_rules.py.")
-flags.DEFINE_enum("quantize", "none", ["none", "int8", "int4"],
-                  "Weight-only quantization at load time (int8 per channel, int4 per group). A checkpoint written by "
-                  "`convert --mode=quantize` loads quantized as stored.")
-flags.DEFINE_integer("group_size", 128, "int4 group size along each kernel's contracted axis.")
 flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "int8"], "KV cache storage: the compute dtype, or int8.")
 
 
@@ -59,10 +45,10 @@ def _read_history(path: str | None) -> list[tuple[str, str]]:
     try:
       data = json.load(f)
     except json.JSONDecodeError as e:
-      raise ValueError(f"history file {path}: not valid JSON ({e})") from e
+      raise errors.InputFormatError(f"history file {path}: not valid JSON ({e})") from e
   if not isinstance(data, list) or not all(isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t)
                                            for t in data):
-    raise ValueError(f"history file {path}: expected a JSON list of [query, response] string pairs")
+    raise errors.InputFormatError(f"history file {path}: expected a JSON list of [query, response] string pairs")
   return [tuple(t) for t in data]
 
 
@@ -92,16 +78,10 @@ def main(argv):
   import jax  # pylint: disable=import-outside-toplevel
   from qwenvl_jax import inference, sharding  # pylint: disable=import-outside-toplevel
   from qwenvl_jax import text as qtext  # pylint: disable=import-outside-toplevel
-  from qwenvl_jax.inference import loading, model_source  # pylint: disable=import-outside-toplevel
 
   history = _read_history(FLAGS.history)
-  source = model_source.resolve(FLAGS.checkpoint, model=FLAGS.model, tokenizer=FLAGS.tokenizer,
-                                image_size=FLAGS.image_size, chat_format=FLAGS.chat_format)
-  if not source.tokenizer:
-    raise app.UsageError("--tokenizer is required unless --checkpoint is a training run")
   # The loaders enter the mesh themselves, after the abstract (mesh-free) trace: built outside `use_rules`.
-  tok, _, mesh, rules, model = loading.load_source(source, dtype=FLAGS.dtype, rules=FLAGS.rules, seed=FLAGS.seed,
-                                                   quantize=FLAGS.quantize, group_size=FLAGS.group_size)
+  source, tok, _, mesh, rules, model = cli.load_model_from_flags()
   query = qtext.from_list_format([{"image": p} for p in FLAGS.image] + [{"text": FLAGS.prompt}])
   gen_cfg = inference.chat_generation_config(
       tok, source.chat_format, max_new_tokens=FLAGS.max_new_tokens, do_sample=FLAGS.do_sample,

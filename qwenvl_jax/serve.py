@@ -21,13 +21,7 @@ from qwenvl_jax import cli
 
 FLAGS = flags.FLAGS
 SWITCH_INTERVAL_S = 0.0005
-flags.DEFINE_string("checkpoint", None, "A training run directory, <run>/checkpoints/<step>, or a params "
-                    "checkpoint; omit to serve random weights (smoke tests).")
-flags.DEFINE_string("model", None, "Architecture preset (default: the run's, else qwen_vl_7b).")
-flags.DEFINE_string("tokenizer", None, "qwen.tiktoken or a SentencePiece .model (default: the run's).")
-flags.DEFINE_integer("image_size", None, "Input resolution (default: the run's, else the preset's).")
-flags.DEFINE_enum("chat_format", None, ["chatml", "raw"], "Prompt format (default: the run's, else chatml).")
-flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Compute dtype.")
+cli.define_model_flags()  # checkpoint, model, tokenizer, image_size, chat_format, dtype, quantize, rules, ...
 flags.DEFINE_string("served_model_name", None, "The model id of /v1/models (default: the preset name).")
 flags.DEFINE_string("host", "127.0.0.1", "Interface to bind (127.0.0.1: this machine only).")
 flags.DEFINE_integer("port", 8000, "TCP port.")
@@ -43,27 +37,36 @@ flags.DEFINE_integer("max_image_pixels", 4096 * 4096, "Largest image in pixels (
 flags.DEFINE_string("image_root", None, "Local image paths in requests are read under this folder only.")
 flags.DEFINE_bool("allow_remote_images", False, "Fetch http(s) image URLs (off: only data: URLs and paths).")
 flags.DEFINE_string("system", "You are a helpful assistant.", "Default system message (chatml).")
-flags.DEFINE_string("rules", "fsdp", "Sharding rule table of qwenvl_jax/sharding_rules.py.")
 flags.DEFINE_integer("seed", 0, "Seed of random weights.")
 
 
 def build(argv_flags=FLAGS):
   """(engine, tokenizer, ServerConfig) from the flags; the engine is started (warmed up)."""
-  from qwenvl_jax import sharding  # pylint: disable=import-outside-toplevel
-  from qwenvl_jax.inference import decode, loading, model_source  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax import errors, sharding  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.inference import decode, layout  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.serving import api, engine as engine_lib, messages  # pylint: disable=import-outside-toplevel
 
   f = argv_flags
-  source = model_source.resolve(f.checkpoint, model=f.model, tokenizer=f.tokenizer, image_size=f.image_size,
-                                chat_format=f.chat_format)
-  if not source.tokenizer:
-    raise app.UsageError("--tokenizer is required unless --checkpoint is a training run")
-  tok, _, mesh, rules, model = loading.load_source(source, dtype=f.dtype, rules=f.rules, seed=f.seed)
+  try:
+    buckets = tuple(int(b) for b in f.buckets) if f.buckets else decode.DEFAULT_BUCKETS
+  except ValueError as e:
+    raise errors.ConfigError(f"--buckets={','.join(f.buckets)}: not a list of integers") from e
+  if f.num_slots < 1 or f.prefill_batch < 1 or f.max_images < 0 or f.context < 1:
+    raise errors.ConfigError(f"need --num_slots >= 1, --prefill_batch >= 1, --max_images >= 0 and --context >= 1; "
+                             f"got {f.num_slots}, {f.prefill_batch}, {f.max_images}, {f.context}")
+  source, tok, _, mesh, rules, model = cli.load_model_from_flags()
+  replicas = sharding.batch_shards(mesh, rules)
+  if f.num_slots % replicas:
+    raise errors.ConfigError(f"--num_slots={f.num_slots} does not split over the {replicas} model replicas of the "
+                             f"mesh ({layout.describe(mesh)})", hint=f"use a multiple of {replicas}, or a larger "
+                             "--tensor_parallel (fewer replicas)")
+  logging.info("layout: %s (%s)", layout.describe(mesh), f.rules)
   stops = [tok.eod_id] + ([tok.im_end_id, tok.im_start_id] if source.chat_format == "chatml" else [])
-  buckets = tuple(int(b) for b in f.buckets) if f.buckets else decode.DEFAULT_BUCKETS
-  engine = engine_lib.Engine(model, num_slots=f.num_slots, context=f.context, max_images=f.max_images,
-                             prefill_batch=f.prefill_batch, buckets=buckets, stop_ids=stops,
-                             vocab_limit=tok.vocab_size, thread_context=lambda: sharding.use_rules(mesh, rules))
+  # Built inside the layout so the slots' KV cache is created in it (rows over `data`, heads over `tensor`).
+  with sharding.use_rules(mesh, rules):
+    engine = engine_lib.Engine(model, num_slots=f.num_slots, context=f.context, max_images=f.max_images,
+                               prefill_batch=f.prefill_batch, buckets=buckets, stop_ids=stops,
+                               vocab_limit=tok.vocab_size, thread_context=lambda: sharding.use_rules(mesh, rules))
   engine.start()
   config = api.ServerConfig(
       model_name=f.served_model_name or source.preset, chat_format=source.chat_format, system=f.system,
@@ -78,11 +81,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import uvicorn  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.serving import api  # pylint: disable=import-outside-toplevel
-  try:
-    engine, tok, config = build()
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  engine, tok, config = build()
   logging.info("engine ready: %s", engine.stats())
   # The engine thread needs the GIL for a moment between device steps; with the default 5 ms switch interval a
   # busy event loop (many streams) makes it wait up to 5 ms each time, which caps the decode rate.

@@ -6,6 +6,11 @@ Each entry maps a logical axis name used in the model to the mesh axes it may be
 preference; `qwenvl_jax.sharding.resolve_spec` keeps an axis only when it is free in that array and divides the
 dimension, so the same table serves tiny and 9.6B models. Mesh axes: `data` (pure replicas; put it on DCN for
 multi-slice), `fsdp` (parameters and optimizer state sharded, ZeRO-3 style), `tensor` (Megatron-style heads/MLP).
+
+Training uses `fsdp` / `fsdp_tp`. Inference (generate, evaluate, serve) defaults to `inference_tp`: the weights are
+split only over `tensor` (a host's chips) and replicated over `data` (one replica per host, or per group of
+chips), so a decode step reads its weight shard in place instead of all-gathering every weight for every token as
+`fsdp` does; `qwenvl_jax/inference/layout.py` builds its (data, tensor) mesh.
 """
 
 _ACTIVATIONS = (
@@ -70,4 +75,41 @@ FSDP_TP = _ACTIVATIONS + (
     ("vit_channels", None),
 ) + _CLIP
 
-RULES = {"fsdp": FSDP, "fsdp_tp": FSDP_TP}
+# Inference: Megatron tensor parallelism over `tensor` (attention heads, MLP width, vocabulary, the adapter's
+# heads and output width, the ViT's heads and MLP width; the KV cache by heads), everything else replicated, and
+# batch rows / serving slots / KV-cache rows split over `data` (independent replicas). Nothing is split over
+# `fsdp`: a weight split there would be all-gathered by every decode step.
+_INFERENCE_ACTIVATIONS = (
+    ("act_batch", "data"),
+    ("act_len", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("act_images", None),
+    ("cache_batch", "data"),
+    ("cache_len", None),
+    ("cache_heads", "tensor"),
+    ("cache_head_dim", None),
+)
+
+INFERENCE_TP = _INFERENCE_ACTIVATIONS + (
+    ("layers", None),
+    ("norm", None),
+    ("vocab", "tensor"),
+    ("embed", None),
+    ("embed_out", "tensor"),
+    ("mlp", "tensor"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("queries", None),
+    ("vit_embed", None),
+    ("vit_mlp", "tensor"),
+    ("vit_heads", "tensor"),
+    ("vit_pos", None),
+    ("vit_patch", None),
+    ("vit_channels", None),
+) + _CLIP
+
+RULES = {"fsdp": FSDP, "fsdp_tp": FSDP_TP, "inference_tp": INFERENCE_TP}

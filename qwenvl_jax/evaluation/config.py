@@ -38,8 +38,10 @@ def default_config(task_name: str, arg: str | None = None):
   c.kv_cache_dtype = "auto"             # auto (the compute dtype) | int8
   c.image_size = ml_collections.config_dict.placeholder(int)   # override the preset's resolution
   c.per_device_batch_size = 4
-  c.rules = "fsdp"                      # sharding rule table (qwenvl_jax/sharding_rules.py)
-  c.mesh = ml_collections.ConfigDict({"fsdp": -1})   # ICI degrees of the (data, fsdp, tensor) mesh
+  c.rules = "inference_tp"              # sharding rule table (qwenvl_jax/sharding_rules.py); "fsdp" = as training
+  c.tensor_parallel = 0                 # chips per model replica (0 = one host's; inference/layout.py)
+  c.mesh = ml_collections.ConfigDict({"data": 0, "fsdp": 0, "tensor": 0})   # explicit ICI degrees of the
+                                        # (data, fsdp, tensor) mesh instead (0 = not given; one may be -1)
   c.buckets = decode.DEFAULT_BUCKETS    # allowed padded prompt lengths (bounds recompiles)
   c.seed = 0                            # random weights, and the few-shot draw
   c.few_shot = 0                        # k training examples before each query (captioning and VQA; RECIPES §2.1)

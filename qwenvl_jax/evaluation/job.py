@@ -38,7 +38,8 @@ class EvalJob:
       if not source.tokenizer:
         raise ValueError("config.tokenizer is required unless config.checkpoint is a training run")
       model = loading.load_source(source, dtype=config.dtype, rules=config.rules, mesh_axes=config.mesh.to_dict(),
-                                  seed=config.seed, quantize=config.get("quantize"),
+                                  tensor_parallel=config.get("tensor_parallel", 0), seed=config.seed,
+                                  quantize=config.get("quantize"),
                                   group_size=config.get("quantize_group_size"))
     self.tok, self.cfg, self.mesh, self.rules, module = model
     kv = config.get("kv_cache_dtype", "auto")

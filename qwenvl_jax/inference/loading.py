@@ -19,7 +19,7 @@ from flax import nnx
 
 from qwenvl_jax import sharding
 from qwenvl_jax import text as qtext
-from qwenvl_jax.inference import model_source
+from qwenvl_jax.inference import layout, model_source
 from qwenvl_jax.model import QwenVL
 from qwenvl_jax.model.config import QwenVLConfig, get_preset
 
@@ -43,7 +43,8 @@ def model_config(preset: str, tok: qtext.Tokenizer, *, dtype: str = "bfloat16", 
 
 
 def inference_mesh(rules_name: str = "fsdp", **ici) -> tuple[jax.sharding.Mesh, sharding.Rules]:
-  """A mesh over all devices (default: everything on `fsdp`, which shards weights and batches alike)."""
+  """A mesh over all devices with explicit ICI degrees (default: everything on `fsdp`, which shards weights and
+  batches alike: what conversion uses to hold a model it only reads once). Decoding uses `layout`'s mesh."""
   ici = ici or {"fsdp": -1}
   return sharding.make_mesh(ici), sharding.load_rules(rules_name)
 
@@ -80,20 +81,22 @@ def load_model(cfg: QwenVLConfig, checkpoint: str | None, mesh: jax.sharding.Mes
   return model
 
 
-def load_source(source: model_source.ModelSource, *, dtype: str = "bfloat16", rules: str = "fsdp",
-                mesh_axes: dict | None = None, seed: int = 0, quantize: str | None = None,
+def load_source(source: model_source.ModelSource, *, dtype: str = "bfloat16", rules: str = layout.DEFAULT_RULES,
+                mesh_axes: dict | None = None, tensor_parallel: int = 0, seed: int = 0, quantize: str | None = None,
                 group_size: int | None = None):
   """The model a resolved `source` (with its tokenizer spec) names, ready for inference.
 
   The one path of `generate`, `serve`, the eval job and `qwenvl_jax.load`: tokenizer -> config (random weights when
-  the source has no params) -> inference mesh (`mesh_axes`: its ICI degrees) -> restored (or quantized) model.
+  the source has no params) -> inference mesh (`layout.make_inference_mesh`: tensor parallelism over
+  `tensor_parallel` chips, 0 = one host's, replicas over the rest; or the ICI degrees `mesh_axes`) -> restored (or
+  quantized) model.
 
   Returns:
     (tokenizer, QwenVLConfig, mesh, rules, QwenVL).
   """
   tok = qtext.load_tokenizer(source.tokenizer)
   cfg = model_config(source.preset, tok, dtype=dtype, random_weights=not source.params, image_size=source.image_size)
-  mesh, rule_table = inference_mesh(rules, **(mesh_axes or {}))
+  mesh, rule_table = layout.make_inference_mesh(cfg, rules, tensor_parallel=tensor_parallel, mesh_axes=mesh_axes)
   model = load_model(cfg, source.params, mesh, rule_table, seed=seed, preset=source.preset, quantize=quantize,
                      group_size=group_size)
   return tok, cfg, mesh, rule_table, model

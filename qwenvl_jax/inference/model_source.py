@@ -23,7 +23,7 @@ import os
 
 from flax import nnx
 
-from qwenvl_jax import sharding
+from qwenvl_jax import errors, sharding
 from qwenvl_jax import text as qtext
 from qwenvl_jax.model import QwenVL
 from qwenvl_jax.model.config import PRESETS, QwenVLConfig, get_preset
@@ -66,7 +66,7 @@ def _run_tokenizer(run_dir: str, spec: str) -> str:
     try:
       qtext.parse_tokenizer_spec(spec)
     except ValueError as e:
-      raise ValueError(f"{run_dir}/config.json: {e}") from e
+      raise errors.ConfigError(f"{run_dir}/config.json: {e}") from e
     return spec
   return os.path.join(run_dir, "tokenizer.model")
 
@@ -106,6 +106,14 @@ def resolve(checkpoint: str | None, *, model: str | None = None, tokenizer: str 
                             f"point --checkpoint at {params}")
   with open(config_path, encoding="utf-8") as f:
     run = json.load(f)
+  if int((run.get("lora") or {}).get("rank", 0) or 0) > 0:
+    # Its checkpoints hold the base (bf16, or QLoRA's 4-bit codes) plus adapters, not the plain model's tree.
+    raise errors.ConfigError(
+        f"{run_dir} is a LoRA/QLoRA run: merge its adapters first, then chat with the merged params",
+        hint=(f"python -m qwenvl_jax.convert --mode=merge_lora --src={run_dir}@{step} --dst=MERGED && "
+              f"python -m qwenvl_jax.generate --checkpoint=MERGED --model={run.get('model')} "
+              f"--tokenizer={_run_tokenizer(run_dir, run.get('tokenizer', ''))} --image_size={run.get('res')} "
+              f"--chat_format={'chatml' if run.get('stage') == 3 else 'raw'} --prompt=..."))
   return ModelSource(params, model or run.get("model", DEFAULT_PRESET), image_size or run.get("res"),
                      tokenizer or _run_tokenizer(run_dir, run.get("tokenizer", "")),
                      chat_format or ("chatml" if run.get("stage") == 3 else "raw"), run_dir, step)
@@ -119,7 +127,7 @@ def _shapes(cfg: QwenVLConfig) -> dict[str, tuple[int, ...]]:
 
 
 def check_preset(params: str, cfg: QwenVLConfig, preset: str) -> None:
-  """Raises ValueError when the parameters stored at `params` do not have the shapes of `cfg` (preset `preset`):
+  """Raises errors.ConfigError (a ValueError) when the parameters stored at `params` do not have the shapes of `cfg` (preset `preset`):
   the message lists the differing parameters (stored vs preset) and names a preset that matches, if any."""
   from qwenvl_jax.checkpoint import ParamReader  # pylint: disable=import-outside-toplevel
   stored = {k: tuple(v[0]) for k, v in ParamReader(params).shapes.items()}
@@ -141,7 +149,7 @@ def check_preset(params: str, cfg: QwenVLConfig, preset: str) -> None:
   hint = (f"the stored shapes are those of preset {matching[0]!r}: pass --model={matching[0]}" if matching
           else "no preset has these shapes")
   shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
-  raise ValueError(f"checkpoint {params} does not fit preset {preset!r} ({len(diffs)} parameters differ: "
-                   f"{shown}); {hint}")
+  raise errors.ConfigError(f"checkpoint {params} does not fit preset {preset!r} ({len(diffs)} parameters differ: "
+                           f"{shown}); {hint}")
 
 

@@ -107,16 +107,22 @@ class Einsum(nnx.Module):
     return y
 
   def lora_delta(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
-    """scale * (dropout(x) @ A) @ B in the compute dtype: the LoRA term (PEFT's
-    `lora_B(lora_A(lora_dropout(x))) * alpha / r`)."""
-    rate = self.lora_dropout
-    if dropout_key is not None and rate > 0:
-      keep = jax.random.bernoulli(dropout_key, 1.0 - rate, x.shape)
-      x = jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-    a = self.lora_a[...].astype(self.dtype)
-    b = self.lora_b[...].astype(self.dtype)
-    h = jnp.einsum(self.lora_specs[0], x.astype(self.dtype), a)
-    return jnp.einsum(self.lora_specs[1], h, b) * jnp.asarray(self.lora_scale, self.dtype)
+    """scale * (dropout(x) @ A) @ B in the compute dtype (`lora_delta`)."""
+    return lora_delta(self, x, dropout_key)
+
+
+def lora_delta(module: nnx.Module, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+  """The LoRA term of a projection carrying adapters (an `Einsum`, or a `model.quantize.QuantizedEinsum` under
+  QLoRA): scale * (dropout(x) @ A) @ B in the module's compute dtype, PEFT's
+  `lora_B(lora_A(lora_dropout(x))) * alpha / r`. x: float[..., in]; returns float[..., out]."""
+  rate = module.lora_dropout
+  if dropout_key is not None and rate > 0:
+    keep = jax.random.bernoulli(dropout_key, 1.0 - rate, x.shape)
+    x = jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+  a = module.lora_a[...].astype(module.dtype)
+  b = module.lora_b[...].astype(module.dtype)
+  h = jnp.einsum(module.lora_specs[0], x.astype(module.dtype), a)
+  return jnp.einsum(module.lora_specs[1], h, b) * jnp.asarray(module.lora_scale, module.dtype)
 
 
 class LayerNorm(nnx.Module):

@@ -15,8 +15,12 @@ Why not qwix's `LoraProvider`: it creates the adapter variables lazily, inside t
 call; our decoder and ViT blocks run under `nnx.scan`, where creating variables fails (qwix 0.1.8 with flax
 0.12.8: `IndexError` in `nnx.scan`'s `scan_wrapper`, reproduced by hand, not in a test). Attaching
 the adapters before the first call, with the stacked `[L, ...]` shapes `nnx.vmap` gave the kernels, is what
-scanned layers need; `flax.nnx.LoRAParam` is the variable type made for it. (QLoRA, a 4-bit base under these
-adapters, is not built yet; weight-only int8/int4 inference uses qwix in `model/quantize.py`.)
+scanned layers need; `flax.nnx.LoRAParam` is the variable type made for it.
+
+QLoRA: the same adapters attach to a `model.quantize.QuantizedEinsum` (the base kernel held as int4 / nf4 / int8
+codes + float32 scales, qwix's numerics and einsum); its `qvalue` has the kernel's shape and axis names, so
+shapes, axes, the forward term and the PEFT names are the same. Merging dequantizes (float32), adds the delta and
+puts a plain float `layers.Einsum` back in the module's place.
 """
 
 from __future__ import annotations
@@ -31,7 +35,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qwenvl_jax import sharding
-from qwenvl_jax.model import layers
+from qwenvl_jax.model import layers, quantize
+
+# The module types adapters attach to: float projections and (QLoRA) quantized ones.
+PROJECTIONS = (layers.Einsum, quantize.QuantizedEinsum)
 
 # The official finetune.py targets ("c_attn", "attn.c_proj", "w1", "w2") as our module paths.
 OFFICIAL_TARGETS = ("llm/blocks/attn/qkv", "llm/blocks/attn/out", "llm/blocks/mlp/w1", "llm/blocks/mlp/w2")
@@ -75,9 +82,14 @@ def _split_spec(spec: str) -> tuple[str, str, str]:
   return lhs, rhs, out
 
 
-def _attach(module: layers.Einsum, cfg: LoraConfig, rngs: nnx.Rngs) -> None:
+def _base_weight(module: nnx.Module) -> nnx.Param:
+  """The kernel, or a quantized projection's codes (same shape and logical axes)."""
+  return module.qvalue if isinstance(module, quantize.QuantizedEinsum) else module.kernel
+
+
+def _attach(module: nnx.Module, cfg: LoraConfig, rngs: nnx.Rngs) -> None:
   lhs, rhs, out = _split_spec(module.spec)
-  kernel = module.kernel
+  kernel = _base_weight(module)
   stack = kernel.ndim - len(rhs)
   axes = sharding.logical_axes_of(kernel)
   in_letters = [c for c in rhs if c in lhs]
@@ -112,10 +124,10 @@ def _attach(module: layers.Einsum, cfg: LoraConfig, rngs: nnx.Rngs) -> None:
                             f"->{lead_letters}{rhs}")
 
 
-def lora_modules(model: nnx.Module) -> dict[str, layers.Einsum]:
-  """{module path: Einsum} of the projections that carry adapters."""
+def lora_modules(model: nnx.Module) -> dict[str, nnx.Module]:
+  """{module path: Einsum or QuantizedEinsum} of the projections that carry adapters."""
   return {_path(p): m for p, m in nnx.iter_modules(model)
-          if isinstance(m, layers.Einsum) and getattr(m, "lora_a", None) is not None}
+          if isinstance(m, PROJECTIONS) and getattr(m, "lora_a", None) is not None}
 
 
 def apply_lora(model: nnx.Module, cfg: LoraConfig, *, rngs: nnx.Rngs) -> nnx.Module:
@@ -124,7 +136,7 @@ def apply_lora(model: nnx.Module, cfg: LoraConfig, *, rngs: nnx.Rngs) -> nnx.Mod
   Mutates and returns `model`. A target that matches no projection is an error (a typo would otherwise train
   nothing there).
   """
-  einsums = {_path(p): m for p, m in nnx.iter_modules(model) if isinstance(m, layers.Einsum)}
+  einsums = {_path(p): m for p, m in nnx.iter_modules(model) if isinstance(m, PROJECTIONS)}
   for target in cfg.targets:
     hits = [p for p in einsums if re.fullmatch(target, p)]
     if not hits:
@@ -143,15 +155,29 @@ def apply_lora(model: nnx.Module, cfg: LoraConfig, *, rngs: nnx.Rngs) -> nnx.Mod
   return model
 
 
-def lora_delta_weight(module: layers.Einsum) -> jax.Array:
+def lora_delta_weight(module: nnx.Module) -> jax.Array:
   """float32 kernel-shaped scale * A @ B of one adapted projection."""
   return jnp.einsum(module.lora_merge_spec, module.lora_a[...].astype(jnp.float32),
                     module.lora_b[...].astype(jnp.float32)) * module.lora_scale
 
 
-def merge_lora(model: nnx.Module) -> nnx.Module:
+def merge_lora(model: nnx.Module, quantized_dtype=jnp.float32) -> nnx.Module:
   """Folds every adapter into its kernel (W + scale * A @ B, in float32, cast back to W's dtype) and removes the
-  adapters, leaving the plain model's parameter tree. Mutates and returns `model`."""
+  adapters, leaving the plain model's parameter tree. Mutates and returns `model`.
+
+  Every quantized projection (`QuantizedEinsum`: a QLoRA base, with or without an adapter) is dequantized in
+  float32, merged, and replaced by a float `layers.Einsum` whose kernel has `quantized_dtype`, so the merged model
+  is the plain float model's tree.
+  """
+  quantized = {_path(p): m for p, m in nnx.iter_modules(model) if isinstance(m, quantize.QuantizedEinsum)}
+  for path, module in quantized.items():
+    w = quantize.dequantize(module.qvalue[...], module.scale[...], jnp.float32, module.mode)
+    if getattr(module, "lora_a", None) is not None:
+      w = w + lora_delta_weight(module)
+    parent = model
+    for part in path.split("/")[:-1]:
+      parent = getattr(parent, part)
+    setattr(parent, path.split("/")[-1], module.to_einsum(w.astype(quantized_dtype)))
   for module in lora_modules(model).values():
     kernel = module.kernel
     merged = kernel[...].astype(jnp.float32) + lora_delta_weight(module)

@@ -1,4 +1,7 @@
-"""Weight-only quantization for inference: int8 per-channel and int4 per-group kernels, held quantized on device.
+"""Weight-only quantization: int8 per-channel and int4 / nf4 per-group kernels, held quantized on device.
+
+Used for inference (`--quantize`) and as the frozen base of QLoRA training (`training.peft`: the LLM's
+projections quantized, float32 LoRA adapters attached to the `QuantizedEinsum`s by `model.lora.apply_lora`).
 
 Letters: L stacked layers (scanned blocks), D/F/N/H as in the model, V vocabulary, G the int4 group size.
 
@@ -14,7 +17,8 @@ Layout. An `Einsum(spec, kernel)` becomes a `QuantizedEinsum` holding
 Scales are per output channel (every non-contracted axis of the kernel, the stacked `layers` axis included, so
 each layer has its own scales); int4 adds groups of G along the last contracted axis (the per-group scheme of
 GPTQ/AWQ int4 checkpoints), or one group when G does not divide it. The embedding `[V, D]` gets one scale per
-row (int8) or per row and group (int4). Both arrays keep the kernel's logical axis names, so a rule table shards
+row (int8) or per row and group (int4). nf4 (QLoRA training's default) groups like int4 and stores uint4 codes
+of qwix's NormalFloat4 table (as int4, code - 8), absmax-scaled per group. Both arrays keep the kernel's logical axis names, so a rule table shards
 `qvalue` exactly as it sharded the kernel, and a scale axis shards with it where the mesh divides it (a length-1
 contracted axis stays replicated).
 
@@ -30,6 +34,7 @@ our fused kernel layouts and keeps the logical axis names that qwix's intercepti
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import jax
@@ -39,17 +44,29 @@ from flax import nnx
 
 from qwenvl_jax.model import layers
 
-MODES = ("int8", "int4")
+MODES = ("int8", "int4", "nf4")
 DEFAULT_GROUP_SIZE = 128
-_QTYPES = {"int8": jnp.int8, "int4": jnp.int4}
+# nf4 (QLoRA's NormalFloat4: 16 levels at normal quantiles, absmax-scaled per group) is a qwix "synthetic" qtype
+# whose codes 0..15 qwix holds as uint4. TensorStore (Orbax) cannot store uint4, so our parameter holds code - 8 as
+# int4 (same 4 bits in memory); `_qarray` shifts back before qwix's table lookup (fused into the dequantization).
+_QTYPES = {"int8": jnp.int8, "int4": jnp.int4, "nf4": "nf4"}
+_NF4_OFFSET = 8
+
+
+def _qarray(qvalue: jax.Array, scale: jax.Array, mode: str) -> qwix.QArray:
+  """qwix's QArray of stored codes (`quantize_array`'s layout) for `mode`."""
+  if mode == "nf4":
+    return qwix.QArray((qvalue.astype(jnp.int8) + _NF4_OFFSET).astype(jnp.uint4), scale, qtype="nf4")
+  return qwix.QArray(qvalue, scale, qtype=qvalue.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
   """How weights are quantized.
 
-  mode: "int8" (per-channel) or "int4" (per-channel and per-group of `group_size` along the contracted axis).
-  group_size: G for int4 (ignored for int8).
+  mode: "int8" (per-channel), "int4" or "nf4" (per-channel and per-group of `group_size` along the contracted
+    axis; nf4 is the QLoRA paper's 4-bit NormalFloat, used by QLoRA training, `training.peft`).
+  group_size: G for int4 / nf4 (ignored for int8).
   embeddings: also quantize the token embedding `wte` (1.2 GB of the 9.6B model's 19.3 GB in bf16).
   """
   mode: str = "int8"
@@ -78,7 +95,7 @@ def _how(kernel_ndim: int, contracted: tuple[int, ...], cfg: QuantConfig, shape:
   """qwix's channelwise/tiled axes for a kernel whose axes `contracted` are summed over by its einsum."""
   channels = tuple(a for a in range(kernel_ndim) if a not in contracted)
   tiled = {}
-  if cfg.mode == "int4":
+  if cfg.mode in ("int4", "nf4"):
     last = contracted[-1]
     if shape[last] > cfg.group_size and shape[last] % cfg.group_size == 0:
       tiled[last] = cfg.group_size
@@ -86,17 +103,24 @@ def _how(kernel_ndim: int, contracted: tuple[int, ...], cfg: QuantConfig, shape:
 
 
 def quantize_array(w: jax.Array, contracted: tuple[int, ...], cfg: QuantConfig) -> tuple[jax.Array, jax.Array]:
-  """(qvalue int8/int4 of w's shape, scale float32 of w's rank) of a float kernel. Pure, jit-able.
+  """(qvalue int8 / int4 (nf4: code - 8) of w's shape, scale float32 of w's rank) of a float kernel. Pure, jit-able.
 
-  contracted: the axes of `w` its matmul sums over (they share a scale; int4 groups the last of them).
+  contracted: the axes of `w` its matmul sums over (they share a scale; int4 / nf4 group the last of them).
   """
   q = qwix.quantize(w.astype(jnp.float32), cfg.qtype, **_how(w.ndim, contracted, cfg, w.shape))
-  return q.qvalue, q.scale.astype(jnp.float32)
+  qvalue = q.qvalue
+  if cfg.mode == "nf4":
+    qvalue = (qvalue.astype(jnp.int8) - _NF4_OFFSET).astype(jnp.int4)
+  return qvalue, q.scale.astype(jnp.float32)
 
 
-def dequantize(qvalue: jax.Array, scale: jax.Array, dtype=jnp.float32) -> jax.Array:
-  """The float array `qvalue * scale` (scale broadcast over its groups) in `dtype`."""
-  return qwix.dequantize(qwix.QArray(qvalue, scale.astype(dtype), qtype=qvalue.dtype))
+def dequantize(qvalue: jax.Array, scale: jax.Array, dtype=jnp.float32, mode: str | None = None) -> jax.Array:
+  """The float array `qvalue * scale` (scale broadcast over its groups; nf4: table[code] * scale) in `dtype`.
+
+  mode: the QuantConfig mode the codes were made with; None = int8 / int4 (read from the codes' dtype).
+  """
+  mode = mode or jnp.dtype(qvalue.dtype).name
+  return qwix.dequantize(_qarray(qvalue, scale.astype(dtype), mode)).astype(dtype)
 
 
 def contracted_axes(spec: str, kernel_ndim: int) -> tuple[int, ...]:
@@ -119,14 +143,17 @@ def _axes(variable: nnx.Variable) -> tuple:
 
 
 class QuantizedEinsum(nnx.Module):
-  """`layers.Einsum` with a quantized kernel: y = einsum(spec, x, qvalue * scale) (+ bias).
+  """`layers.Einsum` with a quantized kernel: y = einsum(spec, x, qvalue * scale) (+ bias) (+ the LoRA term when
+  `model.lora.apply_lora` attached adapters: QLoRA).
 
   x: float[..., in] in any dtype (cast to the compute dtype); returns float[..., out] in the compute dtype.
   """
 
-  def __init__(self, spec: str, qvalue: nnx.Param, scale: nnx.Param, bias: nnx.Param | None, *, dtype):
+  def __init__(self, spec: str, qvalue: nnx.Param, scale: nnx.Param, bias: nnx.Param | None, *, dtype,
+               mode: str):
     self.spec = spec
     self.dtype = dtype
+    self.mode = mode
     self.qvalue = qvalue
     self.scale = scale
     self.bias = nnx.data(bias)
@@ -137,23 +164,42 @@ class QuantizedEinsum(nnx.Module):
     contracted = contracted_axes(module.spec, kernel.ndim)
     qvalue, scale = quantize_array(kernel[...], contracted, cfg)
     axes = _axes(kernel)
-    return cls(module.spec, _param(qvalue, axes), _param(scale, axes), module.bias, dtype=module.dtype)
+    return cls(module.spec, _param(qvalue, axes), _param(scale, axes), module.bias, dtype=module.dtype,
+               mode=cfg.mode)
 
   def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
-    """dropout_key: accepted for `layers.Einsum`'s signature (LoRA dropout); a quantized layer has no adapter."""
-    del dropout_key
-    w = qwix.QArray(self.qvalue[...], self.scale[...].astype(self.dtype), qtype=self.qvalue.dtype)
-    y = qwix.einsum(self.spec, x.astype(self.dtype), w)
+    """dropout_key: the LoRA dropout's key (QLoRA training); None = no dropout. Ignored without an adapter."""
+    # A float activation makes qwix dequantize the weight and run a float einsum (its "slow" path, which XLA fuses
+    # with the dequantization): differentiable w.r.t. x, which is what QLoRA's backward pass needs (checked by
+    # tests/training/test_qlora.py: adapters below a quantized layer get gradients).
+    w = _qarray(self.qvalue[...], self.scale[...].astype(self.dtype), self.mode)
+    y = qwix.einsum(self.spec, x.astype(self.dtype), w).astype(self.dtype)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
-    return y.astype(self.dtype)
+    if getattr(self, "lora_a", None) is not None:  # attached by `model.lora.apply_lora` (QLoRA)
+      y = y + layers.lora_delta(self, x, dropout_key)
+    return y
+
+  def to_einsum(self, kernel: jax.Array) -> layers.Einsum:
+    """The float `layers.Einsum` with this module's spec, axes, bias and compute dtype and the given kernel (same
+    shape as `qvalue`; e.g. the dequantized one, or merged with a LoRA delta). No adapters."""
+    axes = _axes(self.qvalue)
+    bias = self.bias
+    out = layers.Einsum(self.spec, kernel.shape, axes, dtype=self.dtype, param_dtype=kernel.dtype,
+                        bias_shape=None if bias is None else bias.shape,
+                        bias_axes=None if bias is None else _axes(bias),
+                        kernel_init=lambda *_: kernel, rngs=nnx.Rngs(0))
+    if bias is not None:
+      out.bias = bias
+    return out
 
 
 class QuantizedEmbed(nnx.Module):
   """`nnx.Embed` with a quantized table: int32[B, T] -> float[B, T, D] (rows dequantized after the gather)."""
 
-  def __init__(self, qvalue: nnx.Param, scale: nnx.Param, *, dtype):
+  def __init__(self, qvalue: nnx.Param, scale: nnx.Param, *, dtype, mode: str):
     self.dtype = dtype
+    self.mode = mode
     self.qvalue = qvalue
     self.scale = scale
 
@@ -163,19 +209,21 @@ class QuantizedEmbed(nnx.Module):
     # A row is looked up whole, so its D entries are the "contracted" axis: one scale per row (and group).
     qvalue, scale = quantize_array(table[...], (1,), cfg)
     axes = _axes(table)
-    return cls(_param(qvalue, axes), _param(scale, axes), dtype=module.dtype or table.dtype)
+    return cls(_param(qvalue, axes), _param(scale, axes), dtype=module.dtype or table.dtype, mode=cfg.mode)
 
   def __call__(self, input_ids: jax.Array) -> jax.Array:
     rows_q = jnp.take(self.qvalue[...], input_ids, axis=0)
     rows_s = jnp.take(self.scale[...], input_ids, axis=0)
-    return dequantize(rows_q, rows_s, self.dtype)
+    return dequantize(rows_q, rows_s, self.dtype, self.mode)
 
 
-def _targets(model: nnx.Module, cfg: QuantConfig) -> list[tuple[tuple, nnx.Module]]:
+def _targets(model: nnx.Module, cfg: QuantConfig, only: tuple[str, ...] | None = None
+             ) -> list[tuple[tuple, nnx.Module]]:
   found = []
   for path, node in nnx.iter_graph(model):
     if isinstance(node, layers.Einsum) or (cfg.embeddings and isinstance(node, nnx.Embed)):
-      found.append((tuple(path), node))
+      if only is None or any(re.fullmatch(p, "/".join(str(k) for k in path)) for p in only):
+        found.append((tuple(path), node))
   return found
 
 
@@ -186,27 +234,29 @@ def _parent(model: nnx.Module, path: tuple) -> nnx.Module:
   return node
 
 
-def quantize_model(model: nnx.Module, cfg: QuantConfig) -> nnx.Module:
+def quantize_model(model: nnx.Module, cfg: QuantConfig, only: tuple[str, ...] | None = None) -> nnx.Module:
   """Replaces, in place, every Einsum (and the token embedding) of `model` by its quantized form; returns it.
 
+  only: full-match regexes over module paths (e.g. `llm/blocks/.*`, QLoRA's LLM projections); None = all.
   Works on concrete models (quantizes their values) and inside `nnx.eval_shape` (the abstract quantized
   model, for shardings and AOT plans). The float kernels are dropped from the model.
   """
-  for path, node in _targets(model, cfg):
+  for path, node in _targets(model, cfg, only):
     new = (QuantizedEinsum.from_einsum(node, cfg) if isinstance(node, layers.Einsum)
            else QuantizedEmbed.from_embed(node, cfg))
     setattr(_parent(model, path), path[-1], new)
   return model
 
 
-def source_map(model: nnx.Module, cfg: QuantConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
+def source_map(model: nnx.Module, cfg: QuantConfig, only: tuple[str, ...] | None = None
+               ) -> dict[str, tuple[str, tuple[int, ...]]]:
   """For a float model: quantized module path (slash-joined) -> (its float parameter's path, contracted axes).
 
   What a loader needs to quantize a float checkpoint leaf by leaf: `qvalue`/`scale` of the module at the key
   come from the float parameter at the value.
   """
   out = {}
-  for path, node in _targets(model, cfg):
+  for path, node in _targets(model, cfg, only):
     key = "/".join(str(p) for p in path)
     if isinstance(node, layers.Einsum):
       out[key] = (key + "/kernel", contracted_axes(node.spec, node.kernel.ndim))

@@ -47,6 +47,19 @@ class KVCache(NamedTuple):
     return self.k_scale is not None
 
 
+# Logical axes of the cache's k, v (and their int8 scales, whose last dim is 1): [L, B, S, N, H].
+_KV_AXES = ("layers", "cache_batch", "cache_len", "cache_heads", "cache_head_dim")
+
+
+def constrain_cache(cache: KVCache) -> KVCache:
+  """`cache` pinned to its layout under the enclosing `sharding.use_rules` (rows over the batch axes, heads over
+  `tensor`): a jitted program that returns a cache it updated returns it in the layout it took (no resharding,
+  no recompilation for a new input layout). A no-op outside `use_rules`."""
+  kv = lambda x: None if x is None else sharding.constrain(x, _KV_AXES)
+  return KVCache(kv(cache.k), kv(cache.v), sharding.constrain(cache.segment_ids, ("cache_batch", "cache_len")),
+                 kv(cache.k_scale), kv(cache.v_scale))
+
+
 class ModelOutput(NamedTuple):
   """What `QwenLM` and `QwenVL` return, with or without a cache (one type, so callers never branch)."""
 
@@ -172,18 +185,20 @@ class QwenLM(nnx.Module):
     """An empty cache of `max_len` slots (all segments 0, so nothing is attended until written).
 
     dtype: the stored k/v dtype (default the compute dtype); int8 gives a quantized cache (`KVCache`).
+    Under `sharding.use_rules` the cache is created in its layout (rows over the batch axes, heads over `tensor`).
     """
     c = self.cfg
     shape = (c.layers, batch, max_len, c.heads, c.head_dim)
     dtype = jnp.dtype(dtype or self.dtype)
-    segments = jnp.zeros((batch, max_len), jnp.int32)
+    zeros = lambda shape, dtype: sharding.constrain(jnp.zeros(shape, dtype), _KV_AXES)
+    segments = sharding.constrain(jnp.zeros((batch, max_len), jnp.int32), ("cache_batch", "cache_len"))
     if dtype == jnp.int8:
       scales = shape[:-1] + (1,)
-      return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), segments,
-                     jnp.zeros(scales, self.dtype), jnp.zeros(scales, self.dtype))
+      return KVCache(zeros(shape, dtype), zeros(shape, dtype), segments, zeros(scales, self.dtype),
+                     zeros(scales, self.dtype))
     if not jnp.issubdtype(dtype, jnp.floating):
       raise ValueError(f"a KV cache is float or int8, got {dtype}")
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), segments)
+    return KVCache(zeros(shape, dtype), zeros(shape, dtype), segments)
 
   def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array,
                cache: KVCache | None = None, cache_index: jax.Array | int | None = None,
@@ -262,7 +277,10 @@ class QwenLM(nnx.Module):
       x = run(x, self.blocks)
       new_cache = None
     else:
-      entries = (cache.k, cache.v) + ((cache.k_scale, cache.v_scale) if cache.quantized else ())
+      # The cache is laid out by the rules (rows over the batch axes, heads over `tensor`, like the attention
+      # that reads it), not left to propagation: a replicated cache would be all-gathered into every step.
+      entries = tuple(sharding.constrain(e, _KV_AXES) for e in
+                      (cache.k, cache.v) + ((cache.k_scale, cache.v_scale) if cache.quantized else ()))
 
       # The stacked cache rides in the carry and each layer updates its own slice in place: scanned as xs -> ys
       # it would be read from one buffer and written to another, a whole extra cache in temporaries (4 GiB at
@@ -276,5 +294,6 @@ class QwenLM(nnx.Module):
         return x, entries, layer + 1
 
       x, entries, _ = run_cached((x, entries, jnp.int32(0)), self.blocks)
+      entries = tuple(sharding.constrain(e, _KV_AXES) for e in entries)
       new_cache = KVCache(*entries[:2], kv_segments, *entries[2:])
     return sharding.constrain(self.ln_f(x), ("act_batch", "act_len", "act_embed")), new_cache

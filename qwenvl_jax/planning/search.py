@@ -10,9 +10,10 @@ The global batch, sequence and model stay those of the config; the search varies
 
 Full-size compiles take minutes each, so the search is bounded in three steps:
   1. every candidate gets an analytic per-chip memory estimate (parameter/optimizer shards from the abstract
-     model's counts, activations from the remat policy's saved tensors, the float32 logits) and an analytic step
-     time (model FLOPs x remat recompute at peak; FSDP all-gathers and reduce-scatters of every micro-batch and
-     tensor-parallel all-reduces on ICI, ring model): candidates over `PRUNE_FACTOR` x HBM are dropped unseen;
+     model's counts, activations from the remat policy's saved tensors, the float32 logits of the whole sequence
+     or of one `loss_chunk`) and an analytic step time (model FLOPs x remat recompute at peak; FSDP all-gathers
+     and reduce-scatters of every micro-batch and tensor-parallel all-reduces on ICI, ring model): candidates over
+     `PRUNE_FACTOR` x HBM are dropped unseen;
   2. the `max_compiles` best of the rest (estimated to fit first, then by analytic time) are AOT-compiled (`train_plan.plan_stage`), and their
      real memory (memory_analysis) and compute + communication estimate (`collectives`) replace the guesses;
   3. compiled results are cached as JSON under `cache_dir`, keyed by config, topology and candidate, so a re-run
@@ -151,7 +152,9 @@ def estimate_memory(cfg, config: ml_collections.ConfigDict, cand: Candidate, num
   vit_token = {"full": 2 * v.width, "dots": 2 * (5 * v.width + 2 * v.mlp_dim / cand.tensor),
                "none": 2 * (10 * v.width + 2 * v.mlp_dim / cand.tensor)}.get(cand.remat, 2 * v.width)
   vit = images * p * (vit_token * v.layers if vit_trains else 2 * (6 * v.width + v.mlp_dim / cand.tensor))
-  logits = rows * t * l.vocab_size * (2 + 4 + 4) / cand.tensor
+  # bf16 logits, their float32 upcast and its gradient: whole, or one `loss_chunk` of tokens at a time.
+  chunk = int(config.get("loss_chunk", 0))
+  logits = rows * (min(chunk, t) if chunk > 0 else t) * l.vocab_size * (2 + 4 + 4) / cand.tensor
   return state + saved + working + vit + logits
 
 

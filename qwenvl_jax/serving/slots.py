@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qwenvl_jax.model.qwen import KVCache
+from qwenvl_jax.model.qwen import KVCache, constrain_cache
 from qwenvl_jax.serving import slot_sampling
 
 
@@ -93,7 +93,7 @@ def _prefill(graphdef, vocab_limit, state, cache: KVCache, ids, lengths, first_i
   cache = KVCache(cache.k.at[:, rows, :p].set(new_k, mode="drop"),
                   cache.v.at[:, rows, :p].set(new_v, mode="drop"),
                   cache.segment_ids.at[rows].set(seg_rows, mode="drop"))
-  return first, cache
+  return first, constrain_cache(cache)
 
 
 def _decode(graphdef, vocab_limit, state, cache: KVCache, tokens, positions, active, rope_base,
@@ -111,10 +111,10 @@ def _decode(graphdef, vocab_limit, state, cache: KVCache, tokens, positions, act
                              top_p=sampling.top_p, seeds=sampling.seed, counts=sampling.count,
                              vocab_limit=vocab_limit)
   if r == cache.segment_ids.shape[0]:
-    return nxt, rows
+    return nxt, constrain_cache(rows)
   # The other rows are untouched; the donated cache is updated in place.
-  return nxt, KVCache(cache.k.at[:, :r].set(rows.k), cache.v.at[:, :r].set(rows.v),
-                      cache.segment_ids.at[:r].set(rows.segment_ids))
+  return nxt, constrain_cache(KVCache(cache.k.at[:, :r].set(rows.k), cache.v.at[:, :r].set(rows.v),
+                                      cache.segment_ids.at[:r].set(rows.segment_ids)))
 
 
 class SlotModel:
@@ -130,7 +130,8 @@ class SlotModel:
     self.cfg = model.cfg
     self.num_slots, self.context, self.feature_slots = num_slots, context, feature_slots
     self.graphdef, self.state = nnx.split(model)
-    self.cache = model.llm.init_cache(num_slots, context, dtype=cache_dtype)
+    # Created by a jitted call: under `sharding.use_rules` each chip allocates only its part of the cache.
+    self.cache = jax.jit(lambda: model.llm.init_cache(num_slots, context, dtype=cache_dtype))()
     self._encode = jax.jit(_encode, static_argnums=(0, 1))
     self._prefill = jax.jit(_prefill, static_argnums=(0, 1), donate_argnums=(3,))
     self._decode = jax.jit(_decode, static_argnums=(0, 1), donate_argnums=(3,))

@@ -12,6 +12,16 @@ Letters: none (trees of parameters).
   adapters (B = 0, so step 0 is exactly the base model).
 Trainer checkpoints hold the whole parameter tree (the bf16 base with the adapters): resuming needs nothing but the
 workdir, and `convert --mode=merge_lora` / `--mode=export_peft` read the adapters from it.
+
+QLoRA (`config.lora.base_quantize` = nf4 | int4 | int8, shorthand `configs/stage3.py:qlora=64`): the projections
+matched by `config.lora.quantize_targets` (default every LLM block projection: c_attn, attn.c_proj, w1, w2,
+mlp.c_proj) are replaced by `model.quantize.QuantizedEinsum`s before the adapters attach, so the frozen base of
+those layers is held as 4-bit (or int8) codes + float32 per-group scales (`config.lora.quantize_group` inputs per
+group, 64 as in the QLoRA paper) and computed in the compute dtype (bf16); everything else of the base (ViT,
+adapter, embeddings, lm_head, norms) stays in `base_dtype`. Adapters and their AdamW state are float32 as for
+LoRA. The codes are parameters of the frozen set: no gradient (the step differentiates the trainable leaves
+only) and no optimizer state; trainer checkpoints store them as they are (4-bit), so a QLoRA run resumes from its
+workdir alone. A fresh run from a float params checkpoint quantizes it kernel by kernel while restoring.
 """
 
 from __future__ import annotations
@@ -25,7 +35,12 @@ from flax import nnx
 
 from qwenvl_jax import sharding
 from qwenvl_jax.model import QwenVL, lora
+from qwenvl_jax.model import quantize as qlib
 from qwenvl_jax.model.config import QwenVLConfig
+
+# What QLoRA quantizes by default: every projection of the LLM's decoder blocks (the LoRA targets and mlp.c_proj).
+QLORA_TARGETS = ("llm/blocks/.*",)
+QLORA_MODES = ("nf4", "int4", "int8")
 
 
 def _items(value: str) -> tuple[str, ...]:
@@ -41,15 +56,42 @@ def lora_config(config: ml_collections.ConfigDict) -> lora.LoraConfig | None:
                          targets=_items(section.targets), modules_to_save=_items(section.modules_to_save))
 
 
+def base_quantization(config: ml_collections.ConfigDict) -> tuple[qlib.QuantConfig, tuple[str, ...]] | None:
+  """(QuantConfig, module-path regexes to quantize) of a QLoRA run, or None (LoRA on a float base, or no LoRA).
+
+  Raises:
+    ValueError: an unknown `config.lora.base_quantize`, a bad group size, or QLoRA without LoRA (rank 0).
+  """
+  section = config.get("lora")
+  mode = str(section.get("base_quantize", "") or "") if section is not None else ""
+  if not mode:
+    return None
+  if mode not in QLORA_MODES:
+    raise ValueError(f"config.lora.base_quantize={mode!r}: expected '' (a bf16 base: LoRA) or one of "
+                     f"{', '.join(QLORA_MODES)} (QLoRA)")
+  if int(section.rank) == 0:
+    raise ValueError(f"config.lora.base_quantize={mode!r} needs LoRA adapters: set config.lora.rank > 0 (or use "
+                     "configs/stage3.py:qlora=64)")
+  group = int(section.get("quantize_group", 64))
+  if group < 1:
+    raise ValueError(f"config.lora.quantize_group={group} must be >= 1")
+  targets = _items(section.get("quantize_targets", ",".join(QLORA_TARGETS)))
+  return qlib.QuantConfig(mode=mode, group_size=group, embeddings=False), targets
+
+
 def model_fn(cfg: QwenVLConfig, config: ml_collections.ConfigDict, *, seed: int = 0) -> Callable[[], QwenVL]:
-  """A function building the run's model: `QwenVL(cfg)`, or for a LoRA run the bf16 base with adapters."""
+  """A function building the run's model: `QwenVL(cfg)`, or for a LoRA run the bf16 base with adapters (QLoRA:
+  with its target projections quantized first)."""
   lcfg = lora_config(config)
   if lcfg is None:
     return lambda: QwenVL(cfg, rngs=nnx.Rngs(seed))
   base_cfg = dataclasses.replace(cfg, param_dtype=config.lora.base_dtype)
+  quant = base_quantization(config)
 
   def make():
     model = QwenVL(base_cfg, rngs=nnx.Rngs(seed))
+    if quant is not None:
+      qlib.quantize_model(model, quant[0], only=quant[1])
     return lora.apply_lora(model, lcfg, rngs=nnx.Rngs(seed + 1))
 
   return make
@@ -67,21 +109,74 @@ def frozen_patterns(config: ml_collections.ConfigDict) -> tuple[str, ...] | None
   return None if lcfg is None else (lora.frozen_pattern(lcfg),)
 
 
-def init_from_base(source: str, make_model: Callable[[], QwenVL], mesh, rules) -> dict:
+def init_from_base(source: str, make_model: Callable[[], QwenVL], mesh, rules,
+                   quant: qlib.QuantConfig | None = None) -> dict:
   """The params pure dict of a fresh LoRA run: base weights restored from the params checkpoint `source`,
-  adapters (and nothing else) initialized on device in their shardings."""
+  adapters (and nothing else) initialized on device in their shardings.
+
+  quant: a QLoRA run's QuantConfig (`base_quantization`): `source` is a float checkpoint whose kernels of the
+  quantized projections are quantized one at a time while restoring (peak: the quantized model + one float32
+  kernel).
+  """
   from qwenvl_jax.checkpoint import restore_params  # pylint: disable=import-outside-toplevel
   _, abstract = sharding.abstract_model(make_model)
-  shardings = sharding.state_shardings(abstract, rules, mesh)
-  not_lora = nnx.Not(nnx.LoRAParam)
-  base = restore_params(source, abstract.filter(not_lora), shardings.filter(not_lora))
+  # Shardings are computed per filtered state: a state of NamedShardings has no variable types left to filter by.
+  base_abstract, lora_abstract = abstract.filter(nnx.Not(nnx.LoRAParam)), abstract.filter(nnx.LoRAParam)
+  base_shardings = sharding.state_shardings(base_abstract, rules, mesh)
+  if quant is None:
+    base = restore_params(source, base_abstract, base_shardings)
+  else:
+    base = _restore_quantizing(source, base_abstract, base_shardings, make_model, quant)
 
   def adapters():
     return nnx.state(make_model(), nnx.LoRAParam)  # the base's init is dead code to XLA
 
   with sharding.use_rules(mesh, rules):
-    fresh = jax.jit(adapters, out_shardings=shardings.filter(nnx.LoRAParam))()
+    fresh = jax.jit(adapters, out_shardings=sharding.state_shardings(lora_abstract, rules, mesh))()
   return nnx.to_pure_dict(nnx.merge_state(base, fresh))
+
+
+def _restore_quantizing(source: str, abstract: nnx.State, shardings: nnx.State, make_model: Callable[[], QwenVL],
+                        qcfg: qlib.QuantConfig) -> nnx.State:
+  """The QLoRA base state (`abstract`: quantized targets, no adapters) from the float params checkpoint `source`.
+
+  Every leaf is read shard by shard (`jax.make_array_from_callback` over `checkpoint.ParamReader`, so each process
+  reads only its own shards); a quantized module's float `kernel` is read in float32 in its codes' sharding,
+  quantized by a jitted `quantize_array` and freed before the next one is read.
+  """
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.checkpoint.orbax_store import ParamReader, check_tree  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.tree_paths import flatten, unflatten  # pylint: disable=import-outside-toplevel
+  reader = ParamReader(source)
+  modules = {"/".join(map(str, p)).replace("/", "."): m for p, m in nnx.iter_modules(nnx.eval_shape(make_model))
+             if isinstance(m, qlib.QuantizedEinsum)}
+  values, specs = flatten(nnx.to_pure_dict(abstract)), flatten(nnx.to_pure_dict(shardings))
+  # The float tree the checkpoint must hold: each module's codes are its kernel (same shape), its scale is ours.
+  expected = {}
+  for name, value in values.items():
+    module, leaf = name.rsplit(".", 1)
+    if module in modules and leaf == "scale":
+      continue
+    expected[f"{module}.kernel" if module in modules and leaf == "qvalue" else name] = (tuple(value.shape), None)
+  check_tree(reader.shapes, expected, f"checkpoint {source}")
+
+  def read(name, shape, dtype, spec):
+    return jax.make_array_from_callback(shape, spec, lambda idx: np.asarray(reader.read(name, idx), dtype))
+
+  out = {}
+  for module, m in sorted(modules.items()):
+    qv, sc = f"{module}.qvalue", f"{module}.scale"
+    contracted = qlib.contracted_axes(m.spec, m.qvalue.ndim)
+    fn = jax.jit(lambda x, c=contracted: qlib.quantize_array(x, c, qcfg), out_shardings=(specs[qv], specs[sc]))
+    w = read(f"{module}.kernel", values[qv].shape, np.float32, specs[qv])
+    out[qv], out[sc] = fn(w)
+    w.delete()
+  for name, value in values.items():
+    if name not in out:
+      out[name] = read(name, value.shape, np.dtype(value.dtype), specs[name])
+  state = jax.tree.map(lambda x: x, abstract)
+  nnx.replace_by_pure_dict(state, unflatten(out))
+  return state
 
 
 def load_run(spec: str) -> tuple[QwenVL, lora.LoraConfig, ml_collections.ConfigDict]:

@@ -5,7 +5,8 @@ They live in the package so an installed `qwenvl_jax` can train from any directo
 comma-separated `key=value` string after the file name (parsed by `qwenvl_jax.config_args`):
   python -m qwenvl_jax.train --config=configs/stage2.py:model=qwen_vl_7b,res=448
 Arg keys: model (tiny | mid | qwen_vl_7b), res (224 | 448 | any multiple of the patch size), fix_vit (stage 3),
-scale (demo | paper), lora (LoRA rank; 0 = full fine-tuning). Every field can then be overridden with
+scale (demo | paper), lora (LoRA rank; 0 = full fine-tuning), qlora (QLoRA rank: LoRA of that rank on an nf4 LLM
+base; `lora.base_quantize` picks int4 / int8 instead). Every field can then be overridden with
 `--config.<field>=...`.
 
 Two scales:
@@ -21,10 +22,11 @@ import ml_collections
 from qwenvl_jax import config_args, distributed
 from qwenvl_jax.data import default_data_config
 from qwenvl_jax.model.lora import OFFICIAL_TARGETS as _LORA_TARGETS
+from qwenvl_jax.training.peft import QLORA_TARGETS as _QLORA_TARGETS
 
 # The keys of the arg string, with the defaults that give their types ('' scale: demo for tiny, else paper; None
 # res: the stage's resolution).
-ARG_DEFAULTS = {"model": "tiny", "res": None, "fix_vit": True, "scale": "", "lora": 0}
+ARG_DEFAULTS = {"model": "tiny", "res": None, "fix_vit": True, "scale": "", "lora": 0, "qlora": 0}
 
 # Per stage, paper scale: (lr, min_lr, warmup, steps, global batch, accumulation, seq_len, res, vit_layer_decay,
 # max image slots per row). Image slots: stage 1 fits one 258-token image span in 512 tokens; packed stage-2 rows
@@ -59,6 +61,9 @@ def stage_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
   scale = args["scale"] or ("demo" if model == "tiny" else "paper")
   if scale not in ("demo", "paper"):
     raise ValueError(f"config arg scale={scale!r}: expected 'demo' or 'paper'")
+  if args["lora"] and args["qlora"]:
+    raise ValueError(f"config args lora={args['lora']} and qlora={args['qlora']}: give one (qlora=R is LoRA of "
+                     "rank R on a quantized base)")
   d = (_DEMO if scale == "demo" else _PAPER)[stage]
 
   c = ml_collections.ConfigDict()
@@ -126,13 +131,18 @@ def stage_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
   # LoRA (qwenvl_jax/training/peft.py): rank > 0 trains only float32 adapters on a frozen base held in base_dtype.
   # Defaults are the official finetune.py's (r 64, alpha 16, dropout 0.05 on c_attn, attn.c_proj, w1, w2).
   c.lora = ml_collections.ConfigDict()
-  c.lora.rank = args["lora"]
+  c.lora.rank = args["lora"] or args["qlora"]
   c.lora.alpha = 16.0
   c.lora.dropout = 0.05
   # Comma-separated full-match regexes over Einsum module paths (e.g. add 'visual/blocks/.*' for the ViT).
   c.lora.targets = ",".join(_LORA_TARGETS)
   c.lora.modules_to_save = ""      # '' or 'wte,lm_head' (LoRA on the base model, as the official code does)
   c.lora.base_dtype = "bfloat16"   # the frozen base weights: no float32 master copy
+  # QLoRA: '' (LoRA on the base_dtype base) | nf4 | int4 | int8: the quantize_targets projections (regexes; default
+  # every LLM block projection) held as codes + float32 scales per quantize_group inputs (64: the QLoRA paper's).
+  c.lora.base_quantize = "nf4" if args["qlora"] else ""
+  c.lora.quantize_group = 64
+  c.lora.quantize_targets = ",".join(_QLORA_TARGETS)
 
   c.distributed = distributed.default_config()   # multi-process start-up (qwenvl_jax/distributed.py)
 

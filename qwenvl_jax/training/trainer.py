@@ -199,8 +199,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer, 
     else:
       if config.init and peft.lora_config(config) is not None:
         source = resolve_params_checkpoint(config.init)
-        params = peft.init_from_base(source, make_model, mesh, rules)
-        writer_msgs.append(f"LoRA base from {source}; adapters initialized (B = 0)")
+        quant = peft.base_quantization(config)
+        params = peft.init_from_base(source, make_model, mesh, rules, quant=quant and quant[0])
+        writer_msgs.append(f"{'QLoRA (' + quant[0].mode + ')' if quant else 'LoRA'} base from {source}; "
+                           "adapters initialized (B = 0)")
       elif config.init:
         from qwenvl_jax.checkpoint import restore_params  # pylint: disable=g-import-not-at-top
         source = resolve_params_checkpoint(config.init)

@@ -41,7 +41,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
   Runs after `jax.distributed.initialize` (it builds the mesh) and before the workdir is created.
   """
-  from qwenvl_jax.training import experiment, setup  # pylint: disable=g-import-not-at-top  (cycle-free, lazy)
+  from qwenvl_jax.training import experiment, peft, setup  # pylint: disable=g-import-not-at-top  (cycle-free, lazy)
   _choice(config.stage, "stage", (1, 2, 3))
   _positive(config, {"res": 1, "batch_size": 1, "accum_steps": 1, "seq_len": 2, "max_images": 1,
                      "total_steps": 1, "stop_at_step": 0, "log_every": 1, "checkpoint.every": 1,
@@ -62,6 +62,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   except ValueError as e:
     raise errors.ConfigError(str(e)) from e
   _check_tokenizer(config, cfg)
+  try:
+    peft.lora_config(config)
+    peft.base_quantization(config)
+  except ValueError as e:
+    raise errors.ConfigError(str(e)) from e
   if config.init:
     from qwenvl_jax.training.checkpointing import resolve_params_checkpoint  # pylint: disable=g-import-not-at-top
     try:

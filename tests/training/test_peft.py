@@ -1,8 +1,13 @@
 """LoRA runs of the trainer: only adapters train and hold AdamW state, the bf16 base never moves, the loss falls,
-and a stopped LoRA run resumes exactly (dropout keys derive from the step).
+and a stopped LoRA run resumes exactly (dropout keys derive from the step), also after a real SIGTERM.
 
 Tolerances: resumed losses equal the uninterrupted run's to float32 round-off (rtol 1e-6), as in test_trainer.py.
 """
+import os
+import signal
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +17,7 @@ from flax import nnx
 from qwenvl_jax.model import tiny
 from qwenvl_jax.training import optimizer, peft, step as step_lib, train
 from qwenvl_jax.training.stage_config import stage_config
-from tests.training.helpers import read_losses, small_config
+from tests.training.helpers import REPO, read_losses, small_config, small_flags, subprocess_env, wait_for_step
 from tests.training.test_step import _batch, _opt
 
 RES = 56
@@ -84,14 +89,48 @@ def test_lora_loss_falls(lora_run):
   assert losses[-1] < losses[0] - 0.1, losses
 
 
+LORA_RUN = {"lora.rank": 8, "total_steps": 24, "checkpoint.every": 12}
+STEPS = range(1, 25)
+
+
+@pytest.fixture(scope="module")
+def lora_reference(tmp_path_factory):
+  """{step: loss} of an uninterrupted 24-step LoRA run (dropout 0.05)."""
+  workdir = tmp_path_factory.mktemp("lora_full")
+  assert train(small_config(2, workdir, **LORA_RUN)).status == "completed"
+  return read_losses(workdir)
+
+
 @pytest.mark.slow
-def test_stopped_lora_run_resumes_exactly(tmp_path):
-  """A 6-step LoRA run (dropout 0.05) stopped at step 3 and rerun gives the uninterrupted run's losses."""
-  overrides = {"lora.rank": 8, "total_steps": 6, "checkpoint.every": 3}
-  full = train(small_config(2, tmp_path / "full", **overrides))
-  assert full.status == "completed"
-  first = train(small_config(2, tmp_path / "resumed", stop_at_step=3, **overrides))
-  assert (first.status, first.last_checkpoint) == ("preempted", 3)
-  train(small_config(2, tmp_path / "resumed", **overrides))
-  reference, resumed = read_losses(tmp_path / "full"), read_losses(tmp_path / "resumed")
-  np.testing.assert_allclose([resumed[s] for s in range(1, 7)], [reference[s] for s in range(1, 7)], rtol=1e-6)
+def test_stopped_lora_run_resumes_exactly(lora_reference, tmp_path):
+  """The LoRA run (dropout 0.05) stopped at step 12 and rerun gives the uninterrupted run's losses."""
+  first = train(small_config(2, tmp_path, stop_at_step=12, **LORA_RUN))
+  assert (first.status, first.last_checkpoint) == ("preempted", 12)
+  train(small_config(2, tmp_path, **LORA_RUN))
+  resumed = read_losses(tmp_path)
+  np.testing.assert_allclose([resumed[s] for s in STEPS], [lora_reference[s] for s in STEPS], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_lora_run_and_the_rerun_resumes_exactly(lora_reference, tmp_path):
+  """`python -m qwenvl_jax.train` of the same LoRA run gets a real SIGTERM after step 2: it saves the next step and
+  exits 143; the rerun resumes from that checkpoint (adapters, AdamW state, data position, dropout keys) and
+  logs the uninterrupted run's losses."""
+  cmd = [sys.executable, "-m", "qwenvl_jax.train"] + small_flags(2, tmp_path, **{**LORA_RUN, "checkpoint.every": 100})
+  env = subprocess_env()
+  proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    wait_for_step(tmp_path, 2, proc, timeout=600)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 143, err[-3000:]
+  steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+  assert steps and 2 <= steps[-1] < 24, steps  # saved on the signal, not at a checkpoint boundary (every 100)
+  rerun = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert f"resumed {tmp_path} from step {steps[-1]}" in rerun.stderr
+  resumed = read_losses(tmp_path)
+  np.testing.assert_allclose([resumed[s] for s in STEPS], [lora_reference[s] for s in STEPS], rtol=1e-6)

@@ -1,0 +1,100 @@
+"""The README's LoRA/QLoRA CPU demo, reduced: `configs/stage3.py:qlora=R` trains on synthetic chat data, its run
+merges (`convert --mode=merge_lora`, a real subprocess) into a params checkpoint whose logits equal the unmerged
+QLoRA model's, `generate` chats with it, and its adapters export as a PEFT directory.
+
+Tolerance: merged vs unmerged logits in float32 (`--dtype=float32`): the merged kernel is deq(W) + s*A@B, the
+unmerged model computes x@deq(W) + s*(x@A)@B: atol 1e-5 (as tests/model/test_lora.py).
+"""
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from qwenvl_jax import checkpoint, sharding
+from qwenvl_jax.checkpoint import peft_export
+from qwenvl_jax.model import get_preset
+from qwenvl_jax.training import peft, train
+from tests.training.helpers import REPO, load_stage_config, read_losses, subprocess_env
+
+# The demo command's config with fewer, smaller steps: 56 px, 8 steps.
+DEMO = {"res": 56, "batch_size": 8, "total_steps": 8, "checkpoint.every": 8, "log_every": 1,
+        "progress_bar": False, "tensorboard": False, "data.num_workers": 0, "lora.quantize_group": 16,
+        "optimizer.warmup_steps": 2}
+
+
+def _demo_config(workdir):
+  c = load_stage_config(3, "qlora=8")
+  c.workdir = str(workdir)
+  for key, value in DEMO.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+  """(workdir, merged float32 params dir) of the reduced demo."""
+  root = tmp_path_factory.mktemp("qlora_demo")
+  result = train(_demo_config(root / "run"))
+  assert result.status == "completed"
+  merged = root / "merged"
+  proc = subprocess.run([sys.executable, "-m", "qwenvl_jax.convert", "--mode=merge_lora", f"--src={root / 'run'}",
+                         f"--dst={merged}", "--dtype=float32"], env=subprocess_env(1), cwd=REPO,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "wrote merged params (float32)" in proc.stdout
+  return root / "run", merged
+
+
+@pytest.mark.slow
+def test_demo_trains_and_the_merged_model_equals_the_qlora_model(demo_run):
+  workdir, merged = demo_run
+  losses = read_losses(workdir)
+  assert losses[8] < losses[1], losses
+  model, lcfg, config = peft.load_run(str(workdir))
+  assert config.lora.base_quantize == "nf4" and lcfg.rank == 8
+  assert model.llm.blocks.mlp.w1.qvalue.dtype == jnp.int4
+  cfg = get_preset("tiny", dtype="float32", param_dtype="float32", remat_policy="none").with_image_size(56)
+  merged_model = checkpoint.load_model(str(merged), cfg, sharding.make_mesh({"fsdp": -1}), sharding.load_rules("fsdp"))
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, 300, (2, 16)), jnp.int32)
+  logits = nnx.jit(lambda m, x: m(x).logits)
+  unmerged = logits(model, ids)
+  np.testing.assert_allclose(np.asarray(logits(merged_model, ids)), np.asarray(unmerged), atol=1e-5, rtol=0)
+  # The trained adapters matter: the merged model is not the dequantized base.
+  b = model.llm.blocks.attn.qkv.lora_b[...]
+  assert float(jnp.abs(b).max()) > 0
+
+
+@pytest.mark.slow
+def test_demo_chats_with_the_merged_checkpoint(demo_run):
+  workdir, merged = demo_run
+  cmd = [sys.executable, "-m", "qwenvl_jax.generate", f"--checkpoint={merged}", "--model=tiny",
+         f"--tokenizer={workdir / 'tokenizer.model'}", "--image_size=56", "--chat_format=chatml",
+         "--prompt=What is in the picture?", "--max_new_tokens=4", "--dtype=float32"]
+  proc = subprocess.run(cmd, env=subprocess_env(1), cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  # The run dir itself is refused with the merge command to run.
+  proc = subprocess.run(cmd[:3] + [f"--checkpoint={workdir}", "--prompt=hi"], env=subprocess_env(1), cwd=REPO,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 2 and "--mode=merge_lora" in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_demo_adapters_export_as_peft(demo_run, tmp_path):
+  workdir, _ = demo_run
+  model, lcfg, _ = peft.load_run(f"{workdir}@8")
+  peft_export.export_peft(model, lcfg, tmp_path / "adapter")
+  config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+  assert (config["r"], sorted(config["target_modules"])) == (8, ["attn.c_proj", "c_attn", "w1", "w2"])
+  tensors = peft_export.adapter_tensors(model)
+  layers = model.cfg.llm.layers
+  assert len(tensors) == 2 * 4 * layers
+  assert all(v.dtype == np.float32 for v in tensors.values())
