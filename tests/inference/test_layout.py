@@ -166,6 +166,7 @@ def _all_gathers(model, mesh, rules) -> list[tuple[int, ...]]:
           for dims in re.findall(r"= \w+\[([\d,]*)\][^ ]* all-gather(?:-start)?\(", hlo)]
 
 
+@pytest.mark.slow
 def test_compiled_decode_step_gathers_no_weight_while_fsdp_gathers_them(tp4_models):
   single, model, mesh = tp4_models
   weights = _param_shapes(single)
