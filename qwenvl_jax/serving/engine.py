@@ -12,14 +12,13 @@ Loop of the engine thread (`Engine._run`):
      busy slot (free slots among them compute and are ignored; slots are taken lowest first, so R follows the
      load), attending to the first W cache slots, W the length bucket covering the furthest position reached.
      A request that ends inside the K steps drops the rest of its tokens; one that arrives waits for the call.
-Each new token goes to its request's `sink` (a callable; the HTTP layer forwards it to an asyncio queue). A
+Each new token goes to its request's `sink` (a callable; the HTTP layer hands it to its event loop). A
 request ends on a stop token of the chat format (`stop_ids`, not shown), after `max_tokens`, or when cancelled;
 its slot is free for the next admission in the same loop turn.
 
 Every program is compiled by `warm_up` (each prefill bucket, each image bucket, each decode size and window); the
-compile
-events of the engine thread are counted with `jax.monitoring` (`compile_monitor`) and reported by `stats`, so a
-recompilation while serving is visible on `/health`.
+compile events of the engine thread are counted with `jax.monitoring` (`compile_monitor`) and reported by `stats`,
+so a recompilation while serving is visible on `/health`.
 """
 
 from __future__ import annotations

@@ -176,9 +176,15 @@ class SlotModel:
     """`steps` steps of the first R slots (R = len(tokens)) attending to the first `window` cache slots (default
     all; every position fed, positions + steps - 1 included, must be below it): int32[steps, R] new tokens (on
     device)."""
+    nxt, self.cache = self.decode_program(steps, window)(self.state, self.cache, tokens, positions, active,
+                                                         rope_base, sampling)
+    return nxt
+
+  def decode_program(self, steps: int = 1, window: int | None = None):
+    """The jitted decode call of `decode(..., steps, window)`, taking (state, cache, tokens, positions, active,
+    rope_base, sampling) (e.g. to `.lower(...)` it for a memory analysis)."""
     key = (steps, window or self.context)
     if key not in self._decode_fns:
       self._decode_fns[key] = jax.jit(functools.partial(_decode, self.graphdef, self.vocab_limit, *key),
                                       donate_argnums=(1,))
-    nxt, self.cache = self._decode_fns[key](self.state, self.cache, tokens, positions, active, rope_base, sampling)
-    return nxt
+    return self._decode_fns[key]

@@ -1,0 +1,75 @@
+"""The serving engine's jitted decode call per busy-row count: ms per decode step (wall and process CPU).
+
+  python bench/bench_serve_step.py                                   # tiny float32 on CPU, 64 slots x 256
+  python bench/bench_serve_step.py --decode_steps=1 --window=256     # one step per call over the whole context
+  python bench/bench_serve_step.py --kv_cache_dtype=int8
+
+Calls `SlotModel.decode` (what `serving.Engine` runs between admissions) on the first R rows of a `--slots` x
+`--context` cache for R = 1, 4, 16, 64, each row at a different position, all greedy, and prints ms per step
+(a call runs `--decode_steps` steps) as the best of three rounds, plus the ratio of tokens per second to one row.
+CPU seconds are those of the whole process (XLA's threads included): on a shared machine they move less than wall
+time. The per-row growth is what bench_serve.py's concurrency ratio depends on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np  # noqa: E402
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--model", default="tiny")
+  parser.add_argument("--dtype", default="float32")
+  parser.add_argument("--slots", type=int, default=64)
+  parser.add_argument("--context", type=int, default=256)
+  parser.add_argument("--rows", default="1,4,16,64")
+  parser.add_argument("--decode_steps", type=int, default=4)
+  parser.add_argument("--window", type=int, default=128, help="cache slots attended (<= --context)")
+  parser.add_argument("--kv_cache_dtype", default=None, choices=[None, "int8"])
+  parser.add_argument("--calls", type=int, default=50)
+  args = parser.parse_args()
+
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.data import train_synthetic_tokenizer  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.inference import loading  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.model import QwenVL  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.serving.slots import Sampling, SlotModel  # pylint: disable=import-outside-toplevel
+
+  tok = train_synthetic_tokenizer(os.path.join(tempfile.mkdtemp(), "sp"), vocab_size=400)
+  cfg = loading.model_config(args.model, tok, dtype=args.dtype, random_weights=True)
+  slots = SlotModel(QwenVL(cfg, rngs=nnx.Rngs(0)), num_slots=args.slots, context=args.context, feature_slots=1,
+                    vocab_limit=tok.vocab_size, cache_dtype=args.kv_cache_dtype)
+  k, w = args.decode_steps, args.window
+  print(f"{args.model} {args.dtype}, cache {args.slots} x {args.context} ({slots.cache.k.dtype}), {k} steps per "
+        f"call, window {w}")
+  print(f"{'rows':>5} {'ms/step wall':>13} {'ms/step CPU':>12} {'tok/s ratio (CPU)':>18}")
+  base = None
+  for r in [int(x) for x in args.rows.split(",")]:
+    sampling = Sampling(np.zeros(r, np.float32), np.zeros(r, np.int32), np.ones(r, np.float32),
+                        np.zeros(r, np.uint32), np.zeros(r, np.int32))
+    positions = (np.arange(r, dtype=np.int32) * 7) % (w - k)  # rows at different slots, all inside the window
+    call = (np.zeros(r, np.int32), positions, np.ones(r, bool), np.full(r, cfg.llm.rope_base, np.float32), sampling)
+    slots.decode(*call, steps=k, window=w).block_until_ready()  # compile
+    wall = cpu = float("inf")
+    for _ in range(3):
+      t0, c0 = time.perf_counter(), time.process_time()
+      for _ in range(args.calls):
+        slots.decode(*call, steps=k, window=w).block_until_ready()
+      wall = min(wall, (time.perf_counter() - t0) / args.calls / k * 1e3)
+      cpu = min(cpu, (time.process_time() - c0) / args.calls / k * 1e3)
+    base = base or cpu
+    print(f"{r:>5} {wall:>13.3f} {cpu:>12.3f} {r * base / cpu:>18.2f}")
+
+
+if __name__ == "__main__":
+  main()
