@@ -1,5 +1,7 @@
 """Plans quantized (or float) inference for a TPU topology: the real prefill and decode step, AOT-compiled.
 
+  python -m qwenvl_jax.plan --preset=qwen_vl_7b --topology=v5e-1 \\
+      --inference=quantize=int8,batch=8,kv_cache_dtype=int8
   python -m qwenvl_jax.planning.inference_plan --preset=qwen_vl_7b --topology=v5e-1 --quantize=int8 \\
       --batch=4 --context=2048 --kv_cache_dtype=bfloat16
   python -m qwenvl_jax.planning.inference_plan --preset=qwen_vl_7b --topology=v5e-1 --quantize=int8 \\
@@ -37,7 +39,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from qwenvl_jax import sharding
+from qwenvl_jax import config_args, errors, sharding
 from qwenvl_jax.hardware import chips
 from qwenvl_jax.hardware.chips import GIB
 from qwenvl_jax.inference import decode, layout
@@ -99,7 +101,7 @@ def abstract_cache(cfg: QwenVLConfig, batch: int, context: int, kv_cache_dtype: 
   """`ShapeDtypeStruct`s of an empty KV cache, rows sharded like the batch, heads like the tensor axis."""
   llm = nnx.eval_shape(lambda: QwenVL(cfg, rngs=nnx.Rngs(0))).llm
   cache = jax.eval_shape(lambda: llm.init_cache(batch, context, dtype=kv_cache_dtype))
-  kv_axes = ("layers", "cache_batch", "cache_len", "cache_heads", "cache_head_dim")
+  kv_axes = ("layers", "cache_batch", "cache_heads", "cache_len", "cache_head_dim")  # `KVCache` layout
 
   def shard(x, axes):
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
@@ -185,6 +187,47 @@ def plan_inference(cfg: QwenVLConfig, topology: chips.Topology, *, quantize: str
            "context": context, "prompt": prompt, "images": images, "mesh": dict(mesh.shape),
            "layout": layout.describe(mesh), "rules": rules_name, "server": server}
   return InferencePlan(decode_plan, prefill_plan, qlib.weight_bytes(abstract_state), cache_bytes, facts)
+
+
+# The keys of `python -m qwenvl_jax.plan --inference=key=value,...` and their defaults (which give their types).
+INFERENCE_ARG_DEFAULTS = {"quantize": "int8", "batch": 4, "context": 2048, "prompt": 1024, "images": 1,
+                          "kv_cache_dtype": "bfloat16", "prefill_batch": 0, "decode_only": False,
+                          "group_size": qlib.DEFAULT_GROUP_SIZE, "rules": "fsdp", "tensor_parallel": 0,
+                          "server": False}
+
+
+def parse_inference_arg(arg: str) -> dict:
+  """The plan_inference keyword arguments of an `--inference=quantize=int8,batch=8,kv_cache_dtype=int8` string
+  (keys and defaults: `INFERENCE_ARG_DEFAULTS`; '' or 'default' = all defaults).
+
+  Raises:
+    errors.ConfigError: an unknown key, a value of the wrong type, or an unknown quantization / cache dtype.
+  """
+  arg = "" if arg in ("", "default", "true", "1") else arg
+  try:
+    values = {**INFERENCE_ARG_DEFAULTS, **config_args.parse_arg(arg, INFERENCE_ARG_DEFAULTS)}
+  except ValueError as e:
+    raise errors.ConfigError(f"--inference: {e}") from None
+  if values["quantize"] not in ("none", "int8", "int4"):
+    raise errors.ConfigError(f"--inference: quantize={values['quantize']!r}; expected none, int8 or int4")
+  if values["kv_cache_dtype"] not in ("bfloat16", "int8"):
+    raise errors.ConfigError(f"--inference: kv_cache_dtype={values['kv_cache_dtype']!r}; expected bfloat16 or int8")
+  for key in ("batch", "context", "prompt"):
+    if values[key] < 1:
+      raise errors.ConfigError(f"--inference: {key}={values[key]} must be positive")
+  if values["prompt"] > values["context"]:
+    raise errors.ConfigError(f"--inference: prompt={values['prompt']} is longer than context={values['context']}")
+  return {"quantize": None if values["quantize"] == "none" else values["quantize"], "batch": values["batch"],
+          "context": values["context"], "prompt": values["prompt"], "images": values["images"],
+          "kv_cache_dtype": "int8" if values["kv_cache_dtype"] == "int8" else None, "rules_name": values["rules"],
+          "group_size": values["group_size"], "with_prefill": not values["decode_only"],
+          "prefill_batch": values["prefill_batch"] or None, "tensor_parallel": values["tensor_parallel"],
+          "server": values["server"]}
+
+
+def inference_model_config(preset: str, res: int) -> QwenVLConfig:
+  """The serving numerics of `preset` at `res` px: bf16 weights and compute, no remat."""
+  return get_preset(preset, dtype="bfloat16", param_dtype="bfloat16", remat_policy="none").with_image_size(res)
 
 
 def server_prefill(graphdef: nnx.GraphDef, state: nnx.State, arrays: dict, cache: KVCache, rope_base: jax.Array,
@@ -328,8 +371,7 @@ def _cli() -> None:
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    cfg = get_preset(preset.value, dtype="bfloat16", param_dtype="bfloat16",
-                     remat_policy="none").with_image_size(res.value)
+    cfg = inference_model_config(preset.value, res.value)
     if llm_layers.value:
       cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, layers=llm_layers.value))
     topology = chips.parse_topology(topology_flag.value, 1)
