@@ -64,11 +64,10 @@ def one(args) -> dict:
                        greedy(1)).block_until_ready()
     tokens = np.ones(b, np.int32)
     positions = np.full(b, p, np.int32)
-    lowered = slot_model._decode.lower(  # pylint: disable=protected-access
-        slot_model.graphdef, slot_model.vocab_limit, slot_model.state, slot_model.cache, tokens, positions,
-        np.ones(b, bool), rope(b), greedy(b))
-    analysis = lowered.compile().memory_analysis()
     slot_model.decode(tokens, positions, np.ones(b, bool), rope(b), greedy(b)).block_until_ready()  # compile
+    decode_fn = slot_model._decode_fns[(1, args.context)]  # pylint: disable=protected-access  (the compiled step)
+    analysis = decode_fn.lower(slot_model.state, slot_model.cache, tokens, positions, np.ones(b, bool), rope(b),
+                               greedy(b)).compile().memory_analysis()
     start = time.perf_counter()
     for i in range(args.steps):
       nxt = slot_model.decode(tokens, positions + 1 + i, np.ones(b, bool), rope(b), greedy(b))
