@@ -241,7 +241,8 @@ def server_prefill(graphdef: nnx.GraphDef, state: nnx.State, arrays: dict, cache
   small = model.llm.init_cache(k, p, dtype=kv_cache_dtype)
   logits, small = decode.prefill(graphdef, state, arrays, small, rope_base=rope_base)
   rows = jnp.arange(k)
-  put = lambda big, new: None if big is None else big.at[:, rows, :p].set(new.astype(big.dtype))
+  # `KVCache` is [L, B, N, C, X] (heads before slots): the k prompts fill slots 0 .. P-1 of rows 0 .. k-1.
+  put = lambda big, new: None if big is None else big.at[:, rows, :, :p].set(new.astype(big.dtype))
   cache = KVCache(put(cache.k, small.k), put(cache.v, small.v), cache.segment_ids.at[rows, :p].set(small.segment_ids),
                   put(cache.k_scale, small.k_scale), put(cache.v_scale, small.v_scale))
   return logits, constrain_cache(cache)
