@@ -80,6 +80,29 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
   return jnp.einsum("bnts,bsnh->btnh", probs, v)
 
 
+def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array, scale: float,
+                    impl: str = "xla") -> jax.Array:
+  """`dot_product_attention` of new queries against a KV cache stored heads-major (`qwen.KVCache`).
+
+  Args:
+    q: [B, T, N, H]; k, v: [B, N, S, H] (the cache's layout) in the compute dtype.
+    mask, scale, impl: as `dot_product_attention`.
+
+  Returns:
+    [B, T, N, H] in q.dtype, equal to `dot_product_attention` of the same keys in [B, S, N, H].
+
+  The xla path contracts the cache as it is stored: batch dims (B, N) lead, so neither einsum relayouts the whole
+  cache (with keys stored [B, S, N, H] both did, every step: the decode step's largest cost on CPU). The kernels
+  take [B, S, N, H] and get a transposed copy.
+  """
+  if impl not in ("xla", "xla_rows"):  # xla_rows is a training-time CPU option; decode reads the cache as stored
+    return dot_product_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask=mask, scale=scale, impl=impl)
+  scores = jnp.einsum("btnh,bnsh->bnts", q, k, preferred_element_type=jnp.float32) * scale
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  return jnp.einsum("bnts,bnsh->btnh", probs, v)
+
+
 def _rows(q, k, v, *, mask, scale):
   """Attention one batch row at a time for CPUs: `lax.map` over B, each row rematerialized in the backward pass.
 
