@@ -72,8 +72,28 @@ def flat_matmul(spec: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
   n_rows = x.shape[:len(rows)]
   k = int(np.prod(x.shape[len(rows):], dtype=np.int64))
   f_shape = kernel.shape[len(contracted):]
-  y = x.reshape(-1, k) @ kernel.reshape(k, -1)
+  y = _matmul_2d(x.reshape(-1, k), kernel.reshape(k, -1))
   return y.reshape(n_rows + f_shape)
+
+
+@jax.custom_vjp
+def _matmul_2d(x, w):
+  """x[M, K] @ w[K, N], differentiated as dx = g w^T, dw = x^T g written out: JAX's own transpose rule ends in a
+  transpose that XLA:CPU folds into a transposed copy of g before the weight-gradient dot (the patch matmul's
+  gradient: a copy of the [B*L, W] output gradient, then a dot with both operands transposed)."""
+  return x @ w
+
+
+def _matmul_2d_fwd(x, w):
+  return x @ w, (x, w)
+
+
+def _matmul_2d_bwd(res, g):
+  x, w = res
+  return jnp.einsum("mn,kn->mk", g, w), jnp.einsum("mk,mn->kn", x, g)
+
+
+_matmul_2d.defvjp(_matmul_2d_fwd, _matmul_2d_bwd)
 
 
 class Einsum(nnx.Module):

@@ -124,7 +124,7 @@ class VisionTransformer(nnx.Module):
       x = jax.lax.optimization_barrier(x.astype(self.dtype))
       x = x.reshape(b, g, p, g, p * 3).transpose(0, 1, 3, 2, 4).reshape(b, g * g, p * p * 3)
       x = jax.lax.optimization_barrier(x)
-      return jnp.einsum("blk,kw->blw", x, kernel.reshape(p * p * 3, kernel.shape[-1]))
+      return layers.flat_matmul("blk,kw->blw", x, kernel.reshape(p * p * 3, kernel.shape[-1]))
     # Patches are cut from the uint8 pixels (a quarter of the bytes of float32 to shuffle), then normalized; the
     # reference casts pixels to the weight dtype (bf16) before conv1.
     x = images.reshape(b, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, p, p, 3)
