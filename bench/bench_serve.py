@@ -4,10 +4,12 @@
   python bench/bench_serve.py --model=mid --dtype=bfloat16 --slots=64      # on a GPU
 
 Starts the real server (engine + uvicorn on a free local port, in this process) with `--slots` decode slots and
-drives it over HTTP with C concurrent streaming clients, each sending `--requests` requests back to back (the same
-chat prompt, greedy, `ignore_eos` so every answer has exactly `--max_tokens` tokens). Per level it prints
-aggregate generated tokens/s, time to first token and request latency (p50 / p99), and the ratio of tokens/s to
-one client. Then one client's tokens/s against `inference.Generator` (what `python -m qwenvl_jax.generate` runs)
+drives it over HTTP with C concurrent streaming clients, each sending `--requests` / C requests back to back (the
+same chat prompt, greedy, `ignore_eos` so every answer has exactly `--max_tokens` tokens): every level does the
+same work, so the one-client level is not a fraction of a second of noise. Per level it prints
+aggregate generated tokens/s, time to first token and request latency (p50 / p99), the ratio of tokens/s to
+one client, the mean busy rows per decode step, and the CPU the server process and the client processes used (in
+cores: on a small machine the clients' own HTTP work competes with the server). Then one client's tokens/s against `inference.Generator` (what `python -m qwenvl_jax.generate` runs)
 on the same prompt and length, and the engine's compile counts (must not grow after warm-up).
 """
 
@@ -52,10 +54,12 @@ def _client(url: str, body: dict, n: int) -> list[tuple[float, float, int]]:
   return out
 
 
-def _worker(url: str, body: dict, n: int, threads: int) -> list[tuple[float, float, int]]:
-  """`threads` concurrent clients of `n` requests each, in one client process."""
+def _worker(url: str, body: dict, n: int, threads: int) -> tuple[list[tuple[float, float, int]], float]:
+  """`threads` concurrent clients of `n` requests each, in one client process; also its CPU seconds."""
+  c0 = time.process_time()
   with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-    return [r for rs in pool.map(lambda _: _client(url, body, n), range(threads)) for r in rs]
+    out = [r for rs in pool.map(lambda _: _client(url, body, n), range(threads)) for r in rs]
+  return out, time.process_time() - c0
 
 
 def main():
@@ -65,7 +69,8 @@ def main():
   parser.add_argument("--slots", type=int, default=64)
   parser.add_argument("--context", type=int, default=256)
   parser.add_argument("--max_tokens", type=int, default=64)
-  parser.add_argument("--requests", type=int, default=4, help="requests per client")
+  parser.add_argument("--requests", type=int, default=256, help="requests per level, spread over its clients")
+  parser.add_argument("--decode_steps", type=int, default=4, help="decode steps per engine call")
   parser.add_argument("--clients", default="1,4,16,64")
   parser.add_argument("--client_processes", type=int, default=4, help="processes the clients are spread over")
   args = parser.parse_args()
@@ -84,7 +89,7 @@ def main():
   stops = [tok.eod_id, tok.im_end_id, tok.im_start_id]
   t0 = time.perf_counter()
   engine = Engine(model, num_slots=args.slots, context=args.context, max_images=1, prefill_batch=8,
-                  buckets=(64, 128), stop_ids=stops, vocab_limit=tok.vocab_size)
+                  buckets=(64, 128), stop_ids=stops, vocab_limit=tok.vocab_size, decode_steps=args.decode_steps)
   engine.start()
   sys.setswitchinterval(0.0005)  # as `python -m qwenvl_jax.serve` does (see SWITCH_INTERVAL_S there)
   print(f"{args.model} {args.dtype} on {jax.devices()[0].platform}: {args.slots} slots, warm-up "
@@ -97,7 +102,8 @@ def main():
           "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
   _client(url, body, 2)  # warm the HTTP path
 
-  print(f"{'clients':>7} {'tok/s':>9} {'ratio':>6} {'TTFT p50':>9} {'TTFT p99':>9} {'lat p50':>8} {'lat p99':>8}")
+  print(f"{'clients':>7} {'tok/s':>9} {'ratio':>6} {'TTFT p50':>9} {'TTFT p99':>9} {'lat p50':>8} {'lat p99':>8} "
+        f"{'rows/step':>9} {'server CPU':>10} {'client CPU':>10}")
   single = None
   for c in [int(x) for x in args.clients.split(",")]:
     # Clients live in other processes: in the server's process their JSON parsing would take the GIL from it.
@@ -105,15 +111,22 @@ def main():
     shares = [c // procs + (i < c % procs) for i in range(procs)]
     with concurrent.futures.ProcessPoolExecutor(procs, mp_context=multiprocessing.get_context("spawn")) as pool:
       list(pool.map(_worker, [url] * procs, [body] * procs, [1] * procs, [1] * procs))  # start the processes
-      t0 = time.perf_counter()
-      results = [r for rs in pool.map(_worker, [url] * procs, [body] * procs, [args.requests] * procs, shares)
-                 for r in rs]
-      wall = time.perf_counter() - t0
+      before = engine.stats()
+      t0, c0 = time.perf_counter(), time.process_time()
+      per_client = max(1, args.requests // c)
+      done = list(pool.map(_worker, [url] * procs, [body] * procs, [per_client] * procs, shares))
+      wall, server_cpu = time.perf_counter() - t0, time.process_time() - c0
+      after = engine.stats()
+    results = [r for rs, _ in done for r in rs]
+    client_cpu = sum(cpu for _, cpu in done)
+    calls = after.get("decode_calls", 0) - before.get("decode_calls", 0)
+    rows = (after.get("decoded_tokens", 0) - before.get("decoded_tokens", 0)) / max(calls * args.decode_steps, 1)
     ttft, lat, toks = (np.array(x, float) for x in zip(*results))
     rate = toks.sum() / wall
     single = single or rate
     print(f"{c:>7} {rate:>9.1f} {rate / single:>6.2f} {np.percentile(ttft, 50) * 1e3:>7.0f}ms "
-          f"{np.percentile(ttft, 99) * 1e3:>7.0f}ms {np.percentile(lat, 50):>7.2f}s {np.percentile(lat, 99):>7.2f}s")
+          f"{np.percentile(ttft, 99) * 1e3:>7.0f}ms {np.percentile(lat, 50):>7.2f}s {np.percentile(lat, 99):>7.2f}s "
+          f"{rows:>9.1f} {server_cpu / wall:>9.0%} {client_cpu / wall:>9.0%}")
 
   context = qtext.make_context(tok, query, chat_format="chatml", n_image_tokens=cfg.image_tokens)
   generator = inference.Generator(model)
@@ -124,9 +137,10 @@ def main():
                                    vocab_limit=tok.vocab_size)
   generator.generate(batch, gen)  # compile
   t0 = time.perf_counter()
-  reps = 4
-  for _ in range(reps):
+  reps = 0
+  while reps < 4 or time.perf_counter() - t0 < 3.0:  # at least 3 s: the machine may be shared
     generator.generate(batch, gen)
+    reps += 1
   gen_rate = reps * args.max_tokens / (time.perf_counter() - t0)
   print(f"one client {single:.1f} tok/s vs Generator (B=1, whole loop in one jit) {gen_rate:.1f} tok/s: "
         f"ratio {single / gen_rate:.2f}")

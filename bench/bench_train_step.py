@@ -10,9 +10,15 @@ remat), on the same pinned CPU threads (--threads: the process is bound to that 
   python bench/bench_train_step.py --presets=tiny,small --images=2 --batch=1,2,4,8,16
 
 The two are timed interleaved — one JAX step, one PyTorch step, repeated --iters times after warm-up (JAX: after
-compilation) — and the medians are printed, so load from other processes hits both alike. Per row: ms/step of
-each, the ratio, and the JAX step's model FLOP/s (`training/flops.py`) as a share of a plain float32 matmul
-measured in the same run (interleaved too). On a shared machine the load average printed says how far to trust it.
+compilation) — and the medians are printed, so load from other processes hits both alike. Per row: wall ms/step
+of each and their ratio, CPU ms/step (`time.process_time`) of each and their ratio, and the JAX step's model
+FLOP/s (`training/flops.py`, per CPU second) as a share of a plain 2048^2 float32 matmul's, measured in the same
+run (interleaved too). On a shared machine the wall times hold other processes' time slices; at --threads=1 the
+CPU-time columns do not, and are the ones to read there (the load average printed says how loaded it was).
+
+--cpu_options=true (default) builds the JAX model with its CPU formulations (`attention_impl="xla_rows"`,
+`cpu_layouts=True`; equal results, tests/model/test_cpu_layouts.py); false with the accelerator defaults, the
+program as it was before issue 16's CPU work. `bench/profile_train_step.py` splits both steps by op category.
 """
 
 import os
@@ -203,13 +209,30 @@ def make_jax_step(cfg, b, t, m):
                images=rng.integers(0, 256, (b, m, s, s, 3)).astype(np.uint8), image_mask=np.ones((b, m), bool))
   batch = jax.device_put(batch)
   state = {"st": step_lib.TrainState(jnp.int32(0), params, tx.init(params))}
+  compiled = fn.lower(state["st"], batch).compile()
 
   def step():
-    state["st"], metrics = fn(state["st"], batch)
+    state["st"], metrics = compiled(state["st"], batch)
     jax.block_until_ready(metrics)
 
   step()
+  step.compiled_text = compiled.as_text()  # the optimized HLO (profile_train_step.py classes its ops)
   return step
+
+
+def bench_config(name: str, *, res: int = 224, scan_unroll: str = "auto", cpu_options: bool = True, **overrides):
+  """The preset `name` as both frameworks run it: float32, no remat, at `res` px; scan_unroll "auto" unrolls
+  stacks of <= 8 layers, else "true" or an unroll factor. cpu_options: the model's CPU formulations (row-wise
+  attention `attention_impl="xla_rows"`, `cpu_layouts`); False runs the accelerator defaults."""
+  if cpu_options:
+    overrides = {"attention_impl": "xla_rows", "cpu_layouts": True, **overrides}
+  base = get_preset(name, dtype="float32", remat_policy="none")
+  if scan_unroll == "auto":
+    unroll = max(base.vision.layers, base.llm.layers) <= 8
+  else:
+    unroll = True if scan_unroll.lower() == "true" else int(scan_unroll)
+  return get_preset(name, dtype="float32", remat_policy="none", scan_unroll=unroll,
+                    **overrides).with_image_size(res)
 
 
 def make_matmul(n: int = 2048):
@@ -225,15 +248,22 @@ def pin_torch_threads(threads: int) -> None:
   torch.set_num_threads(threads)
 
 
-def interleaved(steps: dict, iters: int) -> dict:
-  """Median seconds of each callable, timed round-robin `iters` times (load hits all of them alike)."""
-  times = {k: [] for k in steps}
+def interleaved(steps: dict, iters: int) -> tuple[dict, dict]:
+  """Median wall and CPU seconds of each callable, timed round-robin `iters` times (load hits all alike).
+
+  CPU time (`time.process_time`: this process's threads, all cores) is what the step itself consumed: on a
+  loaded machine the wall time also holds the time slices other processes took from the pinned core(s), so at
+  --threads=1 the CPU-time ratio is the one to read there.
+  """
+  wall, cpu = {k: [] for k in steps}, {k: [] for k in steps}
   for _ in range(iters):
     for name, fn in steps.items():
-      start = time.perf_counter()
+      start, start_cpu = time.perf_counter(), time.process_time()
       fn()
-      times[name].append(time.perf_counter() - start)
-  return {k: statistics.median(v) for k, v in times.items()}
+      cpu[name].append(time.process_time() - start_cpu)
+      wall[name].append(time.perf_counter() - start)
+  median = lambda d: {k: statistics.median(v) for k, v in d.items()}
+  return median(wall), median(cpu)
 
 
 def main():
@@ -247,22 +277,18 @@ def main():
   parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                       help="cores both frameworks run on (set before they start)")
   parser.add_argument("--scan_unroll", default="auto", help="auto (unroll stacks of <= 8 layers), 1, or true")
+  parser.add_argument("--cpu_options", default="true", choices=("true", "false"),
+                      help="the model's CPU formulations (xla_rows attention, cpu_layouts) or the accelerator defaults")
   args = parser.parse_args()
   torch.manual_seed(0)
   pin_torch_threads(args.threads)
   print(f"devices: {jax.devices()}, cores bound: {sorted(os.sched_getaffinity(0))}, torch threads: "
         f"{torch.get_num_threads()}, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
   matmul = make_matmul()
-  print(f"{'preset':<6} {'B':>3} {'T':>4} {'JAX ms':>9} {'torch ms':>9} {'JAX/torch':>9} {'GFLOP/s':>8} "
-        f"{'% matmul':>8}", flush=True)
+  print(f"{'preset':<6} {'B':>3} {'T':>4} {'JAX ms':>8} {'torch ms':>8} {'ratio':>6} {'JAX cpu':>8} {'torch cpu':>9} "
+        f"{'cpu ratio':>9} {'GFLOP/s':>8} {'% matmul':>8}", flush=True)
   for name in args.presets.split(","):
-    base = get_preset(name, dtype="float32", remat_policy="none")
-    unroll = args.scan_unroll
-    if unroll == "auto":
-      unroll = max(base.vision.layers, base.llm.layers) <= 8
-    else:
-      unroll = True if unroll.lower() == "true" else int(unroll)
-    cfg = get_preset(name, dtype="float32", remat_policy="none", scan_unroll=unroll).with_image_size(args.res)
+    cfg = bench_config(name, res=args.res, scan_unroll=args.scan_unroll, cpu_options=args.cpu_options == "true")
     t = args.seq_len or args.images * cfg.image_tokens + 64
     if t < args.images * cfg.image_tokens + 1:
       print(f"{name}: seq_len {t} cannot hold {args.images} x {cfg.image_tokens} image tokens; skipped")
@@ -270,12 +296,14 @@ def main():
     for b in (int(x) for x in args.batch.split(",")):
       model_flops = flops.train_step_flops(cfg, batch=b, seq_len=t, max_images=args.images,
                                            is_trainable=lambda p: True).total
-      secs = interleaved({"jax": make_jax_step(cfg, b, t, args.images),
-                          "torch": make_torch_step(cfg, b, t, args.images), "matmul": matmul}, args.iters)
-      peak = 2 * 2048 ** 3 / secs["matmul"]
-      print(f"{name:<6} {b:>3} {t:>4} {secs['jax'] * 1e3:9.1f} {secs['torch'] * 1e3:9.1f} "
-            f"{secs['jax'] / secs['torch']:9.2f} {model_flops / secs['jax'] / 1e9:8.1f} "
-            f"{100 * model_flops / secs['jax'] / peak:7.0f}%", flush=True)
+      wall, cpu = interleaved({"jax": make_jax_step(cfg, b, t, args.images),
+                               "torch": make_torch_step(cfg, b, t, args.images), "matmul": matmul}, args.iters)
+      # FLOP/s and the matmul share from CPU time (both measured alike), so load does not move them.
+      peak = 2 * 2048 ** 3 / cpu["matmul"]
+      print(f"{name:<6} {b:>3} {t:>4} {wall['jax'] * 1e3:8.1f} {wall['torch'] * 1e3:8.1f} "
+            f"{wall['jax'] / wall['torch']:6.2f} {cpu['jax'] * 1e3:8.1f} {cpu['torch'] * 1e3:9.1f} "
+            f"{cpu['jax'] / cpu['torch']:9.2f} {model_flops / cpu['jax'] / 1e9:8.1f} "
+            f"{100 * model_flops / cpu['jax'] / peak:7.0f}%", flush=True)
   print(f"load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 

@@ -1,6 +1,7 @@
 """Peak device memory and step time of a LoRA / full stage-3 train step on the local accelerator (prepared for a GPU).
 
   python bench/lora_memory.py --model=qwen_vl_7b --lora=64 --seq_len=2048 --batch=1        # LoRA, official targets
+  python bench/lora_memory.py --model=qwen_vl_7b --lora=64 --base_quantize=nf4 --seq_len=2048 --batch=1  # QLoRA
   python bench/lora_memory.py --model=qwen_vl_7b --lora=0 --seq_len=2048 --batch=1         # full stage 3
   python bench/lora_memory.py --model=tiny --lora=8 --steps=3                              # CPU smoke run
 
@@ -9,7 +10,10 @@ chunked loss, remat as configured) on all local devices, initializes random weig
 runs `--steps` steps on a synthetic batch and prints the device's peak bytes in use
 (`device.memory_stats()['peak_bytes_in_use']`, GPU/TPU only; n/a on CPU) and the step time. Compare with the
 planner's AOT figure (`python -m qwenvl_jax.plan --config=configs/stage3.py:model=qwen_vl_7b,lora=64
---topology=...`) and the official LoRA (Chat) 27.3 GB at seq 2048 (RECIPES §1.4). Not run here: no GPU was lent.
+--topology=...`) and the official LoRA (Chat) 27.3 GB / Q-LoRA 19.3 GB at seq 2048 (RECIPES §1.4). The AOT
+figures to compare with (README, "Memory of LoRA and full stage 3 at full size") are for 4 image slots at 448 px, as
+here by default. On a GPU `--attention=cudnn` uses the fused kernel (the AOT plans use `xla` attention, which holds
+the [heads, T, T] scores of one layer). Not run here: no GPU was lent.
 """
 import argparse
 import os
@@ -40,8 +44,18 @@ def main() -> None:
   parser.add_argument("--seq_len", type=int, default=0, help="0 = the stage's")
   parser.add_argument("--batch", type=int, default=0, help="global rows; 0 = one per device")
   parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--base_quantize", default="", help="QLoRA: nf4, int4 or int8 codes for the base (needs LoRA)")
+  parser.add_argument("--max_images", type=int, default=0, help="image slots per row; 0 = the stage's (4)")
+  parser.add_argument("--attention", default="xla", help="xla, cudnn (GPU) or splash (TPU)")
   args = parser.parse_args()
   config = stage_config(3, f"model={args.model},lora={args.lora}")
+  config.attention_impl = args.attention
+  if args.max_images:
+    config.max_images = args.max_images
+  if args.base_quantize:
+    if "base_quantize" not in config.lora:
+      sys.exit("error: --base_quantize: this checkout has no QLoRA (config.lora.base_quantize)")
+    config.lora.base_quantize = args.base_quantize
   n = jax.device_count()
   config.batch_size = args.batch or n
   config.accum_steps = 1
@@ -72,7 +86,9 @@ def main() -> None:
       times.append(time.perf_counter() - start)
   stats = jax.devices()[0].memory_stats() or {}
   peak = stats.get("peak_bytes_in_use")
-  print(f"{args.model} stage 3 {'LoRA r=' + str(args.lora) if args.lora else 'full'}: batch {b} x {t} on {n} "
+  mode = "full" if not args.lora else (f"QLoRA ({args.base_quantize}) r={args.lora}" if args.base_quantize
+                                       else f"LoRA r={args.lora}")
+  print(f"{args.model} stage 3 {mode}, {config.max_images} image slot(s) at {config.res} px: batch {b} x {t} on {n} "
         f"{jax.devices()[0].platform} device(s); loss {float(metrics['loss']):.3f}; step {min(times[1:] or times):.3f}"
         f" s (first, with compile: {times[0]:.1f} s); peak device memory "
         f"{'n/a' if peak is None else f'{peak / 1024**3:.2f} GiB'}")

@@ -5,6 +5,10 @@
   python -m qwenvl_jax.plan --preset=qwen_vl_7b --res=448
   python -m qwenvl_jax.plan --config=configs/stage2.py:model=qwen_vl_7b --topology=v5p-128   # needs libtpu:
       # pip install -r requirements-tpu-aot.txt; see qwenvl_jax/planning/train_plan.py
+  python -m qwenvl_jax.plan --config=configs/stage3.py:model=qwen_vl_7b,lora=64 --topology=v6e-1 \\
+      --config.batch_size=1 --config.accum_steps=1       # a LoRA run: bf16 base, f32 adapters and their AdamW
+  python -m qwenvl_jax.plan --preset=qwen_vl_7b --topology=v5e-1 \\
+      --inference=quantize=int8,batch=8,context=2048,kv_cache_dtype=int8   # serving: planning/inference_plan.py
 
 The count reads the same config the trainer reads (`config.model` preset, `config.res`), builds the model under
 `nnx.eval_shape` (shapes only, nothing materialized) and prints the ViT trunk, the adapter (resampler + ln_post +
@@ -26,7 +30,7 @@ from qwenvl_jax import cli
 
 from qwenvl_jax import sharding
 from qwenvl_jax.model import QwenVL, QwenVLConfig, get_preset, lora
-from qwenvl_jax.planning import search, train_plan
+from qwenvl_jax.planning import inference_plan, search, train_plan
 from qwenvl_jax.training import peft
 from qwenvl_jax.training.optimizer import make_is_frozen, stage_frozen_patterns
 
@@ -37,6 +41,11 @@ _RES = flags.DEFINE_integer("res", None, "Input resolution when no --config is g
 _TOPOLOGY = flags.DEFINE_string("topology", None, "Also AOT-compile the train step for this TPU slice "
                                 "(v5p-128, v4-128, v5e-256, v6e-64, v5p:4x4x8); needs --config and libtpu.")
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Identical slices over DCN (with --topology).")
+_INFERENCE = flags.DEFINE_string(
+    "inference", None, "With --topology: plan inference instead of training, i.e. AOT-compile the decode step and "
+    "the prefill of the --config's (or --preset's) model with bf16 or quantized weights, e.g. "
+    "--inference=quantize=int8,batch=8,context=2048,kv_cache_dtype=int8 (keys: "
+    + ", ".join(f"{k} [{v}]" for k, v in inference_plan.INFERENCE_ARG_DEFAULTS.items()) + "); '' = the defaults.")
 _SEARCH = flags.DEFINE_bool("search", False, "With --topology: search remat x micro-batches x (fsdp, tensor) x "
                             "attention kernel for the configured batch and rank the plans that fit.")
 _MAX_COMPILES = flags.DEFINE_integer("max_compiles", 4, "With --search: AOT compiles at most (minutes each at "
@@ -96,10 +105,24 @@ def format_counts(cfg: QwenVLConfig, name: str) -> str:
   return "\n".join(lines)
 
 
+def format_weight_bytes(state, quant) -> str:
+  """Where a LoRA/QLoRA run's weights go, by dtype (int4 at half a byte): the frozen base and the adapters."""
+  from qwenvl_jax.model import quantize as qlib  # pylint: disable=import-outside-toplevel
+  base = qlib.weight_bytes(state.filter(nnx.Not(nnx.LoRAParam)))
+  adapters = sum(qlib.weight_bytes(state.filter(nnx.LoRAParam)).values())
+  kind = "LoRA base" if quant is None else f"QLoRA base ({quant[0].mode}, groups of {quant[0].group_size})"
+  parts = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in sorted(base.items(), key=lambda kv: -kv[1]))
+  return (f"  {kind}: {sum(base.values()) / 2**30:.2f} GiB ({parts}); adapters float32 {adapters / 2**30:.2f} GiB "
+          f"+ AdamW 2x that")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
+  if _INFERENCE.value is not None:
+    _plan_inference(config)
+    return
   cfg = model_config_from(config, _PRESET.value, _RES.value)
   name = config.model if config is not None else (_PRESET.value or "qwen_vl_7b")
   print(format_counts(cfg, name), flush=True)
@@ -109,6 +132,7 @@ def main(argv):
     print(f"  {f'trained by LoRA r={lcfg.rank}':<28}{lora.trained_count(state, lcfg):>17,}"
           f"   (targets {', '.join(lcfg.targets)}; modules_to_save {list(lcfg.modules_to_save) or 'none'})",
           flush=True)
+    print(format_weight_bytes(state, peft.base_quantization(config)), flush=True)
   if _TOPOLOGY.value:
     if config is None:
       raise app.UsageError("--topology plans a training stage: give --config=configs/stageN.py[:args]")
@@ -125,6 +149,27 @@ def main(argv):
           f"{facts['accum_steps']} micro-batch(es), {facts['res']} px x {facts['max_images']} image slots, "
           f"remat {facts['remat']}")
     print(step_plan.format())
+    tips = train_plan.what_would_fit(config, step_plan, facts, topology)
+    if tips:
+      print("what would fit:" if not step_plan.fits else "what would leave more room:")
+      print("\n".join(f"  - {tip}" for tip in tips))
+
+
+def _plan_inference(config) -> None:
+  """`--inference`: the decode step and prefill of the model, AOT-compiled for --topology."""
+  kwargs = inference_plan.parse_inference_arg(_INFERENCE.value)  # bad keys fail before any compile
+  if not _TOPOLOGY.value:
+    raise app.UsageError("--inference plans serving on a TPU slice: give --topology (e.g. v5e-1)")
+  if _SEARCH.value:
+    raise app.UsageError("--search ranks training layouts; drop it with --inference")
+  preset = config.model if config is not None else (_PRESET.value or "qwen_vl_7b")
+  res = config.res if config is not None else (_RES.value or 448)
+  cfg = inference_plan.inference_model_config(preset, res)
+  from qwenvl_jax.hardware import chips  # pylint: disable=import-outside-toplevel
+  topology = chips.parse_topology(_TOPOLOGY.value, _NUM_SLICES.value)
+  print(f"model {preset}: {res} px; {topology.describe()}\ncompiling the decode step"
+        + (" and the prefill" if kwargs["with_prefill"] else "") + " (minutes for the full model) ...", flush=True)
+  print(inference_plan.plan_inference(cfg, topology, **kwargs).format())
 
 
 def _batch_splits(config, topology) -> bool:

@@ -38,6 +38,10 @@ flags.DEFINE_string("image_root", None, "Local image paths in requests are read 
 flags.DEFINE_bool("allow_remote_images", False, "Fetch http(s) image URLs (off: only data: URLs and paths).")
 flags.DEFINE_string("system", "You are a helpful assistant.", "Default system message (chatml).")
 flags.DEFINE_integer("seed", 0, "Seed of random weights.")
+flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "int8"],
+                  "KV cache storage: the compute dtype, or int8 (about half the bytes of bf16: more slots x context).")
+flags.DEFINE_integer("decode_steps", 4, "Decode steps per device call (more: less host work per token, later "
+                     "admission of new requests).")
 
 
 def build(argv_flags=FLAGS):
@@ -54,6 +58,8 @@ def build(argv_flags=FLAGS):
   if f.num_slots < 1 or f.prefill_batch < 1 or f.max_images < 0 or f.context < 1:
     raise errors.ConfigError(f"need --num_slots >= 1, --prefill_batch >= 1, --max_images >= 0 and --context >= 1; "
                              f"got {f.num_slots}, {f.prefill_batch}, {f.max_images}, {f.context}")
+  if f.decode_steps < 1:
+    raise errors.ConfigError(f"need --decode_steps >= 1, got {f.decode_steps}")
   source, tok, _, mesh, rules, model = cli.load_model_from_flags()
   replicas = sharding.batch_shards(mesh, rules)
   if f.num_slots % replicas:
@@ -66,7 +72,9 @@ def build(argv_flags=FLAGS):
   with sharding.use_rules(mesh, rules):
     engine = engine_lib.Engine(model, num_slots=f.num_slots, context=f.context, max_images=f.max_images,
                                prefill_batch=f.prefill_batch, buckets=buckets, stop_ids=stops,
-                               vocab_limit=tok.vocab_size, thread_context=lambda: sharding.use_rules(mesh, rules))
+                               vocab_limit=tok.vocab_size, thread_context=lambda: sharding.use_rules(mesh, rules),
+                               decode_steps=f.decode_steps,
+                               kv_cache_dtype=None if f.kv_cache_dtype == "auto" else f.kv_cache_dtype)
   engine.start()
   config = api.ServerConfig(
       model_name=f.served_model_name or source.preset, chat_format=source.chat_format, system=f.system,

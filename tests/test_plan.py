@@ -1,12 +1,14 @@
 """`python -m qwenvl_jax.plan`: parameter counts of the configured model, without allocating it."""
 
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
-from qwenvl_jax import plan
+from qwenvl_jax import errors, plan
+from qwenvl_jax.planning import inference_plan
 from qwenvl_jax.model import qwen_vl_7b
 from tests.planning.conftest import requires_libtpu
 
@@ -38,3 +40,75 @@ def test_cli_plans_a_tiny_stage_for_a_small_tpu_topology():
   assert out.returncode == 0, out.stderr[-3000:]
   assert "compiling the train step" in out.stdout
   assert "fits" in out.stdout.lower() and "mfu" in out.stdout.lower(), out.stdout[-2000:]
+
+
+def test_qlora_base_bytes_of_the_full_model():
+  """QLoRA r=64 at full size: the 32 LLM blocks' projections (c_attn 4096x12288, attn.c_proj 4096x4096, w1 and w2
+  4096x11008, mlp.c_proj 11008x4096: 6,476,005,376 weights) at 4 bits are 3.02 GiB; their float32 scales, one per
+  64 inputs, 0.38 GiB of the float32 share."""
+  from qwenvl_jax import sharding  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.training import peft  # pylint: disable=import-outside-toplevel
+  from tests.training.helpers import load_stage_config  # pylint: disable=import-outside-toplevel
+  config = load_stage_config(3, "model=qwen_vl_7b,qlora=64")
+  cfg = plan.model_config_from(config, None, None)
+  state = sharding.abstract_model(peft.model_fn(cfg, config))[1]
+  text = plan.format_weight_bytes(state, peft.base_quantization(config))
+  assert f"int4 {6_476_005_376 / 2 / 2**30:.2f} GiB" in text, text
+  assert "QLoRA base (nf4, groups of 64)" in text
+  assert f"adapters float32 {112_197_632 * 4 / 2**30:.2f} GiB" in text
+
+
+def _plan_cli(*args, timeout=300):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "qwenvl_jax.plan", *args], capture_output=True, text=True, env=env,
+                        timeout=timeout, check=False)
+
+
+def test_cli_prints_the_trained_count_of_the_official_lora_config_at_full_size():
+  out = _plan_cli("--config=configs/stage3.py:model=qwen_vl_7b,lora=64")
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "trained by LoRA r=64              112,197,632" in out.stdout
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("quantize=int3", "quantize='int3'; expected none, int8 or int4"),
+    ("kv_cache_dtype=fp8", "kv_cache_dtype='fp8'"),
+    ("batchsize=4", "unknown config arg keys ['batchsize']"),
+    ("prompt=4096,context=2048", "prompt=4096 is longer than context=2048"),
+    ("batch=0", "batch=0 must be positive"),
+])
+def test_inference_arg_refuses_bad_values(arg, message):
+  with pytest.raises(errors.ConfigError, match=re.escape(message)):
+    inference_plan.parse_inference_arg(arg)
+
+
+def test_inference_arg_maps_to_plan_inference_keywords():
+  assert inference_plan.parse_inference_arg("quantize=int4,batch=8,kv_cache_dtype=int8,decode_only=true") == {
+      "quantize": "int4", "batch": 8, "context": 2048, "prompt": 1024, "images": 1, "kv_cache_dtype": "int8",
+      "rules_name": "fsdp", "group_size": 128, "with_prefill": False, "prefill_batch": None,
+      "tensor_parallel": 0, "server": False}
+  assert inference_plan.parse_inference_arg("")["quantize"] == "int8"
+  assert inference_plan.parse_inference_arg("quantize=none")["quantize"] is None
+
+
+def test_cli_inference_error_is_one_line_before_compiling():
+  out = _plan_cli("--preset=tiny", "--topology=v5e-1", "--inference=quantize=int3", timeout=120)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert out.stderr.strip().splitlines()[-1] == "error: --inference: quantize='int3'; expected none, int8 or int4"
+  assert "Traceback" not in out.stderr and "compiling" not in out.stdout
+
+
+@requires_libtpu
+@pytest.mark.slow
+def test_cli_plans_quantized_inference_and_a_lora_stage_of_the_tiny_model():
+  out = _plan_cli("--preset=tiny", "--res=56", "--topology=v5e-1",
+                  "--inference=quantize=int8,batch=4,context=512,prompt=64,kv_cache_dtype=int8,decode_only=true",
+                  timeout=1800)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "weights int8, KV cache int8, batch 4, context 512" in out.stdout
+  assert "int8 " in out.stdout.split("weights", 2)[2].splitlines()[0]  # the weight bytes by dtype hold int8
+  assert "-> FITS" in out.stdout, out.stdout[-2000:]
+  out = _plan_cli("--config=configs/stage3.py:model=tiny,lora=4", "--topology=v5e-1", "--config.res=56",
+                  "--config.batch_size=2", "--config.seq_len=64", timeout=1800)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "trained by LoRA r=4" in out.stdout and "verdict: FITS" in out.stdout, out.stdout[-2000:]

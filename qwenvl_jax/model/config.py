@@ -16,7 +16,7 @@ import dataclasses
 from typing import Literal
 
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
-AttentionImpl = Literal["xla", "cudnn", "splash"]  # see model/attention.py
+AttentionImpl = Literal["xla", "xla_rows", "cudnn", "splash"]  # see model/attention.py
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -109,6 +109,14 @@ class QwenVLConfig:
   # Unroll the scans over layers (True, or unroll factor k): for shallow models on CPU, where a scan's stacked
   # residual buffers (zero-filled, then written and read one layer at a time) cost more than the layers' math.
   scan_unroll: bool | int = 1
+  # A CPU option (the CPU bench turns it on; same values up to float rounding, tests/model/test_cpu_layouts.py):
+  # * the linear layers run as 2-D matmuls (`layers.flat_matmul`): XLA:CPU's gradient of a 3-D einsum transposes
+  #   its operands and runs the weight-gradient dot slowly;
+  # * the pixels are normalized and cut into patches in buffers of their own (optimization barriers): left to
+  #   itself XLA:CPU fuses both into the patch matmul's operands as strided gathers, computed twice (forward and
+  #   weight gradient): 45 ms for a 32-image batch, 14 ms with the barriers (PyTorch's conv: 5 ms).
+  # Accelerators fuse these well and keep the einsums, whose letters shard independently: leave it off there.
+  cpu_layouts: bool = False
 
   def __post_init__(self):
     _check(self.resampler.num_queries > 0, "the adapter needs queries")
@@ -120,8 +128,9 @@ class QwenVLConfig:
     _check(self.param_dtype in ("bfloat16", "float32"), f"unknown param_dtype {self.param_dtype!r}")
     _check(self.remat_policy in ("none", "full", "dots", "dots_no_batch"),
            f"unknown remat_policy {self.remat_policy!r}")
-    _check(self.attention_impl in ("xla", "cudnn", "splash"),
-           f"unknown attention_impl {self.attention_impl!r}; known: 'xla', 'cudnn' (GPU), 'splash' (TPU)")
+    _check(self.attention_impl in ("xla", "xla_rows", "cudnn", "splash"),
+           f"unknown attention_impl {self.attention_impl!r}; known: 'xla', 'xla_rows' (CPU), 'cudnn' (GPU), "
+           "'splash' (TPU)")
 
   @property
   def image_tokens(self) -> int:

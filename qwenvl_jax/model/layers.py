@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Initializer = Callable[..., jax.Array]
@@ -49,12 +50,41 @@ def param(rngs: nnx.Rngs, init: Initializer, shape: Sequence[int], axes: Axes, d
   return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=tuple(axes), eager_sharding=False)
 
 
+def flat_matmul(spec: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """einsum(spec, x, kernel) as one 2-D matmul [rows, K] x [K, F] when the spec allows it, else the einsum.
+
+  It allows it when x's letters are its leading (row) letters then the contracted ones, the kernel's are the
+  contracted ones in the same order then its free ones, and the output is the row letters then the free ones
+  ("btd,dknh->btknh", "btnh,nhd->btd", ...): then both reshapes are free and the result is the same dot products.
+  Why: XLA:CPU differentiates a 3-D einsum like "btd,dv->btv" into a weight-gradient dot whose operands it first
+  transposes, and runs that dot at a fraction of its matmul rate (the tiny preset's `lm_head` gradient at batch
+  16: 17 ms as einsum, 5 ms as a 2-D matmul, tests in tests/model/test_layers.py); with 2-D operands the gradient
+  is the plain x^T dy. Accelerators keep the einsum (`QwenVLConfig.cpu_layouts`), whose row letters shard
+  independently.
+  """
+  lhs, rest = spec.split(",")
+  rhs, out = rest.split("->")
+  contracted = "".join(c for c in lhs if c in rhs)
+  rows = lhs[:len(lhs) - len(contracted)]
+  free = rhs[len(contracted):]
+  if lhs != rows + contracted or rhs != contracted + free or out != rows + free or set(rows) & set(rhs):
+    return jnp.einsum(spec, x, kernel)
+  n_rows = x.shape[:len(rows)]
+  k = int(np.prod(x.shape[len(rows):], dtype=np.int64))
+  f_shape = kernel.shape[len(contracted):]
+  y = x.reshape(-1, k) @ kernel.reshape(k, -1)
+  return y.reshape(n_rows + f_shape)
+
+
 class Einsum(nnx.Module):
   """y = einsum(spec, x, kernel) (+ bias): a linear map whose kernel keeps the reference's structure.
 
   The kernel shape mirrors the fused layouts of the PyTorch weights (e.g. `[D, 3, N, H]` for a blocked QKV) so
-  conversion is a reshape + transpose and tensor parallelism can shard the head axis directly.
+  conversion is a reshape + transpose and tensor parallelism can shard the head axis directly. `flat` (set by
+  `QwenVL` under `QwenVLConfig.cpu_layouts`) computes it as one 2-D matmul (`flat_matmul`).
   """
+
+  flat = False
 
   def __init__(self, spec: str, kernel_shape: Sequence[int], kernel_axes: Axes, *,
                bias_shape: Sequence[int] | None = None, bias_axes: Axes | None = None,
@@ -68,7 +98,8 @@ class Einsum(nnx.Module):
 
   def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
     """dropout_key: the LoRA dropout's key (training); None = no dropout. Ignored without an adapter."""
-    y = jnp.einsum(self.spec, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    matmul = flat_matmul if self.flat else jnp.einsum
+    y = matmul(self.spec, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     if getattr(self, "lora_a", None) is not None:  # attached by `model.lora.apply_lora`

@@ -16,7 +16,8 @@ Layout. An `Einsum(spec, kernel)` becomes a `QuantizedEinsum` holding
   bias    as before (the compute dtype)
 Scales are per output channel (every non-contracted axis of the kernel, the stacked `layers` axis included, so
 each layer has its own scales); int4 adds groups of G along the last contracted axis (the per-group scheme of
-GPTQ/AWQ int4 checkpoints), or one group when G does not divide it. The embedding `[V, D]` gets one scale per
+GPTQ/AWQ int4 checkpoints; any other contracted axis then gets a scale per index, so a group is G consecutive
+inputs of the flattened input), or one group when G does not divide it. The embedding `[V, D]` gets one scale per
 row (int8) or per row and group (int4). nf4 (QLoRA training's default) groups like int4 and stores uint4 codes
 of qwix's NormalFloat4 table (as int4, code - 8), absmax-scaled per group. Both arrays keep the kernel's logical axis names, so a rule table shards
 `qvalue` exactly as it sharded the kernel, and a scale axis shards with it where the mesh divides it (a length-1
@@ -99,6 +100,9 @@ def _how(kernel_ndim: int, contracted: tuple[int, ...], cfg: QuantConfig, shape:
     last = contracted[-1]
     if shape[last] > cfg.group_size and shape[last] % cfg.group_size == 0:
       tiled[last] = cfg.group_size
+      # A group is G consecutive inputs of the flattened input (QLoRA/bitsandbytes blocks of a torch [out, in]
+      # row): the other contracted axes (e.g. the head axis N of c_proj's [N, H, D]) get one scale per index.
+      tiled.update({a: 1 for a in contracted[:-1]})
   return {"channelwise_axes": channels, "tiled_axes": tiled}
 
 
@@ -241,7 +245,12 @@ def quantize_model(model: nnx.Module, cfg: QuantConfig, only: tuple[str, ...] | 
   Works on concrete models (quantizes their values) and inside `nnx.eval_shape` (the abstract quantized
   model, for shardings and AOT plans). The float kernels are dropped from the model.
   """
-  for path, node in _targets(model, cfg, only):
+  targets = _targets(model, cfg, only)
+  for pattern in only or ():
+    if not any(re.fullmatch(pattern, "/".join(str(k) for k in path)) for path, _ in targets):
+      raise ValueError(f"quantize target {pattern!r} matches no projection; projections look like "
+                       f"llm/blocks/attn/qkv, visual/blocks/mlp/fc")
+  for path, node in targets:
     new = (QuantizedEinsum.from_einsum(node, cfg) if isinstance(node, layers.Einsum)
            else QuantizedEmbed.from_embed(node, cfg))
     setattr(_parent(model, path), path[-1], new)

@@ -29,26 +29,27 @@ from qwenvl_jax.model.config import LLMConfig
 
 
 class KVCache(NamedTuple):
-  """Decoding state, stacked over layers. Keys are stored after RoPE (as the reference).
+  """Decoding state, stacked over layers. Keys are stored after RoPE (as the reference), heads-major: attention
+  contracts [S, H] per (row, head) straight from the cache (`attention.cache_attention`), no relayout per step.
 
   An int8 cache (`init_cache(..., dtype=jnp.int8)`) stores k and v as int8 with one scale per (layer, row, slot,
   head) over the H entries (absmax, `qwix.quantize`): 2 L N (H + 2) bytes per token instead of 4 L N H in bf16
   (266 vs 512 KiB at full size). The scales are None in a float cache.
   """
 
-  k: jax.Array  # [L, B, S, N, H]
-  v: jax.Array  # [L, B, S, N, H]
+  k: jax.Array  # [L, B, N, S, H]
+  v: jax.Array  # [L, B, N, S, H]
   segment_ids: jax.Array  # int32[B, S]; 0 = empty slot or padding (never attended)
-  k_scale: jax.Array | None = None  # [L, B, S, N, 1] in the compute dtype, int8 cache only
-  v_scale: jax.Array | None = None  # [L, B, S, N, 1]
+  k_scale: jax.Array | None = None  # [L, B, N, S, 1] in the compute dtype, int8 cache only
+  v_scale: jax.Array | None = None  # [L, B, N, S, 1]
 
   @property
   def quantized(self) -> bool:
     return self.k_scale is not None
 
 
-# Logical axes of the cache's k, v (and their int8 scales, whose last dim is 1): [L, B, S, N, H].
-_KV_AXES = ("layers", "cache_batch", "cache_len", "cache_heads", "cache_head_dim")
+# Logical axes of the cache's k, v (and their int8 scales, whose last dim is 1): [L, B, N, S, H].
+_KV_AXES = ("layers", "cache_batch", "cache_heads", "cache_len", "cache_head_dim")
 
 
 def constrain_cache(cache: KVCache) -> KVCache:
@@ -78,24 +79,48 @@ def write_slots(buffer: jax.Array, update: jax.Array, cache_index: jax.Array | i
   return jax.vmap(lambda b, u, i: jax.lax.dynamic_update_slice_in_dim(b, u, i, axis=0))(buffer, update, cache_index)
 
 
+def write_layer_slots(buffer: jax.Array, layer: jax.Array, update: jax.Array, cache_index: jax.Array | int
+                      ) -> jax.Array:
+  """The stacked `buffer` [L, B', N, S, X] with `update` [B, N, T, X] (B <= B') written into layer `layer`, rows
+  0 .. B-1, at slots cache_index .. cache_index + T - 1 (an int32 scalar, or int32[B] one per row).
+
+  Only the B x T new entries are written (a dynamic-update-slice or a scatter, in place in the loop carry): slicing
+  the layer out, updating it and writing it back copied the whole layer twice per step, which dominated the
+  decode step of many rows (bench/bench_serve.py).
+  """
+  if jnp.ndim(cache_index) == 0:
+    return jax.lax.dynamic_update_slice(buffer, update[None], (layer, 0, 0, cache_index, 0))
+  b, n, t = update.shape[:3]
+  rows = jnp.arange(b, dtype=jnp.int32)[:, None, None]
+  heads = jnp.arange(n, dtype=jnp.int32)[None, :, None]
+  slots = (jnp.asarray(cache_index, jnp.int32)[:, None] + jnp.arange(t, dtype=jnp.int32))[:, None, :]
+  return buffer.at[layer, rows, heads, slots].set(update, indices_are_sorted=True, unique_indices=True)
+
+
 def _quantize_kv(x: jax.Array, scale_dtype) -> tuple[jax.Array, jax.Array]:
   """float[B, T, N, H] -> (int8[B, T, N, H], scale[B, T, N, 1]): absmax per token and head."""
   q = qwix.quantize(x.astype(jnp.float32), jnp.int8, channelwise_axes=(0, 1, 2))
   return q.qvalue, q.scale.astype(scale_dtype)
 
 
-def _write_kv(kv: tuple, k: jax.Array, v: jax.Array, cache_index) -> tuple[tuple, jax.Array, jax.Array]:
-  """Writes the new k, v float[B, T, N, H] at `cache_index` of a layer's cache entries `kv` = (k, v) or
-  (k, v, k_scale, v_scale); returns (the updated entries, the whole k and v in k's dtype for attention)."""
-  put = lambda buf, x: write_slots(buf, x.astype(buf.dtype), cache_index)
-  if len(kv) == 2:
-    new = (put(kv[0], k), put(kv[1], v))
-    return new, new[0].astype(k.dtype), new[1].astype(k.dtype)
-  kq, ks = _quantize_kv(k, kv[2].dtype)
-  vq, vs = _quantize_kv(v, kv[3].dtype)
-  new = (put(kv[0], kq), put(kv[1], vq), put(kv[2], ks), put(kv[3], vs))
+def _write_kv(entries: tuple, layer: jax.Array, window: int, k: jax.Array, v: jax.Array, cache_index
+              ) -> tuple[tuple, jax.Array, jax.Array]:
+  """Writes the new k, v float[B, T, N, H] at `cache_index` into layer `layer` of the stacked cache entries
+  `entries` = (k, v) or (k, v, k_scale, v_scale), each [L, B', N, S, ...]; returns (the updated entries, the
+  layer's first B rows and `window` slots of k and v [B, N, window, H] in k's dtype for attention)."""
+  b = k.shape[0]
+  put = lambda buf, x: write_layer_slots(buf, layer, x.swapaxes(1, 2).astype(buf.dtype), cache_index)
+  # One dynamic-slice of exactly what is attended (XLA:CPU copies it ~2x faster than a slice of a layer slice).
+  read = lambda buf: jax.lax.dynamic_slice(buf, (layer, 0, 0, 0, 0), (1, b) + buf.shape[2:3] + (window,)
+                                           + buf.shape[4:])[0].astype(k.dtype)
+  if len(entries) == 2:
+    new = (put(entries[0], k), put(entries[1], v))
+    return new, read(new[0]), read(new[1])
+  kq, ks = _quantize_kv(k, entries[2].dtype)
+  vq, vs = _quantize_kv(v, entries[3].dtype)
+  new = (put(entries[0], kq), put(entries[1], vq), put(entries[2], ks), put(entries[3], vs))
   # Dequantized one layer at a time inside the scan (a temporary of the jitted step, never stored).
-  return new, (new[0].astype(k.dtype) * new[2].astype(k.dtype)), (new[1].astype(k.dtype) * new[3].astype(k.dtype))
+  return new, read(new[0]) * read(new[2]), read(new[1]) * read(new[3])
 
 
 class SelfAttention(nnx.Module):
@@ -114,8 +139,10 @@ class SelfAttention(nnx.Module):
   def __call__(self, x, cos, sin, mask, q_scale, kv=None, cache_index=None, segment_ids=None, dropout_key=None):
     """x float[B, T, D] -> (float[B, T, D], (k, v) updated cache entries or None).
 
-    kv: optional (k, v) float[B, S, N, H] of this layer, or (k, v, k_scale, v_scale) of an int8 cache; the new
-      keys/values are written at `cache_index`.
+    kv: optional (entries, layer, window): the stacked cache entries (k, v) [L, B', N, S, H] (B' >= B), or (k, v,
+      k_scale, v_scale) of an int8 cache, this layer's index and the slots attended (the first `window`); the
+      new keys/values are written into rows 0 .. B-1 of the layer at `cache_index`, and the updated entries are
+      returned.
     q_scale: optional float32[B, T] logn factor applied to q (inference only).
     dropout_key: LoRA dropout key (training only; None = none).
     """
@@ -125,13 +152,16 @@ class SelfAttention(nnx.Module):
     q = positional.apply_rope(q, cos, sin)
     k = positional.apply_rope(k, cos, sin)
     if kv is not None:
-      new_kv, k, v = _write_kv(kv, k.astype(q.dtype), v.astype(q.dtype), cache_index)
+      new_kv, k, v = _write_kv(*kv, k.astype(q.dtype), v.astype(q.dtype), cache_index)
     else:
       new_kv = None
     if q_scale is not None:
       q = (q.astype(jnp.float32) * q_scale[:, :, None, None]).astype(q.dtype)
-    out = attention.dot_product_attention(q, k, v, mask=mask, scale=self.scale, impl=self.impl,
-                                          segment_ids=segment_ids if kv is None else None)
+    if kv is None:
+      out = attention.dot_product_attention(q, k, v, mask=mask, scale=self.scale, impl=self.impl,
+                                            segment_ids=segment_ids)
+    else:
+      out = attention.cache_attention(q, k, v, mask=mask, scale=self.scale, impl=self.impl)
     return self.out(out, keys[1]), new_kv
 
 
@@ -188,7 +218,7 @@ class QwenLM(nnx.Module):
     Under `sharding.use_rules` the cache is created in its layout (rows over the batch axes, heads over `tensor`).
     """
     c = self.cfg
-    shape = (c.layers, batch, max_len, c.heads, c.head_dim)
+    shape = (c.layers, batch, c.heads, max_len, c.head_dim)
     dtype = jnp.dtype(dtype or self.dtype)
     zeros = lambda shape, dtype: sharding.constrain(jnp.zeros(shape, dtype), _KV_AXES)
     segments = sharding.constrain(jnp.zeros((batch, max_len), jnp.int32), ("cache_batch", "cache_len"))
@@ -203,32 +233,37 @@ class QwenLM(nnx.Module):
   def __call__(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array,
                cache: KVCache | None = None, cache_index: jax.Array | int | None = None,
                rope_base: jax.Array | float | None = None, logn: bool = False,
-               dropout_key: jax.Array | None = None) -> ModelOutput:
+               dropout_key: jax.Array | None = None, window: int | None = None) -> ModelOutput:
     """Logits of the decoder on embeddings: `features` then `lm_head` (same arguments).
 
     Returns:
       ModelOutput(logits float[B, T, V] in the compute dtype, updated KVCache or None).
     """
     h, new_cache = self.features(x, positions=positions, segment_ids=segment_ids, cache=cache,
-                                 cache_index=cache_index, rope_base=rope_base, logn=logn, dropout_key=dropout_key)
+                                 cache_index=cache_index, rope_base=rope_base, logn=logn, dropout_key=dropout_key,
+                                 window=window)
     logits = self.lm_head(h)
     return ModelOutput(sharding.constrain(logits, ("act_batch", "act_len", "act_vocab")), new_cache)
 
   def features(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array,
                cache: KVCache | None = None, cache_index: jax.Array | int | None = None,
                rope_base: jax.Array | float | None = None, logn: bool = False,
-               dropout_key: jax.Array | None = None):
+               dropout_key: jax.Array | None = None, window: int | None = None):
     """Runs the decoder on embeddings up to the final norm (the `lm_head` input).
 
     Args:
       x: float[B, T, D] input embeddings (image features already written in).
       positions: int32[B, T] RoPE positions.
       segment_ids: int32[B, T]; 0 = padding. Attention is causal within equal non-zero segments.
-      cache: optional KVCache with S slots; the T new tokens are written at slots cache_index..cache_index+T-1.
+      cache: optional KVCache with S slots and B' >= B rows; the T new tokens of row b are written into cache row b
+        at slots cache_index..cache_index+T-1 and attend to that row; rows B .. B'-1 are left as they are (a
+        server decodes only the first rows of its slots, `serving.slots`).
       cache_index: int32 scalar slot of the first new token, or int32[B] one per row (required with a cache).
       rope_base: RoPE base (default the config's); pass the dynamic-NTK base at inference.
       logn: apply the reference's logn query scaling (inference only).
       dropout_key: the LoRA dropout key of this call (training only; split per layer and projection).
+      window: with a cache, attend to its first `window` slots only (static; every query slot must be below it):
+        a server whose rows are all short reads that much of the cache per step, not all of it. None = all S.
 
     Returns:
       (hidden states float[B, T, D] after `ln_f` in the compute dtype, updated KVCache or None).
@@ -245,10 +280,14 @@ class QwenLM(nnx.Module):
     else:
       if cache_index is None:
         raise ValueError("decoding with a cache needs cache_index")
-      kv_segments = write_slots(cache.segment_ids, segment_ids.astype(jnp.int32), cache_index)
+      b = x.shape[0]
+      row_segments = write_slots(cache.segment_ids[:b], segment_ids.astype(jnp.int32), cache_index)
       q_slots = jnp.asarray(cache_index, jnp.int32)[..., None] + jnp.arange(t, dtype=jnp.int32)
-      k_slots = jnp.arange(cache.segment_ids.shape[1], dtype=jnp.int32)
-      mask = attention.segment_causal_mask(segment_ids, kv_segments, q_slots, k_slots)
+      window = cache.segment_ids.shape[1] if window is None else window
+      k_slots = jnp.arange(window, dtype=jnp.int32)
+      mask = attention.segment_causal_mask(segment_ids, row_segments[:, :window], q_slots, k_slots)
+      kv_segments = (row_segments if b == cache.segment_ids.shape[0]
+                     else cache.segment_ids.at[:b].set(row_segments))
     x = sharding.constrain(x.astype(self.dtype), ("act_batch", "act_len", "act_embed"))
 
     # Without a cache the mask is segment_causal_mask(segment_ids) over one sequence: kernels may use the ids.
@@ -288,9 +327,7 @@ class QwenLM(nnx.Module):
       @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
       def run_cached(carry, block):
         x, entries, layer = carry
-        kv = tuple(jax.lax.dynamic_index_in_dim(e, layer, axis=0, keepdims=False) for e in entries)
-        x, new_kv = block_fn(x, block, kv)
-        entries = tuple(jax.lax.dynamic_update_index_in_dim(e, n, layer, axis=0) for e, n in zip(entries, new_kv))
+        x, entries = block_fn(x, block, (entries, layer, window))
         return x, entries, layer + 1
 
       x, entries, _ = run_cached((x, entries, jnp.int32(0)), self.blocks)

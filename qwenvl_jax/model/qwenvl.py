@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qwenvl_jax import sharding
+from qwenvl_jax.model import layers
 from qwenvl_jax.model.config import QwenVLConfig
 from qwenvl_jax.model.qwen import KVCache, ModelOutput, QwenLM
 from qwenvl_jax.model.resampler import Adapter
@@ -28,9 +29,14 @@ class QwenVL(nnx.Module):
     self.cfg = cfg
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     kw = dict(dtype=dtype, param_dtype=param_dtype, impl=cfg.attention_impl, rngs=rngs)
-    self.visual = VisionTransformer(cfg.vision, remat_policy=cfg.remat_policy, scan_unroll=cfg.scan_unroll, **kw)
+    self.visual = VisionTransformer(cfg.vision, remat_policy=cfg.remat_policy, scan_unroll=cfg.scan_unroll,
+                                    cpu_layouts=cfg.cpu_layouts, **kw)
     self.adapter = Adapter(cfg.resampler, kv_dim=cfg.vision.width, embed_dim=cfg.llm.width, **kw)
     self.llm = QwenLM(cfg.llm, remat_policy=cfg.remat_policy, scan_unroll=cfg.scan_unroll, **kw)
+    if cfg.cpu_layouts:
+      for _, module in nnx.iter_graph(self):
+        if isinstance(module, layers.Einsum):
+          module.flat = True
 
   def encode_images(self, images: jax.Array, *, stop_vision_grad: bool = False) -> jax.Array:
     """uint8[B, M, S, S, 3] -> float[B, M, Q, D] image tokens in the compute dtype.

@@ -80,8 +80,12 @@ class VisionTransformer(nnx.Module):
   """uint8 images -> patch features float[B, L, W] (before the adapter)."""
 
   def __init__(self, cfg: VisionConfig, *, dtype=jnp.bfloat16, param_dtype=jnp.float32,
-               remat_policy: str = "full", impl: str = "xla", scan_unroll: bool | int = 1, rngs: nnx.Rngs):
+               remat_policy: str = "full", impl: str = "xla", scan_unroll: bool | int = 1,
+               cpu_layouts: bool = False, rngs: nnx.Rngs):
+    """cpu_layouts: normalize the pixels and cut the patches into buffers of their own
+    (`QwenVLConfig.cpu_layouts`, a CPU option; the blocks' 2-D matmuls are set by `QwenVL`)."""
     self.cfg = cfg
+    self.cpu_layouts = cpu_layouts
     self.dtype = dtype
     self.remat_policy = remat_policy
     self.scan_unroll = scan_unroll
@@ -107,12 +111,25 @@ class VisionTransformer(nnx.Module):
       raise ValueError(f"images have shape {images.shape[1:]}, the model expects "
                        f"{(self.cfg.image_size, self.cfg.image_size, 3)}")
     p, g = self.cfg.patch_size, self.cfg.grid
+    del s
+    kernel = self.conv1[...].astype(self.dtype)
+    if self.cpu_layouts:
+      # Normalized in the pixels' own layout, then cut into rows of P*P*3 values ((p, q, c) inside a patch) for one
+      # [B*L, P*P*3] x [P*P*3, W] matmul whose weight gradient is the plain x^T dy; the barriers keep XLA:CPU
+      # from fusing either step into the matmul operands (`QwenVLConfig.cpu_layouts`).
+      # One multiply-add per value (scale 1 / (255 std), offset -mean / std): the two divisions of
+      # `normalize_pixels` cost XLA:CPU 7x more; the values differ from it by float rounding only.
+      scale = jnp.asarray(1.0 / (255.0 * CLIP_STD), jnp.float32)
+      x = images.astype(jnp.float32) * scale + jnp.asarray(-CLIP_MEAN / CLIP_STD, jnp.float32)
+      x = jax.lax.optimization_barrier(x.astype(self.dtype))
+      x = x.reshape(b, g, p, g, p * 3).transpose(0, 1, 3, 2, 4).reshape(b, g * g, p * p * 3)
+      x = jax.lax.optimization_barrier(x)
+      return jnp.einsum("blk,kw->blw", x, kernel.reshape(p * p * 3, kernel.shape[-1]))
     # Patches are cut from the uint8 pixels (a quarter of the bytes of float32 to shuffle), then normalized; the
     # reference casts pixels to the weight dtype (bf16) before conv1.
     x = images.reshape(b, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, p, p, 3)
     x = normalize_pixels(x).astype(self.dtype)
-    del s
-    return jnp.einsum("blpqc,pqcw->blw", x, self.conv1[...].astype(self.dtype))
+    return jnp.einsum("blpqc,pqcw->blw", x, kernel)
 
   def __call__(self, images: jax.Array) -> jax.Array:
     """uint8[B, S, S, 3] -> float[B, L, W] in the compute dtype."""

@@ -1,5 +1,7 @@
 """Plans quantized (or float) inference for a TPU topology: the real prefill and decode step, AOT-compiled.
 
+  python -m qwenvl_jax.plan --preset=qwen_vl_7b --topology=v5e-1 \\
+      --inference=quantize=int8,batch=8,kv_cache_dtype=int8
   python -m qwenvl_jax.planning.inference_plan --preset=qwen_vl_7b --topology=v5e-1 --quantize=int8 \\
       --batch=4 --context=2048 --kv_cache_dtype=bfloat16
   python -m qwenvl_jax.planning.inference_plan --preset=qwen_vl_7b --topology=v5e-1 --quantize=int8 \\
@@ -16,23 +18,35 @@ devices, an abstract KV cache of C slots (bf16 or int8) — and compiles two pro
     activations: the ViT, the adapter and a P x C attention per layer).
 Nothing is allocated and no TPU is needed (libtpu is: requirements-tpu-aot.txt). When a plan does not fit, the
 report says by how much and what would (a smaller batch, an int8 cache, int4 weights, more chips).
+
+The layout is the runtime's (`inference.layout.make_inference_mesh` over the topology's devices): `--rules=
+inference_tp` (default: tensor parallel over one host's chips, replicas over the rest) or `--rules=fsdp` (as
+training). `--server` plans what `python -m qwenvl_jax.serve` runs instead: B slots of C cache slots that live
+through every call, the decode step of all B slots, and the engine's prefill (k requests' P-token prompts with M
+images each into a k x P cache, then written into k slot rows of the donated slots' cache). `--max_slots` searches
+the most slots that fit (both programs within HBM):
+
+  python -m qwenvl_jax.planning.inference_plan --preset=qwen_vl_7b --topology=v5e-8 --quantize=none \
+      --context=2048 --prompt=1024 --max_slots
 """
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from qwenvl_jax import sharding
+from qwenvl_jax import config_args, errors, sharding
 from qwenvl_jax.hardware import chips
 from qwenvl_jax.hardware.chips import GIB
-from qwenvl_jax.inference import decode
+from qwenvl_jax.inference import decode, layout
 from qwenvl_jax.model import QwenVL, get_preset
 from qwenvl_jax.model import quantize as qlib
 from qwenvl_jax.model.config import QwenVLConfig
+from qwenvl_jax.model.qwen import KVCache, constrain_cache
 from qwenvl_jax.planning import aot, mesh as mesh_lib
 
 
@@ -48,16 +62,19 @@ class InferencePlan:
   def format(self) -> str:
     f = self.facts
     weights = sum(self.weight_bytes.values())
-    lines = [f"inference: {f['model']} weights {f['quantize']}, KV cache {f['kv_cache_dtype']}, batch {f['batch']}, "
+    lines = [f"{'server' if f['server'] else 'inference'}: {f['model']} weights {f['quantize']}, KV cache "
+             f"{f['kv_cache_dtype']}, {'slots' if f['server'] else 'batch'} {f['batch']}, "
              f"context {f['context']} slots, prompt {f['prompt']} tokens with {f['images']} image(s) per row, "
-             f"mesh {f['mesh']}",
+             f"layout {f['layout']} ({f['rules']})",
              f"  weights {weights / GIB:.2f} GiB ("
              + ", ".join(f"{k} {v / GIB:.2f}" for k, v in sorted(self.weight_bytes.items())) + ")",
              f"  KV cache {self.cache_bytes / GIB:.2f} GiB ({self.cache_bytes / f['batch'] / f['context'] / 1024:.0f}"
              " KiB per token)",
              "decode step:", self.decode.format()]
     if self.prefill is not None:
-      lines += [f"prefill ({f['prefill_batch']} row(s) at once):", self.prefill.format()]
+      what = (f"server prefill ({f['prefill_batch']} request(s) into the {f['batch']} slots' cache)" if f["server"]
+              else f"prefill ({f['prefill_batch']} row(s) at once)")
+      lines += [f"{what}:", self.prefill.format()]
     peak = max(self.decode.total_bytes, self.prefill.total_bytes if self.prefill else 0)
     hbm = self.decode.chip.hbm_bytes
     lines.append(f"peak of the two programs: {peak / GIB:.2f} GiB of {hbm / GIB:.0f} GiB per chip -> "
@@ -84,7 +101,7 @@ def abstract_cache(cfg: QwenVLConfig, batch: int, context: int, kv_cache_dtype: 
   """`ShapeDtypeStruct`s of an empty KV cache, rows sharded like the batch, heads like the tensor axis."""
   llm = nnx.eval_shape(lambda: QwenVL(cfg, rngs=nnx.Rngs(0))).llm
   cache = jax.eval_shape(lambda: llm.init_cache(batch, context, dtype=kv_cache_dtype))
-  kv_axes = ("layers", "cache_batch", "cache_len", "cache_heads", "cache_head_dim")
+  kv_axes = ("layers", "cache_batch", "cache_heads", "cache_len", "cache_head_dim")  # `KVCache` layout
 
   def shard(x, axes):
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
@@ -99,18 +116,20 @@ def abstract_cache(cfg: QwenVLConfig, batch: int, context: int, kv_cache_dtype: 
 def plan_inference(cfg: QwenVLConfig, topology: chips.Topology, *, quantize: str | None, batch: int,
                    context: int, prompt: int, images: int = 1, kv_cache_dtype: str | None = None,
                    rules_name: str = "fsdp", group_size: int = qlib.DEFAULT_GROUP_SIZE,
-                   with_prefill: bool = True, prefill_batch: int | None = None) -> InferencePlan:
+                   with_prefill: bool = True, prefill_batch: int | None = None, tensor_parallel: int = 0,
+                   server: bool = False) -> InferencePlan:
   """AOT-compiles the decode step (and prefill) of `cfg` on `topology`; see the module docstring.
 
-  prefill_batch: rows prefilled together (default `batch`, as `Generator` does; a serving engine that admits one
-  request at a time prefills 1 row into its slot).
+  prefill_batch: rows prefilled together (default `batch`, as `Generator` does; with `server`, default 1: the
+    requests one engine prefill admits).
+  rules_name, tensor_parallel: the layout (`inference.layout.make_inference_mesh` over the topology's devices).
+  server: plan the serving engine's programs (`batch` = its slots; the prefill writes into the slots' cache).
   """
-  prefill_batch = prefill_batch or batch
+  prefill_batch = prefill_batch or (1 if server else batch)
   if prompt > context:
     raise ValueError(f"prompt {prompt} is longer than the context {context}")
   devices = mesh_lib.topology_devices(topology)
-  mesh = sharding.make_mesh({"fsdp": -1}, devices=devices)
-  rules = sharding.load_rules(rules_name)
+  mesh, rules = layout.make_inference_mesh(cfg, rules_name, tensor_parallel=tensor_parallel, devices=devices)
 
   def make():
     model = QwenVL(cfg, rngs=nnx.Rngs(0))
@@ -137,9 +156,10 @@ def plan_inference(cfg: QwenVLConfig, topology: chips.Topology, *, quantize: str
                                                   vec(jnp.float32)),
                                       chip=topology.chip, mesh=mesh, donate_argnums=3, count_program_flops=False)
   prefill_plan = None
+  slots = batch
   if with_prefill:
     s, batch = cfg.vision.image_size, prefill_batch
-    pcache = abstract_cache(cfg, batch, context, kv_cache_dtype, mesh, rules)
+    pcache = cache if server else abstract_cache(cfg, batch, context, kv_cache_dtype, mesh, rules)
     vec = lambda dtype: jax.ShapeDtypeStruct((batch,), dtype, sharding=NamedSharding(
         mesh, sharding.resolve_spec((batch,), ("act_batch",), rules, dict(mesh.shape))))
     seq = lambda: jax.ShapeDtypeStruct((batch, prompt), jnp.int32, sharding=NamedSharding(
@@ -153,7 +173,9 @@ def plan_inference(cfg: QwenVLConfig, topology: chips.Topology, *, quantize: str
           mesh, sharding.resolve_spec((batch, images), ("act_batch", None), rules, dict(mesh.shape))))
 
     def prefill_fn(state, arrays, cache, rope_base):
-      return decode.prefill(graphdef, as_state(state), arrays, cache, rope_base=rope_base)
+      if not server:
+        return decode.prefill(graphdef, as_state(state), arrays, cache, rope_base=rope_base)
+      return server_prefill(graphdef, as_state(state), arrays, cache, rope_base, kv_cache_dtype)
 
     with sharding.use_rules(mesh, rules):
       _, prefill_plan = aot.compile_step(prefill_fn, (state, arrays, pcache, vec(jnp.float32)),
@@ -161,9 +183,165 @@ def plan_inference(cfg: QwenVLConfig, topology: chips.Topology, *, quantize: str
                                          count_program_flops=False)
   cache_bytes = sum(int(x.size) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(cache))
   facts = {"model": f"{cfg.llm.layers}-layer LLM, {cfg.vision.image_size} px", "quantize": quantize or "none",
-           "kv_cache_dtype": kv_cache_dtype or cfg.dtype, "batch": cache.segment_ids.shape[0], "prefill_batch": prefill_batch, "context": context, "prompt": prompt,
-           "images": images, "mesh": dict(mesh.shape)}
+           "kv_cache_dtype": kv_cache_dtype or cfg.dtype, "batch": slots, "prefill_batch": prefill_batch,
+           "context": context, "prompt": prompt, "images": images, "mesh": dict(mesh.shape),
+           "layout": layout.describe(mesh), "rules": rules_name, "server": server}
   return InferencePlan(decode_plan, prefill_plan, qlib.weight_bytes(abstract_state), cache_bytes, facts)
+
+
+# The keys of `python -m qwenvl_jax.plan --inference=key=value,...` and their defaults (which give their types).
+INFERENCE_ARG_DEFAULTS = {"quantize": "int8", "batch": 4, "context": 2048, "prompt": 1024, "images": 1,
+                          "kv_cache_dtype": "bfloat16", "prefill_batch": 0, "decode_only": False,
+                          "group_size": qlib.DEFAULT_GROUP_SIZE, "rules": "fsdp", "tensor_parallel": 0,
+                          "server": False}
+
+
+def parse_inference_arg(arg: str) -> dict:
+  """The plan_inference keyword arguments of an `--inference=quantize=int8,batch=8,kv_cache_dtype=int8` string
+  (keys and defaults: `INFERENCE_ARG_DEFAULTS`; '' or 'default' = all defaults).
+
+  Raises:
+    errors.ConfigError: an unknown key, a value of the wrong type, or an unknown quantization / cache dtype.
+  """
+  arg = "" if arg in ("", "default", "true", "1") else arg
+  try:
+    values = {**INFERENCE_ARG_DEFAULTS, **config_args.parse_arg(arg, INFERENCE_ARG_DEFAULTS)}
+  except ValueError as e:
+    raise errors.ConfigError(f"--inference: {e}") from None
+  if values["quantize"] not in ("none", "int8", "int4"):
+    raise errors.ConfigError(f"--inference: quantize={values['quantize']!r}; expected none, int8 or int4")
+  if values["kv_cache_dtype"] not in ("bfloat16", "int8"):
+    raise errors.ConfigError(f"--inference: kv_cache_dtype={values['kv_cache_dtype']!r}; expected bfloat16 or int8")
+  for key in ("batch", "context", "prompt"):
+    if values[key] < 1:
+      raise errors.ConfigError(f"--inference: {key}={values[key]} must be positive")
+  if values["prompt"] > values["context"]:
+    raise errors.ConfigError(f"--inference: prompt={values['prompt']} is longer than context={values['context']}")
+  return {"quantize": None if values["quantize"] == "none" else values["quantize"], "batch": values["batch"],
+          "context": values["context"], "prompt": values["prompt"], "images": values["images"],
+          "kv_cache_dtype": "int8" if values["kv_cache_dtype"] == "int8" else None, "rules_name": values["rules"],
+          "group_size": values["group_size"], "with_prefill": not values["decode_only"],
+          "prefill_batch": values["prefill_batch"] or None, "tensor_parallel": values["tensor_parallel"],
+          "server": values["server"]}
+
+
+def inference_model_config(preset: str, res: int) -> QwenVLConfig:
+  """The serving numerics of `preset` at `res` px: bf16 weights and compute, no remat."""
+  return get_preset(preset, dtype="bfloat16", param_dtype="bfloat16", remat_policy="none").with_image_size(res)
+
+
+def server_prefill(graphdef: nnx.GraphDef, state: nnx.State, arrays: dict, cache: KVCache, rope_base: jax.Array,
+                   kv_cache_dtype: str | None) -> tuple[jax.Array, KVCache]:
+  """The serving engine's prefill, for planning: k prompts (`arrays` int32[k, P] and their images) through
+  `decode.prefill` into a fresh k x P cache, whose rows are then written into rows 0 .. k-1 of the slots' cache
+  `cache` [B rows, C slots] (donated, so it is updated in place), as `serving.slots` does (which this layer may
+  not import). Returns (float32[k, V] last logits, the slots' cache)."""
+  k, p = arrays["input_ids"].shape
+  model = nnx.merge(graphdef, state)
+  small = model.llm.init_cache(k, p, dtype=kv_cache_dtype)
+  logits, small = decode.prefill(graphdef, state, arrays, small, rope_base=rope_base)
+  rows = jnp.arange(k)
+  put = lambda big, new: None if big is None else big.at[:, rows, :p].set(new.astype(big.dtype))
+  cache = KVCache(put(cache.k, small.k), put(cache.v, small.v), cache.segment_ids.at[rows, :p].set(small.segment_ids),
+                  put(cache.k_scale, small.k_scale), put(cache.v_scale, small.v_scale))
+  return logits, constrain_cache(cache)
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotSearch:
+  """The outcome of `max_slots`: the most slots that fit, the plan there, and the probes (slots -> peak bytes per
+  chip of both programs, or None where a program did not fit)."""
+  slots: int
+  plan: InferencePlan | None
+  probes: dict[int, int | None]
+  granularity: int
+  does_not_fit: int | None = None   # the fewest slots found not to fit
+
+  def format(self) -> str:
+    f = self.plan.facts if self.plan else {}
+    probes = ", ".join(f"{b}: {'over HBM' if v is None else f'{v / GIB:.2f} GiB'}"
+                       for b, v in sorted(self.probes.items()))
+    head = (f"most slots that fit: {self.slots} ({self.does_not_fit} do not; slots in multiples of "
+            f"{self.granularity}; context {f.get('context')}, weights {f.get('quantize')}, KV cache "
+            f"{f.get('kv_cache_dtype')}, layout {f.get('layout')})")
+    return "\n".join([head, f"  peak per chip by slots: {probes}"] + ([self.plan.format()] if self.plan else []))
+
+
+def _bytes(plan: InferencePlan) -> tuple[int, bool]:
+  """(the larger program's bytes per chip, whether both fit); over HBM, the bytes XLA's refusal names."""
+  progs = [p for p in (plan.decode, plan.prefill) if p is not None]
+  return max(p.total_bytes for p in progs), all(p.fits for p in progs)
+
+
+def max_slots(plan_at, *, granularity: int, start: int, hbm_bytes: int, log=print) -> SlotSearch:
+  """The most slots B (a multiple of `granularity`) for which `plan_at(B, with_prefill)` fits in `hbm_bytes`.
+
+  Memory grows about linearly in B (the cache and the per-slot temporaries), so each next probe is where the line
+  through the two probes nearest to the limit reaches it (a secant step, kept strictly inside the bracket of the
+  largest B known to fit and the smallest known not to, else the bracket's middle). The search runs on the decode
+  step alone (the larger program of a server with many slots), then checks the answer with the prefill too and
+  searches on both programs only if the prefill is the one that does not fit. Every compile is logged with its
+  wall time; a full-size search takes about 5 to 8 compiles.
+  """
+  g = granularity
+  seen: dict[tuple[int, bool], tuple[int, bool]] = {}
+  plans: dict[tuple[int, bool], InferencePlan] = {}
+
+  def probe(b: int, full: bool) -> bool:
+    if (b, full) not in seen:
+      t = time.perf_counter()
+      plans[(b, full)] = plan_at(b, full)
+      seen[(b, full)] = _bytes(plans[(b, full)])
+      used, fits = seen[(b, full)]
+      log(f"  {b} slots{'' if full else ' (decode step only)'}: {used / GIB:.2f} GiB per chip"
+          f"{'' if fits else ' -> over HBM'} ({time.perf_counter() - t:.0f} s)")
+    return seen[(b, full)][1]
+
+  def next_probe(full: bool, lo: int, hi: int | None) -> int:
+    # Only programs that compiled give exact bytes (a refusal's figure is XLA's estimate of a different total).
+    points = sorted(((b, seen[(b, f)][0]) for (b, f), (_, fits) in seen.items() if f == full and fits),
+                    key=lambda p: abs(p[1] - hbm_bytes))[:2]
+    guess = None
+    if len(points) == 2:
+      (b1, y1), (b2, y2) = points
+      slope = (y2 - y1) / (b2 - b1)
+      if slope > 0:  # aim a little below the limit: an overshoot costs a compile that cannot fit
+        guess = int((b1 + (0.995 * hbm_bytes - y1) / slope) // g * g)
+    middle = None if hi is None else (lo + hi) // 2 // g * g
+    if hi is None and guess is not None and guess < lo + g:  # the line says lo is the answer: bracket it
+      guess = lo + resolution(lo)
+    elif guess is None or guess < lo + g or (hi is not None and guess > hi - g):
+      guess = 2 * lo if hi is None else middle
+    elif hi is not None:  # at most halfway up after an overshoot, else 3/4: a convex curve cannot stall it
+      guess = min(guess, middle if last_failed[0] else (lo + 3 * (hi - lo) // 4) // g * g)
+    return max(guess, lo + g)
+
+  last_failed = [False]
+
+  def resolution(lo: int) -> int:
+    # The answer is known to a slot granule, or to 2 % of it (a handful of slots at full size).
+    return max(g, int(0.02 * lo) // g * g)
+
+  def search(full: bool, lo: int, hi: int | None) -> int:
+    while hi is None or hi - lo > resolution(lo):
+      b = next_probe(full, lo, hi)
+      fits = probe(b, full)
+      last_failed[0] = not fits
+      lo, hi = (b, hi) if fits else (lo, b)
+    bracket[full] = hi
+    return lo
+
+  bracket: dict[bool, int | None] = {}
+  b = max(g, start // g * g)
+  while not probe(b, False):
+    if b == g:
+      return SlotSearch(0, None, {k: None for (k, _) in seen}, g, g)
+    b = max(g, b // 2 // g * g)
+  lo = search(False, b, None)
+  if not probe(lo, True):
+    lo = search(True, 0, lo)
+  probes = {b: used if fits else None for (b, full), (used, fits) in seen.items() if full or not fits}
+  return SlotSearch(lo, plans.get((lo, True)), probes, g, bracket.get(True, bracket.get(False)))
 
 
 def _cli() -> None:
@@ -179,23 +357,43 @@ def _cli() -> None:
   prompt = flags.DEFINE_integer("prompt", 1024, "Prompt tokens of the prefill plan.")
   images = flags.DEFINE_integer("images", 1, "Images per row in the prefill plan.")
   kv = flags.DEFINE_enum("kv_cache_dtype", "bfloat16", ["bfloat16", "int8"], "KV cache storage.")
-  rules = flags.DEFINE_string("rules", "fsdp", "Sharding rule table.")
+  rules = flags.DEFINE_string("rules", layout.DEFAULT_RULES, "Sharding rule table: inference_tp (tensor parallel "
+                              "within a host, replicas across hosts: what generate/evaluate/serve use) or fsdp.")
+  tensor_parallel = flags.DEFINE_integer("tensor_parallel", 0, "Chips per model replica (0 = one host's).")
   no_prefill = flags.DEFINE_bool("decode_only", False, "Compile only the decode step.")
-  prefill_batch = flags.DEFINE_integer("prefill_batch", 0, "Rows prefilled together (0 = --batch).")
+  prefill_batch = flags.DEFINE_integer("prefill_batch", 0, "Rows prefilled together (0 = --batch; 1 with --server).")
+  server = flags.DEFINE_bool("server", False, "Plan the serving engine: --batch slots of --context cache slots.")
+  llm_layers = flags.DEFINE_integer("llm_layers", 0, "Decoder layers (0 = the preset's); fewer for a quick, "
+                                    "smaller compile (bench/plan_server_slots.py extrapolates from them).")
+  search = flags.DEFINE_bool("max_slots", False, "Search the most server slots that fit (implies --server; "
+                             "--batch is the first probe).")
 
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    cfg = get_preset(preset.value, dtype="bfloat16", param_dtype="bfloat16",
-                     remat_policy="none").with_image_size(res.value)
+    cfg = inference_model_config(preset.value, res.value)
+    if llm_layers.value:
+      cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, layers=llm_layers.value))
     topology = chips.parse_topology(topology_flag.value, 1)
     print(topology.describe(), "\ncompiling (minutes for the full model) ...", flush=True)
-    plan = plan_inference(cfg, topology, quantize=None if quantize.value == "none" else quantize.value,
-                          batch=batch.value, context=context.value, prompt=prompt.value, images=images.value,
-                          kv_cache_dtype="int8" if kv.value == "int8" else None, rules_name=rules.value,
-                          group_size=group.value, with_prefill=not no_prefill.value,
-                          prefill_batch=prefill_batch.value or None)
-    print(plan.format())
+    def plan_at(b: int, with_prefill: bool) -> InferencePlan:
+      return plan_inference(cfg, topology, quantize=None if quantize.value == "none" else quantize.value,
+                            batch=b, context=context.value, prompt=prompt.value, images=images.value,
+                            kv_cache_dtype="int8" if kv.value == "int8" else None, rules_name=rules.value,
+                            group_size=group.value, with_prefill=with_prefill,
+                            prefill_batch=prefill_batch.value or None, tensor_parallel=tensor_parallel.value,
+                            server=server.value or search.value)
+
+    if search.value:
+      mesh, rule_table = layout.make_inference_mesh(cfg, rules.value, tensor_parallel=tensor_parallel.value,
+                                                    devices=mesh_lib.topology_devices(topology))
+      granularity = sharding.batch_shards(mesh, rule_table)
+      print(f"layout {layout.describe(mesh)} ({rules.value}); slots in multiples of {granularity}", flush=True)
+      result = max_slots(plan_at, granularity=granularity, start=batch.value, hbm_bytes=topology.chip.hbm_bytes,
+                         log=lambda line: print(line, flush=True))
+      print(result.format())
+      return
+    print(plan_at(batch.value, not no_prefill.value).format())
 
   app.run(main)
 

@@ -21,6 +21,7 @@ import ml_collections
 
 from qwenvl_jax import sharding
 from qwenvl_jax.hardware import chips
+from qwenvl_jax.hardware.chips import GIB
 from qwenvl_jax.model import config as model_config
 from qwenvl_jax.planning import aot, mesh as mesh_lib
 from qwenvl_jax.training import flops
@@ -81,14 +82,77 @@ def plan_stage(config: ml_collections.ConfigDict, topology: chips.Topology) -> t
                                out_shardings=(state_shardings, replicated), donate_argnums=0,
                                model_flops=model_flops, global_batch=config.batch_size,
                                torus=topology.shape)
-  trainable = sum(x.size for k, x in _flat(setup.abstract_params).items() if not is_frozen(k))
+  flat_params = _flat(setup.abstract_params)
+  trainable = sum(x.size for k, x in flat_params.items() if not is_frozen(k))
+  f32 = lambda x: x.dtype == jnp.float32
   logits_buffers = (full_logits_buffers(compiled.as_text(), config.seq_len, cfg.llm.vocab_size)
                     if compiled is not None else [])
   facts = {"mesh": dict(mesh.shape), "params": sharding.count_params(setup.abstract_state), "trainable": trainable,
            "frozen": list(frozen), "batch": config.batch_size, "accum_steps": config.accum_steps,
            "seq_len": config.seq_len, "res": config.res, "max_images": config.max_images, "remat": config.remat,
-           "loss_chunk": int(config.get("loss_chunk", 0)), "full_logits_buffers": logits_buffers}
+           "loss_chunk": int(config.get("loss_chunk", 0)), "full_logits_buffers": logits_buffers,
+           # per-chip bytes that the memory options of `what_would_fit` would halve
+           "frozen_f32_bytes": aot.shard_bytes([x for k, x in flat_params.items() if is_frozen(k) and f32(x)]),
+           "trained_f32_bytes": aot.shard_bytes([x for k, x in flat_params.items() if not is_frozen(k) and f32(x)]),
+           "moment_f32_bytes": aot.shard_bytes([x for x in jax.tree.leaves(setup.abstract_opt)
+                                                if f32(x) and x.ndim]),
+           "rows_per_chip": config.batch_size // config.accum_steps // sharding.batch_shards(mesh, rules),
+           "lora": bool(config.get("lora") and int(config.lora.rank))}
   return plan, facts
+
+
+def what_would_fit(config: ml_collections.ConfigDict, plan: aot.StepPlan, facts: dict,
+                   topology: chips.Topology) -> list[str]:
+  """The config changes that would make a stage plan fit (or leave headroom), each with its estimated saving per
+  chip, biggest first, and the smallest wider slice of the same chip that would hold it; [] when it fits with room.
+
+  Estimates are from the plan's own figures: halving a float32 state shard saves half its bytes; a wider slice
+  shards the state (arguments, outputs) further and keeps the temporaries as they are (an upper bound).
+  """
+  hbm = topology.chip.hbm_bytes
+  if plan.fits and plan.hbm_fraction <= aot.TIGHT_FRACTION:
+    return []
+  gib = lambda n: f"{n / GIB:.2f} GiB"
+  tips: list[tuple[float, str]] = []
+  if facts["moment_f32_bytes"] and not facts["lora"]:
+    save = facts["moment_f32_bytes"] / 2
+    tips.append((save, f"--config.optimizer.mu_dtype=bfloat16 --config.optimizer.nu_dtype=bfloat16: AdamW moments "
+                       f"in bf16, -{gib(save)} per chip"))
+  if facts["frozen_f32_bytes"] and not facts["lora"]:
+    save = facts["frozen_f32_bytes"] / 2
+    tips.append((save, f"--config.frozen_dtype=bfloat16: the frozen parameters in bf16, -{gib(save)} per chip"))
+  if config.accum_steps > 1 and not facts["lora"]:
+    save = facts["trained_f32_bytes"]
+    tips.append((save, f"--config.accum_steps=1 --config.batch_size={config.batch_size // config.accum_steps}: "
+                       f"no float32 gradient accumulator, -{gib(save)} per chip (fewer rows per step)"))
+  mesh, n = facts["mesh"], topology.num_chips
+  if facts["rows_per_chip"] <= 1 and mesh.get("tensor", 1) == 1 and mesh.get("fsdp", 1) % 2 == 0:
+    tips.append((0.0, f"--config.mesh.rules=fsdp_tp --config.mesh.ici.fsdp={mesh['fsdp'] // 2} "
+                      f"--config.mesh.ici.tensor=2 --config.batch_size={config.batch_size // 2}: split each row's "
+                      "attention scores, MLP activations and gathered layer weights over 2 chips"))
+  elif facts["rows_per_chip"] > 1:
+    tips.append((0.0, f"fewer rows per chip per micro-batch (now {facts['rows_per_chip']}): raise "
+                      "--config.accum_steps or lower --config.batch_size"))
+  tips.sort(key=lambda t: -t[0])
+  lines = [text for _, text in tips]
+  saved = sum(save for save, _ in tips)
+  if saved:
+    after = plan.total_bytes - saved
+    lines.append(f"all of the savings above: est. {gib(after)} per chip of {hbm / GIB:.0f} GiB -> "
+                 + ("would fit" if after <= hbm else "still over"))
+  state = plan.argument_bytes + plan.output_bytes - plan.alias_bytes + plan.code_bytes
+  for k in (2, 4, 8, 16, 32):
+    estimate = state / k + plan.temp_bytes
+    if estimate <= aot.TIGHT_FRACTION * hbm:
+      prefix, count = topology.accelerator_type.rsplit("-", 1)
+      lines.append(f"or a {k}x wider slice ({prefix}-{int(count) * k}, {n * k} chips): est. <= {gib(estimate)} "
+                   "per chip as configured")
+      break
+  else:
+    lines.append(f"the temporaries alone ({gib(plan.temp_bytes)} per chip) leave no room on a wider slice: change "
+                 "the micro-batch or remat first")
+  return lines
+
 
 
 def full_logits_buffers(hlo_text: str, seq_len: int, vocab: int) -> list[str]:

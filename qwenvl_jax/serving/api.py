@@ -2,8 +2,9 @@
 the chat page at `/`.
 
 Each request is parsed and checked on a worker thread (tokenizing and image decoding are CPU work), submitted to
-the engine, and answered from an asyncio queue the engine thread feeds (`loop.call_soon_threadsafe`): the event
-loop never waits on the device. `stream: true` answers with server-sent events in OpenAI's chunk format
+the engine, and answered from a `_Mailbox` the engine thread fills: the event loop never waits on the device. The
+engine delivers several tokens per device call (`Engine.decode_steps`); they wake the loop once and go out as one
+chunk, so the per-token cost of the HTTP side (wake-ups, JSON, socket writes) is paid per call, not per token. `stream: true` answers with server-sent events in OpenAI's chunk format
 (`data: {...}` lines, then `data: [DONE]`). A client that goes away (the stream is cancelled, or a non-streaming
 client disconnects) cancels its request, which frees its decode slot at the engine's next turn.
 
@@ -20,10 +21,12 @@ engine's context) and max_tokens.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import json
 import pathlib
 import secrets
+import threading
 import time
 import uuid
 from typing import Any
@@ -75,6 +78,41 @@ def _number(body: dict, name: str, kind, default, low, high):
 
 class _Disconnected(Exception):
   """The client of a non-streaming request went away."""
+
+
+class _Mailbox:
+  """Engine events for one request, handed from the engine thread to the event loop: `put` (engine thread) wakes
+  the loop only when it is not already woken, and `get_all` takes every event that arrived meanwhile."""
+
+  def __init__(self, loop: asyncio.AbstractEventLoop):
+    self._loop = loop
+    self._items: collections.deque = collections.deque()
+    self._ready = asyncio.Event()
+    self._lock = threading.Lock()
+    self._woken = False
+
+  def put(self, event) -> None:
+    with self._lock:
+      self._items.append(event)
+      if self._woken:
+        return
+      self._woken = True
+    self._loop.call_soon_threadsafe(self._wake)
+
+  def _wake(self) -> None:
+    with self._lock:
+      self._woken = False
+    self._ready.set()
+
+  async def get_all(self) -> list:
+    while True:
+      with self._lock:
+        if self._items:
+          items = list(self._items)
+          self._items.clear()
+          return items
+      self._ready.clear()
+      await self._ready.wait()
 
 
 class _Completion:
@@ -186,10 +224,8 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise msg.RequestError(f"the body is not valid JSON ({e})") from None
     job = await asyncio.to_thread(_parse, body)
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue = asyncio.Queue()
-    req = engine_lib.Request(job.prompt.tokens, job.prompt.images, job.params,
-                             lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+    events = _Mailbox(asyncio.get_running_loop())
+    req = engine_lib.Request(job.prompt.tokens, job.prompt.images, job.params, events.put)
     try:
       engine.submit(req)
     except ValueError as e:
@@ -212,30 +248,31 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
 
-  async def _events(req, job, next_event, text: Detokenizer):
-    """Yields (delta text, None) per token, then (final text, Finished); cancels on a stop string."""
+  async def _events(req, job, next_events, text: Detokenizer):
+    """Yields (delta text, None) per batch of tokens, then (final text, Finished); cancels on a stop string."""
     while True:
-      ev = await next_event()
-      if isinstance(ev, engine_lib.Token):
-        delta = text.add(ev.token_id)
-        if text.stopped:
-          engine.cancel(req)
-          yield delta, engine_lib.Finished("stop", len(job.prompt.tokens), text.num_tokens)
+      delta = ""
+      for ev in await next_events():
+        if isinstance(ev, engine_lib.Token):
+          delta += text.add(ev.token_id)
+          if text.stopped:
+            engine.cancel(req)
+            yield delta, engine_lib.Finished("stop", len(job.prompt.tokens), text.num_tokens)
+            return
+        elif isinstance(ev, engine_lib.Finished):
+          yield delta + text.finish(), ev
           return
-        if delta:
-          yield delta, None
-      elif isinstance(ev, engine_lib.Finished):
-        yield text.finish(), ev
-        return
-      else:
-        raise msg.RequestError(ev.message, status=503, type_="server_error")
+        else:
+          raise msg.RequestError(ev.message, status=503, type_="server_error")
+      if delta:
+        yield delta, None
 
   async def _stream(req, job, events, completion_id):
     text = Detokenizer(tok.decode, job.stop)
     finished = False
     try:
       yield _chunk(completion_id, {"role": "assistant", "content": ""})
-      async for delta, end in _events(req, job, events.get, text):
+      async for delta, end in _events(req, job, events.get_all, text):
         if delta:
           yield _chunk(completion_id, {"content": delta})
         if end is not None:
@@ -257,18 +294,18 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
   async def _complete(request: HttpRequest, req, job, events, completion_id):
     text = Detokenizer(tok.decode, job.stop)
 
-    async def next_event():
+    async def next_events():
       # Polls for a disconnect between events: a non-streaming client that went away frees its slot too.
       while True:
         try:
-          return await asyncio.wait_for(events.get(), timeout=0.5)
+          return await asyncio.wait_for(events.get_all(), timeout=0.5)
         except asyncio.TimeoutError:
           if await request.is_disconnected():
             raise _Disconnected() from None
 
     end = None
     try:
-      async for _, end in _events(req, job, next_event, text):
+      async for _, end in _events(req, job, next_events, text):
         pass
     except _Disconnected:
       engine.cancel(req)

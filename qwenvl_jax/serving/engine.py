@@ -8,13 +8,16 @@ Loop of the engine thread (`Engine._run`):
   3. admit waiting requests into free slots, up to `prefill_batch` at a time: their images are encoded in one
      call, their prompts prefilled together (left-padded to the length bucket of the longest, the batch padded
      to a prefill-size bucket) and their first tokens sampled; they decode from the next step on;
-  4. one decode step of the first R slots, R the power of two covering the highest busy slot (free slots among
-     them compute and are ignored; slots are taken lowest first, so R follows the load).
+  4. K decode steps (`decode_steps`, one device call) of the first R slots, R the power of two covering the highest
+     busy slot (free slots among them compute and are ignored; slots are taken lowest first, so R follows the
+     load), attending to the first W cache slots, W the length bucket covering the furthest position reached.
+     A request that ends inside the K steps drops the rest of its tokens; one that arrives waits for the call.
 Each new token goes to its request's `sink` (a callable; the HTTP layer forwards it to an asyncio queue). A
 request ends on a stop token of the chat format (`stop_ids`, not shown), after `max_tokens`, or when cancelled;
 its slot is free for the next admission in the same loop turn.
 
-Every program is compiled by `warm_up` (each prefill bucket, each image bucket, each decode size); the compile
+Every program is compiled by `warm_up` (each prefill bucket, each image bucket, each decode size and window); the
+compile
 events of the engine thread are counted with `jax.monitoring` (`compile_monitor`) and reported by `stats`, so a
 recompilation while serving is visible on `/health`.
 """
@@ -31,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+import jax
 import numpy as np
 
 from qwenvl_jax.inference import decode
@@ -119,7 +123,10 @@ class Engine:
     context: C, the most tokens of prompt + answer per request (cache slots per row).
     max_images: the most images one request may hold.
     prefill_batch: the most requests admitted by one prefill (prefill sizes: 1, 2, 4, ... up to it).
-    buckets: allowed padded prompt lengths (those below C, and C itself).
+    buckets: allowed padded prompt lengths (those below C, and C itself); also the attention windows of decode.
+    decode_steps: K, decode steps per device call (more: less host work per token, later admission).
+    kv_cache_dtype: None (the compute dtype) or "int8" (`qwen.KVCache`: about half the bytes of bf16, so about
+      twice the slots x context in the same memory), as `decode.Generator`'s.
     stop_ids: token ids that end a request (the chat format's `<|im_end|>` etc.); not shown.
     vocab_limit: ids >= this are never produced.
     thread_context: entered by the engine thread around all its work (e.g. `sharding.use_rules(mesh, rules)`:
@@ -128,11 +135,14 @@ class Engine:
 
   def __init__(self, model, *, num_slots: int = 8, context: int = 2048, max_images: int = 4,
                prefill_batch: int = 4, buckets: Sequence[int] = decode.DEFAULT_BUCKETS,
-               stop_ids: Sequence[int] = (), vocab_limit: int | None = None,
+               stop_ids: Sequence[int] = (), vocab_limit: int | None = None, decode_steps: int = 4,
+               kv_cache_dtype: str | None = None,
                thread_context: Callable[[], contextlib.AbstractContextManager] | None = None):
-    if num_slots < 1 or prefill_batch < 1 or max_images < 0:
-      raise ValueError(f"need num_slots >= 1, prefill_batch >= 1, max_images >= 0; got {num_slots}, "
-                       f"{prefill_batch}, {max_images}")
+    if num_slots < 1 or prefill_batch < 1 or max_images < 0 or decode_steps < 1:
+      raise ValueError(f"need num_slots >= 1, prefill_batch >= 1, max_images >= 0, decode_steps >= 1; got "
+                       f"{num_slots}, {prefill_batch}, {max_images}, {decode_steps}")
+    if kv_cache_dtype not in (None, "int8"):
+      raise ValueError(f"kv_cache_dtype must be None (the compute dtype) or 'int8', got {kv_cache_dtype!r}")
     self.cfg = model.cfg
     if context > self.cfg.llm.seq_length * 8:
       logging.warning("context %d is far past the model's trained %d tokens", context, self.cfg.llm.seq_length)
@@ -141,9 +151,15 @@ class Engine:
     self.length_buckets = tuple(sorted({b for b in buckets if b < context} | {context}))
     self.image_buckets = _powers_of_two_up_to(max(1, self.prefill_sizes[-1] * max_images))
     self.decode_sizes = _powers_of_two_up_to(num_slots)
+    self.decode_steps = decode_steps
     self.stop_ids = frozenset(int(t) for t in stop_ids)
-    self.slots = SlotModel(model, num_slots=num_slots, context=context, feature_slots=self.image_buckets[-1],
-                           vocab_limit=vocab_limit)
+    self._thread_context = thread_context or contextlib.nullcontext
+    with self._thread_context():  # the cache is laid out by the rules the engine thread runs under
+      self.slots = SlotModel(model, num_slots=num_slots, context=context, feature_slots=self.image_buckets[-1],
+                             vocab_limit=vocab_limit, cache_dtype=kv_cache_dtype)
+    # What /health reports of the memory layout: weight dtypes (int8/int4 when quantized) and the cache's.
+    self.storage = {"weight_dtypes": sorted({str(x.dtype) for x in jax.tree.leaves(self.slots.state)}),
+                    "kv_cache_dtype": str(self.slots.cache.k.dtype)}
     self._inbox: queue.SimpleQueue = queue.SimpleQueue()
     self._waiting: collections.deque[Request] = collections.deque()
     self._active: list[_Slot | None] = [None] * num_slots
@@ -155,7 +171,6 @@ class Engine:
     self._lock = threading.Lock()
     self._counts = collections.Counter()
     self.warmup_seconds: float | None = None
-    self._thread_context = thread_context or contextlib.nullcontext
 
   # ---- public, any thread -----------------------------------------------------------------------------------
 
@@ -207,7 +222,7 @@ class Engine:
     return {"slots": self.num_slots, "active": sum(s is not None for s in self._active),
             "waiting": len(self._waiting), "context": self.context, "ready": self._ready.is_set(),
             "healthy": self._error is None, "warmup_seconds": self.warmup_seconds,
-            "compilations": self._compiles.snapshot(), **counts}
+            "compilations": self._compiles.snapshot(), **self.storage, **counts}
 
   # ---- engine thread ----------------------------------------------------------------------------------------
 
@@ -250,9 +265,11 @@ class Engine:
                            np.full(k, drop, np.int32), np.full(k, self.cfg.llm.rope_base, np.float32),
                            _sampling([SamplingParams(1)] * k, [0] * k)).block_until_ready()
     for b in self.decode_sizes:
-      self.slots.decode(np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, bool),
-                        np.full(b, self.cfg.llm.rope_base, np.float32),
-                        _sampling([SamplingParams(1, temperature=1.0)] * b, [0] * b)).block_until_ready()
+      for w in self.length_buckets:
+        self.slots.decode(np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, bool),
+                          np.full(b, self.cfg.llm.rope_base, np.float32),
+                          _sampling([SamplingParams(1, temperature=1.0)] * b, [0] * b), steps=self.decode_steps,
+                          window=w).block_until_ready()
 
   def _run(self) -> None:
     while not self._stop.is_set():
@@ -338,6 +355,9 @@ class Engine:
   def _step(self) -> None:
     # Slots are taken lowest index first, so the busy ones gather at the front: decode only a bucket covering them.
     b = _bucket(max(i for i, s in enumerate(self._active) if s is not None) + 1, self.decode_sizes)
+    k = self.decode_steps
+    reach = max(s.position for s in self._active if s is not None) + k  # one past the last slot written
+    window = _bucket(min(reach, self.context), self.length_buckets)
     tokens = np.zeros(b, np.int32)
     positions = np.zeros(b, np.int32)
     active = np.zeros(b, bool)
@@ -352,15 +372,20 @@ class Engine:
       rope[i] = slot.rope_base
       params.append(slot.request.params)
       counts.append(slot.generated)
-    nxt = np.asarray(self.slots.decode(tokens, positions, active, rope, _sampling(params, counts)))
-    with self._lock:
-      self._counts["decode_steps"] += 1
-      self._counts["decoded_tokens"] += int(active.sum())
+    nxt = np.asarray(self.slots.decode(tokens, positions, active, rope, _sampling(params, counts), steps=k,
+                                       window=window))
+    delivered = 0
     for i, slot in enumerate(self._active[:b]):
-      if slot is not None:
+      for j in range(k if slot is not None else 0):
+        if self._active[i] is not slot:  # ended (stop, length, cancelled) at an earlier step of this call
+          break
         slot.position += 1
-        slot.last_token = int(nxt[i])
-        self._deliver(i, int(nxt[i]))
+        slot.last_token = int(nxt[j, i])
+        self._deliver(i, int(nxt[j, i]))
+        delivered += 1
+    with self._lock:
+      self._counts["decode_calls"] += 1
+      self._counts["decoded_tokens"] += delivered
 
   def _deliver(self, i: int, token: int) -> None:
     slot = self._active[i]

@@ -3,22 +3,25 @@
 Letters: B decode slots, C cache slots per row (the context limit), k requests joining in one prefill (padded to
 a prefill-batch bucket), P padded prompt length (a length bucket), F image-feature buffer (images per prefill
 group, padded), n images encoded in one call (an image-batch bucket), Q image tokens, D LLM width, V vocabulary,
-L layers, S image side.
+L layers, S image side, K decode steps per call, W cache slots attended (a window bucket).
 
   encode(images uint8[n, S, S, 3])                     -> feats [F, Q, D] (ViT + adapter, zero-padded to F)
   prefill(cache, ids[k, P], lengths, first_image, feats, rows, ...) -> first tokens int32[k], cache
-  decode(cache, tokens[R], positions[R], active[R], ...) -> next tokens int32[R], cache   (the first R rows)
+  decode(cache, tokens[R], positions[R], active[R], ...) -> new tokens int32[K, R], cache   (the first R rows)
 
 Every slot row of the cache belongs to one request at a time. A request's prompt occupies its row's slots
 0 .. len-1 and its n-th new token slot len + n, so the cache slot equals the RoPE position and rows advance
-independently (the model writes each row at its own `cache_index`, `qwen.write_slots`). Prefill runs the joining
-prompts left-padded, as `decode.prefill` (the last position is the next-token logit, and only it goes through
+independently (the model writes each row at its own `cache_index`, `qwen.write_layer_slots`). Prefill runs the
+joining prompts left-padded, as `decode.prefill` (the last position is the next-token logit, and only it goes through
 `lm_head`), then rolls each row left by its padding and writes it into its slot row, clearing the rest of the row
 (the previous occupant's keys are never attended again: their segment ids are 0).
 
-Shapes are fixed per (k, P) for prefill, per n for encode and per R for decode (R: a power of two covering the
-highest busy slot, so one client costs a one-row step, not a B-row one), so a server warms them all up front and
-never compiles again (`engine.Engine.warm_up`). Images are encoded in one call for every joining
+Shapes are fixed per (k, P) for prefill, per n for encode and per (R, W) for decode (R: a power of two covering
+the highest busy slot, so one client costs a one-row step, not a B-row one; W: a bucket covering the furthest
+position the call reaches, so short conversations do not read the whole cache), so a server warms them all up
+front and never compiles again (`engine.Engine.warm_up`). A decode call runs K steps in one program (the token
+of step j feeds step j + 1 on the device): the host's per-call work (dispatch, transfers, delivering tokens) is
+paid once per K tokens, as the whole-loop `decode.Generator` pays it once per answer. Images are encoded in one call for every joining
 request (any number per request, anywhere in its history); the k-th `<imgpad>` of a prompt takes feature
 k % Q of the prompt's image k // Q, as `QwenVL.embed`. Dynamic NTK (per-row RoPE base, decided at prefill and
 kept) and logn scaling are on, as in `decode.Generator`.
@@ -26,6 +29,7 @@ kept) and logn scaling are on, as in `decode.Generator`.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -33,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qwenvl_jax import sharding
 from qwenvl_jax.model.qwen import KVCache, constrain_cache
 from qwenvl_jax.serving import slot_sampling
 
@@ -51,10 +56,15 @@ def _merge(graphdef, state):
   return nnx.merge(graphdef, state)
 
 
+def _replicated(feats):
+  """Image features [F, Q, D] pinned replicated (the zeros of no images and `encode`'s output alike)."""
+  return sharding.constrain(feats, (None, None, None))
+
+
 def _encode(graphdef, feature_slots: int, state, images):
   model = _merge(graphdef, state)
   feats = model.encode_images(images[None])[0]  # [n, Q, D]
-  return jnp.pad(feats, ((0, feature_slots - feats.shape[0]), (0, 0), (0, 0)))
+  return _replicated(jnp.pad(feats, ((0, feature_slots - feats.shape[0]), (0, 0), (0, 0))))
 
 
 def _prefill(graphdef, vocab_limit, state, cache: KVCache, ids, lengths, first_image, feats, rows, rope_base,
@@ -85,40 +95,47 @@ def _prefill(graphdef, vocab_limit, state, cache: KVCache, ids, lengths, first_i
                                vocab_limit=vocab_limit)
   # Left-aligned: row i's prompt moves from slots pad_i .. P-1 to 0 .. len_i-1 (slot = position from now on).
   order = (slot + pad[:, None]) % p  # [k, P]
-  roll_kv = jax.vmap(lambda x, o: jnp.take(x, o, axis=1), in_axes=(1, 0), out_axes=1)  # over [L, k, P, N, H]
-  new_k, new_v = roll_kv(small.k, order), roll_kv(small.v, order)
+  roll = jax.vmap(lambda x, o: jnp.take(x, o, axis=2), in_axes=(1, 0), out_axes=1)  # over [L, k, N, P, X]
+
+  def put(entry, new):  # the cache's [L, B, N, C, X] entry with the k rolled rows written at slots 0 .. P-1
+    return None if entry is None else entry.at[:, rows, :, :p].set(roll(new, order), mode="drop")
+
   new_seg = jnp.take_along_axis(small.segment_ids, order, axis=1)
   c = cache.segment_ids.shape[1]
   seg_rows = jnp.pad(new_seg, ((0, 0), (0, c - p)))
-  cache = KVCache(cache.k.at[:, rows, :p].set(new_k, mode="drop"),
-                  cache.v.at[:, rows, :p].set(new_v, mode="drop"),
-                  cache.segment_ids.at[rows].set(seg_rows, mode="drop"))
+  cache = KVCache(put(cache.k, small.k), put(cache.v, small.v), cache.segment_ids.at[rows].set(seg_rows, mode="drop"),
+                  put(cache.k_scale, small.k_scale), put(cache.v_scale, small.v_scale))
   return first, constrain_cache(cache)
 
 
-def _decode(graphdef, vocab_limit, state, cache: KVCache, tokens, positions, active, rope_base,
-            sampling: Sampling):
-  """tokens int32[R] at int32[R] positions (= cache slots) for the first R rows of the cache (R <= B, a
-  decode-size bucket covering every active slot); inactive rows write segment 0 (never a key) and their outputs
-  are ignored. Returns (int32[R] next tokens, cache)."""
-  model = _merge(graphdef, state)
-  r = tokens.shape[0]
-  rows = KVCache(cache.k[:, :r], cache.v[:, :r], cache.segment_ids[:r])
+def _decode(graphdef, vocab_limit, steps: int, window: int, state, cache: KVCache, tokens, positions, active,
+            rope_base, sampling: Sampling):
+  """`steps` decode steps of the first R rows of the cache (R <= B, a decode-size bucket covering every active
+  slot): tokens int32[R] are fed at int32[R] positions (= cache slots), each step's tokens are fed at the next
+  positions, and attention reads the first `window` slots (every position fed must be below it). Inactive rows
+  write segment 0 (never a key) and their outputs are ignored; sampling of step j uses count + j, as a one-step
+  call would. Returns (int32[steps, R] new tokens, cache)."""
   seg = active.astype(jnp.int32)[:, None]
-  logits, rows = model.llm(model.llm.embed(tokens[:, None]), positions=positions[:, None], segment_ids=seg,
-                           cache=rows, cache_index=positions, rope_base=rope_base[:, None, None], logn=True)
-  nxt = slot_sampling.select(logits[:, 0], temperature=sampling.temperature, top_k=sampling.top_k,
-                             top_p=sampling.top_p, seeds=sampling.seed, counts=sampling.count,
-                             vocab_limit=vocab_limit)
-  if r == cache.segment_ids.shape[0]:
-    return nxt, constrain_cache(rows)
-  # The other rows are untouched; the donated cache is updated in place.
-  return nxt, constrain_cache(KVCache(cache.k.at[:, :r].set(rows.k), cache.v.at[:, :r].set(rows.v),
-                                      cache.segment_ids.at[:r].set(rows.segment_ids)))
+
+  def step(carry, _):
+    # The weights ride in the carry: NNX modules are rebuilt from values of the loop's own trace (as decode.py).
+    state, cache, tokens, positions, count = carry
+    model = _merge(graphdef, state)
+    # The whole cache goes in: the model writes and reads only its first R rows (`QwenLM.features`), in place.
+    logits, cache = model.llm(model.llm.embed(tokens[:, None]), positions=positions[:, None], segment_ids=seg,
+                              cache=cache, cache_index=positions, rope_base=rope_base[:, None, None], logn=True,
+                              window=window)
+    nxt = slot_sampling.select(logits[:, 0], temperature=sampling.temperature, top_k=sampling.top_k,
+                               top_p=sampling.top_p, seeds=sampling.seed, counts=count, vocab_limit=vocab_limit)
+    return (state, cache, nxt, positions + 1, count + 1), nxt
+
+  (_, cache, *_), out = jax.lax.scan(step, (state, cache, tokens, positions, sampling.count), None, length=steps)
+  return out, constrain_cache(cache)
 
 
 class SlotModel:
-  """A model's jitted encode / prefill / decode over `num_slots` rows of `context` cache slots.
+  """A model's jitted encode / prefill / decode over `num_slots` rows of `context` cache slots (build it inside the
+  `sharding.use_rules` its calls run in, as `Engine` does).
 
   The cache lives here and is donated to every call that updates it (updated in place, never copied).
   vocab_limit: ids >= this are never produced (the tokenizer's vocabulary size).
@@ -130,31 +147,38 @@ class SlotModel:
     self.cfg = model.cfg
     self.num_slots, self.context, self.feature_slots = num_slots, context, feature_slots
     self.graphdef, self.state = nnx.split(model)
-    # Created by a jitted call: under `sharding.use_rules` each chip allocates only its part of the cache.
-    self.cache = jax.jit(lambda: model.llm.init_cache(num_slots, context, dtype=cache_dtype))()
-    self._encode = jax.jit(_encode, static_argnums=(0, 1))
-    self._prefill = jax.jit(_prefill, static_argnums=(0, 1), donate_argnums=(3,))
-    self._decode = jax.jit(_decode, static_argnums=(0, 1), donate_argnums=(3,))
+    # Made by jitted programs, so that under `sharding.use_rules` they have the sharding of the programs' outputs.
+    self.cache = jax.jit(lambda: constrain_cache(model.llm.init_cache(num_slots, context, dtype=cache_dtype)))()
     self.vocab_limit = vocab_limit
+    # graphdef and vocab_limit are bound, not static arguments: jit would hash the graphdef on every call
+    # (~0.3 ms, as much as a one-row decode step of the tiny model).
+    self._encode = jax.jit(functools.partial(_encode, self.graphdef, feature_slots))
+    self._prefill = jax.jit(functools.partial(_prefill, self.graphdef, vocab_limit), donate_argnums=(1,))
+    self._decode_fns = {}  # (steps, window) -> jitted `_decode`
     q, d = self.cfg.image_tokens, self.cfg.llm.width
-    self.no_features = jnp.zeros((feature_slots, q, d), self.cfg.dtype)
+    self.no_features = jax.jit(lambda: _replicated(jnp.zeros((feature_slots, q, d), self.cfg.dtype)))()
 
   def encode(self, images: np.ndarray) -> jax.Array:
     """uint8[n, S, S, 3] (n <= F, a bucket) -> features [F, Q, D], rows past n zero."""
     if len(images) > self.feature_slots:
       raise ValueError(f"{len(images)} images exceed the {self.feature_slots} feature slots of one prefill")
-    return self._encode(self.graphdef, self.feature_slots, self.state, images)
+    return self._encode(self.state, images)
 
   def prefill(self, ids: np.ndarray, lengths: np.ndarray, first_image: np.ndarray, feats: jax.Array,
               rows: np.ndarray, rope_base: np.ndarray, sampling: Sampling) -> jax.Array:
     """Writes k prompts into cache rows `rows` and returns their first new tokens int32[k] (on device)."""
-    first, self.cache = self._prefill(self.graphdef, self.vocab_limit, self.state, self.cache, ids, lengths,
+    first, self.cache = self._prefill(self.state, self.cache, ids, lengths,
                                       first_image, feats, rows, rope_base, sampling)
     return first
 
   def decode(self, tokens: np.ndarray, positions: np.ndarray, active: np.ndarray, rope_base: np.ndarray,
-             sampling: Sampling) -> jax.Array:
-    """One step of the first R slots (R = len(tokens)): int32[R] next tokens (on device)."""
-    nxt, self.cache = self._decode(self.graphdef, self.vocab_limit, self.state, self.cache, tokens, positions,
-                                   active, rope_base, sampling)
+             sampling: Sampling, steps: int = 1, window: int | None = None) -> jax.Array:
+    """`steps` steps of the first R slots (R = len(tokens)) attending to the first `window` cache slots (default
+    all; every position fed, positions + steps - 1 included, must be below it): int32[steps, R] new tokens (on
+    device)."""
+    key = (steps, window or self.context)
+    if key not in self._decode_fns:
+      self._decode_fns[key] = jax.jit(functools.partial(_decode, self.graphdef, self.vocab_limit, *key),
+                                      donate_argnums=(1,))
+    nxt, self.cache = self._decode_fns[key](self.state, self.cache, tokens, positions, active, rope_base, sampling)
     return nxt

@@ -13,6 +13,11 @@ Letters: none (trees of parameters).
 Trainer checkpoints hold the whole parameter tree (the bf16 base with the adapters): resuming needs nothing but the
 workdir, and `convert --mode=merge_lora` / `--mode=export_peft` read the adapters from it.
 
+Full fine-tuning has the same lever for what it freezes: `config.frozen_dtype='bfloat16'` holds the frozen
+parameters (stage 3: the ViT, ln_post and proj; 1.84B at full size) in bf16 and the trained ones in
+`config.param_dtype` (float32). With a bf16 compute dtype the forward pass is unchanged: every kernel is cast to
+bf16 before its matmul anyway; only the float32 norms and biases of the frozen part are rounded.
+
 QLoRA (`config.lora.base_quantize` = nf4 | int4 | int8, shorthand `configs/stage3.py:qlora=64`): the projections
 matched by `config.lora.quantize_targets` (default every LLM block projection: c_attn, attn.c_proj, w1, w2,
 mlp.c_proj) are replaced by `model.quantize.QuantizedEinsum`s before the adapters attach, so the frozen base of
@@ -27,6 +32,7 @@ workdir alone. A fresh run from a float params checkpoint quantizes it kernel by
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Callable
 
 import jax
@@ -37,6 +43,7 @@ from qwenvl_jax import sharding
 from qwenvl_jax.model import QwenVL, lora
 from qwenvl_jax.model import quantize as qlib
 from qwenvl_jax.model.config import QwenVLConfig
+from qwenvl_jax.training.optimizer import make_is_frozen
 
 # What QLoRA quantizes by default: every projection of the LLM's decoder blocks (the LoRA targets and mlp.c_proj).
 QLORA_TARGETS = ("llm/blocks/.*",)
@@ -54,6 +61,32 @@ def lora_config(config: ml_collections.ConfigDict) -> lora.LoraConfig | None:
     return None
   return lora.LoraConfig(rank=int(section.rank), alpha=float(section.alpha), dropout=float(section.dropout),
                          targets=_items(section.targets), modules_to_save=_items(section.modules_to_save))
+
+
+def frozen_dtype(config: ml_collections.ConfigDict) -> str | None:
+  """The dtype a full fine-tuning run holds its frozen parameters in (`config.frozen_dtype`), or None (as trained).
+
+  Raises:
+    ValueError: an unknown dtype name, or the field set on a LoRA run (whose base dtype is `config.lora.base_dtype`).
+  """
+  name = str(config.get("frozen_dtype", "") or "")
+  if not name:
+    return None
+  if name not in ("bfloat16", "float16", "float32"):
+    raise ValueError(f"config.frozen_dtype={name!r}: expected '', 'bfloat16', 'float16' or 'float32'")
+  if lora_config(config) is not None:
+    raise ValueError(f"config.frozen_dtype={name!r} with config.lora.rank={config.lora.rank}: a LoRA run holds its "
+                     "frozen base in config.lora.base_dtype")
+  return name
+
+
+def cast_frozen(model: QwenVL, is_frozen: Callable[[str], bool], dtype: str) -> QwenVL:
+  """Casts every `nnx.Param` of `model` whose path ('visual/blocks/mlp/fc1/kernel') `is_frozen` to `dtype`, in
+  place; returns `model`."""
+  for path, var in nnx.iter_graph(model):
+    if isinstance(var, nnx.Param) and is_frozen("/".join(map(str, path))):
+      var.set_value(var.get_value().astype(dtype))
+  return model
 
 
 def base_quantization(config: ml_collections.ConfigDict) -> tuple[qlib.QuantConfig, tuple[str, ...]] | None:
@@ -76,15 +109,23 @@ def base_quantization(config: ml_collections.ConfigDict) -> tuple[qlib.QuantConf
   if group < 1:
     raise ValueError(f"config.lora.quantize_group={group} must be >= 1")
   targets = _items(section.get("quantize_targets", ",".join(QLORA_TARGETS)))
+  if any(re.fullmatch(t, "llm/lm_head") for t in targets):
+    raise ValueError(f"config.lora.quantize_targets={','.join(targets)!r} matches llm/lm_head, which stays in "
+                     "base_dtype (the chunked loss reads its kernel); quantize e.g. 'llm/blocks/.*,visual/blocks/.*'")
   return qlib.QuantConfig(mode=mode, group_size=group, embeddings=False), targets
 
 
 def model_fn(cfg: QwenVLConfig, config: ml_collections.ConfigDict, *, seed: int = 0) -> Callable[[], QwenVL]:
-  """A function building the run's model: `QwenVL(cfg)`, or for a LoRA run the bf16 base with adapters (QLoRA:
-  with its target projections quantized first)."""
-  lcfg = lora_config(config)
+  """A function building the run's model: `QwenVL(cfg)` (its frozen parameters in `config.frozen_dtype` when
+  set), or for a LoRA run the bf16 base with adapters (QLoRA: with its target projections quantized first)."""
+  lcfg, dtype = lora_config(config), frozen_dtype(config)
   if lcfg is None:
-    return lambda: QwenVL(cfg, rngs=nnx.Rngs(seed))
+    if dtype is None:
+      return lambda: QwenVL(cfg, rngs=nnx.Rngs(seed))
+    # experiment imports this module; its frozen patterns (stage filters or config.frozen) are needed only here.
+    from qwenvl_jax.training import experiment  # pylint: disable=import-outside-toplevel
+    is_frozen = make_is_frozen(experiment.frozen_patterns(config))
+    return lambda: cast_frozen(QwenVL(cfg, rngs=nnx.Rngs(seed)), is_frozen, dtype)
   base_cfg = dataclasses.replace(cfg, param_dtype=config.lora.base_dtype)
   quant = base_quantization(config)
 

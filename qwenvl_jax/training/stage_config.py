@@ -82,6 +82,8 @@ def stage_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
   # Stage 3: freeze ViT + ln_post + proj like the official finetune.py (True) or only the ViT like the paper.
   c.fix_vit = args["fix_vit"]
   c.frozen = ""                   # '' = the stage's filters; 'none'; or one full-match path regex
+  # '' = frozen parameters in param_dtype; 'bfloat16' = no float32 copy of what never changes (training/peft.py)
+  c.frozen_dtype = ""
   c.seed = 0
 
   c.batch_size = d["batch"]       # global rows per step (all hosts, all micro-batches)

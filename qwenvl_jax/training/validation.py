@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 
 import ml_collections
+from flax import nnx
 
 from qwenvl_jax import errors
 from qwenvl_jax.model import config as model_config
@@ -64,7 +65,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   _check_tokenizer(config, cfg)
   try:
     peft.lora_config(config)
-    peft.base_quantization(config)
+    if peft.base_quantization(config) is not None:
+      nnx.eval_shape(peft.model_fn(cfg, config))  # targets that match no projection (abstract: nothing allocated)
   except ValueError as e:
     raise errors.ConfigError(str(e)) from e
   if config.init:

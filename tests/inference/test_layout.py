@@ -125,7 +125,7 @@ def test_serving_slots_decode_the_same_under_tensor_parallelism(tp4_models):
     out, last, pos = [np.asarray(first)], np.asarray(first), np.array([16, 11], np.int32)
     for _ in range(6):
       last = np.asarray(slot_model.decode(last, pos, np.ones(2, bool), np.full(2, cfg.llm.rope_base, np.float32),
-                                          _greedy(2)))
+                                          _greedy(2)))[0]  # [steps=1, R]
       out.append(last)
       pos = pos + 1
     return np.stack(out, 1), slot_model.cache
@@ -134,7 +134,8 @@ def test_serving_slots_decode_the_same_under_tensor_parallelism(tp4_models):
   with sharding.use_rules(mesh, TP):
     got, cache = run(model)
   np.testing.assert_array_equal(got, expected)
-  laid_out = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data", None, "tensor", None))
+  # [L, B, N, S, H]: rows over data, heads over tensor.
+  laid_out = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data", "tensor", None, None))
   assert cache.k.sharding.is_equivalent_to(laid_out, 5), cache.k.sharding
 
 
@@ -165,6 +166,7 @@ def _all_gathers(model, mesh, rules) -> list[tuple[int, ...]]:
           for dims in re.findall(r"= \w+\[([\d,]*)\][^ ]* all-gather(?:-start)?\(", hlo)]
 
 
+@pytest.mark.slow
 def test_compiled_decode_step_gathers_no_weight_while_fsdp_gathers_them(tp4_models):
   single, model, mesh = tp4_models
   weights = _param_shapes(single)

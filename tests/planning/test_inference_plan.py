@@ -31,3 +31,27 @@ def test_int8_weights_and_cache_shrink_the_compiled_decode_arguments():
   assert shrink > 0.4 * sum(bf16["weights"].values())
   assert int8kv["cache"] < 0.6 * int8["cache"] and int8kv["args"] < int8["args"]
   assert int8kv["fits"] and int8["prefill"] and "FITS" in int8["report"]
+
+
+@requires_libtpu
+def test_server_plan_on_the_tensor_parallel_layout_splits_weights_and_cache_over_the_host():
+  # v5e-8 is one host: tiny allows tensor 2 (its 2-head ViT), so 4 replicas; each chip holds half the weights and
+  # an eighth of the slots' cache (rows over the replicas, heads over tensor).
+  out = run_json("""
+      import json
+      from qwenvl_jax.hardware import chips
+      from qwenvl_jax.model import get_preset
+      from qwenvl_jax.planning import inference_plan
+      cfg = get_preset("tiny", dtype="bfloat16", param_dtype="bfloat16", remat_policy="none").with_image_size(56)
+      plan = inference_plan.plan_inference(cfg, chips.parse_topology("v5e-8", 1), quantize=None, batch=64,
+                                           context=512, prompt=64, rules_name="inference_tp", server=True)
+      print(json.dumps({"mesh": plan.facts["mesh"], "args": plan.decode.argument_bytes,
+                        "prefill_args": plan.prefill.argument_bytes, "weights": sum(plan.weight_bytes.values()),
+                        "cache": plan.cache_bytes, "report": plan.format()}))
+  """)
+  assert out["mesh"] == {"data": 4, "fsdp": 1, "tensor": 2}
+  per_chip = out["weights"] / 2 + out["cache"] / 8
+  assert 0.8 * per_chip < out["args"] < 1.2 * per_chip, out["report"]
+  # The engine's prefill holds the whole slots' cache too (donated), not a prefill-sized one.
+  assert out["prefill_args"] > out["cache"] / 8
+  assert "server prefill (1 request(s) into the 64 slots' cache)" in out["report"] and "FITS" in out["report"]

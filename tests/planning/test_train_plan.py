@@ -50,3 +50,42 @@ def test_traced_program_flops_agree_with_the_trainers_model_flops(stage1):
 @pytest.mark.slow
 def test_batch_that_does_not_split_over_the_mesh_is_an_error(stage1):
   assert "config.batch_size=6" in stage1["error"] and "data x fsdp" in stage1["error"]
+
+
+def _plan(chip, total_gib, temp_gib):
+  from qwenvl_jax.hardware.chips import GIB  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.planning import aot  # pylint: disable=import-outside-toplevel
+  args = int((total_gib - temp_gib) * GIB)
+  return aot.StepPlan(chip=chip, num_chips=8, argument_bytes=args, output_bytes=args, alias_bytes=args,
+                      temp_bytes=int(temp_gib * GIB), code_bytes=0, flops=None, bytes_accessed=None,
+                      optimal_seconds=None)
+
+
+def test_what_would_fit_names_flags_with_their_savings_and_a_wider_slice():
+  # No compile: the figures of the full stage-3 v5e-8 plan (README), the advice from the config and the facts.
+  from qwenvl_jax.hardware import chips  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.hardware.chips import GIB  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.planning import train_plan  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.training.stage_config import stage_config  # pylint: disable=import-outside-toplevel
+  topology = chips.parse_topology("v5e-8")
+  config = stage_config(3, "model=qwen_vl_7b")
+  config.batch_size, config.accum_steps = 8, 1
+  facts = {"mesh": {"data": 1, "fsdp": 8, "tensor": 1}, "rows_per_chip": 1, "lora": False,
+           "moment_f32_bytes": int(7.26 * GIB), "frozen_f32_bytes": int(0.86 * GIB), "trained_f32_bytes": 0}
+  tips = train_plan.what_would_fit(config, _plan(topology.chip, 21.0, 12.7), facts, topology)
+  assert tips[0].startswith("--config.optimizer.mu_dtype=bfloat16") and "-3.63 GiB" in tips[0]
+  assert tips[1].startswith("--config.frozen_dtype=bfloat16") and "-0.43 GiB" in tips[1]
+  assert "--config.mesh.ici.fsdp=4 --config.mesh.ici.tensor=2 --config.batch_size=4" in tips[2]
+  assert tips[3] == "all of the savings above: est. 16.94 GiB per chip of 16 GiB -> still over"
+  assert tips[4].startswith("or a 8x wider slice (v5litepod-64, 64 chips): est. <= 13.74 GiB")  # 8.3 / 8 + 12.7
+  # Already bf16 moments, a bf16 frozen part and gradient accumulation: the accumulator is the lever named.
+  config.batch_size, config.accum_steps = 16, 2
+  facts.update(moment_f32_bytes=0, frozen_f32_bytes=0, trained_f32_bytes=int(3.63 * GIB))
+  tips = train_plan.what_would_fit(config, _plan(topology.chip, 17.0, 12.7), facts, topology)
+  assert tips[0].startswith("--config.accum_steps=1 --config.batch_size=8") and "-3.63 GiB" in tips[0]
+  assert "would fit" in tips[-2]
+  # A plan with room gets no advice; a LoRA plan is never told to shrink moments it barely has.
+  assert train_plan.what_would_fit(config, _plan(topology.chip, 10.0, 5.0), facts, topology) == []
+  facts.update(lora=True, moment_f32_bytes=int(GIB))
+  assert not any("mu_dtype" in t for t in train_plan.what_would_fit(config, _plan(topology.chip, 17.0, 12.7),
+                                                                     facts, topology))

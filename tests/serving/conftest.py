@@ -4,6 +4,13 @@
 Few shapes keep warm-up short on a 2-core CPU: 4 slots, a 512-token context (room for a long answer that is still
 running when its client leaves), prompt buckets 64 and 512, up to 2 images per request and 2 requests per prefill.
 """
+import contextlib
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
 import pytest
 import requests
 from flax import nnx
@@ -13,6 +20,7 @@ from qwenvl_jax.model import QwenVL, tiny
 from qwenvl_jax.serving import Engine
 from qwenvl_jax.serving import api, messages
 from qwenvl_jax.text import SentencePieceTokenizer, train_sentencepiece
+from tests.training import helpers
 
 MODEL_NAME = "tiny-test"
 MAX_TOKENS_LIMIT = 400
@@ -64,3 +72,32 @@ def server(engine, serve_tok, image_root):
 def http():
   with requests.Session() as s:
     yield s
+
+
+@contextlib.contextmanager
+def serve_cli(flags: list[str], log_dir, timeout: float = 600):
+  """`python -m qwenvl_jax.serve FLAGS` on a free local port; yields its base URL once /health is ok, stops it
+  after. Its output goes to `log_dir`/serve.log (shown when it dies before it is up)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  log = pathlib.Path(log_dir) / "serve.log"
+  with open(log, "w") as out:
+    proc = subprocess.Popen([sys.executable, "-m", "qwenvl_jax.serve", f"--port={port}"] + flags,
+                            env=helpers.subprocess_env(devices=1), cwd=helpers.REPO, stdout=out, stderr=out)
+  url = f"http://127.0.0.1:{port}"
+  try:
+    deadline = time.monotonic() + timeout
+    while True:
+      assert proc.poll() is None, log.read_text()[-3000:]
+      try:
+        if requests.get(url + "/health", timeout=2).json()["status"] == "ok":
+          break
+      except requests.ConnectionError:
+        pass
+      assert time.monotonic() < deadline, "the server did not come up"
+      time.sleep(0.5)
+    yield url
+  finally:
+    proc.terminate()
+    proc.wait(30)

@@ -9,16 +9,15 @@ The model is trained for 200 steps only (seconds; the run is dominated by start-
 import base64
 import pathlib
 import shutil
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import requests
 from PIL import Image
 
 from qwenvl_jax.data.synthetic import synthetic_record
+from tests.serving.conftest import serve_cli
 from tests.training import helpers
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -43,31 +42,10 @@ def grounding_run(tmp_path_factory) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def served_run(grounding_run, tmp_path_factory):
   """`python -m qwenvl_jax.serve --checkpoint=<run>` on a free port; yields its base URL once /health is ok."""
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  log = tmp_path_factory.mktemp("serve_log") / "serve.log"
-  with open(log, "w") as out:
-    proc = subprocess.Popen([sys.executable, "-m", "qwenvl_jax.serve", f"--checkpoint={grounding_run}",
-                             "--dtype=float32", f"--port={port}", "--num_slots=1", "--context=128", "--buckets=64",
-                             "--max_images=1", "--prefill_batch=1", "--max_tokens_limit=64"],
-                            env=helpers.subprocess_env(devices=1), cwd=helpers.REPO, stdout=out, stderr=out)
-  url = f"http://127.0.0.1:{port}"
-  try:
-    deadline = time.monotonic() + 600
-    while True:
-      assert proc.poll() is None, log.read_text()[-3000:]
-      try:
-        if requests.get(url + "/health", timeout=2).json()["status"] == "ok":
-          break
-      except requests.ConnectionError:
-        pass
-      assert time.monotonic() < deadline, "the server did not come up"
-      time.sleep(0.5)
+  flags = [f"--checkpoint={grounding_run}", "--dtype=float32", "--num_slots=1", "--context=128", "--buckets=64",
+           "--max_images=1", "--prefill_batch=1", "--max_tokens_limit=64"]
+  with serve_cli(flags, tmp_path_factory.mktemp("serve_log")) as url:
     yield url
-  finally:
-    proc.terminate()
-    proc.wait(30)
 
 
 def test_serve_cli_takes_everything_from_the_run_directory(served_run):

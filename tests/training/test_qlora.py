@@ -58,7 +58,8 @@ def _ids():
 
 @pytest.fixture(scope="module")
 def qlora_model():
-  """(graphdef, state) of a fresh nf4 QLoRA tiny model (built once: model building dominates these tests)."""
+  """(graphdef, state) of a fresh nf4 QLoRA tiny model, built once: building it and compiling the step take
+  30-60 s on 2 cores, so the tests that use it are marked slow."""
   return nnx.split(peft.model_fn(_cfg(), _config())())
 
 
@@ -82,6 +83,7 @@ def qlora_run(qlora_model):
   return params, state, losses
 
 
+@pytest.mark.slow
 def test_base_projections_are_4bit_codes_on_device(qlora_run):
   _, state, _ = qlora_run
   flat = _flat(state.params)
@@ -104,6 +106,7 @@ def test_int4_and_int8_bases(mode, dtype):
   assert flat["llm/blocks/attn/qkv/lora_a"].dtype == jnp.float32
 
 
+@pytest.mark.slow
 def test_quantized_base_is_bitwise_unchanged_and_every_adapter_b_moved(qlora_run):
   before, state, _ = qlora_run
   before, after = _flat(before), _flat(state.params)
@@ -122,6 +125,7 @@ def test_quantized_base_is_bitwise_unchanged_and_every_adapter_b_moved(qlora_run
         assert not np.array_equal(np.asarray(after[k][layer]), np.asarray(before[k][layer])), (k, layer)
 
 
+@pytest.mark.slow
 def test_only_adapters_hold_optimizer_state(qlora_run):
   before, state, _ = qlora_run
   adapter_size = sum(int(v.size) for k, v in _flat(before).items() if k.endswith(("/lora_a", "/lora_b")))
@@ -130,12 +134,14 @@ def test_only_adapters_hold_optimizer_state(qlora_run):
   assert {x.dtype for x in held if x.ndim} == {jnp.dtype(jnp.float32)}
 
 
+@pytest.mark.slow
 def test_qlora_loss_falls(qlora_run):
   _, _, losses = qlora_run
   # Rank-8 adapters on a random-init nf4 base move the loss by ~0.14 nats in 6 steps, as LoRA does.
   assert losses[-1] < losses[0] - 0.1, losses
 
 
+@pytest.mark.slow
 def test_fresh_qlora_gives_exactly_the_quantized_base_logits(qlora_model):
   graphdef, state = qlora_model
   qcfg, targets = peft.base_quantization(_config())
@@ -149,6 +155,7 @@ def test_fresh_qlora_gives_exactly_the_quantized_base_logits(qlora_model):
   np.testing.assert_array_equal(np.asarray(_logits(nnx.merge(graphdef, state), ids)), np.asarray(_logits(base, ids)))
 
 
+@pytest.mark.slow
 def test_merged_equals_unmerged_qlora(qlora_model):
   model = nnx.merge(*qlora_model)
   for i, m in enumerate(lora.lora_modules(model).values()):
@@ -174,6 +181,16 @@ def test_nf4_codes_are_the_nearest_normalfloat_levels():
   np.testing.assert_allclose(np.asarray(scale)[:, :, None], absmax, rtol=1e-6)
   np.testing.assert_allclose(np.asarray(qlib.dequantize(codes, scale, mode="nf4")),
                              (NF4_LEVELS[expected] * absmax).reshape(w.shape), rtol=1e-6)
+
+
+def test_groups_are_consecutive_inputs_of_a_multi_axis_contraction():
+  """c_proj-like kernel [L, N, H, D] contracting N and H: a group is 16 consecutive inputs of the flattened N*H
+  input (one scale per head and 16 of H), as bitsandbytes blocks a torch [out, in] row."""
+  w = np.asarray(jax.random.normal(jax.random.key(1), (2, 4, 32, 8)), np.float32)
+  codes, scale = qlib.quantize_array(jnp.asarray(w), (1, 2), qlib.QuantConfig(mode="nf4", group_size=GROUP))
+  assert scale.shape == (2, 4, 32 // GROUP, 8)
+  absmax = np.abs(w.reshape(2, 4 * 32 // GROUP, GROUP, 8)).max(axis=2)
+  np.testing.assert_allclose(np.asarray(scale).reshape(absmax.shape), absmax, rtol=1e-6)
 
 
 def test_fresh_run_quantizes_a_float_checkpoint_while_restoring(tmp_path):
@@ -202,6 +219,10 @@ def test_bad_qlora_configs_are_refused():
   config = _config()
   config.lora.rank = 0
   with pytest.raises(ValueError, match="needs LoRA adapters"):
+    peft.base_quantization(config)
+  config = _config()
+  config.lora.quantize_targets = "llm/.*"
+  with pytest.raises(ValueError, match="matches llm/lm_head"):
     peft.base_quantization(config)
   with pytest.raises(ValueError, match="give one"):
     stage_config(3, "lora=8,qlora=8")

@@ -10,6 +10,7 @@ from flax import nnx
 
 from qwenvl_jax import sharding
 from qwenvl_jax.model import QwenVL, tiny
+from qwenvl_jax.training import experiment, optimizer, peft
 from qwenvl_jax.training.setup import HOST_MEMORY, build_step
 from qwenvl_jax.training.step import TrainState
 from tests.training.helpers import small_config
@@ -60,3 +61,54 @@ def test_bf16_moments_offloaded_to_host_memory_train_stage3(tmp_path):
   assert all(p.sharding.memory_kind == "device" for p in jax.tree.leaves(state.params))
   w1 = [m for m in moments if m.shape == params["llm"]["blocks"]["mlp"]["w1"]["kernel"].shape]
   assert w1 and w1[0].sharding.spec == params["llm"]["blocks"]["mlp"]["w1"]["kernel"].sharding.spec
+
+
+def _step_once(config, cfg, mesh, rules, params, batch):
+  setup = build_step(config, cfg, mesh, rules)
+  state = TrainState(jax.device_put(jnp.int32(0), setup.replicated), params,
+                     jax.jit(setup.tx.init, out_shardings=setup.opt_shardings)(params))
+  step = jax.jit(setup.step_fn, in_shardings=(setup.shardings, None), out_shardings=(setup.shardings,
+                                                                                     setup.replicated))
+  with sharding.use_rules(mesh, rules):
+    state, metrics = step(state, batch)
+  return state, float(metrics["loss"])
+
+
+@pytest.mark.slow
+def test_frozen_dtype_holds_the_frozen_vit_in_bf16_and_trains_as_with_its_values_in_f32(tmp_path):
+  config = small_config(3, tmp_path, frozen_dtype="bfloat16", **{"optimizer.warmup_steps": 0})
+  cfg = tiny(dtype="float32", remat_policy="none").with_image_size(config.res)
+  # One device: the dtype question has nothing to do with sharding, and two 8-device compiles cost a minute.
+  mesh, rules = sharding.make_mesh({"fsdp": 1}, devices=jax.devices()[:1]), sharding.load_rules("fsdp")
+  params = nnx.to_pure_dict(nnx.state(sharding.init_sharded(peft.model_fn(cfg, config), mesh, rules)))
+  flat = {optimizer.path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  is_frozen = optimizer.make_is_frozen(experiment.frozen_patterns(config))
+  frozen = {k for k in flat if is_frozen(k)}
+  assert any(k.startswith("visual/") for k in frozen) and any(k.startswith("adapter/proj") for k in frozen)
+  assert all(flat[k].dtype == (jnp.bfloat16 if k in frozen else jnp.float32) for k in flat)
+  # The same values with the frozen part held in float32: the reference run of the ordinary config.
+  ref_config = small_config(3, tmp_path, **{"optimizer.warmup_steps": 0})
+  ref_params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+  rng = np.random.default_rng(1)
+  batch = _batch(cfg, res=config.res)
+  batch["images"] = rng.integers(0, 256, batch["images"].shape).astype(np.uint8)
+  batch["image_mask"][:] = True
+  batch = jax.device_put(batch, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  state, loss = _step_once(config, cfg, mesh, rules, params, batch)
+  ref_state, ref_loss = _step_once(ref_config, cfg, mesh, rules, ref_params, batch)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  new = {optimizer.path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+  ref = {optimizer.path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(ref_state.params)[0]}
+  for k in frozen:
+    assert new[k].dtype == jnp.bfloat16 and np.array_equal(np.asarray(new[k]), np.asarray(flat[k])), k
+  for k in set(new) - frozen:
+    np.testing.assert_allclose(np.asarray(new[k]), np.asarray(ref[k]), rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"frozen_dtype": "int8"}, "expected ''"),
+    ({"frozen_dtype": "bfloat16", "lora.rank": 4}, "lora.base_dtype"),
+])
+def test_frozen_dtype_refuses_bad_values(tmp_path, overrides, message):
+  with pytest.raises(ValueError, match=message):
+    peft.model_fn(tiny(), small_config(3, tmp_path, **overrides))

@@ -24,6 +24,11 @@ from tests.training.helpers import small_config
     ({"optimizer.schedule": "linear"}, r"config\.optimizer\.schedule='linear'"),
     ({"resume": "sometimes"}, r"config\.resume='sometimes'"),
     ({"synthetic_vocab_size": 10}, r"config\.synthetic_vocab_size=10"),
+    ({"lora.rank": 8, "lora.base_quantize": "fp4"}, r"config\.lora\.base_quantize='fp4'"),
+    ({"lora.base_quantize": "nf4"}, r"needs LoRA adapters"),
+    ({"lora.rank": 8, "lora.dropout": 1.5}, r"LoRA dropout"),
+    ({"lora.rank": 8, "lora.base_quantize": "int4", "lora.quantize_targets": "llm/block/.*"},
+     r"quantize target 'llm/block/\.\*' matches no projection"),
 ])
 def test_a_bad_config_is_refused_before_anything_is_written(tmp_path, overrides, message):
   workdir = tmp_path / "run"

@@ -1,0 +1,59 @@
+"""User mistakes at the inference entry points end as one `error:` line (+ hint) and exit status 2 through
+`cli.run` (serve and `convert --mode=merge_lora/export_peft` used to print and exit themselves, convert with 1):
+a tensor-parallel degree the model does not allow, slots that do not split over the replicas, a LoRA source that
+is missing or not a LoRA run, an output that exists."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.training import helpers
+
+
+def _run(module, args, tmp_path, timeout=300):
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path, env=helpers.subprocess_env(devices=8),
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def _one_error(proc):
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  return [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+
+
+def test_generate_names_the_valid_tensor_parallel_degrees(tmp_path, sp_model_file):
+  proc = _run("qwenvl_jax.generate", ["--model=tiny", f"--tokenizer={sp_model_file}", "--prompt=Hi",
+                                      "--tensor_parallel=4"], tmp_path)
+  (line,) = _one_error(proc)
+  assert "--tensor_parallel=4 does not divide the model's" in line and "vit_heads 2" in line
+  assert "hint: valid tensor-parallel degrees for this model: 1, 2" in proc.stderr
+
+
+@pytest.mark.slow
+def test_serve_refuses_slots_that_do_not_split_over_the_replicas(tmp_path, sp_model_file):
+  # 8 devices, tiny: tensor 2 (its 2-head ViT) x 4 replicas, so 6 slots do not split.
+  proc = _run("qwenvl_jax.serve", ["--model=tiny", f"--tokenizer={sp_model_file}", "--num_slots=6",
+                                   "--dtype=float32"], tmp_path)
+  (line,) = _one_error(proc)
+  assert "--num_slots=6 does not split over the 4 model replicas" in line and "data 4 x tensor 2" in line
+
+
+def test_serve_names_a_missing_checkpoint(tmp_path):
+  (line,) = _one_error(_run("qwenvl_jax.serve", [f"--checkpoint={tmp_path / 'nope'}"], tmp_path))
+  assert "nope" in line and "does not exist" in line
+
+
+def test_convert_lora_modes_report_user_mistakes_with_status_2(tmp_path):
+  (line,) = _one_error(_run("qwenvl_jax.convert", ["--mode=merge_lora", f"--src={tmp_path / 'no_run'}",
+                                                   f"--dst={tmp_path / 'out'}"], tmp_path))
+  assert "no_run" in line and "LoRA run" in line
+  full = tmp_path / "full_run"
+  full.mkdir()
+  (full / "config.json").write_text(json.dumps({"lora": {"rank": 0}}))
+  (line,) = _one_error(_run("qwenvl_jax.convert", ["--mode=export_peft", f"--src={full}",
+                                                   f"--dst={tmp_path / 'out'}"], tmp_path))
+  assert "is not a LoRA run" in line
+  proc = _run("qwenvl_jax.convert", ["--mode=merge_lora", f"--src={full}", f"--dst={full}"], tmp_path)
+  (line,) = _one_error(proc)
+  assert "already exists" in line and "hint: choose a new output directory" in proc.stderr
