@@ -80,3 +80,24 @@ def wait_for_step(workdir, step: int, proc, timeout: float) -> None:
         return
     time.sleep(0.2)
   raise AssertionError(f"no step {step} within {timeout} s")
+
+
+def sigterm_after_step(cmd: list, workdir, step: int) -> tuple[str, list[int], int]:
+  """Runs the trainer command `cmd` in a subprocess, sends SIGTERM once it has logged `step`, and waits for it to
+  exit with 143 (fails otherwise). Returns (its stderr, the checkpoint steps saved, the last step logged when the
+  signal was sent)."""
+  import signal  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  proc = subprocess.Popen(cmd, env=subprocess_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  try:
+    wait_for_step(workdir, step, proc, timeout=600)
+    proc.send_signal(signal.SIGTERM)
+    at_signal = max(read_losses(workdir))
+    _, err = proc.communicate(timeout=300)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 143, err[-3000:]
+  saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+  return err, saved, at_signal

@@ -3,8 +3,6 @@ and a stopped LoRA run resumes exactly (dropout keys derive from the step), also
 
 Tolerances: resumed losses equal the uninterrupted run's to float32 round-off (rtol 1e-6), as in test_trainer.py.
 """
-import os
-import signal
 import subprocess
 import sys
 
@@ -17,7 +15,7 @@ from flax import nnx
 from qwenvl_jax.model import tiny
 from qwenvl_jax.training import optimizer, peft, step as step_lib, train
 from qwenvl_jax.training.stage_config import stage_config
-from tests.training.helpers import REPO, read_losses, small_config, small_flags, subprocess_env, wait_for_step
+from tests.training.helpers import REPO, read_losses, sigterm_after_step, small_config, small_flags, subprocess_env
 from tests.training.test_step import _batch, _opt
 
 RES = 56
@@ -117,19 +115,9 @@ def test_sigterm_stops_a_lora_run_and_the_rerun_resumes_exactly(lora_reference, 
   exits 143; the rerun resumes from that checkpoint (adapters, AdamW state, data position, dropout keys) and
   logs the uninterrupted run's losses."""
   cmd = [sys.executable, "-m", "qwenvl_jax.train"] + small_flags(2, tmp_path, **{**LORA_RUN, "checkpoint.every": 100})
-  env = subprocess_env()
-  proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  try:
-    wait_for_step(tmp_path, 2, proc, timeout=600)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  assert proc.returncode == 143, err[-3000:]
-  steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+  _, steps, _ = sigterm_after_step(cmd, tmp_path, 2)
   assert steps and 2 <= steps[-1] < 24, steps  # saved on the signal, not at a checkpoint boundary (every 100)
-  rerun = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+  rerun = subprocess.run(cmd, env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert f"resumed {tmp_path} from step {steps[-1]}" in rerun.stderr
   resumed = read_losses(tmp_path)

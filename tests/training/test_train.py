@@ -5,7 +5,6 @@ The subprocess runs use the session's compilation cache, so the SIGTERM run reus
 """
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from tests.training.helpers import REPO, load_stage_config, read_losses, small_flags, subprocess_env, wait_for_step
+from tests.training.helpers import REPO, load_stage_config, read_losses, sigterm_after_step, small_flags, subprocess_env
 
 
 def _parse(argv):
@@ -72,23 +71,12 @@ def test_config_arg_errors():
 def test_sigterm_saves_and_the_rerun_resumes_exactly(uninterrupted, tmp_path):
   _, _, reference = uninterrupted
   cmd = [sys.executable, "-m", "qwenvl_jax.train"] + small_flags(2, tmp_path)
-  env = subprocess_env()
-  proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  try:
-    wait_for_step(tmp_path, 3, proc, timeout=600)
-    proc.send_signal(signal.SIGTERM)
-    at_signal = max(read_losses(tmp_path))
-    _, err = proc.communicate(timeout=300)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  assert proc.returncode == 143, err[-3000:]
-  steps = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+  err, steps, at_signal = sigterm_after_step(cmd, tmp_path, 3)
   assert steps and 3 <= steps[-1] < 24, steps
   # It stops at the next step (at most one step runs ahead of the host), not at the next log/checkpoint boundary.
   assert steps[-1] <= at_signal + 2, (at_signal, steps)
   assert "stop requested: saved step" in err
-  rerun = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+  rerun = subprocess.run(cmd, env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert f"resumed {tmp_path} from step {steps[-1]}" in rerun.stderr
   losses = read_losses(tmp_path)
