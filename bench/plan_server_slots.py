@@ -2,6 +2,10 @@
 programs (`planning.inference_plan --server`: decode step over all slots, engine prefill of one request into the
 slots' cache) compiled with 2 and 4 decoder layers at full width and two slot counts, then extrapolated to 32 layers.
 
+A first guess only: at full depth it over-predicts (v5e-8 bf16 ~107 slots vs 72 by the full 9.6B `--max_slots`
+search; v6e-8 ~228 vs 152), because near HBM the compiler's decode-step temporaries jump (the cache is no longer
+updated in place); README's table has the full-depth figures.
+
   PYTHONPATH=/tmp/libtpu python bench/plan_server_slots.py --topologies=v5e-8,v6e-8 --quantize=none,int8
 
 Why this works: the decoder is one scanned layer, so the compiled program is the same for any depth and only the
