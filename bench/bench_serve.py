@@ -8,9 +8,21 @@ drives it over HTTP with C concurrent streaming clients, each sending `--request
 same chat prompt, greedy, `ignore_eos` so every answer has exactly `--max_tokens` tokens): every level does the
 same work, so the one-client level is not a fraction of a second of noise. Per level it prints
 aggregate generated tokens/s, time to first token and request latency (p50 / p99), the ratio of tokens/s to
-one client, the mean busy rows per decode step, and the CPU the server process and the client processes used (in
-cores: on a small machine the clients' own HTTP work competes with the server). Then one client's tokens/s against `inference.Generator` (what `python -m qwenvl_jax.generate` runs)
-on the same prompt and length, and the engine's compile counts (must not grow after warm-up).
+one client, the mean busy rows per decode step, the CPU the server process and the client processes used (in
+cores: on a small machine the clients' own HTTP work competes with the server), and two engine figures from its
+own timers (`Engine.stats`): `device` = the share of the wall time the engine thread spent in device calls
+(decode, prefill, image encoding), and `bound` = the tokens/s the device calls alone deliver at that level, as a
+ratio to the one-client level's: the concurrency ratio the device itself allows (on a CPU the decode step of R
+rows costs far more than one row's, so this bound, not the server, caps the ratio).
+
+Then one client's tokens/s against the two single-request paths on the same prompt and length: what
+`python -m qwenvl_jax.generate` runs (`inference.chat_stream`: one device call per token, each token detokenized
+and shown), and the whole answer in one jitted loop (`inference.Generator.generate`, what batch jobs use); and the
+engine's compile counts (must not grow after warm-up).
+
+--xla_threads=1 runs XLA's CPU computations on the calling thread only (`--xla_cpu_multi_thread_eigen=false`):
+on a 2-core machine shared by the server's threads and the clients, splitting each small op over a thread pool
+costs more than it gains.
 """
 
 from __future__ import annotations
@@ -73,7 +85,11 @@ def main():
   parser.add_argument("--decode_steps", type=int, default=4, help="decode steps per engine call")
   parser.add_argument("--clients", default="1,4,16,64")
   parser.add_argument("--client_processes", type=int, default=4, help="processes the clients are spread over")
+  parser.add_argument("--xla_threads", default="all", choices=["all", "1"],
+                      help="1: XLA:CPU runs each op on the calling thread (see the module docstring)")
   args = parser.parse_args()
+  if args.xla_threads == "1":  # before jax starts its backend
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
 
   import jax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
@@ -103,8 +119,8 @@ def main():
   _client(url, body, 2)  # warm the HTTP path
 
   print(f"{'clients':>7} {'tok/s':>9} {'ratio':>6} {'TTFT p50':>9} {'TTFT p99':>9} {'lat p50':>8} {'lat p99':>8} "
-        f"{'rows/step':>9} {'server CPU':>10} {'client CPU':>10}")
-  single = None
+        f"{'rows/step':>9} {'server CPU':>10} {'client CPU':>10} {'device':>7} {'bound':>6}")
+  single = single_bound = None
   for c in [int(x) for x in args.clients.split(",")]:
     # Clients live in other processes: in the server's process their JSON parsing would take the GIL from it.
     procs = min(c, args.client_processes)
@@ -124,26 +140,41 @@ def main():
     ttft, lat, toks = (np.array(x, float) for x in zip(*results))
     rate = toks.sum() / wall
     single = single or rate
+    device = sum(after.get(f"{n}_seconds", 0) - before.get(f"{n}_seconds", 0) for n in ("decode", "prefill"))
+    bound = toks.sum() / max(device, 1e-9)
+    single_bound = single_bound or bound
     print(f"{c:>7} {rate:>9.1f} {rate / single:>6.2f} {np.percentile(ttft, 50) * 1e3:>7.0f}ms "
           f"{np.percentile(ttft, 99) * 1e3:>7.0f}ms {np.percentile(lat, 50):>7.2f}s {np.percentile(lat, 99):>7.2f}s "
-          f"{rows:>9.1f} {server_cpu / wall:>9.0%} {client_cpu / wall:>9.0%}")
+          f"{rows:>9.1f} {server_cpu / wall:>9.0%} {client_cpu / wall:>9.0%} {device / wall:>6.0%} "
+          f"{bound / single_bound:>6.2f}")
 
-  context = qtext.make_context(tok, query, chat_format="chatml", n_image_tokens=cfg.image_tokens)
-  generator = inference.Generator(model)
-  batch = inference.make_prompt_batch([context.tokens], pad_id=tok.eod_id, image_pad_id=cfg.image_pad_id,
-                                      image_tokens=cfg.image_tokens)
-  # eos = an id past the tokenizer, never produced: every run is max_tokens long, as with ignore_eos.
+  # eos = an id past the tokenizer, never produced: every answer is max_tokens long, as with ignore_eos.
   gen = inference.GenerationConfig(max_new_tokens=args.max_tokens, eos_id=tok.vocab_size, pad_id=tok.eod_id,
                                    vocab_limit=tok.vocab_size)
-  generator.generate(batch, gen)  # compile
-  t0 = time.perf_counter()
-  reps = 0
-  while reps < 4 or time.perf_counter() - t0 < 3.0:  # at least 3 s: the machine may be shared
-    generator.generate(batch, gen)
-    reps += 1
-  gen_rate = reps * args.max_tokens / (time.perf_counter() - t0)
-  print(f"one client {single:.1f} tok/s vs Generator (B=1, whole loop in one jit) {gen_rate:.1f} tok/s: "
-        f"ratio {single / gen_rate:.2f}")
+  generator = inference.Generator(model)
+
+  def rate_of(run) -> float:  # tokens/s of `run` (returns its token count), at least 4 runs and 3 s
+    run()  # compile
+    t0, reps, tokens = time.perf_counter(), 0, 0
+    while reps < 4 or time.perf_counter() - t0 < 3.0:  # the machine may be shared
+      tokens += run()
+      reps += 1
+    return tokens / (time.perf_counter() - t0)
+
+  def streamed() -> int:  # python -m qwenvl_jax.generate: chat_stream, every token detokenized as it comes
+    reply = inference.chat_stream(generator, tok, query, gen=gen)
+    for _ in reply:
+      pass
+    return len(reply.new_tokens)
+
+  context = qtext.make_context(tok, query, chat_format="chatml", n_image_tokens=cfg.image_tokens)
+  batch = inference.make_prompt_batch([context.tokens], pad_id=tok.eod_id, image_pad_id=cfg.image_pad_id,
+                                      image_tokens=cfg.image_tokens)
+  cli_rate = rate_of(streamed)
+  loop_rate = rate_of(lambda: generator.generate(batch, gen) is not None and args.max_tokens)
+  print(f"one client {single:.1f} tok/s vs `generate` (chat_stream, a device call per token) {cli_rate:.1f} tok/s: "
+        f"ratio {single / cli_rate:.2f}; vs Generator.generate (B=1, whole loop in one jit) {loop_rate:.1f} "
+        f"tok/s: ratio {single / loop_rate:.2f}")
   print("compilations:", engine.stats()["compilations"])
   server.stop()
   engine.shutdown()

@@ -215,7 +215,11 @@ class Engine:
     self._inbox.put(("cancel", request))
 
   def stats(self) -> dict:
-    """Slots in use, queue length, counters and the engine thread's compile counts (see `compile_monitor`)."""
+    """Slots in use, queue length, counters and the engine thread's compile counts (see `compile_monitor`).
+
+    decode_seconds / prefill_seconds: wall time the engine thread spent in decode calls / in image encoding and
+    prefill calls, each waited for to its result (on a CPU backend: the computation itself). With decoded_tokens
+    they say how much of the wall time the device worked and what the decode calls alone would deliver."""
     with self._lock:
       counts = dict(self._counts)
     return {"slots": self.num_slots, "active": sum(s is not None for s in self._active),
@@ -325,6 +329,7 @@ class Engine:
     lengths = np.ones(k, np.int32)
     first_image = np.zeros(k, np.int32)
     images = []
+    t0 = time.perf_counter()
     for i, r in enumerate(group):
       ids[i, p - len(r.prompt):] = r.prompt
       lengths[i] = len(r.prompt)
@@ -345,6 +350,7 @@ class Engine:
     first = np.asarray(self.slots.prefill(ids, lengths, first_image, feats, row_index, rope,
                                           _sampling(params, [0] * k)))
     with self._lock:
+      self._counts["prefill_seconds"] += time.perf_counter() - t0
       self._counts["prefills"] += 1
       self._counts["admitted"] += len(group)
     for i, (r, row) in enumerate(zip(group, rows)):
@@ -371,8 +377,10 @@ class Engine:
       rope[i] = slot.rope_base
       params.append(slot.request.params)
       counts.append(slot.generated)
+    t0 = time.perf_counter()
     nxt = np.asarray(self.slots.decode(tokens, positions, active, rope, _sampling(params, counts), steps=k,
                                        window=window))
+    seconds = time.perf_counter() - t0
     delivered = 0
     for i, slot in enumerate(self._active[:b]):
       for j in range(k if slot is not None else 0):
@@ -383,6 +391,7 @@ class Engine:
         self._deliver(i, int(nxt[j, i]))
         delivered += 1
     with self._lock:
+      self._counts["decode_seconds"] += seconds
       self._counts["decode_calls"] += 1
       self._counts["decoded_tokens"] += delivered
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from qwenvl_jax.inference import sampling
+
 
 def row_keys(seeds: jax.Array, counts: jax.Array) -> jax.Array:
   """Typed PRNG keys [B]: `fold_in(key(seed_b), count_b)` (uint32 seeds, int32 counts)."""
@@ -55,7 +57,7 @@ def select(logits: jax.Array, *, temperature: jax.Array, top_k: jax.Array, top_p
   logits = logits.astype(jnp.float32)
   if vocab_limit is not None and vocab_limit < logits.shape[-1]:
     logits = jnp.where(jnp.arange(logits.shape[-1])[None, :] < vocab_limit, logits, -jnp.inf)
-  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  greedy = sampling.greedy_tokens(logits)
 
   def sample(_):
     warped = jax.vmap(_filter_row)(logits, temperature, top_k, top_p)

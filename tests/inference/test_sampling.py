@@ -80,3 +80,14 @@ def test_finished_rows_emit_pad_and_min_new_tokens_blocks_eos():
   out = sampling.select_tokens(logits, None, num_generated=jnp.int32(0), done=jnp.zeros(2, bool),
                                min_new_tokens=1, **kw)
   assert np.asarray(out).tolist() == [2, 2]
+
+
+def test_greedy_tokens_equal_argmax_with_ties_and_infinities():
+  rng = np.random.default_rng(0)
+  logits = rng.integers(-3, 4, size=(64, 1024)).astype(np.float32)  # many ties: the first maximum must win
+  logits[1, :] = -np.inf
+  logits[2, [5, 700]] = np.inf
+  logits[3, -1] = 100.0
+  got = np.asarray(jax.jit(sampling.greedy_tokens)(jnp.asarray(logits)))
+  np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
+  assert got.dtype == np.int32
