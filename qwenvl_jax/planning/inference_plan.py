@@ -21,10 +21,11 @@ report says by how much and what would (a smaller batch, an int8 cache, int4 wei
 
 The layout is the runtime's (`inference.layout.make_inference_mesh` over the topology's devices): `--rules=
 inference_tp` (default: tensor parallel over one host's chips, replicas over the rest) or `--rules=fsdp` (as
-training). `--server` plans what `python -m qwenvl_jax.serve` runs instead: B slots of C cache slots that live
-through every call, the decode step of all B slots, and the engine's prefill (k requests' P-token prompts with M
-images each into a k x P cache, then written into k slot rows of the donated slots' cache). `--max_slots` searches
-the most slots that fit (both programs within HBM):
+training). `--server` plans what `python -m qwenvl_jax.serve` runs instead, the engine's own programs
+(`inference.slot_programs`): B slots of C cache slots that live through every call, the decode call of all B
+slots (`--decode_steps` steps over the whole context), the prefill of k requests' P-token prompts into k slot rows of
+the donated slots' cache, and the encoding of their k x M images (with the cache resident). `--max_slots` searches
+the most slots that fit (every program within HBM):
 
   python -m qwenvl_jax.planning.inference_plan --preset=qwen_vl_7b --topology=v5e-8 --quantize=none \
       --context=2048 --prompt=1024 --max_slots
@@ -37,16 +38,15 @@ import time
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from qwenvl_jax import config_args, errors, sharding
 from qwenvl_jax.hardware import chips
 from qwenvl_jax.hardware.chips import GIB
-from qwenvl_jax.inference import decode, layout
+from qwenvl_jax.inference import decode, layout, slot_programs
 from qwenvl_jax.model import QwenVL, get_preset
 from qwenvl_jax.model import quantize as qlib
 from qwenvl_jax.model.config import QwenVLConfig
-from qwenvl_jax.model.qwen import KVCache, constrain_cache
 from qwenvl_jax.planning import aot, mesh as mesh_lib
 
 
@@ -58,6 +58,18 @@ class InferencePlan:
   weight_bytes: dict[str, int]      # whole model, by dtype (int4 counted as half a byte)
   cache_bytes: int                  # whole cache, all chips
   facts: dict
+  encode: aot.StepPlan | None = None  # server: the engine's image encoding (the slots' cache stays resident)
+
+  def peak_bytes(self) -> int:
+    """The most HBM per chip any program needs; the server's encode program also has the cache resident."""
+    peaks = [self.decode.total_bytes, self.prefill.total_bytes if self.prefill else 0]
+    if self.encode is not None:
+      peaks.append(self.encode.total_bytes + self.cache_bytes // self.encode.num_chips)
+    return max(peaks)
+
+  def fits(self) -> bool:
+    progs = [p for p in (self.decode, self.prefill, self.encode) if p is not None]
+    return self.peak_bytes() <= self.decode.chip.hbm_bytes and all(p.fits for p in progs)
 
   def format(self) -> str:
     f = self.facts
@@ -75,11 +87,15 @@ class InferencePlan:
       what = (f"server prefill ({f['prefill_batch']} request(s) into the {f['batch']} slots' cache)" if f["server"]
               else f"prefill ({f['prefill_batch']} row(s) at once)")
       lines += [f"{what}:", self.prefill.format()]
-    peak = max(self.decode.total_bytes, self.prefill.total_bytes if self.prefill else 0)
+    if self.encode is not None:
+      lines += [f"server image encoding ({f['prefill_batch'] * f['images']} image(s); the slots' cache, "
+                f"{self.cache_bytes / self.encode.num_chips / GIB:.2f} GiB per chip, stays resident):",
+                self.encode.format()]
+    peak = self.peak_bytes()
     hbm = self.decode.chip.hbm_bytes
-    lines.append(f"peak of the two programs: {peak / GIB:.2f} GiB of {hbm / GIB:.0f} GiB per chip -> "
-                 + ("FITS" if peak <= hbm and self.decode.fits and (self.prefill is None or self.prefill.fits)
-                    else "DOES NOT FIT: " + self.what_would_fit()))
+    programs = "three" if self.encode is not None else "two"
+    lines.append(f"peak of the {programs} programs: {peak / GIB:.2f} GiB of {hbm / GIB:.0f} GiB per chip -> "
+                 + ("FITS" if self.fits() else "DOES NOT FIT: " + self.what_would_fit()))
     return "\n".join(lines)
 
   def what_would_fit(self) -> str:
@@ -117,13 +133,15 @@ def plan_inference(cfg: QwenVLConfig, topology: chips.Topology, *, quantize: str
                    context: int, prompt: int, images: int = 1, kv_cache_dtype: str | None = None,
                    rules_name: str = "fsdp", group_size: int = qlib.DEFAULT_GROUP_SIZE,
                    with_prefill: bool = True, prefill_batch: int | None = None, tensor_parallel: int = 0,
-                   server: bool = False) -> InferencePlan:
+                   server: bool = False, decode_steps: int = 4) -> InferencePlan:
   """AOT-compiles the decode step (and prefill) of `cfg` on `topology`; see the module docstring.
 
   prefill_batch: rows prefilled together (default `batch`, as `Generator` does; with `server`, default 1: the
     requests one engine prefill admits).
   rules_name, tensor_parallel: the layout (`inference.layout.make_inference_mesh` over the topology's devices).
-  server: plan the serving engine's programs (`batch` = its slots; the prefill writes into the slots' cache).
+  server: plan the serving engine's own programs (`inference.slot_programs`, what `serving.slots` jits): the
+    decode call of all `batch` slots (`decode_steps` steps attending to the whole context), the prefill of
+    `prefill_batch` requests into the slots' cache, and the image encoding (with the cache resident).
   """
   prefill_batch = prefill_batch or (1 if server else batch)
   if prompt > context:
@@ -151,6 +169,13 @@ def plan_inference(cfg: QwenVLConfig, topology: chips.Topology, *, quantize: str
   def decode_fn(state, tokens, positions, cache, index, rope_base):
     return decode.decode_step(graphdef, as_state(state), tokens, positions, cache, index, rope_base=rope_base)
 
+  if server:
+    return _plan_server(cfg, topology, graphdef, state, as_state, cache, mesh, rules, batch=batch, context=context,
+                        prompt=prompt, images=images, prefill_batch=prefill_batch, with_prefill=with_prefill,
+                        decode_steps=decode_steps,
+                        facts=_facts(cfg, quantize, kv_cache_dtype, batch, prefill_batch, context, prompt, images,
+                                     mesh, rules_name, server),
+                        weight_bytes=qlib.weight_bytes(abstract_state))
   with sharding.use_rules(mesh, rules):
     _, decode_plan = aot.compile_step(decode_fn, (state, vec(jnp.int32), vec(jnp.int32), cache, scalar,
                                                   vec(jnp.float32)),
@@ -159,7 +184,7 @@ def plan_inference(cfg: QwenVLConfig, topology: chips.Topology, *, quantize: str
   slots = batch
   if with_prefill:
     s, batch = cfg.vision.image_size, prefill_batch
-    pcache = cache if server else abstract_cache(cfg, batch, context, kv_cache_dtype, mesh, rules)
+    pcache = abstract_cache(cfg, batch, context, kv_cache_dtype, mesh, rules)
     vec = lambda dtype: jax.ShapeDtypeStruct((batch,), dtype, sharding=NamedSharding(
         mesh, sharding.resolve_spec((batch,), ("act_batch",), rules, dict(mesh.shape))))
     seq = lambda: jax.ShapeDtypeStruct((batch, prompt), jnp.int32, sharding=NamedSharding(
@@ -173,20 +198,79 @@ def plan_inference(cfg: QwenVLConfig, topology: chips.Topology, *, quantize: str
           mesh, sharding.resolve_spec((batch, images), ("act_batch", None), rules, dict(mesh.shape))))
 
     def prefill_fn(state, arrays, cache, rope_base):
-      if not server:
-        return decode.prefill(graphdef, as_state(state), arrays, cache, rope_base=rope_base)
-      return server_prefill(graphdef, as_state(state), arrays, cache, rope_base, kv_cache_dtype)
+      return decode.prefill(graphdef, as_state(state), arrays, cache, rope_base=rope_base)
 
     with sharding.use_rules(mesh, rules):
       _, prefill_plan = aot.compile_step(prefill_fn, (state, arrays, pcache, vec(jnp.float32)),
                                          chip=topology.chip, mesh=mesh, donate_argnums=2,
                                          count_program_flops=False)
-  cache_bytes = sum(int(x.size) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(cache))
-  facts = {"model": f"{cfg.llm.layers}-layer LLM, {cfg.vision.image_size} px", "quantize": quantize or "none",
-           "kv_cache_dtype": kv_cache_dtype or cfg.dtype, "batch": slots, "prefill_batch": prefill_batch,
-           "context": context, "prompt": prompt, "images": images, "mesh": dict(mesh.shape),
-           "layout": layout.describe(mesh), "rules": rules_name, "server": server}
-  return InferencePlan(decode_plan, prefill_plan, qlib.weight_bytes(abstract_state), cache_bytes, facts)
+  facts = _facts(cfg, quantize, kv_cache_dtype, slots, prefill_batch, context, prompt, images, mesh, rules_name,
+                 server)
+  return InferencePlan(decode_plan, prefill_plan, qlib.weight_bytes(abstract_state), _tree_bytes(cache), facts)
+
+
+def _tree_bytes(tree) -> int:
+  return sum(int(x.size) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def _facts(cfg, quantize, kv_cache_dtype, batch, prefill_batch, context, prompt, images, mesh, rules_name,
+           server) -> dict:
+  return {"model": f"{cfg.llm.layers}-layer LLM, {cfg.vision.image_size} px", "quantize": quantize or "none",
+          "kv_cache_dtype": kv_cache_dtype or cfg.dtype, "batch": batch, "prefill_batch": prefill_batch,
+          "context": context, "prompt": prompt, "images": images, "mesh": dict(mesh.shape),
+          "layout": layout.describe(mesh), "rules": rules_name, "server": server}
+
+
+def _plan_server(cfg, topology, graphdef, state, as_state, cache, mesh, rules, *, batch, context, prompt, images,
+                 prefill_batch, with_prefill, decode_steps, facts, weight_bytes) -> InferencePlan:
+  """The serving engine's three programs (`inference.slot_programs`) on abstract arguments: the decode call of
+  all `batch` slots over the whole context (the largest window), the prefill of `prefill_batch` prompts of `prompt`
+  tokens into the slots' cache (donated to both, as `serving.slots.SlotModel` does), and the image encoding of
+  their images (`images` each)."""
+  def sharded(shape, dtype, axes):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(
+        mesh, sharding.resolve_spec(shape, axes, rules, dict(mesh.shape))))
+
+  def rows(n, dtype):
+    return sharded((n,), dtype, ("act_batch",))
+
+  def sampling(n):
+    return slot_programs.Sampling(rows(n, jnp.float32), rows(n, jnp.int32), rows(n, jnp.float32),
+                                  rows(n, jnp.uint32), rows(n, jnp.int32))
+
+  def decode_fn(state, cache, tokens, positions, active, rope_base, samp):
+    return slot_programs.decode(graphdef, None, decode_steps, context, as_state(state), cache, tokens, positions,
+                                active, rope_base, samp)
+
+  with sharding.use_rules(mesh, rules):
+    _, decode_plan = aot.compile_step(
+        decode_fn, (state, cache, rows(batch, jnp.int32), rows(batch, jnp.int32), rows(batch, jnp.bool_),
+                    rows(batch, jnp.float32), sampling(batch)),
+        chip=topology.chip, mesh=mesh, donate_argnums=1, count_program_flops=False)
+  if not with_prefill:
+    return InferencePlan(decode_plan, None, weight_bytes, _tree_bytes(cache), facts)
+  k, q, d, s = prefill_batch, cfg.image_tokens, cfg.llm.width, cfg.vision.image_size
+  feature_slots = max(1, k * images)
+
+  def prefill_fn(state, cache, ids, lengths, first_image, feats, slot_rows, rope_base, samp):
+    return slot_programs.prefill(graphdef, None, as_state(state), cache, ids, lengths, first_image, feats,
+                                 slot_rows, rope_base, samp)
+
+  def encode_fn(state, pixels):
+    return slot_programs.encode(graphdef, feature_slots, as_state(state), pixels)
+
+  feats = sharded((feature_slots, q, d), cfg.dtype, (None, None, None))
+  with sharding.use_rules(mesh, rules):
+    _, prefill_plan = aot.compile_step(
+        prefill_fn, (state, cache, sharded((k, prompt), jnp.int32, ("act_batch", None)), rows(k, jnp.int32),
+                     rows(k, jnp.int32), feats, rows(k, jnp.int32), rows(k, jnp.float32), sampling(k)),
+        chip=topology.chip, mesh=mesh, donate_argnums=1, count_program_flops=False)
+    encode_plan = None
+    if images:
+      _, encode_plan = aot.compile_step(
+          encode_fn, (state, sharded((feature_slots, s, s, 3), jnp.uint8, (None,) * 4)),
+          chip=topology.chip, mesh=mesh, count_program_flops=False)
+  return InferencePlan(decode_plan, prefill_plan, weight_bytes, _tree_bytes(cache), facts, encode_plan)
 
 
 # The keys of `python -m qwenvl_jax.plan --inference=key=value,...` and their defaults (which give their types).
@@ -230,24 +314,6 @@ def inference_model_config(preset: str, res: int) -> QwenVLConfig:
   return get_preset(preset, dtype="bfloat16", param_dtype="bfloat16", remat_policy="none").with_image_size(res)
 
 
-def server_prefill(graphdef: nnx.GraphDef, state: nnx.State, arrays: dict, cache: KVCache, rope_base: jax.Array,
-                   kv_cache_dtype: str | None) -> tuple[jax.Array, KVCache]:
-  """The serving engine's prefill, for planning: k prompts (`arrays` int32[k, P] and their images) through
-  `decode.prefill` into a fresh k x P cache, whose rows are then written into rows 0 .. k-1 of the slots' cache
-  `cache` [B rows, C slots] (donated, so it is updated in place), as `serving.slots` does (which this layer may
-  not import). Returns (float32[k, V] last logits, the slots' cache)."""
-  k, p = arrays["input_ids"].shape
-  model = nnx.merge(graphdef, state)
-  small = model.llm.init_cache(k, p, dtype=kv_cache_dtype)
-  logits, small = decode.prefill(graphdef, state, arrays, small, rope_base=rope_base)
-  rows = jnp.arange(k)
-  # `KVCache` is [L, B, N, C, X] (heads before slots): the k prompts fill slots 0 .. P-1 of rows 0 .. k-1.
-  put = lambda big, new: None if big is None else big.at[:, rows, :, :p].set(new.astype(big.dtype))
-  cache = KVCache(put(cache.k, small.k), put(cache.v, small.v), cache.segment_ids.at[rows, :p].set(small.segment_ids),
-                  put(cache.k_scale, small.k_scale), put(cache.v_scale, small.v_scale))
-  return logits, constrain_cache(cache)
-
-
 @dataclasses.dataclass(frozen=True)
 class SlotSearch:
   """The outcome of `max_slots`: the most slots that fit, the plan there, and the probes (slots -> peak bytes per
@@ -269,9 +335,8 @@ class SlotSearch:
 
 
 def _bytes(plan: InferencePlan) -> tuple[int, bool]:
-  """(the larger program's bytes per chip, whether both fit); over HBM, the bytes XLA's refusal names."""
-  progs = [p for p in (plan.decode, plan.prefill) if p is not None]
-  return max(p.total_bytes for p in progs), all(p.fits for p in progs)
+  """(the largest program's bytes per chip, whether all fit); over HBM, the bytes XLA's refusal names."""
+  return plan.peak_bytes(), plan.fits()
 
 
 def max_slots(plan_at, *, granularity: int, start: int, hbm_bytes: int, log=print) -> SlotSearch:
@@ -364,6 +429,8 @@ def _cli() -> None:
   no_prefill = flags.DEFINE_bool("decode_only", False, "Compile only the decode step.")
   prefill_batch = flags.DEFINE_integer("prefill_batch", 0, "Rows prefilled together (0 = --batch; 1 with --server).")
   server = flags.DEFINE_bool("server", False, "Plan the serving engine: --batch slots of --context cache slots.")
+  decode_steps = flags.DEFINE_integer("decode_steps", 4, "With --server: decode steps per engine call (serve's "
+                                      "--decode_steps).")
   llm_layers = flags.DEFINE_integer("llm_layers", 0, "Decoder layers (0 = the preset's); fewer for a quick, "
                                     "smaller compile (bench/plan_server_slots.py extrapolates from them).")
   search = flags.DEFINE_bool("max_slots", False, "Search the most server slots that fit (implies --server; "
@@ -383,7 +450,7 @@ def _cli() -> None:
                             kv_cache_dtype="int8" if kv.value == "int8" else None, rules_name=rules.value,
                             group_size=group.value, with_prefill=with_prefill,
                             prefill_batch=prefill_batch.value or None, tensor_parallel=tensor_parallel.value,
-                            server=server.value or search.value)
+                            server=server.value or search.value, decode_steps=decode_steps.value)
 
     if search.value:
       mesh, rule_table = layout.make_inference_mesh(cfg, rules.value, tensor_parallel=tensor_parallel.value,

@@ -4,7 +4,7 @@
   engine.start()                                                       # compiles every program once
   engine.submit(Request(prompt_ids, images, SamplingParams(max_tokens=64), sink))
 
-Layers: `slot_sampling` (per-row sampling), `slots` (the jitted encode / prefill / decode over the slot cache),
+Layers: `slots` (the jitted encode / prefill / decode of `inference.slot_programs` over the slot cache),
 `engine` (the scheduling thread), `compile_monitor` (JAX compile events), and the HTTP side in `api`.
 """
 from qwenvl_jax.serving.engine import Engine

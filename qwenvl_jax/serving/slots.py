@@ -1,136 +1,20 @@
-"""The device side of continuous batching: B decode slots over one KV cache, and three jitted programs on it.
-
-Letters: B decode slots, C cache slots per row (the context limit), k requests joining in one prefill (padded to
-a prefill-batch bucket), P padded prompt length (a length bucket), F image-feature buffer (images per prefill
-group, padded), n images encoded in one call (an image-batch bucket), Q image tokens, D LLM width, V vocabulary,
-L layers, S image side, K decode steps per call, W cache slots attended (a window bucket).
-
-  encode(images uint8[n, S, S, 3])                     -> feats [F, Q, D] (ViT + adapter, zero-padded to F)
-  prefill(cache, ids[k, P], lengths, first_image, feats, rows, ...) -> first tokens int32[k], cache
-  decode(cache, tokens[R], positions[R], active[R], ...) -> new tokens int32[K, R], cache   (the first R rows)
-
-Every slot row of the cache belongs to one request at a time. A request's prompt occupies its row's slots
-0 .. len-1 and its n-th new token slot len + n, so the cache slot equals the RoPE position and rows advance
-independently (the model writes each row at its own `cache_index`, `qwen.write_layer_slots`). Prefill runs the
-joining prompts left-padded, as `decode.prefill` (the last position is the next-token logit, and only it goes through
-`lm_head`), then rolls each row left by its padding and writes it into its slot row, clearing the rest of the row
-(the previous occupant's keys are never attended again: their segment ids are 0).
-
-Shapes are fixed per (k, P) for prefill, per n for encode and per (R, W) for decode (R: a power of two covering
-the highest busy slot, so one client costs a one-row step, not a B-row one; W: a bucket covering the furthest
-position the call reaches, so short conversations do not read the whole cache), so a server warms them all up
-front and never compiles again (`engine.Engine.warm_up`). A decode call runs K steps in one program (the token
-of step j feeds step j + 1 on the device): the host's per-call work (dispatch, transfers, delivering tokens) is
-paid once per K tokens, as the whole-loop `decode.Generator` pays it once per answer. Images are encoded in one call for every joining
-request (any number per request, anywhere in its history); the k-th `<imgpad>` of a prompt takes feature
-k % Q of the prompt's image k // Q, as `QwenVL.embed`. Dynamic NTK (per-row RoPE base, decided at prefill and
-kept) and logn scaling are on, as in `decode.Generator`.
+"""`SlotModel`: a model's jitted encode / prefill / decode (`inference.slot_programs`) over one KV cache of B decode
+slots, the device side of the continuously batched engine (`serving.engine`); see `slot_programs` for the letters,
+the shapes and why the cache slot equals the RoPE position.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qwenvl_jax import sharding
-from qwenvl_jax.model.qwen import KVCache, constrain_cache
-from qwenvl_jax.serving import slot_sampling
-
-
-class Sampling(NamedTuple):
-  """Per-row sampling settings (see `slot_sampling.select`): float32 temperature (0 = greedy), int32 top_k,
-  float32 top_p, uint32 seed, int32 count (tokens generated so far)."""
-  temperature: jax.Array
-  top_k: jax.Array
-  top_p: jax.Array
-  seed: jax.Array
-  count: jax.Array
-
-
-def _merge(graphdef, state):
-  return nnx.merge(graphdef, state)
-
-
-def _replicated(feats):
-  """Image features [F, Q, D] pinned replicated (the zeros of no images and `encode`'s output alike)."""
-  return sharding.constrain(feats, (None, None, None))
-
-
-def _encode(graphdef, feature_slots: int, state, images):
-  model = _merge(graphdef, state)
-  feats = model.encode_images(images[None])[0]  # [n, Q, D]
-  return _replicated(jnp.pad(feats, ((0, feature_slots - feats.shape[0]), (0, 0), (0, 0))))
-
-
-def _prefill(graphdef, vocab_limit, state, cache: KVCache, ids, lengths, first_image, feats, rows, rope_base,
-             sampling: Sampling):
-  """ids int32[k, P] left-padded; lengths int32[k]; first_image int32[k] (index in `feats` of the row's first
-  image); feats [F, Q, D]; rows int32[k] cache row of each prompt (B = padding row, dropped); rope_base
-  float32[k]. Returns (int32[k] first new tokens, cache)."""
-  model = _merge(graphdef, state)
-  k, p = ids.shape
-  q = feats.shape[1]
-  pad = p - lengths  # int32[k] left padding
-  slot = jnp.arange(p, dtype=jnp.int32)[None, :]
-  valid = slot >= pad[:, None]
-  positions = jnp.where(valid, slot - pad[:, None], 0)
-  segment_ids = valid.astype(jnp.int32)
-  x = model.llm.embed(ids)
-  is_pad = ids == model.cfg.image_pad_id
-  flat = feats.reshape(-1, feats.shape[-1])
-  index = jnp.clip(first_image[:, None] * q + jnp.cumsum(is_pad, axis=1) - 1, 0, flat.shape[0] - 1)
-  x = jnp.where(is_pad[:, :, None], flat[index].astype(x.dtype), x)
-  small = model.llm.init_cache(k, p, dtype=cache.k.dtype)
-  h, small = model.llm.features(x, positions=positions, segment_ids=segment_ids, cache=small, cache_index=0,
-                                rope_base=rope_base[:, None, None], logn=True)
-  # Only the last position's logits are needed: k x V, not the k x P x V of the whole prompt.
-  logits = model.llm.lm_head(h[:, -1:])[:, 0]
-  first = slot_sampling.select(logits, temperature=sampling.temperature, top_k=sampling.top_k,
-                               top_p=sampling.top_p, seeds=sampling.seed, counts=sampling.count,
-                               vocab_limit=vocab_limit)
-  # Left-aligned: row i's prompt moves from slots pad_i .. P-1 to 0 .. len_i-1 (slot = position from now on).
-  order = (slot + pad[:, None]) % p  # [k, P]
-  roll = jax.vmap(lambda x, o: jnp.take(x, o, axis=2), in_axes=(1, 0), out_axes=1)  # over [L, k, N, P, X]
-
-  def put(entry, new):  # the cache's [L, B, N, C, X] entry with the k rolled rows written at slots 0 .. P-1
-    return None if entry is None else entry.at[:, rows, :, :p].set(roll(new, order), mode="drop")
-
-  new_seg = jnp.take_along_axis(small.segment_ids, order, axis=1)
-  c = cache.segment_ids.shape[1]
-  seg_rows = jnp.pad(new_seg, ((0, 0), (0, c - p)))
-  cache = KVCache(put(cache.k, small.k), put(cache.v, small.v), cache.segment_ids.at[rows].set(seg_rows, mode="drop"),
-                  put(cache.k_scale, small.k_scale), put(cache.v_scale, small.v_scale))
-  return first, constrain_cache(cache)
-
-
-def _decode(graphdef, vocab_limit, steps: int, window: int, state, cache: KVCache, tokens, positions, active,
-            rope_base, sampling: Sampling):
-  """`steps` decode steps of the first R rows of the cache (R <= B, a decode-size bucket covering every active
-  slot): tokens int32[R] are fed at int32[R] positions (= cache slots), each step's tokens are fed at the next
-  positions, and attention reads the first `window` slots (every position fed must be below it). Inactive rows
-  write segment 0 (never a key) and their outputs are ignored; sampling of step j uses count + j, as a one-step
-  call would. Returns (int32[steps, R] new tokens, cache)."""
-  seg = active.astype(jnp.int32)[:, None]
-
-  def step(carry, _):
-    # The weights ride in the carry: NNX modules are rebuilt from values of the loop's own trace (as decode.py).
-    state, cache, tokens, positions, count = carry
-    model = _merge(graphdef, state)
-    # The whole cache goes in: the model writes and reads only its first R rows (`QwenLM.features`), in place.
-    logits, cache = model.llm(model.llm.embed(tokens[:, None]), positions=positions[:, None], segment_ids=seg,
-                              cache=cache, cache_index=positions, rope_base=rope_base[:, None, None], logn=True,
-                              window=window)
-    nxt = slot_sampling.select(logits[:, 0], temperature=sampling.temperature, top_k=sampling.top_k,
-                               top_p=sampling.top_p, seeds=sampling.seed, counts=count, vocab_limit=vocab_limit)
-    return (state, cache, nxt, positions + 1, count + 1), nxt
-
-  (_, cache, *_), out = jax.lax.scan(step, (state, cache, tokens, positions, sampling.count), None, length=steps)
-  return out, constrain_cache(cache)
+from qwenvl_jax.inference import slot_programs
+from qwenvl_jax.inference.slot_programs import Sampling  # noqa: F401  (re-exported: the engine's sampling rows)
+from qwenvl_jax.model.qwen import constrain_cache
 
 
 class SlotModel:
@@ -152,11 +36,12 @@ class SlotModel:
     self.vocab_limit = vocab_limit
     # graphdef and vocab_limit are bound, not static arguments: jit would hash the graphdef on every call
     # (~0.3 ms, as much as a one-row decode step of the tiny model).
-    self._encode = jax.jit(functools.partial(_encode, self.graphdef, feature_slots))
-    self._prefill = jax.jit(functools.partial(_prefill, self.graphdef, vocab_limit), donate_argnums=(1,))
-    self._decode_fns = {}  # (steps, window) -> jitted `_decode`
+    self._encode = jax.jit(functools.partial(slot_programs.encode, self.graphdef, feature_slots))
+    self._prefill = jax.jit(functools.partial(slot_programs.prefill, self.graphdef, vocab_limit),
+                            donate_argnums=(1,))
+    self._decode_fns = {}  # (steps, window) -> jitted `slot_programs.decode`
     q, d = self.cfg.image_tokens, self.cfg.llm.width
-    self.no_features = jax.jit(lambda: _replicated(jnp.zeros((feature_slots, q, d), self.cfg.dtype)))()
+    self.no_features = jax.jit(lambda: slot_programs.replicated(jnp.zeros((feature_slots, q, d), self.cfg.dtype)))()
 
   def encode(self, images: np.ndarray) -> jax.Array:
     """uint8[n, S, S, 3] (n <= F, a bucket) -> features [F, Q, D], rows past n zero."""
@@ -185,6 +70,6 @@ class SlotModel:
     rope_base, sampling) (e.g. to `.lower(...)` it for a memory analysis)."""
     key = (steps, window or self.context)
     if key not in self._decode_fns:
-      self._decode_fns[key] = jax.jit(functools.partial(_decode, self.graphdef, self.vocab_limit, *key),
-                                      donate_argnums=(1,))
+      program = functools.partial(slot_programs.decode, self.graphdef, self.vocab_limit, *key)
+      self._decode_fns[key] = jax.jit(program, donate_argnums=(1,))
     return self._decode_fns[key]
