@@ -77,8 +77,10 @@ def stage_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
   c.remat = "none" if model == "tiny" else "full"   # none | full | dots | dots_no_batch
   c.attention_impl = "xla"
   # Tokens per chunk of the loss (qwenvl_jax/model/losses.py): the float32 [rows, T, V] logits and their gradient
-  # are never built whole; 0 = the unchunked loss over the full logits.
-  c.loss_chunk = 512
+  # are never built whole; 0 = the unchunked loss over the full logits. Stage 1's rows are 512 tokens, so a
+  # 512-token chunk would be the whole row, the full logits again; 128 splits them in four (full size, AOT, 24
+  # micro-batches: 21.8 GiB per chip on v5p-128 unchunked, 14.6 with 512, 11.7 with 128; bench/plan_loss_memory.py).
+  c.loss_chunk = 128 if stage == 1 else 512
   # Stage 3: freeze ViT + ln_post + proj like the official finetune.py (True) or only the ViT like the paper.
   c.fix_vit = args["fix_vit"]
   c.frozen = ""                   # '' = the stage's filters; 'none'; or one full-match path regex
