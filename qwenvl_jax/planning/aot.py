@@ -391,7 +391,7 @@ def compile_step(fn: Callable[..., Any], args: Sequence[Any], *, chip: ChipSpec,
                  out_shardings: Any = None, donate_argnums: int | Sequence[int] = (),
                  model_flops: float | None = None, global_batch: int | None = None,
                  static_argnums: int | Sequence[int] = (),
-                 count_program_flops: bool = True, torus: Sequence[int] = ()
+                 count_program_flops: bool = True, torus: Sequence[int] = (), keep_unused: bool = False
                  ) -> tuple[jax.stages.Compiled | None, StepPlan]:
   """AOT-compiles `fn(*args)` for `mesh` and reads the compiler's memory and cost analyses.
 
@@ -409,12 +409,15 @@ def compile_step(fn: Callable[..., Any], args: Sequence[Any], *, chip: ChipSpec,
     count_program_flops: when the program has loops, also trace it and count its matmul FLOPs with every scan
       trip (`jaxpr_flops`), to correct the compiler's loop-once cost.
     torus: the slice's chip grid, only for devices without coordinates (see `collectives.estimate`).
+    keep_unused: count arguments the program does not read (jit drops them otherwise), e.g. the ViT weights of a
+      decode step: they stay in HBM while it runs.
 
   Returns:
     The compiled executable and its `StepPlan`; the executable is None when XLA found the program does not fit
     in HBM (the plan then says so, see `oom_plan`).
   """
-  jitted = jax.jit(fn, out_shardings=out_shardings, donate_argnums=donate_argnums, static_argnums=static_argnums)
+  jitted = jax.jit(fn, out_shardings=out_shardings, donate_argnums=donate_argnums, static_argnums=static_argnums,
+                   keep_unused=keep_unused)
   start = time.perf_counter()
   try:
     with jax.set_mesh(mesh):

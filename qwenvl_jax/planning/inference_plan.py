@@ -13,7 +13,8 @@ It builds what `inference.Generator` runs — the quantized model's graph and ab
 (`model.quantize.quantize_model` under `nnx.eval_shape`), rule-table shardings over the topology's abstract
 devices, an abstract KV cache of C slots (bf16 or int8) — and compiles two programs with `planning.aot`:
   * `decode`: `inference.decode_step` (one token per row against the full cache; the cache donated, as the
-    generation loop carries it), whose arguments are the weights + the cache that live through a generation;
+    generation loop carries it), whose arguments are the weights + the cache that live through a generation
+    (all the weights: the ViT's, which the step does not read, are resident too and counted, `keep_unused`);
   * `prefill`: `inference.prefill` of P prompt tokens with M images per row into the cache (the peak of
     activations: the ViT, the adapter and a P x C attention per layer).
 Nothing is allocated and no TPU is needed (libtpu is: requirements-tpu-aot.txt). When a plan does not fit, the
@@ -179,7 +180,8 @@ def plan_inference(cfg: QwenVLConfig, topology: chips.Topology, *, quantize: str
   with sharding.use_rules(mesh, rules):
     _, decode_plan = aot.compile_step(decode_fn, (state, vec(jnp.int32), vec(jnp.int32), cache, scalar,
                                                   vec(jnp.float32)),
-                                      chip=topology.chip, mesh=mesh, donate_argnums=3, count_program_flops=False)
+                                      chip=topology.chip, mesh=mesh, donate_argnums=3, count_program_flops=False,
+                                      keep_unused=True)  # the ViT's weights are resident too
   prefill_plan = None
   slots = batch
   if with_prefill:
@@ -203,7 +205,7 @@ def plan_inference(cfg: QwenVLConfig, topology: chips.Topology, *, quantize: str
     with sharding.use_rules(mesh, rules):
       _, prefill_plan = aot.compile_step(prefill_fn, (state, arrays, pcache, vec(jnp.float32)),
                                          chip=topology.chip, mesh=mesh, donate_argnums=2,
-                                         count_program_flops=False)
+                                         count_program_flops=False, keep_unused=True)
   facts = _facts(cfg, quantize, kv_cache_dtype, slots, prefill_batch, context, prompt, images, mesh, rules_name,
                  server)
   return InferencePlan(decode_plan, prefill_plan, qlib.weight_bytes(abstract_state), _tree_bytes(cache), facts)
@@ -246,7 +248,7 @@ def _plan_server(cfg, topology, graphdef, state, as_state, cache, mesh, rules, *
     _, decode_plan = aot.compile_step(
         decode_fn, (state, cache, rows(batch, jnp.int32), rows(batch, jnp.int32), rows(batch, jnp.bool_),
                     rows(batch, jnp.float32), sampling(batch)),
-        chip=topology.chip, mesh=mesh, donate_argnums=1, count_program_flops=False)
+        chip=topology.chip, mesh=mesh, donate_argnums=1, count_program_flops=False, keep_unused=True)
   if not with_prefill:
     return InferencePlan(decode_plan, None, weight_bytes, _tree_bytes(cache), facts)
   k, q, d, s = prefill_batch, cfg.image_tokens, cfg.llm.width, cfg.vision.image_size
@@ -264,12 +266,12 @@ def _plan_server(cfg, topology, graphdef, state, as_state, cache, mesh, rules, *
     _, prefill_plan = aot.compile_step(
         prefill_fn, (state, cache, sharded((k, prompt), jnp.int32, ("act_batch", None)), rows(k, jnp.int32),
                      rows(k, jnp.int32), feats, rows(k, jnp.int32), rows(k, jnp.float32), sampling(k)),
-        chip=topology.chip, mesh=mesh, donate_argnums=1, count_program_flops=False)
+        chip=topology.chip, mesh=mesh, donate_argnums=1, count_program_flops=False, keep_unused=True)
     encode_plan = None
     if images:
       _, encode_plan = aot.compile_step(
           encode_fn, (state, sharded((feature_slots, s, s, 3), jnp.uint8, (None,) * 4)),
-          chip=topology.chip, mesh=mesh, count_program_flops=False)
+          chip=topology.chip, mesh=mesh, count_program_flops=False, keep_unused=True)
   return InferencePlan(decode_plan, prefill_plan, weight_bytes, _tree_bytes(cache), facts, encode_plan)
 
 
