@@ -47,7 +47,9 @@ def test_server_plan_on_the_tensor_parallel_layout_splits_weights_and_cache_over
                                            context=512, prompt=64, rules_name="inference_tp", server=True)
       print(json.dumps({"mesh": plan.facts["mesh"], "args": plan.decode.argument_bytes,
                         "prefill_args": plan.prefill.argument_bytes, "weights": sum(plan.weight_bytes.values()),
-                        "cache": plan.cache_bytes, "report": plan.format()}))
+                        "cache": plan.cache_bytes, "decode_temps": plan.decode.temp_bytes,
+                        "encode_args": plan.encode.argument_bytes, "peak": plan.peak_bytes(),
+                        "report": plan.format()}))
   """)
   assert out["mesh"] == {"data": 4, "fsdp": 1, "tensor": 2}
   per_chip = out["weights"] / 2 + out["cache"] / 8
@@ -55,3 +57,11 @@ def test_server_plan_on_the_tensor_parallel_layout_splits_weights_and_cache_over
   # The engine's prefill holds the whole slots' cache too (donated), not a prefill-sized one.
   assert out["prefill_args"] > out["cache"] / 8
   assert "server prefill (1 request(s) into the 64 slots' cache)" in out["report"] and "FITS" in out["report"]
+  # The engine's own decode call (inference.slot_programs) updates the cache in place. Its temporaries hold one
+  # layer's attended keys and values (a quarter of the cache with tiny's 4 layers) and the logits, never a copy
+  # of K or V whole (half the cache or more; Generator's one-step program, compiled here before, held one).
+  assert out["decode_temps"] < 0.5 * out["cache"] / 8, out["report"]
+  # Every weight is resident in every program (the ViT's too, which decoding never reads), and the encoding
+  # program runs with the slots' cache resident.
+  assert out["encode_args"] >= out["weights"] / 2 * 0.99
+  assert out["peak"] >= out["encode_args"] + out["cache"] / 8 and "server image encoding" in out["report"]
