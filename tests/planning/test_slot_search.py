@@ -15,9 +15,9 @@ def _search(decode_bytes, prefill_bytes=None, *, granularity=1, start=32):
 
   def plan_at(b, with_prefill):
     calls.append((b, with_prefill))
-    prog = lambda used: SimpleNamespace(total_bytes=int(used), fits=used <= HBM)
-    return SimpleNamespace(decode=prog(decode_bytes(b)),
-                           prefill=prog(prefill_bytes(b)) if with_prefill and prefill_bytes else None)
+    progs = [int(decode_bytes(b))] + ([int(prefill_bytes(b))] if with_prefill and prefill_bytes else [])
+    # What `max_slots` reads of an `InferencePlan`: the peak over its programs and whether every one fits.
+    return SimpleNamespace(peak_bytes=lambda: max(progs), fits=lambda: all(p <= HBM for p in progs))
 
   result = inference_plan.max_slots(plan_at, granularity=granularity, start=start, hbm_bytes=HBM, log=lambda _: None)
   return result, calls
