@@ -114,16 +114,18 @@ class InferencePlan:
     return "; ".join(tips)
 
 
+def _abstract(shape, dtype, axes, mesh, rules) -> jax.ShapeDtypeStruct:
+  """An abstract argument laid out over `mesh` by the logical `axes` under `rules`."""
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(
+      mesh, sharding.resolve_spec(shape, axes, rules, dict(mesh.shape))))
+
+
 def abstract_cache(cfg: QwenVLConfig, batch: int, context: int, kv_cache_dtype: str | None, mesh, rules):
   """`ShapeDtypeStruct`s of an empty KV cache, rows sharded like the batch, heads like the tensor axis."""
   llm = nnx.eval_shape(lambda: QwenVL(cfg, rngs=nnx.Rngs(0))).llm
   cache = jax.eval_shape(lambda: llm.init_cache(batch, context, dtype=kv_cache_dtype))
   kv_axes = ("layers", "cache_batch", "cache_heads", "cache_len", "cache_head_dim")  # `KVCache` layout
-
-  def shard(x, axes):
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(
-        mesh, sharding.resolve_spec(x.shape, axes, rules, dict(mesh.shape))))
-
+  shard = lambda x, axes: _abstract(x.shape, x.dtype, axes, mesh, rules)
   fields = {name: getattr(cache, name) for name in cache._fields}
   out = {k: (shard(v, kv_axes) if v is not None and v.ndim == 5 else v) for k, v in fields.items()}
   out["segment_ids"] = shard(cache.segment_ids, ("cache_batch", "cache_len"))
@@ -163,51 +165,40 @@ def plan_inference(cfg: QwenVLConfig, topology: chips.Topology, *, quantize: str
     nnx.replace_by_pure_dict(out, pure)
     return out
   cache = abstract_cache(cfg, batch, context, kv_cache_dtype, mesh, rules)
-  rows = NamedSharding(mesh, sharding.resolve_spec((batch,), ("act_batch",), rules, dict(mesh.shape)))
-  vec = lambda dtype: jax.ShapeDtypeStruct((batch,), dtype, sharding=rows)
+  facts = _facts(cfg, quantize, kv_cache_dtype, batch, prefill_batch, context, prompt, images, mesh, rules_name,
+                 server)
+  if server:
+    return _plan_server(cfg, topology, graphdef, state, as_state, cache, mesh, rules, batch=batch, context=context,
+                        prompt=prompt, images=images, prefill_batch=prefill_batch, with_prefill=with_prefill,
+                        decode_steps=decode_steps, facts=facts, weight_bytes=qlib.weight_bytes(abstract_state))
+  vec = lambda n, dtype: _abstract((n,), dtype, ("act_batch",), mesh, rules)
   scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=aot.replicated(mesh))
 
   def decode_fn(state, tokens, positions, cache, index, rope_base):
     return decode.decode_step(graphdef, as_state(state), tokens, positions, cache, index, rope_base=rope_base)
 
-  if server:
-    return _plan_server(cfg, topology, graphdef, state, as_state, cache, mesh, rules, batch=batch, context=context,
-                        prompt=prompt, images=images, prefill_batch=prefill_batch, with_prefill=with_prefill,
-                        decode_steps=decode_steps,
-                        facts=_facts(cfg, quantize, kv_cache_dtype, batch, prefill_batch, context, prompt, images,
-                                     mesh, rules_name, server),
-                        weight_bytes=qlib.weight_bytes(abstract_state))
   with sharding.use_rules(mesh, rules):
-    _, decode_plan = aot.compile_step(decode_fn, (state, vec(jnp.int32), vec(jnp.int32), cache, scalar,
-                                                  vec(jnp.float32)),
+    _, decode_plan = aot.compile_step(decode_fn, (state, vec(batch, jnp.int32), vec(batch, jnp.int32), cache,
+                                                  scalar, vec(batch, jnp.float32)),
                                       chip=topology.chip, mesh=mesh, donate_argnums=3, count_program_flops=False,
                                       keep_unused=True)  # the ViT's weights are resident too
   prefill_plan = None
-  slots = batch
   if with_prefill:
-    s, batch = cfg.vision.image_size, prefill_batch
-    pcache = abstract_cache(cfg, batch, context, kv_cache_dtype, mesh, rules)
-    vec = lambda dtype: jax.ShapeDtypeStruct((batch,), dtype, sharding=NamedSharding(
-        mesh, sharding.resolve_spec((batch,), ("act_batch",), rules, dict(mesh.shape))))
-    seq = lambda: jax.ShapeDtypeStruct((batch, prompt), jnp.int32, sharding=NamedSharding(
-        mesh, sharding.resolve_spec((batch, prompt), ("act_batch", None), rules, dict(mesh.shape))))
+    s, k = cfg.vision.image_size, prefill_batch
+    pcache = abstract_cache(cfg, k, context, kv_cache_dtype, mesh, rules)
+    seq = lambda: _abstract((k, prompt), jnp.int32, ("act_batch", None), mesh, rules)
     arrays = {"input_ids": seq(), "segment_ids": seq(), "positions": seq()}
     if images:
-      arrays["images"] = jax.ShapeDtypeStruct((batch, images, s, s, 3), jnp.uint8, sharding=NamedSharding(
-          mesh, sharding.resolve_spec((batch, images, s, s, 3), ("act_batch",) + (None,) * 4, rules,
-                                      dict(mesh.shape))))
-      arrays["image_mask"] = jax.ShapeDtypeStruct((batch, images), jnp.bool_, sharding=NamedSharding(
-          mesh, sharding.resolve_spec((batch, images), ("act_batch", None), rules, dict(mesh.shape))))
+      arrays["images"] = _abstract((k, images, s, s, 3), jnp.uint8, ("act_batch",) + (None,) * 4, mesh, rules)
+      arrays["image_mask"] = _abstract((k, images), jnp.bool_, ("act_batch", None), mesh, rules)
 
     def prefill_fn(state, arrays, cache, rope_base):
       return decode.prefill(graphdef, as_state(state), arrays, cache, rope_base=rope_base)
 
     with sharding.use_rules(mesh, rules):
-      _, prefill_plan = aot.compile_step(prefill_fn, (state, arrays, pcache, vec(jnp.float32)),
+      _, prefill_plan = aot.compile_step(prefill_fn, (state, arrays, pcache, vec(k, jnp.float32)),
                                          chip=topology.chip, mesh=mesh, donate_argnums=2,
                                          count_program_flops=False, keep_unused=True)
-  facts = _facts(cfg, quantize, kv_cache_dtype, slots, prefill_batch, context, prompt, images, mesh, rules_name,
-                 server)
   return InferencePlan(decode_plan, prefill_plan, qlib.weight_bytes(abstract_state), _tree_bytes(cache), facts)
 
 
@@ -230,8 +221,7 @@ def _plan_server(cfg, topology, graphdef, state, as_state, cache, mesh, rules, *
   tokens into the slots' cache (donated to both, as `serving.slots.SlotModel` does), and the image encoding of
   their images (`images` each)."""
   def sharded(shape, dtype, axes):
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(
-        mesh, sharding.resolve_spec(shape, axes, rules, dict(mesh.shape))))
+    return _abstract(shape, dtype, axes, mesh, rules)
 
   def rows(n, dtype):
     return sharded((n,), dtype, ("act_batch",))
@@ -336,11 +326,6 @@ class SlotSearch:
     return "\n".join([head, f"  peak per chip by slots: {probes}"] + ([self.plan.format()] if self.plan else []))
 
 
-def _bytes(plan: InferencePlan) -> tuple[int, bool]:
-  """(the largest program's bytes per chip, whether all fit); over HBM, the bytes XLA's refusal names."""
-  return plan.peak_bytes(), plan.fits()
-
-
 def max_slots(plan_at, *, granularity: int, start: int, hbm_bytes: int, log=print) -> SlotSearch:
   """The most slots B (a multiple of `granularity`) for which `plan_at(B, with_prefill)` fits in `hbm_bytes`.
 
@@ -359,7 +344,8 @@ def max_slots(plan_at, *, granularity: int, start: int, hbm_bytes: int, log=prin
     if (b, full) not in seen:
       t = time.perf_counter()
       plans[(b, full)] = plan_at(b, full)
-      seen[(b, full)] = _bytes(plans[(b, full)])
+      # Over HBM, the peak is the bytes XLA's refusal names.
+      seen[(b, full)] = plans[(b, full)].peak_bytes(), plans[(b, full)].fits()
       used, fits = seen[(b, full)]
       log(f"  {b} slots{'' if full else ' (decode step only)'}: {used / GIB:.2f} GiB per chip"
           f"{'' if fits else ' -> over HBM'} ({time.perf_counter() - t:.0f} s)")

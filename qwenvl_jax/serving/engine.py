@@ -329,12 +329,12 @@ class Engine:
     lengths = np.ones(k, np.int32)
     first_image = np.zeros(k, np.int32)
     images = []
-    t0 = time.perf_counter()
     for i, r in enumerate(group):
       ids[i, p - len(r.prompt):] = r.prompt
       lengths[i] = len(r.prompt)
       first_image[i] = len(images)
       images.extend(r.images)
+    t0 = time.perf_counter()  # device work from here: image encoding and prefill
     if images:
       n = _bucket(len(images), self.image_buckets)
       s = self.cfg.vision.image_size
