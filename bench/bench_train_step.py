@@ -25,8 +25,13 @@ import os
 import sys
 
 
-def configure_threads(threads: int) -> None:
-  """Pins this process to `threads` cores for both frameworks; call before importing jax or torch.
+def configure_threads(threads: int, keep_freed_memory: bool = True) -> None:
+  """Pins this process to `threads` cores for both frameworks; call before starting jax or importing torch.
+
+  keep_freed_memory: glibc keeps freed memory for reuse, and JAX runs each step on the calling thread (what
+  `python -m qwenvl_jax.train` does on a CPU-only host, `qwenvl_jax/hardware/host_memory.py`), for both
+  frameworks alike; False: each framework's large blocks are unmapped at free and faulted back in at the next
+  step (kernel time that grows with the batch).
 
   The affinity mask bounds XLA's CPU thread pool (sized from the cores it may use) and PyTorch's; PyTorch's
   intra-op pool is also set explicitly in `main` (`torch.set_num_threads`), and one thread turns XLA's Eigen
@@ -41,22 +46,38 @@ def configure_threads(threads: int) -> None:
     os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false").strip()
   for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[var] = str(threads)
+  if keep_freed_memory:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from qwenvl_jax.hardware import host_memory  # pylint: disable=g-import-not-at-top  (plain Python, no JAX)
+    host_memory.keep_freed_memory()
+    import jax  # pylint: disable=g-import-not-at-top  (after XLA_FLAGS; the backend has not started)
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+
+
+def _flag_from_argv(argv, name: str, default: str) -> str:
+  """A flag's value read before argparse runs (the process setup must precede importing jax and torch)."""
+  for i, arg in enumerate(argv):
+    if arg.startswith(f"--{name}="):
+      return arg.split("=", 1)[1]
+    if arg == f"--{name}" and i + 1 < len(argv):
+      return argv[i + 1]
+  return default
 
 
 def _threads_from_argv(argv) -> int:
-  for i, arg in enumerate(argv):
-    if arg.startswith("--threads="):
-      return int(arg.split("=", 1)[1])
-    if arg == "--threads" and i + 1 < len(argv):
-      return int(argv[i + 1])
-  return len(os.sched_getaffinity(0))
+  return int(_flag_from_argv(argv, "threads", str(len(os.sched_getaffinity(0)))))
+
+
+def _keep_freed_memory_from_argv(argv) -> bool:
+  return _flag_from_argv(argv, "keep_freed_memory", "true") == "true"
 
 
 if __name__ == "__main__":
-  configure_threads(_threads_from_argv(sys.argv[1:]))
+  configure_threads(_threads_from_argv(sys.argv[1:]), _keep_freed_memory_from_argv(sys.argv[1:]))
 
 import argparse
 import pathlib
+import resource
 import statistics
 import time
 
@@ -248,22 +269,26 @@ def pin_torch_threads(threads: int) -> None:
   torch.set_num_threads(threads)
 
 
-def interleaved(steps: dict, iters: int) -> tuple[dict, dict]:
-  """Median wall and CPU seconds of each callable, timed round-robin `iters` times (load hits all alike).
+def interleaved(steps: dict, iters: int) -> tuple[dict, dict, dict]:
+  """Median wall and CPU seconds, and median page faults, of each callable, timed round-robin `iters` times
+  (load hits all alike).
 
   CPU time (`time.process_time`: this process's threads, all cores) is what the step itself consumed: on a
   loaded machine the wall time also holds the time slices other processes took from the pinned core(s), so at
-  --threads=1 the CPU-time ratio is the one to read there.
+  --threads=1 the CPU-time ratio is the one to read there. Page faults (minor: memory the kernel maps in on first
+  touch) count the step's freshly mapped memory (`qwenvl_jax/hardware/host_memory.py`).
   """
-  wall, cpu = {k: [] for k in steps}, {k: [] for k in steps}
+  wall, cpu, faults = ({k: [] for k in steps} for _ in range(3))
   for _ in range(iters):
     for name, fn in steps.items():
       start, start_cpu = time.perf_counter(), time.process_time()
+      start_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       fn()
+      faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start_faults)
       cpu[name].append(time.process_time() - start_cpu)
       wall[name].append(time.perf_counter() - start)
   median = lambda d: {k: statistics.median(v) for k, v in d.items()}
-  return median(wall), median(cpu)
+  return median(wall), median(cpu), median(faults)
 
 
 def main():
@@ -279,14 +304,16 @@ def main():
   parser.add_argument("--scan_unroll", default="auto", help="auto (unroll stacks of <= 8 layers), 1, or true")
   parser.add_argument("--cpu_options", default="true", choices=("true", "false"),
                       help="the model's CPU formulations (xla_rows attention, cpu_layouts) or the accelerator defaults")
+  parser.add_argument("--keep_freed_memory", default="true", choices=("true", "false"),
+                      help="glibc keeps freed memory for reuse, for both frameworks (set before they start)")
   args = parser.parse_args()
   torch.manual_seed(0)
   pin_torch_threads(args.threads)
   print(f"devices: {jax.devices()}, cores bound: {sorted(os.sched_getaffinity(0))}, torch threads: "
-        f"{torch.get_num_threads()}, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
+        f"{torch.get_num_threads()}, keep freed memory: {args.keep_freed_memory}, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
   matmul = make_matmul()
   print(f"{'preset':<6} {'B':>3} {'T':>4} {'JAX ms':>8} {'torch ms':>8} {'ratio':>6} {'JAX cpu':>8} {'torch cpu':>9} "
-        f"{'cpu ratio':>9} {'GFLOP/s':>8} {'% matmul':>8}", flush=True)
+        f"{'cpu ratio':>9} {'GFLOP/s':>8} {'% matmul':>8} {'JAX faults':>10} {'torch faults':>12}", flush=True)
   for name in args.presets.split(","):
     cfg = bench_config(name, res=args.res, scan_unroll=args.scan_unroll, cpu_options=args.cpu_options == "true")
     t = args.seq_len or args.images * cfg.image_tokens + 64
@@ -296,14 +323,14 @@ def main():
     for b in (int(x) for x in args.batch.split(",")):
       model_flops = flops.train_step_flops(cfg, batch=b, seq_len=t, max_images=args.images,
                                            is_trainable=lambda p: True).total
-      wall, cpu = interleaved({"jax": make_jax_step(cfg, b, t, args.images),
+      wall, cpu, faults = interleaved({"jax": make_jax_step(cfg, b, t, args.images),
                                "torch": make_torch_step(cfg, b, t, args.images), "matmul": matmul}, args.iters)
       # FLOP/s and the matmul share from CPU time (both measured alike), so load does not move them.
       peak = 2 * 2048 ** 3 / cpu["matmul"]
       print(f"{name:<6} {b:>3} {t:>4} {wall['jax'] * 1e3:8.1f} {wall['torch'] * 1e3:8.1f} "
             f"{wall['jax'] / wall['torch']:6.2f} {cpu['jax'] * 1e3:8.1f} {cpu['torch'] * 1e3:9.1f} "
             f"{cpu['jax'] / cpu['torch']:9.2f} {model_flops / cpu['jax'] / 1e9:8.1f} "
-            f"{100 * model_flops / cpu['jax'] / peak:7.0f}%", flush=True)
+            f"{100 * model_flops / cpu['jax'] / peak:7.0f}% {faults['jax']:10.0f} {faults['torch']:12.0f}", flush=True)
   print(f"load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 

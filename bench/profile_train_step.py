@@ -26,7 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_train_step as bts  # noqa: E402  (sets nothing on import)
 
 if __name__ == "__main__":
-  bts.configure_threads(bts._threads_from_argv(sys.argv[1:]))  # pylint: disable=protected-access
+  bts.configure_threads(bts._threads_from_argv(sys.argv[1:]),  # pylint: disable=protected-access
+                        bts._keep_freed_memory_from_argv(sys.argv[1:]))  # pylint: disable=protected-access
 
 import argparse  # noqa: E402
 import collections  # noqa: E402
@@ -165,6 +166,8 @@ def main():
   parser.add_argument("--iters", type=int, default=3)
   parser.add_argument("--top", type=int, default=0, help="also list the N costliest ops of each framework")
   parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+  parser.add_argument("--keep_freed_memory", default="true", choices=("true", "false"),
+                      help="glibc keeps freed memory for reuse, for both frameworks (set before they start)")
   parser.add_argument("--cpu_options", default="true", choices=("true", "false"),
                       help="the model's CPU formulations (bench_train_step.bench_config) or the accelerator defaults")
   args = parser.parse_args()

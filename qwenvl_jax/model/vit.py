@@ -114,16 +114,26 @@ class VisionTransformer(nnx.Module):
     del s
     kernel = self.conv1[...].astype(self.dtype)
     if self.cpu_layouts:
-      # Normalized in the pixels' own layout, then cut into rows of P*P*3 values ((p, q, c) inside a patch) for one
-      # [B*L, P*P*3] x [P*P*3, W] matmul whose weight gradient is the plain x^T dy; the barriers keep XLA:CPU
-      # from fusing either step into the matmul operands (`QwenVLConfig.cpu_layouts`).
+      # The patches are cut from the uint8 pixels into a buffer of their own, [B*L, P*P*3] with (p, q, c) inside
+      # a patch, for one [B*L, P*P*3] x [P*P*3, W] matmul whose weight gradient is the plain x^T dy. XLA:CPU runs
+      # this transposing copy element by element (~2 ns each), so when a patch row holds an even number of bytes
+      # they move in pairs, packed into uint16 (first byte low) and unpacked by arithmetic: cut and normalized,
+      # 32 images take 4.3 ms, against 12.9 ms for the float32 pixels cut directly. The barrier keeps XLA:CPU from
+      # fusing the cut into the matmul's operands, where it ran twice (forward and weight gradient); see
+      # `QwenVLConfig.cpu_layouts`.
+      row = p * 3
+      if row % 2 == 0:
+        pairs = images.reshape(b, g, p, g, row // 2, 2).astype(jnp.uint16)
+        x = jax.lax.optimization_barrier((pairs[..., 0] | (pairs[..., 1] << 8)).transpose(0, 1, 3, 2, 4))
+        x = jnp.stack([x & 0xFF, x >> 8], axis=-1)
+      else:
+        x = jax.lax.optimization_barrier(images.reshape(b, g, p, g, row).transpose(0, 1, 3, 2, 4))
+      x = x.reshape(b, g * g, p * p, 3)
       # One multiply-add per value (scale 1 / (255 std), offset -mean / std): the two divisions of
       # `normalize_pixels` cost XLA:CPU 7x more; the values differ from it by float rounding only.
       scale = jnp.asarray(1.0 / (255.0 * CLIP_STD), jnp.float32)
-      x = images.astype(jnp.float32) * scale + jnp.asarray(-CLIP_MEAN / CLIP_STD, jnp.float32)
-      x = jax.lax.optimization_barrier(x.astype(self.dtype))
-      x = x.reshape(b, g, p, g, p * 3).transpose(0, 1, 3, 2, 4).reshape(b, g * g, p * p * 3)
-      x = jax.lax.optimization_barrier(x)
+      x = x.astype(jnp.float32) * scale + jnp.asarray(-CLIP_MEAN / CLIP_STD, jnp.float32)
+      x = jax.lax.optimization_barrier(x.astype(self.dtype).reshape(b, g * g, p * p * 3))
       return layers.flat_matmul("blk,kw->blw", x, kernel.reshape(p * p * 3, kernel.shape[-1]))
     # Patches are cut from the uint8 pixels (a quarter of the bytes of float32 to shuffle), then normalized; the
     # reference casts pixels to the weight dtype (bf16) before conv1.
