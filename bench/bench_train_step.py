@@ -9,11 +9,12 @@ remat), on the same pinned CPU threads (--threads: the process is bound to that 
 
   python bench/bench_train_step.py --presets=tiny,small --images=2 --batch=1,2,4,8,16
 
-The two are timed interleaved — one JAX step, one PyTorch step, repeated --iters times after warm-up (JAX: after
+Each framework runs in a worker process of its own (as in real training: one malloc heap each), and the two are
+timed interleaved — one JAX step, one PyTorch step, repeated --iters times after warm-up (JAX: after
 compilation) — and the medians are printed, so load from other processes hits both alike. Per row: wall ms/step
 of each and their ratio, CPU ms/step (`time.process_time`) of each and their ratio, and the JAX step's model
 FLOP/s (`training/flops.py`, per CPU second) as a share of a plain 2048^2 float32 matmul's, measured in the same
-run (interleaved too). On a shared machine the wall times hold other processes' time slices; at --threads=1 the
+run (interleaved too), and the page faults of each step (memory mapped in anew; see --keep_freed_memory). On a shared machine the wall times hold other processes' time slices; at --threads=1 the
 CPU-time columns do not, and are the ones to read there (the load average printed says how loaded it was).
 
 --cpu_options=true (default) builds the JAX model with its CPU formulations (`attention_impl="xla_rows"`,
@@ -79,6 +80,7 @@ import argparse
 import pathlib
 import resource
 import statistics
+import subprocess
 import time
 
 import jax
@@ -269,26 +271,74 @@ def pin_torch_threads(threads: int) -> None:
   torch.set_num_threads(threads)
 
 
-def interleaved(steps: dict, iters: int) -> tuple[dict, dict, dict]:
-  """Median wall and CPU seconds, and median page faults, of each callable, timed round-robin `iters` times
-  (load hits all alike).
+def _measure(fn) -> tuple[float, float, int]:
+  """Runs `fn` once: wall seconds, CPU seconds (`time.process_time`: this process's threads, all cores) and minor
+  page faults (memory the kernel maps in at first touch; `qwenvl_jax/hardware/host_memory.py`)."""
+  start, start_cpu = time.perf_counter(), time.process_time()
+  start_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  fn()
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start_faults
+  return time.perf_counter() - start, time.process_time() - start_cpu, faults
 
-  CPU time (`time.process_time`: this process's threads, all cores) is what the step itself consumed: on a
-  loaded machine the wall time also holds the time slices other processes took from the pinned core(s), so at
-  --threads=1 the CPU-time ratio is the one to read there. Page faults (minor: memory the kernel maps in on first
-  touch) count the step's freshly mapped memory (`qwenvl_jax/hardware/host_memory.py`).
+
+def run_worker(args) -> None:
+  """`--worker=jax|torch`: builds that framework's step (the JAX worker also the matmul) for --presets (one name)
+  at --batch (one size), prints `ready`, then for each line `step` / `matmul` on stdin runs it once and prints
+  `wall cpu faults`. Each framework runs in a process of its own, as in real training: in one process the two
+  frameworks' large blocks share one malloc heap and fragment it, and a step that finds no free block faults
+  fresh memory in."""
+  cfg = bench_config(args.presets, res=args.res, scan_unroll=args.scan_unroll,
+                     cpu_options=args.cpu_options == "true")
+  b = int(args.batch)
+  t = args.seq_len or args.images * cfg.image_tokens + 64
+  make = make_jax_step if args.worker == "jax" else make_torch_step
+  fns = {"step": make(cfg, b, t, args.images)}
+  if args.worker == "jax":
+    fns["matmul"] = make_matmul()
+  print("ready", flush=True)
+  for line in sys.stdin:
+    wall, cpu, faults = _measure(fns[line.strip()])
+    print(f"{wall} {cpu} {faults}", flush=True)
+
+
+class Worker:
+  """A `--worker` subprocess of this script (same flags, pinned alike before it starts JAX or PyTorch)."""
+
+  def __init__(self, framework: str, argv: list, preset: str, batch: int):
+    flags = [a for a in argv if not a.startswith(("--presets", "--batch", "--worker"))]
+    self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *flags, f"--worker={framework}",
+                                  f"--presets={preset}", f"--batch={batch}"],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    for line in self.proc.stdout:  # past JAX's / PyTorch's own start-up prints
+      if line.strip() == "ready":
+        break
+    else:
+      raise SystemExit(f"error: the {framework} worker exited with status {self.proc.wait()}")
+
+  def run(self, name: str = "step") -> tuple[float, float, int]:
+    self.proc.stdin.write(name + "\n")
+    self.proc.stdin.flush()
+    wall, cpu, faults = self.proc.stdout.readline().split()
+    return float(wall), float(cpu), int(faults)
+
+  def close(self) -> None:
+    self.proc.stdin.close()
+    self.proc.wait()
+
+
+def interleaved(steps: dict, iters: int) -> tuple[dict, dict, dict]:
+  """Median wall seconds, CPU seconds and page faults of each measurement callable (returning `_measure`'s
+  triple), run round-robin `iters` times (load hits all alike).
+
+  On a loaded machine the wall time also holds the time slices other processes took from the pinned core(s), so
+  at --threads=1 the CPU-time ratio is the one to read there.
   """
-  wall, cpu, faults = ({k: [] for k in steps} for _ in range(3))
+  results = {k: [] for k in steps}
   for _ in range(iters):
     for name, fn in steps.items():
-      start, start_cpu = time.perf_counter(), time.process_time()
-      start_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-      fn()
-      faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start_faults)
-      cpu[name].append(time.process_time() - start_cpu)
-      wall[name].append(time.perf_counter() - start)
-  median = lambda d: {k: statistics.median(v) for k, v in d.items()}
-  return median(wall), median(cpu), median(faults)
+      results[name].append(fn())
+  median = lambda i: {k: statistics.median(r[i] for r in v) for k, v in results.items()}
+  return median(0), median(1), median(2)
 
 
 def main():
@@ -306,12 +356,16 @@ def main():
                       help="the model's CPU formulations (xla_rows attention, cpu_layouts) or the accelerator defaults")
   parser.add_argument("--keep_freed_memory", default="true", choices=("true", "false"),
                       help="glibc keeps freed memory for reuse, for both frameworks (set before they start)")
+  parser.add_argument("--worker", default="", choices=("", "jax", "torch"), help=argparse.SUPPRESS)
   args = parser.parse_args()
   torch.manual_seed(0)
   pin_torch_threads(args.threads)
+  if args.worker:
+    run_worker(args)
+    return
   print(f"devices: {jax.devices()}, cores bound: {sorted(os.sched_getaffinity(0))}, torch threads: "
-        f"{torch.get_num_threads()}, keep freed memory: {args.keep_freed_memory}, load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
-  matmul = make_matmul()
+        f"{torch.get_num_threads()}, keep freed memory: {args.keep_freed_memory}, "
+        f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
   print(f"{'preset':<6} {'B':>3} {'T':>4} {'JAX ms':>8} {'torch ms':>8} {'ratio':>6} {'JAX cpu':>8} {'torch cpu':>9} "
         f"{'cpu ratio':>9} {'GFLOP/s':>8} {'% matmul':>8} {'JAX faults':>10} {'torch faults':>12}", flush=True)
   for name in args.presets.split(","):
@@ -323,8 +377,11 @@ def main():
     for b in (int(x) for x in args.batch.split(",")):
       model_flops = flops.train_step_flops(cfg, batch=b, seq_len=t, max_images=args.images,
                                            is_trainable=lambda p: True).total
-      wall, cpu, faults = interleaved({"jax": make_jax_step(cfg, b, t, args.images),
-                               "torch": make_torch_step(cfg, b, t, args.images), "matmul": matmul}, args.iters)
+      workers = {k: Worker(k, sys.argv[1:], name, b) for k in ("jax", "torch")}
+      wall, cpu, faults = interleaved({"jax": workers["jax"].run, "torch": workers["torch"].run,
+                                       "matmul": lambda: workers["jax"].run("matmul")}, args.iters)
+      for w in workers.values():
+        w.close()
       # FLOP/s and the matmul share from CPU time (both measured alike), so load does not move them.
       peak = 2 * 2048 ** 3 / cpu["matmul"]
       print(f"{name:<6} {b:>3} {t:>4} {wall['jax'] * 1e3:8.1f} {wall['torch'] * 1e3:8.1f} "
