@@ -124,6 +124,26 @@ def vit_layer_decay(decay: float, num_layers: int, prefix: str = "visual") -> op
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """`optax.clip_by_global_norm` with the clip applied as one scalar factor, min(1, max_norm / norm).
+
+  Hand-written for speed, not numerics: optax divides every element by the norm (`(t / norm) * max_norm`), and
+  XLA does not copy a division into each of its consumers (the two Adam moments), so the clipped gradient is
+  written out and read back, a pass over every gradient: the update of a 12 x 768 x 2048 float32 stack on CPU took
+  67 ms against optax.adamw's 34 ms. A multiply by a scalar fuses into both moments. The values equal optax's when
+  the norm is within `max_norm` (a multiply by 1) and within float rounding when clipping (PyTorch's
+  `clip_grad_norm_` multiplies by one factor too). tests/training/test_optimizer.py compares the two.
+  """
+
+  def update(updates, state, params=None):
+    del params
+    norm = optax.tree.norm(updates)
+    factor = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+    return jax.tree.map(lambda t: t * factor.astype(t.dtype), updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def _decay_mask(params: Any, exclude: str) -> Any:
   """True for parameters that get weight decay: all but those whose path matches `exclude` (biases, norms)."""
   pattern = re.compile(exclude) if exclude else None
@@ -175,7 +195,7 @@ def make_optimizer(opt: ml_collections.ConfigDict, params: Any, *, frozen: Seque
   schedule = make_schedule(opt, total_steps)
   chain = []
   if opt.grad_clip and opt.grad_clip > 0:
-    chain.append(optax.clip_by_global_norm(opt.grad_clip))
+    chain.append(clip_by_global_norm(opt.grad_clip))
   adamw = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay,
                       mask=lambda p: _decay_mask(p, opt.wd_exclude),
                       mu_dtype=jnp.dtype(opt.mu_dtype) if opt.mu_dtype else None)

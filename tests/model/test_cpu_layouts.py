@@ -97,3 +97,19 @@ def test_cpu_model_gives_the_default_loss_and_gradients():
   np.testing.assert_allclose(loss_cpu, loss_ref, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(grads_cpu), jax.tree.leaves(grads_ref)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("patch", [14, 7])  # patch rows of 42 bytes (moved as uint16 pairs) and of 21 (as bytes)
+def test_cpu_patch_cut_equals_the_default_conv(patch):
+  from qwenvl_jax.model.config import VisionConfig  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.model.vit import VisionTransformer  # pylint: disable=import-outside-toplevel
+  cfg = VisionConfig(width=8, layers=1, heads=2, mlp_dim=16, patch_size=patch, image_size=4 * patch)
+  images = jnp.asarray(np.random.default_rng(2).integers(0, 256, (3, 4 * patch, 4 * patch, 3)).astype(np.uint8))
+  out = {}
+  for cpu in (False, True):
+    vit = VisionTransformer(cfg, dtype=jnp.float32, cpu_layouts=cpu, rngs=nnx.Rngs(0))
+    out[cpu] = jax.jit(vit.patchify)(images)
+  assert out[True].shape == (3, 16, 8)
+  # Each patch feature is one (p, q, c) sum: a wrong cut order (rows and columns swapped, bytes of a pair
+  # swapped) changes it far beyond rounding.
+  np.testing.assert_allclose(out[True], out[False], rtol=1e-5, atol=1e-5)

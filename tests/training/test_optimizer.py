@@ -174,3 +174,19 @@ def test_opt_state_shardings_match_golden_file():
   if os.environ.get("UPDATE_GOLDEN"):
     path.write_text(json.dumps(got, indent=1, sort_keys=True) + "\n")
   assert got == json.loads(path.read_text()), "optimizer-state shardings changed; UPDATE_GOLDEN=1 if intended"
+
+
+@pytest.mark.parametrize("max_norm", [1e3, 0.5])  # not clipping, clipping
+def test_clip_by_global_norm_equals_optax(max_norm):
+  rng = np.random.default_rng(3)
+  grads = {"a": jnp.asarray(rng.normal(size=(4, 5)).astype(np.float32)),
+           "b": {"c": jnp.asarray(rng.normal(size=(7,)).astype(np.float32))}}
+  got, _ = optimizer.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+  want, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    if max_norm > 100:
+      np.testing.assert_array_equal(g, w)  # a multiply by 1
+    else:
+      np.testing.assert_allclose(g, w, rtol=1e-6)
+  norm = float(optax.tree.norm(got))
+  assert norm == pytest.approx(min(max_norm, float(optax.tree.norm(grads))), rel=1e-6)
