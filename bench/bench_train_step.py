@@ -14,8 +14,9 @@ timed interleaved — one JAX step, one PyTorch step, repeated --iters times aft
 compilation) — and the medians are printed, so load from other processes hits both alike. Per row: wall ms/step
 of each and their ratio, CPU ms/step (`time.process_time`) of each and their ratio, and the JAX step's model
 FLOP/s (`training/flops.py`, per CPU second) as a share of a plain 2048^2 float32 matmul's, measured in the same
-run (interleaved too), and the page faults of each step (memory mapped in anew; see --keep_freed_memory). On a shared machine the wall times hold other processes' time slices; at --threads=1 the
-CPU-time columns do not, and are the ones to read there (the load average printed says how loaded it was).
+run (interleaved too), and the page faults of each step (memory mapped in anew; see `keep_freed_memory`). On a
+shared machine the wall times hold other processes' time slices; at --threads=1 the CPU-time columns do not, and
+are the ones to read there (the load average printed says how loaded it was).
 
 --cpu_options=true (default) builds the JAX model with its CPU formulations (`attention_impl="xla_rows"`,
 `cpu_layouts=True`; equal results, tests/model/test_cpu_layouts.py); false with the accelerator defaults, the
@@ -26,13 +27,32 @@ import os
 import sys
 
 
-def configure_threads(threads: int, keep_freed_memory: bool = True) -> None:
+def keep_freed_memory() -> bool:
+  """glibc's mmap and heap trimming off, so freed blocks stay in the heap for the next step (mallopt); True when
+  applied, False off glibc.
+
+  A diagnostic, not what the trainer runs: XLA:CPU allocates each execution's temporaries as one block (151 MB
+  for `tiny` at batch 16), which glibc serves by mmap and unmaps at free, so each step faults it back in page by
+  page (37,000 faults and 45-55 ms of kernel time in a 170 ms step; the `faults` columns). With this setting and
+  the step run on the main thread (synchronous dispatch; other threads' arenas still mmap blocks that large) the
+  faults vanish for blocks the heap can hold, but not for multi-GB ones (`small` at batch 8: 876,000 faults per
+  step, the heap cannot grow that far and glibc maps them anyway), and in the trainer the retained heap fragments
+  (steps slowed 0.9 -> 3.3 s). glibc's `hugetlb` tunable (2 MB pages) cut the faults but stalled on compaction.
+  """
+  import ctypes  # pylint: disable=g-import-not-at-top
+  import ctypes.util  # pylint: disable=g-import-not-at-top
+  import platform  # pylint: disable=g-import-not-at-top
+  if platform.libc_ver()[0] != "glibc":
+    return False
+  libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+  m_mmap_max, m_trim_threshold = -4, -1  # glibc malloc.h
+  return libc.mallopt(m_mmap_max, 0) == 1 and libc.mallopt(m_trim_threshold, 2 ** 31 - 1) == 1
+
+
+def configure_threads(threads: int, keep_freed: bool = False) -> None:
   """Pins this process to `threads` cores for both frameworks; call before starting jax or importing torch.
 
-  keep_freed_memory: glibc keeps freed memory for reuse, and JAX runs each step on the calling thread (what
-  `python -m qwenvl_jax.train` does on a CPU-only host, `qwenvl_jax/hardware/host_memory.py`), for both
-  frameworks alike; False: each framework's large blocks are unmapped at free and faulted back in at the next
-  step (kernel time that grows with the batch).
+  keep_freed: `keep_freed_memory()` and JAX's steps on the calling thread (for both frameworks alike; see there).
 
   The affinity mask bounds XLA's CPU thread pool (sized from the cores it may use) and PyTorch's; PyTorch's
   intra-op pool is also set explicitly in `main` (`torch.set_num_threads`), and one thread turns XLA's Eigen
@@ -47,10 +67,7 @@ def configure_threads(threads: int, keep_freed_memory: bool = True) -> None:
     os.environ["XLA_FLAGS"] = (flags + " --xla_cpu_multi_thread_eigen=false").strip()
   for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[var] = str(threads)
-  if keep_freed_memory:
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from qwenvl_jax.hardware import host_memory  # pylint: disable=g-import-not-at-top  (plain Python, no JAX)
-    host_memory.keep_freed_memory()
+  if keep_freed and keep_freed_memory():
     import jax  # pylint: disable=g-import-not-at-top  (after XLA_FLAGS; the backend has not started)
     jax.config.update("jax_cpu_enable_async_dispatch", False)
 
@@ -70,7 +87,7 @@ def _threads_from_argv(argv) -> int:
 
 
 def _keep_freed_memory_from_argv(argv) -> bool:
-  return _flag_from_argv(argv, "keep_freed_memory", "true") == "true"
+  return _flag_from_argv(argv, "keep_freed_memory", "false") == "true"
 
 
 if __name__ == "__main__":
@@ -273,7 +290,7 @@ def pin_torch_threads(threads: int) -> None:
 
 def _measure(fn) -> tuple[float, float, int]:
   """Runs `fn` once: wall seconds, CPU seconds (`time.process_time`: this process's threads, all cores) and minor
-  page faults (memory the kernel maps in at first touch; `qwenvl_jax/hardware/host_memory.py`)."""
+  page faults (memory the kernel maps in at first touch; `keep_freed_memory`)."""
   start, start_cpu = time.perf_counter(), time.process_time()
   start_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   fn()
@@ -302,7 +319,7 @@ def run_worker(args) -> None:
 
 
 class Worker:
-  """A `--worker` subprocess of this script (same flags, pinned alike before it starts JAX or PyTorch)."""
+  """A `--worker` subprocess of this script (same flags, so pinned and set up alike before JAX or PyTorch start)."""
 
   def __init__(self, framework: str, argv: list, preset: str, batch: int):
     flags = [a for a in argv if not a.startswith(("--presets", "--batch", "--worker"))]
@@ -354,8 +371,8 @@ def main():
   parser.add_argument("--scan_unroll", default="auto", help="auto (unroll stacks of <= 8 layers), 1, or true")
   parser.add_argument("--cpu_options", default="true", choices=("true", "false"),
                       help="the model's CPU formulations (xla_rows attention, cpu_layouts) or the accelerator defaults")
-  parser.add_argument("--keep_freed_memory", default="true", choices=("true", "false"),
-                      help="glibc keeps freed memory for reuse, for both frameworks (set before they start)")
+  parser.add_argument("--keep_freed_memory", default="false", choices=("true", "false"),
+                      help="diagnostic: glibc keeps freed memory for reuse, in both frameworks (keep_freed_memory)")
   parser.add_argument("--worker", default="", choices=("", "jax", "torch"), help=argparse.SUPPRESS)
   args = parser.parse_args()
   torch.manual_seed(0)

@@ -166,8 +166,8 @@ def main():
   parser.add_argument("--iters", type=int, default=3)
   parser.add_argument("--top", type=int, default=0, help="also list the N costliest ops of each framework")
   parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-  parser.add_argument("--keep_freed_memory", default="true", choices=("true", "false"),
-                      help="glibc keeps freed memory for reuse, for both frameworks (set before they start)")
+  parser.add_argument("--keep_freed_memory", default="false", choices=("true", "false"),
+                      help="diagnostic: glibc keeps freed memory (bench_train_step.keep_freed_memory)")
   parser.add_argument("--cpu_options", default="true", choices=("true", "false"),
                       help="the model's CPU formulations (bench_train_step.bench_config) or the accelerator defaults")
   args = parser.parse_args()

@@ -16,7 +16,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from qwenvl_jax import cli
-from qwenvl_jax.hardware import host_memory
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/stageN.py[:args]).",
                                           lock_config=True)
@@ -33,11 +32,6 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     # Orbax logs every save step at INFO; the loop prints what a user needs.
     logging.set_verbosity(logging.WARNING)
-  if host_memory.keep_freed_memory_on_cpu_host():
-    # On a CPU-only host each step's temporaries are reused instead of faulted in anew, which needs the step to
-    # run (and allocate) on this thread: `qwenvl_jax/hardware/host_memory.py`.
-    import jax  # pylint: disable=g-import-not-at-top
-    jax.config.update("jax_cpu_enable_async_dispatch", False)
   from qwenvl_jax.training import train  # pylint: disable=g-import-not-at-top  (after flags: JAX reads them)
   config = _CONFIG.value
   if _WORKDIR.value:
