@@ -31,13 +31,16 @@ def keep_freed_memory() -> bool:
   """glibc's mmap and heap trimming off, so freed blocks stay in the heap for the next step (mallopt); True when
   applied, False off glibc.
 
-  A diagnostic, not what the trainer runs: XLA:CPU allocates each execution's temporaries as one block (151 MB
-  for `tiny` at batch 16), which glibc serves by mmap and unmaps at free, so each step faults it back in page by
-  page (37,000 faults and 45-55 ms of kernel time in a 170 ms step; the `faults` columns). With this setting and
-  the step run on the main thread (synchronous dispatch; other threads' arenas still mmap blocks that large) the
-  faults vanish for blocks the heap can hold, but not for multi-GB ones (`small` at batch 8: 876,000 faults per
-  step, the heap cannot grow that far and glibc maps them anyway), and in the trainer the retained heap fragments
-  (steps slowed 0.9 -> 3.3 s). glibc's `hugetlb` tunable (2 MB pages) cut the faults but stalled on compaction.
+  A diagnostic — what the step costs without page faults — not what the trainer runs. XLA:CPU allocates each
+  execution's temporaries as one block (151 MB for `tiny` at batch 16, ~1 GB for `small` at batch 1), which glibc
+  serves by mmap and unmaps at free, so each step faults it in again page by page (the `faults` columns: 37,000
+  faults and ~50 ms of kernel time in a 177 ms tiny step; 235,000 faults and ~4 s in a 6 s small step on this VM).
+  With this setting and JAX's step on the main thread (synchronous dispatch: a secondary arena maps any block over
+  64 MB whatever the settings) the faults vanish for blocks the heap holds, but not for multi-GB ones (`small` at
+  batch 8 still faulted 876,000 pages per step). Not the trainer's default: one arena for all threads (which
+  would cover the rest) slowed tiny's JAX step 1.3-1.5x in `_int_malloc`, and in the CPU-demo trainer it made
+  steps 25 % faster but the whole run slower (50 s against 38 s); glibc's `hugetlb` tunable (2 MB pages) cut the
+  faults but stalled on compaction (tiny batch 16: 588 ms).
   """
   import ctypes  # pylint: disable=g-import-not-at-top
   import ctypes.util  # pylint: disable=g-import-not-at-top
