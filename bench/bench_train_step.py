@@ -38,7 +38,7 @@ def keep_freed_memory() -> bool:
   With this setting and JAX's step on the main thread (synchronous dispatch: a secondary arena maps any block over
   64 MB whatever the settings) the faults vanish for blocks the heap holds, but not for multi-GB ones (`small` at
   batch 8 still faulted 876,000 pages per step). Not the trainer's default: one arena for all threads (which
-  would cover the rest) slowed tiny's JAX step 1.3-1.5x in `_int_malloc`, and in the CPU-demo trainer it made
+  would cover the rest) slowed tiny's JAX step 1.2-1.5x (`_int_malloc`), and in the CPU-demo trainer it made
   steps 25 % faster but the whole run slower (50 s against 38 s); glibc's `hugetlb` tunable (2 MB pages) cut the
   faults but stalled on compaction (tiny batch 16: 588 ms).
   """
@@ -325,7 +325,8 @@ class Worker:
   """A `--worker` subprocess of this script (same flags, so pinned and set up alike before JAX or PyTorch start)."""
 
   def __init__(self, framework: str, argv: list, preset: str, batch: int):
-    flags = [a for a in argv if not a.startswith(("--presets", "--batch", "--worker"))]
+    own = ("--presets", "--batch", "--worker")  # set per worker below; dropped in both --flag=v and --flag v forms
+    flags = [a for i, a in enumerate(argv) if a.split("=")[0] not in own and (i == 0 or argv[i - 1] not in own)]
     self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *flags, f"--worker={framework}",
                                   f"--presets={preset}", f"--batch={batch}"],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
