@@ -1,4 +1,5 @@
-"""bench/bench_train_step.py pins JAX and PyTorch to the same number of threads before either starts."""
+"""bench/bench_train_step.py pins JAX and PyTorch to the same number of threads before either starts, and its
+no-fault diagnostic (`keep_freed_memory`) keeps a freed block for reuse."""
 import json
 import os
 import platform
@@ -67,6 +68,7 @@ def test_keep_freed_memory_reuses_a_freed_block_without_page_faults():
     return json.loads(out.strip().splitlines()[-1])
 
   default, kept = faults("default"), faults("keep")
-  # 192 MB is 49,152 pages: by default glibc unmaps the block at free and the next one faults every page in.
-  assert not default["applied"] and default["faults"] > 40_000
-  assert kept["applied"] and kept["faults"] < 1_000
+  # By default glibc unmaps the block at free and the next one faults every page in again: 49,152 4-KB pages
+  # (fewer where transparent huge pages are always on); kept, the second block reuses the first's pages.
+  assert not default["applied"] and kept["applied"]
+  assert default["faults"] > 20 * max(kept["faults"], 1), (default, kept)
