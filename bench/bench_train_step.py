@@ -9,14 +9,18 @@ remat), on the same pinned CPU threads (--threads: the process is bound to that 
 
   python bench/bench_train_step.py --presets=tiny,small --images=2 --batch=1,2,4,8,16
 
-Each framework runs in a worker process of its own (as in real training: one malloc heap each), and the two are
-timed interleaved — one JAX step, one PyTorch step, repeated --iters times after warm-up (JAX: after
-compilation) — and the medians are printed, so load from other processes hits both alike. Per row: wall ms/step
-of each and their ratio, CPU ms/step (`time.process_time`) of each and their ratio, and the JAX step's model
+Each framework runs in a worker process of its own (as in real training: one malloc heap each). By default
+(--schedule=blocked) each runs one untimed step and then --iters timed steps back to back, as training does
+(after warm-up; JAX: after compilation); --schedule=interleaved alternates one step of each, so load from other
+processes hits both alike (see `timed` for why blocked is the default). Medians are printed. Per row: wall
+ms/step of each and their ratio, CPU ms/step (`time.process_time`) of each and their ratio, the JAX step's model
 FLOP/s (`training/flops.py`, per CPU second) as a share of a plain 2048^2 float32 matmul's, measured in the same
-run (interleaved too), and the page faults of each step (memory mapped in anew; see `keep_freed_memory`). On a
-shared machine the wall times hold other processes' time slices; at --threads=1 the CPU-time columns do not, and
-are the ones to read there (the load average printed says how loaded it was).
+run, and the page faults of each step (memory mapped in anew). Both workers run with the allocator of
+--allocator: `mimalloc` (default; what the trainer preloads on a CPU-only machine,
+`qwenvl_jax/hardware/allocator.py`) or `system` (glibc's malloc, whose unmapped blocks fault in anew every step;
+`--keep_freed_memory=true` is its no-fault diagnostic). On a shared machine the wall times hold other processes'
+time slices; at --threads=1 the CPU-time columns do not, and are the ones to read there (the load average
+printed says how loaded it was).
 
 --cpu_options=true (default) builds the JAX model with its CPU formulations (`attention_impl="xla_rows"`,
 `cpu_layouts=True`; equal results, tests/model/test_cpu_layouts.py); false with the accelerator defaults, the
@@ -29,7 +33,7 @@ import sys
 
 def keep_freed_memory() -> bool:
   """glibc's mmap and heap trimming off, so freed blocks stay in the heap for the next step (mallopt); True when
-  applied, False off glibc.
+  applied, False off glibc. With --allocator=system only (mimalloc keeps freed memory by itself).
 
   A diagnostic — what the step costs without page faults — not what the trainer runs. XLA:CPU allocates each
   execution's temporaries as one block (151 MB for `tiny` at batch 16, ~1 GB for `small` at batch 1), which glibc
@@ -114,6 +118,7 @@ from torch import nn
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # runnable as python bench/X.py
 
+from qwenvl_jax.hardware import allocator
 from qwenvl_jax.model import QwenVL, get_preset
 from qwenvl_jax.training import flops, optimizer, step as step_lib
 
@@ -316,10 +321,29 @@ def run_worker(args) -> None:
   fns = {"step": make(cfg, b, t, args.images)}
   if args.worker == "jax":
     fns["matmul"] = make_matmul()
+  if allocator.in_use() != args.allocator:
+    raise SystemExit(f"error: the {args.worker} worker runs with the {allocator.in_use()} allocator, not "
+                     f"--allocator={args.allocator}")
   print("ready", flush=True)
   for line in sys.stdin:
     wall, cpu, faults = _measure(fns[line.strip()])
     print(f"{wall} {cpu} {faults}", flush=True)
+
+
+def worker_environ(name: str) -> dict:
+  """The workers' environment: with --allocator=mimalloc both frameworks run with mimalloc preloaded, as the
+  trainer runs on CPU (`qwenvl_jax.hardware.allocator`); with `system`, with glibc's malloc."""
+  env = dict(os.environ)
+  preload = [p for p in env.pop("LD_PRELOAD", "").split(":") if p and not allocator.preloaded({"LD_PRELOAD": p})]
+  if name == "mimalloc":
+    library = allocator.mimalloc_library()
+    if library is None:
+      raise SystemExit("error: --allocator=mimalloc: the cmeel-mimalloc package is not installed "
+                       "(pip install -r requirements.txt), or pass --allocator=system")
+    preload.insert(0, library)
+  if preload:
+    env["LD_PRELOAD"] = ":".join(preload)
+  return env
 
 
 class Worker:
@@ -330,7 +354,8 @@ class Worker:
     flags = [a for i, a in enumerate(argv) if a.split("=")[0] not in own and (i == 0 or argv[i - 1] not in own)]
     self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *flags, f"--worker={framework}",
                                   f"--presets={preset}", f"--batch={batch}"],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                 env=worker_environ(_flag_from_argv(argv, "allocator", "mimalloc")))
     for line in self.proc.stdout:  # past JAX's / PyTorch's own start-up prints
       if line.strip() == "ready":
         break
@@ -348,17 +373,27 @@ class Worker:
     self.proc.wait()
 
 
-def interleaved(steps: dict, iters: int) -> tuple[dict, dict, dict]:
+def timed(steps: dict, iters: int, schedule: str = "blocked") -> tuple[dict, dict, dict]:
   """Median wall seconds, CPU seconds and page faults of each measurement callable (returning `_measure`'s
-  triple), run round-robin `iters` times (load hits all alike).
+  triple) over `iters` runs.
 
-  On a loaded machine the wall time also holds the time slices other processes took from the pinned core(s), so
-  at --threads=1 the CPU-time ratio is the one to read there.
+  blocked: each callable runs one untimed step, then its `iters` timed ones back to back, as training runs its
+    steps. On this project's VM a process idle for a few seconds has its memory paged out by the host's reclaim
+    (a DAMON `pageout` scheme on physical memory): a `small` JAX step at batch 8 took 10.6 s back to back and
+    67 s after 8 s idle (53 s of it kernel time faulting the memory back), so waiting while the other framework
+    steps penalizes whichever holds more memory.
+  interleaved: round-robin, one step of each in turn (machine load hits all alike; on a loaded machine the wall
+    time also holds other processes' time slices, so at --threads=1 read the CPU-time ratio there).
   """
   results = {k: [] for k in steps}
-  for _ in range(iters):
+  if schedule == "interleaved":
+    for _ in range(iters):
+      for name, fn in steps.items():
+        results[name].append(fn())
+  else:
     for name, fn in steps.items():
-      results[name].append(fn())
+      fn()
+      results[name] = [fn() for _ in range(iters)]
   median = lambda i: {k: statistics.median(r[i] for r in v) for k, v in results.items()}
   return median(0), median(1), median(2)
 
@@ -370,7 +405,9 @@ def main():
   parser.add_argument("--seq_len", type=int, default=0, help="0: the images' tokens + 64 text tokens")
   parser.add_argument("--images", type=int, default=2)
   parser.add_argument("--res", type=int, default=224)
-  parser.add_argument("--iters", type=int, default=5, help="interleaved timed steps per framework")
+  parser.add_argument("--iters", type=int, default=5, help="timed steps per framework")
+  parser.add_argument("--schedule", default="blocked", choices=("blocked", "interleaved"),
+                      help="each framework's steps back to back (default), or one of each in turn (see `timed`)")
   parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                       help="cores both frameworks run on (set before they start)")
   parser.add_argument("--scan_unroll", default="auto", help="auto (unroll stacks of <= 8 layers), 1, or true")
@@ -378,15 +415,20 @@ def main():
                       help="the model's CPU formulations (xla_rows attention, cpu_layouts) or the accelerator defaults")
   parser.add_argument("--keep_freed_memory", default="false", choices=("true", "false"),
                       help="diagnostic: glibc keeps freed memory for reuse, in both frameworks (keep_freed_memory)")
+  parser.add_argument("--allocator", default="mimalloc", choices=("mimalloc", "system"),
+                      help="both frameworks' malloc: mimalloc (what the trainer preloads on CPU) or glibc's")
   parser.add_argument("--worker", default="", choices=("", "jax", "torch"), help=argparse.SUPPRESS)
   args = parser.parse_args()
+  if args.keep_freed_memory == "true" and args.allocator != "system":
+    parser.error("--keep_freed_memory=true is a glibc setting: use it with --allocator=system")
   torch.manual_seed(0)
   pin_torch_threads(args.threads)
   if args.worker:
     run_worker(args)
     return
   print(f"devices: {jax.devices()}, cores bound: {sorted(os.sched_getaffinity(0))}, torch threads: "
-        f"{torch.get_num_threads()}, keep freed memory: {args.keep_freed_memory}, "
+        f"{torch.get_num_threads()}, allocator: {args.allocator}, schedule: {args.schedule}, "
+        f"keep freed memory: {args.keep_freed_memory}, "
         f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
   print(f"{'preset':<6} {'B':>3} {'T':>4} {'JAX ms':>8} {'torch ms':>8} {'ratio':>6} {'JAX cpu':>8} {'torch cpu':>9} "
         f"{'cpu ratio':>9} {'GFLOP/s':>8} {'% matmul':>8} {'JAX faults':>10} {'torch faults':>12}", flush=True)
@@ -400,8 +442,8 @@ def main():
       model_flops = flops.train_step_flops(cfg, batch=b, seq_len=t, max_images=args.images,
                                            is_trainable=lambda p: True).total
       workers = {k: Worker(k, sys.argv[1:], name, b) for k in ("jax", "torch")}
-      wall, cpu, faults = interleaved({"jax": workers["jax"].run, "torch": workers["torch"].run,
-                                       "matmul": lambda: workers["jax"].run("matmul")}, args.iters)
+      wall, cpu, faults = timed({"jax": workers["jax"].run, "torch": workers["torch"].run,
+                                 "matmul": lambda: workers["jax"].run("matmul")}, args.iters, args.schedule)
       for w in workers.values():
         w.close()
       # FLOP/s and the matmul share from CPU time (both measured alike), so load does not move them.

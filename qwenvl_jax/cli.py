@@ -27,6 +27,7 @@ from typing import Callable
 from absl import app
 
 from qwenvl_jax import errors
+from qwenvl_jax.hardware import allocator
 
 _HELP_FLAGS = ("--help", "-help", "-?", "--helpshort", "--helpfull", "--helpxml")
 # OS errors that are about a path or resource the user controls (the message names the path).
@@ -61,8 +62,18 @@ def quiet_libraries() -> None:
     py_logging.getLogger(name).setLevel(py_logging.WARNING)
 
 
-def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
-  """`absl.app.run(main)` with the behaviour of the module docstring; never returns (exits)."""
+def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None, *,
+        cpu_allocator: bool = False) -> None:
+  """`absl.app.run(main)` with the behaviour of the module docstring; never returns (exits).
+
+  cpu_allocator: a CPU-only run first re-executes itself with mimalloc as its allocator (`hardware.allocator`;
+  the trainer: XLA:CPU's per-step temporaries otherwise fault in anew every step).
+  """
+  if cpu_allocator:
+    try:
+      allocator.maybe_reexec()
+    except allocator.AllocatorError as e:
+      sys.exit(report(errors.UserError(str(e))))
   argv = list(sys.argv if argv is None else argv)
   started = []
 

@@ -52,4 +52,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main)
+  cli.run(main, cpu_allocator=True)

@@ -72,3 +72,34 @@ def test_keep_freed_memory_reuses_a_freed_block_without_page_faults():
   # (fewer where transparent huge pages are always on); kept, the second block reuses the first's pages.
   assert not default["applied"] and kept["applied"]
   assert default["faults"] > 20 * max(kept["faults"], 1), (default, kept)
+
+
+def _bench_module():
+  sys.path.insert(0, os.path.join(REPO_ROOT, "bench"))
+  try:
+    import bench_train_step  # pylint: disable=import-outside-toplevel
+  finally:
+    sys.path.pop(0)
+  return bench_train_step
+
+
+def test_blocked_schedule_runs_each_framework_back_to_back_after_one_untimed_step():
+  calls = []
+  steps = {name: (lambda name=name: calls.append(name) or (len(calls), 0.0, 0)) for name in ("jax", "torch")}
+  wall, _, _ = _bench_module().timed(steps, 3, "blocked")
+  assert calls == ["jax"] * 4 + ["torch"] * 4
+  assert wall == {"jax": 3, "torch": 7}  # medians of calls 2-4 and 6-8
+  calls.clear()
+  _bench_module().timed(steps, 2, "interleaved")
+  assert calls == ["jax", "torch"] * 2
+
+
+def test_both_workers_get_the_same_allocator(monkeypatch):
+  from qwenvl_jax.hardware import allocator  # pylint: disable=import-outside-toplevel
+  bench = _bench_module()
+  library = allocator.mimalloc_library()
+  monkeypatch.setenv("LD_PRELOAD", f"{library or '/x/libmimalloc.so'}:/x/libother.so")
+  assert bench.worker_environ("system")["LD_PRELOAD"] == "/x/libother.so"  # mimalloc dropped, the rest kept
+  if library is None:
+    pytest.skip("cmeel-mimalloc (requirements.txt) is not installed")
+  assert bench.worker_environ("mimalloc")["LD_PRELOAD"] == f"{library}:/x/libother.so"

@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from qwenvl_jax import data, distributed, errors, sharding
+from qwenvl_jax.hardware import allocator
 from qwenvl_jax.model import QwenVL, get_preset
 from qwenvl_jax.training import experiment, flops, metrics, peft, profiling, validation, workdir as workdir_lib
 from qwenvl_jax.training.checkpointing import Checkpointer, resolve_params_checkpoint
@@ -224,8 +225,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer, 
                                    tensorboard=config.tensorboard, progress_bar=config.progress_bar)
     for m in writer_msgs:
       writer.message(m)
+    # On CPU the allocator matters to the step time (hardware/allocator.py); say which one this run has.
+    on_cpu = f", allocator {allocator.in_use()}" if jax.default_backend() == "cpu" else ""
     writer.message(f"stage {config.stage}: model {config.model} at {config.res} px, frozen {list(frozen) or 'none'}, "
-                   f"mesh {dict(mesh.shape)}, {jax.process_count()} process(es); writing to {workdir}")
+                   f"mesh {dict(mesh.shape)}, {jax.process_count()} process(es){on_cpu}; writing to {workdir}")
     meta = {"stage": config.stage, "model": config.model, "res": config.res}
     tokens_per_step = config.batch_size * config.seq_len
     last_saved = latest

@@ -14,6 +14,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from qwenvl_jax.hardware import allocator
 from tests.training.helpers import REPO, load_stage_config, read_losses, sigterm_after_step, small_flags, subprocess_env
 
 
@@ -79,6 +80,9 @@ def test_sigterm_saves_and_the_rerun_resumes_exactly(uninterrupted, tmp_path):
   rerun = subprocess.run(cmd, env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert f"resumed {tmp_path} from step {steps[-1]}" in rerun.stderr
+  # The command re-executed itself with mimalloc (hardware/allocator.py) and still resumes exactly.
+  if allocator.mimalloc_library() is not None:
+    assert ", allocator mimalloc;" in rerun.stderr, rerun.stderr[-3000:]
   losses = read_losses(tmp_path)
   np.testing.assert_allclose([losses[s] for s in range(1, 25)], [reference[s] for s in range(1, 25)], rtol=1e-6)
 
