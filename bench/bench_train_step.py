@@ -15,10 +15,11 @@ Each framework runs in a worker process of its own (as in real training: one mal
 processes hits both alike (see `timed` for why blocked is the default). Medians are printed. Per row: wall
 ms/step of each and their ratio, CPU ms/step (`time.process_time`) of each and their ratio, the JAX step's model
 FLOP/s (`training/flops.py`, per CPU second) as a share of a plain 2048^2 float32 matmul's, measured in the same
-run, and the page faults of each step (memory mapped in anew). Both workers run with the allocator of
---allocator: `mimalloc` (default; what the trainer preloads on a CPU-only machine,
-`qwenvl_jax/hardware/allocator.py`) or `system` (glibc's malloc, whose unmapped blocks fault in anew every step;
-`--keep_freed_memory=true` is its no-fault diagnostic). On a shared machine the wall times hold other processes'
+run, and the page faults of each step (memory mapped in anew). Each framework runs with its users' default
+allocator: JAX with mimalloc (`--allocator`; what the trainer preloads on a CPU-only machine,
+`qwenvl_jax/hardware/allocator.py`), PyTorch with glibc's malloc (`--torch_allocator`); either may be set to
+`system` (glibc, whose unmapped blocks fault in anew every step; `--keep_freed_memory=true` is its no-fault
+diagnostic) or `mimalloc`. On a shared machine the wall times hold other processes'
 time slices; at --threads=1 the CPU-time columns do not, and are the ones to read there (the load average
 printed says how loaded it was).
 
@@ -321,9 +322,9 @@ def run_worker(args) -> None:
   fns = {"step": make(cfg, b, t, args.images)}
   if args.worker == "jax":
     fns["matmul"] = make_matmul()
-  if allocator.in_use() != args.allocator:
-    raise SystemExit(f"error: the {args.worker} worker runs with the {allocator.in_use()} allocator, not "
-                     f"--allocator={args.allocator}")
+  wanted = args.allocator if args.worker == "jax" else args.torch_allocator
+  if allocator.in_use() != wanted:
+    raise SystemExit(f"error: the {args.worker} worker runs with the {allocator.in_use()} allocator, not {wanted}")
   print("ready", flush=True)
   for line in sys.stdin:
     wall, cpu, faults = _measure(fns[line.strip()])
@@ -331,19 +332,14 @@ def run_worker(args) -> None:
 
 
 def worker_environ(name: str) -> dict:
-  """The workers' environment: with --allocator=mimalloc both frameworks run with mimalloc preloaded, as the
-  trainer runs on CPU (`qwenvl_jax.hardware.allocator`); with `system`, with glibc's malloc."""
-  env = dict(os.environ)
-  preload = [p for p in env.pop("LD_PRELOAD", "").split(":") if p and not allocator.preloaded({"LD_PRELOAD": p})]
-  if name == "mimalloc":
-    library = allocator.mimalloc_library()
-    if library is None:
-      raise SystemExit("error: --allocator=mimalloc: the cmeel-mimalloc package is not installed "
-                       "(pip install -r requirements.txt), or pass --allocator=system")
-    preload.insert(0, library)
-  if preload:
-    env["LD_PRELOAD"] = ":".join(preload)
-  return env
+  """A worker's environment for allocator `name`: `mimalloc` preloaded as the trainer preloads it on CPU
+  (`qwenvl_jax.hardware.allocator`), or `system` (glibc's malloc)."""
+  if name == "system":
+    return allocator.system_environ()
+  try:
+    return allocator.mimalloc_environ()
+  except allocator.AllocatorError as e:
+    raise SystemExit(f"error: allocator mimalloc: {e}") from e
 
 
 class Worker:
@@ -355,7 +351,9 @@ class Worker:
     self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *flags, f"--worker={framework}",
                                   f"--presets={preset}", f"--batch={batch}"],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                 env=worker_environ(_flag_from_argv(argv, "allocator", "mimalloc")))
+                                 env=worker_environ(_flag_from_argv(
+                                     argv, "allocator" if framework == "jax" else "torch_allocator",
+                                     "mimalloc" if framework == "jax" else "system")))
     for line in self.proc.stdout:  # past JAX's / PyTorch's own start-up prints
       if line.strip() == "ready":
         break
@@ -416,18 +414,22 @@ def main():
   parser.add_argument("--keep_freed_memory", default="false", choices=("true", "false"),
                       help="diagnostic: glibc keeps freed memory for reuse, in both frameworks (keep_freed_memory)")
   parser.add_argument("--allocator", default="mimalloc", choices=("mimalloc", "system"),
-                      help="both frameworks' malloc: mimalloc (what the trainer preloads on CPU) or glibc's")
+                      help="the JAX worker's malloc: mimalloc (what the trainer preloads on CPU) or glibc's")
+  parser.add_argument("--torch_allocator", default="system", choices=("mimalloc", "system"),
+                      help="the PyTorch worker's malloc: glibc's (PyTorch's default) or mimalloc")
   parser.add_argument("--worker", default="", choices=("", "jax", "torch"), help=argparse.SUPPRESS)
   args = parser.parse_args()
-  if args.keep_freed_memory == "true" and args.allocator != "system":
-    parser.error("--keep_freed_memory=true is a glibc setting: use it with --allocator=system")
+  if args.keep_freed_memory == "true" and "mimalloc" in (args.allocator, args.torch_allocator):
+    parser.error("--keep_freed_memory=true is a glibc setting: use it with --allocator=system "
+                 "--torch_allocator=system")
   torch.manual_seed(0)
   pin_torch_threads(args.threads)
   if args.worker:
     run_worker(args)
     return
   print(f"devices: {jax.devices()}, cores bound: {sorted(os.sched_getaffinity(0))}, torch threads: "
-        f"{torch.get_num_threads()}, allocator: {args.allocator}, schedule: {args.schedule}, "
+        f"{torch.get_num_threads()}, allocator: JAX {args.allocator}, PyTorch {args.torch_allocator}, "
+        f"schedule: {args.schedule}, "
         f"keep freed memory: {args.keep_freed_memory}, "
         f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
   print(f"{'preset':<6} {'B':>3} {'T':>4} {'JAX ms':>8} {'torch ms':>8} {'ratio':>6} {'JAX cpu':>8} {'torch cpu':>9} "

@@ -94,7 +94,7 @@ def test_blocked_schedule_runs_each_framework_back_to_back_after_one_untimed_ste
   assert calls == ["jax", "torch"] * 2
 
 
-def test_both_workers_get_the_same_allocator(monkeypatch):
+def test_each_worker_gets_its_allocator(monkeypatch):
   from qwenvl_jax.hardware import allocator  # pylint: disable=import-outside-toplevel
   bench = _bench_module()
   library = allocator.mimalloc_library()
@@ -102,4 +102,5 @@ def test_both_workers_get_the_same_allocator(monkeypatch):
   assert bench.worker_environ("system")["LD_PRELOAD"] == "/x/libother.so"  # mimalloc dropped, the rest kept
   if library is None:
     pytest.skip("cmeel-mimalloc (requirements.txt) is not installed")
-  assert bench.worker_environ("mimalloc")["LD_PRELOAD"] == f"{library}:/x/libother.so"
+  env = bench.worker_environ("mimalloc")
+  assert env["LD_PRELOAD"] == f"{library}:/x/libother.so" and env["MIMALLOC_PURGE_DELAY"] == "-1"

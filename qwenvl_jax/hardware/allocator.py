@@ -93,14 +93,38 @@ def preload_environ(environ=os.environ) -> dict | None:
     return None
   if want == "auto" and not cpu_only(environ):
     return None
-  library = mimalloc_library()
-  if library is None:
+  if mimalloc_library() is None:
     if want == "mimalloc":
       raise AllocatorError(f"{ENV}=mimalloc, but the cmeel-mimalloc package is not installed "
                            "(pip install -r requirements.txt)")
     return None
+  return mimalloc_environ(environ)
+
+
+def mimalloc_environ(environ=os.environ) -> dict:
+  """`environ` with mimalloc first in LD_PRELOAD (the mimalloc of any other path dropped, other preloads kept).
+
+  It keeps freed memory mapped for reuse (`MIMALLOC_PURGE_DELAY=-1` unless set): by default it returns memory
+  unused for 10 ms, and a step that frees and allocates large tensors then faults them in again (PyTorch's
+  `small` step at batch 8: 31.6 s against 7.9 s with glibc on this VM). A training process keeps its peak, as
+  accelerator allocators do.
+  """
+  library = mimalloc_library()
+  if library is None:
+    raise AllocatorError("the cmeel-mimalloc package is not installed (pip install -r requirements.txt)")
   env = dict(environ)
-  env["LD_PRELOAD"] = ":".join(p for p in (library, environ.get("LD_PRELOAD", "")) if p)
+  others = [p for p in env.pop("LD_PRELOAD", "").split(":") if p and _LIBRARY not in p]
+  env["LD_PRELOAD"] = ":".join([library, *others])
+  env.setdefault("MIMALLOC_PURGE_DELAY", "-1")
+  return env
+
+
+def system_environ(environ=os.environ) -> dict:
+  """`environ` with mimalloc removed from LD_PRELOAD (glibc's malloc; other preloads kept)."""
+  env = dict(environ)
+  others = [p for p in env.pop("LD_PRELOAD", "").split(":") if p and _LIBRARY not in p]
+  if others:
+    env["LD_PRELOAD"] = ":".join(others)
   return env
 
 

@@ -32,6 +32,8 @@ def test_when_a_run_is_re_executed():
   assert env["LD_PRELOAD"] == LIBRARY and env["JAX_PLATFORMS"] == "cpu"
   # The user's own preloads stay, after mimalloc.
   assert allocator.preload_environ({**cpu, "LD_PRELOAD": "/x/libfoo.so"})["LD_PRELOAD"] == f"{LIBRARY}:/x/libfoo.so"
+  assert env["MIMALLOC_PURGE_DELAY"] == "-1"  # freed memory stays mapped; a user's own setting is kept
+  assert allocator.preload_environ({**cpu, "MIMALLOC_PURGE_DELAY": "10"})["MIMALLOC_PURGE_DELAY"] == "10"
   assert allocator.preload_environ(env) is None  # already preloaded: no loop
   assert allocator.preload_environ({**cpu, allocator.ENV: "system"}) is None
   assert allocator.preload_environ({"JAX_PLATFORMS": "tpu"}) is None  # an accelerator run keeps its allocator
