@@ -219,7 +219,9 @@ class Engine:
 
     decode_seconds / prefill_seconds: wall time the engine thread spent in decode calls / in image encoding and
     prefill calls, each waited for to its result (on a CPU backend: the computation itself). With decoded_tokens
-    they say how much of the wall time the device worked and what the decode calls alone would deliver."""
+    they say how much of the wall time the device worked and what the decode calls alone would deliver.
+    finished_<reason>: requests that held a slot and ended (stop, length, cancelled); cancelled_waiting: requests
+    cancelled before they got one."""
     with self._lock:
       counts = dict(self._counts)
     return {"slots": self.num_slots, "active": sum(s is not None for s in self._active),
@@ -294,7 +296,9 @@ class Engine:
       if item is None:
         return
       if isinstance(item, Request):
-        if not item.cancelled:
+        if item.cancelled:
+          self._count("cancelled_waiting")  # its client left before it was taken in: it never held a slot
+        else:
           self._waiting.append(item)
       # A ("cancel", request) item only wakes the loop; the flag is read by `_free_cancelled`.
 
@@ -302,13 +306,19 @@ class Engine:
     for i, slot in enumerate(self._active):
       if slot is not None and slot.request.cancelled:
         self._finish(i, "cancelled")
+    for r in self._waiting:
+      if r.cancelled:
+        self._count("cancelled_waiting")
     self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
+
+  def _count(self, name: str) -> None:
+    with self._lock:
+      self._counts[name] += 1
 
   def _finish(self, i: int, reason: str) -> None:
     slot = self._active[i]
     self._active[i] = None
-    with self._lock:
-      self._counts[f"finished_{reason}"] += 1
+    self._count(f"finished_{reason}")
     if reason != "cancelled":
       slot.request.sink(Finished(reason, len(slot.request.prompt), slot.generated))
 

@@ -4,6 +4,7 @@ import base64
 import concurrent.futures
 import io
 import json
+import queue
 import time
 
 import numpy as np
@@ -15,6 +16,7 @@ from PIL import Image
 from qwenvl_jax import inference
 from qwenvl_jax import text as qtext
 from qwenvl_jax.serving import api, messages
+from qwenvl_jax.serving import engine as engine_lib
 from tests.serving.conftest import MAX_TOKENS_LIMIT, MODEL_NAME, Server
 
 # The session's model, engine warm-up and server start cost more than 20 s on a 2-core CPU; one module pays it.
@@ -173,14 +175,31 @@ def _health(server, http):
   return http.get(server.url + "/health", timeout=10).json()
 
 
+@pytest.fixture
+def slow_decoding(engine, monkeypatch):
+  """Each decode call of the engine waits 20 ms first (the same compiled program, called later): a 400-token answer
+  (100 calls) runs for 2 s or more. The tiny model alone decodes one faster than a client reads a chunk and closes."""
+  decode = engine.slots.decode
+
+  def slow_decode(*args, **kwargs):
+    time.sleep(0.02)
+    return decode(*args, **kwargs)
+
+  monkeypatch.setattr(engine.slots, "decode", slow_decode)
+
+
+@pytest.mark.usefixtures("slow_decoding")
 def test_a_client_leaving_mid_stream_frees_its_slot(server, http):
   # ignore_eos: the answer runs to max_tokens (400 decode steps), so it is still decoding when the client leaves.
   before = _health(server, http).get("finished_cancelled", 0)
   body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "go on"}], "max_tokens": MAX_TOKENS_LIMIT,
           "temperature": 0, "stream": True, "ignore_eos": True}
   with http.post(server.url + "/v1/chat/completions", json=body, stream=True, timeout=60) as r:
-    lines = r.iter_lines()
-    assert next(lines).startswith(b"data: ")  # the role chunk: the request is running
+    # The role chunk comes before the engine takes the request in; a chunk with text means it holds a slot.
+    for line in r.iter_lines():
+      if line.startswith(b"data: ") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+        break
+    assert _health(server, http)["active"] == 1
   # The connection is closed here, long before 400 tokens are decoded.
   deadline = time.monotonic() + 30
   while time.monotonic() < deadline:
@@ -204,3 +223,27 @@ def test_no_compilation_after_warm_up(server, client, http):
   compiles = stats["compilations"]
   assert compiles["lowerings"] > 0 and compiles["backend_compiles"] >= 0  # the warm-up was counted
   assert compiles["lowerings_after_warmup"] == 0 and compiles["backend_compiles_after_warmup"] == 0, compiles
+
+
+@pytest.mark.usefixtures("slow_decoding")
+def test_a_request_cancelled_before_it_gets_a_slot_is_counted_and_never_runs(engine, serve_tok):
+  """Every slot holds a long answer (decode calls slowed); a fifth request waits, is cancelled, and is
+  counted as cancelled_waiting: it gets no slot and no event, and the four answers run to the end."""
+  prompt = serve_tok.encode("go on")
+  before = engine.stats()
+  runs = [queue.Queue() for _ in range(engine.num_slots)]
+  for q in runs:
+    engine.submit(engine_lib.Request(prompt, [], engine_lib.SamplingParams(200, ignore_stop_tokens=True), q.put))
+  while engine.stats()["active"] < engine.num_slots:
+    time.sleep(0.01)
+  late = queue.Queue()
+  request = engine_lib.Request(prompt, [], engine_lib.SamplingParams(5), late.put)
+  engine.submit(request)
+  engine.cancel(request)
+  for q in runs:
+    while not isinstance(event := q.get(timeout=60), engine_lib.Finished):
+      pass
+    assert event.reason == "length"
+  after = engine.stats()
+  assert after.get("cancelled_waiting", 0) == before.get("cancelled_waiting", 0) + 1
+  assert after["admitted"] == before["admitted"] + engine.num_slots and late.empty()
