@@ -102,6 +102,7 @@ if __name__ == "__main__":
   configure_threads(_threads_from_argv(sys.argv[1:]), _keep_freed_memory_from_argv(sys.argv[1:]))
 
 import argparse
+import dataclasses
 import pathlib
 import resource
 import statistics
@@ -121,6 +122,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # runnable
 
 from qwenvl_jax.hardware import allocator
 from qwenvl_jax.model import QwenVL, get_preset
+from qwenvl_jax.model.config import CPU_UNROLL_MAX_LAYERS
 from qwenvl_jax.training import flops, optimizer, step as step_lib
 
 
@@ -273,15 +275,14 @@ def bench_config(name: str, *, res: int = 224, scan_unroll: str = "auto", cpu_op
   """The preset `name` as both frameworks run it: float32, no remat, at `res` px; scan_unroll "auto" unrolls
   stacks of <= 8 layers, else "true" or an unroll factor. cpu_options: the model's CPU formulations (row-wise
   attention `attention_impl="xla_rows"`, `cpu_layouts`); False runs the accelerator defaults."""
+  cfg = get_preset(name, dtype="float32", remat_policy="none", **overrides).with_image_size(res)
   if cpu_options:
-    overrides = {"attention_impl": "xla_rows", "cpu_layouts": True, **overrides}
-  base = get_preset(name, dtype="float32", remat_policy="none")
+    cfg = cfg.with_cpu_formulations()  # as the trainer runs on CPU (config.cpu_options)
   if scan_unroll == "auto":
-    unroll = max(base.vision.layers, base.llm.layers) <= 8
+    unroll = max(cfg.vision.layers, cfg.llm.layers) <= CPU_UNROLL_MAX_LAYERS
   else:
     unroll = True if scan_unroll.lower() == "true" else int(scan_unroll)
-  return get_preset(name, dtype="float32", remat_policy="none", scan_unroll=unroll,
-                    **overrides).with_image_size(res)
+  return dataclasses.replace(cfg, scan_unroll=unroll)
 
 
 def make_matmul(n: int = 2048):

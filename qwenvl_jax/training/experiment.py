@@ -88,10 +88,18 @@ def make_model_config(config: ml_collections.ConfigDict, tokenizer) -> model_con
                                 remat_policy=config.remat, attention_impl=config.attention_impl,
                                 image_pad_id=tokenizer.img_pad_id)
   cfg = cfg.with_image_size(config.res)
+  if cpu_formulations(config):
+    cfg = cfg.with_cpu_formulations()
   if tokenizer.vocab_size > cfg.llm.vocab_size:
     raise ValueError(f"the tokenizer defines {tokenizer.vocab_size} ids but model {config.model!r} has only "
                      f"{cfg.llm.vocab_size} embedding rows; use a matching config.tokenizer or model")
   return cfg
+
+
+def cpu_formulations(config: ml_collections.ConfigDict) -> bool:
+  """Whether the run builds its model in the CPU formulations: `config.cpu_options` 'on', or 'auto' on a CPU
+  backend."""
+  return config.cpu_options == "on" or (config.cpu_options == "auto" and jax.default_backend() == "cpu")
 
 
 def make_mesh(config: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, sharding.Rules]:

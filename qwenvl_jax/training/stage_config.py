@@ -76,6 +76,10 @@ def stage_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
   c.param_dtype = "float32"
   c.remat = "none" if model == "tiny" else "full"   # none | full | dots | dots_no_batch
   c.attention_impl = "xla"
+  # On a CPU backend, build the model in its CPU formulations ('auto'; QwenVLConfig.with_cpu_formulations: row-wise
+  # attention, 2-D matmuls, shallow stacks unrolled; same parameters and values up to float rounding); 'off' runs
+  # the accelerators' program on CPU too; 'on' also elsewhere (for tests and comparisons).
+  c.cpu_options = "auto"
   # Tokens per chunk of the loss (qwenvl_jax/model/losses.py): the float32 [rows, T, V] logits and their gradient
   # are never built whole; 0 = the unchunked loss over the full logits. Stage 1's rows are 512 tokens, so a
   # 512-token chunk would be the whole row, the full logits again; 128 splits them in four (full size, AOT, 24

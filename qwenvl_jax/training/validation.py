@@ -51,6 +51,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   _choice(config.resume, "resume", ("auto", "force", "never"))
   _choice(config.distributed.initialize, "distributed.initialize", ("auto", "yes", "no"))
   _choice(config.optimizer.schedule, "optimizer.schedule", ("cosine", "constant"))
+  _choice(config.cpu_options, "cpu_options", ("auto", "on", "off"))
   try:
     cfg = model_config.get_preset(config.model, dtype=config.model_dtype, param_dtype=config.param_dtype,
                                   remat_policy=config.remat, attention_impl=config.attention_impl)

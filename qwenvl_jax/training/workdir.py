@@ -28,10 +28,11 @@ import ml_collections
 
 from qwenvl_jax import errors, tree_paths
 
-# Keys that may differ between a run and its resumption.
+# Keys that may differ between a run and its resumption (cpu_options: how the same parameters are computed; a run
+# from before it existed resumes too).
 RESUMABLE_KEYS = ("total_steps", "stop_at_step", "log_every", "checkpoint", "workdir", "resume", "progress_bar",
                   "tensorboard", "peak_flops_per_device", "distributed", "init", "eval_every", "eval",
-                  "profile_steps")
+                  "profile_steps", "cpu_options")
 
 
 def is_remote(path: str | os.PathLike) -> bool:

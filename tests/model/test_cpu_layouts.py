@@ -113,3 +113,12 @@ def test_cpu_patch_cut_equals_the_default_conv(patch):
   # Each patch feature is one (p, q, c) sum: a wrong cut order (rows and columns swapped, bytes of a pair
   # swapped) changes it far beyond rounding.
   np.testing.assert_allclose(out[True], out[False], rtol=1e-5, atol=1e-5)
+
+
+def test_with_cpu_formulations_sets_the_cpu_options_and_unrolls_only_shallow_stacks():
+  tiny_cpu = get_preset("tiny").with_cpu_formulations()
+  assert (tiny_cpu.attention_impl, tiny_cpu.cpu_layouts, tiny_cpu.scan_unroll) == ("xla_rows", True, True)
+  small_cpu = get_preset("small", attention_impl="cudnn").with_cpu_formulations()
+  # A kernel chosen on purpose is kept; `small`'s 12-layer stacks keep their scan.
+  assert (small_cpu.attention_impl, small_cpu.cpu_layouts, small_cpu.scan_unroll) == ("cudnn", True, 1)
+  assert get_preset("tiny").with_cpu_formulations().llm == get_preset("tiny").llm  # the same model

@@ -16,7 +16,7 @@ from flax import nnx
 from qwenvl_jax import sharding
 from qwenvl_jax.checkpoint import restore_params
 from qwenvl_jax.model import QwenVL, tiny
-from qwenvl_jax.training import checkpointing, train
+from qwenvl_jax.training import checkpointing, experiment, train
 from tests.training.helpers import read_losses, small_config
 
 
@@ -41,6 +41,18 @@ def test_planned_stop_then_resume_gives_the_same_losses(uninterrupted, tmp_path)
   resumed = read_losses(tmp_path)
   assert sorted(resumed) == list(range(1, 25))
   np.testing.assert_allclose([resumed[s] for s in range(1, 25)], [reference[s] for s in range(1, 25)], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_the_cpu_formulations_train_as_the_accelerators_program_does(uninterrupted, tmp_path):
+  """The reference run uses the CPU formulations (`cpu_options='auto'` on this CPU backend); the accelerators'
+  program (`'off'`) gives the same losses up to float rounding of reordered sums, compounded over 8 steps."""
+  _, _, reference = uninterrupted
+  config = small_config(2, tmp_path, stop_at_step=8, cpu_options="off")
+  assert not experiment.cpu_formulations(config) and experiment.cpu_formulations(small_config(2, tmp_path))
+  assert train(config).step == 8
+  losses = read_losses(tmp_path)
+  np.testing.assert_allclose([losses[s] for s in range(1, 9)], [reference[s] for s in range(1, 9)], rtol=2e-4)
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ from tests.training.helpers import small_config
     ({"seq_len": 1}, r"config\.seq_len=1"),
     ({"optimizer.schedule": "linear"}, r"config\.optimizer\.schedule='linear'"),
     ({"resume": "sometimes"}, r"config\.resume='sometimes'"),
+    ({"cpu_options": "yes"}, r"config\.cpu_options='yes'"),
     ({"synthetic_vocab_size": 10}, r"config\.synthetic_vocab_size=10"),
     ({"lora.rank": 8, "lora.base_quantize": "fp4"}, r"config\.lora\.base_quantize='fp4'"),
     ({"lora.base_quantize": "nf4"}, r"needs LoRA adapters"),

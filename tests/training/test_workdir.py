@@ -18,6 +18,14 @@ def test_same_config_resumes_and_run_length_may_change(tmp_path):
   workdir.check_and_record(str(tmp_path), small_config(2, tmp_path, total_steps=99, log_every=5), latest_step=4)
 
 
+def test_a_run_recorded_before_cpu_options_existed_resumes(tmp_path):
+  # cpu_options chooses how the same parameters are computed: a record without it (or with another value) resumes.
+  record = json.loads(small_config(2, tmp_path).to_json())
+  del record["cpu_options"]
+  (tmp_path / "config.json").write_text(json.dumps(record))
+  workdir.check_and_record(str(tmp_path), small_config(2, tmp_path, cpu_options="off"), latest_step=4)
+
+
 def test_different_config_is_refused_unless_forced(tmp_path):
   workdir.check_and_record(str(tmp_path), small_config(2, tmp_path), latest_step=None)
   changed = small_config(2, tmp_path, seq_len=32, **{"data.seed": 3})
