@@ -106,8 +106,13 @@ def mimalloc_environ(environ=os.environ) -> dict:
 
   It keeps freed memory mapped for reuse (`MIMALLOC_PURGE_DELAY=-1` unless set): by default it returns memory
   unused for 10 ms, and a step that frees and allocates large tensors then faults them in again (PyTorch's
-  `small` step at batch 8: 31.6 s against 7.9 s with glibc on this VM). A training process keeps its peak, as
-  accelerator allocators do.
+  `small` step at batch 8: 31.6 s, against 9.1-14.4 s with glibc in other runs on this VM). A training process
+  keeps its peak, as accelerator allocators do.
+
+  It maps memory in 4 KiB pages (`MIMALLOC_ALLOW_THP=0` unless set): it commits its arenas eagerly and asks for
+  transparent huge pages, so each first touch of a 2 MiB region is a 2 MiB page zeroed by the kernel. Python's
+  and the compiler's many small objects touch many such regions: the CPU-demo trainer's 30-step run took 33.6-34.5
+  s (22 s of kernel time, 38 % of its samples zeroing pages), 21.1 s with 4 KiB pages, 24.5-27.8 s under glibc.
   """
   library = mimalloc_library()
   if library is None:
@@ -116,6 +121,7 @@ def mimalloc_environ(environ=os.environ) -> dict:
   others = [p for p in env.pop("LD_PRELOAD", "").split(":") if p and _LIBRARY not in p]
   env["LD_PRELOAD"] = ":".join([library, *others])
   env.setdefault("MIMALLOC_PURGE_DELAY", "-1")
+  env.setdefault("MIMALLOC_ALLOW_THP", "0")
   return env
 
 
