@@ -2,11 +2,11 @@
 
 Why: XLA:CPU allocates each execution's temporaries as one block (151 MB for the `tiny` train step at batch 16,
 about 1 GB for `small` at batch 1). glibc serves blocks over 32 MB with mmap and unmaps them at free, so every
-step faults its whole block in again, page by page: 37,000 faults (~50 ms of a 177 ms step) for `tiny` at batch
-16, 235,000 (~4 s of a 6 s step) for `small` at batch 1 on our 2-core VM. mimalloc keeps freed memory mapped for
-reuse, with no setting: the same steps fault a few hundred pages (DESIGN §4g, `bench/bench_train_step.py
---allocator`). glibc's own settings do not get there (mmap off still maps multi-GB blocks; one arena slows small
-allocations; 2 MB pages stall on compaction).
+step faults its whole block in again, page by page: 37,000 faults per step for `tiny` at batch 16, 235,000 for
+`small` at batch 1 on our 2-core VM (whose host also pages out memory idle for seconds, which made those faults
+cost more there than elsewhere; DESIGN §4i). mimalloc with freed memory kept mapped (`mimalloc_environ`) faults no
+page per step at any size benched (`bench/bench_train_step.py --allocator`). glibc's own settings do not get
+there (mmap off still maps multi-GB blocks; one arena slows small allocations; 2 MB pages stall on compaction).
 
 A process cannot swap its allocator once running, so `maybe_reexec()` re-executes the command with mimalloc in
 `LD_PRELOAD` (the pid, open files and arguments stay), as PyTorch's CPU launcher does with jemalloc

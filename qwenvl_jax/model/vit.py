@@ -120,7 +120,7 @@ class VisionTransformer(nnx.Module):
       # packed into uint16 (first byte low) and unpacked by arithmetic. Alone, cut and normalized, 32 images take
       # 4.3 ms against 12.9 ms for float32 pixels cut directly; in the train step XLA:CPU drops the barriers late
       # and fuses cut and normalization into the one loop that writes the matrix (13.1 -> 10.7 ms at batch 16),
-      # which the forward and weight-gradient matmuls then both read (DESIGN §4g, `QwenVLConfig.cpu_layouts`).
+      # which the forward and weight-gradient matmuls then both read (DESIGN §4i, `QwenVLConfig.cpu_layouts`).
       row = p * 3
       if row % 2 == 0:
         pairs = images.reshape(b, g, p, g, row // 2, 2).astype(jnp.uint16)
