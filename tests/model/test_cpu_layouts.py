@@ -47,6 +47,7 @@ def test_row_attention_equals_xla_in_value_and_gradient(masked):
     ("btd,dknh->btknh", (2, 5, 6), (6, 3, 2, 4)),
     ("btnh,nhd->btd", (2, 5, 3, 4), (3, 4, 6)),
     ("blw,wnkh->blnkh", (2, 5, 6), (6, 2, 3, 4)),
+    ("btd,df->btf", (2, 5, 24), (24, 3)),  # K >= 4 N: the weight gradient as (g^T x)^T
 ])
 def test_flat_matmul_equals_the_einsum(spec, x_shape, k_shape):
   rng = np.random.default_rng(1)
