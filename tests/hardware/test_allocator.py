@@ -34,8 +34,8 @@ def test_when_a_run_is_re_executed():
   assert allocator.preload_environ({**cpu, "LD_PRELOAD": "/x/libfoo.so"})["LD_PRELOAD"] == f"{LIBRARY}:/x/libfoo.so"
   assert env["MIMALLOC_PURGE_DELAY"] == "-1"  # freed memory stays mapped; a user's own setting is kept
   assert allocator.preload_environ({**cpu, "MIMALLOC_PURGE_DELAY": "10"})["MIMALLOC_PURGE_DELAY"] == "10"
-  assert env["MIMALLOC_ALLOW_THP"] == "0"  # 4 KiB pages; a user's own setting is kept
-  assert allocator.preload_environ({**cpu, "MIMALLOC_ALLOW_THP": "1"})["MIMALLOC_ALLOW_THP"] == "1"
+  assert env["MIMALLOC_ARENA_EAGER_COMMIT"] == "0"  # arenas committed as used; a user's own setting is kept
+  assert allocator.preload_environ({**cpu, "MIMALLOC_ARENA_EAGER_COMMIT": "1"})["MIMALLOC_ARENA_EAGER_COMMIT"] == "1"
   assert allocator.preload_environ(env) is None  # already preloaded: no loop
   assert allocator.preload_environ({**cpu, allocator.ENV: "system"}) is None
   assert allocator.preload_environ({"JAX_PLATFORMS": "tpu"}) is None  # an accelerator run keeps its allocator
@@ -51,10 +51,8 @@ _PROBE = """
 import json, os, sys
 from qwenvl_jax import cli
 def main(argv):
-  status = open("/proc/self/status").read()
-  thp = status.split("THP_enabled:")[1].split()[0] if "THP_enabled:" in status else None
   print(json.dumps(dict(pid=os.getpid(), argv=argv[1:], preload=os.environ.get("LD_PRELOAD", ""),
-                        in_use=__import__("qwenvl_jax.hardware.allocator").hardware.allocator.in_use(), thp=thp)))
+                        in_use=__import__("qwenvl_jax.hardware.allocator").hardware.allocator.in_use())))
 cli.run(main, cpu_allocator=True)
 """
 
@@ -73,9 +71,6 @@ def test_a_cpu_run_re_executes_itself_with_mimalloc():
   proc, out, err = _probe({})
   assert proc.returncode == 0, err
   got = json.loads(out.strip().splitlines()[-1])
-  # mimalloc read MIMALLOC_ALLOW_THP=0 and turned transparent huge pages off for the process (prctl), which
-  # /proc reports as THP_enabled 0 (absent on kernels before 6.x: not checked there).
-  assert got.pop("thp") in ("0", None)
   # The same process (exec keeps the pid that a scheduler or a test signals) with the same arguments, now with
   # mimalloc mapped in.
   assert got == dict(pid=proc.pid, argv=["positional"], preload=LIBRARY, in_use="mimalloc")
@@ -88,3 +83,12 @@ def test_system_keeps_glibc_and_an_unknown_setting_is_one_line():
   proc, out, err = _probe({allocator.ENV: "tcmalloc"})
   assert proc.returncode == 2 and err.strip().startswith("error: QWENVL_CPU_ALLOCATOR='tcmalloc'"), err
   assert "Traceback" not in err
+
+
+@needs_mimalloc
+def test_mimalloc_reads_the_settings_it_is_given():
+  # mimalloc prints its options when MIMALLOC_VERBOSE=1: the ones mimalloc_environ sets are the ones in force.
+  env = allocator.mimalloc_environ({k: v for k, v in os.environ.items() if not k.startswith("MIMALLOC_")})
+  proc = subprocess.run([sys.executable, "-c", "pass"], env={**env, "MIMALLOC_VERBOSE": "1"}, capture_output=True,
+                        text=True, timeout=60, check=True)
+  assert "option 'arena_eager_commit': 0" in proc.stderr and "option 'purge_delay': -1" in proc.stderr, proc.stderr
