@@ -18,6 +18,8 @@ training stops on a NaN loss) instead of being silently replaced by a different 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -128,12 +130,12 @@ def _rows(q, k, v, *, mask, scale):
   @jax.checkpoint
   def one_row(row):
     qr, kr, vr, mr = row  # [T, N, H], [S, N, H], [S, N, H], [1, T, S] or None
-    scores = _row_scores(qr.transpose(1, 0, 2), kr.transpose(1, 0, 2)) * scale
+    scores = _row_dot("nth,nsh->nts", qr.transpose(1, 0, 2), kr.transpose(1, 0, 2)) * scale
     if mr is not None:
       scores = jnp.where(mr, scores, jnp.finfo(jnp.float32).min)
     # The shift only keeps exp finite; the result does not depend on it, so it carries no gradient.
     e = jnp.exp(scores - jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
-    out = _row_values(e.astype(vr.dtype), vr.transpose(1, 0, 2))
+    out = _row_dot("nts,nsh->nth", e.astype(vr.dtype), vr.transpose(1, 0, 2))
     out = out / jnp.sum(e, axis=-1, keepdims=True)
     return out.transpose(1, 0, 2).astype(qr.dtype)
 
@@ -154,43 +156,31 @@ def _contract_rows(a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.einsum("nma,nmb->nab", a, b, preferred_element_type=jnp.float32)
 
 
-@jax.custom_vjp
-def _row_scores(q: jax.Array, k: jax.Array) -> jax.Array:
-  """q[N, T, H] k[N, S, H] -> float32 scores [N, T, S]; its dk by `_contract_rows` (JAX's own transpose rule
-  gives the slow layout)."""
-  return jnp.einsum("nth,nsh->nts", q, k, preferred_element_type=jnp.float32)
+# The row attention's two products: spec -> (the spec of d(first operand) from (g, second operand), whether the
+# key-side gradient contracts (g, first) or (first, g)). scores = q k^T: dk = g^T q; values = e v: dv = e^T g.
+_ROW_DOTS = {"nth,nsh->nts": ("nts,nsh->nth", True), "nts,nsh->nth": ("nth,nsh->nts", False)}
 
 
-def _row_scores_fwd(q, k):
-  return _row_scores(q, k), (q, k)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _row_dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """einsum(spec, a, b) in float32 for a spec of `_ROW_DOTS`; the key-side gradient (dk or dv) by
+  `_contract_rows`, as JAX's own transpose rule gives it the slow layout."""
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
-def _row_scores_bwd(res, g):
-  q, k = res
-  dq = jnp.einsum("nts,nsh->nth", g, k, preferred_element_type=jnp.float32)
-  return dq.astype(q.dtype), _contract_rows(g, q).astype(k.dtype)
+def _row_dot_fwd(spec, a, b):
+  return _row_dot(spec, a, b), (a, b)
 
 
-_row_scores.defvjp(_row_scores_fwd, _row_scores_bwd)
+def _row_dot_bwd(spec, res, g):
+  a, b = res
+  da_spec, g_first = _ROW_DOTS[spec]
+  da = jnp.einsum(da_spec, g, b, preferred_element_type=jnp.float32)
+  db = _contract_rows(g, a) if g_first else _contract_rows(a, g)
+  return da.astype(a.dtype), db.astype(b.dtype)
 
 
-@jax.custom_vjp
-def _row_values(e: jax.Array, v: jax.Array) -> jax.Array:
-  """e[N, T, S] v[N, S, H] -> float32 [N, T, H]; its dv by `_contract_rows`."""
-  return jnp.einsum("nts,nsh->nth", e, v, preferred_element_type=jnp.float32)
-
-
-def _row_values_fwd(e, v):
-  return _row_values(e, v), (e, v)
-
-
-def _row_values_bwd(res, g):
-  e, v = res
-  de = jnp.einsum("nth,nsh->nts", g, v, preferred_element_type=jnp.float32)
-  return de.astype(e.dtype), _contract_rows(e, g).astype(v.dtype)
-
-
-_row_values.defvjp(_row_values_fwd, _row_values_bwd)
+_row_dot.defvjp(_row_dot_fwd, _row_dot_bwd)
 
 
 def segment_labels_from_mask(mask: jax.Array) -> jax.Array:
