@@ -122,7 +122,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # runnable
 
 from qwenvl_jax.hardware import allocator
 from qwenvl_jax.model import QwenVL, get_preset
-from qwenvl_jax.model.config import CPU_UNROLL_MAX_LAYERS
 from qwenvl_jax.training import flops, optimizer, step as step_lib
 
 
@@ -279,7 +278,7 @@ def bench_config(name: str, *, res: int = 224, scan_unroll: str = "auto", cpu_op
   if cpu_options:
     cfg = cfg.with_cpu_formulations()  # as the trainer runs on CPU (config.cpu_options)
   if scan_unroll == "auto":
-    unroll = max(cfg.vision.layers, cfg.llm.layers) <= CPU_UNROLL_MAX_LAYERS
+    unroll = cfg.shallow
   else:
     unroll = True if scan_unroll.lower() == "true" else int(scan_unroll)
   return dataclasses.replace(cfg, scan_unroll=unroll)

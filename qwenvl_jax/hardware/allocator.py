@@ -112,7 +112,7 @@ def mimalloc_environ(environ=os.environ) -> dict:
   It commits arena memory as it is used (`MIMALLOC_ARENA_EAGER_COMMIT=0` unless set): by default it commits its
   arenas eagerly and madvises them for transparent huge pages, so Python's and the compiler's many small objects,
   spread over many 2 MiB regions, each cost a 2 MiB page the kernel zeroes. The CPU-demo trainer's 30-step run
-  took 33.6-34.5 s (22 s of kernel time, 38 % of perf samples zeroing pages), 21.9-25.6 s committing lazily,
+  took 33.6-34.5 s (22 s of kernel time, 38 % of perf samples zeroing pages), 21.9-26.9 s committing lazily (four runs),
   24.5-27.8 s under glibc. Turning huge pages off instead (`MIMALLOC_ALLOW_THP=0`, 21.1 s) made `small`'s
   batch-8 step fault 880,000 pages per step on this VM (13.3 s against 11.6 s); committing lazily keeps its huge
   pages (1,725 faults, 11.9 s).

@@ -23,7 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from qwenvl_jax.model import kernels
+from qwenvl_jax.model import kernels, layers
 
 IMPLS = ("xla", "xla_rows", "cudnn", "splash")
 
@@ -142,20 +142,6 @@ def _rows(q, k, v, *, mask, scale):
   return jax.lax.map(one_row, (q, k, v, row_mask))
 
 
-def _contract_rows(a: jax.Array, b: jax.Array) -> jax.Array:
-  """einsum("nma,nmb->nab", a, b) in float32, computed with the longer of its two free dimensions last.
-
-  The weight-like gradients of the row attention (dk = ds^T q, dv = e^T do) contract the query axis, the leading
-  one of both operands. XLA:CPU runs such a dot ~4x faster when the output's last dimension is the long one (one
-  tiny-ViT row, [2, 256, 16] from [2, 256, 256] and [2, 256, 16], one thread: 162 us as [N, S, H], 36 us as
-  [N, H, S]), so for a short last dimension it computes the transpose and swaps it back; the barrier keeps XLA
-  from folding the swap into the dot, which would be the slow dot again (168 us)."""
-  if a.shape[2] > b.shape[2]:
-    flipped = jnp.einsum("nmb,nma->nba", b, a, preferred_element_type=jnp.float32)
-    return jax.lax.optimization_barrier(flipped).swapaxes(1, 2)
-  return jnp.einsum("nma,nmb->nab", a, b, preferred_element_type=jnp.float32)
-
-
 # The row attention's two products: spec -> (the spec of d(first operand) from (g, second operand), whether the
 # key-side gradient contracts (g, first) or (first, g)). scores = q k^T: dk = g^T q; values = e v: dv = e^T g.
 _ROW_DOTS = {"nth,nsh->nts": ("nts,nsh->nth", True), "nts,nsh->nth": ("nth,nsh->nts", False)}
@@ -164,7 +150,7 @@ _ROW_DOTS = {"nth,nsh->nts": ("nts,nsh->nth", True), "nts,nsh->nth": ("nth,nsh->
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _row_dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
   """einsum(spec, a, b) in float32 for a spec of `_ROW_DOTS`; the key-side gradient (dk or dv) by
-  `_contract_rows`, as JAX's own transpose rule gives it the slow layout."""
+  `layers.contract_rows`, as JAX's own transpose rule gives it the slow layout."""
   return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
@@ -176,7 +162,12 @@ def _row_dot_bwd(spec, res, g):
   a, b = res
   da_spec, g_first = _ROW_DOTS[spec]
   da = jnp.einsum(da_spec, g, b, preferred_element_type=jnp.float32)
-  db = _contract_rows(g, a) if g_first else _contract_rows(a, g)
+  # dk = ds^T q and dv = e^T do contract the query axis; laid out [N, S, H] (JAX's own rule) XLA:CPU runs them
+  # ~4.5x slower than as [N, H, S] (one tiny-ViT row, [2, 256, 16] from [2, 256, 256] and [2, 256, 16], one
+  # thread: 162 against 36 us), so they are flipped whenever keys outnumber the head dimension.
+  first, second = (g, a) if g_first else (a, g)
+  db = layers.contract_rows(first, second, flip=first.shape[2] > second.shape[2],
+                            preferred_element_type=jnp.float32)
   return da.astype(a.dtype), db.astype(b.dtype)
 
 

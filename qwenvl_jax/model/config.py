@@ -146,9 +146,13 @@ class QwenVLConfig:
     the formulations XLA:CPU runs faster: row-wise attention where the default "xla" is set, `cpu_layouts`, and
     the layer scans unrolled when no stack is deeper than `CPU_UNROLL_MAX_LAYERS`. Used by the CPU train-step bench
     and by the trainer on a CPU backend (`config.cpu_options`)."""
-    shallow = max(self.vision.layers, self.llm.layers) <= CPU_UNROLL_MAX_LAYERS
     return dataclasses.replace(self, attention_impl="xla_rows" if self.attention_impl == "xla" else self.attention_impl,
-                               cpu_layouts=True, scan_unroll=True if shallow else self.scan_unroll)
+                               cpu_layouts=True, scan_unroll=True if self.shallow else self.scan_unroll)
+
+  @property
+  def shallow(self) -> bool:
+    """No layer stack deeper than `CPU_UNROLL_MAX_LAYERS` (the stacks CPU runs unroll)."""
+    return max(self.vision.layers, self.llm.layers) <= CPU_UNROLL_MAX_LAYERS
 
 
 # Shallow stacks (the `tiny` preset) are unrolled on CPU; deeper ones keep their scan, whose compile time does not

@@ -88,19 +88,29 @@ def _matmul_2d_fwd(x, w):
   return x @ w, (x, w)
 
 
-# XLA:CPU's dot runs a contraction over the rows fastest when the longer of the two free dimensions comes last: for
-# a kernel with K >= 4 N, (g^T x)^T beats x^T g (1 thread, rows x K x N: 8192x588x32 3.4 -> 2.0 ms, 8192x128x32
-# 1.6 -> 0.6, 3072x3072x768 91 -> 81), while below that ratio it loses (768x2048x768 26 -> 31, 8192x32x128
-# 0.6 -> 1.6). The barrier keeps the transpose out of the dot (fused in, it is the slow x^T g again).
+def contract_rows(a: jax.Array, b: jax.Array, *, flip: bool, preferred_element_type=None) -> jax.Array:
+  """einsum("...ma,...mb->...ab", a, b): a product contracting the rows of both operands (a weight gradient).
+
+  XLA:CPU runs such a dot several times faster when the output's last dimension is the longer free one. flip
+  computes "...mb,...ma->...ba" and swaps the last two axes back behind an optimization barrier: without it XLA
+  folds the swap into the dot, the slow layout again. The caller decides when that pays, from measurements
+  (`_matmul_2d_bwd`, the row attention's dk and dv in `attention._row_dot`)."""
+  if flip:
+    flipped = jnp.einsum("...mb,...ma->...ba", b, a, preferred_element_type=preferred_element_type)
+    return jax.lax.optimization_barrier(flipped).swapaxes(-1, -2)
+  return jnp.einsum("...ma,...mb->...ab", a, b, preferred_element_type=preferred_element_type)
+
+
+# A kernel with K >= 4 N gets its weight gradient flipped, (g^T x)^T (1 thread, rows x K x N: 8192x588x32 3.4 ->
+# 2.0 ms, 8192x128x32 1.6 -> 0.6, 3072x3072x768 91 -> 81); below that ratio flipping loses (768x2048x768 26 -> 31,
+# 8192x32x128 0.6 -> 1.6).
 _WIDE_KERNEL_RATIO = 4
 
 
 def _matmul_2d_bwd(res, g):
   x, w = res
   dx = jnp.einsum("mn,kn->mk", g, w)
-  if x.shape[1] >= _WIDE_KERNEL_RATIO * g.shape[1]:
-    return dx, jax.lax.optimization_barrier(jnp.einsum("mn,mk->nk", g, x)).T
-  return dx, jnp.einsum("mk,mn->kn", x, g)
+  return dx, contract_rows(x, g, flip=x.shape[1] >= _WIDE_KERNEL_RATIO * g.shape[1])
 
 
 _matmul_2d.defvjp(_matmul_2d_fwd, _matmul_2d_bwd)

@@ -296,20 +296,20 @@ class Engine:
       if item is None:
         return
       if isinstance(item, Request):
-        if item.cancelled:
-          self._count("cancelled_waiting")  # its client left before it was taken in: it never held a slot
-        else:
-          self._waiting.append(item)
+        self._waiting.append(item)  # one already cancelled is dropped and counted by `_free_cancelled`
       # A ("cancel", request) item only wakes the loop; the flag is read by `_free_cancelled`.
 
   def _free_cancelled(self) -> None:
     for i, slot in enumerate(self._active):
       if slot is not None and slot.request.cancelled:
         self._finish(i, "cancelled")
+    kept = collections.deque()
     for r in self._waiting:
       if r.cancelled:
-        self._count("cancelled_waiting")
-    self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
+        self._count("cancelled_waiting")  # its client left before it got a slot
+      else:
+        kept.append(r)
+    self._waiting = kept
 
   def _count(self, name: str) -> None:
     with self._lock:
