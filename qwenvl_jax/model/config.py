@@ -156,7 +156,10 @@ class QwenVLConfig:
 
 
 # Shallow stacks (the `tiny` preset) are unrolled on CPU; deeper ones keep their scan, whose compile time does not
-# grow with depth. (`small`'s 12 layers unrolled: 1.81 s per step against 1.96 s at batch 1, one measurement.)
+# grow with depth. `small`'s 12 layers unrolled gain little at small batches and lose at large ones: CPU seconds
+# per JAX step, one core, scanned against unrolled, 2.27-2.37 / 2.22-2.35 at batch 1, 7.44-7.65 / 7.25-7.31 at
+# batch 4, 29.7-30.2 / 33.7-34.3 at batch 16 (three steps each, seventh session; an earlier single measurement
+# at batch 1 gave 1.96 / 1.81 s).
 CPU_UNROLL_MAX_LAYERS = 8
 
 
