@@ -137,6 +137,11 @@ class QwenVLConfig:
     """Features each image contributes to the LLM: the `<imgpad>` slots of one `<img>...</img>` span."""
     return self.resampler.num_queries
 
+  @property
+  def attention_head_dims(self) -> tuple[int, int, int]:
+    """The head dims of the model's three attentions, those `attention_impl` runs: ViT, adapter, LLM."""
+    return self.vision.head_dim, self.llm.width // self.resampler.heads, self.llm.head_dim
+
   def with_image_size(self, image_size: int) -> "QwenVLConfig":
     """Same weights at another resolution (stage 1 at 224 px -> stage 2 at 448 px)."""
     return dataclasses.replace(self, vision=dataclasses.replace(self.vision, image_size=image_size))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +60,30 @@ def target_platform() -> str:
   if not mesh.empty and mesh.abstract_device is not None:
     return mesh.abstract_device.platform
   return jax.default_backend()
+
+
+def check_attention_impl(impl: str, platform: str, *, dtype=None, head_dims: Sequence[int] = ()) -> None:
+  """Raises ValueError when kernel `impl` cannot run in a computation for `platform` (`jax.default_backend()`
+  names) with compute `dtype` and attention `head_dims`: the checks the kernels make when traced, also callable
+  before anything is traced, so an entry point refuses such a config before it writes a file
+  (`training.validation`). 'xla' and 'xla_rows' run anywhere; the splash kernel's Pallas interpreter
+  (`interpret_mode`, tests only) is the caller's exception."""
+  if impl == "splash" and platform != "tpu":
+    raise ValueError(f"attention_impl='splash' is a TPU kernel but this computation is for {platform!r}; use "
+                     "attention_impl='xla' (or 'cudnn' on GPU), or the Pallas interpreter "
+                     "(qwenvl_jax.model.kernels.interpret_mode(), tests only)")
+  if impl != "cudnn":
+    return
+  if platform not in ("gpu", "cuda"):
+    raise ValueError(f"attention_impl='cudnn' needs an NVIDIA GPU but this computation is for {platform!r}; use "
+                     "attention_impl='xla' (any backend) or 'splash' (TPU)")
+  if dtype is not None and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f"attention_impl='cudnn' needs a bfloat16 or float16 compute dtype, got {jnp.dtype(dtype)}; "
+                     "set dtype='bfloat16' or use attention_impl='xla'")
+  for h in head_dims:
+    # 128 is the limit before Hopper (256 from sm90); the stricter bound keeps a config portable across GPUs.
+    if h > 128 or h % 8:
+      raise ValueError(f"attention_impl='cudnn' needs a head dim <= 128 and a multiple of 8, got {h}")
 
 
 def _round_up(x: int, m: int) -> int:
@@ -117,11 +142,8 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, 
     ValueError: inconsistent shapes or dtypes, or not compiling for TPU outside `interpret_mode()`.
   """
   interpret = _INTERPRET.get()
-  platform = target_platform()
-  if platform != "tpu" and not interpret:
-    raise ValueError(f"attention_impl='splash' is a TPU kernel but this computation is for {platform!r}; use "
-                     "attention_impl='xla' (or 'cudnn' on GPU), or the Pallas interpreter "
-                     "(qwenvl_jax.model.kernels.interpret_mode(), tests only)")
+  if not interpret:
+    check_attention_impl("splash", target_platform())
   b, t, n, h = q.shape
   s = k.shape[1]
   if k.shape != (b, s, n, h) or v.shape != k.shape:
@@ -195,17 +217,7 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array
   Raises:
     ValueError: not compiling for an NVIDIA GPU, or dtypes/head dims cuDNN cannot take (named in the message).
   """
-  platform = target_platform()
-  if platform not in ("gpu", "cuda"):
-    raise ValueError(f"attention_impl='cudnn' needs an NVIDIA GPU but this computation is for {platform!r}; use "
-                     "attention_impl='xla' (any backend) or 'splash' (TPU)")
-  if q.dtype not in (jnp.bfloat16, jnp.float16):
-    raise ValueError(f"attention_impl='cudnn' needs a bfloat16 or float16 compute dtype, got {q.dtype}; set "
-                     "dtype='bfloat16' or use attention_impl='xla'")
-  h = q.shape[-1]
-  # 128 is the limit before Hopper (256 from sm90); the stricter bound keeps a config portable across GPUs.
-  if h > 128 or h % 8:
-    raise ValueError(f"attention_impl='cudnn' needs a head dim <= 128 and a multiple of 8, got {h}")
+  check_attention_impl("cudnn", target_platform(), dtype=q.dtype, head_dims=(q.shape[-1],))
   if mask is not None and (mask.dtype != jnp.bool_ or mask.ndim != 4):
     raise ValueError(f"cudnn attention wants a 4-d boolean mask, got {mask.dtype}{list(mask.shape)}")
   return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")

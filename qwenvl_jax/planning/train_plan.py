@@ -59,12 +59,20 @@ def plan_stage(config: ml_collections.ConfigDict, topology: chips.Topology) -> t
   Raises:
     ValueError: the batch does not split over the mesh, or mesh degrees that do not match the topology.
   """
+  return plan_on_devices(config, mesh_lib.topology_devices(topology), topology.chip, torus=topology.shape,
+                         num_slices=topology.num_slices)
+
+
+def plan_on_devices(config: ml_collections.ConfigDict, devices: list, chip: chips.ChipSpec, *,
+                    torus: tuple[int, ...] = (), num_slices: int = 1) -> tuple[aot.StepPlan, dict]:
+  """`plan_stage` for given devices: a TPU topology's abstract ones, or this host's real accelerators (e.g.
+  `jax.devices()` with `chips.chip_spec(device_kind)`, to put the estimate next to a measured step,
+  bench/bench_train_step_gpu.py). Compiles only; allocates nothing."""
   cfg = model_config_for(config)
   ici = {k: int(v) for k, v in config.mesh.ici.items()}
   dcn = {k: int(v) for k, v in config.mesh.dcn.items()}
-  if topology.num_slices > 1 and all(v == 1 for v in dcn.values()):
-    dcn["data"] = topology.num_slices  # as the launcher does: slices join over DCN on the data axis
-  devices = mesh_lib.topology_devices(topology)
+  if num_slices > 1 and all(v == 1 for v in dcn.values()):
+    dcn["data"] = num_slices  # as the launcher does: slices join over DCN on the data axis
   mesh = sharding.make_mesh(ici, dcn, devices=devices)
   rules = sharding.load_rules(config.mesh.rules)
   setup = build_step(config, cfg, mesh, rules)
@@ -78,10 +86,9 @@ def plan_stage(config: ml_collections.ConfigDict, topology: chips.Topology) -> t
   model_flops = flops.train_step_flops(cfg, batch=config.batch_size, seq_len=config.seq_len,
                                        max_images=config.max_images, is_trainable=lambda p: not is_frozen(p)).total
   with sharding.use_rules(mesh, rules):
-    compiled, plan = aot.compile_step(setup.step_fn, (state, batch), chip=topology.chip, mesh=mesh,
+    compiled, plan = aot.compile_step(setup.step_fn, (state, batch), chip=chip, mesh=mesh,
                                out_shardings=(state_shardings, replicated), donate_argnums=0,
-                               model_flops=model_flops, global_batch=config.batch_size,
-                               torus=topology.shape)
+                               model_flops=model_flops, global_batch=config.batch_size, torus=torus)
   flat_params = _flat(setup.abstract_params)
   trainable = sum(x.size for k, x in flat_params.items() if not is_frozen(k))
   f32 = lambda x: x.dtype == jnp.float32

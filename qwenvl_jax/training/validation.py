@@ -3,21 +3,23 @@
 A typo must not leave a trace: a `config.json` recorded for a config that then crashes refuses the corrected
 command, and an empty `checkpoints/` looks like a run. So `check_config` runs first in `train` and checks, without
 allocating a parameter or writing a file: the numeric fields (sizes, cadences), the enumerations (resume,
-distributed.initialize, optimizer schedule), the model preset with the run's resolution and numerics, the mesh
-against the devices and the batch against the mesh, the tokenizer spec (its file is opened), the init spec, and the
-data sources (their files are opened and indexed, TFDS datasets looked up). Failures raise `errors.ConfigError`
-naming the config key.
+distributed.initialize, optimizer schedule), the model preset with the run's resolution and numerics, the
+attention kernel against the backend, the mesh against the devices and the batch against the mesh, the tokenizer
+spec (its file is opened), the init spec, and the data sources (their files are opened and indexed, TFDS datasets
+looked up). Failures raise `errors.ConfigError` naming the config key.
 """
 
 from __future__ import annotations
 
 import os
 
+import jax
 import ml_collections
 from flax import nnx
 
 from qwenvl_jax import errors
 from qwenvl_jax.model import config as model_config
+from qwenvl_jax.model import kernels
 
 # The SentencePiece model of the synthetic data needs <unk>, 13 symbols and 256 byte pieces before any learned piece.
 _MIN_SYNTHETIC_VOCAB = 1 + 13 + 256 + 1
@@ -58,6 +60,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     cfg = cfg.with_image_size(config.res)
   except ValueError as e:
     raise errors.ConfigError(f"config.model={config.model!r} at config.res={config.res}: {e}") from e
+  try:  # a kernel this backend cannot run (cudnn on a CPU, splash off TPU) fails at its first trace otherwise
+    kernels.check_attention_impl(config.attention_impl, jax.default_backend(), dtype=cfg.dtype,
+                                 head_dims=cfg.attention_head_dims)
+  except ValueError as e:
+    raise errors.ConfigError(f"config.attention_impl={config.attention_impl!r}: {e}") from e
   try:
     mesh, rules = experiment.make_mesh(config)
     setup.check_batch(config, mesh, rules)

@@ -15,7 +15,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from qwenvl_jax import sharding
-from qwenvl_jax.model import attention, kernels, tiny
+from qwenvl_jax.model import attention, get_preset, kernels, tiny
 from qwenvl_jax.model.config import LLMConfig
 from qwenvl_jax.model.qwen import QwenLM
 
@@ -214,6 +214,22 @@ def test_cudnn_on_cpu_is_an_error_naming_the_backend():
   with pytest.raises(ValueError, match="cudnn.*NVIDIA GPU"):
     model(jnp.ones((1, 4, 16), jnp.bfloat16), positions=jnp.zeros((1, 4), jnp.int32),
           segment_ids=jnp.ones((1, 4), jnp.int32))
+
+
+def test_the_kernels_own_checks_run_before_tracing_for_every_backend():
+  """`kernels.check_attention_impl`, which the trainer's config check calls with the backend, the compute dtype
+  and the model's head dims: a GPU run of cudnn with a float32 compute dtype or a 256-wide head is refused too."""
+  for impl, platform in [("xla", "cpu"), ("xla_rows", "gpu"), ("cudnn", "gpu"), ("splash", "tpu")]:
+    kernels.check_attention_impl(impl, platform, dtype=jnp.bfloat16, head_dims=(104, 128, 128))
+  with pytest.raises(ValueError, match="cudnn.*bfloat16 or float16.*float32"):
+    kernels.check_attention_impl("cudnn", "gpu", dtype="float32")
+  with pytest.raises(ValueError, match="cudnn.*head dim <= 128.*256"):
+    kernels.check_attention_impl("cudnn", "gpu", dtype=jnp.bfloat16, head_dims=(64, 256))
+  with pytest.raises(ValueError, match="splash.*TPU kernel.*'gpu'"):
+    kernels.check_attention_impl("splash", "gpu")
+  # The presets' three attentions (ViT, adapter, LLM) all have heads cuDNN takes.
+  assert get_preset("qwen_vl_7b").attention_head_dims == (104, 128, 128)
+  assert get_preset("mid").attention_head_dims == (64, 128, 128)
 
 
 def test_unknown_impls_are_rejected():
