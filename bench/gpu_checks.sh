@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The GPU figures issues 15 and 16 ask for, in one call of the device tool (one H200; 15 minutes of device time
+# per session, the machine's start-up included), most important first, each under its own time limit so that a
+# slow step cannot eat the others' time. Prepare here with bench/gpu_wheels.sh, then:
+#
+#   device run: command="bash bench/gpu_checks.sh", carry=[".whl"], timeout_s=590
+#
+# Each check's output comes back as $OUT/<name>.txt, with $OUT/summary.txt (exit status and seconds of each) and
+# $OUT/env.txt (jax, devices, GPU). `bash bench/gpu_checks.sh train_step serve` runs only the named checks.
+# Checks (names, limits in seconds):
+#   train_step 270  issue 16: mid, stage 2, bf16, batch 8 x 2048, attention xla vs cudnn: the trainer's step time,
+#                   tokens/s and MFU next to the planner's estimate (bench/bench_train_step_gpu.py)
+#   serve      180  issue 15: the server with the mid preset in bf16, 1 / 4 / 16 / 64 clients (bench/bench_serve.py)
+#   slots      100  issue 15: how many serving slots of mid fit and their decode tokens/s
+#                   (bench/bench_server_slots_gpu.py; the full-size qwen_vl_7b figure needs longer than one call)
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_checks}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+# One compilation cache for every process: the planner's compile of the step the trainer just compiled may hit it.
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache}
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "installing the carried wheels failed" | tee "$OUT/summary.txt"; exit 1; }
+  export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+{
+  python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import qwenvl_jax.train, qwenvl_jax.serve; print('qwenvl_jax imports')"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+check() {  # name, limit (s), command...
+  local name=$1 limit=$2
+  shift 2
+  if [ ${#SELECTED[@]} -gt 0 ] && [[ ! " ${SELECTED[*]} " == *" $name "* ]]; then
+    return
+  fi
+  local start=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.txt" 2>&1
+  local rc=$?
+  echo "$name: exit $rc after $((SECONDS - start)) s (limit $limit; 124 = timed out)" | tee -a "$OUT/summary.txt"
+  tail -n 12 "$OUT/$name.txt"
+}
+SELECTED=("$@")
+# PRESET / DTYPE / SEQ_LEN: a check of this script on a CPU (PRESET=tiny DTYPE=float32 SEQ_LEN=256 OUT=/tmp/x).
+PRESET=${PRESET:-mid}
+DTYPE=${DTYPE:-bfloat16}
+check train_step 270 python3 bench/bench_train_step_gpu.py --preset="$PRESET" --impls=xla,cudnn --batch=8 \
+  --seq_len="${SEQ_LEN:-2048}" --steps=8 --log_every=4 ${DTYPE:+--dtype=$DTYPE}
+check serve 180 python3 bench/bench_serve.py --model="$PRESET" --dtype="$DTYPE" --slots=64 --context=512 --requests=128
+check slots 100 python3 bench/bench_server_slots_gpu.py --preset="$PRESET" --slots=64,256

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Fetches, here, the wheels that a lent GPU machine (the device tool's nvidia-h200 image: Python 3.12, its own jax
+# 0.11.x with the CUDA plugin, no network) lacks for this package, into .whl/ (ignored by git), for
+# bench/gpu_checks.sh to install there. About 16 MB; run from the repository root:
+#
+#   bash bench/gpu_wheels.sh && echo /.whl/ >> .git/info/exclude
+#   device run: command="bash bench/gpu_checks.sh", carry=[".whl"], timeout_s=590
+#
+# The list: what `pip install --dry-run --report` resolves for requirements.txt on Python 3.12, minus jax and
+# jaxlib (the image's, with its CUDA plugin: jaxlib's wheel alone is over the tool's 64 MiB limit), minus the
+# CPU-only allocator and the cleaning job's packages (apache-beam and the text filters), minus what the image
+# already has (the device tool's KINDS.md list, read 2026-12-04), plus flax, optax and orbax-checkpoint at our pins
+# so that only jax differs from what the suite tests. The versions of packages pinned in requirements.txt must
+# match it (tests/test_gpu_scripts.py checks).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WHEELS=(
+  annotated-types==0.8.0 array-record==0.8.6 dm-tree==0.1.10 docstring-parser==0.18.0 fastapi==0.165.0
+  flax==0.12.8 googleapis-common-protos==1.76.0 grain==0.2.18 httpcore2==2.16.2 httpx2==2.16.2
+  immutabledict==4.3.1 importlib-resources==7.1.0 ml-collections==1.1.0 opentelemetry-api==1.45.2 optax==0.2.8
+  orbax-checkpoint==0.12.8 portpicker==1.6.0 pydantic-core==2.50.5 pydantic==2.14.4 qwix==0.1.8
+  simple-parsing==0.1.9 starlette==1.10.0 tensorboardx==2.6.5 tensorflow-datasets==4.9.10
+  tensorflow-metadata==1.21.0 termcolor==3.3.0 toml==0.10.2 truststore==0.10.5 typing-inspection==0.4.5
+  uvicorn==0.55.0
+)
+# Published as a source distribution only: built here into a pure-Python wheel.
+SOURCE_ONLY=(promise==2.3)
+mkdir -p .whl
+for spec in "${WHEELS[@]}"; do
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+    --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl "$spec"
+done
+for spec in "${SOURCE_ONLY[@]}"; do
+  python3 -m pip wheel -q --no-deps -w .whl "$spec"
+done
+echo "$(ls .whl | wc -l) wheels, $(du -sh .whl | cut -f1) in .whl/"

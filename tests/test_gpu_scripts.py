@@ -1,0 +1,52 @@
+"""The prepared GPU run (bench/gpu_checks.sh, bench/gpu_wheels.sh) cannot run here, and a mistake in it would cost
+a GPU session's short device time: check here what can be checked without a GPU."""
+import pathlib
+import re
+import shlex
+import subprocess
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CHECKS = REPO / "bench" / "gpu_checks.sh"
+WHEELS = REPO / "bench" / "gpu_wheels.sh"
+
+
+def _normal(name: str) -> str:
+  return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_both_scripts_parse_as_bash():
+  for script in (CHECKS, WHEELS):
+    subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_the_carried_wheels_are_the_versions_requirements_pins():
+  pins = {}
+  for line in (REPO / "requirements.txt").read_text().splitlines():
+    line = line.split("#")[0].strip()
+    if "==" in line:
+      name, version = line.split("==")
+      pins[_normal(name)] = version.strip()
+  text = WHEELS.read_text()
+  listed = text.split("WHEELS=(")[1].split(")")[0]
+  carried = {_normal(m.group(1)): m.group(2) for m in re.finditer(r"\b([A-Za-z][\w.\-]*)==([\w.]+)", listed)}
+  assert len(carried) >= 25
+  shared = set(carried) & set(pins)
+  assert {"flax", "optax", "orbax-checkpoint", "qwix", "grain", "fastapi", "uvicorn", "ml-collections"} <= shared
+  assert {n: carried[n] for n in shared} == {n: pins[n] for n in shared}
+  # jax and jaxlib come from the image (with its CUDA plugin); never carried.
+  assert not {"jax", "jaxlib"} & set(carried)
+
+
+def test_every_flag_the_checks_pass_is_one_the_bench_script_takes():
+  text = CHECKS.read_text().replace("\\\n", " ")
+  commands = [line.split("python3", 1)[1] for line in text.splitlines()
+              if line.startswith("check ") and "python3 bench/" in line]
+  assert len(commands) == 3
+  for command in commands:
+    words = shlex.split(command.replace("${DTYPE:+--dtype=$DTYPE}", "--dtype=x"))
+    script = REPO / words[0]
+    source = script.read_text()
+    for word in words[1:]:
+      flag = word.split("=")[0]
+      assert flag.startswith("--"), (script.name, word)
+      assert f'add_argument("{flag}"' in source, f"{script.name} takes no {flag}"
