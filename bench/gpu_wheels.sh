@@ -3,7 +3,7 @@
 # 0.11.x with the CUDA plugin, no network) lacks for this package, into .whl/ (ignored by git), for
 # bench/gpu_checks.sh to install there. About 16 MB; run from the repository root:
 #
-#   bash bench/gpu_wheels.sh && echo /.whl/ >> .git/info/exclude
+#   bash bench/gpu_wheels.sh                       (.whl/ is in .gitignore)
 #   device run: command="bash bench/gpu_checks.sh", carry=[".whl"], timeout_s=590
 #
 # The list: what `pip install --dry-run --report` resolves for requirements.txt on Python 3.12, minus jax and
