@@ -15,7 +15,10 @@ own timers (`Engine.stats`): `device` = the share of the wall time the engine th
 ratio to the one-client level's: the concurrency ratio the device itself allows (on a CPU the decode step of R
 rows costs far more than one row's, so this bound, not the server, caps the ratio).
 
-Then one client's tokens/s against the two single-request paths on the same prompt and length: what
+Then `--agreement` different greedy prompts, answered one at a time and then all at once (one decode batch): how
+many answers are identical (on CPU in float32 all must be; on an accelerator in bf16 the batch shape may change
+low bits, so this is the agreement rate the issue asks for there; random weights make near-ties, so it is a
+pessimistic one). Then one client's tokens/s against the two single-request paths on the same prompt and length: what
 `python -m qwenvl_jax.generate` runs (`inference.chat_stream`: one device call per token, each token detokenized
 and shown), and the whole answer in one jitted loop (`inference.Generator.generate`, what batch jobs use); and the
 engine's compile counts (must not grow after warm-up).
@@ -74,6 +77,25 @@ def _worker(url: str, body: dict, n: int, threads: int) -> tuple[list[tuple[floa
   return out, time.process_time() - c0
 
 
+def _answer(url: str, body: dict) -> str:
+  r = requests.post(url, json=dict(body, stream=False), timeout=600)
+  r.raise_for_status()
+  return r.json()["choices"][0]["message"]["content"]
+
+
+def agreement(url: str, body: dict, n: int) -> tuple[int, float]:
+  """n different greedy prompts answered one at a time, then all at once (one decode batch): how many answers are
+  identical, and the mean share of each answer (characters) before the first difference."""
+  bodies = [dict(body, messages=[{"role": "user", "content": f"Picture {i}: describe it in detail, please."}])
+            for i in range(n)]
+  alone = [_answer(url, b) for b in bodies]
+  with concurrent.futures.ThreadPoolExecutor(n) as pool:
+    together = list(pool.map(lambda b: _answer(url, b), bodies))
+  prefix = lambda a, b: next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+  shares = [prefix(a, b) / max(len(a), len(b), 1) for a, b in zip(alone, together)]
+  return sum(a == b for a, b in zip(alone, together)), float(np.mean(shares))
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--model", default="tiny")
@@ -84,6 +106,8 @@ def main():
   parser.add_argument("--requests", type=int, default=256, help="requests per level, spread over its clients")
   parser.add_argument("--decode_steps", type=int, default=4, help="decode steps per engine call")
   parser.add_argument("--clients", default="1,4,16,64")
+  parser.add_argument("--agreement", type=int, default=16,
+                      help="different prompts answered alone and then all at once, compared (0: skip)")
   parser.add_argument("--client_processes", type=int, default=4, help="processes the clients are spread over")
   parser.add_argument("--xla_threads", default="all", choices=["all", "1"],
                       help="1: XLA:CPU runs each op on the calling thread (see the module docstring)")
@@ -149,6 +173,11 @@ def main():
           f"{bound / single_bound:>6.2f}")
 
   # eos = an id past the tokenizer, never produced: every answer is max_tokens long, as with ignore_eos.
+  if args.agreement:
+    same, share = agreement(url, body, args.agreement)
+    print(f"{args.agreement} different prompts, greedy, answered alone and then all at once: {same} identical, the "
+          f"mean answer {share:.1%} the same before its first difference")
+
   gen = inference.GenerationConfig(max_new_tokens=args.max_tokens, eos_id=tok.vocab_size, pad_id=tok.eod_id,
                                    vocab_limit=tok.vocab_size)
   generator = inference.Generator(model)
