@@ -2,7 +2,7 @@
 
   python bench/bench_quantized_decode.py --preset=tiny
   python bench/bench_quantized_decode.py --preset=100m --batch=4 --new_tokens=32
-  python bench/bench_quantized_decode.py --preset=qwen_vl_7b --batch=4 --context=2048 --platform=gpu   # a GPU host
+  python bench/bench_quantized_decode.py --preset=qwen_vl_7b --batch=4 --prompt_len=1024 --platform=gpu   # a GPU host
 
 Each configuration runs in its own process, so the GPU's `peak_bytes_in_use` is that configuration's alone:
   1. (CPU) random weights of the preset saved as a bf16 params checkpoint, and int8 / int4 checkpoints made from it

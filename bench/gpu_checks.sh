@@ -6,13 +6,17 @@
 #   device run: command="bash bench/gpu_checks.sh", carry=[".whl"], timeout_s=590
 #
 # Each check's output comes back as $OUT/<name>.txt, with $OUT/summary.txt (exit status and seconds of each) and
-# $OUT/env.txt (jax, devices, GPU). `bash bench/gpu_checks.sh train_step serve` runs only the named checks.
+# $OUT/env.txt (jax, devices, GPU). `bash bench/gpu_checks.sh train_step serve` runs only the named checks; with
+# no names, the first three (the open issues' figures).
 # Checks (names, limits in seconds):
 #   train_step 270  issue 16: mid, stage 2, bf16, batch 8 x 2048, attention xla vs cudnn: the trainer's step time,
 #                   tokens/s and MFU next to the planner's estimate (bench/bench_train_step_gpu.py)
 #   serve      180  issue 15: the server with the mid preset in bf16, 1 / 4 / 16 / 64 clients (bench/bench_serve.py)
 #   slots      100  issue 15: how many serving slots of mid fit and their decode tokens/s
 #                   (bench/bench_server_slots_gpu.py; the full-size qwen_vl_7b figure needs longer than one call)
+#   lora       240  issue 14 (resolved on paper): QLoRA nf4 of qwen_vl_7b, rank 64, seq 2048, cudnn: the device's
+#                   peak bytes against the official 19.3 GB (bench/lora_memory.py)
+#   quantized  200  int8 / int4 weights and the int8 KV cache against bf16, mid (bench/bench_quantized_decode.py)
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_checks}
@@ -35,7 +39,7 @@ cat "$OUT/env.txt"
 check() {  # name, limit (s), command...
   local name=$1 limit=$2
   shift 2
-  if [ ${#SELECTED[@]} -gt 0 ] && [[ ! " ${SELECTED[*]} " == *" $name "* ]]; then
+  if [[ ! " ${SELECTED[*]} " == *" $name "* ]]; then
     return
   fi
   local start=$SECONDS
@@ -45,6 +49,7 @@ check() {  # name, limit (s), command...
   tail -n 12 "$OUT/$name.txt"
 }
 SELECTED=("$@")
+[ ${#SELECTED[@]} -gt 0 ] || SELECTED=(train_step serve slots)
 # PRESET / DTYPE / SEQ_LEN: a check of this script on a CPU (PRESET=tiny DTYPE=float32 SEQ_LEN=256 OUT=/tmp/x).
 PRESET=${PRESET:-mid}
 DTYPE=${DTYPE:-bfloat16}
@@ -52,3 +57,7 @@ check train_step 270 python3 bench/bench_train_step_gpu.py --preset="$PRESET" --
   --seq_len="${SEQ_LEN:-2048}" --steps=8 --log_every=4 ${DTYPE:+--dtype=$DTYPE}
 check serve 180 python3 bench/bench_serve.py --model="$PRESET" --dtype="$DTYPE" --slots=64 --context=512 --requests=128
 check slots 100 python3 bench/bench_server_slots_gpu.py --preset="$PRESET" --slots=64,256
+check lora 240 python3 bench/lora_memory.py --model=qwen_vl_7b --lora=64 --base_quantize=nf4 --seq_len=2048 --batch=1 \
+  --attention=cudnn
+check quantized 200 python3 bench/bench_quantized_decode.py --preset="$PRESET" --batch=4 --prompt_len=1024 \
+  --platform=gpu

@@ -41,7 +41,7 @@ def test_every_flag_the_checks_pass_is_one_the_bench_script_takes():
   text = CHECKS.read_text().replace("\\\n", " ")
   commands = [line.split("python3", 1)[1] for line in text.splitlines()
               if line.startswith("check ") and "python3 bench/" in line]
-  assert len(commands) == 3
+  assert len(commands) == 5
   for command in commands:
     words = shlex.split(command.replace("${DTYPE:+--dtype=$DTYPE}", "--dtype=x"))
     script = REPO / words[0]
@@ -50,3 +50,25 @@ def test_every_flag_the_checks_pass_is_one_the_bench_script_takes():
       flag = word.split("=")[0]
       assert flag.startswith("--"), (script.name, word)
       assert f'add_argument("{flag}"' in source, f"{script.name} takes no {flag}"
+
+
+def test_every_flag_in_a_bench_docstring_example_is_one_its_script_takes():
+  """The commands bench scripts show in their docstrings are what a GPU session copies: a flag a script does not
+  take (one said `--context`) fails there after the machine's start-up."""
+  checked = 0
+  for script in sorted((REPO / "bench").glob("*.py")):
+    source = script.read_text()
+    if "argparse" not in source:
+      continue
+    doc = source.split('"""')[1] if source.lstrip().startswith('"""') else ""
+    for line in re.sub(r"\\+\n\s*", " ", doc).splitlines():  # continued lines (a backslash in the source) joined
+      line = line.strip().split("  #")[0]
+      match = re.search(rf"python3? bench/{re.escape(script.name)}(.*)", line)
+      if not match:
+        continue
+      for word in shlex.split(match.group(1)):
+        if word.startswith("--"):
+          flag = word.split("=")[0]
+          assert re.search(rf"add_argument\(\s*\"{re.escape(flag)}\"", source), f"{script.name}: {line!r} uses {flag}"
+          checked += 1
+  assert checked > 30
