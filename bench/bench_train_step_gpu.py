@@ -13,8 +13,9 @@ one holds the compilation and has no rates) gives the seconds per step, tokens/s
 peak from `hardware.chips`. Then, in this process, the planner compiles the same step for the same devices
 (`planning.train_plan.plan_on_devices`, what `python -m qwenvl_jax.plan` runs for a TPU topology) and prints its
 estimate: step time and MFU as a range (no overlap of compute and communication ... full overlap) and the
-compiler's bytes per device. The trainer writes a final checkpoint (the mid preset: ~12 GB, a few seconds) into
-a temporary directory that is removed afterwards.
+compiler's bytes per device. Each kernel's two lines print as soon as they are known (a run stopped at a time
+limit keeps what it finished), then the table of all. The trainer writes a final checkpoint (the mid preset:
+~12 GB of parameters and Adam moments, seconds on a local disk) into a temporary directory, removed afterwards.
 
 `--chip` names the chip the estimate is for when the device kind does not (a CPU check of the script: the
 estimate then is the chip's, for the program compiled for this CPU, and means nothing).
@@ -33,8 +34,8 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-# The planner runs in this process after the trainers: without this, JAX would reserve most of the GPU's memory
-# here, and it only compiles.
+# The planner runs in this process between the trainer subprocesses: without this, JAX would reserve most of the
+# GPU's memory here (and the next trainer would run out of it), and the planner only compiles.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
@@ -91,6 +92,25 @@ def plan(args, impl: str):
   return train_plan.plan_on_devices(config, devices, chip)
 
 
+def _measured_cells(m: dict) -> str:
+  """s/step, tokens/s and MFU of a trainer run, as table cells."""
+  if "error" in m:
+    return f"{'failed':>8} {'':>10} {'':>6}"
+  mfu = f"{m['mfu']:.1%}" if m.get("mfu") is not None else "n/a"
+  return f"{m['step_time_s']:>8.4g} {m['tokens_per_s']:>10.0f} {mfu:>6}"
+
+
+def _planned_cells(p) -> str:
+  """The estimate's step-time range, MFU range and compiler bytes per device, as table cells."""
+  if p is None or isinstance(p, str):
+    return f"{'-' if p is None else 'failed':>15} {'':>13} {'':>16}"
+  step_plan = p[0]
+  seconds, mfu = step_plan.step_seconds_range, step_plan.mfu_range
+  s = f"{seconds[0]:.3g}-{seconds[1]:.3g}" if seconds else "n/a"
+  u = f"{mfu[0]:.1%}-{mfu[1]:.1%}" if mfu else "n/a"
+  return f"{s:>15} {u:>13} {step_plan.total_bytes / 2**30:>16.2f}"
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--preset", default="mid")
@@ -108,41 +128,30 @@ def main():
   args = parser.parse_args()
   impls = [x for x in args.impls.split(",") if x]
 
-  measured = {}
-  with tempfile.TemporaryDirectory() as root:
-    for impl in impls:
-      print(f"training {args.preset} stage {args.stage}, attention {impl}: {args.steps} steps of {args.batch} x "
-            f"{args.seq_len} ...", flush=True)
+  # Each row is printed as soon as it is known, so a run stopped at its time limit (bench/gpu_checks.sh) still
+  # leaves the rows it finished.
+  measured, planned = {}, {}
+  for impl in impls:  # one kernel's pair (measured, planned) before the next kernel's
+    print(f"training {args.preset} stage {args.stage}, attention {impl}: {args.steps} steps of {args.batch} x "
+          f"{args.seq_len} ...", flush=True)
+    with tempfile.TemporaryDirectory() as root:
       measured[impl] = run_trainer(args, impl, pathlib.Path(root) / impl)
-  planned = {}
-  if not args.no_plan:
-    for impl in impls:
-      print(f"planning attention {impl} for this host's devices ...", flush=True)
-      try:
-        planned[impl] = plan(args, impl)
-      except Exception as e:  # pylint: disable=broad-except  (a bench: report the failure, keep the other rows)
-        planned[impl] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    print(f"  measured ({measured[impl]['wall']:.0f} s): s/step, tokens/s, MFU = {_measured_cells(measured[impl])}",
+          flush=True)
+    if args.no_plan:
+      continue
+    print(f"planning attention {impl} for this host's devices ...", flush=True)
+    try:
+      planned[impl] = plan(args, impl)
+    except Exception as e:  # pylint: disable=broad-except  (a bench: report the failure, keep the other rows)
+      planned[impl] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    print(f"  planned: est. s/step, est. MFU, compiler GiB/dev = {_planned_cells(planned[impl])}", flush=True)
 
   print(f"\n{args.preset}, stage {args.stage}, {args.batch} x {args.seq_len} tokens per step")
   print(f"{'attention':>9} {'s/step':>8} {'tokens/s':>10} {'MFU':>6} | {'est. s/step':>15} {'est. MFU':>13} "
         f"{'compiler GiB/dev':>16}")
   for impl in impls:
-    m = measured[impl]
-    if "error" in m:
-      left = f"{'failed':>8} {'':>10} {'':>6}"
-    else:
-      mfu = f"{m['mfu']:.1%}" if m.get("mfu") is not None else "n/a"
-      left = f"{m['step_time_s']:>8.4g} {m['tokens_per_s']:>10.0f} {mfu:>6}"
-    p = planned.get(impl)
-    if p is None or isinstance(p, str):
-      right = f"{'-' if p is None else 'failed':>15} {'':>13} {'':>16}"
-    else:
-      step_plan = p[0]
-      seconds, mfu = step_plan.step_seconds_range, step_plan.mfu_range
-      s = f"{seconds[0]:.3g}-{seconds[1]:.3g}" if seconds else "n/a"
-      u = f"{mfu[0]:.1%}-{mfu[1]:.1%}" if mfu else "n/a"
-      right = f"{s:>15} {u:>13} {step_plan.total_bytes / 2**30:>16.2f}"
-    print(f"{impl:>9} {left} | {right}")
+    print(f"{impl:>9} {_measured_cells(measured[impl])} | {_planned_cells(planned.get(impl))}")
   for impl in impls:
     if "error" in measured[impl]:
       print(f"{impl}: the trainer failed: {measured[impl]['error']}")
