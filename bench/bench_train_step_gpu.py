@@ -81,12 +81,7 @@ def plan(args, impl: str):
   from qwenvl_jax.training.stage_config import stage_config  # pylint: disable=import-outside-toplevel
 
   config = stage_config(args.stage, f"model={args.preset}")
-  for key, value in overrides(args, impl).items():
-    node = config
-    *parents, leaf = key.split(".")
-    for name in parents:
-      node = node[name]
-    node[leaf] = type(node[leaf])(value)
+  config.update_from_flattened_dict(overrides(args, impl))  # the same 'a.b' keys the trainer gets as flags
   devices = jax.devices()
   chip = chips.chip_spec(args.chip or devices[0].device_kind)
   return train_plan.plan_on_devices(config, devices, chip)
