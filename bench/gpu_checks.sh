@@ -35,6 +35,9 @@ fi
   python3 -c "import qwenvl_jax.train, qwenvl_jax.serve; print('qwenvl_jax imports')"
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
+# Every check imports the package: if it does not import, say so once instead of spending device time on each.
+grep -q "^qwenvl_jax imports" "$OUT/env.txt" \
+  || { echo "qwenvl_jax does not import here (env.txt): no check run" | tee "$OUT/summary.txt"; exit 1; }
 
 check() {  # name, limit (s), command...
   local name=$1 limit=$2

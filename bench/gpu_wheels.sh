@@ -9,22 +9,27 @@
 # The list: what `pip install --dry-run --report` resolves for requirements.txt on Python 3.12, minus jax and
 # jaxlib (the image's, with its CUDA plugin: jaxlib's wheel alone is over the tool's 64 MiB limit), minus the
 # CPU-only allocator and the cleaning job's packages (apache-beam and the text filters), minus what the image
-# already has (the device tool's KINDS.md list, read 2026-12-04), plus flax, optax and orbax-checkpoint at our pins
-# so that only jax differs from what the suite tests. The versions of packages pinned in requirements.txt must
-# match it (tests/test_gpu_scripts.py checks).
+# already has (the device tool's KINDS.md list, read 2026-12-04), plus optax and orbax-checkpoint at our pins, and
+# flax 0.12.12 with treescope: jax 0.11 (the image's; it needs Python >= 3.12, so CI's Python 3.11 stays on our
+# 0.10.2 pin) dropped `jax.experimental.hijax.HiPrimitive`, which our flax pin 0.12.8 imports, and flax 0.12.9+
+# needs jax >= 0.11.1. That pair (jax 0.11.2 CPU + flax 0.12.12, Python 3.12) passed the suite here, the tests that
+# need torch aside (README, the GPU run). Every other package pinned in requirements.txt is
+# carried at its pin (tests/test_gpu_scripts.py checks).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=(
   annotated-types==0.8.0 array-record==0.8.6 dm-tree==0.1.10 docstring-parser==0.18.0 fastapi==0.165.0
-  flax==0.12.8 googleapis-common-protos==1.76.0 grain==0.2.18 httpcore2==2.16.2 httpx2==2.16.2
+  flax==0.12.12 googleapis-common-protos==1.76.0 grain==0.2.18 httpcore2==2.16.2 httpx2==2.16.2
   immutabledict==4.3.1 importlib-resources==7.1.0 ml-collections==1.1.0 opentelemetry-api==1.45.2 optax==0.2.8
   orbax-checkpoint==0.12.8 portpicker==1.6.0 pydantic-core==2.50.5 pydantic==2.14.4 qwix==0.1.8
   simple-parsing==0.1.9 starlette==1.10.0 tensorboardx==2.6.5 tensorflow-datasets==4.9.10
-  tensorflow-metadata==1.21.0 termcolor==3.3.0 toml==0.10.2 truststore==0.10.5 typing-inspection==0.4.5
-  uvicorn==0.55.0
+  tensorflow-metadata==1.21.0 termcolor==3.3.0 toml==0.10.2 treescope==0.1.10 truststore==0.10.5
+  typing-inspection==0.4.5 uvicorn==0.55.0
 )
 # Published as a source distribution only: built here into a pure-Python wheel.
 SOURCE_ONLY=(promise==2.3)
+# Afresh each time: a wheel left from an earlier list (two versions of one package) would stop the install there.
+rm -rf .whl
 mkdir -p .whl
 for spec in "${WHEELS[@]}"; do
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -32,7 +32,10 @@ def test_the_carried_wheels_are_the_versions_requirements_pins():
   assert len(carried) >= 25
   shared = set(carried) & set(pins)
   assert {"flax", "optax", "orbax-checkpoint", "qwix", "grain", "fastapi", "uvicorn", "ml-collections"} <= shared
-  assert {n: carried[n] for n in shared} == {n: pins[n] for n in shared}
+  # flax is the one exception: the image's jax 0.11 needs flax >= 0.12.9, which needs jax >= 0.11.1 (Python >= 3.12),
+  # while requirements.txt pins jax 0.10.2 for Python 3.11 and flax 0.12.8 with it.
+  assert pins["flax"] == "0.12.8" and carried["flax"] == "0.12.12"
+  assert {n: carried[n] for n in shared - {"flax"}} == {n: pins[n] for n in shared - {"flax"}}
   # jax and jaxlib come from the image (with its CUDA plugin); never carried.
   assert not {"jax", "jaxlib"} & set(carried)
 
