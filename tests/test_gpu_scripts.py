@@ -75,3 +75,14 @@ def test_every_flag_in_a_bench_docstring_example_is_one_its_script_takes():
           assert re.search(rf"add_argument\(\s*\"{re.escape(flag)}\"", source), f"{script.name}: {line!r} uses {flag}"
           checked += 1
   assert checked > 30
+
+
+def test_the_gpu_requirements_pull_the_cuda_plugin_of_the_pinned_jax():
+  """requirements-gpu.txt (README, "GPU hosts") adds only the CUDA extra of jax, at requirements.txt's version: a
+  mismatch would make pip refuse the install, or replace the tested jax."""
+  pins = dict(line.split("==") for line in (REPO / "requirements.txt").read_text().splitlines()
+              if line.startswith(("jax==", "jaxlib==")))
+  lines = [line.strip() for line in (REPO / "requirements-gpu.txt").read_text().splitlines()
+           if line.strip() and not line.startswith("#")]
+  assert lines == ["-r requirements.txt", f"jax[cuda12]=={pins['jax']}"]
+  assert pins["jaxlib"] == pins["jax"]
