@@ -133,13 +133,17 @@ def main():
   common = [f"--preset={args.preset}", f"--batch={args.batch}", f"--prompt_len={args.prompt_len}",
             f"--new_tokens={args.new_tokens}", f"--repeats={args.repeats}", f"--group_size={args.group_size}"]
   with tempfile.TemporaryDirectory() as tmp:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    # The caller's PYTHONPATH stays behind ours: on a lent GPU machine the packages we carry are found only there.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
     subprocess.run([sys.executable, __file__, *common, f"--_prepare={tmp}"], check=True,
                    env=dict(env, JAX_PLATFORMS="cpu"))
     results = []
     for weights, kv in CONFIGS:
-      out = subprocess.run([sys.executable, __file__, *common, "--_child", tmp, weights, kv], check=True,
+      out = subprocess.run([sys.executable, __file__, *common, "--_child", tmp, weights, kv], check=False,
                            env=dict(env, JAX_PLATFORMS=args.platform), capture_output=True, text=True)
+      if out.returncode:
+        raise SystemExit(f"error: the {weights} weights / {kv} cache run failed (exit {out.returncode}):\n"
+                         f"{out.stderr[-3000:]}")
       results.append(json.loads(out.stdout.strip().splitlines()[-1]))
   base = results[0]
   print(f"preset={args.preset} batch={args.batch} prompt={args.prompt_len} new={args.new_tokens} "

@@ -86,3 +86,19 @@ def test_the_gpu_requirements_pull_the_cuda_plugin_of_the_pinned_jax():
            if line.strip() and not line.startswith("#")]
   assert lines == ["-r requirements.txt", f"jax[cuda12]=={pins['jax']}"]
   assert pins["jaxlib"] == pins["jax"]
+
+
+def test_bench_subprocesses_keep_the_callers_pythonpath():
+  """On the GPU machine the carried packages are found through PYTHONPATH alone (gpu_checks.sh installs them with
+  `--target`): a bench script that gives its subprocesses PYTHONPATH=<repo> only loses them (bench_quantized_decode
+  did: its `quantized` check would have died with "No module named 'flax'")."""
+  checked = 0
+  for script in sorted((REPO / "bench").glob("*.py")):
+    lines = script.read_text().splitlines()
+    for number, line in enumerate(lines):
+      code = line.split("#")[0]
+      if re.search(r"PYTHONPATH=(?!/)|\[\"PYTHONPATH\"\]\s*=", code):  # an assignment, not a shell example
+        nearby = code + " ".join(lines[number + 1:number + 2])
+        assert 'get("PYTHONPATH"' in nearby, f"{script.name}:{number + 1} drops the caller's PYTHONPATH: {code}"
+        checked += 1
+  assert checked >= 4
