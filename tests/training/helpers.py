@@ -27,12 +27,8 @@ def small_config(stage: int, workdir, **overrides):
   """`configs/stage<N>.py` with SMALL and `overrides` ('a.b' keys) applied, writing to `workdir`."""
   c = load_stage_config(stage)
   c.workdir = str(workdir)
-  for key, value in {**SMALL, **overrides}.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  # ml_collections' own dotted update: a key the config does not have is an error, as the same `--config.` flag is.
+  c.update_from_flattened_dict({**SMALL, **overrides})
   return c
 
 
