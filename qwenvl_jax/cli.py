@@ -7,7 +7,8 @@ On top of absl it gives every command the same behaviour at its edges:
   mistakes too;
 * a misspelt config override (`--config.optimizer.learning_rate=...`) names the unknown field and the closest
   existing ones ("did you mean optimizer.lr?") instead of ml_collections' bare `AttributeError`;
-* `--help` / `--helpfull` exit 0 (absl exits 1).
+* `--help` / `--helpfull` exit 0 (absl exits 1);
+* JAX's persistent compilation cache is on (`compilation_cache`: a rerun loads what the last run compiled).
 
 `define_model_flags()` / `load_model_from_flags()` are the model-source flags of the commands that load a model
 for inference (`generate`, `serve`: checkpoint, model, tokenizer, image size, chat format, dtype, quantization and
@@ -26,7 +27,7 @@ from typing import Callable
 
 from absl import app
 
-from qwenvl_jax import errors
+from qwenvl_jax import compilation_cache, errors
 from qwenvl_jax.hardware import allocator
 
 _HELP_FLAGS = ("--help", "-help", "-?", "--helpshort", "--helpfull", "--helpxml")
@@ -81,6 +82,7 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None, 
   def guarded(args):
     started.append(True)
     try:
+      compilation_cache.enable()
       return main(args)
     except Exception as e:  # pylint: disable=broad-except
       if not is_user_error(e) or os.environ.get("QWENVL_TRACEBACK"):
