@@ -41,7 +41,8 @@ def host_fingerprint() -> str:
             break  # the first processor's lines are enough: the cores of one host are alike
   except OSError:
     pass
-  return f"{platform.machine() or 'unknown'}-{hashlib.sha256(chr(10).join(details).encode()).hexdigest()[:12]}"
+  digest = hashlib.sha256("\n".join(details).encode()).hexdigest()[:12]
+  return f"{platform.machine() or 'unknown'}-{digest}"
 
 
 def default_dir() -> pathlib.Path:
