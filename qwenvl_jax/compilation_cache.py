@@ -58,7 +58,7 @@ def enable() -> str | None:
   """
   import jax  # pylint: disable=import-outside-toplevel
   setting = os.environ.get(ENV, "").strip()
-  if setting.lower() == OFF or os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
+  if setting.lower() == OFF or jax.config.jax_compilation_cache_dir:  # JAX reads JAX_COMPILATION_CACHE_DIR into it
     return None
   folder = pathlib.Path(setting).expanduser() if setting else default_dir()
   try:
