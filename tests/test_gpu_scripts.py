@@ -14,18 +14,24 @@ def _normal(name: str) -> str:
   return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def test_both_scripts_parse_as_bash():
-  for script in (CHECKS, WHEELS):
-    subprocess.run(["bash", "-n", str(script)], check=True)
-
-
-def test_the_carried_wheels_are_the_versions_requirements_pins():
+def _pins() -> dict[str, str]:
+  """requirements.txt's `name==version` lines, names normalized."""
   pins = {}
   for line in (REPO / "requirements.txt").read_text().splitlines():
     line = line.split("#")[0].strip()
     if "==" in line:
       name, version = line.split("==")
       pins[_normal(name)] = version.strip()
+  return pins
+
+
+def test_both_scripts_parse_as_bash():
+  for script in (CHECKS, WHEELS):
+    subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def test_the_carried_wheels_are_the_versions_requirements_pins():
+  pins = _pins()
   text = WHEELS.read_text()
   listed = text.split("WHEELS=(")[1].split(")")[0]
   carried = {_normal(m.group(1)): m.group(2) for m in re.finditer(r"\b([A-Za-z][\w.\-]*)==([\w.]+)", listed)}
@@ -80,8 +86,7 @@ def test_every_flag_in_a_bench_docstring_example_is_one_its_script_takes():
 def test_the_gpu_requirements_pull_the_cuda_plugin_of_the_pinned_jax():
   """requirements-gpu.txt (README, "GPU hosts") adds only the CUDA extra of jax, at requirements.txt's version: a
   mismatch would make pip refuse the install, or replace the tested jax."""
-  pins = dict(line.split("==") for line in (REPO / "requirements.txt").read_text().splitlines()
-              if line.startswith(("jax==", "jaxlib==")))
+  pins = _pins()
   lines = [line.strip() for line in (REPO / "requirements-gpu.txt").read_text().splitlines()
            if line.strip() and not line.startswith("#")]
   assert lines == ["-r requirements.txt", f"jax[cuda12]=={pins['jax']}"]
