@@ -26,6 +26,8 @@ flags.DEFINE_string("served_model_name", None, "The model id of /v1/models (defa
 flags.DEFINE_string("host", "127.0.0.1", "Interface to bind (127.0.0.1: this machine only).")
 flags.DEFINE_integer("port", 8000, "TCP port.")
 flags.DEFINE_string("api_key", None, "Require 'Authorization: Bearer KEY' on /v1/* (default: open).")
+flags.DEFINE_list("cors_origins", [], "Web origins whose pages may call the API from a browser, e.g. "
+                  "http://localhost:3000 ('*': any; default none: only the server's own chat page).")
 flags.DEFINE_integer("num_slots", 8, "Requests decoded together (decode slots of the KV cache).")
 flags.DEFINE_integer("context", 2048, "Most tokens of prompt + answer per request.")
 flags.DEFINE_integer("max_tokens_limit", 1024, "Largest max_tokens a request may ask for.")
@@ -60,6 +62,11 @@ def build(argv_flags=FLAGS):
                              f"got {f.num_slots}, {f.prefill_batch}, {f.max_images}, {f.context}")
   if f.decode_steps < 1:
     raise errors.ConfigError(f"need --decode_steps >= 1, got {f.decode_steps}")
+  for origin in f.cors_origins:
+    scheme, sep, rest = origin.partition("://")
+    if origin != "*" and not (scheme in ("http", "https") and sep and rest and "/" not in rest):
+      raise errors.ConfigError(f"--cors_origins: {origin!r} is not an origin",
+                               hint="give scheme://host[:port] as the browser sends it, e.g. http://localhost:3000")
   source, tok, _, mesh, rules, model = cli.load_model_from_flags()
   replicas = sharding.batch_shards(mesh, rules)
   if f.num_slots % replicas:
@@ -78,7 +85,7 @@ def build(argv_flags=FLAGS):
   engine.start()
   config = api.ServerConfig(
       model_name=f.served_model_name or source.preset, chat_format=source.chat_format, system=f.system,
-      max_tokens_limit=f.max_tokens_limit, api_key=f.api_key,
+      max_tokens_limit=f.max_tokens_limit, api_key=f.api_key, cors_origins=tuple(f.cors_origins),
       images=messages.ImagePolicy(max_bytes=f.max_image_bytes, max_pixels=f.max_image_pixels,
                                   image_root=f.image_root, allow_remote=f.allow_remote_images))
   return engine, tok, config

@@ -44,7 +44,7 @@ from qwenvl_jax.model.qwen import KVCache, constrain_cache
 
 class Sampling(NamedTuple):
   """Per-row sampling settings (see `slot_sampling.select`): float32 temperature (0 = greedy), int32 top_k,
-  float32 top_p, uint32 seed, int32 count (tokens generated so far)."""
+  float32 top_p, uint32[., 2] seed (`slot_sampling.seed_words`), int32 count (tokens generated so far)."""
   temperature: jax.Array
   top_k: jax.Array
   top_p: jax.Array

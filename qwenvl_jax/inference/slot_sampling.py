@@ -13,7 +13,10 @@ are traced per-row arrays and one compiled step serves every mix of settings:
     `sampling.top_p_filter`, except that a logit tied with the last kept one is kept too (a threshold on the
     sorted logits instead of a scatter of the sorted mask; ties are measure-zero for real models);
   * each row draws with its own key `fold_in(key(seed), n)`, n = tokens it generated so far, so a request's
-    sample depends on its seed and nothing else (not on its slot or its neighbours).
+    sample depends on its seed and nothing else (not on its slot or its neighbours). A seed is any 64-bit integer
+    (OpenAI's `seed` is an int64), carried as two uint32 words: the threefry key of seed mod 2^64, which is
+    `jax.random.key(seed)` for seeds below 2^32 (and for every int64 seed under jax_enable_x64), so seeds that
+    differ only above bit 32 draw differently.
 Sorting the vocabulary is skipped entirely (`lax.cond`) when every row is greedy.
 """
 
@@ -25,9 +28,22 @@ import jax.numpy as jnp
 from qwenvl_jax.inference import sampling
 
 
+SEED_RANGE = (-2 ** 63, 2 ** 64 - 1)  # inclusive: int64 and uint64 seeds alike
+
+
+def seed_words(seed: int) -> tuple[int, int]:
+  """(high, low) uint32 words of a 64-bit seed (taken mod 2^64: -1 is 2^64 - 1); ValueError outside SEED_RANGE."""
+  if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+    raise ValueError(f"seed must be a 64-bit integer, got {seed}")
+  seed %= 2 ** 64
+  return seed >> 32, seed & 0xFFFFFFFF
+
+
 def row_keys(seeds: jax.Array, counts: jax.Array) -> jax.Array:
-  """Typed PRNG keys [B]: `fold_in(key(seed_b), count_b)` (uint32 seeds, int32 counts)."""
-  return jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counts)
+  """Typed PRNG keys [B]: `fold_in(key(seed_b), count_b)` (uint32[B, 2] seed words from `seed_words`, int32
+  counts)."""
+  keys = jax.random.wrap_key_data(seeds.astype(jnp.uint32), impl="threefry2x32")
+  return jax.vmap(jax.random.fold_in)(keys, counts)
 
 
 def _filter_row(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -51,7 +67,7 @@ def select(logits: jax.Array, *, temperature: jax.Array, top_k: jax.Array, top_p
   Args:
     logits: float[B, V] at each row's last position.
     temperature: float32[B], 0 = greedy. top_k: int32[B], 0 = off. top_p: float32[B] in (0, 1], 1 = off.
-    seeds: uint32[B] per-request seeds; counts: int32[B] tokens each row generated so far (the key's fold-in).
+    seeds: uint32[B, 2] per-request seeds (`seed_words`); counts: int32[B] tokens each row generated so far (the key's fold-in).
     vocab_limit: ids >= this are never produced (the tokenizer's size when the model has padding rows); static.
   """
   logits = logits.astype(jnp.float32)

@@ -33,10 +33,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qwenvl_jax import text as qtext
+from qwenvl_jax.inference import slot_sampling
 from qwenvl_jax.serving import engine as engine_lib
 from qwenvl_jax.serving import messages as msg
 from qwenvl_jax.serving.detokenize import Detokenizer
@@ -48,7 +50,9 @@ STATIC = pathlib.Path(__file__).resolve().parent / "static"
 class ServerConfig:
   """model_name: the id served on /v1/models; chat_format, system: the prompt format and default system message;
   max_tokens_limit: the largest max_tokens accepted; defaults for omitted sampling fields (Qwen-VL-Chat's
-  generation config: temperature 1, top_p 0.3, top_k 0); api_key: bearer key for /v1/* (None = open)."""
+  generation config: temperature 1, top_p 0.3, top_k 0); api_key: bearer key for /v1/* (None = open);
+  cors_origins: web origins whose pages may call the API from a browser ("*" = any; none by default, so only the
+  server's own chat page can)."""
   model_name: str
   chat_format: str = "chatml"
   system: str = qtext.DEFAULT_SYSTEM
@@ -59,6 +63,7 @@ class ServerConfig:
   default_top_k: int = 0
   api_key: str | None = None
   max_window_size: int = qtext.DEFAULT_MAX_WINDOW_SIZE
+  cors_origins: tuple[str, ...] = ()
 
 
 def _error(e: msg.RequestError) -> JSONResponse:
@@ -74,6 +79,30 @@ def _number(body: dict, name: str, kind, default, low, high):
   if not low <= value <= high:
     raise msg.RequestError(f"{name} must be in [{low}, {high}], got {value}", param=name)
   return kind(value)
+
+
+def _refuse_unsupported(body: dict) -> None:
+  """OpenAI fields this server does not implement: a request that sets one to anything but its no-op value gets a
+  400 naming it, instead of an answer that silently ignores it (fields with no effect on the answer, such as
+  `user`, `metadata` or `store`, are accepted and ignored, as are unknown ones)."""
+  for name in ("logprobs", "top_logprobs"):
+    if body.get(name, False) is not False:
+      raise msg.RequestError("logprobs are not supported by this server", param=name)
+  for name in ("presence_penalty", "frequency_penalty"):
+    value = _number(body, name, float, 0.0, -2.0, 2.0)
+    if value != 0:
+      raise msg.RequestError(f"{name} is not supported by this server (only 0)", param=name)
+  if body.get("logit_bias", {}) != {}:
+    raise msg.RequestError("logit_bias is not supported by this server", param="logit_bias")
+  if body.get("response_format", {"type": "text"}) != {"type": "text"}:
+    raise msg.RequestError("response_format is not supported by this server (only {\"type\": \"text\"})",
+                           param="response_format")
+  for name in ("tools", "functions"):
+    if body.get(name, []) != []:
+      raise msg.RequestError(f"{name} (function calling) is not supported by this server", param=name)
+  for name in ("tool_choice", "function_call"):
+    if body.get(name, "none") not in ("none", "auto"):
+      raise msg.RequestError(f"{name} (function calling) is not supported by this server", param=name)
 
 
 class _Disconnected(Exception):
@@ -126,6 +155,9 @@ class _Completion:
 def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerConfig) -> FastAPI:
   """The FastAPI app serving `engine` (already started) with tokenizer `tok`."""
   app = FastAPI(title="qwenvl_jax", docs_url=None, redoc_url=None)
+  if config.cors_origins:
+    app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
+                       allow_headers=["Authorization", "Content-Type"])
   cfg = engine.cfg
   created = int(time.time())
 
@@ -156,42 +188,56 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
     return JSONResponse({"status": "ok" if stats["healthy"] else "failed", "model": config.model_name, **stats},
                         status_code=200 if stats["healthy"] else 503)
 
+  def _model_card() -> dict:
+    return {"id": config.model_name, "object": "model", "created": created, "owned_by": "qwenvl_jax",
+            "context_length": engine.context}
+
   @app.get("/v1/models")
   async def models(request: HttpRequest):
     _authorize(request)
-    return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": created,
-                                        "owned_by": "qwenvl_jax", "context_length": engine.context}]}
+    return {"object": "list", "data": [_model_card()]}
+
+  @app.get("/v1/models/{model_id:path}")
+  async def model(model_id: str, request: HttpRequest):
+    _authorize(request)
+    if model_id != config.model_name:
+      raise msg.RequestError(f"model {model_id!r} does not exist; this server serves {config.model_name!r}",
+                             status=404, code="model_not_found", param="model")
+    return _model_card()
 
   @app.get("/")
   async def page():
     return FileResponse(STATIC / "index.html", media_type="text/html")
 
   def _parse(body: Any) -> _Completion:
-    """Runs on a worker thread: checks the body, tokenizes, reads the images."""
+    """Runs on a worker thread: checks the body, tokenizes, reads the images. A field sent as JSON null counts as
+    absent, as in OpenAI's API."""
     if not isinstance(body, dict):
       raise msg.RequestError("the request body must be a JSON object")
+    body = {k: v for k, v in body.items() if v is not None}
     model = body.get("model")
     if model is not None and model != config.model_name:
       raise msg.RequestError(f"model {model!r} does not exist; this server serves {config.model_name!r}",
                              status=404, code="model_not_found", param="model")
     if body.get("n", 1) != 1:
       raise msg.RequestError("only n=1 is supported", param="n")
+    _refuse_unsupported(body)
     prompt = msg.build_prompt(body.get("messages"), tok, image_tokens=cfg.image_tokens,
                               image_size=cfg.vision.image_size, policy=config.images, max_images=engine.max_images,
                               chat_format=config.chat_format, default_system=config.system,
                               max_window_size=config.max_window_size)
+    if not prompt.tokens:
+      raise msg.RequestError("the prompt is empty", param="messages")
     room = engine.context - len(prompt.tokens)
     if room < 1:
       raise msg.RequestError(f"the prompt has {len(prompt.tokens)} tokens; the context is {engine.context}",
                              code="context_length_exceeded", param="messages")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is None:
-      max_tokens = min(config.max_tokens_limit, room)
-    max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", int, None, 1, config.max_tokens_limit)
+    name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    max_tokens = _number(body, name, int, min(config.max_tokens_limit, room), 1, config.max_tokens_limit)
     if max_tokens > room:
-      raise msg.RequestError(f"the prompt has {len(prompt.tokens)} tokens and max_tokens is {max_tokens}: "
+      raise msg.RequestError(f"the prompt has {len(prompt.tokens)} tokens and {name} is {max_tokens}: "
                              f"together more than the context of {engine.context}",
-                             code="context_length_exceeded", param="max_tokens")
+                             code="context_length_exceeded", param=name)
     temperature = _number(body, "temperature", float, config.default_temperature, 0.0, 2.0)
     top_p = _number(body, "top_p", float, config.default_top_p, 0.0, 1.0)
     if top_p <= 0:
@@ -199,14 +245,19 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
     top_k = _number(body, "top_k", int, config.default_top_k, 0, 1 << 30)
     seed = body.get("seed")
     if seed is None:
-      seed = secrets.randbits(32)
-    elif isinstance(seed, bool) or not isinstance(seed, int):
-      raise msg.RequestError("seed must be an integer", param="seed")
+      seed = secrets.randbits(64)
+    else:
+      seed = _number(body, "seed", int, None, *slot_sampling.SEED_RANGE)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
       raise msg.RequestError("stream must be a boolean", param="stream")
-    options = body.get("stream_options") or {}
-    include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
+    options = body.get("stream_options", {})
+    if "stream_options" in body and not stream:
+      raise msg.RequestError("stream_options is only allowed when stream is true", param="stream_options")
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+      raise msg.RequestError("stream_options must be an object like {\"include_usage\": true}",
+                             param="stream_options")
+    include_usage = options.get("include_usage", False)
     stop = msg.as_list(body.get("stop"), "stop")
     ignore_eos = body.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
@@ -228,20 +279,22 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
     req = engine_lib.Request(job.prompt.tokens, job.prompt.images, job.params, events.put)
     try:
       engine.submit(req)
-    except ValueError as e:
-      raise msg.RequestError(str(e), code="context_length_exceeded") from None
+    except ValueError as e:  # `_parse` checked the prompt and the context: what is left is the image count
+      raise msg.RequestError(str(e), param="messages") from None
     except RuntimeError as e:
       raise msg.RequestError(str(e), status=503, type_="server_error") from None
-    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": config.model_name}
     if job.stream:
-      return StreamingResponse(_stream(req, job, events, completion_id), media_type="text/event-stream",
+      return StreamingResponse(_stream(req, job, events, head), media_type="text/event-stream",
                                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return await _complete(request, req, job, events, completion_id)
+    return await _complete(request, req, job, events, head)
 
-  def _chunk(completion_id: str, delta: dict, finish_reason=None, **extra) -> str:
+  def _chunk(head: dict, job, delta: dict, finish_reason=None, **extra) -> str:
+    """One server-sent event; `head`: the id, created time and model every chunk of a completion shares."""
     choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
-    body = {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()),
-            "model": config.model_name, "choices": [choice], **extra}
+    body = {**head, "object": "chat.completion.chunk", "choices": [choice], **extra}
+    if job.include_usage:
+      body["usage"] = None  # OpenAI: null on every chunk but the last, which carries the counts
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
   def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -256,7 +309,7 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
         if isinstance(ev, engine_lib.Token):
           delta += text.add(ev.token_id)
           if text.stopped:
-            engine.cancel(req)
+            engine.cancel(req, reason="stop")
             yield delta, engine_lib.Finished("stop", len(job.prompt.tokens), text.num_tokens)
             return
         elif isinstance(ev, engine_lib.Finished):
@@ -267,21 +320,20 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
       if delta:
         yield delta, None
 
-  async def _stream(req, job, events, completion_id):
+  async def _stream(req, job, events, head):
     text = Detokenizer(tok.decode, job.stop)
     finished = False
     try:
-      yield _chunk(completion_id, {"role": "assistant", "content": ""})
+      yield _chunk(head, job, {"role": "assistant", "content": ""})
       async for delta, end in _events(req, job, events.get_all, text):
         if delta:
-          yield _chunk(completion_id, {"content": delta})
+          yield _chunk(head, job, {"content": delta})
         if end is not None:
           finished = True
           boxes = msg.boxes_in_pixels(text.text, job.prompt)
-          yield _chunk(completion_id, {}, end.reason, boxes=boxes)
+          yield _chunk(head, job, {}, end.reason, boxes=boxes)
           if job.include_usage:
-            usage = {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()),
-                     "model": config.model_name, "choices": [],
+            usage = {**head, "object": "chat.completion.chunk", "choices": [],
                      "usage": _usage(end.prompt_tokens, end.completion_tokens)}
             yield f"data: {json.dumps(usage)}\n\n"
       yield "data: [DONE]\n\n"
@@ -291,7 +343,7 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
       if not finished:
         engine.cancel(req)  # the client went away mid-stream: free the slot now
 
-  async def _complete(request: HttpRequest, req, job, events, completion_id):
+  async def _complete(request: HttpRequest, req, job, events, head):
     text = Detokenizer(tok.decode, job.stop)
 
     async def next_events():
@@ -311,8 +363,7 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
       engine.cancel(req)
       return JSONResponse({}, status_code=499)
     message = {"role": "assistant", "content": text.text, "boxes": msg.boxes_in_pixels(text.text, job.prompt)}
-    return {"id": completion_id, "object": "chat.completion", "created": int(time.time()),
-            "model": config.model_name,
+    return {**head, "object": "chat.completion",
             "choices": [{"index": 0, "message": message, "finish_reason": end.reason, "logprobs": None}],
             "usage": _usage(end.prompt_tokens, end.completion_tokens)}
 

@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
-from qwenvl_jax.inference import decode
+from qwenvl_jax.inference import decode, slot_sampling
 from qwenvl_jax.serving import compile_monitor
 from qwenvl_jax.serving.slots import Sampling, SlotModel
 
@@ -86,6 +86,7 @@ class Request:
   sink: Callable[[Event], None]
   id: int = dataclasses.field(default_factory=itertools.count().__next__)
   cancelled: bool = False
+  cancel_reason: str = "cancelled"  # what `finished_<reason>` counts it as (a stop string ends it as "stop")
   submitted: float = dataclasses.field(default_factory=time.monotonic)
 
 
@@ -205,12 +206,15 @@ class Engine:
     problem = self.check(len(request.prompt), len(request.images), request.params.max_tokens)
     if problem:
       raise ValueError(problem)
+    slot_sampling.seed_words(request.params.seed)  # ValueError here, not on the engine thread (which would stop)
     if self._error is not None or self._stop.is_set():
       raise RuntimeError("the engine is not running")
     self._inbox.put(request)
 
-  def cancel(self, request: Request) -> None:
-    """Frees the request's slot at the next loop turn (no more events are sent)."""
+  def cancel(self, request: Request, reason: str = "cancelled") -> None:
+    """Frees the request's slot at the next loop turn (no more events are sent). reason: how `stats` counts the
+    end ("cancelled": the client went away; "stop": the API side ended it on a stop string)."""
+    request.cancel_reason = reason
     request.cancelled = True
     self._inbox.put(("cancel", request))
 
@@ -302,7 +306,7 @@ class Engine:
   def _free_cancelled(self) -> None:
     for i, slot in enumerate(self._active):
       if slot is not None and slot.request.cancelled:
-        self._finish(i, "cancelled")
+        self._finish(i, slot.request.cancel_reason, notify=False)
     kept = collections.deque()
     for r in self._waiting:
       if r.cancelled:
@@ -315,11 +319,11 @@ class Engine:
     with self._lock:
       self._counts[name] += 1
 
-  def _finish(self, i: int, reason: str) -> None:
+  def _finish(self, i: int, reason: str, notify: bool = True) -> None:
     slot = self._active[i]
     self._active[i] = None
     self._count(f"finished_{reason}")
-    if reason != "cancelled":
+    if notify and reason != "cancelled":
       slot.request.sink(Finished(reason, len(slot.request.prompt), slot.generated))
 
   def _admit(self) -> None:
@@ -408,7 +412,7 @@ class Engine:
   def _deliver(self, i: int, token: int) -> None:
     slot = self._active[i]
     if slot.request.cancelled:
-      self._finish(i, "cancelled")
+      self._finish(i, slot.request.cancel_reason, notify=False)
       return
     slot.generated += 1
     if token in self.stop_ids and not slot.request.params.ignore_stop_tokens:
@@ -423,5 +427,5 @@ def _sampling(params: Sequence[SamplingParams], counts: Sequence[int]) -> Sampli
   return Sampling(temperature=np.asarray([p.temperature for p in params], np.float32),
                   top_k=np.asarray([p.top_k for p in params], np.int32),
                   top_p=np.asarray([p.top_p for p in params], np.float32),
-                  seed=np.asarray([p.seed % 2 ** 32 for p in params], np.uint32),
+                  seed=np.asarray([slot_sampling.seed_words(p.seed) for p in params], np.uint32).reshape(-1, 2),
                   count=np.asarray(counts, np.int32))

@@ -24,6 +24,7 @@ import binascii
 import dataclasses
 import io
 import os
+import re
 import urllib.request
 from collections.abc import Sequence
 
@@ -122,7 +123,8 @@ def load_image(url: str, policy: ImagePolicy, image_size: int) -> tuple[np.ndarr
     raise RequestError(f"the image cannot be decoded: {e}", code="invalid_image") from None
 
 
-def _parts(content, where: str, images: list, policy: ImagePolicy, image_size: int) -> str:
+def _parts(content, where: str, images: list, policy: ImagePolicy, image_size: int,
+           where_role: str = "user") -> str:
   """A message's content as the reference's tagged text; its images appended to `images`."""
   if isinstance(content, str):
     items = [{"text": content}]
@@ -132,6 +134,8 @@ def _parts(content, where: str, images: list, policy: ImagePolicy, image_size: i
       kind = part.get("type") if isinstance(part, dict) else None
       if kind == "text" and isinstance(part.get("text"), str):
         items.append({"text": part["text"]})
+      elif kind == "refusal" and where_role == "assistant" and isinstance(part.get("refusal"), str):
+        items.append({"text": part["refusal"]})  # an earlier answer that declined: its text is the history
       elif kind == "image_url":
         spec = part.get("image_url")
         url = spec.get("url") if isinstance(spec, dict) else spec
@@ -148,6 +152,17 @@ def _parts(content, where: str, images: list, policy: ImagePolicy, image_size: i
       raise RequestError(f"{where}: text may not hold <img> tags; send images as image_url parts",
                          param=f"{where}.content")
   return qtext.from_list_format(items)
+
+
+def _system_text(content, where: str) -> str:
+  """A system message's text: a string, or a list of text parts (joined); images have no place there."""
+  if isinstance(content, str):
+    return content
+  if isinstance(content, list) and content and all(
+      isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+    return "".join(p["text"] for p in content)
+  raise RequestError(f"{where}.content must be a string or a list of text parts (a system message takes no images)",
+                     param=f"{where}.content")
 
 
 def build_prompt(messages, tok: qtext.Tokenizer, *, image_tokens: int, image_size: int, policy: ImagePolicy,
@@ -167,14 +182,17 @@ def build_prompt(messages, tok: qtext.Tokenizer, *, image_tokens: int, image_siz
   for i, message in enumerate(messages):
     where = f"messages[{i}]"
     role = message.get("role") if isinstance(message, dict) else None
-    if role not in ("system", "user", "assistant"):
+    if role not in ("system", "developer", "user", "assistant"):
       raise RequestError(f"{where}.role must be 'system', 'user' or 'assistant'", param=f"{where}.role")
-    if role == "system":
-      if i != 0 or not isinstance(message.get("content"), str):
-        raise RequestError("a system message must come first and be a string", param=f"{where}")
-      system = message["content"]
+    if role in ("system", "developer"):  # OpenAI's newer name for the system message
+      if i != 0:
+        raise RequestError("a system message must come first", param=where)
+      system = _system_text(message.get("content"), where)
+      if chat_format == "raw" and system:
+        raise RequestError("this model uses the raw (base model) format, which has no system message: send the "
+                           "instruction in the user message", param=where)
       continue
-    turns.append((role, _parts(message.get("content"), where, images, policy, image_size)))
+    turns.append((role, _parts(message.get("content"), where, images, policy, image_size, role)))
   if not turns or turns[-1][0] != "user":
     raise RequestError("the last message must be from the user", param="messages")
   history: list[tuple[str, str | None]] = []
@@ -203,9 +221,16 @@ def build_prompt(messages, tok: qtext.Tokenizer, *, image_tokens: int, image_siz
 def boxes_in_pixels(answer: str, prompt: Prompt) -> list[dict]:
   """The answer's `<ref>…</ref><box>…</box>` boxes, each in the [0, 1000) grid and in pixels of the latest image
   of the conversation (the reference's `draw_bbox_on_latest_picture` convention: int(v / 1000 * size)). Malformed
-  boxes are skipped; no image, no pixel boxes."""
+  boxes are skipped; no image, no pixel boxes.
+
+  Each box carries the phrase it belongs to (`ref`): the ref right before it, as the reference's
+  `_fetch_all_box_with_ref`, and also, where the reference gives none, the ref of the box right before it (one
+  phrase, several boxes: `<ref>two cats</ref><box>…</box><box>…</box>`) or, for an answer that starts with a box,
+  the `<ref>…</ref>` the prompt ends with (the grounding prompt of a base model: `<ref>the red square</ref>`)."""
   out = []
-  for item in qtext.parse_boxes(answer, strict=False):
+  lead = _TRAILING_REF.search(prompt.raw_text)
+  prefix = lead.group(0) if lead else ""
+  for item in qtext.parse_boxes(prefix + answer, strict=False, chain_refs=True):
     entry = {"ref": item.ref, "box_1000": list(item.box)}
     if prompt.sizes:
       w, h = prompt.sizes[-1]
@@ -213,6 +238,9 @@ def boxes_in_pixels(answer: str, prompt: Prompt) -> list[dict]:
       entry["image_index"] = len(prompt.sizes) - 1
     out.append(entry)
   return out
+
+
+_TRAILING_REF = re.compile(r"<ref>[^<]*</ref>$")
 
 
 def as_list(value, name: str, *, max_items: int = 4) -> Sequence[str]:

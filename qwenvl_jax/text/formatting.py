@@ -320,18 +320,21 @@ def parse_box(content: str) -> tuple[int, int, int, int]:
     raise MalformedBoxError(f"box {content!r}: {e}") from None
 
 
-def parse_boxes(text: str, *, strict: bool = True) -> list[BoxRef]:
+def parse_boxes(text: str, *, strict: bool = True, chain_refs: bool = False) -> list[BoxRef]:
   """All boxes of a generated answer, each with the ref that immediately precedes it (stripped), or None.
 
   strict=True: a malformed box, or an unclosed tag, raises MalformedBoxError / ValueError.
   strict=False (evaluation): malformed boxes are skipped and an unclosed tag ends the parse; never raises on
     any string.
+  chain_refs: a box right after another box (nothing between them) takes that box's ref, for one phrase with
+    several boxes; the reference (`_fetch_all_box_with_ref`) and evaluation give it None.
   """
   if strict:
     segments = to_list_format(text)
   else:
     segments = _lenient_list_format(text)
   out: list[BoxRef] = []
+  previous = None  # (segment index, ref) of the last parsed box
   for i, seg in enumerate(segments):
     if "box" not in seg:
       continue
@@ -342,6 +345,9 @@ def parse_boxes(text: str, *, strict: bool = True) -> list[BoxRef]:
         raise
       continue
     ref = segments[i - 1]["ref"].strip() if i > 0 and "ref" in segments[i - 1] else None
+    if ref is None and chain_refs and previous is not None and previous[0] == i - 1:
+      ref = previous[1]
+    previous = (i, ref)
     out.append(BoxRef(box, ref))
   return out
 

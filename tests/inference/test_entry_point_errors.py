@@ -44,6 +44,12 @@ def test_serve_names_a_missing_checkpoint(tmp_path):
   assert "nope" in line and "does not exist" in line
 
 
+def test_serve_refuses_a_cors_origin_a_browser_never_sends(tmp_path):
+  proc = _run("qwenvl_jax.serve", [f"--checkpoint={tmp_path / 'nope'}", "--cors_origins=localhost:3000"], tmp_path)
+  (line,) = _one_error(proc)
+  assert "'localhost:3000' is not an origin" in line and "hint: give scheme://host[:port]" in proc.stderr
+
+
 def test_convert_lora_modes_report_user_mistakes_with_status_2(tmp_path):
   (line,) = _one_error(_run("qwenvl_jax.convert", ["--mode=merge_lora", f"--src={tmp_path / 'no_run'}",
                                                    f"--dst={tmp_path / 'out'}"], tmp_path))

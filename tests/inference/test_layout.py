@@ -109,7 +109,7 @@ def test_tensor_parallel_greedy_generation_equals_one_device(tp4_models):
 
 def _greedy(k):
   return slots_lib.Sampling(np.zeros(k, np.float32), np.zeros(k, np.int32), np.ones(k, np.float32),
-                            np.zeros(k, np.uint32), np.zeros(k, np.int32))
+                            np.zeros((k, 2), np.uint32), np.zeros(k, np.int32))
 
 
 def test_serving_slots_decode_the_same_under_tensor_parallelism(tp4_models):

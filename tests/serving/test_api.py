@@ -247,3 +247,90 @@ def test_a_request_cancelled_before_it_gets_a_slot_is_counted_and_never_runs(eng
   after = engine.stats()
   assert after.get("cancelled_waiting", 0) == before.get("cancelled_waiting", 0) + 1
   assert after["admitted"] == before["admitted"] + engine.num_slots and late.empty()
+
+
+def _post(server, http, body):
+  r = http.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+  return r.status_code, r.json()
+
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("field, value", [
+    ("logprobs", True), ("top_logprobs", 3), ("presence_penalty", 0.5), ("frequency_penalty", -1),
+    ("presence_penalty", 3), ("logit_bias", {"5": -100}), ("response_format", {"type": "json_object"}),
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
+    ("tool_choice", "required"), ("seed", 2 ** 64), ("stream_options", {"include_usage": True}),
+])
+def test_fields_the_server_does_not_implement_are_refused_not_ignored(server, http, field, value):
+  """A request asking for what this server does not do (log-probabilities, penalties, biases, JSON mode, tools) gets a
+  400 naming the field, not an answer that silently lacks it; so does a seed over 64 bits, and stream_options on a
+  request that does not stream."""
+  status, body = _post(server, http, {"messages": HI, "max_tokens": 2, field: value})
+  assert status == 400 and body["error"]["param"] == field, body
+
+
+def test_no_op_values_and_nulls_are_accepted_as_absent(server, http):
+  """OpenAI clients send unset fields as null and no-op values of the unsupported ones (pydantic payloads,
+  harness wrappers): these are served, and max_tokens holds when max_completion_tokens is null."""
+  body = {"messages": HI, "max_tokens": 3, "temperature": 0, "ignore_eos": True, "max_completion_tokens": None,
+          "n": None, "stream": None, "stop": None, "logprobs": False, "top_logprobs": None, "presence_penalty": 0,
+          "frequency_penalty": 0, "logit_bias": {}, "response_format": {"type": "text"}, "tools": [],
+          "tool_choice": "none", "user": "someone", "seed": None}
+  status, out = _post(server, http, body)
+  assert status == 200 and out["usage"]["completion_tokens"] == 3 and out["choices"][0]["finish_reason"] == "length"
+  status, out = _post(server, http, {**body, "max_tokens": None, "max_completion_tokens": 500})
+  assert status == 400 and out["error"]["param"] == "max_completion_tokens"  # the name the client used
+
+
+def test_seeds_that_differ_above_32_bits_draw_differently(client):
+  def sample(seed):
+    return client.chat.completions.create(model=MODEL_NAME, messages=HI, max_tokens=16, temperature=1.0, top_p=1,
+                                          seed=seed, extra_body={"ignore_eos": True}).choices[0].message.content
+  low, high, negative = sample(7), sample(7 + 2 ** 32), sample(-(2 ** 63))
+  assert sample(7) == low and len({low, high, negative}) == 3
+
+
+def test_a_stream_shares_one_id_and_created_and_carries_null_usage_until_the_last_chunk(server, http):
+  body = {"model": MODEL_NAME, "messages": HI, "max_tokens": 40, "temperature": 0, "ignore_eos": True,
+          "stream": True, "stream_options": {"include_usage": True}}
+  with http.post(server.url + "/v1/chat/completions", json=body, stream=True, timeout=60) as r:
+    events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith(b"data: {")]
+  assert len({(e["id"], e["created"]) for e in events}) == 1 and len(events) > 3
+  assert all(e["usage"] is None for e in events[:-1]) and events[-1]["usage"]["completion_tokens"] == 40
+
+
+def test_a_stop_string_ends_the_answer_as_stop_on_health(server, client, http):
+  answer = ask(client, HI, max_tokens=20).choices[0].message.content
+  before = _health(server, http)
+  got = ask(client, HI, max_tokens=20, stop=[answer[3:6]])
+  after = _health(server, http)
+  assert got.choices[0].finish_reason == "stop" and got.choices[0].message.content == answer[:3]
+  assert after.get("finished_stop", 0) == before.get("finished_stop", 0) + 1
+  assert after.get("finished_cancelled", 0) == before.get("finished_cancelled", 0)
+
+
+def test_a_model_is_retrieved_by_id(client):
+  assert client.models.retrieve(MODEL_NAME).id == MODEL_NAME
+  with pytest.raises(openai.NotFoundError):
+    client.models.retrieve("gpt-9")
+
+
+def test_browser_origins_are_allowed_only_when_configured(engine, serve_tok, server):
+  preflight = {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+               "Access-Control-Request-Headers": "authorization,content-type"}
+  r = requests.options(server.url + "/v1/chat/completions", headers=preflight, timeout=10)
+  assert "access-control-allow-origin" not in r.headers
+  config = api.ServerConfig(model_name=MODEL_NAME, cors_origins=("http://localhost:3000",))
+  srv = Server(api.create_app(engine, serve_tok, config))
+  try:
+    r = requests.options(srv.url + "/v1/chat/completions", headers=preflight, timeout=10)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
+    r = requests.options(srv.url + "/v1/chat/completions", headers={**preflight, "Origin": "http://evil.test"},
+                         timeout=10)
+    assert r.headers.get("access-control-allow-origin") != "http://evil.test"
+    r = requests.get(srv.url + "/v1/models", headers={"Origin": "http://localhost:3000"}, timeout=10)
+    assert r.headers["access-control-allow-origin"] == "http://localhost:3000"
+  finally:
+    srv.stop()

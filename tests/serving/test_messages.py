@@ -55,11 +55,36 @@ def test_history_with_images_anywhere_is_the_reference_chat_context(serve_tok):
     ([{"role": "user", "content": "see <img>/etc/passwd</img>"}], "may not hold <img> tags"),
     ([{"role": "user", "content": [_image("data:image/png;base64,AAAA")]}], "cannot be read as an image"),
     ([{"role": "user", "content": [_image("/etc/passwd")]}], "need a server started with --image_root"),
+    ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], "system message must come first"),
+    ([{"role": "system", "content": [_image(_url(4, 4))]}, {"role": "user", "content": "a"}], "takes no images"),
+    ([{"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}], "content\\[0\\] must be"),
 ])
 def test_bad_conversations_are_refused_with_a_reason(serve_tok, messages_, match):
   with pytest.raises(msg.RequestError, match=match) as err:
     _build(serve_tok, messages_)
   assert 400 <= err.value.status < 500 and err.value.body()["error"]["message"]
+
+
+def test_system_text_parts_developer_role_and_refusals_are_the_same_prompt_as_plain_strings(serve_tok):
+  plain = _build(serve_tok, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                             {"role": "assistant", "content": "I cannot."}, {"role": "user", "content": "Why?"}])
+  parts = _build(serve_tok, [
+      {"role": "developer", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
+      {"role": "user", "content": "Hi"},
+      {"role": "assistant", "content": [{"type": "refusal", "refusal": "I cannot."}]},
+      {"role": "user", "content": "Why?"}])
+  assert parts.tokens == plain.tokens and "Be brief." in plain.raw_text and "I cannot." in plain.raw_text
+
+
+def test_a_raw_format_model_refuses_a_system_message_instead_of_dropping_it(serve_tok):
+  """The base-model format has no system turn (the reference ignores `system` there): a system instruction would
+  silently have no effect, so it is refused; an empty one changes nothing and passes."""
+  user = {"role": "user", "content": "Generate the caption in English:"}
+  with pytest.raises(msg.RequestError, match="raw .* no system message") as err:
+    _build(serve_tok, [{"role": "system", "content": "Answer in French."}, user], chat_format="raw")
+  assert err.value.status == 400
+  assert (_build(serve_tok, [{"role": "system", "content": ""}, user], chat_format="raw").tokens
+          == _build(serve_tok, [user], chat_format="raw").tokens)
 
 
 def test_paths_are_read_under_the_image_root_only(serve_tok, tmp_path):
@@ -82,6 +107,21 @@ def test_boxes_come_back_in_pixels_of_the_latest_image(serve_tok):
       {"ref": "the dog", "box_1000": [100, 200, 500, 999],
        "box": [64, 96, 320, 479], "image_index": 1},
       {"ref": None, "box_1000": [0, 0, 999, 999], "box": [0, 0, 639, 479], "image_index": 1}]
+
+
+def test_a_box_takes_the_phrase_of_the_box_before_it_or_of_the_grounding_prompt():
+  """One phrase, several boxes: each box is the phrase's. A base model's grounding prompt ends with the phrase and
+  the answer starts with its box. The parse that evaluation uses keeps the reference's None for both."""
+  several = "<ref>two cats</ref><box>(0,0),(10,10)</box><box>(20,20),(30,30)</box>, a <box>(1,1),(2,2)</box>"
+  prompt = msg.Prompt([1], [], [], "Describe it")
+  assert [b["ref"] for b in msg.boxes_in_pixels(several, prompt)] == ["two cats", "two cats", None]
+  assert [b.ref for b in qtext.parse_boxes(several, strict=False)] == ["two cats", None, None]
+  grounding = msg.Prompt([1], [np.zeros((4, 4, 3), np.uint8)], [(200, 100)], "Picture 1: <img>k</img>\n"
+                         "<ref>the red square</ref>")
+  assert msg.boxes_in_pixels("<box>(500,500),(999,999)</box>", grounding) == [
+      {"ref": "the red square", "box_1000": [500, 500, 999, 999], "box": [100, 50, 199, 99], "image_index": 0}]
+  chat = msg.Prompt([1], [], [], "<|im_start|>user\n<ref>the red square</ref><|im_end|>\n<|im_start|>assistant\n")
+  assert msg.boxes_in_pixels("<box>(1,1),(2,2)</box>", chat)[0]["ref"] is None
 
 
 def test_stop_strings_are_cut_and_their_prefix_is_held_back():

@@ -1,0 +1,30 @@
+"""Per-row seeds of the server's sampling (`inference.slot_sampling`): OpenAI's 64-bit seeds as two uint32 words."""
+import jax
+import numpy as np
+import pytest
+
+from qwenvl_jax.inference import slot_sampling
+
+
+def test_seed_words_split_a_64_bit_seed_and_refuse_wider_ones():
+  assert slot_sampling.seed_words(5) == (0, 5)
+  assert slot_sampling.seed_words(2 ** 32 + 5) == (1, 5)
+  assert slot_sampling.seed_words(-1) == (2 ** 32 - 1, 2 ** 32 - 1)  # int64 -1 is uint64 2^64 - 1
+  assert slot_sampling.seed_words(2 ** 64 - 1) == (2 ** 32 - 1, 2 ** 32 - 1)
+  for bad in (2 ** 64, -(2 ** 63) - 1):
+    with pytest.raises(ValueError, match="64-bit"):
+      slot_sampling.seed_words(bad)
+
+
+def test_row_keys_are_jax_keys_of_the_seed_below_32_bits_and_differ_above():
+  """Below 2^32 a row's key is `fold_in(key(seed), count)`, as before seeds had two words (and as `generate
+  --seed` builds its key); seeds equal in their low 32 bits, which jax.random.key alone would merge without x64,
+  get different keys."""
+  seeds = [7, 2 ** 31 + 3, 7 + 2 ** 32, -1]
+  counts = np.array([0, 5, 0, 2], np.int32)
+  words = np.array([slot_sampling.seed_words(s) for s in seeds], np.uint32)
+  keys = jax.random.key_data(slot_sampling.row_keys(words, counts))
+  for i in (0, 1):
+    np.testing.assert_array_equal(keys[i], jax.random.key_data(jax.random.fold_in(jax.random.key(seeds[i]),
+                                                                                   counts[i])))
+  assert not np.array_equal(keys[0], keys[2])
