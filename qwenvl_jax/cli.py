@@ -82,15 +82,21 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None, 
   def guarded(args):
     started.append(True)
     try:
+      _check_config_files()
       compilation_cache.enable()
       return main(args)
+    except KeyboardInterrupt:
+      print("interrupted", file=sys.stderr, flush=True)
+      sys.exit(130)  # 128 + SIGINT, as a shell reports it
+    except app.UsageError as e:  # absl would print the whole flag help above the one line that matters
+      sys.exit(report(errors.ConfigError(str(e), hint="--helpshort lists the flags")))
     except Exception as e:  # pylint: disable=broad-except
       if not is_user_error(e) or os.environ.get("QWENVL_TRACEBACK"):
         raise
       sys.exit(report(e))
 
   try:
-    app.run(guarded, argv=argv)
+    app.run(guarded, argv=argv, flags_parser=_parse_flags)
   except SystemExit as e:
     if not started and e.code == 1 and any(a.split("=")[0] in _HELP_FLAGS for a in argv[1:]):
       sys.exit(0)
@@ -102,6 +108,43 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None, 
     if message is None:
       raise
     sys.exit(report(errors.ConfigError(message)))
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a bad flag value reported as one `error:` line and exit 2 (absl prints "FATAL Flags
+  parsing error", for a config file's own ValueError the whole traceback, and exits 1)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(report(errors.ConfigError(_flag_error_line(str(e)), hint="--helpshort lists the flags")))
+
+
+def _flag_error_line(message: str) -> str:
+  """One line of absl's flag error: the flag it names and, when the message holds a traceback (a config file's
+  get_config raised), the exception's own message instead of the traceback."""
+  lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+  if not any(line.startswith("Traceback") for line in lines):
+    return " ".join(lines)
+  flag = lines[0].split(": Error whilst parsing", 1)[0]
+  last = lines[-1]
+  kind, sep, rest = last.partition(": ")
+  if sep and kind.replace(".", "").replace("_", "").isalnum() and kind[:1].isupper():
+    last = rest  # "ValueError: config arg ..." -> "config arg ..."
+  return f"{flag}: {last}"
+
+
+def _check_config_files() -> None:
+  """A config file flag (`--config=FILE`) that failed to load holds a stand-in that raises, on first use in main,
+  an OSError about no path; here it is one line naming the file."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  for name in list(flags.FLAGS):
+    value = flags.FLAGS[name].value
+    if type(value).__name__ != "_ErrorConfig":  # ml_collections.config_flags' stand-in for a failed load
+      continue
+    error = vars(value).get("_error")
+    detail = [line.strip() for line in str(error).splitlines() if line.strip()]
+    raise errors.UserFileNotFoundError(f"--{name}: cannot load the config file ({detail[-1] if detail else error})")
 
 
 def config_override_error(argv: list[str]) -> str | None:

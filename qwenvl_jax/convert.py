@@ -115,7 +115,7 @@ def _lora(mode: str, src: str, dst: str, dtype: str) -> None:
       peft_export.export_peft(model, lcfg, dst)
     except ValueError as e:  # an adapter the PEFT format cannot express
       raise errors.ConfigError(str(e)) from e
-    print(f"wrote PEFT adapter ({lcfg.rank=}, {lcfg.alpha=}) to {dst}")
+    print(f"wrote PEFT adapter (r={lcfg.rank}, lora_alpha={lcfg.alpha}) to {dst}")
     return
   lora.merge_lora(model)
   target = None if dtype == "keep" else jnp.dtype(dtype)

@@ -85,6 +85,36 @@ def test_train_with_bad_input_prints_one_line_and_writes_nothing(tmp_path):
     assert not workdir.exists()
 
 
+def test_flag_and_config_file_mistakes_are_one_line_and_exit_2(tmp_path):
+  """What absl reports as "FATAL Flags parsing error" (with a config file's traceback inside), a config file that
+  does not load (an OSError about no path, raised in main), stray arguments (after the whole flag help) — all exit
+  1 or with a traceback under absl alone — are one `error:` line and exit 2 here, and write nothing."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
+  workdir = tmp_path / "run"
+  stage2 = f"--config={REPO_ROOT / 'configs' / 'stage2.py'}"
+  cases = [([stage2 + ":fix_vit=maybe"], "config arg fix_vit='maybe' is not a boolean"),
+           ([stage2 + ":modle=tiny"], "unknown config arg keys ['modle']"),
+           ([stage2, "--config.batch_size=abc"], "flag --config.batch_size=abc: invalid literal for int()"),
+           ([f"--config={tmp_path / 'stage9.py'}"], "--config: cannot load the config file"),
+           ([stage2, "--helpme"], "Unknown command line flag 'helpme'"),
+           ([stage2, "extra"], "unexpected arguments: ['extra']")]
+  for extra, expected in cases:
+    proc = subprocess.run([sys.executable, "-m", "qwenvl_jax.train", f"--workdir={workdir}", *extra], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, (extra, proc.stderr[-3000:])
+    lines = proc.stderr.splitlines()
+    assert lines[0].startswith("error: ") and expected in lines[0], (extra, proc.stderr[-3000:])
+    assert len(lines) <= 2 and "Traceback" not in proc.stderr and not workdir.exists(), (extra, proc.stderr)
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys):
+  def main(argv):
+    del argv
+    raise KeyboardInterrupt
+  assert _run_main(main) == 130
+  assert capsys.readouterr().err == "interrupted\n"
+
+
 @pytest.mark.slow
 def test_help_exits_0_for_every_entry_point():
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))

@@ -69,4 +69,7 @@ def export_peft(model: nnx.Module, cfg: lora.LoraConfig, dst: str | os.PathLike)
   os.makedirs(dst)
   with open(os.path.join(dst, "adapter_config.json"), "w", encoding="utf-8") as f:
     json.dump(config, f, indent=2)
-  save_file(tensors, os.path.join(dst, "adapter_model.safetensors"), metadata={"format": "pt"})
+  weights = os.path.join(dst, "adapter_model.safetensors")
+  save_file(tensors, weights, metadata={"format": "pt"})
+  # safetensors creates its file private (0600) whatever the umask; give it the mode of the config beside it.
+  os.chmod(weights, os.stat(os.path.join(dst, "adapter_config.json")).st_mode & 0o777)

@@ -87,6 +87,8 @@ def test_adapter_files_use_the_reference_names(exported):
   names = load_file(str(dst / "adapter_model.safetensors"))
   assert "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight" in names
   assert names["base_model.model.transformer.h.1.mlp.w2.lora_B.weight"].shape[1] == lcfg.rank
+  # Both files readable alike (safetensors alone would leave the weights 0600 whatever the umask).
+  assert (dst / "adapter_model.safetensors").stat().st_mode == (dst / "adapter_config.json").stat().st_mode
 
 
 def test_peft_model_gives_our_adapted_outputs(exported):
