@@ -69,6 +69,8 @@ def main(argv):
   for path in (FLAGS.output_image, FLAGS.save_history):
     if path and os.path.exists(path):
       raise FileExistsError(f"{path} already exists; it is never overwritten: choose another path")
+    if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+      raise errors.UserFileNotFoundError(f"{path}: its folder does not exist")  # found now, not after the answer
   for path in FLAGS.image:
     if os.path.isdir(path):
       raise errors.UserFileNotFoundError(f"--image={path} is a folder, not an image file")
@@ -82,6 +84,10 @@ def main(argv):
   history = _read_history(FLAGS.history)
   # The loaders enter the mesh themselves, after the abstract (mesh-free) trace: built outside `use_rules`.
   source, tok, _, mesh, rules, model = cli.load_model_from_flags()
+  if source.chat_format == "raw" and (history or FLAGS["system"].present):
+    raise errors.ConfigError("--history and --system need a chat model: this one uses the raw (base model) format, "
+                             "which has no turns and no system message",
+                             hint="a chat-tuned checkpoint, or --chat_format=chatml if this one was trained so")
   query = qtext.from_list_format([{"image": p} for p in FLAGS.image] + [{"text": FLAGS.prompt}])
   gen_cfg = inference.chat_generation_config(
       tok, source.chat_format, max_new_tokens=FLAGS.max_new_tokens, do_sample=FLAGS.do_sample,
@@ -96,6 +102,10 @@ def main(argv):
   sys.stdout.write("\n")
   sys.stdout.flush()
 
+  tags = reply.response.count("<box>")
+  if tags > len(qtext.parse_boxes(reply.response, strict=False)):
+    print(f"note: {tags - len(qtext.parse_boxes(reply.response, strict=False))} of the answer's {tags} boxes are "
+          "malformed (not two points in [0, 1000)) and are not drawn", file=sys.stderr)
   drawn = inference.draw_bbox_on_latest_picture(reply.response, reply.history)
   if drawn is not None:
     path = FLAGS.output_image or _free_png_path(inference.latest_image(reply.response, reply.history))

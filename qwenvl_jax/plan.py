@@ -28,6 +28,7 @@ from ml_collections import config_flags
 
 from qwenvl_jax import cli
 
+from qwenvl_jax import errors
 from qwenvl_jax import sharding
 from qwenvl_jax.model import QwenVL, QwenVLConfig, get_preset, lora
 from qwenvl_jax.planning import inference_plan, search, train_plan
@@ -123,6 +124,8 @@ def main(argv):
   if _INFERENCE.value is not None:
     _plan_inference(config)
     return
+  if _SEARCH.value and not _TOPOLOGY.value:
+    raise app.UsageError("--search ranks layouts for a TPU slice: give --topology (e.g. v5p-128)")
   cfg = model_config_from(config, _PRESET.value, _RES.value)
   name = config.model if config is not None else (_PRESET.value or "qwen_vl_7b")
   print(format_counts(cfg, name), flush=True)
@@ -136,8 +139,7 @@ def main(argv):
   if _TOPOLOGY.value:
     if config is None:
       raise app.UsageError("--topology plans a training stage: give --config=configs/stageN.py[:args]")
-    from qwenvl_jax.hardware import chips  # pylint: disable=import-outside-toplevel
-    topology = chips.parse_topology(_TOPOLOGY.value, _NUM_SLICES.value)
+    topology = _topology()
     if _SEARCH.value:
       _run_search(config, topology)
       return
@@ -155,6 +157,15 @@ def main(argv):
       print("\n".join(f"  - {tip}" for tip in tips))
 
 
+def _topology():
+  """--topology / --num_slices as a `chips.Topology`; a name that is not one is a flag mistake (one line)."""
+  from qwenvl_jax.hardware import chips  # pylint: disable=import-outside-toplevel
+  try:
+    return chips.parse_topology(_TOPOLOGY.value, _NUM_SLICES.value)
+  except ValueError as e:
+    raise errors.ConfigError(f"--topology={_TOPOLOGY.value}: {e}") from e
+
+
 def _plan_inference(config) -> None:
   """`--inference`: the decode step and prefill of the model, AOT-compiled for --topology."""
   kwargs = inference_plan.parse_inference_arg(_INFERENCE.value)  # bad keys fail before any compile
@@ -165,8 +176,7 @@ def _plan_inference(config) -> None:
   preset = config.model if config is not None else (_PRESET.value or "qwen_vl_7b")
   res = config.res if config is not None else (_RES.value or 448)
   cfg = inference_plan.inference_model_config(preset, res)
-  from qwenvl_jax.hardware import chips  # pylint: disable=import-outside-toplevel
-  topology = chips.parse_topology(_TOPOLOGY.value, _NUM_SLICES.value)
+  topology = _topology()
   print(f"model {preset}: {res} px; {topology.describe()}\ncompiling the decode step"
         + (" and the prefill" if kwargs["with_prefill"] else "") + " (minutes for the full model) ...", flush=True)
   print(inference_plan.plan_inference(cfg, topology, **kwargs).format())

@@ -13,6 +13,7 @@ any other. See qwenvl_jax/serving/ and README "Serving".
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from absl import app, flags
@@ -46,6 +47,21 @@ flags.DEFINE_integer("decode_steps", 4, "Decode steps per device call (more: les
                      "admission of new requests).")
 
 
+def _check_can_listen(host: str, port: int) -> None:
+  """ConfigError when host:port cannot be listened on (a busy port, an address not on this machine)."""
+  import socket  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax import errors  # pylint: disable=import-outside-toplevel
+  try:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+      s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
+      s.bind(address)
+  except OSError as e:
+    raise errors.ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}",
+                             hint="another server holds the port? choose another --port") from None
+
+
 def build(argv_flags=FLAGS):
   """(engine, tokenizer, ServerConfig) from the flags; the engine is started (warmed up)."""
   from qwenvl_jax import errors, sharding  # pylint: disable=import-outside-toplevel
@@ -62,6 +78,11 @@ def build(argv_flags=FLAGS):
                              f"got {f.num_slots}, {f.prefill_batch}, {f.max_images}, {f.context}")
   if f.decode_steps < 1:
     raise errors.ConfigError(f"need --decode_steps >= 1, got {f.decode_steps}")
+  if not 0 <= f.port <= 65535:
+    raise errors.ConfigError(f"--port={f.port} must be in 0..65535")
+  if f.image_root and not os.path.isdir(f.image_root):
+    raise errors.UserFileNotFoundError(f"--image_root={f.image_root} is not a folder")
+  _check_can_listen(f.host, f.port)  # now, not after minutes of loading and compiling
   for origin in f.cors_origins:
     scheme, sep, rest = origin.partition("://")
     if origin != "*" and not (scheme in ("http", "https") and sep and rest and "/" not in rest):
@@ -82,6 +103,8 @@ def build(argv_flags=FLAGS):
                                vocab_limit=tok.vocab_size, thread_context=lambda: sharding.use_rules(mesh, rules),
                                decode_steps=f.decode_steps,
                                kv_cache_dtype=None if f.kv_cache_dtype == "auto" else f.kv_cache_dtype)
+  print("compiling the server's programs (a minute or more on a CPU, less with a filled compilation cache) ...",
+        file=sys.stderr, flush=True)
   engine.start()
   config = api.ServerConfig(
       model_name=f.served_model_name or source.preset, chat_format=source.chat_format, system=f.system,
@@ -96,8 +119,11 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   import uvicorn  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.serving import api  # pylint: disable=import-outside-toplevel
+  cli.quiet_libraries()
   engine, tok, config = build()
   logging.info("engine ready: %s", engine.stats())
+  print(f"serving {config.model_name} on http://{FLAGS.host}:{FLAGS.port}/ (the chat page; the API under /v1, "
+        f"/health); Ctrl-C stops", file=sys.stderr, flush=True)
   # The engine thread needs the GIL for a moment between device steps; with the default 5 ms switch interval a
   # busy event loop (many streams) makes it wait up to 5 ms each time, which caps the decode rate.
   sys.setswitchinterval(SWITCH_INTERVAL_S)

@@ -107,6 +107,37 @@ def test_flag_and_config_file_mistakes_are_one_line_and_exit_2(tmp_path):
     assert len(lines) <= 2 and "Traceback" not in proc.stderr and not workdir.exists(), (extra, proc.stderr)
 
 
+def _libtpu_installed() -> bool:
+  from qwenvl_jax.planning import mesh  # pylint: disable=import-outside-toplevel
+  return mesh.libtpu_available()
+
+
+@pytest.mark.parametrize("module, args, expected", [
+    ("plan", ["--config=configs/stage2.py", "--topology=v9x-128"], "--topology=v9x-128: unknown chip 'v9x'"),
+    ("plan", ["--preset=huge"], "unknown model preset 'huge'"),
+    ("plan", ["--preset=tiny", "--res=300"], "image_size 300 is not a positive multiple of patch_size 14"),
+    ("plan", ["--config=configs/stage2.py", "--search"], "--search ranks layouts for a TPU slice: give --topology"),
+    ("plan", ["--config=configs/stage2.py:model=qwen_vl_7b", "--topology=v5p-128"], "needs libtpu"),
+    ("evaluate", ["--config=configs/eval/flickr.py:task=nosuch", "--config.output=o.json"],
+     "unknown evaluation task 'nosuch'"),
+    ("evaluate", ["--config=configs/eval/flickr.py", "--config.output=o.json", "--config.per_device_batch_size=0"],
+     "config.per_device_batch_size=0 must be an integer >= 1"),
+    ("evaluate", ["--config=configs/eval/flickr.py", "--config.output=o.json", "--config.max_examples=-1"],
+     "config.max_examples=-1 must be an integer >= 0"),
+    ("evaluate", ["--config=configs/eval/vqav2_val.py", "--config.output=o.json", "--config.data_path=synthetic"],
+     "has no synthetic held-out set"),
+])
+def test_entry_point_mistakes_that_were_tracebacks_are_one_line(tmp_path, module, args, expected):
+  if "needs libtpu" in expected and _libtpu_installed():
+    pytest.skip("libtpu is installed: the missing-libtpu error cannot happen here")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
+  args = [a.replace("configs/", f"{REPO_ROOT / 'configs'}/") for a in args]
+  proc = subprocess.run([sys.executable, "-m", f"qwenvl_jax.{module}", *args], env=env, cwd=tmp_path,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  assert any(line.startswith("error: ") and expected in line for line in proc.stderr.splitlines()), proc.stderr
+
+
 def test_ctrl_c_is_one_line_and_exit_130(capsys):
   def main(argv):
     del argv

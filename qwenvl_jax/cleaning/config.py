@@ -26,6 +26,8 @@ import dataclasses
 import math
 from typing import Any
 
+from qwenvl_jax import errors
+
 RULES = (
     "malformed",
     "text_too_short",
@@ -95,34 +97,34 @@ class CleanConfig:
   def __post_init__(self):
     for name in ("text_key", "image_key"):
       if not getattr(self, name):
-        raise ValueError(f"CleanConfig.{name} must be a non-empty column name")
+        raise errors.ConfigError(f"CleanConfig.{name} must be a non-empty column name")
     keys = [k for k in (self.text_key, self.image_key, self.id_key, self.score_key) if k]
     if len(set(keys)) != len(keys):
-      raise ValueError(f"CleanConfig columns must be distinct, got text/image/id/score keys {keys}")
+      raise errors.ConfigError(f"CleanConfig columns must be distinct, got text/image/id/score keys {keys}")
     if isinstance(self.languages, str) or not self.languages:
-      raise ValueError(f"CleanConfig.languages must be a non-empty tuple of codes, got {self.languages!r}")
+      raise errors.ConfigError(f"CleanConfig.languages must be a non-empty tuple of codes, got {self.languages!r}")
     object.__setattr__(self, "languages", tuple(self.languages))
     _check_int(self, "min_text_units", 0)
     _check_int(self, "max_text_units", 1)
     if self.min_text_units > self.max_text_units:
-      raise ValueError(f"CleanConfig.min_text_units={self.min_text_units} > max_text_units={self.max_text_units}")
+      raise errors.ConfigError(f"CleanConfig.min_text_units={self.min_text_units} > max_text_units={self.max_text_units}")
     if not (math.isfinite(self.max_aspect_ratio) and self.max_aspect_ratio >= 1.0):
-      raise ValueError(f"CleanConfig.max_aspect_ratio must be a finite number >= 1, got {self.max_aspect_ratio}")
+      raise errors.ConfigError(f"CleanConfig.max_aspect_ratio must be a finite number >= 1, got {self.max_aspect_ratio}")
     _check_int(self, "min_image_side", 1)
     if not math.isfinite(self.min_similarity):
-      raise ValueError(f"CleanConfig.min_similarity must be finite, got {self.min_similarity}")
+      raise errors.ConfigError(f"CleanConfig.min_similarity must be finite, got {self.min_similarity}")
     object.__setattr__(self, "min_similarity_by_language", dict(self.min_similarity_by_language))
     for language, value in self.min_similarity_by_language.items():
       if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"CleanConfig.min_similarity_by_language[{language!r}] must be finite, got {value!r}")
+        raise errors.ConfigError(f"CleanConfig.min_similarity_by_language[{language!r}] must be finite, got {value!r}")
     _check_int(self, "max_image_bytes", 1)
     _check_int(self, "max_image_pixels", 1)
     if self.max_stored_side is not None:
       _check_int(self, "max_stored_side", 1)
     if not 1 <= self.jpeg_quality <= 100:
-      raise ValueError(f"CleanConfig.jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+      raise errors.ConfigError(f"CleanConfig.jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
     if not self.url_timeout_s > 0:
-      raise ValueError(f"CleanConfig.url_timeout_s must be > 0, got {self.url_timeout_s}")
+      raise errors.ConfigError(f"CleanConfig.url_timeout_s must be > 0, got {self.url_timeout_s}")
     _check_int(self, "batch_size", 1)
     _check_int(self, "sample_size", 0)
 
@@ -140,4 +142,4 @@ class CleanConfig:
 def _check_int(cfg: CleanConfig, name: str, lowest: int) -> None:
   value = getattr(cfg, name)
   if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
-    raise ValueError(f"CleanConfig.{name} must be an integer >= {lowest}, got {value!r}")
+    raise errors.ConfigError(f"CleanConfig.{name} must be an integer >= {lowest}, got {value!r}")

@@ -17,6 +17,7 @@ from typing import Iterator, Sequence
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
+from qwenvl_jax import errors
 from qwenvl_jax.cleaning.filters import MalformedRow, RawPair
 
 FORMATS = ("auto", "jsonl", "parquet")
@@ -32,7 +33,7 @@ def shard_format(path: str, input_format: str = "auto") -> str:
     ValueError: unknown `input_format`, or "auto" and the file name has no known suffix.
   """
   if input_format not in FORMATS:
-    raise ValueError(f"input_format must be one of {FORMATS}, got {input_format!r}")
+    raise errors.ConfigError(f"input_format must be one of {FORMATS}, got {input_format!r}")
   if input_format != "auto":
     return input_format
   name = path.lower()
@@ -40,7 +41,7 @@ def shard_format(path: str, input_format: str = "auto") -> str:
     return "jsonl"
   if name.endswith(_PARQUET_SUFFIXES):
     return "parquet"
-  raise ValueError(f"cannot tell the format of input shard {path!r} from its name (expected one of "
+  raise errors.ConfigError(f"cannot tell the format of input shard {path!r} from its name (expected one of "
                    f"{_JSONL_SUFFIXES + _PARQUET_SUFFIXES}); pass input_format='jsonl' or 'parquet'")
 
 
@@ -51,12 +52,12 @@ def match_shards(patterns: Sequence[str], input_format: str = "auto") -> list[st
     ValueError: no pattern given, a pattern matches no file, or a shard's format is unknown.
   """
   if isinstance(patterns, str) or not patterns:
-    raise ValueError(f"give a non-empty list of input file patterns, got {patterns!r}")
+    raise errors.ConfigError(f"give a non-empty list of input file patterns, got {patterns!r}")
   paths = set()
   for pattern, result in zip(patterns, FileSystems.match(list(patterns))):
     found = [m.path for m in result.metadata_list]
     if not found:
-      raise ValueError(f"input pattern {pattern!r} matches no file")
+      raise errors.ConfigError(f"input pattern {pattern!r} matches no file")
     paths.update(found)
   paths = sorted(paths)
   for path in paths:

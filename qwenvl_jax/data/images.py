@@ -13,6 +13,8 @@ from typing import Union
 import numpy as np
 from PIL import Image
 
+from qwenvl_jax import errors
+
 # OpenAI-CLIP constants, channel order R, G, B (SPEC §1.1 step 4).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -20,7 +22,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 ImageLike = Union[bytes, str, os.PathLike, Image.Image, np.ndarray]
 
 
-class ImageError(ValueError):
+class ImageError(errors.InputFormatError):
   """An image that is missing, unreadable or not an image."""
 
 

@@ -20,10 +20,12 @@ import math
 import os
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
+from qwenvl_jax import errors
+
 ExampleId = Union[int, str]
 
 
-class EvalDataError(ValueError):
+class EvalDataError(errors.InputFormatError):
   """An evaluation file that is missing, not valid JSON, or has a missing or ill-typed field."""
 
 

@@ -48,7 +48,7 @@ from collections.abc import Sequence
 import jax
 from tqdm import tqdm
 
-from qwenvl_jax import distributed
+from qwenvl_jax import distributed, errors
 from qwenvl_jax.evaluation import collectives
 from qwenvl_jax.evaluation import few_shot as few_shot_lib
 from qwenvl_jax.evaluation import results, synthetic_sets
@@ -68,8 +68,9 @@ def _write_synthetic_set(config, task: tasks_lib.EvalTask, root: str) -> str:
   """Writes the held-out synthetic set of `task` for the model `config` names into `root`; returns its data file."""
   writer = _SYNTHETIC_WRITERS.get(task.kind)
   if writer is None:
-    raise ValueError(f"config.data_path={SYNTHETIC}: task {task.name!r} ({task.kind}) has no synthetic held-out set; "
-                     f"captioning (e.g. configs/eval/flickr.py) and grounding (configs/eval/refcoco_val.py) do")
+    raise errors.ConfigError(f"config.data_path={SYNTHETIC}: task {task.name!r} ({task.kind}) has no synthetic "
+                             "held-out set; captioning (e.g. configs/eval/flickr.py) and grounding "
+                             "(configs/eval/refcoco_val.py) do")
   source = model_source.resolve(config.checkpoint or None, model=config.model or None,
                                 tokenizer=config.tokenizer or None, image_size=config.get("image_size"))
   image_size = source.image_size or get_preset(source.preset, image_pad_id=0).vision.image_size
@@ -89,7 +90,12 @@ def run(config) -> dict | None:
   task = tasks_lib.get_task(config.task)
   output = config.output
   if not output:
-    raise ValueError("config.output (the results JSON path) is required")
+    raise errors.ConfigError("config.output (the results JSON path) is required")
+  for name, low in (("per_device_batch_size", 1), ("max_examples", 0), ("max_batches", 0)):
+    value = config.get(name, low)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+      raise errors.ConfigError(f"config.{name}={value!r} must be an integer >= {low}"
+                               + (" (0 = all)" if low == 0 else ""))
   results.check_output_free(output)
   if config.data_path != SYNTHETIC:
     return _run(config, task, output)
@@ -117,8 +123,13 @@ def _run(config, task: tasks_lib.EvalTask, output: str, recorded_data_path: str 
   if shots:
     shots.check(examples)
   ledger_dir = results.partial_dir(output)
-  settings = {"task": task.name, "checkpoint": config.checkpoint, "model": config.model,
+  # The params the checkpoint resolves to now: a run directory that trained on between an interrupted evaluation
+  # and its rerun resolves to a later step, whose predictions must not be merged with the earlier step's.
+  params = model_source.resolve(config.checkpoint or None, model=config.model or None,
+                                tokenizer=config.tokenizer or None, image_size=config.get("image_size")).params
+  settings = {"task": task.name, "checkpoint": config.checkpoint, "params": params, "model": config.model,
               "tokenizer": config.tokenizer, "dtype": config.dtype, "image_size": config.get("image_size"),
+              "quantize": config.get("quantize"), "kv_cache_dtype": config.get("kv_cache_dtype", "auto"),
               "data_path": recorded_data_path or os.fspath(data_path), "few_shot": shots.k if shots else 0,
               "few_shot_path": config.few_shot_path if shots else None,
               "seed": config.seed if shots or not config.checkpoint else None}  # seed: random weights, shot draw
@@ -131,7 +142,7 @@ def _run(config, task: tasks_lib.EvalTask, output: str, recorded_data_path: str 
       state = {"error": str(e)}
   state = collectives.broadcast_json(state)
   if "error" in state:
-    raise ValueError(state["error"])
+    raise errors.ConfigError(state["error"])  # the output's ledgers are another run's: the user's choice of output
   done = set(state["done"])
   todo = [e for e in examples if e.example_id not in done]
   logging.info("task %s: %d examples, %d already done, %d to go", task.name, len(examples), len(done), len(todo))
@@ -167,7 +178,9 @@ def _run(config, task: tasks_lib.EvalTask, output: str, recorded_data_path: str 
     logging.info("stopped after %d batches; %d examples left: run again with the same output to resume",
                  num_batches, missing)
     return None
-  record = {"checkpoint": config.checkpoint, "model": config.model, "tokenizer": config.tokenizer,
+  record = {"checkpoint": config.checkpoint, "params": params, "model": config.model, "tokenizer": config.tokenizer,
+            "dtype": config.dtype, "quantize": config.get("quantize"),
+            "kv_cache_dtype": config.get("kv_cache_dtype", "auto"), "image_size": config.get("image_size"),
             "data_path": recorded_data_path or os.fspath(data_path), "annotation_path": annotation_path,
             "image_root": "" if recorded_data_path else config.image_root,
             "tfds_data_dir": tfds_data_dir, "few_shot": shots.k if shots else 0,

@@ -21,6 +21,7 @@ import dataclasses
 import os
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
+from qwenvl_jax import errors
 from qwenvl_jax.evaluation import anls as anls_lib
 from qwenvl_jax.evaluation import cider as cider_lib
 from qwenvl_jax.evaluation import grounding as grounding_lib
@@ -281,8 +282,15 @@ _TASK_LIST = [
 TASKS: Mapping[str, EvalTask] = {t.name: t for t in _TASK_LIST}
 
 
+class UnknownTaskError(errors.ConfigError, KeyError):
+  """A task name that is not registered (a KeyError, as before it was a user mistake)."""
+
+  def __str__(self) -> str:  # KeyError's would quote the message
+    return errors.ConfigError.__str__(self)
+
+
 def get_task(name: str) -> EvalTask:
   """The registered task `name`; the error lists the known names."""
   if name not in TASKS:
-    raise KeyError(f"unknown evaluation task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
+    raise UnknownTaskError(f"unknown evaluation task {name!r}; known tasks: {', '.join(sorted(TASKS))}")
   return TASKS[name]

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qwenvl_jax import errors
 from qwenvl_jax.inference import sampling
 from qwenvl_jax.model import positional
 from qwenvl_jax.model.config import QwenVLConfig
@@ -67,19 +68,19 @@ class GenerationConfig:
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+      raise errors.ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
     if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-      raise ValueError(f"need 0 <= min_new_tokens <= max_new_tokens, got {self.min_new_tokens}, "
+      raise errors.ConfigError(f"need 0 <= min_new_tokens <= max_new_tokens, got {self.min_new_tokens}, "
                        f"{self.max_new_tokens}")
     if self.do_sample and not self.temperature > 0:
-      raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+      raise errors.ConfigError(f"temperature must be > 0 when sampling, got {self.temperature}")
     if self.top_k < 0:
-      raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+      raise errors.ConfigError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
     if not 0 < self.top_p <= 1:
-      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+      raise errors.ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
     stop_words = tuple(tuple(int(t) for t in seq) for seq in self.stop_words)
     if any(not seq for seq in stop_words):
-      raise ValueError(f"stop words must be non-empty token sequences, got {self.stop_words!r}")
+      raise errors.ConfigError(f"stop words must be non-empty token sequences, got {self.stop_words!r}")
     # `[eos]` as a stop word is a no-op (generation ends on eos anyway); the reference filters it out too.
     object.__setattr__(self, "stop_words", tuple(seq for seq in stop_words if seq != (self.eos_id,)))
 

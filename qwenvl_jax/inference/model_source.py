@@ -82,7 +82,8 @@ def resolve(checkpoint: str | None, *, model: str | None = None, tokenizer: str 
     return ModelSource(None, model or DEFAULT_PRESET, image_size, tokenizer, chat_format or "chatml")
   path = os.path.abspath(checkpoint)
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
+    what = "is a file, not a checkpoint folder" if os.path.exists(path) else "does not exist"
+    raise FileNotFoundError(f"checkpoint {checkpoint!r} {what}")
   run_dir = step = None
   if os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "checkpoints")):
     run_dir, step = path, _latest_step(path)

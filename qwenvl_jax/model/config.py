@@ -15,13 +15,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from qwenvl_jax import errors
+
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
 AttentionImpl = Literal["xla", "xla_rows", "cudnn", "splash"]  # see model/attention.py
 
 
 def _check(cond: bool, msg: str) -> None:
   if not cond:
-    raise ValueError(msg)
+    raise errors.ConfigError(msg)  # a ValueError: a bad preset override or flag
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -215,5 +217,5 @@ PRESETS = {"qwen_vl_7b": qwen_vl_7b, "mid": mid, "small": small, "tiny": tiny}
 def get_preset(name: str, **overrides) -> QwenVLConfig:
   """Looks a preset up by name; unknown names are an error that lists the known ones."""
   if name not in PRESETS:
-    raise ValueError(f"unknown model preset {name!r}; known presets: {sorted(PRESETS)}")
+    raise errors.ConfigError(f"unknown model preset {name!r}; known presets: {sorted(PRESETS)}")
   return PRESETS[name](**overrides)

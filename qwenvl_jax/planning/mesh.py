@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import jax
 from jax.sharding import Mesh
 
+from qwenvl_jax import errors
 from qwenvl_jax import sharding
 from qwenvl_jax.hardware.chips import Topology
 
@@ -37,6 +38,10 @@ def libtpu_available() -> bool:
   return True
 
 
+class MissingLibtpuError(errors.UserError, RuntimeError):
+  """libtpu, which TPU AOT compilation needs, is not installed."""
+
+
 def topology_devices(topo: Topology) -> list[jax.Device]:
   """The abstract devices (one per chip) of `topo`, for AOT compilation on any host.
 
@@ -44,7 +49,7 @@ def topology_devices(topo: Topology) -> list[jax.Device]:
     RuntimeError: libtpu is not installed.
   """
   if not libtpu_available():
-    raise RuntimeError("AOT compilation for TPU needs libtpu: pip install -r requirements-tpu-aot.txt")
+    raise MissingLibtpuError("AOT compilation for TPU needs libtpu", hint="pip install -r requirements-tpu-aot.txt")
   for key, value in _LIBTPU_QUIET_ENV.items():
     os.environ.setdefault(key, value)
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", topo.accelerator_type)

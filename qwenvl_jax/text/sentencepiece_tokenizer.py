@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 
 import sentencepiece as spm
 
+from qwenvl_jax import errors
 from qwenvl_jax.text import tokenizer as qtok
 
 # The specials every SentencePiece model of this project must define, in id order.
@@ -105,7 +106,7 @@ class SentencePieceTokenizer:
     try:
       self._sp.Load(self.path)
     except (OSError, RuntimeError) as e:
-      raise ValueError(f"corrupt SentencePiece model {self.path!r}: {e}") from None
+      raise errors.InputFormatError(f"corrupt SentencePiece model {self.path!r}: {e}") from None
     n = self._sp.GetPieceSize()
     specials = {}
     for i in range(n):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+from qwenvl_jax import errors
 from qwenvl_jax.text.sentencepiece_tokenizer import SentencePieceTokenizer
 from qwenvl_jax.text.tokenizer import QwenTokenizer, Tokenizer
 
@@ -28,13 +29,13 @@ def parse_tokenizer_spec(spec: str | os.PathLike) -> tuple[str, str]:
   kind, sep, path = spec.partition(":")
   if sep and kind in _KINDS:
     if not path:
-      raise ValueError(f"tokenizer spec {spec!r} names no file after '{kind}:'")
+      raise errors.ConfigError(f"tokenizer spec {spec!r} names no file after '{kind}:'")
     return kind, path
   if not spec:
-    raise ValueError("empty tokenizer spec: expected qwen:PATH, sentencepiece:PATH or a .tiktoken / .model file")
+    raise errors.ConfigError("empty tokenizer spec: expected qwen:PATH, sentencepiece:PATH or a .tiktoken / .model file")
   ext = os.path.splitext(spec)[1]
   if ext not in _EXTENSIONS:
-    raise ValueError(f"unknown tokenizer {spec!r}: expected qwen:PATH, sentencepiece:PATH, or a file ending in "
+    raise errors.ConfigError(f"unknown tokenizer {spec!r}: expected qwen:PATH, sentencepiece:PATH, or a file ending in "
                      f".tiktoken (Qwen) or .model (SentencePiece)")
   return _EXTENSIONS[ext], spec
 

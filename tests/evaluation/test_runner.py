@@ -10,6 +10,7 @@ import pytest
 from qwenvl_jax.data.synthetic import synthetic_corpus, synthetic_record
 from qwenvl_jax.evaluation import EvalDataError, EvalExample, few_shot, get_task, prompts, results, runner
 from qwenvl_jax.evaluation import config as eval_config
+from qwenvl_jax.inference import model_source
 from qwenvl_jax.text import SentencePieceTokenizer, formatting, train_sentencepiece
 from tests.evaluation import tfds_fakes
 
@@ -310,3 +311,27 @@ def test_synthetic_data_path_scores_a_held_out_set(workdir, tmp_path, monkeypatc
   assert list((tmp_path / "tmp").iterdir()) == []  # the set's temporary folder is removed
   with pytest.raises(ValueError, match="has no synthetic held-out set"):
     runner.run(_config("textvqa_val", root, tok, "unused", tmp_path / "vqa.json", data_path="synthetic"))
+
+
+def test_a_resumed_run_whose_checkpoint_now_resolves_to_another_step_is_refused(workdir, tmp_path, monkeypatch):
+  """An evaluation of a run directory stopped, the run trained on, and the same command ran again: its checkpoint
+  now resolves to a later step, whose predictions must not be merged with the earlier step's (they were, silently)."""
+  root, tok = workdir
+  data = _vqa_file(tmp_path / "vqa.jsonl", root, 3)
+
+  class Stop(Exception):
+    pass
+
+  def stop(*args, **kwargs):
+    raise Stop
+  monkeypatch.setattr(runner, "EvalJob", stop)
+  step = [4]
+  monkeypatch.setattr(runner.model_source, "resolve", lambda *a, **k: model_source.ModelSource(
+      f"/runs/r/checkpoints/{step[0]}/params", "tiny", None, str(tok), "raw", "/runs/r", step[0]))
+  config = _config("gqa_testdev", root, tok, str(data), str(tmp_path / "gqa.json"), checkpoint="/runs/r")
+  with pytest.raises(Stop):
+    runner.run(config)
+  step[0] = 8
+  with pytest.raises(ValueError, match=r"other settings \(params: '/runs/r/checkpoints/4/params' -> "
+                                       r"'/runs/r/checkpoints/8/params'\)"):
+    runner.run(config)

@@ -30,6 +30,24 @@ def test_generate_names_the_valid_tensor_parallel_degrees(tmp_path, sp_model_fil
   assert "hint: valid tensor-parallel degrees for this model: 1, 2" in proc.stderr
 
 
+def test_generate_reports_bad_inputs_and_settings_in_one_line(tmp_path, sp_model_file):
+  """Each used to end in a traceback (a ValueError of the tokenizer, image decoder or generation settings) or to
+  be ignored (history and system under the raw format, whose prompt has neither)."""
+  (tmp_path / "notimage.png").write_text("hello")
+  (tmp_path / "tok.model").write_text("not a model")
+  base = ["--model=tiny", f"--tokenizer={sp_model_file}", "--prompt=Hi", "--dtype=float32"]
+  cases = [([f"--image={tmp_path / 'notimage.png'}"], "cannot"),
+           ([f"--tokenizer={tmp_path / 'tok.model'}"], "corrupt SentencePiece model"),
+           (["--max_new_tokens=0"], "max_new_tokens must be >= 1"),
+           (["--do_sample", "--top_p=-1"], "top_p must be in (0, 1]"),
+           (["--chat_format=raw", "--system=Answer in French."], "--history and --system need a chat model"),
+           ([f"--save_history={tmp_path / 'no' / 'dir' / 'h.json'}"], "its folder does not exist"),
+           ([f"--checkpoint={tmp_path / 'notimage.png'}"], "is a file, not a checkpoint folder")]
+  for extra, expected in cases:
+    (line,) = _one_error(_run("qwenvl_jax.generate", base + extra, tmp_path))
+    assert expected in line, (extra, line)
+
+
 @pytest.mark.slow
 def test_serve_refuses_slots_that_do_not_split_over_the_replicas(tmp_path, sp_model_file):
   # 8 devices, tiny: tensor 2 (its 2-head ViT) x 4 replicas, so 6 slots do not split.
@@ -48,6 +66,24 @@ def test_serve_refuses_a_cors_origin_a_browser_never_sends(tmp_path):
   proc = _run("qwenvl_jax.serve", [f"--checkpoint={tmp_path / 'nope'}", "--cors_origins=localhost:3000"], tmp_path)
   (line,) = _one_error(proc)
   assert "'localhost:3000' is not an origin" in line and "hint: give scheme://host[:port]" in proc.stderr
+
+
+def test_serve_refuses_a_busy_port_a_bad_port_and_a_missing_image_root_before_loading(tmp_path):
+  """Found before the model loads and compiles (minutes at full size), not after: a busy port, a port out of
+  range (uvicorn alone would hang on it), an --image_root that is not a folder (every request would fail)."""
+  import socket  # pylint: disable=import-outside-toplevel
+  missing = [f"--checkpoint={tmp_path / 'nope'}"]  # would fail later: these errors must come first
+  with socket.socket() as busy:
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    (line,) = _one_error(_run("qwenvl_jax.serve", missing + [f"--port={port}"], tmp_path))
+    assert f"cannot listen on 127.0.0.1:{port}" in line
+  (line,) = _one_error(_run("qwenvl_jax.serve", missing + ["--port=99999"], tmp_path))
+  assert "--port=99999 must be in 0..65535" in line
+  (tmp_path / "afile").write_text("x")
+  (line,) = _one_error(_run("qwenvl_jax.serve", missing + [f"--image_root={tmp_path / 'afile'}"], tmp_path))
+  assert "is not a folder" in line
 
 
 def test_convert_lora_modes_report_user_mistakes_with_status_2(tmp_path):
