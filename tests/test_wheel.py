@@ -37,23 +37,43 @@ def _run(args, cwd, env, timeout=600):
 
 
 @pytest.fixture(scope="module")
-def venv_python(tmp_path_factory) -> pathlib.Path:
-  """A venv over the system site-packages with the freshly built wheel installed (no dependencies)."""
+def built_wheel(tmp_path_factory) -> pathlib.Path:
+  """The package's wheel, built offline from a copy of the sources."""
   root = tmp_path_factory.mktemp("wheel")
   src = root / "src"  # a copy, so building never writes build/ or *.egg-info into the checkout
   src.mkdir()
   shutil.copy(REPO_ROOT / "pyproject.toml", src)
+  shutil.copy(REPO_ROOT / "requirements.txt", src)  # the wheel's dependencies (pyproject: dynamic)
   shutil.copytree(REPO_ROOT / "qwenvl_jax", src / "qwenvl_jax", ignore=shutil.ignore_patterns("__pycache__"))
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
   _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
         "-w", str(root / "dist"), str(src)], cwd=root, env=env)
   wheel, = (root / "dist").glob("qwenvl_jax-*.whl")
+  return wheel
+
+
+@pytest.fixture(scope="module")
+def venv_python(built_wheel, tmp_path_factory) -> pathlib.Path:
+  """A venv over the system site-packages with the freshly built wheel installed (no dependencies)."""
+  root = tmp_path_factory.mktemp("venv")
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
   _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(root / "venv")], cwd=root,
        env=env)
   python = root / "venv" / "bin" / "python"
-  _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q", str(wheel)],
-       cwd=root, env=env)
+  _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q",
+        str(built_wheel)], cwd=root, env=env)
   return python
+
+
+def test_the_wheel_requires_the_pinned_runtime_packages(built_wheel):
+  """`pip install .` on a fresh machine must bring jax, flax, ... (the wheel declared none: the import failed)."""
+  import zipfile  # pylint: disable=import-outside-toplevel
+  with zipfile.ZipFile(built_wheel) as z:
+    metadata = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+  required = sorted(line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Requires-Dist:"))
+  pins = sorted(line.split("#")[0].strip() for line in (REPO_ROOT / "requirements.txt").read_text().splitlines()
+                if line.split("#")[0].strip())
+  assert required == pins and any(p.startswith("jax==") for p in required), required
 
 
 @pytest.mark.slow
