@@ -74,12 +74,12 @@ def make_tokenizer(config: ml_collections.ConfigDict, workdir: str):
     else:
       data = path.read_bytes()
   data = _broadcast_bytes(data)
-  if jax.process_index() == 0 and not workdir_lib.is_remote(path):
-    return text.SentencePieceTokenizer(os.fspath(path))
-  local = os.path.join(tempfile.mkdtemp(prefix="qwenvl_tokenizer_"), "tokenizer.model")
-  with open(local, "wb") as f:
-    f.write(data)
-  return text.SentencePieceTokenizer(local)
+  local = os.fspath(path)
+  if jax.process_index() != 0 or workdir_lib.is_remote(path):
+    local = os.path.join(tempfile.mkdtemp(prefix="qwenvl_tokenizer_"), "tokenizer.model")
+    with open(local, "wb") as f:
+      f.write(data)
+  return text.SentencePieceTokenizer(local)  # a foreign tokenizer.model was refused by `workdir.check_usable`
 
 
 def make_model_config(config: ml_collections.ConfigDict, tokenizer) -> model_config.QwenVLConfig:

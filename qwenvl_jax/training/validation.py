@@ -88,19 +88,19 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 def _check_tokenizer(config: ml_collections.ConfigDict, cfg: model_config.QwenVLConfig) -> None:
   spec = config.tokenizer
-  kind, _, path = spec.partition(":")
   if not spec:
     if not _MIN_SYNTHETIC_VOCAB <= config.synthetic_vocab_size <= cfg.llm.vocab_size:
       raise errors.ConfigError(
           f"config.synthetic_vocab_size={config.synthetic_vocab_size} must be in [{_MIN_SYNTHETIC_VOCAB}, "
           f"{cfg.llm.vocab_size}] (the model {config.model!r} has {cfg.llm.vocab_size} embedding rows)")
     return
-  if kind not in ("qwen", "sentencepiece") or not path:
-    raise errors.ConfigError(f"config.tokenizer={spec!r}: expected '' (synthetic), 'qwen:PATH' or "
-                             "'sentencepiece:PATH'")
+  from qwenvl_jax import text  # pylint: disable=g-import-not-at-top
+  try:  # the one spec parser of every entry point: qwen:PATH, sentencepiece:PATH, or a .tiktoken / .model file
+    kind, path = text.parse_tokenizer_spec(spec)
+  except ValueError as e:
+    raise errors.ConfigError(f"config.tokenizer={spec!r}: {e} (or '' for the synthetic vocabulary)") from e
   if not os.path.isfile(path):
     raise errors.UserFileNotFoundError(f"config.tokenizer={spec!r}: {path} is not a file")
-  from qwenvl_jax import text  # pylint: disable=g-import-not-at-top
   try:
     tok = text.QwenTokenizer(path) if kind == "qwen" else text.SentencePieceTokenizer(path)
   except ValueError as e:

@@ -65,6 +65,18 @@ def check_usable(workdir: str) -> None:
   if not os.path.isdir(path):
     what = "is a file" if path == os.path.abspath(workdir) else f"lies under {path}, which is a file"
     raise errors.UserFileExistsError(f"workdir {workdir} {what}, not a folder", "choose another --workdir")
+  # Another tool's folder (a model download holds a config.json and a tokenizer.model of its own): refused here,
+  # before checkpoints/ or a config.json of ours is written into it.
+  if os.path.isfile(os.path.join(workdir, "config.json")):
+    _check_is_run_config(epath.Path(workdir) / "config.json")
+  own_vocab = os.path.join(workdir, "tokenizer.model")
+  if os.path.isfile(own_vocab):
+    from qwenvl_jax import text  # pylint: disable=g-import-not-at-top
+    try:
+      text.SentencePieceTokenizer(own_vocab)
+    except ValueError as e:
+      raise errors.UserFileExistsError(f"{own_vocab} is not the synthetic vocabulary of a qwenvl_jax run ({e})",
+                                       hint="choose another --workdir") from e
 
 
 def create(workdir: str) -> None:
@@ -90,6 +102,21 @@ def config_differences(old: dict, new: ml_collections.ConfigDict) -> list[str]:
           for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
 
 
+# Fields every run's config.json has: a config.json without them belongs to something else (a model folder).
+_RUN_KEYS = ("stage", "model", "optimizer", "total_steps")
+
+
+def _check_is_run_config(path) -> None:
+  try:
+    recorded = json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise errors.UserFileExistsError(f"{path} is not a qwenvl_jax run's config (not JSON: {e})",
+                                     hint="choose another --workdir") from e
+  if not isinstance(recorded, dict) or not all(k in recorded for k in _RUN_KEYS):
+    raise errors.UserFileExistsError(f"{path} is not a qwenvl_jax run's config (no {'/'.join(_RUN_KEYS)} fields; "
+                                     "another tool's folder?)", hint="choose another --workdir")
+
+
 def check_and_record(workdir: str, config: ml_collections.ConfigDict, latest_step: int | None) -> None:
   """Refuses a workdir this config may not resume (see module docstring) and records the config on a new run.
 
@@ -99,6 +126,8 @@ def check_and_record(workdir: str, config: ml_collections.ConfigDict, latest_ste
   if config.resume not in ("auto", "force", "never"):
     raise ValueError(f"config.resume must be 'auto', 'force' or 'never', got {config.resume!r}")
   path = epath.Path(workdir) / "config.json"
+  if path.exists():
+    _check_is_run_config(path)
   if latest_step is not None:
     if config.resume == "never":
       raise FileExistsError(f"{workdir} already holds checkpoints (latest step {latest_step}) and "

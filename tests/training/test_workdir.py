@@ -61,3 +61,22 @@ def test_default_workdir_is_per_stage(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   c = small_config(3, "")
   assert workdir.resolve(c) == str(tmp_path / "runs" / "stage3")
+
+
+def test_another_tools_folder_is_refused_before_anything_is_written(tmp_path):
+  """A model download holds a config.json and a tokenizer.model of its own: training into it used to write
+  checkpoints/ and then fail with an 80-line config diff, or a traceback about the tokenizer."""
+  hf = tmp_path / "hf"
+  hf.mkdir()
+  (hf / "config.json").write_text(json.dumps({"architectures": ["QWenLMHeadModel"], "model_type": "qwen"}))
+  with pytest.raises(FileExistsError, match=r"config.json is not a qwenvl_jax run's config"):
+    workdir.check_usable(str(hf))
+  vocab = tmp_path / "vocab"
+  vocab.mkdir()
+  (vocab / "tokenizer.model").write_text("not a sentencepiece model")
+  with pytest.raises(FileExistsError, match=r"tokenizer.model is not the synthetic vocabulary of a qwenvl_jax run"):
+    workdir.check_usable(str(vocab))
+  assert sorted(p.name for p in hf.iterdir()) == ["config.json"]
+  run = tmp_path / "run"
+  workdir.check_and_record(str(run.mkdir() or run), small_config(2, run), latest_step=None)
+  workdir.check_usable(str(run))  # our own record passes
