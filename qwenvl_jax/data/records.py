@@ -148,8 +148,13 @@ def strip_image_paths(text: str) -> tuple[str, list[str]]:
   return IMG_SPAN.sub("<img></img>", text), paths
 
 
+_MAX_NAMED_SKIPS = 10_000  # bad records named one by one per process; past that, only the running totals
+
+
 class SkipCounter:
-  """Counts skipped records per reason in this process and logs one warning per skip naming the record.
+  """Counts skipped records per reason in this process and logs a warning naming each bad record the first time
+  it is skipped; a record met again (every epoch of a small source) only counts, with a line of totals at every
+  power of two of skips (a 6-line file with 2 bad lines logged 151 lines in 3 steps).
 
   Grain worker processes each hold their own counter; the warning carries the running count of that process.
   """
@@ -158,6 +163,7 @@ class SkipCounter:
     self._lock = threading.Lock()
     self._counts: collections.Counter = collections.Counter()
     self._consecutive = 0
+    self._seen: set[str] = set()
     self._logger = logger or logging.getLogger("qwenvl_jax.data")
 
   def skip(self, error: BadRecordError, max_consecutive: int = 0) -> None:
@@ -171,7 +177,14 @@ class SkipCounter:
       self._counts[_reason_kind(error.reason)] += 1
       self._consecutive += 1
       total, consecutive = sum(self._counts.values()), self._consecutive
-    self._logger.warning("skipping %s (%d records skipped so far in this process)", error, total)
+      first = error.record_id not in self._seen and len(self._seen) < _MAX_NAMED_SKIPS
+      if first:
+        self._seen.add(error.record_id)
+    if first:
+      self._logger.warning("skipping %s (%d records skipped so far in this process)", error, total)
+    elif total & (total - 1) == 0:
+      self._logger.warning("%d records skipped so far in this process, %d distinct (%s)", total, len(self._seen),
+                           self.counts)
     if 0 < max_consecutive < consecutive:
       raise RuntimeError(f"{consecutive} bad records in a row, the last {error}; skipped so far by reason: "
                          f"{self.counts}. Is the source, seq_len or max_images wrong?")

@@ -72,3 +72,16 @@ def test_skip_counter_counts_logs_and_stops_runs_of_bad_records(caplog):
   assert "'a'" in caplog.messages[0] and "'c'" in caplog.messages[2]
   with pytest.raises(RuntimeError, match="2 bad records in a row"):
     counter.skip(rec.BadRecordError("d", "x"), max_consecutive=1)
+
+
+def test_skip_counter_names_a_bad_record_once_however_often_it_comes_round(caplog):
+  counter = rec.SkipCounter()
+  with caplog.at_level(logging.WARNING, logger="qwenvl_jax.data"):
+    for _ in range(50):  # 50 epochs of a small source with two bad records
+      counter.skip(rec.BadRecordError("f.jsonl:7", "malformed JSON"))
+      counter.skip(rec.BadRecordError("f.jsonl:8", "image 0: cannot decode"))
+      counter.ok()
+  named = [m for m in caplog.messages if m.startswith("skipping")]
+  assert len(named) == 2 and "'f.jsonl:7'" in named[0] and "'f.jsonl:8'" in named[1]
+  assert counter.total == 100 and len(caplog.messages) == 2 + 5  # totals at 4, 8, 16, 32, 64 skips
+  assert "64 records skipped so far in this process, 2 distinct" in caplog.messages[-1]
