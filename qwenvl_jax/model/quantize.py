@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import qwix
 from flax import nnx
 
+from qwenvl_jax import errors
 from qwenvl_jax.model import layers
 
 MODES = ("int8", "int4", "nf4")
@@ -76,9 +77,12 @@ class QuantConfig:
 
   def __post_init__(self):
     if self.mode not in MODES:
-      raise ValueError(f"unknown quantization mode {self.mode!r}; known: {MODES}")
-    if self.group_size < 1:
-      raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+      raise errors.ConfigError(f"unknown quantization mode {self.mode!r}; known: {MODES}")
+    # A power of two divides every dimension of the real models (multiples of 128) that is at least as long; any
+    # other G would leave most kernels unable to split into groups, which then fall back to one scale per channel
+    # without a word.
+    if self.group_size < 1 or self.group_size & (self.group_size - 1):
+      raise errors.ConfigError(f"group_size must be a power of two (e.g. 64 or 128), got {self.group_size}")
 
   @property
   def qtype(self):

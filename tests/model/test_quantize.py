@@ -116,3 +116,11 @@ def test_quantized_weights_shard_like_the_float_kernels(abstract_pair):
   assert "fsdp" in tuple(qspecs["llm"]["blocks"]["mlp"]["w1"]["qvalue"])
   # A per-channel scale's contracted axis has length 1: it stays replicated, the channel axis shards.
   assert qspecs["llm"]["blocks"]["mlp"]["c_proj"]["scale"] == jax.sharding.PartitionSpec(None, None, "fsdp")
+
+
+@pytest.mark.parametrize("group", [0, 7, 96])
+def test_a_group_size_that_is_not_a_power_of_two_is_refused(group):
+  """Such a G divides few kernel axes, and a kernel whose axis it does not divide falls back to one scale per
+  channel: `--group_size=7` quantized everything per channel without a word."""
+  with pytest.raises(ValueError, match="group_size must be a power of two"):
+    qlib.QuantConfig(mode="int4", group_size=group)
