@@ -47,11 +47,34 @@ _REFERENCE = flags.DEFINE_string("reference_files", None,
                                  "copied into the export.")
 
 
+flags.DEFINE_alias("model", "preset")  # the name generate, serve and evaluate use
+
+
+def _params_source(src: str) -> tuple[str, str, int]:
+  """(params directory, preset, image size) of --src for the modes that read a params checkpoint: a training run
+  directory or its checkpoints/<step> supplies its params, preset and resolution (as for generate and serve)
+  unless --preset / --image_size are given; anything else is taken as a params directory."""
+  from qwenvl_jax.inference import model_source  # pylint: disable=import-outside-toplevel
+  preset = _PRESET.value if flags.FLAGS["preset"].present else None
+  size = _IMAGE_SIZE.value if flags.FLAGS["image_size"].present else None
+  try:
+    source = model_source.resolve(src, model=preset, image_size=size)
+  except FileNotFoundError:
+    return src, _PRESET.value, _IMAGE_SIZE.value
+  if source.run_dir is None:
+    return src, _PRESET.value, _IMAGE_SIZE.value
+  return source.params, source.preset, source.image_size or _IMAGE_SIZE.value
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  cfg = get_preset(_PRESET.value).with_image_size(_IMAGE_SIZE.value)
+  cli.quiet_libraries()
   mode = _MODE.value
+  src, preset, image_size = _SRC.value, _PRESET.value, _IMAGE_SIZE.value
+  if src and mode in ("quantize", "orbax_to_torch"):
+    src, preset, image_size = _params_source(src)
+  cfg = get_preset(preset).with_image_size(image_size)
   if mode == "init_from_pretrained":
     if not (_OPENCLIP.value and _QWEN7B.value):
       raise app.UsageError("--mode=init_from_pretrained needs --openclip and --qwen7b")
@@ -64,12 +87,13 @@ def main(argv):
     _lora(mode, _SRC.value, _DST.value, _DTYPE.value or "bfloat16")
     return
   if mode == "quantize":
-    _quantize(_SRC.value, _DST.value, cfg)
+    _quantize(src, _DST.value, cfg)
   elif mode == "torch_to_orbax":
-    checkpoint.torch_to_orbax(_SRC.value, _DST.value, cfg, dtype=_DTYPE.value)
+    checkpoint.torch_to_orbax(src, _DST.value, cfg, dtype=_DTYPE.value)
   else:
-    checkpoint.orbax_to_torch(_SRC.value, _DST.value, cfg, dtype=_DTYPE.value or "bfloat16",
+    checkpoint.orbax_to_torch(src, _DST.value, cfg, dtype=_DTYPE.value or "bfloat16",
                               max_shard_bytes=int(_SHARD_GB.value * 1e9), reference_files=_REFERENCE.value)
+  print(f"wrote {mode} of {src} ({preset}, {image_size} px) to {_DST.value}")
 
 
 def _quantize(src: str, dst: str, cfg) -> None:

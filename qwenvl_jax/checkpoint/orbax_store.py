@@ -38,6 +38,7 @@ from orbax.checkpoint._src.serialization import type_handler_registry
 from orbax.checkpoint._src.serialization import type_handlers
 from orbax.checkpoint._src.serialization import types as ocp_types
 
+from qwenvl_jax import errors
 from qwenvl_jax.tree_paths import flatten
 
 Index = tuple[Any, ...]
@@ -162,15 +163,13 @@ def check_tree(stored: Mapping[str, tuple[tuple[int, ...], Any]], expected: Mapp
   unexpected = sorted(set(stored) - set(expected))
   misshaped = sorted(f"{k}: stored {stored[k][0]}, model {expected[k][0]}"
                      for k in set(stored) & set(expected) if tuple(stored[k][0]) != tuple(expected[k][0]))
-  problems = []
-  if missing:
-    problems.append(f"missing {missing}")
-  if unexpected:
-    problems.append(f"unexpected {unexpected}")
-  if misshaped:
-    problems.append(f"mis-shaped {misshaped}")
+  problems = [f"{kind} ({len(items)}): {items[:3]}" + (f" and {len(items) - 3} more" if len(items) > 3 else "")
+              for kind, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+              if items]
   if problems:
-    raise ValueError(f"{where} does not match the model: " + "; ".join(problems))
+    raise errors.ConfigError(f"{where} does not match the model: " + "; ".join(problems),
+                             hint="the weights are another model's: name its preset (--model / --preset), "
+                                  "or the run directory they come from")
 
 
 def restore_params(path: str | os.PathLike, abstract_state: nnx.State, shardings: nnx.State) -> nnx.State:

@@ -34,3 +34,27 @@ def test_command_line_round_trip(tmp_path, qwenvl_checkpoint):
   assert all(torch.equal(out[k].view(torch.int16), state[k].view(torch.int16)) for k in state)
   run = _convert("--mode=init_from_pretrained", "--preset=tiny", f"--openclip={src}", f"--dst={tmp_path / 'i'}")
   assert run.returncode != 0 and "--qwen7b" in run.stderr
+
+
+def test_exports_take_a_run_directory_and_a_wrong_preset_is_one_line(tmp_path, qwenvl_checkpoint):
+  """A run directory supplies params, preset and resolution (as for generate); a params checkpoint of another
+  model than --preset says so in one line with the fix, instead of a multi-kilobyte traceback."""
+  import json  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.model import tiny
+  src, _ = qwenvl_checkpoint(tiny(), fmt="bin")
+  orbax = tmp_path / "orbax"
+  assert _convert("--mode=torch_to_orbax", "--model=tiny", f"--src={src}", f"--dst={orbax}").returncode == 0
+  wrong = _convert("--mode=orbax_to_torch", f"--src={orbax}", f"--dst={tmp_path / 'x'}")  # preset qwen_vl_7b
+  assert wrong.returncode == 2 and "Traceback" not in wrong.stderr, wrong.stderr[-3000:]
+  line, = [x for x in wrong.stderr.splitlines() if x.startswith("error: ")]
+  assert "does not match the model" in line and "more" in line and len(line) < 1500
+  assert "hint: the weights are another model's: name its preset" in wrong.stderr
+  assert not (tmp_path / "x").exists()
+  run = tmp_path / "run"
+  shutil.copytree(orbax, run / "checkpoints" / "7" / "params")
+  (run / "config.json").write_text(json.dumps({"model": "tiny", "res": 224, "stage": 2, "tokenizer": ""}))
+  done = _convert("--mode=orbax_to_torch", f"--src={run}", f"--dst={tmp_path / 'export'}")
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert f"of {run / 'checkpoints' / '7' / 'params'} (tiny, 224 px) to" in done.stdout
+  assert json.loads((tmp_path / "export" / "config.json").read_text())["visual"]["image_size"] == 224
