@@ -48,8 +48,8 @@ LOCAL_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
 _DIRECT_RUNNER_NAMES = ("direct", "directrunner")
 
 
-class NoPairsKeptError(RuntimeError):
-  """Every pair was rejected, so there is no dataset to write."""
+class NoPairsKeptError(errors.UserError, RuntimeError):
+  """Every pair was rejected, so there is no dataset to write (the data or the settings are the user's)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -353,8 +353,13 @@ def run_clean(job: CleanJob, beam_options: PipelineOptions | None = None) -> dic
       with beam.Pipeline(options=options) as p:
         _ = p | "CleanPairs" >> transform(partial)
       report = _publish(partial, job.report)
+      rejected = {k: v for k, v in report["rejected"].items() if v}
+      columns = (f"; every pair was malformed: do the rows have the columns {job.config.text_key!r} and "
+                 f"{job.config.image_key!r}? (--text_key, --image_key)" if set(rejected) == {"malformed"} else "")
       raise NoPairsKeptError(f"all {report['num_pairs']} input pairs were rejected, so no dataset was written; "
-                             f"rejections per rule: {report['rejected']} (report: {job.report})") from e
+                             f"rejections per rule: {rejected}{columns}",
+                             f"read the report {job.report} (its samples say why), then move it away or pass "
+                             "--report=NEW to run again") from e
   return _publish(partial, job.report)
 
 

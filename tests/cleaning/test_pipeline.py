@@ -149,8 +149,11 @@ def test_job_settings_are_checked(clean_inputs, tmp_path):
 def test_all_rejected_still_reports_why(tmp_path):
   (tmp_path / "in.jsonl").write_text('{"caption": "a red bus", "image": "x.jpg"}\n' * 3)
   job = CleanJob(inputs=[str(tmp_path / "in.jsonl")], output_dir=str(tmp_path / "out"), skip_similarity=True)
-  with pytest.raises(NoPairsKeptError, match="all 3 input pairs were rejected"):
+  with pytest.raises(NoPairsKeptError, match="all 3 input pairs were rejected") as info:
     run_clean(job)
+  # One line that points at the columns (the report says 'missing column'), and how to run again.
+  assert isinstance(info.value, errors.UserError) and "columns 'text' and 'image'" in str(info.value)
+  assert "--report=NEW" in info.value.hint
   report = json.loads(pathlib.Path(job.report).read_text())
   assert report["kept"] == 0 and report["rejected"]["malformed"] == 3
   assert "missing column 'text'" in report["samples"]["malformed"][0]["reason"]
