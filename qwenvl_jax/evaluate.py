@@ -21,6 +21,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/eval/TASK.py[
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.quiet_libraries()  # orbax's restore lines and JAX's backend probe would bury the one result line
   from qwenvl_jax.evaluation import runner  # pylint: disable=import-outside-toplevel
   payload = runner.run(_CONFIG.value)
   if payload is not None:

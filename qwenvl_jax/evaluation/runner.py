@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -175,8 +176,8 @@ def _run(config, task: tasks_lib.EvalTask, output: str, recorded_data_path: str 
   finished = results.read_ledgers(ledger_dir)
   if any(e.example_id not in finished for e in examples):
     missing = sum(e.example_id not in finished for e in examples)
-    logging.info("stopped after %d batches; %d examples left: run again with the same output to resume",
-                 num_batches, missing)
+    print(f"stopped after {num_batches} batches; {missing} examples left: run again with the same output to "
+          "resume", file=sys.stderr, flush=True)
     return None
   record = {"checkpoint": config.checkpoint, "params": params, "model": config.model, "tokenizer": config.tokenizer,
             "dtype": config.dtype, "quantize": config.get("quantize"),
