@@ -102,6 +102,8 @@ def main(argv):
   sys.stdout.write("\n")
   sys.stdout.flush()
 
+  if not reply.response.strip():
+    print("note: the answer is empty (the model ended it at once)", file=sys.stderr)
   tags = reply.response.count("<box>")
   if tags > len(qtext.parse_boxes(reply.response, strict=False)):
     print(f"note: {tags - len(qtext.parse_boxes(reply.response, strict=False))} of the answer's {tags} boxes are "

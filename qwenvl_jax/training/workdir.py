@@ -147,6 +147,11 @@ def check_and_record(workdir: str, config: ml_collections.ConfigDict, latest_ste
               "--config.resume=force.")
       if diffs and jax.process_index() == 0:
         (epath.Path(workdir) / f"config.resumed_at_{latest_step}.json").write_text(config.to_json(indent=2))
+      if old.get("total_steps") != config.total_steps and jax.process_index() == 0:
+        # Resumable, but not neutral: the schedule's decay is laid over the new length.
+        print(f"note: total_steps {old.get('total_steps')} -> {config.total_steps} (the run started with "
+              f"{old.get('total_steps')}): the learning-rate schedule now spans {config.total_steps} steps, so "
+              f"the rate at step {latest_step + 1} is that schedule's, not the old one's", flush=True)
     return
   if jax.process_index() == 0 and not path.exists():
     path.write_text(config.to_json(indent=2))

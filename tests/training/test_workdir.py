@@ -80,3 +80,11 @@ def test_another_tools_folder_is_refused_before_anything_is_written(tmp_path):
   run = tmp_path / "run"
   workdir.check_and_record(str(run.mkdir() or run), small_config(2, run), latest_step=None)
   workdir.check_usable(str(run))  # our own record passes
+
+
+def test_resuming_with_more_steps_says_the_schedule_is_stretched(tmp_path, capsys):
+  workdir.check_and_record(str(tmp_path), small_config(2, tmp_path, total_steps=120), latest_step=None)
+  workdir.check_and_record(str(tmp_path), small_config(2, tmp_path, total_steps=130), latest_step=120)
+  assert "note: total_steps 120 -> 130" in capsys.readouterr().out
+  workdir.check_and_record(str(tmp_path), small_config(2, tmp_path, total_steps=120), latest_step=60)
+  assert "note" not in capsys.readouterr().out
