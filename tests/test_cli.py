@@ -1,5 +1,6 @@
 """The entry points' edges (qwenvl_jax/cli.py): user mistakes as one line and exit 2, config typos with a
 suggestion, --help exiting 0, internal errors keeping their traceback."""
+import concurrent.futures
 import os
 import subprocess
 import sys
@@ -98,9 +99,12 @@ def test_flag_and_config_file_mistakes_are_one_line_and_exit_2(tmp_path):
            ([f"--config={tmp_path / 'stage9.py'}"], "--config: cannot load the config file"),
            ([stage2, "--helpme"], "Unknown command line flag 'helpme'"),
            ([stage2, "extra"], "unexpected arguments: ['extra']")]
-  for extra, expected in cases:
-    proc = subprocess.run([sys.executable, "-m", "qwenvl_jax.train", f"--workdir={workdir}", *extra], env=env,
+  def run(extra):
+    return subprocess.run([sys.executable, "-m", "qwenvl_jax.train", f"--workdir={workdir}", *extra], env=env,
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:  # each is a process start: overlap them
+    procs = list(pool.map(run, [extra for extra, _ in cases]))
+  for (extra, expected), proc in zip(cases, procs):
     assert proc.returncode == 2, (extra, proc.stderr[-3000:])
     lines = proc.stderr.splitlines()
     assert lines[0].startswith("error: ") and expected in lines[0], (extra, proc.stderr[-3000:])
