@@ -197,3 +197,9 @@ def test_direct_runner_means_the_local_engine_and_others_pass_through(text, runn
   assert options.view_as(StandardOptions).runner == runner
   if "direct_num_workers" in text:
     assert options.view_as(DirectOptions).direct_num_workers == 2
+
+
+def test_importing_the_cleaning_job_prints_no_beam_bigquery_notice():
+  proc = subprocess.run([sys.executable, "-c", "import qwenvl_jax.cleaning"], capture_output=True, text=True,
+                        timeout=120, cwd=pathlib.Path(__file__).resolve().parents[2])
+  assert proc.returncode == 0 and "apitools" not in proc.stderr, proc.stderr
