@@ -47,8 +47,9 @@ flags.DEFINE_integer("decode_steps", 4, "Decode steps per device call (more: les
                      "admission of new requests).")
 
 
-def _check_can_listen(host: str, port: int) -> None:
-  """ConfigError when host:port cannot be listened on (a busy port, an address not on this machine)."""
+def _check_can_listen(host: str, port: int) -> int:
+  """The port to serve on (port 0: a free one, chosen now so the log can name it); ConfigError when host:port
+  cannot be listened on (a busy port, an address not on this machine)."""
   import socket  # pylint: disable=import-outside-toplevel
   from qwenvl_jax import errors  # pylint: disable=import-outside-toplevel
   try:
@@ -57,6 +58,7 @@ def _check_can_listen(host: str, port: int) -> None:
     with socket.socket(family, kind, proto) as s:
       s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
       s.bind(address)
+      return s.getsockname()[1]
   except OSError as e:
     raise errors.ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}",
                              hint="another server holds the port? choose another --port") from None
@@ -82,7 +84,7 @@ def build(argv_flags=FLAGS):
     raise errors.ConfigError(f"--port={f.port} must be in 0..65535")
   if f.image_root and not os.path.isdir(f.image_root):
     raise errors.UserFileNotFoundError(f"--image_root={f.image_root} is not a folder")
-  _check_can_listen(f.host, f.port)  # now, not after minutes of loading and compiling
+  f.port = _check_can_listen(f.host, f.port)  # now, not after minutes of loading and compiling
   for origin in f.cors_origins:
     scheme, sep, rest = origin.partition("://")
     if origin != "*" and not (scheme in ("http", "https") and sep and rest and "/" not in rest):
