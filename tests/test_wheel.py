@@ -70,7 +70,8 @@ def test_the_wheel_requires_the_pinned_runtime_packages(built_wheel):
   import zipfile  # pylint: disable=import-outside-toplevel
   with zipfile.ZipFile(built_wheel) as z:
     metadata = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
-  required = sorted(line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Requires-Dist:"))
+  required = sorted(line.split(":", 1)[1].strip() for line in metadata.splitlines()
+                    if line.startswith("Requires-Dist:"))
   pins = sorted(line.split("#")[0].strip() for line in (REPO_ROOT / "requirements.txt").read_text().splitlines()
                 if line.split("#")[0].strip())
   assert required == pins and any(p.startswith("jax==") for p in required), required

@@ -107,9 +107,11 @@ class CleanConfig:
     _check_int(self, "min_text_units", 0)
     _check_int(self, "max_text_units", 1)
     if self.min_text_units > self.max_text_units:
-      raise errors.ConfigError(f"CleanConfig.min_text_units={self.min_text_units} > max_text_units={self.max_text_units}")
+      raise errors.ConfigError(f"CleanConfig.min_text_units={self.min_text_units} > "
+                               f"max_text_units={self.max_text_units}")
     if not (math.isfinite(self.max_aspect_ratio) and self.max_aspect_ratio >= 1.0):
-      raise errors.ConfigError(f"CleanConfig.max_aspect_ratio must be a finite number >= 1, got {self.max_aspect_ratio}")
+      raise errors.ConfigError(f"CleanConfig.max_aspect_ratio must be a finite number >= 1, "
+                               f"got {self.max_aspect_ratio}")
     _check_int(self, "min_image_side", 1)
     if not math.isfinite(self.min_similarity):
       raise errors.ConfigError(f"CleanConfig.min_similarity must be finite, got {self.min_similarity}")

@@ -67,7 +67,8 @@ def select(logits: jax.Array, *, temperature: jax.Array, top_k: jax.Array, top_p
   Args:
     logits: float[B, V] at each row's last position.
     temperature: float32[B], 0 = greedy. top_k: int32[B], 0 = off. top_p: float32[B] in (0, 1], 1 = off.
-    seeds: uint32[B, 2] per-request seeds (`seed_words`); counts: int32[B] tokens each row generated so far (the key's fold-in).
+    seeds: uint32[B, 2] per-request seeds (`seed_words`); counts: int32[B] tokens each row generated so far (the
+      key's fold-in).
     vocab_limit: ids >= this are never produced (the tokenizer's size when the model has padding rows); static.
   """
   logits = logits.astype(jnp.float32)

@@ -323,7 +323,7 @@ class Engine:
     slot = self._active[i]
     self._active[i] = None
     self._count(f"finished_{reason}")
-    if notify and reason != "cancelled":
+    if notify:  # a cancelled request (its client left, or the API ended it on a stop string) gets no event
       slot.request.sink(Finished(reason, len(slot.request.prompt), slot.generated))
 
   def _admit(self) -> None:

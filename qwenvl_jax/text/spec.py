@@ -32,7 +32,8 @@ def parse_tokenizer_spec(spec: str | os.PathLike) -> tuple[str, str]:
       raise errors.ConfigError(f"tokenizer spec {spec!r} names no file after '{kind}:'")
     return kind, path
   if not spec:
-    raise errors.ConfigError("empty tokenizer spec: expected qwen:PATH, sentencepiece:PATH or a .tiktoken / .model file")
+    raise errors.ConfigError("empty tokenizer spec: expected qwen:PATH, sentencepiece:PATH or a .tiktoken / "
+                             ".model file")
   ext = os.path.splitext(spec)[1]
   if ext not in _EXTENSIONS:
     raise errors.ConfigError(f"unknown tokenizer {spec!r}: expected qwen:PATH, sentencepiece:PATH, or a file ending in "
