@@ -79,7 +79,7 @@ def main(argv):
     if not (_OPENCLIP.value and _QWEN7B.value):
       raise app.UsageError("--mode=init_from_pretrained needs --openclip and --qwen7b")
     checkpoint.init_from_pretrained(_DST.value, cfg, openclip=_OPENCLIP.value, qwen7b=_QWEN7B.value,
-                                    seed=_SEED.value, dtype=_DTYPE.value)
+                                    seed=_SEED.value, dtype=_DTYPE.value, preset=preset)
     return
   if not _SRC.value:
     raise app.UsageError(f"--mode={mode} needs --src")
@@ -87,16 +87,16 @@ def main(argv):
     _lora(mode, _SRC.value, _DST.value, _DTYPE.value or "bfloat16")
     return
   if mode == "quantize":
-    _quantize(src, _DST.value, cfg)
+    _quantize(src, _DST.value, cfg, preset)
   elif mode == "torch_to_orbax":
-    checkpoint.torch_to_orbax(src, _DST.value, cfg, dtype=_DTYPE.value)
+    checkpoint.torch_to_orbax(src, _DST.value, cfg, dtype=_DTYPE.value, preset=preset)
   else:
     checkpoint.orbax_to_torch(src, _DST.value, cfg, dtype=_DTYPE.value or "bfloat16",
                               max_shard_bytes=int(_SHARD_GB.value * 1e9), reference_files=_REFERENCE.value)
   print(f"wrote {mode} of {src} ({preset}, {image_size} px) to {_DST.value}")
 
 
-def _quantize(src: str, dst: str, cfg) -> None:
+def _quantize(src: str, dst: str, cfg, preset: str) -> None:
   """Float params checkpoint -> quantized params checkpoint, one kernel in float memory at a time."""
   import dataclasses  # pylint: disable=import-outside-toplevel
   import os  # pylint: disable=import-outside-toplevel
@@ -116,7 +116,8 @@ def _quantize(src: str, dst: str, cfg) -> None:
   qcfg = qlib.QuantConfig(mode=_QUANTIZE.value, group_size=_GROUP.value)
   mesh, rules = loading.inference_mesh()
   model = quantized.quantize_checkpoint_on_load(src, cfg, qcfg, mesh, rules)
-  quantized.save_quantized(model, dst, qcfg, sources={"params": os.path.abspath(src)})
+  quantized.save_quantized(model, dst, qcfg, sources={"params": os.path.abspath(src)},
+                           model_info=checkpoint.model_metadata(cfg, preset))
 
 
 def _lora(mode: str, src: str, dst: str, dtype: str) -> None:

@@ -9,12 +9,13 @@ Public surface:
 """
 
 from qwenvl_jax.checkpoint import mapping
-from qwenvl_jax.checkpoint.conversion import (hf_config, init_from_pretrained, model_param_shapes, orbax_to_torch,
-                                              torch_to_orbax)
+from qwenvl_jax.checkpoint.conversion import (hf_config, init_from_pretrained, model_metadata, model_param_shapes,
+                                              orbax_to_torch, torch_to_orbax)
 from qwenvl_jax.checkpoint.orbax_store import ParamReader, load_model, restore_params, save_params
 from qwenvl_jax.checkpoint.tensor_io import open_checkpoint
 
 __all__ = [
-    "ParamReader", "hf_config", "init_from_pretrained", "load_model", "mapping", "model_param_shapes",
+    "ParamReader", "hf_config", "init_from_pretrained", "load_model", "mapping", "model_metadata",
+    "model_param_shapes",
     "open_checkpoint", "orbax_to_torch", "restore_params", "save_params", "torch_to_orbax",
 ]

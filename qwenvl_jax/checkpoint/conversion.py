@@ -135,11 +135,13 @@ def _leaf(target: str, fed: list[tuple[mapping.Binding, int]], source: tensor_io
 
 
 def torch_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, cfg: QwenVLConfig, *,
-                   source_format: str = "qwen-vl", dtype=None, block_bytes: int = DEFAULT_BLOCK_BYTES) -> None:
+                   source_format: str = "qwen-vl", dtype=None, block_bytes: int = DEFAULT_BLOCK_BYTES,
+                   preset: str | None = None) -> None:
   """Converts a Qwen-VL PyTorch checkpoint at `src` into a params checkpoint at `dst` (a new directory).
 
   source_format: "qwen-vl" (all 853 tensors of the 7B model). For the partial sources use
-  `init_from_pretrained`. dtype: None/"keep", "bfloat16", "float32" or "float16".
+  `init_from_pretrained`. dtype: None/"keep", "bfloat16", "float32" or "float16". preset: the preset name `cfg`
+  was built from, recorded with the image size (`model_metadata`) so loaders need not be told again.
   """
   table = mapping.TABLES.get(source_format)
   if table is None or set(table.parts) != {"visual", "adapter", "llm"}:
@@ -152,12 +154,20 @@ def torch_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, cfg: QwenVLCo
     _check_complete(leaves, shapes)
     logging.info("converting %d tensors of %s into %d parameters at %s", len(source.names()), src, len(leaves), dst)
     orbax_store.save_params(dst, tree_paths.unflatten(leaves), custom_metadata={
-        "format": _FORMAT, "sources": {table.name: str(pathlib.Path(src).absolute())}})
+        "format": _FORMAT, "sources": {table.name: str(pathlib.Path(src).absolute())},
+        "model": model_metadata(cfg, preset)})
+
+
+def model_metadata(cfg: QwenVLConfig, preset: str | None) -> dict:
+  """What a params checkpoint records about its model (`custom_metadata["model"]`): the image size it was
+  converted for and, when known, the preset. `inference.model_source` reads it for a checkpoint without a run
+  config: the same weights run at any image size, so a forgotten `--image_size` would be a silent wrong answer."""
+  return {"image_size": cfg.vision.image_size, **({"preset": preset} if preset else {})}
 
 
 def init_from_pretrained(dst: str | os.PathLike, cfg: QwenVLConfig, *, openclip: str | os.PathLike,
                          qwen7b: str | os.PathLike, seed: int = 0, dtype=None,
-                         block_bytes: int = DEFAULT_BLOCK_BYTES) -> None:
+                         block_bytes: int = DEFAULT_BLOCK_BYTES, preset: str | None = None) -> None:
   """Stage-1 initialization: the ViT trunk from OpenCLIP ViT-bigG, the LLM from Qwen-7B, a fresh adapter.
 
   The adapter (resampler, ln_post, proj) is initialized as `QwenVL` would (with `nnx.Rngs(seed)`) and stored
@@ -175,7 +185,8 @@ def init_from_pretrained(dst: str | os.PathLike, cfg: QwenVLConfig, *, openclip:
     orbax_store.save_params(dst, tree_paths.unflatten(leaves), custom_metadata={
         "format": _FORMAT, "sources": {"openclip-vit": str(pathlib.Path(openclip).absolute()),
                                        "qwen-7b": str(pathlib.Path(qwen7b).absolute()),
-                                       "adapter": f"fresh init, seed {seed}"}})
+                                       "adapter": f"fresh init, seed {seed}"},
+        "model": model_metadata(cfg, preset)})
 
 
 def _fresh_adapter(cfg: QwenVLConfig, seed: int) -> dict:

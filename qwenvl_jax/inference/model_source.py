@@ -4,7 +4,8 @@ image size, the tokenizer spec and the chat format.
 `--checkpoint` may be
   * a training run directory (`<run>`, holding `config.json` and `checkpoints/<step>/params`): its latest step;
   * one checkpoint of a run (`<run>/checkpoints/<step>` or `<run>/checkpoints/<step>/params`);
-  * a params checkpoint from `python -m qwenvl_jax.convert` (no run config: preset and tokenizer from the flags);
+  * a params checkpoint from `python -m qwenvl_jax.convert` (no run config: the tokenizer from the flags, the
+    preset and image size from the flags or else from what `convert` recorded in it);
   * nothing (random weights, for smoke tests).
 A run's `config.json` gives the preset (`model`), the image size (`res`), the tokenizer (`''` = the run's own
 `<run>/tokenizer.model`, `qwen:PATH`, `sentencepiece:PATH`) and the chat format (stage 3 trains on ChatML
@@ -44,6 +45,16 @@ class ModelSource:
   chat_format: str
   run_dir: str | None = None
   step: int | None = None
+
+
+def _recorded_model(params: str) -> dict:
+  """The preset / image size a params checkpoint records (`custom_metadata["model"]`), or {} (older ones)."""
+  from qwenvl_jax.checkpoint import orbax_store  # pylint: disable=import-outside-toplevel  (slow to import)
+  try:
+    info = orbax_store.ParamReader(params).custom_metadata.get("model") or {}
+  except (OSError, ValueError):  # unreadable metadata: the restore reports it properly
+    return {}
+  return info if isinstance(info, dict) else {}
 
 
 def _is_params_dir(path: str) -> bool:
@@ -97,7 +108,9 @@ def resolve(checkpoint: str | None, *, model: str | None = None, tokenizer: str 
     if not _is_params_dir(path):
       raise FileNotFoundError(f"{checkpoint} is neither a training run (config.json + checkpoints/), a run's "
                               "checkpoints/<step>, nor a params checkpoint (no _METADATA)")
-    return ModelSource(path, model or DEFAULT_PRESET, image_size, tokenizer, chat_format or "chatml")
+    recorded = _recorded_model(path)  # what `convert` wrote it for (`checkpoint.model_metadata`)
+    return ModelSource(path, model or recorded.get("preset") or DEFAULT_PRESET,
+                       image_size or recorded.get("image_size"), tokenizer, chat_format or "chatml")
   params = os.path.join(run_dir, "checkpoints", str(step), "params")
   if not _is_params_dir(params):
     raise FileNotFoundError(f"{params} is not a params checkpoint (the save did not finish?)")

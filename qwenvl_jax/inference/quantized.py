@@ -123,10 +123,11 @@ def load_quantized_model(path: str | os.PathLike, cfg: QwenVLConfig, mesh: jax.s
 
 
 def save_quantized(model: QwenVL, path: str | os.PathLike, qcfg: qlib.QuantConfig, *,
-                   sources: dict | None = None) -> None:
+                   sources: dict | None = None, model_info: dict | None = None) -> None:
   """Writes a quantized model's parameters as a params checkpoint at `path` (a new directory)."""
   if not qlib.is_quantized(model):
     raise ValueError("save_quantized needs a quantized model (model.quantize.quantize_model)")
   tree = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  meta = {"format": FORMAT, "quantization": qcfg.to_json(), "sources": sources or {}}
+  meta = {"format": FORMAT, "quantization": qcfg.to_json(), "sources": sources or {},
+          **({"model": model_info} if model_info else {})}
   orbax_store.save_params(path, tree, custom_metadata=meta)

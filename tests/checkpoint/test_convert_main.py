@@ -44,7 +44,14 @@ def test_exports_take_a_run_directory_and_a_wrong_preset_is_one_line(tmp_path, q
   from qwenvl_jax.model import tiny
   src, _ = qwenvl_checkpoint(tiny(), fmt="bin")
   orbax = tmp_path / "orbax"
-  assert _convert("--mode=torch_to_orbax", "--model=tiny", f"--src={src}", f"--dst={orbax}").returncode == 0
+  assert _convert("--mode=torch_to_orbax", "--model=tiny", "--image_size=224", f"--src={src}",
+                  f"--dst={orbax}").returncode == 0
+  # What it was converted for is recorded, so generate/serve/evaluate need not be told (a forgotten --image_size
+  # ran the model at the preset's size without a word).
+  from qwenvl_jax.inference import model_source  # pylint: disable=import-outside-toplevel
+  recorded = model_source.resolve(str(orbax), tokenizer="t.model")
+  assert (recorded.preset, recorded.image_size) == ("tiny", 224)
+  assert model_source.resolve(str(orbax), model="tiny", image_size=448).image_size == 448  # flags win
   wrong = _convert("--mode=orbax_to_torch", f"--src={orbax}", f"--dst={tmp_path / 'x'}")  # preset qwen_vl_7b
   assert wrong.returncode == 2 and "Traceback" not in wrong.stderr, wrong.stderr[-3000:]
   line, = [x for x in wrong.stderr.splitlines() if x.startswith("error: ")]
