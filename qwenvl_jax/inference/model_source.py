@@ -52,7 +52,7 @@ def _recorded_model(params: str) -> dict:
   from qwenvl_jax.checkpoint import orbax_store  # pylint: disable=import-outside-toplevel  (slow to import)
   try:
     info = orbax_store.ParamReader(params).custom_metadata.get("model") or {}
-  except (OSError, ValueError):  # unreadable metadata: the restore reports it properly
+  except (OSError, ValueError, KeyError, TypeError):  # unreadable metadata: the restore reports it properly
     return {}
   return info if isinstance(info, dict) else {}
 
