@@ -104,10 +104,10 @@ def main(argv):
 
   if not reply.response.strip():
     print("note: the answer is empty (the model ended it at once)", file=sys.stderr)
-  tags = reply.response.count("<box>")
-  if tags > len(qtext.parse_boxes(reply.response, strict=False)):
-    print(f"note: {tags - len(qtext.parse_boxes(reply.response, strict=False))} of the answer's {tags} boxes are "
-          "malformed (not two points in [0, 1000)) and are not drawn", file=sys.stderr)
+  tags, parsed = reply.response.count("<box>"), len(qtext.parse_boxes(reply.response, strict=False))
+  if tags > parsed:
+    print(f"note: {tags - parsed} of the answer's {tags} boxes are malformed (not two points in [0, 1000)) and are "
+          "not drawn", file=sys.stderr)
   drawn = inference.draw_bbox_on_latest_picture(reply.response, reply.history)
   if drawn is not None:
     path = FLAGS.output_image or _free_png_path(inference.latest_image(reply.response, reply.history))

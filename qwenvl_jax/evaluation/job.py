@@ -26,15 +26,16 @@ class EvalJob:
   """The model, tokenizer and mesh of one run, and the per-batch work."""
 
   def __init__(self, config, task: tasks_lib.EvalTask, shots: few_shot_lib.ShotSampler | None = None, *,
-               model: tuple | None = None):
+               model: tuple | None = None, source: model_source.ModelSource | None = None):
     """`model`: (tokenizer, model config, mesh, rules, nnx model) already built (evaluation during training: later
-    steps swap `generator.state`); else they are loaded as `config` says."""
+    steps swap `generator.state`); else they are loaded from `source` (the runner's, whose params its settings
+    record), or as `config` says."""
     self.config, self.task = config, task
     if model is None:
       # A training run directory (or its checkpoints/<step>) supplies preset, image size and tokenizer; the
       # official prompts are raw text whatever the run trained on, so its chat format is not used.
-      source = model_source.resolve(config.checkpoint or None, model=config.model or None,
-                                    tokenizer=config.tokenizer or None, image_size=config.get("image_size"))
+      source = source or model_source.resolve(config.checkpoint or None, model=config.model or None,
+                                              tokenizer=config.tokenizer or None, image_size=config.get("image_size"))
       if not source.tokenizer:
         raise ValueError("config.tokenizer is required unless config.checkpoint is a training run")
       model = loading.load_source(source, dtype=config.dtype, rules=config.rules, mesh_axes=config.mesh.to_dict(),

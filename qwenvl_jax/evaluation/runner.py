@@ -125,9 +125,11 @@ def _run(config, task: tasks_lib.EvalTask, output: str, recorded_data_path: str 
     shots.check(examples)
   ledger_dir = results.partial_dir(output)
   # The params the checkpoint resolves to now: a run directory that trained on between an interrupted evaluation
-  # and its rerun resolves to a later step, whose predictions must not be merged with the earlier step's.
-  params = model_source.resolve(config.checkpoint or None, model=config.model or None,
-                                tokenizer=config.tokenizer or None, image_size=config.get("image_size")).params
+  # and its rerun resolves to a later step, whose predictions must not be merged with the earlier step's. The job
+  # loads this same source (resolved once: a step saved meanwhile is not loaded under the settings of another).
+  source = model_source.resolve(config.checkpoint or None, model=config.model or None,
+                                tokenizer=config.tokenizer or None, image_size=config.get("image_size"))
+  params = source.params
   settings = {"task": task.name, "checkpoint": config.checkpoint, "params": params, "model": config.model,
               "tokenizer": config.tokenizer, "dtype": config.dtype, "image_size": config.get("image_size"),
               "quantize": config.get("quantize"), "kv_cache_dtype": config.get("kv_cache_dtype", "auto"),
@@ -148,7 +150,7 @@ def _run(config, task: tasks_lib.EvalTask, output: str, recorded_data_path: str 
   todo = [e for e in examples if e.example_id not in done]
   logging.info("task %s: %d examples, %d already done, %d to go", task.name, len(examples), len(done), len(todo))
 
-  job = EvalJob(config, task, shots)
+  job = EvalJob(config, task, shots, source=source)
   mine = results.shard(todo, jax.process_count(), jax.process_index())
   longest = -(-len(todo) // jax.process_count())
   num_batches = -(-longest // job.local_rows)

@@ -52,11 +52,17 @@ def resolve(config: ml_collections.ConfigDict) -> str:
 
 
 def check_usable(workdir: str) -> None:
-  """Refuses a local workdir that is a file, or lies under a file (checked before anything is written).
+  """Refuses a workdir that is another tool's folder, and a local one that is a file or lies under a file
+  (checked before anything is written).
 
   Raises:
     errors.UserFileExistsError: naming the file in the way.
   """
+  # Another tool's folder (a model download holds a config.json and a tokenizer.model of its own): refused here,
+  # before checkpoints/ or a config.json of ours is written into it.
+  record = epath.Path(workdir) / "config.json"
+  if record.is_file():
+    _check_is_run_config(record)
   if is_remote(workdir):
     return
   path = os.path.abspath(workdir)
@@ -65,10 +71,6 @@ def check_usable(workdir: str) -> None:
   if not os.path.isdir(path):
     what = "is a file" if path == os.path.abspath(workdir) else f"lies under {path}, which is a file"
     raise errors.UserFileExistsError(f"workdir {workdir} {what}, not a folder", "choose another --workdir")
-  # Another tool's folder (a model download holds a config.json and a tokenizer.model of its own): refused here,
-  # before checkpoints/ or a config.json of ours is written into it.
-  if os.path.isfile(os.path.join(workdir, "config.json")):
-    _check_is_run_config(epath.Path(workdir) / "config.json")
   own_vocab = os.path.join(workdir, "tokenizer.model")
   if os.path.isfile(own_vocab):
     from qwenvl_jax import text  # pylint: disable=g-import-not-at-top
@@ -126,8 +128,6 @@ def check_and_record(workdir: str, config: ml_collections.ConfigDict, latest_ste
   if config.resume not in ("auto", "force", "never"):
     raise ValueError(f"config.resume must be 'auto', 'force' or 'never', got {config.resume!r}")
   path = epath.Path(workdir) / "config.json"
-  if path.exists():
-    _check_is_run_config(path)
   if latest_step is not None:
     if config.resume == "never":
       raise FileExistsError(f"{workdir} already holds checkpoints (latest step {latest_step}) and "
