@@ -242,7 +242,8 @@ def load_model_from_flags():
   source = model_source.resolve(f.checkpoint, model=f.model, tokenizer=f.tokenizer, image_size=f.image_size,
                                 chat_format=f.chat_format)
   if not source.tokenizer:
-    raise errors.ConfigError("--tokenizer is required unless --checkpoint is a training run",
+    raise errors.ConfigError("--tokenizer is required: --checkpoint is neither a training run nor a checkpoint "
+                             "that records its tokenizer (convert copies the source's qwen.tiktoken into it)",
                              hint="e.g. --tokenizer=qwen:qwen.tiktoken or --tokenizer=sp.model")
   tok, cfg, mesh, rules, model = loading.load_source(
       source, dtype=f.dtype, rules=f.rules, tensor_parallel=f.tensor_parallel, seed=f.seed, quantize=f.quantize,

@@ -50,20 +50,21 @@ _REFERENCE = flags.DEFINE_string("reference_files", None,
 flags.DEFINE_alias("model", "preset")  # the name generate, serve and evaluate use
 
 
-def _params_source(src: str) -> tuple[str, str, int]:
-  """(params directory, preset, image size) of --src for the modes that read a params checkpoint: a training run
-  directory or its checkpoints/<step> supplies its params, preset and resolution (as for generate and serve)
-  unless --preset / --image_size are given; anything else is taken as a params directory."""
+def _params_source(src: str) -> tuple[str, str, int, str | None, str | None]:
+  """(params directory, preset, image size, tokenizer spec, chat format) of --src for the modes that read a params
+  checkpoint: a training run directory or its checkpoints/<step> supplies its params, preset, resolution,
+  tokenizer and chat format (as for generate and serve), a params checkpoint what convert recorded in it; --preset
+  / --image_size win when given. Tokenizer and chat format are None where the source does not say."""
   from qwenvl_jax.inference import model_source  # pylint: disable=import-outside-toplevel
   preset = _PRESET.value if flags.FLAGS["preset"].present else None
   size = _IMAGE_SIZE.value if flags.FLAGS["image_size"].present else None
   try:
     source = model_source.resolve(src, model=preset, image_size=size)
   except FileNotFoundError:
-    return src, _PRESET.value, _IMAGE_SIZE.value
-  if source.run_dir is None:
-    return src, _PRESET.value, _IMAGE_SIZE.value
-  return source.params, source.preset, source.image_size or _IMAGE_SIZE.value
+    return src, _PRESET.value, _IMAGE_SIZE.value, None, None
+  chat_format = (source.chat_format if source.run_dir is not None else
+                 model_source.recorded_chat_format(source.params, model_source.recorded_model(source.params)))
+  return source.params, source.preset, source.image_size or _IMAGE_SIZE.value, source.tokenizer, chat_format
 
 
 def main(argv):
@@ -72,8 +73,9 @@ def main(argv):
   cli.quiet_libraries()
   mode = _MODE.value
   src, preset, image_size = _SRC.value, _PRESET.value, _IMAGE_SIZE.value
+  tokenizer = chat_format = None
   if src and mode in ("quantize", "orbax_to_torch"):
-    src, preset, image_size = _params_source(src)
+    src, preset, image_size, tokenizer, chat_format = _params_source(src)
   cfg = get_preset(preset).with_image_size(image_size)
   if mode == "init_from_pretrained":
     if not (_OPENCLIP.value and _QWEN7B.value):
@@ -87,7 +89,7 @@ def main(argv):
     _lora(mode, _SRC.value, _DST.value, _DTYPE.value or "bfloat16")
     return
   if mode == "quantize":
-    _quantize(src, _DST.value, cfg, preset)
+    _quantize(src, _DST.value, cfg, preset, tokenizer, chat_format)
   elif mode == "torch_to_orbax":
     checkpoint.torch_to_orbax(src, _DST.value, cfg, dtype=_DTYPE.value, preset=preset)
   else:
@@ -96,8 +98,9 @@ def main(argv):
   print(f"wrote {mode} of {src} ({preset}, {image_size} px) to {_DST.value}")
 
 
-def _quantize(src: str, dst: str, cfg, preset: str) -> None:
-  """Float params checkpoint -> quantized params checkpoint, one kernel in float memory at a time."""
+def _quantize(src: str, dst: str, cfg, preset: str, tokenizer: str | None, chat_format: str | None) -> None:
+  """Float params checkpoint -> quantized params checkpoint, one kernel in float memory at a time; it records the
+  source's preset, image size and chat format, and keeps a copy of its tokenizer."""
   import dataclasses  # pylint: disable=import-outside-toplevel
   import os  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.inference import loading, quantized  # pylint: disable=import-outside-toplevel
@@ -117,12 +120,16 @@ def _quantize(src: str, dst: str, cfg, preset: str) -> None:
   mesh, rules = loading.inference_mesh()
   model = quantized.quantize_checkpoint_on_load(src, cfg, qcfg, mesh, rules)
   quantized.save_quantized(model, dst, qcfg, sources={"params": os.path.abspath(src)},
-                           model_info=checkpoint.model_metadata(cfg, preset))
+                           model_info=checkpoint.model_metadata(cfg, preset, chat_format=chat_format,
+                                                                tokenizer=checkpoint.bundled_tokenizer(tokenizer)))
+  checkpoint.copy_tokenizer(tokenizer, dst)
 
 
 def _lora(mode: str, src: str, dst: str, dtype: str) -> None:
   """merge_lora / export_peft of the LoRA or QLoRA trainer run `src` (a QLoRA base is dequantized in float32 before
-  the merge, then everything is cast to `dtype`); a bad source is one error line and exit status 2 (`cli.run`)."""
+  the merge, then everything is cast to `dtype`); a bad source is one error line and exit status 2 (`cli.run`).
+  The merged checkpoint records the run's preset, image size and chat format and keeps a copy of its tokenizer,
+  so generate / serve / evaluate load it without flags."""
   import os  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.checkpoint import peft_export  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.model import lora  # pylint: disable=import-outside-toplevel
@@ -130,7 +137,7 @@ def _lora(mode: str, src: str, dst: str, dtype: str) -> None:
   if os.path.exists(dst):
     raise errors.UserFileExistsError(f"{dst} already exists", hint="choose a new output directory")
   try:
-    model, lcfg, _ = peft.load_run(src)
+    model, lcfg, run = peft.load_run(src)
   except FileNotFoundError as e:
     raise errors.UserFileNotFoundError(str(e)) from e
   except ValueError as e:  # not a LoRA run, or a run config that does not parse
@@ -142,10 +149,16 @@ def _lora(mode: str, src: str, dst: str, dtype: str) -> None:
       raise errors.ConfigError(str(e)) from e
     print(f"wrote PEFT adapter (r={lcfg.rank}, lora_alpha={lcfg.alpha}) to {dst}")
     return
+  from qwenvl_jax.inference import model_source  # pylint: disable=import-outside-toplevel
   lora.merge_lora(model)
   target = None if dtype == "keep" else jnp.dtype(dtype)
   params = jax.tree.map(lambda x: x if target is None else x.astype(target), nnx.to_pure_dict(nnx.state(model)))
-  checkpoint.save_params(dst, params)
+  card = model_source.run_model(os.path.abspath(src.split("@")[0]), run.to_dict())
+  checkpoint.save_params(dst, params, custom_metadata={
+      "sources": {"lora_run": os.path.abspath(src)},
+      "model": checkpoint.model_metadata(model.cfg, card["preset"], chat_format=card["chat_format"],
+                                         tokenizer=checkpoint.bundled_tokenizer(card["tokenizer"]))})
+  checkpoint.copy_tokenizer(card["tokenizer"], dst)
   print(f"wrote merged params ({dtype}) to {dst}")
 
 

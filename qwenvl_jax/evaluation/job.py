@@ -37,7 +37,8 @@ class EvalJob:
       source = source or model_source.resolve(config.checkpoint or None, model=config.model or None,
                                               tokenizer=config.tokenizer or None, image_size=config.get("image_size"))
       if not source.tokenizer:
-        raise ValueError("config.tokenizer is required unless config.checkpoint is a training run")
+        raise ValueError("config.tokenizer is required: config.checkpoint is neither a training run nor a "
+                         "checkpoint that records its tokenizer")
       model = loading.load_source(source, dtype=config.dtype, rules=config.rules, mesh_axes=config.mesh.to_dict(),
                                   tensor_parallel=config.get("tensor_parallel", 0), seed=config.seed,
                                   quantize=config.get("quantize"),

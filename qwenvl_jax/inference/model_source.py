@@ -4,8 +4,9 @@ image size, the tokenizer spec and the chat format.
 `--checkpoint` may be
   * a training run directory (`<run>`, holding `config.json` and `checkpoints/<step>/params`): its latest step;
   * one checkpoint of a run (`<run>/checkpoints/<step>` or `<run>/checkpoints/<step>/params`);
-  * a params checkpoint from `python -m qwenvl_jax.convert` (no run config: the tokenizer from the flags, the
-    preset and image size from the flags or else from what `convert` recorded in it);
+  * a params checkpoint from `python -m qwenvl_jax.convert` (no run config: the preset, image size, chat format
+    and tokenizer from the flags or else from what `convert` recorded in it, the tokenizer as a copy kept in the
+    checkpoint directory; older checkpoints record only some of them);
   * nothing (random weights, for smoke tests).
 A run's `config.json` gives the preset (`model`), the image size (`res`), the tokenizer (`''` = the run's own
 `<run>/tokenizer.model`, `qwen:PATH`, `sentencepiece:PATH`) and the chat format (stage 3 trains on ChatML
@@ -47,14 +48,35 @@ class ModelSource:
   step: int | None = None
 
 
-def _recorded_model(params: str) -> dict:
-  """The preset / image size a params checkpoint records (`custom_metadata["model"]`), or {} (older ones)."""
+def recorded_model(params: str) -> dict:
+  """What a params checkpoint records about its model (`custom_metadata["model"]`, `checkpoint.model_metadata`:
+  preset, image size, chat format, tokenizer) as stored, or {} (older ones); `recorded_chat_format` and
+  `recorded_tokenizer` check and resolve the last two."""
   from qwenvl_jax.checkpoint import orbax_store  # pylint: disable=import-outside-toplevel  (slow to import)
   try:
     info = orbax_store.ParamReader(params).custom_metadata.get("model") or {}
   except (OSError, ValueError, KeyError, TypeError):  # unreadable metadata: the restore reports it properly
     return {}
   return info if isinstance(info, dict) else {}
+
+
+def recorded_chat_format(params: str, info: dict) -> str | None:
+  """The chat format `info` (`recorded_model(params)`) records, or None."""
+  if info.get("chat_format") not in (None, "chatml", "raw"):
+    raise errors.ConfigError(f"checkpoint {params} records an unknown chat format {info['chat_format']!r}",
+                             hint="pass --chat_format=chatml or --chat_format=raw")
+  return info.get("chat_format")
+
+
+def recorded_tokenizer(params: str, info: dict) -> str | None:
+  """The spec of the tokenizer copy `info` (`recorded_model(params)`) records, its file in `params`; or None."""
+  if not info.get("tokenizer"):
+    return None
+  try:
+    kind, name = qtext.parse_tokenizer_spec(info["tokenizer"])
+  except ValueError as e:
+    raise errors.ConfigError(f"checkpoint {params} records a bad tokenizer: {e}", hint="pass --tokenizer") from e
+  return f"{kind}:{os.path.join(params, os.path.basename(name))}"
 
 
 def _is_params_dir(path: str) -> bool:
@@ -108,9 +130,10 @@ def resolve(checkpoint: str | None, *, model: str | None = None, tokenizer: str 
     if not _is_params_dir(path):
       raise FileNotFoundError(f"{checkpoint} is neither a training run (config.json + checkpoints/), a run's "
                               "checkpoints/<step>, nor a params checkpoint (no _METADATA)")
-    recorded = _recorded_model(path)  # what `convert` wrote it for (`checkpoint.model_metadata`)
+    recorded = recorded_model(path)  # what `convert` wrote it for (`checkpoint.model_metadata`)
     return ModelSource(path, model or recorded.get("preset") or DEFAULT_PRESET,
-                       image_size or recorded.get("image_size"), tokenizer, chat_format or "chatml")
+                       image_size or recorded.get("image_size"), tokenizer or recorded_tokenizer(path, recorded),
+                       chat_format or recorded_chat_format(path, recorded) or "chatml")
   params = os.path.join(run_dir, "checkpoints", str(step), "params")
   if not _is_params_dir(params):
     raise FileNotFoundError(f"{params} is not a params checkpoint (the save did not finish?)")
@@ -120,17 +143,25 @@ def resolve(checkpoint: str | None, *, model: str | None = None, tokenizer: str 
                             f"point --checkpoint at {params}")
   with open(config_path, encoding="utf-8") as f:
     run = json.load(f)
+  card = run_model(run_dir, run)
   if int((run.get("lora") or {}).get("rank", 0) or 0) > 0:
     # Its checkpoints hold the base (bf16, or QLoRA's 4-bit codes) plus adapters, not the plain model's tree.
+    # The merged checkpoint records the run's preset, image size, chat format and tokenizer (a copy).
     raise errors.ConfigError(
         f"{run_dir} is a LoRA/QLoRA run: merge its adapters first, then chat with the merged params",
         hint=(f"python -m qwenvl_jax.convert --mode=merge_lora --src={run_dir}@{step} --dst=MERGED && "
-              f"python -m qwenvl_jax.generate --checkpoint=MERGED --model={run.get('model')} "
-              f"--tokenizer={_run_tokenizer(run_dir, run.get('tokenizer', ''))} --image_size={run.get('res')} "
-              f"--chat_format={'chatml' if run.get('stage') == 3 else 'raw'} --prompt=..."))
-  return ModelSource(params, model or run.get("model", DEFAULT_PRESET), image_size or run.get("res"),
-                     tokenizer or _run_tokenizer(run_dir, run.get("tokenizer", "")),
-                     chat_format or ("chatml" if run.get("stage") == 3 else "raw"), run_dir, step)
+              "python -m qwenvl_jax.generate --checkpoint=MERGED --prompt=..."))
+  return ModelSource(params, model or card["preset"], image_size or card["image_size"],
+                     tokenizer or card["tokenizer"], chat_format or card["chat_format"], run_dir, step)
+
+
+def run_model(run_dir: str, run: dict) -> dict:
+  """What a training run's config (`run`, its parsed config.json) says of its model, in `recorded_model`'s keys:
+  preset (`model`), image size (`res`), tokenizer spec, and chat format (stage 3 trains on ChatML conversations;
+  stages 1-2 on raw text)."""
+  return {"preset": run.get("model", DEFAULT_PRESET), "image_size": run.get("res"),
+          "tokenizer": _run_tokenizer(run_dir, run.get("tokenizer", "")),
+          "chat_format": "chatml" if run.get("stage") == 3 else "raw"}
 
 
 def _shapes(cfg: QwenVLConfig) -> dict[str, tuple[int, ...]]:

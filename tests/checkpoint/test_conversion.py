@@ -209,3 +209,57 @@ def test_export_of_a_trainer_style_sharded_checkpoint(tmp_path, qwenvl_checkpoin
     saver.save(tmp_path / "trainer_params", params)
   checkpoint.orbax_to_torch(tmp_path / "trainer_params", tmp_path / "export", cfg, dtype="keep")
   _assert_same_bits(_load_export(tmp_path / "export"), state)
+
+
+def test_a_converted_checkpoint_records_its_chat_format_and_keeps_its_tokenizer(tmp_path, qwenvl_checkpoint):
+  """generation_config.json's chat format and a copy of qwen.tiktoken go into the params checkpoint, so generate /
+  serve / evaluate load it without --tokenizer or --chat_format, also after it is moved; flags still win."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.inference import model_source  # pylint: disable=import-outside-toplevel
+  cfg = tiny()
+  src, _ = qwenvl_checkpoint(cfg, fmt="bin")
+  (src / "generation_config.json").write_text(json.dumps({"chat_format": "raw", "top_p": 0.3}))
+  (src / "qwen.tiktoken").write_bytes(b"IQ== 0\nIg== 1\n")
+  checkpoint.torch_to_orbax(src, tmp_path / "orbax", cfg, preset="tiny")
+  assert orbax_store.ParamReader(tmp_path / "orbax").custom_metadata["model"] == {
+      "image_size": 224, "preset": "tiny", "chat_format": "raw", "tokenizer": "qwen:qwen.tiktoken"}
+  moved = tmp_path / "elsewhere" / "params"
+  shutil.move(tmp_path / "orbax", moved)
+  shutil.rmtree(src)  # the source (and its vocabulary) is gone: the checkpoint needs nothing from it
+  source = model_source.resolve(str(moved))
+  assert (source.preset, source.image_size, source.chat_format) == ("tiny", 224, "raw")
+  assert source.tokenizer == f"qwen:{moved / 'qwen.tiktoken'}"
+  assert (moved / "qwen.tiktoken").read_bytes() == b"IQ== 0\nIg== 1\n"
+  flags_win = model_source.resolve(str(moved), tokenizer="sp.model", chat_format="chatml")
+  assert (flags_win.tokenizer, flags_win.chat_format) == ("sp.model", "chatml")
+
+
+def test_a_source_that_says_nothing_records_nothing(tmp_path, qwenvl_checkpoint):
+  """No generation_config.json / qwen.tiktoken (or one that is not JSON, or names another format): nothing is
+  recorded and the loaders' defaults and --tokenizer apply, as before."""
+  from qwenvl_jax.inference import model_source  # pylint: disable=import-outside-toplevel
+  cfg = tiny()
+  src, _ = qwenvl_checkpoint(cfg, fmt="bin")
+  assert conversion.hf_model_card(src) == (None, None)
+  (src / "generation_config.json").write_text("not json")
+  assert conversion.hf_model_card(src) == (None, None)
+  (src / "generation_config.json").write_text(json.dumps({"chat_format": "alpaca"}))
+  assert conversion.hf_model_card(src / "pytorch_model-00001-of-00003.bin") == (None, None)  # a file: its folder
+  (src / "generation_config.json").write_text(json.dumps({"chat_format": "chatml"}))
+  assert conversion.hf_model_card(src / "pytorch_model-00001-of-00003.bin")[0] == "chatml"
+  checkpoint.torch_to_orbax(src, tmp_path / "orbax", cfg)
+  source = model_source.resolve(str(tmp_path / "orbax"))
+  assert (source.tokenizer, source.chat_format) == (None, "chatml")
+  assert sorted(p.name for p in (tmp_path / "orbax").iterdir() if "tiktoken" in p.name) == []
+
+
+def test_a_bad_recorded_chat_format_or_tokenizer_is_a_user_error(tmp_path):
+  from qwenvl_jax import errors  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.inference import model_source  # pylint: disable=import-outside-toplevel
+  for i, (model, match) in enumerate([({"chat_format": "alpaca"}, "unknown chat format 'alpaca'"),
+                                      ({"tokenizer": "vocab.txt"}, "records a bad tokenizer")]):
+    orbax_store.save_params(tmp_path / str(i), {"w": np.zeros(2, np.float32)},
+                            custom_metadata={"model": {"image_size": 224, **model}})
+    with pytest.raises(errors.ConfigError, match=match):
+      model_source.resolve(str(tmp_path / str(i)))
+    assert model_source.resolve(str(tmp_path / str(i)), tokenizer="t.model", chat_format="raw").chat_format == "raw"

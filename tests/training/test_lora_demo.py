@@ -76,8 +76,12 @@ def test_demo_trains_and_the_merged_model_equals_the_qlora_model(demo_run):
 @pytest.mark.slow
 def test_demo_chats_with_the_merged_checkpoint(demo_run):
   workdir, merged = demo_run
-  cmd = [sys.executable, "-m", "qwenvl_jax.generate", f"--checkpoint={merged}", "--model=tiny",
-         f"--tokenizer={workdir / 'tokenizer.model'}", "--image_size=56", "--chat_format=chatml",
+  # No --model, --image_size, --tokenizer or --chat_format: the merge recorded the run's and copied its tokenizer.
+  source = model_source.resolve(str(merged))
+  assert (source.preset, source.image_size, source.chat_format) == ("tiny", 56, "chatml")
+  assert source.tokenizer == f"sentencepiece:{merged / 'tokenizer.model'}"
+  assert (merged / "tokenizer.model").read_bytes() == (workdir / "tokenizer.model").read_bytes()
+  cmd = [sys.executable, "-m", "qwenvl_jax.generate", f"--checkpoint={merged}",
          "--prompt=What is in the picture?", "--max_new_tokens=4", "--dtype=float32"]
   proc = subprocess.run(cmd, env=subprocess_env(1), cwd=REPO, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
