@@ -1,19 +1,21 @@
 """Serve a model over an OpenAI-compatible HTTP API with continuous batching: `python -m qwenvl_jax.serve`.
 
   python -m qwenvl_jax.serve --checkpoint=runs/stage3 --port=8000           # a training run: all from its config
-  python -m qwenvl_jax.serve --checkpoint=ckpt/params --tokenizer=../shared/data/qwen.tiktoken --image_root=data
+  python -m qwenvl_jax.serve --checkpoint=ckpt/params --image_root=data    # converted: the tokenizer it keeps
   python -m qwenvl_jax.serve --model=tiny --tokenizer=sp.model --dtype=float32      # random weights (smoke test)
 
 Endpoints: POST /v1/chat/completions (OpenAI schema, `stream: true` for server-sent events), GET /v1/models,
 GET /health (slots, queue, compile counts), and a chat page at /. Binds 127.0.0.1 unless --host says otherwise.
 Every program is compiled before the port opens (`serving.Engine` warm-up), so the first request is as fast as
-any other. See qwenvl_jax/serving/ and README "Serving".
+any other. Ctrl-C (SIGINT) or SIGTERM stops it gracefully (open streams end first); a second Ctrl-C stops at once.
+See qwenvl_jax/serving/ and README "Serving".
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 from absl import app, flags
@@ -116,10 +118,39 @@ def build(argv_flags=FLAGS):
   return engine, tok, config
 
 
+def _exit_at_once(signum, frame):  # pylint: disable=unused-argument
+  os._exit(128 + signum)  # pylint: disable=protected-access
+
+
+def _uvicorn_server(app_, host: str, port: int):
+  """uvicorn's `Server` for `app_`, stopped by SIGINT / SIGTERM as uvicorn stops it, without uvicorn's re-raise of
+  the stopping signals once it has shut down: under `asyncio.run` the re-raised second Ctrl-C reached JAX's atexit
+  clean-up as a KeyboardInterrupt and printed its traceback at exit (`tests/serving/conftest.py` stops every
+  server it starts with two Ctrl-C and checks the exit is clean)."""
+  import contextlib  # pylint: disable=import-outside-toplevel
+  import threading  # pylint: disable=import-outside-toplevel
+  import uvicorn  # pylint: disable=import-outside-toplevel
+
+  class Server(uvicorn.Server):
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+      if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+      original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+      try:
+        yield
+      finally:
+        for sig, handler in original.items():
+          signal.signal(sig, handler)
+
+  return Server(uvicorn.Config(app_, host=host, port=port, log_level="warning"))
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  import uvicorn  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.serving import api  # pylint: disable=import-outside-toplevel
   cli.quiet_libraries()
   engine, tok, config = build()
@@ -129,8 +160,13 @@ def main(argv):
   # The engine thread needs the GIL for a moment between device steps; with the default 5 ms switch interval a
   # busy event loop (many streams) makes it wait up to 5 ms each time, which caps the decode rate.
   sys.setswitchinterval(SWITCH_INTERVAL_S)
-  uvicorn.run(api.create_app(engine, tok, config), host=FLAGS.host, port=FLAGS.port, log_level="warning")
+  server = _uvicorn_server(api.create_app(engine, tok, config), FLAGS.host, FLAGS.port)
+  server.run()
+  # Nothing is left to save: a Ctrl-C from here on (a second one after a quick shutdown) exits at once and
+  # quietly, instead of a KeyboardInterrupt traceback from wherever the interpreter is, often its atexit hooks.
+  signal.signal(signal.SIGINT, _exit_at_once)
   engine.shutdown()
+  print("stopped", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ running when its client leaves), prompt buckets 64 and 512, up to 2 images per r
 """
 import contextlib
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
@@ -76,15 +77,19 @@ def http():
 
 @contextlib.contextmanager
 def serve_cli(flags: list[str], log_dir, timeout: float = 600):
-  """`python -m qwenvl_jax.serve FLAGS` on a free local port; yields its base URL once /health is ok, stops it
-  after. Its output goes to `log_dir`/serve.log (shown when it dies before it is up)."""
+  """`python -m qwenvl_jax.serve FLAGS` on a free local port; yields its base URL once /health is ok, then stops it
+  as a user at its terminal would, with Ctrl-C pressed twice (SIGINT 0.2 s apart: uvicorn's graceful stop, then
+  its forced one), and checks that it exits without a traceback (a KeyboardInterrupt used to print one from
+  JAX's atexit hook). Its output goes to `log_dir`/serve.log (shown when it dies before it is up)."""
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   log = pathlib.Path(log_dir) / "serve.log"
+  # SIGINT as a terminal leaves it (pytest may run with it ignored, which a child would inherit).
   with open(log, "w") as out:
     proc = subprocess.Popen([sys.executable, "-m", "qwenvl_jax.serve", f"--port={port}"] + flags,
-                            env=helpers.subprocess_env(devices=1), cwd=helpers.REPO, stdout=out, stderr=out)
+                            env=helpers.subprocess_env(devices=1), cwd=helpers.REPO, stdout=out, stderr=out,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   url = f"http://127.0.0.1:{port}"
   try:
     deadline = time.monotonic() + timeout
@@ -98,6 +103,17 @@ def serve_cli(flags: list[str], log_dir, timeout: float = 600):
       assert time.monotonic() < deadline, "the server did not come up"
       time.sleep(0.5)
     yield url
-  finally:
-    proc.terminate()
+  except BaseException:
+    proc.kill()
     proc.wait(30)
+    raise
+  proc.send_signal(signal.SIGINT)
+  time.sleep(0.2)
+  proc.send_signal(signal.SIGINT)
+  try:
+    code = proc.wait(60)
+  finally:
+    proc.kill()
+  text = log.read_text()
+  assert code in (0, 130) and "Traceback" not in text and "Exception ignored" not in text, (code, text[-3000:])
+  assert code == 130 or text.rstrip().endswith("stopped"), text[-3000:]  # 130: the second Ctrl-C cut the clean-up
