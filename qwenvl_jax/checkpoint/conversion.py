@@ -176,10 +176,17 @@ def model_metadata(cfg: QwenVLConfig, preset: str | None, *, chat_format: str | 
 
 def bundled_tokenizer(spec: str | None) -> str | None:
   """The spec a params checkpoint records for its own copy of the tokenizer `spec` (None: no tokenizer):
-  `KIND:FILE`, FILE the copy's name inside the checkpoint directory (`copy_tokenizer` makes it)."""
+  `KIND:FILE`, FILE the copy's name inside the checkpoint directory (`copy_tokenizer` makes it). Called before
+  anything is written, so a missing file stops the conversion before it leaves a checkpoint without its tokenizer.
+
+  Raises:
+    FileNotFoundError: the tokenizer file does not exist.
+  """
   if not spec:
     return None
   kind, path = qtext.parse_tokenizer_spec(spec)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"tokenizer file {path!r} does not exist (it is copied into the checkpoint)")
   return f"{kind}:{os.path.basename(path)}"
 
 

@@ -263,3 +263,6 @@ def test_a_bad_recorded_chat_format_or_tokenizer_is_a_user_error(tmp_path):
     with pytest.raises(errors.ConfigError, match=match):
       model_source.resolve(str(tmp_path / str(i)))
     assert model_source.resolve(str(tmp_path / str(i)), tokenizer="t.model", chat_format="raw").chat_format == "raw"
+  # A tokenizer to keep that is not there stops a conversion before it writes anything.
+  with pytest.raises(FileNotFoundError, match="nowhere/qwen.tiktoken"):
+    conversion.bundled_tokenizer(f"qwen:{tmp_path / 'nowhere' / 'qwen.tiktoken'}")
