@@ -18,7 +18,8 @@ from qwenvl_jax.inference import layout, loading, model_source
 
 class Loaded(NamedTuple):
   """A model restored onto a mesh over all devices, with its tokenizer, the chat format its run trained on
-  ('chatml' for stage 3 and converted checkpoints, else 'raw'), and the mesh and rules it lives on."""
+  ('chatml' for stage 3, 'raw' before; a converted checkpoint's recorded one, else 'chatml'), and the mesh and
+  rules it lives on."""
 
   model: Any         # qwenvl_jax.model.QwenVL
   tokenizer: Any     # qwenvl_jax.text.Tokenizer
@@ -34,8 +35,9 @@ def load(checkpoint: str, *, tokenizer: str | None = None, model: str | None = N
   Args:
     checkpoint: a training run directory (its latest step), one of its `checkpoints/<step>`, or a params
       checkpoint (e.g. from `python -m qwenvl_jax.convert`); see `inference.model_source`. A run's
-      `config.json` supplies the preset, the resolution and the tokenizer unless given here.
-    tokenizer: a tokenizer spec (`text.load_tokenizer`); required for a params checkpoint.
+      `config.json`, or what a converted checkpoint records, supplies the preset, the resolution, the chat format
+      and the tokenizer unless given here.
+    tokenizer: a tokenizer spec (`text.load_tokenizer`); required for a params checkpoint that keeps none.
     model: the architecture preset (default: the run's, else `qwen_vl_7b`); checked against the stored shapes.
     dtype: compute and weight dtype (`bfloat16` or `float32`).
     image_size: input resolution (default: the run's, else the preset's).
