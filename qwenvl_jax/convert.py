@@ -63,7 +63,8 @@ def _params_source(src: str) -> tuple[str, str, int, str | None, str | None]:
   except FileNotFoundError:
     return src, _PRESET.value, _IMAGE_SIZE.value, None, None
   chat_format = (source.chat_format if source.run_dir is not None else
-                 model_source.recorded_chat_format(source.params, model_source.recorded_model(source.params)))
+                 checkpoint.model_card.recorded_chat_format(source.params,
+                                                            checkpoint.model_card.recorded_model(source.params)))
   return source.params, source.preset, source.image_size or _IMAGE_SIZE.value, source.tokenizer, chat_format
 
 

@@ -4,22 +4,23 @@ Public surface:
 * `restore_params(path, abstract_state, shardings)` / `load_model(path, cfg, mesh, rules)` — read a params
   checkpoint (a standalone Orbax PyTree checkpoint of the nested dict of our parameters) sharded onto any mesh;
 * `torch_to_orbax`, `init_from_pretrained`, `orbax_to_torch` — the conversions (`python -m qwenvl_jax.convert`);
-* `model_metadata`, `bundled_tokenizer` / `copy_tokenizer`, `hf_model_card` — what a params checkpoint records
-  about its model (preset, image size, chat format, its own copy of the tokenizer) so loaders need no flags;
+* `model_card` — what a params checkpoint records about its model (preset, image size, chat format, its own copy
+  of the tokenizer) so loaders need no flags: `model_metadata`, `bundled_tokenizer` / `copy_tokenizer`,
+  `hf_model_card` write it, `model_card.recorded_*` read it;
 * `mapping` — the name/layout tables per source (Qwen-VL HF, Qwen-7B HF, OpenCLIP ViT-bigG);
 * `open_checkpoint` — streaming reader of `*.safetensors` / `pytorch_model*.bin` checkpoints.
 """
 
-from qwenvl_jax.checkpoint import mapping
-from qwenvl_jax.checkpoint.conversion import (bundled_tokenizer, copy_tokenizer, hf_config, hf_model_card,
-                                              init_from_pretrained, model_metadata, model_param_shapes,
-                                              orbax_to_torch, torch_to_orbax)
+from qwenvl_jax.checkpoint import mapping, model_card
+from qwenvl_jax.checkpoint.conversion import (hf_config, init_from_pretrained, model_param_shapes, orbax_to_torch,
+                                              torch_to_orbax)
+from qwenvl_jax.checkpoint.model_card import bundled_tokenizer, copy_tokenizer, hf_model_card, model_metadata
 from qwenvl_jax.checkpoint.orbax_store import ParamReader, load_model, restore_params, save_params
 from qwenvl_jax.checkpoint.tensor_io import open_checkpoint
 
 __all__ = [
     "ParamReader", "bundled_tokenizer", "copy_tokenizer", "hf_config", "hf_model_card", "init_from_pretrained",
-    "load_model", "mapping", "model_metadata",
+    "load_model", "mapping", "model_card", "model_metadata",
     "model_param_shapes",
     "open_checkpoint", "orbax_to_torch", "restore_params", "save_params", "torch_to_orbax",
 ]

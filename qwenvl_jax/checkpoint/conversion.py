@@ -30,8 +30,8 @@ from absl import logging
 from flax import nnx
 
 from qwenvl_jax import sharding, tree_paths
-from qwenvl_jax import text as qtext
 from qwenvl_jax.checkpoint import mapping, orbax_store, tensor_io
+from qwenvl_jax.checkpoint.model_card import bundled_tokenizer, copy_tokenizer, hf_model_card, model_metadata
 from qwenvl_jax.model import QwenVL
 from qwenvl_jax.model.config import QwenVLConfig
 from qwenvl_jax.model.resampler import Adapter
@@ -159,58 +159,6 @@ def torch_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, cfg: QwenVLCo
         "format": _FORMAT, "sources": {table.name: str(pathlib.Path(src).absolute())},
         "model": model_metadata(cfg, preset, chat_format=chat_format, tokenizer=bundled_tokenizer(tokenizer))})
   copy_tokenizer(tokenizer, dst)
-
-
-def model_metadata(cfg: QwenVLConfig, preset: str | None, *, chat_format: str | None = None,
-                   tokenizer: str | None = None) -> dict:
-  """What a params checkpoint records about its model (`custom_metadata["model"]`): the image size it was
-  converted for and, when known, the preset, the chat format ('chatml' for a chat model, 'raw' for a base one)
-  and its tokenizer (a spec `KIND:FILE` whose FILE lies in the checkpoint directory: `bundled_tokenizer`).
-  `inference.model_source` reads it for a checkpoint without a run config: the same weights run at any image
-  size and in either chat format, so a forgotten `--image_size` or `--chat_format` would be a silent wrong answer."""
-  if chat_format not in (None, "chatml", "raw"):
-    raise ValueError(f"unknown chat format {chat_format!r}; known: 'chatml', 'raw'")
-  return {"image_size": cfg.vision.image_size, **({"preset": preset} if preset else {}),
-          **({"chat_format": chat_format} if chat_format else {}), **({"tokenizer": tokenizer} if tokenizer else {})}
-
-
-def bundled_tokenizer(spec: str | None) -> str | None:
-  """The spec a params checkpoint records for its own copy of the tokenizer `spec` (None: no tokenizer):
-  `KIND:FILE`, FILE the copy's name inside the checkpoint directory (`copy_tokenizer` makes it). Called before
-  anything is written, so a missing file stops the conversion before it leaves a checkpoint without its tokenizer.
-
-  Raises:
-    FileNotFoundError: the tokenizer file does not exist.
-  """
-  if not spec:
-    return None
-  kind, path = qtext.parse_tokenizer_spec(spec)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"tokenizer file {path!r} does not exist (it is copied into the checkpoint)")
-  return f"{kind}:{os.path.basename(path)}"
-
-
-def copy_tokenizer(spec: str | None, dst: str | os.PathLike) -> None:
-  """Copies the file of tokenizer `spec` into the finished params checkpoint `dst` (see `bundled_tokenizer`), so
-  the checkpoint loads without `--tokenizer` wherever it is moved."""
-  if spec:
-    path = qtext.parse_tokenizer_spec(spec)[1]
-    shutil.copyfile(path, pathlib.Path(dst) / os.path.basename(path))
-
-
-def hf_model_card(src: str | os.PathLike) -> tuple[str | None, str | None]:
-  """(chat format, tokenizer spec) of a Hugging Face Qwen / Qwen-VL directory (or the directory of a single
-  checkpoint file), each None when the directory does not say: `generation_config.json`'s `chat_format`
-  ('chatml' in Qwen-VL-Chat's, 'raw' in the base models') and its `qwen.tiktoken`."""
-  folder = pathlib.Path(src) if pathlib.Path(src).is_dir() else pathlib.Path(src).parent
-  chat_format = None
-  try:
-    chat_format = json.loads((folder / "generation_config.json").read_text(encoding="utf-8")).get("chat_format")
-  except (OSError, ValueError, AttributeError):  # absent or not a JSON object: the flags decide
-    pass
-  vocab = folder / "qwen.tiktoken"
-  return (chat_format if chat_format in ("chatml", "raw") else None,
-          f"qwen:{vocab.absolute()}" if vocab.is_file() else None)
 
 
 def init_from_pretrained(dst: str | os.PathLike, cfg: QwenVLConfig, *, openclip: str | os.PathLike,

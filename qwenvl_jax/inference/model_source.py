@@ -27,6 +27,7 @@ from flax import nnx
 
 from qwenvl_jax import errors, sharding
 from qwenvl_jax import text as qtext
+from qwenvl_jax.checkpoint import model_card
 from qwenvl_jax.model import QwenVL
 from qwenvl_jax.model.config import PRESETS, QwenVLConfig, get_preset
 
@@ -46,37 +47,6 @@ class ModelSource:
   chat_format: str
   run_dir: str | None = None
   step: int | None = None
-
-
-def recorded_model(params: str) -> dict:
-  """What a params checkpoint records about its model (`custom_metadata["model"]`, `checkpoint.model_metadata`:
-  preset, image size, chat format, tokenizer) as stored, or {} (older ones); `recorded_chat_format` and
-  `recorded_tokenizer` check and resolve the last two."""
-  from qwenvl_jax.checkpoint import orbax_store  # pylint: disable=import-outside-toplevel  (slow to import)
-  try:
-    info = orbax_store.ParamReader(params).custom_metadata.get("model") or {}
-  except (OSError, ValueError, KeyError, TypeError):  # unreadable metadata: the restore reports it properly
-    return {}
-  return info if isinstance(info, dict) else {}
-
-
-def recorded_chat_format(params: str, info: dict) -> str | None:
-  """The chat format `info` (`recorded_model(params)`) records, or None."""
-  if info.get("chat_format") not in (None, "chatml", "raw"):
-    raise errors.ConfigError(f"checkpoint {params} records an unknown chat format {info['chat_format']!r}",
-                             hint="pass --chat_format=chatml or --chat_format=raw")
-  return info.get("chat_format")
-
-
-def recorded_tokenizer(params: str, info: dict) -> str | None:
-  """The spec of the tokenizer copy `info` (`recorded_model(params)`) records, its file in `params`; or None."""
-  if not info.get("tokenizer"):
-    return None
-  try:
-    kind, name = qtext.parse_tokenizer_spec(info["tokenizer"])
-  except ValueError as e:
-    raise errors.ConfigError(f"checkpoint {params} records a bad tokenizer: {e}", hint="pass --tokenizer") from e
-  return f"{kind}:{os.path.join(params, os.path.basename(name))}"
 
 
 def _is_params_dir(path: str) -> bool:
@@ -130,10 +100,10 @@ def resolve(checkpoint: str | None, *, model: str | None = None, tokenizer: str 
     if not _is_params_dir(path):
       raise FileNotFoundError(f"{checkpoint} is neither a training run (config.json + checkpoints/), a run's "
                               "checkpoints/<step>, nor a params checkpoint (no _METADATA)")
-    recorded = recorded_model(path)  # what `convert` wrote it for (`checkpoint.model_metadata`)
+    recorded = model_card.recorded_model(path)  # what `convert` wrote it for (`checkpoint.model_metadata`)
     return ModelSource(path, model or recorded.get("preset") or DEFAULT_PRESET,
-                       image_size or recorded.get("image_size"), tokenizer or recorded_tokenizer(path, recorded),
-                       chat_format or recorded_chat_format(path, recorded) or "chatml")
+                       image_size or recorded.get("image_size"), tokenizer or model_card.recorded_tokenizer(path, recorded),
+                       chat_format or model_card.recorded_chat_format(path, recorded) or "chatml")
   params = os.path.join(run_dir, "checkpoints", str(step), "params")
   if not _is_params_dir(params):
     raise FileNotFoundError(f"{params} is not a params checkpoint (the save did not finish?)")
@@ -156,7 +126,7 @@ def resolve(checkpoint: str | None, *, model: str | None = None, tokenizer: str 
 
 
 def run_model(run_dir: str, run: dict) -> dict:
-  """What a training run's config (`run`, its parsed config.json) says of its model, in `recorded_model`'s keys:
+  """What a training run's config (`run`, its parsed config.json) says of its model, in `checkpoint.model_card.recorded_model`'s keys:
   preset (`model`), image size (`res`), tokenizer spec, and chat format (stage 3 trains on ChatML conversations;
   stages 1-2 on raw text)."""
   return {"preset": run.get("model", DEFAULT_PRESET), "image_size": run.get("res"),

@@ -6,6 +6,8 @@ that names the offending config key.
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import tempfile
 
@@ -14,7 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from qwenvl_jax import sharding
+from qwenvl_jax import errors, sharding
 from qwenvl_jax.model import config as model_config
 from qwenvl_jax.training import peft, workdir as workdir_lib
 from qwenvl_jax.training.optimizer import stage_frozen_patterns
@@ -45,12 +47,57 @@ def _broadcast_bytes(data: bytes | None) -> bytes:
   return np.asarray(multihost_utils.broadcast_one_to_all(buf)).tobytes()
 
 
+def _init_run(init: str) -> epath.Path | None:
+  """The run directory `config.init` names when it is `trainer:WORKDIR[@STEP]`, else None."""
+  kind, _, arg = init.partition(":")
+  return epath.Path(workdir_lib.absolute(arg.partition("@")[0])) if kind == "trainer" and arg else None
+
+
+def inherit_tokenizer(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config`, or a copy whose empty `config.tokenizer` names the vocabulary the `config.init` weights were trained
+  with: the tokenizer a `params:` checkpoint keeps (`checkpoint.model_card`), or the other run's own
+  `config.tokenizer`. (A `trainer:` run on the synthetic vocabulary keeps '', and `make_tokenizer` copies that
+  run's tokenizer.model.) '' used to mean a fresh synthetic vocabulary whatever the init, so a fine-tune of a
+  converted Qwen-VL without --config.tokenizer trained the real weights on the wrong token ids without a word.
+
+  Raises:
+    errors.ConfigError: a `params:` checkpoint that keeps no tokenizer, with config.tokenizer ''.
+  """
+  init = config.get("init", "")
+  if config.tokenizer or not init:
+    return config
+  kind, _, arg = init.partition(":")
+  spec = None
+  if kind == "params" and arg:
+    from qwenvl_jax.checkpoint import model_card  # pylint: disable=g-import-not-at-top
+    path = workdir_lib.absolute(arg)
+    if not epath.Path(path).is_dir():
+      return config  # validation names the missing checkpoint
+    spec = model_card.recorded_tokenizer(path, model_card.recorded_model(path))
+    if spec is None:
+      raise errors.ConfigError(
+          f"config.init={init!r} keeps no tokenizer, and config.tokenizer is '' (a new synthetic vocabulary, "
+          "not the one those weights were trained with)",
+          hint="set --config.tokenizer to its vocabulary, e.g. --config.tokenizer=qwen:/ckpt/Qwen-VL-Chat/qwen.tiktoken")
+  elif kind == "trainer" and arg:
+    run_config = _init_run(init) / "config.json"
+    if run_config.exists():
+      spec = json.loads(run_config.read_text()).get("tokenizer") or None
+  if spec is None:
+    return config
+  config = copy.deepcopy(config)
+  config.tokenizer = spec
+  return config
+
+
 def make_tokenizer(config: ml_collections.ConfigDict, workdir: str):
   """The tokenizer `config.tokenizer` names.
 
   '' trains (or reloads) the synthetic dataset's SentencePiece model at `<workdir>/tokenizer.model`; process 0
-  trains it and sends the bytes to the others, so hosts need no shared disk. Anything else is a tokenizer spec
-  (`text.load_tokenizer`: `qwen:PATH`, `sentencepiece:PATH`, or a `.tiktoken` / `.model` file).
+  trains it and sends the bytes to the others, so hosts need no shared disk. A run that starts from another run
+  (`config.init=trainer:...`) on the synthetic vocabulary copies that run's tokenizer.model instead (the same
+  vocabulary its weights learned, whatever data.seed or synthetic_vocab_size now say). Anything else is a
+  tokenizer spec (`text.load_tokenizer`: `qwen:PATH`, `sentencepiece:PATH`, or a `.tiktoken` / `.model` file).
   """
   from qwenvl_jax import text  # pylint: disable=g-import-not-at-top
   spec = config.tokenizer
@@ -63,7 +110,11 @@ def make_tokenizer(config: ml_collections.ConfigDict, workdir: str):
   path = epath.Path(workdir) / "tokenizer.model"
   data = None
   if jax.process_index() == 0:
-    if not path.exists():
+    init_run = _init_run(config.get("init", ""))
+    if not path.exists() and init_run is not None and (init_run / "tokenizer.model").exists():
+      data = (init_run / "tokenizer.model").read_bytes()
+      path.write_bytes(data)
+    elif not path.exists():
       from qwenvl_jax.data import train_synthetic_tokenizer  # pylint: disable=g-import-not-at-top
       with tempfile.TemporaryDirectory() as tmp:
         tok = train_synthetic_tokenizer(os.path.join(tmp, "synthetic"), vocab_size=config.synthetic_vocab_size,

@@ -131,7 +131,8 @@ def stage_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
   # Parameters of a fresh run: '' = random init, 'trainer:WORKDIR[@STEP]' = another stage's run (any
   # resolution), 'params:PATH' = a converted checkpoint (python -m qwenvl_jax.convert).
   c.init = ""
-  c.tokenizer = ""                 # '' = the synthetic SentencePiece model, else a spec (text.load_tokenizer):
+  c.tokenizer = ""                 # '' = the synthetic SentencePiece model (with an init: the init weights' own,
+                                   # experiment.inherit_tokenizer), else a spec (text.load_tokenizer):
                                    # qwen:PATH, sentencepiece:PATH, or a .tiktoken / .model file
   c.synthetic_vocab_size = 1000
   c.data = default_data_config(stage)

@@ -10,7 +10,7 @@ from flax import nnx
 from safetensors.torch import load_file
 
 from qwenvl_jax import checkpoint, sharding
-from qwenvl_jax.checkpoint import conversion, orbax_store, tensor_io
+from qwenvl_jax.checkpoint import conversion, model_card, orbax_store, tensor_io
 from qwenvl_jax.model import qwen_vl_7b, tiny
 
 from .conftest import openclip_shapes, qwen_llm_shapes, random_state_dict, write_checkpoint
@@ -240,13 +240,13 @@ def test_a_source_that_says_nothing_records_nothing(tmp_path, qwenvl_checkpoint)
   from qwenvl_jax.inference import model_source  # pylint: disable=import-outside-toplevel
   cfg = tiny()
   src, _ = qwenvl_checkpoint(cfg, fmt="bin")
-  assert conversion.hf_model_card(src) == (None, None)
+  assert model_card.hf_model_card(src) == (None, None)
   (src / "generation_config.json").write_text("not json")
-  assert conversion.hf_model_card(src) == (None, None)
+  assert model_card.hf_model_card(src) == (None, None)
   (src / "generation_config.json").write_text(json.dumps({"chat_format": "alpaca"}))
-  assert conversion.hf_model_card(src / "pytorch_model-00001-of-00003.bin") == (None, None)  # a file: its folder
+  assert model_card.hf_model_card(src / "pytorch_model-00001-of-00003.bin") == (None, None)  # a file: its folder
   (src / "generation_config.json").write_text(json.dumps({"chat_format": "chatml"}))
-  assert conversion.hf_model_card(src / "pytorch_model-00001-of-00003.bin")[0] == "chatml"
+  assert model_card.hf_model_card(src / "pytorch_model-00001-of-00003.bin")[0] == "chatml"
   checkpoint.torch_to_orbax(src, tmp_path / "orbax", cfg)
   source = model_source.resolve(str(tmp_path / "orbax"))
   assert (source.tokenizer, source.chat_format) == (None, "chatml")
@@ -265,4 +265,4 @@ def test_a_bad_recorded_chat_format_or_tokenizer_is_a_user_error(tmp_path):
     assert model_source.resolve(str(tmp_path / str(i)), tokenizer="t.model", chat_format="raw").chat_format == "raw"
   # A tokenizer to keep that is not there stops a conversion before it writes anything.
   with pytest.raises(FileNotFoundError, match="nowhere/qwen.tiktoken"):
-    conversion.bundled_tokenizer(f"qwen:{tmp_path / 'nowhere' / 'qwen.tiktoken'}")
+    model_card.bundled_tokenizer(f"qwen:{tmp_path / 'nowhere' / 'qwen.tiktoken'}")

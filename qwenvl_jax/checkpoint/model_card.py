@@ -1,0 +1,105 @@
+"""What a params checkpoint records about its model, so loaders need no flags for it: the preset and image size it
+was converted (or trained) for, the chat format ('chatml' for a chat model, 'raw' for a base one) and a copy of its
+tokenizer kept in the checkpoint directory. Stored as `custom_metadata["model"]` of the Orbax checkpoint:
+
+  {"image_size": 448, "preset": "qwen_vl_7b", "chat_format": "chatml", "tokenizer": "qwen:qwen.tiktoken"}
+
+Write side: `model_metadata` (the dict), `bundled_tokenizer` / `copy_tokenizer` (the kept copy), `hf_model_card`
+(what a Hugging Face Qwen directory says). Read side: `recorded_model`, `recorded_chat_format`, `recorded_tokenizer`
+(`inference.model_source` for generate / serve / evaluate, the trainer for `config.init=params:...`). Older
+checkpoints record only some keys, or none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+
+from qwenvl_jax import errors
+from qwenvl_jax import text as qtext
+from qwenvl_jax.model.config import QwenVLConfig
+
+
+def model_metadata(cfg: QwenVLConfig, preset: str | None, *, chat_format: str | None = None,
+                   tokenizer: str | None = None) -> dict:
+  """What a params checkpoint records about its model (`custom_metadata["model"]`): the image size it was
+  converted for and, when known, the preset, the chat format ('chatml' for a chat model, 'raw' for a base one)
+  and its tokenizer (a spec `KIND:FILE` whose FILE lies in the checkpoint directory: `bundled_tokenizer`).
+  `inference.model_source` reads it for a checkpoint without a run config: the same weights run at any image
+  size and in either chat format, so a forgotten `--image_size` or `--chat_format` would be a silent wrong answer."""
+  if chat_format not in (None, "chatml", "raw"):
+    raise ValueError(f"unknown chat format {chat_format!r}; known: 'chatml', 'raw'")
+  return {"image_size": cfg.vision.image_size, **({"preset": preset} if preset else {}),
+          **({"chat_format": chat_format} if chat_format else {}), **({"tokenizer": tokenizer} if tokenizer else {})}
+
+
+def bundled_tokenizer(spec: str | None) -> str | None:
+  """The spec a params checkpoint records for its own copy of the tokenizer `spec` (None: no tokenizer):
+  `KIND:FILE`, FILE the copy's name inside the checkpoint directory (`copy_tokenizer` makes it). Called before
+  anything is written, so a missing file stops the conversion before it leaves a checkpoint without its tokenizer.
+
+  Raises:
+    FileNotFoundError: the tokenizer file does not exist.
+  """
+  if not spec:
+    return None
+  kind, path = qtext.parse_tokenizer_spec(spec)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"tokenizer file {path!r} does not exist (it is copied into the checkpoint)")
+  return f"{kind}:{os.path.basename(path)}"
+
+
+def copy_tokenizer(spec: str | None, dst: str | os.PathLike) -> None:
+  """Copies the file of tokenizer `spec` into the finished params checkpoint `dst` (see `bundled_tokenizer`), so
+  the checkpoint loads without `--tokenizer` wherever it is moved."""
+  if spec:
+    path = qtext.parse_tokenizer_spec(spec)[1]
+    shutil.copyfile(path, pathlib.Path(dst) / os.path.basename(path))
+
+
+def hf_model_card(src: str | os.PathLike) -> tuple[str | None, str | None]:
+  """(chat format, tokenizer spec) of a Hugging Face Qwen / Qwen-VL directory (or the directory of a single
+  checkpoint file), each None when the directory does not say: `generation_config.json`'s `chat_format`
+  ('chatml' in Qwen-VL-Chat's, 'raw' in the base models') and its `qwen.tiktoken`."""
+  folder = pathlib.Path(src) if pathlib.Path(src).is_dir() else pathlib.Path(src).parent
+  chat_format = None
+  try:
+    chat_format = json.loads((folder / "generation_config.json").read_text(encoding="utf-8")).get("chat_format")
+  except (OSError, ValueError, AttributeError):  # absent or not a JSON object: the flags decide
+    pass
+  vocab = folder / "qwen.tiktoken"
+  return (chat_format if chat_format in ("chatml", "raw") else None,
+          f"qwen:{vocab.absolute()}" if vocab.is_file() else None)
+
+
+def recorded_model(params: str) -> dict:
+  """What a params checkpoint records about its model (`custom_metadata["model"]`, `checkpoint.model_metadata`:
+  preset, image size, chat format, tokenizer) as stored, or {} (older ones); `recorded_chat_format` and
+  `recorded_tokenizer` check and resolve the last two."""
+  from qwenvl_jax.checkpoint import orbax_store  # pylint: disable=import-outside-toplevel  (slow to import)
+  try:
+    info = orbax_store.ParamReader(params).custom_metadata.get("model") or {}
+  except (OSError, ValueError, KeyError, TypeError):  # unreadable metadata: the restore reports it properly
+    return {}
+  return info if isinstance(info, dict) else {}
+
+
+def recorded_chat_format(params: str, info: dict) -> str | None:
+  """The chat format `info` (`recorded_model(params)`) records, or None."""
+  if info.get("chat_format") not in (None, "chatml", "raw"):
+    raise errors.ConfigError(f"checkpoint {params} records an unknown chat format {info['chat_format']!r}",
+                             hint="pass --chat_format=chatml or --chat_format=raw")
+  return info.get("chat_format")
+
+
+def recorded_tokenizer(params: str, info: dict) -> str | None:
+  """The spec of the tokenizer copy `info` (`recorded_model(params)`) records, its file in `params`; or None."""
+  if not info.get("tokenizer"):
+    return None
+  try:
+    kind, name = qtext.parse_tokenizer_spec(info["tokenizer"])
+  except ValueError as e:
+    raise errors.ConfigError(f"checkpoint {params} records a bad tokenizer: {e}", hint="pass --tokenizer") from e
+  return f"{kind}:{os.path.join(params, os.path.basename(name))}"
