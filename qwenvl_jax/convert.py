@@ -62,6 +62,8 @@ def _params_source(src: str) -> tuple[str, str, int, str | None, str | None]:
     source = model_source.resolve(src, model=preset, image_size=size)
   except FileNotFoundError:
     return src, _PRESET.value, _IMAGE_SIZE.value, None, None
+  if _MODE.value != "quantize":  # only quantize passes them on (an export needs neither)
+    return source.params, source.preset, source.image_size or _IMAGE_SIZE.value, None, None
   chat_format = (source.chat_format if source.run_dir is not None else
                  checkpoint.model_card.recorded_chat_format(source.params,
                                                             checkpoint.model_card.recorded_model(source.params)))

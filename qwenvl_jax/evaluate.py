@@ -1,7 +1,7 @@
 """Run one official evaluation task: `python -m qwenvl_jax.evaluate --config=configs/eval/TASK.py`.
 
   python -m qwenvl_jax.evaluate --config=configs/eval/flickr.py --config.output=results/flickr.json \\
-      --config.checkpoint=ckpt/params --config.tokenizer=../shared/data/qwen.tiktoken --config.image_root=data
+      --config.checkpoint=ckpt/params --config.image_root=data     # converted: the tokenizer it keeps
 
 Shards the examples over all hosts and devices, generates greedily with the task's official prompt and lengths
 (multiple choice: lowest option loss), and writes the score with every prediction to `config.output` (never

@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
+
+from etils import epath
 
 from qwenvl_jax import errors
 from qwenvl_jax import text as qtext
@@ -35,6 +36,11 @@ def model_metadata(cfg: QwenVLConfig, preset: str | None, *, chat_format: str | 
           **({"chat_format": chat_format} if chat_format else {}), **({"tokenizer": tokenizer} if tokenizer else {})}
 
 
+# The kept copy's name per tokenizer kind: fixed, so a source file named like one of Orbax's own (`_METADATA`,
+# `manifest.ocdbt`, `d`, ...) cannot overwrite it once the checkpoint is written.
+_KEPT_NAMES = {"qwen": "qwen.tiktoken", "sentencepiece": "tokenizer.model"}
+
+
 def bundled_tokenizer(spec: str | None) -> str | None:
   """The spec a params checkpoint records for its own copy of the tokenizer `spec` (None: no tokenizer):
   `KIND:FILE`, FILE the copy's name inside the checkpoint directory (`copy_tokenizer` makes it). Called before
@@ -46,17 +52,18 @@ def bundled_tokenizer(spec: str | None) -> str | None:
   if not spec:
     return None
   kind, path = qtext.parse_tokenizer_spec(spec)
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     raise FileNotFoundError(f"tokenizer file {path!r} does not exist (it is copied into the checkpoint)")
-  return f"{kind}:{os.path.basename(path)}"
+  return f"{kind}:{_KEPT_NAMES[kind]}"
 
 
 def copy_tokenizer(spec: str | None, dst: str | os.PathLike) -> None:
-  """Copies the file of tokenizer `spec` into the finished params checkpoint `dst` (see `bundled_tokenizer`), so
-  the checkpoint loads without `--tokenizer` wherever it is moved."""
+  """Copies the file of tokenizer `spec` into the finished params checkpoint `dst` (local or a gs:// URL, as
+  Orbax writes it) under the name `bundled_tokenizer` recorded, so the checkpoint loads without `--tokenizer`
+  wherever it is moved."""
   if spec:
-    path = qtext.parse_tokenizer_spec(spec)[1]
-    shutil.copyfile(path, pathlib.Path(dst) / os.path.basename(path))
+    kind, path = qtext.parse_tokenizer_spec(spec)
+    (epath.Path(dst) / _KEPT_NAMES[kind]).write_bytes(epath.Path(path).read_bytes())
 
 
 def hf_model_card(src: str | os.PathLike) -> tuple[str | None, str | None]:

@@ -48,46 +48,86 @@ def _broadcast_bytes(data: bytes | None) -> bytes:
 
 
 def _init_run(init: str) -> epath.Path | None:
-  """The run directory `config.init` names when it is `trainer:WORKDIR[@STEP]`, else None."""
+  """The training run whose weights `config.init` names: `trainer:WORKDIR[@STEP]`, or `params:` of a run's
+  `<run>/checkpoints/<step>/params`; None for anything else (a converted checkpoint)."""
   kind, _, arg = init.partition(":")
-  return epath.Path(workdir_lib.absolute(arg.partition("@")[0])) if kind == "trainer" and arg else None
+  if kind == "trainer" and arg:
+    return epath.Path(workdir_lib.absolute(arg.partition("@")[0]))
+  if kind == "params" and arg:
+    params = epath.Path(workdir_lib.absolute(arg))
+    run = params.parent.parent.parent
+    if params.name == "params" and params.parent.parent.name == "checkpoints" and (run / "config.json").exists():
+      return run
+  return None
 
 
-def inherit_tokenizer(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def _run_vocabulary(run: epath.Path, init: str) -> str | None:
+  """The tokenizer spec of the run `run` (its config.tokenizer), or None when it trained on its own synthetic
+  vocabulary, whose tokenizer.model `make_tokenizer` then copies."""
+  spec = None
+  if (run / "config.json").exists():
+    try:
+      spec = json.loads((run / "config.json").read_text()).get("tokenizer") or None
+    except (ValueError, AttributeError) as e:
+      raise errors.ConfigError(f"config.init={init!r}: {run / 'config.json'} is not a run's config ({e})") from e
+  if spec is None and not (run / "tokenizer.model").exists():
+    raise errors.ConfigError(
+        f"config.init={init!r}: cannot tell which vocabulary {run}'s weights were trained with (no config.tokenizer "
+        "in its config.json and no tokenizer.model)", hint="set --config.tokenizer to it")
+  return spec
+
+
+def inherit_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
   """`config`, or a copy whose empty `config.tokenizer` names the vocabulary the `config.init` weights were trained
-  with: the tokenizer a `params:` checkpoint keeps (`checkpoint.model_card`), or the other run's own
-  `config.tokenizer`. (A `trainer:` run on the synthetic vocabulary keeps '', and `make_tokenizer` copies that
-  run's tokenizer.model.) '' used to mean a fresh synthetic vocabulary whatever the init, so a fine-tune of a
-  converted Qwen-VL without --config.tokenizer trained the real weights on the wrong token ids without a word.
+  with: the tokenizer a converted `params:` checkpoint keeps (`checkpoint.model_card`; the spec points at that
+  copy, so the checkpoint must stay where it is), or the other run's `config.tokenizer`. A run on the synthetic
+  vocabulary keeps '', and `make_tokenizer` copies that run's tokenizer.model. A resumed run (`workdir` holds its
+  config.json) keeps the tokenizer it recorded. '' used to mean a fresh synthetic vocabulary whatever the init,
+  so a fine-tune of a converted Qwen-VL without --config.tokenizer trained on the wrong token ids without a word.
 
   Raises:
-    errors.ConfigError: a `params:` checkpoint that keeps no tokenizer, with config.tokenizer ''.
+    errors.ConfigError: a `params:` directory that is no params checkpoint, or one that keeps no tokenizer (or
+    keeps it on a remote path); a run whose vocabulary cannot be told.
   """
   init = config.get("init", "")
   if config.tokenizer or not init:
     return config
-  kind, _, arg = init.partition(":")
-  spec = None
-  if kind == "params" and arg:
-    from qwenvl_jax.checkpoint import model_card  # pylint: disable=g-import-not-at-top
-    path = workdir_lib.absolute(arg)
-    if not epath.Path(path).is_dir():
-      return config  # validation names the missing checkpoint
-    spec = model_card.recorded_tokenizer(path, model_card.recorded_model(path))
-    if spec is None:
-      raise errors.ConfigError(
-          f"config.init={init!r} keeps no tokenizer, and config.tokenizer is '' (a new synthetic vocabulary, "
-          "not the one those weights were trained with)",
-          hint="set --config.tokenizer to its vocabulary, e.g. --config.tokenizer=qwen:/ckpt/Qwen-VL-Chat/qwen.tiktoken")
-  elif kind == "trainer" and arg:
-    run_config = _init_run(init) / "config.json"
-    if run_config.exists():
-      spec = json.loads(run_config.read_text()).get("tokenizer") or None
+  recorded = epath.Path(workdir) / "config.json"  # a run config (`workdir.check_usable` refused anything else)
+  if recorded.exists():
+    spec = json.loads(recorded.read_text()).get("tokenizer") or None
+  else:
+    kind, _, arg = init.partition(":")
+    run = _init_run(init)
+    if run is not None:
+      spec = _run_vocabulary(run, init) if run.is_dir() else None  # a missing run: validation names it
+    elif kind == "params" and arg and epath.Path(workdir_lib.absolute(arg)).is_dir():
+      spec = _converted_vocabulary(workdir_lib.absolute(arg), init)
+    else:
+      spec = None  # a missing or malformed init: validation names it
   if spec is None:
     return config
   config = copy.deepcopy(config)
   config.tokenizer = spec
   return config
+
+
+def _converted_vocabulary(path: str, init: str) -> str:
+  """The spec of the tokenizer the converted params checkpoint `path` keeps."""
+  from qwenvl_jax.checkpoint import model_card  # pylint: disable=g-import-not-at-top
+  if not (epath.Path(path) / "_METADATA").exists():
+    raise errors.ConfigError(f"config.init={init!r}: {path} is not a params checkpoint (no _METADATA)",
+                             hint="a training run or its step: config.init=trainer:RUN[@STEP]")
+  spec = model_card.recorded_tokenizer(path, model_card.recorded_model(path))
+  if spec is None:
+    raise errors.ConfigError(
+        f"config.init={init!r} keeps no tokenizer, and config.tokenizer is '' (a new synthetic vocabulary, "
+        "not the one those weights were trained with)",
+        hint="set --config.tokenizer to its vocabulary, e.g. --config.tokenizer=qwen:/ckpt/Qwen-VL-Chat/qwen.tiktoken")
+  if workdir_lib.is_remote(spec.partition(":")[2]):
+    raise errors.ConfigError(f"config.init={init!r} keeps its tokenizer at {spec.partition(':')[2]}, and the "
+                             "trainer reads tokenizers from local files",
+                             hint="copy it to this machine and set --config.tokenizer=KIND:LOCAL_PATH")
+  return spec
 
 
 def make_tokenizer(config: ml_collections.ConfigDict, workdir: str):

@@ -146,10 +146,10 @@ def train(config: ml_collections.ConfigDict, eval_fn: EvalFn | None = None) -> T
   distributed.initialize(config.distributed)
   # Everything that can be checked is checked before the first file is written (no config.json, no checkpoints/
   # for a config that cannot run).
-  config = experiment.inherit_tokenizer(config)  # '' + config.init: the init weights' vocabulary, recorded as such
-  validation.check_config(config)
   workdir = workdir_lib.resolve(config)
   workdir_lib.check_usable(workdir)
+  config = experiment.inherit_tokenizer(config, workdir)  # '' + config.init: the init weights' vocabulary
+  validation.check_config(config)
   workdir_lib.create(workdir)
   ckpt = Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
   try:

@@ -164,8 +164,10 @@ def test_init_from_openclip_and_qwen7b(tmp_path):
   llm = random_state_dict(qwen_llm_shapes(cfg), torch.bfloat16, seed=2)
   torch.save(clip, tmp_path / "open_clip_pytorch_model.bin")
   write_checkpoint(tmp_path / "qwen7b", llm, fmt="safetensors")
+  (tmp_path / "qwen7b" / "generation_config.json").write_text(json.dumps({"chat_format": "raw"}))
+  (tmp_path / "qwen7b" / "qwen.tiktoken").write_bytes(b"IQ== 0\n")
   checkpoint.init_from_pretrained(tmp_path / "init", cfg, openclip=tmp_path / "open_clip_pytorch_model.bin",
-                                  qwen7b=tmp_path / "qwen7b", seed=3)
+                                  qwen7b=tmp_path / "qwen7b", seed=3, preset="tiny")
   r = orbax_store.ParamReader(tmp_path / "init")
   orbax_store.check_tree(r.shapes, conversion.model_param_shapes(cfg), "init")
   v = cfg.vision
@@ -183,6 +185,10 @@ def test_init_from_openclip_and_qwen7b(tmp_path):
   query = r.read("adapter.resampler.query")  # fresh: truncated normal, std 0.02
   assert 0.005 < query.std() < 0.05 and np.abs(query).max() <= 0.04 + 1e-6
   assert r.custom_metadata["sources"]["adapter"] == "fresh init, seed 3"
+  # Qwen-7B's chat format and vocabulary come along (a stage-1 run started from it inherits the vocabulary).
+  assert r.custom_metadata["model"] == {"image_size": 224, "preset": "tiny", "chat_format": "raw",
+                                        "tokenizer": "qwen:qwen.tiktoken"}
+  assert (tmp_path / "init" / "qwen.tiktoken").read_bytes() == b"IQ== 0\n"
 
 
 def test_init_from_pretrained_names_missing_vit_tensors(tmp_path):

@@ -52,3 +52,36 @@ def test_command_line_round_trip_and_quantize(tmp_path, qwenvl_checkpoint):
   assert (source.preset, source.image_size, source.chat_format) == ("tiny", 448, "raw")
   assert source.tokenizer == f"qwen:{tmp_path / 'int8' / 'qwen.tiktoken'}"
   assert (tmp_path / "int8" / "qwen.tiktoken").read_bytes() == b"IQ== 0\n"
+
+
+def test_exports_take_a_run_directory_and_a_wrong_preset_is_one_line(tmp_path, qwenvl_checkpoint):
+  """A run directory supplies params, preset and resolution (as for generate); a params checkpoint of another
+  model than --preset says so in one line with the fix, instead of a multi-kilobyte traceback."""
+  import json  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.model import tiny
+  src, _ = qwenvl_checkpoint(tiny(), fmt="bin")
+  orbax = tmp_path / "orbax"
+  assert _convert("--mode=torch_to_orbax", "--model=tiny", "--image_size=224", f"--src={src}",
+                  f"--dst={orbax}").returncode == 0
+  # What it was converted for is recorded, so generate/serve/evaluate need not be told (a forgotten --image_size
+  # ran the model at the preset's size without a word).
+  from qwenvl_jax.inference import model_source  # pylint: disable=import-outside-toplevel
+  recorded = model_source.resolve(str(orbax), tokenizer="t.model")
+  assert (recorded.preset, recorded.image_size) == ("tiny", 224)
+  assert model_source.resolve(str(orbax), model="tiny", image_size=448).image_size == 448  # flags win
+  # Convert reads the record too (without --model it exports as tiny: the run-directory export below); a --model
+  # that does not fit the stored weights is one line.
+  wrong = _convert("--mode=orbax_to_torch", "--model=qwen_vl_7b", f"--src={orbax}", f"--dst={tmp_path / 'x'}")
+  assert wrong.returncode == 2 and "Traceback" not in wrong.stderr, wrong.stderr[-3000:]
+  line, = [x for x in wrong.stderr.splitlines() if x.startswith("error: ")]
+  assert "does not match the model" in line and "more" in line and len(line) < 1500
+  assert "hint: the weights are another model's: name its preset" in wrong.stderr
+  assert not (tmp_path / "x").exists()
+  run = tmp_path / "run"
+  shutil.copytree(orbax, run / "checkpoints" / "7" / "params")
+  (run / "config.json").write_text(json.dumps({"model": "tiny", "res": 224, "stage": 2, "tokenizer": ""}))
+  done = _convert("--mode=orbax_to_torch", f"--src={run}", f"--dst={tmp_path / 'export'}")
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert f"of {run / 'checkpoints' / '7' / 'params'} (tiny, 224 px) to" in done.stdout
+  assert json.loads((tmp_path / "export" / "config.json").read_text())["visual"]["image_size"] == 224

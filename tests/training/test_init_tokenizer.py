@@ -20,15 +20,23 @@ def _params(path, model_record):
   return path
 
 
+def _inherit(config):
+  return experiment.inherit_tokenizer(config, config.workdir)
+
+
 def test_a_params_checkpoint_lends_the_tokenizer_it_keeps(tmp_path):
-  ckpt = _params(tmp_path / "ckpt", {"image_size": 56, "tokenizer": "sentencepiece:tok.model"})
+  ckpt = _params(tmp_path / "ckpt", {"image_size": 56, "tokenizer": "sentencepiece:tokenizer.model"})
   config = small_config(3, tmp_path / "run", init=f"params:{ckpt}")
-  inherited = experiment.inherit_tokenizer(config)
-  assert inherited.tokenizer == f"sentencepiece:{ckpt / 'tok.model'}"
+  assert _inherit(config).tokenizer == f"sentencepiece:{ckpt / 'tokenizer.model'}"
   assert config.tokenizer == ""  # the caller's config is not changed
   explicit = small_config(3, tmp_path / "run", init=f"params:{ckpt}", tokenizer="qwen:mine.tiktoken")
-  assert experiment.inherit_tokenizer(explicit).tokenizer == "qwen:mine.tiktoken"  # an explicit one wins
-  assert experiment.inherit_tokenizer(small_config(3, tmp_path / "run")).tokenizer == ""  # no init: synthetic
+  assert _inherit(explicit).tokenizer == "qwen:mine.tiktoken"  # an explicit one wins
+  assert _inherit(small_config(3, tmp_path / "run")).tokenizer == ""  # no init: the synthetic vocabulary
+  # A resumed run keeps what its config.json recorded (a run started before this rule recorded ''), whatever the
+  # init says now: a config difference would refuse the resume.
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "config.json").write_text(json.dumps({"tokenizer": ""}))
+  assert _inherit(config).tokenizer == ""
 
 
 def test_a_params_checkpoint_without_a_tokenizer_is_refused_before_anything_is_written(tmp_path):
@@ -38,21 +46,27 @@ def test_a_params_checkpoint_without_a_tokenizer_is_refused_before_anything_is_w
     train(config)
   assert "--config.tokenizer=qwen:" in e.value.hint
   assert not (tmp_path / "run").exists()
+  (tmp_path / "not_params").mkdir()  # e.g. a Hugging Face folder or a run directory given as params:
+  with pytest.raises(errors.ConfigError, match="is not a params checkpoint") as e:
+    _inherit(small_config(3, tmp_path / "run", init=f"params:{tmp_path / 'not_params'}"))
+  assert "trainer:RUN" in e.value.hint
 
 
-def test_a_trainer_run_lends_its_tokenizer_spec_or_its_own_vocabulary(tmp_path):
+def test_a_run_lends_its_tokenizer_spec_or_its_own_vocabulary(tmp_path):
   other = tmp_path / "stage1"
-  other.mkdir()
+  (other / "checkpoints" / "4" / "params").mkdir(parents=True)
   (other / "config.json").write_text(json.dumps({"tokenizer": "qwen:/data/qwen.tiktoken"}))
-  config = small_config(2, tmp_path / "run", init=f"trainer:{other}")
-  assert experiment.inherit_tokenizer(config).tokenizer == "qwen:/data/qwen.tiktoken"
+  for init in (f"trainer:{other}", f"params:{other / 'checkpoints' / '4' / 'params'}"):  # a run's step as params:
+    assert _inherit(small_config(2, tmp_path / "run", init=init)).tokenizer == "qwen:/data/qwen.tiktoken"
   # A run on the synthetic vocabulary: the new run copies its tokenizer.model (here one of another size and seed
   # than the new config would draw), so both runs tokenize alike.
   (other / "config.json").write_text(json.dumps({"tokenizer": ""}))
+  with pytest.raises(errors.ConfigError, match="cannot tell which vocabulary"):  # and it is not there
+    _inherit(small_config(2, tmp_path / "run", init=f"trainer:{other}"))
   theirs = train_synthetic_tokenizer(os.path.join(tmp_path, "theirs"), vocab_size=700, seed=5)
   with open(theirs.path, "rb") as f:
     (other / "tokenizer.model").write_bytes(f.read())
-  config = experiment.inherit_tokenizer(small_config(2, tmp_path / "run", init=f"trainer:{other}@4"))
+  config = _inherit(small_config(2, tmp_path / "run", init=f"trainer:{other}@4"))
   assert config.tokenizer == ""
   (tmp_path / "run").mkdir()
   tok = experiment.make_tokenizer(config, str(tmp_path / "run"))
