@@ -115,5 +115,8 @@ def serve_cli(flags: list[str], log_dir, timeout: float = 600):
   finally:
     proc.kill()
   text = log.read_text()
-  assert code in (0, 130) and "Traceback" not in text and "Exception ignored" not in text, (code, text[-3000:])
-  assert code == 130 or text.rstrip().endswith("stopped"), text[-3000:]  # 130: the second Ctrl-C cut the clean-up
+  # 0: stopped by the first Ctrl-C; 130, or killed by SIGINT (-2) during the interpreter's last teardown, where
+  # Python has reset the handler: the second Ctrl-C cut the clean-up (a shell reports both as 130).
+  assert code in (0, 130, -signal.SIGINT), (code, text[-3000:])
+  assert "Traceback" not in text and "Exception ignored" not in text, text[-3000:]
+  assert code != 0 or text.rstrip().endswith("stopped"), text[-3000:]
