@@ -15,6 +15,10 @@ r"""Weight conversion between PyTorch checkpoints and the Orbax params checkpoin
   # (peft.PeftModel.from_pretrained loads it):
   python -m qwenvl_jax.convert --mode=merge_lora --src=runs/stage3 --dst=/ckpt/merged_params
   python -m qwenvl_jax.convert --mode=export_peft --src=runs/stage3@150 --dst=/ckpt/peft_adapter
+
+A params checkpoint written here records its preset, image size and chat format and keeps a copy of its tokenizer
+(`checkpoint.model_card`), taken from the source (a Hugging Face folder's generation_config.json and qwen.tiktoken,
+a run's config, a params checkpoint's record); --tokenizer and --chat_format replace what the source says.
 """
 
 import jax
@@ -47,6 +51,11 @@ _REFERENCE = flags.DEFINE_string("reference_files", None,
                                  "copied into the export.")
 
 
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "torch_to_orbax, init_from_pretrained, quantize, merge_lora: the "
+                                 "tokenizer the new params checkpoint keeps a copy of (qwen:PATH, sentencepiece:PATH "
+                                 "or a .tiktoken / .model file), instead of the source's own.")
+_CHAT_FORMAT = flags.DEFINE_enum("chat_format", None, ["chatml", "raw"], "Same modes: the chat format to record "
+                                 "(chatml: a chat model; raw: a base model), instead of the source's own.")
 flags.DEFINE_alias("model", "preset")  # the name generate, serve and evaluate use
 
 
@@ -79,22 +88,28 @@ def main(argv):
   tokenizer = chat_format = None
   if src and mode in ("quantize", "orbax_to_torch"):
     src, preset, image_size, tokenizer, chat_format = _params_source(src)
+  if mode in ("orbax_to_torch", "export_peft") and (_TOKENIZER.value or _CHAT_FORMAT.value):
+    raise app.UsageError(f"--tokenizer and --chat_format are recorded in params checkpoints, not by --mode={mode}"
+                         + (" (it copies the tokenizer with --reference_files)" if mode == "orbax_to_torch" else ""))
+  tokenizer, chat_format = _TOKENIZER.value or tokenizer, _CHAT_FORMAT.value or chat_format
   cfg = get_preset(preset).with_image_size(image_size)
   if mode == "init_from_pretrained":
     if not (_OPENCLIP.value and _QWEN7B.value):
       raise app.UsageError("--mode=init_from_pretrained needs --openclip and --qwen7b")
     checkpoint.init_from_pretrained(_DST.value, cfg, openclip=_OPENCLIP.value, qwen7b=_QWEN7B.value,
-                                    seed=_SEED.value, dtype=_DTYPE.value, preset=preset)
+                                    seed=_SEED.value, dtype=_DTYPE.value, preset=preset, tokenizer=tokenizer,
+                                    chat_format=chat_format)
     return
   if not _SRC.value:
     raise app.UsageError(f"--mode={mode} needs --src")
   if mode in ("merge_lora", "export_peft"):
-    _lora(mode, _SRC.value, _DST.value, _DTYPE.value or "bfloat16")
+    _lora(mode, _SRC.value, _DST.value, _DTYPE.value or "bfloat16", tokenizer, chat_format)
     return
   if mode == "quantize":
     _quantize(src, _DST.value, cfg, preset, tokenizer, chat_format)
   elif mode == "torch_to_orbax":
-    checkpoint.torch_to_orbax(src, _DST.value, cfg, dtype=_DTYPE.value, preset=preset)
+    checkpoint.torch_to_orbax(src, _DST.value, cfg, dtype=_DTYPE.value, preset=preset, tokenizer=tokenizer,
+                              chat_format=chat_format)
   else:
     checkpoint.orbax_to_torch(src, _DST.value, cfg, dtype=_DTYPE.value or "bfloat16",
                               max_shard_bytes=int(_SHARD_GB.value * 1e9), reference_files=_REFERENCE.value)
@@ -128,7 +143,7 @@ def _quantize(src: str, dst: str, cfg, preset: str, tokenizer: str | None, chat_
   checkpoint.copy_tokenizer(tokenizer, dst)
 
 
-def _lora(mode: str, src: str, dst: str, dtype: str) -> None:
+def _lora(mode: str, src: str, dst: str, dtype: str, tokenizer: str | None, chat_format: str | None) -> None:
   """merge_lora / export_peft of the LoRA or QLoRA trainer run `src` (a QLoRA base is dequantized in float32 before
   the merge, then everything is cast to `dtype`); a bad source is one error line and exit status 2 (`cli.run`).
   The merged checkpoint records the run's preset, image size and chat format and keeps a copy of its tokenizer,
@@ -157,6 +172,7 @@ def _lora(mode: str, src: str, dst: str, dtype: str) -> None:
   target = None if dtype == "keep" else jnp.dtype(dtype)
   params = jax.tree.map(lambda x: x if target is None else x.astype(target), nnx.to_pure_dict(nnx.state(model)))
   card = model_source.run_model(os.path.abspath(src.split("@")[0]), run.to_dict())
+  card.update({k: v for k, v in (("tokenizer", tokenizer), ("chat_format", chat_format)) if v})  # the flags win
   checkpoint.save_params(dst, params, custom_metadata={
       "sources": {"lora_run": os.path.abspath(src)},
       "model": checkpoint.model_metadata(model.cfg, card["preset"], chat_format=card["chat_format"],

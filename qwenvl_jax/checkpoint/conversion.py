@@ -137,12 +137,13 @@ def _leaf(target: str, fed: list[tuple[mapping.Binding, int]], source: tensor_io
 
 def torch_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, cfg: QwenVLConfig, *,
                    source_format: str = "qwen-vl", dtype=None, block_bytes: int = DEFAULT_BLOCK_BYTES,
-                   preset: str | None = None) -> None:
+                   preset: str | None = None, tokenizer: str | None = None, chat_format: str | None = None) -> None:
   """Converts a Qwen-VL PyTorch checkpoint at `src` into a params checkpoint at `dst` (a new directory).
 
   source_format: "qwen-vl" (all 853 tensors of the 7B model). For the partial sources use
   `init_from_pretrained`. dtype: None/"keep", "bfloat16", "float32" or "float16". preset: the preset name `cfg`
   was built from, recorded with the image size (`model_metadata`) so loaders need not be told again.
+  tokenizer / chat_format: what to keep and record instead of what the source folder says (`hf_model_card`).
   """
   table = mapping.TABLES.get(source_format)
   if table is None or set(table.parts) != {"visual", "adapter", "llm"}:
@@ -150,7 +151,8 @@ def torch_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, cfg: QwenVLCo
                      "use init_from_pretrained for OpenCLIP / Qwen-7B sources")
   _refuse_existing(dst)
   shapes = model_param_shapes(cfg)
-  chat_format, tokenizer = hf_model_card(src)
+  said_format, said_tokenizer = hf_model_card(src)
+  chat_format, tokenizer = chat_format or said_format, tokenizer or said_tokenizer
   with tensor_io.open_checkpoint(src) as source:
     leaves = _import_leaves(table, source, shapes, _parse_dtype(dtype), block_bytes)
     _check_complete(leaves, shapes)
@@ -163,7 +165,8 @@ def torch_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, cfg: QwenVLCo
 
 def init_from_pretrained(dst: str | os.PathLike, cfg: QwenVLConfig, *, openclip: str | os.PathLike,
                          qwen7b: str | os.PathLike, seed: int = 0, dtype=None,
-                         block_bytes: int = DEFAULT_BLOCK_BYTES, preset: str | None = None) -> None:
+                         block_bytes: int = DEFAULT_BLOCK_BYTES, preset: str | None = None,
+                         tokenizer: str | None = None, chat_format: str | None = None) -> None:
   """Stage-1 initialization: the ViT trunk from OpenCLIP ViT-bigG, the LLM from Qwen-7B, a fresh adapter.
 
   The adapter (resampler, ln_post, proj) is initialized as `QwenVL` would (with `nnx.Rngs(seed)`) and stored
@@ -172,7 +175,8 @@ def init_from_pretrained(dst: str | os.PathLike, cfg: QwenVLConfig, *, openclip:
   _refuse_existing(dst)
   shapes = model_param_shapes(cfg)
   out_dtype = _parse_dtype(dtype)
-  chat_format, tokenizer = hf_model_card(qwen7b)  # Qwen-7B's: a base model, its vocabulary
+  said_format, said_tokenizer = hf_model_card(qwen7b)  # Qwen-7B's: a base model, its vocabulary
+  chat_format, tokenizer = chat_format or said_format, tokenizer or said_tokenizer
   with tensor_io.open_checkpoint(openclip) as vit, tensor_io.open_checkpoint(qwen7b) as llm:
     leaves: dict[str, object] = _import_leaves(mapping.OPENCLIP_VIT, vit, shapes, out_dtype, block_bytes)
     leaves.update(_import_leaves(mapping.QWEN7B, llm, shapes, out_dtype, block_bytes))

@@ -20,9 +20,9 @@ def _convert(*flags):
 
 
 def test_command_line_round_trip_and_quantize(tmp_path, qwenvl_checkpoint):
-  """torch -> Orbax -> torch is bit-exact. `--mode=quantize` with no flag but --quantize reads the preset and image
-  size the source recorded (it used to take the qwen_vl_7b default and fail on the shapes) and records them, the
-  chat format and its own copy of the tokenizer, so the quantized checkpoint loads without flags too."""
+  """torch -> Orbax -> torch is bit-exact. `--mode=quantize` without --model / --image_size reads the preset and
+  image size the source recorded (it used to take the qwen_vl_7b default and fail on the shapes) and records them,
+  the chat format and its own copy of the tokenizer, so the quantized checkpoint loads without flags too."""
   from qwenvl_jax.checkpoint import orbax_store  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.inference import model_source  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.model import tiny
@@ -42,14 +42,18 @@ def test_command_line_round_trip_and_quantize(tmp_path, qwenvl_checkpoint):
   run = _convert("--mode=init_from_pretrained", "--preset=tiny", f"--openclip={src}", f"--dst={tmp_path / 'i'}")
   assert run.returncode != 0 and "--qwen7b" in run.stderr
 
-  run = _convert("--mode=quantize", "--quantize=int8", f"--src={tmp_path / 'orbax'}", f"--dst={tmp_path / 'int8'}")
+  assert orbax_store.ParamReader(tmp_path / "orbax").custom_metadata["model"]["chat_format"] == "raw"
+  # --chat_format replaces what the source records (here: the base model's raw, now fine-tuned to chat).
+  run = _convert("--mode=quantize", "--quantize=int8", "--chat_format=chatml", f"--src={tmp_path / 'orbax'}",
+                 f"--dst={tmp_path / 'int8'}")
   assert run.returncode == 0, run.stderr[-3000:]
   assert "(tiny, 448 px)" in run.stdout
   meta = orbax_store.ParamReader(tmp_path / "int8").custom_metadata
   assert meta["quantization"]["mode"] == "int8"
-  assert meta["model"] == {"image_size": 448, "preset": "tiny", "chat_format": "raw", "tokenizer": "qwen:qwen.tiktoken"}
+  assert meta["model"] == {"image_size": 448, "preset": "tiny", "chat_format": "chatml",
+                           "tokenizer": "qwen:qwen.tiktoken"}
   source = model_source.resolve(str(tmp_path / "int8"))
-  assert (source.preset, source.image_size, source.chat_format) == ("tiny", 448, "raw")
+  assert (source.preset, source.image_size, source.chat_format) == ("tiny", 448, "chatml")
   assert source.tokenizer == f"qwen:{tmp_path / 'int8' / 'qwen.tiktoken'}"
   assert (tmp_path / "int8" / "qwen.tiktoken").read_bytes() == b"IQ== 0\n"
 
