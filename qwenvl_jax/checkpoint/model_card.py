@@ -20,6 +20,7 @@ from etils import epath
 
 from qwenvl_jax import errors
 from qwenvl_jax import text as qtext
+from qwenvl_jax.checkpoint import orbax_store
 from qwenvl_jax.model.config import QwenVLConfig
 
 
@@ -85,7 +86,6 @@ def recorded_model(params: str) -> dict:
   """What a params checkpoint records about its model (`custom_metadata["model"]`, `checkpoint.model_metadata`:
   preset, image size, chat format, tokenizer) as stored, or {} (older ones); `recorded_chat_format` and
   `recorded_tokenizer` check and resolve the last two."""
-  from qwenvl_jax.checkpoint import orbax_store  # pylint: disable=import-outside-toplevel  (slow to import)
   try:
     info = orbax_store.ParamReader(params).custom_metadata.get("model") or {}
   except (OSError, ValueError, KeyError, TypeError):  # unreadable metadata: the restore reports it properly

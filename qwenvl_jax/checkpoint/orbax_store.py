@@ -111,6 +111,11 @@ def _resolve(path: str | os.PathLike) -> epath.Path:
   return epath.Path(text) if "://" in text else epath.Path(pathlib.Path(text).absolute())
 
 
+def is_params_dir(path: str | os.PathLike) -> bool:
+  """Whether `path` (local or a URL) holds an Orbax PyTree checkpoint: its `_METADATA` file."""
+  return (_resolve(path) / "_METADATA").is_file()
+
+
 def save_params(path: str | os.PathLike, tree: Mapping[str, Any], *, custom_metadata: dict | None = None) -> None:
   """Saves a nested dict of `StreamedArray` / numpy / jax arrays as a params checkpoint at `path` (new dir)."""
   path = _resolve(path)
@@ -131,7 +136,7 @@ class ParamReader:
 
   def __init__(self, path: str | os.PathLike):
     self.path = _resolve(path)
-    if not (self.path / "_METADATA").is_file():
+    if not is_params_dir(self.path):
       raise FileNotFoundError(f"{self.path} is not an Orbax PyTree checkpoint (no _METADATA)")
     meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(self.path))
     self._use_zarr3 = bool(meta.use_zarr3)

@@ -27,7 +27,7 @@ from flax import nnx
 
 from qwenvl_jax import errors, sharding
 from qwenvl_jax import text as qtext
-from qwenvl_jax.checkpoint import model_card
+from qwenvl_jax.checkpoint import model_card, orbax_store
 from qwenvl_jax.model import QwenVL
 from qwenvl_jax.model.config import PRESETS, QwenVLConfig, get_preset
 
@@ -49,14 +49,10 @@ class ModelSource:
   step: int | None = None
 
 
-def _is_params_dir(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, "_METADATA"))
-
-
 def _latest_step(run_dir: str) -> int:
   ckpt = os.path.join(run_dir, "checkpoints")
   steps = sorted(int(d) for d in (os.listdir(ckpt) if os.path.isdir(ckpt) else ())
-                 if d.isdigit() and _is_params_dir(os.path.join(ckpt, d, "params")))
+                 if d.isdigit() and orbax_store.is_params_dir(os.path.join(ckpt, d, "params")))
   if not steps:
     raise FileNotFoundError(f"training run {run_dir} holds no finished checkpoint (no checkpoints/<step>/params)")
   return steps[-1]
@@ -97,15 +93,16 @@ def resolve(checkpoint: str | None, *, model: str | None = None, tokenizer: str 
     run_dir, step = os.path.dirname(os.path.dirname(os.path.dirname(path))), int(os.path.basename(
         os.path.dirname(path)))
   if run_dir is None:
-    if not _is_params_dir(path):
+    if not orbax_store.is_params_dir(path):
       raise FileNotFoundError(f"{checkpoint} is neither a training run (config.json + checkpoints/), a run's "
                               "checkpoints/<step>, nor a params checkpoint (no _METADATA)")
     recorded = model_card.recorded_model(path)  # what `convert` wrote it for (`checkpoint.model_metadata`)
     return ModelSource(path, model or recorded.get("preset") or DEFAULT_PRESET,
-                       image_size or recorded.get("image_size"), tokenizer or model_card.recorded_tokenizer(path, recorded),
+                       image_size or recorded.get("image_size"),
+                       tokenizer or model_card.recorded_tokenizer(path, recorded),
                        chat_format or model_card.recorded_chat_format(path, recorded) or "chatml")
   params = os.path.join(run_dir, "checkpoints", str(step), "params")
-  if not _is_params_dir(params):
+  if not orbax_store.is_params_dir(params):
     raise FileNotFoundError(f"{params} is not a params checkpoint (the save did not finish?)")
   config_path = os.path.join(run_dir, "config.json")
   if not os.path.isfile(config_path):
@@ -126,9 +123,9 @@ def resolve(checkpoint: str | None, *, model: str | None = None, tokenizer: str 
 
 
 def run_model(run_dir: str, run: dict) -> dict:
-  """What a training run's config (`run`, its parsed config.json) says of its model, in `checkpoint.model_card.recorded_model`'s keys:
-  preset (`model`), image size (`res`), tokenizer spec, and chat format (stage 3 trains on ChatML conversations;
-  stages 1-2 on raw text)."""
+  """What a training run's config (`run`, its parsed config.json) says of its model, in the keys of
+  `checkpoint.model_card.recorded_model`: preset (`model`), image size (`res`), tokenizer spec, and chat format
+  (stage 3 trains on ChatML conversations; stages 1-2 on raw text)."""
   return {"preset": run.get("model", DEFAULT_PRESET), "image_size": run.get("res"),
           "tokenizer": _run_tokenizer(run_dir, run.get("tokenizer", "")),
           "chat_format": "chatml" if run.get("stage") == 3 else "raw"}

@@ -113,8 +113,8 @@ def inherit_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> ml_col
 
 def _converted_vocabulary(path: str, init: str) -> str:
   """The spec of the tokenizer the converted params checkpoint `path` keeps."""
-  from qwenvl_jax.checkpoint import model_card  # pylint: disable=g-import-not-at-top
-  if not (epath.Path(path) / "_METADATA").exists():
+  from qwenvl_jax.checkpoint import model_card, orbax_store  # pylint: disable=g-import-not-at-top
+  if not orbax_store.is_params_dir(path):
     raise errors.ConfigError(f"config.init={init!r}: {path} is not a params checkpoint (no _METADATA)",
                              hint="a training run or its step: config.init=trainer:RUN[@STEP]")
   spec = model_card.recorded_tokenizer(path, model_card.recorded_model(path))
