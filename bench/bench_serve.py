@@ -69,6 +69,12 @@ def _client(url: str, body: dict, n: int) -> list[tuple[float, float, int]]:
   return out
 
 
+def request_body(model: str, query: str, max_tokens: int) -> dict:
+  """The streamed greedy request every client sends (`ignore_eos`: every answer is `max_tokens` long)."""
+  return {"model": model, "messages": [{"role": "user", "content": query}], "max_tokens": max_tokens,
+          "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+
+
 def _worker(url: str, body: dict, n: int, threads: int) -> tuple[list[tuple[float, float, int]], float]:
   """`threads` concurrent clients of `n` requests each, in one client process; also its CPU seconds."""
   c0 = time.process_time()
@@ -78,6 +84,7 @@ def _worker(url: str, body: dict, n: int, threads: int) -> tuple[list[tuple[floa
 
 
 def _answer(url: str, body: dict) -> str:
+  body = {k: v for k, v in body.items() if k != "stream_options"}  # the API refuses it unless streaming
   r = requests.post(url, json=dict(body, stream=False), timeout=600)
   r.raise_for_status()
   return r.json()["choices"][0]["message"]["content"]
@@ -138,8 +145,7 @@ def main():
                                                                max_tokens_limit=args.max_tokens)))
   url = server.url + "/v1/chat/completions"
   query = "Describe the picture in detail, please."
-  body = {"model": args.model, "messages": [{"role": "user", "content": query}], "max_tokens": args.max_tokens,
-          "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+  body = request_body(args.model, query, args.max_tokens)
   _client(url, body, 2)  # warm the HTTP path
 
   print(f"{'clients':>7} {'tok/s':>9} {'ratio':>6} {'TTFT p50':>9} {'TTFT p99':>9} {'lat p50':>8} {'lat p99':>8} "
