@@ -31,7 +31,6 @@ import os, sys, time, json
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 step, root, preset, fmt, shards = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
 import numpy as np
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # runnable as python bench/X.py
 
 from qwenvl_jax import checkpoint
 from qwenvl_jax.checkpoint import mapping, orbax_store, tensor_io
