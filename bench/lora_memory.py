@@ -69,15 +69,19 @@ def main() -> None:
   setup = build_step(config, cfg, mesh, rules)
   params = nnx.to_pure_dict(nnx.state(sharding.init_sharded(peft.model_fn(cfg, config), mesh, rules)))
   opt = jax.jit(setup.tx.init, out_shardings=setup.opt_shardings)(params)
-  state = TrainState(jnp.int32(0), params, opt)
+  state = TrainState(jax.device_put(jnp.int32(0), setup.replicated), params, opt)
   b, t, m, s = config.batch_size, config.seq_len, config.max_images, cfg.vision.image_size
   rng = np.random.default_rng(0)
   ids = rng.integers(0, min(cfg.llm.vocab_size, 1000), (b, t)).astype(np.int32)
   batch = {"input_ids": ids, "targets": ids, "loss_mask": np.ones((b, t), np.float32),
            "segment_ids": np.ones((b, t), np.int32), "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
            "images": np.zeros((b, m, s, s, 3), np.uint8), "image_mask": np.zeros((b, m), bool)}
+  batch = jax.device_put(batch, sharding.batch_sharding(mesh, rules))
   with sharding.use_rules(mesh, rules):
-    step = jax.jit(setup.step_fn, donate_argnums=(0,))
+    # Shardings in and out as the trainer gives them: without them the state a step returns (its own layouts) is
+    # not the one `init_sharded` made, and the second step compiles again (a second full-size compile on a GPU).
+    step = jax.jit(setup.step_fn, in_shardings=(setup.shardings, sharding.batch_sharding(mesh, rules)),
+                   out_shardings=(setup.shardings, setup.replicated), donate_argnums=(0,))
     times = []
     for _ in range(args.steps):
       start = time.perf_counter()
