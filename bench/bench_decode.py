@@ -124,7 +124,8 @@ def main():
   for name, make in (("ours (jax jit, while_loop)", ours), ("transformers Qwen2 generate", theirs)):
     t_n = best_time(make(args.new_tokens), args.repeats)
     t_1 = best_time(make(1), args.repeats)
-    results[name] = args.batch * (args.new_tokens - 1) / max(t_n - t_1, 1e-9)
+    # NaN (printed as nan) when noise makes t_n <= t_1, as it can with very few new tokens
+    results[name] = args.batch * (args.new_tokens - 1) / (t_n - t_1) if t_n > t_1 else float("nan")
     print(f"{name:30s} total {t_n:8.3f} s for {args.new_tokens} tokens, prefill+1 {t_1:7.3f} s, "
           f"decode {results[name]:9.1f} tokens/s")
   ratio = results["ours (jax jit, while_loop)"] / results["transformers Qwen2 generate"]

@@ -106,7 +106,13 @@ def run_one(args, root: pathlib.Path, weights: str, kv: str) -> dict:
           "weight_bytes": int(sum(x.size * (0.5 if x.dtype == jnp.int4 else x.dtype.itemsize) for x in leaves)),
           "step_args": int(mem.argument_size_in_bytes), "step_temps": int(mem.temp_size_in_bytes),
           "peak_bytes": stats.get("peak_bytes_in_use"),
-          "tokens_per_s": args.batch * (args.new_tokens - 1) / max(t_n - t_1, 1e-9), "tokens": tokens.tolist()}
+          "tokens_per_s": _decode_rate(args.batch * (args.new_tokens - 1), t_n, t_1), "tokens": tokens.tolist()}
+
+
+def _decode_rate(tokens: int, t_n: float, t_1: float) -> float:
+  """Tokens per second of the decode steps alone (whole run minus prefill + one token); NaN (printed as nan) when
+  noise makes the difference non-positive, as it can with very few new tokens, instead of a 1e9-sized figure."""
+  return tokens / (t_n - t_1) if t_n > t_1 else float("nan")
 
 
 def main():
