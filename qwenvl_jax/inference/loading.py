@@ -17,7 +17,7 @@ import os
 import jax
 from flax import nnx
 
-from qwenvl_jax import sharding
+from qwenvl_jax import errors, sharding
 from qwenvl_jax import text as qtext
 from qwenvl_jax.inference import layout, model_source
 from qwenvl_jax.model import QwenVL
@@ -36,6 +36,12 @@ def model_config(preset: str, tok: qtext.Tokenizer, *, dtype: str = "bfloat16", 
   llm = cfg.llm
   if random_weights and tok.vocab_size > llm.vocab_size:
     llm = dataclasses.replace(llm, vocab_size=-(-tok.vocab_size // 128) * 128)
+  elif tok.vocab_size > llm.vocab_size:
+    raise errors.ConfigError(
+        f"the tokenizer has {tok.vocab_size} tokens but the {preset} model's vocabulary has {llm.vocab_size}: it is "
+        "not the tokenizer these weights were trained with",
+        hint="pass the checkpoint's own tokenizer (a training run and a converted checkpoint record theirs: omit "
+        "--tokenizer), or the preset that matches the weights")
   cfg = dataclasses.replace(cfg, llm=llm, image_pad_id=tok.img_pad_id)
   if image_size is not None:
     cfg = cfg.with_image_size(image_size)

@@ -45,9 +45,18 @@ def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
   """The tokenizer a spec names (see the module docstring).
 
   Raises:
-    ValueError: a malformed spec. FileNotFoundError: the file does not exist.
+    ValueError: a malformed spec. FileNotFoundError: the file does not exist. errors.InputFormatError (a
+    ValueError): the file is not a vocabulary of that kind (a corrupt `.tiktoken`, a SentencePiece model named as
+    `qwen:`, ...).
   """
   kind, path = parse_tokenizer_spec(spec)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"tokenizer file {path!r} does not exist")
-  return _KINDS[kind](path)
+  try:
+    return _KINDS[kind](path)
+  except errors.UserError:
+    raise
+  except (ValueError, RuntimeError) as e:  # tiktoken files: ValueError naming the line; SentencePiece: RuntimeError
+    raise errors.InputFormatError(
+        f"tokenizer {path!r} is not a {kind} vocabulary: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+        hint="a qwen.tiktoken file takes qwen:PATH, a SentencePiece .model file sentencepiece:PATH") from e

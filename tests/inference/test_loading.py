@@ -1,6 +1,7 @@
 """What inference jobs load: a model config matched to the tokenizer (the tokenizer spec: tests/text/test_spec.py)."""
 import pytest
 
+from qwenvl_jax import errors
 from qwenvl_jax.inference import loading
 from qwenvl_jax.text import QwenTokenizer
 
@@ -15,5 +16,8 @@ def test_model_config_follows_the_tokenizer(sp_tok, qwen_tiktoken_path):
   assert grown.llm.vocab_size == 151936 and grown.image_pad_id == 151859
   assert grown.llm.vocab_size >= qwen.vocab_size and grown.llm.vocab_size % 128 == 0
   assert grown.vision.image_size == 56
-  with pytest.raises(ValueError, match="image_pad_id 151859 is outside the vocabulary of 1024"):
-    loading.model_config("tiny", qwen)  # a tiny checkpoint cannot read the Qwen vocabulary
+  # A tiny checkpoint cannot read the Qwen vocabulary: said as a tokenizer that does not match the weights (it
+  # used to say "image_pad_id 151859 is outside the vocabulary of 1024").
+  with pytest.raises(errors.ConfigError, match="the tokenizer has 151860 tokens but the tiny model's vocabulary has "
+                     "1024: it is not the tokenizer these weights were trained with"):
+    loading.model_config("tiny", qwen)

@@ -1,7 +1,7 @@
 """The one tokenizer spec: qwen:PATH, sentencepiece:PATH, or a bare .tiktoken / .model file."""
 import pytest
 
-from qwenvl_jax import text
+from qwenvl_jax import errors, text
 
 
 @pytest.mark.parametrize("spec,expected", [
@@ -38,3 +38,13 @@ def test_qwen_vocabulary(qwen_tiktoken_path):
   tok = text.load_tokenizer(f"qwen:{qwen_tiktoken_path}")
   assert isinstance(tok, text.QwenTokenizer) and tok.vocab_size == 151860
   assert text.load_tokenizer(qwen_tiktoken_path).encode("hello") == tok.encode("hello")
+
+
+def test_a_file_of_the_wrong_kind_is_a_user_error_naming_it(tmp_path, sp_tok):
+  """generate/serve printed a 33-line traceback for these (a user mistake: one `error:` line, exit 2)."""
+  bad = tmp_path / "bad.tiktoken"
+  bad.write_text("abc\n")
+  for spec in (str(bad), f"qwen:{sp_tok.path}"):
+    with pytest.raises(errors.InputFormatError, match="is not a qwen vocabulary: corrupt vocabulary") as e:
+      text.load_tokenizer(spec)
+    assert "sentencepiece:PATH" in e.value.hint
