@@ -20,9 +20,15 @@ committed as soon as it is written and never waits in a cache for its neighbours
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
+import logging
 import os
 import pathlib
+import re
+import sys
+import time
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
@@ -138,7 +144,8 @@ class ParamReader:
     self.path = _resolve(path)
     if not is_params_dir(self.path):
       raise FileNotFoundError(f"{self.path} is not an Orbax PyTree checkpoint (no _METADATA)")
-    meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(self.path))
+    with _damaged_is_a_user_error(self.path):
+      meta = ocp.PyTreeCheckpointHandler().metadata(epath.Path(self.path))
     self._use_zarr3 = bool(meta.use_zarr3)
     self._ocdbt = type_handlers.is_ocdbt_checkpoint(epath.Path(self.path))
     self.custom_metadata = dict(meta.custom_metadata or {})
@@ -196,11 +203,67 @@ def restore_params(path: str | os.PathLike, abstract_state: nnx.State, shardings
   target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), values, specs)
   restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape,
                                                              dtype=t.dtype), target)
-  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+  with _damaged_is_a_user_error(path), ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
     restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
   state = jax.tree.map(lambda x: x, abstract_state)
   nnx.replace_by_pure_dict(state, restored)
   return state
+
+
+def _mute_dangling_reads() -> None:
+  """Once per process, before a restore: drop what Python reports of orbax's reads left in flight by a failed
+  restore. As they end they call back into orbax's event loop, closed by then ("Event loop is closed"), and their
+  failed coroutines and tasks are collected later, up to the interpreter's exit; each printed a traceback,
+  hundreds of lines around the one error line (measured: a tiny run's checkpoint with truncated files, 22 to
+  2,500 lines by timing). Every other unraisable exception and asyncio log record passes."""
+  if getattr(sys.unraisablehook, "_qwenvl_drops_orbax_reads", False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    code = getattr(unraisable.object, "cr_code", None)
+    closed = str(unraisable.exc_value) == "Event loop is closed"
+    if not closed and (code is None or "orbax" not in code.co_filename):
+      previous(unraisable)
+
+  hook._qwenvl_drops_orbax_reads = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(
+      lambda record: not ("never retrieved" in record.getMessage()
+                          and ("orbax" in record.getMessage() or "reading array index" in record.getMessage())))
+
+
+@contextlib.contextmanager
+def _damaged_is_a_user_error(path: str):
+  """Reads of the params checkpoint `path` inside: a truncated or missing file (tensorstore's OUT_OF_RANGE,
+  DATA_LOSS, NOT_FOUND, ...) is one line naming the checkpoint and tensorstore's reason, not orbax's traceback
+  (the trainer sets such a step aside instead; `generate`, `serve`, `evaluate` and `convert` stop)."""
+  _mute_dangling_reads()
+  try:
+    yield
+  except (errors.UserError, OSError):
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise bare Exceptions)
+    if "RESOURCE_EXHAUSTED" in str(e):  # out of memory: not the files' fault
+      raise
+    time.sleep(1.0)  # the other reads in flight end meanwhile (see `_mute_dangling_reads`)
+    gc.collect()
+    raise errors.InputFormatError(f"checkpoint {path} does not read back, it is damaged or incomplete: "
+                                  f"{_storage_reason(e)}",
+                                  hint="convert it again, or use a run's earlier step (RUN/checkpoints/STEP)") from e
+
+
+def _storage_reason(error: BaseException) -> str:
+  """The line of `error` or its causes that says what storage failed (tensorstore's `OUT_OF_RANGE: ...`-style
+  status), else the first line of `error`; at most 300 characters."""
+  chain, seen = [], set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    chain.append(error)
+    error = error.__cause__ or error.__context__
+  lines = [line.strip(": ") for e in chain for line in str(e).splitlines() if line.strip(": ")]
+  status = next((line for line in lines if re.match(r"[A-Z][A-Z_]{3,}: ", line)), None)
+  return (status or (lines[0] if lines else type(chain[0]).__name__))[:300]
 
 
 def load_model(path: str | os.PathLike, cfg, mesh: jax.sharding.Mesh, rules) -> nnx.Module:

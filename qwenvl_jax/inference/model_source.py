@@ -3,7 +3,7 @@ image size, the tokenizer spec and the chat format.
 
 `--checkpoint` may be
   * a training run directory (`<run>`, holding `config.json` and `checkpoints/<step>/params`): its latest step;
-  * one checkpoint of a run (`<run>/checkpoints/<step>` or `<run>/checkpoints/<step>/params`);
+  * one checkpoint of a run (`<run>@<step>`, `<run>/checkpoints/<step>` or `<run>/checkpoints/<step>/params`);
   * a params checkpoint from `python -m qwenvl_jax.convert` (no run config: the preset, image size, chat format
     and tokenizer from the flags or else from what `convert` recorded in it, the tokenizer as a copy kept in the
     checkpoint directory; older checkpoints record only some of them);
@@ -80,6 +80,14 @@ def resolve(checkpoint: str | None, *, model: str | None = None, tokenizer: str 
   if not checkpoint:
     return ModelSource(None, model or DEFAULT_PRESET, image_size, tokenizer, chat_format or "chatml")
   path = os.path.abspath(checkpoint)
+  run, at, step_text = checkpoint.rpartition("@")
+  if at and step_text.isdigit() and not os.path.exists(path) and os.path.isdir(os.path.join(run, "checkpoints")):
+    # RUN@STEP, as config.init=trainer:RUN@STEP and convert --src=RUN@STEP spell a run's step.
+    path = os.path.abspath(os.path.join(run, "checkpoints", str(int(step_text))))
+    if not os.path.isdir(path):
+      steps = sorted(int(d) for d in os.listdir(os.path.join(run, "checkpoints")) if d.isdigit())
+      raise FileNotFoundError(f"checkpoint {checkpoint!r}: {run} has no step {int(step_text)} (its steps: "
+                              f"{', '.join(map(str, steps)) or 'none'})")
   if not os.path.isdir(path):
     what = "is a file, not a checkpoint folder" if os.path.exists(path) else "does not exist"
     raise FileNotFoundError(f"checkpoint {checkpoint!r} {what}")

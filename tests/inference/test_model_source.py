@@ -2,6 +2,8 @@
 names the differing shapes and the preset that fits."""
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from flax import nnx
 from qwenvl_jax.checkpoint import save_params
 from qwenvl_jax import text as qtext
 from qwenvl_jax.inference import loading, model_source
+from tests.training import helpers
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +43,33 @@ def test_a_run_directory_gives_its_latest_params_preset_tokenizer_and_chat_forma
   assert plain.step == 5
   with pytest.raises(FileNotFoundError, match="neither a training run"):
     model_source.resolve(str(run_dir / "checkpoints"))
+
+
+def test_run_at_step_names_a_step_as_training_and_convert_spell_it(run_dir):
+  src = model_source.resolve(f"{run_dir}@3")
+  assert src.step == 3 and src.params == str(run_dir / "checkpoints" / "3" / "params") and src.preset == "tiny"
+  with pytest.raises(FileNotFoundError, match=r"has no step 4 \(its steps: 3, 5, 7\)"):
+    model_source.resolve(f"{run_dir}@4")
+
+
+def test_generate_on_a_damaged_checkpoint_is_one_error_line(run_dir, tmp_path):
+  """Orbax's restore of a truncated array file ended in a traceback, and its reads still in flight printed
+  hundreds of lines more (`orbax_store._mute_dangling_reads`)."""
+  run = tmp_path / "run"
+  shutil.copytree(run_dir, run)
+  for f in (run / "checkpoints" / "5" / "params").rglob("d/*"):
+    if f.is_file():
+      with open(f, "r+b") as fh:
+        fh.truncate(100)
+  proc = subprocess.run([sys.executable, "-m", "qwenvl_jax.generate", f"--checkpoint={run}", "--prompt=Hi",
+                         "--dtype=float32", "--max_new_tokens=2"], cwd=tmp_path, env=helpers.subprocess_env(),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  lines = proc.stderr.splitlines()
+  assert len(lines) == 2, proc.stderr[-3000:]
+  assert lines[0].startswith(f"error: checkpoint {run}/checkpoints/5/params does not read back, it is damaged or "
+                             "incomplete: OUT_OF_RANGE: ")
+  assert lines[1] == "  hint: convert it again, or use a run's earlier step (RUN/checkpoints/STEP)"
 
 
 def test_a_mismatched_preset_names_the_shapes_and_the_preset_that_fits(run_dir, sp_tok):
