@@ -8,7 +8,8 @@ On top of absl it gives every command the same behaviour at its edges:
 * a misspelt config override (`--config.optimizer.learning_rate=...`) names the unknown field and the closest
   existing ones ("did you mean optimizer.lr?") instead of ml_collections' bare `AttributeError`;
 * `--help` / `--helpfull` exit 0 (absl exits 1);
-* JAX's persistent compilation cache is on (`compilation_cache`: a rerun loads what the last run compiled).
+* JAX's persistent compilation cache is on (`compilation_cache`: a rerun loads what the last run compiled);
+* `--flag=~/path` means the home folder, as `--flag ~/path` does in a shell (`expand_home`).
 
 `define_model_flags()` / `load_model_from_flags()` are the model-source flags of the commands that load a model
 for inference (`generate`, `serve`: checkpoint, model, tokenizer, image size, chat format, dtype, quantization and
@@ -17,6 +18,7 @@ the inference layout), defined once here.
 
 from __future__ import annotations
 
+import ast
 import difflib
 import errno
 import functools
@@ -75,7 +77,7 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None, 
       allocator.maybe_reexec()
     except allocator.AllocatorError as e:
       sys.exit(report(errors.UserError(str(e))))
-  argv = list(sys.argv if argv is None else argv)
+  argv = expand_home(list(sys.argv if argv is None else argv))
   started = []
 
   @functools.wraps(main)
@@ -110,14 +112,63 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None, 
     sys.exit(report(errors.ConfigError(message)))
 
 
+# Flags whose value is free text, never a path: a leading ~ there is the user's text.
+_TEXT_FLAGS = frozenset({"prompt", "system", "api_key", "served_model_name", "stop", "host"})
+
+
+def expand_home(argv: list[str]) -> list[str]:
+  """argv with a leading `~` of a flag's value expanded as the shell expands a word of its own: a shell leaves
+  `--workdir=~/run` as is (no expansion after `=`), and the job used to write into a folder named `~` under the
+  current one. Also `KIND:~/path` specs (`qwen:~/qwen.tiktoken`, `jsonl:~/data.jsonl`, `params:~/ckpt`)."""
+  out = list(argv[:1])
+  for a in argv[1:]:
+    name, eq, value = a.partition("=")
+    if a.startswith("-") and eq and name.lstrip("-") not in _TEXT_FLAGS:
+      kind, colon, rest = value.partition(":")
+      if value == "~" or value.startswith("~/"):
+        a = f"{name}={os.path.expanduser(value)}"
+      elif colon and kind.isidentifier() and (rest == "~" or rest.startswith("~/")):
+        a = f"{name}={kind}:{os.path.expanduser(rest)}"
+    out.append(a)
+  return out
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a bad flag value reported as one `error:` line and exit 2 (absl prints "FATAL Flags
   parsing error", for a config file's own ValueError the whole traceback, and exits 1)."""
   from absl import flags  # pylint: disable=g-import-not-at-top
+  message = _config_file_error(argv)
+  if message is not None:
+    sys.exit(report(errors.ConfigError(message, hint="a config file is a Python file defining get_config(), such as "
+                                                     "configs/stage2.py or configs/eval/flickr.py")))
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
     sys.exit(report(errors.ConfigError(_flag_error_line(str(e)), hint="--helpshort lists the flags")))
+
+
+def _config_file_error(argv: list[str]) -> str | None:
+  """The message for a `--NAME=FILE[:ARG]` config-file flag whose file is no Python or defines no get_config(),
+  or None. ml_collections raises the SyntaxError / AttributeError of importing it out of absl's flag parsing (a
+  40-line traceback); a missing file is reported by `_check_config_files`."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  for a in argv[1:]:
+    name, eq, value = a.lstrip("-").partition("=")
+    if not eq or name not in flags.FLAGS or type(flags.FLAGS[name]).__name__ != "_ConfigFlag":
+      continue
+    path = value.partition(":")[0]
+    if not os.path.isfile(path):
+      continue
+    try:
+      with open(path, "rb") as f:
+        tree = ast.parse(f.read(), filename=path)
+    except (SyntaxError, ValueError) as e:  # ValueError: null bytes (a binary file)
+      where = (f" (line {e.lineno}: {e.msg})" if getattr(e, "lineno", None) else
+               f" ({getattr(e, 'msg', None) or e})")
+      return f"--{name}={value}: {path} is not a Python config file{where}"
+    if not any(isinstance(n, ast.FunctionDef) and n.name == "get_config" for n in tree.body):
+      return f"--{name}={value}: {path} defines no get_config()"
+  return None
 
 
 def _flag_error_line(message: str) -> str:
@@ -205,8 +256,9 @@ def define_model_flags() -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   if "checkpoint" in flags.FLAGS:
     return
-  flags.DEFINE_string("checkpoint", None, "A training run directory, <run>/checkpoints/<step>, or a params "
-                      "checkpoint directory; omit to run random weights (smoke tests).")
+  flags.DEFINE_string("checkpoint", None, "A training run directory (its latest step), <run>@<step> or "
+                      "<run>/checkpoints/<step>, or a params checkpoint directory; omit to run random weights "
+                      "(smoke tests).")
   flags.DEFINE_string("model", None, "Architecture preset: qwen_vl_7b, mid, small or tiny (default: the run's, "
                       "else qwen_vl_7b).")
   flags.DEFINE_string("tokenizer", None, "Tokenizer spec: qwen:PATH, sentencepiece:PATH, or a .tiktoken / .model "
@@ -239,12 +291,27 @@ def load_model_from_flags():
   from absl import flags  # pylint: disable=g-import-not-at-top
   from qwenvl_jax.inference import loading, model_source  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
+  # 0 used to mean "not given" (the checkpoint's resolution, int4 groups of 128) without a word.
+  if f.image_size is not None and f.image_size <= 0:
+    raise errors.ConfigError(f"--image_size={f.image_size} must be a positive multiple of the patch size",
+                             hint="omit it for the checkpoint's own resolution")
+  if f.group_size <= 0:
+    raise errors.ConfigError(f"--group_size={f.group_size} must be >= 1")
+  if f["group_size"].present and f.quantize != "int4":
+    raise errors.ConfigError(f"--group_size is the group size of int4 weights: --quantize={f.quantize} ignores it",
+                             hint="--quantize=int4 --group_size=N")
   source = model_source.resolve(f.checkpoint, model=f.model, tokenizer=f.tokenizer, image_size=f.image_size,
                                 chat_format=f.chat_format)
   if not source.tokenizer:
+    if not f.checkpoint:
+      raise errors.ConfigError("--tokenizer is required without --checkpoint (random weights)",
+                               hint="e.g. --tokenizer=qwen:qwen.tiktoken or --tokenizer=sp.model")
     raise errors.ConfigError("--tokenizer is required: --checkpoint is neither a training run nor a checkpoint "
                              "that records its tokenizer (convert copies the source's qwen.tiktoken into it)",
                              hint="e.g. --tokenizer=qwen:qwen.tiktoken or --tokenizer=sp.model")
+  if not f.checkpoint:
+    print(f"note: no --checkpoint: random weights of the {source.preset} preset (a smoke test, not a model's "
+          "answers)", file=sys.stderr, flush=True)
   tok, cfg, mesh, rules, model = loading.load_source(
       source, dtype=f.dtype, rules=f.rules, tensor_parallel=f.tensor_parallel, seed=f.seed, quantize=f.quantize,
       group_size=f.group_size)

@@ -66,6 +66,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.quiet_libraries()
+  ignored = [name for name in ("temperature", "top_k", "top_p") if FLAGS[name].present]
+  if ignored and not FLAGS.do_sample:
+    raise errors.ConfigError(f"--{ignored[0]} sets sampling, and without --do_sample the answer is greedy",
+                             hint="add --do_sample (Qwen-VL-Chat's own setting: --do_sample --top_p=0.3)")
   for path in (FLAGS.output_image, FLAGS.save_history):
     if path and os.path.exists(path):
       raise FileExistsError(f"{path} already exists; it is never overwritten: choose another path")

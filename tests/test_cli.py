@@ -98,7 +98,11 @@ def test_flag_and_config_file_mistakes_are_one_line_and_exit_2(tmp_path):
            ([stage2, "--config.batch_size=abc"], "flag --config.batch_size=abc: invalid literal for int()"),
            ([f"--config={tmp_path / 'stage9.py'}"], "--config: cannot load the config file"),
            ([stage2, "--helpme"], "Unknown command line flag 'helpme'"),
-           ([stage2, "extra"], "unexpected arguments: ['extra']")]
+           ([stage2, "extra"], "unexpected arguments: ['extra']"),
+           # A file that is no config: ml_collections' SyntaxError / AttributeError tracebacks (40-56 lines).
+           ([f"--config={REPO_ROOT / 'README.md'}"], "README.md is not a Python config file (line 3: "),
+           ([f"--config={tmp_path / 'noget.py'}"], "noget.py defines no get_config()")]
+  (tmp_path / "noget.py").write_text("x = 1\n")
   def run(extra):
     return subprocess.run([sys.executable, "-m", "qwenvl_jax.train", f"--workdir={workdir}", *extra], env=env,
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -109,6 +113,17 @@ def test_flag_and_config_file_mistakes_are_one_line_and_exit_2(tmp_path):
     lines = proc.stderr.splitlines()
     assert lines[0].startswith("error: ") and expected in lines[0], (extra, proc.stderr[-3000:])
     assert len(lines) <= 2 and "Traceback" not in proc.stderr and not workdir.exists(), (extra, proc.stderr)
+
+
+def test_a_leading_tilde_of_a_path_flag_is_the_home_folder(monkeypatch):
+  """A shell leaves `--workdir=~/run` alone (no expansion after `=`): the run went into a folder named `~`."""
+  monkeypatch.setenv("HOME", "/home/u")
+  argv = ["prog", "--workdir=~/run", "--config.tokenizer=qwen:~/q.tiktoken", "--config.data.source=jsonl:~",
+          "--prompt=~/not a path", "--system=~/text", "--checkpoint=/a/~/b", "--x=gs://b/~/c", "~/positional"]
+  assert cli.expand_home(argv) == [
+      "prog", "--workdir=/home/u/run", "--config.tokenizer=qwen:/home/u/q.tiktoken",
+      "--config.data.source=jsonl:/home/u", "--prompt=~/not a path", "--system=~/text", "--checkpoint=/a/~/b",
+      "--x=gs://b/~/c", "~/positional"]
 
 
 def _libtpu_installed() -> bool:

@@ -2,6 +2,7 @@
 `cli.run` (serve and `convert --mode=merge_lora/export_peft` used to print and exit themselves, convert with 1):
 a tensor-parallel degree the model does not allow, slots that do not split over the replicas, a LoRA source that
 is missing or not a LoRA run, an output that exists."""
+import concurrent.futures
 import json
 import subprocess
 import sys
@@ -42,9 +43,18 @@ def test_generate_reports_bad_inputs_and_settings_in_one_line(tmp_path, sp_model
            (["--do_sample", "--top_p=-1"], "top_p must be in (0, 1]"),
            (["--chat_format=raw", "--system=Answer in French."], "--history and --system need a chat model"),
            ([f"--save_history={tmp_path / 'no' / 'dir' / 'h.json'}"], "its folder does not exist"),
-           ([f"--checkpoint={tmp_path / 'notimage.png'}"], "is a file, not a checkpoint folder")]
-  for extra, expected in cases:
-    (line,) = _one_error(_run("qwenvl_jax.generate", base + extra, tmp_path))
+           ([f"--checkpoint={tmp_path / 'notimage.png'}"], "is a file, not a checkpoint folder"),
+           # These were taken for "not given" or ignored without a word:
+           ([f"--tokenizer={tmp_path / 'bad.tiktoken'}"], "is not a qwen vocabulary: corrupt vocabulary"),
+           (["--image_size=0"], "--image_size=0 must be a positive multiple of the patch size"),
+           (["--quantize=int4", "--group_size=0"], "--group_size=0 must be >= 1"),
+           (["--quantize=int8", "--group_size=64"], "--quantize=int8 ignores it"),
+           (["--temperature=0.7"], "--temperature sets sampling, and without --do_sample the answer is greedy")]
+  (tmp_path / "bad.tiktoken").write_text("abc\n")
+  with concurrent.futures.ThreadPoolExecutor(3) as pool:  # each is a process start: overlap them
+    procs = list(pool.map(lambda extra: _run("qwenvl_jax.generate", base + extra, tmp_path), [e for e, _ in cases]))
+  for (extra, expected), proc in zip(cases, procs):
+    (line,) = _one_error(proc)
     assert expected in line, (extra, line)
 
 
