@@ -21,6 +21,9 @@ A params checkpoint written here records its preset, image size and chat format 
 a run's config, a params checkpoint's record); --tokenizer and --chat_format replace what the source says.
 """
 
+import os
+import pathlib
+
 import jax
 import jax.numpy as jnp
 from absl import app, flags
@@ -92,6 +95,9 @@ def main(argv):
     raise app.UsageError(f"--tokenizer and --chat_format are recorded in params checkpoints, not by --mode={mode}"
                          + (" (it copies the tokenizer with --reference_files)" if mode == "orbax_to_torch" else ""))
   tokenizer, chat_format = _TOKENIZER.value or tokenizer, _CHAT_FORMAT.value or chat_format
+  if _SHARD_GB.value <= 0:
+    raise errors.ConfigError(f"--max_shard_gb={_SHARD_GB.value:g} must be > 0 (it wrote one tensor per shard)")
+  _refuse_run_checkpoints(_DST.value)
   cfg = get_preset(preset).with_image_size(image_size)
   if mode == "init_from_pretrained":
     if not (_OPENCLIP.value and _QWEN7B.value):
@@ -114,6 +120,20 @@ def main(argv):
     checkpoint.orbax_to_torch(src, _DST.value, cfg, dtype=_DTYPE.value or "bfloat16",
                               max_shard_bytes=int(_SHARD_GB.value * 1e9), reference_files=_REFERENCE.value)
   print(f"wrote {mode} of {src} ({preset}, {image_size} px) to {_DST.value}")
+
+
+def _refuse_run_checkpoints(dst: str | None) -> None:
+  """A --dst inside a training run's checkpoints/ folder would pass for one of the run's steps: the trainer then
+  took a quantized checkpoint at <run>/checkpoints/20 for its step 20 ("already trained to step 20"), or set it
+  aside as damaged."""
+  if not dst or "://" in dst:
+    return
+  path = pathlib.Path(os.path.abspath(dst))
+  for folder in path.parents:
+    if folder.name == "checkpoints" and (folder.parent / "config.json").is_file():
+      raise errors.ConfigError(f"--dst={dst} is inside the checkpoints folder of the training run {folder.parent}, "
+                               "where the trainer takes every folder for one of its steps",
+                               hint="write it outside the run, e.g. next to it")
 
 
 def _quantize(src: str, dst: str, cfg, preset: str, tokenizer: str | None, chat_format: str | None) -> None:

@@ -28,6 +28,7 @@ import os
 import pathlib
 import struct
 import sys
+import zipfile
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import ml_dtypes
@@ -63,7 +64,7 @@ class TensorSource:
     for f in self._files:
       for name in f.names():
         if name in self._where:
-          raise ValueError(f"tensor {name!r} is stored twice: in {self._where[name].path} and {f.path}")
+          raise errors.InputFormatError(f"tensor {name!r} is stored twice: in {self._where[name].path} and {f.path}")
         self._where[name] = f
 
   def names(self) -> list[str]:
@@ -131,23 +132,31 @@ class _SafetensorsFile(_ShardFile):
     with open(path, "rb") as f:
       raw = f.read(8)
       if len(raw) != 8:
-        raise ValueError(f"{path} is not a safetensors file (shorter than 8 bytes)")
+        raise errors.InputFormatError(f"{path} is not a safetensors file (shorter than 8 bytes)")
       (n,) = struct.unpack("<Q", raw)
       size = os.path.getsize(path)
       if n > size - 8:
-        raise ValueError(f"{path} is not a safetensors file (header length {n} > file size {size})")
-      header = json.loads(f.read(n))
+        raise errors.InputFormatError(f"{path} is not a safetensors file (header length {n} > file size {size})")
+      try:
+        header = json.loads(f.read(n))
+      except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise errors.InputFormatError(f"{path} is not a safetensors file (its header is not JSON: {e})") from e
     self._data_start = 8 + n
     self._meta: dict[str, tuple[tuple[int, ...], np.dtype, int, int]] = {}
     for name, entry in header.items():
       if name == "__metadata__":
         continue
       if entry["dtype"] not in _ST_DTYPES:
-        raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
+        raise errors.InputFormatError(f"{path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
       shape, dtype = tuple(int(d) for d in entry["shape"]), _ST_DTYPES[entry["dtype"]]
       begin, end = (int(x) for x in entry["data_offsets"])
-      if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or self._data_start + end > size:
-        raise ValueError(f"{path}: tensor {name!r} has inconsistent offsets {begin}..{end} for shape {shape}")
+      if self._data_start + end > size:
+        raise errors.InputFormatError(
+            f"{path} is truncated: tensor {name!r} ends at byte {self._data_start + end} of a {size}-byte file",
+            hint="download or copy the shard again")
+      if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+        raise errors.InputFormatError(f"{path}: tensor {name!r} has inconsistent offsets {begin}..{end} for shape "
+                                      f"{shape}")
       self._meta[name] = (shape, dtype, begin, end)
     self._fd = os.open(path, os.O_RDONLY)
 
@@ -200,18 +209,23 @@ class _TorchBinFile(_ShardFile):
     import torch  # pylint: disable=import-outside-toplevel  (only .bin checkpoints need torch)
     self._torch = torch
     self.path = path
+    if not zipfile.is_zipfile(path):  # torch's own message would ask to re-save it with a zip serialization
+      raise errors.InputFormatError(f"{path} is not a PyTorch checkpoint in torch.save's zip format (its format "
+                                    "since PyTorch 1.6, which the released Qwen-VL weights use)",
+                                    hint="a pre-1.6 file: load it and torch.save it again with a current PyTorch")
     try:
       state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # torch raises many types for a corrupt or non-zip file
-      raise ValueError(f"{path} could not be read as a PyTorch state dict: {e}") from e
+      raise errors.InputFormatError(f"{path} could not be read as a PyTorch state dict: "
+                                    f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
       state = state["state_dict"]  # some OpenCLIP / Lightning checkpoints wrap the weights
     if not isinstance(state, Mapping):
-      raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
+      raise errors.InputFormatError(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
     self._state = {}
     for name, t in state.items():
       if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{path}: entry {name!r} is a {type(t).__name__}, not a tensor")
+        raise errors.InputFormatError(f"{path}: entry {name!r} is a {type(t).__name__}, not a tensor")
       self._state[name] = t
 
   def names(self):
@@ -284,7 +298,7 @@ def _open_indexed(index_path: pathlib.Path) -> TensorSource:
                                   "the index of a sharded checkpoint must be the JSON file transformers wrote") from e
   weight_map = index.get("weight_map") if isinstance(index, dict) else None
   if not isinstance(weight_map, dict) or not weight_map:
-    raise ValueError(f"{index_path} has no weight_map")
+    raise errors.InputFormatError(f"{index_path} has no weight_map")
   files = {}
   for shard in sorted(set(weight_map.values())):
     shard_path = index_path.parent / shard
@@ -301,7 +315,7 @@ def _open_indexed(index_path: pathlib.Path) -> TensorSource:
       if weight_map.get(name) != shard:
         problems.append(f"{name!r} is stored in {shard} but the index says {weight_map.get(name)}")
   if problems:
-    raise ValueError(f"{index_path} disagrees with its shards: " + "; ".join(problems[:20]) +
+    raise errors.InputFormatError(f"{index_path} disagrees with its shards: " + "; ".join(problems[:20]) +
                      (f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""))
   return source
 

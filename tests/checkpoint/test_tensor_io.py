@@ -7,6 +7,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from qwenvl_jax import errors
 from qwenvl_jax.checkpoint import tensor_io
 
 from .conftest import write_checkpoint
@@ -82,6 +83,22 @@ def test_missing_and_inconsistent_inputs_are_named(tmp_path):
   index_path.write_text(json.dumps(index))
   with pytest.raises(ValueError, match="a.weight"):
     tensor_io.open_checkpoint(tmp_path / "ckpt")
+
+
+def test_a_truncated_or_foreign_file_is_a_user_error_naming_it(tmp_path):
+  """convert printed a 32-39 line traceback for these ('inconsistent offsets' for a truncated shard, torch's
+  request to re-save with zip serialization for a text file)."""
+  save_file({k: v.contiguous() for k, v in _state().items()}, str(tmp_path / "x.safetensors"))
+  data = (tmp_path / "x.safetensors").read_bytes()
+  (tmp_path / "cut.safetensors").write_bytes(data[:-20])
+  with pytest.raises(errors.InputFormatError, match=r"cut.safetensors is truncated: tensor '.*' ends at byte "):
+    tensor_io.open_checkpoint(tmp_path / "cut.safetensors")
+  (tmp_path / "notes.bin").write_text("not a checkpoint")
+  with pytest.raises(errors.InputFormatError, match="notes.bin is not a PyTorch checkpoint in torch.save's zip"):
+    tensor_io.open_checkpoint(tmp_path / "notes.bin")
+  (tmp_path / "text.safetensors").write_bytes((4).to_bytes(8, "little") + b"\xff\xfe{}")
+  with pytest.raises(errors.InputFormatError, match="its header is not JSON"):
+    tensor_io.open_checkpoint(tmp_path / "text.safetensors")
 
 
 def test_writer_output_is_read_by_the_safetensors_library(tmp_path):

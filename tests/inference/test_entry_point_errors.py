@@ -109,3 +109,11 @@ def test_convert_lora_modes_report_user_mistakes_with_status_2(tmp_path):
   proc = _run("qwenvl_jax.convert", ["--mode=merge_lora", f"--src={full}", f"--dst={full}"], tmp_path)
   (line,) = _one_error(proc)
   assert "already exists" in line and "hint: choose a new output directory" in proc.stderr
+  # Into a run's checkpoints/ folder: the trainer took such a folder for one of its steps.
+  (full / "checkpoints").mkdir()
+  (line,) = _one_error(_run("qwenvl_jax.convert", ["--mode=quantize", f"--src={tmp_path / 'x'}",
+                                                   f"--dst={full / 'checkpoints' / '20'}"], tmp_path))
+  assert "is inside the checkpoints folder of the training run" in line
+  (line,) = _one_error(_run("qwenvl_jax.convert", ["--mode=orbax_to_torch", f"--src={tmp_path / 'x'}",
+                                                   f"--dst={tmp_path / 'out'}", "--max_shard_gb=0"], tmp_path))
+  assert "--max_shard_gb=0 must be > 0" in line
