@@ -13,6 +13,7 @@ See qwenvl_jax/serving/ and README "Serving".
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -62,8 +63,10 @@ def _check_can_listen(host: str, port: int) -> int:
       s.bind(address)
       return s.getsockname()[1]
   except OSError as e:
-    raise errors.ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}",
-                             hint="another server holds the port? choose another --port") from None
+    busy = getattr(e, "errno", None) == errno.EADDRINUSE
+    hint = ("another server holds the port: choose another --port" if busy else
+            "--host must be an address of this machine (127.0.0.1, 0.0.0.0 for every interface, or one of its own)")
+    raise errors.ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}", hint=hint) from None
 
 
 def build(argv_flags=FLAGS):
@@ -82,6 +85,9 @@ def build(argv_flags=FLAGS):
                              f"got {f.num_slots}, {f.prefill_batch}, {f.max_images}, {f.context}")
   if f.decode_steps < 1:
     raise errors.ConfigError(f"need --decode_steps >= 1, got {f.decode_steps}")
+  for name in ("max_tokens_limit", "max_image_bytes", "max_image_pixels"):  # 0 would refuse every request
+    if f[name].value < 1:
+      raise errors.ConfigError(f"--{name}={f[name].value} must be >= 1")
   if not 0 <= f.port <= 65535:
     raise errors.ConfigError(f"--port={f.port} must be in 0..65535")
   if f.image_root and not os.path.isdir(f.image_root):

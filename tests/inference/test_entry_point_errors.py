@@ -87,8 +87,14 @@ def test_serve_refuses_a_busy_port_a_bad_port_and_a_missing_image_root_before_lo
     busy.bind(("127.0.0.1", 0))
     busy.listen()
     port = busy.getsockname()[1]
-    (line,) = _one_error(_run("qwenvl_jax.serve", missing + [f"--port={port}"], tmp_path))
-    assert f"cannot listen on 127.0.0.1:{port}" in line
+    proc = _run("qwenvl_jax.serve", missing + [f"--port={port}"], tmp_path)
+    (line,) = _one_error(proc)
+    assert f"cannot listen on 127.0.0.1:{port}" in line and "another server holds the port" in proc.stderr
+  proc = _run("qwenvl_jax.serve", missing + ["--host=192.0.2.1", "--port=0"], tmp_path)  # TEST-NET: not ours
+  (line,) = _one_error(proc)
+  assert "cannot listen on 192.0.2.1:0" in line and "--host must be an address of this machine" in proc.stderr
+  (line,) = _one_error(_run("qwenvl_jax.serve", missing + ["--max_tokens_limit=0"], tmp_path))
+  assert "--max_tokens_limit=0 must be >= 1" in line  # it started, then refused every request
   (line,) = _one_error(_run("qwenvl_jax.serve", missing + ["--port=99999"], tmp_path))
   assert "--port=99999 must be in 0..65535" in line
   (tmp_path / "afile").write_text("x")
