@@ -93,7 +93,7 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None, 
     except app.UsageError as e:  # absl would print the whole flag help above the one line that matters
       sys.exit(report(errors.ConfigError(str(e), hint="--helpshort lists the flags")))
     except Exception as e:  # pylint: disable=broad-except
-      if not is_user_error(e) or os.environ.get("QWENVL_TRACEBACK"):
+      if not is_user_error(e) or os.environ.get("QWENVL_TRACEBACK", "").lower() not in ("", "0", "false", "no"):
         raise
       sys.exit(report(e))
 

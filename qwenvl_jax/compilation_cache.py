@@ -6,7 +6,7 @@ programs) in 54.4 / 12.0 s, its 120-step training took 38.5 / 28.9 s, `generate`
 keyed by the program, the compile options, jax/jaxlib and the device, so a hit gives the very executable a compile
 would (results are unaffected; the suite runs with one such cache, `tests/conftest.py`).
 
-Where: `$QWENVL_COMPILATION_CACHE` (a folder; `off` turns the cache off), else
+Where: `$QWENVL_COMPILATION_CACHE` (an absolute folder; `off`, `0`, `false` turn the cache off), else
 `~/.cache/qwenvl_jax/xla/<jaxlib version>-<machine>-<hash of the host CPU's model and features>`. The version and
 the host in the folder's name keep a home folder shared by several machines, or a jaxlib reinstalled in place, from
 ever offering one machine's CPU executables to another (XLA:CPU builds them for the host's instruction set; jax
@@ -23,9 +23,11 @@ import hashlib
 import os
 import pathlib
 import platform
+import sys
 
 ENV = "QWENVL_COMPILATION_CACHE"
 OFF = "off"
+_OFF_WORDS = (OFF, "0", "false", "no", "none")
 
 
 def host_fingerprint() -> str:
@@ -58,15 +60,17 @@ def enable() -> str | None:
   """
   import jax  # pylint: disable=import-outside-toplevel
   setting = os.environ.get(ENV, "").strip()
-  if setting.lower() == OFF or jax.config.jax_compilation_cache_dir:  # JAX reads JAX_COMPILATION_CACHE_DIR into it
+  if setting.lower() in _OFF_WORDS or jax.config.jax_compilation_cache_dir:  # JAX reads JAX_COMPILATION_CACHE_DIR
     return None
+  if setting and not os.path.isabs(os.path.expanduser(setting)):  # `of` (a typo of off) made a folder ./of
+    from qwenvl_jax import errors  # pylint: disable=import-outside-toplevel
+    raise errors.ConfigError(f"{ENV}={setting!r} is neither {OFF!r} nor an absolute folder path")
   folder = pathlib.Path(setting).expanduser() if setting else default_dir()
   try:
     folder.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    import warnings  # pylint: disable=import-outside-toplevel
-    warnings.warn(f"compilation cache off: cannot use {folder} ({e}); set {ENV} to another folder or to {OFF}",
-                  stacklevel=2)
+  except OSError as e:  # one line on stderr (a Python warning also printed its source line)
+    print(f"warning: compilation cache off: cannot use {folder} ({e}); set {ENV} to another folder or to {OFF}",
+          file=sys.stderr, flush=True)
     return None
   jax.config.update("jax_compilation_cache_dir", str(folder))
   if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:

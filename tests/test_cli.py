@@ -28,7 +28,10 @@ def _run_main(main, argv=("prog",)):
   return info.value.code
 
 
-def test_a_user_error_is_one_line_and_exit_2(capsys):
+@pytest.mark.parametrize("traceback_env", [None, "0", "false"])
+def test_a_user_error_is_one_line_and_exit_2(capsys, monkeypatch, traceback_env):
+  if traceback_env is not None:  # QWENVL_TRACEBACK=0 used to turn tracebacks on (any non-empty value did)
+    monkeypatch.setenv("QWENVL_TRACEBACK", traceback_env)
   def main(argv):
     del argv
     raise errors.UserFileExistsError("out.json already exists", "choose another --output")

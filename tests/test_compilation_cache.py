@@ -60,6 +60,8 @@ def test_off_and_jax_own_setting_leave_it_to_jax(tmp_path):
   off, _ = _run({compilation_cache.ENV: "off", "HOME": str(tmp_path)})
   assert not off["folder"] and off["hits"] == off["misses"] == 0
   assert not (tmp_path / ".cache").exists()
+  zero, _ = _run({compilation_cache.ENV: "0", "HOME": str(tmp_path)})
+  assert not zero["folder"] and not (tmp_path / ".cache").exists()
   own = tmp_path / "jax_own"
   mine, _ = _run({"JAX_COMPILATION_CACHE_DIR": str(own), compilation_cache.ENV: str(tmp_path / "ours")})
   assert mine["folder"] == str(own) and not (tmp_path / "ours").exists()
@@ -77,3 +79,14 @@ def test_the_default_folder_is_per_jaxlib_and_host_and_an_unusable_one_only_warn
   blocked, stderr = _run({compilation_cache.ENV: str(blocker / "cache")})
   assert not blocked["folder"] and blocked["out"] == default["out"]
   assert "compilation cache off: cannot use" in stderr
+
+
+def test_a_relative_setting_is_refused_not_made_a_folder(tmp_path):
+  """`QWENVL_COMPILATION_CACHE=of` (a typo of off) made a folder ./of."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT_CACHE"))}
+  env.update({compilation_cache.ENV: "of"}, PYTHONPATH=str(REPO))
+  proc = subprocess.run([sys.executable, "-c", _COMMAND], env=env, cwd=tmp_path, capture_output=True, text=True,
+                        timeout=300, check=False)
+  assert proc.returncode == 2 and not (tmp_path / "of").exists(), proc.stderr[-3000:]
+  assert proc.stderr.splitlines() == [f"error: {compilation_cache.ENV}='of' is neither 'off' nor an absolute folder "
+                                      "path"]
