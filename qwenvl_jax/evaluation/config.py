@@ -18,7 +18,8 @@ def default_config(task_name: str, arg: str | None = None):
   task = tasks_lib.get_task(task_name)
   c = ml_collections.ConfigDict()
   c.task = task.name
-  c.output = ""                         # results JSON (required; never overwritten; `OUTPUT.partial/` resumes)
+  c.output = ""                         # results JSON, a local (or mounted) path (required; never overwritten;
+                                        # `OUTPUT.partial/` resumes)
   c.data_path = task.data_file          # the official file (RECIPES §2.10), any file of its format, or a prepared
                                         # TFDS dataset: tfds:NAME[/CONFIG][:VERSION][:SPLIT] or
                                         # array_record:FOLDER[:SPLIT] (split default `test`; the task kind's
@@ -27,6 +28,7 @@ def default_config(task_name: str, arg: str | None = None):
   c.annotation_path = task.annotation_file or ""   # VQA accuracy: the official annotation JSON ("" with a TFDS
                                         # dataset whose `answers` are the human answers)
   c.image_root = ""                     # relative image paths of the data file are taken under this folder
+                                        # ("" = the current folder, not the data file's)
   c.checkpoint = ""                     # a training run, <run>/checkpoints/<step>, or a params checkpoint
                                         # directory ("" = random weights, for smoke tests)
   c.model = ""                          # architecture preset ("" = the run's, else qwen_vl_7b)
@@ -34,9 +36,10 @@ def default_config(task_name: str, arg: str | None = None):
                                         # .tiktoken / .model file ("" = the run's)
   c.dtype = "bfloat16"
   c.quantize = "none"                   # weight-only quantization at load: none | int8 (per channel) | int4 (groups)
-  c.quantize_group_size = 128           # int4 group size
+  c.quantize_group_size = 128           # int4 group size (a power of two >= 1)
   c.kv_cache_dtype = "auto"             # auto (the compute dtype) | int8
-  c.image_size = ml_collections.config_dict.placeholder(int)   # override the preset's resolution
+  c.image_size = ml_collections.config_dict.placeholder(int)   # override the resolution (unset or 0 = the
+                                        # checkpoint's, else the preset's; the results record the one used)
   c.per_device_batch_size = 4
   c.rules = "inference_tp"              # sharding rule table (qwenvl_jax/sharding_rules.py); "fsdp" = as training
   c.tensor_parallel = 0                 # chips per model replica (0 = one host's; inference/layout.py)

@@ -29,23 +29,25 @@ from typing import Dict, List, Sequence, Set
 
 import numpy as np
 
+from qwenvl_jax import errors
 from qwenvl_jax.evaluation.readers import EvalDataError, EvalExample
 
 KINDS = ("caption", "vqa")
 
 
 def check_kind(task) -> None:
-  """Raises a ValueError unless `task` takes few-shot prompts (captioning and VQA, as the reference)."""
+  """Raises errors.ConfigError (a ValueError) unless `task` takes few-shot prompts (captioning and VQA, as the
+  reference)."""
   if task.kind not in KINDS:
-    raise ValueError(f"task {task.name!r}: few-shot prompts exist only for captioning and VQA (RECIPES §2.1); a "
-                     f"{task.kind} task is evaluated with few_shot=0")
+    raise errors.ConfigError(f"task {task.name!r}: few-shot prompts exist only for captioning and VQA (RECIPES "
+                             f"§2.1); a {task.kind} task is evaluated with few_shot=0")
 
 
 def shot_pool(task, examples: Sequence[EvalExample]) -> List[EvalExample]:
   """The candidate shots of `task` from its training examples, one answer each (module docstring).
 
   Raises:
-    ValueError: a task kind without few-shot prompts.
+    errors.ConfigError: a task kind without few-shot prompts.
     EvalDataError: no example has an answer to show.
   """
   check_kind(task)

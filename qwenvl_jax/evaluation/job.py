@@ -12,14 +12,22 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from qwenvl_jax import sharding
+from qwenvl_jax import errors, sharding
 from qwenvl_jax.evaluation import collectives
 from qwenvl_jax.evaluation import few_shot as few_shot_lib
 from qwenvl_jax.evaluation import multiple_choice as mc_lib
 from qwenvl_jax.evaluation import tasks as tasks_lib
-from qwenvl_jax.evaluation.prompts import PromptEncoder
+from qwenvl_jax.evaluation.prompts import PromptEncoder, data_folder
 from qwenvl_jax.evaluation.readers import EvalExample
 from qwenvl_jax.inference import decode, loading, model_source, scoring
+
+
+def check_tokenizer(source: model_source.ModelSource) -> None:
+  """Raises errors.ConfigError when `source` names no tokenizer (a params checkpoint that records none)."""
+  if not source.tokenizer:
+    raise errors.ConfigError("config.tokenizer is required: config.checkpoint is neither a training run nor a "
+                             "checkpoint that records its tokenizer",
+                             hint="e.g. --config.tokenizer=qwen:qwen.tiktoken or --config.tokenizer=sp.model")
 
 
 class EvalJob:
@@ -35,10 +43,9 @@ class EvalJob:
       # A training run directory (or its checkpoints/<step>) supplies preset, image size and tokenizer; the
       # official prompts are raw text whatever the run trained on, so its chat format is not used.
       source = source or model_source.resolve(config.checkpoint or None, model=config.model or None,
-                                              tokenizer=config.tokenizer or None, image_size=config.get("image_size"))
-      if not source.tokenizer:
-        raise ValueError("config.tokenizer is required: config.checkpoint is neither a training run nor a "
-                         "checkpoint that records its tokenizer")
+                                              tokenizer=config.tokenizer or None,
+                                              image_size=config.get("image_size") or None)  # 0 = not set
+      check_tokenizer(source)
       model = loading.load_source(source, dtype=config.dtype, rules=config.rules, mesh_axes=config.mesh.to_dict(),
                                   tensor_parallel=config.get("tensor_parallel", 0), seed=config.seed,
                                   quantize=config.get("quantize"),
@@ -51,14 +58,15 @@ class EvalJob:
     self.global_rows = config.per_device_batch_size * jax.device_count()
     batch_size = sharding.batch_shards(self.mesh, self.rules)
     if self.global_rows % batch_size:
-      raise ValueError(f"the global batch {self.global_rows} is not divisible by the mesh's batch axes "
+      raise errors.ConfigError(f"the global batch {self.global_rows} is not divisible by the mesh's batch axes "
                        f"{sharding.batch_axes(self.mesh, self.rules)} of size {batch_size}")
     self.gen = decode.GenerationConfig(max_new_tokens=max(task.max_new_tokens, 1),
                                        min_new_tokens=task.min_new_tokens, eos_id=self.tok.eod_id,
                                        pad_id=self.tok.eod_id, vocab_limit=self.tok.vocab_size)
     self.buckets = tuple(config.buckets)
     self.prompts = PromptEncoder(task, self.tok, image_tokens=self.cfg.image_tokens,
-                                 image_size=self.cfg.vision.image_size, image_root=config.image_root, shots=shots)
+                                 image_size=self.cfg.vision.image_size, image_root=config.image_root, shots=shots,
+                                 data_dir=data_folder(config.get("data_path")))
 
   def _global_batch(self, prompts, images, rows: int) -> tuple[dict, jax.Array]:
     """This process's prompts as one global batch (batch axis sharded over the mesh), and `row_key`

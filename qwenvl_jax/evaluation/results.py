@@ -15,8 +15,12 @@ A run proceeds as:
   2. every process: `ledger = PredictionLedger(partial_dir(OUT), index)`; `ledger.append([...])` after each
      batch (flushed and fsynced, so a killed run loses at most the batch in flight).
   3. barrier; process 0: `finalize(task, examples, partial_dir(OUT), OUT)`, which removes OUT.json.partial/.
-On resume the same steps skip what any earlier process finished, whatever the earlier process count was.
-The ledgers must be on storage all processes see (one host, NFS, or a FUSE-mounted bucket).
+On resume the same steps skip what any earlier process finished, whatever the earlier process count was; the
+settings are compared as the caller resolves them (the runner: paths resolved, so another spelling of the same
+checkpoint resumes). A folder without a finished prediction holds nothing to protect: another run's settings
+replace its own, and a run that stops before its first prediction removes it (`discard_unstarted`).
+The ledgers must be on storage all processes see (one host, NFS, or a FUSE-mounted bucket); the output is a local
+(or mounted) path, never a URL.
 
 A line torn by a crash (no final newline) is ignored when reading and cut off before the next append; any
 other unreadable line is an error that names the file and line.
@@ -27,7 +31,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any, Dict, List, Mapping, Optional, Sequence, TypeVar, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, TypeVar, Union
 
 from qwenvl_jax import errors
 from qwenvl_jax.evaluation.readers import EvalExample
@@ -59,8 +63,15 @@ def check_output_free(output_path: PathLike) -> None:
   """Fails early (before any work) when the final results file already exists; creates its folder when missing.
 
   Raises:
+    errors.ConfigError: the path is a URL (gs://...): the results and their ledgers are written with local file
+      operations (fsync, hard links, atomic renames), which pathlib would silently apply to a local folder
+      named `gs:`.
     errors.UserFileExistsError: the results file exists, or a file stands where its folder should be.
   """
+  if "://" in os.fspath(output_path):
+    raise errors.ConfigError(f"the results file {os.fspath(output_path)} is a URL; results and their resume "
+                             "ledgers are written to local (or mounted) storage only",
+                             "write to a local path, or to a mounted bucket (e.g. gcsfuse), and copy it afterwards")
   output_path = pathlib.Path(output_path)
   if output_path.exists():
     raise errors.UserFileExistsError(f"the results file {output_path} already exists; it is never overwritten",
@@ -113,15 +124,23 @@ def read_ledgers(directory: PathLike) -> Dict[Any, Dict[str, Any]]:
   return records
 
 
-def check_run_settings(directory: PathLike, settings: Mapping[str, Any]) -> None:
+def check_run_settings(directory: PathLike, settings: Mapping[str, Any], *,
+                       resolve_recorded: Optional[Callable[[str, Any], Any]] = None) -> None:
   """Records `settings` (JSON-able) in `directory/run.json`, or checks them against those recorded there.
 
   The settings are what decides the predictions (checkpoint, data, few-shot draw, ...): ledgers written under
   other settings must not be merged into this run's results. Ledgers of a version that wrote no run.json are
-  taken as they are (the settings are recorded from now on).
+  taken as they are (the settings are recorded from now on). A folder that holds no finished prediction yet (a
+  run that failed before its first batch) holds nothing to mix: its settings are replaced by these.
+
+  Args:
+    directory: the ledger folder (`partial_dir(OUT)`).
+    settings: this run's settings, paths already resolved the way the caller records them.
+    resolve_recorded: (key, recorded value) -> the value to compare with `settings[key]`; lets a value recorded
+      in another spelling (a relative path, as earlier versions recorded it) match its resolved form.
 
   Raises:
-    ValueError: `directory` holds the ledgers of a run with other settings (the differing keys are named).
+    ValueError: `directory` holds the predictions of a run with other settings (the differing keys are named).
   """
   directory = pathlib.Path(directory)
   path = directory / "run.json"
@@ -131,17 +150,45 @@ def check_run_settings(directory: PathLike, settings: Mapping[str, Any]) -> None
       recorded = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise ValueError(f"{path}: unreadable ({e}); it holds the settings of the run that started these ledgers") from e
-    differ = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
-    if differ:
+    resolve = resolve_recorded or (lambda key, value: value)
+    differ = sorted(k for k in set(recorded) | set(settings) if resolve(k, recorded.get(k)) != settings.get(k))
+    if not differ:
+      return
+    finished = len(read_ledgers(directory))
+    if finished:
       changes = ", ".join(f"{k}: {recorded.get(k)!r} -> {settings.get(k)!r}" for k in differ)
-      raise ValueError(f"{directory} holds the predictions of a run with other settings ({changes}); resuming "
-                       f"would mix them into one result: choose another output, or move the folder away")
-    return
+      raise ValueError(f"{directory} holds {finished} predictions of a run with other settings ({changes}); "
+                       f"resuming would mix them into one result: rerun with the settings recorded in {path} to "
+                       f"resume, or choose another output")
+    logging.info("%s: no prediction finished under the recorded settings; recording this run's", directory)
   directory.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".run.", suffix=".tmp")
   with os.fdopen(fd, "w", encoding="utf-8") as f:
     json.dump(settings, f, indent=1)
   os.replace(tmp, path)
+
+
+def discard_unstarted(directory: PathLike, settings: Mapping[str, Any]) -> bool:
+  """Removes the ledger folder `directory` when it holds no finished prediction and records `settings` (a run that
+  failed before its first batch leaves nothing behind); returns whether it did. A folder with predictions, or
+  one another run recorded other settings in meanwhile, is left as it is."""
+  directory = pathlib.Path(directory)
+  try:
+    if json.loads((directory / "run.json").read_text(encoding="utf-8")) != json.loads(json.dumps(dict(settings))):
+      return False
+  except (OSError, ValueError):  # no folder, no run.json, or not ours to judge
+    return False
+  try:
+    if read_ledgers(directory):
+      return False
+  except ValueError:  # an unreadable ledger line: someone's data, left for the error that names it
+    return False
+  ours = lambda name: (name == "run.json" or name.startswith(".run.")
+                       or (name.startswith("process-") and name.endswith(".jsonl")))
+  if not all(ours(p.name) for p in directory.iterdir()):
+    return False  # something this module did not write
+  shutil.rmtree(directory, ignore_errors=True)
+  return True
 
 
 class PredictionLedger:

@@ -50,14 +50,14 @@ import jax
 from tqdm import tqdm
 
 from qwenvl_jax import distributed, errors
-from qwenvl_jax.evaluation import collectives
+from qwenvl_jax.evaluation import collectives, prompts
 from qwenvl_jax.evaluation import few_shot as few_shot_lib
 from qwenvl_jax.evaluation import results, synthetic_sets
 from qwenvl_jax.evaluation import tasks as tasks_lib
 from qwenvl_jax.evaluation import tfds_readers
-from qwenvl_jax.evaluation.job import EvalJob
-from qwenvl_jax.evaluation.readers import EvalExample
-from qwenvl_jax.inference import model_source
+from qwenvl_jax.evaluation.job import EvalJob, check_tokenizer
+from qwenvl_jax.evaluation.readers import EvalDataError, EvalExample
+from qwenvl_jax.inference import loading, model_source
 from qwenvl_jax.model.config import get_preset
 
 SYNTHETIC = "synthetic"   # config.data_path of a held-out synthetic set (module docstring)
@@ -73,7 +73,7 @@ def _write_synthetic_set(config, task: tasks_lib.EvalTask, root: str) -> str:
                              "held-out set; captioning (e.g. configs/eval/flickr.py) and grounding "
                              "(configs/eval/refcoco_val.py) do")
   source = model_source.resolve(config.checkpoint or None, model=config.model or None,
-                                tokenizer=config.tokenizer or None, image_size=config.get("image_size"))
+                                tokenizer=config.tokenizer or None, image_size=_image_size(config))
   image_size = source.image_size or get_preset(source.preset, image_pad_id=0).vision.image_size
   max_shapes = synthetic_sets.MAX_SHAPES
   if source.run_dir:  # the shapes per scene the run was trained on
@@ -81,6 +81,53 @@ def _write_synthetic_set(config, task: tasks_lib.EvalTask, root: str) -> str:
       max_shapes = json.load(f).get("data", {}).get("synthetic_max_shapes", max_shapes)
   return writer(root, n=config.max_examples or _SYNTHETIC_DEFAULT_SIZE, image_size=image_size,
                 max_shapes=max_shapes)
+
+
+# Integer fields: (lowest value, what the lowest value means).
+_INTEGER_FIELDS = {"per_device_batch_size": (1, ""), "max_examples": (0, " (0 = all)"),
+                   "max_batches": (0, " (0 = all)"), "few_shot": (0, " (0 = none)"), "quantize_group_size": (1, "")}
+# Settings that are local paths: recorded resolved, so another spelling of the same file resumes the run.
+_PATH_SETTINGS = ("checkpoint", "params", "data_path", "few_shot_path")
+
+
+def check_config(config) -> None:
+  """Refuses config values that would fail late or silently mean something else (before any data is read).
+
+  Raises:
+    errors.ConfigError: naming the field and what it accepts.
+  """
+  for name, (low, meaning) in _INTEGER_FIELDS.items():
+    value = config.get(name, low)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+      raise errors.ConfigError(f"config.{name}={value!r} must be an integer >= {low}{meaning}")
+  image_size = config.get("image_size")
+  if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 0):
+    raise errors.ConfigError(f"config.image_size={image_size!r} must be a positive integer (0 or unset = the "
+                             "checkpoint's resolution, else the preset's)")
+  loading.quantization_config(config.get("quantize"), config.get("quantize_group_size"))  # mode, power of two
+
+
+def _image_size(config) -> int | None:
+  """The image size the config asks for; None (0 or unset) = the checkpoint's, else the preset's."""
+  return config.get("image_size") or None
+
+
+def _group_size(config) -> int | None:
+  """The int4 group size that applies (None when the weights are not quantized in groups)."""
+  return config.get("quantize_group_size") if config.get("quantize") in ("int4", "nf4") else None
+
+
+def _resolved_path(path):
+  """A local path resolved (absolute, symlinks and trailing slashes gone), so that two spellings of one file or
+  folder compare equal; TFDS specs, URLs, `synthetic` and non-paths as they are."""
+  if not isinstance(path, str) or not path or path == SYNTHETIC or tfds_readers.is_spec(path) or "://" in path:
+    return path
+  return os.path.realpath(path)
+
+
+def _resolve_recorded(key: str, value):
+  """A setting recorded in an earlier run.json (which may hold a path as typed), resolved as `_run` records it."""
+  return _resolved_path(value) if key in _PATH_SETTINGS else value
 
 
 def run(config) -> dict | None:
@@ -92,25 +139,32 @@ def run(config) -> dict | None:
   output = config.output
   if not output:
     raise errors.ConfigError("config.output (the results JSON path) is required")
-  for name, low in (("per_device_batch_size", 1), ("max_examples", 0), ("max_batches", 0)):
-    value = config.get(name, low)
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-      raise errors.ConfigError(f"config.{name}={value!r} must be an integer >= {low}"
-                               + (" (0 = all)" if low == 0 else ""))
+  check_config(config)
   results.check_output_free(output)
-  if config.data_path != SYNTHETIC:
-    return _run(config, task, output)
-  # Every process writes the same seeded set to its own temporary folder: no shared disk is needed.
-  with tempfile.TemporaryDirectory(prefix="qwenvl_eval_") as root:
-    config = config.copy_and_resolve_references()
-    data_file = _write_synthetic_set(config, task, root)
-    config.data_path, config.annotation_path, config.image_root = data_file, "", root
-    return _run(config, task, output, recorded_data_path=SYNTHETIC)
+  recorded = {}  # process 0: the settings this run recorded in (or checked against) OUTPUT.partial/run.json
+  try:
+    if config.data_path != SYNTHETIC:
+      return _run(config, task, output, recorded=recorded)
+    # Every process writes the same seeded set to its own temporary folder: no shared disk is needed.
+    with tempfile.TemporaryDirectory(prefix="qwenvl_eval_") as root:
+      config = config.copy_and_resolve_references()
+      data_file = _write_synthetic_set(config, task, root)
+      config.data_path, config.annotation_path, config.image_root = data_file, "", root
+      return _run(config, task, output, recorded_data_path=SYNTHETIC, recorded=recorded)
+  except BaseException:
+    # A run that stopped before its first prediction leaves no `OUTPUT.partial/` behind (only its own: one
+    # recorded under other settings is another run's).
+    ledger_dir = results.partial_dir(output)
+    if recorded and results.discard_unstarted(ledger_dir, recorded["settings"]):
+      logging.info("removed %s: the run stopped before its first prediction", ledger_dir)
+    raise
 
 
-def _run(config, task: tasks_lib.EvalTask, output: str, recorded_data_path: str | None = None) -> dict | None:
+def _run(config, task: tasks_lib.EvalTask, output: str, recorded_data_path: str | None = None, *,
+         recorded: dict) -> dict | None:
   """`run` once the data is in place; `recorded_data_path` stands for the data path in the run's settings and
-  results (a synthetic set's temporary folder changes from run to run)."""
+  results (a synthetic set's temporary folder changes from run to run). Process 0 puts the settings it recorded
+  in the ledger folder into `recorded["settings"]`."""
   data_path = config.data_path or task.data_file
   annotation_path = config.annotation_path or None
   tfds_data_dir = config.get("tfds_data_dir") or None
@@ -121,25 +175,38 @@ def _run(config, task: tasks_lib.EvalTask, output: str, recorded_data_path: str 
   examples = task.read(data_path, annotation_path=annotation_path, tfds_data_dir=tfds_data_dir)
   if config.max_examples:
     examples = examples[:config.max_examples]
+  if not examples:
+    raise EvalDataError(f"the evaluation data {recorded_data_path or os.fspath(data_path)} holds no examples of "
+                        f"task {task.name!r}")
   if shots:
     shots.check(examples)
+  # A wrong image_root fails here, before the model loads, rather than at the first batch.
+  prompts.check_images(examples, config.image_root, prompts.data_folder(data_path))
+  if shots:
+    prompts.check_images(shots.pool, config.image_root, prompts.data_folder(config.few_shot_path))
   ledger_dir = results.partial_dir(output)
   # The params the checkpoint resolves to now: a run directory that trained on between an interrupted evaluation
   # and its rerun resolves to a later step, whose predictions must not be merged with the earlier step's. The job
   # loads this same source (resolved once: a step saved meanwhile is not loaded under the settings of another).
   source = model_source.resolve(config.checkpoint or None, model=config.model or None,
-                                tokenizer=config.tokenizer or None, image_size=config.get("image_size"))
+                                tokenizer=config.tokenizer or None, image_size=_image_size(config))
+  check_tokenizer(source)
   params = source.params
-  settings = {"task": task.name, "checkpoint": config.checkpoint, "params": params, "model": config.model,
-              "tokenizer": config.tokenizer, "dtype": config.dtype, "image_size": config.get("image_size"),
-              "quantize": config.get("quantize"), "kv_cache_dtype": config.get("kv_cache_dtype", "auto"),
-              "data_path": recorded_data_path or os.fspath(data_path), "few_shot": shots.k if shots else 0,
-              "few_shot_path": config.few_shot_path if shots else None,
+  # Paths are recorded resolved: the same checkpoint or data file written another way (relative, absolute, a
+  # trailing slash, a symlink) resumes the run.
+  settings = {"task": task.name, "checkpoint": _resolved_path(config.checkpoint), "params": _resolved_path(params),
+              "model": config.model, "tokenizer": config.tokenizer, "dtype": config.dtype,
+              "image_size": _image_size(config), "quantize": config.get("quantize"),
+              "quantize_group_size": _group_size(config), "kv_cache_dtype": config.get("kv_cache_dtype", "auto"),
+              "data_path": recorded_data_path or _resolved_path(os.fspath(data_path)),
+              "few_shot": shots.k if shots else 0,
+              "few_shot_path": _resolved_path(config.few_shot_path) if shots else None,
               "seed": config.seed if shots or not config.checkpoint else None}  # seed: random weights, shot draw
   state = None
   if jax.process_index() == 0:
     try:
-      results.check_run_settings(ledger_dir, settings)
+      results.check_run_settings(ledger_dir, settings, resolve_recorded=_resolve_recorded)
+      recorded["settings"] = settings
       state = {"done": list(results.read_ledgers(ledger_dir))}
     except ValueError as e:  # every process raises it, none waits for the others
       state = {"error": str(e)}
@@ -181,9 +248,11 @@ def _run(config, task: tasks_lib.EvalTask, output: str, recorded_data_path: str 
     print(f"stopped after {num_batches} batches; {missing} examples left: run again with the same output to "
           "resume", file=sys.stderr, flush=True)
     return None
-  record = {"checkpoint": config.checkpoint, "params": params, "model": config.model, "tokenizer": config.tokenizer,
-            "dtype": config.dtype, "quantize": config.get("quantize"),
-            "kv_cache_dtype": config.get("kv_cache_dtype", "auto"), "image_size": config.get("image_size"),
+  # image_size: the resolution the model ran at (the checkpoint's or the preset's unless config.image_size set it).
+  record = {"checkpoint": config.checkpoint, "params": params, "model": config.model,
+            "tokenizer": config.tokenizer, "dtype": config.dtype, "quantize": config.get("quantize"),
+            "quantize_group_size": _group_size(config), "kv_cache_dtype": config.get("kv_cache_dtype", "auto"),
+            "image_size": job.cfg.vision.image_size,
             "data_path": recorded_data_path or os.fspath(data_path), "annotation_path": annotation_path,
             "image_root": "" if recorded_data_path else config.image_root,
             "tfds_data_dir": tfds_data_dir, "few_shot": shots.k if shots else 0,
@@ -215,15 +284,13 @@ def predict(job: EvalJob, examples: Sequence[EvalExample]) -> list[str | int] | 
 
 def _shot_sampler(config, task: tasks_lib.EvalTask, tfds_data_dir: str | None) -> few_shot_lib.ShotSampler | None:
   """The few-shot sampler of `config.few_shot` > 0 (its pool read from `config.few_shot_path`), else None."""
-  k = config.get("few_shot", 0)
-  if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-    raise ValueError(f"config.few_shot must be an integer >= 0, got {k!r}")
+  k = config.get("few_shot", 0)  # an integer >= 0 (`check_config`)
   if not k:
     return None
   few_shot_lib.check_kind(task)
   path = config.get("few_shot_path")
   if not path:
-    raise ValueError(f"few_shot={k} needs config.few_shot_path: the training examples to draw the shots from (a file "
+    raise errors.ConfigError(f"few_shot={k} needs config.few_shot_path: the training examples to draw the shots from (a file "
                      f"in the format of {task.name!r}'s data, or a TFDS spec whose split defaults to train)")
   pool = few_shot_lib.shot_pool(task, task.read(path, tfds_data_dir=tfds_data_dir, tfds_split="train"))
   logging.info("few-shot: %d shots per query from %d candidates in %s (seed %d)", k, len(pool), path, config.seed)

@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from qwenvl_jax import errors
 from qwenvl_jax.evaluation import results, tasks
 from qwenvl_jax.evaluation.readers import EvalExample
 
@@ -52,13 +53,48 @@ def test_run_settings_are_recorded_then_checked(tmp_path):
   results.check_run_settings(directory, settings)
   assert json.loads((directory / "run.json").read_text()) == {"task": "flickr", "few_shot": 0, "buckets": [64, 128]}
   results.check_run_settings(directory, dict(settings))  # the same settings resume
-  with pytest.raises(ValueError, match=r"other settings \(few_shot: 0 -> 4, seed: None -> 1\)"):
+  # No prediction yet (the run failed before its first batch): nothing to mix, the new settings are recorded.
+  results.check_run_settings(directory, dict(settings, task="textvqa_val"))
+  assert json.loads((directory / "run.json").read_text())["task"] == "textvqa_val"
+  results.check_run_settings(directory, dict(settings))
+  results.PredictionLedger(directory, 0).append([{"id": 1, "prediction": "a"}])
+  with pytest.raises(ValueError, match=r"holds 1 predictions of a run with other settings \(few_shot: 0 -> 4, "
+                                       r"seed: None -> 1\); .*rerun with the settings recorded in .*run.json"):
     results.check_run_settings(directory, dict(settings, few_shot=4, seed=1))
+  # A recorded value in another spelling matches once resolved the caller's way.
+  upper = lambda key, value: value.upper() if key == "task" else value
+  results.check_run_settings(directory, dict(settings, task="FLICKR"), resolve_recorded=upper)
   # Ledgers of a version that recorded no settings are taken as they are, and the settings recorded from then on.
   legacy = tmp_path / "legacy"
   results.PredictionLedger(legacy, 0).append([{"id": 1, "prediction": "a"}])
   results.check_run_settings(legacy, settings)
   assert (legacy / "run.json").exists() and set(results.read_ledgers(legacy)) == {1}
+
+
+def test_a_ledger_folder_without_predictions_is_discarded(tmp_path):
+  directory = tmp_path / "out.json.partial"
+  settings = {"task": "flickr", "buckets": (64,)}
+  results.check_run_settings(directory, settings)
+  (directory / "process-00000.jsonl").write_text("")
+  assert not results.discard_unstarted(directory, dict(settings, task="other"))  # another run's settings
+  assert results.discard_unstarted(directory, settings) and not directory.exists()
+  results.check_run_settings(directory, settings)
+  results.PredictionLedger(directory, 0).append([{"id": 1, "prediction": "a"}])
+  assert not results.discard_unstarted(directory, settings) and set(results.read_ledgers(directory)) == {1}
+  other = tmp_path / "other.partial"
+  results.check_run_settings(other, settings)
+  (other / "notes.txt").write_text("mine")
+  assert not results.discard_unstarted(other, settings) and (other / "notes.txt").exists()  # not the job's
+  assert not results.discard_unstarted(tmp_path / "missing.partial", settings)
+
+
+def test_a_url_output_is_refused_not_written_to_a_local_folder(tmp_path, monkeypatch):
+  """pathlib read `gs://bucket/o.json` as the local path `gs:/bucket/o.json`, and the results went there."""
+  monkeypatch.chdir(tmp_path)
+  for url in ("gs://bucket/o.json", "s3://bucket/dir/o.json"):
+    with pytest.raises(errors.ConfigError, match=f"the results file {url} is a URL"):
+      results.check_output_free(url)
+  assert list(tmp_path.iterdir()) == []
 
 
 def test_merge_reports_missing_and_unknown_ids():

@@ -1,16 +1,18 @@
 """The evaluation job end to end on a tiny random model and tiny generated datasets: sharded batches, resume,
 every prediction in the results JSON, multiple choice by lowest loss, never overwriting results."""
 import json
+import os
 import tempfile
 
 import jax
 import numpy as np
 import pytest
 
+from qwenvl_jax import errors
 from qwenvl_jax.data.synthetic import synthetic_corpus, synthetic_record
 from qwenvl_jax.evaluation import EvalDataError, EvalExample, few_shot, get_task, prompts, results, runner
 from qwenvl_jax.evaluation import config as eval_config
-from qwenvl_jax.inference import model_source
+from qwenvl_jax.inference import loading, model_source
 from qwenvl_jax.text import SentencePieceTokenizer, formatting, train_sentencepiece
 from tests.evaluation import tfds_fakes
 
@@ -196,7 +198,7 @@ def test_few_shot_errors_come_before_any_work(workdir, tmp_path):
       runner.run(config)
   with pytest.raises(ValueError, match="few_shot=2 needs config.few_shot_path"):
     runner.run(_config("gqa_testdev", root, tok, str(data), "unused.json", few_shot=2))
-  with pytest.raises(ValueError, match="few_shot must be an integer >= 0"):
+  with pytest.raises(errors.ConfigError, match=r"config.few_shot=-1 must be an integer >= 0"):
     runner.run(_config("gqa_testdev", root, tok, str(data), "unused.json", few_shot=-1))
   with pytest.raises(EvalDataError, match="only 2 few-shot examples remain for example 10"):
     runner.run(_config("gqa_testdev", root, tok, str(data), "unused.json", few_shot=3, few_shot_path=str(data),
@@ -204,16 +206,24 @@ def test_few_shot_errors_come_before_any_work(workdir, tmp_path):
   assert not (root / "unused.json.partial").exists()
 
 
+class _Stop(Exception):
+  """Raised in place of building the model: the run got past its checks and recorded its settings."""
+
+
+def _stop_after_one_prediction(output):
+  """An `EvalJob` stand-in that records one prediction in `output`'s ledgers (a run killed after its first batch)
+  and stops: no model is built."""
+  def stop(*args, **kwargs):
+    results.PredictionLedger(results.partial_dir(output), 0).append([{"id": 10, "prediction": "x"}])
+    raise _Stop
+  return stop
+
+
 def test_a_resumed_run_with_other_settings_is_refused(workdir, tmp_path, monkeypatch):
   root, tok = workdir
   data = _vqa_file(tmp_path / "vqa.jsonl", root, 3)
-
-  class Stop(Exception):
-    pass
-
-  def stop(*args, **kwargs):
-    raise Stop  # the run got past its checks (and recorded its settings): no need to build a model here
-  monkeypatch.setattr(runner, "EvalJob", stop)
+  Stop = _Stop
+  monkeypatch.setattr(runner, "EvalJob", _stop_after_one_prediction(tmp_path / "gqa.json"))
   config = lambda **kw: _config("gqa_testdev", root, tok, str(data), str(tmp_path / "gqa.json"), **kw)
   with pytest.raises(Stop):
     runner.run(config())
@@ -318,13 +328,8 @@ def test_a_resumed_run_whose_checkpoint_now_resolves_to_another_step_is_refused(
   now resolves to a later step, whose predictions must not be merged with the earlier step's (they were, silently)."""
   root, tok = workdir
   data = _vqa_file(tmp_path / "vqa.jsonl", root, 3)
-
-  class Stop(Exception):
-    pass
-
-  def stop(*args, **kwargs):
-    raise Stop
-  monkeypatch.setattr(runner, "EvalJob", stop)
+  Stop = _Stop
+  monkeypatch.setattr(runner, "EvalJob", _stop_after_one_prediction(tmp_path / "gqa.json"))
   step = [4]
   monkeypatch.setattr(runner.model_source, "resolve", lambda *a, **k: model_source.ModelSource(
       f"/runs/r/checkpoints/{step[0]}/params", "tiny", None, str(tok), "raw", "/runs/r", step[0]))
@@ -335,3 +340,155 @@ def test_a_resumed_run_whose_checkpoint_now_resolves_to_another_step_is_refused(
   with pytest.raises(ValueError, match=r"other settings \(params: '/runs/r/checkpoints/4/params' -> "
                                        r"'/runs/r/checkpoints/8/params'\)"):
     runner.run(config)
+
+
+def test_an_empty_data_file_is_one_error_before_any_work(workdir, tmp_path):
+  """It was a traceback from the metric ("needs at least one example") after the model loaded, and left
+  `OUT.partial/` behind, which then refused the corrected command."""
+  root, tok = workdir
+  (tmp_path / "empty.jsonl").write_text("")
+  with pytest.raises(EvalDataError, match=r"empty.jsonl holds no examples of task 'ocrvqa_val'"):
+    runner.run(_config("ocrvqa_val", root, tok, str(tmp_path / "empty.jsonl"), str(tmp_path / "out.json")))
+  assert not (tmp_path / "out.json.partial").exists()
+
+
+def test_a_run_stopped_before_its_first_prediction_blocks_no_corrected_command(workdir, tmp_path, monkeypatch):
+  root, tok = workdir
+  data = _vqa_file(tmp_path / "vqa.jsonl", root, 3)
+  out = tmp_path / "gqa.json"
+
+  def fail(*args, **kwargs):
+    raise _Stop  # e.g. the model failed to load: no prediction was made
+  monkeypatch.setattr(runner, "EvalJob", fail)
+  with pytest.raises(_Stop):
+    runner.run(_config("gqa_testdev", root, tok, str(data), str(out)))
+  assert not results.partial_dir(out).exists()  # nothing left behind
+  # A folder an earlier version left with settings and no prediction is no progress to protect: a corrected command
+  # (another data file) records its own settings and runs.
+  results.check_run_settings(results.partial_dir(out), {"data_path": "/elsewhere/bad.jsonl"})
+  monkeypatch.setattr(runner, "EvalJob", _stop_after_one_prediction(out))
+  with pytest.raises(_Stop):
+    runner.run(_config("gqa_testdev", root, tok, str(data), str(out)))
+  recorded = json.loads((results.partial_dir(out) / "run.json").read_text())
+  assert recorded["data_path"] == str(data.resolve())
+
+
+def test_a_resumed_run_accepts_its_checkpoint_and_data_written_another_way(workdir, tmp_path, monkeypatch):
+  """The same checkpoint as a relative or absolute path, with a trailing slash or through a symlink, and the same
+  data file relative or absolute, resume the run (they were refused, with the advice to move the folder away)."""
+  root, tok = workdir
+  monkeypatch.chdir(tmp_path)
+  data = _vqa_file(tmp_path / "vqa.jsonl", root, 3)
+  (tmp_path / "params").mkdir()
+  (tmp_path / "link").symlink_to(tmp_path / "params")
+  out = tmp_path / "gqa.json"
+  # As model_source.resolve does for a params checkpoint: its absolute path, symlinks kept.
+  monkeypatch.setattr(runner.model_source, "resolve", lambda checkpoint, **kwargs: model_source.ModelSource(
+      os.path.abspath(checkpoint) if checkpoint else None, "tiny", None, str(tok), "raw"))
+  monkeypatch.setattr(runner, "EvalJob", _stop_after_one_prediction(out))
+  config = lambda checkpoint, data_path: _config("gqa_testdev", root, tok, "unused", str(out), checkpoint=checkpoint,
+                                                 data_path=data_path)
+  with pytest.raises(_Stop):
+    runner.run(config(str(tmp_path / "params"), str(data)))
+  for checkpoint, data_path in (("params", "vqa.jsonl"), ("params/", str(data)), ("./params//", "./vqa.jsonl"),
+                                (str(tmp_path / "link"), str(data))):
+    with pytest.raises(_Stop):
+      runner.run(config(checkpoint, data_path))
+  # A run.json that recorded the paths as typed (earlier versions) resumes too.
+  run_json = results.partial_dir(out) / "run.json"
+  recorded = json.loads(run_json.read_text())
+  run_json.write_text(json.dumps(dict(recorded, checkpoint="params/", params=str(tmp_path / "params"),
+                                      data_path="vqa.jsonl")))
+  with pytest.raises(_Stop):
+    runner.run(config(str(tmp_path / "params"), str(data)))
+  # Another checkpoint is still refused.
+  (tmp_path / "other").mkdir()
+  with pytest.raises(errors.ConfigError, match=r"holds 1 predictions of a run with other settings \(checkpoint: "):
+    runner.run(config("other", str(data)))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"few_shot": -2}, r"config.few_shot=-2 must be an integer >= 0 \(0 = none\)"),
+    ({"image_size": -1}, r"config.image_size=-1 must be a positive integer \(0 or unset = the checkpoint's"),
+    ({"quantize": "int4", "quantize_group_size": 0}, r"config.quantize_group_size=0 must be an integer >= 1"),
+    ({"quantize_group_size": 0}, r"config.quantize_group_size=0 must be an integer >= 1"),
+    ({"quantize": "int4", "quantize_group_size": 48}, r"group_size must be a power of two"),
+    ({"quantize": "int3"}, r"unknown quantization mode 'int3'"),
+])
+def test_bad_config_values_are_refused_before_any_work(workdir, tmp_path, overrides, message):
+  root, tok = workdir
+  data = _vqa_file(tmp_path / "vqa.jsonl", root, 3)
+  with pytest.raises(errors.ConfigError, match=message):
+    runner.run(_config("gqa_testdev", root, tok, str(data), str(tmp_path / "out" / "gqa.json"), **overrides))
+  assert not (tmp_path / "out").exists()
+
+
+class _FakeJob:
+  """An `EvalJob` stand-in: the model config the real job builds from its source (`loading.model_config`), and
+  the answer "yes" to every question; nothing is compiled."""
+  local_rows = 8
+
+  def __init__(self, config, task, shots=None, *, source):
+    del config, task, shots
+    self.tok = SentencePieceTokenizer(source.tokenizer)
+    self.cfg = loading.model_config(source.preset, self.tok, random_weights=True, image_size=source.image_size)
+
+  def generate(self, chunk):
+    del chunk
+    return np.arange(self.local_rows), [self.tok.encode("yes")] * self.local_rows
+
+
+@pytest.mark.parametrize("image_size, used", [(0, 224), (None, 224), (112, 112)])
+def test_the_results_record_the_image_size_and_group_size_used(workdir, tmp_path, monkeypatch, image_size, used):
+  """`image_size=0` (the checkpoint's, else the preset's) was recorded as 0; the int4 group size not at all."""
+  root, tok = workdir
+  data = _vqa_file(tmp_path / "vqa.jsonl", root, 3)
+  monkeypatch.setattr(runner, "EvalJob", _FakeJob)
+  payload = runner.run(_config("gqa_testdev", root, tok, str(data), str(tmp_path / "gqa.json"),
+                               image_size=image_size, quantize="int4", quantize_group_size=64))
+  assert payload["config"]["image_size"] == used  # 224: the tiny preset's own
+  assert payload["config"]["quantize_group_size"] == 64
+  assert [p["prediction"] for p in payload["predictions"]] == ["yes"] * 3
+
+
+
+def _vqa_with_relative_image(folder):
+  """A VQA file in `folder` whose one image, `img/a.png`, lies relative to that folder."""
+  (folder / "img").mkdir(parents=True)
+  synthetic_record(0, task="grounding", image_size=32).images[0].save(folder / "img" / "a.png")
+  data = folder / "val.jsonl"
+  data.write_text(json.dumps({"question_id": 1, "image": "img/a.png", "question": "What?", "answer": "a"}) + "\n")
+  return data
+
+
+def test_a_missing_image_is_refused_before_the_model_loads_and_points_at_image_root(workdir, tmp_path, monkeypatch):
+  """Relative image paths are read under image_root (the current folder when unset), as the config documents; the
+  error names --config.image_root and the data file's folder when the image is there."""
+  root, tok = workdir
+  data = _vqa_with_relative_image(tmp_path / "data")
+  monkeypatch.chdir(tmp_path)
+
+  def no_model(*args, **kwargs):
+    raise AssertionError("the model must not load before the images are checked")
+  monkeypatch.setattr(runner, "EvalJob", no_model)
+  out = tmp_path / "out.json"
+  with pytest.raises(EvalDataError, match=r"example 1 \(image img/a.png\): image file not found: img/a.png") as info:
+    runner.run(_config("ocrvqa_val", root, tok, str(data), str(out), image_root=""))
+  assert "--config.image_root is unset" in info.value.hint
+  assert f"img/a.png exists relative to the data file's folder: pass --config.image_root={tmp_path / 'data'}" in (
+      info.value.hint)
+  assert not results.partial_dir(out).exists()
+  with pytest.raises(EvalDataError, match="image file not found: /nowhere/img/a.png") as info:
+    runner.run(_config("ocrvqa_val", root, tok, str(data), str(out), image_root="/nowhere"))
+  assert "--config.image_root=/nowhere" in info.value.hint
+
+
+def test_an_image_missing_while_running_names_image_root(tmp_path):
+  data = _vqa_with_relative_image(tmp_path / "data")
+  example = EvalExample(example_id=1, image="img/a.png")
+  with pytest.raises(EvalDataError, match="image file not found") as info:
+    prompts.load_image(example, str(tmp_path), 8, data_dir=str(data.parent))
+  assert info.value.hint == (f"relative image paths of the data file are read under --config.image_root={tmp_path}; "
+                             f"img/a.png exists relative to the data file's folder: pass "
+                             f"--config.image_root={data.parent}")
+  assert prompts.load_image(example, str(data.parent), 8).shape == (8, 8, 3)
