@@ -108,6 +108,7 @@ def _scorer_factory(spec: str | None) -> scoring.ScorerFactory | None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; Beam options go in --beam_pipeline_options")
+  cli.quiet_libraries()  # Beam's and TFDS's INFO lines would bury the result (or the error) line
   job = job_from_flags()  # a bad scorer checkpoint stops here with one line, before any data is read
   report = pipeline.run_clean(job, pipeline.beam_options_from_string(_BEAM_OPTIONS.value))
   logging.info("cleaning report (%s):\n%s", job.report,

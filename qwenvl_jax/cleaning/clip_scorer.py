@@ -24,6 +24,7 @@ class ClipScorerFactory:
   Raises (constructor):
     qwenvl_jax.clip.CheckpointError (a ValueError): one line naming what is missing or wrong.
   """
+  score_range = (-1.0, 1.0)  # cosine similarity of L2-normalized embeddings
 
   def __init__(self, family: str, directory: str | os.PathLike, platform: str = "cpu",
                max_batch: int = similarity.DEFAULT_MAX_BATCH):

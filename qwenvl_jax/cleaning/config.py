@@ -23,10 +23,12 @@ Text cleaning (HTML stripping and removal of irregular patterns, see `text.clean
 rewrites the text before rules 2-5 look at it, and the cleaned text is what the dataset stores.
 """
 import dataclasses
+import difflib
 import math
 from typing import Any
 
 from qwenvl_jax import errors
+from qwenvl_jax.cleaning import text as text_lib
 
 RULES = (
     "malformed",
@@ -58,11 +60,14 @@ class CleanConfig:
     id_key: input column with a record id; None derives "<shard file name>:<row>".
     score_key: input column with a precomputed image-text similarity (e.g. a CLIP score); None = no column.
     image_root: folder that relative image paths are resolved against; None = the shard's folder.
-    languages: ISO 639-1 codes (as `py3langid` reports them) a caption may be in.
+    languages: ISO 639-1 codes (as `py3langid` reports them) a caption may be in; a code it never reports is
+      refused (`text.known_languages`).
     min_text_units, max_text_units: caption length bounds, inclusive, in `text.text_units`.
     max_aspect_ratio: largest accepted long side / short side.
     min_image_side: smallest accepted short side, in pixels.
-    min_similarity: smallest accepted score; only used when a score column or a scorer is given.
+    min_similarity: smallest accepted score; only used when a score column or a scorer is given. The job refuses
+      a threshold outside the range the scores lie in (CLIP's cosine similarity: [-1, 1]; a plugin's declared
+      `score_range`; a score column whose first rows all lie in [-1, 1]), which would reject every pair or none.
     min_similarity_by_language: per detected language, a threshold replacing `min_similarity` (e.g. {"zh": 0.3}
       for pairs a Chinese-CLIP scorer scores).
     max_image_bytes: larger files are rejected as unreadable (protects workers from giant downloads).
@@ -104,6 +109,8 @@ class CleanConfig:
     if isinstance(self.languages, str) or not self.languages:
       raise errors.ConfigError(f"CleanConfig.languages must be a non-empty tuple of codes, got {self.languages!r}")
     object.__setattr__(self, "languages", tuple(self.languages))
+    for code in self.languages:
+      _check_language(code, "languages")
     _check_int(self, "min_text_units", 0)
     _check_int(self, "max_text_units", 1)
     if self.min_text_units > self.max_text_units:
@@ -117,6 +124,7 @@ class CleanConfig:
       raise errors.ConfigError(f"CleanConfig.min_similarity must be finite, got {self.min_similarity}")
     object.__setattr__(self, "min_similarity_by_language", dict(self.min_similarity_by_language))
     for language, value in self.min_similarity_by_language.items():
+      _check_language(language, "min_similarity_by_language")
       if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise errors.ConfigError(f"CleanConfig.min_similarity_by_language[{language!r}] must be finite, got {value!r}")
     _check_int(self, "max_image_bytes", 1)
@@ -134,6 +142,12 @@ class CleanConfig:
     """The lowest accepted similarity score of a caption detected as `language`."""
     return float(self.min_similarity_by_language.get(language, self.min_similarity))
 
+  def threshold_settings(self) -> list[tuple[str, float, str | None]]:
+    """(setting name, value, language or None for every other one) of each similarity threshold."""
+    return [("min_similarity", self.min_similarity, None)] + [
+        (f"min_similarity_by_language[{lang!r}]", float(value), lang)
+        for lang, value in self.min_similarity_by_language.items()]
+
   def to_json(self) -> dict[str, Any]:
     """The settings as JSON-ready data (stored in the report and in the dataset's metadata)."""
     out = dataclasses.asdict(self)
@@ -145,3 +159,34 @@ def _check_int(cfg: CleanConfig, name: str, lowest: int) -> None:
   value = getattr(cfg, name)
   if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
     raise errors.ConfigError(f"CleanConfig.{name} must be an integer >= {lowest}, got {value!r}")
+
+
+def _check_language(code: Any, field: str) -> None:
+  """Refuses a language code the detector never reports (a pair could never match it, or every pair would miss)."""
+  known = text_lib.known_languages()
+  if code in known:
+    return
+  if code in text_lib.LANGUAGE_ALIASES:
+    raise errors.ConfigError(f"CleanConfig.{field}: {code!r} is detected as {text_lib.LANGUAGE_ALIASES[code]!r} "
+                             f"(written Chinese of every variety counts as 'zh')")
+  close = difflib.get_close_matches(str(code).lower(), sorted(known), n=3)
+  raise errors.ConfigError(f"CleanConfig.{field}: unknown language code {code!r}; the language detector (py3langid) "
+                           f"reports {len(known)} ISO 639 codes, and a caption is only ever one of them",
+                           hint=(f"did you mean {' or '.join(map(repr, close))}? " if close else "")
+                           + "e.g. en, zh, de, fr, es, ja, ko, ru")
+
+
+def check_threshold_range(name: str, value: float, low: float, high: float, scores: str) -> None:
+  """Refuses a similarity threshold outside the [low, high] range the scores (described by `scores`) lie in.
+
+  Raises:
+    errors.ConfigError: above `high` every scored pair would be rejected; below `low` none would.
+  """
+  if value > high:
+    raise errors.ConfigError(f"{name}={value} is above {high}, the highest of {scores} (in [{low}, {high}]): every "
+                             "scored pair would be rejected", f"choose a threshold in [{low}, {high}]")
+  if value < low:
+    raise errors.ConfigError(f"{name}={value} is below {low}, the lowest of {scores} (in [{low}, {high}]): no pair "
+                             "would be rejected for its similarity",
+                             f"{low} keeps every pair (and scores them for the report's histogram); "
+                             "--skip_similarity skips the filter")

@@ -17,7 +17,10 @@ The rows are reshuffled twice: after listing the shards (so shards spread over w
 one big shard does not leave every other worker idle). The TFDS writer then shuffles by example key
 ("<shard path>:<row>"), so the dataset's order is deterministic whatever the runner.
 """
+import contextlib
 import dataclasses
+import difflib
+import logging
 import os
 import tempfile
 import uuid
@@ -31,6 +34,7 @@ from apache_beam.options.pipeline_options import StandardOptions
 from etils import epath
 
 from qwenvl_jax import errors
+from qwenvl_jax.cleaning import config as config_lib
 from qwenvl_jax.cleaning import filters
 from qwenvl_jax.cleaning import report as report_lib
 from qwenvl_jax.cleaning import scoring
@@ -103,6 +107,22 @@ class CleanJob:
     if scored and self.skip_similarity:
       raise errors.ConfigError("--skip_similarity contradicts the score column / scorer given",
                                "drop --skip_similarity, or the --score_key / --scorer")
+    self._check_thresholds()
+
+  def _check_thresholds(self) -> None:
+    """Refuses a similarity threshold outside the scores its scorer can give (`scoring.score_range`: CLIP's cosine
+    [-1, 1]), which would reject every pair, or none."""
+    cfg, own = self.config, self.language_scorer_factories
+    for name, value, language in cfg.threshold_settings():
+      if language is None:  # min_similarity: captions of every language without a threshold of its own
+        factories = [f for lang, f in own.items() if lang not in cfg.min_similarity_by_language]
+        factories += [self.scorer_factory] if self.scorer_factory is not None else []
+      else:
+        factories = [f for f in (own.get(language, self.scorer_factory),) if f is not None]
+      for factory in factories:
+        bounds = scoring.score_range(factory)
+        if bounds is not None:
+          config_lib.check_threshold_range(name, value, *bounds, f"the scores of {factory!r}")
 
   def scorers_description(self) -> dict[str, str] | None:
     """Which scorer scores which captions, for the report ("*" = every language without its own)."""
@@ -316,6 +336,7 @@ def run_clean(job: CleanJob, beam_options: PipelineOptions | None = None) -> dic
     NoPairsKeptError: every pair was rejected.
   """
   shards = sources.match_shards(job.inputs, job.input_format)
+  _check_columns(shards[0], job)
   if epath.Path(job.dataset_dir).exists():
     raise FileExistsError(f"output dataset {job.dataset_dir} already exists; choose another output_dir")
   if epath.Path(job.report).exists():
@@ -341,26 +362,91 @@ def run_clean(job: CleanJob, beam_options: PipelineOptions | None = None) -> dic
   builder = CleanedPairs(transform=transform(partial), metadata={"clean": header}, data_dir=job.output_dir)
   with tempfile.TemporaryDirectory(prefix="qwenvl_clean_") as download_dir:
     try:
-      builder.download_and_prepare(
-          download_dir=download_dir, download_config=tfds.download.DownloadConfig(beam_options=options))
+      with _quiet_empty_dataset_error():
+        builder.download_and_prepare(
+            download_dir=download_dir, download_config=tfds.download.DownloadConfig(beam_options=options))
     except Exception as e:  # Beam wraps worker errors in runner-specific types; only this one is handled.
-      if "number of generated examples is 0" not in str(e):
+      if _EMPTY_DATASET not in str(e):
         raise
       # TFDS refuses to write an empty dataset, and the failed run may have stopped before writing the report,
       # so the cleaning runs again without the dataset to tell the user why everything was dropped.
       epath.Path(partial).unlink(missing_ok=True)
+      dataset_folder = epath.Path(job.dataset_dir).parent  # TFDS leaves it behind, empty
+      if dataset_folder.is_dir() and not any(dataset_folder.iterdir()):
+        dataset_folder.rmdir()
       partial = f"{job.report}.incomplete-{uuid.uuid4().hex}"
       with beam.Pipeline(options=options) as p:
         _ = p | "CleanPairs" >> transform(partial)
       report = _publish(partial, job.report)
       rejected = {k: v for k, v in report["rejected"].items() if v}
-      columns = (f"; every pair was malformed: do the rows have the columns {job.config.text_key!r} and "
-                 f"{job.config.image_key!r}? (--text_key, --image_key)" if set(rejected) == {"malformed"} else "")
+      cfg = job.config
+      named = [f"{key!r} ({flag})" for key, flag in ((cfg.text_key, "--text_key"), (cfg.image_key, "--image_key"),
+                                                    (cfg.id_key, "--id_key"), (cfg.score_key, "--score_key")) if key]
+      columns = (f"; every pair was malformed: do the rows hold the columns {', '.join(named)} with values of "
+                 "the right type?" if set(rejected) == {"malformed"} else "")
       raise NoPairsKeptError(f"all {report['num_pairs']} input pairs were rejected, so no dataset was written; "
                              f"rejections per rule: {rejected}{columns}",
                              f"read the report {job.report} (its samples say why), then move it away or pass "
                              "--report=NEW to run again") from e
   return _publish(partial, job.report)
+
+
+# TFDS's refusal to write an empty split, which run_clean handles (`NoPairsKeptError`).
+_EMPTY_DATASET = "number of generated examples is 0"
+# The loggers Beam reports a failed DoFn on (with its traceback), in-process runners.
+_BEAM_ERROR_LOGGERS = ("apache_beam.runners.common", "apache_beam.runners.worker.bundle_processor")
+# Rows of the first shard whose columns are checked before the job starts.
+_PEEK_ROWS = 100
+
+
+class _DropEmptyDatasetRecord(logging.Filter):
+  """Drops Beam's ERROR record (with the worker's traceback) of TFDS's empty-split refusal."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return _EMPTY_DATASET not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_empty_dataset_error():
+  """While the dataset is built, Beam's log of the one failure `run_clean` turns into a one-line error is dropped
+  (it printed a traceback above that line); every other record passes."""
+  # DoFnRunner._reraise_augmented logs it (`_LOGGER.exception`) before re-raising it with the step's name.
+  loggers = [logging.getLogger(name) for name in _BEAM_ERROR_LOGGERS]
+  record_filter = _DropEmptyDatasetRecord()
+  for logger in loggers:
+    logger.addFilter(record_filter)
+  try:
+    yield
+  finally:
+    for logger in loggers:
+      logger.removeFilter(record_filter)
+
+
+def _check_columns(shard: str, job: CleanJob) -> None:
+  """Refuses, before the job starts, a configured column that none of the first rows of `shard` holds (every pair
+  would be rejected as malformed), and, for a score column whose values there are all cosine similarities in
+  [-1, 1], a threshold outside that range.
+
+  Raises:
+    errors.ConfigError: naming the flag, the column and the columns the rows do hold.
+  """
+  rows = sources.peek_rows(shard, job.input_format, _PEEK_ROWS)
+  if not rows:
+    return
+  cfg = job.config
+  columns = sorted({key for row in rows for key in row if row[key] is not None})
+  for key, flag in ((cfg.text_key, "--text_key"), (cfg.image_key, "--image_key"), (cfg.id_key, "--id_key"),
+                    (cfg.score_key, "--score_key")):
+    if key and key not in columns:
+      close = difflib.get_close_matches(key, columns, n=1)
+      raise errors.ConfigError(f"{flag}={key!r}: none of the first {len(rows)} rows of {shard} has a column {key!r}",
+                               (f"did you mean {close[0]!r}? " if close else "") + f"the rows hold {columns}")
+  if cfg.score_key:
+    scores = [float(row[cfg.score_key]) for row in rows if scoring.is_number(row.get(cfg.score_key))]
+    if scores and all(-1.0 <= score <= 1.0 for score in scores):
+      for name, value, _ in cfg.threshold_settings():
+        config_lib.check_threshold_range(name, value, -1.0, 1.0,
+                                         f"the {cfg.score_key!r} scores of the first rows of {shard}")
 
 
 def _publish(partial: str, final: str) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """The pluggable image-text similarity scorer of the cleaning job, and a trivial deterministic one for tests.
 
 A scorer is any callable `scorer(images, texts) -> float[B]`: `images` is a list of B RGB `PIL.Image`s at their
-stored resolution, `texts` the B cleaned captions; higher means more similar. The job builds one scorer per Beam
+stored resolution, `texts` the B cleaned captions; higher means more similar. A factory may declare the range its
+scores lie in as a `score_range = (low, high)` attribute; the job then refuses a threshold outside it before it
+starts (`score_range`). The job builds one scorer per Beam
 worker (scorers usually hold a model) from a zero-argument factory, so what travels to the workers is the factory,
 never the model:
 
@@ -77,12 +79,21 @@ def make_factory(spec: str, platform: str = "cpu", max_batch: int = 32) -> Score
   return SpecFactory(spec)
 
 
+def score_range(factory) -> tuple[float, float] | None:
+  """The (lowest, highest) score the scorers `factory` builds can give, when it declares one (a `score_range`
+  attribute: the CLIP factories' cosine [-1, 1], or a plugin's own); None when unknown."""
+  value = getattr(factory, "score_range", None)
+  return (float(value[0]), float(value[1])) if value is not None else None
+
+
 class SpecFactory:
-  """A picklable factory that imports a scorer spec on the worker that calls it."""
+  """A picklable factory that imports a scorer spec on the worker that calls it; `score_range` is the plugin
+  factory's own, when it declares one."""
 
   def __init__(self, spec: str):
-    load_scorer_factory(spec)  # Fail on the launching machine, not on every worker.
+    factory = load_scorer_factory(spec)  # Fail on the launching machine, not on every worker.
     self.spec = spec
+    self.score_range = score_range(factory)
 
   def __call__(self) -> Scorer:
     return load_scorer_factory(self.spec)()
@@ -115,6 +126,7 @@ class DominantColorScorer:
   Deterministic and model-free, so tests can state which pairs it rejects; it stands in for a real CLIP-style
   scorer (use `min_similarity=0.5` with it).
   """
+  score_range = (0.0, 1.0)
 
   def __call__(self, images: Sequence[PIL.Image.Image], texts: Sequence[str]) -> list[float]:
     scores = []

@@ -8,8 +8,10 @@ file that cannot be opened at all is an error, because it means the job would si
 
 Paths may be local or any filesystem Apache Beam knows (gs://, s3://, hdfs:// with the matching extras).
 """
+import contextlib
 import gzip
 import io
+import itertools
 import json
 import os
 from typing import Iterator, Sequence
@@ -107,3 +109,10 @@ def _parquet_rows(path: str) -> Iterator[tuple[int, object]]:
       for row in batch.to_pylist():
         yield index, row
         index += 1
+
+
+def peek_rows(path: str, input_format: str = "auto", limit: int = 100) -> list[dict]:
+  """The rows among the first `limit` of a shard that parse as objects (to check the columns before a job starts;
+  a Parquet shard reads only its first record batch)."""
+  with contextlib.closing(read_shard(path, input_format)) as pairs:
+    return [pair.row for pair in itertools.islice(pairs, limit) if isinstance(pair.row, dict)]

@@ -17,6 +17,7 @@
 Language detection uses `py3langid` (the langid.py model, bundled in the wheel: nothing is downloaded); emoji
 detection uses the `emoji` package's Unicode data.
 """
+import functools
 import html.parser
 
 import emoji
@@ -128,3 +129,10 @@ def detect_language(text: str) -> str:
   """
   code = py3langid.classify(text)[0]
   return LANGUAGE_ALIASES.get(code, code)
+
+
+@functools.cache
+def known_languages() -> frozenset[str]:
+  """The codes `detect_language` can return: py3langid's languages, Wu and Cantonese counted as "zh" (loads the
+  language model on first use)."""
+  return frozenset(LANGUAGE_ALIASES.get(code, code) for code, _ in py3langid.rank(""))

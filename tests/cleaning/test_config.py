@@ -1,7 +1,9 @@
 """CleanConfig validation and the fixed rule order."""
 import pytest
 
+from qwenvl_jax import errors
 from qwenvl_jax.cleaning.config import RULES, CleanConfig
+from qwenvl_jax.cleaning.text import detect_language, known_languages
 
 
 def test_rule_order_is_the_documented_one():
@@ -37,3 +39,23 @@ def test_to_json_round_trips():
   cfg = CleanConfig(languages=["en"], score_key="clip", max_stored_side=512)
   assert cfg.languages == ("en",)
   assert CleanConfig(**{**cfg.to_json(), "languages": tuple(cfg.to_json()["languages"])}) == cfg
+
+
+@pytest.mark.parametrize("kwargs, message, hint", [
+    (dict(languages=("en", "xx")), r"CleanConfig.languages: unknown language code 'xx'", "e.g. en, zh"),
+    (dict(languages=("EN",)), r"unknown language code 'EN'", "did you mean 'en'?"),
+    (dict(languages=("yue",)), r"'yue' is detected as 'zh'", None),
+    (dict(min_similarity_by_language={"zz": 0.3}), r"min_similarity_by_language: unknown language code 'zz'", None),
+])
+def test_language_codes_the_detector_never_reports_are_refused(kwargs, message, hint):
+  """`--languages=xx` rejected every pair (as "language") after the whole job ran."""
+  with pytest.raises(errors.ConfigError, match=message) as info:
+    CleanConfig(**kwargs)
+  assert hint is None or hint in info.value.hint
+
+
+def test_every_language_the_detector_reports_is_accepted():
+  known = known_languages()
+  assert {"en", "zh", "de", "fr", "ja"} <= known and not {"wuu", "yue"} & known  # Wu and Cantonese are "zh"
+  assert {detect_language(t) for t in ("a red bus on the street", "一辆红色的公交车", "ein roter Bus")} <= known
+  assert CleanConfig(languages=tuple(sorted(known))).languages == tuple(sorted(known))

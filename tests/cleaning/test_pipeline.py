@@ -1,6 +1,7 @@
 """The Beam + TFDS job end to end: exact decisions and counts, the dataset the stage-1 reader reads, the report,
 never overwriting, and the same job on two DirectRunner worker processes through the command line."""
 import collections
+import concurrent.futures
 import json
 import os
 import pathlib
@@ -13,7 +14,8 @@ import tensorflow_datasets as tfds
 from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 
 from qwenvl_jax import errors
-from qwenvl_jax.cleaning import CleanConfig, CleanJob, DominantColorScorer, RULES, run_clean
+from qwenvl_jax.cleaning import CleanConfig, CleanJob, DominantColorScorer, RULES, run_clean, scoring
+from qwenvl_jax.cleaning.clip_scorer import ClipScorerFactory
 from qwenvl_jax.cleaning.pipeline import (LOCAL_RUNNER, NoPairsKeptError, beam_options_from_string,
                                            local_runner_if_direct)
 from qwenvl_jax.cleaning.report import sample_rank
@@ -22,6 +24,7 @@ from qwenvl_jax.data.images import preprocess_image
 from qwenvl_jax.data.pipeline import make_dataset
 from qwenvl_jax.data.sources import make_source
 from qwenvl_jax.text import QwenTokenizer
+from tests.cleaning import cases as cases_lib
 from tests.cleaning.cases import case_ids
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -147,16 +150,94 @@ def test_job_settings_are_checked(clean_inputs, tmp_path):
 
 @pytest.mark.slow
 def test_all_rejected_still_reports_why(tmp_path):
-  (tmp_path / "in.jsonl").write_text('{"caption": "a red bus", "image": "x.jpg"}\n' * 3)
+  (tmp_path / "in.jsonl").write_text('{"text": 7, "image": "x.jpg"}\n' * 3)
   job = CleanJob(inputs=[str(tmp_path / "in.jsonl")], output_dir=str(tmp_path / "out"), skip_similarity=True)
   with pytest.raises(NoPairsKeptError, match="all 3 input pairs were rejected") as info:
     run_clean(job)
-  # One line that points at the columns (the report says 'missing column'), and how to run again.
-  assert isinstance(info.value, errors.UserError) and "columns 'text' and 'image'" in str(info.value)
+  # One line that points at the columns (the report says which is wrong), and how to run again.
+  assert isinstance(info.value, errors.UserError)
+  assert "columns 'text' (--text_key), 'image' (--image_key) with values of the right type" in str(info.value)
   assert "--report=NEW" in info.value.hint
   report = json.loads(pathlib.Path(job.report).read_text())
   assert report["kept"] == 0 and report["rejected"]["malformed"] == 3
-  assert "missing column 'text'" in report["samples"]["malformed"][0]["reason"]
+  assert "column 'text' is a int, not a string" in report["samples"]["malformed"][0]["reason"]
+
+
+def test_a_column_no_row_holds_is_refused_before_the_job_starts(tmp_path):
+  """A misspelt --score_key rejected every pair as malformed after the whole job ran, and the error blamed the text
+  and image columns."""
+  (tmp_path / "in.jsonl").write_text('{"caption": "a red bus", "image": "x.jpg", "clip": 0.3}\n' * 3)
+  def clean(**cfg):
+    job = CleanJob(inputs=[str(tmp_path / "in.jsonl")], output_dir=str(tmp_path / "out"),
+                   config=CleanConfig(**{"text_key": "caption", "score_key": "clip", **cfg}))
+    return run_clean(job)
+  with pytest.raises(errors.ConfigError, match=r"--score_key='clipp': none of the first 3 rows of .*in.jsonl has a "
+                                               r"column 'clipp'") as info:
+    clean(score_key="clipp")
+  assert info.value.hint == "did you mean 'clip'? the rows hold ['caption', 'clip', 'image']"
+  with pytest.raises(errors.ConfigError, match=r"--text_key='text': none of the first 3 rows"):
+    clean(text_key="text")
+  # The column's scores are cosine similarities (all in [-1, 1] here): a threshold outside rejects every pair.
+  with pytest.raises(errors.ConfigError, match=r"min_similarity=5.0 is above 1.0, the highest of the 'clip' scores"):
+    clean(min_similarity=5.0)
+  with pytest.raises(errors.ConfigError, match=r"min_similarity_by_language\['zh'\]=-3.0 is below -1.0"):
+    clean(min_similarity_by_language={"zh": -3.0})
+  assert not (tmp_path / "out").exists()
+
+
+def test_a_threshold_outside_a_scorers_range_is_refused():
+  """Similarities are cosine in [-1, 1] (CLIP), or in the range a plugin declares; a threshold outside it rejects
+  every pair (or none)."""
+  dominant = scoring.SpecFactory("qwenvl_jax.cleaning.scoring:DominantColorScorer")
+  assert dominant.score_range == (0.0, 1.0) and scoring.score_range(dominant) == (0.0, 1.0)
+  assert scoring.score_range(ClipScorerFactory) == (-1.0, 1.0)
+  job = lambda **kwargs: CleanJob(inputs=["unused"], output_dir="unused", **kwargs)
+  with pytest.raises(errors.ConfigError, match=r"min_similarity=5.0 is above 1.0, the highest of the scores of "
+                                               r"SpecFactory\('qwenvl_jax.cleaning.scoring:DominantColorScorer'\)"):
+    job(scorer_factory=dominant, config=CleanConfig(min_similarity=5.0))
+  with pytest.raises(errors.ConfigError, match=r"min_similarity=-0.5 is below 0.0") as info:
+    job(scorer_factory=dominant, config=CleanConfig(min_similarity=-0.5))
+  assert "0.0 keeps every pair" in info.value.hint
+  # A language's scorer is held to its own threshold: zh's 2.0 is refused, the default's 0.5 is fine.
+  with pytest.raises(errors.ConfigError, match=r"min_similarity_by_language\['zh'\]=2.0 is above 1.0"):
+    job(scorer_factory=dominant, language_scorer_factories={"zh": dominant},
+        config=CleanConfig(min_similarity=0.5, min_similarity_by_language={"zh": 2.0}))
+  job(scorer_factory=dominant, language_scorer_factories={"zh": DominantColorScorer},
+      config=CleanConfig(min_similarity=0.5, min_similarity_by_language={"zh": 0.9}))
+  # A plugin that declares no range takes any threshold (its scale is unknown).
+  job(scorer_factory=lambda: (lambda images, texts: [0.0] * len(images)), config=CleanConfig(min_similarity=50.0))
+
+
+@pytest.mark.slow
+def test_command_line_mistakes_are_one_error_line_without_beam_logs(tmp_path):
+  """Every pair rejected (an unknown language, a misspelt score column, an impossible threshold) printed ~35 Beam
+  INFO lines and a Beam traceback before the error line, after the whole job ran; now the settings are refused
+  before the job starts, and a job whose pairs are all rejected still ends in one line."""
+  (tmp_path / "img.png").write_bytes(cases_lib.encode(size=(120, 120), fmt="PNG"))
+  (tmp_path / "in.jsonl").write_text(json.dumps({"text": "a red square on a wooden table", "image": "img.png",
+                                                 "clip": 0.9}) + "\n")
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+  cases = [(["--score_key=clip", "--languages=xx"], "unknown language code 'xx'"),
+           (["--score_key=clipp"], "--score_key='clipp': none of the first 1 rows"),
+           (["--score_key=clip", "--min_similarity=5"], "min_similarity=5.0 is above 1.0"),
+           (["--score_key=clip", "--min_similarity=0.95"], "all 1 input pairs were rejected")]
+
+  def clean(case):
+    flags, _ = case
+    out = tmp_path / f"out{cases.index(case)}"
+    return out, subprocess.run([sys.executable, "-m", "qwenvl_jax.clean", f"--input={tmp_path / 'in.jsonl'}",
+                                f"--output_dir={out}", *flags], cwd=tmp_path, env=env, capture_output=True,
+                               text=True, timeout=300)
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:  # each is a Beam start-up: overlap two
+    runs = list(pool.map(clean, cases))
+  for (flags, message), (out, proc) in zip(cases, runs):
+    assert proc.returncode == 2, (flags, proc.stderr[-3000:])
+    # Only the error and its hint (and TFDS's progress bar, drawn with carriage returns, when the job ran).
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "Generating splits" not in line]
+    assert len(lines) == 2 and lines[0].startswith("error: ") and message in lines[0], (flags, proc.stderr)
+    assert lines[1].startswith("  hint: "), (flags, proc.stderr)
+    assert not (out / "cleaned_pairs").exists()
+  assert [out.exists() for out, _ in runs] == [False, False, False, True]  # the last wrote its report
 
 
 @pytest.mark.slow
