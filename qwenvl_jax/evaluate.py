@@ -12,7 +12,7 @@ replacing it). A run that stopped resumes when started again with the same outpu
 from absl import app, logging
 from ml_collections import config_flags
 
-from qwenvl_jax import cli
+from qwenvl_jax import cli, errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/eval/TASK.py[:key=value,...]",
                                           lock_config=True)
@@ -21,6 +21,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/eval/TASK.py[
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if "task" not in _CONFIG.value:  # a training config: ml_collections' AttributeError "'task'" and a traceback
+    kind = "a training config" if "stage" in _CONFIG.value else "no evaluation config"
+    raise errors.ConfigError(f"--config is {kind} (it has no 'task'); evaluate takes an evaluation config",
+                             hint="e.g. --config=configs/eval/flickr.py (the tasks: configs/eval/)")
   cli.quiet_libraries()  # orbax's restore lines and JAX's backend probe would bury the one result line
   from qwenvl_jax.evaluation import runner  # pylint: disable=import-outside-toplevel
   payload = runner.run(_CONFIG.value)

@@ -148,6 +148,7 @@ def _libtpu_installed() -> bool:
      "config.max_examples=-1 must be an integer >= 0"),
     ("evaluate", ["--config=configs/eval/vqav2_val.py", "--config.output=o.json", "--config.data_path=synthetic"],
      "has no synthetic held-out set"),
+    ("evaluate", ["--config=configs/stage2.py"], "--config is a training config (it has no 'task')"),
 ])
 def test_entry_point_mistakes_that_were_tracebacks_are_one_line(tmp_path, module, args, expected):
   if "needs libtpu" in expected and _libtpu_installed():
