@@ -210,6 +210,21 @@ def restore_params(path: str | os.PathLike, abstract_state: nnx.State, shardings
   return state
 
 
+_MUTED = [0]  # reports `_mute_dangling_reads` dropped: they stop once the reads left in flight have ended
+
+
+def _wait_for_dangling_reads(quiet_s: float = 0.3, most_s: float = 5.0) -> None:
+  """After a failed restore: waits (0.5 s at least, `most_s` at most) until no read left in flight has ended
+  for `quiet_s`, collecting the failed ones, so that the error line is the command's last output."""
+  deadline = time.monotonic() + most_s
+  time.sleep(0.5)
+  seen = -1
+  while seen != _MUTED[0] and time.monotonic() < deadline:
+    seen = _MUTED[0]
+    gc.collect()
+    time.sleep(quiet_s)
+
+
 def _mute_dangling_reads() -> None:
   """Once per process, before a restore: drop what Python reports of orbax's reads left in flight by a failed
   restore. As they end they call back into orbax's event loop, closed by then ("Event loop is closed"), and their
@@ -225,6 +240,8 @@ def _mute_dangling_reads() -> None:
     closed = str(unraisable.exc_value) == "Event loop is closed"
     if not closed and (code is None or "orbax" not in code.co_filename):
       previous(unraisable)
+    else:
+      _MUTED[0] += 1
 
   hook._qwenvl_drops_orbax_reads = True  # pylint: disable=protected-access
   sys.unraisablehook = hook
@@ -246,8 +263,7 @@ def _damaged_is_a_user_error(path: str):
   except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise bare Exceptions)
     if "RESOURCE_EXHAUSTED" in str(e):  # out of memory: not the files' fault
       raise
-    time.sleep(1.0)  # the other reads in flight end meanwhile (see `_mute_dangling_reads`)
-    gc.collect()
+    _wait_for_dangling_reads()
     raise errors.InputFormatError(f"checkpoint {path} does not read back, it is damaged or incomplete: "
                                   f"{_storage_reason(e)}",
                                   hint="convert it again, or use a run's earlier step (RUN/checkpoints/STEP)") from e
