@@ -46,6 +46,7 @@ class _RecordToExample:
   encode: ExampleEncoder
   strict: bool
   max_consecutive_skips: int
+  source: str = "a data source"  # the source's spec, named when too many of its records in a row are bad
 
   def __call__(self, item) -> dict[str, np.ndarray] | None:
     try:
@@ -57,7 +58,7 @@ class _RecordToExample:
         e = rec.BadRecordError(f"{e.record_id} ({where})", e.reason)
       if self.strict:
         raise e
-      rec.SKIPPED.skip(e, self.max_consecutive_skips)
+      rec.SKIPPED.skip(e, self.max_consecutive_skips, self.source)
       return None
     rec.SKIPPED.ok()
     return example
@@ -147,8 +148,8 @@ def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, process_index:
     if config.shuffle:
       ds = ds.shuffle(seed=config.seed + i)
     ds = ds.repeat(config.num_epochs or None)
-    datasets.append(ds.map(_RecordToExample(source.parse, encoder, config.strict,
-                                            config.max_consecutive_skips)))
+    datasets.append(ds.map(_RecordToExample(source.parse, encoder, config.strict, config.max_consecutive_skips,
+                                            f"data source {source.name}")))
     weights.append(weight)
   ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=64))

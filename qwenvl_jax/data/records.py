@@ -57,6 +57,28 @@ class BadRecordError(errors.InputFormatError):
     return type(self), (self.record_id, self.reason)
 
 
+class TooManyBadRecordsError(errors.InputFormatError, RuntimeError):
+  """More than `data.max_consecutive_skips` records in a row were bad: the source is not what the stage reads.
+
+  Names the source and the first bad record of the run with its reason (a wrong schema makes every record bad for
+  the same reason, which the first one shows). Picklable with its arguments, so it crosses the grain worker boundary.
+  """
+
+  def __init__(self, source: str, count: int, first: str):
+    super().__init__(f"{source}: {count} bad records in a row, the first {first}",
+                     "check the source's record format, config.seq_len and config.max_images "
+                     "(config.data.max_consecutive_skips=0 skips bad records without limit)")
+    self.source = source
+    self.count = count
+    self.first = first
+
+  def __str__(self) -> str:
+    return self.message
+
+  def __reduce__(self):
+    return type(self), (self.source, self.count, self.first)
+
+
 @dataclasses.dataclass
 class Record:
   """One example before tokenization.
@@ -163,20 +185,23 @@ class SkipCounter:
     self._lock = threading.Lock()
     self._counts: collections.Counter = collections.Counter()
     self._consecutive = 0
+    self._first_in_row: BadRecordError | None = None
     self._seen: set[str] = set()
     self._logger = logger or logging.getLogger("qwenvl_jax.data")
 
-  def skip(self, error: BadRecordError, max_consecutive: int = 0) -> None:
-    """Counts and logs a skipped record.
+  def skip(self, error: BadRecordError, max_consecutive: int = 0, source: str = "a data source") -> None:
+    """Counts and logs a skipped record of `source` (its spec, for the error).
 
     Raises:
-      RuntimeError: more than `max_consecutive` (> 0) records in a row were bad; a source where (nearly) every
-        record is bad would otherwise make the pipeline spin forever without yielding a batch.
+      TooManyBadRecordsError: more than `max_consecutive` (> 0) records in a row were bad; a source where (nearly)
+        every record is bad would otherwise make the pipeline spin forever without yielding a batch.
     """
     with self._lock:
       self._counts[_reason_kind(error.reason)] += 1
       self._consecutive += 1
-      total, consecutive = sum(self._counts.values()), self._consecutive
+      if self._consecutive == 1:
+        self._first_in_row = error
+      total, consecutive, first_in_row = sum(self._counts.values()), self._consecutive, self._first_in_row
       first = error.record_id not in self._seen and len(self._seen) < _MAX_NAMED_SKIPS
       if first:
         self._seen.add(error.record_id)
@@ -186,8 +211,7 @@ class SkipCounter:
       self._logger.warning("%d records skipped so far in this process, %d distinct (%s)", total, len(self._seen),
                            self.counts)
     if 0 < max_consecutive < consecutive:
-      raise RuntimeError(f"{consecutive} bad records in a row, the last {error}; skipped so far by reason: "
-                         f"{self.counts}. Is the source, seq_len or max_images wrong?")
+      raise TooManyBadRecordsError(source, consecutive, str(first_in_row))
 
   def ok(self) -> None:
     """Notes a good record (ends a run of bad ones)."""
@@ -207,6 +231,7 @@ class SkipCounter:
     with self._lock:
       self._counts.clear()
       self._consecutive = 0
+      self._first_in_row = None
 
 
 def _reason_kind(reason: str) -> str:

@@ -139,3 +139,17 @@ def test_sixteen_bit_grayscale_keeps_the_reference_numbers_and_warns_once(tmp_pa
   assert images_lib.sixteen_bit_image_count() == before + 2
   warnings = [m for m in caplog.messages if "16-bit grayscale" in m]
   assert len(warnings) == (1 if before == 0 else 0)
+
+
+def test_a_source_of_the_wrong_schema_is_one_line_naming_it_and_the_first_records_reason(sp_tokenizer, tmp_path):
+  """Records without `text` (a `caption` key instead): every one is bad; the error names the source spec and why
+  its first record is bad, instead of a RuntimeError listing counts by reason."""
+  path = tmp_path / "pairs.jsonl"
+  path.write_text("".join(json.dumps({"image": "a.png", "caption": f"caption {i}"}) + "\n" for i in range(5)))
+  rec.SKIPPED.reset()
+  with pytest.raises(rec.TooManyBadRecordsError) as info:
+    _rows(sp_tokenizer, _config(path, num_epochs=0, max_consecutive_skips=8))
+  message = str(info.value)
+  assert message.startswith(f"data source jsonl:{path}: 9 bad records in a row, the first bad record "
+                            f"'{path}:1': neither 'conversations' nor 'image' + 'text'"), message
+  assert "\n" not in message and isinstance(info.value, errors.UserError)

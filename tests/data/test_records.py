@@ -1,8 +1,10 @@
 """Tests of record validation, box text and bad-record accounting."""
 import logging
+import pickle
 
 import pytest
 
+from qwenvl_jax import errors
 from qwenvl_jax.data import records as rec
 
 
@@ -72,6 +74,22 @@ def test_skip_counter_counts_logs_and_stops_runs_of_bad_records(caplog):
   assert "'a'" in caplog.messages[0] and "'c'" in caplog.messages[2]
   with pytest.raises(RuntimeError, match="2 bad records in a row"):
     counter.skip(rec.BadRecordError("d", "x"), max_consecutive=1)
+
+
+def test_a_run_of_bad_records_is_one_line_naming_the_source_and_the_first_bad_record():
+  counter = rec.SkipCounter()
+  counter.skip(rec.BadRecordError("a", "over-long"), max_consecutive=2, source="data source jsonl:/d.jsonl")
+  counter.ok()
+  counter.skip(rec.BadRecordError("b", "no 'text' key"), max_consecutive=2, source="data source jsonl:/d.jsonl")
+  counter.skip(rec.BadRecordError("c", "image 0: cannot decode"), max_consecutive=2,
+               source="data source jsonl:/d.jsonl")
+  with pytest.raises(rec.TooManyBadRecordsError) as info:
+    counter.skip(rec.BadRecordError("d", "x"), max_consecutive=2, source="data source jsonl:/d.jsonl")
+  e = info.value
+  assert str(e) == "data source jsonl:/d.jsonl: 3 bad records in a row, the first bad record 'b': no 'text' key"
+  assert isinstance(e, errors.UserError) and "\n" not in str(e)
+  back = pickle.loads(pickle.dumps(e))  # raised in a grain worker, re-raised in the trainer
+  assert type(back) is rec.TooManyBadRecordsError and str(back) == str(e) and back.hint == e.hint
 
 
 def test_skip_counter_names_a_bad_record_once_however_often_it_comes_round(caplog):
