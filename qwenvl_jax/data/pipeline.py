@@ -138,6 +138,9 @@ def make_dataset(config: ml_collections.ConfigDict, tokenizer, *, process_index:
     raise ValueError(f"need max_images >= 1, seq_len >= 2, image_tokens >= 1; got {max_images}, {seq_len}, "
                      f"{image_tokens}")
   local_batch = global_batch // process_count
+  # A run of bad records an earlier pipeline of this process left open (a notebook, a test) is not this one's; the
+  # workers fork from here, so they start with the run closed too.
+  rec.SKIPPED.ok()
   encoder = ExampleEncoder(tokenizer, stage, image_tokens, image_size, seq_len, max_images, config.system,
                            config.truncate)
   datasets, weights = [], []

@@ -202,6 +202,8 @@ class SkipCounter:
       if self._consecutive == 1:
         self._first_in_row = error
       total, consecutive, first_in_row = sum(self._counts.values()), self._consecutive, self._first_in_row
+      if 0 < max_consecutive < consecutive:
+        self._consecutive, self._first_in_row = 0, None  # this run ends here; a next pipeline starts afresh
       first = error.record_id not in self._seen and len(self._seen) < _MAX_NAMED_SKIPS
       if first:
         self._seen.add(error.record_id)

@@ -150,12 +150,23 @@ def train(config: ml_collections.ConfigDict, eval_fn: EvalFn | None = None) -> T
   workdir_lib.check_usable(workdir)
   config = experiment.inherit_tokenizer(config, workdir)  # '' + config.init: the init weights' vocabulary
   validation.check_config(config)
+  # What a failure found only later (every record of the data source bad, at the first batch) must not leave: a
+  # config.json that refuses the corrected command and an empty checkpoints/ that looks like a run. Until the
+  # first checkpoint exists, a failed start removes what it wrote, and nothing that was there before it.
+  before = workdir_lib.contents(workdir)
   workdir_lib.create(workdir)
-  ckpt = Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
   try:
-    return _train(config, workdir, ckpt, eval_fn)
-  finally:
-    ckpt.close()
+    ckpt = Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    try:
+      return _train(config, workdir, ckpt, eval_fn)
+    finally:
+      ckpt.close()  # waits for a save in flight: a checkpoint it completes keeps the workdir
+  except BaseException:
+    try:
+      workdir_lib.remove_new(workdir, before)
+    except OSError:
+      pass  # the run's own error is what the user must see, not a failed clean-up of it
+    raise
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer, eval_fn: EvalFn | None

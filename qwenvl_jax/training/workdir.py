@@ -91,6 +91,41 @@ def create(workdir: str) -> None:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
 
 
+def contents(workdir: str) -> frozenset[str] | None:
+  """The names of the entries in `workdir`, or None when it does not exist (taken before a run writes into it)."""
+  path = epath.Path(workdir)
+  return frozenset(p.name for p in path.iterdir()) if path.is_dir() else None
+
+
+def has_checkpoint(workdir: str) -> bool:
+  """Whether `<workdir>/checkpoints` holds a finished step (a folder named by its step; Orbax's temporary folders
+  of an unfinished save are not)."""
+  path = epath.Path(workdir) / "checkpoints"
+  return path.is_dir() and any(p.name.isdigit() for p in path.iterdir())
+
+
+def remove_new(workdir: str, before: frozenset[str] | None) -> None:
+  """Undoes a start that failed before its first checkpoint (process 0 only): removes the entries of `workdir` that
+  are not in `before` (its `contents` when the run started: config.json, tokenizer.model, an empty checkpoints/,
+  metrics) and the workdir itself when it did not exist then. Nothing that was there before is touched, and a
+  workdir holding a checkpoint is left as it is.
+
+  Without this, a start that failed after the config checks (a data source whose every record is bad, found when
+  the first batch is read) left a config.json that refused the corrected command and a checkpoints/ that looked
+  like a run.
+  """
+  if jax.process_index() != 0 or has_checkpoint(workdir):
+    return
+  path = epath.Path(workdir)
+  if not path.is_dir():
+    return
+  for entry in path.iterdir():
+    if before is None or entry.name not in before:
+      entry.rmtree() if entry.is_dir() else entry.unlink()
+  if before is None and not is_remote(workdir) and not any(path.iterdir()):
+    path.rmdir()
+
+
 def _comparable(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
   as_dict = json.loads(config.to_json()) if isinstance(config, ml_collections.ConfigDict) else config
   flat = tree_paths.flatten(as_dict)

@@ -7,6 +7,7 @@ import pytest
 
 from qwenvl_jax import errors
 from qwenvl_jax.training import metrics, train
+from qwenvl_jax.training import workdir as workdir_lib
 from tests.training.helpers import small_config
 
 
@@ -47,6 +48,43 @@ def test_a_workdir_that_is_a_file_is_named(tmp_path):
     with pytest.raises(errors.UserFileExistsError, match=f"{tmp_path / 'file'}.*file"):
       train(small_config(2, workdir))
   assert (tmp_path / "file").read_text() == "mine"
+
+
+def _caption_key_jsonl(path):
+  """A JSONL file of the wrong schema for an image-text source: `caption` where `text` is expected."""
+  path.write_text("".join(json.dumps({"image": "a.png", "caption": f"shape {i}"}) + "\n" for i in range(6)))
+  return path
+
+
+@pytest.mark.parametrize("existing", [None, "notes.txt"])
+def test_a_start_that_fails_on_its_data_leaves_nothing_that_blocks_the_corrected_command(tmp_path, existing):
+  """Every record lacks `text`: the error is one line naming the source and the first bad record's reason, and the
+  workdir is as it was before (no config.json that would refuse the corrected command, no empty checkpoints/)."""
+  data = _caption_key_jsonl(tmp_path / "pairs.jsonl")
+  workdir = tmp_path / "run"
+  if existing:
+    workdir.mkdir()
+    (workdir / existing).write_text("mine")
+  config = small_config(1, workdir, **{"data.source": f"jsonl:{data}", "data.max_consecutive_skips": 4,
+                                       "total_steps": 2})
+  with pytest.raises(errors.InputFormatError, match=rf"^data source jsonl:{data}: 5 bad records in a row, the "
+                                                    rf"first bad record '{data}:1': neither 'conversations' nor"):
+    train(config)
+  if existing:
+    assert sorted(os.listdir(workdir)) == [existing] and (workdir / existing).read_text() == "mine"
+  else:
+    assert not workdir.exists(), sorted(os.listdir(workdir))
+
+
+def test_a_failed_start_keeps_a_workdir_that_holds_a_checkpoint(tmp_path):
+  (tmp_path / "checkpoints" / "4").mkdir(parents=True)
+  (tmp_path / "config.json").write_text("{}")
+  workdir_lib.remove_new(str(tmp_path), before=frozenset())
+  assert sorted(os.listdir(tmp_path)) == ["checkpoints", "config.json"]
+  (tmp_path / "checkpoints" / "4").rmdir()
+  (tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp-1").mkdir()  # an unfinished save is no checkpoint
+  workdir_lib.remove_new(str(tmp_path), before=frozenset({"config.json"}))
+  assert sorted(os.listdir(tmp_path)) == ["config.json"]
 
 
 def _steps(path):
