@@ -52,17 +52,19 @@ def resolve(config: ml_collections.ConfigDict) -> str:
 
 
 def check_usable(workdir: str) -> None:
-  """Refuses a workdir that is another tool's folder, and a local one that is a file or lies under a file
-  (checked before anything is written).
+  """Refuses a workdir that is another tool's folder or lies inside a run's checkpoints folder, and a local one
+  that is a file or lies under a file (checked before anything is written).
 
   Raises:
-    errors.UserFileExistsError: naming the file in the way.
+    errors.UserFileExistsError: naming the file or the run in the way.
   """
   # Another tool's folder (a model download holds a config.json and a tokenizer.model of its own): refused here,
   # before checkpoints/ or a config.json of ours is written into it.
   record = epath.Path(workdir) / "config.json"
-  if record.is_file():
+  is_record = record.is_file()
+  if is_record:
     _check_is_run_config(record)
+  _check_not_in_checkpoints(workdir)
   if is_remote(workdir):
     return
   path = os.path.abspath(workdir)
@@ -141,6 +143,28 @@ def config_differences(old: dict, new: ml_collections.ConfigDict) -> list[str]:
 
 # Fields every run's config.json has: a config.json without them belongs to something else (a model folder).
 _RUN_KEYS = ("stage", "model", "optimizer", "total_steps")
+
+
+def _is_run_config(path: epath.Path) -> bool:
+  """Whether `path` is a run's config.json (a JSON object with the `_RUN_KEYS` fields)."""
+  try:
+    recorded = json.loads(path.read_text()) if path.is_file() else None
+  except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+    return False
+  return isinstance(recorded, dict) and all(k in recorded for k in _RUN_KEYS)
+
+
+def _check_not_in_checkpoints(workdir: str) -> None:
+  """Refuses a workdir inside the checkpoints/ folder of a run (`RUN/checkpoints`, `RUN/checkpoints/10`): a new
+  run would train from scratch among that run's checkpoints, where its manager keeps and deletes steps."""
+  path = epath.Path(workdir)
+  for folder in (path, *path.parents):
+    if folder.name == "checkpoints" and _is_run_config(folder.parent / "config.json"):
+      run = folder.parent
+      raise errors.UserFileExistsError(
+          f"workdir {workdir} lies inside the checkpoints folder of the run {run}",
+          hint=f"to resume that run use --workdir={run}; to train from its weights use --config.init=trainer:{run} "
+               "with a workdir of its own")
 
 
 def _check_is_run_config(path) -> None:

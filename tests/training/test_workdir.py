@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from qwenvl_jax import errors
 from qwenvl_jax.training import workdir
 from tests.training.helpers import small_config
 
@@ -88,3 +89,20 @@ def test_resuming_with_more_steps_says_the_schedule_is_stretched(tmp_path, capsy
   assert "note: total_steps 120 -> 130" in capsys.readouterr().out
   workdir.check_and_record(str(tmp_path), small_config(2, tmp_path, total_steps=120), latest_step=60)
   assert "note" not in capsys.readouterr().out
+
+
+def test_a_workdir_inside_a_runs_checkpoints_folder_is_refused(tmp_path):
+  """`--workdir=runs/X/checkpoints` trained a new run from scratch among run X's checkpoints."""
+  run = tmp_path / "run"
+  (run / "checkpoints" / "10").mkdir(parents=True)
+  workdir.check_and_record(str(run), small_config(2, run), latest_step=None)
+  for inside in (run / "checkpoints", run / "checkpoints" / "10", run / "checkpoints" / "new" / "deeper"):
+    with pytest.raises(errors.UserFileExistsError,
+                       match=rf"workdir {inside} lies inside the checkpoints folder of the run {run} \(to resume "
+                             rf"that run use --workdir={run}; to train from its weights use "
+                             rf"--config.init=trainer:{run} with a workdir of its own\)"):
+      workdir.check_usable(str(inside))
+  assert not (run / "checkpoints" / "new").exists()
+  workdir.check_usable(str(run))  # the run itself resumes
+  (tmp_path / "mine" / "checkpoints").mkdir(parents=True)  # a folder named checkpoints of no run is just a folder
+  workdir.check_usable(str(tmp_path / "mine" / "checkpoints" / "run"))
