@@ -51,17 +51,31 @@ def resolve(config: ml_collections.ConfigDict) -> str:
   return absolute(config.workdir or os.path.join("runs", f"stage{config.stage}"))
 
 
+# The fsspec package of each URL scheme: epath reads and writes URLs through fsspec (without TensorFlow installed),
+# whose filesystems for object stores are separate packages.
+_URL_PACKAGES = {"gs": "gcsfs", "gcs": "gcsfs", "s3": "s3fs", "az": "adlfs", "abfs": "adlfs"}
+
+
 def check_usable(workdir: str) -> None:
-  """Refuses a workdir that is another tool's folder or lies inside a run's checkpoints folder, and a local one
-  that is a file or lies under a file (checked before anything is written).
+  """Refuses a workdir that is another tool's folder or lies inside a run's checkpoints folder, a URL whose
+  filesystem package is not installed, and a local workdir that is a file or lies under a file (checked before
+  anything is written).
 
   Raises:
     errors.UserFileExistsError: naming the file or the run in the way.
+    errors.UserError: a URL (gs://) whose filesystem package (gcsfs) is not installed, naming the package.
   """
   # Another tool's folder (a model download holds a config.json and a tokenizer.model of its own): refused here,
   # before checkpoints/ or a config.json of ours is written into it.
   record = epath.Path(workdir) / "config.json"
-  is_record = record.is_file()
+  try:
+    is_record = record.is_file()
+  except ImportError as e:  # the first access to a URL: fsspec names the missing package in a 60-line traceback
+    scheme = workdir.partition("://")[0]
+    package = _URL_PACKAGES.get(scheme)
+    raise errors.UserError(
+        f"workdir {workdir}: {scheme}:// paths need the {package} package, which is not installed" if package else
+        f"workdir {workdir}: {e}", hint=f"pip install {package}" if package else None) from e
   if is_record:
     _check_is_run_config(record)
   _check_not_in_checkpoints(workdir)

@@ -15,6 +15,7 @@ import fsspec
 from fsspec.implementations import memory
 import pytest
 
+from qwenvl_jax import errors
 from qwenvl_jax.training import checkpointing, experiment, metrics, workdir
 from tests.training.helpers import small_config
 
@@ -49,6 +50,25 @@ def fake_gcs(monkeypatch):
   epath_backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
   yield fsspec.filesystem("gcs")
   epath_backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
+
+
+@pytest.fixture
+def no_gcsfs(monkeypatch):
+  """epath's gs:// backend as on a machine without gcsfs (fsspec's 'gcs' protocol cannot be imported)."""
+  registry = importlib.import_module("fsspec.registry")
+  monkeypatch.delitem(registry._registry, "gcs", raising=False)  # pylint: disable=protected-access
+  monkeypatch.setitem(registry.known_implementations, "gcs",
+                      {"class": "qwenvl_no_such_module.GCSFileSystem", "err": "Please install gcsfs to access "
+                                                                              "Google Storage"})
+  epath_backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
+  yield
+  epath_backend.fsspec_backend._get_filesystem.cache_clear()  # pylint: disable=protected-access
+
+
+def test_a_url_workdir_without_gcsfs_is_one_line_naming_the_package(no_gcsfs):
+  with pytest.raises(errors.UserError, match=r"^workdir gs://bucket/run: gs:// paths need the gcsfs package, which "
+                                             r"is not installed \(pip install gcsfs\)$"):
+    workdir.check_usable("gs://bucket/run")
 
 
 def test_the_fake_is_what_epath_uses(fake_gcs):
