@@ -2,18 +2,21 @@
 
 A typo must not leave a trace: a `config.json` recorded for a config that then crashes refuses the corrected
 command, and an empty `checkpoints/` looks like a run. So `check_config` runs first in `train` and checks, without
-allocating a parameter or writing a file: the numeric fields (sizes, cadences), the enumerations (resume,
-distributed.initialize, optimizer schedule), the model preset with the run's resolution and numerics, the
-attention kernel against the backend, the mesh against the devices and the batch against the mesh, the tokenizer
-spec (its file is opened), the init spec, and the data sources (their files are opened and indexed, TFDS datasets
-looked up). Failures raise `errors.ConfigError` naming the config key.
+allocating a parameter or writing a file: the numeric fields (sizes, cadences, the optimizer's rates and ranges),
+the enumerations (resume, distributed.initialize, optimizer schedule), the model preset with the run's resolution
+and numerics, the attention kernel against the backend, the mesh against the devices and the batch against the
+mesh, the tokenizer spec (its file is opened), the init spec, and the data sources (their files are opened and
+indexed, TFDS datasets looked up). Failures raise `errors.ConfigError` naming the config key.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
@@ -39,6 +42,47 @@ def _choice(value, key: str, allowed: tuple) -> None:
     raise errors.ConfigError(f"config.{key}={value!r}: expected one of {', '.join(map(repr, allowed))}")
 
 
+def _number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_optimizer(opt: ml_collections.ConfigDict) -> None:
+  """The AdamW fields of `config.optimizer` (training/optimizer.py): each refused with its key and range, since
+  optax takes a negative rate, a beta of 1 or a negative clip without complaint (lr=-1 trained, uphill)."""
+  def refuse(key: str, requirement: str):
+    raise errors.ConfigError(f"config.optimizer.{key}={opt[key]!r} {requirement}")
+
+  if not _number(opt.lr) or opt.lr <= 0:
+    refuse("lr", "must be a number > 0 (the peak learning rate)")
+  if not _number(opt.min_lr) or opt.min_lr < 0:
+    refuse("min_lr", "must be a number >= 0 (the rate the cosine schedule ends at)")
+  if opt.schedule == "cosine" and opt.min_lr > opt.lr:
+    refuse("min_lr", f"must be <= config.optimizer.lr={opt.lr!r} (the cosine decays from lr to min_lr)")
+  for key in ("b1", "b2"):
+    if not _number(opt[key]) or not 0 <= opt[key] < 1:
+      refuse(key, "must be in [0, 1) (an Adam moment's decay rate)")
+  if not _number(opt.eps) or opt.eps <= 0:
+    refuse("eps", "must be a number > 0 (Adam's denominator term)")
+  if not _number(opt.weight_decay) or opt.weight_decay < 0:
+    refuse("weight_decay", "must be a number >= 0 (0 = no decay)")
+  if opt.grad_clip is not None and (not _number(opt.grad_clip) or opt.grad_clip < 0):
+    refuse("grad_clip", "must be a number > 0 (the global gradient-norm limit), or 0 for no clipping")
+  if opt.vit_layer_decay is not None and (not _number(opt.vit_layer_decay) or not 0 <= opt.vit_layer_decay <= 1):
+    refuse("vit_layer_decay", "must be in [0, 1] (the ViT's layer-wise LR decay; 1 or 0 = none)")
+  for key in ("mu_dtype", "nu_dtype"):
+    value = opt.get(key, "")
+    try:
+      floating = not value or jnp.issubdtype(jnp.dtype(value), jnp.floating)
+    except TypeError:
+      floating = False
+    if not floating:
+      refuse(key, "must be '' (the parameter dtype) or a float dtype such as 'bfloat16'")
+  try:
+    re.compile(opt.wd_exclude)
+  except (re.error, TypeError) as e:
+    raise errors.ConfigError(f"config.optimizer.wd_exclude={opt.wd_exclude!r} is not a regex: {e}") from e
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises `errors.ConfigError` (or a FileNotFoundError naming the path) for anything wrong in `config`.
 
@@ -53,6 +97,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   _choice(config.resume, "resume", ("auto", "force", "never"))
   _choice(config.distributed.initialize, "distributed.initialize", ("auto", "yes", "no"))
   _choice(config.optimizer.schedule, "optimizer.schedule", ("cosine", "constant"))
+  _check_optimizer(config.optimizer)
   _choice(config.cpu_options, "cpu_options", ("auto", "on", "off"))
   try:
     cfg = model_config.get_preset(config.model, dtype=config.model_dtype, param_dtype=config.param_dtype,

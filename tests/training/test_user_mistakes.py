@@ -6,7 +6,7 @@ import os
 import pytest
 
 from qwenvl_jax import errors
-from qwenvl_jax.training import metrics, train
+from qwenvl_jax.training import metrics, train, validation
 from qwenvl_jax.training import workdir as workdir_lib
 from tests.training.helpers import small_config
 
@@ -34,12 +34,35 @@ from tests.training.helpers import small_config
     ({"lora.rank": 8, "lora.dropout": 1.5}, r"LoRA dropout"),
     ({"lora.rank": 8, "lora.base_quantize": "int4", "lora.quantize_targets": "llm/block/.*"},
      r"quantize target 'llm/block/\.\*' matches no projection"),
+    ({"optimizer.lr": -1.0}, r"^config\.optimizer\.lr=-1\.0 must be a number > 0"),
+    ({"optimizer.lr": 0.0}, r"^config\.optimizer\.lr=0\.0 must be a number > 0"),
+    ({"optimizer.min_lr": -1e-5}, r"^config\.optimizer\.min_lr=-1e-05 must be a number >= 0"),
+    ({"optimizer.min_lr": 0.1}, r"^config\.optimizer\.min_lr=0\.1 must be <= config\.optimizer\.lr=0\.003"),
+    ({"optimizer.b1": 1.0}, r"^config\.optimizer\.b1=1\.0 must be in \[0, 1\)"),
+    ({"optimizer.b2": -0.5}, r"^config\.optimizer\.b2=-0\.5 must be in \[0, 1\)"),
+    ({"optimizer.eps": 0.0}, r"^config\.optimizer\.eps=0\.0 must be a number > 0"),
+    ({"optimizer.weight_decay": -0.05}, r"^config\.optimizer\.weight_decay=-0\.05 must be a number >= 0"),
+    ({"optimizer.grad_clip": -1.0}, r"^config\.optimizer\.grad_clip=-1\.0 must be a number > 0 .* or 0 for no"),
+    ({"optimizer.vit_layer_decay": 1.5}, r"^config\.optimizer\.vit_layer_decay=1\.5 must be in \[0, 1\]"),
+    ({"optimizer.mu_dtype": "bf16"}, r"^config\.optimizer\.mu_dtype='bf16' must be '' .* or a float dtype"),
+    ({"optimizer.nu_dtype": "int8"}, r"^config\.optimizer\.nu_dtype='int8' must be '' .* or a float dtype"),
+    ({"optimizer.wd_exclude": "(bias"}, r"^config\.optimizer\.wd_exclude='\(bias' is not a regex"),
 ])
 def test_a_bad_config_is_refused_before_anything_is_written(tmp_path, overrides, message):
   workdir = tmp_path / "run"
   with pytest.raises((errors.UserError, FileNotFoundError), match=message):
     train(small_config(2, workdir, **overrides))
   assert not workdir.exists(), sorted(os.listdir(workdir))
+
+
+@pytest.mark.parametrize("overrides", [
+    {"optimizer.grad_clip": 0.0, "optimizer.vit_layer_decay": 1.0},  # 0 = no clipping, 1 = no layer decay
+    {"optimizer.grad_clip": None, "optimizer.vit_layer_decay": 0.0, "optimizer.b1": 0.0, "optimizer.lr": 1,
+     "optimizer.min_lr": 0, "optimizer.weight_decay": 0.0, "optimizer.mu_dtype": "bfloat16"},
+    {"optimizer.schedule": "constant", "optimizer.min_lr": 1.0},  # min_lr is the cosine's end only
+])
+def test_optimizer_settings_that_mean_off_are_accepted(tmp_path, overrides):
+  validation.check_config(small_config(2, tmp_path / "run", **overrides))
 
 
 def test_a_workdir_that_is_a_file_is_named(tmp_path):
