@@ -94,6 +94,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                      "total_steps": 1, "stop_at_step": 0, "log_every": 1, "checkpoint.every": 1,
                      "checkpoint.keep": 1, "data.num_workers": 0, "data.read_threads": 1, "data.packing_bins": 1,
                      "data.num_epochs": 0, "data.max_consecutive_skips": 0, "optimizer.warmup_steps": 0})
+  if config.stop_at_step > config.total_steps:
+    raise errors.ConfigError(f"config.stop_at_step={config.stop_at_step} is past config.total_steps="
+                             f"{config.total_steps}, where the run ends anyway",
+                             hint="a planned stop must come at or before total_steps; 0 = none")
   _choice(config.resume, "resume", ("auto", "force", "never"))
   _choice(config.distributed.initialize, "distributed.initialize", ("auto", "yes", "no"))
   _choice(config.optimizer.schedule, "optimizer.schedule", ("cosine", "constant"))

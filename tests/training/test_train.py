@@ -68,6 +68,22 @@ def test_config_arg_errors():
     load_stage_config(3, "fix_vit=maybe")
 
 
+def _train_cli(*args, cwd=REPO) -> subprocess.CompletedProcess:
+  """`python -m qwenvl_jax.train ARGS` (exits before training in these tests)."""
+  return subprocess.run([sys.executable, "-m", "qwenvl_jax.train", *map(str, args)], env=subprocess_env(), cwd=cwd,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_a_misspelt_eval_task_is_refused_while_evaluation_is_off(tmp_path):
+  """--config.eval.task=nope with eval_every=0 was ignored until a later run turned evaluation on."""
+  result = _train_cli(f"--config={REPO / 'configs' / 'stage2.py'}", f"--workdir={tmp_path / 'run'}",
+                      "--config.eval.task=nope")
+  assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: config.eval.task: unknown evaluation task 'nope'; known tasks: "), last
+  assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_sigterm_saves_and_the_rerun_resumes_exactly(uninterrupted, tmp_path):
   _, _, reference = uninterrupted

@@ -34,6 +34,7 @@ from tests.training.helpers import small_config
     ({"lora.rank": 8, "lora.dropout": 1.5}, r"LoRA dropout"),
     ({"lora.rank": 8, "lora.base_quantize": "int4", "lora.quantize_targets": "llm/block/.*"},
      r"quantize target 'llm/block/\.\*' matches no projection"),
+    ({"stop_at_step": 50}, r"^config\.stop_at_step=50 is past config\.total_steps=24"),
     ({"optimizer.lr": -1.0}, r"^config\.optimizer\.lr=-1\.0 must be a number > 0"),
     ({"optimizer.lr": 0.0}, r"^config\.optimizer\.lr=0\.0 must be a number > 0"),
     ({"optimizer.min_lr": -1e-5}, r"^config\.optimizer\.min_lr=-1e-05 must be a number >= 0"),
