@@ -33,8 +33,13 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     # Orbax logs every save step at INFO; the loop prints what a user needs.
     logging.set_verbosity(logging.WARNING)
-  from qwenvl_jax.training import train  # pylint: disable=g-import-not-at-top  (after flags: JAX reads them)
+  # pylint: disable-next=g-import-not-at-top  (after flags: JAX reads them)
+  from qwenvl_jax.training import train, validation
   config = _CONFIG.value
+  # A config file of the wrong kind (configs/eval/*.py) or with a misspelt field of its own (`c.totl_steps = 5`):
+  # refused naming the file, as a misspelt --config. override is.
+  config_file = config_flags.get_config_filename(flags.FLAGS["config"]).partition(":")[0]  # without its arg string
+  validation.check_is_training_config(config, source=config_file)
   if _WORKDIR.value:
     with config.unlocked():
       config.workdir = _WORKDIR.value

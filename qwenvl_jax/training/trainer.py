@@ -139,6 +139,7 @@ def train(config: ml_collections.ConfigDict, eval_fn: EvalFn | None = None) -> T
   steps and at the last step, returns scores to log (process 0; None elsewhere). `python -m qwenvl_jax.train`
   builds it from `config.eval` (`evaluation.during_training`); training itself never imports evaluation.
   """
+  validation.check_is_training_config(config)
   if config.get("eval_every", 0) and eval_fn is None:
     raise errors.ConfigError("config.eval_every > 0 needs an eval_fn: run `python -m qwenvl_jax.train`, which builds "
                              "it from config.eval, or pass train(config, eval_fn=...)")

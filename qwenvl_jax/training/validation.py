@@ -11,6 +11,7 @@ indexed, TFDS datasets looked up). Failures raise `errors.ConfigError` naming th
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
@@ -40,6 +41,58 @@ def _positive(config: ml_collections.ConfigDict, keys: dict[str, int]) -> None:
 def _choice(value, key: str, allowed: tuple) -> None:
   if value not in allowed:
     raise errors.ConfigError(f"config.{key}={value!r}: expected one of {', '.join(map(repr, allowed))}")
+
+
+# Groups whose keys are task names rather than fields (stage 2's mixture): any task of `records.TASKS`.
+_TASK_KEYED = ("data.mixture", "data.mixture_sources")
+
+
+def check_is_training_config(config: ml_collections.ConfigDict, source: str = "the config",
+                             command: str = "train") -> None:
+  """Refuses a config that is not a training stage's: an evaluation config (configs/eval/*.py, with its `task`),
+  one without a `stage`, and one holding a field that `configs/stage<N>.py`'s defaults do not have. `--config.`
+  overrides are checked against those fields by the flag parser; a config file of one's own
+  (`c.totl_steps = 5`) is checked here, so its typo is not recorded in config.json and ignored.
+
+  Args:
+    config: the loaded config.
+    source: what to call it in the message (the config file's path).
+    command: the command that was given it (`train`, `plan`).
+
+  Raises:
+    errors.ConfigError: naming the file and the field, with the closest existing fields.
+  """
+  if "stage" not in config:
+    what = "an evaluation config" if "task" in config else "not a training config (it has no stage field)"
+    raise errors.ConfigError(f"{source} is {what}; {command} takes a training config such as configs/stage2.py")
+  _choice(config.stage, "stage", (1, 2, 3))
+  from qwenvl_jax.data import records  # pylint: disable=g-import-not-at-top
+  from qwenvl_jax.training.stage_config import stage_config  # pylint: disable=g-import-not-at-top  (cycle)
+  defaults = stage_config(config.stage, None)  # the fields do not depend on the arg string
+
+  def walk(node, known, prefix):
+    for key in node.keys():
+      path = prefix + key
+      allowed = set(known.keys()) | (set(records.TASKS) if prefix.rstrip(".") in _TASK_KEYED else set())
+      if key not in allowed:
+        scope = "config" + ("." + prefix.rstrip(".") if prefix else "")
+        close = _closest(key, sorted(allowed))
+        hint = f"; did you mean {', '.join(f'{scope}.{c}' for c in close)}?" if close else ""
+        raise errors.ConfigError(f"{source} sets config.{path}, which is not a field of a stage-{config.stage} "
+                                 f"training config{hint}",
+                                 hint="the fields and their defaults: qwenvl_jax/training/stage_config.py")
+      if isinstance(node[key], ml_collections.ConfigDict) and isinstance(known.get(key),
+                                                                          ml_collections.ConfigDict):
+        walk(node[key], known[key], path + ".")
+
+  walk(config, defaults, "")
+
+
+def _closest(name: str, keys: list[str]) -> list[str]:
+  """Up to 3 of `keys` close to `name`: its initials first (learning_rate -> lr), then difflib's closest."""
+  initials = "".join(w[:1] for w in name.split("_") if w)
+  first = [k for k in keys if len(name.split("_")) > 1 and k == initials]
+  return (first + [k for k in difflib.get_close_matches(name, keys, n=3, cutoff=0.5) if k not in first])[:3]
 
 
 def _number(value) -> bool:

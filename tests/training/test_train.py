@@ -84,6 +84,25 @@ def test_a_misspelt_eval_task_is_refused_while_evaluation_is_off(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("config, message", [
+    ("configs/eval/flickr.py:model=x", "error: configs/eval/flickr.py is an evaluation config; train takes a "
+                                       "training config such as configs/stage2.py"),
+    ("myconf.py", "error: myconf.py sets config.totl_steps, which is not a field of a stage-2 training config; did "
+                  "you mean config.total_steps"),
+])
+def test_a_config_file_of_the_wrong_kind_or_with_a_misspelt_field_is_one_line(tmp_path, config, message):
+  """An evaluation config failed with AttributeError: "'stage'"; a typo in one's own config file was recorded."""
+  (tmp_path / "myconf.py").write_text("from qwenvl_jax.training.stage_config import stage_config\n\n\n"
+                                      "def get_config(arg=None):\n  c = stage_config(2, arg)\n  c.totl_steps = 5\n"
+                                      "  return c\n")
+  (tmp_path / "configs").symlink_to(REPO / "configs")
+  result = _train_cli(f"--config={config}", f"--workdir={tmp_path / 'run'}", cwd=tmp_path)
+  assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines()[-2 if "hint:" in result.stderr else -1].startswith(message), \
+      result.stderr[-3000:]
+  assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_sigterm_saves_and_the_rerun_resumes_exactly(uninterrupted, tmp_path):
   _, _, reference = uninterrupted

@@ -1,14 +1,16 @@
 """Issue 17, fast checks: a bad config is refused before anything is written; a workdir that is a file is named;
 metrics rows past the restored step are dropped on resume (each step logged once)."""
+import importlib.util
 import json
 import os
 
+import ml_collections
 import pytest
 
 from qwenvl_jax import errors
 from qwenvl_jax.training import metrics, train, validation
 from qwenvl_jax.training import workdir as workdir_lib
-from tests.training.helpers import small_config
+from tests.training.helpers import load_stage_config, small_config
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -64,6 +66,54 @@ def test_a_bad_config_is_refused_before_anything_is_written(tmp_path, overrides,
 ])
 def test_optimizer_settings_that_mean_off_are_accepted(tmp_path, overrides):
   validation.check_config(small_config(2, tmp_path / "run", **overrides))
+
+
+def _config_file(tmp_path, body):
+  """A config file of one's own: the stage-2 defaults plus the lines of `body` (on `c`), loaded by path."""
+  path = tmp_path / "myconf.py"
+  path.write_text("from qwenvl_jax.training.stage_config import stage_config\n\n\ndef get_config(arg=None):\n"
+                  "  c = stage_config(2, arg)\n" + "".join(f"  {line}\n" for line in body) + "  return c\n")
+  spec = importlib.util.spec_from_file_location("myconf", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return path, module.get_config()
+
+
+@pytest.mark.parametrize("body, message", [
+    (["c.totl_steps = 5"], r"sets config\.totl_steps, which is not a field of a stage-2 training config; did you "
+                           r"mean config\.total_steps"),
+    (["c.optimizer.learning_rate = 1e-4"], r"sets config\.optimizer\.learning_rate, .*did you mean "
+                                           r"config\.optimizer\.lr\?"),
+    (["c.data.mixture.ocrr = 1.0"], r"sets config\.data\.mixture\.ocrr, .*did you mean config\.data\.mixture\.ocr"),
+])
+def test_a_misspelt_field_in_a_config_file_is_refused_naming_the_file(tmp_path, body, message):
+  """The same typo as a --config. override was caught; in a config file it was recorded in config.json and
+  ignored."""
+  path, config = _config_file(tmp_path, body)
+  with pytest.raises(errors.ConfigError, match=rf"^{path} {message}"):
+    validation.check_is_training_config(config, source=str(path))
+  config.workdir = str(tmp_path / "run")
+  with pytest.raises(errors.ConfigError, match=message):
+    train(config)
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("arg", [None, "model=qwen_vl_7b,res=224", "lora=8", "qlora=16,fix_vit=false"])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_every_stage_config_and_a_mixture_of_known_tasks_pass_the_field_check(tmp_path, stage, arg):
+  validation.check_is_training_config(load_stage_config(stage, arg))
+  _, config = _config_file(tmp_path, ["c.data.mixture.chat = 1.0", "c.data.mixture_sources.chat = 'synthetic'"])
+  validation.check_is_training_config(config)
+
+
+def test_an_evaluation_config_is_refused_by_name():
+  """train --config=configs/eval/flickr.py failed with AttributeError: "'stage'"."""
+  from qwenvl_jax.evaluation.config import default_config  # pylint: disable=import-outside-toplevel
+  with pytest.raises(errors.ConfigError, match=r"^configs/eval/flickr\.py is an evaluation config; train takes a "
+                                               r"training config such as configs/stage2\.py$"):
+    validation.check_is_training_config(default_config("flickr", None), source="configs/eval/flickr.py")
+  with pytest.raises(errors.ConfigError, match=r"^the config is not a training config \(it has no stage field\)"):
+    train(ml_collections.ConfigDict({"model": "tiny"}))
 
 
 def test_a_workdir_that_is_a_file_is_named(tmp_path):
