@@ -64,8 +64,31 @@ def model_config_from(config=None, preset: str | None = None, res: int | None = 
   """The architecture config named by an experiment config (or by a preset and resolution)."""
   if config is not None:
     return train_plan.model_config_for(config)  # the trainer's numerics too (dtype, remat, attention)
+  check_model_flags(None, preset, res)
   cfg = get_preset(preset or "qwen_vl_7b")
-  return cfg.with_image_size(res) if res else cfg
+  return cfg.with_image_size(res) if res is not None else cfg
+
+
+def check_model_flags(config, preset: str | None, res: int | None, config_file: str = "--config") -> None:
+  """Refuses a `config` (loaded from `config_file`, `PATH[:ARG]`) that is not a training config, --preset / --res
+  next to --config (the config names the model: they were silently ignored) and a --res that is 0 or negative
+  (0 silently meant the preset's resolution).
+
+  Raises:
+    errors.ConfigError: saying which override to use instead.
+  """
+  if config is not None:
+    from qwenvl_jax.training import validation  # pylint: disable=import-outside-toplevel
+    validation.check_is_training_config(config, source=config_file.partition(":")[0], command="plan")
+    given = [f"--{k}={v}" for k, v in (("preset", preset), ("res", res)) if v is not None]
+    if given:
+      args = ",".join(f"{k}={v}" for k, v in (("model", preset), ("res", res)) if v is not None)
+      overrides = " ".join(f"--config.{k}={v}" for k, v in (("model", preset), ("res", res)) if v is not None)
+      spec = f"{config_file},{args}" if ":" in config_file else f"{config_file}:{args}"
+      raise errors.ConfigError(f"{' '.join(given)} with --config: the config names the model and its resolution",
+                               hint=f"use --config={spec} or {overrides}")
+  elif res is not None and res <= 0:
+    raise errors.ConfigError(f"--res={res} must be a positive multiple of the patch size (e.g. 224 or 448)")
 
 
 @functools.lru_cache(maxsize=4)
@@ -121,6 +144,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
+  config_file = config_flags.get_config_filename(flags.FLAGS["config"]) if config is not None else "--config"
+  check_model_flags(config, _PRESET.value, _RES.value, config_file)
   if _INFERENCE.value is not None:
     _plan_inference(config)
     return
@@ -174,7 +199,7 @@ def _plan_inference(config) -> None:
   if _SEARCH.value:
     raise app.UsageError("--search ranks training layouts; drop it with --inference")
   preset = config.model if config is not None else (_PRESET.value or "qwen_vl_7b")
-  res = config.res if config is not None else (_RES.value or 448)
+  res = config.res if config is not None else (448 if _RES.value is None else _RES.value)
   cfg = inference_plan.inference_model_config(preset, res)
   topology = _topology()
   print(f"model {preset}: {res} px; {topology.describe()}\ncompiling the decode step"

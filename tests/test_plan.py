@@ -1,5 +1,6 @@
 """`python -m qwenvl_jax.plan`: parameter counts of the configured model, without allocating it."""
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -10,6 +11,7 @@ import pytest
 from qwenvl_jax import errors, plan
 from qwenvl_jax.planning import inference_plan
 from qwenvl_jax.model import qwen_vl_7b
+from tests.conftest import REPO_ROOT
 from tests.planning.conftest import requires_libtpu
 
 
@@ -112,3 +114,39 @@ def test_cli_plans_quantized_inference_and_a_lora_stage_of_the_tiny_model():
                   "--config.batch_size=2", "--config.seq_len=64", timeout=1800)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "trained by LoRA r=4" in out.stdout and "verdict: FITS" in out.stdout, out.stdout[-2000:]
+
+
+def _config_file(path):
+  """`get_config()` of the config file `path` (relative to the repository), loaded by path as config_flags does."""
+  spec = importlib.util.spec_from_file_location("plan_test_config", REPO_ROOT / path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.mark.parametrize("preset, res, message", [
+    ("qwen_vl_7b", 224, r"^--preset=qwen_vl_7b --res=224 with --config: the config names the model and its resolution "
+                        r"\(use --config=configs/stage2\.py:model=qwen_vl_7b,res=224 or --config\.model=qwen_vl_7b "
+                        r"--config\.res=224\)$"),
+    (None, 224, r"^--res=224 with --config: .* \(use --config=configs/stage2\.py:res=224 or --config\.res=224\)$"),
+])
+def test_preset_and_res_beside_a_config_are_refused_not_ignored(preset, res, message):
+  """They printed the config's tiny model at 448 px as if they had been applied."""
+  with pytest.raises(errors.ConfigError, match=message):
+    plan.check_model_flags(_config_file("configs/stage2.py"), preset, res, "configs/stage2.py")
+
+
+@pytest.mark.parametrize("res", [0, -224])
+def test_a_resolution_that_is_not_positive_is_refused(res):
+  """--res=0 silently meant the preset's resolution."""
+  with pytest.raises(errors.ConfigError, match=rf"^--res={res} must be a positive multiple of the patch size"):
+    plan.check_model_flags(None, "tiny", res)
+  with pytest.raises(errors.ConfigError, match=rf"^--res={res}"):
+    plan.model_config_from(None, "tiny", res)
+  assert plan.model_config_from(None, "tiny", 56).vision.image_size == 56
+
+
+def test_an_evaluation_config_is_refused_by_name():
+  with pytest.raises(errors.ConfigError, match=r"^configs/eval/flickr\.py is an evaluation config; plan takes a "
+                                               r"training config such as configs/stage2\.py$"):
+    plan.check_model_flags(_config_file("configs/eval/flickr.py"), None, None, "configs/eval/flickr.py:model=x")
