@@ -39,6 +39,7 @@ from tests.training.helpers import load_stage_config, small_config
     ({"stop_at_step": 50}, r"^config\.stop_at_step=50 is past config\.total_steps=24"),
     ({"optimizer.lr": -1.0}, r"^config\.optimizer\.lr=-1\.0 must be a number > 0"),
     ({"optimizer.lr": 0.0}, r"^config\.optimizer\.lr=0\.0 must be a number > 0"),
+    ({"optimizer.lr": float("nan")}, r"^config\.optimizer\.lr=nan must be a number > 0"),
     ({"optimizer.min_lr": -1e-5}, r"^config\.optimizer\.min_lr=-1e-05 must be a number >= 0"),
     ({"optimizer.min_lr": 0.1}, r"^config\.optimizer\.min_lr=0\.1 must be <= config\.optimizer\.lr=0\.003"),
     ({"optimizer.b1": 1.0}, r"^config\.optimizer\.b1=1\.0 must be in \[0, 1\)"),
