@@ -128,12 +128,16 @@ def remove_new(workdir: str, before: frozenset[str] | None) -> None:
 
   Without this, a start that failed after the config checks (a data source whose every record is bad, found when
   the first batch is read) left a config.json that refused the corrected command and a checkpoints/ that looked
-  like a run.
+  like a run. A run that logged a step is no failed start: it keeps everything (its metrics.jsonl is the record
+  of what it did before a non-finite loss stopped it, or Ctrl-C, before its first checkpoint).
   """
   if jax.process_index() != 0 or has_checkpoint(workdir):
     return
   path = epath.Path(workdir)
   if not path.is_dir():
+    return
+  logged = path / "metrics.jsonl"
+  if logged.is_file() and logged.read_text().strip():
     return
   for entry in path.iterdir():
     if before is None or entry.name not in before:

@@ -162,6 +162,17 @@ def test_a_failed_start_keeps_a_workdir_that_holds_a_checkpoint(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["config.json"]
 
 
+def test_a_run_that_logged_a_step_keeps_its_workdir(tmp_path):
+  """A non-finite loss or Ctrl-C before the first checkpoint is no failed start: its metrics are the record."""
+  (tmp_path / "config.json").write_text("{}")
+  (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 6.9}\n')
+  workdir_lib.remove_new(str(tmp_path), before=None)
+  assert sorted(os.listdir(tmp_path)) == ["config.json", "metrics.jsonl"]
+  (tmp_path / "metrics.jsonl").write_text("")  # created, nothing logged yet: a failed start
+  workdir_lib.remove_new(str(tmp_path), before=None)
+  assert not tmp_path.exists()
+
+
 def _steps(path):
   with open(path) as f:
     return [json.loads(line)["step"] for line in f]
