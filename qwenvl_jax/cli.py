@@ -19,7 +19,6 @@ the inference layout), defined once here.
 from __future__ import annotations
 
 import ast
-import difflib
 import errno
 import functools
 import importlib.util
@@ -220,7 +219,7 @@ def config_override_error(argv: list[str]) -> str | None:
       keys = list(node.keys()) if hasattr(node, "keys") else []
       if part not in keys:
         where = ".".join(walked)
-        close = _closest(part, keys)
+        close = errors.closest(part, keys)
         prefix = f"{base}.{where}." if where else f"{base}."
         hint = f"; did you mean {', '.join('--' + prefix + c for c in close)}?" if close else ""
         scope = f"{base}.{where}" if where else base
@@ -228,13 +227,6 @@ def config_override_error(argv: list[str]) -> str | None:
                 if keys else f"--{key}: {scope} is a value, not a group of fields")
       node, walked = node[part], walked + [part]
   return None
-
-
-def _closest(name: str, keys: list[str]) -> list[str]:
-  """Up to 3 keys close to `name`: its initials first (learning_rate -> lr), then difflib's closest."""
-  initials = "".join(w[:1] for w in name.split("_") if w)
-  first = [k for k in keys if len(name.split("_")) > 1 and k == initials]
-  return (first + [k for k in difflib.get_close_matches(name, keys, n=3, cutoff=0.5) if k not in first])[:3]
 
 
 def _load_config(spec: str):

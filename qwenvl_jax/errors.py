@@ -18,6 +18,8 @@ arguments).
 
 from __future__ import annotations
 
+import difflib
+
 # Exit status of a user mistake (absl's usage errors exit 1; 2 is the conventional "bad usage" of CLI tools).
 USER_ERROR_EXIT_CODE = 2
 
@@ -63,3 +65,11 @@ def format_user_error(error: BaseException) -> str:
       message = f"{error.filename}: {error.strerror}"
   message = message.strip()
   return f"error: {message}" + (f"\n  hint: {hint}" if hint else "")
+
+
+def closest(name: str, keys: list[str]) -> list[str]:
+  """Up to 3 of `keys` close to a misspelt `name`, for a "did you mean ...?": its initials first
+  (learning_rate -> lr), then difflib's closest."""
+  initials = "".join(w[:1] for w in name.split("_") if w)
+  first = [k for k in keys if len(name.split("_")) > 1 and k == initials]
+  return (first + [k for k in difflib.get_close_matches(name, keys, n=3, cutoff=0.5) if k not in first])[:3]

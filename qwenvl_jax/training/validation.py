@@ -11,7 +11,6 @@ indexed, TFDS datasets looked up). Failures raise `errors.ConfigError` naming th
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import re
@@ -76,7 +75,7 @@ def check_is_training_config(config: ml_collections.ConfigDict, source: str = "t
       allowed = set(known.keys()) | (set(records.TASKS) if prefix.rstrip(".") in _TASK_KEYED else set())
       if key not in allowed:
         scope = "config" + ("." + prefix.rstrip(".") if prefix else "")
-        close = _closest(key, sorted(allowed))
+        close = errors.closest(key, sorted(allowed))
         hint = f"; did you mean {', '.join(f'{scope}.{c}' for c in close)}?" if close else ""
         raise errors.ConfigError(f"{source} sets config.{path}, which is not a field of a stage-{config.stage} "
                                  f"training config{hint}",
@@ -86,13 +85,6 @@ def check_is_training_config(config: ml_collections.ConfigDict, source: str = "t
         walk(node[key], known[key], path + ".")
 
   walk(config, defaults, "")
-
-
-def _closest(name: str, keys: list[str]) -> list[str]:
-  """Up to 3 of `keys` close to `name`: its initials first (learning_rate -> lr), then difflib's closest."""
-  initials = "".join(w[:1] for w in name.split("_") if w)
-  first = [k for k in keys if len(name.split("_")) > 1 and k == initials]
-  return (first + [k for k in difflib.get_close_matches(name, keys, n=3, cutoff=0.5) if k not in first])[:3]
 
 
 def _number(value) -> bool:
