@@ -10,7 +10,6 @@ every N steps with the eval job's code; the scores go to metrics.jsonl and Tenso
 
 The same command resumes a run from its latest checkpoint; see `qwenvl_jax/training/trainer.py`.
 """
-import os
 import sys
 
 from absl import app, flags, logging
@@ -48,8 +47,9 @@ def main(argv):
     # The entry point sits above training and evaluation: it hands the trainer the eval job's code as a callback.
     from qwenvl_jax.evaluation import during_training  # pylint: disable=g-import-not-at-top
     eval_fn = during_training.TrainingEvaluator(config)
-  elif "eval" in config:
-    _check_eval_task(config.eval.task)
+  elif "eval" in config:  # off: still refuse a misspelt task now rather than when a resumed run turns it on
+    from qwenvl_jax.evaluation import during_training  # pylint: disable=g-import-not-at-top
+    during_training.check_task(config.eval.task)
   try:
     result = train(config, eval_fn)
   finally:
@@ -57,22 +57,6 @@ def main(argv):
       eval_fn.close()
   if result.status == "preempted":
     sys.exit(PREEMPTED_EXIT_CODE)
-
-
-def _check_eval_task(spec: str) -> None:
-  """Refuses a `config.eval.task` that names no task (nor an existing configs/eval file) while evaluation is off
-  (eval_every=0): a misspelt task would otherwise surface only when a resumed run turns evaluation on."""
-  from qwenvl_jax import errors  # pylint: disable=g-import-not-at-top
-  from qwenvl_jax.evaluation import tasks  # pylint: disable=g-import-not-at-top
-  if spec.endswith(".py"):
-    if not os.path.isfile(spec):
-      raise errors.UserFileNotFoundError(f"config.eval.task: no evaluation config file {spec} (e.g. "
-                                         "configs/eval/flickr.py)")
-    return
-  try:
-    tasks.get_task(spec)
-  except KeyError as e:
-    raise errors.ConfigError(f"config.eval.task: {e}") from None
 
 
 if __name__ == "__main__":

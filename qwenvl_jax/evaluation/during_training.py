@@ -54,6 +54,12 @@ def _task_and_defaults(spec: str) -> tuple[tasks_lib.EvalTask, dict[str, str]]:
   return _task(file_config.task), defaults
 
 
+def check_task(spec: str) -> None:
+  """Refuses (errors.UserError) a `config.eval.task` that names no task nor an evaluation config file; the trainer
+  checks it while evaluation is off too, so a misspelt task does not surface only when a resumed run turns it on."""
+  _task_and_defaults(spec)
+
+
 def _task(name: str) -> tasks_lib.EvalTask:
   try:
     return tasks_lib.get_task(name)
