@@ -67,6 +67,11 @@ def make_source(spec: str, *, stage: int, image_size: int, seed: int = 0, task: 
     check_max_shapes(synthetic_max_shapes, "synthetic_max_shapes")  # at build time, not at the first record
     return Source(f"synthetic/{task}", items, _SyntheticParser(task, image_size, seed, stage, synthetic_max_shapes))
   if not arg:
+    if kind.endswith((".jsonl", ".json")) or os.sep in kind:  # a bare path: the kind was left out
+      guess = ("jsonl" if kind.endswith(".jsonl") else "qwen_finetune_json" if kind.endswith(".json") else
+               "array_record")
+      raise ValueError(f"source spec {spec!r} is a path without its kind; did you mean {guess}:{spec}? (kinds: "
+                       "synthetic, jsonl:PATH, qwen_finetune_json:PATH, tfds:NAME, array_record:PATH)")
     raise ValueError(f"source spec {spec!r} needs an argument after ':'")
   if kind == "jsonl":
     path = _existing(arg, spec)

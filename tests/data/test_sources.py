@@ -96,6 +96,11 @@ def test_spec_errors(tmp_path):
     make_source(f"jsonl:{tmp_path}/none.jsonl", stage=1, image_size=8)
   with pytest.raises(ValueError, match="needs an argument"):
     make_source("jsonl:", stage=1, image_size=8)
+  # A bare path (the kind left out) said "needs an argument after ':'"
+  for path, kind in ((f"{tmp_path}/pairs.jsonl", "jsonl"), (f"{tmp_path}/train.json", "qwen_finetune_json"),
+                     (f"{tmp_path}/records", "array_record")):
+    with pytest.raises(ValueError, match=f"is a path without its kind; did you mean {kind}:{path}"):
+      make_source(path, stage=1, image_size=8)
   with pytest.raises(ValueError, match="task"):
     make_source("synthetic", stage=2, image_size=8)
 
