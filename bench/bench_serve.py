@@ -15,6 +15,9 @@ own timers (`Engine.stats`): `device` = the share of the wall time the engine th
 ratio to the one-client level's: the concurrency ratio the device itself allows (on a CPU the decode step of R
 rows costs far more than one row's, so this bound, not the server, caps the ratio).
 
+With `--without_http`, the same levels driven on the engine in this process (no HTTP, no client processes): what
+the engine and the device alone allow, with the share of decode and prefill calls in the wall time.
+
 Then `--agreement` different greedy prompts, answered one at a time and then all at once (one decode batch): how
 many answers are identical (on CPU in float32 all must be; on an accelerator in bf16 the batch shape may change
 low bits, so this is the agreement rate the issue asks for there; random weights make near-ties, so it is a
@@ -103,6 +106,45 @@ def agreement(url: str, body: dict, n: int) -> tuple[int, float]:
   return sum(a == b for a, b in zip(alone, together)), float(np.mean(shares))
 
 
+def engine_levels(engine, prompt: list[int], clients: list[int], requests: int, max_tokens: int) -> None:
+  """The same levels driven on the engine in this process, without HTTP: C callers each submit their next request
+  when the last one finishes (greedy, `ignore_stop_tokens`). What the engine and the device alone allow."""
+  import threading  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.serving import engine as engine_lib  # pylint: disable=import-outside-toplevel
+  print(f"{'clients':>7} {'tok/s':>9} {'ratio':>6} {'decode':>7} {'prefill':>8} {'ms/decode call':>15} "
+        f"{'rows/step':>9} {'ms/prefill':>10} {'per prefill':>11}")
+  single = None
+  for c in clients:
+    done, lock, left = threading.Semaphore(0), threading.Lock(), [requests]
+
+    def submit():
+      with lock:
+        if left[0] <= 0:
+          return
+        left[0] -= 1
+      def sink(event):
+        if isinstance(event, engine_lib.Finished):
+          done.release()
+          submit()
+      engine.submit(engine_lib.Request(prompt, [], engine_lib.SamplingParams(max_tokens, ignore_stop_tokens=True),
+                                       sink))
+
+    before, t0 = engine.stats(), time.perf_counter()
+    for _ in range(c):
+      submit()
+    for _ in range(requests):
+      done.acquire()
+    wall, after = time.perf_counter() - t0, engine.stats()
+    d = {k: after.get(k, 0) - before.get(k, 0) for k in ("decode_seconds", "prefill_seconds", "decode_calls",
+                                                           "decoded_tokens", "prefills", "admitted")}
+    rate = requests * max_tokens / wall
+    single = single or rate
+    print(f"{c:>7} {rate:>9.1f} {rate / single:>6.2f} {d['decode_seconds'] / wall:>7.0%} "
+          f"{d['prefill_seconds'] / wall:>8.0%} {d['decode_seconds'] / max(d['decode_calls'], 1) * 1e3:>15.3f} "
+          f"{d['decoded_tokens'] / max(d['decode_calls'] * engine.decode_steps, 1):>9.1f} "
+          f"{d['prefill_seconds'] / max(d['prefills'], 1) * 1e3:>10.2f} {d['admitted'] / max(d['prefills'], 1):>11.1f}")
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--model", default="tiny")
@@ -116,6 +158,8 @@ def main():
   parser.add_argument("--agreement", type=int, default=16,
                       help="different prompts answered alone and then all at once, compared (0: skip)")
   parser.add_argument("--client_processes", type=int, default=4, help="processes the clients are spread over")
+  parser.add_argument("--without_http", action="store_true",
+                      help="also drive the same levels on the engine in-process, without HTTP (what it alone allows)")
   parser.add_argument("--xla_threads", default="all", choices=["all", "1"],
                       help="1: XLA:CPU runs each op on the calling thread (see the module docstring)")
   args = parser.parse_args()
@@ -177,6 +221,11 @@ def main():
           f"{np.percentile(ttft, 99) * 1e3:>7.0f}ms {np.percentile(lat, 50):>7.2f}s {np.percentile(lat, 99):>7.2f}s "
           f"{rows:>9.1f} {server_cpu / wall:>9.0%} {client_cpu / wall:>9.0%} {device / wall:>6.0%} "
           f"{bound / single_bound:>6.2f}")
+
+  if args.without_http:
+    prompt = qtext.make_context(tok, query, chat_format="chatml", n_image_tokens=cfg.image_tokens).tokens
+    print("the same levels on the engine alone (in this process, no HTTP):")
+    engine_levels(engine, list(prompt), [int(x) for x in args.clients.split(",")], args.requests, args.max_tokens)
 
   # eos = an id past the tokenizer, never produced: every answer is max_tokens long, as with ignore_eos.
   if args.agreement:
