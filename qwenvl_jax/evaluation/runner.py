@@ -290,8 +290,9 @@ def _shot_sampler(config, task: tasks_lib.EvalTask, tfds_data_dir: str | None) -
   few_shot_lib.check_kind(task)
   path = config.get("few_shot_path")
   if not path:
-    raise errors.ConfigError(f"few_shot={k} needs config.few_shot_path: the training examples to draw the shots from (a file "
-                     f"in the format of {task.name!r}'s data, or a TFDS spec whose split defaults to train)")
+    raise errors.ConfigError(f"few_shot={k} needs config.few_shot_path: the training examples to draw the shots "
+                             f"from (a file in the format of {task.name!r}'s data, or a TFDS spec whose split "
+                             "defaults to train)")
   pool = few_shot_lib.shot_pool(task, task.read(path, tfds_data_dir=tfds_data_dir, tfds_split="train"))
   logging.info("few-shot: %d shots per query from %d candidates in %s (seed %d)", k, len(pool), path, config.seed)
   return few_shot_lib.ShotSampler(pool, k, config.seed)
