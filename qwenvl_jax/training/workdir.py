@@ -120,11 +120,17 @@ def has_checkpoint(workdir: str) -> bool:
   return path.is_dir() and any(p.name.isdigit() for p in path.iterdir())
 
 
+# What the trainer writes at the top of its workdir before its first logged step, and a failed start removes.
+# `profile/` is not among them: a trace of the steps before a crash is what one wants to read after it.
+_START_FILES = ("config.json", "tokenizer.model", "checkpoints", "tensorboard")
+
+
 def remove_new(workdir: str, before: frozenset[str] | None) -> None:
-  """Undoes a start that failed before its first checkpoint (process 0 only): removes the entries of `workdir` that
-  are not in `before` (its `contents` when the run started: config.json, tokenizer.model, an empty checkpoints/,
-  metrics) and the workdir itself when it did not exist then. Nothing that was there before is touched, and a
-  workdir holding a checkpoint is left as it is.
+  """Undoes a start that failed before its first checkpoint (process 0 only): removes what the trainer writes
+  (`_START_FILES`, metrics.jsonl and its temporaries) when it was not in `before` (the workdir's `contents` when
+  the run started), and the workdir itself when it did not exist then and is left empty. Nothing that was there
+  before is touched, nor anything else that appeared meanwhile (another job's run in a shared folder named as the
+  workdir by mistake), and a workdir holding a checkpoint is left as it is.
 
   Without this, a start that failed after the config checks (a data source whose every record is bad, found when
   the first batch is read) left a config.json that refused the corrected command and a checkpoints/ that looked
@@ -140,7 +146,8 @@ def remove_new(workdir: str, before: frozenset[str] | None) -> None:
   if logged.is_file() and logged.read_text().strip():
     return
   for entry in path.iterdir():
-    if before is None or entry.name not in before:
+    written = entry.name in _START_FILES or entry.name.startswith("metrics.jsonl")
+    if written and (before is None or entry.name not in before):
       entry.rmtree() if entry.is_dir() else entry.unlink()
   if before is None and not is_remote(workdir) and not any(path.iterdir()):
     path.rmdir()

@@ -162,6 +162,19 @@ def test_a_failed_start_keeps_a_workdir_that_holds_a_checkpoint(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["config.json"]
 
 
+def test_a_failed_start_removes_only_what_the_trainer_writes(tmp_path):
+  """What appeared meanwhile and is not the trainer's (another job's run in a folder named as the workdir by
+  mistake, a profile of the steps before the crash) is kept."""
+  (tmp_path / "config.json").write_text("{}")
+  (tmp_path / "checkpoints").mkdir()
+  (tmp_path / "tensorboard").mkdir()
+  (tmp_path / "metrics.jsonl").write_text("")
+  (tmp_path / "runB" / "checkpoints" / "7").mkdir(parents=True)
+  (tmp_path / "profile").mkdir()
+  workdir_lib.remove_new(str(tmp_path), before=None)
+  assert sorted(os.listdir(tmp_path)) == ["profile", "runB"]
+
+
 def test_a_run_that_logged_a_step_keeps_its_workdir(tmp_path):
   """A non-finite loss or Ctrl-C before the first checkpoint is no failed start: its metrics are the record."""
   (tmp_path / "config.json").write_text("{}")
