@@ -112,7 +112,7 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None, 
 
 
 # Flags whose value is free text, never a path: a leading ~ there is the user's text.
-_TEXT_FLAGS = frozenset({"prompt", "system", "api_key", "served_model_name", "stop", "host"})
+_TEXT_FLAGS = frozenset({"prompt", "system", "api_key", "served_model_name", "host"})
 
 
 def expand_home(argv: list[str]) -> list[str]:
@@ -122,14 +122,19 @@ def expand_home(argv: list[str]) -> list[str]:
   out = list(argv[:1])
   for a in argv[1:]:
     name, eq, value = a.partition("=")
-    if a.startswith("-") and eq and name.lstrip("-") not in _TEXT_FLAGS:
-      kind, colon, rest = value.partition(":")
-      if value == "~" or value.startswith("~/"):
-        a = f"{name}={os.path.expanduser(value)}"
-      elif colon and kind.isidentifier() and (rest == "~" or rest.startswith("~/")):
-        a = f"{name}={kind}:{os.path.expanduser(rest)}"
+    if a.startswith("-") and eq and name.lstrip("-").split(".")[-1] not in _TEXT_FLAGS:
+      a = f"{name}={','.join(_expand_item(item) for item in value.split(','))}"  # list flags: each item
     out.append(a)
   return out
+
+
+def _expand_item(value: str) -> str:
+  kind, colon, rest = value.partition(":")
+  if value == "~" or value.startswith("~/"):
+    return os.path.expanduser(value)
+  if colon and kind.isidentifier() and (rest == "~" or rest.startswith("~/")):
+    return f"{kind}:{os.path.expanduser(rest)}"
+  return value
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -165,7 +170,12 @@ def _config_file_error(argv: list[str]) -> str | None:
       where = (f" (line {e.lineno}: {e.msg})" if getattr(e, "lineno", None) else
                f" ({getattr(e, 'msg', None) or e})")
       return f"--{name}={value}: {path} is not a Python config file{where}"
-    if not any(isinstance(n, ast.FunctionDef) and n.name == "get_config" for n in tree.body):
+    bound = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    bound |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    bound |= {a.asname or a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+              for a in n.names}
+    if "get_config" not in bound and not any(  # `from module import *` may bring it
+        isinstance(n, ast.ImportFrom) and any(a.name == "*" for a in n.names) for n in ast.walk(tree)):
       return f"--{name}={value}: {path} defines no get_config()"
   return None
 

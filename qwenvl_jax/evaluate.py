@@ -21,6 +21,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/eval/TASK.py[
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _CONFIG.value is None:
+    raise errors.ConfigError("--config is required: an evaluation config", hint="e.g. --config=configs/eval/flickr.py")
   if "task" not in _CONFIG.value:  # a training config: ml_collections' AttributeError "'task'" and a traceback
     kind = "a training config" if "stage" in _CONFIG.value else "no evaluation config"
     raise errors.ConfigError(f"--config is {kind} (it has no 'task'); evaluate takes an evaluation config",

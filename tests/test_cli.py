@@ -122,11 +122,13 @@ def test_a_leading_tilde_of_a_path_flag_is_the_home_folder(monkeypatch):
   """A shell leaves `--workdir=~/run` alone (no expansion after `=`): the run went into a folder named `~`."""
   monkeypatch.setenv("HOME", "/home/u")
   argv = ["prog", "--workdir=~/run", "--config.tokenizer=qwen:~/q.tiktoken", "--config.data.source=jsonl:~",
-          "--prompt=~/not a path", "--system=~/text", "--checkpoint=/a/~/b", "--x=gs://b/~/c", "~/positional"]
+          "--prompt=~/not a path", "--system=~/text", "--config.data.system=~/text, too", "--checkpoint=/a/~/b",
+          "--x=gs://b/~/c", "--input=~/a.jsonl,~/b.jsonl", "~/positional"]
   assert cli.expand_home(argv) == [
       "prog", "--workdir=/home/u/run", "--config.tokenizer=qwen:/home/u/q.tiktoken",
-      "--config.data.source=jsonl:/home/u", "--prompt=~/not a path", "--system=~/text", "--checkpoint=/a/~/b",
-      "--x=gs://b/~/c", "~/positional"]
+      "--config.data.source=jsonl:/home/u", "--prompt=~/not a path", "--system=~/text",
+      "--config.data.system=~/text, too", "--checkpoint=/a/~/b", "--x=gs://b/~/c",
+      "--input=/home/u/a.jsonl,/home/u/b.jsonl", "~/positional"]
 
 
 def _libtpu_installed() -> bool:
@@ -149,6 +151,7 @@ def _libtpu_installed() -> bool:
     ("evaluate", ["--config=configs/eval/vqav2_val.py", "--config.output=o.json", "--config.data_path=synthetic"],
      "has no synthetic held-out set"),
     ("evaluate", ["--config=configs/stage2.py"], "--config is a training config (it has no 'task')"),
+    ("evaluate", [], "--config is required: an evaluation config"),
 ])
 def test_entry_point_mistakes_that_were_tracebacks_are_one_line(tmp_path, module, args, expected):
   if "needs libtpu" in expected and _libtpu_installed():

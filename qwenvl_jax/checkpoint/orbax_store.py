@@ -165,7 +165,8 @@ class ParamReader:
 
   def read(self, name: str, index: Index = ()) -> np.ndarray:
     """`param[index]` as a numpy array in the stored dtype."""
-    return np.asarray(self._store(name)[index].read().result())
+    with _damaged_is_a_user_error(self.path):
+      return np.asarray(self._store(name)[index].read().result())
 
 
 def check_tree(stored: Mapping[str, tuple[tuple[int, ...], Any]], expected: Mapping[str, tuple[tuple[int, ...], Any]],
@@ -225,14 +226,13 @@ def _wait_for_dangling_reads(quiet_s: float = 0.3, most_s: float = 5.0) -> None:
     time.sleep(quiet_s)
 
 
-def _mute_dangling_reads() -> None:
-  """Once per process, before a restore: drop what Python reports of orbax's reads left in flight by a failed
-  restore. As they end they call back into orbax's event loop, closed by then ("Event loop is closed"), and their
-  failed coroutines and tasks are collected later, up to the interpreter's exit; each printed a traceback,
-  hundreds of lines around the one error line (measured: a tiny run's checkpoint with truncated files, 22 to
-  2,500 lines by timing). Every other unraisable exception and asyncio log record passes."""
-  if getattr(sys.unraisablehook, "_qwenvl_drops_orbax_reads", False):
-    return
+def _mute_dangling_reads() -> Callable[[], None]:
+  """Drops what Python reports of orbax's reads left in flight by a failed restore, until the returned function is
+  called (a restore that succeeded; a failed one leaves it on: the reports come up to the interpreter's exit). As
+  those reads end they call back into orbax's event loop, closed by then ("Event loop is closed"), and their
+  failed coroutines and tasks are collected later; each printed a traceback, hundreds of lines around the one
+  error line (measured: a tiny run's checkpoint with truncated files, 22 to 2,500 lines by timing). Every other
+  unraisable exception and asyncio log record passes."""
   previous = sys.unraisablehook
 
   def hook(unraisable):
@@ -243,30 +243,44 @@ def _mute_dangling_reads() -> None:
     else:
       _MUTED[0] += 1
 
-  hook._qwenvl_drops_orbax_reads = True  # pylint: disable=protected-access
+  def dangling(record) -> bool:
+    message = record.getMessage()
+    return not ("never retrieved" in message and ("orbax" in message or "reading array index" in message))
+
   sys.unraisablehook = hook
-  logging.getLogger("asyncio").addFilter(
-      lambda record: not ("never retrieved" in record.getMessage()
-                          and ("orbax" in record.getMessage() or "reading array index" in record.getMessage())))
+  log = logging.getLogger("asyncio")
+  log.addFilter(dangling)
+
+  def unmute() -> None:
+    if sys.unraisablehook is hook:
+      sys.unraisablehook = previous
+    log.removeFilter(dangling)
+
+  return unmute
+
+
+# tensorstore's statuses of a file that is cut short, corrupt or gone; any other failure (permissions, a network
+# error, memory, a bug) keeps its own traceback.
+_DAMAGE_STATUSES = ("OUT_OF_RANGE", "DATA_LOSS", "NOT_FOUND")
 
 
 @contextlib.contextmanager
 def _damaged_is_a_user_error(path: str):
-  """Reads of the params checkpoint `path` inside: a truncated or missing file (tensorstore's OUT_OF_RANGE,
-  DATA_LOSS, NOT_FOUND, ...) is one line naming the checkpoint and tensorstore's reason, not orbax's traceback
-  (the trainer sets such a step aside instead; `generate`, `serve`, `evaluate` and `convert` stop)."""
-  _mute_dangling_reads()
+  """Reads of the params checkpoint `path` inside: a truncated, corrupt or missing file (tensorstore's
+  `_DAMAGE_STATUSES`) is one line naming the checkpoint and tensorstore's reason, not orbax's traceback (the
+  trainer sets such a step aside instead; `generate`, `serve` and `evaluate` stop)."""
+  unmute = _mute_dangling_reads()
   try:
     yield
-  except (errors.UserError, OSError):
-    raise
   except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise bare Exceptions)
-    if "RESOURCE_EXHAUSTED" in str(e):  # out of memory: not the files' fault
+    reason = _storage_reason(e)
+    if isinstance(e, (errors.UserError, OSError)) or not reason.startswith(_DAMAGE_STATUSES):
+      unmute()
       raise
     _wait_for_dangling_reads()
-    raise errors.InputFormatError(f"checkpoint {path} does not read back, it is damaged or incomplete: "
-                                  f"{_storage_reason(e)}",
+    raise errors.InputFormatError(f"checkpoint {path} does not read back, it is damaged or incomplete: {reason}",
                                   hint="convert it again, or use a run's earlier step (RUN/checkpoints/STEP)") from e
+  unmute()
 
 
 def _storage_reason(error: BaseException) -> str:

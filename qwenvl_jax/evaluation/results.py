@@ -151,7 +151,9 @@ def check_run_settings(directory: PathLike, settings: Mapping[str, Any], *,
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise ValueError(f"{path}: unreadable ({e}); it holds the settings of the run that started these ledgers") from e
     resolve = resolve_recorded or (lambda key, value: value)
-    differ = sorted(k for k in set(recorded) | set(settings) if resolve(k, recorded.get(k)) != settings.get(k))
+    # A setting the recorded run.json lacks was added by a later version (the int4 group size): the earlier run
+    # could not record it, and its ledgers are taken as ledgers without a run.json are.
+    differ = sorted(k for k in recorded if resolve(k, recorded.get(k)) != settings.get(k))
     if not differ:
       return
     finished = len(read_ledgers(directory))

@@ -58,9 +58,11 @@ def test_run_settings_are_recorded_then_checked(tmp_path):
   assert json.loads((directory / "run.json").read_text())["task"] == "textvqa_val"
   results.check_run_settings(directory, dict(settings))
   results.PredictionLedger(directory, 0).append([{"id": 1, "prediction": "a"}])
-  with pytest.raises(ValueError, match=r"holds 1 predictions of a run with other settings \(few_shot: 0 -> 4, "
-                                       r"seed: None -> 1\); .*rerun with the settings recorded in .*run.json"):
+  with pytest.raises(ValueError, match=r"holds 1 predictions of a run with other settings \(few_shot: 0 -> 4\); "
+                                       r".*rerun with the settings recorded in .*run.json"):
     results.check_run_settings(directory, dict(settings, few_shot=4, seed=1))
+  # A setting a later version added (the int4 group size) is not in an earlier run.json: the run resumes.
+  results.check_run_settings(directory, dict(settings, quantize_group_size=128))
   # A recorded value in another spelling matches once resolved the caller's way.
   upper = lambda key, value: value.upper() if key == "task" else value
   results.check_run_settings(directory, dict(settings, task="FLICKR"), resolve_recorded=upper)
