@@ -140,7 +140,6 @@ def _quantize(src: str, dst: str, cfg, preset: str, tokenizer: str | None, chat_
   """Float params checkpoint -> quantized params checkpoint, one kernel in float memory at a time; it records the
   source's preset, image size and chat format, and keeps a copy of its tokenizer."""
   import dataclasses  # pylint: disable=import-outside-toplevel
-  import os  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.inference import loading, quantized  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.model import quantize as qlib  # pylint: disable=import-outside-toplevel
   if os.path.exists(dst):
@@ -168,7 +167,6 @@ def _lora(mode: str, src: str, dst: str, dtype: str, tokenizer: str | None, chat
   the merge, then everything is cast to `dtype`); a bad source is one error line and exit status 2 (`cli.run`).
   The merged checkpoint records the run's preset, image size and chat format and keeps a copy of its tokenizer,
   so generate / serve / evaluate load it without flags."""
-  import os  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.checkpoint import peft_export  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.model import lora  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.training import peft  # pylint: disable=import-outside-toplevel
