@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 
+from qwenvl_jax.cleaning import scoring
 from qwenvl_jax.clip import similarity
 from qwenvl_jax.clip.config import FAMILIES
 from qwenvl_jax.clip.loading import check_checkpoint
@@ -24,7 +25,7 @@ class ClipScorerFactory:
   Raises (constructor):
     qwenvl_jax.clip.CheckpointError (a ValueError): one line naming what is missing or wrong.
   """
-  score_range = (-1.0, 1.0)  # cosine similarity of L2-normalized embeddings
+  score_range = scoring.COSINE_RANGE
 
   def __init__(self, family: str, directory: str | os.PathLike, platform: str = "cpu",
                max_batch: int = similarity.DEFAULT_MAX_BATCH):

@@ -142,6 +142,11 @@ class CleanConfig:
     """The lowest accepted similarity score of a caption detected as `language`."""
     return float(self.min_similarity_by_language.get(language, self.min_similarity))
 
+  def column_flags(self) -> list[tuple[str, str]]:
+    """(input column, the flag that names it) of each column the job reads (the unset optional ones left out)."""
+    return [(key, flag) for key, flag in ((self.text_key, "--text_key"), (self.image_key, "--image_key"),
+                                          (self.id_key, "--id_key"), (self.score_key, "--score_key")) if key]
+
   def threshold_settings(self) -> list[tuple[str, float, str | None]]:
     """(setting name, value, language or None for every other one) of each similarity threshold."""
     return [("min_similarity", self.min_similarity, None)] + [

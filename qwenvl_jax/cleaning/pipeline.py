@@ -380,8 +380,7 @@ def run_clean(job: CleanJob, beam_options: PipelineOptions | None = None) -> dic
       report = _publish(partial, job.report)
       rejected = {k: v for k, v in report["rejected"].items() if v}
       cfg = job.config
-      named = [f"{key!r} ({flag})" for key, flag in ((cfg.text_key, "--text_key"), (cfg.image_key, "--image_key"),
-                                                    (cfg.id_key, "--id_key"), (cfg.score_key, "--score_key")) if key]
+      named = [f"{key!r} ({flag})" for key, flag in cfg.column_flags()]
       columns = (f"; every pair was malformed: do the rows hold the columns {', '.join(named)} with values of "
                  "the right type?" if set(rejected) == {"malformed"} else "")
       raise NoPairsKeptError(f"all {report['num_pairs']} input pairs were rejected, so no dataset was written; "
@@ -435,17 +434,17 @@ def _check_columns(shard: str, job: CleanJob) -> None:
     return
   cfg = job.config
   columns = sorted({key for row in rows for key in row if row[key] is not None})
-  for key, flag in ((cfg.text_key, "--text_key"), (cfg.image_key, "--image_key"), (cfg.id_key, "--id_key"),
-                    (cfg.score_key, "--score_key")):
-    if key and key not in columns:
+  for key, flag in cfg.column_flags():
+    if key not in columns:
       close = difflib.get_close_matches(key, columns, n=1)
       raise errors.ConfigError(f"{flag}={key!r}: none of the first {len(rows)} rows of {shard} has a column {key!r}",
                                (f"did you mean {close[0]!r}? " if close else "") + f"the rows hold {columns}")
   if cfg.score_key:
     scores = [float(row[cfg.score_key]) for row in rows if scoring.is_number(row.get(cfg.score_key))]
-    if scores and all(-1.0 <= score <= 1.0 for score in scores):
+    low, high = scoring.COSINE_RANGE
+    if scores and all(low <= score <= high for score in scores):
       for name, value, _ in cfg.threshold_settings():
-        config_lib.check_threshold_range(name, value, -1.0, 1.0,
+        config_lib.check_threshold_range(name, value, low, high,
                                          f"the {cfg.score_key!r} scores of the first rows of {shard}")
 
 

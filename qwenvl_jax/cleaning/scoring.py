@@ -79,6 +79,10 @@ def make_factory(spec: str, platform: str = "cpu", max_batch: int = 32) -> Score
   return SpecFactory(spec)
 
 
+# The cosine similarity of L2-normalized embeddings: the scores of the CLIP scorers and of a score column of them.
+COSINE_RANGE = (-1.0, 1.0)
+
+
 def score_range(factory) -> tuple[float, float] | None:
   """The (lowest, highest) score the scorers `factory` builds can give, when it declares one (a `score_range`
   attribute: the CLIP factories' cosine [-1, 1], or a plugin's own); None when unknown."""
