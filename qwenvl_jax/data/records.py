@@ -170,13 +170,16 @@ def strip_image_paths(text: str) -> tuple[str, list[str]]:
   return IMG_SPAN.sub("<img></img>", text), paths
 
 
-_MAX_NAMED_SKIPS = 10_000  # bad records named one by one per process; past that, only the running totals
+_MAX_SEEN_SKIPS = 10_000  # distinct bad records remembered per process (to tell a new one from one met again)
+_MAX_NAMED_SKIPS = 20  # bad records named one by one per process; past that, only the running totals
 
 
 class SkipCounter:
   """Counts skipped records per reason in this process and logs a warning naming each bad record the first time
   it is skipped; a record met again (every epoch of a small source) only counts, with a line of totals at every
-  power of two of skips (a 6-line file with 2 bad lines logged 151 lines in 3 steps).
+  power of two of skips (a 6-line file with 2 bad lines logged 151 lines in 3 steps). Only the first
+  `_MAX_NAMED_SKIPS` bad records are named (a source of the wrong format logged a line for each of the 1000 records
+  before the `TooManyBadRecordsError` that says what is wrong); later ones count towards the totals.
 
   Grain worker processes each hold their own counter; the warning carries the running count of that process.
   """
@@ -204,13 +207,16 @@ class SkipCounter:
       total, consecutive, first_in_row = sum(self._counts.values()), self._consecutive, self._first_in_row
       if 0 < max_consecutive < consecutive:
         self._consecutive, self._first_in_row = 0, None  # this run ends here; a next pipeline starts afresh
-      first = error.record_id not in self._seen and len(self._seen) < _MAX_NAMED_SKIPS
-      if first:
+      new = error.record_id not in self._seen and len(self._seen) < _MAX_SEEN_SKIPS
+      if new:
         self._seen.add(error.record_id)
-    if first:
-      self._logger.warning("skipping %s (%d records skipped so far in this process)", error, total)
+      named, distinct = new and len(self._seen) <= _MAX_NAMED_SKIPS, len(self._seen)
+    if named:
+      last = ("; further bad records are counted, not named" if distinct == _MAX_NAMED_SKIPS else "")
+      self._logger.warning("skipping %s (%d records skipped so far in this process%s)", error, total, last)
     elif total & (total - 1) == 0:
-      self._logger.warning("%d records skipped so far in this process, %d distinct (%s)", total, len(self._seen),
+      more = "+" if distinct == _MAX_SEEN_SKIPS else ""
+      self._logger.warning("%d records skipped so far in this process, %d%s distinct (%s)", total, distinct, more,
                            self.counts)
     if 0 < max_consecutive < consecutive:
       raise TooManyBadRecordsError(source, consecutive, str(first_in_row))
@@ -230,10 +236,12 @@ class SkipCounter:
       return sum(self._counts.values())
 
   def reset(self) -> None:
+    """Starts afresh: no counts, and the next bad records are named again."""
     with self._lock:
       self._counts.clear()
       self._consecutive = 0
       self._first_in_row = None
+      self._seen.clear()
 
 
 def _reason_kind(reason: str) -> str:

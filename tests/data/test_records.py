@@ -103,3 +103,17 @@ def test_skip_counter_names_a_bad_record_once_however_often_it_comes_round(caplo
   assert len(named) == 2 and "'f.jsonl:7'" in named[0] and "'f.jsonl:8'" in named[1]
   assert counter.total == 100 and len(caplog.messages) == 2 + 5  # totals at 4, 8, 16, 32, 64 skips
   assert "64 records skipped so far in this process, 2 distinct" in caplog.messages[-1]
+
+
+def test_skip_counter_names_only_the_first_bad_records(caplog):
+  counter = rec.SkipCounter()
+  with caplog.at_level(logging.WARNING, logger="qwenvl_jax.data"):
+    for i in range(100):  # a source of the wrong format: every record bad, each a new one
+      counter.skip(rec.BadRecordError(f"f.jsonl:{i + 1}", "no 'text' key"))
+  named = [m for m in caplog.messages if m.startswith("skipping")]
+  assert len(named) == rec._MAX_NAMED_SKIPS == 20
+  assert "'f.jsonl:20'" in named[-1] and named[-1].endswith("further bad records are counted, not named)")
+  assert caplog.messages[len(named):] == [
+      "32 records skipped so far in this process, 32 distinct ({\"no 'text' key\": 32})",
+      "64 records skipped so far in this process, 64 distinct ({\"no 'text' key\": 64})"]
+  assert counter.total == 100
