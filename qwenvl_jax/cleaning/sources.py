@@ -1,7 +1,9 @@
 """Input shards of the cleaning job: sharded JSONL (optionally gzipped) or Parquet files of image-text rows.
 
 Shards are the unit of reading: each worker reads whole files, row by row (Parquet in record batches, so memory
-stays bounded whatever the file size), and every row becomes a `filters.RawPair` keyed by "<path>:<row index>".
+stays bounded whatever the file size), and every row becomes a `filters.RawPair` keyed by "<path>:<row>" (a
+JSONL line number from 1, as editors and the trainer's bad-record names count; a Parquet row index from 0, as
+pyarrow counts).
 That key is unique and stable across runs, which is what TFDS needs to shuffle deterministically. A line that is
 not valid JSON, or not a JSON object, becomes a `MalformedRow` (counted as "malformed"), never an exception; a
 file that cannot be opened at all is an error, because it means the job would silently lose a whole shard.
@@ -90,7 +92,7 @@ def _jsonl_rows(path: str) -> Iterator[tuple[int, object]]:
   with _open(path) as raw:
     stream = gzip.open(raw) if path.lower().endswith(".gz") else raw
     lines = io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline="\n")
-    for index, line in enumerate(lines):
+    for index, line in enumerate(lines, start=1):  # a line number, as editors and the trainer's record ids count
       if not line.strip():
         continue  # Blank lines (e.g. a trailing newline pair) are not rows.
       try:

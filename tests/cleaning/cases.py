@@ -133,10 +133,11 @@ def write_inputs(tmp: pathlib.Path) -> list[Case]:
 
 
 def case_ids(cases: list[Case]) -> dict[str, Case]:
-  """Maps each case to the id the job gives it by default ("<shard file>:<row>")."""
+  """Maps each case to the id the job gives it by default ("<shard file>:<row>": the line number from 1 in a JSONL
+  shard, which the generator writes without blank lines; the row index from 0 in a Parquet shard)."""
   out, rows = {}, {}
   for case in cases:
     index = rows.get(case.shard, 0)
     rows[case.shard] = index + 1
-    out[f"{case.shard}:{index}"] = case
+    out[f"{case.shard}:{index if '.parquet' in case.shard else index + 1}"] = case
   return out

@@ -15,8 +15,9 @@ def test_jsonl_rows_keys_and_malformed_lines(tmp_path):
   path.write_text('{"text": "a", "image": "x.jpg"}\n\n{broken\n[1, 2]\n{"text": "é", "image": "y.jpg"}\n',
                   encoding="utf-8")
   pairs = list(sources.read_shard(str(path)))
-  assert [p.key for p in pairs] == [f"{path}:0", f"{path}:2", f"{path}:3", f"{path}:4"]  # blank line 1 skipped
-  assert [p.source for p in pairs] == ["part-0.jsonl:0", "part-0.jsonl:2", "part-0.jsonl:3", "part-0.jsonl:4"]
+  # Line numbers from 1, as an editor shows them (blank line 2 skipped).
+  assert [p.key for p in pairs] == [f"{path}:1", f"{path}:3", f"{path}:4", f"{path}:5"]
+  assert [p.source for p in pairs] == ["part-0.jsonl:1", "part-0.jsonl:3", "part-0.jsonl:4", "part-0.jsonl:5"]
   assert pairs[0].row == {"text": "a", "image": "x.jpg"} and pairs[3].row["text"] == "é"
   assert isinstance(pairs[1].row, MalformedRow) and "not JSON" in pairs[1].row.reason
   assert isinstance(pairs[2].row, MalformedRow) and "list" in pairs[2].row.reason
