@@ -22,7 +22,9 @@ import ast
 import errno
 import functools
 import importlib.util
+import logging
 import os
+import reprlib
 import sys
 from typing import Callable
 
@@ -143,23 +145,69 @@ def _parse_flags(argv: list[str]) -> list[str]:
   from absl import flags  # pylint: disable=g-import-not-at-top
   message = _config_file_error(argv)
   if message is not None:
-    sys.exit(report(errors.ConfigError(message, hint="a config file is a Python file defining get_config(), such as "
-                                                     "configs/stage2.py or configs/eval/flickr.py")))
+    sys.exit(report(errors.ConfigError(message, hint=_CONFIG_FILE_HINT)))
+  absl_logger = logging.getLogger("absl")
+  absl_logger.addFilter(_drop_returned_none_warning)  # _config_value_error says it in its one line
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
   except flags.Error as e:
-    sys.exit(report(errors.ConfigError(_flag_error_line(str(e)), hint="--helpshort lists the flags")))
+    # A required config flag whose get_config() returned None fails absl's check for a value (one raising
+    # leaves None too, and its traceback in the message).
+    message = _config_value_error(argv) if "other than None" in str(e) and "Traceback" not in str(e) else None
+    sys.exit(report(errors.ConfigError(message, hint=_CONFIG_FILE_HINT) if message else
+                    errors.ConfigError(_flag_error_line(str(e)), hint="--helpshort lists the flags")))
+  finally:
+    absl_logger.removeFilter(_drop_returned_none_warning)
+  message = _config_value_error(argv)
+  if message is not None:
+    sys.exit(report(errors.ConfigError(message, hint=_CONFIG_FILE_HINT)))
+  return rest
+
+
+_CONFIG_FILE_HINT = ("a config file is a Python file defining get_config(), such as configs/stage2.py or "
+                     "configs/eval/flickr.py")
+
+
+def _drop_returned_none_warning(record: logging.LogRecord) -> bool:
+  return "returned None" not in record.getMessage()
+
+
+def _config_flags_given(argv: list[str]):
+  """(name, value) of each `--NAME=FILE[:ARG]` config-file flag in argv."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  for a in argv[1:]:
+    name, eq, value = a.lstrip("-").partition("=")
+    if eq and name in flags.FLAGS and type(flags.FLAGS[name]).__name__ == "_ConfigFlag":
+      yield name, value
+
+
+def _config_value_error(argv: list[str]) -> str | None:
+  """The message for a config file whose get_config() returned something other than a ConfigDict (None, a dict,
+  a number), or None. ml_collections takes any value: None fails absl's "must have a value" check with a warning
+  above it, anything else a later `"stage" in config` with a TypeError traceback."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  for name, value in _config_flags_given(argv):
+    # A missing file loads as ml_collections' error placeholder, which `_check_config_files` reports.
+    if os.path.isfile(value.partition(":")[0]) and not _is_config(flags.FLAGS[name].value):
+      return _not_a_config(name, value, flags.FLAGS[name].value)
+  return None
+
+
+def _is_config(value) -> bool:
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  return isinstance(value, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict))
+
+
+def _not_a_config(name: str, spec: str, got) -> str:
+  what = "None (a missing return statement?)" if got is None else f"{reprlib.repr(got)} ({type(got).__name__})"
+  return f"--{name}={spec}: get_config() returned {what}, not an ml_collections.ConfigDict"
 
 
 def _config_file_error(argv: list[str]) -> str | None:
   """The message for a `--NAME=FILE[:ARG]` config-file flag whose file is no Python or defines no get_config(),
   or None. ml_collections raises the SyntaxError / AttributeError of importing it out of absl's flag parsing (a
   40-line traceback); a missing file is reported by `_check_config_files`."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  for a in argv[1:]:
-    name, eq, value = a.lstrip("-").partition("=")
-    if not eq or name not in flags.FLAGS or type(flags.FLAGS[name]).__name__ != "_ConfigFlag":
-      continue
+  for name, value in _config_flags_given(argv):
     path = value.partition(":")[0]
     if not os.path.isfile(path):
       continue
@@ -224,6 +272,8 @@ def config_override_error(argv: list[str]) -> str | None:
       config = _load_config(files[base])
     except Exception:  # pylint: disable=broad-except  (the config file's own error shows elsewhere)
       return None
+    if not _is_config(config):
+      return _not_a_config(base, files[base], config)
     node, walked = config, []
     for part in path.split("."):
       keys = list(node.keys()) if hasattr(node, "keys") else []

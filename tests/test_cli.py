@@ -104,8 +104,15 @@ def test_flag_and_config_file_mistakes_are_one_line_and_exit_2(tmp_path):
            ([stage2, "extra"], "unexpected arguments: ['extra']"),
            # A file that is no config: ml_collections' SyntaxError / AttributeError tracebacks (40-56 lines).
            ([f"--config={REPO_ROOT / 'README.md'}"], "README.md is not a Python config file (line 3: "),
-           ([f"--config={tmp_path / 'noget.py'}"], "noget.py defines no get_config()")]
+           ([f"--config={tmp_path / 'noget.py'}"], "noget.py defines no get_config()"),
+           # get_config() returning no ConfigDict: absl's "must have a value other than None" under a warning, or
+           # a TypeError traceback from the first `"stage" in config`.
+           ([f"--config={tmp_path / 'none.py'}"], "none.py: get_config() returned None (a missing return"),
+           ([f"--config={tmp_path / 'none.py'}", "--config.model=tiny"], "none.py: get_config() returned None"),
+           ([f"--config={tmp_path / 'dict.py'}"], "dict.py: get_config() returned {'model': 'tiny'} (dict), not an")]
   (tmp_path / "noget.py").write_text("x = 1\n")
+  (tmp_path / "none.py").write_text("def get_config():\n  pass\n")
+  (tmp_path / "dict.py").write_text("def get_config():\n  return {'model': 'tiny'}\n")
   def run(extra):
     return subprocess.run([sys.executable, "-m", "qwenvl_jax.train", f"--workdir={workdir}", *extra], env=env,
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
