@@ -206,7 +206,9 @@ def _check_complete(leaves: Mapping[str, object], shapes: Mapping[str, tuple]) -
 
 def _refuse_existing(dst) -> None:
   if pathlib.Path(dst).exists():
-    raise FileExistsError(f"output {dst} exists; refusing to overwrite it (choose a new output directory)")
+    leftover = (" (the half-written output of an export that was killed, or of one still running)"
+                if str(dst).endswith(".partial") else "")
+    raise FileExistsError(f"output {dst} exists{leftover}; refusing to overwrite it (choose a new output directory)")
 
 
 def _export_plans(reader: orbax_store.ParamReader, shapes: Mapping[str, tuple], dtype: np.dtype | None,
@@ -269,11 +271,16 @@ def orbax_to_torch(src: str | os.PathLike, dst: str | os.PathLike, cfg: QwenVLCo
   orbax_store.check_tree(reader.shapes, shapes, f"checkpoint {src}")
   plans = _export_plans(reader, shapes, out_dtype, block_bytes)
   tmp.mkdir(parents=True)
-  index = tensor_io.write_safetensors_shards(tmp, plans, max_shard_bytes=max_shard_bytes)
-  torch_dtype = str(np.dtype(plans[0].dtype).name)
-  (tmp / "config.json").write_text(json.dumps(hf_config(cfg, torch_dtype=torch_dtype), indent=2) + "\n")
-  if reference_files is not None:
-    _copy_reference_files(pathlib.Path(reference_files), tmp)
+  try:
+    index = tensor_io.write_safetensors_shards(tmp, plans, max_shard_bytes=max_shard_bytes)
+    torch_dtype = str(np.dtype(plans[0].dtype).name)
+    (tmp / "config.json").write_text(json.dumps(hf_config(cfg, torch_dtype=torch_dtype), indent=2) + "\n")
+    if reference_files is not None:
+      _copy_reference_files(pathlib.Path(reference_files), tmp)
+  except BaseException:
+    # The half-written export is this call's own (`tmp` did not exist): left behind, it blocked the next try.
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
   tmp.rename(dst)
   logging.info("exported %d tensors (%d bytes) to %s", len(plans), index["metadata"]["total_size"], dst)
   return index

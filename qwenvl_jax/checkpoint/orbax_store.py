@@ -128,8 +128,18 @@ def save_params(path: str | os.PathLike, tree: Mapping[str, Any], *, custom_meta
   if path.exists():
     raise FileExistsError(f"{path} exists; refusing to overwrite it (choose a new output directory)")
   handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_registry())
-  with ocp.Checkpointer(handler) as checkpointer:
-    checkpointer.save(path, args=ocp.args.PyTreeSave(dict(tree), custom_metadata=custom_metadata))
+  # Orbax writes into `path.orbax-checkpoint-tmp*` and renames it at the end; a save that fails (a source that
+  # does not read back, Ctrl-C) left that folder behind. It is this call's own: removed, nothing else is.
+  pattern = path.name + ".orbax-checkpoint-tmp*"
+  before = set(path.parent.glob(pattern)) if path.parent.exists() else set()
+  try:
+    with ocp.Checkpointer(handler) as checkpointer:
+      checkpointer.save(path, args=ocp.args.PyTreeSave(dict(tree), custom_metadata=custom_metadata))
+  except BaseException:
+    if jax.process_index() == 0 and path.parent.exists():
+      for leftover in set(path.parent.glob(pattern)) - before:
+        leftover.rmtree(missing_ok=True)
+    raise
 
 
 def param_shapes(state: nnx.State) -> dict[str, tuple[tuple[int, ...], np.dtype]]:

@@ -1,6 +1,7 @@
 """torch -> Orbax -> torch: bit-exact round trips, layouts, errors that name tensors, config.json, stage-1 init."""
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -9,7 +10,7 @@ import torch
 from flax import nnx
 from safetensors.torch import load_file
 
-from qwenvl_jax import checkpoint, sharding
+from qwenvl_jax import checkpoint, errors, sharding
 from qwenvl_jax.checkpoint import conversion, model_card, orbax_store, tensor_io
 from qwenvl_jax.model import qwen_vl_7b, tiny
 
@@ -131,6 +132,22 @@ def test_outputs_are_never_overwritten(tmp_path, qwenvl_checkpoint):
   with pytest.raises(FileExistsError):
     checkpoint.orbax_to_torch(tmp_path / "orbax", tmp_path / "taken", cfg)
   assert list((tmp_path / "taken").iterdir()) == []
+
+
+def test_an_export_that_fails_midway_leaves_nothing_and_can_be_retried(tmp_path, qwenvl_checkpoint):
+  """A params checkpoint with a damaged data file fails after some shards are written: `export.partial` was left
+  behind and refused the next try ("exists")."""
+  cfg = tiny()
+  src, _ = qwenvl_checkpoint(cfg)
+  checkpoint.torch_to_orbax(src, tmp_path / "orbax", cfg)
+  shutil.copytree(tmp_path / "orbax", tmp_path / "damaged")
+  biggest = max((tmp_path / "damaged").rglob("d/*"), key=lambda p: p.stat().st_size)
+  biggest.write_bytes(biggest.read_bytes()[:100])
+  with pytest.raises(errors.InputFormatError, match="damaged or incomplete"):
+    checkpoint.orbax_to_torch(tmp_path / "damaged", tmp_path / "export", cfg, max_shard_bytes=20_000)
+  assert not (tmp_path / "export").exists() and not (tmp_path / "export.partial").exists()
+  checkpoint.orbax_to_torch(tmp_path / "orbax", tmp_path / "export", cfg, max_shard_bytes=20_000)
+  assert len(list((tmp_path / "export").glob("*.safetensors"))) > 1
 
 
 def test_export_copies_reference_code_but_not_weights(tmp_path, qwenvl_checkpoint):

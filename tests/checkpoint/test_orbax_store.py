@@ -69,6 +69,24 @@ def test_save_refuses_existing_directory(tmp_path):
     orbax_store.save_params(tmp_path / "p", {"b": np.zeros(3, np.float32)})
 
 
+def test_a_save_that_fails_midway_leaves_nothing_and_can_be_retried(tmp_path):
+  """A source block that does not read back (a damaged shard, Ctrl-C) stops the save; Orbax's temporary folder
+  (`p.orbax-checkpoint-tmp*`) was left beside the output. Other folders there stay."""
+  x = np.arange(24, dtype=np.float32).reshape(4, 6)
+  (tmp_path / "mine").mkdir()
+
+  def failing():
+    yield (0,), x[0]
+    raise OSError("the source shard does not read back")
+
+  with pytest.raises(OSError, match="does not read back"):
+    orbax_store.save_params(tmp_path / "p", {"w": orbax_store.StreamedArray(x.shape, x.dtype, (1, 6), failing),
+                                             "b": np.zeros(3, np.float32)})
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+  orbax_store.save_params(tmp_path / "p", {"w": x})
+  np.testing.assert_array_equal(orbax_store.ParamReader(tmp_path / "p").read("w"), x)
+
+
 @pytest.mark.parametrize("rules", ["fsdp", "fsdp_tp"])
 def test_restore_params_shards_onto_mesh_and_casts(tmp_path, rules):
   cfg = tiny()
