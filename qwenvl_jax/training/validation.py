@@ -107,7 +107,8 @@ def _check_optimizer(opt: ml_collections.ConfigDict) -> None:
     if not _number(opt[key]) or not 0 <= opt[key] < 1:
       refuse(key, "must be in [0, 1) (an Adam moment's decay rate)")
   if not _number(opt.eps) or opt.eps <= 0:
-    refuse("eps", "must be a number > 0 (Adam's denominator term)")
+    refuse("eps", "must be a number > 0 (Adam's denominator term: with 0 an entry whose gradient stays 0 "
+                  "updates by 0/0 = NaN)")
   if not _number(opt.weight_decay) or opt.weight_decay < 0:
     refuse("weight_decay", "must be a number >= 0 (0 = no decay)")
   if opt.grad_clip is not None and (not _number(opt.grad_clip) or opt.grad_clip < 0):
