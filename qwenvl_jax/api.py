@@ -11,8 +11,10 @@ inference loader together, the same way `generate`, `evaluate` and `serve` do.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, NamedTuple
 
+from qwenvl_jax import errors
 from qwenvl_jax.inference import layout, loading, model_source
 
 
@@ -28,12 +30,12 @@ class Loaded(NamedTuple):
   rules: tuple       # the sharding rule table
 
 
-def load(checkpoint: str, *, tokenizer: str | None = None, model: str | None = None, dtype: str = "bfloat16",
+def load(checkpoint: str | os.PathLike, *, tokenizer: str | None = None, model: str | None = None, dtype: str = "bfloat16",
          image_size: int | None = None, rules: str = layout.DEFAULT_RULES, tensor_parallel: int = 0) -> Loaded:
   """Restores a model for inference from a training run or a params checkpoint.
 
   Args:
-    checkpoint: a training run directory (its latest step), one of its `checkpoints/<step>`, or a params
+    checkpoint: a path (str or pathlib.Path): a training run directory (its latest step), one of its `checkpoints/<step>`, or a params
       checkpoint (e.g. from `python -m qwenvl_jax.convert`); see `inference.model_source`. A run's
       `config.json`, or what a converted checkpoint records, supplies the preset, the resolution, the chat format
       and the tokenizer unless given here.
@@ -49,6 +51,11 @@ def load(checkpoint: str, *, tokenizer: str | None = None, model: str | None = N
     ValueError: no tokenizer for a params checkpoint, a malformed spec, or a preset whose shapes differ from the
     stored ones. FileNotFoundError: a missing run, step, checkpoint or tokenizer file.
   """
+  if isinstance(checkpoint, os.PathLike):  # a pathlib.Path: model_source splits RUN@STEP on the string
+    checkpoint = os.fspath(checkpoint)
+  if checkpoint is not None and not isinstance(checkpoint, str):
+    raise errors.ConfigError(f"load() takes the checkpoint as a path (str or pathlib.Path), got "
+                             f"{type(checkpoint).__name__} {checkpoint!r}")
   if not checkpoint:
     raise ValueError("load() needs a checkpoint: a training run, its checkpoints/<step>, or a params directory")
   source = model_source.resolve(checkpoint, model=model, tokenizer=tokenizer, image_size=image_size)

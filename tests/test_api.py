@@ -70,3 +70,14 @@ def test_load_errors_name_what_is_missing(tmp_path):
     qwenvl_jax.load(str(tmp_path))
   with pytest.raises(FileNotFoundError, match="does not exist"):
     qwenvl_jax.load(str(tmp_path / "runs" / "checkpoints" / "9"))
+
+
+def test_load_takes_a_pathlib_path_and_names_a_wrong_type(tmp_path):
+  """A pathlib.Path is what most code holds for a folder: it resolves like its string (it was an AttributeError,
+  'PosixPath' object has no attribute 'rpartition', from the RUN@STEP parsing); anything else is one line."""
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    qwenvl_jax.load(tmp_path / "runs" / "nope")
+  with pytest.raises(FileNotFoundError, match="is neither a training run"):
+    qwenvl_jax.load(tmp_path)
+  with pytest.raises(ValueError, match=r"path \(str or pathlib.Path\), got int 5"):
+    qwenvl_jax.load(5)
