@@ -100,6 +100,14 @@ def resolve(checkpoint: str | None, *, model: str | None = None, tokenizer: str 
         and os.path.basename(os.path.dirname(os.path.dirname(path))) == "checkpoints"):
     run_dir, step = os.path.dirname(os.path.dirname(os.path.dirname(path))), int(os.path.basename(
         os.path.dirname(path)))
+  step_dir = os.path.dirname(path)
+  if (run_dir is None and os.path.basename(step_dir).isdigit()
+      and os.path.basename(os.path.dirname(step_dir)) == "checkpoints"):
+    # A sibling of a step's params (opt_state, data, meta): opt_state has a _METADATA too, so it would be taken
+    # for a params checkpoint and fail deep inside the restore.
+    raise errors.UserFileNotFoundError(
+        f"checkpoint {checkpoint!r} is the {os.path.basename(path)!r} folder of a training run's step, not its "
+        "model parameters", hint=f"pass the step ({step_dir}) or its params folder ({os.path.join(step_dir, 'params')})")
   if run_dir is None:
     if not orbax_store.is_params_dir(path):
       raise FileNotFoundError(f"{checkpoint} is neither a training run (config.json + checkpoints/), a run's "

@@ -52,6 +52,17 @@ def test_run_at_step_names_a_step_as_training_and_convert_spell_it(run_dir):
     model_source.resolve(f"{run_dir}@4")
 
 
+def test_a_steps_optimizer_state_is_named_not_restored(tmp_path):
+  """`checkpoints/<step>/opt_state` is an Orbax tree with a _METADATA, so it was taken for a params checkpoint:
+  a real one (optax's None leaves) failed with AttributeError 'NoneType' object has no attribute 'shape' from the
+  metadata read, in `load` and in `generate` alike."""
+  step = tmp_path / "run" / "checkpoints" / "2"
+  save_params(step / "opt_state", {"mu": np.zeros(3, np.float32)})
+  with pytest.raises(FileNotFoundError, match=r"is the 'opt_state' folder of a training run's step, not its model "
+                     r"parameters \(pass the step \(.*/checkpoints/2\) or its params folder"):
+    model_source.resolve(str(step / "opt_state"))
+
+
 def test_generate_on_a_damaged_checkpoint_is_one_error_line(run_dir, tmp_path):
   """Orbax's restore of a truncated array file ended in a traceback, and its reads still in flight printed
   hundreds of lines more (`orbax_store._mute_dangling_reads`)."""
