@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 import jax
 import numpy as np
 
+from qwenvl_jax import errors
 from qwenvl_jax import text as qtext
 from qwenvl_jax.data import images as image_lib
 from qwenvl_jax.inference import decode
@@ -46,6 +47,17 @@ def load_images(paths: Sequence[str], image_size: int, image_root: str | None = 
   return out
 
 
+def _check_generator_and_tokenizer(generator, tok) -> None:
+  """One line for the likely mix-ups (the model or `qwenvl_jax.load`'s result for the Generator, a spec string for
+  the tokenizer), which otherwise fail as an AttributeError deep in the prompt building or decoding."""
+  if not isinstance(generator, decode.Generator):
+    raise errors.ConfigError(f"chat takes a Generator as its first argument, got {type(generator).__name__}",
+                             hint="gen = qwenvl_jax.Generator(loaded.model), then chat(gen, loaded.tokenizer, ...)")
+  if not all(hasattr(tok, a) for a in ("encode", "decode", "eod_id")):
+    raise errors.ConfigError(f"chat takes a tokenizer as its second argument, got {type(tok).__name__} {tok!r:.60}",
+                             hint="loaded.tokenizer, or qwenvl_jax.load_tokenizer(SPEC)")
+
+
 @dataclasses.dataclass
 class Prompt:
   """A tokenized prompt with its images. context: the `text.ChatContext`; images: uint8[S, S, 3] each."""
@@ -61,6 +73,7 @@ def build_prompt(generator: decode.Generator, tok: qtext.Tokenizer, query: str,
 
   Raises ValueError when a token id does not exist in the model (tokenizer and model do not match).
   """
+  _check_generator_and_tokenizer(generator, tok)
   cfg = generator.cfg
   context = qtext.make_context(tok, query, history, system=system, max_window_size=max_window_size,
                                chat_format=chat_format, n_image_tokens=cfg.image_tokens)
@@ -135,8 +148,36 @@ def chat_stream(generator: decode.Generator, tok: qtext.Tokenizer, query: str,
                 chat_format: str = "chatml", gen: decode.GenerationConfig | None = None,
                 key: jax.Array | None = None, image_root: str | None = None,
                 max_window_size: int = qtext.DEFAULT_MAX_WINDOW_SIZE) -> ChatReply:
-  """Starts a streamed answer to `query` (see `ChatReply`). `gen` defaults to `chat_generation_config`."""
+  """Starts a streamed answer to `query` (see `ChatReply`).
+
+  Args:
+    generator: `Generator(loaded.model)`; tok: `loaded.tokenizer`.
+    query: the user message; images as `<img>PATH</img>` (`text.from_list_format` builds it from a list).
+    history: (query, response) pairs of the earlier turns, oldest first (chatml only).
+    system: the system message (chatml only).
+    chat_format: "chatml" (a chat model) or "raw" (a base model: the query alone); pass `loaded.chat_format`.
+    gen: a `GenerationConfig`, default `chat_generation_config(tok, chat_format)` (greedy, up to 512 tokens;
+      e.g. `chat_generation_config(tok, chat_format, max_new_tokens=64, do_sample=True, top_p=0.3)`).
+    key: a `jax.random.key(seed)` for sampling (default key 0).
+    image_root: the folder relative image paths are read under (default: the current folder).
+    max_window_size: the token budget of system + history (older turns are dropped first).
+  """
+  if isinstance(history, (str, bytes, dict)):
+    raise errors.ConfigError(f"history must be a list of (query, response) pairs, got a {type(history).__name__}",
+                             hint="the history a previous chat() returned, or [] to start")
   history = list(history or [])
+  if chat_format == "raw" and (history or system != qtext.DEFAULT_SYSTEM):
+    # make_context's raw format encodes the query alone: the turns and system message would be dropped unseen.
+    raise errors.ConfigError("history and system need the chatml format: chat_format='raw' (a base model) has no "
+                             "turns and no system message",
+                             hint="a chat-tuned model with chat_format='chatml', or one query at a time")
+  if gen is not None and not isinstance(gen, decode.GenerationConfig):
+    raise errors.ConfigError(f"gen must be a GenerationConfig, got {type(gen).__name__}",
+                             hint="gen=qwenvl_jax.inference.chat_generation_config(tok, chat_format, "
+                             "max_new_tokens=...)")
+  if key is not None and not isinstance(key, jax.Array):
+    raise errors.ConfigError(f"key must be a JAX random key, got {type(key).__name__} {key!r:.40}",
+                             hint="key=jax.random.key(seed)")
   prompt = build_prompt(generator, tok, query, history, system=system, chat_format=chat_format,
                         max_window_size=max_window_size, image_root=image_root)
   gen = gen or chat_generation_config(tok, chat_format)
@@ -146,7 +187,11 @@ def chat_stream(generator: decode.Generator, tok: qtext.Tokenizer, query: str,
 
 def chat(generator: decode.Generator, tok: qtext.Tokenizer, query: str,
          history: Sequence[tuple[str, str]] | None = None, **kwargs) -> tuple[str, History]:
-  """The reference's `model.chat`: returns (response, history + [(query, response)])."""
+  """The reference's `model.chat`: returns (response, history + [(query, response)]).
+
+  `kwargs` are `chat_stream`'s (system, chat_format, gen, key, image_root, max_window_size); pass
+  `chat_format=loaded.chat_format` for a model from `qwenvl_jax.load`, and `gen=` to change the length or sampling.
+  """
   reply = chat_stream(generator, tok, query, history, **kwargs)
   reply.consume()
   return reply.response, reply.history

@@ -56,3 +56,31 @@ def test_a_tokenizer_bigger_than_the_model_is_an_error(generator, qwen_tiktoken_
 def test_missing_image_names_the_file(generator, sp_tok, tmp_path):
   with pytest.raises(ValueError, match="nothere.png"):
     chat.build_prompt(generator, sp_tok, f"<img>{tmp_path / 'nothere.png'}</img>hi")
+
+
+def test_mixed_up_arguments_are_one_line_each(generator, tiny_model, sp_tok):
+  """The likely mix-ups of a library user: the model (or what `qwenvl_jax.load` returned) for the Generator, a
+  spec string for the tokenizer, a dict for `gen`, an int seed for `key`, a string for the history. Each was an
+  AttributeError or a JAX PRNG error from deep inside, and a string history was read one character per turn."""
+  with pytest.raises(ValueError, match="chat takes a Generator as its first argument, got QwenVL"):
+    chat.chat(tiny_model, sp_tok, "Hello")
+  with pytest.raises(ValueError, match="chat takes a tokenizer as its second argument, got str"):
+    chat.chat(generator, "sentencepiece:tok.model", "Hello")
+  with pytest.raises(ValueError, match="gen must be a GenerationConfig, got dict"):
+    chat.chat(generator, sp_tok, "Hello", gen={"max_new_tokens": 3})
+  with pytest.raises(ValueError, match=r"key must be a JAX random key, got int 3 \(key=jax.random.key\(seed\)\)"):
+    chat.chat(generator, sp_tok, "Hello", key=3)
+  with pytest.raises(ValueError, match="history must be a list of .* pairs, got a str"):
+    chat.chat(generator, sp_tok, "Hello", "Hi.")
+
+
+def test_raw_format_refuses_history_and_system_it_would_drop(generator, sp_tok):
+  """The raw (base model) prompt is the query alone: a history or system message given with it was silently
+  dropped, so the answer ignored the earlier turns while the returned history claimed them (`generate` refuses
+  the same for --history / --system)."""
+  with pytest.raises(ValueError, match="history and system need the chatml format"):
+    chat.chat(generator, sp_tok, "And?", [("Hello", "Hi.")], chat_format="raw")
+  with pytest.raises(ValueError, match="history and system need the chatml format"):
+    chat.chat(generator, sp_tok, "And?", system="Be brief.", chat_format="raw")
+  prompt = chat.build_prompt(generator, sp_tok, "And?", chat_format="raw")
+  assert prompt.context.tokens == sp_tok.encode("And?")
