@@ -67,6 +67,16 @@ class GenerationConfig:
   dynamic_ntk: bool = True
 
   def __post_init__(self):
+    for name in ("max_new_tokens", "min_new_tokens", "top_k", "eos_id", "pad_id"):
+      value = getattr(self, name)
+      if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+        raise errors.ConfigError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if self.vocab_limit is not None and not isinstance(self.vocab_limit, (int, np.integer)):
+      raise errors.ConfigError(f"vocab_limit must be an int or None, got {type(self.vocab_limit).__name__}")
+    for name in ("temperature", "top_p"):
+      if not isinstance(getattr(self, name), (int, float, np.integer, np.floating)):
+        raise errors.ConfigError(f"{name} must be a number, got {type(getattr(self, name)).__name__} "
+                                 f"{getattr(self, name)!r}")
     if self.max_new_tokens < 1:
       raise errors.ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
     if not 0 <= self.min_new_tokens <= self.max_new_tokens:
@@ -183,6 +193,12 @@ def make_prompt_batch(prompts: Sequence[Sequence[int]], images: Sequence[Sequenc
     shapes = {np.asarray(x).shape for row in images for x in row}
     if len(shapes) != 1 or len(next(iter(shapes))) != 3 or next(iter(shapes))[2] != 3:
       raise ValueError(f"all images must be uint8[S, S, 3] of one size, got shapes {sorted(shapes)}")
+    dtypes = {np.asarray(x).dtype for row in images for x in row}
+    if dtypes != {np.dtype(np.uint8)}:
+      # Assigning into the uint8 batch would cast silently: floats in [0, 1] became an all-black picture.
+      raise errors.InputFormatError(f"images must be uint8 RGB arrays (0..255, not normalized), got dtype "
+                                    f"{', '.join(sorted(map(str, dtypes)))}",
+                                    hint="load_images(paths, image_size) or data.images.preprocess_image(x, size)")
     shape = next(iter(shapes))
     image_arr = np.zeros((rows, m) + shape, np.uint8)
     mask = np.zeros((rows, m), bool)
@@ -317,6 +333,9 @@ class Generator:
   """
 
   def __init__(self, model: nnx.Module, *, state: nnx.State | None = None, kv_cache_dtype: str | None = None):
+    if not isinstance(model, nnx.Module) or not isinstance(getattr(model, "cfg", None), QwenVLConfig):
+      raise errors.ConfigError(f"Generator takes the model (a QwenVL), got {type(model).__name__}",
+                               hint="loaded = qwenvl_jax.load(CHECKPOINT); qwenvl_jax.Generator(loaded.model)")
     if kv_cache_dtype not in (None, "int8"):
       raise ValueError(f"kv_cache_dtype must be None (the compute dtype) or 'int8', got {kv_cache_dtype!r}")
     self.cfg: QwenVLConfig = model.cfg
@@ -329,7 +348,18 @@ class Generator:
     self._advance = jax.jit(_advance, static_argnums=(0, 1, 2), donate_argnums=(4,))
 
   def device_batch(self, batch: PromptBatch, gen: GenerationConfig) -> dict:
-    """The batch as the dict of arrays the jitted functions take (adds the per-row RoPE bases)."""
+    """The batch as the dict of arrays the jitted functions take (adds the per-row RoPE bases).
+
+    Raises errors.ConfigError for a batch that is not a `PromptBatch`, a `gen` that is not a `GenerationConfig`,
+    or a token id outside the model's vocabulary (the embedding lookup would clamp it silently).
+    """
+    _check_arguments(batch, gen, dict_ok=False)
+    ids = batch.input_ids[batch.segment_ids > 0]
+    vocab = self.cfg.llm.vocab_size
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+      bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+      raise errors.ConfigError(f"the prompt holds token id {bad}, outside the model's vocabulary 0..{vocab - 1}",
+                               hint="encode the prompt with the model's own tokenizer (loaded.tokenizer)")
     out = {"input_ids": batch.input_ids, "segment_ids": batch.segment_ids, "positions": batch.positions,
            "rope_base": rope_bases(batch.lengths, self.cfg, gen.dynamic_ntk)}
     if batch.images is not None:
@@ -344,6 +374,7 @@ class Generator:
   def generate_on_device(self, batch: PromptBatch | dict, gen: GenerationConfig, key: jax.Array | None = None
                          ) -> jax.Array:
     """`generate` without the copy to the host: a jax.Array laid out like the batch (global when it is)."""
+    _check_arguments(batch, gen, dict_ok=True)
     arrays = self.device_batch(batch, gen) if isinstance(batch, PromptBatch) else batch
     key = jax.random.key(0) if key is None else key
     static, dyn = gen.split()
@@ -363,6 +394,16 @@ class Generator:
       if step >= gen.max_new_tokens or bool(jnp.all(s.done)):
         return
       s = self._advance(self.graphdef, static, p, self.state, s, dyn)
+
+
+def _check_arguments(batch, gen, *, dict_ok: bool) -> None:
+  """One line for a batch or config of the wrong type (a list of ids, a dict), which failed deep inside."""
+  if not (isinstance(batch, PromptBatch) or (dict_ok and isinstance(batch, dict))):
+    raise errors.ConfigError(f"the batch must be a PromptBatch, got {type(batch).__name__}",
+                             hint="make_prompt_batch(prompts, images, pad_id=..., image_pad_id=..., image_tokens=...)")
+  if not isinstance(gen, GenerationConfig):
+    raise errors.ConfigError(f"the generation config must be a GenerationConfig, got {type(gen).__name__}",
+                             hint="GenerationConfig(max_new_tokens=..., eos_id=tok.eod_id, pad_id=tok.eod_id)")
 
 
 def trim(new_tokens: np.ndarray, eos_id: int) -> list[list[int]]:

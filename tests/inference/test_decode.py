@@ -160,3 +160,41 @@ def test_generation_config_validates():
     decode.GenerationConfig(top_p=0)
   with pytest.raises(ValueError, match="stop words"):
     decode.GenerationConfig(stop_words=((),))
+
+
+def test_generation_config_wants_numbers_of_the_right_type():
+  """A float or string length passed the checks (5.5) or failed on '<' between str and int; 5.5 then failed inside
+  the jitted loop's shapes."""
+  with pytest.raises(ValueError, match="max_new_tokens must be an int, got float 5.5"):
+    decode.GenerationConfig(max_new_tokens=5.5)
+  with pytest.raises(ValueError, match="max_new_tokens must be an int, got str '5'"):
+    decode.GenerationConfig(max_new_tokens="5")
+  with pytest.raises(ValueError, match="top_p must be a number, got str"):
+    decode.GenerationConfig(top_p="0.3")
+  assert decode.GenerationConfig(max_new_tokens=np.int64(3), top_p=np.float32(0.5)).max_new_tokens == 3
+
+
+def test_generator_arguments_of_the_wrong_kind_are_one_line(generator, tiny_model, prompts):
+  """What a library user gets wrong first: `load()`'s result for the model, a list of ids for the batch, no
+  config. Each was an AttributeError or a JAX indexing TypeError."""
+  with pytest.raises(ValueError, match=r"Generator takes the model \(a QwenVL\), got str"):
+    decode.Generator("runs/stage2")
+  with pytest.raises(ValueError, match="the batch must be a PromptBatch, got list"):
+    generator.generate(prompts, _gen())
+  with pytest.raises(ValueError, match="the batch must be a PromptBatch, got list"):
+    next(generator.stream(prompts, _gen()))
+  with pytest.raises(ValueError, match="the generation config must be a GenerationConfig, got NoneType"):
+    generator.generate(_batch(generator, prompts), None)
+
+
+def test_ids_outside_the_vocabulary_and_float_images_are_refused(generator, image_prompt):
+  """Both gave a silently wrong answer: the embedding lookup clamps an id past the vocabulary (a prompt encoded
+  with another tokenizer), and float images in [0, 1] were cast to an all-black uint8 picture."""
+  vocab = generator.cfg.llm.vocab_size
+  with pytest.raises(ValueError, match=f"token id {vocab}, outside the model's vocabulary 0..{vocab - 1}"):
+    generator.generate(_batch(generator, [[5, vocab]]), _gen())
+  with pytest.raises(ValueError, match="token id -1, outside"):
+    generator.generate(_batch(generator, [[-1, 5]]), _gen())
+  ids, image = image_prompt
+  with pytest.raises(ValueError, match="images must be uint8 RGB arrays .* got dtype float32"):
+    _batch(generator, [ids], [[image.astype(np.float32) / 255]])
