@@ -4,7 +4,8 @@
   loaded = qwenvl_jax.load("runs/stage3")                         # a training run: preset, resolution, tokenizer
   loaded = qwenvl_jax.load("ckpt/params", tokenizer="qwen:qwen.tiktoken")   # a converted params checkpoint
   gen = qwenvl_jax.Generator(loaded.model)
-  reply, history = qwenvl_jax.chat(gen, loaded.tokenizer, "Picture 1:<img>a.jpg</img>\\nWhat is this?")
+  reply, history = qwenvl_jax.chat(gen, loaded.tokenizer, "Picture 1:<img>a.jpg</img>\\nWhat is this?",
+                                   chat_format=loaded.chat_format)
 
 A top-layer module (like the entry points): it puts the checkpoint resolution, the tokenizer spec and the
 inference loader together, the same way `generate`, `evaluate` and `serve` do.

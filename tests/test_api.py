@@ -2,6 +2,8 @@
 run's model and tokenizer (a run laid out by hand: config.json, checkpoints/<step>/params, tokenizer.model)."""
 import json
 import os
+import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -81,3 +83,30 @@ def test_load_takes_a_pathlib_path_and_names_a_wrong_type(tmp_path):
     qwenvl_jax.load(tmp_path)
   with pytest.raises(ValueError, match=r"path \(str or pathlib.Path\), got int 5"):
     qwenvl_jax.load(5)
+
+
+@pytest.mark.slow
+def test_the_readme_library_snippet_runs_and_chats_in_the_runs_format(run, tmp_path, monkeypatch):
+  """The README's Python block, run as written from another folder (only the run directory swapped in): it chatted
+  in ChatML with every model, while a stage-1/2 run (`loaded.chat_format == 'raw'`) was trained on raw text, so its
+  answers came from a prompt format it never saw."""
+  workdir, _, _ = run
+  readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+  section = re.search(r"^## Install as a library\b.*?(?=^## )", readme, flags=re.S | re.M).group(0)
+  snippet = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+  assert '"runs/stage2"' in snippet and "a.png" in snippet
+  shutil.copy(pathlib.Path(__file__).parent.parent / "docs" / "images" / "scene.png", tmp_path / "a.png")
+  monkeypatch.chdir(tmp_path)
+  calls = []
+  real_chat = qwenvl_jax.chat
+
+  def spy(*args, **kwargs):
+    calls.append(kwargs.get("chat_format", "chatml"))
+    kwargs["gen"] = qwenvl_jax.inference.chat_generation_config(args[1], calls[-1], max_new_tokens=3)
+    return real_chat(*args, **kwargs)
+
+  monkeypatch.setattr(qwenvl_jax, "chat", spy)
+  scope = {}
+  exec(snippet.replace('"runs/stage2"', repr(str(workdir))), scope)  # pylint: disable=exec-used
+  assert calls == ["raw"] and scope["loaded"].chat_format == "raw"  # the fixture is a stage-2 run
+  assert scope["history"] == [("Picture 1:<img>a.png</img>\nWhat is this?", scope["reply"])]
