@@ -126,8 +126,10 @@ class QwenVLConfig:
            f"LLM width {self.llm.width} is not divisible by resampler heads {self.resampler.heads}")
     _check(0 <= self.image_pad_id < self.llm.vocab_size,
            f"image_pad_id {self.image_pad_id} is outside the vocabulary of {self.llm.vocab_size}")
-    _check(self.dtype in ("bfloat16", "float32", "float16"), f"unknown dtype {self.dtype!r}")
-    _check(self.param_dtype in ("bfloat16", "float32"), f"unknown param_dtype {self.param_dtype!r}")
+    _check(self.dtype in ("bfloat16", "float32", "float16"),
+           f"unknown dtype {self.dtype!r}; known: 'bfloat16', 'float32', 'float16'")
+    _check(self.param_dtype in ("bfloat16", "float32"),
+           f"unknown param_dtype {self.param_dtype!r}; known: 'bfloat16', 'float32'")
     _check(self.remat_policy in ("none", "full", "dots", "dots_no_batch"),
            f"unknown remat_policy {self.remat_policy!r}")
     _check(self.attention_impl in ("xla", "xla_rows", "cudnn", "splash"),

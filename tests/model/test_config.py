@@ -40,3 +40,11 @@ def test_config_validation():
     tiny(image_pad_id=5000)
   with pytest.raises(ValueError, match="remat_policy"):
     tiny(remat_policy="sometimes")
+
+
+def test_a_misspelt_dtype_lists_the_known_ones():
+  """`qwenvl_jax.load(..., dtype="bflaot16")` said only "unknown dtype 'bflaot16'", not what to write instead."""
+  with pytest.raises(ValueError, match="unknown dtype 'bflaot16'; known: 'bfloat16', 'float32', 'float16'"):
+    tiny(dtype="bflaot16")
+  with pytest.raises(ValueError, match="unknown param_dtype 'float16'; known: 'bfloat16', 'float32'"):
+    tiny(param_dtype="float16")
