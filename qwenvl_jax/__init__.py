@@ -39,4 +39,5 @@ def __getattr__(name: str):
 
 
 def __dir__():
-  return sorted(set(globals()) | set(_EXPORTS))
+  # The exports and the module's dunders only: not the helpers (`importlib`, `_EXPORTS`) tab completion offered.
+  return sorted({n for n in globals() if n.startswith("__")} | set(_EXPORTS))

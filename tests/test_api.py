@@ -110,3 +110,8 @@ def test_the_readme_library_snippet_runs_and_chats_in_the_runs_format(run, tmp_p
   exec(snippet.replace('"runs/stage2"', repr(str(workdir))), scope)  # pylint: disable=exec-used
   assert calls == ["raw"] and scope["loaded"].chat_format == "raw"  # the fixture is a stage-2 run
   assert scope["history"] == [("Picture 1:<img>a.png</img>\nWhat is this?", scope["reply"])]
+
+
+def test_dir_lists_the_exports_not_the_helpers():
+  """`dir(qwenvl_jax)` (what tab completion shows) offered `importlib` and `_EXPORTS` next to the API."""
+  assert [n for n in dir(qwenvl_jax) if not n.startswith("__")] == sorted(qwenvl_jax.__all__)
