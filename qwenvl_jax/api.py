@@ -31,15 +31,16 @@ class Loaded(NamedTuple):
   rules: tuple       # the sharding rule table
 
 
-def load(checkpoint: str | os.PathLike, *, tokenizer: str | None = None, model: str | None = None, dtype: str = "bfloat16",
-         image_size: int | None = None, rules: str = layout.DEFAULT_RULES, tensor_parallel: int = 0) -> Loaded:
+def load(checkpoint: str | os.PathLike, *, tokenizer: str | None = None, model: str | None = None,
+         dtype: str = "bfloat16", image_size: int | None = None, rules: str = layout.DEFAULT_RULES,
+         tensor_parallel: int = 0) -> Loaded:
   """Restores a model for inference from a training run or a params checkpoint.
 
   Args:
-    checkpoint: a path (str or pathlib.Path): a training run directory (its latest step), one of its `checkpoints/<step>`, or a params
-      checkpoint (e.g. from `python -m qwenvl_jax.convert`); see `inference.model_source`. A run's
-      `config.json`, or what a converted checkpoint records, supplies the preset, the resolution, the chat format
-      and the tokenizer unless given here.
+    checkpoint: a path (str or pathlib.Path): a training run directory (its latest step), one of its
+      `checkpoints/<step>`, or a params checkpoint (e.g. from `python -m qwenvl_jax.convert`); see
+      `inference.model_source`. A run's `config.json`, or what a converted checkpoint records, supplies the
+      preset, the resolution, the chat format and the tokenizer unless given here.
     tokenizer: a tokenizer spec (`text.load_tokenizer`); required for a params checkpoint that keeps none.
     model: the architecture preset (default: the run's, else `qwen_vl_7b`); checked against the stored shapes.
     dtype: compute and weight dtype (`bfloat16` or `float32`).

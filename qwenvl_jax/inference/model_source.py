@@ -107,7 +107,8 @@ def resolve(checkpoint: str | None, *, model: str | None = None, tokenizer: str 
     # for a params checkpoint and fail deep inside the restore.
     raise errors.UserFileNotFoundError(
         f"checkpoint {checkpoint!r} is the {os.path.basename(path)!r} folder of a training run's step, not its "
-        "model parameters", hint=f"pass the step ({step_dir}) or its params folder ({os.path.join(step_dir, 'params')})")
+        "model parameters",
+        hint=f"pass the step ({step_dir}) or its params folder ({os.path.join(step_dir, 'params')})")
   if run_dir is None:
     if not orbax_store.is_params_dir(path):
       raise FileNotFoundError(f"{checkpoint} is neither a training run (config.json + checkpoints/), a run's "
