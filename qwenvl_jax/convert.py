@@ -189,7 +189,7 @@ def _lora(mode: str, src: str, dst: str, dtype: str, tokenizer: str | None, chat
   lora.merge_lora(model)
   target = None if dtype == "keep" else jnp.dtype(dtype)
   params = jax.tree.map(lambda x: x if target is None else x.astype(target), nnx.to_pure_dict(nnx.state(model)))
-  card = model_source.run_model(os.path.abspath(src.split("@")[0]), run.to_dict())
+  card = model_source.run_model(os.path.abspath(peft.run_spec(src)[0]), run.to_dict())
   card.update({k: v for k, v in (("tokenizer", tokenizer), ("chat_format", chat_format)) if v})  # the flags win
   checkpoint.save_params(dst, params, custom_metadata={
       "sources": {"lora_run": os.path.abspath(src)},

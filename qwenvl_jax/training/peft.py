@@ -220,6 +220,35 @@ def _restore_quantizing(source: str, abstract: nnx.State, shardings: nnx.State, 
   return state
 
 
+def run_spec(spec: str) -> tuple[str, int | None]:
+  """(workdir, step or None for the latest) of a LoRA run as `convert --mode=merge_lora / export_peft` take it:
+  `WORKDIR`, `WORKDIR@STEP`, or the step's folder `WORKDIR/checkpoints/STEP[/params]`, which generate and serve
+  take for a run's step (it used to be read as a workdir: "checkpoints/STEP/config.json not found").
+
+  Raises:
+    FileNotFoundError: the path does not exist, or is a params checkpoint (already merged or converted: there are
+      no adapters to read). ValueError: a step after '@' that is not a number.
+  """
+  import os  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.checkpoint import orbax_store  # pylint: disable=import-outside-toplevel
+  workdir, at, step = spec.rpartition("@")
+  if not at or os.path.exists(spec):  # a folder whose name holds an '@'
+    workdir, at, step = spec, "", ""
+  elif not step.isdigit():
+    raise ValueError(f"the step after '@' in {spec!r} must be a number (WORKDIR@STEP), got {step!r}")
+  path = os.path.normpath(workdir)
+  if os.path.basename(path) == "params":
+    path = os.path.dirname(path)
+  if os.path.basename(path).isdigit() and os.path.basename(os.path.dirname(path)) == "checkpoints" and not at:
+    workdir, step = os.path.dirname(os.path.dirname(path)), os.path.basename(path)
+  if not os.path.exists(workdir):
+    raise FileNotFoundError(f"{workdir} does not exist (--src names a LoRA run's workdir: WORKDIR[@STEP])")
+  if orbax_store.is_params_dir(workdir) and not os.path.exists(os.path.join(workdir, "config.json")):
+    raise FileNotFoundError(f"{workdir} is a params checkpoint, not a LoRA training run: it holds no adapters "
+                            "(a merged one is used as it is); --src must be the run's workdir (WORKDIR[@STEP])")
+  return workdir, int(step) if step else None
+
+
 def load_run(spec: str) -> tuple[QwenVL, lora.LoraConfig, ml_collections.ConfigDict]:
   """(model with its trained adapters, LoraConfig, the run's config) of a LoRA trainer run `WORKDIR[@STEP]`
   (default the latest step), restored on the local devices from the run's own config.json and checkpoint.
@@ -232,7 +261,7 @@ def load_run(spec: str) -> tuple[QwenVL, lora.LoraConfig, ml_collections.ConfigD
   from qwenvl_jax.checkpoint import restore_params  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.model import config as model_config  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.training.checkpointing import resolve_params_checkpoint  # pylint: disable=import-outside-toplevel
-  workdir = spec.split("@")[0]
+  workdir, step = run_spec(spec)
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: --src must be a trainer workdir (WORKDIR[@STEP]) of a LoRA run")
@@ -241,6 +270,13 @@ def load_run(spec: str) -> tuple[QwenVL, lora.LoraConfig, ml_collections.ConfigD
   lcfg = lora_config(config)
   if lcfg is None:
     raise ValueError(f"{workdir} is not a LoRA run (config.lora.rank is 0)")
+  directory = os.path.join(workdir, "checkpoints")
+  steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
+  if not steps:
+    raise FileNotFoundError(f"{workdir} holds no checkpoint yet (train the run first)")
+  if step is not None and step not in steps:
+    raise FileNotFoundError(f"{workdir} has no step {step} (its steps: {', '.join(map(str, steps))})")
+  spec = workdir if step is None else f"{workdir}@{step}"
   cfg = model_config.get_preset(config.model, dtype=config.model_dtype, param_dtype=config.param_dtype,
                                 remat_policy="none", attention_impl="xla").with_image_size(config.res)
   make = model_fn(cfg, config, seed=config.seed)

@@ -122,3 +122,31 @@ def test_sigterm_stops_a_lora_run_and_the_rerun_resumes_exactly(lora_reference, 
   assert f"resumed {tmp_path} from step {steps[-1]}" in rerun.stderr
   resumed = read_losses(tmp_path)
   np.testing.assert_allclose([resumed[s] for s in STEPS], [lora_reference[s] for s in STEPS], rtol=1e-6)
+
+
+def test_run_spec_reads_a_step_folder_and_names_what_is_not_a_lora_run(tmp_path):
+  """`convert --mode=merge_lora/export_peft --src=` took `RUN/checkpoints/STEP` (how generate and serve name a step)
+  for a workdir ("checkpoints/3/config.json not found"), a bad step for `config.init` (a flag the user never gave)
+  or an int() error, and a merged params checkpoint or a missing path for a run without its config.json."""
+  run = tmp_path / "run"
+  (run / "checkpoints" / "3" / "params").mkdir(parents=True)
+  (run / "config.json").write_text(stage_config(3, "lora=8").to_json())
+  assert peft.run_spec(str(run)) == (str(run), None)
+  assert peft.run_spec(f"{run}@3") == (str(run), 3)
+  assert peft.run_spec(str(run / "checkpoints" / "3")) == (str(run), 3)
+  assert peft.run_spec(str(run / "checkpoints" / "3" / "params")) == (str(run), 3)
+  at = tmp_path / "a@b"  # a folder whose name holds an '@' is a workdir, not a step
+  at.mkdir()
+  assert peft.run_spec(str(at)) == (str(at), None)
+  with pytest.raises(ValueError, match="the step after '@' .* must be a number"):
+    peft.run_spec(f"{run}@abc")
+  with pytest.raises(FileNotFoundError, match="does not exist .*LoRA run's workdir"):
+    peft.run_spec(str(tmp_path / "nope"))
+  merged = tmp_path / "merged"
+  merged.mkdir()
+  (merged / "_METADATA").write_text("{}")
+  with pytest.raises(FileNotFoundError, match="is a params checkpoint, not a LoRA training run"):
+    peft.run_spec(str(merged))
+  with pytest.raises(FileNotFoundError, match=r"has no step 9 \(its steps: 3\)") as e:
+    peft.load_run(f"{run}@9")
+  assert "config.init" not in str(e.value)
