@@ -132,9 +132,11 @@ def resolve(checkpoint: str | None, *, model: str | None = None, tokenizer: str 
     # Its checkpoints hold the base (bf16, or QLoRA's 4-bit codes) plus adapters, not the plain model's tree.
     # The merged checkpoint records the run's preset, image size, chat format and tokenizer (a copy).
     raise errors.ConfigError(
-        f"{run_dir} is a LoRA/QLoRA run: merge its adapters first, then chat with the merged params",
-        hint=(f"python -m qwenvl_jax.convert --mode=merge_lora --src={run_dir}@{step} --dst=MERGED && "
-              "python -m qwenvl_jax.generate --checkpoint=MERGED --prompt=..."))
+        f"{run_dir} is a LoRA/QLoRA run: merge its adapters first, then use the merged params checkpoint in its "
+        "place",
+        # generate, serve, evaluate and convert --mode=quantize all land here: name no one command's flags.
+        hint=f"python -m qwenvl_jax.convert --mode=merge_lora --src={run_dir}@{step} --dst=MERGED, then pass "
+             f"MERGED in place of {checkpoint}")
   return ModelSource(params, model or card["preset"], image_size or card["image_size"],
                      tokenizer or card["tokenizer"], chat_format or card["chat_format"], run_dir, step)
 

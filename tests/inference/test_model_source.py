@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from qwenvl_jax.checkpoint import save_params
-from qwenvl_jax import text as qtext
+from qwenvl_jax import errors, text as qtext
 from qwenvl_jax.inference import loading, model_source
 from tests.training import helpers
 
@@ -110,3 +110,17 @@ def test_load_model_restores_the_run_it_resolved(run_dir, tiny_model):
   with pytest.raises(ValueError, match="--model=tiny"):
     loading.load_model(loading.model_config("qwen_vl_7b", tok, dtype="float32").with_image_size(224), src.params,
                        mesh, rules, preset="qwen_vl_7b")
+
+
+def test_a_lora_run_is_refused_with_a_merge_hint_that_fits_every_command(tmp_path):
+  """The same refusal reaches generate, serve, evaluate and `convert --mode=quantize`; its hint was a `generate
+  --prompt=...` command line, wrong for the other three (evaluate takes --config.checkpoint, quantize no prompt)."""
+  run = tmp_path / "run"
+  (run / "checkpoints" / "4" / "params").mkdir(parents=True)
+  (run / "checkpoints" / "4" / "params" / "_METADATA").write_text("{}")
+  (run / "config.json").write_text(json.dumps({"stage": 3, "model": "tiny", "res": 224, "tokenizer": "",
+                                               "lora": {"rank": 8}}))
+  with pytest.raises(errors.ConfigError, match="LoRA/QLoRA run: merge its adapters first") as e:
+    model_source.resolve(str(run))
+  assert "chat" not in str(e.value) and "generate" not in e.value.hint and "--prompt" not in e.value.hint
+  assert f"--mode=merge_lora --src={run}@4 --dst=MERGED, then pass MERGED in place of {run}" in e.value.hint
