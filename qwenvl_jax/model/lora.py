@@ -63,6 +63,14 @@ class LoraConfig:
       raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+    if self.alpha == 0:  # scale 0: with B = 0 at the start, neither A nor B ever gets a gradient
+      raise ValueError("LoRA alpha must not be 0 (the adapters' scale is alpha / r: a run with alpha 0 trains "
+                       "nothing)")
+    for target in self.targets:
+      try:
+        re.compile(target)
+      except re.error as e:
+        raise ValueError(f"LoRA target {target!r} is not a regular expression ({e})") from e
     unknown = set(self.modules_to_save) - set(SAVED_MODULES)
     if unknown:
       raise ValueError(f"unknown modules_to_save {sorted(unknown)}; known: {sorted(SAVED_MODULES)}")

@@ -109,6 +109,11 @@ def base_quantization(config: ml_collections.ConfigDict) -> tuple[qlib.QuantConf
   if group < 1:
     raise ValueError(f"config.lora.quantize_group={group} must be >= 1")
   targets = _items(section.get("quantize_targets", ",".join(QLORA_TARGETS)))
+  for target in targets:
+    try:
+      re.compile(target)
+    except re.error as e:
+      raise ValueError(f"config.lora.quantize_targets: {target!r} is not a regular expression ({e})") from e
   if any(re.fullmatch(t, "llm/lm_head") for t in targets):
     raise ValueError(f"config.lora.quantize_targets={','.join(targets)!r} matches llm/lm_head, which stays in "
                      "base_dtype (the chunked loss reads its kernel); quantize e.g. 'llm/blocks/.*,visual/blocks/.*'")

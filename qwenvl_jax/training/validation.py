@@ -167,9 +167,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise errors.ConfigError(str(e)) from e
   _check_tokenizer(config, cfg)
   try:
-    peft.lora_config(config)
-    if peft.base_quantization(config) is not None:
-      nnx.eval_shape(peft.model_fn(cfg, config))  # targets that match no projection (abstract: nothing allocated)
+    # LoRA or QLoRA targets that match no projection (abstract: nothing allocated); they were a traceback from
+    # the model's first build for LoRA, found here for QLoRA only.
+    if peft.lora_config(config) is not None or peft.base_quantization(config) is not None:
+      nnx.eval_shape(peft.model_fn(cfg, config))
   except ValueError as e:
     raise errors.ConfigError(str(e)) from e
   if config.init:

@@ -36,6 +36,12 @@ from tests.training.helpers import load_stage_config, small_config
     ({"lora.rank": 8, "lora.dropout": 1.5}, r"LoRA dropout"),
     ({"lora.rank": 8, "lora.base_quantize": "int4", "lora.quantize_targets": "llm/block/.*"},
      r"quantize target 'llm/block/\.\*' matches no projection"),
+    # LoRA targets were checked only when the model was first built: a traceback after the workdir was written.
+    ({"lora.rank": 8, "lora.targets": "llm/block/attn/qkv"}, r"LoRA target 'llm/block/attn/qkv' matches no projection"),
+    ({"lora.rank": 8, "lora.targets": "llm/blocks/(attn"}, r"LoRA target 'llm/blocks/\(attn' is not a regular"),
+    ({"lora.rank": 8, "lora.base_quantize": "nf4", "lora.quantize_targets": "["},
+     r"config\.lora\.quantize_targets: '\[' is not a regular expression"),
+    ({"lora.rank": 8, "lora.alpha": 0.0}, r"LoRA alpha must not be 0"),  # trained nothing, silently
     ({"stop_at_step": 50}, r"^config\.stop_at_step=50 is past config\.total_steps=24"),
     ({"optimizer.lr": -1.0}, r"^config\.optimizer\.lr=-1\.0 must be a number > 0"),
     ({"optimizer.lr": 0.0}, r"^config\.optimizer\.lr=0\.0 must be a number > 0"),
