@@ -74,17 +74,22 @@ def make_source(spec: str, *, stage: int, image_size: int, seed: int = 0, task: 
                        "synthetic, jsonl:PATH, qwen_finetune_json:PATH, tfds:NAME, array_record:PATH)")
     raise ValueError(f"source spec {spec!r} needs an argument after ':'")
   if kind == "jsonl":
-    path = _existing(arg, spec)
+    path = _existing_file(arg, spec)
+    if _first_char(path) == "[":  # every line of it would be a bad record: 1000 in a row end the run
+      raise ValueError(f"source {spec!r}: {path} holds one JSON list, not one JSON object per line; did you mean "
+                       f"qwen_finetune_json:{path}?")
     root = image_root or os.path.dirname(os.path.abspath(path))
     return Source(spec, grain.MapDataset.source(_JsonlLines(path)), _JsonParser(path, root, stage, task))
   if kind == "qwen_finetune_json":
-    path = _existing(arg, spec)
+    path = _existing_file(arg, spec)
     root = image_root or os.path.dirname(os.path.abspath(path))
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a file an editor saved with a BOM was "Unexpected UTF-8 BOM"
       try:
         entries = json.load(f)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); the fine-tuning format is one JSON list") from e
+        lines = e.msg == "Extra data" and _first_char(path) == "{"  # one object per line
+        raise ValueError(f"{path} is not valid JSON ({e}); the fine-tuning format is one JSON list"
+                         + (f"; one JSON object per line is read by jsonl:{path}" if lines else "")) from e
     if not isinstance(entries, list):
       raise ValueError(f"{path} holds a JSON {type(entries).__name__}; the fine-tuning format is one JSON list")
     items = grain.MapDataset.source([(i, e) for i, e in enumerate(entries)])
@@ -148,6 +153,19 @@ def _existing(path: str, spec: str) -> str:
   if not os.path.exists(path):
     raise FileNotFoundError(f"source {spec!r}: {path} does not exist")
   return path
+
+
+def _existing_file(path: str, spec: str) -> str:
+  """`path`, a file (a folder was 'error: PATH: Is a directory', naming neither the source nor the flag)."""
+  if os.path.isdir(_existing(path, spec)):
+    raise ValueError(f"source {spec!r}: {path} is a folder; {spec.partition(':')[0]}: reads one file")
+  return path
+
+
+def _first_char(path: str) -> str:
+  """The first non-blank character of a text file ('' if none), read from its first 4 KiB."""
+  with open(path, "rb") as f:
+    return f.read(4096).decode("utf-8", "replace").lstrip("\ufeff \t\r\n")[:1]
 
 
 @dataclasses.dataclass(frozen=True)

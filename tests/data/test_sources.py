@@ -81,6 +81,29 @@ def test_qwen_finetune_json_must_be_a_list(tmp_path):
     make_source(f"qwen_finetune_json:{path}", stage=3, image_size=8)
 
 
+def test_a_file_of_the_other_json_kind_or_a_folder_is_named_with_the_kind_to_use(tmp_path):
+  """A JSON list read as jsonl: was 1000 bad records in a row ('malformed JSON' per line of an indented file, or
+  'expected a JSON object, got list'), then an error naming neither kind; a JSONL file read as
+  qwen_finetune_json: said 'Extra data' only; a folder was 'PATH: Is a directory', naming no source."""
+  entry = {"id": "a", "conversations": [{"from": "user", "value": "hi"}, {"from": "assistant", "value": "yo"}]}
+  listed, compact, lines = tmp_path / "train.json", tmp_path / "compact.json", tmp_path / "train.jsonl"
+  listed.write_text(json.dumps([entry, entry], indent=1))
+  compact.write_text("\ufeff" + json.dumps([entry]))
+  lines.write_text(json.dumps(entry) + "\n" + json.dumps(entry) + "\n")
+  for path in (listed, compact):
+    with pytest.raises(ValueError, match=f"holds one JSON list.*did you mean qwen_finetune_json:{path}"):
+      make_source(f"jsonl:{path}", stage=3, image_size=8)
+  with pytest.raises(ValueError, match=f"not valid JSON.*one JSON object per line is read by jsonl:{lines}"):
+    make_source(f"qwen_finetune_json:{lines}", stage=3, image_size=8)
+  for kind in ("jsonl", "qwen_finetune_json"):
+    with pytest.raises(ValueError, match=f"{tmp_path} is a folder; {kind}: reads one file"):
+      make_source(f"{kind}:{tmp_path}", stage=3, image_size=8)
+  # Each file read as its own kind still works.
+  assert len(make_source(f"jsonl:{lines}", stage=3, image_size=8).items) == 2
+  assert len(make_source(f"qwen_finetune_json:{listed}", stage=3, image_size=8).items) == 2
+  assert len(make_source(f"qwen_finetune_json:{compact}", stage=3, image_size=8).items) == 1  # with its BOM
+
+
 def test_conversation_record_with_given_images():
   r = conversation_record("x", [{"from": "human", "value": "<img></img>hi"}, {"from": "gpt", "value": "yo"}],
                           images=[b"bytes"])
