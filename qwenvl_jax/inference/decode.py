@@ -82,6 +82,13 @@ class GenerationConfig:
     if not 0 <= self.min_new_tokens <= self.max_new_tokens:
       raise errors.ConfigError(f"need 0 <= min_new_tokens <= max_new_tokens, got {self.min_new_tokens}, "
                        f"{self.max_new_tokens}")
+    if not self.do_sample and (self.temperature != 1.0 or self.top_k != 0 or self.top_p != 1.0):
+      # Greedy decoding ignores them: a user asking for top_p=0.3 got argmax answers without a word (transformers
+      # warns here; `generate` refuses the same flags without --do_sample).
+      raise errors.ConfigError(
+          f"temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p} act only when sampling, and "
+          "do_sample=False decodes greedily", hint="add do_sample=True (Qwen-VL-Chat's own setting: do_sample=True, "
+          "top_p=0.3), or leave them at 1.0 / 0 / 1.0")
     if self.do_sample and not self.temperature > 0:
       raise errors.ConfigError(f"temperature must be > 0 when sampling, got {self.temperature}")
     if self.top_k < 0:

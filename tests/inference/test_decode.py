@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from qwenvl_jax import errors
 from qwenvl_jax.inference import decode
 
 N = 6
@@ -156,8 +157,8 @@ def test_generation_config_validates():
     decode.GenerationConfig(max_new_tokens=0)
   with pytest.raises(ValueError, match="min_new_tokens"):
     decode.GenerationConfig(max_new_tokens=2, min_new_tokens=3)
-  with pytest.raises(ValueError, match="top_p"):
-    decode.GenerationConfig(top_p=0)
+  with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+    decode.GenerationConfig(do_sample=True, top_p=0)
   with pytest.raises(ValueError, match="stop words"):
     decode.GenerationConfig(stop_words=((),))
 
@@ -171,7 +172,15 @@ def test_generation_config_wants_numbers_of_the_right_type():
     decode.GenerationConfig(max_new_tokens="5")
   with pytest.raises(ValueError, match="top_p must be a number, got str"):
     decode.GenerationConfig(top_p="0.3")
-  assert decode.GenerationConfig(max_new_tokens=np.int64(3), top_p=np.float32(0.5)).max_new_tokens == 3
+  assert decode.GenerationConfig(max_new_tokens=np.int64(3), do_sample=True, top_p=np.float32(0.5)).top_p == 0.5
+
+
+@pytest.mark.parametrize("knob", [{"temperature": 0.7}, {"top_k": 5}, {"top_p": 0.3}])
+def test_sampling_settings_without_do_sample_are_refused_not_ignored(knob):
+  """Greedy decoding ignores them: `GenerationConfig(top_p=0.3)` decoded argmax without a word."""
+  with pytest.raises(errors.ConfigError, match="act only when sampling, and do_sample=False decodes greedily"):
+    decode.GenerationConfig(**knob)
+  assert decode.GenerationConfig(do_sample=True, **knob).do_sample
 
 
 def test_generator_arguments_of_the_wrong_kind_are_one_line(generator, tiny_model, prompts):
