@@ -182,17 +182,23 @@ class ParamReader:
 def check_tree(stored: Mapping[str, tuple[tuple[int, ...], Any]], expected: Mapping[str, tuple[tuple[int, ...], Any]],
                where: str) -> None:
   """Raises a ValueError naming every missing, unexpected or mis-shaped parameter."""
-  missing = sorted(set(expected) - set(stored))
-  unexpected = sorted(set(stored) - set(expected))
-  misshaped = sorted(f"{k}: stored {stored[k][0]}, model {expected[k][0]}"
-                     for k in set(stored) & set(expected) if tuple(stored[k][0]) != tuple(expected[k][0]))
-  problems = [f"{kind} ({len(items)}): {items[:3]}" + (f" and {len(items) - 3} more" if len(items) > 3 else "")
-              for kind, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
-              if items]
+  problems = tree_problems(stored, expected)
   if problems:
     raise errors.ConfigError(f"{where} does not match the model: " + "; ".join(problems),
                              hint="the weights are another model's: name its preset (--model / --preset), "
                                   "or the run directory they come from")
+
+
+def tree_problems(stored: Mapping[str, tuple[tuple[int, ...], Any]],
+                  expected: Mapping[str, tuple[tuple[int, ...], Any]]) -> list[str]:
+  """The missing, unexpected and mis-shaped parameters of `stored` against `expected` (dotted path -> (shape,
+  dtype)), each kind as one phrase naming its first three; [] when the two match."""
+  missing = sorted(set(expected) - set(stored))
+  unexpected = sorted(set(stored) - set(expected))
+  misshaped = sorted(f"{k}: stored {stored[k][0]}, model {expected[k][0]}"
+                     for k in set(stored) & set(expected) if tuple(stored[k][0]) != tuple(expected[k][0]))
+  return [f"{kind} ({len(items)}): {items[:3]}" + (f" and {len(items) - 3} more" if len(items) > 3 else "")
+          for kind, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if items]
 
 
 def restore_params(path: str | os.PathLike, abstract_state: nnx.State, shardings: nnx.State) -> nnx.State:

@@ -30,6 +30,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from qwenvl_jax import errors
+from qwenvl_jax.checkpoint import orbax_store
 from qwenvl_jax.training import workdir as workdir_lib
 from qwenvl_jax.training.step import TrainState
 
@@ -147,8 +148,11 @@ class Checkpointer:
     Raises:
       the newest checkpoint's own error when no checkpoint restores (a model/optimizer mismatch fails them all).
     """
+    steps = sorted(self.all_steps(), reverse=True)
+    if steps:
+      self._check_params_shapes(steps[0], target.params)
     failures: list[tuple[int, Exception]] = []
-    for step in sorted(self.all_steps(), reverse=True):
+    for step in steps:
       try:
         state = self.restore(step, target, data_iterator)
       except Exception as e:  # pylint: disable=broad-except  (orbax/tensorstore raise bare Exceptions)
@@ -167,6 +171,27 @@ class Checkpointer:
           f"no checkpoint in {self.directory} restores; the latest, step {step}: {_first_line(error)}",
           "move the checkpoints away to start over, or use another --workdir") from error
     return None
+
+  def _check_params_shapes(self, step: int, params: Any) -> None:
+    """Raises errors.ConfigError when the parameters stored at `step` are not those `params` (this config's
+    abstract ones) has: names or shapes differ, as after `--config.resume=force` with another `lora.rank`. The
+    restore failed on the first array with a tensorstore message cut mid-word, among ~400 lines of its reads'
+    tracebacks. Metadata that does not read back is damage, left to the restore (which falls back past it)."""
+    try:
+      stored = orbax_store.ParamReader(epath.Path(self.directory) / str(step) / "params").shapes
+    except Exception:  # pylint: disable=broad-except  (orbax/tensorstore raise bare Exceptions)
+      return
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    expected = {".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): (tuple(x.shape), x.dtype)
+                for path, x in leaves}
+    problems = orbax_store.tree_problems(stored, expected)
+    if problems:
+      raise errors.ConfigError(
+          f"checkpoint {self.directory}/{step} holds other parameters than this config builds: "
+          + "; ".join(problems),
+          "--config.resume=force continues a run with a changed config, but not one that changes the parameters "
+          "(model, lora.rank, lora.targets, ...): resume with the run's own config, or train this one in "
+          "another --workdir")
 
   def _set_aside(self, step: int) -> str:
     """Renames `<step>/` to `<step>.damaged[-k]/` (process 0; every process waits for it)."""

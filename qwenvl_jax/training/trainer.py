@@ -178,7 +178,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer, 
   get_preset(config.model).with_image_size(config.res)
   mesh, rules = experiment.make_mesh(config)
   check_batch(config, mesh, rules)
-  workdir_lib.check_and_record(workdir, config, latest)
+  forced = workdir_lib.check_and_record(workdir, config, latest)
   if latest is not None and latest >= config.total_steps:
     if jax.process_index() == 0:
       print(f"{workdir}: already trained to step {latest} >= config.total_steps={config.total_steps}; nothing to "
@@ -210,6 +210,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer, 
       # A damaged latest checkpoint (a truncated file) falls back to the newest intact one, with a warning.
       latest, state = ckpt.restore_latest_intact(target, data_iter, warn=writer_msgs.append)
       writer_msgs.append(f"resumed {workdir} from step {latest}")
+      if forced:
+        recorded = workdir_lib.record_resumed(workdir, config, latest)
+        writer_msgs.append(f"the changed config is recorded in {recorded}")
     else:
       if config.init and peft.lora_config(config) is not None:
         source = resolve_params_checkpoint(config.init)

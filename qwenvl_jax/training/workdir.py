@@ -6,7 +6,8 @@ logging and checkpoint cadence, launcher settings); otherwise it refuses with th
 checkpoints are never continued with (or overwritten by) a different experiment by accident.
 
 `config.resume`: 'auto' (resume a matching run, refuse a different one), 'force' (resume whatever is there; the
-new config is recorded beside the old one), 'never' (refuse any workdir that already holds checkpoints).
+new config is recorded beside the old one once its checkpoint has restored), 'never' (refuse any workdir that
+already holds checkpoints).
 
 Remote workdirs: every workdir operation of the trainer (this file, `checkpointing`, `metrics`, the tokenizer file
 of `experiment`) goes through `etils.epath.Path`, so `--workdir=gs://bucket/run` (what `launch/tpu.py` requires:
@@ -203,8 +204,11 @@ def _check_is_run_config(path) -> None:
                                      "another tool's folder?)", hint="choose another --workdir")
 
 
-def check_and_record(workdir: str, config: ml_collections.ConfigDict, latest_step: int | None) -> None:
+def check_and_record(workdir: str, config: ml_collections.ConfigDict, latest_step: int | None) -> bool:
   """Refuses a workdir this config may not resume (see module docstring) and records the config on a new run.
+
+  Returns whether this is a forced resume with a changed config, which the trainer records with
+  `record_resumed` once a checkpoint has restored (written before, it outlived a resume that failed).
 
   Raises:
     FileExistsError: the workdir holds checkpoints of a different config, or any checkpoint with resume='never'.
@@ -229,14 +233,13 @@ def check_and_record(workdir: str, config: ml_collections.ConfigDict, latest_ste
             + "\n  ".join(diffs)
             + "\nChoose another --workdir, or continue those checkpoints with the new config via "
               "--config.resume=force.")
-      if diffs and jax.process_index() == 0:
-        (epath.Path(workdir) / f"config.resumed_at_{latest_step}.json").write_text(config.to_json(indent=2))
       if old.get("total_steps") != config.total_steps and jax.process_index() == 0:
         # Resumable, but not neutral: the schedule's decay is laid over the new length.
         print(f"note: total_steps {old.get('total_steps')} -> {config.total_steps} (the run started with "
               f"{old.get('total_steps')}): the learning-rate schedule now spans {config.total_steps} steps, so "
               f"the rate at step {latest_step + 1} is that schedule's, not the old one's", flush=True)
-    return
+      return bool(diffs)
+    return False
   if jax.process_index() == 0 and not path.exists():
     path.write_text(config.to_json(indent=2))
   elif jax.process_index() == 0:
@@ -246,3 +249,18 @@ def check_and_record(workdir: str, config: ml_collections.ConfigDict, latest_ste
       # A run that died before its first checkpoint: nothing to resume, but the file is the user's record.
       raise FileExistsError(f"{path} records a different config and there is no checkpoint to resume:\n  "
                             + "\n  ".join(diffs) + f"\nChoose another --workdir or remove {path}.")
+  return False
+
+
+def record_resumed(workdir: str, config: ml_collections.ConfigDict, step: int) -> str:
+  """Writes the config of a forced resume from `step` beside the run's `config.json` (process 0), as
+  `config.resumed_at_<step>.json` (`-<k>` added when an earlier forced resume from the same step left one: each
+  is the record of a config that ran). Returns its path."""
+  directory = epath.Path(workdir)
+  path, k = directory / f"config.resumed_at_{step}.json", 0
+  while path.exists():
+    k += 1
+    path = directory / f"config.resumed_at_{step}-{k}.json"
+  if jax.process_index() == 0:
+    path.write_text(config.to_json(indent=2))
+  return os.fspath(path)

@@ -106,7 +106,8 @@ def test_config_record_and_refusal_on_a_url(fake_gcs):
   with pytest.raises(FileExistsError, match=r"gs://b/run holds checkpoints .*\n  seq_len: 64 -> 32"):
     workdir.check_and_record(url, changed, latest_step=4)
   changed.resume = "force"
-  workdir.check_and_record(url, changed, latest_step=4)
+  assert workdir.check_and_record(url, changed, latest_step=4)
+  workdir.record_resumed(url, changed, 4)
   assert json.loads(fake_gcs.cat_file(f"{url}/config.resumed_at_4.json"))["seq_len"] == 32
 
 

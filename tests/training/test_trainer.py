@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from qwenvl_jax import sharding
+from qwenvl_jax import errors, sharding
 from qwenvl_jax.checkpoint import restore_params
 from qwenvl_jax.model import QwenVL, tiny
 from qwenvl_jax.training import checkpointing, experiment, train
@@ -89,6 +89,24 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(uninterrupted,
     train(run)
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["24"]
   assert (tmp_path / "config.resumed_at_24.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_forced_resume_that_changes_the_parameters_is_one_line_and_records_nothing(uninterrupted, tmp_path):
+  """`--config.resume=force` with LoRA on a full run: the restore failed on the first array (a tensorstore message
+  cut mid-word among ~400 lines of its reads' tracebacks) and left config.resumed_at_24.json, a config that never
+  ran. Now the stored names and shapes are compared first; the checkpoint is not set aside as damaged."""
+  workdir, _, _ = uninterrupted
+  run = small_config(2, tmp_path)
+  for name in ("config.json", "tokenizer.model"):
+    shutil.copy(workdir / name, tmp_path / name)
+  shutil.copytree(workdir / "checkpoints" / "24", tmp_path / "checkpoints" / "24")
+  run.total_steps, run.resume, run.lora.rank = 30, "force", 4
+  with pytest.raises(errors.ConfigError, match=r"checkpoints/24 holds other parameters than this config builds: "
+                                               r"missing \(\d+\): \['llm\.blocks\.attn"):
+    train(run)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["24"]
+  assert not list(tmp_path.glob("config.resumed_at_*"))
 
 
 @pytest.mark.slow

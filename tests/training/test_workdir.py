@@ -33,7 +33,14 @@ def test_different_config_is_refused_unless_forced(tmp_path):
   with pytest.raises(FileExistsError, match=r"data\.seed: 0 -> 3\n  seq_len: 64 -> 32"):
     workdir.check_and_record(str(tmp_path), changed, latest_step=4)
   changed.resume = "force"
-  workdir.check_and_record(str(tmp_path), changed, latest_step=4)
+  assert workdir.check_and_record(str(tmp_path), changed, latest_step=4)
+  # Recorded once the checkpoint has restored (the trainer calls record_resumed), not before: a failed restore
+  # left a record of a config that never ran.
+  assert not list(tmp_path.glob("config.resumed_at_*"))
+  assert workdir.record_resumed(str(tmp_path), changed, 4) == str(tmp_path / "config.resumed_at_4.json")
+  assert json.loads((tmp_path / "config.resumed_at_4.json").read_text())["seq_len"] == 32
+  changed.seq_len = 16  # a second forced resume from the same step keeps the first record
+  assert workdir.record_resumed(str(tmp_path), changed, 4) == str(tmp_path / "config.resumed_at_4-1.json")
   assert json.loads((tmp_path / "config.resumed_at_4.json").read_text())["seq_len"] == 32
   # The original record is kept.
   assert json.loads((tmp_path / "config.json").read_text())["seq_len"] == 64
