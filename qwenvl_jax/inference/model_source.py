@@ -112,7 +112,7 @@ def resolve(checkpoint: str | None, *, model: str | None = None, tokenizer: str 
   if run_dir is None:
     if not orbax_store.is_params_dir(path):
       raise FileNotFoundError(f"{checkpoint} is neither a training run (config.json + checkpoints/), a run's "
-                              "checkpoints/<step>, nor a params checkpoint (no _METADATA)")
+                              "checkpoints/<step>, nor a params checkpoint (no _METADATA)" + _pytorch_kind(path))
     recorded = model_card.recorded_model(path)  # what `convert` wrote it for (`checkpoint.model_metadata`)
     return ModelSource(path, model or recorded.get("preset") or DEFAULT_PRESET,
                        image_size or recorded.get("image_size"),
@@ -184,3 +184,17 @@ def check_preset(params: str, cfg: QwenVLConfig, preset: str) -> None:
                            f"{shown}); {hint}")
 
 
+def _pytorch_kind(path: str) -> str:
+  """What to do with a folder of PyTorch weights given where a JAX checkpoint belongs ('' for anything else): a
+  PEFT adapter (`convert --mode=export_peft`'s output, or one from the official LoRA recipe) or a Hugging Face
+  checkpoint (the released weights, `convert --mode=orbax_to_torch`'s output)."""
+  if not os.path.isdir(path):
+    return ""
+  names = set(os.listdir(path))
+  if "adapter_config.json" in names:
+    return ("; it is a PEFT adapter for PyTorch: use the LoRA run it came from (convert --mode=merge_lora "
+            "--src=RUN --dst=MERGED makes a params checkpoint)")
+  if any(n.endswith((".safetensors", ".bin")) for n in names):
+    return (f"; it holds PyTorch weights: python -m qwenvl_jax.convert --mode=torch_to_orbax --src={path} "
+            "--dst=PARAMS converts them")
+  return ""

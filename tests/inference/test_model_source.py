@@ -63,6 +63,25 @@ def test_a_steps_optimizer_state_is_named_not_restored(tmp_path):
     model_source.resolve(str(step / "opt_state"))
 
 
+def test_a_folder_of_pytorch_weights_says_what_to_run(tmp_path):
+  """The released weights or a PEFT adapter given to generate / serve / evaluate were 'neither a training run ...
+  nor a params checkpoint', with no word of the command that makes one."""
+  (tmp_path / "hf").mkdir()
+  (tmp_path / "hf" / "config.json").write_text("{}")
+  (tmp_path / "hf" / "model-00001-of-00002.safetensors").write_bytes(b"")
+  with pytest.raises(FileNotFoundError, match=rf"PyTorch weights: python -m qwenvl_jax.convert "
+                                              rf"--mode=torch_to_orbax --src={tmp_path / 'hf'} --dst=PARAMS"):
+    model_source.resolve(str(tmp_path / "hf"))
+  (tmp_path / "adapter").mkdir()
+  (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+  (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"")
+  with pytest.raises(FileNotFoundError, match="it is a PEFT adapter for PyTorch: use the LoRA run it came from"):
+    model_source.resolve(str(tmp_path / "adapter"))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match=r"nor a params checkpoint \(no _METADATA\)$"):
+    model_source.resolve(str(tmp_path / "empty"))
+
+
 def test_generate_on_a_damaged_checkpoint_is_one_error_line(run_dir, tmp_path):
   """Orbax's restore of a truncated array file ended in a traceback, and its reads still in flight printed
   hundreds of lines more (`orbax_store._mute_dangling_reads`)."""
