@@ -33,7 +33,7 @@ class Loaded(NamedTuple):
 
 def load(checkpoint: str | os.PathLike, *, tokenizer: str | None = None, model: str | None = None,
          dtype: str = "bfloat16", image_size: int | None = None, rules: str = layout.DEFAULT_RULES,
-         tensor_parallel: int = 0) -> Loaded:
+         tensor_parallel: int = 0, quantize: str | None = None, group_size: int | None = None) -> Loaded:
   """Restores a model for inference from a training run or a params checkpoint.
 
   Args:
@@ -48,6 +48,9 @@ def load(checkpoint: str | os.PathLike, *, tokenizer: str | None = None, model: 
     rules: the sharding rule table (`qwenvl_jax/sharding_rules.py`): `inference_tp` (tensor parallel within a
       host, replicas across hosts) or `fsdp` (as training).
     tensor_parallel: chips per model replica (0 = one host's chips; `inference.layout`).
+    quantize: "int8" or "int4" weights, quantized while restoring, one kernel at a time (the CLI's `--quantize`;
+      None = as stored: a checkpoint from `convert --mode=quantize` loads quantized without it).
+    group_size: int4's group size along each kernel's input (default `model.quantize.DEFAULT_GROUP_SIZE`).
 
   Raises:
     ValueError: no tokenizer for a params checkpoint, a malformed spec, or a preset whose shapes differ from the
@@ -64,5 +67,6 @@ def load(checkpoint: str | os.PathLike, *, tokenizer: str | None = None, model: 
   if not source.tokenizer:
     raise ValueError(f"loading {checkpoint!r} needs tokenizer= (qwen:PATH, sentencepiece:PATH or a file)")
   tok, _, mesh, rule_table, model_ = loading.load_source(source, dtype=dtype, rules=rules,
-                                                         tensor_parallel=tensor_parallel)
+                                                         tensor_parallel=tensor_parallel, quantize=quantize,
+                                                         group_size=group_size)
   return Loaded(model_, tok, source.chat_format, mesh, rule_table)

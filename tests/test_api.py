@@ -62,6 +62,19 @@ def test_load_a_training_run(run):
   np.testing.assert_allclose(np.asarray(loaded.model(ids).logits), np.asarray(model(ids).logits), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_load_quantizes_on_request_as_the_cli_does(run):
+  """`load(..., quantize=)` was a TypeError: the CLI's --quantize had no library spelling."""
+  workdir, _, tok = run
+  loaded = qwenvl_jax.load(str(workdir), dtype="float32", quantize="int8")
+  w1 = loaded.model.llm.blocks.mlp.w1.qvalue[...]
+  assert w1.dtype == jnp.int8
+  ids = jnp.asarray([tok.encode("a red circle")], jnp.int32)
+  assert np.isfinite(np.asarray(loaded.model(ids).logits)).all()
+  with pytest.raises(ValueError, match="int3"):
+    qwenvl_jax.load(str(workdir), quantize="int3")
+
+
 def test_load_errors_name_what_is_missing(tmp_path):
   converted = tmp_path / "params"  # what model_source takes for a converted params checkpoint (no run config)
   converted.mkdir()
