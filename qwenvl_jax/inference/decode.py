@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import os
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
@@ -169,8 +170,14 @@ def make_prompt_batch(prompts: Sequence[Sequence[int]], images: Sequence[Sequenc
     raise ValueError(f"num_rows={rows} is smaller than the {b} prompts")
   if images is not None and len(images) != b:
     raise ValueError(f"{len(images)} image lists for {b} prompts")
+  if images is not None and any(isinstance(x, (str, bytes, os.PathLike)) for row in images for x in row):
+    raise errors.ConfigError("make_prompt_batch takes images as preprocessed uint8[S, S, 3] arrays, not paths",
+                             hint="chat.load_images(paths, image_size) preprocesses them")
   lengths = np.zeros(rows, np.int32)
   for i, p in enumerate(prompts):
+    if isinstance(p, (str, bytes)):  # it failed as int('hello') while filling the ids
+      raise errors.ConfigError(f"prompt {i} is text ({p[:40]!r}); make_prompt_batch takes token ids",
+                               hint="tok.encode(text), or chat(gen, tok, text) for the whole turn")
     if len(p) == 0:
       raise ValueError(f"prompt {i} is empty")
     lengths[i] = len(p)

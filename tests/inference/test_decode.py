@@ -207,3 +207,13 @@ def test_ids_outside_the_vocabulary_and_float_images_are_refused(generator, imag
   ids, image = image_prompt
   with pytest.raises(ValueError, match="images must be uint8 RGB arrays .* got dtype float32"):
     _batch(generator, [ids], [[image.astype(np.float32) / 255]])
+
+
+def test_text_prompts_and_image_paths_are_named_not_parsed(generator, image_prompt):
+  """Text for the ids was `invalid literal for int() with base 10: 'hello'`; a path for an image was 'all images
+  must be uint8[S, S, 3] of one size, got shapes [()]'."""
+  with pytest.raises(errors.ConfigError, match=r"prompt 1 is text \('hello'\); make_prompt_batch takes token ids"):
+    _batch(generator, [[5, 6], "hello"])
+  ids, _ = image_prompt
+  with pytest.raises(errors.ConfigError, match="takes images as preprocessed uint8.* arrays, not paths"):
+    _batch(generator, [ids], [["a.png"]])
