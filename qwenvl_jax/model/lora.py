@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qwenvl_jax import sharding
+from qwenvl_jax import errors, sharding
 from qwenvl_jax.model import layers, quantize
 
 # The module types adapters attach to: float projections and (QLoRA) quantized ones.
@@ -148,8 +148,11 @@ def apply_lora(model: nnx.Module, cfg: LoraConfig, *, rngs: nnx.Rngs) -> nnx.Mod
   for target in cfg.targets:
     hits = [p for p in einsums if re.fullmatch(target, p)]
     if not hits:
-      raise ValueError(f"LoRA target {target!r} matches no projection; projections look like "
-                       f"{sorted(einsums)[:4]}")
+      close = errors.closest(target, sorted(einsums))
+      # All 15 are listed: the first four in sorted order were the adapter's, not the llm/ ones users aim at.
+      raise ValueError(f"LoRA target {target!r} matches no projection"
+                       + (f"; did you mean {' or '.join(close)}?" if close else "")
+                       + f" (the projections: {', '.join(sorted(einsums))})")
     for p in hits:
       if getattr(einsums[p], "lora_a", None) is None:
         _attach(einsums[p], cfg, rngs)

@@ -37,7 +37,8 @@ from tests.training.helpers import load_stage_config, small_config
     ({"lora.rank": 8, "lora.base_quantize": "int4", "lora.quantize_targets": "llm/block/.*"},
      r"quantize target 'llm/block/\.\*' matches no projection"),
     # LoRA targets were checked only when the model was first built: a traceback after the workdir was written.
-    ({"lora.rank": 8, "lora.targets": "llm/block/attn/qkv"}, r"LoRA target 'llm/block/attn/qkv' matches no projection"),
+    ({"lora.rank": 8, "lora.targets": "llm/block/attn/qkv"},
+     r"LoRA target 'llm/block/attn/qkv' matches no projection; did you mean llm/blocks/attn/qkv or "),
     ({"lora.rank": 8, "lora.targets": "llm/blocks/(attn"}, r"LoRA target 'llm/blocks/\(attn' is not a regular"),
     ({"lora.rank": 8, "lora.base_quantize": "nf4", "lora.quantize_targets": "["},
      r"config\.lora\.quantize_targets: '\[' is not a regular expression"),
