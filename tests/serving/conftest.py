@@ -76,11 +76,13 @@ def http():
 
 
 @contextlib.contextmanager
-def serve_cli(flags: list[str], log_dir, timeout: float = 600):
+def serve_cli(flags: list[str], log_dir, timeout: float = 600, while_starting=None):
   """`python -m qwenvl_jax.serve FLAGS` on a free local port; yields its base URL once /health is ok, then stops it
   as a user at its terminal would, with Ctrl-C pressed twice (SIGINT 0.2 s apart: uvicorn's graceful stop, then
   its forced one), and checks that it exits without a traceback (a KeyboardInterrupt used to print one from
-  JAX's atexit hook). Its output goes to `log_dir`/serve.log (shown when it dies before it is up)."""
+  JAX's atexit hook). Its output goes to `log_dir`/serve.log (shown when it dies before it is up).
+  `while_starting()`, if given, is called once the process is started, before waiting for it (to overlap work of
+  the test's own with its start-up; after the fork, so no thread of it is running when the child is forked)."""
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -92,6 +94,8 @@ def serve_cli(flags: list[str], log_dir, timeout: float = 600):
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   url = f"http://127.0.0.1:{port}"
   try:
+    if while_starting is not None:
+      while_starting()
     deadline = time.monotonic() + timeout
     while True:
       assert proc.poll() is None, log.read_text()[-3000:]
