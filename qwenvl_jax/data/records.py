@@ -245,8 +245,13 @@ class SkipCounter:
 
 
 def _reason_kind(reason: str) -> str:
-  """A short category for counting: the reason up to its first ":" or "(" (e.g. "over-long", "image 0")."""
-  return reason.split(":")[0].split("(")[0].strip()[:60]
+  """A short category for counting: the reason up to its first ":" or "(" (e.g. "over-long"); an image's reason
+  by what failed, whichever image it was ("image: image file not found", "image: cannot decode image": both were
+  counted as "image 0")."""
+  image = re.match(r"image \d+: (.*)", reason, re.S)
+  if image:
+    return "image: " + _reason_kind(image.group(1))
+  return reason.split(":")[0].split("(")[0].split("<")[0].strip()[:60]
 
 
 SKIPPED = SkipCounter()

@@ -70,7 +70,7 @@ def test_skip_counter_counts_logs_and_stops_runs_of_bad_records(caplog):
     counter.skip(rec.BadRecordError("b", "over-long: 12 tokens"))
     counter.ok()
     counter.skip(rec.BadRecordError("c", "image 0: cannot decode"), max_consecutive=1)
-  assert counter.total == 3 and counter.counts == {"over-long": 2, "image 0": 1}
+  assert counter.total == 3 and counter.counts == {"over-long": 2, "image: cannot decode": 1}
   assert "'a'" in caplog.messages[0] and "'c'" in caplog.messages[2]
   with pytest.raises(RuntimeError, match="2 bad records in a row"):
     counter.skip(rec.BadRecordError("d", "x"), max_consecutive=1)
@@ -117,3 +117,13 @@ def test_skip_counter_names_only_the_first_bad_records(caplog):
       "32 records skipped so far in this process, 32 distinct ({\"no 'text' key\": 32})",
       "64 records skipped so far in this process, 64 distinct ({\"no 'text' key\": 64})"]
   assert counter.total == 100
+
+
+def test_skips_are_counted_by_what_failed():
+  """A missing file and an undecodable one were both counted as "image 0" (and as "image 1" in a second slot)."""
+  counter = rec.SkipCounter()
+  for i, reason in enumerate(["image 0: image file not found: /d/a.png", "image 1: image file not found: /d/b.png",
+                              "image 0: cannot decode image <bytes>: cannot identify image file <_io.BytesIO>",
+                              "over-long: 900 tokens > seq_len=512"]):
+    counter.skip(rec.BadRecordError(f"r{i}", reason))
+  assert counter.counts == {"image: image file not found": 2, "image: cannot decode image": 1, "over-long": 1}
