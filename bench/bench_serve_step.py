@@ -8,7 +8,9 @@ Calls `SlotModel.decode` (what `serving.Engine` runs between admissions) on the 
 `--context` cache for R = 1, 4, 16, 64, each row at a different position, all greedy, and prints ms per step
 (a call runs `--decode_steps` steps) as the best of three rounds, plus the ratio of tokens per second to one row.
 CPU seconds are those of the whole process (XLA's threads included): on a shared machine they move less than wall
-time. The per-row growth is what bench_serve.py's concurrency ratio depends on.
+time. The per-row growth is what bench_serve.py's concurrency ratio depends on. Beside them: the bytes one step
+reads, the weights' (shared by the rows) and the KV cache's (each row its own `--window` slots of every layer):
+where the KV bytes dominate, a step of R rows costs about R one-row steps and batching cannot raise tokens/s much.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ def main():
   parser.add_argument("--calls", type=int, default=50)
   args = parser.parse_args()
 
+  import jax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.data import train_synthetic_tokenizer  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.inference import loading  # pylint: disable=import-outside-toplevel
@@ -52,7 +55,11 @@ def main():
   k, w = args.decode_steps, args.window
   print(f"{args.model} {args.dtype}, cache {args.slots} x {args.context} ({slots.cache.k.dtype}), {k} steps per "
         f"call, window {w}")
-  print(f"{'rows':>5} {'ms/step wall':>13} {'ms/step CPU':>12} {'tok/s ratio (CPU)':>18}")
+  weight_bytes = sum(x.nbytes for x in jax.tree.leaves(slots.state["llm"]))  # what a decode step reads
+  llm = cfg.llm
+  kv_row_bytes = 2 * llm.layers * llm.heads * w * llm.head_dim * slots.cache.k.dtype.itemsize  # k and v
+  print(f"{'rows':>5} {'ms/step wall':>13} {'ms/step CPU':>12} {'tok/s ratio (CPU)':>18} {'weights MiB':>12} "
+        f"{'KV MiB read':>12}")
   base = None
   for r in [int(x) for x in args.rows.split(",")]:
     sampling = Sampling(np.zeros(r, np.float32), np.zeros(r, np.int32), np.ones(r, np.float32),
@@ -68,7 +75,8 @@ def main():
       wall = min(wall, (time.perf_counter() - t0) / args.calls / k * 1e3)
       cpu = min(cpu, (time.process_time() - c0) / args.calls / k * 1e3)
     base = base or cpu
-    print(f"{r:>5} {wall:>13.3f} {cpu:>12.3f} {r * base / cpu:>18.2f}")
+    print(f"{r:>5} {wall:>13.3f} {cpu:>12.3f} {r * base / cpu:>18.2f} {weight_bytes / 2**20:>12.2f} "
+          f"{r * kv_row_bytes / 2**20:>12.2f}")
 
 
 if __name__ == "__main__":
