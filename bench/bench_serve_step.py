@@ -55,7 +55,9 @@ def main():
   k, w = args.decode_steps, args.window
   print(f"{args.model} {args.dtype}, cache {args.slots} x {args.context} ({slots.cache.k.dtype}), {k} steps per "
         f"call, window {w}")
-  weight_bytes = sum(x.nbytes for x in jax.tree.leaves(slots.state["llm"]))  # what a decode step reads
+  # What a decode step reads: the LLM's weights but its token embedding (R rows of it are gathered).
+  llm_state = {k: v for k, v in slots.state["llm"].items() if k != "wte"}
+  weight_bytes = sum(x.nbytes for x in jax.tree.leaves(llm_state))
   llm = cfg.llm
   kv_row_bytes = 2 * llm.layers * llm.heads * w * llm.head_dim * slots.cache.k.dtype.itemsize  # k and v
   print(f"{'rows':>5} {'ms/step wall':>13} {'ms/step CPU':>12} {'tok/s ratio (CPU)':>18} {'weights MiB':>12} "

@@ -249,9 +249,9 @@ def _reason_kind(reason: str) -> str:
   by what failed, whichever image it was ("image: image file not found", "image: cannot decode image": both were
   counted as "image 0")."""
   image = re.match(r"image \d+: (.*)", reason, re.S)
-  if image:
-    return "image: " + _reason_kind(image.group(1))
-  return reason.split(":")[0].split("(")[0].split("<")[0].strip()[:60]
+  if image:  # its reason names the bytes or file after a "<" or ":" ("cannot decode image <bytes>: ...")
+    return "image: " + image.group(1).split(":")[0].split("(")[0].split("<")[0].strip()[:60]
+  return reason.split(":")[0].split("(")[0].strip()[:60]
 
 
 SKIPPED = SkipCounter()

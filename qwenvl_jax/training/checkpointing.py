@@ -263,6 +263,14 @@ def _first_line(error: BaseException) -> str:
   return f"{type(error).__name__}: {text[0][:200] if text else ''}"
 
 
+def finished_steps(workdir: str) -> list[int]:
+  """The steps of a run's `checkpoints/` that hold their params (a step being written has none yet), ascending."""
+  directory = _absolute(workdir) / "checkpoints"
+  if not directory.is_dir():
+    return []
+  return sorted(int(d.name) for d in directory.iterdir() if d.name.isdigit() and (d / "params").is_dir())
+
+
 def resolve_params_checkpoint(spec: str) -> str:
   """The params directory that `config.init` names.
 
@@ -282,7 +290,7 @@ def resolve_params_checkpoint(spec: str) -> str:
     directory = _absolute(workdir) / "checkpoints"
     if not directory.is_dir():
       raise FileNotFoundError(f"config.init={spec!r}: no checkpoints under {directory}")
-    steps = sorted(int(d.name) for d in directory.iterdir() if d.name.isdigit() and (d / "params").is_dir())
+    steps = finished_steps(workdir)
     if not steps:
       raise FileNotFoundError(f"config.init={spec!r}: {directory} holds no finished checkpoint")
     chosen = int(step) if step else steps[-1]

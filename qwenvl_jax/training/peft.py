@@ -265,7 +265,7 @@ def load_run(spec: str) -> tuple[QwenVL, lora.LoraConfig, ml_collections.ConfigD
   import os  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.checkpoint import restore_params  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.model import config as model_config  # pylint: disable=import-outside-toplevel
-  from qwenvl_jax.training.checkpointing import resolve_params_checkpoint  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.training.checkpointing import finished_steps  # pylint: disable=import-outside-toplevel
   workdir, step = run_spec(spec)
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
@@ -275,18 +275,18 @@ def load_run(spec: str) -> tuple[QwenVL, lora.LoraConfig, ml_collections.ConfigD
   lcfg = lora_config(config)
   if lcfg is None:
     raise ValueError(f"{workdir} is not a LoRA run (config.lora.rank is 0)")
-  directory = os.path.join(workdir, "checkpoints")
-  steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
+  steps = finished_steps(workdir)
   if not steps:
-    raise FileNotFoundError(f"{workdir} holds no checkpoint yet (train the run first)")
+    raise FileNotFoundError(f"{workdir} holds no finished checkpoint yet (train the run first)")
   if step is not None and step not in steps:
-    raise FileNotFoundError(f"{workdir} has no step {step} (its steps: {', '.join(map(str, steps))})")
-  spec = workdir if step is None else f"{workdir}@{step}"
+    raise FileNotFoundError(f"{workdir} has no finished step {step} (its steps: {', '.join(map(str, steps))})")
+  # The step's own folder: a workdir whose name holds an '@' is not split again ("trainer:" + spec was).
+  params = os.path.join(workdir, "checkpoints", str(steps[-1] if step is None else step), "params")
   cfg = model_config.get_preset(config.model, dtype=config.model_dtype, param_dtype=config.param_dtype,
                                 remat_policy="none", attention_impl="xla").with_image_size(config.res)
   make = model_fn(cfg, config, seed=config.seed)
   graphdef, abstract = sharding.abstract_model(make)
   mesh = sharding.make_mesh({"fsdp": -1})
   shardings = sharding.state_shardings(abstract, sharding.load_rules("fsdp"), mesh)
-  state = restore_params(resolve_params_checkpoint("trainer:" + spec), abstract, shardings)
+  state = restore_params(params, abstract, shardings)
   return nnx.merge(graphdef, state), lcfg, config

@@ -124,6 +124,8 @@ def test_skips_are_counted_by_what_failed():
   counter = rec.SkipCounter()
   for i, reason in enumerate(["image 0: image file not found: /d/a.png", "image 1: image file not found: /d/b.png",
                               "image 0: cannot decode image <bytes>: cannot identify image file <_io.BytesIO>",
-                              "over-long: 900 tokens > seq_len=512"]):
+                              "over-long: 900 tokens > seq_len=512",
+                              "<box>(1,2),(3,4000)</box> has a coordinate outside [0, 1000)"]):
     counter.skip(rec.BadRecordError(f"r{i}", reason))
-  assert counter.counts == {"image: image file not found": 2, "image: cannot decode image": 1, "over-long": 1}
+  assert counter.counts == {"image: image file not found": 2, "image: cannot decode image": 1, "over-long": 1,
+                            "<box>": 1}

@@ -147,6 +147,13 @@ def test_run_spec_reads_a_step_folder_and_names_what_is_not_a_lora_run(tmp_path)
   (merged / "_METADATA").write_text("{}")
   with pytest.raises(FileNotFoundError, match="is a params checkpoint, not a LoRA training run"):
     peft.run_spec(str(merged))
-  with pytest.raises(FileNotFoundError, match=r"has no step 9 \(its steps: 3\)") as e:
+  with pytest.raises(FileNotFoundError, match=r"has no finished step 9 \(its steps: 3\)") as e:
     peft.load_run(f"{run}@9")
   assert "config.init" not in str(e.value)
+  (run / "checkpoints" / "5").mkdir()  # a step being written: no params yet
+  with pytest.raises(FileNotFoundError, match=r"has no finished step 5 \(its steps: 3\)"):
+    peft.load_run(f"{run}@5")
+  (at / "checkpoints" / "2").mkdir(parents=True)  # the '@' folder as a LoRA run: read as itself, not split at '@'
+  (at / "config.json").write_text(stage_config(3, "lora=8").to_json())
+  with pytest.raises(FileNotFoundError, match=rf"^{at} holds no finished checkpoint yet"):
+    peft.load_run(str(at))
