@@ -53,8 +53,9 @@ def load(checkpoint: str | os.PathLike, *, tokenizer: str | None = None, model: 
     group_size: int4's group size along each kernel's input (default `model.quantize.DEFAULT_GROUP_SIZE`).
 
   Raises:
-    ValueError: no tokenizer for a params checkpoint, a malformed spec, or a preset whose shapes differ from the
-    stored ones. FileNotFoundError: a missing run, step, checkpoint or tokenizer file.
+    ValueError (errors.ConfigError): no tokenizer for a params checkpoint, a malformed spec, a preset whose shapes
+    differ from the stored ones, a checkpoint that is no path, a group_size without int4. FileNotFoundError: a
+    missing run, step, checkpoint or tokenizer file.
   """
   if isinstance(checkpoint, os.PathLike):  # a pathlib.Path: model_source splits RUN@STEP on the string
     checkpoint = os.fspath(checkpoint)
@@ -63,6 +64,10 @@ def load(checkpoint: str | os.PathLike, *, tokenizer: str | None = None, model: 
                              f"{type(checkpoint).__name__} {checkpoint!r}")
   if not checkpoint:
     raise ValueError("load() needs a checkpoint: a training run, its checkpoints/<step>, or a params directory")
+  if group_size is not None and (quantize != "int4" or group_size < 1):  # as the CLI's --group_size
+    raise errors.ConfigError(f"group_size={group_size}: the group size of int4 weights, >= 1 "
+                             f"(quantize={quantize!r} has none)" if quantize != "int4" else
+                             f"group_size={group_size} must be >= 1")
   source = model_source.resolve(checkpoint, model=model, tokenizer=tokenizer, image_size=image_size)
   if not source.tokenizer:
     raise ValueError(f"loading {checkpoint!r} needs tokenizer= (qwen:PATH, sentencepiece:PATH or a file)")

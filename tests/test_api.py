@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 import qwenvl_jax
-from qwenvl_jax import checkpoint
+from qwenvl_jax import checkpoint, errors
 from qwenvl_jax.data.synthetic import synthetic_corpus
 from qwenvl_jax.model import QwenVL, tiny
 from qwenvl_jax.text import SentencePieceTokenizer, train_sentencepiece
@@ -73,6 +73,11 @@ def test_load_quantizes_on_request_as_the_cli_does(run):
   assert np.isfinite(np.asarray(loaded.model(ids).logits)).all()
   with pytest.raises(ValueError, match="int3"):
     qwenvl_jax.load(str(workdir), quantize="int3")
+  # As the CLI's --group_size: ignored (int8) or turned into the default (0), it was a silent no-op.
+  with pytest.raises(errors.ConfigError, match=r"group_size=64: the group size of int4 weights.*'int8' has none"):
+    qwenvl_jax.load(str(workdir), quantize="int8", group_size=64)
+  with pytest.raises(errors.ConfigError, match="group_size=0 must be >= 1"):
+    qwenvl_jax.load(str(workdir), quantize="int4", group_size=0)
 
 
 def test_load_errors_name_what_is_missing(tmp_path):
