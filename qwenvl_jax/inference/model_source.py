@@ -101,8 +101,8 @@ def resolve(checkpoint: str | None, *, model: str | None = None, tokenizer: str 
     run_dir, step = os.path.dirname(os.path.dirname(os.path.dirname(path))), int(os.path.basename(
         os.path.dirname(path)))
   step_dir = os.path.dirname(path)
-  if (run_dir is None and os.path.basename(step_dir).isdigit()
-      and os.path.basename(os.path.dirname(step_dir)) == "checkpoints"):
+  if (run_dir is None and os.path.basename(path) in ("opt_state", "data", "meta")
+      and os.path.basename(step_dir).isdigit() and os.path.basename(os.path.dirname(step_dir)) == "checkpoints"):
     # A sibling of a step's params (opt_state, data, meta): opt_state has a _METADATA too, so it would be taken
     # for a params checkpoint and fail deep inside the restore.
     raise errors.UserFileNotFoundError(
@@ -192,8 +192,9 @@ def _pytorch_kind(path: str) -> str:
     return ""
   names = set(os.listdir(path))
   if "adapter_config.json" in names:
-    return ("; it is a PEFT adapter for PyTorch: use the LoRA run it came from (convert --mode=merge_lora "
-            "--src=RUN --dst=MERGED makes a params checkpoint)")
+    return ("; it is a PEFT adapter for PyTorch, which loads here only merged into its base: for one of our LoRA "
+            "runs, convert --mode=merge_lora --src=RUN --dst=MERGED; for one trained in PyTorch, peft's "
+            "merge_and_unload() and save_pretrained(), then convert --mode=torch_to_orbax")
   if any(n.endswith((".safetensors", ".bin")) for n in names):
     return (f"; it holds PyTorch weights: python -m qwenvl_jax.convert --mode=torch_to_orbax --src={path} "
             "--dst=PARAMS converts them")

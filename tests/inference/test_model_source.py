@@ -63,6 +63,13 @@ def test_a_steps_optimizer_state_is_named_not_restored(tmp_path):
     model_source.resolve(str(step / "opt_state"))
 
 
+def test_a_params_checkpoint_under_a_folder_named_checkpoints_is_no_run_step(tmp_path):
+  """`~/checkpoints/2024/qwen_int8` is a user's own params checkpoint, not a sibling of a run step's params."""
+  path = tmp_path / "checkpoints" / "2024" / "qwen_int8"
+  save_params(path, {"w": np.zeros(3, np.float32)})
+  assert model_source.resolve(str(path), model="tiny", tokenizer="t.model").params == str(path)
+
+
 def test_a_folder_of_pytorch_weights_says_what_to_run(tmp_path):
   """The released weights or a PEFT adapter given to generate / serve / evaluate were 'neither a training run ...
   nor a params checkpoint', with no word of the command that makes one."""
@@ -75,7 +82,8 @@ def test_a_folder_of_pytorch_weights_says_what_to_run(tmp_path):
   (tmp_path / "adapter").mkdir()
   (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
   (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"")
-  with pytest.raises(FileNotFoundError, match="it is a PEFT adapter for PyTorch: use the LoRA run it came from"):
+  with pytest.raises(FileNotFoundError, match="it is a PEFT adapter for PyTorch, which loads here only merged into "
+                                              "its base: for one of our LoRA runs, convert --mode=merge_lora"):
     model_source.resolve(str(tmp_path / "adapter"))
   (tmp_path / "empty").mkdir()
   with pytest.raises(FileNotFoundError, match=r"nor a params checkpoint \(no _METADATA\)$"):
