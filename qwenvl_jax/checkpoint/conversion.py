@@ -206,9 +206,10 @@ def _check_complete(leaves: Mapping[str, object], shapes: Mapping[str, tuple]) -
 
 def _refuse_existing(dst) -> None:
   if pathlib.Path(dst).exists():
-    leftover = (" (the half-written output of an export that was killed, or of one still running)"
-                if str(dst).endswith(".partial") else "")
-    raise FileExistsError(f"output {dst} exists{leftover}; refusing to overwrite it (choose a new output directory)")
+    if str(dst).endswith(".partial"):
+      raise FileExistsError(f"output {dst} exists: the half-written output of an export that was killed, or of one "
+                            "still running; remove it if none is running")
+    raise FileExistsError(f"output {dst} exists; refusing to overwrite it (choose a new output directory)")
 
 
 def _export_plans(reader: orbax_store.ParamReader, shapes: Mapping[str, tuple], dtype: np.dtype | None,

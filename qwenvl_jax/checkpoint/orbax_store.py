@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import glob
 import logging
 import os
 import pathlib
@@ -130,7 +131,7 @@ def save_params(path: str | os.PathLike, tree: Mapping[str, Any], *, custom_meta
   handler = ocp.PyTreeCheckpointHandler(type_handler_registry=_registry())
   # Orbax writes into `path.orbax-checkpoint-tmp*` and renames it at the end; a save that fails (a source that
   # does not read back, Ctrl-C) left that folder behind. It is this call's own: removed, nothing else is.
-  pattern = path.name + ".orbax-checkpoint-tmp*"
+  pattern = glob.escape(path.name) + ".orbax-checkpoint-tmp*"
   before = set(path.parent.glob(pattern)) if path.parent.exists() else set()
   try:
     with ocp.Checkpointer(handler) as checkpointer:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 from flax import nnx
@@ -67,9 +68,13 @@ def export_peft(model: nnx.Module, cfg: lora.LoraConfig, dst: str | os.PathLike)
             "lora_dropout": cfg.dropout, "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
             "modules_to_save": None, "inference_mode": True, "base_model_name_or_path": None}
   os.makedirs(dst)
-  with open(os.path.join(dst, "adapter_config.json"), "w", encoding="utf-8") as f:
-    json.dump(config, f, indent=2)
-  weights = os.path.join(dst, "adapter_model.safetensors")
-  save_file(tensors, weights, metadata={"format": "pt"})
-  # safetensors creates its file private (0600) whatever the umask; give it the mode of the config beside it.
-  os.chmod(weights, os.stat(os.path.join(dst, "adapter_config.json")).st_mode & 0o777)
+  try:
+    with open(os.path.join(dst, "adapter_config.json"), "w", encoding="utf-8") as f:
+      json.dump(config, f, indent=2)
+    weights = os.path.join(dst, "adapter_model.safetensors")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    # safetensors creates its file private (0600) whatever the umask; give it the mode of the config beside it.
+    os.chmod(weights, os.stat(os.path.join(dst, "adapter_config.json")).st_mode & 0o777)
+  except BaseException:
+    shutil.rmtree(dst, ignore_errors=True)  # this call's own folder: a half-written adapter refused the retry
+    raise

@@ -131,3 +131,16 @@ def test_export_refuses_an_existing_directory_and_modules_to_save(exported, tmp_
     peft_export.export_peft(model, lcfg, dst)
   with pytest.raises(ValueError, match="modules_to_save"):
     peft_export.export_peft(model, lora.LoraConfig(rank=4, modules_to_save=("lm_head",)), tmp_path / "x")
+
+
+def test_an_export_that_fails_midway_leaves_no_folder(exported, tmp_path, monkeypatch):
+  """A failed write (disk full) left adapter_config.json alone in the folder, which refused the retry."""
+  model, lcfg, _, _ = exported
+
+  def full(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(peft_export, "save_file", full)
+  with pytest.raises(OSError, match="No space left"):
+    peft_export.export_peft(model, lcfg, tmp_path / "adapter")
+  assert not (tmp_path / "adapter").exists()
