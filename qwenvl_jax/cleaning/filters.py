@@ -30,7 +30,8 @@ class RawPair:
   """One input row, before cleaning.
 
   Attributes:
-    key: unique and stable across runs ("<shard path>:<row>": JSONL line number from 1, Parquet row index from 0); the TFDS example key.
+    key: unique and stable across runs ("<shard path>:<row>": JSONL line number from 1, Parquet row index from
+      0); the TFDS example key.
     source: the same, with the shard's file name only, for people reading reports and default ids.
     row: the parsed row (a dict of columns) or a `MalformedRow`.
     root: folder that relative image paths of this row resolve against.

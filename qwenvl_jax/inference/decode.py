@@ -210,9 +210,9 @@ def make_prompt_batch(prompts: Sequence[Sequence[int]], images: Sequence[Sequenc
     dtypes = {np.asarray(x).dtype for row in images for x in row}
     if dtypes != {np.dtype(np.uint8)}:
       # Assigning into the uint8 batch would cast silently: floats in [0, 1] became an all-black picture.
-      raise errors.InputFormatError(f"images must be uint8 RGB arrays (0..255, not normalized), got dtype "
-                                    f"{', '.join(sorted(map(str, dtypes)))}",
-                                    hint="load_images(paths, image_size) or data.images.preprocess_image(x, size)")
+      raise errors.ConfigError(f"images must be uint8 RGB arrays (0..255, not normalized), got dtype "
+                               f"{', '.join(sorted(map(str, dtypes)))}",
+                               hint="load_images(paths, image_size) or data.images.preprocess_image(x, size)")
     shape = next(iter(shapes))
     image_arr = np.zeros((rows, m) + shape, np.uint8)
     mask = np.zeros((rows, m), bool)

@@ -29,7 +29,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from qwenvl_jax import errors
+from qwenvl_jax import errors, tree_paths
 from qwenvl_jax.checkpoint import orbax_store
 from qwenvl_jax.training import workdir as workdir_lib
 from qwenvl_jax.training.step import TrainState
@@ -181,9 +181,7 @@ class Checkpointer:
       stored = orbax_store.ParamReader(epath.Path(self.directory) / str(step) / "params").shapes
     except Exception:  # pylint: disable=broad-except  (orbax/tensorstore raise bare Exceptions)
       return
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    expected = {".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): (tuple(x.shape), x.dtype)
-                for path, x in leaves}
+    expected = {k: (tuple(x.shape), x.dtype) for k, x in tree_paths.flatten(params).items()}
     problems = orbax_store.tree_problems(stored, expected)
     if problems:
       raise errors.ConfigError(

@@ -258,9 +258,10 @@ def record_resumed(workdir: str, config: ml_collections.ConfigDict, step: int) -
   is the record of a config that ran). Returns its path."""
   directory = epath.Path(workdir)
   path, k = directory / f"config.resumed_at_{step}.json", 0
+  if jax.process_index() != 0:  # only process 0 writes (and probes: another would see its file)
+    return os.fspath(path)
   while path.exists():
     k += 1
     path = directory / f"config.resumed_at_{step}-{k}.json"
-  if jax.process_index() == 0:
-    path.write_text(config.to_json(indent=2))
+  path.write_text(config.to_json(indent=2))
   return os.fspath(path)

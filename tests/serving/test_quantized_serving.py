@@ -77,24 +77,26 @@ def test_quantized_server_answers_as_generate_with_the_same_weights_and_cache(sp
   flags += [f"--group_size={GROUP}"] if quantize == "int4" else []  # int8 weights have no groups (refused)
   # The reference runs in this process while the server subprocess starts and compiles (both mostly
   # single-threaded compiles: overlapped on 2 cores, the case took 27 s one after the other).
-  pool, reference = concurrent.futures.ThreadPoolExecutor(1), []
-  start = lambda: reference.append(pool.submit(_reference, sp_file, quantize, kv_cache_dtype, tmp_path))
-  with pool, serve_cli(flags, tmp_path, while_starting=start) as url:
-    health = requests.get(url + "/health", timeout=10).json()
-    assert quantize in health["weight_dtypes"]
-    assert health["kv_cache_dtype"] == (kv_cache_dtype or "float32")
+  reference = []
+  with concurrent.futures.ThreadPoolExecutor(1) as background:
+    def start():
+      reference.append(background.submit(_reference, sp_file, quantize, kv_cache_dtype, tmp_path))
+    with serve_cli(flags, tmp_path, while_starting=start) as url:
+      health = requests.get(url + "/health", timeout=10).json()
+      assert quantize in health["weight_dtypes"]
+      assert health["kv_cache_dtype"] == (kv_cache_dtype or "float32")
 
-    def ask(messages):
-      r = requests.post(url + "/v1/chat/completions", timeout=120, json={
-          "messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0})
-      r.raise_for_status()
-      return r.json()["choices"][0]["message"]["content"]
+      def ask(messages):
+        r = requests.post(url + "/v1/chat/completions", timeout=120, json={
+            "messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0})
+        r.raise_for_status()
+        return r.json()["choices"][0]["message"]["content"]
 
-    # All at once: they share the decode steps (and the int8 cache) of one batch.
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:
-      answers = list(pool.map(ask, [m for m, _ in _conversations()]))
-    after = requests.get(url + "/health", timeout=10).json()
-  expected = reference[0].result()
+      # All at once: they share the decode steps (and the int8 cache) of one batch.
+      with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(ask, [m for m, _ in _conversations()]))
+      after = requests.get(url + "/health", timeout=10).json()
+    expected = reference[0].result()
   assert [a.strip() for a in answers] == expected
   assert all(expected) and len(set(expected)) > 1  # real, different answers: the comparison means something
   assert after["compilations"]["backend_compiles_after_warmup"] == 0
