@@ -29,7 +29,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from qwenvl_jax import sharding, tree_paths
+from qwenvl_jax import errors, sharding, tree_paths
 from qwenvl_jax.checkpoint import mapping, orbax_store, tensor_io
 from qwenvl_jax.checkpoint.model_card import bundled_tokenizer, copy_tokenizer, hf_model_card, model_metadata
 from qwenvl_jax.model import QwenVL
@@ -82,8 +82,10 @@ def check_source(table: mapping.Table, bindings: Sequence[mapping.Binding], sour
               (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped),
                ("not floating point", bad_dtype)) if names]
   if problems:
-    raise ValueError(f"{source.description} is not a {table.name} checkpoint for this model config: "
-                     + "; ".join(problems))
+    # A user error (one line from convert): most often the source is another preset's (--preset left out).
+    raise errors.ConfigError(f"{source.description} is not a {table.name} checkpoint for this model config: "
+                             + "; ".join(problems),
+                             hint="the weights are another model's: name its preset (--preset / --model)")
 
 
 def _import_leaves(table: mapping.Table, source: tensor_io.TensorSource, shapes: Mapping[str, tuple],

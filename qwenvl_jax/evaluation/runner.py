@@ -112,6 +112,19 @@ def _image_size(config) -> int | None:
   return config.get("image_size") or None
 
 
+def _weights_quantization(config, params: str | None) -> str:
+  """How the weights that ran are quantized: `config.quantize` (quantized while restoring) or else what the params
+  checkpoint was saved as (`convert --mode=quantize`), which `quantize` ("none") alone did not say."""
+  from qwenvl_jax.inference import quantized  # pylint: disable=import-outside-toplevel
+  mode = config.get("quantize")
+  stored = quantized.checkpoint_quantization(params) if params and mode in (None, "", "none") else None
+  qcfg = stored or loading.quantization_config(mode, config.get("quantize_group_size"))
+  if qcfg is None:
+    return "none"
+  how = "as stored" if stored else "on load"
+  return f"{qcfg.mode} ({how}{f', groups of {qcfg.group_size}' if qcfg.mode != 'int8' else ''})"
+
+
 def _group_size(config) -> int | None:
   """The int4 group size that applies (None when the weights are not quantized in groups)."""
   return config.get("quantize_group_size") if config.get("quantize") in ("int4", "nf4") else None
@@ -252,7 +265,7 @@ def _run(config, task: tasks_lib.EvalTask, output: str, recorded_data_path: str 
   record = {"checkpoint": config.checkpoint, "params": params, "model": config.model,
             "tokenizer": config.tokenizer, "dtype": config.dtype, "quantize": config.get("quantize"),
             "quantize_group_size": _group_size(config), "kv_cache_dtype": config.get("kv_cache_dtype", "auto"),
-            "image_size": job.cfg.vision.image_size,
+            "image_size": job.cfg.vision.image_size, "weights_quantization": _weights_quantization(config, params),
             "data_path": recorded_data_path or os.fspath(data_path), "annotation_path": annotation_path,
             "image_root": "" if recorded_data_path else config.image_root,
             "tfds_data_dir": tfds_data_dir, "few_shot": shots.k if shots else 0,

@@ -20,6 +20,8 @@ import dataclasses
 import math
 import re
 
+from qwenvl_jax import errors
+
 GIB = 1024**3
 
 
@@ -115,7 +117,7 @@ def chip_spec(name: str) -> ChipSpec:
     for short in ("h100", "h200", "a100"):
       if short in key:
         return CHIPS[short]
-    raise ValueError(f"unknown chip {name!r}; known: {sorted(CHIPS)} (aliases: {sorted(_ALIASES)})")
+    raise errors.ConfigError(f"unknown chip {name!r}; known: {sorted(CHIPS)} (aliases: {sorted(_ALIASES)})")
   return CHIPS[key]
 
 
@@ -134,11 +136,12 @@ class Topology:
 
   def __post_init__(self):
     if self.chip.platform != "tpu":
-      raise ValueError(f"{self.chip.name} is not a TPU; topologies are TPU slices")
+      raise errors.ConfigError(f"{self.chip.name} is not a TPU; topologies are TPU slices")
     if len(self.shape) != self.chip.torus_dims or any(d < 1 for d in self.shape):
-      raise ValueError(f"{self.chip.name} slices are {self.chip.torus_dims}-D chip grids, got shape {self.shape}")
+      raise errors.ConfigError(f"{self.chip.name} slices are {self.chip.torus_dims}-D chip grids, got shape "
+                               f"{self.shape}")
     if self.num_slices < 1:
-      raise ValueError(f"num_slices must be >= 1, got {self.num_slices}")
+      raise errors.ConfigError(f"num_slices must be >= 1, got {self.num_slices}")
 
   @property
   def chips_per_slice(self) -> int:
@@ -229,20 +232,21 @@ def parse_topology(name: str, num_slices: int = 1) -> Topology:
     return Topology(chip=chip, shape=shape, num_slices=num_slices)
   sized = re.fullmatch(r"([a-z0-9]+)-(\d+)", text)
   if not sized:
-    raise ValueError(f"topology {name!r} is neither a slice name like 'v5p-128' nor a grid like 'v5p:4x4x4'")
+    raise errors.ConfigError(f"topology {name!r} is neither a slice name like 'v5p-128' nor a grid like 'v5p:4x4x4'")
   chip = chip_spec(sized.group(1))
   if chip.platform != "tpu":
-    raise ValueError(f"topology {name!r}: {chip.name} is not a TPU")
+    raise errors.ConfigError(f"topology {name!r}: {chip.name} is not a TPU")
   count = int(sized.group(2))
   cores = 2 if chip.name_counts_cores else 1
   if count % cores:
-    raise ValueError(f"topology {name!r}: {chip.name}-N counts TensorCores, {cores} per chip, so N must be even")
+    raise errors.ConfigError(f"topology {name!r}: {chip.name}-N counts TensorCores, {cores} per chip, so N must be "
+                             "even")
   chips = count // cores
   if chip.torus_dims == 3:
     standard = chips >= 4 and chips & (chips - 1) == 0
   else:
     standard = chips in _SIZES_2D
   if not standard:
-    raise ValueError(f"topology {name!r} ({chips} chips) has no standard grid here; give it explicitly, e.g. "
+    raise errors.ConfigError(f"topology {name!r} ({chips} chips) has no standard grid here; give it explicitly, e.g. "
                      f"'{chip.topology_prefix}:{'x'.join(['4'] * chip.torus_dims)}'")
   return Topology(chip=chip, shape=_grid(chips, chip.torus_dims), num_slices=num_slices)

@@ -34,6 +34,7 @@ the most slots that fit (every program within HBM):
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 
 import jax
@@ -451,7 +452,14 @@ def _cli() -> None:
       return
     print(plan_at(batch.value, not no_prefill.value).format())
 
-  app.run(main)
+  def guarded(argv):  # a user mistake (no libtpu, an unknown topology) is one line and status 2, as in `plan`
+    try:
+      return main(argv)
+    except errors.UserError as e:
+      print(errors.format_user_error(e), file=sys.stderr, flush=True)
+      sys.exit(errors.USER_ERROR_EXIT_CODE)
+
+  app.run(guarded)
 
 
 if __name__ == "__main__":

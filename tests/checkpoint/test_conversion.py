@@ -102,8 +102,10 @@ def test_missing_unexpected_and_misshaped_tensors_are_named(tmp_path, qwenvl_che
   state["transformer.visual.class_embedding"] = torch.ones(cfg.vision.width)  # not part of Qwen-VL
   state["transformer.visual.proj"] = torch.ones(3, 3)
   write_checkpoint(tmp_path / "bad", state, fmt="safetensors")
-  with pytest.raises(ValueError) as e:
+  # A user error (convert prints one line, status 2; it was a traceback, status 1), with the likely fix.
+  with pytest.raises(errors.ConfigError) as e:
     checkpoint.torch_to_orbax(tmp_path / "bad", tmp_path / "orbax", cfg)
+  assert "name its preset" in e.value.hint
   msg = str(e.value)
   assert "transformer.h.1.mlp.w1.weight" in msg and "transformer.visual.class_embedding" in msg
   assert "transformer.visual.proj (3, 3)" in msg and "inv_freq" not in msg

@@ -452,6 +452,25 @@ def test_the_results_record_the_image_size_and_group_size_used(workdir, tmp_path
 
 
 
+def test_the_results_record_how_the_weights_that_ran_are_quantized(workdir, tmp_path, monkeypatch):
+  """A `convert --mode=quantize` checkpoint runs as stored int8 while `quantize` stays "none": the results said
+  nothing of int8."""
+  from qwenvl_jax.checkpoint import save_params  # pylint: disable=import-outside-toplevel
+  root, tok = workdir
+  data = _vqa_file(tmp_path / "vqa.jsonl", root, 3)
+  monkeypatch.setattr(runner, "EvalJob", _FakeJob)  # nothing is restored: the record is what is tested
+  params = tmp_path / "int8"
+  save_params(params, {"w": np.zeros(3, np.float32)}, custom_metadata={
+      "quantization": {"mode": "int8", "group_size": 128, "embeddings": True}})
+  stored = runner.run(_config("gqa_testdev", root, tok, str(data), str(tmp_path / "a.json"), checkpoint=str(params)))
+  assert stored["config"]["quantize"] == "none" and stored["config"]["weights_quantization"] == "int8 (as stored)"
+  on_load = runner.run(_config("gqa_testdev", root, tok, str(data), str(tmp_path / "b.json"), quantize="int4",
+                               quantize_group_size=64))
+  assert on_load["config"]["weights_quantization"] == "int4 (on load, groups of 64)"
+  plain = runner.run(_config("gqa_testdev", root, tok, str(data), str(tmp_path / "c.json")))
+  assert plain["config"]["weights_quantization"] == "none"
+
+
 def _vqa_with_relative_image(folder):
   """A VQA file in `folder` whose one image, `img/a.png`, lies relative to that folder."""
   (folder / "img").mkdir(parents=True)

@@ -1,6 +1,10 @@
 """The inference planner AOT-compiles the real decode step and prefill for a TPU chip (tiny model, in a child
 process with libtpu): int8 weights and an int8 cache show up as fewer argument bytes."""
+import subprocess
+import sys
+
 from tests.planning.conftest import requires_libtpu, run_json
+from tests.training import helpers
 
 
 def _plan(quantize, kv_cache_dtype, with_prefill) -> dict:
@@ -65,3 +69,13 @@ def test_server_plan_on_the_tensor_parallel_layout_splits_weights_and_cache_over
   # program runs with the slots' cache resident.
   assert out["encode_args"] >= out["weights"] / 2 * 0.99
   assert out["peak"] >= out["encode_args"] + out["cache"] / 8 and "server image encoding" in out["report"]
+
+
+def test_the_module_command_reports_a_user_mistake_in_one_line():
+  """`python -m qwenvl_jax.planning.inference_plan` (README's slot-planning command) ended an unknown chip or a
+  missing libtpu in a traceback, status 1, where `plan` prints one line, status 2."""
+  proc = subprocess.run([sys.executable, "-m", "qwenvl_jax.planning.inference_plan", "--preset=tiny",
+                         "--topology=v9z-8"], capture_output=True, text=True, timeout=300, cwd=helpers.REPO,
+                        env=helpers.subprocess_env(devices=1), check=False)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.startswith("error: unknown chip 'v9z'") and "Traceback" not in proc.stderr, proc.stderr
