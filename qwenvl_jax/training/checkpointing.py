@@ -269,6 +269,15 @@ def finished_steps(workdir: str) -> list[int]:
   return sorted(int(d.name) for d in directory.iterdir() if d.name.isdigit() and (d / "params").is_dir())
 
 
+def split_trainer_spec(arg: str) -> tuple[str, str]:
+  """(workdir, step text or '') of `WORKDIR[@STEP]`: the last '@' names the step, unless the whole is an existing
+  path (a workdir whose name holds an '@'; it was split at the first one)."""
+  workdir, at, step = arg.rpartition("@")
+  if not at or _absolute(arg).exists():
+    return arg, ""
+  return workdir, step
+
+
 def resolve_params_checkpoint(spec: str) -> str:
   """The params directory that `config.init` names.
 
@@ -284,7 +293,9 @@ def resolve_params_checkpoint(spec: str) -> str:
       raise FileNotFoundError(f"config.init={spec!r}: {arg} is not a directory")
     return os.fspath(path)
   if kind == "trainer":
-    workdir, _, step = arg.partition("@")
+    workdir, step = split_trainer_spec(arg)
+    if step and not step.isdigit():
+      raise ValueError(f"config.init={spec!r}: the step after '@' must be a number (trainer:WORKDIR@STEP)")
     directory = _absolute(workdir) / "checkpoints"
     if not directory.is_dir():
       raise FileNotFoundError(f"config.init={spec!r}: no checkpoints under {directory}")

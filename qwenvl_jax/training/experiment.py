@@ -18,7 +18,7 @@ import numpy as np
 
 from qwenvl_jax import errors, sharding
 from qwenvl_jax.model import config as model_config
-from qwenvl_jax.training import peft, workdir as workdir_lib
+from qwenvl_jax.training import checkpointing, peft, workdir as workdir_lib
 from qwenvl_jax.training.optimizer import stage_frozen_patterns
 
 def frozen_patterns(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -52,7 +52,7 @@ def _init_run(init: str) -> epath.Path | None:
   `<run>/checkpoints/<step>/params`; None for anything else (a converted checkpoint)."""
   kind, _, arg = init.partition(":")
   if kind == "trainer" and arg:
-    return epath.Path(workdir_lib.absolute(arg.partition("@")[0]))
+    return epath.Path(workdir_lib.absolute(checkpointing.split_trainer_spec(arg)[0]))
   if kind == "params" and arg:
     params = epath.Path(workdir_lib.absolute(arg))
     run = params.parent.parent.parent

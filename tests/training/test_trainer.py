@@ -131,6 +131,19 @@ def test_init_from_another_stage_across_resolutions(uninterrupted):
     assert json.load(f)["res"] == 56
 
 
+def test_init_from_a_workdir_whose_name_holds_an_at(tmp_path):
+  """`trainer:runs/a@b` was split at its first '@' (workdir runs/a, step 'b'); the last '@' names a step."""
+  run = tmp_path / "a@b"
+  (run / "checkpoints" / "3" / "params").mkdir(parents=True)
+  (run / "checkpoints" / "5").mkdir()  # being written: no params yet
+  assert checkpointing.resolve_params_checkpoint(f"trainer:{run}") == str(run / "checkpoints" / "3" / "params")
+  assert checkpointing.resolve_params_checkpoint(f"trainer:{run}@3") == str(run / "checkpoints" / "3" / "params")
+  with pytest.raises(FileNotFoundError, match=r"no step 5 .*\(steps: \[3\]\)"):
+    checkpointing.resolve_params_checkpoint(f"trainer:{run}@5")
+  with pytest.raises(ValueError, match="the step after '@' must be a number"):
+    checkpointing.resolve_params_checkpoint(f"trainer:{tmp_path / 'other'}@abc")
+
+
 def test_bad_init_spec():
   with pytest.raises(ValueError, match="trainer:WORKDIR"):
     checkpointing.resolve_params_checkpoint("orbax:/x")
