@@ -63,14 +63,15 @@ def load(checkpoint: str | os.PathLike, *, tokenizer: str | None = None, model: 
     raise errors.ConfigError(f"load() takes the checkpoint as a path (str or pathlib.Path), got "
                              f"{type(checkpoint).__name__} {checkpoint!r}")
   if not checkpoint:
-    raise ValueError("load() needs a checkpoint: a training run, its checkpoints/<step>, or a params directory")
+    raise errors.ConfigError("load() needs a checkpoint: a training run, its checkpoints/<step>, or a params "
+                             "directory")
   if group_size is not None and (quantize != "int4" or group_size < 1):  # as the CLI's --group_size
     raise errors.ConfigError(f"group_size={group_size}: the group size of int4 weights, >= 1 "
                              f"(quantize={quantize!r} has none)" if quantize != "int4" else
                              f"group_size={group_size} must be >= 1")
   source = model_source.resolve(checkpoint, model=model, tokenizer=tokenizer, image_size=image_size)
   if not source.tokenizer:
-    raise ValueError(f"loading {checkpoint!r} needs tokenizer= (qwen:PATH, sentencepiece:PATH or a file)")
+    raise errors.ConfigError(f"loading {checkpoint!r} needs tokenizer= (qwen:PATH, sentencepiece:PATH or a file)")
   tok, _, mesh, rule_table, model_ = loading.load_source(source, dtype=dtype, rules=rules,
                                                          tensor_parallel=tensor_parallel, quantize=quantize,
                                                          group_size=group_size)

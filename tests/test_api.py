@@ -84,8 +84,11 @@ def test_load_errors_name_what_is_missing(tmp_path):
   converted = tmp_path / "params"  # what model_source takes for a converted params checkpoint (no run config)
   converted.mkdir()
   (converted / "_METADATA").write_text("{}")
-  with pytest.raises(ValueError, match="needs tokenizer="):
+  # The package's user errors (the ConfigError a CLI prints as one line), not a bare ValueError.
+  with pytest.raises(errors.ConfigError, match="needs tokenizer="):
     qwenvl_jax.load(str(converted))
+  with pytest.raises(errors.ConfigError, match="load\\(\\) needs a checkpoint"):
+    qwenvl_jax.load(None)
   with pytest.raises(FileNotFoundError, match="is neither a training run"):
     qwenvl_jax.load(str(tmp_path))
   with pytest.raises(FileNotFoundError, match="does not exist"):

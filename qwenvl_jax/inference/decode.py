@@ -351,7 +351,7 @@ class Generator:
       raise errors.ConfigError(f"Generator takes the model (a QwenVL), got {type(model).__name__}",
                                hint="loaded = qwenvl_jax.load(CHECKPOINT); qwenvl_jax.Generator(loaded.model)")
     if kv_cache_dtype not in (None, "int8"):
-      raise ValueError(f"kv_cache_dtype must be None (the compute dtype) or 'int8', got {kv_cache_dtype!r}")
+      raise errors.ConfigError(f"kv_cache_dtype must be None (the compute dtype) or 'int8', got {kv_cache_dtype!r}")
     self.cfg: QwenVLConfig = model.cfg
     self.kv_cache_dtype = kv_cache_dtype
     self.graphdef, model_state = nnx.split(model)

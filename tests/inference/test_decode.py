@@ -194,6 +194,8 @@ def test_generator_arguments_of_the_wrong_kind_are_one_line(generator, tiny_mode
     next(generator.stream(prompts, _gen()))
   with pytest.raises(ValueError, match="the generation config must be a GenerationConfig, got NoneType"):
     generator.generate(_batch(generator, prompts), None)
+  with pytest.raises(errors.ConfigError, match="kv_cache_dtype must be None .* or 'int8', got 'bf16'"):
+    decode.Generator(tiny_model, kv_cache_dtype="bf16")
 
 
 def test_ids_outside_the_vocabulary_and_float_images_are_refused(generator, image_prompt):
