@@ -236,15 +236,14 @@ def run_spec(spec: str) -> tuple[str, int | None]:
   """
   import os  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.checkpoint import orbax_store  # pylint: disable=import-outside-toplevel
-  workdir, at, step = spec.rpartition("@")
-  if not at or os.path.exists(spec):  # a folder whose name holds an '@'
-    workdir, at, step = spec, "", ""
-  elif not step.isdigit():
+  from qwenvl_jax.training.checkpointing import split_trainer_spec  # pylint: disable=import-outside-toplevel
+  workdir, step = split_trainer_spec(spec)  # the last '@', unless the whole is a path (a folder named with an '@')
+  if step and not step.isdigit():
     raise ValueError(f"the step after '@' in {spec!r} must be a number (WORKDIR@STEP), got {step!r}")
   path = os.path.normpath(workdir)
   if os.path.basename(path) == "params":
     path = os.path.dirname(path)
-  if os.path.basename(path).isdigit() and os.path.basename(os.path.dirname(path)) == "checkpoints" and not at:
+  if os.path.basename(path).isdigit() and os.path.basename(os.path.dirname(path)) == "checkpoints" and not step:
     workdir, step = os.path.dirname(os.path.dirname(path)), os.path.basename(path)
   if not os.path.exists(workdir):
     raise FileNotFoundError(f"{workdir} does not exist (--src names a LoRA run's workdir: WORKDIR[@STEP])")
