@@ -9,9 +9,10 @@ Public surface:
   `hf_model_card` write it, `model_card.recorded_*` read it;
 * `mapping` — the name/layout tables per source (Qwen-VL HF, Qwen-7B HF, OpenCLIP ViT-bigG);
 * `open_checkpoint` — streaming reader of `*.safetensors` / `pytorch_model*.bin` checkpoints.
+* `run_layout` — how a training run's steps are laid out and named (`RUN@STEP`, `RUN/checkpoints/STEP[/params]`).
 """
 
-from qwenvl_jax.checkpoint import mapping, model_card
+from qwenvl_jax.checkpoint import mapping, model_card, run_layout
 from qwenvl_jax.checkpoint.conversion import (hf_config, init_from_pretrained, model_param_shapes, orbax_to_torch,
                                               torch_to_orbax)
 from qwenvl_jax.checkpoint.model_card import bundled_tokenizer, copy_tokenizer, hf_model_card, model_metadata
@@ -22,5 +23,5 @@ __all__ = [
     "ParamReader", "bundled_tokenizer", "copy_tokenizer", "hf_config", "hf_model_card", "init_from_pretrained",
     "load_model", "mapping", "model_card", "model_metadata",
     "model_param_shapes",
-    "open_checkpoint", "orbax_to_torch", "restore_params", "save_params", "torch_to_orbax",
+    "open_checkpoint", "orbax_to_torch", "restore_params", "run_layout", "save_params", "torch_to_orbax",
 ]

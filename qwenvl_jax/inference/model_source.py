@@ -27,7 +27,7 @@ from flax import nnx
 
 from qwenvl_jax import errors, sharding
 from qwenvl_jax import text as qtext
-from qwenvl_jax.checkpoint import model_card, orbax_store
+from qwenvl_jax.checkpoint import model_card, orbax_store, run_layout
 from qwenvl_jax.model import QwenVL
 from qwenvl_jax.model.config import PRESETS, QwenVLConfig, get_preset
 
@@ -50,9 +50,8 @@ class ModelSource:
 
 
 def _latest_step(run_dir: str) -> int:
-  ckpt = os.path.join(run_dir, "checkpoints")
-  steps = sorted(int(d) for d in (os.listdir(ckpt) if os.path.isdir(ckpt) else ())
-                 if d.isdigit() and orbax_store.is_params_dir(os.path.join(ckpt, d, "params")))
+  steps = [s for s in run_layout.finished_steps(run_dir)
+           if orbax_store.is_params_dir(os.path.join(run_dir, "checkpoints", str(s), "params"))]
   if not steps:
     raise FileNotFoundError(f"training run {run_dir} holds no finished checkpoint (no checkpoints/<step>/params)")
   return steps[-1]
@@ -80,9 +79,11 @@ def resolve(checkpoint: str | None, *, model: str | None = None, tokenizer: str 
   if not checkpoint:
     return ModelSource(None, model or DEFAULT_PRESET, image_size, tokenizer, chat_format or "chatml")
   path = os.path.abspath(checkpoint)
-  run, at, step_text = checkpoint.rpartition("@")
-  if at and step_text.isdigit() and not os.path.exists(path) and os.path.isdir(os.path.join(run, "checkpoints")):
+  run, step_text = run_layout.split_step(checkpoint)
+  if step_text and os.path.isdir(os.path.join(run, "checkpoints")):
     # RUN@STEP, as config.init=trainer:RUN@STEP and convert --src=RUN@STEP spell a run's step.
+    if not step_text.isdigit():
+      raise errors.ConfigError(f"checkpoint {checkpoint!r}: the step after '@' must be a number (RUN@STEP)")
     path = os.path.abspath(os.path.join(run, "checkpoints", str(int(step_text))))
     if not os.path.isdir(path):
       steps = sorted(int(d) for d in os.listdir(os.path.join(run, "checkpoints")) if d.isdigit())
@@ -94,15 +95,10 @@ def resolve(checkpoint: str | None, *, model: str | None = None, tokenizer: str 
   run_dir = step = None
   if os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "checkpoints")):
     run_dir, step = path, _latest_step(path)
-  elif os.path.basename(path).isdigit() and os.path.basename(os.path.dirname(path)) == "checkpoints":
-    run_dir, step = os.path.dirname(os.path.dirname(path)), int(os.path.basename(path))
-  elif (os.path.basename(path) == "params" and os.path.basename(os.path.dirname(path)).isdigit()
-        and os.path.basename(os.path.dirname(os.path.dirname(path))) == "checkpoints"):
-    run_dir, step = os.path.dirname(os.path.dirname(os.path.dirname(path))), int(os.path.basename(
-        os.path.dirname(path)))
+  elif found := run_layout.step_folder(path):
+    run_dir, step = found
   step_dir = os.path.dirname(path)
-  if (run_dir is None and os.path.basename(path) in ("opt_state", "data", "meta")
-      and os.path.basename(step_dir).isdigit() and os.path.basename(os.path.dirname(step_dir)) == "checkpoints"):
+  if run_dir is None and os.path.basename(path) in ("opt_state", "data", "meta") and run_layout.step_folder(step_dir):
     # A sibling of a step's params (opt_state, data, meta): opt_state has a _METADATA too, so it would be taken
     # for a params checkpoint and fail deep inside the restore.
     raise errors.UserFileNotFoundError(
@@ -158,8 +154,9 @@ def _shapes(cfg: QwenVLConfig) -> dict[str, tuple[int, ...]]:
 
 
 def check_preset(params: str, cfg: QwenVLConfig, preset: str) -> None:
-  """Raises errors.ConfigError (a ValueError) when the parameters stored at `params` do not have the shapes of `cfg` (preset `preset`):
-  the message lists the differing parameters (stored vs preset) and names a preset that matches, if any."""
+  """Raises errors.ConfigError (a ValueError) when the parameters stored at `params` do not have the shapes of `cfg`
+  (preset `preset`): the message lists the differing parameters (stored vs preset) and names a preset that matches,
+  if any."""
   from qwenvl_jax.checkpoint import ParamReader  # pylint: disable=import-outside-toplevel
   stored = {k: tuple(v[0]) for k, v in ParamReader(params).shapes.items()}
   expected = _shapes(cfg)

@@ -30,7 +30,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from qwenvl_jax import errors, tree_paths
-from qwenvl_jax.checkpoint import orbax_store
+from qwenvl_jax.checkpoint import orbax_store, run_layout
 from qwenvl_jax.training import workdir as workdir_lib
 from qwenvl_jax.training.step import TrainState
 
@@ -261,23 +261,6 @@ def _first_line(error: BaseException) -> str:
   return f"{type(error).__name__}: {text[0][:200] if text else ''}"
 
 
-def finished_steps(workdir: str) -> list[int]:
-  """The steps of a run's `checkpoints/` that hold their params (a step being written has none yet), ascending."""
-  directory = _absolute(workdir) / "checkpoints"
-  if not directory.is_dir():
-    return []
-  return sorted(int(d.name) for d in directory.iterdir() if d.name.isdigit() and (d / "params").is_dir())
-
-
-def split_trainer_spec(arg: str) -> tuple[str, str]:
-  """(workdir, step text or '') of `WORKDIR[@STEP]`: the last '@' names the step, unless the whole is an existing
-  path (a workdir whose name holds an '@'; it was split at the first one)."""
-  workdir, at, step = arg.rpartition("@")
-  if not at or _absolute(arg).exists():
-    return arg, ""
-  return workdir, step
-
-
 def resolve_params_checkpoint(spec: str) -> str:
   """The params directory that `config.init` names.
 
@@ -293,13 +276,13 @@ def resolve_params_checkpoint(spec: str) -> str:
       raise FileNotFoundError(f"config.init={spec!r}: {arg} is not a directory")
     return os.fspath(path)
   if kind == "trainer":
-    workdir, step = split_trainer_spec(arg)
+    workdir, step = run_layout.split_step(arg)
     if step and not step.isdigit():
       raise ValueError(f"config.init={spec!r}: the step after '@' must be a number (trainer:WORKDIR@STEP)")
     directory = _absolute(workdir) / "checkpoints"
     if not directory.is_dir():
       raise FileNotFoundError(f"config.init={spec!r}: no checkpoints under {directory}")
-    steps = finished_steps(workdir)
+    steps = run_layout.finished_steps(workdir)
     if not steps:
       raise FileNotFoundError(f"config.init={spec!r}: {directory} holds no finished checkpoint")
     chosen = int(step) if step else steps[-1]

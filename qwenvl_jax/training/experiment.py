@@ -17,8 +17,9 @@ import ml_collections
 import numpy as np
 
 from qwenvl_jax import errors, sharding
+from qwenvl_jax.checkpoint import run_layout
 from qwenvl_jax.model import config as model_config
-from qwenvl_jax.training import checkpointing, peft, workdir as workdir_lib
+from qwenvl_jax.training import peft, workdir as workdir_lib
 from qwenvl_jax.training.optimizer import stage_frozen_patterns
 
 def frozen_patterns(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -52,12 +53,10 @@ def _init_run(init: str) -> epath.Path | None:
   `<run>/checkpoints/<step>/params`; None for anything else (a converted checkpoint)."""
   kind, _, arg = init.partition(":")
   if kind == "trainer" and arg:
-    return epath.Path(workdir_lib.absolute(checkpointing.split_trainer_spec(arg)[0]))
-  if kind == "params" and arg:
-    params = epath.Path(workdir_lib.absolute(arg))
-    run = params.parent.parent.parent
-    if params.name == "params" and params.parent.parent.name == "checkpoints" and (run / "config.json").exists():
-      return run
+    return epath.Path(workdir_lib.absolute(run_layout.split_step(arg)[0]))
+  found = run_layout.step_folder(arg) if kind == "params" and arg else None
+  if found and epath.Path(arg).name == "params" and (epath.Path(found[0]) / "config.json").exists():
+    return epath.Path(found[0])
   return None
 
 

@@ -39,7 +39,7 @@ import jax
 import ml_collections
 from flax import nnx
 
-from qwenvl_jax import sharding
+from qwenvl_jax import sharding, tree_paths
 from qwenvl_jax.model import QwenVL, lora
 from qwenvl_jax.model import quantize as qlib
 from qwenvl_jax.model.config import QwenVLConfig
@@ -109,11 +109,7 @@ def base_quantization(config: ml_collections.ConfigDict) -> tuple[qlib.QuantConf
   if group < 1:
     raise ValueError(f"config.lora.quantize_group={group} must be >= 1")
   targets = _items(section.get("quantize_targets", ",".join(QLORA_TARGETS)))
-  for target in targets:
-    try:
-      re.compile(target)
-    except re.error as e:
-      raise ValueError(f"config.lora.quantize_targets: {target!r} is not a regular expression ({e})") from e
+  tree_paths.compile_patterns(targets, "config.lora.quantize_targets:")
   if any(re.fullmatch(t, "llm/lm_head") for t in targets):
     raise ValueError(f"config.lora.quantize_targets={','.join(targets)!r} matches llm/lm_head, which stays in "
                      "base_dtype (the chunked loss reads its kernel); quantize e.g. 'llm/blocks/.*,visual/blocks/.*'")
@@ -235,16 +231,13 @@ def run_spec(spec: str) -> tuple[str, int | None]:
       no adapters to read). ValueError: a step after '@' that is not a number.
   """
   import os  # pylint: disable=import-outside-toplevel
-  from qwenvl_jax.checkpoint import orbax_store  # pylint: disable=import-outside-toplevel
-  from qwenvl_jax.training.checkpointing import split_trainer_spec  # pylint: disable=import-outside-toplevel
-  workdir, step = split_trainer_spec(spec)  # the last '@', unless the whole is a path (a folder named with an '@')
+  from qwenvl_jax.checkpoint import orbax_store, run_layout  # pylint: disable=import-outside-toplevel
+  workdir, step = run_layout.split_step(spec)  # the last '@', unless the whole is a path (a folder named with an '@')
   if step and not step.isdigit():
     raise ValueError(f"the step after '@' in {spec!r} must be a number (WORKDIR@STEP), got {step!r}")
-  path = os.path.normpath(workdir)
-  if os.path.basename(path) == "params":
-    path = os.path.dirname(path)
-  if os.path.basename(path).isdigit() and os.path.basename(os.path.dirname(path)) == "checkpoints" and not step:
-    workdir, step = os.path.dirname(os.path.dirname(path)), os.path.basename(path)
+  found = None if step else run_layout.step_folder(workdir)
+  if found:
+    workdir, step = found[0], str(found[1])
   if not os.path.exists(workdir):
     raise FileNotFoundError(f"{workdir} does not exist (--src names a LoRA run's workdir: WORKDIR[@STEP])")
   if orbax_store.is_params_dir(workdir) and not os.path.exists(os.path.join(workdir, "config.json")):
@@ -264,7 +257,7 @@ def load_run(spec: str) -> tuple[QwenVL, lora.LoraConfig, ml_collections.ConfigD
   import os  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.checkpoint import restore_params  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.model import config as model_config  # pylint: disable=import-outside-toplevel
-  from qwenvl_jax.training.checkpointing import finished_steps  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.checkpoint.run_layout import finished_steps  # pylint: disable=import-outside-toplevel
   workdir, step = run_spec(spec)
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):

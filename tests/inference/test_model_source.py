@@ -50,6 +50,9 @@ def test_run_at_step_names_a_step_as_training_and_convert_spell_it(run_dir):
   assert src.step == 3 and src.params == str(run_dir / "checkpoints" / "3" / "params") and src.preset == "tiny"
   with pytest.raises(FileNotFoundError, match=r"has no step 4 \(its steps: 3, 5, 7\)"):
     model_source.resolve(f"{run_dir}@4")
+  # A step that is no number was "does not exist" (the whole was taken for a path); it is named as the step's fault.
+  with pytest.raises(errors.ConfigError, match=r"the step after '@' must be a number"):
+    model_source.resolve(f"{run_dir}@latest")
 
 
 def test_a_steps_optimizer_state_is_named_not_restored(tmp_path):
