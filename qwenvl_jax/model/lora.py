@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qwenvl_jax import errors, sharding
+from qwenvl_jax import errors, sharding, tree_paths
 from qwenvl_jax.model import layers, quantize
 
 # The module types adapters attach to: float projections and (QLoRA) quantized ones.
@@ -66,11 +66,7 @@ class LoraConfig:
     if self.alpha == 0:  # scale 0: with B = 0 at the start, neither A nor B ever gets a gradient
       raise ValueError("LoRA alpha must not be 0 (the adapters' scale is alpha / r: a run with alpha 0 trains "
                        "nothing)")
-    for target in self.targets:
-      try:
-        re.compile(target)
-      except re.error as e:
-        raise ValueError(f"LoRA target {target!r} is not a regular expression ({e})") from e
+    tree_paths.compile_patterns(self.targets, "LoRA target")
     unknown = set(self.modules_to_save) - set(SAVED_MODULES)
     if unknown:
       raise ValueError(f"unknown modules_to_save {sorted(unknown)}; known: {sorted(SAVED_MODULES)}")

@@ -30,6 +30,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from qwenvl_jax import tree_paths
+
 TRAINABLE, FROZEN = "trainable", "frozen"
 
 # Stage filters (DESIGN §2.2, SPEC §1.5 and §6, Gotcha 22). The resampler's sin-cos `pos_embed` is a fixed table
@@ -60,12 +62,7 @@ def path_str(path: jax.tree_util.KeyPath) -> str:
 
 def make_is_frozen(patterns: Sequence[str]) -> Callable[[str], bool]:
   """A predicate path -> frozen? from regexes (full match). A bad regex is an error naming it."""
-  compiled = []
-  for p in patterns:
-    try:
-      compiled.append(re.compile(p))
-    except re.error as e:
-      raise ValueError(f"frozen-parameter pattern {p!r} is not a valid regex: {e}") from e
+  compiled = tree_paths.compile_patterns(patterns, "frozen-parameter pattern")
   return lambda path: any(c.fullmatch(path) for c in compiled)
 
 
