@@ -103,6 +103,7 @@ class TrainingEvaluator:
       self.examples = self.examples[:e.max_examples]
     if not self.examples:
       raise errors.ConfigError(f"config.eval: {data_path} holds no examples of task {self.task.name!r}")
+    self.task.check_ground_truth(self.examples)
     self.data_path = str(data_path)
     self._job_config = ml_collections.ConfigDict({
         "image_root": image_root, "per_device_batch_size": e.per_device_batch_size,

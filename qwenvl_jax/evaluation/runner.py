@@ -191,6 +191,7 @@ def _run(config, task: tasks_lib.EvalTask, output: str, recorded_data_path: str 
   if not examples:
     raise EvalDataError(f"the evaluation data {recorded_data_path or os.fspath(data_path)} holds no examples of "
                         f"task {task.name!r}")
+  task.check_ground_truth(examples)  # a test split or a missing annotation file: now, not after every example ran
   if shots:
     shots.check(examples)
   # A wrong image_root fails here, before the model loads, rather than at the first batch.

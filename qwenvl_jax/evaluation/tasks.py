@@ -162,18 +162,52 @@ class EvalTask:
                          f"{want.__name__}, got {p!r}")
     if self.metric is None:
       return {"metric": None, "score": None, "details": {}, "per_example": None}
+    self.check_ground_truth(examples)
     return _SCORERS[self.metric](self, list(examples), list(predictions))
 
+  def check_ground_truth(self, examples: Sequence[EvalExample]) -> None:
+    """Refuses examples without the ground truth the metric needs (a test split's file, VQA accuracy without the
+    annotation file): the runner calls it before the model loads, not only after every example was generated.
 
-def _need(task: EvalTask, examples: Sequence[EvalExample], what: str, present: Callable[[EvalExample], bool]):
-  for e in examples:
-    if not present(e):
-      raise ValueError(f"task {task.name!r}: example {e.example_id!r} has no {what}, which metric "
-                       f"{task.metric!r} needs")
+    Raises:
+      EvalDataError: naming the first example that lacks it, or the missing annotation file.
+    """
+    if self.metric is None:
+      return
+    what, present = _GROUND_TRUTH[self.metric]
+    for e in examples:
+      if not present(e):
+        submission = [t.name for t in _TASK_LIST if t.metric is None and t.kind == self.kind
+                      and t.name.split("_")[0] == self.name.split("_")[0]]
+        raise EvalDataError(f"task {self.name!r}: example {e.example_id!r} has no {what}, which metric "
+                            f"{self.metric!r} needs",
+                            "is it a test split without answers? "
+                            + (f"its predictions alone come from task {' or '.join(submission)}" if submission
+                               else "give the file with the ground truth"))
+    if self.metric == "vqa_accuracy" and all(len(e.references) == 1 for e in examples):
+      raise EvalDataError(f"task {self.name!r}: every example has a single answer; VQA accuracy needs the human "
+                          f"answers of the official annotation file ({self.annotation_file or 'annotation_path'})",
+                          "pass it as annotation_path")
+
+
+def _has_references(e: EvalExample) -> bool:
+  return bool(e.references)
+
+
+# Per metric: the ground truth every example needs, and how to tell it is there (`EvalTask.check_ground_truth`).
+_GROUND_TRUTH = {
+    "cider": ("reference captions", _has_references),
+    "vqa_accuracy": ("human answers", _has_references),
+    "anls": ("answers", _has_references),
+    "relaxed_accuracy": ("answers", _has_references),
+    "exact_match": ("answers", _has_references),
+    "gqa_exact_match": ("answers", _has_references),
+    "grounding_accuracy": ("bbox and size", lambda e: e.bbox is not None and e.size is not None),
+    "choice_accuracy": ("answer index", lambda e: e.answer_index is not None),
+}
 
 
 def _score_cider(task, examples, predictions):
-  _need(task, examples, "reference captions", lambda e: bool(e.references))
   ids = [e.example_id for e in examples]
   score, per_image = cider_lib.cider_from_raw(dict(zip(ids, predictions)),
                                               {e.example_id: list(e.references) for e in examples})
@@ -183,10 +217,6 @@ def _score_cider(task, examples, predictions):
 
 
 def _score_vqa(task, examples, predictions):
-  _need(task, examples, "human answers", lambda e: bool(e.references))
-  if all(len(e.references) == 1 for e in examples):
-    raise ValueError(f"task {task.name!r}: every example has a single answer; VQA accuracy needs the human "
-                     f"answers of the official annotation file ({task.annotation_file or 'annotation_path'})")
   qtypes = [e.meta.get("question_type") for e in examples]
   atypes = [e.meta.get("answer_type") for e in examples]
   result = vqa_lib.vqa_accuracy(predictions, [list(e.references) for e in examples],
@@ -197,23 +227,20 @@ def _score_vqa(task, examples, predictions):
           "per_example": result["per_question"]}
 
 
-def _score_with(fn, key, what="answers"):
+def _score_with(fn, key):
   def scorer(task, examples, predictions):
-    _need(task, examples, what, lambda e: bool(e.references))
     result = fn(predictions, [list(e.references) for e in examples])
     return {"metric": task.metric, "score": result[key], "details": {}, "per_example": result["per_example"]}
   return scorer
 
 
 def _score_grounding(task, examples, predictions):
-  _need(task, examples, "bbox and size", lambda e: e.bbox is not None and e.size is not None)
   result = grounding_lib.grounding_accuracy(predictions, [e.bbox for e in examples], [e.size for e in examples])
   return {"metric": "grounding_accuracy", "score": result["accuracy"], "details": {"unparsed": result["unparsed"]},
           "per_example": result["per_example"]}
 
 
 def _score_choice(task, examples, predictions):
-  _need(task, examples, "answer index", lambda e: e.answer_index is not None)
   for e, p in zip(examples, predictions):
     if not 0 <= p < len(e.choices):
       raise ValueError(f"task {task.name!r}: example {e.example_id!r}: chosen index {p} outside its "

@@ -352,6 +352,29 @@ def test_an_empty_data_file_is_one_error_before_any_work(workdir, tmp_path):
   assert not (tmp_path / "out.json.partial").exists()
 
 
+def test_data_without_the_metrics_ground_truth_is_refused_before_the_model_loads(workdir, tmp_path, monkeypatch):
+  """A test split given to a val task, or VQA accuracy without the annotation file, generated every example and
+  then failed in the metric with a traceback (a ValueError), leaving `OUT.partial/` behind."""
+  root, tok = workdir
+  data = tmp_path / "test.jsonl"
+  data.write_text("".join(json.dumps({"question_id": 20 + i, "image": str(root / "img" / "0.png"),
+                                      "question": "What?"}) + "\n" for i in range(2)))
+
+  def no_model(*args, **kwargs):
+    raise AssertionError("the model must not load before the ground truth is checked")
+  monkeypatch.setattr(runner, "EvalJob", no_model)
+  out = tmp_path / "out.json"
+  with pytest.raises(EvalDataError, match=r"task 'docvqa_val': example 20 has no answers, which metric 'anls' "
+                                          r"needs") as info:
+    runner.run(_config("docvqa_val", root, tok, str(data), str(out)))
+  assert info.value.hint == "is it a test split without answers? its predictions alone come from task docvqa_test"
+  with pytest.raises(EvalDataError, match=r"every example has a single answer; VQA accuracy needs the human answers "
+                                          r"of the official annotation file \(data/textvqa/"):
+    runner.run(_config("textvqa_val", root, tok, str(_vqa_file(tmp_path / "vqa.jsonl", root, 3)), str(out),
+                       annotation_path=""))
+  assert not results.partial_dir(out).exists() and not out.exists()
+
+
 def test_a_run_stopped_before_its_first_prediction_blocks_no_corrected_command(workdir, tmp_path, monkeypatch):
   root, tok = workdir
   data = _vqa_file(tmp_path / "vqa.jsonl", root, 3)

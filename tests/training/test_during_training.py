@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 
-from qwenvl_jax.evaluation import during_training
+from qwenvl_jax.evaluation import EvalDataError, during_training
 from qwenvl_jax.training import train
 from tests.training.helpers import REPO, read_losses, small_config
 
@@ -64,6 +64,16 @@ def test_task_from_an_eval_config_file_and_the_synthetic_default(tmp_path):
 def test_bad_eval_settings_are_refused_before_training(tmp_path, overrides, message):
   config = small_config(2, tmp_path / "run", **{"eval_every": 2, **overrides})
   with pytest.raises((ValueError, KeyError, FileNotFoundError), match=message):
+    during_training.TrainingEvaluator(config)
+  assert not (tmp_path / "run").exists()
+
+
+def test_eval_data_without_its_ground_truth_is_refused_before_training(tmp_path):
+  """A test split's file (no answers) failed in the metric at the first evaluation step, after training to it."""
+  data = tmp_path / "test.jsonl"
+  data.write_text(json.dumps({"question_id": 1, "image": "a.png", "question": "What?"}) + "\n")
+  config = small_config(2, tmp_path / "run", eval_every=2, **{"eval.task": "ocrvqa_val", "eval.data_path": str(data)})
+  with pytest.raises(EvalDataError, match="example 1 has no answers, which metric 'exact_match' needs"):
     during_training.TrainingEvaluator(config)
   assert not (tmp_path / "run").exists()
 
