@@ -31,7 +31,7 @@ from flax import nnx
 
 from qwenvl_jax import errors
 from qwenvl_jax.evaluation import job as job_lib
-from qwenvl_jax.evaluation import runner, synthetic_sets
+from qwenvl_jax.evaluation import prompts, runner, synthetic_sets
 from qwenvl_jax.evaluation import tasks as tasks_lib
 from qwenvl_jax.inference import decode
 from qwenvl_jax.model import QwenVL
@@ -104,9 +104,11 @@ class TrainingEvaluator:
     if not self.examples:
       raise errors.ConfigError(f"config.eval: {data_path} holds no examples of task {self.task.name!r}")
     self.task.check_ground_truth(self.examples)
+    # A wrong image root fails here, before training, rather than at the first evaluation step.
+    prompts.check_images(self.examples, image_root, prompts.data_folder(data_path), flag="--config.eval.image_root")
     self.data_path = str(data_path)
     self._job_config = ml_collections.ConfigDict({
-        "image_root": image_root, "per_device_batch_size": e.per_device_batch_size,
+        "image_root": image_root, "data_path": self.data_path, "per_device_batch_size": e.per_device_batch_size,
         "buckets": decode.DEFAULT_BUCKETS, "seed": 0})
     self._job = None
 

@@ -34,17 +34,18 @@ def data_folder(data_path) -> str:
   return os.path.dirname(os.path.abspath(path))
 
 
-def missing_image_hint(image: str, image_root: str, data_dir: str = "") -> str | None:
-  """The hint of an image file that is not where `image_path` looked: the `--config.image_root` in use and, when
-  the file exists relative to the data file's folder `data_dir`, that folder."""
+def missing_image_hint(image: str, image_root: str, data_dir: str = "", *,
+                       flag: str = "--config.image_root") -> str | None:
+  """The hint of an image file that is not where `image_path` looked: the image root `flag` in use and, when the
+  file exists relative to the data file's folder `data_dir`, that folder."""
   if os.path.isabs(image):
     return None
-  where = f"--config.image_root={image_root}" if image_root else "the current folder (--config.image_root is unset)"
+  where = f"{flag}={image_root}" if image_root else f"the current folder ({flag} is unset)"
   hint = f"relative image paths of the data file are read under {where}"
   beside = os.path.join(data_dir, image) if data_dir else ""
   if beside and os.path.isfile(beside):
-    return f"{hint}; {image} exists relative to the data file's folder: pass --config.image_root={data_dir}"
-  return f"{hint}; set --config.image_root to the folder the data file's image paths are relative to"
+    return f"{hint}; {image} exists relative to the data file's folder: pass {flag}={data_dir}"
+  return f"{hint}; set {flag} to the folder the data file's image paths are relative to"
 
 
 def load_image(example: EvalExample, image_root: str, image_size: int, *, data_dir: str = "") -> np.ndarray:
@@ -68,9 +69,11 @@ def load_image(example: EvalExample, image_root: str, image_size: int, *, data_d
     raise EvalDataError(f"example {example.example_id!r} (image {example.image}): {e}", hint) from e
 
 
-def check_images(examples: Sequence[EvalExample], image_root: str, data_dir: str = "", *, limit: int = 16) -> None:
+def check_images(examples: Sequence[EvalExample], image_root: str, data_dir: str = "", *, limit: int = 16,
+                 flag: str = "--config.image_root") -> None:
   """Checks that the image files of the first `limit` distinct images of `examples` exist (a wrong image_root then
   fails before the model loads, not at the first batch); images read from a dataset record or a URL are skipped.
+  flag: the setting of `image_root` the hint names.
 
   Raises:
     EvalDataError: naming the first example whose image file is missing, with `missing_image_hint`.
@@ -86,7 +89,7 @@ def check_images(examples: Sequence[EvalExample], image_root: str, data_dir: str
     if not os.path.isfile(path):
       problem = "is a folder, not an image file" if os.path.isdir(path) else "image file not found"
       raise EvalDataError(f"example {example.example_id!r} (image {example.image}): {problem}: {path}",
-                          missing_image_hint(example.image, image_root, data_dir))
+                          missing_image_hint(example.image, image_root, data_dir, flag=flag))
 
 
 class PromptEncoder:

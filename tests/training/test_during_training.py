@@ -4,6 +4,7 @@ import json
 import pathlib
 
 import pytest
+from PIL import Image
 
 from qwenvl_jax.evaluation import EvalDataError, during_training
 from qwenvl_jax.training import train
@@ -76,6 +77,24 @@ def test_eval_data_without_its_ground_truth_is_refused_before_training(tmp_path)
   with pytest.raises(EvalDataError, match="example 1 has no answers, which metric 'exact_match' needs"):
     during_training.TrainingEvaluator(config)
   assert not (tmp_path / "run").exists()
+
+
+def test_eval_images_under_the_wrong_root_are_refused_before_training(tmp_path, monkeypatch):
+  """A wrong `eval.image_root` failed at the first evaluation step, after training to it; the runner checks the
+  images before the model loads."""
+  (tmp_path / "data" / "img").mkdir(parents=True)
+  Image.new("RGB", (8, 8)).save(tmp_path / "data" / "img" / "a.png")
+  data = tmp_path / "data" / "val.jsonl"
+  data.write_text(json.dumps({"question_id": 1, "image": "img/a.png", "question": "What?", "answer": "a"}) + "\n")
+  monkeypatch.chdir(tmp_path)
+  config = small_config(2, tmp_path / "run", eval_every=2, **{"eval.task": "ocrvqa_val", "eval.data_path": str(data)})
+  with pytest.raises(EvalDataError, match=r"example 1 \(image img/a.png\): image file not found") as info:
+    during_training.TrainingEvaluator(config)
+  assert f"exists relative to the data file's folder: pass --config.eval.image_root={tmp_path / 'data'}" in (
+      info.value.hint)
+  assert not (tmp_path / "run").exists()
+  config.eval.image_root = str(tmp_path / "data")
+  during_training.TrainingEvaluator(config).close()
 
 
 def test_trainer_without_eval_fn_refuses_eval_every(tmp_path):
