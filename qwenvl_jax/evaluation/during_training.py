@@ -62,9 +62,14 @@ def check_task(spec: str) -> None:
 
 def _task(name: str) -> tasks_lib.EvalTask:
   try:
-    return tasks_lib.get_task(name)
+    task = tasks_lib.get_task(name)
   except KeyError as e:
     raise errors.ConfigError(f"config.eval.task: {e.args[0]}") from None
+  if task.metric is None:  # its score, None, failed to log at the first evaluation step
+    scored = [t for t in tasks_lib.TASKS if tasks_lib.TASKS[t].metric and t.split("_")[0] == name.split("_")[0]]
+    raise errors.ConfigError(f"config.eval.task={name!r} is a submission split: it has no metric to log",
+                             hint=f"e.g. --config.eval.task={scored[0]}" if scored else None)
+  return task
 
 
 class TrainingEvaluator:

@@ -59,6 +59,8 @@ def test_task_from_an_eval_config_file_and_the_synthetic_default(tmp_path):
     ({"eval.task": "no_such_task"}, "no_such_task"),
     ({"eval.task": "configs/eval/nope.py"}, "no evaluation config file"),
     ({"eval.task": "vqav2_val"}, "no synthetic held-out set"),
+    # A submission split (no metric) failed to log its score, None, at the first evaluation step.
+    ({"eval.task": "docvqa_test"}, r"config.eval.task='docvqa_test' is a submission split: it has no metric"),
     ({"eval_every": -1}, "eval_every must be an integer"),
     ({"eval.per_device_batch_size": 0}, "per_device_batch_size"),
 ])
