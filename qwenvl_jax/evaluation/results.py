@@ -31,7 +31,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, TypeVar, Union
+from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Sequence, TypeVar, Union
 
 from qwenvl_jax import errors
 from qwenvl_jax.evaluation.readers import EvalExample
@@ -278,7 +278,7 @@ def write_results(output_path: PathLike, payload: Mapping[str, Any]) -> None:
 
 
 def finalize(task, examples: Sequence[EvalExample], directory: PathLike, output_path: PathLike, *,
-             config: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+             config: Optional[Mapping[str, Any]] = None, left_out: Collection[Any] = ()) -> Dict[str, Any]:
   """Process 0, after all processes finished: merge the ledgers, score, write `output_path`.
 
   Args:
@@ -287,13 +287,15 @@ def finalize(task, examples: Sequence[EvalExample], directory: PathLike, output_
     directory: the ledger folder (`partial_dir(output_path)`).
     output_path: the final JSON; must not exist.
     config: anything worth recording with the score (checkpoint, data path, decoding settings).
+    left_out: ids of the data that are not evaluated (past `max_examples`): their predictions, made by an earlier
+      run of the same data with a larger `max_examples`, are not merged.
 
   Returns:
     The payload written: {"task", "metric", "score", "details", "num_examples", "config", "predictions":
     [{"id", "image", "prediction", "score", ...ground truth, "extra"?}]}.
   """
   check_output_free(output_path)
-  records = read_ledgers(directory)
+  records = {i: r for i, r in read_ledgers(directory).items() if i not in left_out}
   predictions = merge_predictions(records, examples)
   result = task.score(examples, predictions)
   per_example = result["per_example"] or [None] * len(examples)

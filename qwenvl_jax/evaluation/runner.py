@@ -185,9 +185,8 @@ def _run(config, task: tasks_lib.EvalTask, output: str, recorded_data_path: str 
     raise FileNotFoundError(f"the annotation file {annotation_path} does not exist; a TFDS dataset's own answers "
                             f"are used with --config.annotation_path=''")
   shots = _shot_sampler(config, task, tfds_data_dir)
-  examples = task.read(data_path, annotation_path=annotation_path, tfds_data_dir=tfds_data_dir)
-  if config.max_examples:
-    examples = examples[:config.max_examples]
+  all_examples = task.read(data_path, annotation_path=annotation_path, tfds_data_dir=tfds_data_dir)
+  examples = all_examples[:config.max_examples] if config.max_examples else all_examples
   if not examples:
     raise EvalDataError(f"the evaluation data {recorded_data_path or os.fspath(data_path)} holds no examples of "
                         f"task {task.name!r}")
@@ -221,7 +220,9 @@ def _run(config, task: tasks_lib.EvalTask, output: str, recorded_data_path: str 
     try:
       results.check_run_settings(ledger_dir, settings, resolve_recorded=_resolve_recorded)
       recorded["settings"] = settings
-      state = {"done": list(results.read_ledgers(ledger_dir))}
+      done = list(results.read_ledgers(ledger_dir))
+      _check_ledger_ids(done, all_examples, ledger_dir, recorded_data_path or os.fspath(data_path))
+      state = {"done": done}
     except ValueError as e:  # every process raises it, none waits for the others
       state = {"error": str(e)}
   state = collectives.broadcast_json(state)
@@ -274,7 +275,21 @@ def _run(config, task: tasks_lib.EvalTask, output: str, recorded_data_path: str 
             "max_new_tokens": task.max_new_tokens, "min_new_tokens": task.min_new_tokens, "decoding": "greedy",
             "devices": jax.device_count(), "processes": jax.process_count(),
             "seconds_last_run": round(time.time() - started, 3)}
-  return results.finalize(task, examples, ledger_dir, output, config=record)
+  # Examples past max_examples that a run with a larger max_examples finished are not part of this result.
+  return results.finalize(task, examples, ledger_dir, output, config=record,
+                          left_out={e.example_id for e in all_examples[len(examples):]})
+
+
+def _check_ledger_ids(done: Sequence, examples: Sequence[EvalExample], ledger_dir, data: str) -> None:
+  """Raises ValueError when the ledgers hold predictions of ids that `examples` (all of the data) lacks: the data
+  file changed since the run started (or the ledgers are another data file's), which failed only after every
+  remaining example ran."""
+  ids = {e.example_id for e in examples}
+  unknown = [i for i in done if i not in ids]
+  if unknown:
+    raise ValueError(f"{ledger_dir} holds {len(unknown)} predictions for ids that are not in {data}, e.g. "
+                     f"{unknown[:5]}: the data changed since that run started; resuming would mix two data files: "
+                     "choose another output, or move that folder away to start over")
 
 
 def predict(job: EvalJob, examples: Sequence[EvalExample]) -> list[str | int] | None:

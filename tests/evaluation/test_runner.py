@@ -534,3 +534,26 @@ def test_an_image_missing_while_running_names_image_root(tmp_path):
                              f"img/a.png exists relative to the data file's folder: pass "
                              f"--config.image_root={data.parent}")
   assert prompts.load_image(example, str(data.parent), 8).shape == (8, 8, 3)
+
+
+def test_a_resume_with_a_smaller_max_examples_scores_the_first_examples(workdir, tmp_path, monkeypatch):
+  """Predictions past the new `max_examples` (an interrupted run of all of the file) failed the merge after the run
+  with a ValueError traceback ("ids that are not in the evaluated examples"); ledgers of ids the data file lacks
+  (the file changed) failed there too, after every remaining example ran: now before the model loads."""
+  root, tok = workdir
+  data = _vqa_file(tmp_path / "vqa.jsonl", root, 3)
+  monkeypatch.setattr(runner, "EvalJob", _FakeJob)
+  out = tmp_path / "gqa.json"
+  results.PredictionLedger(results.partial_dir(out), 0).append([{"id": 10, "prediction": "x"},
+                                                                  {"id": 12, "prediction": "z"}])
+  payload = runner.run(_config("gqa_testdev", root, tok, str(data), str(out), max_examples=2))
+  assert [(p["id"], p["prediction"]) for p in payload["predictions"]] == [(10, "x"), (11, "yes")]
+  assert payload["num_examples"] == 2 and not results.partial_dir(out).exists()
+
+  other = tmp_path / "other.json"
+  results.PredictionLedger(results.partial_dir(other), 0).append([{"id": 99, "prediction": "x"}])
+  monkeypatch.setattr(runner, "EvalJob", lambda *a, **k: pytest.fail("the model must not load"))
+  with pytest.raises(errors.ConfigError, match=r"holds 1 predictions for ids that are not in .*vqa.jsonl, e.g. "
+                                               r"\[99\]: the data changed since that run started"):
+    runner.run(_config("gqa_testdev", root, tok, str(data), str(other)))
+  assert results.read_ledgers(results.partial_dir(other))  # the other data's predictions are kept
