@@ -264,7 +264,9 @@ def _run(config, task: tasks_lib.EvalTask, output: str, recorded_data_path: str 
           "resume", file=sys.stderr, flush=True)
     return None
   # image_size: the resolution the model ran at (the checkpoint's or the preset's unless config.image_size set it).
-  record = {"checkpoint": config.checkpoint, "params": params, "model": config.model,
+  # step: the training step of a run's checkpoint (None for a converted one); prompt: the template the examples
+  # were shown with; max_examples and examples_in_data: how much of the data the score covers.
+  record = {"checkpoint": config.checkpoint, "params": params, "step": source.step, "model": config.model,
             "tokenizer": config.tokenizer, "dtype": config.dtype, "quantize": config.get("quantize"),
             "quantize_group_size": _group_size(config), "kv_cache_dtype": config.get("kv_cache_dtype", "auto"),
             "image_size": job.cfg.vision.image_size, "weights_quantization": _weights_quantization(config, params),
@@ -272,6 +274,8 @@ def _run(config, task: tasks_lib.EvalTask, output: str, recorded_data_path: str 
             "image_root": "" if recorded_data_path else config.image_root,
             "tfds_data_dir": tfds_data_dir, "few_shot": shots.k if shots else 0,
             "few_shot_path": config.few_shot_path if shots else None, "seed": config.seed,
+            "prompt": task.prompt_template, "max_examples": config.max_examples,
+            "examples_in_data": len(all_examples),
             "max_new_tokens": task.max_new_tokens, "min_new_tokens": task.min_new_tokens, "decoding": "greedy",
             "devices": jax.device_count(), "processes": jax.process_count(),
             "seconds_last_run": round(time.time() - started, 3)}

@@ -557,3 +557,20 @@ def test_a_resume_with_a_smaller_max_examples_scores_the_first_examples(workdir,
                                                r"\[99\]: the data changed since that run started"):
     runner.run(_config("gqa_testdev", root, tok, str(data), str(other)))
   assert results.read_ledgers(results.partial_dir(other))  # the other data's predictions are kept
+
+
+def test_the_results_record_the_step_prompt_and_how_much_of_the_data_ran(workdir, tmp_path, monkeypatch):
+  """A score of `max_examples=2` read like one of the whole file, and the step and prompt were not recorded."""
+  from qwenvl_jax.checkpoint import save_params  # pylint: disable=import-outside-toplevel
+  root, tok = workdir
+  data = _vqa_file(tmp_path / "vqa.jsonl", root, 3)
+  params = tmp_path / "run" / "checkpoints" / "8" / "params"
+  save_params(params, {"w": np.zeros(3, np.float32)})
+  monkeypatch.setattr(runner.model_source, "resolve", lambda *a, **k: model_source.ModelSource(
+      str(params), "tiny", None, str(tok), "raw", str(tmp_path / "run"), 8))
+  monkeypatch.setattr(runner, "EvalJob", _FakeJob)
+  payload = runner.run(_config("gqa_testdev", root, tok, str(data), str(tmp_path / "gqa.json"),
+                               checkpoint=str(tmp_path / "run"), max_examples=2))
+  recorded = payload["config"]
+  assert (recorded["step"], recorded["max_examples"], recorded["examples_in_data"]) == (8, 2, 3)
+  assert recorded["prompt"] == "<img>{image}</img>{question} Answer:" and payload["num_examples"] == 2
