@@ -134,7 +134,9 @@ class EvalTask:
       examples = _READERS[self.kind](data_path)
     if annotation_path is not None:
       if self.kind != "vqa":
-        raise ValueError(f"task {self.name!r}: an annotation file is only read for VQA tasks")
+        raise errors.ConfigError(f"task {self.name!r} ({self.kind}) reads no annotation file (annotation_path="
+                                 f"{os.fspath(annotation_path)}): only VQA tasks do; its ground truth is in its data "
+                                 "file", hint="leave annotation_path empty")
       annotations = readers.read_vqa_annotations(annotation_path)
       examples = readers.attach_vqa_annotations(examples, annotations, source=os.fspath(annotation_path))
     return examples

@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from qwenvl_jax import errors
 from qwenvl_jax.evaluation import tasks
 from qwenvl_jax.evaluation.readers import EvalDataError, EvalExample
 
@@ -81,6 +82,17 @@ def test_read_vqa_with_annotation_and_score(tmp_path):
   # Without the annotation file the single jsonl answers cannot give VQA accuracy.
   with pytest.raises(ValueError, match="single answer"):
     task.score(task.read(data), ["two", "red"])
+
+
+def test_an_annotation_file_given_to_a_task_that_reads_none_is_a_user_error(tmp_path):
+  """A VQA command's --config.annotation_path kept for a caption or grounding task was a bare ValueError: a
+  traceback instead of one line."""
+  data = tmp_path / "ground.jsonl"
+  data.write_text(json.dumps({"image": "a.jpg", "sent": "the dog", "bbox": [0, 0, 5, 5], "width": 9, "height": 9})
+                  + "\n")
+  with pytest.raises(errors.ConfigError, match=r"task 'refcoco_val' \(grounding\) reads no annotation file "
+                                               r"\(annotation_path=ann.json\): only VQA tasks do"):
+    tasks.get_task("refcoco_val").read(data, annotation_path="ann.json")
 
 
 def test_score_dispatch_for_each_metric():
