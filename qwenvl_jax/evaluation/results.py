@@ -65,13 +65,18 @@ def check_output_free(output_path: PathLike) -> None:
   Raises:
     errors.ConfigError: the path is a URL (gs://...): the results and their ledgers are written with local file
       operations (fsync, hard links, atomic renames), which pathlib would silently apply to a local folder
-      named `gs:`.
+      named `gs:`; or it names a folder (ends with a slash, or is one).
     errors.UserFileExistsError: the results file exists, or a file stands where its folder should be.
   """
   if "://" in os.fspath(output_path):
     raise errors.ConfigError(f"the results file {os.fspath(output_path)} is a URL; results and their resume "
                              "ledgers are written to local (or mounted) storage only",
                              "write to a local path, or to a mounted bucket (e.g. gcsfuse), and copy it afterwards")
+  text = os.fspath(output_path)
+  if text.endswith(("/", os.sep)) or os.path.isdir(text):
+    # pathlib drops a trailing slash: `results/` became a results file named `results`.
+    raise errors.ConfigError(f"the results file {text} is a folder; the output names the results JSON file itself",
+                             f"e.g. {os.path.join(text, 'TASK.json')}")
   output_path = pathlib.Path(output_path)
   if output_path.exists():
     raise errors.UserFileExistsError(f"the results file {output_path} already exists; it is never overwritten",

@@ -1,5 +1,6 @@
 """Tests of sharding, the resume ledgers, merging and the never-overwriting results file."""
 import json
+import os
 
 import pytest
 
@@ -97,6 +98,18 @@ def test_a_url_output_is_refused_not_written_to_a_local_folder(tmp_path, monkeyp
     with pytest.raises(errors.ConfigError, match=f"the results file {url} is a URL"):
       results.check_output_free(url)
   assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_output_is_refused_not_written_as_a_file_named_like_it(tmp_path, monkeypatch):
+  """`results/` (pathlib drops the slash) became a results file named `results`; an existing folder was "a results
+  file that already exists"."""
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "old").mkdir()
+  for folder in ("results/", "old"):
+    with pytest.raises(errors.ConfigError, match=f"the results file {folder} is a folder") as info:
+      results.check_output_free(folder)
+    assert info.value.hint == f"e.g. {os.path.join(folder, 'TASK.json')}"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
 
 
 def test_merge_reports_missing_and_unknown_ids():
