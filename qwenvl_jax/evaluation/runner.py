@@ -107,6 +107,27 @@ def check_config(config) -> None:
   loading.quantization_config(config.get("quantize"), config.get("quantize_group_size"))  # mode, power of two
 
 
+def _check_official_files(config, task: tasks_lib.EvalTask) -> None:
+  """Refuses a data or annotation path that is another task's official file (what its `configs/eval/` file sets):
+  `--config.task=` over another task's config kept that task's files, which were then scored under this task's
+  name and metric without a word.
+
+  Raises:
+    errors.ConfigError: naming the field and the task whose file it is.
+  """
+  for field, official in (("data_path", lambda t: t.data_file), ("annotation_path", lambda t: t.annotation_file)):
+    value = config.get(field) or ""
+    if not value or os.path.normpath(value) == os.path.normpath(official(task) or "."):
+      continue
+    owners = [t.name for t in tasks_lib.TASKS.values()
+              if official(t) and os.path.normpath(official(t)) == os.path.normpath(value)]
+    if owners:
+      raise errors.ConfigError(f"config.{field}={value} is the official file of task {owners[0]!r}, not of task "
+                               f"{task.name!r} (config.task)",
+                               hint=f"evaluate {task.name} with its own config in configs/eval/, or set "
+                                    f"--config.{field} to a file of {task.name}")
+
+
 def _image_size(config) -> int | None:
   """The image size the config asks for; None (0 or unset) = the checkpoint's, else the preset's."""
   return config.get("image_size") or None
@@ -153,6 +174,7 @@ def run(config) -> dict | None:
   if not output:
     raise errors.ConfigError("config.output (the results JSON path) is required")
   check_config(config)
+  _check_official_files(config, task)
   results.check_output_free(output)
   recorded = {}  # process 0: the settings this run recorded in (or checked against) OUTPUT.partial/run.json
   try:

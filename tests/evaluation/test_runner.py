@@ -574,3 +574,20 @@ def test_the_results_record_the_step_prompt_and_how_much_of_the_data_ran(workdir
   recorded = payload["config"]
   assert (recorded["step"], recorded["max_examples"], recorded["examples_in_data"]) == (8, 2, 3)
   assert recorded["prompt"] == "<img>{image}</img>{question} Answer:" and payload["num_examples"] == 2
+
+
+def test_another_tasks_official_files_are_refused(workdir, tmp_path):
+  """`--config=configs/eval/docvqa_val.py --config.task=chartqa_test_human` kept DocVQA's data file and scored it
+  as ChartQA (relaxed accuracy, under ChartQA's name) without a word."""
+  root, tok = workdir
+  config = _config("docvqa_val", root, tok, "unused", str(tmp_path / "out.json"))
+  config.update(dict(task="chartqa_test_human", data_path="data/docvqa/val.jsonl"))
+  with pytest.raises(errors.ConfigError, match=r"config.data_path=data/docvqa/val.jsonl is the official file of "
+                                               r"task 'docvqa_val', not of task 'chartqa_test_human'"):
+    runner.run(config)
+  config = eval_config.default_config("textvqa_val")
+  config.update(dict(task="vqav2_val", data_path=str(tmp_path / "vqav2.jsonl"), output=str(tmp_path / "out.json")))
+  with pytest.raises(errors.ConfigError, match=r"config.annotation_path=data/textvqa/textvqa_val_annotations.json "
+                                               r"is the official file of task 'textvqa_val'"):
+    runner.run(config)
+  assert list(tmp_path.iterdir()) == []
