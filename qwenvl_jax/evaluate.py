@@ -28,14 +28,12 @@ def main(argv):
     raise errors.ConfigError(f"--config is {kind} (it has no 'task'); evaluate takes an evaluation config",
                              hint="e.g. --config=configs/eval/flickr.py (the tasks: configs/eval/)")
   cli.quiet_libraries()  # orbax's restore lines and JAX's backend probe would bury the one result line
-  from qwenvl_jax.evaluation import runner  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.evaluation import results, runner  # pylint: disable=import-outside-toplevel
   payload = runner.run(_CONFIG.value)
   if payload is not None:
     logging.info("%s: %s = %s (%d examples) -> %s", payload["task"], payload["metric"], payload["score"],
                  payload["num_examples"], _CONFIG.value.output)
-    tokenizer = payload["details"].get("tokenizer")  # CIDEr: the caption normalisation used
-    print(f"{payload['task']} {payload['metric']} {payload['score']}"
-          + (f" (caption tokenizer: {tokenizer})" if tokenizer else ""))
+    print(results.summary_line(payload, _CONFIG.value.output))
 
 
 if __name__ == "__main__":

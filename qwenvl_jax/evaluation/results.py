@@ -282,6 +282,17 @@ def write_results(output_path: PathLike, payload: Mapping[str, Any]) -> None:
       os.unlink(tmp)
 
 
+def summary_line(payload: Mapping[str, Any], output_path: PathLike) -> str:
+  """The one line `python -m qwenvl_jax.evaluate` prints for the results `payload`: `TASK METRIC SCORE`, or for a
+  submission split (no metric, which printed `TASK None None`) how many predictions went where."""
+  if payload["metric"] is None:
+    return (f"{payload['task']}: {payload['num_examples']} predictions, no metric (a submission split) -> "
+            f"{os.fspath(output_path)}")
+  tokenizer = payload["details"].get("tokenizer")  # CIDEr: the caption normalisation used
+  return (f"{payload['task']} {payload['metric']} {payload['score']}"
+          + (f" (caption tokenizer: {tokenizer})" if tokenizer else ""))
+
+
 def finalize(task, examples: Sequence[EvalExample], directory: PathLike, output_path: PathLike, *,
              config: Optional[Mapping[str, Any]] = None, left_out: Collection[Any] = ()) -> Dict[str, Any]:
   """Process 0, after all processes finished: merge the ledgers, score, write `output_path`.

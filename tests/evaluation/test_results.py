@@ -173,3 +173,12 @@ def test_resumed_run_with_another_process_count_then_finalize(tmp_path):
   assert not ledgers.exists()  # the ledgers are removed once the results file holds every prediction
   with pytest.raises(FileExistsError):
     results.finalize(task, examples, ledgers, out)
+
+
+def test_the_summary_line_of_a_submission_split_says_it_has_no_metric():
+  """It printed `vqav2_testdev None None`."""
+  payload = {"task": "vqav2_testdev", "metric": None, "score": None, "details": {}, "num_examples": 6}
+  assert results.summary_line(payload, "out/t.json") == (
+      "vqav2_testdev: 6 predictions, no metric (a submission split) -> out/t.json")
+  payload = {"task": "flickr", "metric": "cider", "score": 0.5, "details": {"tokenizer": "ptb"}, "num_examples": 6}
+  assert results.summary_line(payload, "out/f.json") == "flickr cider 0.5 (caption tokenizer: ptb)"
