@@ -243,7 +243,8 @@ def _run(config, task: tasks_lib.EvalTask, output: str, recorded_data_path: str 
       results.check_run_settings(ledger_dir, settings, resolve_recorded=_resolve_recorded)
       recorded["settings"] = settings
       done = list(results.read_ledgers(ledger_dir))
-      _check_ledger_ids(done, all_examples, ledger_dir, recorded_data_path or os.fspath(data_path))
+      if recorded_data_path != SYNTHETIC:  # a smaller synthetic set is the start of a larger one: left out below
+        _check_ledger_ids(done, all_examples, ledger_dir, recorded_data_path or os.fspath(data_path))
       state = {"done": done}
     except ValueError as e:  # every process raises it, none waits for the others
       state = {"error": str(e)}
@@ -301,9 +302,11 @@ def _run(config, task: tasks_lib.EvalTask, output: str, recorded_data_path: str 
             "max_new_tokens": task.max_new_tokens, "min_new_tokens": task.min_new_tokens, "decoding": "greedy",
             "devices": jax.device_count(), "processes": jax.process_count(),
             "seconds_last_run": round(time.time() - started, 3)}
-  # Examples past max_examples that a run with a larger max_examples finished are not part of this result.
+  # Examples past max_examples that a run with a larger max_examples finished are not part of this result (a
+  # synthetic set holds max_examples examples: the larger set's others are not in it).
+  evaluated = {e.example_id for e in examples}
   return results.finalize(task, examples, ledger_dir, output, config=record,
-                          left_out={e.example_id for e in all_examples[len(examples):]})
+                          left_out={i for i in [e.example_id for e in all_examples] + list(done) if i not in evaluated})
 
 
 def _check_ledger_ids(done: Sequence, examples: Sequence[EvalExample], ledger_dir, data: str) -> None:

@@ -558,6 +558,16 @@ def test_a_resume_with_a_smaller_max_examples_scores_the_first_examples(workdir,
     runner.run(_config("gqa_testdev", root, tok, str(data), str(other)))
   assert results.read_ledgers(results.partial_dir(other))  # the other data's predictions are kept
 
+  # A synthetic set of max_examples examples is the start of a larger one: a resume with fewer scores those.
+  monkeypatch.setattr(runner, "EvalJob", _FakeJob)
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+  synthetic = tmp_path / "synthetic.json"
+  results.PredictionLedger(results.partial_dir(synthetic), 0).append(
+      [{"id": i, "prediction": f"({i},0),(9,9)"} for i in range(4)])
+  payload = runner.run(_config("refcoco_val", root, tok, "unused", str(synthetic), data_path="synthetic",
+                               max_examples=2, image_size=56))
+  assert [(p["id"], p["prediction"]) for p in payload["predictions"]] == [(0, "(0,0),(9,9)"), (1, "(1,0),(9,9)")]
+
 
 def test_the_results_record_the_step_prompt_and_how_much_of_the_data_ran(workdir, tmp_path, monkeypatch):
   """A score of `max_examples=2` read like one of the whole file, and the step and prompt were not recorded."""
