@@ -191,7 +191,13 @@ def attach_vqa_annotations(examples: Sequence[EvalExample], annotations: Mapping
   """
   missing = [e.example_id for e in examples if e.example_id not in annotations]
   if missing:
-    raise EvalDataError(f"{len(missing)} question_id(s) have no annotation in {source}, e.g. {missing[:5]}")
+    by_text = {str(k): k for k in annotations}
+    other = by_text.get(str(missing[0]))
+    hint = None
+    if other is not None:  # "262148000" in the data file, 262148000 in the annotations: equal only as text
+      hint = (f"question_id {missing[0]!r} ({type(missing[0]).__name__}) in the data file is {other!r} "
+              f"({type(other).__name__}) in {source}: write both as the same type")
+    raise EvalDataError(f"{len(missing)} question_id(s) have no annotation in {source}, e.g. {missing[:5]}", hint)
   out = []
   for e in examples:
     ann = annotations[e.example_id]

@@ -60,6 +60,11 @@ def test_vqa_annotations_attach(tmp_path):
   assert attached.meta == {"question_type": "what", "answer_type": "other"}
   with pytest.raises(EvalDataError, match=r"1 question_id\(s\) have no annotation .*\[8\]"):
     readers.attach_vqa_annotations([readers.EvalExample(example_id=8, image="b.jpg")], annotations)
+  # A question_id written as text in the data file and as a number in the annotations: the hint says so.
+  with pytest.raises(EvalDataError) as e:
+    readers.attach_vqa_annotations([readers.EvalExample(example_id="7", image="a.jpg")], annotations)
+  assert e.value.hint == ("question_id '7' (str) in the data file is 7 (int) in the annotation file: write both as "
+                          "the same type")
 
 
 def test_vqa_annotations_malformed(tmp_path):
