@@ -91,7 +91,8 @@ def _open(path: str):
 def _jsonl_rows(path: str) -> Iterator[tuple[int, object]]:
   with _open(path) as raw:
     stream = gzip.open(raw) if path.lower().endswith(".gz") else raw
-    lines = io.TextIOWrapper(stream, encoding="utf-8", errors="replace", newline="\n")
+    # utf-8-sig: a byte order mark (Windows tools write one) is dropped instead of breaking the first row's JSON.
+    lines = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="replace", newline="\n")
     for index, line in enumerate(lines, start=1):  # a line number, as editors and the trainer's record ids count
       if not line.strip():
         continue  # Blank lines (e.g. a trailing newline pair) are not rows.

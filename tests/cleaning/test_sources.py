@@ -71,3 +71,15 @@ def test_match_shards(tmp_path):
     sources.match_shards([str(tmp_path / "*")])
   with pytest.raises(ValueError, match="input_format"):
     sources.match_shards([str(tmp_path / "b.jsonl")], input_format="csv")
+
+
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_row(tmp_path):
+  """Windows tools (Notepad, Excel's "UTF-8" export, PowerShell) start a file with a BOM; the first row of every such
+  shard was rejected as malformed ("Unexpected UTF-8 BOM"), and the shard's columns went unchecked."""
+  rows = [{"text": "a red bus", "image": "x.jpg"}, {"text": "一只猫", "image": "y.jpg"}]
+  data = "\ufeff" + "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+  (tmp_path / "bom.jsonl").write_text(data, encoding="utf-8")
+  (tmp_path / "bom.jsonl.gz").write_bytes(gzip.compress(data.encode("utf-8")))
+  for name in ("bom.jsonl", "bom.jsonl.gz"):
+    assert [p.row for p in sources.read_shard(str(tmp_path / name))] == rows
+    assert sources.peek_rows(str(tmp_path / name)) == rows
