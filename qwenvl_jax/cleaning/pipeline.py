@@ -333,12 +333,17 @@ def run_clean(job: CleanJob, beam_options: PipelineOptions | None = None) -> dic
   Raises:
     ValueError: an input pattern matches nothing, or a shard's format is unknown.
     FileExistsError: the dataset version folder or the report already exists (nothing is overwritten).
+    errors.ConfigError: the report path names a folder.
     NoPairsKeptError: every pair was rejected.
   """
   shards = sources.match_shards(job.inputs, job.input_format)
   _check_columns(shards[0], job)
   if epath.Path(job.dataset_dir).exists():
     raise FileExistsError(f"output dataset {job.dataset_dir} already exists; choose another output_dir")
+  if job.report.endswith(("/", os.sep)) or epath.Path(job.report).is_dir():
+    # A folder was refused only after the whole job had run and written the dataset (the partial report made it).
+    raise errors.ConfigError(f"the report {job.report} is a folder; --report names the report's JSON file itself",
+                             f"e.g. --report={os.path.join(job.report, 'clean_report.json')}")
   if epath.Path(job.report).exists():
     raise FileExistsError(f"report {job.report} already exists; choose another report path")
   options = local_runner_if_direct(beam_options)

@@ -131,6 +131,19 @@ def test_existing_outputs_are_never_overwritten(column_run, clean_inputs, tmp_pa
   assert not (tmp_path / "new").exists() and not (tmp_path / "r.json").exists()
 
 
+def test_a_report_path_that_names_a_folder_is_refused_before_the_job_runs(clean_inputs, tmp_path):
+  """--report=reports/ ran the whole job and wrote the dataset, then refused to publish the report ("reports/
+  already exists": the partial report had made the folder), so a rerun with a file name was refused too."""
+  folder, _ = clean_inputs
+  (tmp_path / "existing").mkdir()
+  for report in (str(tmp_path / "reports") + os.sep, str(tmp_path / "existing")):
+    with pytest.raises(errors.ConfigError, match="is a folder") as info:
+      run_clean(CleanJob(inputs=_patterns(folder), output_dir=str(tmp_path / "out"), report_path=report,
+                         skip_similarity=True))
+    assert "clean_report.json" in info.value.hint
+  assert not (tmp_path / "out").exists() and not (tmp_path / "reports").exists()
+
+
 def test_job_settings_are_checked(clean_inputs, tmp_path):
   folder, _ = clean_inputs
   with pytest.raises(ValueError, match="not both"):
