@@ -17,9 +17,11 @@ The rows are reshuffled twice: after listing the shards (so shards spread over w
 one big shard does not leave every other worker idle). The TFDS writer then shuffles by example key
 ("<shard path>:<row>"), so the dataset's order is deterministic whatever the runner.
 """
+import argparse
 import contextlib
 import dataclasses
 import difflib
+import functools
 import logging
 import os
 import tempfile
@@ -307,9 +309,35 @@ class CleanedPairs(tfds.core.GeneratorBasedBuilder):
 
 
 def beam_options_from_string(text: str) -> PipelineOptions:
-  """Beam options from TFDS's comma-separated syntax: "runner=DataflowRunner,project=my-project"."""
+  """Beam options from TFDS's comma-separated syntax: "runner=DataflowRunner,project=my-project".
+
+  Raises:
+    errors.ConfigError: a value Beam refuses (`direct_running_mode=multiprocessing`: Beam's parser printed its
+      150-line usage and exited); or, for the local runner, an option no Beam options class defines (a misspelt
+      `direct_num_workers` was a warning, and the job ran on one worker). Other runners may take options of their
+      own (a portable runner forwards unknown ones to its job server), so only the local runner is strict.
+  """
   flags = [f"--{item.strip()}" for item in text.split(",") if item.strip()] if text else []
-  return PipelineOptions(flags)
+  options = PipelineOptions(flags)
+  options.get_all_options(add_extra_args_fn=functools.partial(_check_beam_flags, flags),
+                          retain_unknown_options=True)
+  return options
+
+
+def _check_beam_flags(flags: list[str], parser: argparse.ArgumentParser) -> None:
+  """Parses `flags` with Beam's parser of every options class (`PipelineOptions.get_all_options` hands it over
+  complete), raising a one-line ConfigError where Beam would print its usage and exit, or would ignore a flag."""
+  def refuse(message: str):
+    raise errors.ConfigError(f"--beam_pipeline_options: {message}",
+                             "options are key=value pairs separated by commas, e.g. "
+                             "direct_num_workers=8,direct_running_mode=multi_processing")
+  parser.error = refuse
+  known, unknown = parser.parse_known_args(flags)
+  runner = known.runner
+  if unknown and (runner is None or (isinstance(runner, str) and runner.lower() in _DIRECT_RUNNER_NAMES)):
+    name = unknown[0].split("=", 1)[0].lstrip("-")
+    close = difflib.get_close_matches(name, sorted(vars(known)), n=1)
+    refuse(f"the local DirectRunner has no option {name!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
 
 
 def local_runner_if_direct(options: PipelineOptions | None) -> PipelineOptions:

@@ -293,6 +293,25 @@ def test_direct_runner_means_the_local_engine_and_others_pass_through(text, runn
     assert options.view_as(DirectOptions).direct_num_workers == 2
 
 
+@pytest.mark.parametrize("text, message", [
+    # Beam's parser printed its whole usage (150 lines) and exited; the job had already made the output folder.
+    ("direct_num_workers=2,direct_running_mode=multiprocessing", "invalid choice: 'multiprocessing'"),
+    ("direct_num_workers=two", "invalid int value: 'two'"),
+    # Beam warned and ignored it: the job ran on one worker.
+    ("direct_num_wrkers=2,direct_running_mode=multi_processing", "did you mean 'direct_num_workers'?"),
+    ("runner=DirectRunner,direct_num_worker=2", "has no option 'direct_num_worker'"),
+])
+def test_beam_options_the_local_runner_would_refuse_or_ignore_are_one_config_error(text, message):
+  with pytest.raises(errors.ConfigError, match=message):
+    beam_options_from_string(text)
+
+
+def test_other_runners_keep_options_of_their_own():
+  # A portable runner forwards options the Python SDK does not define to its job server.
+  options = beam_options_from_string("runner=PortableRunner,job_endpoint=localhost:8099,flink_conf_dir=/etc/flink")
+  assert options.get_all_options(retain_unknown_options=True)["flink_conf_dir"] == "/etc/flink"
+
+
 def test_importing_the_cleaning_job_prints_no_beam_bigquery_notice():
   proc = subprocess.run([sys.executable, "-c", "import qwenvl_jax.cleaning"], capture_output=True, text=True,
                         timeout=120, cwd=pathlib.Path(__file__).resolve().parents[2])
