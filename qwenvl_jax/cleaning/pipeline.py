@@ -432,16 +432,21 @@ _PEEK_ROWS = 100
 
 
 class _DropEmptyDatasetRecord(logging.Filter):
-  """Drops Beam's ERROR record (with the worker's traceback) of TFDS's empty-split refusal."""
+  """Drops Beam's ERROR record (with the worker's traceback) of TFDS's empty-split refusal and of a user mistake
+  found on a worker (`errors.UserError`, e.g. a truncated input shard), which the command prints as one line."""
 
   def filter(self, record: logging.LogRecord) -> bool:
+    if isinstance(record.msg, errors.UserError) or (record.exc_info and isinstance(record.exc_info[1],
+                                                                                   errors.UserError)):
+      return False
     return _EMPTY_DATASET not in record.getMessage()
 
 
 @contextlib.contextmanager
 def _quiet_empty_dataset_error():
-  """While the dataset is built, Beam's log of the one failure `run_clean` turns into a one-line error is dropped
-  (it printed a traceback above that line); every other record passes."""
+  """While the dataset is built, Beam's log of the failures that end as one-line errors (TFDS's empty split,
+  which `run_clean` turns into `NoPairsKeptError`, and a worker's `errors.UserError`) is dropped (it printed a
+  traceback above that line); every other record passes."""
   # DoFnRunner._reraise_augmented logs it (`_LOGGER.exception`) before re-raising it with the step's name.
   loggers = [logging.getLogger(name) for name in _BEAM_ERROR_LOGGERS]
   record_filter = _DropEmptyDatasetRecord()

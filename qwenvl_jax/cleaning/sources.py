@@ -16,8 +16,10 @@ import io
 import itertools
 import json
 import os
+import zlib
 from typing import Iterator, Sequence
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
@@ -76,12 +78,22 @@ def read_shard(path: str, input_format: str = "auto", image_root: str | None = N
     path: the shard.
     input_format: "auto" (from the file name), "jsonl" or "parquet".
     image_root: folder relative image paths resolve against; None = the shard's own folder.
+
+  Raises:
+    errors.InputFormatError: the shard cannot be read to its end (a truncated download: a gzip stream or Parquet
+      footer cut short), naming the shard and the last row read (the job stops rather than lose the rest of the shard).
   """
   root = image_root if image_root is not None else os.path.dirname(path)
   name = os.path.basename(path)
   rows = _jsonl_rows(path) if shard_format(path, input_format) == "jsonl" else _parquet_rows(path)
-  for index, row in rows:
-    yield RawPair(key=f"{path}:{index}", source=f"{name}:{index}", row=row, root=root)
+  index = None
+  try:
+    for index, row in rows:
+      yield RawPair(key=f"{path}:{index}", source=f"{name}:{index}", row=row, root=root)
+  except (OSError, EOFError, zlib.error, pa.ArrowException) as e:
+    where = "at its start" if index is None else f"after row {index}"
+    raise errors.InputFormatError(f"input shard {path} cannot be read {where}: {type(e).__name__}: {e}",
+                                  "re-download or re-write the shard, or leave it out of --input") from e
 
 
 def _open(path: str):

@@ -293,6 +293,18 @@ def test_direct_runner_means_the_local_engine_and_others_pass_through(text, runn
     assert options.view_as(DirectOptions).direct_num_workers == 2
 
 
+def test_a_shard_cut_short_stops_the_job_with_one_error_and_no_beam_traceback(clean_inputs, tmp_path, caplog):
+  folder, _ = clean_inputs
+  data = (folder / "c.jsonl.gz").read_bytes()
+  (tmp_path / "z.jsonl.gz").write_bytes(data[:len(data) - 12])  # the first shard checked is whole; this one is cut
+  job = CleanJob(inputs=(str(folder / "a.jsonl"), str(tmp_path / "z.jsonl.gz")), output_dir=str(tmp_path / "out"),
+                 config=COLUMN_CFG)
+  with pytest.raises(errors.InputFormatError, match="z.jsonl.gz cannot be read"):
+    run_clean(job)
+  assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
+  assert not pathlib.Path(job.dataset_dir).exists() and not pathlib.Path(job.report).exists()
+
+
 @pytest.mark.parametrize("text, message", [
     # Beam's parser printed its whole usage (150 lines) and exited; the job had already made the output folder.
     ("direct_num_workers=2,direct_running_mode=multiprocessing", "invalid choice: 'multiprocessing'"),

@@ -6,6 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from qwenvl_jax import errors
 from qwenvl_jax.cleaning import sources
 from qwenvl_jax.cleaning.filters import MalformedRow
 
@@ -83,3 +84,17 @@ def test_a_utf8_byte_order_mark_is_not_part_of_the_first_row(tmp_path):
   for name in ("bom.jsonl", "bom.jsonl.gz"):
     assert [p.row for p in sources.read_shard(str(tmp_path / name))] == rows
     assert sources.peek_rows(str(tmp_path / name)) == rows
+
+
+def test_a_shard_cut_short_is_one_error_naming_it(tmp_path):
+  """An interrupted download (a gzip stream or a Parquet file cut short) ended the job with Beam's traceback of a
+  bare EOFError / ArrowInvalid; now it is an InputFormatError naming the shard and the last row read."""
+  rows = [{"text": f"caption {i} " + "x" * 64, "image": f"{i}.jpg"} for i in range(500)]
+  data = gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode())
+  (tmp_path / "cut.jsonl.gz").write_bytes(data[:len(data) // 2])
+  with pytest.raises(errors.InputFormatError, match=r"cut.jsonl.gz cannot be read after row \d+: EOFError"):
+    list(sources.read_shard(str(tmp_path / "cut.jsonl.gz")))
+  pq.write_table(pa.table({"text": ["a"], "image": [b"x"]}), tmp_path / "full.parquet")
+  (tmp_path / "cut.parquet").write_bytes((tmp_path / "full.parquet").read_bytes()[:-20])
+  with pytest.raises(errors.InputFormatError, match="cut.parquet cannot be read at its start"):
+    sources.peek_rows(str(tmp_path / "cut.parquet"))
