@@ -52,20 +52,23 @@ def shard_format(path: str, input_format: str = "auto") -> str:
 
 
 def match_shards(patterns: Sequence[str], input_format: str = "auto") -> list[str]:
-  """Expands file patterns (globs allowed) to a sorted, de-duplicated list of shard paths.
+  """Expands file patterns (globs allowed) to a sorted list of shard paths, each file once however it is spelt.
 
   Raises:
     ValueError: no pattern given, a pattern matches no file, or a shard's format is unknown.
   """
   if isinstance(patterns, str) or not patterns:
     raise errors.ConfigError(f"give a non-empty list of input file patterns, got {patterns!r}")
-  paths = set()
+  by_file: dict[str, str] = {}  # the file -> the first spelling of it matched
   for pattern, result in zip(patterns, FileSystems.match(list(patterns))):
     found = [m.path for m in result.metadata_list]
     if not found:
       raise errors.ConfigError(f"input pattern {pattern!r} matches no file")
-    paths.update(found)
-  paths = sorted(paths)
+    for path in found:
+      # One local file matched as raw/a.jsonl and /data/raw/a.jsonl (or ./raw/a.jsonl) was read twice: its pairs
+      # went into the dataset twice, under the same default ids.
+      by_file.setdefault(path if "://" in path else os.path.realpath(path), path)
+  paths = sorted(by_file.values())
   for path in paths:
     shard_format(path, input_format)
   return paths

@@ -58,11 +58,15 @@ def test_forced_format_overrides_the_suffix(tmp_path):
     list(sources.read_shard(str(path)))
 
 
-def test_match_shards(tmp_path):
+def test_match_shards(tmp_path, monkeypatch):
   for name in ("b.jsonl", "a.parquet", "c.jsonl.gz"):
     (tmp_path / name).write_bytes(b"")
   found = sources.match_shards([str(tmp_path / "*.jsonl*"), str(tmp_path / "*.parquet"), str(tmp_path / "b.*")])
   assert found == [str(tmp_path / n) for n in ("a.parquet", "b.jsonl", "c.jsonl.gz")]
+  # The same file spelt differently (relative, absolute, ./, //) is one shard, not four copies of its pairs.
+  monkeypatch.chdir(tmp_path)
+  spellings = ["b.jsonl", str(tmp_path / "b.jsonl"), "./b.jsonl", ".//b.jsonl"]
+  assert len(sources.match_shards(spellings)) == 1
   with pytest.raises(ValueError, match="matches no file"):
     sources.match_shards([str(tmp_path / "*.csv")])
   with pytest.raises(ValueError, match="non-empty list"):
