@@ -398,7 +398,11 @@ def run_clean(job: CleanJob, beam_options: PipelineOptions | None = None) -> dic
       with _quiet_empty_dataset_error():
         builder.download_and_prepare(
             download_dir=download_dir, download_config=tfds.download.DownloadConfig(beam_options=options))
-    except Exception as e:  # Beam wraps worker errors in runner-specific types; only this one is handled.
+    except Exception as e:  # Beam wraps worker errors in runner-specific types; only these are handled.
+      if _interrupted(e):
+        # Ctrl-C inside a DoFn came back as "RuntimeError: KeyboardInterrupt [while running ...]" and a traceback;
+        # the command prints "interrupted" for a KeyboardInterrupt (nothing was published: rerun as it was).
+        raise KeyboardInterrupt from None
       if _EMPTY_DATASET not in str(e):
         raise
       # TFDS refuses to write an empty dataset, and the failed run may have stopped before writing the report,
@@ -431,13 +435,26 @@ _BEAM_ERROR_LOGGERS = ("apache_beam.runners.common", "apache_beam.runners.worker
 _PEEK_ROWS = 100
 
 
+def _interrupted(error: BaseException) -> bool:
+  """Whether a KeyboardInterrupt is among the exceptions `error` was raised from (Beam re-raises one that hits a
+  DoFn as a RuntimeError)."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    if isinstance(error, KeyboardInterrupt):
+      return True
+    seen.add(id(error))
+    error = error.__cause__ or error.__context__
+  return False
+
+
 class _DropEmptyDatasetRecord(logging.Filter):
-  """Drops Beam's ERROR record (with the worker's traceback) of TFDS's empty-split refusal and of a user mistake
-  found on a worker (`errors.UserError`, e.g. a truncated input shard), which the command prints as one line."""
+  """Drops Beam's ERROR record (with the worker's traceback) of TFDS's empty-split refusal, of a user mistake
+  found on a worker (`errors.UserError`, e.g. a truncated input shard) and of Ctrl-C, which the command prints as
+  one line."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    if isinstance(record.msg, errors.UserError) or (record.exc_info and isinstance(record.exc_info[1],
-                                                                                   errors.UserError)):
+    if isinstance(record.msg, errors.UserError) or (record.exc_info and isinstance(
+        record.exc_info[1], (errors.UserError, KeyboardInterrupt))):
       return False
     return _EMPTY_DATASET not in record.getMessage()
 

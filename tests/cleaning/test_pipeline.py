@@ -2,6 +2,7 @@
 never overwriting, and the same job on two DirectRunner worker processes through the command line."""
 import collections
 import concurrent.futures
+import dataclasses
 import json
 import os
 import pathlib
@@ -300,6 +301,24 @@ def test_a_shard_cut_short_stops_the_job_with_one_error_and_no_beam_traceback(cl
   job = CleanJob(inputs=(str(folder / "a.jsonl"), str(tmp_path / "z.jsonl.gz")), output_dir=str(tmp_path / "out"),
                  config=COLUMN_CFG)
   with pytest.raises(errors.InputFormatError, match="z.jsonl.gz cannot be read"):
+    run_clean(job)
+  assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
+  assert not pathlib.Path(job.dataset_dir).exists() and not pathlib.Path(job.report).exists()
+
+
+def _interrupting_scorer():
+  def score(images, texts):
+    raise KeyboardInterrupt  # Ctrl-C while a batch is scored (where a CLIP job spends its time)
+  return score
+
+
+def test_ctrl_c_inside_the_job_is_a_keyboard_interrupt_without_beam_traceback(clean_inputs, tmp_path, caplog):
+  """Beam re-raised it as "RuntimeError: KeyboardInterrupt [while running ...]" with ~200 lines of traceback, so the
+  command's "interrupted" line (exit 130) never showed."""
+  folder, _ = clean_inputs
+  job = CleanJob(inputs=_patterns(folder), output_dir=str(tmp_path / "out"), scorer_factory=_interrupting_scorer,
+                 config=dataclasses.replace(COLUMN_CFG, score_key=None))
+  with pytest.raises(KeyboardInterrupt):
     run_clean(job)
   assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
   assert not pathlib.Path(job.dataset_dir).exists() and not pathlib.Path(job.report).exists()
