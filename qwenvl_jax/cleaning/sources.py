@@ -65,6 +65,9 @@ def match_shards(patterns: Sequence[str], input_format: str = "auto") -> list[st
     if not found:
       raise errors.ConfigError(f"input pattern {pattern!r} matches no file")
     for path in found:
+      if "://" not in path and os.path.isdir(path):  # was "cannot tell the format ... pass input_format"
+        raise errors.ConfigError(f"input {pattern!r} is a folder; --input takes files or patterns",
+                                 f"e.g. --input={os.path.join(pattern, '*.jsonl')}")
       # One local file matched as raw/a.jsonl and /data/raw/a.jsonl (or ./raw/a.jsonl) was read twice: its pairs
       # went into the dataset twice, under the same default ids.
       by_file.setdefault(path if "://" in path else os.path.realpath(path), path)

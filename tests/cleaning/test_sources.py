@@ -76,6 +76,12 @@ def test_match_shards(tmp_path, monkeypatch):
     sources.match_shards([str(tmp_path / "*")])
   with pytest.raises(ValueError, match="input_format"):
     sources.match_shards([str(tmp_path / "b.jsonl")], input_format="csv")
+  # A folder given as the input: named as one, with a pattern to use (it was "cannot tell the format ... pass
+  # input_format", which no format fixes).
+  (tmp_path / "raw").mkdir()
+  with pytest.raises(errors.ConfigError, match="input 'raw' is a folder") as e:
+    sources.match_shards(["raw"])
+  assert e.value.hint == "e.g. --input=raw/*.jsonl"
 
 
 def test_a_utf8_byte_order_mark_is_not_part_of_the_first_row(tmp_path):
