@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import http.client
 import io
 import os
 import re
@@ -84,14 +85,19 @@ def _read_url(url: str, policy: ImagePolicy) -> bytes:
     if not policy.allow_remote:
       raise RequestError("remote image URLs are disabled on this server (start it with --allow_remote_images), "
                          "send the image as a data: URL", code="invalid_image_url")
-    with urllib.request.urlopen(url, timeout=policy.remote_timeout) as response:  # nosec: opt-in flag
-      data = response.read(policy.max_bytes + 1)
-    return data
+    try:
+      with urllib.request.urlopen(url, timeout=policy.remote_timeout) as response:  # nosec: opt-in flag
+        return response.read(policy.max_bytes + 1)
+    except (OSError, ValueError, http.client.HTTPException) as e:  # refused, 404, timeout, malformed URL or reply
+      raise RequestError(f"the image URL cannot be fetched ({e})", code="invalid_image_url") from None
   path = url[len("file://"):] if url.startswith("file://") else url
   if not policy.image_root:
     raise RequestError("local image paths need a server started with --image_root", code="invalid_image_url")
   root = os.path.realpath(policy.image_root)
-  full = os.path.realpath(os.path.join(root, path))
+  try:
+    full = os.path.realpath(os.path.join(root, path))
+  except ValueError:  # a NUL byte or a lone surrogate: no file has that name
+    raise RequestError(f"image path {path!r} is not a valid file name", code="invalid_image_url") from None
   if os.path.commonpath([root, full]) != root:
     raise RequestError(f"image path {path!r} is outside the server's image root", code="invalid_image_url")
   if not os.path.isfile(full):

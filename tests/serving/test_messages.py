@@ -1,7 +1,10 @@
 """OpenAI messages -> the reference's chat prompt, grounded boxes in pixels, and streaming text with stop strings
 (no model: the tokenizer fixture only)."""
 import base64
+import http.server
 import io
+import socket
+import threading
 
 import numpy as np
 import pytest
@@ -97,6 +100,39 @@ def test_paths_are_read_under_the_image_root_only(serve_tok, tmp_path):
   for path in ("../outside.png", "link.png", str(tmp_path / "outside.png")):
     with pytest.raises(msg.RequestError, match="outside the server's image root"):
       msg.load_image(path, policy, 16)
+  for path in ("ok.png\x00", "\ud800.png"):  # names no file system takes: a 400, not a ValueError (a 500)
+    with pytest.raises(msg.RequestError, match="not a valid file name"):
+      msg.load_image(path, policy, 16)
+
+
+def test_a_remote_image_that_cannot_be_fetched_is_a_bad_request():
+  """With --allow_remote_images, a URL that is refused, answers 404 or is malformed is the client's 400, not an
+  unhandled urllib error (a 500)."""
+
+  class NotFound(http.server.BaseHTTPRequestHandler):
+
+    def do_GET(self):  # pylint: disable=invalid-name
+      self.send_response(404)
+      self.end_headers()
+
+    def log_message(self, *args):
+      pass
+
+  server = http.server.HTTPServer(("127.0.0.1", 0), NotFound)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    closed = s.getsockname()[1]  # nothing listens there once the socket is closed
+  policy = msg.ImagePolicy(allow_remote=True, remote_timeout=5)
+  try:
+    for url in (f"http://127.0.0.1:{server.server_port}/a.png", f"http://127.0.0.1:{closed}/a.png", "http://",
+                "http://[::1/a.png"):
+      with pytest.raises(msg.RequestError, match="cannot be fetched") as err:
+        msg.load_image(url, policy, 16)
+      assert err.value.status == 400 and err.value.code == "invalid_image_url"
+  finally:
+    server.shutdown()
+    server.server_close()
 
 
 def test_boxes_come_back_in_pixels_of_the_latest_image(serve_tok):
