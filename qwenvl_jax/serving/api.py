@@ -274,6 +274,8 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
       body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise msg.RequestError(f"the body is not valid JSON ({e})") from None
+    except RecursionError:  # e.g. 100,000 nested brackets: valid JSON that Python's parser cannot take
+      raise msg.RequestError("the body is JSON nested too deeply") from None
     job = await asyncio.to_thread(_parse, body)
     events = _Mailbox(asyncio.get_running_loop())
     req = engine_lib.Request(job.prompt.tokens, job.prompt.images, job.params, events.put)

@@ -129,6 +129,7 @@ BAD = [
     ("remote URL", {"messages": [{"role": "user", "content": [image_part("http://example.com/a.png")]}]}, 400),
     ("assistant last", {"messages": [{"role": "assistant", "content": "hi"}]}, 400),
     ("bad temperature", {"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400),
+    ("nested too deeply", b"[" * 100_000 + b"]" * 100_000, 400),
 ]
 
 
