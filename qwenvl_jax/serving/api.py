@@ -103,6 +103,11 @@ def _refuse_unsupported(body: dict) -> None:
   for name in ("tool_choice", "function_call"):
     if body.get(name, "none") not in ("none", "auto"):
       raise msg.RequestError(f"{name} (function calling) is not supported by this server", param=name)
+  if body.get("modalities", ["text"]) != ["text"]:
+    raise msg.RequestError("this server answers in text only (modalities: [\"text\"])", param="modalities")
+  for name in ("audio", "web_search_options"):  # audio output, web search: any value asks for them
+    if name in body:
+      raise msg.RequestError(f"{name} is not supported by this server", param=name)
 
 
 class _Disconnected(Exception):

@@ -263,11 +263,12 @@ HI = [{"role": "user", "content": "hi"}]
     ("presence_penalty", 3), ("logit_bias", {"5": -100}), ("response_format", {"type": "json_object"}),
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
     ("tool_choice", "required"), ("seed", 2 ** 64), ("stream_options", {"include_usage": True}),
+    ("modalities", ["text", "audio"]), ("audio", {"voice": "alloy", "format": "wav"}), ("web_search_options", {}),
 ])
 def test_fields_the_server_does_not_implement_are_refused_not_ignored(server, http, field, value):
-  """A request asking for what this server does not do (log-probabilities, penalties, biases, JSON mode, tools) gets a
-  400 naming the field, not an answer that silently lacks it; so does a seed over 64 bits, and stream_options on a
-  request that does not stream."""
+  """A request asking for what this server does not do (log-probabilities, penalties, biases, JSON mode, tools, audio
+  output, web search) gets a 400 naming the field, not an answer that silently lacks it; so does a seed over 64
+  bits, and stream_options on a request that does not stream."""
   status, body = _post(server, http, {"messages": HI, "max_tokens": 2, field: value})
   assert status == 400 and body["error"]["param"] == field, body
 
@@ -278,7 +279,7 @@ def test_no_op_values_and_nulls_are_accepted_as_absent(server, http):
   body = {"messages": HI, "max_tokens": 3, "temperature": 0, "ignore_eos": True, "max_completion_tokens": None,
           "n": None, "stream": None, "stop": None, "logprobs": False, "top_logprobs": None, "presence_penalty": 0,
           "frequency_penalty": 0, "logit_bias": {}, "response_format": {"type": "text"}, "tools": [],
-          "tool_choice": "none", "user": "someone", "seed": None}
+          "tool_choice": "none", "user": "someone", "seed": None, "modalities": ["text"], "audio": None}
   status, out = _post(server, http, body)
   assert status == 200 and out["usage"]["completion_tokens"] == 3 and out["choices"][0]["finish_reason"] == "length"
   status, out = _post(server, http, {**body, "max_tokens": None, "max_completion_tokens": 500})
