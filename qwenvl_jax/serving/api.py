@@ -36,6 +36,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from qwenvl_jax import text as qtext
 from qwenvl_jax.inference import slot_sampling
@@ -274,7 +275,10 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
   @app.post("/v1/chat/completions")
   async def chat_completions(request: HttpRequest):
     _authorize(request)
-    raw = await request.body()
+    try:
+      raw = await request.body()
+    except ClientDisconnect:  # the client left while sending its request: no one to answer, nothing to log
+      return JSONResponse({}, status_code=499)
     try:
       body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -4,7 +4,9 @@ import base64
 import concurrent.futures
 import io
 import json
+import logging
 import queue
+import socket
 import time
 
 import numpy as np
@@ -209,6 +211,28 @@ def test_a_client_leaving_mid_stream_frees_its_slot(server, http):
       break
     time.sleep(0.05)
   assert stats.get("finished_cancelled", 0) == before + 1 and stats["active"] == 0
+
+
+def test_a_client_leaving_while_it_sends_its_body_is_not_logged_as_a_server_error(server, http):
+  """A client that goes away halfway through its request body (a cancelled upload, a killed script) is a normal
+  event: no "Exception in ASGI application" traceback in the server's log, no slot taken."""
+  errors = []
+  handler = logging.Handler(logging.ERROR)
+  handler.emit = errors.append
+  logging.getLogger("uvicorn.error").addHandler(handler)
+  try:
+    body = json.dumps({"messages": HI, "max_tokens": 2}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as s:
+      s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])
+      time.sleep(0.2)  # the server is reading the body when the client leaves
+    deadline = time.monotonic() + 1  # the traceback came within milliseconds of the close
+    while not errors and time.monotonic() < deadline:
+      time.sleep(0.05)
+  finally:
+    logging.getLogger("uvicorn.error").removeHandler(handler)
+  assert not errors, [r.getMessage() for r in errors]
+  assert _health(server, http)["active"] == 0
 
 
 def test_no_compilation_after_warm_up(server, client, http):
