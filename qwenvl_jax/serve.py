@@ -132,12 +132,19 @@ def _uvicorn_server(app_, host: str, port: int):
   """uvicorn's `Server` for `app_`, stopped by SIGINT / SIGTERM as uvicorn stops it, without uvicorn's re-raise of
   the stopping signals once it has shut down: under `asyncio.run` the re-raised second Ctrl-C reached JAX's atexit
   clean-up as a KeyboardInterrupt and printed its traceback at exit (`tests/serving/conftest.py` stops every
-  server it starts with two Ctrl-C and checks the exit is clean)."""
+  server it starts with two Ctrl-C and checks the exit is clean). A second Ctrl-C while the first waits for open
+  requests exits at once with 130: uvicorn's own forced stop left `asyncio.run` to cancel them, which logged a
+  traceback for each open stream or upload and exited 0 as if every answer had ended."""
   import contextlib  # pylint: disable=import-outside-toplevel
   import threading  # pylint: disable=import-outside-toplevel
   import uvicorn  # pylint: disable=import-outside-toplevel
 
   class Server(uvicorn.Server):
+
+    def handle_exit(self, sig, frame):
+      if self.should_exit and sig == signal.SIGINT:  # the second Ctrl-C: nothing is left to save
+        _exit_at_once(sig, frame)
+      super().handle_exit(sig, frame)
 
     @contextlib.contextmanager
     def capture_signals(self):

@@ -81,7 +81,8 @@ def test_quantized_server_answers_as_generate_with_the_same_weights_and_cache(sp
   with concurrent.futures.ThreadPoolExecutor(1) as background:
     def start():
       reference.append(background.submit(_reference, sp_file, quantize, kv_cache_dtype, tmp_path))
-    with serve_cli(flags, tmp_path, while_starting=start) as url:
+    # Stopped while a request is still open: the forced stop of a second Ctrl-C is checked here too.
+    with serve_cli(flags, tmp_path, while_starting=start, open_request_at_exit=True) as url:
       health = requests.get(url + "/health", timeout=10).json()
       assert quantize in health["weight_dtypes"]
       assert health["kv_cache_dtype"] == (kv_cache_dtype or "float32")
