@@ -1,16 +1,20 @@
 """Multi-process start-up shared by every job (train, evaluate, serve): the one `distributed` config block and
 `initialize`, which calls `jax.distributed.initialize()` when the config or the launcher says so.
 
-A bottom-layer module (it imports only JAX and ml_collections) so that training, evaluation and inference all
-start processes the same way without importing one another.
+A bottom-layer module (it imports only JAX, ml_collections and `errors`) so that training, evaluation and inference
+all start processes the same way without importing one another.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+import threading
 
 import jax
 import ml_collections
+
+from qwenvl_jax import errors
 
 # Environment variables that mean "this process is one of several" for launchers JAX auto-detects.
 _MULTIPROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_NTASKS",
@@ -24,6 +28,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.coordinator = ""       # host:port to start processes by hand (then num_processes, process_id)
   c.num_processes = 1
   c.process_id = 0
+  c.initialization_timeout = 300   # seconds for every process to join; then each one says so and exits
   return c
 
 
@@ -48,17 +53,49 @@ def initialize(dist: ml_collections.ConfigDict) -> None:
   `dist` is a `default_config()` block: `coordinator` (+ `num_processes`, `process_id`) names the coordinator
   explicitly (e.g. processes on one machine); `initialize` = 'auto' (detect a TPU pod / SLURM / MPI launcher),
   'yes' or 'no'. Must run before anything touches a JAX backend. A no-op when JAX is already initialized.
+
+  A process that is never started (or a coordinator that is never reached) made JAX wait its 300 s and then abort
+  the process from C++ ("Fatal Python error: Aborted", a stack dump that blames "another task"). Here the wait is
+  `dist.initialization_timeout` seconds, after which the process prints one `error:` line and exits with status 2.
+
+  Raises:
+    errors.ConfigError: a bad `initialize` mode, `process_id` / `num_processes` or timeout.
   """
   mode = dist.initialize
   if mode not in ("auto", "yes", "no"):
-    raise ValueError(f"config.distributed.initialize must be 'auto', 'yes' or 'no', got {mode!r}")
+    raise errors.ConfigError(f"config.distributed.initialize must be 'auto', 'yes' or 'no', got {mode!r}")
+  timeout = dist.get("initialization_timeout", 300)
+  if not isinstance(timeout, int) or timeout < 1:
+    raise errors.ConfigError(f"config.distributed.initialization_timeout={timeout!r} must be a whole number of "
+                             "seconds >= 1")
   if jax.distributed.is_initialized():
     return
   if dist.coordinator:
     if dist.num_processes < 1 or not 0 <= dist.process_id < dist.num_processes:
-      raise ValueError(f"config.distributed: process_id={dist.process_id} and num_processes={dist.num_processes} "
-                       "must satisfy 0 <= process_id < num_processes")
-    jax.distributed.initialize(coordinator_address=dist.coordinator, num_processes=dist.num_processes,
-                               process_id=dist.process_id)
+      raise errors.ConfigError(f"config.distributed: process_id={dist.process_id} and num_processes="
+                               f"{dist.num_processes} must satisfy 0 <= process_id < num_processes")
+    where = (f"process {dist.process_id} of {dist.num_processes}: not every process joined the coordinator "
+             f"{dist.coordinator}")
+    kwargs = dict(coordinator_address=dist.coordinator, num_processes=dist.num_processes,
+                  process_id=dist.process_id)
   elif mode == "yes" or (mode == "auto" and env_says_multiprocess()):
-    jax.distributed.initialize()
+    where, kwargs = "not every process of the launcher's job joined its coordinator", {}
+  else:
+    return
+  # JAX's own deadline is set past ours, so that the watchdog, not an abort, ends a start that never completes.
+  watchdog = threading.Timer(timeout, _give_up, args=(f"{where} within {timeout} s",))
+  watchdog.daemon = True
+  watchdog.start()
+  try:
+    jax.distributed.initialize(initialization_timeout=timeout + 30, **kwargs)
+  finally:
+    watchdog.cancel()
+
+
+def _give_up(message: str) -> None:
+  """Ends the process from the watchdog thread: one line and status 2 (nothing has been written yet)."""
+  print(errors.format_user_error(errors.ConfigError(
+      message, hint="start every process with the same coordinator and num_processes and its own process_id; "
+      "config.distributed.initialization_timeout sets the wait")), file=sys.stderr, flush=True)
+  os._exit(errors.USER_ERROR_EXIT_CODE)  # pylint: disable=protected-access  (the main thread is inside JAX's wait)
+

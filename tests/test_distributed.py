@@ -1,16 +1,64 @@
 """The one `distributed` config block and the start-up decision (the real two-process start is exercised by
 tests/training/test_train.py and tests/evaluation/test_runner.py)."""
+import socket
+import subprocess
+import sys
+import time
+
 import pytest
 
-from qwenvl_jax import distributed
+from qwenvl_jax import distributed, errors
+from tests.training.helpers import REPO, small_flags, subprocess_env
 
 
 def test_default_block_and_bad_mode():
   c = distributed.default_config()
-  assert dict(c) == {"initialize": "auto", "coordinator": "", "num_processes": 1, "process_id": 0}
+  assert dict(c) == {"initialize": "auto", "coordinator": "", "num_processes": 1, "process_id": 0,
+                     "initialization_timeout": 300}
   c.initialize = "maybe"
-  with pytest.raises(ValueError, match="'auto', 'yes' or 'no'"):
+  # A ConfigError (one line from the CLIs), not a bare ValueError and its traceback.
+  with pytest.raises(errors.ConfigError, match="'auto', 'yes' or 'no'"):
     distributed.initialize(c)
+
+
+@pytest.mark.parametrize("block,message", [
+    ({"coordinator": "localhost:1", "num_processes": 2, "process_id": 2}, "0 <= process_id < num_processes"),
+    ({"initialize": "no", "initialization_timeout": 0}, "initialization_timeout=0"),  # checked before any start
+])
+def test_a_bad_block_is_a_config_error(block, message):
+  c = distributed.default_config()
+  c.update(block)
+  with pytest.raises(errors.ConfigError, match=message):
+    distributed.initialize(c)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _start(tmp_path, index: int, port: int, **overrides) -> subprocess.Popen:
+  cmd = [sys.executable, "-m", "qwenvl_jax.train"] + small_flags(
+      2, tmp_path / "run", **{"distributed.coordinator": f"localhost:{port}", "distributed.num_processes": 2,
+                              "distributed.process_id": index, **overrides})
+  return subprocess.Popen(cmd, env=subprocess_env(devices=2), cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.multiprocess
+def test_a_process_that_never_joins_is_one_line_after_the_timeout(tmp_path):
+  """Process 1 is never started: process 0 used to wait JAX's 300 s in silence, then abort from C++ ("Fatal
+  Python error: Aborted", status 134, a stack dump blaming "another task")."""
+  started = time.time()
+  proc = _start(tmp_path, 0, _free_port(), **{"distributed.initialization_timeout": 2})
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 2, err[-3000:]
+  assert "Fatal Python error" not in err and "Traceback" not in err, err[-3000:]
+  assert err.strip().splitlines()[0].startswith(
+      "error: process 0 of 2: not every process joined the coordinator localhost:"), err[-3000:]
+  assert "within 2 s" in err and time.time() - started < 60
+  assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("env,expected", [
