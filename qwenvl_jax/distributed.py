@@ -99,3 +99,65 @@ def _give_up(message: str) -> None:
       "config.distributed.initialization_timeout sets the wait")), file=sys.stderr, flush=True)
   os._exit(errors.USER_ERROR_EXIT_CODE)  # pylint: disable=protected-access  (the main thread is inside JAX's wait)
 
+
+# Keys that may differ between the processes of one run: each process's own index.
+_PER_PROCESS_KEYS = ("distributed.process_id",)
+_checks = [0]  # how many configs this process has compared (each comparison uses keys of its own)
+
+
+def check_same_config(config: ml_collections.ConfigDict) -> None:
+  """Refuses, on every process alike, a multi-process run whose processes were started with different configs.
+
+  Different flags on different hosts (a learning rate, a step count, a workdir, a mesh) are a run that hangs in a
+  collective, fails on one host only (the others then wait minutes for it) or, worse, trains each host's shard of
+  the parameters with other settings without a word. Each process publishes a digest of its config (all but
+  `config.distributed.process_id`) in JAX's coordination service, process 0 its whole config; every process
+  compares them and raises the same error, naming the processes that differ, and each of those its differing keys.
+  Needs no device (it runs before the backend starts); a no-op with one process.
+
+  Raises:
+    errors.ConfigError: the configs differ.
+  """
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top  (no public accessor)
+  state = jax_distributed.global_state
+  if state.client is None or not state.num_processes or state.num_processes < 2:
+    return
+  import hashlib  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  me, count = state.process_id, state.num_processes
+  mine = _flat(json.loads(config.to_json()))
+  text = json.dumps(mine, sort_keys=True)
+  prefix = f"qwenvl_config/{_checks[0]}"
+  _checks[0] += 1
+  state.client.key_value_set(f"{prefix}/digest/{me}", hashlib.sha256(text.encode()).hexdigest())
+  if me == 0:
+    state.client.key_value_set(f"{prefix}/config", text)
+  timeout_ms = 1000 * int(config.distributed.get("initialization_timeout", 300))
+  digests = [state.client.blocking_key_value_get(f"{prefix}/digest/{i}", timeout_ms) for i in range(count)]
+  differ = [i for i, d in enumerate(digests) if d != digests[0]]
+  if not differ:
+    return
+  detail = ""
+  if me in differ:
+    first = json.loads(state.client.blocking_key_value_get(f"{prefix}/config", timeout_ms))
+    keys = sorted(k for k in set(first) | set(mine) if first.get(k, "<absent>") != mine.get(k, "<absent>"))
+    shown = "; ".join(f"{k}: {first.get(k, '<absent>')!r} on process 0, {mine.get(k, '<absent>')!r} here"
+                      for k in keys[:5])
+    detail = f" (this is process {me}: {shown}{'; ...' if len(keys) > 5 else ''})"
+  raise errors.ConfigError(
+      f"the {count} processes were started with different configs: process(es) "
+      f"{', '.join(map(str, differ))} differ from process 0{detail}",
+      hint="start every process with the same --config, --workdir and --config.* flags (only "
+           "config.distributed.process_id differs)")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  """{'a.b': leaf} of a nested dict, without the `_PER_PROCESS_KEYS`."""
+  out = {}
+  for key, value in tree.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, dict):
+      out.update(_flat(value, path + "."))
+    elif path not in _PER_PROCESS_KEYS:
+      out[path] = value
+  return out

@@ -61,6 +61,28 @@ def test_a_process_that_never_joins_is_one_line_after_the_timeout(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.multiprocess
+def test_processes_started_with_different_flags_are_refused_on_every_process(tmp_path):
+  """Process 1 got another learning rate: it used to fail its own config check alone (min_lr > lr) while process
+  0 waited two minutes for it and died with a traceback; a learning rate both accept trained each process's shard
+  of the parameters at its own rate without a word."""
+  port = _free_port()
+  procs = [_start(tmp_path, i, port, **{"optimizer.lr": lr}) for i, lr in enumerate((3e-3, 1e-5))]
+  errs = []
+  try:
+    for p in procs:
+      errs.append(p.communicate(timeout=120)[1])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, err in zip(procs, errs):
+    assert p.returncode == 2 and "Traceback" not in err, err[-3000:]
+    assert "error: the 2 processes were started with different configs: process(es) 1 differ from process 0" in err
+  assert "(this is process 1: optimizer.lr: 0.003 on process 0, 1e-05 here)" in errs[1]
+  assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("env,expected", [
     ({}, False), ({"SLURM_NTASKS": "1"}, False), ({"SLURM_NTASKS": "4"}, True),
     ({"TPU_WORKER_HOSTNAMES": "a"}, False), ({"TPU_WORKER_HOSTNAMES": "a,b"}, True),

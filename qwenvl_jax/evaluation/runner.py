@@ -169,6 +169,7 @@ def run(config) -> dict | None:
   others, and when `max_batches` stopped the run before the end)."""
   if "distributed" in config:
     distributed.initialize(config.distributed)
+    distributed.check_same_config(config)
   task = tasks_lib.get_task(config.task)
   output = config.output
   if not output:

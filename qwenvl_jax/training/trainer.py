@@ -145,6 +145,7 @@ def train(config: ml_collections.ConfigDict, eval_fn: EvalFn | None = None) -> T
                              "it from config.eval, or pass train(config, eval_fn=...)")
   profiling.parse_profile_steps(config.get("profile_steps", ""))  # a bad spec fails before anything is written
   distributed.initialize(config.distributed)
+  distributed.check_same_config(config)  # every host's flags: a difference hangs or trains each shard differently
   # Everything that can be checked is checked before the first file is written (no config.json, no checkpoints/
   # for a config that cannot run).
   workdir = workdir_lib.resolve(config)
