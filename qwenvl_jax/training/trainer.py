@@ -158,6 +158,7 @@ def train(config: ml_collections.ConfigDict, eval_fn: EvalFn | None = None) -> T
   before = workdir_lib.contents(workdir)
   workdir_lib.create(workdir)
   try:
+    workdir_lib.check_shared(workdir)  # a folder local to each host failed at the first checkpoint
     ckpt = Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     try:
       return _train(config, workdir, ckpt, eval_fn)

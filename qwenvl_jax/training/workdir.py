@@ -108,6 +108,45 @@ def create(workdir: str) -> None:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
 
 
+def check_shared(workdir: str) -> None:
+  """Refuses, on every process, a multi-process run whose processes do not see one and the same workdir (after
+  `create`; a no-op with one process).
+
+  Process 0 writes a probe file with a random token, every process reads it back, and all learn who did not see
+  it. Without this, a workdir local to each host (`--workdir=/tmp/run` on every host, or different --workdir
+  flags) trained until the first checkpoint, where the others' parts of it were missing: one process failed and
+  the rest waited 5 minutes and aborted, leaving a checkpoint that never completed; a resume saw checkpoints on one
+  host only.
+
+  Raises:
+    errors.UserError: naming the processes that do not see process 0's file.
+  """
+  if jax.process_count() == 1:
+    return
+  import uuid  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  token = np.frombuffer(uuid.uuid4().bytes, np.uint8)
+  probe = epath.Path(workdir) / f".shared-probe-{token.tobytes().hex()}"
+  if jax.process_index() == 0:
+    probe.write_text("qwenvl_jax: every process of a run reads this file back")
+  # Process 0 has written the file before it sends the token; the others look for the file that token names.
+  token = np.asarray(multihost_utils.broadcast_one_to_all(token)).astype(np.uint8)
+  probe = epath.Path(workdir) / f".shared-probe-{token.tobytes().hex()}"
+  try:
+    seen = probe.is_file()
+  except OSError:
+    seen = False
+  blind = np.nonzero(np.asarray(multihost_utils.process_allgather(np.int32(seen))) == 0)[0].tolist()
+  if jax.process_index() == 0:
+    probe.unlink()
+  if blind:
+    raise errors.UserError(
+        f"workdir {workdir} is not one folder shared by the {jax.process_count()} processes: process(es) "
+        f"{', '.join(map(str, blind))} do not see the file process 0 wrote there (a local folder on each host?)",
+        hint="every process needs the same --workdir on storage all hosts see: a gs:// path, NFS or gcsfuse")
+
+
 def contents(workdir: str) -> frozenset[str] | None:
   """The names of the entries in `workdir`, or None when it does not exist (taken before a run writes into it)."""
   path = epath.Path(workdir)

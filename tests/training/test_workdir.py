@@ -113,3 +113,37 @@ def test_a_workdir_inside_a_runs_checkpoints_folder_is_refused(tmp_path):
   workdir.check_usable(str(run))  # the run itself resumes
   (tmp_path / "mine" / "checkpoints").mkdir(parents=True)  # a folder named checkpoints of no run is just a folder
   workdir.check_usable(str(tmp_path / "mine" / "checkpoints" / "run"))
+
+
+@pytest.mark.multiprocess
+def test_a_workdir_that_the_processes_do_not_share_is_refused_on_every_process(tmp_path):
+  """`--workdir=run` on two hosts whose `run` are different folders (here: two current folders): the run used to
+  train until the first checkpoint, where process 1 failed and process 0 waited 5 minutes and aborted."""
+  import socket  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  from tests.training.helpers import small_flags, subprocess_env  # pylint: disable=import-outside-toplevel
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  procs = []
+  for i in range(2):
+    (tmp_path / f"host{i}").mkdir()
+    cmd = [sys.executable, "-m", "qwenvl_jax.train"] + small_flags(
+        2, "run", **{"distributed.coordinator": f"localhost:{port}", "distributed.num_processes": 2,
+                     "distributed.process_id": i, "distributed.initialization_timeout": 120})
+    procs.append(subprocess.Popen(cmd, env=subprocess_env(devices=2), cwd=tmp_path / f"host{i}",
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  errs = []
+  try:
+    for p in procs:
+      errs.append(p.communicate(timeout=300)[1])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, err in zip(procs, errs):
+    assert p.returncode == 2 and "Traceback" not in err, err[-3000:]
+    assert "is not one folder shared by the 2 processes: process(es) 1 do not see the file process 0 wrote" in err
+  # Nothing is left behind: process 0's new workdir is removed, process 1 wrote nothing.
+  assert not (tmp_path / "host0" / "run").exists() and not (tmp_path / "host1" / "run").exists()
