@@ -99,3 +99,25 @@ def test_auto_mode_without_a_launcher_stays_single_process():
   c = distributed.default_config()
   c.initialize = "no"
   distributed.initialize(c)  # must not try to reach a coordinator
+
+
+@pytest.mark.multiprocess
+def test_a_mesh_that_does_not_split_the_batch_by_process_is_refused_before_anything_is_written(tmp_path):
+  """The tensor axis over both processes' devices leaves the batch in one part that both processes hold, while
+  each reads only its own half of the rows: it failed at the first batch with JAX's "Invalid host data" traceback
+  (setup.check_batch checked only that the batch divides over the data-parallel devices)."""
+  port = _free_port()
+  procs = [_start(tmp_path, i, port, **{"mesh.ici.fsdp": 1, "mesh.ici.tensor": 4}) for i in range(2)]
+  errs = []
+  try:
+    for p in procs:
+      errs.append(p.communicate(timeout=300)[1])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, err in zip(procs, errs):
+    assert p.returncode == 2 and "Traceback" not in err, err[-3000:]
+    assert "error: mesh {'data': 1, 'fsdp': 1, 'tensor': 4}: the batch is split into 1 part(s) over the mesh axes " \
+           "data x fsdp, which does not give each of the 2 processes rows of its own" in err, err[-3000:]
+  assert not (tmp_path / "run").exists()

@@ -40,6 +40,28 @@ def check_batch(config: ml_collections.ConfigDict, mesh, rules: sharding.Rules) 
     raise ValueError(f"config.batch_size={config.batch_size} in config.accum_steps={config.accum_steps} "
                      f"micro-batches of {micro} rows does not divide over the {shards} data-parallel devices "
                      f"(mesh axes {' x '.join(sharding.batch_axes(mesh, rules))}); change the batch size, the accumulation steps or the mesh")
+  if jax.process_count() > 1:
+    _check_rows_per_process(mesh, rules)
+
+
+def _check_rows_per_process(mesh, rules: sharding.Rules) -> None:
+  """Refuses a mesh on which the processes do not each hold their own rows of the batch: every process reads its
+  own 1/process_count of the rows (data/global_batch.py), so the batch axes must split the rows by process. A
+  tensor axis across hosts (`--config.mesh.ici.tensor=8` on two hosts of 4 devices) failed at the first batch
+  with JAX's "Invalid host data" traceback."""
+  shards = sharding.batch_shards(mesh, rules)
+  held: dict[int, set[int]] = {}
+  for device, index in sharding.batch_sharding(mesh, rules).devices_indices_map((shards,)).items():
+    held.setdefault(device.process_index, set()).add(index[0].start or 0)
+  parts = list(held.values())
+  own = sum(len(p) for p in parts) == shards and all(max(p) - min(p) + 1 == len(p) for p in parts)
+  if not own or len({len(p) for p in parts}) != 1:
+    axes = " x ".join(sharding.batch_axes(mesh, rules)) or "none"
+    raise ValueError(
+        f"mesh {dict(mesh.shape)}: the batch is split into {shards} part(s) over the mesh axes {axes}, which does "
+        f"not give each of the {len(held)} processes rows of its own (every process reads its own share of the "
+        "data); keep the tensor axis within a host (config.mesh.ici.tensor <= the devices of one process) and "
+        "split the batch over data / fsdp across the hosts")
 
 
 def with_shardings(abstract: Any, shardings: Any) -> Any:
