@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import time
 from typing import Any, Callable
 
@@ -150,6 +151,7 @@ class Checkpointer:
     """
     steps = sorted(self.all_steps(), reverse=True)
     if steps:
+      self._check_process_count(steps[0])
       self._check_params_shapes(steps[0], target.params)
     failures: list[tuple[int, Exception]] = []
     for step in steps:
@@ -171,6 +173,25 @@ class Checkpointer:
           f"no checkpoint in {self.directory} restores; the latest, step {step}: {_first_line(error)}",
           "move the checkpoints away to start over, or use another --workdir") from error
     return None
+
+  def _check_process_count(self, step: int) -> None:
+    """Raises errors.ConfigError when `step` was saved by another number of processes than this run has: each
+    process's data-iterator position is saved on its own (`data/process_<i>-of-<n>.json`). The restore failed with
+    "process_0-of-1.json does not exist" and a hint to move the checkpoints away, or, with an older checkpoint of
+    this process count (a run resumed on more hosts), set the newer ones aside as damaged and resumed from it."""
+    try:
+      names = [p.name for p in (epath.Path(self.directory) / str(step) / "data").iterdir()]
+    except OSError:
+      return  # a damaged checkpoint: restore_latest_intact deals with it
+    counts = {int(m.group(1)) for m in map(re.compile(r"process_\d+-of-(\d+)\.json").fullmatch, names) if m}
+    if len(counts) != 1 or jax.process_count() in counts:
+      return
+    saved = counts.pop()
+    raise errors.ConfigError(
+        f"checkpoint {self.directory}/{step} was saved by {saved} processes and this run has "
+        f"{jax.process_count()}: the data pipeline's position is saved per process",
+        f"resume it with {saved} processes (hosts, or config.distributed.num_processes={saved}); or start a new "
+        f"--workdir from its weights with --config.init=trainer:{os.path.dirname(self.directory)}@{step}")
 
   def _check_params_shapes(self, step: int, params: Any) -> None:
     """Raises errors.ConfigError when the parameters stored at `step` are not those `params` (this config's

@@ -163,3 +163,10 @@ def test_two_processes_write_one_consistent_checkpoint(tmp_path):
   assert sorted(read_losses(tmp_path)) == [1, 2, 3, 4]
   # Both processes saw the same global losses (the loss is a global reduction).
   assert "completed at step 4" in outputs[0][1]
+  # Resumed by one process: refused in one line naming the process count (it said "process_0-of-1.json does not
+  # exist" and hinted to move the checkpoints away), the checkpoints left as they are.
+  one = subprocess.run([sys.executable, "-m", "qwenvl_jax.train"] + small_flags(2, tmp_path, total_steps=6),
+                       env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert one.returncode == 2 and "Traceback" not in one.stderr, one.stderr[-3000:]
+  assert f"error: checkpoint {ckpts}/4 was saved by 2 processes and this run has 1" in one.stderr, one.stderr[-3000:]
+  assert sorted(os.listdir(ckpts)) == ["2", "4"]
