@@ -17,6 +17,8 @@ import re
 RUNTIME_VERSIONS = {"v4": "tpu-ubuntu2204-base", "v5litepod": "v2-alpha-tpuv5-lite", "v5p": "v2-alpha-tpuv5",
                     "v6e": "v2-alpha-tpuv6e"}
 _GCLOUD_PREFIX = {"v4": "v4", "v5e": "v5litepod", "v5litepod": "v5litepod", "v5p": "v5p", "v6e": "v6e"}
+# Slice sizes (chips) of the 2-D generations, as qwenvl_jax/hardware/chips.py lists them.
+_SIZES_2D = (1, 4, 8, 16, 32, 64, 128, 256)
 
 
 def accelerator_type(name: str) -> str:
@@ -29,7 +31,15 @@ def accelerator_type(name: str) -> str:
   if not match:
     raise ValueError(f"--topology {name!r}: expected <generation>-<N> with generation v4, v5e (v5litepod), v5p or "
                      f"v6e, e.g. v5p-128")
-  return f"{_GCLOUD_PREFIX[match.group(1)]}-{match.group(2)}"
+  generation, count = match.group(1), int(match.group(2))
+  # A size no slice has (v5p-129, v5e-3) was sent to gcloud as is: `up` failed at create, `train` talked to nothing.
+  if generation in ("v4", "v5p") and (count % 2 or count < 8):
+    raise ValueError(f"--topology {name!r}: {generation}-N counts TensorCores (2 per chip), so N is even and at "
+                     f"least 8 (e.g. {generation}-8, {generation}-128)")
+  if generation not in ("v4", "v5p") and count not in _SIZES_2D:
+    raise ValueError(f"--topology {name!r}: {generation}-N counts chips; the slices are "
+                     f"{', '.join(f'{generation}-{n}' for n in _SIZES_2D)}")
+  return f"{_GCLOUD_PREFIX[generation]}-{count}"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

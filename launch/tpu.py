@@ -206,6 +206,16 @@ def check_args(args) -> None:
     raise ValueError(f"--node {args.node}: there are {len(s.nodes)} slice(s)")
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse with a mistake as one `error:` line and a hint, exit 2 (argparse prints its whole usage above it)."""
+
+  def error(self, message: str):
+    command = self.prog.split(" ", 1)[1] if " " in self.prog else ""
+    print(f"error: {message}\n  hint: python launch/tpu.py {command + ' ' if command else ''}--help lists the flags",
+          file=sys.stderr)
+    sys.exit(2)
+
+
 def _parser() -> argparse.ArgumentParser:
   common = argparse.ArgumentParser(add_help=False)
   common.add_argument("--name", required=True, help="TPU VM name; queued-resource id and node prefix if queued")
@@ -238,7 +248,7 @@ def _parser() -> argparse.ArgumentParser:
   run_name = argparse.ArgumentParser(add_help=False)
   run_name.add_argument("--run", required=True, help="run name given to `train`")
 
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
   sub.add_parser("create", parents=[common, create], help="create the slice(s)").set_defaults(fn=cmd_create)
   sub.add_parser("install", parents=[common, install], help="ship this checkout to every worker and pip install"

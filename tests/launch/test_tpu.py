@@ -149,6 +149,9 @@ def test_train_command_survives_quoting_on_a_worker(tmp_path):
     (["delete", *SLICE, "--", "--config.x=1"], "after '--'"),
     (["train", *SLICE, f"--config={CONFIG}", "--workdir=gs://b/r", "--", "--dry-run"], "before '--'"),
     (["logs", *SLICE, "--run=a", "--node=3"], "--node"),
+    # Sizes no slice has: sent to gcloud as they were.
+    (["create", "--name=ok", "--zone=z", "--topology=v5p-129"], "N is even and at least 8"),
+    (["create", "--name=ok", "--zone=z", "--topology=v5e-3"], "the slices are v5e-1, v5e-4"),
 ])
 def test_bad_input_names_the_culprit(args, culprit, fake_gcloud):
   env, log = fake_gcloud
@@ -157,6 +160,20 @@ def test_bad_input_names_the_culprit(args, culprit, fake_gcloud):
   assert read_recorded(log) == []
   assert proc.returncode == 2
   assert culprit in proc.stderr and proc.stdout.strip() == ""
+
+
+@pytest.mark.parametrize("args,message", [
+    (["create", "--name=ok", "--topology=v5p-8"], "error: the following arguments are required: --zone"),
+    (["crate", "--name=ok", "--zone=z"], "error: argument command: invalid choice: 'crate'"),
+    (["create", "--name=ok", "--zone=z", "--num_slices=two"], "error: argument --num_slices/--num-slices: invalid"),
+])
+def test_an_argument_mistake_is_one_line_and_a_hint(args, message, fake_gcloud):
+  """argparse printed its usage (5 lines for create) above the line that matters."""
+  env, log = fake_gcloud
+  proc = launch([*args, "--dry-run"], env)
+  assert read_recorded(log) == [] and proc.returncode == 2 and proc.stdout == ""
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 2 and lines[0].startswith(message) and lines[1].startswith("  hint: python launch/tpu.py")
 
 
 UP = ["up", *SLICE, f"--config={CONFIG}", "--run=s2-a"]
