@@ -1,7 +1,7 @@
 """Multi-process start-up shared by every job (train, evaluate, serve): the one `distributed` config block and
 `initialize`, which calls `jax.distributed.initialize()` when the config or the launcher says so.
 
-A bottom-layer module (it imports only JAX, ml_collections and `errors`) so that training, evaluation and inference
+A bottom-layer module (it imports only JAX, flax's `traverse_util`, ml_collections and `errors`) so that training, evaluation and inference
 all start processes the same way without importing one another.
 """
 
@@ -151,13 +151,7 @@ def check_same_config(config: ml_collections.ConfigDict) -> None:
            "config.distributed.process_id differs)")
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
+def _flat(tree: dict) -> dict:
   """{'a.b': leaf} of a nested dict, without the `_PER_PROCESS_KEYS`."""
-  out = {}
-  for key, value in tree.items():
-    path = f"{prefix}{key}"
-    if isinstance(value, dict):
-      out.update(_flat(value, path + "."))
-    elif path not in _PER_PROCESS_KEYS:
-      out[path] = value
-  return out
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top  (only multi-process runs need it)
+  return {k: v for k, v in traverse_util.flatten_dict(tree, sep=".").items() if k not in _PER_PROCESS_KEYS}
