@@ -1,8 +1,8 @@
 """Multi-process start-up shared by every job (train, evaluate, serve): the one `distributed` config block and
 `initialize`, which calls `jax.distributed.initialize()` when the config or the launcher says so.
 
-A bottom-layer module (it imports only JAX, flax's `traverse_util`, ml_collections and `errors`) so that training, evaluation and inference
-all start processes the same way without importing one another.
+A bottom-layer module (it imports only JAX, flax's `traverse_util`, ml_collections and `errors`) so that training,
+evaluation and inference all start processes the same way without importing one another.
 """
 
 from __future__ import annotations
