@@ -1,4 +1,4 @@
-"""Multi-process start-up shared by every job (train, evaluate, serve): the one `distributed` config block and
+"""Multi-process start-up shared by the jobs that span hosts (train, evaluate): the one `distributed` config block and
 `initialize`, which calls `jax.distributed.initialize()` when the config or the launcher says so.
 
 A bottom-layer module (it imports only JAX, flax's `traverse_util`, ml_collections and `errors`) so that training,
