@@ -165,6 +165,8 @@ def main(argv):
     if config is None:
       raise app.UsageError("--topology plans a training stage: give --config=configs/stageN.py[:args]")
     topology = _topology()
+    from qwenvl_jax.training import validation  # pylint: disable=import-outside-toplevel
+    validation.check_step_fields(config, topology.chip.platform)  # what `train` would refuse, before compiling
     if _SEARCH.value:
       _run_search(config, topology)
       return

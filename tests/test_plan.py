@@ -150,3 +150,28 @@ def test_an_evaluation_config_is_refused_by_name():
   with pytest.raises(errors.ConfigError, match=r"^configs/eval/flickr\.py is an evaluation config; plan takes a "
                                                r"training config such as configs/stage2\.py$"):
     plan.check_model_flags(_config_file("configs/eval/flickr.py"), None, None, "configs/eval/flickr.py:model=x")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("accum_steps=0", "config.accum_steps=0 must be an integer >= 1"),
+    ("batch_size=0", "config.batch_size=0 must be an integer >= 1"),
+    ("attention_impl=cudnn", "config.attention_impl='cudnn': attention_impl='cudnn' needs an NVIDIA GPU but this "
+                             "computation is for 'tpu'"),
+])
+def test_plan_refuses_what_train_would_for_the_topologys_platform(override, message):
+  """They were a ZeroDivisionError, flops.py's ValueError and the kernel check's ValueError, as tracebacks."""
+  from qwenvl_jax.training import validation  # pylint: disable=import-outside-toplevel
+  from tests.training.helpers import load_stage_config  # pylint: disable=import-outside-toplevel
+  config = load_stage_config(1, "model=tiny")
+  key, value = override.split("=")
+  config[key] = int(value) if value.isdigit() else value
+  with pytest.raises(errors.ConfigError, match=re.escape(message)):
+    validation.check_step_fields(config, "tpu")
+
+
+def test_cli_refuses_a_bad_config_value_in_one_line_before_compiling():
+  out = _plan_cli("--config=configs/stage1.py:model=tiny", "--topology=v5e-4", "--config.accum_steps=0",
+                  timeout=120)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert out.stderr.strip().splitlines()[-1] == "error: config.accum_steps=0 must be an integer >= 1"
+  assert "Traceback" not in out.stderr and "compiling" not in out.stdout

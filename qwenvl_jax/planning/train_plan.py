@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from qwenvl_jax import sharding
+from qwenvl_jax import errors, sharding
 from qwenvl_jax.hardware import chips
 from qwenvl_jax.hardware.chips import GIB
 from qwenvl_jax.model import config as model_config
@@ -57,7 +57,8 @@ def plan_stage(config: ml_collections.ConfigDict, topology: chips.Topology) -> t
     The plan and a dict of facts for the report (mesh shape, parameter counts, frozen patterns).
 
   Raises:
-    ValueError: the batch does not split over the mesh, or mesh degrees that do not match the topology.
+    errors.ConfigError: mesh degrees that do not match the topology, or an unknown rule table.
+    ValueError: the batch does not split over the mesh.
   """
   return plan_on_devices(config, mesh_lib.topology_devices(topology), topology.chip, torus=topology.shape,
                          num_slices=topology.num_slices)
@@ -73,8 +74,15 @@ def plan_on_devices(config: ml_collections.ConfigDict, devices: list, chip: chip
   dcn = {k: int(v) for k, v in config.mesh.dcn.items()}
   if num_slices > 1 and all(v == 1 for v in dcn.values()):
     dcn["data"] = num_slices  # as the launcher does: slices join over DCN on the data axis
-  mesh = sharding.make_mesh(ici, dcn, devices=devices)
-  rules = sharding.load_rules(config.mesh.rules)
+  try:
+    rules = sharding.load_rules(config.mesh.rules)
+  except ValueError as e:
+    raise errors.ConfigError(f"config.mesh.rules: {e}") from e
+  try:  # degrees that do not multiply to the chips of the topology
+    mesh = sharding.make_mesh(ici, dcn, devices=devices)
+  except ValueError as e:
+    raise errors.ConfigError(f"config.mesh: {e}", hint="the ICI degrees multiply to the chips of one slice, the "
+                             "DCN degrees to the slices; one ICI degree may be -1 (the rest)") from e
   setup = build_step(config, cfg, mesh, rules)
   replicated, frozen = setup.replicated, setup.frozen
   state = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), setup.abstract_params,

@@ -134,7 +134,34 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
   Runs after `jax.distributed.initialize` (it builds the mesh) and before the workdir is created.
   """
-  from qwenvl_jax.training import experiment, peft, setup  # pylint: disable=g-import-not-at-top  (cycle-free, lazy)
+  from qwenvl_jax.training import experiment, setup  # pylint: disable=g-import-not-at-top  (cycle-free, lazy)
+  cfg = check_step_fields(config, jax.default_backend())
+  try:
+    mesh, rules = experiment.make_mesh(config)
+    setup.check_batch(config, mesh, rules)
+  except ValueError as e:
+    raise errors.ConfigError(str(e)) from e
+  _check_tokenizer(config, cfg)
+  if config.init:
+    from qwenvl_jax.training.checkpointing import resolve_params_checkpoint  # pylint: disable=g-import-not-at-top
+    try:
+      resolve_params_checkpoint(config.init)
+    except ValueError as e:
+      raise errors.ConfigError(str(e)) from e
+  _check_data(config)
+
+
+def check_step_fields(config: ml_collections.ConfigDict, platform: str) -> model_config.QwenVLConfig:
+  """The checks of `check_config` that need no devices, files or data: the numeric fields, the enumerations, the
+  optimizer, the model preset at the run's resolution, the attention kernel against `platform` ('tpu' for a plan
+  of a TPU slice) and LoRA / QLoRA targets. `plan` runs them too, so it refuses what `train` would.
+
+  Returns:
+    The model config.
+  Raises:
+    errors.ConfigError: naming the config key.
+  """
+  from qwenvl_jax.training import peft  # pylint: disable=g-import-not-at-top  (cycle-free, lazy)
   _choice(config.stage, "stage", (1, 2, 3))
   _positive(config, {"res": 1, "batch_size": 1, "accum_steps": 1, "seq_len": 2, "max_images": 1,
                      "total_steps": 1, "stop_at_step": 0, "log_every": 1, "checkpoint.every": 1,
@@ -156,16 +183,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   except ValueError as e:
     raise errors.ConfigError(f"config.model={config.model!r} at config.res={config.res}: {e}") from e
   try:  # a kernel this backend cannot run (cudnn on a CPU, splash off TPU) fails at its first trace otherwise
-    kernels.check_attention_impl(config.attention_impl, jax.default_backend(), dtype=cfg.dtype,
+    kernels.check_attention_impl(config.attention_impl, platform, dtype=cfg.dtype,
                                  head_dims=cfg.attention_head_dims)
   except ValueError as e:
     raise errors.ConfigError(f"config.attention_impl={config.attention_impl!r}: {e}") from e
-  try:
-    mesh, rules = experiment.make_mesh(config)
-    setup.check_batch(config, mesh, rules)
-  except ValueError as e:
-    raise errors.ConfigError(str(e)) from e
-  _check_tokenizer(config, cfg)
   try:
     # LoRA or QLoRA targets that match no projection (abstract: nothing allocated); they were a traceback from
     # the model's first build for LoRA, found here for QLoRA only.
@@ -173,13 +194,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       nnx.eval_shape(peft.model_fn(cfg, config))
   except ValueError as e:
     raise errors.ConfigError(str(e)) from e
-  if config.init:
-    from qwenvl_jax.training.checkpointing import resolve_params_checkpoint  # pylint: disable=g-import-not-at-top
-    try:
-      resolve_params_checkpoint(config.init)
-    except ValueError as e:
-      raise errors.ConfigError(str(e)) from e
-  _check_data(config)
+  return cfg
 
 
 def _check_tokenizer(config: ml_collections.ConfigDict, cfg: model_config.QwenVLConfig) -> None:

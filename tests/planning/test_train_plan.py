@@ -89,3 +89,26 @@ def test_what_would_fit_names_flags_with_their_savings_and_a_wider_slice():
   facts.update(lora=True, moment_f32_bytes=int(GIB))
   assert not any("mu_dtype" in t for t in train_plan.what_would_fit(config, _plan(topology.chip, 17.0, 12.7),
                                                                      facts, topology))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"fsdp": 3}, r"^config\.mesh: mesh ICI \{'data': 1, 'fsdp': 3, 'tensor': 1\} .* needs 3 devices, but there are 4"),
+    ({"fsdp": -1, "tensor": -1}, r"^config\.mesh: at most one ICI degree may be -1"),
+    ({"rules": "fsdp_pt"}, r"^config\.mesh\.rules: unknown sharding rules 'fsdp_pt'"),
+])
+def test_a_mesh_the_devices_cannot_hold_is_a_config_error(overrides, message):
+  """`plan --topology=v5e-4 --config.mesh.ici.fsdp=3` was make_mesh's ValueError traceback. On 4 of the test's fake
+  CPU devices: the error comes before anything is traced."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax import errors  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.hardware import chips  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.planning import train_plan  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.training.stage_config import stage_config  # pylint: disable=import-outside-toplevel
+  config = stage_config(1, "model=tiny")
+  for key, value in overrides.items():
+    if key == "rules":
+      config.mesh.rules = value
+    else:
+      config.mesh.ici[key] = value
+  with pytest.raises(errors.ConfigError, match=message):
+    train_plan.plan_on_devices(config, jax.devices()[:4], chips.CHIPS["v5e"])
