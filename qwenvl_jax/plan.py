@@ -229,8 +229,9 @@ def _batch_splits(config, topology) -> bool:
   for batch, accum, fsdp, tensor in search.nearest_valid(config.batch_size, config.accum_steps,
                                                          topology.chips_per_slice, topology.num_slices):
     rules = "fsdp_tp" if tensor > 1 else config.mesh.rules
-    print(f"  --config.batch_size={batch} --config.accum_steps={accum} --config.mesh.ici.fsdp={fsdp} "
-          f"--config.mesh.ici.tensor={tensor} --config.mesh.rules={rules}"
+    # data=1: the layouts put every chip of a slice on fsdp x tensor, whatever the config's data degree was
+    print(f"  --config.batch_size={batch} --config.accum_steps={accum} --config.mesh.ici.data=1 "
+          f"--config.mesh.ici.fsdp={fsdp} --config.mesh.ici.tensor={tensor} --config.mesh.rules={rules}"
           f"   ({batch // accum // (fsdp * topology.num_slices)} rows per chip per micro-batch)", file=sys.stderr)
   print("  or search layouts of this batch: add --search", file=sys.stderr)
   return False

@@ -175,3 +175,28 @@ def test_cli_refuses_a_bad_config_value_in_one_line_before_compiling():
   assert out.returncode == 2, out.stderr[-2000:]
   assert out.stderr.strip().splitlines()[-1] == "error: config.accum_steps=0 must be an integer >= 1"
   assert "Traceback" not in out.stderr and "compiling" not in out.stdout
+
+
+def test_the_nearest_valid_plans_reproduce_when_passed_back(capsys):
+  """With --config.mesh.ici.data=2 the suggested flags (fsdp x tensor = the slice's chips) kept data=2 and asked
+  for twice the chips: passed back to plan they were make_mesh's error."""
+  from qwenvl_jax.hardware import chips  # pylint: disable=import-outside-toplevel
+  from tests.training.helpers import load_stage_config  # pylint: disable=import-outside-toplevel
+  topology = chips.parse_topology("v5e-16")
+  config = load_stage_config(1, "model=tiny")
+  config.mesh.ici.data = 2
+  assert not plan._batch_splits(config, topology)  # pylint: disable=protected-access
+  lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("  --config.")]
+  assert len(lines) >= 3
+  for line in lines:
+    suggested = load_stage_config(1, "model=tiny")
+    suggested.mesh.ici.data = 2
+    for flag in line.split("   (")[0].split():
+      path, value = flag.removeprefix("--config.").split("=")
+      *groups, key = path.split(".")
+      node = suggested
+      for group in groups:
+        node = node[group]
+      node[key] = int(value) if value.lstrip("-").isdigit() else value
+    assert suggested.mesh.ici.data * suggested.mesh.ici.fsdp * suggested.mesh.ici.tensor == 16, line
+    assert plan._batch_splits(suggested, topology), line  # pylint: disable=protected-access

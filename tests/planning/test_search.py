@@ -89,7 +89,8 @@ def test_cli_suggests_plans_for_a_batch_that_does_not_split():
   assert proc.returncode == 2
   assert "Traceback" not in proc.stderr
   assert "does not split over the 64 data x fsdp chips" in proc.stderr
-  assert "--config.accum_steps=8 --config.mesh.ici.fsdp=16 --config.mesh.ici.tensor=4" in proc.stderr
+  assert ("--config.accum_steps=8 --config.mesh.ici.data=1 --config.mesh.ici.fsdp=16 --config.mesh.ici.tensor=4"
+          in proc.stderr)
 
 
 @requires_libtpu
