@@ -238,18 +238,28 @@ def _batch_splits(config, topology) -> bool:
 
 
 def _run_search(config, topology) -> None:
+  tensors = search.check_values(_SEARCH_REMATS.value, _SEARCH_ATTENTION.value, _SEARCH_TENSOR.value,
+                                topology.chips_per_slice)
+  if not search.candidates(config.batch_size, topology.chips_per_slice, topology.num_slices, tensors=tensors):
+    shards = " or ".join(str(topology.chips_per_slice // t * topology.num_slices) for t in tensors
+                         if topology.chips_per_slice % t == 0)
+    raise errors.ConfigError(f"no layout to search: config.batch_size={config.batch_size} in any number of "
+                             f"micro-batches does not split over {shards} data x fsdp chips "
+                             f"(--search_tensor={','.join(_SEARCH_TENSOR.value)} on {topology.accelerator_type})",
+                             hint="a batch size that is a multiple of the data x fsdp chips, or larger tensor "
+                                  "degrees (--search_tensor)")
   print(f"{topology.describe()}\nsearching layouts of stage {config.stage} (batch {config.batch_size} x "
         f"{config.seq_len} tokens, {config.max_images} image slots at {config.res} px) ...", flush=True)
   start = time.perf_counter()
   rows = search.search(config, topology, max_compiles=_MAX_COMPILES.value, cache_dir=_SEARCH_CACHE.value,
                        remats=_SEARCH_REMATS.value, attentions=_SEARCH_ATTENTION.value,
-                       tensors=[int(t) for t in _SEARCH_TENSOR.value],
+                       tensors=tensors,
                        log=lambda line: print(line, flush=True))
   print(search.format_table(rows, topology.chip.hbm_bytes))
   print(f"search took {time.perf_counter() - start:.0f} s")
   top = search.best(rows)
   if top is None:
-    print("no compiled plan fits: raise --max_compiles, or a larger topology")
+    print(search.no_fit_message(rows), file=sys.stderr)
     sys.exit(1)
   print(f"best plan: {top.candidate}, estimated {top.step_seconds:.2f} s/step"
         + (f", MFU {top.mfu_low:.1%} .. {top.mfu_high:.1%}" if top.mfu_low is not None else ""))

@@ -32,10 +32,12 @@ import json
 import math
 import os
 import time
+import typing
 from collections.abc import Callable, Sequence
 
 import ml_collections
 
+from qwenvl_jax import errors
 from qwenvl_jax.hardware import chips
 from qwenvl_jax.planning import aot
 
@@ -47,6 +49,32 @@ TENSOR_DEGREES = (1, 2, 4, 8)
 PRUNE_FACTOR = 1.5
 # Forward recomputed in the backward pass: matmul FLOPs x this (full remat reruns the whole forward).
 _REMAT_FLOPS = {"none": 1.0, "dots": 1.05, "dots_no_batch": 1.1, "full": 4 / 3}
+
+
+def check_values(remats: Sequence[str], attentions: Sequence[str], tensors: Sequence[str],
+                 chips_per_slice: int) -> list[int]:
+  """Refuses `--search_remat`, `--search_attention` and `--search_tensor` values no layout can take (each was a
+  "compile failed" row, or a traceback); returns the tensor degrees as integers.
+
+  Raises:
+    errors.ConfigError: naming the flag, the value and what is allowed.
+  """
+  from qwenvl_jax.model import config as model_config  # pylint: disable=import-outside-toplevel
+  allowed = typing.get_args(model_config.RematPolicy)
+  for flag, values, known in (("search_remat", remats, allowed), ("search_attention", attentions, ATTENTIONS)):
+    bad = [v for v in values if v not in known]
+    if bad or not values:
+      what = f"{', '.join(map(repr, bad))} is not one of" if values else "give one or more of"
+      raise errors.ConfigError(f"--{flag}={','.join(values)}: {what} {', '.join(known)}")
+  degrees = []
+  for t in tensors:
+    if not t.isdigit() or int(t) < 1:
+      raise errors.ConfigError(f"--search_tensor={','.join(tensors)}: {t!r} is not a positive integer")
+    degrees.append(int(t))
+  if not any(chips_per_slice % t == 0 for t in degrees):
+    raise errors.ConfigError(f"--search_tensor={','.join(tensors)}: no degree divides the {chips_per_slice} chips "
+                             f"of a slice", hint="tensor degrees are divisors of the chips, e.g. 1, 2, 4")
+  return degrees
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,6 +356,19 @@ def _seconds(x: float | None) -> str:
   if x >= 1e-3:
     return f"{x * 1e3:7.1f}ms"
   return f"{x * 1e6:7.1f}us"
+
+
+def no_fit_message(rows: Sequence[Row]) -> str:
+  """Why a search found no plan that fits, and the lever that can change it: more compiles only when layouts are
+  left uncompiled (it was always "raise --max_compiles", also when the estimate had pruned every layout)."""
+  count = {s: sum(r.status == s for r in rows) for s in ("compiled", "compile failed", "not compiled", "pruned")}
+  done = (f"{count['compiled']} compiled over HBM, {count['compile failed']} failed to compile, "
+          f"{count['pruned']} pruned by the memory estimate")
+  if count["not compiled"]:
+    return (f"no compiled plan fits ({done}); {count['not compiled']} layout(s) not compiled yet: raise "
+            "--max_compiles (compiled results are cached)")
+  return (f"no layout fits ({done}): a larger topology, fewer rows per step (--config.batch_size), or the savings "
+          "a plan without --search lists under 'what would fit'")
 
 
 def best(rows: Sequence[Row]) -> Row | None:

@@ -1,5 +1,6 @@
 """`plan --search`: the candidate space, pruning, the compile budget and cache, ranking, and the batch advice."""
 import os
+import re
 import subprocess
 import sys
 
@@ -108,3 +109,42 @@ def test_search_compiles_real_tiny_plans_for_a_tpu_slice():
   """)
   compiled = [r for r in out if r["status"] == "compiled"]
   assert len(compiled) == 2 and all(r["fits"] and r["comm"] > 0 and 0 < r["mfu"] <= 1 for r in compiled)
+
+
+@pytest.mark.parametrize("remats, attentions, tensors, message", [
+    (["foo"], ["xla"], ["1"], "--search_remat=foo: 'foo' is not one of none, full, dots, dots_no_batch"),
+    ([], ["xla"], ["1"], "--search_remat=: give one or more of none, full, dots, dots_no_batch"),
+    (["full"], ["cudnn"], ["1"], "--search_attention=cudnn: 'cudnn' is not one of xla, splash"),
+    (["full"], ["xla"], ["1", "x"], "--search_tensor=1,x: 'x' is not a positive integer"),
+    (["full"], ["xla"], ["0"], "--search_tensor=0: '0' is not a positive integer"),
+    (["full"], ["xla"], ["3", "5"], "--search_tensor=3,5: no degree divides the 4 chips of a slice"),
+])
+def test_search_values_no_layout_can_take_are_refused(remats, attentions, tensors, message):
+  """A bad remat or kernel made every compile a 'compile failed' row and then said 'raise --max_compiles'; a
+  tensor degree that is no integer was int()'s traceback, one that divides no chip count an empty search."""
+  from qwenvl_jax import errors  # pylint: disable=import-outside-toplevel
+  with pytest.raises(errors.ConfigError, match="^" + re.escape(message)):
+    search.check_values(remats, attentions, tensors, 4)
+  assert search.check_values(["full", "dots"], ["xla", "splash"], ["1", "2", "8"], 4) == [1, 2, 8]
+
+
+def test_no_fit_says_raise_max_compiles_only_when_layouts_are_left():
+  cand = search.Candidate("full", 1, 4, 1, "xla")
+  left = [search.Row(cand, 1.0, 1.0, status="compiled", fits=False), search.Row(cand, 1.0, 1.0)]
+  assert "1 layout(s) not compiled yet: raise --max_compiles" in search.no_fit_message(left)
+  done = [search.Row(cand, 1.0, 1.0, status="compiled", fits=False), search.Row(cand, 1.0, 1.0, status="pruned")]
+  message = search.no_fit_message(done)
+  assert message.startswith("no layout fits (1 compiled over HBM, 0 failed to compile, 1 pruned by the memory "
+                            "estimate): a larger topology") and "max_compiles" not in message
+
+
+def test_cli_search_with_no_layout_is_one_line():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  out = subprocess.run([sys.executable, "-m", "qwenvl_jax.plan", "--config=configs/stage1.py:model=tiny",
+                        "--topology=v5e-16", "--search", "--search_tensor=1", "--search_cache="],
+                       capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=120, check=False)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert out.stderr.strip().splitlines()[-2] == (
+      "error: no layout to search: config.batch_size=8 in any number of micro-batches does not split over 16 data x "
+      "fsdp chips (--search_tensor=1 on v5litepod-16)")
+  assert "Traceback" not in out.stderr and "searching" not in out.stdout
