@@ -289,17 +289,28 @@ def parse_inference_arg(arg: str) -> dict:
     raise errors.ConfigError(f"--inference: quantize={values['quantize']!r}; expected none, int8 or int4")
   if values["kv_cache_dtype"] not in ("bfloat16", "int8"):
     raise errors.ConfigError(f"--inference: kv_cache_dtype={values['kv_cache_dtype']!r}; expected bfloat16 or int8")
-  for key in ("batch", "context", "prompt"):
-    if values[key] < 1:
-      raise errors.ConfigError(f"--inference: {key}={values[key]} must be positive")
-  if values["prompt"] > values["context"]:
-    raise errors.ConfigError(f"--inference: prompt={values['prompt']} is longer than context={values['context']}")
+  check_sizes(values, lambda key: f"--inference: {key}={values[key]}")
   return {"quantize": None if values["quantize"] == "none" else values["quantize"], "batch": values["batch"],
           "context": values["context"], "prompt": values["prompt"], "images": values["images"],
           "kv_cache_dtype": "int8" if values["kv_cache_dtype"] == "int8" else None, "rules_name": values["rules"],
           "group_size": values["group_size"], "with_prefill": not values["decode_only"],
           "prefill_batch": values["prefill_batch"] or None, "tensor_parallel": values["tensor_parallel"],
           "server": values["server"]}
+
+
+def check_sizes(values: dict, name) -> None:
+  """Refuses sizes no plan has: rows, context or prompt below 1, a prompt longer than the context, negative
+  images, prefill rows or tensor degree (0 = the default), decode steps below 1. `name(key)` spells the flag.
+
+  Raises:
+    errors.ConfigError: naming the flag.
+  """
+  for key, minimum in (("batch", 1), ("context", 1), ("prompt", 1), ("images", 0), ("prefill_batch", 0),
+                       ("tensor_parallel", 0), ("decode_steps", 1)):
+    if key in values and values[key] < minimum:
+      raise errors.ConfigError(f"{name(key)} must be {'positive' if minimum else '>= 0'}")
+  if values["prompt"] > values["context"]:
+    raise errors.ConfigError(f"{name('prompt')} is longer than context={values['context']}")
 
 
 def inference_model_config(preset: str, res: int) -> QwenVLConfig:
@@ -428,6 +439,9 @@ def _cli() -> None:
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    check_sizes({"batch": batch.value, "context": context.value, "prompt": prompt.value, "images": images.value,
+                 "prefill_batch": prefill_batch.value, "tensor_parallel": tensor_parallel.value,
+                 "decode_steps": decode_steps.value}, lambda key: f"--{key}={flags.FLAGS[key].value}")
     cfg = inference_model_config(preset.value, res.value)
     if llm_layers.value:
       cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, layers=llm_layers.value))

@@ -3,6 +3,8 @@ process with libtpu): int8 weights and an int8 cache show up as fewer argument b
 import subprocess
 import sys
 
+import pytest
+
 from tests.planning.conftest import requires_libtpu, run_json
 from tests.training import helpers
 
@@ -79,3 +81,18 @@ def test_the_module_command_reports_a_user_mistake_in_one_line():
                         env=helpers.subprocess_env(devices=1), check=False)
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert proc.stderr.startswith("error: unknown chip 'v9z'") and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--prompt=4096"], "error: --prompt=4096 is longer than context=2048"),
+    (["--batch=0", "--max_slots"], "error: --batch=0 must be positive"),
+    (["--images=-1"], "error: --images=-1 must be >= 0"),
+])
+def test_the_module_command_refuses_sizes_no_plan_has_in_one_line(flags, message):
+  """They were tracebacks (plan_inference's ValueError, a ZeroDivisionError in the cache sharding, a negative
+  shape), after libtpu had started."""
+  proc = subprocess.run([sys.executable, "-m", "qwenvl_jax.planning.inference_plan", "--preset=tiny",
+                         "--topology=v5e-4", *flags], capture_output=True, text=True, timeout=300, cwd=helpers.REPO,
+                        env=helpers.subprocess_env(devices=1), check=False)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip() == message, proc.stderr[-2000:]
