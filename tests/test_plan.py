@@ -35,13 +35,17 @@ def test_stage_trainable_counts():
 
 @requires_libtpu
 @pytest.mark.slow
-def test_cli_plans_a_tiny_stage_for_a_small_tpu_topology():
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+def test_cli_plans_a_tiny_stage_for_a_small_tpu_topology(tmp_path):
+  (tmp_path / "xla").mkdir()  # the persistent cache, as cli.run turns it on (JAX's variable: the suite sets it)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla"))
   out = subprocess.run([sys.executable, "-m", "qwenvl_jax.plan", "--config=configs/stage1.py:model=tiny",
                         "--topology=v5e:2x2"], capture_output=True, text=True, env=env, timeout=1800)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "compiling the train step" in out.stdout
   assert "fits" in out.stdout.lower() and "mfu" in out.stdout.lower(), out.stdout[-2000:]
+  # A TPU executable compiled on this host cannot be loaded back: the persistent cache stored it and every rerun
+  # warned "Error reading persistent compilation cache entry ... PjRtCompiler must be constructed with a Client".
+  assert not [p.name for p in (tmp_path / "xla").iterdir() if "train_step" in p.name]
 
 
 def test_qlora_base_bytes_of_the_full_model():

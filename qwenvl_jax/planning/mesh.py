@@ -52,6 +52,9 @@ def topology_devices(topo: Topology) -> list[jax.Device]:
     raise MissingLibtpuError("AOT compilation for TPU needs libtpu", hint="pip install -r requirements-tpu-aot.txt")
   for key, value in _LIBTPU_QUIET_ENV.items():
     os.environ.setdefault(key, value)
+  # An executable compiled for abstract devices cannot be loaded back ("PjRtCompiler must be constructed with a
+  # Client"): JAX's persistent cache, which `cli.run` turns on, stored every plan and warned on every rerun.
+  jax.config.update("jax_enable_compilation_cache", False)
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", topo.accelerator_type)
   # Imported here: the module touches the TPU plugin, which plain CPU/GPU users never need.
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
