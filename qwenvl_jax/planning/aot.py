@@ -188,8 +188,8 @@ class StepPlan:
       if self.global_batch:
         batch_tip = f" (global batch {self.global_batch} -> at most ~{max(int(self.global_batch * scale), 0)})"
       tips.append(f"temporaries (activations, gradients) take {self.temp_bytes / GIB:.1f} GiB per chip: cut the "
-                  f"per-chip batch to ~{scale:.0%} of now{batch_tip}, or remat more (a policy that saves less, "
-                  f"e.g. nothing_saveable), or split activations with a tensor axis")
+                  f"per-chip batch to ~{scale:.0%} of now{batch_tip}, or remat more (--config.remat=full saves "
+                  f"only each layer's input), or split activations with a tensor axis")
     if self.output_bytes > self.alias_bytes and self.output_bytes - self.alias_bytes > 0.1 * hbm:
       tips.append(f"{(self.output_bytes - self.alias_bytes) / GIB:.1f} GiB of outputs are not aliased to inputs: "
                   f"donate the train state (donate_argnums) so updated params reuse their buffers")

@@ -50,7 +50,8 @@ def test_activation_bound_step_is_told_to_cut_batch_or_remat():
   assert "DOES NOT FIT" in text
   # Room for temporaries: 0.92 x 16 GiB - 2 GiB of state = 12.72 GiB of the 20 now -> batch 64 x 0.636 = 40.
   assert "at most ~40" in text
-  assert "remat" in text
+  assert "remat more (--config.remat=full saves only each layer's input)" in text  # a value config.remat takes
+  assert "nothing_saveable" not in text  # jax's name for it, which config.remat refuses
   assert "needs 6.0 GiB per chip more" in text
 
 
