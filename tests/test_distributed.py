@@ -1,14 +1,11 @@
 """The one `distributed` config block and the start-up decision (the real two-process start is exercised by
 tests/training/test_train.py and tests/evaluation/test_runner.py)."""
-import socket
-import subprocess
-import sys
 import time
 
 import pytest
 
 from qwenvl_jax import distributed, errors
-from tests.training.helpers import REPO, small_flags, subprocess_env
+from tests.training.helpers import free_port, start_process_of_two, stderr_of_all
 
 
 def test_default_block_and_bad_mode():
@@ -32,26 +29,12 @@ def test_a_bad_block_is_a_config_error(block, message):
     distributed.initialize(c)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
-def _start(tmp_path, index: int, port: int, **overrides) -> subprocess.Popen:
-  cmd = [sys.executable, "-m", "qwenvl_jax.train"] + small_flags(
-      2, tmp_path / "run", **{"distributed.coordinator": f"localhost:{port}", "distributed.num_processes": 2,
-                              "distributed.process_id": index, **overrides})
-  return subprocess.Popen(cmd, env=subprocess_env(devices=2), cwd=REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
-
-
 @pytest.mark.multiprocess
 def test_a_process_that_never_joins_is_one_line_after_the_timeout(tmp_path):
   """Process 1 is never started: process 0 used to wait JAX's 300 s in silence, then abort from C++ ("Fatal
   Python error: Aborted", status 134, a stack dump blaming "another task")."""
   started = time.time()
-  proc = _start(tmp_path, 0, _free_port(), **{"distributed.initialization_timeout": 2})
+  proc = start_process_of_two(tmp_path / "run", 0, free_port(), **{"distributed.initialization_timeout": 2})
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 2, err[-3000:]
   assert "Fatal Python error" not in err and "Traceback" not in err, err[-3000:]
@@ -66,16 +49,10 @@ def test_processes_started_with_different_flags_are_refused_on_every_process(tmp
   """Process 1 got another learning rate: it used to fail its own config check alone (min_lr > lr) while process
   0 waited two minutes for it and died with a traceback; a learning rate both accept trained each process's shard
   of the parameters at its own rate without a word."""
-  port = _free_port()
-  procs = [_start(tmp_path, i, port, **{"optimizer.lr": lr}) for i, lr in enumerate((3e-3, 1e-5))]
-  errs = []
-  try:
-    for p in procs:
-      errs.append(p.communicate(timeout=120)[1])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
+  port = free_port()
+  procs = [start_process_of_two(tmp_path / "run", i, port, **{"optimizer.lr": lr})
+           for i, lr in enumerate((3e-3, 1e-5))]
+  errs = stderr_of_all(procs, timeout=120)
   for p, err in zip(procs, errs):
     assert p.returncode == 2 and "Traceback" not in err, err[-3000:]
     assert "error: the 2 processes were started with different configs: process(es) 1 differ from process 0" in err
@@ -106,16 +83,10 @@ def test_a_mesh_that_does_not_split_the_batch_by_process_is_refused_before_anyth
   """The tensor axis over both processes' devices leaves the batch in one part that both processes hold, while
   each reads only its own half of the rows: it failed at the first batch with JAX's "Invalid host data" traceback
   (setup.check_batch checked only that the batch divides over the data-parallel devices)."""
-  port = _free_port()
-  procs = [_start(tmp_path, i, port, **{"mesh.ici.fsdp": 1, "mesh.ici.tensor": 4}) for i in range(2)]
-  errs = []
-  try:
-    for p in procs:
-      errs.append(p.communicate(timeout=300)[1])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
+  port = free_port()
+  procs = [start_process_of_two(tmp_path / "run", i, port, **{"mesh.ici.fsdp": 1, "mesh.ici.tensor": 4})
+           for i in range(2)]
+  errs = stderr_of_all(procs, timeout=300)
   for p, err in zip(procs, errs):
     assert p.returncode == 2 and "Traceback" not in err, err[-3000:]
     assert "error: mesh {'data': 1, 'fsdp': 1, 'tensor': 4}: the batch is split into 1 part(s) over the mesh axes " \

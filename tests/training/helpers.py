@@ -3,6 +3,9 @@ import importlib.util
 import json
 import os
 import pathlib
+import socket
+import subprocess
+import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -47,6 +50,36 @@ def read_losses(workdir) -> dict[int, float]:
       if "loss" in record:  # evaluation rows hold scores only
         out[record["step"]] = record["loss"]
   return out
+
+
+def free_port() -> int:
+  """A TCP port free on localhost now (for a coordinator or a server)."""
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def start_process_of_two(workdir, index: int, port: int, *, cwd=REPO, **overrides) -> subprocess.Popen:
+  """Process `index` of a two-process stage-2 trainer run (`small_flags`; 2 fake devices each) joined at
+  localhost:`port`, its stdout and stderr piped."""
+  cmd = [sys.executable, "-m", "qwenvl_jax.train"] + small_flags(
+      2, workdir, **{"distributed.coordinator": f"localhost:{port}", "distributed.num_processes": 2,
+                     "distributed.process_id": index, **overrides})
+  return subprocess.Popen(cmd, env=subprocess_env(devices=2), cwd=cwd, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def stderr_of_all(procs: list, timeout: float) -> list[str]:
+  """Waits for every process (killing those still running when one times out) and returns their stderr."""
+  errs = []
+  try:
+    for p in procs:
+      errs.append(p.communicate(timeout=timeout)[1])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  return errs
 
 
 def subprocess_env(devices: int = 8) -> dict:

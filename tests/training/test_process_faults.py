@@ -3,14 +3,13 @@ next step, with one process and with two jax.distributed processes that agree on
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from tests.training.helpers import REPO, small_flags, subprocess_env, wait_for_step
+from tests.training.helpers import REPO, free_port, small_flags, subprocess_env, wait_for_step
 
 
 def _children(pid: int) -> dict[int, str]:
@@ -69,12 +68,6 @@ def test_grain_workers_die_with_a_sigkilled_trainer(uninterrupted, tmp_path):
   assert not survivors, f"grain workers outlived the SIGKILLed trainer: {[workers[p][:120] for p in survivors]}"
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 def _logged_steps(workdir) -> list[int]:
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [json.loads(line)["step"] for line in f if line.strip()]
@@ -87,7 +80,7 @@ def test_sigterm_on_one_of_two_processes_stops_both_at_the_next_step(tmp_path):
   the end of the run (step 4; no log/checkpoint boundary before it, where the processes used to agree). The step
   program is the one of test_train.py's two-process run (log and checkpoint cadence are not part of it), so the
   session's compilation cache serves both."""
-  port = _free_port()
+  port = free_port()
   env = subprocess_env(devices=2)
   procs, logs = [], []
   for i in range(2):

@@ -5,7 +5,6 @@ The subprocess runs use the session's compilation cache, so the SIGTERM run reus
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -15,7 +14,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from qwenvl_jax.hardware import allocator
-from tests.training.helpers import REPO, load_stage_config, read_losses, sigterm_after_step, small_flags, subprocess_env
+from tests.training.helpers import (REPO, free_port, load_stage_config, read_losses, sigterm_after_step, small_flags,
+                                    subprocess_env)
 
 
 def _parse(argv):
@@ -122,16 +122,10 @@ def test_sigterm_saves_and_the_rerun_resumes_exactly(uninterrupted, tmp_path):
   np.testing.assert_allclose([losses[s] for s in range(1, 25)], [reference[s] for s in range(1, 25)], rtol=1e-6)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_write_one_consistent_checkpoint(tmp_path):
-  port = _free_port()
+  port = free_port()
   env = subprocess_env(devices=2)
   procs = []
   for i in range(2):

@@ -5,7 +5,7 @@ import pytest
 
 from qwenvl_jax import errors
 from qwenvl_jax.training import workdir
-from tests.training.helpers import small_config
+from tests.training.helpers import free_port, small_config, start_process_of_two, stderr_of_all
 
 
 def test_new_run_records_its_config(tmp_path):
@@ -119,29 +119,13 @@ def test_a_workdir_inside_a_runs_checkpoints_folder_is_refused(tmp_path):
 def test_a_workdir_that_the_processes_do_not_share_is_refused_on_every_process(tmp_path):
   """`--workdir=run` on two hosts whose `run` are different folders (here: two current folders): the run used to
   train until the first checkpoint, where process 1 failed and process 0 waited 5 minutes and aborted."""
-  import socket  # pylint: disable=import-outside-toplevel
-  import subprocess  # pylint: disable=import-outside-toplevel
-  import sys  # pylint: disable=import-outside-toplevel
-  from tests.training.helpers import small_flags, subprocess_env  # pylint: disable=import-outside-toplevel
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
+  port = free_port()
   procs = []
   for i in range(2):
     (tmp_path / f"host{i}").mkdir()
-    cmd = [sys.executable, "-m", "qwenvl_jax.train"] + small_flags(
-        2, "run", **{"distributed.coordinator": f"localhost:{port}", "distributed.num_processes": 2,
-                     "distributed.process_id": i, "distributed.initialization_timeout": 120})
-    procs.append(subprocess.Popen(cmd, env=subprocess_env(devices=2), cwd=tmp_path / f"host{i}",
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-  errs = []
-  try:
-    for p in procs:
-      errs.append(p.communicate(timeout=300)[1])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
+    procs.append(start_process_of_two("run", i, port, cwd=tmp_path / f"host{i}",
+                                      **{"distributed.initialization_timeout": 120}))
+  errs = stderr_of_all(procs, timeout=300)
   for p, err in zip(procs, errs):
     assert p.returncode == 2 and "Traceback" not in err, err[-3000:]
     assert "is not one folder shared by the 2 processes: process(es) 1 do not see the file process 0 wrote" in err
