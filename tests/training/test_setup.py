@@ -11,7 +11,7 @@ from flax import nnx
 from qwenvl_jax import sharding
 from qwenvl_jax.model import QwenVL, tiny
 from qwenvl_jax.training import experiment, optimizer, peft
-from qwenvl_jax.training.setup import HOST_MEMORY, build_step
+from qwenvl_jax.training.setup import HOST_MEMORY, build_step, rows_split_by_process
 from qwenvl_jax.training.step import TrainState
 from tests.training.helpers import small_config
 
@@ -112,3 +112,13 @@ def test_frozen_dtype_holds_the_frozen_vit_in_bf16_and_trains_as_with_its_values
 def test_frozen_dtype_refuses_bad_values(tmp_path, overrides, message):
   with pytest.raises(ValueError, match=message):
     peft.model_fn(tiny(), small_config(3, tmp_path, **overrides))
+
+
+def test_rows_split_by_process_takes_interleaved_blocks_and_refuses_shared_ones():
+  """A pod's device mesh interleaves the hosts along the batch axes (v4-32, default fsdp: host 0 holds blocks 0, 4,
+  8, 12); JAX places each process's rows in its blocks wherever they lie, so that mesh is valid (it was refused for
+  blocks that are not adjacent). Blocks held by two processes, or unequal shares, are not."""
+  assert rows_split_by_process([{0, 4, 8, 12}, {1, 5, 9, 13}, {2, 6, 10, 14}, {3, 7, 11, 15}], 16)
+  assert rows_split_by_process([{0, 1}, {2, 3}], 4)
+  assert not rows_split_by_process([{0}, {0}], 1)  # the tensor axis across both hosts: one block, two readers
+  assert not rows_split_by_process([{0, 1, 2}, {3}], 4)
