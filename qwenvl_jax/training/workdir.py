@@ -109,37 +109,49 @@ def create(workdir: str) -> None:
 
 
 def check_shared(workdir: str) -> None:
-  """Refuses, on every process, a multi-process run whose processes do not see one and the same workdir (after
-  `create`; a no-op with one process).
+  """Refuses, on every process, a multi-process run whose processes do not see one and the same local workdir
+  (after `create`; a no-op with one process, and for a URL: every host that names a bucket path sees the same one).
 
   Process 0 writes a probe file with a random token, every process reads it back, and all learn who did not see
   it. Without this, a workdir local to each host (`--workdir=/tmp/run` on every host, or different --workdir
   flags) trained until the first checkpoint, where the others' parts of it were missing: one process failed and
   the rest waited 5 minutes and aborted, leaving a checkpoint that never completed; a resume saw checkpoints on one
-  host only.
+  host only. Every outcome is shared before anyone raises, so no process is left waiting in a collective.
 
   Raises:
-    errors.UserError: naming the processes that do not see process 0's file.
+    errors.UserError: process 0 cannot write there, or naming the processes that do not see its file.
   """
-  if jax.process_count() == 1:
+  # URLs are skipped: a bucket is shared by construction, and gcsfs answers `is_file` from the listing that
+  # `contents` cached on each process, without the probe written since (a correct gs:// run would be refused).
+  if jax.process_count() == 1 or is_remote(workdir):
     return
   import uuid  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   token = np.frombuffer(uuid.uuid4().bytes, np.uint8)
-  probe = epath.Path(workdir) / f".shared-probe-{token.tobytes().hex()}"
+  written = 1
   if jax.process_index() == 0:
-    probe.write_text("qwenvl_jax: every process of a run reads this file back")
-  # Process 0 has written the file before it sends the token; the others look for the file that token names.
-  token = np.asarray(multihost_utils.broadcast_one_to_all(token)).astype(np.uint8)
-  probe = epath.Path(workdir) / f".shared-probe-{token.tobytes().hex()}"
+    try:
+      (epath.Path(workdir) / f".shared-probe-{token.tobytes().hex()}").write_text(
+          "qwenvl_jax: every process of a run reads this file back")
+    except Exception:  # pylint: disable=broad-except  (said on every process below, not raised on this one alone)
+      written = 0
+  # Process 0 has written the file (or failed to) before it sends the token; the others look for that file.
+  sent = np.asarray(multihost_utils.broadcast_one_to_all(np.concatenate([token, np.uint8([written])])), np.uint8)
+  if not sent[-1]:
+    raise errors.UserError(f"workdir {workdir}: process 0 cannot write a file there",
+                           hint="every process needs the same --workdir on writable storage all hosts see")
+  probe = epath.Path(workdir) / f".shared-probe-{sent[:-1].tobytes().hex()}"
   try:
     seen = probe.is_file()
-  except OSError:
+  except Exception:  # pylint: disable=broad-except  (an unreadable folder is one this process does not see)
     seen = False
   blind = np.nonzero(np.asarray(multihost_utils.process_allgather(np.int32(seen))) == 0)[0].tolist()
   if jax.process_index() == 0:
-    probe.unlink()
+    try:
+      probe.unlink()
+    except OSError:
+      pass  # a hidden probe file left behind is harmless; failing here alone would strand the other processes
   if blind:
     raise errors.UserError(
         f"workdir {workdir} is not one folder shared by the {jax.process_count()} processes: process(es) "
