@@ -100,8 +100,9 @@ def _give_up(message: str) -> None:
   os._exit(errors.USER_ERROR_EXIT_CODE)  # pylint: disable=protected-access  (the main thread is inside JAX's wait)
 
 
-# Keys that may differ between the processes of one run: each process's own index.
-_PER_PROCESS_KEYS = ("distributed.process_id",)
+# Keys that may differ between the processes of one run: each process's own index, and the coordinator's address
+# (process 0 may name it localhost:PORT where the others name its host; a real mismatch fails at the join).
+_PER_PROCESS_KEYS = ("distributed.process_id", "distributed.coordinator")
 _checks = [0]  # how many configs this process has compared (each comparison uses keys of its own)
 
 
@@ -111,12 +112,12 @@ def check_same_config(config: ml_collections.ConfigDict) -> None:
   Different flags on different hosts (a learning rate, a step count, a workdir, a mesh) are a run that hangs in a
   collective, fails on one host only (the others then wait minutes for it) or, worse, trains each host's shard of
   the parameters with other settings without a word. Each process publishes a digest of its config (all but
-  `config.distributed.process_id`) in JAX's coordination service, process 0 its whole config; every process
+  `_PER_PROCESS_KEYS`) in JAX's coordination service, process 0 its whole config; every process
   compares them and raises the same error, naming the processes that differ, and each of those its differing keys.
   Needs no device (it runs before the backend starts); a no-op with one process.
 
   Raises:
-    errors.ConfigError: the configs differ.
+    errors.ConfigError: the configs differ, or a process did not publish its own in time.
   """
   from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top  (no public accessor)
   state = jax_distributed.global_state
@@ -133,7 +134,14 @@ def check_same_config(config: ml_collections.ConfigDict) -> None:
   if me == 0:
     state.client.key_value_set(f"{prefix}/config", text)
   timeout_ms = 1000 * int(config.distributed.get("initialization_timeout", 300))
-  digests = [state.client.blocking_key_value_get(f"{prefix}/digest/{i}", timeout_ms) for i in range(count)]
+  digests = []
+  for i in range(count):
+    try:
+      digests.append(state.client.blocking_key_value_get(f"{prefix}/digest/{i}", timeout_ms))
+    except Exception as e:  # pylint: disable=broad-except  (JAX's runtime error: DEADLINE_EXCEEDED)
+      raise errors.ConfigError(
+          f"process {i} of {count} did not publish its config within {timeout_ms // 1000} s (did it stop on an "
+          "error of its own? its log says why)") from e
   differ = [i for i, d in enumerate(digests) if d != digests[0]]
   if not differ:
     return
