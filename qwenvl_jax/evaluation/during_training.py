@@ -66,7 +66,7 @@ def _task(name: str) -> tasks_lib.EvalTask:
   except KeyError as e:
     raise errors.ConfigError(f"config.eval.task: {e.args[0]}") from None
   if task.metric is None:  # its score, None, failed to log at the first evaluation step
-    scored = [t for t in tasks_lib.TASKS if tasks_lib.TASKS[t].metric and t.split("_")[0] == name.split("_")[0]]
+    scored = task.same_dataset(scored=True)
     raise errors.ConfigError(f"config.eval.task={name!r} is a submission split: it has no metric to log",
                              hint=f"e.g. --config.eval.task={scored[0]}" if scored else None)
   return task
@@ -113,7 +113,8 @@ class TrainingEvaluator:
     prompts.check_images(self.examples, image_root, prompts.data_folder(data_path), flag="--config.eval.image_root")
     self.data_path = str(data_path)
     self._job_config = ml_collections.ConfigDict({
-        "image_root": image_root, "data_path": self.data_path, "per_device_batch_size": e.per_device_batch_size,
+        "image_root": image_root, "image_root_flag": "--config.eval.image_root", "data_path": self.data_path,
+        "per_device_batch_size": e.per_device_batch_size,
         "buckets": decode.DEFAULT_BUCKETS, "seed": 0})
     self._job = None
 

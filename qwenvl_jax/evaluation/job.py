@@ -66,7 +66,8 @@ class EvalJob:
     self.buckets = tuple(config.buckets)
     self.prompts = PromptEncoder(task, self.tok, image_tokens=self.cfg.image_tokens,
                                  image_size=self.cfg.vision.image_size, image_root=config.image_root, shots=shots,
-                                 data_dir=data_folder(config.get("data_path")))
+                                 data_dir=data_folder(config.get("data_path")),
+                                 image_root_flag=config.get("image_root_flag", "--config.image_root"))
 
   def _global_batch(self, prompts, images, rows: int) -> tuple[dict, jax.Array]:
     """This process's prompts as one global batch (batch axis sharded over the mesh), and `row_key`

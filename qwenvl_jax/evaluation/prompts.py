@@ -48,11 +48,13 @@ def missing_image_hint(image: str, image_root: str, data_dir: str = "", *,
   return f"{hint}; set {flag} to the folder the data file's image paths are relative to"
 
 
-def load_image(example: EvalExample, image_root: str, image_size: int, *, data_dir: str = "") -> np.ndarray:
+def load_image(example: EvalExample, image_root: str, image_size: int, *, data_dir: str = "",
+               flag: str = "--config.image_root") -> np.ndarray:
   """uint8[S, S, 3]: the example's image (the bytes of its `image_loader`, else its file, relative paths under
   `image_root`) with the data pipeline's PIL preprocessing.
 
   data_dir: the data file's folder, named in the hint of a missing image found there (`missing_image_hint`).
+  flag: the setting of `image_root` the hint names.
 
   Raises:
     EvalDataError: a missing, unreadable or corrupt image, naming the example.
@@ -65,7 +67,8 @@ def load_image(example: EvalExample, image_root: str, image_size: int, *, data_d
       source = path = image_path(example.image, image_root)
     return image_lib.preprocess_image(source, image_size)
   except (image_lib.ImageError, EvalDataError) as e:
-    hint = missing_image_hint(example.image, image_root, data_dir) if path and not os.path.exists(path) else None
+    hint = (missing_image_hint(example.image, image_root, data_dir, flag=flag) if path and not os.path.exists(path)
+            else None)
     raise EvalDataError(f"example {example.example_id!r} (image {example.image}): {e}", hint) from e
 
 
@@ -97,11 +100,13 @@ class PromptEncoder:
   its ids with the image spans expanded, and the preprocessed images, in order."""
 
   def __init__(self, task: tasks_lib.EvalTask, tok: qtext.Tokenizer, *, image_tokens: int, image_size: int,
-               image_root: str = "", shots: few_shot_lib.ShotSampler | None = None, data_dir: str = ""):
-    """data_dir: the data file's folder, for the hint of a missing image (`missing_image_hint`)."""
+               image_root: str = "", shots: few_shot_lib.ShotSampler | None = None, data_dir: str = "",
+               image_root_flag: str = "--config.image_root"):
+    """data_dir: the data file's folder, for the hint of a missing image (`missing_image_hint`), which names the
+    setting `image_root_flag` (the trainer's is --config.eval.image_root)."""
     self.task, self.tok, self.shots = task, tok, shots
     self.image_tokens, self.image_size, self.image_root = image_tokens, image_size, image_root
-    self.data_dir = data_dir
+    self.data_dir, self.image_root_flag = data_dir, image_root_flag
 
   @property
   def max_images(self) -> int:
@@ -120,5 +125,6 @@ class PromptEncoder:
     if len(context.image_paths) != len(shown):
       raise EvalDataError(f"example {example.example_id!r}: its prompt holds {len(context.image_paths)} image spans, "
                           f"{len(shown)} expected (does a text field contain <img>...</img>?)")
-    images = [load_image(e, self.image_root, self.image_size, data_dir=self.data_dir) for e in shown]
+    images = [load_image(e, self.image_root, self.image_size, data_dir=self.data_dir, flag=self.image_root_flag)
+              for e in shown]
     return context.tokens + list(suffix), images

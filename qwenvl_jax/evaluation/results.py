@@ -30,6 +30,7 @@ import logging
 import os
 import pathlib
 import shutil
+import sys
 import tempfile
 from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Sequence, TypeVar, Union
 
@@ -311,7 +312,9 @@ def finalize(task, examples: Sequence[EvalExample], directory: PathLike, output_
     [{"id", "image", "prediction", "score", ...ground truth, "extra"?}]}.
   """
   check_output_free(output_path)
-  records = {i: r for i, r in read_ledgers(directory).items() if i not in left_out}
+  ledgers = read_ledgers(directory)
+  records = {i: r for i, r in ledgers.items() if i not in left_out}
+  beyond = len(ledgers) - len(records)  # finished predictions past max_examples: not scored here, not deleted
   predictions = merge_predictions(records, examples)
   result = task.score(examples, predictions)
   per_example = result["per_example"] or [None] * len(examples)
@@ -330,6 +333,11 @@ def finalize(task, examples: Sequence[EvalExample], directory: PathLike, output_
   payload = {"task": task.name, "metric": result["metric"], "score": result["score"], "details": result["details"],
              "num_examples": len(examples), "config": dict(config or {}), "predictions": rows}
   write_results(output_path, payload)
+  if beyond:
+    # An earlier run with a larger max_examples made them (hours of a full VQAv2 run, say): kept for a resume.
+    print(f"{beyond} predictions past max_examples stay in {os.fspath(directory)}: move {os.fspath(output_path)} "
+          "away and rerun with a larger max_examples (or none) to score them", file=sys.stderr, flush=True)
+    return payload
   # The results file holds every prediction: the ledgers have served (a rerun now refuses the existing output).
   shutil.rmtree(directory, ignore_errors=True)
   return payload

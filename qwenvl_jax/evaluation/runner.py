@@ -241,11 +241,13 @@ def _run(config, task: tasks_lib.EvalTask, output: str, recorded_data_path: str 
   state = None
   if jax.process_index() == 0:
     try:
-      results.check_run_settings(ledger_dir, settings, resolve_recorded=_resolve_recorded)
-      recorded["settings"] = settings
       done = list(results.read_ledgers(ledger_dir))
+      # Before the settings are checked: for ledgers of a version that wrote no run.json, that check records this
+      # run's settings, which would then label another data file's predictions.
       if recorded_data_path != SYNTHETIC:  # a smaller synthetic set is the start of a larger one: left out below
         _check_ledger_ids(done, all_examples, ledger_dir, recorded_data_path or os.fspath(data_path))
+      results.check_run_settings(ledger_dir, settings, resolve_recorded=_resolve_recorded)
+      recorded["settings"] = settings
       state = {"done": done}
     except ValueError as e:  # every process raises it, none waits for the others
       state = {"error": str(e)}

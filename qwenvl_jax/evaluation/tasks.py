@@ -167,6 +167,12 @@ class EvalTask:
     self.check_ground_truth(examples)
     return _SCORERS[self.metric](self, list(examples), list(predictions))
 
+  def same_dataset(self, *, scored: bool) -> list[str]:
+    """The other tasks of this task's dataset (the name up to its first '_': `docvqa_val`, `docvqa_test`) and kind
+    that have a metric (`scored`) or have none (submission splits), for hints that name the task to use."""
+    return [t.name for t in _TASK_LIST if t.name != self.name and t.kind == self.kind
+            and (t.metric is not None) == scored and t.name.split("_")[0] == self.name.split("_")[0]]
+
   def check_ground_truth(self, examples: Sequence[EvalExample]) -> None:
     """Refuses examples without the ground truth the metric needs (a test split's file, VQA accuracy without the
     annotation file): the runner calls it before the model loads, not only after every example was generated.
@@ -179,8 +185,7 @@ class EvalTask:
     what, present = _GROUND_TRUTH[self.metric]
     for e in examples:
       if not present(e):
-        submission = [t.name for t in _TASK_LIST if t.metric is None and t.kind == self.kind
-                      and t.name.split("_")[0] == self.name.split("_")[0]]
+        submission = self.same_dataset(scored=False)
         raise EvalDataError(f"task {self.name!r}: example {e.example_id!r} has no {what}, which metric "
                             f"{self.metric!r} needs",
                             "is it a test split without answers? "

@@ -534,9 +534,15 @@ def test_an_image_missing_while_running_names_image_root(tmp_path):
                              f"img/a.png exists relative to the data file's folder: pass "
                              f"--config.image_root={data.parent}")
   assert prompts.load_image(example, str(data.parent), 8).shape == (8, 8, 3)
+  # During training the setting is the trainer's own (past the first images that are checked before it starts).
+  with pytest.raises(EvalDataError) as info:
+    prompts.load_image(example, str(tmp_path), 8, flag="--config.eval.image_root")
+  assert info.value.hint.endswith("set --config.eval.image_root to the folder the data file's image paths are "
+                                  "relative to") and "--config.image_root" not in info.value.hint
 
 
-def test_a_resume_with_a_smaller_max_examples_scores_the_first_examples(workdir, tmp_path, monkeypatch):
+def test_a_resume_with_a_smaller_max_examples_scores_the_first_examples(workdir, tmp_path, monkeypatch,
+                                                                          capsys):
   """Predictions past the new `max_examples` (an interrupted run of all of the file) failed the merge after the run
   with a ValueError traceback ("ids that are not in the evaluated examples"); ledgers of ids the data file lacks
   (the file changed) failed there too, after every remaining example ran: now before the model loads."""
@@ -548,7 +554,10 @@ def test_a_resume_with_a_smaller_max_examples_scores_the_first_examples(workdir,
                                                                   {"id": 12, "prediction": "z"}])
   payload = runner.run(_config("gqa_testdev", root, tok, str(data), str(out), max_examples=2))
   assert [(p["id"], p["prediction"]) for p in payload["predictions"]] == [(10, "x"), (11, "yes")]
-  assert payload["num_examples"] == 2 and not results.partial_dir(out).exists()
+  assert payload["num_examples"] == 2
+  # The prediction past max_examples is not deleted with the ledgers: a rerun with more examples resumes from it.
+  assert set(results.read_ledgers(results.partial_dir(out))) >= {12}
+  assert "1 predictions past max_examples stay in" in capsys.readouterr().err
 
   other = tmp_path / "other.json"
   results.PredictionLedger(results.partial_dir(other), 0).append([{"id": 99, "prediction": "x"}])
