@@ -86,7 +86,7 @@ def resolve(checkpoint: str | None, *, model: str | None = None, tokenizer: str 
       raise errors.ConfigError(f"checkpoint {checkpoint!r}: the step after '@' must be a number (RUN@STEP)")
     path = os.path.abspath(os.path.join(run, "checkpoints", str(int(step_text))))
     if not os.path.isdir(path):
-      steps = sorted(int(d) for d in os.listdir(os.path.join(run, "checkpoints")) if d.isdigit())
+      steps = run_layout.finished_steps(run)
       raise FileNotFoundError(f"checkpoint {checkpoint!r}: {run} has no step {int(step_text)} (its steps: "
                               f"{', '.join(map(str, steps)) or 'none'})")
   if not os.path.isdir(path):
