@@ -53,7 +53,9 @@ def topology_devices(topo: Topology) -> list[jax.Device]:
   for key, value in _LIBTPU_QUIET_ENV.items():
     os.environ.setdefault(key, value)
   # An executable compiled for abstract devices cannot be loaded back ("PjRtCompiler must be constructed with a
-  # Client"): JAX's persistent cache, which `cli.run` turns on, stored every plan and warned on every rerun.
+  # Client"): JAX's persistent cache, which `cli.run` turns on, stored every plan and warned on every rerun. JAX
+  # decides at a process's first compile whether the cache is used: `plan` and `inference_plan` compile nothing
+  # before they ask for these devices, so this holds for them (a process that compiled before keeps its choice).
   jax.config.update("jax_enable_compilation_cache", False)
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", topo.accelerator_type)
   # Imported here: the module touches the TPU plugin, which plain CPU/GPU users never need.
