@@ -92,3 +92,12 @@ def test_a_mesh_that_does_not_split_the_batch_by_process_is_refused_before_anyth
     assert "error: mesh {'data': 1, 'fsdp': 1, 'tensor': 4}: the batch is split into 1 part(s) over the mesh axes " \
            "data x fsdp, which does not give each of the 2 processes rows of its own" in err, err[-3000:]
   assert not (tmp_path / "run").exists()
+
+
+def test_the_compared_config_leaves_out_what_differs_per_process():
+  """Each process's own index, and the coordinator's address, which process 0 may spell localhost:PORT where the
+  others name its host (a real mismatch fails at the join)."""
+  config = {"distributed": {"coordinator": "localhost:1234", "process_id": 1, "num_processes": 2},
+            "optimizer": {"lr": 1e-3}}
+  flat = distributed._flat(config)  # pylint: disable=protected-access
+  assert flat == {"distributed.num_processes": 2, "optimizer.lr": 1e-3}
