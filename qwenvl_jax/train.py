@@ -42,6 +42,10 @@ def main(argv):
   if _WORKDIR.value:
     with config.unlocked():
       config.workdir = _WORKDIR.value
+  # Joined first (train's own call is then a no-op): a host whose evaluation data fails its checks below would
+  # otherwise leave before joining, and the others would report only that not every process joined.
+  from qwenvl_jax import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize(config.distributed)
   eval_fn = None
   if config.get("eval_every", 0):
     # The entry point sits above training and evaluation: it hands the trainer the eval job's code as a callback.
