@@ -101,8 +101,10 @@ def _import_leaves(table: mapping.Table, source: tensor_io.TensorSource, shapes:
   for target, fed in feeds.items():
     dtypes = {source.info(b.torch_name).dtype for b, _ in fed}
     if dtype is None and len(dtypes) > 1:
-      raise ValueError(f"the tensors feeding {target} have mixed dtypes {sorted(map(str, dtypes))}; "
-                       "pass an explicit dtype")
+      # e.g. one layer's norm saved in float32: the user picks the dtype (one error line, not a traceback)
+      raise errors.ConfigError(f"{source.description}: the tensors feeding {target} have mixed dtypes "
+                               f"{sorted(map(str, dtypes))}, which one parameter cannot keep",
+                               hint="choose the stored dtype with --dtype=bfloat16 (or float32, float16)")
     out_dtype = dtype or dtypes.pop()
     leaves[target] = _leaf(target, fed, source, tuple(shapes[target][0]), out_dtype, block_bytes)
   return leaves
@@ -221,8 +223,8 @@ def _export_plans(reader: orbax_store.ParamReader, shapes: Mapping[str, tuple], 
   for b in bindings:
     stored = {reader.shapes[t][1] for t in b.rule.targets}
     if dtype is None and len(stored) > 1:
-      raise ValueError(f"{b.torch_name} would join parameters of mixed dtypes {sorted(map(str, stored))}; "
-                       "pass an explicit dtype")
+      raise errors.ConfigError(f"{b.torch_name} would join parameters of mixed dtypes {sorted(map(str, stored))}",
+                               hint="choose the exported dtype with --dtype=bfloat16 (or float32, float16)")
     plans.append(tensor_io.TensorPlan(b.torch_name, b.torch_shape, dtype or stored.pop(),
                                       _export_blocks(reader, b, dtype, block_bytes)))
   return plans

@@ -94,6 +94,20 @@ def test_dtype_cast_on_import_and_bf16_export_by_default(tmp_path, qwenvl_checkp
   assert {d for _, d in r.shapes.values()} == {tensor_io.BF16}
 
 
+def test_mixed_source_dtypes_are_one_line_naming_dtype(tmp_path, qwenvl_checkpoint):
+  """One layer's norm saved in float32 among bfloat16 layers cannot be kept in one scanned parameter: a user error
+  that names --dtype (it was a bare ValueError, a traceback from convert); with --dtype it converts."""
+  cfg = tiny()
+  _, state = qwenvl_checkpoint(cfg)
+  state["transformer.h.0.ln_1.weight"] = state["transformer.h.0.ln_1.weight"].float()
+  write_checkpoint(tmp_path / "mixed", state, fmt="safetensors", index=False)
+  with pytest.raises(errors.ConfigError, match=r"llm\.blocks\.ln_1\.scale have mixed dtypes") as e:
+    checkpoint.torch_to_orbax(tmp_path / "mixed", tmp_path / "orbax", cfg)
+  assert "--dtype" in e.value.hint and not (tmp_path / "orbax").exists()
+  checkpoint.torch_to_orbax(tmp_path / "mixed", tmp_path / "orbax", cfg, dtype="bfloat16")
+  assert orbax_store.ParamReader(tmp_path / "orbax").shapes["llm.blocks.ln_1.scale"][1] == tensor_io.BF16
+
+
 def test_missing_unexpected_and_misshaped_tensors_are_named(tmp_path, qwenvl_checkpoint):
   cfg = tiny()
   _, state = qwenvl_checkpoint(cfg)
