@@ -273,6 +273,13 @@ def orbax_to_torch(src: str | os.PathLike, dst: str | os.PathLike, cfg: QwenVLCo
   out_dtype = _parse_dtype(dtype)
   shapes = model_param_shapes(cfg)
   reader = orbax_store.ParamReader(src)
+  quantization = reader.custom_metadata.get("quantization")
+  if quantization:  # its qvalue/scale leaves read as "another model's" weights
+    origin = (reader.custom_metadata.get("sources") or {}).get("params")
+    origin = f" ({origin})" if origin else ""
+    raise errors.ConfigError(f"checkpoint {src} is quantized ({quantization.get('mode', quantization)}); the "
+                             "Hugging Face format holds float weights",
+                             hint=f"export the float checkpoint it was quantized from{origin}")
   orbax_store.check_tree(reader.shapes, shapes, f"checkpoint {src}")
   plans = _export_plans(reader, shapes, out_dtype, block_bytes)
   tmp.mkdir(parents=True)

@@ -21,7 +21,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from qwenvl_jax import sharding
+from qwenvl_jax import errors, sharding
 from qwenvl_jax.checkpoint import orbax_store
 from qwenvl_jax.model import QwenVL
 from qwenvl_jax.model import quantize as qlib
@@ -86,7 +86,8 @@ def quantize_checkpoint_on_load(path: str | os.PathLike, cfg: QwenVLConfig, qcfg
   """A quantized `QwenVL(cfg)` from a float params checkpoint, quantized one kernel at a time while restoring."""
   reader = orbax_store.ParamReader(path)
   if reader.custom_metadata.get("quantization"):
-    raise ValueError(f"checkpoint {path} is already quantized; load it without quantizing again")
+    raise errors.ConfigError(f"checkpoint {path} is already quantized", hint="load it without quantizing "
+                             "again, or quantize the float checkpoint it was made from")
   float_graphdef, float_state = sharding.abstract_model(lambda: QwenVL(cfg, rngs=nnx.Rngs(0)))
   del float_graphdef
   orbax_store.check_tree(reader.shapes, orbax_store.param_shapes(float_state), f"checkpoint {path}")

@@ -166,6 +166,21 @@ def test_an_export_that_fails_midway_leaves_nothing_and_can_be_retried(tmp_path,
   assert len(list((tmp_path / "export").glob("*.safetensors"))) > 1
 
 
+def test_a_quantized_checkpoint_is_neither_exported_nor_quantized_again(tmp_path):
+  """`--mode=orbax_to_torch` of an int8 checkpoint said "the weights are another model's: name its preset" (its
+  qvalue/scale leaves do not match), and `--mode=quantize` of one was a ValueError traceback: both are one line
+  that says it is quantized and names the float checkpoint it came from."""
+  from qwenvl_jax.inference import loading, quantized  # pylint: disable=import-outside-toplevel
+  q = tmp_path / "int8"
+  orbax_store.save_params(q, {"llm": {"ln_f": {"scale": np.ones(4, np.float32)}}}, custom_metadata={
+      "quantization": {"mode": "int8", "group_size": 128}, "sources": {"params": "/ckpt/float_params"}})
+  with pytest.raises(errors.ConfigError, match=r"is quantized \(int8\)") as e:
+    checkpoint.orbax_to_torch(q, tmp_path / "export", tiny())
+  assert "/ckpt/float_params" in e.value.hint and not (tmp_path / "export").exists()
+  with pytest.raises(errors.ConfigError, match="already quantized"):
+    quantized.quantize_checkpoint_on_load(str(q), tiny(), None, *loading.inference_mesh())
+
+
 def test_export_copies_reference_code_but_not_weights(tmp_path, qwenvl_checkpoint):
   cfg = tiny()
   src, _ = qwenvl_checkpoint(cfg, fmt="bin")
