@@ -277,6 +277,7 @@ def open_checkpoint(path: str | os.PathLike) -> TensorSource:
   """Opens a PyTorch-format checkpoint: an index + shards directory, a single-file directory, or one file."""
   path = pathlib.Path(path)
   if path.is_file():
+    _refuse_one_shard(path)
     return TensorSource([_open_file(path)], str(path))
   if not path.is_dir():
     raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -288,6 +289,20 @@ def open_checkpoint(path: str | os.PathLike) -> TensorSource:
     if (path / single).is_file():
       return TensorSource([_open_file(path / single)], str(path / single))
   raise FileNotFoundError(f"{path} holds no PyTorch checkpoint: looked for {', '.join(INDEX_FILES + SINGLE_FILES)}")
+
+
+def _refuse_one_shard(path: pathlib.Path) -> None:
+  """A file that its folder's index lists as one of several shards holds only part of the model: read alone, its
+  tensors were reported as dozens of "missing" ones of another model."""
+  for index_name in INDEX_FILES:
+    try:
+      weight_map = json.loads((path.parent / index_name).read_text()).get("weight_map") or {}
+      shards = set(weight_map.values())
+    except (OSError, ValueError, AttributeError, TypeError):  # no readable index there: the file stands alone
+      continue
+    if path.name in shards and len(shards) > 1:
+      raise errors.ConfigError(f"{path} is one of the {len(shards)} shards that {path.parent / index_name} lists",
+                               hint=f"pass its folder {path.parent}, which reads them all")
 
 
 def _open_indexed(index_path: pathlib.Path) -> TensorSource:

@@ -58,6 +58,20 @@ def test_opens_a_single_file_path(tmp_path):
       assert sorted(source.names()) == sorted(state)
 
 
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_one_shard_of_a_sharded_checkpoint_is_refused_naming_the_folder(tmp_path, fmt):
+  """--src=<folder>/model-00001-of-00003.safetensors read that shard alone and reported the other shards' tensors
+  as missing, with the hint that the weights were another model's; a lone file beside no index still opens."""
+  write_checkpoint(tmp_path / "ck", _state(), fmt=fmt, shards=2)
+  shard = sorted((tmp_path / "ck").glob(f"*-00001-of-00002.{'bin' if fmt == 'bin' else fmt}"))[0]
+  with pytest.raises(errors.ConfigError, match="is one of the 2 shards that") as e:
+    tensor_io.open_checkpoint(shard)
+  assert str(tmp_path / "ck") in e.value.hint
+  write_checkpoint(tmp_path / "one", _state(), fmt=fmt, index=False)
+  with tensor_io.open_checkpoint(next((tmp_path / "one").iterdir())) as source:
+    assert sorted(source.names()) == sorted(_state())
+
+
 def test_bin_with_wrapped_state_dict(tmp_path):
   torch.save({"state_dict": _state(), "epoch": 3}, tmp_path / "x.bin")
   with tensor_io.open_checkpoint(tmp_path / "x.bin") as source:
