@@ -146,6 +146,7 @@ def _quantize(src: str, dst: str, cfg, preset: str, tokenizer: str | None, chat_
     raise FileExistsError(f"{dst} exists; refusing to overwrite it (choose a new output directory)")
   if not os.path.isdir(src):
     raise FileNotFoundError(f"params checkpoint {src!r} does not exist")
+  checkpoint.refuse_inside_source(dst, src)
   # Quantize from float32 (exact for bf16 sources); the small unquantized leaves are stored in float32 too.
   cfg = dataclasses.replace(cfg, dtype="float32", param_dtype="float32", remat_policy="none")
   reader = checkpoint.ParamReader(src)

@@ -14,7 +14,7 @@ Public surface:
 
 from qwenvl_jax.checkpoint import mapping, model_card, run_layout
 from qwenvl_jax.checkpoint.conversion import (hf_config, init_from_pretrained, model_param_shapes, orbax_to_torch,
-                                              torch_to_orbax)
+                                              refuse_inside_source, torch_to_orbax)
 from qwenvl_jax.checkpoint.model_card import bundled_tokenizer, copy_tokenizer, hf_model_card, model_metadata
 from qwenvl_jax.checkpoint.orbax_store import ParamReader, load_model, restore_params, save_params
 from qwenvl_jax.checkpoint.tensor_io import open_checkpoint
@@ -23,5 +23,6 @@ __all__ = [
     "ParamReader", "bundled_tokenizer", "copy_tokenizer", "hf_config", "hf_model_card", "init_from_pretrained",
     "load_model", "mapping", "model_card", "model_metadata",
     "model_param_shapes",
-    "open_checkpoint", "orbax_to_torch", "restore_params", "run_layout", "save_params", "torch_to_orbax",
+    "open_checkpoint", "orbax_to_torch", "refuse_inside_source", "restore_params", "run_layout", "save_params",
+    "torch_to_orbax",
 ]

@@ -216,6 +216,17 @@ def _refuse_existing(dst) -> None:
     raise FileExistsError(f"output {dst} exists; refusing to overwrite it (choose a new output directory)")
 
 
+def refuse_inside_source(dst, src) -> None:
+  """An output inside the params checkpoint it is made from would add a folder to that checkpoint (which the user
+  then copies, uploads or hashes with it); refused in one line. Local paths only."""
+  if "://" in str(dst) or "://" in str(src):
+    return
+  dst_path, src_path = pathlib.Path(os.path.abspath(dst)), pathlib.Path(os.path.abspath(src))
+  if src_path in dst_path.parents:
+    raise errors.ConfigError(f"--dst={dst} is inside the params checkpoint --src={src}, which it would change",
+                             hint="write it outside the checkpoint, e.g. next to it")
+
+
 def _export_plans(reader: orbax_store.ParamReader, shapes: Mapping[str, tuple], dtype: np.dtype | None,
                   block_bytes: int) -> list[tensor_io.TensorPlan]:
   bindings = mapping.bind(mapping.QWENVL, {k: s for k, (s, _) in shapes.items()})
@@ -268,6 +279,7 @@ def orbax_to_torch(src: str | os.PathLike, dst: str | os.PathLike, cfg: QwenVLCo
   """
   dst = pathlib.Path(dst)
   _refuse_existing(dst)
+  refuse_inside_source(dst, src)
   tmp = dst.with_name(dst.name + ".partial")
   _refuse_existing(tmp)
   out_dtype = _parse_dtype(dtype)

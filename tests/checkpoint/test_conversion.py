@@ -148,6 +148,10 @@ def test_outputs_are_never_overwritten(tmp_path, qwenvl_checkpoint):
   with pytest.raises(FileExistsError):
     checkpoint.orbax_to_torch(tmp_path / "orbax", tmp_path / "taken", cfg)
   assert list((tmp_path / "taken").iterdir()) == []
+  # An export inside the params checkpoint wrote a folder into it (quantize's --dst is checked the same way).
+  with pytest.raises(errors.ConfigError, match="is inside the params checkpoint"):
+    checkpoint.orbax_to_torch(tmp_path / "orbax", tmp_path / "orbax" / "export", cfg)
+  assert not (tmp_path / "orbax" / "export").exists() and not (tmp_path / "orbax" / "export.partial").exists()
 
 
 def test_an_export_that_fails_midway_leaves_nothing_and_can_be_retried(tmp_path, qwenvl_checkpoint):
