@@ -71,12 +71,17 @@ def build_prompt(generator: decode.Generator, tok: qtext.Tokenizer, query: str,
                  image_root: str | None = None) -> Prompt:
   """Tokenizes `query` with its history and loads the images it names.
 
-  Raises ValueError when a token id does not exist in the model (tokenizer and model do not match).
+  Raises ValueError when a token id does not exist in the model (tokenizer and model do not match), ConfigError
+  when the query, history or system message cannot be encoded (an unclosed `<img>`, an `<imgpad>` in the text).
   """
   _check_generator_and_tokenizer(generator, tok)
   cfg = generator.cfg
-  context = qtext.make_context(tok, query, history, system=system, max_window_size=max_window_size,
-                               chat_format=chat_format, n_image_tokens=cfg.image_tokens)
+  try:
+    context = qtext.make_context(tok, query, history, system=system, max_window_size=max_window_size,
+                                 chat_format=chat_format, n_image_tokens=cfg.image_tokens)
+  except ValueError as e:  # the text's image tags (typed, hand-edited or generated): one line, as the server's
+    raise errors.ConfigError(f"the conversation cannot be encoded: {e}",
+                             hint="<img>PATH</img> names a picture and may not appear otherwise") from None
   too_big = [t for t in context.tokens if t >= cfg.llm.vocab_size]
   if too_big:
     raise ValueError(f"the prompt holds token id {too_big[0]} but the model has only {cfg.llm.vocab_size} "

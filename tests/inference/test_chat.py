@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from qwenvl_jax import errors
 from qwenvl_jax import text as qtext
 from qwenvl_jax.inference import chat
 
@@ -84,3 +85,10 @@ def test_raw_format_refuses_history_and_system_it_would_drop(generator, sp_tok):
     chat.chat(generator, sp_tok, "And?", system="Be brief.", chat_format="raw")
   prompt = chat.build_prompt(generator, sp_tok, "And?", chat_format="raw")
   assert prompt.context.tokens == sp_tok.encode("And?")
+
+
+@pytest.mark.parametrize("query, history", [("What does <img> mean?", []),
+                                            ("And now?", [("Hi", "a<imgpad>b")])])  # typed, or generated
+def test_image_tags_that_cannot_be_encoded_are_one_line(generator, sp_tok, query, history):
+  with pytest.raises(errors.ConfigError, match="cannot be encoded"):
+    chat.build_prompt(generator, sp_tok, query, history)
