@@ -4,7 +4,8 @@
       --image=a.jpg --image=b.png --prompt="What is the difference between the pictures?"
   python -m qwenvl_jax.generate --model=tiny --tokenizer=sp.model --image=a.png --prompt="Describe it."   # random
 
-Chat mode (default, for Qwen-VL-Chat) wraps the images and prompt as `Picture k:<img>…</img>\\n…` in ChatML after
+Chat mode (default, for Qwen-VL-Chat) wraps the images (by absolute path, so that a saved history works from any
+folder) and prompt as `Picture k:<img>…</img>\\n…` in ChatML after
 `--history` (a JSON list of [query, response] pairs, oldest first); `--chat_format=raw` feeds the base model the
 same text without ChatML. The answer streams to stdout. When it holds boxes, the latest picture with the boxes
 and labels drawn is written as a PNG to `--output_image` (default `<image stem>_boxes.png` next to that picture,
@@ -15,7 +16,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
+import unicodedata
 
 from absl import app, flags
 
@@ -37,6 +40,8 @@ flags.DEFINE_float("top_p", 1.0, "Nucleus filter when sampling (1 = off).")
 flags.DEFINE_integer("seed", 0, "Sampling seed (and the random weights' seed).")
 flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "int8"], "KV cache storage: the compute dtype, or int8.")
 
+_IMAGE_RE = re.compile(r"<img>(.*?)</img>", re.DOTALL)
+
 
 def _read_history(path: str | None) -> list[tuple[str, str]]:
   if not path:
@@ -49,7 +54,31 @@ def _read_history(path: str | None) -> list[tuple[str, str]]:
   if not isinstance(data, list) or not all(isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t)
                                            for t in data):
     raise errors.InputFormatError(f"history file {path}: expected a JSON list of [query, response] string pairs")
+  for i, (query, _) in enumerate(data):
+    for image in _IMAGE_RE.findall(query):
+      if not os.path.isfile(image):
+        raise errors.UserFileNotFoundError(
+            f"history file {path}, turn {i + 1}: picture {image} does not exist",
+            hint="a relative path is read from the current folder: run from the folder the chat started in")
   return [tuple(t) for t in data]
+
+
+def _image_path(path: str) -> str:
+  """The absolute path the query names, so that the saved history works from any folder (the model sees only
+  the image, never the path text)."""
+  if os.path.isdir(path):
+    raise errors.UserFileNotFoundError(f"--image={path} is a folder, not an image file")
+  if not os.path.isfile(path):
+    raise errors.UserFileNotFoundError(f"--image={path}: image file does not exist")
+  try:
+    nfc = unicodedata.normalize("NFC", path) == path and path.encode("utf-8")
+  except UnicodeEncodeError:
+    nfc = False
+  if not nfc:  # the tokenizer NFC-normalizes the prompt (as the reference's): the path read back would differ
+    raise errors.ConfigError(f"--image={path!r}: the name is not NFC-normalized UTF-8, and the prompt's text is, "
+                             "so another (missing) file would be read",
+                             hint="rename the file or link it under an NFC name")
+  return os.path.abspath(path)
 
 
 def _free_png_path(image: str) -> str:
@@ -75,11 +104,7 @@ def main(argv):
       raise FileExistsError(f"{path} already exists; it is never overwritten: choose another path")
     if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
       raise errors.UserFileNotFoundError(f"{path}: its folder does not exist")  # found now, not after the answer
-  for path in FLAGS.image:
-    if os.path.isdir(path):
-      raise errors.UserFileNotFoundError(f"--image={path} is a folder, not an image file")
-    if not os.path.isfile(path):
-      raise errors.UserFileNotFoundError(f"--image={path}: image file does not exist")
+  images = [_image_path(path) for path in FLAGS.image]
 
   import jax  # pylint: disable=import-outside-toplevel
   from qwenvl_jax import inference, sharding  # pylint: disable=import-outside-toplevel
@@ -92,7 +117,7 @@ def main(argv):
     raise errors.ConfigError("--history and --system need a chat model: this one uses the raw (base model) format, "
                              "which has no turns and no system message",
                              hint="a chat-tuned checkpoint, or --chat_format=chatml if this one was trained so")
-  query = qtext.from_list_format([{"image": p} for p in FLAGS.image] + [{"text": FLAGS.prompt}])
+  query = qtext.from_list_format([{"image": p} for p in images] + [{"text": FLAGS.prompt}])
   gen_cfg = inference.chat_generation_config(
       tok, source.chat_format, max_new_tokens=FLAGS.max_new_tokens, do_sample=FLAGS.do_sample,
       temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p)

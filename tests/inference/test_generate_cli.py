@@ -4,9 +4,12 @@ import os
 import pathlib
 import subprocess
 import sys
+import unicodedata
 
 import pytest
 from PIL import Image
+
+from qwenvl_jax import errors
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -62,3 +65,22 @@ def test_default_png_name_sits_next_to_the_picture_and_never_replaces_one(tmp_pa
   (tmp_path / "street_boxes.png").write_bytes(b"x")
   (tmp_path / "street_boxes_1.png").write_bytes(b"x")
   assert generate._free_png_path(picture) == str(tmp_path / "street_boxes_2.png")
+
+
+def test_images_are_named_by_absolute_path_so_a_saved_history_works_from_any_folder(tmp_path, monkeypatch):
+  from qwenvl_jax import generate  # pylint: disable=import-outside-toplevel
+  Image.new("RGB", (8, 8)).save(tmp_path / "my cat é.png")
+  monkeypatch.chdir(tmp_path)
+  assert generate._image_path("my cat é.png") == str(tmp_path / "my cat é.png")
+  nfd = unicodedata.normalize("NFD", "café.png")  # a macOS file name: the tokenizer would read back "café.png"
+  Image.new("RGB", (8, 8)).save(tmp_path / nfd)
+  with pytest.raises(errors.ConfigError, match="NFC"):
+    generate._image_path(nfd)
+
+
+def test_a_history_picture_that_is_missing_here_is_one_line_before_the_model_loads(tmp_path):
+  from qwenvl_jax import generate  # pylint: disable=import-outside-toplevel
+  history = tmp_path / "history.json"
+  history.write_text(json.dumps([["Picture 1:<img>cat.png</img>\nWhat is it?", "A cat."]]))
+  with pytest.raises(errors.UserFileNotFoundError, match="turn 1: picture cat.png does not exist"):
+    generate._read_history(str(history))
