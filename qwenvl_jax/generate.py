@@ -137,14 +137,22 @@ def main(argv):
   if tags > parsed:
     print(f"note: {tags - parsed} of the answer's {tags} boxes are malformed (not two points in [0, 1000)) and are "
           "not drawn", file=sys.stderr)
-  drawn = inference.draw_bbox_on_latest_picture(reply.response, reply.history)
+  _write_outputs(reply.response, reply.history, FLAGS.output_image, FLAGS.save_history)
+
+
+def _write_outputs(response: str, history: list[tuple[str, str]], output_image: str | None,
+                   save_history: str | None) -> None:
+  """The history first, then the picture with the answer's boxes: a picture that cannot be read or written (a
+  path the answer names, a read-only folder) fails after the turn is saved, never losing it."""
+  from qwenvl_jax import inference  # pylint: disable=import-outside-toplevel
+  if save_history:
+    with open(save_history, "x", encoding="utf-8") as f:
+      json.dump([list(t) for t in history], f, ensure_ascii=False, indent=1)
+  drawn = inference.draw_bbox_on_latest_picture(response, history)
   if drawn is not None:
-    path = FLAGS.output_image or _free_png_path(inference.latest_image(reply.response, reply.history))
+    path = output_image or _free_png_path(inference.latest_image(response, history))
     inference.save_new_png(drawn, path)
     print(f"boxes drawn on the latest picture: {path}", file=sys.stderr)
-  if FLAGS.save_history:
-    with open(FLAGS.save_history, "x", encoding="utf-8") as f:
-      json.dump([list(t) for t in reply.history], f, ensure_ascii=False, indent=1)
 
 
 if __name__ == "__main__":

@@ -84,3 +84,12 @@ def test_a_history_picture_that_is_missing_here_is_one_line_before_the_model_loa
   history.write_text(json.dumps([["Picture 1:<img>cat.png</img>\nWhat is it?", "A cat."]]))
   with pytest.raises(errors.UserFileNotFoundError, match="turn 1: picture cat.png does not exist"):
     generate._read_history(str(history))
+
+
+def test_the_history_is_saved_before_a_picture_that_cannot_be_drawn_fails(tmp_path):
+  from qwenvl_jax import generate  # pylint: disable=import-outside-toplevel
+  answer = "<img>gone.png</img><ref>cat</ref><box>(10,20),(300,400)</box>"  # the answer names a missing picture
+  history = [("Where is the cat?", answer)]
+  with pytest.raises(errors.UserError, match="gone.png"):  # one line, after the history is written
+    generate._write_outputs(answer, history, None, str(tmp_path / "saved.json"))
+  assert json.loads((tmp_path / "saved.json").read_text()) == [list(t) for t in history]
