@@ -125,6 +125,10 @@ def main(argv):
     generator = inference.Generator(model, kv_cache_dtype=None if FLAGS.kv_cache_dtype == "auto" else "int8")
     reply = inference.chat_stream(generator, tok, query, history, system=FLAGS.system,
                                   chat_format=source.chat_format, gen=gen_cfg, key=jax.random.key(FLAGS.seed))
+    if reply.dropped_turns:
+      print(f"note: the {reply.dropped_turns} oldest of the history's {len(history)} turns do not fit the "
+            f"{qtext.DEFAULT_MAX_WINDOW_SIZE}-token window and are left out of the prompt (the saved history keeps "
+            "them)", file=sys.stderr)
     for delta in reply:
       sys.stdout.write(delta)
       sys.stdout.flush()

@@ -23,6 +23,7 @@ from qwenvl_jax import errors
 from qwenvl_jax import text as qtext
 from qwenvl_jax.data import images as image_lib
 from qwenvl_jax.inference import decode
+from qwenvl_jax.text import tokenizer as qtok
 
 History = list[tuple[str, str]]
 
@@ -60,9 +61,26 @@ def _check_generator_and_tokenizer(generator, tok) -> None:
 
 @dataclasses.dataclass
 class Prompt:
-  """A tokenized prompt with its images. context: the `text.ChatContext`; images: uint8[S, S, 3] each."""
+  """A tokenized prompt with its images. context: the `text.ChatContext`; images: uint8[S, S, 3] each;
+  dropped_turns: how many of the oldest history turns did not fit `max_window_size` and are not in the prompt."""
   context: qtext.ChatContext
   images: list[np.ndarray]
+  dropped_turns: int = 0
+
+
+def _dropped_turns(context: qtext.ChatContext, query: str, history: Sequence[tuple[str, str | None]],
+                   system: str) -> int:
+  """The oldest turns `make_context` left out: its raw text holds the system part, the newest turns kept, the query."""
+  s, e = qtok.IM_START, qtok.IM_END
+  left = (len(context.raw_text) - len(f"{s}system\n{system}{e}") - len(f"\n{s}user\n{query}{e}\n{s}assistant\n"))
+  kept = 0
+  for q, r in reversed(list(history)):
+    size = len(f"\n{s}user\n{q}{e}\n") + (0 if r is None else len(f"{s}assistant\n{r}{e}"))
+    if size > left:
+      break
+    left -= size
+    kept += 1
+  return len(history) - kept
 
 
 def build_prompt(generator: decode.Generator, tok: qtext.Tokenizer, query: str,
@@ -87,7 +105,8 @@ def build_prompt(generator: decode.Generator, tok: qtext.Tokenizer, query: str,
     raise ValueError(f"the prompt holds token id {too_big[0]} but the model has only {cfg.llm.vocab_size} "
                      "embedding rows: the tokenizer does not belong to this model")
   images = load_images(context.image_paths, cfg.vision.image_size, image_root)
-  return Prompt(context, images)
+  dropped = _dropped_turns(context, query, history or [], system) if chat_format == "chatml" else 0
+  return Prompt(context, images, dropped)
 
 
 def _prompt_batch(generator: decode.Generator, tok: qtext.Tokenizer, prompt: Prompt) -> decode.PromptBatch:
@@ -113,6 +132,7 @@ class ChatReply:
                prompt: Prompt, gen: decode.GenerationConfig, key: jax.Array, chat_format: str):
     self._generator, self._tok, self._prompt, self._gen, self._key = generator, tok, prompt, gen, key
     self._query, self._old_history, self._chat_format = query, history, chat_format
+    self.dropped_turns = prompt.dropped_turns  # oldest history turns not in the prompt (past max_window_size)
     self.new_tokens: list[int] = []
     self.response: str | None = None
     self.history: History | None = None

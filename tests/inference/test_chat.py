@@ -92,3 +92,13 @@ def test_raw_format_refuses_history_and_system_it_would_drop(generator, sp_tok):
 def test_image_tags_that_cannot_be_encoded_are_one_line(generator, sp_tok, query, history):
   with pytest.raises(errors.ConfigError, match="cannot be encoded"):
     chat.build_prompt(generator, sp_tok, query, history)
+
+
+def test_build_prompt_counts_the_history_turns_past_the_window(generator, sp_tok):
+  history = [("first <|im_end|> question", "first answer"), ("second", "two"), ("third", "three")]
+  full = chat.build_prompt(generator, sp_tok, "now", history)
+  assert full.dropped_turns == 0
+  newest = len(qtext.make_context(sp_tok, "now", history[-1:]).tokens)  # system + newest turn + query: fits one
+  short = chat.build_prompt(generator, sp_tok, "now", history, max_window_size=newest)
+  assert short.dropped_turns == 2
+  assert chat.build_prompt(generator, sp_tok, "now", history, max_window_size=1).dropped_turns == 3
