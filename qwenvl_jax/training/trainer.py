@@ -156,9 +156,8 @@ def train(config: ml_collections.ConfigDict, eval_fn: EvalFn | None = None) -> T
   # config.json that refuses the corrected command and an empty checkpoints/ that looks like a run. Until the
   # first checkpoint exists, a failed start removes what it wrote, and nothing that was there before it.
   before = workdir_lib.contents(workdir)
-  workdir_lib.create(workdir)
   try:
-    workdir_lib.check_shared(workdir)  # a folder local to each host failed at the first checkpoint
+    workdir_lib.create_shared(workdir)  # a folder local to each host failed at the first checkpoint
     ckpt = Checkpointer(workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
     try:
       return _train(config, workdir, ckpt, eval_fn)

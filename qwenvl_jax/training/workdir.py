@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 from etils import epath
@@ -108,9 +109,10 @@ def create(workdir: str) -> None:
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
 
 
-def check_shared(workdir: str) -> None:
-  """Refuses, on every process, a multi-process run whose processes do not see one and the same local workdir
-  (after `create`; a no-op with one process, and for a URL: every host that names a bucket path sees the same one).
+def create_shared(workdir: str) -> None:
+  """`create`s the workdir and refuses, on every process, a multi-process run whose processes do not see one and
+  the same local workdir (with one process, or for a URL, only `create`: every host that names a bucket path sees
+  the same one).
 
   Process 0 writes a probe file with a random token, every process reads it back, and all learn who did not see
   it. Without this, a workdir local to each host (`--workdir=/tmp/run` on every host, or different --workdir
@@ -124,6 +126,7 @@ def check_shared(workdir: str) -> None:
   # URLs are skipped: a bucket is shared by construction, and gcsfs answers `is_file` from the listing that
   # `contents` cached on each process, without the probe written since (a correct gs:// run would be refused).
   if jax.process_count() == 1 or is_remote(workdir):
+    create(workdir)
     return
   import uuid  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -131,15 +134,17 @@ def check_shared(workdir: str) -> None:
   token = np.frombuffer(uuid.uuid4().bytes, np.uint8)
   written = 1
   if jax.process_index() == 0:
-    try:
+    try:  # the folder too: a mkdir that fails on process 0 alone would strand the others in the broadcast below
+      create(workdir)
       (epath.Path(workdir) / f".shared-probe-{token.tobytes().hex()}").write_text(
           "qwenvl_jax: every process of a run reads this file back")
-    except Exception:  # pylint: disable=broad-except  (said on every process below, not raised on this one alone)
+    except Exception as e:  # pylint: disable=broad-except  (said on every process below, not raised on one alone)
       written = 0
+      print(f"workdir {workdir}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
   # Process 0 has written the file (or failed to) before it sends the token; the others look for that file.
   sent = np.asarray(multihost_utils.broadcast_one_to_all(np.concatenate([token, np.uint8([written])])), np.uint8)
   if not sent[-1]:
-    raise errors.UserError(f"workdir {workdir}: process 0 cannot write a file there",
+    raise errors.UserError(f"workdir {workdir}: process 0 cannot create it or write a file there (its log says why)",
                            hint="every process needs the same --workdir on writable storage all hosts see")
   probe = epath.Path(workdir) / f".shared-probe-{sent[:-1].tobytes().hex()}"
   try:
