@@ -14,7 +14,8 @@ A run proceeds as:
      so that they agree on `todo` and the shards partition it.
   2. every process: `ledger = PredictionLedger(partial_dir(OUT), index)`; `ledger.append([...])` after each
      batch (flushed and fsynced, so a killed run loses at most the batch in flight).
-  3. barrier; process 0: `finalize(task, examples, partial_dir(OUT), OUT)`, which removes OUT.json.partial/.
+  3. barrier; process 0: `finalize(task, examples, partial_dir(OUT), OUT)`, which removes OUT.json.partial/
+     (kept when it holds predictions past `max_examples`, an earlier run's, for a later run to score).
 On resume the same steps skip what any earlier process finished, whatever the earlier process count was; the
 settings are compared as the caller resolves them (the runner: paths resolved, so another spelling of the same
 checkpoint resumes). A folder without a finished prediction holds nothing to protect: another run's settings

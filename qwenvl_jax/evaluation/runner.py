@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pathlib
 import sys
 import tempfile
 import time
@@ -242,11 +243,16 @@ def _run(config, task: tasks_lib.EvalTask, output: str, recorded_data_path: str 
   if jax.process_index() == 0:
     try:
       done = list(results.read_ledgers(ledger_dir))
-      # Before the settings are checked: for ledgers of a version that wrote no run.json, that check records this
-      # run's settings, which would then label another data file's predictions.
-      if recorded_data_path != SYNTHETIC:  # a smaller synthetic set is the start of a larger one: left out below
-        _check_ledger_ids(done, all_examples, ledger_dir, recorded_data_path or os.fspath(data_path))
+      check_ids = recorded_data_path != SYNTHETIC  # a smaller synthetic set is the start of a larger one
+      data_name = recorded_data_path or os.fspath(data_path)
+      # Ledgers without run.json (an earlier version's): their ids are checked first, since the settings check
+      # would record this run's settings for them. With run.json, the settings check names what differs.
+      legacy = not (pathlib.Path(ledger_dir) / "run.json").exists()
+      if check_ids and legacy:
+        _check_ledger_ids(done, all_examples, ledger_dir, data_name)
       results.check_run_settings(ledger_dir, settings, resolve_recorded=_resolve_recorded)
+      if check_ids and not legacy:
+        _check_ledger_ids(done, all_examples, ledger_dir, data_name)
       recorded["settings"] = settings
       state = {"done": done}
     except ValueError as e:  # every process raises it, none waits for the others
