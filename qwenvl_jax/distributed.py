@@ -141,7 +141,7 @@ def check_same_config(config: ml_collections.ConfigDict) -> None:
     except Exception as e:  # pylint: disable=broad-except  (JAX's runtime error: DEADLINE_EXCEEDED)
       raise errors.ConfigError(
           f"process {i} of {count} did not publish its config within {timeout_ms // 1000} s (did it stop on an "
-          "error of its own? its log says why)") from e
+          f"error of its own? its log says why): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
   differ = [i for i, d in enumerate(digests) if d != digests[0]]
   if not differ:
     return
@@ -156,7 +156,7 @@ def check_same_config(config: ml_collections.ConfigDict) -> None:
       f"the {count} processes were started with different configs: process(es) "
       f"{', '.join(map(str, differ))} differ from process 0{detail}",
       hint="start every process with the same --config, --workdir and --config.* flags (only "
-           "config.distributed.process_id differs)")
+           "config.distributed.process_id, and the coordinator's spelling, may differ)")
 
 
 def _flat(tree: dict) -> dict:

@@ -46,6 +46,7 @@ def main(argv):
   # otherwise leave before joining, and the others would report only that not every process joined.
   from qwenvl_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(config.distributed)
+  distributed.check_same_config(config)  # differing eval flags are named before any host checks its eval data
   eval_fn = None
   if config.get("eval_every", 0):
     # The entry point sits above training and evaluation: it hands the trainer the eval job's code as a callback.
