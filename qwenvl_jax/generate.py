@@ -56,10 +56,11 @@ def _read_history(path: str | None) -> list[tuple[str, str]]:
     raise errors.InputFormatError(f"history file {path}: expected a JSON list of [query, response] string pairs")
   for i, (query, _) in enumerate(data):
     for image in _IMAGE_RE.findall(query):
-      if not os.path.isfile(image):
+      if not os.path.isfile(unicodedata.normalize("NFC", image)):  # the path as the tokenizer reads it back
         raise errors.UserFileNotFoundError(
             f"history file {path}, turn {i + 1}: picture {image} does not exist",
-            hint="a relative path is read from the current folder: run from the folder the chat started in")
+            hint=None if os.path.isabs(image) else
+            "a relative path is read from the current folder: run from the folder the chat started in")
   return [tuple(t) for t in data]
 
 
@@ -70,15 +71,20 @@ def _image_path(path: str) -> str:
     raise errors.UserFileNotFoundError(f"--image={path} is a folder, not an image file")
   if not os.path.isfile(path):
     raise errors.UserFileNotFoundError(f"--image={path}: image file does not exist")
+  full = os.path.abspath(path)
+  # The tokenizer NFC-normalizes the prompt (as the reference's), the folders of the absolute path included: the
+  # file read back must be this one (a macOS file system finds it under either form; Linux may not).
   try:
-    nfc = unicodedata.normalize("NFC", path) == path and path.encode("utf-8")
-  except UnicodeEncodeError:
-    nfc = False
-  if not nfc:  # the tokenizer NFC-normalizes the prompt (as the reference's): the path read back would differ
-    raise errors.ConfigError(f"--image={path!r}: the name is not NFC-normalized UTF-8, and the prompt's text is, "
-                             "so another (missing) file would be read",
-                             hint="rename the file or link it under an NFC name")
-  return os.path.abspath(path)
+    full.encode("utf-8")
+    read_back = unicodedata.normalize("NFC", full)
+    same = os.path.isfile(read_back) and os.path.samefile(read_back, full)
+  except (UnicodeEncodeError, OSError):
+    same = False
+  if not same:
+    raise errors.ConfigError(f"--image={path!r}: its absolute path {full!r} is not NFC-normalized UTF-8, and the "
+                             "prompt's text is, so another (missing) file would be read",
+                             hint="rename the file or its folders, or link it under an NFC name")
+  return full
 
 
 def _free_png_path(image: str) -> str:

@@ -76,6 +76,14 @@ def test_images_are_named_by_absolute_path_so_a_saved_history_works_from_any_fol
   Image.new("RGB", (8, 8)).save(tmp_path / nfd)
   with pytest.raises(errors.ConfigError, match="NFC"):
     generate._image_path(nfd)
+  # A folder with an NFD name (copied from a Mac): the relative name is NFC, the absolute path the prompt carries
+  # is not, so the file read back would be missing; refused before the model loads.
+  folder = tmp_path / unicodedata.normalize("NFD", "été")
+  folder.mkdir()
+  Image.new("RGB", (8, 8)).save(folder / "cat.png")
+  monkeypatch.chdir(folder)
+  with pytest.raises(errors.ConfigError, match="its absolute path .* is not NFC-normalized"):
+    generate._image_path("cat.png")
 
 
 def test_a_history_picture_that_is_missing_here_is_one_line_before_the_model_loads(tmp_path):
