@@ -221,7 +221,7 @@ def refuse_inside_source(dst, src) -> None:
   then copies, uploads or hashes with it); refused in one line. Local paths only."""
   if "://" in str(dst) or "://" in str(src):
     return
-  dst_path, src_path = pathlib.Path(os.path.abspath(dst)), pathlib.Path(os.path.abspath(src))
+  dst_path, src_path = pathlib.Path(os.path.realpath(dst)), pathlib.Path(os.path.realpath(src))  # links resolved
   if src_path in dst_path.parents:
     raise errors.ConfigError(f"--dst={dst} is inside the params checkpoint --src={src}, which it would change",
                              hint="write it outside the checkpoint, e.g. next to it")

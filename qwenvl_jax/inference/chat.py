@@ -98,8 +98,10 @@ def build_prompt(generator: decode.Generator, tok: qtext.Tokenizer, query: str,
     context = qtext.make_context(tok, query, history, system=system, max_window_size=max_window_size,
                                  chat_format=chat_format, n_image_tokens=cfg.image_tokens)
   except ValueError as e:  # the text's image tags (typed, hand-edited or generated): one line, as the server's
+    tags = any(word in str(e) for word in ("<img>", "image", "unclosed"))  # not: a chat_format, a history's shape
     raise errors.ConfigError(f"the conversation cannot be encoded: {e}",
-                             hint="<img>PATH</img> names a picture and may not appear otherwise") from None
+                             hint="<img>PATH</img> names a picture and may not appear otherwise" if tags
+                             else None) from None
   too_big = [t for t in context.tokens if t >= cfg.llm.vocab_size]
   if too_big:
     raise ValueError(f"the prompt holds token id {too_big[0]} but the model has only {cfg.llm.vocab_size} "
