@@ -261,8 +261,10 @@ def _mute_dangling_reads() -> Callable[[], None]:
       _MUTED[0] += 1
 
   def dangling(record) -> bool:
+    # A read's task names orbax, the array index, or only tensorstore's spec (a task wrapping a zarr open).
     message = record.getMessage()
-    return not ("never retrieved" in message and ("orbax" in message or "reading array index" in message))
+    return not ("never retrieved" in message
+                and any(word in message for word in ("orbax", "reading array index", "tensorstore")))
 
   sys.unraisablehook = hook
   log = logging.getLogger("asyncio")
