@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import unicodedata
 
@@ -40,9 +39,6 @@ flags.DEFINE_float("top_p", 1.0, "Nucleus filter when sampling (1 = off).")
 flags.DEFINE_integer("seed", 0, "Sampling seed (and the random weights' seed).")
 flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "int8"], "KV cache storage: the compute dtype, or int8.")
 
-_IMAGE_RE = re.compile(r"<img>(.*?)</img>", re.DOTALL)
-
-
 def _read_history(path: str | None) -> list[tuple[str, str]]:
   if not path:
     return []
@@ -54,8 +50,9 @@ def _read_history(path: str | None) -> list[tuple[str, str]]:
   if not isinstance(data, list) or not all(isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t)
                                            for t in data):
     raise errors.InputFormatError(f"history file {path}: expected a JSON list of [query, response] string pairs")
+  from qwenvl_jax import text as qtext  # pylint: disable=import-outside-toplevel
   for i, (query, _) in enumerate(data):
-    for image in _IMAGE_RE.findall(query):
+    for image in qtext.IMAGE_SPAN.findall(query):
       if not os.path.isfile(unicodedata.normalize("NFC", image)):  # the path as the tokenizer reads it back
         raise errors.UserFileNotFoundError(
             f"history file {path}, turn {i + 1}: picture {image} does not exist",

@@ -38,7 +38,7 @@ def encode_turns(tokenizer, record: rec.Record, *, stage: int, image_tokens: int
   # The text package reads an image path inside each span; the pipeline carries the images beside the text, so
   # each span gets its image index as a placeholder path (the slots become <imgpad> all the same).
   counter = iter(range(len(record.images) + 1))
-  turns = [(role, rec.IMG_SPAN.sub(lambda _: f"<img>{next(counter)}</img>", t)) for role, t in record.turns]
+  turns = [(role, text.IMAGE_SPAN.sub(lambda _: f"<img>{next(counter)}</img>", t)) for role, t in record.turns]
   try:
     if stage in (1, 2):
       if len(turns) != 2:

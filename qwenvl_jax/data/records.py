@@ -16,8 +16,8 @@ import threading
 from typing import Any, Sequence
 
 from qwenvl_jax import errors
+from qwenvl_jax.text.formatting import IMAGE_SPAN
 
-IMG_SPAN = re.compile(r"<img>(.*?)</img>", re.DOTALL)
 _BOX_SPAN = re.compile(r"<box>(.*?)</box>", re.DOTALL)
 _QUAD_SPAN = re.compile(r"<quad>(.*?)</quad>", re.DOTALL)
 _POINT = r"\(\s*(-?\d+)\s*,\s*(-?\d+)\s*\)"
@@ -115,7 +115,7 @@ def validate(record: Record) -> Record:
       raise BadRecordError(rid, f"turn {i} text is {type(text).__name__}, not str")
     check_unicode(rid, f"turn {i}", text)
   text = "".join(t for _, t in record.turns)
-  spans = IMG_SPAN.findall(text)
+  spans = IMAGE_SPAN.findall(text)
   if text.count("<img>") != len(spans) or text.count("</img>") != len(spans):
     raise BadRecordError(rid, "unbalanced <img>/</img> markup")
   if any("<img>" in s for s in spans):
@@ -166,8 +166,8 @@ def caption_turns(caption: str, stage: int) -> list[tuple[str, str]]:
 
 def strip_image_paths(text: str) -> tuple[str, list[str]]:
   """Empties every `<img>PATH</img>` span; returns the new text and the paths in order."""
-  paths = [p.strip() for p in IMG_SPAN.findall(text)]
-  return IMG_SPAN.sub("<img></img>", text), paths
+  paths = [p.strip() for p in IMAGE_SPAN.findall(text)]
+  return IMAGE_SPAN.sub("<img></img>", text), paths
 
 
 _MAX_SEEN_SKIPS = 10_000  # distinct bad records remembered per process (to tell a new one from one met again)

@@ -11,7 +11,6 @@ uses PIL's default font. Saving never replaces an existing file.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
@@ -19,7 +18,6 @@ from PIL import Image, ImageDraw, ImageFont
 from qwenvl_jax import text as qtext
 from qwenvl_jax.data import images as image_lib
 
-_IMAGE_RE = re.compile(r"<img>(.*?)</img>", re.DOTALL)
 PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
            (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40))
 
@@ -27,8 +25,8 @@ PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30
 def latest_image(response: str, history: Sequence[tuple[str, str | None]] = ()) -> str | None:
   """Path of the latest picture: the last image of `response`, else of the newest history query that has one."""
   for q in [response] + [q for q, _ in reversed(list(history))]:
-    # A regex rather than `to_list_format`: generated text may hold unclosed tags, which must not raise here.
-    paths = _IMAGE_RE.findall(q)
+    # IMAGE_SPAN rather than `to_list_format`: generated text may hold unclosed tags, which must not raise here.
+    paths = qtext.IMAGE_SPAN.findall(q)
     if paths:
       return paths[-1]
   return None

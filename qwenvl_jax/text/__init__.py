@@ -14,6 +14,7 @@ from qwenvl_jax.text.chat import get_stop_words_ids
 from qwenvl_jax.text.chat import make_context
 from qwenvl_jax.text.formatting import BoxRef
 from qwenvl_jax.text.formatting import EncodedText
+from qwenvl_jax.text.formatting import IMAGE_SPAN
 from qwenvl_jax.text.formatting import IMAGE_TOKENS
 from qwenvl_jax.text.formatting import MalformedBoxError
 from qwenvl_jax.text.formatting import PICTURE_PREFIX

@@ -36,6 +36,9 @@ BOX_RANGE = 1000  # coordinates are integers in [0, BOX_RANGE)
 
 _TAGS = {"image": (qtok.IMG_START, qtok.IMG_END), "ref": (qtok.REF_START, qtok.REF_END),
          "box": (qtok.BOX_START, qtok.BOX_END), "quad": (qtok.QUAD_START, qtok.QUAD_END)}
+# One `<img>PATH</img>` span, its path captured; lazy, so `<img>a</img><img>b</img>` is two spans, and an unclosed
+# `<img>` (generated text may end inside one) matches nothing rather than raising as `to_list_format` does.
+IMAGE_SPAN = re.compile(r"<img>(.*?)</img>", re.DOTALL)
 _START_RE = re.compile("|".join(re.escape(start) for start, _ in _TAGS.values()))
 _KEY_OF_START = {start: key for key, (start, _) in _TAGS.items()}
 

@@ -62,6 +62,14 @@ def test_to_list_format():
 # ------------------------------------------------------------------------------------------------ image spans
 
 
+def test_image_span_finds_closed_spans_only():
+  """The one `<img>` regex the data records, draw and generate share: lazy, multi-line, blind to an unclosed tag."""
+  text = "Picture 1:<img>a.png</img>\nPicture 2:<img>dir/b\nc.jpg</img> and <img>unclosed"
+  assert fmt.IMAGE_SPAN.findall(text) == ["a.png", "dir/b\nc.jpg"]
+  assert fmt.IMAGE_SPAN.sub("<img></img>", text).count("<img></img>") == 2
+  assert fmt.IMAGE_SPAN.findall(fmt.from_list_format([{"image": "x.png"}, {"image": "y.png"}])) == ["x.png", "y.png"]
+
+
 def test_image_span_ids(any_tok):
   span = fmt.image_span_ids(any_tok)
   assert len(span) == 258
