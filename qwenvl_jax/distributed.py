@@ -104,6 +104,9 @@ def _give_up(message: str) -> None:
 # (process 0 may name it localhost:PORT where the others name its host; a real mismatch fails at the join).
 _PER_PROCESS_KEYS = ("distributed.process_id", "distributed.coordinator")
 _checks = [0]  # how many configs this process has compared (each comparison uses keys of its own)
+# Digests every process agreed on: the entry point compares before it builds its evaluator and the trainer again
+# with the same config; that second call exchanges nothing (every process skips it alike, since all agreed).
+_agreed: set[str] = set()
 
 
 def check_same_config(config: ml_collections.ConfigDict) -> None:
@@ -128,9 +131,12 @@ def check_same_config(config: ml_collections.ConfigDict) -> None:
   me, count = state.process_id, state.num_processes
   mine = _flat(json.loads(config.to_json()))
   text = json.dumps(mine, sort_keys=True)
+  digest = hashlib.sha256(text.encode()).hexdigest()
+  if digest in _agreed:
+    return
   prefix = f"qwenvl_config/{_checks[0]}"
   _checks[0] += 1
-  state.client.key_value_set(f"{prefix}/digest/{me}", hashlib.sha256(text.encode()).hexdigest())
+  state.client.key_value_set(f"{prefix}/digest/{me}", digest)
   if me == 0:
     state.client.key_value_set(f"{prefix}/config", text)
   timeout_ms = 1000 * int(config.distributed.get("initialization_timeout", 300))
@@ -144,6 +150,7 @@ def check_same_config(config: ml_collections.ConfigDict) -> None:
           f"error of its own? its log says why): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
   differ = [i for i, d in enumerate(digests) if d != digests[0]]
   if not differ:
+    _agreed.add(digest)
     return
   detail = ""
   if me in differ:

@@ -101,3 +101,39 @@ def test_the_compared_config_leaves_out_what_differs_per_process():
             "optimizer": {"lr": 1e-3}}
   flat = distributed._flat(config)  # pylint: disable=protected-access
   assert flat == {"distributed.num_processes": 2, "optimizer.lr": 1e-3}
+
+
+class _AgreeingPeer:
+  """A coordination-service client whose other process published whatever this one did (the configs agree)."""
+
+  def __init__(self):
+    self.store, self.sets = {}, []
+
+  def key_value_set(self, key, value):
+    self.sets.append(key)
+    self.store[key] = value
+
+  def blocking_key_value_get(self, key, timeout_ms):
+    del timeout_ms
+    return self.store[key.replace("/digest/1", "/digest/0")]
+
+
+def test_a_config_every_process_agreed_on_is_not_exchanged_again(monkeypatch):
+  """`python -m qwenvl_jax.train` compares the configs before it builds its evaluator, then the trainer compares
+  the same config again: that second call exchanged it a second time through the coordination service."""
+  from jax._src import distributed as jax_distributed  # pylint: disable=import-outside-toplevel
+  peer = _AgreeingPeer()
+  monkeypatch.setattr(jax_distributed.global_state, "client", peer)
+  monkeypatch.setattr(jax_distributed.global_state, "num_processes", 2)
+  monkeypatch.setattr(jax_distributed.global_state, "process_id", 0)
+  config = distributed.default_config()
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  config = ml_collections.ConfigDict({"distributed": config, "lr": 1e-3})
+  distributed.check_same_config(config)
+  exchanged = len(peer.sets)
+  assert exchanged == 2  # this process's digest and, as process 0, its whole config
+  distributed.check_same_config(config)
+  assert len(peer.sets) == exchanged
+  config.lr = 2e-3  # another config is compared anew
+  distributed.check_same_config(config)
+  assert len(peer.sets) == 2 * exchanged
