@@ -23,7 +23,6 @@ from qwenvl_jax import errors
 from qwenvl_jax import text as qtext
 from qwenvl_jax.data import images as image_lib
 from qwenvl_jax.inference import decode
-from qwenvl_jax.text import tokenizer as qtok
 
 History = list[tuple[str, str]]
 
@@ -68,21 +67,6 @@ class Prompt:
   dropped_turns: int = 0
 
 
-def _dropped_turns(context: qtext.ChatContext, query: str, history: Sequence[tuple[str, str | None]],
-                   system: str) -> int:
-  """The oldest turns `make_context` left out: its raw text holds the system part, the newest turns kept, the query."""
-  s, e = qtok.IM_START, qtok.IM_END
-  left = (len(context.raw_text) - len(f"{s}system\n{system}{e}") - len(f"\n{s}user\n{query}{e}\n{s}assistant\n"))
-  kept = 0
-  for q, r in reversed(list(history)):
-    size = len(f"\n{s}user\n{q}{e}\n") + (0 if r is None else len(f"{s}assistant\n{r}{e}"))
-    if size > left:
-      break
-    left -= size
-    kept += 1
-  return len(history) - kept
-
-
 def build_prompt(generator: decode.Generator, tok: qtext.Tokenizer, query: str,
                  history: Sequence[tuple[str, str]] | None = None, *, system: str = qtext.DEFAULT_SYSTEM,
                  chat_format: str = "chatml", max_window_size: int = qtext.DEFAULT_MAX_WINDOW_SIZE,
@@ -95,8 +79,8 @@ def build_prompt(generator: decode.Generator, tok: qtext.Tokenizer, query: str,
   _check_generator_and_tokenizer(generator, tok)
   cfg = generator.cfg
   try:
-    context = qtext.make_context(tok, query, history, system=system, max_window_size=max_window_size,
-                                 chat_format=chat_format, n_image_tokens=cfg.image_tokens)
+    context, dropped = qtext.windowed_context(tok, query, history, system=system, max_window_size=max_window_size,
+                                              chat_format=chat_format, n_image_tokens=cfg.image_tokens)
   except ValueError as e:  # the text's image tags (typed, hand-edited or generated): one line, as the server's
     tags = any(word in str(e) for word in ("<img>", "image", "unclosed"))  # not: a chat_format, a history's shape
     raise errors.ConfigError(f"the conversation cannot be encoded: {e}",
@@ -107,7 +91,6 @@ def build_prompt(generator: decode.Generator, tok: qtext.Tokenizer, query: str,
     raise ValueError(f"the prompt holds token id {too_big[0]} but the model has only {cfg.llm.vocab_size} "
                      "embedding rows: the tokenizer does not belong to this model")
   images = load_images(context.image_paths, cfg.vision.image_size, image_root)
-  dropped = _dropped_turns(context, query, history or [], system) if chat_format == "chatml" else 0
   return Prompt(context, images, dropped)
 
 

@@ -12,6 +12,8 @@ from qwenvl_jax.text.chat import DEFAULT_SYSTEM
 from qwenvl_jax.text.chat import decode_tokens
 from qwenvl_jax.text.chat import get_stop_words_ids
 from qwenvl_jax.text.chat import make_context
+from qwenvl_jax.text.chat import WindowedContext
+from qwenvl_jax.text.chat import windowed_context
 from qwenvl_jax.text.formatting import BoxRef
 from qwenvl_jax.text.formatting import EncodedText
 from qwenvl_jax.text.formatting import IMAGE_SPAN
@@ -46,8 +48,9 @@ from qwenvl_jax.text.tokenizer import Tokenizer
 __all__ = [
     "box_to_text", "BoxRef", "ChatContext", "decode_tokens", "decode_with_images", "DEFAULT_MAX_WINDOW_SIZE",
     "DEFAULT_SYSTEM", "denormalize_box", "encode_with_images", "EncodedText", "Example", "from_list_format",
-    "get_stop_words_ids", "IGNORE_INDEX", "image_span_ids", "IMAGE_TOKENS", "load_tokenizer", "make_context",
+    "get_stop_words_ids", "IGNORE_INDEX", "image_span_ids", "IMAGE_SPAN", "IMAGE_TOKENS", "load_tokenizer", "make_context",
     "MalformedBoxError", "normalize_box", "parse_box", "parse_boxes", "parse_tokenizer_spec", "PICTURE_PREFIX",
     "PICTURE_PREFIX_README", "pretrain_example", "quad_to_text", "QwenTokenizer", "SentencePieceTokenizer",
     "sft_example", "shift_labels", "strip_grounding", "to_list_format", "Tokenizer", "train_sentencepiece",
+    "windowed_context", "WindowedContext",
 ]

@@ -41,6 +41,12 @@ class ChatContext(NamedTuple):
   image_paths: list[str]
 
 
+class WindowedContext(NamedTuple):
+  """`make_context`'s prompt and how many of the oldest history turns did not fit `max_window_size` (left out)."""
+  context: ChatContext
+  dropped_turns: int
+
+
 def make_context(tok: qtok.Tokenizer, query: str, history: Sequence[tuple[str, str | None]] | None = None,
                  system: str = DEFAULT_SYSTEM, max_window_size: int = DEFAULT_MAX_WINDOW_SIZE,
                  chat_format: str = "chatml", *, n_image_tokens: int = formatting.IMAGE_TOKENS) -> ChatContext:
@@ -60,13 +66,22 @@ def make_context(tok: qtok.Tokenizer, query: str, history: Sequence[tuple[str, s
     `ChatContext(raw_text, tokens, image_paths)`. NOTE: the reference returns `(raw_text, tokens)`; here a third
     field carries the image paths because images are not encoded into the ids.
   """
+  return windowed_context(tok, query, history, system, max_window_size, chat_format,
+                          n_image_tokens=n_image_tokens).context
+
+
+def windowed_context(tok: qtok.Tokenizer, query: str, history: Sequence[tuple[str, str | None]] | None = None,
+                     system: str = DEFAULT_SYSTEM, max_window_size: int = DEFAULT_MAX_WINDOW_SIZE,
+                     chat_format: str = "chatml", *, n_image_tokens: int = formatting.IMAGE_TOKENS
+                     ) -> WindowedContext:
+  """`make_context` (same arguments), also counting the oldest history turns it left out (0 for "raw")."""
   if chat_format not in CHAT_FORMATS:
     raise ValueError(f"unknown chat_format {chat_format!r}; expected one of {CHAT_FORMATS}")
   if not isinstance(query, str):
     raise TypeError(f"query must be a str, got {type(query).__name__}")
   if chat_format == "raw":
     encoded = formatting.encode_with_images(tok, query, n_image_tokens=n_image_tokens)
-    return ChatContext(query, encoded.ids, encoded.image_paths)
+    return WindowedContext(ChatContext(query, encoded.ids, encoded.image_paths), 0)
 
   history = list(history or [])
   for i, turn in enumerate(history):
@@ -90,6 +105,7 @@ def make_context(tok: qtok.Tokenizer, query: str, history: Sequence[tuple[str, s
   raw_text = ""
   context_tokens: list[int] = []
   context_paths: list[str] = []
+  kept = 0
   for turn_query, turn_response in reversed(history):
     query_text, query_ids, query_paths = piece("user", turn_query)
     query_tokens = im_start + query_ids + im_end
@@ -107,6 +123,7 @@ def make_context(tok: qtok.Tokenizer, query: str, history: Sequence[tuple[str, s
       context_tokens = next_tokens + context_tokens
       raw_text = next_text + raw_text
       context_paths = next_paths + context_paths
+      kept += 1
     else:
       break
 
@@ -115,7 +132,8 @@ def make_context(tok: qtok.Tokenizer, query: str, history: Sequence[tuple[str, s
             + tok.encode("assistant") + nl)
   raw_text = (f"{qtok.IM_START}{system_text}{qtok.IM_END}" + raw_text
               + f"\n{qtok.IM_START}user\n{query}{qtok.IM_END}\n{qtok.IM_START}assistant\n")
-  return ChatContext(raw_text, tokens, system_paths + context_paths + query_paths)
+  return WindowedContext(ChatContext(raw_text, tokens, system_paths + context_paths + query_paths),
+                         len(history) - kept)
 
 
 def get_stop_words_ids(chat_format: str, tok: qtok.Tokenizer) -> list[list[int]]:

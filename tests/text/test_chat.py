@@ -51,6 +51,11 @@ def test_history_order_and_window(any_tok):
   assert "question 4" in tight.raw_text and "question 3" not in tight.raw_text
   none = chat.make_context(any_tok, "now", history=history, system="sys", max_window_size=1)
   assert none.tokens == chat.make_context(any_tok, "now", system="sys").tokens
+  # windowed_context: the same prompt, and how many of the oldest turns it left out.
+  for window, dropped, context in ((10**6, 0, full), (budget_last_two + 1, 3, kept), (budget_last_two, 4, tight),
+                                   (1, 5, none)):
+    assert chat.windowed_context(any_tok, "now", history, "sys", window) == (context, dropped)
+  assert chat.windowed_context(any_tok, "now", history, "sys", 1, "raw").dropped_turns == 0
 
 
 def _turn(tok, query, response):
