@@ -249,11 +249,15 @@ def boxes_in_pixels(answer: str, prompt: Prompt) -> list[dict]:
 _TRAILING_REF = re.compile(r"<ref>[^<]*</ref>$")
 
 
-def as_list(value, name: str, *, max_items: int = 4) -> Sequence[str]:
-  """`stop`: a string or a list of up to 4 non-empty strings."""
+def as_list(value, name: str, *, max_items: int = 4, max_chars: int = 256) -> Sequence[str]:
+  """`stop`: a string or a list of up to 4 non-empty strings of up to `max_chars` characters each (the streaming
+  detokenizer compares prefixes of each with the answer's tail at every token, on the event loop: four stop strings
+  of megabytes cost ~2 ms a token there, seconds of an answer during which no other stream is served)."""
   if value is None:
     return ()
   items = [value] if isinstance(value, str) else value
   if not isinstance(items, list) or len(items) > max_items or not all(isinstance(s, str) and s for s in items):
     raise RequestError(f"{name} must be a non-empty string or a list of up to {max_items} of them", param=name)
+  if any(len(s) > max_chars for s in items):
+    raise RequestError(f"{name}: a stop string may have at most {max_chars} characters", param=name)
   return tuple(items)

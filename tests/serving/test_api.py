@@ -132,6 +132,7 @@ BAD = [
     ("assistant last", {"messages": [{"role": "assistant", "content": "hi"}]}, 400),
     ("bad temperature", {"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400),
     ("nested too deeply", b"[" * 100_000 + b"]" * 100_000, 400),
+    ("stop string too long", {"messages": [{"role": "user", "content": "hi"}], "stop": ["x" * 257]}, 400),
 ]
 
 
