@@ -29,7 +29,6 @@ import secrets
 import threading
 import time
 import uuid
-from typing import Any
 
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
@@ -215,9 +214,16 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
   async def page():
     return FileResponse(STATIC / "index.html", media_type="text/html")
 
-  def _parse(body: Any) -> _Completion:
-    """Runs on a worker thread: checks the body, tokenizes, reads the images. A field sent as JSON null counts as
-    absent, as in OpenAI's API."""
+  def _parse(raw: bytearray) -> _Completion:
+    """Runs on a worker thread: parses and checks the body, tokenizes, reads the images (parsing a body of tens of
+    MB on the event loop would stall every stream). A field sent as JSON null counts as absent, as in OpenAI's
+    API."""
+    try:
+      body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise msg.RequestError(f"the body is not valid JSON ({e})") from None
+    except RecursionError:  # e.g. 100,000 nested brackets: valid JSON that Python's parser cannot take
+      raise msg.RequestError("the body is JSON nested too deeply") from None
     if not isinstance(body, dict):
       raise msg.RequestError("the request body must be a JSON object")
     body = {k: v for k, v in body.items() if v is not None}
@@ -275,17 +281,14 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
   @app.post("/v1/chat/completions")
   async def chat_completions(request: HttpRequest):
     _authorize(request)
+    raw = bytearray()  # not `request.body()`, whose copy the request keeps while the answer is decoded
     try:
-      raw = await request.body()
+      async for chunk in request.stream():
+        raw += chunk
     except ClientDisconnect:  # the client left while sending its request: no one to answer, nothing to log
       return JSONResponse({}, status_code=499)
-    try:
-      body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise msg.RequestError(f"the body is not valid JSON ({e})") from None
-    except RecursionError:  # e.g. 100,000 nested brackets: valid JSON that Python's parser cannot take
-      raise msg.RequestError("the body is JSON nested too deeply") from None
-    job = await asyncio.to_thread(_parse, body)
+    job = await asyncio.to_thread(_parse, raw)
+    del raw
     events = _Mailbox(asyncio.get_running_loop())
     req = engine_lib.Request(job.prompt.tokens, job.prompt.images, job.params, events.put)
     try:

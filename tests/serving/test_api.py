@@ -1,5 +1,6 @@
 """The OpenAI-compatible server over real HTTP (uvicorn on a local port; the `openai` client and `requests`),
 on the tiny float32 model with greedy decoding, so every answer is exactly reproducible."""
+import asyncio
 import base64
 import concurrent.futures
 import io
@@ -8,6 +9,7 @@ import logging
 import queue
 import socket
 import time
+import types
 
 import numpy as np
 import openai
@@ -361,3 +363,22 @@ def test_browser_origins_are_allowed_only_when_configured(engine, serve_tok, ser
     assert r.headers["access-control-allow-origin"] == "http://localhost:3000"
   finally:
     srv.stop()
+
+
+def test_the_body_is_parsed_off_the_event_loop(server, http, monkeypatch):
+  """Parsing a body of tens of MB (the images' base64) takes a while: it runs on a worker thread, as the rest of
+  a request's checks do, not on the event loop, where it held up every stream meanwhile."""
+  on_loop = []
+
+  def loads(*args, **kwargs):
+    try:
+      asyncio.get_running_loop()
+      on_loop.append(True)
+    except RuntimeError:
+      on_loop.append(False)
+    return json.loads(*args, **kwargs)
+
+  monkeypatch.setattr(api, "json", types.SimpleNamespace(loads=loads, dumps=json.dumps,
+                                                         JSONDecodeError=json.JSONDecodeError))
+  status, _ = _post(server, http, {"messages": HI, "max_tokens": 1})
+  assert status == 200 and on_loop == [False]
