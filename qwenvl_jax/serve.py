@@ -5,10 +5,11 @@
   python -m qwenvl_jax.serve --model=tiny --tokenizer=sp.model --dtype=float32      # random weights (smoke test)
 
 Endpoints: POST /v1/chat/completions (OpenAI schema, `stream: true` for server-sent events), GET /v1/models,
-GET /health (slots, queue, compile counts), and a chat page at /. Binds 127.0.0.1 unless --host says otherwise.
-Every program is compiled before the port opens (`serving.Engine` warm-up), so the first request is as fast as
-any other. Ctrl-C (SIGINT) or SIGTERM stops it gracefully (open streams end first); a second Ctrl-C stops at once.
-See qwenvl_jax/serving/ and README "Serving".
+GET /health (slots, queue, open requests, compile counts), and a chat page at /. Binds 127.0.0.1 unless --host
+says otherwise. Every program is compiled before the port opens (`serving.Engine` warm-up), so the first request
+is as fast as any other. Limits on request bodies (size, stalls) and on the requests held at once answer 413, 408
+and 429 (`serving.limits`). Ctrl-C (SIGINT) or SIGTERM stops it gracefully (open streams end first); a second
+Ctrl-C stops at once. See qwenvl_jax/serving/ and README "Serving".
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ flags.DEFINE_integer("max_image_bytes", 10 * 2 ** 20, "Largest image upload in b
 flags.DEFINE_integer("max_image_pixels", 4096 * 4096, "Largest image in pixels (width x height).")
 flags.DEFINE_string("image_root", None, "Local image paths in requests are read under this folder only.")
 flags.DEFINE_bool("allow_remote_images", False, "Fetch http(s) image URLs (off: only data: URLs and paths).")
+flags.DEFINE_integer("max_request_bytes", None, "Largest request body in bytes, answered 413 past it (default: "
+                     "--max_images images of --max_image_bytes as base64 data: URLs, plus 1 MiB of text).")
+flags.DEFINE_float("body_timeout", 60.0, "Seconds a request body may send nothing before it is answered 408.")
+flags.DEFINE_integer("max_waiting", 128, "Most requests held beyond the --num_slots being decoded (being received, "
+                     "checked or waiting for a slot); more are answered 429 with Retry-After.")
 flags.DEFINE_string("system", "You are a helpful assistant.", "Default system message (chatml).")
 flags.DEFINE_integer("seed", 0, "Seed of random weights.")
 flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "int8"],
@@ -85,9 +91,14 @@ def build(argv_flags=FLAGS):
                              f"got {f.num_slots}, {f.prefill_batch}, {f.max_images}, {f.context}")
   if f.decode_steps < 1:
     raise errors.ConfigError(f"need --decode_steps >= 1, got {f.decode_steps}")
-  for name in ("max_tokens_limit", "max_image_bytes", "max_image_pixels"):  # 0 would refuse every request
-    if f[name].value < 1:
+  # 0 would refuse every request (max_request_bytes: None is the default derived from the image limits)
+  for name in ("max_tokens_limit", "max_image_bytes", "max_image_pixels", "max_request_bytes"):
+    if f[name].value is not None and f[name].value < 1:
       raise errors.ConfigError(f"--{name}={f[name].value} must be >= 1")
+  if not f.body_timeout > 0:
+    raise errors.ConfigError(f"--body_timeout={f.body_timeout:g} must be > 0 (seconds)")
+  if f.max_waiting < 0:
+    raise errors.ConfigError(f"--max_waiting={f.max_waiting} must be >= 0")
   if not 0 <= f.port <= 65535:
     raise errors.ConfigError(f"--port={f.port} must be in 0..65535")
   if f.image_root and not os.path.isdir(f.image_root):
@@ -119,6 +130,7 @@ def build(argv_flags=FLAGS):
   config = api.ServerConfig(
       model_name=f.served_model_name or source.preset, chat_format=source.chat_format, system=f.system,
       max_tokens_limit=f.max_tokens_limit, api_key=f.api_key, cors_origins=tuple(f.cors_origins),
+      max_request_bytes=f.max_request_bytes, body_timeout=f.body_timeout, max_waiting=f.max_waiting,
       images=messages.ImagePolicy(max_bytes=f.max_image_bytes, max_pixels=f.max_image_pixels,
                                   image_root=f.image_root, allow_remote=f.allow_remote_images))
   return engine, tok, config

@@ -5,7 +5,8 @@
   engine.submit(Request(prompt_ids, images, SamplingParams(max_tokens=64), sink))
 
 Layers: `slots` (the jitted encode / prefill / decode of `inference.slot_programs` over the slot cache),
-`engine` (the scheduling thread), `compile_monitor` (JAX compile events), and the HTTP side in `api`.
+`engine` (the scheduling thread), `compile_monitor` (JAX compile events), and the HTTP side in `api` (its request
+limits in `limits`).
 """
 from qwenvl_jax.serving.engine import Engine
 from qwenvl_jax.serving.engine import Failed

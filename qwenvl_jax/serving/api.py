@@ -15,7 +15,8 @@ Grounding: the final message carries `boxes` (an extension field), the answer's 
 
 Safety: every bad request gets a 4xx JSON body in OpenAI's error shape (`messages.RequestError`), malformed JSON
 included; optional bearer key on `/v1/*`; limits on images (bytes, pixels, count), prompt + max_tokens (the
-engine's context) and max_tokens.
+engine's context) and max_tokens; on the request body's size and stalls, and on the requests held at once
+(`limits`: 413, 408, 429).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from starlette.requests import ClientDisconnect
 from qwenvl_jax import text as qtext
 from qwenvl_jax.inference import slot_sampling
 from qwenvl_jax.serving import engine as engine_lib
+from qwenvl_jax.serving import limits as limits_lib
 from qwenvl_jax.serving import messages as msg
 from qwenvl_jax.serving.detokenize import Detokenizer
 
@@ -52,7 +54,10 @@ class ServerConfig:
   max_tokens_limit: the largest max_tokens accepted; defaults for omitted sampling fields (Qwen-VL-Chat's
   generation config: temperature 1, top_p 0.3, top_k 0); api_key: bearer key for /v1/* (None = open);
   cors_origins: web origins whose pages may call the API from a browser ("*" = any; none by default, so only the
-  server's own chat page can)."""
+  server's own chat page can); max_request_bytes: the largest request body (None: room for the most images of
+  the largest size as data: URLs, `limits.default_max_body_bytes`); body_timeout: seconds a request body may send
+  nothing; max_waiting: the most requests held beyond the engine's decode slots (being received, checked or
+  queued); more are answered 429 (`limits`)."""
   model_name: str
   chat_format: str = "chatml"
   system: str = qtext.DEFAULT_SYSTEM
@@ -64,10 +69,13 @@ class ServerConfig:
   api_key: str | None = None
   max_window_size: int = qtext.DEFAULT_MAX_WINDOW_SIZE
   cors_origins: tuple[str, ...] = ()
+  max_request_bytes: int | None = None
+  body_timeout: float = 60.0
+  max_waiting: int = 128
 
 
 def _error(e: msg.RequestError) -> JSONResponse:
-  return JSONResponse(e.body(), status_code=e.status)
+  return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
 def _number(body: dict, name: str, kind, default, low, high):
@@ -160,7 +168,11 @@ class _Completion:
 def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerConfig) -> FastAPI:
   """The FastAPI app serving `engine` (already started) with tokenizer `tok`."""
   app = FastAPI(title="qwenvl_jax", docs_url=None, redoc_url=None)
-  if config.cors_origins:
+  max_body = config.max_request_bytes or limits_lib.default_max_body_bytes(engine.max_images, config.images)
+  limits = limits_lib.RequestLimits(max_open=engine.num_slots + config.max_waiting, max_body_bytes=max_body,
+                                    body_timeout=config.body_timeout)
+  app.add_middleware(limits.middleware)
+  if config.cors_origins:  # added last, so outermost: the limits' refusals carry its headers too
     app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
                        allow_headers=["Authorization", "Content-Type"])
   cfg = engine.cfg
@@ -190,7 +202,8 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
   @app.get("/health")
   async def health():
     stats = engine.stats()
-    return JSONResponse({"status": "ok" if stats["healthy"] else "failed", "model": config.model_name, **stats},
+    return JSONResponse({"status": "ok" if stats["healthy"] else "failed", "model": config.model_name, **stats,
+                         **limits.stats()},
                         status_code=200 if stats["healthy"] else 503)
 
   def _model_card() -> dict:

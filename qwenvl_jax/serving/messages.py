@@ -42,9 +42,10 @@ class RequestError(Exception):
   """A bad request: `status` (4xx) and the OpenAI error body fields."""
 
   def __init__(self, message: str, *, status: int = 400, code: str | None = None, param: str | None = None,
-               type_: str = "invalid_request_error"):
+               type_: str = "invalid_request_error", headers: dict[str, str] | None = None):
     super().__init__(message)
     self.status, self.message, self.code, self.param, self.type = status, message, code, param, type_
+    self.headers = headers  # of the HTTP answer (Retry-After, Connection: close)
 
   def body(self) -> dict:
     return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -58,6 +59,11 @@ class ImagePolicy:
   image_root: str | None = None
   allow_remote: bool = False
   remote_timeout: float = 10.0
+
+  @property
+  def max_base64_chars(self) -> int:
+    """The longest base64 text of a data: URL accepted (`max_bytes` as base64: 4 characters per 3 bytes)."""
+    return self.max_bytes * 4 // 3 + 4
 
 
 @dataclasses.dataclass
@@ -75,7 +81,7 @@ def _read_url(url: str, policy: ImagePolicy) -> bytes:
     header, sep, payload = url.partition(",")
     if not sep or ";base64" not in header:
       raise RequestError("a data: image URL must be data:<mime>;base64,<data>", code="invalid_image_url")
-    if len(payload) > policy.max_bytes * 4 // 3 + 4:
+    if len(payload) > policy.max_base64_chars:
       raise RequestError(f"image over the limit of {policy.max_bytes} bytes", code="image_too_large")
     try:
       return base64.b64decode(payload, validate=True)

@@ -1,0 +1,145 @@
+"""The server's request limits (serving/limits.py) over real HTTP: one server with small limits on the session's
+engine (a 20,000-byte body, a 0.5 s body stall, one request waiting beyond the 4 decode slots), driven through raw
+sockets where a client misbehaves (a body it never sends, a chunked body that does not end)."""
+import concurrent.futures
+import json
+import socket
+import threading
+import time
+
+import openai
+import pytest
+import requests
+
+from qwenvl_jax.serving import api, limits, messages
+from tests.serving.conftest import MODEL_NAME, Server
+
+pytestmark = pytest.mark.slow  # the session's engine warm-up (shared with test_api.py)
+
+MAX_BYTES = 20_000
+MAX_WAITING = 1
+# ignore_eos: no answer ends at its first token (sampled by the prefill), so each one needs a decode call.
+HI = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0,
+      "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def limited(engine, serve_tok):
+  config = api.ServerConfig(model_name=MODEL_NAME, max_request_bytes=MAX_BYTES, body_timeout=0.5,
+                            max_waiting=MAX_WAITING)
+  srv = Server(api.create_app(engine, serve_tok, config))
+  yield srv
+  srv.stop()
+
+
+def _health(srv) -> dict:
+  return requests.get(srv.url + "/health", timeout=10).json()
+
+
+def _wait_for_health(srv, key, value) -> dict:
+  deadline = time.monotonic() + 60
+  while (stats := _health(srv)).get(key) != value and time.monotonic() < deadline:
+    time.sleep(0.02)
+  return stats
+
+
+def _answer(s: socket.socket) -> tuple[bytes, dict, dict]:
+  """(status line, headers, JSON body) of the server's answer on `s`, read until the server closes it."""
+  s.settimeout(60)  # a server that waits for the rest of the body would leave this read hanging: a failure
+  data = b""
+  while chunk := s.recv(65536):
+    data += chunk
+  head, _, body = data.partition(b"\r\n\r\n")
+  status, *lines = head.split(b"\r\n")
+  headers = dict(line.decode().lower().split(": ", 1) for line in lines)
+  return status, headers, json.loads(body)
+
+
+def _is_openai_error(body: dict) -> bool:
+  return set(body.get("error", {})) == {"message", "type", "param", "code"} and bool(body["error"]["message"])
+
+
+def _post_head(port: int, headers: str) -> socket.socket:
+  s = socket.create_connection(("127.0.0.1", port))
+  s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{headers}\r\n"
+            .encode())
+  return s
+
+
+def test_a_body_declared_over_the_limit_is_refused_before_it_is_sent(limited):
+  """A 10 GB Content-Length is answered 413 from the header alone: no `100 Continue`, no byte of the body read
+  (the server used to wait for the whole body, and would have read all 10 GB into memory)."""
+  with _post_head(limited.port, "Content-Length: 10000000000\r\nExpect: 100-continue\r\n") as s:
+    status, headers, body = _answer(s)
+  assert status.startswith(b"HTTP/1.1 413 ") and headers["connection"] == "close"
+  assert _is_openai_error(body) and body["error"]["code"] == "request_too_large", body
+  assert str(MAX_BYTES) in body["error"]["message"]
+
+
+def test_a_chunked_body_is_refused_as_soon_as_it_passes_the_limit(limited):
+  """Without a Content-Length the body is counted as it arrives: 413 once it passes the limit, while the client
+  has not ended it (the server used to wait for its end however long it grew)."""
+  before = _health(limited).get("refused_too_large", 0)
+  with _post_head(limited.port, "Transfer-Encoding: chunked\r\n") as s:
+    chunk = b"x" * 7_000
+    for _ in range(MAX_BYTES // len(chunk) + 1):
+      s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+    status, headers, body = _answer(s)  # the last chunk (0) was never sent
+  assert status.startswith(b"HTTP/1.1 413 ") and headers["connection"] == "close"
+  assert _is_openai_error(body) and body["error"]["code"] == "request_too_large", body
+  assert _health(limited)["refused_too_large"] == before + 1
+
+
+def test_a_stalled_body_is_answered_408_and_its_place_freed(limited):
+  """A client that sends its headers and part of its body, then nothing, is answered 408 after --body_timeout
+  (the request used to be held forever, and with it a place among the requests the server holds)."""
+  with _post_head(limited.port, "Content-Length: 100\r\n") as s:
+    s.sendall(b'{"messages": ')
+    status, headers, body = _answer(s)
+  assert status.startswith(b"HTTP/1.1 408 ") and headers["connection"] == "close"
+  assert _is_openai_error(body) and body["error"]["code"] == "request_timeout", body
+  assert _wait_for_health(limited, "open_requests", 0)["open_requests"] == 0
+
+
+def test_requests_past_the_slots_and_the_waiting_room_get_429_with_retry_after(limited, engine, monkeypatch):
+  """With the engine held inside a decode call, 4 slots + 1 waiting place fill up; the next request is answered
+  429 at once (OpenAI's overload error, Retry-After) instead of queueing without bound, /health shows the count,
+  and once the engine goes on every held request is answered and the places are free again."""
+  gate = threading.Event()
+  decode = engine.slots.decode
+
+  def held_decode(*args, **kwargs):
+    gate.wait(120)
+    return decode(*args, **kwargs)
+
+  monkeypatch.setattr(engine.slots, "decode", held_decode)
+  full = engine.num_slots + MAX_WAITING
+  with concurrent.futures.ThreadPoolExecutor(full) as pool:
+    try:
+      held = [pool.submit(requests.post, limited.url + "/v1/chat/completions", json=HI, timeout=120)
+              for _ in range(full)]
+      stats = _wait_for_health(limited, "open_requests", full)
+      assert stats["open_requests"] == stats["max_open_requests"] == full, stats
+      r = requests.post(limited.url + "/v1/chat/completions", json=HI, timeout=60)
+      assert r.status_code == 429 and r.headers["retry-after"] == "1", (r.status_code, r.text)
+      assert _is_openai_error(r.json()) and r.json()["error"]["type"] == "server_error", r.text
+      client = openai.OpenAI(base_url=limited.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+      with pytest.raises(openai.RateLimitError):  # what an OpenAI client makes of it (it retries it by default)
+        client.chat.completions.create(model=MODEL_NAME, messages=HI["messages"], max_tokens=2)
+      assert _health(limited)["refused_busy"] >= 2
+    finally:
+      gate.set()
+    assert [f.result().status_code for f in held] == [200] * full
+  assert _wait_for_health(limited, "open_requests", 0)["open_requests"] == 0
+  assert requests.post(limited.url + "/v1/chat/completions", json=HI, timeout=60).status_code == 200
+
+
+def test_the_default_body_limit_takes_the_most_images_of_the_largest_size():
+  """Without --max_request_bytes, a request with --max_images data: URLs as long as the image limit lets through
+  and 500,000 characters of text fits the body limit."""
+  policy = messages.ImagePolicy(max_bytes=200_000)
+  url = "data:image/png;base64," + "A" * policy.max_base64_chars  # the longest `_read_url` accepts
+  content = [{"type": "image_url", "image_url": {"url": url, "detail": "auto"}}] * 3
+  content.append({"type": "text", "text": "x" * 500_000})
+  body = json.dumps({"model": MODEL_NAME, "messages": [{"role": "user", "content": content}]}).encode()
+  assert len(body) <= limits.default_max_body_bytes(3, policy)
