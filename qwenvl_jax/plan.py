@@ -261,9 +261,7 @@ def _run_search(config, topology) -> None:
   if top is None:
     print(search.no_fit_message(rows), file=sys.stderr)
     sys.exit(1)
-  print(f"best plan: {top.candidate}, estimated {top.step_seconds:.2f} s/step"
-        + (f", MFU {top.mfu_low:.1%} .. {top.mfu_high:.1%}" if top.mfu_low is not None else ""))
-  print(f"  {top.candidate.flags(top.candidate.rules(config.mesh.rules))}")
+  print(search.format_best(top, config, topology.num_chips))
 
 
 if __name__ == "__main__":

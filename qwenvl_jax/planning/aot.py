@@ -74,6 +74,7 @@ class StepPlan:
   optimal_seconds: float | None
   model_flops: float | None = None
   global_batch: int | None = None
+  tokens: int | None = None  # tokens one step processes on all chips (the tokens/s numerator)
   compile_seconds: float = 0.0
   loops: int = 0
   compile_error: str = ""
@@ -163,6 +164,12 @@ class StepPlan:
     times = self.step_seconds_range
     return self.step_seconds if times is None else (times[0] + times[1]) / 2
 
+  def tokens_per_second(self, seconds: float | None) -> tuple[float, float] | None:
+    """(all chips, per chip) tokens per second at a step time of `seconds`; None when either is unknown."""
+    if not self.tokens or not seconds:
+      return None
+    return self.tokens / seconds, self.tokens / seconds / self.num_chips
+
   @property
   def compiler_to_model_flops(self) -> float | None:
     """Compiled (+ missed loop) FLOPs over model FLOPs (> 1: remat recompute, masked attention; < 1: a miss)."""
@@ -219,7 +226,7 @@ class StepPlan:
     lines.append("cost per chip (compiler):")
     lines.append(f"  flops         {_fmt(self.flops, 'FLOP')}")
     lines.append(f"  bytes         {_fmt(self.bytes_accessed, 'B')} accessed")
-    lines.append(f"  optimal       {_fmt(self.optimal_seconds, 's')} (XLA roofline)")
+    lines.append(f"  optimal       {format_seconds(self.optimal_seconds)} (XLA roofline)")
     if self.program_flops:
       lines.append(f"  program       {_fmt(self.program_flops / self.num_chips, 'FLOP')} (matmuls of the traced "
                    f"step, every scan trip counted, / chips)")
@@ -231,7 +238,9 @@ class StepPlan:
       lines.append(f"model FLOPs per step {_fmt(self.model_flops, 'FLOP')} (all chips); compiled/model "
                    f"{self.compiler_to_model_flops:.2f}" if self.compiler_to_model_flops else "")
     if self.step_seconds and self.comm is None:
-      lines.append(f"estimated step time {_fmt(self.step_seconds, 's')} (lower bound)"
+      rate = format_throughput(self.tokens, self.num_chips, self.step_seconds)
+      lines.append(f"estimated step time {format_seconds(self.step_seconds)} (lower bound)"
+                   + (f", at most {rate}" if rate else "")
                    + (f", estimated MFU {self.mfu:.1%} (upper bound)" if self.mfu is not None else ""))
     elif self.step_seconds:
       lines += self._format_comm()
@@ -248,17 +257,19 @@ class StepPlan:
 
   def _format_comm(self) -> list[str]:
     comm = self.comm
-    lines = [f"compute time  {_fmt(self.step_seconds, 's')} per step (roofline + missed loop FLOPs, as above)",
-             f"communication {_fmt(comm.total_seconds, 's')} per step (ring model at {self.chip.name} ICI "
+    lines = [f"compute time  {format_seconds(self.step_seconds)} per step (roofline + missed loop FLOPs, as above)",
+             f"communication {format_seconds(comm.total_seconds)} per step (ring model at {self.chip.name} ICI "
              f"{self.chip.ici_link_bytes_per_s / 1e9:.0f} GB/s per link one way x {self.chip.ici_links} links"
-             + (f", DCN {self.chip.dcn_bytes_per_s / 1e9:.2f} GB/s per chip: {_fmt(comm.dcn_seconds, 's')}"
+             + (f", DCN {self.chip.dcn_bytes_per_s / 1e9:.2f} GB/s per chip: {format_seconds(comm.dcn_seconds)}"
                 if comm.dcn_seconds else "") + ")"]
     for kind in collectives.KINDS:
       if comm.counts[kind]:
         lines.append(f"  {kind:<19}{comm.counts[kind]:>6} x, {_fmt(comm.bytes[kind], 'B')} sent, "
-                     f"{_fmt(comm.seconds[kind], 's')}")
+                     f"{format_seconds(comm.seconds[kind])}")
     fast, slow = self.step_seconds_range
-    lines.append(f"estimated step time {_fmt(fast, 's')} (full overlap) ... {_fmt(slow, 's')} (no overlap)")
+    rate = format_throughput(self.tokens, self.num_chips, fast, slow)
+    lines.append(f"estimated step time {format_seconds(fast)} (full overlap) ... {format_seconds(slow)} (no overlap)"
+                 + (f": {rate}" if rate else ""))
     if self.mfu_range:
       low, high = self.mfu_range
       lines.append(f"estimated MFU {low:.1%} (no overlap) ... {high:.1%} (full overlap); "
@@ -266,14 +277,36 @@ class StepPlan:
     return lines
 
 
-def _fmt(value: float | None, unit: str) -> str:
+def _fmt(value: float | None, unit: str, *, lowest: int = -3, highest: int = 5, space: str = " ") -> str:
+  """`value` with an SI prefix and 3 significant digits ('408 us', '1.87 MB'); prefixes from 1000**lowest to
+  1000**highest."""
   if value is None:
     return "n/a"
   if value == 0:
-    return f"0 {unit}"
-  exponent = min(max(int(math.floor(math.log10(abs(value)) / 3)), -3), 5)
+    return f"0{space}{unit}"
+  exponent = min(max(int(math.floor(math.log10(abs(value)) / 3)), lowest), highest)
+  if exponent < highest and abs(float(f"{value / 1000**exponent:.3g}")) >= 1000:
+    exponent += 1  # 999.7 us rounds to 1 ms, not '1e+03 us'
   prefix = {-3: "n", -2: "u", -1: "m", 0: "", 1: "k", 2: "M", 3: "G", 4: "T", 5: "P"}[exponent]
-  return f"{value / 1000**exponent:.3g} {prefix}{unit}"
+  number = value / 1000**exponent
+  text = f"{number:.3g}" if abs(number) < 999.5 else f"{number:,.0f}"  # past the top prefix: all digits
+  return f"{text}{space}{prefix}{unit}"
+
+
+def format_seconds(seconds: float | None) -> str:
+  """'2.31 s', '408 us', '1,250 s' (never kiloseconds: a tiny step read '0.00 s' with two decimals)."""
+  return _fmt(seconds, "s", highest=0)
+
+
+def format_throughput(tokens: int | None, num_chips: int, *seconds: float | None) -> str:
+  """'2.51M tokens/s (627k per chip)' for `tokens` per step at each step time in `seconds` ('A ... B' for two);
+  '' when the tokens or a time are unknown."""
+  if not tokens or not all(seconds):
+    return ""
+  rate = lambda x: _fmt(x, "", lowest=0, space="")  # noqa: E731
+  total = " ... ".join(rate(tokens / s) for s in seconds)
+  chip = " ... ".join(rate(tokens / s / num_chips) for s in seconds)
+  return f"{total} tokens/s ({chip} per chip)"
 
 
 def count_loops(compiled: jax.stages.Compiled) -> int:
@@ -323,7 +356,7 @@ def _cost(compiled: jax.stages.Compiled) -> dict[str, float]:
 
 def plan_from_compiled(compiled: jax.stages.Compiled, chip: ChipSpec, num_chips: int, *,
                        model_flops: float | None = None, global_batch: int | None = None,
-                       compile_seconds: float = 0.0) -> StepPlan:
+                       tokens: int | None = None, compile_seconds: float = 0.0) -> StepPlan:
   """Reads `memory_analysis()` and `cost_analysis()` of a compiled step into a `StepPlan`."""
   memory = compiled.memory_analysis()
   if memory is None:
@@ -341,7 +374,7 @@ def plan_from_compiled(compiled: jax.stages.Compiled, chip: ChipSpec, num_chips:
       code_bytes=int(memory.generated_code_size_in_bytes),
       flops=positive("flops"), bytes_accessed=positive("bytes accessed"),
       optimal_seconds=positive("optimal_seconds"), model_flops=model_flops, global_batch=global_batch,
-      compile_seconds=compile_seconds, loops=count_loops(compiled))
+      tokens=tokens, compile_seconds=compile_seconds, loops=count_loops(compiled))
 
 
 def shard_bytes(tree: Any) -> int:
@@ -365,7 +398,7 @@ def _parse_size(number: str, unit: str) -> int:
 
 
 def oom_plan(message: str, chip: ChipSpec, num_chips: int, *, argument_bytes: int,
-             model_flops: float | None = None, global_batch: int | None = None,
+             model_flops: float | None = None, global_batch: int | None = None, tokens: int | None = None,
              compile_seconds: float = 0.0) -> StepPlan:
   """A "does not fit" plan from XLA's RESOURCE_EXHAUSTED compile error.
 
@@ -383,13 +416,13 @@ def oom_plan(message: str, chip: ChipSpec, num_chips: int, *, argument_bytes: in
     temp_bytes = max(chip.hbm_bytes - argument_bytes + 1, 0)
   return StepPlan(chip=chip, num_chips=num_chips, argument_bytes=argument_bytes, output_bytes=0, alias_bytes=0,
                   temp_bytes=temp_bytes, code_bytes=0, flops=None, bytes_accessed=None, optimal_seconds=None,
-                  model_flops=model_flops, global_batch=global_batch, compile_seconds=compile_seconds,
-                  compile_error=first)
+                  model_flops=model_flops, global_batch=global_batch, tokens=tokens,
+                  compile_seconds=compile_seconds, compile_error=first)
 
 
 def compile_step(fn: Callable[..., Any], args: Sequence[Any], *, chip: ChipSpec, mesh: Mesh,
                  out_shardings: Any = None, donate_argnums: int | Sequence[int] = (),
-                 model_flops: float | None = None, global_batch: int | None = None,
+                 model_flops: float | None = None, global_batch: int | None = None, tokens: int | None = None,
                  static_argnums: int | Sequence[int] = (),
                  count_program_flops: bool = True, torus: Sequence[int] = (), keep_unused: bool = False
                  ) -> tuple[jax.stages.Compiled | None, StepPlan]:
@@ -405,6 +438,7 @@ def compile_step(fn: Callable[..., Any], args: Sequence[Any], *, chip: ChipSpec,
     donate_argnums: arguments whose buffers the outputs may reuse (the train state).
     model_flops: analytic FLOPs of one step on all chips, for the MFU estimate.
     global_batch: the batch size, only to phrase "cut the batch to ..." advice.
+    tokens: tokens one step processes on all chips, for the tokens/s estimate.
     static_argnums: passed to `jax.jit`.
     count_program_flops: when the program has loops, also trace it and count its matmul FLOPs with every scan
       trip (`jaxpr_flops`), to correct the compiler's loop-once cost.
@@ -426,11 +460,11 @@ def compile_step(fn: Callable[..., Any], args: Sequence[Any], *, chip: ChipSpec,
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
     plan = oom_plan(str(e), chip, mesh.devices.size, argument_bytes=shard_bytes(args), model_flops=model_flops,
-                    global_batch=global_batch, compile_seconds=time.perf_counter() - start)
+                    global_batch=global_batch, tokens=tokens, compile_seconds=time.perf_counter() - start)
     return None, plan
   seconds = time.perf_counter() - start
   plan = plan_from_compiled(compiled, chip, mesh.devices.size, model_flops=model_flops,
-                            global_batch=global_batch, compile_seconds=seconds)
+                            global_batch=global_batch, tokens=tokens, compile_seconds=seconds)
   comm = collectives.estimate_compiled(compiled, chip, list(mesh.devices.flat), torus)
   plan = dataclasses.replace(plan, comm=comm)
   if plan.loops and count_program_flops:

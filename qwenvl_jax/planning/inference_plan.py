@@ -182,7 +182,7 @@ def plan_inference(cfg: QwenVLConfig, topology: chips.Topology, *, quantize: str
     _, decode_plan = aot.compile_step(decode_fn, (state, vec(batch, jnp.int32), vec(batch, jnp.int32), cache,
                                                   scalar, vec(batch, jnp.float32)),
                                       chip=topology.chip, mesh=mesh, donate_argnums=3, count_program_flops=False,
-                                      keep_unused=True)  # the ViT's weights are resident too
+                                      keep_unused=True, tokens=batch)  # the ViT's weights are resident too
   prefill_plan = None
   if with_prefill:
     s, k = cfg.vision.image_size, prefill_batch
@@ -199,7 +199,7 @@ def plan_inference(cfg: QwenVLConfig, topology: chips.Topology, *, quantize: str
     with sharding.use_rules(mesh, rules):
       _, prefill_plan = aot.compile_step(prefill_fn, (state, arrays, pcache, vec(k, jnp.float32)),
                                          chip=topology.chip, mesh=mesh, donate_argnums=2,
-                                         count_program_flops=False, keep_unused=True)
+                                         count_program_flops=False, keep_unused=True, tokens=k * prompt)
   return InferencePlan(decode_plan, prefill_plan, qlib.weight_bytes(abstract_state), _tree_bytes(cache), facts)
 
 
@@ -239,7 +239,8 @@ def _plan_server(cfg, topology, graphdef, state, as_state, cache, mesh, rules, *
     _, decode_plan = aot.compile_step(
         decode_fn, (state, cache, rows(batch, jnp.int32), rows(batch, jnp.int32), rows(batch, jnp.bool_),
                     rows(batch, jnp.float32), sampling(batch)),
-        chip=topology.chip, mesh=mesh, donate_argnums=1, count_program_flops=False, keep_unused=True)
+        chip=topology.chip, mesh=mesh, donate_argnums=1, count_program_flops=False, keep_unused=True,
+        tokens=batch * decode_steps)
   if not with_prefill:
     return InferencePlan(decode_plan, None, weight_bytes, _tree_bytes(cache), facts)
   k, q, d, s = prefill_batch, cfg.image_tokens, cfg.llm.width, cfg.vision.image_size
@@ -257,7 +258,8 @@ def _plan_server(cfg, topology, graphdef, state, as_state, cache, mesh, rules, *
     _, prefill_plan = aot.compile_step(
         prefill_fn, (state, cache, sharded((k, prompt), jnp.int32, ("act_batch", None)), rows(k, jnp.int32),
                      rows(k, jnp.int32), feats, rows(k, jnp.int32), rows(k, jnp.float32), sampling(k)),
-        chip=topology.chip, mesh=mesh, donate_argnums=1, count_program_flops=False, keep_unused=True)
+        chip=topology.chip, mesh=mesh, donate_argnums=1, count_program_flops=False, keep_unused=True,
+        tokens=k * prompt)
     encode_plan = None
     if images:
       _, encode_plan = aot.compile_step(

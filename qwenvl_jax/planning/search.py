@@ -95,6 +95,10 @@ class Candidate:
   def rules(self, configured: str) -> str:
     return "fsdp_tp" if self.tensor > 1 else configured
 
+  def __str__(self) -> str:  # the progress lines and the best plan (the dataclass repr read as Python)
+    return (f"remat {self.remat}, {self.accum} micro-batch{'es' if self.accum > 1 else ''}, fsdp {self.fsdp} x "
+            f"tensor {self.tensor}, {self.attention} attention")
+
 
 @dataclasses.dataclass
 class Row:
@@ -369,6 +373,15 @@ def no_fit_message(rows: Sequence[Row]) -> str:
             "--max_compiles (compiled results are cached)")
   return (f"no layout fits ({done}): a larger topology, fewer rows per step (--config.batch_size), or the savings "
           "a plan without --search lists under 'what would fit'")
+
+
+def format_best(row: Row, config: ml_collections.ConfigDict, num_chips: int) -> str:
+  """The best plan's line and its `--config.` flags: step time and MFU as estimated, tokens/s at that time."""
+  rate = aot.format_throughput(config.batch_size * config.seq_len, num_chips, row.step_seconds)
+  return (f"best plan: {row.candidate}, estimated {aot.format_seconds(row.step_seconds)}/step"
+          + (f", {rate}" if rate else "")
+          + (f", MFU {row.mfu_low:.1%} .. {row.mfu_high:.1%}" if row.mfu_low is not None else "")
+          + f"\n  {row.candidate.flags(row.candidate.rules(config.mesh.rules))}")
 
 
 def best(rows: Sequence[Row]) -> Row | None:

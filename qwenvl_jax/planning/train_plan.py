@@ -96,7 +96,8 @@ def plan_on_devices(config: ml_collections.ConfigDict, devices: list, chip: chip
   with sharding.use_rules(mesh, rules):
     compiled, plan = aot.compile_step(setup.step_fn, (state, batch), chip=chip, mesh=mesh,
                                out_shardings=(state_shardings, replicated), donate_argnums=0,
-                               model_flops=model_flops, global_batch=config.batch_size, torus=torus)
+                               model_flops=model_flops, global_batch=config.batch_size,
+                               tokens=config.batch_size * config.seq_len, torus=torus)
   flat_params = _flat(setup.abstract_params)
   trainable = sum(x.size for k, x in flat_params.items() if not is_frozen(k))
   f32 = lambda x: x.dtype == jnp.float32

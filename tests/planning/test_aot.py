@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from qwenvl_jax.hardware import chips
-from qwenvl_jax.planning import aot, mesh as mesh_lib
+from qwenvl_jax.planning import aot, collectives, mesh as mesh_lib
 
 GIB = chips.GIB
 V5E = chips.CHIPS["v5e"]
@@ -41,6 +41,29 @@ def test_mfu_is_model_flops_over_time_chips_and_peak():
   assert plan.compiler_to_model_flops == pytest.approx(4e12 / (4 * 197e12))
   assert "estimated MFU 50.0%" in plan.format()
   assert make_plan().mfu is None
+
+
+@pytest.mark.parametrize("seconds, text", [
+    (4.08e-4, "408 us"), (2.5e-8, "25 ns"), (0.0123, "12.3 ms"), (0.9996, "1 s"), (1.5, "1.5 s"), (31.43, "31.4 s"),
+    (1234.5, "1,234 s"), (0.0, "0 s"), (None, "n/a")])
+def test_times_keep_three_digits_at_any_size(seconds, text):
+  """A tiny step printed '0.00 s/step' (plan --search's best plan); seconds never become 'ks'."""
+  assert aot.format_seconds(seconds) == text
+
+
+def test_step_time_comes_with_tokens_per_second_overall_and_per_chip():
+  # 4 chips, 4096 tokens per step: at the compute-only 2 s, at most 2.05k tokens/s, 512 per chip.
+  plan = make_plan(optimal_seconds=2.0, model_flops=4 * 197e12, tokens=4096)
+  assert plan.tokens_per_second(2.0) == (2048.0, 512.0)
+  assert ("estimated step time 2 s (lower bound), at most 2.05k tokens/s (512 per chip), estimated MFU 50.0%"
+          in plan.format())
+  # With communication: the step-time range and the tokens/s at each end.
+  comm = collectives.CommEstimate(seconds={"all-gather": 2.0}, bytes={"all-gather": 1e9},
+                                  counts={k: int(k == "all-gather") for k in collectives.KINDS})
+  text = dataclasses.replace(plan, comm=comm).format()
+  assert ("estimated step time 2 s (full overlap) ... 4 s (no overlap): 2.05k ... 1.02k tokens/s (512 ... 256 per "
+          "chip)") in text
+  assert "tokens/s" not in make_plan(optimal_seconds=2.0).format()  # no token count given: no rate
 
 
 def test_activation_bound_step_is_told_to_cut_batch_or_remat():
@@ -107,8 +130,8 @@ def test_compile_step_on_cpu_mesh_reads_memory_cost_and_loops():
     return jax.lax.scan(lambda h, wi: (jnp.tanh(h @ wi), None), x, w)[0]
 
   # Any chip spec will do: on CPU only the bookkeeping is under test, not the HBM of a real chip.
-  _, plan = aot.compile_step(f, (w, x), chip=V5E, mesh=mesh, out_shardings=sharding)
-  assert plan.num_chips == 8
+  _, plan = aot.compile_step(f, (w, x), chip=V5E, mesh=mesh, out_shardings=sharding, tokens=32)
+  assert plan.num_chips == 8 and plan.tokens == 32 and "tokens/s" in plan.format()
   # Per device: a 1/8 shard of w (4 x 8 x 64 f32) and of x (4 x 64 f32) are the arguments.
   assert plan.argument_bytes == 4 * 8 * 64 * 4 + 4 * 64 * 4
   assert plan.loops >= 1

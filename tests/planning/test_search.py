@@ -72,6 +72,17 @@ def test_search_prunes_bounds_compiles_caches_and_ranks(tmp_path):
   assert sum("(cached)" in r.note for r in again) == 5
 
 
+def test_the_best_plan_of_a_tiny_step_says_its_time_in_microseconds_with_tokens_per_second():
+  """It said 'estimated 0.00 s/step' and showed the layout as a Python repr."""
+  config = stage1.get_config("model=tiny")  # 8 rows x 128 tokens
+  row = search.Row(search.Candidate("dots", 1, 4, 1, "xla"), 1.0, 1.0, status="compiled", fits=True,
+                   step_seconds=4.5e-4, mfu_low=0.014, mfu_high=0.017)
+  head, flags = search.format_best(row, config, 4).splitlines()
+  assert head == ("best plan: remat dots, 1 micro-batch, fsdp 4 x tensor 1, xla attention, estimated 450 us/step, "
+                  "2.28M tokens/s (569k per chip), MFU 1.4% .. 1.7%")
+  assert flags.strip().startswith("--config.remat=dots --config.accum_steps=1")
+
+
 def test_search_prunes_what_cannot_fit_before_compiling():
   config = stage1.get_config("model=tiny")
   with config.unlocked():
