@@ -60,6 +60,39 @@ _SEARCH_TENSOR = flags.DEFINE_list("search_tensor", [str(t) for t in search.TENS
 _SEARCH_ATTENTION = flags.DEFINE_list("search_attention", list(search.ATTENTIONS),
                                       "With --search: attention kernels tried.")
 
+# Flags that only mean something beside another one; alone they were ignored without a word.
+_BELONGS_TO = (("num_slices", "topology"), ("search", "topology"), ("max_compiles", "search"),
+               ("search_cache", "search"), ("search_remat", "search"), ("search_tensor", "search"),
+               ("search_attention", "search"))
+
+
+def check_flag_combination(given: dict[str, str], *, topology: str | None, search: bool, num_slices: int,
+                           inference: bool = False) -> None:
+  """Refuses a flag the run would ignore: --num_slices or --search without --topology, a --search_* flag or
+  --max_compiles without --search, any of the search's flags with --inference; and a --num_slices below 1.
+  `given` maps each flag the user gave to its spelling ('num_slices' -> '--num_slices=2'; a false --nosearch is
+  no search).
+
+  Raises:
+    errors.ConfigError: naming the flag and the one it belongs to.
+  """
+  given = {k: v for k, v in given.items() if k != "search" or search}
+  for flag, parent in _BELONGS_TO:
+    if flag not in given:
+      continue
+    if inference and "search" in (flag, parent):
+      what = "--search ranks" if flag == "search" else f"{given[flag]} belongs to --search, which ranks"
+      raise errors.ConfigError(f"{what} training layouts: drop it with --inference")
+    if flag == "search" and not topology:
+      raise errors.ConfigError("--search ranks layouts for a TPU slice: give --topology (e.g. v5p-128)")
+    if not {"topology": topology, "search": search}[parent]:
+      example = "--topology=v5p-128" if parent == "topology" else "--search"
+      raise errors.ConfigError(f"{given[flag]} applies to --{parent}, which is not given: it would be ignored",
+                               hint=f"add {example}, or drop {given[flag]}")
+  if num_slices < 1:
+    raise errors.ConfigError(f"--num_slices={num_slices} must be >= 1 (identical slices of --topology)")
+
+
 def model_config_from(config=None, preset: str | None = None, res: int | None = None) -> QwenVLConfig:
   """The architecture config named by an experiment config (or by a preset and resolution)."""
   if config is not None:
@@ -146,11 +179,14 @@ def main(argv):
   config = _CONFIG.value
   config_file = config_flags.get_config_filename(flags.FLAGS["config"]) if config is not None else "--config"
   check_model_flags(config, _PRESET.value, _RES.value, config_file)
+  given = {name: flags.FLAGS[name].serialize() for name, _ in _BELONGS_TO if flags.FLAGS[name].present}
+  check_flag_combination(given, topology=_TOPOLOGY.value, search=_SEARCH.value, num_slices=_NUM_SLICES.value,
+                         inference=_INFERENCE.value is not None)
   if _INFERENCE.value is not None:
     _plan_inference(config)
     return
-  if _SEARCH.value and not _TOPOLOGY.value:
-    raise app.UsageError("--search ranks layouts for a TPU slice: give --topology (e.g. v5p-128)")
+  if _TOPOLOGY.value and config is None:  # before the counts: the run stops here
+    raise app.UsageError("--topology plans a training stage: give --config=configs/stageN.py[:args]")
   cfg = model_config_from(config, _PRESET.value, _RES.value)
   name = config.model if config is not None else (_PRESET.value or "qwen_vl_7b")
   print(format_counts(cfg, name), flush=True)
@@ -162,8 +198,6 @@ def main(argv):
           flush=True)
     print(format_weight_bytes(state, peft.base_quantization(config)), flush=True)
   if _TOPOLOGY.value:
-    if config is None:
-      raise app.UsageError("--topology plans a training stage: give --config=configs/stageN.py[:args]")
     topology = _topology()
     from qwenvl_jax.training import validation  # pylint: disable=import-outside-toplevel
     validation.check_step_fields(config, topology.chip.platform)  # what `train` would refuse, before compiling
@@ -198,8 +232,6 @@ def _plan_inference(config) -> None:
   kwargs = inference_plan.parse_inference_arg(_INFERENCE.value)  # bad keys fail before any compile
   if not _TOPOLOGY.value:
     raise app.UsageError("--inference plans serving on a TPU slice: give --topology (e.g. v5e-1)")
-  if _SEARCH.value:
-    raise app.UsageError("--search ranks training layouts; drop it with --inference")
   preset = config.model if config is not None else (_PRESET.value or "qwen_vl_7b")
   res = config.res if config is not None else (448 if _RES.value is None else _RES.value)
   cfg = inference_plan.inference_model_config(preset, res)

@@ -204,3 +204,32 @@ def test_the_nearest_valid_plans_reproduce_when_passed_back(capsys):
       node[key] = int(value) if value.lstrip("-").isdigit() else value
     assert suggested.mesh.ici.data * suggested.mesh.ici.fsdp * suggested.mesh.ici.tensor == 16, line
     assert plan._batch_splits(suggested, topology), line  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("given, kwargs, message", [
+    ({"num_slices": "--num_slices=2"}, {}, "--num_slices=2 applies to --topology, which is not given: it would be "
+                                           "ignored\n  hint: add --topology=v5p-128, or drop --num_slices=2"),
+    ({"search_remat": "--search_remat=full"}, {"topology": "v5e-4"},
+     "--search_remat=full applies to --search, which is not given"),
+    ({"max_compiles": "--max_compiles=8"}, {"topology": "v5e-4"}, "--max_compiles=8 applies to --search"),
+    ({"search": "--search"}, {"search": True}, "--search ranks layouts for a TPU slice: give --topology"),
+    ({"search": "--search"}, {"search": True, "topology": "v5e-1", "inference": True},
+     "--search ranks training layouts: drop it with --inference"),
+    ({"search_tensor": "--search_tensor=2"}, {"search": False, "topology": "v5e-1", "inference": True},
+     "--search_tensor=2 belongs to --search, which ranks training layouts: drop it with --inference"),
+    ({}, {"topology": "v5e-4", "num_slices": 0}, "--num_slices=0 must be >= 1"),
+])
+def test_a_flag_the_run_would_ignore_is_refused(given, kwargs, message):
+  """`plan --num_slices=2` without --topology (and the search's flags without --search) printed the plain counts
+  as if the flag had been taken."""
+  kwargs = {"topology": None, "search": False, "num_slices": 1, **kwargs}
+  with pytest.raises(errors.ConfigError) as e:
+    plan.check_flag_combination(given, **kwargs)
+  assert errors.format_user_error(e.value).startswith("error: " + message)
+
+
+def test_the_flags_a_run_uses_pass():
+  plan.check_flag_combination({}, topology=None, search=False, num_slices=1)
+  plan.check_flag_combination({"search": "--nosearch"}, topology=None, search=False, num_slices=1)
+  given = {"num_slices": "--num_slices=2", "search": "--search", "max_compiles": "--max_compiles=2"}
+  plan.check_flag_combination(given, topology="v5p-128", search=True, num_slices=2)
