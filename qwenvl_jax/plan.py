@@ -238,7 +238,7 @@ def _plan_inference(config) -> None:
   topology = _topology()
   print(f"model {preset}: {res} px; {topology.describe()}\ncompiling the decode step"
         + (" and the prefill" if kwargs["with_prefill"] else "") + " (minutes for the full model) ...", flush=True)
-  print(inference_plan.plan_inference(cfg, topology, **kwargs).format())
+  print(inference_plan.plan_inference(cfg, topology, flag_name=lambda key: f"--inference: {key}", **kwargs).format())
 
 
 def _batch_splits(config, topology) -> bool:

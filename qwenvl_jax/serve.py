@@ -110,11 +110,7 @@ def build(argv_flags=FLAGS):
       raise errors.ConfigError(f"--cors_origins: {origin!r} is not an origin",
                                hint="give scheme://host[:port] as the browser sends it, e.g. http://localhost:3000")
   source, tok, _, mesh, rules, model = cli.load_model_from_flags()
-  replicas = sharding.batch_shards(mesh, rules)
-  if f.num_slots % replicas:
-    raise errors.ConfigError(f"--num_slots={f.num_slots} does not split over the {replicas} model replicas of the "
-                             f"mesh ({layout.describe(mesh)})", hint=f"use a multiple of {replicas}, or a larger "
-                             "--tensor_parallel (fewer replicas)")
+  layout.check_slots(f.num_slots, mesh, rules)
   logging.info("layout: %s (%s)", layout.describe(mesh), f.rules)
   stops = [tok.eod_id] + ([tok.im_end_id, tok.im_start_id] if source.chat_format == "chatml" else [])
   # Built inside the layout so the slots' KV cache is created in it (rows over `data`, heads over `tensor`).

@@ -128,6 +128,20 @@ def make_inference_mesh(cfg: QwenVLConfig, rules_name: str = DEFAULT_RULES, *, t
   return mesh, rules
 
 
+def check_slots(num_slots: int, mesh: Mesh, rules: sharding.Rules, *, flag: str = "--num_slots",
+                tensor_flag: str = "--tensor_parallel") -> None:
+  """Raises `errors.ConfigError` (one line) unless `num_slots` serving slots split over the mesh's model replicas
+  (the axes of the rules' `act_batch`): what `serve` refuses, and so `inference_plan --server` too.
+
+  flag, tensor_flag: how the caller spells the slot count and the tensor-parallel degree.
+  """
+  replicas = sharding.batch_shards(mesh, rules)
+  if num_slots % replicas:
+    raise errors.ConfigError(f"{flag}={num_slots} does not split over the {replicas} model replicas of the mesh "
+                             f"({describe(mesh)})", hint=f"use a multiple of {replicas}, or a larger {tensor_flag} "
+                             "(fewer replicas)")
+
+
 def describe(mesh: Mesh) -> str:
   """'data 2 x tensor 4' (axes of size > 1; 'one device' when none)."""
   parts = [f"{a} {n}" for a, n in mesh.shape.items() if n > 1]

@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -137,7 +138,8 @@ def plan_inference(cfg: QwenVLConfig, topology: chips.Topology, *, quantize: str
                    context: int, prompt: int, images: int = 1, kv_cache_dtype: str | None = None,
                    rules_name: str = "fsdp", group_size: int = qlib.DEFAULT_GROUP_SIZE,
                    with_prefill: bool = True, prefill_batch: int | None = None, tensor_parallel: int = 0,
-                   server: bool = False, decode_steps: int = 4) -> InferencePlan:
+                   server: bool = False, decode_steps: int = 4,
+                   flag_name: Callable[[str], str] = lambda key: f"--{key}") -> InferencePlan:
   """AOT-compiles the decode step (and prefill) of `cfg` on `topology`; see the module docstring.
 
   prefill_batch: rows prefilled together (default `batch`, as `Generator` does; with `server`, default 1: the
@@ -146,12 +148,18 @@ def plan_inference(cfg: QwenVLConfig, topology: chips.Topology, *, quantize: str
   server: plan the serving engine's own programs (`inference.slot_programs`, what `serving.slots` jits): the
     decode call of all `batch` slots (`decode_steps` steps attending to the whole context), the prefill of
     `prefill_batch` requests into the slots' cache, and the image encoding (with the cache resident).
+  flag_name: how the caller spells an argument in an error ('batch' -> '--batch').
+
+  Raises:
+    errors.ConfigError: with `server`, slots that do not split over the model replicas (`serve` refuses them).
   """
   prefill_batch = prefill_batch or (1 if server else batch)
   if prompt > context:
     raise ValueError(f"prompt {prompt} is longer than the context {context}")
   devices = mesh_lib.topology_devices(topology)
   mesh, rules = layout.make_inference_mesh(cfg, rules_name, tensor_parallel=tensor_parallel, devices=devices)
+  if server:  # serve's own check: a plan that says "fits" for slots serve refuses misleads
+    layout.check_slots(batch, mesh, rules, flag=flag_name("batch"), tensor_flag=flag_name("tensor_parallel"))
 
   def make():
     model = QwenVL(cfg, rngs=nnx.Rngs(0))

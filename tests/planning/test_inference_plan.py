@@ -96,3 +96,19 @@ def test_the_module_command_refuses_sizes_no_plan_has_in_one_line(flags, message
                         env=helpers.subprocess_env(devices=1), check=False)
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert proc.stderr.strip() == message, proc.stderr[-2000:]
+
+
+def test_a_server_plan_refuses_slots_serve_refuses(monkeypatch):
+  """`inference_plan --server --batch=3` said it fits where `serve --num_slots=3` refuses to start: tiny on 4 chips
+  of one host is tensor 2 x 2 replicas. Both call `layout.check_slots`; the refusal comes before any compile (4 of
+  the test's fake CPU devices stand in for the topology's, which need libtpu)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax import errors  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.hardware import chips  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.planning import inference_plan, mesh  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(mesh, "topology_devices", lambda topology: jax.devices()[:topology.num_chips])
+  cfg = inference_plan.inference_model_config("tiny", 56)
+  with pytest.raises(errors.ConfigError, match=r"^--batch=3 does not split over the 2 model replicas of the mesh "
+                                               r"\(data 2 x tensor 2\)"):
+    inference_plan.plan_inference(cfg, chips.parse_topology("v5e-4"), quantize=None, batch=3, context=64,
+                                  prompt=16, rules_name="inference_tp", server=True)
