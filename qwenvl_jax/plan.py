@@ -18,6 +18,7 @@ proj), the LLM and the total, plus how many parameters each stage trains.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 import time
@@ -59,6 +60,9 @@ _SEARCH_TENSOR = flags.DEFINE_list("search_tensor", [str(t) for t in search.TENS
                                    "With --search: tensor-parallel degrees tried.")
 _SEARCH_ATTENTION = flags.DEFINE_list("search_attention", list(search.ATTENTIONS),
                                       "With --search: attention kernels tried.")
+_JSON = flags.DEFINE_bool("json", False, "Print the figures as one JSON object on stdout (the report goes to stderr): "
+                          "parameter counts, and with --topology memory per chip, step times, tokens/s, MFU, "
+                          "micro-batches, the search's rows and best flags, or the --inference programs.")
 
 # Flags that only mean something beside another one; alone they were ignored without a word.
 _BELONGS_TO = (("num_slices", "topology"), ("search", "topology"), ("max_compiles", "search"),
@@ -162,15 +166,38 @@ def format_counts(cfg: QwenVLConfig, name: str) -> str:
   return "\n".join(lines)
 
 
+def counts_to_dict(cfg: QwenVLConfig, name: str) -> dict:
+  """`format_counts`'s figures as JSON values (`plan --json`)."""
+  return {"name": name, "image_size": cfg.vision.image_size, "patches_per_image": cfg.vision.num_patches,
+          "image_tokens": cfg.image_tokens, "dtype": cfg.dtype, "param_dtype": cfg.param_dtype,
+          "params": parameter_counts(cfg), "trained_by_stage": {str(k): v for k, v in trainable_counts(cfg).items()}}
+
+
+def lora_weight_bytes(state) -> tuple[dict[str, int], int]:
+  """(the frozen base's bytes by dtype, int4 at half a byte; the float32 adapters' bytes) of a LoRA/QLoRA model."""
+  from qwenvl_jax.model import quantize as qlib  # pylint: disable=import-outside-toplevel
+  return (qlib.weight_bytes(state.filter(nnx.Not(nnx.LoRAParam))),
+          sum(qlib.weight_bytes(state.filter(nnx.LoRAParam)).values()))
+
+
 def format_weight_bytes(state, quant) -> str:
   """Where a LoRA/QLoRA run's weights go, by dtype (int4 at half a byte): the frozen base and the adapters."""
-  from qwenvl_jax.model import quantize as qlib  # pylint: disable=import-outside-toplevel
-  base = qlib.weight_bytes(state.filter(nnx.Not(nnx.LoRAParam)))
-  adapters = sum(qlib.weight_bytes(state.filter(nnx.LoRAParam)).values())
+  base, adapters = lora_weight_bytes(state)
   kind = "LoRA base" if quant is None else f"QLoRA base ({quant[0].mode}, groups of {quant[0].group_size})"
   parts = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in sorted(base.items(), key=lambda kv: -kv[1]))
   return (f"  {kind}: {sum(base.values()) / 2**30:.2f} GiB ({parts}); adapters float32 {adapters / 2**30:.2f} GiB "
           f"+ AdamW 2x that")
+
+
+def _say(*lines) -> None:
+  """A line of the human report: on stdout, or on stderr with --json (stdout then holds the JSON object alone)."""
+  print(*lines, file=sys.stderr if _JSON.value else sys.stdout, flush=True)
+
+
+def topology_to_dict(topology) -> dict:
+  return {"name": topology.accelerator_type, "grid": topology.topology_name, "num_slices": topology.num_slices,
+          "num_chips": topology.num_chips, "chip": topology.chip.name, "hbm_bytes": topology.chip.hbm_bytes,
+          "peak_bf16_flops": topology.chip.peak_bf16_flops}
 
 
 def main(argv):
@@ -182,40 +209,60 @@ def main(argv):
   given = {name: flags.FLAGS[name].serialize() for name, _ in _BELONGS_TO if flags.FLAGS[name].present}
   check_flag_combination(given, topology=_TOPOLOGY.value, search=_SEARCH.value, num_slices=_NUM_SLICES.value,
                          inference=_INFERENCE.value is not None)
+  # The --json object: every key present, None where this run plans no such thing.
+  report = {"model": None, "topology": None, "train": None, "search": None, "inference": None}
   if _INFERENCE.value is not None:
-    _plan_inference(config)
-    return
+    _plan_inference(config, report)
+    return _emit(report)
   if _TOPOLOGY.value and config is None:  # before the counts: the run stops here
     raise app.UsageError("--topology plans a training stage: give --config=configs/stageN.py[:args]")
   cfg = model_config_from(config, _PRESET.value, _RES.value)
   name = config.model if config is not None else (_PRESET.value or "qwen_vl_7b")
-  print(format_counts(cfg, name), flush=True)
+  _say(format_counts(cfg, name))
+  report["model"] = counts_to_dict(cfg, name)
   if config is not None and peft.lora_config(config) is not None:
     lcfg = peft.lora_config(config)
     state = sharding.abstract_model(peft.model_fn(cfg, config))[1]
-    print(f"  {f'trained by LoRA r={lcfg.rank}':<28}{lora.trained_count(state, lcfg):>17,}"
-          f"   (targets {', '.join(lcfg.targets)}; modules_to_save {list(lcfg.modules_to_save) or 'none'})",
-          flush=True)
-    print(format_weight_bytes(state, peft.base_quantization(config)), flush=True)
+    trained = lora.trained_count(state, lcfg)
+    _say(f"  {f'trained by LoRA r={lcfg.rank}':<28}{trained:>17,}"
+         f"   (targets {', '.join(lcfg.targets)}; modules_to_save {list(lcfg.modules_to_save) or 'none'})")
+    _say(format_weight_bytes(state, peft.base_quantization(config)))
+    base, adapters = lora_weight_bytes(state)
+    report["model"]["lora"] = {"rank": lcfg.rank, "trained": trained, "targets": list(lcfg.targets),
+                               "modules_to_save": list(lcfg.modules_to_save), "base_bytes": base,
+                               "adapter_bytes": adapters}
   if _TOPOLOGY.value:
     topology = _topology()
+    report["topology"] = topology_to_dict(topology)
     from qwenvl_jax.training import validation  # pylint: disable=import-outside-toplevel
     validation.check_step_fields(config, topology.chip.platform)  # what `train` would refuse, before compiling
     if _SEARCH.value:
-      _run_search(config, topology)
-      return
+      found = _run_search(config, topology, report)
+      _emit(report)
+      return 0 if found else 1
     if not _batch_splits(config, topology):
       sys.exit(2)
-    print(topology.describe(), "\ncompiling the train step (minutes for the full model) ...", flush=True)
+    _say(f"{topology.describe()}\ncompiling the train step (minutes for the full model) ...")
     step_plan, facts = train_plan.plan_stage(config, topology)
-    print(f"stage {config.stage}: mesh {facts['mesh']}, batch {facts['batch']} x {facts['seq_len']} tokens in "
-          f"{facts['accum_steps']} micro-batch(es), {facts['res']} px x {facts['max_images']} image slots, "
-          f"remat {facts['remat']}")
-    print(step_plan.format())
+    _say(f"stage {config.stage}: mesh {facts['mesh']}, batch {facts['batch']} x {facts['seq_len']} tokens in "
+         f"{facts['accum_steps']} micro-batch(es), {facts['res']} px x {facts['max_images']} image slots, "
+         f"remat {facts['remat']}")
+    _say(step_plan.format())
     tips = train_plan.what_would_fit(config, step_plan, facts, topology)
     if tips:
-      print("what would fit:" if not step_plan.fits else "what would leave more room:")
-      print("\n".join(f"  - {tip}" for tip in tips))
+      _say("what would fit:" if not step_plan.fits else "what would leave more room:")
+      _say("\n".join(f"  - {tip}" for tip in tips))
+    report["train"] = {"stage": config.stage, "mesh": facts["mesh"], "batch": facts["batch"],
+                       "seq_len": facts["seq_len"], "micro_batches": facts["accum_steps"], "res": facts["res"],
+                       "max_images": facts["max_images"], "remat": facts["remat"], "plan": step_plan.to_dict(),
+                       "what_would_fit": tips}
+  return _emit(report)
+
+
+def _emit(report: dict) -> None:
+  """With --json, `report` as one line of JSON on stdout."""
+  if _JSON.value:
+    print(json.dumps(report, default=lambda x: x.item()), flush=True)  # numpy scalars as numbers
 
 
 def _topology():
@@ -227,7 +274,7 @@ def _topology():
     raise errors.ConfigError(f"--topology={_TOPOLOGY.value}: {e}") from e
 
 
-def _plan_inference(config) -> None:
+def _plan_inference(config, report: dict) -> None:
   """`--inference`: the decode step and prefill of the model, AOT-compiled for --topology."""
   kwargs = inference_plan.parse_inference_arg(_INFERENCE.value)  # bad keys fail before any compile
   if not _TOPOLOGY.value:
@@ -236,9 +283,13 @@ def _plan_inference(config) -> None:
   res = config.res if config is not None else (448 if _RES.value is None else _RES.value)
   cfg = inference_plan.inference_model_config(preset, res)
   topology = _topology()
-  print(f"model {preset}: {res} px; {topology.describe()}\ncompiling the decode step"
-        + (" and the prefill" if kwargs["with_prefill"] else "") + " (minutes for the full model) ...", flush=True)
-  print(inference_plan.plan_inference(cfg, topology, flag_name=lambda key: f"--inference: {key}", **kwargs).format())
+  report["model"] = {"name": preset, "image_size": res}
+  report["topology"] = topology_to_dict(topology)
+  _say(f"model {preset}: {res} px; {topology.describe()}\ncompiling the decode step"
+       + (" and the prefill" if kwargs["with_prefill"] else "") + " (minutes for the full model) ...")
+  result = inference_plan.plan_inference(cfg, topology, flag_name=lambda key: f"--inference: {key}", **kwargs)
+  _say(result.format())
+  report["inference"] = result.to_dict()
 
 
 def _batch_splits(config, topology) -> bool:
@@ -269,7 +320,8 @@ def _batch_splits(config, topology) -> bool:
   return False
 
 
-def _run_search(config, topology) -> None:
+def _run_search(config, topology, report: dict) -> bool:
+  """`--search`: the table and the best plan's flags; whether a compiled plan fits."""
   tensors = search.check_values(_SEARCH_REMATS.value, _SEARCH_ATTENTION.value, _SEARCH_TENSOR.value,
                                 topology.chips_per_slice)
   if not search.candidates(config.batch_size, topology.chips_per_slice, topology.num_slices, tensors=tensors):
@@ -280,20 +332,24 @@ def _run_search(config, topology) -> None:
                              f"(--search_tensor={','.join(_SEARCH_TENSOR.value)} on {topology.accelerator_type})",
                              hint="a batch size that is a multiple of the data x fsdp chips, or larger tensor "
                                   "degrees (--search_tensor)")
-  print(f"{topology.describe()}\nsearching layouts of stage {config.stage} (batch {config.batch_size} x "
-        f"{config.seq_len} tokens, {config.max_images} image slots at {config.res} px) ...", flush=True)
+  _say(f"{topology.describe()}\nsearching layouts of stage {config.stage} (batch {config.batch_size} x "
+       f"{config.seq_len} tokens, {config.max_images} image slots at {config.res} px) ...")
   start = time.perf_counter()
   rows = search.search(config, topology, max_compiles=_MAX_COMPILES.value, cache_dir=_SEARCH_CACHE.value,
                        remats=_SEARCH_REMATS.value, attentions=_SEARCH_ATTENTION.value,
-                       tensors=tensors,
-                       log=lambda line: print(line, flush=True))
-  print(search.format_table(rows, topology.chip.hbm_bytes))
-  print(f"search took {time.perf_counter() - start:.0f} s")
+                       tensors=tensors, log=_say)
+  _say(search.format_table(rows, topology.chip.hbm_bytes))
+  seconds = time.perf_counter() - start
+  _say(f"search took {seconds:.0f} s")
   top = search.best(rows)
+  report["search"] = {"stage": config.stage, "batch": config.batch_size, "seq_len": config.seq_len,
+                      "rows": [row.to_dict() for row in rows], "seconds": seconds,
+                      "best": top and search.best_to_dict(top, config, topology.num_chips)}
   if top is None:
     print(search.no_fit_message(rows), file=sys.stderr)
-    sys.exit(1)
-  print(search.format_best(top, config, topology.num_chips))
+    return False
+  _say(search.format_best(top, config, topology.num_chips))
+  return True
 
 
 if __name__ == "__main__":

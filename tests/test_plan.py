@@ -1,6 +1,7 @@
 """`python -m qwenvl_jax.plan`: parameter counts of the configured model, without allocating it."""
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -74,6 +75,17 @@ def test_cli_prints_the_trained_count_of_the_official_lora_config_at_full_size()
   out = _plan_cli("--config=configs/stage3.py:model=qwen_vl_7b,lora=64")
   assert out.returncode == 0, out.stderr[-2000:]
   assert "trained by LoRA r=64              112,197,632" in out.stdout
+
+
+def test_json_puts_the_figures_alone_on_stdout():
+  """Scripts parsed the table; with --json stdout is one JSON object (the report goes to stderr)."""
+  out = _plan_cli("--preset=tiny", "--json")
+  assert out.returncode == 0, out.stderr[-2000:]
+  report = json.loads(out.stdout)
+  assert report["model"]["params"] == {"visual": 44_160, "adapter": 25_216, "llm": 296_256, "total": 365_632}
+  assert report["model"]["trained_by_stage"]["1"] == 68_352 and report["model"]["image_size"] == 224
+  assert report["topology"] is None and report["train"] is None and report["search"] is None
+  assert "total                                 365,632" in out.stderr
 
 
 @pytest.mark.parametrize("arg, message", [

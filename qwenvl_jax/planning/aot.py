@@ -177,6 +177,44 @@ class StepPlan:
       return None
     return (self.flops + self.missing_flops) * self.num_chips / self.model_flops
 
+  @property
+  def verdict(self) -> str:
+    """FITS, FITS but tight (over `TIGHT_FRACTION` of HBM) or DOES NOT FIT."""
+    if not self.fits:
+      return "DOES NOT FIT"
+    return f"FITS, but tight (> {TIGHT_FRACTION:.0%} of HBM)" if self.hbm_fraction > TIGHT_FRACTION else "FITS"
+
+  def to_dict(self) -> dict[str, Any]:
+    """The figures of `format()` as JSON values (`plan --json`): bytes per chip, FLOPs, seconds per step, tokens
+    per second and MFU, each at full overlap, no overlap and the `estimated_seconds` a search ranks by (None where
+    unknown: no communication analysed, no token or model FLOP count given)."""
+    times = self.step_seconds_range or (None, None)
+    mfu = self.mfu_range or (None, None)
+    estimate = self.estimated_seconds
+    at = {"full_overlap": times[0], "no_overlap": times[1], "estimate": estimate}
+    rates = {k: self.tokens_per_second(v) for k, v in at.items()}
+    comm = self.comm
+    return {
+        "chip": self.chip.name, "num_chips": self.num_chips, "hbm_bytes": self.chip.hbm_bytes,
+        "memory_bytes": {"arguments": self.argument_bytes, "outputs": self.output_bytes,
+                         "aliased": self.alias_bytes, "temporaries": self.temp_bytes, "code": self.code_bytes,
+                         "total": self.total_bytes},
+        "hbm_fraction": self.hbm_fraction, "fits": self.fits, "verdict": self.verdict,
+        "compile_error": self.compile_error or None, "advice": self.advice(),
+        "flops": self.flops, "bytes_accessed": self.bytes_accessed, "optimal_seconds": self.optimal_seconds,
+        "program_flops": self.program_flops, "model_flops": self.model_flops, "while_loops": self.loops,
+        "compiled_to_model_flops": self.compiler_to_model_flops,
+        "collectives": None if comm is None else {
+            kind: {"count": comm.counts[kind], "bytes": comm.bytes[kind], "seconds": comm.seconds[kind]}
+            for kind in collectives.KINDS if comm.counts[kind]},
+        "step_seconds": {"compute": self.step_seconds, "communication": self.comm_seconds, **at},
+        "tokens_per_step": self.tokens,
+        "tokens_per_second": {k: r and r[0] for k, r in rates.items()},
+        "tokens_per_second_per_chip": {k: r and r[1] for k, r in rates.items()},
+        "mfu": {"no_overlap": mfu[0], "full_overlap": mfu[1], "compute_only": self.mfu},
+        "compile_seconds": self.compile_seconds,
+    }
+
   def advice(self) -> list[str]:
     """What to change, biggest lever first, when the step does not fit (or barely does); empty otherwise."""
     if self.hbm_fraction <= TIGHT_FRACTION:
@@ -245,13 +283,7 @@ class StepPlan:
     elif self.step_seconds:
       lines += self._format_comm()
     lines.append(f"compile time {self.compile_seconds:.1f} s")
-    if not self.fits:
-      verdict = "DOES NOT FIT"
-    elif self.hbm_fraction > TIGHT_FRACTION:
-      verdict = f"FITS, but tight (> {TIGHT_FRACTION:.0%} of HBM)"
-    else:
-      verdict = "FITS"
-    lines.append(f"verdict: {verdict}")
+    lines.append(f"verdict: {self.verdict}")
     lines.extend(f"  - {tip}" for tip in self.advice())
     return "\n".join(line for line in lines if line)
 

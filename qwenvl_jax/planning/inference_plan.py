@@ -101,6 +101,16 @@ class InferencePlan:
                  + ("FITS" if self.fits() else "DOES NOT FIT: " + self.what_would_fit()))
     return "\n".join(lines)
 
+  def to_dict(self) -> dict:
+    """`format()`'s figures as JSON values (`plan --inference=... --json`): each program's `StepPlan.to_dict()`,
+    the whole model's weight and cache bytes, and the peak per chip."""
+    fits = self.fits()
+    return {"facts": self.facts, "weight_bytes": self.weight_bytes, "cache_bytes": self.cache_bytes,
+            "decode": self.decode.to_dict(), "prefill": self.prefill and self.prefill.to_dict(),
+            "encode": self.encode and self.encode.to_dict(), "peak_bytes_per_chip": self.peak_bytes(),
+            "hbm_bytes": self.decode.chip.hbm_bytes, "fits": fits,
+            "what_would_fit": None if fits else self.what_would_fit()}
+
   def what_would_fit(self) -> str:
     f = self.facts
     hbm = self.decode.chip.hbm_bytes

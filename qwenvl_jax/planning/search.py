@@ -117,6 +117,17 @@ class Row:
   compile_seconds: float = 0.0
   note: str = ""
 
+  def to_dict(self) -> dict:
+    """The table's figures of this row as JSON values (`plan --search --json`); bytes per chip, seconds per step."""
+    c = self.candidate
+    return {"remat": c.remat, "micro_batches": c.accum, "fsdp": c.fsdp, "tensor": c.tensor,
+            "attention": c.attention, "status": self.status, "fits": self.fits, "bytes_per_chip": self.total_bytes,
+            "estimated_bytes_per_chip": self.est_bytes, "compute_seconds": self.compute_seconds,
+            "comm_seconds": self.comm_seconds, "step_seconds": self.step_seconds,
+            "estimated_step_seconds": self.est_seconds,
+            "mfu": {"no_overlap": self.mfu_low, "full_overlap": self.mfu_high},
+            "compile_seconds": self.compile_seconds, "note": self.note}
+
 
 def candidates(batch: int, chips_per_slice: int, num_slices: int, *, platform: str = "tpu",
                remats: Sequence[str] = REMATS, attentions: Sequence[str] = ATTENTIONS,
@@ -373,6 +384,14 @@ def no_fit_message(rows: Sequence[Row]) -> str:
             "--max_compiles (compiled results are cached)")
   return (f"no layout fits ({done}): a larger topology, fewer rows per step (--config.batch_size), or the savings "
           "a plan without --search lists under 'what would fit'")
+
+
+def best_to_dict(row: Row, config: ml_collections.ConfigDict, num_chips: int) -> dict:
+  """`format_best`'s figures as JSON values: the row's, its `--config.` flags and tokens/s at its step time."""
+  tokens = config.batch_size * config.seq_len
+  return {**row.to_dict(), "flags": row.candidate.flags(row.candidate.rules(config.mesh.rules)),
+          "tokens_per_second": tokens / row.step_seconds if row.step_seconds else None,
+          "tokens_per_second_per_chip": tokens / row.step_seconds / num_chips if row.step_seconds else None}
 
 
 def format_best(row: Row, config: ml_collections.ConfigDict, num_chips: int) -> str:

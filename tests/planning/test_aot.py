@@ -1,5 +1,6 @@
 """StepPlan arithmetic (memory total, fit verdict, advice, MFU) and reading a compiled program's analyses."""
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +65,29 @@ def test_step_time_comes_with_tokens_per_second_overall_and_per_chip():
   assert ("estimated step time 2 s (full overlap) ... 4 s (no overlap): 2.05k ... 1.02k tokens/s (512 ... 256 per "
           "chip)") in text
   assert "tokens/s" not in make_plan(optimal_seconds=2.0).format()  # no token count given: no rate
+
+
+def test_the_report_as_json_holds_the_figures_the_text_prints():
+  """`plan --json`: scripts read the figures instead of parsing the table."""
+  comm = collectives.CommEstimate(seconds={"all-gather": 2.0}, bytes={"all-gather": 1e9},
+                                  counts={k: int(k == "all-gather") for k in collectives.KINDS})
+  plan = make_plan(optimal_seconds=2.0, model_flops=4 * 197e12, tokens=4096, comm=comm, temp_bytes=20 * GIB)
+  out = json.loads(json.dumps(plan.to_dict()))
+  assert out["memory_bytes"] == {"arguments": 2 * GIB, "outputs": 2 * GIB, "aliased": 2 * GIB,
+                                 "temporaries": 20 * GIB, "code": 0, "total": 22 * GIB}
+  assert out["hbm_bytes"] == 16 * GIB and out["fits"] is False and out["verdict"] == "DOES NOT FIT"
+  assert out["advice"] == plan.advice() and out["advice"]
+  assert out["step_seconds"] == {"compute": 2.0, "communication": 2.0, "full_overlap": 2.0, "no_overlap": 4.0,
+                                 "estimate": 3.0}
+  assert out["tokens_per_second"] == {"full_overlap": 2048.0, "no_overlap": 1024.0, "estimate": 4096 / 3}
+  assert out["tokens_per_second_per_chip"]["no_overlap"] == 256.0
+  assert out["mfu"] == {"no_overlap": pytest.approx(0.25), "full_overlap": pytest.approx(0.5),
+                        "compute_only": pytest.approx(0.5)}
+  assert out["collectives"] == {"all-gather": {"count": 1, "bytes": 1e9, "seconds": 2.0}}
+  # Unknown figures are null, not missing keys.
+  bare = make_plan().to_dict()
+  assert bare["tokens_per_second"]["estimate"] is None and bare["mfu"]["no_overlap"] is None
+  assert bare["collectives"] is None and bare["step_seconds"]["full_overlap"] is None
 
 
 def test_activation_bound_step_is_told_to_cut_batch_or_remat():

@@ -112,3 +112,20 @@ def test_a_server_plan_refuses_slots_serve_refuses(monkeypatch):
                                                r"\(data 2 x tensor 2\)"):
     inference_plan.plan_inference(cfg, chips.parse_topology("v5e-4"), quantize=None, batch=3, context=64,
                                   prompt=16, rules_name="inference_tp", server=True)
+
+
+def test_an_inference_plan_as_json_holds_each_program_and_the_peak():
+  import json  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.hardware import chips  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.planning import aot, inference_plan  # pylint: disable=import-outside-toplevel
+  gib = chips.GIB
+  step = lambda temp, tokens: aot.StepPlan(chip=chips.CHIPS["v5e"], num_chips=1, argument_bytes=10 * gib,
+                                           output_bytes=0, alias_bytes=0, temp_bytes=temp * gib, code_bytes=0,
+                                           flops=1e9, bytes_accessed=1e9, optimal_seconds=None, tokens=tokens)
+  facts = {"batch": 8, "context": 2048, "kv_cache_dtype": "bfloat16", "quantize": "int8"}
+  result = inference_plan.InferencePlan(step(1, 8), step(7, 1024), {"int8": 9 * gib}, 2 * gib, facts)
+  out = json.loads(json.dumps(result.to_dict()))
+  assert out["decode"]["tokens_per_step"] == 8 and out["prefill"]["memory_bytes"]["temporaries"] == 7 * gib
+  assert out["decode"]["tokens_per_second"]["estimate"] == pytest.approx(8 / (1e9 / chips.CHIPS["v5e"].hbm_bytes_per_s))
+  assert out["encode"] is None and out["peak_bytes_per_chip"] == 17 * gib and out["fits"] is False
+  assert out["what_would_fit"].startswith("at most ~") and out["facts"] == facts

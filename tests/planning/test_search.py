@@ -1,4 +1,5 @@
 """`plan --search`: the candidate space, pruning, the compile budget and cache, ranking, and the batch advice."""
+import json
 import os
 import re
 import subprocess
@@ -81,6 +82,11 @@ def test_the_best_plan_of_a_tiny_step_says_its_time_in_microseconds_with_tokens_
   assert head == ("best plan: remat dots, 1 micro-batch, fsdp 4 x tensor 1, xla attention, estimated 450 us/step, "
                   "2.28M tokens/s (569k per chip), MFU 1.4% .. 1.7%")
   assert flags.strip().startswith("--config.remat=dots --config.accum_steps=1")
+  out = json.loads(json.dumps(search.best_to_dict(row, config, 4)))  # plan --search --json
+  assert out["flags"] == flags.strip() and out["micro_batches"] == 1 and out["fsdp"] == 4
+  assert out["step_seconds"] == 4.5e-4 and out["mfu"] == {"no_overlap": 0.014, "full_overlap": 0.017}
+  assert out["tokens_per_second"] == pytest.approx(1024 / 4.5e-4)
+  assert out["tokens_per_second_per_chip"] == pytest.approx(1024 / 4.5e-4 / 4)
 
 
 def test_search_prunes_what_cannot_fit_before_compiling():
