@@ -39,7 +39,7 @@ import ml_collections
 
 from qwenvl_jax import errors
 from qwenvl_jax.hardware import chips
-from qwenvl_jax.planning import aot
+from qwenvl_jax.planning import aot, mesh as mesh_lib
 
 REMATS = ("full", "dots", "none")
 ATTENTIONS = ("xla", "splash")
@@ -323,6 +323,8 @@ def search(config: ml_collections.ConfigDict, topology: chips.Topology, *, max_c
       floor = model_flops * _REMAT_FLOPS.get(row.candidate.remat, 1.0) / (
           topology.num_chips * topology.chip.peak_bf16_flops)
       _fill(row, compile_fn(_apply(config, row.candidate), topology), floor)
+    except mesh_lib.MissingLibtpuError:
+      raise  # no layout can compile: one error line, not a table of failed rows that says "raise --max_compiles"
     except Exception as e:  # pylint: disable=broad-except  (one failed layout must not end the search)
       row.status, row.note = "compile failed", f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
     log(f"  {row.status} in {time.perf_counter() - start:.0f} s")

@@ -89,6 +89,21 @@ def test_the_best_plan_of_a_tiny_step_says_its_time_in_microseconds_with_tokens_
   assert out["tokens_per_second_per_chip"] == pytest.approx(1024 / 4.5e-4 / 4)
 
 
+def test_a_missing_libtpu_ends_the_search_instead_of_failing_every_layout():
+  """Without libtpu every compile was a 'compile failed' row and the search ended on 'raise --max_compiles'."""
+  from qwenvl_jax.planning import mesh  # pylint: disable=import-outside-toplevel
+  calls = []
+
+  def compile_fn(config, topology):
+    calls.append(config)
+    raise mesh.MissingLibtpuError("AOT compilation for TPU needs libtpu")
+
+  with pytest.raises(mesh.MissingLibtpuError):
+    search.search(stage1.get_config("model=tiny"), chips.parse_topology("v5e:2x2"), max_compiles=4,
+                  attentions=("xla",), tensors=(1,), compile_fn=compile_fn, log=lambda _: 0)
+  assert len(calls) == 1
+
+
 def test_search_prunes_what_cannot_fit_before_compiling():
   config = stage1.get_config("model=tiny")
   with config.unlocked():
