@@ -280,8 +280,8 @@ def _plan_inference(config, report: dict) -> None:
   if not _TOPOLOGY.value:
     raise app.UsageError("--inference plans serving on a TPU slice: give --topology (e.g. v5e-1)")
   preset = config.model if config is not None else (_PRESET.value or "qwen_vl_7b")
-  res = config.res if config is not None else (448 if _RES.value is None else _RES.value)
-  cfg = inference_plan.inference_model_config(preset, res)
+  cfg = inference_plan.inference_model_config(preset, config.res if config is not None else _RES.value)
+  res = cfg.vision.image_size  # --preset=tiny without --res: the preset's 224 px, as the counts say (it was 448)
   topology = _topology()
   report["model"] = {"name": preset, "image_size": res}
   report["topology"] = topology_to_dict(topology)

@@ -103,7 +103,7 @@ def test_inference_arg_refuses_bad_values(arg, message):
 def test_inference_arg_maps_to_plan_inference_keywords():
   assert inference_plan.parse_inference_arg("quantize=int4,batch=8,kv_cache_dtype=int8,decode_only=true") == {
       "quantize": "int4", "batch": 8, "context": 2048, "prompt": 1024, "images": 1, "kv_cache_dtype": "int8",
-      "rules_name": "fsdp", "group_size": 128, "with_prefill": False, "prefill_batch": None,
+      "rules_name": "inference_tp", "group_size": 128, "with_prefill": False, "prefill_batch": None,
       "tensor_parallel": 0, "server": False}
   assert inference_plan.parse_inference_arg("")["quantize"] == "int8"
   assert inference_plan.parse_inference_arg("quantize=none")["quantize"] is None

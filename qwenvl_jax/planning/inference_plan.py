@@ -146,7 +146,7 @@ def abstract_cache(cfg: QwenVLConfig, batch: int, context: int, kv_cache_dtype: 
 
 def plan_inference(cfg: QwenVLConfig, topology: chips.Topology, *, quantize: str | None, batch: int,
                    context: int, prompt: int, images: int = 1, kv_cache_dtype: str | None = None,
-                   rules_name: str = "fsdp", group_size: int = qlib.DEFAULT_GROUP_SIZE,
+                   rules_name: str = layout.DEFAULT_RULES, group_size: int = qlib.DEFAULT_GROUP_SIZE,
                    with_prefill: bool = True, prefill_batch: int | None = None, tensor_parallel: int = 0,
                    server: bool = False, decode_steps: int = 4,
                    flag_name: Callable[[str], str] = lambda key: f"--{key}") -> InferencePlan:
@@ -289,7 +289,7 @@ def _plan_server(cfg, topology, graphdef, state, as_state, cache, mesh, rules, *
 # The keys of `python -m qwenvl_jax.plan --inference=key=value,...` and their defaults (which give their types).
 INFERENCE_ARG_DEFAULTS = {"quantize": "int8", "batch": 4, "context": 2048, "prompt": 1024, "images": 1,
                           "kv_cache_dtype": "bfloat16", "prefill_batch": 0, "decode_only": False,
-                          "group_size": qlib.DEFAULT_GROUP_SIZE, "rules": "fsdp", "tensor_parallel": 0,
+                          "group_size": qlib.DEFAULT_GROUP_SIZE, "rules": layout.DEFAULT_RULES, "tensor_parallel": 0,
                           "server": False}
 
 
@@ -333,9 +333,11 @@ def check_sizes(values: dict, name) -> None:
     raise errors.ConfigError(f"{name('prompt')} is longer than context={values['context']}")
 
 
-def inference_model_config(preset: str, res: int) -> QwenVLConfig:
-  """The serving numerics of `preset` at `res` px: bf16 weights and compute, no remat."""
-  return get_preset(preset, dtype="bfloat16", param_dtype="bfloat16", remat_policy="none").with_image_size(res)
+def inference_model_config(preset: str, res: int | None = None) -> QwenVLConfig:
+  """The serving numerics of `preset` at `res` px (None: the preset's, as `serve --model` without --image_size):
+  bf16 weights and compute, no remat."""
+  cfg = get_preset(preset, dtype="bfloat16", param_dtype="bfloat16", remat_policy="none")
+  return cfg if res is None else cfg.with_image_size(res)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -434,7 +436,7 @@ def _cli() -> None:
   """Command-line flags (defined only when run as a program) and the report."""
   from absl import app, flags  # pylint: disable=import-outside-toplevel
   preset = flags.DEFINE_string("preset", "qwen_vl_7b", "Model preset (tiny, mid, qwen_vl_7b).")
-  res = flags.DEFINE_integer("res", 448, "Input resolution.")
+  res = flags.DEFINE_integer("res", None, "Input resolution (default: the preset's, 448 for qwen_vl_7b).")
   topology_flag = flags.DEFINE_string("topology", "v5e-1", "TPU slice, e.g. v5e-1, v5e-8, v4-8.")
   quantize = flags.DEFINE_enum("quantize", "int8", ["none", "int8", "int4"], "Weight quantization.")
   group = flags.DEFINE_integer("group_size", qlib.DEFAULT_GROUP_SIZE, "int4 group size.")

@@ -129,3 +129,11 @@ def test_an_inference_plan_as_json_holds_each_program_and_the_peak():
   assert out["decode"]["tokens_per_second"]["estimate"] == pytest.approx(8 / (1e9 / chips.CHIPS["v5e"].hbm_bytes_per_s))
   assert out["encode"] is None and out["peak_bytes_per_chip"] == 17 * gib and out["fits"] is False
   assert out["what_would_fit"].startswith("at most ~") and out["facts"] == facts
+
+
+def test_the_inference_plan_takes_the_presets_resolution_unless_told():
+  """`plan --preset=tiny --inference=...` planned 448 px images where the counts above it (and serve) use tiny's 224."""
+  from qwenvl_jax.planning import inference_plan  # pylint: disable=import-outside-toplevel
+  assert inference_plan.inference_model_config("tiny").vision.image_size == 224
+  assert inference_plan.inference_model_config("qwen_vl_7b").vision.image_size == 448
+  assert inference_plan.inference_model_config("tiny", 56).vision.image_size == 56
