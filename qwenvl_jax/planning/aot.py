@@ -246,7 +246,7 @@ class StepPlan:
     """A human-readable multi-line report."""
 
     def gib(n: float) -> str:
-      return f"{n / GIB:9.2f} GiB"
+      return format_bytes(n, width=9)
 
     hbm = self.chip.hbm_bytes
     lines = []
@@ -255,11 +255,12 @@ class StepPlan:
                 "  (figures below: arguments from the input shardings, temporaries from the error; no cost)"]
     lines += [
         f"per-chip memory ({self.chip.name}, {hbm / GIB:.0f} GiB HBM, {self.num_chips} chips):",
-        f"  arguments     {gib(self.argument_bytes)}   params, optimizer state, batch",
-        f"  outputs       {gib(self.output_bytes)}   (aliased to donated inputs: {self.alias_bytes / GIB:.2f} GiB)",
+        f"  arguments     {gib(self.argument_bytes)}   params, optimizer state or KV cache, inputs",
+        f"  outputs       {gib(self.output_bytes)}   (aliased to donated inputs: {format_bytes(self.alias_bytes)})",
         f"  temporaries   {gib(self.temp_bytes)}   activations, gradients, collective buffers",
         f"  code          {gib(self.code_bytes)}",
-        f"  total         {gib(self.total_bytes)}   = {self.hbm_fraction:.1%} of HBM",
+        f"  total         {gib(self.total_bytes)}   "
+        + (f"= {self.hbm_fraction:.1%}" if self.hbm_fraction >= 1e-3 or not self.total_bytes else "< 0.1%") + " of HBM",
     ]
     lines.append("cost per chip (compiler):")
     lines.append(f"  flops         {_fmt(self.flops, 'FLOP')}")
@@ -323,6 +324,15 @@ def _fmt(value: float | None, unit: str, *, lowest: int = -3, highest: int = 5, 
   number = value / 1000**exponent
   text = f"{number:.3g}" if abs(number) < 999.5 else f"{number:,.0f}"  # past the top prefix: all digits
   return f"{text}{space}{prefix}{unit}"
+
+
+def format_bytes(n: float, width: int = 0) -> str:
+  """'15.68 GiB'; below 0.1 GiB in MiB ('51.80 MiB') or KiB: a tiny model's plan read '0.00 GiB' everywhere."""
+  if abs(n) >= 0.1 * GIB or n == 0:
+    return f"{n / GIB:{width}.2f} GiB"
+  if abs(n) >= 2**20:
+    return f"{n / 2**20:{width}.2f} MiB"
+  return f"{n / 2**10:{width}.2f} KiB"
 
 
 def format_seconds(seconds: float | None) -> str:

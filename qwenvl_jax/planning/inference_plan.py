@@ -81,10 +81,10 @@ class InferencePlan:
              f"{f['kv_cache_dtype']}, {'slots' if f['server'] else 'batch'} {f['batch']}, "
              f"context {f['context']} slots, prompt {f['prompt']} tokens with {f['images']} image(s) per row, "
              f"layout {f['layout']} ({f['rules']})",
-             f"  weights {weights / GIB:.2f} GiB ("
-             + ", ".join(f"{k} {v / GIB:.2f}" for k, v in sorted(self.weight_bytes.items())) + ")",
-             f"  KV cache {self.cache_bytes / GIB:.2f} GiB ({self.cache_bytes / f['batch'] / f['context'] / 1024:.0f}"
-             " KiB per token)",
+             f"  weights {aot.format_bytes(weights)} ("
+             + ", ".join(f"{k} {aot.format_bytes(v)}" for k, v in sorted(self.weight_bytes.items())) + ")",
+             f"  KV cache {aot.format_bytes(self.cache_bytes)} "
+             f"({self.cache_bytes / f['batch'] / f['context'] / 1024:.0f} KiB per token)",
              "decode step:", self.decode.format()]
     if self.prefill is not None:
       what = (f"server prefill ({f['prefill_batch']} request(s) into the {f['batch']} slots' cache)" if f["server"]
@@ -92,12 +92,12 @@ class InferencePlan:
       lines += [f"{what}:", self.prefill.format()]
     if self.encode is not None:
       lines += [f"server image encoding ({f['prefill_batch'] * f['images']} image(s); the slots' cache, "
-                f"{self.cache_bytes / self.encode.num_chips / GIB:.2f} GiB per chip, stays resident):",
+                f"{aot.format_bytes(self.cache_bytes / self.encode.num_chips)} per chip, stays resident):",
                 self.encode.format()]
     peak = self.peak_bytes()
     hbm = self.decode.chip.hbm_bytes
     programs = "three" if self.encode is not None else "two"
-    lines.append(f"peak of the {programs} programs: {peak / GIB:.2f} GiB of {hbm / GIB:.0f} GiB per chip -> "
+    lines.append(f"peak of the {programs} programs: {aot.format_bytes(peak)} of {hbm / GIB:.0f} GiB per chip -> "
                  + ("FITS" if self.fits() else "DOES NOT FIT: " + self.what_would_fit()))
     return "\n".join(lines)
 

@@ -52,6 +52,16 @@ def test_times_keep_three_digits_at_any_size(seconds, text):
   assert aot.format_seconds(seconds) == text
 
 
+def test_small_memory_figures_keep_their_digits():
+  """Every figure of a tiny model's plan read '0.00 GiB' (arguments, temporaries, total, the KV cache)."""
+  assert aot.format_bytes(15.68 * GIB) == "15.68 GiB" and aot.format_bytes(0.62 * GIB) == "0.62 GiB"
+  assert aot.format_bytes(51.8 * 2**20) == "51.80 MiB" and aot.format_bytes(505.04 * 2**10) == "505.04 KiB"
+  text = make_plan(argument_bytes=1_725_524, output_bytes=517_156, alias_bytes=516_172, temp_bytes=52_589_424).format()
+  assert "  total             51.80 MiB   = 0.3% of HBM" in text, text
+  assert "(aliased to donated inputs: 504.07 KiB)" in text
+  assert "< 0.1% of HBM" in make_plan(argument_bytes=0, output_bytes=0, alias_bytes=0, temp_bytes=1024).format()
+
+
 def test_step_time_comes_with_tokens_per_second_overall_and_per_chip():
   # 4 chips, 4096 tokens per step: at the compute-only 2 s, at most 2.05k tokens/s, 512 per chip.
   plan = make_plan(optimal_seconds=2.0, model_flops=4 * 197e12, tokens=4096)
