@@ -188,7 +188,8 @@ class Topology:
 
   def describe(self) -> str:
     slices = f" x {self.num_slices} slices" if self.num_slices > 1 else ""
-    return (f"{self.accelerator_type}{slices}: {self.num_chips} chips ({self.topology_name}{slices}), "
+    count = f"{self.num_chips} chip{'s' if self.num_chips > 1 else ''}"
+    return (f"{self.accelerator_type}{slices}: {count} ({self.topology_name}{slices}), "
             f"{self.chip.hbm_bytes / GIB:.0f} GiB HBM and {self.chip.peak_bf16_flops / 1e12:.0f} bf16 TFLOP/s "
             f"per chip")
 

@@ -468,7 +468,7 @@ def _cli() -> None:
     if llm_layers.value:
       cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, layers=llm_layers.value))
     topology = chips.parse_topology(topology_flag.value, 1)
-    print(topology.describe(), "\ncompiling (minutes for the full model) ...", flush=True)
+    print(f"{topology.describe()}\ncompiling (minutes for the full model) ...", flush=True)
     def plan_at(b: int, with_prefill: bool) -> InferencePlan:
       return plan_inference(cfg, topology, quantize=None if quantize.value == "none" else quantize.value,
                             batch=b, context=context.value, prompt=prompt.value, images=images.value,

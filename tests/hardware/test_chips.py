@@ -57,6 +57,11 @@ def test_multi_slice_multiplies_chips_and_peak():
   assert "2 slices" in two.describe()
 
 
+def test_one_chip_is_not_plural():
+  assert chips.parse_topology("v5e-1").describe().startswith("v5litepod-1: 1 chip (v5e:1x1), 16 GiB HBM")
+  assert chips.parse_topology("v5e-4").describe().startswith("v5litepod-4: 4 chips (v5e:2x2)")
+
+
 @pytest.mark.parametrize("name,match", [
     ("v5p-129", "counts TensorCores"),
     ("v5p-384", "no standard grid"),
