@@ -315,9 +315,13 @@ def _batch_splits(config, topology) -> bool:
     # data=1: the layouts put every chip of a slice on fsdp x tensor, whatever the config's data degree was
     print(f"  --config.batch_size={batch} --config.accum_steps={accum} --config.mesh.ici.data=1 "
           f"--config.mesh.ici.fsdp={fsdp} --config.mesh.ici.tensor={tensor} --config.mesh.rules={rules}"
-          f"   ({batch // accum // (fsdp * topology.num_slices)} rows per chip per micro-batch)", file=sys.stderr)
+          f"   ({_rows(batch // accum // (fsdp * topology.num_slices))} per chip per micro-batch)", file=sys.stderr)
   print("  or search layouts of this batch: add --search", file=sys.stderr)
   return False
+
+
+def _rows(n: int) -> str:
+  return f"{n} row{'s' if n != 1 else ''}"
 
 
 def _run_search(config, topology, report: dict) -> bool:

@@ -300,6 +300,12 @@ class StepPlan:
         lines.append(f"  {kind:<19}{comm.counts[kind]:>6} x, {_fmt(comm.bytes[kind], 'B')} sent, "
                      f"{format_seconds(comm.seconds[kind])}")
     fast, slow = self.step_seconds_range
+    if not comm.total_seconds:  # one chip, or nothing to exchange: no range (it read '326 us ... 326 us')
+      rate = format_throughput(self.tokens, self.num_chips, fast)
+      lines.append(f"estimated step time {format_seconds(fast)} (no communication)" + (f": {rate}" if rate else ""))
+      if self.mfu_range:
+        lines.append(f"estimated MFU {self.mfu_range[1]:.1%}")
+      return lines
     rate = format_throughput(self.tokens, self.num_chips, fast, slow)
     lines.append(f"estimated step time {format_seconds(fast)} (full overlap) ... {format_seconds(slow)} (no overlap)"
                  + (f": {rate}" if rate else ""))

@@ -75,6 +75,11 @@ def test_step_time_comes_with_tokens_per_second_overall_and_per_chip():
   assert ("estimated step time 2 s (full overlap) ... 4 s (no overlap): 2.05k ... 1.02k tokens/s (512 ... 256 per "
           "chip)") in text
   assert "tokens/s" not in make_plan(optimal_seconds=2.0).format()  # no token count given: no rate
+  # One chip exchanges nothing: one time, not a range of two equal ends ('326 us ... 326 us').
+  alone = collectives.CommEstimate(seconds={}, bytes={}, counts={k: 0 for k in collectives.KINDS})
+  text = dataclasses.replace(plan, comm=alone).format()
+  assert "estimated step time 2 s (no communication): 2.05k tokens/s (512 per chip)" in text
+  assert "estimated MFU 50.0%" in text and " ... " not in text
 
 
 def test_the_report_as_json_holds_the_figures_the_text_prints():
