@@ -9,6 +9,7 @@
       --config.batch_size=1 --config.accum_steps=1       # a LoRA run: bf16 base, f32 adapters and their AdamW
   python -m qwenvl_jax.plan --preset=qwen_vl_7b --topology=v5e-1 \\
       --inference=quantize=int8,batch=8,context=2048,kv_cache_dtype=int8   # serving: planning/inference_plan.py
+  python -m qwenvl_jax.plan ... --json     # the same figures as one JSON object on stdout, the report on stderr
 
 The count reads the same config the trainer reads (`config.model` preset, `config.res`), builds the model under
 `nnx.eval_shape` (shapes only, nothing materialized) and prints the ViT trunk, the adapter (resampler + ln_post +
