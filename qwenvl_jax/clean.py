@@ -23,6 +23,10 @@ captions, as the job detects them, go to the Chinese-CLIP scorer, each language 
 The dataset lands in <output_dir>/cleaned_pairs/1.0.0/ (read it with `source=array_record:<that folder>` in the
 stage-1 data config); the report in --report (default <output_dir>/clean_report.json). Existing outputs are never
 overwritten. Rule order and thresholds: qwenvl_jax/cleaning/config.py.
+
+The console shows the progress bar, the summary line and Beam's warnings and errors (local worker processes'
+included); `--verbosity=0` adds Beam's INFO lines. A mistake found while the job runs (a shard cut short) is one
+`error:` line and exit status 2 in every local running mode.
 """
 import json
 import logging

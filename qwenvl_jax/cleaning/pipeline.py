@@ -18,11 +18,9 @@ one big shard does not leave every other worker idle). The TFDS writer then shuf
 ("<shard path>:<row>"), so the dataset's order is deterministic whatever the runner.
 """
 import argparse
-import contextlib
 import dataclasses
 import difflib
 import functools
-import logging
 import os
 import tempfile
 import uuid
@@ -37,6 +35,7 @@ from etils import epath
 
 from qwenvl_jax import errors
 from qwenvl_jax.cleaning import config as config_lib
+from qwenvl_jax.cleaning import failures
 from qwenvl_jax.cleaning import filters
 from qwenvl_jax.cleaning import report as report_lib
 from qwenvl_jax.cleaning import scoring
@@ -48,9 +47,11 @@ DATASET_NAME = "cleaned_pairs"
 DATASET_VERSION = "1.0.0"
 METRICS_NAMESPACE = "qwenvl_clean"
 # Beam's DirectRunner first tries its Prism runner, which downloads a binary from the internet, and falls back to
-# this in-process engine when that fails; naming the engine directly never downloads and starts faster. It honours
-# `direct_num_workers` and `direct_running_mode` (in_memory, multi_threading, multi_processing) like DirectRunner.
-LOCAL_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
+# its in-process engine (FnApiRunner) when that fails; naming the engine directly never downloads and starts faster.
+# It honours `direct_num_workers` and `direct_running_mode` (in_memory, multi_threading, multi_processing) like
+# DirectRunner. The job's subclass starts worker processes whose logs go through the job (`local_runner`); named as
+# a string, since the worker processes run that module as __main__ and this package must not import it first.
+LOCAL_RUNNER = "qwenvl_jax.cleaning.local_runner.LocalRunner"
 _DIRECT_RUNNER_NAMES = ("direct", "directrunner")
 
 
@@ -165,6 +166,13 @@ class _Scorers:
     self.by_language = {lang: factory() for lang, factory in by_language.items()}
 
 
+@failures.carry_user_errors
+def _read_shard(path: str, input_format: str, image_root: str | None):
+  """`sources.read_shard` on a worker (a truncated shard's InputFormatError reaches `run_clean` whatever the
+  runner)."""
+  yield from sources.read_shard(path, input_format, image_root)
+
+
 class _CleanBatchFn(beam.DoFn):
   """Runs `filters.clean_batch` on a batch; kept pairs go to the main output, rejected ones to "rejected", and
   every scored pair (kept or not) to "scored" for the report's score histograms."""
@@ -179,6 +187,7 @@ class _CleanBatchFn(beam.DoFn):
     self._kept = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "kept")
     self._rejected = {rule: beam.metrics.Metrics.counter(METRICS_NAMESPACE, rule) for rule in RULES}
 
+  @failures.carry_user_errors
   def setup(self):
     if self._scorer_factory is not None or self._language_factories:
       # One model per worker process: every DoFn instance of the process (one per thread or bundle) shares it.
@@ -186,6 +195,7 @@ class _CleanBatchFn(beam.DoFn):
       self._scorers = self._shared.acquire(lambda: _Scorers(self._scorer_factory, self._language_factories),
                                            tag=tag)
 
+  @failures.carry_user_errors
   def process(self, batch: Sequence[filters.RawPair]):
     scorers = self._scorers
     outcomes = filters.clean_batch(batch, self._cfg, scorers.default if scorers else None,
@@ -201,6 +211,7 @@ class _CleanBatchFn(beam.DoFn):
         yield beam.pvalue.TaggedOutput("scored", report_lib.scored_record(outcome, self._cfg))
 
 
+@failures.carry_user_errors
 def _write_report(_, *, path: str, header: dict, counts: dict, samples: dict, kept: int, histogram: list,
                   near_threshold: list, sample_size: int) -> None:
   similarity = report_lib.similarity_section(histogram=histogram, near_threshold=near_threshold,
@@ -230,7 +241,7 @@ class CleanPairs(beam.PTransform):
         pbegin
         | "ListShards" >> beam.Create(self._shards)
         | "SpreadShards" >> beam.Reshuffle()
-        | "ReadShards" >> beam.FlatMap(sources.read_shard, self._input_format, cfg.image_root)
+        | "ReadShards" >> beam.FlatMap(_read_shard, self._input_format, cfg.image_root)
         | "SpreadPairs" >> beam.Reshuffle())
     outcomes = (
         pairs
@@ -395,7 +406,7 @@ def run_clean(job: CleanJob, beam_options: PipelineOptions | None = None) -> dic
   builder = CleanedPairs(transform=transform(partial), metadata={"clean": header}, data_dir=job.output_dir)
   with tempfile.TemporaryDirectory(prefix="qwenvl_clean_") as download_dir:
     try:
-      with _quiet_empty_dataset_error():
+      with failures.quiet_failures():
         builder.download_and_prepare(
             download_dir=download_dir, download_config=tfds.download.DownloadConfig(beam_options=options))
     except Exception as e:  # Beam wraps worker errors in runner-specific types; only these are handled.
@@ -403,14 +414,19 @@ def run_clean(job: CleanJob, beam_options: PipelineOptions | None = None) -> dic
         # Ctrl-C inside a DoFn came back as "RuntimeError: KeyboardInterrupt [while running ...]" and a traceback;
         # the command prints "interrupted" for a KeyboardInterrupt (nothing was published: rerun as it was).
         raise KeyboardInterrupt from None
-      if _EMPTY_DATASET not in str(e):
+      user_error = failures.user_error_in(e)
+      if user_error is None and failures.EMPTY_DATASET not in str(e):
         raise
-      # TFDS refuses to write an empty dataset, and the failed run may have stopped before writing the report,
-      # so the cleaning runs again without the dataset to tell the user why everything was dropped.
       epath.Path(partial).unlink(missing_ok=True)
       dataset_folder = epath.Path(job.dataset_dir).parent  # TFDS leaves it behind, empty
       if dataset_folder.is_dir() and not any(dataset_folder.iterdir()):
         dataset_folder.rmdir()
+      if user_error is not None:
+        # Worker processes send back their traceback as text: the error is rebuilt from it, so every runner ends
+        # with the line the in-process one gives.
+        raise user_error from e
+      # TFDS refuses to write an empty dataset, and the failed run may have stopped before writing the report,
+      # so the cleaning runs again without the dataset to tell the user why everything was dropped.
       partial = f"{job.report}.incomplete-{uuid.uuid4().hex}"
       with beam.Pipeline(options=options) as p:
         _ = p | "CleanPairs" >> transform(partial)
@@ -427,10 +443,6 @@ def run_clean(job: CleanJob, beam_options: PipelineOptions | None = None) -> dic
   return _publish(partial, job.report)
 
 
-# TFDS's refusal to write an empty split, which run_clean handles (`NoPairsKeptError`).
-_EMPTY_DATASET = "number of generated examples is 0"
-# The loggers Beam reports a failed DoFn on (with its traceback), in-process runners.
-_BEAM_ERROR_LOGGERS = ("apache_beam.runners.common", "apache_beam.runners.worker.bundle_processor")
 # Rows of the first shard whose columns are checked before the job starts.
 _PEEK_ROWS = 100
 
@@ -445,35 +457,6 @@ def _interrupted(error: BaseException) -> bool:
     seen.add(id(error))
     error = error.__cause__ or error.__context__
   return False
-
-
-class _DropEmptyDatasetRecord(logging.Filter):
-  """Drops Beam's ERROR record (with the worker's traceback) of TFDS's empty-split refusal, of a user mistake
-  found on a worker (`errors.UserError`, e.g. a truncated input shard) and of Ctrl-C, which the command prints as
-  one line."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    if isinstance(record.msg, errors.UserError) or (record.exc_info and isinstance(
-        record.exc_info[1], (errors.UserError, KeyboardInterrupt))):
-      return False
-    return _EMPTY_DATASET not in record.getMessage()
-
-
-@contextlib.contextmanager
-def _quiet_empty_dataset_error():
-  """While the dataset is built, Beam's log of the failures that end as one-line errors (TFDS's empty split,
-  which `run_clean` turns into `NoPairsKeptError`, and a worker's `errors.UserError`) is dropped (it printed a
-  traceback above that line); every other record passes."""
-  # DoFnRunner._reraise_augmented logs it (`_LOGGER.exception`) before re-raising it with the step's name.
-  loggers = [logging.getLogger(name) for name in _BEAM_ERROR_LOGGERS]
-  record_filter = _DropEmptyDatasetRecord()
-  for logger in loggers:
-    logger.addFilter(record_filter)
-  try:
-    yield
-  finally:
-    for logger in loggers:
-      logger.removeFilter(record_filter)
 
 
 def _check_columns(shard: str, job: CleanJob) -> None:

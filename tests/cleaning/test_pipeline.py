@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -278,6 +279,10 @@ def test_command_line_on_two_direct_runner_workers_with_a_scorer(clean_inputs, t
   assert f"kept {len(got)} of {len(by_id)} pairs" in result.stdout
   # Nothing is downloaded: TFDS's download lines are noise (issue 17); the report says how pairs were scored.
   assert "Downloading and preparing" not in result.stdout + result.stderr
+  # Each worker process printed ~20 Beam INFO lines of its own on stderr (and a warning about Dataflow's main
+  # session, twice); they reach the console through the job's logging now, which shows INFO at --verbosity=0.
+  info = [line for line in result.stderr.splitlines() if re.match(r"INFO:|I\d{4} |.*severity: INFO", line)]
+  assert not info and "semi_persistent_directory" not in result.stderr, result.stderr[-3000:]
   assert report["similarity_filter"] == f"scorer {report['scorer']} >= 0.5"
 
 
@@ -294,16 +299,30 @@ def test_direct_runner_means_the_local_engine_and_others_pass_through(text, runn
     assert options.view_as(DirectOptions).direct_num_workers == 2
 
 
-def test_a_shard_cut_short_stops_the_job_with_one_error_and_no_beam_traceback(clean_inputs, tmp_path, caplog):
+@pytest.mark.parametrize("beam_options", [
+    "",
+    # Worker processes, and Beam's in-process gRPC workers, sent back only the text of the worker's traceback:
+    # the command printed a RuntimeError traceback (and each worker its own, on its stderr) instead of the line.
+    pytest.param("direct_num_workers=2,direct_running_mode=multi_processing", marks=pytest.mark.multiprocess),
+    "direct_num_workers=2,direct_running_mode=multi_threading",
+])
+def test_a_shard_cut_short_stops_the_job_with_one_error_and_no_beam_traceback(clean_inputs, tmp_path, caplog, capfd,
+                                                                              beam_options):
   folder, _ = clean_inputs
   data = (folder / "c.jsonl.gz").read_bytes()
   (tmp_path / "z.jsonl.gz").write_bytes(data[:len(data) - 12])  # the first shard checked is whole; this one is cut
   job = CleanJob(inputs=(str(folder / "a.jsonl"), str(tmp_path / "z.jsonl.gz")), output_dir=str(tmp_path / "out"),
                  config=COLUMN_CFG)
-  with pytest.raises(errors.InputFormatError, match="z.jsonl.gz cannot be read"):
-    run_clean(job)
-  assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
-  assert not pathlib.Path(job.dataset_dir).exists() and not pathlib.Path(job.report).exists()
+  with pytest.raises(errors.InputFormatError) as raised:
+    run_clean(job, beam_options_from_string(beam_options))
+  # The worker's own error, as every runner gives it (no Beam step name, no text of the carrier).
+  assert raised.value.message == (f"input shard {tmp_path / 'z.jsonl.gz'} cannot be read after row 1: EOFError: "
+                                  "Compressed file ended before the end-of-stream marker was reached")
+  assert raised.value.hint == "re-download or re-write the shard, or leave it out of --input"
+  assert not [r for r in caplog.records if r.exc_info or "z.jsonl.gz" in r.getMessage()], caplog.text
+  err = capfd.readouterr().err  # the worker processes' stderr too
+  assert "Traceback" not in err and "z.jsonl.gz" not in err, err
+  assert not any((tmp_path / "out").glob("*")), list((tmp_path / "out").glob("**/*"))  # nor the report's partial
 
 
 def _interrupting_scorer():
