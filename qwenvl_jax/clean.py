@@ -61,7 +61,8 @@ _SCORER_ZH = flags.DEFINE_string(
 
 _TEXT_KEY = flags.DEFINE_string("text_key", _DEFAULTS.text_key, "Caption column.")
 _IMAGE_KEY = flags.DEFINE_string("image_key", _DEFAULTS.image_key, "Image column (bytes, path, URL or struct).")
-_ID_KEY = flags.DEFINE_string("id_key", None, "Record id column (default: '<shard file>:<row>').")
+_ID_KEY = flags.DEFINE_string("id_key", None, "Record id column (default: '<shard file>:<row>', with the folders "
+                               "that tell apart shards of one file name).")
 _SCORE_KEY = flags.DEFINE_string("score_key", None, "Precomputed image-text similarity column.")
 _SKIP_SIMILARITY = flags.DEFINE_bool("skip_similarity", False, "Clean without the image-text similarity filter "
                                      "(needed when neither --score_key nor --scorer is given).")

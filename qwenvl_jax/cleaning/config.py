@@ -58,7 +58,8 @@ class CleanConfig:
       else to the input shard's folder), an http(s) URL, a `data:` URL, or a {"bytes": ..., "path": ...} struct
       (the Hugging Face datasets image layout; in JSONL "bytes" is base64).
     id_key: input column with a record id; None derives "<shard file name>:<row>" (JSONL line number from
-      1, Parquet row index from 0).
+      1, Parquet row index from 0; shards of one file name in several folders are named with as many of their
+      folders as tell them apart, `sources.shard_names`).
     score_key: input column with a precomputed image-text similarity (e.g. a CLIP score); None = no column.
     image_root: folder that relative image paths are resolved against; None = the shard's folder.
     languages: ISO 639-1 codes (as `py3langid` reports them) a caption may be in; a code it never reports is

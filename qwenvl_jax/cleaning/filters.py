@@ -32,7 +32,9 @@ class RawPair:
   Attributes:
     key: unique and stable across runs ("<shard path>:<row>": JSONL line number from 1, Parquet row index from
       0); the TFDS example key.
-    source: the same, with the shard's file name only, for people reading reports and default ids.
+    source: the same with the shard's name instead of its path (its file name, with as many folders as tell it
+      from the job's other shards of that name: `sources.shard_names`), for people reading reports and default
+      ids; unique within a job, as the key.
     row: the parsed row (a dict of columns) or a `MalformedRow`.
     root: folder that relative image paths of this row resolve against.
   """

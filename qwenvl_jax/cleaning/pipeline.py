@@ -167,10 +167,11 @@ class _Scorers:
 
 
 @failures.carry_user_errors
-def _read_shard(path: str, input_format: str, image_root: str | None):
-  """`sources.read_shard` on a worker (a truncated shard's InputFormatError reaches `run_clean` whatever the
-  runner)."""
-  yield from sources.read_shard(path, input_format, image_root)
+def _read_shard(shard: tuple[str, str], input_format: str, image_root: str | None):
+  """`sources.read_shard` of a (path, name) on a worker (a truncated shard's InputFormatError reaches `run_clean`
+  whatever the runner)."""
+  path, name = shard
+  yield from sources.read_shard(path, input_format, image_root, name=name)
 
 
 class _CleanBatchFn(beam.DoFn):
@@ -239,7 +240,7 @@ class CleanPairs(beam.PTransform):
     cfg = self._cfg
     pairs = (
         pbegin
-        | "ListShards" >> beam.Create(self._shards)
+        | "ListShards" >> beam.Create(sorted(sources.shard_names(self._shards).items()))
         | "SpreadShards" >> beam.Reshuffle()
         | "ReadShards" >> beam.FlatMap(_read_shard, self._input_format, cfg.image_root)
         | "SpreadPairs" >> beam.Reshuffle())

@@ -4,12 +4,17 @@ Shards are the unit of reading: each worker reads whole files, row by row (Parqu
 stays bounded whatever the file size), and every row becomes a `filters.RawPair` keyed by "<path>:<row>" (a
 JSONL line number from 1, as editors and the trainer's bad-record names count; a Parquet row index from 0, as
 pyarrow counts).
-That key is unique and stable across runs, which is what TFDS needs to shuffle deterministically. A line that is
-not valid JSON, or not a JSON object, becomes a `MalformedRow` (counted as "malformed"), never an exception; a
-file that cannot be opened at all is an error, because it means the job would silently lose a whole shard.
+That key is unique and stable across runs, which is what TFDS needs to shuffle deterministically. A row's default
+id (and its locator in the report) is "<name>:<row>", the name being the shard's file name, or, for shards of one
+file name in several folders (`2023/part-0.parquet`, `2024/part-0.parquet`), as many trailing folders as tell
+them apart (`shard_names`): the ids of one job's pairs are unique, and the same in every run of the same inputs.
+A line that is not valid JSON, or not a JSON object, becomes a `MalformedRow` (counted as "malformed"), never an
+exception; a file that cannot be opened at all is an error, because it means the job would silently lose a whole
+shard.
 
 Paths may be local or any filesystem Apache Beam knows (gs://, s3://, hdfs:// with the matching extras).
 """
+import collections
 import contextlib
 import gzip
 import io
@@ -77,20 +82,41 @@ def match_shards(patterns: Sequence[str], input_format: str = "auto") -> list[st
   return paths
 
 
-def read_shard(path: str, input_format: str = "auto", image_root: str | None = None) -> Iterator[RawPair]:
+def shard_names(paths: Sequence[str]) -> dict[str, str]:
+  """The name of each of a job's shard paths in its rows' default ids: the file name, with as many trailing folders
+  as tell apart the shards that share it (raw/2023/part-0.parquet and raw/2024/part-0.parquet are
+  "2023/part-0.parquet" and "2024/part-0.parquet"; a.jsonl beside them stays "a.jsonl").
+
+  The same paths always get the same names; `paths` are distinct files (`match_shards`), so the names are unique.
+  """
+  parts = {path: path.replace(os.sep, "/").rstrip("/").split("/") for path in paths}
+  depth = dict.fromkeys(paths, 1)
+  while True:
+    names = {path: "/".join(parts[path][-depth[path]:]) for path in paths}
+    count = collections.Counter(names.values())
+    clashing = [path for path in paths if count[names[path]] > 1 and depth[path] < len(parts[path])]
+    if not clashing:
+      return names
+    for path in clashing:
+      depth[path] += 1
+
+
+def read_shard(path: str, input_format: str = "auto", image_root: str | None = None,
+               name: str | None = None) -> Iterator[RawPair]:
   """Yields every row of one shard as a `RawPair`, in file order.
 
   Args:
     path: the shard.
     input_format: "auto" (from the file name), "jsonl" or "parquet".
     image_root: folder relative image paths resolve against; None = the shard's own folder.
+    name: the shard in the rows' default ids and report locators (`shard_names`); None = its file name.
 
   Raises:
     errors.InputFormatError: the shard cannot be read to its end (a truncated download: a gzip stream or Parquet
       footer cut short), naming the shard and the last row read (the job stops rather than lose the rest of the shard).
   """
   root = image_root if image_root is not None else os.path.dirname(path)
-  name = os.path.basename(path)
+  name = name or os.path.basename(path)
   rows = _jsonl_rows(path) if shard_format(path, input_format) == "jsonl" else _parquet_rows(path)
   index = None
   try:

@@ -178,6 +178,21 @@ def test_all_rejected_still_reports_why(tmp_path):
   assert "column 'text' is a int, not a string" in report["samples"]["malformed"][0]["reason"]
 
 
+def test_shards_of_one_file_name_in_two_folders_give_their_pairs_distinct_ids(tmp_path):
+  """Both pairs were stored under the id 'part-0.jsonl:1' (the default id named the shard by its file name)."""
+  (tmp_path / "red.jpg").write_bytes(cases_lib.encode())
+  for year, text in (("2023", "a red square on a wooden table"), ("2024", "a red circle on a wooden table")):
+    (tmp_path / year).mkdir()
+    (tmp_path / year / "part-0.jsonl").write_text(json.dumps({"text": text, "image": "../red.jpg"}) + "\n")
+  job = CleanJob(inputs=[str(tmp_path / "*" / "part-0.jsonl")], output_dir=str(tmp_path / "out"),
+                 skip_similarity=True)
+  run_clean(job)
+  _, data = _dataset(job.dataset_dir)
+  assert sorted((ex["id"].decode(), ex["text"].decode()) for ex in data) == [
+      ("2023/part-0.jsonl:1", "a red square on a wooden table"),
+      ("2024/part-0.jsonl:1", "a red circle on a wooden table")]
+
+
 def test_a_column_no_row_holds_is_refused_before_the_job_starts(tmp_path):
   """A misspelt --score_key rejected every pair as malformed after the whole job ran, and the error blamed the text
   and image columns."""

@@ -108,3 +108,23 @@ def test_a_shard_cut_short_is_one_error_naming_it(tmp_path):
   (tmp_path / "cut.parquet").write_bytes((tmp_path / "full.parquet").read_bytes()[:-20])
   with pytest.raises(errors.InputFormatError, match="cut.parquet cannot be read at its start"):
     sources.peek_rows(str(tmp_path / "cut.parquet"))
+
+
+def test_shards_of_one_file_name_get_names_their_folders_tell_apart():
+  """raw/2023/part-0.parquet and raw/2024/part-0.parquet both gave their rows the default ids 'part-0.parquet:N':
+  two pairs of one dataset under one id."""
+  paths = ["/d/raw/2023/part-0.parquet", "/d/raw/2024/part-0.parquet", "/d/raw/a.jsonl", "/e/x/2023/part-0.parquet",
+           "gs://b/lang=en/part-0.parquet"]
+  names = sources.shard_names(paths)
+  assert names == {"/d/raw/2023/part-0.parquet": "raw/2023/part-0.parquet",
+                   "/d/raw/2024/part-0.parquet": "2024/part-0.parquet", "/d/raw/a.jsonl": "a.jsonl",
+                   "/e/x/2023/part-0.parquet": "x/2023/part-0.parquet",
+                   "gs://b/lang=en/part-0.parquet": "lang=en/part-0.parquet"}
+  assert sources.shard_names(list(reversed(paths))) == names  # whatever the order
+  assert sources.shard_names(["/d/a.jsonl"]) == {"/d/a.jsonl": "a.jsonl"}
+
+
+def test_a_shard_name_makes_the_default_id(tmp_path):
+  (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
+  pairs = list(sources.read_shard(str(tmp_path / "a.jsonl"), name="2023/a.jsonl"))
+  assert [(p.key, p.source) for p in pairs] == [(f"{tmp_path / 'a.jsonl'}:1", "2023/a.jsonl:1")]
