@@ -5,7 +5,8 @@
 
 Shards the examples over all hosts and devices, generates greedily with the task's official prompt and lengths
 (multiple choice: lowest option loss), and writes the score with every prediction to `config.output` (never
-replacing it). A run that stopped resumes when started again with the same output. See
+replacing it). A run that stopped resumes when started again with the same output; a second job started with an
+output another one is writing is refused (`qwenvl_jax/evaluation/output_lock.py`). See
 `qwenvl_jax/evaluation/runner.py`.
 """
 

@@ -6,6 +6,7 @@ Modules:
   tfds_readers     prepared TFDS datasets (`tfds:NAME[/CONFIG][:VERSION][:SPLIT]`, `array_record:FOLDER`) -> examples
   few_shot         few-shot prompts: the shot pool, shots drawn per query from (seed, id), never the query
   results          sharding, per-process resume ledgers, merge on process 0, the never-overwritten JSON
+  output_lock      one job per results file: an OS lock on its ledger folder, refusing a second job
   cider            CIDEr-D as pycocoevalcap (with `ptb_tokenizer`, its caption normalisation in Python)
   vqa              VQA accuracy with the official answer normalization, GQA cleanup, exact match
   anls             DocVQA ANLS (tau 0.5)

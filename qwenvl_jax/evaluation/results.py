@@ -1,6 +1,7 @@
 """Bookkeeping of an evaluation run: sharding, per-process prediction ledgers (resume), merge, final JSON.
 
 Layout for an output file `OUT.json`:
+  OUT.json.partial/lock                  held by the job writing the folder (`output_lock`): one job per output
   OUT.json.partial/run.json              the settings that decide the predictions, of the run that started
   OUT.json.partial/process-00000.jsonl   one ledger per process: a JSON line per finished example,
   OUT.json.partial/process-00001.jsonl   {"id": example id, "prediction": str or int[, "extra": {...}]}
@@ -36,6 +37,7 @@ import tempfile
 from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Sequence, TypeVar, Union
 
 from qwenvl_jax import errors
+from qwenvl_jax.evaluation import output_lock
 from qwenvl_jax.evaluation.readers import EvalExample
 
 PathLike = Union[str, os.PathLike]
@@ -192,7 +194,7 @@ def discard_unstarted(directory: PathLike, settings: Mapping[str, Any]) -> bool:
       return False
   except ValueError:  # an unreadable ledger line: someone's data, left for the error that names it
     return False
-  ours = lambda name: (name == "run.json" or name.startswith(".run.")
+  ours = lambda name: (name in ("run.json", output_lock.LOCK_FILE) or name.startswith(".run.")
                        or (name.startswith("process-") and name.endswith(".jsonl")))
   if not all(ours(p.name) for p in directory.iterdir()):
     return False  # something this module did not write

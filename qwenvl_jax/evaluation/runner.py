@@ -1,8 +1,9 @@
 """The batch evaluation job behind `python -m qwenvl_jax.evaluate`: one official task over all hosts and devices.
 
 Procedure (RECIPES §2.1, with the bookkeeping of `evaluation.results`):
-  1. every process reads the task's data file; process 0 reads the ledgers of an earlier partial run and tells
-     the others which examples are done (so all agree on the rest, `todo`);
+  1. every process reads the task's data file; process 0 locks the output's ledger folder (`output_lock`: a
+     second job with this output is refused), reads the ledgers of an earlier partial run and tells the others
+     which examples are done (so all agree on the rest, `todo`);
   2. `todo` is cut into contiguous shards, one per process (`results.shard`, like the reference's
      InferenceSampler: every example exactly once, no drop_last); each process walks its shard in batches of
      `per_device_batch_size x local devices` rows; the last batches are padded with empty rows, and processes
@@ -53,7 +54,7 @@ from tqdm import tqdm
 from qwenvl_jax import distributed, errors
 from qwenvl_jax.evaluation import collectives, prompts
 from qwenvl_jax.evaluation import few_shot as few_shot_lib
-from qwenvl_jax.evaluation import results, synthetic_sets
+from qwenvl_jax.evaluation import output_lock, results, synthetic_sets
 from qwenvl_jax.evaluation import tasks as tasks_lib
 from qwenvl_jax.evaluation import tfds_readers
 from qwenvl_jax.evaluation.job import EvalJob, check_tokenizer
@@ -179,15 +180,17 @@ def run(config) -> dict | None:
   _check_official_files(config, task)
   results.check_output_free(output)
   recorded = {}  # process 0: the settings this run recorded in (or checked against) OUTPUT.partial/run.json
+  # Process 0 takes it before it touches OUTPUT.partial/: a second job with this output is refused.
+  lock = output_lock.OutputLock(results.partial_dir(output))
   try:
     if config.data_path != SYNTHETIC:
-      return _run(config, task, output, recorded=recorded)
+      return _run(config, task, output, recorded=recorded, lock=lock)
     # Every process writes the same seeded set to its own temporary folder: no shared disk is needed.
     with tempfile.TemporaryDirectory(prefix="qwenvl_eval_") as root:
       config = config.copy_and_resolve_references()
       data_file = _write_synthetic_set(config, task, root)
       config.data_path, config.annotation_path, config.image_root = data_file, "", root
-      return _run(config, task, output, recorded_data_path=SYNTHETIC, recorded=recorded)
+      return _run(config, task, output, recorded_data_path=SYNTHETIC, recorded=recorded, lock=lock)
   except BaseException:
     # A run that stopped before its first prediction leaves no `OUTPUT.partial/` behind (only its own: one
     # recorded under other settings is another run's).
@@ -195,13 +198,15 @@ def run(config) -> dict | None:
     if recorded and results.discard_unstarted(ledger_dir, recorded["settings"]):
       logging.info("removed %s: the run stopped before its first prediction", ledger_dir)
     raise
+  finally:
+    lock.release()
 
 
 def _run(config, task: tasks_lib.EvalTask, output: str, recorded_data_path: str | None = None, *,
-         recorded: dict) -> dict | None:
+         recorded: dict, lock: output_lock.OutputLock) -> dict | None:
   """`run` once the data is in place; `recorded_data_path` stands for the data path in the run's settings and
-  results (a synthetic set's temporary folder changes from run to run). Process 0 puts the settings it recorded
-  in the ledger folder into `recorded["settings"]`."""
+  results (a synthetic set's temporary folder changes from run to run). Process 0 takes `lock` (the caller
+  releases it) and puts the settings it recorded in the ledger folder into `recorded["settings"]`."""
   data_path = config.data_path or task.data_file
   annotation_path = config.annotation_path or None
   tfds_data_dir = config.get("tfds_data_dir") or None
@@ -242,6 +247,8 @@ def _run(config, task: tasks_lib.EvalTask, output: str, recorded_data_path: str 
   state = None
   if jax.process_index() == 0:
     try:
+      lock.acquire(output)
+      results.check_output_free(output)  # written meanwhile by a job that held the lock
       done = list(results.read_ledgers(ledger_dir))
       check_ids = recorded_data_path != SYNTHETIC  # a smaller synthetic set is the start of a larger one
       data_name = recorded_data_path or os.fspath(data_path)
@@ -255,11 +262,12 @@ def _run(config, task: tasks_lib.EvalTask, output: str, recorded_data_path: str 
         _check_ledger_ids(done, all_examples, ledger_dir, data_name)
       recorded["settings"] = settings
       state = {"done": done}
-    except ValueError as e:  # every process raises it, none waits for the others
-      state = {"error": str(e)}
+    except (ValueError, errors.UserError) as e:  # every process raises it, none waits for the others
+      state = {"error": e.message if isinstance(e, errors.UserError) else str(e), "hint": getattr(e, "hint", None)}
   state = collectives.broadcast_json(state)
   if "error" in state:
-    raise errors.ConfigError(state["error"])  # the output's ledgers are another run's: the user's choice of output
+    # The output is another job's, or its ledgers another run's: the user's choice of output.
+    raise errors.ConfigError(state["error"], state["hint"])
   done = set(state["done"])
   todo = [e for e in examples if e.example_id not in done]
   logging.info("task %s: %d examples, %d already done, %d to go", task.name, len(examples), len(done), len(todo))

@@ -12,6 +12,7 @@ from qwenvl_jax import errors
 from qwenvl_jax.data.synthetic import synthetic_corpus, synthetic_record
 from qwenvl_jax.evaluation import EvalDataError, EvalExample, few_shot, get_task, prompts, results, runner
 from qwenvl_jax.evaluation import config as eval_config
+from qwenvl_jax.evaluation import output_lock
 from qwenvl_jax.inference import loading, model_source
 from qwenvl_jax.text import SentencePieceTokenizer, formatting, train_sentencepiece
 from tests.evaluation import tfds_fakes
@@ -233,6 +234,33 @@ def test_a_resumed_run_with_other_settings_is_refused(workdir, tmp_path, monkeyp
     runner.run(config(data_path=str(_vqa_file(tmp_path / "other.jsonl", root, 2))))
   with pytest.raises(Stop):
     runner.run(config())  # the same settings resume
+
+
+def test_a_second_job_with_the_same_output_is_refused_and_leaves_the_first_ones_ledgers_alone(workdir, tmp_path,
+                                                                                              monkeypatch):
+  """Two jobs started with one output both wrote its ledger folder (each example predicted twice, and the first to
+  finish removed the folder the other still wrote to)."""
+  root, tok = workdir
+  data = _vqa_file(tmp_path / "vqa.jsonl", root, 3)
+  out = tmp_path / "gqa.json"
+  monkeypatch.setattr(runner, "EvalJob", _stop_after_one_prediction(out))
+  config = _config("gqa_testdev", root, tok, str(data), str(out))
+  with pytest.raises(_Stop):
+    runner.run(config)  # the first job, killed after its first batch
+  before = {p.name: p.read_bytes() for p in results.partial_dir(out).iterdir()}
+  first = output_lock.OutputLock(results.partial_dir(out))
+  first.acquire(out)  # its rerun, still running
+  try:
+    with pytest.raises(errors.ConfigError, match=rf"another evaluation job \(pid {os.getpid()} on .*\) is writing "
+                                                 rf"the results {out}") as refused:
+      runner.run(config)
+    assert "--config.output" in refused.value.hint
+    assert {p.name: p.read_bytes() for p in results.partial_dir(out).iterdir()} == {
+        **before, output_lock.LOCK_FILE: (results.partial_dir(out) / output_lock.LOCK_FILE).read_bytes()}
+  finally:
+    first.release()
+  with pytest.raises(_Stop):
+    runner.run(config)  # once it ended, the output is free again
 
 
 def test_default_config_arguments():
