@@ -42,7 +42,8 @@ _DST = flags.DEFINE_string("dst", None, "Output directory; must not exist.", req
 _PRESET = flags.DEFINE_enum("preset", "qwen_vl_7b", sorted(PRESETS), "Model architecture the weights belong to.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 448, "Input resolution written to config.json (224 or 448).")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["keep", "bfloat16", "float32", "float16"],
-                           "Stored dtype. Default: keep the source's for imports, bfloat16 for exports.")
+                           "Stored dtype. Default: keep the source's for imports, bfloat16 for exports; quantize: "
+                           "of the parts left unquantized (norms, biases, ...), float32 by default.")
 _OPENCLIP = flags.DEFINE_string("openclip", None, "init_from_pretrained: OpenCLIP ViT-bigG/14 state dict.")
 _QWEN7B = flags.DEFINE_string("qwen7b", None, "init_from_pretrained: Qwen-7B Hugging Face directory.")
 _SEED = flags.DEFINE_integer("seed", 0, "init_from_pretrained: seed of the fresh adapter.")
@@ -147,7 +148,8 @@ def _quantize(src: str, dst: str, cfg, preset: str, tokenizer: str | None, chat_
   if not os.path.isdir(src):
     raise FileNotFoundError(f"params checkpoint {src!r} does not exist")
   checkpoint.refuse_inside_source(dst, src)
-  # Quantize from float32 (exact for bf16 sources); the small unquantized leaves are stored in float32 too.
+  # Quantize from float32 (exact for bf16 sources); the small unquantized leaves are stored in float32 unless --dtype
+  # says otherwise.
   cfg = dataclasses.replace(cfg, dtype="float32", param_dtype="float32", remat_policy="none")
   reader = checkpoint.ParamReader(src)
   vocab = reader.shapes.get("llm.wte.embedding", ((cfg.llm.vocab_size,),))[0][0]
@@ -157,7 +159,10 @@ def _quantize(src: str, dst: str, cfg, preset: str, tokenizer: str | None, chat_
   qcfg = qlib.QuantConfig(mode=_QUANTIZE.value, group_size=_GROUP.value)
   mesh, rules = loading.inference_mesh()
   model = quantized.quantize_checkpoint_on_load(src, cfg, qcfg, mesh, rules)
-  quantized.save_quantized(model, dst, qcfg, sources={"params": os.path.abspath(src)},
+  # --dtype: what the parts left unquantized are stored as ("keep": the source's; a loader casts them to its own).
+  dtypes = None if _DTYPE.value in (None, "float32") else {
+      k: stored if _DTYPE.value == "keep" else jnp.dtype(_DTYPE.value) for k, (_, stored) in reader.shapes.items()}
+  quantized.save_quantized(model, dst, qcfg, sources={"params": os.path.abspath(src)}, dtypes=dtypes,
                            model_info=checkpoint.model_metadata(cfg, preset, chat_format=chat_format,
                                                                 tokenizer=checkpoint.bundled_tokenizer(tokenizer)))
   checkpoint.copy_tokenizer(tokenizer, dst)

@@ -15,7 +15,7 @@ A quantized params checkpoint is an ordinary params checkpoint (DESIGN §2.3) of
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import orbax.checkpoint as ocp
@@ -124,11 +124,19 @@ def load_quantized_model(path: str | os.PathLike, cfg: QwenVLConfig, mesh: jax.s
 
 
 def save_quantized(model: QwenVL, path: str | os.PathLike, qcfg: qlib.QuantConfig, *,
-                   sources: dict | None = None, model_info: dict | None = None) -> None:
-  """Writes a quantized model's parameters as a params checkpoint at `path` (a new directory)."""
+                   sources: dict | None = None, model_info: dict | None = None,
+                   dtypes: Mapping[str, Any] | None = None) -> None:
+  """Writes a quantized model's parameters as a params checkpoint at `path` (a new directory).
+
+  dtypes: dotted path -> the dtype to store a leaf left unquantized in (norms, biases, ...; a loader casts them to
+  its own dtype); the leaves it does not name, and every `qvalue` and its `scale`, are stored as in `model`.
+  """
   if not qlib.is_quantized(model):
     raise ValueError("save_quantized needs a quantized model (model.quantize.quantize_model)")
-  tree = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  flat = flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  codes = {k[:-len("qvalue")] + leaf for k in flat if k.endswith(".qvalue") for leaf in ("qvalue", "scale")}
+  cast = {k: d for k, d in (dtypes or {}).items() if k in flat and k not in codes}
+  tree = unflatten({k: v.astype(cast[k]) if k in cast else v for k, v in flat.items()})
   meta = {"format": FORMAT, "quantization": qcfg.to_json(), "sources": sources or {},
           **({"model": model_info} if model_info else {})}
   orbax_store.save_params(path, tree, custom_metadata=meta)

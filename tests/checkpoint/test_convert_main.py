@@ -44,12 +44,19 @@ def test_command_line_round_trip_and_quantize(tmp_path, qwenvl_checkpoint):
 
   assert orbax_store.ParamReader(tmp_path / "orbax").custom_metadata["model"]["chat_format"] == "raw"
   # --chat_format replaces what the source records (here: the base model's raw, now fine-tuned to chat).
-  run = _convert("--mode=quantize", "--quantize=int8", "--chat_format=chatml", f"--src={tmp_path / 'orbax'}",
-                 f"--dst={tmp_path / 'int8'}")
+  # --dtype is what the parts left unquantized are stored as (it was accepted and ignored: float32).
+  run = _convert("--mode=quantize", "--quantize=int8", "--chat_format=chatml", "--dtype=bfloat16",
+                 f"--src={tmp_path / 'orbax'}", f"--dst={tmp_path / 'int8'}")
   assert run.returncode == 0, run.stderr[-3000:]
   assert "(tiny, 448 px)" in run.stdout
-  meta = orbax_store.ParamReader(tmp_path / "int8").custom_metadata
+  reader = orbax_store.ParamReader(tmp_path / "int8")
+  meta = reader.custom_metadata
   assert meta["quantization"]["mode"] == "int8"
+  codes = {k.rpartition(".")[0] for k in reader.shapes if k.endswith(".qvalue")}
+  stored = {k: str(d) for k, (_, d) in reader.shapes.items()}
+  assert {d for k, d in stored.items() if k.rpartition(".")[0] not in codes} == {"bfloat16"}  # norms, biases, ...
+  assert stored["llm.blocks.attn.qkv.bias"] == "bfloat16"  # a quantized projection's bias too
+  assert {d for k, d in stored.items() if k.rpartition(".")[0] in codes and k.endswith(".scale")} == {"float32"}
   assert meta["model"] == {"image_size": 448, "preset": "tiny", "chat_format": "chatml",
                            "tokenizer": "qwen:qwen.tiktoken"}
   source = model_source.resolve(str(tmp_path / "int8"))
