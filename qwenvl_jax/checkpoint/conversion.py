@@ -81,11 +81,35 @@ def check_source(table: mapping.Table, bindings: Sequence[mapping.Binding], sour
   problems = [f"{label} ({len(names)}): {_limited(names)}" for label, names in
               (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped),
                ("not floating point", bad_dtype)) if names]
+  if missing == [_LM_HEAD] and len(problems) == 1:
+    _refuse_without_lm_head(source)
   if problems:
     # A user error (one line from convert): most often the source is another preset's (--preset left out).
     raise errors.ConfigError(f"{source.description} is not a {table.name} checkpoint for this model config: "
                              + "; ".join(problems),
                              hint="the weights are another model's: name its preset (--preset / --model)")
+
+
+_LM_HEAD, _WTE = "lm_head.weight", "transformer.wte.weight"
+
+
+def _refuse_without_lm_head(source: tensor_io.TensorSource) -> None:
+  """Every tensor but the output layer: a model saved with its output layer tied to the token embedding (safetensors
+  and `save_pretrained` store a tied tensor once) or a damaged download, not another model's weights."""
+  folder = pathlib.Path(source.description)
+  folder = folder if folder.is_dir() else folder.parent
+  try:
+    tied = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("tie_word_embeddings") is True
+  except (OSError, ValueError, AttributeError):  # no readable config.json: it cannot say
+    tied = False
+  fix = (f"save a copy of {_WTE} as {_LM_HEAD} (Qwen-VL keeps the two apart; in PyTorch: untie them and "
+         "save_pretrained again)")
+  if tied:
+    raise errors.ConfigError(f"{source.description} has no {_LM_HEAD}: its config.json ties the output layer to the "
+                             f"token embedding (tie_word_embeddings), so only {_WTE} was saved", hint=fix)
+  raise errors.ConfigError(f"{source.description} holds every tensor of the model except the output layer "
+                           f"{_LM_HEAD}", hint=f"a download that stopped early: fetch it again; a model saved with "
+                           f"tied embeddings: {fix}")
 
 
 def _import_leaves(table: mapping.Table, source: tensor_io.TensorSource, shapes: Mapping[str, tuple],

@@ -126,6 +126,23 @@ def test_missing_unexpected_and_misshaped_tensors_are_named(tmp_path, qwenvl_che
   assert not (tmp_path / "orbax").exists()
 
 
+def test_a_source_without_lm_head_says_tied_embeddings_not_another_model(tmp_path, qwenvl_checkpoint):
+  """A model saved with its output layer tied to the embedding stores `transformer.wte.weight` once: the error said
+  'missing (1): lm_head.weight' and hinted at another preset. It names the tie (or a cut download) and the fix."""
+  cfg = tiny()
+  _, state = qwenvl_checkpoint(cfg)
+  state.pop("lm_head.weight")
+  write_checkpoint(tmp_path / "tied", state, fmt="safetensors", index=False)
+  with pytest.raises(errors.ConfigError, match="every tensor of the model except the output layer lm_head") as e:
+    checkpoint.torch_to_orbax(tmp_path / "tied", tmp_path / "orbax", cfg)
+  assert "fetch it again" in e.value.hint and "copy of transformer.wte.weight as lm_head.weight" in e.value.hint
+  (tmp_path / "tied" / "config.json").write_text(json.dumps({"tie_word_embeddings": True}))
+  with pytest.raises(errors.ConfigError, match=r"config\.json ties the output layer to the token embedding") as e:
+    checkpoint.torch_to_orbax(tmp_path / "tied", tmp_path / "orbax", cfg)
+  assert e.value.hint.startswith("save a copy of transformer.wte.weight as lm_head.weight")
+  assert not (tmp_path / "orbax").exists()
+
+
 def test_wrong_model_config_is_an_error(tmp_path, qwenvl_checkpoint):
   src, _ = qwenvl_checkpoint(tiny())
   cfg = tiny()
