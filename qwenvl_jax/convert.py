@@ -5,7 +5,8 @@ r"""Weight conversion between PyTorch checkpoints and the Orbax params checkpoin
   # Stage-1 init from scratch: OpenCLIP ViT-bigG/14 -> ViT trunk, Qwen-7B -> LLM, fresh adapter:
   python -m qwenvl_jax.convert --mode=init_from_pretrained --openclip=/ckpt/open_clip_pytorch_model.bin \
       --qwen7b=/ckpt/Qwen-7B --dst=/ckpt/stage1_init
-  # Orbax -> Hugging Face format (bf16 safetensors shards + index + config.json), loadable by the reference:
+  # Orbax -> Hugging Face format (bf16 safetensors shards + index + config.json + the source's qwen.tiktoken), loadable
+  # by the reference with its code and tokenizer files, copied from --reference_files:
   python -m qwenvl_jax.convert --mode=orbax_to_torch --src=/ckpt/finetuned_params --dst=/ckpt/export \
       --reference_files=/ckpt/Qwen-VL-Chat
   # Weight-only int8 (per channel) or int4 (per group) params checkpoint, loaded by generate/evaluate as stored:
@@ -23,6 +24,7 @@ a run's config, a params checkpoint's record); --tokenizer and --chat_format rep
 
 import os
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -75,8 +77,8 @@ def _params_source(src: str) -> tuple[str, str, int, str | None, str | None]:
     source = model_source.resolve(src, model=preset, image_size=size)
   except FileNotFoundError:
     return src, _PRESET.value, _IMAGE_SIZE.value, None, None
-  if _MODE.value != "quantize":  # only quantize passes them on (an export needs neither)
-    return source.params, source.preset, source.image_size or _IMAGE_SIZE.value, None, None
+  if _MODE.value != "quantize":  # an export copies the tokenizer (a Qwen vocabulary) and records no chat format
+    return source.params, source.preset, source.image_size or _IMAGE_SIZE.value, source.tokenizer, None
   chat_format = (source.chat_format if source.run_dir is not None else
                  checkpoint.model_card.recorded_chat_format(source.params,
                                                             checkpoint.model_card.recorded_model(source.params)))
@@ -94,7 +96,8 @@ def main(argv):
     src, preset, image_size, tokenizer, chat_format = _params_source(src)
   if mode in ("orbax_to_torch", "export_peft") and (_TOKENIZER.value or _CHAT_FORMAT.value):
     raise app.UsageError(f"--tokenizer and --chat_format are recorded in params checkpoints, not by --mode={mode}"
-                         + (" (it copies the tokenizer with --reference_files)" if mode == "orbax_to_torch" else ""))
+                         + (" (it copies the source's own tokenizer, or the one of --reference_files)"
+                            if mode == "orbax_to_torch" else ""))
   tokenizer, chat_format = _TOKENIZER.value or tokenizer, _CHAT_FORMAT.value or chat_format
   if _SHARD_GB.value <= 0:
     raise errors.ConfigError(f"--max_shard_gb={_SHARD_GB.value:g} must be > 0 (it wrote one tensor per shard)")
@@ -119,8 +122,25 @@ def main(argv):
                               chat_format=chat_format)
   else:
     checkpoint.orbax_to_torch(src, _DST.value, cfg, dtype=_DTYPE.value or "bfloat16",
-                              max_shard_bytes=int(_SHARD_GB.value * 1e9), reference_files=_REFERENCE.value)
+                              max_shard_bytes=int(_SHARD_GB.value * 1e9), reference_files=_REFERENCE.value,
+                              tokenizer=tokenizer)
   print(f"wrote {mode} of {src} ({preset}, {image_size} px) to {_DST.value}")
+  if mode == "orbax_to_torch" and (lacks := checkpoint.missing_reference_files(_DST.value)):
+    print(f"note: {_DST.value} lacks {', '.join(lacks)} of a Hugging Face Qwen-VL folder, without which transformers "
+          "loads neither the model nor its tokenizer: copy them in from a Qwen-VL download, or export again with "
+          f"--reference_files=DIR{'' if _REFERENCE.value else _origin(src)}", file=sys.stderr)
+
+
+def _origin(params: str) -> str:
+  """' (e.g. the folder it was converted from, DIR)' when the params checkpoint records a Hugging Face Qwen-VL
+  folder that still holds the reference's code, else ''."""
+  try:
+    folder = (checkpoint.ParamReader(params).custom_metadata.get("sources") or {}).get("qwen-vl")
+  except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    return ""
+  if folder and os.path.isfile(os.path.join(folder, "modeling_qwen.py")):
+    return f" (e.g. the folder it was converted from, {folder})"
+  return ""
 
 
 def _refuse_run_checkpoints(dst: str | None) -> None:

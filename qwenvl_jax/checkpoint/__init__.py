@@ -13,15 +13,16 @@ Public surface:
 """
 
 from qwenvl_jax.checkpoint import mapping, model_card, run_layout
-from qwenvl_jax.checkpoint.conversion import (hf_config, init_from_pretrained, model_param_shapes, orbax_to_torch,
-                                              refuse_inside_source, torch_to_orbax)
+from qwenvl_jax.checkpoint.conversion import (hf_config, init_from_pretrained, missing_reference_files,
+                                              model_param_shapes, orbax_to_torch, refuse_inside_source,
+                                              torch_to_orbax)
 from qwenvl_jax.checkpoint.model_card import bundled_tokenizer, copy_tokenizer, hf_model_card, model_metadata
 from qwenvl_jax.checkpoint.orbax_store import ParamReader, load_model, restore_params, save_params
 from qwenvl_jax.checkpoint.tensor_io import open_checkpoint
 
 __all__ = [
     "ParamReader", "bundled_tokenizer", "copy_tokenizer", "hf_config", "hf_model_card", "init_from_pretrained",
-    "load_model", "mapping", "model_card", "model_metadata",
+    "load_model", "mapping", "missing_reference_files", "model_card", "model_metadata",
     "model_param_shapes",
     "open_checkpoint", "orbax_to_torch", "refuse_inside_source", "restore_params", "run_layout", "save_params",
     "torch_to_orbax",

@@ -27,9 +27,11 @@ from typing import Iterable, Mapping, Sequence
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 from flax import nnx
 
 from qwenvl_jax import errors, sharding, tree_paths
+from qwenvl_jax import text as qtext
 from qwenvl_jax.checkpoint import mapping, orbax_store, tensor_io
 from qwenvl_jax.checkpoint.model_card import bundled_tokenizer, copy_tokenizer, hf_model_card, model_metadata
 from qwenvl_jax.model import QwenVL
@@ -292,14 +294,16 @@ def _export_blocks(reader, b: mapping.Binding, dtype, block_bytes):
 
 def orbax_to_torch(src: str | os.PathLike, dst: str | os.PathLike, cfg: QwenVLConfig, *, dtype="bfloat16",
                    max_shard_bytes: int = DEFAULT_SHARD_BYTES, block_bytes: int = DEFAULT_BLOCK_BYTES,
-                   reference_files: str | os.PathLike | None = None) -> dict:
+                   reference_files: str | os.PathLike | None = None, tokenizer: str | None = None) -> dict:
   """Exports a params checkpoint to the Hugging Face Qwen-VL format in the new directory `dst`.
 
   Writes `model-0000k-of-0000n.safetensors` (shards of at most `max_shard_bytes`, a bigger tensor alone),
   `model.safetensors.index.json` and `config.json` (Qwen-VL keys, `visual.image_size` from `cfg`). With
   `reference_files` (a Hugging Face Qwen-VL directory) its code and tokenizer files are copied beside them so
-  the export loads with `trust_remote_code`. Everything is written to `dst.partial` and renamed at the end.
-  Returns the index dict.
+  the export loads with `trust_remote_code` (`missing_reference_files` names what an export lacks). `tokenizer`:
+  the spec of the source's own tokenizer (a run's, or the copy a params checkpoint keeps); a Qwen vocabulary is
+  copied as `qwen.tiktoken`, in place of the reference's. Everything is written to `dst.partial` and renamed at the
+  end. Returns the index dict.
   """
   dst = pathlib.Path(dst)
   _refuse_existing(dst)
@@ -317,12 +321,16 @@ def orbax_to_torch(src: str | os.PathLike, dst: str | os.PathLike, cfg: QwenVLCo
                              "Hugging Face format holds float weights",
                              hint=f"export the float checkpoint it was quantized from{origin}")
   orbax_store.check_tree(reader.shapes, shapes, f"checkpoint {src}")
+  if reference_files is not None and not pathlib.Path(reference_files).is_dir():  # before the hours of writing
+    raise FileNotFoundError(f"reference directory {reference_files} does not exist")
   plans = _export_plans(reader, shapes, out_dtype, block_bytes)
   tmp.mkdir(parents=True)
   try:
     index = tensor_io.write_safetensors_shards(tmp, plans, max_shard_bytes=max_shard_bytes)
     torch_dtype = str(np.dtype(plans[0].dtype).name)
     (tmp / "config.json").write_text(json.dumps(hf_config(cfg, torch_dtype=torch_dtype), indent=2) + "\n")
+    if _is_qwen_vocabulary(tokenizer):
+      copy_tokenizer(tokenizer, tmp)  # as qwen.tiktoken, the name the reference's tokenizer reads
     if reference_files is not None:
       _copy_reference_files(pathlib.Path(reference_files), tmp)
   except BaseException:
@@ -334,9 +342,28 @@ def orbax_to_torch(src: str | os.PathLike, dst: str | os.PathLike, cfg: QwenVLCo
   return index
 
 
+# What a Hugging Face Qwen-VL folder holds besides its weights and config.json: the code transformers runs with
+# trust_remote_code, and the tokenizer's files (QWENVL_SPEC §0).
+REFERENCE_FILES = ("configuration_qwen.py", "modeling_qwen.py", "visual.py", "qwen_generation_utils.py",
+                   "tokenization_qwen.py", "tokenizer_config.json", "qwen.tiktoken", "generation_config.json")
+
+
+def missing_reference_files(export: str | os.PathLike) -> list[str]:
+  """The `REFERENCE_FILES` an `orbax_to_torch` export lacks (without them transformers cannot load it, nor its
+  tokenizer)."""
+  return [name for name in REFERENCE_FILES if not (pathlib.Path(export) / name).is_file()]
+
+
+def _is_qwen_vocabulary(spec: str | None) -> bool:
+  """Whether tokenizer `spec` names an existing Qwen vocabulary (a SentencePiece one is no use to the reference)."""
+  try:
+    kind, path = qtext.parse_tokenizer_spec(spec) if spec else (None, "")
+  except ValueError:
+    return False
+  return kind == "qwen" and epath.Path(path).is_file()
+
+
 def _copy_reference_files(ref: pathlib.Path, out: pathlib.Path) -> None:
-  if not ref.is_dir():
-    raise FileNotFoundError(f"reference directory {ref} does not exist")
   for f in sorted(ref.iterdir()):
     if (f.is_file() and not f.name.endswith(_WEIGHT_FILE_SUFFIXES) and not f.name.endswith(".index.json")
         and f.name != "config.json" and not (out / f.name).exists()):

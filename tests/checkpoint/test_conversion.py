@@ -215,6 +215,31 @@ def test_export_copies_reference_code_but_not_weights(tmp_path, qwenvl_checkpoin
   assert json.loads((tmp_path / "export" / "config.json").read_text())["model_type"] == "qwen"
 
 
+def test_export_keeps_the_sources_qwen_vocabulary_and_names_what_it_lacks(tmp_path, qwenvl_checkpoint, monkeypatch):
+  """Without --reference_files an export had no tokenizer file at all; it now copies the source's own Qwen
+  vocabulary (a run's or a params checkpoint's copy), and `missing_reference_files` names what transformers still
+  needs. A --reference_files folder that does not exist is refused before any shard is written."""
+  cfg = tiny()
+  src, _ = qwenvl_checkpoint(cfg, fmt="bin")
+  (src / "qwen.tiktoken").write_bytes(b"IQ== 0\n")
+  checkpoint.torch_to_orbax(src, tmp_path / "orbax", cfg)
+  kept = model_card.recorded_tokenizer(str(tmp_path / "orbax"), model_card.recorded_model(str(tmp_path / "orbax")))
+  checkpoint.orbax_to_torch(tmp_path / "orbax", tmp_path / "export", cfg, tokenizer=kept)
+  assert (tmp_path / "export" / "qwen.tiktoken").read_bytes() == b"IQ== 0\n"
+  assert checkpoint.missing_reference_files(tmp_path / "export") == [
+      "configuration_qwen.py", "modeling_qwen.py", "visual.py", "qwen_generation_utils.py", "tokenization_qwen.py",
+      "tokenizer_config.json", "generation_config.json"]
+  sentencepiece = f"sentencepiece:{src / 'qwen.tiktoken'}"
+  checkpoint.orbax_to_torch(tmp_path / "orbax", tmp_path / "sp", cfg, tokenizer=sentencepiece)
+  assert "qwen.tiktoken" in checkpoint.missing_reference_files(tmp_path / "sp")  # of no use to the reference
+  def written(*args, **kwargs):
+    raise AssertionError("shards written before the reference folder was checked")
+  monkeypatch.setattr(tensor_io, "write_safetensors_shards", written)
+  with pytest.raises(FileNotFoundError, match="reference directory .*nowhere does not exist"):
+    checkpoint.orbax_to_torch(tmp_path / "orbax", tmp_path / "x", cfg, reference_files=tmp_path / "nowhere")
+  assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
+
+
 def test_config_json_of_the_7b_preset_matches_the_released_one():
   c = conversion.hf_config(qwen_vl_7b())
   want = {"vocab_size": 151936, "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,

@@ -29,6 +29,7 @@ def test_command_line_round_trip_and_quantize(tmp_path, qwenvl_checkpoint):
   src, state = qwenvl_checkpoint(tiny(), fmt="bin")
   (src / "generation_config.json").write_text('{"chat_format": "raw"}')
   (src / "qwen.tiktoken").write_bytes(b"IQ== 0\n")
+  (src / "modeling_qwen.py").write_text("# the reference's code")
   run = _convert("--mode=torch_to_orbax", "--preset=tiny", f"--src={src}", f"--dst={tmp_path / 'orbax'}")
   assert run.returncode == 0, run.stderr[-3000:]
   run = _convert("--mode=orbax_to_torch", "--preset=tiny", "--image_size=224", f"--src={tmp_path / 'orbax'}",
@@ -39,6 +40,12 @@ def test_command_line_round_trip_and_quantize(tmp_path, qwenvl_checkpoint):
     out.update(load_file(str(f)))
   assert sorted(out) == sorted(state)
   assert all(torch.equal(out[k].view(torch.int16), state[k].view(torch.int16)) for k in state)
+  # Without --reference_files the export keeps the checkpoint's own vocabulary (it had no tokenizer file) and says
+  # in one line what transformers still needs, naming the folder it was converted from (which holds the code).
+  assert (tmp_path / "export" / "qwen.tiktoken").read_bytes() == b"IQ== 0\n"
+  note, = [x for x in run.stderr.splitlines() if x.startswith("note: ")]
+  assert "lacks configuration_qwen.py, modeling_qwen.py" in note and "--reference_files=DIR" in note
+  assert f"(e.g. the folder it was converted from, {src})" in note
   run = _convert("--mode=init_from_pretrained", "--preset=tiny", f"--openclip={src}", f"--dst={tmp_path / 'i'}")
   assert run.returncode != 0 and "--qwen7b" in run.stderr
 
