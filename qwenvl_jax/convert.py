@@ -76,6 +76,8 @@ def _params_source(src: str) -> tuple[str, str, int, str | None, str | None]:
   try:
     source = model_source.resolve(src, model=preset, image_size=size)
   except FileNotFoundError:
+    if "://" not in src:  # it says what a local path is (PyTorch weights: torch_to_orbax converts them), or that
+      raise               # it does not exist; ParamReader said only 'not an Orbax PyTree checkpoint'
     return src, _PRESET.value, _IMAGE_SIZE.value, None, None
   if _MODE.value != "quantize":  # an export copies the tokenizer (a Qwen vocabulary) and records no chat format
     return source.params, source.preset, source.image_size or _IMAGE_SIZE.value, source.tokenizer, None
@@ -90,18 +92,19 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.quiet_libraries()
   mode = _MODE.value
-  src, preset, image_size = _SRC.value, _PRESET.value, _IMAGE_SIZE.value
-  tokenizer = chat_format = None
-  if src and mode in ("quantize", "orbax_to_torch"):
-    src, preset, image_size, tokenizer, chat_format = _params_source(src)
   if mode in ("orbax_to_torch", "export_peft") and (_TOKENIZER.value or _CHAT_FORMAT.value):
     raise app.UsageError(f"--tokenizer and --chat_format are recorded in params checkpoints, not by --mode={mode}"
                          + (" (it copies the source's own tokenizer, or the one of --reference_files)"
                             if mode == "orbax_to_torch" else ""))
-  tokenizer, chat_format = _TOKENIZER.value or tokenizer, _CHAT_FORMAT.value or chat_format
   if _SHARD_GB.value <= 0:
     raise errors.ConfigError(f"--max_shard_gb={_SHARD_GB.value:g} must be > 0 (it wrote one tensor per shard)")
   _refuse_run_checkpoints(_DST.value)
+  # The flags and --dst are checked first; reading what --src is comes after.
+  src, preset, image_size = _SRC.value, _PRESET.value, _IMAGE_SIZE.value
+  tokenizer = chat_format = None
+  if src and mode in ("quantize", "orbax_to_torch"):
+    src, preset, image_size, tokenizer, chat_format = _params_source(src)
+  tokenizer, chat_format = _TOKENIZER.value or tokenizer, _CHAT_FORMAT.value or chat_format
   cfg = get_preset(preset).with_image_size(image_size)
   if mode == "init_from_pretrained":
     if not (_OPENCLIP.value and _QWEN7B.value):
@@ -203,7 +206,7 @@ def _lora(mode: str, src: str, dst: str, dtype: str, tokenizer: str | None, chat
   except FileNotFoundError as e:
     raise errors.UserFileNotFoundError(str(e)) from e
   except ValueError as e:  # not a LoRA run, or a run config that does not parse
-    raise errors.ConfigError(f"--src={src}: {e}") from e
+    raise errors.ConfigError(f"--src={src}: {getattr(e, 'message', e)}", hint=getattr(e, "hint", None)) from e
   if mode == "export_peft":
     try:
       peft_export.export_peft(model, lcfg, dst)

@@ -32,7 +32,7 @@ from flax import nnx
 
 from qwenvl_jax import errors, sharding, tree_paths
 from qwenvl_jax import text as qtext
-from qwenvl_jax.checkpoint import mapping, orbax_store, tensor_io
+from qwenvl_jax.checkpoint import mapping, orbax_store, run_layout, tensor_io
 from qwenvl_jax.checkpoint.model_card import bundled_tokenizer, copy_tokenizer, hf_model_card, model_metadata
 from qwenvl_jax.model import QwenVL
 from qwenvl_jax.model.config import QwenVLConfig
@@ -165,6 +165,25 @@ def _leaf(target: str, fed: list[tuple[mapping.Binding, int]], source: tensor_io
   return orbax_store.StreamedArray(shape, dtype, shape[:axis] + (rows,) + shape[axis + 1:], row_blocks)
 
 
+def _open_pytorch(src: str | os.PathLike) -> tensor_io.TensorSource:
+  """`tensor_io.open_checkpoint`, whose 'holds no PyTorch checkpoint' says what the folder is when it is already in
+  this library's format: a params checkpoint, or a training run (a LoRA run given to torch_to_orbax)."""
+  try:
+    return tensor_io.open_checkpoint(src)
+  except FileNotFoundError:
+    path = pathlib.Path(src)
+    if orbax_store.is_params_dir(path):
+      raise errors.ConfigError(f"{src} is a params checkpoint, already in this library's format, not a PyTorch one",
+                               hint="use it as it is (--checkpoint, --config.init=params:...), or export it to "
+                                    "PyTorch with --mode=orbax_to_torch") from None
+    if (path / "config.json").is_file() and (path / "checkpoints").is_dir() or run_layout.step_folder(path):
+      raise errors.ConfigError(f"{src} is a training run (or one of its steps) of this library, already in its "
+                               "format, not a PyTorch checkpoint",
+                               hint="use it as it is (--checkpoint), or export it with --mode=orbax_to_torch "
+                                    "(a LoRA run: --mode=merge_lora first, or --mode=export_peft)") from None
+    raise
+
+
 def torch_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, cfg: QwenVLConfig, *,
                    source_format: str = "qwen-vl", dtype=None, block_bytes: int = DEFAULT_BLOCK_BYTES,
                    preset: str | None = None, tokenizer: str | None = None, chat_format: str | None = None) -> None:
@@ -183,7 +202,7 @@ def torch_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, cfg: QwenVLCo
   shapes = model_param_shapes(cfg)
   said_format, said_tokenizer = hf_model_card(src)
   chat_format, tokenizer = chat_format or said_format, tokenizer or said_tokenizer
-  with tensor_io.open_checkpoint(src) as source:
+  with _open_pytorch(src) as source:
     leaves = _import_leaves(table, source, shapes, _parse_dtype(dtype), block_bytes)
     _check_complete(leaves, shapes)
     logging.info("converting %d tensors of %s into %d parameters at %s", len(source.names()), src, len(leaves), dst)
@@ -207,7 +226,7 @@ def init_from_pretrained(dst: str | os.PathLike, cfg: QwenVLConfig, *, openclip:
   out_dtype = _parse_dtype(dtype)
   said_format, said_tokenizer = hf_model_card(qwen7b)  # Qwen-7B's: a base model, its vocabulary
   chat_format, tokenizer = chat_format or said_format, tokenizer or said_tokenizer
-  with tensor_io.open_checkpoint(openclip) as vit, tensor_io.open_checkpoint(qwen7b) as llm:
+  with _open_pytorch(openclip) as vit, _open_pytorch(qwen7b) as llm:
     leaves: dict[str, object] = _import_leaves(mapping.OPENCLIP_VIT, vit, shapes, out_dtype, block_bytes)
     leaves.update(_import_leaves(mapping.QWEN7B, llm, shapes, out_dtype, block_bytes))
     leaves.update({f"adapter.{k}": np.asarray(v, dtype=out_dtype or np.float32)

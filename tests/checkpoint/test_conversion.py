@@ -143,6 +143,27 @@ def test_a_source_without_lm_head_says_tied_embeddings_not_another_model(tmp_pat
   assert not (tmp_path / "orbax").exists()
 
 
+def test_a_source_already_in_our_format_says_so(tmp_path, qwenvl_checkpoint):
+  """A params checkpoint, a training run (a LoRA run given to torch_to_orbax) or one of its steps: 'holds no
+  PyTorch checkpoint: looked for model.safetensors.index.json, ...' named only file names."""
+  cfg = tiny()
+  src, _ = qwenvl_checkpoint(cfg)
+  checkpoint.torch_to_orbax(src, tmp_path / "orbax", cfg)
+  with pytest.raises(errors.ConfigError, match="is a params checkpoint, already in this library's format") as e:
+    checkpoint.torch_to_orbax(tmp_path / "orbax", tmp_path / "again", cfg)
+  assert "--mode=orbax_to_torch" in e.value.hint
+  run = tmp_path / "run"
+  (run / "checkpoints" / "4").mkdir(parents=True)
+  (run / "config.json").write_text("{}")
+  for folder in (run, run / "checkpoints" / "4"):
+    with pytest.raises(errors.ConfigError, match="is a training run .*not a PyTorch checkpoint") as e:
+      checkpoint.init_from_pretrained(tmp_path / "again", cfg, openclip=folder, qwen7b=src)
+    assert "--mode=merge_lora" in e.value.hint
+  with pytest.raises(FileNotFoundError, match="holds no PyTorch checkpoint"):  # anything else: as before
+    checkpoint.torch_to_orbax(tmp_path, tmp_path / "again", cfg)
+  assert not (tmp_path / "again").exists()
+
+
 def test_wrong_model_config_is_an_error(tmp_path, qwenvl_checkpoint):
   src, _ = qwenvl_checkpoint(tiny())
   cfg = tiny()

@@ -96,6 +96,11 @@ def test_exports_take_a_run_directory_and_a_wrong_preset_is_one_line(tmp_path, q
   assert "does not match the model" in line and "more" in line and len(line) < 1500
   assert "hint: the weights are another model's: name its preset" in wrong.stderr
   assert not (tmp_path / "x").exists()
+  # The PyTorch folder given to the export: 'not an Orbax PyTree checkpoint (no _METADATA)' named no fix.
+  swapped = _convert("--mode=orbax_to_torch", f"--src={src}", f"--dst={tmp_path / 'x'}")
+  line, = [x for x in swapped.stderr.splitlines() if x.startswith("error: ")]
+  assert swapped.returncode == 2 and f"it holds PyTorch weights: python -m qwenvl_jax.convert --mode=torch_to_orbax " \
+      f"--src={src}" in line, swapped.stderr[-3000:]
   run = tmp_path / "run"
   shutil.copytree(orbax, run / "checkpoints" / "7" / "params")
   (run / "config.json").write_text(json.dumps({"model": "tiny", "res": 224, "stage": 2, "tokenizer": ""}))
