@@ -39,7 +39,7 @@ import jax
 import ml_collections
 from flax import nnx
 
-from qwenvl_jax import sharding, tree_paths
+from qwenvl_jax import errors, sharding, tree_paths
 from qwenvl_jax.model import QwenVL, lora
 from qwenvl_jax.model import quantize as qlib
 from qwenvl_jax.model.config import QwenVLConfig
@@ -266,7 +266,12 @@ def load_run(spec: str) -> tuple[QwenVL, lora.LoraConfig, ml_collections.ConfigD
     config = ml_collections.ConfigDict(json.load(f))
   lcfg = lora_config(config)
   if lcfg is None:
-    raise ValueError(f"{workdir} is not a LoRA run (config.lora.rank is 0)")
+    if "lora" not in config and not os.path.isdir(os.path.join(workdir, "checkpoints")):  # e.g. a Hugging Face folder
+      raise errors.ConfigError(f"{workdir} is not a training run (no checkpoints/ beside its config.json)",
+                               hint="pass the workdir of a LoRA run (WORKDIR[@STEP])")
+    raise errors.ConfigError(f"{workdir} is not a LoRA run (config.lora.rank is 0)",
+                             hint="its checkpoints hold the whole model, no adapters: use the run as it is "
+                                  "(--checkpoint), or export it with --mode=orbax_to_torch")
   steps = finished_steps(workdir)
   if not steps:
     raise FileNotFoundError(f"{workdir} holds no finished checkpoint yet (train the run first)")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from qwenvl_jax import errors
 from qwenvl_jax.model import tiny
 from qwenvl_jax.training import optimizer, peft, step as step_lib, train
 from qwenvl_jax.training.stage_config import stage_config
@@ -157,3 +158,16 @@ def test_run_spec_reads_a_step_folder_and_names_what_is_not_a_lora_run(tmp_path)
   (at / "config.json").write_text(stage_config(3, "lora=8").to_json())
   with pytest.raises(FileNotFoundError, match=rf"^{at} holds no finished checkpoint yet"):
     peft.load_run(str(at))
+  # A full fine-tuning run says what to do with it instead; a Hugging Face folder (its own config.json) was
+  # called a run with 'config.lora.rank 0'.
+  full = tmp_path / "full"
+  (full / "checkpoints" / "2" / "params").mkdir(parents=True)
+  (full / "config.json").write_text(stage_config(3, None).to_json())
+  with pytest.raises(errors.ConfigError, match="is not a LoRA run") as e:
+    peft.load_run(str(full))
+  assert "--mode=orbax_to_torch" in e.value.hint
+  hf = tmp_path / "hf"
+  hf.mkdir()
+  (hf / "config.json").write_text('{"model_type": "qwen", "tie_word_embeddings": false}')
+  with pytest.raises(errors.ConfigError, match=r"is not a training run \(no checkpoints/"):
+    peft.load_run(str(hf))
