@@ -64,6 +64,20 @@ _CHAT_FORMAT = flags.DEFINE_enum("chat_format", None, ["chatml", "raw"], "Same m
                                  "(chatml: a chat model; raw: a base model), instead of the source's own.")
 flags.DEFINE_alias("model", "preset")  # the name generate, serve and evaluate use
 
+_IMPORTS = ("torch_to_orbax", "init_from_pretrained")
+# The flags only some modes read (the others take the model from their source, or write float32 adapters). Given to
+# another mode they were ignored without a word: --quantize=int4 with torch_to_orbax wrote a float checkpoint.
+_READ_BY = {
+    "src": ("torch_to_orbax", "orbax_to_torch", "quantize", "merge_lora", "export_peft"),
+    "openclip": ("init_from_pretrained",), "qwen7b": ("init_from_pretrained",), "seed": ("init_from_pretrained",),
+    "quantize": ("quantize",), "group_size": ("quantize",),
+    "max_shard_gb": ("orbax_to_torch",), "reference_files": ("orbax_to_torch",),
+    "preset": _IMPORTS + ("orbax_to_torch", "quantize"), "image_size": _IMPORTS + ("orbax_to_torch", "quantize"),
+    "dtype": _IMPORTS + ("orbax_to_torch", "quantize", "merge_lora"),
+}
+_UNREAD_BECAUSE = {"src": "it reads --openclip and --qwen7b", "dtype": "it writes the adapters in float32",
+                   "preset": "the run's config gives the model", "image_size": "the run's config gives the resolution"}
+
 
 def _params_source(src: str) -> tuple[str, str, int, str | None, str | None]:
   """(params directory, preset, image size, tokenizer spec, chat format) of --src for the modes that read a params
@@ -92,6 +106,12 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   cli.quiet_libraries()
   mode = _MODE.value
+  for name, modes in _READ_BY.items():
+    if flags.FLAGS[name].present and mode not in modes:
+      typed = "model" if name == "preset" and flags.FLAGS["model"].present else name
+      raise errors.ConfigError(f"--{typed} is not read by --mode={mode} (only by {' / '.join(modes)})",
+                               hint=f"drop it ({_UNREAD_BECAUSE[name]})" if name in _UNREAD_BECAUSE else
+                               "drop it, or use a mode that reads it")
   if mode in ("orbax_to_torch", "export_peft") and (_TOKENIZER.value or _CHAT_FORMAT.value):
     raise app.UsageError(f"--tokenizer and --chat_format are recorded in params checkpoints, not by --mode={mode}"
                          + (" (it copies the source's own tokenizer, or the one of --reference_files)"

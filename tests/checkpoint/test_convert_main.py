@@ -48,6 +48,10 @@ def test_command_line_round_trip_and_quantize(tmp_path, qwenvl_checkpoint):
   assert f"(e.g. the folder it was converted from, {src})" in note
   run = _convert("--mode=init_from_pretrained", "--preset=tiny", f"--openclip={src}", f"--dst={tmp_path / 'i'}")
   assert run.returncode != 0 and "--qwen7b" in run.stderr
+  # A flag the mode does not read was ignored without a word: this wrote a float checkpoint.
+  run = _convert("--mode=torch_to_orbax", "--preset=tiny", "--quantize=int4", f"--src={src}", f"--dst={tmp_path / 'q'}")
+  assert run.returncode == 2 and not (tmp_path / "q").exists(), run.stderr[-3000:]
+  assert run.stderr.splitlines()[0] == "error: --quantize is not read by --mode=torch_to_orbax (only by quantize)"
 
   assert orbax_store.ParamReader(tmp_path / "orbax").custom_metadata["model"]["chat_format"] == "raw"
   # --chat_format replaces what the source records (here: the base model's raw, now fine-tuned to chat).
