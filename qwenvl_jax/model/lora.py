@@ -26,6 +26,7 @@ puts a plain float `layers.Einsum` back in the module's place.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import string
 from typing import Sequence
@@ -59,17 +60,23 @@ class LoraConfig:
   modules_to_save: tuple[str, ...] = ()
 
   def __post_init__(self):
-    if self.rank < 1:
-      raise ValueError(f"LoRA rank must be >= 1, got {self.rank}")
+    # The messages name the fields as the trainer's config spells them (`config.lora.<field>`, training.peft).
+    if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+      raise ValueError(f"lora.rank={self.rank!r} must be an integer >= 1")
     if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
-    if self.alpha == 0:  # scale 0: with B = 0 at the start, neither A nor B ever gets a gradient
-      raise ValueError("LoRA alpha must not be 0 (the adapters' scale is alpha / r: a run with alpha 0 trains "
-                       "nothing)")
-    tree_paths.compile_patterns(self.targets, "LoRA target")
+      raise ValueError(f"lora.dropout={self.dropout!r} must be in [0, 1) (the probability of dropping an "
+                       "adapter input)")
+    if not math.isfinite(self.alpha) or self.alpha <= 0:  # 0: with B = 0 at the start, A and B never get a gradient
+      raise ValueError(f"lora.alpha={self.alpha!r} must be a number > 0 (the adapters' scale is alpha / r; the "
+                       "official alpha is 16)")
+    if not self.targets:  # no adapter anywhere: a run whose gradient norm is 0 at every step
+      raise ValueError("lora.targets is empty: the adapters would attach to no projection and the run would train "
+                       f"nothing (the official targets: {','.join(OFFICIAL_TARGETS)})")
+    tree_paths.compile_patterns(self.targets, "lora.targets:")
     unknown = set(self.modules_to_save) - set(SAVED_MODULES)
     if unknown:
-      raise ValueError(f"unknown modules_to_save {sorted(unknown)}; known: {sorted(SAVED_MODULES)}")
+      raise ValueError(f"lora.modules_to_save names {', '.join(sorted(unknown))}, which it does not know; "
+                       f"known: {', '.join(sorted(SAVED_MODULES))}")
 
   @property
   def scale(self) -> float:
@@ -91,7 +98,7 @@ def _base_weight(module: nnx.Module) -> nnx.Param:
   return module.qvalue if isinstance(module, quantize.QuantizedEinsum) else module.kernel
 
 
-def _attach(module: nnx.Module, cfg: LoraConfig, rngs: nnx.Rngs) -> None:
+def _attach(module: nnx.Module, path: str, cfg: LoraConfig, rngs: nnx.Rngs) -> None:
   lhs, rhs, out = _split_spec(module.spec)
   kernel = _base_weight(module)
   stack = kernel.ndim - len(rhs)
@@ -104,13 +111,18 @@ def _attach(module: nnx.Module, cfg: LoraConfig, rngs: nnx.Rngs) -> None:
   shape = tuple(kernel.shape)
   dims = {c: shape[stack + i] for i, c in enumerate(rhs)}
   kaxes = {c: axes[stack + i] for i, c in enumerate(rhs)}
+  n_in, n_out = math.prod(dims[c] for c in in_letters), math.prod(dims[c] for c in out_letters)
+  if cfg.rank > min(n_in, n_out):
+    # A @ B has rank <= min(in, out): the extra rank adds parameters, not capacity, and alpha / r shrinks the update.
+    raise ValueError(f"lora.rank={cfg.rank} is more than {path} can use ({n_in} inputs, {n_out} outputs: A @ B has "
+                     f"rank at most {min(n_in, n_out)}); use a rank <= {min(n_in, n_out)} or leave {path} out of "
+                     "the targets")
   lead, lead_axes = shape[:stack], tuple(axes[:stack])
   a_shape = lead + tuple(dims[c] for c in in_letters) + (cfg.rank,)
   b_shape = lead + (cfg.rank,) + tuple(dims[c] for c in out_letters)
-  n_in = len(in_letters)
   # PEFT: kaiming_uniform_(a=sqrt(5)) on lora_A.weight [r, in], i.e. U(+-1/sqrt(in)); B zero.
   init_a = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform",
-                                             in_axis=tuple(range(stack, stack + n_in)), out_axis=-1,
+                                             in_axis=tuple(range(stack, stack + len(in_letters))), out_axis=-1,
                                              batch_axis=tuple(range(stack)))
   module.lora_a = nnx.LoRAParam(init_a(rngs.params(), a_shape, jnp.float32),
                                 out_sharding=lead_axes + tuple(kaxes[c] for c in in_letters) + (None,),
@@ -151,7 +163,7 @@ def apply_lora(model: nnx.Module, cfg: LoraConfig, *, rngs: nnx.Rngs) -> nnx.Mod
                        + f" (the projections: {', '.join(sorted(einsums))})")
     for p in hits:
       if getattr(einsums[p], "lora_a", None) is None:
-        _attach(einsums[p], cfg, rngs)
+        _attach(einsums[p], p, cfg, rngs)
   for name in cfg.modules_to_save:
     module = model
     for part in SAVED_MODULES[name].split("/"):

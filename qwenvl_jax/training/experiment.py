@@ -30,6 +30,9 @@ def frozen_patterns(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     if config.frozen:
       raise ValueError(f"config.frozen={config.frozen!r} with config.lora.rank={config.lora.rank}: a LoRA run "
                        "freezes everything but its adapters; use config.lora.modules_to_save to train more")
+    if not config.get("fix_vit", True):  # it unfreezes the ViT of full fine-tuning; a LoRA run would ignore it
+      raise ValueError(f"config.fix_vit=False with config.lora.rank={config.lora.rank}: a LoRA run freezes the whole "
+                       "base, the ViT included; to adapt the ViT add 'visual/blocks/.*' to config.lora.targets")
     return lora_frozen
   if config.frozen == "none":
     return ()

@@ -40,7 +40,7 @@ import ml_collections
 from flax import nnx
 
 from qwenvl_jax import errors, sharding, tree_paths
-from qwenvl_jax.model import QwenVL, lora
+from qwenvl_jax.model import QwenVL, layers, lora
 from qwenvl_jax.model import quantize as qlib
 from qwenvl_jax.model.config import QwenVLConfig
 from qwenvl_jax.training.optimizer import make_is_frozen
@@ -54,13 +54,57 @@ def _items(value: str) -> tuple[str, ...]:
   return tuple(v.strip() for v in str(value or "").split(",") if v.strip())
 
 
+def _named(e: ValueError) -> errors.ConfigError:
+  """A `model.lora` error about a field (`lora.rank=...`) as the trainer config's: `config.lora.rank=...`."""
+  message = str(e)
+  return errors.ConfigError("config." + message if message.startswith("lora.") else message)
+
+
 def lora_config(config: ml_collections.ConfigDict) -> lora.LoraConfig | None:
-  """The run's `LoraConfig`, or None when `config.lora.rank` is 0 (full fine-tuning)."""
+  """The run's `LoraConfig`, or None when `config.lora.rank` is 0 (full fine-tuning).
+
+  Raises:
+    errors.ConfigError: a negative rank, or a field `LoraConfig` refuses (named as `config.lora.<field>`).
+  """
   section = config.get("lora")
-  if section is None or int(section.rank) == 0:
+  if section is None:
     return None
-  return lora.LoraConfig(rank=int(section.rank), alpha=float(section.alpha), dropout=float(section.dropout),
-                         targets=_items(section.targets), modules_to_save=_items(section.modules_to_save))
+  rank = section.rank
+  if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+    raise errors.ConfigError(f"config.lora.rank={rank!r} must be an integer >= 0 (the LoRA rank; 0 = no LoRA, "
+                             "full fine-tuning)")
+  if rank == 0:
+    return None
+  try:
+    return lora.LoraConfig(rank=rank, alpha=float(section.alpha), dropout=float(section.dropout),
+                           targets=_items(section.targets), modules_to_save=_items(section.modules_to_save))
+  except ValueError as e:
+    raise _named(e) from e
+
+
+def check_fields(config: ml_collections.ConfigDict) -> None:
+  """The fields of a training config this module reads, checked without a model: `lora_config`'s,
+  `base_quantization`'s and `frozen_dtype`'s checks, plus what a full fine-tuning run or the chunked loss would
+  silently ignore.
+
+  Raises:
+    ValueError (errors.ConfigError for most): naming the config key.
+  """
+  lcfg = lora_config(config)
+  base_quantization(config)
+  frozen_dtype(config)  # an unknown name was a ValueError traceback from the trainer's model build
+  if lcfg is None:
+    saved = _items(config.lora.get("modules_to_save", ""))
+    if saved:  # full fine-tuning trains what the stage trains; this field would change nothing, without a word
+      raise errors.ConfigError(f"config.lora.modules_to_save={','.join(saved)!r} needs config.lora.rank > 0: it "
+                               "names what a LoRA run trains in full besides its adapters")
+    return
+  if config.get("loss_chunk", 0) > 0 and any(re.fullmatch(t, "llm/lm_head") for t in lcfg.targets):
+    # The chunked loss multiplies by lm_head's kernel itself (training/step.py): an adapter there never runs.
+    raise errors.ConfigError(
+        f"config.lora.targets={','.join(lcfg.targets)!r} matches llm/lm_head, whose adapter the chunked loss "
+        f"(config.loss_chunk={config.loss_chunk}) never calls: it would stay zero",
+        hint="train lm_head in full with config.lora.modules_to_save=lm_head, or target e.g. 'llm/blocks/.*'")
 
 
 def frozen_dtype(config: ml_collections.ConfigDict) -> str | None:
@@ -106,8 +150,8 @@ def base_quantization(config: ml_collections.ConfigDict) -> tuple[qlib.QuantConf
     raise ValueError(f"config.lora.base_quantize={mode!r} needs LoRA adapters: set config.lora.rank > 0 (or use "
                      "configs/stage3.py:qlora=64)")
   group = int(section.get("quantize_group", 64))
-  if group < 1:
-    raise ValueError(f"config.lora.quantize_group={group} must be >= 1")
+  if group < 1 or group & (group - 1):  # QuantConfig's rule, said with the config key
+    raise ValueError(f"config.lora.quantize_group={group} must be a power of two (e.g. 64, the QLoRA paper's)")
   targets = _items(section.get("quantize_targets", ",".join(QLORA_TARGETS)))
   tree_paths.compile_patterns(targets, "config.lora.quantize_targets:")
   if any(re.fullmatch(t, "llm/lm_head") for t in targets):
@@ -127,16 +171,44 @@ def model_fn(cfg: QwenVLConfig, config: ml_collections.ConfigDict, *, seed: int 
     from qwenvl_jax.training import experiment  # pylint: disable=import-outside-toplevel
     is_frozen = make_is_frozen(experiment.frozen_patterns(config))
     return lambda: cast_frozen(QwenVL(cfg, rngs=nnx.Rngs(seed)), is_frozen, dtype)
-  base_cfg = dataclasses.replace(cfg, param_dtype=config.lora.base_dtype)
+  try:
+    base_cfg = dataclasses.replace(cfg, param_dtype=config.lora.base_dtype)
+  except ValueError as e:  # "unknown param_dtype", a field the user never set
+    raise errors.ConfigError(f"config.lora.base_dtype={config.lora.base_dtype!r}: {e}") from e
   quant = base_quantization(config)
 
   def make():
     model = QwenVL(base_cfg, rngs=nnx.Rngs(seed))
     if quant is not None:
+      _check_groups(model, *quant)
       qlib.quantize_model(model, quant[0], only=quant[1])
-    return lora.apply_lora(model, lcfg, rngs=nnx.Rngs(seed + 1))
+    try:
+      return lora.apply_lora(model, lcfg, rngs=nnx.Rngs(seed + 1))
+    except ValueError as e:
+      raise _named(e) from e
 
   return make
+
+
+def _check_groups(model: QwenVL, qcfg: qlib.QuantConfig, targets: tuple[str, ...]) -> None:
+  """Refuses a 4-bit group size that does not divide the inputs of a kernel it quantizes: `model.quantize` would
+  give that kernel one scale per output channel instead of groups, without a word."""
+  if qcfg.mode == "int8":  # per channel: no groups
+    return
+  lengths = {}
+  for p, m in nnx.iter_modules(model):
+    path = "/".join(map(str, p))
+    if isinstance(m, layers.Einsum) and any(re.fullmatch(t, path) for t in targets):
+      lengths[path] = m.kernel.shape[qlib.contracted_axes(m.spec, m.kernel.ndim)[-1]]  # the grouped axis
+  bad = sorted(p for p, n in lengths.items() if n > qcfg.group_size and n % qcfg.group_size)
+  if bad:
+    fits = qcfg.group_size
+    while any(n > fits and n % fits for n in lengths.values()):
+      fits //= 2
+    raise errors.ConfigError(
+        f"config.lora.quantize_group={qcfg.group_size} does not divide the {lengths[bad[0]]} inputs of {bad[0]}"
+        + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "") + f": its {qcfg.mode} codes would get one scale "
+        f"per output channel instead of groups; use a group size that divides every target's inputs, e.g. {fits}")
 
 
 def dropout_seed(config: ml_collections.ConfigDict, seed: int) -> int | None:

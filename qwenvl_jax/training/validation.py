@@ -4,9 +4,9 @@ A typo must not leave a trace: a `config.json` recorded for a config that then c
 command, and an empty `checkpoints/` looks like a run. So `check_config` runs first in `train` and checks, without
 allocating a parameter or writing a file: the numeric fields (sizes, cadences, the optimizer's rates and ranges),
 the enumerations (resume, distributed.initialize, optimizer schedule), the model preset with the run's resolution
-and numerics, the attention kernel against the backend, the mesh against the devices and the batch against the
-mesh, the tokenizer spec (its file is opened), the init spec, and the data sources (their files are opened and
-indexed, TFDS datasets looked up). Failures raise `errors.ConfigError` naming the config key.
+and numerics, the attention kernel against the backend, the LoRA / QLoRA fields against the model (abstract), the
+mesh against the devices and the batch against the mesh, the tokenizer spec (its file is opened), the init spec,
+and the data sources (their files are opened and indexed, TFDS datasets looked up). Failures raise `errors.ConfigError` naming the config key.
 """
 
 from __future__ import annotations
@@ -187,12 +187,17 @@ def check_step_fields(config: ml_collections.ConfigDict, platform: str) -> model
                                  head_dims=cfg.attention_head_dims)
   except ValueError as e:
     raise errors.ConfigError(f"config.attention_impl={config.attention_impl!r}: {e}") from e
+  from qwenvl_jax.training import experiment  # pylint: disable=g-import-not-at-top  (cycle-free, lazy)
   try:
-    # LoRA or QLoRA targets that match no projection (abstract: nothing allocated); they were a traceback from
-    # the model's first build for LoRA, found here for QLoRA only.
-    if peft.lora_config(config) is not None or peft.base_quantization(config) is not None:
+    peft.check_fields(config)
+    experiment.frozen_patterns(config)  # what a LoRA run freezes against config.frozen / fix_vit
+    # LoRA or QLoRA targets that match no projection or are narrower than the rank, a group size that does not
+    # divide a quantized kernel (abstract: nothing allocated); they were a traceback from the model's first build.
+    if peft.lora_config(config) is not None:
       nnx.eval_shape(peft.model_fn(cfg, config))
   except ValueError as e:
+    if isinstance(e, errors.UserError):
+      raise
     raise errors.ConfigError(str(e)) from e
   return cfg
 

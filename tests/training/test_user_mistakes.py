@@ -33,16 +33,38 @@ from tests.training.helpers import load_stage_config, small_config
     ({"synthetic_vocab_size": 10}, r"config\.synthetic_vocab_size=10"),
     ({"lora.rank": 8, "lora.base_quantize": "fp4"}, r"config\.lora\.base_quantize='fp4'"),
     ({"lora.base_quantize": "nf4"}, r"needs LoRA adapters"),
-    ({"lora.rank": 8, "lora.dropout": 1.5}, r"LoRA dropout"),
+    ({"lora.rank": 8, "lora.dropout": 1.5}, r"^config\.lora\.dropout=1\.5 must be in \[0, 1\)"),
     ({"lora.rank": 8, "lora.base_quantize": "int4", "lora.quantize_targets": "llm/block/.*"},
      r"quantize target 'llm/block/\.\*' matches no projection"),
     # LoRA targets were checked only when the model was first built: a traceback after the workdir was written.
     ({"lora.rank": 8, "lora.targets": "llm/block/attn/qkv"},
      r"LoRA target 'llm/block/attn/qkv' matches no projection; did you mean llm/blocks/attn/qkv or "),
-    ({"lora.rank": 8, "lora.targets": "llm/blocks/(attn"}, r"LoRA target 'llm/blocks/\(attn' is not a regular"),
+    ({"lora.rank": 8, "lora.targets": "llm/blocks/(attn"}, r"lora\.targets: 'llm/blocks/\(attn' is not a regular"),
     ({"lora.rank": 8, "lora.base_quantize": "nf4", "lora.quantize_targets": "["},
      r"config\.lora\.quantize_targets: '\[' is not a regular expression"),
-    ({"lora.rank": 8, "lora.alpha": 0.0}, r"LoRA alpha must not be 0"),  # trained nothing, silently
+    ({"lora.rank": 8, "lora.alpha": 0.0}, r"^config\.lora\.alpha=0\.0 must be a number > 0"),  # trained nothing
+    # LoRA mistakes that trained nothing without a word (grad_norm 0 at every step), or were ignored, or named
+    # fields the user never set ('LoRA rank must be >= 1', 'unknown param_dtype'), or were a ValueError traceback.
+    ({"lora.rank": -4}, r"^config\.lora\.rank=-4 must be an integer >= 0 \(the LoRA rank; 0 = no LoRA"),
+    ({"lora.rank": 8, "lora.alpha": float("nan")}, r"^config\.lora\.alpha=nan must be a number > 0"),
+    ({"lora.rank": 8, "lora.targets": " , "}, r"^config\.lora\.targets is empty: .* would train nothing"),
+    ({"lora.rank": 80}, r"^config\.lora\.rank=80 is more than llm/blocks/attn/qkv can use \(64 inputs, 192 "
+                        r"outputs: A @ B has rank at most 64\)"),
+    ({"lora.rank": 8, "lora.targets": "llm/.*"}, r"matches llm/lm_head, whose adapter the chunked loss "
+                                                 r"\(config\.loss_chunk=512\) never calls"),
+    ({"lora.rank": 8, "lora.modules_to_save": "wte,embed_tokens"},
+     r"^config\.lora\.modules_to_save names embed_tokens, which it does not know; known: lm_head, wte"),
+    ({"lora.modules_to_save": "wte"}, r"^config\.lora\.modules_to_save='wte' needs config\.lora\.rank > 0"),
+    ({"lora.rank": 8, "lora.base_dtype": "bf16"}, r"^config\.lora\.base_dtype='bf16': unknown param_dtype"),
+    ({"frozen_dtype": "int8"}, r"^config\.frozen_dtype='int8': expected ''"),
+    ({"lora.rank": 8, "frozen": "visual/.*"}, r"^config\.frozen='visual/\.\*' with config\.lora\.rank=8"),
+    ({"lora.rank": 8, "fix_vit": False}, r"^config\.fix_vit=False with config\.lora\.rank=8: .* add "
+                                         r"'visual/blocks/\.\*' to config\.lora\.targets"),
+    ({"lora.rank": 8, "lora.base_quantize": "nf4", "lora.quantize_group": 48},
+     r"^config\.lora\.quantize_group=48 must be a power of two"),
+    # The 9.6B model's mlp.c_proj has 11008 inputs, a multiple of 256 but not of 512: one scale per output channel.
+    ({"model": "qwen_vl_7b", "lora.rank": 8, "lora.base_quantize": "nf4", "lora.quantize_group": 512},
+     r"^config\.lora\.quantize_group=512 does not divide the 11008 inputs of llm/blocks/mlp/c_proj: .* e\.g\. 256"),
     ({"stop_at_step": 50}, r"^config\.stop_at_step=50 is past config\.total_steps=24"),
     ({"optimizer.lr": -1.0}, r"^config\.optimizer\.lr=-1\.0 must be a number > 0"),
     ({"optimizer.lr": 0.0}, r"^config\.optimizer\.lr=0\.0 must be a number > 0"),
