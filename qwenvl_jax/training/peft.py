@@ -223,6 +223,27 @@ def frozen_patterns(config: ml_collections.ConfigDict) -> tuple[str, ...] | None
   return None if lcfg is None else (lora.frozen_pattern(lcfg),)
 
 
+def _quantized_modules(model: QwenVL) -> dict[str, qlib.QuantizedEinsum]:
+  """{dotted module path: module} of the quantized projections (QLoRA) of a (possibly abstract) model."""
+  return {".".join(map(str, p)): m for p, m in nnx.iter_modules(model) if isinstance(m, qlib.QuantizedEinsum)}
+
+
+def init_tree(make_model: Callable[[], QwenVL]) -> dict[str, tuple[tuple[int, ...], None]]:
+  """{dotted name: (shape, None)} of the float params checkpoint that a fresh run of `make_model` starts from
+  (`config.init`): the model's parameters without LoRA adapters, each quantized projection (QLoRA) as its float
+  `kernel` (the codes have the kernel's shape; the scales are computed while restoring). Nothing is allocated."""
+  from qwenvl_jax.tree_paths import flatten  # pylint: disable=import-outside-toplevel
+  model = nnx.eval_shape(make_model)
+  modules = _quantized_modules(model)
+  expected = {}
+  for name, value in flatten(nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.LoRAParam)))).items():
+    module, leaf = name.rsplit(".", 1)
+    if module in modules and leaf == "scale":
+      continue
+    expected[f"{module}.kernel" if module in modules and leaf == "qvalue" else name] = (tuple(value.shape), None)
+  return expected
+
+
 def init_from_base(source: str, make_model: Callable[[], QwenVL], mesh, rules,
                    quant: qlib.QuantConfig | None = None) -> dict:
   """The params pure dict of a fresh LoRA run: base weights restored from the params checkpoint `source`,
@@ -262,17 +283,9 @@ def _restore_quantizing(source: str, abstract: nnx.State, shardings: nnx.State, 
   from qwenvl_jax.checkpoint.orbax_store import ParamReader, check_tree  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.tree_paths import flatten, unflatten  # pylint: disable=import-outside-toplevel
   reader = ParamReader(source)
-  modules = {"/".join(map(str, p)).replace("/", "."): m for p, m in nnx.iter_modules(nnx.eval_shape(make_model))
-             if isinstance(m, qlib.QuantizedEinsum)}
+  modules = _quantized_modules(nnx.eval_shape(make_model))
   values, specs = flatten(nnx.to_pure_dict(abstract)), flatten(nnx.to_pure_dict(shardings))
-  # The float tree the checkpoint must hold: each module's codes are its kernel (same shape), its scale is ours.
-  expected = {}
-  for name, value in values.items():
-    module, leaf = name.rsplit(".", 1)
-    if module in modules and leaf == "scale":
-      continue
-    expected[f"{module}.kernel" if module in modules and leaf == "qvalue" else name] = (tuple(value.shape), None)
-  check_tree(reader.shapes, expected, f"checkpoint {source}")
+  check_tree(reader.shapes, init_tree(make_model), f"checkpoint {source}")
 
   def read(name, shape, dtype, spec):
     return jax.make_array_from_callback(shape, spec, lambda idx: np.asarray(reader.read(name, idx), dtype))

@@ -5,8 +5,9 @@ command, and an empty `checkpoints/` looks like a run. So `check_config` runs fi
 allocating a parameter or writing a file: the numeric fields (sizes, cadences, the optimizer's rates and ranges),
 the enumerations (resume, distributed.initialize, optimizer schedule), the model preset with the run's resolution
 and numerics, the attention kernel against the backend, the LoRA / QLoRA fields against the model (abstract), the
-mesh against the devices and the batch against the mesh, the tokenizer spec (its file is opened), the init spec,
-and the data sources (their files are opened and indexed, TFDS datasets looked up). Failures raise `errors.ConfigError` naming the config key.
+mesh against the devices and the batch against the mesh, the tokenizer spec (its file is opened), the init
+checkpoint (its parameter names and shapes against the model's), and the data sources (their files are opened and
+indexed, TFDS datasets looked up). Failures raise `errors.ConfigError` naming the config key.
 """
 
 from __future__ import annotations
@@ -143,12 +144,42 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise errors.ConfigError(str(e)) from e
   _check_tokenizer(config, cfg)
   if config.init:
-    from qwenvl_jax.training.checkpointing import resolve_params_checkpoint  # pylint: disable=g-import-not-at-top
-    try:
-      resolve_params_checkpoint(config.init)
-    except ValueError as e:
-      raise errors.ConfigError(str(e)) from e
+    _check_init(config, cfg)
   _check_data(config)
+
+
+def _check_init(config: ml_collections.ConfigDict, cfg: model_config.QwenVLConfig) -> None:
+  """`config.init` names a params checkpoint of `config.model`'s weights (read from its metadata: nothing is
+  restored). A LoRA run's checkpoint (its base and adapters) failed in the restore, whose hint named flags of other
+  commands ('name its preset (--model / --preset)') and never the merge that turns it into weights."""
+  from qwenvl_jax.checkpoint import orbax_store  # pylint: disable=g-import-not-at-top
+  from qwenvl_jax.training import peft  # pylint: disable=g-import-not-at-top
+  from qwenvl_jax.training.checkpointing import resolve_params_checkpoint  # pylint: disable=g-import-not-at-top
+  try:
+    source = resolve_params_checkpoint(config.init)
+  except ValueError as e:
+    raise errors.ConfigError(str(e)) from e
+  stored = orbax_store.ParamReader(source).shapes
+  adapters = sorted(k for k in stored if k.endswith((".lora_a", ".lora_b")))
+  if adapters:
+    step = os.path.dirname(source) if os.path.basename(source) == "params" else source
+    raise errors.ConfigError(
+        f"config.init={config.init!r} is a LoRA run's checkpoint: {source} holds its frozen base and "
+        f"{len(adapters)} adapter arrays ({adapters[0]}, ...), not a model's weights",
+        hint=f"merge the adapters into the base first: python -m qwenvl_jax.convert --mode=merge_lora --src={step} "
+             "--dst=MERGED, then --config.init=params:MERGED")
+  if any(k.endswith(".qvalue") for k in stored):
+    raise errors.ConfigError(f"config.init={config.init!r}: {source} is a quantized checkpoint (convert "
+                             "--mode=quantize); training starts from float weights",
+                             hint="name the float params checkpoint it was quantized from")
+  problems = orbax_store.tree_problems(stored, peft.init_tree(peft.model_fn(cfg, config)))
+  if problems:
+    from qwenvl_jax.checkpoint import model_card  # pylint: disable=g-import-not-at-top
+    preset = model_card.recorded_model(source).get("preset")
+    raise errors.ConfigError(f"config.init={config.init!r}: {source} does not hold weights of "
+                             f"config.model={config.model!r}: " + "; ".join(problems),
+                             hint=f"the checkpoint records preset {preset!r}: set config.model={preset}" if preset else
+                             "set config.model to the preset those weights are of (a run's config.json names it)")
 
 
 def check_step_fields(config: ml_collections.ConfigDict, platform: str) -> model_config.QwenVLConfig:

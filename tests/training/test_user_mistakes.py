@@ -4,12 +4,19 @@ import importlib.util
 import json
 import os
 
+import jax
 import ml_collections
+import numpy as np
 import pytest
+from flax import nnx
 
 from qwenvl_jax import errors
-from qwenvl_jax.training import metrics, train, validation
+from qwenvl_jax.checkpoint import orbax_store
+from qwenvl_jax.model import quantize as qlib
+from qwenvl_jax.model import tiny
+from qwenvl_jax.training import metrics, peft, train, validation
 from qwenvl_jax.training import workdir as workdir_lib
+from qwenvl_jax.training.stage_config import stage_config
 from tests.training.helpers import load_stage_config, small_config
 
 
@@ -86,6 +93,41 @@ def test_a_bad_config_is_refused_before_anything_is_written(tmp_path, overrides,
   with pytest.raises((errors.UserError, FileNotFoundError), match=message):
     train(small_config(2, workdir, **overrides))
   assert not workdir.exists(), sorted(os.listdir(workdir))
+
+
+def _saved_model(path, config=None, quantize=None):
+  """A params checkpoint at `path` with the names, shapes and dtypes (zeros: the check reads metadata only) of the
+  tiny model (56 px) that `config` builds (default: the plain model), quantized by `quantize` (a QuantConfig),
+  recording its preset as a merge or a conversion does."""
+  cfg = tiny(dtype="float32").with_image_size(56)
+  make = peft.model_fn(cfg, config or stage_config(3, None))
+  abstract = nnx.eval_shape(make if quantize is None else lambda: qlib.quantize_model(make(), quantize))
+  tree = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), nnx.to_pure_dict(nnx.state(abstract)))
+  orbax_store.save_params(path, tree, custom_metadata={"model": {"preset": "tiny", "image_size": 56}})
+
+
+@pytest.mark.parametrize("saved, overrides, message", [
+    # A LoRA run's step (base + adapters) failed in the restore: 'unexpected lora_a ...; the weights are another
+    # model's: name its preset (--model / --preset)', flags of other commands, for the very same model.
+    ({"config": stage_config(3, "lora=8")}, {"lora.rank": 4},
+     r"^config\.init='params:.*/lora_run/checkpoints/4/params' is a LoRA run's checkpoint: .* holds its frozen base "
+     r"and 8 adapter arrays \(llm\.blocks\.attn\.out\.lora_a, \.\.\.\), not a model's weights \(merge the adapters "
+     r"into the base first: python -m qwenvl_jax\.convert --mode=merge_lora --src=.*/lora_run/checkpoints/4 "
+     r"--dst=MERGED, then --config\.init=params:MERGED\)$"),
+    ({"config": stage_config(3, "qlora=8")}, {}, r"is a LoRA run's checkpoint"),
+    ({"quantize": qlib.QuantConfig("int8")}, {"lora.rank": 4}, r"is a quantized checkpoint"),
+    # Another preset's weights: the hint named --model / --preset, flags of other commands.
+    ({}, {"model": "small"}, r"^config\.init='params:.*': .*/params does not hold weights of config\.model='small': "
+                             r"mis-shaped \(\d+\): .* \(the checkpoint records preset 'tiny': set "
+                             r"config\.model=tiny\)$"),
+])
+def test_an_init_checkpoint_that_is_not_the_models_weights_is_refused_by_the_config_check(
+    tmp_path, saved, overrides, message):
+  """`check_config`, which `train` runs before it writes anything (its metadata is read, nothing restored)."""
+  params = tmp_path / "lora_run" / "checkpoints" / "4" / "params"
+  _saved_model(params, **saved)
+  with pytest.raises(errors.ConfigError, match=message):
+    validation.check_config(small_config(3, tmp_path / "run", init=f"params:{params}", **overrides))
 
 
 @pytest.mark.parametrize("overrides", [
