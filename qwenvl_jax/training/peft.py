@@ -211,6 +211,19 @@ def _check_groups(model: QwenVL, qcfg: qlib.QuantConfig, targets: tuple[str, ...
         f"per output channel instead of groups; use a group size that divides every target's inputs, e.g. {fits}")
 
 
+def trained_summary(config: ml_collections.ConfigDict, abstract_state: nnx.State) -> str | None:
+  """What a LoRA run trains, for the trainer's start line ('LoRA r=8 on llm/blocks/attn/qkv, ...: 12,345 trained
+  parameters, the rest frozen'), or None for full fine-tuning. The frozen-path regex said nothing to a reader."""
+  lcfg = lora_config(config)
+  if lcfg is None:
+    return None
+  saved = f" + {', '.join(lcfg.modules_to_save)} in full" if lcfg.modules_to_save else ""
+  quant = base_quantization(config)
+  codes = f" ({', '.join(quant[1])} as {quant[0].mode} codes)" if quant else ""
+  return (f"LoRA r={lcfg.rank} on {', '.join(lcfg.targets)}{saved}: {lora.trained_count(abstract_state, lcfg):,} "
+          f"trained parameters, the rest frozen{codes}")
+
+
 def dropout_seed(config: ml_collections.ConfigDict, seed: int) -> int | None:
   """The train step's LoRA-dropout seed: `seed` for a LoRA run with dropout > 0, else None (no dropout)."""
   lcfg = lora_config(config)

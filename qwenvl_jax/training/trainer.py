@@ -244,7 +244,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, ckpt: Checkpointer, 
       writer.message(m)
     # On CPU the allocator matters to the step time (hardware/allocator.py); say which one this run has.
     on_cpu = f", allocator {allocator.in_use()}" if jax.default_backend() == "cpu" else ""
-    writer.message(f"stage {config.stage}: model {config.model} at {config.res} px, frozen {list(frozen) or 'none'}, "
+    trains = peft.trained_summary(config, setup.abstract_state) or f"frozen {list(frozen) or 'none'}"
+    writer.message(f"stage {config.stage}: model {config.model} at {config.res} px, {trains}, "
                    f"mesh {dict(mesh.shape)}, {jax.process_count()} process(es){on_cpu}; writing to {workdir}")
     meta = {"stage": config.stage, "model": config.model, "res": config.res}
     tokens_per_step = config.batch_size * config.seq_len

@@ -121,6 +121,9 @@ def test_sigterm_stops_a_lora_run_and_the_rerun_resumes_exactly(lora_reference, 
   rerun = subprocess.run(cmd, env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert f"resumed {tmp_path} from step {steps[-1]}" in rerun.stderr
+  # The start line says what a LoRA run trains (it showed the frozen-path regex '(?!.*/lora_[ab]$).*').
+  assert ("LoRA r=8 on llm/blocks/attn/qkv, llm/blocks/attn/out, llm/blocks/mlp/w1, llm/blocks/mlp/w2: 24,576 "
+          "trained parameters, the rest frozen") in rerun.stderr
   resumed = read_losses(tmp_path)
   np.testing.assert_allclose([resumed[s] for s in STEPS], [lora_reference[s] for s in STEPS], rtol=1e-6)
 
