@@ -247,7 +247,15 @@ def _resolve(path: str, root: str, rid: str) -> str:
   rec.check_unicode(rid, "image path", path)
   if path.startswith(("http://", "https://")):
     raise rec.BadRecordError(rid, f"remote image {path} (the pipeline never downloads; fetch it first)")
-  return path if os.path.isabs(path) else os.path.join(root, path)
+  if os.path.isabs(path):
+    return path
+  joined = os.path.join(root, path)
+  if root and not os.path.exists(joined) and os.path.exists(path):
+    # finetune.py opens a relative path from the current folder; here it is read under the data file's folder.
+    raise rec.BadRecordError(rid, f"relative image path not under the image root: {path!r} is not in {root} (the "
+                                  "data file's folder, or config.data.image_root) but in the current folder; set "
+                                  f"--config.data.image_root={os.getcwd()}")
+  return joined
 
 
 def conversation_record(rid: str, conversations: Any, *, task: str = "chat", images: list | None = None,
@@ -258,7 +266,8 @@ def conversation_record(rid: str, conversations: Any, *, task: str = "chat", ima
   `<img>PATH</img>` spans (relative to `image_root`) and the spans are emptied.
 
   Raises:
-    BadRecordError: not a list of {"from", "value"} dicts, unknown role, no turns left.
+    BadRecordError: not a list of {"from", "value"} dicts, unknown role, no turns left, an empty turn, no
+      assistant turn, a relative image path found under the current folder but not under `image_root`.
   """
   if not isinstance(conversations, list) or not all(
       isinstance(t, dict) and isinstance(t.get("from"), str) and isinstance(t.get("value"), str)
@@ -272,6 +281,15 @@ def conversation_record(rid: str, conversations: Any, *, task: str = "chat", ima
     turns.append((role, t["value"]))
   if turns and turns[0][0] != "user":
     turns = turns[1:]
+    if not turns:
+      raise rec.BadRecordError(rid, "no user turn: its one turn is not from the user and is dropped (as finetune.py "
+                                    "drops a leading non-user turn)")
+  for i, (role, text) in enumerate(turns):
+    if not text.strip():  # an empty answer teaches the model to answer nothing
+      raise rec.BadRecordError(rid, f"empty {role} turn (turn {i})")
+  if turns and not any(role == "assistant" for role, _ in turns):
+    # Only the ChatML markers would be supervised: finetune.py trains on it without a word.
+    raise rec.BadRecordError(rid, "no assistant turn: nothing to learn (turns alternate user, assistant, ...)")
   if images is None:
     paths = []
     stripped = []

@@ -71,6 +71,40 @@ def test_qwen_finetune_json(tmp_path):
   assert isinstance(r3, rec.BadRecordError) and "outside" in str(r3)
 
 
+def test_finetune_json_mistakes_are_named_bad_records(tmp_path, monkeypatch):
+  """An entry without an assistant turn trained on the ChatML markers alone and an empty answer taught the model to
+  answer nothing, without a word (as finetune.py does); a picture written relative to the current folder (where
+  finetune.py opens it) was 'image file not found: <the JSON's folder>/...'."""
+  (tmp_path / "data").mkdir()
+  (tmp_path / "img").mkdir()
+  (tmp_path / "img" / "a.png").write_bytes(b"")  # only its existence is looked at here
+  ask = {"from": "user", "value": "What is it?"}
+  entries = [
+      {"id": "unanswered", "conversations": [ask]},
+      {"id": "empty_answer", "conversations": [ask, {"from": "assistant", "value": " \n"}]},
+      {"id": "empty_question", "conversations": [{"from": "user", "value": ""}, {"from": "assistant", "value": "A"}]},
+      {"id": "answer_only", "conversations": [{"from": "assistant", "value": "A"}]},
+      {"id": "cwd_relative", "conversations": [{"from": "user", "value": "Picture 1: <img>img/a.png</img>\nWhat?"},
+                                               {"from": "assistant", "value": "A"}]},
+  ]
+  path = tmp_path / "data" / "train.json"
+  path.write_text(json.dumps(entries))
+  monkeypatch.chdir(tmp_path)
+  records = _all(make_source(f"qwen_finetune_json:{path}", stage=3, image_size=8))
+  assert all(isinstance(r, rec.BadRecordError) for r in records), records
+  assert [str(r) for r in records] == [
+      "bad record 'unanswered': no assistant turn: nothing to learn (turns alternate user, assistant, ...)",
+      "bad record 'empty_answer': empty assistant turn (turn 1)",
+      "bad record 'empty_question': empty user turn (turn 0)",
+      "bad record 'answer_only': no user turn: its one turn is not from the user and is dropped (as finetune.py "
+      "drops a leading non-user turn)",
+      f"bad record 'cwd_relative': relative image path not under the image root: 'img/a.png' is not in "
+      f"{tmp_path / 'data'} (the data file's folder, or config.data.image_root) but in the current folder; set "
+      f"--config.data.image_root={tmp_path}"]
+  fixed = make_source(f"qwen_finetune_json:{path}", stage=3, image_size=8, image_root=str(tmp_path))
+  assert fixed.parse(fixed.items[4]).images == [str(tmp_path / "img" / "a.png")]
+
+
 def test_qwen_finetune_json_must_be_a_list(tmp_path):
   path = tmp_path / "t.json"
   path.write_text('{"id": 1}')
