@@ -22,7 +22,7 @@ import sys
 
 from absl import app, flags
 
-from qwenvl_jax import cli
+from qwenvl_jax import cli, serving_defaults
 
 FLAGS = flags.FLAGS
 SWITCH_INTERVAL_S = 0.0005
@@ -33,12 +33,14 @@ flags.DEFINE_integer("port", 8000, "TCP port.")
 flags.DEFINE_string("api_key", None, "Require 'Authorization: Bearer KEY' on /v1/* (default: open).")
 flags.DEFINE_list("cors_origins", [], "Web origins whose pages may call the API from a browser, e.g. "
                   "http://localhost:3000 ('*': any; default none: only the server's own chat page).")
-flags.DEFINE_integer("num_slots", 8, "Requests decoded together (decode slots of the KV cache).")
-flags.DEFINE_integer("context", 2048, "Most tokens of prompt + answer per request.")
+flags.DEFINE_integer("num_slots", serving_defaults.NUM_SLOTS,
+                     "Requests decoded together (decode slots of the KV cache).")
+flags.DEFINE_integer("context", serving_defaults.CONTEXT, "Most tokens of prompt + answer per request.")
 flags.DEFINE_integer("max_tokens_limit", 1024, "Largest max_tokens a request may ask for.")
-flags.DEFINE_integer("prefill_batch", 4, "Most requests admitted by one prefill.")
+flags.DEFINE_integer("prefill_batch", serving_defaults.PREFILL_BATCH, "Most requests admitted by one prefill.")
 flags.DEFINE_list("buckets", None, "Padded prompt lengths (default 32,64,...; those below --context).")
-flags.DEFINE_integer("max_images", 4, "Most images per request (the whole conversation).")
+flags.DEFINE_integer("max_images", serving_defaults.MAX_IMAGES,
+                     "Most images per request (the whole conversation).")
 flags.DEFINE_integer("max_image_bytes", 10 * 2 ** 20, "Largest image upload in bytes.")
 flags.DEFINE_integer("max_image_pixels", 4096 * 4096, "Largest image in pixels (width x height).")
 flags.DEFINE_string("image_root", None, "Local image paths in requests are read under this folder only.")
@@ -52,8 +54,8 @@ flags.DEFINE_string("system", "You are a helpful assistant.", "Default system me
 flags.DEFINE_integer("seed", 0, "Seed of random weights.")
 flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "int8"],
                   "KV cache storage: the compute dtype, or int8 (about half the bytes of bf16: more slots x context).")
-flags.DEFINE_integer("decode_steps", 4, "Decode steps per device call (more: less host work per token, later "
-                     "admission of new requests).")
+flags.DEFINE_integer("decode_steps", serving_defaults.DECODE_STEPS, "Decode steps per device call (more: less host "
+                     "work per token, later admission of new requests).")
 
 
 def _check_can_listen(host: str, port: int) -> int:

@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
+from qwenvl_jax import serving_defaults as defaults
 from qwenvl_jax.inference import decode, slot_sampling
 from qwenvl_jax.serving import compile_monitor
 from qwenvl_jax.serving.slots import Sampling, SlotModel
@@ -133,9 +134,10 @@ class Engine:
       context variables do not reach a new thread).
   """
 
-  def __init__(self, model, *, num_slots: int = 8, context: int = 2048, max_images: int = 4,
-               prefill_batch: int = 4, buckets: Sequence[int] = decode.DEFAULT_BUCKETS,
-               stop_ids: Sequence[int] = (), vocab_limit: int | None = None, decode_steps: int = 4,
+  def __init__(self, model, *, num_slots: int = defaults.NUM_SLOTS, context: int = defaults.CONTEXT,
+               max_images: int = defaults.MAX_IMAGES, prefill_batch: int = defaults.PREFILL_BATCH,
+               buckets: Sequence[int] = decode.DEFAULT_BUCKETS, stop_ids: Sequence[int] = (),
+               vocab_limit: int | None = None, decode_steps: int = defaults.DECODE_STEPS,
                kv_cache_dtype: str | None = None,
                thread_context: Callable[[], contextlib.AbstractContextManager] | None = None):
     if num_slots < 1 or prefill_batch < 1 or max_images < 0 or decode_steps < 1:
