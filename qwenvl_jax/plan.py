@@ -65,6 +65,9 @@ _JSON = flags.DEFINE_bool("json", False, "Print the figures as one JSON object o
                           "parameter counts, and with --topology memory per chip, step times, tokens/s, MFU, "
                           "micro-batches, the search's rows and best flags, or the --inference programs.")
 
+# How an error of the planned server names --inference's keys (it read "a larger --inference: tensor_parallel").
+INFERENCE_KEY_NAMES = {"batch_flag": "--inference: batch", "tensor_flag": "tensor_parallel in --inference"}
+
 # Flags that only mean something beside another one; alone they were ignored without a word.
 _BELONGS_TO = (("num_slices", "topology"), ("search", "topology"), ("max_compiles", "search"),
                ("search_cache", "search"), ("search_remat", "search"), ("search_tensor", "search"),
@@ -288,7 +291,7 @@ def _plan_inference(config, report: dict) -> None:
   report["topology"] = topology_to_dict(topology)
   _say(f"model {preset}: {res} px; {topology.describe()}\ncompiling the decode step"
        + (" and the prefill" if kwargs["with_prefill"] else "") + " (minutes for the full model) ...")
-  result = inference_plan.plan_inference(cfg, topology, flag_name=lambda key: f"--inference: {key}", **kwargs)
+  result = inference_plan.plan_inference(cfg, topology, **INFERENCE_KEY_NAMES, **kwargs)
   _say(result.format())
   report["inference"] = result.to_dict()
 

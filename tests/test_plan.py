@@ -245,3 +245,19 @@ def test_the_flags_a_run_uses_pass():
   plan.check_flag_combination({"search": "--nosearch"}, topology=None, search=False, num_slices=1)
   given = {"num_slices": "--num_slices=2", "search": "--search", "max_compiles": "--max_compiles=2"}
   plan.check_flag_combination(given, topology="v5p-128", search=True, num_slices=2)
+
+
+def test_a_server_plans_slot_error_names_the_keys_of_inference(monkeypatch):
+  """`--inference=server=true,batch=3` on 2 model replicas hinted 'or a larger --inference: tensor_parallel'. The
+  refusal comes before any compile (4 fake CPU devices stand in for the topology's, which need libtpu)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.hardware import chips  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.planning import mesh  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(mesh, "topology_devices", lambda topology: jax.devices()[:topology.num_chips])
+  kwargs = inference_plan.parse_inference_arg("server=true,batch=3,context=64,prompt=16,quantize=none")
+  with pytest.raises(errors.ConfigError) as e:
+    inference_plan.plan_inference(inference_plan.inference_model_config("tiny", 56), chips.parse_topology("v5e-4"),
+                                  **plan.INFERENCE_KEY_NAMES, **kwargs)
+  assert errors.format_user_error(e.value) == (
+      "error: --inference: batch=3 does not split over the 2 model replicas of the mesh (data 2 x tensor 2)\n"
+      "  hint: use a multiple of 2, or a larger tensor_parallel in --inference (fewer replicas)")

@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -149,7 +148,7 @@ def plan_inference(cfg: QwenVLConfig, topology: chips.Topology, *, quantize: str
                    rules_name: str = layout.DEFAULT_RULES, group_size: int = qlib.DEFAULT_GROUP_SIZE,
                    with_prefill: bool = True, prefill_batch: int | None = None, tensor_parallel: int = 0,
                    server: bool = False, decode_steps: int = 4,
-                   flag_name: Callable[[str], str] = lambda key: f"--{key}") -> InferencePlan:
+                   batch_flag: str = "--batch", tensor_flag: str = "--tensor_parallel") -> InferencePlan:
   """AOT-compiles the decode step (and prefill) of `cfg` on `topology`; see the module docstring.
 
   prefill_batch: rows prefilled together (default `batch`, as `Generator` does; with `server`, default 1: the
@@ -158,7 +157,8 @@ def plan_inference(cfg: QwenVLConfig, topology: chips.Topology, *, quantize: str
   server: plan the serving engine's own programs (`inference.slot_programs`, what `serving.slots` jits): the
     decode call of all `batch` slots (`decode_steps` steps attending to the whole context), the prefill of
     `prefill_batch` requests into the slots' cache, and the image encoding (with the cache resident).
-  flag_name: how the caller spells an argument in an error ('batch' -> '--batch').
+  batch_flag, tensor_flag: how the caller names the slots and the tensor degree in an error ('--batch';
+    `plan --inference`: '--inference: batch', 'tensor_parallel in --inference').
 
   Raises:
     errors.ConfigError: with `server`, slots that do not split over the model replicas (`serve` refuses them).
@@ -169,7 +169,7 @@ def plan_inference(cfg: QwenVLConfig, topology: chips.Topology, *, quantize: str
   devices = mesh_lib.topology_devices(topology)
   mesh, rules = layout.make_inference_mesh(cfg, rules_name, tensor_parallel=tensor_parallel, devices=devices)
   if server:  # serve's own check: a plan that says "fits" for slots serve refuses misleads
-    layout.check_slots(batch, mesh, rules, flag=flag_name("batch"), tensor_flag=flag_name("tensor_parallel"))
+    layout.check_slots(batch, mesh, rules, flag=batch_flag, tensor_flag=tensor_flag)
 
   def make():
     model = QwenVL(cfg, rngs=nnx.Rngs(0))
