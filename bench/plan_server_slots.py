@@ -1,6 +1,7 @@
 """How many serving slots of the full-size model fit on a TPU slice, from small AOT compiles: the server's two
-programs (`planning.inference_plan --server`: decode step over all slots, engine prefill of one request into the
-slots' cache) compiled with 2 and 4 decoder layers at full width and two slot counts, then extrapolated to 32 layers.
+programs (`planning.inference_plan --server`: decode step over all slots, engine prefill of one request with one
+image into the slots' cache, not serve's default 4 requests of up to 4 images) compiled with 2 and 4 decoder layers
+at full width and two slot counts, then extrapolated to 32 layers.
 
 A first guess only: at full depth it over-predicts (v5e-8 bf16 ~107 slots vs 72 by the full 9.6B `--max_slots`
 search; v6e-8 ~228 vs 152), because near HBM the compiler's decode-step temporaries jump (the cache is no longer
@@ -38,7 +39,8 @@ cfg = get_preset({preset!r}, dtype="bfloat16", param_dtype="bfloat16", remat_pol
 cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, layers={layers}))
 plan = inference_plan.plan_inference(cfg, chips.parse_topology({topology!r}, 1), quantize={quantize!r},
                                      batch={slots}, context={context}, prompt={prompt}, images=1,
-                                     kv_cache_dtype={kv!r}, rules_name="inference_tp", server=True)
+                                     prefill_batch=1, kv_cache_dtype={kv!r}, rules_name="inference_tp",
+                                     server=True)
 print(json.dumps({{"decode": plan.decode.total_bytes, "prefill": plan.prefill.total_bytes,
                   "fits": plan.decode.fits and plan.prefill.fits, "hbm": plan.decode.chip.hbm_bytes,
                   "layout": plan.facts["layout"], "seconds": plan.decode.compile_seconds + plan.prefill.compile_seconds}}))
@@ -111,7 +113,7 @@ def main():
           print("   ", line, flush=True)
         print(f"    verify at full size: python -m qwenvl_jax.planning.inference_plan --preset={args.preset} "
               f"--topology={topology} --quantize={q} --kv_cache_dtype={kv} --context={args.context} "
-              f"--prompt={args.prompt} --server --batch={slots_fit}", flush=True)
+              f"--prompt={args.prompt} --prefill_batch=1 --images=1 --server --batch={slots_fit}", flush=True)
 
 
 if __name__ == "__main__":

@@ -47,8 +47,8 @@ _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Identical slices over DCN (
 _INFERENCE = flags.DEFINE_string(
     "inference", None, "With --topology: plan inference instead of training, i.e. AOT-compile the decode step and "
     "the prefill of the --config's (or --preset's) model with bf16 or quantized weights, e.g. "
-    "--inference=quantize=int8,batch=8,context=2048,kv_cache_dtype=int8 (keys: "
-    + ", ".join(f"{k} [{v}]" for k, v in inference_plan.INFERENCE_ARG_DEFAULTS.items()) + "); '' = the defaults.")
+    "--inference=quantize=int8,batch=8,context=2048,kv_cache_dtype=int8 (keys: " + inference_plan.inference_arg_keys()
+    + "); '' = the defaults; server=true plans serve's own programs, with serve's default sizes.")
 _SEARCH = flags.DEFINE_bool("search", False, "With --topology: search remat x micro-batches x (fsdp, tensor) x "
                             "attention kernel for the configured batch and rank the plans that fit.")
 _MAX_COMPILES = flags.DEFINE_integer("max_compiles", 4, "With --search: AOT compiles at most (minutes each at "

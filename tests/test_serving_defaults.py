@@ -1,7 +1,8 @@
-"""`qwenvl_jax.serving_defaults`: serve's flags and the engine hold one set of sizes."""
+"""`qwenvl_jax.serving_defaults`: serve's flags, the engine and the planner's server plans hold one set of sizes."""
 import inspect
 
 from qwenvl_jax import serve, serving_defaults
+from qwenvl_jax.planning import inference_plan
 from qwenvl_jax.serving.engine import Engine
 
 SIZES = {"num_slots": serving_defaults.NUM_SLOTS, "context": serving_defaults.CONTEXT,
@@ -14,3 +15,19 @@ def test_serve_and_the_engine_default_to_the_shared_sizes():
   engine = inspect.signature(Engine).parameters
   assert {name: engine[name].default for name in SIZES} == SIZES
 
+
+def test_a_server_plan_defaults_to_what_serve_compiles():
+  """`plan --inference=server=true` and `inference_plan --server` planned a prefill of 1 request with 1 image,
+  where serve with its defaults compiles prefills of up to 4 requests of up to 4 images each (16 encoded at
+  once): their "fits" held for less than serve needs."""
+  kwargs = inference_plan.parse_inference_arg("server=true")
+  assert (kwargs["batch"], kwargs["context"], kwargs["prefill_batch"], kwargs["images"]) == (
+      SIZES["num_slots"], SIZES["context"], SIZES["prefill_batch"], SIZES["max_images"])
+  assert inference_plan.SERVER_SIZES == {"batch": SIZES["num_slots"], "images": SIZES["max_images"],
+                                         "prefill_batch": SIZES["prefill_batch"]}
+  assert inspect.signature(inference_plan.plan_inference).parameters["decode_steps"].default == SIZES["decode_steps"]
+  # What the user gives stays; a plan that is not a server's keeps Generator's sizes.
+  given = inference_plan.parse_inference_arg("server=true,batch=2,prefill_batch=1,images=0")
+  assert (given["batch"], given["prefill_batch"], given["images"]) == (2, 1, 0)
+  plain = inference_plan.parse_inference_arg("")
+  assert (plain["batch"], plain["prefill_batch"], plain["images"]) == (4, None, 1)

@@ -25,8 +25,10 @@ inference_tp` (default: tensor parallel over one host's chips, replicas over the
 training). `--server` plans what `python -m qwenvl_jax.serve` runs instead, the engine's own programs
 (`inference.slot_programs`): B slots of C cache slots that live through every call, the decode call of all B
 slots (`--decode_steps` steps over the whole context), the prefill of k requests' P-token prompts into k slot rows of
-the donated slots' cache, and the encoding of their k x M images (with the cache resident). `--max_slots` searches
-the most slots that fit (every program within HBM):
+the donated slots' cache, and the encoding of their k x M images (with the cache resident). B, k and M default to
+serve's --num_slots, --prefill_batch and --max_images (`qwenvl_jax.serving_defaults`); P is --prompt (serve also
+compiles prefills of prompts up to C tokens: --prompt=C plans the longest). `--max_slots` searches the most slots
+that fit (every program within HBM):
 
   python -m qwenvl_jax.planning.inference_plan --preset=qwen_vl_7b --topology=v5e-8 --quantize=none \
       --context=2048 --prompt=1024 --max_slots
@@ -42,7 +44,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from qwenvl_jax import config_args, errors, sharding
+from qwenvl_jax import config_args, errors, serving_defaults, sharding
 from qwenvl_jax.hardware import chips
 from qwenvl_jax.hardware.chips import GIB
 from qwenvl_jax.inference import decode, layout, slot_programs
@@ -50,6 +52,13 @@ from qwenvl_jax.model import QwenVL, get_preset
 from qwenvl_jax.model import quantize as qlib
 from qwenvl_jax.model.config import QwenVLConfig
 from qwenvl_jax.planning import aot, mesh as mesh_lib
+
+# What a plan holds when not told: `Generator`'s rows, one image each, all prefilled at once (prefill_batch 0 = the
+# batch); a server plan holds `serve`'s defaults (its slots, its images per request and requests per prefill), so a
+# server plan that says "fits" planned what `serve` compiles when given no size flags.
+GENERATOR_SIZES = {"batch": 4, "images": 1, "prefill_batch": 0}
+SERVER_SIZES = {"batch": serving_defaults.NUM_SLOTS, "images": serving_defaults.MAX_IMAGES,
+                "prefill_batch": serving_defaults.PREFILL_BATCH}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,26 +153,27 @@ def abstract_cache(cfg: QwenVLConfig, batch: int, context: int, kv_cache_dtype: 
 
 
 def plan_inference(cfg: QwenVLConfig, topology: chips.Topology, *, quantize: str | None, batch: int,
-                   context: int, prompt: int, images: int = 1, kv_cache_dtype: str | None = None,
+                   context: int, prompt: int, images: int | None = None, kv_cache_dtype: str | None = None,
                    rules_name: str = layout.DEFAULT_RULES, group_size: int = qlib.DEFAULT_GROUP_SIZE,
                    with_prefill: bool = True, prefill_batch: int | None = None, tensor_parallel: int = 0,
-                   server: bool = False, decode_steps: int = 4,
+                   server: bool = False, decode_steps: int = serving_defaults.DECODE_STEPS,
                    batch_flag: str = "--batch", tensor_flag: str = "--tensor_parallel") -> InferencePlan:
   """AOT-compiles the decode step (and prefill) of `cfg` on `topology`; see the module docstring.
 
-  prefill_batch: rows prefilled together (default `batch`, as `Generator` does; with `server`, default 1: the
-    requests one engine prefill admits).
+  images: images per row (None: 1; with `server`, serve's --max_images: the most a request may hold).
+  prefill_batch: rows prefilled together (None or 0: `batch`, as `Generator` does; with `server`, serve's
+    --prefill_batch, at most `batch` slots, as `serving.Engine` caps it).
   rules_name, tensor_parallel: the layout (`inference.layout.make_inference_mesh` over the topology's devices).
   server: plan the serving engine's own programs (`inference.slot_programs`, what `serving.slots` jits): the
     decode call of all `batch` slots (`decode_steps` steps attending to the whole context), the prefill of
-    `prefill_batch` requests into the slots' cache, and the image encoding (with the cache resident).
+    `prefill_batch` requests into the slots' cache, and the encoding of their images (with the cache resident).
   batch_flag, tensor_flag: how the caller names the slots and the tensor degree in an error ('--batch';
     `plan --inference`: '--inference: batch', 'tensor_parallel in --inference').
 
   Raises:
     errors.ConfigError: with `server`, slots that do not split over the model replicas (`serve` refuses them).
   """
-  prefill_batch = prefill_batch or (1 if server else batch)
+  images, prefill_batch = _sizes(server, batch, images, prefill_batch)
   if prompt > context:
     raise ValueError(f"prompt {prompt} is longer than the context {context}")
   devices = mesh_lib.topology_devices(topology)
@@ -219,6 +229,15 @@ def plan_inference(cfg: QwenVLConfig, topology: chips.Topology, *, quantize: str
                                          chip=topology.chip, mesh=mesh, donate_argnums=2,
                                          count_program_flops=False, keep_unused=True, tokens=k * prompt)
   return InferencePlan(decode_plan, prefill_plan, qlib.weight_bytes(abstract_state), _tree_bytes(cache), facts)
+
+
+def _sizes(server: bool, batch: int, images: int | None, prefill_batch: int | None) -> tuple[int, int]:
+  """(images per row, rows per prefill) of a plan: those given, else `GENERATOR_SIZES` / `SERVER_SIZES`'s."""
+  defaults = SERVER_SIZES if server else GENERATOR_SIZES
+  images = defaults["images"] if images is None else images
+  prefill_batch = prefill_batch or defaults["prefill_batch"] or batch
+  # The engine prefills at most its slots at once (`serving.Engine.prefill_sizes`), and encodes their images.
+  return images, min(prefill_batch, batch) if server else prefill_batch
 
 
 def _tree_bytes(tree) -> int:
@@ -286,25 +305,34 @@ def _plan_server(cfg, topology, graphdef, state, as_state, cache, mesh, rules, *
   return InferencePlan(decode_plan, prefill_plan, weight_bytes, _tree_bytes(cache), facts, encode_plan)
 
 
-# The keys of `python -m qwenvl_jax.plan --inference=key=value,...` and their defaults (which give their types).
-INFERENCE_ARG_DEFAULTS = {"quantize": "int8", "batch": 4, "context": 2048, "prompt": 1024, "images": 1,
-                          "kv_cache_dtype": "bfloat16", "prefill_batch": 0, "decode_only": False,
+# The keys of `python -m qwenvl_jax.plan --inference=key=value,...` and their defaults (which give their types);
+# with server=true, batch, images and prefill_batch default to `SERVER_SIZES` (serve's).
+INFERENCE_ARG_DEFAULTS = {"quantize": "int8", "batch": GENERATOR_SIZES["batch"], "context": serving_defaults.CONTEXT,
+                          "prompt": 1024, "images": GENERATOR_SIZES["images"], "kv_cache_dtype": "bfloat16",
+                          "prefill_batch": GENERATOR_SIZES["prefill_batch"], "decode_only": False,
                           "group_size": qlib.DEFAULT_GROUP_SIZE, "rules": layout.DEFAULT_RULES, "tensor_parallel": 0,
                           "server": False}
 
 
+def inference_arg_keys() -> str:
+  """The keys of --inference and their defaults, for its help: 'quantize [int8], batch [4; server: 8], ...'."""
+  return ", ".join(f"{k} [{v}" + (f"; server: {SERVER_SIZES[k]}]" if k in SERVER_SIZES else "]")
+                   for k, v in INFERENCE_ARG_DEFAULTS.items())
+
+
 def parse_inference_arg(arg: str) -> dict:
   """The plan_inference keyword arguments of an `--inference=quantize=int8,batch=8,kv_cache_dtype=int8` string
-  (keys and defaults: `INFERENCE_ARG_DEFAULTS`; '' or 'default' = all defaults).
+  (keys and defaults: `INFERENCE_ARG_DEFAULTS`, with server=true `SERVER_SIZES`; '' or 'default' = all defaults).
 
   Raises:
     errors.ConfigError: an unknown key, a value of the wrong type, or an unknown quantization / cache dtype.
   """
   arg = "" if arg in ("", "default", "true", "1") else arg
   try:
-    values = {**INFERENCE_ARG_DEFAULTS, **config_args.parse_arg(arg, INFERENCE_ARG_DEFAULTS)}
+    given = config_args.parse_arg(arg, INFERENCE_ARG_DEFAULTS)
   except ValueError as e:
     raise errors.ConfigError(f"--inference: {e}") from None
+  values = {**INFERENCE_ARG_DEFAULTS, **(SERVER_SIZES if given.get("server") else {}), **given}
   if values["quantize"] not in ("none", "int8", "int4"):
     raise errors.ConfigError(f"--inference: quantize={values['quantize']!r}; expected none, int8 or int4")
   if values["kv_cache_dtype"] not in ("bfloat16", "int8"):
@@ -440,19 +468,26 @@ def _cli() -> None:
   topology_flag = flags.DEFINE_string("topology", "v5e-1", "TPU slice, e.g. v5e-1, v5e-8, v4-8.")
   quantize = flags.DEFINE_enum("quantize", "int8", ["none", "int8", "int4"], "Weight quantization.")
   group = flags.DEFINE_integer("group_size", qlib.DEFAULT_GROUP_SIZE, "int4 group size.")
-  batch = flags.DEFINE_integer("batch", 4, "Rows decoded together.")
-  context = flags.DEFINE_integer("context", 2048, "KV cache slots (prompt + new tokens).")
+  gen, srv = GENERATOR_SIZES, SERVER_SIZES
+  batch = flags.DEFINE_integer("batch", None, f"Rows decoded together (default {gen['batch']}); with --server the "
+                               f"slots (default serve's --num_slots, {srv['batch']}); with --max_slots the first "
+                               "probe.")
+  context = flags.DEFINE_integer("context", serving_defaults.CONTEXT, "KV cache slots (prompt + new tokens; default "
+                                 "serve's --context).")
   prompt = flags.DEFINE_integer("prompt", 1024, "Prompt tokens of the prefill plan.")
-  images = flags.DEFINE_integer("images", 1, "Images per row in the prefill plan.")
+  images = flags.DEFINE_integer("images", None, f"Images per row in the prefill plan (default {gen['images']}; with "
+                                f"--server serve's --max_images, {srv['images']}).")
   kv = flags.DEFINE_enum("kv_cache_dtype", "bfloat16", ["bfloat16", "int8"], "KV cache storage.")
   rules = flags.DEFINE_string("rules", layout.DEFAULT_RULES, "Sharding rule table: inference_tp (tensor parallel "
                               "within a host, replicas across hosts: what generate/evaluate/serve use) or fsdp.")
   tensor_parallel = flags.DEFINE_integer("tensor_parallel", 0, "Chips per model replica (0 = one host's).")
   no_prefill = flags.DEFINE_bool("decode_only", False, "Compile only the decode step.")
-  prefill_batch = flags.DEFINE_integer("prefill_batch", 0, "Rows prefilled together (0 = --batch; 1 with --server).")
+  prefill_batch = flags.DEFINE_integer("prefill_batch", None, "Rows prefilled together (default: all --batch rows; "
+                                       f"with --server serve's --prefill_batch, {srv['prefill_batch']}, at most "
+                                       "--batch; 0 = the default).")
   server = flags.DEFINE_bool("server", False, "Plan the serving engine: --batch slots of --context cache slots.")
-  decode_steps = flags.DEFINE_integer("decode_steps", 4, "With --server: decode steps per engine call (serve's "
-                                      "--decode_steps).")
+  decode_steps = flags.DEFINE_integer("decode_steps", serving_defaults.DECODE_STEPS, "With --server: decode steps "
+                                      "per engine call (serve's --decode_steps).")
   llm_layers = flags.DEFINE_integer("llm_layers", 0, "Decoder layers (0 = the preset's); fewer for a quick, "
                                     "smaller compile (bench/plan_server_slots.py extrapolates from them).")
   search = flags.DEFINE_bool("max_slots", False, "Search the most server slots that fit (implies --server; "
@@ -461,9 +496,11 @@ def _cli() -> None:
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    check_sizes({"batch": batch.value, "context": context.value, "prompt": prompt.value, "images": images.value,
-                 "prefill_batch": prefill_batch.value, "tensor_parallel": tensor_parallel.value,
-                 "decode_steps": decode_steps.value}, lambda key: f"--{key}={flags.FLAGS[key].value}")
+    given = {"batch": batch.value, "images": images.value, "prefill_batch": prefill_batch.value}
+    values = {**(SERVER_SIZES if server.value or search.value else GENERATOR_SIZES),
+              **{k: v for k, v in given.items() if v is not None}, "context": context.value, "prompt": prompt.value,
+              "tensor_parallel": tensor_parallel.value, "decode_steps": decode_steps.value}
+    check_sizes(values, lambda key: f"--{key}={values[key]}")
     cfg = inference_model_config(preset.value, res.value)
     if llm_layers.value:
       cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, layers=llm_layers.value))
@@ -471,10 +508,10 @@ def _cli() -> None:
     print(f"{topology.describe()}\ncompiling (minutes for the full model) ...", flush=True)
     def plan_at(b: int, with_prefill: bool) -> InferencePlan:
       return plan_inference(cfg, topology, quantize=None if quantize.value == "none" else quantize.value,
-                            batch=b, context=context.value, prompt=prompt.value, images=images.value,
+                            batch=b, context=context.value, prompt=prompt.value, images=values["images"],
                             kv_cache_dtype="int8" if kv.value == "int8" else None, rules_name=rules.value,
                             group_size=group.value, with_prefill=with_prefill,
-                            prefill_batch=prefill_batch.value or None, tensor_parallel=tensor_parallel.value,
+                            prefill_batch=values["prefill_batch"] or None, tensor_parallel=tensor_parallel.value,
                             server=server.value or search.value, decode_steps=decode_steps.value)
 
     if search.value:
@@ -482,11 +519,12 @@ def _cli() -> None:
                                                     devices=mesh_lib.topology_devices(topology))
       granularity = sharding.batch_shards(mesh, rule_table)
       print(f"layout {layout.describe(mesh)} ({rules.value}); slots in multiples of {granularity}", flush=True)
-      result = max_slots(plan_at, granularity=granularity, start=batch.value, hbm_bytes=topology.chip.hbm_bytes,
+      result = max_slots(plan_at, granularity=granularity, start=values["batch"],
+                         hbm_bytes=topology.chip.hbm_bytes,
                          log=lambda line: print(line, flush=True))
       print(result.format())
       return
-    print(plan_at(batch.value, not no_prefill.value).format())
+    print(plan_at(values["batch"], not no_prefill.value).format())
 
   def guarded(argv):  # a user mistake (no libtpu, an unknown topology) is one line and status 2, as in `plan`
     try:

@@ -62,7 +62,9 @@ def test_server_plan_on_the_tensor_parallel_layout_splits_weights_and_cache_over
   assert 0.8 * per_chip < out["args"] < 1.2 * per_chip, out["report"]
   # The engine's prefill holds the whole slots' cache too (donated), not a prefill-sized one.
   assert out["prefill_args"] > out["cache"] / 8
-  assert "server prefill (1 request(s) into the 64 slots' cache)" in out["report"] and "FITS" in out["report"]
+  # serve's defaults: prefills of up to 4 requests, each with up to 4 images (16 encoded at once).
+  assert "server prefill (4 request(s) into the 64 slots' cache)" in out["report"] and "FITS" in out["report"]
+  assert "server image encoding (16 image(s);" in out["report"]
   # The engine's own decode call (inference.slot_programs) updates the cache in place. Its temporaries hold one
   # layer's attended keys and values (a quarter of the cache with tiny's 4 layers) and the logits, never a copy
   # of K or V whole (half the cache or more; Generator's one-step program, compiled here before, held one).
