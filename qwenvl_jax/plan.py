@@ -19,7 +19,6 @@ proj), the LLM and the total, plus how many parameters each stage trains.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 import time
@@ -33,7 +32,7 @@ from qwenvl_jax import cli
 from qwenvl_jax import errors
 from qwenvl_jax import sharding
 from qwenvl_jax.model import QwenVL, QwenVLConfig, get_preset, lora
-from qwenvl_jax.planning import inference_plan, search, train_plan
+from qwenvl_jax.planning import inference_plan, output, search, train_plan
 from qwenvl_jax.training import peft
 from qwenvl_jax.training.optimizer import make_is_frozen, stage_frozen_patterns
 
@@ -194,14 +193,8 @@ def format_weight_bytes(state, quant) -> str:
 
 
 def _say(*lines) -> None:
-  """A line of the human report: on stdout, or on stderr with --json (stdout then holds the JSON object alone)."""
-  print(*lines, file=sys.stderr if _JSON.value else sys.stdout, flush=True)
-
-
-def topology_to_dict(topology) -> dict:
-  return {"name": topology.accelerator_type, "grid": topology.topology_name, "num_slices": topology.num_slices,
-          "num_chips": topology.num_chips, "chip": topology.chip.name, "hbm_bytes": topology.chip.hbm_bytes,
-          "peak_bf16_flops": topology.chip.peak_bf16_flops}
+  """A line of the human report (on stderr with --json)."""
+  output.say(*lines, as_json=_JSON.value)
 
 
 def main(argv):
@@ -237,7 +230,7 @@ def main(argv):
                                "adapter_bytes": adapters}
   if _TOPOLOGY.value:
     topology = _topology()
-    report["topology"] = topology_to_dict(topology)
+    report["topology"] = output.topology_to_dict(topology)
     from qwenvl_jax.training import validation  # pylint: disable=import-outside-toplevel
     validation.check_step_fields(config, topology.chip.platform)  # what `train` would refuse, before compiling
     if _SEARCH.value:
@@ -265,8 +258,7 @@ def main(argv):
 
 def _emit(report: dict) -> None:
   """With --json, `report` as one line of JSON on stdout."""
-  if _JSON.value:
-    print(json.dumps(report, default=lambda x: x.item()), flush=True)  # numpy scalars as numbers
+  output.emit(report, as_json=_JSON.value)
 
 
 def _topology():
@@ -287,8 +279,8 @@ def _plan_inference(config, report: dict) -> None:
   cfg = inference_plan.inference_model_config(preset, config.res if config is not None else _RES.value)
   res = cfg.vision.image_size  # --preset=tiny without --res: the preset's 224 px, as the counts say (it was 448)
   topology = _topology()
-  report["model"] = {"name": preset, "image_size": res}
-  report["topology"] = topology_to_dict(topology)
+  report["model"] = inference_plan.model_to_dict(preset, cfg)
+  report["topology"] = output.topology_to_dict(topology)
   _say(f"model {preset}: {res} px; {topology.describe()}\ncompiling the decode step"
        + (" and the prefill" if kwargs["with_prefill"] else "") + " (minutes for the full model) ...")
   result = inference_plan.plan_inference(cfg, topology, **INFERENCE_KEY_NAMES, **kwargs)

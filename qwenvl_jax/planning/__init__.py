@@ -8,6 +8,7 @@ Public surface:
   collectives_from_hlo, estimate, CommEstimate, Collective          (collectives.py)
   train_plan.plan_stage(config, topology)                           (imported on use: it pulls in the trainer)
   search.search(config, topology)                                   (plan --search; imported on use)
+  output.say, output.emit                                           (the report, or --json's object on stdout)
 The one entry point: `python -m qwenvl_jax.plan --config=configs/stageN.py:... [--topology=v5p-128] [--search]`.
 """
 from qwenvl_jax.planning.aot import StepPlan, abstract_like, compile_step, extrapolate_cost, plan_from_compiled

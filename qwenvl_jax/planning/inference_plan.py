@@ -32,6 +32,7 @@ that fit (every program within HBM):
 
   python -m qwenvl_jax.planning.inference_plan --preset=qwen_vl_7b --topology=v5e-8 --quantize=none \
       --context=2048 --prompt=1024 --max_slots
+  python -m qwenvl_jax.planning.inference_plan ... --json    # the figures as one JSON object on stdout, as `plan`'s
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ from qwenvl_jax.inference import decode, layout, slot_programs
 from qwenvl_jax.model import QwenVL, get_preset
 from qwenvl_jax.model import quantize as qlib
 from qwenvl_jax.model.config import QwenVLConfig
-from qwenvl_jax.planning import aot, mesh as mesh_lib
+from qwenvl_jax.planning import aot, mesh as mesh_lib, output
 
 # What a plan holds when not told: `Generator`'s rows, one image each, all prefilled at once (prefill_batch 0 = the
 # batch); a server plan holds `serve`'s defaults (its slots, its images per request and requests per prefill), so a
@@ -387,6 +388,13 @@ class SlotSearch:
             f"{f.get('kv_cache_dtype')}, layout {f.get('layout')})")
     return "\n".join([head, f"  peak per chip by slots: {probes}"] + ([self.plan.format()] if self.plan else []))
 
+  def to_dict(self) -> dict:
+    """`format()`'s search figures as JSON values (`--max_slots --json`; the plan at `slots` is reported beside
+    it): the slots found, the fewest found not to fit, the granularity and each probe's peak bytes per chip (None:
+    over HBM)."""
+    return {"slots": self.slots, "does_not_fit": self.does_not_fit, "granularity": self.granularity,
+            "probes": [{"slots": b, "peak_bytes_per_chip": v} for b, v in sorted(self.probes.items())]}
+
 
 def max_slots(plan_at, *, granularity: int, start: int, hbm_bytes: int, log=print) -> SlotSearch:
   """The most slots B (a multiple of `granularity`) for which `plan_at(B, with_prefill)` fits in `hbm_bytes`.
@@ -460,71 +468,105 @@ def max_slots(plan_at, *, granularity: int, start: int, hbm_bytes: int, log=prin
   return SlotSearch(lo, plans.get((lo, True)), probes, g, bracket.get(True, bracket.get(False)))
 
 
+def model_to_dict(preset: str, cfg: QwenVLConfig) -> dict:
+  """The planned model as JSON values (`--json`): its preset, image size and decoder layers."""
+  return {"name": preset, "image_size": cfg.vision.image_size, "llm_layers": cfg.llm.layers}
+
+
+def run(*, preset: str, res: int | None, topology: str, quantize: str | None, kv_cache_dtype: str | None,
+        batch: int | None, context: int, prompt: int, images: int | None, prefill_batch: int | None,
+        tensor_parallel: int, decode_steps: int, rules_name: str, group_size: int, with_prefill: bool, server: bool,
+        slot_search: bool, llm_layers: int = 0, as_json: bool = False) -> dict:
+  """The command's work once its flags are read (batch, images, prefill_batch: None where not given, then
+  `GENERATOR_SIZES`'s, or `SERVER_SIZES`'s for a server): the plan, or with `slot_search` the most server slots
+  that fit, printed by `output`. Returns the report object (with `as_json` printed alone on stdout, the report
+  then on stderr): model, topology, inference (the plan's `to_dict()`; a search's at the slots found, None when
+  none fit) and max_slots (the search's `to_dict()`, None without one).
+
+  Raises:
+    errors.UserError: a size no plan has, an unknown topology, no libtpu.
+  """
+  server = server or slot_search
+  given = {"batch": batch, "images": images, "prefill_batch": prefill_batch}
+  values = {**(SERVER_SIZES if server else GENERATOR_SIZES), **{k: v for k, v in given.items() if v is not None},
+            "context": context, "prompt": prompt, "tensor_parallel": tensor_parallel, "decode_steps": decode_steps}
+  check_sizes(values, lambda key: f"--{key}={values[key]}")
+  say = lambda *lines: output.say(*lines, as_json=as_json)
+  cfg = inference_model_config(preset, res)
+  if llm_layers:
+    cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, layers=llm_layers))
+  slice_ = chips.parse_topology(topology, 1)
+  report = {"model": model_to_dict(preset, cfg), "topology": output.topology_to_dict(slice_), "inference": None,
+            "max_slots": None}
+  say(f"{slice_.describe()}\ncompiling (minutes for the full model) ...")
+
+  def plan_at(b: int, full: bool) -> InferencePlan:
+    return plan_inference(cfg, slice_, quantize=quantize, batch=b, context=context, prompt=prompt,
+                          images=values["images"], kv_cache_dtype=kv_cache_dtype, rules_name=rules_name,
+                          group_size=group_size, with_prefill=full, prefill_batch=values["prefill_batch"] or None,
+                          tensor_parallel=tensor_parallel, server=server, decode_steps=decode_steps)
+
+  if slot_search:
+    mesh, rule_table = layout.make_inference_mesh(cfg, rules_name, tensor_parallel=tensor_parallel,
+                                                  devices=mesh_lib.topology_devices(slice_))
+    granularity = sharding.batch_shards(mesh, rule_table)
+    say(f"layout {layout.describe(mesh)} ({rules_name}); slots in multiples of {granularity}")
+    result = max_slots(plan_at, granularity=granularity, start=values["batch"], hbm_bytes=slice_.chip.hbm_bytes,
+                       log=say)
+    say(result.format())
+    report["max_slots"] = result.to_dict()
+    report["inference"] = result.plan and result.plan.to_dict()
+  else:
+    result = plan_at(values["batch"], with_prefill)
+    say(result.format())
+    report["inference"] = result.to_dict()
+  output.emit(report, as_json=as_json)
+  return report
+
+
 def _cli() -> None:
   """Command-line flags (defined only when run as a program) and the report."""
   from absl import app, flags  # pylint: disable=import-outside-toplevel
-  preset = flags.DEFINE_string("preset", "qwen_vl_7b", "Model preset (tiny, mid, qwen_vl_7b).")
-  res = flags.DEFINE_integer("res", None, "Input resolution (default: the preset's, 448 for qwen_vl_7b).")
-  topology_flag = flags.DEFINE_string("topology", "v5e-1", "TPU slice, e.g. v5e-1, v5e-8, v4-8.")
-  quantize = flags.DEFINE_enum("quantize", "int8", ["none", "int8", "int4"], "Weight quantization.")
-  group = flags.DEFINE_integer("group_size", qlib.DEFAULT_GROUP_SIZE, "int4 group size.")
   gen, srv = GENERATOR_SIZES, SERVER_SIZES
-  batch = flags.DEFINE_integer("batch", None, f"Rows decoded together (default {gen['batch']}); with --server the "
-                               f"slots (default serve's --num_slots, {srv['batch']}); with --max_slots the first "
-                               "probe.")
-  context = flags.DEFINE_integer("context", serving_defaults.CONTEXT, "KV cache slots (prompt + new tokens; default "
-                                 "serve's --context).")
-  prompt = flags.DEFINE_integer("prompt", 1024, "Prompt tokens of the prefill plan.")
-  images = flags.DEFINE_integer("images", None, f"Images per row in the prefill plan (default {gen['images']}; with "
-                                f"--server serve's --max_images, {srv['images']}).")
-  kv = flags.DEFINE_enum("kv_cache_dtype", "bfloat16", ["bfloat16", "int8"], "KV cache storage.")
-  rules = flags.DEFINE_string("rules", layout.DEFAULT_RULES, "Sharding rule table: inference_tp (tensor parallel "
-                              "within a host, replicas across hosts: what generate/evaluate/serve use) or fsdp.")
-  tensor_parallel = flags.DEFINE_integer("tensor_parallel", 0, "Chips per model replica (0 = one host's).")
-  no_prefill = flags.DEFINE_bool("decode_only", False, "Compile only the decode step.")
-  prefill_batch = flags.DEFINE_integer("prefill_batch", None, "Rows prefilled together (default: all --batch rows; "
-                                       f"with --server serve's --prefill_batch, {srv['prefill_batch']}, at most "
-                                       "--batch; 0 = the default).")
-  server = flags.DEFINE_bool("server", False, "Plan the serving engine: --batch slots of --context cache slots.")
-  decode_steps = flags.DEFINE_integer("decode_steps", serving_defaults.DECODE_STEPS, "With --server: decode steps "
-                                      "per engine call (serve's --decode_steps).")
-  llm_layers = flags.DEFINE_integer("llm_layers", 0, "Decoder layers (0 = the preset's); fewer for a quick, "
-                                    "smaller compile (bench/plan_server_slots.py extrapolates from them).")
-  search = flags.DEFINE_bool("max_slots", False, "Search the most server slots that fit (implies --server; "
-                             "--batch is the first probe).")
+  flags.DEFINE_string("preset", "qwen_vl_7b", "Model preset (tiny, mid, qwen_vl_7b).")
+  flags.DEFINE_integer("res", None, "Input resolution (default: the preset's, 448 for qwen_vl_7b).")
+  flags.DEFINE_string("topology", "v5e-1", "TPU slice, e.g. v5e-1, v5e-8, v4-8.")
+  flags.DEFINE_enum("quantize", "int8", ["none", "int8", "int4"], "Weight quantization.")
+  flags.DEFINE_integer("group_size", qlib.DEFAULT_GROUP_SIZE, "int4 group size.")
+  flags.DEFINE_integer("batch", None, f"Rows decoded together (default {gen['batch']}); with --server the slots "
+                       f"(default serve's --num_slots, {srv['batch']}); with --max_slots the first probe.")
+  flags.DEFINE_integer("context", serving_defaults.CONTEXT, "KV cache slots (prompt + new tokens; default serve's "
+                       "--context).")
+  flags.DEFINE_integer("prompt", 1024, "Prompt tokens of the prefill plan.")
+  flags.DEFINE_integer("images", None, f"Images per row in the prefill plan (default {gen['images']}; with --server "
+                       f"serve's --max_images, {srv['images']}).")
+  flags.DEFINE_enum("kv_cache_dtype", "bfloat16", ["bfloat16", "int8"], "KV cache storage.")
+  flags.DEFINE_string("rules", layout.DEFAULT_RULES, "Sharding rule table: inference_tp (tensor parallel "
+                      "within a host, replicas across hosts: what generate/evaluate/serve use) or fsdp.")
+  flags.DEFINE_integer("tensor_parallel", 0, "Chips per model replica (0 = one host's).")
+  flags.DEFINE_bool("decode_only", False, "Compile only the decode step.")
+  flags.DEFINE_integer("prefill_batch", None, "Rows prefilled together (default: all --batch rows; with --server "
+                       f"serve's --prefill_batch, {srv['prefill_batch']}, at most --batch; 0 = the default).")
+  flags.DEFINE_bool("server", False, "Plan the serving engine: --batch slots of --context cache slots.")
+  flags.DEFINE_integer("decode_steps", serving_defaults.DECODE_STEPS, "With --server: decode steps per engine call "
+                       "(serve's --decode_steps).")
+  flags.DEFINE_integer("llm_layers", 0, "Decoder layers (0 = the preset's); fewer for a quick, "
+                       "smaller compile (bench/plan_server_slots.py extrapolates from them).")
+  flags.DEFINE_bool("max_slots", False, "Search the most server slots that fit (implies --server; "
+                    "--batch is the first probe).")
+  flags.DEFINE_bool("json", False, "Print the figures as one JSON object on stdout (the report goes to stderr): the "
+                    "model, the topology, the plan's programs (memory per chip, step times, the peak, fits) and "
+                    "with --max_slots the search's probes.")
 
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    given = {"batch": batch.value, "images": images.value, "prefill_batch": prefill_batch.value}
-    values = {**(SERVER_SIZES if server.value or search.value else GENERATOR_SIZES),
-              **{k: v for k, v in given.items() if v is not None}, "context": context.value, "prompt": prompt.value,
-              "tensor_parallel": tensor_parallel.value, "decode_steps": decode_steps.value}
-    check_sizes(values, lambda key: f"--{key}={values[key]}")
-    cfg = inference_model_config(preset.value, res.value)
-    if llm_layers.value:
-      cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, layers=llm_layers.value))
-    topology = chips.parse_topology(topology_flag.value, 1)
-    print(f"{topology.describe()}\ncompiling (minutes for the full model) ...", flush=True)
-    def plan_at(b: int, with_prefill: bool) -> InferencePlan:
-      return plan_inference(cfg, topology, quantize=None if quantize.value == "none" else quantize.value,
-                            batch=b, context=context.value, prompt=prompt.value, images=values["images"],
-                            kv_cache_dtype="int8" if kv.value == "int8" else None, rules_name=rules.value,
-                            group_size=group.value, with_prefill=with_prefill,
-                            prefill_batch=values["prefill_batch"] or None, tensor_parallel=tensor_parallel.value,
-                            server=server.value or search.value, decode_steps=decode_steps.value)
-
-    if search.value:
-      mesh, rule_table = layout.make_inference_mesh(cfg, rules.value, tensor_parallel=tensor_parallel.value,
-                                                    devices=mesh_lib.topology_devices(topology))
-      granularity = sharding.batch_shards(mesh, rule_table)
-      print(f"layout {layout.describe(mesh)} ({rules.value}); slots in multiples of {granularity}", flush=True)
-      result = max_slots(plan_at, granularity=granularity, start=values["batch"],
-                         hbm_bytes=topology.chip.hbm_bytes,
-                         log=lambda line: print(line, flush=True))
-      print(result.format())
-      return
-    print(plan_at(values["batch"], not no_prefill.value).format())
+    f = flags.FLAGS
+    run(preset=f.preset, res=f.res, topology=f.topology, quantize=None if f.quantize == "none" else f.quantize,
+        kv_cache_dtype="int8" if f.kv_cache_dtype == "int8" else None, batch=f.batch, context=f.context,
+        prompt=f.prompt, images=f.images, prefill_batch=f.prefill_batch, tensor_parallel=f.tensor_parallel,
+        decode_steps=f.decode_steps, rules_name=f.rules, group_size=f.group_size, with_prefill=not f.decode_only,
+        server=f.server, slot_search=f.max_slots, llm_layers=f.llm_layers, as_json=f.json)
 
   def guarded(argv):  # a user mistake (no libtpu, an unknown topology) is one line and status 2, as in `plan`
     try:

@@ -1,5 +1,6 @@
 """The inference planner AOT-compiles the real decode step and prefill for a TPU chip (tiny model, in a child
 process with libtpu): int8 weights and an int8 cache show up as fewer argument bytes."""
+import json
 import subprocess
 import sys
 
@@ -77,12 +78,14 @@ def test_server_plan_on_the_tensor_parallel_layout_splits_weights_and_cache_over
 
 def test_the_module_command_reports_a_user_mistake_in_one_line():
   """`python -m qwenvl_jax.planning.inference_plan` (README's slot-planning command) ended an unknown chip or a
-  missing libtpu in a traceback, status 1, where `plan` prints one line, status 2."""
+  missing libtpu in a traceback, status 1, where `plan` prints one line, status 2. With --json (which it lacked)
+  stdout stays empty: a script reads no half object."""
   proc = subprocess.run([sys.executable, "-m", "qwenvl_jax.planning.inference_plan", "--preset=tiny",
-                         "--topology=v9z-8"], capture_output=True, text=True, timeout=300, cwd=helpers.REPO,
-                        env=helpers.subprocess_env(devices=1), check=False)
+                         "--topology=v9z-8", "--json"], capture_output=True, text=True, timeout=300,
+                        cwd=helpers.REPO, env=helpers.subprocess_env(devices=1), check=False)
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert proc.stderr.startswith("error: unknown chip 'v9z'") and "Traceback" not in proc.stderr, proc.stderr
+  assert proc.stdout == ""
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -139,3 +142,29 @@ def test_the_inference_plan_takes_the_presets_resolution_unless_told():
   assert inference_plan.inference_model_config("tiny").vision.image_size == 224
   assert inference_plan.inference_model_config("qwen_vl_7b").vision.image_size == 448
   assert inference_plan.inference_model_config("tiny", 56).vision.image_size == 56
+
+
+def test_the_module_command_with_json_prints_one_object_and_the_report_on_stderr(monkeypatch, capsys):
+  """`python -m qwenvl_jax.planning.inference_plan` had no --json (`plan` has): scripts parsed its report. Its work
+  runs in-process here, 1 fake CPU device standing in for v5e-1 (whose devices need libtpu); given no sizes, the
+  server plan holds serve's defaults."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax import serving_defaults  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.planning import inference_plan, mesh  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(mesh, "topology_devices", lambda topology: jax.devices()[:topology.num_chips])
+  returned = inference_plan.run(
+      preset="tiny", res=56, topology="v5e-1", quantize=None, kv_cache_dtype=None, batch=None, context=64, prompt=16,
+      images=None, prefill_batch=None, tensor_parallel=0, decode_steps=2, rules_name="inference_tp", group_size=128,
+      with_prefill=False, server=True, slot_search=False, as_json=True)
+  out, err = capsys.readouterr()
+  report = json.loads(out)
+  assert report == json.loads(json.dumps(returned)) and out.count("\n") == 1
+  assert set(report) == {"model", "topology", "inference", "max_slots"} and report["max_slots"] is None
+  assert report["model"] == {"name": "tiny", "image_size": 56, "llm_layers": 4}
+  assert report["topology"]["name"] == "v5litepod-1" and report["topology"]["num_chips"] == 1
+  facts = report["inference"]["facts"]
+  assert (facts["batch"], facts["prefill_batch"], facts["images"]) == (
+      serving_defaults.NUM_SLOTS, serving_defaults.PREFILL_BATCH, serving_defaults.MAX_IMAGES)
+  assert report["inference"]["decode"]["memory_bytes"]["arguments"] > report["inference"]["cache_bytes"]
+  assert report["inference"]["prefill"] is None and report["inference"]["fits"] is True
+  assert f"server: 4-layer LLM, 56 px weights none, KV cache bfloat16, slots {serving_defaults.NUM_SLOTS}" in err
