@@ -19,12 +19,17 @@ import numpy as np
 from qwenvl_jax import errors, sharding
 from qwenvl_jax.checkpoint import run_layout
 from qwenvl_jax.model import config as model_config
+from qwenvl_jax.model import lora
 from qwenvl_jax.training import peft, workdir as workdir_lib
-from qwenvl_jax.training.optimizer import stage_frozen_patterns
+from qwenvl_jax.training.optimizer import make_is_frozen, stage_frozen_patterns
 
 def frozen_patterns(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """The frozen-path regexes: `config.frozen` if set ('none' = train everything), else the stage's filters; a
-  LoRA run (`config.lora.rank > 0`) freezes all but its adapters and modules_to_save (`training.peft`)."""
+  LoRA run (`config.lora.rank > 0`) freezes all but its adapters and modules_to_save (`training.peft`).
+
+  Raises:
+    ValueError: a LoRA run with `config.frozen` or `fix_vit=False`, or on default targets the stage freezes.
+  """
   lora_frozen = peft.frozen_patterns(config)
   if lora_frozen is not None:
     if config.frozen:
@@ -33,12 +38,30 @@ def frozen_patterns(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     if not config.get("fix_vit", True):  # it unfreezes the ViT of full fine-tuning; a LoRA run would ignore it
       raise ValueError(f"config.fix_vit=False with config.lora.rank={config.lora.rank}: a LoRA run freezes the whole "
                        "base, the ViT included; to adapt the ViT add 'visual/blocks/.*' to config.lora.targets")
+    _check_default_targets(config)
     return lora_frozen
   if config.frozen == "none":
     return ()
   if config.frozen:
     return (config.frozen,)
   return stage_frozen_patterns(config.stage, fix_vit=config.fix_vit)
+
+
+def _check_default_targets(config: ml_collections.ConfigDict) -> None:
+  """Refuses a LoRA run on the default targets (the official LLM c_attn, attn.c_proj, w1, w2) of a stage that freezes
+  them: stage 1 trains the ViT and adapter, and `lora=64` on it trained LLM adapters and left the ViT and adapter
+  frozen, the opposite of the stage, without a word. Other targets are the user's choice (a ViT adapter in stage 3,
+  an LLM one in stage 1)."""
+  if set(peft.lora_config(config).targets) != set(lora.OFFICIAL_TARGETS):
+    return
+  is_frozen = make_is_frozen(stage_frozen_patterns(config.stage, fix_vit=config.get("fix_vit", True)))
+  if all(is_frozen(f"{target}/kernel") for target in lora.OFFICIAL_TARGETS):
+    raise errors.ConfigError(
+        f"config.lora.rank={config.lora.rank} on stage {config.stage} adapts the default config.lora.targets (the "
+        f"LLM's c_attn, attn.c_proj, w1, w2), which stage {config.stage} freezes: the run would train LLM adapters, "
+        "not what the stage trains",
+        hint=f"target what stage {config.stage} trains, e.g. --config.lora.targets='visual/blocks/.*,adapter/.*'; "
+             "LoRA on the LLM is stage 3's (configs/stage3.py:lora=64)")
 
 
 def _broadcast_bytes(data: bytes | None) -> bytes:

@@ -170,6 +170,25 @@ def test_a_misspelt_field_in_a_config_file_is_refused_naming_the_file(tmp_path, 
   assert not (tmp_path / "run").exists()
 
 
+def test_lora_on_stage_1_with_the_default_targets_is_refused_naming_visual_ones(tmp_path):
+  """Stage 1 trains the ViT and adapter and freezes the LLM; `lora=8` adapted the LLM and trained nothing else."""
+  with pytest.raises(errors.ConfigError, match=r"^config\.lora\.rank=8 on stage 1 adapts the default "
+                                               r"config\.lora\.targets \(the LLM's .*\), which stage 1 freezes: .*"
+                                               r"--config\.lora\.targets='visual/blocks/\.\*,adapter/\.\*'"):
+    validation.check_step_fields(small_config(1, tmp_path / "run", **{"lora.rank": 8}), "cpu")
+
+
+@pytest.mark.parametrize("stage, targets", [
+    (1, "visual/blocks/.*,adapter/.*"),  # what the refusal above suggests
+    (1, "llm/blocks/attn/qkv"),  # LLM adapters written out: the user's choice
+    (2, None),  # stage 2 trains the LLM (tests/training/test_peft.py runs it)
+    (3, None),
+])
+def test_lora_targets_a_stage_accepts(tmp_path, stage, targets):
+  overrides = {"lora.rank": 8, **({"lora.targets": targets} if targets else {})}
+  validation.check_step_fields(small_config(stage, tmp_path / "run", **overrides), "cpu")
+
+
 @pytest.mark.parametrize("arg", [None, "model=qwen_vl_7b,res=224", "lora=8", "qlora=16,fix_vit=false"])
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_every_stage_config_and_a_mixture_of_known_tasks_pass_the_field_check(tmp_path, stage, arg):
