@@ -186,7 +186,8 @@ def lora_weight_bytes(state) -> tuple[dict[str, int], int]:
 def format_weight_bytes(state, quant) -> str:
   """Where a LoRA/QLoRA run's weights go, by dtype (int4 at half a byte): the frozen base and the adapters."""
   base, adapters = lora_weight_bytes(state)
-  kind = "LoRA base" if quant is None else f"QLoRA base ({quant[0].mode}, groups of {quant[0].group_size})"
+  how = "per channel" if quant and quant[0].mode == "int8" else f"groups of {quant[0].group_size}" if quant else ""
+  kind = "LoRA base" if quant is None else f"QLoRA base ({quant[0].mode}, {how})"
   parts = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in sorted(base.items(), key=lambda kv: -kv[1]))
   return (f"  {kind}: {sum(base.values()) / 2**30:.2f} GiB ({parts}); adapters float32 {adapters / 2**30:.2f} GiB "
           f"+ AdamW 2x that")

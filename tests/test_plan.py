@@ -65,6 +65,17 @@ def test_qlora_base_bytes_of_the_full_model():
   assert f"adapters float32 {112_197_632 * 4 / 2**30:.2f} GiB" in text
 
 
+def test_an_int8_qlora_base_is_said_per_channel():
+  """int8 codes have one scale per output channel: the line read 'groups of 64', a size int8 never uses."""
+  from qwenvl_jax import sharding  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.training import peft  # pylint: disable=import-outside-toplevel
+  from tests.training.helpers import load_stage_config  # pylint: disable=import-outside-toplevel
+  config = load_stage_config(3, "qlora=8")
+  config.lora.base_quantize = "int8"
+  state = sharding.abstract_model(peft.model_fn(plan.model_config_from(config, None, None), config))[1]
+  assert "QLoRA base (int8, per channel): " in plan.format_weight_bytes(state, peft.base_quantization(config))
+
+
 def _plan_cli(*args, timeout=300):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, "-m", "qwenvl_jax.plan", *args], capture_output=True, text=True, env=env,

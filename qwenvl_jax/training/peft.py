@@ -21,12 +21,13 @@ bf16 before its matmul anyway; only the float32 norms and biases of the frozen p
 QLoRA (`config.lora.base_quantize` = nf4 | int4 | int8, shorthand `configs/stage3.py:qlora=64`): the projections
 matched by `config.lora.quantize_targets` (default every LLM block projection: c_attn, attn.c_proj, w1, w2,
 mlp.c_proj) are replaced by `model.quantize.QuantizedEinsum`s before the adapters attach, so the frozen base of
-those layers is held as 4-bit (or int8) codes + float32 per-group scales (`config.lora.quantize_group` inputs per
-group, 64 as in the QLoRA paper) and computed in the compute dtype (bf16); everything else of the base (ViT,
-adapter, embeddings, lm_head, norms) stays in `base_dtype`. Adapters and their AdamW state are float32 as for
-LoRA. The codes are parameters of the frozen set: no gradient (the step differentiates the trainable leaves
-only) and no optimizer state; trainer checkpoints store them as they are (4-bit), so a QLoRA run resumes from its
-workdir alone. A fresh run from a float params checkpoint quantizes it kernel by kernel while restoring.
+those layers is held as 4-bit codes + float32 per-group scales (`config.lora.quantize_group` inputs per group, 64
+as in the QLoRA paper; int8: one scale per output channel) and computed in the compute dtype (bf16); everything
+else of the base (ViT, adapter, embeddings, lm_head, norms) stays in `base_dtype`. Adapters and their AdamW state
+are float32 as for LoRA. The codes are parameters of the frozen set: no gradient (the step differentiates the
+trainable leaves only) and no optimizer state; trainer checkpoints store them as they are (4-bit), so a QLoRA run
+resumes from its workdir alone. A fresh run from a float params checkpoint quantizes it kernel by kernel while
+restoring.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from qwenvl_jax.training.optimizer import make_is_frozen
 
 # What QLoRA quantizes by default: every projection of the LLM's decoder blocks (the LoRA targets and mlp.c_proj).
 QLORA_TARGETS = ("llm/blocks/.*",)
+QLORA_GROUP = 64  # inputs per scale of the 4-bit codes: the QLoRA paper's blocks
 QLORA_MODES = ("nf4", "int4", "int8")
 
 
@@ -137,7 +139,8 @@ def base_quantization(config: ml_collections.ConfigDict) -> tuple[qlib.QuantConf
   """(QuantConfig, module-path regexes to quantize) of a QLoRA run, or None (LoRA on a float base, or no LoRA).
 
   Raises:
-    ValueError: an unknown `config.lora.base_quantize`, a bad group size, or QLoRA without LoRA (rank 0).
+    ValueError: an unknown `config.lora.base_quantize`, a group size that is not a power of two (nf4 / int4) or not
+      the default (int8, which has no groups), or QLoRA without LoRA (rank 0).
   """
   section = config.get("lora")
   mode = str(section.get("base_quantize", "") or "") if section is not None else ""
@@ -149,9 +152,16 @@ def base_quantization(config: ml_collections.ConfigDict) -> tuple[qlib.QuantConf
   if int(section.rank) == 0:
     raise ValueError(f"config.lora.base_quantize={mode!r} needs LoRA adapters: set config.lora.rank > 0 (or use "
                      "configs/stage3.py:qlora=64)")
-  group = int(section.get("quantize_group", 64))
-  if group < 1 or group & (group - 1):  # QuantConfig's rule, said with the config key
-    raise ValueError(f"config.lora.quantize_group={group} must be a power of two (e.g. 64, the QLoRA paper's)")
+  group = section.get("quantize_group", QLORA_GROUP)
+  if mode == "int8":  # one scale per output channel (model.quantize): a group size other than the default is ignored
+    if group != QLORA_GROUP:
+      raise errors.ConfigError(f"config.lora.quantize_group={group!r} is the group size of nf4 / int4 codes: "
+                               "config.lora.base_quantize='int8' holds one scale per output channel and ignores it",
+                               hint=f"leave config.lora.quantize_group at {QLORA_GROUP}, or use "
+                                    "config.lora.base_quantize=nf4 (or int4) for groups")
+  elif isinstance(group, bool) or not isinstance(group, int) or group < 1 or group & (group - 1):
+    # QuantConfig's rule, said with the config key
+    raise ValueError(f"config.lora.quantize_group={group!r} must be a power of two (e.g. 64, the QLoRA paper's)")
   targets = _items(section.get("quantize_targets", ",".join(QLORA_TARGETS)))
   tree_paths.compile_patterns(targets, "config.lora.quantize_targets:")
   if any(re.fullmatch(t, "llm/lm_head") for t in targets):

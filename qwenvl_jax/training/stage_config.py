@@ -22,6 +22,7 @@ import ml_collections
 from qwenvl_jax import config_args, distributed
 from qwenvl_jax.data import default_data_config
 from qwenvl_jax.model.lora import OFFICIAL_TARGETS as _LORA_TARGETS
+from qwenvl_jax.training.peft import QLORA_GROUP as _QLORA_GROUP
 from qwenvl_jax.training.peft import QLORA_TARGETS as _QLORA_TARGETS
 
 # The keys of the arg string, with the defaults that give their types ('' scale: demo for tiny, else paper; None
@@ -150,7 +151,7 @@ def stage_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
   # QLoRA: '' (LoRA on the base_dtype base) | nf4 | int4 | int8: the quantize_targets projections (regexes; default
   # every LLM block projection) held as codes + float32 scales per quantize_group inputs (64: the QLoRA paper's).
   c.lora.base_quantize = "nf4" if args["qlora"] else ""
-  c.lora.quantize_group = 64
+  c.lora.quantize_group = _QLORA_GROUP  # nf4 / int4 only: int8 has one scale per output channel
   c.lora.quantize_targets = ",".join(_QLORA_TARGETS)
 
   c.distributed = distributed.default_config()   # multi-process start-up (qwenvl_jax/distributed.py)

@@ -35,7 +35,8 @@ PROJECTIONS = ("attn/qkv", "attn/out", "mlp/w1", "mlp/w2", "mlp/c_proj")
 def _config(mode="nf4", rank=8):
   config = stage_config(3, f"qlora={rank}")
   config.lora.base_quantize = mode
-  config.lora.quantize_group = GROUP
+  if mode != "int8":  # per channel: int8 refuses a group size it would ignore
+    config.lora.quantize_group = GROUP
   return config
 
 

@@ -69,6 +69,10 @@ from tests.training.helpers import load_stage_config, small_config
                                          r"'visual/blocks/\.\*' to config\.lora\.targets"),
     ({"lora.rank": 8, "lora.base_quantize": "nf4", "lora.quantize_group": 48},
      r"^config\.lora\.quantize_group=48 must be a power of two"),
+    # int8 holds one scale per output channel: it demanded a power of two of a group size it never reads.
+    ({"lora.rank": 8, "lora.base_quantize": "int8", "lora.quantize_group": 48},
+     r"^config\.lora\.quantize_group=48 is the group size of nf4 / int4 codes: config\.lora\.base_quantize='int8' "
+     r"holds one scale per output channel and ignores it \(leave config\.lora\.quantize_group at 64"),
     # The 9.6B model's mlp.c_proj has 11008 inputs, a multiple of 256 but not of 512: one scale per output channel.
     ({"model": "qwen_vl_7b", "lora.rank": 8, "lora.base_quantize": "nf4", "lora.quantize_group": 512},
      r"^config\.lora\.quantize_group=512 does not divide the 11008 inputs of llm/blocks/mlp/c_proj: .* e\.g\. 256"),
