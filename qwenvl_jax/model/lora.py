@@ -158,7 +158,7 @@ def apply_lora(model: nnx.Module, cfg: LoraConfig, *, rngs: nnx.Rngs) -> nnx.Mod
     if not hits:
       close = errors.closest(target, sorted(einsums))
       # All 15 are listed: the first four in sorted order were the adapter's, not the llm/ ones users aim at.
-      raise ValueError(f"LoRA target {target!r} matches no projection"
+      raise ValueError(f"lora.targets: {target!r} matches no projection"
                        + (f"; did you mean {' or '.join(close)}?" if close else "")
                        + f" (the projections: {', '.join(sorted(einsums))})")
     for p in hits:

@@ -242,18 +242,20 @@ def _parent(model: nnx.Module, path: tuple) -> nnx.Module:
   return node
 
 
-def quantize_model(model: nnx.Module, cfg: QuantConfig, only: tuple[str, ...] | None = None) -> nnx.Module:
+def quantize_model(model: nnx.Module, cfg: QuantConfig, only: tuple[str, ...] | None = None,
+                   what: str = "quantize target") -> nnx.Module:
   """Replaces, in place, every Einsum (and the token embedding) of `model` by its quantized form; returns it.
 
-  only: full-match regexes over module paths (e.g. `llm/blocks/.*`, QLoRA's LLM projections); None = all.
+  only: full-match regexes over module paths (e.g. `llm/blocks/.*`, QLoRA's LLM projections); None = all. One that
+    matches nothing is a ValueError naming it as `what` (the setting it came from, e.g. a config key).
   Works on concrete models (quantizes their values) and inside `nnx.eval_shape` (the abstract quantized
   model, for shardings and AOT plans). The float kernels are dropped from the model.
   """
   targets = _targets(model, cfg, only)
   for pattern in only or ():
     if not any(re.fullmatch(pattern, "/".join(str(k) for k in path)) for path, _ in targets):
-      raise ValueError(f"quantize target {pattern!r} matches no projection; projections look like "
-                       f"llm/blocks/attn/qkv, visual/blocks/mlp/fc")
+      raise ValueError(f"{what} {pattern!r} matches no projection; projections look like llm/blocks/attn/qkv, "
+                       "visual/blocks/mlp/fc")
   for path, node in targets:
     new = (QuantizedEinsum.from_einsum(node, cfg) if isinstance(node, layers.Einsum)
            else QuantizedEmbed.from_embed(node, cfg))

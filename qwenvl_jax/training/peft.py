@@ -191,7 +191,7 @@ def model_fn(cfg: QwenVLConfig, config: ml_collections.ConfigDict, *, seed: int 
     model = QwenVL(base_cfg, rngs=nnx.Rngs(seed))
     if quant is not None:
       _check_groups(model, *quant)
-      qlib.quantize_model(model, quant[0], only=quant[1])
+      qlib.quantize_model(model, quant[0], only=quant[1], what="config.lora.quantize_targets:")
     try:
       return lora.apply_lora(model, lcfg, rngs=nnx.Rngs(seed + 1))
     except ValueError as e:

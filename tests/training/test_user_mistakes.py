@@ -42,10 +42,10 @@ from tests.training.helpers import load_stage_config, small_config
     ({"lora.base_quantize": "nf4"}, r"needs LoRA adapters"),
     ({"lora.rank": 8, "lora.dropout": 1.5}, r"^config\.lora\.dropout=1\.5 must be in \[0, 1\)"),
     ({"lora.rank": 8, "lora.base_quantize": "int4", "lora.quantize_targets": "llm/block/.*"},
-     r"quantize target 'llm/block/\.\*' matches no projection"),
+     r"^config\.lora\.quantize_targets: 'llm/block/\.\*' matches no projection"),  # named no config key
     # LoRA targets were checked only when the model was first built: a traceback after the workdir was written.
     ({"lora.rank": 8, "lora.targets": "llm/block/attn/qkv"},
-     r"LoRA target 'llm/block/attn/qkv' matches no projection; did you mean llm/blocks/attn/qkv or "),
+     r"^config\.lora\.targets: 'llm/block/attn/qkv' matches no projection; did you mean llm/blocks/attn/qkv or "),
     ({"lora.rank": 8, "lora.targets": "llm/blocks/(attn"}, r"lora\.targets: 'llm/blocks/\(attn' is not a regular"),
     ({"lora.rank": 8, "lora.base_quantize": "nf4", "lora.quantize_targets": "["},
      r"config\.lora\.quantize_targets: '\[' is not a regular expression"),
