@@ -86,6 +86,20 @@ def _init_run(init: str) -> epath.Path | None:
   return None
 
 
+def init_run_model(init: str) -> tuple[epath.Path, str] | None:
+  """(run, its `config.model`) of the training run whose weights `config.init` names (`_init_run`), read from the
+  run's config.json; None when `init` names no run or that file is missing or unreadable. A run's step records no
+  preset of its own (a converted checkpoint's model card does)."""
+  run = _init_run(init)
+  if run is None or not (run / "config.json").is_file():
+    return None
+  try:
+    model = json.loads((run / "config.json").read_text()).get("model")
+  except (OSError, ValueError, AttributeError):
+    return None
+  return (run, model) if isinstance(model, str) and model else None
+
+
 def _run_vocabulary(run: epath.Path, init: str) -> str | None:
   """The tokenizer spec of the run `run` (its config.tokenizer), or None when it trained on its own synthetic
   vocabulary, whose tokenizer.model `make_tokenizer` then copies."""

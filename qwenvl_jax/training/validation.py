@@ -175,11 +175,16 @@ def _check_init(config: ml_collections.ConfigDict, cfg: model_config.QwenVLConfi
   problems = orbax_store.tree_problems(stored, peft.init_tree(peft.model_fn(cfg, config)))
   if problems:
     from qwenvl_jax.checkpoint import model_card  # pylint: disable=g-import-not-at-top
-    preset = model_card.recorded_model(source).get("preset")
+    from qwenvl_jax.training import experiment  # pylint: disable=g-import-not-at-top
+    preset, run = model_card.recorded_model(source).get("preset"), experiment.init_run_model(config.init)
+    if preset:
+      hint = f"the checkpoint records preset {preset!r}: set config.model={preset}"
+    elif run is not None and run[1] != config.model:  # a run's step records no preset: its config.json does
+      hint = f"the run {run[0]} trained config.model={run[1]!r}: set config.model={run[1]}"
+    else:
+      hint = "set config.model to the preset those weights are of (a run's config.json names it)"
     raise errors.ConfigError(f"config.init={config.init!r}: {source} does not hold weights of "
-                             f"config.model={config.model!r}: " + "; ".join(problems),
-                             hint=f"the checkpoint records preset {preset!r}: set config.model={preset}" if preset else
-                             "set config.model to the preset those weights are of (a run's config.json names it)")
+                             f"config.model={config.model!r}: " + "; ".join(problems), hint=hint)
 
 
 def check_step_fields(config: ml_collections.ConfigDict, platform: str) -> model_config.QwenVLConfig:

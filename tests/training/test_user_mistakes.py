@@ -99,15 +99,16 @@ def test_a_bad_config_is_refused_before_anything_is_written(tmp_path, overrides,
   assert not workdir.exists(), sorted(os.listdir(workdir))
 
 
-def _saved_model(path, config=None, quantize=None):
+def _saved_model(path, config=None, quantize=None, card=True):
   """A params checkpoint at `path` with the names, shapes and dtypes (zeros: the check reads metadata only) of the
   tiny model (56 px) that `config` builds (default: the plain model), quantized by `quantize` (a QuantConfig),
-  recording its preset as a merge or a conversion does."""
+  recording its preset as a merge or a conversion does (`card`; a trainer's step records none)."""
   cfg = tiny(dtype="float32").with_image_size(56)
   make = peft.model_fn(cfg, config or stage_config(3, None))
   abstract = nnx.eval_shape(make if quantize is None else lambda: qlib.quantize_model(make(), quantize))
   tree = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), nnx.to_pure_dict(nnx.state(abstract)))
-  orbax_store.save_params(path, tree, custom_metadata={"model": {"preset": "tiny", "image_size": 56}})
+  orbax_store.save_params(path, tree,
+                          custom_metadata={"model": {"preset": "tiny", "image_size": 56}} if card else None)
 
 
 @pytest.mark.parametrize("saved, overrides, message", [
@@ -132,6 +133,19 @@ def test_an_init_checkpoint_that_is_not_the_models_weights_is_refused_by_the_con
   _saved_model(params, **saved)
   with pytest.raises(errors.ConfigError, match=message):
     validation.check_config(small_config(3, tmp_path / "run", init=f"params:{params}", **overrides))
+
+
+@pytest.mark.parametrize("init", ["trainer:{run}@4", "params:{run}/checkpoints/4/params"])
+def test_init_from_another_presets_run_names_the_runs_preset(tmp_path, init):
+  """A run's step records no preset: the hint was the generic 'set config.model to the preset those weights are
+  of'; the run's config.json beside it names it."""
+  run = tmp_path / "tiny_run"
+  _saved_model(run / "checkpoints" / "4" / "params", card=False)
+  (run / "config.json").write_text(stage_config(3, None).to_json())
+  with pytest.raises(errors.ConfigError, match=r"^config\.init='.*': .*/tiny_run/checkpoints/4/params does not hold "
+                                               r"weights of config\.model='small': .* \(the run .*/tiny_run trained "
+                                               r"config\.model='tiny': set config\.model=tiny\)$"):
+    validation.check_config(small_config(3, tmp_path / "run", init=init.format(run=run), model="small"))
 
 
 @pytest.mark.parametrize("overrides", [
