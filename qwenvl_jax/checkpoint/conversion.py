@@ -203,6 +203,7 @@ def torch_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, cfg: QwenVLCo
   said_format, said_tokenizer = hf_model_card(src)
   chat_format, tokenizer = chat_format or said_format, tokenizer or said_tokenizer
   with _open_pytorch(src) as source:
+    refuse_inside_source(dst, src, what="the Hugging Face folder")  # once it is one ('holds no PyTorch ...')
     leaves = _import_leaves(table, source, shapes, _parse_dtype(dtype), block_bytes)
     _check_complete(leaves, shapes)
     logging.info("converting %d tensors of %s into %d parameters at %s", len(source.names()), src, len(leaves), dst)
@@ -227,6 +228,8 @@ def init_from_pretrained(dst: str | os.PathLike, cfg: QwenVLConfig, *, openclip:
   said_format, said_tokenizer = hf_model_card(qwen7b)  # Qwen-7B's: a base model, its vocabulary
   chat_format, tokenizer = chat_format or said_format, tokenizer or said_tokenizer
   with _open_pytorch(openclip) as vit, _open_pytorch(qwen7b) as llm:
+    refuse_inside_source(dst, qwen7b, what="the Qwen-7B folder", flag="--qwen7b")
+    refuse_inside_source(dst, openclip, what="the OpenCLIP folder", flag="--openclip")
     leaves: dict[str, object] = _import_leaves(mapping.OPENCLIP_VIT, vit, shapes, out_dtype, block_bytes)
     leaves.update(_import_leaves(mapping.QWEN7B, llm, shapes, out_dtype, block_bytes))
     leaves.update({f"adapter.{k}": np.asarray(v, dtype=out_dtype or np.float32)
@@ -261,15 +264,16 @@ def _refuse_existing(dst) -> None:
     raise FileExistsError(f"output {dst} exists; refusing to overwrite it (choose a new output directory)")
 
 
-def refuse_inside_source(dst, src) -> None:
-  """An output inside the params checkpoint it is made from would add a folder to that checkpoint (which the user
-  then copies, uploads or hashes with it); refused in one line. Local paths only."""
+def refuse_inside_source(dst, src, *, what: str = "the params checkpoint", flag: str = "--src") -> None:
+  """An output inside the folder it is made from (`what`, given as `flag`: a params checkpoint, a Hugging Face
+  download) would add a folder to it, which the user then copies, uploads or hashes with it; refused in one line.
+  Local paths only. A single-file source is no folder: an output next to it is fine."""
   if "://" in str(dst) or "://" in str(src):
     return
   dst_path, src_path = pathlib.Path(os.path.realpath(dst)), pathlib.Path(os.path.realpath(src))  # links resolved
   if src_path in dst_path.parents:
-    raise errors.ConfigError(f"--dst={dst} is inside the params checkpoint --src={src}, which it would change",
-                             hint="write it outside the checkpoint, e.g. next to it")
+    raise errors.ConfigError(f"--dst={dst} is inside {what} {flag}={src}, which it would change",
+                             hint="write it outside that folder, e.g. next to it")
 
 
 def _export_plans(reader: orbax_store.ParamReader, shapes: Mapping[str, tuple], dtype: np.dtype | None,

@@ -190,6 +190,13 @@ def test_outputs_are_never_overwritten(tmp_path, qwenvl_checkpoint):
   with pytest.raises(errors.ConfigError, match="is inside the params checkpoint"):
     checkpoint.orbax_to_torch(tmp_path / "orbax", tmp_path / "orbax" / "export", cfg)
   assert not (tmp_path / "orbax" / "export").exists() and not (tmp_path / "orbax" / "export.partial").exists()
+  # An import inside the Hugging Face folder it reads wrote the params checkpoint into the user's download (which
+  # is then uploaded or hashed with it); next to a single-file source is fine.
+  with pytest.raises(errors.ConfigError, match=rf"--dst={src / 'jax'} is inside the Hugging Face folder --src={src},"):
+    checkpoint.torch_to_orbax(src, src / "jax", cfg)
+  assert not (src / "jax").exists()
+  single, _ = qwenvl_checkpoint(cfg, index=False, name="single")
+  checkpoint.torch_to_orbax(single / "model.safetensors", single / "jax", cfg)
 
 
 def test_an_export_that_fails_midway_leaves_nothing_and_can_be_retried(tmp_path, qwenvl_checkpoint):
@@ -304,6 +311,10 @@ def test_init_from_openclip_and_qwen7b(tmp_path):
   assert r.custom_metadata["model"] == {"image_size": 224, "preset": "tiny", "chat_format": "raw",
                                         "tokenizer": "qwen:qwen.tiktoken"}
   assert (tmp_path / "init" / "qwen.tiktoken").read_bytes() == b"IQ== 0\n"
+  with pytest.raises(errors.ConfigError, match="is inside the Qwen-7B folder --qwen7b="):
+    checkpoint.init_from_pretrained(tmp_path / "qwen7b" / "init", cfg, qwen7b=tmp_path / "qwen7b",
+                                    openclip=tmp_path / "open_clip_pytorch_model.bin")
+  assert not (tmp_path / "qwen7b" / "init").exists()
 
 
 def test_init_from_pretrained_names_missing_vit_tensors(tmp_path):
