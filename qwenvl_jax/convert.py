@@ -5,8 +5,9 @@ r"""Weight conversion between PyTorch checkpoints and the Orbax params checkpoin
   # Stage-1 init from scratch: OpenCLIP ViT-bigG/14 -> ViT trunk, Qwen-7B -> LLM, fresh adapter:
   python -m qwenvl_jax.convert --mode=init_from_pretrained --openclip=/ckpt/open_clip_pytorch_model.bin \
       --qwen7b=/ckpt/Qwen-7B --dst=/ckpt/stage1_init
-  # Orbax -> Hugging Face format (bf16 safetensors shards + index + config.json + the source's qwen.tiktoken), loadable
-  # by the reference with its code and tokenizer files, copied from --reference_files:
+  # Orbax -> Hugging Face format (bf16 safetensors shards + index + config.json + the source's qwen.tiktoken and a
+  # generation_config.json in its chat format), loadable by the reference with its code and tokenizer files, copied
+  # from --reference_files:
   python -m qwenvl_jax.convert --mode=orbax_to_torch --src=/ckpt/finetuned_params --dst=/ckpt/export \
       --reference_files=/ckpt/Qwen-VL-Chat
   # Weight-only int8 (per channel) or int4 (per group) params checkpoint, loaded by generate/evaluate as stored:
@@ -61,7 +62,8 @@ _TOKENIZER = flags.DEFINE_string("tokenizer", None, "torch_to_orbax, init_from_p
                                  "tokenizer the new params checkpoint keeps a copy of (qwen:PATH, sentencepiece:PATH "
                                  "or a .tiktoken / .model file), instead of the source's own.")
 _CHAT_FORMAT = flags.DEFINE_enum("chat_format", None, ["chatml", "raw"], "Same modes: the chat format to record "
-                                 "(chatml: a chat model; raw: a base model), instead of the source's own.")
+                                 "(chatml: a chat model; raw: a base model), instead of the source's own; "
+                                 "orbax_to_torch: the one its generation_config.json says.")
 flags.DEFINE_alias("model", "preset")  # the name generate, serve and evaluate use
 
 _IMPORTS = ("torch_to_orbax", "init_from_pretrained")
@@ -93,8 +95,7 @@ def _params_source(src: str) -> tuple[str, str, int, str | None, str | None]:
     if "://" not in src:  # it says what a local path is (PyTorch weights: torch_to_orbax converts them), or that
       raise               # it does not exist; ParamReader said only 'not an Orbax PyTree checkpoint'
     return src, _PRESET.value, _IMAGE_SIZE.value, None, None
-  if _MODE.value != "quantize":  # an export copies the tokenizer (a Qwen vocabulary) and records no chat format
-    return source.params, source.preset, source.image_size or _IMAGE_SIZE.value, source.tokenizer, None
+  # Not model_source's chat format: it says 'chatml' for a checkpoint that records none.
   chat_format = (source.chat_format if source.run_dir is not None else
                  checkpoint.model_card.recorded_chat_format(source.params,
                                                             checkpoint.model_card.recorded_model(source.params)))
@@ -112,10 +113,11 @@ def main(argv):
       raise errors.ConfigError(f"--{typed} is not read by --mode={mode} (only by {' / '.join(modes)})",
                                hint=f"drop it ({_UNREAD_BECAUSE[name]})" if name in _UNREAD_BECAUSE else
                                "drop it, or use a mode that reads it")
-  if mode in ("orbax_to_torch", "export_peft") and (_TOKENIZER.value or _CHAT_FORMAT.value):
-    raise app.UsageError(f"--tokenizer and --chat_format are recorded in params checkpoints, not by --mode={mode}"
-                         + (" (it copies the source's own tokenizer, or the one of --reference_files)"
-                            if mode == "orbax_to_torch" else ""))
+  if mode == "export_peft" and (_TOKENIZER.value or _CHAT_FORMAT.value):
+    raise app.UsageError(f"--tokenizer and --chat_format are recorded in params checkpoints, not by --mode={mode}")
+  if mode == "orbax_to_torch" and _TOKENIZER.value:
+    raise app.UsageError("--tokenizer is not read by --mode=orbax_to_torch (it copies the source's own tokenizer, or "
+                         "the one of --reference_files)")
   if _SHARD_GB.value <= 0:
     raise errors.ConfigError(f"--max_shard_gb={_SHARD_GB.value:g} must be > 0 (it wrote one tensor per shard)")
   _refuse_run_checkpoints(_DST.value)
@@ -146,12 +148,23 @@ def main(argv):
   else:
     checkpoint.orbax_to_torch(src, _DST.value, cfg, dtype=_DTYPE.value or "bfloat16",
                               max_shard_bytes=int(_SHARD_GB.value * 1e9), reference_files=_REFERENCE.value,
-                              tokenizer=tokenizer)
+                              tokenizer=tokenizer, chat_format=chat_format)
   print(f"wrote {mode} of {src} ({preset}, {image_size} px) to {_DST.value}")
-  if mode == "orbax_to_torch" and (lacks := checkpoint.missing_reference_files(_DST.value)):
-    print(f"note: {_DST.value} lacks {', '.join(lacks)} of a Hugging Face Qwen-VL folder, without which transformers "
-          "loads neither the model nor its tokenizer: copy them in from a Qwen-VL download, or export again with "
+  if mode == "orbax_to_torch":
+    _export_notes(src, _DST.value, chat_format)
+
+
+def _export_notes(src: str, dst: str, chat_format: str | None) -> None:
+  """One stderr line per thing an orbax_to_torch export still needs, with the fix, or which differs from what
+  --reference_files brought."""
+  lacks = checkpoint.missing_reference_files(dst)
+  if code := [name for name in lacks if name != "generation_config.json"]:
+    print(f"note: {dst} lacks {', '.join(code)} of a Hugging Face Qwen-VL folder, without which transformers loads "
+          "neither the model nor its tokenizer: copy them in from a Qwen-VL download, or export again with "
           f"--reference_files=DIR{'' if _REFERENCE.value else _origin(src)}", file=sys.stderr)
+  if note := checkpoint.generation_config_note(dst, chat_format, src=_SRC.value, reference_files=_REFERENCE.value,
+                                               flag_given=_CHAT_FORMAT.value is not None):
+    print(f"note: {note}", file=sys.stderr)
 
 
 def _origin(params: str) -> str:

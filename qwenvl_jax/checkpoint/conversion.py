@@ -5,7 +5,7 @@
 * `init_from_pretrained`: OpenCLIP ViT-bigG/14 -> `visual`, Qwen-7B -> `llm`, a freshly initialized `adapter`
   (the paper's stage-1 starting point) -> params checkpoint.
 * `orbax_to_torch`: params checkpoint -> `model-0000k-of-0000n.safetensors` + `model.safetensors.index.json` +
-  `config.json` in the Qwen-VL names, loadable by the reference code.
+  `config.json` (+ `generation_config.json`) in the Qwen-VL names, loadable by the reference code.
 
 Every direction first checks the whole mapping against the headers of its input (each expected tensor present
 with the right shape, nothing unexpected except an explicit ignore list); problems are reported together, by
@@ -33,7 +33,8 @@ from flax import nnx
 from qwenvl_jax import errors, sharding, tree_paths
 from qwenvl_jax import text as qtext
 from qwenvl_jax.checkpoint import mapping, orbax_store, run_layout, tensor_io
-from qwenvl_jax.checkpoint.model_card import bundled_tokenizer, copy_tokenizer, hf_model_card, model_metadata
+from qwenvl_jax.checkpoint.model_card import (bundled_tokenizer, copy_tokenizer, hf_generation_config,
+                                             hf_model_card, model_metadata)
 from qwenvl_jax.model import QwenVL
 from qwenvl_jax.model.config import QwenVLConfig
 from qwenvl_jax.model.resampler import Adapter
@@ -317,7 +318,8 @@ def _export_blocks(reader, b: mapping.Binding, dtype, block_bytes):
 
 def orbax_to_torch(src: str | os.PathLike, dst: str | os.PathLike, cfg: QwenVLConfig, *, dtype="bfloat16",
                    max_shard_bytes: int = DEFAULT_SHARD_BYTES, block_bytes: int = DEFAULT_BLOCK_BYTES,
-                   reference_files: str | os.PathLike | None = None, tokenizer: str | None = None) -> dict:
+                   reference_files: str | os.PathLike | None = None, tokenizer: str | None = None,
+                   chat_format: str | None = None) -> dict:
   """Exports a params checkpoint to the Hugging Face Qwen-VL format in the new directory `dst`.
 
   Writes `model-0000k-of-0000n.safetensors` (shards of at most `max_shard_bytes`, a bigger tensor alone),
@@ -325,8 +327,11 @@ def orbax_to_torch(src: str | os.PathLike, dst: str | os.PathLike, cfg: QwenVLCo
   `reference_files` (a Hugging Face Qwen-VL directory) its code and tokenizer files are copied beside them so
   the export loads with `trust_remote_code` (`missing_reference_files` names what an export lacks). `tokenizer`:
   the spec of the source's own tokenizer (a run's, or the copy a params checkpoint keeps); a Qwen vocabulary is
-  copied as `qwen.tiktoken`, in place of the reference's. Everything is written to `dst.partial` and renamed at the
-  end. Returns the index dict.
+  copied as `qwen.tiktoken`, in place of the reference's. `chat_format`: the one the weights were trained for
+  ('chatml' / 'raw', None: unknown), written as `generation_config.json` (`hf_generation_config`) unless
+  `reference_files` brings one: that one is kept, with its chat format set to `chat_format` when it says another
+  (the reference's folder describes the reference's weights). Everything is written to `dst.partial` and renamed at
+  the end. Returns the index dict.
   """
   dst = pathlib.Path(dst)
   _refuse_existing(dst)
@@ -334,6 +339,8 @@ def orbax_to_torch(src: str | os.PathLike, dst: str | os.PathLike, cfg: QwenVLCo
   tmp = dst.with_name(dst.name + ".partial")
   _refuse_existing(tmp)
   out_dtype = _parse_dtype(dtype)
+  if chat_format is not None:
+    hf_generation_config(chat_format)  # an unknown one is refused before the shards are written
   shapes = model_param_shapes(cfg)
   reader = orbax_store.ParamReader(src)
   quantization = reader.custom_metadata.get("quantization")
@@ -356,6 +363,8 @@ def orbax_to_torch(src: str | os.PathLike, dst: str | os.PathLike, cfg: QwenVLCo
       copy_tokenizer(tokenizer, tmp)  # as qwen.tiktoken, the name the reference's tokenizer reads
     if reference_files is not None:
       _copy_reference_files(pathlib.Path(reference_files), tmp)
+    if chat_format is not None:
+      _write_generation_config(tmp / "generation_config.json", chat_format)
   except BaseException:
     # The half-written export is this call's own (`tmp` did not exist): left behind, it blocked the next try.
     shutil.rmtree(tmp, ignore_errors=True)
@@ -377,6 +386,24 @@ def missing_reference_files(export: str | os.PathLike) -> list[str]:
   return [name for name in REFERENCE_FILES if not (pathlib.Path(export) / name).is_file()]
 
 
+def generation_config_note(export: str | os.PathLike, chat_format: str | None, *, src: str,
+                           reference_files: str | os.PathLike | None = None, flag_given: bool = False) -> str | None:
+  """What to tell about the `generation_config.json` of an `orbax_to_torch(src, export, chat_format=...,
+  reference_files=...)` export (`flag_given`: chat_format came from --chat_format), or None: that it has none,
+  which the reference's `model.chat` needs, and how to get one; or that the copy from `reference_files` now says
+  another chat format than theirs."""
+  if not (pathlib.Path(export) / "generation_config.json").is_file():
+    return (f"{export} has no generation_config.json, which the reference's model.chat reads (chat format, stop "
+            f"and sampling settings), as {src} records no chat format: export again with --chat_format=chatml (a "
+            "chat model) or --chat_format=raw (a base model)")
+  theirs = hf_model_card(reference_files)[0] if reference_files is not None and chat_format else None
+  if theirs and theirs != chat_format:
+    said = "--chat_format says" if flag_given else f"{src} records"
+    return (f"the generation_config.json of --reference_files={reference_files} says chat_format '{theirs}'; the "
+            f"export's copy says '{chat_format}', as {said} (the rest is theirs)")
+  return None
+
+
 def _is_qwen_vocabulary(spec: str | None) -> bool:
   """Whether tokenizer `spec` names an existing Qwen vocabulary (a SentencePiece one is no use to the reference)."""
   try:
@@ -391,6 +418,22 @@ def _copy_reference_files(ref: pathlib.Path, out: pathlib.Path) -> None:
     if (f.is_file() and not f.name.endswith(_WEIGHT_FILE_SUFFIXES) and not f.name.endswith(".index.json")
         and f.name != "config.json" and not (out / f.name).exists()):
       shutil.copy2(f, out / f.name)
+
+
+def _write_generation_config(path: pathlib.Path, chat_format: str) -> None:
+  """Writes `hf_generation_config(chat_format)` to `path`, or sets the chat format of the copy already there (from
+  --reference_files; a file that is no JSON object is left as copied)."""
+  config = hf_generation_config(chat_format)
+  if path.exists():
+    try:
+      config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+      return
+    if not isinstance(config, dict) or config.get("chat_format") == chat_format:
+      return
+    config["chat_format"] = chat_format
+  # transformers' own layout (GenerationConfig.save_pretrained), in which the released files were written
+  path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _mlp_ratio(width: int, mlp_dim: int) -> float:

@@ -5,9 +5,9 @@ tokenizer kept in the checkpoint directory. Stored as `custom_metadata["model"]`
   {"image_size": 448, "preset": "qwen_vl_7b", "chat_format": "chatml", "tokenizer": "qwen:qwen.tiktoken"}
 
 Write side: `model_metadata` (the dict), `bundled_tokenizer` / `copy_tokenizer` (the kept copy), `hf_model_card`
-(what a Hugging Face Qwen directory says). Read side: `recorded_model`, `recorded_chat_format`, `recorded_tokenizer`
-(`inference.model_source` for generate / serve / evaluate, the trainer for `config.init=params:...`). Older
-checkpoints record only some keys, or none.
+(what a Hugging Face Qwen directory says), `hf_generation_config` (what an export to that format says). Read side:
+`recorded_model`, `recorded_chat_format`, `recorded_tokenizer` (`inference.model_source` for generate / serve /
+evaluate, the trainer for `config.init=params:...`). Older checkpoints record only some keys, or none.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from etils import epath
 
 from qwenvl_jax import errors
 from qwenvl_jax import text as qtext
+from qwenvl_jax.text import chat as qchat
+from qwenvl_jax.text import tokenizer as qtok
 from qwenvl_jax.checkpoint import orbax_store
 from qwenvl_jax.model.config import QwenVLConfig
 
@@ -80,6 +82,22 @@ def hf_model_card(src: str | os.PathLike) -> tuple[str | None, str | None]:
   vocab = folder / "qwen.tiktoken"
   return (chat_format if chat_format in ("chatml", "raw") else None,
           f"qwen:{vocab.absolute()}" if vocab.is_file() else None)
+
+
+def hf_generation_config(chat_format: str) -> dict:
+  """The `generation_config.json` of the released Qwen-VL model in `chat_format` (QWENVL_SPEC §4.5), which the
+  reference's `model.chat` reads: its chat format ('chatml': Qwen-VL-Chat; 'raw': the base Qwen-VL), the window
+  of history it keeps, eos / pad ids (Qwen's `<|endoftext|>` 151643, as the reference's tokenizer code has it) and
+  the sampling defaults (top_p 0.3, top_k 0 = no top-k filter).
+
+  The base model's file is not verified (SPEC §4.5); it takes the chat model's keys and values with `raw`, which
+  gives its released size, 218 bytes, in transformers' layout (`json.dumps(indent=2, sort_keys=True)` + newline).
+  """
+  if chat_format not in qchat.CHAT_FORMATS:
+    raise ValueError(f"unknown chat format {chat_format!r}; known: {', '.join(map(repr, qchat.CHAT_FORMATS))}")
+  return {"chat_format": chat_format, "do_sample": True, "eos_token_id": qtok.EOD_ID, "max_new_tokens": 512,
+          "max_window_size": qchat.DEFAULT_MAX_WINDOW_SIZE, "pad_token_id": qtok.EOD_ID, "top_k": 0, "top_p": 0.3,
+          "transformers_version": "4.31.0"}  # the version the reference's code was written for
 
 
 def recorded_model(params: str) -> dict:

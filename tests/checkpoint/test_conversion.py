@@ -260,12 +260,51 @@ def test_export_keeps_the_sources_qwen_vocabulary_and_names_what_it_lacks(tmp_pa
   sentencepiece = f"sentencepiece:{src / 'qwen.tiktoken'}"
   checkpoint.orbax_to_torch(tmp_path / "orbax", tmp_path / "sp", cfg, tokenizer=sentencepiece)
   assert "qwen.tiktoken" in checkpoint.missing_reference_files(tmp_path / "sp")  # of no use to the reference
+  # No chat format recorded: no generation_config.json (a guess would give model.chat the wrong prompt format).
+  assert checkpoint.generation_config_note(tmp_path / "sp", None, src="P").endswith(
+      "as P records no chat format: export again with --chat_format=chatml (a chat model) or --chat_format=raw (a "
+      "base model)")
   def written(*args, **kwargs):
     raise AssertionError("shards written before the reference folder was checked")
   monkeypatch.setattr(tensor_io, "write_safetensors_shards", written)
   with pytest.raises(FileNotFoundError, match="reference directory .*nowhere does not exist"):
     checkpoint.orbax_to_torch(tmp_path / "orbax", tmp_path / "x", cfg, reference_files=tmp_path / "nowhere")
   assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
+
+
+def test_export_writes_the_generation_config_of_its_chat_format(tmp_path, qwenvl_checkpoint):
+  """An export had no generation_config.json, which the reference's model.chat reads (chat format, history window,
+  eos / pad ids, sampling): it now writes Qwen-VL-Chat's (chatml) or the base model's (raw), for the chat format
+  the weights were trained in. One that --reference_files brings is kept, but says the weights' chat format."""
+  from transformers import GenerationConfig  # pylint: disable=import-outside-toplevel
+  cfg = tiny()
+  src, _ = qwenvl_checkpoint(cfg)
+  checkpoint.torch_to_orbax(src, tmp_path / "orbax", cfg)
+  released = {"do_sample": True, "eos_token_id": 151643, "max_new_tokens": 512, "max_window_size": 6144,
+              "pad_token_id": 151643, "top_k": 0, "top_p": 0.3}  # QWENVL_SPEC §4.5
+  for chat_format in ("chatml", "raw"):
+    checkpoint.orbax_to_torch(tmp_path / "orbax", tmp_path / chat_format, cfg, chat_format=chat_format)
+    read = GenerationConfig.from_pretrained(tmp_path / chat_format)
+    assert {k: getattr(read, k) for k in released} == released and read.chat_format == chat_format
+    assert checkpoint.generation_config_note(tmp_path / chat_format, chat_format, src="P") is None
+  assert len((tmp_path / "chatml" / "generation_config.json").read_bytes()) == 221  # as the released file
+  (tmp_path / "ref").mkdir()
+  theirs = json.dumps({**released, "chat_format": "chatml", "top_p": 0.5})  # Qwen-VL-Chat-Int4's
+  (tmp_path / "ref" / "generation_config.json").write_text(theirs)
+  checkpoint.orbax_to_torch(tmp_path / "orbax", tmp_path / "kept", cfg, chat_format="chatml",
+                            reference_files=tmp_path / "ref")
+  assert (tmp_path / "kept" / "generation_config.json").read_text() == theirs
+  assert checkpoint.generation_config_note(tmp_path / "kept", "chatml", src="P", reference_files=tmp_path / "ref") \
+      is None
+  # A base model exported with Qwen-VL-Chat's files (the README's example) got model.chat's ChatML prompts.
+  checkpoint.orbax_to_torch(tmp_path / "orbax", tmp_path / "base", cfg, chat_format="raw",
+                            reference_files=tmp_path / "ref")
+  read = GenerationConfig.from_pretrained(tmp_path / "base")
+  assert (read.chat_format, read.top_p) == ("raw", 0.5)
+  assert (tmp_path / "ref" / "generation_config.json").read_text() == theirs  # the user's own file is unchanged
+  assert checkpoint.generation_config_note(tmp_path / "base", "raw", src="P", reference_files=tmp_path / "ref") == (
+      f"the generation_config.json of --reference_files={tmp_path / 'ref'} says chat_format 'chatml'; the export's "
+      "copy says 'raw', as P records (the rest is theirs)")
 
 
 def test_config_json_of_the_7b_preset_matches_the_released_one():

@@ -32,8 +32,8 @@ def test_command_line_round_trip_and_quantize(tmp_path, qwenvl_checkpoint):
   (src / "modeling_qwen.py").write_text("# the reference's code")
   run = _convert("--mode=torch_to_orbax", "--preset=tiny", f"--src={src}", f"--dst={tmp_path / 'orbax'}")
   assert run.returncode == 0, run.stderr[-3000:]
-  run = _convert("--mode=orbax_to_torch", "--preset=tiny", "--image_size=224", f"--src={tmp_path / 'orbax'}",
-                 f"--dst={tmp_path / 'export'}")
+  run = _convert("--mode=orbax_to_torch", "--preset=tiny", "--image_size=224", "--chat_format=chatml",
+                 f"--src={tmp_path / 'orbax'}", f"--dst={tmp_path / 'export'}")
   assert run.returncode == 0, run.stderr[-3000:]
   out = {}
   for f in (tmp_path / "export").glob("*.safetensors"):
@@ -43,6 +43,9 @@ def test_command_line_round_trip_and_quantize(tmp_path, qwenvl_checkpoint):
   # Without --reference_files the export keeps the checkpoint's own vocabulary (it had no tokenizer file) and says
   # in one line what transformers still needs, naming the folder it was converted from (which holds the code).
   assert (tmp_path / "export" / "qwen.tiktoken").read_bytes() == b"IQ== 0\n"
+  # ... and a generation_config.json: of the chat format the checkpoint records (raw), or --chat_format's (it was
+  # refused: 'recorded in params checkpoints').
+  assert '"chat_format": "chatml"' in (tmp_path / "export" / "generation_config.json").read_text()
   note, = [x for x in run.stderr.splitlines() if x.startswith("note: ")]
   assert "lacks configuration_qwen.py, modeling_qwen.py" in note and "--reference_files=DIR" in note
   assert f"(e.g. the folder it was converted from, {src})" in note
@@ -108,7 +111,14 @@ def test_exports_take_a_run_directory_and_a_wrong_preset_is_one_line(tmp_path, q
   run = tmp_path / "run"
   shutil.copytree(orbax, run / "checkpoints" / "7" / "params")
   (run / "config.json").write_text(json.dumps({"model": "tiny", "res": 224, "stage": 2, "tokenizer": ""}))
-  done = _convert("--mode=orbax_to_torch", f"--src={run}", f"--dst={tmp_path / 'export'}")
+  (tmp_path / "chat").mkdir()
+  (tmp_path / "chat" / "generation_config.json").write_text(json.dumps({"chat_format": "chatml", "top_p": 0.5}))
+  done = _convert("--mode=orbax_to_torch", f"--src={run}", f"--dst={tmp_path / 'export'}",
+                  f"--reference_files={tmp_path / 'chat'}")
   assert done.returncode == 0, done.stderr[-3000:]
   assert f"of {run / 'checkpoints' / '7' / 'params'} (tiny, 224 px) to" in done.stdout
   assert json.loads((tmp_path / "export" / "config.json").read_text())["visual"]["image_size"] == 224
+  # A stage-2 run is a base model: a chat model's generation_config.json from --reference_files says so now.
+  assert json.loads((tmp_path / "export" / "generation_config.json").read_text()) == {"chat_format": "raw",
+                                                                                      "top_p": 0.5}
+  assert f"chat_format 'chatml'; the export's copy says 'raw', as {run} records (the rest is theirs)" in done.stderr
