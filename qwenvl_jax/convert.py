@@ -60,7 +60,8 @@ _REFERENCE = flags.DEFINE_string("reference_files", None,
 
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "torch_to_orbax, init_from_pretrained, quantize, merge_lora: the "
                                  "tokenizer the new params checkpoint keeps a copy of (qwen:PATH, sentencepiece:PATH "
-                                 "or a .tiktoken / .model file), instead of the source's own.")
+                                 "or a .tiktoken / .model file), instead of the source's own; orbax_to_torch: the "
+                                 "Qwen vocabulary the export carries as qwen.tiktoken.")
 _CHAT_FORMAT = flags.DEFINE_enum("chat_format", None, ["chatml", "raw"], "Same modes: the chat format to record "
                                  "(chatml: a chat model; raw: a base model), instead of the source's own; "
                                  "orbax_to_torch: the one its generation_config.json says.")
@@ -116,8 +117,7 @@ def main(argv):
   if mode == "export_peft" and (_TOKENIZER.value or _CHAT_FORMAT.value):
     raise app.UsageError(f"--tokenizer and --chat_format are recorded in params checkpoints, not by --mode={mode}")
   if mode == "orbax_to_torch" and _TOKENIZER.value:
-    raise app.UsageError("--tokenizer is not read by --mode=orbax_to_torch (it copies the source's own tokenizer, or "
-                         "the one of --reference_files)")
+    checkpoint.check_export_tokenizer(_TOKENIZER.value)
   if _SHARD_GB.value <= 0:
     raise errors.ConfigError(f"--max_shard_gb={_SHARD_GB.value:g} must be > 0 (it wrote one tensor per shard)")
   _refuse_run_checkpoints(_DST.value)

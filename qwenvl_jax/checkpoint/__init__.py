@@ -14,17 +14,17 @@ Public surface:
 """
 
 from qwenvl_jax.checkpoint import mapping, model_card, run_layout
-from qwenvl_jax.checkpoint.conversion import (generation_config_note, hf_config, init_from_pretrained,
-                                              missing_reference_files, model_param_shapes, orbax_to_torch,
-                                              refuse_inside_source, torch_to_orbax)
+from qwenvl_jax.checkpoint.conversion import (check_export_tokenizer, generation_config_note, hf_config,
+                                              init_from_pretrained, missing_reference_files, model_param_shapes,
+                                              orbax_to_torch, refuse_inside_source, torch_to_orbax)
 from qwenvl_jax.checkpoint.model_card import (bundled_tokenizer, copy_tokenizer, hf_generation_config, hf_model_card,
                                              model_metadata)
 from qwenvl_jax.checkpoint.orbax_store import ParamReader, load_model, restore_params, save_params
 from qwenvl_jax.checkpoint.tensor_io import open_checkpoint
 
 __all__ = [
-    "ParamReader", "bundled_tokenizer", "copy_tokenizer", "generation_config_note", "hf_config",
-    "hf_generation_config", "hf_model_card", "init_from_pretrained", "load_model", "mapping", "missing_reference_files",
-    "model_card", "model_metadata", "model_param_shapes", "open_checkpoint", "orbax_to_torch", "refuse_inside_source",
-    "restore_params", "run_layout", "save_params", "torch_to_orbax",
+    "ParamReader", "bundled_tokenizer", "check_export_tokenizer", "copy_tokenizer", "generation_config_note",
+    "hf_config", "hf_generation_config", "hf_model_card", "init_from_pretrained", "load_model", "mapping",
+    "missing_reference_files", "model_card", "model_metadata", "model_param_shapes", "open_checkpoint",
+    "orbax_to_torch", "refuse_inside_source", "restore_params", "run_layout", "save_params", "torch_to_orbax",
 ]

@@ -324,14 +324,14 @@ def orbax_to_torch(src: str | os.PathLike, dst: str | os.PathLike, cfg: QwenVLCo
 
   Writes `model-0000k-of-0000n.safetensors` (shards of at most `max_shard_bytes`, a bigger tensor alone),
   `model.safetensors.index.json` and `config.json` (Qwen-VL keys, `visual.image_size` from `cfg`). With
-  `reference_files` (a Hugging Face Qwen-VL directory) its code and tokenizer files are copied beside them so
-  the export loads with `trust_remote_code` (`missing_reference_files` names what an export lacks). `tokenizer`:
-  the spec of the source's own tokenizer (a run's, or the copy a params checkpoint keeps); a Qwen vocabulary is
-  copied as `qwen.tiktoken`, in place of the reference's. `chat_format`: the one the weights were trained for
-  ('chatml' / 'raw', None: unknown), written as `generation_config.json` (`hf_generation_config`) unless
-  `reference_files` brings one: that one is kept, with its chat format set to `chat_format` when it says another
-  (the reference's folder describes the reference's weights). Everything is written to `dst.partial` and renamed at
-  the end. Returns the index dict.
+  `reference_files` (a Hugging Face Qwen-VL directory) its code and tokenizer files are copied beside them so the
+  export loads with `trust_remote_code` (`missing_reference_files` names what an export lacks). `tokenizer`: the spec
+  of the source's own tokenizer (a run's, or the copy a params checkpoint keeps) or the user's
+  (`check_export_tokenizer`); a Qwen vocabulary is copied as `qwen.tiktoken`, in place of the reference's.
+  `chat_format`: the one the weights were trained for ('chatml' / 'raw', None: unknown), written as
+  `generation_config.json` (`hf_generation_config`) unless `reference_files` brings one: that one is kept, with its
+  chat format set to `chat_format` when it says another (the reference's folder describes the reference's weights).
+  Everything is written to `dst.partial` and renamed at the end. Returns the index dict.
   """
   dst = pathlib.Path(dst)
   _refuse_existing(dst)
@@ -402,6 +402,19 @@ def generation_config_note(export: str | os.PathLike, chat_format: str | None, *
     return (f"the generation_config.json of --reference_files={reference_files} says chat_format '{theirs}'; the "
             f"export's copy says '{chat_format}', as {said} (the rest is theirs)")
   return None
+
+
+def check_export_tokenizer(spec: str) -> None:
+  """Refuses, in one line, a tokenizer given for an export (`orbax_to_torch(tokenizer=spec)`, copied as its
+  `qwen.tiktoken`) that the reference's tokenizer code cannot read: a SentencePiece model (`tokenization_qwen.py`
+  loads a Qwen vocabulary only), or a file that does not exist. Called before anything is written."""
+  kind, path = qtext.parse_tokenizer_spec(spec)
+  if kind != "qwen":
+    raise errors.ConfigError(f"--tokenizer={spec} is a SentencePiece model, which the reference's tokenizer code "
+                             "(tokenization_qwen.py) cannot read: it loads a Qwen vocabulary, qwen.tiktoken",
+                             hint="give a Qwen vocabulary (qwen:PATH or a .tiktoken file), or leave --tokenizer out")
+  if not epath.Path(path).is_file():
+    raise FileNotFoundError(f"tokenizer file {path!r} does not exist (it is copied into the export)")
 
 
 def _is_qwen_vocabulary(spec: str | None) -> bool:

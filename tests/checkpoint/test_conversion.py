@@ -260,6 +260,13 @@ def test_export_keeps_the_sources_qwen_vocabulary_and_names_what_it_lacks(tmp_pa
   sentencepiece = f"sentencepiece:{src / 'qwen.tiktoken'}"
   checkpoint.orbax_to_torch(tmp_path / "orbax", tmp_path / "sp", cfg, tokenizer=sentencepiece)
   assert "qwen.tiktoken" in checkpoint.missing_reference_files(tmp_path / "sp")  # of no use to the reference
+  # convert --tokenizer for an export (it was refused): a Qwen vocabulary, which the reference's code can read.
+  checkpoint.check_export_tokenizer(str(src / "qwen.tiktoken"))
+  with pytest.raises(errors.ConfigError, match=r"is a SentencePiece model, which the reference's tokenizer code "
+                                               r"\(tokenization_qwen.py\) cannot read"):
+    checkpoint.check_export_tokenizer(sentencepiece)
+  with pytest.raises(FileNotFoundError, match="nowhere.tiktoken"):
+    checkpoint.check_export_tokenizer(str(tmp_path / "nowhere.tiktoken"))
   # No chat format recorded: no generation_config.json (a guess would give model.chat the wrong prompt format).
   assert checkpoint.generation_config_note(tmp_path / "sp", None, src="P").endswith(
       "as P records no chat format: export again with --chat_format=chatml (a chat model) or --chat_format=raw (a "

@@ -113,8 +113,10 @@ def test_exports_take_a_run_directory_and_a_wrong_preset_is_one_line(tmp_path, q
   (run / "config.json").write_text(json.dumps({"model": "tiny", "res": 224, "stage": 2, "tokenizer": ""}))
   (tmp_path / "chat").mkdir()
   (tmp_path / "chat" / "generation_config.json").write_text(json.dumps({"chat_format": "chatml", "top_p": 0.5}))
+  (tmp_path / "chat" / "qwen.tiktoken").write_bytes(b"IQ== 0\n")
+  (tmp_path / "mine.tiktoken").write_bytes(b"Ig== 0\n")
   done = _convert("--mode=orbax_to_torch", f"--src={run}", f"--dst={tmp_path / 'export'}",
-                  f"--reference_files={tmp_path / 'chat'}")
+                  f"--reference_files={tmp_path / 'chat'}", f"--tokenizer={tmp_path / 'mine.tiktoken'}")
   assert done.returncode == 0, done.stderr[-3000:]
   assert f"of {run / 'checkpoints' / '7' / 'params'} (tiny, 224 px) to" in done.stdout
   assert json.loads((tmp_path / "export" / "config.json").read_text())["visual"]["image_size"] == 224
@@ -122,3 +124,5 @@ def test_exports_take_a_run_directory_and_a_wrong_preset_is_one_line(tmp_path, q
   assert json.loads((tmp_path / "export" / "generation_config.json").read_text()) == {"chat_format": "raw",
                                                                                       "top_p": 0.5}
   assert f"chat_format 'chatml'; the export's copy says 'raw', as {run} records (the rest is theirs)" in done.stderr
+  # --tokenizer was refused ('recorded in params checkpoints'); the export now carries it, over the reference's.
+  assert (tmp_path / "export" / "qwen.tiktoken").read_bytes() == b"Ig== 0\n"
