@@ -10,8 +10,9 @@ answered gets a None response), the last message must be from the user. Images m
 window (`max_window_size`) may drop old turns, and with them their images.
 
 Image URLs: `data:image/...;base64,...` (decoded here), a local path (only under `--image_root`, resolved with
-symlinks so nothing outside it is read), or http(s) (only with `--allow_remote_images`). Each image is checked
-against the byte and pixel limits before it is decoded in full, then stretched to S x S as the data pipeline does.
+symlinks so nothing outside it is read), or http(s) (only with `--allow_remote_images`; `fetch.fetch`: one
+deadline, `ImagePolicy.remote_timeout`, for the whole exchange). Each image is checked against the byte and pixel
+limits before it is decoded in full, then stretched to S x S as the data pipeline does.
 Text that itself holds `<img>…</img>` tags is refused: an image reaches the model only as an image part.
 
 Every problem raises `RequestError` with an HTTP status and an OpenAI error body (never a traceback).
@@ -26,7 +27,6 @@ import http.client
 import io
 import os
 import re
-import urllib.request
 from collections.abc import Sequence
 
 import numpy as np
@@ -34,6 +34,7 @@ from PIL import Image
 
 from qwenvl_jax import text as qtext
 from qwenvl_jax.data import images as image_lib
+from qwenvl_jax.serving import fetch
 
 _KEY = "upload:{}"  # what an image part's <img> tag holds: a key into the request's images, never a path
 
@@ -58,7 +59,7 @@ class ImagePolicy:
   max_pixels: int = 4096 * 4096
   image_root: str | None = None
   allow_remote: bool = False
-  remote_timeout: float = 10.0
+  remote_timeout: float = 10.0  # seconds for the whole fetch of a remote image (connect, headers, body, redirects)
 
   @property
   def max_base64_chars(self) -> int:
@@ -92,8 +93,9 @@ def _read_url(url: str, policy: ImagePolicy) -> bytes:
       raise RequestError("remote image URLs are disabled on this server (start it with --allow_remote_images), "
                          "send the image as a data: URL", code="invalid_image_url")
     try:
-      with urllib.request.urlopen(url, timeout=policy.remote_timeout) as response:  # nosec: opt-in flag
-        return response.read(policy.max_bytes + 1)
+      return fetch.fetch(url, max_bytes=policy.max_bytes, timeout=policy.remote_timeout)  # nosec: opt-in flag
+    except fetch.TooLargeError:
+      raise RequestError(f"image over the limit of {policy.max_bytes} bytes", code="image_too_large") from None
     except (OSError, ValueError, http.client.HTTPException) as e:  # refused, 404, timeout, malformed URL or reply
       raise RequestError(f"the image URL cannot be fetched ({e})", code="invalid_image_url") from None
   path = url[len("file://"):] if url.startswith("file://") else url
