@@ -250,7 +250,7 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
     prompt = msg.build_prompt(body.get("messages"), tok, image_tokens=cfg.image_tokens,
                               image_size=cfg.vision.image_size, policy=config.images, max_images=engine.max_images,
                               chat_format=config.chat_format, default_system=config.system,
-                              max_window_size=config.max_window_size)
+                              max_window_size=config.max_window_size, context=engine.context)
     if not prompt.tokens:
       raise msg.RequestError("the prompt is empty", param="messages")
     room = engine.context - len(prompt.tokens)

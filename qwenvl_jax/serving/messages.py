@@ -181,8 +181,9 @@ def _system_text(content, where: str) -> str:
 
 def build_prompt(messages, tok: qtext.Tokenizer, *, image_tokens: int, image_size: int, policy: ImagePolicy,
                  max_images: int, chat_format: str = "chatml", default_system: str = qtext.DEFAULT_SYSTEM,
-                 max_window_size: int = qtext.DEFAULT_MAX_WINDOW_SIZE) -> Prompt:
-  """The prompt of an OpenAI `messages` list (see the module docstring). RequestError on a bad request."""
+                 max_window_size: int = qtext.DEFAULT_MAX_WINDOW_SIZE, context: int | None = None) -> Prompt:
+  """The prompt of an OpenAI `messages` list (see the module docstring). RequestError on a bad request, and on
+  text that cannot fit `context` tokens, found from its length before it is tokenized."""
   if not isinstance(messages, list) or not messages:
     raise RequestError("messages must be a non-empty list", param="messages")
   images: list[tuple[np.ndarray, tuple[int, int]]] = []
@@ -219,6 +220,13 @@ def build_prompt(messages, tok: qtext.Tokenizer, *, image_tokens: int, image_siz
       raise RequestError("an assistant message must follow a user message", param="messages")
   if chat_format == "raw" and history:
     raise RequestError("this model uses the raw (base model) format: send one user message", param="messages")
+  # The system and last user messages are always in the prompt (earlier turns may be left out of the window).
+  # Tokenizing tens of MB takes half a minute of a worker thread: text whose length alone says it cannot fit is
+  # refused first. (An image's tag here is ~20 characters for its 258 tokens: it only adds to the bound's slack.)
+  chars = (len(system) if chat_format != "raw" else 0) + len(turns[-1][1])
+  if context is not None and (least := qtext.min_tokens(tok, chars)) >= context:
+    raise RequestError(f"the system and last user messages hold {chars} characters, at least {least} tokens; the "
+                       f"context is {context} tokens", code="context_length_exceeded", param="messages")
   try:
     context = qtext.make_context(tok, turns[-1][1], history, system=system, max_window_size=max_window_size,
                                  chat_format=chat_format, n_image_tokens=image_tokens)

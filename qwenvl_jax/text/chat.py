@@ -11,7 +11,8 @@ jointly, two when the pieces are separate),
 Role names and contents are encoded with only the nine image/box tags allowed (so `<|im_start|>` typed by a user
 stays text); `"\\n"` and the final `"assistant"` with all specials allowed, as the reference. History turns are
 taken newest-first while `len(system) + len(turn) + len(kept) < max_window_size` (image spans count); the first
-turn that does not fit and every older one are dropped. The current query is always kept.
+turn that does not fit and every older one are dropped (a turn whose length in characters alone says it cannot
+fit, `tokenizer.min_tokens`, is dropped without being tokenized). The current query is always kept.
 
 Images: each `<img>PATH</img>` becomes `<img>` + Q x `<imgpad>` + `</img>` (see `formatting.encode_with_images`),
 and the paths come back in token order so the caller can load them.
@@ -107,6 +108,9 @@ def windowed_context(tok: qtok.Tokenizer, query: str, history: Sequence[tuple[st
   context_paths: list[str] = []
   kept = 0
   for turn_query, turn_response in reversed(history):
+    room = max_window_size - len(system_tokens) - len(context_tokens)
+    if qtok.min_tokens(tok, _text_chars(turn_query) + _text_chars(turn_response or "")) >= room:
+      break  # it cannot fit: dropped without tokenizing it (a turn of tens of MB took half a minute)
     query_text, query_ids, query_paths = piece("user", turn_query)
     query_tokens = im_start + query_ids + im_end
     if turn_response is not None:
@@ -134,6 +138,15 @@ def windowed_context(tok: qtok.Tokenizer, query: str, history: Sequence[tuple[st
               + f"\n{qtok.IM_START}user\n{query}{qtok.IM_END}\n{qtok.IM_START}assistant\n")
   return WindowedContext(ChatContext(raw_text, tokens, system_paths + context_paths + query_paths),
                          len(history) - kept)
+
+
+def _text_chars(text: str) -> int:
+  """`len(text)` less the paths of its `<img>PATH</img>` tags: an image span has its fixed number of tokens, however
+  long its path."""
+  chars, end = len(text), 0
+  while (start := text.find(qtok.IMG_START, end)) >= 0 and (end := text.find(qtok.IMG_END, start)) >= 0:
+    chars -= end - start - len(qtok.IMG_START)
+  return chars
 
 
 def get_stop_words_ids(chat_format: str, tok: qtok.Tokenizer) -> list[list[int]]:

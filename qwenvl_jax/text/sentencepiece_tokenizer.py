@@ -124,6 +124,10 @@ class SentencePieceTokenizer:
     self._special_tokens = specials
     self._special_ids = frozenset(specials.values())
     self._byte_ids = [self._sp.PieceToId(f"<0x{b:02X}>") for b in range(256)]
+    # A piece stands for its own characters (the whitespace symbol for one space; this project's models keep every
+    # character: identity normalization, whitespace kept), a byte piece for at most one.
+    self._max_token_chars = max(1, max(len(self._sp.IdToPiece(i)) for i in range(n)
+                                       if not (self._sp.IsByte(i) or self._sp.IsControl(i) or self._sp.IsUnknown(i))))
     for attr, surface in qtok.ID_ATTRIBUTES.items():
       setattr(self, attr, specials[surface])
     # Longest first so that no surface form shadows a longer one sharing its prefix.
@@ -136,6 +140,10 @@ class SentencePieceTokenizer:
   @property
   def special_tokens(self) -> dict[str, int]:
     return dict(self._special_tokens)
+
+  @property
+  def max_token_chars(self) -> int:
+    return self._max_token_chars
 
   def encode(self, text: str, *, allowed_special: qtok.AllowedSpecial = "all",
              disallowed_special: qtok.AllowedSpecial = ()) -> list[int]:

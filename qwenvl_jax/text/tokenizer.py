@@ -75,6 +75,12 @@ ID_ATTRIBUTES = {
 
 AllowedSpecial = Literal["all"] | Collection[str]
 
+# NFC, which `encode` applies first, joins at most this many characters into one: the longest canonical
+# decomposition of a character NFC composes is 4 code points (U+1FAF, Greek omega with three marks; a Hangul
+# syllable, 3), also 4 as UTF-16 units (a str holding a surrogate pair as two characters, which tiktoken joins).
+# Checked against Python's Unicode tables in the tests.
+NFC_MAX_COMPOSED = 4
+
 
 @runtime_checkable
 class Tokenizer(Protocol):
@@ -100,6 +106,10 @@ class Tokenizer(Protocol):
   @property
   def special_tokens(self) -> dict[str, int]:
     """Surface form → id of every special token."""
+
+  @property
+  def max_token_chars(self) -> int:
+    """The most characters of (NFC-normalized) text that one token stands for: the bound of `min_tokens`."""
 
   def encode(self, text: str, *, allowed_special: AllowedSpecial = "all",
              disallowed_special: AllowedSpecial = ()) -> list[int]:
@@ -149,6 +159,13 @@ def load_tiktoken_bpe(path: str | os.PathLike) -> dict[bytes, int]:
   return ranks
 
 
+def min_tokens(tok: Tokenizer, chars: int) -> int:
+  """At least how many tokens `tok.encode` makes of any text of `chars` characters, known without encoding it
+  (tokenizing tens of MB takes half a minute): no token stands for more than `tok.max_token_chars` characters of
+  the NFC-normalized text, and NFC joins at most `NFC_MAX_COMPOSED` characters into one."""
+  return chars // (tok.max_token_chars * NFC_MAX_COMPOSED)
+
+
 def check_ids(ids: Iterable[int], vocab_size: int) -> list[int]:
   """`ids` as a list of Python ints, or ValueError naming the first id outside [0, vocab_size)."""
   if isinstance(ids, np.ndarray):
@@ -188,6 +205,8 @@ class QwenTokenizer:
     assert self._encoding.n_vocab == VOCAB_SIZE, self._encoding.n_vocab
     for attr, surface in ID_ATTRIBUTES.items():
       setattr(self, attr, self._special_tokens[surface])
+    # A byte-level token of k bytes overlaps at most k characters (each at least one of its bytes).
+    self._max_token_chars = max(max(map(len, ranks)), max(map(len, self._special_tokens)))
     self._regex_cache: dict[frozenset[str], re.Pattern] = {}
 
   @property
@@ -197,6 +216,10 @@ class QwenTokenizer:
   @property
   def special_tokens(self) -> dict[str, int]:
     return dict(self._special_tokens)
+
+  @property
+  def max_token_chars(self) -> int:
+    return self._max_token_chars  # 128 (bytes of the longest BPE token) for qwen.tiktoken
 
   @property
   def encoding(self) -> tiktoken.Encoding:

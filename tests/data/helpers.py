@@ -30,6 +30,10 @@ class ByteTokenizer:
   def vocab_size(self) -> int:
     return 256 + len(SPECIALS)
 
+  @property
+  def max_token_chars(self) -> int:
+    return max(map(len, SPECIALS))
+
   def encode(self, text, *, allowed_special="all", disallowed_special=()):
     ids = []
     for piece in self._split.split(text):

@@ -135,6 +135,30 @@ def test_a_remote_image_that_cannot_be_fetched_is_a_bad_request():
     server.server_close()
 
 
+def test_text_that_cannot_fit_the_context_is_refused_before_it_is_tokenized(serve_tok, monkeypatch):
+  """The system and last user messages are always in the prompt: when their length alone says they cannot fit,
+  the request is refused naming the context, without tokenizing them (54 MB took 35 s of a worker thread). Text of
+  more characters than the context holds tokens that fit is not refused."""
+  context = 128
+  bound = context * serve_tok.max_token_chars * qtext.tokenizer.NFC_MAX_COMPOSED
+  lengths = []
+  encode = serve_tok.encode
+  monkeypatch.setattr(serve_tok, "encode", lambda text, **kw: lengths.append(len(text)) or encode(text, **kw))
+  half = "x" * (bound // 2)
+  for conversation in ([{"role": "user", "content": "x" * bound}],
+                       [{"role": "system", "content": half}, {"role": "user", "content": "earlier"},
+                        {"role": "assistant", "content": "yes"},
+                        {"role": "user", "content": [{"type": "text", "text": half}]}]):
+    with pytest.raises(msg.RequestError, match=f"at least {context} tokens; the context is {context} tokens") as e:
+      _build(serve_tok, conversation, context=context)
+    assert e.value.status == 400 and e.value.code == "context_length_exceeded" and e.value.param == "messages"
+  assert not lengths
+  words = (serve_tok.decode([i]) for i in range(serve_tok.vocab_size) if i not in serve_tok.special_tokens.values())
+  dense = max(words, key=len) * 16  # the longest word of the vocabulary: ' triangle' x 16, 144 characters
+  fits = _build(serve_tok, [{"role": "user", "content": dense}], context=context)
+  assert len(dense) > context and len(fits.tokens) < context
+
+
 def test_boxes_come_back_in_pixels_of_the_latest_image(serve_tok):
   prompt = msg.Prompt([1], [np.zeros((4, 4, 3), np.uint8)] * 2, [(100, 50), (640, 480)], "")
   answer = "<ref>the dog</ref><box>(100,200),(500,999)</box> and <box>(0,0),(999,999)</box><box>bad</box>"

@@ -122,3 +122,39 @@ def test_decode_tokens_raw(any_tok):
   ctx = any_tok.encode("Describe:")
   tokens = ctx + any_tok.encode(" a red circle<|endoftext|>junk")
   assert chat.decode_tokens(tokens, any_tok, context_length=len(ctx), chat_format="raw") == "a red circle"
+
+
+class _RecordingTokenizer:
+  """`tok`, recording the length of every text it encodes."""
+
+  def __init__(self, tok):
+    self._tok, self.lengths = tok, []
+
+  def __getattr__(self, name):
+    return getattr(self._tok, name)
+
+  def encode(self, text, **kw):
+    self.lengths.append(len(text))
+    return self._tok.encode(text, **kw)
+
+
+def test_a_history_turn_that_cannot_fit_the_window_is_dropped_untokenized(any_tok):
+  """A turn whose length alone says it cannot fit the window is left out, with every older one, without being
+  tokenized (tokenizing tens of MB took half a minute): the same prompt as when it is tokenized and found too
+  long."""
+  window = 200
+  huge = "x" * (window * any_tok.max_token_chars * 4)
+  history = [("old", "turn"), (huge, "ok"), ("recent", "turn")]
+  recording = _RecordingTokenizer(any_tok)
+  got = chat.windowed_context(recording, "now", history, "sys", window)
+  assert max(recording.lengths) < len(huge)
+  assert got == (chat.make_context(any_tok, "now", history[2:], "sys", window), 2)
+
+
+def test_a_history_turn_with_a_long_image_path_is_kept_when_its_tokens_fit(any_tok):
+  """An image span has its fixed number of tokens however long its path: a turn whose path alone is longer than
+  the window could hold as text still fits."""
+  path = "p" * (100 * any_tok.max_token_chars * 4)
+  history = [(f"<img>{path}</img>what is it?", "a cat")]
+  got = chat.windowed_context(any_tok, "now", history, "sys", 100, n_image_tokens=4)
+  assert got.dropped_turns == 0 and got.context.image_paths == [path]

@@ -204,3 +204,39 @@ def test_special_handling_matches_tiktoken(qwen_tok, text, allowed, disallowed):
       qwen_tok.encode(text, allowed_special=allowed, disallowed_special=disallowed)
     return
   assert qwen_tok.encode(text, allowed_special=allowed, disallowed_special=disallowed) == expected
+
+
+def test_nfc_joins_at_most_nfc_max_composed_characters():
+  """`min_tokens` divides by NFC_MAX_COMPOSED: NFC must never join more characters into one, counted as code points
+  or as UTF-16 units (a str holding a surrogate pair as two characters, which tiktoken joins)."""
+  longest = 0
+  for c in range(0x110000):
+    char = chr(c)
+    canonical = unicodedata.decomposition(char)
+    if (canonical and not canonical.startswith("<")) or 0xAC00 <= c <= 0xD7A3:  # Hangul syllables: by rule
+      parts = unicodedata.normalize("NFD", char)
+      if len(parts) > 1 and unicodedata.normalize("NFC", parts) == char:
+        longest = max(longest, len(parts), len(parts.encode("utf-16-le")) // 2)
+  assert longest == qtok.NFC_MAX_COMPOSED
+
+
+def test_max_token_chars_is_the_longest_token(any_tok):
+  """No token decodes to more characters than `max_token_chars`, the bound `min_tokens` relies on (and one does)."""
+  lengths = [len(any_tok.decode([i])) for i in range(any_tok.vocab_size)]
+  assert max(lengths) == any_tok.max_token_chars
+  text = any_tok.decode([int(np.argmax(lengths))]) * 200
+  assert qtok.min_tokens(any_tok, len(text)) <= len(any_tok.encode(text))
+
+
+DENSE_TEXTS = {  # texts that pack many characters into few tokens, or that NFC shortens
+    "ascii": "a" * 5000, "spaces": " " * 5000, "newlines": "\n" * 5000, "specials": "<|extra_204|><imgpad>" * 300,
+    "emoji": "😀" * 2000, "surrogate pairs": "\ud83d\ude00" * 2000, "cjk": "你好" * 2000,
+    "nfd omega": unicodedata.normalize("NFD", "\u1faf") * 2000,
+    "nfd hangul": unicodedata.normalize("NFD", "한") * 2000,
+}
+
+
+@pytest.mark.parametrize("name", DENSE_TEXTS)
+def test_min_tokens_never_exceeds_the_tokens(any_tok, name):
+  text = DENSE_TEXTS[name]
+  assert qtok.min_tokens(any_tok, len(text)) <= len(any_tok.encode(text))
