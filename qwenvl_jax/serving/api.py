@@ -4,9 +4,10 @@ the chat page at `/`.
 Each request is parsed and checked on a worker thread (tokenizing and image decoding are CPU work), submitted to
 the engine, and answered from a `_Mailbox` the engine thread fills: the event loop never waits on the device. The
 engine delivers several tokens per device call (`Engine.decode_steps`); they wake the loop once and go out as one
-chunk, so the per-token cost of the HTTP side (wake-ups, JSON, socket writes) is paid per call, not per token. `stream: true` answers with server-sent events in OpenAI's chunk format
-(`data: {...}` lines, then `data: [DONE]`). A client that goes away (the stream is cancelled, or a non-streaming
-client disconnects) cancels its request, which frees its decode slot at the engine's next turn.
+chunk, so the per-token cost of the HTTP side (wake-ups, JSON, socket writes) is paid per call, not per token.
+`stream: true` answers with server-sent events in OpenAI's chunk format (`data: {...}` lines, then
+`data: [DONE]`). A client that goes away (the stream is cancelled, or a non-streaming client disconnects) cancels
+its request, which frees its decode slot at the engine's next turn.
 
 Extensions (the way vLLM spells them): `top_k`; `ignore_eos` (decode to max_tokens; for benchmarks).
 
@@ -14,9 +15,9 @@ Grounding: the final message carries `boxes` (an extension field), the answer's 
 [0, 1000) grid and in pixels of the latest image of the conversation; the text keeps the tags as generated.
 
 Safety: every bad request gets a 4xx JSON body in OpenAI's error shape (`messages.RequestError`), malformed JSON
-included; optional bearer key on `/v1/*`; limits on images (bytes, pixels, count), prompt + max_tokens (the
-engine's context) and max_tokens; on the request body's size and stalls, and on the requests held at once
-(`limits`: 413, 408, 429).
+included; optional bearer key on `/v1/*` (`auth`, checked before anything else); limits on images (bytes, pixels,
+count), prompt + max_tokens (the engine's context) and max_tokens; on the request body's size and stalls, and on
+the requests held at once (`limits`: 413, 408, 429).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from starlette.requests import ClientDisconnect
 
 from qwenvl_jax import text as qtext
 from qwenvl_jax.inference import slot_sampling
+from qwenvl_jax.serving import auth
 from qwenvl_jax.serving import engine as engine_lib
 from qwenvl_jax.serving import limits as limits_lib
 from qwenvl_jax.serving import messages as msg
@@ -172,7 +174,9 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
   limits = limits_lib.RequestLimits(max_open=engine.num_slots + config.max_waiting, max_body_bytes=max_body,
                                     body_timeout=config.body_timeout)
   app.add_middleware(limits.middleware)
-  if config.cors_origins:  # added last, so outermost: the limits' refusals carry its headers too
+  if config.api_key is not None:  # outside the limits: a client without the key gets 401, never 413 or 429
+    app.add_middleware(auth.require_key, api_key=config.api_key)
+  if config.cors_origins:  # added last, so outermost: the key's and the limits' refusals carry its headers too
     app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["GET", "POST"],
                        allow_headers=["Authorization", "Content-Type"])
   cfg = engine.cfg
@@ -190,15 +194,6 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
   async def _http_error(_, e: StarletteHTTPException):
     return _error(msg.RequestError(str(e.detail), status=e.status_code, type_="invalid_request_error"))
 
-  def _authorize(request: HttpRequest) -> None:
-    if config.api_key is None:
-      return
-    header = request.headers.get("authorization", "")
-    scheme, _, key = header.partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip(), config.api_key):
-      raise msg.RequestError("invalid or missing API key (Authorization: Bearer <key>)", status=401,
-                             code="invalid_api_key")
-
   @app.get("/health")
   async def health():
     stats = engine.stats()
@@ -211,13 +206,11 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
             "context_length": engine.context}
 
   @app.get("/v1/models")
-  async def models(request: HttpRequest):
-    _authorize(request)
+  async def models():
     return {"object": "list", "data": [_model_card()]}
 
   @app.get("/v1/models/{model_id:path}")
-  async def model(model_id: str, request: HttpRequest):
-    _authorize(request)
+  async def model(model_id: str):
     if model_id != config.model_name:
       raise msg.RequestError(f"model {model_id!r} does not exist; this server serves {config.model_name!r}",
                              status=404, code="model_not_found", param="model")
@@ -293,7 +286,6 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
 
   @app.post("/v1/chat/completions")
   async def chat_completions(request: HttpRequest):
-    _authorize(request)
     raw = bytearray()  # not `request.body()`, whose copy the request keeps while the answer is decoded
     try:
       async for chunk in request.stream():

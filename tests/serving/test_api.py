@@ -173,6 +173,12 @@ def test_api_key_is_required_when_set(engine, serve_tok):
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     r = requests.get(srv.url + "/v1/models", headers={"Authorization": "Bearer s3cret"}, timeout=10)
     assert r.status_code == 200
+    # A key with non-ASCII characters is a wrong key, not a server error (compare_digest refuses non-ASCII str).
+    r = requests.get(srv.url + "/v1/models", headers={"Authorization": "Bearer s3crét"}, timeout=10)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = requests.post(srv.url + "/v1/chat/completions", json={"messages": HI}, timeout=10)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert requests.get(srv.url + "/health", timeout=10).status_code == 200
   finally:
     srv.stop()
 

@@ -134,6 +134,32 @@ def test_requests_past_the_slots_and_the_waiting_room_get_429_with_retry_after(l
   assert requests.post(limited.url + "/v1/chat/completions", json=HI, timeout=60).status_code == 200
 
 
+def test_without_the_api_key_a_full_server_answers_401_not_429(engine, serve_tok):
+  """With --api_key, a request without the key (or with a wrong one) is refused 401 before any limit is applied:
+  it used to get 429 while the server was full (learning its load from a server it may not use), or 413 for a
+  body over the limit. With the key, the same request gets 429."""
+  srv = Server(api.create_app(engine, serve_tok, api.ServerConfig(model_name=MODEL_NAME, api_key="k3y",
+                                                                  max_waiting=0, max_request_bytes=MAX_BYTES)))
+  held = []
+  try:
+    for _ in range(engine.num_slots):  # requests still sending their bodies hold every place
+      held.append(_post_head(srv.port, "Authorization: Bearer k3y\r\nContent-Length: 100\r\n"))
+      held[-1].sendall(b"{")
+    assert _wait_for_health(srv, "open_requests", engine.num_slots)["open_requests"] == engine.num_slots
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Content-Length": str(MAX_BYTES + 1)}):
+      # Headers only: the answer comes before the body (body bytes the server never reads would make its close a
+      # reset, which can drop the answer before the client reads it).
+      with _post_head(srv.port, "".join(f"{k}: {v}\r\n" for k, v in {"Content-Length": "2", **headers}.items())) as s:
+        status, _, body = _answer(s)
+      assert status.startswith(b"HTTP/1.1 401 ") and body["error"]["code"] == "invalid_api_key", (headers, body)
+    r = requests.post(srv.url + "/v1/chat/completions", json=HI, headers={"Authorization": "Bearer k3y"}, timeout=60)
+    assert r.status_code == 429, r.text
+  finally:
+    for s in held:
+      s.close()
+    srv.stop()
+
+
 def test_the_default_body_limit_takes_the_most_images_of_the_largest_size():
   """Without --max_request_bytes, a request with --max_images data: URLs as long as the image limit lets through
   and 500,000 characters of text fits the body limit."""
