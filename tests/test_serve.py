@@ -24,6 +24,7 @@ def parse(monkeypatch):
     ("--max_request_bytes=0", "--max_request_bytes=0 must be >= 1"),
     ("--body_timeout=0", "--body_timeout=0 must be > 0"),
     ("--body_timeout=nan", "--body_timeout=nan must be > 0"),
+    ("--send_timeout=-1", "--send_timeout=-1 must be > 0"),
     ("--max_waiting=-1", "--max_waiting=-1 must be >= 0"),
 ])
 def test_request_limits_that_would_refuse_every_request_are_refused_before_loading(parse, tmp_path, flag, expected):

@@ -58,8 +58,9 @@ class ServerConfig:
   cors_origins: web origins whose pages may call the API from a browser ("*" = any; none by default, so only the
   server's own chat page can); max_request_bytes: the largest request body (None: room for the most images of
   the largest size as data: URLs, `limits.default_max_body_bytes`); body_timeout: seconds a request body may send
-  nothing; max_waiting: the most requests held beyond the engine's decode slots (being received, checked or
-  queued); more are answered 429 (`limits`)."""
+  nothing; send_timeout: seconds one write of an answer may wait for the client to read (then the answer is cut
+  and its slot freed); max_waiting: the most requests held beyond the engine's decode slots (being received,
+  checked or queued); more are answered 429 (`limits`)."""
   model_name: str
   chat_format: str = "chatml"
   system: str = qtext.DEFAULT_SYSTEM
@@ -73,6 +74,7 @@ class ServerConfig:
   cors_origins: tuple[str, ...] = ()
   max_request_bytes: int | None = None
   body_timeout: float = 60.0
+  send_timeout: float = 60.0
   max_waiting: int = 128
 
 
@@ -159,6 +161,18 @@ class _Mailbox:
       await self._ready.wait()
 
 
+class _Stream(StreamingResponse):
+  """A StreamingResponse that closes its generator however the sending ends: when a send raises (the client read
+  nothing for `send_timeout`, `limits`), the generator's clean-up (cancelling the request, which frees its slot)
+  runs at once instead of whenever the suspended generator happens to be garbage-collected."""
+
+  async def stream_response(self, send) -> None:
+    try:
+      await super().stream_response(send)
+    finally:
+      await self.body_iterator.aclose()
+
+
 class _Completion:
   """One request's parsed pieces."""
 
@@ -172,7 +186,7 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
   app = FastAPI(title="qwenvl_jax", docs_url=None, redoc_url=None)
   max_body = config.max_request_bytes or limits_lib.default_max_body_bytes(engine.max_images, config.images)
   limits = limits_lib.RequestLimits(max_open=engine.num_slots + config.max_waiting, max_body_bytes=max_body,
-                                    body_timeout=config.body_timeout)
+                                    body_timeout=config.body_timeout, send_timeout=config.send_timeout)
   app.add_middleware(limits.middleware)
   if config.api_key is not None:  # outside the limits: a client without the key gets 401, never 413 or 429
     app.add_middleware(auth.require_key, api_key=config.api_key)
@@ -304,8 +318,8 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
       raise msg.RequestError(str(e), status=503, type_="server_error") from None
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": config.model_name}
     if job.stream:
-      return StreamingResponse(_stream(req, job, events, head), media_type="text/event-stream",
-                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+      return _Stream(_stream(req, job, events, head), media_type="text/event-stream",
+                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return await _complete(request, req, job, events, head)
 
   def _chunk(head: dict, job, delta: dict, finish_reason=None, **extra) -> str:

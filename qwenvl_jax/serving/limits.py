@@ -1,5 +1,6 @@
 """The HTTP server's request limits, an ASGI middleware around the app (`RequestLimits.middleware`): how large a
-request body may be, how long it may stall, and how many completion requests the server holds at once.
+request body may be, how long it may stall, how many completion requests the server holds at once, and how long an
+answer may wait for a client that reads nothing.
 
   * Body size: a Content-Length over `max_body_bytes` is answered 413 before any of the body is read (and before
     a `100 Continue`); a body without one (chunked) is counted as it arrives and answered 413 as soon as it passes
@@ -11,6 +12,13 @@ request body may be, how long it may stall, and how many completion requests the
     counted (the decode slots and the requests allowed to wait for one), the next is answered 429 at once, with
     Retry-After and before its body is read (TGI's `--max_concurrent_requests`). So the requests waiting, and the
     bodies held in memory, are bounded.
+  * Answer stalls: uvicorn's `send` waits while the socket's buffers are full; a client that reads nothing for
+    `send_timeout` seconds (nginx's `send_timeout`: the wait of one write, not the whole answer) has its answer cut:
+    the app's `send` raises, so the app stops (a stream's generator is closed, which cancels its request and frees
+    its decode slot), the request stops counting, and the answer is ended (a stream's last chunk, or a bare 408
+    when nothing was sent yet) as soon as the client reads or leaves, so uvicorn closes the connection without
+    logging an error. The socket and what is already buffered for it (~100 KB) stay until then, as for a client
+    that never ends its headers (uvicorn has no header timeout: a reverse proxy bounds both).
 
 Every refusal is an OpenAI error body (`messages.RequestError`) and closes the connection, so the rest of a refused
 body is never read. Starlette's `RequestBodyLimitMiddleware` (FastAPI's `max_body_size`) is not used: it answers a
@@ -34,6 +42,10 @@ RETRY_AFTER_S = 1
 _CLOSE = {"Connection": "close"}
 
 
+class _ClientStalled(Exception):
+  """Raised into the app by `send`: the client read nothing for `send_timeout` seconds."""
+
+
 def default_max_body_bytes(max_images: int, images: msg.ImagePolicy) -> int:
   """Room for `max_images` images of the largest size `images` takes, sent as base64 data: URLs, plus 1 MiB."""
   return max_images * (images.max_base64_chars + DATA_URL_OVERHEAD) + TEXT_BYTES
@@ -43,18 +55,21 @@ class RequestLimits:
   """The limits and their counters; `middleware` is the ASGI middleware applying them (see the module docstring).
 
   max_open: the most completion requests held at once (`counted_paths`, POST); max_body_bytes: the largest
-  request body; body_timeout: seconds a body may send nothing. Runs on the event loop only (no locks)."""
+  request body; body_timeout: seconds a body may send nothing; send_timeout: seconds one write of an answer may
+  wait for the client to read. Runs on the event loop only (no locks)."""
 
-  def __init__(self, *, max_open: int, max_body_bytes: int, body_timeout: float,
+  def __init__(self, *, max_open: int, max_body_bytes: int, body_timeout: float, send_timeout: float = 60.0,
                counted_paths: tuple[str, ...] = ("/v1/chat/completions",)):
     self.max_open, self.max_body_bytes, self.body_timeout = max_open, max_body_bytes, body_timeout
+    self.send_timeout = send_timeout
     self.counted_paths = counted_paths
     self.open = 0
     self._counts: collections.Counter = collections.Counter()
 
   def stats(self) -> dict:
     """open_requests: completion requests being received, checked, waiting for a slot or answered;
-    refused_<why>: requests answered 429 (busy), 413 (too_large) or 408 (body_timeout)."""
+    refused_<why>: requests answered 429 (busy), 413 (too_large) or 408 (body_timeout); cancelled_send_timeout:
+    answers cut because the client read nothing for `send_timeout` seconds."""
     return {"open_requests": self.open, "max_open_requests": self.max_open, **self._counts}
 
   def middleware(self, app: ASGIApp) -> ASGIApp:
@@ -70,10 +85,33 @@ class RequestLimits:
         await JSONResponse(refusal.body(), refusal.status, headers=refusal.headers)(scope, receive, send)
         return
       self.open += counted
+      stalled, started = False, False
+
+      async def timed_send(message) -> None:
+        nonlocal stalled, started
+        if stalled:
+          raise _ClientStalled()
+        try:
+          async with asyncio.timeout(self.send_timeout):
+            await send(message)
+        except TimeoutError:
+          stalled = True
+          raise _ClientStalled() from None
+        started = True
+
       try:
-        await app(scope, self._body_reader(receive), send)
+        await app(scope, self._body_reader(receive), timed_send)
+      except Exception:  # pylint: disable=broad-except  (however the app passed `_ClientStalled` on)
+        if not stalled:
+          raise
       finally:
         self.open -= counted
+      if stalled:
+        self._counts["cancelled_send_timeout"] += 1
+        if not started:
+          await send({"type": "http.response.start", "status": 408,
+                      "headers": [(b"content-length", b"0"), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})  # waits for the client
 
     return limited
 

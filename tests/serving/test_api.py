@@ -3,6 +3,7 @@ on the tiny float32 model with greedy decoding, so every answer is exactly repro
 import asyncio
 import base64
 import concurrent.futures
+import gc
 import io
 import json
 import logging
@@ -220,6 +221,71 @@ def test_a_client_leaving_mid_stream_frees_its_slot(server, http):
       break
     time.sleep(0.05)
   assert stats.get("finished_cancelled", 0) == before + 1 and stats["active"] == 0
+
+
+async def _asgi(app, method: str, path: str, body: bytes = b"", send=None) -> list[dict]:
+  """The ASGI messages `app` sends for one request (as uvicorn's HTTP/1.1 protocol calls it); `send` sees each
+  first and may hold it, as a socket whose buffers are full holds uvicorn's; the client leaves once it returns."""
+  scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+           "method": method, "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+           "root_path": "", "headers": [(b"host", b"x"), (b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode())],
+           "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 80)}
+  sent, left = [], asyncio.Event()
+  pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+  async def receive():
+    if pending:
+      return pending.pop()
+    await left.wait()
+    return {"type": "http.disconnect"}
+
+  async def record(message):
+    sent.append(message)
+    if send is not None:
+      await send(message)
+
+  await app(scope, receive, record)
+  left.set()
+  return sent
+
+
+@pytest.mark.usefixtures("slow_decoding")
+def test_a_stream_its_client_stops_reading_is_cut_and_its_slot_freed(engine, serve_tok):
+  """A streaming client that reads nothing more once its first text arrived (the socket's buffers full: uvicorn's
+  send waits) used to keep its decode slot until its answer ended, however long. After --send_timeout the answer
+  is cut, the request cancelled (its slot freed at once), and /health counts it."""
+  app = api.create_app(engine, serve_tok, api.ServerConfig(model_name=MODEL_NAME, max_tokens_limit=MAX_TOKENS_LIMIT,
+                                                           send_timeout=0.2))
+  body = json.dumps({"messages": HI, "max_tokens": MAX_TOKENS_LIMIT, "temperature": 0, "stream": True,
+                     "ignore_eos": True}).encode()
+  before = engine.stats().get("finished_cancelled", 0)
+
+  async def main():
+    reads_again = asyncio.Event()
+
+    async def full_after_the_first_text(message):
+      if b'"content": "' in message.get("body", b"") and b'"content": ""' not in message["body"]:
+        await reads_again.wait()  # the engine holds the request now: it has sent text
+
+    stream = asyncio.create_task(_asgi(app, "POST", "/v1/chat/completions", body, full_after_the_first_text))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+      health = json.loads((await _asgi(app, "GET", "/health"))[-1]["body"])
+      if health.get("cancelled_send_timeout") and health["active"] == 0:
+        break
+      await asyncio.sleep(0.05)
+    reads_again.set()
+    await stream
+    return health
+
+  gc.disable()  # the slot must be freed by the server's code, not by a collection of the suspended generator
+  try:
+    health = asyncio.run(main())
+  finally:
+    gc.enable()
+  assert health.get("cancelled_send_timeout") == 1 and health["active"] == 0, health
+  assert health["finished_cancelled"] == before + 1  # cut mid-answer (its 400 tokens take 2 s or more)
 
 
 def test_a_client_leaving_while_it_sends_its_body_is_not_logged_as_a_server_error(server, http):

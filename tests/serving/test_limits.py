@@ -1,8 +1,10 @@
 """The server's request limits (serving/limits.py) over real HTTP: one server with small limits on the session's
 engine (a 20,000-byte body, a 0.5 s body stall, one request waiting beyond the 4 decode slots), driven through raw
 sockets where a client misbehaves (a body it never sends, a chunked body that does not end)."""
+import asyncio
 import concurrent.futures
 import json
+import logging
 import socket
 import threading
 import time
@@ -158,6 +160,75 @@ def test_without_the_api_key_a_full_server_answers_401_not_429(engine, serve_tok
     for s in held:
       s.close()
     srv.stop()
+
+
+def test_a_client_that_reads_nothing_has_its_answer_cut_and_its_place_freed():
+  """uvicorn's send waits while a client reads nothing and the socket's buffers are full: an endless answer to a
+  client that stopped reading held its place (and, for a completion, its decode slot) for ever. After send_timeout
+  the app's send raises (the app stops), the request stops counting, and the answer ends, with no error logged,
+  once the client reads what was buffered."""
+  cut = limits.RequestLimits(max_open=1, max_body_bytes=100, body_timeout=60, send_timeout=0.3,
+                             counted_paths=("/stream",))
+  raised = []
+
+  async def endless(scope, receive, send):  # a bare ASGI app: 64 KiB chunks for ever
+    if scope["type"] != "http":
+      return
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    try:
+      while True:
+        await send({"type": "http.response.body", "body": b"x" * 65536, "more_body": True})
+    except Exception as e:
+      raised.append(e)
+      raise
+
+  errors = []
+  handler = logging.Handler(logging.ERROR)
+  handler.emit = errors.append
+  logging.getLogger("uvicorn.error").addHandler(handler)
+  srv = Server(cut.middleware(endless))
+  try:
+    with socket.socket() as s:
+      s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+      s.connect(("127.0.0.1", srv.port))
+      s.sendall(b"POST /stream HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+      deadline = time.monotonic() + 60
+      while not cut.stats().get("cancelled_send_timeout") and time.monotonic() < deadline:
+        time.sleep(0.05)
+      assert cut.stats()["cancelled_send_timeout"] == 1 and cut.stats()["open_requests"] == 0, cut.stats()
+      assert len(raised) == 1
+      s.settimeout(60)
+      data = b""
+      while chunk := s.recv(1 << 20):  # the client reads again: the answer ends and the server closes
+        data += chunk
+    assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(b"\r\n0\r\n\r\n")
+  finally:
+    srv.stop()
+    logging.getLogger("uvicorn.error").removeHandler(handler)
+  assert not errors, [r.getMessage() for r in errors]
+
+
+def test_an_answer_cut_before_it_started_is_a_bare_408():
+  """When even the status line waits (the client has not read an earlier answer on its keep-alive connection), the
+  cut answer is a 408 with no body, so the server's protocol state stays valid."""
+  cut = limits.RequestLimits(max_open=1, max_body_bytes=100, body_timeout=60, send_timeout=0.1)
+
+  async def app(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+
+  sent = []
+
+  async def send(message):
+    sent.append(message)
+    if len(sent) == 1:
+      await asyncio.Event().wait()  # the socket's buffers are full
+
+  async def receive():
+    return {"type": "http.disconnect"}
+
+  asyncio.run(cut.middleware(app)({"type": "http", "method": "GET", "path": "/", "headers": []}, receive, send))
+  assert [m.get("status") for m in sent] == [200, 408, None] and sent[-1]["more_body"] is False
+  assert cut.stats()["cancelled_send_timeout"] == 1
 
 
 def test_the_default_body_limit_takes_the_most_images_of_the_largest_size():
