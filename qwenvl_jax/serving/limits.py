@@ -15,10 +15,13 @@ answer may wait for a client that reads nothing.
   * Answer stalls: uvicorn's `send` waits while the socket's buffers are full; a client that reads nothing for
     `send_timeout` seconds (nginx's `send_timeout`: the wait of one write, not the whole answer) has its answer cut:
     the app's `send` raises, so the app stops (a stream's generator is closed, which cancels its request and frees
-    its decode slot), the request stops counting, and the answer is ended (a stream's last chunk, or a bare 408
-    when nothing was sent yet) as soon as the client reads or leaves, so uvicorn closes the connection without
-    logging an error. The socket and what is already buffered for it (~100 KB) stay until then, as for a client
-    that never ends its headers (uvicorn has no header timeout: a reverse proxy bounds both).
+    its decode slot) and the request stops counting. The answer is then ended if the client reads within another
+    `send_timeout` (a chunked stream's end, without its final chunk and `[DONE]`, on a connection kept alive as any
+    other; a bare 408 when nothing was sent yet); otherwise, and at once for an answer with a Content-Length (a
+    JSON body cannot be ended early), the app returns without completing it and uvicorn closes the connection,
+    logging one line (`closed_send_timeout` counts these). asyncio flushes what is already buffered (~100 KB)
+    before it lets go of a closed socket, so a client that keeps its connection and never reads still holds one
+    socket, as does one that never ends its headers (uvicorn has no header timeout): a reverse proxy bounds both.
 
 Every refusal is an OpenAI error body (`messages.RequestError`) and closes the connection, so the rest of a refused
 body is never read. Starlette's `RequestBodyLimitMiddleware` (FastAPI's `max_body_size`) is not used: it answers a
@@ -69,7 +72,9 @@ class RequestLimits:
   def stats(self) -> dict:
     """open_requests: completion requests being received, checked, waiting for a slot or answered;
     refused_<why>: requests answered 429 (busy), 413 (too_large) or 408 (body_timeout); cancelled_send_timeout:
-    answers cut because the client read nothing for `send_timeout` seconds."""
+    answers cut because the client read nothing for `send_timeout` seconds; closed_send_timeout: those of them whose
+    connection was closed unfinished (the client read nothing for another `send_timeout`, or the answer had a
+    Content-Length)."""
     return {"open_requests": self.open, "max_open_requests": self.max_open, **self._counts}
 
   def middleware(self, app: ASGIApp) -> ASGIApp:
@@ -85,10 +90,10 @@ class RequestLimits:
         await JSONResponse(refusal.body(), refusal.status, headers=refusal.headers)(scope, receive, send)
         return
       self.open += counted
-      stalled, started = False, False
+      stalled, started, sized = False, False, False
 
       async def timed_send(message) -> None:
-        nonlocal stalled, started
+        nonlocal stalled, started, sized
         if stalled:
           raise _ClientStalled()
         try:
@@ -97,7 +102,9 @@ class RequestLimits:
         except TimeoutError:
           stalled = True
           raise _ClientStalled() from None
-        started = True
+        if message["type"] == "http.response.start":
+          started = True
+          sized = any(k.lower() == b"content-length" for k, _ in message.get("headers", ()))
 
       try:
         await app(scope, self._body_reader(receive), timed_send)
@@ -108,10 +115,19 @@ class RequestLimits:
         self.open -= counted
       if stalled:
         self._counts["cancelled_send_timeout"] += 1
-        if not started:
-          await send({"type": "http.response.start", "status": 408,
-                      "headers": [(b"content-length", b"0"), (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})  # waits for the client
+        if started and sized:  # an empty last part would break the declared Content-Length (h11 raises)
+          self._counts["closed_send_timeout"] += 1
+          return  # uvicorn closes the connection ("returned without completing response", one log line)
+        try:
+          async with asyncio.timeout(self.send_timeout):  # the client gets as long again to read what is buffered
+            if not started:
+              await send({"type": "http.response.start", "status": 408,
+                          "headers": [(b"content-length", b"0"), (b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except TimeoutError:
+          # Still nothing read: uvicorn closes the connection as above, so a client that keeps its connection
+          # open and never reads cannot hold this coroutine, nor (with a proxy in front) its socket, for ever.
+          self._counts["closed_send_timeout"] += 1
 
     return limited
 

@@ -240,3 +240,34 @@ def test_the_default_body_limit_takes_the_most_images_of_the_largest_size():
   content.append({"type": "text", "text": "x" * 500_000})
   body = json.dumps({"model": MODEL_NAME, "messages": [{"role": "user", "content": content}]}).encode()
   assert len(body) <= limits.default_max_body_bytes(3, policy)
+
+
+@pytest.mark.parametrize("headers,sends_after_cut", [
+    ([(b"content-length", b"1000000")], 0),  # a JSON answer cannot be ended early: closed at once
+    ([], 1),  # a stream: its end is offered once more, for another send_timeout, then the connection is closed
+])
+def test_a_client_that_never_reads_again_has_its_connection_closed(headers, sends_after_cut):
+  """The end of a cut answer waited for the client without a limit: a client that kept its connection and never
+  read held that coroutine for ever; and an answer with a Content-Length got an empty last part, which h11 refuses
+  ('Too little data for declared Content-Length') with a traceback."""
+  cut = limits.RequestLimits(max_open=1, max_body_bytes=100, body_timeout=60, send_timeout=0.1)
+
+  async def app(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    while True:
+      await send({"type": "http.response.body", "body": b"x" * 65536, "more_body": True})
+
+  sent = []
+
+  async def send(message):
+    sent.append(message)
+    if len(sent) > 1:
+      await asyncio.Event().wait()  # the socket's buffers are full and stay full
+
+  async def receive():
+    return {"type": "http.disconnect"}
+
+  asyncio.run(asyncio.wait_for(
+      cut.middleware(app)({"type": "http", "method": "POST", "path": "/", "headers": []}, receive, send), 30))
+  assert len(sent) == 2 + sends_after_cut
+  assert cut.stats()["cancelled_send_timeout"] == 1 and cut.stats()["closed_send_timeout"] == 1
