@@ -77,8 +77,12 @@ _READ_BY = {
     "max_shard_gb": ("orbax_to_torch",), "reference_files": ("orbax_to_torch",),
     "preset": _IMPORTS + ("orbax_to_torch", "quantize"), "image_size": _IMPORTS + ("orbax_to_torch", "quantize"),
     "dtype": _IMPORTS + ("orbax_to_torch", "quantize", "merge_lora"),
+    "tokenizer": _IMPORTS + ("orbax_to_torch", "quantize", "merge_lora"),
+    "chat_format": _IMPORTS + ("orbax_to_torch", "quantize", "merge_lora"),
 }
 _UNREAD_BECAUSE = {"src": "it reads --openclip and --qwen7b", "dtype": "it writes the adapters in float32",
+                   "tokenizer": "a PEFT adapter folder holds no tokenizer: the base model's folder has it",
+                   "chat_format": "a PEFT adapter folder holds no generation config: the base model's folder has it",
                    "preset": "the run's config gives the model", "image_size": "the run's config gives the resolution"}
 
 
@@ -114,8 +118,6 @@ def main(argv):
       raise errors.ConfigError(f"--{typed} is not read by --mode={mode} (only by {' / '.join(modes)})",
                                hint=f"drop it ({_UNREAD_BECAUSE[name]})" if name in _UNREAD_BECAUSE else
                                "drop it, or use a mode that reads it")
-  if mode == "export_peft" and (_TOKENIZER.value or _CHAT_FORMAT.value):
-    raise app.UsageError(f"--tokenizer and --chat_format are recorded in params checkpoints, not by --mode={mode}")
   if mode == "orbax_to_torch" and _TOKENIZER.value:
     checkpoint.check_export_tokenizer(_TOKENIZER.value)
   if _SHARD_GB.value <= 0:

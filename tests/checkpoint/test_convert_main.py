@@ -55,6 +55,10 @@ def test_command_line_round_trip_and_quantize(tmp_path, qwenvl_checkpoint):
   run = _convert("--mode=torch_to_orbax", "--preset=tiny", "--quantize=int4", f"--src={src}", f"--dst={tmp_path / 'q'}")
   assert run.returncode == 2 and not (tmp_path / "q").exists(), run.stderr[-3000:]
   assert run.stderr.splitlines()[0] == "error: --quantize is not read by --mode=torch_to_orbax (only by quantize)"
+  # ... one line and exit 2 like the others (it was absl's usage banner and exit 1).
+  run = _convert("--mode=export_peft", f"--src={src}", f"--dst={tmp_path / 'p'}", "--tokenizer=qwen.tiktoken")
+  assert run.returncode == 2 and run.stderr.splitlines()[0].startswith(
+      "error: --tokenizer is not read by --mode=export_peft"), run.stderr[-3000:]
 
   assert orbax_store.ParamReader(tmp_path / "orbax").custom_metadata["model"]["chat_format"] == "raw"
   # --chat_format replaces what the source records (here: the base model's raw, now fine-tuned to chat).
