@@ -96,7 +96,8 @@ def check_fields(config: ml_collections.ConfigDict) -> None:
   base_quantization(config)
   frozen_dtype(config)  # an unknown name was a ValueError traceback from the trainer's model build
   if lcfg is None:
-    saved = _items(config.lora.get("modules_to_save", ""))
+    section = config.get("lora")  # a config written before LoRA existed has none
+    saved = _items(section.get("modules_to_save", "")) if section is not None else ()
     if saved:  # full fine-tuning trains what the stage trains; this field would change nothing, without a word
       raise errors.ConfigError(f"config.lora.modules_to_save={','.join(saved)!r} needs config.lora.rank > 0: it "
                                "names what a LoRA run trains in full besides its adapters")

@@ -8,6 +8,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -174,3 +175,9 @@ def test_run_spec_reads_a_step_folder_and_names_what_is_not_a_lora_run(tmp_path)
   (hf / "config.json").write_text('{"model_type": "qwen", "tie_word_embeddings": false}')
   with pytest.raises(errors.ConfigError, match=r"is not a training run \(no checkpoints/"):
     peft.load_run(str(hf))
+
+
+def test_a_config_without_a_lora_section_passes_the_field_checks():
+  """A config written before LoRA existed (no `lora` block) is a full fine-tuning run; the check of
+  `lora.modules_to_save` read `config.lora` and failed with an AttributeError traceback."""
+  peft.check_fields(ml_collections.ConfigDict({"stage": 2}))
