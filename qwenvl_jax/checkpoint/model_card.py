@@ -96,7 +96,8 @@ def hf_generation_config(chat_format: str) -> dict:
   if chat_format not in qchat.CHAT_FORMATS:
     raise ValueError(f"unknown chat format {chat_format!r}; known: {', '.join(map(repr, qchat.CHAT_FORMATS))}")
   return {"chat_format": chat_format, "do_sample": True, "eos_token_id": qtok.EOD_ID, "max_new_tokens": 512,
-          "max_window_size": qchat.DEFAULT_MAX_WINDOW_SIZE, "pad_token_id": qtok.EOD_ID, "top_k": 0, "top_p": 0.3,
+          "max_window_size": qchat.DEFAULT_MAX_WINDOW_SIZE, "pad_token_id": qtok.EOD_ID, "top_k": qchat.CHAT_TOP_K,
+          "top_p": qchat.CHAT_TOP_P,
           "transformers_version": "4.31.0"}  # the version the reference's code was written for
 
 

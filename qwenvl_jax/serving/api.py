@@ -67,8 +67,8 @@ class ServerConfig:
   max_tokens_limit: int = 1024
   images: msg.ImagePolicy = dataclasses.field(default_factory=msg.ImagePolicy)
   default_temperature: float = 1.0
-  default_top_p: float = 0.3
-  default_top_k: int = 0
+  default_top_p: float = qtext.CHAT_TOP_P
+  default_top_k: int = qtext.CHAT_TOP_K
   api_key: str | None = None
   max_window_size: int = qtext.DEFAULT_MAX_WINDOW_SIZE
   cors_origins: tuple[str, ...] = ()

@@ -27,6 +27,9 @@ from qwenvl_jax.text import tokenizer as qtok
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 DEFAULT_MAX_WINDOW_SIZE = 6144
+# Qwen-VL-Chat's sampling defaults (its generation_config.json, SPEC §4.5): nucleus 0.3, no top-k filter.
+CHAT_TOP_P = 0.3
+CHAT_TOP_K = 0
 CHAT_FORMATS = ("chatml", "raw")
 
 
