@@ -123,6 +123,8 @@ def test_a_config_every_process_agreed_on_is_not_exchanged_again(monkeypatch):
   the same config again: that second call exchanged it a second time through the coordination service."""
   from jax._src import distributed as jax_distributed  # pylint: disable=import-outside-toplevel
   peer = _AgreeingPeer()
+  monkeypatch.setattr(distributed, "_agreed", set())  # what earlier tests agreed on is not this test's
+  monkeypatch.setattr(distributed, "_checks", [0])
   monkeypatch.setattr(jax_distributed.global_state, "client", peer)
   monkeypatch.setattr(jax_distributed.global_state, "num_processes", 2)
   monkeypatch.setattr(jax_distributed.global_state, "process_id", 0)

@@ -35,8 +35,8 @@ def fetch(url: str, *, max_bytes: int, timeout: float) -> bytes:
                   urllib.request.HTTPRedirectHandler(), urllib.request.HTTPErrorProcessor()):
     opener.add_handler(handler)
   with opener.open(url, timeout=timeout) as response:
-    length = response.headers.get("Content-Length", "")
-    if length.isdigit() and int(length) > max_bytes:
+    length = response.length  # http.client's parsed Content-Length (None without one)
+    if length is not None and length > max_bytes:
       raise TooLargeError(f"the reply has {length} bytes")
     data = response.read(max_bytes + 1)
   if len(data) > max_bytes:
