@@ -250,7 +250,9 @@ def _resolve(path: str, root: str, rid: str) -> str:
   if os.path.isabs(path):
     return path
   joined = os.path.join(root, path)
-  if root and not os.path.exists(joined) and os.path.exists(path):
+  # The current folder is looked at first: it is local, while the image root may be a network mount (gcsfuse, NFS)
+  # where every look is a round trip, on top of the read that opens the image later.
+  if root and os.path.exists(path) and not os.path.exists(joined):
     # finetune.py opens a relative path from the current folder; here it is read under the data file's folder.
     raise rec.BadRecordError(rid, f"relative image path not under the image root: {path!r} is not in {root} (the "
                                   "data file's folder, or config.data.image_root) but in the current folder; set "
