@@ -49,7 +49,8 @@ from qwenvl_jax.text.tokenizer import QwenTokenizer
 from qwenvl_jax.text.tokenizer import Tokenizer
 
 __all__ = [
-    "box_to_text", "BoxRef", "CHAT_TOP_K", "CHAT_TOP_P", "ChatContext", "decode_tokens", "decode_with_images", "DEFAULT_MAX_WINDOW_SIZE",
+    "box_to_text", "BoxRef", "CHAT_TOP_K", "CHAT_TOP_P", "ChatContext", "decode_tokens", "decode_with_images",
+    "DEFAULT_MAX_WINDOW_SIZE",
     "DEFAULT_SYSTEM", "denormalize_box", "encode_with_images", "EncodedText", "Example", "from_list_format",
     "get_stop_words_ids", "IGNORE_INDEX", "image_span_ids", "IMAGE_SPAN", "IMAGE_TOKENS", "load_tokenizer",
     "make_context", "MalformedBoxError", "min_tokens", "normalize_box", "parse_box", "parse_boxes",
