@@ -1,7 +1,10 @@
 """`qwenvl_jax.serving_defaults`: serve's flags, the engine and the planner's server plans hold one set of sizes."""
 import inspect
+import json
+import subprocess
+import sys
 
-from qwenvl_jax import serve, serving_defaults
+from qwenvl_jax import serving_defaults
 from qwenvl_jax.planning import inference_plan
 from qwenvl_jax.serving.engine import Engine
 
@@ -11,7 +14,12 @@ SIZES = {"num_slots": serving_defaults.NUM_SLOTS, "context": serving_defaults.CO
 
 
 def test_serve_and_the_engine_default_to_the_shared_sizes():
-  assert {name: serve.FLAGS[name].default for name in SIZES} == SIZES
+  # serve's flags are read in a child process: importing qwenvl_jax.serve here defines --system a second time for
+  # every later in-process import of qwenvl_jax.generate (DuplicateFlagError).
+  code = ("import json; from qwenvl_jax import serve; "
+          f"print(json.dumps({{n: serve.FLAGS[n].default for n in {sorted(SIZES)!r}}}))")
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+  assert json.loads(done.stdout) == SIZES
   engine = inspect.signature(Engine).parameters
   assert {name: engine[name].default for name in SIZES} == SIZES
 
