@@ -43,7 +43,8 @@ plan = inference_plan.plan_inference(cfg, chips.parse_topology({topology!r}, 1),
                                      server=True)
 print(json.dumps({{"decode": plan.decode.total_bytes, "prefill": plan.prefill.total_bytes,
                   "fits": plan.decode.fits and plan.prefill.fits, "hbm": plan.decode.chip.hbm_bytes,
-                  "layout": plan.facts["layout"], "seconds": plan.decode.compile_seconds + plan.prefill.compile_seconds}}))
+                  "layout": plan.facts["layout"],
+                  "seconds": plan.decode.compile_seconds + plan.prefill.compile_seconds}}))
 """
 
 

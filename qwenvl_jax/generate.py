@@ -9,7 +9,8 @@ folder) and prompt as `Picture k:<img>…</img>\\n…` in ChatML after
 `--history` (a JSON list of [query, response] pairs, oldest first); `--chat_format=raw` feeds the base model the
 same text without ChatML. The answer streams to stdout. When it holds boxes, the latest picture with the boxes
 and labels drawn is written as a PNG to `--output_image` (default `<image stem>_boxes.png` next to that picture,
-with `_1`, `_2`, … added rather than replacing a file). `--save_history` writes the updated history as JSON to a new file.
+with `_1`, `_2`, … added rather than replacing a file). `--save_history` writes the updated history as JSON to a new
+file.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@
        - URLs (scheme://... and www....), e-mail addresses, @mentions,
        - image file names ("IMG_1234.JPG", "photo-2.png") and camera file stems ("DSC01234", "PXL_2023...").
   5. Repeated punctuation is collapsed: a run of one punctuation or symbol character becomes one ("!!!" -> "!"),
-     except that dots keep an ellipsis ("....." -> "...") and "……" / "——" (Chinese ellipsis and dash) stay doubled.
+     except that dots keep an ellipsis ("....." -> "...") and "……" / "——" (Chinese ellipsis and dash) stay
+     doubled.
   6. Whitespace runs become one space; leading and trailing spaces are dropped.
 
 Language detection uses `py3langid` (the langid.py model, bundled in the wheel: nothing is downloaded); emoji

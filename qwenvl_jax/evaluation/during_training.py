@@ -10,7 +10,8 @@ and TensorBoard.
 
 `config.eval`: `task` (a task name, or its config file `configs/eval/<task>.py`), `data_path` ('' = a synthetic
 held-out set when the run trains on the synthetic data: captions or grounding, drawn with the evaluation seed at the
-run's resolution, written to a temporary folder; else the config file's data, else the task's official file), `annotation_path`, `image_root`, `max_examples` (the first N; 0 = all), `per_device_batch_size`.
+run's resolution, written to a temporary folder; else the config file's data, else the task's official file),
+`annotation_path`, `image_root`, `max_examples` (the first N; 0 = all), `per_device_batch_size`.
 Everything is checked, and the examples read, when the evaluator is built: before the trainer writes anything.
 
 Shapes: the model holds the trainer's (sharded) parameter arrays; images uint8[S, S, 3] as the eval job's.
@@ -45,7 +46,8 @@ def _task_and_defaults(spec: str) -> tuple[tasks_lib.EvalTask, dict[str, str]]:
     return _task(spec), {}
   path = pathlib.Path(spec)
   if not path.is_file():
-    raise errors.UserFileNotFoundError(f"config.eval.task: no evaluation config file {spec} (e.g. configs/eval/flickr.py)")
+    raise errors.UserFileNotFoundError(
+        f"config.eval.task: no evaluation config file {spec} (e.g. configs/eval/flickr.py)")
   module_spec = importlib.util.spec_from_file_location(f"qwenvl_eval_config_{path.stem}", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
@@ -91,8 +93,8 @@ class TrainingEvaluator:
     if not data_path and config.data.source == "synthetic":
       writer = _SYNTHETIC_WRITERS.get(self.task.kind)
       if writer is None:
-        raise errors.ConfigError(f"config.eval.task={self.task.name!r} ({self.task.kind}) has no synthetic held-out set "
-                         f"(captions and grounding do): give its data with --config.eval.data_path=...")
+        raise errors.ConfigError(f"config.eval.task={self.task.name!r} ({self.task.kind}) has no synthetic held-out "
+                                 f"set (captions and grounding do): give its data with --config.eval.data_path=...")
       # Every process writes the same seeded set to its own temporary folder: no shared disk is needed.
       self._tempdir = tempfile.TemporaryDirectory(prefix="qwenvl_eval_")
       n = e.max_examples or 32

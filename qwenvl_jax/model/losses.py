@@ -8,7 +8,8 @@ options of a multiple-choice question, and the training loss is reported in floa
 
 Chunked (`chunked_*`, from the final hidden states and the `lm_head` kernel): at full size the `[B, T, 151936]`
 logits upcast to float32 are the largest activation of a training step (about 10 GB per chip at the stage-2
-micro-batch on v5p-128), and their gradient is another buffer of the same size. Here the `lm_head` matmul, the float32 log-softmax and the pick of the target logit run inside a `lax.scan` over K
+micro-batch on v5p-128), and their gradient is another buffer of the same size. Here the `lm_head` matmul, the float32
+log-softmax and the pick of the target logit run inside a `lax.scan` over K
 sequence chunks, and the chunk body is `jax.checkpoint`ed with nothing saved: the forward pass keeps only the
 per-token losses, the backward pass recomputes one chunk's `[B, C, V]` logits at a time and turns them into that
 chunk's hidden-state gradient and its share of the `lm_head` kernel gradient (accumulated by the scan in the

@@ -19,7 +19,8 @@ each layer has its own scales); int4 adds groups of G along the last contracted 
 GPTQ/AWQ int4 checkpoints; any other contracted axis then gets a scale per index, so a group is G consecutive
 inputs of the flattened input), or one group when G does not divide it. The embedding `[V, D]` gets one scale per
 row (int8) or per row and group (int4). nf4 (QLoRA training's default) groups like int4 and stores uint4 codes
-of qwix's NormalFloat4 table (as int4, code - 8), absmax-scaled per group. Both arrays keep the kernel's logical axis names, so a rule table shards
+of qwix's NormalFloat4 table (as int4, code - 8), absmax-scaled per group. Both arrays keep the kernel's logical axis
+names, so a rule table shards
 `qvalue` exactly as it sharded the kernel, and a scale axis shards with it where the mesh divides it (a length-1
 contracted axis stays replicated).
 

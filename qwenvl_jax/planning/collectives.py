@@ -25,7 +25,8 @@ sent over bidirectional rings on each of the k torus dimensions the group spans 
 2 x k x (one-way link bandwidth), at most the chip's links. A group spanning s > 1 slices is hierarchical: the
 ICI part over n/s devices as above, and the same ring factor over s slices for S/(n/s) bytes at the chip's DCN
 bandwidth. Multi-slice TPU programs show their cross-slice collectives as megascale host sends
-(`_xla_megascale_transfer_type`), priced with the ring factor over the slices at DCN bandwidth. Latency: 1 us per ICI ring step, 10 us per DCN step. This is an estimate of the traffic's wire time,
+(`_xla_megascale_transfer_type`), priced with the ring factor over the slices at DCN bandwidth. Latency: 1 us per ICI
+ring step, 10 us per DCN step. This is an estimate of the traffic's wire time,
 not a simulation: contention between concurrent collectives, torus wraparound on small slices and
 congestion are ignored.
 """

@@ -39,7 +39,8 @@ def check_batch(config: ml_collections.ConfigDict, mesh, rules: sharding.Rules) 
   if micro % shards:
     raise ValueError(f"config.batch_size={config.batch_size} in config.accum_steps={config.accum_steps} "
                      f"micro-batches of {micro} rows does not divide over the {shards} data-parallel devices "
-                     f"(mesh axes {' x '.join(sharding.batch_axes(mesh, rules))}); change the batch size, the accumulation steps or the mesh")
+                     f"(mesh axes {' x '.join(sharding.batch_axes(mesh, rules))}); change the batch size, the "
+                     "accumulation steps or the mesh")
   if jax.process_count() > 1:
     _check_rows_per_process(mesh, rules)
 
