@@ -255,11 +255,12 @@ class StepPlan:
       lines += [f"the compiler ran out of memory: {self.compile_error}",
                 "  (figures below: arguments from the input shardings, temporaries from the error; no cost)"]
     lines += [
-        f"per-chip memory ({self.chip.name}, {hbm / GIB:.0f} GiB HBM, {self.num_chips} chips):",
+        f"per-chip memory ({self.chip.name}, {hbm / GIB:.0f} GiB HBM, {self.num_chips} "
+        f"chip{'s' if self.num_chips != 1 else ''}):",
         f"  arguments     {gib(self.argument_bytes)}   params, optimizer state or KV cache, inputs",
         f"  outputs       {gib(self.output_bytes)}   (aliased to donated inputs: {format_bytes(self.alias_bytes)})",
         f"  temporaries   {gib(self.temp_bytes)}   activations, gradients, collective buffers",
-        f"  code          {gib(self.code_bytes)}",
+        f"  code          {gib(self.code_bytes)}" + ("   (not reported by this backend)" if not self.code_bytes else ""),
         f"  total         {gib(self.total_bytes)}   "
         + (f"= {self.hbm_fraction:.1%}" if self.hbm_fraction >= 1e-3 or not self.total_bytes else "< 0.1%") + " of HBM",
     ]

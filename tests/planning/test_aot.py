@@ -28,6 +28,14 @@ def test_total_counts_aliased_outputs_once():
   assert "verdict: FITS" in plan.format()
 
 
+def test_chip_count_and_unreported_code_size_read_as_such():
+  """A one-chip plan read '1 chips'; a backend that reports no code size (CPU) read 'code 0.00 GiB'."""
+  text = make_plan(num_chips=1).format()
+  assert "16 GiB HBM, 1 chip):" in text and "(not reported by this backend)" in text, text
+  text = make_plan(code_bytes=GIB // 2).format()
+  assert "16 GiB HBM, 4 chips):" in text and "  code               0.50 GiB\n" in text, text
+
+
 def test_step_time_prefers_xla_optimal_seconds_then_roofline():
   assert make_plan(optimal_seconds=0.5).step_seconds == 0.5
   # Compute-bound: 1e12 / 197e12 s beats 1e9 B / 819e9 B/s.
