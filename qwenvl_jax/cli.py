@@ -30,7 +30,7 @@ from typing import Callable
 
 from absl import app
 
-from qwenvl_jax import compilation_cache, errors
+from qwenvl_jax import compilation_cache, errors, sharding_rules
 from qwenvl_jax.hardware import allocator
 
 _HELP_FLAGS = ("--help", "-help", "-?", "--helpshort", "--helpfull", "--helpxml")
@@ -323,7 +323,7 @@ def define_model_flags() -> None:
                     "Weight-only quantization at load time (int8 per channel, int4 per group). A checkpoint written "
                     "by `convert --mode=quantize` loads quantized as stored.")
   flags.DEFINE_integer("group_size", 128, "int4 group size along each kernel's contracted axis.")
-  flags.DEFINE_string("rules", "inference_tp", "Sharding rule table of qwenvl_jax/sharding_rules.py: "
+  flags.DEFINE_string("rules", sharding_rules.INFERENCE_DEFAULT, "Sharding rule table of qwenvl_jax/sharding_rules.py: "
                       "inference_tp (tensor parallel within a host, replicas across hosts) or fsdp (as training: "
                       "every decoded token all-gathers the weights).")
   flags.DEFINE_integer("tensor_parallel", 0, "Chips holding one model replica (heads, MLP and vocabulary split "

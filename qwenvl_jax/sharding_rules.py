@@ -113,3 +113,4 @@ INFERENCE_TP = _INFERENCE_ACTIVATIONS + (
 ) + _CLIP
 
 RULES = {"fsdp": FSDP, "fsdp_tp": FSDP_TP, "inference_tp": INFERENCE_TP}
+INFERENCE_DEFAULT = "inference_tp"  # the table generate, evaluate, serve and the inference planner use by default

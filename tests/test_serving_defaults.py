@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 from qwenvl_jax import serving_defaults
+from qwenvl_jax.inference import layout
 from qwenvl_jax.planning import inference_plan
 from qwenvl_jax.serving.engine import Engine
 
@@ -17,9 +18,9 @@ def test_serve_and_the_engine_default_to_the_shared_sizes():
   # serve's flags are read in a child process: importing qwenvl_jax.serve here defines --system a second time for
   # every later in-process import of qwenvl_jax.generate (DuplicateFlagError).
   code = ("import json; from qwenvl_jax import serve; "
-          f"print(json.dumps({{n: serve.FLAGS[n].default for n in {sorted(SIZES)!r}}}))")
+          f"print(json.dumps({{n: serve.FLAGS[n].default for n in {sorted(SIZES) + ['rules']!r}}}))")
   done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
-  assert json.loads(done.stdout) == SIZES
+  assert json.loads(done.stdout) == dict(SIZES, rules=layout.DEFAULT_RULES)  # the layout generate and plan assume
   engine = inspect.signature(Engine).parameters
   assert {name: engine[name].default for name in SIZES} == SIZES
 

@@ -26,11 +26,11 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh
 
-from qwenvl_jax import errors, sharding
+from qwenvl_jax import errors, sharding, sharding_rules
 from qwenvl_jax.model import QwenVL
 from qwenvl_jax.model.config import QwenVLConfig
 
-DEFAULT_RULES = "inference_tp"
+DEFAULT_RULES = sharding_rules.INFERENCE_DEFAULT
 
 
 def tensor_dims(cfg: QwenVLConfig, rules: sharding.Rules) -> dict[str, int]:
