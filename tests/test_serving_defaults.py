@@ -30,8 +30,8 @@ def test_a_server_plan_defaults_to_what_serve_compiles():
   where serve with its defaults compiles prefills of up to 4 requests of up to 4 images each (16 encoded at
   once): their "fits" held for less than serve needs."""
   kwargs = inference_plan.parse_inference_arg("server=true")
-  assert (kwargs["batch"], kwargs["context"], kwargs["prefill_batch"], kwargs["images"]) == (
-      SIZES["num_slots"], SIZES["context"], SIZES["prefill_batch"], SIZES["max_images"])
+  assert (kwargs["batch"], kwargs["context"], kwargs["prefill_batch"], kwargs["images"], kwargs["prompt"]) == (
+      SIZES["num_slots"], SIZES["context"], SIZES["prefill_batch"], SIZES["max_images"], SIZES["context"])
   assert inference_plan.SERVER_SIZES == {"batch": SIZES["num_slots"], "images": SIZES["max_images"],
                                          "prefill_batch": SIZES["prefill_batch"]}
   assert inspect.signature(inference_plan.plan_inference).parameters["decode_steps"].default == SIZES["decode_steps"]
@@ -39,4 +39,8 @@ def test_a_server_plan_defaults_to_what_serve_compiles():
   given = inference_plan.parse_inference_arg("server=true,batch=2,prefill_batch=1,images=0")
   assert (given["batch"], given["prefill_batch"], given["images"]) == (2, 1, 0)
   plain = inference_plan.parse_inference_arg("")
-  assert (plain["batch"], plain["prefill_batch"], plain["images"]) == (4, None, 1)
+  assert (plain["batch"], plain["prefill_batch"], plain["images"], plain["prompt"]) == (4, None, 1, 1024)
+  # A server's prompt defaulted to 1024 where serve compiles prefills of the whole context; a given one stays.
+  assert inference_plan.parse_inference_arg("server=true,context=512")["prompt"] == 512
+  assert inference_plan.parse_inference_arg("server=true,prompt=100")["prompt"] == 100
+  assert inference_plan.parse_inference_arg("context=512")["prompt"] == 512  # a generator's: 1024, at most C

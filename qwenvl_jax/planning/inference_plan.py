@@ -26,12 +26,12 @@ training). `--server` plans what `python -m qwenvl_jax.serve` runs instead, the 
 (`inference.slot_programs`): B slots of C cache slots that live through every call, the decode call of all B
 slots (`--decode_steps` steps over the whole context), the prefill of k requests' P-token prompts into k slot rows of
 the donated slots' cache, and the encoding of their k x M images (with the cache resident). B, k and M default to
-serve's --num_slots, --prefill_batch and --max_images (`qwenvl_jax.serving_defaults`); P is --prompt (serve also
-compiles prefills of prompts up to C tokens: --prompt=C plans the longest). `--max_slots` searches the most slots
-that fit (every program within HBM):
+serve's --num_slots, --prefill_batch and --max_images (`qwenvl_jax.serving_defaults`); P is --prompt, by default
+C (serve compiles prefills of prompts up to C tokens, so the plan takes the longest; a generator plan's default is
+1024, at most C). `--max_slots` searches the most slots that fit (every program within HBM):
 
   python -m qwenvl_jax.planning.inference_plan --preset=qwen_vl_7b --topology=v5e-8 --quantize=none \
-      --context=2048 --prompt=1024 --max_slots
+      --context=2048 --max_slots
   python -m qwenvl_jax.planning.inference_plan ... --json    # the figures as one JSON object on stdout, as `plan`'s
 """
 from __future__ import annotations
@@ -60,6 +60,14 @@ from qwenvl_jax.planning import aot, mesh as mesh_lib, output
 GENERATOR_SIZES = {"batch": 4, "images": 1, "prefill_batch": 0}
 SERVER_SIZES = {"batch": serving_defaults.NUM_SLOTS, "images": serving_defaults.MAX_IMAGES,
                 "prefill_batch": serving_defaults.PREFILL_BATCH}
+GENERATOR_PROMPT = 1024  # prompt tokens of a generator plan's prefill (at most the context)
+
+
+def default_prompt(context: int, server: bool) -> int:
+  """The prompt length a plan's prefill takes when none is given: a server's is the whole context (serve compiles
+  prefills of prompts up to --context tokens, so a "fits" must hold for the longest), a generator's
+  `GENERATOR_PROMPT` tokens, at most the context."""
+  return context if server else min(GENERATOR_PROMPT, context)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,7 +317,7 @@ def _plan_server(cfg, topology, graphdef, state, as_state, cache, mesh, rules, *
 # The keys of `python -m qwenvl_jax.plan --inference=key=value,...` and their defaults (which give their types);
 # with server=true, batch, images and prefill_batch default to `SERVER_SIZES` (serve's).
 INFERENCE_ARG_DEFAULTS = {"quantize": "int8", "batch": GENERATOR_SIZES["batch"], "context": serving_defaults.CONTEXT,
-                          "prompt": 1024, "images": GENERATOR_SIZES["images"], "kv_cache_dtype": "bfloat16",
+                          "prompt": 0, "images": GENERATOR_SIZES["images"], "kv_cache_dtype": "bfloat16",
                           "prefill_batch": GENERATOR_SIZES["prefill_batch"], "decode_only": False,
                           "group_size": qlib.DEFAULT_GROUP_SIZE, "rules": layout.DEFAULT_RULES, "tensor_parallel": 0,
                           "server": False}
@@ -317,8 +325,9 @@ INFERENCE_ARG_DEFAULTS = {"quantize": "int8", "batch": GENERATOR_SIZES["batch"],
 
 def inference_arg_keys() -> str:
   """The keys of --inference and their defaults, for its help: 'quantize [int8], batch [4; server: 8], ...'."""
-  return ", ".join(f"{k} [{v}" + (f"; server: {SERVER_SIZES[k]}]" if k in SERVER_SIZES else "]")
-                   for k, v in INFERENCE_ARG_DEFAULTS.items())
+  shown = {**INFERENCE_ARG_DEFAULTS, "prompt": f"{GENERATOR_PROMPT}, at most context"}
+  servers = {**SERVER_SIZES, "prompt": "context"}
+  return ", ".join(f"{k} [{v}" + (f"; server: {servers[k]}]" if k in servers else "]") for k, v in shown.items())
 
 
 def parse_inference_arg(arg: str) -> dict:
@@ -334,6 +343,8 @@ def parse_inference_arg(arg: str) -> dict:
   except ValueError as e:
     raise errors.ConfigError(f"--inference: {e}") from None
   values = {**INFERENCE_ARG_DEFAULTS, **(SERVER_SIZES if given.get("server") else {}), **given}
+  if "prompt" not in given:
+    values["prompt"] = default_prompt(values["context"], values["server"])
   if values["quantize"] not in ("none", "int8", "int4"):
     raise errors.ConfigError(f"--inference: quantize={values['quantize']!r}; expected none, int8 or int4")
   if values["kv_cache_dtype"] not in ("bfloat16", "int8"):
@@ -474,7 +485,7 @@ def model_to_dict(preset: str, cfg: QwenVLConfig) -> dict:
 
 
 def run(*, preset: str, res: int | None, topology: str, quantize: str | None, kv_cache_dtype: str | None,
-        batch: int | None, context: int, prompt: int, images: int | None, prefill_batch: int | None,
+        batch: int | None, context: int, prompt: int | None, images: int | None, prefill_batch: int | None,
         tensor_parallel: int, decode_steps: int, rules_name: str, group_size: int, with_prefill: bool, server: bool,
         slot_search: bool, llm_layers: int = 0, as_json: bool = False) -> dict:
   """The command's work once its flags are read (batch, images, prefill_batch: None where not given, then
@@ -487,6 +498,7 @@ def run(*, preset: str, res: int | None, topology: str, quantize: str | None, kv
     errors.UserError: a size no plan has, an unknown topology, no libtpu.
   """
   server = server or slot_search
+  prompt = default_prompt(context, server) if prompt is None else prompt
   given = {"batch": batch, "images": images, "prefill_batch": prefill_batch}
   values = {**(SERVER_SIZES if server else GENERATOR_SIZES), **{k: v for k, v in given.items() if v is not None},
             "context": context, "prompt": prompt, "tensor_parallel": tensor_parallel, "decode_steps": decode_steps}
@@ -537,7 +549,8 @@ def _cli() -> None:
                        f"(default serve's --num_slots, {srv['batch']}); with --max_slots the first probe.")
   flags.DEFINE_integer("context", serving_defaults.CONTEXT, "KV cache slots (prompt + new tokens; default serve's "
                        "--context).")
-  flags.DEFINE_integer("prompt", 1024, "Prompt tokens of the prefill plan.")
+  flags.DEFINE_integer("prompt", None, f"Prompt tokens of the prefill plan (default {GENERATOR_PROMPT}, at most "
+                       "--context; with --server the whole --context, the longest prefill serve compiles).")
   flags.DEFINE_integer("images", None, f"Images per row in the prefill plan (default {gen['images']}; with --server "
                        f"serve's --max_images, {srv['images']}).")
   flags.DEFINE_enum("kv_cache_dtype", "bfloat16", ["bfloat16", "int8"], "KV cache storage.")

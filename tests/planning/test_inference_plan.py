@@ -147,13 +147,13 @@ def test_the_inference_plan_takes_the_presets_resolution_unless_told():
 def test_the_module_command_with_json_prints_one_object_and_the_report_on_stderr(monkeypatch, capsys):
   """`python -m qwenvl_jax.planning.inference_plan` had no --json (`plan` has): scripts parsed its report. Its work
   runs in-process here, 1 fake CPU device standing in for v5e-1 (whose devices need libtpu); given no sizes, the
-  server plan holds serve's defaults."""
+  server plan holds serve's defaults (its prompt the whole context: serve compiles prefills up to it)."""
   import jax  # pylint: disable=import-outside-toplevel
   from qwenvl_jax import serving_defaults  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.planning import inference_plan, mesh  # pylint: disable=import-outside-toplevel
   monkeypatch.setattr(mesh, "topology_devices", lambda topology: jax.devices()[:topology.num_chips])
   returned = inference_plan.run(
-      preset="tiny", res=56, topology="v5e-1", quantize=None, kv_cache_dtype=None, batch=None, context=64, prompt=16,
+      preset="tiny", res=56, topology="v5e-1", quantize=None, kv_cache_dtype=None, batch=None, context=64, prompt=None,
       images=None, prefill_batch=None, tensor_parallel=0, decode_steps=2, rules_name="inference_tp", group_size=128,
       with_prefill=False, server=True, slot_search=False, as_json=True)
   out, err = capsys.readouterr()
@@ -163,8 +163,8 @@ def test_the_module_command_with_json_prints_one_object_and_the_report_on_stderr
   assert report["model"] == {"name": "tiny", "image_size": 56, "llm_layers": 4}
   assert report["topology"]["name"] == "v5litepod-1" and report["topology"]["num_chips"] == 1
   facts = report["inference"]["facts"]
-  assert (facts["batch"], facts["prefill_batch"], facts["images"]) == (
-      serving_defaults.NUM_SLOTS, serving_defaults.PREFILL_BATCH, serving_defaults.MAX_IMAGES)
+  assert (facts["batch"], facts["prefill_batch"], facts["images"], facts["prompt"]) == (
+      serving_defaults.NUM_SLOTS, serving_defaults.PREFILL_BATCH, serving_defaults.MAX_IMAGES, 64)
   assert report["inference"]["decode"]["memory_bytes"]["arguments"] > report["inference"]["cache_bytes"]
   assert report["inference"]["prefill"] is None and report["inference"]["fits"] is True
   assert f"server: 4-layer LLM, 56 px weights none, KV cache bfloat16, slots {serving_defaults.NUM_SLOTS}" in err
