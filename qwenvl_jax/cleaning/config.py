@@ -77,7 +77,7 @@ class CleanConfig:
     max_stored_side: when set, kept images whose long side exceeds it are downscaled (bicubic) and stored as
       JPEG; None stores every image at its original size.
     jpeg_quality: quality of images the job re-encodes (non-RGB, non-JPEG/PNG, or downscaled ones).
-    url_timeout_s: timeout of one URL fetch.
+    url_timeout_s: seconds for the whole fetch of one URL (lookup, connect, headers, body, redirects).
     batch_size: pairs per scorer call; with a scorer a worker holds this many decoded images at once.
     sample_size: rejected pairs kept per rule in the report.
   """

@@ -12,15 +12,16 @@ way the reference preprocessing does (`PIL.Image.convert("RGB")`) and stored as 
 import base64
 import binascii
 import dataclasses
+import http.client
 import io
 import os
-import urllib.error
-import urllib.request
 import warnings
 from typing import Any
 
 import PIL.Image
 from etils import epath
+
+from qwenvl_jax import remote_fetch
 
 _KEEP_AS_IS = frozenset({"JPEG", "PNG"})
 # Many image hosts refuse Python's default user agent.
@@ -77,7 +78,7 @@ def read_image_bytes(value: Any, *, root: str, max_bytes: int, timeout_s: float)
     value: the input's image field (bytes, path, URL, `data:` URL or {"bytes", "path"} struct).
     root: folder relative paths are resolved against.
     max_bytes: larger images are refused.
-    timeout_s: URL fetch timeout.
+    timeout_s: the whole fetch of a URL (lookup, connect, headers, body, redirects) in seconds.
 
   Raises:
     ImageReadError: the field is empty, the file is missing, the fetch failed, or the image exceeds max_bytes.
@@ -122,14 +123,14 @@ def _b64decode(text: str) -> bytes:
 
 
 def _fetch(url: str, *, max_bytes: int, timeout_s: float) -> bytes:
+  """`url`'s bytes within `timeout_s` in all (`remote_fetch`: urllib's timeout bounds each read, so a server that
+  trickled its answer held a Beam worker for as long as it liked)."""
   try:
-    with urllib.request.urlopen(urllib.request.Request(url, headers=_HEADERS), timeout=timeout_s) as response:
-      data = response.read(max_bytes + 1)
-  except (urllib.error.URLError, OSError, ValueError) as e:
+    return remote_fetch.fetch(url, max_bytes=max_bytes, timeout=timeout_s, headers=_HEADERS)
+  except remote_fetch.TooLargeError:
+    raise ImageReadError(f"{url} is over max_image_bytes={max_bytes}") from None
+  except (OSError, ValueError, http.client.HTTPException) as e:  # URLError / HTTPError / TimeoutError are OSErrors
     raise ImageReadError(f"cannot fetch {url}: {e}") from e
-  if len(data) > max_bytes:
-    raise ImageReadError(f"{url} is over max_image_bytes={max_bytes}")
-  return data
 
 
 def decode_image(data: bytes, *, max_pixels: int) -> DecodedImage:

@@ -10,7 +10,7 @@ answered gets a None response), the last message must be from the user. Images m
 window (`max_window_size`) may drop old turns, and with them their images.
 
 Image URLs: `data:image/...;base64,...` (decoded here), a local path (only under `--image_root`, resolved with
-symlinks so nothing outside it is read), or http(s) (only with `--allow_remote_images`; `fetch.fetch`: one
+symlinks so nothing outside it is read), or http(s) (only with `--allow_remote_images`; `remote_fetch.fetch`: one
 deadline, `ImagePolicy.remote_timeout`, for the whole exchange). Each image is checked against the byte and pixel
 limits before it is decoded in full, then stretched to S x S as the data pipeline does.
 Text that itself holds `<img>…</img>` tags is refused: an image reaches the model only as an image part.
@@ -32,9 +32,9 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
+from qwenvl_jax import remote_fetch
 from qwenvl_jax import text as qtext
 from qwenvl_jax.data import images as image_lib
-from qwenvl_jax.serving import fetch
 
 _KEY = "upload:{}"  # what an image part's <img> tag holds: a key into the request's images, never a path
 
@@ -93,8 +93,8 @@ def _read_url(url: str, policy: ImagePolicy) -> bytes:
       raise RequestError("remote image URLs are disabled on this server (start it with --allow_remote_images), "
                          "send the image as a data: URL", code="invalid_image_url")
     try:
-      return fetch.fetch(url, max_bytes=policy.max_bytes, timeout=policy.remote_timeout)  # nosec: opt-in flag
-    except fetch.TooLargeError:
+      return remote_fetch.fetch(url, max_bytes=policy.max_bytes, timeout=policy.remote_timeout)  # nosec: opt-in flag
+    except remote_fetch.TooLargeError:
       raise RequestError(f"image over the limit of {policy.max_bytes} bytes", code="image_too_large") from None
     except (OSError, ValueError, http.client.HTTPException) as e:  # refused, 404, timeout, malformed URL or reply
       raise RequestError(f"the image URL cannot be fetched ({e})", code="invalid_image_url") from None

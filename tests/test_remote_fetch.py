@@ -1,7 +1,8 @@
-"""The remote image fetch (serving/fetch.py) against a local HTTP server thread that answers from a script: some
-bytes at once, then a drip of one byte every 50 ms (3 s in all, each byte well within any per-read timeout), then
-the rest."""
+"""The remote image fetch (qwenvl_jax/remote_fetch.py: serve's remote images and the cleaning job's image URLs)
+against a local HTTP server thread that answers from a script: some bytes at once, then a drip of one byte every
+50 ms (3 s in all, each byte well within any per-read timeout), then the rest."""
 import contextlib
+import socket
 import socketserver
 import threading
 import time
@@ -9,7 +10,9 @@ import urllib.error
 
 import pytest
 
-from qwenvl_jax.serving import fetch, messages
+from qwenvl_jax import remote_fetch as fetch
+from qwenvl_jax.cleaning import images
+from qwenvl_jax.serving import messages
 
 DRIP_S = 0.05
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc"
@@ -97,3 +100,32 @@ def test_a_slow_or_huge_remote_image_is_a_bad_request(remote):
   with pytest.raises(messages.RequestError, match="over the limit of 1000 bytes") as err:
     messages.load_image(remote + "/huge", policy, 16)
   assert err.value.status == 400 and err.value.code == "image_too_large"
+
+
+def test_a_host_name_that_never_resolves_is_cut_at_the_deadline(monkeypatch):
+  """`socket.getaddrinfo` has no timeout: a resolver that never answers held the fetch outside its deadline."""
+  answered = threading.Event()
+
+  def never_resolves(host, *args, **kwargs):
+    answered.wait(60)  # released when the test ends
+    raise socket.gaierror(f"{host}: not resolved")
+  monkeypatch.setattr(socket, "getaddrinfo", never_resolves)
+  try:
+    with pytest.raises((TimeoutError, urllib.error.URLError), match="timed out resolving images.example"):
+      fetch.fetch("http://images.example/a.png", max_bytes=1000, timeout=0.3)
+  finally:
+    answered.set()
+
+
+def test_an_unknown_host_fails_at_once_as_before():
+  with pytest.raises(urllib.error.URLError):
+    fetch.fetch("http://no-such-host.invalid/a.png", max_bytes=1000, timeout=5)
+
+
+def test_the_cleaning_job_fetches_within_one_deadline_too(remote):
+  """The cleaning job's image URLs were fetched with urllib's per-read timeout: a trickling server held a worker."""
+  with pytest.raises(images.ImageReadError, match="cannot fetch .*timed out"):
+    images.read_image_bytes(remote + "/slow-body", root="/", max_bytes=1000, timeout_s=0.5)
+  with pytest.raises(images.ImageReadError, match="over max_image_bytes=1000"):
+    images.read_image_bytes(remote + "/huge", root="/", max_bytes=1000, timeout_s=30)
+  assert images.read_image_bytes(remote + "/moved", root="/", max_bytes=1000, timeout_s=30) == b"abc"

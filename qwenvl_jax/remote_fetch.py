@@ -1,12 +1,14 @@
-"""An http(s) GET bounded in time and in bytes: the remote images of `serve --allow_remote_images`.
+"""An http(s) GET bounded in time and in bytes: the remote images of `serve --allow_remote_images` and the image
+URLs of the cleaning pipeline (`clean`).
 
 urllib's `timeout` bounds each socket operation, not the exchange: a server that sends a byte of its headers or
 of its body every few seconds holds the fetch, and the worker thread checking the request, for as long as it
-likes. Here one deadline covers the whole exchange, redirects included: connecting is given the time left, and so
-is every read of the status line, the headers and the body. A reply whose Content-Length is over the byte limit
+likes, and `socket.getaddrinfo` has no timeout at all. Here one deadline covers the whole exchange, redirects
+included: resolving the host name (in a thread the caller stops waiting for at the deadline; the lookup itself ends
+when the system resolver gives up), connecting and every read of the status line, the headers and the body are each
+given the time left. A reply whose Content-Length is over the byte limit
 is refused before any of its body is read; one without it is read to one byte past the limit at most. Only http
 and https are followed (urllib's default opener would also follow a redirect to ftp://, with no deadline).
-Resolving the host name is not bounded here (the system resolver's own timeouts apply).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import functools
 import http.client
 import io
+import socket
+import threading
 import time
 import urllib.request
 
@@ -22,8 +26,8 @@ class TooLargeError(Exception):
   """The reply is over the byte limit."""
 
 
-def fetch(url: str, *, max_bytes: int, timeout: float) -> bytes:
-  """The body of an http(s) `url`, fetched within `timeout` seconds in all.
+def fetch(url: str, *, max_bytes: int, timeout: float, headers: dict[str, str] | None = None) -> bytes:
+  """The body of an http(s) `url` (sent with `headers`), fetched within `timeout` seconds in all.
 
   Raises TooLargeError past `max_bytes`; TimeoutError (possibly as a urllib.error.URLError) past the deadline; and
   what urllib raises for a URL that cannot be fetched (URLError / HTTPError, both OSError; ValueError;
@@ -34,7 +38,7 @@ def fetch(url: str, *, max_bytes: int, timeout: float) -> bytes:
                   _HTTPSHandler(deadline), urllib.request.HTTPDefaultErrorHandler(),
                   urllib.request.HTTPRedirectHandler(), urllib.request.HTTPErrorProcessor()):
     opener.add_handler(handler)
-  with opener.open(url, timeout=timeout) as response:
+  with opener.open(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as response:
     length = response.length  # http.client's parsed Content-Length (None without one)
     if length is not None and length > max_bytes:
       raise TooLargeError(f"the reply has {length} bytes")
@@ -49,6 +53,46 @@ def _time_left(deadline: float) -> float:
   if left <= 0:
     raise TimeoutError("timed out: the whole exchange took longer than its deadline")
   return left
+
+
+def _resolve(host: str, port: int, deadline: float) -> list:
+  """`socket.getaddrinfo(host, port)` for a TCP stream, given up on at `deadline` (TimeoutError)."""
+  found: list = []
+
+  def lookup():
+    try:
+      found.append(socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM))
+    except OSError as e:  # socket.gaierror: no such host
+      found.append(e)
+
+  thread = threading.Thread(target=lookup, name=f"resolve {host}", daemon=True)
+  thread.start()
+  thread.join(_time_left(deadline))
+  if not found:
+    raise TimeoutError(f"timed out resolving {host}: the whole exchange took longer than its deadline")
+  if isinstance(found[0], OSError):
+    raise found[0]
+  return found[0]
+
+
+def _connect(address: tuple[str, int], deadline: float, source_address=None) -> socket.socket:
+  """`socket.create_connection(address)` with its lookup and each connect attempt within `deadline`."""
+  host, port = address
+  error: OSError | None = None
+  for family, kind, proto, _, sockaddr in _resolve(host, port, deadline):
+    sock = socket.socket(family, kind, proto)
+    try:
+      sock.settimeout(_time_left(deadline))
+      if source_address:
+        sock.bind(source_address)
+      sock.connect(sockaddr)
+      return sock
+    except OSError as e:
+      sock.close()
+      error = e
+      if isinstance(e, TimeoutError):
+        break
+  raise error if error is not None else OSError(f"no address found for {host}")
 
 
 class _DeadlineReader(io.RawIOBase):
@@ -90,6 +134,8 @@ class _HTTPConnection(http.client.HTTPConnection):
     super().__init__(*args, **kwargs)
     self._deadline = deadline
     self.response_class = functools.partial(_Response, deadline=deadline)
+    # `HTTPConnection.connect` opens its socket with this (host lookup included); https then wraps the socket.
+    self._create_connection = lambda address, timeout, source=None: _connect(address, deadline, source)
 
   def connect(self) -> None:
     # The TLS handshake of `HTTPSConnection.connect` runs under this socket timeout as one deadline too.
