@@ -33,6 +33,13 @@ def chat_generation_config(tok: qtext.Tokenizer, chat_format: str = "chatml", **
   `do_sample=True, top_p=0.3`)."""
   fields = dict(eos_id=tok.eod_id, pad_id=tok.eod_id, vocab_limit=tok.vocab_size,
                 stop_words=tuple(tuple(s) for s in qtext.get_stop_words_ids(chat_format, tok)))
+  known = [f.name for f in dataclasses.fields(decode.GenerationConfig)]
+  for name in overrides:
+    if name not in known:  # a typo was a bare TypeError ("unexpected keyword argument")
+      close = errors.closest(name, known)
+      raise errors.ConfigError(f"chat_generation_config: {name!r} is not a GenerationConfig field"
+                               + (f"; did you mean {', '.join(close)}?" if close else ""),
+                               hint=f"the fields: {', '.join(known)}")
   fields.update(overrides)
   return decode.GenerationConfig(**fields)
 

@@ -39,6 +39,15 @@ def test_chat_streams_the_response_and_extends_the_history(generator, sp_tok, pi
   assert (response, new_history) == (reply.response, reply.history)  # greedy: deterministic
 
 
+def test_a_misspelt_generation_setting_names_the_field_it_meant(sp_tok):
+  """`chat_generation_config(tok, max_new_token=64)` was a bare TypeError from the dataclass."""
+  with pytest.raises(errors.ConfigError, match="'max_new_token' is not a GenerationConfig field; did you mean "
+                                               "max_new_tokens"):
+    chat.chat_generation_config(sp_tok, max_new_token=64)
+  with pytest.raises(errors.ConfigError, match="'beams' is not a GenerationConfig field \(the fields: max_new_tokens,"):
+    chat.chat_generation_config(sp_tok, beams=4)
+
+
 def test_chat_generation_config_has_the_reference_stop_words(sp_tok):
   gen = chat.chat_generation_config(sp_tok, do_sample=True, top_p=0.3)
   assert gen.stop_words == ((sp_tok.im_end_id,), (sp_tok.im_start_id,))
