@@ -30,6 +30,7 @@ included); `--verbosity=0` adds Beam's INFO lines. A mistake found while the job
 """
 import json
 import logging
+import sys
 
 from absl import app
 from absl import flags
@@ -38,6 +39,7 @@ from qwenvl_jax import cli
 
 from qwenvl_jax.cleaning import config as config_lib
 from qwenvl_jax.cleaning import pipeline
+from qwenvl_jax.cleaning import report as report_lib
 from qwenvl_jax.cleaning import scoring
 
 _DEFAULTS = config_lib.CleanConfig()
@@ -119,6 +121,9 @@ def main(argv):
   logging.info("cleaning report (%s):\n%s", job.report,
                json.dumps({k: report[k] for k in ("num_pairs", "kept", "rejected")}, indent=2))
   print(f"kept {report['kept']} of {report['num_pairs']} pairs -> {job.dataset_dir}; report: {job.report}")
+  warning = report_lib.duplicate_ids_warning(report)
+  if warning:  # the dataset is written as it is; a user joining it back to the source by id must know
+    print(warning, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -212,13 +212,40 @@ class _CleanBatchFn(beam.DoFn):
         yield beam.pvalue.TaggedOutput("scored", report_lib.scored_record(outcome, self._cfg))
 
 
+class _DuplicateIds(beam.CombineFn):
+  """(id, kept pairs carrying it) of the ids several kept pairs carry -> the report's `duplicate_ids`: how many
+  such ids, how many pairs carry them, and the `sample_size` smallest of them (the same whatever the runner)."""
+
+  def __init__(self, sample_size: int):
+    super().__init__()
+    self._sample_size = sample_size
+
+  def create_accumulator(self):
+    return 0, 0, []
+
+  def add_input(self, mutable_accumulator, element):
+    ids, pairs, sample = mutable_accumulator
+    return ids + 1, pairs + element[1], sorted(sample + [tuple(element)])[:self._sample_size]
+
+  def merge_accumulators(self, accumulators):
+    ids = pairs = 0
+    sample: list = []
+    for more_ids, more_pairs, more in accumulators:
+      ids, pairs, sample = ids + more_ids, pairs + more_pairs, sorted(sample + list(more))[:self._sample_size]
+    return ids, pairs, sample
+
+  def extract_output(self, accumulator):
+    ids, pairs, sample = accumulator
+    return {"ids": ids, "pairs": pairs, "samples": [{"id": i, "pairs": n} for i, n in sample]}
+
+
 @failures.carry_user_errors
 def _write_report(_, *, path: str, header: dict, counts: dict, samples: dict, kept: int, histogram: list,
-                  near_threshold: list, sample_size: int) -> None:
+                  near_threshold: list, sample_size: int, duplicate_ids: dict) -> None:
   similarity = report_lib.similarity_section(histogram=histogram, near_threshold=near_threshold,
                                              sample_size=sample_size)
   report_lib.write_partial(path, report_lib.build_report(counts=counts, samples=samples, kept=kept, header=header,
-                                                         similarity=similarity))
+                                                         similarity=similarity, duplicate_ids=duplicate_ids))
 
 
 class CleanPairs(beam.PTransform):
@@ -268,13 +295,19 @@ class CleanPairs(beam.PTransform):
     else:
       samples = pbegin | "NoSamples" >> beam.Create([])
     num_kept = kept | "CountKept" >> beam.combiners.Count.Globally()
+    duplicate_ids = (kept
+                     | "IdOf" >> beam.Map(lambda key_example: (key_example[1]["id"], 1))
+                     | "PairsPerId" >> beam.CombinePerKey(sum)
+                     | "Repeated" >> beam.Filter(lambda id_pairs: id_pairs[1] > 1)
+                     | "DuplicateIds" >> beam.CombineGlobally(_DuplicateIds(cfg.sample_size)))
     _ = (pbegin
          | "ReportSeed" >> beam.Create([None])
          | "WriteReport" >> beam.Map(
              _write_report, path=self._report_path, header=self._header, sample_size=cfg.sample_size,
              counts=beam.pvalue.AsDict(counts), samples=beam.pvalue.AsDict(samples),
              kept=beam.pvalue.AsSingleton(num_kept), histogram=beam.pvalue.AsList(histogram),
-             near_threshold=beam.pvalue.AsList(near_threshold)))
+             near_threshold=beam.pvalue.AsList(near_threshold),
+             duplicate_ids=beam.pvalue.AsSingleton(duplicate_ids)))
     return kept
 
 

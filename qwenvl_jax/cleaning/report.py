@@ -9,6 +9,8 @@ Layout (rules always listed in `config.RULES` order, with 0 for rules that dropp
   "rejected": {"malformed": int, "text_too_short": int, ...},
   "rule_order": ["malformed", ...],
   "samples": {"malformed": [{"id", "source", "reason", "text", "cleaned", "image"}, ...], ...},
+  "duplicate_ids": {"ids": int, "pairs": int,    # kept ids that more than one kept pair carries (0, 0: none)
+                    "samples": [{"id", "pairs"}, ...]},  # the sample_size smallest such ids
   "similarity": {                   # every pair that got a score (score column or scorer), per detected language
     "bin_width": 0.01,
     "by_language": {"en": {"threshold": 0.28, "scored": int, "below": int, "at_or_above": int,
@@ -19,7 +21,9 @@ Layout (rules always listed in `config.RULES` order, with 0 for rules that dropp
 }
 ```
 The sample of a rule is the `sample_size` rejected pairs whose keys hash lowest: a deterministic pseudo-random
-pick that does not depend on how the runner split the work.
+pick that does not depend on how the runner split the work. Ids (`--id_key`, or derived from the shard and row) are
+counted over the kept pairs: a repeated one is reported, not refused, since the dataset itself does not need ids to
+be unique, but a user who joins it back to their source by id does.
 """
 import hashlib
 import json
@@ -94,7 +98,8 @@ def similarity_section(*, histogram: Sequence[tuple[tuple[str, str, str], int]],
 
 
 def build_report(*, counts: Mapping[str, int], samples: Mapping[str, Sequence[tuple[str, dict]]], kept: int,
-                 header: Mapping[str, Any], similarity: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                 header: Mapping[str, Any], similarity: Mapping[str, Any] | None = None,
+                 duplicate_ids: Mapping[str, Any] | None = None) -> dict[str, Any]:
   """Assembles the report.
 
   Args:
@@ -103,6 +108,7 @@ def build_report(*, counts: Mapping[str, int], samples: Mapping[str, Sequence[tu
     kept: pairs written to the dataset.
     header: run description placed first (inputs, config, scorer, dataset path).
     similarity: the `similarity_section` (None: no pair was scored).
+    duplicate_ids: {ids, pairs, samples} of the ids several kept pairs carry (None: no id repeats).
 
   Raises:
     ValueError: a count names a rule that is not in `RULES`.
@@ -119,8 +125,19 @@ def build_report(*, counts: Mapping[str, int], samples: Mapping[str, Sequence[tu
       "rule_order": list(RULES),
       "samples": {rule: [s for _, s in sorted(samples.get(rule, ()), key=lambda rs: rs[0])]
                   for rule in RULES if samples.get(rule)},
+      "duplicate_ids": dict(duplicate_ids or {"ids": 0, "pairs": 0, "samples": []}),
       "similarity": similarity or {"bin_width": SCORE_BIN_WIDTH, "by_language": {}},
   }
+
+
+def duplicate_ids_warning(report: Mapping[str, Any]) -> str | None:
+  """The line `clean` prints when kept pairs share ids (None when none do)."""
+  repeated = report["duplicate_ids"]
+  if not repeated["ids"]:
+    return None
+  examples = ", ".join(repr(s["id"]) for s in repeated["samples"][:3])
+  return (f"warning: {repeated['ids']} id(s) are carried by more than one kept pair ({repeated['pairs']} pairs"
+          + (f", e.g. {examples}" if examples else "") + "): see duplicate_ids in the report")
 
 
 def write_new(path: str, report: Mapping[str, Any]) -> None:

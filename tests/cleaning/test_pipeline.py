@@ -20,6 +20,7 @@ from qwenvl_jax.cleaning import CleanConfig, CleanJob, DominantColorScorer, RULE
 from qwenvl_jax.cleaning.clip_scorer import ClipScorerFactory
 from qwenvl_jax.cleaning.pipeline import (LOCAL_RUNNER, NoPairsKeptError, beam_options_from_string,
                                            local_runner_if_direct)
+from qwenvl_jax.cleaning import report as report_lib
 from qwenvl_jax.cleaning.report import sample_rank
 from qwenvl_jax.data.config import default_data_config
 from qwenvl_jax.data.images import preprocess_image
@@ -191,6 +192,29 @@ def test_shards_of_one_file_name_in_two_folders_give_their_pairs_distinct_ids(tm
   assert sorted((ex["id"].decode(), ex["text"].decode()) for ex in data) == [
       ("2023/part-0.jsonl:1", "a red square on a wooden table"),
       ("2024/part-0.jsonl:1", "a red circle on a wooden table")]
+  report = json.loads(pathlib.Path(job.report).read_text())
+  assert report["duplicate_ids"] == {"ids": 0, "pairs": 0, "samples": []}
+  assert report_lib.duplicate_ids_warning(report) is None
+
+
+def test_an_id_several_kept_pairs_carry_is_reported_across_shards(tmp_path):
+  """Two shards that both hold the --id_key value 'a' (and one that only one holds): the dataset keeps every pair,
+  as the ids are the user's; the report and the command's warning line say which ids repeat (they were silent)."""
+  (tmp_path / "red.jpg").write_bytes(cases_lib.encode())
+  rows = {"s0": [("a", "a red square on a wooden table"), ("b", "a red circle on a wooden table")],
+          "s1": [("a", "a red triangle on a wooden table"), ("c", "a red star on a wooden table")],
+          "s2": [("c", "a red heart on a wooden table"), ("d", "a red cross on a wooden table")]}
+  for shard, pairs in rows.items():
+    (tmp_path / f"{shard}.jsonl").write_text("".join(
+        json.dumps({"uid": uid, "text": text, "image": "red.jpg"}) + "\n" for uid, text in pairs))
+  job = CleanJob(inputs=[str(tmp_path / "*.jsonl")], output_dir=str(tmp_path / "out"), skip_similarity=True,
+                 config=CleanConfig(id_key="uid", sample_size=1))
+  report = run_clean(job)
+  assert report["kept"] == 6
+  assert report["duplicate_ids"] == {"ids": 2, "pairs": 4, "samples": [{"id": "a", "pairs": 2}]}
+  assert json.loads(pathlib.Path(job.report).read_text())["duplicate_ids"] == report["duplicate_ids"]
+  assert report_lib.duplicate_ids_warning(report) == (
+      "warning: 2 id(s) are carried by more than one kept pair (4 pairs, e.g. 'a'): see duplicate_ids in the report")
 
 
 def test_a_column_no_row_holds_is_refused_before_the_job_starts(tmp_path):
@@ -299,6 +323,7 @@ def test_command_line_on_two_direct_runner_workers_with_a_scorer(clean_inputs, t
   info = [line for line in result.stderr.splitlines() if re.match(r"INFO:|I\d{4} |.*severity: INFO", line)]
   assert not info and "semi_persistent_directory" not in result.stderr, result.stderr[-3000:]
   assert report["similarity_filter"] == f"scorer {report['scorer']} >= 0.5"
+  assert report["duplicate_ids"]["ids"] == 0 and "warning:" not in result.stderr  # the derived ids are distinct
 
 
 @pytest.mark.parametrize("text, runner", [
