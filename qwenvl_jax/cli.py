@@ -331,17 +331,16 @@ def define_model_flags() -> None:
                        "degree the model allows).")
 
 
-def load_model_from_flags():
-  """What the flags of `define_model_flags` name, loaded for inference.
+def model_source_from_flags():
+  """The `model_source.ModelSource` the flags of `define_model_flags` name, checked (nothing is loaded: a command
+  checks what depends on it, e.g. its chat format, before the weights load, which takes minutes at full size).
 
-  Returns:
-    (model_source.ModelSource, tokenizer, QwenVLConfig, mesh, rules, QwenVL).
   Raises:
-    errors.ConfigError: no tokenizer for a params checkpoint, a preset that does not fit the checkpoint, a
-    tensor-parallel degree the model or the devices do not allow. FileNotFoundError: a missing path.
+    errors.ConfigError: a bad size flag, no tokenizer for a params checkpoint, a preset that does not fit the
+    checkpoint. FileNotFoundError: a missing path.
   """
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from qwenvl_jax.inference import loading, model_source  # pylint: disable=g-import-not-at-top
+  from qwenvl_jax.inference import model_source  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   # 0 used to mean "not given" (the checkpoint's resolution, int4 groups of 128) without a word.
   if f.image_size is not None and f.image_size <= 0:
@@ -361,6 +360,23 @@ def load_model_from_flags():
     raise errors.ConfigError("--tokenizer is required: --checkpoint is neither a training run nor a checkpoint "
                              "that records its tokenizer (convert copies the source's qwen.tiktoken into it)",
                              hint="e.g. --tokenizer=qwen:qwen.tiktoken or --tokenizer=sp.model")
+  return source
+
+
+def load_model_from_flags(source=None):
+  """What the flags of `define_model_flags` name (`source`: `model_source_from_flags()`'s, if already read),
+  loaded for inference.
+
+  Returns:
+    (model_source.ModelSource, tokenizer, QwenVLConfig, mesh, rules, QwenVL).
+  Raises:
+    errors.ConfigError: as `model_source_from_flags`, or a tensor-parallel degree the model or the devices do not
+    allow. FileNotFoundError: a missing path.
+  """
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from qwenvl_jax.inference import loading  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  source = source or model_source_from_flags()
   if not f.checkpoint:
     print(f"note: no --checkpoint: random weights of the {source.preset} preset (a smoke test, not a model's "
           "answers)", file=sys.stderr, flush=True)

@@ -114,14 +114,22 @@ def main(argv):
   import jax  # pylint: disable=import-outside-toplevel
   from qwenvl_jax import inference, sharding  # pylint: disable=import-outside-toplevel
   from qwenvl_jax import text as qtext  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.data import images as image_lib  # pylint: disable=import-outside-toplevel
 
+  for path in images:  # a file that is not an image is found now, not after the model has loaded
+    image_lib.open_image(path)
+
+  # The settings are checked before the weights load (minutes at full size); the tokenizer's ids come later.
+  inference.GenerationConfig(max_new_tokens=FLAGS.max_new_tokens, do_sample=FLAGS.do_sample,
+                             temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p)
   history = _read_history(FLAGS.history)
-  # The loaders enter the mesh themselves, after the abstract (mesh-free) trace: built outside `use_rules`.
-  source, tok, _, mesh, rules, model = cli.load_model_from_flags()
+  source = cli.model_source_from_flags()
   if source.chat_format == "raw" and (history or FLAGS["system"].present):
     raise errors.ConfigError("--history and --system need a chat model: this one uses the raw (base model) format, "
                              "which has no turns and no system message",
                              hint="a chat-tuned checkpoint, or --chat_format=chatml if this one was trained so")
+  # The loaders enter the mesh themselves, after the abstract (mesh-free) trace: built outside `use_rules`.
+  source, tok, _, mesh, rules, model = cli.load_model_from_flags(source)
   query = qtext.from_list_format([{"image": p} for p in images] + [{"text": FLAGS.prompt}])
   gen_cfg = inference.chat_generation_config(
       tok, source.chat_format, max_new_tokens=FLAGS.max_new_tokens, do_sample=FLAGS.do_sample,

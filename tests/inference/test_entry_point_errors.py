@@ -56,6 +56,10 @@ def test_generate_reports_bad_inputs_and_settings_in_one_line(tmp_path, sp_model
   for (extra, expected), proc in zip(cases, procs):
     (line,) = _one_error(proc)
     assert expected in line, (extra, line)
+  # The image, the generation settings and the chat format are checked before the weights load (minutes at full
+  # size; they were checked after): the "random weights" note comes as they start loading.
+  for i in (0, 2, 3, 4):
+    assert "random weights" not in procs[i].stderr, (cases[i], procs[i].stderr[-2000:])
 
 
 @pytest.mark.slow
