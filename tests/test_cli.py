@@ -80,9 +80,12 @@ def test_train_with_bad_input_prints_one_line_and_writes_nothing(tmp_path):
   workdir = tmp_path / "run"
   base = [sys.executable, "-m", "qwenvl_jax.train", f"--config={REPO_ROOT / 'configs' / 'stage1.py'}",
           f"--workdir={workdir}"]
-  for extra, expected in ((["--config.res=0"], "config.res=0 must be an integer >= 1"),
-                          (["--config.optimizer.learning_rate=1e-3"], "did you mean --config.optimizer.lr?")):
-    proc = subprocess.run(base + extra, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+  cases = ((["--config.res=0"], "config.res=0 must be an integer >= 1"),
+           (["--config.optimizer.learning_rate=1e-3"], "did you mean --config.optimizer.lr?"))
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:  # each is a process start: overlap them
+    procs = list(pool.map(lambda extra: subprocess.run(base + extra, env=env, cwd=REPO_ROOT, capture_output=True,
+                                                       text=True, timeout=300), [extra for extra, _ in cases]))
+  for (_, expected), proc in zip(cases, procs):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.startswith("error: ") and expected in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
@@ -143,7 +146,7 @@ def _libtpu_installed() -> bool:
   return mesh.libtpu_available()
 
 
-@pytest.mark.parametrize("module, args, expected", [
+MISTAKES = [
     ("plan", ["--config=configs/stage2.py", "--topology=v9x-128"], "--topology=v9x-128: unknown chip 'v9x'"),
     ("plan", ["--preset=huge"], "unknown model preset 'huge'"),
     ("plan", ["--preset=tiny", "--res=300"], "image_size 300 is not a positive multiple of patch_size 14"),
@@ -159,14 +162,34 @@ def _libtpu_installed() -> bool:
      "has no synthetic held-out set"),
     ("evaluate", ["--config=configs/stage2.py"], "--config is a training config (it has no 'task')"),
     ("evaluate", [], "--config is required: an evaluation config"),
-])
-def test_entry_point_mistakes_that_were_tracebacks_are_one_line(tmp_path, module, args, expected):
+]
+
+
+@pytest.fixture(scope="module")
+def mistake_runs(request, tmp_path_factory):
+  """(module, args) -> the finished `python -m qwenvl_jax.<module> ARGS` of each MISTAKES case this session runs,
+  each in a folder of its own, all started at once (each is a process start: overlap them)."""
+  chosen = [(item.callspec.params["module"], item.callspec.params["args"]) for item in request.session.items
+            if getattr(item, "originalname", "") == "test_entry_point_mistakes_that_were_tracebacks_are_one_line"]
+  chosen = [(m, a) for m, a, expected in MISTAKES if (m, a) in chosen
+            and not ("needs libtpu" in expected and _libtpu_installed())]  # that case is skipped
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
+
+  def run(module, args, cwd):
+    args = [a.replace("configs/", f"{REPO_ROOT / 'configs'}/") for a in args]
+    return subprocess.run([sys.executable, "-m", f"qwenvl_jax.{module}", *args], env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+  folders = [tmp_path_factory.mktemp(module) for module, _ in chosen]
+  with concurrent.futures.ThreadPoolExecutor(3) as pool:
+    procs = list(pool.map(run, *zip(*chosen), folders)) if chosen else []
+  return {(module, tuple(args)): proc for (module, args), proc in zip(chosen, procs)}
+
+
+@pytest.mark.parametrize("module, args, expected", MISTAKES)
+def test_entry_point_mistakes_that_were_tracebacks_are_one_line(mistake_runs, module, args, expected):
   if "needs libtpu" in expected and _libtpu_installed():
     pytest.skip("libtpu is installed: the missing-libtpu error cannot happen here")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
-  args = [a.replace("configs/", f"{REPO_ROOT / 'configs'}/") for a in args]
-  proc = subprocess.run([sys.executable, "-m", f"qwenvl_jax.{module}", *args], env=env, cwd=tmp_path,
-                        capture_output=True, text=True, timeout=300)
+  proc = mistake_runs[(module, tuple(args))]
   assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert any(line.startswith("error: ") and expected in line for line in proc.stderr.splitlines()), proc.stderr
 
@@ -182,14 +205,14 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys):
 @pytest.mark.slow
 def test_help_exits_0_for_every_entry_point():
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
-  for name in ENTRY_POINTS:
-    proc = subprocess.run([sys.executable, "-m", f"qwenvl_jax.{name}", "--help"], env=env, cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=300)
+  commands = [["-m", f"qwenvl_jax.{name}", "--help"] for name in ENTRY_POINTS] + [["launch/tpu.py", "--help"]]
+  with concurrent.futures.ThreadPoolExecutor(3) as pool:  # each is a process start: overlap them
+    *procs, launch = pool.map(lambda args: subprocess.run([sys.executable, *args], env=env, cwd=REPO_ROOT,
+                                                          capture_output=True, text=True, timeout=300), commands)
+  for name, proc in zip(ENTRY_POINTS, procs):
     assert proc.returncode == 0, (name, proc.stderr[-2000:])
     assert "flags" in proc.stdout.lower(), name
-  proc = subprocess.run([sys.executable, "launch/tpu.py", "--help"], env=env, cwd=REPO_ROOT, capture_output=True,
-                        text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert launch.returncode == 0, launch.stderr[-2000:]
 
 
 def test_absl_flags_untouched():
