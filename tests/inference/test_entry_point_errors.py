@@ -87,43 +87,52 @@ def test_serve_refuses_a_busy_port_a_bad_port_and_a_missing_image_root_before_lo
   range (uvicorn alone would hang on it), an --image_root that is not a folder (every request would fail)."""
   import socket  # pylint: disable=import-outside-toplevel
   missing = [f"--checkpoint={tmp_path / 'nope'}"]  # would fail later: these errors must come first
+  (tmp_path / "afile").write_text("x")
   with socket.socket() as busy:
     busy.bind(("127.0.0.1", 0))
     busy.listen()
     port = busy.getsockname()[1]
-    proc = _run("qwenvl_jax.serve", missing + [f"--port={port}"], tmp_path)
-    (line,) = _one_error(proc)
-    assert f"cannot listen on 127.0.0.1:{port}" in line and "another server holds the port" in proc.stderr
-  proc = _run("qwenvl_jax.serve", missing + ["--host=192.0.2.1", "--port=0"], tmp_path)  # TEST-NET: not ours
-  (line,) = _one_error(proc)
-  assert "cannot listen on 192.0.2.1:0" in line and "--host must be an address of this machine" in proc.stderr
-  (line,) = _one_error(_run("qwenvl_jax.serve", missing + ["--max_tokens_limit=0"], tmp_path))
+    cases = [[f"--port={port}"], ["--host=192.0.2.1", "--port=0"],  # TEST-NET: not ours
+             ["--max_tokens_limit=0"], ["--port=99999"], [f"--image_root={tmp_path / 'afile'}"]]
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:  # each is a process start: overlap them
+      busy_port, not_ours, no_tokens, bad_port, not_a_folder = pool.map(
+          lambda extra: _run("qwenvl_jax.serve", missing + extra, tmp_path), cases)
+  (line,) = _one_error(busy_port)
+  assert f"cannot listen on 127.0.0.1:{port}" in line and "another server holds the port" in busy_port.stderr
+  (line,) = _one_error(not_ours)
+  assert "cannot listen on 192.0.2.1:0" in line and "--host must be an address of this machine" in not_ours.stderr
+  (line,) = _one_error(no_tokens)
   assert "--max_tokens_limit=0 must be >= 1" in line  # it started, then refused every request
-  (line,) = _one_error(_run("qwenvl_jax.serve", missing + ["--port=99999"], tmp_path))
+  (line,) = _one_error(bad_port)
   assert "--port=99999 must be in 0..65535" in line
-  (tmp_path / "afile").write_text("x")
-  (line,) = _one_error(_run("qwenvl_jax.serve", missing + [f"--image_root={tmp_path / 'afile'}"], tmp_path))
+  (line,) = _one_error(not_a_folder)
   assert "is not a folder" in line
 
 
 def test_convert_lora_modes_report_user_mistakes_with_status_2(tmp_path):
-  (line,) = _one_error(_run("qwenvl_jax.convert", ["--mode=merge_lora", f"--src={tmp_path / 'no_run'}",
-                                                   f"--dst={tmp_path / 'out'}"], tmp_path))
-  assert "no_run" in line and "LoRA run" in line
   full = tmp_path / "full_run"
   full.mkdir()
   (full / "config.json").write_text(json.dumps({"lora": {"rank": 0}}))
-  (line,) = _one_error(_run("qwenvl_jax.convert", ["--mode=export_peft", f"--src={full}",
-                                                   f"--dst={tmp_path / 'out'}"], tmp_path))
-  assert "is not a LoRA run" in line
-  proc = _run("qwenvl_jax.convert", ["--mode=merge_lora", f"--src={full}", f"--dst={full}"], tmp_path)
-  (line,) = _one_error(proc)
-  assert "already exists" in line and "hint: choose a new output directory" in proc.stderr
   # Into a run's checkpoints/ folder: the trainer took such a folder for one of its steps.
-  (full / "checkpoints").mkdir()
-  (line,) = _one_error(_run("qwenvl_jax.convert", ["--mode=quantize", f"--src={tmp_path / 'x'}",
-                                                   f"--dst={full / 'checkpoints' / '20'}"], tmp_path))
+  run = tmp_path / "run"
+  (run / "checkpoints").mkdir(parents=True)
+  (run / "config.json").write_text(json.dumps({"lora": {"rank": 0}}))
+  # Each its own output (they run at once): none may be written.
+  cases = [["--mode=merge_lora", f"--src={tmp_path / 'no_run'}", f"--dst={tmp_path / 'out1'}"],
+           ["--mode=export_peft", f"--src={full}", f"--dst={tmp_path / 'out2'}"],
+           ["--mode=merge_lora", f"--src={full}", f"--dst={full}"],
+           ["--mode=quantize", f"--src={tmp_path / 'x'}", f"--dst={run / 'checkpoints' / '20'}"],
+           ["--mode=orbax_to_torch", f"--src={tmp_path / 'x'}", f"--dst={tmp_path / 'out3'}", "--max_shard_gb=0"]]
+  with concurrent.futures.ThreadPoolExecutor(3) as pool:  # each is a process start: overlap them
+    no_run, not_lora, exists, in_checkpoints, shard_gb = pool.map(
+        lambda args: _run("qwenvl_jax.convert", args, tmp_path), cases)
+  (line,) = _one_error(no_run)
+  assert "no_run" in line and "LoRA run" in line
+  (line,) = _one_error(not_lora)
+  assert "is not a LoRA run" in line
+  (line,) = _one_error(exists)
+  assert "already exists" in line and "hint: choose a new output directory" in exists.stderr
+  (line,) = _one_error(in_checkpoints)
   assert "is inside the checkpoints folder of the training run" in line
-  (line,) = _one_error(_run("qwenvl_jax.convert", ["--mode=orbax_to_torch", f"--src={tmp_path / 'x'}",
-                                                   f"--dst={tmp_path / 'out'}", "--max_shard_gb=0"], tmp_path))
+  (line,) = _one_error(shard_gb)
   assert "--max_shard_gb=0 must be > 0" in line
