@@ -6,6 +6,9 @@ real meshes on a CPU-only machine. Unsharded computations still run on device 0.
 One persistent compilation cache serves the whole session, in-process and in every subprocess a test starts (it is
 exported in the environment): on a 2-core CPU compiling the tiny model's train step takes tens of seconds, and many
 tests compile the very same programs. It is a pure cache keyed by the compiled program, so results are unaffected.
+
+One reference training run serves the whole session too (`uninterrupted`): the training tests compare against it
+and the quick start chats with it and evaluates it.
 """
 import os
 import pathlib
@@ -50,3 +53,16 @@ def qwen_tiktoken_path() -> pathlib.Path:
   if not path.is_file():
     pytest.skip(f"the real Qwen vocabulary is not at {path} (set QWEN_TIKTOKEN to a qwen.tiktoken file)")
   return path
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory, compile_cache_dir):
+  """(workdir, TrainResult, {step: loss}) of one uninterrupted stage-2 `tests.training.helpers.SMALL` run (24
+  steps, compiled through the session's compilation cache, so resumed runs and subprocesses reuse its step). Its
+  users only read the workdir."""
+  del compile_cache_dir  # set up first
+  from qwenvl_jax.training import train  # pylint: disable=import-outside-toplevel  (after the XLA flags above)
+  from tests.training.helpers import read_losses, small_config  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  result = train(small_config(2, workdir))
+  return workdir, result, read_losses(workdir)

@@ -1,10 +1,11 @@
 """The README's quick start, run as written: its chat (`generate`) and evaluate commands, parsed from README.md so
 the documentation cannot drift from what works, against a tiny training run of the default stage-2 config.
 
-The run is `tests/training/helpers.SMALL` (56 px, 4 steps; its train step is shared through the session's
-compilation cache), standing in for the README's `runs/stage2`: only the run directory and the results path of the
-commands are replaced.
+The run is the session's `uninterrupted` run (tests/conftest.py: `tests/training/helpers.SMALL`, 56 px, 24 steps, the
+reference of the training tests), standing in for the README's `runs/stage2`: only the run directory and the
+results path of the commands are replaced.
 """
+import concurrent.futures
 import json
 import pathlib
 import re
@@ -15,8 +16,7 @@ import sys
 import pytest
 
 from qwenvl_jax.data.synthetic import synthetic_record
-from qwenvl_jax.training import train
-from tests.training.helpers import REPO, small_config, subprocess_env
+from tests.training.helpers import REPO, subprocess_env
 
 README = REPO / "README.md"
 RUN_DIR = "runs/stage2"   # what the quick start trains into and then chats with and evaluates
@@ -36,10 +36,9 @@ def quickstart_commands() -> dict[str, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, compile_cache_dir):
-  """A finished tiny stage-2 run directory (config.json, tokenizer.model, checkpoints/4)."""
-  workdir = tmp_path_factory.mktemp("quickstart") / "stage2"
-  train(small_config(2, workdir, total_steps=4))
+def trained_run(uninterrupted):
+  """A finished tiny stage-2 run directory (config.json, tokenizer.model, checkpoints/24)."""
+  workdir, _, _ = uninterrupted
   return workdir
 
 
@@ -75,9 +74,10 @@ def test_the_readme_image_is_a_held_out_synthetic_scene():
 @pytest.mark.slow
 def test_readme_chat_and_evaluate_commands_work_on_a_trained_run(trained_run, tmp_path):
   commands = quickstart_commands()
-  answer = _run_readme_command(commands["generate"], trained_run, tmp_path)
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:  # each is a process start and a compile: overlap them
+    answer, printed = pool.map(lambda name: _run_readme_command(commands[name], trained_run, tmp_path),
+                               ("generate", "evaluate"))
   assert answer.strip(), "generate printed no answer"
-  printed = _run_readme_command(commands["evaluate"], trained_run, tmp_path)
   score = re.search(r"^flickr cider (\S+)", printed, flags=re.M)
   assert score, f"evaluate printed no score: {printed!r}"
   saved = json.loads((tmp_path / "results" / "out.json").read_text())
