@@ -4,7 +4,6 @@ import json
 import os
 import tempfile
 
-import jax
 import numpy as np
 import pytest
 
@@ -16,20 +15,6 @@ from qwenvl_jax.evaluation import output_lock
 from qwenvl_jax.inference import loading, model_source
 from qwenvl_jax.text import SentencePieceTokenizer, formatting, train_sentencepiece
 from tests.evaluation import tfds_fakes
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-  """A persistent compilation cache for this module: a resumed run compiles exactly what the first run did."""
-  previous = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs,
-              jax.config.jax_persistent_cache_min_entry_size_bytes)
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("eval_compile_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  yield
-  jax.config.update("jax_compilation_cache_dir", previous[0])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", previous[2])
 
 
 @pytest.fixture(scope="module")
