@@ -8,7 +8,8 @@ exported in the environment): on a 2-core CPU compiling the tiny model's train s
 tests compile the very same programs. It is a pure cache keyed by the compiled program, so results are unaffected.
 
 One reference training run serves the whole session too (`uninterrupted`): the training tests compare against it
-and the quick start chats with it and evaluates it.
+and the quick start chats with it and evaluates it. Subprocess work that test modules register in tests/background.py
+(trainings, a bench) starts with the session, at the lowest CPU priority, on the core the other tests leave idle.
 """
 import os
 import pathlib
@@ -66,3 +67,14 @@ def uninterrupted(tmp_path_factory, compile_cache_dir):
   workdir = tmp_path_factory.mktemp("uninterrupted")
   result = train(small_config(2, workdir))
   return workdir, result, read_losses(workdir)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def background_work(request, tmp_path_factory, compile_cache_dir):
+  """Starts the subprocess work registered in tests/background.py by the modules of the selected tests (after the
+  compilation cache is exported, which their subprocesses use); stops what still runs when the session ends."""
+  del compile_cache_dir
+  from tests import background  # pylint: disable=import-outside-toplevel
+  background.start_selected(request.session.items, tmp_path_factory.mktemp)
+  yield
+  background.stop_all()

@@ -10,48 +10,59 @@ Chance is the best image-independent answer, not only random weights (which scor
   accuracy at IoU >= 0.5 is several times the chance level (answering the best box of the right cell would score
   ~0.80, since the shape's size and place inside its cell vary).
 Training runs in a one-device subprocess: on 2 cores, the 8 fake devices of the test process halve its speed. The
-two trainings start together (module fixture): on 2 cores both take 98 s, one after the other 119 s.
+two trainings are registered in tests/background.py: they start together with the session, at the lowest CPU priority
+(on 2 cores both take 98 s; started with this module, it waited for all of that).
 """
-import concurrent.futures
 import pathlib
-import subprocess
 import sys
 
 import pytest
 
 from qwenvl_jax.evaluation import config as eval_config
 from qwenvl_jax.evaluation import grounding, runner, synthetic_sets
+from tests import background
 from tests.training import helpers
 
 SIZE = 56
 
 
-def _train(root, *, tasks, steps, lr, max_shapes):
-  """Trains with `python -m qwenvl_jax.train` in a one-device subprocess (the 8 fake devices of this process would
-  halve the speed on a 2-core machine); returns the final parameters' path."""
-  mixture = helpers.load_stage_config(2).data.mixture
-  flags = helpers.small_flags(2, root / "run", total_steps=steps, log_every=steps // 4, **{
-      "checkpoint.every": steps, "optimizer.warmup_steps": 20, "optimizer.lr": lr, "data.read_threads": 2,
-      "data.synthetic_max_shapes": max_shapes,
-      **{f"data.mixture.{task}": 1.0 if task in tasks else 0.0 for task in mixture}})
-  done = subprocess.run([sys.executable, "-m", "qwenvl_jax.train"] + flags, env=helpers.subprocess_env(devices=1),
-                        cwd=helpers.REPO, capture_output=True, text=True, timeout=900, check=False)
+def _train(tasks, steps, max_shapes):
+  """The work of one trained model (tests/background.py): `python -m qwenvl_jax.train` in a one-device subprocess,
+  its run in `<folder>/run`."""
+  def commands(folder):
+    mixture = helpers.load_stage_config(2).data.mixture
+    flags = helpers.small_flags(2, folder / "run", total_steps=steps, log_every=steps // 4, **{
+        "checkpoint.every": steps, "optimizer.warmup_steps": 20, "optimizer.lr": 1e-3, "data.read_threads": 2,
+        "data.synthetic_max_shapes": max_shapes,
+        **{f"data.mixture.{task}": 1.0 if task in tasks else 0.0 for task in mixture}})
+    return [background.Command([sys.executable, "-m", "qwenvl_jax.train"] + flags, helpers.subprocess_env(devices=1))]
+  return commands
+
+
+# fixture -> (tasks, steps, max_shapes) of the two trained models; the learning rate is 1e-3 for both.
+_RUNS = {"caption_run": (("caption",), 1000, 3), "grounding_run": (("grounding",), 2000, 1)}
+for _fixture, _args in _RUNS.items():
+  background.register(__name__, _fixture, _train(*_args))
+
+
+def _params(fixture, tmp_path_factory) -> str:
+  """The final parameters' path of a trained model, once its run has finished."""
+  job = background.job(__name__, fixture, tmp_path_factory.mktemp)
+  (done,) = job.result()
   assert done.returncode == 0, done.stderr[-3000:]
-  params = root / "run" / "checkpoints" / str(steps) / "params"
+  params = job.folder / "run" / "checkpoints" / str(_RUNS[fixture][1]) / "params"
   assert params.exists(), done.stderr[-3000:]
   return str(params)
 
 
-# (tasks, steps, max_shapes) of the two trained models; the learning rate is 1e-3 for both.
-_RUNS = {"caption": (("caption",), 1000, 3), "grounding": (("grounding",), 2000, 1)}
+@pytest.fixture(scope="module")
+def caption_run(tmp_path_factory):
+  return _params("caption_run", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
-def trained_runs(tmp_path_factory):
-  """name -> a future of the final parameters' path of that run, both runs started at once."""
-  with concurrent.futures.ThreadPoolExecutor(len(_RUNS)) as pool:
-    yield {name: pool.submit(_train, tmp_path_factory.mktemp(name), tasks=tasks, steps=steps, lr=1e-3,
-                             max_shapes=shapes) for name, (tasks, steps, shapes) in _RUNS.items()}
+def grounding_run(tmp_path_factory):
+  return _params("grounding_run", tmp_path_factory)
 
 
 def _evaluate(root, task, data, params, name, *, random_weights=False):
@@ -65,8 +76,8 @@ def _evaluate(root, task, data, params, name, *, random_weights=False):
 
 
 @pytest.mark.slow
-def test_briefly_trained_model_captions_clearly_above_chance(tmp_path, trained_runs):
-  params = trained_runs["caption"].result()
+def test_briefly_trained_model_captions_clearly_above_chance(tmp_path, caption_run):
+  params = caption_run
   data = synthetic_sets.write_caption_set(tmp_path / "captions", n=48, image_size=SIZE, max_shapes=3)
   constant, _ = synthetic_sets.caption_chance_level(data, tmp_path / "selection", image_size=SIZE, max_shapes=3)
   trained = _evaluate(tmp_path, "flickr", data, params, "trained")
@@ -91,8 +102,8 @@ def _cell(box, size):
 
 
 @pytest.mark.slow
-def test_briefly_trained_model_grounds_clearly_above_chance(tmp_path, trained_runs):
-  params = trained_runs["grounding"].result()
+def test_briefly_trained_model_grounds_clearly_above_chance(tmp_path, grounding_run):
+  params = grounding_run
   data = synthetic_sets.write_grounding_set(tmp_path / "grounding", n=48, image_size=SIZE, max_shapes=1)
   trained = _evaluate(tmp_path, "refcoco_val", data, params, "trained")
   random_weights = _evaluate(tmp_path, "refcoco_val", data, params, "random", random_weights=True)
