@@ -8,10 +8,11 @@ import json
 import os
 import pathlib
 import shutil
-import subprocess
 import sys
 
 import pytest
+
+from tests import background
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -30,39 +31,61 @@ SMALL = {"res": 56, "batch_size": 2, "seq_len": 64, "max_images": 1, "log_every"
          "synthetic_vocab_size": 400}
 
 
-def _run(args, cwd, env, timeout=600):
-  proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
-  assert proc.returncode == 0, f"{args}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-  return proc.stdout
-
-
-@pytest.fixture(scope="module")
-def built_wheel(tmp_path_factory) -> pathlib.Path:
-  """The package's wheel, built offline from a copy of the sources."""
-  root = tmp_path_factory.mktemp("wheel")
-  src = root / "src"  # a copy, so building never writes build/ or *.egg-info into the checkout
+def _wheel_work(folder):
+  """Builds the wheel offline from a copy of the sources (so building never writes build/ or *.egg-info into the
+  checkout), installs it without dependencies into a venv over the system site-packages, and from a directory
+  elsewhere runs the installed package with `python -I`: where it is, `plan` and `train` on the user's config.
+  Registered in tests/background.py: it starts with the session at the lowest CPU priority."""
+  src = folder / "src"
   src.mkdir()
   shutil.copy(REPO_ROOT / "pyproject.toml", src)
   shutil.copy(REPO_ROOT / "requirements.txt", src)  # the wheel's dependencies (pyproject: dynamic)
   shutil.copytree(REPO_ROOT / "qwenvl_jax", src / "qwenvl_jax", ignore=shutil.ignore_patterns("__pycache__"))
-  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-  _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-        "-w", str(root / "dist"), str(src)], cwd=root, env=env)
-  wheel, = (root / "dist").glob("qwenvl_jax-*.whl")
-  return wheel
+  work = folder / "elsewhere"
+  work.mkdir()
+  (work / "my_stage1.py").write_text(USER_CONFIG)
+  python = folder / "venv" / "bin" / "python"
+  build_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  env = dict(build_env, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  return [
+      background.Command([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                          "-q", "-w", str(folder / "dist"), str(src)], build_env, folder),
+      background.Command([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip",
+                          str(folder / "venv")], build_env, folder),
+      # The wheel just built (the only one in dist/).
+      background.Command([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
+                          "--no-index", "-q", "--find-links", str(folder / "dist"), "qwenvl_jax"], build_env, folder),
+      background.Command([str(python), "-I", "-c",
+                          "import importlib.resources as r, json, qwenvl_jax, qwenvl_jax.sharding as s; "
+                          "page = (r.files('qwenvl_jax.serving') / 'static' / 'index.html').is_file(); "
+                          "print(json.dumps([qwenvl_jax.__file__, s.load_rules('fsdp_tp')[0], page]))"], env, work),
+      background.Command([str(python), "-I", "-m", "qwenvl_jax.plan", "--config=my_stage1.py"], env, work),
+      background.Command([str(python), "-I", "-m", "qwenvl_jax.train", "--config=my_stage1.py", "--workdir=run",
+                          *(f"--config.{k}={v}" for k, v in SMALL.items())], env, work),
+  ]
+
+
+background.register(__name__, "wheel_work", _wheel_work)
 
 
 @pytest.fixture(scope="module")
-def venv_python(built_wheel, tmp_path_factory) -> pathlib.Path:
-  """A venv over the system site-packages with the freshly built wheel installed (no dependencies)."""
-  root = tmp_path_factory.mktemp("venv")
-  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-  _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(root / "venv")], cwd=root,
-       env=env)
-  python = root / "venv" / "bin" / "python"
-  _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q",
-        str(built_wheel)], cwd=root, env=env)
-  return python
+def wheel_work(tmp_path_factory):
+  """(the job's folder, its finished commands: build, venv, install, where, plan, train, up to one that failed)."""
+  job = background.job(__name__, "wheel_work", tmp_path_factory.mktemp)
+  return job.folder, job.result()
+
+
+def _succeeded(proc):
+  assert proc.returncode == 0, f"{proc.args}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def built_wheel(wheel_work) -> pathlib.Path:
+  """The package's wheel, built offline from a copy of the sources."""
+  folder, done = wheel_work
+  _succeeded(done[0])
+  wheel, = (folder / "dist").glob("qwenvl_jax-*.whl")
+  return wheel
 
 
 def test_the_wheel_requires_the_pinned_runtime_packages(built_wheel):
@@ -78,27 +101,19 @@ def test_the_wheel_requires_the_pinned_runtime_packages(built_wheel):
 
 
 @pytest.mark.slow
-def test_installed_wheel_plans_and_trains_from_another_directory(venv_python, tmp_path):
-  work = tmp_path / "elsewhere"
-  work.mkdir()
-  (work / "my_stage1.py").write_text(USER_CONFIG)
-  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  where = _run([str(venv_python), "-I", "-c",
-                "import importlib.resources as r, json, qwenvl_jax, qwenvl_jax.sharding as s; "
-                "page = (r.files('qwenvl_jax.serving') / 'static' / 'index.html').is_file(); "
-                "print(json.dumps([qwenvl_jax.__file__, s.load_rules('fsdp_tp')[0], page]))"], cwd=work, env=env)
-  installed, first_rule, page = json.loads(where.strip().splitlines()[-1])
-  assert pathlib.Path(installed).is_relative_to(venv_python.parent.parent), installed
+def test_installed_wheel_plans_and_trains_from_another_directory(wheel_work):
+  folder, done = wheel_work
+  for proc in done:
+    _succeeded(proc)
+  _, _, _, where, plan, _ = done
+  work = folder / "elsewhere"
+  installed, first_rule, page = json.loads(where.stdout.strip().splitlines()[-1])
+  assert pathlib.Path(installed).is_relative_to(folder / "venv"), installed
   assert not pathlib.Path(installed).is_relative_to(REPO_ROOT) and first_rule == ["act_batch", ["data", "fsdp"]]
   assert page  # package data (the chat page) is in the wheel
 
-  plan = _run([str(venv_python), "-I", "-m", "qwenvl_jax.plan", "--config=my_stage1.py"], cwd=work, env=env)
-  assert "model tiny" in plan and "trained in stage 1" in plan
+  assert "model tiny" in plan.stdout and "trained in stage 1" in plan.stdout
 
-  flags = [f"--config.{k}={v}" for k, v in SMALL.items()]
-  _run([str(venv_python), "-I", "-m", "qwenvl_jax.train", "--config=my_stage1.py", "--workdir=run", *flags],
-       cwd=work, env=env)
   losses = [json.loads(line)["loss"] for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
   assert len(losses) == 2 and all(loss > 0 for loss in losses)
   assert (work / "run" / "checkpoints" / "2").is_dir()

@@ -3,13 +3,13 @@ tiny model briefly trained on synthetic grounding by the real trainer, served by
 (`python -m qwenvl_jax.serve --checkpoint=<run dir>`: preset, image size, tokenizer and chat format come from
 the run's config.json).
 
-The model is trained for 200 steps only (seconds; the run is dominated by start-up and compiles): enough to answer `<ref>the red circle</ref>` with a well-formed
-`<box>(x1,y1),(x2,y2)</box>` (not to put it in the right place), which is what the page has to draw.
+The model is trained for 200 steps only (seconds; the run is dominated by start-up and compiles): enough to
+answer `<ref>the red circle</ref>` with a well-formed `<box>(x1,y1),(x2,y2)</box>` (not to put it in the right
+place), which is what the page has to draw.
 """
 import base64
 import pathlib
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -17,6 +17,7 @@ import requests
 from PIL import Image
 
 from qwenvl_jax.data.synthetic import synthetic_record
+from tests import background
 from tests.serving.conftest import serve_cli
 from tests.training import helpers
 
@@ -25,18 +26,26 @@ pytestmark = pytest.mark.slow  # training + serving the model: minutes on a 2-co
 STEPS = 200
 
 
-@pytest.fixture(scope="session")
-def grounding_run(tmp_path_factory) -> pathlib.Path:
-  """A stage-2 run of the tiny preset at 56 px trained on synthetic grounding only (one shape per scene)."""
-  root = tmp_path_factory.mktemp("grounding")
+def _grounding_training(folder):
+  """A stage-2 run of the tiny preset at 56 px trained on synthetic grounding only (one shape per scene), in
+  `<folder>/run`: registered in tests/background.py, it starts with the session at the lowest CPU priority."""
   mixture = helpers.load_stage_config(2).data.mixture
-  flags = helpers.small_flags(2, root / "run", total_steps=STEPS, log_every=STEPS // 2, **{
+  flags = helpers.small_flags(2, folder / "run", total_steps=STEPS, log_every=STEPS // 2, **{
       "checkpoint.every": STEPS, "optimizer.warmup_steps": 5, "optimizer.lr": 3e-3, "data.read_threads": 1,
       "data.synthetic_max_shapes": 1, **{f"data.mixture.{t}": float(t == "grounding") for t in mixture}})
-  done = subprocess.run([sys.executable, "-m", "qwenvl_jax.train"] + flags, env=helpers.subprocess_env(devices=1),
-                        cwd=helpers.REPO, capture_output=True, text=True, timeout=900, check=False)
+  return [background.Command([sys.executable, "-m", "qwenvl_jax.train"] + flags, helpers.subprocess_env(devices=1))]
+
+
+background.register(__name__, "grounding_run", _grounding_training)
+
+
+@pytest.fixture(scope="session")
+def grounding_run(tmp_path_factory) -> pathlib.Path:
+  """The run directory of `_grounding_training`, once it has finished."""
+  job = background.job(__name__, "grounding_run", tmp_path_factory.mktemp)
+  (done,) = job.result()
   assert done.returncode == 0, done.stderr[-3000:]
-  return root / "run"
+  return job.folder / "run"
 
 
 @pytest.fixture(scope="session")

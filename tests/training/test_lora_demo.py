@@ -19,6 +19,7 @@ from qwenvl_jax.checkpoint import peft_export
 from qwenvl_jax.inference import model_source
 from qwenvl_jax.model import get_preset
 from qwenvl_jax.training import peft
+from tests import background
 from tests.training.helpers import REPO, read_losses, subprocess_env
 
 # The demo command's config with fewer, smaller steps: 56 px, 8 steps.
@@ -27,24 +28,30 @@ DEMO = {"res": 56, "batch_size": 8, "total_steps": 8, "checkpoint.every": 8, "lo
         "optimizer.warmup_steps": 2}
 
 
+def _demo(folder):
+  """The reduced demo's run (`<folder>/run`) and its merge (`<folder>/merged`): registered in tests/background.py, they
+  start with the session at the lowest CPU priority. The README's commands, in one-device processes as a user's CPU
+  has (the 8 fake devices of the test process would compile the QLoRA init and step for 8, at twice the cost)."""
+  train = [f"--config={REPO / 'configs' / 'stage3.py'}:qlora=8", f"--workdir={folder / 'run'}"]
+  train += [f"--config.{k}={v}" for k, v in DEMO.items()]
+  merge = ["--mode=merge_lora", f"--src={folder / 'run'}", f"--dst={folder / 'merged'}", "--dtype=float32"]
+  return [background.Command([sys.executable, "-m", "qwenvl_jax.train", *train], subprocess_env(1)),
+          background.Command([sys.executable, "-m", "qwenvl_jax.convert", *merge], subprocess_env(1))]
+
+
+background.register(__name__, "demo_run", _demo)
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
   """(workdir, merged float32 params dir) of the reduced demo."""
-  root = tmp_path_factory.mktemp("qlora_demo")
-  # The README's command, in a one-device process as a user's CPU has (the 8 fake devices of this process would
-  # compile the QLoRA init and step for 8, at twice the cost).
-  demo = [f"--config={REPO / 'configs' / 'stage3.py'}:qlora=8", f"--workdir={root / 'run'}"]
-  demo += [f"--config.{k}={v}" for k, v in DEMO.items()]
-  proc = subprocess.run([sys.executable, "-m", "qwenvl_jax.train", *demo],
-                        env=subprocess_env(1), cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0 and "completed at step 8" in proc.stderr, proc.stderr[-3000:]
-  merged = root / "merged"
-  proc = subprocess.run([sys.executable, "-m", "qwenvl_jax.convert", "--mode=merge_lora", f"--src={root / 'run'}",
-                         f"--dst={merged}", "--dtype=float32"], env=subprocess_env(1), cwd=REPO,
-                        capture_output=True, text=True, timeout=600)
+  job = background.job(__name__, "demo_run", tmp_path_factory.mktemp)
+  trained, *merged = job.result()
+  assert trained.returncode == 0 and "completed at step 8" in trained.stderr, trained.stderr[-3000:]
+  (proc,) = merged
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "wrote merged params (float32)" in proc.stdout
-  return root / "run", merged
+  return job.folder / "run", job.folder / "merged"
 
 
 @pytest.mark.slow
