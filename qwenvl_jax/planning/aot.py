@@ -260,7 +260,8 @@ class StepPlan:
         f"  arguments     {gib(self.argument_bytes)}   params, optimizer state or KV cache, inputs",
         f"  outputs       {gib(self.output_bytes)}   (aliased to donated inputs: {format_bytes(self.alias_bytes)})",
         f"  temporaries   {gib(self.temp_bytes)}   activations, gradients, collective buffers",
-        f"  code          {gib(self.code_bytes)}" + ("   (not reported by this backend)" if not self.code_bytes else ""),
+        f"  code          {gib(self.code_bytes)}"
+        + ("   (not reported by this backend)" if not self.code_bytes else ""),
         f"  total         {gib(self.total_bytes)}   "
         + (f"= {self.hbm_fraction:.1%}" if self.hbm_fraction >= 1e-3 or not self.total_bytes else "< 0.1%") + " of HBM",
     ]

@@ -44,7 +44,8 @@ def test_a_misspelt_generation_setting_names_the_field_it_meant(sp_tok):
   with pytest.raises(errors.ConfigError, match="'max_new_token' is not a GenerationConfig field; did you mean "
                                                "max_new_tokens"):
     chat.chat_generation_config(sp_tok, max_new_token=64)
-  with pytest.raises(errors.ConfigError, match=r"'beams' is not a GenerationConfig field \(the fields: max_new_tokens,"):
+  with pytest.raises(errors.ConfigError,
+                     match=r"'beams' is not a GenerationConfig field \(the fields: max_new_tokens,"):
     chat.chat_generation_config(sp_tok, beams=4)
 
 
