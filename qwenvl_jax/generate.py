@@ -52,15 +52,39 @@ def _read_history(path: str | None) -> list[tuple[str, str]]:
   if not isinstance(data, list) or not all(isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t)
                                            for t in data):
     raise errors.InputFormatError(f"history file {path}: expected a JSON list of [query, response] string pairs")
-  from qwenvl_jax import text as qtext  # pylint: disable=import-outside-toplevel
-  for i, (query, _) in enumerate(data):
-    for image in qtext.IMAGE_SPAN.findall(query):
-      if not os.path.isfile(unicodedata.normalize("NFC", image)):  # the path as the tokenizer reads it back
-        raise errors.UserFileNotFoundError(
-            f"history file {path}, turn {i + 1}: picture {image} does not exist",
-            hint=None if os.path.isabs(image) else
-            "a relative path is read from the current folder: run from the folder the chat started in")
   return [tuple(t) for t in data]
+
+
+def _missing_pictures(history: list[tuple[str, str]]) -> list[tuple[int, str]]:
+  """(turn index, path) of each picture the history names that is not here (the path as the tokenizer reads it
+  back)."""
+  from qwenvl_jax import text as qtext  # pylint: disable=import-outside-toplevel
+  return [(i, image) for i, (query, _) in enumerate(history) for image in qtext.IMAGE_SPAN.findall(query)
+          if not os.path.isfile(unicodedata.normalize("NFC", image))]
+
+
+def _refuse_missing_pictures(missing: list[tuple[int, str]], path: str, first_kept: int = 0) -> None:
+  """One line for the first missing picture of a turn the prompt keeps (turns before `first_kept` are left out of
+  the window: their pictures are never read)."""
+  kept = [(i, image) for i, image in missing if i >= first_kept]
+  if kept:
+    i, image = kept[0]
+    raise errors.UserFileNotFoundError(
+        f"history file {path}, turn {i + 1}: picture {image} does not exist",
+        hint=None if os.path.isabs(image) else
+        "a relative path is read from the current folder: run from the folder the chat started in")
+
+
+def _dropped_turns(source, query: str, history: list[tuple[str, str]]) -> int:
+  """How many of the oldest history turns the prompt's window leaves out, from the tokenizer and the model's config
+  alone (before the weights load)."""
+  from qwenvl_jax import text as qtext  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.inference import loading  # pylint: disable=import-outside-toplevel
+  tok = qtext.load_tokenizer(source.tokenizer)
+  cfg = loading.model_config(source.preset, tok, dtype=FLAGS.dtype, random_weights=not source.params,
+                             image_size=source.image_size)
+  return qtext.windowed_context(tok, query, history, system=FLAGS.system, chat_format=source.chat_format,
+                                n_image_tokens=cfg.image_tokens).dropped_turns
 
 
 def _image_path(path: str) -> str:
@@ -123,14 +147,17 @@ def main(argv):
   inference.GenerationConfig(max_new_tokens=FLAGS.max_new_tokens, do_sample=FLAGS.do_sample,
                              temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p)
   history = _read_history(FLAGS.history)
+  missing = _missing_pictures(history)
   source = cli.model_source_from_flags()
   if source.chat_format == "raw" and (history or FLAGS["system"].present):
     raise errors.ConfigError("--history and --system need a chat model: this one uses the raw (base model) format, "
                              "which has no turns and no system message",
                              hint="a chat-tuned checkpoint, or --chat_format=chatml if this one was trained so")
+  query = qtext.from_list_format([{"image": p} for p in images] + [{"text": FLAGS.prompt}])
+  if missing:  # only the turns the window keeps need their pictures; which ones, the tokenizer tells
+    _refuse_missing_pictures(missing, FLAGS.history, _dropped_turns(source, query, history))
   # The loaders enter the mesh themselves, after the abstract (mesh-free) trace: built outside `use_rules`.
   source, tok, _, mesh, rules, model = cli.load_model_from_flags(source)
-  query = qtext.from_list_format([{"image": p} for p in images] + [{"text": FLAGS.prompt}])
   gen_cfg = inference.chat_generation_config(
       tok, source.chat_format, max_new_tokens=FLAGS.max_new_tokens, do_sample=FLAGS.do_sample,
       temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p)

@@ -90,8 +90,28 @@ def test_a_history_picture_that_is_missing_here_is_one_line_before_the_model_loa
   from qwenvl_jax import generate  # pylint: disable=import-outside-toplevel
   history = tmp_path / "history.json"
   history.write_text(json.dumps([["Picture 1:<img>cat.png</img>\nWhat is it?", "A cat."]]))
+  history_turns = generate._read_history(str(history))
   with pytest.raises(errors.UserFileNotFoundError, match="turn 1: picture cat.png does not exist"):
-    generate._read_history(str(history))
+    generate._refuse_missing_pictures(generate._missing_pictures(history_turns), str(history))
+
+
+@pytest.mark.slow
+def test_a_moved_picture_in_a_turn_the_window_leaves_out_is_no_error(tmp_path, sp_model_file):
+  """A long chat whose oldest turn names a picture since moved was refused, though that turn no longer fits the
+  6144-token window and its picture is never read; a moved picture in a turn the prompt keeps is still one line,
+  before the weights load."""
+  long_turn = ["Picture 1:<img>moved.png</img>\n" + "the red circle is next to the blue square. " * 900, "Yes."]
+  history = tmp_path / "history.json"
+  history.write_text(json.dumps([long_turn, ["Hello", "Hi."]]))
+  base = ["--model=tiny", f"--tokenizer={sp_model_file}", "--prompt=What next?", "--max_new_tokens=2",
+          "--dtype=float32"]
+  proc = _run(base + [f"--history={history}"], tmp_path)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "the 1 oldest of the history's 2 turns do not fit" in proc.stderr, proc.stderr[-3000:]
+  history.write_text(json.dumps([["Hello", "Hi."], ["Picture 1:<img>moved.png</img>\nWhat is it?", "A cat."]]))
+  proc = _run(base + [f"--history={history}"], tmp_path)
+  assert proc.returncode == 2 and "turn 2: picture moved.png does not exist" in proc.stderr, proc.stderr[-3000:]
+  assert "random weights" not in proc.stderr  # found before the weights load
 
 
 def test_the_history_is_saved_before_a_picture_that_cannot_be_drawn_fails(tmp_path):
