@@ -105,7 +105,9 @@ def _give_up(message: str) -> None:
 _PER_PROCESS_KEYS = ("distributed.process_id", "distributed.coordinator")
 _checks = [0]  # how many configs this process has compared (each comparison uses keys of its own)
 # Digests every process agreed on: the entry point compares before it builds its evaluator and the trainer again
-# with the same config; that second call exchanges nothing (every process skips it alike, since all agreed).
+# with the same config; that second call only publishes this process's digest and waits for no other. A process
+# whose config changed in between (on it alone) then finds the others' agreed digests and fails at once, rather
+# than waiting out the timeout for processes that did not wait for it.
 _agreed: set[str] = set()
 
 
@@ -132,11 +134,11 @@ def check_same_config(config: ml_collections.ConfigDict) -> None:
   mine = _flat(json.loads(config.to_json()))
   text = json.dumps(mine, sort_keys=True)
   digest = hashlib.sha256(text.encode()).hexdigest()
-  if digest in _agreed:
-    return
   prefix = f"qwenvl_config/{_checks[0]}"
   _checks[0] += 1
   state.client.key_value_set(f"{prefix}/digest/{me}", digest)
+  if digest in _agreed:
+    return
   if me == 0:
     state.client.key_value_set(f"{prefix}/config", text)
   timeout_ms = 1000 * int(config.distributed.get("initialization_timeout", 300))

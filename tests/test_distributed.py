@@ -104,10 +104,11 @@ def test_the_compared_config_leaves_out_what_differs_per_process():
 
 
 class _AgreeingPeer:
-  """A coordination-service client whose other process published whatever this one did (the configs agree)."""
+  """A coordination-service client whose other process published whatever this one did (the configs agree), or
+  with `other` set, that digest."""
 
-  def __init__(self):
-    self.store, self.sets = {}, []
+  def __init__(self, other=None):
+    self.store, self.sets, self.gets, self.other = {}, [], [], other
 
   def key_value_set(self, key, value):
     self.sets.append(key)
@@ -115,6 +116,9 @@ class _AgreeingPeer:
 
   def blocking_key_value_get(self, key, timeout_ms):
     del timeout_ms
+    self.gets.append(key)
+    if self.other is not None and "/digest/1" in key:
+      return self.other
     return self.store[key.replace("/digest/1", "/digest/0")]
 
 
@@ -132,10 +136,64 @@ def test_a_config_every_process_agreed_on_is_not_exchanged_again(monkeypatch):
   import ml_collections  # pylint: disable=import-outside-toplevel
   config = ml_collections.ConfigDict({"distributed": config, "lr": 1e-3})
   distributed.check_same_config(config)
-  exchanged = len(peer.sets)
-  assert exchanged == 2  # this process's digest and, as process 0, its whole config
+  assert len(peer.sets) == 2 and len(peer.gets) == 2  # its digest and, as process 0, its whole config; both read
   distributed.check_same_config(config)
-  assert len(peer.sets) == exchanged
+  # Published (so a process whose config changed alone finds it, instead of waiting), but nothing waited for.
+  assert len(peer.sets) == 3 and peer.sets[-1] == "qwenvl_config/1/digest/0" and len(peer.gets) == 2
   config.lr = 2e-3  # another config is compared anew
   distributed.check_same_config(config)
-  assert len(peer.sets) == 2 * exchanged
+  assert len(peer.sets) == 5 and len(peer.gets) == 4
+
+
+class _Store:
+  """One coordination service's key-value store seen by every simulated process; a key nobody set is the
+  runtime's deadline error (a real get would block until the timeout)."""
+
+  def __init__(self):
+    self.store = {}
+
+  def key_value_set(self, key, value):
+    self.store[key] = value
+
+  def blocking_key_value_get(self, key, timeout_ms):
+    if key not in self.store:
+      raise RuntimeError(f"DEADLINE_EXCEEDED: {key} after {timeout_ms} ms")
+    return self.store[key]
+
+
+def test_a_process_whose_config_changed_alone_after_an_agreement_fails_at_once(monkeypatch):
+  """Both processes agreed on a config; process 1 compares it again (the trainer after the entry point), process 0
+  compares one it changed in between. Process 1 skipped without publishing, so process 0 waited out the whole
+  timeout and blamed process 1 for not publishing; it now finds process 1's digest and names the difference."""
+  from jax._src import distributed as jax_distributed  # pylint: disable=import-outside-toplevel
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  service = _Store()
+  monkeypatch.setattr(jax_distributed.global_state, "client", service)
+  monkeypatch.setattr(jax_distributed.global_state, "num_processes", 2)
+  agreed = ml_collections.ConfigDict({"distributed": distributed.default_config(), "lr": 1e-3})
+
+  def as_process(index, config, state):
+    """`check_same_config(config)` run as process `index` with that process's module state."""
+    monkeypatch.setattr(jax_distributed.global_state, "process_id", index)
+    monkeypatch.setattr(distributed, "_agreed", state["agreed"])
+    monkeypatch.setattr(distributed, "_checks", state["checks"])
+    distributed.check_same_config(config)
+
+  states = [{"agreed": set(), "checks": [0]}, {"agreed": set(), "checks": [0]}]
+  # The first comparison: process 1's digest is there before process 0 reads it (as the blocking get waits for).
+  service.key_value_set("qwenvl_config/0/digest/1", _digest(agreed))
+  as_process(0, agreed, states[0])
+  as_process(1, agreed, states[1])
+  assert states[0]["agreed"] == states[1]["agreed"] == {_digest(agreed)}
+  as_process(1, agreed, states[1])  # the trainer's call on process 1: agreed, not waited for
+  changed = ml_collections.ConfigDict(agreed.to_dict())
+  changed.lr = 2e-3
+  with pytest.raises(errors.ConfigError, match=r"process\(es\) 1 differ from process 0"):
+    as_process(0, changed, states[0])
+
+
+def _digest(config) -> str:
+  import hashlib  # pylint: disable=import-outside-toplevel
+  import json  # pylint: disable=import-outside-toplevel
+  flat = distributed._flat(json.loads(config.to_json()))  # pylint: disable=protected-access
+  return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()
