@@ -49,8 +49,8 @@ METRICS_NAMESPACE = "qwenvl_clean"
 # Beam's DirectRunner first tries its Prism runner, which downloads a binary from the internet, and falls back to
 # its in-process engine (FnApiRunner) when that fails; naming the engine directly never downloads and starts faster.
 # It honours `direct_num_workers` and `direct_running_mode` (in_memory, multi_threading, multi_processing) like
-# DirectRunner. The job's subclass starts worker processes whose logs go through the job (`local_runner`); named as
-# a string, since the worker processes run that module as __main__ and this package must not import it first.
+# DirectRunner. The job's subclass starts worker processes whose logs go through the job and that leave quietly on
+# Ctrl-C (`local_runner`); named as a string, which Beam resolves when the job runs.
 LOCAL_RUNNER = "qwenvl_jax.cleaning.local_runner.LocalRunner"
 _DIRECT_RUNNER_NAMES = ("direct", "directrunner")
 

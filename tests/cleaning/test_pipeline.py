@@ -7,8 +7,10 @@ import json
 import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -381,6 +383,48 @@ def test_ctrl_c_inside_the_job_is_a_keyboard_interrupt_without_beam_traceback(cl
     run_clean(job)
   assert not [r for r in caplog.records if r.exc_info], [r.getMessage() for r in caplog.records]
   assert not pathlib.Path(job.dataset_dir).exists() and not pathlib.Path(job.report).exists()
+
+
+def _children(pid: int) -> list[int]:
+  try:
+    return [int(child) for task in os.listdir(f"/proc/{pid}/task")
+            for child in pathlib.Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+  except OSError:
+    return []
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads the worker processes from /proc")
+def test_ctrl_c_on_two_worker_processes_is_one_line_and_leaves_no_process(tmp_path):
+  """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while two worker processes clean: 90-160
+  lines of tracebacks from the workers and from the job's Beam threads came before "interrupted"."""
+  (tmp_path / "img.png").write_bytes(cases_lib.encode(size=(64, 64), fmt="PNG"))
+  row = {"text": "a red square on a wooden table", "image": "img.png"}
+  (tmp_path / "in.jsonl").write_text("".join(json.dumps(dict(row, text=f"{row['text']} {i}")) + "\n"
+                                             for i in range(20000)))  # far more than a few seconds of work
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "qwenvl_jax.clean", f"--input={tmp_path / 'in.jsonl'}", f"--output_dir={tmp_path / 'out'}",
+       "--skip_similarity", "--beam_pipeline_options=direct_num_workers=2,direct_running_mode=multi_processing"],
+      cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+  try:
+    deadline = time.monotonic() + 120
+    while len(_children(proc.pid)) < 2 and proc.poll() is None and time.monotonic() < deadline:
+      time.sleep(0.1)
+    time.sleep(2)  # the workers are importing or cleaning
+    assert proc.poll() is None, proc.communicate()
+    workers = _children(proc.pid)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+  lines = [line for line in stderr.splitlines() if line.strip() and "Generating splits" not in line]
+  assert proc.returncode == 130 and lines == ["interrupted"], (proc.returncode, stderr[-3000:])
+  time.sleep(1)
+  assert len(workers) == 2 and not [w for w in workers if os.path.exists(f"/proc/{w}")]
+  assert not (tmp_path / "out" / "cleaned_pairs" / "1.0.0").exists()
 
 
 @pytest.mark.parametrize("text, message", [
