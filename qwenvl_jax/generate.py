@@ -79,12 +79,13 @@ def _dropped_turns(source, query: str, history: list[tuple[str, str]]) -> int:
   """How many of the oldest history turns the prompt's window leaves out, from the tokenizer and the model's config
   alone (before the weights load)."""
   from qwenvl_jax import text as qtext  # pylint: disable=import-outside-toplevel
-  from qwenvl_jax.inference import loading  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.inference import chat, loading  # pylint: disable=import-outside-toplevel
   tok = qtext.load_tokenizer(source.tokenizer)
   cfg = loading.model_config(source.preset, tok, dtype=FLAGS.dtype, random_weights=not source.params,
                              image_size=source.image_size)
-  return qtext.windowed_context(tok, query, history, system=FLAGS.system, chat_format=source.chat_format,
-                                n_image_tokens=cfg.image_tokens).dropped_turns
+  return chat.conversation_context(tok, query, history, system=FLAGS.system,
+                                   max_window_size=qtext.DEFAULT_MAX_WINDOW_SIZE, chat_format=source.chat_format,
+                                   n_image_tokens=cfg.image_tokens).dropped_turns
 
 
 def _image_path(path: str) -> str:
@@ -181,20 +182,23 @@ def main(argv):
   if tags > parsed:
     print(f"note: {tags - parsed} of the answer's {tags} boxes are malformed (not two points in [0, 1000)) and are "
           "not drawn", file=sys.stderr)
-  _write_outputs(reply.response, reply.history, FLAGS.output_image, FLAGS.save_history)
+  _write_outputs(reply.response, reply.history, FLAGS.output_image, FLAGS.save_history,
+                 first_kept=reply.dropped_turns)
 
 
 def _write_outputs(response: str, history: list[tuple[str, str]], output_image: str | None,
-                   save_history: str | None) -> None:
+                   save_history: str | None, first_kept: int = 0) -> None:
   """The history first, then the picture with the answer's boxes: a picture that cannot be read or written (a
-  path the answer names, a read-only folder) fails after the turn is saved, never losing it."""
+  path the answer names, a read-only folder) fails after the turn is saved, never losing it. The boxes go on the
+  latest picture of the turns the prompt kept (from `first_kept` on): the model never saw those before."""
   from qwenvl_jax import inference  # pylint: disable=import-outside-toplevel
   if save_history:
     with open(save_history, "x", encoding="utf-8") as f:
       json.dump([list(t) for t in history], f, ensure_ascii=False, indent=1)
-  drawn = inference.draw_bbox_on_latest_picture(response, history)
+  seen = history[first_kept:]
+  drawn = inference.draw_bbox_on_latest_picture(response, seen)
   if drawn is not None:
-    path = output_image or _free_png_path(inference.latest_image(response, history))
+    path = output_image or _free_png_path(inference.latest_image(response, seen))
     inference.save_new_png(drawn, path)
     print(f"boxes drawn on the latest picture: {path}", file=sys.stderr)
 

@@ -44,6 +44,20 @@ def chat_generation_config(tok: qtext.Tokenizer, chat_format: str = "chatml", **
   return decode.GenerationConfig(**fields)
 
 
+def conversation_context(tok: qtext.Tokenizer, query: str, history: History, *, system: str, max_window_size: int,
+                         chat_format: str, n_image_tokens: int) -> qtext.WindowedContext:
+  """`text.windowed_context` (the prompt, and how many of the oldest turns the window leaves out), with a
+  conversation that cannot be encoded (an unclosed `<img>`, an `<imgpad>` in the text) as one ConfigError."""
+  try:
+    return qtext.windowed_context(tok, query, history, system=system, max_window_size=max_window_size,
+                                  chat_format=chat_format, n_image_tokens=n_image_tokens)
+  except ValueError as e:  # the text's image tags (typed, hand-edited or generated): one line, as the server's
+    tags = any(word in str(e) for word in ("<img>", "image", "unclosed"))  # not: a chat_format, a history's shape
+    raise errors.ConfigError(f"the conversation cannot be encoded: {e}",
+                             hint="<img>PATH</img> names a picture and may not appear otherwise" if tags
+                             else None) from None
+
+
 def load_images(paths: Sequence[str], image_size: int, image_root: str | None = None) -> list[np.ndarray]:
   """uint8[S, S, 3] of every path (relative paths are taken under `image_root` when given)."""
   out = []
@@ -85,14 +99,8 @@ def build_prompt(generator: decode.Generator, tok: qtext.Tokenizer, query: str,
   """
   _check_generator_and_tokenizer(generator, tok)
   cfg = generator.cfg
-  try:
-    context, dropped = qtext.windowed_context(tok, query, history, system=system, max_window_size=max_window_size,
-                                              chat_format=chat_format, n_image_tokens=cfg.image_tokens)
-  except ValueError as e:  # the text's image tags (typed, hand-edited or generated): one line, as the server's
-    tags = any(word in str(e) for word in ("<img>", "image", "unclosed"))  # not: a chat_format, a history's shape
-    raise errors.ConfigError(f"the conversation cannot be encoded: {e}",
-                             hint="<img>PATH</img> names a picture and may not appear otherwise" if tags
-                             else None) from None
+  context, dropped = conversation_context(tok, query, history, system=system, max_window_size=max_window_size,
+                                          chat_format=chat_format, n_image_tokens=cfg.image_tokens)
   too_big = [t for t in context.tokens if t >= cfg.llm.vocab_size]
   if too_big:
     raise ValueError(f"the prompt holds token id {too_big[0]} but the model has only {cfg.llm.vocab_size} "

@@ -112,6 +112,22 @@ def test_a_moved_picture_in_a_turn_the_window_leaves_out_is_no_error(tmp_path, s
   proc = _run(base + [f"--history={history}"], tmp_path)
   assert proc.returncode == 2 and "turn 2: picture moved.png does not exist" in proc.stderr, proc.stderr[-3000:]
   assert "random weights" not in proc.stderr  # found before the weights load
+  # A prompt that cannot be encoded is the usual one line on this early path too (it was a ValueError traceback).
+  proc = _run(base[:2] + ["--prompt=look <img>x", "--dtype=float32", f"--history={history}"], tmp_path)
+  assert proc.returncode == 2 and "error: the conversation cannot be encoded" in proc.stderr, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
+
+
+def test_boxes_go_on_the_latest_picture_of_the_turns_the_prompt_kept(tmp_path):
+  """A turn the window left out named the only picture: the answer's boxes were drawn on it (the model never saw
+  it), or failed after the answer when it had moved."""
+  from qwenvl_jax import generate  # pylint: disable=import-outside-toplevel
+  answer = "<ref>cat</ref><box>(10,20),(300,400)</box>"
+  history = [("Picture 1:<img>gone.png</img>\nWhat is it?", "A cat."), ("Where is it?", answer)]
+  generate._write_outputs(answer, history, None, str(tmp_path / "saved.json"), first_kept=1)  # nothing to draw
+  assert json.loads((tmp_path / "saved.json").read_text()) == [list(t) for t in history]
+  with pytest.raises(errors.UserError, match="gone.png"):  # kept: it is the picture, and it is not here
+    generate._write_outputs(answer, history, None, None, first_kept=0)
 
 
 def test_the_history_is_saved_before_a_picture_that_cannot_be_drawn_fails(tmp_path):
