@@ -80,9 +80,12 @@ def main():
   parser.add_argument("--quantize", default="none,int8", help="weights: none (bf16), int8, int4")
   parser.add_argument("--kv_cache_dtype", default="bfloat16", help="bfloat16 and/or int8, comma separated")
   parser.add_argument("--context", type=int, default=2048)
-  parser.add_argument("--prompt", type=int, default=1024)
+  parser.add_argument("--prompt", type=int, default=None,
+                      help="prompt tokens of the prefill plan (default: the whole --context, the longest prefill "
+                      "serve compiles, as the planner's server default)")
   parser.add_argument("--slots", default="32,64", help="the two slot counts compiled")
   args = parser.parse_args()
+  args.prompt = args.context if args.prompt is None else args.prompt
   b1, b2 = (int(x) for x in args.slots.split(","))
   for topology in args.topologies.split(","):
     for q in args.quantize.split(","):

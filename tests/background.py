@@ -8,13 +8,16 @@ machine leaves idle; more would only split it away from the work needed first), 
 after the other in subprocesses at the lowest CPU priority (nice 19): they run on the core the other tests leave idle
 and barely take CPU from them. The fixture waits only for what is left (all of it when its module runs alone); from
 then on the job runs at the test's priority. Nothing the commands compute depends on their priority. Their output
-goes to files, so no pipe fills while nobody reads it.
+goes to files, so no pipe fills while nobody reads it. A job that cannot run (its factory or its thread fails, not
+one of its commands) fails the tests that wait for it, with its error; the session's end kills what is left of a
+job, processes its commands started included (each command leads a process group of its own).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import pathlib
+import signal
 import subprocess
 import threading
 from typing import Callable, Sequence
@@ -34,6 +37,7 @@ Factory = Callable[[pathlib.Path], Sequence[Command]]
 _FACTORIES: dict[tuple[str, str], Factory] = {}
 _JOBS: dict[tuple[str, str], "Job"] = {}
 _QUEUE: list["Job"] = []
+_RUNNING: set["Job"] = set()  # started and not yet finished (under _QUEUE_LOCK)
 _QUEUE_LOCK = threading.Lock()
 
 
@@ -41,55 +45,88 @@ class Job:
   """`commands` run one after the other (stopping after one that fails) in a thread, each in a niced subprocess, once
   started; `folder` is where the factory put their files, their output goes to `logs`."""
 
-  def __init__(self, commands: Sequence[Command], folder: pathlib.Path, logs: pathlib.Path):
+  def __init__(self, commands: Sequence[Command], folder: pathlib.Path, logs: pathlib.Path,
+               error: BaseException | None = None):
     self.folder = folder
     self._commands, self._logs = list(commands), logs
     self._results: list[subprocess.CompletedProcess] = []
+    self._error = error  # the factory's or the thread's own failure (not a command's), raised by `result`
     self._lock = threading.Lock()
+    self._progress = threading.Condition(self._lock)  # notified as each command finishes and at the end
+    self._done = False
     self._proc: subprocess.Popen | None = None
-    self._stopped = self._awaited = False
+    self._stopped = False
+    self._awaited = 0  # commands before this index run at the test's priority (a test waits for them)
     self._thread = threading.Thread(target=self._run, daemon=True)
 
   def start(self) -> None:
     with self._lock:
       if self._thread.ident is None and not self._stopped:
+        with _QUEUE_LOCK:
+          _RUNNING.add(self)
         self._thread.start()
 
-  def running(self) -> bool:
-    return self._thread.is_alive()
-
   def _run(self) -> None:
-    for i, command in enumerate(self._commands):
-      out, err = self._logs / f"{i}.stdout", self._logs / f"{i}.stderr"
-      with self._lock, open(out, "w", encoding="utf-8") as o, open(err, "w", encoding="utf-8") as e:
-        if self._stopped:
+    try:
+      if self._error is not None:
+        return
+      for i, command in enumerate(self._commands):
+        out, err = self._logs / f"{i}.stdout", self._logs / f"{i}.stderr"
+        with self._lock, open(out, "w", encoding="utf-8") as o, open(err, "w", encoding="utf-8") as e:
+          if self._stopped:
+            break
+          # `nice` execs the command (same pid: `result` can renice it); a new session, so `stop` kills its children.
+          niced = [] if i < self._awaited else ["nice", "-n", "19"]
+          self._proc = subprocess.Popen(niced + list(command.argv), env=command.env, cwd=command.cwd, stdout=o,
+                                        stderr=e, start_new_session=True)
+        code = self._proc.wait()
+        done = subprocess.CompletedProcess(command.argv, code, out.read_text(errors="replace"),
+                                           err.read_text(errors="replace"))
+        with self._lock:
+          self._results.append(done)
+          self._progress.notify_all()
+        if code != 0:
           break
-        self._proc = subprocess.Popen(list(command.argv), env=command.env, cwd=command.cwd, stdout=o, stderr=e,
-                                      preexec_fn=None if self._awaited else lambda: os.nice(19))
-      code = self._proc.wait()
-      self._results.append(subprocess.CompletedProcess(command.argv, code, out.read_text(), err.read_text()))
-      if code != 0:
-        break
-    _dispatch(finished=self)
+    except BaseException as e:  # pylint: disable=broad-except  (reported by `result`, in the test that waits)
+      self._error = e
+    finally:
+      with self._lock:
+        self._done = True
+        self._progress.notify_all()
+      _dispatch(finished=self)
 
-  def result(self, timeout: float = 1200) -> list[subprocess.CompletedProcess]:
-    """The finished commands (all of them, or up to the first that failed), once the job is done. A test waits for
-    it from now: it starts if it was still queued, and what still runs goes back to the test's priority (on a machine
-    others load too, niced work could wait long), as does what is left."""
+  def result(self, timeout: float = 1200, commands: int | None = None) -> list[subprocess.CompletedProcess]:
+    """The finished commands (all of them, or up to the first that failed), once the job is done, or once its first
+    `commands` have finished. A test waits for it from now: it starts if it was still queued, and what still runs
+    goes back to the test's priority (on a machine others load too, niced work could wait long), as does what is
+    left. Past `timeout` the job is stopped, its processes killed, and the test fails."""
+    wanted = len(self._commands) if commands is None else commands
     with self._lock:
-      self._awaited = True
-      if self._proc is not None and self._proc.poll() is None:
-        _renice(self._proc.pid, os.getpriority(os.PRIO_PROCESS, 0))
+      self._awaited = max(self._awaited, wanted)
+      if self._proc is not None and self._proc.poll() is None and len(self._results) < wanted:
+        _renice(self._proc.pid, os.getpriority(os.PRIO_PROCESS, 0))  # the running command is one of them
     self.start()
-    self._thread.join(timeout)
-    assert not self._thread.is_alive(), f"{self._commands[len(self._results)].argv} still runs after {timeout} s"
-    return self._results
+    with self._lock:
+      finished = self._progress.wait_for(lambda: self._done or len(self._results) >= wanted, timeout)
+      if self._error is not None:
+        raise RuntimeError(f"the background job of {self.folder.name} failed") from self._error
+      results = list(self._results)
+    if not finished:
+      self.stop()
+      raise AssertionError(f"{self._commands[len(results)].argv} still ran after {timeout} s (stopped)")
+    return results
 
   def stop(self) -> None:
     with self._lock:
       self._stopped = True
       if self._proc is not None and self._proc.poll() is None:
-        self._proc.kill()
+        try:
+          os.killpg(self._proc.pid, signal.SIGKILL)  # the command and what it started (a trainer, a build)
+        except ProcessLookupError:
+          pass
+      if self._thread.ident is None:  # never started: nothing will finish it
+        self._done = True
+        self._progress.notify_all()
     if self._thread.ident is not None:
       self._thread.join()
 
@@ -110,8 +147,12 @@ def _renice(pid: int, niceness: int) -> None:
 def _dispatch(finished: Job | None = None) -> None:
   """Starts queued jobs while fewer than RUNNING run (`finished`: the job whose thread calls this as it ends)."""
   with _QUEUE_LOCK:
-    while _QUEUE and sum(j.running() and j is not finished for j in _JOBS.values()) < RUNNING:
-      _QUEUE.pop(0).start()
+    _RUNNING.discard(finished)
+    ready = []
+    while _QUEUE and len(_RUNNING) + len(ready) < RUNNING:
+      ready.append(_QUEUE.pop(0))
+  for queued in ready:  # outside the queue's lock: `start` takes it
+    queued.start()
 
 
 def register(module: str, fixture: str, factory: Factory) -> None:
@@ -136,7 +177,11 @@ def job(module: str, fixture: str, mktemp: Callable[[str], pathlib.Path], *, sta
   """The job of `fixture` of `module` (made now if it was not; `start`: started now if it was not)."""
   if (module, fixture) not in _JOBS:
     folder = mktemp(fixture)
-    _JOBS[(module, fixture)] = Job(_FACTORIES[(module, fixture)](folder), folder, mktemp(f"{fixture}_logs"))
+    try:
+      commands, error = _FACTORIES[(module, fixture)](folder), None
+    except Exception as e:  # pylint: disable=broad-except  (fails the tests that wait for it, not the session)
+      commands, error = [], e
+    _JOBS[(module, fixture)] = Job(commands, folder, mktemp(f"{fixture}_logs"), error)
   if start:
     _JOBS[(module, fixture)].start()
   return _JOBS[(module, fixture)]

@@ -77,15 +77,17 @@ def test_config_override_typo_suggests_the_field(tmp_path):
 def test_train_with_bad_input_prints_one_line_and_writes_nothing(tmp_path):
   """The issue's cases through the real command: res=0 and a nested typo; the corrected command is not blocked."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
-  workdir = tmp_path / "run"
-  base = [sys.executable, "-m", "qwenvl_jax.train", f"--config={REPO_ROOT / 'configs' / 'stage1.py'}",
-          f"--workdir={workdir}"]
+  base = [sys.executable, "-m", "qwenvl_jax.train", f"--config={REPO_ROOT / 'configs' / 'stage1.py'}"]
   cases = ((["--config.res=0"], "config.res=0 must be an integer >= 1"),
            (["--config.optimizer.learning_rate=1e-3"], "did you mean --config.optimizer.lr?"))
+  workdirs = [tmp_path / f"run{i}" for i in range(len(cases))]  # one each: they run at once
+
+  def train(i):
+    return subprocess.run(base + [f"--workdir={workdirs[i]}"] + cases[i][0], env=env, cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
   with concurrent.futures.ThreadPoolExecutor(2) as pool:  # each is a process start: overlap them
-    procs = list(pool.map(lambda extra: subprocess.run(base + extra, env=env, cwd=REPO_ROOT, capture_output=True,
-                                                       text=True, timeout=300), [extra for extra, _ in cases]))
-  for (_, expected), proc in zip(cases, procs):
+    procs = list(pool.map(train, range(len(cases))))
+  for (_, expected), proc, workdir in zip(cases, procs, workdirs):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.startswith("error: ") and expected in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr

@@ -80,9 +80,13 @@ def _succeeded(proc):
 
 
 @pytest.fixture(scope="module")
-def built_wheel(wheel_work) -> pathlib.Path:
-  """The package's wheel, built offline from a copy of the sources."""
-  folder, done = wheel_work
+def built_wheel(request, tmp_path_factory) -> pathlib.Path:
+  """The package's wheel, built offline from a copy of the sources (the job's first command: a test of the wheel
+  alone waits for no more, and the rest is stopped when no selected test needs it)."""
+  job = background.job(__name__, "wheel_work", tmp_path_factory.mktemp)
+  folder, done = job.folder, job.result(commands=1)
+  if not any("wheel_work" in getattr(item, "fixturenames", ()) for item in request.session.items):
+    job.stop()
   _succeeded(done[0])
   wheel, = (folder / "dist").glob("qwenvl_jax-*.whl")
   return wheel
