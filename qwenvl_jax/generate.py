@@ -5,12 +5,11 @@
   python -m qwenvl_jax.generate --model=tiny --tokenizer=sp.model --image=a.png --prompt="Describe it."   # random
 
 Chat mode (default, for Qwen-VL-Chat) wraps the images (by absolute path, so that a saved history works from any
-folder) and prompt as `Picture k:<img>…</img>\\n…` in ChatML after
-`--history` (a JSON list of [query, response] pairs, oldest first); `--chat_format=raw` feeds the base model the
-same text without ChatML. The answer streams to stdout. When it holds boxes, the latest picture with the boxes
-and labels drawn is written as a PNG to `--output_image` (default `<image stem>_boxes.png` next to that picture,
-with `_1`, `_2`, … added rather than replacing a file). `--save_history` writes the updated history as JSON to a new
-file.
+folder) and prompt as `Picture k:<img>…</img>\\n…` in ChatML after `--history` (a JSON list of [query, response] pairs,
+oldest first); `--chat_format=raw` feeds the base model the same text without ChatML. The answer streams to stdout. When
+it holds boxes, the latest picture with the boxes and labels drawn is written as a PNG to `--output_image` (default
+`<image stem>_boxes.png` next to that picture, with `_1`, `_2`, … added rather than replacing a file). `--save_history`
+writes the updated history as JSON to a new file.
 """
 
 from __future__ import annotations

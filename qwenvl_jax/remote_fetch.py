@@ -1,14 +1,14 @@
 """An http(s) GET bounded in time and in bytes: the remote images of `serve --allow_remote_images` and the image
 URLs of the cleaning pipeline (`clean`).
 
-urllib's `timeout` bounds each socket operation, not the exchange: a server that sends a byte of its headers or
-of its body every few seconds holds the fetch, and the worker thread checking the request, for as long as it
-likes, and `socket.getaddrinfo` has no timeout at all. Here one deadline covers the whole exchange, redirects
-included: resolving the host name (in a thread the caller stops waiting for at the deadline; the lookup itself ends
-when the system resolver gives up), connecting and every read of the status line, the headers and the body are each
-given the time left. A reply whose Content-Length is over the byte limit
-is refused before any of its body is read; one without it is read to one byte past the limit at most. Only http
-and https are followed (urllib's default opener would also follow a redirect to ftp://, with no deadline).
+urllib's `timeout` bounds each socket operation, not the exchange: a server that sends a byte of its headers or of its
+body every few seconds holds the fetch, and the worker thread checking the request, for as long as it likes, and
+`socket.getaddrinfo` has no timeout at all. Here one deadline covers the whole exchange, redirects included: resolving
+the host name (in a thread the caller stops waiting for at the deadline; the lookup itself ends when the system resolver
+gives up), connecting and every read of the status line, the headers and the body are each given the time left. A reply
+whose Content-Length is over the byte limit is refused before any of its body is read; one without it is read to one
+byte past the limit at most. Only http and https are followed (urllib's default opener would also follow a redirect to
+ftp://, with no deadline).
 """
 
 from __future__ import annotations

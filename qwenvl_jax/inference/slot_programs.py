@@ -18,16 +18,15 @@ joining prompts left-padded, as `decode.prefill` (the last position is the next-
 `lm_head`), then rolls each row left by its padding and writes it into its slot row, clearing the rest of the row
 (the previous occupant's keys are never attended again: their segment ids are 0).
 
-Shapes are fixed per (k, P) for prefill, per n for encode and per (R, W) for decode (R: a power of two covering
-the highest busy slot, so one client costs a one-row step, not a B-row one; W: a bucket covering the furthest
-position the call reaches, so short conversations do not read the whole cache), so a server warms them all up
-front and never compiles again (`serving.engine.Engine`). A decode call runs K steps in one program (the token
-of step j feeds step j + 1 on the device): the host's per-call work (dispatch, transfers, delivering tokens) is
-paid once per K tokens, as the whole-loop `decode.Generator` pays it once per answer. Images are encoded in one call
-for every joining
-request (any number per request, anywhere in its history); the k-th `<imgpad>` of a prompt takes feature
-k % Q of the prompt's image k // Q, as `QwenVL.embed`. Dynamic NTK (per-row RoPE base, decided at prefill and
-kept) and logn scaling are on, as in `decode.Generator`.
+Shapes are fixed per (k, P) for prefill, per n for encode and per (R, W) for decode (R: a power of two covering the
+highest busy slot, so one client costs a one-row step, not a B-row one; W: a bucket covering the furthest position
+the call reaches, so short conversations do not read the whole cache), so a server warms them all up front and never
+compiles again (`serving.engine.Engine`). A decode call runs K steps in one program (the token of step j feeds step
+j + 1 on the device): the host's per-call work (dispatch, transfers, delivering tokens) is paid once per K tokens, as
+the whole-loop `decode.Generator` pays it once per answer. Images are encoded in one call for every joining request
+(any number per request, anywhere in its history); the k-th `<imgpad>` of a prompt takes feature k % Q of the
+prompt's image k // Q, as `QwenVL.embed`. Dynamic NTK (per-row RoPE base, decided at prefill and kept) and logn
+scaling are on, as in `decode.Generator`.
 """
 
 from __future__ import annotations

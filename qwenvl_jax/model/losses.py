@@ -6,15 +6,15 @@ Logits are upcast to float32 before the log-softmax (bf16 logits would lose the 
 options of a multiple-choice question, and the training loss is reported in float32); the cross-entropy itself is
 `optax.losses.softmax_cross_entropy_with_integer_labels` (logsumexp minus the target logit).
 
-Chunked (`chunked_*`, from the final hidden states and the `lm_head` kernel): at full size the `[B, T, 151936]`
-logits upcast to float32 are the largest activation of a training step (about 10 GB per chip at the stage-2
-micro-batch on v5p-128), and their gradient is another buffer of the same size. Here the `lm_head` matmul, the float32
-log-softmax and the pick of the target logit run inside a `lax.scan` over K
-sequence chunks, and the chunk body is `jax.checkpoint`ed with nothing saved: the forward pass keeps only the
-per-token losses, the backward pass recomputes one chunk's `[B, C, V]` logits at a time and turns them into that
-chunk's hidden-state gradient and its share of the `lm_head` kernel gradient (accumulated by the scan in the
-kernel's dtype, float32 for a float32 parameter). Peak memory of the loss is then a few `[B, C, V]` buffers
-instead of several `[B, T, V]` ones; compute is one extra `lm_head` matmul (the recomputation).
+Chunked (`chunked_*`, from the final hidden states and the `lm_head` kernel): at full size the `[B, T, 151936]` logits
+upcast to float32 are the largest activation of a training step (about 10 GB per chip at the stage-2 micro-batch on
+v5p-128), and their gradient is another buffer of the same size. Here the `lm_head` matmul, the float32 log-softmax and
+the pick of the target logit run inside a `lax.scan` over K sequence chunks, and the chunk body is `jax.checkpoint`ed
+with nothing saved: the forward pass keeps only the per-token losses, the backward pass recomputes one chunk's
+`[B, C, V]` logits at a time and turns them into that chunk's hidden-state gradient and its share of the `lm_head`
+kernel gradient (accumulated by the scan in the kernel's dtype, float32 for a float32 parameter). Peak memory of the
+loss is then a few `[B, C, V]` buffers instead of several `[B, T, V]` ones; compute is one extra `lm_head` matmul (the
+recomputation).
 
 Numerics are those of `QwenLM.lm_head` followed by the float32 cross-entropy: logits are computed in the compute
 dtype `dtype` (bf16 at scale) from the kernel cast to it, then upcast before the log-softmax. Chunking only splits

@@ -15,13 +15,12 @@ Layout. An `Einsum(spec, kernel)` becomes a `QuantizedEinsum` holding
   scale   float32, the kernel's rank               e.g. [L, 1, 3, N, H] (int8) or [L, D/G, 3, N, H] (int4)
   bias    as before (the compute dtype)
 Scales are per output channel (every non-contracted axis of the kernel, the stacked `layers` axis included, so
-each layer has its own scales); int4 adds groups of G along the last contracted axis (the per-group scheme of
-GPTQ/AWQ int4 checkpoints; any other contracted axis then gets a scale per index, so a group is G consecutive
-inputs of the flattened input), or one group when G does not divide it. The embedding `[V, D]` gets one scale per
-row (int8) or per row and group (int4). nf4 (QLoRA training's default) groups like int4 and stores uint4 codes
-of qwix's NormalFloat4 table (as int4, code - 8), absmax-scaled per group. Both arrays keep the kernel's logical axis
-names, so a rule table shards
-`qvalue` exactly as it sharded the kernel, and a scale axis shards with it where the mesh divides it (a length-1
+each layer has its own scales); int4 adds groups of G along the last contracted axis (the per-group scheme of GPTQ/AWQ
+int4 checkpoints; any other contracted axis then gets a scale per index, so a group is G consecutive inputs of the
+flattened input), or one group when G does not divide it. The embedding `[V, D]` gets one scale per row (int8) or per
+row and group (int4). nf4 (QLoRA training's default) groups like int4 and stores uint4 codes of qwix's NormalFloat4
+table (as int4, code - 8), absmax-scaled per group. Both arrays keep the kernel's logical axis names, so a rule table
+shards `qvalue` exactly as it sharded the kernel, and a scale axis shards with it where the mesh divides it (a length-1
 contracted axis stays replicated).
 
 Compute. `QuantizedEinsum` calls qwix's einsum on `QArray(qvalue, scale)` (weight-only: the activation stays in

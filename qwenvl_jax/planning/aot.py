@@ -7,10 +7,9 @@ allocated, so a 9.6B-parameter train step compiles for a v5p-128 on a laptop) an
   (donated buffers reused as outputs), temporaries (activations, gradients, collectives' buffers) and generated
   code; total = arguments + outputs - aliased + temporaries + code, against the chip's HBM;
 - cost per chip from `cost_analysis()`: `flops`, `bytes accessed`, and XLA's own roofline `optimal_seconds`;
-- an estimated step time (XLA's `optimal_seconds`, else the roofline max(flops / peak, bytes / HBM bandwidth),
-  plus the FLOPs XLA misses when scanned layers make it count a loop body once: see `jaxpr_flops`), hence MFU = model
-  FLOPs / (step time x chips x peak). It is a lower bound on time and so an upper
-  bound on MFU when communication is ignored;
+- an estimated step time (XLA's `optimal_seconds`, else the roofline max(flops / peak, bytes / HBM bandwidth), plus
+  the FLOPs XLA misses when scanned layers make it count a loop body once: see `jaxpr_flops`), hence MFU = model FLOPs /
+  (step time x chips x peak). It is a lower bound on time and so an upper bound on MFU when communication is ignored;
 - communication per chip from the compiled program's collectives (`collectives`: all-gather, reduce-scatter,
   all-reduce, all-to-all, collective-permute with their bytes and replica groups) at the chip's ICI / DCN
   bandwidth (ring model), hence a step-time range: full overlap (max(compute, communication), what XLA's

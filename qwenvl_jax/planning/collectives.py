@@ -21,13 +21,12 @@ dimensions the group spans, s slices it spans.
 Ring model (per device, bandwidth term + a latency term per ring step):
   all-gather       (n-1)/n x S_out      reduce-scatter  (n-1)/n x S_in      all-reduce   2(n-1)/n x S
   all-to-all       (n-1)/n x S          collective-permute  S (one neighbour, one link)
-sent over bidirectional rings on each of the k torus dimensions the group spans at once: ICI bandwidth
-2 x k x (one-way link bandwidth), at most the chip's links. A group spanning s > 1 slices is hierarchical: the
-ICI part over n/s devices as above, and the same ring factor over s slices for S/(n/s) bytes at the chip's DCN
-bandwidth. Multi-slice TPU programs show their cross-slice collectives as megascale host sends
-(`_xla_megascale_transfer_type`), priced with the ring factor over the slices at DCN bandwidth. Latency: 1 us per ICI
-ring step, 10 us per DCN step. This is an estimate of the traffic's wire time,
-not a simulation: contention between concurrent collectives, torus wraparound on small slices and
+sent over bidirectional rings on each of the k torus dimensions the group spans at once: ICI bandwidth 2 x k x (one-way
+link bandwidth), at most the chip's links. A group spanning s > 1 slices is hierarchical: the ICI part over n/s devices
+as above, and the same ring factor over s slices for S/(n/s) bytes at the chip's DCN bandwidth. Multi-slice TPU programs
+show their cross-slice collectives as megascale host sends (`_xla_megascale_transfer_type`), priced with the ring factor
+over the slices at DCN bandwidth. Latency: 1 us per ICI ring step, 10 us per DCN step. This is an estimate of the
+traffic's wire time, not a simulation: contention between concurrent collectives, torus wraparound on small slices and
 congestion are ignored.
 """
 from __future__ import annotations

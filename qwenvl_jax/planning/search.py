@@ -15,8 +15,8 @@ Full-size compiles take minutes each, so the search is bounded in three steps:
      and reduce-scatters of every micro-batch and tensor-parallel all-reduces on ICI, ring model): candidates over
      `PRUNE_FACTOR` x HBM are dropped unseen;
   2. the `max_compiles` best of the rest (estimated to fit first, then by analytic time) are AOT-compiled
-  (`train_plan.plan_stage`), and their
-     real memory (memory_analysis) and compute + communication estimate (`collectives`) replace the guesses;
+     (`train_plan.plan_stage`), and their real memory (memory_analysis) and compute + communication estimate
+     (`collectives`) replace the guesses;
   3. compiled results are cached as JSON under `cache_dir`, keyed by config, topology and candidate, so a re-run
      (or a wider search) compiles only what is new.
 The table ranks the compiled plans that fit by estimated step time (the mean of full- and no-overlap), then the

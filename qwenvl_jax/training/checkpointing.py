@@ -8,10 +8,9 @@ Layout of `<workdir>/checkpoints/<step>/`:
   data/        the grain iterator state, one file per process
   meta/        JSON: step, the config fingerprint, wall time
 
-Saving is asynchronous (the arrays are copied off the device, then written in the background while training
-continues); the manager keeps the newest N, the loop decides when to save. `save(force=True)` is used for the final
-and the
-SIGTERM checkpoint. Restores go straight into the target shardings, so no host ever holds the whole model.
+Saving is asynchronous (the arrays are copied off the device, then written in the background while training continues);
+the manager keeps the newest N, the loop decides when to save. `save(force=True)` is used for the final and the SIGTERM
+checkpoint. Restores go straight into the target shardings, so no host ever holds the whole model.
 
 Paths go through `etils.epath` (as Orbax does), so a `gs://` workdir or `trainer:gs://...` init spec is used as
 given; local paths are made absolute. Returned paths are strings.
