@@ -144,8 +144,9 @@ def main(argv):
     image_lib.open_image(path)
 
   # The settings are checked before the weights load (minutes at full size); the tokenizer's ids come later.
-  inference.GenerationConfig(max_new_tokens=FLAGS.max_new_tokens, do_sample=FLAGS.do_sample,
-                             temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p)
+  settings = dict(max_new_tokens=FLAGS.max_new_tokens, do_sample=FLAGS.do_sample, temperature=FLAGS.temperature,
+                  top_k=FLAGS.top_k, top_p=FLAGS.top_p)
+  inference.GenerationConfig(**settings)
   history = _read_history(FLAGS.history)
   missing = _missing_pictures(history)
   source = cli.model_source_from_flags()
@@ -158,9 +159,7 @@ def main(argv):
     _refuse_missing_pictures(missing, FLAGS.history, _dropped_turns(source, query, history))
   # The loaders enter the mesh themselves, after the abstract (mesh-free) trace: built outside `use_rules`.
   source, tok, _, mesh, rules, model = cli.load_model_from_flags(source)
-  gen_cfg = inference.chat_generation_config(
-      tok, source.chat_format, max_new_tokens=FLAGS.max_new_tokens, do_sample=FLAGS.do_sample,
-      temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p)
+  gen_cfg = inference.chat_generation_config(tok, source.chat_format, **settings)
   with sharding.use_rules(mesh, rules):
     generator = inference.Generator(model, kv_cache_dtype=None if FLAGS.kv_cache_dtype == "auto" else "int8")
     reply = inference.chat_stream(generator, tok, query, history, system=FLAGS.system,
