@@ -8,8 +8,10 @@ Endpoints: POST /v1/chat/completions (OpenAI schema, `stream: true` for server-s
 GET /health (slots, queue, open requests, compile counts), and a chat page at /. Binds 127.0.0.1 unless --host
 says otherwise. Every program is compiled before the port opens (`serving.Engine` warm-up), so the first request
 is as fast as any other. Limits on request bodies (size, stalls) and on the requests held at once answer 413, 408
-and 429; an answer its client stops reading is cut (`serving.limits`). Ctrl-C (SIGINT) or SIGTERM stops it
-gracefully (open streams end first); a second Ctrl-C stops at once. See qwenvl_jax/serving/ and README "Serving".
+and 429; an answer its client stops reading is cut (`serving.limits`); a request head must arrive within
+--header_timeout, and a closed connection whose last bytes stay unread for --send_timeout is reset
+(`serving.connection`). Ctrl-C (SIGINT) or SIGTERM stops it gracefully (open streams end first); a second Ctrl-C
+stops at once. See qwenvl_jax/serving/ and README "Serving".
 """
 
 from __future__ import annotations
@@ -49,7 +51,11 @@ flags.DEFINE_integer("max_request_bytes", None, "Largest request body in bytes, 
                      "--max_images images of --max_image_bytes as base64 data: URLs, plus 1 MiB of text).")
 flags.DEFINE_float("body_timeout", 60.0, "Seconds a request body may send nothing before it is answered 408.")
 flags.DEFINE_float("send_timeout", 60.0, "Seconds an answer may wait for a client that reads nothing (its socket "
-                   "buffers full) before the answer is cut and its decode slot freed.")
+                   "buffers full) before the answer is cut and its decode slot freed; also how long a closed "
+                   "connection may leave its last bytes unread before it is reset.")
+flags.DEFINE_float("header_timeout", 60.0, "Seconds a connection may take to send a whole request head (from its "
+                   "opening or its previous answer's end): a partial head is then answered 408, a silent connection "
+                   "closed.")
 flags.DEFINE_integer("max_waiting", 128, "Most requests held beyond the --num_slots being decoded (being received, "
                      "checked or waiting for a slot); more are answered 429 with Retry-After.")
 flags.DEFINE_string("system", "You are a helpful assistant.", "Default system message (chatml).")
@@ -99,7 +105,7 @@ def build(argv_flags=FLAGS):
   for name in ("max_tokens_limit", "max_image_bytes", "max_image_pixels", "max_request_bytes"):
     if f[name].value is not None and f[name].value < 1:
       raise errors.ConfigError(f"--{name}={f[name].value} must be >= 1")
-  for name in ("body_timeout", "send_timeout"):
+  for name in ("body_timeout", "send_timeout", "header_timeout"):
     if not f[name].value > 0:
       raise errors.ConfigError(f"--{name}={f[name].value:g} must be > 0 (seconds)")
   if f.max_waiting < 0:
@@ -132,6 +138,7 @@ def build(argv_flags=FLAGS):
       model_name=f.served_model_name or source.preset, chat_format=source.chat_format, system=f.system,
       max_tokens_limit=f.max_tokens_limit, api_key=f.api_key, cors_origins=tuple(f.cors_origins),
       max_request_bytes=f.max_request_bytes, body_timeout=f.body_timeout, send_timeout=f.send_timeout,
+      header_timeout=f.header_timeout,
       max_waiting=f.max_waiting,
       images=messages.ImagePolicy(max_bytes=f.max_image_bytes, max_pixels=f.max_image_pixels,
                                   image_root=f.image_root, allow_remote=f.allow_remote_images))
@@ -172,7 +179,8 @@ def _uvicorn_server(app_, host: str, port: int):
         for sig, handler in original.items():
           signal.signal(sig, handler)
 
-  return Server(uvicorn.Config(app_, host=host, port=port, log_level="warning"))
+  from qwenvl_jax.serving import api  # pylint: disable=import-outside-toplevel
+  return Server(api.uvicorn_config(app_, host, port))
 
 
 def main(argv):

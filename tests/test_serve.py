@@ -15,6 +15,7 @@ _CASES = {
     "--body_timeout=0": "--body_timeout=0 must be > 0",
     "--body_timeout=nan": "--body_timeout=nan must be > 0",
     "--send_timeout=-1": "--send_timeout=-1 must be > 0",
+    "--header_timeout=0": "--header_timeout=0 must be > 0",
     "--max_waiting=-1": "--max_waiting=-1 must be >= 0",
 }
 # Parses each case's flags and prints the first line of serve.build()'s ConfigError (or 'built'), one per line.

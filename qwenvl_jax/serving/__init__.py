@@ -6,7 +6,7 @@
 
 Layers: `slots` (the jitted encode / prefill / decode of `inference.slot_programs` over the slot cache),
 `engine` (the scheduling thread), `compile_monitor` (JAX compile events), and the HTTP side in `api` (its request
-limits in `limits`, remote images fetched by `qwenvl_jax.remote_fetch`).
+limits in `limits`, its connection deadlines in `connection`, remote images fetched by `qwenvl_jax.remote_fetch`).
 """
 from qwenvl_jax.serving.engine import Engine
 from qwenvl_jax.serving.engine import Failed

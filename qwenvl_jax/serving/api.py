@@ -17,7 +17,8 @@ Grounding: the final message carries `boxes` (an extension field), the answer's 
 Safety: every bad request gets a 4xx JSON body in OpenAI's error shape (`messages.RequestError`), malformed JSON
 included; optional bearer key on `/v1/*` (`auth`, checked before anything else); limits on images (bytes, pixels,
 count), prompt + max_tokens (the engine's context) and max_tokens; on the request body's size and stalls, and on
-the requests held at once (`limits`: 413, 408, 429).
+the requests held at once (`limits`: 413, 408, 429); on the request head's arrival and on a closed connection's
+unread bytes (`connection`, the uvicorn protocol `uvicorn_config` sets).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from starlette.requests import ClientDisconnect
 from qwenvl_jax import text as qtext
 from qwenvl_jax.inference import slot_sampling
 from qwenvl_jax.serving import auth
+from qwenvl_jax.serving import connection as connection_lib
 from qwenvl_jax.serving import engine as engine_lib
 from qwenvl_jax.serving import limits as limits_lib
 from qwenvl_jax.serving import messages as msg
@@ -59,8 +61,10 @@ class ServerConfig:
   server's own chat page can); max_request_bytes: the largest request body (None: room for the most images of
   the largest size as data: URLs, `limits.default_max_body_bytes`); body_timeout: seconds a request body may send
   nothing; send_timeout: seconds one write of an answer may wait for the client to read (then the answer is cut
-  and its slot freed); max_waiting: the most requests held beyond the engine's decode slots (being received,
-  checked or queued); more are answered 429 (`limits`)."""
+  and its slot freed; also how long a closed connection may leave its last bytes unread before it is reset);
+  header_timeout: seconds a connection may take to send a whole request head (`connection`); max_waiting: the
+  most requests held beyond the engine's decode slots (being received, checked or queued); more are answered 429
+  (`limits`)."""
   model_name: str
   chat_format: str = "chatml"
   system: str = qtext.DEFAULT_SYSTEM
@@ -75,6 +79,7 @@ class ServerConfig:
   max_request_bytes: int | None = None
   body_timeout: float = 60.0
   send_timeout: float = 60.0
+  header_timeout: float = 60.0
   max_waiting: int = 128
 
 
@@ -188,6 +193,9 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
   limits = limits_lib.RequestLimits(max_open=engine.num_slots + config.max_waiting, max_body_bytes=max_body,
                                     body_timeout=config.body_timeout, send_timeout=config.send_timeout)
   app.add_middleware(limits.middleware)
+  # The connection's deadlines live in uvicorn's protocol, which `uvicorn_config` takes from here.
+  app.state.connections = connection_lib.ConnectionLimits(header_timeout=config.header_timeout,
+                                                          close_timeout=config.send_timeout)
   if config.api_key is not None:  # outside the limits: a client without the key gets 401, never 413 or 429
     app.add_middleware(auth.require_key, api_key=config.api_key)
   if config.cors_origins:  # added last, so outermost: the key's and the limits' refusals carry its headers too
@@ -212,7 +220,7 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
   async def health():
     stats = engine.stats()
     return JSONResponse({"status": "ok" if stats["healthy"] else "failed", "model": config.model_name, **stats,
-                         **limits.stats()},
+                         **limits.stats(), **app.state.connections.stats()},
                         status_code=200 if stats["healthy"] else 503)
 
   def _model_card() -> dict:
@@ -403,11 +411,21 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
   return app
 
 
+def uvicorn_config(app, host: str, port: int, connections: connection_lib.ConnectionLimits | None = None):
+  """uvicorn's config serving `app` on host:port with the connection deadlines of `connections` (by default those
+  `create_app` made, or the defaults for another ASGI app)."""
+  import uvicorn  # pylint: disable=import-outside-toplevel
+  connections = connections or getattr(getattr(app, "state", None), "connections", None)
+  connections = connections or connection_lib.ConnectionLimits()
+  return uvicorn.Config(app, host=host, port=port, log_level="warning", http=connections.protocol)
+
+
 class ThreadedServer:
   """uvicorn serving `app` on host:port (port 0 = a free one) in a daemon thread: for tests and benchmarks that
-  need a real HTTP server next to the code that drives it."""
+  need a real HTTP server next to the code that drives it (`connections`: as `uvicorn_config`)."""
 
-  def __init__(self, app, host: str = "127.0.0.1", port: int = 0, start_timeout: float = 30.0):
+  def __init__(self, app, host: str = "127.0.0.1", port: int = 0, start_timeout: float = 30.0,
+               connections: connection_lib.ConnectionLimits | None = None):
     import socket  # pylint: disable=import-outside-toplevel
     import threading  # pylint: disable=import-outside-toplevel
     import uvicorn  # pylint: disable=import-outside-toplevel
@@ -416,7 +434,7 @@ class ThreadedServer:
         s.bind((host, 0))
         port = s.getsockname()[1]
     self.port, self.url = port, f"http://{host}:{port}"
-    self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    self._server = uvicorn.Server(uvicorn_config(app, host, port, connections))
     self._thread = threading.Thread(target=self._server.run, daemon=True, name="uvicorn")
     self._thread.start()
     deadline = time.monotonic() + start_timeout

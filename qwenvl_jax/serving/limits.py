@@ -20,8 +20,8 @@ answer may wait for a client that reads nothing.
     other; a bare 408 when nothing was sent yet); otherwise, and at once for an answer with a Content-Length (a
     JSON body cannot be ended early), the app returns without completing it and uvicorn closes the connection,
     logging one line (`closed_send_timeout` counts these). asyncio flushes what is already buffered (~100 KB)
-    before it lets go of a closed socket, so a client that keeps its connection and never reads still holds one
-    socket, as does one that never ends its headers (uvicorn has no header timeout): a reverse proxy bounds both.
+    before it lets go of a closed socket; `connection` resets one whose client still reads nothing `send_timeout`
+    later, and bounds the wait for a request's headers, which no ASGI middleware sees.
 
 Every refusal is an OpenAI error body (`messages.RequestError`) and closes the connection, so the rest of a refused
 body is never read. Starlette's `RequestBodyLimitMiddleware` (FastAPI's `max_body_size`) is not used: it answers a
