@@ -56,8 +56,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 class StepPlan:
   """What the compiler predicts for one step on one chip of the mesh.
 
-  When XLA refuses to compile because the program exceeds HBM, `compile_error` holds its message, the
-  temporaries come from that message and the arguments from the input shardings; cost figures are None.
+  When XLA refuses to compile because the program exceeds HBM, `compile_error` holds its message, the arguments
+  come from the input shardings and the temporaries are the message's total less them; cost figures are None.
 
   Byte and FLOP figures are per chip; `model_flops` is for the whole step on all chips (the MFU numerator, from
   the caller's analytic count: 6 x params x tokens, causal attention halved, frozen parts forward only).
@@ -80,6 +80,9 @@ class StepPlan:
   compile_error: str = ""
   program_flops: float | None = None
   comm: collectives.CommEstimate | None = None
+  # What shrinks this program's temporaries, when it is not a training step (whose remedies, batch, remat and a
+  # tensor axis, `advice` names otherwise): e.g. a server prefill's "fewer requests per prefill".
+  remedy: str = ""
 
   @property
   def total_bytes(self) -> int:
@@ -223,7 +226,10 @@ class StepPlan:
     over = self.total_bytes - hbm
     tips = []
     fixed = self.argument_bytes + self.output_bytes - self.alias_bytes + self.code_bytes
-    if fixed > TIGHT_FRACTION * hbm:
+    if fixed > TIGHT_FRACTION * hbm and self.remedy:
+      tips.append(f"weights, KV cache and inputs alone take {fixed / GIB:.1f} GiB per chip: int8 or int4 weights, "
+                  f"an int8 KV cache, fewer slots or a shorter context, or more chips (tensor parallelism)")
+    elif fixed > TIGHT_FRACTION * hbm:
       tips.append(f"parameters + optimizer state + batch alone take {fixed / GIB:.1f} GiB per chip: shard them over "
                   f"more chips (a larger fsdp degree or slice), freeze more of the model, or keep fewer f32 copies")
     elif self.temp_bytes:
@@ -232,10 +238,13 @@ class StepPlan:
       batch_tip = ""
       if self.global_batch:
         batch_tip = f" (global batch {self.global_batch} -> at most ~{max(int(self.global_batch * scale), 0)})"
-      tips.append(f"temporaries (activations, gradients) take {self.temp_bytes / GIB:.1f} GiB per chip: cut the "
-                  f"per-chip batch to ~{scale:.0%} of now{batch_tip}, or remat more (--config.remat=full saves "
-                  f"only each layer's input), or split activations with a tensor axis")
-    if self.output_bytes > self.alias_bytes and self.output_bytes - self.alias_bytes > 0.1 * hbm:
+      if self.remedy:
+        tips.append(f"temporaries take {self.temp_bytes / GIB:.1f} GiB per chip: {self.remedy}")
+      else:
+        tips.append(f"temporaries (activations, gradients) take {self.temp_bytes / GIB:.1f} GiB per chip: cut the "
+                    f"per-chip batch to ~{scale:.0%} of now{batch_tip}, or remat more (--config.remat=full saves "
+                    f"only each layer's input), or split activations with a tensor axis")
+    if not self.remedy and self.output_bytes > self.alias_bytes and self.output_bytes - self.alias_bytes > 0.1 * hbm:
       tips.append(f"{(self.output_bytes - self.alias_bytes) / GIB:.1f} GiB of outputs are not aliased to inputs: "
                   f"donate the train state (donate_argnums) so updated params reuse their buffers")
     if over > 0:
@@ -252,7 +261,8 @@ class StepPlan:
     lines = []
     if self.compile_error:
       lines += [f"the compiler ran out of memory: {self.compile_error}",
-                "  (figures below: arguments from the input shardings, temporaries from the error; no cost)"]
+                "  (figures below: arguments from the input shardings, temporaries the error's total less them; "
+                "no cost)"]
     lines += [
         f"per-chip memory ({self.chip.name}, {hbm / GIB:.0f} GiB HBM, {self.num_chips} "
         f"chip{'s' if self.num_chips != 1 else ''}):",
@@ -452,16 +462,20 @@ def oom_plan(message: str, chip: ChipSpec, num_chips: int, *, argument_bytes: in
              compile_seconds: float = 0.0) -> StepPlan:
   """A "does not fit" plan from XLA's RESOURCE_EXHAUSTED compile error.
 
-  Understands "... HLO temporaries (20.30G) exceeds available HBM (15.75G)" and "Used 20.3G of 15.75G hbm";
-  when neither matches, temporaries are set so the total just exceeds HBM (a lower bound).
+  Understands "... the total memory required for HLO temporaries (20.30G) exceeds available HBM (15.75G)" and
+  "Used 20.3G of 15.75G hbm"; when neither matches, temporaries are set so the total just exceeds HBM (a lower
+  bound). Both figures are the program's whole requirement, its arguments included, despite the first one's
+  wording, so the temporaries are that figure less `argument_bytes`. Measured with libtpu 0.0.42.1 on v5e-1: the
+  full-size bf16 decode call (arguments 25.99 GiB) reported 28.99G; the int8 server's prefill of 2 requests
+  (arguments 13.12 GiB) reported 16.16G, where the same program compiled for v6e-1 (32 GiB) has 3.26 GiB of
+  temporaries and one request fits v5e-1 with 2.31. Taken as temporaries alone, the plans counted the arguments
+  twice (54.98 GiB for the first).
   """
   first = message.strip().splitlines()[0] if message.strip() else message
   temps = re.search(r"temporaries \(" + _SIZE + r"\)", message)
   used = re.search(r"[Uu]sed " + _SIZE + r" of " + _SIZE, message)
-  if temps:
-    temp_bytes = _parse_size(*temps.groups())
-  elif used:
-    temp_bytes = max(_parse_size(*used.groups()[:2]) - argument_bytes, 0)
+  if temps or used:
+    temp_bytes = max(_parse_size(*(temps or used).groups()[:2]) - argument_bytes, 0)
   else:
     temp_bytes = max(chip.hbm_bytes - argument_bytes + 1, 0)
   return StepPlan(chip=chip, num_chips=num_chips, argument_bytes=argument_bytes, output_bytes=0, alias_bytes=0,

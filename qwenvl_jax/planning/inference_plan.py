@@ -70,6 +70,22 @@ def default_prompt(context: int, server: bool) -> int:
   return context if server else min(GENERATOR_PROMPT, context)
 
 
+# What shrinks each program's temporaries (`aot.StepPlan.remedy`: printed under a program that does not fit, in
+# place of a training step's batch / remat / tensor-axis advice).
+REMEDIES = {
+    "decode": "fewer rows (batch) or a shorter context",
+    "prefill": "fewer rows per prefill (prefill_batch) or shorter prompts (prompt)",
+    "server_decode": "fewer slots (serve's --num_slots) or a shorter context (--context)",
+    "server_prefill": "fewer requests per prefill (serve's --prefill_batch) or a shorter context (serve's --context: "
+                      "the longest prompt it prefills)",
+    "encode": "fewer images per prefill (serve's --max_images x --prefill_batch)",
+}
+
+
+def _remedy(plan: aot.StepPlan | None, program: str) -> aot.StepPlan | None:
+  return plan and dataclasses.replace(plan, remedy=REMEDIES[program])
+
+
 @dataclasses.dataclass(frozen=True)
 class InferencePlan:
   """The two compiled programs' plans and what they were built from."""
@@ -129,12 +145,30 @@ class InferencePlan:
             "what_would_fit": None if fits else self.what_would_fit()}
 
   def what_would_fit(self) -> str:
+    """What to change, naming the program that does not fit: a prefill or an image encoding over HBM is fixed by
+    its own sizes (fewer requests or images at once, shorter prompts), not by fewer decode rows."""
     f = self.facts
     hbm = self.decode.chip.hbm_bytes
+    tips = []
+    resident = self.cache_bytes // self.decode.num_chips
+    over = lambda plan, extra=0: plan is not None and (not plan.fits or plan.total_bytes + extra > hbm)
+    if over(self.prefill):
+      what = "requests" if f.get("server") else "rows"
+      if f.get("prefill_batch", 1) > 1:
+        tips.append(f"the prefill of {f['prefill_batch']} {what} at once does not fit: plan it with "
+                    f"prefill_batch=1 (serve's --prefill_batch; its temporaries need not shrink in proportion)")
+      else:
+        tips.append(f"the prefill of one {f.get('prompt')}-token prompt does not fit: a shorter "
+                    + ("context (serve's --context: the longest prompt it prefills)" if f.get("server") else "prompt"))
+    if over(self.encode, resident):
+      tips.append(f"encoding {f.get('prefill_batch', 1) * f.get('images', 0)} images at once does not fit: fewer "
+                  f"images per request or fewer requests per prefill (serve's --max_images, --prefill_batch)")
+    if tips and not over(self.decode):
+      return "; ".join(tips)
     per_row_cache = self.cache_bytes / f["batch"] / self.decode.num_chips
     fixed = self.decode.argument_bytes - self.cache_bytes / self.decode.num_chips
     rows = int((aot.TIGHT_FRACTION * hbm - fixed - self.decode.temp_bytes) // max(per_row_cache, 1))
-    tips = [f"at most ~{max(rows, 0)} rows with this cache"]
+    tips.append(f"at most ~{max(rows, 0)} {'slots' if f.get('server') else 'rows'} with this cache")
     if f["kv_cache_dtype"] != "int8":
       tips.append("an int8 KV cache (--kv_cache_dtype=int8) halves the cache")
     if f["quantize"] != "int4":
@@ -220,6 +254,7 @@ def plan_inference(cfg: QwenVLConfig, topology: chips.Topology, *, quantize: str
                                                   scalar, vec(batch, jnp.float32)),
                                       chip=topology.chip, mesh=mesh, donate_argnums=3, count_program_flops=False,
                                       keep_unused=True, tokens=batch)  # the ViT's weights are resident too
+  decode_plan = _remedy(decode_plan, "decode")
   prefill_plan = None
   if with_prefill:
     s, k = cfg.vision.image_size, prefill_batch
@@ -237,7 +272,8 @@ def plan_inference(cfg: QwenVLConfig, topology: chips.Topology, *, quantize: str
       _, prefill_plan = aot.compile_step(prefill_fn, (state, arrays, pcache, vec(k, jnp.float32)),
                                          chip=topology.chip, mesh=mesh, donate_argnums=2,
                                          count_program_flops=False, keep_unused=True, tokens=k * prompt)
-  return InferencePlan(decode_plan, prefill_plan, qlib.weight_bytes(abstract_state), _tree_bytes(cache), facts)
+  return InferencePlan(decode_plan, _remedy(prefill_plan, "prefill"), qlib.weight_bytes(abstract_state),
+                       _tree_bytes(cache), facts)
 
 
 def _sizes(server: bool, batch: int, images: int | None, prefill_batch: int | None) -> tuple[int, int]:
@@ -287,6 +323,7 @@ def _plan_server(cfg, topology, graphdef, state, as_state, cache, mesh, rules, *
                     rows(batch, jnp.float32), sampling(batch)),
         chip=topology.chip, mesh=mesh, donate_argnums=1, count_program_flops=False, keep_unused=True,
         tokens=batch * decode_steps)
+  decode_plan = _remedy(decode_plan, "server_decode")
   if not with_prefill:
     return InferencePlan(decode_plan, None, weight_bytes, _tree_bytes(cache), facts)
   k, q, d, s = prefill_batch, cfg.image_tokens, cfg.llm.width, cfg.vision.image_size
@@ -311,7 +348,8 @@ def _plan_server(cfg, topology, graphdef, state, as_state, cache, mesh, rules, *
       _, encode_plan = aot.compile_step(
           encode_fn, (state, sharded((feature_slots, s, s, 3), jnp.uint8, (None,) * 4)),
           chip=topology.chip, mesh=mesh, count_program_flops=False, keep_unused=True)
-  return InferencePlan(decode_plan, prefill_plan, weight_bytes, _tree_bytes(cache), facts, encode_plan)
+  return InferencePlan(decode_plan, _remedy(prefill_plan, "server_prefill"), weight_bytes, _tree_bytes(cache), facts,
+                       _remedy(encode_plan, "encode"))
 
 
 # The keys of `python -m qwenvl_jax.plan --inference=key=value,...` and their defaults (which give their types);

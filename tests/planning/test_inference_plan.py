@@ -11,13 +11,15 @@ from tests.training import helpers
 
 
 def _plan(quantize, kv_cache_dtype, with_prefill) -> dict:
-  # One child per plan: libtpu (0.0.42.1) crashed compiling a third program in one process.
+  # One child per plan: libtpu (0.0.42.1) crashed compiling a third program in one process. 112 px, not 56: the
+  # int8 prefill at 56 px (a 4 x 4 patch grid) crashes libtpu 0.0.42.1 itself (SIGSEGV in its convolution cost
+  # model); 112 px and 224 px compile.
   return run_json(f"""
       import json
       from qwenvl_jax.hardware import chips
       from qwenvl_jax.model import get_preset
       from qwenvl_jax.planning import inference_plan
-      cfg = get_preset("tiny", dtype="bfloat16", param_dtype="bfloat16", remat_policy="none").with_image_size(56)
+      cfg = get_preset("tiny", dtype="bfloat16", param_dtype="bfloat16", remat_policy="none").with_image_size(112)
       plan = inference_plan.plan_inference(cfg, chips.parse_topology("v5e-1", 1), quantize={quantize!r}, batch=4,
                                            context=512, prompt=64, kv_cache_dtype={kv_cache_dtype!r},
                                            with_prefill={with_prefill!r})
@@ -127,13 +129,47 @@ def test_an_inference_plan_as_json_holds_each_program_and_the_peak():
   step = lambda temp, tokens: aot.StepPlan(chip=chips.CHIPS["v5e"], num_chips=1, argument_bytes=10 * gib,
                                            output_bytes=0, alias_bytes=0, temp_bytes=temp * gib, code_bytes=0,
                                            flops=1e9, bytes_accessed=1e9, optimal_seconds=None, tokens=tokens)
-  facts = {"batch": 8, "context": 2048, "kv_cache_dtype": "bfloat16", "quantize": "int8"}
+  facts = {"batch": 8, "context": 2048, "kv_cache_dtype": "bfloat16", "quantize": "int8", "server": False,
+           "prefill_batch": 1, "prompt": 1024}
   result = inference_plan.InferencePlan(step(1, 8), step(7, 1024), {"int8": 9 * gib}, 2 * gib, facts)
   out = json.loads(json.dumps(result.to_dict()))
   assert out["decode"]["tokens_per_step"] == 8 and out["prefill"]["memory_bytes"]["temporaries"] == 7 * gib
   assert out["decode"]["tokens_per_second"]["estimate"] == pytest.approx(8 / (1e9 / chips.CHIPS["v5e"].hbm_bytes_per_s))
   assert out["encode"] is None and out["peak_bytes_per_chip"] == 17 * gib and out["fits"] is False
-  assert out["what_would_fit"].startswith("at most ~") and out["facts"] == facts
+  assert out["what_would_fit"] == "the prefill of one 1024-token prompt does not fit: a shorter prompt"
+  assert out["facts"] == facts
+
+
+def test_what_would_fit_names_the_server_program_that_does_not_and_its_own_sizes():
+  """The full-size int8 server on v5e-1 with serve's defaults: the decode call fits (14.6 GiB), the prefill of 4
+  requests does not (19.2 GiB of temporaries; 1 request fits). The plan said "at most ~8 rows with this cache" (8
+  slots were planned) under training advice ("remat more (--config.remat=full ...)") for the prefill."""
+  from qwenvl_jax.hardware import chips  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.planning import aot, inference_plan  # pylint: disable=import-outside-toplevel
+  gib = chips.GIB
+  step = lambda args, temp, program: aot.StepPlan(
+      chip=chips.CHIPS["v5e"], num_chips=1, argument_bytes=int(args * gib), output_bytes=0, alias_bytes=0,
+      temp_bytes=int(temp * gib), code_bytes=0, flops=None, bytes_accessed=None, optimal_seconds=None,
+      remedy=inference_plan.REMEDIES[program])
+  facts = {"batch": 8, "context": 2048, "kv_cache_dtype": "int8", "quantize": "int8", "server": True,
+           "prefill_batch": 4, "prompt": 2048, "images": 4}
+  plan = inference_plan.InferencePlan(step(13.09, 1.51, "server_decode"), step(13.12, 19.23, "server_prefill"),
+                                      {"int8": 9 * gib}, int(4.06 * gib), facts, step(9.03, 1.26, "encode"))
+  assert not plan.fits()
+  assert plan.what_would_fit() == ("the prefill of 4 requests at once does not fit: plan it with prefill_batch=1 "
+                                   "(serve's --prefill_batch; its temporaries need not shrink in proportion)")
+  advice = plan.prefill.advice()
+  assert advice[0] == f"temporaries take 19.2 GiB per chip: {inference_plan.REMEDIES['server_prefill']}", advice
+  assert not any("remat" in tip or "train state" in tip for tip in advice), advice
+  # One request of the whole context does not fit either: a shorter context, serve's flag named.
+  one = inference_plan.InferencePlan(plan.decode, plan.prefill, plan.weight_bytes, plan.cache_bytes,
+                                     {**facts, "prefill_batch": 1}, plan.encode)
+  assert one.what_would_fit().startswith("the prefill of one 2048-token prompt does not fit: a shorter context "
+                                         "(serve's --context")
+  # The decode call over HBM: the slots that fit, as before.
+  slots = inference_plan.InferencePlan(step(13.09, 4.0, "server_decode"), None, plan.weight_bytes, plan.cache_bytes,
+                                       facts)
+  assert slots.what_would_fit().startswith("at most ~") and " slots with this cache" in slots.what_would_fit()
 
 
 def test_the_inference_plan_takes_the_presets_resolution_unless_told():

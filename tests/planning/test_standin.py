@@ -22,7 +22,7 @@ def plans() -> dict:
       ]:
         plan = standin.plan_mlp(chips.parse_topology(name, slices), width={WIDTH}, depth={DEPTH}, batch={BATCH},
                                 **kw)
-        row = {{f.name: getattr(plan, f.name) for f in dataclasses.fields(plan) if f.name != "chip"}}
+        row = {{f.name: getattr(plan, f.name) for f in dataclasses.fields(plan) if f.name not in ("chip", "comm")}}
         row.update(total=plan.total_bytes, fits=plan.fits, mfu=plan.mfu, text=plan.format(),
                    step=plan.step_seconds, roofline=plan.roofline_seconds)
         out[key] = row
