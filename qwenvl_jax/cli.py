@@ -7,6 +7,8 @@ On top of absl it gives every command the same behaviour at its edges:
   mistakes too;
 * a misspelt config override (`--config.optimizer.learning_rate=...`) names the unknown field and the closest
   existing ones ("did you mean optimizer.lr?") instead of ml_collections' bare `AttributeError`;
+* XLA running out of accelerator memory (RESOURCE_EXHAUSTED, at compile time or allocation) is a sizing mistake:
+  one line, with the planner and the flags that shrink a job as the hint (`device_memory_error`);
 * `--help` / `--helpfull` exit 0 (absl exits 1);
 * JAX's persistent compilation cache is on (`compilation_cache`: a rerun loads what the last run compiled);
 * `--flag=~/path` means the home folder, as `--flag ~/path` does in a shell (`expand_home`).
@@ -43,6 +45,29 @@ def is_user_error(error: BaseException) -> bool:
   if isinstance(error, (errors.UserError, _USER_OS_ERRORS)):
     return True
   return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+DEVICE_MEMORY_HINT = ("python -m qwenvl_jax.plan --topology=... says what fits before a run: --config=... for "
+                      "training, --inference=server=true,... for serve; lower the batch (or raise accum_steps), "
+                      "serve's --num_slots / --prefill_batch / --max_images / --context, or quantize "
+                      "(--quantize=int8, --kv_cache_dtype=int8)")
+
+
+def device_memory_error(error: BaseException) -> errors.DeviceMemoryError | None:
+  """`error` (or an error it was raised from) as one line when it is XLA running out of accelerator memory: its
+  RESOURCE_EXHAUSTED at compile time ("Ran out of memory on HBM") or at allocation ("Out of memory while trying to
+  allocate", "Error allocating device buffer"); None otherwise (a full disk, whose tensorstore error is also
+  RESOURCE_EXHAUSTED, is `checkpointing`'s). Sizes that do not fit are the user's to change, not a bug."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    text = str(error)
+    lower = text.lower()
+    if "RESOURCE_EXHAUSTED" in text and ("memory" in lower or "allocat" in lower) and "space left" not in lower:
+      line = text[text.index("RESOURCE_EXHAUSTED"):].strip().splitlines()[0]
+      return errors.DeviceMemoryError(f"out of accelerator memory: {line}", hint=DEVICE_MEMORY_HINT)
+    error = error.__cause__ or error.__context__
+  return None
 
 
 def report(error: BaseException) -> int:
@@ -94,6 +119,8 @@ def run(main: Callable[[list[str]], int | None], argv: list[str] | None = None, 
     except app.UsageError as e:  # absl would print the whole flag help above the one line that matters
       sys.exit(report(errors.ConfigError(str(e), hint="--helpshort lists the flags")))
     except Exception as e:  # pylint: disable=broad-except
+      if not is_user_error(e):
+        e = device_memory_error(e) or e
       if not is_user_error(e) or os.environ.get("QWENVL_TRACEBACK", "").lower() not in ("", "0", "false", "no"):
         raise
       sys.exit(report(e))

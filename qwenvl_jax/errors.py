@@ -55,6 +55,10 @@ class InputFormatError(UserError, ValueError):
   """An input file the user gave is malformed (the message names the file)."""
 
 
+class DeviceMemoryError(UserError, MemoryError):
+  """The job's sizes do not fit the accelerator's memory (XLA's RESOURCE_EXHAUSTED at compile or allocation)."""
+
+
 def format_user_error(error: BaseException) -> str:
   """The lines printed for a user mistake: `error: message` and, when there is one, `  hint: ...`."""
   if isinstance(error, UserError):

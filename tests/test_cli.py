@@ -57,6 +57,45 @@ def test_an_internal_error_keeps_its_traceback():
     cli.run(main, ["prog"])
 
 
+def test_running_out_of_accelerator_memory_is_one_line_with_the_planner_as_hint(capsys):
+  """XLA's RESOURCE_EXHAUSTED (a batch, slot count or context too large for the chip) was a traceback of several
+  hundred lines, at compile time or when the serving engine's warm-up failed; the sizes are the user's to change.
+  The engine wraps its thread's error in a RuntimeError: the chain is followed."""
+  import jax  # pylint: disable=import-outside-toplevel
+  xla = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
+                                   "HLO temporaries (19.23G) exceeds available HBM (15.75G).\nmore details")
+
+  def main(argv):
+    del argv
+    try:
+      raise xla
+    except jax.errors.JaxRuntimeError as e:
+      raise RuntimeError(f"the engine failed to start: {e}") from e
+
+  assert _run_main(main) == errors.USER_ERROR_EXIT_CODE
+  err = capsys.readouterr().err
+  assert err.startswith("error: out of accelerator memory: RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total "
+                        "memory required for HLO temporaries (19.23G) exceeds available HBM (15.75G).\n  hint: "
+                        "python -m qwenvl_jax.plan --topology=... says what fits"), err
+  assert err.count("\n") == 2 and "more details" not in err
+  gpu = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8589934592 bytes.")
+  assert isinstance(cli.device_memory_error(gpu), MemoryError)
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("RESOURCE_EXHAUSTED: Error writing local file: [OS error: No space left on device]"),  # tensorstore
+    RuntimeError("Out of memory"),  # not XLA's
+])
+def test_other_exhausted_resources_keep_their_traceback(error):
+  assert cli.device_memory_error(error) is None
+
+  def main(argv):
+    del argv
+    raise error
+  with pytest.raises(RuntimeError):
+    cli.run(main, ["prog"])
+
+
 def test_config_override_typo_suggests_the_field(tmp_path):
   config = tmp_path / "c.py"
   config.write_text("import ml_collections\n"
