@@ -54,6 +54,24 @@ def engine(serve_model, serve_tok):
 Server = api.ThreadedServer
 
 
+@contextlib.contextmanager
+def client_reading_nothing(port: int, request: bytes):
+  """A raw socket with a 4 KiB receive buffer that sends `request` to 127.0.0.1:`port` and reads nothing until the
+  test reads it: the server's writes soon wait on full socket buffers."""
+  with socket.socket() as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", port))
+    s.sendall(request)
+    yield s
+
+
+def wait_until(condition, timeout: float = 60) -> None:
+  """Polls `condition()` every 50 ms until it is true or `timeout` seconds have passed (the caller asserts)."""
+  deadline = time.monotonic() + timeout
+  while not condition() and time.monotonic() < deadline:
+    time.sleep(0.05)
+
+
 @pytest.fixture(scope="session")
 def image_root(tmp_path_factory):
   return tmp_path_factory.mktemp("image_root")

@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from qwenvl_jax.serving import api, connection, limits
-from tests.serving.conftest import MODEL_NAME, Server
+from tests.serving.conftest import MODEL_NAME, Server, client_reading_nothing, wait_until
 
 HEAD = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
 
@@ -107,13 +107,8 @@ def test_a_closed_connection_whose_bytes_stay_unread_is_reset():
   conns = connection.ConnectionLimits(header_timeout=60, close_timeout=0.3)
   srv = Server(cut.middleware(endless), connections=conns)
   try:
-    with socket.socket() as s:
-      s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-      s.connect(("127.0.0.1", srv.port))
-      s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
-      deadline = time.monotonic() + 30
-      while not conns.stats().get("reset_unread") and time.monotonic() < deadline:
-        time.sleep(0.05)
+    with client_reading_nothing(srv.port, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n") as s:
+      wait_until(lambda: conns.stats().get("reset_unread"), timeout=30)
       assert cut.stats()["closed_send_timeout"] == 1 and conns.stats() == {"reset_unread": 1}, conns.stats()
       with pytest.raises(ConnectionResetError):
         _read_all(s)

@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from qwenvl_jax.serving import api, limits, messages
-from tests.serving.conftest import MODEL_NAME, Server
+from tests.serving.conftest import MODEL_NAME, Server, client_reading_nothing, wait_until
 
 pytestmark = pytest.mark.slow  # the session's engine warm-up (shared with test_api.py)
 
@@ -188,13 +188,9 @@ def test_a_client_that_reads_nothing_has_its_answer_cut_and_its_place_freed():
   logging.getLogger("uvicorn.error").addHandler(handler)
   srv = Server(cut.middleware(endless))
   try:
-    with socket.socket() as s:
-      s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-      s.connect(("127.0.0.1", srv.port))
-      s.sendall(b"POST /stream HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-      deadline = time.monotonic() + 60
-      while not cut.stats().get("cancelled_send_timeout") and time.monotonic() < deadline:
-        time.sleep(0.05)
+    request = b"POST /stream HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    with client_reading_nothing(srv.port, request) as s:
+      wait_until(lambda: cut.stats().get("cancelled_send_timeout"))
       assert cut.stats()["cancelled_send_timeout"] == 1 and cut.stats()["open_requests"] == 0, cut.stats()
       assert len(raised) == 1
       s.settimeout(60)
