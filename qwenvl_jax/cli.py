@@ -57,16 +57,18 @@ def device_memory_error(error: BaseException) -> errors.DeviceMemoryError | None
   """`error` (or an error it was raised from) as one line when it is XLA running out of accelerator memory: its
   RESOURCE_EXHAUSTED at compile time ("Ran out of memory on HBM") or at allocation ("Out of memory while trying to
   allocate", "Error allocating device buffer"); None otherwise (a full disk, whose tensorstore error is also
-  RESOURCE_EXHAUSTED, is `checkpointing`'s). Sizes that do not fit are the user's to change, not a bug."""
+  RESOURCE_EXHAUSTED, is `checkpointing`'s; an error raised while one was being handled, e.g. a bug in the
+  planner's out-of-memory path, keeps its traceback). Sizes that do not fit are the user's to change, not a bug."""
   seen = set()
-  while error is not None and id(error) not in seen:
+  while error is not None and id(error) not in seen:  # explicit chains only (`raise ... from e`, as the engine's)
     seen.add(id(error))
     text = str(error)
     lower = text.lower()
-    if "RESOURCE_EXHAUSTED" in text and ("memory" in lower or "allocat" in lower) and "space left" not in lower:
+    if (type(error).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and "RESOURCE_EXHAUSTED" in text
+        and ("memory" in lower or "allocat" in lower) and "space left" not in lower):
       line = text[text.index("RESOURCE_EXHAUSTED"):].strip().splitlines()[0]
       return errors.DeviceMemoryError(f"out of accelerator memory: {line}", hint=DEVICE_MEMORY_HINT)
-    error = error.__cause__ or error.__context__
+    error = error.__cause__
   return None
 
 

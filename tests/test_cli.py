@@ -82,9 +82,22 @@ def test_running_out_of_accelerator_memory_is_one_line_with_the_planner_as_hint(
   assert isinstance(cli.device_memory_error(gpu), MemoryError)
 
 
+def _raised_while_handling_an_oom() -> KeyError:
+  import jax  # pylint: disable=import-outside-toplevel
+  try:
+    try:
+      raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM")
+    except jax.errors.JaxRuntimeError:
+      raise KeyError("a bug in the code that handles it")  # pylint: disable=raise-missing-from
+  except KeyError as e:
+    return e
+
+
 @pytest.mark.parametrize("error", [
     RuntimeError("RESOURCE_EXHAUSTED: Error writing local file: [OS error: No space left on device]"),  # tensorstore
-    RuntimeError("Out of memory"),  # not XLA's
+    RuntimeError("RESOURCE_EXHAUSTED: Cannot allocate memory"),  # host memory, not XLA's
+    RuntimeError("Out of memory"),
+    _raised_while_handling_an_oom(),  # a bug, however it arose: its traceback stays
 ])
 def test_other_exhausted_resources_keep_their_traceback(error):
   assert cli.device_memory_error(error) is None
@@ -92,7 +105,7 @@ def test_other_exhausted_resources_keep_their_traceback(error):
   def main(argv):
     del argv
     raise error
-  with pytest.raises(RuntimeError):
+  with pytest.raises(type(error)):
     cli.run(main, ["prog"])
 
 

@@ -153,10 +153,12 @@ class InferencePlan:
     resident = self.cache_bytes // self.decode.num_chips
     over = lambda plan, extra=0: plan is not None and (not plan.fits or plan.total_bytes + extra > hbm)
     if over(self.prefill):
-      what = "requests" if f.get("server") else "rows"
-      if f.get("prefill_batch", 1) > 1:
-        tips.append(f"the prefill of {f['prefill_batch']} {what} at once does not fit: plan it with "
+      if f.get("prefill_batch", 1) > 1 and f.get("server"):
+        tips.append(f"the prefill of {f['prefill_batch']} requests at once does not fit: plan it with "
                     f"prefill_batch=1 (serve's --prefill_batch; its temporaries need not shrink in proportion)")
+      elif f.get("prefill_batch", 1) > 1:  # generate and evaluate prefill all their rows at once
+        tips.append(f"the prefill of {f['prefill_batch']} rows at once does not fit: a smaller batch or a shorter "
+                    f"prompt")
       else:
         tips.append(f"the prefill of one {f.get('prompt')}-token prompt does not fit: a shorter "
                     + ("context (serve's --context: the longest prompt it prefills)" if f.get("server") else "prompt"))

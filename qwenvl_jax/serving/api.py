@@ -417,7 +417,8 @@ def uvicorn_config(app, host: str, port: int, connections: connection_lib.Connec
   import uvicorn  # pylint: disable=import-outside-toplevel
   connections = connections or getattr(getattr(app, "state", None), "connections", None)
   connections = connections or connection_lib.ConnectionLimits()
-  return uvicorn.Config(app, host=host, port=port, log_level="warning", http=connections.protocol)
+  # ws="none": the app has no WebSocket routes, and an upgraded connection would leave the protocol above.
+  return uvicorn.Config(app, host=host, port=port, log_level="warning", http=connections.protocol, ws="none")
 
 
 class ThreadedServer:

@@ -7,8 +7,12 @@
     cannot stretch it). A partial head is answered 408 in OpenAI's error shape and the connection is closed; a
     connection that sent nothing at all is closed without an answer (a browser may open one ahead of a request it
     never makes). Before, a client that trickled its headers, or opened a socket and sent nothing, held that
-    socket, and uvicorn's graceful shutdown, for ever. (A kept-alive connection that sends nothing is closed
-    earlier by uvicorn's own `timeout_keep_alive`, 5 s.)
+    socket, and uvicorn's graceful shutdown, for ever. The deadline also bounds the rest of a body that the app
+    answered without reading (a 404 to a POST): it is read while the deadline runs, then the connection is closed.
+    (A kept-alive connection that sends nothing more, even with part of a next head already sent, is closed
+    earlier and quietly by uvicorn's own `timeout_keep_alive`, 5 s.) The 408 is followed by a half close and a
+    second of reading before the close, so that bytes the client was still sending do not reset the connection
+    before it has read the answer.
   * Close: asyncio's `transport.close()` lets go of a socket only once its buffered bytes are read, so a client
     that keeps its connection and never reads held a closed socket for ever (an answer cut by `limits`'
     `send_timeout`, or any close with bytes still buffered). A connection still unflushed `close_timeout` seconds
@@ -35,6 +39,9 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from qwenvl_jax.serving import messages as msg
 
 
+LINGER_S = 1.0  # how long a connection answered 408 is still read (and dropped) before it is closed
+
+
 class _ResettingTransport:
   """`transport` whose `close()` also resets it if its buffered bytes are still unread `seconds` later; every
   other attribute is the transport's."""
@@ -54,14 +61,17 @@ class _ResettingTransport:
 
   def _reset(self) -> None:
     self._timer = None
-    if self._ended:
+    if self._ended or not self._transport.get_write_buffer_size():
       return
     self._on_reset()
     # A reset, not a close: closing the socket with bytes still unsent would leave them to the kernel, which keeps
     # the connection (orphaned) while it retries them. SO_LINGER 0 makes the close send an RST at once.
     sock = self._transport.get_extra_info("socket")
-    if sock is not None:
-      sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    try:
+      if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:  # the socket is already gone: the abort below is all there is to do
+      pass
     self._transport.abort()
 
   def lost(self) -> None:
@@ -102,9 +112,12 @@ class ConnectionLimits:
     limits = self
 
     class Protocol(H11Protocol):
-      """uvicorn's h11 protocol with the request-head and close deadlines."""
+      """uvicorn's h11 protocol with the request-head and close deadlines. The head deadline runs whenever no
+      request is being answered: from the connection's opening and from each answer's end until the next
+      request's head has been read (so also while the rest of a body the app answered without reading arrives)."""
 
       _head_timer: asyncio.TimerHandle | None = None
+      _timed_out = False
 
       def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -118,14 +131,22 @@ class ConnectionLimits:
         super().connection_lost(exc)
 
       def data_received(self, data: bytes) -> None:
+        if self._timed_out:  # answered 408: what still arrives is read and dropped until the close
+          return
         super().data_received(data)
-        if self.conn.their_state is not h11.IDLE:  # the head has been read (or was malformed: uvicorn's 400)
+        if self._answering():
           self._stop_head_timer()
+        elif self._head_timer is None:
+          self._await_head()
 
       def on_response_complete(self) -> None:
         super().on_response_complete()  # may read a pipelined request's head at once
-        if self.conn.their_state is h11.IDLE:
+        if not self._answering():
           self._await_head()
+
+      def _answering(self) -> bool:
+        """Whether a request's head has been read and its answer is not complete."""
+        return self.cycle is not None and not self.cycle.response_complete
 
       def _await_head(self) -> None:
         self._stop_head_timer()
@@ -139,13 +160,20 @@ class ConnectionLimits:
 
       def _head_timed_out(self) -> None:
         self._head_timer = None
-        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+        if self.transport.is_closing() or self._answering():
           return
-        if self.conn.trailing_data[0]:  # part of a request head is buffered
+        if self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]:  # part of a request head is buffered
           limits._counts["refused_header_timeout"] += 1
           self.transport.write(limits._timeout_answer())
-        else:
-          limits._counts["closed_header_timeout"] += 1
+          # A close with unread bytes in the socket makes the kernel send a reset, which may reach the client
+          # before it has read the 408: end the sending side, keep reading (and dropping) for a moment, then close.
+          self._timed_out = True
+          if self.transport.can_write_eof():
+            self.transport.write_eof()
+          self.loop.call_later(LINGER_S, self.transport.close)
+          return
+        # Nothing of a next request was sent (or only the rest of a body the app answered without reading it).
+        limits._counts["closed_header_timeout"] += 1
         self.transport.close()
 
     return Protocol

@@ -166,6 +166,10 @@ def test_what_would_fit_names_the_server_program_that_does_not_and_its_own_sizes
                                      {**facts, "prefill_batch": 1}, plan.encode)
   assert one.what_would_fit().startswith("the prefill of one 2048-token prompt does not fit: a shorter context "
                                          "(serve's --context")
+  # generate and evaluate (not a server) prefill all rows at once: no prefill_batch flag to name.
+  rows = inference_plan.InferencePlan(plan.decode, plan.prefill, plan.weight_bytes, plan.cache_bytes,
+                                      {**facts, "server": False})
+  assert rows.what_would_fit() == "the prefill of 4 rows at once does not fit: a smaller batch or a shorter prompt"
   # The decode call over HBM: the slots that fit, as before.
   slots = inference_plan.InferencePlan(step(13.09, 4.0, "server_decode"), None, plan.weight_bytes, plan.cache_bytes,
                                        facts)

@@ -2,6 +2,7 @@
 header_timeout, and a closed connection whose bytes stay unread is reset after close_timeout. uvicorn has neither:
 before, a client that opened a socket and sent nothing, or sent its headers a byte at a time, held that socket for
 ever, and so did a client that kept a closed connection and never read it."""
+import asyncio
 import json
 import select
 import socket
@@ -16,14 +17,15 @@ from tests.serving.conftest import MODEL_NAME, Server, client_reading_nothing, w
 HEAD = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
 
 
-async def _hello(scope, receive, send):  # a bare ASGI app: "ok", after `?sleep` seconds when asked
+async def _hello(scope, receive, send):
+  """A bare ASGI app: "ok" after its body, and `?S` seconds later when asked; /early answers without reading it."""
   if scope["type"] != "http":
     return
+  if scope["path"] != "/early":
+    while (await receive()).get("more_body"):
+      pass
   if scope["query_string"]:
-    import asyncio  # pylint: disable=import-outside-toplevel
     await asyncio.sleep(float(scope["query_string"].decode()))
-  while (await receive()).get("more_body"):
-    pass
   await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
   await send({"type": "http.response.body", "body": b"ok"})
 
@@ -34,6 +36,18 @@ def hello():
   srv = Server(_hello, connections=conns)
   yield srv, conns
   srv.stop()
+
+
+def _read_response(s: socket.socket) -> bytes:
+  """One whole answer with a Content-Length (uvicorn sends its head and body in separate writes)."""
+  s.settimeout(10)
+  data = b""
+  while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < int(
+      data.lower().partition(b"content-length: ")[2].split(b"\r\n")[0] or 0):
+    chunk = s.recv(65536)
+    assert chunk, data
+    data += chunk
+  return data
 
 
 def _read_all(s: socket.socket) -> bytes:
@@ -71,24 +85,59 @@ def test_a_head_sent_a_byte_at_a_time_gets_408_at_the_deadline(hello):
   assert conns.stats() == {"refused_header_timeout": 1}
 
 
-def test_the_deadline_is_the_heads_alone(hello):
-  """A head that is whole in time is served however long its body and its answer take, and a kept-alive
-  connection gets the deadline again for its next head."""
-  srv, conns = hello
-  with socket.create_connection(("127.0.0.1", srv.port)) as s:
-    for part in (b"POST /?0.8 HTTP/1.1\r\n", b"Host: x\r\nContent-Length: 4\r\n\r\n"):  # 0.3 s for the head
-      s.sendall(part)
-      time.sleep(0.15)
-    for byte in b"body":  # a body over 0.8 s, then an answer 0.8 s later: 1.6 s past the head's deadline
-      s.sendall(bytes([byte]))
+def test_the_deadline_is_the_heads_alone_and_starts_again_after_each_answer():
+  """A head that is whole in time is served however long its body and its answer take; after the answer the
+  deadline runs again for the next head on the kept-alive connection (uvicorn's 5 s keep-alive stops only a
+  connection that sends nothing)."""
+  conns = connection.ConnectionLimits(header_timeout=1.0, close_timeout=0.3)
+  srv = Server(_hello, connections=conns)
+  try:
+    with socket.create_connection(("127.0.0.1", srv.port)) as s:
+      s.sendall(b"POST /?0.5 HTTP/1.1\r\n")
       time.sleep(0.2)
-    s.settimeout(10)
-    first = s.recv(65536)
-    s.sendall(HEAD)  # the same connection, within uvicorn's 5 s keep-alive
-    second = s.recv(65536)
+      s.sendall(b"Host: x\r\nContent-Length: 4\r\n\r\n")  # the head is whole after ~0.2 s
+      for byte in b"body":  # a body over 1.2 s, then an answer 0.5 s later: 0.7 s past the head's deadline
+        s.sendall(bytes([byte]))
+        time.sleep(0.3)
+      first = _read_response(s)
+      s.sendall(HEAD)  # the same connection
+      second = _read_response(s)
+      answered = time.monotonic()
+      s.sendall(b"GET / HTTP/1.1\r\n")  # part of a third head, never finished
+      third = _read_all(s)
+      waited = time.monotonic() - answered
+  finally:
+    srv.stop()
   assert first.startswith(b"HTTP/1.1 200 ") and first.endswith(b"ok"), first
   assert second.startswith(b"HTTP/1.1 200 ") and second.endswith(b"ok"), second
-  assert conns.stats() == {}
+  assert third.startswith(b"HTTP/1.1 408 ") and 0.9 <= waited < 4, (third, waited)
+  assert conns.stats() == {"refused_header_timeout": 1}
+
+
+def test_the_rest_of_a_body_the_app_did_not_read_is_bounded_too():
+  """An app may answer before it reads the body (a 404 to a POST): the rest of the body kept arriving on the
+  kept-alive connection, a byte at a time, with no deadline at all (uvicorn's keep-alive timer is stopped by each
+  read). Now the head deadline, which starts again at the answer's end, closes it."""
+  conns = connection.ConnectionLimits(header_timeout=1.0, close_timeout=0.3)
+  srv = Server(_hello, connections=conns)
+  try:
+    with socket.create_connection(("127.0.0.1", srv.port)) as s:
+      s.sendall(b"POST /early HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+      answer = _read_response(s)
+      answered = time.monotonic()
+      try:
+        for _ in range(100):  # 10 s of body, a byte every 0.1 s
+          s.sendall(b"x")
+          time.sleep(0.1)
+          if select.select([s], [], [], 0)[0]:
+            break
+      except (BrokenPipeError, ConnectionResetError):
+        pass
+      waited = time.monotonic() - answered
+  finally:
+    srv.stop()
+  assert answer.startswith(b"HTTP/1.1 200 ") and 0.9 <= waited < 4, waited
+  assert conns.stats() == {"closed_header_timeout": 1}
 
 
 def test_a_closed_connection_whose_bytes_stay_unread_is_reset():
