@@ -50,6 +50,8 @@ class _ResettingTransport:
     self._transport, self._loop, self._seconds, self._on_reset = transport, loop, seconds, on_reset
     self._timer: asyncio.TimerHandle | None = None
     self._ended = False
+    # What uvicorn calls for every chunk of an answer, bound once (no `__getattr__` on the hot path).
+    self.write, self.is_closing = transport.write, transport.is_closing
 
   def __getattr__(self, name):
     return getattr(self._transport, name)
