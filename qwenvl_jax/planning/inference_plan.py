@@ -96,16 +96,26 @@ class InferencePlan:
   facts: dict
   encode: aot.StepPlan | None = None  # server: the engine's image encoding (the slots' cache stays resident)
 
-  def peak_bytes(self) -> int:
-    """The most HBM per chip any program needs; the server's encode program also has the cache resident."""
-    peaks = [self.decode.total_bytes, self.prefill.total_bytes if self.prefill else 0]
+  def _programs(self) -> list[tuple[aot.StepPlan, int]]:
+    """Each compiled program with the HBM per chip it needs while it runs: the server's encode program also has
+    the slots' cache resident."""
+    out = [(self.decode, self.decode.total_bytes)]
+    if self.prefill is not None:
+      out.append((self.prefill, self.prefill.total_bytes))
     if self.encode is not None:
-      peaks.append(self.encode.total_bytes + self.cache_bytes // self.encode.num_chips)
-    return max(peaks)
+      out.append((self.encode, self.encode.total_bytes + self.cache_bytes // self.encode.num_chips))
+    return out
+
+  def _over(self, plan: aot.StepPlan | None) -> bool:
+    """Whether `plan` (one of the programs, or None) does not fit."""
+    return any(p is plan and (not p.fits or need > p.chip.hbm_bytes) for p, need in self._programs())
+
+  def peak_bytes(self) -> int:
+    """The most HBM per chip any program needs."""
+    return max(need for _, need in self._programs())
 
   def fits(self) -> bool:
-    progs = [p for p in (self.decode, self.prefill, self.encode) if p is not None]
-    return self.peak_bytes() <= self.decode.chip.hbm_bytes and all(p.fits for p in progs)
+    return not any(self._over(p) for p, _ in self._programs())
 
   def format(self) -> str:
     f = self.facts
@@ -150,9 +160,7 @@ class InferencePlan:
     f = self.facts
     hbm = self.decode.chip.hbm_bytes
     tips = []
-    resident = self.cache_bytes // self.decode.num_chips
-    over = lambda plan, extra=0: plan is not None and (not plan.fits or plan.total_bytes + extra > hbm)
-    if over(self.prefill):
+    if self._over(self.prefill):
       if f.get("prefill_batch", 1) > 1 and f.get("server"):
         tips.append(f"the prefill of {f['prefill_batch']} requests at once does not fit: plan it with "
                     f"prefill_batch=1 (serve's --prefill_batch; its temporaries need not shrink in proportion)")
@@ -162,10 +170,10 @@ class InferencePlan:
       else:
         tips.append(f"the prefill of one {f.get('prompt')}-token prompt does not fit: a shorter "
                     + ("context (serve's --context: the longest prompt it prefills)" if f.get("server") else "prompt"))
-    if over(self.encode, resident):
+    if self._over(self.encode):
       tips.append(f"encoding {f.get('prefill_batch', 1) * f.get('images', 0)} images at once does not fit: fewer "
                   f"images per request or fewer requests per prefill (serve's --max_images, --prefill_batch)")
-    if tips and not over(self.decode):
+    if tips and not self._over(self.decode):
       return "; ".join(tips)
     per_row_cache = self.cache_bytes / f["batch"] / self.decode.num_chips
     fixed = self.decode.argument_bytes - self.cache_bytes / self.decode.num_chips
