@@ -79,9 +79,7 @@ def _dropped_turns(source, query: str, history: list[tuple[str, str]]) -> int:
   alone (before the weights load)."""
   from qwenvl_jax import text as qtext  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.inference import chat, loading  # pylint: disable=import-outside-toplevel
-  tok = qtext.load_tokenizer(source.tokenizer)
-  cfg = loading.model_config(source.preset, tok, dtype=FLAGS.dtype, random_weights=not source.params,
-                             image_size=source.image_size)
+  tok, cfg = loading.source_config(source, dtype=FLAGS.dtype)
   return chat.conversation_context(tok, query, history, system=FLAGS.system,
                                    max_window_size=qtext.DEFAULT_MAX_WINDOW_SIZE, chat_format=source.chat_format,
                                    n_image_tokens=cfg.image_tokens).dropped_turns

@@ -87,6 +87,14 @@ def load_model(cfg: QwenVLConfig, checkpoint: str | None, mesh: jax.sharding.Mes
   return model
 
 
+def source_config(source: model_source.ModelSource, *, dtype: str = "bfloat16"):
+  """(tokenizer, QwenVLConfig) of a resolved `source`: what `load_source` reads before it builds a mesh and loads
+  weights (also what `generate` needs, before the weights load, to know which history turns the prompt keeps)."""
+  tok = qtext.load_tokenizer(source.tokenizer)
+  return tok, model_config(source.preset, tok, dtype=dtype, random_weights=not source.params,
+                           image_size=source.image_size)
+
+
 def load_source(source: model_source.ModelSource, *, dtype: str = "bfloat16", rules: str = layout.DEFAULT_RULES,
                 mesh_axes: dict | None = None, tensor_parallel: int = 0, seed: int = 0, quantize: str | None = None,
                 group_size: int | None = None):
@@ -100,8 +108,7 @@ def load_source(source: model_source.ModelSource, *, dtype: str = "bfloat16", ru
   Returns:
     (tokenizer, QwenVLConfig, mesh, rules, QwenVL).
   """
-  tok = qtext.load_tokenizer(source.tokenizer)
-  cfg = model_config(source.preset, tok, dtype=dtype, random_weights=not source.params, image_size=source.image_size)
+  tok, cfg = source_config(source, dtype=dtype)
   mesh, rule_table = layout.make_inference_mesh(cfg, rules, tensor_parallel=tensor_parallel, mesh_axes=mesh_axes)
   model = load_model(cfg, source.params, mesh, rule_table, seed=seed, preset=source.preset, quantize=quantize,
                      group_size=group_size)
