@@ -65,6 +65,16 @@ def client_reading_nothing(port: int, request: bytes):
     yield s
 
 
+def read_until_closed(s: socket.socket, timeout: float = 60) -> bytes:
+  """Everything the server sends on `s` until it closes the connection (a server that never does, or waits for
+  more of the request, leaves a read hanging for `timeout` seconds: a socket.timeout fails the test)."""
+  s.settimeout(timeout)
+  data = b""
+  while chunk := s.recv(1 << 20):
+    data += chunk
+  return data
+
+
 def wait_until(condition, timeout: float = 60) -> None:
   """Polls `condition()` every 50 ms until it is true or `timeout` seconds have passed (the caller asserts)."""
   deadline = time.monotonic() + timeout

@@ -12,7 +12,8 @@ import pytest
 import requests
 
 from qwenvl_jax.serving import api, connection, limits
-from tests.serving.conftest import MODEL_NAME, Server, client_reading_nothing, wait_until
+from tests.serving.conftest import (MODEL_NAME, Server, client_reading_nothing, read_until_closed,
+                                    wait_until)
 
 HEAD = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
 
@@ -51,11 +52,7 @@ def _read_response(s: socket.socket) -> bytes:
 
 
 def _read_all(s: socket.socket) -> bytes:
-  s.settimeout(10)  # a server without the deadline never answers: this read times out and the test fails
-  data = b""
-  while chunk := s.recv(65536):
-    data += chunk
-  return data
+  return read_until_closed(s, timeout=10)  # a server without the deadline never closes: a timeout, a failure
 
 
 def test_a_connection_that_sends_nothing_is_closed_without_an_answer(hello):

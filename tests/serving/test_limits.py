@@ -14,7 +14,8 @@ import pytest
 import requests
 
 from qwenvl_jax.serving import api, limits, messages
-from tests.serving.conftest import MODEL_NAME, Server, client_reading_nothing, wait_until
+from tests.serving.conftest import (MODEL_NAME, Server, client_reading_nothing, read_until_closed,
+                                    wait_until)
 
 pytestmark = pytest.mark.slow  # the session's engine warm-up (shared with test_api.py)
 
@@ -47,11 +48,7 @@ def _wait_for_health(srv, key, value) -> dict:
 
 def _answer(s: socket.socket) -> tuple[bytes, dict, dict]:
   """(status line, headers, JSON body) of the server's answer on `s`, read until the server closes it."""
-  s.settimeout(60)  # a server that waits for the rest of the body would leave this read hanging: a failure
-  data = b""
-  while chunk := s.recv(65536):
-    data += chunk
-  head, _, body = data.partition(b"\r\n\r\n")
+  head, _, body = read_until_closed(s).partition(b"\r\n\r\n")
   status, *lines = head.split(b"\r\n")
   headers = dict(line.decode().lower().split(": ", 1) for line in lines)
   return status, headers, json.loads(body)
@@ -193,10 +190,7 @@ def test_a_client_that_reads_nothing_has_its_answer_cut_and_its_place_freed():
       wait_until(lambda: cut.stats().get("cancelled_send_timeout"))
       assert cut.stats()["cancelled_send_timeout"] == 1 and cut.stats()["open_requests"] == 0, cut.stats()
       assert len(raised) == 1
-      s.settimeout(60)
-      data = b""
-      while chunk := s.recv(1 << 20):  # the client reads again: the answer ends and the server closes
-        data += chunk
+      data = read_until_closed(s)  # the client reads again: the answer ends and the server closes
     assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(b"\r\n0\r\n\r\n")
   finally:
     srv.stop()
