@@ -1,5 +1,7 @@
 """The params checkpoint: streamed saving (block = chunk), sharded restore onto a mesh, mismatch errors."""
+import asyncio
 import gc
+import time
 import weakref
 
 import ml_dtypes
@@ -85,6 +87,57 @@ def test_a_save_that_fails_midway_leaves_nothing_and_can_be_retried(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
   orbax_store.save_params(tmp_path / "p", {"w": x})
   np.testing.assert_array_equal(orbax_store.ParamReader(tmp_path / "p").read("w"), x)
+
+
+def test_a_failed_save_ends_its_write_in_flight_before_it_raises(tmp_path, monkeypatch):
+  """The block written while the next is read must end before the error leaves `save_params`: left running, it
+  wrote into the temporary folder as that was removed (`Directory not empty` instead of the real error) or made it
+  again. A write that takes 0.3 s makes the old order fail every time."""
+  real_write, ended = orbax_store._start_write, []
+
+  def slow_write(store, index, block):
+    async def write():
+      await real_write(store, index, block)
+      await asyncio.sleep(0.3)
+      ended.append(index)
+    return asyncio.ensure_future(write())
+
+  monkeypatch.setattr(orbax_store, "_start_write", slow_write)
+  x = np.ones((2, 3), np.float32)
+
+  def failing():
+    yield (0,), x[0]
+    raise OSError("the source shard does not read back")
+
+  with pytest.raises(OSError, match="does not read back"):
+    orbax_store.save_params(tmp_path / "p", {"w": orbax_store.StreamedArray(x.shape, x.dtype, (1, 3), failing)})
+  assert ended == [(0,)]
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_save_raises_once_every_write_has_ended(tmp_path):
+  """Orbax's handler raised at the first failed commit future while the others still wrote; ours waits for all of
+  them and raises the first error."""
+  ended = []
+
+  class Failed:
+    def result(self):
+      raise OSError("the first write failed")
+
+  class Slow:
+    def result(self):
+      time.sleep(0.3)
+      ended.append("slow")
+
+  handler = orbax_store._SettledPyTreeHandler()
+
+  async def async_save(directory, *args, **kwargs):
+    return [Failed(), Slow()]
+
+  handler.async_save = async_save
+  with pytest.raises(OSError, match="the first write failed"):
+    handler.save(tmp_path)
+  assert ended == ["slow"]
 
 
 @pytest.mark.parametrize("rules", ["fsdp", "fsdp_tp"])
