@@ -36,7 +36,8 @@ def test_the_gpu_step_bench_measures_and_plans_on_this_host(bench_run):
   xla = rows["xla"].split()
   # measured: seconds per step and tokens/s (2 x 64 tokens per step) from the trainer's own metrics.jsonl
   seconds, tokens_per_s = float(xla[1]), float(xla[2])
-  assert seconds > 0 and tokens_per_s == pytest.approx(2 * 64 / seconds, rel=0.02)
+  # tokens/s is printed to the unit: a slow step (a loaded machine) makes that rounding the larger error
+  assert seconds > 0 and tokens_per_s == pytest.approx(2 * 64 / seconds, rel=0.02, abs=0.51)
   # planned: an estimated step-time range and MFU range, and the compiler's bytes per device
   assert xla[3] == "n/a" and xla[4] == "|" and "-" in xla[5] and xla[6].endswith("%") and float(xla[7]) > 0
   assert "failed" in rows["cudnn"]

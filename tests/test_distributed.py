@@ -40,7 +40,7 @@ def test_a_process_that_never_joins_is_one_line_after_the_timeout(tmp_path):
   assert "Fatal Python error" not in err and "Traceback" not in err, err[-3000:]
   assert err.strip().splitlines()[0].startswith(
       "error: process 0 of 2: not every process joined the coordinator localhost:"), err[-3000:]
-  assert "within 2 s" in err and time.time() - started < 60
+  assert "within 2 s" in err and time.time() - started < 200  # JAX would wait 300 s; a loaded machine starts slowly
   assert not (tmp_path / "run").exists()
 
 
@@ -52,7 +52,7 @@ def test_processes_started_with_different_flags_are_refused_on_every_process(tmp
   port = free_port()
   procs = [start_process_of_two(tmp_path / "run", i, port, **{"optimizer.lr": lr})
            for i, lr in enumerate((3e-3, 1e-5))]
-  errs = stderr_of_all(procs, timeout=120)
+  errs = stderr_of_all(procs, timeout=300)  # two trainers starting at once on a loaded 2-core machine
   for p, err in zip(procs, errs):
     assert p.returncode == 2 and "Traceback" not in err, err[-3000:]
     assert "error: the 2 processes were started with different configs: process(es) 1 differ from process 0" in err

@@ -228,9 +228,10 @@ class Engine:
     they say how much of the wall time the device worked and what the decode calls alone would deliver.
     finished_<reason>: requests that held a slot and ended (stop, length, cancelled); cancelled_waiting: requests
     cancelled before they got one."""
-    with self._lock:
+    with self._lock:  # one snapshot: a slot freed is counted finished in the same step (`_finish`)
       counts = dict(self._counts)
-    return {"slots": self.num_slots, "active": sum(s is not None for s in self._active),
+      active = sum(s is not None for s in self._active)
+    return {"slots": self.num_slots, "active": active,
             "waiting": len(self._waiting), "context": self.context, "ready": self._ready.is_set(),
             "healthy": self._error is None, "warmup_seconds": self.warmup_seconds,
             "compilations": self._compiles.snapshot(), **self.storage, **counts}
@@ -323,8 +324,9 @@ class Engine:
 
   def _finish(self, i: int, reason: str, notify: bool = True) -> None:
     slot = self._active[i]
-    self._active[i] = None
-    self._count(f"finished_{reason}")
+    with self._lock:  # `stats` never sees the slot free and its request not yet counted
+      self._active[i] = None
+      self._counts[f"finished_{reason}"] += 1
     if notify:  # a cancelled request (its client left, or the API ended it on a stop string) gets no event
       slot.request.sink(Finished(reason, len(slot.request.prompt), slot.generated))
 

@@ -31,6 +31,7 @@ from qwenvl_jax.data.sources import make_source
 from qwenvl_jax.text import QwenTokenizer
 from tests.cleaning import cases as cases_lib
 from tests.cleaning.cases import case_ids
+from tests.training.helpers import process_alive
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 COLUMN_CFG = CleanConfig(score_key="clip", min_similarity=0.3, max_text_units=30, sample_size=2)
@@ -422,8 +423,10 @@ def test_ctrl_c_on_two_worker_processes_is_one_line_and_leaves_no_process(tmp_pa
       os.killpg(proc.pid, signal.SIGKILL)
   lines = [line for line in stderr.splitlines() if line.strip() and "Generating splits" not in line]
   assert proc.returncode == 130 and lines == ["interrupted"], (proc.returncode, stderr[-3000:])
-  time.sleep(1)
-  assert len(workers) == 2 and not [w for w in workers if os.path.exists(f"/proc/{w}")]
+  deadline = time.monotonic() + 30  # the workers end on their own (and may wait a moment to be reaped)
+  while any(map(process_alive, workers)) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  assert len(workers) == 2 and not [w for w in workers if process_alive(w)]
   assert not (tmp_path / "out" / "cleaned_pairs" / "1.0.0").exists()
 
 

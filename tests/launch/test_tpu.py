@@ -1,6 +1,7 @@
 """launch/tpu.py end to end with --dry-run, and the printed commands run against fake gcloud / fake workers."""
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -121,10 +122,9 @@ def test_train_command_survives_quoting_on_a_worker(tmp_path):
                        text=True, timeout=30, check=False)
   assert run.returncode == 0, run.stderr
   assert "started s2-a" in run.stdout
-  for _ in range(100):  # The trainer runs in the background; wait for its record.
-    if read_recorded(argv_log):
-      break
-    subprocess.run(["sleep", "0.05"], check=True)
+  deadline = time.monotonic() + 30  # The trainer runs in the background; wait for its record.
+  while not read_recorded(argv_log) and time.monotonic() < deadline:
+    time.sleep(0.05)
   (call,) = read_recorded(argv_log)
   assert call == ["--xla_tpu_a=true --xla_tpu_b=1", "-m", "qwenvl_jax.train", f"--config={CONFIG}",
                   "--workdir=gs://bucket/runs/stage 2", "--config.distributed.initialize=yes",

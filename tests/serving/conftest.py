@@ -82,6 +82,15 @@ def wait_until(condition, timeout: float = 60) -> None:
     time.sleep(0.05)
 
 
+def _refuses(port: int) -> bool:
+  """Whether nothing listens on the local `port` any more."""
+  try:
+    socket.create_connection(("127.0.0.1", port), timeout=5).close()
+  except ConnectionRefusedError:
+    return True
+  return False
+
+
 @pytest.fixture(scope="session")
 def image_root(tmp_path_factory):
   return tmp_path_factory.mktemp("image_root")
@@ -150,7 +159,10 @@ def serve_cli(flags: list[str], log_dir, timeout: float = 600, while_starting=No
     proc.wait(30)
     raise
   proc.send_signal(signal.SIGINT)
-  time.sleep(0.2)
+  if held is not None:  # the second Ctrl-C must come after the first was handled (two pending merge into one):
+    wait_until(lambda: _refuses(port), timeout=30)  # the stopping server has closed its listening socket
+  else:
+    time.sleep(0.2)
   proc.send_signal(signal.SIGINT)
   try:
     code = proc.wait(60)

@@ -164,7 +164,7 @@ def test_a_client_that_reads_nothing_has_its_answer_cut_and_its_place_freed():
   client that stopped reading held its place (and, for a completion, its decode slot) for ever. After send_timeout
   the app's send raises (the app stops), the request stops counting, and the answer ends, with no error logged,
   once the client reads what was buffered."""
-  cut = limits.RequestLimits(max_open=1, max_body_bytes=100, body_timeout=60, send_timeout=0.3,
+  cut = limits.RequestLimits(max_open=1, max_body_bytes=100, body_timeout=60, send_timeout=1.0,
                              counted_paths=("/stream",))
   raised = []
 

@@ -52,6 +52,15 @@ def read_losses(workdir) -> dict[int, float]:
   return out
 
 
+def process_alive(pid: int) -> bool:
+  """Whether process `pid` runs (a zombie, dead and not yet reaped, does not)."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except OSError:
+    return False
+
+
 def free_port() -> int:
   """A TCP port free on localhost now (for a coordinator or a server)."""
   with socket.socket() as s:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.training.helpers import REPO, free_port, small_flags, subprocess_env, wait_for_step
+from tests.training.helpers import REPO, free_port, process_alive, small_flags, subprocess_env, wait_for_step
 
 
 def _children(pid: int) -> dict[int, str]:
@@ -29,14 +29,6 @@ def _children(pid: int) -> dict[int, str]:
     if int(fields[1]) == pid and fields[0] != "Z":
       out[int(entry)] = cmdline
   return out
-
-
-def _alive(pid: int) -> bool:
-  try:
-    with open(f"/proc/{pid}/stat") as f:
-      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-  except OSError:
-    return False
 
 
 @pytest.mark.slow
@@ -60,9 +52,9 @@ def test_grain_workers_die_with_a_sigkilled_trainer(uninterrupted, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
   deadline = time.time() + 10
-  while time.time() < deadline and any(_alive(p) for p in workers):
+  while time.time() < deadline and any(process_alive(p) for p in workers):
     time.sleep(0.2)
-  survivors = [p for p in workers if _alive(p)]
+  survivors = [p for p in workers if process_alive(p)]
   for p in survivors:
     os.kill(p, signal.SIGKILL)
   assert not survivors, f"grain workers outlived the SIGKILLed trainer: {[workers[p][:120] for p in survivors]}"
