@@ -174,8 +174,10 @@ def save_params(path: str | os.PathLike, tree: Mapping[str, Any], *, custom_meta
   if path.exists():
     raise FileExistsError(f"{path} exists; refusing to overwrite it (choose a new output directory)")
   handler = _SettledPyTreeHandler(type_handler_registry=_registry())
-  # Orbax writes into `path.orbax-checkpoint-tmp*` and renames it at the end; a save that fails (a source that
-  # does not read back, Ctrl-C) left that folder behind. It is this call's own: removed, nothing else is.
+  # On a local disk Orbax writes into `path.orbax-checkpoint-tmp*` and renames it at the end; on GCS it writes
+  # into `path` itself and marks it complete at the end. A save that fails (a source that does not read back,
+  # Ctrl-C) left that folder, or the incomplete `path`, behind, and a retry was refused ("exists"). Both are this
+  # call's own (`path` did not exist, see above): removed, nothing else is.
   pattern = glob.escape(path.name) + ".orbax-checkpoint-tmp*"
   before = set(path.parent.glob(pattern)) if path.parent.exists() else set()
   try:
@@ -183,11 +185,11 @@ def save_params(path: str | os.PathLike, tree: Mapping[str, Any], *, custom_meta
       checkpointer.save(path, args=_SettledSave(dict(tree), custom_metadata=custom_metadata))
   except BaseException:
     if jax.process_index() == 0 and path.parent.exists():
-      for leftover in set(path.parent.glob(pattern)) - before:
+      for leftover in sorted(set(path.parent.glob(pattern)) - before) + [path]:
         try:
           leftover.rmtree(missing_ok=True)
         except OSError as e:  # the error that stopped the save is the one to report; this one is only logged
-          logging.warning("could not remove the failed save's temporary folder %s: %s", leftover, e)
+          logging.warning("could not remove what the failed save wrote, %s: %s", leftover, e)
     raise
 
 

@@ -89,6 +89,26 @@ def test_a_save_that_fails_midway_leaves_nothing_and_can_be_retried(tmp_path):
   np.testing.assert_array_equal(orbax_store.ParamReader(tmp_path / "p").read("w"), x)
 
 
+def test_a_save_that_fails_midway_into_its_final_folder_leaves_nothing(tmp_path, monkeypatch):
+  """On GCS Orbax writes into the output folder itself and marks it complete at the end (a commit file): a failed
+  save left an incomplete folder that a retry refused ('exists'). Orbax's GCS mode is used here on a local folder."""
+  from orbax.checkpoint._src.path import atomicity, atomicity_defaults  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(atomicity_defaults, "get_default_temporary_path_class",
+                      lambda *args, **kwargs: atomicity.CommitFileTemporaryPath)
+  x = np.arange(24, dtype=np.float32).reshape(4, 6)
+
+  def failing():
+    yield (0,), x[0]
+    raise OSError("the source shard does not read back")
+
+  with pytest.raises(OSError, match="does not read back"):
+    orbax_store.save_params(tmp_path / "p", {"w": orbax_store.StreamedArray(x.shape, x.dtype, (1, 6), failing)})
+  assert list(tmp_path.iterdir()) == []
+  orbax_store.save_params(tmp_path / "p", {"w": x})
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]
+  np.testing.assert_array_equal(orbax_store.ParamReader(tmp_path / "p").read("w"), x)
+
+
 def test_a_failed_save_ends_its_write_in_flight_before_it_raises(tmp_path, monkeypatch):
   """The block written while the next is read must end before the error leaves `save_params`: left running, it
   wrote into the temporary folder as that was removed (`Directory not empty` instead of the real error) or made it
