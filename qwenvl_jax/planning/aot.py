@@ -80,9 +80,11 @@ class StepPlan:
   compile_error: str = ""
   program_flops: float | None = None
   comm: collectives.CommEstimate | None = None
-  # What shrinks this program's temporaries, when it is not a training step (whose remedies, batch, remat and a
-  # tensor axis, `advice` names otherwise): e.g. a server prefill's "fewer requests per prefill".
+  # What shrinks this program's temporaries, and what shrinks its resident arguments (weights, KV cache), when it is
+  # not a training step (whose levers, batch, remat, a tensor axis, sharding, `advice` names otherwise): e.g. a
+  # server prefill's "fewer requests per prefill". Set by `inference_plan`.
   remedy: str = ""
+  resident_remedy: str = ""
 
   @property
   def total_bytes(self) -> int:
@@ -226,9 +228,8 @@ class StepPlan:
     over = self.total_bytes - hbm
     tips = []
     fixed = self.argument_bytes + self.output_bytes - self.alias_bytes + self.code_bytes
-    if fixed > TIGHT_FRACTION * hbm and self.remedy:
-      tips.append(f"weights, KV cache and inputs alone take {fixed / GIB:.1f} GiB per chip: int8 or int4 weights, "
-                  f"an int8 KV cache, fewer slots or a shorter context, or more chips (tensor parallelism)")
+    if fixed > TIGHT_FRACTION * hbm and self.resident_remedy:
+      tips.append(f"weights, KV cache and inputs alone take {fixed / GIB:.1f} GiB per chip: {self.resident_remedy}")
     elif fixed > TIGHT_FRACTION * hbm:
       tips.append(f"parameters + optimizer state + batch alone take {fixed / GIB:.1f} GiB per chip: shard them over "
                   f"more chips (a larger fsdp degree or slice), freeze more of the model, or keep fewer f32 copies")

@@ -82,8 +82,16 @@ REMEDIES = {
 }
 
 
+# What shrinks the weights and KV cache that every program of `generate` / of `serve` holds (`resident_remedy`).
+_RESIDENT = ("int8 or int4 weights (--quantize), an int8 KV cache (--kv_cache_dtype=int8), {} or a shorter context "
+             "({}), or more chips (tensor parallelism)")
+RESIDENT_REMEDIES = {"generate": _RESIDENT.format("fewer rows", "a shorter prompt and fewer new tokens"),
+                     "serve": _RESIDENT.format("fewer slots (--num_slots)", "--context")}
+
+
 def _remedy(plan: aot.StepPlan | None, program: str) -> aot.StepPlan | None:
-  return plan and dataclasses.replace(plan, remedy=REMEDIES[program])
+  resident = RESIDENT_REMEDIES["serve" if program in ("server_decode", "server_prefill", "encode") else "generate"]
+  return plan and dataclasses.replace(plan, remedy=REMEDIES[program], resident_remedy=resident)
 
 
 @dataclasses.dataclass(frozen=True)
