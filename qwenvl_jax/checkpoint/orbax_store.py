@@ -40,6 +40,7 @@ from etils import epath
 from flax import nnx
 from orbax.checkpoint._src import asyncio_utils
 from orbax.checkpoint._src.futures import future as ocp_future
+from orbax.checkpoint._src.path import atomicity as ocp_atomicity
 from orbax.checkpoint._src.serialization import ocdbt_utils
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 from orbax.checkpoint._src.serialization import type_handler_registry
@@ -137,35 +138,45 @@ def is_params_dir(path: str | os.PathLike) -> bool:
   return (_resolve(path) / "_METADATA").is_file()
 
 
-class _SettledPyTreeHandler(ocp.PyTreeCheckpointHandler):
-  """`PyTreeCheckpointHandler` whose blocking `save` returns or raises only once every write it started has ended.
+def _settled(handler: ocp.PyTreeCheckpointHandler) -> ocp.PyTreeCheckpointHandler:
+  """`handler`, whose blocking `save` returns or raises only once every write it started has ended.
 
   Orbax's own `save` waits on the commit futures one after another and raises at the first that fails, while the
   others (another leaf's TensorStore write, the metadata) still write into the temporary folder; removing that
   folder then races them: `Directory not empty` replaces the real error, or a late write makes the folder again.
   (Measured with `_StreamedArrayHandler`'s own write left in flight, the same race: 13 of 160 failed saves, four
-  at a time on 2 cores, left the folder or lost their error.)"""
+  at a time on 2 cores, left the folder or lost their error.) The first failure is raised; Orbax's threads log
+  each. Ctrl-C is not held up: the rest of a long conversion is not waited for. The method is replaced on the
+  instance, so the handler stays Orbax's own type, which `_CHECKPOINT_METADATA` records and Orbax's argument
+  registry knows (a subclass would have to be registered, and would be named in every checkpoint)."""
 
-  def save(self, directory, *args, **kwargs):
-    async def save_and_settle():
-      futures = await self.async_save(directory, *args, **kwargs) or []
-      failures = []
-      for f in futures:
-        try:
-          f.result()
-        except BaseException as e:  # pylint: disable=broad-except  (each is re-raised or chained below)
-          failures.append(e)
-      if failures:
-        raise failures[0]
+  async def save_and_settle(directory, *args, **kwargs):
+    futures = await handler.async_save(directory, *args, **kwargs) or []
+    failures = []
+    for f in futures:
+      try:
+        f.result()
+      except Exception as e:  # pylint: disable=broad-except  (the first is raised below)
+        failures.append(e)
+    if failures:
+      raise failures[0]
 
-    asyncio_utils.run_sync(save_and_settle())
+  handler.save = lambda directory, *args, **kwargs: asyncio_utils.run_sync(
+      save_and_settle(directory, *args, **kwargs))
+  return handler
 
 
-@ocp.args.register_with_handler(_SettledPyTreeHandler, for_save=True, for_restore=True)
-class _SettledSave(ocp.args.PyTreeSave):
-  """`PyTreeSave` for `_SettledPyTreeHandler`: Orbax's `Checkpointer` only takes a handler that has save and
-  restore arguments registered (Orbax's `PyTreeSave` stays with Orbax's handler). Nothing restores through this
-  handler: `restore_params` uses Orbax's own."""
+def _leftovers(path: epath.Path, pattern: str, before: set, checkpointer: ocp.Checkpointer,
+               error: BaseException) -> list[epath.Path]:
+  """What a failed `save_params` to `path` wrote and should remove: its `pattern` temporary folders that were not
+  there `before` (Orbax's local mode: a folder renamed to `path` at the end); in Orbax's commit-file mode (GCS),
+  `path` itself, unless Orbax refused it for existing (another run's) or it was already marked complete."""
+  found = sorted(set(path.parent.glob(pattern)) - before)
+  in_place = isinstance(checkpointer.get_temporary_path(path), ocp_atomicity.CommitFileTemporaryPath)
+  refused = isinstance(error, ValueError) and "already exists" in str(error)
+  if in_place and not refused and path.is_dir() and not (path / ocp_atomicity.COMMIT_SUCCESS_FILE).exists():
+    found.append(path)
+  return found
 
 
 def save_params(path: str | os.PathLike, tree: Mapping[str, Any], *, custom_metadata: dict | None = None) -> None:
@@ -173,24 +184,22 @@ def save_params(path: str | os.PathLike, tree: Mapping[str, Any], *, custom_meta
   path = _resolve(path)
   if path.exists():
     raise FileExistsError(f"{path} exists; refusing to overwrite it (choose a new output directory)")
-  handler = _SettledPyTreeHandler(type_handler_registry=_registry())
-  # On a local disk Orbax writes into `path.orbax-checkpoint-tmp*` and renames it at the end; on GCS it writes
-  # into `path` itself and marks it complete at the end. A save that fails (a source that does not read back,
-  # Ctrl-C) left that folder, or the incomplete `path`, behind, and a retry was refused ("exists"). Both are this
-  # call's own (`path` did not exist, see above): removed, nothing else is.
+  handler = _settled(ocp.PyTreeCheckpointHandler(type_handler_registry=_registry()))
+  # A save that fails (a source that does not read back, Ctrl-C) left what it wrote behind, and a retry was refused
+  # ("exists"): removed (`_leftovers`), nothing else is.
   pattern = glob.escape(path.name) + ".orbax-checkpoint-tmp*"
   before = set(path.parent.glob(pattern)) if path.parent.exists() else set()
-  try:
-    with ocp.Checkpointer(handler) as checkpointer:
-      checkpointer.save(path, args=_SettledSave(dict(tree), custom_metadata=custom_metadata))
-  except BaseException:
-    if jax.process_index() == 0 and path.parent.exists():
-      for leftover in sorted(set(path.parent.glob(pattern)) - before) + [path]:
-        try:
-          leftover.rmtree(missing_ok=True)
-        except OSError as e:  # the error that stopped the save is the one to report; this one is only logged
-          logging.warning("could not remove what the failed save wrote, %s: %s", leftover, e)
-    raise
+  with ocp.Checkpointer(handler) as checkpointer:
+    try:
+      checkpointer.save(path, args=ocp.args.PyTreeSave(dict(tree), custom_metadata=custom_metadata))
+    except BaseException as e:
+      if jax.process_index() == 0 and path.parent.exists():
+        for leftover in _leftovers(path, pattern, before, checkpointer, e):
+          try:
+            leftover.rmtree(missing_ok=True)
+          except OSError as cleanup:  # the error that stopped the save is the one to report; this is only logged
+            logging.warning("could not remove what the failed save wrote, %s: %s", leftover, cleanup)
+      raise
 
 
 def param_shapes(state: nnx.State) -> dict[str, tuple[tuple[int, ...], np.dtype]]:

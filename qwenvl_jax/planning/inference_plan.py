@@ -82,16 +82,23 @@ REMEDIES = {
 }
 
 
-# What shrinks the weights and KV cache that every program of `generate` / of `serve` holds (`resident_remedy`).
-_RESIDENT = ("int8 or int4 weights (--quantize), an int8 KV cache (--kv_cache_dtype=int8), {} or a shorter context "
-             "({}), or more chips (tensor parallelism)")
-RESIDENT_REMEDIES = {"generate": _RESIDENT.format("fewer rows", "a shorter prompt and fewer new tokens"),
-                     "serve": _RESIDENT.format("fewer slots (--num_slots)", "--context")}
+def resident_remedy(facts: dict) -> str:
+  """What shrinks the weights and KV cache that every program of a plan holds (`aot.StepPlan.resident_remedy`), in
+  the words of the command it plans (`serve`; else `generate` / `evaluate`), leaving out what the plan already uses."""
+  levers = []
+  if facts["quantize"] != "int4":
+    levers.append("int4 weights (--quantize=int4)" if facts["quantize"] == "int8" else "int8 or int4 weights "
+                  "(--quantize)")
+  if facts["kv_cache_dtype"] != "int8":
+    levers.append("an int8 KV cache (--kv_cache_dtype=int8)")
+  levers.append("fewer slots (serve's --num_slots) or a shorter context (--context)" if facts["server"] else
+                "fewer rows (the plan's batch; evaluate's --config.per_device_batch_size) or a shorter context (the "
+                "prompt and --max_new_tokens)")
+  return ", ".join(levers) + ", or more chips (tensor parallelism)"
 
 
-def _remedy(plan: aot.StepPlan | None, program: str) -> aot.StepPlan | None:
-  resident = RESIDENT_REMEDIES["serve" if program in ("server_decode", "server_prefill", "encode") else "generate"]
-  return plan and dataclasses.replace(plan, remedy=REMEDIES[program], resident_remedy=resident)
+def _remedy(plan: aot.StepPlan | None, program: str, facts: dict) -> aot.StepPlan | None:
+  return plan and dataclasses.replace(plan, remedy=REMEDIES[program], resident_remedy=resident_remedy(facts))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,7 +279,7 @@ def plan_inference(cfg: QwenVLConfig, topology: chips.Topology, *, quantize: str
                                                   scalar, vec(batch, jnp.float32)),
                                       chip=topology.chip, mesh=mesh, donate_argnums=3, count_program_flops=False,
                                       keep_unused=True, tokens=batch)  # the ViT's weights are resident too
-  decode_plan = _remedy(decode_plan, "decode")
+  decode_plan = _remedy(decode_plan, "decode", facts)
   prefill_plan = None
   if with_prefill:
     s, k = cfg.vision.image_size, prefill_batch
@@ -290,7 +297,7 @@ def plan_inference(cfg: QwenVLConfig, topology: chips.Topology, *, quantize: str
       _, prefill_plan = aot.compile_step(prefill_fn, (state, arrays, pcache, vec(k, jnp.float32)),
                                          chip=topology.chip, mesh=mesh, donate_argnums=2,
                                          count_program_flops=False, keep_unused=True, tokens=k * prompt)
-  return InferencePlan(decode_plan, _remedy(prefill_plan, "prefill"), qlib.weight_bytes(abstract_state),
+  return InferencePlan(decode_plan, _remedy(prefill_plan, "prefill", facts), qlib.weight_bytes(abstract_state),
                        _tree_bytes(cache), facts)
 
 
@@ -341,7 +348,7 @@ def _plan_server(cfg, topology, graphdef, state, as_state, cache, mesh, rules, *
                     rows(batch, jnp.float32), sampling(batch)),
         chip=topology.chip, mesh=mesh, donate_argnums=1, count_program_flops=False, keep_unused=True,
         tokens=batch * decode_steps)
-  decode_plan = _remedy(decode_plan, "server_decode")
+  decode_plan = _remedy(decode_plan, "server_decode", facts)
   if not with_prefill:
     return InferencePlan(decode_plan, None, weight_bytes, _tree_bytes(cache), facts)
   k, q, d, s = prefill_batch, cfg.image_tokens, cfg.llm.width, cfg.vision.image_size
@@ -366,8 +373,8 @@ def _plan_server(cfg, topology, graphdef, state, as_state, cache, mesh, rules, *
       _, encode_plan = aot.compile_step(
           encode_fn, (state, sharded((feature_slots, s, s, 3), jnp.uint8, (None,) * 4)),
           chip=topology.chip, mesh=mesh, count_program_flops=False, keep_unused=True)
-  return InferencePlan(decode_plan, _remedy(prefill_plan, "server_prefill"), weight_bytes, _tree_bytes(cache), facts,
-                       _remedy(encode_plan, "encode"))
+  return InferencePlan(decode_plan, _remedy(prefill_plan, "server_prefill", facts), weight_bytes, _tree_bytes(cache),
+                       facts, _remedy(encode_plan, "encode", facts))
 
 
 # The keys of `python -m qwenvl_jax.plan --inference=key=value,...` and their defaults (which give their types);

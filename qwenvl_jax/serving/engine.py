@@ -228,7 +228,7 @@ class Engine:
     they say how much of the wall time the device worked and what the decode calls alone would deliver.
     finished_<reason>: requests that held a slot and ended (stop, length, cancelled); cancelled_waiting: requests
     cancelled before they got one."""
-    with self._lock:  # one snapshot: a slot freed is counted finished in the same step (`_finish`)
+    with self._lock:  # active and the finished counts of one moment: `_finish` changes both under the lock
       counts = dict(self._counts)
       active = sum(s is not None for s in self._active)
     return {"slots": self.num_slots, "active": active,

@@ -109,6 +109,24 @@ def test_a_save_that_fails_midway_into_its_final_folder_leaves_nothing(tmp_path,
   np.testing.assert_array_equal(orbax_store.ParamReader(tmp_path / "p").read("w"), x)
 
 
+def test_a_failed_save_in_commit_file_mode_keeps_a_folder_it_did_not_write_or_that_is_complete(tmp_path,
+                                                                                                  monkeypatch):
+  """Orbax refusing the output because another run made it first, or a failure after Orbax marked it complete
+  (a barrier, Ctrl-C): the folder is not this call's to remove."""
+  from orbax.checkpoint._src.path import atomicity, atomicity_defaults  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(atomicity_defaults, "get_default_temporary_path_class",
+                      lambda *args, **kwargs: atomicity.CommitFileTemporaryPath)
+  path = orbax_store._resolve(tmp_path / "p")  # pylint: disable=protected-access
+  path.mkdir()
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+    leftovers = lambda error: orbax_store._leftovers(  # pylint: disable=protected-access
+        path, "p.tmp*", set(), checkpointer, error)
+    assert leftovers(OSError("the source shard does not read back")) == [path]
+    assert leftovers(ValueError(f"Destination {path} already exists.")) == []
+    (path / atomicity.COMMIT_SUCCESS_FILE).write_text("done")
+    assert leftovers(OSError("a barrier timed out")) == []
+
+
 def test_a_failed_save_ends_its_write_in_flight_before_it_raises(tmp_path, monkeypatch):
   """The block written while the next is read must end before the error leaves `save_params`: left running, it
   wrote into the temporary folder as that was removed (`Directory not empty` instead of the real error) or made it
@@ -149,15 +167,16 @@ def test_a_failed_save_raises_once_every_write_has_ended(tmp_path):
       time.sleep(0.3)
       ended.append("slow")
 
-  handler = orbax_store._SettledPyTreeHandler()
+  handler = ocp.PyTreeCheckpointHandler()
 
   async def async_save(directory, *args, **kwargs):
     return [Failed(), Slow()]
 
   handler.async_save = async_save
   with pytest.raises(OSError, match="the first write failed"):
-    handler.save(tmp_path)
+    orbax_store._settled(handler).save(tmp_path)  # pylint: disable=protected-access
   assert ended == ["slow"]
+  assert type(handler) is ocp.PyTreeCheckpointHandler  # what a checkpoint's metadata names stays Orbax's own
 
 
 @pytest.mark.parametrize("rules", ["fsdp", "fsdp_tp"])

@@ -147,11 +147,13 @@ def test_what_would_fit_names_the_server_program_that_does_not_and_its_own_sizes
   from qwenvl_jax.hardware import chips  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.planning import aot, inference_plan  # pylint: disable=import-outside-toplevel
   gib = chips.GIB
-  step = lambda args, temp, program: inference_plan._remedy(aot.StepPlan(  # pylint: disable=protected-access
-      chip=chips.CHIPS["v5e"], num_chips=1, argument_bytes=int(args * gib), output_bytes=0, alias_bytes=0,
-      temp_bytes=int(temp * gib), code_bytes=0, flops=None, bytes_accessed=None, optimal_seconds=None), program)
   facts = {"batch": 8, "context": 2048, "kv_cache_dtype": "int8", "quantize": "int8", "server": True,
            "prefill_batch": 4, "prompt": 2048, "images": 4}
+  remedy = inference_plan._remedy  # pylint: disable=protected-access
+  step = lambda args, temp, program, facts=facts: remedy(aot.StepPlan(
+      chip=chips.CHIPS["v5e"], num_chips=1, argument_bytes=int(args * gib), output_bytes=0, alias_bytes=0,
+      temp_bytes=int(temp * gib), code_bytes=0, flops=None, bytes_accessed=None, optimal_seconds=None), program,
+      facts)
   plan = inference_plan.InferencePlan(step(13.09, 1.51, "server_decode"), step(13.12, 19.23, "server_prefill"),
                                       {"int8": 9 * gib}, int(4.06 * gib), facts, step(9.03, 1.26, "encode"))
   assert not plan.fits()
@@ -160,13 +162,17 @@ def test_what_would_fit_names_the_server_program_that_does_not_and_its_own_sizes
   advice = plan.prefill.advice()
   assert advice[0] == f"temporaries take 19.2 GiB per chip: {inference_plan.REMEDIES['server_prefill']}", advice
   assert not any("remat" in tip or "train state" in tip for tip in advice), advice
-  # Weights and cache alone over the budget: serve's flags (generate's for its own programs), no training advice.
-  for program, command in (("server_decode", "serve"), ("decode", "generate")):
-    advice = step(15.5, 0.2, program).advice()
-    assert advice[0] == (f"weights, KV cache and inputs alone take 15.5 GiB per chip: "
-                         f"{inference_plan.RESIDENT_REMEDIES[command]}"), advice
-  assert "--num_slots" in inference_plan.RESIDENT_REMEDIES["serve"]
-  assert "slots" not in inference_plan.RESIDENT_REMEDIES["generate"]
+  # Weights and cache alone over the budget: the levers the plan does not use yet, in its command's words.
+  advice = step(15.5, 0.2, "server_decode").advice()
+  assert advice[0] == ("weights, KV cache and inputs alone take 15.5 GiB per chip: int4 weights (--quantize=int4), "
+                       "fewer slots (serve's --num_slots) or a shorter context (--context), or more chips (tensor "
+                       "parallelism)"), advice
+  generate = {**facts, "server": False, "quantize": "none", "kv_cache_dtype": "bfloat16"}
+  advice = step(15.5, 0.2, "decode", generate).advice()
+  assert advice[0] == ("weights, KV cache and inputs alone take 15.5 GiB per chip: int8 or int4 weights "
+                       "(--quantize), an int8 KV cache (--kv_cache_dtype=int8), fewer rows (the plan's batch; "
+                       "evaluate's --config.per_device_batch_size) or a shorter context (the prompt and "
+                       "--max_new_tokens), or more chips (tensor parallelism)"), advice
   # One request of the whole context does not fit either: a shorter context, serve's flag named.
   one = inference_plan.InferencePlan(plan.decode, plan.prefill, plan.weight_bytes, plan.cache_bytes,
                                      {**facts, "prefill_batch": 1}, plan.encode)

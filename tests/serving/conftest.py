@@ -88,6 +88,8 @@ def _refuses(port: int) -> bool:
     socket.create_connection(("127.0.0.1", port), timeout=5).close()
   except ConnectionRefusedError:
     return True
+  except OSError:  # a timeout or a reset: the server still has the port
+    pass
   return False
 
 
@@ -115,9 +117,10 @@ def http():
 @contextlib.contextmanager
 def serve_cli(flags: list[str], log_dir, timeout: float = 600, while_starting=None, open_request_at_exit=False):
   """`python -m qwenvl_jax.serve FLAGS` on a free local port; yields its base URL once /health is ok, then stops it
-  as a user at its terminal would, with Ctrl-C pressed twice (SIGINT 0.2 s apart: uvicorn's graceful stop, then
-  its forced one), and checks that it exits without a traceback (a KeyboardInterrupt used to print one from
-  JAX's atexit hook). Its output goes to `log_dir`/serve.log (shown when it dies before it is up).
+  as a user at its terminal would, with Ctrl-C pressed twice (uvicorn's graceful stop, then its forced one: 0.2 s
+  apart, or once the first has closed the listening socket when a request is held open), and checks that it exits
+  without a traceback (a KeyboardInterrupt used to print one from JAX's atexit hook). Its output goes to
+  `log_dir`/serve.log (shown when it dies before it is up).
   `while_starting()`, if given, is called once the process is started, before waiting for it (to overlap work of
   the test's own with its start-up; after the fork, so no thread of it is running when the child is forked).
   `open_request_at_exit`: a request is still being received when Ctrl-C is pressed (its body half sent), so the
@@ -158,13 +161,13 @@ def serve_cli(flags: list[str], log_dir, timeout: float = 600, while_starting=No
     proc.kill()
     proc.wait(30)
     raise
-  proc.send_signal(signal.SIGINT)
-  if held is not None:  # the second Ctrl-C must come after the first was handled (two pending merge into one):
-    wait_until(lambda: _refuses(port), timeout=30)  # the stopping server has closed its listening socket
-  else:
-    time.sleep(0.2)
-  proc.send_signal(signal.SIGINT)
   try:
+    proc.send_signal(signal.SIGINT)
+    if held is not None:  # the second Ctrl-C must come after the first was handled (two pending merge into one):
+      wait_until(lambda: _refuses(port), timeout=30)  # the stopping server has closed its listening socket
+    else:
+      time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
     code = proc.wait(60)
   finally:
     proc.kill()
