@@ -21,7 +21,7 @@ import unicodedata
 
 from absl import app, flags
 
-from qwenvl_jax import cli, errors
+from qwenvl_jax import cli, errors, new_files
 
 FLAGS = flags.FLAGS
 cli.define_model_flags()  # checkpoint, model, tokenizer, image_size, chat_format, dtype, quantize, rules, ...
@@ -189,7 +189,7 @@ def _write_outputs(response: str, history: list[tuple[str, str]], output_image: 
   latest picture of the turns the prompt kept (from `first_kept` on): the model never saw those before."""
   from qwenvl_jax import inference  # pylint: disable=import-outside-toplevel
   if save_history:
-    with open(save_history, "x", encoding="utf-8") as f:
+    with new_files.open_new(save_history) as f:  # a failed write (disk full, Ctrl-C) leaves no half a history
       json.dump([list(t) for t in history], f, ensure_ascii=False, indent=1)
   seen = history[first_kept:]
   drawn = inference.draw_bbox_on_latest_picture(response, seen)

@@ -61,12 +61,21 @@ def bundled_tokenizer(spec: str | None) -> str | None:
 
 
 def copy_tokenizer(spec: str | None, dst: str | os.PathLike) -> None:
-  """Copies the file of tokenizer `spec` into the finished params checkpoint `dst` (local or a gs:// URL, as
-  Orbax writes it) under the name `bundled_tokenizer` recorded, so the checkpoint loads without `--tokenizer`
-  wherever it is moved."""
-  if spec:
-    kind, path = qtext.parse_tokenizer_spec(spec)
+  """Copies the file of tokenizer `spec` into the params checkpoint `dst` that the caller has just written (local
+  or a gs:// URL, as Orbax writes it) under the name `bundled_tokenizer` recorded, so the checkpoint loads without
+  `--tokenizer` wherever it is moved.
+
+  A copy that fails (the disk the weights just filled, Ctrl-C, a tokenizer file gone since the start) removes
+  `dst`: it is the caller's own (`save_params` refuses an existing folder), and a checkpoint whose metadata names a
+  tokenizer file it lacks, or holds half of, looked finished while a retry was refused ("exists")."""
+  if not spec:
+    return
+  kind, path = qtext.parse_tokenizer_spec(spec)
+  try:
     (epath.Path(dst) / _KEPT_NAMES[kind]).write_bytes(epath.Path(path).read_bytes())
+  except BaseException:
+    epath.Path(dst).rmtree(missing_ok=True)
+    raise
 
 
 def hf_model_card(src: str | os.PathLike) -> tuple[str | None, str | None]:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
+from qwenvl_jax import new_files
 from qwenvl_jax import text as qtext
 from qwenvl_jax.data import images as image_lib
 
@@ -68,6 +69,7 @@ def draw_bbox_on_latest_picture(response: str, history: Sequence[tuple[str, str 
 
 
 def save_new_png(image: Image.Image, path: str | os.PathLike) -> None:
-  """Writes a PNG at `path`, which must not exist (FileExistsError otherwise, checked atomically)."""
-  with open(path, "xb") as f:
+  """Writes a PNG at `path`, which must not exist (FileExistsError otherwise, checked atomically); a write that
+  fails leaves no file."""
+  with new_files.open_new(path, binary=True) as f:
     image.save(f, format="PNG")

@@ -217,6 +217,30 @@ def estimate_seconds(model_flops: float, cand: Candidate, chip: chips.ChipSpec, 
   return (max(compute, comm) + compute + comm) / 2
 
 
+def _read_cached(path: str) -> dict | None:
+  """A compiled candidate's cached row, or None: none there, or one a killed search cut short (a cache miss, which
+  compiles it again, instead of a JSON traceback on every later search)."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      row = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return row if isinstance(row, dict) else None
+
+
+def _write_cached(path: str, row: dict) -> None:
+  """Writes a cached row whole or not at all (a temporary file renamed over it), so two searches never read half."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = f"{path}.{os.getpid()}.tmp"
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(row, f)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+
+
 def _cache_key(config: ml_collections.ConfigDict, topology: chips.Topology, cand: Candidate) -> str:
   text = json.dumps([config.to_dict(), topology.topology_name, topology.num_slices, dataclasses.asdict(cand)],
                     sort_keys=True, default=str)
@@ -310,9 +334,9 @@ def search(config: ml_collections.ConfigDict, topology: chips.Topology, *, max_c
   hbm = topology.chip.hbm_bytes
   for row in sorted((r for r in rows if r.status != "pruned"), key=lambda r: (r.est_bytes > hbm, r.est_seconds)):
     path = os.path.join(cache_dir, _cache_key(config, topology, row.candidate) + ".json") if cache_dir else ""
-    if path and os.path.exists(path):
-      with open(path, encoding="utf-8") as f:
-        row.__dict__.update({k: v for k, v in json.load(f).items() if k != "candidate"})
+    cached = _read_cached(path) if path else None
+    if cached is not None:
+      row.__dict__.update({k: v for k, v in cached.items() if k != "candidate"})
       row.note = (row.note + " (cached)").strip()
       continue
     if compiled >= max_compiles:
@@ -330,9 +354,7 @@ def search(config: ml_collections.ConfigDict, topology: chips.Topology, *, max_c
       row.status, row.note = "compile failed", f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
     log(f"  {row.status} in {time.perf_counter() - start:.0f} s")
     if path and row.status == "compiled":
-      os.makedirs(cache_dir, exist_ok=True)
-      with open(path, "w", encoding="utf-8") as f:
-        json.dump({k: v for k, v in dataclasses.asdict(row).items() if k != "candidate"}, f)
+      _write_cached(path, {k: v for k, v in dataclasses.asdict(row).items() if k != "candidate"})
 
   def rank(r: Row):
     # What was compiled first (fitting plans by step time, then what ran out of memory or failed), then the

@@ -444,3 +444,13 @@ def test_a_bad_recorded_chat_format_or_tokenizer_is_a_user_error(tmp_path):
   # A tokenizer to keep that is not there stops a conversion before it writes anything.
   with pytest.raises(FileNotFoundError, match="nowhere/qwen.tiktoken"):
     model_card.bundled_tokenizer(f"qwen:{tmp_path / 'nowhere' / 'qwen.tiktoken'}")
+
+
+def test_a_tokenizer_copy_that_fails_removes_the_checkpoint_it_was_to_complete(tmp_path):
+  """The checkpoint was already in place when its tokenizer copy failed (here: the file gone since the start): it
+  stayed, looking finished, without the tokenizer its metadata names, and a retry was refused ('exists')."""
+  dst = tmp_path / "orbax"
+  orbax_store.save_params(dst, {"w": np.zeros(3, np.float32)})
+  with pytest.raises(FileNotFoundError):
+    model_card.copy_tokenizer(f"qwen:{tmp_path / 'gone' / 'qwen.tiktoken'}", dst)
+  assert not dst.exists()

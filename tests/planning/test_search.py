@@ -180,3 +180,16 @@ def test_cli_search_with_no_layout_is_one_line():
       "error: no layout to search: config.batch_size=8 in any number of micro-batches does not split over 16 data x "
       "fsdp chips (--search_tensor=1 on v5litepod-16)")
   assert "Traceback" not in out.stderr and "searching" not in out.stdout
+
+
+def test_a_cached_row_cut_short_is_a_miss_and_rows_are_written_whole(tmp_path):
+  """A search killed while it wrote a cached row left half a JSON file: every later search of that config ended in a
+  JSONDecodeError traceback. Now that row is compiled again; rows are written to a temporary file and renamed."""
+  path = str(tmp_path / "cache" / "row.json")
+  assert search._read_cached(path) is None  # pylint: disable=protected-access
+  search._write_cached(path, {"status": "compiled", "fits": True})  # pylint: disable=protected-access
+  assert search._read_cached(path) == {"status": "compiled", "fits": True}  # pylint: disable=protected-access
+  assert os.listdir(tmp_path / "cache") == ["row.json"]
+  with open(path, "w", encoding="utf-8") as f:
+    f.write('{"status": "comp')
+  assert search._read_cached(path) is None  # pylint: disable=protected-access

@@ -1,0 +1,25 @@
+"""`new_files.open_new`: a new file, never over an existing one, and gone again when its write fails."""
+import pytest
+
+from qwenvl_jax import new_files
+
+
+def test_a_write_that_fails_leaves_no_file_and_its_error(tmp_path):
+  path = tmp_path / "history.json"
+  with pytest.raises(KeyboardInterrupt):
+    with new_files.open_new(path) as f:
+      f.write("[[\"half")
+      raise KeyboardInterrupt  # Ctrl-C, or a disk that filled up, halfway through
+  assert not path.exists()
+  with new_files.open_new(path, binary=True) as f:  # so the retry is not refused as existing
+    f.write(b"[]")
+  assert path.read_bytes() == b"[]"
+
+
+def test_an_existing_file_is_refused_and_kept(tmp_path):
+  path = tmp_path / "mine.png"
+  path.write_bytes(b"the user's")
+  with pytest.raises(FileExistsError):
+    with new_files.open_new(path, binary=True) as f:
+      f.write(b"ours")
+  assert path.read_bytes() == b"the user's"
