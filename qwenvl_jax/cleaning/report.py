@@ -143,12 +143,19 @@ def duplicate_ids_warning(report: Mapping[str, Any]) -> str | None:
 def write_new(path: str, report: Mapping[str, Any]) -> None:
   """Writes the report as JSON to a path that must not exist yet.
 
+  A write that fails (a full disk, Ctrl-C) removes what it wrote: a truncated report stayed at the final path
+  beside the published dataset, and the retry was refused.
+
   Raises:
     FileExistsError: the path exists (reports are never overwritten).
   """
   if epath.Path(path).exists():
     raise FileExistsError(f"report {os.fspath(path)} already exists; choose another --report path")
-  write_partial(path, report)
+  try:
+    write_partial(path, report)
+  except BaseException:
+    epath.Path(path).unlink(missing_ok=True)
+    raise
 
 
 def write_partial(path: str, report: Mapping[str, Any]) -> None:

@@ -31,3 +31,18 @@ def test_write_new_never_overwrites(tmp_path):
   with pytest.raises(FileExistsError, match="already exists"):
     report.write_new(str(path), {"kept": 2})
   assert report.read(str(path)) == {"kept": 1}
+
+
+def test_write_new_that_fails_leaves_no_report(tmp_path, monkeypatch):
+  path = tmp_path / "clean_report.json"
+
+  def half(p, _):
+    p = str(p)
+    with open(p, "w", encoding="utf-8") as f:
+      f.write('{"kept": 1')
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(report, "write_partial", half)
+  with pytest.raises(OSError, match="No space left"):
+    report.write_new(str(path), {"kept": 1})
+  assert not path.exists()
