@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import pathlib
-import shutil
 import sys
 import tempfile
 from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Sequence, TypeVar, Union
@@ -194,12 +193,28 @@ def discard_unstarted(directory: PathLike, settings: Mapping[str, Any]) -> bool:
       return False
   except ValueError:  # an unreadable ledger line: someone's data, left for the error that names it
     return False
-  ours = lambda name: (name in ("run.json", output_lock.LOCK_FILE) or name.startswith(".run.")
-                       or (name.startswith("process-") and name.endswith(".jsonl")))
-  if not all(ours(p.name) for p in directory.iterdir()):
+  if not all(_written_here(p.name) for p in directory.iterdir()):
     return False  # something this module did not write
-  shutil.rmtree(directory, ignore_errors=True)
+  _remove_ledgers(directory)
   return True
+
+
+def _written_here(name: str) -> bool:
+  """Whether `name` in a ledger folder is a file this module writes there."""
+  return (name in ("run.json", output_lock.LOCK_FILE) or name.startswith(".run.")
+          or (name.startswith("process-") and name.endswith(".jsonl")))
+
+
+def _remove_ledgers(directory: pathlib.Path) -> None:
+  """Removes the files this module writes in the ledger folder, then the folder if nothing else is left in it (a
+  folder of that name that held files of the user's keeps them)."""
+  for p in directory.iterdir():
+    if _written_here(p.name) and not p.is_dir():
+      p.unlink(missing_ok=True)
+  try:
+    directory.rmdir()
+  except OSError:
+    logging.warning("%s holds files this run did not write: kept", directory)
 
 
 class PredictionLedger:
@@ -342,5 +357,5 @@ def finalize(task, examples: Sequence[EvalExample], directory: PathLike, output_
           "away and rerun with a larger max_examples (or none) to score them", file=sys.stderr, flush=True)
     return payload
   # The results file holds every prediction: the ledgers have served (a rerun now refuses the existing output).
-  shutil.rmtree(directory, ignore_errors=True)
+  _remove_ledgers(pathlib.Path(directory))
   return payload

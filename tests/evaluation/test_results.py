@@ -175,6 +175,21 @@ def test_resumed_run_with_another_process_count_then_finalize(tmp_path):
     results.finalize(task, examples, ledgers, out)
 
 
+def test_finalize_removes_only_the_files_it_wrote_in_the_ledger_folder(tmp_path):
+  """The ledger folder was removed whole once the results were written: a folder of that name holding the user's
+  files lost them."""
+  task = tasks.get_task("ocrvqa_val")
+  examples = [EvalExample(example_id=0, image="0.jpg", fields={"question": "?"}, references=("a",))]
+  out = tmp_path / "ocrvqa.json"
+  ledgers = results.partial_dir(out)
+  ledgers.mkdir()
+  (ledgers / "notes.txt").write_text("mine")
+  results.PredictionLedger(ledgers, 0).append([{"id": 0, "prediction": "a"}])
+  results.finalize(task, examples, ledgers, out)
+  assert json.loads(out.read_text())["score"] == 1.0
+  assert sorted(p.name for p in ledgers.iterdir()) == ["notes.txt"]
+
+
 def test_the_summary_line_of_a_submission_split_says_it_has_no_metric():
   """It printed `vqav2_testdev None None`."""
   payload = {"task": "vqav2_testdev", "metric": None, "score": None, "details": {}, "num_examples": 6}
