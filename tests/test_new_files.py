@@ -23,3 +23,12 @@ def test_an_existing_file_is_refused_and_kept(tmp_path):
     with new_files.open_new(path, binary=True) as f:
       f.write(b"ours")
   assert path.read_bytes() == b"the user's"
+
+
+def test_replace_whole_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypatch):
+  path = tmp_path / "row.json"
+  new_files.replace_whole(path, '{"old": 1}')
+  monkeypatch.setattr(new_files.os, "replace", lambda *args: (_ for _ in ()).throw(OSError("disk full")))
+  with pytest.raises(OSError, match="disk full"):
+    new_files.replace_whole(path, '{"new": 2}')
+  assert path.read_text() == '{"old": 1}' and sorted(p.name for p in tmp_path.iterdir()) == ["row.json"]

@@ -35,7 +35,7 @@ import sys
 import tempfile
 from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Sequence, TypeVar, Union
 
-from qwenvl_jax import errors
+from qwenvl_jax import errors, new_files
 from qwenvl_jax.evaluation import output_lock
 from qwenvl_jax.evaluation.readers import EvalExample
 
@@ -172,10 +172,7 @@ def check_run_settings(directory: PathLike, settings: Mapping[str, Any], *,
                        f"resume, or choose another output")
     logging.info("%s: no prediction finished under the recorded settings; recording this run's", directory)
   directory.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".run.", suffix=".tmp")
-  with os.fdopen(fd, "w", encoding="utf-8") as f:
-    json.dump(settings, f, indent=1)
-  os.replace(tmp, path)
+  new_files.replace_whole(path, json.dumps(settings, indent=1), tmp_prefix=".run.")
 
 
 def discard_unstarted(directory: PathLike, settings: Mapping[str, Any]) -> bool:

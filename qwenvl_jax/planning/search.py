@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 
 import ml_collections
 
-from qwenvl_jax import errors
+from qwenvl_jax import errors, new_files
 from qwenvl_jax.hardware import chips
 from qwenvl_jax.planning import aot, mesh as mesh_lib
 
@@ -229,16 +229,9 @@ def _read_cached(path: str) -> dict | None:
 
 
 def _write_cached(path: str, row: dict) -> None:
-  """Writes a cached row whole or not at all (a temporary file renamed over it), so two searches never read half."""
+  """Writes a cached row whole or not at all, so two searches never read half of one."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.{os.getpid()}.tmp"
-  try:
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(row, f)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
+  new_files.replace_whole(path, json.dumps(row))
 
 
 def _cache_key(config: ml_collections.ConfigDict, topology: chips.Topology, cand: Candidate) -> str:
