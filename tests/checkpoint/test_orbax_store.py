@@ -71,38 +71,44 @@ def test_save_refuses_existing_directory(tmp_path):
     orbax_store.save_params(tmp_path / "p", {"b": np.zeros(3, np.float32)})
 
 
+def _failing_after_one_row(x: np.ndarray) -> orbax_store.StreamedArray:
+  """`x` streamed a row at a time, whose source fails after the first row (a shard that does not read back)."""
+  def failing():
+    yield (0,), x[0]
+    raise OSError("the source shard does not read back")
+  return orbax_store.StreamedArray(x.shape, x.dtype, (1,) + x.shape[1:], failing)
+
+
+@pytest.fixture
+def commit_file_mode(monkeypatch):
+  """Orbax's GCS mode (it writes into the output itself, a commit file at the end) on local folders; yields
+  Orbax's atomicity module."""
+  from orbax.checkpoint._src.path import atomicity, atomicity_defaults  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(atomicity_defaults, "get_default_temporary_path_class",
+                      lambda *args, **kwargs: atomicity.CommitFileTemporaryPath)
+  return atomicity
+
+
 def test_a_save_that_fails_midway_leaves_nothing_and_can_be_retried(tmp_path):
   """A source block that does not read back (a damaged shard, Ctrl-C) stops the save; Orbax's temporary folder
   (`p.orbax-checkpoint-tmp*`) was left beside the output. Other folders there stay."""
   x = np.arange(24, dtype=np.float32).reshape(4, 6)
   (tmp_path / "mine").mkdir()
 
-  def failing():
-    yield (0,), x[0]
-    raise OSError("the source shard does not read back")
-
   with pytest.raises(OSError, match="does not read back"):
-    orbax_store.save_params(tmp_path / "p", {"w": orbax_store.StreamedArray(x.shape, x.dtype, (1, 6), failing),
-                                             "b": np.zeros(3, np.float32)})
+    orbax_store.save_params(tmp_path / "p", {"w": _failing_after_one_row(x), "b": np.zeros(3, np.float32)})
   assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
   orbax_store.save_params(tmp_path / "p", {"w": x})
   np.testing.assert_array_equal(orbax_store.ParamReader(tmp_path / "p").read("w"), x)
 
 
-def test_a_save_that_fails_midway_into_its_final_folder_leaves_nothing(tmp_path, monkeypatch):
+def test_a_save_that_fails_midway_into_its_final_folder_leaves_nothing(tmp_path, commit_file_mode):
   """On GCS Orbax writes into the output folder itself and marks it complete at the end (a commit file): a failed
   save left an incomplete folder that a retry refused ('exists'). Orbax's GCS mode is used here on a local folder."""
-  from orbax.checkpoint._src.path import atomicity, atomicity_defaults  # pylint: disable=import-outside-toplevel
-  monkeypatch.setattr(atomicity_defaults, "get_default_temporary_path_class",
-                      lambda *args, **kwargs: atomicity.CommitFileTemporaryPath)
   x = np.arange(24, dtype=np.float32).reshape(4, 6)
 
-  def failing():
-    yield (0,), x[0]
-    raise OSError("the source shard does not read back")
-
   with pytest.raises(OSError, match="does not read back"):
-    orbax_store.save_params(tmp_path / "p", {"w": orbax_store.StreamedArray(x.shape, x.dtype, (1, 6), failing)})
+    orbax_store.save_params(tmp_path / "p", {"w": _failing_after_one_row(x)})
   assert list(tmp_path.iterdir()) == []
   orbax_store.save_params(tmp_path / "p", {"w": x})
   assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]
@@ -110,12 +116,9 @@ def test_a_save_that_fails_midway_into_its_final_folder_leaves_nothing(tmp_path,
 
 
 def test_a_failed_save_in_commit_file_mode_keeps_a_folder_it_did_not_write_or_that_is_complete(tmp_path,
-                                                                                                  monkeypatch):
+                                                                                                  commit_file_mode):
   """Orbax refusing the output because another run made it first, or a failure after Orbax marked it complete
   (a barrier, Ctrl-C): the folder is not this call's to remove."""
-  from orbax.checkpoint._src.path import atomicity, atomicity_defaults  # pylint: disable=import-outside-toplevel
-  monkeypatch.setattr(atomicity_defaults, "get_default_temporary_path_class",
-                      lambda *args, **kwargs: atomicity.CommitFileTemporaryPath)
   path = orbax_store._resolve(tmp_path / "p")  # pylint: disable=protected-access
   path.mkdir()
   with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
@@ -123,7 +126,7 @@ def test_a_failed_save_in_commit_file_mode_keeps_a_folder_it_did_not_write_or_th
         path, "p.tmp*", set(), checkpointer, error)
     assert leftovers(OSError("the source shard does not read back")) == [path]
     assert leftovers(ValueError(f"Destination {path} already exists.")) == []
-    (path / atomicity.COMMIT_SUCCESS_FILE).write_text("done")
+    (path / commit_file_mode.COMMIT_SUCCESS_FILE).write_text("done")
     assert leftovers(OSError("a barrier timed out")) == []
 
 
@@ -143,12 +146,8 @@ def test_a_failed_save_ends_its_write_in_flight_before_it_raises(tmp_path, monke
   monkeypatch.setattr(orbax_store, "_start_write", slow_write)
   x = np.ones((2, 3), np.float32)
 
-  def failing():
-    yield (0,), x[0]
-    raise OSError("the source shard does not read back")
-
   with pytest.raises(OSError, match="does not read back"):
-    orbax_store.save_params(tmp_path / "p", {"w": orbax_store.StreamedArray(x.shape, x.dtype, (1, 3), failing)})
+    orbax_store.save_params(tmp_path / "p", {"w": _failing_after_one_row(x)})
   assert ended == [(0,)]
   assert list(tmp_path.iterdir()) == []
 
