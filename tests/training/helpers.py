@@ -120,22 +120,29 @@ def wait_for_step(workdir, step: int, proc, timeout: float) -> None:
   raise AssertionError(f"no step {step} within {timeout} s")
 
 
-def sigterm_after_step(cmd: list, workdir, step: int) -> tuple[str, list[int], int]:
-  """Runs the trainer command `cmd` in a subprocess, sends SIGTERM once it has logged `step`, and waits for it to
-  exit with 143 (fails otherwise). Returns (its stderr, the checkpoint steps saved, the last step logged when the
-  signal was sent)."""
+def sigterm_and_rerun(folder: pathlib.Path, flags: list[str], step: int) -> list:
+  """The commands of a background job (tests/background.py): `python -m qwenvl_jax.train FLAGS` (8 fake devices) gets
+  SIGTERM once it has logged `step` (tests/together.py, its files in `folder/processes`), then runs again."""
   import signal  # pylint: disable=import-outside-toplevel
-  import subprocess  # pylint: disable=import-outside-toplevel
-  proc = subprocess.Popen(cmd, env=subprocess_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
-  try:
-    wait_for_step(workdir, step, proc, timeout=600)
-    proc.send_signal(signal.SIGTERM)
-    at_signal = max(read_losses(workdir))
-    _, err = proc.communicate(timeout=300)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  assert proc.returncode == 143, err[-3000:]
-  saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
-  return err, saved, at_signal
+  from tests import background, together  # pylint: disable=import-outside-toplevel
+  workdir = next(f.split("=", 1)[1] for f in flags if f.startswith("--workdir="))
+  cmd = [sys.executable, "-m", "qwenvl_jax.train"] + flags
+  sigterm = {"to": 0, "signal": int(signal.SIGTERM),
+             "when": {"metrics": os.path.join(workdir, "metrics.jsonl"), "step": step}}
+  spec = together.write_spec(folder / "processes", [{"argv": cmd, "env": subprocess_env(), "cwd": REPO}],
+                             signal=sigterm)
+  return [background.Command(spec, subprocess_env()), background.Command(cmd, subprocess_env())]
+
+
+def stopped_and_rerun(job) -> tuple[str, int, int, subprocess.CompletedProcess]:
+  """(stderr of the stopped run, the step it saved on the signal, the last step logged when the signal was sent,
+  the rerun) of a finished `sigterm_and_rerun` job; fails unless the run got the signal, exited 143 and saved."""
+  import re  # pylint: disable=import-outside-toplevel
+  from tests import together  # pylint: disable=import-outside-toplevel
+  stopped, *rest = job.result()
+  assert stopped.returncode == 0, stopped.stderr[-3000:]
+  result, (err,) = together.read_result(job.folder / "processes")
+  assert result["signalled"] and result["codes"] == [143], (result, err[-3000:])
+  saved = re.search(r"stop requested: saved step (\d+)", err)
+  assert saved and rest, err[-3000:]
+  return err, int(saved.group(1)), result["at_signal"], rest[0]

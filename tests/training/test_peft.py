@@ -3,8 +3,6 @@ and a stopped LoRA run resumes exactly (dropout keys derive from the step), also
 
 Tolerances: resumed losses equal the uninterrupted run's to float32 round-off (rtol 1e-6), as in test_trainer.py.
 """
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +15,8 @@ from qwenvl_jax import errors
 from qwenvl_jax.model import tiny
 from qwenvl_jax.training import optimizer, peft, step as step_lib, train
 from qwenvl_jax.training.stage_config import stage_config
-from tests.training.helpers import REPO, read_losses, sigterm_after_step, small_config, small_flags, subprocess_env
+from tests import background
+from tests.training.helpers import read_losses, sigterm_and_rerun, small_config, small_flags, stopped_and_rerun
 from tests.training.test_step import _batch, _opt
 
 RES = 56
@@ -111,21 +110,25 @@ def test_stopped_lora_run_resumes_exactly(lora_reference, tmp_path):
   np.testing.assert_allclose([resumed[s] for s in STEPS], [lora_reference[s] for s in STEPS], rtol=1e-6)
 
 
+background.register(__name__, "lora_sigterm_run", lambda folder: sigterm_and_rerun(
+    folder, small_flags(2, folder / "run", **{**LORA_RUN, "checkpoint.every": 100}), step=2))
+
+
 @pytest.mark.slow
-def test_sigterm_stops_a_lora_run_and_the_rerun_resumes_exactly(lora_reference, tmp_path):
+def test_sigterm_stops_a_lora_run_and_the_rerun_resumes_exactly(lora_reference, tmp_path_factory):
   """`python -m qwenvl_jax.train` of the same LoRA run gets a real SIGTERM after step 2: it saves the next step and
   exits 143; the rerun resumes from that checkpoint (adapters, AdamW state, data position, dropout keys) and
-  logs the uninterrupted run's losses."""
-  cmd = [sys.executable, "-m", "qwenvl_jax.train"] + small_flags(2, tmp_path, **{**LORA_RUN, "checkpoint.every": 100})
-  _, steps, _ = sigterm_after_step(cmd, tmp_path, 2)
-  assert steps and 2 <= steps[-1] < 24, steps  # saved on the signal, not at a checkpoint boundary (every 100)
-  rerun = subprocess.run(cmd, env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
+  logs the uninterrupted run's losses. Both run in tests/background.py's job, from the session's start."""
+  job = background.job(__name__, "lora_sigterm_run", tmp_path_factory.mktemp)
+  _, saved, _, rerun = stopped_and_rerun(job)
+  assert 2 <= saved < 24, saved  # saved on the signal, not at a checkpoint boundary (every 100)
+  workdir = job.folder / "run"
   assert rerun.returncode == 0, rerun.stderr[-3000:]
-  assert f"resumed {tmp_path} from step {steps[-1]}" in rerun.stderr
+  assert f"resumed {workdir} from step {saved}" in rerun.stderr
   # The start line says what a LoRA run trains (it showed the frozen-path regex '(?!.*/lora_[ab]$).*').
   assert ("LoRA r=8 on llm/blocks/attn/qkv, llm/blocks/attn/out, llm/blocks/mlp/w1, llm/blocks/mlp/w2: 24,576 "
           "trained parameters, the rest frozen") in rerun.stderr
-  resumed = read_losses(tmp_path)
+  resumed = read_losses(workdir)
   np.testing.assert_allclose([resumed[s] for s in STEPS], [lora_reference[s] for s in STEPS], rtol=1e-6)
 
 

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from tests.training.helpers import REPO, free_port, process_alive, small_flags, subprocess_env, wait_for_step
+from tests import background, together
+from tests.training.helpers import REPO, process_alive, small_flags, subprocess_env, wait_for_step
 
 
 def _children(pid: int) -> dict[int, str]:
@@ -65,40 +66,43 @@ def _logged_steps(workdir) -> list[int]:
     return [json.loads(line)["step"] for line in f if line.strip()]
 
 
+def _sigterm_of_one(folder):
+  """Two jax.distributed trainer processes, and SIGTERM to process 1 once process 0 prints its start line (right
+  before the first step): one command of tests/together.py, registered in tests/background.py (it starts with the
+  session at the lowest CPU priority; process 1 compiles everything, the compilation cache being process 0's)."""
+  processes = [{"argv": [sys.executable, "-m", "qwenvl_jax.train"] + small_flags(
+      2, folder / "run", total_steps=4, log_every=50,
+      **{"checkpoint.every": 100, "distributed.coordinator": "localhost:{free_port}",
+         "distributed.num_processes": 2, "distributed.process_id": i}),
+                "env": subprocess_env(devices=2), "cwd": REPO} for i in range(2)]
+  sigterm = {"to": 1, "signal": int(signal.SIGTERM), "when": {"stderr_of": 0, "contains": "stage 2: model"}}
+  return [background.Command(together.write_spec(folder / "processes", processes, signal=sigterm),
+                             subprocess_env(devices=2))]
+
+
+background.register(__name__, "sigterm_of_one", _sigterm_of_one)
+
+
+@pytest.fixture(scope="module")
+def sigterm_of_one(tmp_path_factory):
+  """(folder of the run, result of tests/together.py, stderr of each process)."""
+  job = background.job(__name__, "sigterm_of_one", tmp_path_factory.mktemp)
+  (done,) = job.result()
+  assert done.returncode == 0, done.stderr[-3000:]
+  return (job.folder, *together.read_result(job.folder / "processes"))
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_sigterm_on_one_of_two_processes_stops_both_at_the_next_step(tmp_path):
+def test_sigterm_on_one_of_two_processes_stops_both_at_the_next_step(sigterm_of_one):
   """JAX's preemption notifier sees the SIGTERM of process 1 and both processes save the same, next step, before
   the end of the run (step 4; no log/checkpoint boundary before it, where the processes used to agree). The step
-  program is the one of test_train.py's two-process run (log and checkpoint cadence are not part of it), so the
-  session's compilation cache serves both."""
-  port = free_port()
-  env = subprocess_env(devices=2)
-  procs, logs = [], []
-  for i in range(2):
-    cmd = [sys.executable, "-m", "qwenvl_jax.train"] + small_flags(
-        2, tmp_path / "run", total_steps=4, log_every=50,
-        **{"checkpoint.every": 100, "distributed.coordinator": f"localhost:{port}",
-           "distributed.num_processes": 2, "distributed.process_id": i})
-    logs.append(tmp_path / f"stderr{i}.txt")
-    with open(logs[-1], "w") as err:
-      procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err))
-  try:
-    deadline = time.time() + 900
-    while "stage 2: model" not in logs[0].read_text():  # printed by process 0 right before the first step
-      assert time.time() < deadline and all(p.poll() is None for p in procs), logs[0].read_text()[-3000:]
-      time.sleep(0.1)
-    procs[1].send_signal(signal.SIGTERM)
-    for p in procs:
-      p.wait(timeout=600)
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  errs = [log.read_text() for log in logs]
-  for p, err in zip(procs, errs):
-    assert p.returncode == 143, err[-3000:]
-  ckpts = tmp_path / "run" / "checkpoints"
+  program is the one of test_train.py's two-process run (log and checkpoint cadence are not part of it)."""
+  folder, result, errs = sigterm_of_one
+  assert result["signalled"], errs[0][-3000:]
+  for code, err in zip(result["codes"], errs):
+    assert code == 143, err[-3000:]
+  ckpts = folder / "run" / "checkpoints"
   steps = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit())
   assert len(steps) == 1 and 1 <= steps[0] <= 3, steps
   saved = steps[0]
@@ -106,4 +110,4 @@ def test_sigterm_on_one_of_two_processes_stops_both_at_the_next_step(tmp_path):
   data_files = sorted(os.listdir(ckpts / str(saved) / "data"))
   assert len([f for f in data_files if "process_" in f]) == 2, data_files
   assert json.loads((ckpts / str(saved) / "meta" / "metadata").read_text())["step"] == saved
-  assert _logged_steps(tmp_path / "run") == [saved]  # the stop flushes the metrics of the step it saves
+  assert _logged_steps(folder / "run") == [saved]  # the stop flushes the metrics of the step it saves

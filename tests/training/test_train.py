@@ -1,7 +1,8 @@
 """`python -m qwenvl_jax.train`: config files and flag overrides, a real SIGTERM, and a 2-process jax.distributed run.
 
-The subprocess runs use the session's compilation cache, so the SIGTERM run reuses the step compiled for the
-`uninterrupted` reference run (same program, same 8 fake devices).
+The SIGTERM run and the two-process run are jobs of tests/background.py (they start with the session, at the lowest
+CPU priority) and use the session's compilation cache: the SIGTERM run's program is the `uninterrupted` reference
+run's (same 8 fake devices), compiled once by whichever comes first.
 """
 import json
 import os
@@ -14,8 +15,9 @@ from absl import flags
 from ml_collections import config_flags
 
 from qwenvl_jax.hardware import allocator
-from tests.training.helpers import (REPO, free_port, load_stage_config, read_losses, sigterm_after_step, small_flags,
-                                    subprocess_env)
+from tests import background, together
+from tests.training.helpers import (REPO, load_stage_config, read_losses, sigterm_and_rerun, small_flags,
+                                    stopped_and_rerun, subprocess_env)
 
 
 def _parse(argv):
@@ -103,48 +105,55 @@ def test_a_config_file_of_the_wrong_kind_or_with_a_misspelt_field_is_one_line(tm
   assert not (tmp_path / "run").exists()
 
 
+def _two_processes(folder):
+  """A 2-process jax.distributed run of 4 steps (checkpoints at 2 and 4) by tests/together.py, then the same run
+  resumed by one process, registered in tests/background.py (process 1 compiles everything, the compilation cache
+  being process 0's: at the lowest CPU priority from the session's start, that costs the suite little)."""
+  processes = [{"argv": [sys.executable, "-m", "qwenvl_jax.train"] + small_flags(
+      2, folder / "run", total_steps=4, **{"checkpoint.every": 2, "distributed.coordinator": "localhost:{free_port}",
+                                           "distributed.num_processes": 2, "distributed.process_id": i}),
+                "env": subprocess_env(devices=2), "cwd": REPO} for i in range(2)]
+  one = [sys.executable, "-m", "qwenvl_jax.train"] + small_flags(2, folder / "run", total_steps=6)
+  return [background.Command(together.write_spec(folder / "processes", processes), subprocess_env(devices=2)),
+          background.Command(one, subprocess_env(devices=2))]
+
+
+background.register(__name__, "sigterm_run",
+                    lambda folder: sigterm_and_rerun(folder, small_flags(2, folder / "run"), step=3))
+background.register(__name__, "two_processes", _two_processes)
+
+
 @pytest.mark.slow
-def test_sigterm_saves_and_the_rerun_resumes_exactly(uninterrupted, tmp_path):
+def test_sigterm_saves_and_the_rerun_resumes_exactly(uninterrupted, tmp_path_factory):
+  """The uninterrupted run's command gets a real SIGTERM after step 3 (tests/background.py runs it, and then the
+  same command again, from the session's start at the lowest CPU priority)."""
   _, _, reference = uninterrupted
-  cmd = [sys.executable, "-m", "qwenvl_jax.train"] + small_flags(2, tmp_path)
-  err, steps, at_signal = sigterm_after_step(cmd, tmp_path, 3)
-  assert steps and 3 <= steps[-1] < 24, steps
+  job = background.job(__name__, "sigterm_run", tmp_path_factory.mktemp)
+  err, saved, at_signal, rerun = stopped_and_rerun(job)
+  folder = job.folder
+  assert 3 <= saved < 24, saved
   # It stops at the next step (at most one step runs ahead of the host), not at the next log/checkpoint boundary.
-  assert steps[-1] <= at_signal + 2, (at_signal, steps)
-  assert "stop requested: saved step" in err
-  rerun = subprocess.run(cmd, env=subprocess_env(), cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert saved <= at_signal + 2, (at_signal, saved)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
-  assert f"resumed {tmp_path} from step {steps[-1]}" in rerun.stderr
+  assert f"resumed {folder / 'run'} from step {saved}" in rerun.stderr
   # The command re-executed itself with mimalloc (hardware/allocator.py) and still resumes exactly.
   if allocator.mimalloc_library() is not None:
     assert ", allocator mimalloc;" in rerun.stderr, rerun.stderr[-3000:]
-  losses = read_losses(tmp_path)
+  losses = read_losses(folder / "run")
   np.testing.assert_allclose([losses[s] for s in range(1, 25)], [reference[s] for s in range(1, 25)], rtol=1e-6)
 
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_processes_write_one_consistent_checkpoint(tmp_path):
-  port = free_port()
-  env = subprocess_env(devices=2)
-  procs = []
-  for i in range(2):
-    cmd = [sys.executable, "-m", "qwenvl_jax.train"] + small_flags(
-        2, tmp_path, total_steps=4, **{"checkpoint.every": 2, "distributed.coordinator": f"localhost:{port}",
-                                       "distributed.num_processes": 2, "distributed.process_id": i})
-    procs.append(subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True))
-  outputs = []
-  try:
-    for p in procs:
-      outputs.append(p.communicate(timeout=1200))
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, (_, err) in zip(procs, outputs):
-    assert p.returncode == 0, err[-3000:]
-  ckpts = tmp_path / "checkpoints"
+def test_two_processes_write_one_consistent_checkpoint(tmp_path_factory):
+  job = background.job(__name__, "two_processes", tmp_path_factory.mktemp)
+  processes, *rest = job.result()
+  assert processes.returncode == 0 and rest, processes.stderr[-3000:]
+  folder, one = job.folder, rest[0]
+  result, errs = together.read_result(folder / "processes")
+  for code, err in zip(result["codes"], errs):
+    assert code == 0, err[-3000:]
+  ckpts = folder / "run" / "checkpoints"
   assert sorted(d for d in os.listdir(ckpts) if d.isdigit()) == ["2", "4"]
   last = ckpts / "4"
   for item in ("params", "opt_state", "data", "meta"):
@@ -154,13 +163,11 @@ def test_two_processes_write_one_consistent_checkpoint(tmp_path):
   assert len([f for f in data_files if "process_" in f]) == 2, data_files
   assert json.loads((last / "meta" / "metadata").read_text())["step"] == 4
   # Only process 0 logs: one line per step.
-  assert sorted(read_losses(tmp_path)) == [1, 2, 3, 4]
+  assert sorted(read_losses(folder / "run")) == [1, 2, 3, 4]
   # Both processes saw the same global losses (the loss is a global reduction).
-  assert "completed at step 4" in outputs[0][1]
+  assert "completed at step 4" in errs[0]
   # Resumed by one process: refused in one line naming the process count (it said "process_0-of-1.json does not
   # exist" and hinted to move the checkpoints away), the checkpoints left as they are.
-  one = subprocess.run([sys.executable, "-m", "qwenvl_jax.train"] + small_flags(2, tmp_path, total_steps=6),
-                       env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert one.returncode == 2 and "Traceback" not in one.stderr, one.stderr[-3000:]
   assert f"error: checkpoint {ckpts}/4 was saved by 2 processes and this run has 1" in one.stderr, one.stderr[-3000:]
   assert sorted(os.listdir(ckpts)) == ["2", "4"]
