@@ -1,8 +1,6 @@
 """Tests of host-local -> global batch conversion: 8 fake CPU devices in one process, and two real processes."""
 import json
-import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -14,6 +12,7 @@ from jax.sharding import PartitionSpec
 from qwenvl_jax import sharding
 from qwenvl_jax.data.global_batch import to_global_batch
 from tests.data import helpers
+from tests.training.helpers import free_port, subprocess_env
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 RULES = sharding.load_rules("fsdp")
@@ -86,11 +85,8 @@ jax.distributed.shutdown()
 @pytest.mark.multiprocess
 def test_two_processes_build_one_global_batch_from_disjoint_shards(tmp_path):
   path = helpers.write_image_text_jsonl(tmp_path, 8)
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-         "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  port = free_port()
+  env = subprocess_env(devices=2)
   procs = [subprocess.Popen([sys.executable, "-c", _WORKER, f"localhost:{port}", str(i), str(path)], cwd=REPO_ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
   outs = []

@@ -289,17 +289,12 @@ print("RESULT", "none" if payload is None else len(payload["predictions"]))
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_give_the_single_process_predictions(workdir, tmp_path):
-  import os  # pylint: disable=import-outside-toplevel
-  import socket  # pylint: disable=import-outside-toplevel
   import subprocess  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
+  from tests.training.helpers import REPO, free_port, subprocess_env  # pylint: disable=import-outside-toplevel
   root, tok = workdir
-  repo = str(__import__("pathlib").Path(__file__).resolve().parents[2])
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  env = {**os.environ, "PYTHONPATH": repo, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  repo, port = str(REPO), free_port()
+  env = subprocess_env(devices=4)
   output = tmp_path / "two.json"
   procs = [subprocess.Popen([sys.executable, "-c", _WORKER, f"localhost:{port}", str(i), str(root), str(tok),
                              str(output)], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
