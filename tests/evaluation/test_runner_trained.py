@@ -35,7 +35,8 @@ def _train(tasks, steps, max_shapes):
         "checkpoint.every": steps, "optimizer.warmup_steps": 20, "optimizer.lr": 1e-3, "data.read_threads": 2,
         "data.synthetic_max_shapes": max_shapes,
         **{f"data.mixture.{task}": 1.0 if task in tasks else 0.0 for task in mixture}})
-    return [background.Command([sys.executable, "-m", "qwenvl_jax.train"] + flags, helpers.subprocess_env(devices=1))]
+    return [background.Command([sys.executable, "-m", "qwenvl_jax.train"] + flags,
+                               helpers.subprocess_env(devices=1, default_llvm_level=True))]
   return commands
 
 

@@ -33,7 +33,8 @@ def _grounding_training(folder):
   flags = helpers.small_flags(2, folder / "run", total_steps=STEPS, log_every=STEPS // 2, **{
       "checkpoint.every": STEPS, "optimizer.warmup_steps": 5, "optimizer.lr": 3e-3, "data.read_threads": 1,
       "data.synthetic_max_shapes": 1, **{f"data.mixture.{t}": float(t == "grounding") for t in mixture}})
-  return [background.Command([sys.executable, "-m", "qwenvl_jax.train"] + flags, helpers.subprocess_env(devices=1))]
+  return [background.Command([sys.executable, "-m", "qwenvl_jax.train"] + flags,
+                             helpers.subprocess_env(devices=1, default_llvm_level=True))]
 
 
 background.register(__name__, "grounding_run", _grounding_training)

@@ -121,9 +121,8 @@ def _two_processes(folder):
 def _default_level_run(folder):
   """The uninterrupted run's command compiled at XLA's default LLVM level, not the -O0 of the test session
   (tests/conftest.py), registered in tests/background.py."""
-  env = subprocess_env()
-  env["XLA_FLAGS"] = " ".join(f for f in env["XLA_FLAGS"].split() if "xla_backend_optimization_level" not in f)
-  return [background.Command([sys.executable, "-m", "qwenvl_jax.train"] + small_flags(2, folder / "run"), env)]
+  return [background.Command([sys.executable, "-m", "qwenvl_jax.train"] + small_flags(2, folder / "run"),
+                             subprocess_env(default_llvm_level=True))]
 
 
 background.register(__name__, "default_level_run", _default_level_run)
