@@ -19,10 +19,11 @@ _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   _flags += " --xla_force_host_platform_device_count=8"
 # LLVM at -O0 for what the tests compile (exported, so their subprocesses too): compiling is a third of the suite's
-# time on 2 cores and -O0 halves it (the reference run: 15.8 s -> 7.4 s), while the tiny programs run about as fast.
+# time on 2 cores and -O0 halves it (the reference run: 15.8 s -> 7.4 s). A tiny step runs up to 2.2x longer, so the
+# few runs of hundreds of steps keep XLA's default level (`subprocess_env(default_llvm_level=True)`).
 # Results change only at float32 round-off (XLA's CPU code has no fast-math; LLVM contracts or orders a few float
-# operations differently): tests/training/test_train.py trains the reference run at XLA's default level in a
-# subprocess and compares its losses at the suite's tolerance.
+# operations differently): tests/training/test_train.py's SIGTERM run trains the reference run at XLA's default
+# level in a subprocess and compares its losses with the reference's at the suite's tolerance.
 if "xla_backend_optimization_level" not in _flags:
   _flags += " --xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = _flags.strip()

@@ -124,18 +124,18 @@ def wait_for_step(workdir, step: int, proc, timeout: float) -> None:
   raise AssertionError(f"no step {step} within {timeout} s")
 
 
-def sigterm_and_rerun(folder: pathlib.Path, flags: list[str], step: int) -> list:
+def sigterm_and_rerun(folder: pathlib.Path, flags: list[str], step: int, *, default_llvm_level: bool = False) -> list:
   """The commands of a background job (tests/background.py): `python -m qwenvl_jax.train FLAGS` (8 fake devices) gets
-  SIGTERM once it has logged `step` (tests/together.py, its files in `folder/processes`), then runs again."""
+  SIGTERM once it has logged `step` (tests/together.py, its files in `folder/processes`), then runs again (both with
+  `subprocess_env(default_llvm_level=...)`)."""
   import signal  # pylint: disable=import-outside-toplevel
   from tests import background, together  # pylint: disable=import-outside-toplevel
   workdir = next(f.split("=", 1)[1] for f in flags if f.startswith("--workdir="))
-  cmd = [sys.executable, "-m", "qwenvl_jax.train"] + flags
+  cmd, env = [sys.executable, "-m", "qwenvl_jax.train"] + flags, subprocess_env(default_llvm_level=default_llvm_level)
   sigterm = {"to": 0, "signal": int(signal.SIGTERM),
              "when": {"metrics": os.path.join(workdir, "metrics.jsonl"), "step": step}}
-  spec = together.write_spec(folder / "processes", [{"argv": cmd, "env": subprocess_env(), "cwd": REPO}],
-                             signal=sigterm)
-  return [background.Command(spec, subprocess_env()), background.Command(cmd, subprocess_env())]
+  spec = together.write_spec(folder / "processes", [{"argv": cmd, "env": env, "cwd": REPO}], signal=sigterm)
+  return [background.Command(spec, env), background.Command(cmd, env)]
 
 
 def stopped_and_rerun(job) -> tuple[str, int, int, subprocess.CompletedProcess]:
