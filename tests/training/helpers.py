@@ -68,14 +68,24 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def start_process_of_two(workdir, index: int, port: int, *, cwd=REPO, **overrides) -> subprocess.Popen:
-  """Process `index` of a two-process stage-2 trainer run (`small_flags`; 2 fake devices each) joined at
-  localhost:`port`, its stdout and stderr piped."""
-  cmd = [sys.executable, "-m", "qwenvl_jax.train"] + small_flags(
+def process_of_two(workdir, index: int, port, **overrides) -> list[str]:
+  """The command of process `index` of a two-process stage-2 trainer run (`small_flags`) joined at localhost:`port`
+  (an int, or tests/together.py's "{free_port}"); it runs with `subprocess_env(devices=2)`."""
+  return [sys.executable, "-m", "qwenvl_jax.train"] + small_flags(
       2, workdir, **{"distributed.coordinator": f"localhost:{port}", "distributed.num_processes": 2,
                      "distributed.process_id": index, **overrides})
-  return subprocess.Popen(cmd, env=subprocess_env(devices=2), cwd=cwd, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+
+
+def processes_of_two(workdir, **overrides) -> list[dict]:
+  """Both processes of that run as tests/together.py's spec entries (their port chosen when they start)."""
+  return [{"argv": process_of_two(workdir, i, "{free_port}", **overrides), "env": subprocess_env(devices=2),
+           "cwd": REPO} for i in range(2)]
+
+
+def start_process_of_two(workdir, index: int, port: int, *, cwd=REPO, **overrides) -> subprocess.Popen:
+  """Process `index` of that run started now, its stdout and stderr piped."""
+  return subprocess.Popen(process_of_two(workdir, index, port, **overrides), env=subprocess_env(devices=2), cwd=cwd,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def stderr_of_all(procs: list, timeout: float) -> list[str]:

@@ -10,7 +10,8 @@ import time
 import pytest
 
 from tests import background, together
-from tests.training.helpers import REPO, process_alive, small_flags, subprocess_env, wait_for_step
+from tests.training.helpers import (REPO, process_alive, processes_of_two, small_flags, subprocess_env,
+                                    wait_for_step)
 
 
 def _children(pid: int) -> dict[int, str]:
@@ -70,11 +71,7 @@ def _sigterm_of_one(folder):
   """Two jax.distributed trainer processes, and SIGTERM to process 1 once process 0 prints its start line (right
   before the first step): one command of tests/together.py, registered in tests/background.py (it starts with the
   session at the lowest CPU priority; process 1 compiles everything, the compilation cache being process 0's)."""
-  processes = [{"argv": [sys.executable, "-m", "qwenvl_jax.train"] + small_flags(
-      2, folder / "run", total_steps=4, log_every=50,
-      **{"checkpoint.every": 100, "distributed.coordinator": "localhost:{free_port}",
-         "distributed.num_processes": 2, "distributed.process_id": i}),
-                "env": subprocess_env(devices=2), "cwd": REPO} for i in range(2)]
+  processes = processes_of_two(folder / "run", total_steps=4, log_every=50, **{"checkpoint.every": 100})
   sigterm = {"to": 1, "signal": int(signal.SIGTERM), "when": {"stderr_of": 0, "contains": "stage 2: model"}}
   return [background.Command(together.write_spec(folder / "processes", processes, signal=sigterm),
                              subprocess_env(devices=2))]

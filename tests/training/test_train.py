@@ -16,8 +16,8 @@ from ml_collections import config_flags
 
 from qwenvl_jax.hardware import allocator
 from tests import background, together
-from tests.training.helpers import (REPO, load_stage_config, read_losses, sigterm_and_rerun, small_flags,
-                                    stopped_and_rerun, subprocess_env)
+from tests.training.helpers import (REPO, load_stage_config, processes_of_two, read_losses, sigterm_and_rerun,
+                                    small_flags, stopped_and_rerun, subprocess_env)
 
 
 def _parse(argv):
@@ -109,10 +109,7 @@ def _two_processes(folder):
   """A 2-process jax.distributed run of 4 steps (checkpoints at 2 and 4) by tests/together.py, then the same run
   resumed by one process, registered in tests/background.py (process 1 compiles everything, the compilation cache
   being process 0's: at the lowest CPU priority from the session's start, that costs the suite little)."""
-  processes = [{"argv": [sys.executable, "-m", "qwenvl_jax.train"] + small_flags(
-      2, folder / "run", total_steps=4, **{"checkpoint.every": 2, "distributed.coordinator": "localhost:{free_port}",
-                                           "distributed.num_processes": 2, "distributed.process_id": i}),
-                "env": subprocess_env(devices=2), "cwd": REPO} for i in range(2)]
+  processes = processes_of_two(folder / "run", total_steps=4, **{"checkpoint.every": 2})
   one = [sys.executable, "-m", "qwenvl_jax.train"] + small_flags(2, folder / "run", total_steps=6)
   return [background.Command(together.write_spec(folder / "processes", processes), subprocess_env(devices=2)),
           background.Command(one, subprocess_env(devices=2))]
