@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import json
 import pathlib
-import socket
 import subprocess
 import sys
 import time
+
+from tests.training.helpers import free_port
 
 
 def _logged_steps(path: str) -> list[int]:
@@ -50,9 +51,7 @@ def main(spec_path: str) -> int:
   spec_file = pathlib.Path(spec_path)
   folder, spec = spec_file.parent, json.loads(spec_file.read_text())
   signal_spec = spec.get("signal")
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = str(s.getsockname()[1])
+  port = str(free_port())
   procs = []
   for i, p in enumerate(spec["processes"]):
     argv = [a.replace("{free_port}", port) for a in p["argv"]]
