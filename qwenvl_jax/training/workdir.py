@@ -28,7 +28,7 @@ from etils import epath
 import jax
 import ml_collections
 
-from qwenvl_jax import errors, tree_paths
+from qwenvl_jax import errors, new_files, tree_paths
 
 # Keys that may differ between a run and its resumption (cpu_options: how the same parameters are computed; a run
 # from before it existed resumes too).
@@ -297,7 +297,7 @@ def check_and_record(workdir: str, config: ml_collections.ConfigDict, latest_ste
       return bool(diffs)
     return False
   if jax.process_index() == 0 and not path.exists():
-    path.write_text(config.to_json(indent=2))
+    _write_whole(path, config.to_json(indent=2))
   elif jax.process_index() == 0:
     old = json.loads(path.read_text())
     diffs = config_differences(old, config)
@@ -319,5 +319,14 @@ def record_resumed(workdir: str, config: ml_collections.ConfigDict, step: int) -
   while path.exists():
     k += 1
     path = directory / f"config.resumed_at_{step}-{k}.json"
-  path.write_text(config.to_json(indent=2))
+  _write_whole(path, config.to_json(indent=2))
   return os.fspath(path)
+
+
+def _write_whole(path: epath.Path, text: str) -> None:
+  """Writes a record whole or not at all. A run killed while writing its config.json used to leave half of it,
+  which the rerun refused as another tool's file ("not JSON"). An object store's write is whole already."""
+  if is_remote(path):
+    path.write_text(text)
+  else:
+    new_files.replace_whole(path, text)

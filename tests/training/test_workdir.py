@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from qwenvl_jax import errors
+from qwenvl_jax import errors, new_files
 from qwenvl_jax.training import workdir
 from tests.training.helpers import free_port, small_config, start_process_of_two, stderr_of_all
 
@@ -12,6 +12,20 @@ def test_new_run_records_its_config(tmp_path):
   c = small_config(2, tmp_path)
   workdir.check_and_record(str(tmp_path), c, latest_step=None)
   assert json.loads((tmp_path / "config.json").read_text())["optimizer"]["lr"] == c.optimizer.lr
+
+
+def test_a_run_stopped_while_recording_its_config_leaves_nothing_and_reruns(tmp_path, monkeypatch):
+  # Stopped before the rename: no half config.json, which the rerun used to refuse as "not JSON", and no temporary.
+  def stopped(*_):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(new_files.os, "replace", stopped)
+  with pytest.raises(KeyboardInterrupt):
+    workdir.check_and_record(str(tmp_path), small_config(2, tmp_path), latest_step=None)
+  assert not list(tmp_path.iterdir())
+  monkeypatch.undo()
+  workdir.check_usable(str(tmp_path))
+  workdir.check_and_record(str(tmp_path), small_config(2, tmp_path), latest_step=None)
+  assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
 
 
 def test_same_config_resumes_and_run_length_may_change(tmp_path):
