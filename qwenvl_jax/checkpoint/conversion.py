@@ -265,6 +265,20 @@ def _refuse_existing(dst) -> None:
     raise FileExistsError(f"output {dst} exists; refusing to overwrite it (choose a new output directory)")
 
 
+def _rename_finished(tmp: pathlib.Path, dst: pathlib.Path) -> None:
+  """Renames the finished export `tmp` to `dst`. Something created at `dst` during the export is kept: a rename
+  would replace an empty folder silently and fail on any other with an OSError traceback, after hours of writing.
+  The complete export stays at `tmp` and the error says so."""
+  if dst.exists() or dst.is_symlink():
+    raise errors.UserFileExistsError(f"output {dst} appeared while the export was written; the complete export is "
+                                     f"in {tmp}", hint=f"move {tmp} where you want it")
+  try:
+    tmp.rename(dst)
+  except OSError as e:
+    raise errors.UserError(f"could not rename the complete export {tmp} to {dst}: {e.strerror}",
+                           hint=f"move {tmp} where you want it") from e
+
+
 def refuse_inside_source(dst, src, *, what: str = "the params checkpoint", flag: str = "--src") -> None:
   """An output inside the folder it is made from (`what`, given as `flag`: a params checkpoint, a Hugging Face
   download) would add a folder to it, which the user then copies, uploads or hashes with it; refused in one line.
@@ -369,7 +383,7 @@ def orbax_to_torch(src: str | os.PathLike, dst: str | os.PathLike, cfg: QwenVLCo
     # The half-written export is this call's own (`tmp` did not exist): left behind, it blocked the next try.
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  tmp.rename(dst)
+  _rename_finished(tmp, dst)
   logging.info("exported %d tensors (%d bytes) to %s", len(plans), index["metadata"]["total_size"], dst)
   return index
 

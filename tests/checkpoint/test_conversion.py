@@ -215,6 +215,36 @@ def test_an_export_that_fails_midway_leaves_nothing_and_can_be_retried(tmp_path,
   assert len(list((tmp_path / "export").glob("*.safetensors"))) > 1
 
 
+@pytest.mark.parametrize("appeared", ["empty folder", "folder", "file"])
+def test_an_output_that_appears_during_the_export_is_kept(tmp_path, qwenvl_checkpoint, monkeypatch, appeared):
+  """`--dst` created by someone else while the shards were written: the final rename replaced an empty folder
+  silently and failed with an OSError traceback on any other; now theirs is kept and the finished export waits in
+  `dst.partial`."""
+  cfg = tiny()
+  src, _ = qwenvl_checkpoint(cfg)
+  checkpoint.torch_to_orbax(src, tmp_path / "orbax", cfg)
+  dst = tmp_path / "export"
+  write = tensor_io.write_safetensors_shards
+
+  def write_then_someone_creates_dst(*args, **kwargs):
+    index = write(*args, **kwargs)
+    if appeared == "file":
+      dst.write_text("theirs")
+    else:
+      dst.mkdir()
+      if appeared == "folder":
+        (dst / "theirs.txt").write_text("theirs")
+    return index
+
+  monkeypatch.setattr(conversion.tensor_io, "write_safetensors_shards", write_then_someone_creates_dst)
+  with pytest.raises(errors.UserFileExistsError, match=r"appeared while the export was written; the complete export "
+                     r"is in .*export\.partial"):
+    checkpoint.orbax_to_torch(tmp_path / "orbax", dst, cfg)
+  assert (dst.read_text() == "theirs" if appeared == "file" else
+          [p.name for p in dst.iterdir()] == ([] if appeared == "empty folder" else ["theirs.txt"]))
+  assert (tmp_path / "export.partial" / "model.safetensors.index.json").is_file()
+
+
 def test_a_quantized_checkpoint_is_neither_exported_nor_quantized_again(tmp_path):
   """`--mode=orbax_to_torch` of an int8 checkpoint said "the weights are another model's: name its preset" (its
   qvalue/scale leaves do not match), and `--mode=quantize` of one was a ValueError traceback: both are one line
