@@ -163,7 +163,20 @@ def register(module: str, fixture: str, factory: Factory) -> None:
 
 def start_selected(items, mktemp: Callable[[str], pathlib.Path]) -> None:
   """Queues, in the order of the selected tests (pytest items), the registered work of the fixtures they use, and
-  starts the first."""
+  starts the first.
+
+  Raises:
+    RuntimeError: a selected test's module registered work under a name that is none of its fixtures (its tests
+      then fetched the job in their body, and it ran only when they did: the nineteenth session's three trainer
+      jobs waited so, in the foreground, while the background core was idle).
+  """
+  modules = {getattr(item, "module", None) for item in items} - {None}
+  for (name, fixture) in _FACTORIES:
+    for module in modules:
+      if module.__name__ == name and not callable(getattr(module, fixture, None)):
+        raise RuntimeError(f"{name} registers background work as {fixture!r} but defines no fixture of that name: "
+                           "tests/background.py queues a job at the session's start only for a fixture that a "
+                           "selected test names")
   for item in items:
     module = getattr(getattr(item, "module", None), "__name__", None)
     for fixture in getattr(item, "fixturenames", ()):

@@ -114,12 +114,18 @@ background.register(__name__, "lora_sigterm_run", lambda folder: sigterm_and_rer
     folder, small_flags(2, folder / "run", **{**LORA_RUN, "checkpoint.every": 100}), step=2))
 
 
+@pytest.fixture(scope="module")
+def lora_sigterm_run(tmp_path_factory):
+  """The job (tests/background.py queues it at the session's start because a selected test names this fixture)."""
+  return background.job(__name__, "lora_sigterm_run", tmp_path_factory.mktemp)
+
+
 @pytest.mark.slow
-def test_sigterm_stops_a_lora_run_and_the_rerun_resumes_exactly(lora_reference, tmp_path_factory):
+def test_sigterm_stops_a_lora_run_and_the_rerun_resumes_exactly(lora_reference, lora_sigterm_run):
   """`python -m qwenvl_jax.train` of the same LoRA run gets a real SIGTERM after step 2: it saves the next step and
   exits 143; the rerun resumes from that checkpoint (adapters, AdamW state, data position, dropout keys) and
   logs the uninterrupted run's losses. Both run in tests/background.py's job, from the session's start."""
-  job = background.job(__name__, "lora_sigterm_run", tmp_path_factory.mktemp)
+  job = lora_sigterm_run
   _, saved, _, rerun = stopped_and_rerun(job)
   assert 2 <= saved < 24, saved  # saved on the signal, not at a checkpoint boundary (every 100)
   workdir = job.folder / "run"

@@ -122,14 +122,26 @@ background.register(__name__, "sigterm_run", lambda folder: sigterm_and_rerun(
 background.register(__name__, "two_processes", _two_processes)
 
 
+# Fixtures named as their registered work: tests/background.py queues a job at the session's start only for the
+# fixtures a selected test names (a test that called `background.job` in its body started it only when it ran).
+@pytest.fixture(scope="module")
+def sigterm_run(tmp_path_factory):
+  return background.job(__name__, "sigterm_run", tmp_path_factory.mktemp)
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+  return background.job(__name__, "two_processes", tmp_path_factory.mktemp)
+
+
 @pytest.mark.slow
-def test_sigterm_saves_and_the_rerun_resumes_exactly(uninterrupted, tmp_path_factory):
+def test_sigterm_saves_and_the_rerun_resumes_exactly(uninterrupted, sigterm_run):
   """The uninterrupted run's command gets a real SIGTERM after step 3 (tests/background.py runs it, and then the
   same command again, from the session's start at the lowest CPU priority). Both compile at XLA's default LLVM
   level and the reference run at the session's -O0: 4 of its 24 losses differ between the levels, by at most
   1.4e-7 relative (measured in-process), within the rtol 1e-6 of the comparison."""
   _, _, reference = uninterrupted
-  job = background.job(__name__, "sigterm_run", tmp_path_factory.mktemp)
+  job = sigterm_run
   err, saved, at_signal, rerun = stopped_and_rerun(job)
   folder = job.folder
   assert 3 <= saved < 24, saved
@@ -146,8 +158,8 @@ def test_sigterm_saves_and_the_rerun_resumes_exactly(uninterrupted, tmp_path_fac
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_processes_write_one_consistent_checkpoint(tmp_path_factory):
-  job = background.job(__name__, "two_processes", tmp_path_factory.mktemp)
+def test_two_processes_write_one_consistent_checkpoint(two_processes):
+  job = two_processes
   processes, *rest = job.result()
   assert processes.returncode == 0 and rest, processes.stderr[-3000:]
   folder, one = job.folder, rest[0]
