@@ -20,6 +20,7 @@ import pathlib
 import signal
 import subprocess
 import threading
+import time
 from typing import Callable, Sequence
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -39,6 +40,7 @@ _JOBS: dict[tuple[str, str], "Job"] = {}
 _QUEUE: list["Job"] = []
 _RUNNING: set["Job"] = set()  # started and not yet finished (under _QUEUE_LOCK)
 _QUEUE_LOCK = threading.Lock()
+REPORT: list[str] = []  # `summary`'s lines, kept at the session's end for pytest's terminal summary
 
 
 class Job:
@@ -57,6 +59,8 @@ class Job:
     self._proc: subprocess.Popen | None = None
     self._stopped = False
     self._awaited = 0  # commands before this index run at the test's priority (a test waits for them)
+    self.timings: list[tuple[float, float, float]] = []  # per finished command: start (time.time()), wall, CPU s
+    self.waited = 0.0  # seconds tests spent in `result`
     self._thread = threading.Thread(target=self._run, daemon=True)
 
   def start(self) -> None:
@@ -79,7 +83,11 @@ class Job:
           niced = [] if i < self._awaited else ["nice", "-n", "19"]
           self._proc = subprocess.Popen(niced + list(command.argv), env=command.env, cwd=command.cwd, stdout=o,
                                         stderr=e, start_new_session=True)
-        code = self._proc.wait()
+        start = time.time()
+        # wait4: the command's CPU time with that of the children it waited for (a trainer's processes).
+        _, status, usage = os.wait4(self._proc.pid, 0)
+        code = self._proc.returncode = os.waitstatus_to_exitcode(status)
+        self.timings.append((start, time.time() - start, usage.ru_utime + usage.ru_stime))
         done = subprocess.CompletedProcess(command.argv, code, out.read_text(errors="replace"),
                                            err.read_text(errors="replace"))
         with self._lock:
@@ -106,8 +114,10 @@ class Job:
       if self._proc is not None and self._proc.poll() is None and len(self._results) < wanted:
         _renice(self._proc.pid, os.getpriority(os.PRIO_PROCESS, 0))  # the running command is one of them
     self.start()
+    began = time.monotonic()
     with self._lock:
       finished = self._progress.wait_for(lambda: self._done or len(self._results) >= wanted, timeout)
+      self.waited += time.monotonic() - began
       if self._error is not None:
         raise RuntimeError(f"the background job of {self.folder.name} failed") from self._error
       results = list(self._results)
@@ -198,6 +208,23 @@ def job(module: str, fixture: str, mktemp: Callable[[str], pathlib.Path], *, sta
   if start:
     _JOBS[(module, fixture)].start()
   return _JOBS[(module, fixture)]
+
+
+def summary(session_start: float) -> list[str]:
+  """One line per job made this session: when its commands ran (seconds from `session_start`, a time.time()), their
+  wall and CPU time, and how long tests waited for it. Idle stretches between jobs show a background core that
+  more work could use; long waits, a job queued too late or too big."""
+  lines = []
+  for (module, fixture), made in _JOBS.items():
+    if made.timings:
+      first, last = made.timings[0], made.timings[-1]
+      span = f"{first[0] - session_start:6.0f}-{last[0] + last[1] - session_start:4.0f} s"
+    else:
+      span = "never ran".rjust(13)
+    lines.append(f"{span}  wall {sum(t[1] for t in made.timings):6.1f} s  CPU {sum(t[2] for t in made.timings):6.1f} s"
+                 f"  waited {made.waited:5.1f} s  {module.rpartition('.')[2]}::{fixture} "
+                 f"({len(made.timings)}/{len(made._commands)} commands)")
+  return sorted(lines)
 
 
 def stop_all() -> None:

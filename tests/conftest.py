@@ -13,6 +13,7 @@ and the quick start chats with it and evaluates it. Subprocess work that test mo
 """
 import os
 import pathlib
+import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
@@ -84,6 +85,17 @@ def background_work(request, tmp_path_factory, compile_cache_dir):
   compilation cache is exported, which their subprocesses use); stops what still runs when the session ends."""
   del compile_cache_dir
   from tests import background  # pylint: disable=import-outside-toplevel
+  start = time.time()
   background.start_selected(request.session.items, tmp_path_factory.mktemp)
   yield
+  background.REPORT[:] = background.summary(start)
   background.stop_all()
+
+
+def pytest_terminal_summary(terminalreporter):
+  """Where the background work's time went (tests/background.py `summary`)."""
+  from tests import background  # pylint: disable=import-outside-toplevel
+  if background.REPORT:
+    terminalreporter.write_sep("-", "background work (seconds from the session's start)")
+    for line in background.REPORT:
+      terminalreporter.write_line(line)
