@@ -29,9 +29,12 @@ RUNNING = 1  # queued jobs running at once (the module docstring says why not 2)
 
 @dataclasses.dataclass(frozen=True)
 class Command:
+  """`check=False`: the job goes on after this command exits non-zero (a command line whose exit 2 is the test's
+  subject); by default a failed command ends the job."""
   argv: Sequence[str]
   env: dict
   cwd: pathlib.Path = REPO
+  check: bool = True
 
 
 Factory = Callable[[pathlib.Path], Sequence[Command]]
@@ -44,8 +47,9 @@ REPORT: list[str] = []  # `summary`'s lines, kept at the session's end for pytes
 
 
 class Job:
-  """`commands` run one after the other (stopping after one that fails) in a thread, each in a niced subprocess, once
-  started; `folder` is where the factory put their files, their output goes to `logs`."""
+  """`commands` run one after the other (stopping after one that fails, unless its `check` is off) in a thread,
+  each in a niced subprocess, once started; `folder` is where the factory put their files, their output goes to
+  `logs`."""
 
   def __init__(self, commands: Sequence[Command], folder: pathlib.Path, logs: pathlib.Path,
                error: BaseException | None = None):
@@ -93,7 +97,7 @@ class Job:
         with self._lock:
           self._results.append(done)
           self._progress.notify_all()
-        if code != 0:
+        if code != 0 and command.check:
           break
     except BaseException as e:  # pylint: disable=broad-except  (reported by `result`, in the test that waits)
       self._error = e

@@ -9,6 +9,7 @@ import pytest
 from absl import flags
 
 from qwenvl_jax import cli, errors
+from tests import background
 from tests.conftest import REPO_ROOT
 
 ENTRY_POINTS = ("train", "generate", "evaluate", "serve", "clean", "convert", "plan")
@@ -146,40 +147,58 @@ def test_train_with_bad_input_prints_one_line_and_writes_nothing(tmp_path):
     assert not workdir.exists()
 
 
-def test_flag_and_config_file_mistakes_are_one_line_and_exit_2(tmp_path):
+_STAGE2 = f"--config={REPO_ROOT / 'configs' / 'stage2.py'}"
+_FLAG_MISTAKES = [  # (train's flags, what the error line says; {folder}: the job's folder)
+    ([_STAGE2 + ":fix_vit=maybe"], "config arg fix_vit='maybe' is not a boolean"),
+    ([_STAGE2 + ":modle=tiny"], "unknown config arg keys ['modle']"),
+    ([_STAGE2, "--config.batch_size=abc"], "flag --config.batch_size=abc: invalid literal for int()"),
+    (["--config={folder}/stage9.py"], "--config: cannot load the config file"),
+    ([_STAGE2, "--helpme"], "Unknown command line flag 'helpme'"),
+    ([_STAGE2, "extra"], "unexpected arguments: ['extra']"),
+    # A file that is no config: ml_collections' SyntaxError / AttributeError tracebacks (40-56 lines).
+    ([f"--config={REPO_ROOT / 'README.md'}"], "README.md is not a Python config file (line 3: "),
+    (["--config={folder}/noget.py"], "noget.py defines no get_config()"),
+    # get_config() returning no ConfigDict: absl's "must have a value other than None" under a warning, or a
+    # TypeError traceback from the first `"stage" in config`.
+    (["--config={folder}/none.py"], "none.py: get_config() returned None (a missing return"),
+    (["--config={folder}/none.py", "--config.model=tiny"], "none.py: get_config() returned None"),
+    (["--config={folder}/dict.py"], "dict.py: get_config() returned {'model': 'tiny'} (dict), not an")]
+
+
+def _flag_mistakes(folder):
+  """One `python -m qwenvl_jax.train --workdir=FOLDER/run` per case of `_FLAG_MISTAKES` (a process start each):
+  commands of a job registered in tests/background.py, run from the session's start on the core the other tests
+  leave idle."""
+  (folder / "noget.py").write_text("x = 1\n")
+  (folder / "none.py").write_text("def get_config():\n  pass\n")
+  (folder / "dict.py").write_text("def get_config():\n  return {'model': 'tiny'}\n")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
+  return [background.Command([sys.executable, "-m", "qwenvl_jax.train", f"--workdir={folder / 'run'}",
+                              *(flag.format(folder=folder) for flag in extra)], env, folder, check=False)
+          for extra, _ in _FLAG_MISTAKES]
+
+
+background.register(__name__, "flag_mistakes", _flag_mistakes)
+
+
+@pytest.fixture(scope="module")
+def flag_mistakes(tmp_path_factory):
+  """(the job's folder, the finished command of each case of `_FLAG_MISTAKES`)."""
+  job = background.job(__name__, "flag_mistakes", tmp_path_factory.mktemp)
+  return job.folder, job.result()
+
+
+def test_flag_and_config_file_mistakes_are_one_line_and_exit_2(flag_mistakes):
   """What absl reports as "FATAL Flags parsing error" (with a config file's traceback inside), a config file that
   does not load (an OSError about no path, raised in main), stray arguments (after the whole flag help) — all exit
   1 or with a traceback under absl alone — are one `error:` line and exit 2 here, and write nothing."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
-  workdir = tmp_path / "run"
-  stage2 = f"--config={REPO_ROOT / 'configs' / 'stage2.py'}"
-  cases = [([stage2 + ":fix_vit=maybe"], "config arg fix_vit='maybe' is not a boolean"),
-           ([stage2 + ":modle=tiny"], "unknown config arg keys ['modle']"),
-           ([stage2, "--config.batch_size=abc"], "flag --config.batch_size=abc: invalid literal for int()"),
-           ([f"--config={tmp_path / 'stage9.py'}"], "--config: cannot load the config file"),
-           ([stage2, "--helpme"], "Unknown command line flag 'helpme'"),
-           ([stage2, "extra"], "unexpected arguments: ['extra']"),
-           # A file that is no config: ml_collections' SyntaxError / AttributeError tracebacks (40-56 lines).
-           ([f"--config={REPO_ROOT / 'README.md'}"], "README.md is not a Python config file (line 3: "),
-           ([f"--config={tmp_path / 'noget.py'}"], "noget.py defines no get_config()"),
-           # get_config() returning no ConfigDict: absl's "must have a value other than None" under a warning, or
-           # a TypeError traceback from the first `"stage" in config`.
-           ([f"--config={tmp_path / 'none.py'}"], "none.py: get_config() returned None (a missing return"),
-           ([f"--config={tmp_path / 'none.py'}", "--config.model=tiny"], "none.py: get_config() returned None"),
-           ([f"--config={tmp_path / 'dict.py'}"], "dict.py: get_config() returned {'model': 'tiny'} (dict), not an")]
-  (tmp_path / "noget.py").write_text("x = 1\n")
-  (tmp_path / "none.py").write_text("def get_config():\n  pass\n")
-  (tmp_path / "dict.py").write_text("def get_config():\n  return {'model': 'tiny'}\n")
-  def run(extra):
-    return subprocess.run([sys.executable, "-m", "qwenvl_jax.train", f"--workdir={workdir}", *extra], env=env,
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
-  with concurrent.futures.ThreadPoolExecutor(4) as pool:  # each is a process start: overlap them
-    procs = list(pool.map(run, [extra for extra, _ in cases]))
-  for (extra, expected), proc in zip(cases, procs):
+  folder, procs = flag_mistakes
+  assert len(procs) == len(_FLAG_MISTAKES)
+  for (extra, expected), proc in zip(_FLAG_MISTAKES, procs):
     assert proc.returncode == 2, (extra, proc.stderr[-3000:])
     lines = proc.stderr.splitlines()
     assert lines[0].startswith("error: ") and expected in lines[0], (extra, proc.stderr[-3000:])
-    assert len(lines) <= 2 and "Traceback" not in proc.stderr and not workdir.exists(), (extra, proc.stderr)
+    assert len(lines) <= 2 and "Traceback" not in proc.stderr and not (folder / "run").exists(), (extra, proc.stderr)
 
 
 def test_a_leading_tilde_of_a_path_flag_is_the_home_folder(monkeypatch):
@@ -219,31 +238,41 @@ MISTAKES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def mistake_runs(request, tmp_path_factory):
-  """(module, args) -> the finished `python -m qwenvl_jax.<module> ARGS` of each MISTAKES case this session runs,
-  each in a folder of its own, all started at once (each is a process start: overlap them)."""
-  chosen = [(item.callspec.params["module"], item.callspec.params["args"]) for item in request.session.items
-            if getattr(item, "originalname", "") == "test_entry_point_mistakes_that_were_tracebacks_are_one_line"]
-  chosen = [(m, a) for m, a, expected in MISTAKES if (m, a) in chosen
-            and not ("needs libtpu" in expected and _libtpu_installed())]  # that case is skipped
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
+def _run_mistakes() -> list[int]:
+  """The indices of the MISTAKES cases that can happen here (the missing-libtpu one only where it is missing)."""
+  return [i for i, (_, _, expected) in enumerate(MISTAKES) if not ("needs libtpu" in expected and _libtpu_installed())]
 
-  def run(module, args, cwd):
+
+def _mistake_runs(folder):
+  """One `python -m qwenvl_jax.<module> ARGS` per case of `_run_mistakes` (a process start each), each in a folder
+  of its own: commands of a job registered in tests/background.py, run from the session's start on the core the
+  other tests leave idle."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
+  commands = []
+  for i in _run_mistakes():
+    module, args, _ = MISTAKES[i]
+    (folder / str(i)).mkdir()
     args = [a.replace("configs/", f"{REPO_ROOT / 'configs'}/") for a in args]
-    return subprocess.run([sys.executable, "-m", f"qwenvl_jax.{module}", *args], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
-  folders = [tmp_path_factory.mktemp(module) for module, _ in chosen]
-  with concurrent.futures.ThreadPoolExecutor(3) as pool:
-    procs = list(pool.map(run, *zip(*chosen), folders)) if chosen else []
-  return {(module, tuple(args)): proc for (module, args), proc in zip(chosen, procs)}
+    commands.append(background.Command([sys.executable, "-m", f"qwenvl_jax.{module}", *args], env, folder / str(i),
+                                       check=False))
+  return commands
+
+
+background.register(__name__, "mistake_runs", _mistake_runs)
+
+
+@pytest.fixture(scope="module")
+def mistake_runs(tmp_path_factory):
+  """MISTAKES index -> the finished `python -m qwenvl_jax.<module> ARGS` of that case."""
+  job = background.job(__name__, "mistake_runs", tmp_path_factory.mktemp)
+  return dict(zip(_run_mistakes(), job.result()))
 
 
 @pytest.mark.parametrize("module, args, expected", MISTAKES)
 def test_entry_point_mistakes_that_were_tracebacks_are_one_line(mistake_runs, module, args, expected):
   if "needs libtpu" in expected and _libtpu_installed():
     pytest.skip("libtpu is installed: the missing-libtpu error cannot happen here")
-  proc = mistake_runs[(module, tuple(args))]
+  proc = mistake_runs[MISTAKES.index((module, args, expected))]
   assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
   assert any(line.startswith("error: ") and expected in line for line in proc.stderr.splitlines()), proc.stderr
 

@@ -1,7 +1,6 @@
 """The Beam + TFDS job end to end: exact decisions and counts, the dataset the stage-1 reader reads, the report,
 never overwriting, and the same job on two DirectRunner worker processes through the command line."""
 import collections
-import concurrent.futures
 import dataclasses
 import json
 import os
@@ -29,6 +28,7 @@ from qwenvl_jax.data.images import preprocess_image
 from qwenvl_jax.data.pipeline import make_dataset
 from qwenvl_jax.data.sources import make_source
 from qwenvl_jax.text import QwenTokenizer
+from tests import background
 from tests.cleaning import cases as cases_lib
 from tests.cleaning.cases import case_ids
 from tests.training.helpers import process_alive
@@ -265,36 +265,50 @@ def test_a_threshold_outside_a_scorers_range_is_refused():
   job(scorer_factory=lambda: (lambda images, texts: [0.0] * len(images)), config=CleanConfig(min_similarity=50.0))
 
 
+_MISTAKES = [(["--score_key=clip", "--languages=xx"], "unknown language code 'xx'"),
+             (["--score_key=clipp"], "--score_key='clipp': none of the first 1 rows"),
+             (["--score_key=clip", "--min_similarity=5"], "min_similarity=5.0 is above 1.0"),
+             (["--score_key=clip", "--min_similarity=0.95"], "all 1 input pairs were rejected")]
+
+
+def _cli_mistakes(folder):
+  """One `python -m qwenvl_jax.clean` per case of `_MISTAKES` (a Beam start-up each), writing to `out<i>`:
+  commands of a job registered in tests/background.py, which runs them from the session's start on the core the
+  other tests leave idle."""
+  (folder / "img.png").write_bytes(cases_lib.encode(size=(120, 120), fmt="PNG"))
+  (folder / "in.jsonl").write_text(json.dumps({"text": "a red square on a wooden table", "image": "img.png",
+                                               "clip": 0.9}) + "\n")
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+  return [background.Command([sys.executable, "-m", "qwenvl_jax.clean", f"--input={folder / 'in.jsonl'}",
+                              f"--output_dir={folder / f'out{i}'}", *flags], env, folder, check=False)
+          for i, (flags, _) in enumerate(_MISTAKES)]
+
+
+background.register(__name__, "cli_mistakes", _cli_mistakes)
+
+
+@pytest.fixture(scope="module")
+def cli_mistakes(tmp_path_factory):
+  """(the job's folder, the finished command of each case of `_MISTAKES`)."""
+  job = background.job(__name__, "cli_mistakes", tmp_path_factory.mktemp)
+  return job.folder, job.result()
+
+
 @pytest.mark.slow
-def test_command_line_mistakes_are_one_error_line_without_beam_logs(tmp_path):
+def test_command_line_mistakes_are_one_error_line_without_beam_logs(cli_mistakes):
   """Every pair rejected (an unknown language, a misspelt score column, an impossible threshold) printed ~35 Beam
   INFO lines and a Beam traceback before the error line, after the whole job ran; now the settings are refused
   before the job starts, and a job whose pairs are all rejected still ends in one line."""
-  (tmp_path / "img.png").write_bytes(cases_lib.encode(size=(120, 120), fmt="PNG"))
-  (tmp_path / "in.jsonl").write_text(json.dumps({"text": "a red square on a wooden table", "image": "img.png",
-                                                 "clip": 0.9}) + "\n")
-  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
-  cases = [(["--score_key=clip", "--languages=xx"], "unknown language code 'xx'"),
-           (["--score_key=clipp"], "--score_key='clipp': none of the first 1 rows"),
-           (["--score_key=clip", "--min_similarity=5"], "min_similarity=5.0 is above 1.0"),
-           (["--score_key=clip", "--min_similarity=0.95"], "all 1 input pairs were rejected")]
-
-  def clean(case):
-    flags, _ = case
-    out = tmp_path / f"out{cases.index(case)}"
-    return out, subprocess.run([sys.executable, "-m", "qwenvl_jax.clean", f"--input={tmp_path / 'in.jsonl'}",
-                                f"--output_dir={out}", *flags], cwd=tmp_path, env=env, capture_output=True,
-                               text=True, timeout=300)
-  with concurrent.futures.ThreadPoolExecutor(2) as pool:  # each is a Beam start-up: overlap two
-    runs = list(pool.map(clean, cases))
-  for (flags, message), (out, proc) in zip(cases, runs):
+  folder, runs = cli_mistakes
+  assert len(runs) == len(_MISTAKES)
+  for i, ((flags, message), proc) in enumerate(zip(_MISTAKES, runs)):
     assert proc.returncode == 2, (flags, proc.stderr[-3000:])
     # Only the error and its hint (and TFDS's progress bar, drawn with carriage returns, when the job ran).
     lines = [line for line in proc.stderr.splitlines() if line.strip() and "Generating splits" not in line]
     assert len(lines) == 2 and lines[0].startswith("error: ") and message in lines[0], (flags, proc.stderr)
     assert lines[1].startswith("  hint: "), (flags, proc.stderr)
-    assert not (out / "cleaned_pairs").exists()
-  assert [out.exists() for out, _ in runs] == [False, False, False, True]  # the last wrote its report
+    assert not (folder / f"out{i}" / "cleaned_pairs").exists()
+  assert [(folder / f"out{i}").exists() for i in range(len(_MISTAKES))] == [False, False, False, True]  # a report
 
 
 @pytest.mark.slow

@@ -9,6 +9,9 @@ import sys
 
 import pytest
 
+from qwenvl_jax.data.synthetic import synthetic_corpus
+from qwenvl_jax.text import train_sentencepiece
+from tests import background
 from tests.training import helpers
 
 
@@ -31,35 +34,58 @@ def test_generate_names_the_valid_tensor_parallel_degrees(tmp_path, sp_model_fil
   assert "hint: valid tensor-parallel degrees for this model: 1, 2" in proc.stderr
 
 
-def test_generate_reports_bad_inputs_and_settings_in_one_line(tmp_path, sp_model_file):
+_GENERATE_MISTAKES = [  # (generate's flags, what the error line says; {folder}: the job's folder)
+    (["--image={folder}/notimage.png"], "cannot"),
+    (["--tokenizer={folder}/tok.model"], "corrupt SentencePiece model"),
+    (["--max_new_tokens=0"], "max_new_tokens must be >= 1"),
+    (["--do_sample", "--top_p=-1"], "top_p must be in (0, 1]"),
+    (["--chat_format=raw", "--system=Answer in French."], "--history and --system need a chat model"),
+    (["--save_history={folder}/no/dir/h.json"], "its folder does not exist"),
+    (["--checkpoint={folder}/notimage.png"], "is a file, not a checkpoint folder"),
+    # These were taken for "not given" or ignored without a word:
+    (["--tokenizer={folder}/bad.tiktoken"], "is not a qwen vocabulary: corrupt vocabulary"),
+    (["--image_size=0"], "--image_size=0 must be a positive multiple of the patch size"),
+    (["--quantize=int4", "--group_size=0"], "--group_size=0 must be >= 1"),
+    (["--quantize=int8", "--group_size=64"], "--quantize=int8 ignores it"),
+    (["--temperature=0.7"], "--temperature sets sampling, and without --do_sample the answer is greedy")]
+
+
+def _generate_mistakes(folder):
+  """One `python -m qwenvl_jax.generate` per case of `_GENERATE_MISTAKES` (a process start each), with a tiny
+  SentencePiece vocabulary of its own (the session's is a fixture): commands of a job registered in
+  tests/background.py, run from the session's start on the core the other tests leave idle."""
+  (folder / "notimage.png").write_text("hello")
+  (folder / "tok.model").write_text("not a model")
+  (folder / "bad.tiktoken").write_text("abc\n")
+  vocabulary = train_sentencepiece(synthetic_corpus(300), folder / "sp", vocab_size=400)
+  base = ["--model=tiny", f"--tokenizer={vocabulary}", "--prompt=Hi", "--dtype=float32"]
+  return [background.Command([sys.executable, "-m", "qwenvl_jax.generate", *base,
+                              *(flag.format(folder=folder) for flag in extra)],
+                             helpers.subprocess_env(devices=8), folder, check=False)
+          for extra, _ in _GENERATE_MISTAKES]
+
+
+background.register(__name__, "generate_mistakes", _generate_mistakes)
+
+
+@pytest.fixture(scope="module")
+def generate_mistakes(tmp_path_factory):
+  """The finished command of each case of `_GENERATE_MISTAKES`."""
+  return background.job(__name__, "generate_mistakes", tmp_path_factory.mktemp).result()
+
+
+def test_generate_reports_bad_inputs_and_settings_in_one_line(generate_mistakes):
   """Each used to end in a traceback (a ValueError of the tokenizer, image decoder or generation settings) or to
   be ignored (history and system under the raw format, whose prompt has neither)."""
-  (tmp_path / "notimage.png").write_text("hello")
-  (tmp_path / "tok.model").write_text("not a model")
-  base = ["--model=tiny", f"--tokenizer={sp_model_file}", "--prompt=Hi", "--dtype=float32"]
-  cases = [([f"--image={tmp_path / 'notimage.png'}"], "cannot"),
-           ([f"--tokenizer={tmp_path / 'tok.model'}"], "corrupt SentencePiece model"),
-           (["--max_new_tokens=0"], "max_new_tokens must be >= 1"),
-           (["--do_sample", "--top_p=-1"], "top_p must be in (0, 1]"),
-           (["--chat_format=raw", "--system=Answer in French."], "--history and --system need a chat model"),
-           ([f"--save_history={tmp_path / 'no' / 'dir' / 'h.json'}"], "its folder does not exist"),
-           ([f"--checkpoint={tmp_path / 'notimage.png'}"], "is a file, not a checkpoint folder"),
-           # These were taken for "not given" or ignored without a word:
-           ([f"--tokenizer={tmp_path / 'bad.tiktoken'}"], "is not a qwen vocabulary: corrupt vocabulary"),
-           (["--image_size=0"], "--image_size=0 must be a positive multiple of the patch size"),
-           (["--quantize=int4", "--group_size=0"], "--group_size=0 must be >= 1"),
-           (["--quantize=int8", "--group_size=64"], "--quantize=int8 ignores it"),
-           (["--temperature=0.7"], "--temperature sets sampling, and without --do_sample the answer is greedy")]
-  (tmp_path / "bad.tiktoken").write_text("abc\n")
-  with concurrent.futures.ThreadPoolExecutor(3) as pool:  # each is a process start: overlap them
-    procs = list(pool.map(lambda extra: _run("qwenvl_jax.generate", base + extra, tmp_path), [e for e, _ in cases]))
-  for (extra, expected), proc in zip(cases, procs):
+  procs = generate_mistakes
+  assert len(procs) == len(_GENERATE_MISTAKES)
+  for (extra, expected), proc in zip(_GENERATE_MISTAKES, procs):
     (line,) = _one_error(proc)
     assert expected in line, (extra, line)
   # The image, the generation settings and the chat format are checked before the weights load (minutes at full
   # size; they were checked after): the "random weights" note comes as they start loading.
   for i in (0, 2, 3, 4):
-    assert "random weights" not in procs[i].stderr, (cases[i], procs[i].stderr[-2000:])
+    assert "random weights" not in procs[i].stderr, (_GENERATE_MISTAKES[i], procs[i].stderr[-2000:])
 
 
 @pytest.mark.slow
