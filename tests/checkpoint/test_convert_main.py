@@ -8,6 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests import background
+from .conftest import qwen_llm_shapes, qwenvl_visual_shapes, random_state_dict, write_checkpoint
+
 pytestmark = pytest.mark.slow
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -19,21 +22,59 @@ def _convert(*flags):
                         text=True, timeout=600, cwd=REPO)
 
 
-def test_command_line_round_trip_and_quantize(tmp_path, qwenvl_checkpoint):
+def _tiny_state() -> dict:
+  from qwenvl_jax.model import tiny  # pylint: disable=import-outside-toplevel
+  return random_state_dict({**qwenvl_visual_shapes(tiny()), **qwen_llm_shapes(tiny())}, torch.bfloat16, 0)
+
+
+def _round_trip(folder):
+  """The commands of `test_command_line_round_trip_and_quantize`, in its order, on a tiny random `.bin` checkpoint
+  written here: a job registered in tests/background.py, run from the session's start on the core the other tests
+  leave idle. A command that must succeed ends the job when it fails; the refused ones (exit 2) do not."""
+  src = folder / "hf"
+  write_checkpoint(src, _tiny_state(), fmt="bin")
+  (src / "generation_config.json").write_text('{"chat_format": "raw"}')
+  (src / "qwen.tiktoken").write_bytes(b"IQ== 0\n")
+  (src / "modeling_qwen.py").write_text("# the reference's code")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+
+  def convert(*flags, check=True):
+    return background.Command([sys.executable, "-m", "qwenvl_jax.convert", *flags], env, REPO, check=check)
+  return [convert("--mode=torch_to_orbax", "--preset=tiny", f"--src={src}", f"--dst={folder / 'orbax'}"),
+          convert("--mode=orbax_to_torch", "--preset=tiny", "--image_size=224", "--chat_format=chatml",
+                  f"--src={folder / 'orbax'}", f"--dst={folder / 'export'}"),
+          convert("--mode=init_from_pretrained", "--preset=tiny", f"--openclip={src}", f"--dst={folder / 'i'}",
+                  check=False),
+          convert("--mode=torch_to_orbax", "--preset=tiny", "--quantize=int4", f"--src={src}",
+                  f"--dst={folder / 'q'}", check=False),
+          convert("--mode=export_peft", f"--src={src}", f"--dst={folder / 'p'}", "--tokenizer=qwen.tiktoken",
+                  check=False),
+          convert("--mode=quantize", "--quantize=int8", "--chat_format=chatml", "--dtype=bfloat16",
+                  f"--src={folder / 'orbax'}", f"--dst={folder / 'int8'}")]
+
+
+background.register(__name__, "round_trip", _round_trip)
+
+
+@pytest.fixture(scope="module")
+def round_trip(tmp_path_factory):
+  """(the job's folder, its finished commands)."""
+  job = background.job(__name__, "round_trip", tmp_path_factory.mktemp)
+  return job.folder, job.result()
+
+
+def test_command_line_round_trip_and_quantize(round_trip):
   """torch -> Orbax -> torch is bit-exact. `--mode=quantize` without --model / --image_size reads the preset and
   image size the source recorded (it used to take the qwen_vl_7b default and fail on the shapes) and records them,
   the chat format and its own copy of the tokenizer, so the quantized checkpoint loads without flags too."""
   from qwenvl_jax.checkpoint import orbax_store  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.inference import model_source  # pylint: disable=import-outside-toplevel
-  from qwenvl_jax.model import tiny
-  src, state = qwenvl_checkpoint(tiny(), fmt="bin")
-  (src / "generation_config.json").write_text('{"chat_format": "raw"}')
-  (src / "qwen.tiktoken").write_bytes(b"IQ== 0\n")
-  (src / "modeling_qwen.py").write_text("# the reference's code")
-  run = _convert("--mode=torch_to_orbax", "--preset=tiny", f"--src={src}", f"--dst={tmp_path / 'orbax'}")
+  tmp_path, runs = round_trip
+  src, state = tmp_path / "hf", _tiny_state()
+  runs = iter(runs)
+  run = next(runs)
   assert run.returncode == 0, run.stderr[-3000:]
-  run = _convert("--mode=orbax_to_torch", "--preset=tiny", "--image_size=224", "--chat_format=chatml",
-                 f"--src={tmp_path / 'orbax'}", f"--dst={tmp_path / 'export'}")
+  run = next(runs)
   assert run.returncode == 0, run.stderr[-3000:]
   out = {}
   for f in (tmp_path / "export").glob("*.safetensors"):
@@ -49,22 +90,21 @@ def test_command_line_round_trip_and_quantize(tmp_path, qwenvl_checkpoint):
   note, = [x for x in run.stderr.splitlines() if x.startswith("note: ")]
   assert "lacks configuration_qwen.py, modeling_qwen.py" in note and "--reference_files=DIR" in note
   assert f"(e.g. the folder it was converted from, {src})" in note
-  run = _convert("--mode=init_from_pretrained", "--preset=tiny", f"--openclip={src}", f"--dst={tmp_path / 'i'}")
+  run = next(runs)
   assert run.returncode != 0 and "--qwen7b" in run.stderr
   # A flag the mode does not read was ignored without a word: this wrote a float checkpoint.
-  run = _convert("--mode=torch_to_orbax", "--preset=tiny", "--quantize=int4", f"--src={src}", f"--dst={tmp_path / 'q'}")
+  run = next(runs)
   assert run.returncode == 2 and not (tmp_path / "q").exists(), run.stderr[-3000:]
   assert run.stderr.splitlines()[0] == "error: --quantize is not read by --mode=torch_to_orbax (only by quantize)"
   # ... one line and exit 2 like the others (it was absl's usage banner and exit 1).
-  run = _convert("--mode=export_peft", f"--src={src}", f"--dst={tmp_path / 'p'}", "--tokenizer=qwen.tiktoken")
+  run = next(runs)
   assert run.returncode == 2 and run.stderr.splitlines()[0].startswith(
       "error: --tokenizer is not read by --mode=export_peft"), run.stderr[-3000:]
 
   assert orbax_store.ParamReader(tmp_path / "orbax").custom_metadata["model"]["chat_format"] == "raw"
   # --chat_format replaces what the source records (here: the base model's raw, now fine-tuned to chat).
   # --dtype is what the parts left unquantized are stored as (it was accepted and ignored: float32).
-  run = _convert("--mode=quantize", "--quantize=int8", "--chat_format=chatml", "--dtype=bfloat16",
-                 f"--src={tmp_path / 'orbax'}", f"--dst={tmp_path / 'int8'}")
+  run = next(runs)
   assert run.returncode == 0, run.stderr[-3000:]
   assert "(tiny, 448 px)" in run.stdout
   reader = orbax_store.ParamReader(tmp_path / "int8")

@@ -2,6 +2,8 @@
 every prediction in the results JSON, multiple choice by lowest loss, never overwriting results."""
 import json
 import os
+import pathlib
+import sys
 import tempfile
 
 import numpy as np
@@ -14,13 +16,14 @@ from qwenvl_jax.evaluation import config as eval_config
 from qwenvl_jax.evaluation import output_lock
 from qwenvl_jax.inference import loading, model_source
 from qwenvl_jax.text import SentencePieceTokenizer, formatting, train_sentencepiece
+from tests import background, together
 from tests.evaluation import tfds_fakes
+from tests.training.helpers import REPO, subprocess_env
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  """A SentencePiece tokenizer, 10 grounding examples (0 and 9 identical) and 3 multiple-choice questions."""
-  root = tmp_path_factory.mktemp("eval")
+def _write_workdir(root: pathlib.Path):
+  """A SentencePiece tokenizer, 10 grounding examples (0 and 9 identical) and 3 multiple-choice questions in `root`;
+  returns (root, the tokenizer's path)."""
   tok = train_sentencepiece(synthetic_corpus(300), root / "sp", vocab_size=400)
   (root / "img").mkdir()
   lines = []
@@ -38,6 +41,12 @@ def workdir(tmp_path_factory):
                 "answer": 1}]
   (root / "mc.jsonl").write_text("".join(json.dumps(x) + "\n" for x in questions))
   return root, tok
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+  """`_write_workdir` in a folder of the module's."""
+  return _write_workdir(tmp_path_factory.mktemp("eval"))
 
 
 def _config(task, root, tok, data, output, **overrides):
@@ -286,27 +295,39 @@ print("RESULT", "none" if payload is None else len(payload["predictions"]))
 """
 
 
+def _two_processes(folder):
+  """Its own `_write_workdir`, and the refcoco evaluation of it by two jax.distributed processes of 4 devices each
+  (`_WORKER`), started together by tests/together.py: a job registered in tests/background.py, run from the
+  session's start on the core the other tests leave idle."""
+  root, tok = _write_workdir(folder / "eval")
+  env = subprocess_env(devices=4)
+  processes = [{"argv": [sys.executable, "-c", _WORKER, "localhost:{free_port}", str(i), str(root), str(tok),
+                         str(folder / "two.json")], "env": env, "cwd": REPO} for i in range(2)]
+  return [background.Command(together.write_spec(folder / "processes", processes), env)]
+
+
+background.register(__name__, "two_processes", _two_processes)
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+  return background.job(__name__, "two_processes", tmp_path_factory.mktemp)
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_processes_give_the_single_process_predictions(workdir, tmp_path):
-  import subprocess  # pylint: disable=import-outside-toplevel
-  import sys  # pylint: disable=import-outside-toplevel
-  from tests.training.helpers import REPO, free_port, subprocess_env  # pylint: disable=import-outside-toplevel
-  root, tok = workdir
-  repo, port = str(REPO), free_port()
-  env = subprocess_env(devices=4)
-  output = tmp_path / "two.json"
-  procs = [subprocess.Popen([sys.executable, "-c", _WORKER, f"localhost:{port}", str(i), str(root), str(tok),
-                             str(output)], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True) for i in range(2)]
-  outs = []
-  for p in procs:
-    out, err = p.communicate(timeout=900)
-    assert p.returncode == 0, err[-3000:]
-    outs.append(out.strip().splitlines()[-1])
+def test_two_processes_give_the_single_process_predictions(two_processes):
+  (done,) = two_processes.result()
+  assert done.returncode == 0, done.stderr[-3000:]
+  folder = two_processes.folder
+  result, errs = together.read_result(folder / "processes")
+  for code, err in zip(result["codes"], errs):
+    assert code == 0, err[-3000:]
+  outs = [(folder / "processes" / f"{i}.stdout").read_text().strip().splitlines()[-1] for i in range(2)]
   assert outs == ["RESULT 10", "RESULT none"]  # process 0 writes the results, process 1 returns nothing
-  two = json.loads(output.read_text())
+  two = json.loads((folder / "two.json").read_text())
   # The same 8 devices in one process (4 + 4 here): same predictions, row for row.
+  root, tok = folder / "eval", folder / "eval" / "sp.model"
   one = runner.run(_config("refcoco_val", root, tok, "ground.jsonl", "one.json"))
   assert [p["prediction"] for p in two["predictions"]] == [p["prediction"] for p in one["predictions"]]
   assert two["config"]["processes"] == 2 and two["config"]["devices"] == 8
