@@ -11,6 +11,11 @@ then on the job runs at the test's priority. Nothing the commands compute depend
 goes to files, so no pipe fills while nobody reads it. A job that cannot run (its factory or its thread fails, not
 one of its commands) fails the tests that wait for it, with its error; the session's end kills what is left of a
 job, processes its commands started included (each command leads a process group of its own).
+
+A module's fixture must carry the name its work is registered under (`start_selected` refuses work registered
+under any other name: a test that fetched its job in its body started it only when it ran). A command line whose
+exit 2 is what a test checks is a `Command(check=False)`. At the session's end pytest prints each job's span, wall,
+CPU and waiting time (`summary`): an idle stretch after the last job is CPU that more work could use.
 """
 from __future__ import annotations
 
