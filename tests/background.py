@@ -180,6 +180,19 @@ def register(module: str, fixture: str, factory: Factory) -> None:
   _FACTORIES[(module, fixture)] = factory
 
 
+def finished_work(module: str, fixture: str, factory: Factory, *, scope: str = "module"):
+  """`register`s `factory` as `fixture` of `module` and returns that fixture, to assign to the module's attribute
+  of the same name: it gives (the job's folder, its finished commands)."""
+  import pytest  # pylint: disable=import-outside-toplevel
+  register(module, fixture, factory)
+
+  @pytest.fixture(scope=scope, name=fixture)
+  def finished(tmp_path_factory):
+    made = job(module, fixture, tmp_path_factory.mktemp)
+    return made.folder, made.result()
+  return finished
+
+
 def start_selected(items, mktemp: Callable[[str], pathlib.Path]) -> None:
   """Queues, in the order of the selected tests (pytest items), the registered work of the fixtures they use, and
   starts the first.

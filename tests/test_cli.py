@@ -178,14 +178,7 @@ def _flag_mistakes(folder):
           for extra, _ in _FLAG_MISTAKES]
 
 
-background.register(__name__, "flag_mistakes", _flag_mistakes)
-
-
-@pytest.fixture(scope="module")
-def flag_mistakes(tmp_path_factory):
-  """(the job's folder, the finished command of each case of `_FLAG_MISTAKES`)."""
-  job = background.job(__name__, "flag_mistakes", tmp_path_factory.mktemp)
-  return job.folder, job.result()
+flag_mistakes = background.finished_work(__name__, "flag_mistakes", _flag_mistakes)
 
 
 def test_flag_and_config_file_mistakes_are_one_line_and_exit_2(flag_mistakes):

@@ -65,14 +65,8 @@ def _wheel_work(folder):
   ]
 
 
-background.register(__name__, "wheel_work", _wheel_work)
-
-
-@pytest.fixture(scope="module")
-def wheel_work(tmp_path_factory):
-  """(the job's folder, its finished commands: build, venv, install, where, plan, train, up to one that failed)."""
-  job = background.job(__name__, "wheel_work", tmp_path_factory.mktemp)
-  return job.folder, job.result()
+# (the job's folder, its finished commands: build, venv, install, where, plan, train, up to one that failed)
+wheel_work = background.finished_work(__name__, "wheel_work", _wheel_work)
 
 
 def _succeeded(proc):

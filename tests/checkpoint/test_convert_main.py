@@ -1,7 +1,7 @@
 """`python -m qwenvl_jax.convert`: both directions from the command line, and flag errors."""
+import json
 import os
 import pathlib
-import subprocess
 import sys
 
 import pytest
@@ -14,12 +14,6 @@ from .conftest import qwen_llm_shapes, qwenvl_visual_shapes, random_state_dict, 
 pytestmark = pytest.mark.slow
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-
-
-def _convert(*flags):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-  return subprocess.run([sys.executable, "-m", "qwenvl_jax.convert", *flags], env=env, capture_output=True,
-                        text=True, timeout=600, cwd=REPO)
 
 
 def _tiny_state() -> dict:
@@ -53,14 +47,7 @@ def _round_trip(folder):
                   f"--src={folder / 'orbax'}", f"--dst={folder / 'int8'}")]
 
 
-background.register(__name__, "round_trip", _round_trip)
-
-
-@pytest.fixture(scope="module")
-def round_trip(tmp_path_factory):
-  """(the job's folder, its finished commands)."""
-  job = background.job(__name__, "round_trip", tmp_path_factory.mktemp)
-  return job.folder, job.result()
+round_trip = background.finished_work(__name__, "round_trip", _round_trip)
 
 
 def test_command_line_round_trip_and_quantize(round_trip):
@@ -123,16 +110,43 @@ def test_command_line_round_trip_and_quantize(round_trip):
   assert (tmp_path / "int8" / "qwen.tiktoken").read_bytes() == b"IQ== 0\n"
 
 
-def test_exports_take_a_run_directory_and_a_wrong_preset_is_one_line(tmp_path, qwenvl_checkpoint):
+def _run_directory_export(folder):
+  """The commands of `test_exports_take_a_run_directory_and_a_wrong_preset_is_one_line`, in its order, on a tiny
+  random `.bin` checkpoint written here (the run directory's params are a copy of its conversion, made by the
+  fourth): a job registered in tests/background.py, run from the session's start on the core the other tests
+  leave idle."""
+  src, orbax, run = folder / "hf", folder / "orbax", folder / "run"
+  write_checkpoint(src, _tiny_state(), fmt="bin")
+  run.mkdir()
+  (run / "config.json").write_text(json.dumps({"model": "tiny", "res": 224, "stage": 2, "tokenizer": ""}))
+  (folder / "chat").mkdir()
+  (folder / "chat" / "generation_config.json").write_text(json.dumps({"chat_format": "chatml", "top_p": 0.5}))
+  (folder / "chat" / "qwen.tiktoken").write_bytes(b"IQ== 0\n")
+  (folder / "mine.tiktoken").write_bytes(b"Ig== 0\n")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+
+  def convert(*flags, check=True):
+    return background.Command([sys.executable, "-m", "qwenvl_jax.convert", *flags], env, REPO, check=check)
+  return [convert("--mode=torch_to_orbax", "--model=tiny", "--image_size=224", f"--src={src}", f"--dst={orbax}"),
+          convert("--mode=orbax_to_torch", "--model=qwen_vl_7b", f"--src={orbax}", f"--dst={folder / 'x'}",
+                  check=False),
+          convert("--mode=orbax_to_torch", f"--src={src}", f"--dst={folder / 'x'}", check=False),
+          background.Command([sys.executable, "-c", "import shutil, sys; shutil.copytree(*sys.argv[1:])", str(orbax),
+                              str(run / "checkpoints" / "7" / "params")], env, REPO),
+          convert("--mode=orbax_to_torch", f"--src={run}", f"--dst={folder / 'export'}",
+                  f"--reference_files={folder / 'chat'}", f"--tokenizer={folder / 'mine.tiktoken'}")]
+
+
+run_directory_export = background.finished_work(__name__, "run_directory_export", _run_directory_export)
+
+
+def test_exports_take_a_run_directory_and_a_wrong_preset_is_one_line(run_directory_export):
   """A run directory supplies params, preset and resolution (as for generate); a params checkpoint of another
   model than --preset says so in one line with the fix, instead of a multi-kilobyte traceback."""
-  import json  # pylint: disable=import-outside-toplevel
-  import shutil  # pylint: disable=import-outside-toplevel
-  from qwenvl_jax.model import tiny
-  src, _ = qwenvl_checkpoint(tiny(), fmt="bin")
-  orbax = tmp_path / "orbax"
-  assert _convert("--mode=torch_to_orbax", "--model=tiny", "--image_size=224", f"--src={src}",
-                  f"--dst={orbax}").returncode == 0
+  tmp_path, runs = run_directory_export
+  src, orbax = tmp_path / "hf", tmp_path / "orbax"
+  converted, wrong, swapped, copied, done = runs + [None] * (5 - len(runs))
+  assert converted.returncode == 0, converted.stderr[-3000:]
   # What it was converted for is recorded, so generate/serve/evaluate need not be told (a forgotten --image_size
   # ran the model at the preset's size without a word).
   from qwenvl_jax.inference import model_source  # pylint: disable=import-outside-toplevel
@@ -141,26 +155,17 @@ def test_exports_take_a_run_directory_and_a_wrong_preset_is_one_line(tmp_path, q
   assert model_source.resolve(str(orbax), model="tiny", image_size=448).image_size == 448  # flags win
   # Convert reads the record too (without --model it exports as tiny: the run-directory export below); a --model
   # that does not fit the stored weights is one line.
-  wrong = _convert("--mode=orbax_to_torch", "--model=qwen_vl_7b", f"--src={orbax}", f"--dst={tmp_path / 'x'}")
   assert wrong.returncode == 2 and "Traceback" not in wrong.stderr, wrong.stderr[-3000:]
   line, = [x for x in wrong.stderr.splitlines() if x.startswith("error: ")]
   assert "does not match the model" in line and "more" in line and len(line) < 1500
   assert "hint: the weights are another model's: name its preset" in wrong.stderr
   assert not (tmp_path / "x").exists()
   # The PyTorch folder given to the export: 'not an Orbax PyTree checkpoint (no _METADATA)' named no fix.
-  swapped = _convert("--mode=orbax_to_torch", f"--src={src}", f"--dst={tmp_path / 'x'}")
   line, = [x for x in swapped.stderr.splitlines() if x.startswith("error: ")]
   assert swapped.returncode == 2 and f"it holds PyTorch weights: python -m qwenvl_jax.convert --mode=torch_to_orbax " \
       f"--src={src}" in line, swapped.stderr[-3000:]
+  assert copied.returncode == 0, copied.stderr[-3000:]
   run = tmp_path / "run"
-  shutil.copytree(orbax, run / "checkpoints" / "7" / "params")
-  (run / "config.json").write_text(json.dumps({"model": "tiny", "res": 224, "stage": 2, "tokenizer": ""}))
-  (tmp_path / "chat").mkdir()
-  (tmp_path / "chat" / "generation_config.json").write_text(json.dumps({"chat_format": "chatml", "top_p": 0.5}))
-  (tmp_path / "chat" / "qwen.tiktoken").write_bytes(b"IQ== 0\n")
-  (tmp_path / "mine.tiktoken").write_bytes(b"Ig== 0\n")
-  done = _convert("--mode=orbax_to_torch", f"--src={run}", f"--dst={tmp_path / 'export'}",
-                  f"--reference_files={tmp_path / 'chat'}", f"--tokenizer={tmp_path / 'mine.tiktoken'}")
   assert done.returncode == 0, done.stderr[-3000:]
   assert f"of {run / 'checkpoints' / '7' / 'params'} (tiny, 224 px) to" in done.stdout
   assert json.loads((tmp_path / "export" / "config.json").read_text())["visual"]["image_size"] == 224

@@ -284,14 +284,7 @@ def _cli_mistakes(folder):
           for i, (flags, _) in enumerate(_MISTAKES)]
 
 
-background.register(__name__, "cli_mistakes", _cli_mistakes)
-
-
-@pytest.fixture(scope="module")
-def cli_mistakes(tmp_path_factory):
-  """(the job's folder, the finished command of each case of `_MISTAKES`)."""
-  job = background.job(__name__, "cli_mistakes", tmp_path_factory.mktemp)
-  return job.folder, job.result()
+cli_mistakes = background.finished_work(__name__, "cli_mistakes", _cli_mistakes)
 
 
 @pytest.mark.slow

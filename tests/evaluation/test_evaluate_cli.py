@@ -5,8 +5,6 @@ import os
 import pathlib
 import sys
 
-import pytest
-
 from qwenvl_jax.data.synthetic import synthetic_record
 from tests import background
 
@@ -42,14 +40,7 @@ def _mistakes(folder):
           for flags, _, _ in _CASES]
 
 
-background.register(__name__, "mistakes", _mistakes)
-
-
-@pytest.fixture(scope="module")
-def mistakes(tmp_path_factory):
-  """(the job's folder, the finished command of each case of `_CASES`)."""
-  job = background.job(__name__, "mistakes", tmp_path_factory.mktemp)
-  return job.folder, job.result()
+mistakes = background.finished_work(__name__, "mistakes", _mistakes)
 
 
 def test_mistakes_that_were_tracebacks_or_silent_are_one_line_and_exit_2(mistakes):

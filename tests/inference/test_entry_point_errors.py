@@ -65,19 +65,13 @@ def _generate_mistakes(folder):
           for extra, _ in _GENERATE_MISTAKES]
 
 
-background.register(__name__, "generate_mistakes", _generate_mistakes)
-
-
-@pytest.fixture(scope="module")
-def generate_mistakes(tmp_path_factory):
-  """The finished command of each case of `_GENERATE_MISTAKES`."""
-  return background.job(__name__, "generate_mistakes", tmp_path_factory.mktemp).result()
+generate_mistakes = background.finished_work(__name__, "generate_mistakes", _generate_mistakes)
 
 
 def test_generate_reports_bad_inputs_and_settings_in_one_line(generate_mistakes):
   """Each used to end in a traceback (a ValueError of the tokenizer, image decoder or generation settings) or to
   be ignored (history and system under the raw format, whose prompt has neither)."""
-  procs = generate_mistakes
+  _, procs = generate_mistakes
   assert len(procs) == len(_GENERATE_MISTAKES)
   for (extra, expected), proc in zip(_GENERATE_MISTAKES, procs):
     (line,) = _one_error(proc)
