@@ -93,10 +93,13 @@ class Job:
           self._proc = subprocess.Popen(niced + list(command.argv), env=command.env, cwd=command.cwd, stdout=o,
                                         stderr=e, start_new_session=True)
         start = time.time()
-        # wait4: the command's CPU time with that of the children it waited for (a trainer's processes).
-        _, status, usage = os.wait4(self._proc.pid, 0)
-        code = self._proc.returncode = os.waitstatus_to_exitcode(status)
-        self.timings.append((start, time.time() - start, usage.ru_utime + usage.ru_stime))
+        try:  # wait4: the command's CPU time with that of the children it waited for (a trainer's processes)
+          _, status, usage = os.wait4(self._proc.pid, 0)
+          code = self._proc.returncode = os.waitstatus_to_exitcode(status)
+          cpu = usage.ru_utime + usage.ru_stime
+        except ChildProcessError:  # a `poll` of `result` or `stop` reaped it first, and recorded its code
+          code, cpu = self._proc.wait(), float("nan")
+        self.timings.append((start, time.time() - start, cpu))
         done = subprocess.CompletedProcess(command.argv, code, out.read_text(errors="replace"),
                                            err.read_text(errors="replace"))
         with self._lock:
