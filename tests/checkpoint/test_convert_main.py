@@ -21,6 +21,12 @@ def _tiny_state() -> dict:
   return random_state_dict({**qwenvl_visual_shapes(tiny()), **qwen_llm_shapes(tiny())}, torch.bfloat16, 0)
 
 
+def _convert(*flags, check=True) -> background.Command:
+  """`python -m qwenvl_jax.convert FLAGS` as a job's command (`check`: a failure ends the job)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  return background.Command([sys.executable, "-m", "qwenvl_jax.convert", *flags], env, REPO, check=check)
+
+
 def _round_trip(folder):
   """The commands of `test_command_line_round_trip_and_quantize`, in its order, on a tiny random `.bin` checkpoint
   written here: a job registered in tests/background.py, run from the session's start on the core the other tests
@@ -30,21 +36,17 @@ def _round_trip(folder):
   (src / "generation_config.json").write_text('{"chat_format": "raw"}')
   (src / "qwen.tiktoken").write_bytes(b"IQ== 0\n")
   (src / "modeling_qwen.py").write_text("# the reference's code")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-
-  def convert(*flags, check=True):
-    return background.Command([sys.executable, "-m", "qwenvl_jax.convert", *flags], env, REPO, check=check)
-  return [convert("--mode=torch_to_orbax", "--preset=tiny", f"--src={src}", f"--dst={folder / 'orbax'}"),
-          convert("--mode=orbax_to_torch", "--preset=tiny", "--image_size=224", "--chat_format=chatml",
-                  f"--src={folder / 'orbax'}", f"--dst={folder / 'export'}"),
-          convert("--mode=init_from_pretrained", "--preset=tiny", f"--openclip={src}", f"--dst={folder / 'i'}",
-                  check=False),
-          convert("--mode=torch_to_orbax", "--preset=tiny", "--quantize=int4", f"--src={src}",
-                  f"--dst={folder / 'q'}", check=False),
-          convert("--mode=export_peft", f"--src={src}", f"--dst={folder / 'p'}", "--tokenizer=qwen.tiktoken",
-                  check=False),
-          convert("--mode=quantize", "--quantize=int8", "--chat_format=chatml", "--dtype=bfloat16",
-                  f"--src={folder / 'orbax'}", f"--dst={folder / 'int8'}")]
+  return [_convert("--mode=torch_to_orbax", "--preset=tiny", f"--src={src}", f"--dst={folder / 'orbax'}"),
+          _convert("--mode=orbax_to_torch", "--preset=tiny", "--image_size=224", "--chat_format=chatml",
+                   f"--src={folder / 'orbax'}", f"--dst={folder / 'export'}"),
+          _convert("--mode=init_from_pretrained", "--preset=tiny", f"--openclip={src}", f"--dst={folder / 'i'}",
+                   check=False),
+          _convert("--mode=torch_to_orbax", "--preset=tiny", "--quantize=int4", f"--src={src}",
+                   f"--dst={folder / 'q'}", check=False),
+          _convert("--mode=export_peft", f"--src={src}", f"--dst={folder / 'p'}", "--tokenizer=qwen.tiktoken",
+                   check=False),
+          _convert("--mode=quantize", "--quantize=int8", "--chat_format=chatml", "--dtype=bfloat16",
+                   f"--src={folder / 'orbax'}", f"--dst={folder / 'int8'}")]
 
 
 round_trip = background.finished_work(__name__, "round_trip", _round_trip)
@@ -123,18 +125,14 @@ def _run_directory_export(folder):
   (folder / "chat" / "generation_config.json").write_text(json.dumps({"chat_format": "chatml", "top_p": 0.5}))
   (folder / "chat" / "qwen.tiktoken").write_bytes(b"IQ== 0\n")
   (folder / "mine.tiktoken").write_bytes(b"Ig== 0\n")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-
-  def convert(*flags, check=True):
-    return background.Command([sys.executable, "-m", "qwenvl_jax.convert", *flags], env, REPO, check=check)
-  return [convert("--mode=torch_to_orbax", "--model=tiny", "--image_size=224", f"--src={src}", f"--dst={orbax}"),
-          convert("--mode=orbax_to_torch", "--model=qwen_vl_7b", f"--src={orbax}", f"--dst={folder / 'x'}",
-                  check=False),
-          convert("--mode=orbax_to_torch", f"--src={src}", f"--dst={folder / 'x'}", check=False),
+  return [_convert("--mode=torch_to_orbax", "--model=tiny", "--image_size=224", f"--src={src}", f"--dst={orbax}"),
+          _convert("--mode=orbax_to_torch", "--model=qwen_vl_7b", f"--src={orbax}", f"--dst={folder / 'x'}",
+                   check=False),
+          _convert("--mode=orbax_to_torch", f"--src={src}", f"--dst={folder / 'x'}", check=False),
           background.Command([sys.executable, "-c", "import shutil, sys; shutil.copytree(*sys.argv[1:])", str(orbax),
-                              str(run / "checkpoints" / "7" / "params")], env, REPO),
-          convert("--mode=orbax_to_torch", f"--src={run}", f"--dst={folder / 'export'}",
-                  f"--reference_files={folder / 'chat'}", f"--tokenizer={folder / 'mine.tiktoken'}")]
+                              str(run / "checkpoints" / "7" / "params")], dict(os.environ), REPO),
+          _convert("--mode=orbax_to_torch", f"--src={run}", f"--dst={folder / 'export'}",
+                   f"--reference_files={folder / 'chat'}", f"--tokenizer={folder / 'mine.tiktoken'}")]
 
 
 run_directory_export = background.finished_work(__name__, "run_directory_export", _run_directory_export)

@@ -306,20 +306,14 @@ def _two_processes(folder):
   return [background.Command(together.write_spec(folder / "processes", processes), env)]
 
 
-background.register(__name__, "two_processes", _two_processes)
-
-
-@pytest.fixture(scope="module")
-def two_processes(tmp_path_factory):
-  return background.job(__name__, "two_processes", tmp_path_factory.mktemp)
+two_processes = background.finished_work(__name__, "two_processes", _two_processes)
 
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_give_the_single_process_predictions(two_processes):
-  (done,) = two_processes.result()
+  folder, (done,) = two_processes
   assert done.returncode == 0, done.stderr[-3000:]
-  folder = two_processes.folder
   result, errs = together.read_result(folder / "processes")
   for code, err in zip(result["codes"], errs):
     assert code == 0, err[-3000:]

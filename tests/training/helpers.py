@@ -148,14 +148,15 @@ def sigterm_and_rerun(folder: pathlib.Path, flags: list[str], step: int, *, defa
   return [background.Command(spec, env), background.Command(cmd, env)]
 
 
-def stopped_and_rerun(job) -> tuple[str, int, int, subprocess.CompletedProcess]:
+def stopped_and_rerun(finished) -> tuple[str, int, int, subprocess.CompletedProcess]:
   """(stderr of the stopped run, the step it saved on the signal, the last step logged when the signal was sent,
-  the rerun) of a finished `sigterm_and_rerun` job; fails unless the run got the signal, exited 143 and saved."""
+  the rerun) of a `sigterm_and_rerun` job's (folder, finished commands) (`background.finished_work`'s fixture);
+  fails unless the run got the signal, exited 143 and saved."""
   import re  # pylint: disable=import-outside-toplevel
   from tests import together  # pylint: disable=import-outside-toplevel
-  stopped, *rest = job.result()
+  folder, (stopped, *rest) = finished
   assert stopped.returncode == 0, stopped.stderr[-3000:]
-  result, (err,) = together.read_result(job.folder / "processes")
+  result, (err,) = together.read_result(folder / "processes")
   assert result["signalled"] and result["codes"] == [143], (result, err[-3000:])
   saved = re.search(r"stop requested: saved step (\d+)", err)
   assert saved and rest, err[-3000:]

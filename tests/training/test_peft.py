@@ -110,14 +110,8 @@ def test_stopped_lora_run_resumes_exactly(lora_reference, tmp_path):
   np.testing.assert_allclose([resumed[s] for s in STEPS], [lora_reference[s] for s in STEPS], rtol=1e-6)
 
 
-background.register(__name__, "lora_sigterm_run", lambda folder: sigterm_and_rerun(
+lora_sigterm_run = background.finished_work(__name__, "lora_sigterm_run", lambda folder: sigterm_and_rerun(
     folder, small_flags(2, folder / "run", **{**LORA_RUN, "checkpoint.every": 100}), step=2))
-
-
-@pytest.fixture(scope="module")
-def lora_sigterm_run(tmp_path_factory):
-  """The job (tests/background.py queues it at the session's start because a selected test names this fixture)."""
-  return background.job(__name__, "lora_sigterm_run", tmp_path_factory.mktemp)
 
 
 @pytest.mark.slow
@@ -125,10 +119,9 @@ def test_sigterm_stops_a_lora_run_and_the_rerun_resumes_exactly(lora_reference, 
   """`python -m qwenvl_jax.train` of the same LoRA run gets a real SIGTERM after step 2: it saves the next step and
   exits 143; the rerun resumes from that checkpoint (adapters, AdamW state, data position, dropout keys) and
   logs the uninterrupted run's losses. Both run in tests/background.py's job, from the session's start."""
-  job = lora_sigterm_run
-  _, saved, _, rerun = stopped_and_rerun(job)
+  _, saved, _, rerun = stopped_and_rerun(lora_sigterm_run)
   assert 2 <= saved < 24, saved  # saved on the signal, not at a checkpoint boundary (every 100)
-  workdir = job.folder / "run"
+  workdir = lora_sigterm_run[0] / "run"
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert f"resumed {workdir} from step {saved}" in rerun.stderr
   # The start line says what a LoRA run trains (it showed the frozen-path regex '(?!.*/lora_[ab]$).*').

@@ -117,21 +117,9 @@ def _two_processes(folder):
 
 # At XLA's default LLVM level, not the session's -O0 (tests/conftest.py): the losses compared below also show that the
 # suite's level changes the numbers only at float32 round-off.
-background.register(__name__, "sigterm_run", lambda folder: sigterm_and_rerun(
+sigterm_run = background.finished_work(__name__, "sigterm_run", lambda folder: sigterm_and_rerun(
     folder, small_flags(2, folder / "run"), step=3, default_llvm_level=True))
-background.register(__name__, "two_processes", _two_processes)
-
-
-# Fixtures named as their registered work: tests/background.py queues a job at the session's start only for the
-# fixtures a selected test names (a test that called `background.job` in its body started it only when it ran).
-@pytest.fixture(scope="module")
-def sigterm_run(tmp_path_factory):
-  return background.job(__name__, "sigterm_run", tmp_path_factory.mktemp)
-
-
-@pytest.fixture(scope="module")
-def two_processes(tmp_path_factory):
-  return background.job(__name__, "two_processes", tmp_path_factory.mktemp)
+two_processes = background.finished_work(__name__, "two_processes", _two_processes)
 
 
 @pytest.mark.slow
@@ -141,9 +129,8 @@ def test_sigterm_saves_and_the_rerun_resumes_exactly(uninterrupted, sigterm_run)
   level and the reference run at the session's -O0: 4 of its 24 losses differ between the levels, by at most
   1.4e-7 relative (measured in-process), within the rtol 1e-6 of the comparison."""
   _, _, reference = uninterrupted
-  job = sigterm_run
-  err, saved, at_signal, rerun = stopped_and_rerun(job)
-  folder = job.folder
+  err, saved, at_signal, rerun = stopped_and_rerun(sigterm_run)
+  folder = sigterm_run[0]
   assert 3 <= saved < 24, saved
   # It stops at the next step (at most one step runs ahead of the host), not at the next log/checkpoint boundary.
   assert saved <= at_signal + 2, (at_signal, saved)
@@ -159,10 +146,9 @@ def test_sigterm_saves_and_the_rerun_resumes_exactly(uninterrupted, sigterm_run)
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_write_one_consistent_checkpoint(two_processes):
-  job = two_processes
-  processes, *rest = job.result()
+  folder, (processes, *rest) = two_processes
   assert processes.returncode == 0 and rest, processes.stderr[-3000:]
-  folder, one = job.folder, rest[0]
+  one = rest[0]
   result, errs = together.read_result(folder / "processes")
   for code, err in zip(result["codes"], errs):
     assert code == 0, err[-3000:]
