@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from flax import nnx
 
-from qwenvl_jax import cli, errors
+from qwenvl_jax import cli, errors, new_files
 
 from qwenvl_jax import checkpoint
 from qwenvl_jax.model.config import PRESETS, get_preset
@@ -236,6 +236,8 @@ def _lora(mode: str, src: str, dst: str, dtype: str, tokenizer: str | None, chat
   from qwenvl_jax.training import peft  # pylint: disable=import-outside-toplevel
   if os.path.exists(dst):
     raise errors.UserFileExistsError(f"{dst} already exists", hint="choose a new output directory")
+  if mode == "export_peft":  # a killed export's DST.partial: refused before the run is loaded
+    new_files.refuse_existing(new_files.partial_folder(dst))
   try:
     model, lcfg, run = peft.load_run(src)
   except FileNotFoundError as e:

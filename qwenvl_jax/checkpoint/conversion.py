@@ -30,7 +30,7 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-from qwenvl_jax import errors, sharding, tree_paths
+from qwenvl_jax import errors, new_files, sharding, tree_paths
 from qwenvl_jax import text as qtext
 from qwenvl_jax.checkpoint import mapping, orbax_store, run_layout, tensor_io
 from qwenvl_jax.checkpoint.model_card import (bundled_tokenizer, copy_tokenizer, hf_generation_config,
@@ -199,7 +199,7 @@ def torch_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, cfg: QwenVLCo
   if table is None or set(table.parts) != {"visual", "adapter", "llm"}:
     raise ValueError(f"torch_to_orbax needs a complete model ('qwen-vl'), got {source_format!r}; "
                      "use init_from_pretrained for OpenCLIP / Qwen-7B sources")
-  _refuse_existing(dst)
+  new_files.refuse_existing(dst)
   shapes = model_param_shapes(cfg)
   said_format, said_tokenizer = hf_model_card(src)
   chat_format, tokenizer = chat_format or said_format, tokenizer or said_tokenizer
@@ -223,7 +223,7 @@ def init_from_pretrained(dst: str | os.PathLike, cfg: QwenVLConfig, *, openclip:
   The adapter (resampler, ln_post, proj) is initialized as `QwenVL` would (with `nnx.Rngs(seed)`) and stored
   in float32 unless `dtype` is given.
   """
-  _refuse_existing(dst)
+  new_files.refuse_existing(dst)
   shapes = model_param_shapes(cfg)
   out_dtype = _parse_dtype(dtype)
   said_format, said_tokenizer = hf_model_card(qwen7b)  # Qwen-7B's: a base model, its vocabulary
@@ -255,28 +255,6 @@ def _fresh_adapter(cfg: QwenVLConfig, seed: int) -> dict:
 
 def _check_complete(leaves: Mapping[str, object], shapes: Mapping[str, tuple]) -> None:
   orbax_store.check_tree({k: (tuple(v.shape), None) for k, v in leaves.items()}, shapes, "the converted tree")
-
-
-def _refuse_existing(dst) -> None:
-  if pathlib.Path(dst).exists():
-    if str(dst).endswith(".partial"):
-      raise FileExistsError(f"output {dst} exists: the half-written output of an export that was killed, or of one "
-                            "still running; remove it if none is running")
-    raise FileExistsError(f"output {dst} exists; refusing to overwrite it (choose a new output directory)")
-
-
-def _rename_finished(tmp: pathlib.Path, dst: pathlib.Path) -> None:
-  """Renames the finished export `tmp` to `dst`. Something created at `dst` during the export is kept: a rename
-  would replace an empty folder silently and fail on any other with an OSError traceback, after hours of writing.
-  The complete export stays at `tmp` and the error says so."""
-  if dst.exists() or dst.is_symlink():
-    raise errors.UserFileExistsError(f"output {dst} appeared while the export was written; the complete export is "
-                                     f"in {tmp}", hint=f"move {tmp} where you want it")
-  try:
-    tmp.rename(dst)
-  except OSError as e:
-    raise errors.UserError(f"could not rename the complete export {tmp} to {dst}: {e.strerror}",
-                           hint=f"move {tmp} where you want it") from e
 
 
 def refuse_inside_source(dst, src, *, what: str = "the params checkpoint", flag: str = "--src") -> None:
@@ -348,10 +326,9 @@ def orbax_to_torch(src: str | os.PathLike, dst: str | os.PathLike, cfg: QwenVLCo
   Everything is written to `dst.partial` and renamed at the end. Returns the index dict.
   """
   dst = pathlib.Path(dst)
-  _refuse_existing(dst)
+  new_files.refuse_existing(dst)
   refuse_inside_source(dst, src)
-  tmp = dst.with_name(dst.name + ".partial")
-  _refuse_existing(tmp)
+  new_files.refuse_existing(new_files.partial_folder(dst))
   out_dtype = _parse_dtype(dtype)
   if chat_format is not None:
     hf_generation_config(chat_format)  # an unknown one is refused before the shards are written
@@ -368,8 +345,7 @@ def orbax_to_torch(src: str | os.PathLike, dst: str | os.PathLike, cfg: QwenVLCo
   if reference_files is not None and not pathlib.Path(reference_files).is_dir():  # before the hours of writing
     raise FileNotFoundError(f"reference directory {reference_files} does not exist")
   plans = _export_plans(reader, shapes, out_dtype, block_bytes)
-  tmp.mkdir(parents=True)
-  try:
+  with new_files.new_folder(dst) as tmp:  # a half-written export is removed, or left as DST.partial by a kill
     index = tensor_io.write_safetensors_shards(tmp, plans, max_shard_bytes=max_shard_bytes)
     torch_dtype = str(np.dtype(plans[0].dtype).name)
     (tmp / "config.json").write_text(json.dumps(hf_config(cfg, torch_dtype=torch_dtype), indent=2) + "\n")
@@ -379,11 +355,6 @@ def orbax_to_torch(src: str | os.PathLike, dst: str | os.PathLike, cfg: QwenVLCo
       _copy_reference_files(pathlib.Path(reference_files), tmp)
     if chat_format is not None:
       _write_generation_config(tmp / "generation_config.json", chat_format)
-  except BaseException:
-    # The half-written export is this call's own (`tmp` did not exist): left behind, it blocked the next try.
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  _rename_finished(tmp, dst)
   logging.info("exported %d tensors (%d bytes) to %s", len(plans), index["metadata"]["total_size"], dst)
   return index
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 
 import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
+from qwenvl_jax import new_files
 from qwenvl_jax.model import lora
 
 # Our module paths -> the reference's per-layer module names and the PEFT target name (`target_modules`).
@@ -51,14 +51,16 @@ def adapter_tensors(model: nnx.Module) -> dict[str, np.ndarray]:
 
 
 def export_peft(model: nnx.Module, cfg: lora.LoraConfig, dst: str | os.PathLike) -> None:
-  """Writes `dst/adapter_config.json` and `dst/adapter_model.safetensors` (float32) for `model`'s adapters.
+  """Writes `dst/adapter_config.json` and `dst/adapter_model.safetensors` (float32) for `model`'s adapters, through
+  `DST.partial` (`new_files.new_folder`): a `dst` that exists holds a whole adapter, even after the export was
+  killed (which leaves only `DST.partial`; before, it left a half adapter under the name the user asked for).
 
   Raises:
-    FileExistsError: `dst` exists (nothing a user wrote is overwritten).
+    FileExistsError: `dst` or `DST.partial` exists (nothing a user wrote is overwritten).
     ValueError: adapters on modules without a reference name, or modules_to_save (merge instead).
   """
-  if os.path.exists(dst):
-    raise FileExistsError(f"{dst} already exists; choose a new output directory")
+  new_files.refuse_existing(dst)
+  new_files.refuse_existing(new_files.partial_folder(dst))
   if cfg.modules_to_save:
     raise ValueError(f"export_peft writes adapters only; modules_to_save {list(cfg.modules_to_save)} are trained "
                      "in full: use --mode=merge_lora and orbax_to_torch for such runs")
@@ -67,14 +69,10 @@ def export_peft(model: nnx.Module, cfg: lora.LoraConfig, dst: str | os.PathLike)
   config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.rank, "lora_alpha": cfg.alpha,
             "lora_dropout": cfg.dropout, "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
             "modules_to_save": None, "inference_mode": True, "base_model_name_or_path": None}
-  os.makedirs(dst)
-  try:
-    with open(os.path.join(dst, "adapter_config.json"), "w", encoding="utf-8") as f:
+  with new_files.new_folder(dst) as tmp:
+    with open(tmp / "adapter_config.json", "w", encoding="utf-8") as f:
       json.dump(config, f, indent=2)
-    weights = os.path.join(dst, "adapter_model.safetensors")
+    weights = tmp / "adapter_model.safetensors"
     save_file(tensors, weights, metadata={"format": "pt"})
     # safetensors creates its file private (0600) whatever the umask; give it the mode of the config beside it.
-    os.chmod(weights, os.stat(os.path.join(dst, "adapter_config.json")).st_mode & 0o777)
-  except BaseException:
-    shutil.rmtree(dst, ignore_errors=True)  # this call's own folder: a half-written adapter refused the retry
-    raise
+    os.chmod(weights, os.stat(tmp / "adapter_config.json").st_mode & 0o777)

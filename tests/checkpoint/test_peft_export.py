@@ -6,6 +6,11 @@ Tolerances: float32 on both sides; outputs atol 2e-5 (sums of ~100 products reor
 """
 import json
 import math
+import os
+import pathlib
+import shutil
+import signal
+import sys
 
 import jax
 import numpy as np
@@ -15,6 +20,7 @@ from flax import nnx
 
 from qwenvl_jax.checkpoint import peft_export
 from qwenvl_jax.model import QwenVL, lora, tiny
+from tests import background
 
 peft = pytest.importorskip("peft")
 
@@ -143,4 +149,54 @@ def test_an_export_that_fails_midway_leaves_no_folder(exported, tmp_path, monkey
   monkeypatch.setattr(peft_export, "save_file", full)
   with pytest.raises(OSError, match="No space left"):
     peft_export.export_peft(model, lcfg, tmp_path / "adapter")
-  assert not (tmp_path / "adapter").exists()
+  assert not (tmp_path / "adapter").exists() and not (tmp_path / "adapter.partial").exists()
+
+
+# Killed outright halfway through the weights (what SIGKILL, an OOM kill or a lost machine does: no cleanup runs).
+_KILLED_EXPORT = """
+import os, signal, sys
+from flax import nnx
+from qwenvl_jax.checkpoint import peft_export
+from qwenvl_jax.model import QwenVL, lora, tiny
+model = QwenVL(tiny(dtype="float32", remat_policy="none").with_image_size(56), rngs=nnx.Rngs(0))
+lcfg = lora.LoraConfig(rank=4, targets=lora.OFFICIAL_TARGETS)
+lora.apply_lora(model, lcfg, rngs=nnx.Rngs(1))
+
+def killed(tensors, path, metadata=None):
+  with open(path, "wb") as f:
+    f.write(b"half")
+  os.kill(os.getpid(), signal.SIGKILL)
+
+peft_export.save_file = killed
+peft_export.export_peft(model, lcfg, sys.argv[1])
+"""
+
+
+def _killed_export(folder):
+  """The export above in a process of its own: a job registered in tests/background.py, run from the session's
+  start on the core the other tests leave idle."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[2]))
+  return [background.Command([sys.executable, "-c", _KILLED_EXPORT, str(folder / "adapter")], env, folder,
+                             check=False)]
+
+
+killed_export = background.finished_work(__name__, "killed_export", _killed_export)
+
+
+def test_a_killed_export_leaves_only_dst_partial_which_the_retry_names(killed_export, exported):
+  """A kill left a folder under the name the user asked for, holding adapter_config.json and half the weights: it
+  looked like an adapter, the retry was refused as "already exists", and only loading it failed. Now the kill
+  leaves `adapter.partial`; the retry says what it is, and once it is removed the export is whole."""
+  folder, (run,) = killed_export
+  assert run.returncode == -signal.SIGKILL, run.stderr[-3000:]
+  dst = folder / "adapter"
+  assert not dst.exists()
+  assert (folder / "adapter.partial" / "adapter_model.safetensors").read_bytes() == b"half"
+  model, lcfg, _, _ = exported
+  with pytest.raises(FileExistsError, match=r"adapter\.partial exists: the half-written output of an export that "
+                     "was killed, or of one still running; remove it if none is running"):
+    peft_export.export_peft(model, lcfg, dst)
+  shutil.rmtree(folder / "adapter.partial")
+  peft_export.export_peft(model, lcfg, dst)
+  assert sorted(p.name for p in dst.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+  assert not (folder / "adapter.partial").exists()

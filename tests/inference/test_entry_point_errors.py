@@ -129,23 +129,33 @@ def test_serve_refuses_a_busy_port_a_bad_port_and_a_missing_image_root_before_lo
   assert "is not a folder" in line
 
 
-def test_convert_lora_modes_report_user_mistakes_with_status_2(tmp_path):
-  full = tmp_path / "full_run"
+def _lora_mode_mistakes(folder):
+  """One `python -m qwenvl_jax.convert` per mistake of the LoRA modes (and two of the others), each with its own
+  output (none may be written): commands of a job registered in tests/background.py, run from the session's start
+  on the core the other tests leave idle."""
+  full = folder / "full_run"
   full.mkdir()
   (full / "config.json").write_text(json.dumps({"lora": {"rank": 0}}))
   # Into a run's checkpoints/ folder: the trainer took such a folder for one of its steps.
-  run = tmp_path / "run"
+  run = folder / "run"
   (run / "checkpoints").mkdir(parents=True)
   (run / "config.json").write_text(json.dumps({"lora": {"rank": 0}}))
-  # Each its own output (they run at once): none may be written.
-  cases = [["--mode=merge_lora", f"--src={tmp_path / 'no_run'}", f"--dst={tmp_path / 'out1'}"],
-           ["--mode=export_peft", f"--src={full}", f"--dst={tmp_path / 'out2'}"],
+  (folder / "out5.partial").mkdir()  # what a killed export leaves
+  cases = [["--mode=merge_lora", f"--src={folder / 'no_run'}", f"--dst={folder / 'out1'}"],
+           ["--mode=export_peft", f"--src={full}", f"--dst={folder / 'out2'}"],
            ["--mode=merge_lora", f"--src={full}", f"--dst={full}"],
-           ["--mode=quantize", f"--src={tmp_path / 'x'}", f"--dst={run / 'checkpoints' / '20'}"],
-           ["--mode=orbax_to_torch", f"--src={tmp_path / 'x'}", f"--dst={tmp_path / 'out3'}", "--max_shard_gb=0"]]
-  with concurrent.futures.ThreadPoolExecutor(3) as pool:  # each is a process start: overlap them
-    no_run, not_lora, exists, in_checkpoints, shard_gb = pool.map(
-        lambda args: _run("qwenvl_jax.convert", args, tmp_path), cases)
+           ["--mode=quantize", f"--src={folder / 'x'}", f"--dst={run / 'checkpoints' / '20'}"],
+           ["--mode=orbax_to_torch", f"--src={folder / 'x'}", f"--dst={folder / 'out3'}", "--max_shard_gb=0"],
+           ["--mode=export_peft", f"--src={full}", f"--dst={folder / 'out5'}"]]
+  return [background.Command([sys.executable, "-m", "qwenvl_jax.convert", *args], helpers.subprocess_env(devices=8),
+                             folder, check=False) for args in cases]
+
+
+lora_mode_mistakes = background.finished_work(__name__, "lora_mode_mistakes", _lora_mode_mistakes)
+
+
+def test_convert_lora_modes_report_user_mistakes_with_status_2(lora_mode_mistakes):
+  _, (no_run, not_lora, exists, in_checkpoints, shard_gb, killed_before) = lora_mode_mistakes
   (line,) = _one_error(no_run)
   assert "no_run" in line and "LoRA run" in line
   (line,) = _one_error(not_lora)
@@ -156,3 +166,6 @@ def test_convert_lora_modes_report_user_mistakes_with_status_2(tmp_path):
   assert "is inside the checkpoints folder of the training run" in line
   (line,) = _one_error(shard_gb)
   assert "--max_shard_gb=0 must be > 0" in line
+  # Named before the run is read (this one is no LoRA run: that error would come next).
+  (line,) = _one_error(killed_before)
+  assert "out5.partial exists: the half-written output of an export that was killed" in line
