@@ -123,6 +123,8 @@ def main(argv):
   if _SHARD_GB.value <= 0:
     raise errors.ConfigError(f"--max_shard_gb={_SHARD_GB.value:g} must be > 0 (it wrote one tensor per shard)")
   _refuse_run_checkpoints(_DST.value)
+  if mode in ("orbax_to_torch", "export_peft"):  # Hugging Face / PEFT folders: written locally (Orbax writes URLs)
+    new_files.refuse_url(_DST.value)
   # The flags and --dst are checked first; reading what --src is comes after.
   src, preset, image_size = _SRC.value, _PRESET.value, _IMAGE_SIZE.value
   tokenizer = chat_format = None

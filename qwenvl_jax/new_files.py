@@ -55,9 +55,19 @@ def partial_folder(dst: str | os.PathLike) -> pathlib.Path:
   return dst.with_name(dst.name + ".partial")
 
 
+def refuse_url(dst: str | os.PathLike) -> None:
+  """errors.ConfigError if `dst` is a URL (gs://...): the folders here are local, and `pathlib` reads
+  `gs://bucket/x` as the local `gs:/bucket/x`, so the output would be written on this machine without a word."""
+  if "://" in str(dst):
+    raise errors.ConfigError(f"output {dst} is a URL; this output is written as a local folder",
+                             hint="write it to a local path, then copy it (e.g. gcloud storage cp -r LOCAL URL)")
+
+
 def refuse_existing(dst: str | os.PathLike) -> None:
   """FileExistsError (one line for `cli.run`) if `dst` exists: nothing a user wrote is overwritten. A `*.partial`
-  one is named as what it is, the output of a write that was killed (or is still running)."""
+  one is named as what it is, the output of a write that was killed (or is still running). A URL is refused
+  (`refuse_url`)."""
+  refuse_url(dst)
   if pathlib.Path(dst).exists() or pathlib.Path(dst).is_symlink():
     if str(dst).endswith(".partial"):
       raise FileExistsError(f"output {dst} exists: the half-written output of an export that was killed, or of one "
@@ -72,10 +82,12 @@ def new_folder(dst: str | os.PathLike) -> Iterator[pathlib.Path]:
   lost machine) leaves `DST.partial`, never a `dst` that looks complete, and the retry names it (`refuse_existing`).
 
   Raises:
+    errors.ConfigError: `dst` is a URL (`refuse_url`).
     FileExistsError: `dst` or `DST.partial` exists when the call starts.
     errors.UserFileExistsError: something appeared at `dst` while the body wrote; it is kept, and the message names
       the complete output left in `DST.partial`.
   """
+  refuse_url(dst)  # before pathlib makes gs://b/x a local gs:/b/x
   dst, tmp = pathlib.Path(dst), partial_folder(dst)
   refuse_existing(dst)
   refuse_existing(tmp)

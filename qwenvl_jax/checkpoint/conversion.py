@@ -325,6 +325,7 @@ def orbax_to_torch(src: str | os.PathLike, dst: str | os.PathLike, cfg: QwenVLCo
   chat format set to `chat_format` when it says another (the reference's folder describes the reference's weights).
   Everything is written to `dst.partial` and renamed at the end. Returns the index dict.
   """
+  new_files.refuse_url(dst)  # before pathlib makes gs://b/x a local gs:/b/x
   dst = pathlib.Path(dst)
   new_files.refuse_existing(dst)
   refuse_inside_source(dst, src)

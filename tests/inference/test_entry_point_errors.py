@@ -146,7 +146,10 @@ def _lora_mode_mistakes(folder):
            ["--mode=merge_lora", f"--src={full}", f"--dst={full}"],
            ["--mode=quantize", f"--src={folder / 'x'}", f"--dst={run / 'checkpoints' / '20'}"],
            ["--mode=orbax_to_torch", f"--src={folder / 'x'}", f"--dst={folder / 'out3'}", "--max_shard_gb=0"],
-           ["--mode=export_peft", f"--src={full}", f"--dst={folder / 'out5'}"]]
+           ["--mode=export_peft", f"--src={full}", f"--dst={folder / 'out5'}"],
+           # pathlib read these as the local folder gs:/bucket/...: the export went to this machine without a word.
+           ["--mode=export_peft", f"--src={full}", "--dst=gs://bucket/adapter"],
+           ["--mode=orbax_to_torch", f"--src={folder / 'x'}", "--dst=gs://bucket/hf"]]
   return [background.Command([sys.executable, "-m", "qwenvl_jax.convert", *args], helpers.subprocess_env(devices=8),
                              folder, check=False) for args in cases]
 
@@ -155,7 +158,7 @@ lora_mode_mistakes = background.finished_work(__name__, "lora_mode_mistakes", _l
 
 
 def test_convert_lora_modes_report_user_mistakes_with_status_2(lora_mode_mistakes):
-  _, (no_run, not_lora, exists, in_checkpoints, shard_gb, killed_before) = lora_mode_mistakes
+  folder, (no_run, not_lora, exists, in_checkpoints, shard_gb, killed_before, *urls) = lora_mode_mistakes
   (line,) = _one_error(no_run)
   assert "no_run" in line and "LoRA run" in line
   (line,) = _one_error(not_lora)
@@ -169,3 +172,7 @@ def test_convert_lora_modes_report_user_mistakes_with_status_2(lora_mode_mistake
   # Named before the run is read (this one is no LoRA run: that error would come next).
   (line,) = _one_error(killed_before)
   assert "out5.partial exists: the half-written output of an export that was killed" in line
+  for proc, url in zip(urls, ("gs://bucket/adapter", "gs://bucket/hf")):
+    (line,) = _one_error(proc)
+    assert f"output {url} is a URL; this output is written as a local folder" in line
+  assert not (folder / "gs:").exists()
