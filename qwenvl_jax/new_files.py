@@ -64,10 +64,11 @@ def refuse_url(dst: str | os.PathLike) -> None:
 
 
 def refuse_existing(dst: str | os.PathLike) -> None:
-  """FileExistsError (one line for `cli.run`) if `dst` exists: nothing a user wrote is overwritten. A `*.partial`
-  one is named as what it is, the output of a write that was killed (or is still running). A URL is refused
-  (`refuse_url`)."""
-  refuse_url(dst)
+  """FileExistsError (one line for `cli.run`) if the local path `dst` exists: nothing a user wrote is overwritten. A
+  `*.partial` one is named as what it is, the output of a write that was killed (or is still running). A URL is not
+  looked up here: its writer checks it (Orbax refuses an existing checkpoint), or refuses it (`refuse_url`)."""
+  if "://" in str(dst):
+    return
   if pathlib.Path(dst).exists() or pathlib.Path(dst).is_symlink():
     if str(dst).endswith(".partial"):
       raise FileExistsError(f"output {dst} exists: the half-written output of an export that was killed, or of one "

@@ -56,9 +56,11 @@ def export_peft(model: nnx.Module, cfg: lora.LoraConfig, dst: str | os.PathLike)
   killed (which leaves only `DST.partial`; before, it left a half adapter under the name the user asked for).
 
   Raises:
+    errors.ConfigError: `dst` is a URL.
     FileExistsError: `dst` or `DST.partial` exists (nothing a user wrote is overwritten).
     ValueError: adapters on modules without a reference name, or modules_to_save (merge instead).
   """
+  new_files.refuse_url(dst)  # a local folder only; pathlib would make gs://b/x a local gs:/b/x
   new_files.refuse_existing(dst)
   new_files.refuse_existing(new_files.partial_folder(dst))
   if cfg.modules_to_save:

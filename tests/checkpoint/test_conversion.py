@@ -484,3 +484,19 @@ def test_a_tokenizer_copy_that_fails_removes_the_checkpoint_it_was_to_complete(t
   with pytest.raises(FileNotFoundError):
     model_card.copy_tokenizer(f"qwen:{tmp_path / 'gone' / 'qwen.tiktoken'}", dst)
   assert not dst.exists()
+
+
+def test_a_url_output_still_goes_to_orbax_and_an_export_to_one_is_refused(tmp_path, qwenvl_checkpoint, monkeypatch):
+  """Orbax writes gs:// checkpoints, so torch_to_orbax hands it the URL unchanged; the Hugging Face export writes a
+  local folder, and pathlib made `gs://bucket/x` the local `gs:/bucket/x`: it is refused before anything is read."""
+  cfg = tiny()
+  src, _ = qwenvl_checkpoint(cfg, fmt="bin")
+  written = []
+  monkeypatch.setattr(conversion.orbax_store, "save_params", lambda dst, *args, **kwargs: written.append(str(dst)))
+  monkeypatch.chdir(tmp_path)
+  checkpoint.torch_to_orbax(src, "gs://bucket/ckpt", cfg)
+  assert written == ["gs://bucket/ckpt"]
+  with pytest.raises(errors.ConfigError, match=r"output gs://bucket/hf is a URL; this output is written as a local "
+                     "folder"):
+    checkpoint.orbax_to_torch(tmp_path / "no_such_checkpoint", "gs://bucket/hf", cfg)
+  assert not (tmp_path / "gs:").exists()
