@@ -14,9 +14,9 @@ L layers, S image side, K decode steps per call, W cache slots attended (a windo
 Every slot row of the cache belongs to one request at a time. A request's prompt occupies its row's slots
 0 .. len-1 and its n-th new token slot len + n, so the cache slot equals the RoPE position and rows advance
 independently (the model writes each row at its own `cache_index`, `qwen.write_layer_slots`). Prefill runs the
-joining prompts left-padded, as `decode.prefill` (the last position is the next-token logit, and only it goes through
-`lm_head`), then rolls each row left by its padding and writes it into its slot row, clearing the rest of the row
-(the previous occupant's keys are never attended again: their segment ids are 0).
+joining prompts right-padded (each row's last prompt position is its next-token logit, and only it goes through
+`lm_head`) and writes each row into its slot row as it is, clearing the rest of the row (the previous occupant's keys
+are never attended again: their segment ids are 0).
 
 Shapes are fixed per (k, P) for prefill, per n for encode and per (R, W) for decode (R: a power of two covering the
 highest busy slot, so one client costs a one-row step, not a B-row one; W: a bucket covering the furthest position
@@ -69,40 +69,40 @@ def encode(graphdef, feature_slots: int, state, images):
 
 def prefill(graphdef, vocab_limit, state, cache: KVCache, ids, lengths, first_image, feats, rows, rope_base,
              sampling: Sampling):
-  """ids int32[k, P] left-padded; lengths int32[k]; first_image int32[k] (index in `feats` of the row's first
-  image); feats [F, Q, D]; rows int32[k] cache row of each prompt (B = padding row, dropped); rope_base
-  float32[k]. Returns (int32[k] first new tokens, cache)."""
+  """ids int32[k, P] right-padded (row i's prompt in slots 0 .. lengths[i]-1); lengths int32[k] (>= 1);
+  first_image int32[k] (index in `feats` of the row's first image); feats [F, Q, D]; rows int32[k] cache row of each
+  prompt (B = padding row, dropped); rope_base float32[k]. Returns (int32[k] first new tokens, cache)."""
   model = _merge(graphdef, state)
   k, p = ids.shape
   q = feats.shape[1]
-  pad = p - lengths  # int32[k] left padding
   slot = jnp.arange(p, dtype=jnp.int32)[None, :]
-  valid = slot >= pad[:, None]
-  positions = jnp.where(valid, slot - pad[:, None], 0)
+  valid = slot < lengths[:, None]
+  positions = jnp.where(valid, slot, 0)
   segment_ids = valid.astype(jnp.int32)
   x = model.llm.embed(ids)
-  is_pad = ids == model.cfg.image_pad_id
+  is_pad = (ids == model.cfg.image_pad_id) & valid
   flat = feats.reshape(-1, feats.shape[-1])
   index = jnp.clip(first_image[:, None] * q + jnp.cumsum(is_pad, axis=1) - 1, 0, flat.shape[0] - 1)
   x = jnp.where(is_pad[:, :, None], flat[index].astype(x.dtype), x)
   small = model.llm.init_cache(k, p, dtype=cache.k.dtype)
   h, small = model.llm.features(x, positions=positions, segment_ids=segment_ids, cache=small, cache_index=0,
                                 rope_base=rope_base[:, None, None], logn=True)
-  # Only the last position's logits are needed: k x V, not the k x P x V of the whole prompt.
-  logits = model.llm.lm_head(h[:, -1:])[:, 0]
+  # Only each row's last prompt position goes through lm_head: k x V, not the k x P x V of the whole prompt.
+  last = jnp.take_along_axis(h, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)  # [k, 1, D]
+  logits = model.llm.lm_head(last)[:, 0]
   first = slot_sampling.select(logits, temperature=sampling.temperature, top_k=sampling.top_k,
                                top_p=sampling.top_p, seeds=sampling.seed, counts=sampling.count,
                                vocab_limit=vocab_limit)
-  # Left-aligned: row i's prompt moves from slots pad_i .. P-1 to 0 .. len_i-1 (slot = position from now on).
-  order = (slot + pad[:, None]) % p  # [k, P]
-  roll = jax.vmap(lambda x, o: jnp.take(x, o, axis=2), in_axes=(1, 0), out_axes=1)  # over [L, k, N, P, X]
 
-  def put(entry, new):  # the cache's [L, B, N, C, X] entry with the k rolled rows written at slots 0 .. P-1
-    return None if entry is None else entry.at[:, rows, :, :p].set(roll(new, order), mode="drop")
+  # Right-padded, each row is already where it belongs (slot = position): written as it is, with no rolled copy of
+  # the prompt's keys and values (left-padded rows were rolled into place; one 2048-token request of the 7B model,
+  # int8 cache, v5e: temporaries 2.31 -> 2.06 GiB, bytes accessed 11.9 -> 7.7 GB). The padding's slots hold
+  # segment 0 (never a key) until decoding overwrites them.
+  def put(entry, new):  # the cache's [L, B, N, C, X] entry with the k rows written at slots 0 .. P-1
+    return None if entry is None else entry.at[:, rows, :, :p].set(new, mode="drop")
 
-  new_seg = jnp.take_along_axis(small.segment_ids, order, axis=1)
   c = cache.segment_ids.shape[1]
-  seg_rows = jnp.pad(new_seg, ((0, 0), (0, c - p)))
+  seg_rows = jnp.pad(small.segment_ids, ((0, 0), (0, c - p)))
   cache = KVCache(put(cache.k, small.k), put(cache.v, small.v), cache.segment_ids.at[rows].set(seg_rows, mode="drop"),
                   put(cache.k_scale, small.k_scale), put(cache.v_scale, small.v_scale))
   return first, constrain_cache(cache)

@@ -6,7 +6,7 @@ Loop of the engine thread (`Engine._run`):
   1. take new requests and cancellations from the inbox (block when nothing is running);
   2. free the slots of cancelled requests (a client that went away) at once;
   3. admit waiting requests into free slots, up to `prefill_batch` at a time: their images are encoded in one
-     call, their prompts prefilled together (left-padded to the length bucket of the longest, the batch padded
+     call, their prompts prefilled together (right-padded to the length bucket of the longest, the batch padded
      to a prefill-size bucket) and their first tokens sampled; they decode from the next step on;
   4. K decode steps (`decode_steps`, one device call) of the first R slots, R the power of two covering the highest
      busy slot (free slots among them compute and are ignored; slots are taken lowest first, so R follows the
@@ -348,7 +348,7 @@ class Engine:
     first_image = np.zeros(k, np.int32)
     images = []
     for i, r in enumerate(group):
-      ids[i, p - len(r.prompt):] = r.prompt
+      ids[i, :len(r.prompt)] = r.prompt  # right-padded (`slot_programs.prefill`)
       lengths[i] = len(r.prompt)
       first_image[i] = len(images)
       images.extend(r.images)
