@@ -10,8 +10,8 @@ process, so an out-of-memory leaves nothing behind) it builds the serving engine
 (`serving.slots.SlotModel`) on the inference layout (`inference_tp`: tensor parallel over the host's GPUs, the
 default of `python -m qwenvl_jax.serve`) with random weights, prefills one `--prompt`-token request with one image
 into a slot, runs `--steps` decode steps of all B slots, and prints: fits or out of memory, the compiler's
-per-device bytes of the decode step (memory_analysis), the device's peak bytes in use, and the decode step's time
-and tokens/s (B tokens per step). The last line is the largest B that ran. Compare it with the planner's answer
+per-device bytes of the decode step (memory_analysis), the device's peak bytes in use, the decode step's time
+and tokens/s (B tokens per step), and the one-request prefill's time and temporaries (memory_analysis). The last line is the largest B that ran. Compare it with the planner's answer
 for a TPU chip of the same memory.
 """
 
@@ -60,8 +60,14 @@ def one(args) -> dict:
     feats = slot_model.encode(rng.integers(0, 256, (1, s, s, 3), dtype=np.uint8))
     ids = rng.integers(3, cfg.llm.vocab_size, (1, p)).astype(np.int32)
     ids[0, 5:5 + cfg.image_tokens] = cfg.image_pad_id
-    slot_model.prefill(ids, np.array([p], np.int32), np.zeros(1, np.int32), feats, np.zeros(1, np.int32), rope(1),
-                       greedy(1)).block_until_ready()
+    prefill_args = (ids, np.array([p], np.int32), np.zeros(1, np.int32), feats, np.zeros(1, np.int32), rope(1),
+                    greedy(1))
+    slot_model.prefill(*prefill_args).block_until_ready()  # compile
+    start = time.perf_counter()
+    slot_model.prefill(*prefill_args).block_until_ready()
+    prefill_ms = (time.perf_counter() - start) * 1e3
+    prefill_analysis = slot_model._prefill.lower(  # pylint: disable=protected-access
+        slot_model.state, slot_model.cache, *prefill_args).compile().memory_analysis()
     tokens = np.ones(b, np.int32)
     positions = np.full(b, p, np.int32)
     lowered = slot_model.decode_program().lower(slot_model.state, slot_model.cache, tokens, positions,
@@ -78,8 +84,10 @@ def one(args) -> dict:
   if analysis is not None:
     compiled = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
                 + analysis.temp_size_in_bytes)
+  prefill_temp = None if prefill_analysis is None else prefill_analysis.temp_size_in_bytes
   return {"slots": b, "layout": layout.describe(mesh), "compiled_bytes": compiled, "peak_bytes": peak,
-          "step_ms": step * 1e3, "tokens_per_s": b / step}
+          "step_ms": step * 1e3, "tokens_per_s": b / step, "prefill_ms": prefill_ms,
+          "prefill_temp_bytes": prefill_temp}
 
 
 def main():
@@ -111,8 +119,10 @@ def main():
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     largest = b
     compiled = "?" if r["compiled_bytes"] is None else f"{r['compiled_bytes'] / GIB:.2f}"
+    prefill_temp = "?" if r["prefill_temp_bytes"] is None else f"{r['prefill_temp_bytes'] / GIB:.2f}"
     print(f"{b} slots ({r['layout']}): fits; decode step compiled {compiled} GiB per device, peak in use "
-          f"{r['peak_bytes'] / GIB:.2f} GiB; {r['step_ms']:.1f} ms per step = {r['tokens_per_s']:.0f} tokens/s",
+          f"{r['peak_bytes'] / GIB:.2f} GiB; {r['step_ms']:.1f} ms per step = {r['tokens_per_s']:.0f} tokens/s; "
+          f"prefill of one {args.prompt}-token request {r['prefill_ms']:.1f} ms, temporaries {prefill_temp} GiB",
           flush=True)
   print(f"largest slot count that ran: {largest} (context {args.context}, weights {args.quantize}, KV cache "
         f"{args.kv_cache_dtype})")
