@@ -2,6 +2,7 @@
 
 Every batch has 4 rows and one image slot (empty for text rows), so the tests share a few compiled loops.
 """
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -68,13 +69,13 @@ def test_cached_greedy_equals_recomputing_the_sequence(generator, tiny_model, pr
 def test_the_prefill_builds_the_last_position_logits_only(generator, tiny_model, prompts):
   """The prefill took `model(...).logits[:, -1]`, and XLA computes a dot whose output is sliced whole: every
   prompt position's logits were built first (for a 1024-token row of the 7B model on a v5e, 1.27 TFLOP of ~20).
-  The compiled generation holds no [rows x P, V] buffer now, and the
-  first token's logits are still the full forward's at the last position (float32, atol 1e-5)."""
+  The compiled generation holds no [rows x P, V] buffer now, and the first token's logits are still the full
+  forward's at the last position (float32, atol 1e-5)."""
   batch = _batch(generator, prompts)
   static, dyn = _gen().split()
   arrays = generator.device_batch(batch, _gen())
   text = generator._generate.lower(generator.graphdef, static, generator.state, arrays,  # pylint: disable=W0212
-                                   decode.jax.random.key(0), dyn).compile().as_text()
+                                   jax.random.key(0), dyn).compile().as_text()
   rows, p = batch.input_ids.shape
   vocab = tiny_model.cfg.llm.vocab_size
   assert f"[{rows * p},{vocab}]" not in text and f"[{rows},{p},{vocab}]" not in text
