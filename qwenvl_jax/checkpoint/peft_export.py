@@ -60,9 +60,6 @@ def export_peft(model: nnx.Module, cfg: lora.LoraConfig, dst: str | os.PathLike)
     FileExistsError: `dst` or `DST.partial` exists (nothing a user wrote is overwritten).
     ValueError: adapters on modules without a reference name, or modules_to_save (merge instead).
   """
-  new_files.refuse_url(dst)  # a local folder only; pathlib would make gs://b/x a local gs:/b/x
-  new_files.refuse_existing(dst)
-  new_files.refuse_existing(new_files.partial_folder(dst))
   if cfg.modules_to_save:
     raise ValueError(f"export_peft writes adapters only; modules_to_save {list(cfg.modules_to_save)} are trained "
                      "in full: use --mode=merge_lora and orbax_to_torch for such runs")
@@ -71,7 +68,7 @@ def export_peft(model: nnx.Module, cfg: lora.LoraConfig, dst: str | os.PathLike)
   config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.rank, "lora_alpha": cfg.alpha,
             "lora_dropout": cfg.dropout, "target_modules": targets, "bias": "none", "fan_in_fan_out": False,
             "modules_to_save": None, "inference_mode": True, "base_model_name_or_path": None}
-  with new_files.new_folder(dst) as tmp:
+  with new_files.new_folder(dst) as tmp:  # refuses a URL, `dst` and `DST.partial` before it writes
     with open(tmp / "adapter_config.json", "w", encoding="utf-8") as f:
       json.dump(config, f, indent=2)
     weights = tmp / "adapter_model.safetensors"

@@ -6,8 +6,6 @@ Tolerances: float32 on both sides; outputs atol 2e-5 (sums of ~100 products reor
 """
 import json
 import math
-import os
-import pathlib
 import shutil
 import signal
 import sys
@@ -21,6 +19,7 @@ from flax import nnx
 from qwenvl_jax.checkpoint import peft_export
 from qwenvl_jax.model import QwenVL, lora, tiny
 from tests import background
+from tests.training import helpers
 
 peft = pytest.importorskip("peft")
 
@@ -175,9 +174,8 @@ peft_export.export_peft(model, lcfg, sys.argv[1])
 def _killed_export(folder):
   """The export above in a process of its own: a job registered in tests/background.py, run from the session's
   start on the core the other tests leave idle."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[2]))
-  return [background.Command([sys.executable, "-c", _KILLED_EXPORT, str(folder / "adapter")], env, folder,
-                             check=False)]
+  return [background.Command([sys.executable, "-c", _KILLED_EXPORT, str(folder / "adapter")],
+                             helpers.subprocess_env(devices=1), folder, check=False)]
 
 
 killed_export = background.finished_work(__name__, "killed_export", _killed_export)
