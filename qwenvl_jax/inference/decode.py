@@ -265,9 +265,13 @@ def prefill(graphdef: nnx.GraphDef, state: nnx.State, batch: dict, cache: KVCach
     (float32[B, V] logits of the last prompt position, the filled cache).
   """
   model = nnx.merge(graphdef, state)
+  # The prompts fill slots 0 .. P-1 and every later slot is empty (never a key), so they attend to those P slots
+  # only: exact, and the scores are [B, N, P, P], not [B, N, P, S] over the whole cache. A square mask is also
+  # what a kernel takes (`attention._splash`; with S slots it falls back to xla).
   h, cache = model.features(batch["input_ids"], images=batch.get("images"), image_mask=batch.get("image_mask"),
                             positions=batch["positions"], segment_ids=batch["segment_ids"], cache=cache,
-                            cache_index=0, rope_base=rope_base[:, None, None], logn=logn)
+                            cache_index=0, rope_base=rope_base[:, None, None], logn=logn,
+                            window=batch["input_ids"].shape[1])
   # Only the last position's logits, [B, V]: XLA computes a dot whose output is sliced whole, so the model's
   # `logits[:, -1]` projected every position first (on CPU a [B x P, V] buffer; on a v5e, 1.27 TFLOP of a 1024-token
   # row's ~20 for the 7B model's 151,936-token vocabulary).

@@ -88,10 +88,11 @@ class QwenVL(nnx.Module):
                image_mask: jax.Array | None = None, positions: jax.Array | None = None,
                segment_ids: jax.Array | None = None, stop_vision_grad: bool = False,
                cache: KVCache | None = None, cache_index=None, rope_base=None, logn: bool = False,
-               dropout_key: jax.Array | None = None):
+               dropout_key: jax.Array | None = None, window: int | None = None):
     """(hidden states float[B, T, D] after the final norm, updated cache or None): `__call__` without `lm_head`.
 
     dropout_key: training only, the key of the LLM's LoRA dropout (`model.lora`; None = no dropout).
+    window: with a cache, the cache slots attended (`QwenLM.features`; None = all).
 
     The chunked loss (`model.losses`) applies `llm.lm_head`'s kernel to these a few tokens at a time, so the full
     [B, T, V] logits never exist.
@@ -104,4 +105,5 @@ class QwenVL(nnx.Module):
     x = self.embed(input_ids, images, image_mask, stop_vision_grad=stop_vision_grad)
     x = sharding.constrain(x, ("act_batch", "act_len", "act_embed"))
     return self.llm.features(x, positions=positions, segment_ids=segment_ids, cache=cache,
-                             cache_index=cache_index, rope_base=rope_base, logn=logn, dropout_key=dropout_key)
+                             cache_index=cache_index, rope_base=rope_base, logn=logn, dropout_key=dropout_key,
+                             window=window)

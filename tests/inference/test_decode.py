@@ -88,6 +88,21 @@ def test_the_prefill_builds_the_last_position_logits_only(generator, tiny_model,
   np.testing.assert_allclose(np.asarray(logits)[real], np.asarray(full[:, -1])[real], atol=1e-5)
 
 
+def test_the_prefill_attends_to_the_prompt_slots_only(generator, tiny_model, prompts):
+  """The prefill attended to the whole cache (P + N slots), all of them empty past the prompt: [rows, heads, P,
+  P + N] float32 scores per layer. It reads the P prompt slots now ([rows, heads, P, P], a square a kernel can
+  tile); the generation is unchanged (test_cached_greedy_equals_recomputing_the_sequence)."""
+  batch = _batch(generator, prompts)
+  static, dyn = _gen().split()
+  arrays = generator.device_batch(batch, _gen())
+  text = generator._generate.lower(generator.graphdef, static, generator.state, arrays,  # pylint: disable=W0212
+                                   jax.random.key(0), dyn).compile().as_text()
+  rows, p = batch.input_ids.shape
+  heads = tiny_model.cfg.llm.heads
+  assert f"f32[{rows},{heads},{p},{p + N}]" not in text
+  assert f"f32[{rows},{heads},{p},{p}]" in text
+
+
 def test_left_padded_batch_equals_single_prompts(generator, prompts, image_prompt):
   ids, image = image_prompt
   rows = prompts + [ids]
