@@ -33,7 +33,8 @@ class Loaded(NamedTuple):
 
 def load(checkpoint: str | os.PathLike, *, tokenizer: str | None = None, model: str | None = None,
          dtype: str = "bfloat16", image_size: int | None = None, rules: str = layout.DEFAULT_RULES,
-         tensor_parallel: int = 0, quantize: str | None = None, group_size: int | None = None) -> Loaded:
+         tensor_parallel: int = 0, quantize: str | None = None, group_size: int | None = None,
+         attention: str = "xla") -> Loaded:
   """Restores a model for inference from a training run or a params checkpoint.
 
   Args:
@@ -51,11 +52,13 @@ def load(checkpoint: str | os.PathLike, *, tokenizer: str | None = None, model: 
     quantize: "int8" or "int4" weights, quantized while restoring, one kernel at a time (the CLI's `--quantize`;
       None = as stored: a checkpoint from `convert --mode=quantize` loads quantized without it).
     group_size: int4's group size along each kernel's input (default `model.quantize.DEFAULT_GROUP_SIZE`).
+    attention: "xla" (the reference's numerics) or "splash" (TPU only: the kernel for the image encoder and the
+      prefill; `inference.loading.ATTENTION`).
 
   Raises:
     ValueError (errors.ConfigError): no tokenizer for a params checkpoint, a malformed spec, a preset whose shapes
-    differ from the stored ones, a checkpoint that is no path, a group_size without int4. FileNotFoundError: a
-    missing run, step, checkpoint or tokenizer file.
+    differ from the stored ones, a checkpoint that is no path, a group_size without int4, splash attention off a
+    TPU. FileNotFoundError: a missing run, step, checkpoint or tokenizer file.
   """
   if isinstance(checkpoint, os.PathLike):  # a pathlib.Path: model_source splits RUN@STEP on the string
     checkpoint = os.fspath(checkpoint)
@@ -69,10 +72,11 @@ def load(checkpoint: str | os.PathLike, *, tokenizer: str | None = None, model: 
     raise errors.ConfigError(f"group_size={group_size}: the group size of int4 weights, >= 1 "
                              f"(quantize={quantize!r} has none)" if quantize != "int4" else
                              f"group_size={group_size} must be >= 1")
+  loading.check_attention(attention, flag="attention")  # before the checkpoint is resolved or read
   source = model_source.resolve(checkpoint, model=model, tokenizer=tokenizer, image_size=image_size)
   if not source.tokenizer:
     raise errors.ConfigError(f"loading {checkpoint!r} needs tokenizer= (qwen:PATH, sentencepiece:PATH or a file)")
   tok, _, mesh, rule_table, model_ = loading.load_source(source, dtype=dtype, rules=rules,
                                                          tensor_parallel=tensor_parallel, quantize=quantize,
-                                                         group_size=group_size)
+                                                         group_size=group_size, attention=attention)
   return Loaded(model_, tok, source.chat_format, mesh, rule_table)

@@ -358,6 +358,10 @@ def define_model_flags() -> None:
   flags.DEFINE_integer("tensor_parallel", 0, "Chips holding one model replica (heads, MLP and vocabulary split "
                        "over them); the other devices hold further replicas. 0 = one host's chips (the largest "
                        "degree the model allows).")
+  flags.DEFINE_enum("attention", "xla", ["xla", "splash"], "Attention of the image encoder and the prompt prefill: "
+                    "xla (the reference's numerics, any backend) or splash (the TPU kernel: no [heads, P, P] scores "
+                    "in memory, so longer prompts and more requests per prefill fit; other low bits than the "
+                    "reference's). Decode steps run xla either way.")
 
 
 def model_source_from_flags():
@@ -369,8 +373,9 @@ def model_source_from_flags():
     checkpoint. FileNotFoundError: a missing path.
   """
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from qwenvl_jax.inference import model_source  # pylint: disable=g-import-not-at-top
+  from qwenvl_jax.inference import loading, model_source  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
+  loading.check_attention(f.attention)  # --attention=splash off a TPU: one line, before anything is read
   # 0 used to mean "not given" (the checkpoint's resolution, int4 groups of 128) without a word.
   if f.image_size is not None and f.image_size <= 0:
     raise errors.ConfigError(f"--image_size={f.image_size} must be a positive multiple of the patch size",
@@ -411,5 +416,5 @@ def load_model_from_flags(source=None):
           "answers)", file=sys.stderr, flush=True)
   tok, cfg, mesh, rules, model = loading.load_source(
       source, dtype=f.dtype, rules=f.rules, tensor_parallel=f.tensor_parallel, seed=f.seed, quantize=f.quantize,
-      group_size=f.group_size)
+      group_size=f.group_size, attention=f.attention)
   return source, tok, cfg, mesh, rules, model

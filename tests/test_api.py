@@ -93,6 +93,9 @@ def test_load_errors_name_what_is_missing(tmp_path):
     qwenvl_jax.load(str(tmp_path))
   with pytest.raises(FileNotFoundError, match="does not exist"):
     qwenvl_jax.load(str(tmp_path / "runs" / "checkpoints" / "9"))
+  # The TPU kernel off a TPU is named before the checkpoint is looked at (here it is one that does not exist).
+  with pytest.raises(errors.ConfigError, match="attention=splash is a TPU kernel, but JAX runs on 'cpu'"):
+    qwenvl_jax.load(str(tmp_path / "nope"), attention="splash")
 
 
 def test_load_takes_a_pathlib_path_and_names_a_wrong_type(tmp_path):

@@ -105,6 +105,7 @@ def test_json_puts_the_figures_alone_on_stdout():
     ("batchsize=4", "unknown config arg keys ['batchsize']"),
     ("prompt=4096,context=2048", "prompt=4096 is longer than context=2048"),
     ("batch=0", "batch=0 must be positive"),
+    ("attention=cudnn", "attention='cudnn'; expected xla or splash"),
 ])
 def test_inference_arg_refuses_bad_values(arg, message):
   with pytest.raises(errors.ConfigError, match=re.escape(message)):
@@ -115,9 +116,10 @@ def test_inference_arg_maps_to_plan_inference_keywords():
   assert inference_plan.parse_inference_arg("quantize=int4,batch=8,kv_cache_dtype=int8,decode_only=true") == {
       "quantize": "int4", "batch": 8, "context": 2048, "prompt": 1024, "images": 1, "kv_cache_dtype": "int8",
       "rules_name": "inference_tp", "group_size": 128, "with_prefill": False, "prefill_batch": None,
-      "tensor_parallel": 0, "server": False}
+      "tensor_parallel": 0, "server": False, "attention": "xla"}
   assert inference_plan.parse_inference_arg("")["quantize"] == "int8"
   assert inference_plan.parse_inference_arg("quantize=none")["quantize"] is None
+  assert inference_plan.parse_inference_arg("server=true,attention=splash")["attention"] == "splash"
 
 
 def test_cli_inference_error_is_one_line_before_compiling():

@@ -38,6 +38,8 @@ def default_config(task_name: str, arg: str | None = None):
   c.quantize = "none"                   # weight-only quantization at load: none | int8 (per channel) | int4 (groups)
   c.quantize_group_size = 128           # int4 group size (a power of two >= 1)
   c.kv_cache_dtype = "auto"             # auto (the compute dtype) | int8
+  c.attention = "xla"                   # xla (the reference's numerics) | splash (TPU kernel for the image encoder
+                                        # and the prefill: less memory, other low bits; inference/loading.py)
   c.image_size = ml_collections.config_dict.placeholder(int)   # override the resolution (unset or 0 = the
                                         # checkpoint's, else the preset's; the results record the one used)
   c.per_device_batch_size = 4

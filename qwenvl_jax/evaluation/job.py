@@ -49,7 +49,8 @@ class EvalJob:
       model = loading.load_source(source, dtype=config.dtype, rules=config.rules, mesh_axes=config.mesh.to_dict(),
                                   tensor_parallel=config.get("tensor_parallel", 0), seed=config.seed,
                                   quantize=config.get("quantize"),
-                                  group_size=config.get("quantize_group_size"))
+                                  group_size=config.get("quantize_group_size"),
+                                  attention=config.get("attention", "xla"))
     self.tok, self.cfg, self.mesh, self.rules, module = model
     kv = config.get("kv_cache_dtype", "auto")
     self.generator = decode.Generator(module, kv_cache_dtype=None if kv in ("auto", "") else kv)

@@ -107,6 +107,7 @@ def check_config(config) -> None:
     raise errors.ConfigError(f"config.image_size={image_size!r} must be a positive integer (0 or unset = the "
                              "checkpoint's resolution, else the preset's)")
   loading.quantization_config(config.get("quantize"), config.get("quantize_group_size"))  # mode, power of two
+  loading.check_attention(config.get("attention", "xla"), flag="--config.attention")
 
 
 def _check_official_files(config, task: tasks_lib.EvalTask) -> None:
@@ -240,6 +241,7 @@ def _run(config, task: tasks_lib.EvalTask, output: str, recorded_data_path: str 
               "model": config.model, "tokenizer": config.tokenizer, "dtype": config.dtype,
               "image_size": _image_size(config), "quantize": config.get("quantize"),
               "quantize_group_size": _group_size(config), "kv_cache_dtype": config.get("kv_cache_dtype", "auto"),
+              "attention": config.get("attention", "xla"),
               "data_path": recorded_data_path or _resolved_path(os.fspath(data_path)),
               "few_shot": shots.k if shots else 0,
               "few_shot_path": _resolved_path(config.few_shot_path) if shots else None,
@@ -309,7 +311,7 @@ def _run(config, task: tasks_lib.EvalTask, output: str, recorded_data_path: str 
   record = {"checkpoint": config.checkpoint, "params": params, "step": source.step, "model": config.model,
             "tokenizer": config.tokenizer, "dtype": config.dtype, "quantize": config.get("quantize"),
             "quantize_group_size": _group_size(config), "kv_cache_dtype": config.get("kv_cache_dtype", "auto"),
-            "image_size": job.cfg.vision.image_size, "weights_quantization": _weights_quantization(config, params),
+            "attention": job.cfg.attention_impl, "image_size": job.cfg.vision.image_size, "weights_quantization": _weights_quantization(config, params),
             "data_path": recorded_data_path or os.fspath(data_path), "annotation_path": annotation_path,
             "image_root": "" if recorded_data_path else config.image_root,
             "tfds_data_dir": tfds_data_dir, "few_shot": shots.k if shots else 0,

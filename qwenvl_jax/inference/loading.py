@@ -20,19 +20,44 @@ from flax import nnx
 from qwenvl_jax import errors, sharding
 from qwenvl_jax import text as qtext
 from qwenvl_jax.inference import layout, model_source
-from qwenvl_jax.model import QwenVL
+from qwenvl_jax.model import QwenVL, kernels
 from qwenvl_jax.model.config import QwenVLConfig, get_preset
 
 
+# The attention of inference (`--attention`; `QwenVLConfig.attention_impl`): "xla" (the reference's numerics, any
+# backend) or "splash", the TPU kernel for the image encoder and the prompt prefill (the square masks it tiles;
+# decode steps, a few queries against the cache, keep xla): it never writes the [rows, heads, P, P] float32 scores
+# of each layer. Its rounding differs from the reference's (it does not round the probabilities to bf16 before
+# the value matmul), so it is a choice, not the default. cudnn is not offered: nothing has run it on a GPU here.
+ATTENTION = ("xla", "splash")
+
+
+def check_attention(impl: str, platform: str | None = None, *, flag: str = "--attention") -> None:
+  """Refuses an inference attention this process cannot run before anything loads: one not in `ATTENTION`, or
+  "splash" on a backend other than a TPU (`platform`, default `jax.default_backend()`) outside the Pallas
+  interpreter (`model.kernels.interpret_mode`, tests only). `flag` names the setting in the message.
+
+  Raises:
+    errors.ConfigError.
+  """
+  if impl not in ATTENTION:
+    raise errors.ConfigError(f"{flag}={impl!r}: inference attention is one of {', '.join(ATTENTION)}")
+  platform = platform or jax.default_backend()
+  if impl == "splash" and platform != "tpu" and not kernels.interpreting():
+    raise errors.ConfigError(f"{flag}=splash is a TPU kernel, but JAX runs on {platform!r} here",
+                             hint=f"omit {flag} (xla attention runs on any backend)")
+
+
 def model_config(preset: str, tok: qtext.Tokenizer, *, dtype: str = "bfloat16", random_weights: bool = False,
-                 image_size: int | None = None) -> QwenVLConfig:
+                 image_size: int | None = None, attention: str = "xla") -> QwenVLConfig:
   """The preset's config with the tokenizer's `<imgpad>` id, no remat (inference), and the weights kept in the
   compute dtype (bf16 weights halve the memory of a 9.6B model; the reference runs all in bf16).
 
   random_weights: also grow the vocabulary to a multiple of 128 covering the tokenizer.
+  attention: `attention_impl`, one of `ATTENTION` (checked against the backend by `check_attention`).
   """
   param_dtype = dtype if dtype in ("bfloat16", "float32") else "float32"
-  cfg = get_preset(preset, dtype=dtype, param_dtype=param_dtype, remat_policy="none")
+  cfg = get_preset(preset, dtype=dtype, param_dtype=param_dtype, remat_policy="none", attention_impl=attention)
   llm = cfg.llm
   if random_weights and tok.vocab_size > llm.vocab_size:
     llm = dataclasses.replace(llm, vocab_size=-(-tok.vocab_size // 128) * 128)
@@ -87,28 +112,29 @@ def load_model(cfg: QwenVLConfig, checkpoint: str | None, mesh: jax.sharding.Mes
   return model
 
 
-def source_config(source: model_source.ModelSource, *, dtype: str = "bfloat16"):
+def source_config(source: model_source.ModelSource, *, dtype: str = "bfloat16", attention: str = "xla"):
   """(tokenizer, QwenVLConfig) of a resolved `source`: what `load_source` reads before it builds a mesh and loads
   weights (also what `generate` needs, before the weights load, to know which history turns the prompt keeps)."""
   tok = qtext.load_tokenizer(source.tokenizer)
   return tok, model_config(source.preset, tok, dtype=dtype, random_weights=not source.params,
-                           image_size=source.image_size)
+                           image_size=source.image_size, attention=attention)
 
 
 def load_source(source: model_source.ModelSource, *, dtype: str = "bfloat16", rules: str = layout.DEFAULT_RULES,
                 mesh_axes: dict | None = None, tensor_parallel: int = 0, seed: int = 0, quantize: str | None = None,
-                group_size: int | None = None):
+                group_size: int | None = None, attention: str = "xla"):
   """The model a resolved `source` (with its tokenizer spec) names, ready for inference.
 
   The one path of `generate`, `serve`, the eval job and `qwenvl_jax.load`: tokenizer -> config (random weights when
   the source has no params) -> inference mesh (`layout.make_inference_mesh`: tensor parallelism over
   `tensor_parallel` chips, 0 = one host's, replicas over the rest; or the ICI degrees `mesh_axes`) -> restored (or
-  quantized) model.
+  quantized) model. `attention`: one of `ATTENTION`, checked first (`check_attention`).
 
   Returns:
     (tokenizer, QwenVLConfig, mesh, rules, QwenVL).
   """
-  tok, cfg = source_config(source, dtype=dtype)
+  check_attention(attention, flag="attention")
+  tok, cfg = source_config(source, dtype=dtype, attention=attention)
   mesh, rule_table = layout.make_inference_mesh(cfg, rules, tensor_parallel=tensor_parallel, mesh_axes=mesh_axes)
   model = load_model(cfg, source.params, mesh, rule_table, seed=seed, preset=source.preset, quantize=quantize,
                      group_size=group_size)

@@ -54,6 +54,11 @@ def interpret_mode():
     _INTERPRET.reset(token)
 
 
+def interpreting() -> bool:
+  """Whether Pallas kernels run in the interpreter here (inside `interpret_mode()`)."""
+  return _INTERPRET.get()
+
+
 def target_platform() -> str:
   """The platform being compiled for: the enclosing mesh's devices (AOT topologies too), else the default."""
   mesh = jax.sharding.get_abstract_mesh()
@@ -141,7 +146,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, 
   Raises:
     ValueError: inconsistent shapes or dtypes, or not compiling for TPU outside `interpret_mode()`.
   """
-  interpret = _INTERPRET.get()
+  interpret = interpreting()
   if not interpret:
     check_attention_impl("splash", target_platform())
   b, t, n, h = q.shape

@@ -16,7 +16,9 @@ devices, an abstract KV cache of C slots (bf16 or int8) — and compiles two pro
     generation loop carries it), whose arguments are the weights + the cache that live through a generation
     (all the weights: the ViT's, which the step does not read, are resident too and counted, `keep_unused`);
   * `prefill`: `inference.prefill` of P prompt tokens with M images per row into the cache (the peak of
-    activations: the ViT, the adapter and a P x C attention per layer).
+    activations: the ViT, the adapter and a P x P attention per layer).
+`--attention=splash` (`attention=splash` of `plan --inference`) plans serve's, generate's and evaluate's
+`--attention=splash`: the Pallas kernel in the image encoder and the prefill, no [heads, P, P] scores.
 Nothing is allocated and no TPU is needed (libtpu is: requirements-tpu-aot.txt). When a plan does not fit, the
 report says by how much and what would (a smaller batch, an int8 cache, int4 weights, more chips).
 
@@ -48,7 +50,7 @@ from jax.sharding import NamedSharding
 from qwenvl_jax import config_args, errors, serving_defaults, sharding
 from qwenvl_jax.hardware import chips
 from qwenvl_jax.hardware.chips import GIB
-from qwenvl_jax.inference import decode, layout, slot_programs
+from qwenvl_jax.inference import decode, layout, loading, slot_programs
 from qwenvl_jax.model import QwenVL, get_preset
 from qwenvl_jax.model import quantize as qlib
 from qwenvl_jax.model.config import QwenVLConfig
@@ -138,7 +140,7 @@ class InferencePlan:
     lines = [f"{'server' if f['server'] else 'inference'}: {f['model']} weights {f['quantize']}, KV cache "
              f"{f['kv_cache_dtype']}, {'slots' if f['server'] else 'batch'} {f['batch']}, "
              f"context {f['context']} slots, prompt {f['prompt']} tokens with {f['images']} image(s) per row, "
-             f"layout {f['layout']} ({f['rules']})",
+             f"layout {f['layout']} ({f['rules']}), {f.get('attention', 'xla')} attention",
              f"  weights {aot.format_bytes(weights)} ("
              + ", ".join(f"{k} {aot.format_bytes(v)}" for k, v in sorted(self.weight_bytes.items())) + ")",
              f"  KV cache {aot.format_bytes(self.cache_bytes)} "
@@ -185,6 +187,9 @@ class InferencePlan:
       else:
         tips.append(f"the prefill of one {f.get('prompt')}-token prompt does not fit: a shorter "
                     + ("context (serve's --context: the longest prompt it prefills)" if f.get("server") else "prompt"))
+    if self._over(self.prefill) and f.get("attention") == "xla":
+      tips.append("splash attention (--attention=splash; the plan's attention=splash) writes no [heads, P, P] "
+                  "float32 scores per layer")
     if self._over(self.encode):
       tips.append(f"encoding {f.get('prefill_batch', 1) * f.get('images', 0)} images at once does not fit: fewer "
                   f"images per request or fewer requests per prefill (serve's --max_images, --prefill_batch)")
@@ -225,7 +230,8 @@ def plan_inference(cfg: QwenVLConfig, topology: chips.Topology, *, quantize: str
                    rules_name: str = layout.DEFAULT_RULES, group_size: int = qlib.DEFAULT_GROUP_SIZE,
                    with_prefill: bool = True, prefill_batch: int | None = None, tensor_parallel: int = 0,
                    server: bool = False, decode_steps: int = serving_defaults.DECODE_STEPS,
-                   batch_flag: str = "--batch", tensor_flag: str = "--tensor_parallel") -> InferencePlan:
+                   batch_flag: str = "--batch", tensor_flag: str = "--tensor_parallel",
+                   attention: str | None = None) -> InferencePlan:
   """AOT-compiles the decode step (and prefill) of `cfg` on `topology`; see the module docstring.
 
   images: images per row (None: 1; with `server`, serve's --max_images: the most a request may hold).
@@ -237,11 +243,15 @@ def plan_inference(cfg: QwenVLConfig, topology: chips.Topology, *, quantize: str
     `prefill_batch` requests into the slots' cache, and the encoding of their images (with the cache resident).
   batch_flag, tensor_flag: how the caller names the slots and the tensor degree in an error ('--batch';
     `plan --inference`: '--inference: batch', 'tensor_parallel in --inference').
+  attention: the model's `attention_impl` as serve's --attention sets it (`inference.loading.ATTENTION`; None:
+    `cfg`'s).
 
   Raises:
     errors.ConfigError: with `server`, slots that do not split over the model replicas (`serve` refuses them).
   """
   images, prefill_batch = _sizes(server, batch, images, prefill_batch)
+  if attention is not None:
+    cfg = dataclasses.replace(cfg, attention_impl=attention)
   if prompt > context:
     raise ValueError(f"prompt {prompt} is longer than the context {context}")
   devices = mesh_lib.topology_devices(topology)
@@ -319,7 +329,7 @@ def _facts(cfg, quantize, kv_cache_dtype, batch, prefill_batch, context, prompt,
   return {"model": f"{cfg.llm.layers}-layer LLM, {cfg.vision.image_size} px", "quantize": quantize or "none",
           "kv_cache_dtype": kv_cache_dtype or cfg.dtype, "batch": batch, "prefill_batch": prefill_batch,
           "context": context, "prompt": prompt, "images": images, "mesh": dict(mesh.shape),
-          "layout": layout.describe(mesh), "rules": rules_name, "server": server}
+          "layout": layout.describe(mesh), "rules": rules_name, "server": server, "attention": cfg.attention_impl}
 
 
 def _plan_server(cfg, topology, graphdef, state, as_state, cache, mesh, rules, *, batch, context, prompt, images,
@@ -383,7 +393,7 @@ INFERENCE_ARG_DEFAULTS = {"quantize": "int8", "batch": GENERATOR_SIZES["batch"],
                           "prompt": 0, "images": GENERATOR_SIZES["images"], "kv_cache_dtype": "bfloat16",
                           "prefill_batch": GENERATOR_SIZES["prefill_batch"], "decode_only": False,
                           "group_size": qlib.DEFAULT_GROUP_SIZE, "rules": layout.DEFAULT_RULES, "tensor_parallel": 0,
-                          "server": False}
+                          "server": False, "attention": "xla"}
 
 
 def inference_arg_keys() -> str:
@@ -412,13 +422,16 @@ def parse_inference_arg(arg: str) -> dict:
     raise errors.ConfigError(f"--inference: quantize={values['quantize']!r}; expected none, int8 or int4")
   if values["kv_cache_dtype"] not in ("bfloat16", "int8"):
     raise errors.ConfigError(f"--inference: kv_cache_dtype={values['kv_cache_dtype']!r}; expected bfloat16 or int8")
+  if values["attention"] not in loading.ATTENTION:
+    raise errors.ConfigError(f"--inference: attention={values['attention']!r}; expected "
+                             + " or ".join(loading.ATTENTION))
   check_sizes(values, lambda key: f"--inference: {key}={values[key]}")
   return {"quantize": None if values["quantize"] == "none" else values["quantize"], "batch": values["batch"],
           "context": values["context"], "prompt": values["prompt"], "images": values["images"],
           "kv_cache_dtype": "int8" if values["kv_cache_dtype"] == "int8" else None, "rules_name": values["rules"],
           "group_size": values["group_size"], "with_prefill": not values["decode_only"],
           "prefill_batch": values["prefill_batch"] or None, "tensor_parallel": values["tensor_parallel"],
-          "server": values["server"]}
+          "server": values["server"], "attention": values["attention"]}
 
 
 def check_sizes(values: dict, name) -> None:
@@ -438,7 +451,7 @@ def check_sizes(values: dict, name) -> None:
 
 def inference_model_config(preset: str, res: int | None = None) -> QwenVLConfig:
   """The serving numerics of `preset` at `res` px (None: the preset's, as `serve --model` without --image_size):
-  bf16 weights and compute, no remat."""
+  bf16 weights and compute, no remat (xla attention: `plan_inference`'s `attention` sets another)."""
   cfg = get_preset(preset, dtype="bfloat16", param_dtype="bfloat16", remat_policy="none")
   return cfg if res is None else cfg.with_image_size(res)
 
@@ -550,7 +563,7 @@ def model_to_dict(preset: str, cfg: QwenVLConfig) -> dict:
 def run(*, preset: str, res: int | None, topology: str, quantize: str | None, kv_cache_dtype: str | None,
         batch: int | None, context: int, prompt: int | None, images: int | None, prefill_batch: int | None,
         tensor_parallel: int, decode_steps: int, rules_name: str, group_size: int, with_prefill: bool, server: bool,
-        slot_search: bool, llm_layers: int = 0, as_json: bool = False) -> dict:
+        slot_search: bool, llm_layers: int = 0, as_json: bool = False, attention: str = "xla") -> dict:
   """The command's work once its flags are read (batch, images, prefill_batch: None where not given, then
   `GENERATOR_SIZES`'s, or `SERVER_SIZES`'s for a server): the plan, or with `slot_search` the most server slots
   that fit, printed by `output`. Returns the report object (with `as_json` printed alone on stdout, the report
@@ -579,7 +592,8 @@ def run(*, preset: str, res: int | None, topology: str, quantize: str | None, kv
     return plan_inference(cfg, slice_, quantize=quantize, batch=b, context=context, prompt=prompt,
                           images=values["images"], kv_cache_dtype=kv_cache_dtype, rules_name=rules_name,
                           group_size=group_size, with_prefill=full, prefill_batch=values["prefill_batch"] or None,
-                          tensor_parallel=tensor_parallel, server=server, decode_steps=decode_steps)
+                          tensor_parallel=tensor_parallel, server=server, decode_steps=decode_steps,
+                          attention=attention)
 
   if slot_search:
     mesh, rule_table = layout.make_inference_mesh(cfg, rules_name, tensor_parallel=tensor_parallel,
@@ -617,6 +631,8 @@ def _cli() -> None:
   flags.DEFINE_integer("images", None, f"Images per row in the prefill plan (default {gen['images']}; with --server "
                        f"serve's --max_images, {srv['images']}).")
   flags.DEFINE_enum("kv_cache_dtype", "bfloat16", ["bfloat16", "int8"], "KV cache storage.")
+  flags.DEFINE_enum("attention", "xla", list(loading.ATTENTION), "Attention of the image encoder and the prefill "
+                    "(serve's, generate's --attention): xla, or splash (the TPU kernel).")
   flags.DEFINE_string("rules", layout.DEFAULT_RULES, "Sharding rule table: inference_tp (tensor parallel "
                       "within a host, replicas across hosts: what generate/evaluate/serve use) or fsdp.")
   flags.DEFINE_integer("tensor_parallel", 0, "Chips per model replica (0 = one host's).")
@@ -642,7 +658,7 @@ def _cli() -> None:
         kv_cache_dtype="int8" if f.kv_cache_dtype == "int8" else None, batch=f.batch, context=f.context,
         prompt=f.prompt, images=f.images, prefill_batch=f.prefill_batch, tensor_parallel=f.tensor_parallel,
         decode_steps=f.decode_steps, rules_name=f.rules, group_size=f.group_size, with_prefill=not f.decode_only,
-        server=f.server, slot_search=f.max_slots, llm_layers=f.llm_layers, as_json=f.json)
+        server=f.server, slot_search=f.max_slots, llm_layers=f.llm_layers, as_json=f.json, attention=f.attention)
 
   def guarded(argv):  # a user mistake (no libtpu, an unknown topology) is one line and status 2, as in `plan`
     try:

@@ -20,6 +20,8 @@ _CASES = [  # (flags, what the error line says, what the hint line says; {folder
     ([_GOOD, "--config.output=gs://bucket/o.json"], "the results file gs://bucket/o.json is a URL", "gcsfuse"),
     ([_GOOD, _OUT, "--config.image_size=-1"], "config.image_size=-1 must be a positive integer", None),
     ([_GOOD, _OUT, "--config.quantize_group_size=0"], "config.quantize_group_size=0 must be an integer >= 1", None),
+    ([_GOOD, _OUT, "--config.attention=splash"], "--config.attention=splash is a TPU kernel, but JAX runs on 'cpu'",
+     "omit --config.attention"),
     ([_GOOD, _OUT], "example 1 (image img/a.png): image file not found: img/a.png",
      "pass --config.image_root={folder}/data"),
 ]

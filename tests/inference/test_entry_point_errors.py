@@ -1,7 +1,7 @@
 """User mistakes at the inference entry points end as one `error:` line (+ hint) and exit status 2 through
 `cli.run` (serve and `convert --mode=merge_lora/export_peft` used to print and exit themselves, convert with 1):
 a tensor-parallel degree the model does not allow, slots that do not split over the replicas, a LoRA source that
-is missing or not a LoRA run, an output that exists."""
+is missing or not a LoRA run, an output that exists, a TPU kernel (--attention=splash) off a TPU."""
 import concurrent.futures
 import json
 import subprocess
@@ -47,7 +47,8 @@ _GENERATE_MISTAKES = [  # (generate's flags, what the error line says; {folder}:
     (["--image_size=0"], "--image_size=0 must be a positive multiple of the patch size"),
     (["--quantize=int4", "--group_size=0"], "--group_size=0 must be >= 1"),
     (["--quantize=int8", "--group_size=64"], "--quantize=int8 ignores it"),
-    (["--temperature=0.7"], "--temperature sets sampling, and without --do_sample the answer is greedy")]
+    (["--temperature=0.7"], "--temperature sets sampling, and without --do_sample the answer is greedy"),
+    (["--attention=splash"], "--attention=splash is a TPU kernel, but JAX runs on 'cpu' here")]
 
 
 def _generate_mistakes(folder):
@@ -78,7 +79,7 @@ def test_generate_reports_bad_inputs_and_settings_in_one_line(generate_mistakes)
     assert expected in line, (extra, line)
   # The image, the generation settings and the chat format are checked before the weights load (minutes at full
   # size; they were checked after): the "random weights" note comes as they start loading.
-  for i in (0, 2, 3, 4):
+  for i in (0, 2, 3, 4, len(_GENERATE_MISTAKES) - 1):
     assert "random weights" not in procs[i].stderr, (_GENERATE_MISTAKES[i], procs[i].stderr[-2000:])
 
 
@@ -113,9 +114,10 @@ def test_serve_refuses_a_busy_port_a_bad_port_and_a_missing_image_root_before_lo
     busy.listen()
     port = busy.getsockname()[1]
     cases = [[f"--port={port}"], ["--host=192.0.2.1", "--port=0"],  # TEST-NET: not ours
-             ["--max_tokens_limit=0"], ["--port=99999"], [f"--image_root={tmp_path / 'afile'}"]]
+             ["--max_tokens_limit=0"], ["--port=99999"], [f"--image_root={tmp_path / 'afile'}"],
+             ["--attention=splash"]]
     with concurrent.futures.ThreadPoolExecutor(3) as pool:  # each is a process start: overlap them
-      busy_port, not_ours, no_tokens, bad_port, not_a_folder = pool.map(
+      busy_port, not_ours, no_tokens, bad_port, not_a_folder, splash = pool.map(
           lambda extra: _run("qwenvl_jax.serve", missing + extra, tmp_path), cases)
   (line,) = _one_error(busy_port)
   assert f"cannot listen on 127.0.0.1:{port}" in line and "another server holds the port" in busy_port.stderr
@@ -127,6 +129,8 @@ def test_serve_refuses_a_busy_port_a_bad_port_and_a_missing_image_root_before_lo
   assert "--port=99999 must be in 0..65535" in line
   (line,) = _one_error(not_a_folder)
   assert "is not a folder" in line
+  (line,) = _one_error(splash)  # before the (missing) checkpoint is looked for
+  assert "--attention=splash is a TPU kernel, but JAX runs on 'cpu' here" in line
 
 
 def _lora_mode_mistakes(folder):
