@@ -123,6 +123,28 @@ def _write_kv(entries: tuple, layer: jax.Array, window: int, k: jax.Array, v: ja
   return new, read(new[0]) * read(new[2]), read(new[1]) * read(new[3])
 
 
+def _fill_rows(entries: tuple, layer: jax.Array, rows: jax.Array, k: jax.Array, v: jax.Array
+               ) -> tuple[tuple, jax.Array, jax.Array]:
+  """Writes a prompt's new k, v float[B, T, N, H] into layer `layer` of the stacked cache `entries` at cache rows
+  `rows` int32[B] (a row >= B' is dropped), slots 0 .. T-1; returns (the updated entries, k and v as the cache
+  holds them, [B, T, N, H] in k's dtype: the keys the prompt attends to are its own, so nothing is read back).
+
+  One scatter of the B x T new entries into the carried cache, in place: no prompt-sized cache of its own (a
+  server's prefill of 4 requests of 2048 tokens into the 7B model's int8 cache held a 2.1 GiB one)."""
+  b, t, n = k.shape[:3]
+  index = (layer, rows[:, None, None], jnp.arange(n, dtype=jnp.int32)[None, :, None],
+           jnp.arange(t, dtype=jnp.int32)[None, None, :])
+  put = lambda buf, x: buf.at[index].set(x.swapaxes(1, 2).astype(buf.dtype), mode="drop", unique_indices=True)
+  if len(entries) == 2:
+    return ((put(entries[0], k), put(entries[1], v)), k.astype(entries[0].dtype).astype(k.dtype),
+            v.astype(entries[1].dtype).astype(v.dtype))
+  kq, ks = _quantize_kv(k, entries[2].dtype)
+  vq, vs = _quantize_kv(v, entries[3].dtype)
+  new = (put(entries[0], kq), put(entries[1], vq), put(entries[2], ks), put(entries[3], vs))
+  # What decoding will read back (int8 times its scale), as `_write_kv` gives attention.
+  return new, kq.astype(k.dtype) * ks.astype(k.dtype), vq.astype(v.dtype) * vs.astype(v.dtype)
+
+
 class SelfAttention(nnx.Module):
   """Causal multi-head self-attention with the fused blocked QKV (`c_attn`) and `c_proj`."""
 
@@ -139,10 +161,11 @@ class SelfAttention(nnx.Module):
   def __call__(self, x, cos, sin, mask, q_scale, kv=None, cache_index=None, segment_ids=None, dropout_key=None):
     """x float[B, T, D] -> (float[B, T, D], (k, v) updated cache entries or None).
 
-    kv: optional (entries, layer, window): the stacked cache entries (k, v) [L, B', N, S, H] (B' >= B), or (k, v,
-      k_scale, v_scale) of an int8 cache, this layer's index and the slots attended (the first `window`); the
-      new keys/values are written into rows 0 .. B-1 of the layer at `cache_index`, and the updated entries are
-      returned.
+    kv: optional (entries, layer, window, rows): the stacked cache entries (k, v) [L, B', N, S, H] (B' >= B), or
+      (k, v, k_scale, v_scale) of an int8 cache, this layer's index and the slots attended (the first `window`);
+      the new keys/values are written into rows 0 .. B-1 of the layer at `cache_index`, and the updated entries
+      are returned. With `rows` (int32[B], not None) they are written into those rows at slots 0 .. T-1 instead,
+      and the T tokens attend among themselves under `mask` (`QwenLM.features`' prompt fill).
     q_scale: optional float32[B, T] logn factor applied to q (inference only).
     dropout_key: LoRA dropout key (training only; None = none).
     """
@@ -151,13 +174,16 @@ class SelfAttention(nnx.Module):
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q = positional.apply_rope(q, cos, sin)
     k = positional.apply_rope(k, cos, sin)
-    if kv is not None:
-      new_kv, k, v = _write_kv(*kv, k.astype(q.dtype), v.astype(q.dtype), cache_index)
+    fill = kv is not None and kv[3] is not None
+    if fill:
+      new_kv, k, v = _fill_rows(kv[0], kv[1], kv[3], k.astype(q.dtype), v.astype(q.dtype))
+    elif kv is not None:
+      new_kv, k, v = _write_kv(*kv[:3], k.astype(q.dtype), v.astype(q.dtype), cache_index)
     else:
       new_kv = None
     if q_scale is not None:
       q = (q.astype(jnp.float32) * q_scale[:, :, None, None]).astype(q.dtype)
-    if kv is None:
+    if kv is None or fill:
       out = attention.dot_product_attention(q, k, v, mask=mask, scale=self.scale, impl=self.impl,
                                             segment_ids=segment_ids)
     else:
@@ -248,7 +274,7 @@ class QwenLM(nnx.Module):
   def features(self, x: jax.Array, *, positions: jax.Array, segment_ids: jax.Array,
                cache: KVCache | None = None, cache_index: jax.Array | int | None = None,
                rope_base: jax.Array | float | None = None, logn: bool = False,
-               dropout_key: jax.Array | None = None, window: int | None = None):
+               dropout_key: jax.Array | None = None, window: int | None = None, rows: jax.Array | None = None):
     """Runs the decoder on embeddings up to the final norm (the `lm_head` input).
 
     Args:
@@ -264,6 +290,10 @@ class QwenLM(nnx.Module):
       dropout_key: the LoRA dropout key of this call (training only; split per layer and projection).
       window: with a cache, attend to its first `window` slots only (static; every query slot must be below it):
         a server whose rows are all short reads that much of the cache per step, not all of it. None = all S.
+      rows: with a cache, a prompt fill: the T tokens of input row b go to cache row rows[b] (int32[B]; a row >= B'
+        is dropped: padding) at slots 0 .. T-1, that row's other slots become empty (segment 0), and the tokens
+        attend among themselves as without a cache (cache_index must be 0; `window` is not used). A server's
+        prefill writes its requests straight into their slot rows this way.
 
     Returns:
       (hidden states float[B, T, D] after `ln_f` in the compute dtype, updated KVCache or None).
@@ -273,10 +303,15 @@ class QwenLM(nnx.Module):
     base = c.rope_base if rope_base is None else rope_base
     cos, sin = positional.rope_tables(positions, c.head_dim, base)
     q_scale = positional.logn_scale(positions, c.seq_length) if logn else None
-    if cache is None:
+    if cache is None or rows is not None:
       slots = jnp.arange(t, dtype=jnp.int32)
       mask = attention.segment_causal_mask(segment_ids, segment_ids, slots, slots)
       kv_segments = None
+      if rows is not None:
+        if cache is None or not isinstance(cache_index, int) or cache_index != 0:
+          raise ValueError("a prompt fill (rows) needs a cache and cache_index=0")
+        filled = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, cache.segment_ids.shape[1] - t)))
+        kv_segments = cache.segment_ids.at[rows].set(filled, mode="drop")
     else:
       if cache_index is None:
         raise ValueError("decoding with a cache needs cache_index")
@@ -290,8 +325,9 @@ class QwenLM(nnx.Module):
                      else cache.segment_ids.at[:b].set(row_segments))
     x = sharding.constrain(x.astype(self.dtype), ("act_batch", "act_len", "act_embed"))
 
-    # Without a cache the mask is segment_causal_mask(segment_ids) over one sequence: kernels may use the ids.
-    seg_for_kernel = segment_ids if cache is None else None
+    # Without a cache (or filling rows) the mask is segment_causal_mask(segment_ids) over one sequence: kernels may
+    # use the ids.
+    seg_for_kernel = segment_ids if cache is None or rows is not None else None
 
     def block_fn(x, block, kv, key=None):
       return block(x, cos, sin, mask, q_scale, kv, cache_index, seg_for_kernel, key)
@@ -327,7 +363,7 @@ class QwenLM(nnx.Module):
       @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
       def run_cached(carry, block):
         x, entries, layer = carry
-        x, entries = block_fn(x, block, (entries, layer, window))
+        x, entries = block_fn(x, block, (entries, layer, window, rows))
         return x, entries, layer + 1
 
       x, entries, _ = run_cached((x, entries, jnp.int32(0)), self.blocks)

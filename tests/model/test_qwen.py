@@ -86,6 +86,62 @@ def test_cached_decoding_equals_full_forward():
                              rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [None, jnp.int8])
+def test_a_prompt_fill_writes_the_rows_it_names_as_a_cached_prefill_does(dtype):
+  """`features(rows=...)` (the serving prefill): prompts right-padded, written straight into cache rows 3 and 0 of
+  a 4-row cache whose row 0 held another request; a third prompt goes to row 4 (past the cache: padding, dropped).
+  Logits, the written keys and values and the segment ids are those of a prefill into a cache of its own (the
+  path it replaced), the untouched rows stay as they were, and decoding after it equals the full forward."""
+  ours, _ = _models()
+  rng = np.random.default_rng(4)
+  ids = rng.integers(0, CFG.vocab_size, size=(3, 8))
+  lengths = np.array([8, 5, 3])
+  seg = (np.arange(8)[None] < lengths[:, None]).astype(np.int32)
+  pos = np.where(seg, np.arange(8)[None], 0)
+  rows = jnp.asarray([3, 0, 4], jnp.int32)
+  big = ours.init_cache(4, 16, dtype=dtype)
+  # Row 0's previous request: slots 0 .. 11 hold keys (segment 1); row 1 another request that stays.
+  _, big = _run(ours, rng.integers(0, CFG.vocab_size, size=(4, 12)), cache=big, cache_index=0)
+  before = jax.tree.map(np.asarray, big)
+
+  @nnx.jit
+  def fill(model, cache):
+    x = model.embed(jnp.asarray(ids))
+    h, cache = model.features(x, positions=jnp.asarray(pos), segment_ids=jnp.asarray(seg), cache=cache,
+                              cache_index=0, rows=rows)
+    return model.lm_head(h), cache
+
+  logits, filled = fill(ours, big)
+  own, own_cache = _run(ours, ids, positions=jnp.asarray(pos), segment_ids=jnp.asarray(seg),
+                        cache=ours.init_cache(3, 8, dtype=dtype), cache_index=0)
+  real = seg.astype(bool)
+  # int8: the attention of the fill and of a cached prefill round alike to ~1e-7, which can move a later layer's
+  # key by one int8 step (seen: one step, logits 7e-3 apart); float32: rounding only.
+  exact = dtype is None
+  np.testing.assert_allclose(np.asarray(logits)[real], np.asarray(own)[real], rtol=1e-5, atol=1e-5 if exact else 0.03)
+  fields = [f for f in ("k", "v", "k_scale", "v_scale") if getattr(filled, f) is not None]
+  for name in fields:
+    got, want, old = (np.asarray(getattr(c, name)).astype(np.float32) for c in (filled, own_cache, before))
+    for prompt, row in ((0, 3), (1, 0)):
+      n = lengths[prompt]
+      np.testing.assert_allclose(got[:, row, :, :n], want[:, prompt, :, :n], rtol=1e-6 if exact else 0.02,
+                                 atol=1e-6 if exact or name.endswith("scale") else 1)
+    np.testing.assert_array_equal(got[:, 1:3], old[:, 1:3])  # rows no prompt went to
+  segments = np.asarray(filled.segment_ids)
+  np.testing.assert_array_equal(segments[3], np.pad(seg[0], (0, 8)))
+  np.testing.assert_array_equal(segments[0], np.pad(seg[1], (0, 8)))  # the earlier request's slots: empty
+  np.testing.assert_array_equal(segments[1:3], before.segment_ids[1:3])
+  # Decoding row 3 (the 8-token prompt) and row 0 (5 tokens) continues as the full forward of each prompt would.
+  nxt = rng.integers(0, CFG.vocab_size, size=(4, 1))
+  step, _ = _run(ours, nxt, positions=jnp.asarray([[5], [0], [0], [8]]), segment_ids=jnp.ones((4, 1), jnp.int32),
+                 cache=filled, cache_index=jnp.asarray([5, 0, 0, 8], jnp.int32))
+  for prompt, row in ((0, 3), (1, 0)):
+    whole = np.concatenate([ids[prompt, :lengths[prompt]], nxt[row]])[None]
+    full, _ = _run(ours, whole)
+    atol = 1e-5 if dtype is None else 0.05  # int8 keys and values: the quantization's error
+    np.testing.assert_allclose(np.asarray(step)[row, 0], np.asarray(full)[0, -1], rtol=1e-4, atol=atol)
+
+
 def test_bf16_divisor_is_rounded_like_the_reference():
   # Gotcha 14: torch.full([], sqrt(128), dtype=bf16) == 11.3125.
   from qwenvl_jax.model.qwen import SelfAttention
