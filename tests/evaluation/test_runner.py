@@ -417,6 +417,7 @@ def test_a_run_stopped_before_its_first_prediction_blocks_no_corrected_command(w
     runner.run(_config("gqa_testdev", root, tok, str(data), str(out)))
   recorded = json.loads((results.partial_dir(out) / "run.json").read_text())
   assert recorded["data_path"] == str(data.resolve())
+  assert recorded["attention"] == "xla"  # a resume with other attention (other low bits) is another run
 
 
 def test_a_resumed_run_accepts_its_checkpoint_and_data_written_another_way(workdir, tmp_path, monkeypatch):
@@ -515,6 +516,7 @@ def test_the_results_record_how_the_weights_that_ran_are_quantized(workdir, tmp_
   assert on_load["config"]["weights_quantization"] == "int4 (on load, groups of 64)"
   plain = runner.run(_config("gqa_testdev", root, tok, str(data), str(tmp_path / "c.json")))
   assert plain["config"]["weights_quantization"] == "none"
+  assert plain["config"]["attention"] == "xla"  # the attention that ran (--config.attention=splash on a TPU)
 
 
 def _vqa_with_relative_image(folder):
