@@ -1,7 +1,6 @@
 """The entry points' edges (qwenvl_jax/cli.py): user mistakes as one line and exit 2, config typos with a
 suggestion, --help exiting 0, internal errors keeping their traceback."""
 import concurrent.futures
-import os
 import subprocess
 import sys
 
@@ -11,6 +10,7 @@ from absl import flags
 from qwenvl_jax import cli, errors
 from tests import background
 from tests.conftest import REPO_ROOT
+from tests.training import helpers
 
 ENTRY_POINTS = ("train", "generate", "evaluate", "serve", "clean", "convert", "plan")
 
@@ -129,7 +129,7 @@ def test_config_override_typo_suggests_the_field(tmp_path):
 @pytest.mark.slow
 def test_train_with_bad_input_prints_one_line_and_writes_nothing(tmp_path):
   """The issue's cases through the real command: res=0 and a nested typo; the corrected command is not blocked."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
+  env = helpers.subprocess_env()
   base = [sys.executable, "-m", "qwenvl_jax.train", f"--config={REPO_ROOT / 'configs' / 'stage1.py'}"]
   cases = ((["--config.res=0"], "config.res=0 must be an integer >= 1"),
            (["--config.optimizer.learning_rate=1e-3"], "did you mean --config.optimizer.lr?"))
@@ -172,7 +172,7 @@ def _flag_mistakes(folder):
   (folder / "noget.py").write_text("x = 1\n")
   (folder / "none.py").write_text("def get_config():\n  pass\n")
   (folder / "dict.py").write_text("def get_config():\n  return {'model': 'tiny'}\n")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
+  env = helpers.subprocess_env()
   return [background.Command([sys.executable, "-m", "qwenvl_jax.train", f"--workdir={folder / 'run'}",
                               *(flag.format(folder=folder) for flag in extra)], env, folder, check=False)
           for extra, _ in _FLAG_MISTAKES]
@@ -240,7 +240,7 @@ def _mistake_runs(folder):
   """One `python -m qwenvl_jax.<module> ARGS` per case of `_run_mistakes` (a process start each), each in a folder
   of its own: commands of a job registered in tests/background.py, run from the session's start on the core the
   other tests leave idle."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
+  env = helpers.subprocess_env()
   commands = []
   for i in _run_mistakes():
     module, args, _ = MISTAKES[i]
@@ -280,7 +280,7 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys):
 
 @pytest.mark.slow
 def test_help_exits_0_for_every_entry_point():
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
+  env = helpers.subprocess_env()
   commands = [["-m", f"qwenvl_jax.{name}", "--help"] for name in ENTRY_POINTS] + [["launch/tpu.py", "--help"]]
   with concurrent.futures.ThreadPoolExecutor(3) as pool:  # each is a process start: overlap them
     *procs, launch = pool.map(lambda args: subprocess.run([sys.executable, *args], env=env, cwd=REPO_ROOT,

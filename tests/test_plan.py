@@ -2,7 +2,6 @@
 
 import importlib.util
 import json
-import os
 import re
 import subprocess
 import sys
@@ -14,10 +13,11 @@ from qwenvl_jax.planning import inference_plan
 from qwenvl_jax.model import qwen_vl_7b
 from tests.conftest import REPO_ROOT
 from tests.planning.conftest import requires_libtpu
+from tests.training import helpers
 
 
 def test_cli_prints_reference_counts_for_the_full_model():
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = helpers.subprocess_env()
   out = subprocess.run([sys.executable, "-m", "qwenvl_jax.plan", "--config=configs/stage2.py:model=qwen_vl_7b"],
                        capture_output=True, text=True, env=env, check=True, timeout=300).stdout
   assert "9,656,935,168" in out  # total
@@ -38,7 +38,7 @@ def test_stage_trainable_counts():
 @pytest.mark.slow
 def test_cli_plans_a_tiny_stage_for_a_small_tpu_topology(tmp_path):
   (tmp_path / "xla").mkdir()  # the persistent cache, as cli.run turns it on (JAX's variable: the suite sets it)
-  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla"))
+  env = dict(helpers.subprocess_env(), JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla"))
   out = subprocess.run([sys.executable, "-m", "qwenvl_jax.plan", "--config=configs/stage1.py:model=tiny",
                         "--topology=v5e:2x2"], capture_output=True, text=True, env=env, timeout=1800)
   assert out.returncode == 0, out.stderr[-3000:]
@@ -77,7 +77,7 @@ def test_an_int8_qlora_base_is_said_per_channel():
 
 
 def _plan_cli(*args, timeout=300):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = helpers.subprocess_env()
   return subprocess.run([sys.executable, "-m", "qwenvl_jax.plan", *args], capture_output=True, text=True, env=env,
                         timeout=timeout, check=False)
 

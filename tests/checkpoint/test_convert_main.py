@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests import background
+from tests.training import helpers
 from .conftest import qwen_llm_shapes, qwenvl_visual_shapes, random_state_dict, write_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -23,7 +24,7 @@ def _tiny_state() -> dict:
 
 def _convert(*flags, check=True) -> background.Command:
   """`python -m qwenvl_jax.convert FLAGS` as a job's command (`check`: a failure ends the job)."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  env = helpers.subprocess_env()
   return background.Command([sys.executable, "-m", "qwenvl_jax.convert", *flags], env, REPO, check=check)
 
 

@@ -1,12 +1,12 @@
 """`python -m qwenvl_jax.evaluate` as a user runs it: a mistake in the config or the data is one `error:` line (plus a
 hint) and exit 2, before the model loads, and leaves nothing behind (no `OUT.partial/`, no stray folder)."""
 import json
-import os
 import pathlib
 import sys
 
 from qwenvl_jax.data.synthetic import synthetic_record
 from tests import background
+from tests.training import helpers
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 CONFIG = str(REPO_ROOT / "configs" / "eval" / "ocrvqa_val.py")
@@ -36,7 +36,7 @@ def _mistakes(folder):
   (folder / "data" / "val.jsonl").write_text(
       json.dumps({"question_id": 1, "image": "img/a.png", "question": "What?", "answer": "a"}) + "\n")
   (folder / "empty.jsonl").write_text("")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
+  env = helpers.subprocess_env()
   return [background.Command([sys.executable, "-m", "qwenvl_jax.evaluate", f"--config={CONFIG}",
                               *(flag.format(folder=folder) for flag in flags)], env, folder, check=False)
           for flags, _, _ in _CASES]

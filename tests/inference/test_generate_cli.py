@@ -1,6 +1,5 @@
 """`python -m qwenvl_jax.generate` end to end on a tiny random model (subprocess, temporary paths)."""
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -10,12 +9,13 @@ import pytest
 from PIL import Image
 
 from qwenvl_jax import errors
+from tests.training import helpers
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _run(args, tmp_path, timeout=600):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+  env = helpers.subprocess_env()
   return subprocess.run([sys.executable, "-m", "qwenvl_jax.generate", *args], cwd=tmp_path, env=env,
                         capture_output=True, text=True, timeout=timeout)
 

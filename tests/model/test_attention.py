@@ -18,6 +18,7 @@ from qwenvl_jax import sharding
 from qwenvl_jax.model import attention, get_preset, kernels, tiny
 from qwenvl_jax.model.config import LLMConfig
 from qwenvl_jax.model.qwen import QwenLM
+from tests.training import helpers
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -288,7 +289,7 @@ def test_tiny_model_with_splash_compiles_for_a_tpu_topology():
       print(json.dumps({"custom_calls": hlo.count("tpu_custom_call"),
                         "temp": compiled.memory_analysis().temp_size_in_bytes}))
       """)
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO_ROOT)
+  env = helpers.subprocess_env()
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO_ROOT,
                         timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -11,6 +11,7 @@ from configs import stage1
 from qwenvl_jax.hardware import chips
 from qwenvl_jax.planning import aot, search
 from tests.planning.conftest import REPO_ROOT, requires_libtpu, run_json
+from tests.training import helpers
 
 
 def test_candidates_split_the_micro_batch_over_data_x_fsdp():
@@ -115,7 +116,7 @@ def test_search_prunes_what_cannot_fit_before_compiling():
 
 
 def test_cli_suggests_plans_for_a_batch_that_does_not_split():
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = helpers.subprocess_env()
   proc = subprocess.run([sys.executable, "-m", "qwenvl_jax.plan", "--config=configs/stage3.py:model=qwen_vl_7b",
                          "--topology=v5p-128"], capture_output=True, text=True, env=env, cwd=REPO_ROOT,
                         timeout=600, check=False)
@@ -171,7 +172,7 @@ def test_no_fit_says_raise_max_compiles_only_when_layouts_are_left():
 
 
 def test_cli_search_with_no_layout_is_one_line():
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = helpers.subprocess_env()
   out = subprocess.run([sys.executable, "-m", "qwenvl_jax.plan", "--config=configs/stage1.py:model=tiny",
                         "--topology=v5e-16", "--search", "--search_tensor=1", "--search_cache="],
                        capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=120, check=False)
