@@ -1,6 +1,5 @@
 """`python -m qwenvl_jax.generate` end to end on a tiny random model (subprocess, temporary paths)."""
 import json
-import pathlib
 import subprocess
 import sys
 import unicodedata
@@ -11,7 +10,6 @@ from PIL import Image
 from qwenvl_jax import errors
 from tests.training import helpers
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _run(args, tmp_path, timeout=600):
