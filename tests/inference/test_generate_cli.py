@@ -11,7 +11,6 @@ from qwenvl_jax import errors
 from tests.training import helpers
 
 
-
 def _run(args, tmp_path, timeout=600):
   env = helpers.subprocess_env()
   return subprocess.run([sys.executable, "-m", "qwenvl_jax.generate", *args], cwd=tmp_path, env=env,
