@@ -66,16 +66,23 @@ def test_cached_greedy_equals_recomputing_the_sequence(generator, tiny_model, pr
   assert got[0].tolist() == _recompute_greedy(tiny_model, ids, image)
 
 
-def test_the_prefill_builds_the_last_position_logits_only(generator, tiny_model, prompts):
-  """The prefill took `model(...).logits[:, -1]`, and XLA computes a dot whose output is sliced whole: every
-  prompt position's logits were built first (for a 1024-token row of the 7B model on a v5e, 1.27 TFLOP of ~20).
-  The compiled generation holds no [rows x P, V] buffer now, and the first token's logits are still the full
-  forward's at the last position (float32, atol 1e-5)."""
+@pytest.fixture(scope="module")
+def compiled_generation(generator, prompts):
+  """(the prompt batch, its device arrays, the text of the compiled whole-generation program)."""
   batch = _batch(generator, prompts)
   static, dyn = _gen().split()
   arrays = generator.device_batch(batch, _gen())
   text = generator._generate.lower(generator.graphdef, static, generator.state, arrays,  # pylint: disable=W0212
                                    jax.random.key(0), dyn).compile().as_text()
+  return batch, arrays, text
+
+
+def test_the_prefill_builds_the_last_position_logits_only(generator, tiny_model, compiled_generation):
+  """The prefill took `model(...).logits[:, -1]`, and XLA computes a dot whose output is sliced whole: every
+  prompt position's logits were built first (for a 1024-token row of the 7B model on a v5e, 1.27 TFLOP of ~20).
+  The compiled generation holds no [rows x P, V] buffer now, and the first token's logits are still the full
+  forward's at the last position (float32, atol 1e-5)."""
+  batch, arrays, text = compiled_generation
   rows, p = batch.input_ids.shape
   vocab = tiny_model.cfg.llm.vocab_size
   assert f"[{rows * p},{vocab}]" not in text and f"[{rows},{p},{vocab}]" not in text
@@ -88,15 +95,11 @@ def test_the_prefill_builds_the_last_position_logits_only(generator, tiny_model,
   np.testing.assert_allclose(np.asarray(logits)[real], np.asarray(full[:, -1])[real], atol=1e-5)
 
 
-def test_the_prefill_attends_to_the_prompt_slots_only(generator, tiny_model, prompts):
+def test_the_prefill_attends_to_the_prompt_slots_only(tiny_model, compiled_generation):
   """The prefill attended to the whole cache (P + N slots), all of them empty past the prompt: [rows, heads, P,
   P + N] float32 scores per layer. It reads the P prompt slots now ([rows, heads, P, P], a square a kernel can
   tile); the generation is unchanged (test_cached_greedy_equals_recomputing_the_sequence)."""
-  batch = _batch(generator, prompts)
-  static, dyn = _gen().split()
-  arrays = generator.device_batch(batch, _gen())
-  text = generator._generate.lower(generator.graphdef, static, generator.state, arrays,  # pylint: disable=W0212
-                                   jax.random.key(0), dyn).compile().as_text()
+  batch, _, text = compiled_generation
   rows, p = batch.input_ids.shape
   heads = tiny_model.cfg.llm.heads
   assert f"f32[{rows},{heads},{p},{p + N}]" not in text
