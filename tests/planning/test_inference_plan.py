@@ -249,3 +249,21 @@ def test_a_server_plan_with_splash_attention_compiles_the_kernel_under_tensor_pa
   assert splash["mesh"] == {"data": 1, "fsdp": 1, "tensor": 8}
   assert "splash attention" in splash["report"] and splash["fits"], splash["report"]
   assert splash["temps"] < 0.8 * xla["temps"], (splash["report"], xla["report"])
+
+
+@requires_libtpu
+def test_splash_with_rows_that_split_over_no_axis_compiles_on_a_mesh_of_several_chips():
+  """serve --rules=fsdp --attention=splash: one request per prefill does not split over the 8 chips' fsdp axis, so
+  the kernel's q, k, v specs split nothing, and the kernel ran outside `shard_map`: XLA refused to compile it
+  ("Mosaic kernels cannot be automatically partitioned"). It runs replicated in `shard_map` now."""
+  out = run_json("""
+      import json
+      from qwenvl_jax.hardware import chips
+      from qwenvl_jax.planning import inference_plan
+      plan = inference_plan.plan_inference(inference_plan.inference_model_config("tiny", 112),
+                                           chips.parse_topology("v5e-8", 1), quantize=None, batch=8, context=256,
+                                           prompt=256, server=True, rules_name="fsdp", prefill_batch=1,
+                                           attention="splash")
+      print(json.dumps({"layout": plan.facts["layout"], "fits": plan.fits(), "report": plan.format()}))
+  """)
+  assert out["layout"] == "fsdp 8" and out["fits"], out["report"]
