@@ -26,6 +26,12 @@ import jax.numpy as jnp
 from qwenvl_jax.model import kernels, layers
 
 IMPLS = ("xla", "xla_rows", "cudnn", "splash")
+# Inference's xla attention of a long prompt runs over blocks of this many queries, one at a time (`lax.map`): a
+# layer's float32 scores are [B, N, QUERY_BLOCK, S] at a time, not [B, N, T, S] (T = S = 8192: 8 GiB per layer and
+# row with the 7B model's 32 heads, 0.5 GiB in blocks). Each query's softmax is over its whole row of keys either
+# way, so the values are the unblocked ones (tests/model/test_attention.py). Training keeps the whole square (its
+# backward pass would save every block's probabilities anyway).
+QUERY_BLOCK = 512
 
 
 def segment_causal_mask(q_segments: jax.Array, k_segments: jax.Array,
@@ -82,6 +88,31 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
   return jnp.einsum("bnts,bsnh->btnh", probs, v)
 
 
+def by_query_blocks(fn, q: jax.Array, mask: jax.Array) -> jax.Array:
+  """`fn(q, mask)` (an attention of q [B, T, N, H] under mask [B, 1, T, S] -> [B, T, N, H]) over blocks of
+  `QUERY_BLOCK` queries, one block at a time; `fn(q, mask)` itself when T is at most one block or not a multiple
+  of it."""
+  b, t = q.shape[:2]
+  c = QUERY_BLOCK
+  if t <= c or t % c:
+    return fn(q, mask)
+  n = t // c
+  blocks = jnp.moveaxis(q.reshape((b, n, c) + q.shape[2:]), 1, 0)  # [n, B, c, N, H]
+  mask = jnp.broadcast_to(mask, (b,) + mask.shape[1:])
+  masks = jnp.moveaxis(mask.reshape(mask.shape[:2] + (n, c, mask.shape[-1])), 2, 0)  # [n, B, 1, c, S]
+  out = jax.lax.map(lambda block: fn(*block), (blocks, masks))
+  return jnp.moveaxis(out, 0, 1).reshape(q.shape[:2] + out.shape[3:])
+
+
+def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array, scale: float,
+                      impl: str = "xla", segment_ids: jax.Array | None = None) -> jax.Array:
+  """`dot_product_attention` of a prompt among its own tokens at inference (the serving engine's prefill,
+  `qwen.QwenLM.features`' rows): the xla path over blocks of queries (`by_query_blocks`), a kernel as it is."""
+  if impl not in ("xla", "xla_rows"):  # xla_rows is a training-time CPU option: inference runs xla
+    return dot_product_attention(q, k, v, mask=mask, scale=scale, impl=impl, segment_ids=segment_ids)
+  return by_query_blocks(lambda qb, mb: dot_product_attention(qb, k, v, mask=mb, scale=scale), q, mask)
+
+
 def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array, scale: float,
                     impl: str = "xla") -> jax.Array:
   """`dot_product_attention` of new queries against a KV cache stored heads-major (`qwen.KVCache`).
@@ -94,15 +125,19 @@ def cache_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array
     [B, T, N, H] in q.dtype, equal to `dot_product_attention` of the same keys in [B, S, N, H].
 
   The xla path contracts the cache as it is stored: batch dims (B, N) lead, so neither einsum relayouts the whole
-  cache (with keys stored [B, S, N, H] both did, every step: the decode step's largest cost on CPU). The kernels
-  take [B, S, N, H] and get a transposed copy.
+  cache (with keys stored [B, S, N, H] both did, every step: the decode step's largest cost on CPU), and a long
+  prompt's queries go in blocks (`by_query_blocks`). The kernels take [B, S, N, H] and get a transposed copy.
   """
   if impl not in ("xla", "xla_rows"):  # xla_rows is a training-time CPU option; decode reads the cache as stored
     return dot_product_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask=mask, scale=scale, impl=impl)
-  scores = jnp.einsum("btnh,bnsh->bnts", q, k, preferred_element_type=jnp.float32) * scale
-  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  return jnp.einsum("bnts,bnsh->btnh", probs, v)
+
+  def attend(q, mask):
+    scores = jnp.einsum("btnh,bnsh->bnts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bnts,bnsh->btnh", probs, v)
+
+  return by_query_blocks(attend, q, mask)
 
 
 def _rows(q, k, v, *, mask, scale):

@@ -183,7 +183,10 @@ class SelfAttention(nnx.Module):
       new_kv = None
     if q_scale is not None:
       q = (q.astype(jnp.float32) * q_scale[:, :, None, None]).astype(q.dtype)
-    if kv is None or fill:
+    if fill:
+      out = attention.prefill_attention(q, k, v, mask=mask, scale=self.scale, impl=self.impl,
+                                        segment_ids=segment_ids)
+    elif kv is None:
       out = attention.dot_product_attention(q, k, v, mask=mask, scale=self.scale, impl=self.impl,
                                             segment_ids=segment_ids)
     else:

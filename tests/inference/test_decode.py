@@ -10,6 +10,7 @@ from flax import nnx
 
 from qwenvl_jax import errors
 from qwenvl_jax.inference import decode
+from qwenvl_jax.model import attention
 
 N = 6
 ROWS = 4
@@ -104,6 +105,16 @@ def test_the_prefill_attends_to_the_prompt_slots_only(tiny_model, compiled_gener
   heads = tiny_model.cfg.llm.heads
   assert f"f32[{rows},{heads},{p},{p + N}]" not in text
   assert f"f32[{rows},{heads},{p},{p}]" in text
+
+
+def test_a_prefill_in_query_blocks_generates_the_same_tokens(tiny_model, prompts, monkeypatch):
+  """Long prompts attend in blocks of `attention.QUERY_BLOCK` queries (512); at 8, the 32-token prefill runs in
+  4 blocks and the greedy tokens are still those of the whole sequence recomputed without a cache."""
+  monkeypatch.setattr(attention, "QUERY_BLOCK", 8)
+  generator = decode.Generator(tiny_model)  # traced anew
+  got = generator.generate(_batch(generator, prompts), _gen())
+  for row, ids in zip(got, prompts):
+    assert row.tolist() == _recompute_greedy(tiny_model, ids)
 
 
 def test_left_padded_batch_equals_single_prompts(generator, prompts, image_prompt):

@@ -144,6 +144,35 @@ def test_splash_without_mask_for_cross_attention_and_head_dim_104_is_as_accurate
     assert err(g, e) <= 1.5 * err(r, e) + 1e-3, f"d{name}: splash {err(g, e)}, xla {err(r, e)}"
 
 
+def test_inference_attention_over_query_blocks_equals_the_whole_square(monkeypatch):
+  """A long prompt's xla attention at inference runs over blocks of `QUERY_BLOCK` queries (here 4 of a 12-token
+  prompt of 3 packed / padded rows): the same values as the whole [B, N, T, S] scores, in the cache's heads-major
+  layout and in the serving fill's, and lengths that are not a multiple of the block run whole."""
+  monkeypatch.setattr(attention, "QUERY_BLOCK", 4)
+  q, k, v = _qkv(3, 12, 12, 2, 16)
+  slots = jnp.arange(12)
+  seg = jnp.asarray(SEGMENTS)
+  mask = attention.segment_causal_mask(seg, seg, slots, slots)
+  whole = attention.dot_product_attention(q, k, v, mask=mask, scale=0.3)
+  calls = []
+  real = attention.dot_product_attention
+  monkeypatch.setattr(attention, "dot_product_attention",
+                      lambda q, *a, **kw: calls.append(q.shape[1]) or real(q, *a, **kw))
+  filled = attention.prefill_attention(q, k, v, mask=mask, scale=0.3)
+  cached = attention.cache_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask=mask, scale=0.3)
+  rows = seg != 0  # padding queries see no key: their outputs are never used
+  np.testing.assert_allclose(np.asarray(filled)[rows], np.asarray(whole)[rows], rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(cached)[rows], np.asarray(whole)[rows], rtol=1e-6, atol=1e-6)
+  assert calls == [4]  # one traced block (lax.map), not the 12 queries at once
+  # As compiled: one block's float32 scores, never the whole square.
+  text = jax.jit(lambda q, k, v, m: attention.cache_attention(q, k, v, mask=m, scale=0.3)).lower(
+      q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask).compile().as_text()
+  assert "f32[3,2,4,12]" in text and "f32[3,2,12,12]" not in text
+  odd = attention.cache_attention(q[:, :10], k.swapaxes(1, 2), v.swapaxes(1, 2), mask=mask[:, :, :10], scale=0.3)
+  np.testing.assert_allclose(np.asarray(odd)[rows[:, :10]], np.asarray(whole)[:, :10][rows[:, :10]], rtol=1e-6,
+                             atol=1e-6)
+
+
 def test_splash_with_a_cache_keeps_the_xla_path():
   q, k, v = _qkv(1, 2, 12, 2, 16)
   q_seg = jnp.ones((1, 2), jnp.int32)

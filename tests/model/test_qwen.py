@@ -7,7 +7,7 @@ import pytest
 import torch
 from flax import nnx
 
-from qwenvl_jax.model import LLMConfig, QwenLM
+from qwenvl_jax.model import LLMConfig, QwenLM, attention
 from tests.model import torch_reference
 
 CFG = LLMConfig(vocab_size=96, width=32, layers=2, heads=4, head_dim=8, mlp_dim=48, seq_length=64)
@@ -87,11 +87,13 @@ def test_cached_decoding_equals_full_forward():
 
 
 @pytest.mark.parametrize("dtype", [None, jnp.int8])
-def test_a_prompt_fill_writes_the_rows_it_names_as_a_cached_prefill_does(dtype):
+def test_a_prompt_fill_writes_the_rows_it_names_as_a_cached_prefill_does(dtype, monkeypatch):
   """`features(rows=...)` (the serving prefill): prompts right-padded, written straight into cache rows 3 and 0 of
   a 4-row cache whose row 0 held another request; a third prompt goes to row 4 (past the cache: padding, dropped).
   Logits, the written keys and values and the segment ids are those of a prefill into a cache of its own (the
-  path it replaced), the untouched rows stay as they were, and decoding after it equals the full forward."""
+  path it replaced), the untouched rows stay as they were, and decoding after it equals the full forward. The
+  8-token prompts attend in blocks of 4 queries (`attention.QUERY_BLOCK`, 512 outside this test)."""
+  monkeypatch.setattr(attention, "QUERY_BLOCK", 4)
   ours, _ = _models()
   rng = np.random.default_rng(4)
   ids = rng.integers(0, CFG.vocab_size, size=(3, 8))
