@@ -159,9 +159,10 @@ class Engine:
     with self._thread_context():  # the cache is laid out by the rules the engine thread runs under
       self.slots = SlotModel(model, num_slots=num_slots, context=context, feature_slots=self.image_buckets[-1],
                              vocab_limit=vocab_limit, cache_dtype=kv_cache_dtype)
-    # What /health reports of the memory layout: weight dtypes (int8/int4 when quantized) and the cache's.
+    # What /health reports of the memory layout: weight dtypes (int8/int4 when quantized), the cache's, and the
+    # attention of the prefill and image encoding (serve's --attention: xla or splash).
     self.storage = {"weight_dtypes": sorted({str(x.dtype) for x in jax.tree.leaves(self.slots.state)}),
-                    "kv_cache_dtype": str(self.slots.cache.k.dtype)}
+                    "kv_cache_dtype": str(self.slots.cache.k.dtype), "attention": model.cfg.attention_impl}
     self._inbox: queue.SimpleQueue = queue.SimpleQueue()
     self._waiting: collections.deque[Request] = collections.deque()
     self._active: list[_Slot | None] = [None] * num_slots

@@ -86,6 +86,7 @@ def test_quantized_server_answers_as_generate_with_the_same_weights_and_cache(sp
       health = requests.get(url + "/health", timeout=10).json()
       assert quantize in health["weight_dtypes"]
       assert health["kv_cache_dtype"] == (kv_cache_dtype or "float32")
+      assert health["attention"] == "xla"  # serve's default (--attention=splash on a TPU)
 
       def ask(messages):
         r = requests.post(url + "/v1/chat/completions", timeout=120, json={
