@@ -64,8 +64,7 @@ def main():
         f"{'KV MiB read':>12}")
   base = None
   for r in [int(x) for x in args.rows.split(",")]:
-    sampling = Sampling(np.zeros(r, np.float32), np.zeros(r, np.int32), np.ones(r, np.float32),
-                        np.zeros((r, 2), np.uint32), np.zeros(r, np.int32))
+    sampling = Sampling.greedy(r)
     positions = (np.arange(r, dtype=np.int32) * 7) % (w - k)  # rows at different slots, all inside the window
     call = (np.zeros(r, np.int32), positions, np.ones(r, bool), np.full(r, cfg.llm.rope_base, np.float32), sampling)
     slots.decode(*call, steps=k, window=w).block_until_ready()  # compile

@@ -50,8 +50,7 @@ def one(args) -> dict:
     model = quantized.quantize_sharded(model, qcfg, mesh, rules)
   b, p = args.one, args.prompt
   rng = np.random.default_rng(0)
-  greedy = lambda k: slots_lib.Sampling(np.zeros(k, np.float32), np.zeros(k, np.int32), np.ones(k, np.float32),
-                                        np.zeros((k, 2), np.uint32), np.zeros(k, np.int32))
+  greedy = slots_lib.Sampling.greedy
   rope = lambda k: np.full(k, cfg.llm.rope_base, np.float32)
   with sharding.use_rules(mesh, rules):
     slot_model = slots_lib.SlotModel(model, num_slots=b, context=args.context, feature_slots=1,

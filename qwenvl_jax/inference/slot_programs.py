@@ -35,6 +35,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from qwenvl_jax import sharding
@@ -50,6 +51,12 @@ class Sampling(NamedTuple):
   top_p: jax.Array
   seed: jax.Array
   count: jax.Array
+
+  @classmethod
+  def greedy(cls, rows: int) -> "Sampling":
+    """Settings of `rows` greedy rows (temperature 0), as host arrays: what tests and benches decode with."""
+    return cls(np.zeros(rows, np.float32), np.zeros(rows, np.int32), np.ones(rows, np.float32),
+               np.zeros((rows, 2), np.uint32), np.zeros(rows, np.int32))
 
 
 def _merge(graphdef, state):

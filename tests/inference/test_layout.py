@@ -107,25 +107,22 @@ def test_tensor_parallel_greedy_generation_equals_one_device(tp4_models):
   assert len(set(expected[:, 4:].ravel().tolist())) > 3, "a degenerate model would hide a wrong layout"
 
 
-def _greedy(k):
-  return slots_lib.Sampling(np.zeros(k, np.float32), np.zeros(k, np.int32), np.ones(k, np.float32),
-                            np.zeros((k, 2), np.uint32), np.zeros(k, np.int32))
-
-
 def test_serving_slots_decode_the_same_under_tensor_parallelism(tp4_models):
   """The server's programs (prefill into slot rows, decode the first R rows) on a cache split over data x tensor."""
   single, model, mesh = tp4_models
   cfg = single.cfg
   ids = np.random.default_rng(1).integers(3, 900, (2, 16)).astype(np.int32)
 
+  greedy = slots_lib.Sampling.greedy(2)
+
   def run(m):
     slot_model = slots_lib.SlotModel(m, num_slots=4, context=48, feature_slots=1)
     first = slot_model.prefill(ids, np.array([16, 11], np.int32), np.zeros(2, np.int32), slot_model.no_features,
-                               np.array([0, 1], np.int32), np.full(2, cfg.llm.rope_base, np.float32), _greedy(2))
+                               np.array([0, 1], np.int32), np.full(2, cfg.llm.rope_base, np.float32), greedy)
     out, last, pos = [np.asarray(first)], np.asarray(first), np.array([16, 11], np.int32)
     for _ in range(6):
       last = np.asarray(slot_model.decode(last, pos, np.ones(2, bool), np.full(2, cfg.llm.rope_base, np.float32),
-                                          _greedy(2)))[0]  # [steps=1, R]
+                                          greedy))[0]  # [steps=1, R]
       out.append(last)
       pos = pos + 1
     return np.stack(out, 1), slot_model.cache
