@@ -103,6 +103,24 @@ def _quantize_kv(x: jax.Array, scale_dtype) -> tuple[jax.Array, jax.Array]:
   return q.qvalue, q.scale.astype(scale_dtype)
 
 
+def _stored(entries: tuple, k: jax.Array, v: jax.Array) -> tuple:
+  """What the cache `entries` = (k, v) or (k, v, k_scale, v_scale) store of new k, v float[B, T, N, H], entry by
+  entry: k and v as they are (cast on writing), or their int8 values and scales."""
+  if len(entries) == 2:
+    return k, v
+  kq, ks = _quantize_kv(k, entries[2].dtype)
+  vq, vs = _quantize_kv(v, entries[3].dtype)
+  return kq, vq, ks, vs
+
+
+def _attended(parts, dtype) -> tuple[jax.Array, jax.Array]:
+  """(k, v) in `dtype` for attention from the cache's parts (k, v) or (k, v, k_scale, v_scale), any layout:
+  dequantized one layer at a time inside the scan (a temporary of the jitted step, never stored)."""
+  if len(parts) == 2:
+    return parts[0].astype(dtype), parts[1].astype(dtype)
+  return parts[0].astype(dtype) * parts[2].astype(dtype), parts[1].astype(dtype) * parts[3].astype(dtype)
+
+
 def _write_kv(entries: tuple, layer: jax.Array, window: int, k: jax.Array, v: jax.Array, cache_index
               ) -> tuple[tuple, jax.Array, jax.Array]:
   """Writes the new k, v float[B, T, N, H] at `cache_index` into layer `layer` of the stacked cache entries
@@ -112,15 +130,9 @@ def _write_kv(entries: tuple, layer: jax.Array, window: int, k: jax.Array, v: ja
   put = lambda buf, x: write_layer_slots(buf, layer, x.swapaxes(1, 2).astype(buf.dtype), cache_index)
   # One dynamic-slice of exactly what is attended (XLA:CPU copies it ~2x faster than a slice of a layer slice).
   read = lambda buf: jax.lax.dynamic_slice(buf, (layer, 0, 0, 0, 0), (1, b) + buf.shape[2:3] + (window,)
-                                           + buf.shape[4:])[0].astype(k.dtype)
-  if len(entries) == 2:
-    new = (put(entries[0], k), put(entries[1], v))
-    return new, read(new[0]), read(new[1])
-  kq, ks = _quantize_kv(k, entries[2].dtype)
-  vq, vs = _quantize_kv(v, entries[3].dtype)
-  new = (put(entries[0], kq), put(entries[1], vq), put(entries[2], ks), put(entries[3], vs))
-  # Dequantized one layer at a time inside the scan (a temporary of the jitted step, never stored).
-  return new, read(new[0]) * read(new[2]), read(new[1]) * read(new[3])
+                                           + buf.shape[4:])[0]
+  new = tuple(put(e, x) for e, x in zip(entries, _stored(entries, k, v)))
+  return (new, *_attended([read(e) for e in new], k.dtype))
 
 
 def _fill_rows(entries: tuple, layer: jax.Array, rows: jax.Array, k: jax.Array, v: jax.Array
@@ -131,18 +143,14 @@ def _fill_rows(entries: tuple, layer: jax.Array, rows: jax.Array, k: jax.Array, 
 
   One scatter of the B x T new entries into the carried cache, in place: no prompt-sized cache of its own (a
   server's prefill of 4 requests of 2048 tokens into the 7B model's int8 cache held a 2.1 GiB one)."""
-  b, t, n = k.shape[:3]
+  t, n = k.shape[1:3]
   index = (layer, rows[:, None, None], jnp.arange(n, dtype=jnp.int32)[None, :, None],
            jnp.arange(t, dtype=jnp.int32)[None, None, :])
   put = lambda buf, x: buf.at[index].set(x.swapaxes(1, 2).astype(buf.dtype), mode="drop", unique_indices=True)
-  if len(entries) == 2:
-    return ((put(entries[0], k), put(entries[1], v)), k.astype(entries[0].dtype).astype(k.dtype),
-            v.astype(entries[1].dtype).astype(v.dtype))
-  kq, ks = _quantize_kv(k, entries[2].dtype)
-  vq, vs = _quantize_kv(v, entries[3].dtype)
-  new = (put(entries[0], kq), put(entries[1], vq), put(entries[2], ks), put(entries[3], vs))
-  # What decoding will read back (int8 times its scale), as `_write_kv` gives attention.
-  return new, kq.astype(k.dtype) * ks.astype(k.dtype), vq.astype(v.dtype) * vs.astype(v.dtype)
+  stored = _stored(entries, k, v)
+  new = tuple(put(e, x) for e, x in zip(entries, stored))
+  # What decoding will read back, as `_write_kv` gives attention.
+  return (new, *_attended([x.astype(e.dtype) for e, x in zip(entries, stored)], k.dtype))
 
 
 class SelfAttention(nnx.Module):
