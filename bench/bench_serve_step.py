@@ -67,12 +67,12 @@ def main():
     sampling = Sampling.greedy(r)
     positions = (np.arange(r, dtype=np.int32) * 7) % (w - k)  # rows at different slots, all inside the window
     call = (np.zeros(r, np.int32), positions, np.ones(r, bool), np.full(r, cfg.llm.rope_base, np.float32), sampling)
-    slots.decode(*call, steps=k, window=w).block_until_ready()  # compile
+    slots.decode(*call, steps=k, window=w).tokens.block_until_ready()  # compile
     wall = cpu = float("inf")
     for _ in range(3):
       t0, c0 = time.perf_counter(), time.process_time()
       for _ in range(args.calls):
-        slots.decode(*call, steps=k, window=w).block_until_ready()
+        slots.decode(*call, steps=k, window=w).tokens.block_until_ready()
       wall = min(wall, (time.perf_counter() - t0) / args.calls / k * 1e3)
       cpu = min(cpu, (time.process_time() - c0) / args.calls / k * 1e3)
     base = base or cpu

@@ -61,9 +61,9 @@ def one(args) -> dict:
     ids[0, 5:5 + cfg.image_tokens] = cfg.image_pad_id
     prefill_args = (ids, np.array([p], np.int32), np.zeros(1, np.int32), feats, np.zeros(1, np.int32), rope(1),
                     greedy(1))
-    slot_model.prefill(*prefill_args).block_until_ready()  # compile
+    slot_model.prefill(*prefill_args).tokens.block_until_ready()  # compile
     start = time.perf_counter()
-    slot_model.prefill(*prefill_args).block_until_ready()
+    slot_model.prefill(*prefill_args).tokens.block_until_ready()
     prefill_ms = (time.perf_counter() - start) * 1e3
     prefill_analysis = slot_model._prefill.lower(  # pylint: disable=protected-access
         slot_model.state, slot_model.cache, *prefill_args).compile().memory_analysis()
@@ -72,10 +72,10 @@ def one(args) -> dict:
     lowered = slot_model.decode_program().lower(slot_model.state, slot_model.cache, tokens, positions,
                                                 np.ones(b, bool), rope(b), greedy(b))
     analysis = lowered.compile().memory_analysis()
-    slot_model.decode(tokens, positions, np.ones(b, bool), rope(b), greedy(b)).block_until_ready()  # compile
+    slot_model.decode(tokens, positions, np.ones(b, bool), rope(b), greedy(b)).tokens.block_until_ready()  # compile
     start = time.perf_counter()
     for i in range(args.steps):
-      nxt = slot_model.decode(tokens, positions + 1 + i, np.ones(b, bool), rope(b), greedy(b))
+      nxt = slot_model.decode(tokens, positions + 1 + i, np.ones(b, bool), rope(b), greedy(b)).tokens
     nxt.block_until_ready()
     step = (time.perf_counter() - start) / args.steps
   peak = max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.local_devices())

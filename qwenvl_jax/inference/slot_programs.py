@@ -8,8 +8,8 @@ group, padded), n images encoded in one call (an image-batch bucket), Q image to
 L layers, S image side, K decode steps per call, W cache slots attended (a window bucket).
 
   encode(images uint8[n, S, S, 3])                     -> feats [F, Q, D] (ViT + adapter, zero-padded to F)
-  prefill(cache, ids[k, P], lengths, first_image, feats, rows, ...) -> first tokens int32[k], cache
-  decode(cache, tokens[R], positions[R], active[R], ...) -> new tokens int32[K, R], cache   (the first R rows)
+  prefill(cache, ids[k, P], lengths, first_image, feats, rows, ...) -> Picked of the first tokens [k], cache
+  decode(cache, tokens[R], positions[R], active[R], ...) -> Picked of the new tokens [K, R], cache (the first R rows)
 
 Every slot row of the cache belongs to one request at a time. A request's prompt occupies its row's slots
 0 .. len-1 and its n-th new token slot len + n, so the cache slot equals the RoPE position and rows advance
@@ -45,18 +45,37 @@ from qwenvl_jax.model.qwen import KVCache, constrain_cache
 
 class Sampling(NamedTuple):
   """Per-row sampling settings (see `slot_sampling.select`): float32 temperature (0 = greedy), int32 top_k,
-  float32 top_p, uint32[., 2] seed (`slot_sampling.seed_words`), int32 count (tokens generated so far)."""
+  float32 top_p, uint32[., 2] seed (`slot_sampling.seed_words`), int32 count (tokens generated so far), bool
+  logprobs (the row's request wants log-probabilities, `slot_sampling.token_logprobs`)."""
   temperature: jax.Array
   top_k: jax.Array
   top_p: jax.Array
   seed: jax.Array
   count: jax.Array
+  logprobs: jax.Array
 
   @classmethod
   def greedy(cls, rows: int) -> "Sampling":
-    """Settings of `rows` greedy rows (temperature 0), as host arrays: what tests and benches decode with."""
+    """Settings of `rows` greedy rows (temperature 0, no log-probabilities), as host arrays: what tests and benches
+    decode with."""
     return cls(np.zeros(rows, np.float32), np.zeros(rows, np.int32), np.ones(rows, np.float32),
-               np.zeros((rows, 2), np.uint32), np.zeros(rows, np.int32))
+               np.zeros((rows, 2), np.uint32), np.zeros(rows, np.int32), np.zeros(rows, bool))
+
+
+class Picked(NamedTuple):
+  """What a program picked per row: int32 tokens, and when some row asked (`Sampling.logprobs`, else zeros) the
+  float32 log-probability of each token and int32 / float32 `[..., slot_sampling.TOP_LOGPROBS]` the most likely
+  ids and their log-probabilities (`slot_sampling.token_logprobs`)."""
+  tokens: jax.Array
+  logprob: jax.Array
+  top_ids: jax.Array
+  top_logprobs: jax.Array
+
+
+def _pick(logits, sampling: Sampling, counts, vocab_limit) -> Picked:
+  tokens = slot_sampling.select(logits, temperature=sampling.temperature, top_k=sampling.top_k,
+                                top_p=sampling.top_p, seeds=sampling.seed, counts=counts, vocab_limit=vocab_limit)
+  return Picked(tokens, *slot_sampling.token_logprobs(logits, tokens, sampling.logprobs, vocab_limit))
 
 
 def _merge(graphdef, state):
@@ -78,7 +97,7 @@ def prefill(graphdef, vocab_limit, state, cache: KVCache, ids, lengths, first_im
              sampling: Sampling):
   """ids int32[k, P] right-padded (row i's prompt in slots 0 .. lengths[i]-1); lengths int32[k] (>= 1);
   first_image int32[k] (index in `feats` of the row's first image); feats [F, Q, D]; rows int32[k] cache row of each
-  prompt (B = padding row, dropped); rope_base float32[k]. Returns (int32[k] first new tokens, cache)."""
+  prompt (B = padding row, dropped); rope_base float32[k]. Returns (`Picked` [k]: the first new tokens, cache)."""
   model = _merge(graphdef, state)
   k, p = ids.shape
   q = feats.shape[1]
@@ -101,10 +120,7 @@ def prefill(graphdef, vocab_limit, state, cache: KVCache, ids, lengths, first_im
   # Only each row's last prompt position goes through lm_head: k x V, not the k x P x V of the whole prompt.
   last = jnp.take_along_axis(h, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)  # [k, 1, D]
   logits = model.llm.lm_head(last)[:, 0]
-  first = slot_sampling.select(logits, temperature=sampling.temperature, top_k=sampling.top_k,
-                               top_p=sampling.top_p, seeds=sampling.seed, counts=sampling.count,
-                               vocab_limit=vocab_limit)
-  return first, constrain_cache(cache)
+  return _pick(logits, sampling, sampling.count, vocab_limit), constrain_cache(cache)
 
 
 def decode(graphdef, vocab_limit, steps: int, window: int, state, cache: KVCache, tokens, positions, active,
@@ -113,7 +129,7 @@ def decode(graphdef, vocab_limit, steps: int, window: int, state, cache: KVCache
   slot): tokens int32[R] are fed at int32[R] positions (= cache slots), each step's tokens are fed at the next
   positions, and attention reads the first `window` slots (every position fed must be below it). Inactive rows
   write segment 0 (never a key) and their outputs are ignored; sampling of step j uses count + j, as a one-step
-  call would. Returns (int32[steps, R] new tokens, cache)."""
+  call would. Returns (`Picked` [steps, R]: the new tokens, cache)."""
   seg = active.astype(jnp.int32)[:, None]
 
   def step(carry, _):
@@ -124,9 +140,8 @@ def decode(graphdef, vocab_limit, steps: int, window: int, state, cache: KVCache
     logits, cache = model.llm(model.llm.embed(tokens[:, None]), positions=positions[:, None], segment_ids=seg,
                               cache=cache, cache_index=positions, rope_base=rope_base[:, None, None], logn=True,
                               window=window)
-    nxt = slot_sampling.select(logits[:, 0], temperature=sampling.temperature, top_k=sampling.top_k,
-                               top_p=sampling.top_p, seeds=sampling.seed, counts=count, vocab_limit=vocab_limit)
-    return (state, cache, nxt, positions + 1, count + 1), nxt
+    picked = _pick(logits[:, 0], sampling, count, vocab_limit)
+    return (state, cache, picked.tokens, positions + 1, count + 1), picked
 
   (_, cache, *_), out = jax.lax.scan(step, (state, cache, tokens, positions, sampling.count), None, length=steps)
   return out, constrain_cache(cache)

@@ -18,6 +18,10 @@ are traced per-row arrays and one compiled step serves every mix of settings:
     `jax.random.key(seed)` for seeds below 2^32 (and for every int64 seed under jax_enable_x64), so seeds that
     differ only above bit 32 draw differently.
 Sorting the vocabulary is skipped entirely (`lax.cond`) when every row is greedy.
+
+`token_logprobs` gives what OpenAI's `logprobs` / `top_logprobs` return: the log-probability of each chosen token
+and of the row's most likely tokens under the model's own distribution (the logits before temperature, top-k and
+top-p, as vLLM's default `raw_logprobs`), computed only when some row asks for them.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from qwenvl_jax.inference import sampling
 
 
 SEED_RANGE = (-2 ** 63, 2 ** 64 - 1)  # inclusive: int64 and uint64 seeds alike
+TOP_LOGPROBS = 20  # the most alternatives per token `token_logprobs` returns (OpenAI's top_logprobs limit)
 
 
 def seed_words(seed: int) -> tuple[int, int]:
@@ -44,6 +49,14 @@ def row_keys(seeds: jax.Array, counts: jax.Array) -> jax.Array:
   counts)."""
   keys = jax.random.wrap_key_data(seeds.astype(jnp.uint32), impl="threefry2x32")
   return jax.vmap(jax.random.fold_in)(keys, counts)
+
+
+def _limited(logits: jax.Array, vocab_limit: int | None) -> jax.Array:
+  """float32 logits with the ids at or past `vocab_limit` at -inf (never produced)."""
+  logits = logits.astype(jnp.float32)
+  if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+    logits = jnp.where(jnp.arange(logits.shape[-1])[None, :] < vocab_limit, logits, -jnp.inf)
+  return logits
 
 
 def _filter_row(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
@@ -71,9 +84,7 @@ def select(logits: jax.Array, *, temperature: jax.Array, top_k: jax.Array, top_p
       key's fold-in).
     vocab_limit: ids >= this are never produced (the tokenizer's size when the model has padding rows); static.
   """
-  logits = logits.astype(jnp.float32)
-  if vocab_limit is not None and vocab_limit < logits.shape[-1]:
-    logits = jnp.where(jnp.arange(logits.shape[-1])[None, :] < vocab_limit, logits, -jnp.inf)
+  logits = _limited(logits, vocab_limit)
   greedy = sampling.greedy_tokens(logits)
 
   def sample(_):
@@ -82,3 +93,37 @@ def select(logits: jax.Array, *, temperature: jax.Array, top_k: jax.Array, top_p
     return jnp.where(temperature > 0, drawn, greedy)
 
   return jax.lax.cond(jnp.any(temperature > 0), sample, lambda _: greedy, None)
+
+
+def token_logprobs(logits: jax.Array, chosen: jax.Array, wanted: jax.Array,
+                   vocab_limit: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The model's log-probabilities of the chosen tokens and of each row's `TOP_LOGPROBS` most likely tokens.
+
+  Args:
+    logits: float[B, V] at each row's last position (the raw logits `select` was given).
+    chosen: int32[B] the tokens `select` picked.
+    wanted: bool[B] rows whose request asked for log-probabilities; when none did, nothing is computed (`lax.cond`)
+      and every output is zero.
+    vocab_limit: as `select`'s (ids past it have probability 0 and are never among the top ones).
+
+  Returns:
+    (float32[B] log p(chosen), int32[B, TOP_LOGPROBS] the most likely ids, most likely first, float32[B,
+    TOP_LOGPROBS] their log-probabilities). Each is the log-softmax of the float32 logits, before temperature,
+    top-k and top-p: what the model says, not what the sampling settings made of it.
+  """
+  b, v = logits.shape
+  n = min(TOP_LOGPROBS, v if vocab_limit is None else min(v, vocab_limit))
+
+  def compute(_):
+    logp = jax.nn.log_softmax(_limited(logits, vocab_limit), axis=-1)
+    top_lp, top_ids = jax.lax.top_k(logp, n)
+    pad = TOP_LOGPROBS - n  # a vocabulary smaller than TOP_LOGPROBS: padded with -inf, never shown
+    return (jnp.take_along_axis(logp, chosen[:, None].astype(jnp.int32), axis=-1)[:, 0],
+            jnp.pad(top_ids.astype(jnp.int32), ((0, 0), (0, pad))),
+            jnp.pad(top_lp, ((0, 0), (0, pad)), constant_values=-jnp.inf))
+
+  def skip(_):
+    return (jnp.zeros((b,), jnp.float32), jnp.zeros((b, TOP_LOGPROBS), jnp.int32),
+            jnp.zeros((b, TOP_LOGPROBS), jnp.float32))
+
+  return jax.lax.cond(jnp.any(wanted), compute, skip, None)

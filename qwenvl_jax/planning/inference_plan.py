@@ -346,7 +346,8 @@ def _plan_server(cfg, topology, graphdef, state, as_state, cache, mesh, rules, *
 
   def sampling(n):
     return slot_programs.Sampling(rows(n, jnp.float32), rows(n, jnp.int32), rows(n, jnp.float32),
-                                  sharded((n, 2), jnp.uint32, ("act_batch", None)), rows(n, jnp.int32))
+                                  sharded((n, 2), jnp.uint32, ("act_batch", None)), rows(n, jnp.int32),
+                                  rows(n, jnp.bool_))
 
   def decode_fn(state, cache, tokens, positions, active, rope_base, samp):
     return slot_programs.decode(graphdef, None, decode_steps, context, as_state(state), cache, tokens, positions,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import functools
 import json
 import pathlib
 import secrets
@@ -47,7 +48,7 @@ from qwenvl_jax.serving import connection as connection_lib
 from qwenvl_jax.serving import engine as engine_lib
 from qwenvl_jax.serving import limits as limits_lib
 from qwenvl_jax.serving import messages as msg
-from qwenvl_jax.serving.detokenize import Detokenizer
+from qwenvl_jax.serving.detokenize import Detokenizer, token_piece
 
 STATIC = pathlib.Path(__file__).resolve().parent / "static"
 
@@ -102,9 +103,6 @@ def _refuse_unsupported(body: dict) -> None:
   """OpenAI fields this server does not implement: a request that sets one to anything but its no-op value gets a
   400 naming it, instead of an answer that silently ignores it (fields with no effect on the answer, such as
   `user`, `metadata` or `store`, are accepted and ignored, as are unknown ones)."""
-  for name in ("logprobs", "top_logprobs"):
-    if body.get(name, False) is not False:
-      raise msg.RequestError("logprobs are not supported by this server", param=name)
   for name in ("presence_penalty", "frequency_penalty"):
     value = _number(body, name, float, 0.0, -2.0, 2.0)
     if value != 0:
@@ -125,6 +123,17 @@ def _refuse_unsupported(body: dict) -> None:
   for name in ("audio", "web_search_options"):  # audio output, web search: any value asks for them
     if name in body:
       raise msg.RequestError(f"{name} is not supported by this server", param=name)
+
+
+def _logprobs(body: dict) -> int | None:
+  """`SamplingParams.logprobs` of OpenAI's `logprobs` (bool) and `top_logprobs` (0 .. 20, only with logprobs)."""
+  wanted = body.get("logprobs", False)
+  if not isinstance(wanted, bool):
+    raise msg.RequestError("logprobs must be a boolean", param="logprobs")
+  top = _number(body, "top_logprobs", int, 0, 0, slot_sampling.TOP_LOGPROBS)
+  if "top_logprobs" in body and not wanted:
+    raise msg.RequestError("top_logprobs needs logprobs: true", param="top_logprobs")
+  return top if wanted else None
 
 
 class _Disconnected(Exception):
@@ -303,7 +312,7 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
     if not isinstance(ignore_eos, bool):
       raise msg.RequestError("ignore_eos must be a boolean", param="ignore_eos")
     params = engine_lib.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                       seed=seed, ignore_stop_tokens=ignore_eos)
+                                       seed=seed, ignore_stop_tokens=ignore_eos, logprobs=_logprobs(body))
     return _Completion(prompt, params, stop, stream, include_usage)
 
   @app.post("/v1/chat/completions")
@@ -330,9 +339,9 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return await _complete(request, req, job, events, head)
 
-  def _chunk(head: dict, job, delta: dict, finish_reason=None, **extra) -> str:
+  def _chunk(head: dict, job, delta: dict, finish_reason=None, logprobs=None, **extra) -> str:
     """One server-sent event; `head`: the id, created time and model every chunk of a completion shares."""
-    choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+    choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
     body = {**head, "object": "chat.completion.chunk", "choices": [choice], **extra}
     if job.include_usage:
       body["usage"] = None  # OpenAI: null on every chunk but the last, which carries the counts
@@ -342,37 +351,58 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
 
+  piece = functools.lru_cache(maxsize=1 << 16)(functools.partial(token_piece, tok.decode))
+
+  def _token(token_id: int, logprob: float) -> dict:
+    """OpenAI's fields of one token: text and bytes (`token_piece`), and the log-probability (-9999 for zero
+    probability, as OpenAI's: JSON has no -inf)."""
+    text, raw = piece(token_id)
+    return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(raw)}
+
+  def _logprob_entry(ev: engine_lib.Token) -> dict:
+    return {**_token(ev.token_id, ev.logprob), "top_logprobs": [_token(i, lp) for i, lp in ev.top_logprobs]}
+
   async def _events(req, job, next_events, text: Detokenizer):
-    """Yields (delta text, None) per batch of tokens, then (final text, Finished); cancels on a stop string."""
+    """Yields (delta text, entries, None) per batch of tokens that adds text, then (final text, entries, Finished);
+    cancels on a stop string. entries: the log-probability entries (`logprobs.content`) of the tokens since the
+    last yield, empty unless the request asked for them; the token that completes a stop string has one, though
+    the string's text is cut, and a stop token has none (it is never shown)."""
+    entries = []
     while True:
       delta = ""
       for ev in await next_events():
         if isinstance(ev, engine_lib.Token):
           delta += text.add(ev.token_id)
+          if ev.logprob is not None:
+            entries.append(_logprob_entry(ev))
           if text.stopped:
             engine.cancel(req, reason="stop")
-            yield delta, engine_lib.Finished("stop", len(job.prompt.tokens), text.num_tokens)
+            yield delta, entries, engine_lib.Finished("stop", len(job.prompt.tokens), text.num_tokens)
             return
         elif isinstance(ev, engine_lib.Finished):
-          yield delta + text.finish(), ev
+          yield delta + text.finish(), entries, ev
           return
         else:
           raise msg.RequestError(ev.message, status=503, type_="server_error")
-      if delta:
-        yield delta, None
+      if delta:  # text held back (a partial character, a possible stop string): its entries wait for it
+        yield delta, entries, None
+        entries = []
 
   async def _stream(req, job, events, head):
     text = Detokenizer(tok.decode, job.stop)
     finished = False
     try:
       yield _chunk(head, job, {"role": "assistant", "content": ""})
-      async for delta, end in _events(req, job, events.get_all, text):
+      wanted = job.params.logprobs is not None
+      async for delta, entries, end in _events(req, job, events.get_all, text):
         if delta:
-          yield _chunk(head, job, {"content": delta})
+          yield _chunk(head, job, {"content": delta}, logprobs={"content": entries} if wanted else None)
+          entries = []
         if end is not None:
           finished = True
           boxes = msg.boxes_in_pixels(text.text, job.prompt)
-          yield _chunk(head, job, {}, end.reason, boxes=boxes)
+          # Entries of tokens whose text never came (a stop string cut it all) go with the last chunk.
+          yield _chunk(head, job, {}, end.reason, logprobs={"content": entries} if entries else None, boxes=boxes)
           if job.include_usage:
             usage = {**head, "object": "chat.completion.chunk", "choices": [],
                      "usage": _usage(end.prompt_tokens, end.completion_tokens)}
@@ -396,16 +426,17 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
           if await request.is_disconnected():
             raise _Disconnected() from None
 
-    end = None
+    end, entries = None, []
     try:
-      async for _, end in _events(req, job, next_events, text):
-        pass
+      async for _, more, end in _events(req, job, next_events, text):
+        entries += more
     except _Disconnected:
       engine.cancel(req)
       return JSONResponse({}, status_code=499)
     message = {"role": "assistant", "content": text.text, "boxes": msg.boxes_in_pixels(text.text, job.prompt)}
     return {**head, "object": "chat.completion",
-            "choices": [{"index": 0, "message": message, "finish_reason": end.reason, "logprobs": None}],
+            "choices": [{"index": 0, "message": message, "finish_reason": end.reason,
+                         "logprobs": {"content": entries} if job.params.logprobs is not None else None}],
             "usage": _usage(end.prompt_tokens, end.completion_tokens)}
 
   return app

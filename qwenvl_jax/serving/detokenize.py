@@ -64,3 +64,11 @@ class Detokenizer:
     delta = full[len(self.text):end]
     self.text += delta
     return delta
+
+
+def token_piece(decode, token_id: int) -> tuple[str, bytes]:
+  """One token's (text, UTF-8 bytes), as OpenAI's log-probability entries show it: a token holding part of a
+  multi-byte character has U+FFFD in its text and its real bytes in `bytes`, so the bytes of consecutive tokens join
+  to the text. `decode(ids, errors=...)` is the tokenizer's."""
+  raw = decode([token_id], errors="surrogateescape").encode("utf-8", "surrogateescape")
+  return raw.decode("utf-8", "replace"), raw

@@ -39,25 +39,32 @@ import numpy as np
 from qwenvl_jax import serving_defaults as defaults
 from qwenvl_jax.inference import decode, slot_sampling
 from qwenvl_jax.serving import compile_monitor
+from qwenvl_jax.inference.slot_programs import Picked
 from qwenvl_jax.serving.slots import Sampling, SlotModel
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
   """One request's decoding: max_tokens >= 1; temperature 0 = greedy; top_k 0 = off; top_p 1 = off; seed;
-  ignore_stop_tokens: run to max_tokens whatever is generated (benchmarks; vLLM's `ignore_eos`)."""
+  ignore_stop_tokens: run to max_tokens whatever is generated (benchmarks; vLLM's `ignore_eos`); logprobs: None
+  (off), or how many of the most likely alternatives (0 .. `slot_sampling.TOP_LOGPROBS`) each token's event
+  carries beside the token's own log-probability."""
   max_tokens: int
   temperature: float = 0.0
   top_p: float = 1.0
   top_k: int = 0
   seed: int = 0
   ignore_stop_tokens: bool = False
+  logprobs: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Token:
-  """A generated token id (never a stop token)."""
+  """A generated token id (never a stop token); with `SamplingParams.logprobs` set, its log-probability under the
+  model (`slot_sampling.token_logprobs`) and (id, log-probability) of the most likely tokens, most likely first."""
   token_id: int
+  logprob: float | None = None
+  top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,6 +217,9 @@ class Engine:
     if problem:
       raise ValueError(problem)
     slot_sampling.seed_words(request.params.seed)  # ValueError here, not on the engine thread (which would stop)
+    top = request.params.logprobs
+    if top is not None and not 0 <= top <= slot_sampling.TOP_LOGPROBS:
+      raise ValueError(f"logprobs must be None or in [0, {slot_sampling.TOP_LOGPROBS}], got {top}")
     if self._error is not None or self._stop.is_set():
       raise RuntimeError("the engine is not running")
     self._inbox.put(request)
@@ -276,13 +286,13 @@ class Engine:
         ids = np.zeros((k, p), np.int32)
         self.slots.prefill(ids, np.ones(k, np.int32), np.zeros(k, np.int32), self.slots.no_features,
                            np.full(k, drop, np.int32), np.full(k, self.cfg.llm.rope_base, np.float32),
-                           _sampling([SamplingParams(1)] * k, [0] * k)).block_until_ready()
+                           _sampling([SamplingParams(1)] * k, [0] * k)).tokens.block_until_ready()
     for b in self.decode_sizes:
       for w in self.length_buckets:
         self.slots.decode(np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, bool),
                           np.full(b, self.cfg.llm.rope_base, np.float32),
                           _sampling([SamplingParams(1, temperature=1.0)] * b, [0] * b), steps=self.decode_steps,
-                          window=w).block_until_ready()
+                          window=w).tokens.block_until_ready()
 
   def _run(self) -> None:
     while not self._stop.is_set():
@@ -366,15 +376,15 @@ class Engine:
     row_index[:len(group)] = rows
     rope = decode.rope_bases(lengths, self.cfg, True)
     params = [r.params for r in group] + [SamplingParams(1)] * (k - len(group))
-    first = np.asarray(self.slots.prefill(ids, lengths, first_image, feats, row_index, rope,
-                                          _sampling(params, [0] * k)))
+    picked = _fetch(self.slots.prefill(ids, lengths, first_image, feats, row_index, rope, _sampling(params, [0] * k)),
+                    params)
     with self._lock:
       self._counts["prefill_seconds"] += time.perf_counter() - t0
       self._counts["prefills"] += 1
       self._counts["admitted"] += len(group)
     for i, (r, row) in enumerate(zip(group, rows)):
-      self._active[row] = _Slot(r, int(first[i]), len(r.prompt), 0, float(rope[i]))
-      self._deliver(row, int(first[i]))
+      self._active[row] = _Slot(r, int(picked.tokens[i]), len(r.prompt), 0, float(rope[i]))
+      self._deliver(row, picked, i)
 
   def _step(self) -> None:
     # Slots are taken lowest index first, so the busy ones gather at the front: decode only a bucket covering them.
@@ -397,8 +407,8 @@ class Engine:
       params.append(slot.request.params)
       counts.append(slot.generated)
     t0 = time.perf_counter()
-    nxt = np.asarray(self.slots.decode(tokens, positions, active, rope, _sampling(params, counts), steps=k,
-                                       window=window))
+    picked = _fetch(self.slots.decode(tokens, positions, active, rope, _sampling(params, counts), steps=k,
+                                      window=window), params)
     seconds = time.perf_counter() - t0
     delivered = 0
     for i, slot in enumerate(self._active[:b]):
@@ -406,24 +416,31 @@ class Engine:
         if self._active[i] is not slot:  # ended (stop, length, cancelled) at an earlier step of this call
           break
         slot.position += 1
-        slot.last_token = int(nxt[j, i])
-        self._deliver(i, int(nxt[j, i]))
+        slot.last_token = int(picked.tokens[j, i])
+        self._deliver(i, picked, (j, i))
         delivered += 1
     with self._lock:
       self._counts["decode_seconds"] += seconds
       self._counts["decode_calls"] += 1
       self._counts["decoded_tokens"] += delivered
 
-  def _deliver(self, i: int, token: int) -> None:
+  def _deliver(self, i: int, picked: Picked, at) -> None:
+    """Slot i's token at index `at` of the host arrays `picked` (`_fetch`)."""
     slot = self._active[i]
     if slot.request.cancelled:
       self._finish(i, slot.request.cancel_reason, notify=False)
       return
     slot.generated += 1
+    token = int(picked.tokens[at])
     if token in self.stop_ids and not slot.request.params.ignore_stop_tokens:
       self._finish(i, "stop")
       return
-    slot.request.sink(Token(token))
+    top = slot.request.params.logprobs
+    if top is None:
+      slot.request.sink(Token(token))
+    else:
+      slot.request.sink(Token(token, float(picked.logprob[at]),
+                              tuple(zip(picked.top_ids[at][:top].tolist(), picked.top_logprobs[at][:top].tolist()))))
     if slot.generated >= slot.request.params.max_tokens:
       self._finish(i, "length")
 
@@ -433,4 +450,12 @@ def _sampling(params: Sequence[SamplingParams], counts: Sequence[int]) -> Sampli
                   top_k=np.asarray([p.top_k for p in params], np.int32),
                   top_p=np.asarray([p.top_p for p in params], np.float32),
                   seed=np.asarray([slot_sampling.seed_words(p.seed) for p in params], np.uint32).reshape(-1, 2),
-                  count=np.asarray(counts, np.int32))
+                  count=np.asarray(counts, np.int32),
+                  logprobs=np.asarray([p.logprobs is not None for p in params], bool))
+
+
+def _fetch(picked: Picked, params: Sequence[SamplingParams]) -> Picked:
+  """The device's picks as host arrays; the log-probabilities only when some row asked for them (else None)."""
+  if all(p.logprobs is None for p in params):
+    return Picked(np.asarray(picked.tokens), None, None, None)
+  return Picked(*(np.asarray(x) for x in picked))

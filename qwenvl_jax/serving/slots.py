@@ -50,17 +50,17 @@ class SlotModel:
     return self._encode(self.state, images)
 
   def prefill(self, ids: np.ndarray, lengths: np.ndarray, first_image: np.ndarray, feats: jax.Array,
-              rows: np.ndarray, rope_base: np.ndarray, sampling: Sampling) -> jax.Array:
-    """Writes k prompts into cache rows `rows` and returns their first new tokens int32[k] (on device)."""
+              rows: np.ndarray, rope_base: np.ndarray, sampling: Sampling) -> slot_programs.Picked:
+    """Writes k prompts into cache rows `rows` and returns their first new tokens (`Picked` [k], on device)."""
     first, self.cache = self._prefill(self.state, self.cache, ids, lengths,
                                       first_image, feats, rows, rope_base, sampling)
     return first
 
   def decode(self, tokens: np.ndarray, positions: np.ndarray, active: np.ndarray, rope_base: np.ndarray,
-             sampling: Sampling, steps: int = 1, window: int | None = None) -> jax.Array:
+             sampling: Sampling, steps: int = 1, window: int | None = None) -> slot_programs.Picked:
     """`steps` steps of the first R slots (R = len(tokens)) attending to the first `window` cache slots (default
-    all; every position fed, positions + steps - 1 included, must be below it): int32[steps, R] new tokens (on
-    device)."""
+    all; every position fed, positions + steps - 1 included, must be below it): the new tokens (`Picked`
+    [steps, R], on device)."""
     nxt, self.cache = self.decode_program(steps, window)(self.state, self.cache, tokens, positions, active,
                                                          rope_base, sampling)
     return nxt

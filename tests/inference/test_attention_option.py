@@ -110,14 +110,14 @@ def test_the_serving_programs_with_splash_equal_xla(models, kernel_calls):
     slot_model = slots_lib.SlotModel(model, num_slots=4, context=width + 16, feature_slots=1)
     feats = slot_model.encode(image)
     first = slot_model.prefill(ids, lengths, np.array([0, 1], np.int32), feats, np.array([2, 0], np.int32),
-                               rope, slots_lib.Sampling.greedy(2))
+                               rope, slots_lib.Sampling.greedy(2)).tokens
     out, last, pos = [np.asarray(first)], np.asarray(first), lengths.copy()
     for _ in range(STEPS):
       # Slot rows 2 and 0 hold the prompts: decode the first 3 rows, row 1 idle.
       tokens, positions = np.zeros(3, np.int32), np.zeros(3, np.int32)
       tokens[[2, 0]], positions[[2, 0]] = last, pos
       step = np.asarray(slot_model.decode(tokens, positions, np.array([True, False, True]), np.full(3, rope[0]),
-                                          slots_lib.Sampling.greedy(3)))[0]
+                                          slots_lib.Sampling.greedy(3)).tokens)[0]
       last = step[[2, 0]]
       out.append(last)
       pos = pos + 1

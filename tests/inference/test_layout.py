@@ -118,11 +118,11 @@ def test_serving_slots_decode_the_same_under_tensor_parallelism(tp4_models):
   def run(m):
     slot_model = slots_lib.SlotModel(m, num_slots=4, context=48, feature_slots=1)
     first = slot_model.prefill(ids, np.array([16, 11], np.int32), np.zeros(2, np.int32), slot_model.no_features,
-                               np.array([0, 1], np.int32), np.full(2, cfg.llm.rope_base, np.float32), greedy)
+                               np.array([0, 1], np.int32), np.full(2, cfg.llm.rope_base, np.float32), greedy).tokens
     out, last, pos = [np.asarray(first)], np.asarray(first), np.array([16, 11], np.int32)
     for _ in range(6):
       last = np.asarray(slot_model.decode(last, pos, np.ones(2, bool), np.full(2, cfg.llm.rope_base, np.float32),
-                                          greedy))[0]  # [steps=1, R]
+                                          greedy).tokens)[0]  # [steps=1, R]
       out.append(last)
       pos = pos + 1
     return np.stack(out, 1), slot_model.cache

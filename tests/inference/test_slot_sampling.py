@@ -1,4 +1,5 @@
-"""Per-row seeds of the server's sampling (`inference.slot_sampling`): OpenAI's 64-bit seeds as two uint32 words."""
+"""Per-row seeds of the server's sampling (`inference.slot_sampling`): OpenAI's 64-bit seeds as two uint32 words; and
+the log-probabilities of OpenAI's `logprobs`."""
 import jax
 import numpy as np
 import pytest
@@ -28,3 +29,23 @@ def test_row_keys_are_jax_keys_of_the_seed_below_32_bits_and_differ_above():
     np.testing.assert_array_equal(keys[i], jax.random.key_data(jax.random.fold_in(jax.random.key(seeds[i]),
                                                                                    counts[i])))
   assert not np.array_equal(keys[0], keys[2])
+
+
+def test_token_logprobs_are_the_log_softmax_within_the_vocabulary_limit_and_skipped_when_unwanted():
+  """Against numpy's float64 log-softmax: the chosen token's log-probability and the TOP_LOGPROBS most likely ids
+  in order; ids past the vocabulary limit never count (probability 0). No row wanting them: zeros, not computed."""
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(3, 50)).astype(np.float32) * 4
+  chosen = np.array([0, 7, 29], np.int32)
+  lp, ids, top = slot_sampling.token_logprobs(logits, chosen, np.array([True, False, True]), vocab_limit=30)
+  ref = logits[:, :30].astype(np.float64)
+  ref = ref - np.log(np.exp(ref).sum(-1, keepdims=True))
+  n = slot_sampling.TOP_LOGPROBS
+  np.testing.assert_allclose(lp, ref[np.arange(3), chosen], atol=1e-5)
+  order = np.argsort(-ref, axis=-1, kind="stable")[:, :n]
+  np.testing.assert_array_equal(ids, order)
+  np.testing.assert_allclose(top, np.take_along_axis(ref, order, -1), atol=1e-5)
+  lp, ids, top = slot_sampling.token_logprobs(logits, chosen, np.zeros(3, bool), vocab_limit=30)
+  assert not np.any(lp) and not np.any(ids) and not np.any(top) and ids.shape == (3, n)
+  small = slot_sampling.token_logprobs(logits[:, :8], chosen % 8, np.ones(3, bool))[2]  # 8 ids < TOP_LOGPROBS
+  assert np.all(np.isfinite(small[:, :8])) and np.all(np.isneginf(small[:, 8:]))

@@ -12,10 +12,12 @@ import socket
 import time
 import types
 
+import jax.numpy as jnp
 import numpy as np
 import openai
 import pytest
 import requests
+from flax import nnx
 from PIL import Image
 
 from qwenvl_jax import inference
@@ -358,16 +360,16 @@ HI = [{"role": "user", "content": "hi"}]
 
 
 @pytest.mark.parametrize("field, value", [
-    ("logprobs", True), ("top_logprobs", 3), ("presence_penalty", 0.5), ("frequency_penalty", -1),
+    ("top_logprobs", 3), ("presence_penalty", 0.5), ("frequency_penalty", -1),
     ("presence_penalty", 3), ("logit_bias", {"5": -100}), ("response_format", {"type": "json_object"}),
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
     ("tool_choice", "required"), ("seed", 2 ** 64), ("stream_options", {"include_usage": True}),
     ("modalities", ["text", "audio"]), ("audio", {"voice": "alloy", "format": "wav"}), ("web_search_options", {}),
 ])
 def test_fields_the_server_does_not_implement_are_refused_not_ignored(server, http, field, value):
-  """A request asking for what this server does not do (log-probabilities, penalties, biases, JSON mode, tools, audio
-  output, web search) gets a 400 naming the field, not an answer that silently lacks it; so does a seed over 64
-  bits, and stream_options on a request that does not stream."""
+  """A request asking for what this server does not do (penalties, biases, JSON mode, tools, audio output, web
+  search) gets a 400 naming the field, not an answer that silently lacks it; so do a seed over 64 bits,
+  stream_options on a request that does not stream, and top_logprobs without logprobs."""
   status, body = _post(server, http, {"messages": HI, "max_tokens": 2, field: value})
   assert status == 400 and body["error"]["param"] == field, body
 
@@ -383,6 +385,104 @@ def test_no_op_values_and_nulls_are_accepted_as_absent(server, http):
   assert status == 200 and out["usage"]["completion_tokens"] == 3 and out["choices"][0]["finish_reason"] == "length"
   status, out = _post(server, http, {**body, "max_tokens": None, "max_completion_tokens": 500})
   assert status == 400 and out["error"]["param"] == "max_completion_tokens"  # the name the client used
+
+
+def _greedy_reference(model, tok, conversation, steps, top):
+  """Greedy decoding by the model's plain forward pass over the whole sequence (no cache, no server): per step the
+  chosen id and its log-probability, and the `top` most likely (id, log-probability)."""
+  cfg = model.cfg
+  ids = list(messages.build_prompt(conversation, tok, image_tokens=cfg.image_tokens, image_size=cfg.vision.image_size,
+                                   policy=messages.ImagePolicy(), max_images=0).tokens)
+  n = len(ids) + steps  # one shape: attention is causal, so the zeros past the end change no earlier logit
+  forward = nnx.jit(lambda m, x: m.llm(m.llm.embed(x), positions=jnp.arange(n)[None], segment_ids=jnp.ones_like(x))[0])
+  out = []
+  for _ in range(steps):
+    logits = np.asarray(forward(model, np.asarray(ids + [0] * (n - len(ids)), np.int32)[None])[0, len(ids) - 1])
+    logp = logits.astype(np.float64)[:tok.vocab_size]
+    logp -= np.log(np.sum(np.exp(logp - logp.max()))) + logp.max()
+    order = np.argsort(-logp, kind="stable")[:top]
+    out.append((int(order[0]), logp[order[0]], [(int(i), logp[i]) for i in order]))
+    ids.append(int(order[0]))
+  return out
+
+
+def test_logprobs_are_the_models_log_softmax_of_each_answer_token(client, serve_model, serve_tok):
+  """`logprobs` / `top_logprobs` (OpenAI's shape: token, logprob, bytes, top_logprobs) equal the log-softmax of the
+  model's plain forward pass over the sequence, computed here without the server (float64 log-softmax of float32
+  logits; tolerance 1e-4), token for token, top five in order; streamed, the chunks carry the same entries; the
+  bytes of the entries join to the answer's text."""
+  conversation = [{"role": "user", "content": "Count to three"}]
+  steps, top = 8, 5
+  reply = ask(client, conversation, max_tokens=steps, logprobs=True, top_logprobs=top,
+              extra_body={"ignore_eos": True})
+  entries = reply.choices[0].logprobs.content
+  assert reply.usage.completion_tokens == len(entries) == steps
+  assert bytes(b for e in entries for b in e.bytes).decode() == reply.choices[0].message.content
+  for entry, (chosen, logprob, best) in zip(entries, _greedy_reference(serve_model, serve_tok, conversation, steps,
+                                                                       top)):
+    assert bytes(entry.bytes) == serve_tok.decode([chosen]).encode()
+    assert abs(entry.logprob - logprob) < 1e-4, (entry.logprob, logprob)
+    assert [t.token for t in entry.top_logprobs] == [serve_tok.decode([i]) for i, _ in best]
+    np.testing.assert_allclose([t.logprob for t in entry.top_logprobs], [lp for _, lp in best], atol=1e-4)
+  chunks = list(ask(client, conversation, max_tokens=steps, logprobs=True, top_logprobs=top, stream=True,
+                    extra_body={"ignore_eos": True}))
+  streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+  assert [e.model_dump() for e in streamed] == [e.model_dump() for e in entries]
+  plain = ask(client, conversation, max_tokens=steps, logprobs=True, extra_body={"ignore_eos": True})
+  assert [(e.token, e.logprob, e.top_logprobs) for e in plain.choices[0].logprobs.content] == [
+      (e.token, e.logprob, []) for e in entries]
+  assert ask(client, conversation, max_tokens=2).choices[0].logprobs is None
+
+
+def test_logprobs_of_a_sampled_answer_are_the_models_not_the_warped_distribution(client):
+  """At temperature 0.5, top_k 3, the log-probabilities are still the model's (as vLLM's default): the chosen token
+  is among the top three, and its log-probability is the one listed there, not a renormalized one."""
+  reply = client.chat.completions.create(model=MODEL_NAME, messages=HI, max_tokens=6, temperature=0.5, seed=3,
+                                         logprobs=True, top_logprobs=3,
+                                         extra_body={"top_k": 3, "ignore_eos": True})
+  for entry in reply.choices[0].logprobs.content:
+    listed = {t.token: t.logprob for t in entry.top_logprobs}
+    assert entry.token in listed and abs(listed[entry.token] - entry.logprob) < 1e-6
+    assert sum(np.exp(list(listed.values()))) < 1 - 1e-6  # a renormalized top-3 would sum to 1
+
+
+def test_logprobs_among_other_requests_and_with_a_stop_string(client):
+  """Rows that want log-probabilities share decode calls with rows that do not: each gets what it gets alone. An
+  answer cut by a stop string has an entry for every token counted in its usage, the one completing the string
+  included."""
+  conversation = [{"role": "user", "content": "Count to three"}]
+
+  def entries(**kw):
+    reply = ask(client, conversation, max_tokens=10, extra_body={"ignore_eos": True}, **kw)
+    lp = reply.choices[0].logprobs
+    return reply, None if lp is None else [(e.token, e.logprob, [t.logprob for t in e.top_logprobs])
+                                           for e in lp.content]
+
+  alone = entries(logprobs=True, top_logprobs=2)[1]
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    jobs = [pool.submit(entries, logprobs=True, top_logprobs=2) if i % 2 else pool.submit(entries) for i in range(6)]
+    together = [j.result() for j in jobs]
+  for i, (reply, got) in enumerate(together):
+    if i % 2:  # batch shapes may change float32 low bits on CPU
+      assert [t for t, _, _ in got] == [t for t, _, _ in alone]
+      np.testing.assert_allclose([[lp, *top] for _, lp, top in got], [[lp, *top] for _, lp, top in alone], atol=1e-5)
+    else:
+      assert got is None and reply.usage.completion_tokens == 10
+  text = together[0][0].choices[0].message.content
+  stop = text[len(text) // 2:len(text) // 2 + 2]
+  cut, got = entries(logprobs=True, stop=[stop])
+  assert cut.choices[0].finish_reason == "stop" and stop not in cut.choices[0].message.content
+  assert len(got) == cut.usage.completion_tokens < 10
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"logprobs": "yes"}, "logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": -1}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 2.5}, "top_logprobs"),
+    ({"logprobs": False, "top_logprobs": 2}, "top_logprobs"),
+])
+def test_bad_logprobs_fields_get_a_400_naming_them(server, http, fields, param):
+  status, body = _post(server, http, {"messages": HI, "max_tokens": 2, **fields})
+  assert status == 400 and body["error"]["param"] == param, body
 
 
 def test_seeds_that_differ_above_32_bits_draw_differently(client):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from qwenvl_jax import text as qtext
 from qwenvl_jax.serving import messages as msg
-from qwenvl_jax.serving.detokenize import Detokenizer
+from qwenvl_jax.serving.detokenize import Detokenizer, token_piece
 
 
 def _url(w, h, colour=(200, 10, 10)):
@@ -198,3 +198,14 @@ def test_a_split_multibyte_character_waits_for_its_last_byte():
   decoded = ["caf", "caf\ufffd", "café"]
   text = Detokenizer(lambda ids: decoded[len(ids) - 1])
   assert [text.add(0), text.add(1), text.add(2)] == ["caf", "", "é"]
+
+
+def test_token_pieces_of_qwens_vocabulary_join_to_the_text(qwen_tiktoken_path):
+  """Byte-level BPE splits a 4-byte character over three tokens: each piece's text shows U+FFFD, its bytes are the
+  real ones, and the bytes of the pieces join to the text; a special token is its surface form."""
+  tok = qtext.QwenTokenizer(qwen_tiktoken_path)
+  text = "你好 𝄞 <|im_end|>"
+  pieces = [token_piece(tok.decode, i) for i in tok.encode(text)]
+  assert b"".join(raw for _, raw in pieces).decode() == text
+  assert any("\ufffd" in t and len(raw) < 4 for t, raw in pieces)
+  assert pieces[-1] == ("<|im_end|>", b"<|im_end|>")
