@@ -140,6 +140,15 @@ class _Disconnected(Exception):
   """The client of a non-streaming request went away."""
 
 
+@dataclasses.dataclass(eq=False)
+class _Choice:
+  """One of a request's choices: its engine request, the mailbox of its events and its text."""
+  request: engine_lib.Request
+  events: "_Mailbox"
+  text: Detokenizer
+  finished: bool = False
+
+
 class _Mailbox:
   """Engine events for one request, handed from the engine thread to the event loop: `put` (engine thread) wakes
   the loop only when it is not already woken, and `get_all` takes every event that arrived meanwhile."""
@@ -188,11 +197,17 @@ class _Stream(StreamingResponse):
 
 
 class _Completion:
-  """One request's parsed pieces."""
+  """One request's parsed pieces; n: its choices, each an engine request of its own."""
 
   def __init__(self, prompt: msg.Prompt, params: engine_lib.SamplingParams, stop, stream: bool,
-               include_usage: bool):
+               include_usage: bool, n: int = 1):
     self.prompt, self.params, self.stop, self.stream, self.include_usage = prompt, params, stop, stream, include_usage
+    self.n = n
+
+  def choice_params(self) -> list[engine_lib.SamplingParams]:
+    """The sampling of each choice: choice i draws with seed + i (mod 2^64), so that sampled choices differ and each
+    is what one request of that seed answers; greedy choices are all the same answer, as OpenAI's."""
+    return [dataclasses.replace(self.params, seed=(self.params.seed + i) % 2 ** 64) for i in range(self.n)]
 
 
 def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerConfig) -> FastAPI:
@@ -268,8 +283,7 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
     if model is not None and model != config.model_name:
       raise msg.RequestError(f"model {model!r} does not exist; this server serves {config.model_name!r}",
                              status=404, code="model_not_found", param="model")
-    if body.get("n", 1) != 1:
-      raise msg.RequestError("only n=1 is supported", param="n")
+    n = _number(body, "n", int, 1, 1, engine.num_slots)  # each choice takes a decode slot
     _refuse_unsupported(body)
     prompt = msg.build_prompt(body.get("messages"), tok, image_tokens=cfg.image_tokens,
                               image_size=cfg.vision.image_size, policy=config.images, max_images=engine.max_images,
@@ -313,7 +327,7 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
       raise msg.RequestError("ignore_eos must be a boolean", param="ignore_eos")
     params = engine_lib.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                        seed=seed, ignore_stop_tokens=ignore_eos, logprobs=_logprobs(body))
-    return _Completion(prompt, params, stop, stream, include_usage)
+    return _Completion(prompt, params, stop, stream, include_usage, n)
 
   @app.post("/v1/chat/completions")
   async def chat_completions(request: HttpRequest):
@@ -325,23 +339,30 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
       return JSONResponse({}, status_code=499)
     job = await asyncio.to_thread(_parse, raw)
     del raw
-    events = _Mailbox(asyncio.get_running_loop())
-    req = engine_lib.Request(job.prompt.tokens, job.prompt.images, job.params, events.put)
+    loop = asyncio.get_running_loop()
+    choices = []
+    for params in job.choice_params():
+      events = _Mailbox(loop)
+      choices.append(_Choice(engine_lib.Request(job.prompt.tokens, job.prompt.images, params, events.put), events,
+                             Detokenizer(tok.decode, job.stop)))
     try:
-      engine.submit(req)
-    except ValueError as e:  # `_parse` checked the prompt and the context: what is left is the image count
-      raise msg.RequestError(str(e), param="messages") from None
-    except RuntimeError as e:
+      for c in choices:
+        engine.submit(c.request)
+    except (ValueError, RuntimeError) as e:
+      for c in choices:
+        engine.cancel(c.request)  # the choices already queued
+      if isinstance(e, ValueError):  # `_parse` checked the prompt and the context: what is left is the image count
+        raise msg.RequestError(str(e), param="messages") from None
       raise msg.RequestError(str(e), status=503, type_="server_error") from None
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": config.model_name}
     if job.stream:
-      return _Stream(_stream(req, job, events, head), media_type="text/event-stream",
+      return _Stream(_stream(job, choices, head), media_type="text/event-stream",
                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return await _complete(request, req, job, events, head)
+    return await _complete(request, job, choices, head)
 
-  def _chunk(head: dict, job, delta: dict, finish_reason=None, logprobs=None, **extra) -> str:
+  def _chunk(head: dict, job, delta: dict, finish_reason=None, logprobs=None, index: int = 0, **extra) -> str:
     """One server-sent event; `head`: the id, created time and model every chunk of a completion shares."""
-    choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
+    choice = {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
     body = {**head, "object": "chat.completion.chunk", "choices": [choice], **extra}
     if job.include_usage:
       body["usage"] = None  # OpenAI: null on every chunk but the last, which carries the counts
@@ -388,56 +409,91 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
         yield delta, entries, None
         entries = []
 
-  async def _stream(req, job, events, head):
-    text = Detokenizer(tok.decode, job.stop)
-    finished = False
+  async def _merged(job, choices, poll=None):
+    """(choice index, (delta, entries, end)) of every choice's `_events`, in the order they come. poll: an async
+    callable awaited whenever nothing came for 0.5 s (it raises to end the answer, e.g. when the client left)."""
+    items: asyncio.Queue = asyncio.Queue()
+
+    async def run(i, c):
+      try:
+        async for item in _events(c.request, job, c.events.get_all, c.text):
+          await items.put((i, item, None))
+      except Exception as e:  # pylint: disable=broad-except  (raised to the caller below)
+        await items.put((i, None, e))
+        return
+      await items.put((i, None, None))
+
+    tasks = [asyncio.create_task(run(i, c)) for i, c in enumerate(choices)]
     try:
-      yield _chunk(head, job, {"role": "assistant", "content": ""})
-      wanted = job.params.logprobs is not None
-      async for delta, entries, end in _events(req, job, events.get_all, text):
+      running = len(choices)
+      while running:
+        try:
+          i, item, error = await asyncio.wait_for(items.get(), timeout=0.5) if poll else await items.get()
+        except asyncio.TimeoutError:
+          await poll()
+          continue
+        if error is not None:
+          raise error
+        if item is None:
+          running -= 1
+        else:
+          yield i, item
+    finally:
+      for t in tasks:
+        t.cancel()
+
+  async def _stream(job, choices, head):
+    wanted = job.params.logprobs is not None
+    usage = 0
+    try:
+      for i in range(job.n):
+        yield _chunk(head, job, {"role": "assistant", "content": ""}, index=i)
+      async for i, (delta, entries, end) in _merged(job, choices):
         if delta:
-          yield _chunk(head, job, {"content": delta}, logprobs={"content": entries} if wanted else None)
+          yield _chunk(head, job, {"content": delta}, logprobs={"content": entries} if wanted else None, index=i)
           entries = []
         if end is not None:
-          finished = True
-          boxes = msg.boxes_in_pixels(text.text, job.prompt)
+          choices[i].finished = True
+          usage += end.completion_tokens
+          boxes = msg.boxes_in_pixels(choices[i].text.text, job.prompt)
           # Entries of tokens whose text never came (a stop string cut it all) go with the last chunk.
-          yield _chunk(head, job, {}, end.reason, logprobs={"content": entries} if entries else None, boxes=boxes)
-          if job.include_usage:
-            usage = {**head, "object": "chat.completion.chunk", "choices": [],
-                     "usage": _usage(end.prompt_tokens, end.completion_tokens)}
-            yield f"data: {json.dumps(usage)}\n\n"
+          yield _chunk(head, job, {}, end.reason, logprobs={"content": entries} if entries else None, index=i,
+                       boxes=boxes)
+      if job.include_usage:
+        body = {**head, "object": "chat.completion.chunk", "choices": [],
+                "usage": _usage(len(job.prompt.tokens), usage)}
+        yield f"data: {json.dumps(body)}\n\n"
       yield "data: [DONE]\n\n"
     except msg.RequestError as e:
       yield f"data: {json.dumps(e.body())}\n\n"
     finally:
-      if not finished:
-        engine.cancel(req)  # the client went away mid-stream: free the slot now
+      for c in choices:
+        if not c.finished:
+          engine.cancel(c.request)  # the client went away mid-stream: free the slots now
 
-  async def _complete(request: HttpRequest, req, job, events, head):
-    text = Detokenizer(tok.decode, job.stop)
+  async def _complete(request: HttpRequest, job, choices, head):
+    async def poll():
+      # A non-streaming client that went away frees its slots too.
+      if await request.is_disconnected():
+        raise _Disconnected()
 
-    async def next_events():
-      # Polls for a disconnect between events: a non-streaming client that went away frees its slot too.
-      while True:
-        try:
-          return await asyncio.wait_for(events.get_all(), timeout=0.5)
-        except asyncio.TimeoutError:
-          if await request.is_disconnected():
-            raise _Disconnected() from None
-
-    end, entries = None, []
+    ends, entries = [None] * job.n, [[] for _ in range(job.n)]
     try:
-      async for _, more, end in _events(req, job, next_events, text):
-        entries += more
+      async for i, (_, more, end) in _merged(job, choices, poll):
+        entries[i] += more
+        if end is not None:
+          ends[i], choices[i].finished = end, True
     except _Disconnected:
-      engine.cancel(req)
+      for c in choices:
+        engine.cancel(c.request)
       return JSONResponse({}, status_code=499)
-    message = {"role": "assistant", "content": text.text, "boxes": msg.boxes_in_pixels(text.text, job.prompt)}
-    return {**head, "object": "chat.completion",
-            "choices": [{"index": 0, "message": message, "finish_reason": end.reason,
-                         "logprobs": {"content": entries} if job.params.logprobs is not None else None}],
-            "usage": _usage(end.prompt_tokens, end.completion_tokens)}
+    out = []
+    for i, (c, end) in enumerate(zip(choices, ends)):
+      message = {"role": "assistant", "content": c.text.text, "boxes": msg.boxes_in_pixels(c.text.text, job.prompt)}
+      out.append({"index": i, "message": message, "finish_reason": end.reason,
+                  "logprobs": {"content": entries[i]} if job.params.logprobs is not None else None})
+    return {**head, "object": "chat.completion", "choices": out,
+            "usage": _usage(len(job.prompt.tokens), sum(end.completion_tokens for end in ends))}
 
   return app
 

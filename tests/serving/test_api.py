@@ -24,7 +24,7 @@ from qwenvl_jax import inference
 from qwenvl_jax import text as qtext
 from qwenvl_jax.serving import api, messages
 from qwenvl_jax.serving import engine as engine_lib
-from tests.serving.conftest import MAX_TOKENS_LIMIT, MODEL_NAME, Server
+from tests.serving.conftest import MAX_TOKENS_LIMIT, MODEL_NAME, Server, wait_until
 
 # The session's model, engine warm-up and server start cost more than 20 s on a 2-core CPU; one module pays it.
 pytestmark = pytest.mark.slow
@@ -475,12 +475,55 @@ def test_logprobs_among_other_requests_and_with_a_stop_string(client):
   assert len(got) == cut.usage.completion_tokens < 10
 
 
+def test_n_choices_are_what_requests_of_consecutive_seeds_answer(client):
+  """n sampled choices: choice i is what one request with seed + i answers (so they differ); usage counts the
+  prompt once and every choice's tokens; streamed, each index's chunks join to that choice; greedy choices agree."""
+  conversation = _prompts()[1]  # with an image
+
+  def sample(seed, **kw):
+    return client.chat.completions.create(model=MODEL_NAME, messages=conversation, max_tokens=12, temperature=1.0,
+                                          top_p=1, seed=seed, extra_body={"ignore_eos": True}, **kw)
+
+  alone = [sample(seed).choices[0].message.content for seed in (5, 6, 7)]
+  assert len(set(alone)) == 3
+  reply = sample(5, n=3, logprobs=True)
+  assert [c.index for c in reply.choices] == [0, 1, 2]
+  assert [c.message.content for c in reply.choices] == alone
+  assert all(len(c.logprobs.content) == 12 for c in reply.choices)
+  assert reply.usage.completion_tokens == 36 and reply.usage.prompt_tokens == sample(5).usage.prompt_tokens
+  chunks = list(sample(5, n=3, stream=True, stream_options={"include_usage": True}))
+  streamed = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+              for i in range(3)]
+  assert streamed == alone
+  assert sorted(c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason) == [0, 1, 2]
+  assert chunks[-1].usage.completion_tokens == 36
+  greedy = ask(client, conversation, n=2)
+  assert greedy.choices[0].message.content == greedy.choices[1].message.content
+
+
+@pytest.mark.usefixtures("slow_decoding")
+def test_a_client_leaving_an_n_choice_stream_frees_every_slot(server, http):
+  """The three choices' slots are freed when the client leaves (cancelled, not run to their 400 tokens)."""
+  before = _health(server, http)
+  body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "go on"}], "max_tokens": MAX_TOKENS_LIMIT,
+          "temperature": 0, "stream": True, "ignore_eos": True, "n": 3}
+  with http.post(server.url + "/v1/chat/completions", json=body, stream=True, timeout=60) as r:
+    for line in r.iter_lines():
+      if line.startswith(b"data: ") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+        break
+  wait_until(lambda: _health(server, http).get("finished_cancelled", 0) == before.get("finished_cancelled", 0) + 3)
+  stats = _health(server, http)
+  assert stats.get("finished_cancelled", 0) == before.get("finished_cancelled", 0) + 3 and stats["active"] == 0
+  assert stats.get("finished_length", 0) == before.get("finished_length", 0)
+
+
 @pytest.mark.parametrize("fields, param", [
+    ({"n": 0}, "n"), ({"n": 5}, "n"), ({"n": 1.5}, "n"),  # the test server has 4 slots
     ({"logprobs": "yes"}, "logprobs"), ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"logprobs": True, "top_logprobs": -1}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 2.5}, "top_logprobs"),
     ({"logprobs": False, "top_logprobs": 2}, "top_logprobs"),
 ])
-def test_bad_logprobs_fields_get_a_400_naming_them(server, http, fields, param):
+def test_bad_n_and_logprobs_fields_get_a_400_naming_them(server, http, fields, param):
   status, body = _post(server, http, {"messages": HI, "max_tokens": 2, **fields})
   assert status == 400 and body["error"]["param"] == param, body
 
