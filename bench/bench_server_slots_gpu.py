@@ -66,11 +66,11 @@ def one(args) -> dict:
     slot_model.prefill(*prefill_args).tokens.block_until_ready()
     prefill_ms = (time.perf_counter() - start) * 1e3
     prefill_analysis = slot_model._prefill.lower(  # pylint: disable=protected-access
-        slot_model.state, slot_model.cache, *prefill_args).compile().memory_analysis()
+        slot_model.state, slot_model.cache, slot_model.history, *prefill_args).compile().memory_analysis()
     tokens = np.ones(b, np.int32)
     positions = np.full(b, p, np.int32)
-    lowered = slot_model.decode_program().lower(slot_model.state, slot_model.cache, tokens, positions,
-                                                np.ones(b, bool), rope(b), greedy(b))
+    lowered = slot_model.decode_program().lower(slot_model.state, slot_model.cache, slot_model.history, tokens,
+                                                positions, np.ones(b, bool), rope(b), greedy(b))
     analysis = lowered.compile().memory_analysis()
     slot_model.decode(tokens, positions, np.ones(b, bool), rope(b), greedy(b)).tokens.block_until_ready()  # compile
     start = time.perf_counter()

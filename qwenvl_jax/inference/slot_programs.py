@@ -8,8 +8,14 @@ group, padded), n images encoded in one call (an image-batch bucket), Q image to
 L layers, S image side, K decode steps per call, W cache slots attended (a window bucket).
 
   encode(images uint8[n, S, S, 3])                     -> feats [F, Q, D] (ViT + adapter, zero-padded to F)
-  prefill(cache, ids[k, P], lengths, first_image, feats, rows, ...) -> Picked of the first tokens [k], cache
-  decode(cache, tokens[R], positions[R], active[R], ...) -> Picked of the new tokens [K, R], cache (the first R rows)
+  prefill(cache, history, ids[k, P], lengths, first_image, feats, rows, ...) -> Picked [k] (first tokens), cache,
+                                                                                history
+  decode(cache, history, tokens[R], positions[R], active[R], ...) -> Picked [K, R] (new tokens), cache, history
+                                                                                (the first R rows)
+
+`TokenHistory` holds, per slot row, which tokens its prompt holds and how often its answer has produced each: the
+penalties of `slot_sampling.penalize` read them (skipped when no row has one), prefill resets a joining row's,
+decode counts each new token.
 
 Every slot row of the cache belongs to one request at a time. A request's prompt occupies its row's slots
 0 .. len-1 and its n-th new token slot len + n, so the cache slot equals the RoPE position and rows advance
@@ -46,20 +52,42 @@ from qwenvl_jax.model.qwen import KVCache, constrain_cache
 class Sampling(NamedTuple):
   """Per-row sampling settings (see `slot_sampling.select`): float32 temperature (0 = greedy), int32 top_k,
   float32 top_p, uint32[., 2] seed (`slot_sampling.seed_words`), int32 count (tokens generated so far), bool
-  logprobs (the row's request wants log-probabilities, `slot_sampling.token_logprobs`)."""
+  logprobs (the row's request wants log-probabilities, `slot_sampling.token_logprobs`), float32 min_p (0 = off),
+  float32 repetition (1 = off), frequency and presence (0 = off) penalties (`slot_sampling.penalize`)."""
   temperature: jax.Array
   top_k: jax.Array
   top_p: jax.Array
   seed: jax.Array
   count: jax.Array
   logprobs: jax.Array
+  min_p: jax.Array
+  repetition: jax.Array
+  frequency: jax.Array
+  presence: jax.Array
 
   @classmethod
   def greedy(cls, rows: int) -> "Sampling":
-    """Settings of `rows` greedy rows (temperature 0, no log-probabilities), as host arrays: what tests and benches
-    decode with."""
-    return cls(np.zeros(rows, np.float32), np.zeros(rows, np.int32), np.ones(rows, np.float32),
-               np.zeros((rows, 2), np.uint32), np.zeros(rows, np.int32), np.zeros(rows, bool))
+    """Settings of `rows` greedy rows (temperature 0, no penalties, no log-probabilities), as host arrays: what
+    tests and benches decode with."""
+    zeros = np.zeros(rows, np.float32)
+    return cls(zeros, np.zeros(rows, np.int32), np.ones(rows, np.float32), np.zeros((rows, 2), np.uint32),
+               np.zeros(rows, np.int32), np.zeros(rows, bool), zeros, np.ones(rows, np.float32), zeros, zeros)
+
+
+class TokenHistory(NamedTuple):
+  """Per slot row: bool seen[B, V] (the tokens of its prompt) and int32 counts[B, V] (how often its answer has
+  produced each token so far), what the penalties read."""
+  seen: jax.Array
+  counts: jax.Array
+
+
+def init_history(num_slots: int, vocab: int) -> TokenHistory:
+  """An empty history (rows over the batch axes under `sharding.use_rules`); jit it, as the cache is."""
+  return constrain_history(TokenHistory(jnp.zeros((num_slots, vocab), bool), jnp.zeros((num_slots, vocab), jnp.int32)))
+
+
+def constrain_history(history: TokenHistory) -> TokenHistory:
+  return TokenHistory(*(sharding.constrain(x, ("act_batch", None)) for x in history))
 
 
 class Picked(NamedTuple):
@@ -72,9 +100,15 @@ class Picked(NamedTuple):
   top_logprobs: jax.Array
 
 
-def _pick(logits, sampling: Sampling, counts, vocab_limit) -> Picked:
-  tokens = slot_sampling.select(logits, temperature=sampling.temperature, top_k=sampling.top_k,
-                                top_p=sampling.top_p, seeds=sampling.seed, counts=counts, vocab_limit=vocab_limit)
+def _pick(logits, seen, history_counts, sampling: Sampling, counts, vocab_limit) -> Picked:
+  """Tokens of the logits after the penalties (on `seen` / `history_counts`, `slot_sampling.penalize`), and the
+  log-probabilities of the logits before them (the model's, as vLLM's default)."""
+  penalized = slot_sampling.penalize(logits.astype(jnp.float32), seen, history_counts,
+                                     repetition=sampling.repetition, frequency=sampling.frequency,
+                                     presence=sampling.presence)
+  tokens = slot_sampling.select(penalized, temperature=sampling.temperature, top_k=sampling.top_k,
+                                top_p=sampling.top_p, seeds=sampling.seed, counts=counts, vocab_limit=vocab_limit,
+                                min_p=sampling.min_p)
   return Picked(tokens, *slot_sampling.token_logprobs(logits, tokens, sampling.logprobs, vocab_limit))
 
 
@@ -93,11 +127,12 @@ def encode(graphdef, feature_slots: int, state, images):
   return replicated(jnp.pad(feats, ((0, feature_slots - feats.shape[0]), (0, 0), (0, 0))))
 
 
-def prefill(graphdef, vocab_limit, state, cache: KVCache, ids, lengths, first_image, feats, rows, rope_base,
-             sampling: Sampling):
+def prefill(graphdef, vocab_limit, state, cache: KVCache, history: TokenHistory, ids, lengths, first_image, feats,
+            rows, rope_base, sampling: Sampling):
   """ids int32[k, P] right-padded (row i's prompt in slots 0 .. lengths[i]-1); lengths int32[k] (>= 1);
   first_image int32[k] (index in `feats` of the row's first image); feats [F, Q, D]; rows int32[k] cache row of each
-  prompt (B = padding row, dropped); rope_base float32[k]. Returns (`Picked` [k]: the first new tokens, cache)."""
+  prompt (B = padding row, dropped); rope_base float32[k]. Returns (`Picked` [k]: the first new tokens, cache,
+  history: the rows' prompts as seen, their answers' counts holding the first tokens)."""
   model = _merge(graphdef, state)
   k, p = ids.shape
   q = feats.shape[1]
@@ -120,30 +155,40 @@ def prefill(graphdef, vocab_limit, state, cache: KVCache, ids, lengths, first_im
   # Only each row's last prompt position goes through lm_head: k x V, not the k x P x V of the whole prompt.
   last = jnp.take_along_axis(h, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)  # [k, 1, D]
   logits = model.llm.lm_head(last)[:, 0]
-  return _pick(logits, sampling, sampling.count, vocab_limit), constrain_cache(cache)
+  v, k_rows = logits.shape[-1], jnp.arange(k)[:, None]
+  seen = jnp.zeros((k, v), bool).at[k_rows, jnp.where(valid, ids, v)].set(True, mode="drop")
+  counts = jnp.zeros((k, v), jnp.int32)
+  picked = _pick(logits, seen, counts, sampling, sampling.count, vocab_limit)
+  counts = counts.at[k_rows[:, 0], picked.tokens].set(1)
+  history = TokenHistory(history.seen.at[rows].set(seen, mode="drop"),
+                         history.counts.at[rows].set(counts, mode="drop"))
+  return picked, constrain_cache(cache), constrain_history(history)
 
 
-def decode(graphdef, vocab_limit, steps: int, window: int, state, cache: KVCache, tokens, positions, active,
-            rope_base, sampling: Sampling):
+def decode(graphdef, vocab_limit, steps: int, window: int, state, cache: KVCache, history: TokenHistory, tokens,
+           positions, active, rope_base, sampling: Sampling):
   """`steps` decode steps of the first R rows of the cache (R <= B, a decode-size bucket covering every active
   slot): tokens int32[R] are fed at int32[R] positions (= cache slots), each step's tokens are fed at the next
   positions, and attention reads the first `window` slots (every position fed must be below it). Inactive rows
   write segment 0 (never a key) and their outputs are ignored; sampling of step j uses count + j, as a one-step
-  call would. Returns (`Picked` [steps, R]: the new tokens, cache)."""
+  call would; each new token is counted in its row's history. Returns (`Picked` [steps, R]: the new tokens, cache,
+  history)."""
   seg = active.astype(jnp.int32)[:, None]
 
   def step(carry, _):
     # The weights ride in the carry: NNX modules are rebuilt from values of the loop's own trace (as decode.py).
-    state, cache, tokens, positions, count = carry
+    state, cache, history, tokens, positions, count = carry
     model = _merge(graphdef, state)
     # The whole cache goes in: the model writes and reads only its first R rows (`QwenLM.features`), in place.
     logits, cache = model.llm(model.llm.embed(tokens[:, None]), positions=positions[:, None], segment_ids=seg,
                               cache=cache, cache_index=positions, rope_base=rope_base[:, None, None], logn=True,
                               window=window)
-    picked = _pick(logits[:, 0], sampling, count, vocab_limit)
-    return (state, cache, picked.tokens, positions + 1, count + 1), picked
+    picked = _pick(logits[:, 0], history.seen, history.counts, sampling, count, vocab_limit)
+    counts = history.counts.at[jnp.arange(tokens.shape[0]), picked.tokens].add(active.astype(jnp.int32))
+    return (state, cache, TokenHistory(history.seen, counts), picked.tokens, positions + 1, count + 1), picked
 
-  (_, cache, *_), out = jax.lax.scan(step, (state, cache, tokens, positions, sampling.count), None, length=steps)
-  return out, constrain_cache(cache)
+  (_, cache, history, *_), out = jax.lax.scan(step, (state, cache, history, tokens, positions, sampling.count), None,
+                                              length=steps)
+  return out, constrain_cache(cache), constrain_history(history)
 
 

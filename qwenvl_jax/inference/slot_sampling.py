@@ -12,6 +12,10 @@ are traced per-row arrays and one compiled step serves every mix of settings:
   * top-p keeps the most likely tokens whose mass before them is below p (at least one; 1 = off), as
     `sampling.top_p_filter`, except that a logit tied with the last kept one is kept too (a threshold on the
     sorted logits instead of a scatter of the sorted mask; ties are measure-zero for real models);
+  * min-p keeps the tokens at least min_p times as likely as the most likely one (0 = off; vLLM's, after
+    temperature);
+  * before all of these, `penalize` applies a request's repetition, frequency and presence penalties (vLLM's
+    order and definitions) to the tokens its prompt and answer hold so far;
   * each row draws with its own key `fold_in(key(seed), n)`, n = tokens it generated so far, so a request's
     sample depends on its seed and nothing else (not on its slot or its neighbours). A seed is any 64-bit integer
     (OpenAI's `seed` is an int64), carried as two uint32 words: the threefry key of seed mod 2^64, which is
@@ -59,9 +63,11 @@ def _limited(logits: jax.Array, vocab_limit: int | None) -> jax.Array:
   return logits
 
 
-def _filter_row(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-  """One row float32[V] warped by temperature, top-k and top-p (filtered entries -inf)."""
+def _filter_row(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
+                min_p: jax.Array) -> jax.Array:
+  """One row float32[V] warped by temperature, min-p, top-k and top-p (filtered entries -inf)."""
   logits = logits / jnp.maximum(temperature, 1e-6)
+  logits = jnp.where((min_p > 0) & (logits < jnp.max(logits) + jnp.log(jnp.maximum(min_p, 1e-30))), -jnp.inf, logits)
   desc = jnp.sort(logits)[::-1]
   kth = desc[jnp.clip(top_k - 1, 0, logits.shape[0] - 1)]
   logits = jnp.where((top_k > 0) & (logits < kth), -jnp.inf, logits)
@@ -74,12 +80,13 @@ def _filter_row(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top
 
 
 def select(logits: jax.Array, *, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, seeds: jax.Array,
-           counts: jax.Array, vocab_limit: int | None = None) -> jax.Array:
+           counts: jax.Array, vocab_limit: int | None = None, min_p: jax.Array | None = None) -> jax.Array:
   """int32[B] next tokens.
 
   Args:
     logits: float[B, V] at each row's last position.
     temperature: float32[B], 0 = greedy. top_k: int32[B], 0 = off. top_p: float32[B] in (0, 1], 1 = off.
+    min_p: float32[B] in [0, 1], 0 = off (None: off for every row).
     seeds: uint32[B, 2] per-request seeds (`seed_words`); counts: int32[B] tokens each row generated so far (the
       key's fold-in).
     vocab_limit: ids >= this are never produced (the tokenizer's size when the model has padding rows); static.
@@ -88,7 +95,8 @@ def select(logits: jax.Array, *, temperature: jax.Array, top_k: jax.Array, top_p
   greedy = sampling.greedy_tokens(logits)
 
   def sample(_):
-    warped = jax.vmap(_filter_row)(logits, temperature, top_k, top_p)
+    warped = jax.vmap(_filter_row)(logits, temperature, top_k, top_p,
+                                   jnp.zeros_like(temperature) if min_p is None else min_p)
     drawn = jax.vmap(jax.random.categorical)(row_keys(seeds, counts), warped).astype(jnp.int32)
     return jnp.where(temperature > 0, drawn, greedy)
 
@@ -127,3 +135,28 @@ def token_logprobs(logits: jax.Array, chosen: jax.Array, wanted: jax.Array,
             jnp.zeros((b, TOP_LOGPROBS), jnp.float32))
 
   return jax.lax.cond(jnp.any(wanted), compute, skip, None)
+
+
+def penalize(logits: jax.Array, seen: jax.Array, counts: jax.Array, *, repetition: jax.Array,
+             frequency: jax.Array, presence: jax.Array) -> jax.Array:
+  """float32 logits[B, V] with each row's penalties on the tokens it holds (vLLM's definitions and order):
+
+    repetition (HF's repetition_penalty; 1 = off): a token of the prompt or the answer so far has its logit divided
+      by it when positive, multiplied when not;
+    frequency, presence (OpenAI's, in [-2, 2]; 0 = off): logit - frequency * (times the answer holds the token)
+      - presence * (the answer holds it).
+
+  seen: bool[B', V] tokens of each row's prompt; counts: int32[B', V] of its answer so far; B' >= B, the first B
+  rows are the logits' (a server decodes its first rows). When no row has a penalty the logits are returned as they
+  are (`lax.cond`: nothing is read or computed).
+  """
+  def apply(_):
+    b = logits.shape[0]
+    held = seen[:b] | (counts[:b] > 0)
+    r = repetition[:, None]
+    out = jnp.where(held, jnp.where(logits > 0, logits / r, logits * r), logits)
+    c = counts[:b].astype(jnp.float32)
+    return out - frequency[:, None] * c - presence[:, None] * (c > 0)
+
+  any_penalty = jnp.any((repetition != 1) | (frequency != 0) | (presence != 0))
+  return jax.lax.cond(any_penalty, apply, lambda _: logits, None)

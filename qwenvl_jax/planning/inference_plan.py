@@ -345,19 +345,23 @@ def _plan_server(cfg, topology, graphdef, state, as_state, cache, mesh, rules, *
     return sharded((n,), dtype, ("act_batch",))
 
   def sampling(n):
-    return slot_programs.Sampling(rows(n, jnp.float32), rows(n, jnp.int32), rows(n, jnp.float32),
-                                  sharded((n, 2), jnp.uint32, ("act_batch", None)), rows(n, jnp.int32),
-                                  rows(n, jnp.bool_))
+    f32 = rows(n, jnp.float32)
+    return slot_programs.Sampling(f32, rows(n, jnp.int32), f32, sharded((n, 2), jnp.uint32, ("act_batch", None)),
+                                  rows(n, jnp.int32), rows(n, jnp.bool_), f32, f32, f32, f32)
 
-  def decode_fn(state, cache, tokens, positions, active, rope_base, samp):
-    return slot_programs.decode(graphdef, None, decode_steps, context, as_state(state), cache, tokens, positions,
-                                active, rope_base, samp)
+  # The penalties' token history of the slots (`slot_programs.TokenHistory`), donated with the cache.
+  history = slot_programs.TokenHistory(*(sharded((batch, cfg.llm.vocab_size), dtype, ("act_batch", None))
+                                         for dtype in (jnp.bool_, jnp.int32)))
+
+  def decode_fn(state, cache, history, tokens, positions, active, rope_base, samp):
+    return slot_programs.decode(graphdef, None, decode_steps, context, as_state(state), cache, history, tokens,
+                                positions, active, rope_base, samp)
 
   with sharding.use_rules(mesh, rules):
     _, decode_plan = aot.compile_step(
-        decode_fn, (state, cache, rows(batch, jnp.int32), rows(batch, jnp.int32), rows(batch, jnp.bool_),
+        decode_fn, (state, cache, history, rows(batch, jnp.int32), rows(batch, jnp.int32), rows(batch, jnp.bool_),
                     rows(batch, jnp.float32), sampling(batch)),
-        chip=topology.chip, mesh=mesh, donate_argnums=1, count_program_flops=False, keep_unused=True,
+        chip=topology.chip, mesh=mesh, donate_argnums=(1, 2), count_program_flops=False, keep_unused=True,
         tokens=batch * decode_steps)
   decode_plan = _remedy(decode_plan, "server_decode", facts)
   if not with_prefill:
@@ -365,8 +369,8 @@ def _plan_server(cfg, topology, graphdef, state, as_state, cache, mesh, rules, *
   k, q, d, s = prefill_batch, cfg.image_tokens, cfg.llm.width, cfg.vision.image_size
   feature_slots = max(1, k * images)
 
-  def prefill_fn(state, cache, ids, lengths, first_image, feats, slot_rows, rope_base, samp):
-    return slot_programs.prefill(graphdef, None, as_state(state), cache, ids, lengths, first_image, feats,
+  def prefill_fn(state, cache, history, ids, lengths, first_image, feats, slot_rows, rope_base, samp):
+    return slot_programs.prefill(graphdef, None, as_state(state), cache, history, ids, lengths, first_image, feats,
                                  slot_rows, rope_base, samp)
 
   def encode_fn(state, pixels):
@@ -375,9 +379,10 @@ def _plan_server(cfg, topology, graphdef, state, as_state, cache, mesh, rules, *
   feats = sharded((feature_slots, q, d), cfg.dtype, (None, None, None))
   with sharding.use_rules(mesh, rules):
     _, prefill_plan = aot.compile_step(
-        prefill_fn, (state, cache, sharded((k, prompt), jnp.int32, ("act_batch", None)), rows(k, jnp.int32),
-                     rows(k, jnp.int32), feats, rows(k, jnp.int32), rows(k, jnp.float32), sampling(k)),
-        chip=topology.chip, mesh=mesh, donate_argnums=1, count_program_flops=False, keep_unused=True,
+        prefill_fn, (state, cache, history, sharded((k, prompt), jnp.int32, ("act_batch", None)),
+                     rows(k, jnp.int32), rows(k, jnp.int32), feats, rows(k, jnp.int32), rows(k, jnp.float32),
+                     sampling(k)),
+        chip=topology.chip, mesh=mesh, donate_argnums=(1, 2), count_program_flops=False, keep_unused=True,
         tokens=k * prompt)
     encode_plan = None
     if images:

@@ -9,7 +9,9 @@ chunk, so the per-token cost of the HTTP side (wake-ups, JSON, socket writes) is
 `data: [DONE]`). A client that goes away (the stream is cancelled, or a non-streaming client disconnects) cancels
 its request, which frees its decode slot at the engine's next turn.
 
-Extensions (the way vLLM spells them): `top_k`; `ignore_eos` (decode to max_tokens; for benchmarks).
+Extensions (the way vLLM spells them): `top_k`, `min_p`, `repetition_penalty`, `stop_token_ids`; `ignore_eos`
+(decode to max_tokens; for benchmarks). vLLM's other sampling extras (`min_tokens`, `best_of`, `use_beam_search`,
+`length_penalty`) get a 400 unless they have their no-op value.
 
 Grounding: the final message carries `boxes` (an extension field), the answer's `<ref>`/`<box>` pairs in the
 [0, 1000) grid and in pixels of the latest image of the conversation; the text keeps the tags as generated.
@@ -103,10 +105,10 @@ def _refuse_unsupported(body: dict) -> None:
   """OpenAI fields this server does not implement: a request that sets one to anything but its no-op value gets a
   400 naming it, instead of an answer that silently ignores it (fields with no effect on the answer, such as
   `user`, `metadata` or `store`, are accepted and ignored, as are unknown ones)."""
-  for name in ("presence_penalty", "frequency_penalty"):
-    value = _number(body, name, float, 0.0, -2.0, 2.0)
-    if value != 0:
-      raise msg.RequestError(f"{name} is not supported by this server (only 0)", param=name)
+  for name, no_op in (("min_tokens", 0), ("best_of", body.get("n", 1)), ("use_beam_search", False),
+                      ("length_penalty", 1)):  # vLLM's sampling extras
+    if name in body and body[name] != no_op:
+      raise msg.RequestError(f"{name} is not supported by this server", param=name)
   if body.get("logit_bias", {}) != {}:
     raise msg.RequestError("logit_bias is not supported by this server", param="logit_bias")
   if body.get("response_format", {"type": "text"}) != {"type": "text"}:
@@ -123,6 +125,24 @@ def _refuse_unsupported(body: dict) -> None:
   for name in ("audio", "web_search_options"):  # audio output, web search: any value asks for them
     if name in body:
       raise msg.RequestError(f"{name} is not supported by this server", param=name)
+
+
+def _penalties(body: dict) -> dict:
+  """`SamplingParams` fields of OpenAI's frequency_penalty and presence_penalty ([-2, 2]) and vLLM's
+  repetition_penalty ((0, 2]) and min_p ([0, 1])."""
+  out = {name: _number(body, name, float, 0.0, -2.0, 2.0) for name in ("frequency_penalty", "presence_penalty")}
+  out["repetition_penalty"] = _number(body, "repetition_penalty", float, 1.0, 0.0, 2.0)
+  if out["repetition_penalty"] <= 0:
+    raise msg.RequestError("repetition_penalty must be > 0", param="repetition_penalty")
+  out["min_p"] = _number(body, "min_p", float, 0.0, 0.0, 1.0)
+  return out
+
+
+def _stop_token_ids(body: dict) -> frozenset[int]:
+  ids = body.get("stop_token_ids", [])
+  if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+    raise msg.RequestError("stop_token_ids must be a list of token ids", param="stop_token_ids")
+  return frozenset(ids)
 
 
 def _logprobs(body: dict) -> int | None:
@@ -326,7 +346,8 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
     if not isinstance(ignore_eos, bool):
       raise msg.RequestError("ignore_eos must be a boolean", param="ignore_eos")
     params = engine_lib.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                       seed=seed, ignore_stop_tokens=ignore_eos, logprobs=_logprobs(body))
+                                       seed=seed, ignore_stop_tokens=ignore_eos, logprobs=_logprobs(body),
+                                       **_penalties(body), stop_token_ids=_stop_token_ids(body))
     return _Completion(prompt, params, stop, stream, include_usage, n)
 
   @app.post("/v1/chat/completions")

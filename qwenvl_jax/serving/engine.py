@@ -48,7 +48,9 @@ class SamplingParams:
   """One request's decoding: max_tokens >= 1; temperature 0 = greedy; top_k 0 = off; top_p 1 = off; seed;
   ignore_stop_tokens: run to max_tokens whatever is generated (benchmarks; vLLM's `ignore_eos`); logprobs: None
   (off), or how many of the most likely alternatives (0 .. `slot_sampling.TOP_LOGPROBS`) each token's event
-  carries beside the token's own log-probability."""
+  carries beside the token's own log-probability; min_p 0 = off; repetition_penalty 1, frequency_penalty and
+  presence_penalty 0 = off (`slot_sampling.penalize`); stop_token_ids: more ids that end the request as the chat
+  format's stop tokens do (vLLM's)."""
   max_tokens: int
   temperature: float = 0.0
   top_p: float = 1.0
@@ -56,6 +58,11 @@ class SamplingParams:
   seed: int = 0
   ignore_stop_tokens: bool = False
   logprobs: int | None = None
+  min_p: float = 0.0
+  repetition_penalty: float = 1.0
+  frequency_penalty: float = 0.0
+  presence_penalty: float = 0.0
+  stop_token_ids: frozenset[int] = frozenset()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -432,10 +439,11 @@ class Engine:
       return
     slot.generated += 1
     token = int(picked.tokens[at])
-    if token in self.stop_ids and not slot.request.params.ignore_stop_tokens:
+    params = slot.request.params
+    if (token in self.stop_ids or token in params.stop_token_ids) and not params.ignore_stop_tokens:
       self._finish(i, "stop")
       return
-    top = slot.request.params.logprobs
+    top = params.logprobs
     if top is None:
       slot.request.sink(Token(token))
     else:
@@ -451,7 +459,11 @@ def _sampling(params: Sequence[SamplingParams], counts: Sequence[int]) -> Sampli
                   top_p=np.asarray([p.top_p for p in params], np.float32),
                   seed=np.asarray([slot_sampling.seed_words(p.seed) for p in params], np.uint32).reshape(-1, 2),
                   count=np.asarray(counts, np.int32),
-                  logprobs=np.asarray([p.logprobs is not None for p in params], bool))
+                  logprobs=np.asarray([p.logprobs is not None for p in params], bool),
+                  min_p=np.asarray([p.min_p for p in params], np.float32),
+                  repetition=np.asarray([p.repetition_penalty for p in params], np.float32),
+                  frequency=np.asarray([p.frequency_penalty for p in params], np.float32),
+                  presence=np.asarray([p.presence_penalty for p in params], np.float32))
 
 
 def _fetch(picked: Picked, params: Sequence[SamplingParams]) -> Picked:

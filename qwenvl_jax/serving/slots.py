@@ -21,7 +21,8 @@ class SlotModel:
   """A model's jitted encode / prefill / decode over `num_slots` rows of `context` cache slots (build it inside the
   `sharding.use_rules` its calls run in, as `Engine` does).
 
-  The cache lives here and is donated to every call that updates it (updated in place, never copied).
+  The cache and the token history (`slot_programs.TokenHistory`) live here and are donated to every call that
+  updates them (updated in place, never copied).
   vocab_limit: ids >= this are never produced (the tokenizer's vocabulary size).
   feature_slots: F, the most images one prefill call takes (requests per prefill x images per request).
   """
@@ -33,12 +34,13 @@ class SlotModel:
     self.graphdef, self.state = nnx.split(model)
     # Made by jitted programs, so that under `sharding.use_rules` they have the sharding of the programs' outputs.
     self.cache = jax.jit(lambda: constrain_cache(model.llm.init_cache(num_slots, context, dtype=cache_dtype)))()
+    self.history = jax.jit(lambda: slot_programs.init_history(num_slots, self.cfg.llm.vocab_size))()
     self.vocab_limit = vocab_limit
     # graphdef and vocab_limit are bound, not static arguments: jit would hash the graphdef on every call
     # (~0.3 ms, as much as a one-row decode step of the tiny model).
     self._encode = jax.jit(functools.partial(slot_programs.encode, self.graphdef, feature_slots))
     self._prefill = jax.jit(functools.partial(slot_programs.prefill, self.graphdef, vocab_limit),
-                            donate_argnums=(1,))
+                            donate_argnums=(1, 2))
     self._decode_fns = {}  # (steps, window) -> jitted `slot_programs.decode`
     q, d = self.cfg.image_tokens, self.cfg.llm.width
     self.no_features = jax.jit(lambda: slot_programs.replicated(jnp.zeros((feature_slots, q, d), self.cfg.dtype)))()
@@ -52,8 +54,8 @@ class SlotModel:
   def prefill(self, ids: np.ndarray, lengths: np.ndarray, first_image: np.ndarray, feats: jax.Array,
               rows: np.ndarray, rope_base: np.ndarray, sampling: Sampling) -> slot_programs.Picked:
     """Writes k prompts into cache rows `rows` and returns their first new tokens (`Picked` [k], on device)."""
-    first, self.cache = self._prefill(self.state, self.cache, ids, lengths,
-                                      first_image, feats, rows, rope_base, sampling)
+    first, self.cache, self.history = self._prefill(self.state, self.cache, self.history, ids, lengths, first_image,
+                                                    feats, rows, rope_base, sampling)
     return first
 
   def decode(self, tokens: np.ndarray, positions: np.ndarray, active: np.ndarray, rope_base: np.ndarray,
@@ -61,15 +63,15 @@ class SlotModel:
     """`steps` steps of the first R slots (R = len(tokens)) attending to the first `window` cache slots (default
     all; every position fed, positions + steps - 1 included, must be below it): the new tokens (`Picked`
     [steps, R], on device)."""
-    nxt, self.cache = self.decode_program(steps, window)(self.state, self.cache, tokens, positions, active,
-                                                         rope_base, sampling)
+    nxt, self.cache, self.history = self.decode_program(steps, window)(self.state, self.cache, self.history, tokens,
+                                                                       positions, active, rope_base, sampling)
     return nxt
 
   def decode_program(self, steps: int = 1, window: int | None = None):
-    """The jitted decode call of `decode(..., steps, window)`, taking (state, cache, tokens, positions, active,
-    rope_base, sampling) (e.g. to `.lower(...)` it for a memory analysis)."""
+    """The jitted decode call of `decode(..., steps, window)`, taking (state, cache, history, tokens, positions,
+    active, rope_base, sampling) (e.g. to `.lower(...)` it for a memory analysis)."""
     key = (steps, window or self.context)
     if key not in self._decode_fns:
       program = functools.partial(slot_programs.decode, self.graphdef, self.vocab_limit, *key)
-      self._decode_fns[key] = jax.jit(program, donate_argnums=(1,))
+      self._decode_fns[key] = jax.jit(program, donate_argnums=(1, 2))
     return self._decode_fns[key]

@@ -12,7 +12,7 @@ def test_the_server_prefill_writes_into_the_slots_cache_without_a_cache_of_its_o
   slot_model = slots_lib.SlotModel(tiny_model, num_slots=4, context=64, feature_slots=1)
   k, p = 2, 32
   sampling = slots_lib.Sampling.greedy(k)
-  args = (slot_model.state, slot_model.cache, np.ones((k, p), np.int32), np.full(k, p, np.int32),
+  args = (slot_model.state, slot_model.cache, slot_model.history, np.ones((k, p), np.int32), np.full(k, p, np.int32),
           np.zeros(k, np.int32), slot_model.no_features, np.array([0, 1], np.int32),
           np.full(k, cfg.llm.rope_base, np.float32), sampling)
   text = slot_model._prefill.lower(*args).compile().as_text()  # pylint: disable=protected-access

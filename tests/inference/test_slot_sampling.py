@@ -49,3 +49,20 @@ def test_token_logprobs_are_the_log_softmax_within_the_vocabulary_limit_and_skip
   assert not np.any(lp) and not np.any(ids) and not np.any(top) and ids.shape == (3, n)
   small = slot_sampling.token_logprobs(logits[:, :8], chosen % 8, np.ones(3, bool))[2]  # 8 ids < TOP_LOGPROBS
   assert np.all(np.isfinite(small[:, :8])) and np.all(np.isneginf(small[:, 8:]))
+
+
+def test_penalize_reads_the_first_rows_of_the_history_and_leaves_logits_alone_without_penalties():
+  """Rows with penalties get vLLM's definitions (checked by hand on three tokens), others keep their logits; the
+  history may have more rows than the logits (a server decodes its first rows); no penalty anywhere: unchanged."""
+  logits = np.array([[2.0, -1.0, 0.5, 3.0], [1.0, 1.0, 1.0, 1.0]], np.float32)
+  seen = np.array([[True, True, False, False], [True, False, False, False], [True, True, True, True]])
+  counts = np.array([[0, 0, 2, 0], [0, 0, 0, 0], [5, 5, 5, 5]], np.int32)
+  out = np.asarray(slot_sampling.penalize(logits, seen, counts, repetition=np.array([2.0, 1.0], np.float32),
+                                          frequency=np.array([0.25, 0.0], np.float32),
+                                          presence=np.array([1.0, 0.0], np.float32)))
+  # token 0: seen, positive -> 2 / 2; token 1: seen, negative -> -1 * 2; token 2: twice in the answer ->
+  # 0.5 / 2 - 0.25 * 2 - 1; token 3: untouched.
+  np.testing.assert_allclose(out, [[1.0, -2.0, 0.25 - 0.5 - 1.0, 3.0], [1.0, 1.0, 1.0, 1.0]])
+  same = slot_sampling.penalize(logits, seen, counts, repetition=np.ones(2, np.float32),
+                                frequency=np.zeros(2, np.float32), presence=np.zeros(2, np.float32))
+  np.testing.assert_array_equal(same, logits)

@@ -360,16 +360,18 @@ HI = [{"role": "user", "content": "hi"}]
 
 
 @pytest.mark.parametrize("field, value", [
-    ("top_logprobs", 3), ("presence_penalty", 0.5), ("frequency_penalty", -1),
-    ("presence_penalty", 3), ("logit_bias", {"5": -100}), ("response_format", {"type": "json_object"}),
+    ("top_logprobs", 3), ("presence_penalty", 3), ("frequency_penalty", -2.5), ("repetition_penalty", 0),
+    ("min_p", 1.5), ("stop_token_ids", [-1]), ("min_tokens", 2), ("best_of", 3), ("use_beam_search", True),
+    ("length_penalty", 0.5), ("logit_bias", {"5": -100}), ("response_format", {"type": "json_object"}),
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
     ("tool_choice", "required"), ("seed", 2 ** 64), ("stream_options", {"include_usage": True}),
     ("modalities", ["text", "audio"]), ("audio", {"voice": "alloy", "format": "wav"}), ("web_search_options", {}),
 ])
 def test_fields_the_server_does_not_implement_are_refused_not_ignored(server, http, field, value):
-  """A request asking for what this server does not do (penalties, biases, JSON mode, tools, audio output, web
-  search) gets a 400 naming the field, not an answer that silently lacks it; so do a seed over 64 bits,
-  stream_options on a request that does not stream, and top_logprobs without logprobs."""
+  """A request asking for what this server does not do (biases, JSON mode, tools, audio output, web search, vLLM's
+  min_tokens, best_of, beam search) gets a 400 naming the field, not an answer that silently lacks it; so do a seed
+  over 64 bits, stream_options on a request that does not stream, top_logprobs without logprobs, and penalties,
+  min_p or stop ids out of their range."""
   status, body = _post(server, http, {"messages": HI, "max_tokens": 2, field: value})
   assert status == 400 and body["error"]["param"] == field, body
 
@@ -387,12 +389,14 @@ def test_no_op_values_and_nulls_are_accepted_as_absent(server, http):
   assert status == 400 and out["error"]["param"] == "max_completion_tokens"  # the name the client used
 
 
-def _greedy_reference(model, tok, conversation, steps, top):
+def _greedy_reference(model, tok, conversation, steps, top=1, adjust=None):
   """Greedy decoding by the model's plain forward pass over the whole sequence (no cache, no server): per step the
-  chosen id and its log-probability, and the `top` most likely (id, log-probability)."""
+  chosen id and its log-probability, and the `top` most likely (id, log-probability). adjust(logits, prompt ids,
+  answer ids so far): the logits the choice is made from (the log-probabilities stay the model's)."""
   cfg = model.cfg
   ids = list(messages.build_prompt(conversation, tok, image_tokens=cfg.image_tokens, image_size=cfg.vision.image_size,
                                    policy=messages.ImagePolicy(), max_images=0).tokens)
+  prompt = list(ids)
   n = len(ids) + steps  # one shape: attention is causal, so the zeros past the end change no earlier logit
   forward = nnx.jit(lambda m, x: m.llm(m.llm.embed(x), positions=jnp.arange(n)[None], segment_ids=jnp.ones_like(x))[0])
   out = []
@@ -401,8 +405,10 @@ def _greedy_reference(model, tok, conversation, steps, top):
     logp = logits.astype(np.float64)[:tok.vocab_size]
     logp -= np.log(np.sum(np.exp(logp - logp.max()))) + logp.max()
     order = np.argsort(-logp, kind="stable")[:top]
-    out.append((int(order[0]), logp[order[0]], [(int(i), logp[i]) for i in order]))
-    ids.append(int(order[0]))
+    chosen = int(order[0]) if adjust is None else int(np.argmax(adjust(logits[:tok.vocab_size].astype(np.float64),
+                                                                         prompt, ids[len(prompt):])))
+    out.append((chosen, logp[chosen], [(int(i), logp[i]) for i in order]))
+    ids.append(chosen)
   return out
 
 
@@ -515,6 +521,58 @@ def test_a_client_leaving_an_n_choice_stream_frees_every_slot(server, http):
   stats = _health(server, http)
   assert stats.get("finished_cancelled", 0) == before.get("finished_cancelled", 0) + 3 and stats["active"] == 0
   assert stats.get("finished_length", 0) == before.get("finished_length", 0)
+
+
+def _penalized(repetition=1.0, frequency=0.0, presence=0.0):
+  """vLLM's penalties written out on one row of float64 logits (an independent reference for the server's)."""
+  def adjust(logits, prompt, answer):
+    out = logits.copy()
+    counts = np.bincount(np.asarray(answer, np.int64), minlength=len(out))[:len(out)]
+    held = (counts > 0) | np.isin(np.arange(len(out)), prompt)
+    out[held] = np.where(out[held] > 0, out[held] / repetition, out[held] * repetition)
+    return out - frequency * counts - presence * (counts > 0)
+  return adjust
+
+
+@pytest.mark.parametrize("penalties", [
+    {"repetition_penalty": 1.8}, {"frequency_penalty": 1.5}, {"presence_penalty": 2.0},
+    {"repetition_penalty": 0.7, "frequency_penalty": -0.5, "presence_penalty": 0.5},
+])
+def test_penalties_give_the_greedy_answer_of_vllms_definitions(client, serve_model, serve_tok, penalties):
+  """Greedy answers under repetition / frequency / presence penalties equal a plain-forward greedy decoding whose
+  logits are penalized by vLLM's definitions written out in numpy (over the prompt and 16 answer tokens, across
+  several decode calls of the engine), and differ from the unpenalized answer."""
+  conversation = [{"role": "user", "content": "Count to three"}]
+  steps = 16
+  kw = {"max_tokens": steps, "extra_body": {"ignore_eos": True, **{k: v for k, v in penalties.items()
+                                                                   if k == "repetition_penalty"}}}
+  openai_kw = {k: v for k, v in penalties.items() if k != "repetition_penalty"}
+  answer = ask(client, conversation, **kw, **openai_kw).choices[0].message.content
+  ref = _greedy_reference(serve_model, serve_tok, conversation, steps, adjust=_penalized(
+      penalties.get("repetition_penalty", 1.0), penalties.get("frequency_penalty", 0.0),
+      penalties.get("presence_penalty", 0.0)))
+  assert answer == serve_tok.decode([i for i, _, _ in ref])
+  plain = ask(client, conversation, max_tokens=steps, extra_body={"ignore_eos": True})
+  assert answer != plain.choices[0].message.content
+
+
+def test_min_p_of_one_samples_only_the_most_likely_token(client):
+  """min_p = 1 keeps only the tokens as likely as the most likely one: sampling at temperature 1 is then greedy."""
+  conversation = [{"role": "user", "content": "Count to three"}]
+  greedy = ask(client, conversation, max_tokens=12, extra_body={"ignore_eos": True}).choices[0].message.content
+  sampled = [client.chat.completions.create(model=MODEL_NAME, messages=conversation, max_tokens=12, temperature=1.0,
+                                            top_p=1, seed=seed, extra_body={"ignore_eos": True, "min_p": p})
+             .choices[0].message.content for seed in (1, 2) for p in (1.0, 0.0)]
+  assert sampled[0] == sampled[2] == greedy and sampled[1] != sampled[3]
+
+
+def test_stop_token_ids_end_the_answer_as_a_stop_token(client, serve_model, serve_tok):
+  conversation = [{"role": "user", "content": "Count to three"}]
+  ids = [i for i, _, _ in _greedy_reference(serve_model, serve_tok, conversation, 8)]
+  at = next(j for j in range(2, 8) if ids[j] not in ids[:j])  # the first token that is new from the third on
+  reply = ask(client, conversation, max_tokens=8, extra_body={"ignore_eos": False, "stop_token_ids": [ids[at]]})
+  assert reply.choices[0].finish_reason == "stop" and reply.usage.completion_tokens == at + 1
+  assert reply.choices[0].message.content == serve_tok.decode(ids[:at])
 
 
 @pytest.mark.parametrize("fields, param", [
