@@ -1,5 +1,5 @@
-"""The OpenAI-compatible HTTP API (FastAPI): `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`, and
-the chat page at `/`.
+"""The OpenAI-compatible HTTP API (FastAPI): `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`,
+`GET /metrics` (Prometheus, `metrics`), and the chat page at `/`.
 
 Each request is parsed and checked on a worker thread (tokenizing and image decoding are CPU work), submitted to
 the engine, and answered from a `_Mailbox` the engine thread fills: the event loop never waits on the device. The
@@ -39,7 +39,7 @@ import uuid
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -50,6 +50,7 @@ from qwenvl_jax.serving import connection as connection_lib
 from qwenvl_jax.serving import engine as engine_lib
 from qwenvl_jax.serving import limits as limits_lib
 from qwenvl_jax.serving import messages as msg
+from qwenvl_jax.serving import metrics as metrics_lib
 from qwenvl_jax.serving.detokenize import Detokenizer, token_piece
 
 STATIC = pathlib.Path(__file__).resolve().parent / "static"
@@ -247,6 +248,7 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
                        allow_headers=["Authorization", "Content-Type"])
   cfg = engine.cfg
   created = int(time.time())
+  metrics = metrics_lib.ServerMetrics(engine, limits, app.state.connections)
 
   @app.exception_handler(msg.RequestError)
   async def _request_error(_, e: msg.RequestError):
@@ -270,6 +272,10 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
   def _model_card() -> dict:
     return {"id": config.model_name, "object": "model", "created": created, "owned_by": "qwenvl_jax",
             "context_length": engine.context}
+
+  @app.get("/metrics")
+  async def prometheus_metrics():
+    return Response(metrics.render(), media_type=metrics_lib.CONTENT_TYPE)
 
   @app.get("/v1/models")
   async def models():
@@ -414,14 +420,20 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
       delta = ""
       for ev in await next_events():
         if isinstance(ev, engine_lib.Token):
+          if not text.num_tokens:
+            metrics.first_token(time.monotonic() - req.submitted)
           delta += text.add(ev.token_id)
           if ev.logprob is not None:
             entries.append(_logprob_entry(ev))
           if text.stopped:
             engine.cancel(req, reason="stop")
+            metrics.finished(time.monotonic() - req.submitted, len(job.prompt.tokens), text.num_tokens)
             yield delta, entries, engine_lib.Finished("stop", len(job.prompt.tokens), text.num_tokens)
             return
         elif isinstance(ev, engine_lib.Finished):
+          if not text.num_tokens and ev.completion_tokens:  # the first token was a stop token
+            metrics.first_token(time.monotonic() - req.submitted)
+          metrics.finished(time.monotonic() - req.submitted, ev.prompt_tokens, ev.completion_tokens)
           yield delta + text.finish(), entries, ev
           return
         else:

@@ -19,6 +19,7 @@ import pytest
 import requests
 from flax import nnx
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from qwenvl_jax import inference
 from qwenvl_jax import text as qtext
@@ -615,6 +616,38 @@ def test_a_stop_string_ends_the_answer_as_stop_on_health(server, client, http):
     time.sleep(0.02)
   assert after.get("finished_stop", 0) == before.get("finished_stop", 0) + 1
   assert after.get("finished_cancelled", 0) == before.get("finished_cancelled", 0)
+
+
+def _metrics(server, http) -> dict:
+  """{(sample name, labels as sorted tuple): value} of /metrics, parsed by prometheus_client's own parser."""
+  r = http.get(server.url + "/metrics", timeout=10)
+  assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+  return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+          for family in text_string_to_metric_families(r.text) for sample in family.samples}
+
+
+def test_metrics_count_requests_tokens_and_first_token_times_in_prometheus_format(server, client, http):
+  """/metrics (what a Prometheus scraper reads) moves with the requests: finished by reason, tokens, the time to
+  first token and latency histograms, busy seconds; no compile event after warm-up; nothing left running."""
+  before = _metrics(server, http)
+  ask(client, HI, max_tokens=5, extra_body={"ignore_eos": True})
+  reply = ask(client, HI, max_tokens=7, n=2, extra_body={"ignore_eos": True})
+  after = _metrics(server, http)
+
+  def grew(name, **labels):
+    key = (name, tuple(sorted(labels.items())))
+    return after[key] - before.get(key, 0)
+
+  assert grew("qwenvl_requests_finished_total", reason="length") == 3
+  assert grew("qwenvl_generation_tokens_total") == 5 + 14
+  assert grew("qwenvl_prompt_tokens_total") == 3 * reply.usage.prompt_tokens
+  assert grew("qwenvl_time_to_first_token_seconds_count") == 3
+  assert grew("qwenvl_e2e_request_latency_seconds_count") == 3
+  assert grew("qwenvl_e2e_request_latency_seconds_sum") > 0 and grew("qwenvl_device_seconds_total",
+                                                                      program="decode") > 0
+  assert after[("qwenvl_compilations_after_warmup_total", (("kind", "backend_compiles"),))] == 0
+  assert after[("qwenvl_num_requests_running", ())] == 0 and after[("qwenvl_decode_slots", ())] == 4
+  assert after[("qwenvl_healthy", ())] == 1
 
 
 def test_a_model_is_retrieved_by_id(client):
