@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP API (FastAPI): `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`,
+"""The OpenAI-compatible HTTP API (FastAPI): `POST /v1/chat/completions`, `POST /v1/completions` (a prompt as it is,
+no template: the base model's prompts, images as `<img>URL</img>` spans), `GET /v1/models`, `GET /health`,
 `GET /metrics` (Prometheus, `metrics`), and the chat page at `/`.
 
 Each request is parsed and checked on a worker thread (tokenizing and image decoding are CPU work), submitted to
@@ -146,6 +147,14 @@ def _stop_token_ids(body: dict) -> frozenset[int]:
   return frozenset(ids)
 
 
+def _legacy_logprobs(body: dict) -> int | None:
+  """`SamplingParams.logprobs` of a text completion's `logprobs`: the number of alternatives (0 .. 20; 0 = the
+  chosen tokens' alone), absent = none."""
+  if "logprobs" not in body:
+    return None
+  return _number(body, "logprobs", int, 0, 0, slot_sampling.TOP_LOGPROBS)
+
+
 def _logprobs(body: dict) -> int | None:
   """`SamplingParams.logprobs` of OpenAI's `logprobs` (bool) and `top_logprobs` (0 .. 20, only with logprobs)."""
   wanted = body.get("logprobs", False)
@@ -155,6 +164,9 @@ def _logprobs(body: dict) -> int | None:
   if "top_logprobs" in body and not wanted:
     raise msg.RequestError("top_logprobs needs logprobs: true", param="top_logprobs")
   return top if wanted else None
+
+
+COMPLETION_MAX_TOKENS = 16
 
 
 class _Disconnected(Exception):
@@ -218,12 +230,26 @@ class _Stream(StreamingResponse):
 
 
 class _Completion:
-  """One request's parsed pieces; n: its choices, each an engine request of its own."""
+  """One request's parsed pieces; n: its choices, each an engine request of its own; chat: a chat completion
+  (`/v1/chat/completions`), else a text completion (`/v1/completions`)."""
 
   def __init__(self, prompt: msg.Prompt, params: engine_lib.SamplingParams, stop, stream: bool,
-               include_usage: bool, n: int = 1):
+               include_usage: bool, n: int = 1, chat: bool = True):
     self.prompt, self.params, self.stop, self.stream, self.include_usage = prompt, params, stop, stream, include_usage
-    self.n = n
+    self.n, self.chat = n, chat
+    self._offsets = [0] * n  # `legacy_logprobs`' text offset of each choice
+
+  def legacy_logprobs(self, index: int, entries: list[dict]) -> dict:
+    """A text completion's `logprobs` of a chat-style entries list (`tokens`, `token_logprobs`, `top_logprobs` as
+    {token: logprob}, `text_offset`: where each token's text starts in the choice's text, counted on from the
+    choice's earlier chunks)."""
+    offsets = []
+    for e in entries:
+      offsets.append(self._offsets[index])
+      self._offsets[index] += len(e["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            "text_offset": offsets}
 
   def choice_params(self) -> list[engine_lib.SamplingParams]:
     """The sampling of each choice: choice i draws with seed + i (mod 2^64), so that sampled choices differ and each
@@ -236,7 +262,8 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
   app = FastAPI(title="qwenvl_jax", docs_url=None, redoc_url=None)
   max_body = config.max_request_bytes or limits_lib.default_max_body_bytes(engine.max_images, config.images)
   limits = limits_lib.RequestLimits(max_open=engine.num_slots + config.max_waiting, max_body_bytes=max_body,
-                                    body_timeout=config.body_timeout, send_timeout=config.send_timeout)
+                                    body_timeout=config.body_timeout, send_timeout=config.send_timeout,
+                                    counted_paths=("/v1/chat/completions", "/v1/completions"))
   app.add_middleware(limits.middleware)
   # The connection's deadlines live in uvicorn's protocol, which `uvicorn_config` takes from here.
   app.state.connections = connection_lib.ConnectionLimits(header_timeout=config.header_timeout,
@@ -292,10 +319,10 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
   async def page():
     return FileResponse(STATIC / "index.html", media_type="text/html")
 
-  def _parse(raw: bytearray) -> _Completion:
+  def _parse(raw: bytearray, chat: bool = True) -> _Completion:
     """Runs on a worker thread: parses and checks the body, tokenizes, reads the images (parsing a body of tens of
     MB on the event loop would stall every stream). A field sent as JSON null counts as absent, as in OpenAI's
-    API."""
+    API. chat: a chat completion's body (`messages`), else a text completion's (`prompt`)."""
     try:
       body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -311,18 +338,29 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
                              status=404, code="model_not_found", param="model")
     n = _number(body, "n", int, 1, 1, engine.num_slots)  # each choice takes a decode slot
     _refuse_unsupported(body)
-    prompt = msg.build_prompt(body.get("messages"), tok, image_tokens=cfg.image_tokens,
-                              image_size=cfg.vision.image_size, policy=config.images, max_images=engine.max_images,
-                              chat_format=config.chat_format, default_system=config.system,
-                              max_window_size=config.max_window_size, context=engine.context)
+    where = "messages" if chat else "prompt"
+    if chat:
+      prompt = msg.build_prompt(body.get("messages"), tok, image_tokens=cfg.image_tokens,
+                                image_size=cfg.vision.image_size, policy=config.images, max_images=engine.max_images,
+                                chat_format=config.chat_format, default_system=config.system,
+                                max_window_size=config.max_window_size, context=engine.context)
+    else:
+      for name, no_op in (("echo", False), ("suffix", "")):
+        if body.get(name, no_op) != no_op:
+          raise msg.RequestError(f"{name} is not supported by this server", param=name)
+      prompt = msg.build_raw_prompt(body.get("prompt"), tok, image_tokens=cfg.image_tokens,
+                                    image_size=cfg.vision.image_size, policy=config.images,
+                                    max_images=engine.max_images, context=engine.context)
     if not prompt.tokens:
-      raise msg.RequestError("the prompt is empty", param="messages")
+      raise msg.RequestError("the prompt is empty", param=where)
     room = engine.context - len(prompt.tokens)
     if room < 1:
       raise msg.RequestError(f"the prompt has {len(prompt.tokens)} tokens; the context is {engine.context}",
-                             code="context_length_exceeded", param="messages")
-    name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-    max_tokens = _number(body, name, int, min(config.max_tokens_limit, room), 1, config.max_tokens_limit)
+                             code="context_length_exceeded", param=where)
+    name = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
+    # A chat answer runs to the context by default; a text completion to 16 tokens (OpenAI's and vLLM's default).
+    default = min(config.max_tokens_limit, room) if chat else min(COMPLETION_MAX_TOKENS, room)
+    max_tokens = _number(body, name, int, default, 1, config.max_tokens_limit)
     if max_tokens > room:
       raise msg.RequestError(f"the prompt has {len(prompt.tokens)} tokens and {name} is {max_tokens}: "
                              f"together more than the context of {engine.context}",
@@ -352,19 +390,27 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
     if not isinstance(ignore_eos, bool):
       raise msg.RequestError("ignore_eos must be a boolean", param="ignore_eos")
     params = engine_lib.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                       seed=seed, ignore_stop_tokens=ignore_eos, logprobs=_logprobs(body),
+                                       seed=seed, ignore_stop_tokens=ignore_eos,
+                                       logprobs=_logprobs(body) if chat else _legacy_logprobs(body),
                                        **_penalties(body), stop_token_ids=_stop_token_ids(body))
-    return _Completion(prompt, params, stop, stream, include_usage, n)
+    return _Completion(prompt, params, stop, stream, include_usage, n, chat)
 
   @app.post("/v1/chat/completions")
   async def chat_completions(request: HttpRequest):
+    return await _answer(request, chat=True)
+
+  @app.post("/v1/completions")
+  async def completions(request: HttpRequest):
+    return await _answer(request, chat=False)
+
+  async def _answer(request: HttpRequest, chat: bool):
     raw = bytearray()  # not `request.body()`, whose copy the request keeps while the answer is decoded
     try:
       async for chunk in request.stream():
         raw += chunk
     except ClientDisconnect:  # the client left while sending its request: no one to answer, nothing to log
       return JSONResponse({}, status_code=499)
-    job = await asyncio.to_thread(_parse, raw)
+    job = await asyncio.to_thread(_parse, raw, chat)
     del raw
     loop = asyncio.get_running_loop()
     choices = []
@@ -379,18 +425,29 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
       for c in choices:
         engine.cancel(c.request)  # the choices already queued
       if isinstance(e, ValueError):  # `_parse` checked the prompt and the context: what is left is the image count
-        raise msg.RequestError(str(e), param="messages") from None
+        raise msg.RequestError(str(e), param="messages" if chat else "prompt") from None
       raise msg.RequestError(str(e), status=503, type_="server_error") from None
-    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": config.model_name}
+    head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+            "model": config.model_name}
     if job.stream:
       return _Stream(_stream(job, choices, head), media_type="text/event-stream",
                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return await _complete(request, job, choices, head)
 
-  def _chunk(head: dict, job, delta: dict, finish_reason=None, logprobs=None, index: int = 0, **extra) -> str:
-    """One server-sent event; `head`: the id, created time and model every chunk of a completion shares."""
-    choice = {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
-    body = {**head, "object": "chat.completion.chunk", "choices": [choice], **extra}
+  def _chunk(head: dict, job, text: str | None, entries: list | None, finish_reason=None, index: int = 0,
+             **extra) -> str:
+    """One server-sent event; `head`: the id, created time and model every chunk of a completion shares. text:
+    the new text (None: the chat's role chunk); entries: the log-probability entries of its tokens (None: the
+    request asked for none)."""
+    if job.chat:
+      delta = {"role": "assistant", "content": ""} if text is None else {"content": text} if text else {}
+      choice = {"index": index, "delta": delta, "finish_reason": finish_reason,
+                "logprobs": None if entries is None else {"content": entries}}
+    else:
+      choice = {"index": index, "text": text, "finish_reason": finish_reason,
+                "logprobs": None if entries is None else job.legacy_logprobs(index, entries)}
+    body = {**head, "object": "chat.completion.chunk" if job.chat else "text_completion", "choices": [choice],
+            **extra}
     if job.include_usage:
       body["usage"] = None  # OpenAI: null on every chunk but the last, which carries the counts
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
@@ -479,21 +536,20 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
     wanted = job.params.logprobs is not None
     usage = 0
     try:
-      for i in range(job.n):
-        yield _chunk(head, job, {"role": "assistant", "content": ""}, index=i)
+      for i in range(job.n if job.chat else 0):
+        yield _chunk(head, job, None, None, index=i)
       async for i, (delta, entries, end) in _merged(job, choices):
         if delta:
-          yield _chunk(head, job, {"content": delta}, logprobs={"content": entries} if wanted else None, index=i)
+          yield _chunk(head, job, delta, entries if wanted else None, index=i)
           entries = []
         if end is not None:
           choices[i].finished = True
           usage += end.completion_tokens
           boxes = msg.boxes_in_pixels(choices[i].text.text, job.prompt)
           # Entries of tokens whose text never came (a stop string cut it all) go with the last chunk.
-          yield _chunk(head, job, {}, end.reason, logprobs={"content": entries} if entries else None, index=i,
-                       boxes=boxes)
+          yield _chunk(head, job, "", entries if entries else None, end.reason, index=i, boxes=boxes)
       if job.include_usage:
-        body = {**head, "object": "chat.completion.chunk", "choices": [],
+        body = {**head, "object": "chat.completion.chunk" if job.chat else "text_completion", "choices": [],
                 "usage": _usage(len(job.prompt.tokens), usage)}
         yield f"data: {json.dumps(body)}\n\n"
       yield "data: [DONE]\n\n"
@@ -521,11 +577,16 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
         engine.cancel(c.request)
       return JSONResponse({}, status_code=499)
     out = []
+    wanted = job.params.logprobs is not None
     for i, (c, end) in enumerate(zip(choices, ends)):
-      message = {"role": "assistant", "content": c.text.text, "boxes": msg.boxes_in_pixels(c.text.text, job.prompt)}
-      out.append({"index": i, "message": message, "finish_reason": end.reason,
-                  "logprobs": {"content": entries[i]} if job.params.logprobs is not None else None})
-    return {**head, "object": "chat.completion", "choices": out,
+      boxes = msg.boxes_in_pixels(c.text.text, job.prompt)
+      if job.chat:
+        out.append({"index": i, "message": {"role": "assistant", "content": c.text.text, "boxes": boxes},
+                    "finish_reason": end.reason, "logprobs": {"content": entries[i]} if wanted else None})
+      else:
+        out.append({"index": i, "text": c.text.text, "finish_reason": end.reason, "boxes": boxes,
+                    "logprobs": job.legacy_logprobs(i, entries[i]) if wanted else None})
+    return {**head, "object": "chat.completion" if job.chat else "text_completion", "choices": out,
             "usage": _usage(len(job.prompt.tokens), sum(end.completion_tokens for end in ends))}
 
   return app

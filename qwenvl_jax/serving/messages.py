@@ -240,6 +240,39 @@ def build_prompt(messages, tok: qtext.Tokenizer, *, image_tokens: int, image_siz
   return Prompt(context.tokens, [a for a, _ in kept], [s for _, s in kept], context.raw_text)
 
 
+def build_raw_prompt(prompt, tok: qtext.Tokenizer, *, image_tokens: int, image_size: int, policy: ImagePolicy,
+                     max_images: int, context: int | None = None) -> Prompt:
+  """The prompt of a `/v1/completions` request: its text as it is (no chat template, as vLLM's completions), each
+  `<img>SOURCE</img>` span an image read as an `image_url` part's URL is (a `data:` URL, a path under the image
+  root, or http(s) when allowed): the base model's own prompts, e.g. `<img>...</img>Generate the caption in
+  English:` or `<img>...</img><ref>the dog</ref>` (QWENVL_RECIPES' evaluation prompts). RequestError on a bad
+  request."""
+  if isinstance(prompt, list) and len(prompt) == 1:
+    prompt = prompt[0]
+  if not isinstance(prompt, str) or not prompt:
+    raise RequestError("prompt must be a non-empty string (one prompt per request; token ids are not taken)",
+                       param="prompt")
+  sources = qtext.IMAGE_SPAN.findall(prompt)
+  if len(sources) > max_images:
+    raise RequestError(f"{len(sources)} images in the prompt; this server takes at most {max_images}",
+                       code="too_many_images", param="prompt")
+  if prompt.count("<img>") != len(sources) or prompt.count("</img>") != len(sources):
+    raise RequestError("prompt: every <img> needs its </img>, with the image's URL or path between them",
+                       param="prompt")
+  chars = len(qtext.IMAGE_SPAN.sub("<img></img>", prompt))  # an image's source (a data: URL) is not its tokens
+  if context is not None and (least := qtext.min_tokens(tok, chars)) >= context:
+    raise RequestError(f"the prompt's text holds {chars} characters, at least {least} tokens; the context is "
+                       f"{context} tokens", code="context_length_exceeded", param="prompt")
+  images = [load_image(src.strip(), policy, image_size) for src in sources]
+  keys = iter(range(len(images)))
+  text = qtext.IMAGE_SPAN.sub(lambda _: "<img>" + _KEY.format(next(keys)) + "</img>", prompt)
+  try:
+    made = qtext.make_context(tok, text, [], chat_format="raw", n_image_tokens=image_tokens)
+  except ValueError as e:
+    raise RequestError(f"the prompt cannot be encoded: {e}", param="prompt") from None
+  return Prompt(made.tokens, [a for a, _ in images], [size for _, size in images], prompt)
+
+
 def boxes_in_pixels(answer: str, prompt: Prompt) -> list[dict]:
   """The answer's `<ref>…</ref><box>…</box>` boxes, each in the [0, 1000) grid and in pixels of the latest image
   of the conversation (the reference's `draw_bbox_on_latest_picture` convention: int(v / 1000 * size)). Malformed

@@ -618,6 +618,67 @@ def test_a_stop_string_ends_the_answer_as_stop_on_health(server, client, http):
   assert after.get("finished_cancelled", 0) == before.get("finished_cancelled", 0)
 
 
+def _complete_text(server, http, prompt, **fields):
+  r = http.post(server.url + "/v1/completions", json={"model": MODEL_NAME, "prompt": prompt, "temperature": 0,
+                                                      **fields}, timeout=60)
+  return r.status_code, r.json()
+
+
+def test_a_text_completion_is_the_reference_chat_of_the_raw_format(server, http, serve_model, serve_tok, image_root):
+  """/v1/completions takes its prompt as it is (no template), as the reference's raw (base model) format does: a
+  prompt with a picture as an <img> span (a path under the image root) gets `inference.chat`'s raw-format answer
+  on the batch Generator, token for token; streamed, the same text, and no role chunk."""
+  (image_root / "cmp.png").write_bytes(png_bytes(seed=4))
+  text = "<img>cmp.png</img>Generate the caption in English:"
+  gen = inference.chat_generation_config(serve_tok, "raw", max_new_tokens=12)
+  expected, _ = inference.chat.chat(inference.Generator(serve_model), serve_tok, text, [], chat_format="raw",
+                                    gen=gen, image_root=str(image_root))
+  status, out = _complete_text(server, http, text, max_tokens=12)
+  assert status == 200 and out["object"] == "text_completion" and out["id"].startswith("cmpl-"), out
+  assert out["choices"][0]["text"].strip() == expected and expected
+  assert out["usage"]["prompt_tokens"] == len(qtext.make_context(serve_tok, text, [], chat_format="raw",
+                                                                 n_image_tokens=serve_model.cfg.image_tokens).tokens)
+  with http.post(server.url + "/v1/completions", json={"prompt": text, "max_tokens": 12, "temperature": 0,
+                                                      "stream": True}, stream=True, timeout=60) as r:
+    chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith(b"data: {")]
+  assert all(c["object"] == "text_completion" and "delta" not in c["choices"][0] for c in chunks)
+  assert "".join(c["choices"][0]["text"] for c in chunks) == out["choices"][0]["text"]
+
+
+def test_a_base_model_prompt_with_an_image_and_legacy_logprobs(server, http, serve_model, serve_tok):
+  """The base model's prompt shape (`<img>…</img>` + instruction, here a data: URL) is served, the image as its
+  span's tokens; the legacy `logprobs` (tokens, token_logprobs, top_logprobs as {token: logprob}, text_offset) are
+  one entry per token, at most 2 alternatives, offsets counted over the tokens' text, which joins to the answer
+  (their values come from the path the chat endpoint's logprobs test checks); without max_tokens a completion
+  stops at 16 tokens (OpenAI's default)."""
+  prompt = f"<img>{data_url(png_bytes(seed=5))}</img>Generate the caption in English:"
+  status, out = _complete_text(server, http, prompt, logprobs=2, ignore_eos=True)
+  assert status == 200, out
+  choice = out["choices"][0]
+  lp = choice["logprobs"]
+  assert out["usage"]["completion_tokens"] == 16 == len(lp["tokens"]) and choice["finish_reason"] == "length"
+  span = qtext.make_context(serve_tok, "<img>x</img>Generate the caption in English:", [], chat_format="raw",
+                            n_image_tokens=serve_model.cfg.image_tokens).tokens  # the image's span is its tokens
+  assert out["usage"]["prompt_tokens"] == len(span)
+  assert lp["text_offset"] == list(np.cumsum([0] + [len(t) for t in lp["tokens"]])[:-1])
+  assert all(len(top) <= 2 and max(top.values()) >= chosen - 1e-6 for top, chosen in
+             zip(lp["top_logprobs"], lp["token_logprobs"]))
+  if "\ufffd" not in choice["text"]:
+    assert "".join(lp["tokens"]) == choice["text"]
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"prompt": [1, 2, 3]}, "prompt"), ({"prompt": ""}, "prompt"), ({"prompt": "<img>a.png"}, "prompt"),
+    ({"prompt": "<img>../x.png</img>hi"}, None), ({"prompt": "hi", "echo": True}, "echo"),
+    ({"prompt": "hi", "suffix": "x"}, "suffix"), ({"prompt": "hi", "logprobs": 21}, "logprobs"),
+    ({"prompt": "<img>a</img><img>b</img><img>c</img>"}, "prompt"),
+])
+def test_bad_text_completions_get_openai_errors(server, http, fields, param):
+  status, body = _complete_text(server, http, max_tokens=2, **fields)
+  assert 400 <= status < 500 and body["error"]["param"] == param or param is None, body
+  assert 400 <= status < 500 and "error" in body
+
+
 def _metrics(server, http) -> dict:
   """{(sample name, labels as sorted tuple): value} of /metrics, parsed by prometheus_client's own parser."""
   r = http.get(server.url + "/metrics", timeout=10)
