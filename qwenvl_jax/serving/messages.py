@@ -281,7 +281,8 @@ def boxes_in_pixels(answer: str, prompt: Prompt) -> list[dict]:
   Each box carries the phrase it belongs to (`ref`): the ref right before it, as the reference's
   `_fetch_all_box_with_ref`, and also, where the reference gives none, the ref of the box right before it (one
   phrase, several boxes: `<ref>two cats</ref><box>…</box><box>…</box>`) or, for an answer that starts with a box,
-  the `<ref>…</ref>` the prompt ends with (the grounding prompt of a base model: `<ref>the red square</ref>`)."""
+  the `<ref>…</ref>` the prompt ends with (the grounding prompt of a base model: `<ref>the red square</ref>`; with
+  the evaluation's `<box>` after it, the answer is the box's inside and closing tag)."""
   out = []
   lead = _TRAILING_REF.search(prompt.raw_text)
   prefix = lead.group(0) if lead else ""
@@ -295,7 +296,9 @@ def boxes_in_pixels(answer: str, prompt: Prompt) -> list[dict]:
   return out
 
 
-_TRAILING_REF = re.compile(r"<ref>[^<]*</ref>$")
+# The prompt's last phrase, and the `<box>` the official RefCOCO prompt (`<img>…</img><ref>{sent}</ref><box>`) ends
+# with: the answer continues it with "(x1,y1),(x2,y2)</box>".
+_TRAILING_REF = re.compile(r"<ref>[^<]*</ref>(?:<box>)?$")
 
 
 def as_list(value, name: str, *, max_items: int = 4, max_chars: int = 256) -> Sequence[str]:

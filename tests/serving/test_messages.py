@@ -171,7 +171,8 @@ def test_boxes_come_back_in_pixels_of_the_latest_image(serve_tok):
 
 def test_a_box_takes_the_phrase_of_the_box_before_it_or_of_the_grounding_prompt():
   """One phrase, several boxes: each box is the phrase's. A base model's grounding prompt ends with the phrase and
-  the answer starts with its box. The parse that evaluation uses keeps the reference's None for both."""
+  the answer starts with its box, or (RefCOCO's evaluation prompt) with `<box>` too and the answer is the box's
+  inside. The parse that evaluation uses keeps the reference's None for both."""
   several = "<ref>two cats</ref><box>(0,0),(10,10)</box><box>(20,20),(30,30)</box>, a <box>(1,1),(2,2)</box>"
   prompt = msg.Prompt([1], [], [], "Describe it")
   assert [b["ref"] for b in msg.boxes_in_pixels(several, prompt)] == ["two cats", "two cats", None]
@@ -180,6 +181,9 @@ def test_a_box_takes_the_phrase_of_the_box_before_it_or_of_the_grounding_prompt(
                          "<ref>the red square</ref>")
   assert msg.boxes_in_pixels("<box>(500,500),(999,999)</box>", grounding) == [
       {"ref": "the red square", "box_1000": [500, 500, 999, 999], "box": [100, 50, 199, 99], "image_index": 0}]
+  refcoco = msg.Prompt([1], [np.zeros((4, 4, 3), np.uint8)], [(200, 100)], "<img>k</img><ref>the dog</ref><box>")
+  assert msg.boxes_in_pixels("(500,500),(999,999)</box>", refcoco) == [
+      {"ref": "the dog", "box_1000": [500, 500, 999, 999], "box": [100, 50, 199, 99], "image_index": 0}]
   chat = msg.Prompt([1], [], [], "<|im_start|>user\n<ref>the red square</ref><|im_end|>\n<|im_start|>assistant\n")
   assert msg.boxes_in_pixels("<box>(1,1),(2,2)</box>", chat)[0]["ref"] is None
 
