@@ -3,6 +3,7 @@
   python bench/bench_serve_step.py                                   # tiny float32 on CPU, 64 slots x 256
   python bench/bench_serve_step.py --decode_steps=1 --window=256     # one step per call over the whole context
   python bench/bench_serve_step.py --kv_cache_dtype=int8
+  python bench/bench_serve_step.py --options=none,logprobs,penalties   # what each request option costs a step
 
 Calls `SlotModel.decode` (what `serving.Engine` runs between admissions) on the first R rows of a `--slots` x
 `--context` cache for R = 1, 4, 16, 64, each row at a different position, all greedy, and prints ms per step
@@ -11,6 +12,9 @@ CPU seconds are those of the whole process (XLA's threads included): on a shared
 time. The per-row growth is what bench_serve.py's concurrency ratio depends on. Beside them: the bytes one step
 reads, the weights' (shared by the rows) and the KV cache's (each row its own `--window` slots of every layer):
 where the KV bytes dominate, a step of R rows costs about R one-row steps and batching cannot raise tokens/s much.
+`--options` repeats the table with every row asking for log-probabilities (`logprobs`: the log-softmax and top 20
+of each step) or penalties (`penalties`: repetition 1.1, frequency and presence 0.5), as rows of requests that set
+them do (`none`: plain greedy rows, which skip both).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ def main():
   parser.add_argument("--window", type=int, default=128, help="cache slots attended (<= --context)")
   parser.add_argument("--kv_cache_dtype", default=None, choices=[None, "int8"])
   parser.add_argument("--calls", type=int, default=50)
+  parser.add_argument("--options", default="none", help="comma-separated: none, logprobs, penalties")
   args = parser.parse_args()
 
   import jax  # pylint: disable=import-outside-toplevel
@@ -60,11 +65,18 @@ def main():
   weight_bytes = sum(x.nbytes for x in jax.tree.leaves(llm_state))
   llm = cfg.llm
   kv_row_bytes = 2 * llm.layers * llm.heads * w * llm.head_dim * slots.cache.k.dtype.itemsize  # k and v
-  print(f"{'rows':>5} {'ms/step wall':>13} {'ms/step CPU':>12} {'tok/s ratio (CPU)':>18} {'weights MiB':>12} "
+  print(f"{'option':>9} {'rows':>5} {'ms/step wall':>13} {'ms/step CPU':>12} {'tok/s ratio (CPU)':>18} {'weights MiB':>12} "
         f"{'KV MiB read':>12}")
   base = None
-  for r in [int(x) for x in args.rows.split(",")]:
+  for option, r in [(o, int(x)) for o in args.options.split(",") for x in args.rows.split(",")]:
     sampling = Sampling.greedy(r)
+    if option == "logprobs":
+      sampling = sampling._replace(logprobs=np.ones(r, bool))
+    elif option == "penalties":
+      sampling = sampling._replace(repetition=np.full(r, 1.1, np.float32), frequency=np.full(r, 0.5, np.float32),
+                                   presence=np.full(r, 0.5, np.float32))
+    elif option != "none":
+      raise SystemExit(f"--options: unknown option {option!r} (none, logprobs, penalties)")
     positions = (np.arange(r, dtype=np.int32) * 7) % (w - k)  # rows at different slots, all inside the window
     call = (np.zeros(r, np.int32), positions, np.ones(r, bool), np.full(r, cfg.llm.rope_base, np.float32), sampling)
     slots.decode(*call, steps=k, window=w).tokens.block_until_ready()  # compile
@@ -76,7 +88,7 @@ def main():
       wall = min(wall, (time.perf_counter() - t0) / args.calls / k * 1e3)
       cpu = min(cpu, (time.process_time() - c0) / args.calls / k * 1e3)
     base = base or cpu
-    print(f"{r:>5} {wall:>13.3f} {cpu:>12.3f} {r * base / cpu:>18.2f} {weight_bytes / 2**20:>12.2f} "
+    print(f"{option:>9} {r:>5} {wall:>13.3f} {cpu:>12.3f} {r * base / cpu:>18.2f} {weight_bytes / 2**20:>12.2f} "
           f"{r * kv_row_bytes / 2**20:>12.2f}")
 
 
