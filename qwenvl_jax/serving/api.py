@@ -573,9 +573,11 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
         if end is not None:
           ends[i], choices[i].finished = end, True
     except _Disconnected:
-      for c in choices:
-        engine.cancel(c.request)
       return JSONResponse({}, status_code=499)
+    finally:
+      for c in choices:  # the client left, or an engine failure ended one choice: free the others' slots
+        if not c.finished:
+          engine.cancel(c.request)
     out = []
     wanted = job.params.logprobs is not None
     for i, (c, end) in enumerate(zip(choices, ends)):
