@@ -230,14 +230,26 @@ class _Stream(StreamingResponse):
 
 
 class _Completion:
-  """One request's parsed pieces; n: its choices, each an engine request of its own; chat: a chat completion
+  """One request's parsed pieces: its prompts (a chat's one, or a text completion's list), n choices of each,
+  every choice an engine request of its own (choice i answers prompt i // n); chat: a chat completion
   (`/v1/chat/completions`), else a text completion (`/v1/completions`)."""
 
-  def __init__(self, prompt: msg.Prompt, params: engine_lib.SamplingParams, stop, stream: bool,
+  def __init__(self, prompts: list[msg.Prompt], params: engine_lib.SamplingParams, stop, stream: bool,
                include_usage: bool, n: int = 1, chat: bool = True):
-    self.prompt, self.params, self.stop, self.stream, self.include_usage = prompt, params, stop, stream, include_usage
-    self.n, self.chat = n, chat
-    self._offsets = [0] * n  # `legacy_logprobs`' text offset of each choice
+    self.prompts, self.params, self.stop, self.stream = prompts, params, stop, stream
+    self.include_usage, self.n, self.chat = include_usage, n, chat
+    self._offsets = [0] * (n * len(prompts))  # `legacy_logprobs`' text offset of each choice
+
+  @property
+  def choices(self) -> int:
+    return self.n * len(self.prompts)
+
+  def prompt_of(self, choice: int) -> msg.Prompt:
+    return self.prompts[choice // self.n]
+
+  def prompt_tokens(self) -> int:
+    """usage's prompt_tokens: every prompt once, however many choices it has."""
+    return sum(len(p.tokens) for p in self.prompts)
 
   def legacy_logprobs(self, index: int, entries: list[dict]) -> dict:
     """A text completion's `logprobs` of a chat-style entries list (`tokens`, `token_logprobs`, `top_logprobs` as
@@ -252,9 +264,11 @@ class _Completion:
             "text_offset": offsets}
 
   def choice_params(self) -> list[engine_lib.SamplingParams]:
-    """The sampling of each choice: choice i draws with seed + i (mod 2^64), so that sampled choices differ and each
-    is what one request of that seed answers; greedy choices are all the same answer, as OpenAI's."""
-    return [dataclasses.replace(self.params, seed=(self.params.seed + i) % 2 ** 64) for i in range(self.n)]
+    """The sampling of each choice: the j-th choice of a prompt draws with seed + j (mod 2^64), so that sampled
+    choices differ and each is what one request of that seed answers; greedy choices are all the same answer, as
+    OpenAI's."""
+    return [dataclasses.replace(self.params, seed=(self.params.seed + i % self.n) % 2 ** 64)
+            for i in range(self.choices)]
 
 
 def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerConfig) -> FastAPI:
@@ -344,14 +358,21 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
                                 image_size=cfg.vision.image_size, policy=config.images, max_images=engine.max_images,
                                 chat_format=config.chat_format, default_system=config.system,
                                 max_window_size=config.max_window_size, context=engine.context)
+      prompts = [prompt]
     else:
       for name, no_op in (("echo", False), ("suffix", "")):
         if body.get(name, no_op) != no_op:
           raise msg.RequestError(f"{name} is not supported by this server", param=name)
-      prompt = msg.build_raw_prompt(body.get("prompt"), tok, image_tokens=cfg.image_tokens,
-                                    image_size=cfg.vision.image_size, policy=config.images,
-                                    max_images=engine.max_images, context=engine.context)
-    if not prompt.tokens:
+      texts = body.get("prompt")
+      texts = texts if isinstance(texts, list) and texts and all(isinstance(t, str) for t in texts) else [texts]
+      if len(texts) * n > engine.num_slots + config.max_waiting:  # each choice of each prompt is a request
+        raise msg.RequestError(f"{len(texts)} prompts x n={n} choices: at most {engine.num_slots + config.max_waiting} "
+                               "in one request", param="prompt")
+      prompts = [msg.build_raw_prompt(t, tok, image_tokens=cfg.image_tokens, image_size=cfg.vision.image_size,
+                                      policy=config.images, max_images=engine.max_images, context=engine.context)
+                 for t in texts]
+    prompt = max(prompts, key=lambda p: len(p.tokens))  # the longest bounds max_tokens
+    if not min(len(p.tokens) for p in prompts):
       raise msg.RequestError("the prompt is empty", param=where)
     room = engine.context - len(prompt.tokens)
     if room < 1:
@@ -393,7 +414,7 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
                                        seed=seed, ignore_stop_tokens=ignore_eos,
                                        logprobs=_logprobs(body) if chat else _legacy_logprobs(body),
                                        **_penalties(body), stop_token_ids=_stop_token_ids(body))
-    return _Completion(prompt, params, stop, stream, include_usage, n, chat)
+    return _Completion(prompts, params, stop, stream, include_usage, n, chat)
 
   @app.post("/v1/chat/completions")
   async def chat_completions(request: HttpRequest):
@@ -414,9 +435,9 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
     del raw
     loop = asyncio.get_running_loop()
     choices = []
-    for params in job.choice_params():
-      events = _Mailbox(loop)
-      choices.append(_Choice(engine_lib.Request(job.prompt.tokens, job.prompt.images, params, events.put), events,
+    for i, params in enumerate(job.choice_params()):
+      events, prompt = _Mailbox(loop), job.prompt_of(i)
+      choices.append(_Choice(engine_lib.Request(prompt.tokens, prompt.images, params, events.put), events,
                              Detokenizer(tok.decode, job.stop)))
     try:
       for c in choices:
@@ -484,8 +505,8 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
             entries.append(_logprob_entry(ev))
           if text.stopped:
             engine.cancel(req, reason="stop")
-            metrics.finished(time.monotonic() - req.submitted, len(job.prompt.tokens), text.num_tokens)
-            yield delta, entries, engine_lib.Finished("stop", len(job.prompt.tokens), text.num_tokens)
+            metrics.finished(time.monotonic() - req.submitted, len(req.prompt), text.num_tokens)
+            yield delta, entries, engine_lib.Finished("stop", len(req.prompt), text.num_tokens)
             return
         elif isinstance(ev, engine_lib.Finished):
           if not text.num_tokens and ev.completion_tokens:  # the first token was a stop token
@@ -536,7 +557,7 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
     wanted = job.params.logprobs is not None
     usage = 0
     try:
-      for i in range(job.n if job.chat else 0):
+      for i in range(job.choices if job.chat else 0):
         yield _chunk(head, job, None, None, index=i)
       async for i, (delta, entries, end) in _merged(job, choices):
         if delta:
@@ -545,12 +566,12 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
         if end is not None:
           choices[i].finished = True
           usage += end.completion_tokens
-          boxes = msg.boxes_in_pixels(choices[i].text.text, job.prompt)
+          boxes = msg.boxes_in_pixels(choices[i].text.text, job.prompt_of(i))
           # Entries of tokens whose text never came (a stop string cut it all) go with the last chunk.
           yield _chunk(head, job, "", entries if entries else None, end.reason, index=i, boxes=boxes)
       if job.include_usage:
         body = {**head, "object": "chat.completion.chunk" if job.chat else "text_completion", "choices": [],
-                "usage": _usage(len(job.prompt.tokens), usage)}
+                "usage": _usage(job.prompt_tokens(), usage)}
         yield f"data: {json.dumps(body)}\n\n"
       yield "data: [DONE]\n\n"
     except msg.RequestError as e:
@@ -566,7 +587,7 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
       if await request.is_disconnected():
         raise _Disconnected()
 
-    ends, entries = [None] * job.n, [[] for _ in range(job.n)]
+    ends, entries = [None] * job.choices, [[] for _ in range(job.choices)]
     try:
       async for i, (_, more, end) in _merged(job, choices, poll):
         entries[i] += more
@@ -581,7 +602,7 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
     out = []
     wanted = job.params.logprobs is not None
     for i, (c, end) in enumerate(zip(choices, ends)):
-      boxes = msg.boxes_in_pixels(c.text.text, job.prompt)
+      boxes = msg.boxes_in_pixels(c.text.text, job.prompt_of(i))
       if job.chat:
         out.append({"index": i, "message": {"role": "assistant", "content": c.text.text, "boxes": boxes},
                     "finish_reason": end.reason, "logprobs": {"content": entries[i]} if wanted else None})
@@ -589,7 +610,7 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
         out.append({"index": i, "text": c.text.text, "finish_reason": end.reason, "boxes": boxes,
                     "logprobs": job.legacy_logprobs(i, entries[i]) if wanted else None})
     return {**head, "object": "chat.completion" if job.chat else "text_completion", "choices": out,
-            "usage": _usage(len(job.prompt.tokens), sum(end.completion_tokens for end in ends))}
+            "usage": _usage(job.prompt_tokens(), sum(end.completion_tokens for end in ends))}
 
   return app
 

@@ -247,10 +247,8 @@ def build_raw_prompt(prompt, tok: qtext.Tokenizer, *, image_tokens: int, image_s
   root, or http(s) when allowed): the base model's own prompts, e.g. `<img>...</img>Generate the caption in
   English:` or `<img>...</img><ref>the dog</ref>` (QWENVL_RECIPES' evaluation prompts). RequestError on a bad
   request."""
-  if isinstance(prompt, list) and len(prompt) == 1:
-    prompt = prompt[0]
   if not isinstance(prompt, str) or not prompt:
-    raise RequestError("prompt must be a non-empty string (one prompt per request; token ids are not taken)",
+    raise RequestError("prompt must be a non-empty string or a list of them (token ids are not taken)",
                        param="prompt")
   sources = qtext.IMAGE_SPAN.findall(prompt)
   if len(sources) > max_images:

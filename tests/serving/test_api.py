@@ -667,8 +667,26 @@ def test_a_base_model_prompt_with_an_image_and_legacy_logprobs(server, http, ser
     assert "".join(lp["tokens"]) == choice["text"]
 
 
+def test_a_list_of_prompts_answers_each_with_n_choices_in_openais_order(server, http):
+  """prompt: [p0, p1] with n=2: choices 0-1 answer p0 and 2-3 answer p1 (OpenAI's order), each what its prompt
+  alone answers; usage counts each prompt once; streamed, the same texts under the same indices."""
+  prompts = ["hello there", "<ref>the red square</ref>"]
+  alone = [_complete_text(server, http, p, max_tokens=6, ignore_eos=True)[1] for p in prompts]
+  status, out = _complete_text(server, http, prompts, max_tokens=6, n=2, ignore_eos=True)
+  assert status == 200, out
+  assert [c["index"] for c in out["choices"]] == [0, 1, 2, 3]
+  assert [c["text"] for c in out["choices"]] == [a["choices"][0]["text"] for a in alone for _ in range(2)]
+  assert out["usage"]["prompt_tokens"] == sum(a["usage"]["prompt_tokens"] for a in alone)
+  assert out["usage"]["completion_tokens"] == 4 * 6
+  with http.post(server.url + "/v1/completions", json={"prompt": prompts, "max_tokens": 6, "n": 2, "temperature": 0,
+                                                      "ignore_eos": True, "stream": True}, stream=True, timeout=60) as r:
+    chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith(b"data: {")]
+  streamed = ["".join(c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == i) for i in range(4)]
+  assert streamed == [c["text"] for c in out["choices"]]
+
+
 @pytest.mark.parametrize("fields, param", [
-    ({"prompt": [1, 2, 3]}, "prompt"), ({"prompt": ""}, "prompt"), ({"prompt": "<img>a.png"}, "prompt"),
+    ({"prompt": [1, 2, 3]}, "prompt"), ({"prompt": ["a", ""]}, "prompt"), ({"prompt": ["a"] * 40, "n": 4}, "prompt"), ({"prompt": ""}, "prompt"), ({"prompt": "<img>a.png"}, "prompt"),
     ({"prompt": "<img>../x.png</img>hi"}, None), ({"prompt": "hi", "echo": True}, "echo"),
     ({"prompt": "hi", "suffix": "x"}, "suffix"), ({"prompt": "hi", "logprobs": 21}, "logprobs"),
     ({"prompt": "<img>a</img><img>b</img><img>c</img>"}, "prompt"),
