@@ -53,7 +53,7 @@ def test_server_plan_on_the_tensor_parallel_layout_splits_weights_and_cache_over
       from qwenvl_jax.planning import inference_plan
       cfg = get_preset("tiny", dtype="bfloat16", param_dtype="bfloat16", remat_policy="none").with_image_size(56)
       plan = inference_plan.plan_inference(cfg, chips.parse_topology("v5e-8", 1), quantize=None, batch=64,
-                                           context=512, prompt=64, rules_name="inference_tp", server=True)
+                                           context=1024, prompt=64, rules_name="inference_tp", server=True)
       print(json.dumps({"mesh": plan.facts["mesh"], "args": plan.decode.argument_bytes,
                         "prefill_args": plan.prefill.argument_bytes, "weights": sum(plan.weight_bytes.values()),
                         "cache": plan.cache_bytes, "decode_temps": plan.decode.temp_bytes,
@@ -69,8 +69,10 @@ def test_server_plan_on_the_tensor_parallel_layout_splits_weights_and_cache_over
   assert "server prefill (4 request(s) into the 64 slots' cache)" in out["report"] and "FITS" in out["report"]
   assert "server image encoding (16 image(s);" in out["report"]
   # The engine's own decode call (inference.slot_programs) updates the cache in place. Its temporaries hold one
-  # layer's attended keys and values (a quarter of the cache with tiny's 4 layers) and the logits, never a copy
-  # of K or V whole (half the cache or more; Generator's one-step program, compiled here before, held one).
+  # layer's attended keys and values and the sampling's [rows, vocabulary] buffers (logits, penalties,
+  # log-probabilities: 2.1 MiB here, which does not grow with the context), never a copy of K or V whole (half the
+  # cache or more; Generator's one-step program, compiled here before, held one). A 1024-slot context keeps the
+  # two apart: at 512 slots half the cache per chip was 2.0 MiB.
   assert out["decode_temps"] < 0.5 * out["cache"] / 8, out["report"]
   # Every weight is resident in every program (the ViT's too, which decoding never reads), and the encoding
   # program runs with the slots' cache resident.
