@@ -65,8 +65,8 @@ def main():
   weight_bytes = sum(x.nbytes for x in jax.tree.leaves(llm_state))
   llm = cfg.llm
   kv_row_bytes = 2 * llm.layers * llm.heads * w * llm.head_dim * slots.cache.k.dtype.itemsize  # k and v
-  print(f"{'option':>9} {'rows':>5} {'ms/step wall':>13} {'ms/step CPU':>12} {'tok/s ratio (CPU)':>18} {'weights MiB':>12} "
-        f"{'KV MiB read':>12}")
+  print(f"{'option':>9} {'rows':>5} {'ms/step wall':>13} {'ms/step CPU':>12} {'tok/s ratio (CPU)':>18} "
+        f"{'weights MiB':>12} {'KV MiB read':>12}")
   base = None
   for option, r in [(o, int(x)) for o in args.options.split(",") for x in args.rows.split(",")]:
     sampling = Sampling.greedy(r)

@@ -678,15 +678,16 @@ def test_a_list_of_prompts_answers_each_with_n_choices_in_openais_order(server, 
   assert [c["text"] for c in out["choices"]] == [a["choices"][0]["text"] for a in alone for _ in range(2)]
   assert out["usage"]["prompt_tokens"] == sum(a["usage"]["prompt_tokens"] for a in alone)
   assert out["usage"]["completion_tokens"] == 4 * 6
-  with http.post(server.url + "/v1/completions", json={"prompt": prompts, "max_tokens": 6, "n": 2, "temperature": 0,
-                                                      "ignore_eos": True, "stream": True}, stream=True, timeout=60) as r:
+  body = {"prompt": prompts, "max_tokens": 6, "n": 2, "temperature": 0, "ignore_eos": True, "stream": True}
+  with http.post(server.url + "/v1/completions", json=body, stream=True, timeout=60) as r:
     chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith(b"data: {")]
   streamed = ["".join(c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == i) for i in range(4)]
   assert streamed == [c["text"] for c in out["choices"]]
 
 
 @pytest.mark.parametrize("fields, param", [
-    ({"prompt": [1, 2, 3]}, "prompt"), ({"prompt": ["a", ""]}, "prompt"), ({"prompt": ["a"] * 40, "n": 4}, "prompt"), ({"prompt": ""}, "prompt"), ({"prompt": "<img>a.png"}, "prompt"),
+    ({"prompt": [1, 2, 3]}, "prompt"), ({"prompt": ["a", ""]}, "prompt"), ({"prompt": ["a"] * 40, "n": 4}, "prompt"),
+    ({"prompt": ""}, "prompt"), ({"prompt": "<img>a.png"}, "prompt"),
     ({"prompt": "<img>../x.png</img>hi"}, None), ({"prompt": "hi", "echo": True}, "echo"),
     ({"prompt": "hi", "suffix": "x"}, "suffix"), ({"prompt": "hi", "logprobs": 21}, "logprobs"),
     ({"prompt": "<img>a</img><img>b</img><img>c</img>"}, "prompt"),
