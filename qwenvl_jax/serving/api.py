@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import functools
 import json
@@ -559,16 +560,18 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
     try:
       for i in range(job.choices if job.chat else 0):
         yield _chunk(head, job, None, None, index=i)
-      async for i, (delta, entries, end) in _merged(job, choices):
-        if delta:
-          yield _chunk(head, job, delta, entries if wanted else None, index=i)
-          entries = []
-        if end is not None:
-          choices[i].finished = True
-          usage += end.completion_tokens
-          boxes = msg.boxes_in_pixels(choices[i].text.text, job.prompt_of(i))
-          # Entries of tokens whose text never came (a stop string cut it all) go with the last chunk.
-          yield _chunk(head, job, "", entries if entries else None, end.reason, index=i, boxes=boxes)
+      # Closed with the stream (a client that left): the choices' tasks end then, not when it is collected.
+      async with contextlib.aclosing(_merged(job, choices)) as merged:
+        async for i, (delta, entries, end) in merged:
+          if delta:
+            yield _chunk(head, job, delta, entries if wanted else None, index=i)
+            entries = []
+          if end is not None:
+            choices[i].finished = True
+            usage += end.completion_tokens
+            boxes = msg.boxes_in_pixels(choices[i].text.text, job.prompt_of(i))
+            # Entries of tokens whose text never came (a stop string cut it all) go with the last chunk.
+            yield _chunk(head, job, "", entries if entries else None, end.reason, index=i, boxes=boxes)
       if job.include_usage:
         body = {**head, "object": "chat.completion.chunk" if job.chat else "text_completion", "choices": [],
                 "usage": _usage(job.prompt_tokens(), usage)}
@@ -589,10 +592,11 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
 
     ends, entries = [None] * job.choices, [[] for _ in range(job.choices)]
     try:
-      async for i, (_, more, end) in _merged(job, choices, poll):
-        entries[i] += more
-        if end is not None:
-          ends[i], choices[i].finished = end, True
+      async with contextlib.aclosing(_merged(job, choices, poll)) as merged:
+        async for i, (_, more, end) in merged:
+          entries[i] += more
+          if end is not None:
+            ends[i], choices[i].finished = end, True
     except _Disconnected:
       return JSONResponse({}, status_code=499)
     finally:
