@@ -80,13 +80,13 @@ def _filter_row(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top
 
 
 def select(logits: jax.Array, *, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, seeds: jax.Array,
-           counts: jax.Array, vocab_limit: int | None = None, min_p: jax.Array | None = None) -> jax.Array:
+           counts: jax.Array, min_p: jax.Array, vocab_limit: int | None = None) -> jax.Array:
   """int32[B] next tokens.
 
   Args:
     logits: float[B, V] at each row's last position.
     temperature: float32[B], 0 = greedy. top_k: int32[B], 0 = off. top_p: float32[B] in (0, 1], 1 = off.
-    min_p: float32[B] in [0, 1], 0 = off (None: off for every row).
+    min_p: float32[B] in [0, 1], 0 = off.
     seeds: uint32[B, 2] per-request seeds (`seed_words`); counts: int32[B] tokens each row generated so far (the
       key's fold-in).
     vocab_limit: ids >= this are never produced (the tokenizer's size when the model has padding rows); static.
@@ -95,8 +95,7 @@ def select(logits: jax.Array, *, temperature: jax.Array, top_k: jax.Array, top_p
   greedy = sampling.greedy_tokens(logits)
 
   def sample(_):
-    warped = jax.vmap(_filter_row)(logits, temperature, top_k, top_p,
-                                   jnp.zeros_like(temperature) if min_p is None else min_p)
+    warped = jax.vmap(_filter_row)(logits, temperature, top_k, top_p, min_p)
     drawn = jax.vmap(jax.random.categorical)(row_keys(seeds, counts), warped).astype(jnp.int32)
     return jnp.where(temperature > 0, drawn, greedy)
 
