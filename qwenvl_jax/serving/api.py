@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import dataclasses
 import functools
 import json
@@ -176,11 +175,12 @@ class _Disconnected(Exception):
 
 @dataclasses.dataclass(eq=False)
 class _Choice:
-  """One of a request's choices: its engine request, the mailbox of its events and its text."""
+  """One of a request's choices: its engine request, its text, and the log-probability entries of its tokens not
+  yet sent (`logprobs.content`)."""
   request: engine_lib.Request
-  events: "_Mailbox"
   text: Detokenizer
   finished: bool = False
+  entries: list = dataclasses.field(default_factory=list)
 
 
 class _Mailbox:
@@ -434,11 +434,12 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
       return JSONResponse({}, status_code=499)
     job = await asyncio.to_thread(_parse, raw, chat)
     del raw
-    loop = asyncio.get_running_loop()
+    events = _Mailbox(asyncio.get_running_loop())  # every choice's events, as (choice index, event)
     choices = []
     for i, params in enumerate(job.choice_params()):
-      events, prompt = _Mailbox(loop), job.prompt_of(i)
-      choices.append(_Choice(engine_lib.Request(prompt.tokens, prompt.images, params, events.put), events,
+      prompt = job.prompt_of(i)
+      sink = lambda event, i=i: events.put((i, event))  # noqa: E731  (the engine calls it on its thread)
+      choices.append(_Choice(engine_lib.Request(prompt.tokens, prompt.images, params, sink),
                              Detokenizer(tok.decode, job.stop)))
     try:
       for c in choices:
@@ -452,9 +453,9 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
     head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": config.model_name}
     if job.stream:
-      return _Stream(_stream(job, choices, head), media_type="text/event-stream",
+      return _Stream(_stream(job, choices, events, head), media_type="text/event-stream",
                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return await _complete(request, job, choices, head)
+    return await _complete(request, job, choices, events, head)
 
   def _chunk(head: dict, job, text: str | None, entries: list | None, finish_reason=None, index: int = 0,
              **extra) -> str:
@@ -489,89 +490,74 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
   def _logprob_entry(ev: engine_lib.Token) -> dict:
     return {**_token(ev.token_id, ev.logprob), "top_logprobs": [_token(i, lp) for i, lp in ev.top_logprobs]}
 
-  async def _events(req, job, next_events, text: Detokenizer):
-    """Yields (delta text, entries, None) per batch of tokens that adds text, then (final text, entries, Finished);
-    cancels on a stop string. entries: the log-probability entries (`logprobs.content`) of the tokens since the
-    last yield, empty unless the request asked for them; the token that completes a stop string has one, though
-    the string's text is cut, and a stop token has none (it is never shown)."""
-    entries = []
-    while True:
-      delta = ""
-      for ev in await next_events():
-        if isinstance(ev, engine_lib.Token):
-          if not text.num_tokens:
-            metrics.first_token(time.monotonic() - req.submitted)
-          delta += text.add(ev.token_id)
-          if ev.logprob is not None:
-            entries.append(_logprob_entry(ev))
-          if text.stopped:
-            engine.cancel(req, reason="stop")
-            metrics.finished(time.monotonic() - req.submitted, len(req.prompt), text.num_tokens)
-            yield delta, entries, engine_lib.Finished("stop", len(req.prompt), text.num_tokens)
-            return
-        elif isinstance(ev, engine_lib.Finished):
-          if not text.num_tokens and ev.completion_tokens:  # the first token was a stop token
-            metrics.first_token(time.monotonic() - req.submitted)
-          metrics.finished(time.monotonic() - req.submitted, ev.prompt_tokens, ev.completion_tokens)
-          yield delta + text.finish(), entries, ev
-          return
-        else:
-          raise msg.RequestError(ev.message, status=503, type_="server_error")
-      if delta:  # text held back (a partial character, a possible stop string): its entries wait for it
-        yield delta, entries, None
-        entries = []
+  def _take(c: _Choice, ev) -> tuple[str, engine_lib.Finished | None]:
+    """One engine event of choice `c`: (the text it adds, the choice's end or None). Its log-probability entry goes
+    to `c.entries`: the token that completes a stop string has one, though the string's text is cut, and a stop
+    token has none (it is never shown). A stop string cancels the engine request."""
+    req, text = c.request, c.text
+    if isinstance(ev, engine_lib.Token):
+      if not text.num_tokens:
+        metrics.first_token(time.monotonic() - req.submitted)
+      delta = text.add(ev.token_id)
+      if ev.logprob is not None:
+        c.entries.append(_logprob_entry(ev))
+      if not text.stopped:
+        return delta, None
+      engine.cancel(req, reason="stop")
+      ev = engine_lib.Finished("stop", len(req.prompt), text.num_tokens)
+    elif isinstance(ev, engine_lib.Finished):
+      if not text.num_tokens and ev.completion_tokens:  # the first token was a stop token
+        metrics.first_token(time.monotonic() - req.submitted)
+      delta = text.finish()
+    else:
+      raise msg.RequestError(ev.message, status=503, type_="server_error")
+    metrics.finished(time.monotonic() - req.submitted, ev.prompt_tokens, ev.completion_tokens)
+    return delta, ev
 
-  async def _merged(job, choices, poll=None):
-    """(choice index, (delta, entries, end)) of every choice's `_events`, in the order they come. poll: an async
-    callable awaited whenever nothing came for 0.5 s (it raises to end the answer, e.g. when the client left)."""
-    items: asyncio.Queue = asyncio.Queue()
-
-    async def run(i, c):
+  async def _answers(choices, events: _Mailbox, poll=None):
+    """(choice index, delta text, entries, end or None) for each choice a batch of events moved, until every choice
+    ended; a choice's entries wait while its text is held back (a partial character, a possible stop string).
+    poll: an async callable awaited whenever nothing came for 0.5 s (it raises to end the answer, e.g. when the
+    client left)."""
+    running = len(choices)
+    while running:
       try:
-        async for item in _events(c.request, job, c.events.get_all, c.text):
-          await items.put((i, item, None))
-      except Exception as e:  # pylint: disable=broad-except  (raised to the caller below)
-        await items.put((i, None, e))
-        return
-      await items.put((i, None, None))
-
-    tasks = [asyncio.create_task(run(i, c)) for i, c in enumerate(choices)]
-    try:
-      running = len(choices)
-      while running:
-        try:
-          i, item, error = await asyncio.wait_for(items.get(), timeout=0.5) if poll else await items.get()
-        except asyncio.TimeoutError:
-          await poll()
+        batch = await (asyncio.wait_for(events.get_all(), timeout=0.5) if poll else events.get_all())
+      except asyncio.TimeoutError:
+        await poll()
+        continue
+      moved: dict[int, list] = {}  # choice index -> [delta, end], in the order the choices came
+      for i, ev in batch:
+        c = choices[i]
+        if c.finished:  # tokens of a choice a stop string ended, decoded before its cancel arrived
           continue
-        if error is not None:
-          raise error
-        if item is None:
+        delta, end = _take(c, ev)
+        item = moved.setdefault(i, ["", None])
+        item[0] += delta
+        if end is not None:
+          item[1], c.finished = end, True
           running -= 1
-        else:
-          yield i, item
-    finally:
-      for t in tasks:
-        t.cancel()
+      for i, (delta, end) in moved.items():
+        if delta or end is not None:
+          c = choices[i]
+          entries, c.entries = c.entries, []
+          yield i, delta, entries, end
 
-  async def _stream(job, choices, head):
+  async def _stream(job, choices, events, head):
     wanted = job.params.logprobs is not None
     usage = 0
     try:
       for i in range(job.choices if job.chat else 0):
         yield _chunk(head, job, None, None, index=i)
-      # Closed with the stream (a client that left): the choices' tasks end then, not when it is collected.
-      async with contextlib.aclosing(_merged(job, choices)) as merged:
-        async for i, (delta, entries, end) in merged:
-          if delta:
-            yield _chunk(head, job, delta, entries if wanted else None, index=i)
-            entries = []
-          if end is not None:
-            choices[i].finished = True
-            usage += end.completion_tokens
-            boxes = msg.boxes_in_pixels(choices[i].text.text, job.prompt_of(i))
-            # Entries of tokens whose text never came (a stop string cut it all) go with the last chunk.
-            yield _chunk(head, job, "", entries if entries else None, end.reason, index=i, boxes=boxes)
+      async for i, delta, entries, end in _answers(choices, events):
+        if delta:
+          yield _chunk(head, job, delta, entries if wanted else None, index=i)
+          entries = []
+        if end is not None:
+          usage += end.completion_tokens
+          boxes = msg.boxes_in_pixels(choices[i].text.text, job.prompt_of(i))
+          # Entries of tokens whose text never came (a stop string cut it all) go with the last chunk.
+          yield _chunk(head, job, "", entries if entries else None, end.reason, index=i, boxes=boxes)
       if job.include_usage:
         body = {**head, "object": "chat.completion.chunk" if job.chat else "text_completion", "choices": [],
                 "usage": _usage(job.prompt_tokens(), usage)}
@@ -584,7 +570,7 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
         if not c.finished:
           engine.cancel(c.request)  # the client went away mid-stream: free the slots now
 
-  async def _complete(request: HttpRequest, job, choices, head):
+  async def _complete(request: HttpRequest, job, choices, events, head):
     async def poll():
       # A non-streaming client that went away frees its slots too.
       if await request.is_disconnected():
@@ -592,11 +578,10 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
 
     ends, entries = [None] * job.choices, [[] for _ in range(job.choices)]
     try:
-      async with contextlib.aclosing(_merged(job, choices, poll)) as merged:
-        async for i, (_, more, end) in merged:
-          entries[i] += more
-          if end is not None:
-            ends[i], choices[i].finished = end, True
+      async for i, _, more, end in _answers(choices, events, poll):
+        entries[i] += more
+        if end is not None:
+          ends[i] = end
     except _Disconnected:
       return JSONResponse({}, status_code=499)
     finally:
