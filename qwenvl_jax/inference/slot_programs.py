@@ -8,8 +8,8 @@ group, padded), n images encoded in one call (an image-batch bucket), Q image to
 L layers, S image side, K decode steps per call, W cache slots attended (a window bucket).
 
   encode(images uint8[n, S, S, 3])                     -> feats [F, Q, D] (ViT + adapter, zero-padded to F)
-  prefill(cache, history, ids[k, P], lengths, first_image, feats, rows, ...) -> Picked [k] (first tokens), cache,
-                                                                                history
+  prefill(cache, history, ids[k, P], lengths, first_image, feats, rows, ...) -> Picked [k] (first tokens; and the
+                                                          prompts' scores, `PromptScores`, when asked), cache, history
   decode(cache, history, tokens[R], positions[R], active[R], ...) -> Picked [K, R] (new tokens), cache, history
                                                                                 (the first R rows)
 
@@ -53,7 +53,8 @@ class Sampling(NamedTuple):
   """Per-row sampling settings (see `slot_sampling.select`): float32 temperature (0 = greedy), int32 top_k,
   float32 top_p, uint32[., 2] seed (`slot_sampling.seed_words`), int32 count (tokens generated so far), bool
   logprobs (the row's request wants log-probabilities, `slot_sampling.token_logprobs`), float32 min_p (0 = off),
-  float32 repetition (1 = off), frequency and presence (0 = off) penalties (`slot_sampling.penalize`)."""
+  float32 repetition (1 = off), frequency and presence (0 = off) penalties (`slot_sampling.penalize`), bool
+  prompt_logprobs (prefill scores the row's prompt tokens too, `prompt_scores`; decode ignores it)."""
   temperature: jax.Array
   top_k: jax.Array
   top_p: jax.Array
@@ -64,6 +65,7 @@ class Sampling(NamedTuple):
   repetition: jax.Array
   frequency: jax.Array
   presence: jax.Array
+  prompt_logprobs: jax.Array
 
   @classmethod
   def greedy(cls, rows: int) -> "Sampling":
@@ -71,7 +73,8 @@ class Sampling(NamedTuple):
     tests and benches decode with."""
     zeros = np.zeros(rows, np.float32)
     return cls(zeros, np.zeros(rows, np.int32), np.ones(rows, np.float32), np.zeros((rows, 2), np.uint32),
-               np.zeros(rows, np.int32), np.zeros(rows, bool), zeros, np.ones(rows, np.float32), zeros, zeros)
+               np.zeros(rows, np.int32), np.zeros(rows, bool), zeros, np.ones(rows, np.float32), zeros, zeros,
+               np.zeros(rows, bool))
 
 
 class TokenHistory(NamedTuple):
@@ -90,14 +93,63 @@ def constrain_history(history: TokenHistory) -> TokenHistory:
   return TokenHistory(*(sharding.constrain(x, ("act_batch", None)) for x in history))
 
 
+class PromptScores(NamedTuple):
+  """The prompts' own tokens scored by the model (`prompt_scores`), per row and prompt position t: float32[k, P]
+  log p(token t | tokens before it), and int32 / float32 [k, P, `slot_sampling.TOP_LOGPROBS`] the most likely ids
+  at t and their log-probabilities. Position 0 (nothing before it) and the padding hold zeros."""
+  logprob: jax.Array
+  top_ids: jax.Array
+  top_logprobs: jax.Array
+
+
 class Picked(NamedTuple):
   """What a program picked per row: int32 tokens, and when some row asked (`Sampling.logprobs`, else zeros) the
   float32 log-probability of each token and int32 / float32 `[..., slot_sampling.TOP_LOGPROBS]` the most likely
-  ids and their log-probabilities (`slot_sampling.token_logprobs`)."""
+  ids and their log-probabilities (`slot_sampling.token_logprobs`); prefill's also holds its prompts' scores
+  (`PromptScores`; zeros unless some row asked, `Sampling.prompt_logprobs`), decode's None."""
   tokens: jax.Array
   logprob: jax.Array
   top_ids: jax.Array
   top_logprobs: jax.Array
+  prompt: PromptScores | None = None
+
+
+# Prompt positions (all rows together) whose float32 logits one step of `prompt_scores` holds: 256 x 151,936 x 4
+# bytes = 156 MB for the 7B model's vocabulary, not the k x P x V of the whole prompt.
+PROMPT_SCORE_POSITIONS = 256
+
+
+def prompt_scores(model, h: jax.Array, ids: jax.Array, wanted: jax.Array, vocab_limit) -> PromptScores:
+  """`PromptScores` of prompts ids int32[k, P] from the last hidden states h [k, P, D] of prefill (position t's
+  logits score token t + 1), `PROMPT_SCORE_POSITIONS` positions' logits at a time; computed only when some row is
+  `wanted` (`lax.cond`, else zeros): what vLLM's `prompt_logprobs` and OpenAI's `echo` with `logprobs` return, and
+  what lm-evaluation-harness scores a multiple-choice answer with."""
+  k, p, d = h.shape
+  top = slot_sampling.TOP_LOGPROBS
+
+  def compute(_):
+    c = min(p, max(1, PROMPT_SCORE_POSITIONS // k))
+    steps = -(-p // c)
+    pad = steps * c - p
+    targets = jnp.pad(ids[:, 1:], ((0, 0), (0, 1 + pad)))
+    hs = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(k, steps, c, d).swapaxes(0, 1)
+    ts = targets.reshape(k, steps, c).swapaxes(0, 1)
+
+    def chunk(args):
+      hc, tc = args
+      logits = model.llm.lm_head(hc).reshape(k * c, -1)
+      return tuple(x.reshape(k, c, *x.shape[1:]) for x in slot_sampling.token_scores(logits, tc.reshape(-1),
+                                                                                        vocab_limit))
+
+    out = jax.lax.map(chunk, (hs, ts))  # each [steps, k, c, ...]
+    out = [x.swapaxes(0, 1).reshape(k, steps * c, *x.shape[3:])[:, :p - 1] for x in out]
+    return PromptScores(*(jnp.pad(x, ((0, 0), (1, 0)) + ((0, 0),) * (x.ndim - 2)) for x in out))
+
+  def skip(_):
+    return PromptScores(jnp.zeros((k, p), jnp.float32), jnp.zeros((k, p, top), jnp.int32),
+                        jnp.zeros((k, p, top), jnp.float32))
+
+  return jax.lax.cond(jnp.any(wanted), compute, skip, None)
 
 
 def _pick(logits, seen, history_counts, sampling: Sampling, counts, vocab_limit) -> Picked:
@@ -132,7 +184,8 @@ def prefill(graphdef, vocab_limit, state, cache: KVCache, history: TokenHistory,
   """ids int32[k, P] right-padded (row i's prompt in slots 0 .. lengths[i]-1); lengths int32[k] (>= 1);
   first_image int32[k] (index in `feats` of the row's first image); feats [F, Q, D]; rows int32[k] cache row of each
   prompt (B = padding row, dropped); rope_base float32[k]. Returns (`Picked` [k]: the first new tokens, cache,
-  history: the rows' prompts as seen, their answers' counts holding the first tokens)."""
+  history: the rows' prompts as seen, their answers' counts holding the first tokens); the `Picked` also scores
+  the prompts of rows with `sampling.prompt_logprobs` (`prompt_scores`)."""
   model = _merge(graphdef, state)
   k, p = ids.shape
   q = feats.shape[1]
@@ -162,6 +215,7 @@ def prefill(graphdef, vocab_limit, state, cache: KVCache, history: TokenHistory,
   counts = counts.at[k_rows[:, 0], picked.tokens].set(1)
   history = TokenHistory(history.seen.at[rows].set(seen, mode="drop"),
                          history.counts.at[rows].set(counts, mode="drop"))
+  picked = picked._replace(prompt=prompt_scores(model, h, ids, sampling.prompt_logprobs, vocab_limit))
   return picked, constrain_cache(cache), constrain_history(history)
 
 

@@ -102,6 +102,26 @@ def select(logits: jax.Array, *, temperature: jax.Array, top_k: jax.Array, top_p
   return jax.lax.cond(jnp.any(temperature > 0), sample, lambda _: greedy, None)
 
 
+def token_scores(logits: jax.Array, chosen: jax.Array,
+                 vocab_limit: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """What `token_logprobs` returns for every row, computed unconditionally (logits float[N, V], chosen int32[N]):
+  the scores of rows a caller has already chosen to score (e.g. a prompt's positions, `slot_programs`)."""
+  v = logits.shape[-1]
+  n = min(TOP_LOGPROBS, v if vocab_limit is None else min(v, vocab_limit))
+  logp = jax.nn.log_softmax(_limited(logits, vocab_limit), axis=-1)
+  top_lp, top_ids = jax.lax.top_k(logp, n)
+  pad = TOP_LOGPROBS - n  # a vocabulary smaller than TOP_LOGPROBS: padded with -inf, never shown
+  return (jnp.take_along_axis(logp, chosen[:, None].astype(jnp.int32), axis=-1)[:, 0],
+          jnp.pad(top_ids.astype(jnp.int32), ((0, 0), (0, pad))),
+          jnp.pad(top_lp, ((0, 0), (0, pad)), constant_values=-jnp.inf))
+
+
+def no_scores(rows: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Zeros in `token_scores`' shapes: what a skipped score returns."""
+  return (jnp.zeros((rows,), jnp.float32), jnp.zeros((rows, TOP_LOGPROBS), jnp.int32),
+          jnp.zeros((rows, TOP_LOGPROBS), jnp.float32))
+
+
 def token_logprobs(logits: jax.Array, chosen: jax.Array, wanted: jax.Array,
                    vocab_limit: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The model's log-probabilities of the chosen tokens and of each row's `TOP_LOGPROBS` most likely tokens.
@@ -118,22 +138,8 @@ def token_logprobs(logits: jax.Array, chosen: jax.Array, wanted: jax.Array,
     TOP_LOGPROBS] their log-probabilities). Each is the log-softmax of the float32 logits, before temperature,
     top-k and top-p: what the model says, not what the sampling settings made of it.
   """
-  b, v = logits.shape
-  n = min(TOP_LOGPROBS, v if vocab_limit is None else min(v, vocab_limit))
-
-  def compute(_):
-    logp = jax.nn.log_softmax(_limited(logits, vocab_limit), axis=-1)
-    top_lp, top_ids = jax.lax.top_k(logp, n)
-    pad = TOP_LOGPROBS - n  # a vocabulary smaller than TOP_LOGPROBS: padded with -inf, never shown
-    return (jnp.take_along_axis(logp, chosen[:, None].astype(jnp.int32), axis=-1)[:, 0],
-            jnp.pad(top_ids.astype(jnp.int32), ((0, 0), (0, pad))),
-            jnp.pad(top_lp, ((0, 0), (0, pad)), constant_values=-jnp.inf))
-
-  def skip(_):
-    return (jnp.zeros((b,), jnp.float32), jnp.zeros((b, TOP_LOGPROBS), jnp.int32),
-            jnp.zeros((b, TOP_LOGPROBS), jnp.float32))
-
-  return jax.lax.cond(jnp.any(wanted), compute, skip, None)
+  return jax.lax.cond(jnp.any(wanted), lambda _: token_scores(logits, chosen, vocab_limit),
+                      lambda _: no_scores(logits.shape[0]), None)
 
 
 def penalize(logits: jax.Array, seen: jax.Array, counts: jax.Array, *, repetition: jax.Array,

@@ -347,7 +347,8 @@ def _plan_server(cfg, topology, graphdef, state, as_state, cache, mesh, rules, *
   def sampling(n):
     f32 = rows(n, jnp.float32)
     return slot_programs.Sampling(f32, rows(n, jnp.int32), f32, sharded((n, 2), jnp.uint32, ("act_batch", None)),
-                                  rows(n, jnp.int32), rows(n, jnp.bool_), f32, f32, f32, f32)
+                                  rows(n, jnp.int32), rows(n, jnp.bool_), f32, f32, f32, f32,
+                                  rows(n, jnp.bool_))
 
   # The penalties' token history of the slots (`slot_programs.TokenHistory`), donated with the cache.
   history = slot_programs.TokenHistory(*(sharded((batch, cfg.llm.vocab_size), dtype, ("act_batch", None))

@@ -12,7 +12,8 @@ Loop of the engine thread (`Engine._run`):
      busy slot (free slots among them compute and are ignored; slots are taken lowest first, so R follows the
      load), attending to the first W cache slots, W the length bucket covering the furthest position reached.
      A request that ends inside the K steps drops the rest of its tokens; one that arrives waits for the call.
-Each new token goes to its request's `sink` (a callable; the HTTP layer hands it to its event loop). A
+Each new token goes to its request's `sink` (a callable; the HTTP layer hands it to its event loop), after the
+prompt's own tokens scored by the model when the request asks for them (`PromptTokens`, from the prefill call). A
 request ends on a stop token of the chat format (`stop_ids`, not shown), after `max_tokens`, or when cancelled;
 its slot is free for the next admission in the same loop turn.
 
@@ -39,18 +40,20 @@ import numpy as np
 from qwenvl_jax import serving_defaults as defaults
 from qwenvl_jax.inference import decode, slot_sampling
 from qwenvl_jax.serving import compile_monitor
-from qwenvl_jax.inference.slot_programs import Picked
+from qwenvl_jax.inference.slot_programs import Picked, PromptScores
 from qwenvl_jax.serving.slots import Sampling, SlotModel
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-  """One request's decoding: max_tokens >= 1; temperature 0 = greedy; top_k 0 = off; top_p 1 = off; seed;
+  """One request's decoding: max_tokens >= 0 (0: the prompt is prefilled and nothing generated, e.g. to score it
+  with prompt_logprobs, or to echo it); temperature 0 = greedy; top_k 0 = off; top_p 1 = off; seed;
   ignore_stop_tokens: run to max_tokens whatever is generated (benchmarks; vLLM's `ignore_eos`); logprobs: None
   (off), or how many of the most likely alternatives (0 .. `slot_sampling.TOP_LOGPROBS`) each token's event
   carries beside the token's own log-probability; min_p 0 = off; repetition_penalty 1, frequency_penalty and
   presence_penalty 0 = off (`slot_sampling.penalize`); stop_token_ids: more ids that end the request as the chat
-  format's stop tokens do (vLLM's)."""
+  format's stop tokens do (vLLM's); prompt_logprobs: None (off), or how many alternatives each of the prompt's
+  tokens carries beside its own log-probability (vLLM's `prompt_logprobs`; a `PromptTokens` event)."""
   max_tokens: int
   temperature: float = 0.0
   top_p: float = 1.0
@@ -63,6 +66,7 @@ class SamplingParams:
   frequency_penalty: float = 0.0
   presence_penalty: float = 0.0
   stop_token_ids: frozenset[int] = frozenset()
+  prompt_logprobs: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,12 +79,22 @@ class Token:
 
 
 @dataclasses.dataclass(frozen=True)
+class PromptTokens:
+  """The prompt's tokens after the first (the first has nothing before it to be scored by), each with its
+  log-probability given the tokens before it and the most likely tokens there (`SamplingParams.prompt_logprobs`
+  of them): sent once, before the request's first `Token`."""
+  tokens: tuple[Token, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class Finished:
   """The end of a request. reason: 'stop' (a stop token), 'length' (max_tokens) or 'cancelled'.
-  completion_tokens counts every generated token, the stop token included."""
+  completion_tokens counts every generated token, the stop token included; stop_token: the stop token that ended
+  it (never shown as text), with its scores when the request asked for them."""
   reason: str
   prompt_tokens: int
   completion_tokens: int
+  stop_token: Token | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +102,7 @@ class Failed:
   message: str
 
 
-Event = Token | Finished | Failed
+Event = PromptTokens | Token | Finished | Failed
 
 
 @dataclasses.dataclass(eq=False)
@@ -211,8 +225,8 @@ class Engine:
       return "the prompt is empty"
     if num_images > self.max_images:
       return f"{num_images} images in the conversation; this server takes at most {self.max_images}"
-    if max_tokens < 1:
-      return f"max_tokens must be >= 1, got {max_tokens}"
+    if max_tokens < 0:
+      return f"max_tokens must be >= 0, got {max_tokens}"
     if prompt_len + max_tokens > self.context:
       return (f"the prompt has {prompt_len} tokens and max_tokens is {max_tokens}: together more than the "
               f"context of {self.context} tokens")
@@ -220,13 +234,15 @@ class Engine:
 
   def submit(self, request: Request) -> None:
     """Queues a request (ValueError when `check` refuses it); its events go to `request.sink`."""
-    problem = self.check(len(request.prompt), len(request.images), request.params.max_tokens)
+    params = request.params
+    problem = self.check(len(request.prompt), len(request.images), params.max_tokens)
     if problem:
       raise ValueError(problem)
     slot_sampling.seed_words(request.params.seed)  # ValueError here, not on the engine thread (which would stop)
-    top = request.params.logprobs
-    if top is not None and not 0 <= top <= slot_sampling.TOP_LOGPROBS:
-      raise ValueError(f"logprobs must be None or in [0, {slot_sampling.TOP_LOGPROBS}], got {top}")
+    for name in ("logprobs", "prompt_logprobs"):
+      top = getattr(params, name)
+      if top is not None and not 0 <= top <= slot_sampling.TOP_LOGPROBS:
+        raise ValueError(f"{name} must be None or in [0, {slot_sampling.TOP_LOGPROBS}], got {top}")
     if self._error is not None or self._stop.is_set():
       raise RuntimeError("the engine is not running")
     self._inbox.put(request)
@@ -340,13 +356,13 @@ class Engine:
     with self._lock:
       self._counts[name] += 1
 
-  def _finish(self, i: int, reason: str, notify: bool = True) -> None:
+  def _finish(self, i: int, reason: str, notify: bool = True, stop_token: Token | None = None) -> None:
     slot = self._active[i]
     with self._lock:  # `stats` never sees the slot free and its request not yet counted
       self._active[i] = None
       self._counts[f"finished_{reason}"] += 1
     if notify:  # a cancelled request (its client left, or the API ended it on a stop string) gets no event
-      slot.request.sink(Finished(reason, len(slot.request.prompt), slot.generated))
+      slot.request.sink(Finished(reason, len(slot.request.prompt), slot.generated, stop_token))
 
   def _admit(self) -> None:
     self._free_cancelled()
@@ -391,7 +407,12 @@ class Engine:
       self._counts["admitted"] += len(group)
     for i, (r, row) in enumerate(zip(group, rows)):
       self._active[row] = _Slot(r, int(picked.tokens[i]), len(r.prompt), 0, float(rope[i]))
-      self._deliver(row, picked, i)
+      if r.params.prompt_logprobs is not None and not r.cancelled:
+        r.sink(_prompt_tokens(r, picked.prompt, i))
+      if r.params.max_tokens == 0:  # nothing to generate: the prompt (its scores, its echo) is the whole answer
+        self._finish(row, r.cancel_reason if r.cancelled else "length", notify=not r.cancelled)
+      else:
+        self._deliver(row, picked, i)
 
   def _step(self) -> None:
     # Slots are taken lowest index first, so the busy ones gather at the front: decode only a bucket covering them.
@@ -440,15 +461,14 @@ class Engine:
     slot.generated += 1
     token = int(picked.tokens[at])
     params = slot.request.params
-    if (token in self.stop_ids or token in params.stop_token_ids) and not params.ignore_stop_tokens:
-      self._finish(i, "stop")
-      return
     top = params.logprobs
-    if top is None:
-      slot.request.sink(Token(token))
-    else:
-      slot.request.sink(Token(token, float(picked.logprob[at]),
-                              tuple(zip(picked.top_ids[at][:top].tolist(), picked.top_logprobs[at][:top].tolist()))))
+    event = Token(token) if top is None else Token(
+        token, float(picked.logprob[at]), tuple(zip(picked.top_ids[at][:top].tolist(),
+                                                    picked.top_logprobs[at][:top].tolist())))
+    if (token in self.stop_ids or token in params.stop_token_ids) and not params.ignore_stop_tokens:
+      self._finish(i, "stop", stop_token=event)
+      return
+    slot.request.sink(event)
     if slot.generated >= slot.request.params.max_tokens:
       self._finish(i, "length")
 
@@ -463,11 +483,26 @@ def _sampling(params: Sequence[SamplingParams], counts: Sequence[int]) -> Sampli
                   min_p=np.asarray([p.min_p for p in params], np.float32),
                   repetition=np.asarray([p.repetition_penalty for p in params], np.float32),
                   frequency=np.asarray([p.frequency_penalty for p in params], np.float32),
-                  presence=np.asarray([p.presence_penalty for p in params], np.float32))
+                  presence=np.asarray([p.presence_penalty for p in params], np.float32),
+                  prompt_logprobs=np.asarray([p.prompt_logprobs is not None for p in params], bool))
 
 
 def _fetch(picked: Picked, params: Sequence[SamplingParams]) -> Picked:
-  """The device's picks as host arrays; the log-probabilities only when some row asked for them (else None)."""
-  if all(p.logprobs is None for p in params):
-    return Picked(np.asarray(picked.tokens), None, None, None)
-  return Picked(*(np.asarray(x) for x in picked))
+  """The device's picks as host arrays; the log-probabilities, and a prefill's prompt scores, only when some row
+  asked for them (else None)."""
+  scores = (None,) * 3
+  if any(p.logprobs is not None for p in params):
+    scores = tuple(np.asarray(x) for x in picked[1:4])
+  prompt = None
+  if picked.prompt is not None and any(p.prompt_logprobs is not None for p in params):
+    prompt = PromptScores(*(np.asarray(x) for x in picked.prompt))
+  return Picked(np.asarray(picked.tokens), *scores, prompt)
+
+
+def _prompt_tokens(request: Request, scores: PromptScores, i: int) -> PromptTokens:
+  """Row i's `PromptTokens` from the host arrays `scores` (`_fetch`)."""
+  top, n = request.params.prompt_logprobs, len(request.prompt)
+  ids, logprob = scores.top_ids[i, 1:n, :top].tolist(), scores.logprob[i, 1:n].tolist()
+  top_lp = scores.top_logprobs[i, 1:n, :top].tolist()
+  return PromptTokens(tuple(Token(int(t), lp, tuple(zip(a, b)))
+                            for t, lp, a, b in zip(request.prompt[1:], logprob, ids, top_lp)))

@@ -1,6 +1,10 @@
-"""The serving engine's prefill program (`inference.slot_programs.prefill`) as compiled: what it holds."""
+"""The serving engine's prefill program (`inference.slot_programs.prefill`): what it holds as compiled, and its prompt
+scores."""
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from qwenvl_jax.inference import slot_programs, slot_sampling
 from qwenvl_jax.serving import slots as slots_lib
 
 
@@ -20,3 +24,30 @@ def test_the_server_prefill_writes_into_the_slots_cache_without_a_cache_of_its_o
   whole = f"[{llm.layers},4,{llm.heads},64,{llm.head_dim}]"  # the slots' cache (donated, updated in place)
   assert whole in text
   assert f"[{llm.layers},{k},{llm.heads},{p},{llm.head_dim}]" not in text
+
+
+def test_prompt_scores_in_chunks_equal_the_whole_prompts_log_softmax(tiny_model, monkeypatch):
+  """`prompt_scores` builds the logits of a few positions at a time (here 3 for 2 rows of 7: one position per row
+  and step, so the chunks and the padding past the prompt are exercised): position t of a row holds log p(token t)
+  from position t - 1's logits and the most likely ids there, as one log-softmax over all positions says
+  (float32; tolerance 1e-5); position 0 is zero, as are the rows when none is wanted."""
+  monkeypatch.setattr(slot_programs, "PROMPT_SCORE_POSITIONS", 3)
+  k, p, d, v = 2, 7, tiny_model.cfg.llm.width, tiny_model.cfg.llm.vocab_size
+  h = jax.random.normal(jax.random.key(0), (k, p, d), jnp.float32)
+  ids = jax.random.randint(jax.random.key(1), (k, p), 0, v - 10)
+  got = slot_programs.prompt_scores(tiny_model, h, ids, np.array([True, False]), v - 10)
+  logits = np.asarray(tiny_model.llm.lm_head(h), np.float64)
+  logits[..., v - 10:] = -np.inf  # the vocabulary limit
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
+      -1, keepdims=True)
+  ids = np.asarray(ids)
+  expected = np.zeros((k, p))
+  expected[:, 1:] = np.take_along_axis(logp[:, :-1], ids[:, 1:, None], -1)[..., 0]
+  np.testing.assert_allclose(np.asarray(got.logprob), expected, atol=1e-5)
+  top = np.argsort(-logp[:, :-1], axis=-1, kind="stable")[..., :slot_sampling.TOP_LOGPROBS]
+  np.testing.assert_array_equal(np.asarray(got.top_ids)[:, 1:], top)
+  np.testing.assert_allclose(np.asarray(got.top_logprobs)[:, 1:], np.take_along_axis(logp[:, :-1], top, -1),
+                             atol=1e-5)
+  assert not np.asarray(got.top_ids)[:, 0].any()
+  none = slot_programs.prompt_scores(tiny_model, h, ids, np.array([False, False]), v - 10)
+  assert not any(np.asarray(x).any() for x in none)
