@@ -52,6 +52,7 @@ from qwenvl_jax.serving import engine as engine_lib
 from qwenvl_jax.serving import limits as limits_lib
 from qwenvl_jax.serving import messages as msg
 from qwenvl_jax.serving import metrics as metrics_lib
+from qwenvl_jax.serving import tokenizer_api
 from qwenvl_jax.serving.detokenize import Detokenizer, token_piece
 
 STATIC = pathlib.Path(__file__).resolve().parent / "static"
@@ -181,6 +182,8 @@ class _Choice:
   text: Detokenizer
   finished: bool = False
   entries: list = dataclasses.field(default_factory=list)
+  lead: str = ""  # the echoed prompt, sent with the choice's first event
+  chat: bool = True  # a chat completion's choice (else a text completion's)
 
 
 class _Mailbox:
@@ -233,12 +236,14 @@ class _Stream(StreamingResponse):
 class _Completion:
   """One request's parsed pieces: its prompts (a chat's one, or a text completion's list), n choices of each,
   every choice an engine request of its own (choice i answers prompt i // n); chat: a chat completion
-  (`/v1/chat/completions`), else a text completion (`/v1/completions`)."""
+  (`/v1/chat/completions`), else a text completion (`/v1/completions`); echo: a text completion's text starts with
+  its prompt (as sent; a token prompt decoded), and with logprobs its entries with the prompt's tokens (the first
+  has no log-probability: nothing comes before it), as OpenAI's legacy `echo`."""
 
   def __init__(self, prompts: list[msg.Prompt], params: engine_lib.SamplingParams, stop, stream: bool,
-               include_usage: bool, n: int = 1, chat: bool = True):
+               include_usage: bool, n: int = 1, chat: bool = True, echo: bool = False):
     self.prompts, self.params, self.stop, self.stream = prompts, params, stop, stream
-    self.include_usage, self.n, self.chat = include_usage, n, chat
+    self.include_usage, self.n, self.chat, self.echo = include_usage, n, chat, echo
     self._offsets = [0] * (n * len(prompts))  # `legacy_logprobs`' text offset of each choice
 
   @property
@@ -260,8 +265,9 @@ class _Completion:
     for e in entries:
       offsets.append(self._offsets[index])
       self._offsets[index] += len(e["token"])
+    tops = [e["top_logprobs"] for e in entries]  # None: an echoed prompt's first token
     return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            "top_logprobs": [None if top is None else {t["token"]: t["logprob"] for t in top} for top in tops],
             "text_offset": offsets}
 
   def choice_params(self) -> list[engine_lib.SamplingParams]:
@@ -278,7 +284,7 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
   max_body = config.max_request_bytes or limits_lib.default_max_body_bytes(engine.max_images, config.images)
   limits = limits_lib.RequestLimits(max_open=engine.num_slots + config.max_waiting, max_body_bytes=max_body,
                                     body_timeout=config.body_timeout, send_timeout=config.send_timeout,
-                                    counted_paths=("/v1/chat/completions", "/v1/completions"))
+                                    counted_paths=("/v1/chat/completions", "/v1/completions", "/tokenize"))
   app.add_middleware(limits.middleware)
   # The connection's deadlines live in uvicorn's protocol, which `uvicorn_config` takes from here.
   app.state.connections = connection_lib.ConnectionLimits(header_timeout=config.header_timeout,
@@ -334,6 +340,19 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
   async def page():
     return FileResponse(STATIC / "index.html", media_type="text/html")
 
+  def _chat_prompt(messages) -> msg.Prompt:
+    return msg.build_prompt(messages, tok, image_tokens=cfg.image_tokens, image_size=cfg.vision.image_size,
+                            policy=config.images, max_images=engine.max_images, chat_format=config.chat_format,
+                            default_system=config.system, max_window_size=config.max_window_size,
+                            context=engine.context)
+
+  def _text_prompt(text) -> msg.Prompt:
+    return msg.build_raw_prompt(text, tok, image_tokens=cfg.image_tokens, image_size=cfg.vision.image_size,
+                                policy=config.images, max_images=engine.max_images, context=engine.context)
+
+  tokenizer_api.add_routes(app, tok, model_name=config.model_name, context=engine.context, build_text=_text_prompt,
+                           build_chat=_chat_prompt, piece=lambda t: piece(t))
+
   def _parse(raw: bytearray, chat: bool = True) -> _Completion:
     """Runs on a worker thread: parses and checks the body, tokenizes, reads the images (parsing a body of tens of
     MB on the event loop would stall every stream). A field sent as JSON null counts as absent, as in OpenAI's
@@ -355,22 +374,20 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
     _refuse_unsupported(body)
     where = "messages" if chat else "prompt"
     if chat:
-      prompt = msg.build_prompt(body.get("messages"), tok, image_tokens=cfg.image_tokens,
-                                image_size=cfg.vision.image_size, policy=config.images, max_images=engine.max_images,
-                                chat_format=config.chat_format, default_system=config.system,
-                                max_window_size=config.max_window_size, context=engine.context)
-      prompts = [prompt]
+      prompts = [_chat_prompt(body.get("messages"))]
     else:
-      for name, no_op in (("echo", False), ("suffix", "")):
-        if body.get(name, no_op) != no_op:
-          raise msg.RequestError(f"{name} is not supported by this server", param=name)
+      if body.get("suffix", "") != "":
+        raise msg.RequestError("suffix is not supported by this server", param="suffix")
       texts = body.get("prompt")
-      texts = texts if isinstance(texts, list) and texts and all(isinstance(t, str) for t in texts) else [texts]
+      if msg.is_token_prompt(texts):  # one prompt as token ids
+        texts = [texts]
+      elif not (isinstance(texts, list) and texts and all(isinstance(t, str) or msg.is_token_prompt(t)
+                                                          for t in texts)):
+        texts = [texts]  # one text prompt (or a malformed one, which `build_raw_prompt` refuses)
       if len(texts) * n > engine.num_slots + config.max_waiting:  # each choice of each prompt is a request
         raise msg.RequestError(f"{len(texts)} prompts x n={n} choices: at most {engine.num_slots + config.max_waiting} "
                                "in one request", param="prompt")
-      prompts = [msg.build_raw_prompt(t, tok, image_tokens=cfg.image_tokens, image_size=cfg.vision.image_size,
-                                      policy=config.images, max_images=engine.max_images, context=engine.context)
+      prompts = [msg.build_token_prompt(t, tok, context=engine.context) if isinstance(t, list) else _text_prompt(t)
                  for t in texts]
     prompt = max(prompts, key=lambda p: len(p.tokens))  # the longest bounds max_tokens
     if not min(len(p.tokens) for p in prompts):
@@ -382,7 +399,13 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
     name = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
     # A chat answer runs to the context by default; a text completion to 16 tokens (OpenAI's and vLLM's default).
     default = min(config.max_tokens_limit, room) if chat else min(COMPLETION_MAX_TOKENS, room)
-    max_tokens = _number(body, name, int, default, 1, config.max_tokens_limit)
+    echo = body.get("echo", False)
+    if not isinstance(echo, bool):
+      raise msg.RequestError("echo must be a boolean", param="echo")
+    if chat and echo:  # vLLM's chat `echo` (repeat the last message) is not OpenAI's
+      raise msg.RequestError("echo is not supported on chat completions", param="echo")
+    # max_tokens 0 answers with the prompt alone: what an echoed prompt's scores need (`echo`, `logprobs`).
+    max_tokens = _number(body, name, int, default, 0 if echo else 1, config.max_tokens_limit)
     if max_tokens > room:
       raise msg.RequestError(f"the prompt has {len(prompt.tokens)} tokens and {name} is {max_tokens}: "
                              f"together more than the context of {engine.context}",
@@ -411,11 +434,12 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
     ignore_eos = body.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
       raise msg.RequestError("ignore_eos must be a boolean", param="ignore_eos")
+    logprobs = _logprobs(body) if chat else _legacy_logprobs(body)
     params = engine_lib.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                       seed=seed, ignore_stop_tokens=ignore_eos,
-                                       logprobs=_logprobs(body) if chat else _legacy_logprobs(body),
-                                       **_penalties(body), stop_token_ids=_stop_token_ids(body))
-    return _Completion(prompts, params, stop, stream, include_usage, n, chat)
+                                       seed=seed, ignore_stop_tokens=ignore_eos, logprobs=logprobs,
+                                       **_penalties(body), stop_token_ids=_stop_token_ids(body),
+                                       prompt_logprobs=logprobs if echo else None)
+    return _Completion(prompts, params, stop, stream, include_usage, n, chat, echo)
 
   @app.post("/v1/chat/completions")
   async def chat_completions(request: HttpRequest):
@@ -440,7 +464,8 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
       prompt = job.prompt_of(i)
       sink = lambda event, i=i: events.put((i, event))  # noqa: E731  (the engine calls it on its thread)
       choices.append(_Choice(engine_lib.Request(prompt.tokens, prompt.images, params, sink),
-                             Detokenizer(tok.decode, job.stop)))
+                             Detokenizer(tok.decode, job.stop), lead=prompt.raw_text if job.echo else "",
+                             chat=job.chat))
     try:
       for c in choices:
         engine.submit(c.request)
@@ -490,11 +515,27 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
   def _logprob_entry(ev: engine_lib.Token) -> dict:
     return {**_token(ev.token_id, ev.logprob), "top_logprobs": [_token(i, lp) for i, lp in ev.top_logprobs]}
 
+  def _prompt_entries(prompt: list[int], ev: engine_lib.PromptTokens) -> list[dict]:
+    """The entries of an echoed prompt: its first token has no log-probability (nothing comes before it)."""
+    text, raw = piece(prompt[0])
+    return [{"token": text, "logprob": None, "bytes": list(raw), "top_logprobs": None},
+            *(_logprob_entry(t) for t in ev.tokens)]
+
   def _take(c: _Choice, ev) -> tuple[str, engine_lib.Finished | None]:
     """One engine event of choice `c`: (the text it adds, the choice's end or None). Its log-probability entry goes
     to `c.entries`: the token that completes a stop string has one, though the string's text is cut, and a stop
-    token has none (it is never shown). A stop string cancels the engine request."""
+    token (never shown) has one in a text completion only. A stop string cancels the engine request. An echoed
+    prompt goes out with the choice's first event (`_Choice.lead`), its tokens' entries (`engine.PromptTokens`)
+    before the answer's."""
+    lead, c.lead = c.lead, ""
+    delta, end = _take_event(c, ev)
+    return lead + delta, end
+
+  def _take_event(c: _Choice, ev) -> tuple[str, engine_lib.Finished | None]:
     req, text = c.request, c.text
+    if isinstance(ev, engine_lib.PromptTokens):
+      c.entries.extend(_prompt_entries(list(req.prompt), ev))
+      return "", None
     if isinstance(ev, engine_lib.Token):
       if not text.num_tokens:
         metrics.first_token(time.monotonic() - req.submitted)
@@ -509,6 +550,10 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
       if not text.num_tokens and ev.completion_tokens:  # the first token was a stop token
         metrics.first_token(time.monotonic() - req.submitted)
       delta = text.finish()
+      if not c.chat and ev.stop_token is not None and ev.stop_token.logprob is not None:
+        # A text completion's entries end with the stop token (never shown), as vLLM's: lm-evaluation-harness
+        # scores an echoed prompt with max_tokens 1 and drops the last entry as the generated one.
+        c.entries.append(_logprob_entry(ev.stop_token))
     else:
       raise msg.RequestError(ev.message, status=503, type_="server_error")
     metrics.finished(time.monotonic() - req.submitted, ev.prompt_tokens, ev.completion_tokens)
@@ -591,12 +636,13 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
     out = []
     wanted = job.params.logprobs is not None
     for i, (c, end) in enumerate(zip(choices, ends)):
-      boxes = msg.boxes_in_pixels(c.text.text, job.prompt_of(i))
+      boxes = msg.boxes_in_pixels(c.text.text, job.prompt_of(i))  # the answer's, never the echoed prompt's
       if job.chat:
         out.append({"index": i, "message": {"role": "assistant", "content": c.text.text, "boxes": boxes},
                     "finish_reason": end.reason, "logprobs": {"content": entries[i]} if wanted else None})
       else:
-        out.append({"index": i, "text": c.text.text, "finish_reason": end.reason, "boxes": boxes,
+        echoed = job.prompt_of(i).raw_text if job.echo else ""
+        out.append({"index": i, "text": echoed + c.text.text, "finish_reason": end.reason, "boxes": boxes,
                     "logprobs": job.legacy_logprobs(i, entries[i]) if wanted else None})
     return {**head, "object": "chat.completion" if job.chat else "text_completion", "choices": out,
             "usage": _usage(job.prompt_tokens(), sum(end.completion_tokens for end in ends))}

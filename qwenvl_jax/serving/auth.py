@@ -1,4 +1,5 @@
-"""The API key of `serve --api_key`: an ASGI middleware requiring `Authorization: Bearer KEY` on /v1/*.
+"""The API key of `serve --api_key`: an ASGI middleware requiring `Authorization: Bearer KEY` on /v1/* and on the
+tokenizer's endpoints (`tokenizer_api`: /tokenize reads images as the completions do).
 
 It runs before the request limits (`limits`), so a client without the key gets 401 and nothing else: not 429 with
 the server's load, nor 413 with its body limit. The answer closes the connection (the body is never read). The key
@@ -17,15 +18,18 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from qwenvl_jax.serving import messages as msg
 
 PROTECTED_PREFIX = "/v1/"
+PROTECTED_PATHS = ("/tokenize", "/detokenize", "/tokenizer_info")
 
 
 def require_key(app: ASGIApp, *, api_key: str) -> ASGIApp:
-  """`app` answering 401 (OpenAI's `invalid_api_key`) to a request under /v1/ without `api_key` as its bearer key
-  (for `app.add_middleware(require_key, api_key=...)`); the chat page and /health stay open."""
+  """`app` answering 401 (OpenAI's `invalid_api_key`) to a request under /v1/ or to `PROTECTED_PATHS` without
+  `api_key` as its bearer key (for `app.add_middleware(require_key, api_key=...)`); the chat page, /health and
+  /metrics stay open."""
   expected = api_key.encode()
 
   async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
-    if scope["type"] == "http" and scope["path"].startswith(PROTECTED_PREFIX):
+    path = scope.get("path", "")
+    if scope["type"] == "http" and (path.startswith(PROTECTED_PREFIX) or path in PROTECTED_PATHS):
       scheme, _, key = Headers(scope=scope).get("authorization", "").partition(" ")
       # Starlette decodes header bytes as latin-1: encoding back gives the bytes the client sent.
       if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip().encode("latin-1"), expected):

@@ -248,7 +248,7 @@ def build_raw_prompt(prompt, tok: qtext.Tokenizer, *, image_tokens: int, image_s
   English:` or `<img>...</img><ref>the dog</ref>` (QWENVL_RECIPES' evaluation prompts). RequestError on a bad
   request."""
   if not isinstance(prompt, str) or not prompt:
-    raise RequestError("prompt must be a non-empty string or a list of them (token ids are not taken)",
+    raise RequestError("prompt must be a non-empty string, a list of token ids, or a list of either",
                        param="prompt")
   sources = qtext.IMAGE_SPAN.findall(prompt)
   if len(sources) > max_images:
@@ -269,6 +269,33 @@ def build_raw_prompt(prompt, tok: qtext.Tokenizer, *, image_tokens: int, image_s
   except ValueError as e:
     raise RequestError(f"the prompt cannot be encoded: {e}", param="prompt") from None
   return Prompt(made.tokens, [a for a, _ in images], [size for _, size in images], prompt)
+
+
+def is_token_prompt(prompt) -> bool:
+  """Whether a `/v1/completions` prompt is token ids (OpenAI's list of integers) rather than text."""
+  return isinstance(prompt, list) and bool(prompt) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                           for t in prompt)
+
+
+def build_token_prompt(ids, tok: qtext.Tokenizer, *, context: int | None = None) -> Prompt:
+  """The prompt of a `/v1/completions` request given as token ids (what lm-evaluation-harness sends): taken as
+  they are, each in [0, vocabulary). They cannot carry an image (its `<img>`, `<imgpad>` and `</img>` ids have no
+  picture behind them): such a prompt is sent as text with an `<img>SOURCE</img>` span. RequestError on a bad
+  request."""
+  if not is_token_prompt(ids):
+    raise RequestError("a token prompt must be a non-empty list of integer token ids", param="prompt")
+  if context is not None and len(ids) >= context:
+    raise RequestError(f"the prompt has {len(ids)} tokens; the context is {context}",
+                       code="context_length_exceeded", param="prompt")
+  bad = next((t for t in ids if not 0 <= t < tok.vocab_size), None)
+  if bad is not None:
+    raise RequestError(f"token id {bad} is outside the vocabulary [0, {tok.vocab_size})", param="prompt")
+  special = tok.special_tokens
+  images = {special[name] for name in (qtext.IMG_START, qtext.IMG_END, qtext.IMG_PAD) if name in special}
+  if images.intersection(ids):
+    raise RequestError("a token prompt cannot hold an image (the <img>, <imgpad> and </img> ids have no picture "
+                       "behind them): send it as text with an <img>SOURCE</img> span", param="prompt")
+  return Prompt(list(ids), [], [], tok.decode(ids))
 
 
 def boxes_in_pixels(answer: str, prompt: Prompt) -> list[dict]:

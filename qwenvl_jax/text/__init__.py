@@ -44,6 +44,10 @@ from qwenvl_jax.text.sentencepiece_tokenizer import SentencePieceTokenizer
 from qwenvl_jax.text.sentencepiece_tokenizer import train_sentencepiece
 from qwenvl_jax.text.spec import load_tokenizer
 from qwenvl_jax.text.spec import parse_tokenizer_spec
+from qwenvl_jax.text.tokenizer import ENDOFTEXT
+from qwenvl_jax.text.tokenizer import IMG_END
+from qwenvl_jax.text.tokenizer import IMG_PAD
+from qwenvl_jax.text.tokenizer import IMG_START
 from qwenvl_jax.text.tokenizer import min_tokens
 from qwenvl_jax.text.tokenizer import QwenTokenizer
 from qwenvl_jax.text.tokenizer import Tokenizer
@@ -51,7 +55,8 @@ from qwenvl_jax.text.tokenizer import Tokenizer
 __all__ = [
     "box_to_text", "BoxRef", "CHAT_TOP_K", "CHAT_TOP_P", "ChatContext", "decode_tokens", "decode_with_images",
     "DEFAULT_MAX_WINDOW_SIZE",
-    "DEFAULT_SYSTEM", "denormalize_box", "encode_with_images", "EncodedText", "Example", "from_list_format",
+    "DEFAULT_SYSTEM", "denormalize_box", "encode_with_images", "EncodedText", "ENDOFTEXT", "Example",
+    "from_list_format", "IMG_END", "IMG_PAD", "IMG_START",
     "get_stop_words_ids", "IGNORE_INDEX", "image_span_ids", "IMAGE_SPAN", "IMAGE_TOKENS", "load_tokenizer",
     "make_context", "MalformedBoxError", "min_tokens", "normalize_box", "parse_box", "parse_boxes",
     "parse_tokenizer_spec", "PICTURE_PREFIX", "PICTURE_PREFIX_README", "pretrain_example", "quad_to_text",

@@ -182,6 +182,12 @@ def test_api_key_is_required_when_set(engine, serve_tok):
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     r = requests.post(srv.url + "/v1/chat/completions", json={"messages": HI}, timeout=10)
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    for path in ("/tokenize", "/detokenize"):  # /tokenize reads images as the completions do
+      r = requests.post(srv.url + path, json={"prompt": "hi", "tokens": [1]}, timeout=10)
+      assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert requests.get(srv.url + "/tokenizer_info", timeout=10).status_code == 401
+    r = requests.get(srv.url + "/tokenizer_info", headers={"Authorization": "Bearer s3cret"}, timeout=10)
+    assert r.status_code == 200
     assert requests.get(srv.url + "/health", timeout=10).status_code == 200
   finally:
     srv.stop()
@@ -686,16 +692,155 @@ def test_a_list_of_prompts_answers_each_with_n_choices_in_openais_order(server, 
 
 
 @pytest.mark.parametrize("fields, param", [
-    ({"prompt": [1, 2, 3]}, "prompt"), ({"prompt": ["a", ""]}, "prompt"), ({"prompt": ["a"] * 40, "n": 4}, "prompt"),
+    ({"prompt": [1, 2, -3]}, "prompt"), ({"prompt": [1, 2, 400]}, "prompt"), ({"prompt": [[1, 2], []]}, "prompt"),
+    ({"prompt": [[1, "a"]]}, "prompt"), ({"prompt": [1, True]}, "prompt"), ({"prompt": [1] * 512}, "prompt"),
+    ({"prompt": ["a", ""]}, "prompt"), ({"prompt": ["a"] * 40, "n": 4}, "prompt"),
     ({"prompt": ""}, "prompt"), ({"prompt": "<img>a.png"}, "prompt"),
-    ({"prompt": "<img>../x.png</img>hi"}, None), ({"prompt": "hi", "echo": True}, "echo"),
+    ({"prompt": "<img>../x.png</img>hi"}, None), ({"prompt": "hi", "echo": "yes"}, "echo"),
+    ({"prompt": "hi", "max_tokens": 0}, "max_tokens"), ({"prompt": "hi", "echo": True, "max_tokens": -1}, "max_tokens"),
     ({"prompt": "hi", "suffix": "x"}, "suffix"), ({"prompt": "hi", "logprobs": 21}, "logprobs"),
     ({"prompt": "<img>a</img><img>b</img><img>c</img>"}, "prompt"),
 ])
 def test_bad_text_completions_get_openai_errors(server, http, fields, param):
-  status, body = _complete_text(server, http, max_tokens=2, **fields)
+  status, body = _complete_text(server, http, **{"max_tokens": 2, **fields})
   assert 400 <= status < 500 and body["error"]["param"] == param or param is None, body
   assert 400 <= status < 500 and "error" in body
+
+
+def test_a_token_prompt_cannot_hold_an_image(server, http, serve_tok):
+  """Token ids of an image span (<img>, <imgpad>, </img>) have no picture behind them: 400, naming the text form."""
+  for name in (qtext.IMG_START, qtext.IMG_PAD, qtext.IMG_END):
+    status, body = _complete_text(server, http, [5, serve_tok.special_tokens[name], 6], max_tokens=2)
+    assert status == 400 and body["error"]["param"] == "prompt" and "<img>SOURCE</img>" in body["error"]["message"]
+
+
+def test_echo_is_refused_on_chat_completions(server, http):
+  r = http.post(server.url + "/v1/chat/completions", json={"messages": HI, "echo": True}, timeout=60)
+  assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
+
+
+def _log_softmax(model, tok, ids):
+  """float64[T, V'] log-softmax over the tokenizer's vocabulary of the model's plain forward pass over `ids` (no
+  cache, no server): row t scores the token after position t."""
+  forward = nnx.jit(lambda m, x: m.llm(m.llm.embed(x), positions=jnp.arange(x.shape[1])[None],
+                                       segment_ids=jnp.ones_like(x))[0])
+  logits = np.asarray(forward(model, np.asarray(ids, np.int32)[None])[0]).astype(np.float64)[:, :tok.vocab_size]
+  return logits - (np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1, keepdims=True))
+                   + logits.max(-1, keepdims=True))
+
+
+def test_echo_scores_each_prompt_token_as_the_models_plain_forward(server, http, serve_model, serve_tok):
+  """`echo` with `logprobs` and max_tokens 0 (how a harness scores a text): the text is the prompt (token ids,
+  decoded), one entry per prompt token, the first with none (nothing before it), every other the log-softmax of the
+  model's plain forward pass at the position before it, computed here without the server (float64 of float32
+  logits; tolerance 1e-4), its 3 alternatives the 3 most likely tokens there; nothing generated."""
+  ids = serve_tok.encode("the red square is left of the blue circle")
+  status, out = _complete_text(server, http, ids, echo=True, max_tokens=0, logprobs=3)
+  assert status == 200, out
+  choice, ref = out["choices"][0], _log_softmax(serve_model, serve_tok, ids)
+  lp = choice["logprobs"]
+  assert choice["text"] == serve_tok.decode(ids) and choice["finish_reason"] == "length"
+  assert out["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+  assert len(lp["tokens"]) == len(ids) and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+  np.testing.assert_allclose(lp["token_logprobs"][1:], [ref[t, ids[t + 1]] for t in range(len(ids) - 1)],
+                             atol=1e-4)
+  for t in range(1, len(ids)):
+    expected, top = np.sort(ref[t - 1])[::-1][:3], list(lp["top_logprobs"][t].values())
+    assert 1 <= len(top) <= 3  # tokens whose texts coincide share one key (OpenAI's shape keys them by text)
+    assert max(top) == pytest.approx(expected[0], abs=1e-4)
+    assert all(np.min(np.abs(expected - v)) < 1e-4 for v in top)
+  assert lp["text_offset"] == list(np.cumsum([0] + [len(t) for t in lp["tokens"]])[:-1])
+
+
+def test_echo_then_answer_is_the_prompt_then_what_the_prompt_alone_answers(server, http, serve_tok):
+  """echo with max_tokens 4: the prompt's text and entries, then the answer and entries of the same request
+  without echo; a text prompt echoes as it was sent; streamed, the same text (the prompt in the first chunk)."""
+  ids = serve_tok.encode("a cat sat on the mat")
+  _, plain = _complete_text(server, http, ids, max_tokens=4, logprobs=1, ignore_eos=True)
+  _, echoed = _complete_text(server, http, ids, echo=True, max_tokens=4, logprobs=1, ignore_eos=True)
+  prompt_text, answer = serve_tok.decode(ids), plain["choices"][0]
+  assert echoed["choices"][0]["text"] == prompt_text + answer["text"]
+  lp = echoed["choices"][0]["logprobs"]
+  assert len(lp["tokens"]) == len(ids) + 4 and lp["tokens"][len(ids):] == answer["logprobs"]["tokens"]
+  np.testing.assert_allclose(lp["token_logprobs"][len(ids):], answer["logprobs"]["token_logprobs"], atol=1e-5)
+  assert echoed["usage"]["completion_tokens"] == 4 and echoed["usage"]["prompt_tokens"] == len(ids)
+  _, text_echo = _complete_text(server, http, "hello there", echo=True, max_tokens=0)
+  assert text_echo["choices"][0]["text"] == "hello there" and text_echo["choices"][0]["logprobs"] is None
+  body = {"prompt": ids, "echo": True, "max_tokens": 4, "temperature": 0, "ignore_eos": True, "stream": True}
+  with http.post(server.url + "/v1/completions", json=body, stream=True, timeout=60) as r:
+    chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith(b"data: {")]
+  assert chunks[0]["choices"][0]["text"].startswith(prompt_text)
+  assert "".join(c["choices"][0]["text"] for c in chunks) == echoed["choices"][0]["text"]
+
+
+def test_a_text_completions_logprobs_end_with_the_stop_token(server, http, serve_model, serve_tok):
+  """A text completion that ends on a stop token has an entry for it (never shown as text), as vLLM's: a harness
+  that scores with echo and max_tokens 1 drops the last entry as the generated one. Here the greedy first token is
+  made a stop token: no text, one entry, the model's log-probability of that token (plain forward pass)."""
+  ids = serve_tok.encode("the blue circle")
+  ref = _log_softmax(serve_model, serve_tok, ids)[-1]
+  first = int(np.argmax(ref))
+  _, out = _complete_text(server, http, ids, max_tokens=3, logprobs=0, stop_token_ids=[first])
+  choice = out["choices"][0]
+  assert choice["finish_reason"] == "stop" and choice["text"] == "" and out["usage"]["completion_tokens"] == 1
+  assert len(choice["logprobs"]["token_logprobs"]) == 1
+  assert choice["logprobs"]["token_logprobs"][0] == pytest.approx(ref[first], abs=1e-4)
+  _, echoed = _complete_text(server, http, ids, echo=True, max_tokens=1, logprobs=1, stop_token_ids=[first])
+  assert len(echoed["choices"][0]["logprobs"]["tokens"]) == len(ids) + 1  # what the harness counts on
+
+
+def test_tokenize_and_detokenize_as_vllm(server, http, serve_tok, serve_model):
+  """vLLM's /tokenize (a text as /v1/completions takes it, or messages as the chat endpoint builds them),
+  /detokenize and /tokenizer_info (what lm-evaluation-harness's remote tokenizer reads)."""
+  r = http.post(server.url + "/tokenize", json={"prompt": "hello there", "return_token_strs": True}, timeout=60)
+  out = r.json()
+  assert r.status_code == 200 and out["tokens"] == serve_tok.encode("hello there")
+  assert out["count"] == len(out["tokens"])
+  assert out["max_model_len"] == 512 and "".join(out["token_strs"]) == "hello there"
+  assert http.post(server.url + "/detokenize", json={"tokens": out["tokens"]}, timeout=60).json() == {
+      "prompt": "hello there"}
+  chat = http.post(server.url + "/tokenize", json={"messages": HI}, timeout=60).json()
+  completion = http.post(server.url + "/v1/chat/completions", json={"messages": HI, "max_tokens": 1}, timeout=60)
+  assert chat["tokens"] and chat["count"] == completion.json()["usage"]["prompt_tokens"]
+  image = http.post(server.url + "/tokenize", json={"prompt": f"<img>{data_url(png_bytes())}</img>hi"}, timeout=60)
+  assert image.json()["tokens"].count(serve_tok.img_pad_id) == serve_model.cfg.image_tokens
+  info = http.get(server.url + "/tokenizer_info", timeout=60).json()
+  assert info["eos_token"] == "<|endoftext|>" and info["model_max_length"] == 512
+  for path, body, param in (("/tokenize", {"prompt": "a", "messages": HI}, "prompt"), ("/tokenize", {}, "prompt"),
+                            ("/tokenize", {"messages": HI, "add_generation_prompt": False}, "add_generation_prompt"),
+                            ("/tokenize", {"prompt": "<img>../x.png</img>"}, None),
+                            ("/detokenize", {"tokens": [1, 400]}, "tokens"), ("/detokenize", {"tokens": "1"}, "tokens"),
+                            ("/tokenize", {"prompt": "a", "model": "gpt-9"}, "model")):
+    r = http.post(server.url + path, json=body, timeout=60)
+    assert 400 <= r.status_code < 500 and "error" in r.json() and (param is None or r.json()["error"]["param"] == param)
+  r = http.post(server.url + "/tokenize", data=b"{not json", timeout=60)
+  assert r.status_code == 400 and "error" in r.json()
+
+
+def test_lm_evaluation_harness_scores_and_generates_through_the_server(server, http, serve_model, serve_tok):
+  """lm-evaluation-harness's own `local-completions` client, with the server's tokenizer (its "remote" backend:
+  /tokenize, /tokenizer_info): each loglikelihood request is the sum of the continuation's log-probabilities
+  under the model's plain forward pass, and is_greedy whether each is the most likely token; generate_until
+  answers what /v1/completions answers the same prompt."""
+  completions = pytest.importorskip("lm_eval.models.openai_completions")
+  from lm_eval.api.instance import Instance  # pylint: disable=import-outside-toplevel
+  lm = completions.LocalCompletionsAPI(base_url=server.url + "/v1/completions", model=MODEL_NAME,
+                                       tokenizer_backend="remote", tokenized_requests=True, max_retries=1)
+  pairs = [("the red square is", " left of the blue circle"), ("a cat", " sat"), ("the", " the")]
+  got = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)],
+                         disable_tqdm=True)
+  for (context, continuation), (score, greedy) in zip(pairs, got):
+    # The harness's split: the whole text tokenized, the context's tokens first, the rest the continuation's.
+    whole, head = serve_tok.encode(context + continuation), serve_tok.encode(context)
+    ref = _log_softmax(serve_model, serve_tok, whole)
+    positions = range(len(head) - 1, len(whole) - 1)
+    assert score == pytest.approx(sum(ref[t, whole[t + 1]] for t in positions), abs=1e-3)
+    assert greedy == all(int(np.argmax(ref[t])) == whole[t + 1] for t in positions)
+  context = "the red square"
+  out = lm.generate_until([Instance("generate_until", {}, (context, {"until": ["\n\n"], "max_gen_toks": 6}), 0)],
+                          disable_tqdm=True)
+  _, direct = _complete_text(server, http, serve_tok.encode(context), max_tokens=6, stop=["\n\n"])
+  assert out == [direct["choices"][0]["text"]]
 
 
 def _metrics(server, http) -> dict:

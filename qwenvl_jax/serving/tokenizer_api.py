@@ -1,0 +1,100 @@
+"""vLLM's tokenizer endpoints: `POST /tokenize`, `POST /detokenize` and `GET /tokenizer_info`.
+
+Clients that score through the server tokenize with the server's own tokenizer here instead of loading one of
+their own (lm-evaluation-harness's `local-completions` model finds them and uses its "remote" tokenizer: it then
+sends token-id prompts to `/v1/completions` with `echo` and `logprobs` for its likelihood tasks).
+
+  POST /tokenize    {"prompt": TEXT} or {"messages": [...]}   -> {"count", "max_model_len", "tokens", "token_strs"}
+  POST /detokenize  {"tokens": [ids]}                          -> {"prompt": TEXT}
+  GET  /tokenizer_info                                         -> {"eos_token", "model_max_length", ...}
+
+A text is tokenized as `/v1/completions` takes it (`messages.build_raw_prompt`: special tokens recognized,
+`<img>SOURCE</img>` spans read and expanded to the image's tokens), messages as `/v1/chat/completions` does
+(`messages.build_prompt`: the chat format, ending with the assistant's turn). Qwen has no BOS token, so vLLM's
+`add_special_tokens` changes nothing; `add_generation_prompt: false` is refused (the chat prompt always ends with
+the assistant's turn). Like `/v1/*`, these paths need the API key when the server has one (`auth`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+
+from fastapi import FastAPI, Request as HttpRequest
+
+from qwenvl_jax import text as qtext
+from qwenvl_jax.serving import messages as msg
+
+
+def _body(raw: bytes) -> dict:
+  try:
+    body = json.loads(raw)
+  except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+    raise msg.RequestError(f"the body is not valid JSON ({type(e).__name__})") from None
+  if not isinstance(body, dict):
+    raise msg.RequestError("the request body must be a JSON object")
+  return {k: v for k, v in body.items() if v is not None}
+
+
+def _flag(body: dict, name: str, default: bool) -> bool:
+  value = body.get(name, default)
+  if not isinstance(value, bool):
+    raise msg.RequestError(f"{name} must be a boolean", param=name)
+  return value
+
+
+def add_routes(app: FastAPI, tok: qtext.Tokenizer, *, model_name: str, context: int,
+               build_text: Callable[[str], msg.Prompt], build_chat: Callable[[list], msg.Prompt],
+               piece: Callable[[int], tuple[str, bytes]]) -> None:
+  """The three routes on `app` (whose handlers turn `messages.RequestError` into OpenAI's error shape).
+  build_text / build_chat: a text's / a messages list's `messages.Prompt` as the completion endpoints build it
+  (they run on a worker thread: they may read images); piece: a token's text and bytes (`detokenize.token_piece`)."""
+
+  def check_model(body: dict) -> None:
+    model = body.get("model")
+    if model is not None and model != model_name:
+      raise msg.RequestError(f"model {model!r} does not exist; this server serves {model_name!r}", status=404,
+                             code="model_not_found", param="model")
+
+  def tokenize(raw: bytes) -> dict:
+    body = _body(raw)
+    check_model(body)
+    _flag(body, "add_special_tokens", True)  # no BOS token: nothing to add either way
+    strs = _flag(body, "return_token_strs", False)
+    if ("prompt" in body) == ("messages" in body):
+      raise msg.RequestError("send either prompt (a text) or messages (a chat)", param="prompt")
+    if "messages" in body:
+      if not _flag(body, "add_generation_prompt", True):
+        raise msg.RequestError("add_generation_prompt must be true: the chat prompt ends with the assistant's turn",
+                               param="add_generation_prompt")
+      prompt = build_chat(body["messages"])
+    else:
+      prompt = build_text(body["prompt"])
+    tokens = list(prompt.tokens)
+    return {"count": len(tokens), "max_model_len": context, "tokens": tokens,
+            "token_strs": [piece(t)[0] for t in tokens] if strs else None}
+
+  def detokenize(raw: bytes) -> dict:
+    body = _body(raw)
+    check_model(body)
+    ids = body.get("tokens")
+    if not (isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in ids)):
+      raise msg.RequestError("tokens must be a list of integer token ids", param="tokens")
+    bad = next((t for t in ids if not 0 <= t < tok.vocab_size), None)
+    if bad is not None:
+      raise msg.RequestError(f"token id {bad} is outside the vocabulary [0, {tok.vocab_size})", param="tokens")
+    return {"prompt": tok.decode(ids)}
+
+  @app.post("/tokenize")
+  async def tokenize_route(request: HttpRequest):
+    return await asyncio.to_thread(tokenize, await request.body())
+
+  @app.post("/detokenize")
+  async def detokenize_route(request: HttpRequest):
+    return await asyncio.to_thread(detokenize, await request.body())
+
+  @app.get("/tokenizer_info")
+  async def tokenizer_info():
+    return {"tokenizer_class": type(tok).__name__, "eos_token": qtext.ENDOFTEXT, "bos_token": None,
+            "pad_token": qtext.ENDOFTEXT, "model_max_length": context, "vocab_size": tok.vocab_size}
