@@ -108,8 +108,10 @@ def token_scores(logits: jax.Array, chosen: jax.Array,
   the scores of rows a caller has already chosen to score (e.g. a prompt's positions, `slot_programs`)."""
   v = logits.shape[-1]
   n = min(TOP_LOGPROBS, v if vocab_limit is None else min(v, vocab_limit))
-  logp = jax.nn.log_softmax(_limited(logits, vocab_limit), axis=-1)
-  top_lp, top_ids = jax.lax.top_k(logp, n)
+  # Normalized over the model's whole vocabulary, as the reference's evaluation (and `inference.scoring`, and
+  # vLLM's logprobs) compute a token's probability; only the alternatives skip the ids past the tokenizer's.
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  top_lp, top_ids = jax.lax.top_k(_limited(logp, vocab_limit), n)
   pad = TOP_LOGPROBS - n  # a vocabulary smaller than TOP_LOGPROBS: padded with -inf, never shown
   return (jnp.take_along_axis(logp, chosen[:, None].astype(jnp.int32), axis=-1)[:, 0],
           jnp.pad(top_ids.astype(jnp.int32), ((0, 0), (0, pad))),
@@ -131,12 +133,13 @@ def token_logprobs(logits: jax.Array, chosen: jax.Array, wanted: jax.Array,
     chosen: int32[B] the tokens `select` picked.
     wanted: bool[B] rows whose request asked for log-probabilities; when none did, nothing is computed (`lax.cond`)
       and every output is zero.
-    vocab_limit: as `select`'s (ids past it have probability 0 and are never among the top ones).
+    vocab_limit: as `select`'s: ids past it are never among the top ones (they are never produced).
 
   Returns:
     (float32[B] log p(chosen), int32[B, TOP_LOGPROBS] the most likely ids, most likely first, float32[B,
-    TOP_LOGPROBS] their log-probabilities). Each is the log-softmax of the float32 logits, before temperature,
-    top-k and top-p: what the model says, not what the sampling settings made of it.
+    TOP_LOGPROBS] their log-probabilities). Each is the log-softmax of the float32 logits over the model's whole
+    vocabulary (the padded ids past the tokenizer's included, as the reference's evaluation computes it), before
+    temperature, top-k and top-p: what the model says, not what the sampling settings made of it.
   """
   return jax.lax.cond(jnp.any(wanted), lambda _: token_scores(logits, chosen, vocab_limit),
                       lambda _: no_scores(logits.shape[0]), None)

@@ -37,14 +37,14 @@ def test_prompt_scores_in_chunks_equal_the_whole_prompts_log_softmax(tiny_model,
   ids = jax.random.randint(jax.random.key(1), (k, p), 0, v - 10)
   got = slot_programs.prompt_scores(tiny_model, h, ids, np.array([True, False]), v - 10)
   logits = np.asarray(tiny_model.llm.lm_head(h), np.float64)
-  logits[..., v - 10:] = -np.inf  # the vocabulary limit
   logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
-      -1, keepdims=True)
+      -1, keepdims=True)  # over the whole vocabulary; the alternatives only below the limit
+  limited = np.where(np.arange(v) < v - 10, logp, -np.inf)
   ids = np.asarray(ids)
   expected = np.zeros((k, p))
   expected[:, 1:] = np.take_along_axis(logp[:, :-1], ids[:, 1:, None], -1)[..., 0]
   np.testing.assert_allclose(np.asarray(got.logprob), expected, atol=1e-5)
-  top = np.argsort(-logp[:, :-1], axis=-1, kind="stable")[..., :slot_sampling.TOP_LOGPROBS]
+  top = np.argsort(-limited[:, :-1], axis=-1, kind="stable")[..., :slot_sampling.TOP_LOGPROBS]
   np.testing.assert_array_equal(np.asarray(got.top_ids)[:, 1:], top)
   np.testing.assert_allclose(np.asarray(got.top_logprobs)[:, 1:], np.take_along_axis(logp[:, :-1], top, -1),
                              atol=1e-5)

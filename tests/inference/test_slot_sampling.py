@@ -31,18 +31,19 @@ def test_row_keys_are_jax_keys_of_the_seed_below_32_bits_and_differ_above():
   assert not np.array_equal(keys[0], keys[2])
 
 
-def test_token_logprobs_are_the_log_softmax_within_the_vocabulary_limit_and_skipped_when_unwanted():
-  """Against numpy's float64 log-softmax: the chosen token's log-probability and the TOP_LOGPROBS most likely ids
-  in order; ids past the vocabulary limit never count (probability 0). No row wanting them: zeros, not computed."""
+def test_token_logprobs_are_the_models_log_softmax_with_alternatives_within_the_limit_and_skipped_when_unwanted():
+  """Against numpy's float64 log-softmax over the whole vocabulary (as the reference's evaluation normalizes): the
+  chosen token's log-probability and the TOP_LOGPROBS most likely ids below the vocabulary limit, in order (ids past
+  it are never produced, so never an alternative). No row wanting them: zeros, not computed."""
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(3, 50)).astype(np.float32) * 4
   chosen = np.array([0, 7, 29], np.int32)
   lp, ids, top = slot_sampling.token_logprobs(logits, chosen, np.array([True, False, True]), vocab_limit=30)
-  ref = logits[:, :30].astype(np.float64)
+  ref = logits.astype(np.float64)
   ref = ref - np.log(np.exp(ref).sum(-1, keepdims=True))
   n = slot_sampling.TOP_LOGPROBS
   np.testing.assert_allclose(lp, ref[np.arange(3), chosen], atol=1e-5)
-  order = np.argsort(-ref, axis=-1, kind="stable")[:, :n]
+  order = np.argsort(-ref[:, :30], axis=-1, kind="stable")[:, :n]
   np.testing.assert_array_equal(ids, order)
   np.testing.assert_allclose(top, np.take_along_axis(ref, order, -1), atol=1e-5)
   lp, ids, top = slot_sampling.token_logprobs(logits, chosen, np.zeros(3, bool), vocab_limit=30)

@@ -409,8 +409,8 @@ def _greedy_reference(model, tok, conversation, steps, top=1, adjust=None):
   out = []
   for _ in range(steps):
     logits = np.asarray(forward(model, np.asarray(ids + [0] * (n - len(ids)), np.int32)[None])[0, len(ids) - 1])
-    logp = logits.astype(np.float64)[:tok.vocab_size]
-    logp -= np.log(np.sum(np.exp(logp - logp.max()))) + logp.max()
+    logp = logits.astype(np.float64)  # normalized over the model's whole vocabulary, as the reference's
+    logp = (logp - np.log(np.sum(np.exp(logp - logp.max()))) - logp.max())[:tok.vocab_size]
     order = np.argsort(-logp, kind="stable")[:top]
     chosen = int(order[0]) if adjust is None else int(np.argmax(adjust(logits[:tok.vocab_size].astype(np.float64),
                                                                          prompt, ids[len(prompt):])))
@@ -720,13 +720,13 @@ def test_echo_is_refused_on_chat_completions(server, http):
 
 
 def _log_softmax(model, tok, ids):
-  """float64[T, V'] log-softmax over the tokenizer's vocabulary of the model's plain forward pass over `ids` (no
-  cache, no server): row t scores the token after position t."""
+  """float64[T, V'] log-softmax of the model's plain forward pass over `ids` (no cache, no server), normalized over
+  the model's whole vocabulary and kept for the tokenizer's V' ids: row t scores the token after position t."""
   forward = nnx.jit(lambda m, x: m.llm(m.llm.embed(x), positions=jnp.arange(x.shape[1])[None],
                                        segment_ids=jnp.ones_like(x))[0])
-  logits = np.asarray(forward(model, np.asarray(ids, np.int32)[None])[0]).astype(np.float64)[:, :tok.vocab_size]
-  return logits - (np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1, keepdims=True))
-                   + logits.max(-1, keepdims=True))
+  logits = np.asarray(forward(model, np.asarray(ids, np.int32)[None])[0]).astype(np.float64)
+  top = logits.max(-1, keepdims=True)
+  return (logits - np.log(np.sum(np.exp(logits - top), -1, keepdims=True)) - top)[:, :tok.vocab_size]
 
 
 def test_echo_scores_each_prompt_token_as_the_models_plain_forward(server, http, serve_model, serve_tok):
