@@ -95,11 +95,13 @@ def constrain_history(history: TokenHistory) -> TokenHistory:
 
 class PromptScores(NamedTuple):
   """The prompts' own tokens scored by the model (`prompt_scores`), per row and prompt position t: float32[k, P]
-  log p(token t | tokens before it), and int32 / float32 [k, P, `slot_sampling.TOP_LOGPROBS`] the most likely ids
-  at t and their log-probabilities. Position 0 (nothing before it) and the padding hold zeros."""
+  log p(token t | tokens before it), int32 / float32 [k, P, `slot_sampling.TOP_LOGPROBS`] the most likely ids at t
+  and their log-probabilities, and int32[k, P] token t's rank there (1 = the most likely). Position 0 (nothing
+  before it) and the padding hold zeros."""
   logprob: jax.Array
   top_ids: jax.Array
   top_logprobs: jax.Array
+  rank: jax.Array
 
 
 class Picked(NamedTuple):
@@ -139,7 +141,7 @@ def prompt_scores(model, h: jax.Array, ids: jax.Array, wanted: jax.Array, vocab_
       hc, tc = args
       logits = model.llm.lm_head(hc).reshape(k * c, -1)
       return tuple(x.reshape(k, c, *x.shape[1:]) for x in slot_sampling.token_scores(logits, tc.reshape(-1),
-                                                                                        vocab_limit))
+                                                                                        vocab_limit, rank=True))
 
     out = jax.lax.map(chunk, (hs, ts))  # each [steps, k, c, ...]
     out = [x.swapaxes(0, 1).reshape(k, steps * c, *x.shape[3:])[:, :p - 1] for x in out]
@@ -147,7 +149,7 @@ def prompt_scores(model, h: jax.Array, ids: jax.Array, wanted: jax.Array, vocab_
 
   def skip(_):
     return PromptScores(jnp.zeros((k, p), jnp.float32), jnp.zeros((k, p, top), jnp.int32),
-                        jnp.zeros((k, p, top), jnp.float32))
+                        jnp.zeros((k, p, top), jnp.float32), jnp.zeros((k, p), jnp.int32))
 
   return jax.lax.cond(jnp.any(wanted), compute, skip, None)
 

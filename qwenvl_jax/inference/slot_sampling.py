@@ -102,10 +102,11 @@ def select(logits: jax.Array, *, temperature: jax.Array, top_k: jax.Array, top_p
   return jax.lax.cond(jnp.any(temperature > 0), sample, lambda _: greedy, None)
 
 
-def token_scores(logits: jax.Array, chosen: jax.Array,
-                 vocab_limit: int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+def token_scores(logits: jax.Array, chosen: jax.Array, vocab_limit: int | None = None,
+                 rank: bool = False) -> tuple[jax.Array, ...]:
   """What `token_logprobs` returns for every row, computed unconditionally (logits float[N, V], chosen int32[N]):
-  the scores of rows a caller has already chosen to score (e.g. a prompt's positions, `slot_programs`)."""
+  the scores of rows a caller has already chosen to score (e.g. a prompt's positions, `slot_programs`). rank: also
+  int32[N] each chosen token's rank in its row's distribution (1 = the most likely; vLLM's `rank`)."""
   v = logits.shape[-1]
   n = min(TOP_LOGPROBS, v if vocab_limit is None else min(v, vocab_limit))
   # Normalized over the model's whole vocabulary, as the reference's evaluation (and `inference.scoring`, and
@@ -113,9 +114,12 @@ def token_scores(logits: jax.Array, chosen: jax.Array,
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   top_lp, top_ids = jax.lax.top_k(_limited(logp, vocab_limit), n)
   pad = TOP_LOGPROBS - n  # a vocabulary smaller than TOP_LOGPROBS: padded with -inf, never shown
-  return (jnp.take_along_axis(logp, chosen[:, None].astype(jnp.int32), axis=-1)[:, 0],
-          jnp.pad(top_ids.astype(jnp.int32), ((0, 0), (0, pad))),
-          jnp.pad(top_lp, ((0, 0), (0, pad)), constant_values=-jnp.inf))
+  chosen_lp = jnp.take_along_axis(logp, chosen[:, None].astype(jnp.int32), axis=-1)[:, 0]
+  out = (chosen_lp, jnp.pad(top_ids.astype(jnp.int32), ((0, 0), (0, pad))),
+         jnp.pad(top_lp, ((0, 0), (0, pad)), constant_values=-jnp.inf))
+  if rank:
+    out += (1 + jnp.sum(logp > chosen_lp[:, None], axis=-1, dtype=jnp.int32),)
+  return out
 
 
 def no_scores(rows: int) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -11,7 +11,8 @@ chunk, so the per-token cost of the HTTP side (wake-ups, JSON, socket writes) is
 its request, which frees its decode slot at the engine's next turn.
 
 Extensions (the way vLLM spells them): `top_k`, `min_p`, `repetition_penalty`, `stop_token_ids`; `ignore_eos`
-(decode to max_tokens; for benchmarks). vLLM's other sampling extras (`min_tokens`, `best_of`, `use_beam_search`,
+(decode to max_tokens; for benchmarks); `prompt_logprobs` (each prompt token's log-probability, rank and most
+likely alternatives: on each choice of a text completion, beside the choices of a chat one; not with streaming). vLLM's other sampling extras (`min_tokens`, `best_of`, `use_beam_search`,
 `length_penalty`) get a 400 unless they have their no-op value.
 
 Grounding: the final message carries `boxes` (an extension field), the answer's `<ref>`/`<box>` pairs in the
@@ -156,6 +157,17 @@ def _legacy_logprobs(body: dict) -> int | None:
   return _number(body, "logprobs", int, 0, 0, slot_sampling.TOP_LOGPROBS)
 
 
+def _prompt_logprobs(body: dict) -> int | None:
+  """vLLM's `prompt_logprobs` (0 .. 20 alternatives per prompt token, absent = none); as vLLM's, not with
+  `stream: true`."""
+  if "prompt_logprobs" not in body:
+    return None
+  top = _number(body, "prompt_logprobs", int, None, 0, slot_sampling.TOP_LOGPROBS)
+  if body.get("stream", False):
+    raise msg.RequestError("prompt_logprobs is not available with stream: true", param="prompt_logprobs")
+  return top
+
+
 def _logprobs(body: dict) -> int | None:
   """`SamplingParams.logprobs` of OpenAI's `logprobs` (bool) and `top_logprobs` (0 .. 20, only with logprobs)."""
   wanted = body.get("logprobs", False)
@@ -184,6 +196,8 @@ class _Choice:
   entries: list = dataclasses.field(default_factory=list)
   lead: str = ""  # the echoed prompt, sent with the choice's first event
   chat: bool = True  # a chat completion's choice (else a text completion's)
+  echo_top: int | None = None  # alternatives of the echoed prompt's entries (None: no entries)
+  prompt: engine_lib.PromptTokens | None = None  # the prompt's scores, once they came
 
 
 class _Mailbox:
@@ -238,12 +252,15 @@ class _Completion:
   every choice an engine request of its own (choice i answers prompt i // n); chat: a chat completion
   (`/v1/chat/completions`), else a text completion (`/v1/completions`); echo: a text completion's text starts with
   its prompt (as sent; a token prompt decoded), and with logprobs its entries with the prompt's tokens (the first
-  has no log-probability: nothing comes before it), as OpenAI's legacy `echo`."""
+  has no log-probability: nothing comes before it), as OpenAI's legacy `echo`; prompt_top: vLLM's
+  `prompt_logprobs` (alternatives per prompt token), or None."""
 
   def __init__(self, prompts: list[msg.Prompt], params: engine_lib.SamplingParams, stop, stream: bool,
-               include_usage: bool, n: int = 1, chat: bool = True, echo: bool = False):
+               include_usage: bool, n: int = 1, chat: bool = True, echo: bool = False,
+               prompt_top: int | None = None):
     self.prompts, self.params, self.stop, self.stream = prompts, params, stop, stream
     self.include_usage, self.n, self.chat, self.echo = include_usage, n, chat, echo
+    self.prompt_top = prompt_top
     self._offsets = [0] * (n * len(prompts))  # `legacy_logprobs`' text offset of each choice
 
   @property
@@ -340,18 +357,19 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
   async def page():
     return FileResponse(STATIC / "index.html", media_type="text/html")
 
-  def _chat_prompt(messages) -> msg.Prompt:
+  def _chat_prompt(messages, context: int | None = engine.context) -> msg.Prompt:
     return msg.build_prompt(messages, tok, image_tokens=cfg.image_tokens, image_size=cfg.vision.image_size,
                             policy=config.images, max_images=engine.max_images, chat_format=config.chat_format,
-                            default_system=config.system, max_window_size=config.max_window_size,
-                            context=engine.context)
+                            default_system=config.system, max_window_size=config.max_window_size, context=context)
 
-  def _text_prompt(text) -> msg.Prompt:
+  def _text_prompt(text, context: int | None = engine.context) -> msg.Prompt:
     return msg.build_raw_prompt(text, tok, image_tokens=cfg.image_tokens, image_size=cfg.vision.image_size,
-                                policy=config.images, max_images=engine.max_images, context=engine.context)
+                                policy=config.images, max_images=engine.max_images, context=context)
 
-  tokenizer_api.add_routes(app, tok, model_name=config.model_name, context=engine.context, build_text=_text_prompt,
-                           build_chat=_chat_prompt, piece=lambda t: piece(t))
+  # /tokenize takes texts past the context, as vLLM's: a harness tokenizes whole documents, then cuts windows.
+  tokenizer_api.add_routes(app, tok, model_name=config.model_name, context=engine.context,
+                           build_text=functools.partial(_text_prompt, context=None),
+                           build_chat=functools.partial(_chat_prompt, context=None), piece=lambda t: piece(t))
 
   def _parse(raw: bytearray, chat: bool = True) -> _Completion:
     """Runs on a worker thread: parses and checks the body, tokenizes, reads the images (parsing a body of tens of
@@ -435,11 +453,14 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
     if not isinstance(ignore_eos, bool):
       raise msg.RequestError("ignore_eos must be a boolean", param="ignore_eos")
     logprobs = _logprobs(body) if chat else _legacy_logprobs(body)
+    prompt_top = _prompt_logprobs(body)
+    # The engine scores the prompt with the most alternatives either asks for; each answer takes its own count.
+    wanted = [top for top in (logprobs if echo else None, prompt_top) if top is not None]
     params = engine_lib.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                        seed=seed, ignore_stop_tokens=ignore_eos, logprobs=logprobs,
                                        **_penalties(body), stop_token_ids=_stop_token_ids(body),
-                                       prompt_logprobs=logprobs if echo else None)
-    return _Completion(prompts, params, stop, stream, include_usage, n, chat, echo)
+                                       prompt_logprobs=max(wanted) if wanted else None)
+    return _Completion(prompts, params, stop, stream, include_usage, n, chat, echo, prompt_top)
 
   @app.post("/v1/chat/completions")
   async def chat_completions(request: HttpRequest):
@@ -465,7 +486,7 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
       sink = lambda event, i=i: events.put((i, event))  # noqa: E731  (the engine calls it on its thread)
       choices.append(_Choice(engine_lib.Request(prompt.tokens, prompt.images, params, sink),
                              Detokenizer(tok.decode, job.stop), lead=prompt.raw_text if job.echo else "",
-                             chat=job.chat))
+                             chat=job.chat, echo_top=job.params.logprobs if job.echo else None))
     try:
       for c in choices:
         engine.submit(c.request)
@@ -512,14 +533,29 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
     text, raw = piece(token_id)
     return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(raw)}
 
-  def _logprob_entry(ev: engine_lib.Token) -> dict:
-    return {**_token(ev.token_id, ev.logprob), "top_logprobs": [_token(i, lp) for i, lp in ev.top_logprobs]}
+  def _logprob_entry(ev: engine_lib.Token, top: int | None = None) -> dict:
+    return {**_token(ev.token_id, ev.logprob),
+            "top_logprobs": [_token(i, lp) for i, lp in ev.top_logprobs[:top]]}
 
-  def _prompt_entries(prompt: list[int], ev: engine_lib.PromptTokens) -> list[dict]:
+  def _prompt_entries(prompt: list[int], ev: engine_lib.PromptTokens, top: int) -> list[dict]:
     """The entries of an echoed prompt: its first token has no log-probability (nothing comes before it)."""
     text, raw = piece(prompt[0])
     return [{"token": text, "logprob": None, "bytes": list(raw), "top_logprobs": None},
-            *(_logprob_entry(t) for t in ev.tokens)]
+            *(_logprob_entry(t, top) for t in ev.tokens)]
+
+  def _vllm_prompt_logprobs(ev: engine_lib.PromptTokens, top: int) -> list:
+    """vLLM's `prompt_logprobs`: None for the first token, then per token {id: {logprob, rank, decoded_token}},
+    the token itself first, then its position's `top` most likely tokens (ranks 1 ..)."""
+    def one(token_id, logprob, rank):
+      return {"logprob": max(logprob, -9999.0), "rank": rank, "decoded_token": piece(token_id)[0]}
+
+    out = [None]
+    for t, rank in zip(ev.tokens, ev.ranks):
+      entry = {str(t.token_id): one(t.token_id, t.logprob, rank)}
+      for r, (i, lp) in enumerate(t.top_logprobs[:top], 1):
+        entry.setdefault(str(i), one(i, lp, r))
+      out.append(entry)
+    return out
 
   def _take(c: _Choice, ev) -> tuple[str, engine_lib.Finished | None]:
     """One engine event of choice `c`: (the text it adds, the choice's end or None). Its log-probability entry goes
@@ -534,7 +570,9 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
   def _take_event(c: _Choice, ev) -> tuple[str, engine_lib.Finished | None]:
     req, text = c.request, c.text
     if isinstance(ev, engine_lib.PromptTokens):
-      c.entries.extend(_prompt_entries(list(req.prompt), ev))
+      c.prompt = ev
+      if c.echo_top is not None:
+        c.entries.extend(_prompt_entries(list(req.prompt), ev, c.echo_top))
       return "", None
     if isinstance(ev, engine_lib.Token):
       if not text.num_tokens:
@@ -644,8 +682,13 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
         echoed = job.prompt_of(i).raw_text if job.echo else ""
         out.append({"index": i, "text": echoed + c.text.text, "finish_reason": end.reason, "boxes": boxes,
                     "logprobs": job.legacy_logprobs(i, entries[i]) if wanted else None})
-    return {**head, "object": "chat.completion" if job.chat else "text_completion", "choices": out,
-            "usage": _usage(job.prompt_tokens(), sum(end.completion_tokens for end in ends))}
+        if job.prompt_top is not None:  # vLLM's: on each choice of a text completion
+          out[-1]["prompt_logprobs"] = _vllm_prompt_logprobs(c.prompt, job.prompt_top)
+    answer = {**head, "object": "chat.completion" if job.chat else "text_completion", "choices": out,
+              "usage": _usage(job.prompt_tokens(), sum(end.completion_tokens for end in ends))}
+    if job.chat and job.prompt_top is not None:  # vLLM's: once, beside the choices (they share the prompt)
+      answer["prompt_logprobs"] = _vllm_prompt_logprobs(choices[0].prompt, job.prompt_top)
+    return answer
 
   return app
 

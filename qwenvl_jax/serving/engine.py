@@ -82,8 +82,9 @@ class Token:
 class PromptTokens:
   """The prompt's tokens after the first (the first has nothing before it to be scored by), each with its
   log-probability given the tokens before it and the most likely tokens there (`SamplingParams.prompt_logprobs`
-  of them): sent once, before the request's first `Token`."""
+  of them), and its rank there (1 = the most likely): sent once, before the request's first `Token`."""
   tokens: tuple[Token, ...]
+  ranks: tuple[int, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -505,4 +506,5 @@ def _prompt_tokens(request: Request, scores: PromptScores, i: int) -> PromptToke
   ids, logprob = scores.top_ids[i, 1:n, :top].tolist(), scores.logprob[i, 1:n].tolist()
   top_lp = scores.top_logprobs[i, 1:n, :top].tolist()
   return PromptTokens(tuple(Token(int(t), lp, tuple(zip(a, b)))
-                            for t, lp, a, b in zip(request.prompt[1:], logprob, ids, top_lp)))
+                            for t, lp, a, b in zip(request.prompt[1:], logprob, ids, top_lp)),
+                      tuple(scores.rank[i, 1:n].tolist()))

@@ -29,7 +29,7 @@ def test_the_server_prefill_writes_into_the_slots_cache_without_a_cache_of_its_o
 def test_prompt_scores_in_chunks_equal_the_whole_prompts_log_softmax(tiny_model, monkeypatch):
   """`prompt_scores` builds the logits of a few positions at a time (here 3 for 2 rows of 7: one position per row
   and step, so the chunks and the padding past the prompt are exercised): position t of a row holds log p(token t)
-  from position t - 1's logits and the most likely ids there, as one log-softmax over all positions says
+  from position t - 1's logits, its rank and the most likely ids there, as one log-softmax over all positions says
   (float32; tolerance 1e-5); position 0 is zero, as are the rows when none is wanted."""
   monkeypatch.setattr(slot_programs, "PROMPT_SCORE_POSITIONS", 3)
   k, p, d, v = 2, 7, tiny_model.cfg.llm.width, tiny_model.cfg.llm.vocab_size
@@ -48,6 +48,8 @@ def test_prompt_scores_in_chunks_equal_the_whole_prompts_log_softmax(tiny_model,
   np.testing.assert_array_equal(np.asarray(got.top_ids)[:, 1:], top)
   np.testing.assert_allclose(np.asarray(got.top_logprobs)[:, 1:], np.take_along_axis(logp[:, :-1], top, -1),
                              atol=1e-5)
-  assert not np.asarray(got.top_ids)[:, 0].any()
+  rank = 1 + (logp[:, :-1] > np.take_along_axis(logp[:, :-1], ids[:, 1:, None], -1)).sum(-1)
+  np.testing.assert_array_equal(np.asarray(got.rank)[:, 1:], rank)
+  assert not np.asarray(got.top_ids)[:, 0].any() and not np.asarray(got.rank)[:, 0].any()
   none = slot_programs.prompt_scores(tiny_model, h, ids, np.array([False, False]), v - 10)
   assert not any(np.asarray(x).any() for x in none)

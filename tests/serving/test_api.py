@@ -719,14 +719,16 @@ def test_echo_is_refused_on_chat_completions(server, http):
   assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
 
 
-def _log_softmax(model, tok, ids):
+def _log_softmax(model, tok, ids, whole=False):
   """float64[T, V'] log-softmax of the model's plain forward pass over `ids` (no cache, no server), normalized over
-  the model's whole vocabulary and kept for the tokenizer's V' ids: row t scores the token after position t."""
+  the model's whole vocabulary and kept for the tokenizer's V' ids (whole: all of them): row t scores the token
+  after position t."""
   forward = nnx.jit(lambda m, x: m.llm(m.llm.embed(x), positions=jnp.arange(x.shape[1])[None],
                                        segment_ids=jnp.ones_like(x))[0])
   logits = np.asarray(forward(model, np.asarray(ids, np.int32)[None])[0]).astype(np.float64)
   top = logits.max(-1, keepdims=True)
-  return (logits - np.log(np.sum(np.exp(logits - top), -1, keepdims=True)) - top)[:, :tok.vocab_size]
+  logp = logits - np.log(np.sum(np.exp(logits - top), -1, keepdims=True)) - top
+  return logp if whole else logp[:, :tok.vocab_size]
 
 
 def test_echo_scores_each_prompt_token_as_the_models_plain_forward(server, http, serve_model, serve_tok):
@@ -773,6 +775,46 @@ def test_echo_then_answer_is_the_prompt_then_what_the_prompt_alone_answers(serve
   assert "".join(c["choices"][0]["text"] for c in chunks) == echoed["choices"][0]["text"]
 
 
+def _check_vllm_prompt_logprobs(entries, ids, whole, tok, top):
+  """vLLM's prompt_logprobs of prompt `ids` against the plain forward's log-softmax `whole` [T, V]: None first, then
+  the token itself (its log-probability and rank over the whole vocabulary), then the `top` most likely ids."""
+  assert len(entries) == len(ids) and entries[0] is None
+  for t in range(1, len(ids)):
+    entry, row = entries[t], whole[t - 1]
+    first = next(iter(entry))
+    assert first == str(ids[t]) and entry[first]["logprob"] == pytest.approx(row[ids[t]], abs=1e-4)
+    assert entry[first]["rank"] == 1 + int(np.sum(row > row[ids[t]] + 1e-6))
+    assert entry[first]["decoded_token"] == tok.decode([ids[t]]) or "\ufffd" in entry[first]["decoded_token"]
+    order = np.argsort(-row[:tok.vocab_size], kind="stable")[:top]
+    alternatives = {int(k): v for k, v in entry.items() if v["rank"] <= top}
+    assert sorted(alternatives) == sorted(int(i) for i in order)
+    for rank, i in enumerate(order, 1):
+      assert alternatives[int(i)]["logprob"] == pytest.approx(row[i], abs=1e-4) and (
+          alternatives[int(i)]["rank"] == rank or int(i) == ids[t])
+
+
+def test_vllm_prompt_logprobs_on_both_endpoints(server, http, serve_model, serve_tok):
+  """vLLM's `prompt_logprobs` (alternatives per prompt token): on each choice of a text completion and beside the
+  choices of a chat completion, each prompt token's log-probability and rank and its position's most likely tokens,
+  as the model's plain forward pass says (tolerance 1e-4); echo's entries keep their own count beside it;
+  refused with streaming, as vLLM's, and out of range."""
+  ids = serve_tok.encode("the red square is left of the blue circle")
+  status, out = _complete_text(server, http, ids, max_tokens=1, prompt_logprobs=3, echo=True, logprobs=1)
+  assert status == 200, out
+  _check_vllm_prompt_logprobs(out["choices"][0]["prompt_logprobs"], ids,
+                              _log_softmax(serve_model, serve_tok, ids, whole=True), serve_tok, 3)
+  assert all(len(t) == 1 for t in out["choices"][0]["logprobs"]["top_logprobs"][1:])  # echo's own count
+  r = http.post(server.url + "/v1/chat/completions", json={"messages": HI, "max_tokens": 1, "prompt_logprobs": 2,
+                                                           "temperature": 0}, timeout=60)
+  chat_ids = http.post(server.url + "/tokenize", json={"messages": HI}, timeout=60).json()["tokens"]
+  assert r.status_code == 200 and "prompt_logprobs" not in r.json()["choices"][0]
+  _check_vllm_prompt_logprobs(r.json()["prompt_logprobs"], chat_ids,
+                              _log_softmax(serve_model, serve_tok, chat_ids, whole=True), serve_tok, 2)
+  for fields in ({"prompt_logprobs": 2, "stream": True}, {"prompt_logprobs": 21}, {"prompt_logprobs": -1}):
+    status, body = _complete_text(server, http, ids, max_tokens=1, **fields)
+    assert status == 400 and body["error"]["param"] == "prompt_logprobs", body
+
+
 def test_a_text_completions_logprobs_end_with_the_stop_token(server, http, serve_model, serve_tok):
   """A text completion that ends on a stop token has an entry for it (never shown as text), as vLLM's: a harness
   that scores with echo and max_tokens 1 drops the last entry as the generated one. Here the greedy first token is
@@ -804,6 +846,8 @@ def test_tokenize_and_detokenize_as_vllm(server, http, serve_tok, serve_model):
   assert chat["tokens"] and chat["count"] == completion.json()["usage"]["prompt_tokens"]
   image = http.post(server.url + "/tokenize", json={"prompt": f"<img>{data_url(png_bytes())}</img>hi"}, timeout=60)
   assert image.json()["tokens"].count(serve_tok.img_pad_id) == serve_model.cfg.image_tokens
+  long = http.post(server.url + "/tokenize", json={"prompt": "hello there " * 300}, timeout=60).json()
+  assert long["count"] > long["max_model_len"] == 512  # a whole document, past the context, as vLLM's
   info = http.get(server.url + "/tokenizer_info", timeout=60).json()
   assert info["eos_token"] == "<|endoftext|>" and info["model_max_length"] == 512
   for path, body, param in (("/tokenize", {"prompt": "a", "messages": HI}, "prompt"), ("/tokenize", {}, "prompt"),
