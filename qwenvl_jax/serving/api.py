@@ -12,8 +12,9 @@ its request, which frees its decode slot at the engine's next turn.
 
 Extensions (the way vLLM spells them): `top_k`, `min_p`, `repetition_penalty`, `stop_token_ids`; `ignore_eos`
 (decode to max_tokens; for benchmarks); `prompt_logprobs` (each prompt token's log-probability, rank and most
-likely alternatives: on each choice of a text completion, beside the choices of a chat one; not with streaming). vLLM's other sampling extras (`min_tokens`, `best_of`, `use_beam_search`,
-`length_penalty`) get a 400 unless they have their no-op value.
+likely alternatives: on each choice of a text completion, beside the choices of a chat one; not with streaming).
+vLLM's other sampling extras (`min_tokens`, `best_of`, `use_beam_search`, `length_penalty`) get a 400 unless they
+have their no-op value.
 
 Grounding: the final message carries `boxes` (an extension field), the answer's `<ref>`/`<box>` pairs in the
 [0, 1000) grid and in pixels of the latest image of the conversation; the text keeps the tags as generated.

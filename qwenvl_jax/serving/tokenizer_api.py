@@ -13,7 +13,8 @@ A text is tokenized as `/v1/completions` takes it (`messages.build_raw_prompt`: 
 (`messages.build_prompt`: the chat format, ending with the assistant's turn), the context no limit (as vLLM's: a
 harness tokenizes whole documents and cuts its own windows; `max_model_len` says how long one may be). Qwen has no
 BOS token, so vLLM's `add_special_tokens` changes nothing; `add_generation_prompt: false` is refused (the chat
-prompt always ends with the assistant's turn). Like `/v1/*`, these paths need the API key when the server has one (`auth`).
+prompt always ends with the assistant's turn). Like `/v1/*`, these paths need the API key when the server has one
+(`auth`).
 """
 
 from __future__ import annotations
