@@ -14,7 +14,9 @@ ids of the tokenizer's text) and scores every (context, option) pair three ways:
           echo / plain is what scoring the prompt costs the server.
 For each client count it prints pairs/s of echo and plain, echo's ratio to plain and to the scorer, and the largest
 difference between the server's and the scorer's sum of the options' log-probabilities (float32 on CPU: rounding
-only, the prefill's right-padded rows against the scorer's left-padded ones).
+only, the prefill's right-padded rows against the scorer's left-padded ones). Last, the device side alone: one
+prefill call of 1 and 8 rows of 128 tokens (the engine's program, on its own `SlotModel`) with and without the
+prompt scores (`slot_programs.prompt_scores`), ms per call.
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ def main():
   from qwenvl_jax.inference import loading, scoring  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.model import QwenVL  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.serving import Engine, api  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.serving.slots import Sampling, SlotModel  # pylint: disable=import-outside-toplevel
 
   tok = train_synthetic_tokenizer(os.path.join(tempfile.mkdtemp(), "sp"), vocab_size=400)
   cfg = loading.model_config(args.model, tok, dtype=args.dtype, random_weights=True)
@@ -140,6 +143,22 @@ def main():
   print(f"compilations: {engine.stats()['compilations']}")
   server.stop()
   engine.shutdown()
+
+  slot_model = SlotModel(model, num_slots=16, context=256, feature_slots=1, vocab_limit=tok.vocab_size)
+  for k in (1, 8):
+    ids = rng.choice(text_ids, (k, 128)).astype(np.int32)
+    times = {}
+    for want in (False, True) * 2:  # interleaved, each timed twice
+      sampling = Sampling.greedy(k)._replace(prompt_logprobs=np.full(k, want))
+      call = (ids, np.full(k, 128, np.int32), np.zeros(k, np.int32), slot_model.no_features,
+              np.arange(k, dtype=np.int32), np.full(k, cfg.llm.rope_base, np.float32), sampling)
+      jax.block_until_ready(slot_model.prefill(*call))  # compile (the first time), warm
+      t0 = time.perf_counter()
+      for _ in range(20):
+        jax.block_until_ready(slot_model.prefill(*call))
+      times.setdefault(want, []).append((time.perf_counter() - t0) / 20 * 1e3)
+    print(f"one prefill of {k} x 128 tokens: {min(times[False]):.2f} ms, with the prompt scores "
+          f"{min(times[True]):.2f} ms (best of 2 x 20 calls)")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@
 #   lora       240  issue 14 (resolved on paper): QLoRA nf4 of qwen_vl_7b, rank 64, seq 2048, cudnn: the device's
 #                   peak bytes against the official 19.3 GB (bench/lora_memory.py)
 #   quantized  200  int8 / int4 weights and the int8 KV cache against bf16, mid (bench/bench_quantized_decode.py)
+#   score      120  issue 15: lm-evaluation-harness-style scoring through the server (echo, token prompts) against
+#                   the in-process scorer, mid in bf16 (bench/bench_score.py)
 #   serve_cpu  150  issue 15's CPU goal (16 clients >= 6x one client's tokens/s, tiny float32) on this host's 16
 #                   cores: on the 2-core CI machine the clients, the HTTP server and XLA share two cores
 #                   (bench/bench_serve.py, JAX_PLATFORMS=cpu)
@@ -65,6 +67,7 @@ check serve 180 python3 bench/bench_serve.py --model="$PRESET" --dtype="$DTYPE" 
 check slots 100 python3 bench/bench_server_slots_gpu.py --preset="$PRESET" --slots=64,256
 check lora 240 python3 bench/lora_memory.py --model=qwen_vl_7b --lora=64 --base_quantize=nf4 --seq_len=2048 --batch=1 \
   --attention=cudnn
+check score 120 python3 bench/bench_score.py --model="$PRESET" --dtype="$DTYPE" --items=32
 check serve_cpu 150 env JAX_PLATFORMS=cpu python3 bench/bench_serve.py --agreement=4
 check quantized 200 python3 bench/bench_quantized_decode.py --preset="$PRESET" --batch=4 --prompt_len=1024 \
   --platform=gpu
