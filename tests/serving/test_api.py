@@ -768,6 +768,14 @@ def test_echo_then_answer_is_the_prompt_then_what_the_prompt_alone_answers(serve
   assert echoed["usage"]["completion_tokens"] == 4 and echoed["usage"]["prompt_tokens"] == len(ids)
   _, text_echo = _complete_text(server, http, "hello there", echo=True, max_tokens=0)
   assert text_echo["choices"][0]["text"] == "hello there" and text_echo["choices"][0]["logprobs"] is None
+  # An image's prompt: the text as sent (its data: URL), an entry per prompt token (the image's included), each of
+  # n choices the prompt and then its own answer.
+  image_prompt = f"<img>{data_url(png_bytes(seed=6))}</img>Describe:"
+  _, pictured = _complete_text(server, http, image_prompt, echo=True, max_tokens=3, logprobs=0, n=2, temperature=1,
+                               seed=5, ignore_eos=True)
+  for choice in pictured["choices"]:
+    assert choice["text"].startswith(image_prompt) and len(choice["text"]) > len(image_prompt)
+    assert len(choice["logprobs"]["tokens"]) == pictured["usage"]["prompt_tokens"] + 3
   body = {"prompt": ids, "echo": True, "max_tokens": 4, "temperature": 0, "ignore_eos": True, "stream": True}
   with http.post(server.url + "/v1/completions", json=body, stream=True, timeout=60) as r:
     chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith(b"data: {")]
