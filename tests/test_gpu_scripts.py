@@ -50,7 +50,7 @@ def test_every_flag_the_checks_pass_is_one_the_bench_script_takes():
   text = CHECKS.read_text().replace("\\\n", " ")
   commands = [line.split("python3", 1)[1] for line in text.splitlines()
               if line.startswith("check ") and "python3 bench/" in line]
-  assert len(commands) == 6
+  assert len(commands) == 7
   for command in commands:
     words = shlex.split(command.replace("${DTYPE:+--dtype=$DTYPE}", "--dtype=x"))
     script = REPO / words[0]

@@ -872,13 +872,14 @@ def test_tokenize_and_detokenize_as_vllm(server, http, serve_tok, serve_model):
 def test_lm_evaluation_harness_scores_and_generates_through_the_server(server, http, serve_model, serve_tok):
   """lm-evaluation-harness's own `local-completions` client, with the server's tokenizer (its "remote" backend:
   /tokenize, /tokenizer_info): each loglikelihood request is the sum of the continuation's log-probabilities
-  under the model's plain forward pass, and is_greedy whether each is the most likely token; generate_until
-  answers what /v1/completions answers the same prompt."""
+  under the model's plain forward pass and as `evaluate`'s multiple-choice scorer says, and is_greedy whether each
+  is the most likely token; generate_until answers what /v1/completions answers the same prompt."""
   completions = pytest.importorskip("lm_eval.models.openai_completions")
   from lm_eval.api.instance import Instance  # pylint: disable=import-outside-toplevel
   lm = completions.LocalCompletionsAPI(base_url=server.url + "/v1/completions", model=MODEL_NAME,
                                        tokenizer_backend="remote", tokenized_requests=True, max_retries=1)
   pairs = [("the red square is", " left of the blue circle"), ("a cat", " sat"), ("the", " the")]
+  scorer = inference.scoring.LikelihoodScorer(inference.Generator(serve_model))
   got = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)],
                          disable_tqdm=True)
   for (context, continuation), (score, greedy) in zip(pairs, got):
@@ -888,6 +889,9 @@ def test_lm_evaluation_harness_scores_and_generates_through_the_server(server, h
     positions = range(len(head) - 1, len(whole) - 1)
     assert score == pytest.approx(sum(ref[t, whole[t + 1]] for t in positions), abs=1e-3)
     assert greedy == all(int(np.argmax(ref[t])) == whole[t + 1] for t in positions)
+    # What `python -m qwenvl_jax.evaluate` scores a multiple-choice option with: the same likelihood.
+    mean = scorer.option_losses(head, [whole[len(head):]], pad_id=serve_tok.eod_id)[0]
+    assert score == pytest.approx(-mean * (len(whole) - len(head)), abs=1e-3)
   context = "the red square"
   out = lm.generate_until([Instance("generate_until", {}, (context, {"until": ["\n\n"], "max_gen_toks": 6}), 0)],
                           disable_tqdm=True)
