@@ -873,7 +873,8 @@ def test_lm_evaluation_harness_scores_and_generates_through_the_server(server, h
   """lm-evaluation-harness's own `local-completions` client, with the server's tokenizer (its "remote" backend:
   /tokenize, /tokenizer_info): each loglikelihood request is the sum of the continuation's log-probabilities
   under the model's plain forward pass and as `evaluate`'s multiple-choice scorer says, and is_greedy whether each
-  is the most likely token; generate_until answers what /v1/completions answers the same prompt."""
+  is the most likely token; loglikelihood_rolling (perplexity) sums its windows' scores as the plain forward pass
+  does; generate_until answers what /v1/completions answers the same prompt."""
   completions = pytest.importorskip("lm_eval.models.openai_completions")
   from lm_eval.api.instance import Instance  # pylint: disable=import-outside-toplevel
   lm = completions.LocalCompletionsAPI(base_url=server.url + "/v1/completions", model=MODEL_NAME,
@@ -892,6 +893,22 @@ def test_lm_evaluation_harness_scores_and_generates_through_the_server(server, h
     # What `python -m qwenvl_jax.evaluate` scores a multiple-choice option with: the same likelihood.
     mean = scorer.option_losses(head, [whole[len(head):]], pad_id=serve_tok.eod_id)[0]
     assert score == pytest.approx(-mean * (len(whole) - len(head)), abs=1e-3)
+  # Perplexity (loglikelihood_rolling): the document cut into the harness's windows of max_length tokens, each
+  # scored through the server; the sum is what the plain forward pass gives each window's predicted tokens.
+  from lm_eval import utils as lm_utils  # pylint: disable=import-outside-toplevel
+  lm.max_length = 16
+  document = "the red square is left of the blue circle and the cat sat on the mat"
+  tokens = serve_tok.encode(document)
+  assert len(tokens) > 2 * 16  # several windows
+  rolling = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (document,), 0)], disable_tqdm=True)[0]
+  assert serve_tok.encode("<|endoftext|>") == [serve_tok.eod_id]  # the harness's prefix token, via /tokenize
+  expected = 0.0
+  for context_ids, predicted in map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
+      token_list=tokens, prefix_token=serve_tok.eod_id, max_seq_len=15, context_len=1)):
+    window = list(context_ids) + list(predicted)
+    ref = _log_softmax(serve_model, serve_tok, window)
+    expected += sum(ref[t, window[t + 1]] for t in range(len(context_ids) - 1, len(window) - 1))
+  assert rolling == pytest.approx(expected, abs=1e-3)
   context = "the red square"
   out = lm.generate_until([Instance("generate_until", {}, (context, {"until": ["\n\n"], "max_gen_toks": 6}), 0)],
                           disable_tqdm=True)
