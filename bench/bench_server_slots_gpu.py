@@ -37,7 +37,7 @@ def one(args) -> dict:
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
   from qwenvl_jax import sharding  # pylint: disable=import-outside-toplevel
-  from qwenvl_jax.inference import layout, loading  # pylint: disable=import-outside-toplevel
+  from qwenvl_jax.inference import layout, loading, slot_programs  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.model import QwenVL, get_preset  # pylint: disable=import-outside-toplevel
   from qwenvl_jax.serving import slots as slots_lib  # pylint: disable=import-outside-toplevel
 
@@ -66,7 +66,8 @@ def one(args) -> dict:
     slot_model.prefill(*prefill_args).tokens.block_until_ready()
     prefill_ms = (time.perf_counter() - start) * 1e3
     prefill_analysis = slot_model._prefill.lower(  # pylint: disable=protected-access
-        slot_model.state, slot_model.cache, slot_model.history, *prefill_args).compile().memory_analysis()
+        slot_model.state, slot_model.cache, slot_model.history, *prefill_args,
+        *slot_programs.no_bias(1, cfg.llm.vocab_size)).compile().memory_analysis()
     tokens = np.ones(b, np.int32)
     positions = np.full(b, p, np.int32)
     lowered = slot_model.decode_program().lower(slot_model.state, slot_model.cache, slot_model.history, tokens,

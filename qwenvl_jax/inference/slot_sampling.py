@@ -149,6 +149,18 @@ def token_logprobs(logits: jax.Array, chosen: jax.Array, wanted: jax.Array,
                       lambda _: no_scores(logits.shape[0]), None)
 
 
+def add_bias(logits: jax.Array, ids: jax.Array, values: jax.Array) -> jax.Array:
+  """float32 logits[B, V] plus each row's logit bias (OpenAI's `logit_bias`): ids int32[B', M] (entries >= V are
+  padding, dropped) and values float32[B', M], B' >= B, the first B rows the logits' (a server decodes its first
+  rows). When no row has a bias the logits are returned as they are (`lax.cond`)."""
+  b = logits.shape[0]
+
+  def apply(_):
+    return logits.at[jnp.arange(b)[:, None], ids[:b]].add(values[:b], mode="drop")
+
+  return jax.lax.cond(jnp.any(values[:b] != 0), apply, lambda _: logits, None)
+
+
 def penalize(logits: jax.Array, seen: jax.Array, counts: jax.Array, *, repetition: jax.Array,
              frequency: jax.Array, presence: jax.Array) -> jax.Array:
   """float32 logits[B, V] with each row's penalties on the tokens it holds (vLLM's definitions and order):

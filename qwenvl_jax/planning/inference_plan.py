@@ -350,9 +350,10 @@ def _plan_server(cfg, topology, graphdef, state, as_state, cache, mesh, rules, *
                                   rows(n, jnp.int32), rows(n, jnp.bool_), f32, f32, f32, f32,
                                   rows(n, jnp.bool_))
 
-  # The penalties' token history of the slots (`slot_programs.TokenHistory`), donated with the cache.
-  history = slot_programs.TokenHistory(*(sharded((batch, cfg.llm.vocab_size), dtype, ("act_batch", None))
-                                         for dtype in (jnp.bool_, jnp.int32)))
+  # The slots' token history (`slot_programs.TokenHistory`: the penalties' and the logit bias'), donated with the
+  # cache: the shapes `init_history` makes, rows over the batch axes as it constrains them.
+  history = jax.tree.map(lambda x: sharded(x.shape, x.dtype, ("act_batch", None)),
+                         jax.eval_shape(lambda: slot_programs.init_history(batch, cfg.llm.vocab_size)))
 
   def decode_fn(state, cache, history, tokens, positions, active, rope_base, samp):
     return slot_programs.decode(graphdef, None, decode_steps, context, as_state(state), cache, history, tokens,
@@ -370,9 +371,10 @@ def _plan_server(cfg, topology, graphdef, state, as_state, cache, mesh, rules, *
   k, q, d, s = prefill_batch, cfg.image_tokens, cfg.llm.width, cfg.vision.image_size
   feature_slots = max(1, k * images)
 
-  def prefill_fn(state, cache, history, ids, lengths, first_image, feats, slot_rows, rope_base, samp):
+  def prefill_fn(state, cache, history, ids, lengths, first_image, feats, slot_rows, rope_base, samp, bias_ids,
+                 bias_values):
     return slot_programs.prefill(graphdef, None, as_state(state), cache, history, ids, lengths, first_image, feats,
-                                 slot_rows, rope_base, samp)
+                                 slot_rows, rope_base, samp, bias_ids, bias_values)
 
   def encode_fn(state, pixels):
     return slot_programs.encode(graphdef, feature_slots, as_state(state), pixels)
@@ -382,7 +384,8 @@ def _plan_server(cfg, topology, graphdef, state, as_state, cache, mesh, rules, *
     _, prefill_plan = aot.compile_step(
         prefill_fn, (state, cache, history, sharded((k, prompt), jnp.int32, ("act_batch", None)),
                      rows(k, jnp.int32), rows(k, jnp.int32), feats, rows(k, jnp.int32), rows(k, jnp.float32),
-                     sampling(k)),
+                     sampling(k), sharded((k, slot_programs.MAX_LOGIT_BIAS), jnp.int32, ("act_batch", None)),
+                     sharded((k, slot_programs.MAX_LOGIT_BIAS), jnp.float32, ("act_batch", None))),
         chip=topology.chip, mesh=mesh, donate_argnums=(1, 2), count_program_flops=False, keep_unused=True,
         tokens=k * prompt)
     encode_plan = None

@@ -47,7 +47,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from qwenvl_jax import text as qtext
-from qwenvl_jax.inference import slot_sampling
+from qwenvl_jax.inference import slot_programs, slot_sampling
 from qwenvl_jax.serving import auth
 from qwenvl_jax.serving import connection as connection_lib
 from qwenvl_jax.serving import engine as engine_lib
@@ -114,8 +114,6 @@ def _refuse_unsupported(body: dict) -> None:
                       ("length_penalty", 1)):  # vLLM's sampling extras
     if name in body and body[name] != no_op:
       raise msg.RequestError(f"{name} is not supported by this server", param=name)
-  if body.get("logit_bias", {}) != {}:
-    raise msg.RequestError("logit_bias is not supported by this server", param="logit_bias")
   if body.get("response_format", {"type": "text"}) != {"type": "text"}:
     raise msg.RequestError("response_format is not supported by this server (only {\"type\": \"text\"})",
                            param="response_format")
@@ -141,6 +139,25 @@ def _penalties(body: dict) -> dict:
     raise msg.RequestError("repetition_penalty must be > 0", param="repetition_penalty")
   out["min_p"] = _number(body, "min_p", float, 0.0, 0.0, 1.0)
   return out
+
+
+def _logit_bias(body: dict, vocab_size: int) -> tuple[tuple[int, float], ...]:
+  """`SamplingParams.logit_bias` of OpenAI's `logit_bias`: {token id as a string: bias in [-100, 100]}, at most
+  `slot_programs.MAX_LOGIT_BIAS` entries, ids of the tokenizer's vocabulary."""
+  bias = body.get("logit_bias", {})
+  if not isinstance(bias, dict):
+    raise msg.RequestError("logit_bias must be an object mapping token ids to biases", param="logit_bias")
+  if len(bias) > slot_programs.MAX_LOGIT_BIAS:
+    raise msg.RequestError(f"logit_bias has {len(bias)} entries; at most {slot_programs.MAX_LOGIT_BIAS}",
+                           param="logit_bias")
+  out = []
+  for key, value in bias.items():
+    if not (key.isascii() and key.isdigit()) or not int(key) < vocab_size:
+      raise msg.RequestError(f"logit_bias key {key!r} is not a token id in [0, {vocab_size})", param="logit_bias")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+      raise msg.RequestError(f"logit_bias[{key!r}] must be a number in [-100, 100]", param="logit_bias")
+    out.append((int(key), float(value)))
+  return tuple(sorted(out))
 
 
 def _stop_token_ids(body: dict) -> frozenset[int]:
@@ -460,7 +477,8 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
     params = engine_lib.SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                        seed=seed, ignore_stop_tokens=ignore_eos, logprobs=logprobs,
                                        **_penalties(body), stop_token_ids=_stop_token_ids(body),
-                                       prompt_logprobs=max(wanted) if wanted else None)
+                                       prompt_logprobs=max(wanted) if wanted else None,
+                                       logit_bias=_logit_bias(body, tok.vocab_size))
     return _Completion(prompts, params, stop, stream, include_usage, n, chat, echo, prompt_top)
 
   @app.post("/v1/chat/completions")

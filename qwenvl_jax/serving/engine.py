@@ -38,7 +38,7 @@ import jax
 import numpy as np
 
 from qwenvl_jax import serving_defaults as defaults
-from qwenvl_jax.inference import decode, slot_sampling
+from qwenvl_jax.inference import decode, slot_programs, slot_sampling
 from qwenvl_jax.serving import compile_monitor
 from qwenvl_jax.inference.slot_programs import Picked, PromptScores
 from qwenvl_jax.serving.slots import Sampling, SlotModel
@@ -53,7 +53,8 @@ class SamplingParams:
   carries beside the token's own log-probability; min_p 0 = off; repetition_penalty 1, frequency_penalty and
   presence_penalty 0 = off (`slot_sampling.penalize`); stop_token_ids: more ids that end the request as the chat
   format's stop tokens do (vLLM's); prompt_logprobs: None (off), or how many alternatives each of the prompt's
-  tokens carries beside its own log-probability (vLLM's `prompt_logprobs`; a `PromptTokens` event)."""
+  tokens carries beside its own log-probability (vLLM's `prompt_logprobs`; a `PromptTokens` event); logit_bias:
+  (token id, bias) pairs added to the logits before sampling (OpenAI's; at most `slot_programs.MAX_LOGIT_BIAS`)."""
   max_tokens: int
   temperature: float = 0.0
   top_p: float = 1.0
@@ -67,6 +68,7 @@ class SamplingParams:
   presence_penalty: float = 0.0
   stop_token_ids: frozenset[int] = frozenset()
   prompt_logprobs: int | None = None
+  logit_bias: tuple[tuple[int, float], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,6 +242,11 @@ class Engine:
     if problem:
       raise ValueError(problem)
     slot_sampling.seed_words(request.params.seed)  # ValueError here, not on the engine thread (which would stop)
+    bias = params.logit_bias
+    if len(bias) > slot_programs.MAX_LOGIT_BIAS or not all(
+        0 <= t < self.cfg.llm.vocab_size and np.isfinite(v) for t, v in bias):
+      raise ValueError(f"logit_bias takes at most {slot_programs.MAX_LOGIT_BIAS} (token id, finite bias) pairs of "
+                       f"ids in [0, {self.cfg.llm.vocab_size})")
     for name in ("logprobs", "prompt_logprobs"):
       top = getattr(params, name)
       if top is not None and not 0 <= top <= slot_sampling.TOP_LOGPROBS:
@@ -400,8 +407,12 @@ class Engine:
     row_index[:len(group)] = rows
     rope = decode.rope_bases(lengths, self.cfg, True)
     params = [r.params for r in group] + [SamplingParams(1)] * (k - len(group))
-    picked = _fetch(self.slots.prefill(ids, lengths, first_image, feats, row_index, rope, _sampling(params, [0] * k)),
-                    params)
+    bias = slot_programs.no_bias(k, self.cfg.llm.vocab_size)
+    for i, r in enumerate(group):
+      for j, (token, value) in enumerate(r.params.logit_bias):
+        bias[0][i, j], bias[1][i, j] = token, value
+    picked = _fetch(self.slots.prefill(ids, lengths, first_image, feats, row_index, rope, _sampling(params, [0] * k),
+                                       bias), params)
     with self._lock:
       self._counts["prefill_seconds"] += time.perf_counter() - t0
       self._counts["prefills"] += 1

@@ -52,10 +52,13 @@ class SlotModel:
     return self._encode(self.state, images)
 
   def prefill(self, ids: np.ndarray, lengths: np.ndarray, first_image: np.ndarray, feats: jax.Array,
-              rows: np.ndarray, rope_base: np.ndarray, sampling: Sampling) -> slot_programs.Picked:
-    """Writes k prompts into cache rows `rows` and returns their first new tokens (`Picked` [k], on device)."""
+              rows: np.ndarray, rope_base: np.ndarray, sampling: Sampling,
+              bias: tuple[np.ndarray, np.ndarray] | None = None) -> slot_programs.Picked:
+    """Writes k prompts into cache rows `rows` and returns their first new tokens (`Picked` [k], on device). bias:
+    the requests' logit bias (`slot_programs.prefill`'s bias_ids, bias_values; None = none)."""
+    bias = bias or slot_programs.no_bias(len(ids), self.cfg.llm.vocab_size)
     first, self.cache, self.history = self._prefill(self.state, self.cache, self.history, ids, lengths, first_image,
-                                                    feats, rows, rope_base, sampling)
+                                                    feats, rows, rope_base, sampling, *bias)
     return first
 
   def decode(self, tokens: np.ndarray, positions: np.ndarray, active: np.ndarray, rope_base: np.ndarray,

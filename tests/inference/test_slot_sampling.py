@@ -1,6 +1,7 @@
 """Per-row seeds of the server's sampling (`inference.slot_sampling`): OpenAI's 64-bit seeds as two uint32 words; and
 the log-probabilities of OpenAI's `logprobs`."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -67,3 +68,17 @@ def test_penalize_reads_the_first_rows_of_the_history_and_leaves_logits_alone_wi
   same = slot_sampling.penalize(logits, seen, counts, repetition=np.ones(2, np.float32),
                                 frequency=np.zeros(2, np.float32), presence=np.zeros(2, np.float32))
   np.testing.assert_array_equal(same, logits)
+
+
+def test_add_bias_adds_each_rows_pairs_drops_padding_and_skips_when_no_row_has_one():
+  """Row i's (id, bias) pairs are added to its logits; ids past the vocabulary (the padding of unused entries) are
+  dropped; the history may have more rows than the logits; no bias anywhere: the logits as they are."""
+  logits = jnp.zeros((2, 6), jnp.float32)
+  ids = np.array([[1, 6, 6], [4, 0, 6], [2, 2, 2]], np.int32)  # 6 = past the vocabulary: unused
+  values = np.array([[3.0, 9.0, 9.0], [-100.0, 0.5, 9.0], [7.0, 7.0, 7.0]], np.float32)
+  out = np.asarray(slot_sampling.add_bias(logits, ids, values))
+  expected = np.zeros((2, 6), np.float32)
+  expected[0, 1], expected[1, 4], expected[1, 0] = 3.0, -100.0, 0.5
+  np.testing.assert_array_equal(out, expected)
+  np.testing.assert_array_equal(np.asarray(slot_sampling.add_bias(logits + 1, ids, np.zeros_like(values))),
+                                np.ones((2, 6), np.float32))

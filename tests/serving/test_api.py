@@ -369,18 +369,43 @@ HI = [{"role": "user", "content": "hi"}]
 @pytest.mark.parametrize("field, value", [
     ("top_logprobs", 3), ("presence_penalty", 3), ("frequency_penalty", -2.5), ("repetition_penalty", 0),
     ("min_p", 1.5), ("stop_token_ids", [-1]), ("min_tokens", 2), ("best_of", 3), ("use_beam_search", True),
-    ("length_penalty", 0.5), ("logit_bias", {"5": -100}), ("response_format", {"type": "json_object"}),
+    ("length_penalty", 0.5), ("logit_bias", {"5": -101}), ("logit_bias", {"abc": 1}), ("logit_bias", {"-1": 1}),
+    ("logit_bias", {"400": 1}), ("logit_bias", {"5": True}), ("logit_bias", [5]),
+    ("logit_bias", {str(i): 1 for i in range(301)}), ("response_format", {"type": "json_object"}),
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
     ("tool_choice", "required"), ("seed", 2 ** 64), ("stream_options", {"include_usage": True}),
     ("modalities", ["text", "audio"]), ("audio", {"voice": "alloy", "format": "wav"}), ("web_search_options", {}),
 ])
 def test_fields_the_server_does_not_implement_are_refused_not_ignored(server, http, field, value):
-  """A request asking for what this server does not do (biases, JSON mode, tools, audio output, web search, vLLM's
+  """A request asking for what this server does not do (JSON mode, tools, audio output, web search, vLLM's
   min_tokens, best_of, beam search) gets a 400 naming the field, not an answer that silently lacks it; so do a seed
   over 64 bits, stream_options on a request that does not stream, top_logprobs without logprobs, and penalties,
-  min_p or stop ids out of their range."""
+  min_p, stop ids or logit biases out of their range (keys not ids of the vocabulary, biases past ±100 or not
+  numbers, more than 300)."""
   status, body = _post(server, http, {"messages": HI, "max_tokens": 2, field: value})
   assert status == 400 and body["error"]["param"] == field, body
+
+
+def test_logit_bias_steers_and_bans_tokens_as_openais(server, http, serve_model, serve_tok):
+  """OpenAI's `logit_bias` is added to the logits before the choice: +100 on a token makes every greedy step pick it
+  (on both endpoints); -100 on the greedy first token makes the answer start with the runner-up, whose reported
+  log-probability stays the model's (the plain forward pass's; tolerance 1e-4). The bias belongs to its request:
+  the next request in the same slot answers as before."""
+  plain = _post(server, http, {"messages": HI, "max_tokens": 4, "temperature": 0, "ignore_eos": True})[1]
+  token = serve_tok.encode(" square")[-1]
+  status, out = _post(server, http, {"messages": HI, "max_tokens": 4, "temperature": 0, "ignore_eos": True,
+                                     "logit_bias": {str(token): 100}})
+  assert status == 200 and out["choices"][0]["message"]["content"] == serve_tok.decode([token] * 4), out
+  _, text = _complete_text(server, http, "hello there", max_tokens=3, logit_bias={str(token): 100})
+  assert text["choices"][0]["text"] == serve_tok.decode([token] * 3)
+  (first, _, top), = _greedy_reference(serve_model, serve_tok, HI, 1, top=2)
+  status, out = _post(server, http, {"messages": HI, "max_tokens": 1, "temperature": 0, "ignore_eos": True,
+                                     "logprobs": True, "logit_bias": {str(first): -100}})
+  runner_up, logprob = top[1]
+  assert out["choices"][0]["message"]["content"] == serve_tok.decode([runner_up])
+  assert out["choices"][0]["logprobs"]["content"][0]["logprob"] == pytest.approx(logprob, abs=1e-4)
+  again = _post(server, http, {"messages": HI, "max_tokens": 4, "temperature": 0, "ignore_eos": True})[1]
+  assert again["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
 
 
 def test_no_op_values_and_nulls_are_accepted_as_absent(server, http):
