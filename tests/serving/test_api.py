@@ -7,8 +7,11 @@ import gc
 import io
 import json
 import logging
+import os
 import queue
 import socket
+import subprocess
+import sys
 import time
 import types
 
@@ -939,6 +942,58 @@ def test_lm_evaluation_harness_scores_and_generates_through_the_server(server, h
                           disable_tqdm=True)
   _, direct = _complete_text(server, http, serve_tok.encode(context), max_tokens=6, stop=["\n\n"])
   assert out == [direct["choices"][0]["text"]]
+
+
+_TASK = """task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+def test_the_readmes_lm_eval_command_runs_a_multiple_choice_task_through_the_server(server, serve_model, serve_tok,
+                                                                                     tmp_path):
+  """The README's `lm_eval --model local-completions ... tokenizer_backend=remote` command, run as a user runs it
+  (the harness's own CLI in a subprocess, offline, on a local task file): every choice's loglikelihood in its
+  samples is the plain forward pass's score of the pair it sent (tolerance 1e-3), and its accuracy is what those
+  scores give."""
+  pytest.importorskip("lm_eval")
+  docs = [{"question": "the red square is", "choices": ["left of the blue circle", "a cat", "on the mat"], "label": 0},
+          {"question": "a cat", "choices": ["sat", "square", "blue"], "label": 0},
+          {"question": "the blue circle", "choices": ["is right", "the", "red"], "label": 1}]
+  data = tmp_path / "docs.jsonl"
+  data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+  (tmp_path / "tiny_mc.yaml").write_text(_TASK.format(data=data))
+  env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+  args = f"model={MODEL_NAME},base_url={server.url}/v1/completions,tokenizer_backend=remote,max_length=511"
+  run = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args", args,
+                        "--tasks", "tiny_mc", "--include_path", str(tmp_path), "--output_path", str(tmp_path / "out"),
+                        "--log_samples"], env=env, capture_output=True, text=True, timeout=600, check=False)
+  assert run.returncode == 0, run.stderr[-3000:]
+  samples = [json.loads(line) for f in (tmp_path / "out").rglob("samples_tiny_mc_*.jsonl")
+             for line in f.read_text().splitlines()]
+  results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]["tiny_mc"]
+  assert len(samples) == len(docs)
+  correct = 0
+  for sample in samples:
+    scores = []
+    for (context, continuation), ((score, _),) in zip(
+        [(a["arg_0"], a["arg_1"]) for a in sample["arguments"].values()], sample["resps"]):
+      whole, head = serve_tok.encode(context + continuation), serve_tok.encode(context)
+      ref = _log_softmax(serve_model, serve_tok, whole)
+      expected = sum(ref[t, whole[t + 1]] for t in range(len(head) - 1, len(whole) - 1))
+      assert float(score) == pytest.approx(expected, abs=1e-3)
+      scores.append(expected)
+    correct += int(np.argmax(scores)) == sample["doc"]["label"]
+  assert results["acc,none"] == pytest.approx(correct / len(docs))
 
 
 def _metrics(server, http) -> dict:
