@@ -350,10 +350,12 @@ def _plan_server(cfg, topology, graphdef, state, as_state, cache, mesh, rules, *
                                   rows(n, jnp.int32), rows(n, jnp.bool_), f32, f32, f32, f32,
                                   rows(n, jnp.bool_))
 
+  def by_rows(tree):  # abstract arrays of `tree`'s shapes and dtypes, rows over the batch axes
+    return jax.tree.map(lambda x: sharded(x.shape, x.dtype, ("act_batch", None)), tree)
+
   # The slots' token history (`slot_programs.TokenHistory`: the penalties' and the logit bias'), donated with the
   # cache: the shapes `init_history` makes, rows over the batch axes as it constrains them.
-  history = jax.tree.map(lambda x: sharded(x.shape, x.dtype, ("act_batch", None)),
-                         jax.eval_shape(lambda: slot_programs.init_history(batch, cfg.llm.vocab_size)))
+  history = by_rows(jax.eval_shape(lambda: slot_programs.init_history(batch, cfg.llm.vocab_size)))
 
   def decode_fn(state, cache, history, tokens, positions, active, rope_base, samp):
     return slot_programs.decode(graphdef, None, decode_steps, context, as_state(state), cache, history, tokens,
@@ -384,8 +386,7 @@ def _plan_server(cfg, topology, graphdef, state, as_state, cache, mesh, rules, *
     _, prefill_plan = aot.compile_step(
         prefill_fn, (state, cache, history, sharded((k, prompt), jnp.int32, ("act_batch", None)),
                      rows(k, jnp.int32), rows(k, jnp.int32), feats, rows(k, jnp.int32), rows(k, jnp.float32),
-                     sampling(k), sharded((k, slot_programs.MAX_LOGIT_BIAS), jnp.int32, ("act_batch", None)),
-                     sharded((k, slot_programs.MAX_LOGIT_BIAS), jnp.float32, ("act_batch", None))),
+                     sampling(k), *by_rows(slot_programs.no_bias(k, cfg.llm.vocab_size))),
         chip=topology.chip, mesh=mesh, donate_argnums=(1, 2), count_program_flops=False, keep_unused=True,
         tokens=k * prompt)
     encode_plan = None

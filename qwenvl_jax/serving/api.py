@@ -213,8 +213,6 @@ class _Choice:
   finished: bool = False
   entries: list = dataclasses.field(default_factory=list)
   lead: str = ""  # the echoed prompt, sent with the choice's first event
-  chat: bool = True  # a chat completion's choice (else a text completion's)
-  echo_top: int | None = None  # alternatives of the echoed prompt's entries (None: no entries)
   prompt: engine_lib.PromptTokens | None = None  # the prompt's scores, once they came
 
 
@@ -366,9 +364,7 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
 
   @app.get("/v1/models/{model_id:path}")
   async def model(model_id: str):
-    if model_id != config.model_name:
-      raise msg.RequestError(f"model {model_id!r} does not exist; this server serves {config.model_name!r}",
-                             status=404, code="model_not_found", param="model")
+    msg.check_model(model_id, config.model_name)
     return _model_card()
 
   @app.get("/")
@@ -393,19 +389,8 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
     """Runs on a worker thread: parses and checks the body, tokenizes, reads the images (parsing a body of tens of
     MB on the event loop would stall every stream). A field sent as JSON null counts as absent, as in OpenAI's
     API. chat: a chat completion's body (`messages`), else a text completion's (`prompt`)."""
-    try:
-      body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise msg.RequestError(f"the body is not valid JSON ({e})") from None
-    except RecursionError:  # e.g. 100,000 nested brackets: valid JSON that Python's parser cannot take
-      raise msg.RequestError("the body is JSON nested too deeply") from None
-    if not isinstance(body, dict):
-      raise msg.RequestError("the request body must be a JSON object")
-    body = {k: v for k, v in body.items() if v is not None}
-    model = body.get("model")
-    if model is not None and model != config.model_name:
-      raise msg.RequestError(f"model {model!r} does not exist; this server serves {config.model_name!r}",
-                             status=404, code="model_not_found", param="model")
+    body = msg.json_body(raw)
+    msg.check_model(body.get("model"), config.model_name)
     n = _number(body, "n", int, 1, 1, engine.num_slots)  # each choice takes a decode slot
     _refuse_unsupported(body)
     where = "messages" if chat else "prompt"
@@ -504,8 +489,7 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
       prompt = job.prompt_of(i)
       sink = lambda event, i=i: events.put((i, event))  # noqa: E731  (the engine calls it on its thread)
       choices.append(_Choice(engine_lib.Request(prompt.tokens, prompt.images, params, sink),
-                             Detokenizer(tok.decode, job.stop), lead=prompt.raw_text if job.echo else "",
-                             chat=job.chat, echo_top=job.params.logprobs if job.echo else None))
+                             Detokenizer(tok.decode, job.stop), lead=prompt.raw_text if job.echo else ""))
     try:
       for c in choices:
         engine.submit(c.request)
@@ -576,22 +560,22 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
       out.append(entry)
     return out
 
-  def _take(c: _Choice, ev) -> tuple[str, engine_lib.Finished | None]:
+  def _take(job: _Completion, c: _Choice, ev) -> tuple[str, engine_lib.Finished | None]:
     """One engine event of choice `c`: (the text it adds, the choice's end or None). Its log-probability entry goes
     to `c.entries`: the token that completes a stop string has one, though the string's text is cut, and a stop
     token (never shown) has one in a text completion only. A stop string cancels the engine request. An echoed
     prompt goes out with the choice's first event (`_Choice.lead`), its tokens' entries (`engine.PromptTokens`)
     before the answer's."""
     lead, c.lead = c.lead, ""
-    delta, end = _take_event(c, ev)
+    delta, end = _take_event(job, c, ev)
     return lead + delta, end
 
-  def _take_event(c: _Choice, ev) -> tuple[str, engine_lib.Finished | None]:
+  def _take_event(job: _Completion, c: _Choice, ev) -> tuple[str, engine_lib.Finished | None]:
     req, text = c.request, c.text
     if isinstance(ev, engine_lib.PromptTokens):
       c.prompt = ev
-      if c.echo_top is not None:
-        c.entries.extend(_prompt_entries(list(req.prompt), ev, c.echo_top))
+      if job.echo and job.params.logprobs is not None:  # echo's entries, with echo's own count of alternatives
+        c.entries.extend(_prompt_entries(list(req.prompt), ev, job.params.logprobs))
       return "", None
     if isinstance(ev, engine_lib.Token):
       if not text.num_tokens:
@@ -607,7 +591,7 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
       if not text.num_tokens and ev.completion_tokens:  # the first token was a stop token
         metrics.first_token(time.monotonic() - req.submitted)
       delta = text.finish()
-      if not c.chat and ev.stop_token is not None and ev.stop_token.logprob is not None:
+      if not job.chat and ev.stop_token is not None and ev.stop_token.logprob is not None:
         # A text completion's entries end with the stop token (never shown), as vLLM's: lm-evaluation-harness
         # scores an echoed prompt with max_tokens 1 and drops the last entry as the generated one.
         c.entries.append(_logprob_entry(ev.stop_token))
@@ -616,7 +600,7 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
     metrics.finished(time.monotonic() - req.submitted, ev.prompt_tokens, ev.completion_tokens)
     return delta, ev
 
-  async def _answers(choices, events: _Mailbox, poll=None):
+  async def _answers(job: _Completion, choices, events: _Mailbox, poll=None):
     """(choice index, delta text, entries, end or None) for each choice a batch of events moved, until every choice
     ended; a choice's entries wait while its text is held back (a partial character, a possible stop string).
     poll: an async callable awaited whenever nothing came for 0.5 s (it raises to end the answer, e.g. when the
@@ -633,7 +617,7 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
         c = choices[i]
         if c.finished:  # tokens of a choice a stop string ended, decoded before its cancel arrived
           continue
-        delta, end = _take(c, ev)
+        delta, end = _take(job, c, ev)
         item = moved.setdefault(i, ["", None])
         item[0] += delta
         if end is not None:
@@ -651,7 +635,7 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
     try:
       for i in range(job.choices if job.chat else 0):
         yield _chunk(head, job, None, None, index=i)
-      async for i, delta, entries, end in _answers(choices, events):
+      async for i, delta, entries, end in _answers(job, choices, events):
         if delta:
           yield _chunk(head, job, delta, entries if wanted else None, index=i)
           entries = []
@@ -680,7 +664,7 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
 
     ends, entries = [None] * job.choices, [[] for _ in range(job.choices)]
     try:
-      async for i, _, more, end in _answers(choices, events, poll):
+      async for i, _, more, end in _answers(job, choices, events, poll):
         entries[i] += more
         if end is not None:
           ends[i] = end

@@ -25,6 +25,7 @@ import binascii
 import dataclasses
 import http.client
 import io
+import json
 import os
 import re
 from collections.abc import Sequence
@@ -271,6 +272,37 @@ def build_raw_prompt(prompt, tok: qtext.Tokenizer, *, image_tokens: int, image_s
   return Prompt(made.tokens, [a for a, _ in images], [size for _, size in images], prompt)
 
 
+def json_body(raw: bytes) -> dict:
+  """A request body as a JSON object, its null fields dropped (a field sent as null counts as absent, as in
+  OpenAI's API); RequestError on anything else."""
+  try:
+    body = json.loads(raw)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise RequestError(f"the body is not valid JSON ({e})") from None
+  except RecursionError:  # e.g. 100,000 nested brackets: valid JSON that Python's parser cannot take
+    raise RequestError("the body is JSON nested too deeply") from None
+  if not isinstance(body, dict):
+    raise RequestError("the request body must be a JSON object")
+  return {k: v for k, v in body.items() if v is not None}
+
+
+def check_model(model, served: str) -> None:
+  """404 (OpenAI's `model_not_found`) unless `model` is None (not given) or the served model's name."""
+  if model is not None and model != served:
+    raise RequestError(f"model {model!r} does not exist; this server serves {served!r}", status=404,
+                       code="model_not_found", param="model")
+
+
+def check_token_ids(ids, vocab_size: int, *, param: str) -> list[int]:
+  """`ids` when it is a list of integer token ids in [0, vocab_size), else RequestError naming `param`."""
+  if not (isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in ids)):
+    raise RequestError(f"{param} must be a list of integer token ids", param=param)
+  bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+  if bad is not None:
+    raise RequestError(f"token id {bad} is outside the vocabulary [0, {vocab_size})", param=param)
+  return ids
+
+
 def is_token_prompt(prompt) -> bool:
   """Whether a `/v1/completions` prompt is token ids (OpenAI's list of integers) rather than text."""
   return isinstance(prompt, list) and bool(prompt) and all(isinstance(t, int) and not isinstance(t, bool)
@@ -287,9 +319,7 @@ def build_token_prompt(ids, tok: qtext.Tokenizer, *, context: int | None = None)
   if context is not None and len(ids) >= context:
     raise RequestError(f"the prompt has {len(ids)} tokens; the context is {context}",
                        code="context_length_exceeded", param="prompt")
-  bad = next((t for t in ids if not 0 <= t < tok.vocab_size), None)
-  if bad is not None:
-    raise RequestError(f"token id {bad} is outside the vocabulary [0, {tok.vocab_size})", param="prompt")
+  check_token_ids(ids, tok.vocab_size, param="prompt")
   special = tok.special_tokens
   images = {special[name] for name in (qtext.IMG_START, qtext.IMG_END, qtext.IMG_PAD) if name in special}
   if images.intersection(ids):

@@ -20,23 +20,12 @@ prompt always ends with the assistant's turn). Like `/v1/*`, these paths need th
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable
 
 from fastapi import FastAPI, Request as HttpRequest
 
 from qwenvl_jax import text as qtext
 from qwenvl_jax.serving import messages as msg
-
-
-def _body(raw: bytes) -> dict:
-  try:
-    body = json.loads(raw)
-  except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-    raise msg.RequestError(f"the body is not valid JSON ({type(e).__name__})") from None
-  if not isinstance(body, dict):
-    raise msg.RequestError("the request body must be a JSON object")
-  return {k: v for k, v in body.items() if v is not None}
 
 
 def _flag(body: dict, name: str, default: bool) -> bool:
@@ -53,15 +42,9 @@ def add_routes(app: FastAPI, tok: qtext.Tokenizer, *, model_name: str, context: 
   build_text / build_chat: a text's / a messages list's `messages.Prompt` as the completion endpoints build it
   (they run on a worker thread: they may read images); piece: a token's text and bytes (`detokenize.token_piece`)."""
 
-  def check_model(body: dict) -> None:
-    model = body.get("model")
-    if model is not None and model != model_name:
-      raise msg.RequestError(f"model {model!r} does not exist; this server serves {model_name!r}", status=404,
-                             code="model_not_found", param="model")
-
   def tokenize(raw: bytes) -> dict:
-    body = _body(raw)
-    check_model(body)
+    body = msg.json_body(raw)
+    msg.check_model(body.get("model"), model_name)
     _flag(body, "add_special_tokens", True)  # no BOS token: nothing to add either way
     strs = _flag(body, "return_token_strs", False)
     if ("prompt" in body) == ("messages" in body):
@@ -78,15 +61,9 @@ def add_routes(app: FastAPI, tok: qtext.Tokenizer, *, model_name: str, context: 
             "token_strs": [piece(t)[0] for t in tokens] if strs else None}
 
   def detokenize(raw: bytes) -> dict:
-    body = _body(raw)
-    check_model(body)
-    ids = body.get("tokens")
-    if not (isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in ids)):
-      raise msg.RequestError("tokens must be a list of integer token ids", param="tokens")
-    bad = next((t for t in ids if not 0 <= t < tok.vocab_size), None)
-    if bad is not None:
-      raise msg.RequestError(f"token id {bad} is outside the vocabulary [0, {tok.vocab_size})", param="tokens")
-    return {"prompt": tok.decode(ids)}
+    body = msg.json_body(raw)
+    msg.check_model(body.get("model"), model_name)
+    return {"prompt": tok.decode(msg.check_token_ids(body.get("tokens"), tok.vocab_size, param="tokens"))}
 
   @app.post("/tokenize")
   async def tokenize_route(request: HttpRequest):

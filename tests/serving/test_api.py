@@ -1066,7 +1066,8 @@ def test_the_body_is_parsed_off_the_event_loop(server, http, monkeypatch):
       on_loop.append(False)
     return json.loads(*args, **kwargs)
 
-  monkeypatch.setattr(api, "json", types.SimpleNamespace(loads=loads, dumps=json.dumps,
-                                                         JSONDecodeError=json.JSONDecodeError))
+  # The body is parsed by `messages.json_body` (the tokenizer's endpoints share it).
+  monkeypatch.setattr(messages, "json", types.SimpleNamespace(loads=loads, dumps=json.dumps,
+                                                              JSONDecodeError=json.JSONDecodeError))
   status, _ = _post(server, http, {"messages": HI, "max_tokens": 1})
   assert status == 200 and on_loop == [False]
