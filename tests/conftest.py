@@ -92,6 +92,13 @@ def background_work(request, tmp_path_factory, compile_cache_dir):
   background.stop_all()
 
 
+def pytest_collection_modifyitems(items):
+  """The tests of the modules that register background work run last (tests/background.py
+  `modules_with_work_last`), so that they find their jobs done instead of waiting for them."""
+  from tests import background  # pylint: disable=import-outside-toplevel
+  items[:] = background.modules_with_work_last(items)
+
+
 def pytest_terminal_summary(terminalreporter):
   """Where the background work's time went (tests/background.py `summary`)."""
   from tests import background  # pylint: disable=import-outside-toplevel

@@ -304,18 +304,31 @@ def test_command_line_mistakes_are_one_error_line_without_beam_logs(cli_mistakes
   assert [(folder / f"out{i}").exists() for i in range(len(_MISTAKES))] == [False, False, False, True]  # a report
 
 
+_TWO_WORKER_CASES: list = []  # the cases `_two_worker_run` wrote (its factory runs in this process)
+
+
+def _two_worker_run(folder):
+  """The command line on two DirectRunner worker processes with a scorer: a job registered in tests/background.py,
+  run from the session's start on the core the other tests leave idle (its own copy of the inputs)."""
+  inputs = folder / "inputs"
+  inputs.mkdir()
+  _TWO_WORKER_CASES.append(cases_lib.write_inputs(inputs))
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+  return [background.Command(
+      [sys.executable, "-m", "qwenvl_jax.clean", f"--input={','.join(_patterns(inputs))}",
+       f"--output_dir={folder / 'out'}", "--max_text_units=30", "--min_similarity=0.5", "--sample_size=1",
+       "--scorer=qwenvl_jax.cleaning.scoring:DominantColorScorer",
+       "--beam_pipeline_options=direct_num_workers=2,direct_running_mode=multi_processing"], env, folder)]
+
+
+two_worker_run = background.finished_work(__name__, "two_worker_run", _two_worker_run)
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_command_line_on_two_direct_runner_workers_with_a_scorer(clean_inputs, tmp_path):
-  folder, cases = clean_inputs
-  out = tmp_path / "out"
-  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
-  result = subprocess.run(
-      [sys.executable, "-m", "qwenvl_jax.clean", f"--input={','.join(_patterns(folder))}", f"--output_dir={out}",
-       "--max_text_units=30", "--min_similarity=0.5", "--sample_size=1",
-       "--scorer=qwenvl_jax.cleaning.scoring:DominantColorScorer",
-       "--beam_pipeline_options=direct_num_workers=2,direct_running_mode=multi_processing"],
-      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+def test_command_line_on_two_direct_runner_workers_with_a_scorer(two_worker_run):
+  folder, (result,) = two_worker_run
+  out, (cases,) = folder / "out", _TWO_WORKER_CASES
   assert result.returncode == 0, result.stderr[-3000:]
   by_id = case_ids(cases)
   expected = {cid: c.with_scorer for cid, c in by_id.items()}

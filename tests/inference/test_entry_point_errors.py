@@ -2,7 +2,6 @@
 `cli.run` (serve and `convert --mode=merge_lora/export_peft` used to print and exit themselves, convert with 1):
 a tensor-parallel degree the model does not allow, slots that do not split over the replicas, a LoRA source that
 is missing or not a LoRA run, an output that exists, a TPU kernel (--attention=splash) off a TPU."""
-import concurrent.futures
 import json
 import subprocess
 import sys
@@ -103,22 +102,35 @@ def test_serve_refuses_a_cors_origin_a_browser_never_sends(tmp_path):
   assert "'localhost:3000' is not an origin" in line and "hint: give scheme://host[:port]" in proc.stderr
 
 
-def test_serve_refuses_a_busy_port_a_bad_port_and_a_missing_image_root_before_loading(tmp_path):
-  """Found before the model loads and compiles (minutes at full size), not after: a busy port, a port out of
-  range (uvicorn alone would hang on it), an --image_root that is not a folder (every request would fail)."""
-  import socket  # pylint: disable=import-outside-toplevel
-  missing = [f"--checkpoint={tmp_path / 'nope'}"]  # would fail later: these errors must come first
-  (tmp_path / "afile").write_text("x")
-  with socket.socket() as busy:
-    busy.bind(("127.0.0.1", 0))
-    busy.listen()
-    port = busy.getsockname()[1]
-    cases = [[f"--port={port}"], ["--host=192.0.2.1", "--port=0"],  # TEST-NET: not ours
-             ["--max_tokens_limit=0"], ["--port=99999"], [f"--image_root={tmp_path / 'afile'}"],
-             ["--attention=splash"]]
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:  # each is a process start: overlap them
-      busy_port, not_ours, no_tokens, bad_port, not_a_folder, splash = pool.map(
-          lambda extra: _run("qwenvl_jax.serve", missing + extra, tmp_path), cases)
+_BUSY: list = []  # the listening socket that holds the busy port of `_serve_mistakes`, open until the session ends
+
+
+def _serve_mistakes(folder):
+  """One `python -m qwenvl_jax.serve` per mistake found before the model loads and compiles (minutes at full size):
+  commands of a job registered in tests/background.py, run from the session's start on the idle core. The busy port
+  is held by a socket of this (pytest's) process, listening until the session ends."""
+  import atexit, socket  # pylint: disable=import-outside-toplevel,multiple-imports
+  busy = socket.socket()
+  atexit.register(busy.close)
+  busy.bind(("127.0.0.1", 0))
+  busy.listen()
+  _BUSY.append(busy)
+  (folder / "afile").write_text("x")
+  missing = [f"--checkpoint={folder / 'nope'}"]  # would fail later: these errors must come first
+  cases = [[f"--port={busy.getsockname()[1]}"], ["--host=192.0.2.1", "--port=0"],  # TEST-NET: not ours
+           ["--max_tokens_limit=0"], ["--port=99999"], [f"--image_root={folder / 'afile'}"], ["--attention=splash"]]
+  return [background.Command([sys.executable, "-m", "qwenvl_jax.serve", *missing, *extra],
+                             helpers.subprocess_env(devices=8), folder, check=False) for extra in cases]
+
+
+serve_mistakes = background.finished_work(__name__, "serve_mistakes", _serve_mistakes)
+
+
+def test_serve_refuses_a_busy_port_a_bad_port_and_a_missing_image_root_before_loading(serve_mistakes):
+  """Found before the model loads and compiles, not after: a busy port, a port out of range (uvicorn alone would
+  hang on it), an --image_root that is not a folder (every request would fail), a TPU kernel off a TPU."""
+  _, (busy_port, not_ours, no_tokens, bad_port, not_a_folder, splash) = serve_mistakes
+  port = _BUSY[0].getsockname()[1]
   (line,) = _one_error(busy_port)
   assert f"cannot listen on 127.0.0.1:{port}" in line and "another server holds the port" in busy_port.stderr
   (line,) = _one_error(not_ours)
