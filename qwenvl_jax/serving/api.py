@@ -204,10 +204,17 @@ class _Disconnected(Exception):
   """The client of a non-streaming request went away."""
 
 
+def _json_logprob(logprob: float | None) -> float | None:
+  """A log-probability as OpenAI writes it: -9999 for zero probability (JSON has no -inf)."""
+  return None if logprob is None else max(logprob, -9999.0)
+
+
 @dataclasses.dataclass(eq=False)
 class _Choice:
   """One of a request's choices: its engine request, its text, and the log-probability entries of its tokens not
-  yet sent (`logprobs.content`)."""
+  yet sent, each (token id, log-probability, ((id, log-probability) of the alternatives, ...)): rendered as a chat's
+  `logprobs.content` or a text completion's lists only when they are sent. An echoed prompt's first token has
+  neither (None, None): nothing comes before it."""
   request: engine_lib.Request
   text: Detokenizer
   finished: bool = False
@@ -290,17 +297,20 @@ class _Completion:
     """usage's prompt_tokens: every prompt once, however many choices it has."""
     return sum(len(p.tokens) for p in self.prompts)
 
-  def legacy_logprobs(self, index: int, entries: list[dict]) -> dict:
-    """A text completion's `logprobs` of a chat-style entries list (`tokens`, `token_logprobs`, `top_logprobs` as
-    {token: logprob}, `text_offset`: where each token's text starts in the choice's text, counted on from the
-    choice's earlier chunks)."""
-    offsets = []
-    for e in entries:
-      offsets.append(self._offsets[index])
-      self._offsets[index] += len(e["token"])
-    tops = [e["top_logprobs"] for e in entries]  # None: an echoed prompt's first token
-    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [None if top is None else {t["token"]: t["logprob"] for t in top} for top in tops],
+  def legacy_logprobs(self, index: int, entries: list[tuple], piece) -> dict:
+    """A text completion's `logprobs` of choice `index`'s entries (`_Choice.entries`; `piece`: a token's text and
+    bytes): `tokens`, `token_logprobs`, `top_logprobs` as {token: logprob}, and `text_offset`, where each token's
+    text starts in the choice's text, counted on from the choice's earlier chunks. Built straight from the entries
+    (an echoed prompt has one per prompt token: lm-evaluation-harness's scoring sends hundreds)."""
+    texts = [piece(token_id)[0] for token_id, _, _ in entries]
+    offsets, at = [], self._offsets[index]
+    for text in texts:
+      offsets.append(at)
+      at += len(text)
+    self._offsets[index] = at
+    return {"tokens": texts, "token_logprobs": [_json_logprob(lp) for _, lp, _ in entries],
+            "top_logprobs": [None if top is None else {piece(i)[0]: _json_logprob(lp) for i, lp in top}
+                             for _, _, top in entries],
             "text_offset": offsets}
 
   def choice_params(self) -> list[engine_lib.SamplingParams]:
@@ -514,10 +524,10 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
     if job.chat:
       delta = {"role": "assistant", "content": ""} if text is None else {"content": text} if text else {}
       choice = {"index": index, "delta": delta, "finish_reason": finish_reason,
-                "logprobs": None if entries is None else {"content": entries}}
+                "logprobs": None if entries is None else {"content": _chat_entries(entries)}}
     else:
       choice = {"index": index, "text": text, "finish_reason": finish_reason,
-                "logprobs": None if entries is None else job.legacy_logprobs(index, entries)}
+                "logprobs": None if entries is None else job.legacy_logprobs(index, entries, piece)}
     body = {**head, "object": "chat.completion.chunk" if job.chat else "text_completion", "choices": [choice],
             **extra}
     if job.include_usage:
@@ -530,27 +540,28 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
 
   piece = functools.lru_cache(maxsize=1 << 16)(functools.partial(token_piece, tok.decode))
 
-  def _token(token_id: int, logprob: float) -> dict:
-    """OpenAI's fields of one token: text and bytes (`token_piece`), and the log-probability (-9999 for zero
-    probability, as OpenAI's: JSON has no -inf)."""
+  def _token(token_id: int, logprob: float | None) -> dict:
+    """OpenAI's fields of one token: text and bytes (`token_piece`), and the log-probability."""
     text, raw = piece(token_id)
-    return {"token": text, "logprob": max(logprob, -9999.0), "bytes": list(raw)}
+    return {"token": text, "logprob": _json_logprob(logprob), "bytes": list(raw)}
 
-  def _logprob_entry(ev: engine_lib.Token, top: int | None = None) -> dict:
-    return {**_token(ev.token_id, ev.logprob),
-            "top_logprobs": [_token(i, lp) for i, lp in ev.top_logprobs[:top]]}
+  def _chat_entries(entries: list[tuple]) -> list[dict]:
+    """A chat's `logprobs.content` of `_Choice.entries`."""
+    return [{**_token(token_id, lp), "top_logprobs": None if top is None else [_token(i, l) for i, l in top]}
+            for token_id, lp, top in entries]
 
-  def _prompt_entries(prompt: list[int], ev: engine_lib.PromptTokens, top: int) -> list[dict]:
+  def _logprob_entry(ev: engine_lib.Token, top: int | None = None) -> tuple:
+    return ev.token_id, ev.logprob, ev.top_logprobs[:top]
+
+  def _prompt_entries(prompt: list[int], ev: engine_lib.PromptTokens, top: int) -> list[tuple]:
     """The entries of an echoed prompt: its first token has no log-probability (nothing comes before it)."""
-    text, raw = piece(prompt[0])
-    return [{"token": text, "logprob": None, "bytes": list(raw), "top_logprobs": None},
-            *(_logprob_entry(t, top) for t in ev.tokens)]
+    return [(prompt[0], None, None), *(_logprob_entry(t, top) for t in ev.tokens)]
 
   def _vllm_prompt_logprobs(ev: engine_lib.PromptTokens, top: int) -> list:
     """vLLM's `prompt_logprobs`: None for the first token, then per token {id: {logprob, rank, decoded_token}},
     the token itself first, then its position's `top` most likely tokens (ranks 1 ..)."""
     def one(token_id, logprob, rank):
-      return {"logprob": max(logprob, -9999.0), "rank": rank, "decoded_token": piece(token_id)[0]}
+      return {"logprob": _json_logprob(logprob), "rank": rank, "decoded_token": piece(token_id)[0]}
 
     out = [None]
     for t, rank in zip(ev.tokens, ev.ranks):
@@ -680,18 +691,20 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
       boxes = msg.boxes_in_pixels(c.text.text, job.prompt_of(i))  # the answer's, never the echoed prompt's
       if job.chat:
         out.append({"index": i, "message": {"role": "assistant", "content": c.text.text, "boxes": boxes},
-                    "finish_reason": end.reason, "logprobs": {"content": entries[i]} if wanted else None})
+                    "finish_reason": end.reason, "logprobs": {"content": _chat_entries(entries[i])} if wanted else None})
       else:
         echoed = job.prompt_of(i).raw_text if job.echo else ""
         out.append({"index": i, "text": echoed + c.text.text, "finish_reason": end.reason, "boxes": boxes,
-                    "logprobs": job.legacy_logprobs(i, entries[i]) if wanted else None})
+                    "logprobs": job.legacy_logprobs(i, entries[i], piece) if wanted else None})
         if job.prompt_top is not None:  # vLLM's: on each choice of a text completion
           out[-1]["prompt_logprobs"] = _vllm_prompt_logprobs(c.prompt, job.prompt_top)
     answer = {**head, "object": "chat.completion" if job.chat else "text_completion", "choices": out,
               "usage": _usage(job.prompt_tokens(), sum(end.completion_tokens for end in ends))}
     if job.chat and job.prompt_top is not None:  # vLLM's: once, beside the choices (they share the prompt)
       answer["prompt_logprobs"] = _vllm_prompt_logprobs(choices[0].prompt, job.prompt_top)
-    return answer
+    # Rendered as it is (JSON's own types), not through FastAPI's jsonable_encoder, which walks every value of a
+    # returned dict in Python: most of the host time of an echoed prompt's hundreds of entries.
+    return JSONResponse(answer)
 
   return app
 
