@@ -67,7 +67,8 @@ def one(args) -> dict:
     prefill_ms = (time.perf_counter() - start) * 1e3
     prefill_analysis = slot_model._prefill.lower(  # pylint: disable=protected-access
         slot_model.state, slot_model.cache, slot_model.history, *prefill_args,
-        *slot_programs.no_bias(1, cfg.llm.vocab_size)).compile().memory_analysis()
+        *slot_programs.no_bias(1, cfg.llm.vocab_size),
+        slot_programs.no_stops(1, cfg.llm.vocab_size)).compile().memory_analysis()
     tokens = np.ones(b, np.int32)
     positions = np.full(b, p, np.int32)
     lowered = slot_model.decode_program().lower(slot_model.state, slot_model.cache, slot_model.history, tokens,

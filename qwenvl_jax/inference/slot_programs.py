@@ -14,8 +14,9 @@ L layers, S image side, K decode steps per call, W cache slots attended (a windo
                                                                                 (the first R rows)
 
 `TokenHistory` holds, per slot row, which tokens its prompt holds and how often its answer has produced each (the
-penalties of `slot_sampling.penalize` read them, skipped when no row has one) and its request's logit bias (a few
-hundred (id, bias) pairs, `slot_sampling.add_bias`): prefill sets a joining row's, decode counts each new token.
+penalties of `slot_sampling.penalize` read them, skipped when no row has one), its request's logit bias (a few
+hundred (id, bias) pairs, `slot_sampling.add_bias`) and the ids that end it, held back until it has generated its
+`min_tokens` (`slot_sampling.hold_stops`): prefill sets a joining row's, decode counts each new token.
 
 Every slot row of the cache belongs to one request at a time. A request's prompt occupies its row's slots
 0 .. len-1 and its n-th new token slot len + n, so the cache slot equals the RoPE position and rows advance
@@ -54,7 +55,8 @@ class Sampling(NamedTuple):
   float32 top_p, uint32[., 2] seed (`slot_sampling.seed_words`), int32 count (tokens generated so far), bool
   logprobs (the row's request wants log-probabilities, `slot_sampling.token_logprobs`), float32 min_p (0 = off),
   float32 repetition (1 = off), frequency and presence (0 = off) penalties (`slot_sampling.penalize`), bool
-  prompt_logprobs (prefill scores the row's prompt tokens too, `prompt_scores`; decode ignores it)."""
+  prompt_logprobs (prefill scores the row's prompt tokens too, `prompt_scores`; decode ignores it), int32
+  min_tokens (while count is below it, the row's `TokenHistory.stops` cannot be picked; 0 = off)."""
   temperature: jax.Array
   top_k: jax.Array
   top_p: jax.Array
@@ -66,6 +68,7 @@ class Sampling(NamedTuple):
   frequency: jax.Array
   presence: jax.Array
   prompt_logprobs: jax.Array
+  min_tokens: jax.Array
 
   @classmethod
   def greedy(cls, rows: int) -> "Sampling":
@@ -74,33 +77,45 @@ class Sampling(NamedTuple):
     zeros = np.zeros(rows, np.float32)
     return cls(zeros, np.zeros(rows, np.int32), np.ones(rows, np.float32), np.zeros((rows, 2), np.uint32),
                np.zeros(rows, np.int32), np.zeros(rows, bool), zeros, np.ones(rows, np.float32), zeros, zeros,
-               np.zeros(rows, bool))
+               np.zeros(rows, bool), np.zeros(rows, np.int32))
 
 
 # The most logit-bias entries one request may set (OpenAI's limit): each slot row keeps this many (id, bias) pairs.
 MAX_LOGIT_BIAS = 300
+# The most ids that end one request (the chat format's stop tokens and the request's own) a slot row can hold back
+# until its request's `min_tokens` (vLLM's) are generated.
+MAX_STOP_IDS = 64
 
 
 class TokenHistory(NamedTuple):
   """Per slot row: bool seen[B, V] (the tokens of its prompt) and int32 counts[B, V] (how often its answer has
-  produced each token so far), what the penalties read; and its request's logit bias, int32 bias_ids[B,
-  MAX_LOGIT_BIAS] (V = unused) with float32 bias_values (`slot_sampling.add_bias`), set by its prefill."""
+  produced each token so far), what the penalties read; its request's logit bias, int32 bias_ids[B,
+  MAX_LOGIT_BIAS] (V = unused) with float32 bias_values (`slot_sampling.add_bias`); and bool stops[B, V], the ids
+  held back until its `Sampling.min_tokens` (`slot_sampling.hold_stops`). The last three are set by its
+  prefill."""
   seen: jax.Array
   counts: jax.Array
   bias_ids: jax.Array
   bias_values: jax.Array
+  stops: jax.Array
 
 
 def init_history(num_slots: int, vocab: int) -> TokenHistory:
   """An empty history (rows over the batch axes under `sharding.use_rules`); jit it, as the cache is."""
   return constrain_history(TokenHistory(jnp.zeros((num_slots, vocab), bool), jnp.zeros((num_slots, vocab), jnp.int32),
                                         jnp.full((num_slots, MAX_LOGIT_BIAS), vocab, jnp.int32),
-                                        jnp.zeros((num_slots, MAX_LOGIT_BIAS), jnp.float32)))
+                                        jnp.zeros((num_slots, MAX_LOGIT_BIAS), jnp.float32),
+                                        jnp.zeros((num_slots, vocab), bool)))
 
 
 def no_bias(rows: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:
   """Host arrays of `rows` requests without a logit bias: `prefill`'s bias_ids / bias_values."""
   return np.full((rows, MAX_LOGIT_BIAS), vocab, np.int32), np.zeros((rows, MAX_LOGIT_BIAS), np.float32)
+
+
+def no_stops(rows: int, vocab: int) -> np.ndarray:
+  """Host array of `rows` requests that hold back no id (no `min_tokens`): `prefill`'s stop_ids."""
+  return np.full((rows, MAX_STOP_IDS), vocab, np.int32)
 
 
 def constrain_history(history: TokenHistory) -> TokenHistory:
@@ -168,12 +183,14 @@ def prompt_scores(model, h: jax.Array, ids: jax.Array, wanted: jax.Array, vocab_
   return jax.lax.cond(jnp.any(wanted), compute, skip, None)
 
 
-def _pick(logits, seen, history_counts, bias_ids, bias_values, sampling: Sampling, counts, vocab_limit) -> Picked:
-  """Tokens of the logits after the logit bias (`slot_sampling.add_bias`) and the penalties (on `seen` /
-  `history_counts`, `slot_sampling.penalize`), in vLLM's order, and the log-probabilities of the logits before
-  them (the model's, as vLLM's default)."""
-  biased = slot_sampling.add_bias(logits.astype(jnp.float32), bias_ids, bias_values)
-  penalized = slot_sampling.penalize(biased, seen, history_counts,
+def _pick(logits, history: TokenHistory, sampling: Sampling, counts, vocab_limit) -> Picked:
+  """Tokens of the logits after the logit bias (`slot_sampling.add_bias`), the stop ids held back before
+  `min_tokens` (at the generated `counts`, `slot_sampling.hold_stops`) and the penalties
+  (`slot_sampling.penalize`), in vLLM's order, with the rows' `history` (its first rows the logits'); and the
+  log-probabilities of the logits before them (the model's, as vLLM's default)."""
+  biased = slot_sampling.add_bias(logits.astype(jnp.float32), history.bias_ids, history.bias_values)
+  held = slot_sampling.hold_stops(biased, history.stops, counts < sampling.min_tokens)
+  penalized = slot_sampling.penalize(held, history.seen, history.counts,
                                      repetition=sampling.repetition, frequency=sampling.frequency,
                                      presence=sampling.presence)
   tokens = slot_sampling.select(penalized, temperature=sampling.temperature, top_k=sampling.top_k,
@@ -198,14 +215,15 @@ def encode(graphdef, feature_slots: int, state, images):
 
 
 def prefill(graphdef, vocab_limit, state, cache: KVCache, history: TokenHistory, ids, lengths, first_image, feats,
-            rows, rope_base, sampling: Sampling, bias_ids, bias_values):
+            rows, rope_base, sampling: Sampling, bias_ids, bias_values, stop_ids):
   """ids int32[k, P] right-padded (row i's prompt in slots 0 .. lengths[i]-1); lengths int32[k] (>= 1);
   first_image int32[k] (index in `feats` of the row's first image); feats [F, Q, D]; rows int32[k] cache row of each
   prompt (B = padding row, dropped); rope_base float32[k]; bias_ids int32 / bias_values float32 [k,
-  MAX_LOGIT_BIAS]: each request's logit bias (`no_bias` for none), kept in its row's history. Returns (`Picked`
-  [k]: the first new tokens, cache, history: the rows' prompts as seen, their answers' counts holding the first
-  tokens, their logit biases); the `Picked` also scores the prompts of rows with `sampling.prompt_logprobs`
-  (`prompt_scores`)."""
+  MAX_LOGIT_BIAS]: each request's logit bias (`no_bias` for none), and stop_ids int32[k, MAX_STOP_IDS] (V =
+  unused) the ids it holds back until its `sampling.min_tokens` (`no_stops` for none), kept in its row's history.
+  Returns (`Picked` [k]: the first new tokens, cache, history: the rows' prompts as seen, their answers' counts
+  holding the first tokens, their logit biases and stop ids); the `Picked` also scores the prompts of rows with
+  `sampling.prompt_logprobs` (`prompt_scores`)."""
   model = _merge(graphdef, state)
   k, p = ids.shape
   q = feats.shape[1]
@@ -230,11 +248,11 @@ def prefill(graphdef, vocab_limit, state, cache: KVCache, history: TokenHistory,
   logits = model.llm.lm_head(last)[:, 0]
   v, k_rows = logits.shape[-1], jnp.arange(k)[:, None]
   seen = jnp.zeros((k, v), bool).at[k_rows, jnp.where(valid, ids, v)].set(True, mode="drop")
-  counts = jnp.zeros((k, v), jnp.int32)
-  picked = _pick(logits, seen, counts, bias_ids, bias_values, sampling, sampling.count, vocab_limit)
-  counts = counts.at[k_rows[:, 0], picked.tokens].set(1)
-  history = TokenHistory(*(old.at[rows].set(new, mode="drop") for old, new in
-                           zip(history, (seen, counts, bias_ids, bias_values))))
+  stops = jnp.zeros((k, v), bool).at[k_rows, stop_ids].set(True, mode="drop")
+  joining = TokenHistory(seen, jnp.zeros((k, v), jnp.int32), bias_ids, bias_values, stops)
+  picked = _pick(logits, joining, sampling, sampling.count, vocab_limit)
+  joining = joining._replace(counts=joining.counts.at[k_rows[:, 0], picked.tokens].set(1))
+  history = TokenHistory(*(old.at[rows].set(new, mode="drop") for old, new in zip(history, joining)))
   picked = picked._replace(prompt=prompt_scores(model, h, ids, sampling.prompt_logprobs, vocab_limit))
   return picked, constrain_cache(cache), constrain_history(history)
 
@@ -257,8 +275,7 @@ def decode(graphdef, vocab_limit, steps: int, window: int, state, cache: KVCache
     logits, cache = model.llm(model.llm.embed(tokens[:, None]), positions=positions[:, None], segment_ids=seg,
                               cache=cache, cache_index=positions, rope_base=rope_base[:, None, None], logn=True,
                               window=window)
-    picked = _pick(logits[:, 0], history.seen, history.counts, history.bias_ids, history.bias_values, sampling,
-                   count, vocab_limit)
+    picked = _pick(logits[:, 0], history, sampling, count, vocab_limit)
     counts = history.counts.at[jnp.arange(tokens.shape[0]), picked.tokens].add(active.astype(jnp.int32))
     return (state, cache, history._replace(counts=counts), picked.tokens, positions + 1, count + 1), picked
 

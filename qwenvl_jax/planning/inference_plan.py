@@ -348,7 +348,7 @@ def _plan_server(cfg, topology, graphdef, state, as_state, cache, mesh, rules, *
     f32 = rows(n, jnp.float32)
     return slot_programs.Sampling(f32, rows(n, jnp.int32), f32, sharded((n, 2), jnp.uint32, ("act_batch", None)),
                                   rows(n, jnp.int32), rows(n, jnp.bool_), f32, f32, f32, f32,
-                                  rows(n, jnp.bool_))
+                                  rows(n, jnp.bool_), rows(n, jnp.int32))
 
   def by_rows(tree):  # abstract arrays of `tree`'s shapes and dtypes, rows over the batch axes
     return jax.tree.map(lambda x: sharded(x.shape, x.dtype, ("act_batch", None)), tree)
@@ -374,9 +374,9 @@ def _plan_server(cfg, topology, graphdef, state, as_state, cache, mesh, rules, *
   feature_slots = max(1, k * images)
 
   def prefill_fn(state, cache, history, ids, lengths, first_image, feats, slot_rows, rope_base, samp, bias_ids,
-                 bias_values):
+                 bias_values, stop_ids):
     return slot_programs.prefill(graphdef, None, as_state(state), cache, history, ids, lengths, first_image, feats,
-                                 slot_rows, rope_base, samp, bias_ids, bias_values)
+                                 slot_rows, rope_base, samp, bias_ids, bias_values, stop_ids)
 
   def encode_fn(state, pixels):
     return slot_programs.encode(graphdef, feature_slots, as_state(state), pixels)
@@ -386,7 +386,8 @@ def _plan_server(cfg, topology, graphdef, state, as_state, cache, mesh, rules, *
     _, prefill_plan = aot.compile_step(
         prefill_fn, (state, cache, history, sharded((k, prompt), jnp.int32, ("act_batch", None)),
                      rows(k, jnp.int32), rows(k, jnp.int32), feats, rows(k, jnp.int32), rows(k, jnp.float32),
-                     sampling(k), *by_rows(slot_programs.no_bias(k, cfg.llm.vocab_size))),
+                     sampling(k), *by_rows(slot_programs.no_bias(k, cfg.llm.vocab_size)),
+                     by_rows(slot_programs.no_stops(k, cfg.llm.vocab_size))),
         chip=topology.chip, mesh=mesh, donate_argnums=(1, 2), count_program_flops=False, keep_unused=True,
         tokens=k * prompt)
     encode_plan = None

@@ -11,10 +11,11 @@ chunk, so the per-token cost of the HTTP side (wake-ups, JSON, socket writes) is
 its request, which frees its decode slot at the engine's next turn.
 
 Extensions (the way vLLM spells them): `top_k`, `min_p`, `repetition_penalty`, `stop_token_ids`; `ignore_eos`
-(decode to max_tokens; for benchmarks); `prompt_logprobs` (each prompt token's log-probability, rank and most
-likely alternatives: on each choice of a text completion, beside the choices of a chat one; not with streaming).
-vLLM's other sampling extras (`min_tokens`, `best_of`, `use_beam_search`, `length_penalty`) get a 400 unless they
-have their no-op value.
+(decode to max_tokens; for benchmarks); `min_tokens` (no stop token can be picked, and no stop string ends the
+answer, before that many tokens); `prompt_logprobs` (each prompt token's log-probability, rank and most likely
+alternatives: on each choice of a text completion, beside the choices of a chat one; not with streaming). vLLM's
+other sampling extras (`best_of`, `use_beam_search`, `length_penalty`) get a 400 unless they have their no-op
+value.
 
 Grounding: the final message carries `boxes` (an extension field), the answer's `<ref>`/`<box>` pairs in the
 [0, 1000) grid and in pixels of the latest image of the conversation; the text keeps the tags as generated.
@@ -110,7 +111,7 @@ def _refuse_unsupported(body: dict) -> None:
   """OpenAI fields this server does not implement: a request that sets one to anything but its no-op value gets a
   400 naming it, instead of an answer that silently ignores it (fields with no effect on the answer, such as
   `user`, `metadata` or `store`, are accepted and ignored, as are unknown ones)."""
-  for name, no_op in (("min_tokens", 0), ("best_of", body.get("n", 1)), ("use_beam_search", False),
+  for name, no_op in (("best_of", body.get("n", 1)), ("use_beam_search", False),
                       ("length_penalty", 1)):  # vLLM's sampling extras
     if name in body and body[name] != no_op:
       raise msg.RequestError(f"{name} is not supported by this server", param=name)
@@ -473,7 +474,12 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
                                        seed=seed, ignore_stop_tokens=ignore_eos, logprobs=logprobs,
                                        **_penalties(body), stop_token_ids=_stop_token_ids(body),
                                        prompt_logprobs=max(wanted) if wanted else None,
-                                       logit_bias=_logit_bias(body, tok.vocab_size))
+                                       logit_bias=_logit_bias(body, tok.vocab_size),
+                                       min_tokens=_number(body, "min_tokens", int, 0, 0, max_tokens))
+    if len(engine.held_ids(params)) > slot_programs.MAX_STOP_IDS:
+      raise msg.RequestError(f"with min_tokens, at most {slot_programs.MAX_STOP_IDS} stop token ids (the chat "
+                             f"format's {len(engine.stop_ids)} and stop_token_ids) can be held back",
+                             param="stop_token_ids")
     return _Completion(prompts, params, stop, stream, include_usage, n, chat, echo, prompt_top)
 
   @app.post("/v1/chat/completions")
@@ -499,7 +505,8 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
       prompt = job.prompt_of(i)
       sink = lambda event, i=i: events.put((i, event))  # noqa: E731  (the engine calls it on its thread)
       choices.append(_Choice(engine_lib.Request(prompt.tokens, prompt.images, params, sink),
-                             Detokenizer(tok.decode, job.stop), lead=prompt.raw_text if job.echo else ""))
+                             Detokenizer(tok.decode, job.stop, params.min_tokens),
+                             lead=prompt.raw_text if job.echo else ""))
     try:
       for c in choices:
         engine.submit(c.request)
@@ -691,7 +698,8 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
       boxes = msg.boxes_in_pixels(c.text.text, job.prompt_of(i))  # the answer's, never the echoed prompt's
       if job.chat:
         out.append({"index": i, "message": {"role": "assistant", "content": c.text.text, "boxes": boxes},
-                    "finish_reason": end.reason, "logprobs": {"content": _chat_entries(entries[i])} if wanted else None})
+                    "finish_reason": end.reason,
+                    "logprobs": {"content": _chat_entries(entries[i])} if wanted else None})
       else:
         echoed = job.prompt_of(i).raw_text if job.echo else ""
         out.append({"index": i, "text": echoed + c.text.text, "finish_reason": end.reason, "boxes": boxes,

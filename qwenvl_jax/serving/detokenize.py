@@ -5,7 +5,8 @@ break SentencePiece's leading-space rule); what is new is sent, except
   * a trailing U+FFFD: a multi-byte character still being generated (as `inference.chat.ChatReply`);
   * a trailing piece that could be the start of a stop string: it is held until it is not, or until the stop
     string completes, in which case the text is cut before it and the request ends (OpenAI: the stop sequence is
-    not returned).
+    not returned). With `min_tokens` (vLLM's), a stop string ends the text only once that many tokens were
+    generated: one that ends earlier is text as any other (vLLM checks the text each token adds from then on).
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from collections.abc import Sequence
 
 class Detokenizer:
   """Feed token ids with `add`; it returns the text to send now. `text` is everything sent; `stopped` says a
-  stop string was met (then nothing more is returned)."""
+  stop string was met (then nothing more is returned); min_tokens: no stop string ends the text before that many
+  tokens were fed."""
 
-  def __init__(self, decode, stop: Sequence[str] = ()):
+  def __init__(self, decode, stop: Sequence[str] = (), min_tokens: int = 0):
     self._decode = decode
     self._stop = tuple(stop)
+    self._min_tokens = min_tokens
+    self._free_from = 0  # a stop string must end past this many characters (those decoded before min_tokens)
     self._ids: list[int] = []
     self.text = ""
     self.stopped = False
@@ -52,8 +56,12 @@ class Detokenizer:
     return self._emit(self._decode(self._ids), final=True)
 
   def _emit(self, full: str, final: bool) -> str:
-    hits = [full.find(s, max(0, len(self.text) - len(s))) for s in self._stop]
-    hits = [h for h in hits if h >= 0]
+    if len(self._ids) < self._min_tokens:
+      hits = []
+      self._free_from = len(full)
+    else:
+      hits = [full.find(s, max(0, len(self.text) - len(s), self._free_from - len(s) + 1)) for s in self._stop]
+      hits = [h for h in hits if h >= 0]
     if hits:
       self.stopped = True
       end = min(hits)

@@ -54,7 +54,9 @@ class SamplingParams:
   presence_penalty 0 = off (`slot_sampling.penalize`); stop_token_ids: more ids that end the request as the chat
   format's stop tokens do (vLLM's); prompt_logprobs: None (off), or how many alternatives each of the prompt's
   tokens carries beside its own log-probability (vLLM's `prompt_logprobs`; a `PromptTokens` event); logit_bias:
-  (token id, bias) pairs added to the logits before sampling (OpenAI's; at most `slot_programs.MAX_LOGIT_BIAS`)."""
+  (token id, bias) pairs added to the logits before sampling (OpenAI's; at most `slot_programs.MAX_LOGIT_BIAS`);
+  min_tokens: the ids that end the request (the engine's stop ids and stop_token_ids, at most
+  `slot_programs.MAX_STOP_IDS`) cannot be picked before it has generated this many tokens (vLLM's; 0 = off)."""
   max_tokens: int
   temperature: float = 0.0
   top_p: float = 1.0
@@ -69,6 +71,7 @@ class SamplingParams:
   stop_token_ids: frozenset[int] = frozenset()
   prompt_logprobs: int | None = None
   logit_bias: tuple[tuple[int, float], ...] = ()
+  min_tokens: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,6 +250,11 @@ class Engine:
         0 <= t < self.cfg.llm.vocab_size and np.isfinite(v) for t, v in bias):
       raise ValueError(f"logit_bias takes at most {slot_programs.MAX_LOGIT_BIAS} (token id, finite bias) pairs of "
                        f"ids in [0, {self.cfg.llm.vocab_size})")
+    if not 0 <= params.min_tokens <= params.max_tokens:
+      raise ValueError(f"min_tokens must be in [0, max_tokens = {params.max_tokens}], got {params.min_tokens}")
+    if len(self.held_ids(params)) > slot_programs.MAX_STOP_IDS:
+      raise ValueError(f"with min_tokens, the stop token ids (the chat format's {len(self.stop_ids)} and "
+                       f"stop_token_ids) must be at most {slot_programs.MAX_STOP_IDS}")
     for name in ("logprobs", "prompt_logprobs"):
       top = getattr(params, name)
       if top is not None and not 0 <= top <= slot_sampling.TOP_LOGPROBS:
@@ -254,6 +262,13 @@ class Engine:
     if self._error is not None or self._stop.is_set():
       raise RuntimeError("the engine is not running")
     self._inbox.put(request)
+
+  def held_ids(self, params: SamplingParams) -> list[int]:
+    """The ids a request's prefill holds back until its min_tokens (`slot_programs.TokenHistory.stop_ids`): those
+    that would end it (none when it has no min_tokens or ignores stop tokens)."""
+    if not params.min_tokens or params.ignore_stop_tokens:
+      return []
+    return sorted(i for i in set(self.stop_ids) | set(params.stop_token_ids) if i < self.cfg.llm.vocab_size)
 
   def cancel(self, request: Request, reason: str = "cancelled") -> None:
     """Frees the request's slot at the next loop turn (no more events are sent). reason: how `stats` counts the
@@ -411,8 +426,12 @@ class Engine:
     for i, r in enumerate(group):
       for j, (token, value) in enumerate(r.params.logit_bias):
         bias[0][i, j], bias[1][i, j] = token, value
+    stop_ids = slot_programs.no_stops(k, self.cfg.llm.vocab_size)
+    for i, r in enumerate(group):
+      held = self.held_ids(r.params)
+      stop_ids[i, :len(held)] = held
     picked = _fetch(self.slots.prefill(ids, lengths, first_image, feats, row_index, rope, _sampling(params, [0] * k),
-                                       bias), params)
+                                       bias, stop_ids), params)
     with self._lock:
       self._counts["prefill_seconds"] += time.perf_counter() - t0
       self._counts["prefills"] += 1
@@ -496,7 +515,8 @@ def _sampling(params: Sequence[SamplingParams], counts: Sequence[int]) -> Sampli
                   repetition=np.asarray([p.repetition_penalty for p in params], np.float32),
                   frequency=np.asarray([p.frequency_penalty for p in params], np.float32),
                   presence=np.asarray([p.presence_penalty for p in params], np.float32),
-                  prompt_logprobs=np.asarray([p.prompt_logprobs is not None for p in params], bool))
+                  prompt_logprobs=np.asarray([p.prompt_logprobs is not None for p in params], bool),
+                  min_tokens=np.asarray([p.min_tokens for p in params], np.int32))
 
 
 def _fetch(picked: Picked, params: Sequence[SamplingParams]) -> Picked:

@@ -53,12 +53,15 @@ class SlotModel:
 
   def prefill(self, ids: np.ndarray, lengths: np.ndarray, first_image: np.ndarray, feats: jax.Array,
               rows: np.ndarray, rope_base: np.ndarray, sampling: Sampling,
-              bias: tuple[np.ndarray, np.ndarray] | None = None) -> slot_programs.Picked:
+              bias: tuple[np.ndarray, np.ndarray] | None = None,
+              stop_ids: np.ndarray | None = None) -> slot_programs.Picked:
     """Writes k prompts into cache rows `rows` and returns their first new tokens (`Picked` [k], on device). bias:
-    the requests' logit bias (`slot_programs.prefill`'s bias_ids, bias_values; None = none)."""
+    the requests' logit bias (`slot_programs.prefill`'s bias_ids, bias_values; None = none); stop_ids: the ids each
+    holds back until its `sampling.min_tokens` (`prefill`'s; None = none)."""
     bias = bias or slot_programs.no_bias(len(ids), self.cfg.llm.vocab_size)
+    stop_ids = slot_programs.no_stops(len(ids), self.cfg.llm.vocab_size) if stop_ids is None else stop_ids
     first, self.cache, self.history = self._prefill(self.state, self.cache, self.history, ids, lengths, first_image,
-                                                    feats, rows, rope_base, sampling, *bias)
+                                                    feats, rows, rope_base, sampling, *bias, stop_ids)
     return first
 
   def decode(self, tokens: np.ndarray, positions: np.ndarray, active: np.ndarray, rope_base: np.ndarray,

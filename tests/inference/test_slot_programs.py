@@ -18,7 +18,8 @@ def test_the_server_prefill_writes_into_the_slots_cache_without_a_cache_of_its_o
   sampling = slots_lib.Sampling.greedy(k)
   args = (slot_model.state, slot_model.cache, slot_model.history, np.ones((k, p), np.int32), np.full(k, p, np.int32),
           np.zeros(k, np.int32), slot_model.no_features, np.array([0, 1], np.int32),
-          np.full(k, cfg.llm.rope_base, np.float32), sampling, *slot_programs.no_bias(k, cfg.llm.vocab_size))
+          np.full(k, cfg.llm.rope_base, np.float32), sampling, *slot_programs.no_bias(k, cfg.llm.vocab_size),
+          slot_programs.no_stops(k, cfg.llm.vocab_size))
   text = slot_model._prefill.lower(*args).compile().as_text()  # pylint: disable=protected-access
   llm = cfg.llm
   whole = f"[{llm.layers},4,{llm.heads},64,{llm.head_dim}]"  # the slots' cache (donated, updated in place)

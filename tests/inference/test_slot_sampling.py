@@ -82,3 +82,17 @@ def test_add_bias_adds_each_rows_pairs_drops_padding_and_skips_when_no_row_has_o
   np.testing.assert_array_equal(out, expected)
   np.testing.assert_array_equal(np.asarray(slot_sampling.add_bias(logits + 1, ids, np.zeros_like(values))),
                                 np.ones((2, 6), np.float32))
+
+
+def test_hold_stops_bans_each_holding_rows_stop_ids_only():
+  """Rows that hold (vLLM's `min_tokens` not yet reached) get -inf at their stop ids; the other rows are untouched;
+  the history may have more rows than the logits."""
+  logits = jnp.arange(12, dtype=jnp.float32).reshape(2, 6)
+  stops = np.zeros((3, 6), bool)
+  stops[0, [1, 3]] = stops[1, 4] = stops[2] = True
+  out = np.asarray(slot_sampling.hold_stops(logits, stops, np.array([True, False])))
+  expected = np.arange(12, dtype=np.float32).reshape(2, 6)
+  expected[0, [1, 3]] = -np.inf
+  np.testing.assert_array_equal(out, expected)
+  np.testing.assert_array_equal(np.asarray(slot_sampling.hold_stops(logits, stops, np.array([False, False]))),
+                                np.asarray(logits))

@@ -371,7 +371,8 @@ HI = [{"role": "user", "content": "hi"}]
 
 @pytest.mark.parametrize("field, value", [
     ("top_logprobs", 3), ("presence_penalty", 3), ("frequency_penalty", -2.5), ("repetition_penalty", 0),
-    ("min_p", 1.5), ("stop_token_ids", [-1]), ("min_tokens", 2), ("best_of", 3), ("use_beam_search", True),
+    ("min_p", 1.5), ("stop_token_ids", [-1]), ("min_tokens", 3), ("min_tokens", -1),
+    ("min_tokens", True), ("best_of", 3), ("use_beam_search", True),
     ("length_penalty", 0.5), ("logit_bias", {"5": -101}), ("logit_bias", {"abc": 1}), ("logit_bias", {"-1": 1}),
     ("logit_bias", {"400": 1}), ("logit_bias", {"5": True}), ("logit_bias", [5]),
     ("logit_bias", {str(i): 1 for i in range(301)}), ("response_format", {"type": "json_object"}),
@@ -381,10 +382,10 @@ HI = [{"role": "user", "content": "hi"}]
 ])
 def test_fields_the_server_does_not_implement_are_refused_not_ignored(server, http, field, value):
   """A request asking for what this server does not do (JSON mode, tools, audio output, web search, vLLM's
-  min_tokens, best_of, beam search) gets a 400 naming the field, not an answer that silently lacks it; so do a seed
-  over 64 bits, stream_options on a request that does not stream, top_logprobs without logprobs, and penalties,
-  min_p, stop ids or logit biases out of their range (keys not ids of the vocabulary, biases past ±100 or not
-  numbers, more than 300)."""
+  best_of, beam search) gets a 400 naming the field, not an answer that silently lacks it; so do a seed over 64 bits,
+  stream_options on a request that does not stream, top_logprobs without logprobs, and penalties, min_p, stop ids,
+  min_tokens (past max_tokens, negative, not an integer) or logit biases out of their range (keys not ids of the
+  vocabulary, biases past ±100 or not numbers, more than 300)."""
   status, body = _post(server, http, {"messages": HI, "max_tokens": 2, field: value})
   assert status == 400 and body["error"]["param"] == field, body
 
@@ -409,6 +410,49 @@ def test_logit_bias_steers_and_bans_tokens_as_openais(server, http, serve_model,
   assert out["choices"][0]["logprobs"]["content"][0]["logprob"] == pytest.approx(logprob, abs=1e-4)
   again = _post(server, http, {"messages": HI, "max_tokens": 4, "temperature": 0, "ignore_eos": True})[1]
   assert again["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
+
+
+def test_min_tokens_holds_back_stop_tokens_and_stop_strings_as_vllms(server, http, serve_model, serve_tok):
+  """vLLM's `min_tokens`: a logit bias of +100 on a stop token (the chat's <|im_end|>, or a request's stop_token_ids)
+  ends the answer at its first token; with min_tokens 3 the first 3 tokens are the greedy tokens of the model with
+  the stop ids banned (the plain forward pass's), and the 4th is the stop, on both endpoints. A stop string met
+  within the first min_tokens tokens is text; met after, it ends the answer. The slot's next request holds nothing
+  back."""
+  im_end, other = serve_tok.im_end_id, serve_tok.encode(" square")[-1]
+  forced = {"messages": HI, "max_tokens": 8, "temperature": 0, "logit_bias": {str(im_end): 100}}
+  status, out = _post(server, http, forced)
+  assert status == 200 and out["usage"]["completion_tokens"] == 1 and out["choices"][0]["finish_reason"] == "stop"
+  stops = {serve_tok.eod_id, im_end, serve_tok.im_start_id}
+
+  def banned(logits, prompt, answer):
+    logits = logits.copy()
+    logits[list(stops)] = -np.inf
+    return logits
+  expected = [t for t, _, _ in _greedy_reference(serve_model, serve_tok, HI, 3, adjust=banned)]
+  status, out = _post(server, http, {**forced, "min_tokens": 3, "logprobs": True})
+  assert status == 200 and out["choices"][0]["finish_reason"] == "stop", out
+  assert out["usage"]["completion_tokens"] == 4
+  assert out["choices"][0]["message"]["content"] == serve_tok.decode(expected)
+  assert [e["token"] for e in out["choices"][0]["logprobs"]["content"]] == [serve_tok.decode([t]) for t in expected]
+  # A request's own stop id, on the text endpoint (its entries end with the stop token's).
+  status, text = _complete_text(server, http, "hello there", max_tokens=8, logit_bias={str(other): 100},
+                                stop_token_ids=[other], min_tokens=2, logprobs=0)
+  assert status == 200 and text["choices"][0]["finish_reason"] == "stop", text
+  assert text["usage"]["completion_tokens"] == 3 and text["choices"][0]["logprobs"]["tokens"][-1] == \
+      serve_tok.decode([other])
+  # Stop strings: the text of the 1st greedy token (met within min_tokens 2: text) and of the 4th (after: the end).
+  ids = [t for t, _, _ in _greedy_reference(serve_model, serve_tok, HI, 4)]
+  assert not stops & set(ids), ids  # the premise: no stop token among them
+  texts = [serve_tok.decode(ids[:k]) for k in range(5)]
+  first, fourth = texts[1], texts[4][len(texts[3]):]
+  assert first and texts[4].find(first, 1) < 0 and texts[4].find(fourth) == len(texts[3]), texts  # met once each
+  answer = _post(server, http, {"messages": HI, "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+                                "min_tokens": 2, "stop": [first, fourth]})[1]
+  assert answer["choices"][0]["message"]["content"] == texts[3], (answer, texts)
+  assert answer["choices"][0]["finish_reason"] == "stop"
+  assert _post(server, http, forced)[1]["usage"]["completion_tokens"] == 1
+  status, out = _post(server, http, {**forced, "min_tokens": 1, "stop_token_ids": list(range(100, 170))})
+  assert status == 400 and out["error"]["param"] == "stop_token_ids", out
 
 
 def test_no_op_values_and_nulls_are_accepted_as_absent(server, http):

@@ -198,6 +198,19 @@ def test_stop_strings_are_cut_and_their_prefix_is_held_back():
   assert "".join(free.add(i) for i in range(4)) + free.finish() == "The answer is 4"
 
 
+def test_with_min_tokens_a_stop_string_that_ends_before_them_is_text():
+  """vLLM's `min_tokens`: a stop string ending within the first min_tokens tokens is text; one ending at a later
+  token ends the text, even when it began earlier (vLLM looks back a stop string's length from the new text)."""
+  pieces = ["a", "b", "c", "a", "b", "c"]
+  decode = lambda ids: "".join(pieces[i] for i in ids)  # noqa: E731
+  text = Detokenizer(decode, stop=["ab"], min_tokens=3)
+  assert "".join(text.add(i) for i in range(6)) == "abc" and text.stopped and text.num_tokens == 5
+  straddles = Detokenizer(decode, stop=["bc"], min_tokens=3)  # "bc" ends at token 3: stopped there
+  assert "".join(straddles.add(i) for i in range(6)) == "a" and straddles.num_tokens == 3
+  early = Detokenizer(decode, stop=["ab"], min_tokens=6)
+  assert "".join(early.add(i) for i in range(6)) + early.finish() == "abcabc" and not early.stopped
+
+
 def test_a_split_multibyte_character_waits_for_its_last_byte():
   decoded = ["caf", "caf\ufffd", "café"]
   text = Detokenizer(lambda ids: decoded[len(ids) - 1])
