@@ -508,11 +508,8 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
                              Detokenizer(tok.decode, job.stop, params.min_tokens),
                              lead=prompt.raw_text if job.echo else ""))
     try:
-      for c in choices:
-        engine.submit(c.request)
+      engine.submit_all([c.request for c in choices])  # all or none; admitted together, their images encoded once
     except (ValueError, RuntimeError) as e:
-      for c in choices:
-        engine.cancel(c.request)  # the choices already queued
       if isinstance(e, ValueError):  # `_parse` checked the prompt and the context: what is left is the image count
         raise msg.RequestError(str(e), param="messages" if chat else "prompt") from None
       raise msg.RequestError(str(e), status=503, type_="server_error") from None

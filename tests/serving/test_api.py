@@ -337,6 +337,23 @@ def test_no_compilation_after_warm_up(server, client, http):
   assert compiles["lowerings_after_warmup"] == 0 and compiles["backend_compiles_after_warmup"] == 0, compiles
 
 
+def test_submit_all_queues_every_request_or_none(engine, serve_tok):
+  """`submit_all` (an API request's n choices) checks every request before it queues any: with one refused, the
+  others never run; accepted, they all answer."""
+  prompt, events = serve_tok.encode("hi"), queue.Queue()
+  good = engine_lib.Request(prompt, [], engine_lib.SamplingParams(2, ignore_stop_tokens=True), events.put)
+  bad = engine_lib.Request(prompt, [], engine_lib.SamplingParams(2, min_tokens=3), events.put)
+  admitted = engine.stats().get("admitted", 0)
+  with pytest.raises(ValueError, match="min_tokens must be in"):
+    engine.submit_all([good, bad])
+  engine.submit_all([engine_lib.Request(prompt, [], engine_lib.SamplingParams(2, ignore_stop_tokens=True), events.put)
+                     for _ in range(2)])
+  ends = 0
+  while ends < 2:  # the inbox is read in order: had `good` been queued, it would have been admitted before these
+    ends += isinstance(events.get(timeout=60), engine_lib.Finished)
+  assert engine.stats()["admitted"] == admitted + 2
+
+
 @pytest.mark.usefixtures("slow_decoding")
 def test_a_request_cancelled_before_it_gets_a_slot_is_counted_and_never_runs(engine, serve_tok):
   """Every slot holds a long answer (decode calls slowed); a fifth request waits, is cancelled, and is
@@ -560,9 +577,10 @@ def test_logprobs_among_other_requests_and_with_a_stop_string(client):
   assert len(got) == cut.usage.completion_tokens < 10
 
 
-def test_n_choices_are_what_requests_of_consecutive_seeds_answer(client):
-  """n sampled choices: choice i is what one request with seed + i answers (so they differ); usage counts the
-  prompt once and every choice's tokens; streamed, each index's chunks join to that choice; greedy choices agree."""
+def test_n_choices_are_what_requests_of_consecutive_seeds_answer(client, engine):
+  """n sampled choices: choice i is what one request with seed + i answers (so they differ), the choices that share
+  a prefill call taking one encoding of their image; usage counts the prompt once and every choice's tokens;
+  streamed, each index's chunks join to that choice; greedy choices agree."""
   conversation = _prompts()[1]  # with an image
 
   def sample(seed, **kw):
@@ -571,7 +589,10 @@ def test_n_choices_are_what_requests_of_consecutive_seeds_answer(client):
 
   alone = [sample(seed).choices[0].message.content for seed in (5, 6, 7)]
   assert len(set(alone)) == 3
+  encoded = engine.stats()["images_encoded"]
   reply = sample(5, n=3, logprobs=True)
+  # Submitted together to 4 free slots, 2 per prefill call: choices 0-1 share one encoding, choice 2 has its own.
+  assert engine.stats()["images_encoded"] - encoded == 2
   assert [c.index for c in reply.choices] == [0, 1, 2]
   assert [c.message.content for c in reply.choices] == alone
   assert all(len(c.logprobs.content) == 12 for c in reply.choices)
