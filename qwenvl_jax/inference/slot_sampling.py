@@ -164,8 +164,9 @@ def add_bias(logits: jax.Array, ids: jax.Array, values: jax.Array) -> jax.Array:
 def hold_stops(logits: jax.Array, stops: jax.Array, hold: jax.Array) -> jax.Array:
   """float32 logits[B, V] with -inf where bool stops[B', V] (B' >= B, the first B rows the logits') in the rows where
   bool hold[B] (vLLM's `min_tokens`: the ids that would end a request cannot be picked before it has generated that
-  many tokens). A select XLA fuses with the logits' other elementwise work: no `lax.cond`, whose scatter over stop
-  ids cost a one-row decode step of the tiny model on CPU 15 % even when skipped."""
+  many tokens). A select XLA fuses with the logits' other elementwise work: no `lax.cond`. A scatter of [B, 64] stop
+  ids under a cond of its own, even skipped, made the tiny model's one-row decode step on CPU 0.21-0.23 ms against
+  0.16-0.19."""
   return jnp.where(hold[:, None] & stops[:logits.shape[0]], -jnp.inf, logits)
 
 

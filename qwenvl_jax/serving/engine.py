@@ -56,7 +56,8 @@ class SamplingParams:
   tokens carries beside its own log-probability (vLLM's `prompt_logprobs`; a `PromptTokens` event); logit_bias:
   (token id, bias) pairs added to the logits before sampling (OpenAI's; at most `slot_programs.MAX_LOGIT_BIAS`);
   min_tokens: the ids that end the request (the engine's stop ids and stop_token_ids, at most
-  `slot_programs.MAX_STOP_IDS`) cannot be picked before it has generated this many tokens (vLLM's; 0 = off)."""
+  `slot_programs.MAX_STOP_IDS`) cannot be picked before it has generated this many tokens (vLLM's; 0 = off;
+  at most max_tokens)."""
   max_tokens: int
   temperature: float = 0.0
   top_p: float = 1.0
@@ -274,8 +275,9 @@ class Engine:
         raise ValueError(f"{name} must be None or in [0, {slot_sampling.TOP_LOGPROBS}], got {top}")
 
   def held_ids(self, params: SamplingParams) -> list[int]:
-    """The ids a request's prefill holds back until its min_tokens (`slot_programs.TokenHistory.stop_ids`): those
-    that would end it (none when it has no min_tokens or ignores stop tokens)."""
+    """The ids a request holds back until its min_tokens (the prefill's stop_ids, its slot row's
+    `slot_programs.TokenHistory.stops`): those that would end it (none without min_tokens or with
+    ignore_stop_tokens)."""
     if not params.min_tokens or params.ignore_stop_tokens:
       return []
     return sorted(i for i in set(self.stop_ids) | set(params.stop_token_ids) if i < self.cfg.llm.vocab_size)
