@@ -344,14 +344,11 @@ def _plan_server(cfg, topology, graphdef, state, as_state, cache, mesh, rules, *
   def rows(n, dtype):
     return sharded((n,), dtype, ("act_batch",))
 
-  def sampling(n):
-    f32 = rows(n, jnp.float32)
-    return slot_programs.Sampling(f32, rows(n, jnp.int32), f32, sharded((n, 2), jnp.uint32, ("act_batch", None)),
-                                  rows(n, jnp.int32), rows(n, jnp.bool_), f32, f32, f32, f32,
-                                  rows(n, jnp.bool_), rows(n, jnp.int32))
-
   def by_rows(tree):  # abstract arrays of `tree`'s shapes and dtypes, rows over the batch axes
-    return jax.tree.map(lambda x: sharded(x.shape, x.dtype, ("act_batch", None)), tree)
+    return jax.tree.map(lambda x: sharded(x.shape, x.dtype, ("act_batch",) + (None,) * (x.ndim - 1)), tree)
+
+  def sampling(n):  # the per-row settings' shapes and dtypes, as `Sampling.greedy` makes them
+    return by_rows(slot_programs.Sampling.greedy(n))
 
   # The slots' token history (`slot_programs.TokenHistory`: the penalties' and the logit bias'), donated with the
   # cache: the shapes `init_history` makes, rows over the batch axes as it constrains them.

@@ -416,10 +416,16 @@ class Engine:
     ids = np.zeros((k, p), np.int32)
     lengths = np.ones(k, np.int32)
     first_image = np.zeros(k, np.int32)
+    bias = slot_programs.no_bias(k, self.cfg.llm.vocab_size)
+    stop_ids = slot_programs.no_stops(k, self.cfg.llm.vocab_size)
     images, start = [], {}
     for i, r in enumerate(group):
       ids[i, :len(r.prompt)] = r.prompt  # right-padded (`slot_programs.prefill`)
       lengths[i] = len(r.prompt)
+      for j, (token, value) in enumerate(r.params.logit_bias):
+        bias[0][i, j], bias[1][i, j] = token, value
+      held = self.held_ids(r.params)
+      stop_ids[i, :len(held)] = held
       # Requests holding the same image arrays (the n choices of one API request share their prompt's) take the
       # same features: each image is encoded once (ViT-bigG at 448 px: some 4 TFLOP per image).
       key = tuple(id(image) for image in r.images)
@@ -440,14 +446,6 @@ class Engine:
     row_index[:len(group)] = rows
     rope = decode.rope_bases(lengths, self.cfg, True)
     params = [r.params for r in group] + [SamplingParams(1)] * (k - len(group))
-    bias = slot_programs.no_bias(k, self.cfg.llm.vocab_size)
-    for i, r in enumerate(group):
-      for j, (token, value) in enumerate(r.params.logit_bias):
-        bias[0][i, j], bias[1][i, j] = token, value
-    stop_ids = slot_programs.no_stops(k, self.cfg.llm.vocab_size)
-    for i, r in enumerate(group):
-      held = self.held_ids(r.params)
-      stop_ids[i, :len(held)] = held
     picked = _fetch(self.slots.prefill(ids, lengths, first_image, feats, row_index, rope, _sampling(params, [0] * k),
                                        bias, stop_ids), params)
     with self._lock:
