@@ -1,19 +1,19 @@
 """bench/bench_train_step.py pins JAX and PyTorch to the same number of threads before either starts, and its
-no-fault diagnostic (`keep_freed_memory`) keeps a freed block for reuse."""
+no-fault diagnostic (`keep_freed_memory`) keeps a freed block for reuse. Its processes run as a background job from
+the session's start (tests/background.py)."""
 import json
 import os
 import platform
-import subprocess
 import sys
 
 import pytest
 
+from tests import background
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores to show the pinning")
-def test_bench_pins_both_frameworks_to_the_requested_threads():
-  code = """
+_PINS = """
 import json, os, sys
 sys.path.insert(0, "bench")
 import bench_train_step as b          # imported as a module: nothing pinned yet
@@ -23,21 +23,6 @@ b.pin_torch_threads(1)
 print(json.dumps(dict(before=before, cores=len(os.sched_getaffinity(0)), torch=b.torch.get_num_threads(),
                       xla=os.environ.get("XLA_FLAGS", ""), omp=os.environ["OMP_NUM_THREADS"])))
 """
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "OMP_NUM_THREADS")}
-  env["JAX_PLATFORMS"] = "cpu"
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, env=env,
-                       timeout=300, check=True).stdout
-  got = json.loads(out.strip().splitlines()[-1])
-  assert got["before"] >= 2
-  assert got["cores"] == 1 and got["torch"] == 1 and got["omp"] == "1"
-  assert "--xla_cpu_multi_thread_eigen=false" in got["xla"]
-
-
-def test_bench_refuses_more_threads_than_cores():
-  proc = subprocess.run([sys.executable, "bench/bench_train_step.py", "--threads=4096"], capture_output=True,
-                        text=True, cwd=REPO_ROOT, timeout=120, check=False)
-  assert proc.returncode != 0 and "--threads=4096" in proc.stderr and "Traceback" not in proc.stderr
-
 
 # Allocates, touches and frees a 192 MB block twice on the main thread and prints the second round's page faults.
 _FAULTS = """
@@ -60,14 +45,54 @@ print(json.dumps(dict(applied=applied, faults=resource.getrusage(resource.RUSAGE
 """
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the diagnostic is glibc's mallopt")
-def test_keep_freed_memory_reuses_a_freed_block_without_page_faults():
-  def faults(mode):
-    out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, cwd=REPO_ROOT,
-                         timeout=300, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
 
-  default, kept = faults("default"), faults("keep")
+
+def _commands(folder):
+  """The bench's processes the tests below read, as the commands of a job registered in tests/background.py (from
+  the session's start, on the core the other tests leave idle), in `_COMMANDS`'s order."""
+  del folder
+  pins_env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "OMP_NUM_THREADS")}
+  pins_env["JAX_PLATFORMS"] = "cpu"
+  env = dict(os.environ)
+  return [background.Command([sys.executable, "-c", _PINS], pins_env, REPO_ROOT, check=False),
+          background.Command([sys.executable, "bench/bench_train_step.py", "--threads=4096"], env, REPO_ROOT,
+                             check=False),
+          background.Command([sys.executable, "-c", _FAULTS, "default"], env, REPO_ROOT, check=False),
+          background.Command([sys.executable, "-c", _FAULTS, "keep"], env, REPO_ROOT, check=False)]
+
+
+_COMMANDS = ("pins", "too_many_threads", "faults_default", "faults_keep")
+commands = background.finished_work(__name__, "commands", _commands)
+
+
+def _ran(commands, name: str):
+  _, procs = commands
+  assert len(procs) == len(_COMMANDS), procs
+  return procs[_COMMANDS.index(name)]
+
+
+def _printed(commands, name: str) -> dict:
+  proc = _ran(commands, name)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores to show the pinning")
+def test_bench_pins_both_frameworks_to_the_requested_threads(commands):
+  got = _printed(commands, "pins")
+  assert got["before"] >= 2
+  assert got["cores"] == 1 and got["torch"] == 1 and got["omp"] == "1"
+  assert "--xla_cpu_multi_thread_eigen=false" in got["xla"]
+
+
+def test_bench_refuses_more_threads_than_cores(commands):
+  proc = _ran(commands, "too_many_threads")
+  assert proc.returncode != 0 and "--threads=4096" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the diagnostic is glibc's mallopt")
+def test_keep_freed_memory_reuses_a_freed_block_without_page_faults(commands):
+  default, kept = _printed(commands, "faults_default"), _printed(commands, "faults_keep")
   # By default glibc unmaps the block at free and the next one faults every page in again: 49,152 4-KB pages
   # (fewer where transparent huge pages are always on); kept, the second block reuses the first's pages.
   assert not default["applied"] and kept["applied"]

@@ -278,13 +278,21 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys):
   assert capsys.readouterr().err == "interrupted\n"
 
 
-@pytest.mark.slow
-def test_help_exits_0_for_every_entry_point():
+def _helps(folder):
+  """`--help` of every entry point, one process each: commands of a job registered in tests/background.py."""
+  del folder
   env = helpers.subprocess_env()
   commands = [["-m", f"qwenvl_jax.{name}", "--help"] for name in ENTRY_POINTS] + [["launch/tpu.py", "--help"]]
-  with concurrent.futures.ThreadPoolExecutor(3) as pool:  # each is a process start: overlap them
-    *procs, launch = pool.map(lambda args: subprocess.run([sys.executable, *args], env=env, cwd=REPO_ROOT,
-                                                          capture_output=True, text=True, timeout=300), commands)
+  return [background.Command([sys.executable, *args], env, REPO_ROOT, check=False) for args in commands]
+
+
+helps = background.finished_work(__name__, "helps", _helps)
+
+
+@pytest.mark.slow
+def test_help_exits_0_for_every_entry_point(helps):
+  _, (*procs, launch) = helps
+  assert len(procs) == len(ENTRY_POINTS)
   for name, proc in zip(ENTRY_POINTS, procs):
     assert proc.returncode == 0, (name, proc.stderr[-2000:])
     assert "flags" in proc.stdout.lower(), name

@@ -1,11 +1,13 @@
 """The one `distributed` config block and the start-up decision (the real two-process start is exercised by
-tests/training/test_train.py and tests/evaluation/test_runner.py)."""
-import time
+tests/training/test_train.py and tests/evaluation/test_runner.py). The two-process starts that must be refused run
+as a background job from the session's start (tests/background.py, tests/together.py)."""
+import pathlib
 
 import pytest
 
 from qwenvl_jax import distributed, errors
-from tests.training.helpers import free_port, start_process_of_two, stderr_of_all
+from tests import background, together
+from tests.training import helpers
 
 
 def test_default_block_and_bad_mode():
@@ -29,35 +31,60 @@ def test_a_bad_block_is_a_config_error(block, message):
     distributed.initialize(c)
 
 
+def _refusals(folder):
+  """Three two-process starts the trainer must refuse, each a tests/together.py command of a job registered in
+  tests/background.py (run from the session's start on the core the other tests leave idle): process 1 never
+  started; the two started with different learning rates; a mesh whose tensor axis spans both processes."""
+  return [background.Command(together.write_spec(folder / name, processes), helpers.subprocess_env(devices=2))
+          for name, processes in (
+              ("never_joins", helpers.processes_of_two(folder / "never_joins" / "run",
+                                                       **{"distributed.initialization_timeout": 2})[:1]),
+              ("different_flags", _with_lr(folder / "different_flags" / "run")),
+              ("mesh", helpers.processes_of_two(folder / "mesh" / "run", **{"mesh.ici.fsdp": 1,
+                                                                          "mesh.ici.tensor": 4})))]
+
+
+def _with_lr(workdir) -> list[dict]:
+  """Both processes of a run (tests/together.py's spec entries), process i at the i-th learning rate of (3e-3,
+  1e-5)."""
+  return [{"argv": helpers.process_of_two(workdir, i, "{free_port}", **{"optimizer.lr": lr}),
+           "env": helpers.subprocess_env(devices=2), "cwd": helpers.REPO} for i, lr in enumerate((3e-3, 1e-5))]
+
+
+refusals = background.finished_work(__name__, "refusals", _refusals)
+
+
+def _refused(refusals, name) -> tuple[dict, list[str], pathlib.Path]:
+  folder, procs = refusals
+  assert [p.returncode for p in procs] == [0, 0, 0], [p.stderr[-3000:] for p in procs]
+  return (*together.read_result(folder / name), folder / name / "run")
+
+
 @pytest.mark.multiprocess
-def test_a_process_that_never_joins_is_one_line_after_the_timeout(tmp_path):
+def test_a_process_that_never_joins_is_one_line_after_the_timeout(refusals):
   """Process 1 is never started: process 0 used to wait JAX's 300 s in silence, then abort from C++ ("Fatal
   Python error: Aborted", status 134, a stack dump blaming "another task")."""
-  started = time.time()
-  proc = start_process_of_two(tmp_path / "run", 0, free_port(), **{"distributed.initialization_timeout": 2})
-  _, err = proc.communicate(timeout=120)
-  assert proc.returncode == 2, err[-3000:]
+  result, (err,), run = _refused(refusals, "never_joins")
+  assert result["codes"] == [2], err[-3000:]
   assert "Fatal Python error" not in err and "Traceback" not in err, err[-3000:]
   assert err.strip().splitlines()[0].startswith(
       "error: process 0 of 2: not every process joined the coordinator localhost:"), err[-3000:]
-  assert "within 2 s" in err and time.time() - started < 200  # JAX would wait 300 s; a loaded machine starts slowly
-  assert not (tmp_path / "run").exists()
+  # JAX would wait 300 s; a niced process on a loaded machine starts slowly.
+  assert "within 2 s" in err and result["seconds"][0] < 200, result
+  assert not run.exists()
 
 
 @pytest.mark.multiprocess
-def test_processes_started_with_different_flags_are_refused_on_every_process(tmp_path):
+def test_processes_started_with_different_flags_are_refused_on_every_process(refusals):
   """Process 1 got another learning rate: it used to fail its own config check alone (min_lr > lr) while process
   0 waited two minutes for it and died with a traceback; a learning rate both accept trained each process's shard
   of the parameters at its own rate without a word."""
-  port = free_port()
-  procs = [start_process_of_two(tmp_path / "run", i, port, **{"optimizer.lr": lr})
-           for i, lr in enumerate((3e-3, 1e-5))]
-  errs = stderr_of_all(procs, timeout=300)  # two trainers starting at once on a loaded 2-core machine
-  for p, err in zip(procs, errs):
-    assert p.returncode == 2 and "Traceback" not in err, err[-3000:]
+  result, errs, run = _refused(refusals, "different_flags")
+  for code, err in zip(result["codes"], errs):
+    assert code == 2 and "Traceback" not in err, err[-3000:]
     assert "error: the 2 processes were started with different configs: process(es) 1 differ from process 0" in err
   assert "(this is process 1: optimizer.lr: 0.003 on process 0, 1e-05 here)" in errs[1]
-  assert not (tmp_path / "run").exists()
+  assert not run.exists()
 
 
 @pytest.mark.parametrize("env,expected", [
@@ -79,19 +106,16 @@ def test_auto_mode_without_a_launcher_stays_single_process():
 
 
 @pytest.mark.multiprocess
-def test_a_mesh_that_does_not_split_the_batch_by_process_is_refused_before_anything_is_written(tmp_path):
+def test_a_mesh_that_does_not_split_the_batch_by_process_is_refused_before_anything_is_written(refusals):
   """The tensor axis over both processes' devices leaves the batch in one part that both processes hold, while
   each reads only its own half of the rows: it failed at the first batch with JAX's "Invalid host data" traceback
   (setup.check_batch checked only that the batch divides over the data-parallel devices)."""
-  port = free_port()
-  procs = [start_process_of_two(tmp_path / "run", i, port, **{"mesh.ici.fsdp": 1, "mesh.ici.tensor": 4})
-           for i in range(2)]
-  errs = stderr_of_all(procs, timeout=300)
-  for p, err in zip(procs, errs):
-    assert p.returncode == 2 and "Traceback" not in err, err[-3000:]
+  result, errs, run = _refused(refusals, "mesh")
+  for code, err in zip(result["codes"], errs):
+    assert code == 2 and "Traceback" not in err, err[-3000:]
     assert "error: mesh {'data': 1, 'fsdp': 1, 'tensor': 4}: the batch is split into 1 part(s) over the mesh axes " \
            "data x fsdp, which does not give each of the 2 processes rows of its own" in err, err[-3000:]
-  assert not (tmp_path / "run").exists()
+  assert not run.exists()
 
 
 def test_the_compared_config_leaves_out_what_differs_per_process():

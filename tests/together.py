@@ -6,8 +6,8 @@ The spec, written by the job's factory with `write_spec`: {"processes": [{"argv"
 written text to its stderr) or {"metrics": path, "step": n} (a trainer has logged step n to its metrics.jsonl).
 `{free_port}` in an argument becomes a TCP port free on localhost when the processes start (a port chosen when the
 job was queued could be taken by then). Process i writes its output to `i.stdout` and `i.stderr` beside the spec;
-`result.json` there gets the exit codes, whether the signal was sent, and the last step the metrics file held just
-after it was (`at_signal`).
+`result.json` there gets the exit codes, each process's seconds from the start (to within the 0.1-s poll), whether
+the signal was sent, and the last step the metrics file held just after it was (`at_signal`).
 
 This command exits 0 whatever the processes' codes (the test reads them). It has no deadline of its own: a queued
 job runs at the lowest CPU priority for as long as the other tests keep the cores busy, and the test that waits
@@ -58,8 +58,12 @@ def main(spec_path: str) -> int:
     with open(folder / f"{i}.stdout", "w") as out, open(folder / f"{i}.stderr", "w") as err:
       procs.append(subprocess.Popen(argv, env=p["env"], cwd=p["cwd"], stdout=out, stderr=err))
   signalled, at_signal = False, None
+  started, seconds = time.monotonic(), [None] * len(procs)
   try:
     while any(p.poll() is None for p in procs):
+      for i, p in enumerate(procs):
+        if seconds[i] is None and p.returncode is not None:
+          seconds[i] = time.monotonic() - started
       due, steps = _due(signal_spec["when"], folder) if signal_spec and not signalled else (False, [])
       if due:
         procs[signal_spec["to"]].send_signal(signal_spec["signal"])
@@ -72,7 +76,9 @@ def main(spec_path: str) -> int:
       if p.poll() is None:
         p.kill()
       p.wait()
-  result = {"codes": [p.returncode for p in procs], "signalled": signalled, "at_signal": at_signal}
+  seconds = [time.monotonic() - started if s is None else s for s in seconds]
+  result = {"codes": [p.returncode for p in procs], "signalled": signalled, "at_signal": at_signal,
+            "seconds": seconds}
   (folder / "result.json").write_text(json.dumps(result))
   return 0
 

@@ -3,93 +3,60 @@
 The end-to-end test runs the command line on two DirectRunner worker processes with tiny random checkpoints that
 transformers wrote, and checks that exactly the pairs whose transformers-computed score (its own processor,
 tokenizer and model; not our code path) is below the threshold of their language were dropped. Thresholds sit
-between two scores far apart (> 1e-4) compared with the 1e-5 agreement of the two implementations.
+between two scores far apart (> 1e-4) compared with the 1e-5 agreement of the two implementations. The inputs, the
+reference scores and the job run as a background job from the session's start (tests/cleaning/clip_job.py).
 """
-import io
 import json
-import os
-import pathlib
-import subprocess
 import sys
 
 import numpy as np
-import PIL.Image
 import pytest
 import tensorflow_datasets as tfds
 
 from qwenvl_jax.cleaning import CleanConfig, RawPair, Rejected, clean_batch, scoring
 from qwenvl_jax.cleaning.report import closeness, score_bin, similarity_section
+from tests import background
+from tests.cleaning import clip_job
 from tests.cleaning.cases import encode
-from tests.clip import reference
 from tests.clip.checkpoints import write_checkpoint
+from tests.training.helpers import subprocess_env
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
-EN = ["a red square on a table", "the green grass of a field and the sky", "a blue sky over the sea",
-      "blue paint on an old wall", "red bricks of an old house", "a photo of a cat on the grass",
-      "a dog running on the beach", "a green bus on the street"]
-ZH = ["一只红色的狗在沙滩上", "绿色的草地和蓝色的天空", "公交车停在路边的照片", "一只猫在草地上睡觉", "蓝色的大海和白色的云",
-      "红色的房子在山上"]
+EN, ZH = clip_job.EN, clip_job.ZH
 
 
-def _image(i: int) -> bytes:
-  """A noise PNG of its own size (so scores spread): 120 wide, 100 + 7i high."""
-  rng = np.random.default_rng(100 + i)
-  out = io.BytesIO()
-  PIL.Image.fromarray(rng.integers(0, 256, (100 + 7 * i, 120, 3), dtype=np.uint8)).save(out, "PNG")
-  return out.getvalue()
+def _clip_job(folder):
+  """The commands of a job registered in tests/background.py: the command line on a checkpoint that does not exist
+  (it must fail before reading any data); tests/cleaning/clip_job.py writes the inputs and transformers' scores; the
+  cleaning command line runs on them."""
+  env = subprocess_env(devices=1)
+  bad = folder / "bad"
+  bad.mkdir()
+  (bad / "in.jsonl").write_text('{"text": "a red bus on the street", "image": "x.png"}\n')
+  return [background.Command([sys.executable, "-m", "qwenvl_jax.clean", f"--input={bad / 'in.jsonl'}",
+                              f"--output_dir={bad / 'out'}", f"--scorer=clip:{bad / 'no_such_checkpoint'}"],
+                             env, cwd=bad, check=False),
+          background.Command([sys.executable, "-m", "tests.cleaning.clip_job", str(folder)], env),
+          background.Command([sys.executable] + clip_job.clean_argv(folder), env, cwd=folder)]
 
 
-def _midpoint_threshold(scores: list[float]) -> float:
-  """A threshold between the two middle scores, refusing scores too close together to decide robustly."""
-  ordered = sorted(scores)
-  lo, hi = ordered[len(ordered) // 2 - 1], ordered[len(ordered) // 2]
-  assert hi - lo > 1e-4, ordered
-  return (lo + hi) / 2
+clip_run = background.finished_work(__name__, "clip_run", _clip_job)
 
 
 @pytest.fixture(scope="module")
-def scored_job(tmp_path_factory):
-  """Runs the CLI once on 2 worker processes; returns (report, kept ids, expected kept ids, hf scores, thresholds)."""
-  tmp = tmp_path_factory.mktemp("clip_job")
-  clip_dir, cn_dir = tmp / "clip", tmp / "chinese_clip"
-  clip_hf, cn_hf = write_checkpoint(clip_dir, "clip", seed=5), write_checkpoint(cn_dir, "chinese_clip", seed=6)
-  (tmp / "img").mkdir()
-  rows, images = [], {}
-  for i, text in enumerate(EN + ZH):
-    (tmp / "img" / f"{i}.png").write_bytes(_image(i))
-    images[f"p{i}"] = PIL.Image.open(tmp / "img" / f"{i}.png").convert("RGB")
-    rows.append({"id": f"p{i}", "text": text, "image": f"img/{i}.png"})
-  # Dropped before scoring: too short, and a language with no place in the dataset.
-  rows.append({"id": "short", "text": "hi", "image": "img/0.png"})
-  rows.append({"id": "german", "text": "ein roter Hund läuft über die Straße", "image": "img/1.png"})
-  half = len(rows) // 2
-  for name, part in (("a.jsonl", rows[:half]), ("b.jsonl", rows[half:])):
-    (tmp / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part))
-
-  ids = {"en": [f"p{i}" for i in range(len(EN))], "zh": [f"p{len(EN) + i}" for i in range(len(ZH))]}
-  hf_scores = {}
-  for language, model, folder, family, length in (("en", clip_hf, clip_dir, "clip", 77),
-                                                  ("zh", cn_hf, cn_dir, "chinese_clip", 52)):
-    texts = EN if language == "en" else ZH
-    scores = reference.pair_scores(model, folder, family, [images[i] for i in ids[language]], texts, length)
-    hf_scores.update(dict(zip(ids[language], scores.tolist())))
-  thresholds = {lang: _midpoint_threshold([hf_scores[i] for i in ids[lang]]) for lang in ids}
-  expected = {i for lang in ids for i in ids[lang] if hf_scores[i] >= thresholds[lang]}
-
-  out = tmp / "out"
-  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
-  result = subprocess.run(
-      [sys.executable, "-m", "qwenvl_jax.clean", f"--input={tmp / '*.jsonl'}", f"--output_dir={out}",
-       "--id_key=id", "--sample_size=2", f"--scorer=clip:{clip_dir}", f"--scorer_zh=chinese_clip:{cn_dir}",
-       f"--min_similarity={thresholds['en']}", f"--min_similarity_zh={thresholds['zh']}",
-       "--beam_pipeline_options=direct_num_workers=2,direct_running_mode=multi_processing"],
-      cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
+def scored_job(clip_run):
+  """(report, kept ids, expected kept ids, hf scores, thresholds, checkpoint folders) of the job's run."""
+  folder, (_, *results) = clip_run
+  for result in results:
+    assert result.returncode == 0, (result.args, result.stderr[-3000:])
+  assert len(results) == 2, results
+  reference = json.loads((folder / "reference.json").read_text(encoding="utf-8"))
+  out = folder / "out"
   report = json.loads((out / "clean_report.json").read_text())
   builder = tfds.builder_from_directory(out / "cleaned_pairs" / "1.0.0")
   data = builder.as_data_source(split="train", decoders={"image": tfds.decode.SkipDecoding()})
   kept = {ex["id"].decode() for ex in data}
-  return report, kept, expected, hf_scores, thresholds, (clip_dir, cn_dir)
+  return (report, kept, set(reference["expected"]), reference["hf_scores"], reference["thresholds"],
+          (folder / "clip", folder / "chinese_clip"))
 
 
 @pytest.mark.slow
@@ -124,18 +91,13 @@ def test_report_has_a_histogram_per_language_and_samples_around_the_threshold(sc
     np.testing.assert_allclose([s["score"] for s in section["samples_above"]], above[:2], atol=1e-5)
 
 
-def test_bad_checkpoint_is_one_error_line_before_any_data_is_read(tmp_path):
-  (tmp_path / "in.jsonl").write_text('{"text": "a red bus on the street", "image": "x.png"}\n')
-  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
-  result = subprocess.run(
-      [sys.executable, "-m", "qwenvl_jax.clean", f"--input={tmp_path / 'in.jsonl'}",
-       f"--output_dir={tmp_path / 'out'}", f"--scorer=clip:{tmp_path / 'no_such_checkpoint'}"],
-      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+def test_bad_checkpoint_is_one_error_line_before_any_data_is_read(clip_run):
+  folder, (result, *_) = clip_run
   assert result.returncode != 0
   assert "Traceback" not in result.stderr
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("error: ") and "no_such_checkpoint does not exist" in last
-  assert not (tmp_path / "out").exists()
+  assert not (folder / "bad" / "out").exists()
 
 
 def test_wrongly_shaped_checkpoint_fails_when_the_scorer_is_named(tmp_path):

@@ -1,7 +1,7 @@
-"""Tests of host-local -> global batch conversion: 8 fake CPU devices in one process, and two real processes."""
+"""Tests of host-local -> global batch conversion: 8 fake CPU devices in one process, and two real processes (a
+background job from the session's start, tests/background.py)."""
 import json
 import pathlib
-import subprocess
 import sys
 
 import jax
@@ -11,8 +11,9 @@ from jax.sharding import PartitionSpec
 
 from qwenvl_jax import sharding
 from qwenvl_jax.data.global_batch import to_global_batch
+from tests import background, together
 from tests.data import helpers
-from tests.training.helpers import free_port, subprocess_env
+from tests.training.helpers import subprocess_env
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 RULES = sharding.load_rules("fsdp")
@@ -81,19 +82,27 @@ jax.distributed.shutdown()
 """
 
 
+def _two_processes(folder):
+  """Both processes as one tests/together.py command of a job registered in tests/background.py (run from the
+  session's start on the core the other tests leave idle)."""
+  path = helpers.write_image_text_jsonl(folder, 8)
+  env = subprocess_env(devices=2)
+  processes = [{"argv": [sys.executable, "-c", _WORKER, "localhost:{free_port}", str(i), str(path)], "env": env,
+                "cwd": REPO_ROOT} for i in range(2)]
+  return [background.Command(together.write_spec(folder / "processes", processes), env)]
+
+
+two_processes = background.finished_work(__name__, "two_processes", _two_processes)
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_processes_build_one_global_batch_from_disjoint_shards(tmp_path):
-  path = helpers.write_image_text_jsonl(tmp_path, 8)
-  port = free_port()
-  env = subprocess_env(devices=2)
-  procs = [subprocess.Popen([sys.executable, "-c", _WORKER, f"localhost:{port}", str(i), str(path)], cwd=REPO_ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-  outs = []
-  for p in procs:
-    out, err = p.communicate(timeout=240)
-    assert p.returncode == 0, err[-3000:]
-    outs.append(json.loads(out.strip().splitlines()[-1]))
+def test_two_processes_build_one_global_batch_from_disjoint_shards(two_processes):
+  folder, (run,) = two_processes
+  assert run.returncode == 0, run.stderr[-3000:]
+  result, errs = together.read_result(folder / "processes")
+  assert result["codes"] == [0, 0], [err[-3000:] for err in errs]
+  outs = [json.loads((folder / "processes" / f"{i}.stdout").read_text().strip().splitlines()[-1]) for i in range(2)]
   for o in outs:
     assert o["shape"] == [4, 48] and o["images"] == [4, 1, 8, 8, 3]
     # Each process holds 2 of the 4 rows: its own local rows, on its own 2 devices.

@@ -1,9 +1,9 @@
 """Worker processes' shared memory is released: no 'leaked shared_memory objects' warning at exit (issue 17)."""
-import subprocess
 import sys
 
 import pytest
 
+from tests import background
 from tests.conftest import REPO_ROOT
 
 _SCRIPT = """
@@ -22,11 +22,21 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.slow
-def test_batches_alive_at_exit_leak_no_shared_memory(tmp_path):
-  script = tmp_path / "run.py"
+def _exit_run(folder):
+  """The script as the command of a job registered in tests/background.py (run from the session's start on the core
+  the other tests leave idle), with a bare environment."""
+  script = folder / "run.py"
   script.write_text(_SCRIPT)
-  proc = subprocess.run([sys.executable, str(script)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-                        env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"})
+  return [background.Command([sys.executable, str(script)],
+                             {"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"},
+                             REPO_ROOT, check=False)]
+
+
+exit_run = background.finished_work(__name__, "exit_run", _exit_run)
+
+
+@pytest.mark.slow
+def test_batches_alive_at_exit_leak_no_shared_memory(exit_run):
+  _, (proc,) = exit_run
   assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr[-3000:]
   assert "leaked shared_memory" not in proc.stderr, proc.stderr[-3000:]

@@ -1,6 +1,9 @@
-"""`python -m qwenvl_jax.generate` end to end on a tiny random model (subprocess, temporary paths)."""
+"""`python -m qwenvl_jax.generate` end to end on a tiny random model (subprocess, temporary paths).
+
+The command lines run as a background job from the session's start (tests/background.py), on the core the other
+tests leave idle; the tests read their exit codes, output and files.
+"""
 import json
-import subprocess
 import sys
 import unicodedata
 
@@ -8,50 +11,72 @@ import pytest
 from PIL import Image
 
 from qwenvl_jax import errors
+from qwenvl_jax.data.synthetic import synthetic_corpus
+from qwenvl_jax.text import train_sentencepiece
+from tests import background
 from tests.training import helpers
 
-
-def _run(args, tmp_path, timeout=600):
-  env = helpers.subprocess_env()
-  return subprocess.run([sys.executable, "-m", "qwenvl_jax.generate", *args], cwd=tmp_path, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+# A long chat whose oldest turn names a picture since moved: that turn no longer fits the 6144-token window.
+_LONG_TURN = ["Picture 1:<img>moved.png</img>\n" + "the red circle is next to the blue square. " * 900, "Yes."]
 
 
-@pytest.fixture()
-def picture(tmp_path):
-  path = tmp_path / "cat.png"
-  Image.new("RGB", (50, 40), (10, 120, 200)).save(path)
-  return str(path)
+def _cli_runs(folder):
+  """The command lines the tests below check, with a tiny SentencePiece vocabulary of their own (the session's is a
+  fixture), in `folder` (their working directory): commands of a job registered in tests/background.py."""
+  vocabulary = train_sentencepiece(synthetic_corpus(300), folder / "sp", vocab_size=400)
+  picture = folder / "cat.png"
+  Image.new("RGB", (50, 40), (10, 120, 200)).save(picture)
+  (folder / "history.json").write_text(json.dumps([["Hello", "Hi."]]))
+  (folder / "long_history.json").write_text(json.dumps([_LONG_TURN, ["Hello", "Hi."]]))
+  (folder / "kept_history.json").write_text(json.dumps(
+      [["Hello", "Hi."], ["Picture 1:<img>moved.png</img>\nWhat is it?", "A cat."]]))
+  (folder / "boxes.png").write_bytes(b"user data")
+  tiny = ["--model=tiny", f"--tokenizer={vocabulary}"]
+  moved = tiny + ["--prompt=What next?", "--max_new_tokens=2", "--dtype=float32"]
+  runs = {
+      "history": tiny + [f"--image={picture}", "--prompt=What is it?", f"--history={folder / 'history.json'}",
+                         f"--save_history={folder / 'saved.json'}", "--max_new_tokens=4", "--dtype=float32"],
+      "window_leaves_it_out": moved + [f"--history={folder / 'long_history.json'}"],
+      "window_keeps_it": moved + [f"--history={folder / 'kept_history.json'}"],
+      "cannot_encode": tiny + ["--prompt=look <img>x", "--dtype=float32", f"--history={folder / 'kept_history.json'}"],
+      "overwrite": tiny + [f"--image={picture}", "--prompt=Box the cat.", f"--output_image={folder / 'boxes.png'}"],
+      "missing_image": tiny + ["--image=missing.jpg", "--prompt=Hi"],
+  }
+  _RUNS[:] = list(runs)
+  return [background.Command([sys.executable, "-m", "qwenvl_jax.generate", *argv], helpers.subprocess_env(), folder,
+                             check=False) for argv in runs.values()]
+
+
+_RUNS: list[str] = []  # the names of `_cli_runs`'s commands, in order (its factory runs in this process)
+cli_runs = background.finished_work(__name__, "cli_runs", _cli_runs)
+
+
+def _ran(cli_runs, name):
+  """The finished command `name` of `_cli_runs`."""
+  folder, procs = cli_runs
+  assert len(procs) == len(_RUNS), procs
+  return folder, procs[_RUNS.index(name)]
 
 
 @pytest.mark.slow
-def test_cli_answers_with_history_and_saves_the_new_history(tmp_path, sp_model_file, picture):
-  history = tmp_path / "history.json"
-  history.write_text(json.dumps([["Hello", "Hi."]]))
-  saved = tmp_path / "saved.json"
-  proc = _run(["--model=tiny", f"--tokenizer={sp_model_file}", f"--image={picture}", "--prompt=What is it?",
-               f"--history={history}", f"--save_history={saved}", "--max_new_tokens=4", "--dtype=float32"],
-              tmp_path)
+def test_cli_answers_with_history_and_saves_the_new_history(cli_runs):
+  folder, proc = _ran(cli_runs, "history")
   assert proc.returncode == 0, proc.stderr[-3000:]
-  turns = json.loads(saved.read_text())
+  turns = json.loads((folder / "saved.json").read_text())
   assert turns[0] == ["Hello", "Hi."]
-  assert turns[1][0] == f"Picture 1:<img>{picture}</img>\nWhat is it?"
+  assert turns[1][0] == f"Picture 1:<img>{folder / 'cat.png'}</img>\nWhat is it?"
   assert proc.stdout.strip() == turns[1][1]  # what streamed is the answer
 
 
-def test_cli_refuses_to_overwrite_the_output_png_before_any_work(tmp_path, sp_model_file, picture):
-  out = tmp_path / "boxes.png"
-  out.write_bytes(b"user data")
-  proc = _run(["--model=tiny", f"--tokenizer={sp_model_file}", f"--image={picture}", "--prompt=Box the cat.",
-               f"--output_image={out}"], tmp_path, timeout=120)
+def test_cli_refuses_to_overwrite_the_output_png_before_any_work(cli_runs):
+  folder, proc = _ran(cli_runs, "overwrite")
   assert proc.returncode != 0
   assert "already exists" in proc.stderr
-  assert out.read_bytes() == b"user data"
+  assert (folder / "boxes.png").read_bytes() == b"user data"
 
 
-def test_cli_names_a_missing_image(tmp_path, sp_model_file):
-  proc = _run(["--model=tiny", f"--tokenizer={sp_model_file}", "--image=missing.jpg", "--prompt=Hi"], tmp_path,
-              timeout=120)
+def test_cli_names_a_missing_image(cli_runs):
+  _, proc = _ran(cli_runs, "missing_image")
   assert proc.returncode != 0 and "missing.jpg" in proc.stderr
 
 
@@ -93,24 +118,18 @@ def test_a_history_picture_that_is_missing_here_is_one_line_before_the_model_loa
 
 
 @pytest.mark.slow
-def test_a_moved_picture_in_a_turn_the_window_leaves_out_is_no_error(tmp_path, sp_model_file):
+def test_a_moved_picture_in_a_turn_the_window_leaves_out_is_no_error(cli_runs):
   """A long chat whose oldest turn names a picture since moved was refused, though that turn no longer fits the
   6144-token window and its picture is never read; a moved picture in a turn the prompt keeps is still one line,
   before the weights load."""
-  long_turn = ["Picture 1:<img>moved.png</img>\n" + "the red circle is next to the blue square. " * 900, "Yes."]
-  history = tmp_path / "history.json"
-  history.write_text(json.dumps([long_turn, ["Hello", "Hi."]]))
-  base = ["--model=tiny", f"--tokenizer={sp_model_file}", "--prompt=What next?", "--max_new_tokens=2",
-          "--dtype=float32"]
-  proc = _run(base + [f"--history={history}"], tmp_path)
+  _, proc = _ran(cli_runs, "window_leaves_it_out")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "the 1 oldest of the history's 2 turns do not fit" in proc.stderr, proc.stderr[-3000:]
-  history.write_text(json.dumps([["Hello", "Hi."], ["Picture 1:<img>moved.png</img>\nWhat is it?", "A cat."]]))
-  proc = _run(base + [f"--history={history}"], tmp_path)
+  _, proc = _ran(cli_runs, "window_keeps_it")
   assert proc.returncode == 2 and "turn 2: picture moved.png does not exist" in proc.stderr, proc.stderr[-3000:]
   assert "random weights" not in proc.stderr  # found before the weights load
   # A prompt that cannot be encoded is the usual one line on this early path too (it was a ValueError traceback).
-  proc = _run(base[:2] + ["--prompt=look <img>x", "--dtype=float32", f"--history={history}"], tmp_path)
+  _, proc = _ran(cli_runs, "cannot_encode")
   assert proc.returncode == 2 and "error: the conversation cannot be encoded" in proc.stderr, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr
 

@@ -3,63 +3,33 @@ next step, with one process and with two jax.distributed processes that agree on
 import json
 import os
 import signal
-import subprocess
 import sys
-import time
 
 import pytest
 
 from tests import background, together
-from tests.training.helpers import (REPO, process_alive, processes_of_two, small_flags, subprocess_env,
-                                    wait_for_step)
+from tests.training.helpers import processes_of_two, subprocess_env
 
 
-def _children(pid: int) -> dict[int, str]:
-  """pid -> command line of the live (not zombie) child processes of `pid`."""
-  out = {}
-  for entry in os.listdir("/proc"):
-    if not entry.isdigit():
-      continue
-    try:
-      with open(f"/proc/{entry}/stat") as f:
-        stat = f.read()
-      with open(f"/proc/{entry}/cmdline", "rb") as f:
-        cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-      continue
-    fields = stat.rsplit(")", 1)[1].split()
-    if int(fields[1]) == pid and fields[0] != "Z":
-      out[int(entry)] = cmdline
-  return out
+def _sigkilled(folder):
+  """tests/training/sigkill_workers.py as the command of a job registered in tests/background.py (run from the
+  session's start on the core the other tests leave idle)."""
+  return [background.Command([sys.executable, "-m", "tests.training.sigkill_workers", str(folder / "run"),
+                              str(folder / "workers.json")], subprocess_env())]
+
+
+sigkilled = background.finished_work(__name__, "sigkilled", _sigkilled)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads processes from /proc (Linux)")
-def test_grain_workers_die_with_a_sigkilled_trainer(uninterrupted, tmp_path):
-  del uninterrupted  # compiled the same step: the subprocess takes it from the session's compilation cache
-  cmd = [sys.executable, "-m", "qwenvl_jax.train"] + small_flags(
-      2, tmp_path, **{"data.num_workers": 2, "total_steps": 1000})
-  proc = subprocess.Popen(cmd, env=subprocess_env(), cwd=REPO, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  workers = {}
-  try:
-    deadline = time.time() + 300
-    while time.time() < deadline and len(workers) < 2:
-      assert proc.poll() is None, f"trainer exited with {proc.returncode}"
-      workers = {p: c for p, c in _children(proc.pid).items() if "resource_tracker" not in c}
-      time.sleep(0.5)
-    assert len(workers) >= 2, "the grain worker processes did not start"
-    wait_for_step(tmp_path, 1, proc, timeout=600)  # the workers are past their start-up and delivering batches
-  finally:
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-  deadline = time.time() + 10
-  while time.time() < deadline and any(process_alive(p) for p in workers):
-    time.sleep(0.2)
-  survivors = [p for p in workers if process_alive(p)]
-  for p in survivors:
-    os.kill(p, signal.SIGKILL)
-  assert not survivors, f"grain workers outlived the SIGKILLed trainer: {[workers[p][:120] for p in survivors]}"
+def test_grain_workers_die_with_a_sigkilled_trainer(sigkilled):
+  folder, (run,) = sigkilled
+  assert run.returncode == 0, run.stderr[-3000:]
+  seen = json.loads((folder / "workers.json").read_text())
+  assert len(seen["workers"]) >= 2, seen
+  assert not seen["survivors"], \
+      f"grain workers outlived the SIGKILLed trainer: {[seen['workers'][str(p)][:120] for p in seen['survivors']]}"
 
 
 def _logged_steps(workdir) -> list[int]:
