@@ -394,7 +394,8 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
   # /tokenize takes texts past the context, as vLLM's: a harness tokenizes whole documents, then cuts windows.
   tokenizer_api.add_routes(app, tok, model_name=config.model_name, context=engine.context,
                            build_text=functools.partial(_text_prompt, context=None),
-                           build_chat=functools.partial(_chat_prompt, context=None), piece=lambda t: piece(t))
+                           build_chat=functools.partial(_chat_prompt, context=None), piece=lambda t: piece(t),
+                           chat_template=qtext.chat_template(config.system) if config.chat_format == "chatml" else None)
 
   def _parse(raw: bytearray, chat: bool = True) -> _Completion:
     """Runs on a worker thread: parses and checks the body, tokenizes, reads the images (parsing a body of tens of

@@ -6,7 +6,7 @@ sends token-id prompts to `/v1/completions` with `echo` and `logprobs` for its l
 
   POST /tokenize    {"prompt": TEXT} or {"messages": [...]}   -> {"count", "max_model_len", "tokens", "token_strs"}
   POST /detokenize  {"tokens": [ids]}                          -> {"prompt": TEXT}
-  GET  /tokenizer_info                                         -> {"eos_token", "model_max_length", ...}
+  GET  /tokenizer_info                          -> {"eos_token", "model_max_length", "chat_template", ...}
 
 A text is tokenized as `/v1/completions` takes it (`messages.build_raw_prompt`: special tokens recognized,
 `<img>SOURCE</img>` spans read and expanded to the image's tokens), messages as `/v1/chat/completions` does
@@ -14,7 +14,9 @@ A text is tokenized as `/v1/completions` takes it (`messages.build_raw_prompt`: 
 harness tokenizes whole documents and cuts its own windows; `max_model_len` says how long one may be). Qwen has no
 BOS token, so vLLM's `add_special_tokens` changes nothing; `add_generation_prompt: false` is refused (the chat
 prompt always ends with the assistant's turn). Like `/v1/*`, these paths need the API key when the server has one
-(`auth`).
+(`auth`). `chat_template` is a Jinja template of the chat format (`text.chat_template`, with the server's default
+system message) that renders a text conversation to the chat endpoint's prompt text (lm-evaluation-harness's
+`--apply_chat_template` renders it); null for the raw (base model) format, which has no chat template.
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ def _flag(body: dict, name: str, default: bool) -> bool:
 
 def add_routes(app: FastAPI, tok: qtext.Tokenizer, *, model_name: str, context: int,
                build_text: Callable[[str], msg.Prompt], build_chat: Callable[[list], msg.Prompt],
-               piece: Callable[[int], tuple[str, bytes]]) -> None:
+               piece: Callable[[int], tuple[str, bytes]], chat_template: str | None) -> None:
   """The three routes on `app` (whose handlers turn `messages.RequestError` into OpenAI's error shape).
+  chat_template: what /tokenizer_info hands out (None for the raw format).
   build_text / build_chat: a text's / a messages list's `messages.Prompt` as the completion endpoints build it
   (they run on a worker thread: they may read images); piece: a token's text and bytes (`detokenize.token_piece`)."""
 
@@ -76,4 +79,5 @@ def add_routes(app: FastAPI, tok: qtext.Tokenizer, *, model_name: str, context: 
   @app.get("/tokenizer_info")
   async def tokenizer_info():
     return {"tokenizer_class": type(tok).__name__, "eos_token": qtext.ENDOFTEXT, "bos_token": None,
-            "pad_token": qtext.ENDOFTEXT, "model_max_length": context, "vocab_size": tok.vocab_size}
+            "pad_token": qtext.ENDOFTEXT, "model_max_length": context, "vocab_size": tok.vocab_size,
+            "chat_template": chat_template}

@@ -8,6 +8,7 @@ Tokenizers (`Tokenizer` protocol): `QwenTokenizer` (tiktoken, `qwen.tiktoken`, t
 """
 from qwenvl_jax.text.chat import CHAT_TOP_K
 from qwenvl_jax.text.chat import CHAT_TOP_P
+from qwenvl_jax.text.chat import chat_template
 from qwenvl_jax.text.chat import ChatContext
 from qwenvl_jax.text.chat import DEFAULT_MAX_WINDOW_SIZE
 from qwenvl_jax.text.chat import DEFAULT_SYSTEM
@@ -53,7 +54,8 @@ from qwenvl_jax.text.tokenizer import QwenTokenizer
 from qwenvl_jax.text.tokenizer import Tokenizer
 
 __all__ = [
-    "box_to_text", "BoxRef", "CHAT_TOP_K", "CHAT_TOP_P", "ChatContext", "decode_tokens", "decode_with_images",
+    "box_to_text", "BoxRef", "CHAT_TOP_K", "CHAT_TOP_P", "chat_template", "ChatContext", "decode_tokens",
+    "decode_with_images",
     "DEFAULT_MAX_WINDOW_SIZE",
     "DEFAULT_SYSTEM", "denormalize_box", "encode_with_images", "EncodedText", "ENDOFTEXT", "Example",
     "from_list_format", "IMG_END", "IMG_PAD", "IMG_START",

@@ -19,6 +19,7 @@ and the paths come back in token order so the caller can load them.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -141,6 +142,46 @@ def windowed_context(tok: qtok.Tokenizer, query: str, history: Sequence[tuple[st
               + f"\n{qtok.IM_START}user\n{query}{qtok.IM_END}\n{qtok.IM_START}assistant\n")
   return WindowedContext(ChatContext(raw_text, tokens, system_paths + context_paths + query_paths),
                          len(history) - kept)
+
+
+def chat_template(system: str = DEFAULT_SYSTEM) -> str:
+  """A Jinja chat template, in Hugging Face's convention (`messages`, `add_generation_prompt`), that renders an
+  OpenAI messages list of text to `make_context`'s `raw_text` with `system` as the default system message.
+
+  The reference builds its prompt in Python (`make_context`) and its tokenizer has no template; vLLM's
+  `/tokenizer_info` hands a template to clients such as lm-evaluation-harness's remote tokenizer
+  (`--apply_chat_template`), which render it and tokenize the text as one. That text is `raw_text`, but tokenized
+  jointly (Gotcha 18) it gives `make_context`'s tokens only where no message starts with a line break or space and
+  no two user messages follow each other (`"\n\n"` is one token then); turns are never left out of a window; and
+  `<|im_start|>` typed in a message becomes the special token. Image parts, and a system message after the first,
+  are errors (`raise_exception`, which Hugging Face defines; elsewhere the call itself fails)."""
+  literal = json.dumps(system, ensure_ascii=False)  # a Jinja string literal: the same escapes as JSON's
+  return (
+      "{%- macro text(content) -%}"
+      "{%- if content is string -%}{{ content }}"
+      "{%- else -%}{%- for part in content -%}"
+      "{%- if part['type'] == 'text' -%}{{ part['text'] }}"
+      "{%- elif part['type'] == 'refusal' -%}{{ part['refusal'] }}"
+      "{%- else -%}{{ raise_exception('this chat template renders text only; send images to "
+      "/v1/chat/completions') }}"
+      "{%- endif -%}{%- endfor -%}{%- endif -%}"
+      "{%- endmacro -%}"
+      "{%- if messages[0]['role'] in ('system', 'developer') -%}"
+      "{%- set system = text(messages[0]['content']) -%}{%- set turns = messages[1:] -%}"
+      "{%- else -%}"
+      "{%- set system = " + literal + " -%}{%- set turns = messages -%}"
+      "{%- endif -%}"
+      "{{ '<|im_start|>system\\n' }}{{ system }}{{ '<|im_end|>' }}"
+      "{%- for m in turns -%}"
+      "{%- if m['role'] in ('system', 'developer') -%}"
+      "{{ raise_exception('a system message must come first') }}"
+      "{%- endif -%}"
+      "{{ '\\n<|im_start|>' }}{{ m['role'] }}{{ '\\n' }}{{ text(m['content']) }}{{ '<|im_end|>' }}"
+      "{%- if m['role'] == 'user' and loop.nextitem is defined and loop.nextitem['role'] == 'user' -%}"
+      "{{ '\\n' }}"
+      "{%- endif -%}"
+      "{%- endfor -%}"
+      "{%- if add_generation_prompt -%}{{ '\\n<|im_start|>assistant\\n' }}{%- endif -%}")
 
 
 def _text_chars(text: str) -> int:

@@ -190,7 +190,7 @@ def test_api_key_is_required_when_set(engine, serve_tok):
       assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert requests.get(srv.url + "/tokenizer_info", timeout=10).status_code == 401
     r = requests.get(srv.url + "/tokenizer_info", headers={"Authorization": "Bearer s3cret"}, timeout=10)
-    assert r.status_code == 200
+    assert r.status_code == 200 and r.json()["chat_template"] == qtext.chat_template()
     assert requests.get(srv.url + "/health", timeout=10).status_code == 200
   finally:
     srv.stop()
@@ -932,7 +932,7 @@ def test_a_text_completions_logprobs_end_with_the_stop_token(server, http, serve
   assert len(echoed["choices"][0]["logprobs"]["tokens"]) == len(ids) + 1  # what the harness counts on
 
 
-def test_tokenize_and_detokenize_as_vllm(server, http, serve_tok, serve_model):
+def test_tokenize_and_detokenize_as_vllm(server, http, serve_tok, serve_model, engine):
   """vLLM's /tokenize (a text as /v1/completions takes it, or messages as the chat endpoint builds them),
   /detokenize and /tokenizer_info (what lm-evaluation-harness's remote tokenizer reads)."""
   r = http.post(server.url + "/tokenize", json={"prompt": "hello there", "return_token_strs": True}, timeout=60)
@@ -951,6 +951,12 @@ def test_tokenize_and_detokenize_as_vllm(server, http, serve_tok, serve_model):
   assert long["count"] > long["max_model_len"] == 512  # a whole document, past the context, as vLLM's
   info = http.get(server.url + "/tokenizer_info", timeout=60).json()
   assert info["eos_token"] == "<|endoftext|>" and info["model_max_length"] == 512
+  assert info["chat_template"] == qtext.chat_template()  # the harness renders it (test_the_harness_renders_...)
+  raw = Server(api.create_app(engine, serve_tok, api.ServerConfig(model_name=MODEL_NAME, chat_format="raw")))
+  try:  # a base model's format has no chat template, as vLLM's base models
+    assert requests.get(raw.url + "/tokenizer_info", timeout=10).json()["chat_template"] is None
+  finally:
+    raw.stop()
   for path, body, param in (("/tokenize", {"prompt": "a", "messages": HI}, "prompt"), ("/tokenize", {}, "prompt"),
                             ("/tokenize", {"messages": HI, "add_generation_prompt": False}, "add_generation_prompt"),
                             ("/tokenize", {"prompt": "<img>../x.png</img>"}, None),
@@ -960,6 +966,19 @@ def test_tokenize_and_detokenize_as_vllm(server, http, serve_tok, serve_model):
     assert 400 <= r.status_code < 500 and "error" in r.json() and (param is None or r.json()["error"]["param"] == param)
   r = http.post(server.url + "/tokenize", data=b"{not json", timeout=60)
   assert r.status_code == 400 and "error" in r.json()
+
+
+def test_the_harness_renders_the_servers_chat_template_to_the_chat_endpoints_prompt(server, http):
+  """lm-evaluation-harness's remote tokenizer (`--apply_chat_template`) renders the template of /tokenizer_info,
+  and that text tokenizes (through /tokenize, as the harness does) to the chat endpoint's prompt."""
+  lm_utils = pytest.importorskip("lm_eval.utils")
+  remote = lm_utils.RemoteTokenizer(server.url + "/v1/completions", max_retries=1)
+  for conversation in ([{"role": "user", "content": "the red square"}],
+                       [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "the red square"},
+                        {"role": "assistant", "content": "is left"}, {"role": "user", "content": "a cat"}]):
+    text = remote.apply_chat_template(conversation)
+    chat = http.post(server.url + "/tokenize", json={"messages": conversation}, timeout=60).json()["tokens"]
+    assert remote.encode(text) == chat, text
 
 
 def test_lm_evaluation_harness_scores_and_generates_through_the_server(server, http, serve_model, serve_tok):

@@ -226,3 +226,79 @@ def test_token_pieces_of_qwens_vocabulary_join_to_the_text(qwen_tiktoken_path):
   assert b"".join(raw for _, raw in pieces).decode() == text
   assert any("\ufffd" in t and len(raw) < 4 for t, raw in pieces)
   assert pieces[-1] == ("<|im_end|>", b"<|im_end|>")
+
+
+def _hf_environment():
+  """A Jinja environment as Hugging Face renders chat templates in (trimmed blocks, sandboxed, `raise_exception`)."""
+  import jinja2.sandbox  # pylint: disable=import-outside-toplevel
+
+  def raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+  env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+  env.globals["raise_exception"] = raise_exception
+  return env
+
+
+_SYSTEM = 'Answer "briefly".\nThen stop: 你好 😀 \\n'
+_CONVERSATIONS = [
+    [{"role": "user", "content": "Hello"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
+    [{"role": "developer", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
+     {"role": "user", "content": "What is it?"}, {"role": "assistant", "content": "A red block."},
+     {"role": "user", "content": [{"type": "text", "text": "And "}, {"type": "text", "text": "now?"}]}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": [{"type": "refusal", "refusal": "No."}]},
+     {"role": "user", "content": "b"}],
+]
+# Two user messages in a row: "\n\n" between them (one token when the text is tokenized as one, Gotcha 18).
+_USERS_IN_A_ROW = [{"role": "user", "content": "a red"}, {"role": "user", "content": "b"}]
+
+
+def _rendered(tok, messages_, system=_SYSTEM):
+  """(the chat template's text in Hugging Face's environment, in a plain strict one, that text tokenized as one,
+  what the chat endpoint builds)."""
+  import jinja2  # pylint: disable=import-outside-toplevel
+  template = qtext.chat_template(system)
+  hf, plain = (env.from_string(template).render(messages=messages_, add_generation_prompt=True)
+               for env in (_hf_environment(), jinja2.Environment(undefined=jinja2.StrictUndefined,
+                                                                 keep_trailing_newline=True)))
+  raw = msg.build_raw_prompt(hf, tok, image_tokens=16, image_size=32, policy=msg.ImagePolicy(), max_images=4)
+  return hf, plain, raw, _build(tok, messages_, default_system=system)
+
+
+@pytest.mark.parametrize("messages_", _CONVERSATIONS + [_USERS_IN_A_ROW])
+def test_the_chat_template_renders_the_chat_endpoints_prompt_text(serve_tok, messages_):
+  """`text.chat_template` (what /tokenizer_info hands out) renders a conversation to the very text of the chat
+  endpoint's prompt, in Hugging Face's environment and in a plain one; tokenized as one text (as a client that
+  renders it does), it gives the chat endpoint's tokens (this vocabulary has no "\\n\\n" token)."""
+  hf, plain, raw, want = _rendered(serve_tok, messages_)
+  assert hf == plain == want.raw_text
+  assert raw.tokens == want.tokens
+  closed = _hf_environment().from_string(qtext.chat_template(_SYSTEM)).render(messages=messages_,
+                                                                              add_generation_prompt=False)
+  assert closed + "\n<|im_start|>assistant\n" == hf
+
+
+def test_with_qwens_vocabulary_the_template_gives_the_chat_tokens_but_where_two_user_messages_meet(
+    qwen_tiktoken_path):
+  tok = qtext.QwenTokenizer(qwen_tiktoken_path)
+  for messages_ in _CONVERSATIONS:
+    _, _, raw, want = _rendered(tok, messages_)
+    assert raw.tokens == want.tokens, messages_
+  _, _, raw, want = _rendered(tok, _USERS_IN_A_ROW)
+  assert raw.raw_text == want.raw_text and len(raw.tokens) == len(want.tokens) - 1  # "\n\n": one token, not two
+
+
+@pytest.mark.parametrize("messages_, match", [
+    ([{"role": "user", "content": [_image("data:image/png;base64,AAAA"), {"type": "text", "text": "hi"}]}],
+     "renders text only"),
+    ([{"role": "user", "content": "hi"}, {"role": "system", "content": "late"}], "must come first"),
+])
+def test_the_chat_template_refuses_images_and_a_late_system_message(messages_, match):
+  import jinja2  # pylint: disable=import-outside-toplevel
+  with pytest.raises(jinja2.exceptions.TemplateError, match=match):
+    _hf_environment().from_string(qtext.chat_template()).render(messages=messages_, add_generation_prompt=True)
+  # Where no `raise_exception` is defined (lm-evaluation-harness's environment), the call itself fails.
+  with pytest.raises(jinja2.exceptions.UndefinedError, match="raise_exception"):
+    jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(qtext.chat_template()).render(
+        messages=messages_, add_generation_prompt=True)
