@@ -281,11 +281,15 @@ class _Completion:
 
   def __init__(self, prompts: list[msg.Prompt], params: engine_lib.SamplingParams, stop, stream: bool,
                include_usage: bool, n: int = 1, chat: bool = True, echo: bool = False,
-               prompt_top: int | None = None):
+               prompt_top: int | None = None, image_ids: tuple[int, int, int] = (-1, -1, -1)):
     self.prompts, self.params, self.stop, self.stream = prompts, params, stop, stream
     self.include_usage, self.n, self.chat, self.echo = include_usage, n, chat, echo
     self.prompt_top = prompt_top
+    self._image_ids = image_ids  # the tokenizer's <img>, <imgpad>, </img> ids
     self._offsets = [0] * (n * len(prompts))  # `legacy_logprobs`' text offset of each choice
+    # How many of each choice's echoed prompt entries `legacy_logprobs` has placed (None: it has none).
+    self._echoed: list[int | None] = [0 if echo and params.logprobs is not None else None] * (n * len(prompts))
+    self._widths: dict[int, list[int]] = {}  # prompt index -> `_echo_widths`
 
   @property
   def choices(self) -> int:
@@ -305,14 +309,35 @@ class _Completion:
     (an echoed prompt has one per prompt token: lm-evaluation-harness's scoring sends hundreds)."""
     texts = [piece(token_id)[0] for token_id, _, _ in entries]
     offsets, at = [], self._offsets[index]
+    prompt, echoed = self.prompt_of(index), self._echoed[index]
     for text in texts:
       offsets.append(at)
-      at += len(text)
-    self._offsets[index] = at
+      if echoed is not None and echoed < len(prompt.tokens):  # an echoed prompt token: where it is in the prompt
+        at += self._echo_widths(index // self.n, piece)[echoed]
+        echoed += 1
+        if echoed == len(prompt.tokens):
+          at = len(prompt.raw_text)  # the answer follows the prompt as it was sent
+      else:
+        at += len(text)
+    self._offsets[index], self._echoed[index] = at, echoed
     return {"tokens": texts, "token_logprobs": [_json_logprob(lp) for _, lp, _ in entries],
             "top_logprobs": [None if top is None else {piece(i)[0]: _json_logprob(lp) for i, lp in top}
                              for _, _, top in entries],
             "text_offset": offsets}
+
+  def _echo_widths(self, prompt_index: int, piece) -> list[int]:
+    """How many characters of prompt `prompt_index`'s text as sent each of its tokens stands for: its own text's,
+    but in an image span, `<img>SOURCE</img>`, whose 256 `<imgpad>` tokens stand for SOURCE: all of them start
+    where it does, and the last covers it."""
+    if prompt_index not in self._widths:
+      prompt = self.prompts[prompt_index]
+      _, pad, end = self._image_ids
+      sources = iter(qtext.IMAGE_SPAN.findall(prompt.raw_text))
+      tokens = list(prompt.tokens)
+      widths = [(len(next(sources)) if following == end else 0) if token_id == pad else len(piece(token_id)[0])
+                for token_id, following in zip(tokens, tokens[1:] + [None])]
+      self._widths[prompt_index] = widths
+    return self._widths[prompt_index]
 
   def choice_params(self) -> list[engine_lib.SamplingParams]:
     """The sampling of each choice: the j-th choice of a prompt draws with seed + j (mod 2^64), so that sampled
@@ -481,7 +506,8 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
       raise msg.RequestError(f"with min_tokens, at most {slot_programs.MAX_STOP_IDS} stop token ids (the chat "
                              f"format's {len(engine.stop_ids)} and stop_token_ids) can be held back",
                              param="stop_token_ids")
-    return _Completion(prompts, params, stop, stream, include_usage, n, chat, echo, prompt_top)
+    return _Completion(prompts, params, stop, stream, include_usage, n, chat, echo, prompt_top,
+                       (tok.img_start_id, tok.img_pad_id, tok.img_end_id))
 
   @app.post("/v1/chat/completions")
   async def chat_completions(request: HttpRequest):

@@ -866,9 +866,20 @@ def test_echo_then_answer_is_the_prompt_then_what_the_prompt_alone_answers(serve
   image_prompt = f"<img>{data_url(png_bytes(seed=6))}</img>Describe:"
   _, pictured = _complete_text(server, http, image_prompt, echo=True, max_tokens=3, logprobs=0, n=2, temperature=1,
                                seed=5, ignore_eos=True)
+  start, end = image_prompt.index("<img>"), image_prompt.index("</img>")
   for choice in pictured["choices"]:
     assert choice["text"].startswith(image_prompt) and len(choice["text"]) > len(image_prompt)
-    assert len(choice["logprobs"]["tokens"]) == pictured["usage"]["prompt_tokens"] + 3
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == pictured["usage"]["prompt_tokens"] + 3
+    # text_offset places each entry in the text as sent: <img> at the span's start, its image's tokens at the
+    # source (the data: URL) they stand for, </img> at its tag, then each prompt token's text where it stands, and
+    # the answer right after the prompt. (It counted the image's tokens' own text, and so ended 3,000 characters off.)
+    first, last = lp["tokens"].index("<img>"), lp["tokens"].index("</img>")
+    assert lp["text_offset"][first] == start and lp["text_offset"][last] == end
+    assert set(lp["text_offset"][first + 1:last]) == {start + len("<img>")}
+    for offset, token in list(zip(lp["text_offset"], lp["tokens"]))[last:-3]:  # the prompt's (whole characters)
+      assert choice["text"][offset:offset + len(token)] == token, (offset, token)
+    assert lp["text_offset"][-3] == len(image_prompt)
   body = {"prompt": ids, "echo": True, "max_tokens": 4, "temperature": 0, "ignore_eos": True, "stream": True}
   with http.post(server.url + "/v1/completions", json=body, stream=True, timeout=60) as r:
     chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith(b"data: {")]
