@@ -240,7 +240,7 @@ def _hf_environment():
   return env
 
 
-_SYSTEM = 'Answer "briefly".\nThen stop: 你好 😀 \\n'
+_SYSTEM = 'Answer "briefly".\nThen stop: 你好 😀 \\n %} {{ x }} -%}'  # quotes, escapes, Jinja's own tags
 _CONVERSATIONS = [
     [{"role": "user", "content": "Hello"}],
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}],
