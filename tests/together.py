@@ -24,7 +24,7 @@ import time
 from tests.training.helpers import free_port
 
 
-def _logged_steps(path: str) -> list[int]:
+def logged_steps(path) -> list[int]:
   """Steps in a metrics.jsonl so far (a line still being written is left out)."""
   steps = []
   try:
@@ -43,7 +43,7 @@ def _due(when: dict, folder: pathlib.Path) -> tuple[bool, list[int]]:
   """(whether the signal is due, the steps logged so far where `when` watches a metrics file)."""
   if "stderr_of" in when:
     return when["contains"] in (folder / f"{when['stderr_of']}.stderr").read_text(errors="replace"), []
-  steps = _logged_steps(when["metrics"])
+  steps = logged_steps(when["metrics"])
   return max(steps, default=0) >= when["step"], steps
 
 
@@ -69,7 +69,7 @@ def main(spec_path: str) -> int:
         procs[signal_spec["to"]].send_signal(signal_spec["signal"])
         signalled = True
         if "metrics" in signal_spec["when"]:
-          at_signal = max(_logged_steps(signal_spec["when"]["metrics"]) + steps)
+          at_signal = max(logged_steps(signal_spec["when"]["metrics"]) + steps)
       time.sleep(0.1)
   finally:
     for p in procs:

@@ -32,11 +32,6 @@ def test_grain_workers_die_with_a_sigkilled_trainer(sigkilled):
       f"grain workers outlived the SIGKILLed trainer: {[seen['workers'][str(p)][:120] for p in seen['survivors']]}"
 
 
-def _logged_steps(workdir) -> list[int]:
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line)["step"] for line in f if line.strip()]
-
-
 def _sigterm_of_one(folder):
   """Two jax.distributed trainer processes, and SIGTERM to process 1 once process 0 prints its start line (right
   before the first step): one command of tests/together.py, registered in tests/background.py (it starts with the
@@ -77,4 +72,5 @@ def test_sigterm_on_one_of_two_processes_stops_both_at_the_next_step(sigterm_of_
   data_files = sorted(os.listdir(ckpts / str(saved) / "data"))
   assert len([f for f in data_files if "process_" in f]) == 2, data_files
   assert json.loads((ckpts / str(saved) / "meta" / "metadata").read_text())["step"] == saved
-  assert _logged_steps(folder / "run") == [saved]  # the stop flushes the metrics of the step it saves
+  # The stop flushes the metrics of the step it saves.
+  assert together.logged_steps(folder / "run" / "metrics.jsonl") == [saved]
