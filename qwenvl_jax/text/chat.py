@@ -151,8 +151,8 @@ def chat_template(system: str = DEFAULT_SYSTEM) -> str:
   The reference builds its prompt in Python (`make_context`) and its tokenizer has no template; vLLM's
   `/tokenizer_info` hands a template to clients such as lm-evaluation-harness's remote tokenizer
   (`--apply_chat_template`), which render it and tokenize the text as one. That text is `raw_text`, but tokenized
-  jointly (Gotcha 18) it gives `make_context`'s tokens only where no message starts with a line break or space and
-  no two user messages follow each other (`"\n\n"` is one token then); turns are never left out of a window; and
+  jointly (Gotcha 18) it gives `make_context`'s tokens only where no message starts with a line break and no
+  two user messages follow each other (`"\n\n"` is one token then); turns are never left out of a window; and
   `<|im_start|>` typed in a message becomes the special token. Image parts, and a system message after the first,
   are errors (`raise_exception`, which Hugging Face defines; elsewhere the call itself fails)."""
   literal = json.dumps(system, ensure_ascii=False)  # a Jinja string literal: the same escapes as JSON's

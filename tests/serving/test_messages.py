@@ -285,8 +285,11 @@ def test_with_qwens_vocabulary_the_template_gives_the_chat_tokens_but_where_two_
   for messages_ in _CONVERSATIONS:
     _, _, raw, want = _rendered(tok, messages_)
     assert raw.tokens == want.tokens, messages_
-  _, _, raw, want = _rendered(tok, _USERS_IN_A_ROW)
-  assert raw.raw_text == want.raw_text and len(raw.tokens) == len(want.tokens) - 1  # "\n\n": one token, not two
+  for messages_ in (_USERS_IN_A_ROW, [{"role": "user", "content": "\nstarts with a line break"}]):
+    _, _, raw, want = _rendered(tok, messages_)
+    assert raw.raw_text == want.raw_text and len(raw.tokens) == len(want.tokens) - 1  # "\n\n": one token, not two
+  _, _, raw, want = _rendered(tok, [{"role": "user", "content": "  starts with spaces"}])
+  assert raw.tokens == want.tokens
 
 
 @pytest.mark.parametrize("messages_, match", [
