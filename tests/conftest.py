@@ -11,8 +11,10 @@ One reference training run serves the whole session too (`uninterrupted`): the t
 and the quick start chats with it and evaluates it. Subprocess work that test modules register in tests/background.py
 (trainings, a bench) starts with the session, at the lowest CPU priority, on the core the other tests leave idle.
 """
+import importlib.metadata
 import os
 import pathlib
+import re
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -31,8 +33,10 @@ if "xla_backend_optimization_level" not in _flags:
 # fused HLO in well under half the time (tests/training/test_step.py with tests/model/test_attention.py: 40.3 s ->
 # 17.2 s of backend compiling, 66.7 s -> 46.0 s in all). Backend compiling was 446 s of a 1199-s suite. The HLO, so
 # what the tests check of a compiled program (its fusions, collectives, buffers), is the same; the elementwise code
-# differs at float32 round-off, and the SIGTERM run above compiles with neither flag.
-if "xla_cpu_use_fusion_emitters" not in _flags:
+# differs at float32 round-off, and the SIGTERM run above compiles with neither flag. jaxlib 0.11 has no such flag
+# (XLA aborts on a flag it does not know), so only older jaxlibs get it.
+_JAXLIB = tuple(int(p) for p in re.findall(r"\d+", importlib.metadata.version("jaxlib"))[:2])
+if "xla_cpu_use_fusion_emitters" not in _flags and _JAXLIB < (0, 11):
   _flags += " --xla_cpu_use_fusion_emitters=false"
 os.environ["XLA_FLAGS"] = _flags.strip()
 
