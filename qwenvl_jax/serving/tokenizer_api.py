@@ -16,7 +16,7 @@ BOS token, so vLLM's `add_special_tokens` changes nothing; `add_generation_promp
 prompt always ends with the assistant's turn). Like `/v1/*`, these paths need the API key when the server has one
 (`auth`). `chat_template` is a Jinja template of the chat format (`text.chat_template`, with the server's default
 system message) that renders a text conversation to the chat endpoint's prompt text (lm-evaluation-harness's
-`--apply_chat_template` renders it); null for the raw (base model) format, which has no chat template.
+`RemoteTokenizer.apply_chat_template` renders it); null for the raw (base model) format, which has no chat template.
 """
 
 from __future__ import annotations

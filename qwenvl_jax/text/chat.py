@@ -149,8 +149,8 @@ def chat_template(system: str = DEFAULT_SYSTEM) -> str:
   OpenAI messages list of text to `make_context`'s `raw_text` with `system` as the default system message.
 
   The reference builds its prompt in Python (`make_context`) and its tokenizer has no template; vLLM's
-  `/tokenizer_info` hands a template to clients such as lm-evaluation-harness's remote tokenizer
-  (`--apply_chat_template`), which render it and tokenize the text as one. That text is `raw_text`, but tokenized
+  `/tokenizer_info` hands a template to clients such as lm-evaluation-harness's `RemoteTokenizer`, which render it
+  and tokenize the text as one. That text is `raw_text`, but tokenized
   jointly (Gotcha 18) it gives `make_context`'s tokens only where no message starts with a line break and no
   two user messages follow each other (`"\n\n"` is one token then); turns are never left out of a window; and
   `<|im_start|>` typed in a message becomes the special token. Image parts, and a system message after the first,
