@@ -310,10 +310,11 @@ class _Completion:
     texts = [piece(token_id)[0] for token_id, _, _ in entries]
     offsets, at = [], self._offsets[index]
     prompt, echoed = self.prompt_of(index), self._echoed[index]
+    widths = self._echo_widths(index // self.n, piece) if echoed is not None else []
     for text in texts:
       offsets.append(at)
       if echoed is not None and echoed < len(prompt.tokens):  # an echoed prompt token: where it is in the prompt
-        at += self._echo_widths(index // self.n, piece)[echoed]
+        at += widths[echoed]
         echoed += 1
         if echoed == len(prompt.tokens):
           at = len(prompt.raw_text)  # the answer follows the prompt as it was sent
@@ -502,10 +503,8 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
                                        prompt_logprobs=max(wanted) if wanted else None,
                                        logit_bias=_logit_bias(body, tok.vocab_size),
                                        min_tokens=_number(body, "min_tokens", int, 0, 0, max_tokens))
-    if len(engine.held_ids(params)) > slot_programs.MAX_STOP_IDS:
-      raise msg.RequestError(f"with min_tokens, at most {slot_programs.MAX_STOP_IDS} stop token ids (the chat "
-                             f"format's {len(engine.stop_ids)} and stop_token_ids) can be held back",
-                             param="stop_token_ids")
+    if problem := engine.held_ids_problem(params):  # a 400 naming its field (the engine's check would name none)
+      raise msg.RequestError(problem, param="stop_token_ids")
     return _Completion(prompts, params, stop, stream, include_usage, n, chat, echo, prompt_top,
                        (tok.img_start_id, tok.img_pad_id, tok.img_end_id))
 

@@ -266,9 +266,8 @@ class Engine:
                        f"ids in [0, {self.cfg.llm.vocab_size})")
     if not 0 <= params.min_tokens <= params.max_tokens:
       raise ValueError(f"min_tokens must be in [0, max_tokens = {params.max_tokens}], got {params.min_tokens}")
-    if len(self.held_ids(params)) > slot_programs.MAX_STOP_IDS:
-      raise ValueError(f"with min_tokens, the stop token ids (the chat format's {len(self.stop_ids)} and "
-                       f"stop_token_ids) must be at most {slot_programs.MAX_STOP_IDS}")
+    if problem := self.held_ids_problem(params):
+      raise ValueError(problem)
     for name in ("logprobs", "prompt_logprobs"):
       top = getattr(params, name)
       if top is not None and not 0 <= top <= slot_sampling.TOP_LOGPROBS:
@@ -281,6 +280,13 @@ class Engine:
     if not params.min_tokens or params.ignore_stop_tokens:
       return []
     return sorted(i for i in set(self.stop_ids) | set(params.stop_token_ids) if i < self.cfg.llm.vocab_size)
+
+  def held_ids_problem(self, params: SamplingParams) -> str | None:
+    """Why a request's `held_ids` do not fit its slot row (one line), or None."""
+    if len(self.held_ids(params)) > slot_programs.MAX_STOP_IDS:
+      return (f"with min_tokens, at most {slot_programs.MAX_STOP_IDS} stop token ids (the chat format's "
+              f"{len(self.stop_ids)} and stop_token_ids) can be held back")
+    return None
 
   def cancel(self, request: Request, reason: str = "cancelled") -> None:
     """Frees the request's slot at the next loop turn (no more events are sent). reason: how `stats` counts the
