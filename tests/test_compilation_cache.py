@@ -56,14 +56,14 @@ def _runs(folder):
       "blocked": {compilation_cache.ENV: str(blocker / "cache")},
       "relative": {compilation_cache.ENV: "of"},
   }
-  _RUNS[:] = list(runs)
+  assert tuple(runs) == _RUNS, tuple(runs)
   return [background.Command(listing, _env({}), check=False) if changes is None else
           background.Command([sys.executable, "-c", _COMMAND], _env(changes),
                              folder / "cwd" if name == "relative" else REPO, check=False)
           for name, changes in runs.items()]
 
 
-_RUNS: list[str] = []  # the names of `_runs`'s commands, in order (its factory runs in this process)
+_RUNS = ("first", "listing", "second", "off", "zero", "own", "default", "blocked", "relative")  # `_runs`'s, in order
 runs = background.finished_work(__name__, "runs", _runs)
 
 

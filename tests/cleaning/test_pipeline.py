@@ -31,7 +31,7 @@ from qwenvl_jax.text import QwenTokenizer
 from tests import background
 from tests.cleaning import cases as cases_lib
 from tests.cleaning.cases import case_ids
-from tests.training.helpers import process_alive
+from tests.training.helpers import live_children, process_alive
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 COLUMN_CFG = CleanConfig(score_key="clip", min_similarity=0.3, max_text_units=30, sample_size=2)
@@ -406,14 +406,6 @@ def test_ctrl_c_inside_the_job_is_a_keyboard_interrupt_without_beam_traceback(cl
   assert not pathlib.Path(job.dataset_dir).exists() and not pathlib.Path(job.report).exists()
 
 
-def _children(pid: int) -> list[int]:
-  try:
-    return [int(child) for task in os.listdir(f"/proc/{pid}/task")
-            for child in pathlib.Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
-  except OSError:
-    return []
-
-
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads the worker processes from /proc")
@@ -431,11 +423,11 @@ def test_ctrl_c_on_two_worker_processes_is_one_line_and_leaves_no_process(tmp_pa
       cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
   try:
     deadline = time.monotonic() + 120
-    while len(_children(proc.pid)) < 2 and proc.poll() is None and time.monotonic() < deadline:
+    while len(live_children(proc.pid)) < 2 and proc.poll() is None and time.monotonic() < deadline:
       time.sleep(0.1)
     time.sleep(2)  # the workers are importing or cleaning
     assert proc.poll() is None, proc.communicate()
-    workers = _children(proc.pid)
+    workers = list(live_children(proc.pid))
     os.killpg(proc.pid, signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
   finally:

@@ -42,12 +42,13 @@ def _cli_runs(folder):
       "overwrite": tiny + [f"--image={picture}", "--prompt=Box the cat.", f"--output_image={folder / 'boxes.png'}"],
       "missing_image": tiny + ["--image=missing.jpg", "--prompt=Hi"],
   }
-  _RUNS[:] = list(runs)
+  assert tuple(runs) == _RUNS, tuple(runs)
   return [background.Command([sys.executable, "-m", "qwenvl_jax.generate", *argv], helpers.subprocess_env(), folder,
                              check=False) for argv in runs.values()]
 
 
-_RUNS: list[str] = []  # the names of `_cli_runs`'s commands, in order (its factory runs in this process)
+# The names of `_cli_runs`'s commands, in order.
+_RUNS = ("history", "window_leaves_it_out", "window_keeps_it", "cannot_encode", "overwrite", "missing_image")
 cli_runs = background.finished_work(__name__, "cli_runs", _cli_runs)
 
 

@@ -61,6 +61,25 @@ def process_alive(pid: int) -> bool:
     return False
 
 
+def live_children(pid: int) -> dict[int, str]:
+  """pid -> command line of the live (not zombie) child processes of `pid`."""
+  out = {}
+  for entry in os.listdir("/proc"):
+    if not entry.isdigit():
+      continue
+    try:
+      with open(f"/proc/{entry}/stat") as f:
+        stat = f.read()
+      with open(f"/proc/{entry}/cmdline", "rb") as f:
+        cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+      continue
+    fields = stat.rsplit(")", 1)[1].split()
+    if int(fields[1]) == pid and fields[0] != "Z":
+      out[int(entry)] = cmdline
+  return out
+
+
 def free_port() -> int:
   """A TCP port free on localhost now (for a coordinator or a server)."""
   with socket.socket() as s:

@@ -12,26 +12,7 @@ import subprocess
 import sys
 import time
 
-from tests.training.helpers import REPO, process_alive, small_flags, subprocess_env, wait_for_step
-
-
-def _children(pid: int) -> dict[int, str]:
-  """pid -> command line of the live (not zombie) child processes of `pid`."""
-  out = {}
-  for entry in os.listdir("/proc"):
-    if not entry.isdigit():
-      continue
-    try:
-      with open(f"/proc/{entry}/stat") as f:
-        stat = f.read()
-      with open(f"/proc/{entry}/cmdline", "rb") as f:
-        cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-      continue
-    fields = stat.rsplit(")", 1)[1].split()
-    if int(fields[1]) == pid and fields[0] != "Z":
-      out[int(entry)] = cmdline
-  return out
+from tests.training.helpers import REPO, live_children, process_alive, small_flags, subprocess_env, wait_for_step
 
 
 def main(workdir: pathlib.Path, out: pathlib.Path) -> None:
@@ -46,7 +27,7 @@ def main(workdir: pathlib.Path, out: pathlib.Path) -> None:
     while time.time() < deadline and len(workers) < 2:
       if proc.poll() is not None:
         raise AssertionError(f"trainer exited with {proc.returncode}: {log.read_text()[-3000:]}")
-      workers = {p: c for p, c in _children(proc.pid).items() if "resource_tracker" not in c}
+      workers = {p: c for p, c in live_children(proc.pid).items() if "resource_tracker" not in c}
       time.sleep(0.5)
     if len(workers) < 2:
       raise AssertionError(f"the grain worker processes did not start: {workers}")
