@@ -1,4 +1,4 @@
-"""The device programs of continuous batching: B decode slots over one KV cache, and three programs on it (to be
+"""The device programs of continuous batching: B decode slots over one KV cache, and four programs on it (to be
 jitted with the graphdef and static arguments bound: `serving.slots.SlotModel` runs them, `planning.inference_plan`
 compiles them for a TPU topology).
 
@@ -12,6 +12,7 @@ L layers, S image side, K decode steps per call, W cache slots attended (a windo
                                                           prompts' scores, `PromptScores`, when asked), cache, history
   decode(cache, history, tokens[R], positions[R], active[R], ...) -> Picked [K, R] (new tokens), cache, history
                                                                                 (the first R rows)
+  copy_prompt(cache, history, src, dst)                -> cache, history (row dst holds row src's prompt)
 
 `TokenHistory` holds, per slot row, which tokens its prompt holds and how often its answer has produced each (the
 penalties of `slot_sampling.penalize` read them, skipped when no row has one), its request's logit bias (a few
@@ -47,7 +48,7 @@ from flax import nnx
 
 from qwenvl_jax import sharding
 from qwenvl_jax.inference import slot_sampling
-from qwenvl_jax.model.qwen import KVCache, constrain_cache
+from qwenvl_jax.model.qwen import KV_AXES, SEGMENT_AXES, KVCache, constrain_cache
 
 
 class Sampling(NamedTuple):
@@ -118,8 +119,12 @@ def no_stops(rows: int, vocab: int) -> np.ndarray:
   return np.full((rows, MAX_STOP_IDS), vocab, np.int32)
 
 
+# Logical axes of every `TokenHistory` array: [B, V] or [B, MAX_LOGIT_BIAS], rows over the batch axes.
+HISTORY_AXES = ("act_batch", None)
+
+
 def constrain_history(history: TokenHistory) -> TokenHistory:
-  return TokenHistory(*(sharding.constrain(x, ("act_batch", None)) for x in history))
+  return TokenHistory(*(sharding.constrain(x, HISTORY_AXES) for x in history))
 
 
 class PromptScores(NamedTuple):
@@ -255,6 +260,92 @@ def prefill(graphdef, vocab_limit, state, cache: KVCache, history: TokenHistory,
   history = TokenHistory(*(old.at[rows].set(new, mode="drop") for old, new in zip(history, joining)))
   picked = picked._replace(prompt=prompt_scores(model, h, ids, sampling.prompt_logprobs, vocab_limit))
   return picked, constrain_cache(cache), constrain_history(history)
+
+
+def copy_prompt(window: int, cache: KVCache, history: TokenHistory, src, dst):
+  """Slot row dst (int32 scalar) takes the prompt prefilled into row src: the keys and values of its first
+  `window` cache slots (a length bucket covering the prompt), its segment ids over the whole row (0 past the
+  prompt, so dst's previous occupant is never attended) and its history, no answer token counted. The engine
+  prefills the prompt of an API request's n choices once this way (`serving.engine`): the copied row then decodes
+  from the prompt's last token, whose keys and values it writes again, and picks its first token with its own
+  sampling. Returns (cache, history).
+
+  Written per shard (`shard_map` under `sharding.use_rules`): the rows are split over the batch axes, and XLA's
+  partitioner turns a slice at a traced row of a split axis into an all-gather of the whole array (the whole cache,
+  once per layer). Here the shard holding src slices its row, one `psum` over the row axes hands it to every
+  shard (the others add zeros), and the shard holding dst writes it: one row crosses the chips, one layer at a time
+  (the cache's in-flight copy is 1/L of a row)."""
+  arrays = {"k": (cache.k, KV_AXES), "v": (cache.v, KV_AXES), "k_scale": (cache.k_scale, KV_AXES),
+            "v_scale": (cache.v_scale, KV_AXES), "segment_ids": (cache.segment_ids, SEGMENT_AXES)}
+  arrays.update({name: (x, HISTORY_AXES) for name, x in history._asdict().items()})
+  arrays = {name: value for name, value in arrays.items() if value[0] is not None}
+  active = sharding.active_rules()
+  specs = {name: jax.sharding.PartitionSpec() if active is None else
+           sharding.resolve_spec(x.shape, axes, active[1], dict(active[0].shape))
+           for name, (x, axes) in arrays.items()}
+
+  def local(xs, src, dst):
+    out = {}
+    for name, x in xs.items():
+      row_axes = () if active is None else _mesh_axes(specs[name][1 if name in KV_NAMES else 0])
+      if name in KV_NAMES:  # [L, B, N, S, ...]: a layer at a time, the first `window` slots
+        out[name] = jax.lax.fori_loop(0, x.shape[0], lambda i, x, row_axes=row_axes: _copy_row(
+            x, src, dst, 1, row_axes, layer=i, span=window), x)
+      else:  # [B, ...]: the whole row; no answer counted in dst's
+        out[name] = _copy_row(x, src, dst, 0, row_axes, zero=name == "counts")
+    return out
+
+  xs = {name: x for name, (x, _) in arrays.items()}
+  if active is not None:
+    local = jax.shard_map(local, mesh=active[0], in_specs=(specs, jax.sharding.PartitionSpec(),
+                                                           jax.sharding.PartitionSpec()), out_specs=specs,
+                          check_vma=False)
+  out = local(xs, jnp.asarray(src, jnp.int32), jnp.asarray(dst, jnp.int32))
+  cache = KVCache(out["k"], out["v"], out["segment_ids"], out.get("k_scale"), out.get("v_scale"))
+  history = TokenHistory(*(out[name] for name in TokenHistory._fields))
+  return constrain_cache(cache), constrain_history(history)
+
+
+KV_NAMES = ("k", "v", "k_scale", "v_scale")
+
+
+def _mesh_axes(entry) -> tuple[str, ...]:
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _copy_row(x, src, dst, axis: int, row_axes: tuple[str, ...], layer=None, span: int | None = None,
+              zero: bool = False):
+  """This shard's x with global row dst set to global row src (or to zeros), the rows on `axis`, split over the
+  mesh axes `row_axes` (none: x is whole); `layer`: only x[layer]; `span`: only the first `span` entries of axis
+  + 2 (the cache slots of [L, B, N, S, ...])."""
+  n = x.shape[axis]
+  start = jax.lax.axis_index(row_axes) * n if row_axes else 0
+  zero_index = jnp.zeros((), jnp.int32)
+
+  def at(row):
+    index = [zero_index] * x.ndim
+    index[axis] = jnp.clip(row - start, 0, n - 1)
+    if layer is not None:
+      index[0] = layer
+    return index
+
+  sizes = list(x.shape)
+  sizes[axis] = 1
+  if layer is not None:
+    sizes[0] = 1
+  if span is not None:
+    sizes[axis + 2] = min(span, sizes[axis + 2])
+  if zero:
+    piece = jnp.zeros(sizes, x.dtype)
+  else:
+    piece = jax.lax.dynamic_slice(x, at(src), sizes)
+    if row_axes:  # only src's shard holds it: the others add zeros, so the sum is exact in any dtype
+      summed = jnp.int8 if x.dtype == jnp.bool_ else x.dtype
+      mine = (src >= start) & (src < start + n)
+      piece = jax.lax.psum(jnp.where(mine, piece, 0).astype(summed), row_axes).astype(x.dtype)
+  if row_axes:  # a shard without dst writes its own values back where its clipped index points
+    piece = jnp.where((dst >= start) & (dst < start + n), piece, jax.lax.dynamic_slice(x, at(dst), sizes))
+  return jax.lax.dynamic_update_slice(x, piece, at(dst))
 
 
 def decode(graphdef, vocab_limit, steps: int, window: int, state, cache: KVCache, history: TokenHistory, tokens,

@@ -49,15 +49,16 @@ class KVCache(NamedTuple):
 
 
 # Logical axes of the cache's k, v (and their int8 scales, whose last dim is 1): [L, B, N, S, H].
-_KV_AXES = ("layers", "cache_batch", "cache_heads", "cache_len", "cache_head_dim")
+KV_AXES = ("layers", "cache_batch", "cache_heads", "cache_len", "cache_head_dim")
+SEGMENT_AXES = ("cache_batch", "cache_len")  # the cache's segment ids [B, S]
 
 
 def constrain_cache(cache: KVCache) -> KVCache:
   """`cache` pinned to its layout under the enclosing `sharding.use_rules` (rows over the batch axes, heads over
   `tensor`): a jitted program that returns a cache it updated returns it in the layout it took (no resharding,
   no recompilation for a new input layout). A no-op outside `use_rules`."""
-  kv = lambda x: None if x is None else sharding.constrain(x, _KV_AXES)
-  return KVCache(kv(cache.k), kv(cache.v), sharding.constrain(cache.segment_ids, ("cache_batch", "cache_len")),
+  kv = lambda x: None if x is None else sharding.constrain(x, KV_AXES)
+  return KVCache(kv(cache.k), kv(cache.v), sharding.constrain(cache.segment_ids, SEGMENT_AXES),
                  kv(cache.k_scale), kv(cache.v_scale))
 
 
@@ -257,8 +258,8 @@ class QwenLM(nnx.Module):
     c = self.cfg
     shape = (c.layers, batch, c.heads, max_len, c.head_dim)
     dtype = jnp.dtype(dtype or self.dtype)
-    zeros = lambda shape, dtype: sharding.constrain(jnp.zeros(shape, dtype), _KV_AXES)
-    segments = sharding.constrain(jnp.zeros((batch, max_len), jnp.int32), ("cache_batch", "cache_len"))
+    zeros = lambda shape, dtype: sharding.constrain(jnp.zeros(shape, dtype), KV_AXES)
+    segments = sharding.constrain(jnp.zeros((batch, max_len), jnp.int32), SEGMENT_AXES)
     if dtype == jnp.int8:
       scales = shape[:-1] + (1,)
       return KVCache(zeros(shape, dtype), zeros(shape, dtype), segments, zeros(scales, self.dtype),
@@ -365,7 +366,7 @@ class QwenLM(nnx.Module):
     else:
       # The cache is laid out by the rules (rows over the batch axes, heads over `tensor`, like the attention
       # that reads it), not left to propagation: a replicated cache would be all-gathered into every step.
-      entries = tuple(sharding.constrain(e, _KV_AXES) for e in
+      entries = tuple(sharding.constrain(e, KV_AXES) for e in
                       (cache.k, cache.v) + ((cache.k_scale, cache.v_scale) if cache.quantized else ()))
 
       # The stacked cache rides in the carry and each layer updates its own slice in place: scanned as xs -> ys
@@ -378,6 +379,6 @@ class QwenLM(nnx.Module):
         return x, entries, layer + 1
 
       x, entries, _ = run_cached((x, entries, jnp.int32(0)), self.blocks)
-      entries = tuple(sharding.constrain(e, _KV_AXES) for e in entries)
+      entries = tuple(sharding.constrain(e, KV_AXES) for e in entries)
       new_cache = KVCache(*entries[:2], kv_segments, *entries[2:])
     return sharding.constrain(self.ln_f(x), ("act_batch", "act_len", "act_embed")), new_cache

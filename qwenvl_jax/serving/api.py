@@ -534,7 +534,7 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
                              Detokenizer(tok.decode, job.stop, params.min_tokens),
                              lead=prompt.raw_text if job.echo else ""))
     try:
-      engine.submit_all([c.request for c in choices])  # all or none; admitted together, their images encoded once
+      engine.submit_all([c.request for c in choices])  # all or none; admitted together, their prompt prefilled once
     except (ValueError, RuntimeError) as e:
       if isinstance(e, ValueError):  # `_parse` checked the prompt and the context: what is left is the image count
         raise msg.RequestError(str(e), param="messages" if chat else "prompt") from None

@@ -7,7 +7,9 @@ Loop of the engine thread (`Engine._run`):
   2. free the slots of cancelled requests (a client that went away) at once;
   3. admit waiting requests into free slots, up to `prefill_batch` at a time: their images are encoded in one
      call, their prompts prefilled together (right-padded to the length bucket of the longest, the batch padded
-     to a prefill-size bucket) and their first tokens sampled; they decode from the next step on;
+     to a prefill-size bucket) and their first tokens sampled; they decode from the next step on. The n choices of
+     one request (`submit_all`) prefill their prompt once: the others copy its cache row and pick their first
+     token in the next decode call (`_share_key`);
   4. K decode steps (`decode_steps`, one device call) of the first R slots, R the power of two covering the highest
      busy slot (free slots among them compute and are ignored; slots are taken lowest first, so R follows the
      load), attending to the first W cache slots, W the length bucket covering the furthest position reached.
@@ -124,6 +126,7 @@ class Request:
   cancelled: bool = False
   cancel_reason: str = "cancelled"  # what `finished_<reason>` counts it as (a stop string ends it as "stop")
   submitted: float = dataclasses.field(default_factory=time.monotonic)
+  family: int | None = None  # set by `submit_all` on requests queued together (`Engine._share_key`)
 
 
 @dataclasses.dataclass(eq=False)
@@ -133,6 +136,9 @@ class _Slot:
   position: int  # the position (= cache slot) where last_token is fed next
   generated: int
   rope_base: float  # dynamic NTK, decided by the prompt length and kept (`decode.rope_bases`)
+
+
+_families = itertools.count()  # `Request.family` of each `submit_all` call
 
 
 def _powers_of_two_up_to(n: int) -> tuple[int, ...]:
@@ -251,6 +257,10 @@ class Engine:
       self._validate(request)
     if self._error is not None or self._stop.is_set():
       raise RuntimeError("the engine is not running")
+    if len(requests) > 1:
+      family = next(_families)
+      for request in requests:
+        request.family = family
     self._inbox.put(list(requests))
 
   def _validate(self, request: Request) -> None:
@@ -303,7 +313,8 @@ class Engine:
     they say how much of the wall time the device worked and what the decode calls alone would deliver.
     finished_<reason>: requests that held a slot and ended (stop, length, cancelled); cancelled_waiting: requests
     cancelled before they got one; images_encoded: images through the vision tower (once per prefill call for
-    requests that share them)."""
+    requests that share them); prompts_shared: requests admitted on a copy of another's prefilled prompt
+    (`_share_key`) instead of a prefill row of their own."""
     with self._lock:  # active and the finished counts of one moment: `_finish` changes both under the lock
       counts = dict(self._counts)
       active = sum(s is not None for s in self._active)
@@ -358,6 +369,8 @@ class Engine:
                           np.full(b, self.cfg.llm.rope_base, np.float32),
                           _sampling([SamplingParams(1, temperature=1.0)] * b, [0] * b), steps=self.decode_steps,
                           window=w).tokens.block_until_ready()
+    for w in self.length_buckets:
+      self.slots.copy_prompt(0, 0, window=w)  # row 0 onto itself: the cache is still empty
 
   def _run(self) -> None:
     while not self._stop.is_set():
@@ -410,13 +423,40 @@ class Engine:
     self._free_cancelled()
     free = [i for i, s in enumerate(self._active) if s is None]
     while free and self._waiting:
-      group = []
-      while self._waiting and len(group) < min(len(free), self.prefill_sizes[-1]):
-        group.append(self._waiting.popleft())
-      rows, free = free[:len(group)], free[len(group):]
-      self._prefill(group, rows)
+      # In queue order: a request sharing the prompt of one already in the group follows it (no prefill row);
+      # the others are prefilled, up to the largest prefill size.
+      group, followers, leaders = [], [], {}
+      while self._waiting and len(group) + len(followers) < len(free):
+        r = self._waiting[0]
+        key = self._share_key(r)
+        if key in leaders:
+          followers.append((r, leaders[key]))
+        elif len(group) < self.prefill_sizes[-1]:
+          if key is not None:
+            leaders[key] = len(group)
+          group.append(r)
+        else:
+          break
+        self._waiting.popleft()
+      taken = len(group) + len(followers)
+      rows, free = free[:taken], free[taken:]
+      self._prefill(group, rows[:len(group)], list(zip(followers, rows[len(group):])))
 
-  def _prefill(self, group: list[Request], rows: list[int]) -> None:
+  def _share_key(self, r: Request):
+    """What a request shares its prefill with: the requests of one `submit_all` (the n choices of an API request)
+    with the same prompt, the same images and the same sampling but for the seed, or None (it prefills its own).
+    The first of them is prefilled; the others copy its cache row (`SlotModel.copy_prompt`, the prompt's keys and
+    values, its token history) and feed the prompt's last token in the next decode call, where each picks its first
+    token with its own seed: equal to a prefill's pick up to float round-off (one position computed against the
+    cache instead of the whole prompt at once). A prompt ending inside an image span prefills its own (the last
+    token's input is an image feature)."""
+    if r.family is None or r.prompt[-1] == self.cfg.image_pad_id:
+      return None
+    return r.family, tuple(r.prompt), tuple(id(image) for image in r.images), dataclasses.replace(r.params, seed=0)
+
+  def _prefill(self, group: list[Request], rows: list[int],
+               followers: Sequence[tuple[tuple[Request, int], int]] = ()) -> None:
+    """Prefills `group` into cache `rows`; each ((request, i), row) of `followers` takes a copy of group[i]'s."""
     k = _bucket(len(group), self.prefill_sizes)
     p = _bucket(max(len(r.prompt) for r in group), self.length_buckets)
     ids = np.zeros((k, p), np.int32)
@@ -452,20 +492,30 @@ class Engine:
     row_index[:len(group)] = rows
     rope = decode.rope_bases(lengths, self.cfg, True)
     params = [r.params for r in group] + [SamplingParams(1)] * (k - len(group))
-    picked = _fetch(self.slots.prefill(ids, lengths, first_image, feats, row_index, rope, _sampling(params, [0] * k),
-                                       bias, stop_ids), params)
+    picked = self.slots.prefill(ids, lengths, first_image, feats, row_index, rope, _sampling(params, [0] * k),
+                                bias, stop_ids)
+    for (r, i), row in followers:
+      if r.params.max_tokens:  # row `row` holds group[i]'s prompt, its last token still to be fed
+        self.slots.copy_prompt(rows[i], row, window=_bucket(len(r.prompt), self.length_buckets))
+    picked = _fetch(picked, params)
     with self._lock:
       self._counts["prefill_seconds"] += time.perf_counter() - t0
       self._counts["prefills"] += 1
-      self._counts["admitted"] += len(group)
+      self._counts["admitted"] += len(group) + len(followers)
+      self._counts["prompts_shared"] += len(followers)
       self._counts["images_encoded"] += len(images)
-    for i, (r, row) in enumerate(zip(group, rows)):
-      self._active[row] = _Slot(r, int(picked.tokens[i]), len(r.prompt), 0, float(rope[i]))
+    joining = [(r, i, row, _Slot(r, int(picked.tokens[i]), len(r.prompt), 0, float(rope[i])))
+               for i, (r, row) in enumerate(zip(group, rows))]
+    # A follower feeds the prompt's last token (at its position, len - 1) in the next decode call: its first pick.
+    joining += [(r, i, row, _Slot(r, r.prompt[-1], len(r.prompt) - 1, 0, float(rope[i])))
+                for (r, i), row in followers]
+    for r, i, row, slot in joining:
+      self._active[row] = slot
       if r.params.prompt_logprobs is not None and not r.cancelled:
         r.sink(_prompt_tokens(r, picked.prompt, i))
       if r.params.max_tokens == 0:  # nothing to generate: the prompt (its scores, its echo) is the whole answer
         self._finish(row, r.cancel_reason if r.cancelled else "length", notify=not r.cancelled)
-      else:
+      elif slot.position == len(r.prompt):  # prefilled: its first token is picked
         self._deliver(row, picked, i)
 
   def _step(self) -> None:

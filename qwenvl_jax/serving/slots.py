@@ -42,6 +42,7 @@ class SlotModel:
     self._prefill = jax.jit(functools.partial(slot_programs.prefill, self.graphdef, vocab_limit),
                             donate_argnums=(1, 2))
     self._decode_fns = {}  # (steps, window) -> jitted `slot_programs.decode`
+    self._copy_fns = {}  # window -> jitted `slot_programs.copy_prompt`
     q, d = self.cfg.image_tokens, self.cfg.llm.width
     self.no_features = jax.jit(lambda: slot_programs.replicated(jnp.zeros((feature_slots, q, d), self.cfg.dtype)))()
 
@@ -81,3 +82,11 @@ class SlotModel:
       program = functools.partial(slot_programs.decode, self.graphdef, self.vocab_limit, *key)
       self._decode_fns[key] = jax.jit(program, donate_argnums=(1, 2))
     return self._decode_fns[key]
+
+  def copy_prompt(self, src: int, dst: int, window: int | None = None) -> None:
+    """Cache row dst takes row src's prompt (its first `window` slots, default all) and history, no answer token
+    counted (`slot_programs.copy_prompt`)."""
+    window = window or self.context
+    if window not in self._copy_fns:
+      self._copy_fns[window] = jax.jit(functools.partial(slot_programs.copy_prompt, window), donate_argnums=(0, 1))
+    self.cache, self.history = self._copy_fns[window](self.cache, self.history, np.int32(src), np.int32(dst))

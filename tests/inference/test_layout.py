@@ -108,32 +108,40 @@ def test_tensor_parallel_greedy_generation_equals_one_device(tp4_models):
 
 
 def test_serving_slots_decode_the_same_under_tensor_parallelism(tp4_models):
-  """The server's programs (prefill into slot rows, decode the first R rows) on a cache split over data x tensor."""
+  """The server's programs (prefill into slot rows, copy a prompt to a row of another shard, decode the first R
+  rows) on a cache split over data x tensor; the copy moves one row, never all-gathers the cache."""
   single, model, mesh = tp4_models
   cfg = single.cfg
   ids = np.random.default_rng(1).integers(3, 900, (2, 16)).astype(np.int32)
 
   greedy = slots_lib.Sampling.greedy(2)
+  rope = np.full(4, cfg.llm.rope_base, np.float32)
 
   def run(m):
     slot_model = slots_lib.SlotModel(m, num_slots=4, context=48, feature_slots=1)
     first = slot_model.prefill(ids, np.array([16, 11], np.int32), np.zeros(2, np.int32), slot_model.no_features,
-                               np.array([0, 1], np.int32), np.full(2, cfg.llm.rope_base, np.float32), greedy).tokens
-    out, last, pos = [np.asarray(first)], np.asarray(first), np.array([16, 11], np.int32)
+                               np.array([0, 1], np.int32), rope[:2], greedy).tokens
+    slot_model.copy_prompt(0, 3, window=16)  # rows over data 2: row 0 on the first shard, row 3 on the second
+    last = np.array([*np.asarray(first), 0, ids[0, -1]], np.int32)
+    out, pos = [last], np.array([16, 11, 0, 15], np.int32)  # row 3 feeds the prompt's last token again
     for _ in range(6):
-      last = np.asarray(slot_model.decode(last, pos, np.ones(2, bool), np.full(2, cfg.llm.rope_base, np.float32),
-                                          greedy).tokens)[0]  # [steps=1, R]
+      last = np.asarray(slot_model.decode(last, pos, np.array([True, True, False, True]), rope,
+                                          slots_lib.Sampling.greedy(4)).tokens)[0]  # [steps=1, R]
       out.append(last)
       pos = pos + 1
-    return np.stack(out, 1), slot_model.cache
+    return np.stack(out, 1), slot_model
 
   expected, _ = run(single)
   with sharding.use_rules(mesh, TP):
-    got, cache = run(model)
-  np.testing.assert_array_equal(got, expected)
+    got, slot_model = run(model)
+    copy_text = slot_model._copy_fns[16].lower(  # pylint: disable=protected-access
+        slot_model.cache, slot_model.history, np.int32(0), np.int32(3)).compile().as_text()
+  np.testing.assert_array_equal(got[[0, 1, 3]], expected[[0, 1, 3]])
+  np.testing.assert_array_equal(got[3, 1:], got[0, :-1])  # the copied row answers as its source
   # [L, B, N, S, H]: rows over data, heads over tensor.
   laid_out = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data", "tensor", None, None))
-  assert cache.k.sharding.is_equivalent_to(laid_out, 5), cache.k.sharding
+  assert slot_model.cache.k.sharding.is_equivalent_to(laid_out, 5), slot_model.cache.k.sharding
+  assert "all-gather" not in copy_text and "all-reduce" in copy_text
 
 
 def _param_shapes(model) -> set[tuple[int, ...]]:

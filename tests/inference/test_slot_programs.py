@@ -3,6 +3,7 @@ scores."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from qwenvl_jax.inference import slot_programs, slot_sampling
 from qwenvl_jax.serving import slots as slots_lib
@@ -54,3 +55,45 @@ def test_prompt_scores_in_chunks_equal_the_whole_prompts_log_softmax(tiny_model,
   assert not np.asarray(got.top_ids)[:, 0].any() and not np.asarray(got.rank)[:, 0].any()
   none = slot_programs.prompt_scores(tiny_model, h, ids, np.array([False, False]), v - 10)
   assert not any(np.asarray(x).any() for x in none)
+
+
+@pytest.mark.parametrize("cache_dtype", [None, "int8"])
+def test_a_copied_prompt_decodes_as_the_prefilled_one(tiny_model, cache_dtype):
+  """`copy_prompt` (how the engine prefills the prompt of n choices once): row 3, left dirty by a longer prompt,
+  takes row 0's prompt (keys, values, int8 scales, segment ids, history with no answer counted); fed the prompt's
+  last token at its position, it picks what the prefill picked, then what row 0 decodes next (greedy, float32)."""
+  cfg = tiny_model.cfg
+  v = cfg.llm.vocab_size
+  slot_model = slots_lib.SlotModel(tiny_model, num_slots=4, context=64, feature_slots=1, cache_dtype=cache_dtype)
+  rng = np.random.default_rng(0)
+  rope = np.full(1, cfg.llm.rope_base, np.float32)
+
+  def prefill(prompt, row):
+    ids = np.zeros((1, 32), np.int32)
+    ids[0, :len(prompt)] = prompt
+    stops = slot_programs.no_stops(1, v)
+    stops[0, 0] = 7  # held ids and a logit bias travel with the row
+    bias = slot_programs.no_bias(1, v)
+    bias[0][0, 0], bias[1][0, 0] = 11, 2.5
+    return int(slot_model.prefill(ids, np.array([len(prompt)], np.int32), np.zeros(1, np.int32),
+                                  slot_model.no_features, np.array([row], np.int32), rope,
+                                  slots_lib.Sampling.greedy(1), bias, stops).tokens[0])
+
+  prefill(rng.integers(20, v, 30), 3)  # the previous occupant of row 3
+  prompt = rng.integers(20, v, 9)
+  first = prefill(prompt, 0)
+  slot_model.copy_prompt(0, 3, window=16)
+  cache, history = slot_model.cache, slot_model.history
+  for x in (cache.k, cache.v) + ((cache.k_scale, cache.v_scale) if cache_dtype else ()):
+    np.testing.assert_array_equal(np.asarray(x[:, 3, :, :9]), np.asarray(x[:, 0, :, :9]))
+  np.testing.assert_array_equal(np.asarray(cache.segment_ids[3]), np.asarray(cache.segment_ids[0]))
+  assert np.asarray(cache.segment_ids[3]).sum() == 9
+  for name in ("seen", "bias_ids", "bias_values", "stops"):
+    np.testing.assert_array_equal(np.asarray(getattr(history, name)[3]), np.asarray(getattr(history, name)[0]))
+  assert np.asarray(history.counts[0]).sum() == 1 and not np.asarray(history.counts[3]).any()
+  active = np.array([True, False, False, True])
+  out = slot_model.decode(np.array([first, 0, 0, prompt[-1]], np.int32), np.array([9, 0, 0, 8], np.int32), active,
+                          np.full(4, cfg.llm.rope_base, np.float32), slots_lib.Sampling.greedy(4), steps=4)
+  tokens = np.asarray(out.tokens)
+  assert tokens[0, 3] == first
+  np.testing.assert_array_equal(tokens[1:, 3], tokens[:3, 0])

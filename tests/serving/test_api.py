@@ -3,6 +3,7 @@ on the tiny float32 model with greedy decoding, so every answer is exactly repro
 import asyncio
 import base64
 import concurrent.futures
+import dataclasses
 import gc
 import io
 import json
@@ -354,6 +355,49 @@ def test_submit_all_queues_every_request_or_none(engine, serve_tok):
   assert engine.stats()["admitted"] == admitted + 2
 
 
+def test_requests_queued_together_on_one_prompt_prefill_it_once(engine, serve_tok):
+  """Three requests of one `submit_all` with the same prompt and sampling but for the seed (an API request's n
+  choices): one is prefilled, two copy its cache row and token history; each answers what it answers alone, its
+  logit bias, held stop ids (min_tokens), penalties, log-probabilities (to 1e-5) and prompt scores included. A
+  request of other settings in the same call gets its own prefill."""
+  prompt = serve_tok.encode("the red circle is left of the blue square")
+
+  def params(seed, **kw):
+    return engine_lib.SamplingParams(8, temperature=0.9, seed=seed, logprobs=2, prompt_logprobs=1,
+                                     repetition_penalty=1.3, frequency_penalty=0.4, min_tokens=3,
+                                     logit_bias=((serve_tok.im_end_id, 4.0), (prompt[2], 3.0)), **kw)
+
+  def run(batch):
+    sinks = [queue.Queue() for _ in batch]
+    engine.submit_all([engine_lib.Request(prompt, [], p, q.put) for p, q in zip(batch, sinks)])
+    out = []
+    for q in sinks:
+      events = [q.get(timeout=60)]
+      while not isinstance(events[-1], (engine_lib.Finished, engine_lib.Failed)):
+        events.append(q.get(timeout=60))
+      out.append(events)
+    return out
+
+  batch = [params(1), params(2), params(3), params(1, top_k=5)]
+  alone = [run([p])[0] for p in batch]
+  before = engine.stats()
+  together = run(batch)
+  after = engine.stats()
+  assert after["prompts_shared"] - before.get("prompts_shared", 0) == 2
+  # One prefill call of 2 rows (4 without the sharing: 2 calls at prefill_batch 2).
+  assert after["admitted"] - before["admitted"] == 4 and after["prefills"] - before["prefills"] == 1
+  for got, want in zip(together, alone):
+    assert [type(e) for e in got] == [type(e) for e in want]
+    assert isinstance(got[0], engine_lib.PromptTokens) and got[0].ranks == want[0].ranks
+    end = lambda events: dataclasses.replace(events[-1], stop_token=getattr(events[-1].stop_token, "token_id", None))
+    tokens = lambda events: [e.token_id for e in events[1:-1]] + [end(events)]
+    assert tokens(got) == tokens(want)
+    scores = lambda events: [x for e in events[1:-1] + list(events[0].tokens) + [events[-1].stop_token] if e
+                             for x in (e.logprob, *(lp for _, lp in e.top_logprobs))]
+    np.testing.assert_allclose(scores(got), scores(want), atol=1e-5)
+  assert len({tuple(e.token_id for e in events[1:-1]) for events in alone[:3]}) == 3  # the seeds really differ
+
+
 @pytest.mark.usefixtures("slow_decoding")
 def test_a_request_cancelled_before_it_gets_a_slot_is_counted_and_never_runs(engine, serve_tok):
   """Every slot holds a long answer (decode calls slowed); a fifth request waits, is cancelled, and is
@@ -578,9 +622,9 @@ def test_logprobs_among_other_requests_and_with_a_stop_string(client):
 
 
 def test_n_choices_are_what_requests_of_consecutive_seeds_answer(client, engine):
-  """n sampled choices: choice i is what one request with seed + i answers (so they differ), the choices that share
-  a prefill call taking one encoding of their image; usage counts the prompt once and every choice's tokens;
-  streamed, each index's chunks join to that choice; greedy choices agree."""
+  """n sampled choices: choice i is what one request with seed + i answers (so they differ), the prompt and its
+  image prefilled once (the other choices copy its cache row); usage counts the prompt once and every choice's
+  tokens; streamed, each index's chunks join to that choice; greedy choices agree."""
   conversation = _prompts()[1]  # with an image
 
   def sample(seed, **kw):
@@ -589,10 +633,13 @@ def test_n_choices_are_what_requests_of_consecutive_seeds_answer(client, engine)
 
   alone = [sample(seed).choices[0].message.content for seed in (5, 6, 7)]
   assert len(set(alone)) == 3
-  encoded = engine.stats()["images_encoded"]
+  before = engine.stats()
   reply = sample(5, n=3, logprobs=True)
-  # Submitted together to 4 free slots, 2 per prefill call: choices 0-1 share one encoding, choice 2 has its own.
-  assert engine.stats()["images_encoded"] - encoded == 2
+  # Submitted together to 4 free slots: choice 0 is prefilled (one image encoded), choices 1 and 2 copy its row.
+  after = engine.stats()
+  assert after["images_encoded"] - before["images_encoded"] == 1
+  assert after["prompts_shared"] - before.get("prompts_shared", 0) == 2
+  assert after["prefills"] - before["prefills"] == 1
   assert [c.index for c in reply.choices] == [0, 1, 2]
   assert [c.message.content for c in reply.choices] == alone
   assert all(len(c.logprobs.content) == 12 for c in reply.choices)
@@ -1116,6 +1163,7 @@ def test_metrics_count_requests_tokens_and_first_token_times_in_prometheus_forma
   assert grew("qwenvl_requests_finished_total", reason="length") == 3
   assert grew("qwenvl_generation_tokens_total") == 5 + 14
   assert grew("qwenvl_prompt_tokens_total") == 3 * reply.usage.prompt_tokens
+  assert grew("qwenvl_prefills_total") == 2 and grew("qwenvl_prompts_shared_total") == 1  # n = 2: one prefill
   assert grew("qwenvl_time_to_first_token_seconds_count") == 3
   assert grew("qwenvl_e2e_request_latency_seconds_count") == 3
   assert grew("qwenvl_e2e_request_latency_seconds_sum") > 0 and grew("qwenvl_device_seconds_total",
