@@ -27,10 +27,11 @@ inference_tp` (default: tensor parallel over one host's chips, replicas over the
 training). `--server` plans what `python -m qwenvl_jax.serve` runs instead, the engine's own programs
 (`inference.slot_programs`): B slots of C cache slots that live through every call, the decode call of all B
 slots (`--decode_steps` steps over the whole context), the prefill of k requests' P-token prompts into k slot rows of
-the donated slots' cache, and the encoding of their k x M images (with the cache resident). B, k and M default to
-serve's --num_slots, --prefill_batch and --max_images (`qwenvl_jax.serving_defaults`); P is --prompt, by default
-C (serve compiles prefills of prompts up to C tokens, so the plan takes the longest; a generator plan's default is
-1024, at most C). `--max_slots` searches the most slots that fit (every program within HBM):
+the donated slots' cache, the encoding of their k x M images (with the cache resident), and the copy of one slot
+row's prompt onto another (`slot_programs.copy_prompt`, the n choices of one request; its whole context). B, k and
+M default to serve's --num_slots, --prefill_batch and --max_images (`qwenvl_jax.serving_defaults`); P is --prompt,
+by default C (serve compiles prefills of prompts up to C tokens, so the plan takes the longest; a generator plan's
+default is 1024, at most C). `--max_slots` searches the most slots that fit (every program within HBM):
 
   python -m qwenvl_jax.planning.inference_plan --preset=qwen_vl_7b --topology=v5e-8 --quantize=none \
       --context=2048 --max_slots
@@ -81,6 +82,7 @@ REMEDIES = {
     "server_prefill": "fewer requests per prefill (serve's --prefill_batch) or a shorter context (serve's --context: "
                       "the longest prompt it prefills)",
     "encode": "fewer images per prefill (serve's --max_images x --prefill_batch)",
+    "copy": "fewer slots (serve's --num_slots) or a shorter context (--context)",
 }
 
 
@@ -112,6 +114,7 @@ class InferencePlan:
   cache_bytes: int                  # whole cache, all chips
   facts: dict
   encode: aot.StepPlan | None = None  # server: the engine's image encoding (the slots' cache stays resident)
+  copy: aot.StepPlan | None = None  # server: one slot row's prompt onto another (the cache donated)
 
   def _programs(self) -> list[tuple[aot.StepPlan, int]]:
     """Each compiled program with the HBM per chip it needs while it runs: the server's encode program also has
@@ -121,6 +124,8 @@ class InferencePlan:
       out.append((self.prefill, self.prefill.total_bytes))
     if self.encode is not None:
       out.append((self.encode, self.encode.total_bytes + self.cache_bytes // self.encode.num_chips))
+    if self.copy is not None:
+      out.append((self.copy, self.copy.total_bytes))
     return out
 
   def _over(self, plan: aot.StepPlan | None) -> bool:
@@ -154,9 +159,12 @@ class InferencePlan:
       lines += [f"server image encoding ({f['prefill_batch'] * f['images']} image(s); the slots' cache, "
                 f"{aot.format_bytes(self.cache_bytes / self.encode.num_chips)} per chip, stays resident):",
                 self.encode.format()]
+    if self.copy is not None:
+      lines += [f"server prompt copy (one slot row's {f['context']} slots onto another, the n choices of one "
+                f"request):", self.copy.format()]
     peak = self.peak_bytes()
     hbm = self.decode.chip.hbm_bytes
-    programs = "three" if self.encode is not None else "two"
+    programs = {1: "one", 2: "two", 3: "three", 4: "four"}[len(self._programs())]
     lines.append(f"peak of the {programs} programs: {aot.format_bytes(peak)} of {hbm / GIB:.0f} GiB per chip -> "
                  + ("FITS" if self.fits() else "DOES NOT FIT: " + self.what_would_fit()))
     return "\n".join(lines)
@@ -167,7 +175,8 @@ class InferencePlan:
     fits = self.fits()
     return {"facts": self.facts, "weight_bytes": self.weight_bytes, "cache_bytes": self.cache_bytes,
             "decode": self.decode.to_dict(), "prefill": self.prefill and self.prefill.to_dict(),
-            "encode": self.encode and self.encode.to_dict(), "peak_bytes_per_chip": self.peak_bytes(),
+            "encode": self.encode and self.encode.to_dict(), "copy": self.copy and self.copy.to_dict(),
+            "peak_bytes_per_chip": self.peak_bytes(),
             "hbm_bytes": self.decode.chip.hbm_bytes, "fits": fits,
             "what_would_fit": None if fits else self.what_would_fit()}
 
@@ -334,10 +343,10 @@ def _facts(cfg, quantize, kv_cache_dtype, batch, prefill_batch, context, prompt,
 
 def _plan_server(cfg, topology, graphdef, state, as_state, cache, mesh, rules, *, batch, context, prompt, images,
                  prefill_batch, with_prefill, decode_steps, facts, weight_bytes) -> InferencePlan:
-  """The serving engine's three programs (`inference.slot_programs`) on abstract arguments: the decode call of
+  """The serving engine's four programs (`inference.slot_programs`) on abstract arguments: the decode call of
   all `batch` slots over the whole context (the largest window), the prefill of `prefill_batch` prompts of `prompt`
-  tokens into the slots' cache (donated to both, as `serving.slots.SlotModel` does), and the image encoding of
-  their images (`images` each)."""
+  tokens into the slots' cache (donated to both, as `serving.slots.SlotModel` does), the image encoding of
+  their images (`images` each), and the copy of one row's whole context onto another (the cache donated)."""
   def sharded(shape, dtype, axes):
     return _abstract(shape, dtype, axes, mesh, rules)
 
@@ -378,6 +387,9 @@ def _plan_server(cfg, topology, graphdef, state, as_state, cache, mesh, rules, *
   def encode_fn(state, pixels):
     return slot_programs.encode(graphdef, feature_slots, as_state(state), pixels)
 
+  def copy_fn(cache, history, src, dst):
+    return slot_programs.copy_prompt(context, cache, history, src, dst)
+
   feats = sharded((feature_slots, q, d), cfg.dtype, (None, None, None))
   with sharding.use_rules(mesh, rules):
     _, prefill_plan = aot.compile_step(
@@ -392,8 +404,11 @@ def _plan_server(cfg, topology, graphdef, state, as_state, cache, mesh, rules, *
       _, encode_plan = aot.compile_step(
           encode_fn, (state, sharded((feature_slots, s, s, 3), jnp.uint8, (None,) * 4)),
           chip=topology.chip, mesh=mesh, count_program_flops=False, keep_unused=True)
+    scalar = sharded((), jnp.int32, ())
+    _, copy_plan = aot.compile_step(copy_fn, (cache, history, scalar, scalar), chip=topology.chip, mesh=mesh,
+                                    donate_argnums=(0, 1), count_program_flops=False)
   return InferencePlan(decode_plan, _remedy(prefill_plan, "server_prefill", facts), weight_bytes, _tree_bytes(cache),
-                       facts, _remedy(encode_plan, "encode", facts))
+                       facts, _remedy(encode_plan, "encode", facts), _remedy(copy_plan, "copy", facts))
 
 
 # The keys of `python -m qwenvl_jax.plan --inference=key=value,...` and their defaults (which give their types);

@@ -58,6 +58,7 @@ def test_server_plan_on_the_tensor_parallel_layout_splits_weights_and_cache_over
                         "prefill_args": plan.prefill.argument_bytes, "weights": sum(plan.weight_bytes.values()),
                         "cache": plan.cache_bytes, "decode_temps": plan.decode.temp_bytes,
                         "encode_args": plan.encode.argument_bytes, "peak": plan.peak_bytes(),
+                        "copy_temps": plan.copy.temp_bytes, "copy_aliased": plan.copy.alias_bytes,
                         "report": plan.format()}))
   """)
   assert out["mesh"] == {"data": 4, "fsdp": 1, "tensor": 2}
@@ -78,6 +79,13 @@ def test_server_plan_on_the_tensor_parallel_layout_splits_weights_and_cache_over
   # program runs with the slots' cache resident.
   assert out["encode_args"] >= out["weights"] / 2 * 0.99
   assert out["peak"] >= out["encode_args"] + out["cache"] / 8 and "server image encoding" in out["report"]
+  # The copy of one row's prompt onto another (an API request's n choices) updates the donated cache in place
+  # and holds less than one layer of the row in flight (a row's share per chip: its heads over tensor 2; tiny's 4
+  # layers). Sliced at a traced row of the split row axis by XLA's partitioner, it all-gathered the whole cache.
+  cfg_layers = 4
+  assert out["copy_aliased"] >= 0.99 * out["cache"] / 8, out["report"]
+  assert out["copy_temps"] < out["cache"] / 64 / 2 / cfg_layers, out["report"]
+  assert "server prompt copy" in out["report"] and "peak of the four programs" in out["report"]
 
 
 def test_the_module_command_reports_a_user_mistake_in_one_line():
