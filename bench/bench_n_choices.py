@@ -3,7 +3,7 @@ n sampled choices at a time, shared (`Engine.submit_all`: one prefill row, the o
 against unshared (each choice submitted on its own: each prefills the prompt), side by side in one run.
 
   python bench/bench_n_choices.py                                   # tiny random model on CPU (float32)
-  python bench/bench_n_choices.py --model=mid --dtype=bfloat16      # on a GPU
+  JAX_PLATFORMS=cuda python bench/bench_n_choices.py --model=mid --dtype=bfloat16      # on a GPU (CPU unless told)
 
 For each prompt length and n it prints, per request (the median of --repeats, the two ways alternating): the
 wall time until every choice has ended, the engine's prefill time (image encoding, prefill and the row copies:

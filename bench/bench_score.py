@@ -1,7 +1,7 @@
 """Likelihood scoring through the server (lm-evaluation-harness's requests) against the in-process scorer.
 
   python bench/bench_score.py                                  # tiny random model on CPU (float32)
-  python bench/bench_score.py --model=mid --dtype=bfloat16     # on a GPU
+  JAX_PLATFORMS=cuda python bench/bench_score.py --model=mid --dtype=bfloat16     # on a GPU (CPU unless told)
 
 Builds `--items` multiple-choice items (a context of `--context_tokens` tokens and 4 options of 1-4 tokens, random
 ids of the tokenizer's text) and scores every (context, option) pair three ways:

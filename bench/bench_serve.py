@@ -1,7 +1,7 @@
 """Throughput and latency of the OpenAI-compatible server under 1, 4, 16 and 64 concurrent clients.
 
   python bench/bench_serve.py                       # tiny random model on CPU (float32)
-  python bench/bench_serve.py --model=mid --dtype=bfloat16 --slots=64      # on a GPU
+  JAX_PLATFORMS=cuda python bench/bench_serve.py --model=mid --dtype=bfloat16 --slots=64      # on a GPU (CPU unless told)
 
 Starts the real server (engine + uvicorn on a free local port, in this process) with `--slots` decode slots and
 drives it over HTTP with C concurrent streaming clients, each sending `--requests` / C requests back to back (the

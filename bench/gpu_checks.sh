@@ -19,6 +19,8 @@
 #   quantized  200  int8 / int4 weights and the int8 KV cache against bf16, mid (bench/bench_quantized_decode.py)
 #   score      120  issue 15: lm-evaluation-harness-style scoring through the server (echo, token prompts) against
 #                   the in-process scorer, mid in bf16 (bench/bench_score.py)
+#   n_choices  150  issue 15: an API request's n choices prefilled once against each choice prefilling, mid in
+#                   bf16, n = 1 / 4 / 8 (bench/bench_n_choices.py)
 #   serve_cpu  150  issue 15's CPU goal (16 clients >= 6x one client's tokens/s, tiny float32) on this host's 16
 #                   cores: on the 2-core CI machine the clients, the HTTP server and XLA share two cores
 #                   (bench/bench_serve.py, JAX_PLATFORMS=cpu)
@@ -58,7 +60,11 @@ check() {  # name, limit (s), command...
 }
 SELECTED=("$@")
 [ ${#SELECTED[@]} -gt 0 ] || SELECTED=(train_step serve slots)
-# PRESET / DTYPE / SEQ_LEN: a check of this script on a CPU (PRESET=tiny DTYPE=float32 SEQ_LEN=256 OUT=/tmp/x).
+# PRESET / DTYPE / SEQ_LEN: a check of this script on a CPU (PRESET=tiny DTYPE=float32 SEQ_LEN=256
+# JAX_PLATFORMS=cpu OUT=/tmp/x).
+# The benches that default to the CPU (bench_serve, bench_score, bench_n_choices: JAX_PLATFORMS=cpu unless set)
+# run on the GPU here; serve_cpu sets its own.
+export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
 PRESET=${PRESET:-mid}
 DTYPE=${DTYPE:-bfloat16}
 check train_step 270 python3 bench/bench_train_step_gpu.py --preset="$PRESET" --impls=xla,cudnn --batch=8 \
@@ -68,6 +74,8 @@ check slots 100 python3 bench/bench_server_slots_gpu.py --preset="$PRESET" --slo
 check lora 240 python3 bench/lora_memory.py --model=qwen_vl_7b --lora=64 --base_quantize=nf4 --seq_len=2048 --batch=1 \
   --attention=cudnn
 check score 120 python3 bench/bench_score.py --model="$PRESET" --dtype="$DTYPE" --items=32
+check n_choices 150 python3 bench/bench_n_choices.py --model="$PRESET" --dtype="$DTYPE" --slots=8 --n=1,4,8 \
+  --prompts=450 --repeats=3
 check serve_cpu 150 env JAX_PLATFORMS=cpu python3 bench/bench_serve.py --agreement=4
 check quantized 200 python3 bench/bench_quantized_decode.py --preset="$PRESET" --batch=4 --prompt_len=1024 \
   --platform=gpu

@@ -50,7 +50,7 @@ def test_every_flag_the_checks_pass_is_one_the_bench_script_takes():
   text = CHECKS.read_text().replace("\\\n", " ")
   commands = [line.split("python3", 1)[1] for line in text.splitlines()
               if line.startswith("check ") and "python3 bench/" in line]
-  assert len(commands) == 7
+  assert len(commands) == 8
   for command in commands:
     words = shlex.split(command.replace("${DTYPE:+--dtype=$DTYPE}", "--dtype=x"))
     script = REPO / words[0]
@@ -59,6 +59,23 @@ def test_every_flag_the_checks_pass_is_one_the_bench_script_takes():
       flag = word.split("=")[0]
       assert flag.startswith("--"), (script.name, word)
       assert f'add_argument("{flag}"' in source, f"{script.name} takes no {flag}"
+
+
+def test_the_checks_run_the_benches_that_default_to_the_cpu_on_the_gpu():
+  """bench_serve, bench_score and bench_n_choices set JAX_PLATFORMS=cpu unless it is set (so that a CPU machine with
+  libtpu installed does not try a TPU). The checks ran them without setting it: the serve and score figures would
+  have come from the GPU machine's CPU. The script exports JAX_PLATFORMS=cuda before its first check, and only
+  serve_cpu asks for the CPU."""
+  text = CHECKS.read_text().replace("\\\n", " ")
+  first_check = text.index("\ncheck ")
+  assert "export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}" in text[:first_check]
+  defaulting = {script.name for script in (REPO / "bench").glob("*.py")
+                if 'os.environ.setdefault("JAX_PLATFORMS", "cpu")' in script.read_text()}
+  checks = [line.split() for line in text.splitlines() if line.startswith("check ")]
+  on_cpu = {words[1] for words in checks if "JAX_PLATFORMS=cpu" in words}
+  run = {pathlib.Path(w).name for words in checks for w in words if w.startswith("bench/")}
+  assert {"bench_serve.py", "bench_score.py", "bench_n_choices.py"} <= defaulting & run
+  assert on_cpu == {"serve_cpu"}
 
 
 def test_every_flag_in_a_bench_docstring_example_is_one_its_script_takes():
