@@ -262,6 +262,15 @@ def prefill(graphdef, vocab_limit, state, cache: KVCache, history: TokenHistory,
   return picked, constrain_cache(cache), constrain_history(history)
 
 
+# The `KVCache` fields laid out [L, B, N, S, ...] (`copy_prompt` copies them a layer at a time).
+KV_NAMES = ("k", "v", "k_scale", "v_scale")
+
+
+def _mesh_axes(entry) -> tuple[str, ...]:
+  """The mesh axes of one PartitionSpec entry (None, a name or a tuple of names)."""
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def copy_prompt(window: int, cache: KVCache, history: TokenHistory, src, dst):
   """Slot row dst (int32 scalar) takes the prompt prefilled into row src: the keys and values of its first
   `window` cache slots (a length bucket covering the prompt), its segment ids over the whole row (0 past the
@@ -304,13 +313,6 @@ def copy_prompt(window: int, cache: KVCache, history: TokenHistory, src, dst):
   cache = KVCache(out["k"], out["v"], out["segment_ids"], out.get("k_scale"), out.get("v_scale"))
   history = TokenHistory(*(out[name] for name in TokenHistory._fields))
   return constrain_cache(cache), constrain_history(history)
-
-
-KV_NAMES = ("k", "v", "k_scale", "v_scale")
-
-
-def _mesh_axes(entry) -> tuple[str, ...]:
-  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def _copy_row(x, src, dst, axis: int, row_axes: tuple[str, ...], layer=None, span: int | None = None,
