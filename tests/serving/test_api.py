@@ -398,6 +398,21 @@ def test_requests_queued_together_on_one_prompt_prefill_it_once(engine, serve_to
   assert len({tuple(e.token_id for e in events[1:-1]) for events in alone[:3]}) == 3  # the seeds really differ
 
 
+def test_choices_that_only_score_their_prompt_share_one_prefill(engine, serve_tok):
+  """n choices with max_tokens 0 (echo with logprobs: a harness scoring a prompt) take the first's prompt scores:
+  one prefill row, no row copied, each ends at once with the same scores."""
+  prompt, sinks = serve_tok.encode("a blue square above a red circle"), [queue.Queue() for _ in range(3)]
+  before = engine.stats()
+  engine.submit_all([engine_lib.Request(prompt, [], engine_lib.SamplingParams(0, seed=i, prompt_logprobs=2), q.put)
+                     for i, q in enumerate(sinks)])
+  events = [[q.get(timeout=60), q.get(timeout=60)] for q in sinks]
+  after = engine.stats()
+  assert after["prompts_shared"] - before.get("prompts_shared", 0) == 2 and after["prefills"] - before["prefills"] == 1
+  for scores, end in events:
+    assert isinstance(scores, engine_lib.PromptTokens) and len(scores.tokens) == len(prompt) - 1
+    assert scores == events[0][0] and end == engine_lib.Finished("length", len(prompt), 0)
+
+
 @pytest.mark.usefixtures("slow_decoding")
 def test_a_request_cancelled_before_it_gets_a_slot_is_counted_and_never_runs(engine, serve_tok):
   """Every slot holds a long answer (decode calls slowed); a fifth request waits, is cancelled, and is
