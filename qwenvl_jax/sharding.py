@@ -36,7 +36,8 @@ def load_rules(name: str) -> Rules:
   return tuple(tables[name])
 
 
-def _as_tuple(mesh_axes) -> tuple[str, ...]:
+def axis_names(mesh_axes) -> tuple[str, ...]:
+  """The mesh axes of a rule's or a PartitionSpec's entry (None, one name or several) as a tuple."""
   if mesh_axes is None:
     return ()
   if isinstance(mesh_axes, str):
@@ -56,7 +57,7 @@ def resolve_spec(shape: Sequence[int], logical_axes: Sequence[str | None], rules
     raise ValueError(f"shape {tuple(shape)} has {len(shape)} dims but {len(logical_axes)} logical axes")
   table: dict[str, tuple[str, ...]] = {}
   for logical, mesh_axes in rules:
-    table.setdefault(logical, _as_tuple(mesh_axes))
+    table.setdefault(logical, axis_names(mesh_axes))
   used: set[str] = set()
   out = []
   for dim, logical in zip(shape, logical_axes):
@@ -146,7 +147,7 @@ def rule_axes(rules: Rules, logical: str) -> tuple[str, ...]:
   """
   for name, mesh_axes in rules:
     if name == logical:
-      return _as_tuple(mesh_axes)
+      return axis_names(mesh_axes)
   raise KeyError(f"logical axis {logical!r} has no rule; add it to the rule table")
 
 
@@ -183,14 +184,22 @@ def use_rules(mesh: Mesh, rules: Rules):
     _ACTIVE.reset(token)
 
 
-def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-  """with_sharding_constraint by logical names, using the rules of the enclosing `use_rules` (if any)."""
+def active_spec(shape: Sequence[int], logical_axes: Sequence[str | None]) -> tuple[Mesh, PartitionSpec] | None:
+  """(mesh, PartitionSpec) of an array of `shape` whose dims carry `logical_axes` under the enclosing `use_rules`
+  (`resolve_spec`), or None outside of one: what `constrain` pins, and what a `shard_map` of such arrays takes."""
   active = _ACTIVE.get()
   if active is None:
-    return x
+    return None
   mesh, rules = active
-  spec = resolve_spec(x.shape, logical_axes, rules, dict(mesh.shape))
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+  return mesh, resolve_spec(shape, logical_axes, rules, dict(mesh.shape))
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+  """with_sharding_constraint by logical names, using the rules of the enclosing `use_rules` (if any)."""
+  placed = active_spec(x.shape, logical_axes)
+  if placed is None:
+    return x
+  return jax.lax.with_sharding_constraint(x, NamedSharding(*placed))
 
 
 def abstract_model(make_model: Callable[[], nnx.Module]) -> tuple[nnx.GraphDef, nnx.State]:

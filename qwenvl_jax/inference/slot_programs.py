@@ -266,11 +266,6 @@ def prefill(graphdef, vocab_limit, state, cache: KVCache, history: TokenHistory,
 KV_NAMES = ("k", "v", "k_scale", "v_scale")
 
 
-def _mesh_axes(entry) -> tuple[str, ...]:
-  """The mesh axes of one PartitionSpec entry (None, a name or a tuple of names)."""
-  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-
-
 def copy_prompt(window: int, cache: KVCache, history: TokenHistory, src, dst):
   """Slot row dst (int32 scalar) takes the prompt prefilled into row src: the keys and values of its first
   `window` cache slots (a length bucket covering the prompt), its segment ids over the whole row (0 past the
@@ -288,15 +283,14 @@ def copy_prompt(window: int, cache: KVCache, history: TokenHistory, src, dst):
             "v_scale": (cache.v_scale, KV_AXES), "segment_ids": (cache.segment_ids, SEGMENT_AXES)}
   arrays.update({name: (x, HISTORY_AXES) for name, x in history._asdict().items()})
   arrays = {name: value for name, value in arrays.items() if value[0] is not None}
-  active = sharding.active_rules()
-  specs = {name: jax.sharding.PartitionSpec() if active is None else
-           sharding.resolve_spec(x.shape, axes, active[1], dict(active[0].shape))
-           for name, (x, axes) in arrays.items()}
+  placed = {name: sharding.active_spec(x.shape, axes) for name, (x, axes) in arrays.items()}
+  mesh = None if placed["k"] is None else placed["k"][0]  # None outside `use_rules`
+  specs = {name: None if p is None else p[1] for name, p in placed.items()}
 
   def local(xs, src, dst):
     out = {}
     for name, x in xs.items():
-      row_axes = () if active is None else _mesh_axes(specs[name][1 if name in KV_NAMES else 0])
+      row_axes = () if mesh is None else sharding.axis_names(specs[name][1 if name in KV_NAMES else 0])
       if name in KV_NAMES:  # [L, B, N, S, ...]: a layer at a time, the first `window` slots
         out[name] = jax.lax.fori_loop(0, x.shape[0], lambda i, x, row_axes=row_axes: _copy_row(
             x, src, dst, 1, row_axes, layer=i, span=window), x)
@@ -305,8 +299,8 @@ def copy_prompt(window: int, cache: KVCache, history: TokenHistory, src, dst):
     return out
 
   xs = {name: x for name, (x, _) in arrays.items()}
-  if active is not None:
-    local = jax.shard_map(local, mesh=active[0], in_specs=(specs, jax.sharding.PartitionSpec(),
+  if mesh is not None:
+    local = jax.shard_map(local, mesh=mesh, in_specs=(specs, jax.sharding.PartitionSpec(),
                                                            jax.sharding.PartitionSpec()), out_specs=specs,
                           check_vma=False)
   out = local(xs, jnp.asarray(src, jnp.int32), jnp.asarray(dst, jnp.int32))

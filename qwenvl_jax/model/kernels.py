@@ -108,12 +108,8 @@ def _placement(shape: tuple[int, ...]):
   one device. A spec that splits nothing (one row on an fsdp mesh: batch 1 does not split over 8 devices) still
   runs in `shard_map`, replicated: XLA refuses to partition a Mosaic call itself on a mesh of several devices
   (a server's one-request prefill under `--rules=fsdp` failed to compile)."""
-  active = sharding.active_rules()  # the rules in force, as `sharding.constrain` reads them
-  if active is None:
-    return None
-  mesh, rules = active
-  spec = sharding.resolve_spec(shape, _QKV_AXES, rules, dict(mesh.shape))
-  return (mesh, spec) if mesh.size > 1 else None
+  placed = sharding.active_spec(shape, _QKV_AXES)  # the rules in force, as `sharding.constrain` reads them
+  return placed if placed is not None and placed[0].size > 1 else None
 
 
 def _splash_row_kernel(heads: int, t: int, s: int, causal: bool, interpret: bool):

@@ -281,11 +281,11 @@ class _Completion:
 
   def __init__(self, prompts: list[msg.Prompt], params: engine_lib.SamplingParams, stop, stream: bool,
                include_usage: bool, n: int = 1, chat: bool = True, echo: bool = False,
-               prompt_top: int | None = None, image_ids: tuple[int, int, int] = (-1, -1, -1)):
+               prompt_top: int | None = None, image_ids: tuple[int, int] = (-1, -1)):
     self.prompts, self.params, self.stop, self.stream = prompts, params, stop, stream
     self.include_usage, self.n, self.chat, self.echo = include_usage, n, chat, echo
     self.prompt_top = prompt_top
-    self._image_ids = image_ids  # the tokenizer's <img>, <imgpad>, </img> ids
+    self._image_ids = image_ids  # the tokenizer's <imgpad>, </img> ids (`_echo_widths`)
     self._offsets = [0] * (n * len(prompts))  # `legacy_logprobs`' text offset of each choice
     # How many of each choice's echoed prompt entries `legacy_logprobs` has placed (None: it has none).
     self._echoed: list[int | None] = [0 if echo and params.logprobs is not None else None] * (n * len(prompts))
@@ -332,7 +332,7 @@ class _Completion:
     where it does, and the last covers it."""
     if prompt_index not in self._widths:
       prompt = self.prompts[prompt_index]
-      _, pad, end = self._image_ids
+      pad, end = self._image_ids
       sources = iter(qtext.IMAGE_SPAN.findall(prompt.raw_text))
       tokens = list(prompt.tokens)
       widths = [(len(next(sources)) if following == end else 0) if token_id == pad else len(piece(token_id)[0])
@@ -506,7 +506,7 @@ def create_app(engine: engine_lib.Engine, tok: qtext.Tokenizer, config: ServerCo
     if problem := engine.held_ids_problem(params):  # a 400 naming its field (the engine's check would name none)
       raise msg.RequestError(problem, param="stop_token_ids")
     return _Completion(prompts, params, stop, stream, include_usage, n, chat, echo, prompt_top,
-                       (tok.img_start_id, tok.img_pad_id, tok.img_end_id))
+                       (tok.img_pad_id, tok.img_end_id))
 
   @app.post("/v1/chat/completions")
   async def chat_completions(request: HttpRequest):
