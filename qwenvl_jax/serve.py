@@ -64,6 +64,8 @@ flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "int8"],
                   "KV cache storage: the compute dtype, or int8 (about half the bytes of bf16: more slots x context).")
 flags.DEFINE_integer("decode_steps", serving_defaults.DECODE_STEPS, "Decode steps per device call (more: less host "
                      "work per token, later admission of new requests).")
+flags.DEFINE_integer("compile_threads", 0, "Programs the warm-up compiles at once (0: this host's CPU count, at most "
+                     "8); each holds its compiler's memory meanwhile.")
 
 
 def _check_can_listen(host: str, port: int) -> int:
@@ -101,6 +103,8 @@ def build(argv_flags=FLAGS):
                              f"got {f.num_slots}, {f.prefill_batch}, {f.max_images}, {f.context}")
   if f.decode_steps < 1:
     raise errors.ConfigError(f"need --decode_steps >= 1, got {f.decode_steps}")
+  if f.compile_threads < 0:
+    raise errors.ConfigError(f"--compile_threads={f.compile_threads} must be >= 0 (0: the CPU count, at most 8)")
   # 0 would refuse every request (max_request_bytes: None is the default derived from the image limits)
   for name in ("max_tokens_limit", "max_image_bytes", "max_image_pixels", "max_request_bytes"):
     if f[name].value is not None and f[name].value < 1:
@@ -129,7 +133,7 @@ def build(argv_flags=FLAGS):
     engine = engine_lib.Engine(model, num_slots=f.num_slots, context=f.context, max_images=f.max_images,
                                prefill_batch=f.prefill_batch, buckets=buckets, stop_ids=stops,
                                vocab_limit=tok.vocab_size, thread_context=lambda: sharding.use_rules(mesh, rules),
-                               decode_steps=f.decode_steps,
+                               decode_steps=f.decode_steps, compile_threads=f.compile_threads or None,
                                kv_cache_dtype=None if f.kv_cache_dtype == "auto" else f.kv_cache_dtype)
   print("compiling the server's programs (a minute or more on a CPU, less with a filled compilation cache) ...",
         file=sys.stderr, flush=True)

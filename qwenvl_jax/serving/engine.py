@@ -19,22 +19,27 @@ prompt's own tokens scored by the model when the request asks for them (`PromptT
 request ends on a stop token of the chat format (`stop_ids`, not shown), after `max_tokens`, or when cancelled;
 its slot is free for the next admission in the same loop turn.
 
-Every program is compiled by `warm_up` (each prefill bucket, each image bucket, each decode size and window); the
-compile events of the engine thread are counted with `jax.monitoring` (`compile_monitor`) and reported by `stats`,
-so a recompilation while serving is visible on `/health`.
+Every program is compiled by `warm_up` (each prefill bucket, each image bucket, each decode size and window, each
+copy window), `compile_threads` at a time in a pool of threads; the compile events of the engine thread and of that
+pool are counted with `jax.monitoring` (`compile_monitor`) and reported by `stats`, so a recompilation while serving
+is visible on `/health`.
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -180,10 +185,13 @@ class Engine:
                buckets: Sequence[int] = decode.DEFAULT_BUCKETS, stop_ids: Sequence[int] = (),
                vocab_limit: int | None = None, decode_steps: int = defaults.DECODE_STEPS,
                kv_cache_dtype: str | None = None,
-               thread_context: Callable[[], contextlib.AbstractContextManager] | None = None):
+               thread_context: Callable[[], contextlib.AbstractContextManager] | None = None,
+               compile_threads: int | None = None):
     if num_slots < 1 or prefill_batch < 1 or max_images < 0 or decode_steps < 1:
       raise ValueError(f"need num_slots >= 1, prefill_batch >= 1, max_images >= 0, decode_steps >= 1; got "
                        f"{num_slots}, {prefill_batch}, {max_images}, {decode_steps}")
+    if compile_threads is not None and compile_threads < 1:
+      raise ValueError(f"compile_threads must be >= 1 (None: the CPU count, at most 8), got {compile_threads}")
     if kv_cache_dtype not in (None, "int8"):
       raise ValueError(f"kv_cache_dtype must be None (the compute dtype) or 'int8', got {kv_cache_dtype!r}")
     self.cfg = model.cfg
@@ -195,6 +203,8 @@ class Engine:
     self.image_buckets = _powers_of_two_up_to(max(1, self.prefill_sizes[-1] * max_images))
     self.decode_sizes = _powers_of_two_up_to(num_slots)
     self.decode_steps = decode_steps
+    # Warm-up compiles its programs this many at a time (XLA compiles with the GIL released): 2 on 2 cores, at most 8.
+    self.compile_threads = compile_threads or max(1, min(8, os.cpu_count() or 1))
     self.stop_ids = frozenset(int(t) for t in stop_ids)
     self._thread_context = thread_context or contextlib.nullcontext
     with self._thread_context():  # the cache is laid out by the rules the engine thread runs under
@@ -352,25 +362,42 @@ class Engine:
     self._run()
 
   def _warm_up(self) -> None:
-    """Compiles every program the loop can call: each image bucket, each (prefill size, length bucket), decode."""
+    """Compiles every program the loop can call (each image bucket, each (prefill size, length bucket), each decode
+    size and window, each copy window), `compile_threads` at a time, then calls each once on dummy inputs (they
+    find their programs compiled; a prefill or copy to a row past the cache, or of row 0 onto itself while the cache
+    is empty, writes nothing)."""
     s = self.cfg.vision.image_size
-    for n in self.image_buckets:
-      self.slots.encode(np.zeros((n, s, s, 3), np.uint8))
     drop = self.num_slots  # a row index past the cache: prefill writes nothing
+    calls = [functools.partial(self.slots.encode, np.zeros((n, s, s, 3), np.uint8)) for n in self.image_buckets]
     for k in self.prefill_sizes:
       for p in self.length_buckets:
-        ids = np.zeros((k, p), np.int32)
-        self.slots.prefill(ids, np.ones(k, np.int32), np.zeros(k, np.int32), self.slots.no_features,
-                           np.full(k, drop, np.int32), np.full(k, self.cfg.llm.rope_base, np.float32),
-                           _sampling([SamplingParams(1)] * k, [0] * k)).tokens.block_until_ready()
+        calls.append(functools.partial(
+            self.slots.prefill, np.zeros((k, p), np.int32), np.ones(k, np.int32), np.zeros(k, np.int32),
+            self.slots.no_features, np.full(k, drop, np.int32), np.full(k, self.cfg.llm.rope_base, np.float32),
+            _sampling([SamplingParams(1)] * k, [0] * k)))
     for b in self.decode_sizes:
       for w in self.length_buckets:
-        self.slots.decode(np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, bool),
-                          np.full(b, self.cfg.llm.rope_base, np.float32),
-                          _sampling([SamplingParams(1, temperature=1.0)] * b, [0] * b), steps=self.decode_steps,
-                          window=w).tokens.block_until_ready()
-    for w in self.length_buckets:
-      self.slots.copy_prompt(0, 0, window=w)  # row 0 onto itself: the cache is still empty
+        calls.append(functools.partial(
+            self.slots.decode, np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, bool),
+            np.full(b, self.cfg.llm.rope_base, np.float32),
+            _sampling([SamplingParams(1, temperature=1.0)] * b, [0] * b), steps=self.decode_steps, window=w))
+    calls += [functools.partial(self.slots.copy_prompt, 0, 0, window=w) for w in self.length_buckets]
+    if self.compile_threads > 1:
+      with concurrent.futures.ThreadPoolExecutor(self.compile_threads, thread_name_prefix="qwenvl-compile") as pool:
+        for done in [pool.submit(self._compile_in_thread, call) for call in calls]:
+          done.result()  # the first failure is raised here, in the engine thread
+    for call in calls:
+      jax.block_until_ready(call())
+
+  def _compile_in_thread(self, call: Callable[..., Any]) -> None:
+    """`call(compile_only=True)` in a thread of the warm-up's pool, under the engine thread's layout, its compile
+    events counted with the engine thread's."""
+    self._compiles.attach()
+    try:
+      with self._thread_context():
+        call(compile_only=True)
+    finally:
+      self._compiles.detach()
 
   def _run(self) -> None:
     while not self._stop.is_set():

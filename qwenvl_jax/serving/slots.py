@@ -46,47 +46,68 @@ class SlotModel:
     q, d = self.cfg.image_tokens, self.cfg.llm.width
     self.no_features = jax.jit(lambda: slot_programs.replicated(jnp.zeros((feature_slots, q, d), self.cfg.dtype)))()
 
-  def encode(self, images: np.ndarray) -> jax.Array:
-    """uint8[n, S, S, 3] (n <= F, a bucket) -> features [F, Q, D], rows past n zero."""
+  def encode(self, images: np.ndarray, *, compile_only: bool = False) -> jax.Array | None:
+    """uint8[n, S, S, 3] (n <= F, a bucket) -> features [F, Q, D], rows past n zero. compile_only (every method's):
+    compile the program these arguments call, run nothing, return None (`Engine`'s warm-up compiles several at
+    once so; the call that follows finds it compiled)."""
     if len(images) > self.feature_slots:
       raise ValueError(f"{len(images)} images exceed the {self.feature_slots} feature slots of one prefill")
+    if compile_only:
+      return _compile(self._encode, self.state, images)
     return self._encode(self.state, images)
 
   def prefill(self, ids: np.ndarray, lengths: np.ndarray, first_image: np.ndarray, feats: jax.Array,
               rows: np.ndarray, rope_base: np.ndarray, sampling: Sampling,
               bias: tuple[np.ndarray, np.ndarray] | None = None,
-              stop_ids: np.ndarray | None = None) -> slot_programs.Picked:
+              stop_ids: np.ndarray | None = None, *, compile_only: bool = False) -> slot_programs.Picked | None:
     """Writes k prompts into cache rows `rows` and returns their first new tokens (`Picked` [k], on device). bias:
     the requests' logit bias (`slot_programs.prefill`'s bias_ids, bias_values; None = none); stop_ids: the ids each
     holds back until its `sampling.min_tokens` (`prefill`'s; None = none)."""
     bias = bias or slot_programs.no_bias(len(ids), self.cfg.llm.vocab_size)
     stop_ids = slot_programs.no_stops(len(ids), self.cfg.llm.vocab_size) if stop_ids is None else stop_ids
-    first, self.cache, self.history = self._prefill(self.state, self.cache, self.history, ids, lengths, first_image,
-                                                    feats, rows, rope_base, sampling, *bias, stop_ids)
+    args = (self.state, self.cache, self.history, ids, lengths, first_image, feats, rows, rope_base, sampling, *bias,
+            stop_ids)
+    if compile_only:
+      return _compile(self._prefill, *args)
+    first, self.cache, self.history = self._prefill(*args)
     return first
 
   def decode(self, tokens: np.ndarray, positions: np.ndarray, active: np.ndarray, rope_base: np.ndarray,
-             sampling: Sampling, steps: int = 1, window: int | None = None) -> slot_programs.Picked:
+             sampling: Sampling, steps: int = 1, window: int | None = None, *,
+             compile_only: bool = False) -> slot_programs.Picked | None:
     """`steps` steps of the first R slots (R = len(tokens)) attending to the first `window` cache slots (default
     all; every position fed, positions + steps - 1 included, must be below it): the new tokens (`Picked`
     [steps, R], on device)."""
-    nxt, self.cache, self.history = self.decode_program(steps, window)(self.state, self.cache, self.history, tokens,
-                                                                       positions, active, rope_base, sampling)
+    args = (self.state, self.cache, self.history, tokens, positions, active, rope_base, sampling)
+    if compile_only:
+      return _compile(self.decode_program(steps, window), *args)
+    nxt, self.cache, self.history = self.decode_program(steps, window)(*args)
     return nxt
 
   def decode_program(self, steps: int = 1, window: int | None = None):
     """The jitted decode call of `decode(..., steps, window)`, taking (state, cache, history, tokens, positions,
     active, rope_base, sampling) (e.g. to `.lower(...)` it for a memory analysis)."""
     key = (steps, window or self.context)
-    if key not in self._decode_fns:
+    if key not in self._decode_fns:  # setdefault: warm-up threads asking for one key at once all get the same jit
       program = functools.partial(slot_programs.decode, self.graphdef, self.vocab_limit, *key)
-      self._decode_fns[key] = jax.jit(program, donate_argnums=(1, 2))
+      self._decode_fns.setdefault(key, jax.jit(program, donate_argnums=(1, 2)))
     return self._decode_fns[key]
 
-  def copy_prompt(self, src: int, dst: int, window: int | None = None) -> None:
+  def copy_prompt(self, src: int, dst: int, window: int | None = None, *, compile_only: bool = False) -> None:
     """Cache row dst takes row src's prompt (its first `window` slots, default all) and history, no answer token
     counted (`slot_programs.copy_prompt`)."""
     window = window or self.context
-    if window not in self._copy_fns:
-      self._copy_fns[window] = jax.jit(functools.partial(slot_programs.copy_prompt, window), donate_argnums=(0, 1))
-    self.cache, self.history = self._copy_fns[window](self.cache, self.history, np.int32(src), np.int32(dst))
+    if window not in self._copy_fns:  # setdefault: as in `decode_program`
+      self._copy_fns.setdefault(window, jax.jit(functools.partial(slot_programs.copy_prompt, window),
+                                                donate_argnums=(0, 1)))
+    args = (self.cache, self.history, np.int32(src), np.int32(dst))
+    if compile_only:
+      return _compile(self._copy_fns[window], *args)
+    self.cache, self.history = self._copy_fns[window](*args)
+    return None
+
+
+def _compile(jitted, *args) -> None:
+  """Compiles what `jitted(*args)` runs (nothing runs, no buffer is donated): jit keeps the executable for the call
+  with arguments of the same shapes, shardings and types."""
+  jitted.lower(*args).compile()

@@ -118,7 +118,8 @@ def _serve_mistakes(folder):
   (folder / "afile").write_text("x")
   missing = [f"--checkpoint={folder / 'nope'}"]  # would fail later: these errors must come first
   cases = [[f"--port={busy.getsockname()[1]}"], ["--host=192.0.2.1", "--port=0"],  # TEST-NET: not ours
-           ["--max_tokens_limit=0"], ["--port=99999"], [f"--image_root={folder / 'afile'}"], ["--attention=splash"]]
+           ["--max_tokens_limit=0"], ["--port=99999"], [f"--image_root={folder / 'afile'}"], ["--attention=splash"],
+           ["--compile_threads=-1"]]
   return [background.Command([sys.executable, "-m", "qwenvl_jax.serve", *missing, *extra],
                              helpers.subprocess_env(devices=8), folder, check=False) for extra in cases]
 
@@ -129,7 +130,7 @@ serve_mistakes = background.finished_work(__name__, "serve_mistakes", _serve_mis
 def test_serve_refuses_a_busy_port_a_bad_port_and_a_missing_image_root_before_loading(serve_mistakes):
   """Found before the model loads and compiles, not after: a busy port, a port out of range (uvicorn alone would
   hang on it), an --image_root that is not a folder (every request would fail), a TPU kernel off a TPU."""
-  _, (busy_port, not_ours, no_tokens, bad_port, not_a_folder, splash) = serve_mistakes
+  _, (busy_port, not_ours, no_tokens, bad_port, not_a_folder, splash, threads) = serve_mistakes
   port = _BUSY[0].getsockname()[1]
   (line,) = _one_error(busy_port)
   assert f"cannot listen on 127.0.0.1:{port}" in line and "another server holds the port" in busy_port.stderr
@@ -143,6 +144,8 @@ def test_serve_refuses_a_busy_port_a_bad_port_and_a_missing_image_root_before_lo
   assert "is not a folder" in line
   (line,) = _one_error(splash)  # before the (missing) checkpoint is looked for
   assert "--attention=splash is a TPU kernel, but JAX runs on 'cpu' here" in line
+  (line,) = _one_error(threads)
+  assert "--compile_threads=-1 must be >= 0" in line
 
 
 def _lora_mode_mistakes(folder):
