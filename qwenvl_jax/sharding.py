@@ -213,9 +213,9 @@ def run_once_compiler_options(mesh: Mesh) -> dict | None:
   On the CPU, LLVM at XLA's default level spent 15.0 s compiling the tiny model's init (threefry's unrolled hashes:
   3,300 lines of HLO), which then ran in 0.01 s; at -O0 with the older fusion emitters, 2.3 s and 0.05 s; at -O0
   alone (all that jaxlib 0.11 offers: it dropped the emitters flag), 3.6 s (jaxlib 0.10.2, a 2-core VM). That was
-  half of a CPU training's start and most of a random-weights `generate`'s. The values differ from the default level's at float32 round-off (6e-8 at most
-  for the tiny model): every caller of `init_sharded` compiles with these same options. Accelerators compile as
-  they do."""
+  half of a CPU training's start and most of a random-weights `generate`'s. The values differ from the default
+  level's at float32 round-off (6e-8 at most for the tiny model): every caller of `init_sharded` compiles with these
+  same options. Accelerators compile as they do."""
   if mesh.devices.flat[0].platform != "cpu":
     return None
   from jaxlib import version  # pylint: disable=import-outside-toplevel
